@@ -1,0 +1,130 @@
+//! The HTTP layer: the route table, shared state, and the server loop.
+//!
+//! Routes mirror the binary cache layout. axum cannot route `/{hash}.narinfo` (a parameter with
+//! a static suffix), so `/{file}` and `/nar/{file}` take the whole name and the handlers parse it
+//! into a validated type before anything reaches the store.
+
+mod cache_info;
+mod health;
+mod narinfo;
+mod objects;
+
+use std::future::{Future, IntoFuture as _};
+use std::ops::Deref;
+use std::sync::Arc;
+use std::time::Duration;
+
+use axum::extract::{Request, State};
+use axum::http::{header, HeaderValue, StatusCode};
+use axum::middleware::{self, Next};
+use axum::response::Response;
+use axum::routing::get;
+use axum::serve::ListenerExt as _;
+use axum::Router;
+use bytes::Bytes;
+use tokio::net::TcpListener;
+use tower_http::trace::TraceLayer;
+
+use crate::config::Config;
+use crate::nix::SecretKey;
+use crate::store::Store;
+
+/// Everything a request handler needs. Cheap to clone.
+#[derive(Clone)]
+pub struct AppState(Arc<App>);
+
+pub struct App {
+    pub config: Config,
+    pub store: Arc<dyn Store>,
+    /// Every key signs every narinfo served (several during a rotation).
+    pub keys: Vec<SecretKey>,
+    cache_info: Bytes,
+}
+
+impl Deref for AppState {
+    type Target = App;
+    fn deref(&self) -> &App {
+        &self.0
+    }
+}
+
+impl AppState {
+    pub fn new(config: Config, store: Arc<dyn Store>, keys: Vec<SecretKey>) -> Self {
+        let cache_info = cache_info::render(&config);
+        Self(Arc::new(App {
+            config,
+            store,
+            keys,
+            cache_info,
+        }))
+    }
+}
+
+/// The router with every route and middleware.
+pub fn app(state: AppState) -> Router {
+    Router::new()
+        .route("/nix-cache-info", get(cache_info::get))
+        .route("/healthz", get(health::healthz))
+        .route("/readyz", get(health::readyz))
+        .route("/nar/{file}", get(objects::nar))
+        .route("/log/{drv}", get(objects::log))
+        .route("/realisations/{id}", get(objects::realisation))
+        .route("/build-trace/{drv}/{output}", get(objects::build_trace))
+        .route("/{file}", get(narinfo::top_level))
+        .fallback(not_found)
+        .layer(middleware::from_fn_with_state(
+            state.clone(),
+            default_cache_headers,
+        ))
+        .layer(TraceLayer::new_for_http())
+        .with_state(state)
+}
+
+async fn not_found() -> crate::error::Error {
+    crate::error::Error::NotFound
+}
+
+/// Lets 404s be cached briefly (clients and proxies), unless a handler decided otherwise.
+async fn default_cache_headers(State(st): State<AppState>, req: Request, next: Next) -> Response {
+    let mut res = next.run(req).await;
+    if res.status() == StatusCode::NOT_FOUND && !res.headers().contains_key(header::CACHE_CONTROL) {
+        if let Ok(v) = HeaderValue::from_str(&format!(
+            "public, max-age={}",
+            st.config.not_found_max_age_secs
+        )) {
+            res.headers_mut().insert(header::CACHE_CONTROL, v);
+        }
+    }
+    res
+}
+
+/// Serves `state` on `listener` until `shutdown` completes, then lets in-flight requests finish
+/// for at most `config.shutdown_timeout_secs`.
+pub async fn serve(
+    listener: TcpListener,
+    state: AppState,
+    shutdown: impl Future<Output = ()> + Send + 'static,
+) -> std::io::Result<()> {
+    let grace = Duration::from_secs(state.config.shutdown_timeout_secs);
+    // Without TCP_NODELAY, small responses on keep-alive connections stall ~40 ms
+    // (Nagle's algorithm meets the client's delayed ACK).
+    let listener = listener.tap_io(|tcp| {
+        if let Err(e) = tcp.set_nodelay(true) {
+            tracing::debug!("set_nodelay: {e}");
+        }
+    });
+    let (tx, rx) = tokio::sync::oneshot::channel::<()>();
+    let server = axum::serve(listener, app(state)).with_graceful_shutdown(async move {
+        shutdown.await;
+        let _ = tx.send(());
+    });
+    let server = server.into_future();
+    tokio::pin!(server);
+    tokio::select! {
+        r = &mut server => r,
+        _ = async { if rx.await.is_ok() { tokio::time::sleep(grace).await } else { std::future::pending::<()>().await } } => {
+            tracing::warn!("shutdown: requests still running after {} s, exiting", grace.as_secs());
+            Ok(())
+        }
+    }
+}

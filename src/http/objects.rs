@@ -1,0 +1,159 @@
+//! Objects passed through from the store as they are: NARs (`/nar/<file>`), listings
+//! (`/<hash>.ls`), build logs (`/log/<drv>`) and CA realisations (`/realisations/<id>.doi`,
+//! `/build-trace/<drv>/<output>`).
+//!
+//! Bodies are streamed, never buffered whole. A store failure mid-body surfaces as a stream
+//! error, which makes hyper abort the connection: the client sees a failed transfer, never a
+//! clean short body.
+
+use axum::body::Body;
+use axum::extract::{Path, State};
+use axum::http::{header, HeaderMap, HeaderValue, Method, StatusCode};
+use axum::response::{IntoResponse, Response};
+
+use super::AppState;
+use crate::error::Error;
+use crate::nix::{NarFileName, OutputName, RealisationName, StorePathBaseName};
+use crate::store::{keys, ByteRange};
+
+#[derive(Debug, Clone, Copy)]
+pub(super) enum Kind {
+    Nar,
+    Listing,
+    Log,
+    Realisation,
+}
+
+impl Kind {
+    fn content_type(self) -> &'static str {
+        match self {
+            Self::Nar => "application/x-nix-nar",
+            Self::Listing | Self::Realisation => "application/json",
+            Self::Log => "text/plain; charset=utf-8",
+        }
+    }
+
+    fn cache_control(self) -> &'static str {
+        match self {
+            // Content-addressed by FileHash: never changes.
+            Self::Nar => "public, max-age=31536000, immutable",
+            Self::Listing | Self::Log | Self::Realisation => "public, max-age=3600",
+        }
+    }
+}
+
+/// Streams `key` (or answers a HEAD for it) with the headers for `kind`.
+pub(super) async fn serve(
+    st: &AppState,
+    key: String,
+    kind: Kind,
+    req_headers: &HeaderMap,
+    head: bool,
+) -> Result<Response, Error> {
+    let mut res;
+    if head {
+        let size = st.store.head(&key).await?.ok_or(Error::NotFound)?;
+        res = ().into_response();
+        res.headers_mut()
+            .insert(header::CONTENT_LENGTH, HeaderValue::from(size));
+    } else {
+        let range = req_headers
+            .get(header::RANGE)
+            .and_then(|v| v.to_str().ok())
+            .and_then(ByteRange::parse_header);
+        let obj = st.store.get(&key, range).await?.ok_or(Error::NotFound)?;
+        res = Body::from_stream(obj.body).into_response();
+        let h = res.headers_mut();
+        h.insert(header::CONTENT_LENGTH, HeaderValue::from(obj.length));
+        if let Some(cr) = obj.range {
+            *res.status_mut() = StatusCode::PARTIAL_CONTENT;
+            if let Ok(v) =
+                HeaderValue::from_str(&format!("bytes {}-{}/{}", cr.start, cr.end, cr.total))
+            {
+                res.headers_mut().insert(header::CONTENT_RANGE, v);
+            }
+        }
+    }
+    let h = res.headers_mut();
+    h.insert(
+        header::CONTENT_TYPE,
+        HeaderValue::from_static(kind.content_type()),
+    );
+    h.insert(
+        header::CACHE_CONTROL,
+        HeaderValue::from_static(kind.cache_control()),
+    );
+    h.insert(header::ACCEPT_RANGES, HeaderValue::from_static("bytes"));
+    Ok(res)
+}
+
+pub(super) async fn nar(
+    State(st): State<AppState>,
+    method: Method,
+    Path(file): Path<String>,
+    headers: HeaderMap,
+) -> Result<Response, Error> {
+    let f: NarFileName = file.parse()?;
+    serve(
+        &st,
+        keys::nar(&f),
+        Kind::Nar,
+        &headers,
+        method == Method::HEAD,
+    )
+    .await
+}
+
+pub(super) async fn log(
+    State(st): State<AppState>,
+    method: Method,
+    Path(drv): Path<String>,
+    headers: HeaderMap,
+) -> Result<Response, Error> {
+    let d: StorePathBaseName = drv.parse()?;
+    serve(
+        &st,
+        keys::log(&d),
+        Kind::Log,
+        &headers,
+        method == Method::HEAD,
+    )
+    .await
+}
+
+pub(super) async fn realisation(
+    State(st): State<AppState>,
+    method: Method,
+    Path(id): Path<String>,
+    headers: HeaderMap,
+) -> Result<Response, Error> {
+    let r: RealisationName = id.parse()?;
+    let key = keys::realisation(&r);
+    serve(
+        &st,
+        key,
+        Kind::Realisation,
+        &headers,
+        method == Method::HEAD,
+    )
+    .await
+}
+
+pub(super) async fn build_trace(
+    State(st): State<AppState>,
+    method: Method,
+    Path((drv, output)): Path<(String, String)>,
+    headers: HeaderMap,
+) -> Result<Response, Error> {
+    let d: StorePathBaseName = drv.parse()?;
+    let o: OutputName = output.parse()?;
+    let key = keys::build_trace(&d, &o);
+    serve(
+        &st,
+        key,
+        Kind::Realisation,
+        &headers,
+        method == Method::HEAD,
+    )
+    .await
+}

@@ -1,0 +1,13 @@
+//! cellar: a Nix binary cache server in front of an S3 bucket or a local directory.
+//!
+//! Layers, top to bottom: [`http`] (routes and handlers) → [`store`] (S3 / local objects);
+//! [`nix`] holds the pure protocol code (names, narinfos, signatures) that both use.
+
+pub mod config;
+pub mod error;
+pub mod http;
+pub mod keys;
+pub mod nix;
+pub mod store;
+
+pub use http::{app, serve, AppState};

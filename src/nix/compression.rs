@@ -1,0 +1,101 @@
+//! Compression methods of NAR files, with the names Nix writes in `Compression:` and the file
+//! extensions it gives them under `nar/`.
+
+use std::fmt;
+use std::str::FromStr;
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash)]
+pub enum Compression {
+    None,
+    Xz,
+    Zstd,
+    Bzip2,
+    Brotli,
+    Lz4,
+    Gzip,
+}
+
+impl Compression {
+    /// The value of the narinfo `Compression:` field.
+    pub fn as_str(self) -> &'static str {
+        match self {
+            Self::None => "none",
+            Self::Xz => "xz",
+            Self::Zstd => "zstd",
+            Self::Bzip2 => "bzip2",
+            Self::Brotli => "br",
+            Self::Lz4 => "lz4",
+            Self::Gzip => "gzip",
+        }
+    }
+
+    /// The suffix Nix appends to `.nar`. Quirk kept from Nix: gzip gets none.
+    pub fn extension(self) -> &'static str {
+        match self {
+            Self::None | Self::Gzip => "",
+            Self::Xz => ".xz",
+            Self::Zstd => ".zst",
+            Self::Bzip2 => ".bz2",
+            Self::Brotli => ".br",
+            Self::Lz4 => ".lz4",
+        }
+    }
+
+    /// The compression named by an extension after `.nar.` (without the dot).
+    pub fn from_extension(ext: &str) -> Option<Self> {
+        match ext {
+            "xz" => Some(Self::Xz),
+            "zst" => Some(Self::Zstd),
+            "bz2" => Some(Self::Bzip2),
+            "br" => Some(Self::Brotli),
+            "lz4" => Some(Self::Lz4),
+            _ => None,
+        }
+    }
+}
+
+impl FromStr for Compression {
+    type Err = String;
+    fn from_str(s: &str) -> Result<Self, String> {
+        Ok(match s {
+            "none" | "" => Self::None,
+            "xz" => Self::Xz,
+            "zstd" => Self::Zstd,
+            "bzip2" => Self::Bzip2,
+            "br" => Self::Brotli,
+            "lz4" => Self::Lz4,
+            "gzip" => Self::Gzip,
+            other => return Err(format!("unknown compression {other:?}")),
+        })
+    }
+}
+
+impl fmt::Display for Compression {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.write_str(self.as_str())
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn names_round_trip() {
+        for c in [
+            Compression::None,
+            Compression::Xz,
+            Compression::Zstd,
+            Compression::Bzip2,
+            Compression::Brotli,
+            Compression::Lz4,
+            Compression::Gzip,
+        ] {
+            assert_eq!(c.as_str().parse::<Compression>().unwrap(), c);
+            if let Some(ext) = c.extension().strip_prefix('.') {
+                assert_eq!(Compression::from_extension(ext), Some(c));
+            }
+        }
+        assert!("rar".parse::<Compression>().is_err());
+    }
+}

@@ -1,0 +1,162 @@
+//! Hashes as Nix writes them: store path hash parts and `sha256:` content hashes.
+
+use std::fmt;
+use std::str::FromStr;
+
+use base64::engine::general_purpose::STANDARD as BASE64;
+use base64::Engine as _;
+use sha2::Digest as _;
+use thiserror::Error;
+
+use super::base32;
+
+#[derive(Debug, Error, PartialEq, Eq)]
+pub enum HashError {
+    #[error("not a store path hash (32 nix-base32 characters): {0:?}")]
+    BadStorePathHash(String),
+    #[error("unsupported hash algorithm in {0:?} (only sha256)")]
+    UnsupportedAlgorithm(String),
+    #[error("malformed sha256 hash {0:?}")]
+    Malformed(String),
+}
+
+/// The 32-character nix-base32 hash part of a store path (`/nix/store/<hash>-<name>`).
+///
+/// Parsing one from a request name is what keeps arbitrary strings away from the store.
+#[derive(Clone, Copy, PartialEq, Eq, Hash, PartialOrd, Ord)]
+pub struct StorePathHash([u8; 32]);
+
+impl StorePathHash {
+    pub const LEN: usize = 32;
+
+    pub fn as_str(&self) -> &str {
+        // Only alphabet (ASCII) bytes are ever stored.
+        std::str::from_utf8(&self.0).unwrap_or_default()
+    }
+}
+
+impl FromStr for StorePathHash {
+    type Err = HashError;
+    fn from_str(s: &str) -> Result<Self, HashError> {
+        if s.len() != Self::LEN || !base32::is_nix32(s) {
+            return Err(HashError::BadStorePathHash(s.to_owned()));
+        }
+        let mut b = [0u8; 32];
+        b.copy_from_slice(s.as_bytes());
+        Ok(Self(b))
+    }
+}
+
+impl fmt::Display for StorePathHash {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.write_str(self.as_str())
+    }
+}
+
+impl fmt::Debug for StorePathHash {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        write!(f, "StorePathHash({})", self.as_str())
+    }
+}
+
+/// A SHA-256 digest, parsed from any of the forms Nix accepts (`sha256:<nix32>`,
+/// `sha256:<hex>`, `sha256:<base64>`, SRI `sha256-<base64>`) and printed as `sha256:<nix32>`,
+/// the form the signature fingerprint requires.
+#[derive(Clone, Copy, PartialEq, Eq, Hash)]
+pub struct Sha256([u8; 32]);
+
+impl Sha256 {
+    pub fn from_bytes(b: [u8; 32]) -> Self {
+        Self(b)
+    }
+    pub fn digest(data: &[u8]) -> Self {
+        Self(sha2::Sha256::digest(data).into())
+    }
+    pub fn as_bytes(&self) -> &[u8; 32] {
+        &self.0
+    }
+    /// The bare nix32 form (52 characters), as used in NAR file names.
+    pub fn to_nix32(&self) -> String {
+        base32::encode(&self.0)
+    }
+}
+
+impl FromStr for Sha256 {
+    type Err = HashError;
+    fn from_str(s: &str) -> Result<Self, HashError> {
+        let malformed = || HashError::Malformed(s.to_owned());
+        let (algo, rest, sri) = if let Some((a, r)) = s.split_once(':') {
+            (a, r, false)
+        } else if let Some((a, r)) = s.split_once('-') {
+            (a, r, true)
+        } else {
+            return Err(malformed());
+        };
+        if algo != "sha256" {
+            return Err(HashError::UnsupportedAlgorithm(s.to_owned()));
+        }
+        let bytes = if sri {
+            BASE64.decode(rest).map_err(|_| malformed())?
+        } else {
+            match rest.len() {
+                52 => base32::decode(rest, 32).map_err(|_| malformed())?,
+                64 => hex::decode(rest).map_err(|_| malformed())?,
+                44 => BASE64.decode(rest).map_err(|_| malformed())?,
+                _ => return Err(malformed()),
+            }
+        };
+        let arr: [u8; 32] = bytes.try_into().map_err(|_| malformed())?;
+        Ok(Self(arr))
+    }
+}
+
+impl fmt::Display for Sha256 {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        write!(f, "sha256:{}", self.to_nix32())
+    }
+}
+
+impl fmt::Debug for Sha256 {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        fmt::Display::fmt(self, f)
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn store_path_hash_validation() {
+        let ok = "6bxnj2gfflqa529lddzh3zhcn45nn86r";
+        assert_eq!(ok.parse::<StorePathHash>().unwrap().to_string(), ok);
+        for bad in [
+            "",
+            "6bxnj2gfflqa529lddzh3zhcn45nn86",
+            "6bxnj2gfflqa529lddzh3zhcn45nn86rr",
+            "ebxnj2gfflqa529lddzh3zhcn45nn86r",
+            "../../../../../../../etc/passwdxx",
+            "6BXNJ2GFFLQA529LDDZH3ZHCN45NN86R",
+        ] {
+            assert!(bad.parse::<StorePathHash>().is_err(), "{bad}");
+        }
+    }
+
+    #[test]
+    fn sha256_forms_agree() {
+        let h = Sha256::digest(b"");
+        let nix32 = "sha256:0mdqa9w1p6cmli6976v4wi0sw9r4p5prkj7lzfd1877wk11c9c73";
+        let hexed = "sha256:e3b0c44298fc1c149afbf4c8996fb92427ae41e4649b934ca495991b7852b855";
+        let sri = "sha256-47DEQpj8HBSa+/TImW+5JCeuQeRkm5NMpJWZG3hSuFU=";
+        for s in [nix32, hexed, sri] {
+            assert_eq!(s.parse::<Sha256>().unwrap(), h, "{s}");
+        }
+        assert_eq!(h.to_string(), nix32);
+        assert!(matches!(
+            "md5:00".parse::<Sha256>(),
+            Err(HashError::UnsupportedAlgorithm(_))
+        ));
+        assert!("sha256:xyz".parse::<Sha256>().is_err());
+        assert!("nonsense".parse::<Sha256>().is_err());
+    }
+}

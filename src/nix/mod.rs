@@ -1,0 +1,14 @@
+//! Pure Nix domain code: no I/O. Hashes, names, narinfos, keys and signatures, compression names.
+
+pub mod base32;
+pub mod compression;
+pub mod hash;
+pub mod names;
+pub mod narinfo;
+pub mod signing;
+
+pub use compression::Compression;
+pub use hash::{Sha256, StorePathHash};
+pub use names::{NarFileName, OutputName, RealisationName, StorePathBaseName, TopLevelFile};
+pub use narinfo::{NarInfo, NarInfoError};
+pub use signing::{PublicKey, SecretKey, Signature};

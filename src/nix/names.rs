@@ -1,0 +1,306 @@
+//! Validated names of the objects in a binary cache.
+//!
+//! Every name that comes in a request URL is parsed into one of these types before anything
+//! touches the store, so a request can never name an object outside the cache layout (no `..`,
+//! no `/`, no surprises in S3 keys).
+
+use std::fmt;
+use std::str::FromStr;
+
+use thiserror::Error;
+
+use super::base32;
+use super::compression::Compression;
+use super::hash::StorePathHash;
+
+#[derive(Debug, Error, PartialEq, Eq)]
+#[error("invalid {kind} name {name:?}")]
+pub struct NameError {
+    pub kind: &'static str,
+    pub name: String,
+}
+
+fn err(kind: &'static str, name: &str) -> NameError {
+    NameError {
+        kind,
+        name: name.chars().take(200).collect(),
+    }
+}
+
+/// Characters Nix allows in the name part of a store path.
+fn is_store_name(s: &str) -> bool {
+    !s.is_empty()
+        && s.len() <= 211
+        && !s.starts_with('.')
+        && s.bytes()
+            .all(|c| c.is_ascii_alphanumeric() || b"+-._?=".contains(&c))
+}
+
+/// `<hash32>-<name>`, the last component of a store path (used for build logs and drv names).
+#[derive(Clone, PartialEq, Eq, Hash)]
+pub struct StorePathBaseName {
+    hash: StorePathHash,
+    full: String,
+}
+
+impl StorePathBaseName {
+    pub fn hash(&self) -> StorePathHash {
+        self.hash
+    }
+    pub fn as_str(&self) -> &str {
+        &self.full
+    }
+}
+
+impl FromStr for StorePathBaseName {
+    type Err = NameError;
+    fn from_str(s: &str) -> Result<Self, NameError> {
+        let e = || err("store path", s);
+        let (h, name) = s.split_at_checked(StorePathHash::LEN).ok_or_else(e)?;
+        let name = name.strip_prefix('-').ok_or_else(e)?;
+        if !is_store_name(name) {
+            return Err(e());
+        }
+        Ok(Self {
+            hash: h.parse().map_err(|_| e())?,
+            full: s.to_owned(),
+        })
+    }
+}
+
+impl fmt::Display for StorePathBaseName {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.write_str(&self.full)
+    }
+}
+
+impl fmt::Debug for StorePathBaseName {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        write!(f, "{:?}", self.full)
+    }
+}
+
+/// What a top-level file name (`/<name>`) asks for.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum TopLevelFile {
+    NarInfo(StorePathHash),
+    Listing(StorePathHash),
+}
+
+impl FromStr for TopLevelFile {
+    type Err = NameError;
+    fn from_str(s: &str) -> Result<Self, NameError> {
+        let e = || err("cache file", s);
+        let (stem, ext) = s.split_once('.').ok_or_else(e)?;
+        let hash: StorePathHash = stem.parse().map_err(|_| e())?;
+        match ext {
+            "narinfo" => Ok(Self::NarInfo(hash)),
+            "ls" => Ok(Self::Listing(hash)),
+            _ => Err(e()),
+        }
+    }
+}
+
+/// `<filehash>.nar[.<ext>]`, the name of a NAR under `nar/`.
+///
+/// The hash is nix-base32: 52 characters for the sha256 FileHash Nix uses, 32 for caches that
+/// name NARs after the store path hash.
+#[derive(Clone, PartialEq, Eq, Hash)]
+pub struct NarFileName {
+    full: String,
+    compression: Option<Compression>,
+}
+
+impl NarFileName {
+    pub fn as_str(&self) -> &str {
+        &self.full
+    }
+    /// The compression implied by the extension (`None` for a bare `.nar`, which Nix also uses
+    /// for gzip).
+    pub fn compression_from_ext(&self) -> Option<Compression> {
+        self.compression
+    }
+    pub fn new(file_hash_nix32: &str, compression: Compression) -> Result<Self, NameError> {
+        format!("{file_hash_nix32}.nar{}", compression.extension()).parse()
+    }
+}
+
+impl FromStr for NarFileName {
+    type Err = NameError;
+    fn from_str(s: &str) -> Result<Self, NameError> {
+        let e = || err("NAR file", s);
+        let (hash, rest) = s.split_once('.').ok_or_else(e)?;
+        if !(hash.len() == 32 || hash.len() == 52) || !base32::is_nix32(hash) {
+            return Err(e());
+        }
+        let compression = match rest {
+            "nar" => None,
+            _ => {
+                let ext = rest.strip_prefix("nar.").ok_or_else(e)?;
+                Some(Compression::from_extension(ext).ok_or_else(e)?)
+            }
+        };
+        Ok(Self {
+            full: s.to_owned(),
+            compression,
+        })
+    }
+}
+
+impl fmt::Display for NarFileName {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.write_str(&self.full)
+    }
+}
+
+impl fmt::Debug for NarFileName {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        write!(f, "{:?}", self.full)
+    }
+}
+
+/// `sha256:<nix32>!<output>.doi`, a CA realisation under `realisations/` (Nix ≤ 2.32).
+#[derive(Clone, PartialEq, Eq)]
+pub struct RealisationName(String);
+
+impl RealisationName {
+    pub fn as_str(&self) -> &str {
+        &self.0
+    }
+}
+
+impl FromStr for RealisationName {
+    type Err = NameError;
+    fn from_str(s: &str) -> Result<Self, NameError> {
+        let e = || err("realisation", s);
+        let stem = s.strip_suffix(".doi").ok_or_else(e)?;
+        let (drv_hash, output) = stem.split_once('!').ok_or_else(e)?;
+        let h = drv_hash.strip_prefix("sha256:").ok_or_else(e)?;
+        if h.len() != 52 || !base32::is_nix32(h) || !is_store_name(output) {
+            return Err(e());
+        }
+        Ok(Self(s.to_owned()))
+    }
+}
+
+impl fmt::Debug for RealisationName {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        write!(f, "{:?}", self.0)
+    }
+}
+
+/// An output name (`out`, `dev`, …) as used in `build-trace/<drv>/<output>`.
+#[derive(Clone, PartialEq, Eq)]
+pub struct OutputName(String);
+
+impl OutputName {
+    pub fn as_str(&self) -> &str {
+        &self.0
+    }
+}
+
+impl FromStr for OutputName {
+    type Err = NameError;
+    fn from_str(s: &str) -> Result<Self, NameError> {
+        if is_store_name(s) {
+            Ok(Self(s.to_owned()))
+        } else {
+            Err(err("output", s))
+        }
+    }
+}
+
+impl fmt::Debug for OutputName {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        write!(f, "{:?}", self.0)
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    const H: &str = "6bxnj2gfflqa529lddzh3zhcn45nn86r";
+    const F: &str = "07yp7gw2d9vmfgl2rd063i75qwkfbrgvqngp5yz2pk6iadzlckh7";
+
+    #[test]
+    fn top_level_files() {
+        assert!(matches!(
+            format!("{H}.narinfo").parse(),
+            Ok(TopLevelFile::NarInfo(_))
+        ));
+        assert!(matches!(
+            format!("{H}.ls").parse(),
+            Ok(TopLevelFile::Listing(_))
+        ));
+        for bad in [
+            format!("{H}.narinfo.bak"),
+            format!("{H}"),
+            "nix-cache-info".to_owned(),
+            "..narinfo".to_owned(),
+            format!("{H}x.narinfo"),
+        ] {
+            assert!(bad.parse::<TopLevelFile>().is_err(), "{bad}");
+        }
+    }
+
+    #[test]
+    fn nar_file_names() {
+        for (name, c) in [
+            (format!("{F}.nar.xz"), Some(Compression::Xz)),
+            (format!("{F}.nar.zst"), Some(Compression::Zstd)),
+            (format!("{F}.nar.bz2"), Some(Compression::Bzip2)),
+            (format!("{F}.nar.br"), Some(Compression::Brotli)),
+            (format!("{F}.nar.lz4"), Some(Compression::Lz4)),
+            (format!("{F}.nar"), None),
+            (format!("{H}.nar"), None),
+        ] {
+            let n: NarFileName = name.parse().unwrap();
+            assert_eq!(n.compression_from_ext(), c, "{name}");
+            assert_eq!(n.as_str(), name);
+        }
+        for bad in [
+            format!("{F}.nar.gz"),
+            format!("{F}.xz"),
+            format!("{F}.nar.xz/"),
+            "..%2f.nar".to_owned(),
+            format!("{F}x.nar"),
+        ] {
+            assert!(bad.parse::<NarFileName>().is_err(), "{bad}");
+        }
+        assert_eq!(
+            NarFileName::new(F, Compression::Zstd).unwrap().as_str(),
+            format!("{F}.nar.zst")
+        );
+    }
+
+    #[test]
+    fn store_path_base_names() {
+        let ok = format!("{H}-hello-2.12.drv");
+        let n: StorePathBaseName = ok.parse().unwrap();
+        assert_eq!(n.hash().as_str(), H);
+        for bad in [
+            format!("{H}"),
+            format!("{H}-"),
+            format!("{H}-.hidden"),
+            format!("{H}-a/b"),
+            format!("{H}_x"),
+        ] {
+            assert!(bad.parse::<StorePathBaseName>().is_err(), "{bad}");
+        }
+    }
+
+    #[test]
+    fn realisation_names() {
+        let ok = format!("sha256:{F}!out.doi");
+        assert!(ok.parse::<RealisationName>().is_ok());
+        for bad in [
+            format!("sha256:{F}!out"),
+            format!("sha256:{F}.doi"),
+            format!("md5:{F}!out.doi"),
+            format!("sha256:{F}!../x.doi"),
+        ] {
+            assert!(bad.parse::<RealisationName>().is_err(), "{bad}");
+        }
+    }
+}

@@ -1,0 +1,257 @@
+//! Object stores holding the cache: an S3 bucket or a local directory, both with the layout
+//! `nix copy --to` writes (`<hash>.narinfo`, `nar/<file>`, `log/<drv>`, …).
+//!
+//! Keys passed to a store are always built by [`keys`] from validated names, never from raw
+//! request strings.
+
+pub mod local;
+pub mod memory;
+pub mod s3;
+
+use std::io;
+use std::pin::Pin;
+
+use async_trait::async_trait;
+use bytes::Bytes;
+use futures::Stream;
+use thiserror::Error;
+
+/// A streamed object body. An `Err` item means the store failed mid-body.
+pub type ByteStream = Pin<Box<dyn Stream<Item = io::Result<Bytes>> + Send + 'static>>;
+
+#[derive(Debug, Error)]
+pub enum StoreError {
+    /// The store could not be reached (connection refused, DNS, TLS, timeout).
+    #[error("store unreachable: {0}")]
+    Unavailable(String),
+    /// The store did not answer within the configured timeout.
+    #[error("store timed out after {0} s")]
+    Timeout(u64),
+    /// The store refused our credentials or the bucket does not exist: a misconfiguration.
+    #[error("store misconfigured: {0}")]
+    Misconfigured(String),
+    /// The requested range lies outside the object.
+    #[error("range not satisfiable (object has {size} bytes)")]
+    RangeNotSatisfiable { size: u64 },
+    /// An object is larger than the caller accepts.
+    #[error("object {key} is larger than {limit} bytes")]
+    TooLarge { key: String, limit: u64 },
+    /// Any other failure of the store (an unexpected S3 error, a local I/O error).
+    #[error("store error: {0}")]
+    Other(String),
+}
+
+impl From<io::Error> for StoreError {
+    fn from(e: io::Error) -> Self {
+        Self::Other(e.to_string())
+    }
+}
+
+/// A byte range of a GET, as parsed from a single-range `Range` header.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum ByteRange {
+    /// `bytes=start-` or `bytes=start-end` (inclusive).
+    From { start: u64, end: Option<u64> },
+    /// `bytes=-n`: the last n bytes.
+    Suffix(u64),
+}
+
+impl ByteRange {
+    /// Parses a `Range` header; `None` for anything but one byte range (multi-range requests
+    /// get the whole object, which HTTP allows).
+    pub fn parse_header(v: &str) -> Option<Self> {
+        let spec = v.trim().strip_prefix("bytes=")?;
+        if spec.contains(',') {
+            return None;
+        }
+        let (a, b) = spec.split_once('-')?;
+        let (a, b) = (a.trim(), b.trim());
+        if a.is_empty() {
+            let n: u64 = b.parse().ok()?;
+            return (n > 0).then_some(Self::Suffix(n));
+        }
+        let start: u64 = a.parse().ok()?;
+        let end = if b.is_empty() {
+            None
+        } else {
+            let e: u64 = b.parse().ok()?;
+            if e < start {
+                return None;
+            }
+            Some(e)
+        };
+        Some(Self::From { start, end })
+    }
+
+    /// The inclusive byte span within an object of `size` bytes, or `None` if unsatisfiable.
+    pub fn resolve(self, size: u64) -> Option<(u64, u64)> {
+        match self {
+            Self::From { start, end } => {
+                if start >= size {
+                    return None;
+                }
+                Some((start, end.map_or(size - 1, |e| e.min(size - 1))))
+            }
+            Self::Suffix(n) => {
+                if size == 0 {
+                    return None;
+                }
+                Some((size.saturating_sub(n), size - 1))
+            }
+        }
+    }
+
+    pub fn to_header(self) -> String {
+        match self {
+            Self::From { start, end: None } => format!("bytes={start}-"),
+            Self::From {
+                start,
+                end: Some(e),
+            } => format!("bytes={start}-{e}"),
+            Self::Suffix(n) => format!("bytes=-{n}"),
+        }
+    }
+}
+
+/// The span of a partial body: `Content-Range: bytes start-end/total`.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct ContentRange {
+    pub start: u64,
+    pub end: u64,
+    pub total: u64,
+}
+
+/// An object being read.
+pub struct Object {
+    pub body: ByteStream,
+    /// Length of `body` in bytes.
+    pub length: u64,
+    /// Set when a range was requested and honoured.
+    pub range: Option<ContentRange>,
+}
+
+#[async_trait]
+pub trait Store: Send + Sync + 'static {
+    /// Opens an object for reading; `Ok(None)` if it does not exist.
+    async fn get(&self, key: &str, range: Option<ByteRange>) -> Result<Option<Object>, StoreError>;
+
+    /// The size of an object, or `Ok(None)` if it does not exist.
+    async fn head(&self, key: &str) -> Result<Option<u64>, StoreError>;
+
+    /// Checks that the store answers (for `/readyz`).
+    async fn ping(&self) -> Result<(), StoreError>;
+
+    /// A short description for logs (`s3://bucket/prefix at endpoint`, `file:///dir`).
+    fn describe(&self) -> String;
+
+    /// Reads a whole small object into memory, refusing objects over `limit` bytes.
+    async fn get_bytes(&self, key: &str, limit: u64) -> Result<Option<Bytes>, StoreError> {
+        use futures::TryStreamExt as _;
+        let Some(obj) = self.get(key, None).await? else {
+            return Ok(None);
+        };
+        if obj.length > limit {
+            return Err(StoreError::TooLarge {
+                key: key.to_owned(),
+                limit,
+            });
+        }
+        let mut buf = Vec::with_capacity(obj.length as usize);
+        let mut body = obj.body;
+        while let Some(chunk) = body
+            .try_next()
+            .await
+            .map_err(|e| StoreError::Other(format!("reading {key}: {e}")))?
+        {
+            if (buf.len() + chunk.len()) as u64 > limit {
+                return Err(StoreError::TooLarge {
+                    key: key.to_owned(),
+                    limit,
+                });
+            }
+            buf.extend_from_slice(&chunk);
+        }
+        Ok(Some(Bytes::from(buf)))
+    }
+}
+
+/// The one place that turns validated names into object keys (relative to the store root).
+pub mod keys {
+    use crate::nix::{NarFileName, OutputName, RealisationName, StorePathBaseName, StorePathHash};
+
+    pub fn narinfo(h: StorePathHash) -> String {
+        format!("{h}.narinfo")
+    }
+    pub fn listing(h: StorePathHash) -> String {
+        format!("{h}.ls")
+    }
+    pub fn nar(f: &NarFileName) -> String {
+        format!("nar/{f}")
+    }
+    pub fn log(drv: &StorePathBaseName) -> String {
+        format!("log/{drv}")
+    }
+    pub fn realisation(r: &RealisationName) -> String {
+        format!("realisations/{}", r.as_str())
+    }
+    pub fn build_trace(drv: &StorePathBaseName, out: &OutputName) -> String {
+        format!("build-trace/{drv}/{}", out.as_str())
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn range_parsing() {
+        assert_eq!(
+            ByteRange::parse_header("bytes=0-99"),
+            Some(ByteRange::From {
+                start: 0,
+                end: Some(99)
+            })
+        );
+        assert_eq!(
+            ByteRange::parse_header("bytes=100-"),
+            Some(ByteRange::From {
+                start: 100,
+                end: None
+            })
+        );
+        assert_eq!(
+            ByteRange::parse_header("bytes=-5"),
+            Some(ByteRange::Suffix(5))
+        );
+        for bad in [
+            "bytes=5-1",
+            "bytes=0-1,3-4",
+            "items=0-1",
+            "bytes=x-",
+            "bytes=-0",
+            "bytes=-",
+        ] {
+            assert_eq!(ByteRange::parse_header(bad), None, "{bad}");
+        }
+    }
+
+    #[test]
+    fn range_resolution() {
+        let r = |s| ByteRange::parse_header(s).unwrap();
+        assert_eq!(r("bytes=0-99").resolve(50), Some((0, 49)));
+        assert_eq!(r("bytes=10-").resolve(50), Some((10, 49)));
+        assert_eq!(r("bytes=-10").resolve(50), Some((40, 49)));
+        assert_eq!(r("bytes=-100").resolve(50), Some((0, 49)));
+        assert_eq!(r("bytes=50-").resolve(50), None);
+        assert_eq!(r("bytes=-1").resolve(0), None);
+    }
+}
+
+/// Opens the store the config names.
+pub async fn from_config(cfg: &crate::config::Config) -> io::Result<std::sync::Arc<dyn Store>> {
+    use crate::config::StoreKind;
+    Ok(match cfg.store.kind {
+        StoreKind::Local => std::sync::Arc::new(local::LocalStore::open(&cfg.store.path)?),
+        StoreKind::S3 => std::sync::Arc::new(s3::S3Store::new(cfg).await),
+    })
+}
