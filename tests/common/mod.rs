@@ -1,0 +1,429 @@
+//! Shared test harness: the real Garage S3 server started by `scripts/test`, the real `cellar`
+//! binary on a free port, a TCP proxy that can cut the store off, and a fixture closure built
+//! with the real nix client.
+#![allow(dead_code)]
+
+use std::net::SocketAddr;
+use std::path::{Path, PathBuf};
+use std::process::{Child, Command, Output, Stdio};
+use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
+use std::sync::{Arc, Mutex, OnceLock};
+use std::time::{Duration, Instant};
+
+use aws_sdk_s3::config::{BehaviorVersion, Credentials, Region, RequestChecksumCalculation};
+use tokio::io::{AsyncReadExt, AsyncWriteExt};
+use tokio::net::{TcpListener, TcpStream};
+
+pub const CELLAR: &str = env!("CARGO_BIN_EXE_cellar");
+
+// ---------------------------------------------------------------------------------------------
+// S3 (Garage)
+
+#[derive(Clone, Debug)]
+pub struct S3Env {
+    pub endpoint: String,
+    pub bucket: String,
+    pub key_id: String,
+    pub secret: String,
+}
+
+/// The Garage that `scripts/test` started. Integration tests never run without one.
+pub fn s3_env() -> S3Env {
+    let get = |k: &str| {
+        std::env::var(k).unwrap_or_else(|_| {
+            panic!("{k} is not set: run the tests with scripts/test, which starts Garage")
+        })
+    };
+    S3Env {
+        endpoint: get("S3_ENDPOINT"),
+        bucket: get("S3_BUCKET"),
+        key_id: get("AWS_ACCESS_KEY_ID"),
+        secret: get("AWS_SECRET_ACCESS_KEY"),
+    }
+}
+
+pub fn s3_client(env: &S3Env) -> aws_sdk_s3::Client {
+    let conf = aws_sdk_s3::Config::builder()
+        .behavior_version(BehaviorVersion::latest())
+        .region(Region::new("us-east-1"))
+        .endpoint_url(&env.endpoint)
+        .force_path_style(true)
+        .request_checksum_calculation(RequestChecksumCalculation::WhenRequired)
+        .credentials_provider(Credentials::new(
+            &env.key_id,
+            &env.secret,
+            None,
+            None,
+            "test",
+        ))
+        .build();
+    aws_sdk_s3::Client::from_conf(conf)
+}
+
+pub async fn s3_put(env: &S3Env, key: &str, data: impl Into<Vec<u8>>) {
+    s3_client(env)
+        .put_object()
+        .bucket(&env.bucket)
+        .key(key)
+        .body(data.into().into())
+        .send()
+        .await
+        .unwrap_or_else(|e| panic!("put {key}: {e:?}"));
+}
+
+pub async fn s3_exists(env: &S3Env, key: &str) -> bool {
+    s3_client(env)
+        .head_object()
+        .bucket(&env.bucket)
+        .key(key)
+        .send()
+        .await
+        .is_ok()
+}
+
+/// Uploads every file under `dir` to `prefix` + its relative path (what `aws s3 sync` does to a
+/// directory written by `nix copy --to file://`).
+pub async fn s3_upload_dir(env: &S3Env, prefix: &str, dir: &Path) {
+    for path in walk(dir) {
+        let rel = path.strip_prefix(dir).unwrap().to_str().unwrap().to_owned();
+        s3_put(
+            env,
+            &format!("{prefix}{rel}"),
+            std::fs::read(&path).unwrap(),
+        )
+        .await;
+    }
+}
+
+pub fn walk(dir: &Path) -> Vec<PathBuf> {
+    let mut out = Vec::new();
+    for e in std::fs::read_dir(dir).unwrap() {
+        let p = e.unwrap().path();
+        if p.is_dir() {
+            out.extend(walk(&p));
+        } else {
+            out.push(p);
+        }
+    }
+    out.sort();
+    out
+}
+
+/// A key prefix no other test uses, so tests share one bucket without seeing each other.
+pub fn unique_prefix(name: &str) -> String {
+    static N: AtomicU64 = AtomicU64::new(0);
+    format!(
+        "t-{name}-{}-{}/",
+        std::process::id(),
+        N.fetch_add(1, Ordering::SeqCst)
+    )
+}
+
+// ---------------------------------------------------------------------------------------------
+// A TCP proxy in front of the store that a test can cut (connections reset, nothing accepted)
+// and restore, and that counts bytes sent to the store.
+
+pub struct Proxy {
+    pub addr: SocketAddr,
+    down: Arc<AtomicBool>,
+    to_upstream: Arc<AtomicU64>,
+    conns: Arc<Mutex<Vec<tokio::task::AbortHandle>>>,
+}
+
+impl Proxy {
+    pub async fn start(upstream: &str) -> Proxy {
+        let upstream: SocketAddr = upstream
+            .trim_start_matches("http://")
+            .parse()
+            .expect("S3_ENDPOINT is http://ip:port");
+        let listener = TcpListener::bind("127.0.0.1:0").await.unwrap();
+        let addr = listener.local_addr().unwrap();
+        let down = Arc::new(AtomicBool::new(false));
+        let to_upstream = Arc::new(AtomicU64::new(0));
+        let conns: Arc<Mutex<Vec<tokio::task::AbortHandle>>> = Arc::default();
+        let (d, t, c) = (down.clone(), to_upstream.clone(), conns.clone());
+        tokio::spawn(async move {
+            loop {
+                let Ok((mut client, _)) = listener.accept().await else {
+                    continue;
+                };
+                if d.load(Ordering::SeqCst) {
+                    drop(client); // refused: closed at once
+                    continue;
+                }
+                let t = t.clone();
+                let task = tokio::spawn(async move {
+                    let Ok(mut server) = TcpStream::connect(upstream).await else {
+                        return;
+                    };
+                    let (mut cr, mut cw) = client.split();
+                    let (mut sr, mut sw) = server.split();
+                    let up = async {
+                        let mut buf = vec![0u8; 64 * 1024];
+                        loop {
+                            let n = cr.read(&mut buf).await.unwrap_or(0);
+                            if n == 0 {
+                                break;
+                            }
+                            t.fetch_add(n as u64, Ordering::SeqCst);
+                            if sw.write_all(&buf[..n]).await.is_err() {
+                                break;
+                            }
+                        }
+                        let _ = sw.shutdown().await;
+                    };
+                    let downstream = async {
+                        let _ = tokio::io::copy(&mut sr, &mut cw).await;
+                        let _ = cw.shutdown().await;
+                    };
+                    tokio::join!(up, downstream);
+                });
+                c.lock().unwrap().push(task.abort_handle());
+            }
+        });
+        Proxy {
+            addr,
+            down,
+            to_upstream,
+            conns,
+        }
+    }
+
+    pub fn url(&self) -> String {
+        format!("http://{}", self.addr)
+    }
+
+    /// Cuts every open connection and refuses new ones (true), or lets them through (false).
+    pub fn set_down(&self, down: bool) {
+        self.down.store(down, Ordering::SeqCst);
+        if down {
+            for c in self.conns.lock().unwrap().drain(..) {
+                c.abort();
+            }
+        }
+    }
+
+    /// Bytes the proxy has forwarded to the store so far (requests reaching S3).
+    pub fn bytes_to_store(&self) -> u64 {
+        self.to_upstream.load(Ordering::SeqCst)
+    }
+}
+
+// ---------------------------------------------------------------------------------------------
+// The cellar binary
+
+pub struct Server {
+    pub url: String,
+    pub addr: SocketAddr,
+    /// The server's public key line (`name:base64`).
+    pub public_key: String,
+    pub dir: tempfile::TempDir,
+    child: Child,
+}
+
+pub fn free_port() -> u16 {
+    std::net::TcpListener::bind("127.0.0.1:0")
+        .unwrap()
+        .local_addr()
+        .unwrap()
+        .port()
+}
+
+/// Env for an S3 store at `endpoint` (usually a [`Proxy`]) under `prefix`.
+pub fn s3_store_env(s3: &S3Env, endpoint: &str, prefix: &str) -> Vec<(String, String)> {
+    [
+        ("CELLAR_STORE__KIND", "s3"),
+        ("CELLAR_STORE__BUCKET", s3.bucket.as_str()),
+        ("CELLAR_STORE__ENDPOINT", endpoint),
+        ("CELLAR_STORE__REGION", "us-east-1"),
+        ("CELLAR_STORE__PREFIX", prefix),
+        ("CELLAR_STORE__TIMEOUT_SECS", "3"),
+        ("CELLAR_STORE__CONNECT_TIMEOUT_SECS", "1"),
+    ]
+    .into_iter()
+    .map(|(k, v)| (k.to_owned(), v.to_owned()))
+    .collect()
+}
+
+impl Server {
+    /// Starts `cellar serve` with a fresh signing key and the given `CELLAR_*` env.
+    pub fn start(env: Vec<(String, String)>) -> Server {
+        let dir = tempfile::tempdir().unwrap();
+        let key = dir.path().join("cellar-test.sec");
+        let out = Command::new(CELLAR)
+            .args(["keygen", "cellar-test-1", "--out"])
+            .arg(&key)
+            .output()
+            .unwrap();
+        assert!(out.status.success(), "keygen: {out:?}");
+        let public_key = String::from_utf8(out.stdout).unwrap().trim().to_owned();
+        let port = free_port();
+        let addr: SocketAddr = format!("127.0.0.1:{port}").parse().unwrap();
+        let log = std::fs::File::create(dir.path().join("server.log")).unwrap();
+        let mut cmd = Command::new(CELLAR);
+        cmd.arg("serve")
+            .current_dir(dir.path())
+            .env("CELLAR_LISTEN", addr.to_string())
+            .env("CELLAR_SIGNING__KEY_FILES", &key)
+            .env("RUST_LOG", "info,cellar=debug")
+            .stdout(Stdio::null())
+            .stderr(log);
+        for (k, v) in &env {
+            cmd.env(k, v);
+        }
+        let child = cmd.spawn().unwrap();
+        let mut s = Server {
+            url: format!("http://{addr}"),
+            addr,
+            public_key,
+            dir,
+            child,
+        };
+        s.wait_healthy();
+        s
+    }
+
+    fn wait_healthy(&mut self) {
+        let deadline = Instant::now() + Duration::from_secs(20);
+        loop {
+            if std::net::TcpStream::connect(self.addr).is_ok() {
+                return;
+            }
+            if let Ok(Some(st)) = self.child.try_wait() {
+                panic!("cellar exited with {st}:\n{}", self.log());
+            }
+            assert!(
+                Instant::now() < deadline,
+                "cellar did not start:\n{}",
+                self.log()
+            );
+            std::thread::sleep(Duration::from_millis(20));
+        }
+    }
+
+    pub fn log(&self) -> String {
+        std::fs::read_to_string(self.dir.path().join("server.log")).unwrap_or_default()
+    }
+}
+
+impl Drop for Server {
+    fn drop(&mut self) {
+        let _ = self.child.kill();
+        let _ = self.child.wait();
+    }
+}
+
+// ---------------------------------------------------------------------------------------------
+// The real nix client
+
+/// A `nix`-family command that uses the local store and a fresh narinfo cache
+/// (`XDG_CACHE_HOME`), so no test sees another's cached lookups.
+pub fn nix(program: &str, cache: &Path) -> Command {
+    let mut c = Command::new(program);
+    c.env("NIX_REMOTE", "")
+        .env("XDG_CACHE_HOME", cache)
+        .env("XDG_CONFIG_HOME", cache)
+        .env_remove("NIX_PATH");
+    c
+}
+
+pub fn run_ok(mut cmd: Command) -> String {
+    let out = cmd.output().unwrap();
+    assert!(
+        out.status.success(),
+        "{cmd:?} failed:\nstdout: {}\nstderr: {}",
+        String::from_utf8_lossy(&out.stdout),
+        String::from_utf8_lossy(&out.stderr)
+    );
+    String::from_utf8(out.stdout).unwrap()
+}
+
+pub fn run(mut cmd: Command) -> Output {
+    cmd.output().unwrap()
+}
+
+/// A closure built by the real nix (no nixpkgs: `/bin/sh` builders), copied into `file://`
+/// caches (xz and zstd), unsigned, with a build log.
+pub struct Fixture {
+    /// The top store path; its closure is everything below.
+    pub top: String,
+    /// Every path of the closure.
+    pub closure: Vec<String>,
+    /// `nix copy --to file://` with the default compression (xz).
+    pub xz_dir: PathBuf,
+    /// `nix copy --to 'file://…?compression=zstd&write-nar-listing=true'`.
+    pub zstd_dir: PathBuf,
+    /// The derivation of `top` (for `log/<drv>`).
+    pub top_drv: String,
+    pub root: PathBuf,
+}
+
+impl Fixture {
+    pub fn basename(path: &str) -> &str {
+        path.rsplit('/').next().unwrap()
+    }
+    pub fn hash(path: &str) -> &str {
+        &Self::basename(path)[..32]
+    }
+}
+
+pub fn fixture() -> &'static Fixture {
+    static F: OnceLock<Fixture> = OnceLock::new();
+    F.get_or_init(build_fixture)
+}
+
+fn build_fixture() -> Fixture {
+    let root = std::env::temp_dir().join(format!("cellar-fixture-{}", std::process::id()));
+    let _ = std::fs::remove_dir_all(&root);
+    std::fs::create_dir_all(&root).unwrap();
+    let cache = root.join("xdg");
+    let expr = Path::new(env!("CARGO_MANIFEST_DIR")).join("tests/fixtures/closure.nix");
+    let mut b = nix("nix-build", &cache);
+    b.arg(&expr).args(["-A", "top", "--no-out-link"]);
+    let top = run_ok(b).trim().to_owned();
+    let mut q = nix("nix-store", &cache);
+    q.args(["-qR", &top]);
+    let closure: Vec<String> = run_ok(q).lines().map(str::to_owned).collect();
+    let mut d = nix("nix-store", &cache);
+    d.args(["-q", "--deriver", &top]);
+    let top_drv = run_ok(d).trim().to_owned();
+
+    let xz_dir = root.join("cache-xz");
+    let zstd_dir = root.join("cache-zstd");
+    let mut c = nix("nix", &cache);
+    c.args([
+        "copy",
+        "--to",
+        &format!("file://{}", xz_dir.display()),
+        &top,
+    ]);
+    run_ok(c);
+    let mut c = nix("nix", &cache);
+    c.args([
+        "copy",
+        "--to",
+        &format!(
+            "file://{}?compression=zstd&write-nar-listing=true",
+            zstd_dir.display()
+        ),
+        &top,
+    ]);
+    run_ok(c);
+    let mut l = nix("nix", &cache);
+    l.args([
+        "store",
+        "copy-log",
+        "--to",
+        &format!("file://{}", xz_dir.display()),
+        &top,
+    ]);
+    run_ok(l);
+    Fixture {
+        top,
+        closure,
+        xz_dir,
+        zstd_dir,
+        top_drv,
+        root,
+    }
+}

@@ -1,0 +1,118 @@
+//! End to end with the real nix client: a bucket laid out by `nix copy --to file://` (unsigned)
+//! in a real Garage, served through cellar, substituted into fresh stores trusting only
+//! cellar's key.
+
+mod common;
+
+use std::path::Path;
+
+use common::*;
+
+/// `nix copy --from` + `nix store verify` into a fresh store, trusting only `key`.
+fn copy_from_and_verify(url: &str, key: &str, top: &str, work: &Path) {
+    let store = work.join("store-copy");
+    let mut c = nix("nix", &work.join("xdg-copy"));
+    c.args(["copy", "--from", url, "--store"])
+        .arg(&store)
+        .args(["--trusted-public-keys", key, top]);
+    run_ok(c);
+    let mut v = nix("nix", &work.join("xdg-verify"));
+    v.args(["store", "verify", "-r", "--store"])
+        .arg(&store)
+        .args(["--trusted-public-keys", key, top]);
+    run_ok(v);
+    assert!(store.join(top.trim_start_matches('/')).exists());
+}
+
+fn realise_with_substituter(url: &str, key: &str, top: &str, work: &Path) {
+    let store = work.join("store-realise");
+    let mut r = nix("nix-store", &work.join("xdg-realise"));
+    r.arg("--store")
+        .arg(&store)
+        .args(["--realise", top])
+        .args(["--option", "substituters", url])
+        .args(["--option", "trusted-public-keys", key]);
+    let out = run_ok(r);
+    assert_eq!(out.trim(), top);
+    assert!(store.join(top.trim_start_matches('/')).exists());
+}
+
+fn wrong_key_is_refused(url: &str, top: &str, work: &Path) {
+    // Same key name as the server's, other key material: signature check must fail.
+    let other = std::process::Command::new(CELLAR)
+        .args(["keygen", "cellar-test-1", "--out"])
+        .arg(work.join("other.sec"))
+        .output()
+        .unwrap();
+    let other_pub = String::from_utf8(other.stdout).unwrap().trim().to_owned();
+    let mut c = nix("nix", &work.join("xdg-wrong"));
+    c.args(["copy", "--from", url, "--store"])
+        .arg(work.join("store-wrong"))
+        .args(["--trusted-public-keys", &other_pub, top]);
+    let out = run(c);
+    let err = String::from_utf8_lossy(&out.stderr);
+    assert!(!out.status.success(), "copy with a wrong key succeeded");
+    assert!(err.contains("lacks a valid signature"), "{err}");
+}
+
+#[tokio::test(flavor = "multi_thread")]
+async fn s3_xz_closure_substitutes_trusting_only_cellar() {
+    let f = fixture();
+    let s3 = s3_env();
+    let prefix = unique_prefix("e2e-xz");
+    s3_upload_dir(&s3, &prefix, &f.xz_dir).await;
+    let srv = Server::start(s3_store_env(&s3, &s3.endpoint, &prefix));
+    let work = tempfile::tempdir().unwrap();
+
+    copy_from_and_verify(&srv.url, &srv.public_key, &f.top, work.path());
+    realise_with_substituter(&srv.url, &srv.public_key, &f.top, work.path());
+    wrong_key_is_refused(&srv.url, &f.top, work.path());
+
+    // `nix log --store` reads Deriver: then GET /log/<drv>.
+    let mut l = nix("nix", &work.path().join("xdg-log"));
+    l.args(["log", "--store", &srv.url, &f.top]);
+    assert!(run_ok(l).contains("building top"));
+
+    // path-info over the whole closure, through HEAD + GET narinfo.
+    let mut p = nix("nix", &work.path().join("xdg-pi"));
+    p.args(["path-info", "-r", "--store", &srv.url, &f.top]);
+    let listed = run_ok(p);
+    for path in &f.closure {
+        assert!(
+            listed.contains(path.as_str()),
+            "{path} missing from {listed}"
+        );
+    }
+}
+
+#[tokio::test(flavor = "multi_thread")]
+async fn s3_zstd_closure_substitutes() {
+    let f = fixture();
+    let s3 = s3_env();
+    let prefix = unique_prefix("e2e-zstd");
+    s3_upload_dir(&s3, &prefix, &f.zstd_dir).await;
+    let srv = Server::start(s3_store_env(&s3, &s3.endpoint, &prefix));
+    let work = tempfile::tempdir().unwrap();
+    copy_from_and_verify(&srv.url, &srv.public_key, &f.top, work.path());
+    realise_with_substituter(&srv.url, &srv.public_key, &f.top, work.path());
+}
+
+#[tokio::test(flavor = "multi_thread")]
+async fn local_directory_backend_substitutes() {
+    let f = fixture();
+    let work = tempfile::tempdir().unwrap();
+    let data = work.path().join("data");
+    let mut cp = std::process::Command::new("cp");
+    cp.arg("-r").arg(&f.xz_dir).arg(&data);
+    run_ok(cp);
+    let srv = Server::start(vec![
+        ("CELLAR_STORE__KIND".into(), "local".into()),
+        ("CELLAR_STORE__PATH".into(), data.to_str().unwrap().into()),
+    ]);
+    copy_from_and_verify(&srv.url, &srv.public_key, &f.top, work.path());
+    realise_with_substituter(&srv.url, &srv.public_key, &f.top, work.path());
+    wrong_key_is_refused(&srv.url, &f.top, work.path());
+    let mut l = nix("nix", &work.path().join("xdg-log"));
+    l.args(["log", "--store", &srv.url, &f.top]);
+    assert!(run_ok(l).contains("building top"));
+}
