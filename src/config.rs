@@ -89,6 +89,8 @@ pub struct Config {
     pub not_found_max_age_secs: u64,
     pub store: StoreConfig,
     pub signing: SigningConfig,
+    pub auth: AuthConfig,
+    pub upload: UploadConfig,
 }
 
 impl Default for Config {
@@ -103,6 +105,8 @@ impl Default for Config {
             not_found_max_age_secs: 10,
             store: StoreConfig::default(),
             signing: SigningConfig::default(),
+            auth: AuthConfig::default(),
+            upload: UploadConfig::default(),
         }
     }
 }
@@ -184,6 +188,69 @@ impl Default for SigningConfig {
             generated_key_file: PathBuf::from("./cellar-key.sec"),
             generated_key_name: None,
             keep_existing_signatures: true,
+        }
+    }
+}
+
+#[derive(Debug, Clone, Copy, Deserialize, PartialEq, Eq)]
+#[serde(rename_all = "lowercase")]
+pub enum Scope {
+    Read,
+    Write,
+}
+
+/// One access token. Only its hash is configured (`cellar token new` prints both).
+#[derive(Debug, Clone, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct TokenConfig {
+    /// A label for logs (who uses the token).
+    pub name: String,
+    /// `sha256:<hex>` of the token.
+    pub hash: String,
+    /// `read` and/or `write`; `write` implies `read`.
+    pub scopes: Vec<Scope>,
+}
+
+#[derive(Debug, Clone, Default, Deserialize)]
+#[serde(deny_unknown_fields, default)]
+pub struct AuthConfig {
+    /// Require a token with the `read` scope for reads too (not for /healthz, /readyz).
+    pub private: bool,
+    /// Tokens; uploads need one with the `write` scope.
+    pub tokens: Vec<TokenConfig>,
+}
+
+fn opt_compression<'de, D: Deserializer<'de>>(d: D) -> Result<Option<Compression>, D::Error> {
+    let s = String::deserialize(d)?;
+    if s.is_empty() {
+        return Ok(None);
+    }
+    s.parse().map(Some).map_err(serde::de::Error::custom)
+}
+
+#[derive(Debug, Clone, Deserialize)]
+#[serde(deny_unknown_fields, default)]
+pub struct UploadConfig {
+    /// Re-encode uploaded NARs with this compression (`zstd`, `xz`, `none`); empty keeps
+    /// what the client sent.
+    #[serde(deserialize_with = "opt_compression")]
+    pub compression: Option<Compression>,
+    /// Level for `compression` (zstd 1-19, default 3; xz 0-9, default 6).
+    pub compression_level: Option<i32>,
+    /// If set, a narinfo upload must carry a signature by one of these public keys.
+    #[serde(deserialize_with = "list_or_csv")]
+    pub trusted_keys: Vec<PublicKey>,
+    /// Unfinished uploads older than this are removed from the store.
+    pub staging_max_age_secs: u64,
+}
+
+impl Default for UploadConfig {
+    fn default() -> Self {
+        Self {
+            compression: None,
+            compression_level: None,
+            trusted_keys: Vec::new(),
+            staging_max_age_secs: 6 * 3600,
         }
     }
 }
@@ -283,6 +350,61 @@ impl Config {
                 }
             }
         }
+        for (i, t) in self.auth.tokens.iter().enumerate() {
+            let key = format!("auth.tokens[{i}].hash");
+            let ok = t
+                .hash
+                .strip_prefix("sha256:")
+                .is_some_and(|h| h.len() == 64 && h.bytes().all(|c| c.is_ascii_hexdigit()));
+            if !ok {
+                return Err(ConfigError::invalid(
+                    key,
+                    format!(
+                        "token {:?}: expected sha256:<64 hex digits> (see `cellar token new`)",
+                        t.name
+                    ),
+                ));
+            }
+            if t.scopes.is_empty() {
+                return Err(ConfigError::invalid(
+                    format!("auth.tokens[{i}].scopes"),
+                    format!("token {:?} has no scope", t.name),
+                ));
+            }
+        }
+        if self.auth.private && self.auth.tokens.is_empty() {
+            return Err(ConfigError::invalid(
+                "auth.private",
+                "is true but auth.tokens is empty: nobody could read",
+            ));
+        }
+        if let Some(c) = self.upload.compression {
+            if !crate::upload::digest::can_encode(c) {
+                return Err(ConfigError::invalid(
+                    "upload.compression",
+                    format!("{c} is not supported for re-encoding; use zstd, xz or none"),
+                ));
+            }
+            let range = match c {
+                Compression::Zstd => 1..=19,
+                Compression::Xz => 0..=9,
+                _ => 0..=0,
+            };
+            if let Some(l) = self.upload.compression_level {
+                if !range.contains(&l) {
+                    return Err(ConfigError::invalid(
+                        "upload.compression_level",
+                        format!("{l} is outside {range:?} for {c}"),
+                    ));
+                }
+            }
+        }
+        if self.upload.staging_max_age_secs < 60 {
+            return Err(ConfigError::invalid(
+                "upload.staging_max_age_secs",
+                "must be at least 60 (uploads in progress would be removed)",
+            ));
+        }
         if let Some(n) = &self.signing.generated_key_name {
             if n.is_empty() || n.contains(':') || n.contains(char::is_whitespace) {
                 return Err(ConfigError::invalid(
@@ -303,22 +425,6 @@ impl Config {
             format!("{p}/")
         }
     }
-}
-
-/// Parses a list of public keys (used for upstream and builder keys).
-pub fn parse_public_keys(key: &str, values: &[String]) -> Result<Vec<PublicKey>, ConfigError> {
-    values
-        .iter()
-        .map(|v| {
-            v.parse()
-                .map_err(|e| ConfigError::invalid(key, format!("{v:?}: {e}")))
-        })
-        .collect()
-}
-
-/// Parses a compression name for config keys.
-pub fn parse_compression(key: &str, v: &str) -> Result<Compression, ConfigError> {
-    v.parse().map_err(|e: String| ConfigError::invalid(key, e))
 }
 
 #[cfg(test)]
@@ -397,6 +503,39 @@ mod tests {
             assert!(e.contains("bukket"), "{e}");
             Ok(())
         });
+    }
+
+    #[test]
+    fn upload_and_auth_sections() {
+        let c = from_toml(
+            "[upload]\ncompression = \"zstd\"\ncompression_level = 19\n\
+             trusted_keys = [\"test-1:/+L0Q/jKhm6dU1WL+m92avPr/xAL77BfJ3lwg3EXluU=\"]\n\
+             [[auth.tokens]]\nname = \"ci\"\nhash = \"sha256:0000000000000000000000000000000000000000000000000000000000000000\"\nscopes = [\"write\"]\n",
+        )
+        .unwrap();
+        assert_eq!(c.upload.compression, Some(Compression::Zstd));
+        assert_eq!(c.upload.trusted_keys.len(), 1);
+        assert_eq!(c.auth.tokens[0].scopes, vec![Scope::Write]);
+        for (bad, key) in [
+            ("[upload]\ncompression = \"br\"", "upload.compression"),
+            (
+                "[upload]\ncompression = \"zstd\"\ncompression_level = 40",
+                "upload.compression_level",
+            ),
+            ("[upload]\ntrusted_keys = [\"nope\"]", "trusted_keys"),
+            ("[auth]\nprivate = true", "auth.private"),
+            (
+                "[[auth.tokens]]\nname = \"x\"\nhash = \"abc\"\nscopes = [\"read\"]",
+                "auth.tokens[0].hash",
+            ),
+            (
+                "[[auth.tokens]]\nname = \"x\"\nhash = \"abc\"\nscopes = [\"admin\"]",
+                "admin",
+            ),
+        ] {
+            let e = from_toml(bad).unwrap_err().to_string();
+            assert!(e.contains(key), "{bad}: {e}");
+        }
     }
 
     #[test]

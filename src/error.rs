@@ -10,6 +10,7 @@ use thiserror::Error;
 
 use crate::nix::names::NameError;
 use crate::store::StoreError;
+use crate::upload::UploadError;
 
 #[derive(Debug, Error)]
 pub enum Error {
@@ -21,6 +22,14 @@ pub enum Error {
     RangeNotSatisfiable { size: u64 },
     #[error(transparent)]
     Store(#[from] StoreError),
+    /// No credentials where a token is needed.
+    #[error("authentication required")]
+    Unauthorized,
+    /// Credentials that match no token, or a token without the needed scope.
+    #[error("{0}")]
+    Forbidden(&'static str),
+    #[error(transparent)]
+    Upload(#[from] UploadError),
     /// An object in the store is not what the cache layout says it should be.
     #[error("corrupt object {key} in the store: {reason}")]
     BadObject { key: String, reason: String },
@@ -42,6 +51,23 @@ impl Error {
                 | StoreError::Other(_) => StatusCode::BAD_GATEWAY,
             },
             Self::BadObject { .. } => StatusCode::BAD_GATEWAY,
+            Self::Unauthorized => StatusCode::UNAUTHORIZED,
+            Self::Forbidden(_) => StatusCode::FORBIDDEN,
+            Self::Upload(u) => match u {
+                UploadError::Rejected(_) | UploadError::Body(_) => StatusCode::BAD_REQUEST,
+                UploadError::Store(e) => Self::store_status(e),
+                UploadError::Internal(_) => StatusCode::INTERNAL_SERVER_ERROR,
+            },
+        }
+    }
+
+    fn store_status(e: &StoreError) -> StatusCode {
+        match e {
+            StoreError::Unavailable(_) | StoreError::Timeout(_) => StatusCode::SERVICE_UNAVAILABLE,
+            StoreError::RangeNotSatisfiable { .. } => StatusCode::RANGE_NOT_SATISFIABLE,
+            StoreError::Misconfigured(_) | StoreError::TooLarge { .. } | StoreError::Other(_) => {
+                StatusCode::BAD_GATEWAY
+            }
         }
     }
 
@@ -51,22 +77,45 @@ impl Error {
             Self::NotFound => "not found".into(),
             Self::BadName(e) => e.to_string(),
             Self::RangeNotSatisfiable { .. } => "range not satisfiable".into(),
-            Self::Store(StoreError::RangeNotSatisfiable { .. }) => "range not satisfiable".into(),
-            Self::Store(StoreError::Unavailable(_) | StoreError::Timeout(_)) => {
-                "store unavailable".into()
-            }
-            Self::Store(_) => "store error".into(),
+            Self::Store(e) | Self::Upload(UploadError::Store(e)) => Self::store_reason(e).into(),
             Self::BadObject { .. } => "corrupt object in the store".into(),
+            Self::Unauthorized => {
+                "authentication required (a token as netrc password or Bearer)".into()
+            }
+            Self::Forbidden(why) => (*why).into(),
+            Self::Upload(UploadError::Rejected(m)) => format!("upload rejected: {m}"),
+            Self::Upload(UploadError::Body(m)) => format!("upload incomplete: {m}"),
+            Self::Upload(UploadError::Internal(_)) => "internal error".into(),
+        }
+    }
+
+    fn store_reason(e: &StoreError) -> &'static str {
+        match e {
+            StoreError::Unavailable(_) | StoreError::Timeout(_) => "store unavailable",
+            StoreError::RangeNotSatisfiable { .. } => "range not satisfiable",
+            StoreError::Misconfigured(_) | StoreError::TooLarge { .. } | StoreError::Other(_) => {
+                "store error"
+            }
         }
     }
 
     fn log(&self) {
         match self {
-            Self::Store(StoreError::Misconfigured(m)) => {
+            Self::Store(StoreError::Misconfigured(m))
+            | Self::Upload(UploadError::Store(StoreError::Misconfigured(m))) => {
                 tracing::error!(cause = %m, "store misconfiguration (check credentials, bucket and permissions)")
             }
-            Self::Store(StoreError::Unavailable(_) | StoreError::Timeout(_)) => {
+            Self::Store(StoreError::Unavailable(_) | StoreError::Timeout(_))
+            | Self::Upload(UploadError::Store(
+                StoreError::Unavailable(_) | StoreError::Timeout(_),
+            )) => {
                 tracing::warn!(cause = %self, "store unavailable")
+            }
+            Self::Upload(UploadError::Rejected(m)) => {
+                tracing::info!(reason = %m, "upload rejected")
+            }
+            Self::Upload(UploadError::Body(m)) => {
+                tracing::info!(reason = %m, "upload aborted by the client")
             }
             e if e.status().is_server_error() => tracing::error!(cause = %e, "request failed"),
             _ => {}
@@ -84,12 +133,21 @@ impl IntoResponse for Error {
             header::CONTENT_TYPE,
             HeaderValue::from_static("text/plain; charset=utf-8"),
         );
-        if status.is_server_error() {
+        if status.is_server_error() || matches!(self, Self::Upload(_)) {
             h.insert(header::CACHE_CONTROL, HeaderValue::from_static("no-store"));
+        }
+        if status == StatusCode::UNAUTHORIZED {
+            h.insert(
+                header::WWW_AUTHENTICATE,
+                HeaderValue::from_static("Basic realm=\"cellar\""),
+            );
         }
         let size = match &self {
             Self::RangeNotSatisfiable { size }
-            | Self::Store(StoreError::RangeNotSatisfiable { size }) => Some(*size),
+            | Self::Store(StoreError::RangeNotSatisfiable { size })
+            | Self::Upload(UploadError::Store(StoreError::RangeNotSatisfiable { size })) => {
+                Some(*size)
+            }
             _ => None,
         };
         if let Some(size) = size {

@@ -3,11 +3,13 @@
 //! Layers, top to bottom: [`http`] (routes and handlers) → [`store`] (S3 / local objects);
 //! [`nix`] holds the pure protocol code (names, narinfos, signatures) that both use.
 
+pub mod auth;
 pub mod config;
 pub mod error;
 pub mod http;
 pub mod keys;
 pub mod nix;
 pub mod store;
+pub mod upload;
 
 pub use http::{app, serve, AppState};

@@ -35,6 +35,11 @@ enum Command {
         #[arg(long, short)]
         config: Option<PathBuf>,
     },
+    /// Manage access tokens.
+    Token {
+        #[command(subcommand)]
+        command: TokenCommand,
+    },
     /// Create a signing key in Nix's format and print its public key.
     Keygen {
         /// Key name, e.g. `cache.example.org-1`.
@@ -43,6 +48,25 @@ enum Command {
         #[arg(long, short)]
         out: Option<PathBuf>,
     },
+}
+
+#[derive(Subcommand)]
+enum TokenCommand {
+    /// Print a fresh token and the config lines that accept it.
+    New {
+        /// A label for the token (shown in logs), e.g. `ci-builders`.
+        #[arg(long, default_value = "token")]
+        name: String,
+        /// What the token may do; `write` implies `read`.
+        #[arg(long, value_enum, default_value = "write")]
+        scope: ScopeArg,
+    },
+}
+
+#[derive(Clone, Copy, clap::ValueEnum)]
+enum ScopeArg {
+    Read,
+    Write,
 }
 
 fn main() -> ExitCode {
@@ -58,6 +82,9 @@ fn main() -> ExitCode {
         Command::Serve { config } => serve(config.as_deref()),
         Command::CheckConfig { config } => check_config(config.as_deref()),
         Command::Keygen { name, out } => keygen(&name, out.as_deref()),
+        Command::Token {
+            command: TokenCommand::New { name, scope },
+        } => token_new(&name, scope),
     };
     match result {
         Ok(()) => ExitCode::SUCCESS,
@@ -96,6 +123,28 @@ fn keygen(name: &str, out: Option<&Path>) -> anyhow::Result<()> {
     Ok(())
 }
 
+fn token_new(name: &str, scope: ScopeArg) -> anyhow::Result<()> {
+    if name.is_empty() || name.contains('"') || name.contains('\\') {
+        anyhow::bail!("--name {name:?}: use letters, digits and dashes");
+    }
+    let token = cellar::auth::generate().map_err(|e| anyhow::anyhow!("random source: {e}"))?;
+    let scope = match scope {
+        ScopeArg::Read => "read",
+        ScopeArg::Write => "write",
+    };
+    println!("token: {token}");
+    println!();
+    println!("# add to the server's config (only the hash is stored):");
+    println!("[[auth.tokens]]");
+    println!("name = \"{name}\"");
+    println!("hash = \"{}\"", cellar::auth::hash(&token));
+    println!("scopes = [\"{scope}\"]");
+    println!();
+    println!("# on the client, in the file nix.conf's netrc-file points to:");
+    println!("# machine <cache host> login {name} password {token}");
+    Ok(())
+}
+
 fn serve(path: Option<&Path>) -> anyhow::Result<()> {
     let cfg = Config::load(path)?;
     let loaded = keys::load_signing_keys(&cfg.signing)?;
@@ -122,11 +171,30 @@ fn serve(path: Option<&Path>) -> anyhow::Result<()> {
             store = %store.describe(),
             "cellar serving"
         );
+        spawn_staging_cleanup(store.clone(), cfg.upload.staging_max_age_secs);
         let state = AppState::new(cfg, store, loaded.keys);
         cellar::serve(listener, state, shutdown_signal()).await?;
         tracing::info!("stopped");
         Ok(())
     })
+}
+
+/// Removes unfinished uploads (aborted multipart uploads, temporary files) at start and hourly.
+fn spawn_staging_cleanup(store: std::sync::Arc<dyn cellar::store::Store>, max_age_secs: u64) {
+    tokio::spawn(async move {
+        let mut tick = tokio::time::interval(std::time::Duration::from_secs(3600));
+        loop {
+            tick.tick().await;
+            match store
+                .cleanup_staging(std::time::Duration::from_secs(max_age_secs))
+                .await
+            {
+                Ok(0) => {}
+                Ok(n) => tracing::info!(removed = n, "removed stale unfinished uploads"),
+                Err(e) => tracing::warn!(cause = %e, "cleanup of unfinished uploads failed"),
+            }
+        }
+    });
 }
 
 async fn shutdown_signal() {

@@ -8,6 +8,7 @@ mod cache_info;
 mod health;
 mod narinfo;
 mod objects;
+mod upload;
 
 use std::future::{Future, IntoFuture as _};
 use std::ops::Deref;
@@ -15,8 +16,10 @@ use std::sync::Arc;
 use std::time::Duration;
 
 use axum::extract::{Request, State};
+use axum::http::Method;
 use axum::http::{header, HeaderValue, StatusCode};
 use axum::middleware::{self, Next};
+use axum::response::IntoResponse as _;
 use axum::response::Response;
 use axum::routing::get;
 use axum::serve::ListenerExt as _;
@@ -25,9 +28,13 @@ use bytes::Bytes;
 use tokio::net::TcpListener;
 use tower_http::trace::TraceLayer;
 
+use crate::auth::{Decision, Tokens};
 use crate::config::Config;
+use crate::config::Scope;
+use crate::error::Error;
 use crate::nix::SecretKey;
 use crate::store::Store;
+use crate::upload::Uploader;
 
 /// Everything a request handler needs. Cheap to clone.
 #[derive(Clone)]
@@ -36,6 +43,8 @@ pub struct AppState(Arc<App>);
 pub struct App {
     pub config: Config,
     pub store: Arc<dyn Store>,
+    pub tokens: Tokens,
+    pub uploader: Uploader,
     /// Every key signs every narinfo served (several during a rotation).
     pub keys: Vec<SecretKey>,
     cache_info: Bytes,
@@ -52,6 +61,8 @@ impl AppState {
     pub fn new(config: Config, store: Arc<dyn Store>, keys: Vec<SecretKey>) -> Self {
         let cache_info = cache_info::render(&config);
         Self(Arc::new(App {
+            tokens: Tokens::from_config(&config.auth),
+            uploader: Uploader::new(&config, store.clone()),
             config,
             store,
             keys,
@@ -62,15 +73,30 @@ impl AppState {
 
 /// The router with every route and middleware.
 pub fn app(state: AppState) -> Router {
+    let cache = Router::new()
+        .route(
+            "/nix-cache-info",
+            get(cache_info::get).put(upload::put_cache_info),
+        )
+        .route("/nar/{file}", get(objects::nar).put(upload::put_nar))
+        .route("/log/{drv}", get(objects::log).put(upload::put_log))
+        .route(
+            "/realisations/{id}",
+            get(objects::realisation).put(upload::put_realisation),
+        )
+        .route(
+            "/build-trace/{drv}/{output}",
+            get(objects::build_trace).put(upload::put_build_trace),
+        )
+        .route(
+            "/{file}",
+            get(narinfo::top_level).put(upload::put_top_level),
+        )
+        .route_layer(middleware::from_fn_with_state(state.clone(), authorize));
     Router::new()
-        .route("/nix-cache-info", get(cache_info::get))
         .route("/healthz", get(health::healthz))
         .route("/readyz", get(health::readyz))
-        .route("/nar/{file}", get(objects::nar))
-        .route("/log/{drv}", get(objects::log))
-        .route("/realisations/{id}", get(objects::realisation))
-        .route("/build-trace/{drv}/{output}", get(objects::build_trace))
-        .route("/{file}", get(narinfo::top_level))
+        .merge(cache)
         .fallback(not_found)
         .layer(middleware::from_fn_with_state(
             state.clone(),
@@ -80,8 +106,24 @@ pub fn app(state: AppState) -> Router {
         .with_state(state)
 }
 
-async fn not_found() -> crate::error::Error {
-    crate::error::Error::NotFound
+async fn not_found() -> Error {
+    Error::NotFound
+}
+
+/// Reads need a `read` token in private mode; everything else needs a `write` token.
+async fn authorize(State(st): State<AppState>, req: Request, next: Next) -> Response {
+    let scope = match *req.method() {
+        Method::GET | Method::HEAD => Scope::Read,
+        _ => Scope::Write,
+    };
+    match st.tokens.check(req.headers(), scope) {
+        Decision::Allowed(_) => next.run(req).await,
+        Decision::Missing => Error::Unauthorized.into_response(),
+        Decision::Invalid => Error::Forbidden("invalid token").into_response(),
+        Decision::InsufficientScope(_) => {
+            Error::Forbidden("this token may not do that (scope)").into_response()
+        }
+    }
 }
 
 /// Lets 404s be cached briefly (clients and proxies), unless a handler decided otherwise.

@@ -8,7 +8,13 @@ use futures::StreamExt as _;
 use tokio::io::{AsyncReadExt as _, AsyncSeekExt as _};
 use tokio_util::io::ReaderStream;
 
-use super::{ByteRange, ContentRange, Object, Store, StoreError};
+use super::{ByteRange, ContentRange, Object, ObjectWriter, Store, StoreError};
+use bytes::Bytes;
+use tokio::io::AsyncWriteExt as _;
+
+/// Where writers keep their files until they commit; not part of the cache layout, so never
+/// served (every served name is validated).
+const STAGING: &str = ".staging";
 
 /// Read buffer for streaming files: small buffers cap throughput far below the disk's.
 const READ_BUFFER: usize = 256 * 1024;
@@ -98,7 +104,90 @@ impl Store for LocalStore {
         }
     }
 
+    async fn writer(&self, key: &str) -> Result<Box<dyn ObjectWriter>, StoreError> {
+        let staging = self.root.join(STAGING);
+        tokio::fs::create_dir_all(&staging).await?;
+        let mut rnd = [0u8; 12];
+        getrandom::getrandom(&mut rnd).map_err(|e| StoreError::Other(e.to_string()))?;
+        let tmp = staging.join(hex::encode(rnd));
+        let file = tokio::fs::File::create(&tmp).await?;
+        Ok(Box::new(LocalWriter {
+            file: Some(tokio::io::BufWriter::with_capacity(READ_BUFFER, file)),
+            tmp,
+            dest: self.path(key),
+            done: false,
+        }))
+    }
+
+    async fn cleanup_staging(&self, older_than: std::time::Duration) -> Result<usize, StoreError> {
+        let dir = self.root.join(STAGING);
+        let mut n = 0;
+        let mut rd = match tokio::fs::read_dir(&dir).await {
+            Ok(rd) => rd,
+            Err(e) if not_found(&e) => return Ok(0),
+            Err(e) => return Err(e.into()),
+        };
+        while let Some(e) = rd.next_entry().await? {
+            let old = e
+                .metadata()
+                .await
+                .ok()
+                .and_then(|m| m.modified().ok())
+                .and_then(|t| t.elapsed().ok())
+                .is_some_and(|age| age >= older_than);
+            if old && tokio::fs::remove_file(e.path()).await.is_ok() {
+                n += 1;
+            }
+        }
+        Ok(n)
+    }
+
     fn describe(&self) -> String {
         format!("file://{}", self.root.display())
+    }
+}
+
+struct LocalWriter {
+    file: Option<tokio::io::BufWriter<tokio::fs::File>>,
+    tmp: PathBuf,
+    dest: PathBuf,
+    done: bool,
+}
+
+#[async_trait]
+impl ObjectWriter for LocalWriter {
+    async fn write(&mut self, chunk: Bytes) -> Result<(), StoreError> {
+        match &mut self.file {
+            Some(f) => Ok(f.write_all(&chunk).await?),
+            None => Err(StoreError::Other("write after close".into())),
+        }
+    }
+
+    async fn commit(mut self: Box<Self>) -> Result<(), StoreError> {
+        let mut f = self
+            .file
+            .take()
+            .ok_or_else(|| StoreError::Other("commit after close".into()))?;
+        f.flush().await?;
+        f.get_mut().sync_all().await?;
+        drop(f);
+        if let Some(parent) = self.dest.parent() {
+            tokio::fs::create_dir_all(parent).await?;
+        }
+        tokio::fs::rename(&self.tmp, &self.dest).await?;
+        self.done = true;
+        Ok(())
+    }
+
+    async fn abort(self: Box<Self>) {
+        // Drop removes the temporary file.
+    }
+}
+
+impl Drop for LocalWriter {
+    fn drop(&mut self) {
+        if !self.done {
+            let _ = std::fs::remove_file(&self.tmp);
+        }
     }
 }

@@ -3,18 +3,18 @@
 
 use std::collections::HashMap;
 use std::sync::atomic::{AtomicBool, AtomicUsize, Ordering};
-use std::sync::Mutex;
+use std::sync::{Arc, Mutex};
 
 use async_trait::async_trait;
 use bytes::Bytes;
 use futures::StreamExt as _;
 
-use super::{ByteRange, ContentRange, Object, Store, StoreError};
+use super::{ByteRange, ContentRange, Object, ObjectWriter, Store, StoreError};
 
 #[derive(Default)]
 pub struct MemoryStore {
     // A std Mutex: held only for map operations, never across an await.
-    objects: Mutex<HashMap<String, Bytes>>,
+    objects: Arc<Mutex<HashMap<String, Bytes>>>,
     gets: AtomicUsize,
     down: AtomicBool,
 }
@@ -96,7 +96,45 @@ impl Store for MemoryStore {
         Ok(())
     }
 
+    async fn writer(&self, key: &str) -> Result<Box<dyn ObjectWriter>, StoreError> {
+        if self.down.load(Ordering::SeqCst) {
+            return Err(StoreError::Unavailable("memory store is down".into()));
+        }
+        Ok(Box::new(MemoryWriter {
+            objects: self.objects.clone(),
+            key: key.to_owned(),
+            buf: Vec::new(),
+        }))
+    }
+
+    async fn cleanup_staging(&self, _older_than: std::time::Duration) -> Result<usize, StoreError> {
+        Ok(0)
+    }
+
     fn describe(&self) -> String {
         "memory://".into()
     }
+}
+
+struct MemoryWriter {
+    objects: Arc<Mutex<HashMap<String, Bytes>>>,
+    key: String,
+    buf: Vec<u8>,
+}
+
+#[async_trait]
+impl ObjectWriter for MemoryWriter {
+    async fn write(&mut self, chunk: Bytes) -> Result<(), StoreError> {
+        self.buf.extend_from_slice(&chunk);
+        Ok(())
+    }
+    async fn commit(self: Box<Self>) -> Result<(), StoreError> {
+        let this = *self;
+        this.objects
+            .lock()
+            .unwrap_or_else(|p| p.into_inner())
+            .insert(this.key, Bytes::from(this.buf));
+        Ok(())
+    }
+    async fn abort(self: Box<Self>) {}
 }

@@ -130,6 +130,17 @@ pub struct Object {
     pub range: Option<ContentRange>,
 }
 
+/// An object being written. Nothing is visible under its key until [`ObjectWriter::commit`]
+/// succeeds; an aborted or dropped writer leaves nothing visible (an S3 multipart upload is
+/// aborted, a local temporary file removed).
+#[async_trait]
+pub trait ObjectWriter: Send {
+    async fn write(&mut self, chunk: Bytes) -> Result<(), StoreError>;
+    /// Makes the object visible under its key, atomically.
+    async fn commit(self: Box<Self>) -> Result<(), StoreError>;
+    async fn abort(self: Box<Self>);
+}
+
 #[async_trait]
 pub trait Store: Send + Sync + 'static {
     /// Opens an object for reading; `Ok(None)` if it does not exist.
@@ -140,6 +151,23 @@ pub trait Store: Send + Sync + 'static {
 
     /// Checks that the store answers (for `/readyz`).
     async fn ping(&self) -> Result<(), StoreError>;
+
+    /// Starts writing `key`; the object appears only when the writer commits.
+    async fn writer(&self, key: &str) -> Result<Box<dyn ObjectWriter>, StoreError>;
+
+    /// Removes what writers that never committed left behind (S3 multipart uploads, temporary
+    /// files) once older than `older_than`. Returns how many were removed.
+    async fn cleanup_staging(&self, older_than: std::time::Duration) -> Result<usize, StoreError>;
+
+    /// Writes a whole small object.
+    async fn put_bytes(&self, key: &str, data: Bytes) -> Result<(), StoreError> {
+        let mut w = self.writer(key).await?;
+        if let Err(e) = w.write(data).await {
+            w.abort().await;
+            return Err(e);
+        }
+        w.commit().await
+    }
 
     /// A short description for logs (`s3://bucket/prefix at endpoint`, `file:///dir`).
     fn describe(&self) -> String;

@@ -248,7 +248,14 @@ pub fn s3_store_env(s3: &S3Env, endpoint: &str, prefix: &str) -> Vec<(String, St
 impl Server {
     /// Starts `cellar serve` with a fresh signing key and the given `CELLAR_*` env.
     pub fn start(env: Vec<(String, String)>) -> Server {
+        Self::start_with_config("", env)
+    }
+
+    /// Same, with a config file holding `toml` (env still overrides it).
+    pub fn start_with_config(toml: &str, env: Vec<(String, String)>) -> Server {
         let dir = tempfile::tempdir().unwrap();
+        let config = dir.path().join("cellar.toml");
+        std::fs::write(&config, toml).unwrap();
         let key = dir.path().join("cellar-test.sec");
         let out = Command::new(CELLAR)
             .args(["keygen", "cellar-test-1", "--out"])
@@ -262,6 +269,8 @@ impl Server {
         let log = std::fs::File::create(dir.path().join("server.log")).unwrap();
         let mut cmd = Command::new(CELLAR);
         cmd.arg("serve")
+            .arg("--config")
+            .arg(&config)
             .current_dir(dir.path())
             .env("CELLAR_LISTEN", addr.to_string())
             .env("CELLAR_SIGNING__KEY_FILES", &key)
@@ -426,4 +435,29 @@ fn build_fixture() -> Fixture {
         top_drv,
         root,
     }
+}
+
+// ---------------------------------------------------------------------------------------------
+// Tokens
+
+/// A fresh token and the `[[auth.tokens]]` config entry accepting it with `scope`.
+pub fn token(name: &str, scope: &str) -> (String, String) {
+    let token = cellar::auth::generate().unwrap();
+    let entry = format!(
+        "[[auth.tokens]]\nname = \"{name}\"\nhash = \"{}\"\nscopes = [\"{scope}\"]\n",
+        cellar::auth::hash(&token)
+    );
+    (token, entry)
+}
+
+/// A netrc file for `server` with `token` as password.
+pub fn netrc(dir: &Path, server: &Server, token: &str) -> PathBuf {
+    let p = dir.join(format!("netrc-{}", &token[token.len() - 6..]));
+    std::fs::write(
+        &p,
+        format!("machine 127.0.0.1 login builder password {token}\n"),
+    )
+    .unwrap();
+    let _ = server;
+    p
 }
