@@ -7,6 +7,7 @@ pub mod auth;
 pub mod config;
 pub mod error;
 pub mod http;
+pub mod import;
 pub mod keys;
 pub mod nix;
 pub mod store;

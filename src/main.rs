@@ -35,6 +35,13 @@ enum Command {
         #[arg(long, short)]
         config: Option<PathBuf>,
     },
+    /// Import a directory written by `nix copy --to file://DIR` into the configured store,
+    /// verified like an upload, references first. Already present paths are skipped.
+    Import {
+        dir: PathBuf,
+        #[arg(long, short)]
+        config: Option<PathBuf>,
+    },
     /// Manage access tokens.
     Token {
         #[command(subcommand)]
@@ -82,6 +89,7 @@ fn main() -> ExitCode {
         Command::Serve { config } => serve(config.as_deref()),
         Command::CheckConfig { config } => check_config(config.as_deref()),
         Command::Keygen { name, out } => keygen(&name, out.as_deref()),
+        Command::Import { dir, config } => import(&dir, config.as_deref()),
         Command::Token {
             command: TokenCommand::New { name, scope },
         } => token_new(&name, scope),
@@ -119,6 +127,55 @@ fn keygen(name: &str, out: Option<&Path>) -> anyhow::Result<()> {
             println!("{}", key.to_nix_format());
             eprintln!("public key: {}", key.public());
         }
+    }
+    Ok(())
+}
+
+struct Bar(indicatif::ProgressBar);
+
+impl cellar::import::Progress for Bar {
+    fn start(&self, total: usize) {
+        self.0.set_length(total as u64);
+    }
+    fn advance(&self, path: &str) {
+        self.0.set_message(path.to_owned());
+        self.0.inc(1);
+    }
+}
+
+fn import(dir: &Path, path: Option<&Path>) -> anyhow::Result<()> {
+    let cfg = Config::load(path)?;
+    let rt = tokio::runtime::Builder::new_multi_thread()
+        .enable_all()
+        .build()
+        .context("starting the async runtime")?;
+    let summary = rt.block_on(async {
+        let store = store::from_config(&cfg).await.context("opening store")?;
+        let uploader = cellar::upload::Uploader::new(&cfg, store.clone());
+        let bar = indicatif::ProgressBar::new(0);
+        if let Ok(style) =
+            indicatif::ProgressStyle::with_template("{bar:40} {pos}/{len} {wide_msg}")
+        {
+            bar.set_style(style);
+        }
+        let progress = Bar(bar);
+        let s =
+            cellar::import::import_dir(dir, store.as_ref(), &uploader, &cfg.store_dir, &progress)
+                .await?;
+        progress.0.finish_and_clear();
+        anyhow::Ok(s)
+    })?;
+    println!(
+        "imported {}, skipped {} (already present), rejected {}",
+        summary.imported,
+        summary.skipped,
+        summary.rejected.len()
+    );
+    for (what, why) in &summary.rejected {
+        println!("  rejected {what}: {why}");
+    }
+    if !summary.rejected.is_empty() {
+        anyhow::bail!("{} path(s) were rejected", summary.rejected.len());
     }
     Ok(())
 }

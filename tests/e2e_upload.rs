@@ -531,3 +531,70 @@ async fn truncated_upload_leaves_no_trace() {
     r.read_to_string(&mut resp).unwrap();
     assert!(resp.starts_with("HTTP/1.1 200"), "{resp}");
 }
+
+#[tokio::test(flavor = "multi_thread")]
+async fn import_a_file_cache_twice_then_substitute() {
+    let f = fixture();
+    let s3 = s3_env();
+    let prefix = unique_prefix("import");
+    let env = s3_store_env(&s3, &s3.endpoint, &prefix);
+    let import = |dir: &Path| {
+        let mut c = std::process::Command::new(CELLAR);
+        c.arg("import").arg(dir).envs(env.iter().cloned());
+        c.output().unwrap()
+    };
+    let first = import(&f.xz_dir);
+    let out1 = String::from_utf8_lossy(&first.stdout);
+    assert!(
+        first.status.success(),
+        "{out1}\n{}",
+        String::from_utf8_lossy(&first.stderr)
+    );
+    assert!(
+        out1.contains(&format!("imported {}, skipped 0", f.closure.len())),
+        "{out1}"
+    );
+    let second = import(&f.xz_dir);
+    let out2 = String::from_utf8_lossy(&second.stdout);
+    assert!(second.status.success(), "{out2}");
+    assert!(
+        out2.contains(&format!("imported 0, skipped {}", f.closure.len())),
+        "{out2}"
+    );
+
+    let srv = Server::start(env.clone());
+    let work = tempfile::tempdir().unwrap();
+    substitute_and_verify(&srv.url, &srv.public_key, &f.top, work.path(), "imported");
+    // The build log came along.
+    let mut l = nix("nix", &work.path().join("xdg-log"));
+    l.args(["log", "--store", &srv.url, &f.top]);
+    assert!(run_ok(l).contains("building top"));
+
+    // A directory with a corrupt NAR: that path and what depends on it are rejected, with
+    // reasons, and the command fails.
+    let bad = work.path().join("bad-cache");
+    let mut cp = std::process::Command::new("cp");
+    cp.arg("-r").arg(&f.zstd_dir).arg(&bad);
+    run_ok(cp);
+    let leaf = f.closure.iter().find(|p| p.ends_with("-leaf")).unwrap();
+    let up = fixture_upload(&bad, leaf);
+    let nar_path = bad.join("nar").join(&up.nar_name);
+    let mut bytes = std::fs::read(&nar_path).unwrap();
+    let n = bytes.len();
+    bytes[n / 2] ^= 0x55;
+    std::fs::write(&nar_path, bytes).unwrap();
+    let env2 = s3_store_env(&s3, &s3.endpoint, &unique_prefix("import-bad"));
+    let mut c = std::process::Command::new(CELLAR);
+    c.arg("import").arg(&bad).envs(env2);
+    let out = c.output().unwrap();
+    let text = String::from_utf8_lossy(&out.stdout);
+    assert!(!out.status.success(), "{text}");
+    assert!(
+        text.contains("rejected") && text.contains("-leaf"),
+        "{text}"
+    );
+    assert!(
+        text.contains("-mid") && text.contains("reference"),
+        "{text}"
+    );
+}

@@ -1,0 +1,247 @@
+//! `cellar import DIR`: brings a directory written by `nix copy --to file://DIR` into the
+//! configured store through the same verification as HTTP uploads, references first. Paths
+//! already in the store are skipped, so running it again imports nothing.
+
+use std::collections::{HashMap, HashSet, VecDeque};
+use std::path::{Path, PathBuf};
+
+use bytes::Bytes;
+use futures::StreamExt as _;
+use thiserror::Error;
+use tokio_util::io::ReaderStream;
+
+use crate::nix::{NarFileName, NarInfo, StorePathBaseName, StorePathHash};
+use crate::store::{keys, Store};
+use crate::upload::{UploadError, Uploader};
+
+#[derive(Debug, Error)]
+pub enum ImportError {
+    #[error("cannot read {path}: {source}")]
+    Read {
+        path: PathBuf,
+        source: std::io::Error,
+    },
+    #[error(transparent)]
+    Store(#[from] crate::store::StoreError),
+}
+
+#[derive(Debug, Default)]
+pub struct Summary {
+    pub imported: usize,
+    pub skipped: usize,
+    /// Store path (or file) and why it was refused.
+    pub rejected: Vec<(String, String)>,
+}
+
+/// Progress callbacks, so the CLI can draw a bar and tests can stay quiet.
+pub trait Progress {
+    fn start(&self, total: usize);
+    fn advance(&self, path: &str);
+}
+
+impl Progress for () {
+    fn start(&self, _: usize) {}
+    fn advance(&self, _: &str) {}
+}
+
+struct Entry {
+    text: String,
+    info: NarInfo,
+}
+
+/// Orders entries so that every path comes after the paths it references (within the set).
+fn references_first(entries: &HashMap<StorePathHash, Entry>) -> Vec<StorePathHash> {
+    let mut indegree: HashMap<StorePathHash, usize> = HashMap::new();
+    let mut dependents: HashMap<StorePathHash, Vec<StorePathHash>> = HashMap::new();
+    for (h, e) in entries {
+        let deps: HashSet<StorePathHash> = e
+            .info
+            .references
+            .iter()
+            .map(StorePathBaseName::hash)
+            .filter(|r| r != h && entries.contains_key(r))
+            .collect();
+        indegree.insert(*h, deps.len());
+        for d in deps {
+            dependents.entry(d).or_default().push(*h);
+        }
+    }
+    let mut ready: Vec<StorePathHash> = indegree
+        .iter()
+        .filter(|(_, n)| **n == 0)
+        .map(|(h, _)| *h)
+        .collect();
+    ready.sort();
+    let mut queue: VecDeque<StorePathHash> = ready.into();
+    let mut order = Vec::with_capacity(entries.len());
+    while let Some(h) = queue.pop_front() {
+        order.push(h);
+        for d in dependents.get(&h).into_iter().flatten() {
+            if let Some(n) = indegree.get_mut(d) {
+                *n -= 1;
+                if *n == 0 {
+                    queue.push_back(*d);
+                }
+            }
+        }
+    }
+    // A reference cycle cannot happen in a Nix store; if a directory has one anyway, the
+    // remaining paths go last and fail the reference check with a clear message.
+    let placed: HashSet<StorePathHash> = order.iter().copied().collect();
+    let mut rest: Vec<StorePathHash> = entries
+        .keys()
+        .filter(|h| !placed.contains(h))
+        .copied()
+        .collect();
+    rest.sort();
+    order.extend(rest);
+    order
+}
+
+fn read_err(path: &Path) -> impl FnOnce(std::io::Error) -> ImportError + '_ {
+    move |source| ImportError::Read {
+        path: path.to_owned(),
+        source,
+    }
+}
+
+pub async fn import_dir(
+    dir: &Path,
+    store: &dyn Store,
+    uploader: &Uploader,
+    store_dir: &str,
+    progress: &dyn Progress,
+) -> Result<Summary, ImportError> {
+    let mut summary = Summary::default();
+    let mut entries = HashMap::new();
+    let mut rd = tokio::fs::read_dir(dir).await.map_err(read_err(dir))?;
+    while let Some(e) = rd.next_entry().await.map_err(read_err(dir))? {
+        let name = e.file_name().to_string_lossy().into_owned();
+        let Some(stem) = name.strip_suffix(".narinfo") else {
+            continue;
+        };
+        let Ok(hash) = stem.parse::<StorePathHash>() else {
+            summary
+                .rejected
+                .push((name.clone(), "not a <hash>.narinfo name".into()));
+            continue;
+        };
+        let text = tokio::fs::read_to_string(e.path())
+            .await
+            .map_err(read_err(&e.path()))?;
+        match NarInfo::parse(&text, store_dir) {
+            Ok(info) => {
+                entries.insert(hash, Entry { text, info });
+            }
+            Err(err) => summary
+                .rejected
+                .push((name, format!("narinfo does not parse: {err}"))),
+        }
+    }
+
+    progress.start(entries.len());
+    for h in references_first(&entries) {
+        let Some(e) = entries.get(&h) else { continue };
+        let label = format!("{store_dir}/{}", e.info.store_path);
+        progress.advance(&label);
+        if store.head(&keys::narinfo(h)).await?.is_some() {
+            summary.skipped += 1;
+            continue;
+        }
+        match import_one(dir, store, uploader, h, e).await {
+            Ok(()) => summary.imported += 1,
+            Err(UploadError::Store(s)) => return Err(s.into()),
+            Err(err) => summary.rejected.push((label, err.to_string())),
+        }
+    }
+    Ok(summary)
+}
+
+async fn import_one(
+    dir: &Path,
+    store: &dyn Store,
+    uploader: &Uploader,
+    h: StorePathHash,
+    e: &Entry,
+) -> Result<(), UploadError> {
+    let nar_name: NarFileName = e
+        .info
+        .url
+        .strip_prefix("nar/")
+        .and_then(|n| n.parse().ok())
+        .ok_or_else(|| UploadError::Rejected(format!("URL {:?} is not nar/<file>", e.info.url)))?;
+    if uploader.nar_size(&nar_name).await?.is_none() {
+        let path = dir.join("nar").join(nar_name.as_str());
+        let file = tokio::fs::File::open(&path)
+            .await
+            .map_err(|err| UploadError::Rejected(format!("{}: {err}", path.display())))?;
+        let body = ReaderStream::with_capacity(file, 256 * 1024);
+        uploader.put_nar(&nar_name, body).await?;
+    }
+    uploader.put_narinfo(h, &e.text).await?;
+    // Extras that come with the path, when the directory has them.
+    let listing = dir.join(format!("{h}.ls"));
+    if let Ok(data) = tokio::fs::read(&listing).await {
+        store
+            .put_bytes(&keys::listing(h), Bytes::from(data))
+            .await?;
+    }
+    if let Some(drv) = &e.info.deriver {
+        let log = dir.join("log").join(drv.as_str());
+        if let Ok(f) = tokio::fs::File::open(&log).await {
+            if store.head(&keys::log(drv)).await?.is_none() {
+                let body = ReaderStream::with_capacity(f, 256 * 1024).boxed();
+                uploader.put_plain(&keys::log(drv), body, 1 << 30).await?;
+            }
+        }
+    }
+    Ok(())
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn entry(name: &str, refs: &[&str]) -> (StorePathHash, Entry) {
+        let text = format!(
+            "StorePath: /nix/store/{name}\nURL: nar/x.nar\nCompression: none\n\
+             NarHash: sha256:0mdqa9w1p6cmli6976v4wi0sw9r4p5prkj7lzfd1877wk11c9c73\nNarSize: 1\n\
+             References: {}\n",
+            refs.join(" ")
+        );
+        let info = NarInfo::parse(&text, "/nix/store").unwrap();
+        (info.hash(), Entry { text, info })
+    }
+
+    #[test]
+    fn references_come_first() {
+        let a = "aaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaa-a";
+        let b = "bbbbbbbbbbbbbbbbbbbbbbbbbbbbbbbb-b";
+        let c = "cccccccccccccccccccccccccccccccc-c";
+        let d = "dddddddddddddddddddddddddddddddd-d";
+        let outside = "ffffffffffffffffffffffffffffffff-f";
+        let entries: HashMap<_, _> = [
+            entry(a, &[b, c, a]),
+            entry(b, &[c, outside]),
+            entry(c, &[]),
+            entry(d, &[a]),
+        ]
+        .into_iter()
+        .collect();
+        let order: Vec<String> = references_first(&entries)
+            .iter()
+            .map(|h| h.to_string())
+            .collect();
+        let pos = |p: &str| {
+            order
+                .iter()
+                .position(|h| p.starts_with(h.as_str()))
+                .unwrap()
+        };
+        assert_eq!(order.len(), 4);
+        assert!(
+            pos(c) < pos(b) && pos(b) < pos(a) && pos(a) < pos(d),
+            "{order:?}"
+        );
+    }
+}
