@@ -481,6 +481,7 @@ mod tests {
     }
 
     #[test]
+    #[allow(clippy::result_large_err)] // figment's Jail API
     fn env_overrides_with_nesting_and_csv_lists() {
         figment::Jail::expect_with(|jail| {
             jail.create_file(

@@ -2,6 +2,8 @@
 //! in a real Garage, served through cellar, substituted into fresh stores trusting only
 //! cellar's key.
 
+#![allow(clippy::unwrap_used, clippy::expect_used)]
+
 mod common;
 
 use std::path::Path;

@@ -2,6 +2,8 @@
 //! substitution from cellar into fresh stores; and the refusals (auth, bad uploads) with both
 //! nix and raw HTTP.
 
+#![allow(clippy::unwrap_used, clippy::expect_used)]
+
 mod common;
 
 use std::io::{Read as _, Write as _};

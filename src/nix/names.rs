@@ -235,7 +235,7 @@ mod tests {
         ));
         for bad in [
             format!("{H}.narinfo.bak"),
-            format!("{H}"),
+            H.to_string(),
             "nix-cache-info".to_owned(),
             "..narinfo".to_owned(),
             format!("{H}x.narinfo"),
@@ -280,7 +280,7 @@ mod tests {
         let n: StorePathBaseName = ok.parse().unwrap();
         assert_eq!(n.hash().as_str(), H);
         for bad in [
-            format!("{H}"),
+            H.to_string(),
             format!("{H}-"),
             format!("{H}-.hidden"),
             format!("{H}-a/b"),

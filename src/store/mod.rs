@@ -227,6 +227,15 @@ pub mod keys {
     }
 }
 
+/// Opens the store the config names.
+pub async fn from_config(cfg: &crate::config::Config) -> io::Result<std::sync::Arc<dyn Store>> {
+    use crate::config::StoreKind;
+    Ok(match cfg.store.kind {
+        StoreKind::Local => std::sync::Arc::new(local::LocalStore::open(&cfg.store.path)?),
+        StoreKind::S3 => std::sync::Arc::new(s3::S3Store::new(cfg).await),
+    })
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -273,13 +282,4 @@ mod tests {
         assert_eq!(r("bytes=50-").resolve(50), None);
         assert_eq!(r("bytes=-1").resolve(0), None);
     }
-}
-
-/// Opens the store the config names.
-pub async fn from_config(cfg: &crate::config::Config) -> io::Result<std::sync::Arc<dyn Store>> {
-    use crate::config::StoreKind;
-    Ok(match cfg.store.kind {
-        StoreKind::Local => std::sync::Arc::new(local::LocalStore::open(&cfg.store.path)?),
-        StoreKind::S3 => std::sync::Arc::new(s3::S3Store::new(cfg).await),
-    })
 }

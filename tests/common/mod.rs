@@ -382,8 +382,17 @@ pub fn fixture() -> &'static Fixture {
 }
 
 fn build_fixture() -> Fixture {
-    let root = std::env::temp_dir().join(format!("cellar-fixture-{}", std::process::id()));
-    let _ = std::fs::remove_dir_all(&root);
+    // Under cargo's per-target temp dir; earlier runs' fixtures are removed (cargo runs test
+    // binaries one after another, so none is in use).
+    let base = Path::new(env!("CARGO_TARGET_TMPDIR"));
+    if let Ok(rd) = std::fs::read_dir(base) {
+        for e in rd.flatten() {
+            if e.file_name().to_string_lossy().starts_with("nix-fixture-") {
+                let _ = std::fs::remove_dir_all(e.path());
+            }
+        }
+    }
+    let root = base.join(format!("nix-fixture-{}", std::process::id()));
     std::fs::create_dir_all(&root).unwrap();
     let cache = root.join("xdg");
     let expr = Path::new(env!("CARGO_MANIFEST_DIR")).join("tests/fixtures/closure.nix");

@@ -1,0 +1,795 @@
+//! The HTTP read path against the real Garage S3 server: every endpoint with GET and HEAD,
+//! 404s, ranges, names refused before the store is asked, an unreachable store, corrupt objects
+//! in the bucket, a store failing mid-body, and what happens to existing signatures.
+//!
+//! Every test has its own key prefix (and its own cellar process), so they run in parallel.
+//! Where a test cuts the store or counts store traffic, the S3 endpoint sits behind a [`Proxy`].
+#![allow(clippy::unwrap_used, clippy::expect_used)] // a failed unwrap is a failed test
+
+mod common;
+
+use std::path::{Path, PathBuf};
+use std::time::Duration;
+
+use cellar::nix::{NarInfo, PublicKey, Sha256};
+use futures::StreamExt as _;
+use reqwest::header::{
+    HeaderName, ACCEPT_RANGES, CACHE_CONTROL, CONTENT_LENGTH, CONTENT_RANGE, CONTENT_TYPE, RANGE,
+};
+use reqwest::{Method, StatusCode};
+
+use common::*;
+
+const STORE_DIR: &str = "/nix/store";
+/// `not_found_max_age_secs`' default.
+const NOT_FOUND_CC: &str = "public, max-age=10";
+const NAR_CC: &str = "public, max-age=31536000, immutable";
+
+// ---------------------------------------------------------------------------------------------
+// Helpers
+
+async fn the_fixture() -> &'static Fixture {
+    tokio::task::spawn_blocking(fixture).await.unwrap()
+}
+
+fn client() -> reqwest::Client {
+    reqwest::Client::builder()
+        // A guard against a hung server, never an assertion about timing.
+        .timeout(Duration::from_secs(60))
+        .build()
+        .unwrap()
+}
+
+async fn send(
+    c: &reqwest::Client,
+    method: Method,
+    url: &str,
+    range: Option<&str>,
+) -> reqwest::Response {
+    let mut r = c.request(method.clone(), url);
+    if let Some(range) = range {
+        r = r.header(RANGE, range);
+    }
+    r.send()
+        .await
+        .unwrap_or_else(|e| panic!("{method} {url}: {e}"))
+}
+
+async fn get(c: &reqwest::Client, url: &str) -> reqwest::Response {
+    send(c, Method::GET, url, None).await
+}
+
+async fn head(c: &reqwest::Client, url: &str) -> reqwest::Response {
+    send(c, Method::HEAD, url, None).await
+}
+
+fn hdr(r: &reqwest::Response, name: HeaderName) -> &str {
+    r.headers()
+        .get(&name)
+        .unwrap_or_else(|| panic!("{} has no {name} header: {:?}", r.url(), r.headers()))
+        .to_str()
+        .unwrap()
+}
+
+fn content_length(r: &reqwest::Response) -> u64 {
+    hdr(r, CONTENT_LENGTH).parse().unwrap()
+}
+
+/// A successful GET: status 200, the headers, the body.
+async fn get_ok(c: &reqwest::Client, url: &str) -> (reqwest::header::HeaderMap, Vec<u8>) {
+    let r = get(c, url).await;
+    assert_eq!(r.status(), StatusCode::OK, "GET {url}");
+    let h = r.headers().clone();
+    let body = r.bytes().await.unwrap().to_vec();
+    (h, body)
+}
+
+/// A HEAD that must answer 200 with an empty body; returns its headers.
+async fn head_ok(c: &reqwest::Client, url: &str) -> reqwest::header::HeaderMap {
+    let r = head(c, url).await;
+    assert_eq!(r.status(), StatusCode::OK, "HEAD {url}");
+    let h = r.headers().clone();
+    assert!(r.bytes().await.unwrap().is_empty(), "HEAD {url} has a body");
+    h
+}
+
+fn h(m: &reqwest::header::HeaderMap, name: HeaderName) -> &str {
+    m.get(&name)
+        .unwrap_or_else(|| panic!("no {name} header in {m:?}"))
+        .to_str()
+        .unwrap()
+}
+
+/// Deterministic incompressible bytes (xorshift64).
+fn pseudo_random(n: usize, seed: u64) -> Vec<u8> {
+    let mut x = seed | 1;
+    let mut v = Vec::with_capacity(n + 8);
+    while v.len() < n {
+        x ^= x << 13;
+        x ^= x >> 7;
+        x ^= x << 17;
+        v.extend_from_slice(&x.to_le_bytes());
+    }
+    v.truncate(n);
+    v
+}
+
+/// A valid 52-character nix-base32 file hash for `data`.
+fn nix32_of(data: &[u8]) -> String {
+    Sha256::digest(data).to_nix32()
+}
+
+fn read(p: &Path) -> Vec<u8> {
+    std::fs::read(p).unwrap_or_else(|e| panic!("{}: {e}", p.display()))
+}
+
+fn parse_narinfo(bytes: &[u8]) -> NarInfo {
+    NarInfo::parse(std::str::from_utf8(bytes).unwrap(), STORE_DIR).unwrap()
+}
+
+/// Files directly in `dir` whose names end in `suffix`.
+fn files_ending(dir: &Path, suffix: &str) -> Vec<PathBuf> {
+    let mut v: Vec<PathBuf> = std::fs::read_dir(dir)
+        .unwrap()
+        .map(|e| e.unwrap().path())
+        .filter(|p| p.is_file() && p.to_str().unwrap().ends_with(suffix))
+        .collect();
+    v.sort();
+    assert!(!v.is_empty(), "no *{suffix} in {}", dir.display());
+    v
+}
+
+fn file_name(p: &Path) -> &str {
+    p.file_name().unwrap().to_str().unwrap()
+}
+
+/// The largest NAR of the fixture's xz cache (the 2 MiB `big` path): name and bytes.
+fn biggest_nar(dir: &Path) -> (String, Vec<u8>) {
+    let p = files_ending(&dir.join("nar"), ".nar.xz")
+        .into_iter()
+        .max_by_key(|p| std::fs::metadata(p).unwrap().len())
+        .unwrap();
+    (file_name(&p).to_owned(), read(&p))
+}
+
+/// The signed narinfo from the tests' fixtures (key `test-1`), its hash and the public key.
+const TOP_NARINFO: &str = include_str!("fixtures/narinfo/top.narinfo");
+const TOP_HASH: &str = "f904kp3djilk732cgbnxhpy7vzykbqsh";
+const TEST1_PUB: &str = include_str!("fixtures/narinfo/test-1.pub");
+
+/// `TOP_NARINFO` with its StorePath moved to hash `hash` (its Sig no longer verifies, but
+/// parses).
+fn narinfo_for(hash: &str) -> String {
+    TOP_NARINFO.replace(TOP_HASH, hash)
+}
+
+/// A syntactically valid store path hash, different per `n`.
+fn some_hash(n: u8) -> String {
+    let alphabet = b"0123456789abcdfghijklmnpqrsvwxyz";
+    (0..32)
+        .map(|i| alphabet[(usize::from(n) * 7 + i * 3) % 32] as char)
+        .collect()
+}
+
+// ---------------------------------------------------------------------------------------------
+// 1. Every endpoint, GET and HEAD
+
+#[tokio::test(flavor = "multi_thread")]
+async fn cache_info_and_health() {
+    let s3 = s3_env();
+    let prefix = unique_prefix("info");
+    let srv = Server::start(s3_store_env(&s3, &s3.endpoint, &prefix));
+    let c = client();
+
+    let url = format!("{}/nix-cache-info", srv.url);
+    let (hd, body) = get_ok(&c, &url).await;
+    assert_eq!(h(&hd, CONTENT_TYPE), "text/x-nix-cache-info");
+    let text = String::from_utf8(body.clone()).unwrap();
+    let lines: Vec<&str> = text.lines().collect();
+    assert_eq!(
+        lines,
+        ["StoreDir: /nix/store", "WantMassQuery: 1", "Priority: 40"],
+        "{text:?}"
+    );
+    assert!(text.ends_with('\n'));
+    assert_eq!(h(&hd, CONTENT_LENGTH), body.len().to_string());
+    let hh = head_ok(&c, &url).await;
+    assert_eq!(h(&hh, CONTENT_TYPE), "text/x-nix-cache-info");
+    assert_eq!(h(&hh, CONTENT_LENGTH), body.len().to_string());
+
+    for (path, text) in [("healthz", "ok\n"), ("readyz", "ready\n")] {
+        let url = format!("{}/{path}", srv.url);
+        let (hd, body) = get_ok(&c, &url).await;
+        assert_eq!(body, text.as_bytes(), "{path}");
+        assert_eq!(h(&hd, CACHE_CONTROL), "no-store", "{path}");
+        let hh = head_ok(&c, &url).await;
+        assert_eq!(h(&hh, CACHE_CONTROL), "no-store", "{path}");
+    }
+}
+
+#[tokio::test(flavor = "multi_thread")]
+async fn narinfos_are_served_signed_by_the_server_key() {
+    let f = the_fixture().await;
+    let s3 = s3_env();
+    let prefix = unique_prefix("narinfo");
+    s3_upload_dir(&s3, &prefix, &f.xz_dir).await;
+    let srv = Server::start(s3_store_env(&s3, &s3.endpoint, &prefix));
+    let server_key: PublicKey = srv.public_key.parse().unwrap();
+    let c = client();
+
+    for path in &f.closure {
+        let hash = Fixture::hash(path);
+        let original = parse_narinfo(&read(&f.xz_dir.join(format!("{hash}.narinfo"))));
+
+        let url = format!("{}/{hash}.narinfo", srv.url);
+        let (hd, body) = get_ok(&c, &url).await;
+        assert_eq!(h(&hd, CONTENT_TYPE), "text/x-nix-narinfo");
+        assert_eq!(h(&hd, CACHE_CONTROL), "public, max-age=60");
+        assert_eq!(h(&hd, CONTENT_LENGTH), body.len().to_string());
+        let served = parse_narinfo(&body);
+        assert_eq!(format!("{STORE_DIR}/{}", served.store_path), *path);
+        // The store's own signatures (if any: the fixture's paths are usually unsigned) are
+        // kept, and the server's is added last.
+        let text = String::from_utf8_lossy(&body);
+        let (ours, theirs) = served.sigs.split_last().unwrap();
+        assert_eq!(theirs, original.sigs, "{text}");
+        assert_eq!(ours.key_name(), "cellar-test-1", "{text}");
+        assert!(served.is_signed_by_any(std::slice::from_ref(&server_key), STORE_DIR));
+        // Everything but the signatures is what the store holds.
+        let (mut a, mut b) = (served.clone(), original);
+        a.sigs.clear();
+        b.sigs.clear();
+        assert_eq!(a, b);
+
+        let hh = head_ok(&c, &url).await;
+        assert_eq!(h(&hh, CONTENT_TYPE), "text/x-nix-narinfo");
+        assert_eq!(h(&hh, CONTENT_LENGTH), body.len().to_string());
+    }
+}
+
+#[tokio::test(flavor = "multi_thread")]
+async fn nars_are_streamed_as_stored() {
+    let f = the_fixture().await;
+    let s3 = s3_env();
+    let prefix = unique_prefix("nar");
+    s3_upload_dir(&s3, &prefix, &f.xz_dir).await;
+    let srv = Server::start(s3_store_env(&s3, &s3.endpoint, &prefix));
+    let c = client();
+
+    let nars = files_ending(&f.xz_dir.join("nar"), ".nar.xz");
+    assert_eq!(nars.len(), f.closure.len());
+    for p in &nars {
+        let want = read(p);
+        let url = format!("{}/nar/{}", srv.url, file_name(p));
+        let (hd, body) = get_ok(&c, &url).await;
+        assert_eq!(h(&hd, CONTENT_TYPE), "application/x-nix-nar");
+        assert_eq!(h(&hd, CONTENT_LENGTH), want.len().to_string());
+        assert_eq!(h(&hd, ACCEPT_RANGES), "bytes");
+        assert_eq!(h(&hd, CACHE_CONTROL), NAR_CC);
+        assert!(hd.get("content-encoding").is_none());
+        assert!(body == want, "{url}: body differs from {}", p.display());
+
+        let hh = head_ok(&c, &url).await;
+        assert_eq!(h(&hh, CONTENT_TYPE), "application/x-nix-nar");
+        assert_eq!(h(&hh, CONTENT_LENGTH), want.len().to_string());
+        assert_eq!(h(&hh, ACCEPT_RANGES), "bytes");
+        assert_eq!(h(&hh, CACHE_CONTROL), NAR_CC);
+    }
+}
+
+#[tokio::test(flavor = "multi_thread")]
+async fn listings_are_served() {
+    let f = the_fixture().await;
+    let s3 = s3_env();
+    let prefix = unique_prefix("ls");
+    s3_upload_dir(&s3, &prefix, &f.zstd_dir).await;
+    let srv = Server::start(s3_store_env(&s3, &s3.endpoint, &prefix));
+    let c = client();
+
+    let listings = files_ending(&f.zstd_dir, ".ls");
+    assert_eq!(listings.len(), f.closure.len());
+    for p in &listings {
+        let want = read(p);
+        let url = format!("{}/{}", srv.url, file_name(p));
+        let (hd, body) = get_ok(&c, &url).await;
+        assert_eq!(h(&hd, CONTENT_TYPE), "application/json");
+        assert_eq!(h(&hd, CONTENT_LENGTH), want.len().to_string());
+        assert_eq!(body, want, "{url}");
+        let hh = head_ok(&c, &url).await;
+        assert_eq!(h(&hh, CONTENT_TYPE), "application/json");
+        assert_eq!(h(&hh, CONTENT_LENGTH), want.len().to_string());
+    }
+    // The zstd cache's NARs are served as they are too.
+    let p = &files_ending(&f.zstd_dir.join("nar"), ".nar.zst")[0];
+    let (_, body) = get_ok(&c, &format!("{}/nar/{}", srv.url, file_name(p))).await;
+    assert_eq!(body, read(p));
+}
+
+#[tokio::test(flavor = "multi_thread")]
+async fn build_logs_are_served() {
+    let f = the_fixture().await;
+    let s3 = s3_env();
+    let prefix = unique_prefix("log");
+    s3_upload_dir(&s3, &prefix, &f.xz_dir).await;
+    let srv = Server::start(s3_store_env(&s3, &s3.endpoint, &prefix));
+    let c = client();
+
+    let drv = Fixture::basename(&f.top_drv);
+    let want = read(&f.xz_dir.join("log").join(drv));
+    let url = format!("{}/log/{drv}", srv.url);
+    let (hd, body) = get_ok(&c, &url).await;
+    assert_eq!(h(&hd, CONTENT_TYPE), "text/plain; charset=utf-8");
+    assert_eq!(h(&hd, CONTENT_LENGTH), want.len().to_string());
+    assert_eq!(body, want);
+    assert!(String::from_utf8_lossy(&body).contains("building top"));
+    let hh = head_ok(&c, &url).await;
+    assert_eq!(h(&hh, CONTENT_TYPE), "text/plain; charset=utf-8");
+    assert_eq!(h(&hh, CONTENT_LENGTH), want.len().to_string());
+}
+
+#[tokio::test(flavor = "multi_thread")]
+async fn realisations_and_build_traces_are_served() {
+    let s3 = s3_env();
+    let prefix = unique_prefix("ca");
+    let drv_hash = nix32_of(b"a CA derivation");
+    let id = format!("sha256:{drv_hash}!out");
+    let out_path = format!("{}-ca-out", some_hash(1));
+    let doi = format!(
+        r#"{{"dependentRealisations":{{}},"id":"{id}","outPath":"{out_path}","signatures":[]}}"#
+    );
+    s3_put(&s3, &format!("{prefix}realisations/{id}.doi"), doi.clone()).await;
+    let drv = format!("{}-ca.drv", some_hash(2));
+    let trace = format!(r#"{{"outPath":"{out_path}","signatures":[]}}"#);
+    s3_put(
+        &s3,
+        &format!("{prefix}build-trace/{drv}/out"),
+        trace.clone(),
+    )
+    .await;
+    let srv = Server::start(s3_store_env(&s3, &s3.endpoint, &prefix));
+    let c = client();
+
+    for (url, want) in [
+        (format!("{}/realisations/{id}.doi", srv.url), &doi),
+        (format!("{}/build-trace/{drv}/out", srv.url), &trace),
+    ] {
+        let (hd, body) = get_ok(&c, &url).await;
+        assert_eq!(h(&hd, CONTENT_TYPE), "application/json", "{url}");
+        assert_eq!(h(&hd, CONTENT_LENGTH), want.len().to_string(), "{url}");
+        assert_eq!(body, want.as_bytes(), "{url}");
+        let hh = head_ok(&c, &url).await;
+        assert_eq!(h(&hh, CONTENT_TYPE), "application/json", "{url}");
+        assert_eq!(h(&hh, CONTENT_LENGTH), want.len().to_string(), "{url}");
+    }
+    // Other outputs of the same derivation are not there.
+    for url in [
+        format!("{}/realisations/sha256:{drv_hash}!dev.doi", srv.url),
+        format!("{}/build-trace/{drv}/dev", srv.url),
+    ] {
+        assert_eq!(get(&c, &url).await.status(), StatusCode::NOT_FOUND, "{url}");
+        assert_eq!(
+            head(&c, &url).await.status(),
+            StatusCode::NOT_FOUND,
+            "{url}"
+        );
+    }
+}
+
+// ---------------------------------------------------------------------------------------------
+// 2. Missing objects
+
+#[tokio::test(flavor = "multi_thread")]
+async fn missing_objects_are_404_with_a_short_max_age() {
+    let s3 = s3_env();
+    let prefix = unique_prefix("missing");
+    // Something in the prefix, so the store is not just empty.
+    s3_put(&s3, &format!("{prefix}{TOP_HASH}.narinfo"), TOP_NARINFO).await;
+    let srv = Server::start(s3_store_env(&s3, &s3.endpoint, &prefix));
+    let c = client();
+
+    let hash = some_hash(3);
+    let nar = nix32_of(b"no such nar");
+    for path in [
+        format!("{hash}.narinfo"),
+        format!("{hash}.ls"),
+        format!("nar/{nar}.nar.xz"),
+        format!("nar/{nar}.nar"),
+        format!("log/{hash}-missing.drv"),
+        format!("realisations/sha256:{nar}!out.doi"),
+        format!("build-trace/{hash}-missing.drv/out"),
+    ] {
+        let url = format!("{}/{path}", srv.url);
+        for method in [Method::GET, Method::HEAD] {
+            let r = send(&c, method.clone(), &url, None).await;
+            assert_eq!(r.status(), StatusCode::NOT_FOUND, "{method} {path}");
+            assert_eq!(hdr(&r, CACHE_CONTROL), NOT_FOUND_CC, "{method} {path}");
+        }
+    }
+    // The one that is there still is.
+    get_ok(&c, &format!("{}/{TOP_HASH}.narinfo", srv.url)).await;
+}
+
+// ---------------------------------------------------------------------------------------------
+// 3. Ranges
+
+#[tokio::test(flavor = "multi_thread")]
+async fn nar_ranges() {
+    let f = the_fixture().await;
+    let s3 = s3_env();
+    let prefix = unique_prefix("range");
+    s3_upload_dir(&s3, &prefix, &f.xz_dir).await;
+    let srv = Server::start(s3_store_env(&s3, &s3.endpoint, &prefix));
+    let c = client();
+
+    let (name, want) = biggest_nar(&f.xz_dir);
+    let size = want.len();
+    assert!(size > 1 << 20, "the big NAR has {size} bytes");
+    let url = format!("{}/nar/{name}", srv.url);
+
+    for (range, start, end) in [
+        ("bytes=0-99".to_owned(), 0, 99),
+        ("bytes=100-".to_owned(), 100, size - 1),
+        ("bytes=-50".to_owned(), size - 50, size - 1),
+        ("bytes=1000-1000".to_owned(), 1000, 1000),
+        // An end past the object is clamped.
+        (
+            format!("bytes={}-{}", size - 10, size + 1000),
+            size - 10,
+            size - 1,
+        ),
+    ] {
+        let r = send(&c, Method::GET, &url, Some(&range)).await;
+        assert_eq!(r.status(), StatusCode::PARTIAL_CONTENT, "{range}");
+        assert_eq!(
+            hdr(&r, CONTENT_RANGE),
+            format!("bytes {start}-{end}/{size}"),
+            "{range}"
+        );
+        assert_eq!(content_length(&r), (end - start + 1) as u64, "{range}");
+        assert_eq!(hdr(&r, CONTENT_TYPE), "application/x-nix-nar", "{range}");
+        assert_eq!(hdr(&r, ACCEPT_RANGES), "bytes", "{range}");
+        let body = r.bytes().await.unwrap();
+        assert!(body[..] == want[start..=end], "{range}: wrong bytes");
+    }
+
+    for range in [format!("bytes={size}-"), format!("bytes={}-", size + 100)] {
+        let r = send(&c, Method::GET, &url, Some(&range)).await;
+        assert_eq!(r.status(), StatusCode::RANGE_NOT_SATISFIABLE, "{range}");
+        assert_eq!(hdr(&r, CONTENT_RANGE), format!("bytes */{size}"), "{range}");
+    }
+
+    // Not a single byte range: the whole object (HTTP allows ignoring Range).
+    for range in ["bytes=0-1,5-6", "items=0-1", "bytes=9-3"] {
+        let r = send(&c, Method::GET, &url, Some(range)).await;
+        assert_eq!(r.status(), StatusCode::OK, "{range}");
+        assert!(r.headers().get(CONTENT_RANGE).is_none(), "{range}");
+        assert_eq!(content_length(&r), size as u64, "{range}");
+        assert!(r.bytes().await.unwrap()[..] == want[..], "{range}");
+    }
+}
+
+// ---------------------------------------------------------------------------------------------
+// 4. Invalid names never reach the store
+
+#[tokio::test(flavor = "multi_thread")]
+async fn invalid_names_never_reach_the_store() {
+    let s3 = s3_env();
+    let proxy = Proxy::start(&s3.endpoint).await;
+    let prefix = unique_prefix("names");
+    s3_put(&s3, &format!("{prefix}{TOP_HASH}.narinfo"), TOP_NARINFO).await;
+    let srv = Server::start(s3_store_env(&s3, &proxy.url(), &prefix));
+    let c = client();
+
+    // A valid request goes through the proxy (and shows that it counts).
+    let before = proxy.bytes_to_store();
+    get_ok(&c, &format!("{}/{TOP_HASH}.narinfo", srv.url)).await;
+    assert!(proxy.bytes_to_store() > before, "the proxy saw no request");
+
+    let e_hash = format!("e{}", &TOP_HASH[1..]);
+    let drv = format!("{TOP_HASH}-x.drv");
+    let cases: Vec<(String, StatusCode)> = vec![
+        ("nar/..%2F..%2Fetc%2Fpasswd".into(), StatusCode::BAD_REQUEST),
+        ("nar/..%2F.nar".into(), StatusCode::BAD_REQUEST),
+        ("nar/xyz.nar.gz".into(), StatusCode::BAD_REQUEST),
+        (
+            format!("nar/{}.nar.gz", nix32_of(b"gz")),
+            StatusCode::BAD_REQUEST,
+        ),
+        (format!("nar/{e_hash}.nar"), StatusCode::BAD_REQUEST),
+        ("log/notapath".into(), StatusCode::BAD_REQUEST),
+        (
+            format!("log/{TOP_HASH}-..%2F..%2Fx"),
+            StatusCode::BAD_REQUEST,
+        ),
+        (format!("log/{TOP_HASH}"), StatusCode::BAD_REQUEST),
+        ("realisations/foo.doi".into(), StatusCode::BAD_REQUEST),
+        (
+            format!("realisations/sha256:{}!..%2Fx.doi", nix32_of(b"r")),
+            StatusCode::BAD_REQUEST,
+        ),
+        ("build-trace/notapath/out".into(), StatusCode::BAD_REQUEST),
+        (format!("build-trace/{drv}/..%2Fx"), StatusCode::BAD_REQUEST),
+        (
+            format!("{}.narinfo", &TOP_HASH[..31]),
+            StatusCode::NOT_FOUND,
+        ),
+        (format!("{e_hash}.narinfo"), StatusCode::NOT_FOUND),
+        (
+            format!("{}.narinfo", TOP_HASH.to_uppercase()),
+            StatusCode::NOT_FOUND,
+        ),
+        (format!("{TOP_HASH}.narinfo.bak"), StatusCode::NOT_FOUND),
+        (format!("{TOP_HASH}.ls%2F..%2Fx"), StatusCode::NOT_FOUND),
+        ("favicon.ico".into(), StatusCode::NOT_FOUND),
+        ("robots.txt".into(), StatusCode::NOT_FOUND),
+        ("nar".into(), StatusCode::NOT_FOUND),
+        ("a/b/c".into(), StatusCode::NOT_FOUND),
+    ];
+
+    let before = proxy.bytes_to_store();
+    for (path, want) in &cases {
+        for method in [Method::GET, Method::HEAD] {
+            let r = send(&c, method.clone(), &format!("{}/{path}", srv.url), None).await;
+            assert_eq!(r.status(), *want, "{method} /{path}");
+        }
+    }
+    assert_eq!(
+        proxy.bytes_to_store(),
+        before,
+        "an invalid name reached the store"
+    );
+
+    // And the store is still asked for valid names.
+    get_ok(&c, &format!("{}/{TOP_HASH}.narinfo", srv.url)).await;
+    assert!(proxy.bytes_to_store() > before);
+}
+
+// ---------------------------------------------------------------------------------------------
+// 5. Store down
+
+#[tokio::test(flavor = "multi_thread")]
+async fn store_down_is_503_and_recovers() {
+    let f = the_fixture().await;
+    let s3 = s3_env();
+    let proxy = Proxy::start(&s3.endpoint).await;
+    let prefix = unique_prefix("down");
+    s3_upload_dir(&s3, &prefix, &f.xz_dir).await;
+    let srv = Server::start(s3_store_env(&s3, &proxy.url(), &prefix));
+    let c = client();
+
+    let hash = Fixture::hash(&f.top);
+    let narinfo = format!("{}/{hash}.narinfo", srv.url);
+    let (nar_name, nar) = biggest_nar(&f.xz_dir);
+    let nar_url = format!("{}/nar/{nar_name}", srv.url);
+    let readyz = format!("{}/readyz", srv.url);
+    let healthz = format!("{}/healthz", srv.url);
+
+    get_ok(&c, &narinfo).await;
+    get_ok(&c, &nar_url).await;
+    get_ok(&c, &readyz).await;
+
+    proxy.set_down(true);
+    for url in [&narinfo, &nar_url, &readyz] {
+        for method in [Method::GET, Method::HEAD] {
+            let r = send(&c, method.clone(), url, None).await;
+            assert_eq!(
+                r.status(),
+                StatusCode::SERVICE_UNAVAILABLE,
+                "{method} {url}\nserver log:\n{}",
+                srv.log()
+            );
+            assert_eq!(hdr(&r, CACHE_CONTROL), "no-store", "{method} {url}");
+        }
+    }
+    let r = get(&c, &narinfo).await;
+    assert_eq!(r.text().await.unwrap(), "store unavailable\n");
+    // Range requests and the config-only endpoints are no different.
+    let r = send(&c, Method::GET, &nar_url, Some("bytes=0-9")).await;
+    assert_eq!(r.status(), StatusCode::SERVICE_UNAVAILABLE);
+    let (_, body) = get_ok(&c, &healthz).await;
+    assert_eq!(body, b"ok\n");
+    get_ok(&c, &format!("{}/nix-cache-info", srv.url)).await;
+
+    proxy.set_down(false);
+    get_ok(&c, &readyz).await;
+    let (_, body) = get_ok(&c, &narinfo).await;
+    assert!(parse_narinfo(&body).is_signed_by_any(&[srv.public_key.parse().unwrap()], STORE_DIR));
+    let (_, body) = get_ok(&c, &nar_url).await;
+    assert!(body == nar, "NAR after recovery differs");
+}
+
+// ---------------------------------------------------------------------------------------------
+// 6. Corrupt narinfos in the bucket
+
+#[tokio::test(flavor = "multi_thread")]
+async fn corrupt_narinfos_are_502() {
+    let s3 = s3_env();
+    let prefix = unique_prefix("corrupt");
+    let put = |hash: String, body: Vec<u8>| {
+        let (s3, prefix) = (s3.clone(), prefix.clone());
+        async move { s3_put(&s3, &format!("{prefix}{hash}.narinfo"), body).await }
+    };
+
+    let no_narhash = some_hash(10);
+    put(
+        no_narhash.clone(),
+        narinfo_for(&no_narhash)
+            .lines()
+            .filter(|l| !l.starts_with("NarHash:"))
+            .map(|l| format!("{l}\n"))
+            .collect::<String>()
+            .into_bytes(),
+    )
+    .await;
+    let crlf = some_hash(11);
+    put(
+        crlf.clone(),
+        narinfo_for(&crlf).replace('\n', "\r\n").into_bytes(),
+    )
+    .await;
+    let bad_sig = some_hash(12);
+    put(
+        bad_sig.clone(),
+        format!("{}Sig: test-1:notbase64!\n", narinfo_for(&bad_sig)).into_bytes(),
+    )
+    .await;
+    let not_utf8 = some_hash(13);
+    let mut bytes = narinfo_for(&not_utf8).into_bytes();
+    bytes.extend_from_slice(b"System: \xff\xfe\n");
+    put(not_utf8.clone(), bytes).await;
+    let no_store_path = some_hash(14);
+    put(
+        no_store_path.clone(),
+        narinfo_for(&no_store_path)
+            .replace("StorePath: ", "Path: ")
+            .into_bytes(),
+    )
+    .await;
+    // A valid narinfo, but under another path's name.
+    let mismatch = some_hash(15);
+    put(mismatch.clone(), TOP_NARINFO.as_bytes().to_vec()).await;
+    // A valid one.
+    put(TOP_HASH.to_owned(), TOP_NARINFO.as_bytes().to_vec()).await;
+
+    let srv = Server::start(s3_store_env(&s3, &s3.endpoint, &prefix));
+    let c = client();
+
+    for hash in [
+        &no_narhash,
+        &crlf,
+        &bad_sig,
+        &not_utf8,
+        &no_store_path,
+        &mismatch,
+    ] {
+        let url = format!("{}/{hash}.narinfo", srv.url);
+        for method in [Method::GET, Method::HEAD] {
+            let r = send(&c, method.clone(), &url, None).await;
+            assert_eq!(r.status(), StatusCode::BAD_GATEWAY, "{method} {hash}");
+            assert_eq!(hdr(&r, CACHE_CONTROL), "no-store", "{method} {hash}");
+            if method == Method::GET {
+                let body = r.text().await.unwrap();
+                assert_eq!(body, "corrupt object in the store\n", "{hash}");
+            }
+        }
+    }
+
+    // The server still answers everything else.
+    let (_, body) = get_ok(&c, &format!("{}/{TOP_HASH}.narinfo", srv.url)).await;
+    let served = parse_narinfo(&body);
+    assert_eq!(served.hash().as_str(), TOP_HASH);
+    get_ok(&c, &format!("{}/nix-cache-info", srv.url)).await;
+    get_ok(&c, &format!("{}/readyz", srv.url)).await;
+    let r = get(&c, &format!("{}/{}.narinfo", srv.url, some_hash(16))).await;
+    assert_eq!(r.status(), StatusCode::NOT_FOUND);
+}
+
+// ---------------------------------------------------------------------------------------------
+// 7. The store failing mid-body
+
+#[tokio::test(flavor = "multi_thread")]
+async fn store_cut_mid_body_fails_the_download() {
+    const SIZE: usize = 32 << 20;
+    let s3 = s3_env();
+    let proxy = Proxy::start(&s3.endpoint).await;
+    let prefix = unique_prefix("midbody");
+    let data = pseudo_random(SIZE, 0x5eed);
+    let name = format!("{}.nar", nix32_of(&data));
+    s3_put(&s3, &format!("{prefix}nar/{name}"), data.clone()).await;
+    let srv = Server::start(s3_store_env(&s3, &proxy.url(), &prefix));
+    let c = client();
+
+    let r = get(&c, &format!("{}/nar/{name}", srv.url)).await;
+    assert_eq!(r.status(), StatusCode::OK);
+    let length = content_length(&r);
+    assert_eq!(length, SIZE as u64);
+    let mut body = r.bytes_stream();
+    let first = body.next().await.unwrap().unwrap();
+    assert!(!first.is_empty());
+    assert!(first[..] == data[..first.len()]);
+    let mut received = first.len() as u64;
+
+    proxy.set_down(true);
+    let mut error = None;
+    while let Some(chunk) = body.next().await {
+        match chunk {
+            Ok(b) => {
+                let at = received as usize;
+                assert!(b[..] == data[at..at + b.len()], "wrong bytes at {at}");
+                received += b.len() as u64;
+            }
+            Err(e) => {
+                error = Some(e);
+                break;
+            }
+        }
+    }
+    assert!(
+        received < length,
+        "received all {received} bytes although the store was cut"
+    );
+    let error = error.unwrap_or_else(|| {
+        panic!("the body ended cleanly after {received} of {length} bytes: a short body")
+    });
+    assert!(!error.is_timeout(), "the download hung instead: {error}");
+    assert!(
+        error.is_body() || error.is_decode(),
+        "not a failed body: {error:?}"
+    );
+
+    // The server itself is fine, and serves the NAR again once the store is back.
+    let (_, health) = get_ok(&c, &format!("{}/healthz", srv.url)).await;
+    assert_eq!(health, b"ok\n");
+    proxy.set_down(false);
+    let r = send(
+        &c,
+        Method::GET,
+        &format!("{}/nar/{name}", srv.url),
+        Some("bytes=-1000"),
+    )
+    .await;
+    assert_eq!(r.status(), StatusCode::PARTIAL_CONTENT);
+    assert!(r.bytes().await.unwrap()[..] == data[SIZE - 1000..]);
+}
+
+// ---------------------------------------------------------------------------------------------
+// 8. Existing signatures
+
+#[tokio::test(flavor = "multi_thread")]
+async fn existing_signatures_are_kept_unless_configured_otherwise() {
+    let s3 = s3_env();
+    let prefix = unique_prefix("sigs");
+    s3_put(&s3, &format!("{prefix}{TOP_HASH}.narinfo"), TOP_NARINFO).await;
+    let test1: PublicKey = TEST1_PUB.trim().parse().unwrap();
+    let original = parse_narinfo(TOP_NARINFO.as_bytes());
+    assert!(original.is_signed_by_any(std::slice::from_ref(&test1), STORE_DIR));
+    let c = client();
+
+    // Default: the store's signature stays, ours is added.
+    let keep = Server::start(s3_store_env(&s3, &s3.endpoint, &prefix));
+    let ours: PublicKey = keep.public_key.parse().unwrap();
+    let (_, body) = get_ok(&c, &format!("{}/{TOP_HASH}.narinfo", keep.url)).await;
+    let served = parse_narinfo(&body);
+    let names: Vec<&str> = served.sigs.iter().map(|s| s.key_name()).collect();
+    assert_eq!(names, ["test-1", "cellar-test-1"]);
+    assert_eq!(served.sigs[0], original.sigs[0]);
+    assert!(served.is_signed_by_any(std::slice::from_ref(&test1), STORE_DIR));
+    assert!(served.is_signed_by_any(&[ours], STORE_DIR));
+
+    // keep_existing_signatures = false: only ours.
+    let mut env = s3_store_env(&s3, &s3.endpoint, &prefix);
+    env.push((
+        "CELLAR_SIGNING__KEEP_EXISTING_SIGNATURES".into(),
+        "false".into(),
+    ));
+    let drop = Server::start(env);
+    let ours: PublicKey = drop.public_key.parse().unwrap();
+    let (_, body) = get_ok(&c, &format!("{}/{TOP_HASH}.narinfo", drop.url)).await;
+    let served = parse_narinfo(&body);
+    let names: Vec<&str> = served.sigs.iter().map(|s| s.key_name()).collect();
+    assert_eq!(names, ["cellar-test-1"]);
+    assert!(!served.is_signed_by_any(&[test1], STORE_DIR));
+    assert!(served.is_signed_by_any(&[ours], STORE_DIR));
+    let hh = head_ok(&c, &format!("{}/{TOP_HASH}.narinfo", drop.url)).await;
+    assert_eq!(h(&hh, CONTENT_LENGTH), body.len().to_string());
+}
