@@ -91,6 +91,7 @@ pub struct Config {
     pub signing: SigningConfig,
     pub auth: AuthConfig,
     pub upload: UploadConfig,
+    pub cache: CacheConfig,
 }
 
 impl Default for Config {
@@ -107,6 +108,7 @@ impl Default for Config {
             signing: SigningConfig::default(),
             auth: AuthConfig::default(),
             upload: UploadConfig::default(),
+            cache: CacheConfig::default(),
         }
     }
 }
@@ -189,6 +191,41 @@ impl Default for SigningConfig {
             generated_key_name: None,
             keep_existing_signatures: true,
         }
+    }
+}
+
+#[derive(Debug, Clone, Deserialize)]
+#[serde(deny_unknown_fields, default)]
+pub struct CacheConfig {
+    /// Memory for signed, rendered narinfos (0 disables the memory cache).
+    pub narinfo_memory_bytes: u64,
+    /// How long a narinfo found in the store is served from memory.
+    pub narinfo_ttl_secs: u64,
+    /// How long a miss is remembered (uploads through this server refresh at once).
+    pub narinfo_negative_ttl_secs: u64,
+    /// Directory for the NAR disk cache; unset or empty disables it.
+    pub nar_dir: Option<PathBuf>,
+    /// Byte budget of the NAR disk cache (least recently used NARs go first).
+    pub nar_max_bytes: u64,
+}
+
+impl Default for CacheConfig {
+    fn default() -> Self {
+        Self {
+            narinfo_memory_bytes: 64 << 20,
+            narinfo_ttl_secs: 600,
+            narinfo_negative_ttl_secs: 15,
+            nar_dir: None,
+            nar_max_bytes: 10 << 30,
+        }
+    }
+}
+
+impl CacheConfig {
+    pub fn nar_dir(&self) -> Option<&Path> {
+        self.nar_dir
+            .as_deref()
+            .filter(|p| !p.as_os_str().is_empty())
     }
 }
 
@@ -403,6 +440,12 @@ impl Config {
             return Err(ConfigError::invalid(
                 "upload.staging_max_age_secs",
                 "must be at least 60 (uploads in progress would be removed)",
+            ));
+        }
+        if self.cache.nar_dir().is_some() && self.cache.nar_max_bytes < (64 << 20) {
+            return Err(ConfigError::invalid(
+                "cache.nar_max_bytes",
+                "must be at least 64 MiB when cache.nar_dir is set",
             ));
         }
         if let Some(n) = &self.signing.generated_key_name {

@@ -12,7 +12,7 @@ use crate::nix::names::NameError;
 use crate::store::StoreError;
 use crate::upload::UploadError;
 
-#[derive(Debug, Error)]
+#[derive(Debug, Clone, Error)]
 pub enum Error {
     #[error("not found")]
     NotFound,

@@ -229,7 +229,8 @@ fn serve(path: Option<&Path>) -> anyhow::Result<()> {
             "cellar serving"
         );
         spawn_staging_cleanup(store.clone(), cfg.upload.staging_max_age_secs);
-        let state = AppState::new(cfg, store, loaded.keys);
+        let state = AppState::new(cfg, store, loaded.keys)
+            .context("opening the NAR disk cache (cache.nar_dir)")?;
         cellar::serve(listener, state, shutdown_signal()).await?;
         tracing::info!("stopped");
         Ok(())

@@ -10,6 +10,9 @@ mod narinfo;
 mod objects;
 mod upload;
 
+#[cfg(test)]
+mod tests;
+
 use std::future::{Future, IntoFuture as _};
 use std::ops::Deref;
 use std::sync::Arc;
@@ -27,8 +30,11 @@ use axum::Router;
 use bytes::Bytes;
 use tokio::net::TcpListener;
 use tower_http::trace::TraceLayer;
+use tracing::Instrument as _;
 
 use crate::auth::{Decision, Tokens};
+use crate::cache::nar::NarCache;
+use crate::cache::narinfo::NarInfoCache;
 use crate::config::Config;
 use crate::config::Scope;
 use crate::error::Error;
@@ -45,6 +51,8 @@ pub struct App {
     pub store: Arc<dyn Store>,
     pub tokens: Tokens,
     pub uploader: Uploader,
+    pub narinfos: NarInfoCache,
+    pub nars: Option<Arc<NarCache>>,
     /// Every key signs every narinfo served (several during a rotation).
     pub keys: Vec<SecretKey>,
     cache_info: Bytes,
@@ -58,16 +66,33 @@ impl Deref for AppState {
 }
 
 impl AppState {
-    pub fn new(config: Config, store: Arc<dyn Store>, keys: Vec<SecretKey>) -> Self {
+    /// The state for `config`; opens the NAR disk cache if one is configured.
+    pub fn new(
+        config: Config,
+        store: Arc<dyn Store>,
+        keys: Vec<SecretKey>,
+    ) -> std::io::Result<Self> {
         let cache_info = cache_info::render(&config);
-        Self(Arc::new(App {
+        let c = &config.cache;
+        let narinfos = NarInfoCache::new(
+            c.narinfo_memory_bytes,
+            Duration::from_secs(c.narinfo_ttl_secs),
+            Duration::from_secs(c.narinfo_negative_ttl_secs),
+        );
+        let nars = match c.nar_dir() {
+            Some(dir) => Some(NarCache::open(dir, c.nar_max_bytes)?),
+            None => None,
+        };
+        Ok(Self(Arc::new(App {
+            narinfos,
+            nars,
             tokens: Tokens::from_config(&config.auth),
             uploader: Uploader::new(&config, store.clone()),
             config,
             store,
             keys,
             cache_info,
-        }))
+        })))
     }
 }
 
@@ -117,6 +142,12 @@ async fn authorize(State(st): State<AppState>, req: Request, next: Next) -> Resp
         _ => Scope::Write,
     };
     match st.tokens.check(req.headers(), scope) {
+        Decision::Allowed(Some(token)) if scope == Scope::Write => {
+            // Upload log lines carry the token's name.
+            next.run(req)
+                .instrument(tracing::info_span!("upload", token = %token))
+                .await
+        }
         Decision::Allowed(_) => next.run(req).await,
         Decision::Missing => Error::Unauthorized.into_response(),
         Decision::Invalid => Error::Forbidden("invalid token").into_response(),
@@ -126,12 +157,29 @@ async fn authorize(State(st): State<AppState>, req: Request, next: Next) -> Resp
     }
 }
 
-/// Lets 404s be cached briefly (clients and proxies), unless a handler decided otherwise.
+/// Lets 404s be cached briefly (clients and proxies), unless a handler decided otherwise; in
+/// private mode, keeps shared caches from storing anything.
 async fn default_cache_headers(State(st): State<AppState>, req: Request, next: Next) -> Response {
     let mut res = next.run(req).await;
+    if st.config.auth.private {
+        let private = res
+            .headers()
+            .get(header::CACHE_CONTROL)
+            .and_then(|v| v.to_str().ok())
+            .and_then(|v| v.strip_prefix("public"))
+            .and_then(|rest| HeaderValue::from_str(&format!("private{rest}")).ok());
+        if let Some(v) = private {
+            res.headers_mut().insert(header::CACHE_CONTROL, v);
+        }
+    }
     if res.status() == StatusCode::NOT_FOUND && !res.headers().contains_key(header::CACHE_CONTROL) {
+        let scope = if st.config.auth.private {
+            "private"
+        } else {
+            "public"
+        };
         if let Ok(v) = HeaderValue::from_str(&format!(
-            "public, max-age={}",
+            "{scope}, max-age={}",
             st.config.not_found_max_age_secs
         )) {
             res.headers_mut().insert(header::CACHE_CONTROL, v);

@@ -25,7 +25,11 @@ pub(super) async fn top_level(
     // Anything that is not a cache file name is simply not here (favicon.ico, robots.txt, …).
     match file.parse::<TopLevelFile>().map_err(|_| Error::NotFound)? {
         TopLevelFile::NarInfo(h) => {
-            let body = signed_narinfo(&st, h).await?.ok_or(Error::NotFound)?;
+            let body = st
+                .narinfos
+                .get_or_load(h, signed_narinfo(&st, h))
+                .await?
+                .ok_or(Error::NotFound)?;
             Ok(narinfo_response(&st, body, head))
         }
         TopLevelFile::Listing(h) => {

@@ -14,7 +14,7 @@ use axum::response::{IntoResponse, Response};
 use super::AppState;
 use crate::error::Error;
 use crate::nix::{NarFileName, OutputName, RealisationName, StorePathBaseName};
-use crate::store::{keys, ByteRange};
+use crate::store::{keys, ByteRange, Object};
 
 #[derive(Debug, Clone, Copy)]
 pub(super) enum Kind {
@@ -42,38 +42,14 @@ impl Kind {
     }
 }
 
-/// Streams `key` (or answers a HEAD for it) with the headers for `kind`.
-pub(super) async fn serve(
-    st: &AppState,
-    key: String,
-    kind: Kind,
-    req_headers: &HeaderMap,
-    head: bool,
-) -> Result<Response, Error> {
-    let mut res;
-    if head {
-        let size = st.store.head(&key).await?.ok_or(Error::NotFound)?;
-        res = ().into_response();
-        res.headers_mut()
-            .insert(header::CONTENT_LENGTH, HeaderValue::from(size));
-    } else {
-        let range = req_headers
-            .get(header::RANGE)
-            .and_then(|v| v.to_str().ok())
-            .and_then(ByteRange::parse_header);
-        let obj = st.store.get(&key, range).await?.ok_or(Error::NotFound)?;
-        res = Body::from_stream(obj.body).into_response();
-        let h = res.headers_mut();
-        h.insert(header::CONTENT_LENGTH, HeaderValue::from(obj.length));
-        if let Some(cr) = obj.range {
-            *res.status_mut() = StatusCode::PARTIAL_CONTENT;
-            if let Ok(v) =
-                HeaderValue::from_str(&format!("bytes {}-{}/{}", cr.start, cr.end, cr.total))
-            {
-                res.headers_mut().insert(header::CONTENT_RANGE, v);
-            }
-        }
-    }
+fn range_of(headers: &HeaderMap) -> Option<ByteRange> {
+    headers
+        .get(header::RANGE)
+        .and_then(|v| v.to_str().ok())
+        .and_then(ByteRange::parse_header)
+}
+
+fn set_common_headers(res: &mut Response, kind: Kind) {
     let h = res.headers_mut();
     h.insert(
         header::CONTENT_TYPE,
@@ -84,7 +60,51 @@ pub(super) async fn serve(
         HeaderValue::from_static(kind.cache_control()),
     );
     h.insert(header::ACCEPT_RANGES, HeaderValue::from_static("bytes"));
-    Ok(res)
+}
+
+/// A streamed 200 or 206 for `obj`.
+fn object_response(obj: Object, kind: Kind) -> Response {
+    let mut res = Body::from_stream(obj.body).into_response();
+    res.headers_mut()
+        .insert(header::CONTENT_LENGTH, HeaderValue::from(obj.length));
+    if let Some(cr) = obj.range {
+        *res.status_mut() = StatusCode::PARTIAL_CONTENT;
+        if let Ok(v) = HeaderValue::from_str(&format!("bytes {}-{}/{}", cr.start, cr.end, cr.total))
+        {
+            res.headers_mut().insert(header::CONTENT_RANGE, v);
+        }
+    }
+    set_common_headers(&mut res, kind);
+    res
+}
+
+/// An empty 200 with the headers a GET would have.
+fn head_response(size: u64, kind: Kind) -> Response {
+    let mut res = ().into_response();
+    res.headers_mut()
+        .insert(header::CONTENT_LENGTH, HeaderValue::from(size));
+    set_common_headers(&mut res, kind);
+    res
+}
+
+/// Streams `key` (or answers a HEAD for it) with the headers for `kind`.
+pub(super) async fn serve(
+    st: &AppState,
+    key: String,
+    kind: Kind,
+    req_headers: &HeaderMap,
+    head: bool,
+) -> Result<Response, Error> {
+    if head {
+        let size = st.store.head(&key).await?.ok_or(Error::NotFound)?;
+        return Ok(head_response(size, kind));
+    }
+    let obj = st
+        .store
+        .get(&key, range_of(req_headers))
+        .await?
+        .ok_or(Error::NotFound)?;
+    Ok(object_response(obj, kind))
 }
 
 pub(super) async fn nar(

@@ -65,6 +65,7 @@ pub(super) async fn put_top_level(
         TopLevelFile::NarInfo(h) => {
             let text = read_text(body, MAX_NARINFO_BYTES).await?;
             let acc = st.uploader.put_narinfo(h, &text).await?;
+            st.narinfos.invalidate(h).await;
             tracing::info!(path = %acc.narinfo.store_path, "narinfo uploaded");
             Ok(StatusCode::CREATED)
         }

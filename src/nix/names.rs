@@ -13,7 +13,7 @@ use super::base32;
 use super::compression::Compression;
 use super::hash::StorePathHash;
 
-#[derive(Debug, Error, PartialEq, Eq)]
+#[derive(Debug, Clone, Error, PartialEq, Eq)]
 #[error("invalid {kind} name {name:?}")]
 pub struct NameError {
     pub kind: &'static str,

@@ -17,6 +17,7 @@ pub struct MemoryStore {
     objects: Arc<Mutex<HashMap<String, Bytes>>>,
     gets: AtomicUsize,
     down: AtomicBool,
+    latency_ms: AtomicUsize,
 }
 
 impl MemoryStore {
@@ -34,6 +35,19 @@ impl MemoryStore {
     /// Number of `get` and `head` calls so far.
     pub fn requests(&self) -> usize {
         self.gets.load(Ordering::SeqCst)
+    }
+
+    /// Makes every `get` and `head` take this long (to let concurrent requests pile up).
+    pub fn set_latency(&self, d: std::time::Duration) {
+        self.latency_ms
+            .store(d.as_millis() as usize, Ordering::SeqCst);
+    }
+
+    async fn delay(&self) {
+        let ms = self.latency_ms.load(Ordering::SeqCst);
+        if ms > 0 {
+            tokio::time::sleep(std::time::Duration::from_millis(ms as u64)).await;
+        }
     }
 
     /// While down, every call fails as an unreachable store would.
@@ -58,6 +72,7 @@ impl MemoryStore {
 #[async_trait]
 impl Store for MemoryStore {
     async fn get(&self, key: &str, range: Option<ByteRange>) -> Result<Option<Object>, StoreError> {
+        self.delay().await;
         let Some(data) = self.lookup(key)? else {
             return Ok(None);
         };
@@ -86,6 +101,7 @@ impl Store for MemoryStore {
     }
 
     async fn head(&self, key: &str) -> Result<Option<u64>, StoreError> {
+        self.delay().await;
         Ok(self.lookup(key)?.map(|d| d.len() as u64))
     }
 

@@ -19,7 +19,7 @@ use thiserror::Error;
 /// A streamed object body. An `Err` item means the store failed mid-body.
 pub type ByteStream = Pin<Box<dyn Stream<Item = io::Result<Bytes>> + Send + 'static>>;
 
-#[derive(Debug, Error)]
+#[derive(Debug, Clone, Error)]
 pub enum StoreError {
     /// The store could not be reached (connection refused, DNS, TLS, timeout).
     #[error("store unreachable: {0}")]

@@ -28,7 +28,7 @@ use crate::store::{keys, Store, StoreError};
 
 pub use digest::{FileDigest, NarDigest};
 
-#[derive(Debug, Error)]
+#[derive(Debug, Clone, Error)]
 pub enum UploadError {
     /// The upload is wrong; the message names the failed check.
     #[error("{0}")]

@@ -1,0 +1,5 @@
+//! The fast path: narinfos rendered and signed once and kept in memory, NARs kept on local
+//! disk, and single-flight loading so N concurrent misses cost one store request.
+
+pub mod nar;
+pub mod narinfo;

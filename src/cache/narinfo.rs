@@ -1,0 +1,67 @@
+//! Signed, rendered narinfos in memory, bounded in bytes, with a positive and a (short)
+//! negative TTL. A hot request does no parsing, signing or I/O. Loading goes through moka's
+//! `try_get_with`, which runs one loader per key however many requests wait for it
+//! (single-flight); errors are not cached.
+
+use std::sync::Arc;
+use std::time::{Duration, Instant};
+
+use bytes::Bytes;
+use moka::future::Cache;
+use moka::Expiry;
+
+use crate::error::Error;
+use crate::nix::StorePathHash;
+
+/// `Some(narinfo)` or `None` for "not in this cache".
+pub type Lookup = Option<Bytes>;
+
+struct Ttl {
+    positive: Duration,
+    negative: Duration,
+}
+
+impl Expiry<StorePathHash, Lookup> for Ttl {
+    fn expire_after_create(&self, _: &StorePathHash, v: &Lookup, _: Instant) -> Option<Duration> {
+        Some(if v.is_some() {
+            self.positive
+        } else {
+            self.negative
+        })
+    }
+}
+
+pub struct NarInfoCache {
+    cache: Cache<StorePathHash, Lookup>,
+}
+
+impl NarInfoCache {
+    pub fn new(max_bytes: u64, positive: Duration, negative: Duration) -> Self {
+        let cache = Cache::builder()
+            .max_capacity(max_bytes)
+            .weigher(|_k: &StorePathHash, v: &Lookup| {
+                // Key, Option and bookkeeping: about 100 bytes beyond the text.
+                u32::try_from(v.as_ref().map_or(0, Bytes::len) + 100).unwrap_or(u32::MAX)
+            })
+            .expire_after(Ttl { positive, negative })
+            .build();
+        Self { cache }
+    }
+
+    /// The cached lookup for `h`, or the result of `load` (run once for all concurrent
+    /// callers), which is then cached.
+    pub async fn get_or_load<F>(&self, h: StorePathHash, load: F) -> Result<Lookup, Error>
+    where
+        F: std::future::Future<Output = Result<Lookup, Error>>,
+    {
+        self.cache
+            .try_get_with(h, load)
+            .await
+            .map_err(|e: Arc<Error>| (*e).clone())
+    }
+
+    /// Forgets `h` (after an upload, so the new narinfo is served at once).
+    pub async fn invalidate(&self, h: StorePathHash) {
+        self.cache.invalidate(&h).await;
+    }
+}

@@ -1,0 +1,129 @@
+//! Router tests without a socket, over the in-memory store: what reaches the store.
+
+use std::sync::Arc;
+use std::time::Duration;
+
+use axum::body::Body;
+use axum::http::{Request, StatusCode};
+use http_body_util::BodyExt as _;
+use tower::ServiceExt as _;
+
+use super::{app, AppState};
+use crate::config::Config;
+use crate::nix::SecretKey;
+use crate::store::memory::MemoryStore;
+use crate::store::Store;
+
+const NARINFO: &str = include_str!("../../tests/fixtures/narinfo/top.narinfo");
+const HASH: &str = "f904kp3djilk732cgbnxhpy7vzykbqsh";
+
+fn state(cfg: Config, mem: &Arc<MemoryStore>) -> AppState {
+    let store: Arc<dyn Store> = mem.clone();
+    AppState::new(
+        cfg,
+        store,
+        vec![SecretKey::generate("test-cellar-1").unwrap()],
+    )
+    .unwrap()
+}
+
+async fn get(st: &AppState, path: &str) -> (StatusCode, Vec<u8>) {
+    let res = app(st.clone())
+        .oneshot(Request::get(path).body(Body::empty()).unwrap())
+        .await
+        .unwrap();
+    let status = res.status();
+    (
+        status,
+        res.into_body().collect().await.unwrap().to_bytes().to_vec(),
+    )
+}
+
+#[tokio::test]
+async fn narinfo_hits_come_from_memory() {
+    let mem = Arc::new(MemoryStore::new());
+    mem.insert(&format!("{HASH}.narinfo"), NARINFO);
+    let st = state(Config::default(), &mem);
+    let (s, first) = get(&st, &format!("/{HASH}.narinfo")).await;
+    assert_eq!(s, StatusCode::OK);
+    let after_first = mem.requests();
+    assert_eq!(after_first, 1);
+    for _ in 0..10 {
+        let (s, again) = get(&st, &format!("/{HASH}.narinfo")).await;
+        assert_eq!(s, StatusCode::OK);
+        assert_eq!(again, first);
+    }
+    assert_eq!(mem.requests(), after_first, "hits must not touch the store");
+}
+
+#[tokio::test]
+async fn misses_are_remembered_for_the_negative_ttl_only() {
+    let mem = Arc::new(MemoryStore::new());
+    let mut cfg = Config::default();
+    cfg.cache.narinfo_negative_ttl_secs = 1;
+    let st = state(cfg, &mem);
+    let path = format!("/{HASH}.narinfo");
+    assert_eq!(get(&st, &path).await.0, StatusCode::NOT_FOUND);
+    assert_eq!(get(&st, &path).await.0, StatusCode::NOT_FOUND);
+    assert_eq!(mem.requests(), 1, "the second miss comes from memory");
+    mem.insert(&format!("{HASH}.narinfo"), NARINFO);
+    tokio::time::sleep(Duration::from_millis(1300)).await;
+    assert_eq!(get(&st, &path).await.0, StatusCode::OK);
+    assert_eq!(mem.requests(), 2);
+}
+
+#[tokio::test]
+async fn concurrent_misses_cost_one_store_get() {
+    let mem = Arc::new(MemoryStore::new());
+    mem.insert(&format!("{HASH}.narinfo"), NARINFO);
+    mem.set_latency(Duration::from_millis(200));
+    let st = state(Config::default(), &mem);
+    let tasks: Vec<_> = (0..50)
+        .map(|_| {
+            let st = st.clone();
+            tokio::spawn(async move { get(&st, &format!("/{HASH}.narinfo")).await })
+        })
+        .collect();
+    for t in tasks {
+        assert_eq!(t.await.unwrap().0, StatusCode::OK);
+    }
+    assert_eq!(mem.requests(), 1);
+}
+
+#[tokio::test]
+async fn store_errors_are_not_cached() {
+    let mem = Arc::new(MemoryStore::new());
+    mem.insert(&format!("{HASH}.narinfo"), NARINFO);
+    let st = state(Config::default(), &mem);
+    mem.set_down(true);
+    assert_eq!(
+        get(&st, &format!("/{HASH}.narinfo")).await.0,
+        StatusCode::SERVICE_UNAVAILABLE
+    );
+    mem.set_down(false);
+    assert_eq!(
+        get(&st, &format!("/{HASH}.narinfo")).await.0,
+        StatusCode::OK
+    );
+}
+
+#[tokio::test]
+async fn invalid_names_never_reach_the_store() {
+    let mem = Arc::new(MemoryStore::new());
+    let st = state(Config::default(), &mem);
+    for p in [
+        "/nar/..%2F..%2Fetc%2Fpasswd",
+        "/nar/abc.nar.gz",
+        "/log/notapath",
+        "/eeeeeeeeeeeeeeeeeeeeeeeeeeeeeeee.narinfo",
+        "/favicon.ico",
+        "/realisations/x.doi",
+    ] {
+        let (s, _) = get(&st, p).await;
+        assert!(
+            s == StatusCode::NOT_FOUND || s == StatusCode::BAD_REQUEST,
+            "{p}: {s}"
+        );
+    }
+    assert_eq!(mem.requests(), 0);
+}
