@@ -539,8 +539,16 @@ async fn invalid_names_never_reach_the_store() {
         "an invalid name reached the store"
     );
 
-    // And the store is still asked for valid names.
-    get_ok(&c, &format!("{}/{TOP_HASH}.narinfo", srv.url)).await;
+    // And the store is still asked for valid names (one not yet in the memory cache).
+    let other = format!("0{}", &TOP_HASH[1..]);
+    let r = send(
+        &c,
+        Method::GET,
+        &format!("{}/{other}.narinfo", srv.url),
+        None,
+    )
+    .await;
+    assert_eq!(r.status(), StatusCode::NOT_FOUND);
     assert!(proxy.bytes_to_store() > before);
 }
 
@@ -567,8 +575,20 @@ async fn store_down_is_503_and_recovers() {
     get_ok(&c, &narinfo).await;
     get_ok(&c, &nar_url).await;
     get_ok(&c, &readyz).await;
+    // A narinfo not yet asked for (so not in the memory cache).
+    let cold_hash = f
+        .closure
+        .iter()
+        .map(|p| Fixture::hash(p))
+        .find(|h| *h != hash)
+        .unwrap();
+    let cold = format!("{}/{cold_hash}.narinfo", srv.url);
 
     proxy.set_down(true);
+    // What is in memory is still served while the store is down.
+    let (_, body) = get_ok(&c, &narinfo).await;
+    assert!(parse_narinfo(&body).is_signed_by_any(&[srv.public_key.parse().unwrap()], STORE_DIR));
+    let narinfo = cold;
     for url in [&narinfo, &nar_url, &readyz] {
         for method in [Method::GET, Method::HEAD] {
             let r = send(&c, method.clone(), url, None).await;
