@@ -43,7 +43,7 @@ impl fmt::Debug for Secret {
 }
 
 /// Accepts a TOML list or, for environment variables, one comma-separated string.
-fn list_or_csv<'de, D, T>(d: D) -> Result<Vec<T>, D::Error>
+pub(crate) fn list_or_csv<'de, D, T>(d: D) -> Result<Vec<T>, D::Error>
 where
     D: Deserializer<'de>,
     T: std::str::FromStr,
@@ -92,6 +92,8 @@ pub struct Config {
     pub auth: AuthConfig,
     pub upload: UploadConfig,
     pub cache: CacheConfig,
+    /// Upstream caches asked, in order, on a narinfo miss (pull-through).
+    pub upstreams: Vec<crate::upstream::UpstreamConfig>,
 }
 
 impl Default for Config {
@@ -109,6 +111,7 @@ impl Default for Config {
             auth: AuthConfig::default(),
             upload: UploadConfig::default(),
             cache: CacheConfig::default(),
+            upstreams: Vec::new(),
         }
     }
 }
@@ -441,6 +444,9 @@ impl Config {
                 "upload.staging_max_age_secs",
                 "must be at least 60 (uploads in progress would be removed)",
             ));
+        }
+        for (i, u) in self.upstreams.iter().enumerate() {
+            u.validate(i)?;
         }
         if self.cache.nar_dir().is_some() && self.cache.nar_max_bytes < (64 << 20) {
             return Err(ConfigError::invalid(

@@ -13,5 +13,6 @@ pub mod keys;
 pub mod nix;
 pub mod store;
 pub mod upload;
+pub mod upstream;
 
 pub use http::{app, serve, AppState};

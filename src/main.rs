@@ -151,7 +151,7 @@ fn import(dir: &Path, path: Option<&Path>) -> anyhow::Result<()> {
         .context("starting the async runtime")?;
     let summary = rt.block_on(async {
         let store = store::from_config(&cfg).await.context("opening store")?;
-        let uploader = cellar::upload::Uploader::new(&cfg, store.clone());
+        let uploader = cellar::upload::Uploader::new(&cfg, store.clone(), None);
         let bar = indicatif::ProgressBar::new(0);
         if let Ok(style) =
             indicatif::ProgressStyle::with_template("{bar:40} {pos}/{len} {wide_msg}")

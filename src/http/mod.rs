@@ -41,6 +41,7 @@ use crate::error::Error;
 use crate::nix::SecretKey;
 use crate::store::Store;
 use crate::upload::Uploader;
+use crate::upstream::{Upstreams, WithUpstreams};
 
 /// Everything a request handler needs. Cheap to clone.
 #[derive(Clone)]
@@ -53,6 +54,9 @@ pub struct App {
     pub uploader: Uploader,
     pub narinfos: NarInfoCache,
     pub nars: Option<Arc<NarCache>>,
+    pub upstreams: Arc<Upstreams>,
+    /// What clients read from: the store, then the upstreams (the store itself if none).
+    pub reads: Arc<dyn Store>,
     /// Every key signs every narinfo served (several during a rotation).
     pub keys: Vec<SecretKey>,
     cache_info: Bytes,
@@ -83,11 +87,29 @@ impl AppState {
             Some(dir) => Some(NarCache::open(dir, c.nar_max_bytes)?),
             None => None,
         };
+        let upstreams = Arc::new(
+            Upstreams::new(&config.upstreams, &config.store_dir).map_err(std::io::Error::other)?,
+        );
+        let reads: Arc<dyn Store> = if upstreams.is_empty() {
+            store.clone()
+        } else {
+            Arc::new(WithUpstreams {
+                store: store.clone(),
+                upstreams: upstreams.clone(),
+            })
+        };
+        let uploader = Uploader::new(
+            &config,
+            store.clone(),
+            (!upstreams.is_empty()).then(|| upstreams.clone()),
+        );
         Ok(Self(Arc::new(App {
             narinfos,
             nars,
+            upstreams,
+            reads,
+            uploader,
             tokens: Tokens::from_config(&config.auth),
-            uploader: Uploader::new(&config, store.clone()),
             config,
             store,
             keys,

@@ -9,8 +9,9 @@ use bytes::Bytes;
 use super::objects::{self, Kind};
 use super::AppState;
 use crate::error::Error;
-use crate::nix::{NarInfo, StorePathHash, TopLevelFile};
+use crate::nix::{NarFileName, NarInfo, StorePathHash, TopLevelFile};
 use crate::store::keys;
+use crate::upload::UploadError;
 
 /// Narinfos larger than this are treated as corrupt (a path with 100k references is ~5 MiB).
 const MAX_NARINFO_BYTES: u64 = 16 << 20;
@@ -60,12 +61,35 @@ fn narinfo_response(st: &AppState, body: Bytes, head: bool) -> Response {
     res
 }
 
-/// Reads the narinfo for `h` from the store, checks it, and renders it signed by every server
-/// key. `Ok(None)` if the store has none.
+/// The narinfo for `h` from the store, or else from an upstream, checked and rendered signed
+/// by every server key. `Ok(None)` if nobody has it.
 pub(crate) async fn signed_narinfo(
     st: &AppState,
     h: StorePathHash,
 ) -> Result<Option<Bytes>, Error> {
+    let store_dir = &st.config.store_dir;
+    let mut info = match stored_narinfo(st, h).await? {
+        Some(info) => info,
+        None => match st.upstreams.narinfo(h).await {
+            Some(found) => {
+                if found.mirror {
+                    spawn_mirror(st.clone(), found.info.clone());
+                }
+                found.info
+            }
+            None => return Ok(None),
+        },
+    };
+    if !st.config.signing.keep_existing_signatures {
+        info.sigs.clear();
+    }
+    for k in &st.keys {
+        info.sign(k, store_dir);
+    }
+    Ok(Some(Bytes::from(info.render(store_dir))))
+}
+
+async fn stored_narinfo(st: &AppState, h: StorePathHash) -> Result<Option<NarInfo>, Error> {
     let key = keys::narinfo(h);
     let Some(raw) = st.store.get_bytes(&key, MAX_NARINFO_BYTES).await? else {
         return Ok(None);
@@ -76,18 +100,46 @@ pub(crate) async fn signed_narinfo(
     };
     let text = std::str::from_utf8(&raw).map_err(|_| bad("not UTF-8".into()))?;
     let store_dir = &st.config.store_dir;
-    let mut info = NarInfo::parse(text, store_dir).map_err(|e| bad(e.to_string()))?;
+    let info = NarInfo::parse(text, store_dir).map_err(|e| bad(e.to_string()))?;
     if info.hash() != h {
         return Err(bad(format!(
             "its StorePath {store_dir}/{} does not match its name",
             info.store_path
         )));
     }
-    if !st.config.signing.keep_existing_signatures {
-        info.sigs.clear();
-    }
-    for k in &st.keys {
-        info.sign(k, store_dir);
-    }
-    Ok(Some(Bytes::from(info.render(store_dir))))
+    Ok(Some(info))
+}
+
+/// Copies a path found upstream into the store (NAR, then narinfo, verified like an upload),
+/// in the background; the client is not kept waiting.
+fn spawn_mirror(st: AppState, info: NarInfo) {
+    tokio::spawn(async move {
+        let h = info.hash();
+        let result = async {
+            let name: NarFileName = info
+                .url
+                .strip_prefix("nar/")
+                .and_then(|n| n.parse().ok())
+                .ok_or_else(|| UploadError::Rejected(format!("URL {:?}", info.url)))?;
+            if st.uploader.nar_size(&name).await?.is_none() {
+                let obj = st
+                    .reads
+                    .get(&keys::nar(&name), None)
+                    .await?
+                    .ok_or_else(|| UploadError::Rejected("the upstream has no NAR".into()))?;
+                st.uploader.put_nar(&name, obj.body).await?;
+            }
+            st.uploader
+                .put_narinfo(h, &info.render(&st.config.store_dir))
+                .await?;
+            Ok::<_, UploadError>(())
+        }
+        .await;
+        match result {
+            Ok(()) => tracing::info!(path = %info.store_path, "mirrored from upstream"),
+            Err(e) => {
+                tracing::warn!(path = %info.store_path, cause = %e, "mirroring from upstream failed")
+            }
+        }
+    });
 }

@@ -96,11 +96,11 @@ pub(super) async fn serve(
     head: bool,
 ) -> Result<Response, Error> {
     if head {
-        let size = st.store.head(&key).await?.ok_or(Error::NotFound)?;
+        let size = st.reads.head(&key).await?.ok_or(Error::NotFound)?;
         return Ok(head_response(size, kind));
     }
     let obj = st
-        .store
+        .reads
         .get(&key, range_of(req_headers))
         .await?
         .ok_or(Error::NotFound)?;

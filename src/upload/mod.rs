@@ -66,6 +66,8 @@ pub struct Uploader {
     store_dir: String,
     recompress: Option<(Compression, Option<i32>)>,
     trusted_keys: Vec<PublicKey>,
+    /// References available from an upstream count as present.
+    upstreams: Option<Arc<crate::upstream::Upstreams>>,
     // A std Mutex: held for map operations only, never across an await.
     verified: Mutex<HashMap<String, VerifiedNar>>,
 }
@@ -78,9 +80,14 @@ pub struct Accepted {
 }
 
 impl Uploader {
-    pub fn new(cfg: &Config, store: Arc<dyn Store>) -> Self {
+    pub fn new(
+        cfg: &Config,
+        store: Arc<dyn Store>,
+        upstreams: Option<Arc<crate::upstream::Upstreams>>,
+    ) -> Self {
         Self {
             store,
+            upstreams,
             store_dir: cfg.store_dir.clone(),
             recompress: cfg
                 .upload
@@ -307,11 +314,20 @@ impl Uploader {
             .map(|r| (r.hash(), r.to_string()))
             .collect();
         let store = self.store.clone();
+        let upstreams = self.upstreams.clone();
         let lookups = refs.into_iter().map(move |(h, name)| {
             let store = store.clone();
+            let upstreams = upstreams.clone();
             async move {
-                let there = store.head(&keys::narinfo(h)).await?;
-                Ok::<_, StoreError>(there.is_none().then_some(name))
+                if store.head(&keys::narinfo(h)).await?.is_some() {
+                    return Ok::<_, StoreError>(None);
+                }
+                // Clients substituting through this server get it from an upstream.
+                let upstream = match &upstreams {
+                    Some(u) => u.has(h).await,
+                    None => false,
+                };
+                Ok(if upstream { None } else { Some(name) })
             }
         });
         let found: Vec<Option<String>> = futures::stream::iter(lookups)

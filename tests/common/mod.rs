@@ -470,3 +470,11 @@ pub fn netrc(dir: &Path, server: &Server, token: &str) -> PathBuf {
     let _ = server;
     p
 }
+
+/// Runs `cmd`, asserts success, returns its stderr (where nix reports progress).
+pub fn run_ok_stderr(mut cmd: Command) -> String {
+    let out = cmd.output().unwrap();
+    let err = String::from_utf8_lossy(&out.stderr).into_owned();
+    assert!(out.status.success(), "{cmd:?} failed:\n{err}");
+    err
+}

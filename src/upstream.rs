@@ -1,0 +1,359 @@
+//! Upstream binary caches (pull-through). On a narinfo miss in the store, upstreams are asked in
+//! the configured order before the server answers 404 (a 404 sticks in clients for an hour). An
+//! upstream narinfo is accepted only if it carries a valid signature by one of that upstream's
+//! keys; it is then served signed by this server, and its NAR (and log, listing) streamed from
+//! the upstream through `/nar/…`. A slow or dead upstream is a miss after its timeout and is
+//! then skipped for a while, so an outage does not turn every request into a wait.
+
+use std::io;
+use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
+use std::time::{Duration, SystemTime, UNIX_EPOCH};
+
+use async_trait::async_trait;
+use futures::{StreamExt as _, TryStreamExt as _};
+use serde::Deserialize;
+
+use crate::config::{list_or_csv, ConfigError};
+use crate::nix::{NarFileName, NarInfo, PublicKey, StorePathHash};
+use crate::store::{ByteRange, ContentRange, Object, ObjectWriter, Store, StoreError};
+
+/// One `[[upstreams]]` entry.
+#[derive(Debug, Clone, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct UpstreamConfig {
+    /// Base URL of the cache, e.g. `https://cache.nixos.org`.
+    pub url: String,
+    /// Keys whose signatures make this upstream's narinfos acceptable (at least one).
+    #[serde(deserialize_with = "list_or_csv")]
+    pub public_keys: Vec<PublicKey>,
+    /// Seconds to wait for the upstream to answer a request.
+    #[serde(default = "default_timeout")]
+    pub timeout_secs: u64,
+    /// Also store what is fetched from this upstream (NAR then narinfo, verified like an
+    /// upload), so the next request is served from the store.
+    #[serde(default)]
+    pub mirror: bool,
+}
+
+fn default_timeout() -> u64 {
+    5
+}
+
+impl UpstreamConfig {
+    pub fn validate(&self, i: usize) -> Result<(), ConfigError> {
+        let key = |k: &str| format!("upstreams[{i}].{k}");
+        if !(self.url.starts_with("http://") || self.url.starts_with("https://")) {
+            return Err(ConfigError::invalid(
+                key("url"),
+                format!("{:?} must start with http:// or https://", self.url),
+            ));
+        }
+        if self.public_keys.is_empty() {
+            return Err(ConfigError::invalid(
+                key("public_keys"),
+                "at least one key is needed to accept this upstream's narinfos",
+            ));
+        }
+        if self.timeout_secs == 0 {
+            return Err(ConfigError::invalid(key("timeout_secs"), "must be > 0"));
+        }
+        Ok(())
+    }
+}
+
+/// After a failure, how long an upstream is skipped.
+const BACKOFF_SECS: u64 = 30;
+
+struct Upstream {
+    base: String,
+    keys: Vec<PublicKey>,
+    timeout: Duration,
+    mirror: bool,
+    down_until: AtomicU64,
+    down_logged: AtomicBool,
+}
+
+fn now() -> u64 {
+    SystemTime::now()
+        .duration_since(UNIX_EPOCH)
+        .map_or(0, |d| d.as_secs())
+}
+
+impl Upstream {
+    fn is_down(&self) -> bool {
+        now() < self.down_until.load(Ordering::Relaxed)
+    }
+
+    fn mark_down(&self, why: &str) {
+        self.down_until
+            .store(now() + BACKOFF_SECS, Ordering::Relaxed);
+        if !self.down_logged.swap(true, Ordering::Relaxed) {
+            tracing::warn!(upstream = %self.base, cause = why, "upstream unavailable; skipping it for {BACKOFF_SECS} s at a time");
+        }
+    }
+
+    fn mark_up(&self) {
+        if self.down_logged.swap(false, Ordering::Relaxed) {
+            tracing::info!(upstream = %self.base, "upstream answers again");
+        }
+    }
+}
+
+/// A narinfo found upstream, already checked.
+pub struct Found {
+    pub info: NarInfo,
+    /// Whether the upstream it came from is mirrored into the store.
+    pub mirror: bool,
+}
+
+pub struct Upstreams {
+    list: Vec<Upstream>,
+    client: reqwest::Client,
+    store_dir: String,
+}
+
+/// Longest narinfo accepted from an upstream.
+const MAX_NARINFO: usize = 16 << 20;
+
+impl Upstreams {
+    pub fn new(configs: &[UpstreamConfig], store_dir: &str) -> Result<Self, reqwest::Error> {
+        let client = reqwest::Client::builder()
+            .user_agent(concat!("cellar/", env!("CARGO_PKG_VERSION")))
+            .connect_timeout(Duration::from_secs(5))
+            .pool_max_idle_per_host(32)
+            .build()?;
+        let list = configs
+            .iter()
+            .map(|c| Upstream {
+                base: c.url.trim_end_matches('/').to_owned(),
+                keys: c.public_keys.clone(),
+                timeout: Duration::from_secs(c.timeout_secs),
+                mirror: c.mirror,
+                down_until: AtomicU64::new(0),
+                down_logged: AtomicBool::new(false),
+            })
+            .collect();
+        Ok(Self {
+            list,
+            client,
+            store_dir: store_dir.to_owned(),
+        })
+    }
+
+    pub fn is_empty(&self) -> bool {
+        self.list.is_empty()
+    }
+
+    /// Asks each upstream in order for the narinfo of `h`; the first one with a narinfo that
+    /// verifies wins.
+    pub async fn narinfo(&self, h: StorePathHash) -> Option<Found> {
+        for u in self.list.iter().filter(|u| !u.is_down()) {
+            let url = format!("{}/{h}.narinfo", u.base);
+            let fetched = tokio::time::timeout(u.timeout, async {
+                let res = self.client.get(&url).send().await?;
+                let status = res.status();
+                if !status.is_success() {
+                    return Ok((status, None));
+                }
+                let body = res.bytes().await?;
+                Ok::<_, reqwest::Error>((status, Some(body)))
+            })
+            .await;
+            let body = match fetched {
+                Err(_) => {
+                    u.mark_down("timeout");
+                    continue;
+                }
+                Ok(Err(e)) => {
+                    u.mark_down(&e.to_string());
+                    continue;
+                }
+                Ok(Ok((status, None))) => {
+                    u.mark_up();
+                    if status.is_server_error() {
+                        u.mark_down(&format!("HTTP {status}"));
+                    }
+                    continue;
+                }
+                Ok(Ok((_, Some(b)))) => {
+                    u.mark_up();
+                    b
+                }
+            };
+            match self.check(u, h, &body) {
+                Ok(info) => {
+                    return Some(Found {
+                        info,
+                        mirror: u.mirror,
+                    });
+                }
+                Err(why) => {
+                    tracing::warn!(upstream = %u.base, path = %h, cause = %why, "upstream narinfo refused");
+                }
+            }
+        }
+        None
+    }
+
+    fn check(&self, u: &Upstream, h: StorePathHash, body: &[u8]) -> Result<NarInfo, String> {
+        if body.len() > MAX_NARINFO {
+            return Err("too large".into());
+        }
+        let text = std::str::from_utf8(body).map_err(|_| "not UTF-8".to_owned())?;
+        let info = NarInfo::parse(text, &self.store_dir).map_err(|e| e.to_string())?;
+        if info.hash() != h {
+            return Err("StorePath does not match the name".into());
+        }
+        if !info.is_signed_by_any(&u.keys, &self.store_dir) {
+            return Err("no valid signature by the upstream's keys".into());
+        }
+        // Served through /nar/<file>, so the URL must be one of those names.
+        info.url
+            .strip_prefix("nar/")
+            .and_then(|n| n.parse::<NarFileName>().ok())
+            .ok_or_else(|| format!("URL {:?} is not nar/<file>", info.url))?;
+        Ok(info)
+    }
+
+    /// GETs `key` (a cache-relative path such as `nar/<file>`) from the first upstream that
+    /// has it.
+    async fn get(&self, key: &str, range: Option<ByteRange>) -> Result<Option<Object>, StoreError> {
+        for u in self.list.iter().filter(|u| !u.is_down()) {
+            let mut req = self.client.get(format!("{}/{key}", u.base));
+            if let Some(r) = range {
+                req = req.header(reqwest::header::RANGE, r.to_header());
+            }
+            let res = match tokio::time::timeout(u.timeout, req.send()).await {
+                Err(_) => {
+                    u.mark_down("timeout");
+                    continue;
+                }
+                Ok(Err(e)) => {
+                    u.mark_down(&e.to_string());
+                    continue;
+                }
+                Ok(Ok(r)) => r,
+            };
+            let status = res.status();
+            if status == reqwest::StatusCode::RANGE_NOT_SATISFIABLE {
+                return Err(StoreError::RangeNotSatisfiable { size: 0 });
+            }
+            if !status.is_success() {
+                if status.is_server_error() {
+                    u.mark_down(&format!("HTTP {status}"));
+                }
+                continue;
+            }
+            u.mark_up();
+            let Some(length) = res.content_length() else {
+                continue; // cannot serve with a Content-Length
+            };
+            let content_range = if status == reqwest::StatusCode::PARTIAL_CONTENT {
+                res.headers()
+                    .get(reqwest::header::CONTENT_RANGE)
+                    .and_then(|v| v.to_str().ok())
+                    .and_then(parse_content_range)
+            } else {
+                None
+            };
+            if range.is_some() && content_range.is_none() {
+                // The upstream ignored the range; let the caller see a plain miss rather than
+                // serve the wrong bytes as a range.
+                continue;
+            }
+            let body = res.bytes_stream().map_err(io::Error::other).boxed();
+            return Ok(Some(Object {
+                body,
+                length,
+                range: content_range,
+            }));
+        }
+        Ok(None)
+    }
+
+    /// The size of `key` at the first upstream that has it.
+    async fn head(&self, key: &str) -> Option<u64> {
+        for u in self.list.iter().filter(|u| !u.is_down()) {
+            let req = self.client.head(format!("{}/{key}", u.base)).send();
+            match tokio::time::timeout(u.timeout, req).await {
+                Err(_) => u.mark_down("timeout"),
+                Ok(Err(e)) => u.mark_down(&e.to_string()),
+                Ok(Ok(r)) if r.status().is_success() => {
+                    u.mark_up();
+                    // HEAD has no body: the length is in the header.
+                    if let Some(n) = r
+                        .headers()
+                        .get(reqwest::header::CONTENT_LENGTH)
+                        .and_then(|v| v.to_str().ok())
+                        .and_then(|v| v.parse().ok())
+                    {
+                        return Some(n);
+                    }
+                }
+                Ok(Ok(_)) => {}
+            }
+        }
+        None
+    }
+
+    /// True if some upstream serves a verified narinfo for `h` (used to accept uploads whose
+    /// references are available through this server's upstreams).
+    pub async fn has(&self, h: StorePathHash) -> bool {
+        self.narinfo(h).await.is_some()
+    }
+}
+
+fn parse_content_range(v: &str) -> Option<ContentRange> {
+    let rest = v.strip_prefix("bytes ")?;
+    let (span, total) = rest.split_once('/')?;
+    let (s, e) = span.split_once('-')?;
+    Some(ContentRange {
+        start: s.parse().ok()?,
+        end: e.parse().ok()?,
+        total: total.parse().ok()?,
+    })
+}
+
+/// The store as clients see it: the configured store, then the upstreams. Reads fall through
+/// to upstreams on a miss; writes go to the store only.
+pub struct WithUpstreams {
+    pub store: std::sync::Arc<dyn Store>,
+    pub upstreams: std::sync::Arc<Upstreams>,
+}
+
+#[async_trait]
+impl Store for WithUpstreams {
+    async fn get(&self, key: &str, range: Option<ByteRange>) -> Result<Option<Object>, StoreError> {
+        match self.store.get(key, range).await? {
+            Some(o) => Ok(Some(o)),
+            None => self.upstreams.get(key, range).await,
+        }
+    }
+
+    async fn head(&self, key: &str) -> Result<Option<u64>, StoreError> {
+        if let Some(s) = self.store.head(key).await? {
+            return Ok(Some(s));
+        }
+        Ok(self.upstreams.head(key).await)
+    }
+
+    async fn ping(&self) -> Result<(), StoreError> {
+        self.store.ping().await
+    }
+
+    async fn writer(&self, key: &str) -> Result<Box<dyn ObjectWriter>, StoreError> {
+        self.store.writer(key).await
+    }
+
+    async fn cleanup_staging(&self, older_than: Duration) -> Result<usize, StoreError> {
+        self.store.cleanup_staging(older_than).await
+    }
+
+    fn describe(&self) -> String {
+        format!(
+            "{} (+{} upstreams)",
+            self.store.describe(),
+            self.upstreams.list.len()
+        )
+    }
+}

@@ -1,0 +1,196 @@
+//! Pull-through: cellar A (empty bucket in Garage) with cellar B (another binary cache over
+//! HTTP, its own key) as upstream. The real nix client, configured with A only, substitutes
+//! through the chain.
+#![allow(clippy::unwrap_used, clippy::expect_used)]
+
+mod common;
+
+use std::path::Path;
+use std::time::{Duration, Instant};
+
+use common::*;
+
+/// Cellar B: a local-directory cache holding `paths` of the fixture (xz).
+fn upstream_with(paths: &[&str], work: &Path) -> Server {
+    let f = fixture();
+    let data = work.join("upstream-data");
+    std::fs::create_dir_all(data.join("nar")).unwrap();
+    for p in paths {
+        let h = Fixture::hash(p);
+        let ni = std::fs::read_to_string(f.xz_dir.join(format!("{h}.narinfo"))).unwrap();
+        let url = ni.lines().find_map(|l| l.strip_prefix("URL: ")).unwrap();
+        std::fs::copy(f.xz_dir.join(url), data.join(url)).unwrap();
+        std::fs::write(data.join(format!("{h}.narinfo")), ni).unwrap();
+    }
+    let log = f.xz_dir.join("log");
+    if log.exists() {
+        let mut cp = std::process::Command::new("cp");
+        cp.arg("-r").arg(&log).arg(data.join("log"));
+        run_ok(cp);
+    }
+    Server::start(vec![
+        ("CELLAR_STORE__KIND".into(), "local".into()),
+        ("CELLAR_STORE__PATH".into(), data.to_str().unwrap().into()),
+    ])
+}
+
+fn upstream_config(url: &str, key: &str, extra: &str) -> String {
+    format!("[[upstreams]]\nurl = \"{url}\"\npublic_keys = [\"{key}\"]\ntimeout_secs = 2\n{extra}")
+}
+
+fn front(prefix: &str, config: &str) -> Server {
+    let s3 = s3_env();
+    Server::start_with_config(config, s3_store_env(&s3, &s3.endpoint, prefix))
+}
+
+#[tokio::test(flavor = "multi_thread")]
+async fn nix_substitutes_through_the_upstream_chain() {
+    let f = fixture();
+    let work = tempfile::tempdir().unwrap();
+    let all: Vec<&str> = f.closure.iter().map(String::as_str).collect();
+    let b = upstream_with(&all, work.path());
+    let a = front(
+        &unique_prefix("pull"),
+        &upstream_config(&b.url, &b.public_key, ""),
+    );
+
+    let store = work.path().join("store-pull");
+    let mut c = nix("nix", &work.path().join("xdg-pull"));
+    c.args(["copy", "--from", &a.url, "--store"])
+        .arg(&store)
+        .args(["--trusted-public-keys", &a.public_key, &f.top]);
+    run_ok(c);
+    let mut v = nix("nix", &work.path().join("xdg-verify"));
+    v.args(["store", "verify", "-r", "--store"])
+        .arg(&store)
+        .args(["--trusted-public-keys", &a.public_key, &f.top]);
+    run_ok(v);
+    let mut r = nix("nix-store", &work.path().join("xdg-realise"));
+    r.arg("--store")
+        .arg(work.path().join("store-realise"))
+        .args(["--realise", &f.top])
+        .args(["--option", "substituters", &a.url])
+        .args(["--option", "trusted-public-keys", &a.public_key]);
+    run_ok(r);
+    let mut l = nix("nix", &work.path().join("xdg-log"));
+    l.args(["log", "--store", &a.url, &f.top]);
+    assert!(run_ok(l).contains("building top"));
+}
+
+#[tokio::test(flavor = "multi_thread")]
+async fn upstream_narinfos_without_a_valid_signature_are_refused() {
+    let f = fixture();
+    let work = tempfile::tempdir().unwrap();
+    let b = upstream_with(&[f.top.as_str()], work.path());
+    // Trust a key B does not sign with (same name, other material).
+    let out = std::process::Command::new(CELLAR)
+        .args(["keygen", "cellar-test-1", "--out"])
+        .arg(work.path().join("other.sec"))
+        .output()
+        .unwrap();
+    let wrong = String::from_utf8(out.stdout).unwrap().trim().to_owned();
+    let a = front(
+        &unique_prefix("pull-bad"),
+        &upstream_config(&b.url, &wrong, ""),
+    );
+    let r = reqwest::get(format!("{}/{}.narinfo", a.url, Fixture::hash(&f.top)))
+        .await
+        .unwrap();
+    assert_eq!(r.status(), 404);
+    assert!(a.log().contains("upstream narinfo refused"), "{}", a.log());
+}
+
+#[tokio::test(flavor = "multi_thread")]
+async fn a_dead_upstream_is_a_miss_within_its_timeout() {
+    // Accepts connections and never answers.
+    let dead = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+    let addr = dead.local_addr().unwrap();
+    tokio::spawn(async move {
+        let mut held = Vec::new();
+        while let Ok((s, _)) = dead.accept().await {
+            held.push(s);
+        }
+    });
+    let key = "cellar-test-1:/+L0Q/jKhm6dU1WL+m92avPr/xAL77BfJ3lwg3EXluU=";
+    let a = front(
+        &unique_prefix("pull-dead"),
+        &upstream_config(&format!("http://{addr}"), key, ""),
+    );
+    let url = format!("{}/{}.narinfo", a.url, "0000000000000000000000000000000a");
+    let t = Instant::now();
+    assert_eq!(reqwest::get(&url).await.unwrap().status(), 404);
+    // timeout_secs = 2: a miss, not a hang (generous bound for a loaded machine).
+    assert!(t.elapsed() < Duration::from_secs(15), "{:?}", t.elapsed());
+    // Then it is skipped: the next miss does not wait for it again.
+    let url2 = format!("{}/{}.narinfo", a.url, "0000000000000000000000000000000b");
+    let t = Instant::now();
+    assert_eq!(reqwest::get(&url2).await.unwrap().status(), 404);
+    assert!(t.elapsed() < Duration::from_secs(2), "{:?}", t.elapsed());
+    assert!(a.log().contains("upstream unavailable"), "{}", a.log());
+}
+
+#[tokio::test(flavor = "multi_thread")]
+async fn mirrored_paths_land_in_the_bucket() {
+    let f = fixture();
+    let work = tempfile::tempdir().unwrap();
+    let leaf = f.closure.iter().find(|p| p.ends_with("-leaf")).unwrap();
+    let b = upstream_with(&[leaf.as_str()], work.path());
+    let prefix = unique_prefix("pull-mirror");
+    let a = front(
+        &prefix,
+        &upstream_config(&b.url, &b.public_key, "mirror = true\n"),
+    );
+    let h = Fixture::hash(leaf);
+    let r = reqwest::get(format!("{}/{h}.narinfo", a.url))
+        .await
+        .unwrap();
+    assert_eq!(r.status(), 200);
+    let s3 = s3_env();
+    let mut there = false;
+    for _ in 0..100 {
+        if s3_exists(&s3, &format!("{prefix}{h}.narinfo")).await {
+            there = true;
+            break;
+        }
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
+    assert!(there, "not mirrored:\n{}", a.log());
+    // The stored narinfo's NAR is in the bucket too, and B is no longer needed.
+    drop(b);
+    let work2 = tempfile::tempdir().unwrap();
+    let mut c = nix("nix", &work2.path().join("xdg"));
+    c.args(["copy", "--from", &a.url, "--store"])
+        .arg(work2.path().join("store"))
+        .args(["--trusted-public-keys", &a.public_key, leaf]);
+    run_ok(c);
+}
+
+#[tokio::test(flavor = "multi_thread")]
+async fn uploads_may_reference_paths_the_upstream_has() {
+    let f = fixture();
+    let work = tempfile::tempdir().unwrap();
+    let leaf = f.closure.iter().find(|p| p.ends_with("-leaf")).unwrap();
+    let mid = f.closure.iter().find(|p| p.ends_with("-mid")).unwrap();
+    let b = upstream_with(&[leaf.as_str()], work.path());
+    let (w, wcfg) = token("builder", "write");
+    let a = front(
+        &unique_prefix("pull-upload"),
+        &format!("{}{wcfg}", upstream_config(&b.url, &b.public_key, "")),
+    );
+    let n = netrc(work.path(), &a, &w);
+    let mut c = nix("nix", &work.path().join("xdg-up"));
+    c.args(["copy", "--to", &a.url, "--option", "netrc-file"])
+        .arg(&n)
+        .arg(mid);
+    let out = run_ok_stderr(c);
+    // leaf came from the upstream: only mid was uploaded.
+    assert!(
+        out.contains("-mid") && !out.contains(&format!("copying path '{leaf}'")),
+        "{out}"
+    );
+    let mut c = nix("nix", &work.path().join("xdg-from"));
+    c.args(["copy", "--from", &a.url, "--store"])
+        .arg(work.path().join("store"))
+        .args(["--trusted-public-keys", &a.public_key, mid]);
+    run_ok(c);
+}
