@@ -589,6 +589,39 @@ mod tests {
     }
 
     #[test]
+    fn upstreams_and_cache() {
+        let c = from_toml(
+            "[cache]\nnar_dir = \"/tmp/x\"\n[[upstreams]]\nurl = \"https://cache.nixos.org\"\n\
+             public_keys = [\"cache.nixos.org-1:6NCHdD59X431o0gWypbMrAURkbJ16ZPMQFGspcDShjY=\"]\n",
+        )
+        .unwrap();
+        assert_eq!(c.upstreams.len(), 1);
+        assert_eq!(c.upstreams[0].timeout_secs, 5);
+        assert!(c.cache.nar_dir().is_some());
+        for (bad, key) in [
+            (
+                "[[upstreams]]\nurl = \"ftp://x\"\npublic_keys = [\"a:AAAA\"]",
+                "public",
+            ),
+            (
+                "[[upstreams]]\nurl = \"ftp://x\"\npublic_keys = []",
+                "upstreams[0].url",
+            ),
+            (
+                "[[upstreams]]\nurl = \"http://x\"\npublic_keys = []",
+                "upstreams[0].public_keys",
+            ),
+            (
+                "[cache]\nnar_dir = \"/x\"\nnar_max_bytes = 5",
+                "cache.nar_max_bytes",
+            ),
+        ] {
+            let e = from_toml(bad).unwrap_err().to_string();
+            assert!(e.contains(key), "{bad}: {e}");
+        }
+    }
+
+    #[test]
     fn secrets_do_not_print() {
         let c = from_toml(
             "[store]\nkind = \"s3\"\nbucket = \"b\"\naccess_key_id = \"AK\"\nsecret_access_key = \"SUPERSECRET\"",

@@ -118,3 +118,50 @@ async fn local_directory_backend_substitutes() {
     l.args(["log", "--store", &srv.url, &f.top]);
     assert!(run_ok(l).contains("building top"));
 }
+
+/// With the memory and disk caches, a second client substitutes the whole closure without a
+/// single byte reaching S3.
+#[tokio::test(flavor = "multi_thread")]
+async fn hot_closure_is_served_without_touching_s3() {
+    let f = fixture();
+    let s3 = s3_env();
+    let prefix = unique_prefix("e2e-hot");
+    s3_upload_dir(&s3, &prefix, &f.xz_dir).await;
+    let proxy = Proxy::start(&s3.endpoint).await;
+    let work = tempfile::tempdir().unwrap();
+    let mut env = s3_store_env(&s3, &proxy.url(), &prefix);
+    env.push((
+        "CELLAR_CACHE__NAR_DIR".into(),
+        work.path().join("nar-cache").to_str().unwrap().into(),
+    ));
+    let srv = Server::start(env);
+    copy_from_and_verify(
+        &srv.url,
+        &srv.public_key,
+        &f.top,
+        &work.path().join("first"),
+    );
+    // Fills finish in the background right after the last byte went out.
+    tokio::time::sleep(std::time::Duration::from_millis(300)).await;
+    let before = proxy.bytes_to_store();
+    copy_from_and_verify(
+        &srv.url,
+        &srv.public_key,
+        &f.top,
+        &work.path().join("second"),
+    );
+    assert_eq!(
+        proxy.bytes_to_store(),
+        before,
+        "the second substitution reached S3:\n{}",
+        srv.log()
+    );
+    // And while S3 is unreachable, the hot closure is still served.
+    proxy.set_down(true);
+    copy_from_and_verify(
+        &srv.url,
+        &srv.public_key,
+        &f.top,
+        &work.path().join("third"),
+    );
+}

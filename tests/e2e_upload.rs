@@ -241,7 +241,15 @@ async fn recompression_to_zstd_round_trips() {
         work.path(),
         "recompressed",
     );
-    // The client's HEAD for its xz name finds the re-encoded NAR: nothing is uploaded again.
+    // The client's HEAD for its xz name finds the re-encoded NAR...
+    let xz = fixture_upload(&f.xz_dir, &f.top);
+    let head = reqwest::Client::new()
+        .head(format!("{}/nar/{}", srv.url, xz.nar_name))
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(head.status(), 200);
+    // ...and nothing is uploaded again.
     let out = copy_to(&srv.url, Some(&n), &[&f.top], work.path(), "2");
     assert_ok(&out, "second upload");
     assert!(!String::from_utf8_lossy(&out.stderr).contains("copying path"));

@@ -285,6 +285,7 @@ impl NarCache {
         if range.is_some() {
             return Ok(Lookup::Bypass);
         }
+        tracing::debug!(nar = %n, "NAR cache: miss");
         let cell = {
             let mut f = self.fills.lock().unwrap_or_else(|p| p.into_inner());
             f.entry(n.to_owned()).or_default().clone()

@@ -12,6 +12,7 @@ use axum::http::{header, HeaderMap, HeaderValue, Method, StatusCode};
 use axum::response::{IntoResponse, Response};
 
 use super::AppState;
+use crate::cache::nar::Lookup;
 use crate::error::Error;
 use crate::nix::{NarFileName, OutputName, RealisationName, StorePathBaseName};
 use crate::store::{keys, ByteRange, Object};
@@ -114,14 +115,21 @@ pub(super) async fn nar(
     headers: HeaderMap,
 ) -> Result<Response, Error> {
     let f: NarFileName = file.parse()?;
-    serve(
-        &st,
-        keys::nar(&f),
-        Kind::Nar,
-        &headers,
-        method == Method::HEAD,
-    )
-    .await
+    if method == Method::HEAD {
+        // Also finds a NAR stored re-encoded under another extension, so that clients
+        // checking before an upload do not upload it again.
+        let size = st.uploader.nar_size(&f).await?.ok_or(Error::NotFound)?;
+        return Ok(head_response(size, Kind::Nar));
+    }
+    let key = keys::nar(&f);
+    if let Some(cache) = &st.nars {
+        match cache.get(&f, &key, range_of(&headers), &st.reads).await? {
+            Lookup::Object(obj) => return Ok(object_response(obj, Kind::Nar)),
+            Lookup::NotFound => return Err(Error::NotFound),
+            Lookup::Bypass => {}
+        }
+    }
+    serve(&st, key, Kind::Nar, &headers, false).await
 }
 
 pub(super) async fn log(
