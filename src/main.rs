@@ -220,6 +220,7 @@ fn serve(path: Option<&Path>) -> anyhow::Result<()> {
         let store = store::from_config(&cfg)
             .await
             .with_context(|| format!("opening store ({:?})", cfg.store.kind))?;
+        let shutdown = shutdown_signal().context("installing signal handlers")?;
         let listener = tokio::net::TcpListener::bind(cfg.listen)
             .await
             .with_context(|| format!("config key `listen`: cannot bind {}", cfg.listen))?;
@@ -231,7 +232,7 @@ fn serve(path: Option<&Path>) -> anyhow::Result<()> {
         spawn_staging_cleanup(store.clone(), cfg.upload.staging_max_age_secs);
         let state = AppState::new(cfg, store, loaded.keys)
             .context("opening the NAR disk cache (cache.nar_dir)")?;
-        cellar::serve(listener, state, shutdown_signal()).await?;
+        cellar::serve(listener, state, shutdown).await?;
         tracing::info!("stopped");
         Ok(())
     })
@@ -255,23 +256,17 @@ fn spawn_staging_cleanup(store: std::sync::Arc<dyn cellar::store::Store>, max_ag
     });
 }
 
-async fn shutdown_signal() {
-    let ctrl_c = async {
-        if tokio::signal::ctrl_c().await.is_err() {
-            std::future::pending::<()>().await;
+/// Installs the SIGTERM/SIGINT handlers now (before the port opens, so an early signal is not
+/// fatal) and returns a future that completes on the first of them.
+fn shutdown_signal() -> std::io::Result<impl std::future::Future<Output = ()>> {
+    use tokio::signal::unix::{signal, SignalKind};
+    let mut term = signal(SignalKind::terminate())?;
+    let mut int = signal(SignalKind::interrupt())?;
+    Ok(async move {
+        tokio::select! {
+            _ = term.recv() => {},
+            _ = int.recv() => {},
         }
-    };
-    let term = async {
-        match tokio::signal::unix::signal(tokio::signal::unix::SignalKind::terminate()) {
-            Ok(mut s) => {
-                s.recv().await;
-            }
-            Err(_) => std::future::pending::<()>().await,
-        }
-    };
-    tokio::select! {
-        _ = ctrl_c => {},
-        _ = term => {},
-    }
-    tracing::info!("shutdown signal received, finishing in-flight requests");
+        tracing::info!("shutdown signal received, finishing in-flight requests");
+    })
 }

@@ -1,0 +1,177 @@
+//! The `cellar` command line: keys, tokens, config checking, first start, shutdown.
+#![allow(clippy::unwrap_used, clippy::expect_used)]
+
+mod common;
+
+use std::os::unix::fs::PermissionsExt as _;
+use std::process::{Command, Stdio};
+use std::time::{Duration, Instant};
+
+use common::*;
+
+fn cellar(dir: &std::path::Path) -> Command {
+    let mut c = Command::new(CELLAR);
+    c.current_dir(dir);
+    // The test process may carry CELLAR_* from a developer's shell: start clean.
+    for (k, _) in std::env::vars() {
+        if k.starts_with("CELLAR_") {
+            c.env_remove(k);
+        }
+    }
+    c
+}
+
+#[test]
+fn keygen_writes_a_nix_format_key_that_nix_accepts() {
+    let d = tempfile::tempdir().unwrap();
+    let out = cellar(d.path())
+        .args(["keygen", "cache.example.org-1", "--out", "k.sec"])
+        .output()
+        .unwrap();
+    assert!(out.status.success());
+    let public = String::from_utf8(out.stdout).unwrap().trim().to_owned();
+    assert!(public.starts_with("cache.example.org-1:"), "{public}");
+    let mode = std::fs::metadata(d.path().join("k.sec"))
+        .unwrap()
+        .permissions()
+        .mode();
+    assert_eq!(mode & 0o777, 0o600);
+    // The real nix derives the same public key from it.
+    let mut n = nix("nix", &d.path().join("xdg"));
+    n.args(["key", "convert-secret-to-public"])
+        .stdin(std::fs::File::open(d.path().join("k.sec")).unwrap());
+    assert_eq!(run_ok(n).trim(), public);
+    // Never overwrites.
+    let again = cellar(d.path())
+        .args(["keygen", "x-1", "--out", "k.sec"])
+        .output()
+        .unwrap();
+    assert!(!again.status.success());
+}
+
+#[test]
+fn nix_generated_keys_are_served_with() {
+    let d = tempfile::tempdir().unwrap();
+    let mut g = nix("nix", &d.path().join("xdg"));
+    g.args(["key", "generate-secret", "--key-name", "from-nix-1"]);
+    std::fs::write(d.path().join("n.sec"), run_ok(g)).unwrap();
+    let out = cellar(d.path())
+        .args(["check-config"])
+        .env("CELLAR_SIGNING__KEY_FILES", d.path().join("n.sec"))
+        .output()
+        .unwrap();
+    let text = String::from_utf8_lossy(&out.stdout);
+    assert!(out.status.success(), "{text}");
+    assert!(text.contains("from-nix-1:"), "{text}");
+}
+
+#[test]
+fn check_config_names_the_key() {
+    let d = tempfile::tempdir().unwrap();
+    for (toml, env, key) in [
+        ("[store]\nkind = \"s3\"\n", vec![], "store.bucket"),
+        ("lisen = \"x\"\n", vec![], "lisen"),
+        (
+            "",
+            vec![
+                ("CELLAR_STORE__ENDPOINT", "localhost:9000"),
+                ("CELLAR_STORE__KIND", "s3"),
+                ("CELLAR_STORE__BUCKET", "b"),
+            ],
+            "store.endpoint",
+        ),
+        ("", vec![("CELLAR_LISTEN", "nope")], "listen"),
+    ] {
+        std::fs::write(d.path().join("c.toml"), toml).unwrap();
+        let out = cellar(d.path())
+            .args(["check-config", "--config", "c.toml"])
+            .envs(env)
+            .output()
+            .unwrap();
+        let err = String::from_utf8_lossy(&out.stderr);
+        assert!(!out.status.success(), "{toml}");
+        assert!(err.to_lowercase().contains(key), "{toml}: {err}");
+    }
+}
+
+#[test]
+fn refuses_to_start_with_a_malformed_key_naming_the_file() {
+    let d = tempfile::tempdir().unwrap();
+    std::fs::write(d.path().join("bad.sec"), "garbage").unwrap();
+    let out = cellar(d.path())
+        .args(["serve"])
+        .env("CELLAR_LISTEN", format!("127.0.0.1:{}", free_port()))
+        .env("CELLAR_SIGNING__KEY_FILES", "bad.sec")
+        .output()
+        .unwrap();
+    let err = String::from_utf8_lossy(&out.stderr);
+    assert!(!out.status.success());
+    assert!(err.contains("bad.sec"), "{err}");
+    assert!(
+        !err.contains("garbage"),
+        "the key file's content must not be printed"
+    );
+}
+
+#[test]
+fn first_start_creates_a_key_and_prints_the_trusted_key_line_then_stops_on_sigterm() {
+    let d = tempfile::tempdir().unwrap();
+    let port = free_port();
+    let child = cellar(d.path())
+        .args(["serve"])
+        .env("CELLAR_LISTEN", format!("127.0.0.1:{port}"))
+        .stderr(Stdio::piped())
+        .spawn()
+        .unwrap();
+    let deadline = Instant::now() + Duration::from_secs(20);
+    while std::net::TcpStream::connect(("127.0.0.1", port)).is_err() {
+        assert!(Instant::now() < deadline, "did not start");
+        std::thread::sleep(Duration::from_millis(20));
+    }
+    assert!(d.path().join("cellar-data").is_dir());
+    let key = std::fs::read_to_string(d.path().join("cellar-key.sec")).unwrap();
+    let status = Command::new("kill")
+        .args(["-TERM", &child.id().to_string()])
+        .status()
+        .unwrap();
+    assert!(status.success());
+    let out = child.wait_with_output().unwrap();
+    assert!(out.status.success(), "exit after SIGTERM: {:?}", out.status);
+    let err = String::from_utf8_lossy(&out.stderr);
+    assert!(err.contains("trusted-public-keys = "), "{err}");
+    let secret_part = key.split_once(':').unwrap().1;
+    assert!(!err.contains(secret_part), "the secret key was printed");
+}
+
+#[test]
+fn token_new_prints_a_token_and_its_hash_only() {
+    let d = tempfile::tempdir().unwrap();
+    let out = cellar(d.path())
+        .args(["token", "new", "--name", "ci", "--scope", "write"])
+        .output()
+        .unwrap();
+    let text = String::from_utf8(out.stdout).unwrap();
+    let token = text
+        .lines()
+        .find_map(|l| l.strip_prefix("token: "))
+        .unwrap();
+    assert!(text.contains(&cellar::auth::hash(token)));
+    assert!(text.contains("scopes = [\"write\"]"));
+    // The printed entry is valid config.
+    let entry: String = text
+        .lines()
+        .skip_while(|l| !l.starts_with("[[auth.tokens]]"))
+        .take(4)
+        .map(|l| format!("{l}\n"))
+        .collect();
+    std::fs::write(d.path().join("c.toml"), entry).unwrap();
+    let check = cellar(d.path())
+        .args(["check-config", "--config", "c.toml"])
+        .output()
+        .unwrap();
+    assert!(
+        check.status.success(),
+        "{}",
+        String::from_utf8_lossy(&check.stderr)
+    );
+}
