@@ -148,36 +148,21 @@ impl Upstreams {
     /// verifies wins.
     pub async fn narinfo(&self, h: StorePathHash) -> Option<Found> {
         for u in self.list.iter().filter(|u| !u.is_down()) {
-            let url = format!("{}/{h}.narinfo", u.base);
-            let fetched = tokio::time::timeout(u.timeout, async {
-                let res = self.client.get(&url).send().await?;
-                let status = res.status();
-                if !status.is_success() {
-                    return Ok((status, None));
-                }
-                let body = res.bytes().await?;
-                Ok::<_, reqwest::Error>((status, Some(body)))
-            })
-            .await;
-            let body = match fetched {
-                Err(_) => {
-                    u.mark_down("timeout");
-                    continue;
-                }
+            let Some(res) = self
+                .send(u, self.client.get(format!("{}/{h}.narinfo", u.base)))
+                .await
+            else {
+                continue;
+            };
+            let body = match tokio::time::timeout(u.timeout, res.bytes()).await {
+                Ok(Ok(b)) => b,
                 Ok(Err(e)) => {
                     u.mark_down(&e.to_string());
                     continue;
                 }
-                Ok(Ok((status, None))) => {
-                    u.mark_up();
-                    if status.is_server_error() {
-                        u.mark_down(&format!("HTTP {status}"));
-                    }
+                Err(_) => {
+                    u.mark_down("timeout");
                     continue;
-                }
-                Ok(Ok((_, Some(b)))) => {
-                    u.mark_up();
-                    b
                 }
             };
             match self.check(u, h, &body) {
@@ -189,6 +174,28 @@ impl Upstreams {
                 }
                 Err(why) => {
                     tracing::warn!(upstream = %u.base, path = %h, cause = %why, "upstream narinfo refused");
+                }
+            }
+        }
+        None
+    }
+
+    /// Sends `req` to `u` within its timeout. A successful (2xx) answer comes back; a timeout,
+    /// connection error or 5xx marks the upstream down; any other status is a plain miss.
+    /// 416 is passed back too, so a range outside the object can be reported as such.
+    async fn send(&self, u: &Upstream, req: reqwest::RequestBuilder) -> Option<reqwest::Response> {
+        match tokio::time::timeout(u.timeout, req.send()).await {
+            Err(_) => u.mark_down("timeout"),
+            Ok(Err(e)) => u.mark_down(&e.to_string()),
+            Ok(Ok(r)) if r.status().is_server_error() => {
+                u.mark_down(&format!("HTTP {}", r.status()))
+            }
+            Ok(Ok(r)) => {
+                u.mark_up();
+                if r.status().is_success()
+                    || r.status() == reqwest::StatusCode::RANGE_NOT_SATISFIABLE
+                {
+                    return Some(r);
                 }
             }
         }
@@ -223,28 +230,13 @@ impl Upstreams {
             if let Some(r) = range {
                 req = req.header(reqwest::header::RANGE, r.to_header());
             }
-            let res = match tokio::time::timeout(u.timeout, req.send()).await {
-                Err(_) => {
-                    u.mark_down("timeout");
-                    continue;
-                }
-                Ok(Err(e)) => {
-                    u.mark_down(&e.to_string());
-                    continue;
-                }
-                Ok(Ok(r)) => r,
+            let Some(res) = self.send(u, req).await else {
+                continue;
             };
             let status = res.status();
             if status == reqwest::StatusCode::RANGE_NOT_SATISFIABLE {
                 return Err(StoreError::RangeNotSatisfiable { size: 0 });
             }
-            if !status.is_success() {
-                if status.is_server_error() {
-                    u.mark_down(&format!("HTTP {status}"));
-                }
-                continue;
-            }
-            u.mark_up();
             let Some(length) = res.content_length() else {
                 continue; // cannot serve with a Content-Length
             };
@@ -252,7 +244,7 @@ impl Upstreams {
                 res.headers()
                     .get(reqwest::header::CONTENT_RANGE)
                     .and_then(|v| v.to_str().ok())
-                    .and_then(parse_content_range)
+                    .and_then(ContentRange::parse_header)
             } else {
                 None
             };
@@ -274,23 +266,20 @@ impl Upstreams {
     /// The size of `key` at the first upstream that has it.
     async fn head(&self, key: &str) -> Option<u64> {
         for u in self.list.iter().filter(|u| !u.is_down()) {
-            let req = self.client.head(format!("{}/{key}", u.base)).send();
-            match tokio::time::timeout(u.timeout, req).await {
-                Err(_) => u.mark_down("timeout"),
-                Ok(Err(e)) => u.mark_down(&e.to_string()),
-                Ok(Ok(r)) if r.status().is_success() => {
-                    u.mark_up();
-                    // HEAD has no body: the length is in the header.
-                    if let Some(n) = r
-                        .headers()
-                        .get(reqwest::header::CONTENT_LENGTH)
-                        .and_then(|v| v.to_str().ok())
-                        .and_then(|v| v.parse().ok())
-                    {
-                        return Some(n);
-                    }
-                }
-                Ok(Ok(_)) => {}
+            let Some(r) = self
+                .send(u, self.client.head(format!("{}/{key}", u.base)))
+                .await
+            else {
+                continue;
+            };
+            // HEAD has no body: the length is in the header.
+            if let Some(n) = r
+                .headers()
+                .get(reqwest::header::CONTENT_LENGTH)
+                .and_then(|v| v.to_str().ok())
+                .and_then(|v| v.parse().ok())
+            {
+                return Some(n);
             }
         }
         None
@@ -301,17 +290,6 @@ impl Upstreams {
     pub async fn has(&self, h: StorePathHash) -> bool {
         self.narinfo(h).await.is_some()
     }
-}
-
-fn parse_content_range(v: &str) -> Option<ContentRange> {
-    let rest = v.strip_prefix("bytes ")?;
-    let (span, total) = rest.split_once('/')?;
-    let (s, e) = span.split_once('-')?;
-    Some(ContentRange {
-        start: s.parse().ok()?,
-        end: e.parse().ok()?,
-        total: total.parse().ok()?,
-    })
 }
 
 /// The store as clients see it: the configured store, then the upstreams. Reads fall through

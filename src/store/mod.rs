@@ -121,6 +121,20 @@ pub struct ContentRange {
     pub total: u64,
 }
 
+impl ContentRange {
+    /// Parses `bytes 0-99/1234` (what S3 and HTTP servers send with a 206).
+    pub fn parse_header(v: &str) -> Option<Self> {
+        let rest = v.strip_prefix("bytes ")?;
+        let (span, total) = rest.split_once('/')?;
+        let (s, e) = span.split_once('-')?;
+        Some(Self {
+            start: s.parse().ok()?,
+            end: e.parse().ok()?,
+            total: total.parse().ok()?,
+        })
+    }
+}
+
 /// An object being read.
 pub struct Object {
     pub body: ByteStream,

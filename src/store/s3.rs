@@ -172,18 +172,6 @@ where
     }
 }
 
-/// `bytes 0-99/1234` → `ContentRange`.
-fn parse_content_range(v: &str) -> Option<ContentRange> {
-    let rest = v.strip_prefix("bytes ")?;
-    let (span, total) = rest.split_once('/')?;
-    let (s, e) = span.split_once('-')?;
-    Some(ContentRange {
-        start: s.parse().ok()?,
-        end: e.parse().ok()?,
-        total: total.parse().ok()?,
-    })
-}
-
 fn body_stream(body: aws_sdk_s3::primitives::ByteStream) -> super::ByteStream {
     futures::stream::unfold(body, |mut body| async move {
         match body.next().await {
@@ -220,7 +208,7 @@ impl Store for S3Store {
             .ok_or_else(|| StoreError::Other(format!("GetObject {full}: no Content-Length")))?;
         let content_range = match range {
             None => None,
-            Some(_) => out.content_range().and_then(parse_content_range),
+            Some(_) => out.content_range().and_then(ContentRange::parse_header),
         };
         Ok(Some(Object {
             body: body_stream(out.body),
@@ -484,13 +472,13 @@ mod tests {
     #[test]
     fn content_range_header() {
         assert_eq!(
-            parse_content_range("bytes 0-99/1234"),
+            ContentRange::parse_header("bytes 0-99/1234"),
             Some(ContentRange {
                 start: 0,
                 end: 99,
                 total: 1234
             })
         );
-        assert_eq!(parse_content_range("bytes */1234"), None);
+        assert_eq!(ContentRange::parse_header("bytes */1234"), None);
     }
 }
