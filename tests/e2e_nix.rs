@@ -10,22 +10,6 @@ use std::path::Path;
 
 use common::*;
 
-/// `nix copy --from` + `nix store verify` into a fresh store, trusting only `key`.
-fn copy_from_and_verify(url: &str, key: &str, top: &str, work: &Path) {
-    let store = work.join("store-copy");
-    let mut c = nix("nix", &work.join("xdg-copy"));
-    c.args(["copy", "--from", url, "--store"])
-        .arg(&store)
-        .args(["--trusted-public-keys", key, top]);
-    run_ok(c);
-    let mut v = nix("nix", &work.join("xdg-verify"));
-    v.args(["store", "verify", "-r", "--store"])
-        .arg(&store)
-        .args(["--trusted-public-keys", key, top]);
-    run_ok(v);
-    assert!(store.join(top.trim_start_matches('/')).exists());
-}
-
 fn realise_with_substituter(url: &str, key: &str, top: &str, work: &Path) {
     let store = work.join("store-realise");
     let mut r = nix("nix-store", &work.join("xdg-realise"));
@@ -66,7 +50,7 @@ async fn s3_xz_closure_substitutes_trusting_only_cellar() {
     let srv = Server::start(s3_store_env(&s3, &s3.endpoint, &prefix));
     let work = tempfile::tempdir().unwrap();
 
-    copy_from_and_verify(&srv.url, &srv.public_key, &f.top, work.path());
+    substitute_and_verify(&srv.url, &srv.public_key, &f.top, work.path());
     realise_with_substituter(&srv.url, &srv.public_key, &f.top, work.path());
     wrong_key_is_refused(&srv.url, &f.top, work.path());
 
@@ -95,7 +79,7 @@ async fn s3_zstd_closure_substitutes() {
     s3_upload_dir(&s3, &prefix, &f.zstd_dir).await;
     let srv = Server::start(s3_store_env(&s3, &s3.endpoint, &prefix));
     let work = tempfile::tempdir().unwrap();
-    copy_from_and_verify(&srv.url, &srv.public_key, &f.top, work.path());
+    substitute_and_verify(&srv.url, &srv.public_key, &f.top, work.path());
     realise_with_substituter(&srv.url, &srv.public_key, &f.top, work.path());
 }
 
@@ -111,7 +95,7 @@ async fn local_directory_backend_substitutes() {
         ("CELLAR_STORE__KIND".into(), "local".into()),
         ("CELLAR_STORE__PATH".into(), data.to_str().unwrap().into()),
     ]);
-    copy_from_and_verify(&srv.url, &srv.public_key, &f.top, work.path());
+    substitute_and_verify(&srv.url, &srv.public_key, &f.top, work.path());
     realise_with_substituter(&srv.url, &srv.public_key, &f.top, work.path());
     wrong_key_is_refused(&srv.url, &f.top, work.path());
     let mut l = nix("nix", &work.path().join("xdg-log"));
@@ -135,7 +119,7 @@ async fn hot_closure_is_served_without_touching_s3() {
         work.path().join("nar-cache").to_str().unwrap().into(),
     ));
     let srv = Server::start(env);
-    copy_from_and_verify(
+    substitute_and_verify(
         &srv.url,
         &srv.public_key,
         &f.top,
@@ -144,7 +128,7 @@ async fn hot_closure_is_served_without_touching_s3() {
     // Fills finish in the background right after the last byte went out.
     tokio::time::sleep(std::time::Duration::from_millis(300)).await;
     let before = proxy.bytes_to_store();
-    copy_from_and_verify(
+    substitute_and_verify(
         &srv.url,
         &srv.public_key,
         &f.top,
@@ -158,7 +142,7 @@ async fn hot_closure_is_served_without_touching_s3() {
     );
     // And while S3 is unreachable, the hot closure is still served.
     proxy.set_down(true);
-    copy_from_and_verify(
+    substitute_and_verify(
         &srv.url,
         &srv.public_key,
         &f.top,

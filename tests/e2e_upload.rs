@@ -35,21 +35,6 @@ fn assert_ok(out: &std::process::Output, what: &str) {
     );
 }
 
-/// `nix copy --from` + `nix store verify` into a fresh store, trusting only `key`.
-fn substitute_and_verify(url: &str, key: &str, top: &str, work: &Path, tag: &str) {
-    let store = work.join(format!("store-{tag}"));
-    let mut c = nix("nix", &work.join(format!("xdg-from-{tag}")));
-    c.args(["copy", "--from", url, "--store"])
-        .arg(&store)
-        .args(["--trusted-public-keys", key, top]);
-    run_ok(c);
-    let mut v = nix("nix", &work.join(format!("xdg-verify-{tag}")));
-    v.args(["store", "verify", "-r", "--store"])
-        .arg(&store)
-        .args(["--trusted-public-keys", key, top]);
-    run_ok(v);
-}
-
 fn s3_server(prefix: &str, config: &str, extra: &[(&str, &str)]) -> Server {
     let s3 = s3_env();
     let mut env = s3_store_env(&s3, &s3.endpoint, prefix);
@@ -88,7 +73,7 @@ async fn nix_copy_to_cellar_then_substitute_xz_and_zstd() {
             "Compression: zstd"
         };
         assert!(body.contains(want), "{body}");
-        substitute_and_verify(&srv.url, &srv.public_key, &f.top, work.path(), tag);
+        substitute_and_verify(&srv.url, &srv.public_key, &f.top, &work.path().join(tag));
 
         // A second copy finds everything present and uploads nothing.
         let out = copy_to(
@@ -238,8 +223,7 @@ async fn recompression_to_zstd_round_trips() {
         &srv.url,
         &srv.public_key,
         &f.top,
-        work.path(),
-        "recompressed",
+        &work.path().join("recompressed"),
     );
     // The client's HEAD for its xz name finds the re-encoded NAR...
     let xz = fixture_upload(&f.xz_dir, &f.top);
@@ -274,7 +258,12 @@ async fn two_clients_uploading_the_same_closure_at_once() {
         let out = child.wait_with_output().unwrap();
         assert_ok(&out, "concurrent nix copy --to");
     }
-    substitute_and_verify(&srv.url, &srv.public_key, &f.top, work.path(), "concurrent");
+    substitute_and_verify(
+        &srv.url,
+        &srv.public_key,
+        &f.top,
+        &work.path().join("concurrent"),
+    );
 }
 
 #[tokio::test(flavor = "multi_thread")]
@@ -295,7 +284,12 @@ async fn local_backend_accepts_uploads() {
         &copy_to(&srv.url, Some(&n), &[&f.top], work.path(), "local"),
         "upload",
     );
-    substitute_and_verify(&srv.url, &srv.public_key, &f.top, work.path(), "local");
+    substitute_and_verify(
+        &srv.url,
+        &srv.public_key,
+        &f.top,
+        &work.path().join("local"),
+    );
     // No temporary files are left behind.
     let staging = data.join(".staging");
     let left = std::fs::read_dir(&staging).map(|d| d.count()).unwrap_or(0);
@@ -574,7 +568,12 @@ async fn import_a_file_cache_twice_then_substitute() {
 
     let srv = Server::start(env.clone());
     let work = tempfile::tempdir().unwrap();
-    substitute_and_verify(&srv.url, &srv.public_key, &f.top, work.path(), "imported");
+    substitute_and_verify(
+        &srv.url,
+        &srv.public_key,
+        &f.top,
+        &work.path().join("imported"),
+    );
     // The build log came along.
     let mut l = nix("nix", &work.path().join("xdg-log"));
     l.args(["log", "--store", &srv.url, &f.top]);

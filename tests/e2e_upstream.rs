@@ -54,17 +54,7 @@ async fn nix_substitutes_through_the_upstream_chain() {
         &upstream_config(&b.url, &b.public_key, ""),
     );
 
-    let store = work.path().join("store-pull");
-    let mut c = nix("nix", &work.path().join("xdg-pull"));
-    c.args(["copy", "--from", &a.url, "--store"])
-        .arg(&store)
-        .args(["--trusted-public-keys", &a.public_key, &f.top]);
-    run_ok(c);
-    let mut v = nix("nix", &work.path().join("xdg-verify"));
-    v.args(["store", "verify", "-r", "--store"])
-        .arg(&store)
-        .args(["--trusted-public-keys", &a.public_key, &f.top]);
-    run_ok(v);
+    substitute_and_verify(&a.url, &a.public_key, &f.top, &work.path().join("pull"));
     let mut r = nix("nix-store", &work.path().join("xdg-realise"));
     r.arg("--store")
         .arg(work.path().join("store-realise"))

@@ -478,3 +478,20 @@ pub fn run_ok_stderr(mut cmd: Command) -> String {
     assert!(out.status.success(), "{cmd:?} failed:\n{err}");
     err
 }
+
+/// `nix copy --from url` into a fresh store under `work`, then `nix store verify` there, both
+/// trusting only `key`.
+pub fn substitute_and_verify(url: &str, key: &str, top: &str, work: &Path) {
+    let store = work.join("store-copy");
+    let mut c = nix("nix", &work.join("xdg-copy"));
+    c.args(["copy", "--from", url, "--store"])
+        .arg(&store)
+        .args(["--trusted-public-keys", key, top]);
+    run_ok(c);
+    let mut v = nix("nix", &work.join("xdg-verify"));
+    v.args(["store", "verify", "-r", "--store"])
+        .arg(&store)
+        .args(["--trusted-public-keys", key, top]);
+    run_ok(v);
+    assert!(store.join(top.trim_start_matches('/')).exists());
+}
