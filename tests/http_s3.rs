@@ -813,3 +813,79 @@ async fn existing_signatures_are_kept_unless_configured_otherwise() {
     let hh = head_ok(&c, &format!("{}/{TOP_HASH}.narinfo", drop.url)).await;
     assert_eq!(h(&hh, CONTENT_LENGTH), body.len().to_string());
 }
+
+// ---------------------------------------------------------------------------------------------
+// 9. NAR disk cache over S3
+
+/// Cold NARs through the disk cache arrive whole, for every concurrent client, and warm ones
+/// come from disk (nothing reaches S3) with ranges served too.
+#[tokio::test(flavor = "multi_thread")]
+async fn disk_cached_nars_are_complete_cold_and_warm() {
+    let s3 = s3_env();
+    let proxy = Proxy::start(&s3.endpoint).await;
+    let prefix = unique_prefix("nar-cache");
+    let mut nars = Vec::new();
+    for seed in 0..3u64 {
+        let data = pseudo_random((9 << 20) + seed as usize * 4099, seed + 100);
+        let name = format!("{}.nar", nix32_of(&data));
+        s3_put(&s3, &format!("{prefix}nar/{name}"), data.clone()).await;
+        nars.push((name, data));
+    }
+    let dir = tempfile::tempdir().unwrap();
+    let mut env = s3_store_env(&s3, &proxy.url(), &prefix);
+    env.push((
+        "CELLAR_CACHE__NAR_DIR".into(),
+        dir.path().to_str().unwrap().into(),
+    ));
+    let srv = Server::start(env);
+    let c = client();
+
+    // Cold: four clients at once per NAR, all three NARs at once.
+    let mut tasks = Vec::new();
+    for (name, data) in &nars {
+        for _ in 0..4 {
+            let (c, url, data) = (c.clone(), format!("{}/nar/{name}", srv.url), data.clone());
+            tasks.push(tokio::spawn(async move {
+                let r = c.get(&url).send().await.unwrap();
+                assert_eq!(r.status(), StatusCode::OK);
+                let body = r.bytes().await.expect("a cold NAR was cut short");
+                assert!(body == data, "a cold NAR differs");
+            }));
+        }
+    }
+    for t in tasks {
+        t.await.unwrap();
+    }
+    // Fills end right after the last byte: give them a moment to take their final names.
+    for _ in 0..100 {
+        let cached = std::fs::read_dir(dir.path())
+            .unwrap()
+            .filter(|e| {
+                e.as_ref()
+                    .unwrap()
+                    .file_name()
+                    .to_string_lossy()
+                    .ends_with(".meta")
+            })
+            .count();
+        if cached == nars.len() {
+            break;
+        }
+        tokio::time::sleep(std::time::Duration::from_millis(20)).await;
+    }
+    let before = proxy.bytes_to_store();
+    for (name, data) in &nars {
+        let (_, body) = get_ok(&c, &format!("{}/nar/{name}", srv.url)).await;
+        assert!(body == *data, "a warm NAR differs");
+        let r = send(
+            &c,
+            Method::GET,
+            &format!("{}/nar/{name}", srv.url),
+            Some("bytes=1000-1999"),
+        )
+        .await;
+        assert_eq!(r.status(), StatusCode::PARTIAL_CONTENT);
+        assert_eq!(r.bytes().await.unwrap().as_ref(), &data[1000..2000]);
+    }
+    assert_eq!(proxy.bytes_to_store(), before, "warm NARs reached S3");
+}

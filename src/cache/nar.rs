@@ -21,7 +21,7 @@ use std::sync::{Arc, Mutex};
 use std::time::{Duration, SystemTime, UNIX_EPOCH};
 
 use bytes::Bytes;
-use futures::StreamExt as _;
+use futures::{FutureExt as _, StreamExt as _};
 use sha2::Digest as _;
 use tokio::sync::{watch, OnceCell};
 
@@ -398,25 +398,50 @@ impl NarCache {
         let mut hasher = sha2::Sha256::new();
         let mut written = 0u64;
         let mut body = obj.body;
-        while let Some(chunk) = body.next().await {
-            let chunk = match chunk {
-                Ok(c) => c,
-                Err(e) => {
+        let mut buf = bytes::BytesMut::new();
+        loop {
+            // Take what the store has ready; write it out (and tell readers) before waiting
+            // for more, or once 1 MiB has piled up. Readers see only flushed bytes: tokio's
+            // File completes `write_all` before the data is in the file, `flush` after.
+            let next = match body.next().now_or_never() {
+                Some(item) => item,
+                None => {
+                    if !buf.is_empty() {
+                        match self.write_out(name, &mut file, &mut buf).await {
+                            Ok(n) => {
+                                written += n;
+                                let _ = tx.send(Progress::Written(written));
+                            }
+                            Err(()) => return false,
+                        }
+                    }
+                    body.next().await
+                }
+            };
+            match next {
+                Some(Ok(chunk)) => {
+                    hasher.update(&chunk);
+                    buf.extend_from_slice(&chunk);
+                    if buf.len() >= READ_CHUNK as usize {
+                        match self.write_out(name, &mut file, &mut buf).await {
+                            Ok(n) => {
+                                written += n;
+                                let _ = tx.send(Progress::Written(written));
+                            }
+                            Err(()) => return false,
+                        }
+                    }
+                }
+                Some(Err(e)) => {
                     tracing::warn!(nar = %name, cause = %e, "NAR cache: store failed mid-body");
                     return false;
                 }
-            };
-            if let Err(e) = tokio::io::AsyncWriteExt::write_all(&mut file, &chunk).await {
-                if e.raw_os_error() == Some(28) {
-                    self.note_full("ENOSPC");
-                } else {
-                    tracing::warn!(nar = %name, cause = %e, "NAR cache: write failed");
-                }
-                return false;
+                None => break,
             }
-            hasher.update(&chunk);
-            written += chunk.len() as u64;
-            let _ = tx.send(Progress::Written(written));
+        }
+        match self.write_out(name, &mut file, &mut buf).await {
+            Ok(n) => written += n,
+            Err(()) => return false,
         }
         if written != obj.length {
             tracing::warn!(nar = %name, written, expected = obj.length, "NAR cache: short body from the store");
@@ -452,6 +477,32 @@ impl NarCache {
         }
         self.evict();
         true
+    }
+
+    /// Writes `buf` to the fill's file and waits until it is there (readers use `pread`).
+    async fn write_out(
+        &self,
+        name: &str,
+        file: &mut tokio::fs::File,
+        buf: &mut bytes::BytesMut,
+    ) -> Result<u64, ()> {
+        use tokio::io::AsyncWriteExt as _;
+        let data = buf.split().freeze();
+        let res = match file.write_all(&data).await {
+            Ok(()) => file.flush().await,
+            Err(e) => Err(e),
+        };
+        match res {
+            Ok(()) => Ok(data.len() as u64),
+            Err(e) => {
+                if e.raw_os_error() == Some(28) {
+                    self.note_full("ENOSPC");
+                } else {
+                    tracing::warn!(nar = %name, cause = %e, "NAR cache: write failed");
+                }
+                Err(())
+            }
+        }
     }
 
     /// Hashes a file indexed at start-up; keeps it if it matches its `.meta`.
@@ -530,6 +581,7 @@ fn tail(h: Arc<FillHandle>) -> ByteStream {
                 return match read {
                     Ok(b) => Some((Ok(b), (h, rx, pos + len as u64))),
                     Err(e) => {
+                        tracing::warn!(cause = %e, pos, "NAR cache: reading a fill failed");
                         let end = h.size;
                         Some((Err(e), (h, rx, end)))
                     }
