@@ -17,7 +17,7 @@ use tokio::io::AsyncWriteExt as _;
 const STAGING: &str = ".staging";
 
 /// Read buffer for streaming files: small buffers cap throughput far below the disk's.
-const READ_BUFFER: usize = 256 * 1024;
+const READ_BUFFER: usize = 1024 * 1024;
 
 pub struct LocalStore {
     root: PathBuf,
@@ -79,6 +79,35 @@ impl Store for LocalStore {
             length,
             range: content_range,
         }))
+    }
+
+    /// One blocking read instead of a hop to the blocking pool per open, stat and read:
+    /// narinfos are small and read often.
+    async fn get_bytes(&self, key: &str, limit: u64) -> Result<Option<Bytes>, StoreError> {
+        let path = self.path(key);
+        let key = key.to_owned();
+        tokio::task::spawn_blocking(move || {
+            let mut f = match std::fs::File::open(&path) {
+                Ok(f) => f,
+                Err(e) if not_found(&e) => return Ok(None),
+                Err(e) => return Err(StoreError::Other(format!("{}: {e}", path.display()))),
+            };
+            let meta = f.metadata()?;
+            if !meta.is_file() {
+                return Ok(None);
+            }
+            if meta.len() > limit {
+                return Err(StoreError::TooLarge { key, limit });
+            }
+            let mut buf = Vec::with_capacity(meta.len() as usize);
+            std::io::Read::read_to_end(&mut std::io::Read::take(&mut f, limit + 1), &mut buf)?;
+            if buf.len() as u64 > limit {
+                return Err(StoreError::TooLarge { key, limit });
+            }
+            Ok(Some(Bytes::from(buf)))
+        })
+        .await
+        .map_err(|e| StoreError::Other(e.to_string()))?
     }
 
     async fn head(&self, key: &str) -> Result<Option<u64>, StoreError> {
