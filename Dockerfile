@@ -33,6 +33,10 @@
 
 # ---- builder ---------------------------------------------------------------------------------
 FROM rust:1.95-slim-bookworm AS builder
+# C toolchain bits for the -sys crates (aws-lc, ring, zstd, liblzma, bzip2).
+RUN apt-get update \
+    && apt-get install -y --no-install-recommends gcc g++ make perl pkg-config \
+    && rm -rf /var/lib/apt/lists/*
 WORKDIR /build
 
 # rust-toolchain.toml is not copied: it asks for rustfmt and clippy, which the image lacks and a
