@@ -121,6 +121,8 @@ impl Upstreams {
             .user_agent(concat!("cellar/", env!("CARGO_PKG_VERSION")))
             .connect_timeout(Duration::from_secs(5))
             .pool_max_idle_per_host(32)
+            // A body that stops arriving fails instead of holding a request (or a fill) forever.
+            .read_timeout(Duration::from_secs(30))
             .build()?;
         let list = configs
             .iter()
@@ -145,45 +147,83 @@ impl Upstreams {
     }
 
     /// Asks each upstream in order for the narinfo of `h`; the first one with a narinfo that
-    /// verifies wins.
+    /// verifies wins. An upstream that is down or fails counts as a miss here: a narinfo
+    /// lookup must answer (a miss is a 404) within the upstream timeout.
     pub async fn narinfo(&self, h: StorePathHash) -> Option<Found> {
-        for u in self.list.iter().filter(|u| !u.is_down()) {
-            let Some(res) = self
+        self.lookup_narinfo(h).await.0
+    }
+
+    /// True if some upstream serves a verified narinfo for `h` (used to accept uploads whose
+    /// references are available through this server's upstreams). Unavailable if it is not
+    /// found and some upstream could not answer, so that an upload is retried rather than
+    /// refused.
+    pub async fn has(&self, h: StorePathHash) -> Result<bool, StoreError> {
+        match self.lookup_narinfo(h).await {
+            (Some(_), _) => Ok(true),
+            (None, false) => Ok(false),
+            (None, true) => Err(StoreError::Unavailable(
+                "an upstream cache could not be asked".into(),
+            )),
+        }
+    }
+
+    /// The narinfo, and whether some upstream could not answer.
+    async fn lookup_narinfo(&self, h: StorePathHash) -> (Option<Found>, bool) {
+        let mut unavailable = false;
+        for u in &self.list {
+            if u.is_down() {
+                unavailable = true;
+                continue;
+            }
+            let res = match self
                 .send(u, self.client.get(format!("{}/{h}.narinfo", u.base)))
                 .await
-            else {
-                continue;
+            {
+                Ok(Some(r)) => r,
+                Ok(None) => continue,
+                Err(()) => {
+                    unavailable = true;
+                    continue;
+                }
             };
-            let body = match tokio::time::timeout(u.timeout, res.bytes()).await {
+            let body = match tokio::time::timeout(u.timeout, read_capped(res, MAX_NARINFO)).await {
                 Ok(Ok(b)) => b,
                 Ok(Err(e)) => {
-                    u.mark_down(&e.to_string());
+                    tracing::warn!(upstream = %u.base, path = %h, cause = %e, "upstream narinfo refused");
                     continue;
                 }
                 Err(_) => {
                     u.mark_down("timeout");
+                    unavailable = true;
                     continue;
                 }
             };
             match self.check(u, h, &body) {
                 Ok(info) => {
-                    return Some(Found {
-                        info,
-                        mirror: u.mirror,
-                    });
+                    return (
+                        Some(Found {
+                            info,
+                            mirror: u.mirror,
+                        }),
+                        unavailable,
+                    );
                 }
                 Err(why) => {
                     tracing::warn!(upstream = %u.base, path = %h, cause = %why, "upstream narinfo refused");
                 }
             }
         }
-        None
+        (None, unavailable)
     }
 
-    /// Sends `req` to `u` within its timeout. A successful (2xx) answer comes back; a timeout,
-    /// connection error or 5xx marks the upstream down; any other status is a plain miss.
-    /// 416 is passed back too, so a range outside the object can be reported as such.
-    async fn send(&self, u: &Upstream, req: reqwest::RequestBuilder) -> Option<reqwest::Response> {
+    /// Sends `req` to `u` within its timeout: `Ok(Some)` for a 2xx (or 416, so a range outside
+    /// the object can be reported as such), `Ok(None)` for a plain miss (4xx), `Err` when the
+    /// upstream failed (timeout, connection error, 5xx), which also marks it down.
+    async fn send(
+        &self,
+        u: &Upstream,
+        req: reqwest::RequestBuilder,
+    ) -> Result<Option<reqwest::Response>, ()> {
         match tokio::time::timeout(u.timeout, req.send()).await {
             Err(_) => u.mark_down("timeout"),
             Ok(Err(e)) => u.mark_down(&e.to_string()),
@@ -192,20 +232,15 @@ impl Upstreams {
             }
             Ok(Ok(r)) => {
                 u.mark_up();
-                if r.status().is_success()
-                    || r.status() == reqwest::StatusCode::RANGE_NOT_SATISFIABLE
-                {
-                    return Some(r);
-                }
+                let ok = r.status().is_success()
+                    || r.status() == reqwest::StatusCode::RANGE_NOT_SATISFIABLE;
+                return Ok(ok.then_some(r));
             }
         }
-        None
+        Err(())
     }
 
     fn check(&self, u: &Upstream, h: StorePathHash, body: &[u8]) -> Result<NarInfo, String> {
-        if body.len() > MAX_NARINFO {
-            return Err("too large".into());
-        }
         let text = std::str::from_utf8(body).map_err(|_| "not UTF-8".to_owned())?;
         let info = NarInfo::parse(text, &self.store_dir).map_err(|e| e.to_string())?;
         if info.hash() != h {
@@ -225,13 +260,23 @@ impl Upstreams {
     /// GETs `key` (a cache-relative path such as `nar/<file>`) from the first upstream that
     /// has it.
     async fn get(&self, key: &str, range: Option<ByteRange>) -> Result<Option<Object>, StoreError> {
-        for u in self.list.iter().filter(|u| !u.is_down()) {
+        let mut unavailable = false;
+        for u in &self.list {
+            if u.is_down() {
+                unavailable = true;
+                continue;
+            }
             let mut req = self.client.get(format!("{}/{key}", u.base));
             if let Some(r) = range {
                 req = req.header(reqwest::header::RANGE, r.to_header());
             }
-            let Some(res) = self.send(u, req).await else {
-                continue;
+            let res = match self.send(u, req).await {
+                Ok(Some(r)) => r,
+                Ok(None) => continue,
+                Err(()) => {
+                    unavailable = true;
+                    continue;
+                }
             };
             let status = res.status();
             if status == reqwest::StatusCode::RANGE_NOT_SATISFIABLE {
@@ -260,13 +305,19 @@ impl Upstreams {
                 range: content_range,
             }));
         }
+        if unavailable {
+            // A NAR 404 is a hard error for Nix; 503 makes it retry.
+            return Err(StoreError::Unavailable(
+                "an upstream cache could not be asked".into(),
+            ));
+        }
         Ok(None)
     }
 
     /// The size of `key` at the first upstream that has it.
     async fn head(&self, key: &str) -> Option<u64> {
         for u in self.list.iter().filter(|u| !u.is_down()) {
-            let Some(r) = self
+            let Ok(Some(r)) = self
                 .send(u, self.client.head(format!("{}/{key}", u.base)))
                 .await
             else {
@@ -284,12 +335,23 @@ impl Upstreams {
         }
         None
     }
+}
 
-    /// True if some upstream serves a verified narinfo for `h` (used to accept uploads whose
-    /// references are available through this server's upstreams).
-    pub async fn has(&self, h: StorePathHash) -> bool {
-        self.narinfo(h).await.is_some()
+/// Reads a response body, refusing more than `cap` bytes.
+async fn read_capped(res: reqwest::Response, cap: usize) -> Result<bytes::Bytes, String> {
+    if res.content_length().is_some_and(|l| l > cap as u64) {
+        return Err("too large".into());
     }
+    let mut buf = Vec::new();
+    let mut body = res.bytes_stream();
+    while let Some(chunk) = body.next().await {
+        let chunk = chunk.map_err(|e| e.to_string())?;
+        if buf.len() + chunk.len() > cap {
+            return Err("too large".into());
+        }
+        buf.extend_from_slice(&chunk);
+    }
+    Ok(bytes::Bytes::from(buf))
 }
 
 /// The store as clients see it: the configured store, then the upstreams. Reads fall through

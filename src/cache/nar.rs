@@ -120,6 +120,10 @@ pub struct NarCache {
     fills: Mutex<HashMap<String, Arc<OnceCell<Started>>>>,
     full_until: AtomicU64,
     full_logged: AtomicBool,
+    /// Bytes promised to fills still running (not yet in `Index::total`).
+    reserved: AtomicU64,
+    /// Longest wait for the next chunk from the store before a fill fails.
+    idle_timeout: Duration,
 }
 
 fn now_secs() -> u64 {
@@ -140,7 +144,7 @@ fn read_meta(path: &Path) -> Option<(u64, [u8; 32])> {
 
 impl NarCache {
     /// Opens the cache in `dir` (created if missing) and rebuilds its index.
-    pub fn open(dir: &Path, max_bytes: u64) -> io::Result<Arc<Self>> {
+    pub fn open(dir: &Path, max_bytes: u64, idle_timeout: Duration) -> io::Result<Arc<Self>> {
         let tmp = dir.join(".tmp");
         std::fs::create_dir_all(&tmp)?;
         for e in std::fs::read_dir(&tmp)?.flatten() {
@@ -200,6 +204,8 @@ impl NarCache {
             fills: Mutex::new(HashMap::new()),
             full_until: AtomicU64::new(0),
             full_logged: AtomicBool::new(false),
+            reserved: AtomicU64::new(0),
+            idle_timeout,
         });
         cache.evict();
         Ok(cache)
@@ -290,9 +296,17 @@ impl NarCache {
             let mut f = self.fills.lock().unwrap_or_else(|p| p.into_inner());
             f.entry(n.to_owned()).or_default().clone()
         };
+        // If this request goes away before the fill has started, nobody else may be waiting:
+        // the guard then removes the empty cell.
+        let guard = CellGuard {
+            cache: self,
+            name: n,
+            cell: &cell,
+        };
         let started = cell
             .get_or_init(|| self.start_fill(n.to_owned(), key.to_owned(), store.clone()))
             .await;
+        std::mem::forget(guard);
         let result = match started {
             Started::Filling(h) => {
                 return Ok(Lookup::Object(Object {
@@ -306,11 +320,15 @@ impl NarCache {
             Started::Failed(e) => Err(e.clone()),
         };
         // The fill never started: let the next request try again.
-        let mut f = self.fills.lock().unwrap_or_else(|p| p.into_inner());
-        if f.get(n).is_some_and(|c| Arc::ptr_eq(c, &cell)) {
-            f.remove(n);
-        }
+        self.forget_cell(n, &cell);
         result
+    }
+
+    fn forget_cell(&self, name: &str, cell: &Arc<OnceCell<Started>>) {
+        let mut f = self.fills.lock().unwrap_or_else(|p| p.into_inner());
+        if f.get(name).is_some_and(|c| Arc::ptr_eq(c, cell)) {
+            f.remove(name);
+        }
     }
 
     fn disk_full(&self, need: u64) -> bool {
@@ -346,7 +364,8 @@ impl NarCache {
             Ok(None) => return Started::NotFound,
             Err(e) => return Started::Failed(e),
         };
-        if obj.length > self.max_bytes / 2 || self.disk_full(obj.length) {
+        let reserved = self.reserved.load(Ordering::Relaxed);
+        if obj.length > self.max_bytes / 2 || self.disk_full(obj.length.saturating_add(reserved)) {
             return Started::Bypass;
         }
         let mut rnd = [0u8; 12];
@@ -370,8 +389,11 @@ impl NarCache {
             progress: rx,
         });
         let this = self.clone();
+        let size = obj.length;
+        self.reserved.fetch_add(size, Ordering::Relaxed);
         tokio::spawn(async move {
             let ok = this.run_fill(&name, &tmp, writer, obj, &tx).await;
+            this.reserved.fetch_sub(size, Ordering::Relaxed);
             let _ = tx.send(if ok { Progress::Done } else { Progress::Failed });
             if !ok {
                 let _ = std::fs::remove_file(&tmp);
@@ -415,7 +437,13 @@ impl NarCache {
                             Err(()) => return false,
                         }
                     }
-                    body.next().await
+                    match tokio::time::timeout(self.idle_timeout, body.next()).await {
+                        Ok(item) => item,
+                        Err(_) => {
+                            tracing::warn!(nar = %name, "NAR cache: the store stalled mid-body");
+                            return false;
+                        }
+                    }
                 }
             };
             match next {
@@ -550,6 +578,21 @@ fn hash_file(path: &Path) -> io::Result<(u64, [u8; 32])> {
     Ok((n, h.finalize().into()))
 }
 
+/// Removes a fill's cell if the request that created it is dropped before the fill started.
+struct CellGuard<'a> {
+    cache: &'a NarCache,
+    name: &'a str,
+    cell: &'a Arc<OnceCell<Started>>,
+}
+
+impl Drop for CellGuard<'_> {
+    fn drop(&mut self) {
+        if !self.cell.initialized() {
+            self.cache.forget_cell(self.name, self.cell);
+        }
+    }
+}
+
 /// Streams a fill's file as it grows. Fails (so the client's transfer fails) if the fill does.
 fn tail(h: Arc<FillHandle>) -> ByteStream {
     let rx = h.progress.clone();
@@ -628,7 +671,7 @@ mod tests {
         Arc<dyn Store>,
     ) {
         let dir = tempfile::tempdir().unwrap();
-        let cache = NarCache::open(dir.path(), max).unwrap();
+        let cache = NarCache::open(dir.path(), max, Duration::from_secs(30)).unwrap();
         let mem = Arc::new(MemoryStore::new());
         let store: Arc<dyn Store> = mem.clone();
         (dir, cache, mem, store)
@@ -719,7 +762,7 @@ mod tests {
         let mut bytes = std::fs::read(d.path().join(NAME)).unwrap();
         bytes[500] ^= 1;
         std::fs::write(d.path().join(NAME), bytes).unwrap();
-        let cache = NarCache::open(d.path(), 1 << 30).unwrap();
+        let cache = NarCache::open(d.path(), 1 << 30, Duration::from_secs(30)).unwrap();
         assert_eq!(cache.usage().0, 1);
         // First hit: not yet verified, so the store serves it while the file is checked.
         assert!(matches!(
@@ -738,7 +781,7 @@ mod tests {
         // A truncated file is removed at start.
         drop(cache);
         std::fs::write(d.path().join(NAME), b"short").unwrap();
-        let cache = NarCache::open(d.path(), 1 << 30).unwrap();
+        let cache = NarCache::open(d.path(), 1 << 30, Duration::from_secs(30)).unwrap();
         assert_eq!(cache.usage().0, 0);
         assert!(!d.path().join(NAME).exists());
     }

@@ -3,6 +3,7 @@
 //! `try_get_with`, which runs one loader per key however many requests wait for it
 //! (single-flight); errors are not cached.
 
+use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 
@@ -33,6 +34,9 @@ impl Expiry<StorePathHash, Lookup> for Ttl {
 
 pub struct NarInfoCache {
     cache: Cache<StorePathHash, Lookup>,
+    /// Bumped by every invalidation: a miss loaded across one is loaded again, so an upload
+    /// that lands while a lookup is in flight is not hidden behind a cached miss.
+    generation: AtomicU64,
 }
 
 impl NarInfoCache {
@@ -45,23 +49,38 @@ impl NarInfoCache {
             })
             .expire_after(Ttl { positive, negative })
             .build();
-        Self { cache }
+        Self {
+            cache,
+            generation: AtomicU64::new(0),
+        }
     }
 
     /// The cached lookup for `h`, or the result of `load` (run once for all concurrent
     /// callers), which is then cached.
-    pub async fn get_or_load<F>(&self, h: StorePathHash, load: F) -> Result<Lookup, Error>
+    pub async fn get_or_load<F, Fut>(&self, h: StorePathHash, load: F) -> Result<Lookup, Error>
     where
-        F: std::future::Future<Output = Result<Lookup, Error>>,
+        F: Fn() -> Fut,
+        Fut: std::future::Future<Output = Result<Lookup, Error>>,
     {
+        let loading = async {
+            for _ in 0..3 {
+                let before = self.generation.load(Ordering::SeqCst);
+                let found = load().await?;
+                if found.is_some() || self.generation.load(Ordering::SeqCst) == before {
+                    return Ok(found);
+                }
+            }
+            load().await
+        };
         self.cache
-            .try_get_with(h, load)
+            .try_get_with(h, loading)
             .await
             .map_err(|e: Arc<Error>| (*e).clone())
     }
 
     /// Forgets `h` (after an upload, so the new narinfo is served at once).
     pub async fn invalidate(&self, h: StorePathHash) {
+        self.generation.fetch_add(1, Ordering::SeqCst);
         self.cache.invalidate(&h).await;
     }
 }

@@ -84,7 +84,11 @@ impl AppState {
             Duration::from_secs(c.narinfo_negative_ttl_secs),
         );
         let nars = match c.nar_dir() {
-            Some(dir) => Some(NarCache::open(dir, c.nar_max_bytes)?),
+            Some(dir) => Some(NarCache::open(
+                dir,
+                c.nar_max_bytes,
+                Duration::from_secs((config.store.timeout_secs * 3).max(30)),
+            )?),
             None => None,
         };
         let upstreams = Arc::new(

@@ -29,7 +29,7 @@ pub(super) async fn top_level(
         TopLevelFile::NarInfo(h) => {
             let body = st
                 .narinfos
-                .get_or_load(h, signed_narinfo(&st, h))
+                .get_or_load(h, || signed_narinfo(&st, h))
                 .await?
                 .ok_or(Error::NotFound)?;
             Ok(narinfo_response(&st, body, head))
@@ -120,7 +120,15 @@ async fn stored_narinfo(st: &AppState, h: StorePathHash) -> Result<Option<NarInf
 /// Copies a path found upstream into the store (NAR, then narinfo, verified like an upload),
 /// in the background; the client is not kept waiting.
 fn spawn_mirror(st: AppState, info: NarInfo) {
+    // A few at a time: reads must not wait behind a crowd of background copies, and anyone
+    // can trigger one with a GET. A path not mirrored now is mirrored on a later miss.
+    static MIRRORS: tokio::sync::Semaphore = tokio::sync::Semaphore::const_new(4);
+    let Ok(permit) = MIRRORS.try_acquire() else {
+        tracing::debug!(path = %info.store_path, "mirroring busy, skipped");
+        return;
+    };
     tokio::spawn(async move {
+        let _permit = permit;
         let h = info.hash();
         let result = async {
             let name: NarFileName = info

@@ -229,7 +229,14 @@ impl NarInfo {
             "1;{store_dir}/{};{};{};",
             self.store_path, self.nar_hash, self.nar_size
         );
-        for (i, r) in self.references.iter().enumerate() {
+        // Nix signs the references as a sorted set, whatever order the narinfo lists them in.
+        let mut refs: Vec<&str> = self
+            .references
+            .iter()
+            .map(StorePathBaseName::as_str)
+            .collect();
+        refs.sort_unstable();
+        for (i, r) in refs.iter().enumerate() {
             if i > 0 {
                 s.push(',');
             }
@@ -454,6 +461,14 @@ References:\n";
             tampered.nar_size += 1;
             assert!(!tampered.is_signed_by_any(std::slice::from_ref(&key), SD));
         }
+    }
+
+    #[test]
+    fn fingerprint_lists_references_sorted_like_nix() {
+        let mut n = NarInfo::parse(BUILT, SD).unwrap();
+        let sorted = n.fingerprint(SD);
+        n.references.reverse();
+        assert_eq!(n.fingerprint(SD), sorted);
     }
 
     #[test]

@@ -208,7 +208,16 @@ impl Store for S3Store {
             .ok_or_else(|| StoreError::Other(format!("GetObject {full}: no Content-Length")))?;
         let content_range = match range {
             None => None,
-            Some(_) => out.content_range().and_then(ContentRange::parse_header),
+            // Never serve part of an object as if it were a whole one.
+            Some(_) => Some(
+                out.content_range()
+                    .and_then(ContentRange::parse_header)
+                    .ok_or_else(|| {
+                        StoreError::Other(format!(
+                            "GetObject {full}: ranged answer without a valid Content-Range"
+                        ))
+                    })?,
+            ),
         };
         Ok(Some(Object {
             body: body_stream(out.body),
@@ -262,7 +271,9 @@ impl Store for S3Store {
         let mut n = 0;
         let mut key_marker = None;
         let mut upload_marker = None;
-        let cutoff = std::time::SystemTime::now() - older_than;
+        let cutoff = std::time::SystemTime::now()
+            .checked_sub(older_than)
+            .unwrap_or(std::time::UNIX_EPOCH);
         loop {
             let req = self
                 .client
@@ -281,7 +292,19 @@ impl Store for S3Store {
                     .initiated()
                     .and_then(|t| std::time::SystemTime::try_from(*t).ok())
                     .is_some_and(|t| t < cutoff);
-                if let (true, Some(k), Some(id)) = (old, u.key(), u.upload_id()) {
+                // Only uploads of this cache's layout: a shared bucket may hold others'.
+                let ours = u
+                    .key()
+                    .and_then(|k| k.strip_prefix(&self.prefix))
+                    .is_some_and(|k| {
+                        k.starts_with("nar/")
+                            || k.starts_with("log/")
+                            || k.starts_with("realisations/")
+                            || k.starts_with("build-trace/")
+                            || k.ends_with(".narinfo")
+                            || k.ends_with(".ls")
+                    });
+                if let (true, true, Some(k), Some(id)) = (old, ours, u.key(), u.upload_id()) {
                     let req = self
                         .client
                         .abort_multipart_upload()

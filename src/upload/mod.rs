@@ -155,6 +155,14 @@ impl Uploader {
                 "NARs compressed with {incoming} cannot be verified; upload with xz, zstd, bzip2 or none"
             )));
         }
+        let name_hash = name.as_str().split('.').next().unwrap_or_default();
+        if name_hash.len() != 52 {
+            // The name must be the file's sha256, which is what makes re-uploads idempotent
+            // and an object under it impossible to swap for other bytes.
+            return Err(rejected(
+                "a NAR's name must be the nix-base32 sha256 of the file (52 characters)",
+            ));
+        }
         let (stored, target) = self.stored_name(name)?;
         let recompress = target.map(|t| (t, self.recompress.and_then(|(_, l)| l)));
         let mut w = self.store.writer(&keys::nar(&stored)).await?;
@@ -165,8 +173,7 @@ impl Uploader {
                 return Err(e);
             }
         };
-        let name_hash = name.as_str().split('.').next().unwrap_or_default();
-        if name_hash.len() == 52 && d.input.hash.to_nix32() != name_hash {
+        if d.input.hash.to_nix32() != name_hash {
             w.abort().await;
             return Err(rejected(format!(
                 "the body's sha256 is {}, but its name says {name_hash}",
@@ -324,7 +331,7 @@ impl Uploader {
                 }
                 // Clients substituting through this server get it from an upstream.
                 let upstream = match &upstreams {
-                    Some(u) => u.has(h).await,
+                    Some(u) => u.has(h).await?,
                     None => false,
                 };
                 Ok(if upstream { None } else { Some(name) })
