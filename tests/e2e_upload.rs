@@ -368,6 +368,17 @@ async fn bad_uploads_are_refused_and_leave_nothing_visible() {
     assert_eq!(s, 400, "{msg}");
     assert_eq!(status(format!("{u}/nar/{}", leaf.nar_name)).await, 404);
 
+    // A name that is not the file's sha256 (a 32-character store-path hash).
+    let (s, msg) = put(
+        &c,
+        format!("{u}/nar/{}.nar.xz", Fixture::hash(leaf_path)),
+        &w,
+        leaf.nar.clone(),
+    )
+    .await;
+    assert_eq!(s, 400, "{msg}");
+    assert!(msg.contains("52 characters"), "{msg}");
+
     // Something that is not a NAR at all.
     let (s, msg) = put(
         &c,

@@ -117,6 +117,12 @@ async fn a_dead_upstream_is_a_miss_within_its_timeout() {
     assert_eq!(reqwest::get(&url2).await.unwrap().status(), 404);
     assert!(t.elapsed() < Duration::from_secs(2), "{:?}", t.elapsed());
     assert!(a.log().contains("upstream unavailable"), "{}", a.log());
+    // A NAR only an unreachable upstream could have is 503 (Nix retries it), not a final 404.
+    let nar = format!(
+        "{}/nar/{}.nar.xz",
+        a.url, "0000000000000000000000000000000000000000000000000000"
+    );
+    assert_eq!(reqwest::get(&nar).await.unwrap().status(), 503);
 }
 
 #[tokio::test(flavor = "multi_thread")]

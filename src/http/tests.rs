@@ -127,3 +127,23 @@ async fn invalid_names_never_reach_the_store() {
     }
     assert_eq!(mem.requests(), 0);
 }
+
+#[tokio::test]
+async fn an_upload_during_a_lookup_is_not_hidden_by_a_cached_miss() {
+    let mem = Arc::new(MemoryStore::new());
+    mem.set_latency(Duration::from_millis(300));
+    let st = state(Config::default(), &mem);
+    let lookup = {
+        let st = st.clone();
+        tokio::spawn(async move { get(&st, &format!("/{HASH}.narinfo")).await })
+    };
+    // The lookup is waiting on the store when the upload lands.
+    tokio::time::sleep(Duration::from_millis(100)).await;
+    mem.insert(&format!("{HASH}.narinfo"), NARINFO);
+    st.narinfos.invalidate(HASH.parse().unwrap()).await;
+    assert_eq!(lookup.await.unwrap().0, StatusCode::OK);
+    assert_eq!(
+        get(&st, &format!("/{HASH}.narinfo")).await.0,
+        StatusCode::OK
+    );
+}
