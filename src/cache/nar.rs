@@ -30,6 +30,9 @@ use crate::store::local::LocalStore;
 use crate::store::{ByteRange, ByteStream, Object, Store, StoreError};
 
 const READ_CHUNK: u64 = 1 << 20;
+/// A fill writes once it has this much, or after `BATCH_WAIT` without more from the store.
+const BATCH: usize = 256 << 10;
+const BATCH_WAIT: Duration = Duration::from_millis(3);
 /// Kept free on the cache's file system beyond the NAR being written.
 const FREE_MARGIN: u64 = 256 << 20;
 /// After a disk-full error, how long fills are not attempted.
@@ -421,12 +424,22 @@ impl NarCache {
         let mut written = 0u64;
         let mut body = obj.body;
         let mut buf = bytes::BytesMut::new();
+        let mut waited = false;
         loop {
             // Take what the store has ready; write it out (and tell readers) before waiting
             // for more, or once 1 MiB has piled up. Readers see only flushed bytes: tokio's
             // File completes `write_all` before the data is in the file, `flush` after.
             let next = match body.next().now_or_never() {
                 Some(item) => item,
+                // Nothing ready, but little buffered: give the store a moment to send more, so
+                // the file is written in large blocks rather than one network read at a time.
+                None if !buf.is_empty() && buf.len() < BATCH && !waited => {
+                    waited = true;
+                    match tokio::time::timeout(BATCH_WAIT, body.next()).await {
+                        Ok(item) => item,
+                        Err(_) => continue, // then write what there is
+                    }
+                }
                 None => {
                     if !buf.is_empty() {
                         match self.write_out(name, &mut file, &mut buf).await {
@@ -446,6 +459,7 @@ impl NarCache {
                     }
                 }
             };
+            waited = false;
             match next {
                 Some(Ok(chunk)) => {
                     hasher.update(&chunk);
