@@ -101,7 +101,8 @@ enum Started {
     Filling(Arc<FillHandle>),
     NotFound,
     /// Not cacheable now (too large, disk full, cache error): serve from the store directly.
-    Bypass,
+    /// The object already opened is handed to the first request that takes it.
+    Bypass(Mutex<Option<Object>>),
     Failed(StoreError),
 }
 
@@ -319,7 +320,10 @@ impl NarCache {
                 }));
             }
             Started::NotFound => Ok(Lookup::NotFound),
-            Started::Bypass => Ok(Lookup::Bypass),
+            Started::Bypass(opened) => {
+                let taken = opened.lock().unwrap_or_else(|p| p.into_inner()).take();
+                Ok(taken.map_or(Lookup::Bypass, Lookup::Object))
+            }
             Started::Failed(e) => Err(e.clone()),
         };
         // The fill never started: let the next request try again.
@@ -369,11 +373,11 @@ impl NarCache {
         };
         let reserved = self.reserved.load(Ordering::Relaxed);
         if obj.length > self.max_bytes / 2 || self.disk_full(obj.length.saturating_add(reserved)) {
-            return Started::Bypass;
+            return Started::Bypass(Mutex::new(Some(obj)));
         }
         let mut rnd = [0u8; 12];
         if getrandom::getrandom(&mut rnd).is_err() {
-            return Started::Bypass;
+            return Started::Bypass(Mutex::new(Some(obj)));
         }
         let tmp = self.tmp.join(hex::encode(rnd));
         let opened = std::fs::File::create(&tmp).and_then(|w| Ok((w, std::fs::File::open(&tmp)?)));
@@ -382,7 +386,7 @@ impl NarCache {
             Err(e) => {
                 tracing::warn!(cause = %e, "NAR cache: cannot create a file, serving without caching");
                 let _ = std::fs::remove_file(&tmp);
-                return Started::Bypass;
+                return Started::Bypass(Mutex::new(Some(obj)));
             }
         };
         let (tx, rx) = watch::channel(Progress::Written(0));
@@ -820,6 +824,21 @@ mod tests {
             assert_eq!(t.await.unwrap(), data);
         }
         assert_eq!(mem.requests(), 1);
+    }
+
+    #[tokio::test]
+    async fn too_large_nars_pass_through_with_one_store_get() {
+        let (_d, cache, mem, store) = setup(1000);
+        let data = vec![9u8; 800];
+        mem.insert(&format!("nar/{NAME}"), data.clone());
+        let name: NarFileName = NAME.parse().unwrap();
+        let key = format!("nar/{NAME}");
+        assert_eq!(
+            body(cache.get(&name, &key, None, &store).await.unwrap()).await,
+            data
+        );
+        assert_eq!(mem.requests(), 1);
+        assert_eq!(cache.usage().0, 0);
     }
 
     #[tokio::test]
