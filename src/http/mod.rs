@@ -53,6 +53,8 @@ pub struct App {
     pub tokens: Tokens,
     pub uploader: Uploader,
     pub narinfos: NarInfoCache,
+    /// `Cache-Control` of narinfo answers, built once.
+    pub narinfo_cache_control: HeaderValue,
     pub nars: Option<Arc<NarCache>>,
     pub upstreams: Arc<Upstreams>,
     /// What clients read from: the store, then the upstreams (the store itself if none).
@@ -107,7 +109,11 @@ impl AppState {
             store.clone(),
             (!upstreams.is_empty()).then(|| upstreams.clone()),
         );
+        let narinfo_cache_control =
+            HeaderValue::from_str(&format!("public, max-age={}", config.narinfo_max_age_secs))
+                .map_err(std::io::Error::other)?;
         Ok(Self(Arc::new(App {
+            narinfo_cache_control,
             narinfos,
             nars,
             upstreams,

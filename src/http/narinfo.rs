@@ -41,11 +41,7 @@ pub(super) async fn top_level(
 }
 
 fn narinfo_response(st: &AppState, body: Bytes, head: bool) -> Response {
-    let cc = HeaderValue::from_str(&format!(
-        "public, max-age={}",
-        st.config.narinfo_max_age_secs
-    ))
-    .unwrap_or(HeaderValue::from_static("no-cache"));
+    let cc = st.narinfo_cache_control.clone();
     let len = body.len();
     let mut res = if head {
         ().into_response()
