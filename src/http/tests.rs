@@ -147,3 +147,23 @@ async fn an_upload_during_a_lookup_is_not_hidden_by_a_cached_miss() {
         StatusCode::OK
     );
 }
+
+#[tokio::test]
+async fn without_a_memory_cache_concurrent_misses_still_coalesce() {
+    let mem = Arc::new(MemoryStore::new());
+    mem.insert(&format!("{HASH}.narinfo"), NARINFO);
+    mem.set_latency(Duration::from_millis(200));
+    let mut cfg = Config::default();
+    cfg.cache.narinfo_memory_bytes = 0;
+    let st = state(cfg, &mem);
+    let tasks: Vec<_> = (0..20)
+        .map(|_| {
+            let st = st.clone();
+            tokio::spawn(async move { get(&st, &format!("/{HASH}.narinfo")).await })
+        })
+        .collect();
+    for t in tasks {
+        assert_eq!(t.await.unwrap().0, StatusCode::OK);
+    }
+    assert_eq!(mem.requests(), 1);
+}
