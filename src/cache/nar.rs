@@ -30,6 +30,8 @@ use crate::store::local::LocalStore;
 use crate::store::{ByteRange, ByteStream, Object, Store, StoreError};
 
 const READ_CHUNK: u64 = 1 << 20;
+/// NARs up to this size are read whole on a miss instead of being tailed through a file.
+const SMALL: u64 = 1 << 20;
 /// A fill writes once it has this much, or after `BATCH_WAIT` without more from the store.
 const BATCH: usize = 256 << 10;
 const BATCH_WAIT: Duration = Duration::from_millis(3);
@@ -99,6 +101,9 @@ pub struct FillHandle {
 
 enum Started {
     Filling(Arc<FillHandle>),
+    /// A small NAR, read whole: served from memory while its file is written in the
+    /// background (most NARs are small; tailing a file costs them more than it saves).
+    Small(Bytes),
     NotFound,
     /// Not cacheable now (too large, disk full, cache error): serve from the store directly.
     /// The object already opened is handed to the first request that takes it.
@@ -319,6 +324,14 @@ impl NarCache {
                     range: None,
                 }));
             }
+            Started::Small(b) => {
+                let b = b.clone();
+                return Ok(Lookup::Object(Object {
+                    length: b.len() as u64,
+                    body: futures::stream::once(async move { Ok(b) }).boxed(),
+                    range: None,
+                }));
+            }
             Started::NotFound => Ok(Lookup::NotFound),
             Started::Bypass(opened) => {
                 let taken = opened.lock().unwrap_or_else(|p| p.into_inner()).take();
@@ -371,6 +384,9 @@ impl NarCache {
             Ok(None) => return Started::NotFound,
             Err(e) => return Started::Failed(e),
         };
+        if obj.length <= SMALL {
+            return self.start_small(name, obj).await;
+        }
         let reserved = self.reserved.load(Ordering::Relaxed);
         if obj.length > self.max_bytes / 2 || self.disk_full(obj.length.saturating_add(reserved)) {
             return Started::Bypass(Mutex::new(Some(obj)));
@@ -411,6 +427,86 @@ impl NarCache {
                 .remove(&name);
         });
         Started::Filling(handle)
+    }
+
+    async fn start_small(self: &Arc<Self>, name: String, obj: Object) -> Started {
+        let expected = obj.length;
+        let read = async {
+            let mut buf = Vec::with_capacity(expected as usize);
+            let mut body = obj.body;
+            while let Some(chunk) = body.next().await {
+                buf.extend_from_slice(&chunk?);
+            }
+            Ok::<_, io::Error>(buf)
+        };
+        let data = match tokio::time::timeout(self.idle_timeout, read).await {
+            Ok(Ok(d)) if d.len() as u64 == expected => Bytes::from(d),
+            Ok(Ok(d)) => {
+                return Started::Failed(StoreError::Other(format!(
+                    "short body for nar/{name}: {} of {expected} bytes",
+                    d.len()
+                )));
+            }
+            Ok(Err(e)) => return Started::Failed(StoreError::Other(e.to_string())),
+            Err(_) => return Started::Failed(StoreError::Timeout(self.idle_timeout.as_secs())),
+        };
+        let this = self.clone();
+        let file_data = data.clone();
+        tokio::task::spawn_blocking(move || {
+            this.store_small(&name, &file_data);
+            this.fills
+                .lock()
+                .unwrap_or_else(|p| p.into_inner())
+                .remove(&name);
+        });
+        Started::Small(data)
+    }
+
+    /// Writes a small NAR's file and indexes it (best effort: a failure only means no caching).
+    fn store_small(&self, name: &str, data: &[u8]) {
+        if data.len() as u64 > self.max_bytes / 2 || self.disk_full(data.len() as u64) {
+            return;
+        }
+        let mut rnd = [0u8; 12];
+        if getrandom::getrandom(&mut rnd).is_err() {
+            return;
+        }
+        let tmp = self.tmp.join(hex::encode(rnd));
+        let sha256: [u8; 32] = sha2::Sha256::digest(data).into();
+        let meta = format!("{} {}\n", data.len(), hex::encode(sha256));
+        let done = std::fs::write(&tmp, data)
+            .and_then(|()| std::fs::write(meta_path(&self.dir, name), meta))
+            .and_then(|()| std::fs::rename(&tmp, self.dir.join(name)));
+        if let Err(e) = done {
+            if e.raw_os_error() == Some(28) {
+                self.note_full("ENOSPC");
+            } else {
+                tracing::warn!(nar = %name, cause = %e, "NAR cache: cannot write a file");
+            }
+            let _ = std::fs::remove_file(&tmp);
+            let _ = std::fs::remove_file(meta_path(&self.dir, name));
+            return;
+        }
+        self.index_entry(name, data.len() as u64, sha256);
+        self.evict();
+    }
+
+    fn index_entry(&self, name: &str, size: u64, sha256: [u8; 32]) {
+        let mut i = self.lock();
+        i.remove(name);
+        i.tick += 1;
+        let tick = i.tick;
+        i.lru.insert(tick, name.to_owned());
+        i.total += size;
+        i.entries.insert(
+            name.to_owned(),
+            Entry {
+                size,
+                sha256,
+                tick,
+                verified: Verified::Yes,
+            },
+        );
     }
 
     /// Copies the store's body into the temporary file; on success gives it its final name
@@ -504,23 +600,7 @@ impl NarCache {
             let _ = std::fs::remove_file(meta_path(&self.dir, name));
             return false;
         }
-        {
-            let mut i = self.lock();
-            i.remove(name);
-            i.tick += 1;
-            let tick = i.tick;
-            i.lru.insert(tick, name.to_owned());
-            i.total += written;
-            i.entries.insert(
-                name.to_owned(),
-                Entry {
-                    size: written,
-                    sha256,
-                    tick,
-                    verified: Verified::Yes,
-                },
-            );
-        }
+        self.index_entry(name, written, sha256);
         self.evict();
         true
     }
@@ -755,6 +835,13 @@ mod tests {
             )
             .await;
             wait_indexed(&cache, (i + 1).min(2)).await;
+        }
+        // The last fill indexes its NAR and evicts in the background: wait for that.
+        for _ in 0..200 {
+            if _d.path().join(names[2]).exists() && !_d.path().join(names[0]).exists() {
+                break;
+            }
+            tokio::time::sleep(Duration::from_millis(10)).await;
         }
         let (count, bytes) = cache.usage();
         assert_eq!((count, bytes), (2, 2000));
