@@ -8,10 +8,9 @@
 use axum::http::{header, HeaderMap};
 use base64::engine::general_purpose::{STANDARD as BASE64, URL_SAFE_NO_PAD};
 use base64::Engine as _;
-use sha2::Digest as _;
 use subtle::ConstantTimeEq as _;
 
-use crate::config::{AuthConfig, Scope};
+use crate::config::{AuthConfig, Scope, TokenHash};
 
 /// The outcome of checking a request's credentials for a scope.
 #[derive(Debug, Clone, PartialEq, Eq)]
@@ -28,7 +27,7 @@ pub enum Decision {
 
 struct Token {
     name: String,
-    hash: [u8; 32],
+    hash: TokenHash,
     read: bool,
     write: bool,
 }
@@ -45,12 +44,9 @@ pub fn generate() -> Result<String, getrandom::Error> {
     Ok(format!("cellar_{}", URL_SAFE_NO_PAD.encode(b)))
 }
 
-/// What goes into the config for `token`.
+/// What goes into the config for `token` (`sha256:<hex>`).
 pub fn hash(token: &str) -> String {
-    format!(
-        "sha256:{}",
-        hex::encode(sha2::Sha256::digest(token.as_bytes()))
-    )
+    TokenHash::of(token).to_string()
 }
 
 /// The token a request carries, if any.
@@ -75,16 +71,14 @@ impl Tokens {
         let tokens = c
             .tokens
             .iter()
-            .filter_map(|t| {
-                let hex_part = t.hash.strip_prefix("sha256:")?;
-                let bytes: [u8; 32] = hex::decode(hex_part).ok()?.try_into().ok()?;
+            .map(|t| {
                 let write = t.scopes.contains(&Scope::Write);
-                Some(Token {
+                Token {
                     name: t.name.clone(),
-                    hash: bytes,
+                    hash: t.hash,
                     read: write || t.scopes.contains(&Scope::Read),
                     write,
-                })
+                }
             })
             .collect();
         Self {
@@ -101,10 +95,10 @@ impl Tokens {
         let Some(token) = presented(headers) else {
             return Decision::Missing;
         };
-        let h: [u8; 32] = sha2::Sha256::digest(token.as_bytes()).into();
+        let h = TokenHash::of(&token);
         let mut found: Option<&Token> = None;
         for t in &self.tokens {
-            if bool::from(t.hash.ct_eq(&h)) {
+            if bool::from(t.hash.0.ct_eq(&h.0)) {
                 found = Some(t);
             }
         }
@@ -139,12 +133,12 @@ mod tests {
             tokens: vec![
                 TokenConfig {
                     name: "builder".into(),
-                    hash: hash(&w),
+                    hash: TokenHash::of(&w),
                     scopes: vec![Scope::Write],
                 },
                 TokenConfig {
                     name: "reader".into(),
-                    hash: hash(&r),
+                    hash: TokenHash::of(&r),
                     scopes: vec![Scope::Read],
                 },
             ],

@@ -2,6 +2,7 @@
 
 use std::path::{Path, PathBuf};
 use std::process::ExitCode;
+use std::time::Duration;
 
 use anyhow::Context as _;
 use clap::{Parser, Subcommand};
@@ -150,8 +151,9 @@ fn import(dir: &Path, path: Option<&Path>) -> anyhow::Result<()> {
         .build()
         .context("starting the async runtime")?;
     let summary = rt.block_on(async {
-        let store = store::from_config(&cfg).await.context("opening store")?;
-        let uploader = cellar::upload::Uploader::new(&cfg, store.clone(), None);
+        let store = store::open(&cfg.store).await.context("opening the store")?;
+        let uploader =
+            cellar::upload::Uploader::new(&cfg.upload, &cfg.store_dir, store.clone(), None);
         let bar = indicatif::ProgressBar::new(0);
         if let Ok(style) =
             indicatif::ProgressStyle::with_template("{bar:40} {pos}/{len} {wide_msg}")
@@ -217,9 +219,9 @@ fn serve(path: Option<&Path>) -> anyhow::Result<()> {
         .build()
         .context("starting the async runtime")?;
     rt.block_on(async move {
-        let store = store::from_config(&cfg)
+        let store = store::open(&cfg.store)
             .await
-            .with_context(|| format!("opening store ({:?})", cfg.store.kind))?;
+            .with_context(|| format!("opening the store ({})", cfg.store.backend))?;
         let shutdown = shutdown_signal().context("installing signal handlers")?;
         let listener = tokio::net::TcpListener::bind(cfg.listen)
             .await
@@ -229,7 +231,7 @@ fn serve(path: Option<&Path>) -> anyhow::Result<()> {
             store = %store.describe(),
             "cellar serving"
         );
-        spawn_staging_cleanup(store.clone(), cfg.upload.staging_max_age_secs);
+        spawn_staging_cleanup(store.clone(), cfg.upload.staging_max_age);
         let state = AppState::new(cfg, store, loaded.keys)
             .context("opening the NAR disk cache (cache.nar_dir)")?;
         cellar::serve(listener, state, shutdown).await?;
@@ -239,15 +241,12 @@ fn serve(path: Option<&Path>) -> anyhow::Result<()> {
 }
 
 /// Removes unfinished uploads (aborted multipart uploads, temporary files) at start and hourly.
-fn spawn_staging_cleanup(store: std::sync::Arc<dyn cellar::store::Store>, max_age_secs: u64) {
+fn spawn_staging_cleanup(store: std::sync::Arc<dyn cellar::store::Store>, max_age: Duration) {
     tokio::spawn(async move {
-        let mut tick = tokio::time::interval(std::time::Duration::from_secs(3600));
+        let mut tick = tokio::time::interval(Duration::from_secs(3600));
         loop {
             tick.tick().await;
-            match store
-                .cleanup_staging(std::time::Duration::from_secs(max_age_secs))
-                .await
-            {
+            match store.cleanup_staging(max_age).await {
                 Ok(0) => {}
                 Ok(n) => tracing::info!(removed = n, "removed stale unfinished uploads"),
                 Err(e) => tracing::warn!(cause = %e, "cleanup of unfinished uploads failed"),

@@ -11,55 +11,10 @@ use std::time::{Duration, SystemTime, UNIX_EPOCH};
 
 use async_trait::async_trait;
 use futures::{StreamExt as _, TryStreamExt as _};
-use serde::Deserialize;
 
-use crate::config::{list_or_csv, ConfigError};
+use crate::config::UpstreamConfig;
 use crate::nix::{NarFileName, NarInfo, PublicKey, StorePathHash};
 use crate::store::{ByteRange, ContentRange, Object, ObjectWriter, Store, StoreError};
-
-/// One `[[upstreams]]` entry.
-#[derive(Debug, Clone, Deserialize)]
-#[serde(deny_unknown_fields)]
-pub struct UpstreamConfig {
-    /// Base URL of the cache, e.g. `https://cache.nixos.org`.
-    pub url: String,
-    /// Keys whose signatures make this upstream's narinfos acceptable (at least one).
-    #[serde(deserialize_with = "list_or_csv")]
-    pub public_keys: Vec<PublicKey>,
-    /// Seconds to wait for the upstream to answer a request.
-    #[serde(default = "default_timeout")]
-    pub timeout_secs: u64,
-    /// Also store what is fetched from this upstream (NAR then narinfo, verified like an
-    /// upload), so the next request is served from the store.
-    #[serde(default)]
-    pub mirror: bool,
-}
-
-fn default_timeout() -> u64 {
-    5
-}
-
-impl UpstreamConfig {
-    pub fn validate(&self, i: usize) -> Result<(), ConfigError> {
-        let key = |k: &str| format!("upstreams[{i}].{k}");
-        if !(self.url.starts_with("http://") || self.url.starts_with("https://")) {
-            return Err(ConfigError::invalid(
-                key("url"),
-                format!("{:?} must start with http:// or https://", self.url),
-            ));
-        }
-        if self.public_keys.is_empty() {
-            return Err(ConfigError::invalid(
-                key("public_keys"),
-                "at least one key is needed to accept this upstream's narinfos",
-            ));
-        }
-        if self.timeout_secs == 0 {
-            return Err(ConfigError::invalid(key("timeout_secs"), "must be > 0"));
-        }
-        Ok(())
-    }
-}
 
 /// After a failure, how long an upstream is skipped.
 const BACKOFF_SECS: u64 = 30;
@@ -127,9 +82,9 @@ impl Upstreams {
         let list = configs
             .iter()
             .map(|c| Upstream {
-                base: c.url.trim_end_matches('/').to_owned(),
+                base: c.url.clone(),
                 keys: c.public_keys.clone(),
-                timeout: Duration::from_secs(c.timeout_secs),
+                timeout: c.timeout,
                 mirror: c.mirror,
                 down_until: AtomicU64::new(0),
                 down_logged: AtomicBool::new(false),

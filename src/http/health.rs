@@ -1,8 +1,6 @@
 //! `/healthz` (the process answers; no I/O) and `/readyz` (the store answers, within
 //! `store.ready_timeout_secs`), for curl and load balancers.
 
-use std::time::Duration;
-
 use axum::extract::State;
 use axum::http::{header, StatusCode};
 use axum::response::IntoResponse;
@@ -16,7 +14,7 @@ pub(super) async fn healthz() -> impl IntoResponse {
 }
 
 pub(super) async fn readyz(State(st): State<AppState>) -> impl IntoResponse {
-    let limit = Duration::from_secs(st.config.store.ready_timeout_secs);
+    let limit = st.config.store.ready_timeout;
     match tokio::time::timeout(limit, st.store.ping()).await {
         Ok(Ok(())) => (StatusCode::OK, [NO_STORE], "ready\n".to_owned()),
         Ok(Err(e)) => {

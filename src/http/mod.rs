@@ -82,14 +82,14 @@ impl AppState {
         let c = &config.cache;
         let narinfos = NarInfoCache::new(
             c.narinfo_memory_bytes,
-            Duration::from_secs(c.narinfo_ttl_secs),
-            Duration::from_secs(c.narinfo_negative_ttl_secs),
+            c.narinfo_ttl,
+            c.narinfo_negative_ttl,
         );
-        let nars = match c.nar_dir() {
+        let nars = match &c.nar_dir {
             Some(dir) => Some(NarCache::open(
                 dir,
                 c.nar_max_bytes,
-                Duration::from_secs((config.store.timeout_secs * 3).max(30)),
+                (config.store.timeout * 3).max(Duration::from_secs(30)),
             )?),
             None => None,
         };
@@ -105,13 +105,16 @@ impl AppState {
             })
         };
         let uploader = Uploader::new(
-            &config,
+            &config.upload,
+            &config.store_dir,
             store.clone(),
             (!upstreams.is_empty()).then(|| upstreams.clone()),
         );
-        let narinfo_cache_control =
-            HeaderValue::from_str(&format!("public, max-age={}", config.narinfo_max_age_secs))
-                .map_err(std::io::Error::other)?;
+        let narinfo_cache_control = HeaderValue::from_str(&format!(
+            "public, max-age={}",
+            config.narinfo_max_age.as_secs()
+        ))
+        .map_err(std::io::Error::other)?;
         Ok(Self(Arc::new(App {
             narinfo_cache_control,
             narinfos,
@@ -212,7 +215,7 @@ async fn default_cache_headers(State(st): State<AppState>, req: Request, next: N
         };
         if let Ok(v) = HeaderValue::from_str(&format!(
             "{scope}, max-age={}",
-            st.config.not_found_max_age_secs
+            st.config.not_found_max_age.as_secs()
         )) {
             res.headers_mut().insert(header::CACHE_CONTROL, v);
         }
@@ -221,13 +224,13 @@ async fn default_cache_headers(State(st): State<AppState>, req: Request, next: N
 }
 
 /// Serves `state` on `listener` until `shutdown` completes, then lets in-flight requests finish
-/// for at most `config.shutdown_timeout_secs`.
+/// for at most `config.shutdown_timeout`.
 pub async fn serve(
     listener: TcpListener,
     state: AppState,
     shutdown: impl Future<Output = ()> + Send + 'static,
 ) -> std::io::Result<()> {
-    let grace = Duration::from_secs(state.config.shutdown_timeout_secs);
+    let grace = state.config.shutdown_timeout;
     // Without TCP_NODELAY, small responses on keep-alive connections stall ~40 ms
     // (Nagle's algorithm meets the client's delayed ACK).
     let listener = listener.tap_io(|tcp| {

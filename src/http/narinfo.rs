@@ -12,7 +12,6 @@ use crate::error::Error;
 use crate::nix::{NarFileName, NarInfo, StorePathHash, TopLevelFile};
 use crate::store::{keys, StoreError};
 use crate::upload::UploadError;
-use std::time::Duration;
 
 /// Narinfos larger than this are treated as corrupt (a path with 100k references is ~5 MiB).
 const MAX_NARINFO_BYTES: u64 = 16 << 20;
@@ -89,7 +88,7 @@ pub(crate) async fn signed_narinfo(
 async fn stored_narinfo(st: &AppState, h: StorePathHash) -> Result<Option<NarInfo>, Error> {
     let key = keys::narinfo(h);
     // Bounded as a whole: a store that stalls mid-body is unavailable, not a hung request.
-    let limit = Duration::from_secs(st.config.store.timeout_secs);
+    let limit = st.config.store.timeout;
     let read = st.store.get_bytes(&key, MAX_NARINFO_BYTES);
     let Some(raw) = tokio::time::timeout(limit, read)
         .await

@@ -60,7 +60,7 @@ async fn narinfo_hits_come_from_memory() {
 async fn misses_are_remembered_for_the_negative_ttl_only() {
     let mem = Arc::new(MemoryStore::new());
     let mut cfg = Config::default();
-    cfg.cache.narinfo_negative_ttl_secs = 1;
+    cfg.cache.narinfo_negative_ttl = Duration::from_secs(1);
     let st = state(cfg, &mem);
     let path = format!("/{HASH}.narinfo");
     assert_eq!(get(&st, &path).await.0, StatusCode::NOT_FOUND);

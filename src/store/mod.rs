@@ -241,12 +241,12 @@ pub mod keys {
     }
 }
 
-/// Opens the store the config names.
-pub async fn from_config(cfg: &crate::config::Config) -> io::Result<std::sync::Arc<dyn Store>> {
-    use crate::config::StoreKind;
-    Ok(match cfg.store.kind {
-        StoreKind::Local => std::sync::Arc::new(local::LocalStore::open(&cfg.store.path)?),
-        StoreKind::S3 => std::sync::Arc::new(s3::S3Store::new(cfg).await),
+/// Opens the store `[store]` names.
+pub async fn open(cfg: &crate::config::StoreConfig) -> io::Result<std::sync::Arc<dyn Store>> {
+    use crate::config::StoreBackend;
+    Ok(match &cfg.backend {
+        StoreBackend::Local(l) => std::sync::Arc::new(local::LocalStore::open(&l.path)?),
+        StoreBackend::S3(s3) => std::sync::Arc::new(s3::S3Store::new(s3, cfg.timeout).await),
     })
 }
 

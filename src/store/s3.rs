@@ -16,7 +16,7 @@ use aws_sdk_s3::Client;
 use futures::StreamExt as _;
 
 use super::{ByteRange, ContentRange, Object, ObjectWriter, Store, StoreError};
-use crate::config::Config;
+use crate::config::S3StoreConfig;
 use aws_sdk_s3::types::{CompletedMultipartUpload, CompletedPart};
 use bytes::{Bytes, BytesMut};
 
@@ -35,19 +35,18 @@ pub struct S3Store {
 impl S3Store {
     /// Builds the client. Makes no request: an unreachable store is reported by `/readyz` and
     /// per request, so the server can start before its store does.
-    pub async fn new(cfg: &Config) -> Self {
-        let s = &cfg.store;
+    pub async fn new(s: &S3StoreConfig, timeout: Duration) -> Self {
         let mut loader = aws_config::defaults(BehaviorVersion::latest())
             .region(Region::new(s.region.clone()))
             .timeout_config(
                 TimeoutConfig::builder()
-                    .connect_timeout(Duration::from_secs(s.connect_timeout_secs))
+                    .connect_timeout(s.connect_timeout)
                     .build(),
             );
-        if let (Some(id), Some(secret)) = (&s.access_key_id, &s.secret_access_key) {
+        if let Some(c) = &s.credentials {
             loader = loader.credentials_provider(Credentials::new(
-                id,
-                &secret.0,
+                &c.access_key_id,
+                &c.secret_access_key.0,
                 None,
                 None,
                 "cellar-config",
@@ -73,10 +72,10 @@ impl S3Store {
             .unwrap_or_else(|| format!("aws:{}", s.region));
         Self {
             client: Client::from_conf(conf),
-            bucket: s.bucket.clone().unwrap_or_default(),
-            prefix: cfg.s3_prefix(),
+            bucket: s.bucket.clone(),
+            prefix: s.prefix.clone(),
             endpoint,
-            timeout: Duration::from_secs(s.timeout_secs),
+            timeout,
         }
     }
 

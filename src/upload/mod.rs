@@ -22,7 +22,7 @@ use bytes::Bytes;
 use futures::{Stream, StreamExt as _, TryStreamExt as _};
 use thiserror::Error;
 
-use crate::config::Config;
+use crate::config::{Recompression, UploadConfig};
 use crate::nix::{Compression, NarFileName, NarInfo, PublicKey, StorePathHash};
 use crate::store::{keys, Store, StoreError};
 
@@ -64,7 +64,7 @@ const MAX_REMEMBERED: usize = 100_000;
 pub struct Uploader {
     store: Arc<dyn Store>,
     store_dir: String,
-    recompress: Option<(Compression, Option<i32>)>,
+    recompress: Option<Recompression>,
     trusted_keys: Vec<PublicKey>,
     /// References available from an upstream count as present.
     upstreams: Option<Arc<crate::upstream::Upstreams>>,
@@ -81,19 +81,17 @@ pub struct Accepted {
 
 impl Uploader {
     pub fn new(
-        cfg: &Config,
+        cfg: &UploadConfig,
+        store_dir: &str,
         store: Arc<dyn Store>,
         upstreams: Option<Arc<crate::upstream::Upstreams>>,
     ) -> Self {
         Self {
             store,
             upstreams,
-            store_dir: cfg.store_dir.clone(),
-            recompress: cfg
-                .upload
-                .compression
-                .map(|c| (c, cfg.upload.compression_level)),
-            trusted_keys: cfg.upload.trusted_keys.clone(),
+            store_dir: store_dir.to_owned(),
+            recompress: cfg.recompress,
+            trusted_keys: cfg.trusted_keys.clone(),
             verified: Mutex::new(HashMap::new()),
         }
     }
@@ -121,7 +119,10 @@ impl Uploader {
     ) -> Result<(NarFileName, Option<Compression>), UploadError> {
         let incoming = name.compression_from_ext().unwrap_or(Compression::None);
         match self.recompress {
-            Some((target, _)) if target != incoming => {
+            Some(Recompression {
+                compression: target,
+                ..
+            }) if target != incoming => {
                 let hash = name.as_str().split('.').next().unwrap_or_default();
                 let stored = NarFileName::new(hash, target)
                     .map_err(|e| UploadError::Internal(e.to_string()))?;
@@ -164,7 +165,7 @@ impl Uploader {
             ));
         }
         let (stored, target) = self.stored_name(name)?;
-        let recompress = target.map(|t| (t, self.recompress.and_then(|(_, l)| l)));
+        let recompress = target.map(|t| (t, self.recompress.and_then(|r| r.level)));
         let mut w = self.store.writer(&keys::nar(&stored)).await?;
         let d = match digest::digest(body, incoming, recompress, Some(&mut w)).await {
             Ok(d) => d,

@@ -1,0 +1,517 @@
+//! The file format, as serde reads it from TOML and `CELLAR_*` variables: every key with its
+//! default, unknown keys refused. Each section's `validate` checks what serde cannot and turns
+//! it into the typed section of [`super`], naming the key of anything wrong.
+
+use std::fmt;
+use std::net::SocketAddr;
+use std::path::PathBuf;
+use std::time::Duration;
+
+use serde::{Deserialize, Deserializer};
+
+use super::{
+    AuthConfig, CacheConfig, Config, ConfigError, LocalStoreConfig, Recompression, S3Credentials,
+    S3StoreConfig, Scope, Secret, SigningConfig, StoreBackend, StoreConfig, TokenConfig,
+    UploadConfig, UpstreamConfig,
+};
+use crate::nix::{Compression, PublicKey};
+
+/// Accepts a TOML list or, for environment variables, one comma-separated string.
+fn list_or_csv<'de, D, T>(d: D) -> Result<Vec<T>, D::Error>
+where
+    D: Deserializer<'de>,
+    T: std::str::FromStr,
+    T::Err: fmt::Display,
+{
+    #[derive(Deserialize)]
+    #[serde(untagged)]
+    enum ListOrString {
+        List(Vec<String>),
+        One(String),
+    }
+    let items = match ListOrString::deserialize(d)? {
+        ListOrString::List(v) => v,
+        ListOrString::One(s) => s
+            .split(',')
+            .map(str::trim)
+            .filter(|s| !s.is_empty())
+            .map(str::to_owned)
+            .collect(),
+    };
+    items
+        .into_iter()
+        .map(|s| s.parse().map_err(serde::de::Error::custom))
+        .collect()
+}
+
+/// `key = N` seconds, which must be at least `min`.
+fn secs(key: &str, n: u64, min: u64) -> Result<Duration, ConfigError> {
+    if n < min {
+        let message = if min == 1 {
+            "must be > 0".to_owned()
+        } else {
+            format!("must be at least {min}")
+        };
+        return Err(ConfigError::invalid(key, message));
+    }
+    Ok(Duration::from_secs(n))
+}
+
+fn http_url(key: &str, url: &str) -> Result<(), ConfigError> {
+    if url.starts_with("http://") || url.starts_with("https://") {
+        Ok(())
+    } else {
+        Err(ConfigError::invalid(
+            key,
+            format!("{url:?} must start with http:// or https://"),
+        ))
+    }
+}
+
+#[derive(Debug, Clone, Deserialize)]
+#[serde(deny_unknown_fields, default)]
+pub(super) struct ConfigFile {
+    listen: SocketAddr,
+    store_dir: String,
+    priority: u32,
+    want_mass_query: bool,
+    shutdown_timeout_secs: u64,
+    narinfo_max_age_secs: u64,
+    not_found_max_age_secs: u64,
+    store: StoreSection,
+    signing: SigningSection,
+    auth: AuthSection,
+    upload: UploadSection,
+    cache: CacheSection,
+    upstreams: Vec<UpstreamEntry>,
+}
+
+impl Default for ConfigFile {
+    fn default() -> Self {
+        Self {
+            listen: SocketAddr::from(([127, 0, 0, 1], 8080)),
+            store_dir: "/nix/store".into(),
+            priority: 40,
+            want_mass_query: true,
+            shutdown_timeout_secs: 10,
+            narinfo_max_age_secs: 60,
+            not_found_max_age_secs: 10,
+            store: StoreSection::default(),
+            signing: SigningSection::default(),
+            auth: AuthSection::default(),
+            upload: UploadSection::default(),
+            cache: CacheSection::default(),
+            upstreams: Vec::new(),
+        }
+    }
+}
+
+impl ConfigFile {
+    pub(super) fn validate(self) -> Result<Config, ConfigError> {
+        let sd = self.store_dir;
+        if !sd.starts_with('/')
+            || sd.len() < 2
+            || sd.ends_with('/')
+            || sd.contains(char::is_whitespace)
+        {
+            return Err(ConfigError::invalid(
+                "store_dir",
+                format!("{sd:?} must be an absolute path without a trailing `/`"),
+            ));
+        }
+        Ok(Config {
+            listen: self.listen,
+            store_dir: sd,
+            priority: self.priority,
+            want_mass_query: self.want_mass_query,
+            shutdown_timeout: secs("shutdown_timeout_secs", self.shutdown_timeout_secs, 1)?,
+            narinfo_max_age: Duration::from_secs(self.narinfo_max_age_secs),
+            not_found_max_age: Duration::from_secs(self.not_found_max_age_secs),
+            store: self.store.validate()?,
+            signing: self.signing.validate()?,
+            auth: self.auth.validate()?,
+            upload: self.upload.validate()?,
+            cache: self.cache.validate()?,
+            upstreams: self
+                .upstreams
+                .into_iter()
+                .enumerate()
+                .map(|(i, u)| u.validate(i))
+                .collect::<Result<_, _>>()?,
+        })
+    }
+}
+
+#[derive(Debug, Clone, Copy, Deserialize, PartialEq, Eq)]
+#[serde(rename_all = "lowercase")]
+enum StoreKind {
+    Local,
+    S3,
+}
+
+/// One flat section for both kinds (so `CELLAR_STORE__*` variables work for either); the
+/// fields of the other kind are ignored.
+#[derive(Debug, Clone, Deserialize)]
+#[serde(deny_unknown_fields, default)]
+struct StoreSection {
+    kind: StoreKind,
+    path: PathBuf,
+    bucket: Option<String>,
+    endpoint: Option<String>,
+    region: String,
+    prefix: String,
+    force_path_style: bool,
+    access_key_id: Option<String>,
+    secret_access_key: Option<Secret>,
+    timeout_secs: u64,
+    connect_timeout_secs: u64,
+    ready_timeout_secs: u64,
+}
+
+impl Default for StoreSection {
+    fn default() -> Self {
+        Self {
+            kind: StoreKind::Local,
+            path: PathBuf::from("./cellar-data"),
+            bucket: None,
+            endpoint: None,
+            region: "us-east-1".into(),
+            prefix: String::new(),
+            force_path_style: true,
+            access_key_id: None,
+            secret_access_key: None,
+            timeout_secs: 10,
+            connect_timeout_secs: 3,
+            ready_timeout_secs: 2,
+        }
+    }
+}
+
+impl StoreSection {
+    fn validate(self) -> Result<StoreConfig, ConfigError> {
+        let timeout = secs("store.timeout_secs", self.timeout_secs, 1)?;
+        let connect_timeout = secs("store.connect_timeout_secs", self.connect_timeout_secs, 1)?;
+        let ready_timeout = secs("store.ready_timeout_secs", self.ready_timeout_secs, 1)?;
+        let backend = match self.kind {
+            StoreKind::Local => {
+                if self.path.as_os_str().is_empty() {
+                    return Err(ConfigError::invalid("store.path", "must not be empty"));
+                }
+                StoreBackend::Local(LocalStoreConfig { path: self.path })
+            }
+            StoreKind::S3 => StoreBackend::S3(self.validate_s3(connect_timeout)?),
+        };
+        Ok(StoreConfig {
+            backend,
+            timeout,
+            ready_timeout,
+        })
+    }
+
+    fn validate_s3(self, connect_timeout: Duration) -> Result<S3StoreConfig, ConfigError> {
+        let bucket = match self.bucket {
+            None => {
+                return Err(ConfigError::invalid(
+                    "store.bucket",
+                    "is required when store.kind = \"s3\"",
+                ))
+            }
+            Some(b) if b.is_empty() => {
+                return Err(ConfigError::invalid(
+                    "store.bucket",
+                    "is required when store.kind = \"s3\"",
+                ))
+            }
+            Some(b) if b.contains('/') || b.contains(char::is_whitespace) => {
+                return Err(ConfigError::invalid(
+                    "store.bucket",
+                    format!("{b:?} is not a bucket name"),
+                ))
+            }
+            Some(b) => b,
+        };
+        if let Some(ep) = &self.endpoint {
+            http_url("store.endpoint", ep)?;
+        }
+        if self.region.is_empty() {
+            return Err(ConfigError::invalid("store.region", "must not be empty"));
+        }
+        let credentials = match (self.access_key_id, self.secret_access_key) {
+            (Some(access_key_id), Some(secret_access_key)) => Some(S3Credentials {
+                access_key_id,
+                secret_access_key,
+            }),
+            (None, None) => None,
+            _ => {
+                return Err(ConfigError::invalid(
+                    "store.secret_access_key",
+                    "store.access_key_id and store.secret_access_key must be set together",
+                ))
+            }
+        };
+        if self.prefix.starts_with('/') || self.prefix.contains("..") {
+            return Err(ConfigError::invalid(
+                "store.prefix",
+                format!("{:?} must be relative (like `cache/`)", self.prefix),
+            ));
+        }
+        Ok(S3StoreConfig {
+            bucket,
+            endpoint: self.endpoint,
+            region: self.region,
+            prefix: normalise_prefix(&self.prefix),
+            force_path_style: self.force_path_style,
+            credentials,
+            connect_timeout,
+        })
+    }
+}
+
+/// A key prefix ending in `/`, or empty.
+pub(super) fn normalise_prefix(p: &str) -> String {
+    let p = p.trim_end_matches('/');
+    if p.is_empty() {
+        String::new()
+    } else {
+        format!("{p}/")
+    }
+}
+
+#[derive(Debug, Clone, Deserialize)]
+#[serde(deny_unknown_fields, default)]
+struct SigningSection {
+    #[serde(deserialize_with = "list_or_csv")]
+    key_files: Vec<PathBuf>,
+    generated_key_file: PathBuf,
+    generated_key_name: Option<String>,
+    keep_existing_signatures: bool,
+}
+
+impl Default for SigningSection {
+    fn default() -> Self {
+        Self {
+            key_files: Vec::new(),
+            generated_key_file: PathBuf::from("./cellar-key.sec"),
+            generated_key_name: None,
+            keep_existing_signatures: true,
+        }
+    }
+}
+
+impl SigningSection {
+    fn validate(self) -> Result<SigningConfig, ConfigError> {
+        if let Some(n) = &self.generated_key_name {
+            if n.is_empty() || n.contains(':') || n.contains(char::is_whitespace) {
+                return Err(ConfigError::invalid(
+                    "signing.generated_key_name",
+                    format!("{n:?} must be non-empty, without `:` or whitespace"),
+                ));
+            }
+        }
+        Ok(SigningConfig {
+            key_files: self.key_files,
+            generated_key_file: self.generated_key_file,
+            generated_key_name: self.generated_key_name,
+            keep_existing_signatures: self.keep_existing_signatures,
+        })
+    }
+}
+
+#[derive(Debug, Clone, Deserialize)]
+#[serde(deny_unknown_fields, default)]
+struct CacheSection {
+    narinfo_memory_bytes: u64,
+    narinfo_ttl_secs: u64,
+    narinfo_negative_ttl_secs: u64,
+    nar_dir: Option<PathBuf>,
+    nar_max_bytes: u64,
+}
+
+impl Default for CacheSection {
+    fn default() -> Self {
+        Self {
+            narinfo_memory_bytes: 64 << 20,
+            narinfo_ttl_secs: 600,
+            narinfo_negative_ttl_secs: 15,
+            nar_dir: None,
+            nar_max_bytes: 10 << 30,
+        }
+    }
+}
+
+impl CacheSection {
+    fn validate(self) -> Result<CacheConfig, ConfigError> {
+        // An empty value (what an environment variable can say) disables the disk cache.
+        let nar_dir = self.nar_dir.filter(|p| !p.as_os_str().is_empty());
+        if nar_dir.is_some() && self.nar_max_bytes < (64 << 20) {
+            return Err(ConfigError::invalid(
+                "cache.nar_max_bytes",
+                "must be at least 64 MiB when cache.nar_dir is set",
+            ));
+        }
+        Ok(CacheConfig {
+            narinfo_memory_bytes: self.narinfo_memory_bytes,
+            narinfo_ttl: Duration::from_secs(self.narinfo_ttl_secs),
+            narinfo_negative_ttl: Duration::from_secs(self.narinfo_negative_ttl_secs),
+            nar_dir,
+            nar_max_bytes: self.nar_max_bytes,
+        })
+    }
+}
+
+/// One `[[auth.tokens]]` entry. Only the token's hash is configured (`cellar token new`
+/// prints both).
+#[derive(Debug, Clone, Deserialize)]
+#[serde(deny_unknown_fields)]
+struct TokenEntry {
+    name: String,
+    hash: String,
+    scopes: Vec<Scope>,
+}
+
+#[derive(Debug, Clone, Default, Deserialize)]
+#[serde(deny_unknown_fields, default)]
+struct AuthSection {
+    private: bool,
+    tokens: Vec<TokenEntry>,
+}
+
+impl AuthSection {
+    fn validate(self) -> Result<AuthConfig, ConfigError> {
+        let mut tokens = Vec::with_capacity(self.tokens.len());
+        for (i, t) in self.tokens.into_iter().enumerate() {
+            let hash = t.hash.parse().map_err(|why| {
+                ConfigError::invalid(
+                    format!("auth.tokens[{i}].hash"),
+                    format!("token {:?}: {why}", t.name),
+                )
+            })?;
+            if t.scopes.is_empty() {
+                return Err(ConfigError::invalid(
+                    format!("auth.tokens[{i}].scopes"),
+                    format!("token {:?} has no scope", t.name),
+                ));
+            }
+            tokens.push(TokenConfig {
+                name: t.name,
+                hash,
+                scopes: t.scopes,
+            });
+        }
+        if self.private && tokens.is_empty() {
+            return Err(ConfigError::invalid(
+                "auth.private",
+                "is true but auth.tokens is empty: nobody could read",
+            ));
+        }
+        Ok(AuthConfig {
+            private: self.private,
+            tokens,
+        })
+    }
+}
+
+fn opt_compression<'de, D: Deserializer<'de>>(d: D) -> Result<Option<Compression>, D::Error> {
+    let s = String::deserialize(d)?;
+    if s.is_empty() {
+        return Ok(None);
+    }
+    s.parse().map(Some).map_err(serde::de::Error::custom)
+}
+
+#[derive(Debug, Clone, Deserialize)]
+#[serde(deny_unknown_fields, default)]
+struct UploadSection {
+    #[serde(deserialize_with = "opt_compression")]
+    compression: Option<Compression>,
+    compression_level: Option<i32>,
+    #[serde(deserialize_with = "list_or_csv")]
+    trusted_keys: Vec<PublicKey>,
+    staging_max_age_secs: u64,
+}
+
+impl Default for UploadSection {
+    fn default() -> Self {
+        Self {
+            compression: None,
+            compression_level: None,
+            trusted_keys: Vec::new(),
+            staging_max_age_secs: 6 * 3600,
+        }
+    }
+}
+
+impl UploadSection {
+    fn validate(self) -> Result<UploadConfig, ConfigError> {
+        let recompress = match self.compression {
+            None => None,
+            Some(c) => {
+                let Some(levels) = c.encode_levels() else {
+                    return Err(ConfigError::invalid(
+                        "upload.compression",
+                        format!("{c} is not supported for re-encoding; use zstd, xz or none"),
+                    ));
+                };
+                if let Some(l) = self.compression_level {
+                    if !levels.contains(&l) {
+                        return Err(ConfigError::invalid(
+                            "upload.compression_level",
+                            format!("{l} is outside {levels:?} for {c}"),
+                        ));
+                    }
+                }
+                Some(Recompression {
+                    compression: c,
+                    level: self.compression_level,
+                })
+            }
+        };
+        if self.staging_max_age_secs < 60 {
+            return Err(ConfigError::invalid(
+                "upload.staging_max_age_secs",
+                "must be at least 60 (uploads in progress would be removed)",
+            ));
+        }
+        Ok(UploadConfig {
+            recompress,
+            trusted_keys: self.trusted_keys,
+            staging_max_age: Duration::from_secs(self.staging_max_age_secs),
+        })
+    }
+}
+
+/// One `[[upstreams]]` entry.
+#[derive(Debug, Clone, Deserialize)]
+#[serde(deny_unknown_fields)]
+struct UpstreamEntry {
+    url: String,
+    #[serde(deserialize_with = "list_or_csv")]
+    public_keys: Vec<PublicKey>,
+    #[serde(default = "default_upstream_timeout")]
+    timeout_secs: u64,
+    #[serde(default)]
+    mirror: bool,
+}
+
+fn default_upstream_timeout() -> u64 {
+    5
+}
+
+impl UpstreamEntry {
+    fn validate(self, i: usize) -> Result<UpstreamConfig, ConfigError> {
+        let key = |k: &str| format!("upstreams[{i}].{k}");
+        http_url(&key("url"), &self.url)?;
+        if self.public_keys.is_empty() {
+            return Err(ConfigError::invalid(
+                key("public_keys"),
+                "at least one key is needed to accept this upstream's narinfos",
+            ));
+        }
+        Ok(UpstreamConfig {
+            url: self.url.trim_end_matches('/').to_owned(),
+            public_keys: self.public_keys,
+            timeout: secs(&key("timeout_secs"), self.timeout_secs, 1)?,
+            mirror: self.mirror,
+        })
+    }
+}

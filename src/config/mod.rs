@@ -1,0 +1,304 @@
+//! Configuration: a TOML file (documented key by key in `config/cellar.toml`) overridden by
+//! `CELLAR_<KEY>` environment variables, with `__` between nested keys
+//! (`CELLAR_STORE__BUCKET=nix-cache`).
+//!
+//! Two layers. [`file`] is the file format as serde reads it (unknown keys are errors, every key
+//! has a default). Each of its sections then validates itself into the typed data below, once,
+//! at start-up: durations are [`Duration`]s, token hashes are bytes, the store is an enum whose
+//! variants own their fields, and every error names the offending key. The rest of the server
+//! only ever sees the typed data, and each module gets its own section.
+//!
+//! This module is plain data: it imports nothing from the modules it configures.
+
+mod file;
+#[cfg(test)]
+mod tests;
+
+use std::fmt;
+use std::net::SocketAddr;
+use std::path::{Path, PathBuf};
+use std::str::FromStr;
+use std::time::Duration;
+
+use figment::providers::{Env, Format as _, Toml};
+use figment::Figment;
+use sha2::Digest as _;
+use thiserror::Error;
+
+use crate::nix::{Compression, PublicKey};
+
+#[derive(Debug, Error)]
+pub enum ConfigError {
+    /// The file or environment could not be read as the file format (syntax, types, unknown
+    /// keys); figment's message names the key.
+    #[error("{0}")]
+    Load(Box<figment::Error>),
+    #[error("config key `{key}`: {message}")]
+    Invalid { key: String, message: String },
+}
+
+impl ConfigError {
+    pub fn invalid(key: impl Into<String>, message: impl Into<String>) -> Self {
+        Self::Invalid {
+            key: key.into(),
+            message: message.into(),
+        }
+    }
+}
+
+/// A string that is never printed (credentials).
+#[derive(Clone, Default, serde::Deserialize, PartialEq, Eq)]
+#[serde(transparent)]
+pub struct Secret(pub String);
+
+impl fmt::Debug for Secret {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.write_str("<redacted>")
+    }
+}
+
+/// The validated configuration.
+#[derive(Debug, Clone)]
+pub struct Config {
+    /// Address to listen on.
+    pub listen: SocketAddr,
+    /// The Nix store directory the cache is for (absolute, no trailing `/`).
+    pub store_dir: String,
+    /// `Priority:` in nix-cache-info (lower is preferred by clients).
+    pub priority: u32,
+    /// `WantMassQuery:` in nix-cache-info.
+    pub want_mass_query: bool,
+    /// How long in-flight requests may run after SIGTERM/SIGINT before the server exits.
+    pub shutdown_timeout: Duration,
+    /// Cache-Control max-age for narinfos (NARs are immutable).
+    pub narinfo_max_age: Duration,
+    /// Cache-Control max-age for 404 answers.
+    pub not_found_max_age: Duration,
+    pub store: StoreConfig,
+    pub signing: SigningConfig,
+    pub auth: AuthConfig,
+    pub upload: UploadConfig,
+    pub cache: CacheConfig,
+    /// Upstream caches asked, in order, on a narinfo miss (pull-through).
+    pub upstreams: Vec<UpstreamConfig>,
+}
+
+impl Default for Config {
+    /// The built-in defaults (a local store in `./cellar-data`), as an empty file gives them.
+    fn default() -> Self {
+        file::ConfigFile::default()
+            .validate()
+            .unwrap_or_else(|e| panic!("the built-in defaults are invalid: {e}"))
+    }
+}
+
+impl Config {
+    /// Loads the defaults, then `file` (if given), then `CELLAR_*` environment variables.
+    pub fn load(file: Option<&Path>) -> Result<Self, ConfigError> {
+        let mut fig = Figment::new();
+        if let Some(f) = file {
+            if !f.is_file() {
+                return Err(ConfigError::invalid(
+                    "--config",
+                    format!("{} is not a readable file", f.display()),
+                ));
+            }
+            fig = fig.merge(Toml::file_exact(f));
+        }
+        Self::from_figment(fig.merge(Env::prefixed("CELLAR_").split("__")))
+    }
+
+    pub fn from_figment(fig: Figment) -> Result<Self, ConfigError> {
+        let raw: file::ConfigFile = fig.extract().map_err(|e| ConfigError::Load(Box::new(e)))?;
+        raw.validate()
+    }
+}
+
+/// `[store]`: where the cache lives, and how long it may take to answer.
+#[derive(Debug, Clone)]
+pub struct StoreConfig {
+    pub backend: StoreBackend,
+    /// How long the store may take to start answering one request (not a whole NAR body).
+    pub timeout: Duration,
+    /// How long `/readyz` waits for the store.
+    pub ready_timeout: Duration,
+}
+
+/// `store.kind`, with the fields of that kind.
+#[derive(Debug, Clone)]
+pub enum StoreBackend {
+    /// A directory as written by `nix copy --to file://DIR`.
+    Local(LocalStoreConfig),
+    /// A bucket as written by `nix copy --to s3://BUCKET`.
+    S3(S3StoreConfig),
+}
+
+impl fmt::Display for StoreBackend {
+    /// What the store is, for messages (never credentials).
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        match self {
+            Self::Local(l) => write!(f, "local directory {}", l.path.display()),
+            Self::S3(s) => {
+                write!(f, "s3 bucket {:?}", s.bucket)?;
+                if let Some(ep) = &s.endpoint {
+                    write!(f, " at {ep}")?;
+                }
+                Ok(())
+            }
+        }
+    }
+}
+
+#[derive(Debug, Clone)]
+pub struct LocalStoreConfig {
+    pub path: PathBuf,
+}
+
+#[derive(Debug, Clone)]
+pub struct S3StoreConfig {
+    pub bucket: String,
+    /// Unset: AWS's own endpoint for the region (or `AWS_ENDPOINT_URL`).
+    pub endpoint: Option<String>,
+    pub region: String,
+    /// Key prefix inside the bucket: empty, or ending in `/`.
+    pub prefix: String,
+    /// Path-style addressing (`endpoint/bucket/key`); MinIO and Garage need it.
+    pub force_path_style: bool,
+    /// Unset: the standard AWS chain.
+    pub credentials: Option<S3Credentials>,
+    /// The connect phase of one request.
+    pub connect_timeout: Duration,
+}
+
+#[derive(Debug, Clone)]
+pub struct S3Credentials {
+    pub access_key_id: String,
+    pub secret_access_key: Secret,
+}
+
+/// `[signing]`: which keys sign narinfos.
+#[derive(Debug, Clone)]
+pub struct SigningConfig {
+    /// Secret key files in Nix's format; every key signs every narinfo (rotation).
+    /// Empty: use `generated_key_file`, creating it on first start.
+    pub key_files: Vec<PathBuf>,
+    /// Where the key created on first start lives when `key_files` is empty.
+    pub generated_key_file: PathBuf,
+    /// Name of that key (default: `<hostname>-1`).
+    pub generated_key_name: Option<String>,
+    /// Keep the `Sig:` lines a narinfo already has in the store (true) or serve only ours.
+    pub keep_existing_signatures: bool,
+}
+
+impl Default for SigningConfig {
+    fn default() -> Self {
+        Config::default().signing
+    }
+}
+
+/// `[cache]`: the narinfo memory cache and the NAR disk cache.
+#[derive(Debug, Clone)]
+pub struct CacheConfig {
+    /// Memory for signed, rendered narinfos (0 disables the memory cache).
+    pub narinfo_memory_bytes: u64,
+    /// How long a narinfo found in the store is served from memory.
+    pub narinfo_ttl: Duration,
+    /// How long a miss is remembered (uploads through this server refresh at once).
+    pub narinfo_negative_ttl: Duration,
+    /// The NAR disk cache's directory; `None` disables it.
+    pub nar_dir: Option<PathBuf>,
+    /// Byte budget of the NAR disk cache (least recently used NARs go first).
+    pub nar_max_bytes: u64,
+}
+
+#[derive(Debug, Clone, Copy, serde::Deserialize, PartialEq, Eq)]
+#[serde(rename_all = "lowercase")]
+pub enum Scope {
+    Read,
+    Write,
+}
+
+/// The sha256 of an access token: all the config holds of it. Written `sha256:<hex>`.
+#[derive(Clone, Copy, PartialEq, Eq)]
+pub struct TokenHash(pub [u8; 32]);
+
+impl TokenHash {
+    pub fn of(token: &str) -> Self {
+        Self(sha2::Sha256::digest(token.as_bytes()).into())
+    }
+}
+
+impl FromStr for TokenHash {
+    type Err = &'static str;
+    fn from_str(s: &str) -> Result<Self, Self::Err> {
+        let expected = "expected sha256:<64 hex digits> (see `cellar token new`)";
+        let hex_part = s.strip_prefix("sha256:").ok_or(expected)?;
+        let bytes = hex::decode(hex_part).map_err(|_| expected)?;
+        bytes.try_into().map(Self).map_err(|_| expected)
+    }
+}
+
+impl fmt::Display for TokenHash {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        write!(f, "sha256:{}", hex::encode(self.0))
+    }
+}
+
+impl fmt::Debug for TokenHash {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        fmt::Display::fmt(self, f)
+    }
+}
+
+/// One access token.
+#[derive(Debug, Clone)]
+pub struct TokenConfig {
+    /// A label for logs (who uses the token).
+    pub name: String,
+    pub hash: TokenHash,
+    /// Never empty; `write` implies `read`.
+    pub scopes: Vec<Scope>,
+}
+
+/// `[auth]`: who may read and who may upload.
+#[derive(Debug, Clone, Default)]
+pub struct AuthConfig {
+    /// Require a token with the `read` scope for reads too (not for /healthz, /readyz).
+    pub private: bool,
+    /// Tokens; uploads need one with the `write` scope.
+    pub tokens: Vec<TokenConfig>,
+}
+
+/// What uploaded NARs are re-encoded to.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct Recompression {
+    /// One that [`Compression::can_encode`].
+    pub compression: Compression,
+    /// Within [`Compression::encode_levels`]; `None` is the codec's default.
+    pub level: Option<i32>,
+}
+
+/// `[upload]`: how uploads are checked and stored.
+#[derive(Debug, Clone)]
+pub struct UploadConfig {
+    /// `None` keeps what the client sent.
+    pub recompress: Option<Recompression>,
+    /// If not empty, a narinfo upload must carry a signature by one of these keys.
+    pub trusted_keys: Vec<PublicKey>,
+    /// Unfinished uploads older than this are removed from the store.
+    pub staging_max_age: Duration,
+}
+
+/// One `[[upstreams]]` entry.
+#[derive(Debug, Clone)]
+pub struct UpstreamConfig {
+    /// Base URL of the cache without a trailing `/`, e.g. `https://cache.nixos.org`.
+    pub url: String,
+    /// Keys whose signatures make this upstream's narinfos acceptable (at least one).
+    pub public_keys: Vec<PublicKey>,
+    /// How long the upstream may take to answer a request.
+    pub timeout: Duration,
+    /// Also store what is fetched from this upstream (NAR then narinfo, verified like an
+    /// upload), so the next request is served from the store.
+    pub mirror: bool,
+}

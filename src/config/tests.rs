@@ -1,0 +1,201 @@
+//! Loading and validating the configuration.
+
+use std::path::{Path, PathBuf};
+use std::time::Duration;
+
+use figment::providers::{Format as _, Toml};
+use figment::Figment;
+
+use super::*;
+
+fn from_toml(s: &str) -> Result<Config, ConfigError> {
+    Config::from_figment(Figment::new().merge(Toml::string(s)))
+}
+
+#[test]
+fn defaults_are_valid() {
+    let c = from_toml("").unwrap();
+    let StoreBackend::Local(local) = &c.store.backend else {
+        panic!("default store is not local: {c:?}");
+    };
+    assert_eq!(local.path, PathBuf::from("./cellar-data"));
+    assert_eq!(c.listen.port(), 8080);
+}
+
+#[test]
+fn shipped_config_file_parses() {
+    let text = include_str!("../../config/cellar.toml");
+    let c = from_toml(text).unwrap();
+    assert_eq!(c.store_dir, "/nix/store");
+}
+
+#[test]
+fn unknown_keys_are_errors() {
+    let e = from_toml("lisen = \"127.0.0.1:1\"")
+        .unwrap_err()
+        .to_string();
+    assert!(e.contains("lisen"), "{e}");
+    let e = from_toml("[store]\nbukket = \"x\"")
+        .unwrap_err()
+        .to_string();
+    assert!(e.contains("bukket"), "{e}");
+}
+
+#[test]
+fn errors_name_the_key() {
+    let e = from_toml("[store]\nkind = \"s3\"").unwrap_err().to_string();
+    assert!(e.contains("store.bucket"), "{e}");
+    let e = from_toml("[store]\nkind = \"ftp\"")
+        .unwrap_err()
+        .to_string();
+    assert!(e.contains("store.kind") || e.contains("kind"), "{e}");
+    let e = from_toml("store_dir = \"nix/store\"")
+        .unwrap_err()
+        .to_string();
+    assert!(e.contains("store_dir"), "{e}");
+    let e = from_toml("[store]\nkind = \"s3\"\nbucket = \"b\"\nendpoint = \"localhost:9000\"")
+        .unwrap_err()
+        .to_string();
+    assert!(e.contains("store.endpoint"), "{e}");
+}
+
+#[test]
+#[allow(clippy::result_large_err)] // figment's Jail API
+fn env_overrides_with_nesting_and_csv_lists() {
+    figment::Jail::expect_with(|jail| {
+        jail.create_file(
+            "c.toml",
+            "listen = \"127.0.0.1:9000\"\n[store]\nkind = \"local\"\n",
+        )?;
+        jail.set_env("CELLAR_STORE__KIND", "s3");
+        jail.set_env("CELLAR_STORE__BUCKET", "nix-cache");
+        jail.set_env("CELLAR_SIGNING__KEY_FILES", "a.sec,b.sec");
+        let c = Config::load(Some(Path::new("c.toml"))).map_err(|e| e.to_string())?;
+        assert_eq!(c.listen.port(), 9000);
+        let StoreBackend::S3(s3) = &c.store.backend else {
+            return Err(format!("store is not s3: {c:?}").into());
+        };
+        assert_eq!(s3.bucket, "nix-cache");
+        assert_eq!(
+            c.signing.key_files,
+            vec![PathBuf::from("a.sec"), PathBuf::from("b.sec")]
+        );
+        jail.set_env("CELLAR_STORE__BUKKET", "x");
+        let e = Config::load(None).unwrap_err().to_string();
+        assert!(e.contains("bukket"), "{e}");
+        Ok(())
+    });
+}
+
+#[test]
+fn upload_and_auth_sections() {
+    let c = from_toml(
+        "[upload]\ncompression = \"zstd\"\ncompression_level = 19\n\
+         trusted_keys = [\"test-1:/+L0Q/jKhm6dU1WL+m92avPr/xAL77BfJ3lwg3EXluU=\"]\n\
+         [[auth.tokens]]\nname = \"ci\"\nhash = \"sha256:0000000000000000000000000000000000000000000000000000000000000000\"\nscopes = [\"write\"]\n",
+    )
+    .unwrap();
+    assert_eq!(
+        c.upload.recompress,
+        Some(Recompression {
+            compression: Compression::Zstd,
+            level: Some(19)
+        })
+    );
+    assert_eq!(c.upload.trusted_keys.len(), 1);
+    assert_eq!(c.auth.tokens[0].scopes, vec![Scope::Write]);
+    for (bad, key) in [
+        ("[upload]\ncompression = \"br\"", "upload.compression"),
+        (
+            "[upload]\ncompression = \"zstd\"\ncompression_level = 40",
+            "upload.compression_level",
+        ),
+        ("[upload]\ntrusted_keys = [\"nope\"]", "trusted_keys"),
+        ("[auth]\nprivate = true", "auth.private"),
+        (
+            "[[auth.tokens]]\nname = \"x\"\nhash = \"abc\"\nscopes = [\"read\"]",
+            "auth.tokens[0].hash",
+        ),
+        (
+            "[[auth.tokens]]\nname = \"x\"\nhash = \"abc\"\nscopes = [\"admin\"]",
+            "admin",
+        ),
+    ] {
+        let e = from_toml(bad).unwrap_err().to_string();
+        assert!(e.contains(key), "{bad}: {e}");
+    }
+}
+
+#[test]
+fn upstreams_and_cache() {
+    let c = from_toml(
+        "[cache]\nnar_dir = \"/tmp/x\"\n[[upstreams]]\nurl = \"https://cache.nixos.org\"\n\
+         public_keys = [\"cache.nixos.org-1:6NCHdD59X431o0gWypbMrAURkbJ16ZPMQFGspcDShjY=\"]\n",
+    )
+    .unwrap();
+    assert_eq!(c.upstreams.len(), 1);
+    assert_eq!(c.upstreams[0].timeout, Duration::from_secs(5));
+    assert!(c.cache.nar_dir.is_some());
+    for (bad, key) in [
+        (
+            "[[upstreams]]\nurl = \"ftp://x\"\npublic_keys = [\"a:AAAA\"]",
+            "public",
+        ),
+        (
+            "[[upstreams]]\nurl = \"ftp://x\"\npublic_keys = []",
+            "upstreams[0].url",
+        ),
+        (
+            "[[upstreams]]\nurl = \"http://x\"\npublic_keys = []",
+            "upstreams[0].public_keys",
+        ),
+        (
+            "[cache]\nnar_dir = \"/x\"\nnar_max_bytes = 5",
+            "cache.nar_max_bytes",
+        ),
+    ] {
+        let e = from_toml(bad).unwrap_err().to_string();
+        assert!(e.contains(key), "{bad}: {e}");
+    }
+}
+
+#[test]
+fn secrets_do_not_print() {
+    let c = from_toml(
+        "[store]\nkind = \"s3\"\nbucket = \"b\"\naccess_key_id = \"AK\"\nsecret_access_key = \"SUPERSECRET\"",
+    )
+    .unwrap();
+    assert!(!format!("{c:?}").contains("SUPERSECRET"));
+}
+
+#[test]
+fn prefix_normalisation() {
+    assert_eq!(file::normalise_prefix(""), "");
+    assert_eq!(file::normalise_prefix("cache"), "cache/");
+    assert_eq!(file::normalise_prefix("cache/"), "cache/");
+    let c = from_toml("[store]\nkind = \"s3\"\nbucket = \"b\"\nprefix = \"cache\"").unwrap();
+    let StoreBackend::S3(s3) = &c.store.backend else {
+        panic!("not s3: {c:?}");
+    };
+    assert_eq!(s3.prefix, "cache/");
+}
+
+#[test]
+fn token_hashes_and_durations_are_parsed_once() {
+    let h = "sha256:00000000000000000000000000000000000000000000000000000000000000ff";
+    let c = from_toml(&format!(
+        "narinfo_max_age_secs = 7\n[cache]\nnarinfo_ttl_secs = 9\nnar_dir = \"\"\n\
+         [[auth.tokens]]\nname = \"x\"\nhash = \"{h}\"\nscopes = [\"read\"]"
+    ))
+    .unwrap();
+    assert_eq!(c.narinfo_max_age, Duration::from_secs(7));
+    assert_eq!(c.cache.narinfo_ttl, Duration::from_secs(9));
+    assert_eq!(
+        c.cache.nar_dir, None,
+        "an empty nar_dir disables the disk cache"
+    );
+    assert_eq!(c.auth.tokens[0].hash.0[31], 0xff);
+    assert_eq!(c.auth.tokens[0].hash.to_string(), h);
+    assert_eq!(TokenHash::of("t"), TokenHash::of("t"));
+    assert_ne!(TokenHash::of("t"), TokenHash::of("u"));
+}
