@@ -9,7 +9,7 @@ pub mod config;
 pub mod error;
 pub mod http;
 pub mod import;
-pub mod keys;
+pub mod signing_keys;
 pub mod nix;
 pub mod store;
 pub mod upload;

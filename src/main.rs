@@ -10,7 +10,7 @@ use tracing_subscriber::EnvFilter;
 
 use cellar::config::Config;
 use cellar::nix::SecretKey;
-use cellar::{keys, store, AppState};
+use cellar::{signing_keys, store, AppState};
 
 #[derive(Parser)]
 #[command(
@@ -108,7 +108,7 @@ fn check_config(path: Option<&Path>) -> anyhow::Result<()> {
     let cfg = Config::load(path)?;
     if !cfg.signing.key_files.is_empty() {
         for f in &cfg.signing.key_files {
-            let k = keys::read_secret_key(f)?;
+            let k = signing_keys::read_secret_key(f)?;
             println!("signing key {}: {}", f.display(), k.public());
         }
     }
@@ -120,7 +120,7 @@ fn keygen(name: &str, out: Option<&Path>) -> anyhow::Result<()> {
     let key = SecretKey::generate(name).map_err(|e| anyhow::anyhow!("key name {name:?}: {e}"))?;
     match out {
         Some(path) => {
-            keys::write_secret_key(path, &key)?;
+            signing_keys::write_secret_key(path, &key)?;
             eprintln!("secret key written to {}", path.display());
             println!("{}", key.public());
         }
@@ -206,7 +206,7 @@ fn token_new(name: &str, scope: ScopeArg) -> anyhow::Result<()> {
 
 fn serve(path: Option<&Path>) -> anyhow::Result<()> {
     let cfg = Config::load(path)?;
-    let loaded = keys::load_signing_keys(&cfg.signing)?;
+    let loaded = signing_keys::load(&cfg.signing)?;
     if let Some(p) = &loaded.generated {
         eprintln!("cellar: created signing key {} on first start", p.display());
     }

@@ -79,7 +79,7 @@ pub fn default_key_name() -> String {
     }
 }
 
-/// What [`load_signing_keys`] did, so the caller can tell the operator.
+/// What [`load`] did, so the caller can tell the operator.
 #[derive(Debug)]
 pub struct LoadedKeys {
     pub keys: Vec<SecretKey>,
@@ -89,7 +89,7 @@ pub struct LoadedKeys {
 
 /// Loads every configured key; with none configured, loads (or creates on first run) the
 /// generated key file.
-pub fn load_signing_keys(cfg: &SigningConfig) -> Result<LoadedKeys, KeyFileError> {
+pub fn load(cfg: &SigningConfig) -> Result<LoadedKeys, KeyFileError> {
     if !cfg.key_files.is_empty() {
         let keys = cfg
             .key_files
@@ -133,14 +133,14 @@ mod tests {
             generated_key_name: Some("t-1".into()),
             ..SigningConfig::default()
         };
-        let first = load_signing_keys(&cfg).unwrap();
+        let first = load(&cfg).unwrap();
         assert!(first.generated.is_some());
         let mode = std::fs::metadata(dir.path().join("sub/k.sec"))
             .unwrap()
             .permissions()
             .mode();
         assert_eq!(mode & 0o777, 0o600);
-        let second = load_signing_keys(&cfg).unwrap();
+        let second = load(&cfg).unwrap();
         assert!(second.generated.is_none());
         assert_eq!(first.keys[0].public(), second.keys[0].public());
         assert_eq!(second.keys[0].name(), "t-1");
@@ -155,13 +155,13 @@ mod tests {
             key_files: vec![bad.clone()],
             ..SigningConfig::default()
         };
-        let e = load_signing_keys(&cfg).unwrap_err().to_string();
+        let e = load(&cfg).unwrap_err().to_string();
         assert!(e.contains("bad.sec"), "{e}");
         let cfg = SigningConfig {
             key_files: vec![dir.path().join("missing.sec")],
             ..SigningConfig::default()
         };
-        let e = load_signing_keys(&cfg).unwrap_err().to_string();
+        let e = load(&cfg).unwrap_err().to_string();
         assert!(e.contains("missing.sec"), "{e}");
         // A configured but missing key is never silently created.
         assert!(!dir.path().join("missing.sec").exists());
