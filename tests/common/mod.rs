@@ -446,11 +446,11 @@ impl AppBuilder {
 
     /// Seeds the prefix, then starts cellar over it.
     pub async fn spawn(self) -> App {
-        for seed in &self.seeds {
+        for seed in self.seeds {
             match seed {
-                Seed::Dir(dir) => s3_upload_dir(&self.s3, &self.prefix, dir).await,
+                Seed::Dir(dir) => s3_upload_dir(&self.s3, &self.prefix, &dir).await,
                 Seed::Object(key, data) => {
-                    s3_put(&self.s3, &format!("{}{key}", self.prefix), data.clone()).await;
+                    s3_put(&self.s3, &format!("{}{key}", self.prefix), data).await;
                 }
             }
         }
