@@ -226,18 +226,30 @@ fn serve(path: Option<&Path>) -> anyhow::Result<()> {
         let listener = tokio::net::TcpListener::bind(cfg.listen)
             .await
             .with_context(|| format!("config key `listen`: cannot bind {}", cfg.listen))?;
+        // With `listen = 127.0.0.1:0` the kernel picks the port: this is the address to use.
+        let addr = listener.local_addr().context("reading the bound address")?;
         tracing::info!(
-            listen = %listener.local_addr()?,
+            listen = %addr,
             store = %store.describe(),
             "cellar serving"
         );
         spawn_staging_cleanup(store.clone(), cfg.upload.staging_max_age);
         let state = AppState::new(cfg, store, loaded.keys)
             .context("opening the NAR disk cache (cache.nar_dir)")?;
+        announce(addr);
         cellar::serve(listener, state, shutdown).await?;
         tracing::info!("stopped");
         Ok(())
     })
+}
+
+/// Prints `listening on http://ADDR` on stdout once the port is open and the app is built, so
+/// a supervisor or a test that asked for port 0 waits for this one line instead of polling the
+/// port. Rust's stdout is line-buffered even into a pipe: the line leaves at once.
+fn announce(addr: std::net::SocketAddr) {
+    use std::io::Write as _;
+    // A closed stdout must not stop the server (the address is in the log too).
+    let _ = writeln!(std::io::stdout(), "listening on http://{addr}");
 }
 
 /// Removes unfinished uploads (aborted multipart uploads, temporary files) at start and hourly.

@@ -5,7 +5,6 @@ mod common;
 
 use std::os::unix::fs::PermissionsExt as _;
 use std::process::{Command, Stdio};
-use std::time::{Duration, Instant};
 
 use common::*;
 
@@ -100,7 +99,7 @@ fn refuses_to_start_with_a_malformed_key_naming_the_file() {
     std::fs::write(d.path().join("bad.sec"), "garbage").unwrap();
     let out = cellar(d.path())
         .args(["serve"])
-        .env("CELLAR_LISTEN", format!("127.0.0.1:{}", free_port()))
+        .env("CELLAR_LISTEN", "127.0.0.1:0")
         .env("CELLAR_SIGNING__KEY_FILES", "bad.sec")
         .output()
         .unwrap();
@@ -116,18 +115,17 @@ fn refuses_to_start_with_a_malformed_key_naming_the_file() {
 #[test]
 fn first_start_creates_a_key_and_prints_the_trusted_key_line_then_stops_on_sigterm() {
     let d = tempfile::tempdir().unwrap();
-    let port = free_port();
-    let child = cellar(d.path())
+    let log = d.path().join("serve.log");
+    let mut child = cellar(d.path())
         .args(["serve"])
-        .env("CELLAR_LISTEN", format!("127.0.0.1:{port}"))
-        .stderr(Stdio::piped())
+        .env("CELLAR_LISTEN", "127.0.0.1:0")
+        .stdout(Stdio::piped())
+        .stderr(std::fs::File::create(&log).unwrap())
         .spawn()
         .unwrap();
-    let deadline = Instant::now() + Duration::from_secs(20);
-    while std::net::TcpStream::connect(("127.0.0.1", port)).is_err() {
-        assert!(Instant::now() < deadline, "did not start");
-        std::thread::sleep(Duration::from_millis(20));
-    }
+    let read_log = || std::fs::read_to_string(&log).unwrap_or_default();
+    let addr = wait_until_listening(&mut child, read_log);
+    std::net::TcpStream::connect(addr).expect("the announced address accepts connections");
     assert!(d.path().join("cellar-data").is_dir());
     let key = std::fs::read_to_string(d.path().join("cellar-key.sec")).unwrap();
     let status = Command::new("kill")
@@ -135,9 +133,9 @@ fn first_start_creates_a_key_and_prints_the_trusted_key_line_then_stops_on_sigte
         .status()
         .unwrap();
     assert!(status.success());
-    let out = child.wait_with_output().unwrap();
-    assert!(out.status.success(), "exit after SIGTERM: {:?}", out.status);
-    let err = String::from_utf8_lossy(&out.stderr);
+    let exit = child.wait().unwrap();
+    assert!(exit.success(), "exit after SIGTERM: {exit:?}");
+    let err = read_log();
     assert!(err.contains("trusted-public-keys = "), "{err}");
     let secret_part = key.split_once(':').unwrap().1;
     assert!(!err.contains(secret_part), "the secret key was printed");

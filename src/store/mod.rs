@@ -5,6 +5,7 @@
 //! request strings.
 
 pub mod local;
+#[cfg(test)]
 pub mod memory;
 pub mod s3;
 
