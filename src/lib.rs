@@ -10,6 +10,7 @@ pub mod error;
 pub mod http;
 pub mod import;
 pub mod keys;
+pub mod mirror;
 pub mod nix;
 pub mod store;
 pub mod upload;

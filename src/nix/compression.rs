@@ -41,6 +41,26 @@ impl Compression {
         }
     }
 
+    /// Whether cellar can decompress it (to verify an upload).
+    pub fn can_decode(self) -> bool {
+        matches!(self, Self::None | Self::Xz | Self::Zstd | Self::Bzip2)
+    }
+
+    /// Whether cellar can re-encode uploads to it, and the levels it takes if so.
+    pub fn encode_levels(self) -> Option<std::ops::RangeInclusive<i32>> {
+        match self {
+            Self::None => Some(0..=0),
+            Self::Xz => Some(0..=9),
+            Self::Zstd => Some(1..=19),
+            Self::Bzip2 | Self::Brotli | Self::Lz4 | Self::Gzip => None,
+        }
+    }
+
+    /// Whether cellar can re-encode uploads to it.
+    pub fn can_encode(self) -> bool {
+        self.encode_levels().is_some()
+    }
+
     /// The compression named by an extension after `.nar.` (without the dot).
     pub fn from_extension(ext: &str) -> Option<Self> {
         match ext {
