@@ -3,14 +3,17 @@
 //! Every variant is matched exhaustively in [`Error::status`], so a new failure mode forces a
 //! decision about its status code. Clients get a short plain reason; 5xx causes are logged here,
 //! once, with details that never reach the client (S3 internals, paths, credentials).
+//!
+//! A store failure is always [`Error::Store`], whichever handler or upload step met it;
+//! [`UploadError`] holds only what is wrong with an upload itself.
 
 use axum::http::{header, HeaderValue, StatusCode};
 use axum::response::{IntoResponse, Response};
 use thiserror::Error;
 
 use crate::nix::names::NameError;
+use crate::nix::NarInfoError;
 use crate::store::StoreError;
-use crate::upload::UploadError;
 
 #[derive(Debug, Clone, Error)]
 pub enum Error {
@@ -18,8 +21,6 @@ pub enum Error {
     NotFound,
     #[error("{0}")]
     BadName(#[from] NameError),
-    #[error("range not satisfiable")]
-    RangeNotSatisfiable { size: u64 },
     #[error(transparent)]
     Store(#[from] StoreError),
     /// No credentials where a token is needed.
@@ -30,9 +31,24 @@ pub enum Error {
     Forbidden(&'static str),
     #[error(transparent)]
     Upload(#[from] UploadError),
-    /// An object in the store is not what the cache layout says it should be.
+    /// A narinfo in the store that is not what the cache layout says it should be.
     #[error("corrupt object {key} in the store: {reason}")]
-    BadObject { key: String, reason: String },
+    BadObject { key: String, reason: NarInfoError },
+}
+
+/// What is wrong with an upload (or a path copied into the store: mirroring, `cellar import`),
+/// as opposed to the store failing while it is written.
+#[derive(Debug, Clone, Error)]
+pub enum UploadError {
+    /// The upload is wrong; the message names the failed check.
+    #[error("{0}")]
+    Rejected(String),
+    /// The request body ended early or broke.
+    #[error("upload body: {0}")]
+    Body(String),
+    /// The server failed while processing it (a worker task died, an encoder failed).
+    #[error("internal upload error: {0}")]
+    Internal(String),
 }
 
 impl Error {
@@ -40,34 +56,22 @@ impl Error {
         match self {
             Self::NotFound => StatusCode::NOT_FOUND,
             Self::BadName(_) => StatusCode::BAD_REQUEST,
-            Self::RangeNotSatisfiable { .. } => StatusCode::RANGE_NOT_SATISFIABLE,
-            Self::Store(e) => match e {
-                StoreError::Unavailable(_) | StoreError::Timeout(_) => {
-                    StatusCode::SERVICE_UNAVAILABLE
-                }
-                StoreError::RangeNotSatisfiable { .. } => StatusCode::RANGE_NOT_SATISFIABLE,
-                StoreError::Misconfigured(_)
-                | StoreError::TooLarge { .. }
-                | StoreError::Other(_) => StatusCode::BAD_GATEWAY,
-            },
+            Self::Store(StoreError::Unavailable(_) | StoreError::Timeout(_)) => {
+                StatusCode::SERVICE_UNAVAILABLE
+            }
+            Self::Store(StoreError::RangeNotSatisfiable { .. }) => {
+                StatusCode::RANGE_NOT_SATISFIABLE
+            }
+            Self::Store(
+                StoreError::Misconfigured(_) | StoreError::TooLarge { .. } | StoreError::Other(_),
+            ) => StatusCode::BAD_GATEWAY,
             Self::BadObject { .. } => StatusCode::BAD_GATEWAY,
             Self::Unauthorized => StatusCode::UNAUTHORIZED,
             Self::Forbidden(_) => StatusCode::FORBIDDEN,
-            Self::Upload(u) => match u {
-                UploadError::Rejected(_) | UploadError::Body(_) => StatusCode::BAD_REQUEST,
-                UploadError::Store(e) => Self::store_status(e),
-                UploadError::Internal(_) => StatusCode::INTERNAL_SERVER_ERROR,
-            },
-        }
-    }
-
-    fn store_status(e: &StoreError) -> StatusCode {
-        match e {
-            StoreError::Unavailable(_) | StoreError::Timeout(_) => StatusCode::SERVICE_UNAVAILABLE,
-            StoreError::RangeNotSatisfiable { .. } => StatusCode::RANGE_NOT_SATISFIABLE,
-            StoreError::Misconfigured(_) | StoreError::TooLarge { .. } | StoreError::Other(_) => {
-                StatusCode::BAD_GATEWAY
+            Self::Upload(UploadError::Rejected(_) | UploadError::Body(_)) => {
+                StatusCode::BAD_REQUEST
             }
+            Self::Upload(UploadError::Internal(_)) => StatusCode::INTERNAL_SERVER_ERROR,
         }
     }
 
@@ -76,8 +80,13 @@ impl Error {
         match self {
             Self::NotFound => "not found".into(),
             Self::BadName(e) => e.to_string(),
-            Self::RangeNotSatisfiable { .. } => "range not satisfiable".into(),
-            Self::Store(e) | Self::Upload(UploadError::Store(e)) => Self::store_reason(e).into(),
+            Self::Store(StoreError::Unavailable(_) | StoreError::Timeout(_)) => {
+                "store unavailable".into()
+            }
+            Self::Store(StoreError::RangeNotSatisfiable { .. }) => "range not satisfiable".into(),
+            Self::Store(
+                StoreError::Misconfigured(_) | StoreError::TooLarge { .. } | StoreError::Other(_),
+            ) => "store error".into(),
             Self::BadObject { .. } => "corrupt object in the store".into(),
             Self::Unauthorized => {
                 "authentication required (a token as netrc password or Bearer)".into()
@@ -89,26 +98,12 @@ impl Error {
         }
     }
 
-    fn store_reason(e: &StoreError) -> &'static str {
-        match e {
-            StoreError::Unavailable(_) | StoreError::Timeout(_) => "store unavailable",
-            StoreError::RangeNotSatisfiable { .. } => "range not satisfiable",
-            StoreError::Misconfigured(_) | StoreError::TooLarge { .. } | StoreError::Other(_) => {
-                "store error"
-            }
-        }
-    }
-
     fn log(&self) {
         match self {
-            Self::Store(StoreError::Misconfigured(m))
-            | Self::Upload(UploadError::Store(StoreError::Misconfigured(m))) => {
+            Self::Store(StoreError::Misconfigured(m)) => {
                 tracing::error!(cause = %m, "store misconfiguration (check credentials, bucket and permissions)")
             }
-            Self::Store(StoreError::Unavailable(_) | StoreError::Timeout(_))
-            | Self::Upload(UploadError::Store(
-                StoreError::Unavailable(_) | StoreError::Timeout(_),
-            )) => {
+            Self::Store(StoreError::Unavailable(_) | StoreError::Timeout(_)) => {
                 tracing::warn!(cause = %self, "store unavailable")
             }
             Self::Upload(UploadError::Rejected(m)) => {
@@ -142,15 +137,7 @@ impl IntoResponse for Error {
                 HeaderValue::from_static("Basic realm=\"cellar\""),
             );
         }
-        let size = match &self {
-            Self::RangeNotSatisfiable { size }
-            | Self::Store(StoreError::RangeNotSatisfiable { size })
-            | Self::Upload(UploadError::Store(StoreError::RangeNotSatisfiable { size })) => {
-                Some(*size)
-            }
-            _ => None,
-        };
-        if let Some(size) = size {
+        if let Self::Store(StoreError::RangeNotSatisfiable { size }) = &self {
             if let Ok(v) = HeaderValue::from_str(&format!("bytes */{size}")) {
                 h.insert(header::CONTENT_RANGE, v);
             }
@@ -177,11 +164,35 @@ mod tests {
         assert_eq!(
             Error::BadObject {
                 key: "k".into(),
-                reason: "r".into()
+                reason: NarInfoError::NotUtf8
             }
             .status(),
             StatusCode::BAD_GATEWAY
         );
+    }
+
+    #[test]
+    fn upload_statuses() {
+        let rejected = Error::Upload(UploadError::Rejected("NarSize 1 does not match".into()));
+        assert_eq!(rejected.status(), StatusCode::BAD_REQUEST);
+        assert_eq!(
+            rejected.public_reason(),
+            "upload rejected: NarSize 1 does not match"
+        );
+        assert_eq!(
+            Error::Upload(UploadError::Body("reset".into())).status(),
+            StatusCode::BAD_REQUEST
+        );
+        let internal = Error::Upload(UploadError::Internal("join error: panic".into()));
+        assert_eq!(internal.status(), StatusCode::INTERNAL_SERVER_ERROR);
+        assert_eq!(internal.public_reason(), "internal error");
+    }
+
+    #[test]
+    fn a_range_outside_the_object_carries_its_size() {
+        let res = Error::Store(StoreError::RangeNotSatisfiable { size: 624 }).into_response();
+        assert_eq!(res.status(), StatusCode::RANGE_NOT_SATISFIABLE);
+        assert_eq!(res.headers()[header::CONTENT_RANGE], "bytes */624");
     }
 
     #[test]

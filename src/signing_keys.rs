@@ -26,6 +26,8 @@ pub enum KeyFileError {
     },
     #[error("invalid key name: {0}")]
     Name(KeyError),
+    #[error("cannot generate a signing key: {0}")]
+    Generate(KeyError),
 }
 
 /// Reads one secret key file.
@@ -112,7 +114,10 @@ pub fn load(cfg: &SigningConfig) -> Result<LoadedKeys, KeyFileError> {
         .generated_key_name
         .clone()
         .unwrap_or_else(default_key_name);
-    let key = SecretKey::generate(&name).map_err(KeyFileError::Name)?;
+    let key = SecretKey::generate(&name).map_err(|e| match e {
+        KeyError::RandomSource(_) => KeyFileError::Generate(e),
+        e => KeyFileError::Name(e),
+    })?;
     write_secret_key(path, &key)?;
     Ok(LoadedKeys {
         keys: vec![key],

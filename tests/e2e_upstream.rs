@@ -124,6 +124,38 @@ async fn a_dead_upstream_is_a_miss_within_its_timeout() {
 }
 
 #[tokio::test(flavor = "multi_thread")]
+async fn head_of_a_nar_only_the_upstream_has_is_its_size() {
+    let f = fixture();
+    let work = tempfile::tempdir().unwrap();
+    let leaf = f.closure.iter().find(|p| p.ends_with("-leaf")).unwrap();
+    let b = upstream_with(&[leaf.as_str()], work.path());
+    let app = App::s3("pull-head")
+        .config(&upstream_config(&b.url, &b.public_key, ""))
+        .spawn()
+        .await;
+    let a = &app.srv;
+    let ni =
+        std::fs::read_to_string(f.xz_dir.join(format!("{}.narinfo", Fixture::hash(leaf)))).unwrap();
+    let url = ni.lines().find_map(|l| l.strip_prefix("URL: ")).unwrap();
+    let nar = format!("{}/{url}", a.url);
+    let c = reqwest::Client::new();
+    // HEAD first: nothing a GET does can have brought the NAR closer.
+    let head = c.head(&nar).send().await.unwrap();
+    assert_eq!(head.status(), 200, "HEAD {nar}\n{}", a.log());
+    // A HEAD response has no body: the size is in the header.
+    let len: u64 = head.headers()[reqwest::header::CONTENT_LENGTH]
+        .to_str()
+        .unwrap()
+        .parse()
+        .unwrap();
+    let get = c.get(&nar).send().await.unwrap();
+    assert_eq!(get.status(), 200, "GET {nar}");
+    let body = get.bytes().await.unwrap();
+    assert_eq!(len, body.len() as u64);
+    assert_eq!(body, std::fs::read(f.xz_dir.join(url)).unwrap());
+}
+
+#[tokio::test(flavor = "multi_thread")]
 async fn mirrored_paths_land_in_the_bucket() {
     let f = fixture();
     let work = tempfile::tempdir().unwrap();

@@ -1,14 +1,24 @@
 //! The HTTP layer: the route table, shared state, and the server loop.
 //!
-//! Routes mirror the binary cache layout. axum cannot route `/{hash}.narinfo` (a parameter with
-//! a static suffix), so `/{file}` and `/nar/{file}` take the whole name and the handlers parse it
-//! into a validated type before anything reaches the store.
+//! Routes mirror the binary cache layout, one module per endpoint family with its GET, HEAD and
+//! PUT side by side: [`cache_info`], [`narinfo`], [`nar`], [`log`], [`listing`], [`realisation`]
+//! (both `/realisations/` and `/build-trace/`), [`health`]; [`object`] holds what the object
+//! endpoints share. axum cannot route `/{hash}.narinfo` (a parameter with a static suffix), so
+//! `/{file}` and `/nar/{file}` take the whole name and the handlers parse it into a validated
+//! type before anything reaches the store; `/{file}` is dispatched here to narinfo or listing.
+//!
+//! PUTs are authorized by the middleware before their handler runs (so a refused PUT never
+//! reads its body, and hyper never sends `100 Continue` for it), and verified by
+//! [`crate::upload`].
 
 mod cache_info;
 mod health;
+mod listing;
+mod log;
+mod nar;
 mod narinfo;
-mod objects;
-mod upload;
+mod object;
+mod realisation;
 
 #[cfg(test)]
 mod tests;
@@ -18,9 +28,10 @@ use std::ops::Deref;
 use std::sync::Arc;
 use std::time::Duration;
 
-use axum::extract::{Request, State};
+use axum::body::Body;
+use axum::extract::{Path, Request, State};
 use axum::http::Method;
-use axum::http::{header, HeaderValue, StatusCode};
+use axum::http::{header, HeaderMap, HeaderValue, StatusCode};
 use axum::middleware::{self, Next};
 use axum::response::IntoResponse as _;
 use axum::response::Response;
@@ -38,7 +49,8 @@ use crate::cache::narinfo::NarInfoCache;
 use crate::config::Config;
 use crate::config::Scope;
 use crate::error::Error;
-use crate::nix::SecretKey;
+use crate::mirror::Mirror;
+use crate::nix::{SecretKey, TopLevelFile};
 use crate::store::Store;
 use crate::upload::Uploader;
 use crate::upstream::{Upstreams, WithUpstreams};
@@ -51,7 +63,9 @@ pub struct App {
     pub config: Config,
     pub store: Arc<dyn Store>,
     pub tokens: Tokens,
-    pub uploader: Uploader,
+    pub uploader: Arc<Uploader>,
+    /// Copies paths from upstreams marked `mirror = true` into the store, in the background.
+    pub mirror: Mirror,
     pub narinfos: NarInfoCache,
     /// `Cache-Control` of narinfo answers, built once.
     pub narinfo_cache_control: HeaderValue,
@@ -104,12 +118,13 @@ impl AppState {
                 upstreams: upstreams.clone(),
             })
         };
-        let uploader = Uploader::new(
+        let uploader = Arc::new(Uploader::new(
             &config.upload,
             &config.store_dir,
             store.clone(),
             (!upstreams.is_empty()).then(|| upstreams.clone()),
-        );
+        ));
+        let mirror = Mirror::new(uploader.clone(), reads.clone());
         let narinfo_cache_control = HeaderValue::from_str(&format!(
             "public, max-age={}",
             config.narinfo_max_age.as_secs()
@@ -122,6 +137,7 @@ impl AppState {
             upstreams,
             reads,
             uploader,
+            mirror,
             tokens: Tokens::from_config(&config.auth),
             config,
             store,
@@ -134,24 +150,22 @@ impl AppState {
 /// The router with every route and middleware.
 pub fn app(state: AppState) -> Router {
     let cache = Router::new()
-        .route(
-            "/nix-cache-info",
-            get(cache_info::get).put(upload::put_cache_info),
-        )
-        .route("/nar/{file}", get(objects::nar).put(upload::put_nar))
-        .route("/log/{drv}", get(objects::log).put(upload::put_log))
+        .route("/nix-cache-info", get(cache_info::get).put(cache_info::put))
+        .route("/nar/{file}", get(nar::get).head(nar::head).put(nar::put))
+        .route("/log/{drv}", get(log::get).head(log::head).put(log::put))
         .route(
             "/realisations/{id}",
-            get(objects::realisation).put(upload::put_realisation),
+            get(realisation::get)
+                .head(realisation::head)
+                .put(realisation::put),
         )
         .route(
             "/build-trace/{drv}/{output}",
-            get(objects::build_trace).put(upload::put_build_trace),
+            get(realisation::get_build_trace)
+                .head(realisation::head_build_trace)
+                .put(realisation::put_build_trace),
         )
-        .route(
-            "/{file}",
-            get(narinfo::top_level).put(upload::put_top_level),
-        )
+        .route("/{file}", get(get_file).head(head_file).put(put_file))
         .route_layer(middleware::from_fn_with_state(state.clone(), authorize));
     Router::new()
         .route("/healthz", get(health::healthz))
@@ -168,6 +182,44 @@ pub fn app(state: AppState) -> Router {
 
 async fn not_found() -> Error {
     Error::NotFound
+}
+
+/// The top-level file `/{file}` names. Anything that is not a cache file name is simply not
+/// here (favicon.ico, robots.txt, …): 404, not 400.
+fn top_level(file: &str) -> Result<TopLevelFile, Error> {
+    file.parse().map_err(|_| Error::NotFound)
+}
+
+async fn get_file(
+    State(st): State<AppState>,
+    Path(file): Path<String>,
+    headers: HeaderMap,
+) -> Result<Response, Error> {
+    match top_level(&file)? {
+        TopLevelFile::NarInfo(h) => narinfo::get(&st, h).await,
+        TopLevelFile::Listing(h) => listing::get(&st, h, &headers).await,
+    }
+}
+
+async fn head_file(
+    State(st): State<AppState>,
+    Path(file): Path<String>,
+) -> Result<Response, Error> {
+    match top_level(&file)? {
+        TopLevelFile::NarInfo(h) => narinfo::head(&st, h).await,
+        TopLevelFile::Listing(h) => listing::head(&st, h).await,
+    }
+}
+
+async fn put_file(
+    State(st): State<AppState>,
+    Path(file): Path<String>,
+    body: Body,
+) -> Result<StatusCode, Error> {
+    match top_level(&file)? {
+        TopLevelFile::NarInfo(h) => narinfo::put(&st, h, body).await,
+        TopLevelFile::Listing(h) => listing::put(&st, h, body).await,
+    }
 }
 
 /// Reads need a `read` token in private mode; everything else needs a `write` token.

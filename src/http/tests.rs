@@ -167,3 +167,56 @@ async fn without_a_memory_cache_concurrent_misses_still_coalesce() {
     }
     assert_eq!(mem.requests(), 1);
 }
+
+async fn head(st: &AppState, path: &str) -> (StatusCode, Option<String>) {
+    let res = app(st.clone())
+        .oneshot(Request::head(path).body(Body::empty()).unwrap())
+        .await
+        .unwrap();
+    let len = res
+        .headers()
+        .get(axum::http::header::CONTENT_LENGTH)
+        .map(|v| v.to_str().unwrap().to_owned());
+    (res.status(), len)
+}
+
+const NAR_FILE: &str = "07yp7gw2d9vmfgl2rd063i75qwkfbrgvqngp5yz2pk6iadzlckh7";
+
+#[tokio::test]
+async fn head_of_a_nar_has_the_length_of_its_get() {
+    let mem = Arc::new(MemoryStore::new());
+    mem.insert(&format!("nar/{NAR_FILE}.nar.xz"), vec![1u8; 300]);
+    let st = state(Config::default(), &mem);
+    let path = format!("/nar/{NAR_FILE}.nar.xz");
+    let (s, body) = get(&st, &path).await;
+    assert_eq!(s, StatusCode::OK);
+    assert_eq!(
+        head(&st, &path).await,
+        (StatusCode::OK, Some(body.len().to_string()))
+    );
+    let missing = format!("/nar/{NAR_FILE}.nar.zst");
+    assert_eq!(head(&st, &missing).await.0, StatusCode::NOT_FOUND);
+}
+
+#[tokio::test]
+async fn head_of_a_nar_finds_it_re_encoded_on_upload() {
+    let mem = Arc::new(MemoryStore::new());
+    // Uploaded as .nar.xz, stored re-encoded as .nar.zst.
+    mem.insert(&format!("nar/{NAR_FILE}.nar.zst"), vec![1u8; 200]);
+    let mut cfg = Config::default();
+    cfg.upload.recompress = Some(crate::config::Recompression {
+        compression: crate::nix::Compression::Zstd,
+        level: None,
+    });
+    let st = state(cfg, &mem);
+    assert_eq!(
+        head(&st, &format!("/nar/{NAR_FILE}.nar.xz")).await,
+        (StatusCode::OK, Some("200".into()))
+    );
+    // Without recompression, the name the client used is all there is.
+    let st = state(Config::default(), &mem);
+    assert_eq!(
+        head(&st, &format!("/nar/{NAR_FILE}.nar.xz")).await.0,
+        StatusCode::NOT_FOUND
+    );
+}

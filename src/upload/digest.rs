@@ -10,10 +10,9 @@ use futures::{Stream, StreamExt as _};
 use sha2::Digest as _;
 use tokio::sync::mpsc;
 
+use crate::error::{Error, UploadError};
 use crate::nix::{Compression, Sha256};
 use crate::store::ObjectWriter;
-
-use super::UploadError;
 
 /// What a NAR file hashes to.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -33,17 +32,21 @@ pub struct NarDigest {
     pub output: FileDigest,
 }
 
-/// Compressions whose decoders the pipeline has.
-pub fn can_decode(c: Compression) -> bool {
-    matches!(
-        c,
-        Compression::None | Compression::Xz | Compression::Zstd | Compression::Bzip2
-    )
+/// Compressions the server can re-encode to: [`Compression::can_encode`], kept here only for
+/// config.rs, which still calls it by this path (it is being rewritten to call the method).
+pub fn can_encode(c: Compression) -> bool {
+    c.can_encode()
 }
 
-/// Compressions the server can re-encode to.
-pub fn can_encode(c: Compression) -> bool {
-    matches!(c, Compression::None | Compression::Xz | Compression::Zstd)
+/// Refuses NARs whose compression the pipeline cannot undo: their NarHash could not be checked.
+pub(super) fn check_decodable(c: Compression) -> Result<(), UploadError> {
+    if c.can_decode() {
+        Ok(())
+    } else {
+        Err(UploadError::Rejected(format!(
+            "NARs compressed with {c} cannot be verified; upload with xz, zstd, bzip2 or none"
+        )))
+    }
 }
 
 /// The first bytes of every NAR: the length-prefixed string "nix-archive-1".
@@ -127,7 +130,14 @@ impl Encoder {
             Compression::Zstd => {
                 Self::Zstd(zstd::stream::write::Encoder::new(out, level.unwrap_or(3))?)
             }
-            _ => Self::Plain(out),
+            Compression::None => Self::Plain(out),
+            // Config validation keeps these out; never store plain bytes under their names.
+            other => {
+                return Err(io::Error::new(
+                    io::ErrorKind::Unsupported,
+                    format!("cannot encode to {other}"),
+                ));
+            }
         })
     }
     fn finish(self) -> io::Result<OutSink> {
@@ -193,6 +203,7 @@ impl Decoder {
             Compression::Xz => Self::Xz(liblzma::write::XzDecoder::new_multi_decoder(sink)),
             Compression::Zstd => Self::Zstd(zstd::stream::write::Decoder::new(sink)?),
             Compression::Bzip2 => Self::Bzip2(bzip2::write::BzDecoder::new(sink)),
+            // Refused by `check_decodable` before a decoder is built.
             other => {
                 return Err(io::Error::new(
                     io::ErrorKind::Unsupported,
@@ -228,21 +239,18 @@ fn rejected(e: io::Error) -> UploadError {
 
 /// Runs `body` (compressed with `input`) through the pipeline. With `writer`, the bytes to
 /// store — the body as received, or re-encoded to `recompress` — are written to it (the caller
-/// commits or aborts it). Body errors come back as [`UploadError::Body`].
+/// commits or aborts it). Body errors come back as [`UploadError::Body`], the writer's as
+/// [`Error::Store`].
 pub async fn digest<S>(
     body: S,
     input: Compression,
     recompress: Option<(Compression, Option<i32>)>,
     writer: Option<&mut Box<dyn ObjectWriter>>,
-) -> Result<NarDigest, UploadError>
+) -> Result<NarDigest, Error>
 where
     S: Stream<Item = io::Result<Bytes>> + Send + 'static,
 {
-    if !can_decode(input) {
-        return Err(UploadError::Rejected(format!(
-            "NARs compressed with {input} cannot be verified; use xz, zstd, bzip2 or none"
-        )));
-    }
+    check_decodable(input)?;
     let (in_tx, mut in_rx) = mpsc::channel::<Bytes>(8);
     let (out_tx, mut out_rx) = mpsc::channel::<Bytes>(8);
     let want_output = writer.is_some();
@@ -260,7 +268,7 @@ where
                         buf: Vec::with_capacity(OUT_CHUNK),
                     },
                 )
-                .map_err(|e| UploadError::Internal(e.to_string()))?,
+                .map_err(|e| UploadError::Internal(format!("starting the {c} encoder: {e}")))?,
             ),
             _ => None,
         };
@@ -288,11 +296,12 @@ where
         let nar = sink.hash.finish();
         let output = match sink.encoder {
             Some(e) => {
-                let mut out = e
-                    .finish()
-                    .map_err(|e| UploadError::Internal(e.to_string()))?;
-                out.send()
-                    .map_err(|e| UploadError::Internal(e.to_string()))?;
+                let mut out = e.finish().map_err(|e| {
+                    UploadError::Internal(format!("finishing the re-encoded NAR: {e}"))
+                })?;
+                out.send().map_err(|e| {
+                    UploadError::Internal(format!("passing on the re-encoded NAR: {e}"))
+                })?;
                 out.hash.finish()
             }
             None => input,
@@ -323,15 +332,15 @@ where
     drop(out_rx);
     let fed = feeder
         .await
-        .map_err(|e| UploadError::Internal(e.to_string()))?;
+        .map_err(|e| UploadError::Internal(format!("the body reader task failed: {e}")))?;
     let result = worker
         .await
-        .map_err(|e| UploadError::Internal(e.to_string()))?;
+        .map_err(|e| UploadError::Internal(format!("the NAR digest task failed: {e}")))?;
     fed?;
     if let Some(e) = write_err {
-        return Err(UploadError::Store(e));
+        return Err(Error::Store(e));
     }
-    result
+    Ok(result?)
 }
 
 #[cfg(test)]
@@ -391,7 +400,10 @@ mod tests {
         )
         .await
         .unwrap_err();
-        assert!(matches!(e, UploadError::Rejected(_)), "{e:?}");
+        assert!(
+            matches!(e, Error::Upload(UploadError::Rejected(_))),
+            "{e:?}"
+        );
         let plain = nar(&[1u8; 5000]);
         let mut xz = {
             let mut e = liblzma::write::XzEncoder::new(Vec::new(), 6);
@@ -402,11 +414,45 @@ mod tests {
         let e = digest(chunks(xz), Compression::Xz, None, None)
             .await
             .unwrap_err();
-        assert!(matches!(e, UploadError::Rejected(_)), "{e:?}");
+        assert!(
+            matches!(e, Error::Upload(UploadError::Rejected(_))),
+            "{e:?}"
+        );
         let e = digest(chunks(plain), Compression::Brotli, None, None)
             .await
             .unwrap_err();
-        assert!(matches!(e, UploadError::Rejected(_)), "{e:?}");
+        assert!(
+            matches!(e, Error::Upload(UploadError::Rejected(_))),
+            "{e:?}"
+        );
+    }
+
+    /// `Compression::can_decode`/`can_encode` promise exactly the codecs built here.
+    #[test]
+    fn capabilities_match_the_codecs() {
+        for c in [
+            Compression::None,
+            Compression::Xz,
+            Compression::Zstd,
+            Compression::Bzip2,
+            Compression::Brotli,
+            Compression::Lz4,
+            Compression::Gzip,
+        ] {
+            let sink = NarSink {
+                hash: Hashing::new(),
+                head: Vec::new(),
+                encoder: None,
+            };
+            assert_eq!(Decoder::new(c, sink).is_ok(), c.can_decode(), "{c}");
+            let (tx, _rx) = mpsc::channel(1);
+            let out = OutSink {
+                tx,
+                hash: Hashing::new(),
+                buf: Vec::new(),
+            };
+            assert_eq!(Encoder::new(c, None, out).is_ok(), c.can_encode(), "{c}");
+        }
     }
 
     #[tokio::test]
@@ -416,7 +462,7 @@ mod tests {
             Err(io::Error::other("client went away")),
         ]);
         let e = digest(s, Compression::None, None, None).await.unwrap_err();
-        assert!(matches!(e, UploadError::Body(_)), "{e:?}");
+        assert!(matches!(e, Error::Upload(UploadError::Body(_))), "{e:?}");
     }
 
     #[tokio::test]

@@ -12,38 +12,34 @@
 //! The digest of each NAR uploaded through this process is remembered, so the narinfo that
 //! follows is checked without reading the NAR back; a NAR uploaded elsewhere (another replica,
 //! an earlier run) is read back and digested once.
+//!
+//! Paths that come from elsewhere (an upstream being mirrored, a directory being imported) go
+//! through the same checks, by [`Uploader::copy_path`].
+//!
+//! Errors: what is wrong with the upload is [`UploadError`] (a 400 for HTTP clients); the
+//! store failing on the way is [`Error::Store`], as for any request.
 
 pub mod digest;
 
 use std::collections::HashMap;
+use std::future::Future;
 use std::sync::{Arc, Mutex};
 
 use bytes::Bytes;
 use futures::{Stream, StreamExt as _, TryStreamExt as _};
-use thiserror::Error;
 
 use crate::config::{Recompression, UploadConfig};
+use crate::error::{Error, UploadError};
 use crate::nix::{Compression, NarFileName, NarInfo, PublicKey, StorePathHash};
 use crate::store::{keys, Store, StoreError};
 
 pub use digest::{FileDigest, NarDigest};
 
-#[derive(Debug, Clone, Error)]
-pub enum UploadError {
-    /// The upload is wrong; the message names the failed check.
-    #[error("{0}")]
-    Rejected(String),
-    /// The request body ended early or broke.
-    #[error("upload body: {0}")]
-    Body(String),
-    #[error(transparent)]
-    Store(#[from] StoreError),
-    #[error("internal upload error: {0}")]
-    Internal(String),
-}
+/// Build logs larger than this are refused (HTTP uploads and `cellar import`).
+pub const MAX_LOG_BYTES: u64 = 1 << 30;
 
-fn rejected(msg: impl Into<String>) -> UploadError {
-    UploadError::Rejected(msg.into())
+fn rejected(msg: impl Into<String>) -> Error {
+    Error::Upload(UploadError::Rejected(msg.into()))
 }
 
 /// What the store holds for a NAR name a client used.
@@ -73,6 +69,7 @@ pub struct Uploader {
 }
 
 /// The result of a narinfo upload.
+#[derive(Debug)]
 pub struct Accepted {
     pub hash: StorePathHash,
     /// The narinfo as stored (rewritten after recompression).
@@ -112,51 +109,46 @@ impl Uploader {
             .cloned()
     }
 
-    /// The name a NAR uploaded as `name` is stored under.
-    fn stored_name(
-        &self,
-        name: &NarFileName,
-    ) -> Result<(NarFileName, Option<Compression>), UploadError> {
+    /// Where a NAR uploaded as `name` is stored when uploads are re-encoded to another
+    /// compression: that name and compression. `None` if it is stored as sent.
+    fn reencoded(&self, name: &NarFileName) -> Option<(NarFileName, Compression)> {
         let incoming = name.compression_from_ext().unwrap_or(Compression::None);
         match self.recompress {
             Some(Recompression {
                 compression: target,
                 ..
-            }) if target != incoming => {
-                let hash = name.as_str().split('.').next().unwrap_or_default();
-                let stored = NarFileName::new(hash, target)
-                    .map_err(|e| UploadError::Internal(e.to_string()))?;
-                Ok((stored, Some(target)))
-            }
-            _ => Ok((name.clone(), None)),
+            }) if target != incoming => Some((name.with_compression(target), target)),
+            _ => None,
         }
     }
 
-    /// The size of the NAR a client would find under `name`: the object itself, or the
-    /// re-encoded copy it was stored as. Answers `HEAD nar/<file>` so repeated uploads are
-    /// skipped.
-    pub async fn nar_size(&self, name: &NarFileName) -> Result<Option<u64>, StoreError> {
-        if let Some(size) = self.store.head(&keys::nar(name)).await? {
-            return Ok(Some(size));
+    /// The size of the re-encoded copy a NAR uploaded as `name` was stored as, if any. Lets
+    /// `HEAD nar/<file>` find it under the name the client uploaded, so a client that probes
+    /// before uploading does not upload it again.
+    pub async fn reencoded_size(&self, name: &NarFileName) -> Result<Option<u64>, StoreError> {
+        match self.reencoded(name) {
+            Some((stored, _)) => self.store.head(&keys::nar(&stored)).await,
+            None => Ok(None),
         }
-        let Ok((stored, Some(_))) = self.stored_name(name) else {
-            return Ok(None);
-        };
-        self.store.head(&keys::nar(&stored)).await
+    }
+
+    /// Whether the store holds the NAR a client would find under `name`: the object itself,
+    /// or the re-encoded copy it was stored as.
+    async fn has_nar(&self, name: &NarFileName) -> Result<bool, StoreError> {
+        if self.store.head(&keys::nar(name)).await?.is_some() {
+            return Ok(true);
+        }
+        Ok(self.reencoded_size(name).await?.is_some())
     }
 
     /// Streams a NAR into the store, verified.
-    pub async fn put_nar<S>(&self, name: &NarFileName, body: S) -> Result<NarDigest, UploadError>
+    pub async fn put_nar<S>(&self, name: &NarFileName, body: S) -> Result<NarDigest, Error>
     where
         S: Stream<Item = std::io::Result<Bytes>> + Send + 'static,
     {
         let incoming = name.compression_from_ext().unwrap_or(Compression::None);
-        if !digest::can_decode(incoming) {
-            return Err(rejected(format!(
-                "NARs compressed with {incoming} cannot be verified; upload with xz, zstd, bzip2 or none"
-            )));
-        }
-        let name_hash = name.as_str().split('.').next().unwrap_or_default();
+        digest::check_decodable(incoming)?;
+        let name_hash = name.file_hash();
         if name_hash.len() != 52 {
             // The name must be the file's sha256, which is what makes re-uploads idempotent
             // and an object under it impossible to swap for other bytes.
@@ -164,7 +156,10 @@ impl Uploader {
                 "a NAR's name must be the nix-base32 sha256 of the file (52 characters)",
             ));
         }
-        let (stored, target) = self.stored_name(name)?;
+        let (stored, target) = match self.reencoded(name) {
+            Some((stored, target)) => (stored, Some(target)),
+            None => (name.clone(), None),
+        };
         let recompress = target.map(|t| (t, self.recompress.and_then(|r| r.level)));
         let mut w = self.store.writer(&keys::nar(&stored)).await?;
         let d = match digest::digest(body, incoming, recompress, Some(&mut w)).await {
@@ -196,9 +191,9 @@ impl Uploader {
     }
 
     /// Finds and digests a NAR this process did not see being uploaded.
-    async fn verify_stored(&self, name: &NarFileName) -> Result<Option<VerifiedNar>, UploadError> {
+    async fn verify_stored(&self, name: &NarFileName) -> Result<Option<VerifiedNar>, Error> {
         let mut candidates = vec![name.clone()];
-        if let (stored, Some(_)) = self.stored_name(name)? {
+        if let Some((stored, _)) = self.reencoded(name) {
             candidates.push(stored);
         }
         for cand in candidates {
@@ -206,10 +201,13 @@ impl Uploader {
                 continue;
             };
             let c = cand.compression_from_ext().unwrap_or(Compression::None);
+            // The body is the store's: a broken one is the store failing, not a client.
             let d = digest::digest(obj.body, c, None, None)
                 .await
                 .map_err(|e| match e {
-                    UploadError::Body(b) => UploadError::Store(StoreError::Other(b)),
+                    Error::Upload(UploadError::Body(b)) => Error::Store(StoreError::Other(
+                        format!("reading {} back: {b}", keys::nar(&cand)),
+                    )),
                     other => other,
                 })?;
             let v = VerifiedNar {
@@ -225,27 +223,37 @@ impl Uploader {
         Ok(None)
     }
 
-    /// Accepts a narinfo for `hash` if every check passes, and writes it.
-    pub async fn put_narinfo(
-        &self,
-        hash: StorePathHash,
-        text: &str,
-    ) -> Result<Accepted, UploadError> {
-        let sd = &self.store_dir;
-        let mut info = NarInfo::parse(text, sd)
-            .map_err(|e| rejected(format!("narinfo does not parse: {e}")))?;
-        if info.hash() != hash {
-            return Err(rejected(format!(
-                "StorePath {sd}/{} does not match the name {hash}.narinfo",
-                info.store_path
-            )));
+    /// Accepts the narinfo uploaded as `<hash>.narinfo` if every check passes, and writes it.
+    pub async fn put_narinfo(&self, hash: StorePathHash, raw: &[u8]) -> Result<Accepted, Error> {
+        let info = NarInfo::parse_for(raw, &self.store_dir, hash)
+            .map_err(|e| rejected(format!("bad narinfo: {e}")))?;
+        self.accept_narinfo(info).await
+    }
+
+    /// Copies a path into the store, verified exactly like an upload: its NAR, unless the
+    /// store already has it (under its name or re-encoded), read from `fetch_nar` only then;
+    /// then its narinfo, last, which is what makes the path visible. For paths that come from
+    /// elsewhere: an upstream being mirrored, a directory being imported.
+    pub async fn copy_path<F, Fut, S>(&self, info: NarInfo, fetch_nar: F) -> Result<Accepted, Error>
+    where
+        F: FnOnce(NarFileName) -> Fut,
+        Fut: Future<Output = Result<S, Error>>,
+        S: Stream<Item = std::io::Result<Bytes>> + Send + 'static,
+    {
+        let name = info.nar_file().map_err(|e| rejected(e.to_string()))?;
+        if !self.has_nar(&name).await? {
+            let body = fetch_nar(name.clone()).await?;
+            self.put_nar(&name, body).await?;
         }
-        let url_name: NarFileName = info
-            .url
-            .strip_prefix("nar/")
-            .ok_or_else(|| rejected(format!("URL {:?} must be nar/<file>", info.url)))?
-            .parse()
-            .map_err(|e| rejected(format!("URL {:?}: {e}", info.url)))?;
+        self.accept_narinfo(info).await
+    }
+
+    /// The checks of a narinfo against its NAR, its signatures and its references; writes it
+    /// if they pass.
+    async fn accept_narinfo(&self, mut info: NarInfo) -> Result<Accepted, Error> {
+        let sd = &self.store_dir;
+        let hash = info.hash();
+        let url_name = info.nar_file().map_err(|e| rejected(e.to_string()))?;
         if let Some(ext) = url_name.compression_from_ext() {
             if ext != info.compression {
                 return Err(rejected(format!(
@@ -313,7 +321,7 @@ impl Uploader {
         })
     }
 
-    async fn check_references(&self, info: &NarInfo) -> Result<(), UploadError> {
+    async fn check_references(&self, info: &NarInfo) -> Result<(), Error> {
         let own = info.hash();
         let refs: Vec<(StorePathHash, String)> = info
             .references
@@ -358,7 +366,7 @@ impl Uploader {
     }
 
     /// Stores a listing, log or realisation as sent, streamed.
-    pub async fn put_plain<S>(&self, key: &str, body: S, limit: u64) -> Result<(), UploadError>
+    pub async fn put_plain<S>(&self, key: &str, body: S, limit: u64) -> Result<(), Error>
     where
         S: Stream<Item = std::io::Result<Bytes>> + Send,
     {
@@ -370,7 +378,7 @@ impl Uploader {
                 Ok(c) => c,
                 Err(e) => {
                     w.abort().await;
-                    return Err(UploadError::Body(e.to_string()));
+                    return Err(UploadError::Body(e.to_string()).into());
                 }
             };
             n += chunk.len() as u64;
@@ -387,3 +395,6 @@ impl Uploader {
         Ok(())
     }
 }
+
+#[cfg(test)]
+mod tests;

@@ -1,0 +1,71 @@
+//! `/nar/<file>`: the NARs, named `<filehash>.nar[.<ext>]`.
+//!
+//! - GET streams the NAR from the NAR disk cache when one is configured (it fills itself from
+//!   the read path), else from the read path (the store, then the upstreams). Ranges are
+//!   honoured: Nix resumes broken downloads with them.
+//! - HEAD answers with the size a GET would stream, through the same read path, so a NAR only
+//!   an upstream has is found by HEAD too. It also finds a NAR that was re-encoded on upload
+//!   and stored under another extension: Nix sends `HEAD nar/<file>` before each upload, and a
+//!   404 there would make it upload the NAR again.
+//! - PUT is an upload (`nix copy --to`), verified by [`crate::upload`] before it is visible.
+
+use axum::body::Body;
+use axum::extract::{Path, State};
+use axum::http::{HeaderMap, StatusCode};
+use axum::response::Response;
+
+use super::object::{self, Kind};
+use super::AppState;
+use crate::cache::nar::Lookup;
+use crate::error::Error;
+use crate::nix::NarFileName;
+use crate::store::keys;
+
+pub(super) async fn get(
+    State(st): State<AppState>,
+    Path(file): Path<String>,
+    headers: HeaderMap,
+) -> Result<Response, Error> {
+    let f: NarFileName = file.parse()?;
+    let key = keys::nar(&f);
+    if let Some(cache) = &st.nars {
+        match cache
+            .get(&f, &key, object::range_of(&headers), &st.reads)
+            .await?
+        {
+            Lookup::Object(obj) => return Ok(object::object_response(obj, Kind::Nar)),
+            Lookup::NotFound => return Err(Error::NotFound),
+            Lookup::Bypass => {}
+        }
+    }
+    object::get(&st, &key, Kind::Nar, &headers).await
+}
+
+pub(super) async fn head(
+    State(st): State<AppState>,
+    Path(file): Path<String>,
+) -> Result<Response, Error> {
+    let f: NarFileName = file.parse()?;
+    let size = match st.reads.head(&keys::nar(&f)).await? {
+        Some(size) => Some(size),
+        None => st.uploader.reencoded_size(&f).await?,
+    };
+    Ok(object::head_response(
+        size.ok_or(Error::NotFound)?,
+        Kind::Nar,
+    ))
+}
+
+pub(super) async fn put(
+    State(st): State<AppState>,
+    Path(file): Path<String>,
+    body: Body,
+) -> Result<StatusCode, Error> {
+    let name: NarFileName = file.parse()?;
+    let d = st
+        .uploader
+        .put_nar(&name, object::body_stream(body))
+        .await?;
+    tracing::info!(nar = %name, size = d.input.size, nar_size = d.nar.size, "NAR uploaded");
+    Ok(StatusCode::CREATED)
+}
