@@ -12,7 +12,7 @@ use axum::http::{header, HeaderMap, HeaderValue, Method, StatusCode};
 use axum::response::{IntoResponse, Response};
 
 use super::AppState;
-use crate::cache::nar::Lookup;
+use crate::cache::nar::NarCacheAnswer;
 use crate::error::Error;
 use crate::nix::{NarFileName, OutputName, RealisationName, StorePathBaseName};
 use crate::store::{keys, ByteRange, Object};
@@ -124,9 +124,9 @@ pub(super) async fn nar(
     let key = keys::nar(&f);
     if let Some(cache) = &st.nars {
         match cache.get(&f, &key, range_of(&headers), &st.reads).await? {
-            Lookup::Object(obj) => return Ok(object_response(obj, Kind::Nar)),
-            Lookup::NotFound => return Err(Error::NotFound),
-            Lookup::Bypass => {}
+            NarCacheAnswer::Object(obj) => return Ok(object_response(obj, Kind::Nar)),
+            NarCacheAnswer::NotFound => return Err(Error::NotFound),
+            NarCacheAnswer::Bypass => {}
         }
     }
     serve(&st, key, Kind::Nar, &headers, false).await
