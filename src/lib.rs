@@ -4,6 +4,7 @@
 //! [`nix`] holds the pure protocol code (names, narinfos, signatures) that both use.
 
 pub mod auth;
+pub mod backoff;
 pub mod cache;
 pub mod config;
 pub mod error;

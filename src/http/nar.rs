@@ -16,7 +16,7 @@ use axum::response::Response;
 
 use super::object::{self, Kind};
 use super::AppState;
-use crate::cache::nar::Lookup;
+use crate::cache::nar::NarCacheAnswer;
 use crate::error::Error;
 use crate::nix::NarFileName;
 use crate::store::keys;
@@ -33,9 +33,9 @@ pub(super) async fn get(
             .get(&f, &key, object::range_of(&headers), &st.reads)
             .await?
         {
-            Lookup::Object(obj) => return Ok(object::object_response(obj, Kind::Nar)),
-            Lookup::NotFound => return Err(Error::NotFound),
-            Lookup::Bypass => {}
+            NarCacheAnswer::Object(obj) => return Ok(object::object_response(obj, Kind::Nar)),
+            NarCacheAnswer::NotFound => return Err(Error::NotFound),
+            NarCacheAnswer::Bypass => {}
         }
     }
     object::get(&st, &key, Kind::Nar, &headers).await

@@ -118,10 +118,6 @@ impl NarInfo {
     /// upstream): a narinfo whose `StorePath:` lies in `store_dir` and has the hash `expected`.
     /// The size limit ([`MAX_NARINFO_BYTES`]) is the reader's to apply, before the bytes are
     /// all in memory.
-    ///
-    /// TODO(merge): `Upstreams::check` in upstream.rs still does this (and `nar_file`) by hand,
-    /// with its own 16 MiB constant; switch it to this, [`Self::nar_file`] and
-    /// [`MAX_NARINFO_BYTES`].
     pub fn parse_for(
         raw: &[u8],
         store_dir: &str,
