@@ -12,7 +12,7 @@ use tokio_util::io::ReaderStream;
 
 use crate::error::{Error, UploadError};
 use crate::nix::{NarFileName, NarInfo, StorePathBaseName, StorePathHash};
-use crate::store::{keys, Store};
+use crate::store::{object_key, Store};
 use crate::upload::{Uploader, MAX_LOG_BYTES};
 
 #[derive(Debug, Error)]
@@ -142,7 +142,7 @@ pub async fn import_dir(
         };
         let label = format!("{store_dir}/{}", info.store_path);
         progress.advance(&label);
-        if store.head(&keys::narinfo(h)).await?.is_some() {
+        if store.head(&object_key::narinfo(h)).await?.is_some() {
             summary.skipped += 1;
             continue;
         }
@@ -176,16 +176,16 @@ async fn import_one(
     let listing = dir.join(format!("{h}.ls"));
     if let Ok(data) = tokio::fs::read(&listing).await {
         store
-            .put_bytes(&keys::listing(h), Bytes::from(data))
+            .put_bytes(&object_key::listing(h), Bytes::from(data))
             .await?;
     }
     if let Some(drv) = &deriver {
         let log = dir.join("log").join(drv.as_str());
         if let Ok(f) = tokio::fs::File::open(&log).await {
-            if store.head(&keys::log(drv)).await?.is_none() {
+            if store.head(&object_key::log(drv)).await?.is_none() {
                 let body = ReaderStream::with_capacity(f, READ_CHUNK).boxed();
                 uploader
-                    .put_plain(&keys::log(drv), body, MAX_LOG_BYTES)
+                    .put_plain(&object_key::log(drv), body, MAX_LOG_BYTES)
                     .await?;
             }
         }

@@ -234,8 +234,7 @@ fn serve(path: Option<&Path>) -> anyhow::Result<()> {
             "cellar serving"
         );
         spawn_staging_cleanup(store.clone(), cfg.upload.staging_max_age);
-        let state = AppState::new(cfg, store, loaded.keys)
-            .context("opening the NAR disk cache (cache.nar_dir)")?;
+        let state = AppState::new(cfg, store, loaded.keys)?;
         announce(addr);
         cellar::serve(listener, state, shutdown).await?;
         tracing::info!("stopped");

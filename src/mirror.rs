@@ -12,7 +12,7 @@ use tokio::sync::Semaphore;
 
 use crate::error::{Error, UploadError};
 use crate::nix::NarInfo;
-use crate::store::{keys, Store};
+use crate::store::{object_key, Store};
 use crate::upload::Uploader;
 
 /// Copies running at once. Reads must not wait behind a crowd of background copies, and anyone
@@ -50,11 +50,14 @@ impl Mirror {
             let _permit = permit;
             let path = info.store_path.clone();
             let fetch_nar = |name| async move {
-                let obj = reads.get(&keys::nar(&name), None).await?.ok_or_else(|| {
-                    Error::Upload(UploadError::Rejected(format!(
-                        "no upstream has its NAR {name}"
-                    )))
-                })?;
+                let obj = reads
+                    .get(&object_key::nar(&name), None)
+                    .await?
+                    .ok_or_else(|| {
+                        Error::Upload(UploadError::Rejected(format!(
+                            "no upstream has its NAR {name}"
+                        )))
+                    })?;
                 Ok(obj.body)
             };
             match uploader.copy_path(info, fetch_nar).await {

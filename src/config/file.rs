@@ -209,27 +209,15 @@ impl StoreSection {
     }
 
     fn validate_s3(self, connect_timeout: Duration) -> Result<S3StoreConfig, ConfigError> {
-        let bucket = match self.bucket {
-            None => {
-                return Err(ConfigError::invalid(
-                    "store.bucket",
-                    "is required when store.kind = \"s3\"",
-                ))
-            }
-            Some(b) if b.is_empty() => {
-                return Err(ConfigError::invalid(
-                    "store.bucket",
-                    "is required when store.kind = \"s3\"",
-                ))
-            }
-            Some(b) if b.contains('/') || b.contains(char::is_whitespace) => {
-                return Err(ConfigError::invalid(
-                    "store.bucket",
-                    format!("{b:?} is not a bucket name"),
-                ))
-            }
-            Some(b) => b,
-        };
+        let bucket = self.bucket.unwrap_or_default();
+        if bucket.is_empty() {
+            let message = "is required when store.kind = \"s3\"";
+            return Err(ConfigError::invalid("store.bucket", message));
+        }
+        if bucket.contains('/') || bucket.contains(char::is_whitespace) {
+            let message = format!("{bucket:?} is not a bucket name");
+            return Err(ConfigError::invalid("store.bucket", message));
+        }
         if let Some(ep) = &self.endpoint {
             http_url("store.endpoint", ep)?;
         }

@@ -13,7 +13,7 @@ use super::object::{self, Kind};
 use super::AppState;
 use crate::error::Error;
 use crate::nix::StorePathHash;
-use crate::store::keys;
+use crate::store::object_key;
 
 /// A bound on what one listing upload may write to the store.
 const MAX_LISTING_BYTES: u64 = 256 << 20;
@@ -23,17 +23,17 @@ pub(super) async fn get(
     h: StorePathHash,
     headers: &HeaderMap,
 ) -> Result<Response, Error> {
-    object::get(st, &keys::listing(h), Kind::Listing, headers).await
+    object::get(st, &object_key::listing(h), Kind::Listing, headers).await
 }
 
 pub(super) async fn head(st: &AppState, h: StorePathHash) -> Result<Response, Error> {
-    object::head(st, &keys::listing(h), Kind::Listing).await
+    object::head(st, &object_key::listing(h), Kind::Listing).await
 }
 
 pub(super) async fn put(st: &AppState, h: StorePathHash, body: Body) -> Result<StatusCode, Error> {
     st.uploader
         .put_plain(
-            &keys::listing(h),
+            &object_key::listing(h),
             object::body_stream(body),
             MAX_LISTING_BYTES,
         )

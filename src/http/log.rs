@@ -11,7 +11,7 @@ use super::object::{self, Kind};
 use super::AppState;
 use crate::error::Error;
 use crate::nix::StorePathBaseName;
-use crate::store::keys;
+use crate::store::object_key;
 use crate::upload::MAX_LOG_BYTES;
 
 pub(super) async fn get(
@@ -20,7 +20,7 @@ pub(super) async fn get(
     headers: HeaderMap,
 ) -> Result<Response, Error> {
     let d: StorePathBaseName = drv.parse()?;
-    object::get(&st, &keys::log(&d), Kind::Log, &headers).await
+    object::get(&st, &object_key::log(&d), Kind::Log, &headers).await
 }
 
 pub(super) async fn head(
@@ -28,7 +28,7 @@ pub(super) async fn head(
     Path(drv): Path<String>,
 ) -> Result<Response, Error> {
     let d: StorePathBaseName = drv.parse()?;
-    object::head(&st, &keys::log(&d), Kind::Log).await
+    object::head(&st, &object_key::log(&d), Kind::Log).await
 }
 
 pub(super) async fn put(
@@ -38,7 +38,11 @@ pub(super) async fn put(
 ) -> Result<StatusCode, Error> {
     let d: StorePathBaseName = drv.parse()?;
     st.uploader
-        .put_plain(&keys::log(&d), object::body_stream(body), MAX_LOG_BYTES)
+        .put_plain(
+            &object_key::log(&d),
+            object::body_stream(body),
+            MAX_LOG_BYTES,
+        )
         .await?;
     Ok(StatusCode::CREATED)
 }

@@ -1,8 +1,8 @@
 //! The HTTP layer: the route table, shared state, and the server loop.
 //!
 //! Routes mirror the binary cache layout, one module per endpoint family with its GET, HEAD and
-//! PUT side by side: [`cache_info`], [`narinfo`], [`nar`], [`log`], [`listing`], [`realisation`]
-//! (both `/realisations/` and `/build-trace/`), [`health`]; [`object`] holds what the object
+//! PUT side by side: `cache_info`, `narinfo`, `nar`, `log`, `listing`, `realisation`
+//! (both `/realisations/` and `/build-trace/`), `health`; `object` holds what the object
 //! endpoints share. axum cannot route `/{hash}.narinfo` (a parameter with a static suffix), so
 //! `/{file}` and `/nar/{file}` take the whole name and the handlers parse it into a validated
 //! type before anything reaches the store; `/{file}` is dispatched here to narinfo or listing.
@@ -61,6 +61,8 @@ pub struct AppState(Arc<App>);
 
 pub struct App {
     pub config: Config,
+    /// The cache's own objects (S3 or the local directory). Writes go here, and so do reads
+    /// that must not be answered by an upstream: upload checks, mirroring, the readiness probe.
     pub store: Arc<dyn Store>,
     pub tokens: Tokens,
     pub uploader: Arc<Uploader>,
@@ -71,10 +73,11 @@ pub struct App {
     pub narinfo_cache_control: HeaderValue,
     pub nars: Option<Arc<NarCache>>,
     pub upstreams: Arc<Upstreams>,
-    /// What clients read from: the store, then the upstreams (the store itself if none).
+    /// What clients' GET and HEAD read from: [`Self::store`], then the upstreams in order
+    /// (the store itself if there are none).
     pub reads: Arc<dyn Store>,
     /// Every key signs every narinfo served (several during a rotation).
-    pub keys: Vec<SecretKey>,
+    pub signing_keys: Vec<SecretKey>,
     cache_info: Bytes,
 }
 
@@ -90,8 +93,8 @@ impl AppState {
     pub fn new(
         config: Config,
         store: Arc<dyn Store>,
-        keys: Vec<SecretKey>,
-    ) -> std::io::Result<Self> {
+        signing_keys: Vec<SecretKey>,
+    ) -> Result<Self, StartError> {
         let cache_info = cache_info::render(&config);
         let c = &config.cache;
         let narinfos = NarInfoCache::new(
@@ -100,15 +103,22 @@ impl AppState {
             c.narinfo_negative_ttl,
         );
         let nars = match &c.nar_dir {
-            Some(dir) => Some(NarCache::open(
-                dir,
-                c.nar_max_bytes,
-                (config.store.timeout * 3).max(Duration::from_secs(30)),
-            )?),
+            Some(dir) => Some(
+                NarCache::open(
+                    dir,
+                    c.nar_max_bytes,
+                    (config.store.timeout * 3).max(Duration::from_secs(30)),
+                )
+                .map_err(|source| StartError::NarCache {
+                    dir: dir.clone(),
+                    source,
+                })?,
+            ),
             None => None,
         };
         let upstreams = Arc::new(
-            Upstreams::new(&config.upstreams, &config.store_dir).map_err(std::io::Error::other)?,
+            Upstreams::new(&config.upstreams, &config.store_dir)
+                .map_err(StartError::UpstreamClient)?,
         );
         let reads: Arc<dyn Store> = if upstreams.is_empty() {
             store.clone()
@@ -125,11 +135,12 @@ impl AppState {
             (!upstreams.is_empty()).then(|| upstreams.clone()),
         ));
         let mirror = Mirror::new(uploader.clone(), reads.clone());
+        // Digits and ASCII only: always a valid header value.
         let narinfo_cache_control = HeaderValue::from_str(&format!(
             "public, max-age={}",
             config.narinfo_max_age.as_secs()
         ))
-        .map_err(std::io::Error::other)?;
+        .unwrap_or(HeaderValue::from_static("public"));
         Ok(Self(Arc::new(App {
             narinfo_cache_control,
             narinfos,
@@ -141,10 +152,22 @@ impl AppState {
             tokens: Tokens::from_config(&config.auth),
             config,
             store,
-            keys,
+            signing_keys,
             cache_info,
         })))
     }
+}
+
+/// What can stop [`AppState::new`].
+#[derive(Debug, thiserror::Error)]
+pub enum StartError {
+    #[error("config key `cache.nar_dir`: cannot open the NAR disk cache in {}: {source}", dir.display())]
+    NarCache {
+        dir: std::path::PathBuf,
+        source: std::io::Error,
+    },
+    #[error("cannot build the HTTP client for upstream caches: {0}")]
+    UpstreamClient(reqwest::Error),
 }
 
 /// The router with every route and middleware.

@@ -19,7 +19,7 @@ use super::AppState;
 use crate::cache::nar::NarCacheAnswer;
 use crate::error::Error;
 use crate::nix::NarFileName;
-use crate::store::keys;
+use crate::store::object_key;
 
 pub(super) async fn get(
     State(st): State<AppState>,
@@ -27,7 +27,7 @@ pub(super) async fn get(
     headers: HeaderMap,
 ) -> Result<Response, Error> {
     let f: NarFileName = file.parse()?;
-    let key = keys::nar(&f);
+    let key = object_key::nar(&f);
     if let Some(cache) = &st.nars {
         match cache
             .get(&f, &key, object::range_of(&headers), &st.reads)
@@ -46,7 +46,7 @@ pub(super) async fn head(
     Path(file): Path<String>,
 ) -> Result<Response, Error> {
     let f: NarFileName = file.parse()?;
-    let size = match st.reads.head(&keys::nar(&f)).await? {
+    let size = match st.reads.head(&object_key::nar(&f)).await? {
         Some(size) => Some(size),
         None => st.uploader.reencoded_size(&f).await?,
     };

@@ -20,7 +20,7 @@ use super::object;
 use super::AppState;
 use crate::error::Error;
 use crate::nix::{NarInfo, StorePathHash, MAX_NARINFO_BYTES};
-use crate::store::{keys, StoreError};
+use crate::store::{object_key, StoreError};
 
 pub(super) async fn get(st: &AppState, h: StorePathHash) -> Result<Response, Error> {
     let body = load(st, h).await?;
@@ -82,14 +82,14 @@ pub(crate) async fn signed_narinfo(
     if !st.config.signing.keep_existing_signatures {
         info.sigs.clear();
     }
-    for k in &st.keys {
+    for k in &st.signing_keys {
         info.sign(k, store_dir);
     }
     Ok(Some(Bytes::from(info.render(store_dir))))
 }
 
 async fn stored_narinfo(st: &AppState, h: StorePathHash) -> Result<Option<NarInfo>, Error> {
-    let key = keys::narinfo(h);
+    let key = object_key::narinfo(h);
     // Bounded as a whole: a store that stalls mid-body is unavailable, not a hung request.
     let limit = st.config.store.timeout;
     let read = st.store.get_bytes(&key, MAX_NARINFO_BYTES);

@@ -12,20 +12,20 @@ use super::object::{self, Kind};
 use super::AppState;
 use crate::error::Error;
 use crate::nix::{OutputName, RealisationName, StorePathBaseName};
-use crate::store::keys;
+use crate::store::object_key;
 
 /// A bound on what one realisation upload may write to the store.
 const MAX_REALISATION_BYTES: u64 = 1 << 20;
 
 fn realisation_key(id: &str) -> Result<String, Error> {
     let r: RealisationName = id.parse()?;
-    Ok(keys::realisation(&r))
+    Ok(object_key::realisation(&r))
 }
 
 fn build_trace_key(drv: &str, output: &str) -> Result<String, Error> {
     let d: StorePathBaseName = drv.parse()?;
     let o: OutputName = output.parse()?;
-    Ok(keys::build_trace(&d, &o))
+    Ok(object_key::build_trace(&d, &o))
 }
 
 async fn put_as_sent(st: &AppState, key: &str, body: Body) -> Result<StatusCode, Error> {

@@ -10,6 +10,7 @@ use bytes::Bytes;
 use futures::StreamExt as _;
 
 use super::{ByteRange, ContentRange, Object, ObjectWriter, Store, StoreError};
+use crate::sync::lock;
 
 #[derive(Default)]
 pub struct MemoryStore {
@@ -26,10 +27,7 @@ impl MemoryStore {
     }
 
     pub fn insert(&self, key: &str, data: impl Into<Bytes>) {
-        self.objects
-            .lock()
-            .unwrap_or_else(|p| p.into_inner())
-            .insert(key.to_owned(), data.into());
+        lock(&self.objects).insert(key.to_owned(), data.into());
     }
 
     /// Number of `get` and `head` calls so far.
@@ -60,12 +58,7 @@ impl MemoryStore {
         if self.down.load(Ordering::SeqCst) {
             return Err(StoreError::Unavailable("memory store is down".into()));
         }
-        Ok(self
-            .objects
-            .lock()
-            .unwrap_or_else(|p| p.into_inner())
-            .get(key)
-            .cloned())
+        Ok(lock(&self.objects).get(key).cloned())
     }
 }
 
@@ -146,10 +139,7 @@ impl ObjectWriter for MemoryWriter {
     }
     async fn commit(self: Box<Self>) -> Result<(), StoreError> {
         let this = *self;
-        this.objects
-            .lock()
-            .unwrap_or_else(|p| p.into_inner())
-            .insert(this.key, Bytes::from(this.buf));
+        lock(&this.objects).insert(this.key, Bytes::from(this.buf));
         Ok(())
     }
     async fn abort(self: Box<Self>) {}

@@ -32,12 +32,6 @@ pub struct NarDigest {
     pub output: FileDigest,
 }
 
-/// Compressions the server can re-encode to: [`Compression::can_encode`], kept here only for
-/// config.rs, which still calls it by this path (it is being rewritten to call the method).
-pub fn can_encode(c: Compression) -> bool {
-    c.can_encode()
-}
-
 /// Refuses NARs whose compression the pipeline cannot undo: their NarHash could not be checked.
 pub(super) fn check_decodable(c: Compression) -> Result<(), UploadError> {
     if c.can_decode() {
@@ -241,7 +235,7 @@ fn rejected(e: io::Error) -> UploadError {
 /// store — the body as received, or re-encoded to `recompress` — are written to it (the caller
 /// commits or aborts it). Body errors come back as [`UploadError::Body`], the writer's as
 /// [`Error::Store`].
-pub async fn digest<S>(
+pub async fn digest_into<S>(
     body: S,
     input: Compression,
     recompress: Option<(Compression, Option<i32>)>,
@@ -382,7 +376,9 @@ mod tests {
             (Compression::Zstd, zst),
             (Compression::Bzip2, bz),
         ] {
-            let d = digest(chunks(data.clone()), c, None, None).await.unwrap();
+            let d = digest_into(chunks(data.clone()), c, None, None)
+                .await
+                .unwrap();
             assert_eq!(d.nar.hash, Sha256::digest(&plain), "{c}");
             assert_eq!(d.nar.size, plain.len() as u64);
             assert_eq!(d.input.hash, Sha256::digest(&data));
@@ -392,7 +388,7 @@ mod tests {
 
     #[tokio::test]
     async fn rejects_non_nars_and_truncated_streams() {
-        let e = digest(
+        let e = digest_into(
             chunks(b"hello world, not a nar".to_vec()),
             Compression::None,
             None,
@@ -411,14 +407,14 @@ mod tests {
             e.finish().unwrap()
         };
         xz.truncate(xz.len() / 2);
-        let e = digest(chunks(xz), Compression::Xz, None, None)
+        let e = digest_into(chunks(xz), Compression::Xz, None, None)
             .await
             .unwrap_err();
         assert!(
             matches!(e, Error::Upload(UploadError::Rejected(_))),
             "{e:?}"
         );
-        let e = digest(chunks(plain), Compression::Brotli, None, None)
+        let e = digest_into(chunks(plain), Compression::Brotli, None, None)
             .await
             .unwrap_err();
         assert!(
@@ -461,7 +457,9 @@ mod tests {
             Ok(Bytes::from(nar(b"x"))),
             Err(io::Error::other("client went away")),
         ]);
-        let e = digest(s, Compression::None, None, None).await.unwrap_err();
+        let e = digest_into(s, Compression::None, None, None)
+            .await
+            .unwrap_err();
         assert!(matches!(e, Error::Upload(UploadError::Body(_))), "{e:?}");
     }
 
@@ -476,7 +474,7 @@ mod tests {
             e.finish().unwrap()
         };
         let mut w = store.writer("out").await.unwrap();
-        let d = digest(
+        let d = digest_into(
             chunks(xz.clone()),
             Compression::Xz,
             Some((Compression::Zstd, Some(3))),

@@ -31,7 +31,8 @@ use futures::{Stream, StreamExt as _, TryStreamExt as _};
 use crate::config::{Recompression, UploadConfig};
 use crate::error::{Error, UploadError};
 use crate::nix::{Compression, NarFileName, NarInfo, PublicKey, StorePathHash};
-use crate::store::{keys, Store, StoreError};
+use crate::store::{object_key, Store, StoreError};
+use crate::sync::lock;
 
 pub use digest::{FileDigest, NarDigest};
 
@@ -94,7 +95,7 @@ impl Uploader {
     }
 
     fn remember(&self, uploaded_key: String, v: VerifiedNar) {
-        let mut m = self.verified.lock().unwrap_or_else(|p| p.into_inner());
+        let mut m = lock(&self.verified);
         if m.len() >= MAX_REMEMBERED {
             m.clear();
         }
@@ -102,11 +103,7 @@ impl Uploader {
     }
 
     fn remembered(&self, uploaded_key: &str) -> Option<VerifiedNar> {
-        self.verified
-            .lock()
-            .unwrap_or_else(|p| p.into_inner())
-            .get(uploaded_key)
-            .cloned()
+        lock(&self.verified).get(uploaded_key).cloned()
     }
 
     /// Where a NAR uploaded as `name` is stored when uploads are re-encoded to another
@@ -127,7 +124,7 @@ impl Uploader {
     /// before uploading does not upload it again.
     pub async fn reencoded_size(&self, name: &NarFileName) -> Result<Option<u64>, StoreError> {
         match self.reencoded(name) {
-            Some((stored, _)) => self.store.head(&keys::nar(&stored)).await,
+            Some((stored, _)) => self.store.head(&object_key::nar(&stored)).await,
             None => Ok(None),
         }
     }
@@ -135,7 +132,7 @@ impl Uploader {
     /// Whether the store holds the NAR a client would find under `name`: the object itself,
     /// or the re-encoded copy it was stored as.
     async fn has_nar(&self, name: &NarFileName) -> Result<bool, StoreError> {
-        if self.store.head(&keys::nar(name)).await?.is_some() {
+        if self.store.head(&object_key::nar(name)).await?.is_some() {
             return Ok(true);
         }
         Ok(self.reencoded_size(name).await?.is_some())
@@ -161,8 +158,8 @@ impl Uploader {
             None => (name.clone(), None),
         };
         let recompress = target.map(|t| (t, self.recompress.and_then(|r| r.level)));
-        let mut w = self.store.writer(&keys::nar(&stored)).await?;
-        let d = match digest::digest(body, incoming, recompress, Some(&mut w)).await {
+        let mut w = self.store.writer(&object_key::nar(&stored)).await?;
+        let d = match digest::digest_into(body, incoming, recompress, Some(&mut w)).await {
             Ok(d) => d,
             Err(e) => {
                 w.abort().await;
@@ -178,7 +175,7 @@ impl Uploader {
         }
         w.commit().await?;
         self.remember(
-            keys::nar(name),
+            object_key::nar(name),
             VerifiedNar {
                 stored,
                 stored_compression: target.unwrap_or(incoming),
@@ -197,16 +194,16 @@ impl Uploader {
             candidates.push(stored);
         }
         for cand in candidates {
-            let Some(obj) = self.store.get(&keys::nar(&cand), None).await? else {
+            let Some(obj) = self.store.get(&object_key::nar(&cand), None).await? else {
                 continue;
             };
             let c = cand.compression_from_ext().unwrap_or(Compression::None);
             // The body is the store's: a broken one is the store failing, not a client.
-            let d = digest::digest(obj.body, c, None, None)
+            let d = digest::digest_into(obj.body, c, None, None)
                 .await
                 .map_err(|e| match e {
                     Error::Upload(UploadError::Body(b)) => Error::Store(StoreError::Other(
-                        format!("reading {} back: {b}", keys::nar(&cand)),
+                        format!("reading {} back: {b}", object_key::nar(&cand)),
                     )),
                     other => other,
                 })?;
@@ -217,7 +214,7 @@ impl Uploader {
                 uploaded_file: None,
                 nar: d.nar,
             };
-            self.remember(keys::nar(name), v.clone());
+            self.remember(object_key::nar(name), v.clone());
             return Ok(Some(v));
         }
         Ok(None)
@@ -267,9 +264,17 @@ impl Uploader {
                 "the narinfo is not signed by any of upload.trusted_keys",
             ));
         }
-        let v = match self.remembered(&keys::nar(&url_name)) {
+        let v = match self.remembered(&object_key::nar(&url_name)) {
             // Still there? (Someone may have deleted it from the bucket since.)
-            Some(v) if self.store.head(&keys::nar(&v.stored)).await?.is_some() => v,
+            Some(v)
+                if self
+                    .store
+                    .head(&object_key::nar(&v.stored))
+                    .await?
+                    .is_some() =>
+            {
+                v
+            }
             _ => self
                 .verify_stored(&url_name)
                 .await?
@@ -313,7 +318,7 @@ impl Uploader {
         info.file_hash = Some(v.stored_file.hash);
         info.file_size = Some(v.stored_file.size);
         self.store
-            .put_bytes(&keys::narinfo(hash), Bytes::from(info.render(sd)))
+            .put_bytes(&object_key::narinfo(hash), Bytes::from(info.render(sd)))
             .await?;
         Ok(Accepted {
             hash,
@@ -335,7 +340,7 @@ impl Uploader {
             let store = store.clone();
             let upstreams = upstreams.clone();
             async move {
-                if store.head(&keys::narinfo(h)).await?.is_some() {
+                if store.head(&object_key::narinfo(h)).await?.is_some() {
                     return Ok::<_, StoreError>(None);
                 }
                 // Clients substituting through this server get it from an upstream.

@@ -51,10 +51,10 @@ async fn copy_path_writes_the_nar_then_the_narinfo_and_fetches_only_a_missing_na
     };
     let acc = up.copy_path(info.clone(), fetch).await.unwrap();
     assert_eq!(acc.hash, info.hash());
-    let key = keys::nar(&info.nar_file().unwrap());
+    let key = object_key::nar(&info.nar_file().unwrap());
     assert!(mem.head(&key).await.unwrap().is_some());
     assert!(mem
-        .head(&keys::narinfo(info.hash()))
+        .head(&object_key::narinfo(info.hash()))
         .await
         .unwrap()
         .is_some());
@@ -81,7 +81,7 @@ async fn copy_path_refuses_a_narinfo_that_does_not_match_its_nar() {
         "{e:?}"
     );
     assert!(mem
-        .head(&keys::narinfo(lying.hash()))
+        .head(&object_key::narinfo(lying.hash()))
         .await
         .unwrap()
         .is_none());

@@ -42,6 +42,7 @@ use tokio::sync::OnceCell;
 use crate::backoff::Backoff;
 use crate::nix::NarFileName;
 use crate::store::{ByteRange, Object, Store, StoreError};
+use crate::sync::lock;
 
 use disk::{Disk, WriteError};
 use fill::Started;
@@ -73,14 +74,6 @@ pub struct NarCache {
     reserved: AtomicU64,
     /// Longest wait for the next chunk from the store before a fill fails.
     idle_timeout: Duration,
-}
-
-/// Locks `m`, also after a thread panicked while holding it. The maps behind these locks are
-/// changed in single steps that leave them consistent, and the worst a stale entry can cause
-/// is a file found missing, which a hit detects and drops; refusing to serve from then on
-/// would be worse.
-fn lock<T>(m: &Mutex<T>) -> MutexGuard<'_, T> {
-    m.lock().unwrap_or_else(|p| p.into_inner())
 }
 
 impl NarCache {
