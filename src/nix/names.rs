@@ -287,15 +287,7 @@ mod tests {
             xz.with_compression(Compression::Zstd).as_str(),
             format!("{F}.nar.zst")
         );
-        for c in [
-            Compression::None,
-            Compression::Xz,
-            Compression::Zstd,
-            Compression::Bzip2,
-            Compression::Brotli,
-            Compression::Lz4,
-            Compression::Gzip,
-        ] {
+        for c in Compression::ALL {
             // The same as parsing the name it renders.
             let n = xz.with_compression(c);
             assert_eq!(n, n.as_str().parse().unwrap(), "{c}");
