@@ -173,3 +173,47 @@ fn token_new_prints_a_token_and_its_hash_only() {
         String::from_utf8_lossy(&check.stderr)
     );
 }
+
+/// cellar deletes files in its NAR cache: pointed at a directory it did not make, it refuses
+/// to start and deletes nothing; pointed at the directory holding its key, likewise.
+#[test]
+fn a_nar_cache_in_someone_elses_directory_is_refused() {
+    let d = tempfile::tempdir().unwrap();
+    let shared = d.path().join("shared");
+    std::fs::create_dir(&shared).unwrap();
+    std::fs::write(shared.join("notes.txt"), b"keep me").unwrap();
+    let mut cmd = cellar(d.path());
+    cmd.args(["serve"])
+        .env("CELLAR_LISTEN", "127.0.0.1:0")
+        .env("CELLAR_CACHE__NAR_DIR", &shared)
+        .stdout(Stdio::null());
+    let out = output_within_a_minute(cmd);
+    let err = String::from_utf8_lossy(&out.stderr);
+    assert!(!out.status.success(), "{err}");
+    assert!(err.contains("cache.nar_dir"), "{err}");
+    assert_eq!(std::fs::read(shared.join("notes.txt")).unwrap(), b"keep me");
+
+    // The working directory, where the first start put the signing key.
+    let mut cmd = cellar(d.path());
+    cmd.args(["serve"])
+        .env("CELLAR_LISTEN", "127.0.0.1:0")
+        .env("CELLAR_CACHE__NAR_DIR", ".")
+        .stdout(Stdio::null());
+    let out = output_within_a_minute(cmd);
+    let err = String::from_utf8_lossy(&out.stderr);
+    assert!(!out.status.success(), "{err}");
+    assert!(err.contains("cache.nar_dir"), "{err}");
+    assert!(d.path().join("shared/notes.txt").exists());
+}
+
+/// Runs `cmd` to its end; a server that wrongly starts is killed after a minute (a guard
+/// against a hung test, never a wait the test relies on), so the test fails instead of hanging.
+fn output_within_a_minute(mut cmd: Command) -> std::process::Output {
+    let child = cmd.stderr(Stdio::piped()).spawn().unwrap();
+    let pid = child.id().to_string();
+    std::thread::spawn(move || {
+        std::thread::sleep(std::time::Duration::from_secs(60));
+        let _ = Command::new("kill").arg(&pid).status();
+    });
+    child.wait_with_output().unwrap()
+}

@@ -4,7 +4,13 @@
 //! <dir>/<nar file name>        a complete NAR, byte for byte as the store holds it
 //! <dir>/<nar file name>.meta   "<size> <sha256 in hex>\n"
 //! <dir>/.tmp/<random hex>      a NAR being written; emptied at start-up
+//! <dir>/.cellar-nar-cache      the marker: this directory is cellar's NAR cache
 //! ```
+//!
+//! cellar deletes files here, so it must never take another directory for its cache (one
+//! pointed at the working directory would otherwise delete the signing key in it). It creates
+//! the marker only in a new or empty directory, refuses to start in a non-empty directory
+//! without one, and even with one only ever removes files of the shapes above.
 //!
 //! A NAR is written under `.tmp/`, then its `.meta` is written, then it is renamed to its
 //! final name ([`Disk::publish`]): a file under a NAR name is always complete, and its `.meta`
@@ -26,6 +32,10 @@ use crate::store::{ByteRange, Object, Store as _, StoreError};
 /// Temporary files, inside the cache directory so that publishing is a rename.
 const TMP: &str = ".tmp";
 const META_SUFFIX: &str = ".meta";
+/// Says the directory is a NAR cache that cellar made (see the module doc).
+const MARKER: &str = ".cellar-nar-cache";
+const MARKER_TEXT: &str =
+    "This directory is cellar's NAR disk cache (cache.nar_dir): cellar deletes files in it.\n";
 /// How much of a file verification reads at a time.
 const HASH_CHUNK: usize = 1 << 20;
 
@@ -133,6 +143,7 @@ impl Disk {
     /// Opens `dir` (created if missing), removes what an interrupted run left, and returns
     /// the complete NARs found, least recently written first.
     pub(super) fn open(dir: &Path) -> io::Result<(Self, Vec<Found>)> {
+        claim(dir)?;
         let tmp = dir.join(TMP);
         std::fs::create_dir_all(&tmp)?;
         for e in std::fs::read_dir(&tmp)?.flatten() {
@@ -149,15 +160,20 @@ impl Disk {
             if name.starts_with('.') || name.ends_with(META_SUFFIX) {
                 continue;
             }
+            if name.parse::<NarFileName>().is_err() {
+                // Not a name cellar writes here: not cellar's to delete.
+                tracing::warn!(file = %e.path().display(), "NAR cache: ignoring a file cellar did not write");
+                continue;
+            }
             let meta = read_meta(&disk.meta_path(&name));
             let len = e.metadata().ok().map(|m| (m.len(), m.modified().ok()));
-            match (name.parse::<NarFileName>(), meta, len) {
-                (Ok(_), Some((size, sha256)), Some((l, mtime))) if l == size => {
+            match (meta, len) {
+                (Some((size, sha256)), Some((l, mtime))) if l == size => {
                     let mtime = mtime.unwrap_or(UNIX_EPOCH);
                     found.push((mtime, Found { name, size, sha256 }));
                 }
                 _ => {
-                    tracing::info!(file = %e.path().display(), "NAR cache: removing an incomplete or unknown file");
+                    tracing::info!(file = %e.path().display(), "NAR cache: removing an incomplete file");
                     disk.remove(&name);
                 }
             }
@@ -166,7 +182,7 @@ impl Disk {
         for e in std::fs::read_dir(dir)?.flatten() {
             let name = e.file_name().to_string_lossy().into_owned();
             if let Some(nar) = name.strip_suffix(META_SUFFIX) {
-                if !dir.join(nar).exists() {
+                if nar.parse::<NarFileName>().is_ok() && !dir.join(nar).exists() {
                     let _ = std::fs::remove_file(e.path());
                 }
             }
@@ -267,6 +283,25 @@ impl Disk {
     }
 }
 
+/// Makes sure `dir` is a NAR cache cellar may delete files in: creates it (with the marker) if
+/// missing or empty, accepts it if it has the marker, refuses it otherwise.
+fn claim(dir: &Path) -> io::Result<()> {
+    std::fs::create_dir_all(dir)?;
+    let marker = dir.join(MARKER);
+    if marker.is_file() {
+        return Ok(());
+    }
+    if std::fs::read_dir(dir)?.next().is_some() {
+        return Err(io::Error::other(format!(
+            "{} is not empty and has no {MARKER} file, so it is not a NAR cache cellar made; \
+             cellar deletes files in its NAR cache, so point cache.nar_dir at a new or empty \
+             directory of its own",
+            dir.display()
+        )));
+    }
+    std::fs::write(&marker, MARKER_TEXT)
+}
+
 fn read_meta(path: &Path) -> Option<(u64, [u8; 32])> {
     let text = std::fs::read_to_string(path).ok()?;
     let (size, hash) = text.trim().split_once(' ')?;
@@ -337,14 +372,37 @@ mod tests {
         std::mem::forget(tmp); // as if the process died mid-fill
         std::fs::write(d.path().join("not-a-nar"), b"x").unwrap();
         std::fs::write(d.path().join(NAME), b"no meta").unwrap();
-        std::fs::write(d.path().join("orphan.nar.meta"), b"1 00").unwrap();
+        let orphan_meta = format!("{}{META_SUFFIX}", NAME.replacen('0', "1", 1));
+        std::fs::write(d.path().join(&orphan_meta), b"1 00").unwrap();
 
         let (_, found) = Disk::open(d.path()).unwrap();
         assert!(found.is_empty());
         assert!(!tmp_path.exists());
-        for leftover in ["not-a-nar", NAME, "orphan.nar.meta"] {
+        for leftover in [NAME, orphan_meta.as_str()] {
             assert!(!d.path().join(leftover).exists(), "{leftover}");
         }
+        // Only files of the shapes cellar writes are removed.
+        assert!(d.path().join("not-a-nar").exists());
+    }
+
+    #[test]
+    fn only_a_new_empty_or_marked_directory_is_taken() {
+        let d = tempfile::tempdir().unwrap();
+        // The working directory of a first start: a signing key, a config.
+        std::fs::write(d.path().join("cellar-key.sec"), b"secret").unwrap();
+        let e = Disk::open(d.path()).err().unwrap().to_string();
+        assert!(e.contains("cache.nar_dir") && e.contains(MARKER), "{e}");
+        assert!(d.path().join("cellar-key.sec").exists());
+        assert!(!d.path().join(MARKER).exists());
+
+        let fresh = d.path().join("nars");
+        Disk::open(&fresh).unwrap();
+        assert!(fresh.join(MARKER).is_file());
+        Disk::open(&fresh).unwrap(); // marked: taken again
+
+        let empty = tempfile::tempdir().unwrap();
+        Disk::open(empty.path()).unwrap();
+        assert!(empty.path().join(MARKER).is_file());
     }
 
     #[test]
