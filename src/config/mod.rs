@@ -74,6 +74,11 @@ pub struct Config {
     pub narinfo_max_age: Duration,
     /// Cache-Control max-age for 404 answers.
     pub not_found_max_age: Duration,
+    /// How long a connection may take to send a request's headers (also the idle limit of a
+    /// kept-alive connection between requests).
+    pub header_read_timeout: Duration,
+    /// Connections served at once; more wait in the kernel's accept backlog.
+    pub max_connections: usize,
     pub store: StoreConfig,
     pub signing: SigningConfig,
     pub auth: AuthConfig,

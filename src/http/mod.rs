@@ -19,11 +19,13 @@ mod nar;
 mod narinfo;
 mod object;
 mod realisation;
+mod server;
+
+pub use server::serve;
 
 #[cfg(test)]
 mod tests;
 
-use std::future::{Future, IntoFuture as _};
 use std::ops::Deref;
 use std::sync::Arc;
 use std::time::Duration;
@@ -36,10 +38,8 @@ use axum::middleware::{self, Next};
 use axum::response::IntoResponse as _;
 use axum::response::Response;
 use axum::routing::get;
-use axum::serve::ListenerExt as _;
 use axum::Router;
 use bytes::Bytes;
-use tokio::net::TcpListener;
 use tower_http::trace::TraceLayer;
 use tracing::Instrument as _;
 
@@ -296,35 +296,4 @@ async fn default_cache_headers(State(st): State<AppState>, req: Request, next: N
         }
     }
     res
-}
-
-/// Serves `state` on `listener` until `shutdown` completes, then lets in-flight requests finish
-/// for at most `config.shutdown_timeout`.
-pub async fn serve(
-    listener: TcpListener,
-    state: AppState,
-    shutdown: impl Future<Output = ()> + Send + 'static,
-) -> std::io::Result<()> {
-    let grace = state.config.shutdown_timeout;
-    // Without TCP_NODELAY, small responses on keep-alive connections stall ~40 ms
-    // (Nagle's algorithm meets the client's delayed ACK).
-    let listener = listener.tap_io(|tcp| {
-        if let Err(e) = tcp.set_nodelay(true) {
-            tracing::debug!("set_nodelay: {e}");
-        }
-    });
-    let (tx, rx) = tokio::sync::oneshot::channel::<()>();
-    let server = axum::serve(listener, app(state)).with_graceful_shutdown(async move {
-        shutdown.await;
-        let _ = tx.send(());
-    });
-    let server = server.into_future();
-    tokio::pin!(server);
-    tokio::select! {
-        r = &mut server => r,
-        _ = async { if rx.await.is_ok() { tokio::time::sleep(grace).await } else { std::future::pending::<()>().await } } => {
-            tracing::warn!("shutdown: requests still running after {} s, exiting", grace.as_secs());
-            Ok(())
-        }
-    }
 }
