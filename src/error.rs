@@ -49,6 +49,26 @@ pub enum UploadError {
     /// The server failed while processing it (a worker task died, an encoder failed).
     #[error("internal upload error: {0}")]
     Internal(String),
+    /// The upload is larger than its limit: `upload.max_nar_bytes` for a NAR (as sent or
+    /// decompressed), a fixed bound for listings, logs and realisations.
+    #[error("larger than {limit} bytes (for NARs: upload.max_nar_bytes)")]
+    TooLarge { limit: u64 },
+    /// The path is already published with other contents: a store path's contents are fixed.
+    #[error(
+        "{store_path} is already in the cache with NarHash {stored}; \
+         this narinfo says {uploaded}"
+    )]
+    Conflict {
+        store_path: String,
+        stored: String,
+        uploaded: String,
+    },
+    /// The body sent nothing for this many seconds.
+    #[error("the upload body sent nothing for {0} s")]
+    IdleTimeout(u64),
+    /// `upload.max_concurrent` uploads are running; the client should retry after this long.
+    #[error("too many uploads in progress")]
+    Busy { retry_after_secs: u64 },
 }
 
 impl Error {
@@ -72,6 +92,11 @@ impl Error {
                 StatusCode::BAD_REQUEST
             }
             Self::Upload(UploadError::Internal(_)) => StatusCode::INTERNAL_SERVER_ERROR,
+            Self::Upload(UploadError::TooLarge { .. }) => StatusCode::PAYLOAD_TOO_LARGE,
+            Self::Upload(UploadError::Conflict { .. }) => StatusCode::CONFLICT,
+            Self::Upload(UploadError::IdleTimeout(_)) => StatusCode::REQUEST_TIMEOUT,
+            // Nix retries 5xx (with back-off); a 4xx would fail the whole `nix copy`.
+            Self::Upload(UploadError::Busy { .. }) => StatusCode::SERVICE_UNAVAILABLE,
         }
     }
 
@@ -95,6 +120,14 @@ impl Error {
             Self::Upload(UploadError::Rejected(m)) => format!("upload rejected: {m}"),
             Self::Upload(UploadError::Body(m)) => format!("upload incomplete: {m}"),
             Self::Upload(UploadError::Internal(_)) => "internal error".into(),
+            Self::Upload(
+                e @ (UploadError::TooLarge { .. }
+                | UploadError::Conflict { .. }
+                | UploadError::IdleTimeout(_)),
+            ) => format!("upload rejected: {e}"),
+            Self::Upload(UploadError::Busy { .. }) => {
+                "too many uploads in progress, retry later".into()
+            }
         }
     }
 
@@ -111,6 +144,14 @@ impl Error {
             }
             Self::Upload(UploadError::Body(m)) => {
                 tracing::info!(reason = %m, "upload aborted by the client")
+            }
+            Self::Upload(
+                e @ (UploadError::TooLarge { .. }
+                | UploadError::Conflict { .. }
+                | UploadError::IdleTimeout(_)),
+            ) => tracing::info!(reason = %e, "upload rejected"),
+            Self::Upload(UploadError::Busy { .. }) => {
+                tracing::info!("upload refused: upload.max_concurrent uploads in progress")
             }
             e if e.status().is_server_error() => tracing::error!(cause = %e, "request failed"),
             _ => {}
@@ -136,6 +177,9 @@ impl IntoResponse for Error {
                 header::WWW_AUTHENTICATE,
                 HeaderValue::from_static("Basic realm=\"cellar\""),
             );
+        }
+        if let Self::Upload(UploadError::Busy { retry_after_secs }) = &self {
+            h.insert(header::RETRY_AFTER, HeaderValue::from(*retry_after_secs));
         }
         if let Self::Store(StoreError::RangeNotSatisfiable { size }) = &self {
             if let Ok(v) = HeaderValue::from_str(&format!("bytes */{size}")) {
@@ -186,6 +230,32 @@ mod tests {
         let internal = Error::Upload(UploadError::Internal("join error: panic".into()));
         assert_eq!(internal.status(), StatusCode::INTERNAL_SERVER_ERROR);
         assert_eq!(internal.public_reason(), "internal error");
+    }
+
+    #[test]
+    fn bounded_upload_statuses() {
+        let res = Error::Upload(UploadError::Busy {
+            retry_after_secs: 2,
+        })
+        .into_response();
+        assert_eq!(res.status(), StatusCode::SERVICE_UNAVAILABLE);
+        assert_eq!(res.headers()[header::RETRY_AFTER], "2");
+        let conflict = Error::Upload(UploadError::Conflict {
+            store_path: "/nix/store/x-a".into(),
+            stored: "sha256:aaa".into(),
+            uploaded: "sha256:bbb".into(),
+        });
+        assert_eq!(conflict.status(), StatusCode::CONFLICT);
+        let m = conflict.public_reason();
+        assert!(m.contains("sha256:aaa") && m.contains("sha256:bbb"), "{m}");
+        assert_eq!(
+            Error::Upload(UploadError::TooLarge { limit: 1 }).status(),
+            StatusCode::PAYLOAD_TOO_LARGE
+        );
+        assert_eq!(
+            Error::Upload(UploadError::IdleTimeout(1)).status(),
+            StatusCode::REQUEST_TIMEOUT
+        );
     }
 
     #[test]

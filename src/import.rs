@@ -5,7 +5,6 @@
 use std::collections::{HashMap, HashSet, VecDeque};
 use std::path::{Path, PathBuf};
 
-use bytes::Bytes;
 use futures::StreamExt as _;
 use thiserror::Error;
 use tokio_util::io::ReaderStream;
@@ -13,7 +12,7 @@ use tokio_util::io::ReaderStream;
 use crate::error::{Error, UploadError};
 use crate::nix::{NarFileName, NarInfo, StorePathBaseName, StorePathHash};
 use crate::store::{object_key, Store};
-use crate::upload::{Uploader, MAX_LOG_BYTES};
+use crate::upload::{Uploader, MAX_LISTING_BYTES, MAX_LOG_BYTES};
 
 #[derive(Debug, Error)]
 pub enum ImportError {
@@ -171,12 +170,15 @@ async fn import_one(
         })?;
         Ok(ReaderStream::with_capacity(file, READ_CHUNK))
     };
-    uploader.copy_path(info, fetch_nar).await?;
-    // Extras that come with the path, when the directory has them.
+    // Import has no upstreams: every reference must be in the store (or imported first).
+    uploader.copy_path(info, fetch_nar, None).await?;
+    // Extras that come with the path, when the directory has them, streamed and bounded
+    // like their HTTP uploads.
     let listing = dir.join(format!("{h}.ls"));
-    if let Ok(data) = tokio::fs::read(&listing).await {
-        store
-            .put_bytes(&object_key::listing(h), Bytes::from(data))
+    if let Ok(f) = tokio::fs::File::open(&listing).await {
+        let body = ReaderStream::with_capacity(f, READ_CHUNK).boxed();
+        uploader
+            .put_plain(&object_key::listing(h), body, MAX_LISTING_BYTES)
             .await?;
     }
     if let Some(drv) = &deriver {

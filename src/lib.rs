@@ -27,6 +27,7 @@ pub mod http;
 pub mod import;
 pub mod mirror;
 pub mod nix;
+pub mod reload;
 pub mod signing_keys;
 pub mod store;
 mod sync;

@@ -152,8 +152,7 @@ fn import(dir: &Path, path: Option<&Path>) -> anyhow::Result<()> {
         .context("starting the async runtime")?;
     let summary = rt.block_on(async {
         let store = store::open(&cfg.store).await.context("opening the store")?;
-        let uploader =
-            cellar::upload::Uploader::new(&cfg.upload, &cfg.store_dir, store.clone(), None);
+        let uploader = cellar::upload::Uploader::new(&cfg.upload, &cfg.store_dir, store.clone());
         let bar = indicatif::ProgressBar::new(0);
         if let Ok(style) =
             indicatif::ProgressStyle::with_template("{bar:40} {pos}/{len} {wide_msg}")
@@ -235,6 +234,8 @@ fn serve(path: Option<&Path>) -> anyhow::Result<()> {
         );
         spawn_staging_cleanup(store.clone(), cfg.upload.staging_max_age);
         let state = AppState::new(cfg, store, loaded.keys)?;
+        cellar::reload::spawn_on_sighup(state.clone(), path.map(Path::to_owned))
+            .context("installing the SIGHUP handler")?;
         announce(addr);
         cellar::serve(listener, state, shutdown).await?;
         tracing::info!("stopped");

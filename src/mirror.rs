@@ -14,6 +14,7 @@ use crate::error::{Error, UploadError};
 use crate::nix::NarInfo;
 use crate::store::{object_key, Store};
 use crate::upload::Uploader;
+use crate::upstream::Upstreams;
 
 /// Copies running at once. Reads must not wait behind a crowd of background copies, and anyone
 /// can start one with a GET; offers beyond this are dropped.
@@ -24,14 +25,17 @@ pub struct Mirror {
     /// Where the NAR is read from: the store, then the upstreams (the NAR is usually only at
     /// the upstream the narinfo came from).
     reads: Arc<dyn Store>,
+    /// References a mirrored path has at an upstream count as present.
+    upstreams: Arc<Upstreams>,
     copies: Arc<Semaphore>,
 }
 
 impl Mirror {
-    pub fn new(uploader: Arc<Uploader>, reads: Arc<dyn Store>) -> Self {
+    pub fn new(uploader: Arc<Uploader>, reads: Arc<dyn Store>, upstreams: Arc<Upstreams>) -> Self {
         Self {
             uploader,
             reads,
+            upstreams,
             copies: Arc::new(Semaphore::new(MAX_COPIES)),
         }
     }
@@ -46,6 +50,7 @@ impl Mirror {
         };
         let uploader = self.uploader.clone();
         let reads = self.reads.clone();
+        let upstreams = self.upstreams.clone();
         tokio::spawn(async move {
             let _permit = permit;
             let path = info.store_path.clone();
@@ -60,7 +65,7 @@ impl Mirror {
                     })?;
                 Ok(obj.body)
             };
-            match uploader.copy_path(info, fetch_nar).await {
+            match uploader.copy_path(info, fetch_nar, Some(&upstreams)).await {
                 Ok(_) => tracing::info!(path = %path, "mirrored from upstream"),
                 Err(e) => {
                     tracing::warn!(path = %path, cause = %e, "mirroring from upstream failed")

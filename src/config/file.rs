@@ -429,6 +429,10 @@ struct UploadSection {
     #[serde(deserialize_with = "list_or_csv")]
     trusted_keys: Vec<PublicKey>,
     staging_max_age_secs: u64,
+    max_nar_bytes: u64,
+    max_concurrent: usize,
+    xz_memory_limit_bytes: u64,
+    body_idle_timeout_secs: u64,
 }
 
 impl Default for UploadSection {
@@ -438,6 +442,12 @@ impl Default for UploadSection {
             compression_level: None,
             trusted_keys: Vec::new(),
             staging_max_age_secs: 6 * 3600,
+            max_nar_bytes: 32 << 30,
+            max_concurrent: 8,
+            // `xz -9` needs 65 MiB to decompress (a 64 MiB dictionary); leave room for
+            // encoders with larger settings, but not for a 1.5 GiB dictionary.
+            xz_memory_limit_bytes: 128 << 20,
+            body_idle_timeout_secs: 60,
         }
     }
 }
@@ -473,10 +483,36 @@ impl UploadSection {
                 "must be at least 60 (uploads in progress would be removed)",
             ));
         }
+        if self.max_nar_bytes < (1 << 20) {
+            return Err(ConfigError::invalid(
+                "upload.max_nar_bytes",
+                "must be at least 1 MiB (1048576)",
+            ));
+        }
+        if self.max_concurrent == 0 {
+            return Err(ConfigError::invalid(
+                "upload.max_concurrent",
+                "must be > 0 (0 would refuse every upload)",
+            ));
+        }
+        if self.xz_memory_limit_bytes < (65 << 20) {
+            return Err(ConfigError::invalid(
+                "upload.xz_memory_limit_bytes",
+                "must be at least 65 MiB (68157440), what NARs compressed with `xz -9` need",
+            ));
+        }
         Ok(UploadConfig {
             recompress,
             trusted_keys: self.trusted_keys,
             staging_max_age: Duration::from_secs(self.staging_max_age_secs),
+            max_nar_bytes: self.max_nar_bytes,
+            max_concurrent: self.max_concurrent,
+            xz_memory_limit_bytes: self.xz_memory_limit_bytes,
+            body_idle_timeout: secs(
+                "upload.body_idle_timeout_secs",
+                self.body_idle_timeout_secs,
+                1,
+            )?,
         })
     }
 }

@@ -122,6 +122,34 @@ impl Config {
         Ok(cfg)
     }
 
+    /// The first key whose change from `self` to `new` only a restart can apply, if any.
+    ///
+    /// Reloadable (SIGHUP): `[auth]`, `[signing]`, `[[upstreams]]`, the narinfo memory cache
+    /// (`cache.narinfo_*`), `narinfo_max_age_secs`, `not_found_max_age_secs`, `priority` and
+    /// `want_mass_query`. The rest is held by the listener, the store client, the uploader
+    /// or the NAR disk cache, which live as long as the process.
+    pub fn needs_restart(&self, new: &Config) -> Option<&'static str> {
+        let fixed: [(&'static str, bool); 7] = [
+            ("listen", self.listen == new.listen),
+            ("store_dir", self.store_dir == new.store_dir),
+            (
+                "shutdown_timeout_secs",
+                self.shutdown_timeout == new.shutdown_timeout,
+            ),
+            ("store", self.store == new.store),
+            ("upload", self.upload == new.upload),
+            ("cache.nar_dir", self.cache.nar_dir == new.cache.nar_dir),
+            (
+                "cache.nar_max_bytes",
+                self.cache.nar_max_bytes == new.cache.nar_max_bytes,
+            ),
+        ];
+        fixed
+            .into_iter()
+            .find(|(_, same)| !same)
+            .map(|(key, _)| key)
+    }
+
     /// cellar deletes files in `cache.nar_dir`, so it must not be, hold or lie in what cellar
     /// must keep: the local store's directory, the signing key files, the config file. (A NAR
     /// cache beside the key file is fine: only the cache directory's own files are touched,
@@ -186,7 +214,7 @@ fn lexical_absolute(p: &Path) -> PathBuf {
 }
 
 /// `[store]`: where the cache lives, and how long it may take to answer.
-#[derive(Debug, Clone)]
+#[derive(Debug, Clone, PartialEq)]
 pub struct StoreConfig {
     pub backend: StoreBackend,
     /// How long the store may take to start answering one request (not a whole NAR body).
@@ -196,7 +224,7 @@ pub struct StoreConfig {
 }
 
 /// `store.kind`, with the fields of that kind.
-#[derive(Debug, Clone)]
+#[derive(Debug, Clone, PartialEq)]
 pub enum StoreBackend {
     /// A directory as written by `nix copy --to file://DIR`.
     Local(LocalStoreConfig),
@@ -220,12 +248,12 @@ impl fmt::Display for StoreBackend {
     }
 }
 
-#[derive(Debug, Clone)]
+#[derive(Debug, Clone, PartialEq)]
 pub struct LocalStoreConfig {
     pub path: PathBuf,
 }
 
-#[derive(Debug, Clone)]
+#[derive(Debug, Clone, PartialEq)]
 pub struct S3StoreConfig {
     pub bucket: String,
     /// Unset: AWS's own endpoint for the region (or `AWS_ENDPOINT_URL`).
@@ -241,7 +269,7 @@ pub struct S3StoreConfig {
     pub connect_timeout: Duration,
 }
 
-#[derive(Debug, Clone)]
+#[derive(Debug, Clone, PartialEq)]
 pub struct S3Credentials {
     pub access_key_id: String,
     pub secret_access_key: Secret,
@@ -350,7 +378,7 @@ pub struct Recompression {
 }
 
 /// `[upload]`: how uploads are checked and stored.
-#[derive(Debug, Clone)]
+#[derive(Debug, Clone, PartialEq)]
 pub struct UploadConfig {
     /// `None` keeps what the client sent.
     pub recompress: Option<Recompression>,
@@ -358,6 +386,14 @@ pub struct UploadConfig {
     pub trusted_keys: Vec<PublicKey>,
     /// Unfinished uploads older than this are removed from the store.
     pub staging_max_age: Duration,
+    /// The largest NAR accepted, compressed as sent or decompressed (413 beyond it).
+    pub max_nar_bytes: u64,
+    /// NAR uploads processed at once; more are refused with 503 and `Retry-After`.
+    pub max_concurrent: usize,
+    /// Memory the xz decoder may use for one upload (what the stream's dictionary needs).
+    pub xz_memory_limit_bytes: u64,
+    /// How long an upload body may send nothing before the upload is abandoned.
+    pub body_idle_timeout: Duration,
 }
 
 /// One `[[upstreams]]` entry.

@@ -24,7 +24,7 @@ pub(super) async fn get(State(st): State<AppState>) -> impl IntoResponse {
             (header::CONTENT_TYPE, "text/x-nix-cache-info"),
             (header::CACHE_CONTROL, "public, max-age=3600"),
         ],
-        st.cache_info.clone(),
+        st.live().cache_info.clone(),
     )
 }
 

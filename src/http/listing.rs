@@ -14,27 +14,27 @@ use super::AppState;
 use crate::error::Error;
 use crate::nix::StorePathHash;
 use crate::store::object_key;
-
-/// A bound on what one listing upload may write to the store.
-const MAX_LISTING_BYTES: u64 = 256 << 20;
+use crate::upload::MAX_LISTING_BYTES;
 
 pub(super) async fn get(
     st: &AppState,
     h: StorePathHash,
     headers: &HeaderMap,
 ) -> Result<Response, Error> {
-    object::get(st, &object_key::listing(h), Kind::Listing, headers).await
+    let reads = st.live().reads.clone();
+    object::get(&*reads, &object_key::listing(h), Kind::Listing, headers).await
 }
 
 pub(super) async fn head(st: &AppState, h: StorePathHash) -> Result<Response, Error> {
-    object::head(st, &object_key::listing(h), Kind::Listing).await
+    let reads = st.live().reads.clone();
+    object::head(&*reads, &object_key::listing(h), Kind::Listing).await
 }
 
 pub(super) async fn put(st: &AppState, h: StorePathHash, body: Body) -> Result<StatusCode, Error> {
     st.uploader
         .put_plain(
             &object_key::listing(h),
-            object::body_stream(body),
+            object::body_stream(st, body),
             MAX_LISTING_BYTES,
         )
         .await?;

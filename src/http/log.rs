@@ -14,21 +14,27 @@ use crate::nix::StorePathBaseName;
 use crate::store::object_key;
 use crate::upload::MAX_LOG_BYTES;
 
+/// The store key of the log of `drv` (a derivation's base name, validated).
+pub(super) fn key(drv: &str) -> Result<String, Error> {
+    let d: StorePathBaseName = drv.parse()?;
+    Ok(object_key::log(&d))
+}
+
 pub(super) async fn get(
     State(st): State<AppState>,
     Path(drv): Path<String>,
     headers: HeaderMap,
 ) -> Result<Response, Error> {
-    let d: StorePathBaseName = drv.parse()?;
-    object::get(&st, &object_key::log(&d), Kind::Log, &headers).await
+    let reads = st.live().reads.clone();
+    object::get(&*reads, &key(&drv)?, Kind::Log, &headers).await
 }
 
 pub(super) async fn head(
     State(st): State<AppState>,
     Path(drv): Path<String>,
 ) -> Result<Response, Error> {
-    let d: StorePathBaseName = drv.parse()?;
-    object::head(&st, &object_key::log(&d), Kind::Log).await
+    let reads = st.live().reads.clone();
+    object::head(&*reads, &key(&drv)?, Kind::Log).await
 }
 
 pub(super) async fn put(
@@ -36,13 +42,8 @@ pub(super) async fn put(
     Path(drv): Path<String>,
     body: Body,
 ) -> Result<StatusCode, Error> {
-    let d: StorePathBaseName = drv.parse()?;
     st.uploader
-        .put_plain(
-            &object_key::log(&d),
-            object::body_stream(body),
-            MAX_LOG_BYTES,
-        )
+        .put_plain(&key(&drv)?, object::body_stream(&st, body), MAX_LOG_BYTES)
         .await?;
     Ok(StatusCode::CREATED)
 }

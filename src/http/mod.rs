@@ -7,9 +7,21 @@
 //! `/{file}` and `/nar/{file}` take the whole name and the handlers parse it into a validated
 //! type before anything reaches the store; `/{file}` is dispatched here to narinfo or listing.
 //!
+//! Two addresses serve the cache layout:
+//!
+//! - the root (`/`) is for substitution: lookups go through the narinfo memory cache and the
+//!   upstreams, and narinfos are served signed by the server;
+//! - [`upload`] (`/upload`) is for builders (`nix copy --to http://HOST/upload`): everything
+//!   there needs a write token, and its probes answer from the store alone. Nix keeps the
+//!   narinfos it uploads in its own lookup cache, keyed by the URL it uploaded to; with its
+//!   own URL for uploads, those unsigned copies never stand in for the root URL's signed ones.
+//!
+//! The root still accepts PUTs, for builders set up before `/upload` existed (see
+//! docs/uploads.md for the hazard); the first one logs a warning.
+//!
 //! PUTs are authorized by the middleware before their handler runs (so a refused PUT never
 //! reads its body, and hyper never sends `100 Continue` for it), and verified by
-//! [`crate::upload`].
+//! [`crate::upload`]. The state is in [`state`]: what a reload replaces is behind one swap.
 
 mod cache_info;
 mod health;
@@ -20,15 +32,13 @@ mod narinfo;
 mod object;
 mod realisation;
 mod server;
-
-pub use server::serve;
+mod state;
+mod upload;
 
 #[cfg(test)]
 mod tests;
 
-use std::ops::Deref;
-use std::sync::Arc;
-use std::time::Duration;
+use std::sync::atomic::{AtomicBool, Ordering};
 
 use axum::body::Body;
 use axum::extract::{Path, Request, State};
@@ -39,136 +49,16 @@ use axum::response::IntoResponse as _;
 use axum::response::Response;
 use axum::routing::get;
 use axum::Router;
-use bytes::Bytes;
 use tower_http::trace::TraceLayer;
 use tracing::Instrument as _;
 
-use crate::auth::{Decision, Tokens};
-use crate::cache::nar::NarCache;
-use crate::cache::narinfo::NarInfoCache;
-use crate::config::Config;
+use crate::auth::Decision;
 use crate::config::Scope;
 use crate::error::Error;
-use crate::mirror::Mirror;
-use crate::nix::{SecretKey, TopLevelFile};
-use crate::store::Store;
-use crate::upload::Uploader;
-use crate::upstream::{Upstreams, WithUpstreams};
+use crate::nix::TopLevelFile;
 
-/// Everything a request handler needs. Cheap to clone.
-#[derive(Clone)]
-pub struct AppState(Arc<App>);
-
-pub struct App {
-    pub config: Config,
-    /// The cache's own objects (S3 or the local directory). Writes go here, and so do reads
-    /// that must not be answered by an upstream: upload checks, mirroring, the readiness probe.
-    pub store: Arc<dyn Store>,
-    pub tokens: Tokens,
-    pub uploader: Arc<Uploader>,
-    /// Copies paths from upstreams marked `mirror = true` into the store, in the background.
-    pub mirror: Mirror,
-    pub narinfos: NarInfoCache,
-    /// `Cache-Control` of narinfo answers, built once.
-    pub narinfo_cache_control: HeaderValue,
-    pub nars: Option<Arc<NarCache>>,
-    pub upstreams: Arc<Upstreams>,
-    /// What clients' GET and HEAD read from: [`Self::store`], then the upstreams in order
-    /// (the store itself if there are none).
-    pub reads: Arc<dyn Store>,
-    /// Every key signs every narinfo served (several during a rotation).
-    pub signing_keys: Vec<SecretKey>,
-    cache_info: Bytes,
-}
-
-impl Deref for AppState {
-    type Target = App;
-    fn deref(&self) -> &App {
-        &self.0
-    }
-}
-
-impl AppState {
-    /// The state for `config`; opens the NAR disk cache if one is configured.
-    pub fn new(
-        config: Config,
-        store: Arc<dyn Store>,
-        signing_keys: Vec<SecretKey>,
-    ) -> Result<Self, StartError> {
-        let cache_info = cache_info::render(&config);
-        let c = &config.cache;
-        let narinfos = NarInfoCache::new(
-            c.narinfo_memory_bytes,
-            c.narinfo_ttl,
-            c.narinfo_negative_ttl,
-        );
-        let nars = match &c.nar_dir {
-            Some(dir) => Some(
-                NarCache::open(
-                    dir,
-                    c.nar_max_bytes,
-                    (config.store.timeout * 3).max(Duration::from_secs(30)),
-                )
-                .map_err(|source| StartError::NarCache {
-                    dir: dir.clone(),
-                    source,
-                })?,
-            ),
-            None => None,
-        };
-        let upstreams = Arc::new(
-            Upstreams::new(&config.upstreams, &config.store_dir)
-                .map_err(StartError::UpstreamClient)?,
-        );
-        let reads: Arc<dyn Store> = if upstreams.is_empty() {
-            store.clone()
-        } else {
-            Arc::new(WithUpstreams {
-                store: store.clone(),
-                upstreams: upstreams.clone(),
-            })
-        };
-        let uploader = Arc::new(Uploader::new(
-            &config.upload,
-            &config.store_dir,
-            store.clone(),
-            (!upstreams.is_empty()).then(|| upstreams.clone()),
-        ));
-        let mirror = Mirror::new(uploader.clone(), reads.clone());
-        // Digits and ASCII only: always a valid header value.
-        let narinfo_cache_control = HeaderValue::from_str(&format!(
-            "public, max-age={}",
-            config.narinfo_max_age.as_secs()
-        ))
-        .unwrap_or(HeaderValue::from_static("public"));
-        Ok(Self(Arc::new(App {
-            narinfo_cache_control,
-            narinfos,
-            nars,
-            upstreams,
-            reads,
-            uploader,
-            mirror,
-            tokens: Tokens::from_config(&config.auth),
-            config,
-            store,
-            signing_keys,
-            cache_info,
-        })))
-    }
-}
-
-/// What can stop [`AppState::new`].
-#[derive(Debug, thiserror::Error)]
-pub enum StartError {
-    #[error("config key `cache.nar_dir`: cannot open the NAR disk cache in {}: {source}", dir.display())]
-    NarCache {
-        dir: std::path::PathBuf,
-        source: std::io::Error,
-    },
-    #[error("cannot build the HTTP client for upstream caches: {0}")]
-    UpstreamClient(reqwest::Error),
-}
+pub use server::serve;
+pub use state::{App, AppState, Live, ReloadError, StartError};
 
 /// The router with every route and middleware.
 pub fn app(state: AppState) -> Router {
@@ -193,6 +83,7 @@ pub fn app(state: AppState) -> Router {
     Router::new()
         .route("/healthz", get(health::healthz))
         .route("/readyz", get(health::readyz))
+        .nest("/upload", upload::routes(state.clone()))
         .merge(cache)
         .fallback(not_found)
         .layer(middleware::from_fn_with_state(
@@ -251,7 +142,29 @@ async fn authorize(State(st): State<AppState>, req: Request, next: Next) -> Resp
         Method::GET | Method::HEAD => Scope::Read,
         _ => Scope::Write,
     };
-    match st.tokens.check(req.headers(), scope) {
+    if scope == Scope::Write {
+        warn_root_upload_once();
+    }
+    check(&st, req, next, scope).await
+}
+
+/// Uploads through the root URL keep working, but once per process the log says why they
+/// should move (docs/uploads.md, "Why a separate address").
+fn warn_root_upload_once() {
+    static WARNED: AtomicBool = AtomicBool::new(false);
+    if !WARNED.swap(true, Ordering::Relaxed) {
+        tracing::warn!(
+            "an upload was sent to the root URL; point builders at /upload \
+             (`nix copy --to http://HOST/upload`): a builder that also substitutes from \
+             the root URL as the same user can fail with \"lacks a valid signature\""
+        );
+    }
+}
+
+/// Lets the request through if its credentials allow `scope`, else answers 401/403.
+async fn check(st: &AppState, req: Request, next: Next, scope: Scope) -> Response {
+    let decision = st.live().tokens.check(req.headers(), scope);
+    match decision {
         Decision::Allowed(Some(token)) if scope == Scope::Write => {
             // Upload log lines carry the token's name.
             next.run(req)
@@ -271,7 +184,8 @@ async fn authorize(State(st): State<AppState>, req: Request, next: Next) -> Resp
 /// private mode, keeps shared caches from storing anything.
 async fn default_cache_headers(State(st): State<AppState>, req: Request, next: Next) -> Response {
     let mut res = next.run(req).await;
-    if st.config.auth.private {
+    let config = &st.live().config;
+    if config.auth.private {
         let private = res
             .headers()
             .get(header::CACHE_CONTROL)
@@ -283,14 +197,14 @@ async fn default_cache_headers(State(st): State<AppState>, req: Request, next: N
         }
     }
     if res.status() == StatusCode::NOT_FOUND && !res.headers().contains_key(header::CACHE_CONTROL) {
-        let scope = if st.config.auth.private {
+        let scope = if config.auth.private {
             "private"
         } else {
             "public"
         };
         if let Ok(v) = HeaderValue::from_str(&format!(
             "{scope}, max-age={}",
-            st.config.not_found_max_age.as_secs()
+            config.not_found_max_age.as_secs()
         )) {
             res.headers_mut().insert(header::CACHE_CONTROL, v);
         }

@@ -8,16 +8,19 @@
 //!   and stored under another extension: Nix sends `HEAD nar/<file>` before each upload, and a
 //!   404 there would make it upload the NAR again.
 //! - PUT is an upload (`nix copy --to`), verified by [`crate::upload`] before it is visible.
+//!   Refused before its body is read when `Content-Length` is over `upload.max_nar_bytes`
+//!   (413) or `upload.max_concurrent` uploads are running (503): a client that gets either
+//!   has sent nothing, so a retry sends the whole body.
 
 use axum::body::Body;
 use axum::extract::{Path, State};
-use axum::http::{HeaderMap, StatusCode};
+use axum::http::{header, HeaderMap, StatusCode};
 use axum::response::Response;
 
 use super::object::{self, Kind};
 use super::AppState;
 use crate::cache::nar::NarCacheAnswer;
-use crate::error::Error;
+use crate::error::{Error, UploadError};
 use crate::nix::NarFileName;
 use crate::store::object_key;
 
@@ -28,9 +31,10 @@ pub(super) async fn get(
 ) -> Result<Response, Error> {
     let f: NarFileName = file.parse()?;
     let key = object_key::nar(&f);
+    let reads = st.live().reads.clone();
     if let Some(cache) = &st.nars {
         match cache
-            .get(&f, &key, object::range_of(&headers), &st.reads)
+            .get(&f, &key, object::range_of(&headers), &reads)
             .await?
         {
             NarCacheAnswer::Object(obj) => return Ok(object::object_response(obj, Kind::Nar)),
@@ -38,7 +42,7 @@ pub(super) async fn get(
             NarCacheAnswer::Bypass => {}
         }
     }
-    object::get(&st, &key, Kind::Nar, &headers).await
+    object::get(&*reads, &key, Kind::Nar, &headers).await
 }
 
 pub(super) async fn head(
@@ -46,7 +50,8 @@ pub(super) async fn head(
     Path(file): Path<String>,
 ) -> Result<Response, Error> {
     let f: NarFileName = file.parse()?;
-    let size = match st.reads.head(&object_key::nar(&f)).await? {
+    let reads = st.live().reads.clone();
+    let size = match reads.head(&object_key::nar(&f)).await? {
         Some(size) => Some(size),
         None => st.uploader.reencoded_size(&f).await?,
     };
@@ -59,12 +64,22 @@ pub(super) async fn head(
 pub(super) async fn put(
     State(st): State<AppState>,
     Path(file): Path<String>,
+    headers: HeaderMap,
     body: Body,
 ) -> Result<StatusCode, Error> {
     let name: NarFileName = file.parse()?;
+    let limit = st.uploader.max_nar_bytes();
+    let declared = headers
+        .get(header::CONTENT_LENGTH)
+        .and_then(|v| v.to_str().ok())
+        .and_then(|v| v.parse::<u64>().ok());
+    if declared.is_some_and(|n| n > limit) {
+        return Err(UploadError::TooLarge { limit }.into());
+    }
+    let _slot = st.uploader.admit()?;
     let d = st
         .uploader
-        .put_nar(&name, object::body_stream(body))
+        .put_nar(&name, object::body_stream(&st, body))
         .await?;
     tracing::info!(nar = %name, size = d.input.size, nar_size = d.nar.size, "NAR uploaded");
     Ok(StatusCode::CREATED)

@@ -7,6 +7,10 @@
 //!   Upstream paths marked for mirroring are offered to [`crate::mirror`] on the way.
 //! - PUT is the last step of an upload: accepted only if its NAR and references are there
 //!   ([`crate::upload`]); it then drops the cached answer, so a cached miss cannot hide it.
+//!   A path already published answers 200 if the narinfo has the same NarHash (nothing is
+//!   written) and 409 if not.
+//!
+//! Each request works with one snapshot of the reloadable state ([`super::Live`]).
 //!
 //! These are called from the `/{file}` route in [`super`], which parses the name and
 //! dispatches `.narinfo` and `.ls` names.
@@ -17,45 +21,54 @@ use axum::response::{IntoResponse, Response};
 use bytes::Bytes;
 
 use super::object;
-use super::AppState;
+use super::{AppState, Live};
 use crate::error::Error;
 use crate::nix::{NarInfo, StorePathHash, MAX_NARINFO_BYTES};
 use crate::store::{object_key, StoreError};
 
 pub(super) async fn get(st: &AppState, h: StorePathHash) -> Result<Response, Error> {
-    let body = load(st, h).await?;
+    let live = st.live();
+    let body = load(st, &live, h).await?;
     let len = body.len();
-    Ok(response(st, body.into_response(), len))
+    Ok(response(&live, body.into_response(), len))
 }
 
 pub(super) async fn head(st: &AppState, h: StorePathHash) -> Result<Response, Error> {
-    let len = load(st, h).await?.len();
-    Ok(response(st, ().into_response(), len))
+    let live = st.live();
+    let len = load(st, &live, h).await?.len();
+    Ok(response(&live, ().into_response(), len))
 }
 
 pub(super) async fn put(st: &AppState, h: StorePathHash, body: Body) -> Result<StatusCode, Error> {
-    let raw = object::read_body(body, MAX_NARINFO_BYTES).await?;
-    let acc = st.uploader.put_narinfo(h, &raw).await?;
-    st.narinfos.invalidate(h).await;
+    let raw = object::read_body(st, body, MAX_NARINFO_BYTES).await?;
+    let live = st.live();
+    let acc = st
+        .uploader
+        .put_narinfo(h, &raw, Some(&live.upstreams))
+        .await?;
+    if acc.already_present {
+        return Ok(StatusCode::OK);
+    }
+    live.narinfos.invalidate(h).await;
     tracing::info!(path = %acc.narinfo.store_path, "narinfo uploaded");
     Ok(StatusCode::CREATED)
 }
 
 /// The signed narinfo of `h`, from memory or loaded once for all concurrent requests.
-async fn load(st: &AppState, h: StorePathHash) -> Result<Bytes, Error> {
-    st.narinfos
-        .get_or_load(h, || signed_narinfo(st, h))
+async fn load(st: &AppState, live: &Live, h: StorePathHash) -> Result<Bytes, Error> {
+    live.narinfos
+        .get_or_load(h, || signed_narinfo(st, live, h))
         .await?
         .ok_or(Error::NotFound)
 }
 
-fn response(st: &AppState, mut res: Response, len: usize) -> Response {
+fn response(live: &Live, mut res: Response, len: usize) -> Response {
     let h = res.headers_mut();
     h.insert(
         header::CONTENT_TYPE,
         HeaderValue::from_static("text/x-nix-narinfo"),
     );
-    h.insert(header::CACHE_CONTROL, st.narinfo_cache_control.clone());
+    h.insert(header::CACHE_CONTROL, live.narinfo_cache_control.clone());
     h.insert(header::CONTENT_LENGTH, HeaderValue::from(len));
     res
 }
@@ -64,25 +77,26 @@ fn response(st: &AppState, mut res: Response, len: usize) -> Response {
 /// by every server key. `Ok(None)` if nobody has it.
 pub(crate) async fn signed_narinfo(
     st: &AppState,
+    live: &Live,
     h: StorePathHash,
 ) -> Result<Option<Bytes>, Error> {
     let store_dir = &st.config.store_dir;
     let mut info = match stored_narinfo(st, h).await? {
         Some(info) => info,
-        None => match st.upstreams.narinfo(h).await {
+        None => match live.upstreams.narinfo(h).await {
             Some(found) => {
                 if found.mirror {
-                    st.mirror.offer(found.info.clone());
+                    live.mirror.offer(found.info.clone());
                 }
                 found.info
             }
             None => return Ok(None),
         },
     };
-    if !st.config.signing.keep_existing_signatures {
+    if !live.config.signing.keep_existing_signatures {
         info.sigs.clear();
     }
-    for k in &st.signing_keys {
+    for k in &live.signing_keys {
         info.sign(k, store_dir);
     }
     Ok(Some(Bytes::from(info.render(store_dir))))

@@ -6,8 +6,11 @@
 //! error, which makes hyper abort the connection: the client sees a failed transfer, never a
 //! clean short body.
 //!
-//! GET and HEAD of an object both go through `st.reads` (the store, then the upstreams), so a
-//! HEAD finds exactly what a GET would serve.
+//! GET and HEAD of an object both read from the source they are given: the read path (the
+//! store, then the upstreams) at the root, the store alone under `/upload`. A HEAD finds
+//! exactly what a GET of the same address would serve.
+//!
+//! Upload bodies are cut off when they send nothing for `upload.body_idle_timeout_secs`.
 
 use axum::body::Body;
 use axum::http::{header, HeaderMap, HeaderValue, StatusCode};
@@ -16,8 +19,9 @@ use bytes::Bytes;
 use futures::{Stream, TryStreamExt as _};
 
 use super::AppState;
-use crate::error::{Error, UploadError};
-use crate::store::{ByteRange, Object};
+use crate::error::Error;
+use crate::store::{ByteRange, Object, Store};
+use crate::upload::digest;
 
 #[derive(Debug, Clone, Copy)]
 pub(super) enum Kind {
@@ -91,45 +95,44 @@ pub(super) fn head_response(size: u64, kind: Kind) -> Response {
     res
 }
 
-/// GET of `key`: streamed from the read path with the headers for `kind`.
+/// GET of `key`: streamed from `source` with the headers for `kind`.
 pub(super) async fn get(
-    st: &AppState,
+    source: &dyn Store,
     key: &str,
     kind: Kind,
     req_headers: &HeaderMap,
 ) -> Result<Response, Error> {
-    let obj = st
-        .reads
+    let obj = source
         .get(key, range_of(req_headers))
         .await?
         .ok_or(Error::NotFound)?;
     Ok(object_response(obj, kind))
 }
 
-/// HEAD of `key`: its size from the read path, with the headers a GET would have.
-pub(super) async fn head(st: &AppState, key: &str, kind: Kind) -> Result<Response, Error> {
-    let size = st.reads.head(key).await?.ok_or(Error::NotFound)?;
+/// HEAD of `key`: its size from `source`, with the headers a GET would have.
+pub(super) async fn head(source: &dyn Store, key: &str, kind: Kind) -> Result<Response, Error> {
+    let size = source.head(key).await?.ok_or(Error::NotFound)?;
     Ok(head_response(size, kind))
 }
 
-/// A PUT's body as the stream the uploader takes.
+/// A PUT's body as the stream the uploader takes, ended by an error when idle too long.
 pub(super) fn body_stream(
+    st: &AppState,
     body: Body,
 ) -> impl Stream<Item = std::io::Result<Bytes>> + Send + 'static {
-    body.into_data_stream().map_err(std::io::Error::other)
+    digest::with_idle_timeout(
+        body.into_data_stream().map_err(std::io::Error::other),
+        st.config.upload.body_idle_timeout,
+    )
 }
 
 /// A PUT's whole body, refused past `limit` bytes before more is read.
-pub(super) async fn read_body(body: Body, limit: u64) -> Result<Bytes, Error> {
+pub(super) async fn read_body(st: &AppState, body: Body, limit: u64) -> Result<Bytes, Error> {
     let mut buf = Vec::new();
-    let mut s = std::pin::pin!(body_stream(body));
-    while let Some(chunk) = s
-        .try_next()
-        .await
-        .map_err(|e| UploadError::Body(e.to_string()))?
-    {
+    let mut s = std::pin::pin!(body_stream(st, body));
+    while let Some(chunk) = s.try_next().await.map_err(digest::body_error)? {
         if (buf.len() + chunk.len()) as u64 > limit {
-            return Err(UploadError::Rejected(format!("larger than {limit} bytes")).into());
+            return Err(crate::error::UploadError::TooLarge { limit }.into());
         }
         buf.extend_from_slice(&chunk);
     }

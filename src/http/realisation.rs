@@ -17,12 +17,12 @@ use crate::store::object_key;
 /// A bound on what one realisation upload may write to the store.
 const MAX_REALISATION_BYTES: u64 = 1 << 20;
 
-fn realisation_key(id: &str) -> Result<String, Error> {
+pub(super) fn realisation_key(id: &str) -> Result<String, Error> {
     let r: RealisationName = id.parse()?;
     Ok(object_key::realisation(&r))
 }
 
-fn build_trace_key(drv: &str, output: &str) -> Result<String, Error> {
+pub(super) fn build_trace_key(drv: &str, output: &str) -> Result<String, Error> {
     let d: StorePathBaseName = drv.parse()?;
     let o: OutputName = output.parse()?;
     Ok(object_key::build_trace(&d, &o))
@@ -30,7 +30,7 @@ fn build_trace_key(drv: &str, output: &str) -> Result<String, Error> {
 
 async fn put_as_sent(st: &AppState, key: &str, body: Body) -> Result<StatusCode, Error> {
     st.uploader
-        .put_plain(key, object::body_stream(body), MAX_REALISATION_BYTES)
+        .put_plain(key, object::body_stream(st, body), MAX_REALISATION_BYTES)
         .await?;
     Ok(StatusCode::CREATED)
 }
@@ -40,14 +40,16 @@ pub(super) async fn get(
     Path(id): Path<String>,
     headers: HeaderMap,
 ) -> Result<Response, Error> {
-    object::get(&st, &realisation_key(&id)?, Kind::Realisation, &headers).await
+    let reads = st.live().reads.clone();
+    object::get(&*reads, &realisation_key(&id)?, Kind::Realisation, &headers).await
 }
 
 pub(super) async fn head(
     State(st): State<AppState>,
     Path(id): Path<String>,
 ) -> Result<Response, Error> {
-    object::head(&st, &realisation_key(&id)?, Kind::Realisation).await
+    let reads = st.live().reads.clone();
+    object::head(&*reads, &realisation_key(&id)?, Kind::Realisation).await
 }
 
 pub(super) async fn put(
@@ -64,14 +66,16 @@ pub(super) async fn get_build_trace(
     headers: HeaderMap,
 ) -> Result<Response, Error> {
     let key = build_trace_key(&drv, &output)?;
-    object::get(&st, &key, Kind::Realisation, &headers).await
+    let reads = st.live().reads.clone();
+    object::get(&*reads, &key, Kind::Realisation, &headers).await
 }
 
 pub(super) async fn head_build_trace(
     State(st): State<AppState>,
     Path((drv, output)): Path<(String, String)>,
 ) -> Result<Response, Error> {
-    object::head(&st, &build_trace_key(&drv, &output)?, Kind::Realisation).await
+    let reads = st.live().reads.clone();
+    object::head(&*reads, &build_trace_key(&drv, &output)?, Kind::Realisation).await
 }
 
 pub(super) async fn put_build_trace(

@@ -16,28 +16,46 @@
 //! Paths that come from elsewhere (an upstream being mirrored, a directory being imported) go
 //! through the same checks, by [`Uploader::copy_path`].
 //!
+//! Published paths are immutable: a narinfo for a path the store already has is accepted only
+//! with the same NarHash (and then changes nothing); another NarHash is a conflict (409).
+//! Removing a path is for garbage collection and `verify --repair`, never for an upload.
+//!
+//! Bounds, so that no upload holds resources without end: [`digest::Limits`] (NAR size as
+//! sent and decompressed, xz decoder memory), [`Uploader::admit`] (NAR uploads at once, the
+//! rest refused with 503 before their body is read) and [`digest::with_idle_timeout`] (a body
+//! that stops sending).
+//!
 //! Errors: what is wrong with the upload is [`UploadError`] (a 400 for HTTP clients); the
 //! store failing on the way is [`Error::Store`], as for any request.
 
 pub mod digest;
 
-use std::collections::HashMap;
+use std::collections::{HashMap, HashSet};
 use std::future::Future;
 use std::sync::{Arc, Mutex};
 
 use bytes::Bytes;
 use futures::{Stream, StreamExt as _, TryStreamExt as _};
+use tokio::sync::{OwnedSemaphorePermit, Semaphore};
 
 use crate::config::{Recompression, UploadConfig};
 use crate::error::{Error, UploadError};
 use crate::nix::{Compression, NarFileName, NarInfo, PublicKey, StorePathHash};
 use crate::store::{object_key, Store, StoreError};
 use crate::sync::lock;
+use crate::upstream::Upstreams;
 
-pub use digest::{FileDigest, NarDigest};
+pub use digest::{FileDigest, Limits, NarDigest};
 
 /// Build logs larger than this are refused (HTTP uploads and `cellar import`).
 pub const MAX_LOG_BYTES: u64 = 1 << 30;
+
+/// A bound on one listing (`<hash>.ls`), uploaded or imported.
+pub const MAX_LISTING_BYTES: u64 = 256 << 20;
+
+/// What a client refused for `upload.max_concurrent` is told to wait. Nix 2.8 retries 5xx
+/// with its own back-off (0.3 s doubling) and ignores it; other clients may not.
+const BUSY_RETRY_AFTER_SECS: u64 = 1;
 
 fn rejected(msg: impl Into<String>) -> Error {
     Error::Upload(UploadError::Rejected(msg.into()))
@@ -63,8 +81,9 @@ pub struct Uploader {
     store_dir: String,
     recompress: Option<Recompression>,
     trusted_keys: Vec<PublicKey>,
-    /// References available from an upstream count as present.
-    upstreams: Option<Arc<crate::upstream::Upstreams>>,
+    limits: Limits,
+    /// One permit per NAR upload in progress (`upload.max_concurrent`).
+    slots: Arc<Semaphore>,
     // A std Mutex: held for map operations only, never across an await.
     verified: Mutex<HashMap<String, VerifiedNar>>,
 }
@@ -75,23 +94,37 @@ pub struct Accepted {
     pub hash: StorePathHash,
     /// The narinfo as stored (rewritten after recompression).
     pub narinfo: NarInfo,
+    /// The store already had this path with the same NarHash: nothing was written.
+    pub already_present: bool,
 }
 
 impl Uploader {
-    pub fn new(
-        cfg: &UploadConfig,
-        store_dir: &str,
-        store: Arc<dyn Store>,
-        upstreams: Option<Arc<crate::upstream::Upstreams>>,
-    ) -> Self {
+    pub fn new(cfg: &UploadConfig, store_dir: &str, store: Arc<dyn Store>) -> Self {
         Self {
             store,
-            upstreams,
             store_dir: store_dir.to_owned(),
             recompress: cfg.recompress,
             trusted_keys: cfg.trusted_keys.clone(),
+            limits: Limits::from_config(cfg),
+            slots: Arc::new(Semaphore::new(cfg.max_concurrent)),
             verified: Mutex::new(HashMap::new()),
         }
+    }
+
+    /// The largest NAR accepted (`upload.max_nar_bytes`).
+    pub fn max_nar_bytes(&self) -> u64 {
+        self.limits.max_nar_bytes
+    }
+
+    /// A slot for one NAR upload, held until it is dropped; `Busy` (503) when
+    /// `upload.max_concurrent` are in progress. Taken before the body is read, so a refused
+    /// client has sent nothing (it is never told `100 Continue`) and its retry is whole.
+    pub fn admit(&self) -> Result<OwnedSemaphorePermit, Error> {
+        self.slots.clone().try_acquire_owned().map_err(|_| {
+            Error::Upload(UploadError::Busy {
+                retry_after_secs: BUSY_RETRY_AFTER_SECS,
+            })
+        })
     }
 
     fn remember(&self, uploaded_key: String, v: VerifiedNar) {
@@ -159,7 +192,9 @@ impl Uploader {
         };
         let recompress = target.map(|t| (t, self.recompress.and_then(|r| r.level)));
         let mut w = self.store.writer(&object_key::nar(&stored)).await?;
-        let d = match digest::digest_into(body, incoming, recompress, Some(&mut w)).await {
+        let d = match digest::digest_into(body, incoming, recompress, Some(&mut w), self.limits)
+            .await
+        {
             Ok(d) => d,
             Err(e) => {
                 w.abort().await;
@@ -199,7 +234,7 @@ impl Uploader {
             };
             let c = cand.compression_from_ext().unwrap_or(Compression::None);
             // The body is the store's: a broken one is the store failing, not a client.
-            let d = digest::digest_into(obj.body, c, None, None)
+            let d = digest::digest_into(obj.body, c, None, None, self.limits)
                 .await
                 .map_err(|e| match e {
                     Error::Upload(UploadError::Body(b)) => Error::Store(StoreError::Other(
@@ -221,17 +256,28 @@ impl Uploader {
     }
 
     /// Accepts the narinfo uploaded as `<hash>.narinfo` if every check passes, and writes it.
-    pub async fn put_narinfo(&self, hash: StorePathHash, raw: &[u8]) -> Result<Accepted, Error> {
+    /// References that `upstreams` serve count as present.
+    pub async fn put_narinfo(
+        &self,
+        hash: StorePathHash,
+        raw: &[u8],
+        upstreams: Option<&Upstreams>,
+    ) -> Result<Accepted, Error> {
         let info = NarInfo::parse_for(raw, &self.store_dir, hash)
             .map_err(|e| rejected(format!("bad narinfo: {e}")))?;
-        self.accept_narinfo(info).await
+        self.accept_narinfo(info, upstreams).await
     }
 
     /// Copies a path into the store, verified exactly like an upload: its NAR, unless the
     /// store already has it (under its name or re-encoded), read from `fetch_nar` only then;
     /// then its narinfo, last, which is what makes the path visible. For paths that come from
     /// elsewhere: an upstream being mirrored, a directory being imported.
-    pub async fn copy_path<F, Fut, S>(&self, info: NarInfo, fetch_nar: F) -> Result<Accepted, Error>
+    pub async fn copy_path<F, Fut, S>(
+        &self,
+        info: NarInfo,
+        fetch_nar: F,
+        upstreams: Option<&Upstreams>,
+    ) -> Result<Accepted, Error>
     where
         F: FnOnce(NarFileName) -> Fut,
         Fut: Future<Output = Result<S, Error>>,
@@ -242,14 +288,58 @@ impl Uploader {
             let body = fetch_nar(name.clone()).await?;
             self.put_nar(&name, body).await?;
         }
-        self.accept_narinfo(info).await
+        self.accept_narinfo(info, upstreams).await
+    }
+
+    /// The narinfo the store holds for `hash`, parsed.
+    pub async fn stored(&self, hash: StorePathHash) -> Result<Option<NarInfo>, Error> {
+        let key = object_key::narinfo(hash);
+        let Some(raw) = self
+            .store
+            .get_bytes(&key, crate::nix::MAX_NARINFO_BYTES)
+            .await?
+        else {
+            return Ok(None);
+        };
+        NarInfo::parse_for(&raw, &self.store_dir, hash)
+            .map(Some)
+            .map_err(|reason| Error::BadObject { key, reason })
     }
 
     /// The checks of a narinfo against its NAR, its signatures and its references; writes it
     /// if they pass.
-    async fn accept_narinfo(&self, mut info: NarInfo) -> Result<Accepted, Error> {
+    async fn accept_narinfo(
+        &self,
+        mut info: NarInfo,
+        upstreams: Option<&Upstreams>,
+    ) -> Result<Accepted, Error> {
         let sd = &self.store_dir;
         let hash = info.hash();
+        // Published paths are immutable. Checked first: a re-upload of a present path (a
+        // client with a stale view) costs one read, not a NAR verification. Two uploads of
+        // different contents racing past this check both write; the last one wins (S3 has no
+        // portable create-only write), which needs a non-reproducible build pushed twice at
+        // the same moment.
+        if let Some(existing) = self.stored(hash).await? {
+            if existing.nar_hash != info.nar_hash {
+                return Err(Error::Upload(UploadError::Conflict {
+                    store_path: format!("{sd}/{}", info.store_path),
+                    stored: existing.nar_hash.to_string(),
+                    uploaded: info.nar_hash.to_string(),
+                }));
+            }
+            return Ok(Accepted {
+                hash,
+                narinfo: existing,
+                already_present: true,
+            });
+        }
+        // The fingerprint Nix verifies has each reference once; a list with duplicates would
+        // be signed as sent and fail verification on every client.
+        let mut seen = HashSet::new();
+        if let Some(dup) = info.references.iter().find(|r| !seen.insert(*r)) {
+            return Err(rejected(format!("reference {sd}/{dup} is listed twice")));
+        }
         let url_name = info.nar_file().map_err(|e| rejected(e.to_string()))?;
         if let Some(ext) = url_name.compression_from_ext() {
             if ext != info.compression {
@@ -310,7 +400,7 @@ impl Uploader {
                 info.nar_size, v.nar.size
             )));
         }
-        self.check_references(&info).await?;
+        self.check_references(&info, upstreams).await?;
 
         // Point the narinfo at what is stored (the signature does not cover these fields).
         info.url = format!("nar/{}", v.stored);
@@ -323,10 +413,15 @@ impl Uploader {
         Ok(Accepted {
             hash,
             narinfo: info,
+            already_present: false,
         })
     }
 
-    async fn check_references(&self, info: &NarInfo) -> Result<(), Error> {
+    async fn check_references(
+        &self,
+        info: &NarInfo,
+        upstreams: Option<&Upstreams>,
+    ) -> Result<(), Error> {
         let own = info.hash();
         let refs: Vec<(StorePathHash, String)> = info
             .references
@@ -334,19 +429,18 @@ impl Uploader {
             .filter(|r| r.hash() != own)
             .map(|r| (r.hash(), r.to_string()))
             .collect();
-        let store = self.store.clone();
-        let upstreams = self.upstreams.clone();
-        let lookups = refs.into_iter().map(move |(h, name)| {
-            let store = store.clone();
-            let upstreams = upstreams.clone();
+        let store = &self.store;
+        let lookups = refs.into_iter().map(|(h, name)| {
             async move {
                 if store.head(&object_key::narinfo(h)).await?.is_some() {
                     return Ok::<_, StoreError>(None);
                 }
-                // Clients substituting through this server get it from an upstream.
-                let upstream = match &upstreams {
-                    Some(u) => u.has(h).await?,
-                    None => false,
+                // Clients substituting through this server get it from an upstream. Asked
+                // only for references the store lacks: a `nix copy --to` uploads references
+                // first, so its uploads never reach an upstream.
+                let upstream = match upstreams {
+                    Some(u) if !u.is_empty() => u.has(h).await?,
+                    _ => false,
                 };
                 Ok(if upstream { None } else { Some(name) })
             }
@@ -383,13 +477,13 @@ impl Uploader {
                 Ok(c) => c,
                 Err(e) => {
                     w.abort().await;
-                    return Err(UploadError::Body(e.to_string()).into());
+                    return Err(digest::body_error(e).into());
                 }
             };
             n += chunk.len() as u64;
             if n > limit {
                 w.abort().await;
-                return Err(rejected(format!("larger than {limit} bytes")));
+                return Err(UploadError::TooLarge { limit }.into());
             }
             if let Err(e) = w.write(chunk).await {
                 w.abort().await;

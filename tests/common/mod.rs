@@ -293,6 +293,39 @@ impl Server {
     pub fn log(&self) -> String {
         std::fs::read_to_string(self.dir.path().join("server.log")).unwrap_or_default()
     }
+
+    /// The config file the server was started with (rewrite it, then [`Server::sighup`]).
+    pub fn config_path(&self) -> PathBuf {
+        self.dir.path().join("cellar.toml")
+    }
+
+    /// Sends SIGHUP (reload) to the server.
+    pub fn sighup(&self) {
+        let st = Command::new("kill")
+            .args(["-HUP", &self.child.id().to_string()])
+            .status()
+            .unwrap();
+        assert!(st.success(), "kill -HUP failed");
+    }
+
+    /// Waits until the log holds `needle` at least `count` times: for events only the log
+    /// reports (a reload done, an upload refused). Fails after a minute, with the log.
+    pub fn wait_for_log(&self, needle: &str, count: usize) {
+        let deadline = std::time::Instant::now() + Duration::from_secs(60);
+        while self.log().matches(needle).count() < count {
+            assert!(
+                std::time::Instant::now() < deadline,
+                "{needle:?} did not appear {count} time(s) in the log:\n{}",
+                self.log()
+            );
+            std::thread::sleep(Duration::from_millis(20));
+        }
+    }
+
+    /// How often the log holds `needle`.
+    pub fn log_count(&self, needle: &str) -> usize {
+        self.log().matches(needle).count()
+    }
 }
 
 impl Drop for Server {

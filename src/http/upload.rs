@@ -1,0 +1,199 @@
+//! `/upload`: the address builders push to (`nix copy --to 'http://HOST/upload'`, netrc for
+//! HOST). Nix appends the cache layout to it, so it serves the part of the protocol Nix's
+//! uploader uses: `nix-cache-info`, narinfo and NAR probes, and the PUTs.
+//!
+//! Everything here needs a write token, GET and HEAD included: probes of this address are a
+//! builder's, and they tell what the store holds, which in private mode is not for readers.
+//!
+//! Its probes answer from the store alone: never the narinfo memory cache or its remembered
+//! misses, never an upstream. `nix copy --to` uploads exactly the paths its probes call
+//! missing, so a path found at an upstream would never be uploaded, and every probe of a path
+//! the store lacks would be a request to the upstream. A narinfo is answered as the store
+//! holds it (not re-signed): Nix keeps what it reads here in its own cache, keyed by this URL,
+//! never by the root URL it substitutes from.
+//!
+//! The PUT handlers are the root's ([`super::nar::put`] and the others): one upload path.
+
+use axum::extract::{Path, Request, State};
+use axum::http::{header, HeaderMap, HeaderValue};
+use axum::middleware::{self, Next};
+use axum::response::{IntoResponse as _, Response};
+use axum::routing::get;
+use axum::Router;
+
+use super::object::{self, Kind};
+use super::{cache_info, log, nar, realisation, AppState};
+use crate::config::Scope;
+use crate::error::Error;
+use crate::nix::{NarFileName, TopLevelFile, MAX_NARINFO_BYTES};
+use crate::store::{object_key, StoreError};
+
+/// The routes under `/upload`, all behind a write token.
+pub(super) fn routes(state: AppState) -> Router<AppState> {
+    Router::new()
+        .route("/nix-cache-info", get(cache_info::get).put(cache_info::put))
+        .route("/nar/{file}", get(nar_get).head(nar_head).put(nar::put))
+        .route("/log/{drv}", get(log_get).head(log_head).put(log::put))
+        .route(
+            "/realisations/{id}",
+            get(realisation_get)
+                .head(realisation_head)
+                .put(realisation::put),
+        )
+        .route(
+            "/build-trace/{drv}/{output}",
+            get(build_trace_get)
+                .head(build_trace_head)
+                .put(realisation::put_build_trace),
+        )
+        .route(
+            "/{file}",
+            get(file_get).head(file_head).put(super::put_file),
+        )
+        .route_layer(middleware::from_fn_with_state(state, authorize))
+}
+
+async fn authorize(State(st): State<AppState>, req: Request, next: Next) -> Response {
+    super::check(&st, req, next, Scope::Write).await
+}
+
+/// GET `/upload/<hash>.narinfo` or `.ls`: as stored.
+async fn file_get(
+    State(st): State<AppState>,
+    Path(file): Path<String>,
+    headers: HeaderMap,
+) -> Result<Response, Error> {
+    match super::top_level(&file)? {
+        TopLevelFile::NarInfo(h) => {
+            let raw = stored_narinfo(&st, h).await?;
+            let len = raw.len();
+            Ok(narinfo_response(raw.into_response(), len))
+        }
+        TopLevelFile::Listing(h) => {
+            object::get(&*st.store, &object_key::listing(h), Kind::Listing, &headers).await
+        }
+    }
+}
+
+async fn file_head(
+    State(st): State<AppState>,
+    Path(file): Path<String>,
+) -> Result<Response, Error> {
+    match super::top_level(&file)? {
+        TopLevelFile::NarInfo(h) => {
+            let len = stored_narinfo(&st, h).await?.len();
+            Ok(narinfo_response(().into_response(), len))
+        }
+        TopLevelFile::Listing(h) => {
+            object::head(&*st.store, &object_key::listing(h), Kind::Listing).await
+        }
+    }
+}
+
+/// The narinfo the store holds for `h`, bounded in size and time like the root's reads.
+async fn stored_narinfo(
+    st: &AppState,
+    h: crate::nix::StorePathHash,
+) -> Result<bytes::Bytes, Error> {
+    let limit = st.config.store.timeout;
+    let key = object_key::narinfo(h);
+    let read = st.store.get_bytes(&key, MAX_NARINFO_BYTES);
+    tokio::time::timeout(limit, read)
+        .await
+        .map_err(|_| StoreError::Timeout(limit.as_secs()))??
+        .ok_or(Error::NotFound)
+}
+
+fn narinfo_response(mut res: Response, len: usize) -> Response {
+    let h = res.headers_mut();
+    h.insert(
+        header::CONTENT_TYPE,
+        HeaderValue::from_static("text/x-nix-narinfo"),
+    );
+    // An answer about the store right now, for one builder: no proxy may keep it.
+    h.insert(header::CACHE_CONTROL, HeaderValue::from_static("no-store"));
+    h.insert(header::CONTENT_LENGTH, HeaderValue::from(len));
+    res
+}
+
+async fn nar_get(
+    State(st): State<AppState>,
+    Path(file): Path<String>,
+    headers: HeaderMap,
+) -> Result<Response, Error> {
+    let f: NarFileName = file.parse()?;
+    object::get(&*st.store, &object_key::nar(&f), Kind::Nar, &headers).await
+}
+
+/// HEAD `/upload/nar/<file>`: Nix sends it before each NAR upload, and skips the upload on
+/// 200. Also found under the name it was re-encoded to (`upload.compression`).
+async fn nar_head(State(st): State<AppState>, Path(file): Path<String>) -> Result<Response, Error> {
+    let f: NarFileName = file.parse()?;
+    let size = match st.store.head(&object_key::nar(&f)).await? {
+        Some(size) => Some(size),
+        None => st.uploader.reencoded_size(&f).await?,
+    };
+    Ok(object::head_response(
+        size.ok_or(Error::NotFound)?,
+        Kind::Nar,
+    ))
+}
+
+async fn log_get(
+    State(st): State<AppState>,
+    Path(drv): Path<String>,
+    headers: HeaderMap,
+) -> Result<Response, Error> {
+    object::get(&*st.store, &log::key(&drv)?, Kind::Log, &headers).await
+}
+
+async fn log_head(State(st): State<AppState>, Path(drv): Path<String>) -> Result<Response, Error> {
+    object::head(&*st.store, &log::key(&drv)?, Kind::Log).await
+}
+
+async fn realisation_get(
+    State(st): State<AppState>,
+    Path(id): Path<String>,
+    headers: HeaderMap,
+) -> Result<Response, Error> {
+    object::get(
+        &*st.store,
+        &realisation::realisation_key(&id)?,
+        Kind::Realisation,
+        &headers,
+    )
+    .await
+}
+
+async fn realisation_head(
+    State(st): State<AppState>,
+    Path(id): Path<String>,
+) -> Result<Response, Error> {
+    object::head(
+        &*st.store,
+        &realisation::realisation_key(&id)?,
+        Kind::Realisation,
+    )
+    .await
+}
+
+async fn build_trace_get(
+    State(st): State<AppState>,
+    Path((drv, output)): Path<(String, String)>,
+    headers: HeaderMap,
+) -> Result<Response, Error> {
+    let key = realisation::build_trace_key(&drv, &output)?;
+    object::get(&*st.store, &key, Kind::Realisation, &headers).await
+}
+
+async fn build_trace_head(
+    State(st): State<AppState>,
+    Path((drv, output)): Path<(String, String)>,
+) -> Result<Response, Error> {
+    object::head(
+        &*st.store,
+        &realisation::build_trace_key(&drv, &output)?,
+        Kind::Realisation,
+    )
+    .await
+}
