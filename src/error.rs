@@ -51,6 +51,10 @@ pub enum UploadError {
     Internal(String),
 }
 
+/// [`Error::label`] of the error a response was made from, in the response's extensions.
+#[derive(Debug, Clone, Copy)]
+pub struct ErrorLabel(pub &'static str);
+
 impl Error {
     pub fn status(&self) -> StatusCode {
         match self {
@@ -72,6 +76,27 @@ impl Error {
                 StatusCode::BAD_REQUEST
             }
             Self::Upload(UploadError::Internal(_)) => StatusCode::INTERNAL_SERVER_ERROR,
+        }
+    }
+
+    /// A short, bounded name for the failure: the `verdict` of a refused upload in the
+    /// metrics (never the free-text reason, which could carry a hash).
+    pub fn label(&self) -> &'static str {
+        match self {
+            Self::NotFound => "not_found",
+            Self::BadName(_) => "bad_name",
+            Self::Store(StoreError::Unavailable(_)) => "store_unavailable",
+            Self::Store(StoreError::Timeout(_)) => "store_timeout",
+            Self::Store(StoreError::RangeNotSatisfiable { .. }) => "range_not_satisfiable",
+            Self::Store(StoreError::Misconfigured(_)) => "store_misconfigured",
+            Self::Store(StoreError::TooLarge { .. }) => "too_large",
+            Self::Store(StoreError::Other(_)) => "store_error",
+            Self::BadObject { .. } => "corrupt_object",
+            Self::Unauthorized => "unauthorized",
+            Self::Forbidden(_) => "forbidden",
+            Self::Upload(UploadError::Rejected(_)) => "rejected",
+            Self::Upload(UploadError::Body(_)) => "incomplete",
+            Self::Upload(UploadError::Internal(_)) => "internal",
         }
     }
 
@@ -123,6 +148,8 @@ impl IntoResponse for Error {
         self.log();
         let status = self.status();
         let mut res = (status, format!("{}\n", self.public_reason())).into_response();
+        // For the metrics middleware, which sees only the response.
+        res.extensions_mut().insert(ErrorLabel(self.label()));
         let h = res.headers_mut();
         h.insert(
             header::CONTENT_TYPE,
