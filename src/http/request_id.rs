@@ -37,12 +37,12 @@ pub(super) async fn request_span(req: Request, next: Next) -> Response {
     let mut res = next.run(req).instrument(span.clone()).await;
     // One line per request at debug level: a busy cache answers thousands of narinfos a
     // second, which the metrics count; this is for following one client (RUST_LOG=cellar=debug).
-    tracing::debug!(
-        parent: &span,
-        status = res.status().as_u16(),
-        ms = started.elapsed().as_millis() as u64,
-        "answered"
-    );
+    // In scope, not `parent:`: the JSON format lists the spans of the current context only.
+    let status = res.status().as_u16();
+    span.in_scope(|| {
+        let ms = started.elapsed().as_millis() as u64;
+        tracing::debug!(status, ms, "answered");
+    });
     if let Ok(v) = HeaderValue::from_str(&id) {
         res.headers_mut().insert(X_REQUEST_ID.clone(), v);
     }
