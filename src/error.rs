@@ -71,6 +71,10 @@ pub enum UploadError {
     Busy { retry_after_secs: u64 },
 }
 
+/// [`Error::label`] of the error a response was made from, in the response's extensions.
+#[derive(Debug, Clone, Copy)]
+pub struct ErrorLabel(pub &'static str);
+
 impl Error {
     pub fn status(&self) -> StatusCode {
         match self {
@@ -97,6 +101,31 @@ impl Error {
             Self::Upload(UploadError::IdleTimeout(_)) => StatusCode::REQUEST_TIMEOUT,
             // Nix retries 5xx (with back-off); a 4xx would fail the whole `nix copy`.
             Self::Upload(UploadError::Busy { .. }) => StatusCode::SERVICE_UNAVAILABLE,
+        }
+    }
+
+    /// A short, bounded name for the failure: the `verdict` of a refused upload in the
+    /// metrics (never the free-text reason, which could carry a hash).
+    pub fn label(&self) -> &'static str {
+        match self {
+            Self::NotFound => "not_found",
+            Self::BadName(_) => "bad_name",
+            Self::Store(StoreError::Unavailable(_)) => "store_unavailable",
+            Self::Store(StoreError::Timeout(_)) => "store_timeout",
+            Self::Store(StoreError::RangeNotSatisfiable { .. }) => "range_not_satisfiable",
+            Self::Store(StoreError::Misconfigured(_)) => "store_misconfigured",
+            Self::Store(StoreError::TooLarge { .. }) => "too_large",
+            Self::Store(StoreError::Other(_)) => "store_error",
+            Self::BadObject { .. } => "corrupt_object",
+            Self::Unauthorized => "unauthorized",
+            Self::Forbidden(_) => "forbidden",
+            Self::Upload(UploadError::Rejected(_)) => "rejected",
+            Self::Upload(UploadError::Body(_)) => "incomplete",
+            Self::Upload(UploadError::Internal(_)) => "internal",
+            Self::Upload(UploadError::TooLarge { .. }) => "too_large",
+            Self::Upload(UploadError::Conflict { .. }) => "conflict",
+            Self::Upload(UploadError::IdleTimeout(_)) => "idle_timeout",
+            Self::Upload(UploadError::Busy { .. }) => "busy",
         }
     }
 
@@ -164,6 +193,8 @@ impl IntoResponse for Error {
         self.log();
         let status = self.status();
         let mut res = (status, format!("{}\n", self.public_reason())).into_response();
+        // For the metrics middleware, which sees only the response.
+        res.extensions_mut().insert(ErrorLabel(self.label()));
         let h = res.headers_mut();
         h.insert(
             header::CONTENT_TYPE,

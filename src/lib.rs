@@ -25,13 +25,17 @@ pub mod config;
 pub mod error;
 pub mod http;
 pub mod import;
+pub mod metrics;
 pub mod mirror;
 pub mod nix;
 pub mod reload;
 pub mod signing_keys;
+pub mod status;
 pub mod store;
 mod sync;
+pub mod systemd;
+pub mod telemetry;
 pub mod upload;
 pub mod upstream;
 
-pub use http::{app, serve, AppState};
+pub use http::{app, metrics_app, serve, AppState};

@@ -6,9 +6,8 @@ use std::time::Duration;
 
 use anyhow::Context as _;
 use clap::{Parser, Subcommand};
-use tracing_subscriber::EnvFilter;
 
-use cellar::config::Config;
+use cellar::config::{Config, LogFormat, StoreBackend};
 use cellar::nix::SecretKey;
 use cellar::{signing_keys, store, AppState};
 
@@ -21,6 +20,9 @@ use cellar::{signing_keys, store, AppState};
 struct Cli {
     #[command(subcommand)]
     command: Command,
+    /// Log format: `text` or `json` (default: `log.format` of the config, else text).
+    #[arg(long, global = true, value_name = "FORMAT")]
+    log_format: Option<LogFormat>,
 }
 
 #[derive(Subcommand)]
@@ -42,6 +44,15 @@ enum Command {
         dir: PathBuf,
         #[arg(long, short)]
         config: Option<PathBuf>,
+    },
+    /// Show what a running server reports about itself: version, store, keys, caches, upstreams.
+    Status {
+        /// The server's base URL.
+        #[arg(long, default_value = "http://127.0.0.1:8080")]
+        url: String,
+        /// A file holding a read token (private mode).
+        #[arg(long, value_name = "FILE")]
+        token_file: Option<PathBuf>,
     },
     /// Manage access tokens.
     Token {
@@ -79,15 +90,13 @@ enum ScopeArg {
 
 fn main() -> ExitCode {
     let cli = Cli::parse();
-    tracing_subscriber::fmt()
-        .with_env_filter(
-            EnvFilter::try_from_default_env()
-                .unwrap_or_else(|_| EnvFilter::new("info,tower_http=warn,aws=warn")),
-        )
-        .with_writer(std::io::stderr)
-        .init();
+    // `serve` sets up its logs once its config (with `log.format`) is read.
+    if !matches!(cli.command, Command::Serve { .. }) {
+        let _ = cellar::telemetry::init(cli.log_format.unwrap_or_default());
+    }
     let result = match cli.command {
-        Command::Serve { config } => serve(config.as_deref()),
+        Command::Serve { config } => serve(config.as_deref(), cli.log_format),
+        Command::Status { url, token_file } => status(&url, token_file.as_deref()),
         Command::CheckConfig { config } => check_config(config.as_deref()),
         Command::Keygen { name, out } => keygen(&name, out.as_deref()),
         Command::Import { dir, config } => import(&dir, config.as_deref()),
@@ -203,8 +212,14 @@ fn token_new(name: &str, scope: ScopeArg) -> anyhow::Result<()> {
     Ok(())
 }
 
-fn serve(path: Option<&Path>) -> anyhow::Result<()> {
+fn serve(path: Option<&Path>, log_format: Option<LogFormat>) -> anyhow::Result<()> {
     let cfg = Config::load(path)?;
+    cellar::telemetry::init(log_format.unwrap_or(cfg.log.format))
+        .map_err(|e| anyhow::anyhow!("setting up logs: {e}"))?;
+    cellar::metrics::set_build_info(match cfg.store.backend {
+        StoreBackend::Local(_) => "local",
+        StoreBackend::S3(_) => "s3",
+    });
     let loaded = signing_keys::load(&cfg.signing)?;
     if let Some(p) = &loaded.generated {
         eprintln!("cellar: created signing key {} on first start", p.display());
@@ -221,7 +236,11 @@ fn serve(path: Option<&Path>) -> anyhow::Result<()> {
         let store = store::open(&cfg.store)
             .await
             .with_context(|| format!("opening the store ({})", cfg.store.backend))?;
-        let shutdown = shutdown_signal().context("installing signal handlers")?;
+        let signal = shutdown_signal().context("installing signal handlers")?;
+        let shutdown = async {
+            signal.await;
+            cellar::systemd::stopping();
+        };
         let listener = tokio::net::TcpListener::bind(cfg.listen)
             .await
             .with_context(|| format!("config key `listen`: cannot bind {}", cfg.listen))?;
@@ -232,15 +251,54 @@ fn serve(path: Option<&Path>) -> anyhow::Result<()> {
             store = %store.describe(),
             "cellar serving"
         );
+        if let Some(m) = cfg.metrics_listen {
+            serve_metrics(m).await?;
+        }
         spawn_staging_cleanup(store.clone(), cfg.upload.staging_max_age);
         let state = AppState::new(cfg, store, loaded.keys)?;
         cellar::reload::spawn_on_sighup(state.clone(), path.map(Path::to_owned))
             .context("installing the SIGHUP handler")?;
         announce(addr);
+        cellar::systemd::ready(&format!("serving on {addr}"));
+        cellar::systemd::spawn_watchdog();
         cellar::serve(listener, state, shutdown).await?;
         tracing::info!("stopped");
         Ok(())
     })
+}
+
+/// Binds `metrics_listen` and serves `/metrics` there until the process exits.
+async fn serve_metrics(addr: std::net::SocketAddr) -> anyhow::Result<()> {
+    let listener = tokio::net::TcpListener::bind(addr)
+        .await
+        .with_context(|| format!("config key `metrics_listen`: cannot bind {addr}"))?;
+    let bound = listener.local_addr().context("reading the bound address")?;
+    tracing::info!(listen = %bound, "metrics served");
+    tokio::spawn(async move {
+        if let Err(e) = axum::serve(listener, cellar::metrics_app()).await {
+            tracing::error!(cause = %e, "metrics listener failed");
+        }
+    });
+    Ok(())
+}
+
+fn status(url: &str, token_file: Option<&Path>) -> anyhow::Result<()> {
+    let token = match token_file {
+        Some(f) => Some(
+            std::fs::read_to_string(f)
+                .with_context(|| format!("reading --token-file {}", f.display()))?
+                .trim()
+                .to_owned(),
+        ),
+        None => None,
+    };
+    let rt = tokio::runtime::Builder::new_current_thread()
+        .enable_all()
+        .build()
+        .context("starting the async runtime")?;
+    let status = rt.block_on(cellar::status::fetch(url, token.as_deref()))?;
+    print!("{status}");
+    Ok(())
 }
 
 /// Prints `listening on http://ADDR` on stdout once the port is open and the app is built, so

@@ -138,6 +138,14 @@ impl Upstreams {
         self.list.is_empty()
     }
 
+    /// Each upstream's URL, and whether it is skipped now after a failure.
+    pub fn health(&self) -> Vec<(String, bool)> {
+        self.list
+            .iter()
+            .map(|u| (u.base.clone(), u.down.is_active()))
+            .collect()
+    }
+
     /// Asks each upstream in order for the narinfo of `h`; the first one with a narinfo that
     /// verifies wins. An upstream that is down or fails counts as a miss here: a narinfo
     /// lookup must answer (a miss is a 404) within the upstream timeout.
@@ -230,9 +238,17 @@ impl Upstreams {
                 u.answered();
                 let ok = r.status().is_success()
                     || r.status() == reqwest::StatusCode::RANGE_NOT_SATISFIABLE;
+                let result = if ok { "ok" } else { "not_found" };
+                crate::metrics::upstream_request(&u.base, result);
                 return Ok(ok.then_some(r));
             }
         };
+        let result = match failure {
+            Failure::Timeout => "timeout",
+            Failure::Request(_) => "error",
+            Failure::Status(_) => "server_error",
+        };
+        crate::metrics::upstream_request(&u.base, result);
         u.failed(&failure);
         Err(failure)
     }

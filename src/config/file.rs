@@ -10,9 +10,9 @@ use std::time::Duration;
 use serde::{Deserialize, Deserializer};
 
 use super::{
-    AuthConfig, CacheConfig, Config, ConfigError, LocalStoreConfig, Recompression, S3Credentials,
-    S3StoreConfig, Scope, Secret, SigningConfig, StoreBackend, StoreConfig, TokenConfig,
-    UploadConfig, UpstreamConfig,
+    AuthConfig, CacheConfig, Config, ConfigError, LocalStoreConfig, LogConfig, LogFormat,
+    Recompression, S3Credentials, S3StoreConfig, Scope, Secret, SigningConfig, StoreBackend,
+    StoreConfig, TokenConfig, UploadConfig, UpstreamConfig,
 };
 use crate::nix::{Compression, PublicKey};
 
@@ -86,6 +86,14 @@ pub(super) struct ConfigFile {
     upload: UploadSection,
     cache: CacheSection,
     upstreams: Vec<UpstreamEntry>,
+    metrics_listen: Option<SocketAddr>,
+    log: LogSection,
+}
+
+#[derive(Debug, Clone, Default, Deserialize)]
+#[serde(deny_unknown_fields, default)]
+struct LogSection {
+    format: LogFormat,
 }
 
 impl Default for ConfigFile {
@@ -106,6 +114,8 @@ impl Default for ConfigFile {
             upload: UploadSection::default(),
             cache: CacheSection::default(),
             upstreams: Vec::new(),
+            metrics_listen: None,
+            log: LogSection::default(),
         }
     }
 }
@@ -151,6 +161,19 @@ impl ConfigFile {
                 .enumerate()
                 .map(|(i, u)| u.validate(i))
                 .collect::<Result<_, _>>()?,
+            metrics_listen: match self.metrics_listen {
+                // Port 0 twice is two ports the kernel picks, not one address used twice.
+                Some(m) if m == self.listen && m.port() != 0 => {
+                    return Err(ConfigError::invalid(
+                        "metrics_listen",
+                        format!("{m} is `listen` too; leave it unset to serve /metrics there"),
+                    ))
+                }
+                m => m,
+            },
+            log: LogConfig {
+                format: self.log.format,
+            },
         })
     }
 }

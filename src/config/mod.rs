@@ -86,6 +86,10 @@ pub struct Config {
     pub cache: CacheConfig,
     /// Upstream caches asked, in order, on a narinfo miss (pull-through).
     pub upstreams: Vec<UpstreamConfig>,
+    /// `/metrics` on a listener of its own (unauthenticated); `None`: on `listen`, behind the
+    /// read token in private mode.
+    pub metrics_listen: Option<SocketAddr>,
+    pub log: LogConfig,
 }
 
 impl Default for Config {
@@ -211,6 +215,34 @@ fn lexical_absolute(p: &Path) -> PathBuf {
         }
     }
     out
+}
+
+/// `[log]`: how log lines are written (to stderr).
+#[derive(Debug, Clone, Copy, Default)]
+pub struct LogConfig {
+    pub format: LogFormat,
+}
+
+/// `log.format` and `--log-format`.
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq, serde::Deserialize)]
+#[serde(rename_all = "lowercase")]
+pub enum LogFormat {
+    /// One line per event for people (colours only on a terminal).
+    #[default]
+    Text,
+    /// One JSON object per line for log shippers.
+    Json,
+}
+
+impl FromStr for LogFormat {
+    type Err = String;
+    fn from_str(s: &str) -> Result<Self, Self::Err> {
+        match s {
+            "text" => Ok(Self::Text),
+            "json" => Ok(Self::Json),
+            _ => Err(format!("{s:?}: expected `text` or `json`")),
+        }
+    }
 }
 
 /// `[store]`: where the cache lives, and how long it may take to answer.

@@ -27,12 +27,15 @@ mod cache_info;
 mod health;
 mod listing;
 mod log;
+mod metrics;
 mod nar;
 mod narinfo;
 mod object;
 mod realisation;
+mod request_id;
 mod server;
 mod state;
+mod status;
 mod upload;
 
 #[cfg(test)]
@@ -49,7 +52,6 @@ use axum::response::IntoResponse as _;
 use axum::response::Response;
 use axum::routing::get;
 use axum::Router;
-use tower_http::trace::TraceLayer;
 use tracing::Instrument as _;
 
 use crate::auth::Decision;
@@ -78,8 +80,16 @@ pub fn app(state: AppState) -> Router {
                 .head(realisation::head_build_trace)
                 .put(realisation::put_build_trace),
         )
-        .route("/{file}", get(get_file).head(head_file).put(put_file))
-        .route_layer(middleware::from_fn_with_state(state.clone(), authorize));
+        .route("/status", get(status::get))
+        .route("/{file}", get(get_file).head(head_file).put(put_file));
+    // On the main listener, /metrics is behind the read token like the cache in private mode;
+    // with a listener of its own, only there ([`metrics_app`]).
+    let cache = if state.config.metrics_listen.is_none() {
+        cache.route("/metrics", get(metrics::get))
+    } else {
+        cache
+    };
+    let cache = cache.route_layer(middleware::from_fn_with_state(state.clone(), authorize));
     Router::new()
         .route("/healthz", get(health::healthz))
         .route("/readyz", get(health::readyz))
@@ -90,8 +100,18 @@ pub fn app(state: AppState) -> Router {
             state.clone(),
             default_cache_headers,
         ))
-        .layer(TraceLayer::new_for_http())
+        .layer(middleware::from_fn(metrics::observe))
+        .layer(middleware::from_fn(request_id::request_span))
         .with_state(state)
+}
+
+/// The router of `metrics_listen`: `/metrics` alone, unauthenticated (the operator chose who
+/// reaches that address).
+pub fn metrics_app() -> Router {
+    Router::new()
+        .route("/metrics", get(metrics::get))
+        .fallback(not_found)
+        .layer(middleware::from_fn(metrics::observe))
 }
 
 async fn not_found() -> Error {

@@ -86,17 +86,31 @@ impl S3Store {
     /// Runs one S3 call under the request timeout (time to response headers).
     async fn call<T, E>(
         &self,
-        what: &str,
+        what: &'static str,
         fut: impl Future<Output = Result<T, SdkError<E, HttpResponse>>>,
     ) -> Result<Result<T, Failure>, StoreError>
     where
         E: ProvideErrorMetadata + std::error::Error + Send + Sync + 'static,
     {
-        match tokio::time::timeout(self.timeout, fut).await {
+        let started = std::time::Instant::now();
+        let r = match tokio::time::timeout(self.timeout, fut).await {
             Err(_) => Err(StoreError::Timeout(self.timeout.as_secs())),
             Ok(Ok(v)) => Ok(Ok(v)),
             Ok(Err(e)) => classify(what, &self.bucket, e),
-        }
+        };
+        crate::metrics::store_request(what, result_label(&r), started.elapsed());
+        r
+    }
+}
+
+/// The `result` label of one S3 call in the metrics.
+fn result_label<T>(r: &Result<Result<T, Failure>, StoreError>) -> &'static str {
+    match r {
+        Ok(Ok(_)) => "ok",
+        Ok(Err(Failure::NotFound)) => "not_found",
+        Ok(Err(Failure::BadRange)) => "bad_range",
+        Err(StoreError::Timeout(_)) => "timeout",
+        Err(_) => "error",
     }
 }
 
@@ -356,19 +370,22 @@ struct S3Writer {
 impl S3Writer {
     async fn timed<T, E>(
         &self,
-        what: &str,
+        what: &'static str,
         fut: impl Future<Output = Result<T, SdkError<E, HttpResponse>>>,
     ) -> Result<T, StoreError>
     where
         E: ProvideErrorMetadata + std::error::Error + Send + Sync + 'static,
     {
-        match tokio::time::timeout(self.timeout * 6, fut).await {
+        let started = std::time::Instant::now();
+        let r = match tokio::time::timeout(self.timeout * 6, fut).await {
             Err(_) => Err(StoreError::Timeout(self.timeout.as_secs() * 6)),
-            Ok(Ok(v)) => Ok(v),
-            Ok(Err(e)) => match classify::<T, E>(what, &self.bucket, e)? {
-                Ok(v) => Ok(v),
-                Err(f) => Err(StoreError::Other(format!("{what} {}: {f:?}", self.key))),
-            },
+            Ok(Ok(v)) => Ok(Ok(v)),
+            Ok(Err(e)) => classify::<T, E>(what, &self.bucket, e),
+        };
+        crate::metrics::store_request(what, result_label(&r), started.elapsed());
+        match r? {
+            Ok(v) => Ok(v),
+            Err(f) => Err(StoreError::Other(format!("{what} {}: {f:?}", self.key))),
         }
     }
 

@@ -326,6 +326,11 @@ impl Server {
     pub fn log_count(&self, needle: &str) -> usize {
         self.log().matches(needle).count()
     }
+
+    /// The server's process id (to send it signals).
+    pub fn pid(&self) -> u32 {
+        self.child.id()
+    }
 }
 
 impl Drop for Server {

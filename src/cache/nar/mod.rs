@@ -111,21 +111,36 @@ impl NarCache {
         range: Option<ByteRange>,
         store: &Arc<dyn Store>,
     ) -> Result<NarCacheAnswer, StoreError> {
+        use crate::metrics::cache_lookup;
         let n = name.as_str();
         let state = self.index().touch(n);
         match state {
-            Some((size, Verified::Yes)) => return self.read_file(n, size, range).await,
+            Some((size, Verified::Yes)) => {
+                let answer = self.read_file(n, size, range).await;
+                let result = match answer {
+                    Ok(NarCacheAnswer::Object(_)) => "hit",
+                    _ => "bypass",
+                };
+                cache_lookup("nar_disk", result);
+                return answer;
+            }
             Some((_, Verified::No)) => {
                 self.spawn_verify(n.to_owned());
+                cache_lookup("nar_disk", "bypass");
                 return Ok(NarCacheAnswer::Bypass);
             }
-            Some((_, Verified::InProgress)) => return Ok(NarCacheAnswer::Bypass),
+            Some((_, Verified::InProgress)) => {
+                cache_lookup("nar_disk", "bypass");
+                return Ok(NarCacheAnswer::Bypass);
+            }
             None => {}
         }
         if range.is_some() {
+            cache_lookup("nar_disk", "bypass");
             return Ok(NarCacheAnswer::Bypass);
         }
         tracing::debug!(nar = %n, "NAR cache: miss");
+        cache_lookup("nar_disk", "miss");
         self.through_fill(n, key, store).await
     }
 
