@@ -691,3 +691,49 @@ pub fn substitute_and_verify(url: &str, key: &str, top: &str, work: &Path) {
     run_ok(v);
     assert!(store.join(top.trim_start_matches('/')).exists());
 }
+
+// ---------------------------------------------------------------------------------------------
+// Uploads over raw HTTP, from a fixture written by `nix copy --to file://`
+
+/// One path of a `file://` cache: its narinfo text, NAR file name and NAR bytes.
+pub struct Upload {
+    pub narinfo: String,
+    pub nar_name: String,
+    pub nar: Vec<u8>,
+}
+
+pub fn fixture_upload(dir: &Path, path: &str) -> Upload {
+    let narinfo =
+        std::fs::read_to_string(dir.join(format!("{}.narinfo", Fixture::hash(path)))).unwrap();
+    let url = narinfo
+        .lines()
+        .find_map(|l| l.strip_prefix("URL: "))
+        .unwrap()
+        .to_owned();
+    let nar = std::fs::read(dir.join(&url)).unwrap();
+    Upload {
+        narinfo,
+        nar_name: url.trim_start_matches("nar/").to_owned(),
+        nar,
+    }
+}
+
+pub async fn put(
+    client: &reqwest::Client,
+    url: String,
+    token: &str,
+    body: Vec<u8>,
+) -> (u16, String) {
+    let res = client
+        .put(url)
+        .basic_auth("b", Some(token))
+        .body(body)
+        .send()
+        .await
+        .unwrap();
+    (res.status().as_u16(), res.text().await.unwrap())
+}
+
+pub async fn status(url: String) -> u16 {
+    reqwest::get(url).await.unwrap().status().as_u16()
+}
