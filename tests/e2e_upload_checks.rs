@@ -1,13 +1,14 @@
 //! What an upload must pass, on a real cellar over Garage: narinfo checks (name, FileHash,
 //! FileSize, duplicate references, `upload.trusted_keys`), immutability (409), listings and
-//! realisations, and the bounds (413 before the body, 408 for an idle body, 503 that the real
-//! nix client retries, truncated zstd).
+//! realisations, the bounds (413 before the body, 408 for an idle body, 503 that the real nix
+//! client retries, truncated zstd), and `cellar import` of a `file://` cache.
 
 #![allow(clippy::unwrap_used, clippy::expect_used)]
 
 mod common;
 
 use std::io::{Read as _, Write as _};
+use std::path::Path;
 
 use common::*;
 
@@ -284,4 +285,76 @@ async fn bounds_413_408_and_a_503_that_nix_retries() {
     assert_eq!(s, 400, "{m}");
     assert!(m.contains("incomplete frame"), "{m}");
     assert_eq!(status(format!("{}/nar/{file}", srv.url)).await, 404);
+}
+
+#[tokio::test(flavor = "multi_thread")]
+async fn import_a_file_cache_twice_then_substitute() {
+    let f = fixture();
+    let app = App::s3("import");
+    let env = app.direct_store_env();
+    let import = |dir: &Path| {
+        let mut c = std::process::Command::new(CELLAR);
+        c.arg("import").arg(dir).envs(env.iter().cloned());
+        c.output().unwrap()
+    };
+    let first = import(&f.xz_dir);
+    let out1 = String::from_utf8_lossy(&first.stdout);
+    assert!(
+        first.status.success(),
+        "{out1}\n{}",
+        String::from_utf8_lossy(&first.stderr)
+    );
+    assert!(
+        out1.contains(&format!("imported {}, skipped 0", f.closure.len())),
+        "{out1}"
+    );
+    let second = import(&f.xz_dir);
+    let out2 = String::from_utf8_lossy(&second.stdout);
+    assert!(second.status.success(), "{out2}");
+    assert!(
+        out2.contains(&format!("imported 0, skipped {}", f.closure.len())),
+        "{out2}"
+    );
+
+    let app = app.spawn().await;
+    let srv = &app.srv;
+    let work = tempfile::tempdir().unwrap();
+    substitute_and_verify(
+        &srv.url,
+        &srv.public_key,
+        &f.top,
+        &work.path().join("imported"),
+    );
+    // The build log came along.
+    let mut l = nix("nix", &work.path().join("xdg-log"));
+    l.args(["log", "--store", &srv.url, &f.top]);
+    assert!(run_ok(l).contains("building top"));
+
+    // A directory with a corrupt NAR: that path and what depends on it are rejected, with
+    // reasons, and the command fails.
+    let bad = work.path().join("bad-cache");
+    let mut cp = std::process::Command::new("cp");
+    cp.arg("-r").arg(&f.zstd_dir).arg(&bad);
+    run_ok(cp);
+    let leaf = f.closure.iter().find(|p| p.ends_with("-leaf")).unwrap();
+    let up = fixture_upload(&bad, leaf);
+    let nar_path = bad.join("nar").join(&up.nar_name);
+    let mut bytes = std::fs::read(&nar_path).unwrap();
+    let n = bytes.len();
+    bytes[n / 2] ^= 0x55;
+    std::fs::write(&nar_path, bytes).unwrap();
+    let env2 = App::s3("import-bad").direct_store_env();
+    let mut c = std::process::Command::new(CELLAR);
+    c.arg("import").arg(&bad).envs(env2);
+    let out = c.output().unwrap();
+    let text = String::from_utf8_lossy(&out.stdout);
+    assert!(!out.status.success(), "{text}");
+    assert!(
+        text.contains("rejected") && text.contains("-leaf"),
+        "{text}"
+    );
+    assert!(
+        text.contains("-mid") && text.contains("reference"),
+        "{text}"
+    );
 }
