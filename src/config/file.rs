@@ -16,6 +16,8 @@ use super::{
 };
 use crate::nix::{Compression, PublicKey};
 
+mod gc;
+
 /// Accepts a TOML list or, for environment variables, one comma-separated string.
 fn list_or_csv<'de, D, T>(d: D) -> Result<Vec<T>, D::Error>
 where
@@ -83,6 +85,7 @@ pub(super) struct ConfigFile {
     auth: AuthSection,
     upload: UploadSection,
     cache: CacheSection,
+    gc: gc::GcSection,
     upstreams: Vec<UpstreamEntry>,
 }
 
@@ -101,6 +104,7 @@ impl Default for ConfigFile {
             auth: AuthSection::default(),
             upload: UploadSection::default(),
             cache: CacheSection::default(),
+            gc: gc::GcSection::default(),
             upstreams: Vec::new(),
         }
     }
@@ -132,6 +136,7 @@ impl ConfigFile {
             auth: self.auth.validate()?,
             upload: self.upload.validate()?,
             cache: self.cache.validate()?,
+            gc: self.gc.validate()?,
             upstreams: self
                 .upstreams
                 .into_iter()

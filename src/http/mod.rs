@@ -33,11 +33,13 @@ use tower_http::trace::TraceLayer;
 use tracing::Instrument as _;
 
 use crate::auth::{Decision, Tokens};
+use crate::cache::missing_nars::MissingNars;
 use crate::cache::nar::NarCache;
 use crate::cache::narinfo::NarInfoCache;
 use crate::config::Config;
 use crate::config::Scope;
 use crate::error::Error;
+use crate::gc::access::AccessLog;
 use crate::nix::SecretKey;
 use crate::store::Store;
 use crate::upload::Uploader;
@@ -61,6 +63,10 @@ pub struct App {
     pub reads: Arc<dyn Store>,
     /// Every key signs every narinfo served (several during a rotation).
     pub keys: Vec<SecretKey>,
+    /// What was served or uploaded, for garbage collection (see [`crate::gc::access`]).
+    pub access: Arc<AccessLog>,
+    /// NARs seen missing: their narinfos answer 404.
+    pub missing_nars: MissingNars,
     cache_info: Bytes,
 }
 
@@ -104,12 +110,15 @@ impl AppState {
                 upstreams: upstreams.clone(),
             })
         };
+        let access = Arc::new(AccessLog::new(store.clone(), config.gc.access_max_entries));
         let uploader = Uploader::new(
             &config.upload,
             &config.store_dir,
             store.clone(),
             (!upstreams.is_empty()).then(|| upstreams.clone()),
-        );
+        )
+        .with_access(access.clone());
+        let missing_nars = MissingNars::new(c.narinfo_ttl);
         let narinfo_cache_control = HeaderValue::from_str(&format!(
             "public, max-age={}",
             config.narinfo_max_age.as_secs()
@@ -123,6 +132,8 @@ impl AppState {
             reads,
             uploader,
             tokens: Tokens::from_config(&config.auth),
+            access,
+            missing_nars,
             config,
             store,
             keys,

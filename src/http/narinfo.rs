@@ -31,6 +31,11 @@ pub(super) async fn top_level(
                 .get_or_load(h, || signed_narinfo(&st, h))
                 .await?
                 .ok_or(Error::NotFound)?;
+            // Never hand out a path whose NAR fetch is known to fail.
+            if st.missing_nars.points_to_missing(&body) {
+                return Err(Error::NotFound);
+            }
+            st.access.record_path(h);
             Ok(narinfo_response(&st, body, head))
         }
         TopLevelFile::Listing(h) => {

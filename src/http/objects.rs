@@ -121,15 +121,25 @@ pub(super) async fn nar(
         let size = st.uploader.nar_size(&f).await?.ok_or(Error::NotFound)?;
         return Ok(head_response(size, Kind::Nar));
     }
-    let key = keys::nar(&f);
+    let res = get_nar(&st, &f, &headers).await;
+    match &res {
+        Ok(_) => st.access.record_nar(f.as_str()),
+        Err(Error::NotFound) => st.missing_nars.seen_missing(f.as_str()).await,
+        Err(_) => {}
+    }
+    res
+}
+
+async fn get_nar(st: &AppState, f: &NarFileName, headers: &HeaderMap) -> Result<Response, Error> {
+    let key = keys::nar(f);
     if let Some(cache) = &st.nars {
-        match cache.get(&f, &key, range_of(&headers), &st.reads).await? {
+        match cache.get(f, &key, range_of(headers), &st.reads).await? {
             Lookup::Object(obj) => return Ok(object_response(obj, Kind::Nar)),
             Lookup::NotFound => return Err(Error::NotFound),
             Lookup::Bypass => {}
         }
     }
-    serve(&st, key, Kind::Nar, &headers, false).await
+    serve(st, key, Kind::Nar, headers, false).await
 }
 
 pub(super) async fn log(

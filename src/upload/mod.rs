@@ -70,6 +70,8 @@ pub struct Uploader {
     upstreams: Option<Arc<crate::upstream::Upstreams>>,
     // A std Mutex: held for map operations only, never across an await.
     verified: Mutex<HashMap<String, VerifiedNar>>,
+    /// Where accepted narinfos are recorded before they are written (garbage collection).
+    access: Option<Arc<crate::gc::access::AccessLog>>,
 }
 
 /// The result of a narinfo upload.
@@ -93,7 +95,15 @@ impl Uploader {
             recompress: cfg.recompress,
             trusted_keys: cfg.trusted_keys.clone(),
             verified: Mutex::new(HashMap::new()),
+            access: None,
         }
+    }
+
+    /// Records every accepted narinfo, with its references, in `access` before checking the
+    /// references and writing it: a collector running meanwhile then keeps them.
+    pub fn with_access(mut self, access: Arc<crate::gc::access::AccessLog>) -> Self {
+        self.access = Some(access);
+        self
     }
 
     fn remember(&self, uploaded_key: String, v: VerifiedNar) {
@@ -296,6 +306,9 @@ impl Uploader {
                 "NarSize {} does not match the NAR ({} bytes)",
                 info.nar_size, v.nar.size
             )));
+        }
+        if let Some(a) = &self.access {
+            a.record_upload(&info).await?;
         }
         self.check_references(&info).await?;
 
