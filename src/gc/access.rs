@@ -11,8 +11,11 @@
 //! written before the narinfo itself, so that a collector running at the same time sees that
 //! the upload needs those references (see [`super::sweep`]).
 //!
-//! Format: a header line `cellar-access 1`, then one entry per line: `p <store path hash>` for
-//! a narinfo, `n <nar file name>` for a NAR.
+//! Only narinfos are recorded, not NARs: a client always asks for the narinfo first, and
+//! several narinfos may share one NAR (same contents), so a NAR says nothing about which path
+//! was used.
+//!
+//! Format: a header line `cellar-access 1`, then one store path hash per line.
 
 use std::collections::{HashMap, HashSet};
 use std::sync::atomic::{AtomicU64, Ordering};
@@ -35,14 +38,6 @@ const HEADER: &str = "cellar-access 1";
 /// An access record larger than this is corrupt (a full set of 1M entries is ~60 MiB).
 const MAX_RECORD_BYTES: u64 = 256 << 20;
 
-/// One thing that was used.
-#[derive(Debug, Clone, PartialEq, Eq, Hash)]
-pub enum Entry {
-    Path(StorePathHash),
-    /// A NAR by file name: NAR requests do not say which path they belong to.
-    Nar(Box<str>),
-}
-
 /// `YYYY-MM-DD` (UTC) of `t`: records are grouped by day, so a collector reads only the days
 /// within the retention and re-reads only the last ones.
 pub fn day(t: SystemTime) -> String {
@@ -60,33 +55,27 @@ pub fn day(t: SystemTime) -> String {
     format!("{y:04}-{m:02}-{d:02}")
 }
 
-pub fn render(entries: impl IntoIterator<Item = Entry>) -> String {
+pub fn render(entries: impl IntoIterator<Item = StorePathHash>) -> String {
     let mut s = format!("{HEADER}\n");
-    for e in entries {
-        match e {
-            Entry::Path(h) => s.push_str(&format!("p {h}\n")),
-            Entry::Nar(n) => s.push_str(&format!("n {n}\n")),
-        }
+    for h in entries {
+        s.push_str(h.as_str());
+        s.push('\n');
     }
     s
 }
 
 /// Parses a record; the error names the first bad line.
-pub fn parse(text: &str) -> Result<Vec<Entry>, String> {
+pub fn parse(text: &str) -> Result<Vec<StorePathHash>, String> {
     let mut lines = text.lines();
     if lines.next() != Some(HEADER) {
         return Err(format!("does not start with {HEADER:?}"));
     }
     let mut out = Vec::new();
     for (i, line) in lines.enumerate() {
-        let bad = || format!("line {}: {line:?}", i + 2);
-        match line.split_once(' ') {
-            Some(("p", h)) => out.push(Entry::Path(h.parse().map_err(|_| bad())?)),
-            Some(("n", n)) if n.parse::<crate::nix::NarFileName>().is_ok() => {
-                out.push(Entry::Nar(n.into()))
-            }
-            _ => return Err(bad()),
-        }
+        let h = line
+            .parse()
+            .map_err(|_| format!("line {}: {line:?}", i + 2))?;
+        out.push(h);
     }
     Ok(out)
 }
@@ -99,7 +88,7 @@ pub struct AccessLog {
     seq: AtomicU64,
     max_entries: usize,
     // A std Mutex: held for set operations only, never across an await.
-    pending: Mutex<HashSet<Entry>>,
+    pending: Mutex<HashSet<StorePathHash>>,
     full: tokio::sync::Notify,
     /// One write at a time, so a record's sequence number follows the order of writes.
     writing: tokio::sync::Mutex<()>,
@@ -128,7 +117,8 @@ impl AccessLog {
         }
     }
 
-    fn record(&self, e: Entry) {
+    /// A narinfo was served.
+    pub fn record_path(&self, e: StorePathHash) {
         let mut set = self.pending.lock().unwrap_or_else(|p| p.into_inner());
         if set.len() < self.max_entries || set.contains(&e) {
             set.insert(e);
@@ -138,21 +128,11 @@ impl AccessLog {
         }
     }
 
-    /// A narinfo was served.
-    pub fn record_path(&self, h: StorePathHash) {
-        self.record(Entry::Path(h));
-    }
-
-    /// A NAR was served.
-    pub fn record_nar(&self, file: &str) {
-        self.record(Entry::Nar(file.into()));
-    }
-
     /// A narinfo is about to be accepted: records it and its references and writes the record
     /// at once, before the narinfo becomes visible.
     pub async fn record_upload(&self, info: &NarInfo) -> Result<(), StoreError> {
-        let mut entries: Vec<Entry> = vec![Entry::Path(info.hash())];
-        entries.extend(info.references.iter().map(|r| Entry::Path(r.hash())));
+        let mut entries = vec![info.hash()];
+        entries.extend(info.references.iter().map(|r| r.hash()));
         let _w = self.writing.lock().await;
         self.write(entries).await
     }
@@ -160,7 +140,7 @@ impl AccessLog {
     /// Writes what was recorded since the last write (nothing if nothing was).
     pub async fn flush(&self) -> Result<(), StoreError> {
         let _w = self.writing.lock().await;
-        let taken: Vec<Entry> =
+        let taken: Vec<StorePathHash> =
             std::mem::take(&mut *self.pending.lock().unwrap_or_else(|p| p.into_inner()))
                 .into_iter()
                 .collect();
@@ -183,7 +163,7 @@ impl AccessLog {
         }
     }
 
-    async fn write(&self, entries: Vec<Entry>) -> Result<(), StoreError> {
+    async fn write(&self, entries: Vec<StorePathHash>) -> Result<(), StoreError> {
         let seq = self.seq.fetch_add(1, Ordering::SeqCst);
         let key = format!(
             "{RESERVED_PREFIX}{DIR}{}/{}-{seq:08}",
@@ -218,7 +198,7 @@ impl AccessLog {
 #[derive(Debug, Default)]
 pub struct Accessed {
     /// Each entry with the time it was last used.
-    pub seen: HashMap<Entry, SystemTime>,
+    pub seen: HashMap<StorePathHash, SystemTime>,
     /// Records already read (re-reads skip them).
     pub read: HashSet<String>,
     /// Records older than the retention: they no longer make anything a root.
@@ -251,7 +231,7 @@ async fn read_one(
     acc: &mut Accessed,
     key: &str,
     modified: SystemTime,
-) -> Result<Vec<Entry>, StoreError> {
+) -> Result<Vec<StorePathHash>, StoreError> {
     acc.read.insert(key.to_owned());
     let Some(raw) = store.get_bytes(key, MAX_RECORD_BYTES).await? else {
         return Ok(Vec::new());
@@ -267,7 +247,7 @@ async fn read_one(
         }
     };
     for e in &entries {
-        let t = acc.seen.entry(e.clone()).or_insert(modified);
+        let t = acc.seen.entry(*e).or_insert(modified);
         *t = (*t).max(modified);
     }
     Ok(entries)
@@ -279,7 +259,7 @@ pub async fn reread(
     store: &dyn Store,
     acc: &mut Accessed,
     now: SystemTime,
-) -> Result<Vec<Entry>, StoreError> {
+) -> Result<Vec<StorePathHash>, StoreError> {
     let mut fresh = Vec::new();
     for offset in [-1i64, 0, 1] {
         let t = if offset < 0 {
@@ -320,13 +300,9 @@ mod tests {
     #[test]
     fn records_round_trip_and_reject_garbage() {
         let h: StorePathHash = "6bxnj2gfflqa529lddzh3zhcn45nn86r".parse().unwrap();
-        let nar = "07yp7gw2d9vmfgl2rd063i75qwkfbrgvqngp5yz2pk6iadzlckh7.nar.xz";
-        let text = render([Entry::Path(h), Entry::Nar(nar.into())]);
-        assert_eq!(
-            parse(&text).unwrap(),
-            vec![Entry::Path(h), Entry::Nar(nar.into())]
-        );
+        let text = render([h]);
+        assert_eq!(parse(&text).unwrap(), vec![h]);
         assert!(parse("garbage").is_err());
-        assert!(parse(&format!("{HEADER}\np nothash\n")).is_err());
+        assert!(parse(&format!("{HEADER}\nnothash\n")).is_err());
     }
 }

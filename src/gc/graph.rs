@@ -190,17 +190,6 @@ impl Graph {
         self.nodes.len()
     }
 
-    /// Nodes by NAR file name (several narinfos may share one NAR).
-    pub fn by_nar(&self) -> HashMap<&str, Vec<u32>> {
-        let mut m: HashMap<&str, Vec<u32>> = HashMap::new();
-        for (i, n) in self.nodes.iter().enumerate() {
-            if let Some(nar) = &n.nar {
-                m.entry(nar).or_default().push(i as u32);
-            }
-        }
-        m
-    }
-
     /// Marks `start` and everything it refers to, transitively, in `marked`; returns the
     /// nodes newly marked.
     pub fn close_over(&self, start: u32, marked: &mut [bool]) -> Vec<u32> {

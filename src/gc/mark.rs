@@ -9,10 +9,10 @@
 use std::collections::HashMap;
 use std::time::SystemTime;
 
-use super::access::Entry;
 use super::graph::Graph;
 use super::pins::{self, Pin};
 use crate::config::GcConfig;
+use crate::nix::StorePathHash;
 
 /// Why a path is kept or deleted.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, PartialOrd, Ord)]
@@ -91,20 +91,10 @@ impl Roots {
         }
     }
 
-    pub fn add_access(&mut self, graph: &Graph, seen: &HashMap<Entry, SystemTime>) {
-        let by_nar = graph.by_nar();
-        for (e, t) in seen {
-            match e {
-                Entry::Path(h) => {
-                    if let Some(i) = graph.find(*h) {
-                        self.used(i, *t);
-                    }
-                }
-                Entry::Nar(n) => {
-                    for &i in by_nar.get(&**n).map(Vec::as_slice).unwrap_or_default() {
-                        self.used(i, *t);
-                    }
-                }
+    pub fn add_access(&mut self, graph: &Graph, seen: &HashMap<StorePathHash, SystemTime>) {
+        for (h, t) in seen {
+            if let Some(i) = graph.find(*h) {
+                self.used(i, *t);
             }
         }
     }

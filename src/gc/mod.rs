@@ -98,3 +98,6 @@ pub async fn run(
     }
     Ok(summary)
 }
+
+#[cfg(test)]
+mod tests;

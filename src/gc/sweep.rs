@@ -16,7 +16,7 @@ use std::time::SystemTime;
 
 use bytes::Bytes;
 
-use super::access::{self, Accessed, Entry};
+use super::access::{self, Accessed};
 use super::graph::Graph;
 use super::inventory::{Inventory, Meta};
 use super::mark::Marked;
@@ -174,13 +174,11 @@ pub async fn execute(
 ) -> Outcome {
     let mut out = Outcome::default();
     let mut kept: Vec<bool> = (0..graph.len() as u32).map(|i| marked.kept(i)).collect();
-    let by_nar = graph.by_nar();
     let mut deleted: HashSet<u32> = HashSet::new();
     progress.phase("deleting narinfos", Some(plan.narinfos.len() as u64));
     // What servers used while this run was listing and marking.
     let mut seen = Seen {
         acc,
-        by_nar: &by_nar,
         kept: &mut kept,
         deleted: &deleted,
     };
@@ -214,7 +212,6 @@ pub async fn execute(
         }
         let mut seen = Seen {
             acc,
-            by_nar: &by_nar,
             kept: &mut kept,
             deleted: &deleted,
         };
@@ -262,7 +259,6 @@ pub async fn execute(
 /// The collector's view while deleting.
 struct Seen<'a> {
     acc: &'a mut Accessed,
-    by_nar: &'a HashMap<&'a str, Vec<u32>>,
     kept: &'a mut [bool],
     /// Narinfos this run deleted.
     deleted: &'a HashSet<u32>,
@@ -284,14 +280,7 @@ async fn rescue(
             return;
         }
     };
-    let mut needed: Vec<u32> = Vec::new();
-    for e in fresh {
-        match e {
-            Entry::Path(h) => needed.extend(graph.find(h)),
-            Entry::Nar(n) => needed.extend(seen.by_nar.get(&*n).into_iter().flatten().copied()),
-        }
-    }
-    for i in needed {
+    for i in fresh.into_iter().filter_map(|h| graph.find(h)) {
         for j in graph.close_over(i, seen.kept) {
             match bodies.get(&j) {
                 Some(body) => {

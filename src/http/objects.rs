@@ -122,10 +122,9 @@ pub(super) async fn nar(
         return Ok(head_response(size, Kind::Nar));
     }
     let res = get_nar(&st, &f, &headers).await;
-    match &res {
-        Ok(_) => st.access.record_nar(f.as_str()),
-        Err(Error::NotFound) => st.missing_nars.seen_missing(f.as_str()).await,
-        Err(_) => {}
+    // Its narinfo now answers 404 (see crate::cache::missing_nars).
+    if matches!(res, Err(Error::NotFound)) {
+        st.missing_nars.seen_missing(f.as_str()).await;
     }
     res
 }

@@ -53,7 +53,6 @@ pub(super) async fn put_nar(
     let name: NarFileName = file.parse()?;
     let d = st.uploader.put_nar(&name, stream(body)).await?;
     st.missing_nars.seen_present(name.as_str()).await;
-    st.access.record_nar(name.as_str());
     tracing::info!(nar = %name, size = d.input.size, nar_size = d.nar.size, "NAR uploaded");
     Ok(StatusCode::CREATED)
 }

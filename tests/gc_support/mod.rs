@@ -88,3 +88,65 @@ pub fn text(o: &Output) -> String {
         String::from_utf8_lossy(&o.stderr)
     )
 }
+
+/// A closure of tests/fixtures/closure.nix built by the real nix with `salt` (distinct salts
+/// give distinct paths, except the content-addressed source every closure shares).
+pub struct Closure {
+    pub top: String,
+    pub paths: Vec<String>,
+}
+
+pub fn build_closure(salt: &str, work: &std::path::Path) -> Closure {
+    build_expr(
+        &std::path::Path::new(env!("CARGO_MANIFEST_DIR")).join("tests/fixtures/closure.nix"),
+        &["--argstr", "salt", salt, "-A", "top"],
+        work,
+    )
+}
+
+/// Builds `expr` (with `args`) and returns its output and closure.
+pub fn build_expr(expr: &std::path::Path, args: &[&str], work: &std::path::Path) -> Closure {
+    let xdg = work.join("xdg-build");
+    let mut b = crate::common::nix("nix-build", &xdg);
+    b.arg(expr).args(args).arg("--no-out-link");
+    let top = crate::common::run_ok(b).trim().to_owned();
+    let mut q = crate::common::nix("nix-store", &xdg);
+    q.args(["-qR", &top]);
+    let paths = crate::common::run_ok(q)
+        .lines()
+        .map(str::to_owned)
+        .collect();
+    Closure { top, paths }
+}
+
+/// `nix copy --to file://DIR` of `paths`.
+pub fn copy_to_dir(paths: &[&str], dir: &std::path::Path, work: &std::path::Path) {
+    let mut c = crate::common::nix("nix", &work.join("xdg-copy-to"));
+    c.args(["copy", "--to", &format!("file://{}", dir.display())])
+        .args(paths);
+    crate::common::run_ok(c);
+}
+
+/// Sets the modification time of every file under `dir` to `age` ago.
+pub fn age_files(dir: &std::path::Path, age: std::time::Duration) {
+    let t = std::time::SystemTime::now() - age;
+    for p in crate::common::walk(dir) {
+        std::fs::File::options()
+            .write(true)
+            .open(&p)
+            .unwrap()
+            .set_modified(t)
+            .unwrap();
+    }
+}
+
+pub fn local_env(dir: &std::path::Path) -> Vec<(String, String)> {
+    vec![
+        ("CELLAR_STORE__KIND".into(), "local".into()),
+        ("CELLAR_STORE__PATH".into(), dir.to_str().unwrap().into()),
+    ]
+}
+
+pub fn hash_of(path: &str) -> &str {
+    &path.rsplit('/').next().unwrap()[..32]
+}
