@@ -7,15 +7,17 @@
 //! time is when those paths were last used. A lost write (a crash) costs recency, never data:
 //! at worst a path is collected a little early, with its whole closure.
 //!
-//! Uploads are the exception: an accepted narinfo is recorded with all its references and
-//! written before the narinfo itself, so that a collector running at the same time sees that
-//! the upload needs those references (see [`super::sweep`]).
+//! Uploads are the exception: a narinfo about to be accepted is recorded with its references
+//! and its NAR, and that record is written before the references and the NAR are checked, so
+//! that a collector running at the same time sees what the upload relies on (see
+//! [`super::sweep`]).
 //!
-//! Only narinfos are recorded, not NARs: a client always asks for the narinfo first, and
-//! several narinfos may share one NAR (same contents), so a NAR says nothing about which path
-//! was used.
+//! Reads record narinfos only, not NARs: a client always asks for the narinfo first, and
+//! several narinfos may share one NAR (same contents), so a NAR read says nothing about which
+//! path was used.
 //!
-//! Format: a header line `cellar-access 1`, then one store path hash per line.
+//! Format: a header line `cellar-access 1`, then one entry per line: a store path hash, or
+//! `nar/<file>` for a NAR an upload relies on.
 
 use std::collections::{HashMap, HashSet};
 use std::sync::atomic::{AtomicU64, Ordering};
@@ -55,27 +57,45 @@ pub fn day(t: SystemTime) -> String {
     format!("{y:04}-{m:02}-{d:02}")
 }
 
-pub fn render(entries: impl IntoIterator<Item = StorePathHash>) -> String {
+/// One line of a record.
+#[derive(Debug, Clone, PartialEq, Eq, Hash)]
+pub enum Entry {
+    Path(StorePathHash),
+    /// A NAR by file name (only uploads record these).
+    Nar(Box<str>),
+}
+
+pub fn render(entries: impl IntoIterator<Item = Entry>) -> String {
     let mut s = format!("{HEADER}\n");
-    for h in entries {
-        s.push_str(h.as_str());
+    for e in entries {
+        match e {
+            Entry::Path(h) => s.push_str(h.as_str()),
+            Entry::Nar(f) => {
+                s.push_str("nar/");
+                s.push_str(&f);
+            }
+        }
         s.push('\n');
     }
     s
 }
 
 /// Parses a record; the error names the first bad line.
-pub fn parse(text: &str) -> Result<Vec<StorePathHash>, String> {
+pub fn parse(text: &str) -> Result<Vec<Entry>, String> {
     let mut lines = text.lines();
     if lines.next() != Some(HEADER) {
         return Err(format!("does not start with {HEADER:?}"));
     }
     let mut out = Vec::new();
     for (i, line) in lines.enumerate() {
-        let h = line
-            .parse()
-            .map_err(|_| format!("line {}: {line:?}", i + 2))?;
-        out.push(h);
+        let bad = || format!("line {}: {line:?}", i + 2);
+        out.push(match line.strip_prefix("nar/") {
+            Some(f) => {
+                f.parse::<crate::nix::NarFileName>().map_err(|_| bad())?;
+                Entry::Nar(f.into())
+            }
+            None => Entry::Path(line.parse().map_err(|_| bad())?),
+        });
     }
     Ok(out)
 }
@@ -128,11 +148,17 @@ impl AccessLog {
         }
     }
 
-    /// A narinfo is about to be accepted: records it and its references and writes the record
-    /// at once, before the narinfo becomes visible.
-    pub async fn record_upload(&self, info: &NarInfo) -> Result<(), StoreError> {
-        let mut entries = vec![info.hash()];
-        entries.extend(info.references.iter().map(|r| r.hash()));
+    /// A narinfo is about to be accepted: writes a record of it, its references and its NAR
+    /// (`nar_files`: the name uploaded and the name stored, if recompressed) at once, before
+    /// they are checked.
+    pub async fn record_upload(
+        &self,
+        info: &NarInfo,
+        nar_files: &[&str],
+    ) -> Result<(), StoreError> {
+        let mut entries = vec![Entry::Path(info.hash())];
+        entries.extend(nar_files.iter().map(|f| Entry::Nar((*f).into())));
+        entries.extend(info.references.iter().map(|r| Entry::Path(r.hash())));
         let _w = self.writing.lock().await;
         self.write(entries).await
     }
@@ -147,7 +173,10 @@ impl AccessLog {
         if taken.is_empty() {
             return Ok(());
         }
-        match self.write(taken.clone()).await {
+        match self
+            .write(taken.iter().map(|h| Entry::Path(*h)).collect())
+            .await
+        {
             Ok(()) => Ok(()),
             Err(e) => {
                 // Kept for the next attempt, as far as there is room.
@@ -163,7 +192,7 @@ impl AccessLog {
         }
     }
 
-    async fn write(&self, entries: Vec<StorePathHash>) -> Result<(), StoreError> {
+    async fn write(&self, entries: Vec<Entry>) -> Result<(), StoreError> {
         let seq = self.seq.fetch_add(1, Ordering::SeqCst);
         let key = format!(
             "{RESERVED_PREFIX}{DIR}{}/{}-{seq:08}",
@@ -199,6 +228,8 @@ impl AccessLog {
 pub struct Accessed {
     /// Each entry with the time it was last used.
     pub seen: HashMap<StorePathHash, SystemTime>,
+    /// NARs uploads relied on.
+    pub nars: HashSet<Box<str>>,
     /// Records already read (re-reads skip them).
     pub read: HashSet<String>,
     /// Records older than the retention: they no longer make anything a root.
@@ -231,7 +262,7 @@ async fn read_one(
     acc: &mut Accessed,
     key: &str,
     modified: SystemTime,
-) -> Result<Vec<StorePathHash>, StoreError> {
+) -> Result<Vec<Entry>, StoreError> {
     acc.read.insert(key.to_owned());
     let Some(raw) = store.get_bytes(key, MAX_RECORD_BYTES).await? else {
         return Ok(Vec::new());
@@ -247,8 +278,15 @@ async fn read_one(
         }
     };
     for e in &entries {
-        let t = acc.seen.entry(*e).or_insert(modified);
-        *t = (*t).max(modified);
+        match e {
+            Entry::Path(h) => {
+                let t = acc.seen.entry(*h).or_insert(modified);
+                *t = (*t).max(modified);
+            }
+            Entry::Nar(f) => {
+                acc.nars.insert(f.clone());
+            }
+        }
     }
     Ok(entries)
 }
@@ -259,7 +297,7 @@ pub async fn reread(
     store: &dyn Store,
     acc: &mut Accessed,
     now: SystemTime,
-) -> Result<Vec<StorePathHash>, StoreError> {
+) -> Result<Vec<Entry>, StoreError> {
     let mut fresh = Vec::new();
     for offset in [-1i64, 0, 1] {
         let t = if offset < 0 {
@@ -300,8 +338,9 @@ mod tests {
     #[test]
     fn records_round_trip_and_reject_garbage() {
         let h: StorePathHash = "6bxnj2gfflqa529lddzh3zhcn45nn86r".parse().unwrap();
-        let text = render([h]);
-        assert_eq!(parse(&text).unwrap(), vec![h]);
+        let nar = "07yp7gw2d9vmfgl2rd063i75qwkfbrgvqngp5yz2pk6iadzlckh7.nar.xz";
+        let entries = vec![Entry::Path(h), Entry::Nar(nar.into())];
+        assert_eq!(parse(&render(entries.clone())).unwrap(), entries);
         assert!(parse("garbage").is_err());
         assert!(parse(&format!("{HEADER}\nnothash\n")).is_err());
     }

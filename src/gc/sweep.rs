@@ -16,7 +16,9 @@ use std::time::SystemTime;
 
 use bytes::Bytes;
 
-use super::access::{self, Accessed};
+use futures::StreamExt as _;
+
+use super::access::{self, Accessed, Entry};
 use super::graph::Graph;
 use super::inventory::{Inventory, Meta};
 use super::mark::Marked;
@@ -25,8 +27,12 @@ use crate::config::GcConfig;
 use crate::nix::StorePathHash;
 use crate::store::{keys, Store, StoreError};
 
-/// Narinfos deleted between two re-reads of the access records.
-const BATCH: usize = 256;
+/// Objects deleted between two re-reads of the access records: the smaller, the shorter the
+/// time in which an upload could rely on an object the collector has already decided to delete.
+const BATCH: usize = 64;
+
+/// Deletions in flight at once.
+const DELETE_CONCURRENCY: usize = 16;
 
 /// A realisation (`realisations/…`, `build-trace/…`) and the path it names, when readable.
 pub struct Realisation {
@@ -78,10 +84,15 @@ impl Plan {
             .filter(|&i| marked.kept(i))
             .filter_map(|i| graph.nodes[i as usize].deriver)
             .collect();
+        // NARs uploads recorded relying on are kept too: their narinfo may not be listed yet.
         let mut nars: Vec<(String, Meta)> = inv
             .nars
             .iter()
-            .filter(|(f, m)| !kept_nars.contains(f.as_str()) && old_enough(m, grace))
+            .filter(|(f, m)| {
+                !kept_nars.contains(f.as_str())
+                    && !acc.nars.contains(f.as_str())
+                    && old_enough(m, grace)
+            })
             .map(|(f, m)| (f.clone(), *m))
             .collect();
         nars.sort_by(|a, b| a.0.cmp(&b.0));
@@ -163,7 +174,17 @@ pub struct Outcome {
     pub errors: Vec<String>,
 }
 
-/// Carries out `plan`, re-reading access records between batches.
+/// The collector's view while deleting: what is kept, and what uploads rely on.
+struct State<'a> {
+    graph: &'a Graph,
+    acc: &'a mut Accessed,
+    kept: Vec<bool>,
+    /// Narinfos this run deleted.
+    deleted: HashSet<u32>,
+    out: Outcome,
+}
+
+/// Carries out `plan` in batches, re-reading access records before and after each one.
 pub async fn execute(
     store: &Arc<dyn Store>,
     graph: &Graph,
@@ -172,128 +193,149 @@ pub async fn execute(
     acc: &mut Accessed,
     progress: &dyn Progress,
 ) -> Outcome {
-    let mut out = Outcome::default();
-    let mut kept: Vec<bool> = (0..graph.len() as u32).map(|i| marked.kept(i)).collect();
-    let mut deleted: HashSet<u32> = HashSet::new();
+    let store = store.as_ref();
+    let mut st = State {
+        graph,
+        acc,
+        kept: (0..graph.len() as u32).map(|i| marked.kept(i)).collect(),
+        deleted: HashSet::new(),
+        out: Outcome::default(),
+    };
     progress.phase("deleting narinfos", Some(plan.narinfos.len() as u64));
     // What servers used while this run was listing and marking.
-    let mut seen = Seen {
-        acc,
-        kept: &mut kept,
-        deleted: &deleted,
-    };
-    rescue(store.as_ref(), graph, &mut seen, &mut out, &HashMap::new()).await;
+    st.rescue(store, &HashMap::new()).await;
     for batch in plan.narinfos.chunks(BATCH) {
-        let mut bodies: HashMap<u32, Bytes> = HashMap::new();
         let todo: Vec<u32> = batch
             .iter()
             .copied()
-            .filter(|&i| !kept[i as usize])
+            .filter(|&i| !st.kept[i as usize])
             .collect();
-        for i in todo {
+        // Copies to write back if an upload turns out to need one of them.
+        let mut bodies: HashMap<u32, Bytes> = HashMap::new();
+        for &i in &todo {
             let key = keys::narinfo(graph.nodes[i as usize].hash);
             match store.get_bytes(&key, 64 << 20).await {
                 Ok(Some(body)) => {
                     bodies.insert(i, body);
                 }
                 Ok(None) => {}
-                Err(e) => {
-                    out.errors.push(format!("{key}: {e}"));
-                    continue;
-                }
+                Err(e) => st.out.errors.push(format!("{key}: {e}")),
             }
-            match store.delete(&key).await {
-                Ok(()) => {
-                    deleted.insert(i);
-                }
-                Err(e) => out.errors.push(format!("{key}: {e}")),
-            }
-            progress.advance(1);
         }
-        let mut seen = Seen {
-            acc,
-            kept: &mut kept,
-            deleted: &deleted,
-        };
-        rescue(store.as_ref(), graph, &mut seen, &mut out, &bodies).await;
+        let todo: Vec<u32> = todo
+            .into_iter()
+            .filter(|i| bodies.contains_key(i))
+            .collect();
+        let keys: Vec<String> = todo
+            .iter()
+            .map(|&i| keys::narinfo(graph.nodes[i as usize].hash))
+            .collect();
+        for (i, ok) in todo.iter().zip(delete_all(store, &keys, &mut st.out).await) {
+            if ok {
+                st.deleted.insert(*i);
+            }
+        }
+        progress.advance(batch.len() as u64);
+        st.rescue(store, &bodies).await;
     }
-    let kept_nars: HashSet<&str> = (0..graph.len())
-        .filter(|&i| kept[i])
-        .filter_map(|i| graph.nodes[i].nar.as_deref())
-        .collect();
-    let kept_hashes: HashSet<StorePathHash> = (0..graph.len())
-        .filter(|&i| kept[i])
-        .map(|i| graph.nodes[i].hash)
-        .collect();
-    let mut rest: Vec<String> = Vec::new();
-    rest.extend(
-        plan.nars
-            .iter()
-            .filter(|(f, _)| !kept_nars.contains(f.as_str()))
-            .map(|(f, _)| format!("nar/{f}")),
-    );
-    rest.extend(
-        plan.listings
-            .iter()
-            .filter(|(h, _)| !kept_hashes.contains(h))
-            .map(|(h, _)| keys::listing(*h)),
-    );
+
+    let mut rest: Vec<Rest> = Vec::new();
+    rest.extend(plan.nars.iter().map(|(f, _)| Rest::Nar(f.as_str())));
+    rest.extend(plan.listings.iter().map(|(h, _)| Rest::Listing(*h)));
     rest.extend(
         plan.realisations
             .iter()
-            .filter(|(_, _, h)| h.is_none_or(|h| !kept_hashes.contains(&h)))
-            .map(|(k, _, _)| k.clone()),
+            .map(|(k, _, h)| Rest::Realisation(k, *h)),
     );
-    rest.extend(plan.logs.iter().map(|(k, _)| k.clone()));
-    rest.extend(plan.access_records.iter().map(|(k, _)| k.clone()));
+    rest.extend(plan.logs.iter().map(|(k, _)| Rest::Plain(k)));
+    rest.extend(plan.access_records.iter().map(|(k, _)| Rest::Plain(k)));
     progress.phase("deleting NARs and the rest", Some(rest.len() as u64));
-    for key in rest {
-        if let Err(e) = store.delete(&key).await {
-            out.errors.push(format!("{key}: {e}"));
-        }
-        progress.advance(1);
+    for batch in rest.chunks(BATCH) {
+        st.rescue(store, &HashMap::new()).await;
+        let kept_nars: HashSet<&str> = (0..graph.len())
+            .filter(|&i| st.kept[i])
+            .filter_map(|i| graph.nodes[i].nar.as_deref())
+            .collect();
+        let kept_path = |h: &StorePathHash| graph.find(*h).is_some_and(|i| st.kept[i as usize]);
+        let keys: Vec<String> = batch
+            .iter()
+            .filter_map(|r| match r {
+                Rest::Nar(f) if kept_nars.contains(f) || st.acc.nars.contains(*f) => None,
+                Rest::Nar(f) => Some(format!("nar/{f}")),
+                Rest::Listing(h) if kept_path(h) => None,
+                Rest::Listing(h) => Some(keys::listing(*h)),
+                Rest::Realisation(_, Some(h)) if kept_path(h) => None,
+                Rest::Realisation(k, _) | Rest::Plain(k) => Some((*k).clone()),
+            })
+            .collect();
+        delete_all(store, &keys, &mut st.out).await;
+        progress.advance(batch.len() as u64);
     }
-    out
+    st.out
 }
 
-/// The collector's view while deleting.
-struct Seen<'a> {
-    acc: &'a mut Accessed,
-    kept: &'a mut [bool],
-    /// Narinfos this run deleted.
-    deleted: &'a HashSet<u32>,
+/// What goes after the narinfos.
+enum Rest<'a> {
+    Nar(&'a str),
+    Listing(StorePathHash),
+    Realisation(&'a String, Option<StorePathHash>),
+    Plain(&'a String),
 }
 
-/// Keeps whatever servers used since the last look: nodes not yet deleted are kept (with their
-/// closures); nodes deleted in the last batch, whose copies are in `bodies`, are written back.
-async fn rescue(
-    store: &dyn Store,
-    graph: &Graph,
-    seen: &mut Seen<'_>,
-    out: &mut Outcome,
-    bodies: &HashMap<u32, Bytes>,
-) {
-    let fresh = match access::reread(store, seen.acc, SystemTime::now()).await {
-        Ok(f) => f,
-        Err(e) => {
-            out.errors.push(format!("re-reading access records: {e}"));
-            return;
-        }
-    };
-    for i in fresh.into_iter().filter_map(|h| graph.find(h)) {
-        for j in graph.close_over(i, seen.kept) {
-            match bodies.get(&j) {
-                Some(body) => {
-                    let key = keys::narinfo(graph.nodes[j as usize].hash);
-                    match store.put_bytes(&key, body.clone()).await {
-                        Ok(()) => out.restored += 1,
-                        Err(e) => out.errors.push(format!("restoring {key}: {e}")),
+/// Deletes `keys` a few at a time; returns which deletions succeeded.
+async fn delete_all(store: &dyn Store, keys: &[String], out: &mut Outcome) -> Vec<bool> {
+    let results: Vec<Result<(), StoreError>> =
+        futures::stream::iter(keys.iter().map(|k| store.delete(k)))
+            .buffered(DELETE_CONCURRENCY)
+            .collect()
+            .await;
+    results
+        .into_iter()
+        .zip(keys)
+        .map(|(r, k)| match r {
+            Ok(()) => true,
+            Err(e) => {
+                out.errors.push(format!("{k}: {e}"));
+                false
+            }
+        })
+        .collect()
+}
+
+impl State<'_> {
+    /// Keeps whatever servers used since the last look: paths not yet deleted are kept with
+    /// their closures; paths deleted in the last batch, whose copies are in `bodies`, are
+    /// written back; NARs uploads rely on are kept (in [`Accessed::nars`]).
+    async fn rescue(&mut self, store: &dyn Store, bodies: &HashMap<u32, Bytes>) {
+        let fresh = match access::reread(store, self.acc, SystemTime::now()).await {
+            Ok(f) => f,
+            Err(e) => {
+                self.out
+                    .errors
+                    .push(format!("re-reading access records: {e}"));
+                return;
+            }
+        };
+        let graph = self.graph;
+        let needed = fresh.into_iter().filter_map(|e| match e {
+            Entry::Path(h) => graph.find(h),
+            Entry::Nar(_) => None,
+        });
+        for i in needed.collect::<Vec<_>>() {
+            for j in graph.close_over(i, &mut self.kept) {
+                match bodies.get(&j) {
+                    Some(body) => {
+                        let key = keys::narinfo(graph.nodes[j as usize].hash);
+                        match store.put_bytes(&key, body.clone()).await {
+                            Ok(()) => self.out.restored += 1,
+                            Err(e) => self.out.errors.push(format!("restoring {key}: {e}")),
+                        }
                     }
+                    // Deleted in an earlier batch: an upload that needs it found it missing
+                    // and was refused (or uploads it again). Kept marked, so its NAR stays.
+                    None if self.deleted.contains(&j) => {}
+                    None => self.out.rescued += 1,
                 }
-                // Deleted in an earlier batch: an upload needing it found it missing already
-                // and was refused, so nothing refers to it.
-                None if seen.deleted.contains(&j) => seen.kept[j as usize] = false,
-                None => out.rescued += 1,
             }
         }
     }

@@ -3,7 +3,7 @@
 use std::sync::Arc;
 use std::time::{Duration, SystemTime};
 
-use super::access::render;
+use super::access::{render, Entry};
 use super::report::Quiet;
 use super::{run, Options};
 use crate::config::GcConfig;
@@ -84,7 +84,7 @@ async fn keeps_pinned_recent_and_young_closures_and_deletes_the_rest_whole() {
         pinned.base
     );
     mem.insert_at("_cellar/pins/release", pin, now - old);
-    let record = render([read.hash.parse().unwrap()]);
+    let record = render([Entry::Path(read.hash.parse().unwrap())]);
     mem.insert_at("_cellar/access/x/p-1", record, now - 2 * DAY);
     mem.insert_at("_cellar/access/x/p-0", render([]), now - 40 * DAY);
 
@@ -126,7 +126,7 @@ async fn only_pins_are_roots_with_zero_retention_and_nothing_young_is_deleted() 
     let young = path(&mem, "young", &[], Duration::from_secs(10), now);
     mem.insert_at(
         "_cellar/access/x/p-1",
-        render([read.hash.parse().unwrap()]),
+        render([Entry::Path(read.hash.parse().unwrap())]),
         now - Duration::from_secs(5),
     );
     // An orphan NAR younger than the grace period is an upload in progress.
@@ -159,7 +159,7 @@ async fn a_byte_budget_evicts_the_least_recently_used_closures_whole() {
     for (p, age) in [(&newer, 1), (&older, 2), (&oldest, 3)] {
         mem.insert_at(
             &format!("_cellar/access/x/{}", p.hash),
-            render([p.hash.parse().unwrap()]),
+            render([Entry::Path(p.hash.parse().unwrap())]),
             now - age * DAY,
         );
     }

@@ -269,6 +269,14 @@ impl Uploader {
                 "the narinfo is not signed by any of upload.trusted_keys",
             ));
         }
+        // Recorded before the NAR and the references are checked, so that a garbage
+        // collection running meanwhile either sees the record in time or has deleted them
+        // before the checks (see crate::gc::sweep).
+        if let Some(a) = &self.access {
+            let stored = self.stored_name(&url_name)?.0;
+            a.record_upload(&info, &[url_name.as_str(), stored.as_str()])
+                .await?;
+        }
         let v = match self.remembered(&keys::nar(&url_name)) {
             // Still there? (Someone may have deleted it from the bucket since.)
             Some(v) if self.store.head(&keys::nar(&v.stored)).await?.is_some() => v,
@@ -307,9 +315,6 @@ impl Uploader {
                 info.nar_size, v.nar.size
             )));
         }
-        if let Some(a) = &self.access {
-            a.record_upload(&info).await?;
-        }
         self.check_references(&info).await?;
 
         // Point the narinfo at what is stored (the signature does not cover these fields).
@@ -320,10 +325,37 @@ impl Uploader {
         self.store
             .put_bytes(&keys::narinfo(hash), Bytes::from(info.render(sd)))
             .await?;
+        if self.access.is_some() {
+            self.still_whole(&info, &v.stored).await?;
+        }
         Ok(Accepted {
             hash,
             narinfo: info,
         })
+    }
+
+    /// Checks again, after the narinfo was written, that its NAR and references are still
+    /// there; if a garbage collection removed one meanwhile, takes the narinfo back and
+    /// refuses the upload (the client uploads again what is missing on its next run).
+    async fn still_whole(&self, info: &NarInfo, nar: &NarFileName) -> Result<(), UploadError> {
+        let check = async {
+            if self.store.head(&keys::nar(nar)).await?.is_none() {
+                return Err(rejected(format!(
+                    "NAR {} is not in the cache; upload it again",
+                    info.url
+                )));
+            }
+            self.check_references(info).await
+        };
+        match check.await {
+            Ok(()) => Ok(()),
+            Err(e) => {
+                if let Err(d) = self.store.delete(&keys::narinfo(info.hash())).await {
+                    tracing::error!(path = %info.store_path, cause = %d, "could not take back a narinfo whose closure a garbage collection broke");
+                }
+                Err(e)
+            }
+        }
     }
 
     async fn check_references(&self, info: &NarInfo) -> Result<(), UploadError> {

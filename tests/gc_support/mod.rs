@@ -150,3 +150,26 @@ pub fn local_env(dir: &std::path::Path) -> Vec<(String, String)> {
 pub fn hash_of(path: &str) -> &str {
     &path.rsplit('/').next().unwrap()[..32]
 }
+
+/// The S3 store of `prefix` in the test Garage, opened through cellar's own client.
+pub async fn s3_store(
+    s3: &crate::common::S3Env,
+    prefix: &str,
+) -> std::sync::Arc<dyn cellar::store::Store> {
+    use cellar::config::{S3Credentials, S3StoreConfig, Secret};
+    let cfg = S3StoreConfig {
+        bucket: s3.bucket.clone(),
+        endpoint: Some(s3.endpoint.clone()),
+        region: "us-east-1".into(),
+        prefix: prefix.to_owned(),
+        force_path_style: true,
+        credentials: Some(S3Credentials {
+            access_key_id: s3.key_id.clone(),
+            secret_access_key: Secret(s3.secret.clone()),
+        }),
+        connect_timeout: std::time::Duration::from_secs(2),
+    };
+    std::sync::Arc::new(
+        cellar::store::s3::S3Store::new(&cfg, std::time::Duration::from_secs(10)).await,
+    )
+}
