@@ -249,6 +249,8 @@ pub async fn read_all(
     let cutoff = now.checked_sub(keep).unwrap_or(UNIX_EPOCH);
     for (key, meta) in records {
         if meta.modified < cutoff {
+            // Known, so that re-reads during deletion do not take it for a new record.
+            acc.read.insert(key.clone());
             acc.expired.push((key.clone(), *meta));
             continue;
         }

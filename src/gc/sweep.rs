@@ -139,8 +139,17 @@ impl Plan {
 pub fn referrers_first(graph: &Graph, condemned: &[bool]) -> Vec<u32> {
     let n = graph.len();
     let mut referrers = vec![0u32; n];
+    // Only references between condemned nodes order anything: a condemned path may refer to
+    // a kept one, which is never deleted.
+    let condemned_refs = |i: u32| {
+        graph.nodes[i as usize]
+            .refs
+            .iter()
+            .copied()
+            .filter(|&r| condemned[r as usize])
+    };
     for i in (0..n as u32).filter(|&i| condemned[i as usize]) {
-        for &r in graph.nodes[i as usize].refs.iter() {
+        for r in condemned_refs(i) {
             referrers[r as usize] += 1;
         }
     }
@@ -152,7 +161,7 @@ pub fn referrers_first(graph: &Graph, condemned: &[bool]) -> Vec<u32> {
     while let Some(i) = ready.pop() {
         order.push(i);
         placed[i as usize] = true;
-        for &r in graph.nodes[i as usize].refs.iter() {
+        for r in condemned_refs(i) {
             referrers[r as usize] -= 1;
             if referrers[r as usize] == 0 {
                 ready.push(r);
