@@ -90,7 +90,7 @@ pub async fn run(
     let marked = mark::mark(&graph, &roots, cfg.max_bytes, &sizes);
     let realisations = sweep::read_realisations(store.as_ref(), &inv).await?;
     let plan = sweep::Plan::new(&graph, &inv, &marked, realisations, cfg, opts.now, &acc);
-    let mut summary = Summary::new(&graph, &marked, &plan, &sizes);
+    let mut summary = Summary::new(&marked, &plan, &sizes);
     summary.unresolved_pins = roots.unresolved_pins;
     if opts.apply {
         let outcome = sweep::execute(store, &graph, &marked, &plan, &mut acc, progress).await;

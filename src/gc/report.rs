@@ -3,7 +3,6 @@
 use std::collections::BTreeMap;
 use std::fmt;
 
-use super::graph::Graph;
 use super::mark::{Marked, Reason};
 use super::sweep::{Outcome, Plan};
 
@@ -54,10 +53,11 @@ pub struct Summary {
 }
 
 impl Summary {
-    pub fn new(graph: &Graph, marked: &Marked, plan: &Plan, sizes: &[u64]) -> Self {
+    /// `sizes`: bytes of each path, indexed like the graph's nodes.
+    pub fn new(marked: &Marked, plan: &Plan, sizes: &[u64]) -> Self {
         let mut s = Summary::default();
-        for i in 0..graph.len() {
-            s.paths.entry(marked.reason[i]).or_default().add(sizes[i]);
+        for (reason, size) in marked.reason.iter().zip(sizes) {
+            s.paths.entry(*reason).or_default().add(*size);
         }
         for (_, m) in &plan.nars {
             s.nars.add(m.size);
