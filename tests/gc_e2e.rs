@@ -98,6 +98,18 @@ async fn pinned_and_recently_read_closures_survive_gc_and_substitute() {
         !out.status.success(),
         "the expired closure was still substitutable"
     );
+
+    // Removing the pin makes its closure collectable; removing it twice is an error.
+    let out = cellar(&["pin", "rm", "release"], &env);
+    assert!(out.status.success(), "{}", text(&out));
+    let out = cellar(&["pin", "rm", "release"], &env);
+    assert!(
+        text(&out).contains("no pin named \"release\""),
+        "{}",
+        text(&out)
+    );
+    let out = cellar(&["pin", "add", "../escape", &pinned.top], &env);
+    assert!(!out.status.success() && text(&out).contains("invalid pin name"));
 }
 
 fn access_recorded(data: &std::path::Path, hash: &str) -> bool {
