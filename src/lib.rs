@@ -23,6 +23,7 @@ pub mod backoff;
 pub mod cache;
 pub mod config;
 pub mod error;
+pub mod gc;
 pub mod http;
 pub mod import;
 pub mod metrics;

@@ -1,4 +1,4 @@
-//! The `cellar` command: serve, check-config, keygen.
+//! The `cellar` command: serve, check-config, keygen, import, token, gc, pin, verify.
 
 use std::path::{Path, PathBuf};
 use std::process::ExitCode;
@@ -10,6 +10,9 @@ use clap::{Parser, Subcommand};
 use cellar::config::{Config, LogFormat, StoreBackend};
 use cellar::nix::SecretKey;
 use cellar::{signing_keys, store, AppState};
+
+#[path = "cli/gc.rs"]
+mod gc_cli;
 
 #[derive(Parser)]
 #[command(
@@ -59,6 +62,34 @@ enum Command {
         #[command(subcommand)]
         command: TokenCommand,
     },
+    /// Delete what no root needs: paths not used within gc.keep_days and not pinned, with
+    /// what only they refer to. A dry run unless --apply (see docs/gc.md).
+    Gc {
+        /// Delete; without it, only report what would be deleted.
+        #[arg(long)]
+        apply: bool,
+        #[arg(long, short)]
+        config: Option<PathBuf>,
+    },
+    /// Manage pins: named store paths whose closures gc always keeps.
+    Pin {
+        #[command(subcommand)]
+        command: gc_cli::PinCommand,
+        #[arg(long, short, global = true)]
+        config: Option<PathBuf>,
+    },
+    /// Check that every narinfo can be served whole; exit 1 on any inconsistency.
+    Verify {
+        /// Delete what cannot be served whole, orphans and unfinished uploads past the grace
+        /// period.
+        #[arg(long)]
+        repair: bool,
+        /// Check only N narinfos chosen at random.
+        #[arg(long, value_name = "N")]
+        sample: Option<usize>,
+        #[arg(long, short)]
+        config: Option<PathBuf>,
+    },
     /// Create a signing key in Nix's format and print its public key.
     Keygen {
         /// Key name, e.g. `cache.example.org-1`.
@@ -103,6 +134,17 @@ fn main() -> ExitCode {
         Command::Token {
             command: TokenCommand::New { name, scope },
         } => token_new(&name, scope),
+        Command::Gc { apply, config } => gc_cli::gc(config.as_deref(), apply),
+        Command::Pin { command, config } => gc_cli::pin(config.as_deref(), command),
+        Command::Verify {
+            repair,
+            sample,
+            config,
+        } => match gc_cli::verify(config.as_deref(), repair, sample) {
+            Ok(true) => Ok(()),
+            Ok(false) => return ExitCode::from(1),
+            Err(e) => Err(e),
+        },
     };
     match result {
         Ok(()) => ExitCode::SUCCESS,
@@ -258,10 +300,17 @@ fn serve(path: Option<&Path>, log_format: Option<LogFormat>) -> anyhow::Result<(
         let state = AppState::new(cfg, store, loaded.keys)?;
         cellar::reload::spawn_on_sighup(state.clone(), path.map(Path::to_owned))
             .context("installing the SIGHUP handler")?;
+        let access = state.access.clone();
+        let flusher = access.spawn_flusher(state.config.gc.access_flush_interval);
         announce(addr);
         cellar::systemd::ready(&format!("serving on {addr}"));
         cellar::systemd::spawn_watchdog();
         cellar::serve(listener, state, shutdown).await?;
+        flusher.abort();
+        // What was served since the last write still counts as recent use.
+        if let Err(e) = access.flush().await {
+            tracing::warn!(cause = %e, "writing the last access record failed");
+        }
         tracing::info!("stopped");
         Ok(())
     })

@@ -431,6 +431,19 @@ impl Store for WithUpstreams {
         self.store.cleanup_staging(older_than).await
     }
 
+    // Listing and deleting concern what this cache holds, never what upstreams hold.
+    async fn stale_staging(&self, older_than: Duration) -> Result<Vec<String>, StoreError> {
+        self.store.stale_staging(older_than).await
+    }
+
+    fn list(&self, prefix: &str) -> crate::store::ObjectList {
+        self.store.list(prefix)
+    }
+
+    async fn delete(&self, key: &str) -> Result<(), StoreError> {
+        self.store.delete(key).await
+    }
+
     fn describe(&self) -> String {
         format!(
             "{} (+{} upstreams)",

@@ -84,6 +84,7 @@ pub struct Config {
     pub auth: AuthConfig,
     pub upload: UploadConfig,
     pub cache: CacheConfig,
+    pub gc: GcConfig,
     /// Upstream caches asked, in order, on a narinfo miss (pull-through).
     pub upstreams: Vec<UpstreamConfig>,
     /// `/metrics` on a listener of its own (unauthenticated); `None`: on `listen`, behind the
@@ -340,6 +341,27 @@ pub struct CacheConfig {
     pub nar_dir: Option<PathBuf>,
     /// Byte budget of the NAR disk cache (least recently used NARs go first).
     pub nar_max_bytes: u64,
+}
+
+/// `[gc]`: what `cellar gc` keeps, and how servers record what they serve.
+#[derive(Debug, Clone)]
+pub struct GcConfig {
+    /// Paths read or uploaded within this long are roots; zero makes pins the only roots.
+    pub keep: Duration,
+    /// Objects younger than this are never deleted (uploads in progress write the NAR first).
+    pub grace: Duration,
+    /// Beyond the retention, evict least recently used closures until the cache fits.
+    pub max_bytes: Option<u64>,
+    /// How often a server writes what it served since the last write.
+    pub access_flush_interval: Duration,
+    /// Distinct paths a server remembers between writes; a full set is written early.
+    pub access_max_entries: usize,
+}
+
+impl Default for GcConfig {
+    fn default() -> Self {
+        Config::default().gc
+    }
 }
 
 #[derive(Debug, Clone, Copy, serde::Deserialize, PartialEq, Eq)]

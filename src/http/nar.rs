@@ -30,11 +30,20 @@ pub(super) async fn get(
     headers: HeaderMap,
 ) -> Result<Response, Error> {
     let f: NarFileName = file.parse()?;
-    let key = object_key::nar(&f);
+    let res = get_nar(&st, &f, &headers).await;
+    // Its narinfo now answers 404 (see crate::cache::missing_nars).
+    if matches!(res, Err(Error::NotFound)) {
+        st.missing_nars.seen_missing(f.as_str()).await;
+    }
+    res
+}
+
+async fn get_nar(st: &AppState, f: &NarFileName, headers: &HeaderMap) -> Result<Response, Error> {
+    let key = object_key::nar(f);
     let reads = st.live().reads.clone();
     if let Some(cache) = &st.nars {
         match cache
-            .get(&f, &key, object::range_of(&headers), &reads)
+            .get(f, &key, object::range_of(headers), &reads)
             .await?
         {
             NarCacheAnswer::Object(obj) => return Ok(object::object_response(obj, Kind::Nar)),
@@ -42,7 +51,7 @@ pub(super) async fn get(
             NarCacheAnswer::Bypass => {}
         }
     }
-    object::get(&*reads, &key, Kind::Nar, &headers).await
+    object::get(&*reads, &key, Kind::Nar, headers).await
 }
 
 pub(super) async fn head(
@@ -81,6 +90,7 @@ pub(super) async fn put(
         .uploader
         .put_nar(&name, object::body_stream(&st, body))
         .await?;
+    st.missing_nars.seen_present(name.as_str()).await;
     tracing::info!(nar = %name, size = d.input.size, nar_size = d.nar.size, "NAR uploaded");
     Ok(StatusCode::CREATED)
 }

@@ -22,9 +22,11 @@ use thiserror::Error;
 
 use super::cache_info;
 use crate::auth::Tokens;
+use crate::cache::missing_nars::MissingNars;
 use crate::cache::nar::NarCache;
 use crate::cache::narinfo::NarInfoCache;
 use crate::config::Config;
+use crate::gc::access::AccessLog;
 use crate::mirror::Mirror;
 use crate::nix::SecretKey;
 use crate::store::Store;
@@ -46,6 +48,10 @@ pub struct App {
     pub store: Arc<dyn Store>,
     pub uploader: Arc<Uploader>,
     pub nars: Option<Arc<NarCache>>,
+    /// What was served or uploaded, for garbage collection (see [`crate::gc::access`]).
+    pub access: Arc<AccessLog>,
+    /// NARs seen missing: their narinfos answer 404.
+    pub missing_nars: MissingNars,
     live: ArcSwap<Live>,
 }
 
@@ -119,17 +125,20 @@ impl AppState {
             ),
             None => None,
         };
-        let uploader = Arc::new(Uploader::new(
-            &config.upload,
-            &config.store_dir,
-            store.clone(),
-        ));
+        let access = Arc::new(AccessLog::new(store.clone(), config.gc.access_max_entries));
+        let missing_nars = MissingNars::new(c.narinfo_ttl);
+        let uploader = Arc::new(
+            Uploader::new(&config.upload, &config.store_dir, store.clone())
+                .with_access(access.clone()),
+        );
         let live = Live::build(config.clone(), signing_keys, &store, &uploader)?;
         Ok(Self(Arc::new(App {
             config,
             store,
             uploader,
             nars,
+            access,
+            missing_nars,
             live: ArcSwap::from_pointee(live),
         })))
     }

@@ -8,7 +8,9 @@ use futures::StreamExt as _;
 use tokio::io::{AsyncReadExt as _, AsyncSeekExt as _};
 use tokio_util::io::ReaderStream;
 
-use super::{ByteRange, ContentRange, Object, ObjectWriter, Store, StoreError};
+use super::{
+    ByteRange, ContentRange, Object, ObjectInfo, ObjectList, ObjectWriter, Store, StoreError,
+};
 use bytes::Bytes;
 use tokio::io::AsyncWriteExt as _;
 
@@ -34,6 +36,98 @@ impl LocalStore {
 
     fn path(&self, key: &str) -> PathBuf {
         self.root.join(key)
+    }
+
+    /// Staged files of writers that never committed, older than `older_than`.
+    async fn staged_older_than(
+        &self,
+        older_than: std::time::Duration,
+    ) -> Result<Vec<PathBuf>, StoreError> {
+        let dir = self.root.join(STAGING);
+        let mut out = Vec::new();
+        let mut rd = match tokio::fs::read_dir(&dir).await {
+            Ok(rd) => rd,
+            Err(e) if not_found(&e) => return Ok(out),
+            Err(e) => return Err(e.into()),
+        };
+        while let Some(e) = rd.next_entry().await? {
+            let old = e
+                .metadata()
+                .await
+                .ok()
+                .and_then(|m| m.modified().ok())
+                .and_then(|t| t.elapsed().ok())
+                .is_some_and(|age| age >= older_than);
+            if old {
+                out.push(e.path());
+            }
+        }
+        Ok(out)
+    }
+}
+
+type ListSender = tokio::sync::mpsc::Sender<Result<ObjectInfo, StoreError>>;
+
+/// Sends every file under `root` whose key starts with `prefix` (skipping the staging
+/// directory) until done or the receiver is gone.
+fn walk(root: &Path, prefix: &str, tx: &ListSender) {
+    // Start at the deepest directory the prefix names, so listing `_cellar/pins/` does not
+    // walk every NAR.
+    let start = match prefix.rfind('/') {
+        Some(i) => root.join(&prefix[..i]),
+        None => root.to_path_buf(),
+    };
+    let mut dirs = vec![start];
+    while let Some(dir) = dirs.pop() {
+        let rd = match std::fs::read_dir(&dir) {
+            Ok(rd) => rd,
+            Err(e) if not_found(&e) => continue,
+            Err(e) => {
+                let _ = tx.blocking_send(Err(StoreError::Other(format!("{}: {e}", dir.display()))));
+                return;
+            }
+        };
+        for entry in rd {
+            let item = entry.and_then(|e| Ok((e.path(), e.file_type()?)));
+            let (path, ft) = match item {
+                Ok(x) => x,
+                Err(e) => {
+                    let _ = tx.blocking_send(Err(e.into()));
+                    return;
+                }
+            };
+            let Some(key) = path
+                .strip_prefix(root)
+                .ok()
+                .and_then(|k| k.to_str())
+                .map(str::to_owned)
+            else {
+                continue;
+            };
+            if ft.is_dir() {
+                if key != STAGING && (key.starts_with(prefix) || prefix.starts_with(&key)) {
+                    dirs.push(path);
+                }
+                continue;
+            }
+            if !ft.is_file() || !key.starts_with(prefix) {
+                continue;
+            }
+            let info = std::fs::metadata(&path).map(|m| ObjectInfo {
+                key,
+                size: m.len(),
+                modified: m.modified().unwrap_or(std::time::UNIX_EPOCH),
+            });
+            let item = match info {
+                Ok(i) => Ok(i),
+                // Deleted between readdir and stat: no longer part of the listing.
+                Err(e) if not_found(&e) => continue,
+                Err(e) => Err(e.into()),
+            };
+            if tx.blocking_send(item).is_err() {
+                return;
+            }
+        }
     }
 }
 
@@ -152,26 +246,44 @@ impl Store for LocalStore {
     }
 
     async fn cleanup_staging(&self, older_than: std::time::Duration) -> Result<usize, StoreError> {
-        let dir = self.root.join(STAGING);
         let mut n = 0;
-        let mut rd = match tokio::fs::read_dir(&dir).await {
-            Ok(rd) => rd,
-            Err(e) if not_found(&e) => return Ok(0),
-            Err(e) => return Err(e.into()),
-        };
-        while let Some(e) = rd.next_entry().await? {
-            let old = e
-                .metadata()
-                .await
-                .ok()
-                .and_then(|m| m.modified().ok())
-                .and_then(|t| t.elapsed().ok())
-                .is_some_and(|age| age >= older_than);
-            if old && tokio::fs::remove_file(e.path()).await.is_ok() {
+        for path in self.staged_older_than(older_than).await? {
+            if tokio::fs::remove_file(&path).await.is_ok() {
                 n += 1;
             }
         }
         Ok(n)
+    }
+
+    async fn stale_staging(
+        &self,
+        older_than: std::time::Duration,
+    ) -> Result<Vec<String>, StoreError> {
+        Ok(self
+            .staged_older_than(older_than)
+            .await?
+            .iter()
+            .map(|p| p.display().to_string())
+            .collect())
+    }
+
+    fn list(&self, prefix: &str) -> ObjectList {
+        // Walked on a blocking thread that feeds a small channel: the walk runs only as fast
+        // as the caller consumes it, so memory stays bounded on any tree size.
+        let (tx, rx) = tokio::sync::mpsc::channel(1024);
+        let root = self.root.clone();
+        let prefix = prefix.to_owned();
+        tokio::task::spawn_blocking(move || walk(&root, &prefix, &tx));
+        futures::stream::unfold(rx, |mut rx| async move { rx.recv().await.map(|x| (x, rx)) })
+            .boxed()
+    }
+
+    async fn delete(&self, key: &str) -> Result<(), StoreError> {
+        match tokio::fs::remove_file(self.path(key)).await {
+            Ok(()) => Ok(()),
+            Err(e) if not_found(&e) => Ok(()),
+            Err(e) => Err(StoreError::Other(format!("deleting {key}: {e}"))),
+        }
     }
 
     fn describe(&self) -> String {

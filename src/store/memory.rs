@@ -4,18 +4,27 @@
 use std::collections::HashMap;
 use std::sync::atomic::{AtomicBool, AtomicUsize, Ordering};
 use std::sync::{Arc, Mutex};
+use std::time::SystemTime;
 
 use async_trait::async_trait;
 use bytes::Bytes;
 use futures::StreamExt as _;
 
-use super::{ByteRange, ContentRange, Object, ObjectWriter, Store, StoreError};
-use crate::sync::lock;
+use super::{
+    ByteRange, ContentRange, Object, ObjectInfo, ObjectList, ObjectWriter, Store, StoreError,
+};
+
+/// An object's bytes and when it was written (what a listing reports).
+#[derive(Clone)]
+struct Stored {
+    data: Bytes,
+    modified: SystemTime,
+}
 
 #[derive(Default)]
 pub struct MemoryStore {
     // A std Mutex: held only for map operations, never across an await.
-    objects: Arc<Mutex<HashMap<String, Bytes>>>,
+    objects: Arc<Mutex<HashMap<String, Stored>>>,
     gets: AtomicUsize,
     down: AtomicBool,
     latency_ms: AtomicUsize,
@@ -27,7 +36,34 @@ impl MemoryStore {
     }
 
     pub fn insert(&self, key: &str, data: impl Into<Bytes>) {
-        lock(&self.objects).insert(key.to_owned(), data.into());
+        self.insert_at(key, data, SystemTime::now());
+    }
+
+    /// Inserts an object as if written at `modified` (to test age-based decisions).
+    pub fn insert_at(&self, key: &str, data: impl Into<Bytes>, modified: SystemTime) {
+        self.objects
+            .lock()
+            .unwrap_or_else(|p| p.into_inner())
+            .insert(
+                key.to_owned(),
+                Stored {
+                    data: data.into(),
+                    modified,
+                },
+            );
+    }
+
+    /// Every key, sorted (for assertions).
+    pub fn keys(&self) -> Vec<String> {
+        let mut k: Vec<String> = self
+            .objects
+            .lock()
+            .unwrap_or_else(|p| p.into_inner())
+            .keys()
+            .cloned()
+            .collect();
+        k.sort();
+        k
     }
 
     /// Number of `get` and `head` calls so far.
@@ -58,7 +94,12 @@ impl MemoryStore {
         if self.down.load(Ordering::SeqCst) {
             return Err(StoreError::Unavailable("memory store is down".into()));
         }
-        Ok(lock(&self.objects).get(key).cloned())
+        Ok(self
+            .objects
+            .lock()
+            .unwrap_or_else(|p| p.into_inner())
+            .get(key)
+            .map(|s| s.data.clone()))
     }
 }
 
@@ -120,13 +161,53 @@ impl Store for MemoryStore {
         Ok(0)
     }
 
+    // Writers buffer in memory and leave nothing behind.
+    async fn stale_staging(
+        &self,
+        _older_than: std::time::Duration,
+    ) -> Result<Vec<String>, StoreError> {
+        Ok(Vec::new())
+    }
+
+    fn list(&self, prefix: &str) -> ObjectList {
+        let items: Vec<Result<ObjectInfo, StoreError>> = if self.down.load(Ordering::SeqCst) {
+            vec![Err(StoreError::Unavailable("memory store is down".into()))]
+        } else {
+            self.objects
+                .lock()
+                .unwrap_or_else(|p| p.into_inner())
+                .iter()
+                .filter(|(k, _)| k.starts_with(prefix))
+                .map(|(k, v)| {
+                    Ok(ObjectInfo {
+                        key: k.clone(),
+                        size: v.data.len() as u64,
+                        modified: v.modified,
+                    })
+                })
+                .collect()
+        };
+        futures::stream::iter(items).boxed()
+    }
+
+    async fn delete(&self, key: &str) -> Result<(), StoreError> {
+        if self.down.load(Ordering::SeqCst) {
+            return Err(StoreError::Unavailable("memory store is down".into()));
+        }
+        self.objects
+            .lock()
+            .unwrap_or_else(|p| p.into_inner())
+            .remove(key);
+        Ok(())
+    }
+
     fn describe(&self) -> String {
         "memory://".into()
     }
 }
 
 struct MemoryWriter {
-    objects: Arc<Mutex<HashMap<String, Bytes>>>,
+    objects: Arc<Mutex<HashMap<String, Stored>>>,
     key: String,
     buf: Vec<u8>,
 }
@@ -139,7 +220,16 @@ impl ObjectWriter for MemoryWriter {
     }
     async fn commit(self: Box<Self>) -> Result<(), StoreError> {
         let this = *self;
-        lock(&this.objects).insert(this.key, Bytes::from(this.buf));
+        this.objects
+            .lock()
+            .unwrap_or_else(|p| p.into_inner())
+            .insert(
+                this.key,
+                Stored {
+                    data: Bytes::from(this.buf),
+                    modified: SystemTime::now(),
+                },
+            );
         Ok(())
     }
     async fn abort(self: Box<Self>) {}

@@ -11,6 +11,7 @@ pub mod s3;
 
 use std::io;
 use std::pin::Pin;
+use std::time::{Duration, SystemTime};
 
 use async_trait::async_trait;
 use bytes::Bytes;
@@ -136,6 +137,20 @@ impl ContentRange {
     }
 }
 
+/// One object as a listing reports it.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct ObjectInfo {
+    /// The key relative to the store root (what [`Store::get`] takes).
+    pub key: String,
+    pub size: u64,
+    /// When the object was last written (S3 `LastModified`, a file's mtime).
+    pub modified: SystemTime,
+}
+
+/// A streamed listing. Pages are fetched as the stream is polled, so a listing of a huge bucket
+/// holds about one page in memory, whatever the caller does with the items.
+pub type ObjectList = Pin<Box<dyn Stream<Item = Result<ObjectInfo, StoreError>> + Send + 'static>>;
+
 /// An object being read.
 pub struct Object {
     pub body: ByteStream,
@@ -172,7 +187,19 @@ pub trait Store: Send + Sync + 'static {
 
     /// Removes what writers that never committed left behind (S3 multipart uploads, temporary
     /// files) once older than `older_than`. Returns how many were removed.
-    async fn cleanup_staging(&self, older_than: std::time::Duration) -> Result<usize, StoreError>;
+    async fn cleanup_staging(&self, older_than: Duration) -> Result<usize, StoreError>;
+
+    /// Names what writers that never committed left behind and is older than `older_than`
+    /// (what [`Store::cleanup_staging`] would remove), for `cellar verify`.
+    async fn stale_staging(&self, older_than: Duration) -> Result<Vec<String>, StoreError>;
+
+    /// Every committed object whose key starts with `prefix`, in no particular order. Never
+    /// lists what writers are still staging.
+    fn list(&self, prefix: &str) -> ObjectList;
+
+    /// Removes an object; removing one that does not exist is not an error (two garbage
+    /// collectors, or a retried delete, must not fail each other).
+    async fn delete(&self, key: &str) -> Result<(), StoreError>;
 
     /// Writes a whole small object.
     async fn put_bytes(&self, key: &str, data: Bytes) -> Result<(), StoreError> {

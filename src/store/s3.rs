@@ -15,9 +15,11 @@ use aws_sdk_s3::error::{ProvideErrorMetadata, SdkError};
 use aws_sdk_s3::Client;
 use futures::StreamExt as _;
 
-use super::{ByteRange, ContentRange, Object, ObjectWriter, Store, StoreError};
+use super::{ByteRange, ContentRange, Object, ObjectList, ObjectWriter, Store, StoreError};
 use crate::config::S3StoreConfig;
 use aws_sdk_s3::types::{CompletedMultipartUpload, CompletedPart};
+
+mod listing;
 use bytes::{Bytes, BytesMut};
 
 /// Bodies up to this size are sent with one PutObject; larger ones as a multipart upload in
@@ -292,62 +294,45 @@ impl Store for S3Store {
 
     async fn cleanup_staging(&self, older_than: Duration) -> Result<usize, StoreError> {
         let mut n = 0;
-        let mut key_marker = None;
-        let mut upload_marker = None;
-        let cutoff = std::time::SystemTime::now()
-            .checked_sub(older_than)
-            .unwrap_or(std::time::UNIX_EPOCH);
-        loop {
+        for u in self.stale_uploads(older_than).await? {
             let req = self
                 .client
-                .list_multipart_uploads()
+                .abort_multipart_upload()
                 .bucket(&self.bucket)
-                .prefix(&self.prefix)
-                .set_key_marker(key_marker.take())
-                .set_upload_id_marker(upload_marker.take())
+                .key(&u.key)
+                .upload_id(&u.upload_id)
                 .send();
-            let out = match self.call("ListMultipartUploads", req).await? {
-                Ok(o) => o,
-                Err(_) => return Ok(n),
-            };
-            for u in out.uploads() {
-                let old = u
-                    .initiated()
-                    .and_then(|t| std::time::SystemTime::try_from(*t).ok())
-                    .is_some_and(|t| t < cutoff);
-                // Only uploads of this cache's layout: a shared bucket may hold others'.
-                let ours = u
-                    .key()
-                    .and_then(|k| k.strip_prefix(&self.prefix))
-                    .is_some_and(|k| {
-                        k.starts_with("nar/")
-                            || k.starts_with("log/")
-                            || k.starts_with("realisations/")
-                            || k.starts_with("build-trace/")
-                            || k.ends_with(".narinfo")
-                            || k.ends_with(".ls")
-                    });
-                if let (true, true, Some(k), Some(id)) = (old, ours, u.key(), u.upload_id()) {
-                    let req = self
-                        .client
-                        .abort_multipart_upload()
-                        .bucket(&self.bucket)
-                        .key(k)
-                        .upload_id(id)
-                        .send();
-                    if let Ok(Ok(_)) = self.call("AbortMultipartUpload", req).await {
-                        n += 1;
-                    }
-                }
+            if let Ok(Ok(_)) = self.call("AbortMultipartUpload", req).await {
+                n += 1;
             }
-            if out.is_truncated() != Some(true) {
-                return Ok(n);
-            }
-            key_marker = out.next_key_marker().map(str::to_owned);
-            upload_marker = out.next_upload_id_marker().map(str::to_owned);
-            if key_marker.is_none() && upload_marker.is_none() {
-                return Ok(n);
-            }
+        }
+        Ok(n)
+    }
+
+    async fn stale_staging(&self, older_than: Duration) -> Result<Vec<String>, StoreError> {
+        Ok(self
+            .stale_uploads(older_than)
+            .await?
+            .into_iter()
+            .map(|u| format!("multipart upload of {} ({})", u.key, u.upload_id))
+            .collect())
+    }
+
+    fn list(&self, prefix: &str) -> ObjectList {
+        self.list_objects(prefix)
+    }
+
+    async fn delete(&self, key: &str) -> Result<(), StoreError> {
+        let req = self
+            .client
+            .delete_object()
+            .bucket(&self.bucket)
+            .key(self.key(key))
+            .send();
+        match self.call("DeleteObject", req).await? {
+            // S3 answers 204 for a missing key too; some servers answer 404.
+            Ok(_) | Err(Failure::NotFound) => Ok(()),
+            Err(Failure::BadRange) => Err(StoreError::Other(format!("DeleteObject {key}: 416"))),
         }
     }
 

@@ -86,6 +86,8 @@ pub struct Uploader {
     slots: Arc<Semaphore>,
     // A std Mutex: held for map operations only, never across an await.
     verified: Mutex<HashMap<String, VerifiedNar>>,
+    /// Where accepted narinfos are recorded before they are written (garbage collection).
+    access: Option<Arc<crate::gc::access::AccessLog>>,
 }
 
 /// The result of a narinfo upload.
@@ -108,7 +110,15 @@ impl Uploader {
             limits: Limits::from_config(cfg),
             slots: Arc::new(Semaphore::new(cfg.max_concurrent)),
             verified: Mutex::new(HashMap::new()),
+            access: None,
         }
+    }
+
+    /// Records every accepted narinfo, with its references, in `access` before checking the
+    /// references and writing it: a collector running meanwhile then keeps them.
+    pub fn with_access(mut self, access: Arc<crate::gc::access::AccessLog>) -> Self {
+        self.access = Some(access);
+        self
     }
 
     /// The largest NAR accepted (`upload.max_nar_bytes`).
@@ -354,6 +364,14 @@ impl Uploader {
                 "the narinfo is not signed by any of upload.trusted_keys",
             ));
         }
+        // Recorded before the NAR and the references are checked, so that a garbage
+        // collection running meanwhile either sees the record in time or has deleted them
+        // before the checks (see crate::gc::sweep).
+        if let Some(a) = &self.access {
+            let stored = self.reencoded(&url_name).map_or(url_name.clone(), |(n, _)| n);
+            a.record_upload(&info, &[url_name.as_str(), stored.as_str()])
+                .await?;
+        }
         let v = match self.remembered(&object_key::nar(&url_name)) {
             // Still there? (Someone may have deleted it from the bucket since.)
             Some(v)
@@ -410,11 +428,43 @@ impl Uploader {
         self.store
             .put_bytes(&object_key::narinfo(hash), Bytes::from(info.render(sd)))
             .await?;
+        if self.access.is_some() {
+            self.still_whole(&info, &v.stored, upstreams).await?;
+        }
         Ok(Accepted {
             hash,
             narinfo: info,
             already_present: false,
         })
+    }
+
+    /// Checks again, after the narinfo was written, that its NAR and references are still
+    /// there; if a garbage collection removed one meanwhile, takes the narinfo back and
+    /// refuses the upload (the client uploads again what is missing on its next run).
+    async fn still_whole(
+        &self,
+        info: &NarInfo,
+        nar: &NarFileName,
+        upstreams: Option<&Upstreams>,
+    ) -> Result<(), Error> {
+        let check = async {
+            if self.store.head(&object_key::nar(nar)).await?.is_none() {
+                return Err(rejected(format!(
+                    "NAR {} is not in the cache; upload it again",
+                    info.url
+                )));
+            }
+            self.check_references(info, upstreams).await
+        };
+        match check.await {
+            Ok(()) => Ok(()),
+            Err(e) => {
+                if let Err(d) = self.store.delete(&object_key::narinfo(info.hash())).await {
+                    tracing::error!(path = %info.store_path, cause = %d, "could not take back a narinfo whose closure a garbage collection broke");
+                }
+                Err(e)
+            }
+        }
     }
 
     async fn check_references(

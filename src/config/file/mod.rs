@@ -20,6 +20,8 @@ use super::{
 };
 use crate::nix::PublicKey;
 
+mod gc;
+
 /// Accepts a TOML list or, for environment variables, one comma-separated string.
 fn list_or_csv<'de, D, T>(d: D) -> Result<Vec<T>, D::Error>
 where
@@ -89,6 +91,7 @@ pub(super) struct ConfigFile {
     auth: AuthSection,
     upload: UploadSection,
     cache: CacheSection,
+    gc: gc::GcSection,
     upstreams: Vec<UpstreamEntry>,
     metrics_listen: Option<SocketAddr>,
     log: LogSection,
@@ -117,6 +120,7 @@ impl Default for ConfigFile {
             auth: AuthSection::default(),
             upload: UploadSection::default(),
             cache: CacheSection::default(),
+            gc: gc::GcSection::default(),
             upstreams: Vec::new(),
             metrics_listen: None,
             log: LogSection::default(),
@@ -159,6 +163,7 @@ impl ConfigFile {
             auth: self.auth.validate()?,
             upload: self.upload.validate()?,
             cache: self.cache.validate()?,
+            gc: self.gc.validate()?,
             upstreams: self
                 .upstreams
                 .into_iter()

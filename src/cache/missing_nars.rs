@@ -1,0 +1,77 @@
+//! NARs this server has seen missing, so that the narinfos pointing at them answer 404 instead
+//! of handing out a path whose NAR fetch would fail (Nix treats a NAR 404 as a hard error, but
+//! a narinfo 404 as "not in this cache", and then builds or asks another substituter).
+//!
+//! The cost: while any NAR is remembered, each narinfo answer is scanned for its `URL:` line
+//! (a few hundred bytes, well under a microsecond); each entry takes about 100 bytes for
+//! `ttl`; and a client that got the 404 remembers it for its negative TTL (an hour in Nix),
+//! even if the NAR is uploaded again meanwhile. A NAR uploaded through this server is forgotten
+//! at once; one uploaded through another replica, after `ttl`.
+
+use std::sync::atomic::{AtomicBool, Ordering};
+use std::time::Duration;
+
+use moka::future::Cache;
+
+/// At most this many NARs are remembered (the oldest are forgotten first).
+const CAPACITY: u64 = 100_000;
+
+pub struct MissingNars {
+    names: Cache<Box<str>, ()>,
+    /// Set once anything was ever remembered: until then narinfos are not scanned at all.
+    any: AtomicBool,
+}
+
+impl MissingNars {
+    pub fn new(ttl: Duration) -> Self {
+        Self {
+            names: Cache::builder()
+                .max_capacity(CAPACITY)
+                .time_to_live(ttl.max(Duration::from_secs(1)))
+                .build(),
+            any: AtomicBool::new(false),
+        }
+    }
+
+    /// A GET of `nar/<file>` found nothing.
+    pub async fn seen_missing(&self, file: &str) {
+        self.any.store(true, Ordering::Relaxed);
+        self.names.insert(file.into(), ()).await;
+    }
+
+    /// `nar/<file>` was uploaded.
+    pub async fn seen_present(&self, file: &str) {
+        if self.any.load(Ordering::Relaxed) {
+            self.names.invalidate(file).await;
+        }
+    }
+
+    /// Whether the rendered narinfo `body` points at a NAR known to be missing.
+    pub fn points_to_missing(&self, body: &[u8]) -> bool {
+        if !self.any.load(Ordering::Relaxed) {
+            return false;
+        }
+        let Ok(text) = std::str::from_utf8(body) else {
+            return false;
+        };
+        text.lines()
+            .find_map(|l| l.strip_prefix("URL: nar/"))
+            .is_some_and(|file| self.names.contains_key(file))
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[tokio::test]
+    async fn remembers_until_uploaded() {
+        let m = MissingNars::new(Duration::from_secs(60));
+        let body = b"StorePath: /nix/store/x\nURL: nar/abc.nar.xz\nCompression: xz\n";
+        assert!(!m.points_to_missing(body));
+        m.seen_missing("abc.nar.xz").await;
+        assert!(m.points_to_missing(body));
+        m.seen_present("abc.nar.xz").await;
+        assert!(!m.points_to_missing(body));
+    }
+}

@@ -1,0 +1,186 @@
+//! The `gc`, `pin` and `verify` subcommands: argument handling, progress bars and output.
+//! The work itself is in [`cellar::gc`].
+
+use std::path::Path;
+use std::sync::Arc;
+use std::time::SystemTime;
+
+use anyhow::Context as _;
+use clap::Subcommand;
+
+use cellar::config::Config;
+use cellar::gc::{self, Progress};
+use cellar::store::{self, Store};
+
+#[derive(Subcommand)]
+pub enum PinCommand {
+    /// Pin the closures of STORE-PATHs under NAME (replacing a pin of that name).
+    Add {
+        name: String,
+        #[arg(required = true, value_name = "STORE-PATH")]
+        paths: Vec<String>,
+        /// Let the pin expire N days from now (default: kept until removed).
+        #[arg(long, value_name = "N")]
+        keep_days: Option<u64>,
+    },
+    /// List pins.
+    List,
+    /// Remove the pin NAME.
+    Rm { name: String },
+}
+
+/// A progress bar on stderr; indicatif draws nothing when stderr is not a terminal.
+struct Bar(indicatif::ProgressBar);
+
+impl Bar {
+    fn new() -> Self {
+        let bar = indicatif::ProgressBar::new(0);
+        if let Ok(style) =
+            indicatif::ProgressStyle::with_template("{msg:28} {bar:40} {pos}/{len} {elapsed}")
+        {
+            bar.set_style(style);
+        }
+        Self(bar)
+    }
+}
+
+impl Progress for Bar {
+    fn phase(&self, name: &str, total: Option<u64>) {
+        self.0.set_message(name.to_owned());
+        self.0.set_position(0);
+        self.0.set_length(total.unwrap_or(0));
+    }
+    fn advance(&self, n: u64) {
+        self.0.inc(n);
+    }
+}
+
+fn runtime() -> anyhow::Result<tokio::runtime::Runtime> {
+    tokio::runtime::Builder::new_multi_thread()
+        .enable_all()
+        .build()
+        .context("starting the async runtime")
+}
+
+async fn open(cfg: &Config) -> anyhow::Result<Arc<dyn Store>> {
+    store::open(&cfg.store)
+        .await
+        .with_context(|| format!("opening the store ({})", cfg.store.backend))
+}
+
+pub fn gc(path: Option<&Path>, apply: bool) -> anyhow::Result<()> {
+    let cfg = Config::load(path)?;
+    let summary = runtime()?.block_on(async {
+        let store = open(&cfg).await?;
+        let bar = Bar::new();
+        let opts = gc::Options {
+            apply,
+            now: SystemTime::now(),
+        };
+        let s = gc::run(&store, &cfg.store_dir, &cfg.gc, &opts, &bar).await;
+        bar.0.finish_and_clear();
+        anyhow::Ok(s?)
+    })?;
+    if !apply {
+        println!("dry run: nothing was deleted (run with --apply to delete)");
+    }
+    print!("{summary}");
+    if !summary.errors.is_empty() {
+        anyhow::bail!("{} error(s) during the run", summary.errors.len());
+    }
+    Ok(())
+}
+
+pub fn pin(path: Option<&Path>, command: PinCommand) -> anyhow::Result<()> {
+    let cfg = Config::load(path)?;
+    let sd = cfg.store_dir.clone();
+    runtime()?.block_on(async {
+        let store = open(&cfg).await?;
+        match command {
+            PinCommand::Add {
+                name,
+                paths,
+                keep_days,
+            } => {
+                let paths = paths
+                    .iter()
+                    .map(|p| gc::pins::store_path(p, &sd))
+                    .collect::<Result<Vec<_>, _>>()?;
+                let n = paths.len();
+                let absent = gc::pins::add(store.as_ref(), &name, paths, keep_days, &sd).await?;
+                for p in &absent {
+                    eprintln!("warning: {sd}/{p} is not in the cache (yet); pinned anyway");
+                }
+                println!("pinned {n} path(s) as {name}");
+            }
+            PinCommand::List => {
+                let (pins, bad) = gc::pins::list(store.as_ref(), &sd).await?;
+                let now = SystemTime::now();
+                for p in pins {
+                    let state = match p.keep {
+                        None => "kept until removed".to_owned(),
+                        Some(_) if !p.active(now) => "expired".to_owned(),
+                        Some(k) => format!("kept for {} days from creation", k.as_secs() / 86400),
+                    };
+                    println!("{} ({state})", p.name);
+                    for path in &p.paths {
+                        println!("  {sd}/{path}");
+                    }
+                }
+                for (key, why) in bad {
+                    println!("unreadable pin {key}: {why}");
+                }
+            }
+            PinCommand::Rm { name } => {
+                gc::pins::remove(store.as_ref(), &name).await?;
+                println!("removed pin {name}");
+            }
+        }
+        anyhow::Ok(())
+    })
+}
+
+/// Returns whether the store is consistent (after repair, if asked for).
+pub fn verify(path: Option<&Path>, repair: bool, sample: Option<usize>) -> anyhow::Result<bool> {
+    let cfg = Config::load(path)?;
+    if repair && sample.is_some() {
+        anyhow::bail!("--repair checks the whole store; it cannot be combined with --sample");
+    }
+    let report = runtime()?.block_on(async {
+        let store = open(&cfg).await?;
+        let bar = Bar::new();
+        let opts = gc::verify::Options {
+            repair,
+            sample,
+            grace: cfg.gc.grace,
+            now: SystemTime::now(),
+        };
+        let r = gc::verify::run(&store, &cfg.store_dir, &opts, &bar).await;
+        bar.0.finish_and_clear();
+        anyhow::Ok(r?)
+    })?;
+    for f in &report.findings {
+        println!("{f}");
+    }
+    println!(
+        "checked {} narinfos{}: {} finding(s)",
+        report.narinfos_checked,
+        if sample.is_some() {
+            " (a sample; orphans not checked)"
+        } else {
+            ""
+        },
+        report.findings.len()
+    );
+    for k in &report.repaired {
+        println!("repaired: deleted {k}");
+    }
+    for e in &report.repair_errors {
+        println!("repair failed: {e}");
+    }
+    Ok(if repair {
+        report.repair_errors.is_empty()
+    } else {
+        report.findings.is_empty()
+    })
+}

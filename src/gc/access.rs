@@ -1,0 +1,349 @@
+//! Access records: which paths a server served or accepted, without a database and without a
+//! store write per request.
+//!
+//! Each server keeps what it served since its last write in a bounded in-memory set and writes
+//! it as one small object, `_cellar/access/<YYYY-MM-DD>/<process>-<seq>`, every
+//! `gc.access_flush_secs`, when the set is full, and at shutdown. The object's modification
+//! time is when those paths were last used. A lost write (a crash) costs recency, never data:
+//! at worst a path is collected a little early, with its whole closure.
+//!
+//! Uploads are the exception: a narinfo about to be accepted is recorded with its references
+//! and its NAR, and that record is written before the references and the NAR are checked, so
+//! that a collector running at the same time sees what the upload relies on (see
+//! [`super::sweep`]).
+//!
+//! Reads record narinfos only, not NARs: a client always asks for the narinfo first, and
+//! several narinfos may share one NAR (same contents), so a NAR read says nothing about which
+//! path was used.
+//!
+//! Format: a header line `cellar-access 1`, then one entry per line: a store path hash, or
+//! `nar/<file>` for a NAR an upload relies on.
+
+use std::collections::{HashMap, HashSet};
+use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::{Arc, Mutex};
+use std::time::{Duration, SystemTime, UNIX_EPOCH};
+
+use bytes::Bytes;
+use futures::TryStreamExt as _;
+
+use super::inventory::Meta;
+use super::RESERVED_PREFIX;
+use crate::nix::{NarInfo, StorePathHash};
+use crate::store::{Store, StoreError};
+
+/// Where access records live, under [`RESERVED_PREFIX`].
+pub const DIR: &str = "access/";
+
+const HEADER: &str = "cellar-access 1";
+
+/// An access record larger than this is corrupt (a full set of 1M entries is ~60 MiB).
+const MAX_RECORD_BYTES: u64 = 256 << 20;
+
+/// `YYYY-MM-DD` (UTC) of `t`: records are grouped by day, so a collector reads only the days
+/// within the retention and re-reads only the last ones.
+pub fn day(t: SystemTime) -> String {
+    let days = t.duration_since(UNIX_EPOCH).unwrap_or_default().as_secs() / 86400;
+    // Howard Hinnant's days-to-civil algorithm, for days since 1970-01-01.
+    let z = days as i64 + 719_468;
+    let era = z.div_euclid(146_097);
+    let doe = z.rem_euclid(146_097);
+    let yoe = (doe - doe / 1460 + doe / 36524 - doe / 146_096) / 365;
+    let doy = doe - (365 * yoe + yoe / 4 - yoe / 100);
+    let mp = (5 * doy + 2) / 153;
+    let d = doy - (153 * mp + 2) / 5 + 1;
+    let m = if mp < 10 { mp + 3 } else { mp - 9 };
+    let y = yoe + era * 400 + i64::from(m <= 2);
+    format!("{y:04}-{m:02}-{d:02}")
+}
+
+/// One line of a record.
+#[derive(Debug, Clone, PartialEq, Eq, Hash)]
+pub enum Entry {
+    Path(StorePathHash),
+    /// A NAR by file name (only uploads record these).
+    Nar(Box<str>),
+}
+
+pub fn render(entries: impl IntoIterator<Item = Entry>) -> String {
+    let mut s = format!("{HEADER}\n");
+    for e in entries {
+        match e {
+            Entry::Path(h) => s.push_str(h.as_str()),
+            Entry::Nar(f) => {
+                s.push_str("nar/");
+                s.push_str(&f);
+            }
+        }
+        s.push('\n');
+    }
+    s
+}
+
+/// Parses a record; the error names the first bad line.
+pub fn parse(text: &str) -> Result<Vec<Entry>, String> {
+    let mut lines = text.lines();
+    if lines.next() != Some(HEADER) {
+        return Err(format!("does not start with {HEADER:?}"));
+    }
+    let mut out = Vec::new();
+    for (i, line) in lines.enumerate() {
+        let bad = || format!("line {}: {line:?}", i + 2);
+        out.push(match line.strip_prefix("nar/") {
+            Some(f) => {
+                f.parse::<crate::nix::NarFileName>().map_err(|_| bad())?;
+                Entry::Nar(f.into())
+            }
+            None => Entry::Path(line.parse().map_err(|_| bad())?),
+        });
+    }
+    Ok(out)
+}
+
+/// What one server used since its last write.
+pub struct AccessLog {
+    store: Arc<dyn Store>,
+    /// Random per process, so replicas never overwrite each other's records.
+    process: String,
+    seq: AtomicU64,
+    max_entries: usize,
+    // A std Mutex: held for set operations only, never across an await.
+    pending: Mutex<HashSet<StorePathHash>>,
+    full: tokio::sync::Notify,
+    /// One write at a time, so a record's sequence number follows the order of writes.
+    writing: tokio::sync::Mutex<()>,
+}
+
+impl AccessLog {
+    pub fn new(store: Arc<dyn Store>, max_entries: usize) -> Self {
+        let mut rnd = [0u8; 6];
+        // Without randomness, fall back to time and pid: still distinct between processes.
+        if getrandom::getrandom(&mut rnd).is_err() {
+            let t = SystemTime::now()
+                .duration_since(UNIX_EPOCH)
+                .unwrap_or_default();
+            rnd = ((t.as_nanos() as u64) ^ u64::from(std::process::id())).to_le_bytes()[..6]
+                .try_into()
+                .unwrap_or_default();
+        }
+        Self {
+            store,
+            process: hex::encode(rnd),
+            seq: AtomicU64::new(0),
+            max_entries,
+            pending: Mutex::new(HashSet::new()),
+            full: tokio::sync::Notify::new(),
+            writing: tokio::sync::Mutex::new(()),
+        }
+    }
+
+    /// A narinfo was served.
+    pub fn record_path(&self, e: StorePathHash) {
+        let mut set = self.pending.lock().unwrap_or_else(|p| p.into_inner());
+        if set.len() < self.max_entries || set.contains(&e) {
+            set.insert(e);
+        }
+        if set.len() >= self.max_entries {
+            self.full.notify_one();
+        }
+    }
+
+    /// A narinfo is about to be accepted: writes a record of it, its references and its NAR
+    /// (`nar_files`: the name uploaded and the name stored, if recompressed) at once, before
+    /// they are checked.
+    pub async fn record_upload(
+        &self,
+        info: &NarInfo,
+        nar_files: &[&str],
+    ) -> Result<(), StoreError> {
+        let mut entries = vec![Entry::Path(info.hash())];
+        entries.extend(nar_files.iter().map(|f| Entry::Nar((*f).into())));
+        entries.extend(info.references.iter().map(|r| Entry::Path(r.hash())));
+        let _w = self.writing.lock().await;
+        self.write(entries).await
+    }
+
+    /// Writes what was recorded since the last write (nothing if nothing was).
+    pub async fn flush(&self) -> Result<(), StoreError> {
+        let _w = self.writing.lock().await;
+        let taken: Vec<StorePathHash> =
+            std::mem::take(&mut *self.pending.lock().unwrap_or_else(|p| p.into_inner()))
+                .into_iter()
+                .collect();
+        if taken.is_empty() {
+            return Ok(());
+        }
+        match self
+            .write(taken.iter().map(|h| Entry::Path(*h)).collect())
+            .await
+        {
+            Ok(()) => Ok(()),
+            Err(e) => {
+                // Kept for the next attempt, as far as there is room.
+                let mut set = self.pending.lock().unwrap_or_else(|p| p.into_inner());
+                for t in taken {
+                    if set.len() >= self.max_entries {
+                        break;
+                    }
+                    set.insert(t);
+                }
+                Err(e)
+            }
+        }
+    }
+
+    async fn write(&self, entries: Vec<Entry>) -> Result<(), StoreError> {
+        let seq = self.seq.fetch_add(1, Ordering::SeqCst);
+        let key = format!(
+            "{RESERVED_PREFIX}{DIR}{}/{}-{seq:08}",
+            day(SystemTime::now()),
+            self.process
+        );
+        self.store
+            .put_bytes(&key, Bytes::from(render(entries)))
+            .await
+    }
+
+    /// Writes every `interval`, and early when the set is full, until the task is aborted.
+    pub fn spawn_flusher(self: &Arc<Self>, interval: Duration) -> tokio::task::JoinHandle<()> {
+        let this = self.clone();
+        tokio::spawn(async move {
+            let mut tick = tokio::time::interval(interval);
+            tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
+            loop {
+                tokio::select! {
+                    _ = tick.tick() => {}
+                    _ = this.full.notified() => {}
+                }
+                if let Err(e) = this.flush().await {
+                    tracing::warn!(cause = %e, "writing the access record failed; retrying later");
+                }
+            }
+        })
+    }
+}
+
+/// Access records read by a collector.
+#[derive(Debug, Default)]
+pub struct Accessed {
+    /// Each entry with the time it was last used.
+    pub seen: HashMap<StorePathHash, SystemTime>,
+    /// NARs uploads relied on.
+    pub nars: HashSet<Box<str>>,
+    /// Records already read (re-reads skip them).
+    pub read: HashSet<String>,
+    /// Records older than the retention: they no longer make anything a root.
+    pub expired: Vec<(String, Meta)>,
+    /// Records that do not parse.
+    pub bad: Vec<(String, String)>,
+}
+
+/// Reads the records within the retention `keep` before `now`.
+pub async fn read_all(
+    store: &dyn Store,
+    records: &[(String, Meta)],
+    keep: Duration,
+    now: SystemTime,
+) -> Result<Accessed, StoreError> {
+    let mut acc = Accessed::default();
+    let cutoff = now.checked_sub(keep).unwrap_or(UNIX_EPOCH);
+    for (key, meta) in records {
+        if meta.modified < cutoff {
+            // Known, so that re-reads during deletion do not take it for a new record.
+            acc.read.insert(key.clone());
+            acc.expired.push((key.clone(), *meta));
+            continue;
+        }
+        read_one(store, &mut acc, key, meta.modified).await?;
+    }
+    Ok(acc)
+}
+
+async fn read_one(
+    store: &dyn Store,
+    acc: &mut Accessed,
+    key: &str,
+    modified: SystemTime,
+) -> Result<Vec<Entry>, StoreError> {
+    acc.read.insert(key.to_owned());
+    let Some(raw) = store.get_bytes(key, MAX_RECORD_BYTES).await? else {
+        return Ok(Vec::new());
+    };
+    let entries = match std::str::from_utf8(&raw)
+        .map_err(|_| "not UTF-8".to_owned())
+        .and_then(parse)
+    {
+        Ok(e) => e,
+        Err(why) => {
+            acc.bad.push((key.to_owned(), why));
+            return Ok(Vec::new());
+        }
+    };
+    for e in &entries {
+        match e {
+            Entry::Path(h) => {
+                let t = acc.seen.entry(*h).or_insert(modified);
+                *t = (*t).max(modified);
+            }
+            Entry::Nar(f) => {
+                acc.nars.insert(f.clone());
+            }
+        }
+    }
+    Ok(entries)
+}
+
+/// Reads records written since the last read (those of the days around `now`): what servers
+/// used while the collector was running.
+pub async fn reread(
+    store: &dyn Store,
+    acc: &mut Accessed,
+    now: SystemTime,
+) -> Result<Vec<Entry>, StoreError> {
+    let mut fresh = Vec::new();
+    for offset in [-1i64, 0, 1] {
+        let t = if offset < 0 {
+            now.checked_sub(Duration::from_secs(86400)).unwrap_or(now)
+        } else {
+            now + Duration::from_secs(86400 * offset as u64)
+        };
+        let prefix = format!("{RESERVED_PREFIX}{DIR}{}/", day(t));
+        let new: Vec<_> = store
+            .list(&prefix)
+            .try_filter(|o| futures::future::ready(!acc.read.contains(&o.key)))
+            .try_collect()
+            .await?;
+        for o in new {
+            fresh.extend(read_one(store, acc, &o.key, o.modified).await?);
+        }
+    }
+    Ok(fresh)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn days_are_civil_dates() {
+        assert_eq!(day(UNIX_EPOCH), "1970-01-01");
+        assert_eq!(
+            day(UNIX_EPOCH + Duration::from_secs(951_782_400)),
+            "2000-02-29"
+        );
+        assert_eq!(
+            day(UNIX_EPOCH + Duration::from_secs(1_767_225_599)),
+            "2025-12-31"
+        );
+    }
+
+    #[test]
+    fn records_round_trip_and_reject_garbage() {
+        let h: StorePathHash = "6bxnj2gfflqa529lddzh3zhcn45nn86r".parse().unwrap();
+        let nar = "07yp7gw2d9vmfgl2rd063i75qwkfbrgvqngp5yz2pk6iadzlckh7.nar.xz";
+        let entries = vec![Entry::Path(h), Entry::Nar(nar.into())];
+        assert_eq!(parse(&render(entries.clone())).unwrap(), entries);
+        assert!(parse("garbage").is_err());
+        assert!(parse(&format!("{HEADER}\nnothash\n")).is_err());
+    }
+}

@@ -1,0 +1,207 @@
+//! Every narinfo of the store, read once into a compact reference graph: a node per narinfo
+//! (indexed like the sorted inventory), its references as node indices, the NAR it points to.
+//! About 200 bytes per path plus 4 per reference, so 100k paths take about 25 MiB.
+
+use std::collections::HashMap;
+use std::time::SystemTime;
+
+use futures::StreamExt as _;
+
+use super::inventory::Inventory;
+use super::report::Progress;
+use crate::nix::{NarInfo, StorePathHash};
+use crate::store::{object_key, Store, StoreError};
+
+/// Narinfos larger than this are treated as corrupt (a path with 100k references is ~5 MiB).
+const MAX_NARINFO_BYTES: u64 = 16 << 20;
+
+/// How many narinfos are read at once: enough to hide S3 latency, few enough to stay polite.
+const READ_CONCURRENCY: usize = 32;
+
+/// Why a narinfo cannot be served as it is, whatever else the store holds.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum Problem {
+    /// Not UTF-8, or not a narinfo.
+    Unparseable(String),
+    /// Its `StorePath:` has another hash than its key.
+    WrongHash(String),
+    /// Its `URL:` is not `nar/<file>`.
+    BadUrl(String),
+    /// It vanished between the listing and the read (another collector, a repair).
+    Gone,
+}
+
+#[derive(Debug, Clone)]
+pub struct Node {
+    pub hash: StorePathHash,
+    pub modified: SystemTime,
+    pub narinfo_size: u64,
+    /// References to other nodes, without the path itself.
+    pub refs: Box<[u32]>,
+    /// References to paths that have no narinfo at all.
+    pub missing_refs: Box<[StorePathHash]>,
+    /// The NAR's file name (`URL:` without `nar/`).
+    pub nar: Option<Box<str>>,
+    pub file_size: Option<u64>,
+    pub deriver: Option<StorePathHash>,
+    pub problem: Option<Problem>,
+    /// The base name, for messages and pins.
+    pub name: Box<str>,
+}
+
+pub struct Graph {
+    pub nodes: Vec<Node>,
+    index: HashMap<StorePathHash, u32>,
+}
+
+/// What one narinfo says, before references are resolved to nodes.
+pub struct Parsed {
+    pub refs: Vec<StorePathHash>,
+    pub nar: Option<Box<str>>,
+    pub file_size: Option<u64>,
+    pub deriver: Option<StorePathHash>,
+    pub problem: Option<Problem>,
+    pub name: Box<str>,
+}
+
+/// Parses the narinfo stored under `h` (`None`: it is gone).
+pub fn parse(h: StorePathHash, raw: Option<&[u8]>, store_dir: &str) -> Parsed {
+    let fail = |p: Problem| Parsed {
+        refs: Vec::new(),
+        nar: None,
+        file_size: None,
+        deriver: None,
+        problem: Some(p),
+        name: h.as_str().into(),
+    };
+    let Some(raw) = raw else {
+        return fail(Problem::Gone);
+    };
+    let Ok(text) = std::str::from_utf8(raw) else {
+        return fail(Problem::Unparseable("not UTF-8".into()));
+    };
+    let info = match NarInfo::parse(text, store_dir) {
+        Ok(i) => i,
+        Err(e) => return fail(Problem::Unparseable(e.to_string())),
+    };
+    let mut problem = None;
+    if info.hash() != h {
+        problem = Some(Problem::WrongHash(format!(
+            "its StorePath is {store_dir}/{}",
+            info.store_path
+        )));
+    }
+    let nar = match info.url.strip_prefix("nar/") {
+        Some(f) if f.parse::<crate::nix::NarFileName>().is_ok() => Some(f.into()),
+        _ => {
+            problem.get_or_insert(Problem::BadUrl(info.url.clone()));
+            None
+        }
+    };
+    Parsed {
+        refs: info
+            .references
+            .iter()
+            .map(|r| r.hash())
+            .filter(|r| *r != h)
+            .collect(),
+        nar,
+        file_size: info.file_size,
+        deriver: info.deriver.as_ref().map(|d| d.hash()),
+        problem,
+        name: info.store_path.as_str().into(),
+    }
+}
+
+impl Graph {
+    /// Reads every narinfo the inventory lists.
+    pub async fn load(
+        store: &dyn Store,
+        inv: &Inventory,
+        store_dir: &str,
+        progress: &dyn Progress,
+    ) -> Result<Self, StoreError> {
+        let index: HashMap<StorePathHash, u32> = inv
+            .narinfos
+            .iter()
+            .enumerate()
+            .map(|(i, (h, _))| (*h, i as u32))
+            .collect();
+        let mut graph = Graph {
+            nodes: Vec::with_capacity(inv.narinfos.len()),
+            index,
+        };
+        progress.phase("reading narinfos", Some(inv.narinfos.len() as u64));
+        let mut reads = futures::stream::iter(inv.narinfos.iter().map(|(h, _)| async move {
+            let raw = store.get_bytes(&object_key::narinfo(*h), MAX_NARINFO_BYTES).await;
+            (*h, raw)
+        }))
+        .buffered(READ_CONCURRENCY);
+        while let Some((h, raw)) = reads.next().await {
+            let parsed = match raw {
+                Ok(raw) => parse(h, raw.as_deref(), store_dir),
+                // A narinfo too large to be one is as unservable as one that does not parse.
+                Err(StoreError::TooLarge { .. }) => parse(h, Some(b"\xff"), store_dir),
+                Err(e) => return Err(e),
+            };
+            let meta = inv.narinfos[graph.nodes.len()].1;
+            let node = graph.node(h, meta.modified, meta.size, parsed);
+            graph.nodes.push(node);
+            progress.advance(1);
+        }
+        Ok(graph)
+    }
+
+    /// Builds the node for `h` against the nodes this graph knows.
+    pub fn node(
+        &self,
+        hash: StorePathHash,
+        modified: SystemTime,
+        narinfo_size: u64,
+        p: Parsed,
+    ) -> Node {
+        let mut refs = Vec::with_capacity(p.refs.len());
+        let mut missing = Vec::new();
+        for r in p.refs {
+            match self.index.get(&r) {
+                Some(&i) => refs.push(i),
+                None => missing.push(r),
+            }
+        }
+        Node {
+            hash,
+            modified,
+            narinfo_size,
+            refs: refs.into(),
+            missing_refs: missing.into(),
+            nar: p.nar,
+            file_size: p.file_size,
+            deriver: p.deriver,
+            problem: p.problem,
+            name: p.name,
+        }
+    }
+
+    pub fn find(&self, h: StorePathHash) -> Option<u32> {
+        self.index.get(&h).copied()
+    }
+
+    pub fn len(&self) -> usize {
+        self.nodes.len()
+    }
+
+    /// Marks `start` and everything it refers to, transitively, in `marked`; returns the
+    /// nodes newly marked.
+    pub fn close_over(&self, start: u32, marked: &mut [bool]) -> Vec<u32> {
+        let mut newly = Vec::new();
+        let mut stack = vec![start];
+        while let Some(i) = stack.pop() {
+            if std::mem::replace(&mut marked[i as usize], true) {
+                continue;
+            }
+            newly.push(i);
+            stack.extend(self.nodes[i as usize].refs.iter().copied());
+        }
+        newly
+    }
+}

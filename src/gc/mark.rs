@@ -1,0 +1,200 @@
+//! Roots and marking: which paths a run keeps, and why.
+//!
+//! Pinned and young paths (younger than the grace period) are kept whatever the budget says.
+//! Recently used paths (read, or uploaded, within the retention) are kept most recent first;
+//! with `gc.max_bytes` set, the first one whose closure no longer fits and every older one are
+//! evicted, so what is evicted is always less recently used than anything kept. A closure is
+//! kept or dropped whole, never in part.
+
+use std::collections::HashMap;
+use std::time::SystemTime;
+
+use super::graph::Graph;
+use super::pins::{self, Pin};
+use crate::config::GcConfig;
+use crate::nix::StorePathHash;
+
+/// Why a path is kept or deleted.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, PartialOrd, Ord)]
+pub enum Reason {
+    Pinned,
+    /// Younger than the grace period.
+    Young,
+    /// Used within the retention.
+    Recent,
+    /// In the closure of a kept path.
+    Referenced,
+    /// Not used within the retention, not pinned, not referenced by anything kept.
+    Expired,
+    /// Recently used, but evicted to fit `gc.max_bytes`.
+    OverBudget,
+}
+
+impl Reason {
+    pub fn kept(self) -> bool {
+        matches!(
+            self,
+            Self::Pinned | Self::Young | Self::Recent | Self::Referenced
+        )
+    }
+
+    pub fn label(self) -> &'static str {
+        match self {
+            Self::Pinned => "pinned",
+            Self::Young => "younger than the grace period",
+            Self::Recent => "used within the retention",
+            Self::Referenced => "referenced by a kept path",
+            Self::Expired => "expired",
+            Self::OverBudget => "over gc.max_bytes",
+        }
+    }
+}
+
+pub struct Roots {
+    pinned: Vec<bool>,
+    young: Vec<bool>,
+    /// The last use within the retention, if any.
+    recent: Vec<Option<SystemTime>>,
+    cutoff: SystemTime,
+    /// Pinned paths that have no narinfo (`pin: path`).
+    pub unresolved_pins: Vec<String>,
+}
+
+impl Roots {
+    /// Young narinfos and narinfos written within the retention (an upload is a use).
+    pub fn new(graph: &Graph, cfg: &GcConfig, now: SystemTime) -> Self {
+        let grace_cutoff = now.checked_sub(cfg.grace).unwrap_or(SystemTime::UNIX_EPOCH);
+        let cutoff = now.checked_sub(cfg.keep).unwrap_or(SystemTime::UNIX_EPOCH);
+        let young = graph
+            .nodes
+            .iter()
+            .map(|n| n.modified > grace_cutoff)
+            .collect();
+        let recent = graph
+            .nodes
+            .iter()
+            .map(|n| (n.modified > cutoff).then_some(n.modified))
+            .collect();
+        Self {
+            pinned: vec![false; graph.len()],
+            young,
+            recent,
+            cutoff,
+            unresolved_pins: Vec::new(),
+        }
+    }
+
+    fn used(&mut self, i: u32, t: SystemTime) {
+        if t > self.cutoff {
+            let r = &mut self.recent[i as usize];
+            *r = Some(r.map_or(t, |old| old.max(t)));
+        }
+    }
+
+    pub fn add_access(&mut self, graph: &Graph, seen: &HashMap<StorePathHash, SystemTime>) {
+        for (h, t) in seen {
+            if let Some(i) = graph.find(*h) {
+                self.used(i, *t);
+            }
+        }
+    }
+
+    pub fn add_pins(&mut self, graph: &Graph, pins: &[Pin], now: SystemTime) {
+        for pin in pins.iter().filter(|p| p.active(now)) {
+            for (h, p) in pins::hashes(pin).zip(&pin.paths) {
+                match graph.find(h) {
+                    Some(i) => self.pinned[i as usize] = true,
+                    None => self.unresolved_pins.push(format!("{}: {p}", pin.name)),
+                }
+            }
+        }
+    }
+}
+
+/// The outcome of marking: per node, why it is kept or deleted.
+pub struct Marked {
+    pub reason: Vec<Reason>,
+}
+
+impl Marked {
+    pub fn kept(&self, i: u32) -> bool {
+        self.reason[i as usize].kept()
+    }
+}
+
+/// Bytes a path occupies: its narinfo and its NAR.
+pub fn path_bytes(
+    graph: &Graph,
+    nar_sizes: &HashMap<String, super::inventory::Meta>,
+    i: u32,
+) -> u64 {
+    let n = &graph.nodes[i as usize];
+    n.narinfo_size
+        + n.nar
+            .as_deref()
+            .and_then(|f| nar_sizes.get(f))
+            .map_or(0, |m| m.size)
+}
+
+pub fn mark(graph: &Graph, roots: &Roots, max_bytes: Option<u64>, sizes: &[u64]) -> Marked {
+    let n = graph.len();
+    let mut kept = vec![false; n];
+    let mut reason: Vec<Option<Reason>> = vec![None; n];
+    let mut total = 0u64;
+    let keep_closure =
+        |i: u32, why: Reason, kept: &mut Vec<bool>, reason: &mut Vec<Option<Reason>>| {
+            let newly = graph.close_over(i, kept);
+            for &j in &newly {
+                reason[j as usize].get_or_insert(Reason::Referenced);
+            }
+            reason[i as usize] = Some(why);
+            newly
+        };
+    for i in 0..n as u32 {
+        let why = if roots.pinned[i as usize] {
+            Reason::Pinned
+        } else if roots.young[i as usize] {
+            Reason::Young
+        } else {
+            continue;
+        };
+        for j in keep_closure(i, why, &mut kept, &mut reason) {
+            total += sizes[j as usize];
+        }
+    }
+    let mut recent: Vec<(SystemTime, u32)> = roots
+        .recent
+        .iter()
+        .enumerate()
+        .filter_map(|(i, t)| t.map(|t| (t, i as u32)))
+        .collect();
+    // Most recent first; ties by index so runs are reproducible.
+    recent.sort_unstable_by(|a, b| b.0.cmp(&a.0).then(a.1.cmp(&b.1)));
+    for (_, i) in recent {
+        if kept[i as usize] {
+            if reason[i as usize] == Some(Reason::Referenced) {
+                reason[i as usize] = Some(Reason::Recent);
+            }
+            continue;
+        }
+        let newly = keep_closure(i, Reason::Recent, &mut kept, &mut reason);
+        let add: u64 = newly.iter().map(|&j| sizes[j as usize]).sum();
+        if max_bytes.is_some_and(|b| total + add > b) {
+            // Strict LRU: this root and every older one go.
+            for &j in &newly {
+                kept[j as usize] = false;
+                reason[j as usize] = None;
+            }
+            break;
+        }
+        total += add;
+    }
+    let reason = (0..n)
+        .map(|i| match reason[i] {
+            Some(r) if kept[i] => r,
+            _ if roots.recent[i].is_some() => Reason::OverBudget,
+            _ => Reason::Expired,
+        })
+        .collect();
+    Marked { reason }
+}

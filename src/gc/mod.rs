@@ -1,0 +1,103 @@
+//! Garbage collection, retention and consistency checks, with the bucket (or the local
+//! directory) as the only state: no database, no lock, nothing that several replicas must share
+//! but the store itself.
+//!
+//! What is kept: the closures of the roots. A root is a path read or uploaded within
+//! `gc.keep_days` ([`access`]: servers record what they serve in small objects under
+//! [`RESERVED_PREFIX`]), a path named by a pin ([`pins`]), or a narinfo younger than
+//! `gc.keep_days` or the grace period. Closures follow `References:`, so a kept path never
+//! loses a dependency.
+//!
+//! How a run goes ([`run`]): one listing of the whole store ([`inventory`]), every narinfo read
+//! into a compact graph ([`graph`]), roots and marking ([`mark`]), then deletion ([`sweep`]):
+//! narinfos first, referrers before what they refer to, so that the narinfos left at any
+//! moment (even if the run dies half-way) still have complete closures; then NARs, listings
+//! and realisations no remaining narinfo points to, then logs of deleted derivations.
+//!
+//! Nothing under [`RESERVED_PREFIX`] is ever served: every name a request can reach is parsed
+//! into a cache file name first, and none of them starts with `_`.
+
+pub mod access;
+mod graph;
+mod inventory;
+mod mark;
+pub mod pins;
+mod report;
+mod sweep;
+pub mod verify;
+
+use std::sync::Arc;
+use std::time::SystemTime;
+
+use thiserror::Error;
+
+use crate::config::GcConfig;
+use crate::store::{Store, StoreError};
+
+pub use report::{human, Progress, Quiet, Summary};
+
+/// Keys under this prefix belong to cellar itself (access records, pins).
+pub const RESERVED_PREFIX: &str = "_cellar/";
+
+#[derive(Debug, Error)]
+pub enum GcError {
+    #[error(transparent)]
+    Store(#[from] StoreError),
+    /// A pin name that cannot be a key.
+    #[error("invalid pin name {0:?}: use letters, digits, `-`, `_` and `.` (not first)")]
+    BadPinName(String),
+    #[error("no pin named {0:?}")]
+    NoSuchPin(String),
+    /// A store path given on the command line that is not in the store directory.
+    #[error("{path:?} is not a store path in {store_dir}")]
+    BadStorePath { path: String, store_dir: String },
+    /// A pin that does not parse pins nothing: collecting now could delete what it was meant
+    /// to keep.
+    #[error("pin {key} cannot be read ({reason}); fix or remove it before collecting")]
+    BadPin { key: String, reason: String },
+}
+
+/// What `cellar gc` was asked to do.
+#[derive(Debug, Clone)]
+pub struct Options {
+    /// Delete (true) or only report what would be deleted.
+    pub apply: bool,
+    /// The time the run treats as now (tests move it to simulate a clock).
+    pub now: SystemTime,
+}
+
+/// One garbage collection over `store`.
+pub async fn run(
+    store: &Arc<dyn Store>,
+    store_dir: &str,
+    cfg: &GcConfig,
+    opts: &Options,
+    progress: &dyn Progress,
+) -> Result<Summary, GcError> {
+    let inv = inventory::Inventory::load(store.as_ref(), progress).await?;
+    let graph = graph::Graph::load(store.as_ref(), &inv, store_dir, progress).await?;
+    let sizes: Vec<u64> = (0..graph.len() as u32)
+        .map(|i| mark::path_bytes(&graph, &inv.nars, i))
+        .collect();
+    let mut roots = mark::Roots::new(&graph, cfg, opts.now);
+    let mut acc = access::read_all(store.as_ref(), &inv.access, cfg.keep, opts.now).await?;
+    roots.add_access(&graph, &acc.seen);
+    let (pins, unreadable) = pins::read_all(store.as_ref(), &inv.pins, store_dir).await?;
+    if let Some((key, reason)) = unreadable.into_iter().next() {
+        return Err(GcError::BadPin { key, reason });
+    }
+    roots.add_pins(&graph, &pins, opts.now);
+    let marked = mark::mark(&graph, &roots, cfg.max_bytes, &sizes);
+    let realisations = sweep::read_realisations(store.as_ref(), &inv).await?;
+    let plan = sweep::Plan::new(&graph, &inv, &marked, realisations, cfg, opts.now, &acc);
+    let mut summary = Summary::new(&marked, &plan, &sizes);
+    summary.unresolved_pins = roots.unresolved_pins;
+    if opts.apply {
+        let outcome = sweep::execute(store, &graph, &marked, &plan, &mut acc, progress).await;
+        summary.record(outcome);
+    }
+    Ok(summary)
+}
+
+#[cfg(test)]
+mod tests;

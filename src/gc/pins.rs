@@ -1,0 +1,238 @@
+//! Pins: named sets of store paths whose closures `cellar gc` always keeps, stored as
+//! `_cellar/pins/<name>`. Like a profile, adding a pin under an existing name replaces it.
+//!
+//! Format: a header line `cellar-pin 1`, `created: <unix seconds>`, optionally
+//! `keep-days: <N>` (the pin expires N days after it was created), then `path: <store path>`
+//! lines.
+
+use std::time::{Duration, SystemTime, UNIX_EPOCH};
+
+use bytes::Bytes;
+use futures::TryStreamExt as _;
+
+use super::inventory::Meta;
+use super::{GcError, RESERVED_PREFIX};
+use crate::nix::{StorePathBaseName, StorePathHash};
+use crate::store::{object_key, Store, StoreError};
+
+/// Where pins live, under [`RESERVED_PREFIX`].
+pub const DIR: &str = "pins/";
+
+const HEADER: &str = "cellar-pin 1";
+
+/// A pin is a handful of lines; anything larger is not one.
+const MAX_PIN_BYTES: u64 = 16 << 20;
+
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Pin {
+    pub name: String,
+    pub created: SystemTime,
+    /// `None`: kept until removed.
+    pub keep: Option<Duration>,
+    pub paths: Vec<StorePathBaseName>,
+}
+
+impl Pin {
+    /// Whether the pin still makes its paths roots at `now`.
+    pub fn active(&self, now: SystemTime) -> bool {
+        self.keep.is_none_or(|k| self.created + k > now)
+    }
+
+    pub fn render(&self, store_dir: &str) -> String {
+        let secs = self
+            .created
+            .duration_since(UNIX_EPOCH)
+            .unwrap_or_default()
+            .as_secs();
+        let mut s = format!("{HEADER}\ncreated: {secs}\n");
+        if let Some(k) = self.keep {
+            s.push_str(&format!("keep-days: {}\n", k.as_secs() / 86400));
+        }
+        for p in &self.paths {
+            s.push_str(&format!("path: {store_dir}/{p}\n"));
+        }
+        s
+    }
+
+    pub fn parse(name: &str, text: &str, store_dir: &str) -> Result<Self, String> {
+        let mut lines = text.lines();
+        if lines.next() != Some(HEADER) {
+            return Err(format!("does not start with {HEADER:?}"));
+        }
+        let mut created = None;
+        let mut keep = None;
+        let mut paths = Vec::new();
+        for (i, line) in lines.enumerate() {
+            let bad = || format!("line {}: {line:?}", i + 2);
+            let (k, v) = line.split_once(": ").ok_or_else(bad)?;
+            match k {
+                "created" => {
+                    let s: u64 = v.parse().map_err(|_| bad())?;
+                    created = Some(UNIX_EPOCH + Duration::from_secs(s));
+                }
+                "keep-days" => {
+                    let d: u64 = v.parse().map_err(|_| bad())?;
+                    keep = Some(Duration::from_secs(d.saturating_mul(86400)));
+                }
+                "path" => paths.push(store_path(v, store_dir).map_err(|_| bad())?),
+                _ => return Err(bad()),
+            }
+        }
+        Ok(Self {
+            name: name.to_owned(),
+            created: created.ok_or("no created: line")?,
+            keep,
+            paths,
+        })
+    }
+}
+
+fn pin_key(name: &str) -> Result<String, GcError> {
+    let ok = !name.is_empty()
+        && name.len() <= 200
+        && !name.starts_with('.')
+        && name
+            .bytes()
+            .all(|c| c.is_ascii_alphanumeric() || b"-_.".contains(&c));
+    if !ok {
+        return Err(GcError::BadPinName(name.to_owned()));
+    }
+    Ok(format!("{RESERVED_PREFIX}{DIR}{name}"))
+}
+
+/// A store path as given on the command line (`/nix/store/<hash>-<name>`, or its base name).
+pub fn store_path(s: &str, store_dir: &str) -> Result<StorePathBaseName, GcError> {
+    let bad = || GcError::BadStorePath {
+        path: s.to_owned(),
+        store_dir: store_dir.to_owned(),
+    };
+    let base = match s.strip_prefix(store_dir) {
+        Some(rest) => rest.strip_prefix('/').ok_or_else(bad)?,
+        None if !s.contains('/') => s,
+        None => return Err(bad()),
+    };
+    // `nix-build` prints output paths; a path inside one names its store path.
+    let base = base.split('/').next().unwrap_or(base);
+    base.parse().map_err(|_| bad())
+}
+
+/// Writes the pin `name` (replacing one of the same name). Returns the paths that have no
+/// narinfo in the store yet: pinned all the same, but worth a warning.
+pub async fn add(
+    store: &dyn Store,
+    name: &str,
+    paths: Vec<StorePathBaseName>,
+    keep_days: Option<u64>,
+    store_dir: &str,
+) -> Result<Vec<StorePathBaseName>, GcError> {
+    let key = pin_key(name)?;
+    let mut absent = Vec::new();
+    for p in &paths {
+        if store.head(&object_key::narinfo(p.hash())).await?.is_none() {
+            absent.push(p.clone());
+        }
+    }
+    let pin = Pin {
+        name: name.to_owned(),
+        created: SystemTime::now(),
+        keep: keep_days.map(|d| Duration::from_secs(d.saturating_mul(86400))),
+        paths,
+    };
+    store
+        .put_bytes(&key, Bytes::from(pin.render(store_dir)))
+        .await?;
+    Ok(absent)
+}
+
+pub async fn remove(store: &dyn Store, name: &str) -> Result<(), GcError> {
+    let key = pin_key(name)?;
+    if store.head(&key).await?.is_none() {
+        return Err(GcError::NoSuchPin(name.to_owned()));
+    }
+    Ok(store.delete(&key).await?)
+}
+
+/// Every pin, by name; pins that do not parse are returned as errors beside them.
+pub async fn list(
+    store: &dyn Store,
+    store_dir: &str,
+) -> Result<(Vec<Pin>, Vec<(String, String)>), StoreError> {
+    let keys: Vec<(String, Meta)> = store
+        .list(&format!("{RESERVED_PREFIX}{DIR}"))
+        .map_ok(|o| {
+            (
+                o.key,
+                Meta {
+                    size: o.size,
+                    modified: o.modified,
+                },
+            )
+        })
+        .try_collect()
+        .await?;
+    read_all(store, &keys, store_dir).await
+}
+
+/// Reads the pins under `keys`.
+pub async fn read_all(
+    store: &dyn Store,
+    keys: &[(String, Meta)],
+    store_dir: &str,
+) -> Result<(Vec<Pin>, Vec<(String, String)>), StoreError> {
+    let mut pins = Vec::new();
+    let mut bad = Vec::new();
+    for (key, _) in keys {
+        let name = key.rsplit('/').next().unwrap_or(key);
+        let Some(raw) = store.get_bytes(key, MAX_PIN_BYTES).await? else {
+            continue;
+        };
+        match std::str::from_utf8(&raw)
+            .map_err(|_| "not UTF-8".to_owned())
+            .and_then(|t| Pin::parse(name, t, store_dir))
+        {
+            Ok(p) => pins.push(p),
+            Err(why) => bad.push((key.clone(), why)),
+        }
+    }
+    pins.sort_by(|a, b| a.name.cmp(&b.name));
+    Ok((pins, bad))
+}
+
+/// The hashes an active pin names.
+pub fn hashes(pin: &Pin) -> impl Iterator<Item = StorePathHash> + '_ {
+    pin.paths.iter().map(|p| p.hash())
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn pins_round_trip() {
+        let p = Pin {
+            name: "release".into(),
+            created: UNIX_EPOCH + Duration::from_secs(1_700_000_000),
+            keep: Some(Duration::from_secs(7 * 86400)),
+            paths: vec!["6bxnj2gfflqa529lddzh3zhcn45nn86r-top".parse().unwrap()],
+        };
+        let text = p.render("/nix/store");
+        assert_eq!(Pin::parse("release", &text, "/nix/store").unwrap(), p);
+        assert!(p.active(p.created + Duration::from_secs(86400)));
+        assert!(!p.active(p.created + Duration::from_secs(8 * 86400)));
+        assert!(Pin::parse("x", "cellar-pin 1\npath: /etc/passwd\n", "/nix/store").is_err());
+    }
+
+    #[test]
+    fn names_and_paths_are_checked() {
+        assert!(pin_key("ci-main_1.2").is_ok());
+        for bad in ["", ".hidden", "a/b", "a b", "../x"] {
+            assert!(pin_key(bad).is_err(), "{bad}");
+        }
+        let sd = "/nix/store";
+        let p = "/nix/store/6bxnj2gfflqa529lddzh3zhcn45nn86r-top";
+        assert!(store_path(p, sd).is_ok());
+        assert!(store_path(&format!("{p}/bin/hi"), sd).is_ok());
+        assert!(store_path("6bxnj2gfflqa529lddzh3zhcn45nn86r-top", sd).is_ok());
+        assert!(store_path("/usr/bin/top", sd).is_err());
+    }
+}

@@ -1,0 +1,165 @@
+//! What a run tells its operator: progress while it runs, a summary at the end.
+
+use std::collections::BTreeMap;
+use std::fmt;
+
+use super::mark::{Marked, Reason};
+use super::sweep::{Outcome, Plan};
+
+/// Progress of a long run (a bar on a terminal, nothing in tests).
+pub trait Progress: Send + Sync {
+    /// A new phase; `total` if the number of steps is known.
+    fn phase(&self, name: &str, total: Option<u64>);
+    fn advance(&self, n: u64);
+}
+
+/// Reports nothing.
+pub struct Quiet;
+
+impl Progress for Quiet {
+    fn phase(&self, _: &str, _: Option<u64>) {}
+    fn advance(&self, _: u64) {}
+}
+
+/// Paths and bytes.
+#[derive(Debug, Default, Clone, Copy, PartialEq, Eq)]
+pub struct Tally {
+    pub count: u64,
+    pub bytes: u64,
+}
+
+impl Tally {
+    fn add(&mut self, bytes: u64) {
+        self.count += 1;
+        self.bytes += bytes;
+    }
+}
+
+#[derive(Debug, Default)]
+pub struct Summary {
+    pub applied: bool,
+    /// Paths (narinfo + NAR) by reason they are kept or deleted.
+    pub paths: BTreeMap<Reason, Tally>,
+    pub nars: Tally,
+    pub listings: Tally,
+    pub realisations: Tally,
+    pub logs: Tally,
+    pub access_records: Tally,
+    pub rescued: usize,
+    pub restored: usize,
+    /// Pins naming paths that are not in the store.
+    pub unresolved_pins: Vec<String>,
+    pub errors: Vec<String>,
+}
+
+impl Summary {
+    /// `sizes`: bytes of each path, indexed like the graph's nodes.
+    pub fn new(marked: &Marked, plan: &Plan, sizes: &[u64]) -> Self {
+        let mut s = Summary::default();
+        for (reason, size) in marked.reason.iter().zip(sizes) {
+            s.paths.entry(*reason).or_default().add(*size);
+        }
+        for (_, m) in &plan.nars {
+            s.nars.add(m.size);
+        }
+        for (_, m) in &plan.listings {
+            s.listings.add(m.size);
+        }
+        for (_, m, _) in &plan.realisations {
+            s.realisations.add(m.size);
+        }
+        for (_, m) in &plan.logs {
+            s.logs.add(m.size);
+        }
+        for (_, m) in &plan.access_records {
+            s.access_records.add(m.size);
+        }
+        s
+    }
+
+    pub fn record(&mut self, o: Outcome) {
+        self.applied = true;
+        self.rescued = o.rescued;
+        self.restored = o.restored;
+        self.errors.extend(o.errors);
+    }
+
+    fn total(&self, kept: bool) -> Tally {
+        self.paths
+            .iter()
+            .filter(|(r, _)| r.kept() == kept)
+            .fold(Tally::default(), |a, (_, t)| Tally {
+                count: a.count + t.count,
+                bytes: a.bytes + t.bytes,
+            })
+    }
+
+    pub fn deleted_paths(&self) -> u64 {
+        self.total(false).count
+    }
+}
+
+/// `1.5 GiB`, `300 B`.
+pub fn human(bytes: u64) -> String {
+    const UNITS: [&str; 5] = ["B", "KiB", "MiB", "GiB", "TiB"];
+    let mut v = bytes as f64;
+    let mut u = 0;
+    while v >= 1024.0 && u + 1 < UNITS.len() {
+        v /= 1024.0;
+        u += 1;
+    }
+    if u == 0 {
+        format!("{bytes} B")
+    } else {
+        format!("{v:.1} {}", UNITS[u])
+    }
+}
+
+impl fmt::Display for Summary {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        let verb = if self.applied {
+            "deleted"
+        } else {
+            "would delete"
+        };
+        for (kept, title) in [(true, "kept"), (false, verb)] {
+            let t = self.total(kept);
+            writeln!(f, "{title}: {} paths, {}", t.count, human(t.bytes))?;
+            for (r, t) in self.paths.iter().filter(|(r, _)| r.kept() == kept) {
+                writeln!(
+                    f,
+                    "  {:>8} paths, {:>10}  {}",
+                    t.count,
+                    human(t.bytes),
+                    r.label()
+                )?;
+            }
+        }
+        for (what, t) in [
+            ("NAR files (of the paths above, and orphans)", self.nars),
+            ("listings", self.listings),
+            ("realisations", self.realisations),
+            ("build logs", self.logs),
+            ("expired access records", self.access_records),
+        ] {
+            if t.count > 0 {
+                writeln!(f, "{verb}: {} {what}, {}", t.count, human(t.bytes))?;
+            }
+        }
+        if self.rescued + self.restored > 0 {
+            writeln!(
+                f,
+                "kept after all (used while this run was deleting): {} paths, {} written back",
+                self.rescued + self.restored,
+                self.restored
+            )?;
+        }
+        for p in &self.unresolved_pins {
+            writeln!(f, "warning: pin {p} is not in the cache")?;
+        }
+        for e in &self.errors {
+            writeln!(f, "error: {e}")?;
+        }
+        Ok(())
+    }
+}

@@ -1,0 +1,376 @@
+//! Deletion: the plan (what goes, in which order) and its execution.
+//!
+//! Narinfos go first, referrers before what they refer to: at every moment the narinfos left
+//! in the store have complete closures, even if the run dies half-way. They go in batches;
+//! before each batch the collector re-reads the access records written since it last looked,
+//! and after it, once more. An upload writes its record (the narinfo and its references)
+//! before it checks that the references exist, so a reference an upload relies on is either
+//! seen in time and kept, or deleted in the batch just done and written back from the copy
+//! read just before deleting it, or already gone when the upload checks (then the upload is
+//! refused, and `nix copy` uploads the path again on its next run). NARs, listings and
+//! realisations go after all narinfos, then logs, then expired access records.
+
+use std::collections::{HashMap, HashSet};
+use std::sync::Arc;
+use std::time::SystemTime;
+
+use bytes::Bytes;
+
+use futures::StreamExt as _;
+
+use super::access::{self, Accessed, Entry};
+use super::graph::Graph;
+use super::inventory::{Inventory, Meta};
+use super::mark::Marked;
+use super::report::Progress;
+use crate::config::GcConfig;
+use crate::nix::StorePathHash;
+use crate::store::{object_key, Store, StoreError};
+
+/// Objects deleted between two re-reads of the access records: the smaller, the shorter the
+/// time in which an upload could rely on an object the collector has already decided to delete.
+const BATCH: usize = 64;
+
+/// Deletions in flight at once.
+const DELETE_CONCURRENCY: usize = 16;
+
+/// A realisation (`realisations/…`, `build-trace/…`) and the path it names, when readable.
+pub struct Realisation {
+    pub key: String,
+    pub meta: Meta,
+    pub out: Option<StorePathHash>,
+}
+
+/// What a run deletes. Nothing in it is younger than the grace period.
+#[derive(Default)]
+pub struct Plan {
+    /// Nodes whose narinfo goes, referrers first.
+    pub narinfos: Vec<u32>,
+    /// NAR file names no kept narinfo points to.
+    pub nars: Vec<(String, Meta)>,
+    pub listings: Vec<(StorePathHash, Meta)>,
+    pub realisations: Vec<(String, Meta, Option<StorePathHash>)>,
+    pub logs: Vec<(String, Meta)>,
+    pub access_records: Vec<(String, Meta)>,
+}
+
+fn old_enough(meta: &Meta, cutoff: SystemTime) -> bool {
+    meta.modified <= cutoff
+}
+
+impl Plan {
+    pub fn new(
+        graph: &Graph,
+        inv: &Inventory,
+        marked: &Marked,
+        realisations: Vec<Realisation>,
+        cfg: &GcConfig,
+        now: SystemTime,
+        acc: &Accessed,
+    ) -> Self {
+        let grace = now.checked_sub(cfg.grace).unwrap_or(SystemTime::UNIX_EPOCH);
+        let retention = now
+            .checked_sub(cfg.keep.max(cfg.grace))
+            .unwrap_or(SystemTime::UNIX_EPOCH);
+        let kept_hashes: HashSet<StorePathHash> = (0..graph.len() as u32)
+            .filter(|&i| marked.kept(i))
+            .map(|i| graph.nodes[i as usize].hash)
+            .collect();
+        let kept_nars: HashSet<&str> = (0..graph.len() as u32)
+            .filter(|&i| marked.kept(i))
+            .filter_map(|i| graph.nodes[i as usize].nar.as_deref())
+            .collect();
+        let kept_derivers: HashSet<StorePathHash> = (0..graph.len() as u32)
+            .filter(|&i| marked.kept(i))
+            .filter_map(|i| graph.nodes[i as usize].deriver)
+            .collect();
+        // NARs uploads recorded relying on are kept too: their narinfo may not be listed yet.
+        let mut nars: Vec<(String, Meta)> = inv
+            .nars
+            .iter()
+            .filter(|(f, m)| {
+                !kept_nars.contains(f.as_str())
+                    && !acc.nars.contains(f.as_str())
+                    && old_enough(m, grace)
+            })
+            .map(|(f, m)| (f.clone(), *m))
+            .collect();
+        nars.sort_by(|a, b| a.0.cmp(&b.0));
+        Plan {
+            narinfos: referrers_first(
+                graph,
+                &(0..graph.len() as u32)
+                    .map(|i| !marked.kept(i))
+                    .collect::<Vec<_>>(),
+            ),
+            nars,
+            listings: inv
+                .listings
+                .iter()
+                .filter(|(h, m)| !kept_hashes.contains(h) && old_enough(m, grace))
+                .copied()
+                .collect(),
+            realisations: realisations
+                .into_iter()
+                .filter(|r| {
+                    // One whose path cannot be read is kept: never delete what is not understood.
+                    r.out.is_some_and(|h| !kept_hashes.contains(&h)) && old_enough(&r.meta, grace)
+                })
+                .map(|r| (r.key, r.meta, r.out))
+                .collect(),
+            logs: inv
+                .logs
+                .iter()
+                .filter(|(_, drv, m)| !kept_derivers.contains(drv) && old_enough(m, retention))
+                .map(|(k, _, m)| (k.clone(), *m))
+                .collect(),
+            access_records: acc
+                .expired
+                .iter()
+                .filter(|(_, m)| old_enough(m, grace))
+                .cloned()
+                .collect(),
+        }
+    }
+}
+
+/// The `condemned` nodes, ordered so that each comes after every condemned node referring to
+/// it: deleting in this order never leaves a narinfo whose reference is gone.
+pub fn referrers_first(graph: &Graph, condemned: &[bool]) -> Vec<u32> {
+    let n = graph.len();
+    let mut referrers = vec![0u32; n];
+    // Only references between condemned nodes order anything: a condemned path may refer to
+    // a kept one, which is never deleted.
+    let condemned_refs = |i: u32| {
+        graph.nodes[i as usize]
+            .refs
+            .iter()
+            .copied()
+            .filter(|&r| condemned[r as usize])
+    };
+    for i in (0..n as u32).filter(|&i| condemned[i as usize]) {
+        for r in condemned_refs(i) {
+            referrers[r as usize] += 1;
+        }
+    }
+    let mut ready: Vec<u32> = (0..n as u32)
+        .filter(|&i| condemned[i as usize] && referrers[i as usize] == 0)
+        .collect();
+    let mut order = Vec::new();
+    let mut placed = vec![false; n];
+    while let Some(i) = ready.pop() {
+        order.push(i);
+        placed[i as usize] = true;
+        for r in condemned_refs(i) {
+            referrers[r as usize] -= 1;
+            if referrers[r as usize] == 0 {
+                ready.push(r);
+            }
+        }
+    }
+    // Only corrupt data has reference cycles (Nix paths cannot): those go last.
+    order.extend((0..n as u32).filter(|&i| condemned[i as usize] && !placed[i as usize]));
+    order
+}
+
+/// What happened during deletion.
+#[derive(Debug, Default)]
+pub struct Outcome {
+    /// Narinfos kept after all, because a server used them while the run was deleting.
+    pub rescued: usize,
+    /// Narinfos written back after deletion because an upload needed them.
+    pub restored: usize,
+    pub errors: Vec<String>,
+}
+
+/// The collector's view while deleting: what is kept, and what uploads rely on.
+struct State<'a> {
+    graph: &'a Graph,
+    acc: &'a mut Accessed,
+    kept: Vec<bool>,
+    /// Narinfos this run deleted.
+    deleted: HashSet<u32>,
+    out: Outcome,
+}
+
+/// Carries out `plan` in batches, re-reading access records before and after each one.
+pub async fn execute(
+    store: &Arc<dyn Store>,
+    graph: &Graph,
+    marked: &Marked,
+    plan: &Plan,
+    acc: &mut Accessed,
+    progress: &dyn Progress,
+) -> Outcome {
+    let store = store.as_ref();
+    let mut st = State {
+        graph,
+        acc,
+        kept: (0..graph.len() as u32).map(|i| marked.kept(i)).collect(),
+        deleted: HashSet::new(),
+        out: Outcome::default(),
+    };
+    progress.phase("deleting narinfos", Some(plan.narinfos.len() as u64));
+    // What servers used while this run was listing and marking.
+    st.rescue(store, &HashMap::new()).await;
+    for batch in plan.narinfos.chunks(BATCH) {
+        let todo: Vec<u32> = batch
+            .iter()
+            .copied()
+            .filter(|&i| !st.kept[i as usize])
+            .collect();
+        // Copies to write back if an upload turns out to need one of them.
+        let mut bodies: HashMap<u32, Bytes> = HashMap::new();
+        for &i in &todo {
+            let key = object_key::narinfo(graph.nodes[i as usize].hash);
+            match store.get_bytes(&key, 64 << 20).await {
+                Ok(Some(body)) => {
+                    bodies.insert(i, body);
+                }
+                Ok(None) => {}
+                Err(e) => st.out.errors.push(format!("{key}: {e}")),
+            }
+        }
+        let todo: Vec<u32> = todo
+            .into_iter()
+            .filter(|i| bodies.contains_key(i))
+            .collect();
+        let keys: Vec<String> = todo
+            .iter()
+            .map(|&i| object_key::narinfo(graph.nodes[i as usize].hash))
+            .collect();
+        for (i, ok) in todo.iter().zip(delete_all(store, &keys, &mut st.out).await) {
+            if ok {
+                st.deleted.insert(*i);
+            }
+        }
+        progress.advance(batch.len() as u64);
+        st.rescue(store, &bodies).await;
+    }
+
+    let mut rest: Vec<Rest> = Vec::new();
+    rest.extend(plan.nars.iter().map(|(f, _)| Rest::Nar(f.as_str())));
+    rest.extend(plan.listings.iter().map(|(h, _)| Rest::Listing(*h)));
+    rest.extend(
+        plan.realisations
+            .iter()
+            .map(|(k, _, h)| Rest::Realisation(k, *h)),
+    );
+    rest.extend(plan.logs.iter().map(|(k, _)| Rest::Plain(k)));
+    rest.extend(plan.access_records.iter().map(|(k, _)| Rest::Plain(k)));
+    progress.phase("deleting NARs and the rest", Some(rest.len() as u64));
+    for batch in rest.chunks(BATCH) {
+        st.rescue(store, &HashMap::new()).await;
+        let kept_nars: HashSet<&str> = (0..graph.len())
+            .filter(|&i| st.kept[i])
+            .filter_map(|i| graph.nodes[i].nar.as_deref())
+            .collect();
+        let kept_path = |h: &StorePathHash| graph.find(*h).is_some_and(|i| st.kept[i as usize]);
+        let keys: Vec<String> = batch
+            .iter()
+            .filter_map(|r| match r {
+                Rest::Nar(f) if kept_nars.contains(f) || st.acc.nars.contains(*f) => None,
+                Rest::Nar(f) => Some(format!("nar/{f}")),
+                Rest::Listing(h) if kept_path(h) => None,
+                Rest::Listing(h) => Some(object_key::listing(*h)),
+                Rest::Realisation(_, Some(h)) if kept_path(h) => None,
+                Rest::Realisation(k, _) | Rest::Plain(k) => Some((*k).clone()),
+            })
+            .collect();
+        delete_all(store, &keys, &mut st.out).await;
+        progress.advance(batch.len() as u64);
+    }
+    st.out
+}
+
+/// What goes after the narinfos.
+enum Rest<'a> {
+    Nar(&'a str),
+    Listing(StorePathHash),
+    Realisation(&'a String, Option<StorePathHash>),
+    Plain(&'a String),
+}
+
+/// Deletes `keys` a few at a time; returns which deletions succeeded.
+async fn delete_all(store: &dyn Store, keys: &[String], out: &mut Outcome) -> Vec<bool> {
+    let results: Vec<Result<(), StoreError>> =
+        futures::stream::iter(keys.iter().map(|k| store.delete(k)))
+            .buffered(DELETE_CONCURRENCY)
+            .collect()
+            .await;
+    results
+        .into_iter()
+        .zip(keys)
+        .map(|(r, k)| match r {
+            Ok(()) => true,
+            Err(e) => {
+                out.errors.push(format!("{k}: {e}"));
+                false
+            }
+        })
+        .collect()
+}
+
+impl State<'_> {
+    /// Keeps whatever servers used since the last look: paths not yet deleted are kept with
+    /// their closures; paths deleted in the last batch, whose copies are in `bodies`, are
+    /// written back; NARs uploads rely on are kept (in [`Accessed::nars`]).
+    async fn rescue(&mut self, store: &dyn Store, bodies: &HashMap<u32, Bytes>) {
+        let fresh = match access::reread(store, self.acc, SystemTime::now()).await {
+            Ok(f) => f,
+            Err(e) => {
+                self.out
+                    .errors
+                    .push(format!("re-reading access records: {e}"));
+                return;
+            }
+        };
+        let graph = self.graph;
+        let needed = fresh.into_iter().filter_map(|e| match e {
+            Entry::Path(h) => graph.find(h),
+            Entry::Nar(_) => None,
+        });
+        for i in needed.collect::<Vec<_>>() {
+            for j in graph.close_over(i, &mut self.kept) {
+                match bodies.get(&j) {
+                    Some(body) => {
+                        let key = object_key::narinfo(graph.nodes[j as usize].hash);
+                        match store.put_bytes(&key, body.clone()).await {
+                            Ok(()) => self.out.restored += 1,
+                            Err(e) => self.out.errors.push(format!("restoring {key}: {e}")),
+                        }
+                    }
+                    // Deleted in an earlier batch: an upload that needs it found it missing
+                    // and was refused (or uploads it again). Kept marked, so its NAR stays.
+                    None if self.deleted.contains(&j) => {}
+                    None => self.out.rescued += 1,
+                }
+            }
+        }
+    }
+}
+
+/// Reads which path each realisation names (its JSON `outPath`).
+pub async fn read_realisations(
+    store: &dyn Store,
+    inv: &Inventory,
+) -> Result<Vec<Realisation>, StoreError> {
+    let mut out = Vec::with_capacity(inv.realisations.len());
+    for (key, meta) in &inv.realisations {
+        let raw = store.get_bytes(key, 1 << 20).await?;
+        let path = raw
+            .as_deref()
+            .and_then(|r| serde_json::from_slice::<serde_json::Value>(r).ok())
+            .and_then(|v| v.get("outPath")?.as_str().map(str::to_owned));
+        let out_hash = path.and_then(|p| {
+            let base = p.rsplit('/').next()?.to_owned();
+            base.get(..32)?.parse().ok()
+        });
+        out.push(Realisation {
+            key: key.clone(),
+            meta: *meta,
+            out: out_hash,
+        });
+    }
+    Ok(out)
+}

@@ -1,0 +1,204 @@
+//! Garbage collection over the in-memory store, with ages set per object.
+
+use std::sync::Arc;
+use std::time::{Duration, SystemTime};
+
+use super::access::{render, Entry};
+use super::report::Quiet;
+use super::{run, Options};
+use crate::config::GcConfig;
+use crate::nix::{base32, Sha256};
+use crate::store::memory::MemoryStore;
+use crate::store::Store;
+
+const DAY: Duration = Duration::from_secs(86400);
+
+struct P {
+    hash: String,
+    base: String,
+    nar: String,
+}
+
+fn path(store: &MemoryStore, seed: &str, refs: &[&P], age: Duration, now: SystemTime) -> P {
+    let hash = base32::encode(&Sha256::digest(seed.as_bytes()).as_bytes()[..20]);
+    let base = format!("{hash}-{seed}");
+    let body = format!("nar of {seed}");
+    let file = Sha256::digest(body.as_bytes()).to_nix32();
+    let refs: Vec<String> = refs.iter().map(|r| r.base.clone()).collect();
+    let narinfo = format!(
+        "StorePath: /nix/store/{base}\nURL: nar/{file}.nar\nCompression: none\nNarHash: sha256:{file}\nNarSize: {}\nReferences: {}\nDeriver: {hash}-{seed}.drv\n",
+        body.len(),
+        refs.join(" ")
+    );
+    let t = now - age;
+    store.insert_at(&format!("{hash}.narinfo"), narinfo, t);
+    store.insert_at(&format!("nar/{file}.nar"), body, t);
+    store.insert_at(&format!("{hash}.ls"), "{}", t);
+    store.insert_at(&format!("log/{hash}-{seed}.drv"), "log", t);
+    P {
+        hash,
+        base,
+        nar: format!("nar/{file}.nar"),
+    }
+}
+
+fn cfg() -> GcConfig {
+    GcConfig {
+        keep: 30 * DAY,
+        grace: DAY,
+        ..GcConfig::default()
+    }
+}
+
+async fn gc(
+    mem: &Arc<MemoryStore>,
+    cfg: &GcConfig,
+    now: SystemTime,
+    apply: bool,
+) -> super::Summary {
+    let store: Arc<dyn Store> = mem.clone();
+    run(&store, "/nix/store", cfg, &Options { apply, now }, &Quiet)
+        .await
+        .unwrap()
+}
+
+fn has(mem: &MemoryStore, key: &str) -> bool {
+    mem.keys().iter().any(|k| k == key)
+}
+
+#[tokio::test]
+async fn keeps_pinned_recent_and_young_closures_and_deletes_the_rest_whole() {
+    let mem = Arc::new(MemoryStore::new());
+    let now = SystemTime::now();
+    let old = 100 * DAY;
+    let shared = path(&mem, "shared", &[], old, now);
+    let expired_dep = path(&mem, "expired-dep", &[], old, now);
+    let expired = path(&mem, "expired", &[&expired_dep, &shared], old, now);
+    let pinned_dep = path(&mem, "pinned-dep", &[], old, now);
+    let pinned = path(&mem, "pinned", &[&pinned_dep], old, now);
+    let read_dep = path(&mem, "read-dep", &[&shared], old, now);
+    let read = path(&mem, "read", &[&read_dep], old, now);
+    let young = path(&mem, "young", &[], Duration::from_secs(60), now);
+    let pin = format!(
+        "cellar-pin 1\ncreated: 0\npath: /nix/store/{}\n",
+        pinned.base
+    );
+    mem.insert_at("_cellar/pins/release", pin, now - old);
+    let record = render([Entry::Path(read.hash.parse().unwrap())]);
+    mem.insert_at("_cellar/access/x/p-1", record, now - 2 * DAY);
+    mem.insert_at("_cellar/access/x/p-0", render([]), now - 40 * DAY);
+
+    let before = mem.keys();
+    let dry = gc(&mem, &cfg(), now, false).await;
+    assert_eq!(mem.keys(), before, "a dry run deletes nothing");
+    assert_eq!(dry.deleted_paths(), 2);
+
+    let s = gc(&mem, &cfg(), now, true).await;
+    assert!(s.errors.is_empty(), "{:?}", s.errors);
+    for kept in [&shared, &pinned_dep, &pinned, &read_dep, &read, &young] {
+        assert!(
+            has(&mem, &format!("{}.narinfo", kept.hash)),
+            "{} lost",
+            kept.base
+        );
+        assert!(has(&mem, &kept.nar));
+    }
+    for gone in [&expired, &expired_dep] {
+        for key in [
+            format!("{}.narinfo", gone.hash),
+            format!("{}.ls", gone.hash),
+            format!("log/{}.drv", gone.base),
+            gone.nar.clone(),
+        ] {
+            assert!(!has(&mem, &key), "{key} left behind");
+        }
+    }
+    assert!(!has(&mem, "_cellar/access/x/p-0"), "expired record kept");
+    assert!(has(&mem, "_cellar/access/x/p-1"));
+    assert!(has(&mem, "_cellar/pins/release"));
+}
+
+#[tokio::test]
+async fn only_pins_are_roots_with_zero_retention_and_nothing_young_is_deleted() {
+    let mem = Arc::new(MemoryStore::new());
+    let now = SystemTime::now();
+    let read = path(&mem, "read", &[], 10 * DAY, now);
+    let young = path(&mem, "young", &[], Duration::from_secs(10), now);
+    mem.insert_at(
+        "_cellar/access/x/p-1",
+        render([Entry::Path(read.hash.parse().unwrap())]),
+        now - Duration::from_secs(5),
+    );
+    // An orphan NAR younger than the grace period is an upload in progress.
+    mem.insert_at(
+        "nar/0000000000000000000000000000000000000000000000000000.nar",
+        "x",
+        now,
+    );
+    let pins_only = GcConfig {
+        keep: Duration::ZERO,
+        ..cfg()
+    };
+    gc(&mem, &pins_only, now, true).await;
+    assert!(!has(&mem, &format!("{}.narinfo", read.hash)));
+    assert!(has(&mem, &format!("{}.narinfo", young.hash)));
+    assert!(has(
+        &mem,
+        "nar/0000000000000000000000000000000000000000000000000000.nar"
+    ));
+}
+
+#[tokio::test]
+async fn a_byte_budget_evicts_the_least_recently_used_closures_whole() {
+    let mem = Arc::new(MemoryStore::new());
+    let now = SystemTime::now();
+    let dep = path(&mem, "common-dep", &[], 50 * DAY, now);
+    let older = path(&mem, "older", &[&dep], 50 * DAY, now);
+    let newer = path(&mem, "newer", &[&dep], 50 * DAY, now);
+    let oldest = path(&mem, "oldest", &[], 50 * DAY, now);
+    for (p, age) in [(&newer, 1), (&older, 2), (&oldest, 3)] {
+        mem.insert_at(
+            &format!("_cellar/access/x/{}", p.hash),
+            render([Entry::Path(p.hash.parse().unwrap())]),
+            now - age * DAY,
+        );
+    }
+    let sizes = gc(&mem, &cfg(), now, false).await;
+    let all = sizes.paths.values().map(|t| t.bytes).sum::<u64>();
+    // Room for everything but one byte: the least recently used closure goes.
+    let budget = GcConfig {
+        max_bytes: Some(all - 1),
+        ..cfg()
+    };
+    gc(&mem, &budget, now, true).await;
+    assert!(has(&mem, &format!("{}.narinfo", newer.hash)));
+    assert!(has(&mem, &format!("{}.narinfo", older.hash)));
+    assert!(has(&mem, &format!("{}.narinfo", dep.hash)));
+    assert!(!has(&mem, &format!("{}.narinfo", oldest.hash)));
+    // A budget below the newest closure evicts everything but pins and young paths.
+    let tiny = GcConfig {
+        max_bytes: Some(1),
+        ..cfg()
+    };
+    gc(&mem, &tiny, now, true).await;
+    assert!(!mem.keys().iter().any(|k| k.ends_with(".narinfo")));
+}
+
+#[tokio::test]
+async fn an_unreadable_pin_stops_the_run() {
+    let mem = Arc::new(MemoryStore::new());
+    let now = SystemTime::now();
+    path(&mem, "p", &[], 100 * DAY, now);
+    mem.insert_at("_cellar/pins/bad", "nonsense", now);
+    let store: Arc<dyn Store> = mem.clone();
+    let r = run(
+        &store,
+        "/nix/store",
+        &cfg(),
+        &Options { apply: true, now },
+        &Quiet,
+    )
+    .await;
+    assert!(matches!(r, Err(super::GcError::BadPin { .. })));
+    assert_eq!(mem.keys().len(), 5);
+}

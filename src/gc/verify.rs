@@ -1,0 +1,373 @@
+//! `cellar verify`: checks that everything the store would serve can be served whole, and
+//! with `--repair` removes what cannot.
+//!
+//! Findings: narinfos that do not parse, are stored under another path's hash, point at a
+//! missing NAR or one of another size than their `FileSize`, refer to a path that has no
+//! narinfo or one that cannot be served whole; NARs and listings no narinfo points to;
+//! unfinished uploads; objects under the reserved prefix that do not parse. Orphans and
+//! unfinished uploads younger than the grace period are uploads in progress, not findings.
+//!
+//! Repair deletes the unservable narinfos to a fixed point (a path whose reference goes, goes
+//! too), referrers first, then orphans and unfinished uploads older than the grace period and
+//! unreadable reserved objects.
+
+use std::collections::HashSet;
+use std::fmt;
+use std::sync::Arc;
+use std::time::{Duration, SystemTime};
+
+use super::graph::{Graph, Problem};
+use super::inventory::Inventory;
+use super::report::Progress;
+use super::{access, pins, sweep};
+use crate::nix::StorePathHash;
+use crate::store::{object_key, Store, StoreError};
+
+/// One inconsistency, with the key of the object it is about.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum Finding {
+    Unparseable {
+        key: String,
+        reason: String,
+    },
+    WrongHash {
+        key: String,
+        detail: String,
+    },
+    BadUrl {
+        key: String,
+        url: String,
+    },
+    MissingNar {
+        key: String,
+        nar: String,
+    },
+    NarSize {
+        key: String,
+        nar: String,
+        expected: u64,
+        actual: u64,
+    },
+    MissingReference {
+        key: String,
+        reference: String,
+    },
+    UnservableReference {
+        key: String,
+        reference: String,
+    },
+    OrphanNar {
+        key: String,
+    },
+    OrphanListing {
+        key: String,
+    },
+    UnfinishedUpload {
+        what: String,
+    },
+    BadReserved {
+        key: String,
+        reason: String,
+    },
+}
+
+impl fmt::Display for Finding {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        match self {
+            Self::Unparseable { key, reason } => write!(f, "unparseable {key}: {reason}"),
+            Self::WrongHash { key, detail } => write!(f, "wrong-hash {key}: {detail}"),
+            Self::BadUrl { key, url } => write!(f, "bad-url {key}: URL {url:?} is not nar/<file>"),
+            Self::MissingNar { key, nar } => {
+                write!(f, "missing-nar {key}: nar/{nar} does not exist")
+            }
+            Self::NarSize {
+                key,
+                nar,
+                expected,
+                actual,
+            } => write!(
+                f,
+                "nar-size {key}: nar/{nar} has {actual} bytes, FileSize says {expected}"
+            ),
+            Self::MissingReference { key, reference } => {
+                write!(f, "missing-reference {key}: {reference} has no narinfo")
+            }
+            Self::UnservableReference { key, reference } => {
+                write!(
+                    f,
+                    "broken-reference {key}: {reference} cannot be served whole"
+                )
+            }
+            Self::OrphanNar { key } => write!(f, "orphan-nar {key}: no narinfo points to it"),
+            Self::OrphanListing { key } => {
+                write!(f, "orphan-listing {key}: its path has no narinfo")
+            }
+            Self::UnfinishedUpload { what } => write!(f, "unfinished-upload {what}"),
+            Self::BadReserved { key, reason } => write!(f, "bad-reserved {key}: {reason}"),
+        }
+    }
+}
+
+#[derive(Debug, Clone)]
+pub struct Options {
+    pub repair: bool,
+    /// Check only this many narinfos, chosen at random (no orphan check, no repair).
+    pub sample: Option<usize>,
+    pub grace: Duration,
+    pub now: SystemTime,
+}
+
+#[derive(Debug, Default)]
+pub struct Report {
+    pub objects: usize,
+    pub narinfos_checked: usize,
+    pub findings: Vec<Finding>,
+    /// Keys deleted by `--repair`.
+    pub repaired: Vec<String>,
+    pub repair_errors: Vec<String>,
+}
+
+pub async fn run(
+    store: &Arc<dyn Store>,
+    store_dir: &str,
+    opts: &Options,
+    progress: &dyn Progress,
+) -> Result<Report, StoreError> {
+    let mut inv = Inventory::load(store.as_ref(), progress).await?;
+    let all: HashSet<StorePathHash> = inv.narinfos.iter().map(|(h, _)| *h).collect();
+    let mut report = Report {
+        objects: inv.narinfos.len() + inv.nars.len() + inv.listings.len() + inv.logs.len(),
+        ..Report::default()
+    };
+    let full = opts.sample.is_none_or(|n| n >= inv.narinfos.len());
+    if !full {
+        sample(&mut inv.narinfos, opts.sample.unwrap_or(0));
+    }
+    let graph = Graph::load(store.as_ref(), &inv, store_dir, progress).await?;
+    report.narinfos_checked = graph.len();
+    let mut unservable = vec![false; graph.len()];
+    for (i, n) in graph.nodes.iter().enumerate() {
+        let key = object_key::narinfo(n.hash);
+        let own = own_findings(n, &key, &inv, &all);
+        unservable[i] = !own.is_empty();
+        report.findings.extend(own);
+    }
+    if !full {
+        return Ok(report);
+    }
+    propagate(&graph, &mut unservable, &mut report.findings);
+    let grace = opts
+        .now
+        .checked_sub(opts.grace)
+        .unwrap_or(SystemTime::UNIX_EPOCH);
+    let pointed: HashSet<&str> = graph
+        .nodes
+        .iter()
+        .filter_map(|n| n.nar.as_deref())
+        .collect();
+    let mut orphan_nars: Vec<&String> = inv
+        .nars
+        .iter()
+        .filter(|(f, m)| !pointed.contains(f.as_str()) && m.modified <= grace)
+        .map(|(f, _)| f)
+        .collect();
+    orphan_nars.sort();
+    report
+        .findings
+        .extend(orphan_nars.into_iter().map(|f| Finding::OrphanNar {
+            key: format!("nar/{f}"),
+        }));
+    for (h, m) in &inv.listings {
+        if !all.contains(h) && m.modified <= grace {
+            report.findings.push(Finding::OrphanListing {
+                key: object_key::listing(*h),
+            });
+        }
+    }
+    for what in store.stale_staging(opts.grace).await? {
+        report.findings.push(Finding::UnfinishedUpload { what });
+    }
+    let mut bad_reserved: Vec<(String, String)> = inv
+        .reserved_other
+        .iter()
+        .map(|(k, _)| (k.clone(), "not an access record or a pin".to_owned()))
+        .collect();
+    let acc = access::read_all(store.as_ref(), &inv.access, Duration::MAX, opts.now).await?;
+    bad_reserved.extend(acc.bad);
+    bad_reserved.extend(
+        pins::read_all(store.as_ref(), &inv.pins, store_dir)
+            .await?
+            .1,
+    );
+    for (key, reason) in bad_reserved {
+        report.findings.push(Finding::BadReserved { key, reason });
+    }
+    if opts.repair {
+        repair(
+            store,
+            &graph,
+            &inv,
+            &unservable,
+            &report.findings.clone(),
+            opts,
+            &mut report,
+        )
+        .await;
+    }
+    Ok(report)
+}
+
+fn own_findings(
+    n: &super::graph::Node,
+    key: &str,
+    inv: &Inventory,
+    all: &HashSet<StorePathHash>,
+) -> Vec<Finding> {
+    let key = key.to_owned();
+    let mut out = Vec::new();
+    match &n.problem {
+        None => {}
+        // Deleted since the listing: nothing to check.
+        Some(Problem::Gone) => return out,
+        Some(Problem::Unparseable(reason)) => {
+            out.push(Finding::Unparseable {
+                key,
+                reason: reason.clone(),
+            });
+            return out;
+        }
+        Some(Problem::WrongHash(detail)) => out.push(Finding::WrongHash {
+            key: key.clone(),
+            detail: detail.clone(),
+        }),
+        Some(Problem::BadUrl(url)) => out.push(Finding::BadUrl {
+            key: key.clone(),
+            url: url.clone(),
+        }),
+    }
+    if let Some(nar) = &n.nar {
+        match inv.nars.get(&**nar) {
+            None => out.push(Finding::MissingNar {
+                key: key.clone(),
+                nar: nar.to_string(),
+            }),
+            Some(m) => {
+                if let Some(expected) = n.file_size.filter(|&s| s != m.size) {
+                    out.push(Finding::NarSize {
+                        key: key.clone(),
+                        nar: nar.to_string(),
+                        expected,
+                        actual: m.size,
+                    });
+                }
+            }
+        }
+    }
+    for r in n.missing_refs.iter().filter(|r| !all.contains(r)) {
+        out.push(Finding::MissingReference {
+            key: key.clone(),
+            reference: r.to_string(),
+        });
+    }
+    out
+}
+
+/// Marks every node referring to an unservable one as unservable too, to a fixed point.
+fn propagate(graph: &Graph, unservable: &mut [bool], findings: &mut Vec<Finding>) {
+    let mut referrers: Vec<Vec<u32>> = vec![Vec::new(); graph.len()];
+    for (i, n) in graph.nodes.iter().enumerate() {
+        for &r in n.refs.iter() {
+            referrers[r as usize].push(i as u32);
+        }
+    }
+    let mut stack: Vec<u32> = (0..graph.len() as u32)
+        .filter(|&i| unservable[i as usize])
+        .collect();
+    while let Some(bad) = stack.pop() {
+        for &by in &referrers[bad as usize] {
+            if !std::mem::replace(&mut unservable[by as usize], true) {
+                findings.push(Finding::UnservableReference {
+                    key: object_key::narinfo(graph.nodes[by as usize].hash),
+                    reference: graph.nodes[bad as usize].name.to_string(),
+                });
+                stack.push(by);
+            }
+        }
+    }
+}
+
+/// Keeps `n` narinfos chosen uniformly at random (a partial Fisher-Yates shuffle).
+fn sample<T>(v: &mut Vec<T>, n: usize) {
+    for i in 0..n.min(v.len()) {
+        let mut b = [0u8; 8];
+        let r = getrandom::getrandom(&mut b).map_or(i as u64, |()| u64::from_le_bytes(b));
+        let j = i + (r % (v.len() - i) as u64) as usize;
+        v.swap(i, j);
+    }
+    v.truncate(n);
+}
+
+async fn repair(
+    store: &Arc<dyn Store>,
+    graph: &Graph,
+    inv: &Inventory,
+    unservable: &[bool],
+    findings: &[Finding],
+    opts: &Options,
+    report: &mut Report,
+) {
+    let mut delete: Vec<String> = sweep::referrers_first(graph, unservable)
+        .into_iter()
+        .map(|i| object_key::narinfo(graph.nodes[i as usize].hash))
+        .collect();
+    let grace = opts
+        .now
+        .checked_sub(opts.grace)
+        .unwrap_or(SystemTime::UNIX_EPOCH);
+    // NARs and listings left without a servable narinfo, old enough not to be uploads.
+    let remaining: HashSet<&str> = graph
+        .nodes
+        .iter()
+        .enumerate()
+        .filter(|(i, _)| !unservable[*i])
+        .filter_map(|(_, n)| n.nar.as_deref())
+        .collect();
+    let kept_paths: HashSet<StorePathHash> = graph
+        .nodes
+        .iter()
+        .enumerate()
+        .filter(|(i, n)| !unservable[*i] && n.problem.is_none())
+        .map(|(_, n)| n.hash)
+        .collect();
+    let mut nars: Vec<String> = inv
+        .nars
+        .iter()
+        .filter(|(f, m)| !remaining.contains(f.as_str()) && m.modified <= grace)
+        .map(|(f, _)| format!("nar/{f}"))
+        .collect();
+    nars.sort();
+    delete.extend(nars);
+    delete.extend(
+        inv.listings
+            .iter()
+            .filter(|(h, m)| !kept_paths.contains(h) && m.modified <= grace)
+            .map(|(h, _)| object_key::listing(*h)),
+    );
+    delete.extend(findings.iter().filter_map(|f| match f {
+        Finding::BadReserved { key, .. } => Some(key.clone()),
+        _ => None,
+    }));
+    for key in delete {
+        match store.delete(&key).await {
+            Ok(()) => report.repaired.push(key),
+            Err(e) => report.repair_errors.push(format!("{key}: {e}")),
+        }
+    }
+    match store.cleanup_staging(opts.grace).await {
+        Ok(n) if n > 0 => report.repaired.push(format!("{n} unfinished upload(s)")),
+        Ok(_) => {}
+        Err(e) => report
+            .repair_errors
+            .push(format!("unfinished uploads: {e}")),
+    }
+}

@@ -1,0 +1,121 @@
+//! End to end: `cellar gc --apply` on a cache written by the real nix, then the real nix client
+//! substitutes a pinned closure and a recently read closure trusting only cellar's key, and an
+//! expired, unpinned closure is gone completely.
+//!
+//! The local directory store is used here because its objects can be aged (file times); S3
+//! objects cannot, and a test must not wait 30 days.
+
+#![allow(clippy::unwrap_used, clippy::expect_used)]
+
+mod common;
+mod gc_support;
+
+use std::time::{Duration, Instant};
+
+use common::{nix, run, substitute_and_verify, walk, Server};
+use gc_support::{age_files, build_closure, cellar, copy_to_dir, hash_of, local_env, text};
+
+#[tokio::test(flavor = "multi_thread")]
+async fn pinned_and_recently_read_closures_survive_gc_and_substitute() {
+    let work = tempfile::tempdir().unwrap();
+    let w = work.path();
+    let pinned = build_closure("gc-e2e-pinned", w);
+    let read = build_closure("gc-e2e-read", w);
+    let expired = build_closure("gc-e2e-expired", w);
+    let data = w.join("data");
+    copy_to_dir(&[&pinned.top, &read.top, &expired.top], &data, w);
+    // Everything was uploaded 100 days ago, beyond the default retention of 30 days.
+    age_files(&data, Duration::from_secs(100 * 86400));
+    let env = local_env(&data);
+
+    let out = cellar(&["pin", "add", "release", &pinned.top], &env);
+    assert!(out.status.success(), "{}", text(&out));
+    let out = cellar(&["pin", "list"], &env);
+    assert!(text(&out).contains(&format!("release (kept until removed)\n  {}", pinned.top)));
+
+    // Read one closure through a server that writes its access records every second.
+    let mut server_env = env.clone();
+    server_env.push(("CELLAR_GC__ACCESS_FLUSH_SECS".into(), "1".into()));
+    {
+        let srv = Server::start(server_env.clone());
+        substitute_and_verify(&srv.url, &srv.public_key, &read.top, &w.join("read-once"));
+        let deadline = Instant::now() + Duration::from_secs(20);
+        // The record of the read is an object under _cellar/access/ naming the top path.
+        while !access_recorded(&data, hash_of(&read.top)) {
+            assert!(
+                Instant::now() < deadline,
+                "no access record:\n{}",
+                srv.log()
+            );
+            tokio::time::sleep(Duration::from_millis(100)).await;
+        }
+    }
+
+    let before = walk(&data).len();
+    let dry = cellar(&["gc"], &env);
+    assert!(dry.status.success(), "{}", text(&dry));
+    assert_eq!(walk(&data).len(), before, "dry run deleted something");
+    let out = cellar(&["gc", "--apply"], &env);
+    let summary = text(&out);
+    assert!(out.status.success(), "{summary}");
+    assert!(summary.contains("pinned"), "{summary}");
+    assert!(summary.contains("used within the retention"), "{summary}");
+
+    // The expired closure is gone completely, except what the kept ones share with it.
+    let kept: std::collections::HashSet<&str> = pinned
+        .paths
+        .iter()
+        .chain(&read.paths)
+        .map(|p| hash_of(p))
+        .collect();
+    for p in &expired.paths {
+        let h = hash_of(p);
+        let exists = data.join(format!("{h}.narinfo")).exists();
+        assert_eq!(
+            exists,
+            kept.contains(h),
+            "{p}: narinfo present = {exists}\n{summary}"
+        );
+    }
+    // No narinfo left whose NAR or references are missing.
+    let out = cellar(&["verify"], &env);
+    assert!(out.status.success(), "{}", text(&out));
+
+    let srv = Server::start(server_env);
+    substitute_and_verify(
+        &srv.url,
+        &srv.public_key,
+        &pinned.top,
+        &w.join("after-pinned"),
+    );
+    substitute_and_verify(&srv.url, &srv.public_key, &read.top, &w.join("after-read"));
+    let mut c = nix("nix", &w.join("xdg-expired"));
+    c.args(["copy", "--from", &srv.url, "--store"])
+        .arg(w.join("store-expired"))
+        .args(["--trusted-public-keys", &srv.public_key, &expired.top]);
+    let out = run(c);
+    assert!(
+        !out.status.success(),
+        "the expired closure was still substitutable"
+    );
+
+    // Removing the pin makes its closure collectable; removing it twice is an error.
+    let out = cellar(&["pin", "rm", "release"], &env);
+    assert!(out.status.success(), "{}", text(&out));
+    let out = cellar(&["pin", "rm", "release"], &env);
+    assert!(
+        text(&out).contains("no pin named \"release\""),
+        "{}",
+        text(&out)
+    );
+    let out = cellar(&["pin", "add", "../escape", &pinned.top], &env);
+    assert!(!out.status.success() && text(&out).contains("invalid pin name"));
+}
+
+fn access_recorded(data: &std::path::Path, hash: &str) -> bool {
+    let dir = data.join("_cellar/access");
+    dir.exists()
+        && walk(&dir)
+            .iter()
+            .any(|p| std::fs::read_to_string(p).is_ok_and(|t| t.contains(hash)))
+}

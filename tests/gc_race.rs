@@ -1,0 +1,169 @@
+//! Garbage collection racing `nix copy --to cellar` against a real Garage. The upload's
+//! closure references paths the collector would otherwise delete (they are past the
+//! retention); whatever the interleaving, the bucket never holds a narinfo whose closure is
+//! incomplete, and the real client substitutes the upload afterwards.
+
+#![allow(clippy::unwrap_used, clippy::expect_used)]
+
+mod common;
+mod gc_support;
+
+use std::time::{Duration, Instant, SystemTime};
+
+use cellar::config::GcConfig;
+use cellar::gc::{self, Quiet};
+use common::{
+    netrc, nix, run, s3_env, s3_store_env, s3_upload_dir, substitute_and_verify, token,
+    unique_prefix, Server,
+};
+use gc_support::{build_closure, build_expr, copy_to_dir, s3_store};
+
+/// The retention of the collector in this test: short, so that the base closure expires
+/// within the test.
+const KEEP: Duration = Duration::from_secs(8);
+
+const EXPR: &str = r#"
+{ closure }:
+let
+  base = import closure { salt = "gc-race-base"; };
+  mk = name: script: builtins.derivation {
+    inherit name;
+    salt = "gc-race-upload";
+    system = builtins.currentSystem;
+    builder = "/bin/sh";
+    PATH = "/usr/bin:/bin";
+    args = [ "-c" script ];
+  };
+  kids = builtins.genList (i: mk "race-${toString i}" "echo ${base.top} ${base.mid} ${toString i} > $out") 40;
+in mk "race-top" "echo ${toString kids} ${base.leaf} > $out"
+"#;
+
+#[tokio::test(flavor = "multi_thread")]
+async fn gc_racing_nix_copy_never_breaks_the_uploaded_closure() {
+    let s3 = s3_env();
+    let prefix = unique_prefix("gc-race");
+    let work = tempfile::tempdir().unwrap();
+    let w = work.path();
+    let base = build_closure("gc-race-base", w);
+    let expr = w.join("race.nix");
+    std::fs::write(&expr, EXPR).unwrap();
+    let closure_nix =
+        std::path::Path::new(env!("CARGO_MANIFEST_DIR")).join("tests/fixtures/closure.nix");
+    let upload = build_expr(
+        &expr,
+        &["--arg", "closure", closure_nix.to_str().unwrap()],
+        w,
+    );
+    assert!(upload.paths.len() > 40);
+
+    let dir = w.join("base-cache");
+    copy_to_dir(&[&base.top], &dir, w);
+    s3_upload_dir(&s3, &prefix, &dir).await;
+    let uploaded_at = Instant::now();
+
+    let (tok, tok_cfg) = token("builder", "write");
+    let mut env = s3_store_env(&s3, &s3.endpoint, &prefix);
+    // Reads are not written during the test: only what uploads record protects the base.
+    env.push(("CELLAR_GC__ACCESS_FLUSH_SECS".into(), "3600".into()));
+    let srv = Server::start_with_config(&tok_cfg, env);
+    let n = netrc(w, &srv, &tok);
+    let store = s3_store(&s3, &prefix).await;
+    let cfg = GcConfig {
+        keep: KEEP,
+        grace: Duration::ZERO,
+        ..GcConfig::default()
+    };
+
+    // The base must be past the retention when the race starts: this waits for the clock,
+    // not for another task.
+    tokio::time::sleep_until((uploaded_at + KEEP + Duration::from_secs(1)).into()).await;
+
+    let copy = |tag: &'static str| {
+        let (url, n, top, w) = (
+            srv.url.clone(),
+            n.clone(),
+            upload.top.clone(),
+            w.to_path_buf(),
+        );
+        tokio::task::spawn_blocking(move || {
+            let mut c = nix("nix", &w.join(format!("xdg-up-{tag}")));
+            c.args(["copy", "--to", &url, "--option", "download-attempts", "1"])
+                .arg("--option")
+                .arg("netrc-file")
+                .arg(&n)
+                .arg(&top);
+            run(c)
+        })
+    };
+    let uploading = copy("race");
+    let mut runs = 0;
+    while !uploading.is_finished() {
+        let opts = gc::Options {
+            apply: true,
+            now: SystemTime::now(),
+        };
+        let s = gc::run(&store, "/nix/store", &cfg, &opts, &Quiet)
+            .await
+            .unwrap();
+        assert!(s.errors.is_empty(), "{s}");
+        runs += 1;
+    }
+    let out = uploading.await.unwrap();
+    assert!(runs > 0);
+    eprintln!(
+        "first nix copy {}",
+        if out.status.success() {
+            "succeeded"
+        } else {
+            "was refused"
+        }
+    );
+    if !out.status.success() {
+        // The one case the protocol refuses instead of keeping: the collector deleted a
+        // reference after the client checked it and before the upload recorded it. The
+        // refusal is clean, and the next `nix copy` uploads what is missing.
+        let err = String::from_utf8_lossy(&out.stderr);
+        let log = srv.log();
+        let why: Vec<&str> = log
+            .lines()
+            .filter(|l| l.contains("upload rejected"))
+            .collect();
+        eprintln!("refused: {why:#?}");
+        assert!(
+            err.contains("HTTP error 400") && !why.is_empty(),
+            "{err}\n{log}"
+        );
+        let again = copy("again").await.unwrap();
+        assert!(
+            again.status.success(),
+            "{}",
+            String::from_utf8_lossy(&again.stderr)
+        );
+    }
+
+    let report = gc::verify::run(
+        &store,
+        "/nix/store",
+        &gc::verify::Options {
+            repair: false,
+            sample: None,
+            grace: Duration::from_secs(3600),
+            now: SystemTime::now(),
+        },
+        &Quiet,
+    )
+    .await
+    .unwrap();
+    assert!(
+        report.findings.is_empty(),
+        "after {runs} gc runs: {:?}",
+        report.findings
+    );
+    substitute_and_verify(
+        &srv.url,
+        &srv.public_key,
+        &upload.top,
+        &w.join("substitute"),
+    );
+    eprintln!("{runs} gc runs raced the upload");
+}
