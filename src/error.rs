@@ -3,14 +3,17 @@
 //! Every variant is matched exhaustively in [`Error::status`], so a new failure mode forces a
 //! decision about its status code. Clients get a short plain reason; 5xx causes are logged here,
 //! once, with details that never reach the client (S3 internals, paths, credentials).
+//!
+//! A store failure is always [`Error::Store`], whichever handler or upload step met it;
+//! [`UploadError`] holds only what is wrong with an upload itself.
 
 use axum::http::{header, HeaderValue, StatusCode};
 use axum::response::{IntoResponse, Response};
 use thiserror::Error;
 
 use crate::nix::names::NameError;
+use crate::nix::NarInfoError;
 use crate::store::StoreError;
-use crate::upload::UploadError;
 
 #[derive(Debug, Clone, Error)]
 pub enum Error {
@@ -18,8 +21,6 @@ pub enum Error {
     NotFound,
     #[error("{0}")]
     BadName(#[from] NameError),
-    #[error("range not satisfiable")]
-    RangeNotSatisfiable { size: u64 },
     #[error(transparent)]
     Store(#[from] StoreError),
     /// No credentials where a token is needed.
@@ -30,44 +31,101 @@ pub enum Error {
     Forbidden(&'static str),
     #[error(transparent)]
     Upload(#[from] UploadError),
-    /// An object in the store is not what the cache layout says it should be.
+    /// A narinfo in the store that is not what the cache layout says it should be.
     #[error("corrupt object {key} in the store: {reason}")]
-    BadObject { key: String, reason: String },
+    BadObject { key: String, reason: NarInfoError },
 }
+
+/// What is wrong with an upload (or a path copied into the store: mirroring, `cellar import`),
+/// as opposed to the store failing while it is written.
+#[derive(Debug, Clone, Error)]
+pub enum UploadError {
+    /// The upload is wrong; the message names the failed check.
+    #[error("{0}")]
+    Rejected(String),
+    /// The request body ended early or broke.
+    #[error("upload body: {0}")]
+    Body(String),
+    /// The server failed while processing it (a worker task died, an encoder failed).
+    #[error("internal upload error: {0}")]
+    Internal(String),
+    /// The upload is larger than its limit: `upload.max_nar_bytes` for a NAR (as sent or
+    /// decompressed), a fixed bound for listings, logs and realisations.
+    #[error("larger than {limit} bytes (for NARs: upload.max_nar_bytes)")]
+    TooLarge { limit: u64 },
+    /// The path is already published with other contents: a store path's contents are fixed.
+    #[error(
+        "{store_path} is already in the cache with NarHash {stored}; \
+         this narinfo says {uploaded}"
+    )]
+    Conflict {
+        store_path: String,
+        stored: String,
+        uploaded: String,
+    },
+    /// The body sent nothing for this many seconds.
+    #[error("the upload body sent nothing for {0} s")]
+    IdleTimeout(u64),
+    /// `upload.max_concurrent` uploads are running; the client should retry after this long.
+    #[error("too many uploads in progress")]
+    Busy { retry_after_secs: u64 },
+}
+
+/// [`Error::label`] of the error a response was made from, in the response's extensions.
+#[derive(Debug, Clone, Copy)]
+pub struct ErrorLabel(pub &'static str);
 
 impl Error {
     pub fn status(&self) -> StatusCode {
         match self {
             Self::NotFound => StatusCode::NOT_FOUND,
             Self::BadName(_) => StatusCode::BAD_REQUEST,
-            Self::RangeNotSatisfiable { .. } => StatusCode::RANGE_NOT_SATISFIABLE,
-            Self::Store(e) => match e {
-                StoreError::Unavailable(_) | StoreError::Timeout(_) => {
-                    StatusCode::SERVICE_UNAVAILABLE
-                }
-                StoreError::RangeNotSatisfiable { .. } => StatusCode::RANGE_NOT_SATISFIABLE,
-                StoreError::Misconfigured(_)
-                | StoreError::TooLarge { .. }
-                | StoreError::Other(_) => StatusCode::BAD_GATEWAY,
-            },
+            Self::Store(StoreError::Unavailable(_) | StoreError::Timeout(_)) => {
+                StatusCode::SERVICE_UNAVAILABLE
+            }
+            Self::Store(StoreError::RangeNotSatisfiable { .. }) => {
+                StatusCode::RANGE_NOT_SATISFIABLE
+            }
+            Self::Store(
+                StoreError::Misconfigured(_) | StoreError::TooLarge { .. } | StoreError::Other(_),
+            ) => StatusCode::BAD_GATEWAY,
             Self::BadObject { .. } => StatusCode::BAD_GATEWAY,
             Self::Unauthorized => StatusCode::UNAUTHORIZED,
             Self::Forbidden(_) => StatusCode::FORBIDDEN,
-            Self::Upload(u) => match u {
-                UploadError::Rejected(_) | UploadError::Body(_) => StatusCode::BAD_REQUEST,
-                UploadError::Store(e) => Self::store_status(e),
-                UploadError::Internal(_) => StatusCode::INTERNAL_SERVER_ERROR,
-            },
+            Self::Upload(UploadError::Rejected(_) | UploadError::Body(_)) => {
+                StatusCode::BAD_REQUEST
+            }
+            Self::Upload(UploadError::Internal(_)) => StatusCode::INTERNAL_SERVER_ERROR,
+            Self::Upload(UploadError::TooLarge { .. }) => StatusCode::PAYLOAD_TOO_LARGE,
+            Self::Upload(UploadError::Conflict { .. }) => StatusCode::CONFLICT,
+            Self::Upload(UploadError::IdleTimeout(_)) => StatusCode::REQUEST_TIMEOUT,
+            // Nix retries 5xx (with back-off); a 4xx would fail the whole `nix copy`.
+            Self::Upload(UploadError::Busy { .. }) => StatusCode::SERVICE_UNAVAILABLE,
         }
     }
 
-    fn store_status(e: &StoreError) -> StatusCode {
-        match e {
-            StoreError::Unavailable(_) | StoreError::Timeout(_) => StatusCode::SERVICE_UNAVAILABLE,
-            StoreError::RangeNotSatisfiable { .. } => StatusCode::RANGE_NOT_SATISFIABLE,
-            StoreError::Misconfigured(_) | StoreError::TooLarge { .. } | StoreError::Other(_) => {
-                StatusCode::BAD_GATEWAY
-            }
+    /// A short, bounded name for the failure: the `verdict` of a refused upload in the
+    /// metrics (never the free-text reason, which could carry a hash).
+    pub fn label(&self) -> &'static str {
+        match self {
+            Self::NotFound => "not_found",
+            Self::BadName(_) => "bad_name",
+            Self::Store(StoreError::Unavailable(_)) => "store_unavailable",
+            Self::Store(StoreError::Timeout(_)) => "store_timeout",
+            Self::Store(StoreError::RangeNotSatisfiable { .. }) => "range_not_satisfiable",
+            Self::Store(StoreError::Misconfigured(_)) => "store_misconfigured",
+            Self::Store(StoreError::TooLarge { .. }) => "too_large",
+            Self::Store(StoreError::Other(_)) => "store_error",
+            Self::BadObject { .. } => "corrupt_object",
+            Self::Unauthorized => "unauthorized",
+            Self::Forbidden(_) => "forbidden",
+            Self::Upload(UploadError::Rejected(_)) => "rejected",
+            Self::Upload(UploadError::Body(_)) => "incomplete",
+            Self::Upload(UploadError::Internal(_)) => "internal",
+            Self::Upload(UploadError::TooLarge { .. }) => "too_large",
+            Self::Upload(UploadError::Conflict { .. }) => "conflict",
+            Self::Upload(UploadError::IdleTimeout(_)) => "idle_timeout",
+            Self::Upload(UploadError::Busy { .. }) => "busy",
         }
     }
 
@@ -76,8 +134,13 @@ impl Error {
         match self {
             Self::NotFound => "not found".into(),
             Self::BadName(e) => e.to_string(),
-            Self::RangeNotSatisfiable { .. } => "range not satisfiable".into(),
-            Self::Store(e) | Self::Upload(UploadError::Store(e)) => Self::store_reason(e).into(),
+            Self::Store(StoreError::Unavailable(_) | StoreError::Timeout(_)) => {
+                "store unavailable".into()
+            }
+            Self::Store(StoreError::RangeNotSatisfiable { .. }) => "range not satisfiable".into(),
+            Self::Store(
+                StoreError::Misconfigured(_) | StoreError::TooLarge { .. } | StoreError::Other(_),
+            ) => "store error".into(),
             Self::BadObject { .. } => "corrupt object in the store".into(),
             Self::Unauthorized => {
                 "authentication required (a token as netrc password or Bearer)".into()
@@ -86,29 +149,23 @@ impl Error {
             Self::Upload(UploadError::Rejected(m)) => format!("upload rejected: {m}"),
             Self::Upload(UploadError::Body(m)) => format!("upload incomplete: {m}"),
             Self::Upload(UploadError::Internal(_)) => "internal error".into(),
-        }
-    }
-
-    fn store_reason(e: &StoreError) -> &'static str {
-        match e {
-            StoreError::Unavailable(_) | StoreError::Timeout(_) => "store unavailable",
-            StoreError::RangeNotSatisfiable { .. } => "range not satisfiable",
-            StoreError::Misconfigured(_) | StoreError::TooLarge { .. } | StoreError::Other(_) => {
-                "store error"
+            Self::Upload(
+                e @ (UploadError::TooLarge { .. }
+                | UploadError::Conflict { .. }
+                | UploadError::IdleTimeout(_)),
+            ) => format!("upload rejected: {e}"),
+            Self::Upload(UploadError::Busy { .. }) => {
+                "too many uploads in progress, retry later".into()
             }
         }
     }
 
     fn log(&self) {
         match self {
-            Self::Store(StoreError::Misconfigured(m))
-            | Self::Upload(UploadError::Store(StoreError::Misconfigured(m))) => {
+            Self::Store(StoreError::Misconfigured(m)) => {
                 tracing::error!(cause = %m, "store misconfiguration (check credentials, bucket and permissions)")
             }
-            Self::Store(StoreError::Unavailable(_) | StoreError::Timeout(_))
-            | Self::Upload(UploadError::Store(
-                StoreError::Unavailable(_) | StoreError::Timeout(_),
-            )) => {
+            Self::Store(StoreError::Unavailable(_) | StoreError::Timeout(_)) => {
                 tracing::warn!(cause = %self, "store unavailable")
             }
             Self::Upload(UploadError::Rejected(m)) => {
@@ -116,6 +173,14 @@ impl Error {
             }
             Self::Upload(UploadError::Body(m)) => {
                 tracing::info!(reason = %m, "upload aborted by the client")
+            }
+            Self::Upload(
+                e @ (UploadError::TooLarge { .. }
+                | UploadError::Conflict { .. }
+                | UploadError::IdleTimeout(_)),
+            ) => tracing::info!(reason = %e, "upload rejected"),
+            Self::Upload(UploadError::Busy { .. }) => {
+                tracing::info!("upload refused: upload.max_concurrent uploads in progress")
             }
             e if e.status().is_server_error() => tracing::error!(cause = %e, "request failed"),
             _ => {}
@@ -128,6 +193,8 @@ impl IntoResponse for Error {
         self.log();
         let status = self.status();
         let mut res = (status, format!("{}\n", self.public_reason())).into_response();
+        // For the metrics middleware, which sees only the response.
+        res.extensions_mut().insert(ErrorLabel(self.label()));
         let h = res.headers_mut();
         h.insert(
             header::CONTENT_TYPE,
@@ -142,15 +209,10 @@ impl IntoResponse for Error {
                 HeaderValue::from_static("Basic realm=\"cellar\""),
             );
         }
-        let size = match &self {
-            Self::RangeNotSatisfiable { size }
-            | Self::Store(StoreError::RangeNotSatisfiable { size })
-            | Self::Upload(UploadError::Store(StoreError::RangeNotSatisfiable { size })) => {
-                Some(*size)
-            }
-            _ => None,
-        };
-        if let Some(size) = size {
+        if let Self::Upload(UploadError::Busy { retry_after_secs }) = &self {
+            h.insert(header::RETRY_AFTER, HeaderValue::from(*retry_after_secs));
+        }
+        if let Self::Store(StoreError::RangeNotSatisfiable { size }) = &self {
             if let Ok(v) = HeaderValue::from_str(&format!("bytes */{size}")) {
                 h.insert(header::CONTENT_RANGE, v);
             }
@@ -177,11 +239,61 @@ mod tests {
         assert_eq!(
             Error::BadObject {
                 key: "k".into(),
-                reason: "r".into()
+                reason: NarInfoError::NotUtf8
             }
             .status(),
             StatusCode::BAD_GATEWAY
         );
+    }
+
+    #[test]
+    fn upload_statuses() {
+        let rejected = Error::Upload(UploadError::Rejected("NarSize 1 does not match".into()));
+        assert_eq!(rejected.status(), StatusCode::BAD_REQUEST);
+        assert_eq!(
+            rejected.public_reason(),
+            "upload rejected: NarSize 1 does not match"
+        );
+        assert_eq!(
+            Error::Upload(UploadError::Body("reset".into())).status(),
+            StatusCode::BAD_REQUEST
+        );
+        let internal = Error::Upload(UploadError::Internal("join error: panic".into()));
+        assert_eq!(internal.status(), StatusCode::INTERNAL_SERVER_ERROR);
+        assert_eq!(internal.public_reason(), "internal error");
+    }
+
+    #[test]
+    fn bounded_upload_statuses() {
+        let res = Error::Upload(UploadError::Busy {
+            retry_after_secs: 2,
+        })
+        .into_response();
+        assert_eq!(res.status(), StatusCode::SERVICE_UNAVAILABLE);
+        assert_eq!(res.headers()[header::RETRY_AFTER], "2");
+        let conflict = Error::Upload(UploadError::Conflict {
+            store_path: "/nix/store/x-a".into(),
+            stored: "sha256:aaa".into(),
+            uploaded: "sha256:bbb".into(),
+        });
+        assert_eq!(conflict.status(), StatusCode::CONFLICT);
+        let m = conflict.public_reason();
+        assert!(m.contains("sha256:aaa") && m.contains("sha256:bbb"), "{m}");
+        assert_eq!(
+            Error::Upload(UploadError::TooLarge { limit: 1 }).status(),
+            StatusCode::PAYLOAD_TOO_LARGE
+        );
+        assert_eq!(
+            Error::Upload(UploadError::IdleTimeout(1)).status(),
+            StatusCode::REQUEST_TIMEOUT
+        );
+    }
+
+    #[test]
+    fn a_range_outside_the_object_carries_its_size() {
+        let res = Error::Store(StoreError::RangeNotSatisfiable { size: 624 }).into_response();
+        assert_eq!(res.status(), StatusCode::RANGE_NOT_SATISFIABLE);
+        assert_eq!(res.headers()[header::CONTENT_RANGE], "bytes */624");
     }
 
     #[test]

@@ -5,14 +5,14 @@
 use std::collections::{HashMap, HashSet, VecDeque};
 use std::path::{Path, PathBuf};
 
-use bytes::Bytes;
 use futures::StreamExt as _;
 use thiserror::Error;
 use tokio_util::io::ReaderStream;
 
+use crate::error::{Error, UploadError};
 use crate::nix::{NarFileName, NarInfo, StorePathBaseName, StorePathHash};
-use crate::store::{keys, Store};
-use crate::upload::{UploadError, Uploader};
+use crate::store::{object_key, Store};
+use crate::upload::{Uploader, MAX_LISTING_BYTES, MAX_LOG_BYTES};
 
 #[derive(Debug, Error)]
 pub enum ImportError {
@@ -44,18 +44,15 @@ impl Progress for () {
     fn advance(&self, _: &str) {}
 }
 
-struct Entry {
-    text: String,
-    info: NarInfo,
-}
+/// Files are read in chunks this large (as an HTTP body would arrive).
+const READ_CHUNK: usize = 256 * 1024;
 
 /// Orders entries so that every path comes after the paths it references (within the set).
-fn references_first(entries: &HashMap<StorePathHash, Entry>) -> Vec<StorePathHash> {
+fn references_first(entries: &HashMap<StorePathHash, NarInfo>) -> Vec<StorePathHash> {
     let mut indegree: HashMap<StorePathHash, usize> = HashMap::new();
     let mut dependents: HashMap<StorePathHash, Vec<StorePathHash>> = HashMap::new();
-    for (h, e) in entries {
-        let deps: HashSet<StorePathHash> = e
-            .info
+    for (h, info) in entries {
+        let deps: HashSet<StorePathHash> = info
             .references
             .iter()
             .map(StorePathBaseName::hash)
@@ -113,7 +110,7 @@ pub async fn import_dir(
     progress: &dyn Progress,
 ) -> Result<Summary, ImportError> {
     let mut summary = Summary::default();
-    let mut entries = HashMap::new();
+    let mut entries: HashMap<StorePathHash, NarInfo> = HashMap::new();
     let mut rd = tokio::fs::read_dir(dir).await.map_err(read_err(dir))?;
     while let Some(e) = rd.next_entry().await.map_err(read_err(dir))? {
         let name = e.file_name().to_string_lossy().into_owned();
@@ -129,28 +126,29 @@ pub async fn import_dir(
         let text = tokio::fs::read_to_string(e.path())
             .await
             .map_err(read_err(&e.path()))?;
-        match NarInfo::parse(&text, store_dir) {
+        match NarInfo::parse_for(text.as_bytes(), store_dir, hash) {
             Ok(info) => {
-                entries.insert(hash, Entry { text, info });
+                entries.insert(hash, info);
             }
-            Err(err) => summary
-                .rejected
-                .push((name, format!("narinfo does not parse: {err}"))),
+            Err(err) => summary.rejected.push((name, format!("bad narinfo: {err}"))),
         }
     }
 
     progress.start(entries.len());
     for h in references_first(&entries) {
-        let Some(e) = entries.get(&h) else { continue };
-        let label = format!("{store_dir}/{}", e.info.store_path);
+        let Some(info) = entries.remove(&h) else {
+            continue;
+        };
+        let label = format!("{store_dir}/{}", info.store_path);
         progress.advance(&label);
-        if store.head(&keys::narinfo(h)).await?.is_some() {
+        if store.head(&object_key::narinfo(h)).await?.is_some() {
             summary.skipped += 1;
             continue;
         }
-        match import_one(dir, store, uploader, h, e).await {
+        match import_one(dir, store, uploader, info).await {
             Ok(()) => summary.imported += 1,
-            Err(UploadError::Store(s)) => return Err(s.into()),
+            // The store failing is not this path's fault: stop, and let the next run resume.
+            Err(Error::Store(s)) => return Err(s.into()),
             Err(err) => summary.rejected.push((label, err.to_string())),
         }
     }
@@ -161,37 +159,36 @@ async fn import_one(
     dir: &Path,
     store: &dyn Store,
     uploader: &Uploader,
-    h: StorePathHash,
-    e: &Entry,
-) -> Result<(), UploadError> {
-    let nar_name: NarFileName = e
-        .info
-        .url
-        .strip_prefix("nar/")
-        .and_then(|n| n.parse().ok())
-        .ok_or_else(|| UploadError::Rejected(format!("URL {:?} is not nar/<file>", e.info.url)))?;
-    if uploader.nar_size(&nar_name).await?.is_none() {
-        let path = dir.join("nar").join(nar_name.as_str());
-        let file = tokio::fs::File::open(&path)
-            .await
-            .map_err(|err| UploadError::Rejected(format!("{}: {err}", path.display())))?;
-        let body = ReaderStream::with_capacity(file, 256 * 1024);
-        uploader.put_nar(&nar_name, body).await?;
-    }
-    uploader.put_narinfo(h, &e.text).await?;
-    // Extras that come with the path, when the directory has them.
+    info: NarInfo,
+) -> Result<(), Error> {
+    let h = info.hash();
+    let deriver = info.deriver.clone();
+    let fetch_nar = |name: NarFileName| async move {
+        let path = dir.join("nar").join(name.as_str());
+        let file = tokio::fs::File::open(&path).await.map_err(|err| {
+            Error::Upload(UploadError::Rejected(format!("{}: {err}", path.display())))
+        })?;
+        Ok(ReaderStream::with_capacity(file, READ_CHUNK))
+    };
+    // Import has no upstreams: every reference must be in the store (or imported first).
+    uploader.copy_path(info, fetch_nar, None).await?;
+    // Extras that come with the path, when the directory has them, streamed and bounded
+    // like their HTTP uploads.
     let listing = dir.join(format!("{h}.ls"));
-    if let Ok(data) = tokio::fs::read(&listing).await {
-        store
-            .put_bytes(&keys::listing(h), Bytes::from(data))
+    if let Ok(f) = tokio::fs::File::open(&listing).await {
+        let body = ReaderStream::with_capacity(f, READ_CHUNK).boxed();
+        uploader
+            .put_plain(&object_key::listing(h), body, MAX_LISTING_BYTES)
             .await?;
     }
-    if let Some(drv) = &e.info.deriver {
+    if let Some(drv) = &deriver {
         let log = dir.join("log").join(drv.as_str());
         if let Ok(f) = tokio::fs::File::open(&log).await {
-            if store.head(&keys::log(drv)).await?.is_none() {
-                let body = ReaderStream::with_capacity(f, 256 * 1024).boxed();
-                uploader.put_plain(&keys::log(drv), body, 1 << 30).await?;
+            if store.head(&object_key::log(drv)).await?.is_none() {
+                let body = ReaderStream::with_capacity(f, READ_CHUNK).boxed();
+                uploader
+                    .put_plain(&object_key::log(drv), body, MAX_LOG_BYTES)
+                    .await?;
             }
         }
     }
@@ -202,7 +199,7 @@ async fn import_one(
 mod tests {
     use super::*;
 
-    fn entry(name: &str, refs: &[&str]) -> (StorePathHash, Entry) {
+    fn entry(name: &str, refs: &[&str]) -> (StorePathHash, NarInfo) {
         let text = format!(
             "StorePath: /nix/store/{name}\nURL: nar/x.nar\nCompression: none\n\
              NarHash: sha256:0mdqa9w1p6cmli6976v4wi0sw9r4p5prkj7lzfd1877wk11c9c73\nNarSize: 1\n\
@@ -210,7 +207,7 @@ mod tests {
             refs.join(" ")
         );
         let info = NarInfo::parse(&text, "/nix/store").unwrap();
-        (info.hash(), Entry { text, info })
+        (info.hash(), info)
     }
 
     #[test]

@@ -1,19 +1,42 @@
 //! cellar: a Nix binary cache server in front of an S3 bucket or a local directory.
 //!
-//! Layers, top to bottom: [`http`] (routes and handlers) → [`store`] (S3 / local objects);
-//! [`nix`] holds the pure protocol code (names, narinfos, signatures) that both use.
+//! The modules, from the edge inwards:
+//!
+//! - [`http`]: the route table, [`AppState`], one module per endpoint family (nix-cache-info,
+//!   narinfo, nar, log, listing, realisation and build-trace, health), each with its GET, HEAD
+//!   and PUT; [`auth`] decides who may read and upload.
+//! - [`upload`]: verification of what clients upload (hashes, decompression, recompression,
+//!   references) before anything becomes visible; [`import`] runs the same checks over a
+//!   directory written by `nix copy --to file://`; [`mirror`] copies upstream paths in.
+//! - [`cache`]: the narinfo memory cache and the NAR disk cache in front of the store;
+//!   [`upstream`]: pull-through from other binary caches, as a decorator over the store.
+//! - [`store`]: the object [`store::Store`] trait, its S3 and local-directory implementations,
+//!   and the one place that turns names into object keys.
+//! - [`nix`]: pure protocol code, no I/O: names, nix-base32, hashes, narinfos, signatures,
+//!   compression names. Everything above uses it.
+//! - Beside them: [`config`] (plain typed data, imports none of the modules it configures),
+//!   [`error`] (the one error-to-status mapping), [`signing_keys`] (key files on disk),
+//!   [`backoff`] (pausing after failures).
 
 pub mod auth;
+pub mod backoff;
 pub mod cache;
 pub mod config;
 pub mod error;
 pub mod gc;
 pub mod http;
 pub mod import;
+pub mod metrics;
+pub mod mirror;
 pub mod nix;
+pub mod reload;
 pub mod signing_keys;
+pub mod status;
 pub mod store;
+mod sync;
+pub mod systemd;
+pub mod telemetry;
 pub mod upload;
 pub mod upstream;
 
-pub use http::{app, serve, AppState};
+pub use http::{app, metrics_app, serve, AppState};

@@ -6,9 +6,8 @@ use std::time::Duration;
 
 use anyhow::Context as _;
 use clap::{Parser, Subcommand};
-use tracing_subscriber::EnvFilter;
 
-use cellar::config::Config;
+use cellar::config::{Config, LogFormat, StoreBackend};
 use cellar::nix::SecretKey;
 use cellar::{signing_keys, store, AppState};
 
@@ -24,6 +23,9 @@ mod gc_cli;
 struct Cli {
     #[command(subcommand)]
     command: Command,
+    /// Log format: `text` or `json` (default: `log.format` of the config, else text).
+    #[arg(long, global = true, value_name = "FORMAT")]
+    log_format: Option<LogFormat>,
 }
 
 #[derive(Subcommand)]
@@ -45,6 +47,15 @@ enum Command {
         dir: PathBuf,
         #[arg(long, short)]
         config: Option<PathBuf>,
+    },
+    /// Show what a running server reports about itself: version, store, keys, caches, upstreams.
+    Status {
+        /// The server's base URL.
+        #[arg(long, default_value = "http://127.0.0.1:8080")]
+        url: String,
+        /// A file holding a read token (private mode).
+        #[arg(long, value_name = "FILE")]
+        token_file: Option<PathBuf>,
     },
     /// Manage access tokens.
     Token {
@@ -110,15 +121,13 @@ enum ScopeArg {
 
 fn main() -> ExitCode {
     let cli = Cli::parse();
-    tracing_subscriber::fmt()
-        .with_env_filter(
-            EnvFilter::try_from_default_env()
-                .unwrap_or_else(|_| EnvFilter::new("info,tower_http=warn,aws=warn")),
-        )
-        .with_writer(std::io::stderr)
-        .init();
+    // `serve` sets up its logs once its config (with `log.format`) is read.
+    if !matches!(cli.command, Command::Serve { .. }) {
+        let _ = cellar::telemetry::init(cli.log_format.unwrap_or_default());
+    }
     let result = match cli.command {
-        Command::Serve { config } => serve(config.as_deref()),
+        Command::Serve { config } => serve(config.as_deref(), cli.log_format),
+        Command::Status { url, token_file } => status(&url, token_file.as_deref()),
         Command::CheckConfig { config } => check_config(config.as_deref()),
         Command::Keygen { name, out } => keygen(&name, out.as_deref()),
         Command::Import { dir, config } => import(&dir, config.as_deref()),
@@ -194,8 +203,7 @@ fn import(dir: &Path, path: Option<&Path>) -> anyhow::Result<()> {
         .context("starting the async runtime")?;
     let summary = rt.block_on(async {
         let store = store::open(&cfg.store).await.context("opening the store")?;
-        let uploader =
-            cellar::upload::Uploader::new(&cfg.upload, &cfg.store_dir, store.clone(), None);
+        let uploader = cellar::upload::Uploader::new(&cfg.upload, &cfg.store_dir, store.clone());
         let bar = indicatif::ProgressBar::new(0);
         if let Ok(style) =
             indicatif::ProgressStyle::with_template("{bar:40} {pos}/{len} {wide_msg}")
@@ -246,8 +254,14 @@ fn token_new(name: &str, scope: ScopeArg) -> anyhow::Result<()> {
     Ok(())
 }
 
-fn serve(path: Option<&Path>) -> anyhow::Result<()> {
+fn serve(path: Option<&Path>, log_format: Option<LogFormat>) -> anyhow::Result<()> {
     let cfg = Config::load(path)?;
+    cellar::telemetry::init(log_format.unwrap_or(cfg.log.format))
+        .map_err(|e| anyhow::anyhow!("setting up logs: {e}"))?;
+    cellar::metrics::set_build_info(match cfg.store.backend {
+        StoreBackend::Local(_) => "local",
+        StoreBackend::S3(_) => "s3",
+    });
     let loaded = signing_keys::load(&cfg.signing)?;
     if let Some(p) = &loaded.generated {
         eprintln!("cellar: created signing key {} on first start", p.display());
@@ -264,20 +278,33 @@ fn serve(path: Option<&Path>) -> anyhow::Result<()> {
         let store = store::open(&cfg.store)
             .await
             .with_context(|| format!("opening the store ({})", cfg.store.backend))?;
-        let shutdown = shutdown_signal().context("installing signal handlers")?;
+        let signal = shutdown_signal().context("installing signal handlers")?;
+        let shutdown = async {
+            signal.await;
+            cellar::systemd::stopping();
+        };
         let listener = tokio::net::TcpListener::bind(cfg.listen)
             .await
             .with_context(|| format!("config key `listen`: cannot bind {}", cfg.listen))?;
+        // With `listen = 127.0.0.1:0` the kernel picks the port: this is the address to use.
+        let addr = listener.local_addr().context("reading the bound address")?;
         tracing::info!(
-            listen = %listener.local_addr()?,
+            listen = %addr,
             store = %store.describe(),
             "cellar serving"
         );
+        if let Some(m) = cfg.metrics_listen {
+            serve_metrics(m).await?;
+        }
         spawn_staging_cleanup(store.clone(), cfg.upload.staging_max_age);
-        let state = AppState::new(cfg, store, loaded.keys)
-            .context("opening the NAR disk cache (cache.nar_dir)")?;
+        let state = AppState::new(cfg, store, loaded.keys)?;
         let access = state.access.clone();
         let flusher = access.spawn_flusher(state.config.gc.access_flush_interval);
+        cellar::reload::spawn_on_sighup(state.clone(), path.map(Path::to_owned))
+            .context("installing the SIGHUP handler")?;
+        announce(addr);
+        cellar::systemd::ready(&format!("serving on {addr}"));
+        cellar::systemd::spawn_watchdog();
         cellar::serve(listener, state, shutdown).await?;
         flusher.abort();
         // What was served since the last write still counts as recent use.
@@ -287,6 +314,49 @@ fn serve(path: Option<&Path>) -> anyhow::Result<()> {
         tracing::info!("stopped");
         Ok(())
     })
+}
+
+/// Binds `metrics_listen` and serves `/metrics` there until the process exits.
+async fn serve_metrics(addr: std::net::SocketAddr) -> anyhow::Result<()> {
+    let listener = tokio::net::TcpListener::bind(addr)
+        .await
+        .with_context(|| format!("config key `metrics_listen`: cannot bind {addr}"))?;
+    let bound = listener.local_addr().context("reading the bound address")?;
+    tracing::info!(listen = %bound, "metrics served");
+    tokio::spawn(async move {
+        if let Err(e) = axum::serve(listener, cellar::metrics_app()).await {
+            tracing::error!(cause = %e, "metrics listener failed");
+        }
+    });
+    Ok(())
+}
+
+fn status(url: &str, token_file: Option<&Path>) -> anyhow::Result<()> {
+    let token = match token_file {
+        Some(f) => Some(
+            std::fs::read_to_string(f)
+                .with_context(|| format!("reading --token-file {}", f.display()))?
+                .trim()
+                .to_owned(),
+        ),
+        None => None,
+    };
+    let rt = tokio::runtime::Builder::new_current_thread()
+        .enable_all()
+        .build()
+        .context("starting the async runtime")?;
+    let status = rt.block_on(cellar::status::fetch(url, token.as_deref()))?;
+    print!("{status}");
+    Ok(())
+}
+
+/// Prints `listening on http://ADDR` on stdout once the port is open and the app is built, so
+/// a supervisor or a test that asked for port 0 waits for this one line instead of polling the
+/// port. Rust's stdout is line-buffered even into a pipe: the line leaves at once.
+fn announce(addr: std::net::SocketAddr) {
+    use std::io::Write as _;
+    // A closed stdout must not stop the server (the address is in the log too).
+    let _ = writeln!(std::io::stdout(), "listening on http://{addr}");
 }
 
 /// Removes unfinished uploads (aborted multipart uploads, temporary files) at start and hourly.

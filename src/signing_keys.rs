@@ -26,6 +26,8 @@ pub enum KeyFileError {
     },
     #[error("invalid key name: {0}")]
     Name(KeyError),
+    #[error("cannot generate a signing key: {0}")]
+    Generate(KeyError),
 }
 
 /// Reads one secret key file.
@@ -87,6 +89,15 @@ pub struct LoadedKeys {
     pub generated: Option<PathBuf>,
 }
 
+/// Loads every configured key, or the generated key file if none is configured, without
+/// creating anything: for a reload, where a missing key file is an error to report.
+pub fn load_existing(cfg: &SigningConfig) -> Result<Vec<SecretKey>, KeyFileError> {
+    if cfg.key_files.is_empty() {
+        return Ok(vec![read_secret_key(&cfg.generated_key_file)?]);
+    }
+    cfg.key_files.iter().map(|p| read_secret_key(p)).collect()
+}
+
 /// Loads every configured key; with none configured, loads (or creates on first run) the
 /// generated key file.
 pub fn load(cfg: &SigningConfig) -> Result<LoadedKeys, KeyFileError> {
@@ -112,7 +123,10 @@ pub fn load(cfg: &SigningConfig) -> Result<LoadedKeys, KeyFileError> {
         .generated_key_name
         .clone()
         .unwrap_or_else(default_key_name);
-    let key = SecretKey::generate(&name).map_err(KeyFileError::Name)?;
+    let key = SecretKey::generate(&name).map_err(|e| match e {
+        KeyError::RandomSource(_) => KeyFileError::Generate(e),
+        e => KeyFileError::Name(e),
+    })?;
     write_secret_key(path, &key)?;
     Ok(LoadedKeys {
         keys: vec![key],

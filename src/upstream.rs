@@ -5,50 +5,91 @@
 //! the upstream through `/nar/…`. A slow or dead upstream is a miss after its timeout and is
 //! then skipped for a while, so an outage does not turn every request into a wait.
 
+use std::fmt;
 use std::io;
-use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
-use std::time::{Duration, SystemTime, UNIX_EPOCH};
+use std::time::Duration;
 
 use async_trait::async_trait;
 use futures::{StreamExt as _, TryStreamExt as _};
 
+use crate::backoff::Backoff;
 use crate::config::UpstreamConfig;
-use crate::nix::{NarFileName, NarInfo, PublicKey, StorePathHash};
+use crate::nix::{NarInfo, NarInfoError, NarUrlError, PublicKey, StorePathHash, MAX_NARINFO_BYTES};
 use crate::store::{ByteRange, ContentRange, Object, ObjectWriter, Store, StoreError};
 
 /// After a failure, how long an upstream is skipped.
-const BACKOFF_SECS: u64 = 30;
+const BACKOFF: Duration = Duration::from_secs(30);
 
 struct Upstream {
     base: String,
     keys: Vec<PublicKey>,
     timeout: Duration,
     mirror: bool,
-    down_until: AtomicU64,
-    down_logged: AtomicBool,
+    /// Active while the upstream is skipped after a failure.
+    down: Backoff,
 }
 
-fn now() -> u64 {
-    SystemTime::now()
-        .duration_since(UNIX_EPOCH)
-        .map_or(0, |d| d.as_secs())
+/// Why an upstream could not answer: it is then skipped for a while.
+enum Failure {
+    /// No answer within the upstream's timeout.
+    Timeout,
+    /// The request failed (connection refused, DNS, TLS, a connection cut).
+    Request(reqwest::Error),
+    /// A 5xx.
+    Status(reqwest::StatusCode),
+}
+
+impl fmt::Display for Failure {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        match self {
+            Self::Timeout => f.write_str("timeout"),
+            Self::Request(e) => fmt::Display::fmt(e, f),
+            Self::Status(s) => write!(f, "HTTP {s}"),
+        }
+    }
+}
+
+/// Why a narinfo from an upstream is not accepted (the upstream itself is fine).
+enum Refusal {
+    /// Larger than the cap given to [`read_capped`].
+    TooLarge(usize),
+    /// The body could not be read to its end.
+    Body(reqwest::Error),
+    /// Not a narinfo, or not the one asked for.
+    Invalid(NarInfoError),
+    Unsigned,
+    /// Its `URL` is not `nar/<file>`, so its NAR could not be served through `/nar/…`.
+    BadUrl(NarUrlError),
+}
+
+impl fmt::Display for Refusal {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        match self {
+            Self::TooLarge(cap) => write!(f, "too large (over {cap} bytes)"),
+            Self::Body(e) => write!(f, "reading the body: {e}"),
+            Self::Invalid(e) => fmt::Display::fmt(e, f),
+            Self::Unsigned => f.write_str("no valid signature by the upstream's keys"),
+            Self::BadUrl(e) => fmt::Display::fmt(e, f),
+        }
+    }
 }
 
 impl Upstream {
-    fn is_down(&self) -> bool {
-        now() < self.down_until.load(Ordering::Relaxed)
-    }
-
-    fn mark_down(&self, why: &str) {
-        self.down_until
-            .store(now() + BACKOFF_SECS, Ordering::Relaxed);
-        if !self.down_logged.swap(true, Ordering::Relaxed) {
-            tracing::warn!(upstream = %self.base, cause = why, "upstream unavailable; skipping it for {BACKOFF_SECS} s at a time");
+    /// Skips this upstream for a while; logs the first failure of an outage only.
+    fn failed(&self, why: &Failure) {
+        if self.down.trip() {
+            tracing::warn!(
+                upstream = %self.base,
+                cause = %why,
+                "upstream unavailable; skipping it for {} s at a time",
+                self.down.period().as_secs()
+            );
         }
     }
 
-    fn mark_up(&self) {
-        if self.down_logged.swap(false, Ordering::Relaxed) {
+    /// Logs the end of an outage, once.
+    fn answered(&self) {
+        if self.down.reset() {
             tracing::info!(upstream = %self.base, "upstream answers again");
         }
     }
@@ -67,9 +108,6 @@ pub struct Upstreams {
     store_dir: String,
 }
 
-/// Longest narinfo accepted from an upstream.
-const MAX_NARINFO: usize = 16 << 20;
-
 impl Upstreams {
     pub fn new(configs: &[UpstreamConfig], store_dir: &str) -> Result<Self, reqwest::Error> {
         let client = reqwest::Client::builder()
@@ -86,8 +124,7 @@ impl Upstreams {
                 keys: c.public_keys.clone(),
                 timeout: c.timeout,
                 mirror: c.mirror,
-                down_until: AtomicU64::new(0),
-                down_logged: AtomicBool::new(false),
+                down: Backoff::new(BACKOFF),
             })
             .collect();
         Ok(Self {
@@ -99,6 +136,14 @@ impl Upstreams {
 
     pub fn is_empty(&self) -> bool {
         self.list.is_empty()
+    }
+
+    /// Each upstream's URL, and whether it is skipped now after a failure.
+    pub fn health(&self) -> Vec<(String, bool)> {
+        self.list
+            .iter()
+            .map(|u| (u.base.clone(), u.down.is_active()))
+            .collect()
     }
 
     /// Asks each upstream in order for the narinfo of `h`; the first one with a narinfo that
@@ -126,7 +171,7 @@ impl Upstreams {
     async fn lookup_narinfo(&self, h: StorePathHash) -> (Option<Found>, bool) {
         let mut unavailable = false;
         for u in &self.list {
-            if u.is_down() {
+            if u.down.is_active() {
                 unavailable = true;
                 continue;
             }
@@ -136,19 +181,24 @@ impl Upstreams {
             {
                 Ok(Some(r)) => r,
                 Ok(None) => continue,
-                Err(()) => {
+                Err(_) => {
                     unavailable = true;
                     continue;
                 }
             };
-            let body = match tokio::time::timeout(u.timeout, read_capped(res, MAX_NARINFO)).await {
+            let body = match tokio::time::timeout(
+                u.timeout,
+                read_capped(res, MAX_NARINFO_BYTES as usize),
+            )
+            .await
+            {
                 Ok(Ok(b)) => b,
-                Ok(Err(e)) => {
-                    tracing::warn!(upstream = %u.base, path = %h, cause = %e, "upstream narinfo refused");
+                Ok(Err(why)) => {
+                    tracing::warn!(upstream = %u.base, path = %h, cause = %why, "upstream narinfo refused");
                     continue;
                 }
                 Err(_) => {
-                    u.mark_down("timeout");
+                    u.failed(&Failure::Timeout);
                     unavailable = true;
                     continue;
                 }
@@ -173,42 +223,43 @@ impl Upstreams {
 
     /// Sends `req` to `u` within its timeout: `Ok(Some)` for a 2xx (or 416, so a range outside
     /// the object can be reported as such), `Ok(None)` for a plain miss (4xx), `Err` when the
-    /// upstream failed (timeout, connection error, 5xx), which also marks it down.
+    /// upstream failed (timeout, connection error, 5xx), which also marks it down (and logs
+    /// the failure if it starts an outage, so callers need not).
     async fn send(
         &self,
         u: &Upstream,
         req: reqwest::RequestBuilder,
-    ) -> Result<Option<reqwest::Response>, ()> {
-        match tokio::time::timeout(u.timeout, req.send()).await {
-            Err(_) => u.mark_down("timeout"),
-            Ok(Err(e)) => u.mark_down(&e.to_string()),
-            Ok(Ok(r)) if r.status().is_server_error() => {
-                u.mark_down(&format!("HTTP {}", r.status()))
-            }
+    ) -> Result<Option<reqwest::Response>, Failure> {
+        let failure = match tokio::time::timeout(u.timeout, req.send()).await {
+            Err(_) => Failure::Timeout,
+            Ok(Err(e)) => Failure::Request(e),
+            Ok(Ok(r)) if r.status().is_server_error() => Failure::Status(r.status()),
             Ok(Ok(r)) => {
-                u.mark_up();
+                u.answered();
                 let ok = r.status().is_success()
                     || r.status() == reqwest::StatusCode::RANGE_NOT_SATISFIABLE;
+                let result = if ok { "ok" } else { "not_found" };
+                crate::metrics::upstream_request(&u.base, result);
                 return Ok(ok.then_some(r));
             }
-        }
-        Err(())
+        };
+        let result = match failure {
+            Failure::Timeout => "timeout",
+            Failure::Request(_) => "error",
+            Failure::Status(_) => "server_error",
+        };
+        crate::metrics::upstream_request(&u.base, result);
+        u.failed(&failure);
+        Err(failure)
     }
 
-    fn check(&self, u: &Upstream, h: StorePathHash, body: &[u8]) -> Result<NarInfo, String> {
-        let text = std::str::from_utf8(body).map_err(|_| "not UTF-8".to_owned())?;
-        let info = NarInfo::parse(text, &self.store_dir).map_err(|e| e.to_string())?;
-        if info.hash() != h {
-            return Err("StorePath does not match the name".into());
-        }
+    fn check(&self, u: &Upstream, h: StorePathHash, body: &[u8]) -> Result<NarInfo, Refusal> {
+        let info = NarInfo::parse_for(body, &self.store_dir, h).map_err(Refusal::Invalid)?;
         if !info.is_signed_by_any(&u.keys, &self.store_dir) {
-            return Err("no valid signature by the upstream's keys".into());
+            return Err(Refusal::Unsigned);
         }
         // Served through /nar/<file>, so the URL must be one of those names.
-        info.url
-            .strip_prefix("nar/")
-            .and_then(|n| n.parse::<NarFileName>().ok())
-            .ok_or_else(|| format!("URL {:?} is not nar/<file>", info.url))?;
+        info.nar_file().map_err(Refusal::BadUrl)?;
         Ok(info)
     }
 
@@ -217,7 +268,7 @@ impl Upstreams {
     async fn get(&self, key: &str, range: Option<ByteRange>) -> Result<Option<Object>, StoreError> {
         let mut unavailable = false;
         for u in &self.list {
-            if u.is_down() {
+            if u.down.is_active() {
                 unavailable = true;
                 continue;
             }
@@ -228,14 +279,24 @@ impl Upstreams {
             let res = match self.send(u, req).await {
                 Ok(Some(r)) => r,
                 Ok(None) => continue,
-                Err(()) => {
+                Err(_) => {
                     unavailable = true;
                     continue;
                 }
             };
             let status = res.status();
             if status == reqwest::StatusCode::RANGE_NOT_SATISFIABLE {
-                return Err(StoreError::RangeNotSatisfiable { size: 0 });
+                match self.refused_range_size(u, key, &res).await {
+                    Some(size) => return Err(StoreError::RangeNotSatisfiable { size }),
+                    None => {
+                        // The upstream has the object but will not say its size, which the
+                        // client needs to ask again. Neither a 416 with a made-up size nor a
+                        // 404 would be true: try the next upstream, else answer 503.
+                        tracing::warn!(upstream = %u.base, key, "upstream refused a range without saying the object's size");
+                        unavailable = true;
+                        continue;
+                    }
+                }
             }
             let Some(length) = res.content_length() else {
                 continue; // cannot serve with a Content-Length
@@ -269,40 +330,66 @@ impl Upstreams {
         Ok(None)
     }
 
+    /// The size of `key` at `u`, which answered a range request with 416: from the 416's
+    /// `Content-Range: bytes */<size>` (RFC 9110 § 15.5.17 asks servers to send it), else
+    /// from a HEAD.
+    async fn refused_range_size(
+        &self,
+        u: &Upstream,
+        key: &str,
+        res: &reqwest::Response,
+    ) -> Option<u64> {
+        let stated = res
+            .headers()
+            .get(reqwest::header::CONTENT_RANGE)
+            .and_then(|v| v.to_str().ok())
+            .and_then(unsatisfied_range_size);
+        match stated {
+            Some(size) => Some(size),
+            None => self.head_at(u, key).await,
+        }
+    }
+
     /// The size of `key` at the first upstream that has it.
     async fn head(&self, key: &str) -> Option<u64> {
-        for u in self.list.iter().filter(|u| !u.is_down()) {
-            let Ok(Some(r)) = self
-                .send(u, self.client.head(format!("{}/{key}", u.base)))
-                .await
-            else {
-                continue;
-            };
-            // HEAD has no body: the length is in the header.
-            if let Some(n) = r
-                .headers()
-                .get(reqwest::header::CONTENT_LENGTH)
-                .and_then(|v| v.to_str().ok())
-                .and_then(|v| v.parse().ok())
-            {
+        for u in self.list.iter().filter(|u| !u.down.is_active()) {
+            if let Some(n) = self.head_at(u, key).await {
                 return Some(n);
             }
         }
         None
     }
+
+    /// The size of `key` at `u`, if it has it.
+    async fn head_at(&self, u: &Upstream, key: &str) -> Option<u64> {
+        let r = self
+            .send(u, self.client.head(format!("{}/{key}", u.base)))
+            .await
+            .ok()??;
+        // HEAD has no body: the length is in the header.
+        r.headers()
+            .get(reqwest::header::CONTENT_LENGTH)
+            .and_then(|v| v.to_str().ok())
+            .and_then(|v| v.parse().ok())
+    }
+}
+
+/// The size in a 416's `Content-Range: bytes */<size>`.
+fn unsatisfied_range_size(v: &str) -> Option<u64> {
+    v.trim().strip_prefix("bytes */")?.parse().ok()
 }
 
 /// Reads a response body, refusing more than `cap` bytes.
-async fn read_capped(res: reqwest::Response, cap: usize) -> Result<bytes::Bytes, String> {
+async fn read_capped(res: reqwest::Response, cap: usize) -> Result<bytes::Bytes, Refusal> {
     if res.content_length().is_some_and(|l| l > cap as u64) {
-        return Err("too large".into());
+        return Err(Refusal::TooLarge(cap));
     }
     let mut buf = Vec::new();
     let mut body = res.bytes_stream();
     while let Some(chunk) = body.next().await {
-        let chunk = chunk.map_err(|e| e.to_string())?;
+        let chunk = chunk.map_err(Refusal::Body)?;
         if buf.len() + chunk.len() > cap {
-            return Err("too large".into());
+            return Err(Refusal::TooLarge(cap));
         }
         buf.extend_from_slice(&chunk);
     }
@@ -363,5 +450,76 @@ impl Store for WithUpstreams {
             self.store.describe(),
             self.upstreams.list.len()
         )
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use axum::extract::Path;
+    use axum::http::{header, HeaderMap, StatusCode};
+    use axum::response::{IntoResponse as _, Response};
+
+    #[test]
+    fn reads_the_size_of_a_refused_range() {
+        assert_eq!(unsatisfied_range_size("bytes */1234"), Some(1234));
+        assert_eq!(unsatisfied_range_size(" bytes */0 "), Some(0));
+        assert_eq!(unsatisfied_range_size("bytes 0-9/1234"), None);
+        assert_eq!(unsatisfied_range_size("bytes */"), None);
+        assert_eq!(unsatisfied_range_size("bytes */*"), None);
+    }
+
+    /// An upstream whose NARs answer a range with 416: `said.nar` states its size in
+    /// `Content-Range`, `unsaid.nar` does not (a HEAD tells it), `mute.nar` tells it nowhere.
+    async fn upstream_nar(Path(file): Path<String>, headers: HeaderMap) -> Response {
+        let ranged = headers.contains_key(header::RANGE);
+        match (file.as_str(), ranged) {
+            ("said.nar", true) => (
+                StatusCode::RANGE_NOT_SATISFIABLE,
+                [(header::CONTENT_RANGE, "bytes */1234")],
+            )
+                .into_response(),
+            ("unsaid.nar" | "mute.nar", true) => StatusCode::RANGE_NOT_SATISFIABLE.into_response(),
+            ("unsaid.nar", false) => vec![0u8; 777].into_response(),
+            _ => StatusCode::NOT_FOUND.into_response(),
+        }
+    }
+
+    #[tokio::test]
+    async fn a_refused_range_carries_the_upstreams_size() {
+        let app = axum::Router::new().route("/nar/{file}", axum::routing::get(upstream_nar));
+        let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+        let url = format!("http://{}", listener.local_addr().unwrap());
+        tokio::spawn(async move { axum::serve(listener, app).await });
+        let config = UpstreamConfig {
+            url,
+            public_keys: Vec::new(),
+            timeout: Duration::from_secs(5),
+            mirror: false,
+        };
+        let upstreams = Upstreams::new(&[config], "/nix/store").unwrap();
+        let range = Some(ByteRange::From {
+            start: 5000,
+            end: None,
+        });
+
+        let size = |r: Result<Option<Object>, StoreError>| match r {
+            Err(StoreError::RangeNotSatisfiable { size }) => Some(size),
+            Err(_) => None,
+            Ok(_) => panic!("a refused range was served"),
+        };
+        assert_eq!(size(upstreams.get("nar/said.nar", range).await), Some(1234));
+        assert_eq!(
+            size(upstreams.get("nar/unsaid.nar", range).await),
+            Some(777)
+        );
+        assert!(matches!(
+            upstreams.get("nar/mute.nar", range).await,
+            Err(StoreError::Unavailable(_))
+        ));
+        assert!(
+            !upstreams.list[0].down.is_active(),
+            "refusing a range is not an outage"
+        );
     }
 }

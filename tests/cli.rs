@@ -5,7 +5,6 @@ mod common;
 
 use std::os::unix::fs::PermissionsExt as _;
 use std::process::{Command, Stdio};
-use std::time::{Duration, Instant};
 
 use common::*;
 
@@ -100,7 +99,7 @@ fn refuses_to_start_with_a_malformed_key_naming_the_file() {
     std::fs::write(d.path().join("bad.sec"), "garbage").unwrap();
     let out = cellar(d.path())
         .args(["serve"])
-        .env("CELLAR_LISTEN", format!("127.0.0.1:{}", free_port()))
+        .env("CELLAR_LISTEN", "127.0.0.1:0")
         .env("CELLAR_SIGNING__KEY_FILES", "bad.sec")
         .output()
         .unwrap();
@@ -116,18 +115,17 @@ fn refuses_to_start_with_a_malformed_key_naming_the_file() {
 #[test]
 fn first_start_creates_a_key_and_prints_the_trusted_key_line_then_stops_on_sigterm() {
     let d = tempfile::tempdir().unwrap();
-    let port = free_port();
-    let child = cellar(d.path())
+    let log = d.path().join("serve.log");
+    let mut child = cellar(d.path())
         .args(["serve"])
-        .env("CELLAR_LISTEN", format!("127.0.0.1:{port}"))
-        .stderr(Stdio::piped())
+        .env("CELLAR_LISTEN", "127.0.0.1:0")
+        .stdout(Stdio::piped())
+        .stderr(std::fs::File::create(&log).unwrap())
         .spawn()
         .unwrap();
-    let deadline = Instant::now() + Duration::from_secs(20);
-    while std::net::TcpStream::connect(("127.0.0.1", port)).is_err() {
-        assert!(Instant::now() < deadline, "did not start");
-        std::thread::sleep(Duration::from_millis(20));
-    }
+    let read_log = || std::fs::read_to_string(&log).unwrap_or_default();
+    let addr = wait_until_listening(&mut child, read_log);
+    std::net::TcpStream::connect(addr).expect("the announced address accepts connections");
     assert!(d.path().join("cellar-data").is_dir());
     let key = std::fs::read_to_string(d.path().join("cellar-key.sec")).unwrap();
     let status = Command::new("kill")
@@ -135,9 +133,9 @@ fn first_start_creates_a_key_and_prints_the_trusted_key_line_then_stops_on_sigte
         .status()
         .unwrap();
     assert!(status.success());
-    let out = child.wait_with_output().unwrap();
-    assert!(out.status.success(), "exit after SIGTERM: {:?}", out.status);
-    let err = String::from_utf8_lossy(&out.stderr);
+    let exit = child.wait().unwrap();
+    assert!(exit.success(), "exit after SIGTERM: {exit:?}");
+    let err = read_log();
     assert!(err.contains("trusted-public-keys = "), "{err}");
     let secret_part = key.split_once(':').unwrap().1;
     assert!(!err.contains(secret_part), "the secret key was printed");
@@ -174,4 +172,48 @@ fn token_new_prints_a_token_and_its_hash_only() {
         "{}",
         String::from_utf8_lossy(&check.stderr)
     );
+}
+
+/// cellar deletes files in its NAR cache: pointed at a directory it did not make, it refuses
+/// to start and deletes nothing; pointed at the directory holding its key, likewise.
+#[test]
+fn a_nar_cache_in_someone_elses_directory_is_refused() {
+    let d = tempfile::tempdir().unwrap();
+    let shared = d.path().join("shared");
+    std::fs::create_dir(&shared).unwrap();
+    std::fs::write(shared.join("notes.txt"), b"keep me").unwrap();
+    let mut cmd = cellar(d.path());
+    cmd.args(["serve"])
+        .env("CELLAR_LISTEN", "127.0.0.1:0")
+        .env("CELLAR_CACHE__NAR_DIR", &shared)
+        .stdout(Stdio::null());
+    let out = output_within_a_minute(cmd);
+    let err = String::from_utf8_lossy(&out.stderr);
+    assert!(!out.status.success(), "{err}");
+    assert!(err.contains("cache.nar_dir"), "{err}");
+    assert_eq!(std::fs::read(shared.join("notes.txt")).unwrap(), b"keep me");
+
+    // The working directory, where the first start put the signing key.
+    let mut cmd = cellar(d.path());
+    cmd.args(["serve"])
+        .env("CELLAR_LISTEN", "127.0.0.1:0")
+        .env("CELLAR_CACHE__NAR_DIR", ".")
+        .stdout(Stdio::null());
+    let out = output_within_a_minute(cmd);
+    let err = String::from_utf8_lossy(&out.stderr);
+    assert!(!out.status.success(), "{err}");
+    assert!(err.contains("cache.nar_dir"), "{err}");
+    assert!(d.path().join("shared/notes.txt").exists());
+}
+
+/// Runs `cmd` to its end; a server that wrongly starts is killed after a minute (a guard
+/// against a hung test, never a wait the test relies on), so the test fails instead of hanging.
+fn output_within_a_minute(mut cmd: Command) -> std::process::Output {
+    let child = cmd.stderr(Stdio::piped()).spawn().unwrap();
+    let pid = child.id().to_string();
+    std::thread::spawn(move || {
+        std::thread::sleep(std::time::Duration::from_secs(60));
+        let _ = Command::new("kill").arg(&pid).status();
+    });
+    child.wait_with_output().unwrap()
 }

@@ -44,10 +44,8 @@ fn wrong_key_is_refused(url: &str, top: &str, work: &Path) {
 #[tokio::test(flavor = "multi_thread")]
 async fn s3_xz_closure_substitutes_trusting_only_cellar() {
     let f = fixture();
-    let s3 = s3_env();
-    let prefix = unique_prefix("e2e-xz");
-    s3_upload_dir(&s3, &prefix, &f.xz_dir).await;
-    let srv = Server::start(s3_store_env(&s3, &s3.endpoint, &prefix));
+    let app = App::s3("e2e-xz").seed_dir(&f.xz_dir).spawn().await;
+    let srv = &app.srv;
     let work = tempfile::tempdir().unwrap();
 
     substitute_and_verify(&srv.url, &srv.public_key, &f.top, work.path());
@@ -74,10 +72,8 @@ async fn s3_xz_closure_substitutes_trusting_only_cellar() {
 #[tokio::test(flavor = "multi_thread")]
 async fn s3_zstd_closure_substitutes() {
     let f = fixture();
-    let s3 = s3_env();
-    let prefix = unique_prefix("e2e-zstd");
-    s3_upload_dir(&s3, &prefix, &f.zstd_dir).await;
-    let srv = Server::start(s3_store_env(&s3, &s3.endpoint, &prefix));
+    let app = App::s3("e2e-zstd").seed_dir(&f.zstd_dir).spawn().await;
+    let srv = &app.srv;
     let work = tempfile::tempdir().unwrap();
     substitute_and_verify(&srv.url, &srv.public_key, &f.top, work.path());
     realise_with_substituter(&srv.url, &srv.public_key, &f.top, work.path());
@@ -108,17 +104,17 @@ async fn local_directory_backend_substitutes() {
 #[tokio::test(flavor = "multi_thread")]
 async fn hot_closure_is_served_without_touching_s3() {
     let f = fixture();
-    let s3 = s3_env();
-    let prefix = unique_prefix("e2e-hot");
-    s3_upload_dir(&s3, &prefix, &f.xz_dir).await;
-    let proxy = Proxy::start(&s3.endpoint).await;
     let work = tempfile::tempdir().unwrap();
-    let mut env = s3_store_env(&s3, &proxy.url(), &prefix);
-    env.push((
-        "CELLAR_CACHE__NAR_DIR".into(),
-        work.path().join("nar-cache").to_str().unwrap().into(),
-    ));
-    let srv = Server::start(env);
+    let app = App::s3("e2e-hot")
+        .through_proxy()
+        .seed_dir(&f.xz_dir)
+        .env(
+            "CELLAR_CACHE__NAR_DIR",
+            work.path().join("nar-cache").to_str().unwrap(),
+        )
+        .spawn()
+        .await;
+    let (srv, proxy) = (&app.srv, app.proxy());
     substitute_and_verify(
         &srv.url,
         &srv.public_key,

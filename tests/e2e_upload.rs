@@ -35,23 +35,15 @@ fn assert_ok(out: &std::process::Output, what: &str) {
     );
 }
 
-fn s3_server(prefix: &str, config: &str, extra: &[(&str, &str)]) -> Server {
-    let s3 = s3_env();
-    let mut env = s3_store_env(&s3, &s3.endpoint, prefix);
-    for (k, v) in extra {
-        env.push(((*k).to_owned(), (*v).to_owned()));
-    }
-    Server::start_with_config(config, env)
-}
-
 #[tokio::test(flavor = "multi_thread")]
 async fn nix_copy_to_cellar_then_substitute_xz_and_zstd() {
     let f = fixture();
     let (w, wcfg) = token("builder", "write");
     let work = tempfile::tempdir().unwrap();
     for (tag, query) in [("xz", ""), ("zstd", "?compression=zstd")] {
-        let srv = s3_server(&unique_prefix(&format!("up-{tag}")), &wcfg, &[]);
-        let netrc = netrc(work.path(), &srv, &w);
+        let app = App::s3(&format!("up-{tag}")).config(&wcfg).spawn().await;
+        let srv = &app.srv;
+        let netrc = netrc(work.path(), srv, &w);
         let out = copy_to(
             &format!("{}{query}", srv.url),
             Some(&netrc),
@@ -93,7 +85,11 @@ async fn uploads_need_a_write_token() {
     let f = fixture();
     let (w, wcfg) = token("builder", "write");
     let (r, rcfg) = token("reader", "read");
-    let srv = s3_server(&unique_prefix("up-auth"), &format!("{wcfg}{rcfg}"), &[]);
+    let app = App::s3("up-auth")
+        .config(&format!("{wcfg}{rcfg}"))
+        .spawn()
+        .await;
+    let srv = &app.srv;
     let work = tempfile::tempdir().unwrap();
     let leaf = f.closure.iter().find(|p| p.ends_with("-leaf")).unwrap();
 
@@ -107,7 +103,7 @@ async fn uploads_need_a_write_token() {
     );
     // A wrong token: 403. A read-only token: 403.
     for (tag, tok) in [("wrong", "cellar_not-a-token"), ("reader", r.as_str())] {
-        let n = netrc(work.path(), &srv, tok);
+        let n = netrc(work.path(), srv, tok);
         let out = copy_to(&srv.url, Some(&n), &[leaf], work.path(), tag);
         assert!(
             !out.status.success(),
@@ -153,7 +149,7 @@ async fn uploads_need_a_write_token() {
     assert_eq!(got, "log text");
 
     // The right token through nix works.
-    let n = netrc(work.path(), &srv, &w);
+    let n = netrc(work.path(), srv, &w);
     assert_ok(
         &copy_to(&srv.url, Some(&n), &[leaf], work.path(), "ok"),
         "copy with write token",
@@ -166,9 +162,10 @@ async fn private_mode_needs_a_token_to_read() {
     let (w, wcfg) = token("builder", "write");
     let (r, rcfg) = token("reader", "read");
     let config = format!("[auth]\nprivate = true\n{wcfg}{rcfg}");
-    let srv = s3_server(&unique_prefix("up-private"), &config, &[]);
+    let app = App::s3("up-private").config(&config).spawn().await;
+    let srv = &app.srv;
     let work = tempfile::tempdir().unwrap();
-    let wn = netrc(work.path(), &srv, &w);
+    let wn = netrc(work.path(), srv, &w);
     assert_ok(
         &copy_to(&srv.url, Some(&wn), &[&f.top], work.path(), "w"),
         "upload",
@@ -183,7 +180,7 @@ async fn private_mode_needs_a_token_to_read() {
         200
     );
     // A reader substitutes with its netrc.
-    let rn = netrc(work.path(), &srv, &r);
+    let rn = netrc(work.path(), srv, &r);
     let store = work.path().join("store-private");
     let mut c = nix("nix", &work.path().join("xdg-private"));
     c.args(["copy", "--from", &srv.url, "--store"])
@@ -204,9 +201,10 @@ async fn recompression_to_zstd_round_trips() {
     let f = fixture();
     let (w, wcfg) = token("builder", "write");
     let config = format!("[upload]\ncompression = \"zstd\"\ncompression_level = 5\n{wcfg}");
-    let srv = s3_server(&unique_prefix("up-recompress"), &config, &[]);
+    let app = App::s3("up-recompress").config(&config).spawn().await;
+    let srv = &app.srv;
     let work = tempfile::tempdir().unwrap();
-    let n = netrc(work.path(), &srv, &w);
+    let n = netrc(work.path(), srv, &w);
     assert_ok(
         &copy_to(&srv.url, Some(&n), &[&f.top], work.path(), "1"),
         "upload xz",
@@ -243,9 +241,10 @@ async fn recompression_to_zstd_round_trips() {
 async fn two_clients_uploading_the_same_closure_at_once() {
     let f = fixture();
     let (w, wcfg) = token("builder", "write");
-    let srv = s3_server(&unique_prefix("up-concurrent"), &wcfg, &[]);
+    let app = App::s3("up-concurrent").config(&wcfg).spawn().await;
+    let srv = &app.srv;
     let work = tempfile::tempdir().unwrap();
-    let n = netrc(work.path(), &srv, &w);
+    let n = netrc(work.path(), srv, &w);
     let spawn = |tag: &str| {
         let mut c = nix("nix", &work.path().join(format!("xdg-c-{tag}")));
         c.args(["copy", "--to", &srv.url, "--option", "netrc-file"])
@@ -340,8 +339,8 @@ async fn status(url: String) -> u16 {
 async fn bad_uploads_are_refused_and_leave_nothing_visible() {
     let f = fixture();
     let (w, wcfg) = token("builder", "write");
-    let prefix = unique_prefix("up-bad");
-    let srv = s3_server(&prefix, &wcfg, &[]);
+    let app = App::s3("up-bad").config(&wcfg).spawn().await;
+    let srv = &app.srv;
     let c = reqwest::Client::new();
     let leaf_path = f.closure.iter().find(|p| p.ends_with("-leaf")).unwrap();
     let mid_path = f.closure.iter().find(|p| p.ends_with("-mid")).unwrap();
@@ -484,8 +483,8 @@ async fn bad_uploads_are_refused_and_leave_nothing_visible() {
 #[tokio::test(flavor = "multi_thread")]
 async fn truncated_upload_leaves_no_trace() {
     let (w, wcfg) = token("builder", "write");
-    let prefix = unique_prefix("up-trunc");
-    let srv = s3_server(&prefix, &wcfg, &[]);
+    let app = App::s3("up-trunc").config(&wcfg).spawn().await;
+    let (srv, s3, prefix) = (&app.srv, &app.s3, &app.prefix);
     // A 20 MiB body so the server is already in a multipart upload when the client dies.
     let name = "0000000000000000000000000000000000000000000000000000.nar";
     let mut s = std::net::TcpStream::connect(srv.addr).unwrap();
@@ -506,21 +505,20 @@ async fn truncated_upload_leaves_no_trace() {
     std::thread::sleep(std::time::Duration::from_millis(300));
     drop(s);
     // Give the server a moment to notice and clean up, then look everywhere.
-    let s3 = s3_env();
-    let client = s3_client(&s3);
+    let client = s3_client(s3);
     let mut clean = false;
     for _ in 0..50 {
         let objects = client
             .list_objects_v2()
             .bucket(&s3.bucket)
-            .prefix(&prefix)
+            .prefix(prefix)
             .send()
             .await
             .unwrap();
         let uploads = client
             .list_multipart_uploads()
             .bucket(&s3.bucket)
-            .prefix(&prefix)
+            .prefix(prefix)
             .send()
             .await
             .unwrap();
@@ -550,9 +548,8 @@ async fn truncated_upload_leaves_no_trace() {
 #[tokio::test(flavor = "multi_thread")]
 async fn import_a_file_cache_twice_then_substitute() {
     let f = fixture();
-    let s3 = s3_env();
-    let prefix = unique_prefix("import");
-    let env = s3_store_env(&s3, &s3.endpoint, &prefix);
+    let app = App::s3("import");
+    let env = app.direct_store_env();
     let import = |dir: &Path| {
         let mut c = std::process::Command::new(CELLAR);
         c.arg("import").arg(dir).envs(env.iter().cloned());
@@ -577,7 +574,8 @@ async fn import_a_file_cache_twice_then_substitute() {
         "{out2}"
     );
 
-    let srv = Server::start(env.clone());
+    let app = app.spawn().await;
+    let srv = &app.srv;
     let work = tempfile::tempdir().unwrap();
     substitute_and_verify(
         &srv.url,
@@ -603,7 +601,7 @@ async fn import_a_file_cache_twice_then_substitute() {
     let n = bytes.len();
     bytes[n / 2] ^= 0x55;
     std::fs::write(&nar_path, bytes).unwrap();
-    let env2 = s3_store_env(&s3, &s3.endpoint, &unique_prefix("import-bad"));
+    let env2 = App::s3("import-bad").direct_store_env();
     let mut c = std::process::Command::new(CELLAR);
     c.arg("import").arg(&bad).envs(env2);
     let out = c.output().unwrap();

@@ -38,21 +38,17 @@ fn upstream_config(url: &str, key: &str, extra: &str) -> String {
     format!("[[upstreams]]\nurl = \"{url}\"\npublic_keys = [\"{key}\"]\ntimeout_secs = 2\n{extra}")
 }
 
-fn front(prefix: &str, config: &str) -> Server {
-    let s3 = s3_env();
-    Server::start_with_config(config, s3_store_env(&s3, &s3.endpoint, prefix))
-}
-
 #[tokio::test(flavor = "multi_thread")]
 async fn nix_substitutes_through_the_upstream_chain() {
     let f = fixture();
     let work = tempfile::tempdir().unwrap();
     let all: Vec<&str> = f.closure.iter().map(String::as_str).collect();
     let b = upstream_with(&all, work.path());
-    let a = front(
-        &unique_prefix("pull"),
-        &upstream_config(&b.url, &b.public_key, ""),
-    );
+    let app = App::s3("pull")
+        .config(&upstream_config(&b.url, &b.public_key, ""))
+        .spawn()
+        .await;
+    let a = &app.srv;
 
     substitute_and_verify(&a.url, &a.public_key, &f.top, &work.path().join("pull"));
     let mut r = nix("nix-store", &work.path().join("xdg-realise"));
@@ -79,10 +75,11 @@ async fn upstream_narinfos_without_a_valid_signature_are_refused() {
         .output()
         .unwrap();
     let wrong = String::from_utf8(out.stdout).unwrap().trim().to_owned();
-    let a = front(
-        &unique_prefix("pull-bad"),
-        &upstream_config(&b.url, &wrong, ""),
-    );
+    let app = App::s3("pull-bad")
+        .config(&upstream_config(&b.url, &wrong, ""))
+        .spawn()
+        .await;
+    let a = &app.srv;
     let r = reqwest::get(format!("{}/{}.narinfo", a.url, Fixture::hash(&f.top)))
         .await
         .unwrap();
@@ -102,10 +99,11 @@ async fn a_dead_upstream_is_a_miss_within_its_timeout() {
         }
     });
     let key = "cellar-test-1:/+L0Q/jKhm6dU1WL+m92avPr/xAL77BfJ3lwg3EXluU=";
-    let a = front(
-        &unique_prefix("pull-dead"),
-        &upstream_config(&format!("http://{addr}"), key, ""),
-    );
+    let app = App::s3("pull-dead")
+        .config(&upstream_config(&format!("http://{addr}"), key, ""))
+        .spawn()
+        .await;
+    let a = &app.srv;
     let url = format!("{}/{}.narinfo", a.url, "0000000000000000000000000000000a");
     let t = Instant::now();
     assert_eq!(reqwest::get(&url).await.unwrap().status(), 404);
@@ -126,25 +124,56 @@ async fn a_dead_upstream_is_a_miss_within_its_timeout() {
 }
 
 #[tokio::test(flavor = "multi_thread")]
+async fn head_of_a_nar_only_the_upstream_has_is_its_size() {
+    let f = fixture();
+    let work = tempfile::tempdir().unwrap();
+    let leaf = f.closure.iter().find(|p| p.ends_with("-leaf")).unwrap();
+    let b = upstream_with(&[leaf.as_str()], work.path());
+    let app = App::s3("pull-head")
+        .config(&upstream_config(&b.url, &b.public_key, ""))
+        .spawn()
+        .await;
+    let a = &app.srv;
+    let ni =
+        std::fs::read_to_string(f.xz_dir.join(format!("{}.narinfo", Fixture::hash(leaf)))).unwrap();
+    let url = ni.lines().find_map(|l| l.strip_prefix("URL: ")).unwrap();
+    let nar = format!("{}/{url}", a.url);
+    let c = reqwest::Client::new();
+    // HEAD first: nothing a GET does can have brought the NAR closer.
+    let head = c.head(&nar).send().await.unwrap();
+    assert_eq!(head.status(), 200, "HEAD {nar}\n{}", a.log());
+    // A HEAD response has no body: the size is in the header.
+    let len: u64 = head.headers()[reqwest::header::CONTENT_LENGTH]
+        .to_str()
+        .unwrap()
+        .parse()
+        .unwrap();
+    let get = c.get(&nar).send().await.unwrap();
+    assert_eq!(get.status(), 200, "GET {nar}");
+    let body = get.bytes().await.unwrap();
+    assert_eq!(len, body.len() as u64);
+    assert_eq!(body, std::fs::read(f.xz_dir.join(url)).unwrap());
+}
+
+#[tokio::test(flavor = "multi_thread")]
 async fn mirrored_paths_land_in_the_bucket() {
     let f = fixture();
     let work = tempfile::tempdir().unwrap();
     let leaf = f.closure.iter().find(|p| p.ends_with("-leaf")).unwrap();
     let b = upstream_with(&[leaf.as_str()], work.path());
-    let prefix = unique_prefix("pull-mirror");
-    let a = front(
-        &prefix,
-        &upstream_config(&b.url, &b.public_key, "mirror = true\n"),
-    );
+    let app = App::s3("pull-mirror")
+        .config(&upstream_config(&b.url, &b.public_key, "mirror = true\n"))
+        .spawn()
+        .await;
+    let (a, s3, prefix) = (&app.srv, &app.s3, &app.prefix);
     let h = Fixture::hash(leaf);
     let r = reqwest::get(format!("{}/{h}.narinfo", a.url))
         .await
         .unwrap();
     assert_eq!(r.status(), 200);
-    let s3 = s3_env();
     let mut there = false;
     for _ in 0..100 {
-        if s3_exists(&s3, &format!("{prefix}{h}.narinfo")).await {
+        if s3_exists(s3, &format!("{prefix}{h}.narinfo")).await {
             there = true;
             break;
         }
@@ -169,11 +198,15 @@ async fn uploads_may_reference_paths_the_upstream_has() {
     let mid = f.closure.iter().find(|p| p.ends_with("-mid")).unwrap();
     let b = upstream_with(&[leaf.as_str()], work.path());
     let (w, wcfg) = token("builder", "write");
-    let a = front(
-        &unique_prefix("pull-upload"),
-        &format!("{}{wcfg}", upstream_config(&b.url, &b.public_key, "")),
-    );
-    let n = netrc(work.path(), &a, &w);
+    let app = App::s3("pull-upload")
+        .config(&format!(
+            "{}{wcfg}",
+            upstream_config(&b.url, &b.public_key, "")
+        ))
+        .spawn()
+        .await;
+    let a = &app.srv;
+    let n = netrc(work.path(), a, &w);
     let mut c = nix("nix", &work.path().join("xdg-up"));
     c.args(["copy", "--to", &a.url, "--option", "netrc-file"])
         .arg(&n)

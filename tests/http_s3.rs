@@ -176,9 +176,8 @@ fn some_hash(n: u8) -> String {
 
 #[tokio::test(flavor = "multi_thread")]
 async fn cache_info_and_health() {
-    let s3 = s3_env();
-    let prefix = unique_prefix("info");
-    let srv = Server::start(s3_store_env(&s3, &s3.endpoint, &prefix));
+    let app = App::s3("info").spawn().await;
+    let srv = &app.srv;
     let c = client();
 
     let url = format!("{}/nix-cache-info", srv.url);
@@ -210,10 +209,8 @@ async fn cache_info_and_health() {
 #[tokio::test(flavor = "multi_thread")]
 async fn narinfos_are_served_signed_by_the_server_key() {
     let f = the_fixture().await;
-    let s3 = s3_env();
-    let prefix = unique_prefix("narinfo");
-    s3_upload_dir(&s3, &prefix, &f.xz_dir).await;
-    let srv = Server::start(s3_store_env(&s3, &s3.endpoint, &prefix));
+    let app = App::s3("narinfo").seed_dir(&f.xz_dir).spawn().await;
+    let srv = &app.srv;
     let server_key: PublicKey = srv.public_key.parse().unwrap();
     let c = client();
 
@@ -250,10 +247,8 @@ async fn narinfos_are_served_signed_by_the_server_key() {
 #[tokio::test(flavor = "multi_thread")]
 async fn nars_are_streamed_as_stored() {
     let f = the_fixture().await;
-    let s3 = s3_env();
-    let prefix = unique_prefix("nar");
-    s3_upload_dir(&s3, &prefix, &f.xz_dir).await;
-    let srv = Server::start(s3_store_env(&s3, &s3.endpoint, &prefix));
+    let app = App::s3("nar").seed_dir(&f.xz_dir).spawn().await;
+    let srv = &app.srv;
     let c = client();
 
     let nars = files_ending(&f.xz_dir.join("nar"), ".nar.xz");
@@ -280,10 +275,8 @@ async fn nars_are_streamed_as_stored() {
 #[tokio::test(flavor = "multi_thread")]
 async fn listings_are_served() {
     let f = the_fixture().await;
-    let s3 = s3_env();
-    let prefix = unique_prefix("ls");
-    s3_upload_dir(&s3, &prefix, &f.zstd_dir).await;
-    let srv = Server::start(s3_store_env(&s3, &s3.endpoint, &prefix));
+    let app = App::s3("ls").seed_dir(&f.zstd_dir).spawn().await;
+    let srv = &app.srv;
     let c = client();
 
     let listings = files_ending(&f.zstd_dir, ".ls");
@@ -308,10 +301,8 @@ async fn listings_are_served() {
 #[tokio::test(flavor = "multi_thread")]
 async fn build_logs_are_served() {
     let f = the_fixture().await;
-    let s3 = s3_env();
-    let prefix = unique_prefix("log");
-    s3_upload_dir(&s3, &prefix, &f.xz_dir).await;
-    let srv = Server::start(s3_store_env(&s3, &s3.endpoint, &prefix));
+    let app = App::s3("log").seed_dir(&f.xz_dir).spawn().await;
+    let srv = &app.srv;
     let c = client();
 
     let drv = Fixture::basename(&f.top_drv);
@@ -329,24 +320,20 @@ async fn build_logs_are_served() {
 
 #[tokio::test(flavor = "multi_thread")]
 async fn realisations_and_build_traces_are_served() {
-    let s3 = s3_env();
-    let prefix = unique_prefix("ca");
     let drv_hash = nix32_of(b"a CA derivation");
     let id = format!("sha256:{drv_hash}!out");
     let out_path = format!("{}-ca-out", some_hash(1));
     let doi = format!(
         r#"{{"dependentRealisations":{{}},"id":"{id}","outPath":"{out_path}","signatures":[]}}"#
     );
-    s3_put(&s3, &format!("{prefix}realisations/{id}.doi"), doi.clone()).await;
     let drv = format!("{}-ca.drv", some_hash(2));
     let trace = format!(r#"{{"outPath":"{out_path}","signatures":[]}}"#);
-    s3_put(
-        &s3,
-        &format!("{prefix}build-trace/{drv}/out"),
-        trace.clone(),
-    )
-    .await;
-    let srv = Server::start(s3_store_env(&s3, &s3.endpoint, &prefix));
+    let app = App::s3("ca")
+        .seed(format!("realisations/{id}.doi"), doi.clone())
+        .seed(format!("build-trace/{drv}/out"), trace.clone())
+        .spawn()
+        .await;
+    let srv = &app.srv;
     let c = client();
 
     for (url, want) in [
@@ -380,11 +367,12 @@ async fn realisations_and_build_traces_are_served() {
 
 #[tokio::test(flavor = "multi_thread")]
 async fn missing_objects_are_404_with_a_short_max_age() {
-    let s3 = s3_env();
-    let prefix = unique_prefix("missing");
     // Something in the prefix, so the store is not just empty.
-    s3_put(&s3, &format!("{prefix}{TOP_HASH}.narinfo"), TOP_NARINFO).await;
-    let srv = Server::start(s3_store_env(&s3, &s3.endpoint, &prefix));
+    let app = App::s3("missing")
+        .seed(format!("{TOP_HASH}.narinfo"), TOP_NARINFO)
+        .spawn()
+        .await;
+    let srv = &app.srv;
     let c = client();
 
     let hash = some_hash(3);
@@ -415,10 +403,8 @@ async fn missing_objects_are_404_with_a_short_max_age() {
 #[tokio::test(flavor = "multi_thread")]
 async fn nar_ranges() {
     let f = the_fixture().await;
-    let s3 = s3_env();
-    let prefix = unique_prefix("range");
-    s3_upload_dir(&s3, &prefix, &f.xz_dir).await;
-    let srv = Server::start(s3_store_env(&s3, &s3.endpoint, &prefix));
+    let app = App::s3("range").seed_dir(&f.xz_dir).spawn().await;
+    let srv = &app.srv;
     let c = client();
 
     let (name, want) = biggest_nar(&f.xz_dir);
@@ -473,11 +459,12 @@ async fn nar_ranges() {
 
 #[tokio::test(flavor = "multi_thread")]
 async fn invalid_names_never_reach_the_store() {
-    let s3 = s3_env();
-    let proxy = Proxy::start(&s3.endpoint).await;
-    let prefix = unique_prefix("names");
-    s3_put(&s3, &format!("{prefix}{TOP_HASH}.narinfo"), TOP_NARINFO).await;
-    let srv = Server::start(s3_store_env(&s3, &proxy.url(), &prefix));
+    let app = App::s3("names")
+        .through_proxy()
+        .seed(format!("{TOP_HASH}.narinfo"), TOP_NARINFO)
+        .spawn()
+        .await;
+    let (srv, proxy) = (&app.srv, app.proxy());
     let c = client();
 
     // A valid request goes through the proxy (and shows that it counts).
@@ -558,11 +545,12 @@ async fn invalid_names_never_reach_the_store() {
 #[tokio::test(flavor = "multi_thread")]
 async fn store_down_is_503_and_recovers() {
     let f = the_fixture().await;
-    let s3 = s3_env();
-    let proxy = Proxy::start(&s3.endpoint).await;
-    let prefix = unique_prefix("down");
-    s3_upload_dir(&s3, &prefix, &f.xz_dir).await;
-    let srv = Server::start(s3_store_env(&s3, &proxy.url(), &prefix));
+    let app = App::s3("down")
+        .through_proxy()
+        .seed_dir(&f.xz_dir)
+        .spawn()
+        .await;
+    let (srv, proxy) = (&app.srv, app.proxy());
     let c = client();
 
     let hash = Fixture::hash(&f.top);
@@ -623,55 +611,41 @@ async fn store_down_is_503_and_recovers() {
 
 #[tokio::test(flavor = "multi_thread")]
 async fn corrupt_narinfos_are_502() {
-    let s3 = s3_env();
-    let prefix = unique_prefix("corrupt");
-    let put = |hash: String, body: Vec<u8>| {
-        let (s3, prefix) = (s3.clone(), prefix.clone());
-        async move { s3_put(&s3, &format!("{prefix}{hash}.narinfo"), body).await }
-    };
-
     let no_narhash = some_hash(10);
-    put(
-        no_narhash.clone(),
-        narinfo_for(&no_narhash)
-            .lines()
-            .filter(|l| !l.starts_with("NarHash:"))
-            .map(|l| format!("{l}\n"))
-            .collect::<String>()
-            .into_bytes(),
-    )
-    .await;
     let crlf = some_hash(11);
-    put(
-        crlf.clone(),
-        narinfo_for(&crlf).replace('\n', "\r\n").into_bytes(),
-    )
-    .await;
     let bad_sig = some_hash(12);
-    put(
-        bad_sig.clone(),
-        format!("{}Sig: test-1:notbase64!\n", narinfo_for(&bad_sig)).into_bytes(),
-    )
-    .await;
     let not_utf8 = some_hash(13);
-    let mut bytes = narinfo_for(&not_utf8).into_bytes();
-    bytes.extend_from_slice(b"System: \xff\xfe\n");
-    put(not_utf8.clone(), bytes).await;
+    let mut not_utf8_body = narinfo_for(&not_utf8).into_bytes();
+    not_utf8_body.extend_from_slice(b"System: \xff\xfe\n");
     let no_store_path = some_hash(14);
-    put(
-        no_store_path.clone(),
-        narinfo_for(&no_store_path)
-            .replace("StorePath: ", "Path: ")
-            .into_bytes(),
-    )
-    .await;
-    // A valid narinfo, but under another path's name.
     let mismatch = some_hash(15);
-    put(mismatch.clone(), TOP_NARINFO.as_bytes().to_vec()).await;
-    // A valid one.
-    put(TOP_HASH.to_owned(), TOP_NARINFO.as_bytes().to_vec()).await;
-
-    let srv = Server::start(s3_store_env(&s3, &s3.endpoint, &prefix));
+    let key = |hash: &str| format!("{hash}.narinfo");
+    let app = App::s3("corrupt")
+        .seed(
+            key(&no_narhash),
+            narinfo_for(&no_narhash)
+                .lines()
+                .filter(|l| !l.starts_with("NarHash:"))
+                .map(|l| format!("{l}\n"))
+                .collect::<String>(),
+        )
+        .seed(key(&crlf), narinfo_for(&crlf).replace('\n', "\r\n"))
+        .seed(
+            key(&bad_sig),
+            format!("{}Sig: test-1:notbase64!\n", narinfo_for(&bad_sig)),
+        )
+        .seed(key(&not_utf8), not_utf8_body)
+        .seed(
+            key(&no_store_path),
+            narinfo_for(&no_store_path).replace("StorePath: ", "Path: "),
+        )
+        // A valid narinfo, but under another path's name.
+        .seed(key(&mismatch), TOP_NARINFO)
+        // A valid one.
+        .seed(key(TOP_HASH), TOP_NARINFO)
+        .spawn()
+        .await;
+    let srv = &app.srv;
     let c = client();
 
     for hash in [
@@ -710,13 +684,14 @@ async fn corrupt_narinfos_are_502() {
 #[tokio::test(flavor = "multi_thread")]
 async fn store_cut_mid_body_fails_the_download() {
     const SIZE: usize = 32 << 20;
-    let s3 = s3_env();
-    let proxy = Proxy::start(&s3.endpoint).await;
-    let prefix = unique_prefix("midbody");
     let data = pseudo_random(SIZE, 0x5eed);
     let name = format!("{}.nar", nix32_of(&data));
-    s3_put(&s3, &format!("{prefix}nar/{name}"), data.clone()).await;
-    let srv = Server::start(s3_store_env(&s3, &proxy.url(), &prefix));
+    let app = App::s3("midbody")
+        .through_proxy()
+        .seed(format!("nar/{name}"), data.clone())
+        .spawn()
+        .await;
+    let (srv, proxy) = (&app.srv, app.proxy());
     let c = client();
 
     let r = get(&c, &format!("{}/nar/{name}", srv.url)).await;
@@ -777,16 +752,17 @@ async fn store_cut_mid_body_fails_the_download() {
 
 #[tokio::test(flavor = "multi_thread")]
 async fn existing_signatures_are_kept_unless_configured_otherwise() {
-    let s3 = s3_env();
-    let prefix = unique_prefix("sigs");
-    s3_put(&s3, &format!("{prefix}{TOP_HASH}.narinfo"), TOP_NARINFO).await;
     let test1: PublicKey = TEST1_PUB.trim().parse().unwrap();
     let original = parse_narinfo(TOP_NARINFO.as_bytes());
     assert!(original.is_signed_by_any(std::slice::from_ref(&test1), STORE_DIR));
     let c = client();
 
     // Default: the store's signature stays, ours is added.
-    let keep = Server::start(s3_store_env(&s3, &s3.endpoint, &prefix));
+    let app = App::s3("sigs")
+        .seed(format!("{TOP_HASH}.narinfo"), TOP_NARINFO)
+        .spawn()
+        .await;
+    let keep = &app.srv;
     let ours: PublicKey = keep.public_key.parse().unwrap();
     let (_, body) = get_ok(&c, &format!("{}/{TOP_HASH}.narinfo", keep.url)).await;
     let served = parse_narinfo(&body);
@@ -797,12 +773,9 @@ async fn existing_signatures_are_kept_unless_configured_otherwise() {
     assert!(served.is_signed_by_any(&[ours], STORE_DIR));
 
     // keep_existing_signatures = false: only ours.
-    let mut env = s3_store_env(&s3, &s3.endpoint, &prefix);
-    env.push((
-        "CELLAR_SIGNING__KEEP_EXISTING_SIGNATURES".into(),
-        "false".into(),
-    ));
-    let drop = Server::start(env);
+    let drop = app
+        .another_server(&[("CELLAR_SIGNING__KEEP_EXISTING_SIGNATURES", "false")])
+        .await;
     let ours: PublicKey = drop.public_key.parse().unwrap();
     let (_, body) = get_ok(&c, &format!("{}/{TOP_HASH}.narinfo", drop.url)).await;
     let served = parse_narinfo(&body);
@@ -821,23 +794,19 @@ async fn existing_signatures_are_kept_unless_configured_otherwise() {
 /// come from disk (nothing reaches S3) with ranges served too.
 #[tokio::test(flavor = "multi_thread")]
 async fn disk_cached_nars_are_complete_cold_and_warm() {
-    let s3 = s3_env();
-    let proxy = Proxy::start(&s3.endpoint).await;
-    let prefix = unique_prefix("nar-cache");
+    let dir = tempfile::tempdir().unwrap();
+    let mut app = App::s3("nar-cache")
+        .through_proxy()
+        .env("CELLAR_CACHE__NAR_DIR", dir.path().to_str().unwrap());
     let mut nars = Vec::new();
     for seed in 0..3u64 {
         let data = pseudo_random((9 << 20) + seed as usize * 4099, seed + 100);
         let name = format!("{}.nar", nix32_of(&data));
-        s3_put(&s3, &format!("{prefix}nar/{name}"), data.clone()).await;
+        app = app.seed(format!("nar/{name}"), data.clone());
         nars.push((name, data));
     }
-    let dir = tempfile::tempdir().unwrap();
-    let mut env = s3_store_env(&s3, &proxy.url(), &prefix);
-    env.push((
-        "CELLAR_CACHE__NAR_DIR".into(),
-        dir.path().to_str().unwrap().into(),
-    ));
-    let srv = Server::start(env);
+    let app = app.spawn().await;
+    let (srv, proxy) = (&app.srv, app.proxy());
     let c = client();
 
     // Cold: four clients at once per NAR, all three NARs at once.

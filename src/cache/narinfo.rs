@@ -62,7 +62,11 @@ impl NarInfoCache {
         F: Fn() -> Fut,
         Fut: std::future::Future<Output = Result<Lookup, Error>>,
     {
+        // Set when this caller's loader runs: anything else was answered from memory (or by a
+        // load another request ran at the same time, which saved a store request all the same).
+        let loaded = std::sync::atomic::AtomicBool::new(false);
         let loading = async {
+            loaded.store(true, Ordering::Relaxed);
             for _ in 0..3 {
                 let before = self.generation.load(Ordering::SeqCst);
                 let found = load().await?;
@@ -72,10 +76,25 @@ impl NarInfoCache {
             }
             load().await
         };
-        self.cache
+        let found = self
+            .cache
             .try_get_with(h, loading)
             .await
-            .map_err(|e: Arc<Error>| (*e).clone())
+            .map_err(|e: Arc<Error>| (*e).clone())?;
+        let result = match (loaded.load(Ordering::Relaxed), &found) {
+            (true, _) => "miss",
+            (false, Some(_)) => "hit",
+            (false, None) => "negative_hit",
+        };
+        crate::metrics::cache_lookup("narinfo_memory", result);
+        Ok(found)
+    }
+
+    /// Number of entries (misses included) and their weight in bytes.
+    pub async fn usage(&self) -> (u64, u64) {
+        // moka counts lazily: settle what is pending so a report matches the requests before it.
+        self.cache.run_pending_tasks().await;
+        (self.cache.entry_count(), self.cache.weighted_size())
     }
 
     /// Forgets `h` (after an upload, so the new narinfo is served at once).

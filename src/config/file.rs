@@ -10,9 +10,9 @@ use std::time::Duration;
 use serde::{Deserialize, Deserializer};
 
 use super::{
-    AuthConfig, CacheConfig, Config, ConfigError, LocalStoreConfig, Recompression, S3Credentials,
-    S3StoreConfig, Scope, Secret, SigningConfig, StoreBackend, StoreConfig, TokenConfig,
-    UploadConfig, UpstreamConfig,
+    AuthConfig, CacheConfig, Config, ConfigError, LocalStoreConfig, LogConfig, LogFormat,
+    Recompression, S3Credentials, S3StoreConfig, Scope, Secret, SigningConfig, StoreBackend,
+    StoreConfig, TokenConfig, UploadConfig, UpstreamConfig,
 };
 use crate::nix::{Compression, PublicKey};
 
@@ -80,6 +80,8 @@ pub(super) struct ConfigFile {
     shutdown_timeout_secs: u64,
     narinfo_max_age_secs: u64,
     not_found_max_age_secs: u64,
+    header_read_timeout_secs: u64,
+    max_connections: usize,
     store: StoreSection,
     signing: SigningSection,
     auth: AuthSection,
@@ -87,6 +89,14 @@ pub(super) struct ConfigFile {
     cache: CacheSection,
     gc: gc::GcSection,
     upstreams: Vec<UpstreamEntry>,
+    metrics_listen: Option<SocketAddr>,
+    log: LogSection,
+}
+
+#[derive(Debug, Clone, Default, Deserialize)]
+#[serde(deny_unknown_fields, default)]
+struct LogSection {
+    format: LogFormat,
 }
 
 impl Default for ConfigFile {
@@ -99,6 +109,8 @@ impl Default for ConfigFile {
             shutdown_timeout_secs: 10,
             narinfo_max_age_secs: 60,
             not_found_max_age_secs: 10,
+            header_read_timeout_secs: 30,
+            max_connections: 1024,
             store: StoreSection::default(),
             signing: SigningSection::default(),
             auth: AuthSection::default(),
@@ -106,6 +118,8 @@ impl Default for ConfigFile {
             cache: CacheSection::default(),
             gc: gc::GcSection::default(),
             upstreams: Vec::new(),
+            metrics_listen: None,
+            log: LogSection::default(),
         }
     }
 }
@@ -131,6 +145,15 @@ impl ConfigFile {
             shutdown_timeout: secs("shutdown_timeout_secs", self.shutdown_timeout_secs, 1)?,
             narinfo_max_age: Duration::from_secs(self.narinfo_max_age_secs),
             not_found_max_age: Duration::from_secs(self.not_found_max_age_secs),
+            header_read_timeout: secs(
+                "header_read_timeout_secs",
+                self.header_read_timeout_secs,
+                1,
+            )?,
+            max_connections: match self.max_connections {
+                0 => return Err(ConfigError::invalid("max_connections", "must be > 0")),
+                n => n,
+            },
             store: self.store.validate()?,
             signing: self.signing.validate()?,
             auth: self.auth.validate()?,
@@ -143,6 +166,19 @@ impl ConfigFile {
                 .enumerate()
                 .map(|(i, u)| u.validate(i))
                 .collect::<Result<_, _>>()?,
+            metrics_listen: match self.metrics_listen {
+                // Port 0 twice is two ports the kernel picks, not one address used twice.
+                Some(m) if m == self.listen && m.port() != 0 => {
+                    return Err(ConfigError::invalid(
+                        "metrics_listen",
+                        format!("{m} is `listen` too; leave it unset to serve /metrics there"),
+                    ))
+                }
+                m => m,
+            },
+            log: LogConfig {
+                format: self.log.format,
+            },
         })
     }
 }
@@ -214,27 +250,15 @@ impl StoreSection {
     }
 
     fn validate_s3(self, connect_timeout: Duration) -> Result<S3StoreConfig, ConfigError> {
-        let bucket = match self.bucket {
-            None => {
-                return Err(ConfigError::invalid(
-                    "store.bucket",
-                    "is required when store.kind = \"s3\"",
-                ))
-            }
-            Some(b) if b.is_empty() => {
-                return Err(ConfigError::invalid(
-                    "store.bucket",
-                    "is required when store.kind = \"s3\"",
-                ))
-            }
-            Some(b) if b.contains('/') || b.contains(char::is_whitespace) => {
-                return Err(ConfigError::invalid(
-                    "store.bucket",
-                    format!("{b:?} is not a bucket name"),
-                ))
-            }
-            Some(b) => b,
-        };
+        let bucket = self.bucket.unwrap_or_default();
+        if bucket.is_empty() {
+            let message = "is required when store.kind = \"s3\"";
+            return Err(ConfigError::invalid("store.bucket", message));
+        }
+        if bucket.contains('/') || bucket.contains(char::is_whitespace) {
+            let message = format!("{bucket:?} is not a bucket name");
+            return Err(ConfigError::invalid("store.bucket", message));
+        }
         if let Some(ep) = &self.endpoint {
             http_url("store.endpoint", ep)?;
         }
@@ -433,6 +457,10 @@ struct UploadSection {
     #[serde(deserialize_with = "list_or_csv")]
     trusted_keys: Vec<PublicKey>,
     staging_max_age_secs: u64,
+    max_nar_bytes: u64,
+    max_concurrent: usize,
+    xz_memory_limit_bytes: u64,
+    body_idle_timeout_secs: u64,
 }
 
 impl Default for UploadSection {
@@ -442,6 +470,12 @@ impl Default for UploadSection {
             compression_level: None,
             trusted_keys: Vec::new(),
             staging_max_age_secs: 6 * 3600,
+            max_nar_bytes: 32 << 30,
+            max_concurrent: 8,
+            // `xz -9` needs 65 MiB to decompress (a 64 MiB dictionary); leave room for
+            // encoders with larger settings, but not for a 1.5 GiB dictionary.
+            xz_memory_limit_bytes: 128 << 20,
+            body_idle_timeout_secs: 60,
         }
     }
 }
@@ -477,10 +511,36 @@ impl UploadSection {
                 "must be at least 60 (uploads in progress would be removed)",
             ));
         }
+        if self.max_nar_bytes < (1 << 20) {
+            return Err(ConfigError::invalid(
+                "upload.max_nar_bytes",
+                "must be at least 1 MiB (1048576)",
+            ));
+        }
+        if self.max_concurrent == 0 {
+            return Err(ConfigError::invalid(
+                "upload.max_concurrent",
+                "must be > 0 (0 would refuse every upload)",
+            ));
+        }
+        if self.xz_memory_limit_bytes < (65 << 20) {
+            return Err(ConfigError::invalid(
+                "upload.xz_memory_limit_bytes",
+                "must be at least 65 MiB (68157440), what NARs compressed with `xz -9` need",
+            ));
+        }
         Ok(UploadConfig {
             recompress,
             trusted_keys: self.trusted_keys,
             staging_max_age: Duration::from_secs(self.staging_max_age_secs),
+            max_nar_bytes: self.max_nar_bytes,
+            max_concurrent: self.max_concurrent,
+            xz_memory_limit_bytes: self.xz_memory_limit_bytes,
+            body_idle_timeout: secs(
+                "upload.body_idle_timeout_secs",
+                self.body_idle_timeout_secs,
+                1,
+            )?,
         })
     }
 }

@@ -74,6 +74,11 @@ pub struct Config {
     pub narinfo_max_age: Duration,
     /// Cache-Control max-age for 404 answers.
     pub not_found_max_age: Duration,
+    /// How long a connection may take to send a request's headers (also the idle limit of a
+    /// kept-alive connection between requests).
+    pub header_read_timeout: Duration,
+    /// Connections served at once; more wait in the kernel's accept backlog.
+    pub max_connections: usize,
     pub store: StoreConfig,
     pub signing: SigningConfig,
     pub auth: AuthConfig,
@@ -82,6 +87,10 @@ pub struct Config {
     pub gc: GcConfig,
     /// Upstream caches asked, in order, on a narinfo miss (pull-through).
     pub upstreams: Vec<UpstreamConfig>,
+    /// `/metrics` on a listener of its own (unauthenticated); `None`: on `listen`, behind the
+    /// read token in private mode.
+    pub metrics_listen: Option<SocketAddr>,
+    pub log: LogConfig,
 }
 
 impl Default for Config {
@@ -106,17 +115,139 @@ impl Config {
             }
             fig = fig.merge(Toml::file_exact(f));
         }
-        Self::from_figment(fig.merge(Env::prefixed("CELLAR_").split("__")))
+        let cfg = Self::from_figment(fig.merge(Env::prefixed("CELLAR_").split("__")))?;
+        cfg.check_nar_dir(file)?;
+        Ok(cfg)
     }
 
     pub fn from_figment(fig: Figment) -> Result<Self, ConfigError> {
         let raw: file::ConfigFile = fig.extract().map_err(|e| ConfigError::Load(Box::new(e)))?;
-        raw.validate()
+        let cfg = raw.validate()?;
+        cfg.check_nar_dir(None)?;
+        Ok(cfg)
+    }
+
+    /// The first key whose change from `self` to `new` only a restart can apply, if any.
+    ///
+    /// Reloadable (SIGHUP): `[auth]`, `[signing]`, `[[upstreams]]`, the narinfo memory cache
+    /// (`cache.narinfo_*`), `narinfo_max_age_secs`, `not_found_max_age_secs`, `priority` and
+    /// `want_mass_query`. The rest is held by the listener, the store client, the uploader
+    /// or the NAR disk cache, which live as long as the process.
+    pub fn needs_restart(&self, new: &Config) -> Option<&'static str> {
+        let fixed: [(&'static str, bool); 7] = [
+            ("listen", self.listen == new.listen),
+            ("store_dir", self.store_dir == new.store_dir),
+            (
+                "shutdown_timeout_secs",
+                self.shutdown_timeout == new.shutdown_timeout,
+            ),
+            ("store", self.store == new.store),
+            ("upload", self.upload == new.upload),
+            ("cache.nar_dir", self.cache.nar_dir == new.cache.nar_dir),
+            (
+                "cache.nar_max_bytes",
+                self.cache.nar_max_bytes == new.cache.nar_max_bytes,
+            ),
+        ];
+        fixed
+            .into_iter()
+            .find(|(_, same)| !same)
+            .map(|(key, _)| key)
+    }
+
+    /// cellar deletes files in `cache.nar_dir`, so it must not be, hold or lie in what cellar
+    /// must keep: the local store's directory, the signing key files, the config file. (A NAR
+    /// cache beside the key file is fine: only the cache directory's own files are touched,
+    /// and the cache refuses a directory it did not make; see `cache::nar`.)
+    fn check_nar_dir(&self, config_file: Option<&Path>) -> Result<(), ConfigError> {
+        let Some(nar_dir) = &self.cache.nar_dir else {
+            return Ok(());
+        };
+        let nar = lexical_absolute(nar_dir);
+        let refuse = |what: &str, path: &Path| {
+            ConfigError::invalid(
+                "cache.nar_dir",
+                format!(
+                    "{} would overlap {what} {}: cellar deletes files in its NAR cache, so give \
+                     it a directory of its own",
+                    nar_dir.display(),
+                    path.display()
+                ),
+            )
+        };
+        if let StoreBackend::Local(l) = &self.store.backend {
+            let store = lexical_absolute(&l.path);
+            if nar.starts_with(&store) || store.starts_with(&nar) {
+                return Err(refuse("the store directory", &l.path));
+            }
+        }
+        let keys = self
+            .signing
+            .key_files
+            .iter()
+            .chain(std::iter::once(&self.signing.generated_key_file));
+        for key in keys {
+            if lexical_absolute(key).starts_with(&nar) {
+                return Err(refuse("the signing key", key));
+            }
+        }
+        if let Some(f) = config_file {
+            if lexical_absolute(f).starts_with(&nar) {
+                return Err(refuse("the config file", f));
+            }
+        }
+        Ok(())
+    }
+}
+
+/// `p` made absolute (against the working directory) with `.` and `..` resolved by name, so
+/// that paths which do not exist yet can be compared.
+fn lexical_absolute(p: &Path) -> PathBuf {
+    use std::path::Component;
+    let abs = std::path::absolute(p).unwrap_or_else(|_| p.to_owned());
+    let mut out = PathBuf::new();
+    for c in abs.components() {
+        match c {
+            Component::CurDir => {}
+            Component::ParentDir => {
+                out.pop();
+            }
+            other => out.push(other),
+        }
+    }
+    out
+}
+
+/// `[log]`: how log lines are written (to stderr).
+#[derive(Debug, Clone, Copy, Default)]
+pub struct LogConfig {
+    pub format: LogFormat,
+}
+
+/// `log.format` and `--log-format`.
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq, serde::Deserialize)]
+#[serde(rename_all = "lowercase")]
+pub enum LogFormat {
+    /// One line per event for people (colours only on a terminal).
+    #[default]
+    Text,
+    /// One JSON object per line for log shippers.
+    Json,
+}
+
+impl FromStr for LogFormat {
+    type Err = String;
+    fn from_str(s: &str) -> Result<Self, Self::Err> {
+        match s {
+            "text" => Ok(Self::Text),
+            "json" => Ok(Self::Json),
+            _ => Err(format!("{s:?}: expected `text` or `json`")),
+        }
     }
 }
 
 /// `[store]`: where the cache lives, and how long it may take to answer.
-#[derive(Debug, Clone)]
+#[derive(Debug, Clone, PartialEq)]
 pub struct StoreConfig {
     pub backend: StoreBackend,
     /// How long the store may take to start answering one request (not a whole NAR body).
@@ -126,7 +257,7 @@ pub struct StoreConfig {
 }
 
 /// `store.kind`, with the fields of that kind.
-#[derive(Debug, Clone)]
+#[derive(Debug, Clone, PartialEq)]
 pub enum StoreBackend {
     /// A directory as written by `nix copy --to file://DIR`.
     Local(LocalStoreConfig),
@@ -150,12 +281,12 @@ impl fmt::Display for StoreBackend {
     }
 }
 
-#[derive(Debug, Clone)]
+#[derive(Debug, Clone, PartialEq)]
 pub struct LocalStoreConfig {
     pub path: PathBuf,
 }
 
-#[derive(Debug, Clone)]
+#[derive(Debug, Clone, PartialEq)]
 pub struct S3StoreConfig {
     pub bucket: String,
     /// Unset: AWS's own endpoint for the region (or `AWS_ENDPOINT_URL`).
@@ -171,7 +302,7 @@ pub struct S3StoreConfig {
     pub connect_timeout: Duration,
 }
 
-#[derive(Debug, Clone)]
+#[derive(Debug, Clone, PartialEq)]
 pub struct S3Credentials {
     pub access_key_id: String,
     pub secret_access_key: Secret,
@@ -301,7 +432,7 @@ pub struct Recompression {
 }
 
 /// `[upload]`: how uploads are checked and stored.
-#[derive(Debug, Clone)]
+#[derive(Debug, Clone, PartialEq)]
 pub struct UploadConfig {
     /// `None` keeps what the client sent.
     pub recompress: Option<Recompression>,
@@ -309,6 +440,14 @@ pub struct UploadConfig {
     pub trusted_keys: Vec<PublicKey>,
     /// Unfinished uploads older than this are removed from the store.
     pub staging_max_age: Duration,
+    /// The largest NAR accepted, compressed as sent or decompressed (413 beyond it).
+    pub max_nar_bytes: u64,
+    /// NAR uploads processed at once; more are refused with 503 and `Retry-After`.
+    pub max_concurrent: usize,
+    /// Memory the xz decoder may use for one upload (what the stream's dictionary needs).
+    pub xz_memory_limit_bytes: u64,
+    /// How long an upload body may send nothing before the upload is abandoned.
+    pub body_idle_timeout: Duration,
 }
 
 /// One `[[upstreams]]` entry.

@@ -199,3 +199,56 @@ fn token_hashes_and_durations_are_parsed_once() {
     assert_eq!(TokenHash::of("t"), TokenHash::of("t"));
     assert_ne!(TokenHash::of("t"), TokenHash::of("u"));
 }
+
+#[test]
+fn the_nar_cache_never_overlaps_what_cellar_keeps() {
+    for (bad, why) in [
+        // The working directory: holds the generated key (./cellar-key.sec).
+        (
+            "[store]\nkind = \"s3\"\nbucket = \"b\"\n[cache]\nnar_dir = \".\"",
+            "signing key",
+        ),
+        ("[cache]\nnar_dir = \"./\"", "store directory"),
+        (
+            "[store]\npath = \"/srv/cache\"\n[cache]\nnar_dir = \"/srv/cache/nar\"",
+            "store directory",
+        ),
+        (
+            "[store]\npath = \"/srv/cache/x/..\"\n[cache]\nnar_dir = \"/srv\"",
+            "store directory",
+        ),
+        (
+            "[signing]\nkey_files = [\"/etc/cellar/k.sec\"]\n[cache]\nnar_dir = \"/etc\"",
+            "signing key",
+        ),
+    ] {
+        let e = from_toml(bad).unwrap_err().to_string();
+        assert!(e.contains("cache.nar_dir") && e.contains(why), "{bad}: {e}");
+    }
+    // Beside the store and the key, in a directory of its own: fine.
+    from_toml("[store]\npath = \"/srv/cache\"\n[cache]\nnar_dir = \"/srv/nar\"").unwrap();
+    from_toml("[cache]\nnar_dir = \"./nar-cache\"").unwrap();
+}
+
+#[test]
+#[allow(clippy::result_large_err)] // figment's Jail API
+fn the_nar_cache_never_holds_the_config_file() {
+    figment::Jail::expect_with(|jail| {
+        jail.create_file("c.toml", "[cache]\nnar_dir = \"/\"\n")?;
+        let e = Config::load(Some(Path::new("c.toml")))
+            .unwrap_err()
+            .to_string();
+        // The key check comes first for "/"; a config file under the NAR dir is refused too.
+        assert!(e.contains("cache.nar_dir"), "{e}");
+        jail.create_file(
+            "d.toml",
+            "[store]\nkind = \"s3\"\nbucket = \"b\"\n\
+             [signing]\ngenerated_key_file = \"/var/lib/k.sec\"\n[cache]\nnar_dir = \".\"\n",
+        )?;
+        let e = Config::load(Some(Path::new("d.toml")))
+            .unwrap_err()
+            .to_string();
+        assert!(e.contains("config file"), "{e}");
+        Ok(())
+    });
+}

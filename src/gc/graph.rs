@@ -10,7 +10,7 @@ use futures::StreamExt as _;
 use super::inventory::Inventory;
 use super::report::Progress;
 use crate::nix::{NarInfo, StorePathHash};
-use crate::store::{keys, Store, StoreError};
+use crate::store::{object_key as keys, Store, StoreError};
 
 /// Narinfos larger than this are treated as corrupt (a path with 100k references is ~5 MiB).
 const MAX_NARINFO_BYTES: u64 = 16 << 20;

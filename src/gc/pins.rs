@@ -13,7 +13,7 @@ use futures::TryStreamExt as _;
 use super::inventory::Meta;
 use super::{GcError, RESERVED_PREFIX};
 use crate::nix::{StorePathBaseName, StorePathHash};
-use crate::store::{keys, Store, StoreError};
+use crate::store::{object_key as keys, Store, StoreError};
 
 /// Where pins live, under [`RESERVED_PREFIX`].
 pub const DIR: &str = "pins/";

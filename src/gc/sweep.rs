@@ -25,7 +25,7 @@ use super::mark::Marked;
 use super::report::Progress;
 use crate::config::GcConfig;
 use crate::nix::StorePathHash;
-use crate::store::{keys, Store, StoreError};
+use crate::store::{object_key as keys, Store, StoreError};
 
 /// Objects deleted between two re-reads of the access records: the smaller, the shorter the
 /// time in which an upload could rely on an object the collector has already decided to delete.

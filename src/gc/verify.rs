@@ -21,7 +21,7 @@ use super::inventory::Inventory;
 use super::report::Progress;
 use super::{access, pins, sweep};
 use crate::nix::StorePathHash;
-use crate::store::{keys, Store, StoreError};
+use crate::store::{object_key as keys, Store, StoreError};
 
 /// One inconsistency, with the key of the object it is about.
 #[derive(Debug, Clone, PartialEq, Eq)]

@@ -1,8 +1,8 @@
 //! `/nix-cache-info`: generated from the config, never read from the store (a 404 here makes Nix
-//! treat the URL as "not a binary cache").
+//! treat the URL as "not a binary cache"). HEAD is GET without the body (axum's default).
 
 use axum::extract::State;
-use axum::http::header;
+use axum::http::{header, StatusCode};
 use axum::response::IntoResponse;
 use bytes::Bytes;
 
@@ -24,6 +24,11 @@ pub(super) async fn get(State(st): State<AppState>) -> impl IntoResponse {
             (header::CONTENT_TYPE, "text/x-nix-cache-info"),
             (header::CACHE_CONTROL, "public, max-age=3600"),
         ],
-        st.cache_info.clone(),
+        st.live().cache_info.clone(),
     )
+}
+
+/// Nix PUTs a nix-cache-info when it finds none; ours is generated, so there is nothing to do.
+pub(super) async fn put() -> StatusCode {
+    StatusCode::NO_CONTENT
 }

@@ -1,184 +1,159 @@
 //! The HTTP layer: the route table, shared state, and the server loop.
 //!
-//! Routes mirror the binary cache layout. axum cannot route `/{hash}.narinfo` (a parameter with
-//! a static suffix), so `/{file}` and `/nar/{file}` take the whole name and the handlers parse it
-//! into a validated type before anything reaches the store.
+//! Routes mirror the binary cache layout, one module per endpoint family with its GET, HEAD and
+//! PUT side by side: `cache_info`, `narinfo`, `nar`, `log`, `listing`, `realisation`
+//! (both `/realisations/` and `/build-trace/`), `health`; `object` holds what the object
+//! endpoints share. axum cannot route `/{hash}.narinfo` (a parameter with a static suffix), so
+//! `/{file}` and `/nar/{file}` take the whole name and the handlers parse it into a validated
+//! type before anything reaches the store; `/{file}` is dispatched here to narinfo or listing.
+//!
+//! Two addresses serve the cache layout:
+//!
+//! - the root (`/`) is for substitution: lookups go through the narinfo memory cache and the
+//!   upstreams, and narinfos are served signed by the server;
+//! - [`upload`] (`/upload`) is for builders (`nix copy --to http://HOST/upload`): everything
+//!   there needs a write token, and its probes answer from the store alone. Nix keeps the
+//!   narinfos it uploads in its own lookup cache, keyed by the URL it uploaded to; with its
+//!   own URL for uploads, those unsigned copies never stand in for the root URL's signed ones.
+//!
+//! The root still accepts PUTs, for builders set up before `/upload` existed (see
+//! docs/uploads.md for the hazard); the first one logs a warning.
+//!
+//! PUTs are authorized by the middleware before their handler runs (so a refused PUT never
+//! reads its body, and hyper never sends `100 Continue` for it), and verified by
+//! [`crate::upload`]. The state is in [`state`]: what a reload replaces is behind one swap.
 
 mod cache_info;
 mod health;
+mod listing;
+mod log;
+mod metrics;
+mod nar;
 mod narinfo;
-mod objects;
+mod object;
+mod realisation;
+mod request_id;
+mod server;
+mod state;
+mod status;
 mod upload;
 
 #[cfg(test)]
 mod tests;
 
-use std::future::{Future, IntoFuture as _};
-use std::ops::Deref;
-use std::sync::Arc;
-use std::time::Duration;
+use std::sync::atomic::{AtomicBool, Ordering};
 
-use axum::extract::{Request, State};
+use axum::body::Body;
+use axum::extract::{Path, Request, State};
 use axum::http::Method;
-use axum::http::{header, HeaderValue, StatusCode};
+use axum::http::{header, HeaderMap, HeaderValue, StatusCode};
 use axum::middleware::{self, Next};
 use axum::response::IntoResponse as _;
 use axum::response::Response;
 use axum::routing::get;
-use axum::serve::ListenerExt as _;
 use axum::Router;
-use bytes::Bytes;
-use tokio::net::TcpListener;
-use tower_http::trace::TraceLayer;
 use tracing::Instrument as _;
 
-use crate::auth::{Decision, Tokens};
-use crate::cache::missing_nars::MissingNars;
-use crate::cache::nar::NarCache;
-use crate::cache::narinfo::NarInfoCache;
-use crate::config::Config;
+use crate::auth::Decision;
 use crate::config::Scope;
 use crate::error::Error;
-use crate::gc::access::AccessLog;
-use crate::nix::SecretKey;
-use crate::store::Store;
-use crate::upload::Uploader;
-use crate::upstream::{Upstreams, WithUpstreams};
+use crate::nix::TopLevelFile;
 
-/// Everything a request handler needs. Cheap to clone.
-#[derive(Clone)]
-pub struct AppState(Arc<App>);
-
-pub struct App {
-    pub config: Config,
-    pub store: Arc<dyn Store>,
-    pub tokens: Tokens,
-    pub uploader: Uploader,
-    pub narinfos: NarInfoCache,
-    /// `Cache-Control` of narinfo answers, built once.
-    pub narinfo_cache_control: HeaderValue,
-    pub nars: Option<Arc<NarCache>>,
-    pub upstreams: Arc<Upstreams>,
-    /// What clients read from: the store, then the upstreams (the store itself if none).
-    pub reads: Arc<dyn Store>,
-    /// Every key signs every narinfo served (several during a rotation).
-    pub keys: Vec<SecretKey>,
-    /// What was served or uploaded, for garbage collection (see [`crate::gc::access`]).
-    pub access: Arc<AccessLog>,
-    /// NARs seen missing: their narinfos answer 404.
-    pub missing_nars: MissingNars,
-    cache_info: Bytes,
-}
-
-impl Deref for AppState {
-    type Target = App;
-    fn deref(&self) -> &App {
-        &self.0
-    }
-}
-
-impl AppState {
-    /// The state for `config`; opens the NAR disk cache if one is configured.
-    pub fn new(
-        config: Config,
-        store: Arc<dyn Store>,
-        keys: Vec<SecretKey>,
-    ) -> std::io::Result<Self> {
-        let cache_info = cache_info::render(&config);
-        let c = &config.cache;
-        let narinfos = NarInfoCache::new(
-            c.narinfo_memory_bytes,
-            c.narinfo_ttl,
-            c.narinfo_negative_ttl,
-        );
-        let nars = match &c.nar_dir {
-            Some(dir) => Some(NarCache::open(
-                dir,
-                c.nar_max_bytes,
-                (config.store.timeout * 3).max(Duration::from_secs(30)),
-            )?),
-            None => None,
-        };
-        let upstreams = Arc::new(
-            Upstreams::new(&config.upstreams, &config.store_dir).map_err(std::io::Error::other)?,
-        );
-        let reads: Arc<dyn Store> = if upstreams.is_empty() {
-            store.clone()
-        } else {
-            Arc::new(WithUpstreams {
-                store: store.clone(),
-                upstreams: upstreams.clone(),
-            })
-        };
-        let access = Arc::new(AccessLog::new(store.clone(), config.gc.access_max_entries));
-        let uploader = Uploader::new(
-            &config.upload,
-            &config.store_dir,
-            store.clone(),
-            (!upstreams.is_empty()).then(|| upstreams.clone()),
-        )
-        .with_access(access.clone());
-        let missing_nars = MissingNars::new(c.narinfo_ttl);
-        let narinfo_cache_control = HeaderValue::from_str(&format!(
-            "public, max-age={}",
-            config.narinfo_max_age.as_secs()
-        ))
-        .map_err(std::io::Error::other)?;
-        Ok(Self(Arc::new(App {
-            narinfo_cache_control,
-            narinfos,
-            nars,
-            upstreams,
-            reads,
-            uploader,
-            tokens: Tokens::from_config(&config.auth),
-            access,
-            missing_nars,
-            config,
-            store,
-            keys,
-            cache_info,
-        })))
-    }
-}
+pub use server::serve;
+pub use state::{App, AppState, Live, ReloadError, StartError};
 
 /// The router with every route and middleware.
 pub fn app(state: AppState) -> Router {
     let cache = Router::new()
-        .route(
-            "/nix-cache-info",
-            get(cache_info::get).put(upload::put_cache_info),
-        )
-        .route("/nar/{file}", get(objects::nar).put(upload::put_nar))
-        .route("/log/{drv}", get(objects::log).put(upload::put_log))
+        .route("/nix-cache-info", get(cache_info::get).put(cache_info::put))
+        .route("/nar/{file}", get(nar::get).head(nar::head).put(nar::put))
+        .route("/log/{drv}", get(log::get).head(log::head).put(log::put))
         .route(
             "/realisations/{id}",
-            get(objects::realisation).put(upload::put_realisation),
+            get(realisation::get)
+                .head(realisation::head)
+                .put(realisation::put),
         )
         .route(
             "/build-trace/{drv}/{output}",
-            get(objects::build_trace).put(upload::put_build_trace),
+            get(realisation::get_build_trace)
+                .head(realisation::head_build_trace)
+                .put(realisation::put_build_trace),
         )
-        .route(
-            "/{file}",
-            get(narinfo::top_level).put(upload::put_top_level),
-        )
-        .route_layer(middleware::from_fn_with_state(state.clone(), authorize));
+        .route("/status", get(status::get))
+        .route("/{file}", get(get_file).head(head_file).put(put_file));
+    // On the main listener, /metrics is behind the read token like the cache in private mode;
+    // with a listener of its own, only there ([`metrics_app`]).
+    let cache = if state.config.metrics_listen.is_none() {
+        cache.route("/metrics", get(metrics::get))
+    } else {
+        cache
+    };
+    let cache = cache.route_layer(middleware::from_fn_with_state(state.clone(), authorize));
     Router::new()
         .route("/healthz", get(health::healthz))
         .route("/readyz", get(health::readyz))
+        .nest("/upload", upload::routes(state.clone()))
         .merge(cache)
         .fallback(not_found)
         .layer(middleware::from_fn_with_state(
             state.clone(),
             default_cache_headers,
         ))
-        .layer(TraceLayer::new_for_http())
+        .layer(middleware::from_fn(metrics::observe))
+        .layer(middleware::from_fn(request_id::request_span))
         .with_state(state)
+}
+
+/// The router of `metrics_listen`: `/metrics` alone, unauthenticated (the operator chose who
+/// reaches that address).
+pub fn metrics_app() -> Router {
+    Router::new()
+        .route("/metrics", get(metrics::get))
+        .fallback(not_found)
+        .layer(middleware::from_fn(metrics::observe))
 }
 
 async fn not_found() -> Error {
     Error::NotFound
+}
+
+/// The top-level file `/{file}` names. Anything that is not a cache file name is simply not
+/// here (favicon.ico, robots.txt, …): 404, not 400.
+fn top_level(file: &str) -> Result<TopLevelFile, Error> {
+    file.parse().map_err(|_| Error::NotFound)
+}
+
+async fn get_file(
+    State(st): State<AppState>,
+    Path(file): Path<String>,
+    headers: HeaderMap,
+) -> Result<Response, Error> {
+    match top_level(&file)? {
+        TopLevelFile::NarInfo(h) => narinfo::get(&st, h).await,
+        TopLevelFile::Listing(h) => listing::get(&st, h, &headers).await,
+    }
+}
+
+async fn head_file(
+    State(st): State<AppState>,
+    Path(file): Path<String>,
+) -> Result<Response, Error> {
+    match top_level(&file)? {
+        TopLevelFile::NarInfo(h) => narinfo::head(&st, h).await,
+        TopLevelFile::Listing(h) => listing::head(&st, h).await,
+    }
+}
+
+async fn put_file(
+    State(st): State<AppState>,
+    Path(file): Path<String>,
+    body: Body,
+) -> Result<StatusCode, Error> {
+    match top_level(&file)? {
+        TopLevelFile::NarInfo(h) => narinfo::put(&st, h, body).await,
+        TopLevelFile::Listing(h) => listing::put(&st, h, body).await,
+    }
 }
 
 /// Reads need a `read` token in private mode; everything else needs a `write` token.
@@ -187,7 +162,29 @@ async fn authorize(State(st): State<AppState>, req: Request, next: Next) -> Resp
         Method::GET | Method::HEAD => Scope::Read,
         _ => Scope::Write,
     };
-    match st.tokens.check(req.headers(), scope) {
+    if scope == Scope::Write {
+        warn_root_upload_once();
+    }
+    check(&st, req, next, scope).await
+}
+
+/// Uploads through the root URL keep working, but once per process the log says why they
+/// should move (docs/uploads.md, "Why a separate address").
+fn warn_root_upload_once() {
+    static WARNED: AtomicBool = AtomicBool::new(false);
+    if !WARNED.swap(true, Ordering::Relaxed) {
+        tracing::warn!(
+            "an upload was sent to the root URL; point builders at /upload \
+             (`nix copy --to http://HOST/upload`): a builder that also substitutes from \
+             the root URL as the same user can fail with \"lacks a valid signature\""
+        );
+    }
+}
+
+/// Lets the request through if its credentials allow `scope`, else answers 401/403.
+async fn check(st: &AppState, req: Request, next: Next, scope: Scope) -> Response {
+    let decision = st.live().tokens.check(req.headers(), scope);
+    match decision {
         Decision::Allowed(Some(token)) if scope == Scope::Write => {
             // Upload log lines carry the token's name.
             next.run(req)
@@ -207,7 +204,8 @@ async fn authorize(State(st): State<AppState>, req: Request, next: Next) -> Resp
 /// private mode, keeps shared caches from storing anything.
 async fn default_cache_headers(State(st): State<AppState>, req: Request, next: Next) -> Response {
     let mut res = next.run(req).await;
-    if st.config.auth.private {
+    let config = &st.live().config;
+    if config.auth.private {
         let private = res
             .headers()
             .get(header::CACHE_CONTROL)
@@ -219,48 +217,17 @@ async fn default_cache_headers(State(st): State<AppState>, req: Request, next: N
         }
     }
     if res.status() == StatusCode::NOT_FOUND && !res.headers().contains_key(header::CACHE_CONTROL) {
-        let scope = if st.config.auth.private {
+        let scope = if config.auth.private {
             "private"
         } else {
             "public"
         };
         if let Ok(v) = HeaderValue::from_str(&format!(
             "{scope}, max-age={}",
-            st.config.not_found_max_age.as_secs()
+            config.not_found_max_age.as_secs()
         )) {
             res.headers_mut().insert(header::CACHE_CONTROL, v);
         }
     }
     res
-}
-
-/// Serves `state` on `listener` until `shutdown` completes, then lets in-flight requests finish
-/// for at most `config.shutdown_timeout`.
-pub async fn serve(
-    listener: TcpListener,
-    state: AppState,
-    shutdown: impl Future<Output = ()> + Send + 'static,
-) -> std::io::Result<()> {
-    let grace = state.config.shutdown_timeout;
-    // Without TCP_NODELAY, small responses on keep-alive connections stall ~40 ms
-    // (Nagle's algorithm meets the client's delayed ACK).
-    let listener = listener.tap_io(|tcp| {
-        if let Err(e) = tcp.set_nodelay(true) {
-            tracing::debug!("set_nodelay: {e}");
-        }
-    });
-    let (tx, rx) = tokio::sync::oneshot::channel::<()>();
-    let server = axum::serve(listener, app(state)).with_graceful_shutdown(async move {
-        shutdown.await;
-        let _ = tx.send(());
-    });
-    let server = server.into_future();
-    tokio::pin!(server);
-    tokio::select! {
-        r = &mut server => r,
-        _ = async { if rx.await.is_ok() { tokio::time::sleep(grace).await } else { std::future::pending::<()>().await } } => {
-            tracing::warn!("shutdown: requests still running after {} s, exiting", grace.as_secs());
-            Ok(())
-        }
-    }
 }

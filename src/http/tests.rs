@@ -140,7 +140,7 @@ async fn an_upload_during_a_lookup_is_not_hidden_by_a_cached_miss() {
     // The lookup is waiting on the store when the upload lands.
     tokio::time::sleep(Duration::from_millis(100)).await;
     mem.insert(&format!("{HASH}.narinfo"), NARINFO);
-    st.narinfos.invalidate(HASH.parse().unwrap()).await;
+    st.live().narinfos.invalidate(HASH.parse().unwrap()).await;
     assert_eq!(lookup.await.unwrap().0, StatusCode::OK);
     assert_eq!(
         get(&st, &format!("/{HASH}.narinfo")).await.0,
@@ -166,4 +166,227 @@ async fn without_a_memory_cache_concurrent_misses_still_coalesce() {
         assert_eq!(t.await.unwrap().0, StatusCode::OK);
     }
     assert_eq!(mem.requests(), 1);
+}
+
+async fn head(st: &AppState, path: &str) -> (StatusCode, Option<String>) {
+    let res = app(st.clone())
+        .oneshot(Request::head(path).body(Body::empty()).unwrap())
+        .await
+        .unwrap();
+    let len = res
+        .headers()
+        .get(axum::http::header::CONTENT_LENGTH)
+        .map(|v| v.to_str().unwrap().to_owned());
+    (res.status(), len)
+}
+
+const NAR_FILE: &str = "07yp7gw2d9vmfgl2rd063i75qwkfbrgvqngp5yz2pk6iadzlckh7";
+
+#[tokio::test]
+async fn head_of_a_nar_has_the_length_of_its_get() {
+    let mem = Arc::new(MemoryStore::new());
+    mem.insert(&format!("nar/{NAR_FILE}.nar.xz"), vec![1u8; 300]);
+    let st = state(Config::default(), &mem);
+    let path = format!("/nar/{NAR_FILE}.nar.xz");
+    let (s, body) = get(&st, &path).await;
+    assert_eq!(s, StatusCode::OK);
+    assert_eq!(
+        head(&st, &path).await,
+        (StatusCode::OK, Some(body.len().to_string()))
+    );
+    let missing = format!("/nar/{NAR_FILE}.nar.zst");
+    assert_eq!(head(&st, &missing).await.0, StatusCode::NOT_FOUND);
+}
+
+#[tokio::test]
+async fn head_of_a_nar_finds_it_re_encoded_on_upload() {
+    let mem = Arc::new(MemoryStore::new());
+    // Uploaded as .nar.xz, stored re-encoded as .nar.zst.
+    mem.insert(&format!("nar/{NAR_FILE}.nar.zst"), vec![1u8; 200]);
+    let mut cfg = Config::default();
+    cfg.upload.recompress = Some(crate::config::Recompression {
+        compression: crate::nix::Compression::Zstd,
+        level: None,
+    });
+    let st = state(cfg, &mem);
+    assert_eq!(
+        head(&st, &format!("/nar/{NAR_FILE}.nar.xz")).await,
+        (StatusCode::OK, Some("200".into()))
+    );
+    // Without recompression, the name the client used is all there is.
+    let st = state(Config::default(), &mem);
+    assert_eq!(
+        head(&st, &format!("/nar/{NAR_FILE}.nar.xz")).await.0,
+        StatusCode::NOT_FOUND
+    );
+}
+
+// ---------------------------------------------------------------------------------------------
+// The upload address, bounds at the door, reloads.
+
+fn with_tokens(mut cfg: Config, tokens: &[(&str, &str, crate::config::Scope)]) -> Config {
+    cfg.auth.tokens = tokens
+        .iter()
+        .map(|(name, token, scope)| crate::config::TokenConfig {
+            name: (*name).into(),
+            hash: crate::config::TokenHash::of(token),
+            scopes: vec![*scope],
+        })
+        .collect();
+    cfg
+}
+
+async fn send(st: &AppState, req: Request<Body>) -> axum::response::Response {
+    app(st.clone()).oneshot(req).await.unwrap()
+}
+
+fn authed(method: &str, path: &str, token: &str) -> axum::http::request::Builder {
+    Request::builder()
+        .method(method)
+        .uri(path)
+        .header("authorization", format!("Bearer {token}"))
+}
+
+#[tokio::test]
+async fn the_upload_address_needs_a_write_token_even_to_read() {
+    use crate::config::Scope;
+    let mem = Arc::new(MemoryStore::new());
+    let cfg = with_tokens(
+        Config::default(),
+        &[("w", "wtok", Scope::Write), ("r", "rtok", Scope::Read)],
+    );
+    let st = state(cfg, &mem);
+    let path = "/upload/nix-cache-info";
+    let none = send(&st, Request::get(path).body(Body::empty()).unwrap()).await;
+    assert_eq!(none.status(), StatusCode::UNAUTHORIZED);
+    let reader = send(
+        &st,
+        authed("GET", path, "rtok").body(Body::empty()).unwrap(),
+    )
+    .await;
+    assert_eq!(reader.status(), StatusCode::FORBIDDEN);
+    let writer = send(
+        &st,
+        authed("GET", path, "wtok").body(Body::empty()).unwrap(),
+    )
+    .await;
+    assert_eq!(writer.status(), StatusCode::OK);
+    let probe = format!("/upload/{HASH}.narinfo");
+    let none = send(&st, Request::head(&probe).body(Body::empty()).unwrap()).await;
+    assert_eq!(none.status(), StatusCode::UNAUTHORIZED);
+}
+
+/// A probe of the upload address reads the store, whatever the read side remembers, and
+/// answers with the narinfo as stored (not re-signed).
+#[tokio::test]
+async fn upload_probes_answer_from_the_store_not_the_read_side_cache() {
+    use crate::config::Scope;
+    let mem = Arc::new(MemoryStore::new());
+    let st = state(
+        with_tokens(Config::default(), &[("w", "wtok", Scope::Write)]),
+        &mem,
+    );
+    let probe = format!("/upload/{HASH}.narinfo");
+    let root = format!("/{HASH}.narinfo");
+    assert_eq!(get(&st, &root).await.0, StatusCode::NOT_FOUND); // now a remembered miss
+    let res = send(
+        &st,
+        authed("GET", &probe, "wtok").body(Body::empty()).unwrap(),
+    )
+    .await;
+    assert_eq!(res.status(), StatusCode::NOT_FOUND);
+    // The path appears in the store behind the read side's back (another replica).
+    mem.insert(&format!("{HASH}.narinfo"), NARINFO);
+    assert_eq!(
+        get(&st, &root).await.0,
+        StatusCode::NOT_FOUND,
+        "still cached"
+    );
+    let res = send(
+        &st,
+        authed("GET", &probe, "wtok").body(Body::empty()).unwrap(),
+    )
+    .await;
+    assert_eq!(res.status(), StatusCode::OK);
+    assert_eq!(res.headers()["cache-control"], "no-store");
+    let body = res.into_body().collect().await.unwrap().to_bytes();
+    assert_eq!(body, NARINFO.as_bytes(), "as stored, not re-signed");
+    let res = send(
+        &st,
+        authed("HEAD", &probe, "wtok").body(Body::empty()).unwrap(),
+    )
+    .await;
+    assert_eq!(res.status(), StatusCode::OK);
+}
+
+#[tokio::test]
+async fn nar_puts_over_the_limits_are_refused_before_the_body() {
+    use crate::config::Scope;
+    let mem = Arc::new(MemoryStore::new());
+    let mut cfg = with_tokens(Config::default(), &[("w", "wtok", Scope::Write)]);
+    cfg.upload.max_nar_bytes = 1 << 20;
+    cfg.upload.max_concurrent = 1;
+    let st = state(cfg, &mem);
+    let path = format!("/upload/nar/{NAR_FILE}.nar");
+    // The body is a stream that fails if read: neither refusal may touch it.
+    let unread = || {
+        Body::from_stream(futures::stream::once(async {
+            Err::<bytes::Bytes, _>(std::io::Error::other("the body was read"))
+        }))
+    };
+    let res = send(
+        &st,
+        authed("PUT", &path, "wtok")
+            .header("content-length", (2u64 << 20).to_string())
+            .body(unread())
+            .unwrap(),
+    )
+    .await;
+    assert_eq!(res.status(), StatusCode::PAYLOAD_TOO_LARGE);
+    let _running = st.uploader.admit().unwrap();
+    let res = send(&st, authed("PUT", &path, "wtok").body(unread()).unwrap()).await;
+    assert_eq!(res.status(), StatusCode::SERVICE_UNAVAILABLE);
+    assert_eq!(res.headers()["retry-after"], "1");
+    assert_eq!(mem.requests(), 0, "nothing reached the store");
+}
+
+#[tokio::test]
+async fn a_reload_swaps_tokens_and_refuses_changes_that_need_a_restart() {
+    use crate::config::Scope;
+    let mem = Arc::new(MemoryStore::new());
+    let key = SecretKey::generate("test-cellar-1").unwrap();
+    let old = with_tokens(Config::default(), &[("a", "atok", Scope::Write)]);
+    let st = AppState::new(old.clone(), mem.clone(), vec![key.clone()]).unwrap();
+    let status = |st: &AppState, token: &'static str| {
+        let st = st.clone();
+        async move {
+            send(
+                &st,
+                authed("GET", "/upload/nix-cache-info", token)
+                    .body(Body::empty())
+                    .unwrap(),
+            )
+            .await
+            .status()
+        }
+    };
+    assert_eq!(status(&st, "btok").await, StatusCode::FORBIDDEN);
+
+    let new = with_tokens(old.clone(), &[("b", "btok", Scope::Write)]);
+    let rotated = SecretKey::generate("test-cellar-2").unwrap();
+    st.reload(new.clone(), vec![rotated.clone()]).unwrap();
+    assert_eq!(status(&st, "btok").await, StatusCode::OK);
+    assert_eq!(status(&st, "atok").await, StatusCode::FORBIDDEN);
+    // Narinfos are signed with the new key from now on.
+    mem.insert(&format!("{HASH}.narinfo"), NARINFO);
+    let (_, body) = get(&st, &format!("/{HASH}.narinfo")).await;
+    assert!(String::from_utf8(body)
+        .unwrap()
+        .contains("Sig: test-cellar-2:"));
+
+    let mut moved = new.clone();
+    moved.listen = "127.0.0.1:1".parse().unwrap();
+    let e = st.reload(moved, vec![key]).unwrap_err();
+    assert!(e.to_string().contains("`listen`"), "{e}");
+    assert_eq!(status(&st, "btok").await, StatusCode::OK, "nothing changed");
 }

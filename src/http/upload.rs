@@ -1,121 +1,199 @@
-//! PUT handlers for what `nix copy --to http://…` sends. Authorization happens in the
-//! middleware before any of these run (so a refused PUT never reads its body, and hyper never
-//! sends `100 Continue` for it); verification happens in [`crate::upload`].
+//! `/upload`: the address builders push to (`nix copy --to 'http://HOST/upload'`, netrc for
+//! HOST). Nix appends the cache layout to it, so it serves the part of the protocol Nix's
+//! uploader uses: `nix-cache-info`, narinfo and NAR probes, and the PUTs.
+//!
+//! Everything here needs a write token, GET and HEAD included: probes of this address are a
+//! builder's, and they tell what the store holds, which in private mode is not for readers.
+//!
+//! Its probes answer from the store alone: never the narinfo memory cache or its remembered
+//! misses, never an upstream. `nix copy --to` uploads exactly the paths its probes call
+//! missing, so a path found at an upstream would never be uploaded, and every probe of a path
+//! the store lacks would be a request to the upstream. A narinfo is answered as the store
+//! holds it (not re-signed): Nix keeps what it reads here in its own cache, keyed by this URL,
+//! never by the root URL it substitutes from.
+//!
+//! The PUT handlers are the root's ([`super::nar::put`] and the others): one upload path.
 
-use axum::body::Body;
-use axum::extract::{Path, State};
-use axum::http::StatusCode;
-use futures::TryStreamExt as _;
+use axum::extract::{Path, Request, State};
+use axum::http::{header, HeaderMap, HeaderValue};
+use axum::middleware::{self, Next};
+use axum::response::{IntoResponse as _, Response};
+use axum::routing::get;
+use axum::Router;
 
-use super::AppState;
+use super::object::{self, Kind};
+use super::{cache_info, log, nar, realisation, AppState};
+use crate::config::Scope;
 use crate::error::Error;
-use crate::nix::{NarFileName, OutputName, RealisationName, StorePathBaseName, TopLevelFile};
-use crate::store::keys;
-use crate::upload::UploadError;
+use crate::nix::{NarFileName, TopLevelFile, MAX_NARINFO_BYTES};
+use crate::store::{object_key, StoreError};
 
-const MAX_NARINFO_BYTES: u64 = 16 << 20;
-const MAX_LISTING_BYTES: u64 = 256 << 20;
-const MAX_LOG_BYTES: u64 = 1 << 30;
-const MAX_REALISATION_BYTES: u64 = 1 << 20;
-
-fn stream(
-    body: Body,
-) -> impl futures::Stream<Item = std::io::Result<bytes::Bytes>> + Send + 'static {
-    body.into_data_stream().map_err(std::io::Error::other)
+/// The routes under `/upload`, all behind a write token.
+pub(super) fn routes(state: AppState) -> Router<AppState> {
+    Router::new()
+        .route("/nix-cache-info", get(cache_info::get).put(cache_info::put))
+        .route("/nar/{file}", get(nar_get).head(nar_head).put(nar::put))
+        .route("/log/{drv}", get(log_get).head(log_head).put(log::put))
+        .route(
+            "/realisations/{id}",
+            get(realisation_get)
+                .head(realisation_head)
+                .put(realisation::put),
+        )
+        .route(
+            "/build-trace/{drv}/{output}",
+            get(build_trace_get)
+                .head(build_trace_head)
+                .put(realisation::put_build_trace),
+        )
+        .route(
+            "/{file}",
+            get(file_get).head(file_head).put(super::put_file),
+        )
+        .route_layer(middleware::from_fn_with_state(state, authorize))
 }
 
-async fn read_text(body: Body, limit: u64) -> Result<String, Error> {
-    let mut buf = Vec::new();
-    let mut s = std::pin::pin!(stream(body));
-    while let Some(chunk) = s
-        .try_next()
-        .await
-        .map_err(|e| UploadError::Body(e.to_string()))?
-    {
-        if (buf.len() + chunk.len()) as u64 > limit {
-            return Err(UploadError::Rejected(format!("larger than {limit} bytes")).into());
-        }
-        buf.extend_from_slice(&chunk);
-    }
-    String::from_utf8(buf).map_err(|_| UploadError::Rejected("not UTF-8".into()).into())
+async fn authorize(State(st): State<AppState>, req: Request, next: Next) -> Response {
+    super::check(&st, req, next, Scope::Write).await
 }
 
-/// Nix PUTs a nix-cache-info when it finds none; ours is generated, so there is nothing to do.
-pub(super) async fn put_cache_info() -> StatusCode {
-    StatusCode::NO_CONTENT
-}
-
-pub(super) async fn put_nar(
+/// GET `/upload/<hash>.narinfo` or `.ls`: as stored.
+async fn file_get(
     State(st): State<AppState>,
     Path(file): Path<String>,
-    body: Body,
-) -> Result<StatusCode, Error> {
-    let name: NarFileName = file.parse()?;
-    let d = st.uploader.put_nar(&name, stream(body)).await?;
-    st.missing_nars.seen_present(name.as_str()).await;
-    tracing::info!(nar = %name, size = d.input.size, nar_size = d.nar.size, "NAR uploaded");
-    Ok(StatusCode::CREATED)
-}
-
-pub(super) async fn put_top_level(
-    State(st): State<AppState>,
-    Path(file): Path<String>,
-    body: Body,
-) -> Result<StatusCode, Error> {
-    match file.parse::<TopLevelFile>().map_err(|_| Error::NotFound)? {
+    headers: HeaderMap,
+) -> Result<Response, Error> {
+    match super::top_level(&file)? {
         TopLevelFile::NarInfo(h) => {
-            let text = read_text(body, MAX_NARINFO_BYTES).await?;
-            let acc = st.uploader.put_narinfo(h, &text).await?;
-            st.narinfos.invalidate(h).await;
-            tracing::info!(path = %acc.narinfo.store_path, "narinfo uploaded");
-            Ok(StatusCode::CREATED)
+            let raw = stored_narinfo(&st, h).await?;
+            let len = raw.len();
+            Ok(narinfo_response(raw.into_response(), len))
         }
         TopLevelFile::Listing(h) => {
-            st.uploader
-                .put_plain(&keys::listing(h), stream(body), MAX_LISTING_BYTES)
-                .await?;
-            Ok(StatusCode::CREATED)
+            object::get(&*st.store, &object_key::listing(h), Kind::Listing, &headers).await
         }
     }
 }
 
-pub(super) async fn put_log(
+async fn file_head(
+    State(st): State<AppState>,
+    Path(file): Path<String>,
+) -> Result<Response, Error> {
+    match super::top_level(&file)? {
+        TopLevelFile::NarInfo(h) => {
+            let len = stored_narinfo(&st, h).await?.len();
+            Ok(narinfo_response(().into_response(), len))
+        }
+        TopLevelFile::Listing(h) => {
+            object::head(&*st.store, &object_key::listing(h), Kind::Listing).await
+        }
+    }
+}
+
+/// The narinfo the store holds for `h`, bounded in size and time like the root's reads.
+async fn stored_narinfo(
+    st: &AppState,
+    h: crate::nix::StorePathHash,
+) -> Result<bytes::Bytes, Error> {
+    let limit = st.config.store.timeout;
+    let key = object_key::narinfo(h);
+    let read = st.store.get_bytes(&key, MAX_NARINFO_BYTES);
+    tokio::time::timeout(limit, read)
+        .await
+        .map_err(|_| StoreError::Timeout(limit.as_secs()))??
+        .ok_or(Error::NotFound)
+}
+
+fn narinfo_response(mut res: Response, len: usize) -> Response {
+    let h = res.headers_mut();
+    h.insert(
+        header::CONTENT_TYPE,
+        HeaderValue::from_static("text/x-nix-narinfo"),
+    );
+    // An answer about the store right now, for one builder: no proxy may keep it.
+    h.insert(header::CACHE_CONTROL, HeaderValue::from_static("no-store"));
+    h.insert(header::CONTENT_LENGTH, HeaderValue::from(len));
+    res
+}
+
+async fn nar_get(
+    State(st): State<AppState>,
+    Path(file): Path<String>,
+    headers: HeaderMap,
+) -> Result<Response, Error> {
+    let f: NarFileName = file.parse()?;
+    object::get(&*st.store, &object_key::nar(&f), Kind::Nar, &headers).await
+}
+
+/// HEAD `/upload/nar/<file>`: Nix sends it before each NAR upload, and skips the upload on
+/// 200. Also found under the name it was re-encoded to (`upload.compression`).
+async fn nar_head(State(st): State<AppState>, Path(file): Path<String>) -> Result<Response, Error> {
+    let f: NarFileName = file.parse()?;
+    let size = match st.store.head(&object_key::nar(&f)).await? {
+        Some(size) => Some(size),
+        None => st.uploader.reencoded_size(&f).await?,
+    };
+    Ok(object::head_response(
+        size.ok_or(Error::NotFound)?,
+        Kind::Nar,
+    ))
+}
+
+async fn log_get(
     State(st): State<AppState>,
     Path(drv): Path<String>,
-    body: Body,
-) -> Result<StatusCode, Error> {
-    let d: StorePathBaseName = drv.parse()?;
-    st.uploader
-        .put_plain(&keys::log(&d), stream(body), MAX_LOG_BYTES)
-        .await?;
-    Ok(StatusCode::CREATED)
+    headers: HeaderMap,
+) -> Result<Response, Error> {
+    object::get(&*st.store, &log::key(&drv)?, Kind::Log, &headers).await
 }
 
-pub(super) async fn put_realisation(
+async fn log_head(State(st): State<AppState>, Path(drv): Path<String>) -> Result<Response, Error> {
+    object::head(&*st.store, &log::key(&drv)?, Kind::Log).await
+}
+
+async fn realisation_get(
     State(st): State<AppState>,
     Path(id): Path<String>,
-    body: Body,
-) -> Result<StatusCode, Error> {
-    let r: RealisationName = id.parse()?;
-    st.uploader
-        .put_plain(&keys::realisation(&r), stream(body), MAX_REALISATION_BYTES)
-        .await?;
-    Ok(StatusCode::CREATED)
+    headers: HeaderMap,
+) -> Result<Response, Error> {
+    object::get(
+        &*st.store,
+        &realisation::realisation_key(&id)?,
+        Kind::Realisation,
+        &headers,
+    )
+    .await
 }
 
-pub(super) async fn put_build_trace(
+async fn realisation_head(
+    State(st): State<AppState>,
+    Path(id): Path<String>,
+) -> Result<Response, Error> {
+    object::head(
+        &*st.store,
+        &realisation::realisation_key(&id)?,
+        Kind::Realisation,
+    )
+    .await
+}
+
+async fn build_trace_get(
     State(st): State<AppState>,
     Path((drv, output)): Path<(String, String)>,
-    body: Body,
-) -> Result<StatusCode, Error> {
-    let d: StorePathBaseName = drv.parse()?;
-    let o: OutputName = output.parse()?;
-    st.uploader
-        .put_plain(
-            &keys::build_trace(&d, &o),
-            stream(body),
-            MAX_REALISATION_BYTES,
-        )
-        .await?;
-    Ok(StatusCode::CREATED)
+    headers: HeaderMap,
+) -> Result<Response, Error> {
+    let key = realisation::build_trace_key(&drv, &output)?;
+    object::get(&*st.store, &key, Kind::Realisation, &headers).await
+}
+
+async fn build_trace_head(
+    State(st): State<AppState>,
+    Path((drv, output)): Path<(String, String)>,
+) -> Result<Response, Error> {
+    object::head(
+        &*st.store,
+        &realisation::build_trace_key(&drv, &output)?,
+        Kind::Realisation,
+    )
+    .await
 }

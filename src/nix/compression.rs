@@ -16,6 +16,17 @@ pub enum Compression {
 }
 
 impl Compression {
+    /// Every compression Nix knows.
+    pub const ALL: [Self; 7] = [
+        Self::None,
+        Self::Xz,
+        Self::Zstd,
+        Self::Bzip2,
+        Self::Brotli,
+        Self::Lz4,
+        Self::Gzip,
+    ];
+
     /// The value of the narinfo `Compression:` field.
     pub fn as_str(self) -> &'static str {
         match self {
@@ -102,15 +113,7 @@ mod tests {
 
     #[test]
     fn names_round_trip() {
-        for c in [
-            Compression::None,
-            Compression::Xz,
-            Compression::Zstd,
-            Compression::Bzip2,
-            Compression::Brotli,
-            Compression::Lz4,
-            Compression::Gzip,
-        ] {
+        for c in Compression::ALL {
             assert_eq!(c.as_str().parse::<Compression>().unwrap(), c);
             if let Some(ext) = c.extension().strip_prefix('.') {
                 assert_eq!(Compression::from_extension(ext), Some(c));

@@ -10,5 +10,5 @@ pub mod signing;
 pub use compression::Compression;
 pub use hash::{Sha256, StorePathHash};
 pub use names::{NarFileName, OutputName, RealisationName, StorePathBaseName, TopLevelFile};
-pub use narinfo::{NarInfo, NarInfoError};
+pub use narinfo::{NarInfo, NarInfoError, NarUrlError, MAX_NARINFO_BYTES};
 pub use signing::{PublicKey, SecretKey, Signature};

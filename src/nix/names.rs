@@ -120,8 +120,21 @@ impl NarFileName {
     pub fn compression_from_ext(&self) -> Option<Compression> {
         self.compression
     }
-    pub fn new(file_hash_nix32: &str, compression: Compression) -> Result<Self, NameError> {
-        format!("{file_hash_nix32}.nar{}", compression.extension()).parse()
+    /// The nix-base32 hash the name starts with: the file's sha256 (52 characters) for the
+    /// names Nix gives NARs, which is what makes a NAR's name a promise about its bytes.
+    pub fn file_hash(&self) -> &str {
+        // Parsing checked there is a `.` after a 32- or 52-character hash.
+        self.full.split_once('.').map_or(&self.full, |(h, _)| h)
+    }
+    /// The same file hash under the extension of `compression` (what a NAR re-encoded on
+    /// upload is stored as). Infallible: the hash was validated and every extension is known.
+    pub fn with_compression(&self, compression: Compression) -> Self {
+        Self {
+            full: format!("{}.nar{}", self.file_hash(), compression.extension()),
+            compression: Compression::from_extension(
+                compression.extension().trim_start_matches('.'),
+            ),
+        }
     }
 }
 
@@ -268,10 +281,18 @@ mod tests {
         ] {
             assert!(bad.parse::<NarFileName>().is_err(), "{bad}");
         }
+        let xz: NarFileName = format!("{F}.nar.xz").parse().unwrap();
+        assert_eq!(xz.file_hash(), F);
         assert_eq!(
-            NarFileName::new(F, Compression::Zstd).unwrap().as_str(),
+            xz.with_compression(Compression::Zstd).as_str(),
             format!("{F}.nar.zst")
         );
+        for c in Compression::ALL {
+            // The same as parsing the name it renders.
+            let n = xz.with_compression(c);
+            assert_eq!(n, n.as_str().parse().unwrap(), "{c}");
+            assert_eq!(n.file_hash(), F);
+        }
     }
 
     #[test]

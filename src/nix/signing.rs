@@ -27,6 +27,9 @@ pub enum KeyError {
     Inconsistent,
     #[error("not a valid ed25519 public key")]
     BadPublicKey,
+    /// No key could be generated: the operating system gave no random bytes.
+    #[error("the operating system's random source failed: {0}")]
+    RandomSource(getrandom::Error),
 }
 
 fn split_named(s: &str, expected: usize) -> Result<(&str, Vec<u8>), KeyError> {
@@ -58,7 +61,7 @@ impl SecretKey {
             return Err(KeyError::BadName);
         }
         let mut seed = [0u8; 32];
-        getrandom::getrandom(&mut seed).map_err(|_| KeyError::BadBase64)?;
+        getrandom::getrandom(&mut seed).map_err(KeyError::RandomSource)?;
         Ok(Self {
             name: name.to_owned(),
             key: SigningKey::from_bytes(&seed),

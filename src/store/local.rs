@@ -133,7 +133,10 @@ fn walk(root: &Path, prefix: &str, tx: &ListSender) {
 
 fn not_found(e: &io::Error) -> bool {
     // ENOTDIR: a path component is a file; the object cannot exist either.
-    e.kind() == io::ErrorKind::NotFound || e.raw_os_error() == Some(20)
+    matches!(
+        e.kind(),
+        io::ErrorKind::NotFound | io::ErrorKind::NotADirectory
+    )
 }
 
 #[async_trait]

@@ -1,10 +1,11 @@
 //! Object stores holding the cache: an S3 bucket or a local directory, both with the layout
 //! `nix copy --to` writes (`<hash>.narinfo`, `nar/<file>`, `log/<drv>`, …).
 //!
-//! Keys passed to a store are always built by [`keys`] from validated names, never from raw
+//! Keys passed to a store are always built by [`object_key`] from validated names, never from raw
 //! request strings.
 
 pub mod local;
+#[cfg(test)]
 pub mod memory;
 pub mod s3;
 
@@ -245,7 +246,7 @@ pub trait Store: Send + Sync + 'static {
 }
 
 /// The one place that turns validated names into object keys (relative to the store root).
-pub mod keys {
+pub mod object_key {
     use crate::nix::{NarFileName, OutputName, RealisationName, StorePathBaseName, StorePathHash};
 
     pub fn narinfo(h: StorePathHash) -> String {

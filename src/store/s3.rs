@@ -88,17 +88,31 @@ impl S3Store {
     /// Runs one S3 call under the request timeout (time to response headers).
     async fn call<T, E>(
         &self,
-        what: &str,
+        what: &'static str,
         fut: impl Future<Output = Result<T, SdkError<E, HttpResponse>>>,
     ) -> Result<Result<T, Failure>, StoreError>
     where
         E: ProvideErrorMetadata + std::error::Error + Send + Sync + 'static,
     {
-        match tokio::time::timeout(self.timeout, fut).await {
+        let started = std::time::Instant::now();
+        let r = match tokio::time::timeout(self.timeout, fut).await {
             Err(_) => Err(StoreError::Timeout(self.timeout.as_secs())),
             Ok(Ok(v)) => Ok(Ok(v)),
             Ok(Err(e)) => classify(what, &self.bucket, e),
-        }
+        };
+        crate::metrics::store_request(what, result_label(&r), started.elapsed());
+        r
+    }
+}
+
+/// The `result` label of one S3 call in the metrics.
+fn result_label<T>(r: &Result<Result<T, Failure>, StoreError>) -> &'static str {
+    match r {
+        Ok(Ok(_)) => "ok",
+        Ok(Err(Failure::NotFound)) => "not_found",
+        Ok(Err(Failure::BadRange)) => "bad_range",
+        Err(StoreError::Timeout(_)) => "timeout",
+        Err(_) => "error",
     }
 }
 
@@ -245,7 +259,17 @@ impl Store for S3Store {
     }
 
     async fn ping(&self) -> Result<(), StoreError> {
-        let req = self.client.head_bucket().bucket(&self.bucket).send();
+        // One attempt: a readiness probe wants the store's state now, not after the SDK's
+        // retries with back-off (a refused connection would otherwise take seconds to report).
+        let once = aws_sdk_s3::config::Builder::default()
+            .retry_config(aws_sdk_s3::config::retry::RetryConfig::disabled());
+        let req = self
+            .client
+            .head_bucket()
+            .bucket(&self.bucket)
+            .customize()
+            .config_override(once)
+            .send();
         match self.call("HeadBucket", req).await? {
             Ok(_) => Ok(()),
             Err(_) => Err(StoreError::Misconfigured(format!(
@@ -331,19 +355,22 @@ struct S3Writer {
 impl S3Writer {
     async fn timed<T, E>(
         &self,
-        what: &str,
+        what: &'static str,
         fut: impl Future<Output = Result<T, SdkError<E, HttpResponse>>>,
     ) -> Result<T, StoreError>
     where
         E: ProvideErrorMetadata + std::error::Error + Send + Sync + 'static,
     {
-        match tokio::time::timeout(self.timeout * 6, fut).await {
+        let started = std::time::Instant::now();
+        let r = match tokio::time::timeout(self.timeout * 6, fut).await {
             Err(_) => Err(StoreError::Timeout(self.timeout.as_secs() * 6)),
-            Ok(Ok(v)) => Ok(v),
-            Ok(Err(e)) => match classify::<T, E>(what, &self.bucket, e)? {
-                Ok(v) => Ok(v),
-                Err(f) => Err(StoreError::Other(format!("{what} {}: {f:?}", self.key))),
-            },
+            Ok(Ok(v)) => Ok(Ok(v)),
+            Ok(Err(e)) => classify::<T, E>(what, &self.bucket, e),
+        };
+        crate::metrics::store_request(what, result_label(&r), started.elapsed());
+        match r? {
+            Ok(v) => Ok(v),
+            Err(f) => Err(StoreError::Other(format!("{what} {}: {f:?}", self.key))),
         }
     }
 
@@ -487,5 +514,44 @@ mod tests {
             })
         );
         assert_eq!(ContentRange::parse_header("bytes */1234"), None);
+    }
+
+    /// /readyz asks once: a store refusing connections is reported after one attempt, not
+    /// after the SDK's retries.
+    #[tokio::test]
+    async fn ping_makes_one_attempt() {
+        use crate::config::{S3Credentials, Secret};
+        use std::sync::atomic::{AtomicUsize, Ordering};
+        use std::sync::Arc;
+
+        // A "store" that accepts connections and closes them at once.
+        let l = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+        let addr = l.local_addr().unwrap();
+        let accepted = Arc::new(AtomicUsize::new(0));
+        let n = accepted.clone();
+        tokio::spawn(async move {
+            while let Ok((s, _)) = l.accept().await {
+                n.fetch_add(1, Ordering::SeqCst);
+                drop(s);
+            }
+        });
+        let cfg = S3StoreConfig {
+            bucket: "b".into(),
+            endpoint: Some(format!("http://{addr}")),
+            region: "us-east-1".into(),
+            prefix: String::new(),
+            force_path_style: true,
+            credentials: Some(S3Credentials {
+                access_key_id: "k".into(),
+                secret_access_key: Secret("s".into()),
+            }),
+            connect_timeout: Duration::from_secs(2),
+        };
+        let store = S3Store::new(&cfg, Duration::from_secs(5)).await;
+        assert!(store.ping().await.is_err());
+        assert_eq!(accepted.load(Ordering::SeqCst), 1);
+        // Requests other than the probe keep the SDK's retries.
+        let _ = store.head("x").await;
+        assert!(accepted.load(Ordering::SeqCst) > 2);
     }
 }

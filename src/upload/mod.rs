@@ -12,38 +12,53 @@
 //! The digest of each NAR uploaded through this process is remembered, so the narinfo that
 //! follows is checked without reading the NAR back; a NAR uploaded elsewhere (another replica,
 //! an earlier run) is read back and digested once.
+//!
+//! Paths that come from elsewhere (an upstream being mirrored, a directory being imported) go
+//! through the same checks, by [`Uploader::copy_path`].
+//!
+//! Published paths are immutable: a narinfo for a path the store already has is accepted only
+//! with the same NarHash (and then changes nothing); another NarHash is a conflict (409).
+//! Removing a path is for garbage collection and `verify --repair`, never for an upload.
+//!
+//! Bounds, so that no upload holds resources without end: [`digest::Limits`] (NAR size as
+//! sent and decompressed, xz decoder memory), [`Uploader::admit`] (NAR uploads at once, the
+//! rest refused with 503 before their body is read) and [`digest::with_idle_timeout`] (a body
+//! that stops sending).
+//!
+//! Errors: what is wrong with the upload is [`UploadError`] (a 400 for HTTP clients); the
+//! store failing on the way is [`Error::Store`], as for any request.
 
 pub mod digest;
 
-use std::collections::HashMap;
+use std::collections::{HashMap, HashSet};
+use std::future::Future;
 use std::sync::{Arc, Mutex};
 
 use bytes::Bytes;
 use futures::{Stream, StreamExt as _, TryStreamExt as _};
-use thiserror::Error;
+use tokio::sync::{OwnedSemaphorePermit, Semaphore};
 
 use crate::config::{Recompression, UploadConfig};
+use crate::error::{Error, UploadError};
 use crate::nix::{Compression, NarFileName, NarInfo, PublicKey, StorePathHash};
-use crate::store::{keys, Store, StoreError};
+use crate::store::{object_key, Store, StoreError};
+use crate::sync::lock;
+use crate::upstream::Upstreams;
 
-pub use digest::{FileDigest, NarDigest};
+pub use digest::{FileDigest, Limits, NarDigest};
 
-#[derive(Debug, Clone, Error)]
-pub enum UploadError {
-    /// The upload is wrong; the message names the failed check.
-    #[error("{0}")]
-    Rejected(String),
-    /// The request body ended early or broke.
-    #[error("upload body: {0}")]
-    Body(String),
-    #[error(transparent)]
-    Store(#[from] StoreError),
-    #[error("internal upload error: {0}")]
-    Internal(String),
-}
+/// Build logs larger than this are refused (HTTP uploads and `cellar import`).
+pub const MAX_LOG_BYTES: u64 = 1 << 30;
 
-fn rejected(msg: impl Into<String>) -> UploadError {
-    UploadError::Rejected(msg.into())
+/// A bound on one listing (`<hash>.ls`), uploaded or imported.
+pub const MAX_LISTING_BYTES: u64 = 256 << 20;
+
+/// What a client refused for `upload.max_concurrent` is told to wait. Nix 2.8 retries 5xx
+/// with its own back-off (0.3 s doubling) and ignores it; other clients may not.
+const BUSY_RETRY_AFTER_SECS: u64 = 1;
+
+fn rejected(msg: impl Into<String>) -> Error {
+    Error::Upload(UploadError::Rejected(msg.into()))
 }
 
 /// What the store holds for a NAR name a client used.
@@ -66,8 +81,9 @@ pub struct Uploader {
     store_dir: String,
     recompress: Option<Recompression>,
     trusted_keys: Vec<PublicKey>,
-    /// References available from an upstream count as present.
-    upstreams: Option<Arc<crate::upstream::Upstreams>>,
+    limits: Limits,
+    /// One permit per NAR upload in progress (`upload.max_concurrent`).
+    slots: Arc<Semaphore>,
     // A std Mutex: held for map operations only, never across an await.
     verified: Mutex<HashMap<String, VerifiedNar>>,
     /// Where accepted narinfos are recorded before they are written (garbage collection).
@@ -75,25 +91,24 @@ pub struct Uploader {
 }
 
 /// The result of a narinfo upload.
+#[derive(Debug)]
 pub struct Accepted {
     pub hash: StorePathHash,
     /// The narinfo as stored (rewritten after recompression).
     pub narinfo: NarInfo,
+    /// The store already had this path with the same NarHash: nothing was written.
+    pub already_present: bool,
 }
 
 impl Uploader {
-    pub fn new(
-        cfg: &UploadConfig,
-        store_dir: &str,
-        store: Arc<dyn Store>,
-        upstreams: Option<Arc<crate::upstream::Upstreams>>,
-    ) -> Self {
+    pub fn new(cfg: &UploadConfig, store_dir: &str, store: Arc<dyn Store>) -> Self {
         Self {
             store,
-            upstreams,
             store_dir: store_dir.to_owned(),
             recompress: cfg.recompress,
             trusted_keys: cfg.trusted_keys.clone(),
+            limits: Limits::from_config(cfg),
+            slots: Arc::new(Semaphore::new(cfg.max_concurrent)),
             verified: Mutex::new(HashMap::new()),
             access: None,
         }
@@ -106,8 +121,24 @@ impl Uploader {
         self
     }
 
+    /// The largest NAR accepted (`upload.max_nar_bytes`).
+    pub fn max_nar_bytes(&self) -> u64 {
+        self.limits.max_nar_bytes
+    }
+
+    /// A slot for one NAR upload, held until it is dropped; `Busy` (503) when
+    /// `upload.max_concurrent` are in progress. Taken before the body is read, so a refused
+    /// client has sent nothing (it is never told `100 Continue`) and its retry is whole.
+    pub fn admit(&self) -> Result<OwnedSemaphorePermit, Error> {
+        self.slots.clone().try_acquire_owned().map_err(|_| {
+            Error::Upload(UploadError::Busy {
+                retry_after_secs: BUSY_RETRY_AFTER_SECS,
+            })
+        })
+    }
+
     fn remember(&self, uploaded_key: String, v: VerifiedNar) {
-        let mut m = self.verified.lock().unwrap_or_else(|p| p.into_inner());
+        let mut m = lock(&self.verified);
         if m.len() >= MAX_REMEMBERED {
             m.clear();
         }
@@ -115,58 +146,49 @@ impl Uploader {
     }
 
     fn remembered(&self, uploaded_key: &str) -> Option<VerifiedNar> {
-        self.verified
-            .lock()
-            .unwrap_or_else(|p| p.into_inner())
-            .get(uploaded_key)
-            .cloned()
+        lock(&self.verified).get(uploaded_key).cloned()
     }
 
-    /// The name a NAR uploaded as `name` is stored under.
-    fn stored_name(
-        &self,
-        name: &NarFileName,
-    ) -> Result<(NarFileName, Option<Compression>), UploadError> {
+    /// Where a NAR uploaded as `name` is stored when uploads are re-encoded to another
+    /// compression: that name and compression. `None` if it is stored as sent.
+    fn reencoded(&self, name: &NarFileName) -> Option<(NarFileName, Compression)> {
         let incoming = name.compression_from_ext().unwrap_or(Compression::None);
         match self.recompress {
             Some(Recompression {
                 compression: target,
                 ..
-            }) if target != incoming => {
-                let hash = name.as_str().split('.').next().unwrap_or_default();
-                let stored = NarFileName::new(hash, target)
-                    .map_err(|e| UploadError::Internal(e.to_string()))?;
-                Ok((stored, Some(target)))
-            }
-            _ => Ok((name.clone(), None)),
+            }) if target != incoming => Some((name.with_compression(target), target)),
+            _ => None,
         }
     }
 
-    /// The size of the NAR a client would find under `name`: the object itself, or the
-    /// re-encoded copy it was stored as. Answers `HEAD nar/<file>` so repeated uploads are
-    /// skipped.
-    pub async fn nar_size(&self, name: &NarFileName) -> Result<Option<u64>, StoreError> {
-        if let Some(size) = self.store.head(&keys::nar(name)).await? {
-            return Ok(Some(size));
+    /// The size of the re-encoded copy a NAR uploaded as `name` was stored as, if any. Lets
+    /// `HEAD nar/<file>` find it under the name the client uploaded, so a client that probes
+    /// before uploading does not upload it again.
+    pub async fn reencoded_size(&self, name: &NarFileName) -> Result<Option<u64>, StoreError> {
+        match self.reencoded(name) {
+            Some((stored, _)) => self.store.head(&object_key::nar(&stored)).await,
+            None => Ok(None),
         }
-        let Ok((stored, Some(_))) = self.stored_name(name) else {
-            return Ok(None);
-        };
-        self.store.head(&keys::nar(&stored)).await
+    }
+
+    /// Whether the store holds the NAR a client would find under `name`: the object itself,
+    /// or the re-encoded copy it was stored as.
+    async fn has_nar(&self, name: &NarFileName) -> Result<bool, StoreError> {
+        if self.store.head(&object_key::nar(name)).await?.is_some() {
+            return Ok(true);
+        }
+        Ok(self.reencoded_size(name).await?.is_some())
     }
 
     /// Streams a NAR into the store, verified.
-    pub async fn put_nar<S>(&self, name: &NarFileName, body: S) -> Result<NarDigest, UploadError>
+    pub async fn put_nar<S>(&self, name: &NarFileName, body: S) -> Result<NarDigest, Error>
     where
         S: Stream<Item = std::io::Result<Bytes>> + Send + 'static,
     {
         let incoming = name.compression_from_ext().unwrap_or(Compression::None);
-        if !digest::can_decode(incoming) {
-            return Err(rejected(format!(
-                "NARs compressed with {incoming} cannot be verified; upload with xz, zstd, bzip2 or none"
-            )));
-        }
-        let name_hash = name.as_str().split('.').next().unwrap_or_default();
+        digest::check_decodable(incoming)?;
+        let name_hash = name.file_hash();
         if name_hash.len() != 52 {
             // The name must be the file's sha256, which is what makes re-uploads idempotent
             // and an object under it impossible to swap for other bytes.
@@ -174,10 +196,15 @@ impl Uploader {
                 "a NAR's name must be the nix-base32 sha256 of the file (52 characters)",
             ));
         }
-        let (stored, target) = self.stored_name(name)?;
+        let (stored, target) = match self.reencoded(name) {
+            Some((stored, target)) => (stored, Some(target)),
+            None => (name.clone(), None),
+        };
         let recompress = target.map(|t| (t, self.recompress.and_then(|r| r.level)));
-        let mut w = self.store.writer(&keys::nar(&stored)).await?;
-        let d = match digest::digest(body, incoming, recompress, Some(&mut w)).await {
+        let mut w = self.store.writer(&object_key::nar(&stored)).await?;
+        let d = match digest::digest_into(body, incoming, recompress, Some(&mut w), self.limits)
+            .await
+        {
             Ok(d) => d,
             Err(e) => {
                 w.abort().await;
@@ -193,7 +220,7 @@ impl Uploader {
         }
         w.commit().await?;
         self.remember(
-            keys::nar(name),
+            object_key::nar(name),
             VerifiedNar {
                 stored,
                 stored_compression: target.unwrap_or(incoming),
@@ -206,20 +233,23 @@ impl Uploader {
     }
 
     /// Finds and digests a NAR this process did not see being uploaded.
-    async fn verify_stored(&self, name: &NarFileName) -> Result<Option<VerifiedNar>, UploadError> {
+    async fn verify_stored(&self, name: &NarFileName) -> Result<Option<VerifiedNar>, Error> {
         let mut candidates = vec![name.clone()];
-        if let (stored, Some(_)) = self.stored_name(name)? {
+        if let Some((stored, _)) = self.reencoded(name) {
             candidates.push(stored);
         }
         for cand in candidates {
-            let Some(obj) = self.store.get(&keys::nar(&cand), None).await? else {
+            let Some(obj) = self.store.get(&object_key::nar(&cand), None).await? else {
                 continue;
             };
             let c = cand.compression_from_ext().unwrap_or(Compression::None);
-            let d = digest::digest(obj.body, c, None, None)
+            // The body is the store's: a broken one is the store failing, not a client.
+            let d = digest::digest_into(obj.body, c, None, None, self.limits)
                 .await
                 .map_err(|e| match e {
-                    UploadError::Body(b) => UploadError::Store(StoreError::Other(b)),
+                    Error::Upload(UploadError::Body(b)) => Error::Store(StoreError::Other(
+                        format!("reading {} back: {b}", object_key::nar(&cand)),
+                    )),
                     other => other,
                 })?;
             let v = VerifiedNar {
@@ -229,33 +259,98 @@ impl Uploader {
                 uploaded_file: None,
                 nar: d.nar,
             };
-            self.remember(keys::nar(name), v.clone());
+            self.remember(object_key::nar(name), v.clone());
             return Ok(Some(v));
         }
         Ok(None)
     }
 
-    /// Accepts a narinfo for `hash` if every check passes, and writes it.
+    /// Accepts the narinfo uploaded as `<hash>.narinfo` if every check passes, and writes it.
+    /// References that `upstreams` serve count as present.
     pub async fn put_narinfo(
         &self,
         hash: StorePathHash,
-        text: &str,
-    ) -> Result<Accepted, UploadError> {
-        let sd = &self.store_dir;
-        let mut info = NarInfo::parse(text, sd)
-            .map_err(|e| rejected(format!("narinfo does not parse: {e}")))?;
-        if info.hash() != hash {
-            return Err(rejected(format!(
-                "StorePath {sd}/{} does not match the name {hash}.narinfo",
-                info.store_path
-            )));
+        raw: &[u8],
+        upstreams: Option<&Upstreams>,
+    ) -> Result<Accepted, Error> {
+        let info = NarInfo::parse_for(raw, &self.store_dir, hash)
+            .map_err(|e| rejected(format!("bad narinfo: {e}")))?;
+        self.accept_narinfo(info, upstreams).await
+    }
+
+    /// Copies a path into the store, verified exactly like an upload: its NAR, unless the
+    /// store already has it (under its name or re-encoded), read from `fetch_nar` only then;
+    /// then its narinfo, last, which is what makes the path visible. For paths that come from
+    /// elsewhere: an upstream being mirrored, a directory being imported.
+    pub async fn copy_path<F, Fut, S>(
+        &self,
+        info: NarInfo,
+        fetch_nar: F,
+        upstreams: Option<&Upstreams>,
+    ) -> Result<Accepted, Error>
+    where
+        F: FnOnce(NarFileName) -> Fut,
+        Fut: Future<Output = Result<S, Error>>,
+        S: Stream<Item = std::io::Result<Bytes>> + Send + 'static,
+    {
+        let name = info.nar_file().map_err(|e| rejected(e.to_string()))?;
+        if !self.has_nar(&name).await? {
+            let body = fetch_nar(name.clone()).await?;
+            self.put_nar(&name, body).await?;
         }
-        let url_name: NarFileName = info
-            .url
-            .strip_prefix("nar/")
-            .ok_or_else(|| rejected(format!("URL {:?} must be nar/<file>", info.url)))?
-            .parse()
-            .map_err(|e| rejected(format!("URL {:?}: {e}", info.url)))?;
+        self.accept_narinfo(info, upstreams).await
+    }
+
+    /// The narinfo the store holds for `hash`, parsed.
+    pub async fn stored(&self, hash: StorePathHash) -> Result<Option<NarInfo>, Error> {
+        let key = object_key::narinfo(hash);
+        let Some(raw) = self
+            .store
+            .get_bytes(&key, crate::nix::MAX_NARINFO_BYTES)
+            .await?
+        else {
+            return Ok(None);
+        };
+        NarInfo::parse_for(&raw, &self.store_dir, hash)
+            .map(Some)
+            .map_err(|reason| Error::BadObject { key, reason })
+    }
+
+    /// The checks of a narinfo against its NAR, its signatures and its references; writes it
+    /// if they pass.
+    async fn accept_narinfo(
+        &self,
+        mut info: NarInfo,
+        upstreams: Option<&Upstreams>,
+    ) -> Result<Accepted, Error> {
+        let sd = &self.store_dir;
+        let hash = info.hash();
+        // Published paths are immutable. Checked first: a re-upload of a present path (a
+        // client with a stale view) costs one read, not a NAR verification. Two uploads of
+        // different contents racing past this check both write; the last one wins (S3 has no
+        // portable create-only write), which needs a non-reproducible build pushed twice at
+        // the same moment.
+        if let Some(existing) = self.stored(hash).await? {
+            if existing.nar_hash != info.nar_hash {
+                return Err(Error::Upload(UploadError::Conflict {
+                    store_path: format!("{sd}/{}", info.store_path),
+                    stored: existing.nar_hash.to_string(),
+                    uploaded: info.nar_hash.to_string(),
+                }));
+            }
+            return Ok(Accepted {
+                hash,
+                narinfo: existing,
+                already_present: true,
+            });
+        }
+        // The fingerprint Nix verifies has each reference once; a list with duplicates would
+        // be signed as sent and fail verification on every client.
+        let mut seen = HashSet::new();
+        if let Some(dup) = info.references.iter().find(|r| !seen.insert(*r)) {
+            return Err(rejected(format!("reference {sd}/{dup} is listed twice")));
+        }
+        let url_name = info.nar_file().map_err(|e| rejected(e.to_string()))?;
         if let Some(ext) = url_name.compression_from_ext() {
             if ext != info.compression {
                 return Err(rejected(format!(
@@ -273,13 +368,22 @@ impl Uploader {
         // collection running meanwhile either sees the record in time or has deleted them
         // before the checks (see crate::gc::sweep).
         if let Some(a) = &self.access {
-            let stored = self.stored_name(&url_name)?.0;
-            a.record_upload(&info, &[url_name.as_str(), stored.as_str()])
-                .await?;
+            let stored = self.reencoded(&url_name).map(|(n, _)| n);
+            let mut nars = vec![url_name.as_str()];
+            nars.extend(stored.as_ref().map(NarFileName::as_str));
+            a.record_upload(&info, &nars).await?;
         }
-        let v = match self.remembered(&keys::nar(&url_name)) {
+        let v = match self.remembered(&object_key::nar(&url_name)) {
             // Still there? (Someone may have deleted it from the bucket since.)
-            Some(v) if self.store.head(&keys::nar(&v.stored)).await?.is_some() => v,
+            Some(v)
+                if self
+                    .store
+                    .head(&object_key::nar(&v.stored))
+                    .await?
+                    .is_some() =>
+            {
+                v
+            }
             _ => self
                 .verify_stored(&url_name)
                 .await?
@@ -315,7 +419,7 @@ impl Uploader {
                 info.nar_size, v.nar.size
             )));
         }
-        self.check_references(&info).await?;
+        self.check_references(&info, upstreams).await?;
 
         // Point the narinfo at what is stored (the signature does not cover these fields).
         info.url = format!("nar/{}", v.stored);
@@ -323,34 +427,40 @@ impl Uploader {
         info.file_hash = Some(v.stored_file.hash);
         info.file_size = Some(v.stored_file.size);
         self.store
-            .put_bytes(&keys::narinfo(hash), Bytes::from(info.render(sd)))
+            .put_bytes(&object_key::narinfo(hash), Bytes::from(info.render(sd)))
             .await?;
         if self.access.is_some() {
-            self.still_whole(&info, &v.stored).await?;
+            self.still_whole(&info, &v.stored, upstreams).await?;
         }
         Ok(Accepted {
             hash,
             narinfo: info,
+            already_present: false,
         })
     }
 
     /// Checks again, after the narinfo was written, that its NAR and references are still
     /// there; if a garbage collection removed one meanwhile, takes the narinfo back and
     /// refuses the upload (the client uploads again what is missing on its next run).
-    async fn still_whole(&self, info: &NarInfo, nar: &NarFileName) -> Result<(), UploadError> {
+    async fn still_whole(
+        &self,
+        info: &NarInfo,
+        nar: &NarFileName,
+        upstreams: Option<&Upstreams>,
+    ) -> Result<(), Error> {
         let check = async {
-            if self.store.head(&keys::nar(nar)).await?.is_none() {
+            if self.store.head(&object_key::nar(nar)).await?.is_none() {
                 return Err(rejected(format!(
                     "NAR {} is not in the cache; upload it again",
                     info.url
                 )));
             }
-            self.check_references(info).await
+            self.check_references(info, upstreams).await
         };
         match check.await {
             Ok(()) => Ok(()),
             Err(e) => {
-                if let Err(d) = self.store.delete(&keys::narinfo(info.hash())).await {
+                if let Err(d) = self.store.delete(&object_key::narinfo(info.hash())).await {
                     tracing::error!(path = %info.store_path, cause = %d, "could not take back a narinfo whose closure a garbage collection broke");
                 }
                 Err(e)
@@ -358,7 +468,11 @@ impl Uploader {
         }
     }
 
-    async fn check_references(&self, info: &NarInfo) -> Result<(), UploadError> {
+    async fn check_references(
+        &self,
+        info: &NarInfo,
+        upstreams: Option<&Upstreams>,
+    ) -> Result<(), Error> {
         let own = info.hash();
         let refs: Vec<(StorePathHash, String)> = info
             .references
@@ -366,19 +480,18 @@ impl Uploader {
             .filter(|r| r.hash() != own)
             .map(|r| (r.hash(), r.to_string()))
             .collect();
-        let store = self.store.clone();
-        let upstreams = self.upstreams.clone();
-        let lookups = refs.into_iter().map(move |(h, name)| {
-            let store = store.clone();
-            let upstreams = upstreams.clone();
+        let store = &self.store;
+        let lookups = refs.into_iter().map(|(h, name)| {
             async move {
-                if store.head(&keys::narinfo(h)).await?.is_some() {
+                if store.head(&object_key::narinfo(h)).await?.is_some() {
                     return Ok::<_, StoreError>(None);
                 }
-                // Clients substituting through this server get it from an upstream.
-                let upstream = match &upstreams {
-                    Some(u) => u.has(h).await?,
-                    None => false,
+                // Clients substituting through this server get it from an upstream. Asked
+                // only for references the store lacks: a `nix copy --to` uploads references
+                // first, so its uploads never reach an upstream.
+                let upstream = match upstreams {
+                    Some(u) if !u.is_empty() => u.has(h).await?,
+                    _ => false,
                 };
                 Ok(if upstream { None } else { Some(name) })
             }
@@ -403,7 +516,7 @@ impl Uploader {
     }
 
     /// Stores a listing, log or realisation as sent, streamed.
-    pub async fn put_plain<S>(&self, key: &str, body: S, limit: u64) -> Result<(), UploadError>
+    pub async fn put_plain<S>(&self, key: &str, body: S, limit: u64) -> Result<(), Error>
     where
         S: Stream<Item = std::io::Result<Bytes>> + Send,
     {
@@ -415,13 +528,13 @@ impl Uploader {
                 Ok(c) => c,
                 Err(e) => {
                     w.abort().await;
-                    return Err(UploadError::Body(e.to_string()));
+                    return Err(digest::body_error(e).into());
                 }
             };
             n += chunk.len() as u64;
             if n > limit {
                 w.abort().await;
-                return Err(rejected(format!("larger than {limit} bytes")));
+                return Err(UploadError::TooLarge { limit }.into());
             }
             if let Err(e) = w.write(chunk).await {
                 w.abort().await;
@@ -432,3 +545,6 @@ impl Uploader {
         Ok(())
     }
 }
+
+#[cfg(test)]
+mod tests;

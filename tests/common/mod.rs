@@ -1,14 +1,17 @@
 //! Shared test harness: the real Garage S3 server started by `scripts/test`, the real `cellar`
-//! binary on a free port, a TCP proxy that can cut the store off, and a fixture closure built
+//! binary (it binds port 0 itself and announces the address it got), [`App`]: a cellar over a
+//! test's own key prefix, a TCP proxy that can cut the store off, and a fixture closure built
 //! with the real nix client.
 #![allow(dead_code)]
 
+use std::io::{BufRead as _, BufReader};
 use std::net::SocketAddr;
 use std::path::{Path, PathBuf};
 use std::process::{Child, Command, Output, Stdio};
 use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
+use std::sync::mpsc::RecvTimeoutError;
 use std::sync::{Arc, Mutex, OnceLock};
-use std::time::{Duration, Instant};
+use std::time::Duration;
 
 use aws_sdk_s3::config::{BehaviorVersion, Credentials, Region, RequestChecksumCalculation};
 use tokio::io::{AsyncReadExt, AsyncWriteExt};
@@ -221,14 +224,6 @@ pub struct Server {
     child: Child,
 }
 
-pub fn free_port() -> u16 {
-    std::net::TcpListener::bind("127.0.0.1:0")
-        .unwrap()
-        .local_addr()
-        .unwrap()
-        .port()
-}
-
 /// Env for an S3 store at `endpoint` (usually a [`Proxy`]) under `prefix`.
 pub fn s3_store_env(s3: &S3Env, endpoint: &str, prefix: &str) -> Vec<(String, String)> {
     [
@@ -252,6 +247,9 @@ impl Server {
     }
 
     /// Same, with a config file holding `toml` (env still overrides it).
+    ///
+    /// The server binds port 0 itself (no port is picked here and released for another
+    /// process to take) and announces the address it got on stdout.
     pub fn start_with_config(toml: &str, env: Vec<(String, String)>) -> Server {
         let dir = tempfile::tempdir().unwrap();
         let config = dir.path().join("cellar.toml");
@@ -264,54 +262,74 @@ impl Server {
             .unwrap();
         assert!(out.status.success(), "keygen: {out:?}");
         let public_key = String::from_utf8(out.stdout).unwrap().trim().to_owned();
-        let port = free_port();
-        let addr: SocketAddr = format!("127.0.0.1:{port}").parse().unwrap();
-        let log = std::fs::File::create(dir.path().join("server.log")).unwrap();
+        let log_path = dir.path().join("server.log");
+        let log = std::fs::File::create(&log_path).unwrap();
         let mut cmd = Command::new(CELLAR);
         cmd.arg("serve")
             .arg("--config")
             .arg(&config)
             .current_dir(dir.path())
-            .env("CELLAR_LISTEN", addr.to_string())
+            .env("CELLAR_LISTEN", "127.0.0.1:0")
             .env("CELLAR_SIGNING__KEY_FILES", &key)
             .env("RUST_LOG", "info,cellar=debug")
-            .stdout(Stdio::null())
+            .stdout(Stdio::piped())
             .stderr(log);
         for (k, v) in &env {
             cmd.env(k, v);
         }
-        let child = cmd.spawn().unwrap();
-        let mut s = Server {
+        let mut child = cmd.spawn().unwrap();
+        let addr = wait_until_listening(&mut child, || {
+            std::fs::read_to_string(&log_path).unwrap_or_default()
+        });
+        Server {
             url: format!("http://{addr}"),
             addr,
             public_key,
             dir,
             child,
-        };
-        s.wait_healthy();
-        s
+        }
     }
 
-    fn wait_healthy(&mut self) {
-        let deadline = Instant::now() + Duration::from_secs(20);
-        loop {
-            if std::net::TcpStream::connect(self.addr).is_ok() {
-                return;
-            }
-            if let Ok(Some(st)) = self.child.try_wait() {
-                panic!("cellar exited with {st}:\n{}", self.log());
-            }
+    pub fn log(&self) -> String {
+        std::fs::read_to_string(self.dir.path().join("server.log")).unwrap_or_default()
+    }
+
+    /// The config file the server was started with (rewrite it, then [`Server::sighup`]).
+    pub fn config_path(&self) -> PathBuf {
+        self.dir.path().join("cellar.toml")
+    }
+
+    /// Sends SIGHUP (reload) to the server.
+    pub fn sighup(&self) {
+        let st = Command::new("kill")
+            .args(["-HUP", &self.child.id().to_string()])
+            .status()
+            .unwrap();
+        assert!(st.success(), "kill -HUP failed");
+    }
+
+    /// Waits until the log holds `needle` at least `count` times: for events only the log
+    /// reports (a reload done, an upload refused). Fails after a minute, with the log.
+    pub fn wait_for_log(&self, needle: &str, count: usize) {
+        let deadline = std::time::Instant::now() + Duration::from_secs(60);
+        while self.log().matches(needle).count() < count {
             assert!(
-                Instant::now() < deadline,
-                "cellar did not start:\n{}",
+                std::time::Instant::now() < deadline,
+                "{needle:?} did not appear {count} time(s) in the log:\n{}",
                 self.log()
             );
             std::thread::sleep(Duration::from_millis(20));
         }
     }
 
-    pub fn log(&self) -> String {
-        std::fs::read_to_string(self.dir.path().join("server.log")).unwrap_or_default()
+    /// How often the log holds `needle`.
+    pub fn log_count(&self, needle: &str) -> usize {
+        self.log().matches(needle).count()
+    }
+
+    /// The server's process id (to send it signals).
+    pub fn pid(&self) -> u32 {
+        self.child.id()
     }
 }
 
@@ -320,6 +338,184 @@ impl Drop for Server {
         let _ = self.child.kill();
         let _ = self.child.wait();
     }
+}
+
+/// Waits for the line `cellar serve` prints on stdout once its port is open
+/// (`listening on http://ADDR`) and returns ADDR. If the child exits first, or stays silent for
+/// a minute (a guard against a hung start, not a wait for it), the child is killed and the test
+/// fails with `log()`.
+pub fn wait_until_listening(child: &mut Child, log: impl Fn() -> String) -> SocketAddr {
+    let stdout = child.stdout.take().expect("cellar's stdout is piped");
+    let (tx, rx) = std::sync::mpsc::channel();
+    std::thread::spawn(move || {
+        let mut lines = BufReader::new(stdout).lines();
+        for line in lines.by_ref() {
+            let Ok(line) = line else { return };
+            if let Some(addr) = line.strip_prefix("listening on http://") {
+                let _ = tx.send(addr.to_owned());
+                break;
+            }
+        }
+        // Keep reading whatever else comes, so the server never writes into a closed pipe.
+        for _ in lines {}
+    });
+    let fail = |child: &mut Child, why: String| -> ! {
+        let _ = child.kill();
+        let status = child.wait();
+        panic!("cellar {why} ({status:?}); its log:\n{}", log());
+    };
+    match rx.recv_timeout(Duration::from_secs(60)) {
+        Ok(addr) => addr
+            .parse()
+            .unwrap_or_else(|e| fail(child, format!("announced {addr:?}: {e}"))),
+        Err(RecvTimeoutError::Disconnected) => {
+            fail(child, "exited before announcing its address".into())
+        }
+        Err(RecvTimeoutError::Timeout) => {
+            fail(child, "did not announce its address within 60 s".into())
+        }
+    }
+}
+
+// ---------------------------------------------------------------------------------------------
+// One test's cellar over its own key prefix in the Garage bucket
+
+/// What almost every S3 test starts from: a key prefix no other test uses, seeded with
+/// objects, optionally reached through a [`Proxy`] the test can cut, and a cellar serving it.
+///
+/// ```ignore
+/// let app = App::s3("narinfo").seed_dir(&f.xz_dir).spawn().await;
+/// let srv = &app.srv;
+/// ```
+pub struct App {
+    pub srv: Server,
+    pub s3: S3Env,
+    /// The key prefix in the bucket (ends in `/`).
+    pub prefix: String,
+    proxy: Option<Proxy>,
+}
+
+/// How to set up an [`App`]: see [`App::s3`].
+pub struct AppBuilder {
+    s3: S3Env,
+    prefix: String,
+    proxy: bool,
+    seeds: Vec<Seed>,
+    config: String,
+    env: Vec<(String, String)>,
+}
+
+enum Seed {
+    Dir(PathBuf),
+    Object(String, Vec<u8>),
+}
+
+impl App {
+    /// An app over a fresh prefix named after `name`, in the Garage that `scripts/test` started.
+    pub fn s3(name: &str) -> AppBuilder {
+        AppBuilder {
+            s3: s3_env(),
+            prefix: unique_prefix(name),
+            proxy: false,
+            seeds: Vec::new(),
+            config: String::new(),
+            env: Vec::new(),
+        }
+    }
+
+    /// The proxy between cellar and S3; only for apps built with
+    /// [`through_proxy`](AppBuilder::through_proxy).
+    pub fn proxy(&self) -> &Proxy {
+        self.proxy
+            .as_ref()
+            .expect("this app was not built with .through_proxy()")
+    }
+
+    /// One more cellar over the same prefix (and proxy), with only `env` added.
+    pub async fn another_server(&self, env: &[(&str, &str)]) -> Server {
+        let mut all = store_env(&self.s3, self.proxy.as_ref(), &self.prefix);
+        all.extend(env.iter().map(|(k, v)| ((*k).to_owned(), (*v).to_owned())));
+        start_off_runtime(String::new(), all).await
+    }
+}
+
+/// The `CELLAR_STORE__*` env for `prefix`, through `proxy` if there is one.
+fn store_env(s3: &S3Env, proxy: Option<&Proxy>, prefix: &str) -> Vec<(String, String)> {
+    let endpoint = proxy.map_or_else(|| s3.endpoint.clone(), Proxy::url);
+    s3_store_env(s3, &endpoint, prefix)
+}
+
+impl AppBuilder {
+    /// Cellar reaches S3 through a [`Proxy`] (see [`App::proxy`]); seeding does not.
+    pub fn through_proxy(mut self) -> Self {
+        self.proxy = true;
+        self
+    }
+
+    /// Uploads the files under `dir` (a `nix copy --to file://` cache) before cellar starts.
+    pub fn seed_dir(mut self, dir: &Path) -> Self {
+        self.seeds.push(Seed::Dir(dir.to_owned()));
+        self
+    }
+
+    /// Puts one object at `key` (relative to the prefix) before cellar starts.
+    pub fn seed(mut self, key: impl Into<String>, data: impl Into<Vec<u8>>) -> Self {
+        self.seeds.push(Seed::Object(key.into(), data.into()));
+        self
+    }
+
+    /// The server's config file.
+    pub fn config(mut self, toml: &str) -> Self {
+        toml.clone_into(&mut self.config);
+        self
+    }
+
+    /// One more `CELLAR_*` variable (overrides the config file).
+    pub fn env(mut self, key: &str, value: impl Into<String>) -> Self {
+        self.env.push((key.to_owned(), value.into()));
+        self
+    }
+
+    /// The `CELLAR_STORE__*` env for this prefix, straight to S3: for commands run against it
+    /// before the server starts (`cellar import`).
+    pub fn direct_store_env(&self) -> Vec<(String, String)> {
+        store_env(&self.s3, None, &self.prefix)
+    }
+
+    /// Seeds the prefix, then starts cellar over it.
+    pub async fn spawn(self) -> App {
+        for seed in self.seeds {
+            match seed {
+                Seed::Dir(dir) => s3_upload_dir(&self.s3, &self.prefix, &dir).await,
+                Seed::Object(key, data) => {
+                    s3_put(&self.s3, &format!("{}{key}", self.prefix), data).await;
+                }
+            }
+        }
+        let proxy = if self.proxy {
+            Some(Proxy::start(&self.s3.endpoint).await)
+        } else {
+            None
+        };
+        let mut env = store_env(&self.s3, proxy.as_ref(), &self.prefix);
+        env.extend(self.env);
+        let srv = start_off_runtime(self.config, env).await;
+        App {
+            srv,
+            s3: self.s3,
+            prefix: self.prefix,
+            proxy,
+        }
+    }
+}
+
+/// [`Server::start_with_config`] on a blocking thread: it waits for the child's first line,
+/// and the runtime's workers are needed meanwhile (e.g. by a [`Proxy`] the server starts
+/// through).
+async fn start_off_runtime(config: String, env: Vec<(String, String)>) -> Server {
+    tokio::task::spawn_blocking(move || Server::start_with_config(&config, env))
+        .await
+        .unwrap_or_else(|e| std::panic::resume_unwind(e.into_panic()))
 }
 
 // ---------------------------------------------------------------------------------------------

@@ -10,10 +10,9 @@ use futures::{Stream, StreamExt as _};
 use sha2::Digest as _;
 use tokio::sync::mpsc;
 
+use crate::error::{Error, UploadError};
 use crate::nix::{Compression, Sha256};
 use crate::store::ObjectWriter;
-
-use super::UploadError;
 
 /// What a NAR file hashes to.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -33,17 +32,48 @@ pub struct NarDigest {
     pub output: FileDigest,
 }
 
-/// Compressions whose decoders the pipeline has.
-pub fn can_decode(c: Compression) -> bool {
-    matches!(
-        c,
-        Compression::None | Compression::Xz | Compression::Zstd | Compression::Bzip2
-    )
+/// What one run of the pipeline may consume: bounds that keep a hostile or broken upload from
+/// holding memory or disk without end.
+#[derive(Debug, Clone, Copy)]
+pub struct Limits {
+    /// Bytes as sent and bytes decompressed, each (`upload.max_nar_bytes`).
+    pub max_nar_bytes: u64,
+    /// Memory the xz decoder may use (`upload.xz_memory_limit_bytes`); a stream whose
+    /// dictionary needs more is refused instead of allocated.
+    pub xz_memory_limit_bytes: u64,
 }
 
-/// Compressions the server can re-encode to.
-pub fn can_encode(c: Compression) -> bool {
-    matches!(c, Compression::None | Compression::Xz | Compression::Zstd)
+impl Limits {
+    pub fn from_config(c: &crate::config::UploadConfig) -> Self {
+        Self {
+            max_nar_bytes: c.max_nar_bytes,
+            xz_memory_limit_bytes: c.xz_memory_limit_bytes,
+        }
+    }
+}
+
+/// The decompressed NAR passed `Limits::max_nar_bytes`: carried inside the `io::Error` the
+/// decoders pass on, so it comes out as 413 rather than "does not decompress".
+#[derive(Debug)]
+struct NarTooLarge;
+
+impl std::fmt::Display for NarTooLarge {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.write_str("the decompressed NAR is too large")
+    }
+}
+
+impl std::error::Error for NarTooLarge {}
+
+/// Refuses NARs whose compression the pipeline cannot undo: their NarHash could not be checked.
+pub(super) fn check_decodable(c: Compression) -> Result<(), UploadError> {
+    if c.can_decode() {
+        Ok(())
+    } else {
+        Err(UploadError::Rejected(format!(
+            "NARs compressed with {c} cannot be verified; upload with xz, zstd, bzip2 or none"
+        )))
+    }
 }
 
 /// The first bytes of every NAR: the length-prefixed string "nix-archive-1".
@@ -127,7 +157,14 @@ impl Encoder {
             Compression::Zstd => {
                 Self::Zstd(zstd::stream::write::Encoder::new(out, level.unwrap_or(3))?)
             }
-            _ => Self::Plain(out),
+            Compression::None => Self::Plain(out),
+            // Config validation keeps these out; never store plain bytes under their names.
+            other => {
+                return Err(io::Error::new(
+                    io::ErrorKind::Unsupported,
+                    format!("cannot encode to {other}"),
+                ));
+            }
         })
     }
     fn finish(self) -> io::Result<OutSink> {
@@ -157,6 +194,8 @@ struct NarSink {
     hash: Hashing,
     head: Vec<u8>,
     encoder: Option<Encoder>,
+    /// A decompression bomb stops here, before it is hashed, re-encoded or stored.
+    max_bytes: u64,
 }
 
 impl Write for NarSink {
@@ -167,6 +206,9 @@ impl Write for NarSink {
             if !NAR_MAGIC.starts_with(&self.head) {
                 return Err(io::Error::new(io::ErrorKind::InvalidData, "not a NAR"));
             }
+        }
+        if self.hash.size + b.len() as u64 > self.max_bytes {
+            return Err(io::Error::other(NarTooLarge));
         }
         self.hash.update(b);
         if let Some(e) = &mut self.encoder {
@@ -182,17 +224,31 @@ impl Write for NarSink {
 enum Decoder {
     Plain(NarSink),
     Xz(liblzma::write::XzDecoder<NarSink>),
-    Zstd(zstd::stream::write::Decoder<'static, NarSink>),
+    // zstd's `write::Decoder` cannot tell a finished frame from a cut one; the `zio::Writer`
+    // under it can, in `finish`.
+    Zstd(zstd::stream::zio::Writer<NarSink, zstd::stream::raw::Decoder<'static>>),
     Bzip2(bzip2::write::BzDecoder<NarSink>),
 }
 
 impl Decoder {
-    fn new(c: Compression, sink: NarSink) -> io::Result<Self> {
+    fn new(c: Compression, sink: NarSink, limits: Limits) -> io::Result<Self> {
         Ok(match c {
             Compression::None => Self::Plain(sink),
-            Compression::Xz => Self::Xz(liblzma::write::XzDecoder::new_multi_decoder(sink)),
-            Compression::Zstd => Self::Zstd(zstd::stream::write::Decoder::new(sink)?),
+            Compression::Xz => {
+                // Concatenated streams, like `xz -d`; the memory limit is what a stream's
+                // header may ask for its dictionary.
+                let stream = liblzma::stream::Stream::new_stream_decoder(
+                    limits.xz_memory_limit_bytes,
+                    liblzma::stream::CONCATENATED,
+                )?;
+                Self::Xz(liblzma::write::XzDecoder::new_stream(sink, stream))
+            }
+            Compression::Zstd => Self::Zstd(zstd::stream::zio::Writer::new(
+                sink,
+                zstd::stream::raw::Decoder::new()?,
+            )),
             Compression::Bzip2 => Self::Bzip2(bzip2::write::BzDecoder::new(sink)),
+            // Refused by `check_decodable` before a decoder is built.
             other => {
                 return Err(io::Error::new(
                     io::ErrorKind::Unsupported,
@@ -214,35 +270,50 @@ impl Decoder {
             Self::Plain(s) => Ok(s),
             Self::Xz(d) => d.finish(),
             Self::Zstd(mut d) => {
-                d.flush()?;
-                Ok(d.into_inner())
+                // Fails with "incomplete frame" if the stream was cut.
+                d.finish()?;
+                Ok(d.into_inner().0)
             }
             Self::Bzip2(mut d) => d.finish(),
         }
     }
 }
 
-fn rejected(e: io::Error) -> UploadError {
+fn rejected(e: io::Error, limits: Limits) -> UploadError {
+    if e.get_ref().is_some_and(|inner| inner.is::<NarTooLarge>()) {
+        return UploadError::TooLarge {
+            limit: limits.max_nar_bytes,
+        };
+    }
+    let xz_memlimit = e
+        .get_ref()
+        .and_then(|inner| inner.downcast_ref::<liblzma::stream::Error>())
+        .is_some_and(|x| matches!(x, liblzma::stream::Error::MemLimit));
+    if xz_memlimit {
+        return UploadError::Rejected(format!(
+            "the xz stream needs more memory to decompress than upload.xz_memory_limit_bytes \
+             ({} bytes) allows",
+            limits.xz_memory_limit_bytes
+        ));
+    }
     UploadError::Rejected(format!("the NAR does not decompress as declared: {e}"))
 }
 
 /// Runs `body` (compressed with `input`) through the pipeline. With `writer`, the bytes to
 /// store — the body as received, or re-encoded to `recompress` — are written to it (the caller
-/// commits or aborts it). Body errors come back as [`UploadError::Body`].
-pub async fn digest<S>(
+/// commits or aborts it). Body errors come back as [`UploadError::Body`], the writer's as
+/// [`Error::Store`].
+pub async fn digest_into<S>(
     body: S,
     input: Compression,
     recompress: Option<(Compression, Option<i32>)>,
     writer: Option<&mut Box<dyn ObjectWriter>>,
-) -> Result<NarDigest, UploadError>
+    limits: Limits,
+) -> Result<NarDigest, Error>
 where
     S: Stream<Item = io::Result<Bytes>> + Send + 'static,
 {
-    if !can_decode(input) {
-        return Err(UploadError::Rejected(format!(
-            "NARs compressed with {input} cannot be verified; use xz, zstd, bzip2 or none"
-        )));
-    }
+    check_decodable(input)?;
     let (in_tx, mut in_rx) = mpsc::channel::<Bytes>(8);
     let (out_tx, mut out_rx) = mpsc::channel::<Bytes>(8);
     let want_output = writer.is_some();
@@ -260,7 +331,7 @@ where
                         buf: Vec::with_capacity(OUT_CHUNK),
                     },
                 )
-                .map_err(|e| UploadError::Internal(e.to_string()))?,
+                .map_err(|e| UploadError::Internal(format!("starting the {c} encoder: {e}")))?,
             ),
             _ => None,
         };
@@ -269,8 +340,10 @@ where
             hash: Hashing::new(),
             head: Vec::with_capacity(NAR_MAGIC.len()),
             encoder,
+            max_bytes: limits.max_nar_bytes,
         };
-        let mut dec = Decoder::new(input, sink).map_err(rejected)?;
+        let rejected = |e| rejected(e, limits);
+        let mut dec = Decoder::new(input, sink, limits).map_err(rejected)?;
         while let Some(chunk) = in_rx.blocking_recv() {
             input_hash.update(&chunk);
             dec.write_all(&chunk).map_err(rejected)?;
@@ -288,11 +361,12 @@ where
         let nar = sink.hash.finish();
         let output = match sink.encoder {
             Some(e) => {
-                let mut out = e
-                    .finish()
-                    .map_err(|e| UploadError::Internal(e.to_string()))?;
-                out.send()
-                    .map_err(|e| UploadError::Internal(e.to_string()))?;
+                let mut out = e.finish().map_err(|e| {
+                    UploadError::Internal(format!("finishing the re-encoded NAR: {e}"))
+                })?;
+                out.send().map_err(|e| {
+                    UploadError::Internal(format!("passing on the re-encoded NAR: {e}"))
+                })?;
                 out.hash.finish()
             }
             None => input,
@@ -302,8 +376,15 @@ where
 
     let feeder = tokio::spawn(async move {
         let mut body = std::pin::pin!(body);
+        let mut received = 0u64;
         while let Some(chunk) = body.next().await {
-            let chunk = chunk.map_err(|e| UploadError::Body(e.to_string()))?;
+            let chunk = chunk.map_err(body_error)?;
+            received += chunk.len() as u64;
+            if received > limits.max_nar_bytes {
+                return Err(UploadError::TooLarge {
+                    limit: limits.max_nar_bytes,
+                });
+            }
             if in_tx.send(chunk).await.is_err() {
                 break; // the worker failed; its error is the one to report
             }
@@ -313,6 +394,7 @@ where
 
     let mut write_err = None;
     if let Some(w) = writer {
+        // Ends when the worker drops its sender: finished, failed, or cut off by the feeder.
         while let Some(chunk) = out_rx.recv().await {
             if let Err(e) = w.write(chunk).await {
                 write_err = Some(e);
@@ -323,126 +405,63 @@ where
     drop(out_rx);
     let fed = feeder
         .await
-        .map_err(|e| UploadError::Internal(e.to_string()))?;
+        .map_err(|e| UploadError::Internal(format!("the body reader task failed: {e}")))?;
     let result = worker
         .await
-        .map_err(|e| UploadError::Internal(e.to_string()))?;
+        .map_err(|e| UploadError::Internal(format!("the NAR digest task failed: {e}")))?;
     fed?;
     if let Some(e) = write_err {
-        return Err(UploadError::Store(e));
+        return Err(Error::Store(e));
     }
-    result
+    Ok(result?)
 }
+
+/// A body stream error as an upload error: an idle body (see [`with_idle_timeout`]) keeps its
+/// own variant, anything else is the body breaking.
+pub(crate) fn body_error(e: io::Error) -> UploadError {
+    match e
+        .get_ref()
+        .and_then(|inner| inner.downcast_ref::<IdleTimeout>())
+    {
+        Some(t) => UploadError::IdleTimeout(t.0),
+        None => UploadError::Body(e.to_string()),
+    }
+}
+
+/// `body`, ending with an [`IdleTimeout`] error when no chunk arrives for `idle`. A client
+/// that stops sending mid-body would otherwise hold its upload slot, thread and part buffer
+/// for as long as the TCP connection lives.
+pub fn with_idle_timeout<S>(
+    body: S,
+    idle: std::time::Duration,
+) -> impl Stream<Item = io::Result<Bytes>> + Send + 'static
+where
+    S: Stream<Item = io::Result<Bytes>> + Send + 'static,
+{
+    futures::stream::unfold(Some(Box::pin(body)), move |state| async move {
+        let mut body = state?;
+        match tokio::time::timeout(idle, body.next()).await {
+            Ok(Some(item)) => Some((item, Some(body))),
+            Ok(None) => None,
+            Err(_) => Some((
+                Err(io::Error::other(IdleTimeout(idle.as_secs()))),
+                None, // ends the stream after the error
+            )),
+        }
+    })
+}
+
+/// The error an idle body stream ends with: no data for this many seconds.
+#[derive(Debug)]
+pub struct IdleTimeout(pub u64);
+
+impl std::fmt::Display for IdleTimeout {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        write!(f, "no data for {} s", self.0)
+    }
+}
+
+impl std::error::Error for IdleTimeout {}
 
 #[cfg(test)]
-mod tests {
-    use super::*;
-
-    fn nar(payload: &[u8]) -> Vec<u8> {
-        let mut v = NAR_MAGIC.to_vec();
-        v.extend_from_slice(&[0, 0, 0]);
-        v.extend_from_slice(payload);
-        v
-    }
-
-    fn chunks(data: Vec<u8>) -> impl Stream<Item = io::Result<Bytes>> + Send + 'static {
-        let parts: Vec<io::Result<Bytes>> = data
-            .chunks(1000)
-            .map(|c| Ok(Bytes::copy_from_slice(c)))
-            .collect();
-        futures::stream::iter(parts)
-    }
-
-    #[tokio::test]
-    async fn hashes_compressed_and_plain() {
-        let plain = nar(&vec![7u8; 100_000]);
-        let xz = {
-            let mut e = liblzma::write::XzEncoder::new(Vec::new(), 6);
-            e.write_all(&plain).unwrap();
-            e.finish().unwrap()
-        };
-        let zst = zstd::encode_all(&plain[..], 3).unwrap();
-        let bz = {
-            let mut e = bzip2::write::BzEncoder::new(Vec::new(), bzip2::Compression::default());
-            e.write_all(&plain).unwrap();
-            e.finish().unwrap()
-        };
-        for (c, data) in [
-            (Compression::None, plain.clone()),
-            (Compression::Xz, xz),
-            (Compression::Zstd, zst),
-            (Compression::Bzip2, bz),
-        ] {
-            let d = digest(chunks(data.clone()), c, None, None).await.unwrap();
-            assert_eq!(d.nar.hash, Sha256::digest(&plain), "{c}");
-            assert_eq!(d.nar.size, plain.len() as u64);
-            assert_eq!(d.input.hash, Sha256::digest(&data));
-            assert_eq!(d.input.size, data.len() as u64);
-        }
-    }
-
-    #[tokio::test]
-    async fn rejects_non_nars_and_truncated_streams() {
-        let e = digest(
-            chunks(b"hello world, not a nar".to_vec()),
-            Compression::None,
-            None,
-            None,
-        )
-        .await
-        .unwrap_err();
-        assert!(matches!(e, UploadError::Rejected(_)), "{e:?}");
-        let plain = nar(&[1u8; 5000]);
-        let mut xz = {
-            let mut e = liblzma::write::XzEncoder::new(Vec::new(), 6);
-            e.write_all(&plain).unwrap();
-            e.finish().unwrap()
-        };
-        xz.truncate(xz.len() / 2);
-        let e = digest(chunks(xz), Compression::Xz, None, None)
-            .await
-            .unwrap_err();
-        assert!(matches!(e, UploadError::Rejected(_)), "{e:?}");
-        let e = digest(chunks(plain), Compression::Brotli, None, None)
-            .await
-            .unwrap_err();
-        assert!(matches!(e, UploadError::Rejected(_)), "{e:?}");
-    }
-
-    #[tokio::test]
-    async fn body_errors_are_reported_as_such() {
-        let s = futures::stream::iter(vec![
-            Ok(Bytes::from(nar(b"x"))),
-            Err(io::Error::other("client went away")),
-        ]);
-        let e = digest(s, Compression::None, None, None).await.unwrap_err();
-        assert!(matches!(e, UploadError::Body(_)), "{e:?}");
-    }
-
-    #[tokio::test]
-    async fn recompresses_into_the_writer() {
-        use crate::store::Store as _;
-        let store = crate::store::memory::MemoryStore::new();
-        let plain = nar(&vec![3u8; 300_000]);
-        let xz = {
-            let mut e = liblzma::write::XzEncoder::new(Vec::new(), 6);
-            e.write_all(&plain).unwrap();
-            e.finish().unwrap()
-        };
-        let mut w = store.writer("out").await.unwrap();
-        let d = digest(
-            chunks(xz.clone()),
-            Compression::Xz,
-            Some((Compression::Zstd, Some(3))),
-            Some(&mut w),
-        )
-        .await
-        .unwrap();
-        w.commit().await.unwrap();
-        let stored = store.get_bytes("out", u64::MAX).await.unwrap().unwrap();
-        assert_eq!(d.output.hash, Sha256::digest(&stored));
-        assert_eq!(d.output.size, stored.len() as u64);
-        assert_eq!(zstd::decode_all(&stored[..]).unwrap(), plain);
-        assert_eq!(d.input.hash, Sha256::digest(&xz));
-    }
-}
+mod tests;

@@ -28,11 +28,24 @@ use thiserror::Error;
 
 use super::compression::Compression;
 use super::hash::{Sha256, StorePathHash};
-use super::names::StorePathBaseName;
+use super::names::{NameError, NarFileName, StorePathBaseName};
 use super::signing::{PublicKey, SecretKey, Signature};
 
-#[derive(Debug, Error, PartialEq, Eq)]
+/// Narinfos larger than this are treated as corrupt, wherever they come from (the store, an
+/// upload, an upstream): a path with 100k references is ~5 MiB.
+pub const MAX_NARINFO_BYTES: u64 = 16 << 20;
+
+#[derive(Debug, Clone, Error, PartialEq, Eq)]
 pub enum NarInfoError {
+    #[error("not UTF-8")]
+    NotUtf8,
+    /// Served or uploaded under the name of another path: trusting it would serve one path's
+    /// NAR for another.
+    #[error("StorePath {path} does not match the name {expected}.narinfo")]
+    WrongPath {
+        path: String,
+        expected: StorePathHash,
+    },
     #[error("line {0}: carriage return (CRLF line endings are not accepted)")]
     CarriageReturn(usize),
     #[error("line {0}: expected `Key: value`")]
@@ -47,6 +60,15 @@ pub enum NarInfoError {
         field: &'static str,
         reason: String,
     },
+}
+
+/// Why a narinfo's `URL:` names no NAR this cache could serve.
+#[derive(Debug, Clone, Error, PartialEq, Eq)]
+pub enum NarUrlError {
+    #[error("URL {0:?} must be nar/<file>")]
+    NotUnderNar(String),
+    #[error("URL {url:?}: {source}")]
+    BadName { url: String, source: NameError },
 }
 
 /// A parsed narinfo. `store_dir` is kept outside (it is a property of the cache).
@@ -90,6 +112,39 @@ fn store_base_name(
 impl NarInfo {
     pub fn hash(&self) -> StorePathHash {
         self.store_path.hash()
+    }
+
+    /// Parses the bytes found under `<expected>.narinfo` (in the store, in an upload, at an
+    /// upstream): a narinfo whose `StorePath:` lies in `store_dir` and has the hash `expected`.
+    /// The size limit ([`MAX_NARINFO_BYTES`]) is the reader's to apply, before the bytes are
+    /// all in memory.
+    pub fn parse_for(
+        raw: &[u8],
+        store_dir: &str,
+        expected: StorePathHash,
+    ) -> Result<Self, NarInfoError> {
+        let text = std::str::from_utf8(raw).map_err(|_| NarInfoError::NotUtf8)?;
+        let info = Self::parse(text, store_dir)?;
+        if info.hash() != expected {
+            return Err(NarInfoError::WrongPath {
+                path: format!("{store_dir}/{}", info.store_path),
+                expected,
+            });
+        }
+        Ok(info)
+    }
+
+    /// The NAR's name under `nar/`, from `URL:`. NARs are served (and uploads accepted) only
+    /// there, so a URL elsewhere (absolute, another folder) is refused rather than followed.
+    pub fn nar_file(&self) -> Result<NarFileName, NarUrlError> {
+        let file = self
+            .url
+            .strip_prefix("nar/")
+            .ok_or_else(|| NarUrlError::NotUnderNar(self.url.clone()))?;
+        file.parse().map_err(|source| NarUrlError::BadName {
+            url: self.url.clone(),
+            source,
+        })
     }
 
     /// Parses a narinfo whose `StorePath:` must lie in `store_dir` (e.g. `/nix/store`).
@@ -302,193 +357,4 @@ impl NarInfo {
 }
 
 #[cfg(test)]
-mod tests {
-    use super::*;
-
-    const SD: &str = "/nix/store";
-
-    /// Written by `nix copy --to file://` (Nix 2.8) for a built path with references.
-    const BUILT: &str = "\
-StorePath: /nix/store/6bxnj2gfflqa529lddzh3zhcn45nn86r-top
-URL: nar/07yp7gw2d9vmfgl2rd063i75qwkfbrgvqngp5yz2pk6iadzlckh7.nar.xz
-Compression: xz
-FileHash: sha256:07yp7gw2d9vmfgl2rd063i75qwkfbrgvqngp5yz2pk6iadzlckh7
-FileSize: 300
-NarHash: sha256:0v1h8fzqs60d8pccpwskrpnv3c7fz25ddhwl2rwlfblan5zvirsv
-NarSize: 624
-References: 20lja0xsjl4xlgskydbpsrass06a5s67-closure.nix a6qsrmi2wws6820p89gki93wb6rjvknc-leaf w7vx6x2avzilhry9m3axgkz6ic5bkmz8-mid
-Deriver: 7d6lwmyccalgxawxbva0c5in599fd8vi-top.drv
-Sig: test-1:mbtf5wmBtrMQCHnVpWCZlJGiFC5JYhTHoK2doDUqUIcx4J6vXRDjNRdRFmY96Ai6hxXiAjaviyjzF10WhNx/Dg==
-";
-
-    #[test]
-    fn round_trip_built_path() {
-        let n = NarInfo::parse(BUILT, SD).unwrap();
-        assert_eq!(n.hash().as_str(), "6bxnj2gfflqa529lddzh3zhcn45nn86r");
-        assert_eq!(n.compression, Compression::Xz);
-        assert_eq!(n.references.len(), 3);
-        assert_eq!(n.sigs.len(), 1);
-        assert_eq!(n.render(SD), BUILT);
-        assert_eq!(
-            n.fingerprint(SD),
-            "1;/nix/store/6bxnj2gfflqa529lddzh3zhcn45nn86r-top;\
-             sha256:0v1h8fzqs60d8pccpwskrpnv3c7fz25ddhwl2rwlfblan5zvirsv;624;\
-             /nix/store/20lja0xsjl4xlgskydbpsrass06a5s67-closure.nix,\
-             /nix/store/a6qsrmi2wws6820p89gki93wb6rjvknc-leaf,\
-             /nix/store/w7vx6x2avzilhry9m3axgkz6ic5bkmz8-mid"
-        );
-    }
-
-    #[test]
-    fn empty_references_ca_several_sigs_and_unknown_fields() {
-        let text = "\
-StorePath: /nix/store/20lja0xsjl4xlgskydbpsrass06a5s67-closure.nix
-URL: nar/1w1fff338fvdw53sqgamddn1b2xgds473pv6y13gizdbqjv4i5p3.nar.zst
-Compression: zstd
-FileHash: sha256:1w1fff338fvdw53sqgamddn1b2xgds473pv6y13gizdbqjv4i5p3
-FileSize: 132
-NarHash: sha256:0v1h8fzqs60d8pccpwskrpnv3c7fz25ddhwl2rwlfblan5zvirsv
-NarSize: 120
-References: 
-Sig: a-1:mbtf5wmBtrMQCHnVpWCZlJGiFC5JYhTHoK2doDUqUIcx4J6vXRDjNRdRFmY96Ai6hxXiAjaviyjzF10WhNx/Dg==
-Sig: b-1:mbtf5wmBtrMQCHnVpWCZlJGiFC5JYhTHoK2doDUqUIcx4J6vXRDjNRdRFmY96Ai6hxXiAjaviyjzF10WhNx/Dg==
-CA: text:sha256:1lr2bzm3kzl4rz6pvpqhzqs0ydwf3q8rcy2f1zdsdh4p5pnd7w0z
-FutureField: something new
-";
-        let n = NarInfo::parse(text, SD).unwrap();
-        assert!(n.references.is_empty());
-        assert!(n.deriver.is_none());
-        assert_eq!(n.sigs.len(), 2);
-        assert!(n.ca.is_some());
-        assert_eq!(
-            n.extra,
-            vec![("FutureField".into(), "something new".into())]
-        );
-        assert_eq!(n.render(SD), text);
-        assert!(n.fingerprint(SD).ends_with(";120;"));
-    }
-
-    #[test]
-    fn missing_compression_means_bzip2_and_hex_narhash_is_normalised() {
-        let text = "StorePath: /nix/store/6bxnj2gfflqa529lddzh3zhcn45nn86r-top\n\
-URL: nar/x.nar.bz2\n\
-NarHash: sha256:e3b0c44298fc1c149afbf4c8996fb92427ae41e4649b934ca495991b7852b855\n\
-NarSize: 0\n\
-References:\n";
-        let n = NarInfo::parse(text, SD).unwrap();
-        assert_eq!(n.compression, Compression::Bzip2);
-        assert!(n
-            .render(SD)
-            .contains("NarHash: sha256:0mdqa9w1p6cmli6976v4wi0sw9r4p5prkj7lzfd1877wk11c9c73\n"));
-    }
-
-    #[test]
-    fn strict_errors() {
-        let crlf = BUILT.replace('\n', "\r\n");
-        assert_eq!(
-            NarInfo::parse(&crlf, SD).unwrap_err(),
-            NarInfoError::CarriageReturn(1)
-        );
-        for (field, prefix) in [
-            ("URL", "URL:"),
-            ("NarHash", "NarHash:"),
-            ("NarSize", "NarSize:"),
-            ("StorePath", "StorePath:"),
-        ] {
-            let t: String = BUILT
-                .lines()
-                .filter(|l| !l.starts_with(prefix))
-                .map(|l| format!("{l}\n"))
-                .collect();
-            assert_eq!(
-                NarInfo::parse(&t, SD).unwrap_err(),
-                NarInfoError::Missing(field)
-            );
-        }
-        let bad_sig = BUILT.replace("Sig: test-1:mbtf", "Sig: test-1:!!tf");
-        assert!(matches!(
-            NarInfo::parse(&bad_sig, SD),
-            Err(NarInfoError::Bad { field: "Sig", .. })
-        ));
-        let other_dir = NarInfo::parse(BUILT, "/gnu/store").unwrap_err();
-        assert!(matches!(
-            other_dir,
-            NarInfoError::Bad {
-                field: "StorePath",
-                ..
-            }
-        ));
-        let dup = format!("{BUILT}NarSize: 1\n");
-        assert!(matches!(
-            NarInfo::parse(&dup, SD),
-            Err(NarInfoError::Duplicate {
-                field: "NarSize",
-                ..
-            })
-        ));
-        assert!(matches!(
-            NarInfo::parse("garbage\n", SD),
-            Err(NarInfoError::NoColon(1))
-        ));
-        let bad_ref = BUILT.replace("a6qsrmi2", "a6qsrmi/");
-        assert!(matches!(
-            NarInfo::parse(&bad_ref, SD),
-            Err(NarInfoError::Bad {
-                field: "References",
-                ..
-            })
-        ));
-    }
-
-    /// Narinfos written and signed by the real Nix 2.8 (`nix store sign` + `nix copy --to
-    /// file://`): our fingerprint must be the one Nix signed, and rendering must give back the
-    /// exact bytes.
-    #[test]
-    fn real_nix_narinfos_round_trip_and_verify() {
-        let key: PublicKey = include_str!("../../tests/fixtures/narinfo/test-1.pub")
-            .trim()
-            .parse()
-            .unwrap();
-        for text in [
-            include_str!("../../tests/fixtures/narinfo/top.narinfo"),
-            include_str!("../../tests/fixtures/narinfo/ca-src-zstd.narinfo"),
-        ] {
-            let n = NarInfo::parse(text, SD).unwrap();
-            assert_eq!(n.render(SD), text);
-            assert!(n.is_signed_by_any(std::slice::from_ref(&key), SD), "{text}");
-            let mut tampered = n.clone();
-            tampered.references.pop();
-            tampered.nar_size += 1;
-            assert!(!tampered.is_signed_by_any(std::slice::from_ref(&key), SD));
-        }
-    }
-
-    #[test]
-    fn fingerprint_lists_references_sorted_like_nix() {
-        let mut n = NarInfo::parse(BUILT, SD).unwrap();
-        let sorted = n.fingerprint(SD);
-        n.references.reverse();
-        assert_eq!(n.fingerprint(SD), sorted);
-    }
-
-    #[test]
-    fn signing_replaces_same_name_and_verifies() {
-        let mut n = NarInfo::parse(BUILT, SD).unwrap();
-        let k = SecretKey::generate("test-1").unwrap();
-        n.sign(&k, SD);
-        assert_eq!(n.sigs.len(), 1, "same key name replaces the old signature");
-        assert!(n.is_signed_by_any(&[k.public()], SD));
-        let k2 = SecretKey::generate("cellar-2").unwrap();
-        n.sign(&k2, SD);
-        assert_eq!(n.sigs.len(), 2);
-        assert!(n.is_signed_by_any(&[k2.public()], SD));
-        // The signature does not cover URL/Compression/FileHash/FileSize...
-        n.url = "nar/other.nar.zst".into();
-        n.compression = Compression::Zstd;
-        n.file_size = Some(1);
-        assert!(n.is_signed_by_any(&[k.public()], SD));
-        // ...but does cover NarSize.
-        n.nar_size += 1;
-        assert!(!n.is_signed_by_any(&[k.public(), k2.public()], SD));
-    }
-}
+mod tests;

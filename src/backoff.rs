@@ -1,0 +1,109 @@
+//! A pause after a failure, shared by everything that must stop trying for a while: an
+//! upstream cache that timed out or failed (skipped instead of making every request wait), and
+//! the NAR disk cache once its disk is full (NARs are then served without caching).
+//!
+//! Besides the pause, a [`Backoff`] remembers whether the current outage has been reported, so
+//! that its holder logs one line when it starts and one when it ends, not one per request:
+//! [`Backoff::trip`] and [`Backoff::reset`] say whether they changed that state.
+//!
+//! Lock-free on purpose: [`Backoff::is_active`] is asked on every upstream request and every
+//! NAR cache miss. Time is measured on the monotonic clock, so a wall-clock step neither
+//! extends nor cuts a pause.
+
+use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
+use std::time::{Duration, Instant};
+
+pub struct Backoff {
+    period: Duration,
+    /// The clock `until_ms` counts from.
+    origin: Instant,
+    /// End of the pause in milliseconds since `origin`; 0 before the first trip.
+    until_ms: AtomicU64,
+    /// Set by a trip, cleared by a reset: the outage has been reported and not yet its end.
+    reported: AtomicBool,
+}
+
+impl Backoff {
+    /// A back-off that pauses for `period` after each failure.
+    pub fn new(period: Duration) -> Self {
+        Self {
+            period,
+            origin: Instant::now(),
+            until_ms: AtomicU64::new(0),
+            reported: AtomicBool::new(false),
+        }
+    }
+
+    /// How long each trip pauses.
+    pub fn period(&self) -> Duration {
+        self.period
+    }
+
+    /// Whether a pause is running: the holder should not try now.
+    pub fn is_active(&self) -> bool {
+        self.now_ms() < self.until_ms.load(Ordering::Relaxed)
+    }
+
+    /// Records a failure: (re)starts the pause for one period from now. True if this starts an
+    /// outage (the first trip since creation or the last [`reset`](Self::reset)): the caller
+    /// logs it then, and stays quiet on the trips that follow.
+    pub fn trip(&self) -> bool {
+        let until = self.now_ms().saturating_add(millis(self.period));
+        self.until_ms.store(until, Ordering::Relaxed);
+        !self.reported.swap(true, Ordering::Relaxed)
+    }
+
+    /// Records a success: the outage is over. True if an outage had been reported, so the
+    /// caller logs its end once. A pause already running is left to run out: a request that
+    /// was in flight when another one failed proves little about the next one.
+    pub fn reset(&self) -> bool {
+        self.reported.swap(false, Ordering::Relaxed)
+    }
+
+    fn now_ms(&self) -> u64 {
+        millis(self.origin.elapsed())
+    }
+}
+
+fn millis(d: Duration) -> u64 {
+    u64::try_from(d.as_millis()).unwrap_or(u64::MAX)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn inactive_until_tripped() {
+        let b = Backoff::new(Duration::from_secs(3600));
+        assert!(!b.is_active());
+        assert!(b.trip());
+        assert!(b.is_active());
+        assert_eq!(b.period(), Duration::from_secs(3600));
+    }
+
+    #[test]
+    fn the_pause_runs_out() {
+        let b = Backoff::new(Duration::ZERO);
+        assert!(b.trip());
+        assert!(!b.is_active());
+    }
+
+    #[test]
+    fn an_outage_is_reported_once_and_its_end_once() {
+        let b = Backoff::new(Duration::from_secs(3600));
+        assert!(b.trip(), "the first failure starts an outage");
+        assert!(!b.trip(), "later failures extend it quietly");
+        assert!(b.reset(), "the first success ends it");
+        assert!(!b.reset(), "later successes change nothing");
+        assert!(b.trip(), "a failure after that is a new outage");
+    }
+
+    #[test]
+    fn a_reset_leaves_a_running_pause_alone() {
+        let b = Backoff::new(Duration::from_secs(3600));
+        b.trip();
+        b.reset();
+        assert!(b.is_active());
+    }
+}

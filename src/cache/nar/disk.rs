@@ -1,0 +1,418 @@
+//! The NAR cache's files. One directory:
+//!
+//! ```text
+//! <dir>/<nar file name>        a complete NAR, byte for byte as the store holds it
+//! <dir>/<nar file name>.meta   "<size> <sha256 in hex>\n"
+//! <dir>/.tmp/<random hex>      a NAR being written; emptied at start-up
+//! <dir>/.cellar-nar-cache      the marker: this directory is cellar's NAR cache
+//! ```
+//!
+//! cellar deletes files here, so it must never take another directory for its cache (one
+//! pointed at the working directory would otherwise delete the signing key in it). It creates
+//! the marker only in a new or empty directory, refuses to start in a non-empty directory
+//! without one, and even with one only ever removes files of the shapes above.
+//!
+//! A NAR is written under `.tmp/`, then its `.meta` is written, then it is renamed to its
+//! final name ([`Disk::publish`]): a file under a NAR name is always complete, and its `.meta`
+//! says what it must hash to. At start-up ([`Disk::open`]) whatever does not fit that shape
+//! is removed; the rest is hashed before its first use ([`Disk::verify`]), because a file of
+//! the right size can still hold the wrong bytes.
+
+use std::fmt;
+use std::io::{self, Read as _, Write as _};
+use std::path::{Path, PathBuf};
+use std::time::UNIX_EPOCH;
+
+use sha2::Digest as _;
+
+use crate::nix::NarFileName;
+use crate::store::local::LocalStore;
+use crate::store::{ByteRange, Object, Store as _, StoreError};
+
+/// Temporary files, inside the cache directory so that publishing is a rename.
+const TMP: &str = ".tmp";
+const META_SUFFIX: &str = ".meta";
+/// Says the directory is a NAR cache that cellar made (see the module doc).
+const MARKER: &str = ".cellar-nar-cache";
+const MARKER_TEXT: &str =
+    "This directory is cellar's NAR disk cache (cache.nar_dir): cellar deletes files in it.\n";
+/// How much of a file verification reads at a time.
+const HASH_CHUNK: usize = 1 << 20;
+
+/// Whether `e` says the file system is full (ENOSPC).
+pub(super) fn is_disk_full(e: &io::Error) -> bool {
+    e.kind() == io::ErrorKind::StorageFull
+}
+
+/// Why a cache file could not be written.
+#[derive(Debug)]
+pub(super) enum WriteError {
+    /// The file system is full: worth pausing caching for, not worth a log line each time.
+    DiskFull,
+    /// No random name for a temporary file.
+    NoRandom(getrandom::Error),
+    Io {
+        what: &'static str,
+        path: PathBuf,
+        cause: io::Error,
+    },
+}
+
+impl WriteError {
+    pub(super) fn io(what: &'static str, path: &Path, cause: io::Error) -> Self {
+        if is_disk_full(&cause) {
+            Self::DiskFull
+        } else {
+            Self::Io {
+                what,
+                path: path.to_owned(),
+                cause,
+            }
+        }
+    }
+}
+
+impl fmt::Display for WriteError {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        match self {
+            Self::DiskFull => f.write_str("no space left on the cache's file system"),
+            Self::NoRandom(e) => write!(f, "no random name for a temporary file: {e}"),
+            Self::Io { what, path, cause } => write!(f, "{what} {}: {cause}", path.display()),
+        }
+    }
+}
+
+/// Why a file found at start-up may not be served.
+#[derive(Debug)]
+pub(super) enum VerifyError {
+    Unreadable(io::Error),
+    Mismatch,
+}
+
+impl fmt::Display for VerifyError {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        match self {
+            Self::Unreadable(e) => write!(f, "cannot read it: {e}"),
+            Self::Mismatch => f.write_str("its size or sha256 differs from its .meta"),
+        }
+    }
+}
+
+/// A complete NAR found at start-up.
+pub(super) struct Found {
+    pub name: String,
+    pub size: u64,
+    pub sha256: [u8; 32],
+}
+
+/// A file under `.tmp/`, removed when dropped unless [`Disk::publish`] gave it its name.
+pub(super) struct TempFile {
+    path: PathBuf,
+    /// Cleared once the file has its final name.
+    remove_on_drop: bool,
+}
+
+impl TempFile {
+    pub(super) fn path(&self) -> &Path {
+        &self.path
+    }
+
+    /// A read handle of its own, for readers tailing the file while it is written.
+    pub(super) fn reader(&self) -> Result<std::fs::File, WriteError> {
+        std::fs::File::open(&self.path).map_err(|e| WriteError::io("opening", &self.path, e))
+    }
+}
+
+impl Drop for TempFile {
+    fn drop(&mut self) {
+        if self.remove_on_drop {
+            // Best effort: `.tmp/` is emptied at the next start anyway.
+            let _ = std::fs::remove_file(&self.path);
+        }
+    }
+}
+
+pub(super) struct Disk {
+    dir: PathBuf,
+    tmp: PathBuf,
+    /// Serves complete files, ranges included.
+    files: LocalStore,
+}
+
+impl Disk {
+    /// Opens `dir` (created if missing), removes what an interrupted run left, and returns
+    /// the complete NARs found, least recently written first.
+    pub(super) fn open(dir: &Path) -> io::Result<(Self, Vec<Found>)> {
+        claim(dir)?;
+        let tmp = dir.join(TMP);
+        std::fs::create_dir_all(&tmp)?;
+        for e in std::fs::read_dir(&tmp)?.flatten() {
+            let _ = std::fs::remove_file(e.path());
+        }
+        let disk = Self {
+            dir: dir.to_owned(),
+            tmp,
+            files: LocalStore::open(dir)?,
+        };
+        let mut found = Vec::new();
+        for e in std::fs::read_dir(dir)?.flatten() {
+            let name = e.file_name().to_string_lossy().into_owned();
+            if name.starts_with('.') || name.ends_with(META_SUFFIX) {
+                continue;
+            }
+            if name.parse::<NarFileName>().is_err() {
+                // Not a name cellar writes here: not cellar's to delete.
+                tracing::warn!(file = %e.path().display(), "NAR cache: ignoring a file cellar did not write");
+                continue;
+            }
+            let meta = read_meta(&disk.meta_path(&name));
+            let len = e.metadata().ok().map(|m| (m.len(), m.modified().ok()));
+            match (meta, len) {
+                (Some((size, sha256)), Some((l, mtime))) if l == size => {
+                    let mtime = mtime.unwrap_or(UNIX_EPOCH);
+                    found.push((mtime, Found { name, size, sha256 }));
+                }
+                _ => {
+                    tracing::info!(file = %e.path().display(), "NAR cache: removing an incomplete file");
+                    disk.remove(&name);
+                }
+            }
+        }
+        // `.meta` files whose NAR is gone (removed above, or the rename never happened).
+        for e in std::fs::read_dir(dir)?.flatten() {
+            let name = e.file_name().to_string_lossy().into_owned();
+            if let Some(nar) = name.strip_suffix(META_SUFFIX) {
+                if nar.parse::<NarFileName>().is_ok() && !dir.join(nar).exists() {
+                    let _ = std::fs::remove_file(e.path());
+                }
+            }
+        }
+        found.sort_by(|(a, fa), (b, fb)| (a, &fa.name).cmp(&(b, &fb.name)));
+        Ok((disk, found.into_iter().map(|(_, f)| f).collect()))
+    }
+
+    pub(super) fn dir(&self) -> &Path {
+        &self.dir
+    }
+
+    fn meta_path(&self, name: &str) -> PathBuf {
+        self.dir.join(format!("{name}{META_SUFFIX}"))
+    }
+
+    /// Opens the complete file of `name`.
+    pub(super) async fn read(
+        &self,
+        name: &str,
+        range: Option<ByteRange>,
+    ) -> Result<Option<Object>, StoreError> {
+        self.files.get(name, range).await
+    }
+
+    /// Bytes available to this process on the cache's file system; `None` if unknown.
+    pub(super) fn free_bytes(&self) -> Option<u64> {
+        rustix::fs::statvfs(&self.dir)
+            .ok()
+            .map(|s| s.f_bavail.saturating_mul(s.f_frsize))
+    }
+
+    /// A new, empty temporary file, open for writing.
+    pub(super) fn create_temp(&self) -> Result<(TempFile, std::fs::File), WriteError> {
+        let mut rnd = [0u8; 12];
+        getrandom::getrandom(&mut rnd).map_err(WriteError::NoRandom)?;
+        let tmp = TempFile {
+            path: self.tmp.join(hex::encode(rnd)),
+            remove_on_drop: true,
+        };
+        let writer = std::fs::File::create(&tmp.path)
+            .map_err(|e| WriteError::io("creating", &tmp.path, e))?;
+        Ok((tmp, writer))
+    }
+
+    /// Gives a complete temporary file its name: `.meta` first, then the rename, so that a
+    /// NAR name never points at a file without its size and hash.
+    pub(super) fn publish(
+        &self,
+        mut tmp: TempFile,
+        name: &str,
+        size: u64,
+        sha256: [u8; 32],
+    ) -> Result<(), WriteError> {
+        let meta = self.meta_path(name);
+        let text = format!("{size} {}\n", hex::encode(sha256));
+        let written = std::fs::File::create(&meta)
+            .and_then(|mut m| m.write_all(text.as_bytes()))
+            .map_err(|e| WriteError::io("writing", &meta, e));
+        let dest = self.dir.join(name);
+        let renamed = written.and_then(|()| {
+            std::fs::rename(&tmp.path, &dest).map_err(|e| WriteError::io("renaming to", &dest, e))
+        });
+        match renamed {
+            Ok(()) => tmp.remove_on_drop = false,
+            Err(_) => {
+                let _ = std::fs::remove_file(&meta);
+            }
+        }
+        renamed
+    }
+
+    /// Writes a NAR held whole in memory; its sha256.
+    pub(super) fn write_whole(&self, name: &str, data: &[u8]) -> Result<[u8; 32], WriteError> {
+        let (tmp, mut file) = self.create_temp()?;
+        file.write_all(data)
+            .map_err(|e| WriteError::io("writing", &tmp.path, e))?;
+        let sha256: [u8; 32] = sha2::Sha256::digest(data).into();
+        self.publish(tmp, name, data.len() as u64, sha256)?;
+        Ok(sha256)
+    }
+
+    /// Hashes the file of `name` and compares it with its expected size and sha256.
+    pub(super) fn verify(&self, name: &str, expected: (u64, [u8; 32])) -> Result<(), VerifyError> {
+        let actual = hash_file(&self.dir.join(name)).map_err(VerifyError::Unreadable)?;
+        if actual == expected {
+            Ok(())
+        } else {
+            Err(VerifyError::Mismatch)
+        }
+    }
+
+    /// Removes the file of `name` and its `.meta`. Readers holding the file open keep
+    /// reading it; only the name goes.
+    pub(super) fn remove(&self, name: &str) {
+        let _ = std::fs::remove_file(self.dir.join(name));
+        let _ = std::fs::remove_file(self.meta_path(name));
+    }
+}
+
+/// Makes sure `dir` is a NAR cache cellar may delete files in: creates it (with the marker) if
+/// missing or empty, accepts it if it has the marker, refuses it otherwise.
+fn claim(dir: &Path) -> io::Result<()> {
+    std::fs::create_dir_all(dir)?;
+    let marker = dir.join(MARKER);
+    if marker.is_file() {
+        return Ok(());
+    }
+    if std::fs::read_dir(dir)?.next().is_some() {
+        return Err(io::Error::other(format!(
+            "{} is not empty and has no {MARKER} file, so it is not a NAR cache cellar made; \
+             cellar deletes files in its NAR cache, so point cache.nar_dir at a new or empty \
+             directory of its own",
+            dir.display()
+        )));
+    }
+    std::fs::write(&marker, MARKER_TEXT)
+}
+
+fn read_meta(path: &Path) -> Option<(u64, [u8; 32])> {
+    let text = std::fs::read_to_string(path).ok()?;
+    let (size, hash) = text.trim().split_once(' ')?;
+    Some((size.parse().ok()?, hex::decode(hash).ok()?.try_into().ok()?))
+}
+
+fn hash_file(path: &Path) -> io::Result<(u64, [u8; 32])> {
+    let mut f = std::fs::File::open(path)?;
+    let mut h = sha2::Sha256::new();
+    let mut buf = vec![0u8; HASH_CHUNK];
+    let mut n = 0u64;
+    loop {
+        let r = f.read(&mut buf)?;
+        if r == 0 {
+            break;
+        }
+        h.update(&buf[..r]);
+        n += r as u64;
+    }
+    Ok((n, h.finalize().into()))
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    const NAME: &str = "07yp7gw2d9vmfgl2rd063i75qwkfbrgvqngp5yz2pk6iadzlckh7.nar.xz";
+
+    #[test]
+    fn enospc_is_disk_full() {
+        let nospc = io::Error::from_raw_os_error(rustix::io::Errno::NOSPC.raw_os_error());
+        assert!(is_disk_full(&nospc));
+        assert!(!is_disk_full(&io::Error::from(
+            io::ErrorKind::PermissionDenied
+        )));
+        assert!(matches!(
+            WriteError::io("writing", Path::new("x"), nospc),
+            WriteError::DiskFull
+        ));
+    }
+
+    #[test]
+    fn written_files_survive_a_reopen_and_verify() {
+        let d = tempfile::tempdir().unwrap();
+        let (disk, found) = Disk::open(d.path()).unwrap();
+        assert!(found.is_empty());
+        let sha = disk.write_whole(NAME, b"hello").unwrap();
+        let meta = std::fs::read_to_string(d.path().join(format!("{NAME}.meta"))).unwrap();
+        assert_eq!(meta, format!("5 {}\n", hex::encode(sha)));
+        assert!(disk.verify(NAME, (5, sha)).is_ok());
+        assert!(matches!(
+            disk.verify(NAME, (5, [0; 32])),
+            Err(VerifyError::Mismatch)
+        ));
+
+        let (_, found) = Disk::open(d.path()).unwrap();
+        assert_eq!(found.len(), 1);
+        assert_eq!((found[0].name.as_str(), found[0].size), (NAME, 5));
+        assert_eq!(found[0].sha256, sha);
+    }
+
+    #[test]
+    fn open_removes_leftovers() {
+        let d = tempfile::tempdir().unwrap();
+        let (disk, _) = Disk::open(d.path()).unwrap();
+        let (tmp, _) = disk.create_temp().unwrap();
+        let tmp_path = tmp.path().to_owned();
+        std::mem::forget(tmp); // as if the process died mid-fill
+        std::fs::write(d.path().join("not-a-nar"), b"x").unwrap();
+        std::fs::write(d.path().join(NAME), b"no meta").unwrap();
+        let orphan_meta = format!("{}{META_SUFFIX}", NAME.replacen('0', "1", 1));
+        std::fs::write(d.path().join(&orphan_meta), b"1 00").unwrap();
+
+        let (_, found) = Disk::open(d.path()).unwrap();
+        assert!(found.is_empty());
+        assert!(!tmp_path.exists());
+        for leftover in [NAME, orphan_meta.as_str()] {
+            assert!(!d.path().join(leftover).exists(), "{leftover}");
+        }
+        // Only files of the shapes cellar writes are removed.
+        assert!(d.path().join("not-a-nar").exists());
+    }
+
+    #[test]
+    fn only_a_new_empty_or_marked_directory_is_taken() {
+        let d = tempfile::tempdir().unwrap();
+        // The working directory of a first start: a signing key, a config.
+        std::fs::write(d.path().join("cellar-key.sec"), b"secret").unwrap();
+        let e = Disk::open(d.path()).err().unwrap().to_string();
+        assert!(e.contains("cache.nar_dir") && e.contains(MARKER), "{e}");
+        assert!(d.path().join("cellar-key.sec").exists());
+        assert!(!d.path().join(MARKER).exists());
+
+        let fresh = d.path().join("nars");
+        Disk::open(&fresh).unwrap();
+        assert!(fresh.join(MARKER).is_file());
+        Disk::open(&fresh).unwrap(); // marked: taken again
+
+        let empty = tempfile::tempdir().unwrap();
+        Disk::open(empty.path()).unwrap();
+        assert!(empty.path().join(MARKER).is_file());
+    }
+
+    #[test]
+    fn a_dropped_temp_file_is_removed() {
+        let d = tempfile::tempdir().unwrap();
+        let (disk, _) = Disk::open(d.path()).unwrap();
+        let (tmp, _) = disk.create_temp().unwrap();
+        let path = tmp.path().to_owned();
+        assert!(path.exists());
+        drop(tmp);
+        assert!(!path.exists());
+    }
+}

@@ -1,0 +1,413 @@
+//! Fills: one download per NAR, shared by every reader that asks while it runs.
+//!
+//! The first miss on a NAR puts a cell in `NarCache::fills`; everyone asking for that NAR
+//! meanwhile waits on the same cell, so N concurrent misses cost one store GET. Once the
+//! store's answer is in, the cell says how to serve it:
+//! - a large NAR is streamed into a temporary file by a background task, and each reader tails
+//!   that file as it grows ([`tail`]), so nobody waits for the whole NAR;
+//! - a small one is read whole and served from memory while its file is written in the
+//!   background (tailing a file costs small NARs more than it saves);
+//! - one the cache cannot take (too large for the budget, disk full) is handed to the first
+//!   reader as the store opened it.
+//!
+//! A reader of a fill that fails gets a stream error, so its client sees a failed transfer,
+//! never a short body.
+
+use std::fmt;
+use std::io;
+use std::os::unix::fs::FileExt as _;
+use std::sync::atomic::Ordering;
+use std::sync::{Arc, Mutex};
+use std::time::Duration;
+
+use bytes::Bytes;
+use futures::{FutureExt as _, StreamExt as _};
+use sha2::Digest as _;
+use tokio::sync::{watch, OnceCell};
+
+use super::disk::{TempFile, WriteError};
+use super::{lock, NarCache, NarCacheAnswer};
+use crate::store::{ByteStream, Object, Store, StoreError};
+
+/// How much a reader reads at a time, and how much a fill buffers before it must write.
+const READ_CHUNK: u64 = 1 << 20;
+/// NARs up to this size are read whole on a miss instead of being tailed through a file.
+const SMALL: u64 = 1 << 20;
+/// A fill writes once it has this much, or after `BATCH_WAIT` without more from the store.
+const BATCH: usize = 256 << 10;
+const BATCH_WAIT: Duration = Duration::from_millis(3);
+
+/// How a fill's store answer is served; what its cell holds once set.
+pub(super) enum Started {
+    Filling(Arc<FillHandle>),
+    /// A small NAR, read whole: served from memory while its file is written.
+    Small(Bytes),
+    NotFound,
+    /// Not cacheable now (too large, disk full, cache error): serve from the store directly.
+    /// The object already opened is handed to the first request that takes it.
+    Bypass(Mutex<Option<Object>>),
+    Failed(StoreError),
+}
+
+fn bypass(obj: Object) -> Started {
+    Started::Bypass(Mutex::new(Some(obj)))
+}
+
+/// How far a fill got, as its readers see it.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+enum Progress {
+    /// This many bytes are in the file and may be read.
+    Written(u64),
+    Done,
+    Failed,
+}
+
+/// A fill in progress: a read handle on its temporary file and how far the writer got.
+pub(super) struct FillHandle {
+    file: Arc<std::fs::File>,
+    size: u64,
+    progress: watch::Receiver<Progress>,
+}
+
+/// Why a fill stopped before its file was complete.
+#[derive(Debug)]
+enum FillError {
+    Write(WriteError),
+    /// No chunk from the store within the idle timeout.
+    StoreStalled(Duration),
+    StoreFailed(io::Error),
+    /// The store's body ended before (or went past) the length it announced.
+    Short {
+        written: u64,
+        expected: u64,
+    },
+}
+
+impl From<WriteError> for FillError {
+    fn from(e: WriteError) -> Self {
+        Self::Write(e)
+    }
+}
+
+impl fmt::Display for FillError {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        match self {
+            Self::Write(e) => fmt::Display::fmt(e, f),
+            Self::StoreStalled(t) => {
+                write!(f, "the store sent nothing for {} s mid-body", t.as_secs())
+            }
+            Self::StoreFailed(e) => write!(f, "the store failed mid-body: {e}"),
+            Self::Short { written, expected } => write!(
+                f,
+                "the store sent {written} bytes where it announced {expected}"
+            ),
+        }
+    }
+}
+
+impl NarCache {
+    /// Serves a miss through the one fill of `name`, starting it if none is running.
+    pub(super) async fn through_fill(
+        self: &Arc<Self>,
+        name: &str,
+        key: &str,
+        store: &Arc<dyn Store>,
+    ) -> Result<NarCacheAnswer, StoreError> {
+        let cell = lock(&self.fills)
+            .entry(name.to_owned())
+            .or_default()
+            .clone();
+        // If this request goes away before the fill has started, nobody else may be waiting:
+        // the guard then removes the empty cell.
+        let guard = CellGuard {
+            cache: self,
+            name,
+            cell: &cell,
+        };
+        let started = cell
+            .get_or_init(|| self.start_fill(name.to_owned(), key.to_owned(), store.clone()))
+            .await;
+        drop(guard); // the cell is set now: the guard leaves it alone
+        let answer = match started {
+            Started::Filling(h) => {
+                return Ok(NarCacheAnswer::Object(Object {
+                    body: tail(h.clone()),
+                    length: h.size,
+                    range: None,
+                }));
+            }
+            Started::Small(b) => {
+                let b = b.clone();
+                return Ok(NarCacheAnswer::Object(Object {
+                    length: b.len() as u64,
+                    body: futures::stream::once(async move { Ok(b) }).boxed(),
+                    range: None,
+                }));
+            }
+            Started::NotFound => Ok(NarCacheAnswer::NotFound),
+            Started::Bypass(opened) => {
+                let taken = lock(opened).take();
+                Ok(taken.map_or(NarCacheAnswer::Bypass, NarCacheAnswer::Object))
+            }
+            Started::Failed(e) => Err(e.clone()),
+        };
+        // The fill never started: let the next request try again.
+        self.forget_cell(name, &cell);
+        answer
+    }
+
+    fn forget_cell(&self, name: &str, cell: &Arc<OnceCell<Started>>) {
+        let mut fills = lock(&self.fills);
+        if fills.get(name).is_some_and(|c| Arc::ptr_eq(c, cell)) {
+            fills.remove(name);
+        }
+    }
+
+    async fn start_fill(
+        self: &Arc<Self>,
+        name: String,
+        key: String,
+        store: Arc<dyn Store>,
+    ) -> Started {
+        let obj = match store.get(&key, None).await {
+            Ok(Some(o)) => o,
+            Ok(None) => return Started::NotFound,
+            Err(e) => return Started::Failed(e),
+        };
+        if obj.length <= SMALL {
+            return self.start_small(name, obj).await;
+        }
+        let admitted = self.index().admits(obj.length);
+        let reserved = self.reserved.load(Ordering::Relaxed);
+        if !admitted || self.disk_full(obj.length.saturating_add(reserved)) {
+            return bypass(obj);
+        }
+        let opened = self.disk.create_temp().and_then(|(tmp, writer)| {
+            let reader = tmp.reader()?;
+            Ok((tmp, writer, reader))
+        });
+        let (tmp, writer, reader) = match opened {
+            Ok(files) => files,
+            Err(e) => {
+                self.write_failed(&name, &e);
+                return bypass(obj);
+            }
+        };
+        let (tx, rx) = watch::channel(Progress::Written(0));
+        let handle = Arc::new(FillHandle {
+            file: Arc::new(reader),
+            size: obj.length,
+            progress: rx,
+        });
+        let this = self.clone();
+        let size = obj.length;
+        self.reserved.fetch_add(size, Ordering::Relaxed);
+        tokio::spawn(async move {
+            let result = this.run_fill(&name, tmp, writer, obj, &tx).await;
+            this.reserved.fetch_sub(size, Ordering::Relaxed);
+            match &result {
+                Ok(()) => {}
+                Err(FillError::Write(e)) => this.write_failed(&name, e),
+                Err(e) => tracing::warn!(nar = %name, cause = %e, "NAR cache: fill failed"),
+            }
+            let _ = tx.send(match result {
+                Ok(()) => Progress::Done,
+                Err(_) => Progress::Failed,
+            });
+            lock(&this.fills).remove(&name);
+        });
+        Started::Filling(handle)
+    }
+
+    async fn start_small(self: &Arc<Self>, name: String, obj: Object) -> Started {
+        let expected = obj.length;
+        let read = async {
+            let mut buf = Vec::with_capacity(expected as usize);
+            let mut body = obj.body;
+            while let Some(chunk) = body.next().await {
+                buf.extend_from_slice(&chunk?);
+            }
+            Ok::<_, io::Error>(buf)
+        };
+        let data = match tokio::time::timeout(self.idle_timeout, read).await {
+            Ok(Ok(d)) if d.len() as u64 == expected => Bytes::from(d),
+            Ok(Ok(d)) => {
+                return Started::Failed(StoreError::Other(format!(
+                    "short body for nar/{name}: {} of {expected} bytes",
+                    d.len()
+                )));
+            }
+            Ok(Err(e)) => return Started::Failed(StoreError::Other(e.to_string())),
+            Err(_) => return Started::Failed(StoreError::Timeout(self.idle_timeout.as_secs())),
+        };
+        let this = self.clone();
+        let file_data = data.clone();
+        tokio::task::spawn_blocking(move || {
+            this.store_small(&name, &file_data);
+            lock(&this.fills).remove(&name);
+        });
+        Started::Small(data)
+    }
+
+    /// Writes a small NAR's file and indexes it (best effort: a failure only means no caching).
+    fn store_small(&self, name: &str, data: &[u8]) {
+        let size = data.len() as u64;
+        let admitted = self.index().admits(size);
+        if !admitted || self.disk_full(size) {
+            return;
+        }
+        match self.disk.write_whole(name, data) {
+            Ok(sha256) => self.add(name, size, sha256),
+            Err(e) => self.write_failed(name, &e),
+        }
+    }
+
+    /// Copies the store's body into the temporary file; on success gives it its final name
+    /// and indexes it. On failure the temporary file goes, and readers fail too.
+    async fn run_fill(
+        &self,
+        name: &str,
+        tmp: TempFile,
+        file: std::fs::File,
+        obj: Object,
+        tx: &watch::Sender<Progress>,
+    ) -> Result<(), FillError> {
+        let mut file = tokio::fs::File::from_std(file);
+        let mut hasher = sha2::Sha256::new();
+        let mut written = 0u64;
+        let mut body = obj.body;
+        let mut buf = bytes::BytesMut::new();
+        let mut waited = false;
+        loop {
+            // Take what the store has ready; write it out (and tell readers) before waiting
+            // for more, or once 1 MiB has piled up. Readers see only flushed bytes: tokio's
+            // File completes `write_all` before the data is in the file, `flush` after.
+            let next = match body.next().now_or_never() {
+                Some(item) => item,
+                // Nothing ready, but little buffered: give the store a moment to send more, so
+                // the file is written in large blocks rather than one network read at a time.
+                None if !buf.is_empty() && buf.len() < BATCH && !waited => {
+                    waited = true;
+                    match tokio::time::timeout(BATCH_WAIT, body.next()).await {
+                        Ok(item) => item,
+                        Err(_) => continue, // then write what there is
+                    }
+                }
+                None => {
+                    if !buf.is_empty() {
+                        written += write_out(&tmp, &mut file, &mut buf).await?;
+                        let _ = tx.send(Progress::Written(written));
+                    }
+                    tokio::time::timeout(self.idle_timeout, body.next())
+                        .await
+                        .map_err(|_| FillError::StoreStalled(self.idle_timeout))?
+                }
+            };
+            waited = false;
+            match next {
+                Some(Ok(chunk)) => {
+                    hasher.update(&chunk);
+                    buf.extend_from_slice(&chunk);
+                    if buf.len() >= READ_CHUNK as usize {
+                        written += write_out(&tmp, &mut file, &mut buf).await?;
+                        let _ = tx.send(Progress::Written(written));
+                    }
+                }
+                Some(Err(e)) => return Err(FillError::StoreFailed(e)),
+                None => break,
+            }
+        }
+        // Readers are told about the last bytes only with `Done`, after the checks below.
+        written += write_out(&tmp, &mut file, &mut buf).await?;
+        if written != obj.length {
+            return Err(FillError::Short {
+                written,
+                expected: obj.length,
+            });
+        }
+        let sha256: [u8; 32] = hasher.finalize().into();
+        self.disk.publish(tmp, name, written, sha256)?;
+        self.add(name, written, sha256);
+        Ok(())
+    }
+}
+
+/// Writes `buf` to the fill's file and waits until it is there (readers use `pread`).
+async fn write_out(
+    tmp: &TempFile,
+    file: &mut tokio::fs::File,
+    buf: &mut bytes::BytesMut,
+) -> Result<u64, WriteError> {
+    use tokio::io::AsyncWriteExt as _;
+    let data = buf.split().freeze();
+    let res = match file.write_all(&data).await {
+        Ok(()) => file.flush().await,
+        Err(e) => Err(e),
+    };
+    res.map_err(|e| WriteError::io("writing", tmp.path(), e))?;
+    Ok(data.len() as u64)
+}
+
+/// Removes a fill's cell if the request that created it is dropped before the fill started.
+struct CellGuard<'a> {
+    cache: &'a NarCache,
+    name: &'a str,
+    cell: &'a Arc<OnceCell<Started>>,
+}
+
+impl Drop for CellGuard<'_> {
+    fn drop(&mut self) {
+        if !self.cell.initialized() {
+            self.cache.forget_cell(self.name, self.cell);
+        }
+    }
+}
+
+/// Streams a fill's file as it grows. Fails (so the client's transfer fails) if the fill does.
+fn tail(h: Arc<FillHandle>) -> ByteStream {
+    let rx = h.progress.clone();
+    futures::stream::unfold((h, rx, 0u64), |(h, mut rx, pos)| async move {
+        loop {
+            if pos >= h.size {
+                return None;
+            }
+            let progress = *rx.borrow_and_update();
+            let avail = match progress {
+                Progress::Written(n) => n,
+                Progress::Done => h.size,
+                Progress::Failed => {
+                    return Some((
+                        Err(io::Error::other("the store failed while sending this NAR")),
+                        (h.clone(), rx.clone(), h.size),
+                    ));
+                }
+            };
+            if pos < avail {
+                let len = (avail - pos).min(READ_CHUNK) as usize;
+                let file = h.file.clone();
+                let read = tokio::task::spawn_blocking(move || {
+                    let mut buf = vec![0u8; len];
+                    file.read_exact_at(&mut buf, pos).map(|()| Bytes::from(buf))
+                })
+                .await
+                .unwrap_or_else(|e| Err(io::Error::other(e)));
+                return match read {
+                    Ok(b) => Some((Ok(b), (h, rx, pos + len as u64))),
+                    Err(e) => {
+                        tracing::warn!(cause = %e, pos, "NAR cache: reading a fill failed");
+                        let end = h.size;
+                        Some((Err(e), (h, rx, end)))
+                    }
+                };
+            }
+            if rx.changed().await.is_err() && *rx.borrow() != Progress::Done {
+                let end = h.size;
+                return Some((
+                    Err(io::Error::other("NAR fill ended unexpectedly")),
+                    (h, rx, end),
+                ));
+            }
+        }
+    })
+    .boxed()
+}

@@ -1,0 +1,214 @@
+//! What the NAR cache holds, in memory: each NAR's size, hash and whether its file has been
+//! checked, the order of use (least recently used first) and the byte budget. No I/O: the
+//! caller removes the files of what [`Index::evict`] hands back.
+
+use std::collections::{BTreeMap, HashMap};
+
+/// Whether a cached file may be served as it is.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub(super) enum Verified {
+    /// Written by this process, or hashed since start-up and found intact.
+    Yes,
+    /// Found on disk at start-up: hashed before its first use.
+    No,
+    /// Being hashed now.
+    InProgress,
+}
+
+struct Entry {
+    size: u64,
+    sha256: [u8; 32],
+    /// When it was last used, on the index's own clock (a counter): its key in `Index::lru`.
+    tick: u64,
+    verified: Verified,
+}
+
+pub(super) struct Index {
+    entries: HashMap<String, Entry>,
+    /// Names by last use, oldest first. Ticks are unique, so this is a total order.
+    lru: BTreeMap<u64, String>,
+    tick: u64,
+    /// Sum of the entries' sizes.
+    total: u64,
+    budget: u64,
+}
+
+impl Index {
+    /// An empty index that keeps at most `budget` bytes.
+    pub(super) fn new(budget: u64) -> Self {
+        Self {
+            entries: HashMap::new(),
+            lru: BTreeMap::new(),
+            tick: 0,
+            total: 0,
+            budget,
+        }
+    }
+
+    /// Whether a NAR of `size` bytes is worth caching at all: one that takes more than half
+    /// the budget would evict most of the cache for a single NAR.
+    pub(super) fn admits(&self, size: u64) -> bool {
+        size <= self.budget / 2
+    }
+
+    /// Number of NARs and bytes held.
+    pub(super) fn usage(&self) -> (usize, u64) {
+        (self.entries.len(), self.total)
+    }
+
+    /// Adds `name` (replacing any entry of that name) as the most recently used.
+    pub(super) fn insert(&mut self, name: &str, size: u64, sha256: [u8; 32], verified: Verified) {
+        self.remove(name);
+        let tick = self.next_tick();
+        self.lru.insert(tick, name.to_owned());
+        self.total += size;
+        self.entries.insert(
+            name.to_owned(),
+            Entry {
+                size,
+                sha256,
+                tick,
+                verified,
+            },
+        );
+    }
+
+    /// Marks `name` as just used; its size and state if it is held.
+    pub(super) fn touch(&mut self, name: &str) -> Option<(u64, Verified)> {
+        let tick = self.next_tick();
+        let e = self.entries.get_mut(name)?;
+        self.lru.remove(&e.tick);
+        e.tick = tick;
+        self.lru.insert(tick, name.to_owned());
+        Some((e.size, e.verified))
+    }
+
+    /// Forgets `name`; true if it was held.
+    pub(super) fn remove(&mut self, name: &str) -> bool {
+        match self.entries.remove(name) {
+            Some(e) => {
+                self.lru.remove(&e.tick);
+                self.total -= e.size;
+                true
+            }
+            None => false,
+        }
+    }
+
+    /// Forgets the least recently used NARs until the rest fit the budget; their names, whose
+    /// files the caller removes.
+    pub(super) fn evict(&mut self) -> Vec<String> {
+        let mut victims = Vec::new();
+        while self.total > self.budget {
+            let Some((_, name)) = self.lru.pop_first() else {
+                break;
+            };
+            if let Some(e) = self.entries.remove(&name) {
+                self.total -= e.size;
+            }
+            victims.push(name);
+        }
+        victims
+    }
+
+    /// Claims an unchecked entry for hashing: its size and expected sha256, or `None` if it
+    /// is gone, already checked or being checked.
+    pub(super) fn start_verify(&mut self, name: &str) -> Option<(u64, [u8; 32])> {
+        let e = self.entries.get_mut(name)?;
+        if e.verified != Verified::No {
+            return None;
+        }
+        e.verified = Verified::InProgress;
+        Some((e.size, e.sha256))
+    }
+
+    /// Records that `name`'s file was hashed and found intact.
+    pub(super) fn set_verified(&mut self, name: &str) {
+        if let Some(e) = self.entries.get_mut(name) {
+            e.verified = Verified::Yes;
+        }
+    }
+
+    fn next_tick(&mut self) -> u64 {
+        self.tick += 1;
+        self.tick
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    const SHA: [u8; 32] = [0; 32];
+
+    fn index(budget: u64, names: &[&str]) -> Index {
+        let mut i = Index::new(budget);
+        for n in names {
+            i.insert(n, 100, SHA, Verified::Yes);
+        }
+        i
+    }
+
+    #[test]
+    fn evicts_the_least_recently_used_not_the_first_inserted() {
+        let mut i = index(300, &["a", "b", "c"]);
+        // Use order now differs from insertion order: b is the oldest use.
+        i.touch("a");
+        i.touch("c");
+        i.insert("d", 100, SHA, Verified::Yes);
+        assert_eq!(i.evict(), ["b"]);
+        i.touch("a");
+        i.insert("e", 100, SHA, Verified::Yes);
+        assert_eq!(i.evict(), ["c"]);
+        assert_eq!(i.usage(), (3, 300));
+    }
+
+    #[test]
+    fn evicts_until_the_budget_holds() {
+        let mut i = index(1000, &["a", "b", "c"]);
+        assert!(i.evict().is_empty());
+        i.insert("big", 900, SHA, Verified::Yes);
+        // 1200 bytes: two of the 100-byte NARs must go; exactly the budget is fine.
+        assert_eq!(i.evict(), ["a", "b"]);
+        assert_eq!(i.usage(), (2, 1000));
+    }
+
+    #[test]
+    fn touching_a_missing_name_changes_nothing() {
+        let mut i = index(200, &["a", "b"]);
+        assert_eq!(i.touch("zz"), None);
+        assert_eq!(i.touch("b"), Some((100, Verified::Yes)));
+        i.insert("c", 100, SHA, Verified::Yes);
+        assert_eq!(i.evict(), ["a"]);
+    }
+
+    #[test]
+    fn replacing_an_entry_counts_its_size_once() {
+        let mut i = index(1000, &["a"]);
+        i.insert("a", 300, SHA, Verified::Yes);
+        assert_eq!(i.usage(), (1, 300));
+        assert!(i.remove("a"));
+        assert!(!i.remove("a"));
+        assert_eq!(i.usage(), (0, 0));
+    }
+
+    #[test]
+    fn unchecked_entries_are_claimed_for_hashing_once() {
+        let mut i = Index::new(1000);
+        i.insert("a", 10, [7; 32], Verified::No);
+        assert_eq!(i.start_verify("a"), Some((10, [7; 32])));
+        assert_eq!(i.touch("a"), Some((10, Verified::InProgress)));
+        assert_eq!(i.start_verify("a"), None, "already being hashed");
+        i.set_verified("a");
+        assert_eq!(i.touch("a"), Some((10, Verified::Yes)));
+        assert_eq!(i.start_verify("a"), None);
+        assert_eq!(i.start_verify("missing"), None);
+    }
+
+    #[test]
+    fn admits_at_most_half_the_budget() {
+        let i = Index::new(1000);
+        assert!(i.admits(500));
+        assert!(!i.admits(501));
+    }
+}

@@ -1,0 +1,236 @@
+//! NARs on local disk, with a byte budget and LRU eviction.
+//!
+//! A miss starts one *fill* per NAR: a background task that streams the object from the store
+//! into a temporary file. Every client asking for that NAR meanwhile (the first included) is
+//! served by tailing the growing file, so N concurrent misses cost one store GET and nobody
+//! waits for the whole NAR. Small NARs (most of them) are read whole instead and served from
+//! memory while their file is written. A file gets its final name only once complete, with its
+//! size checked and its sha256 recorded in a `.meta` file beside it.
+//!
+//! After a restart the index is rebuilt from the directory; files whose size does not match
+//! their `.meta` are removed at once, and each surviving file is hashed once in the background
+//! (on its first hit; that request is served from the store) before it is served, so a
+//! corrupted file is dropped and fetched again. When the disk is full, NARs are served straight
+//! from the store without caching for a while ([`Backoff`]), and that is logged once.
+//!
+//! The parts, each readable on its own:
+//! - `index`: what is held, in which order of use, within which budget. Pure data, no I/O.
+//! - `disk`: the directory layout, writing and publishing files, the scan at start-up and
+//!   the hashing that checks a file before it is trusted.
+//! - `fill`: one download per NAR shared by all its readers, and the readers that tail it.
+//!
+//! This module ties them together: a hit is served from disk, anything the cache cannot serve
+//! now (a range of a NAR not on disk, a file not yet checked) is answered with
+//! [`NarCacheAnswer::Bypass`] so the caller asks the store itself.
+
+mod disk;
+mod fill;
+mod index;
+#[cfg(test)]
+mod tests;
+
+use std::collections::HashMap;
+use std::fmt;
+use std::io;
+use std::path::Path;
+use std::sync::atomic::AtomicU64;
+use std::sync::{Arc, Mutex, MutexGuard};
+use std::time::Duration;
+
+use tokio::sync::OnceCell;
+
+use crate::backoff::Backoff;
+use crate::nix::NarFileName;
+use crate::store::{ByteRange, Object, Store, StoreError};
+use crate::sync::lock;
+
+use disk::{Disk, WriteError};
+use fill::Started;
+use index::{Index, Verified};
+
+/// Kept free on the cache's file system beyond the NAR being written.
+const FREE_MARGIN: u64 = 256 << 20;
+/// After the disk is found full, how long no NAR is written.
+const FULL_BACKOFF: Duration = Duration::from_secs(60);
+
+/// What [`NarCache::get`] found.
+pub enum NarCacheAnswer {
+    /// Served from disk or a fill: the object.
+    Object(Object),
+    /// The store does not have it.
+    NotFound,
+    /// The cache cannot help with this request: ask the store.
+    Bypass,
+}
+
+pub struct NarCache {
+    disk: Disk,
+    index: Mutex<Index>,
+    /// The fill of each NAR being fetched; its cell is set once the fill has started.
+    fills: Mutex<HashMap<String, Arc<OnceCell<Started>>>>,
+    /// Set while the disk is full: NARs are then served without caching.
+    disk_full: Backoff,
+    /// Bytes promised to fills still running (not yet in the index).
+    reserved: AtomicU64,
+    /// Longest wait for the next chunk from the store before a fill fails.
+    idle_timeout: Duration,
+}
+
+impl NarCache {
+    /// Opens the cache in `dir` (created if missing) and rebuilds its index.
+    pub fn open(dir: &Path, max_bytes: u64, idle_timeout: Duration) -> io::Result<Arc<Self>> {
+        let (disk, found) = Disk::open(dir)?;
+        let mut index = Index::new(max_bytes);
+        for f in found {
+            index.insert(&f.name, f.size, f.sha256, Verified::No);
+        }
+        let cache = Arc::new(Self {
+            disk,
+            index: Mutex::new(index),
+            fills: Mutex::new(HashMap::new()),
+            disk_full: Backoff::new(FULL_BACKOFF),
+            reserved: AtomicU64::new(0),
+            idle_timeout,
+        });
+        // The budget may have shrunk since the last run.
+        cache.evict();
+        Ok(cache)
+    }
+
+    /// Number of NARs and bytes held.
+    pub fn usage(&self) -> (usize, u64) {
+        self.index().usage()
+    }
+
+    /// Serves `name` (store key `key`) from disk or through a fill; `range` requests are
+    /// served from disk only.
+    pub async fn get(
+        self: &Arc<Self>,
+        name: &NarFileName,
+        key: &str,
+        range: Option<ByteRange>,
+        store: &Arc<dyn Store>,
+    ) -> Result<NarCacheAnswer, StoreError> {
+        use crate::metrics::cache_lookup;
+        let n = name.as_str();
+        let state = self.index().touch(n);
+        match state {
+            Some((size, Verified::Yes)) => {
+                let answer = self.read_file(n, size, range).await;
+                let result = match answer {
+                    Ok(NarCacheAnswer::Object(_)) => "hit",
+                    _ => "bypass",
+                };
+                cache_lookup("nar_disk", result);
+                return answer;
+            }
+            Some((_, Verified::No)) => {
+                self.spawn_verify(n.to_owned());
+                cache_lookup("nar_disk", "bypass");
+                return Ok(NarCacheAnswer::Bypass);
+            }
+            Some((_, Verified::InProgress)) => {
+                cache_lookup("nar_disk", "bypass");
+                return Ok(NarCacheAnswer::Bypass);
+            }
+            None => {}
+        }
+        if range.is_some() {
+            cache_lookup("nar_disk", "bypass");
+            return Ok(NarCacheAnswer::Bypass);
+        }
+        tracing::debug!(nar = %n, "NAR cache: miss");
+        cache_lookup("nar_disk", "miss");
+        self.through_fill(n, key, store).await
+    }
+
+    /// Serves a hit from its file, if the file is still what the index says.
+    async fn read_file(
+        &self,
+        name: &str,
+        size: u64,
+        range: Option<ByteRange>,
+    ) -> Result<NarCacheAnswer, StoreError> {
+        match self.disk.read(name, range).await {
+            Ok(Some(obj)) if obj.range.map_or(obj.length, |r| r.total) == size => {
+                Ok(NarCacheAnswer::Object(obj))
+            }
+            Err(e @ StoreError::RangeNotSatisfiable { .. }) => Err(e),
+            _ => {
+                tracing::warn!(nar = %name, "NAR cache: file missing or truncated, fetching again");
+                self.drop_entry(name);
+                Ok(NarCacheAnswer::Bypass)
+            }
+        }
+    }
+
+    fn index(&self) -> MutexGuard<'_, Index> {
+        lock(&self.index)
+    }
+
+    /// Indexes a file just published, then keeps the budget.
+    fn add(&self, name: &str, size: u64, sha256: [u8; 32]) {
+        self.index().insert(name, size, sha256, Verified::Yes);
+        self.evict();
+    }
+
+    fn drop_entry(&self, name: &str) {
+        let held = self.index().remove(name);
+        if held {
+            self.disk.remove(name);
+        }
+    }
+
+    fn evict(&self) {
+        let victims = self.index().evict();
+        for name in victims {
+            tracing::debug!(nar = %name, "NAR cache: evicted");
+            self.disk.remove(&name);
+        }
+    }
+
+    /// Whether writing `need` more bytes should be skipped: during a disk-full pause, or if
+    /// the file system would keep less than [`FREE_MARGIN`] free.
+    fn disk_full(&self, need: u64) -> bool {
+        if self.disk_full.is_active() {
+            return true;
+        }
+        // Unknown free space is no reason to stop caching; a full disk is then found on write.
+        let avail = self.disk.free_bytes().unwrap_or(u64::MAX);
+        if avail < need.saturating_add(FREE_MARGIN) {
+            self.note_full(format_args!("{avail} bytes free"));
+            return true;
+        }
+        false
+    }
+
+    fn note_full(&self, cause: impl fmt::Display) {
+        if self.disk_full.trip() {
+            tracing::warn!(dir = %self.disk.dir().display(), %cause, "NAR cache: disk full, serving without caching");
+        }
+    }
+
+    /// Reports a failed write: a full disk pauses caching, anything else is logged.
+    fn write_failed(&self, name: &str, e: &WriteError) {
+        match e {
+            WriteError::DiskFull => self.note_full(e),
+            _ => tracing::warn!(nar = %name, cause = %e, "NAR cache: cannot write a file"),
+        }
+    }
+
+    /// Hashes a file indexed at start-up in the background; keeps it if it matches its
+    /// `.meta`, drops it (to be fetched again) otherwise.
+    fn spawn_verify(self: &Arc<Self>, name: String) {
+        let Some(expected) = self.index().start_verify(&name) else {
+            return;
+        };
+        let this = self.clone();
+        tokio::task::spawn_blocking(move || match this.disk.verify(&name, expected) {
+            Ok(()) => this.index().set_verified(&name),
+            Err(e) => {
+                tracing::warn!(nar = %name, cause = %e, "NAR cache: cached file is corrupt, fetching it again");
+                this.drop_entry(&name);
+            }
+        });
+    }
+}

@@ -1,0 +1,42 @@
+//! `/<hash>.ls`: the JSON listing of a path's files, written by `nix copy` with
+//! `write-nar-listing=true` (newer Nix uses it for `nix store ls` instead of downloading the
+//! whole NAR). Served from the read path as stored; uploaded as sent.
+//!
+//! These are called from the `/{file}` route in [`super`], which parses the name and
+//! dispatches `.narinfo` and `.ls` names.
+
+use axum::body::Body;
+use axum::http::{HeaderMap, StatusCode};
+use axum::response::Response;
+
+use super::object::{self, Kind};
+use super::AppState;
+use crate::error::Error;
+use crate::nix::StorePathHash;
+use crate::store::object_key;
+use crate::upload::MAX_LISTING_BYTES;
+
+pub(super) async fn get(
+    st: &AppState,
+    h: StorePathHash,
+    headers: &HeaderMap,
+) -> Result<Response, Error> {
+    let reads = st.live().reads.clone();
+    object::get(&*reads, &object_key::listing(h), Kind::Listing, headers).await
+}
+
+pub(super) async fn head(st: &AppState, h: StorePathHash) -> Result<Response, Error> {
+    let reads = st.live().reads.clone();
+    object::head(&*reads, &object_key::listing(h), Kind::Listing).await
+}
+
+pub(super) async fn put(st: &AppState, h: StorePathHash, body: Body) -> Result<StatusCode, Error> {
+    st.uploader
+        .put_plain(
+            &object_key::listing(h),
+            object::body_stream(st, body),
+            MAX_LISTING_BYTES,
+        )
+        .await?;
+    Ok(StatusCode::CREATED)
+}

@@ -1,0 +1,179 @@
+//! `/metrics` and the middleware that counts every request for it: requests by route family,
+//! method and status class, time to the response headers, body bytes both ways, and the verdict
+//! of every upload. What the layers below count themselves (caches, S3, upstreams) is recorded
+//! where it happens, see [`crate::metrics`].
+
+use std::pin::Pin;
+use std::task::{Context, Poll};
+use std::time::Instant;
+
+use axum::body::Body;
+use axum::extract::Request;
+use axum::http::{header, HeaderValue, Method, StatusCode};
+use axum::middleware::Next;
+use axum::response::{IntoResponse, Response};
+use bytes::Bytes;
+use http_body::Frame;
+use prometheus_client::metrics::counter::Counter;
+
+use crate::error::ErrorLabel;
+use crate::metrics::{self, HttpLabels, RouteLabels, UploadLabels};
+
+/// `GET /metrics`.
+pub(super) async fn get() -> Response {
+    (
+        [
+            (
+                header::CONTENT_TYPE,
+                HeaderValue::from_static(metrics::CONTENT_TYPE),
+            ),
+            (header::CACHE_CONTROL, HeaderValue::from_static("no-store")),
+        ],
+        metrics::render(),
+    )
+        .into_response()
+}
+
+/// The endpoint family of `path`, a bounded label. Only the shape of the path counts: whether
+/// the name is valid is the handler's business (a bad name is a 4xx of its family).
+pub(super) fn route_family(path: &str) -> &'static str {
+    let rest = path.trim_start_matches('/');
+    let (first, tail) = rest.split_once('/').unwrap_or((rest, ""));
+    match first {
+        "nar" if !tail.is_empty() => "nar",
+        "log" if !tail.is_empty() => "log",
+        "realisations" if !tail.is_empty() => "realisation",
+        "build-trace" if !tail.is_empty() => "build_trace",
+        "nix-cache-info" if tail.is_empty() => "cache_info",
+        "healthz" | "readyz" if tail.is_empty() => "health",
+        "metrics" if tail.is_empty() => "metrics",
+        "status" if tail.is_empty() => "status",
+        f if tail.is_empty() && f.ends_with(".narinfo") => "narinfo",
+        f if tail.is_empty() && f.ends_with(".ls") => "listing",
+        _ => "other",
+    }
+}
+
+fn method_label(m: &Method) -> &'static str {
+    match *m {
+        Method::GET => "GET",
+        Method::HEAD => "HEAD",
+        Method::PUT => "PUT",
+        _ => "other",
+    }
+}
+
+fn status_class(s: StatusCode) -> &'static str {
+    match s.as_u16() {
+        100..=199 => "1xx",
+        200..=299 => "2xx",
+        300..=399 => "3xx",
+        400..=499 => "4xx",
+        _ => "5xx",
+    }
+}
+
+/// Counts the request and its body on the way in, its status and latency once the handler
+/// answers, and the response body as it is streamed.
+pub(super) async fn observe(req: Request, next: Next) -> Response {
+    let started = Instant::now();
+    let m = metrics::get();
+    let route = route_family(req.uri().path());
+    let method = req.method().clone();
+    let (parts, body) = req.into_parts();
+    let received = m.bytes_received.get_or_create_owned(&RouteLabels { route });
+    let req = Request::from_parts(parts, Body::new(Counted::new(body, received)));
+
+    let res = next.run(req).await;
+
+    let status = res.status();
+    m.http_requests
+        .get_or_create(&HttpLabels {
+            route,
+            method: method_label(&method),
+            status: status_class(status),
+        })
+        .inc();
+    m.http_duration
+        .get_or_create(&RouteLabels { route })
+        .observe(started.elapsed().as_secs_f64());
+    if method == Method::PUT {
+        let verdict = match res.extensions().get::<ErrorLabel>() {
+            Some(ErrorLabel(label)) => label,
+            None if status.is_success() => "accepted",
+            None => "other",
+        };
+        m.uploads
+            .get_or_create(&UploadLabels {
+                kind: route,
+                verdict,
+            })
+            .inc();
+    }
+    let sent = m.bytes_sent.get_or_create_owned(&RouteLabels { route });
+    res.map(|body| Body::new(Counted::new(body, sent)))
+}
+
+/// A body that adds the length of each data frame to a counter as it passes.
+struct Counted {
+    inner: Body,
+    counter: Counter,
+}
+
+impl Counted {
+    fn new(inner: Body, counter: Counter) -> Self {
+        Self { inner, counter }
+    }
+}
+
+impl http_body::Body for Counted {
+    type Data = Bytes;
+    type Error = axum::Error;
+
+    fn poll_frame(
+        mut self: Pin<&mut Self>,
+        cx: &mut Context<'_>,
+    ) -> Poll<Option<Result<Frame<Bytes>, axum::Error>>> {
+        let polled = Pin::new(&mut self.inner).poll_frame(cx);
+        if let Poll::Ready(Some(Ok(frame))) = &polled {
+            if let Some(data) = frame.data_ref() {
+                self.counter.inc_by(data.len() as u64);
+            }
+        }
+        polled
+    }
+
+    fn is_end_stream(&self) -> bool {
+        self.inner.is_end_stream()
+    }
+
+    // Keeps Content-Length: a counted body is exactly as long as the one it wraps.
+    fn size_hint(&self) -> http_body::SizeHint {
+        self.inner.size_hint()
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::route_family;
+
+    #[test]
+    fn route_families_are_bounded() {
+        let h = "0123456789abcdfghijklmnpqrsvwxyz";
+        assert_eq!(route_family(&format!("/{h}.narinfo")), "narinfo");
+        assert_eq!(route_family(&format!("/{h}.ls")), "listing");
+        assert_eq!(route_family("/nar/abc.nar.xz"), "nar");
+        assert_eq!(route_family("/log/abc-foo.drv"), "log");
+        assert_eq!(
+            route_family("/realisations/sha256:x!out.doi"),
+            "realisation"
+        );
+        assert_eq!(route_family("/build-trace/x.drv/out"), "build_trace");
+        assert_eq!(route_family("/nix-cache-info"), "cache_info");
+        assert_eq!(route_family("/healthz"), "health");
+        assert_eq!(route_family("/metrics"), "metrics");
+        assert_eq!(route_family("/favicon.ico"), "other");
+        assert_eq!(route_family("/nar/"), "other");
+        assert_eq!(route_family("/"), "other");
+    }
+}

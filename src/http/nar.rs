@@ -1,0 +1,96 @@
+//! `/nar/<file>`: the NARs, named `<filehash>.nar[.<ext>]`.
+//!
+//! - GET streams the NAR from the NAR disk cache when one is configured (it fills itself from
+//!   the read path), else from the read path (the store, then the upstreams). Ranges are
+//!   honoured: Nix resumes broken downloads with them.
+//! - HEAD answers with the size a GET would stream, through the same read path, so a NAR only
+//!   an upstream has is found by HEAD too. It also finds a NAR that was re-encoded on upload
+//!   and stored under another extension: Nix sends `HEAD nar/<file>` before each upload, and a
+//!   404 there would make it upload the NAR again.
+//! - PUT is an upload (`nix copy --to`), verified by [`crate::upload`] before it is visible.
+//!   Refused before its body is read when `Content-Length` is over `upload.max_nar_bytes`
+//!   (413) or `upload.max_concurrent` uploads are running (503): a client that gets either
+//!   has sent nothing, so a retry sends the whole body.
+
+use axum::body::Body;
+use axum::extract::{Path, State};
+use axum::http::{header, HeaderMap, StatusCode};
+use axum::response::Response;
+
+use super::object::{self, Kind};
+use super::AppState;
+use crate::cache::nar::NarCacheAnswer;
+use crate::error::{Error, UploadError};
+use crate::nix::NarFileName;
+use crate::store::object_key;
+
+pub(super) async fn get(
+    State(st): State<AppState>,
+    Path(file): Path<String>,
+    headers: HeaderMap,
+) -> Result<Response, Error> {
+    let f: NarFileName = file.parse()?;
+    let res = fetch(&st, &f, &headers).await;
+    // Its narinfo now answers 404 (see crate::cache::missing_nars).
+    if matches!(res, Err(Error::NotFound)) {
+        st.missing_nars.seen_missing(f.as_str()).await;
+    }
+    res
+}
+
+async fn fetch(st: &AppState, f: &NarFileName, headers: &HeaderMap) -> Result<Response, Error> {
+    let key = object_key::nar(f);
+    let reads = st.live().reads.clone();
+    if let Some(cache) = &st.nars {
+        match cache
+            .get(f, &key, object::range_of(headers), &reads)
+            .await?
+        {
+            NarCacheAnswer::Object(obj) => return Ok(object::object_response(obj, Kind::Nar)),
+            NarCacheAnswer::NotFound => return Err(Error::NotFound),
+            NarCacheAnswer::Bypass => {}
+        }
+    }
+    object::get(&*reads, &key, Kind::Nar, headers).await
+}
+
+pub(super) async fn head(
+    State(st): State<AppState>,
+    Path(file): Path<String>,
+) -> Result<Response, Error> {
+    let f: NarFileName = file.parse()?;
+    let reads = st.live().reads.clone();
+    let size = match reads.head(&object_key::nar(&f)).await? {
+        Some(size) => Some(size),
+        None => st.uploader.reencoded_size(&f).await?,
+    };
+    Ok(object::head_response(
+        size.ok_or(Error::NotFound)?,
+        Kind::Nar,
+    ))
+}
+
+pub(super) async fn put(
+    State(st): State<AppState>,
+    Path(file): Path<String>,
+    headers: HeaderMap,
+    body: Body,
+) -> Result<StatusCode, Error> {
+    let name: NarFileName = file.parse()?;
+    let limit = st.uploader.max_nar_bytes();
+    let declared = headers
+        .get(header::CONTENT_LENGTH)
+        .and_then(|v| v.to_str().ok())
+        .and_then(|v| v.parse::<u64>().ok());
+    if declared.is_some_and(|n| n > limit) {
+        return Err(UploadError::TooLarge { limit }.into());
+    }
+    let _slot = st.uploader.admit()?;
+    let d = st
+        .uploader
+        .put_nar(&name, object::body_stream(&st, body))
+        .await?;
+    st.missing_nars.seen_present(name.as_str()).await;
+    tracing::info!(nar = %name, size = d.input.size, nar_size = d.nar.size, "NAR uploaded");
+    Ok(StatusCode::CREATED)
+}

@@ -1,0 +1,140 @@
+//! What the endpoint modules share for objects passed through as they are (NARs, listings,
+//! logs, realisations): the headers of each kind, streamed 200/206 answers, HEAD answers, and
+//! reading request bodies for PUTs.
+//!
+//! Bodies are streamed, never buffered whole. A store failure mid-body surfaces as a stream
+//! error, which makes hyper abort the connection: the client sees a failed transfer, never a
+//! clean short body.
+//!
+//! GET and HEAD of an object both read from the source they are given: the read path (the
+//! store, then the upstreams) at the root, the store alone under `/upload`. A HEAD finds
+//! exactly what a GET of the same address would serve.
+//!
+//! Upload bodies are cut off when they send nothing for `upload.body_idle_timeout_secs`.
+
+use axum::body::Body;
+use axum::http::{header, HeaderMap, HeaderValue, StatusCode};
+use axum::response::{IntoResponse, Response};
+use bytes::Bytes;
+use futures::{Stream, TryStreamExt as _};
+
+use super::AppState;
+use crate::error::Error;
+use crate::store::{ByteRange, Object, Store};
+use crate::upload::digest;
+
+#[derive(Debug, Clone, Copy)]
+pub(super) enum Kind {
+    Nar,
+    Listing,
+    Log,
+    Realisation,
+}
+
+impl Kind {
+    fn content_type(self) -> &'static str {
+        match self {
+            Self::Nar => "application/x-nix-nar",
+            Self::Listing | Self::Realisation => "application/json",
+            Self::Log => "text/plain; charset=utf-8",
+        }
+    }
+
+    fn cache_control(self) -> &'static str {
+        match self {
+            // Content-addressed by FileHash: never changes.
+            Self::Nar => "public, max-age=31536000, immutable",
+            Self::Listing | Self::Log | Self::Realisation => "public, max-age=3600",
+        }
+    }
+}
+
+/// The single byte range a GET asks for, if any (anything else gets the whole object).
+pub(super) fn range_of(headers: &HeaderMap) -> Option<ByteRange> {
+    headers
+        .get(header::RANGE)
+        .and_then(|v| v.to_str().ok())
+        .and_then(ByteRange::parse_header)
+}
+
+fn set_common_headers(res: &mut Response, kind: Kind) {
+    let h = res.headers_mut();
+    h.insert(
+        header::CONTENT_TYPE,
+        HeaderValue::from_static(kind.content_type()),
+    );
+    h.insert(
+        header::CACHE_CONTROL,
+        HeaderValue::from_static(kind.cache_control()),
+    );
+    h.insert(header::ACCEPT_RANGES, HeaderValue::from_static("bytes"));
+}
+
+/// A streamed 200 or 206 for `obj`.
+pub(super) fn object_response(obj: Object, kind: Kind) -> Response {
+    let mut res = Body::from_stream(obj.body).into_response();
+    res.headers_mut()
+        .insert(header::CONTENT_LENGTH, HeaderValue::from(obj.length));
+    if let Some(cr) = obj.range {
+        *res.status_mut() = StatusCode::PARTIAL_CONTENT;
+        if let Ok(v) = HeaderValue::from_str(&format!("bytes {}-{}/{}", cr.start, cr.end, cr.total))
+        {
+            res.headers_mut().insert(header::CONTENT_RANGE, v);
+        }
+    }
+    set_common_headers(&mut res, kind);
+    res
+}
+
+/// An empty 200 with the headers a GET would have.
+pub(super) fn head_response(size: u64, kind: Kind) -> Response {
+    let mut res = ().into_response();
+    res.headers_mut()
+        .insert(header::CONTENT_LENGTH, HeaderValue::from(size));
+    set_common_headers(&mut res, kind);
+    res
+}
+
+/// GET of `key`: streamed from `source` with the headers for `kind`.
+pub(super) async fn get(
+    source: &dyn Store,
+    key: &str,
+    kind: Kind,
+    req_headers: &HeaderMap,
+) -> Result<Response, Error> {
+    let obj = source
+        .get(key, range_of(req_headers))
+        .await?
+        .ok_or(Error::NotFound)?;
+    Ok(object_response(obj, kind))
+}
+
+/// HEAD of `key`: its size from `source`, with the headers a GET would have.
+pub(super) async fn head(source: &dyn Store, key: &str, kind: Kind) -> Result<Response, Error> {
+    let size = source.head(key).await?.ok_or(Error::NotFound)?;
+    Ok(head_response(size, kind))
+}
+
+/// A PUT's body as the stream the uploader takes, ended by an error when idle too long.
+pub(super) fn body_stream(
+    st: &AppState,
+    body: Body,
+) -> impl Stream<Item = std::io::Result<Bytes>> + Send + 'static {
+    digest::with_idle_timeout(
+        body.into_data_stream().map_err(std::io::Error::other),
+        st.config.upload.body_idle_timeout,
+    )
+}
+
+/// A PUT's whole body, refused past `limit` bytes before more is read.
+pub(super) async fn read_body(st: &AppState, body: Body, limit: u64) -> Result<Bytes, Error> {
+    let mut buf = Vec::new();
+    let mut s = std::pin::pin!(body_stream(st, body));
+    while let Some(chunk) = s.try_next().await.map_err(digest::body_error)? {
+        if (buf.len() + chunk.len()) as u64 > limit {
+            return Err(crate::error::UploadError::TooLarge { limit }.into());
+        }
+        buf.extend_from_slice(&chunk);
+    }
+    Ok(Bytes::from(buf))
+}

@@ -1,0 +1,87 @@
+//! Request ids: each request runs in a `request` span with an id, so every log line it causes
+//! (an upload rejected, a store failure, a 5xx) can be found with the others of the same
+//! request, and the id is echoed in `X-Request-Id` for the client to quote.
+//!
+//! A reverse proxy that already tagged the request (nginx `$request_id`, Caddy, a load
+//! balancer) passes its id in `X-Request-Id`, and cellar keeps it so that both logs agree. An id
+//! that is too long or holds other characters than `[A-Za-z0-9._-]` is replaced: it ends up in
+//! log lines, which must not be forged through it.
+
+use std::sync::atomic::{AtomicU64, Ordering};
+use std::time::Instant;
+
+use axum::extract::Request;
+use axum::http::{HeaderName, HeaderValue};
+use axum::middleware::Next;
+use axum::response::Response;
+use tracing::Instrument as _;
+
+pub(super) static X_REQUEST_ID: HeaderName = HeaderName::from_static("x-request-id");
+
+const MAX_LEN: usize = 64;
+
+pub(super) async fn request_span(req: Request, next: Next) -> Response {
+    let id = req
+        .headers()
+        .get(&X_REQUEST_ID)
+        .and_then(|v| v.to_str().ok())
+        .filter(|v| acceptable(v))
+        .map_or_else(generate, str::to_owned);
+    let span = tracing::info_span!(
+        "request",
+        id = %id,
+        method = %req.method(),
+        path = %req.uri().path(),
+    );
+    let started = Instant::now();
+    let mut res = next.run(req).instrument(span.clone()).await;
+    // One line per request at debug level: a busy cache answers thousands of narinfos a
+    // second, which the metrics count; this is for following one client (RUST_LOG=cellar=debug).
+    // In scope, not `parent:`: the JSON format lists the spans of the current context only.
+    let status = res.status().as_u16();
+    span.in_scope(|| {
+        let ms = started.elapsed().as_millis() as u64;
+        tracing::debug!(status, ms, "answered");
+    });
+    if let Ok(v) = HeaderValue::from_str(&id) {
+        res.headers_mut().insert(X_REQUEST_ID.clone(), v);
+    }
+    res
+}
+
+fn acceptable(id: &str) -> bool {
+    !id.is_empty()
+        && id.len() <= MAX_LEN
+        && id
+            .bytes()
+            .all(|b| b.is_ascii_alphanumeric() || matches!(b, b'.' | b'_' | b'-'))
+}
+
+/// 16 random hex digits; if the random source fails, a process-unique counter (ids need to be
+/// unique in the log, not unguessable).
+fn generate() -> String {
+    static NEXT: AtomicU64 = AtomicU64::new(0);
+    let mut b = [0u8; 8];
+    match getrandom::getrandom(&mut b) {
+        Ok(()) => hex::encode(b),
+        Err(_) => format!("n{}", NEXT.fetch_add(1, Ordering::Relaxed)),
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn only_plain_ids_are_kept() {
+        assert!(acceptable("f3a9-01.x_Y"));
+        assert!(!acceptable(""));
+        assert!(!acceptable("a b"));
+        assert!(!acceptable("x\"} forged"));
+        assert!(!acceptable(&"a".repeat(MAX_LEN + 1)));
+        let g = generate();
+        assert_eq!(g.len(), 16);
+        assert!(acceptable(&g));
+        assert_ne!(g, generate());
+    }
+}

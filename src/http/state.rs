@@ -1,0 +1,207 @@
+//! The state every handler shares, in two parts:
+//!
+//! - [`App`]: what is fixed for the life of the process (the store, the uploader and its
+//!   limits, the NAR disk cache, the listen address): changing it needs a restart.
+//! - [`Live`]: what a reload replaces as a whole (tokens, signing keys, upstreams, narinfo
+//!   cache TTLs and Cache-Control ages, nix-cache-info), behind one atomic swap. A request
+//!   takes one snapshot ([`AppState::live`]) and uses it to the end, so a reload never mixes
+//!   old tokens with new keys within a request, and a download in flight finishes with the
+//!   state it started with.
+//!
+//! The narinfo memory cache belongs to [`Live`]: its entries are signed with the keys of their
+//! state, and its TTLs are reloadable, so a reload starts an empty one.
+
+use std::ops::Deref;
+use std::sync::Arc;
+use std::time::Duration;
+
+use arc_swap::ArcSwap;
+use axum::http::HeaderValue;
+use bytes::Bytes;
+use thiserror::Error;
+
+use super::cache_info;
+use crate::auth::Tokens;
+use crate::cache::missing_nars::MissingNars;
+use crate::cache::nar::NarCache;
+use crate::cache::narinfo::NarInfoCache;
+use crate::config::Config;
+use crate::gc::access::AccessLog;
+use crate::mirror::Mirror;
+use crate::nix::SecretKey;
+use crate::store::Store;
+use crate::upload::Uploader;
+use crate::upstream::{Upstreams, WithUpstreams};
+
+/// Everything a request handler needs. Cheap to clone.
+#[derive(Clone)]
+pub struct AppState(Arc<App>);
+
+/// The part of the state fixed at start-up.
+pub struct App {
+    /// The configuration the process started with. Its reloadable sections may be stale:
+    /// read those from [`AppState::live`].
+    pub config: Config,
+    /// The cache's own objects (S3 or the local directory). Writes go here, and so do reads
+    /// that must not be answered by an upstream: upload checks and probes, mirroring, the
+    /// readiness probe.
+    pub store: Arc<dyn Store>,
+    pub uploader: Arc<Uploader>,
+    pub nars: Option<Arc<NarCache>>,
+    /// What was served or uploaded, for garbage collection (see [`crate::gc::access`]).
+    pub access: Arc<AccessLog>,
+    /// NARs seen missing: their narinfos answer 404 (see [`crate::cache::missing_nars`]).
+    pub missing_nars: MissingNars,
+    live: ArcSwap<Live>,
+}
+
+/// The part of the state a reload replaces.
+pub struct Live {
+    /// The configuration this state was built from (the latest successful load).
+    pub config: Config,
+    pub tokens: Tokens,
+    /// Every key signs every narinfo served (several during a rotation).
+    pub signing_keys: Vec<SecretKey>,
+    pub upstreams: Arc<Upstreams>,
+    /// What clients' GET and HEAD read from: [`App::store`], then the upstreams in order
+    /// (the store itself if there are none).
+    pub reads: Arc<dyn Store>,
+    /// Copies paths from upstreams marked `mirror = true` into the store, in the background.
+    pub mirror: Mirror,
+    pub narinfos: NarInfoCache,
+    /// `Cache-Control` of narinfo answers, built once.
+    pub narinfo_cache_control: HeaderValue,
+    pub cache_info: Bytes,
+}
+
+/// Why a new configuration was not applied; the running one stays.
+#[derive(Debug, Error)]
+pub enum ReloadError {
+    #[error("config key `{0}` changed: that needs a restart")]
+    NeedsRestart(&'static str),
+    /// The new state could not be built (an upstream's HTTP client).
+    #[error("{0}")]
+    Build(String),
+}
+
+/// What can stop [`AppState::new`].
+#[derive(Debug, Error)]
+pub enum StartError {
+    #[error("config key `cache.nar_dir`: cannot open the NAR disk cache in {}: {source}", dir.display())]
+    NarCache {
+        dir: std::path::PathBuf,
+        source: std::io::Error,
+    },
+    #[error(transparent)]
+    Live(#[from] ReloadError),
+}
+
+impl Deref for AppState {
+    type Target = App;
+    fn deref(&self) -> &App {
+        &self.0
+    }
+}
+
+impl AppState {
+    /// The state for `config`; opens the NAR disk cache if one is configured.
+    pub fn new(
+        config: Config,
+        store: Arc<dyn Store>,
+        signing_keys: Vec<SecretKey>,
+    ) -> Result<Self, StartError> {
+        let c = &config.cache;
+        let nars = match &c.nar_dir {
+            Some(dir) => Some(
+                NarCache::open(
+                    dir,
+                    c.nar_max_bytes,
+                    (config.store.timeout * 3).max(Duration::from_secs(30)),
+                )
+                .map_err(|source| StartError::NarCache {
+                    dir: dir.clone(),
+                    source,
+                })?,
+            ),
+            None => None,
+        };
+        let access = Arc::new(AccessLog::new(store.clone(), config.gc.access_max_entries));
+        let uploader = Arc::new(
+            Uploader::new(&config.upload, &config.store_dir, store.clone())
+                .with_access(access.clone()),
+        );
+        let missing_nars = MissingNars::new(c.narinfo_ttl);
+        let live = Live::build(config.clone(), signing_keys, &store, &uploader)?;
+        Ok(Self(Arc::new(App {
+            config,
+            store,
+            uploader,
+            nars,
+            access,
+            missing_nars,
+            live: ArcSwap::from_pointee(live),
+        })))
+    }
+
+    /// A snapshot of the reloadable state; use one per request.
+    pub fn live(&self) -> Arc<Live> {
+        self.live.load_full()
+    }
+
+    /// Replaces the reloadable state with one built from `config` and `keys`, unless `config`
+    /// changes something only a restart can (then nothing changes).
+    pub fn reload(&self, config: Config, signing_keys: Vec<SecretKey>) -> Result<(), ReloadError> {
+        if let Some(key) = self.config.needs_restart(&config) {
+            return Err(ReloadError::NeedsRestart(key));
+        }
+        let live = Live::build(config, signing_keys, &self.store, &self.uploader)?;
+        self.live.store(Arc::new(live));
+        Ok(())
+    }
+}
+
+impl Live {
+    fn build(
+        config: Config,
+        signing_keys: Vec<SecretKey>,
+        store: &Arc<dyn Store>,
+        uploader: &Arc<Uploader>,
+    ) -> Result<Self, ReloadError> {
+        let c = &config.cache;
+        let narinfos = NarInfoCache::new(
+            c.narinfo_memory_bytes,
+            c.narinfo_ttl,
+            c.narinfo_negative_ttl,
+        );
+        let upstreams = Arc::new(
+            Upstreams::new(&config.upstreams, &config.store_dir)
+                .map_err(|e| ReloadError::Build(format!("upstream HTTP client: {e}")))?,
+        );
+        let reads: Arc<dyn Store> = if upstreams.is_empty() {
+            store.clone()
+        } else {
+            Arc::new(WithUpstreams {
+                store: store.clone(),
+                upstreams: upstreams.clone(),
+            })
+        };
+        let mirror = Mirror::new(uploader.clone(), reads.clone(), upstreams.clone());
+        // Digits and ASCII only: always a valid header value.
+        let narinfo_cache_control = HeaderValue::from_str(&format!(
+            "public, max-age={}",
+            config.narinfo_max_age.as_secs()
+        ))
+        .unwrap_or(HeaderValue::from_static("public"));
+        Ok(Self {
+            tokens: Tokens::from_config(&config.auth),
+            cache_info: cache_info::render(&config),
+            narinfo_cache_control,
+            narinfos,
+            upstreams,
+            reads,
+            mirror,
+            signing_keys,
+            config,
+        })
+    }
+}

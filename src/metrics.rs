@@ -1,0 +1,263 @@
+//! The server's Prometheus metrics: one registry for the process, rendered by `/metrics` in
+//! the OpenMetrics text format (which Prometheus scrapes as it is).
+//!
+//! The registry is a process-wide static, as with the `metrics` facade or Prometheus' default
+//! registry: the code that sees an event (the narinfo memory cache, the NAR disk cache, one S3
+//! call, one upstream request) records it where it happens, without a handle threaded through
+//! every constructor. A process serves one cache, so one registry is all there is to scrape.
+//!
+//! Every label value is bounded: route families, status classes, cache layers, S3 operation
+//! names, upstream URLs from the config, fixed verdicts. Never a hash, a path or a token name.
+//!
+//! What each series means is listed in `docs/operations.md`.
+
+use std::sync::LazyLock;
+use std::time::Duration;
+
+use prometheus_client::encoding::EncodeLabelSet;
+use prometheus_client::metrics::counter::Counter;
+use prometheus_client::metrics::family::Family;
+use prometheus_client::metrics::gauge::Gauge;
+use prometheus_client::metrics::histogram::{exponential_buckets, Histogram};
+use prometheus_client::registry::Registry;
+
+/// The `Content-Type` of [`render`]'s output.
+pub const CONTENT_TYPE: &str = "application/openmetrics-text; version=1.0.0; charset=utf-8";
+
+#[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
+pub struct HttpLabels {
+    /// The endpoint family (`narinfo`, `nar`, `listing`, …), see [`crate::http`].
+    pub route: &'static str,
+    pub method: &'static str,
+    /// `2xx`, `3xx`, `4xx` or `5xx`.
+    pub status: &'static str,
+}
+
+#[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
+pub struct RouteLabels {
+    pub route: &'static str,
+}
+
+#[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
+pub struct CacheLabels {
+    /// `narinfo_memory` or `nar_disk`.
+    pub layer: &'static str,
+    /// `hit`, `negative_hit` (a remembered miss), `miss` or `bypass` (the layer could not serve
+    /// the request, e.g. a range of a NAR not on disk).
+    pub result: &'static str,
+}
+
+#[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
+pub struct StoreLabels {
+    /// The S3 operation (`GetObject`, `HeadObject`, `PutObject`, …).
+    pub op: &'static str,
+    /// `ok`, `not_found`, `bad_range`, `timeout` or `error`.
+    pub result: &'static str,
+}
+
+#[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
+pub struct OpLabels {
+    pub op: &'static str,
+}
+
+#[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
+pub struct UploadLabels {
+    /// The route family of the PUT (`nar`, `narinfo`, `log`, …).
+    pub kind: &'static str,
+    /// `accepted`, or why not: see [`crate::error::Error::label`].
+    pub verdict: &'static str,
+}
+
+#[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
+pub struct UpstreamLabels {
+    /// The upstream's configured URL (bounded by the config).
+    pub upstream: String,
+    /// `ok`, `not_found` (any 4xx), `timeout`, `error` (connection, TLS) or `server_error`
+    /// (5xx). An upstream backed off after a failure is not asked, and not counted.
+    pub result: &'static str,
+}
+
+#[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
+pub struct BuildLabels {
+    pub version: &'static str,
+    /// `s3` or `local`.
+    pub store: &'static str,
+}
+
+type HistogramFamily<L> = Family<L, Histogram, fn() -> Histogram>;
+
+pub struct Metrics {
+    registry: Registry,
+    pub http_requests: Family<HttpLabels, Counter>,
+    pub http_duration: HistogramFamily<RouteLabels>,
+    pub bytes_sent: Family<RouteLabels, Counter>,
+    pub bytes_received: Family<RouteLabels, Counter>,
+    pub cache: Family<CacheLabels, Counter>,
+    pub store_requests: Family<StoreLabels, Counter>,
+    pub store_duration: HistogramFamily<OpLabels>,
+    pub uploads: Family<UploadLabels, Counter>,
+    pub upstream_requests: Family<UpstreamLabels, Counter>,
+    pub build_info: Family<BuildLabels, Gauge>,
+}
+
+/// 1 ms to ~33 s in powers of two: a hot narinfo takes well under a millisecond, a NAR
+/// streamed to a slow client or an S3 call at its timeout takes seconds.
+fn latency_histogram() -> Histogram {
+    Histogram::new(exponential_buckets(0.001, 2.0, 16))
+}
+
+impl Metrics {
+    fn new() -> Self {
+        let mut r = Registry::with_prefix("cellar");
+        let m = Self {
+            http_requests: Family::default(),
+            http_duration: Family::new_with_constructor(latency_histogram),
+            bytes_sent: Family::default(),
+            bytes_received: Family::default(),
+            cache: Family::default(),
+            store_requests: Family::default(),
+            store_duration: Family::new_with_constructor(latency_histogram),
+            uploads: Family::default(),
+            upstream_requests: Family::default(),
+            build_info: Family::default(),
+            registry: Registry::default(),
+        };
+        r.register(
+            "http_requests",
+            "HTTP requests answered, by route family, method and status class",
+            m.http_requests.clone(),
+        );
+        r.register(
+            "http_request_duration_seconds",
+            "Time to the response headers, by route family",
+            m.http_duration.clone(),
+        );
+        r.register(
+            "http_response_bytes",
+            "Response body bytes sent, by route family",
+            m.bytes_sent.clone(),
+        );
+        r.register(
+            "http_request_bytes",
+            "Request body bytes received (uploads), by route family",
+            m.bytes_received.clone(),
+        );
+        r.register(
+            "cache_lookups",
+            "Lookups in the narinfo memory cache and the NAR disk cache, by result",
+            m.cache.clone(),
+        );
+        r.register(
+            "store_requests",
+            "Requests to the S3 store, by operation and result",
+            m.store_requests.clone(),
+        );
+        r.register(
+            "store_request_duration_seconds",
+            "Time to an S3 response, by operation",
+            m.store_duration.clone(),
+        );
+        r.register(
+            "uploads",
+            "Upload requests (PUT), by kind and verdict",
+            m.uploads.clone(),
+        );
+        r.register(
+            "upstream_requests",
+            "Requests to upstream caches, by upstream and result",
+            m.upstream_requests.clone(),
+        );
+        r.register(
+            "build_info",
+            "Always 1; the labels say which cellar this is",
+            m.build_info.clone(),
+        );
+        Self { registry: r, ..m }
+    }
+}
+
+static METRICS: LazyLock<Metrics> = LazyLock::new(Metrics::new);
+
+/// The process's metrics.
+pub fn get() -> &'static Metrics {
+    &METRICS
+}
+
+/// Records the build info series (once the store kind is known).
+pub fn set_build_info(store: &'static str) {
+    get()
+        .build_info
+        .get_or_create(&BuildLabels {
+            version: env!("CARGO_PKG_VERSION"),
+            store,
+        })
+        .set(1);
+}
+
+/// Counts one lookup in a cache layer.
+pub fn cache_lookup(layer: &'static str, result: &'static str) {
+    get()
+        .cache
+        .get_or_create(&CacheLabels { layer, result })
+        .inc();
+}
+
+/// Counts one S3 call and its latency.
+pub fn store_request(op: &'static str, result: &'static str, took: Duration) {
+    let m = get();
+    m.store_requests
+        .get_or_create(&StoreLabels { op, result })
+        .inc();
+    m.store_duration
+        .get_or_create(&OpLabels { op })
+        .observe(took.as_secs_f64());
+}
+
+/// Counts one request to an upstream cache.
+pub fn upstream_request(upstream: &str, result: &'static str) {
+    get()
+        .upstream_requests
+        .get_or_create(&UpstreamLabels {
+            upstream: upstream.to_owned(),
+            result,
+        })
+        .inc();
+}
+
+/// The current value of a cache counter (for `/status`'s hit ratios).
+pub fn cache_count(layer: &'static str, result: &'static str) -> u64 {
+    get()
+        .cache
+        .get(&CacheLabels { layer, result })
+        .map_or(0, |c| c.get())
+}
+
+/// The whole registry in the OpenMetrics text format.
+pub fn render() -> String {
+    let mut out = String::new();
+    // Writing into a String cannot fail; an encoder error would be a bug in a label type, and
+    // a partial page is still better than none for the scrape that meets it.
+    if let Err(e) = prometheus_client::encoding::text::encode(&mut out, &get().registry) {
+        tracing::error!(cause = %e, "encoding the metrics failed");
+    }
+    out
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn renders_openmetrics_with_the_prefix() {
+        cache_lookup("narinfo_memory", "hit");
+        set_build_info("local");
+        let text = render();
+        assert!(
+            text.contains("# TYPE cellar_cache_lookups counter"),
+            "{text}"
+        );
+        assert!(text.contains(r#"cellar_cache_lookups_total{layer="narinfo_memory",result="hit"}"#));
+        assert!(text.contains(r#"cellar_build_info{version=""#));
+        assert!(text.ends_with("# EOF\n"));
+    }
+}

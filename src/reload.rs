@@ -1,0 +1,58 @@
+//! Reloading on SIGHUP: tokens, signing keys, upstreams and narinfo cache settings change
+//! without a restart (see [`crate::config::Config::needs_restart`] for what does not).
+//!
+//! A reload reads the config file and the `CELLAR_*` environment again, exactly as at start,
+//! and the key files it names. Anything wrong (a syntax error, an invalid value, an
+//! unreadable key file, a change that needs a restart) leaves the running state as it is and
+//! is logged with its reason: a typo in the config must not lock builders out.
+
+use std::path::{Path, PathBuf};
+
+use thiserror::Error;
+
+use crate::config::{Config, ConfigError};
+use crate::http::{AppState, ReloadError};
+use crate::signing_keys::{self, KeyFileError};
+
+#[derive(Debug, Error)]
+pub enum Error {
+    #[error(transparent)]
+    Config(#[from] ConfigError),
+    #[error(transparent)]
+    Keys(#[from] KeyFileError),
+    #[error(transparent)]
+    Apply(#[from] ReloadError),
+}
+
+/// Loads the configuration (`file`, then the environment) and its keys, and applies them.
+pub fn reload(state: &AppState, file: Option<&Path>) -> Result<(), Error> {
+    let config = Config::load(file)?;
+    // Only existing keys: a reload never creates the generated key as a start would.
+    let keys = signing_keys::load_existing(&config.signing)?;
+    state.reload(config, keys)?;
+    Ok(())
+}
+
+/// Reloads on every SIGHUP for as long as the runtime lives. The handler is installed
+/// before this returns, so a SIGHUP sent once the server has announced itself is never the
+/// default action (which would end the process).
+pub fn spawn_on_sighup(state: AppState, file: Option<PathBuf>) -> std::io::Result<()> {
+    use tokio::signal::unix::{signal, SignalKind};
+    let mut hup = signal(SignalKind::hangup())?;
+    tokio::spawn(async move {
+        while hup.recv().await.is_some() {
+            match reload(&state, file.as_deref()) {
+                Ok(()) => tracing::info!(
+                    tokens = state.live().config.auth.tokens.len(),
+                    keys = state.live().signing_keys.len(),
+                    "configuration reloaded"
+                ),
+                Err(e) => tracing::error!(
+                    cause = %e,
+                    "configuration not reloaded; the running configuration stays"
+                ),
+            }
+        }
+    });
+    Ok(())
+}

@@ -1,0 +1,208 @@
+//! What a running server says about itself at `/status` (JSON), and how `cellar status`
+//! shows it to a person: version, store, public keys, cache sizes and hit ratios, upstream
+//! health. The same types serialize on the server and deserialize in the command, so the two
+//! cannot drift apart.
+//!
+//! Hit ratios count since the server started (they come from the same counters as
+//! `/metrics`); for rates over a window, use Prometheus.
+
+use std::fmt;
+
+use serde::{Deserialize, Serialize};
+use thiserror::Error;
+
+#[derive(Debug, Clone, Serialize, Deserialize)]
+pub struct Status {
+    pub version: String,
+    /// The store, as in the start-up log line (never credentials).
+    pub store: String,
+    /// `name:base64` lines, for clients' `trusted-public-keys`.
+    pub public_keys: Vec<String>,
+    pub private: bool,
+    pub narinfo_cache: CacheStatus,
+    /// `None` when `cache.nar_dir` is unset.
+    pub nar_cache: Option<CacheStatus>,
+    pub upstreams: Vec<UpstreamStatus>,
+}
+
+#[derive(Debug, Clone, Serialize, Deserialize)]
+pub struct CacheStatus {
+    pub entries: u64,
+    pub bytes: u64,
+    pub max_bytes: u64,
+    pub hits: u64,
+    /// Misses answered from memory (narinfo cache only).
+    pub negative_hits: u64,
+    pub misses: u64,
+    /// Requests the cache could not serve and passed to the store (NAR cache only).
+    pub bypasses: u64,
+}
+
+impl CacheStatus {
+    /// Share of lookups answered by the cache, if there were any.
+    pub fn hit_ratio(&self) -> Option<f64> {
+        let answered = self.hits + self.negative_hits;
+        let all = answered + self.misses + self.bypasses;
+        (all > 0).then(|| answered as f64 / all as f64)
+    }
+}
+
+#[derive(Debug, Clone, Serialize, Deserialize)]
+pub struct UpstreamStatus {
+    pub url: String,
+    /// False while it is skipped after a failure.
+    pub up: bool,
+}
+
+#[derive(Debug, Error)]
+pub enum StatusError {
+    #[error("{url}: {source}")]
+    Request { url: String, source: reqwest::Error },
+    #[error("{url}: HTTP {status}{hint}")]
+    Status {
+        url: String,
+        status: reqwest::StatusCode,
+        hint: &'static str,
+    },
+    #[error("{url}: not a cellar status answer: {source}")]
+    Decode {
+        url: String,
+        source: serde_json::Error,
+    },
+}
+
+/// Asks the server at `base` (e.g. `http://127.0.0.1:8080`) for its status, with `token` as
+/// Bearer if given (private mode needs a read token).
+pub async fn fetch(base: &str, token: Option<&str>) -> Result<Status, StatusError> {
+    let url = format!("{}/status", base.trim_end_matches('/'));
+    let err = |source| StatusError::Request {
+        url: url.clone(),
+        source,
+    };
+    let client = reqwest::Client::builder()
+        .timeout(std::time::Duration::from_secs(10))
+        .build()
+        .map_err(err)?;
+    let mut req = client.get(&url);
+    if let Some(t) = token {
+        req = req.bearer_auth(t);
+    }
+    let res = req.send().await.map_err(err)?;
+    let status = res.status();
+    if !status.is_success() {
+        let hint = match status.as_u16() {
+            401 | 403 => " (private mode: pass a read token with --token-file)",
+            404 => " (is this a cellar server, at least this version?)",
+            _ => "",
+        };
+        return Err(StatusError::Status { url, status, hint });
+    }
+    let body = res.bytes().await.map_err(err)?;
+    serde_json::from_slice(&body).map_err(|source| StatusError::Decode { url, source })
+}
+
+/// Bytes for people: `512 B`, `3.4 MiB`.
+fn size(n: u64) -> String {
+    const UNITS: [&str; 5] = ["B", "KiB", "MiB", "GiB", "TiB"];
+    let mut v = n as f64;
+    let mut u = 0;
+    while v >= 1024.0 && u + 1 < UNITS.len() {
+        v /= 1024.0;
+        u += 1;
+    }
+    if u == 0 {
+        format!("{n} B")
+    } else {
+        format!("{v:.1} {}", UNITS[u])
+    }
+}
+
+fn write_cache(f: &mut fmt::Formatter<'_>, what: &str, c: &CacheStatus) -> fmt::Result {
+    write!(
+        f,
+        "{what}: {} entries, {} of {}",
+        c.entries,
+        size(c.bytes),
+        size(c.max_bytes)
+    )?;
+    match c.hit_ratio() {
+        Some(r) => write!(f, "; {:.1}% hits", r * 100.0)?,
+        None => write!(f, "; no lookups yet")?,
+    }
+    write!(f, " ({} hits", c.hits)?;
+    if c.negative_hits > 0 {
+        write!(f, ", {} remembered misses", c.negative_hits)?;
+    }
+    write!(f, ", {} misses", c.misses)?;
+    if c.bypasses > 0 {
+        write!(f, ", {} passed to the store", c.bypasses)?;
+    }
+    writeln!(f, ")")
+}
+
+impl fmt::Display for Status {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        writeln!(f, "cellar {}", self.version)?;
+        writeln!(f, "store: {}", self.store)?;
+        if self.private {
+            writeln!(f, "private: reads need a token")?;
+        }
+        for k in &self.public_keys {
+            writeln!(f, "trusted-public-keys = {k}")?;
+        }
+        write_cache(f, "narinfo memory cache", &self.narinfo_cache)?;
+        match &self.nar_cache {
+            Some(c) => write_cache(f, "NAR disk cache", c)?,
+            None => writeln!(f, "NAR disk cache: off (cache.nar_dir is unset)")?,
+        }
+        if self.upstreams.is_empty() {
+            writeln!(f, "upstreams: none")?;
+        }
+        for u in &self.upstreams {
+            let state = if u.up {
+                "up"
+            } else {
+                "down (skipped after a failure)"
+            };
+            writeln!(f, "upstream {}: {state}", u.url)?;
+        }
+        Ok(())
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn ratios_and_sizes_for_people() {
+        let c = CacheStatus {
+            entries: 3,
+            bytes: 3 << 20,
+            max_bytes: 64 << 20,
+            hits: 6,
+            negative_hits: 2,
+            misses: 2,
+            bypasses: 0,
+        };
+        assert_eq!(c.hit_ratio(), Some(0.8));
+        assert_eq!(size(512), "512 B");
+        assert_eq!(size(3 << 20), "3.0 MiB");
+        let s = Status {
+            version: "0.1.0".into(),
+            store: "local directory ./x".into(),
+            public_keys: vec!["k-1:abc=".into()],
+            private: false,
+            narinfo_cache: c,
+            nar_cache: None,
+            upstreams: vec![UpstreamStatus {
+                url: "https://up.example".into(),
+                up: false,
+            }],
+        };
+        let text = s.to_string();
+        assert!(text.contains("80.0% hits"), "{text}");
+        assert!(text.contains("trusted-public-keys = k-1:abc="));
+        assert!(text.contains("upstream https://up.example: down"));
+    }
+}

@@ -1,0 +1,276 @@
+//! The pipeline over in-memory bodies: hashes, codecs, truncation and limits.
+
+use super::*;
+
+const LIMITS: Limits = Limits {
+    max_nar_bytes: 1 << 30,
+    xz_memory_limit_bytes: 128 << 20,
+};
+
+fn nar(payload: &[u8]) -> Vec<u8> {
+    let mut v = NAR_MAGIC.to_vec();
+    v.extend_from_slice(&[0, 0, 0]);
+    v.extend_from_slice(payload);
+    v
+}
+
+fn chunks(data: Vec<u8>) -> impl Stream<Item = io::Result<Bytes>> + Send + 'static {
+    let parts: Vec<io::Result<Bytes>> = data
+        .chunks(1000)
+        .map(|c| Ok(Bytes::copy_from_slice(c)))
+        .collect();
+    futures::stream::iter(parts)
+}
+
+#[tokio::test]
+async fn hashes_compressed_and_plain() {
+    let plain = nar(&vec![7u8; 100_000]);
+    let xz = {
+        let mut e = liblzma::write::XzEncoder::new(Vec::new(), 6);
+        e.write_all(&plain).unwrap();
+        e.finish().unwrap()
+    };
+    let zst = zstd::encode_all(&plain[..], 3).unwrap();
+    let bz = {
+        let mut e = bzip2::write::BzEncoder::new(Vec::new(), bzip2::Compression::default());
+        e.write_all(&plain).unwrap();
+        e.finish().unwrap()
+    };
+    for (c, data) in [
+        (Compression::None, plain.clone()),
+        (Compression::Xz, xz),
+        (Compression::Zstd, zst),
+        (Compression::Bzip2, bz),
+    ] {
+        let d = digest_into(chunks(data.clone()), c, None, None, LIMITS)
+            .await
+            .unwrap();
+        assert_eq!(d.nar.hash, Sha256::digest(&plain), "{c}");
+        assert_eq!(d.nar.size, plain.len() as u64);
+        assert_eq!(d.input.hash, Sha256::digest(&data));
+        assert_eq!(d.input.size, data.len() as u64);
+    }
+}
+
+#[tokio::test]
+async fn rejects_non_nars_and_truncated_streams() {
+    let e = digest_into(
+        chunks(b"hello world, not a nar".to_vec()),
+        Compression::None,
+        None,
+        None,
+        LIMITS,
+    )
+    .await
+    .unwrap_err();
+    assert!(
+        matches!(e, Error::Upload(UploadError::Rejected(_))),
+        "{e:?}"
+    );
+    let plain = nar(&[1u8; 5000]);
+    let mut xz = {
+        let mut e = liblzma::write::XzEncoder::new(Vec::new(), 6);
+        e.write_all(&plain).unwrap();
+        e.finish().unwrap()
+    };
+    xz.truncate(xz.len() / 2);
+    let e = digest_into(chunks(xz), Compression::Xz, None, None, LIMITS)
+        .await
+        .unwrap_err();
+    assert!(
+        matches!(e, Error::Upload(UploadError::Rejected(_))),
+        "{e:?}"
+    );
+    let e = digest_into(chunks(plain), Compression::Brotli, None, None, LIMITS)
+        .await
+        .unwrap_err();
+    assert!(
+        matches!(e, Error::Upload(UploadError::Rejected(_))),
+        "{e:?}"
+    );
+}
+
+/// `Compression::can_decode`/`can_encode` promise exactly the codecs built here.
+#[test]
+fn capabilities_match_the_codecs() {
+    for c in Compression::ALL {
+        let sink = NarSink {
+            hash: Hashing::new(),
+            head: Vec::new(),
+            encoder: None,
+            max_bytes: u64::MAX,
+        };
+        assert_eq!(Decoder::new(c, sink, LIMITS).is_ok(), c.can_decode(), "{c}");
+        let (tx, _rx) = mpsc::channel(1);
+        let out = OutSink {
+            tx,
+            hash: Hashing::new(),
+            buf: Vec::new(),
+        };
+        assert_eq!(Encoder::new(c, None, out).is_ok(), c.can_encode(), "{c}");
+    }
+}
+
+#[tokio::test]
+async fn body_errors_are_reported_as_such() {
+    let s = futures::stream::iter(vec![
+        Ok(Bytes::from(nar(b"x"))),
+        Err(io::Error::other("client went away")),
+    ]);
+    let e = digest_into(s, Compression::None, None, None, LIMITS)
+        .await
+        .unwrap_err();
+    assert!(matches!(e, Error::Upload(UploadError::Body(_))), "{e:?}");
+}
+
+#[tokio::test]
+async fn recompresses_into_the_writer() {
+    use crate::store::Store as _;
+    let store = crate::store::memory::MemoryStore::new();
+    let plain = nar(&vec![3u8; 300_000]);
+    let xz = {
+        let mut e = liblzma::write::XzEncoder::new(Vec::new(), 6);
+        e.write_all(&plain).unwrap();
+        e.finish().unwrap()
+    };
+    let mut w = store.writer("out").await.unwrap();
+    let d = digest_into(
+        chunks(xz.clone()),
+        Compression::Xz,
+        Some((Compression::Zstd, Some(3))),
+        Some(&mut w),
+        LIMITS,
+    )
+    .await
+    .unwrap();
+    w.commit().await.unwrap();
+    let stored = store.get_bytes("out", u64::MAX).await.unwrap().unwrap();
+    assert_eq!(d.output.hash, Sha256::digest(&stored));
+    assert_eq!(d.output.size, stored.len() as u64);
+    assert_eq!(zstd::decode_all(&stored[..]).unwrap(), plain);
+    assert_eq!(d.input.hash, Sha256::digest(&xz));
+}
+
+fn zstd_of(data: &[u8]) -> Vec<u8> {
+    zstd::encode_all(data, 3).unwrap()
+}
+
+fn xz_of(data: &[u8], level: u32) -> Vec<u8> {
+    let mut e = liblzma::write::XzEncoder::new(Vec::new(), level);
+    e.write_all(data).unwrap();
+    e.finish().unwrap()
+}
+
+fn rejected_with(e: &Error, needle: &str) -> bool {
+    matches!(e, Error::Upload(UploadError::Rejected(m)) if m.contains(needle))
+}
+
+/// A zstd frame cut anywhere, even after a whole block, is refused: its end is missing.
+#[tokio::test]
+async fn truncated_zstd_is_refused() {
+    let plain = nar(&(0..200_000u32).map(|i| (i % 251) as u8).collect::<Vec<_>>());
+    let zst = zstd_of(&plain);
+    assert!(
+        digest_into(chunks(zst.clone()), Compression::Zstd, None, None, LIMITS)
+            .await
+            .is_ok()
+    );
+    for cut in [zst.len() - 1, zst.len() - 4, zst.len() / 2] {
+        let e = digest_into(
+            chunks(zst[..cut].to_vec()),
+            Compression::Zstd,
+            None,
+            None,
+            LIMITS,
+        )
+        .await
+        .unwrap_err();
+        assert!(rejected_with(&e, "incomplete frame"), "cut at {cut}: {e:?}");
+    }
+}
+
+#[tokio::test]
+async fn xz_needing_more_memory_than_the_limit_is_refused() {
+    // xz -6 has an 8 MiB dictionary: about 9 MiB to decompress.
+    let xz = xz_of(&nar(&[5u8; 10_000]), 6);
+    let tight = Limits {
+        xz_memory_limit_bytes: 4 << 20,
+        ..LIMITS
+    };
+    let e = digest_into(chunks(xz.clone()), Compression::Xz, None, None, tight)
+        .await
+        .unwrap_err();
+    assert!(rejected_with(&e, "upload.xz_memory_limit_bytes"), "{e:?}");
+    assert!(digest_into(chunks(xz), Compression::Xz, None, None, LIMITS)
+        .await
+        .is_ok());
+}
+
+/// The default limit is enough for the largest preset (`xz -9`, a 64 MiB dictionary).
+#[tokio::test]
+async fn the_default_xz_limit_admits_xz_9() {
+    let defaults = Limits::from_config(&crate::config::Config::default().upload);
+    let xz = xz_of(&nar(&[9u8; 10_000]), 9);
+    assert!(
+        digest_into(chunks(xz), Compression::Xz, None, None, defaults)
+            .await
+            .is_ok()
+    );
+}
+
+#[tokio::test]
+async fn nars_over_max_nar_bytes_are_too_large() {
+    let small = Limits {
+        max_nar_bytes: 100_000,
+        ..LIMITS
+    };
+    let too_large =
+        |e: &Error| matches!(e, Error::Upload(UploadError::TooLarge { limit: 100_000 }));
+    // As sent.
+    let e = digest_into(
+        chunks(nar(&[1u8; 150_000])),
+        Compression::None,
+        None,
+        None,
+        small,
+    )
+    .await
+    .unwrap_err();
+    assert!(too_large(&e), "{e:?}");
+    // Small as sent, large decompressed.
+    let bomb = zstd_of(&nar(&vec![0u8; 5_000_000]));
+    assert!(bomb.len() < 100_000);
+    let e = digest_into(chunks(bomb), Compression::Zstd, None, None, small)
+        .await
+        .unwrap_err();
+    assert!(too_large(&e), "{e:?}");
+    // At the limit is fine.
+    let exact = nar(&vec![2u8; 100_000 - NAR_MAGIC.len() - 3]);
+    assert!(
+        digest_into(chunks(exact), Compression::None, None, None, small)
+            .await
+            .is_ok()
+    );
+}
+
+/// A body that stops sending ends with `IdleTimeout`, not a wait for ever. Paused time: the
+/// runtime jumps to the deadline as soon as nothing else can run.
+#[tokio::test(start_paused = true)]
+async fn an_idle_body_times_out() {
+    let first = futures::stream::iter([Ok(Bytes::from(nar(b"x")))]);
+    let stalled = first.chain(futures::stream::pending());
+    let mut s = std::pin::pin!(with_idle_timeout(
+        stalled,
+        std::time::Duration::from_secs(30)
+    ));
+    assert!(s.next().await.unwrap().is_ok());
+    let e = s.next().await.unwrap().unwrap_err();
+    assert!(
+        matches!(body_error(e), UploadError::IdleTimeout(30)),
+        "wrong error"
+    );
+    assert!(
+        s.next().await.is_none(),
+        "the stream ends after the timeout"
+    );
+}

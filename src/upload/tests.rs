@@ -1,0 +1,224 @@
+//! The uploader over the in-memory store: copying a path in (mirroring, import) is verified
+//! like an upload.
+
+use std::sync::atomic::{AtomicUsize, Ordering};
+
+use super::*;
+use crate::config::Config;
+use crate::nix::Sha256;
+use crate::store::memory::MemoryStore;
+
+const PATH: &str = "6bxnj2gfflqa529lddzh3zhcn45nn86r-top";
+
+/// Not a real NAR past its header, which is all the pipeline checks.
+fn nar() -> Bytes {
+    let mut v = b"\x0d\x00\x00\x00\x00\x00\x00\x00nix-archive-1\x00\x00\x00".to_vec();
+    v.extend_from_slice(&[7u8; 1000]);
+    Bytes::from(v)
+}
+
+/// A narinfo for [`nar`], stored uncompressed.
+fn narinfo_for(nar: &[u8], nar_size: usize) -> NarInfo {
+    let h = Sha256::digest(nar);
+    let text = format!(
+        "StorePath: /nix/store/{PATH}\nURL: nar/{}.nar\nCompression: none\n\
+         NarHash: {h}\nNarSize: {nar_size}\nReferences: \n",
+        h.to_nix32()
+    );
+    NarInfo::parse(&text, "/nix/store").unwrap()
+}
+
+fn uploader() -> (Arc<MemoryStore>, Uploader) {
+    let mem = Arc::new(MemoryStore::new());
+    let store: Arc<dyn Store> = mem.clone();
+    let cfg = Config::default();
+    (mem, Uploader::new(&cfg.upload, &cfg.store_dir, store))
+}
+
+fn body(b: Bytes) -> impl Stream<Item = std::io::Result<Bytes>> + Send + 'static {
+    futures::stream::iter([Ok(b)])
+}
+
+#[tokio::test]
+async fn copy_path_writes_the_nar_then_the_narinfo_and_fetches_only_a_missing_nar() {
+    let (mem, up) = uploader();
+    let nar = nar();
+    let info = narinfo_for(&nar, nar.len());
+    let fetched = AtomicUsize::new(0);
+    let fetch = |_| async {
+        fetched.fetch_add(1, Ordering::Relaxed);
+        Ok(body(nar.clone()))
+    };
+    let acc = up.copy_path(info.clone(), fetch, None).await.unwrap();
+    assert_eq!(acc.hash, info.hash());
+    let key = object_key::nar(&info.nar_file().unwrap());
+    assert!(mem.head(&key).await.unwrap().is_some());
+    assert!(mem
+        .head(&object_key::narinfo(info.hash()))
+        .await
+        .unwrap()
+        .is_some());
+    // Again: the NAR is there, so it is not fetched.
+    let fetch = |_| async {
+        fetched.fetch_add(1, Ordering::Relaxed);
+        Ok(body(nar.clone()))
+    };
+    up.copy_path(info, fetch, None).await.unwrap();
+    assert_eq!(fetched.load(Ordering::Relaxed), 1);
+}
+
+#[tokio::test]
+async fn copy_path_refuses_a_narinfo_that_does_not_match_its_nar() {
+    let (mem, up) = uploader();
+    let nar = nar();
+    let lying = narinfo_for(&nar, nar.len() + 1);
+    let e = up
+        .copy_path(lying.clone(), |_| async { Ok(body(nar.clone())) }, None)
+        .await
+        .unwrap_err();
+    assert!(
+        matches!(&e, Error::Upload(UploadError::Rejected(m)) if m.contains("NarSize")),
+        "{e:?}"
+    );
+    assert!(mem
+        .head(&object_key::narinfo(lying.hash()))
+        .await
+        .unwrap()
+        .is_none());
+}
+
+#[tokio::test]
+async fn store_failures_are_store_errors() {
+    let (mem, up) = uploader();
+    let nar = nar();
+    mem.set_down(true);
+    let e = up
+        .copy_path(
+            narinfo_for(&nar, nar.len()),
+            |_| async { Ok(body(nar.clone())) },
+            None,
+        )
+        .await
+        .unwrap_err();
+    assert!(
+        matches!(e, Error::Store(StoreError::Unavailable(_))),
+        "{e:?}"
+    );
+}
+
+#[tokio::test]
+async fn put_narinfo_checks_the_name_it_was_uploaded_as() {
+    let (_, up) = uploader();
+    let nar = nar();
+    let info = narinfo_for(&nar, nar.len());
+    up.put_nar(&info.nar_file().unwrap(), body(nar.clone()))
+        .await
+        .unwrap();
+    let other: StorePathHash = "a6qsrmi2wws6820p89gki93wb6rjvknc".parse().unwrap();
+    let text = info.render("/nix/store");
+    let e = up
+        .put_narinfo(other, text.as_bytes(), None)
+        .await
+        .unwrap_err();
+    assert!(
+        matches!(&e, Error::Upload(UploadError::Rejected(m)) if m.contains("does not match the name")),
+        "{e:?}"
+    );
+    up.put_narinfo(info.hash(), text.as_bytes(), None)
+        .await
+        .unwrap();
+}
+
+/// Once published, a path keeps its contents: the same NarHash again changes nothing (200),
+/// another is a conflict that names both.
+#[tokio::test]
+async fn published_paths_are_immutable() {
+    let (mem, up) = uploader();
+    let nar = nar();
+    let info = narinfo_for(&nar, nar.len());
+    up.copy_path(info.clone(), |_| async { Ok(body(nar.clone())) }, None)
+        .await
+        .unwrap();
+    let key = object_key::narinfo(info.hash());
+    let stored = mem.get_bytes(&key, u64::MAX).await.unwrap().unwrap();
+
+    let again = up
+        .put_narinfo(info.hash(), info.render("/nix/store").as_bytes(), None)
+        .await
+        .unwrap();
+    assert!(again.already_present);
+
+    // Another NAR for the same store path, uploaded and complete in itself.
+    let mut other = nar.to_vec();
+    other.push(8);
+    let other = Bytes::from(other);
+    let other_info = narinfo_for(&other, other.len());
+    up.put_nar(&other_info.nar_file().unwrap(), body(other.clone()))
+        .await
+        .unwrap();
+    let e = up
+        .put_narinfo(
+            info.hash(),
+            other_info.render("/nix/store").as_bytes(),
+            None,
+        )
+        .await
+        .unwrap_err();
+    let Error::Upload(UploadError::Conflict {
+        stored: s,
+        uploaded: u,
+        ..
+    }) = &e
+    else {
+        panic!("{e:?}");
+    };
+    assert_eq!(s, &info.nar_hash.to_string());
+    assert_eq!(u, &other_info.nar_hash.to_string());
+    assert_eq!(e.status(), axum::http::StatusCode::CONFLICT);
+    assert_eq!(
+        mem.get_bytes(&key, u64::MAX).await.unwrap().unwrap(),
+        stored,
+        "the published narinfo is untouched"
+    );
+}
+
+/// Nix's fingerprint lists each reference once; cellar would sign a different one.
+#[tokio::test]
+async fn duplicate_references_are_refused() {
+    let (mem, up) = uploader();
+    let nar = nar();
+    let text = narinfo_for(&nar, nar.len())
+        .render("/nix/store")
+        .replace("References: ", &format!("References: {PATH} {PATH}"));
+    let info = NarInfo::parse(&text, "/nix/store").unwrap();
+    let e = up
+        .copy_path(info.clone(), |_| async { Ok(body(nar.clone())) }, None)
+        .await
+        .unwrap_err();
+    assert!(
+        matches!(&e, Error::Upload(UploadError::Rejected(m)) if m.contains("listed twice")),
+        "{e:?}"
+    );
+    assert!(mem
+        .head(&object_key::narinfo(info.hash()))
+        .await
+        .unwrap()
+        .is_none());
+}
+
+#[tokio::test]
+async fn uploads_beyond_max_concurrent_are_busy() {
+    let mut cfg = Config::default();
+    cfg.upload.max_concurrent = 2;
+    let store: Arc<dyn Store> = Arc::new(MemoryStore::new());
+    let up = Uploader::new(&cfg.upload, &cfg.store_dir, store);
+    let a = up.admit().unwrap();
+    let _b = up.admit().unwrap();
+    let e = up.admit().unwrap_err();
+    assert!(
+        matches!(e, Error::Upload(UploadError::Busy { .. })),
+        "{e:?}"
+    );
+    drop(a);
+    assert!(up.admit().is_ok(), "a finished upload frees its slot");
+}

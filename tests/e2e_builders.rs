@@ -1,0 +1,256 @@
+//! Builders as the README sets them up, with the real nix client against Garage: one Nix user
+//! that uploads to `/upload` and substitutes from the root URL; probes of `/upload` that
+//! never reach an upstream; tokens reloaded on SIGHUP.
+
+#![allow(clippy::unwrap_used, clippy::expect_used)]
+
+mod common;
+
+use std::io::{Read as _, Write as _};
+use std::path::Path;
+use std::sync::atomic::{AtomicUsize, Ordering};
+use std::sync::Arc;
+
+use common::*;
+
+/// `nix copy --to URL PATHS` with the netrc `netrc`, as the Nix user whose lookup cache is
+/// `xdg`.
+fn copy_to(url: &str, netrc: &Path, xdg: &Path, paths: &[&str]) -> std::process::Output {
+    let mut c = nix("nix", xdg);
+    c.args(["copy", "--to", url, "--option", "netrc-file"])
+        .arg(netrc)
+        .args(paths);
+    run(c)
+}
+
+/// `nix copy --from URL --store STORE PATH` trusting only `key`, as the same Nix user.
+fn copy_from(url: &str, key: &str, xdg: &Path, store: &Path, path: &str) -> std::process::Output {
+    let mut c = nix("nix", xdg);
+    c.args(["copy", "--from", url, "--store"]).arg(store).args([
+        "--trusted-public-keys",
+        key,
+        path,
+    ]);
+    run(c)
+}
+
+fn stderr(o: &std::process::Output) -> String {
+    String::from_utf8_lossy(&o.stderr).into_owned()
+}
+
+/// The README's builder setup, with recompression to zstd: one Nix user (one
+/// `~/.cache/nix`) uploads to `/upload` and then substitutes from the root URL. Uploading to
+/// the root URL instead, the same steps fail (the control that shows this test can fail).
+#[tokio::test(flavor = "multi_thread")]
+async fn one_nix_user_uploads_to_upload_then_substitutes_from_the_root() {
+    let f = fixture();
+    let (w, wcfg) = token("ci", "write");
+    let config = format!("[upload]\ncompression = \"zstd\"\n{wcfg}");
+    let work = tempfile::tempdir().unwrap();
+
+    let app = App::s3("one-user").config(&config).spawn().await;
+    let srv = &app.srv;
+    let netrc = netrc(work.path(), srv, &w);
+    let xdg = work.path().join("xdg-builder");
+    let up = copy_to(&format!("{}/upload", srv.url), &netrc, &xdg, &[&f.top]);
+    assert!(up.status.success(), "upload: {}", stderr(&up));
+    let down = copy_from(
+        &srv.url,
+        &srv.public_key,
+        &xdg,
+        &work.path().join("store"),
+        &f.top,
+    );
+    assert!(down.status.success(), "substitute: {}", stderr(&down));
+    assert!(work
+        .path()
+        .join("store")
+        .join(f.top.trim_start_matches('/'))
+        .exists());
+
+    // Control: the same user uploading to the root URL reads back its own unsigned narinfo.
+    let app = App::s3("one-user-root").config(&config).spawn().await;
+    let srv = &app.srv;
+    let xdg = work.path().join("xdg-root-builder");
+    let up = copy_to(&srv.url, &netrc, &xdg, &[&f.top]);
+    assert!(up.status.success(), "upload to the root: {}", stderr(&up));
+    let down = copy_from(
+        &srv.url,
+        &srv.public_key,
+        &xdg,
+        &work.path().join("store-root"),
+        &f.top,
+    );
+    assert!(!down.status.success(), "the hazard did not reproduce");
+    assert!(
+        stderr(&down).contains("lacks a valid signature"),
+        "{}",
+        stderr(&down)
+    );
+}
+
+/// A binary cache over HTTP that counts every request: an upstream that may never be asked.
+struct CountingUpstream {
+    url: String,
+    requests: Arc<AtomicUsize>,
+}
+
+async fn counting_upstream(dir: &Path) -> CountingUpstream {
+    use axum::extract::{Path as UrlPath, State};
+    use axum::http::StatusCode;
+    let requests = Arc::new(AtomicUsize::new(0));
+    let dir = dir.to_owned();
+    let counter = requests.clone();
+    let serve = |State((dir, n)): State<(std::path::PathBuf, Arc<AtomicUsize>)>,
+                 UrlPath(file): UrlPath<String>| async move {
+        n.fetch_add(1, Ordering::SeqCst);
+        match std::fs::read(dir.join(file)) {
+            Ok(b) => (StatusCode::OK, b),
+            Err(_) => (StatusCode::NOT_FOUND, Vec::new()),
+        }
+    };
+    let app = axum::Router::new()
+        .route("/{*file}", axum::routing::get(serve))
+        .with_state((dir, counter));
+    let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+    let url = format!("http://{}", listener.local_addr().unwrap());
+    tokio::spawn(async move { axum::serve(listener, app).await });
+    CountingUpstream { url, requests }
+}
+
+/// `nix copy --to …/upload` of a 501-path closure, with an upstream that has half of it:
+/// not one request reaches the upstream, and every path is uploaded (the upstream's half
+/// included, since the store lacks it).
+#[tokio::test(flavor = "multi_thread")]
+async fn upload_probes_never_reach_the_upstream() {
+    let work = tempfile::tempdir().unwrap();
+    let xdg = work.path().join("xdg");
+    let expr = Path::new(env!("CARGO_MANIFEST_DIR")).join("tests/fixtures/closure.nix");
+    let mut b = nix("nix-build", &xdg);
+    b.arg(&expr).args(["-A", "many", "--no-out-link"]);
+    let many = run_ok(b).trim().to_owned();
+    let mut q = nix("nix-store", &xdg);
+    q.args(["-qR", &many]);
+    let closure: Vec<String> = run_ok(q).lines().map(str::to_owned).collect();
+    assert_eq!(closure.len(), 501);
+
+    // The upstream: half of the small paths, signed by its own key.
+    let key = work.path().join("up.sec");
+    let mut k = nix("nix", &xdg);
+    k.args(["key", "generate-secret", "--key-name", "upstream-1"]);
+    std::fs::write(&key, run_ok(k)).unwrap();
+    let mut p = nix("nix", &xdg);
+    p.args(["key", "convert-secret-to-public"])
+        .stdin(std::fs::File::open(&key).unwrap());
+    let up_pub = run_ok(p).trim().to_owned();
+    let half: Vec<&str> = closure
+        .iter()
+        .filter(|p| p.contains("-small-"))
+        .take(250)
+        .map(String::as_str)
+        .collect();
+    let mut s = nix("nix", &xdg);
+    s.args(["store", "sign", "--key-file"])
+        .arg(&key)
+        .args(&half);
+    run_ok(s);
+    let up_dir = work.path().join("upstream");
+    let mut c = nix("nix", &xdg);
+    c.args(["copy", "--to", &format!("file://{}", up_dir.display())])
+        .args(&half);
+    run_ok(c);
+    let upstream = counting_upstream(&up_dir).await;
+    // The upstream answers: a sanity check that the count below could be non-zero.
+    let probe = format!("{}/{}.narinfo", upstream.url, Fixture::hash(half[0]));
+    assert_eq!(reqwest::get(&probe).await.unwrap().status(), 200);
+    let before = upstream.requests.load(Ordering::SeqCst);
+
+    let (w, wcfg) = token("ci", "write");
+    let config = format!(
+        "{wcfg}[[upstreams]]\nurl = \"{}\"\npublic_keys = [\"{up_pub}\"]\n",
+        upstream.url
+    );
+    let app = App::s3("probes").config(&config).spawn().await;
+    let srv = &app.srv;
+    let netrc = netrc(work.path(), srv, &w);
+    let out = copy_to(&format!("{}/upload", srv.url), &netrc, &xdg, &[&many]);
+    assert!(out.status.success(), "{}", stderr(&out));
+    assert_eq!(
+        upstream.requests.load(Ordering::SeqCst),
+        before,
+        "an upload reached the upstream"
+    );
+    assert_eq!(srv.log_count("narinfo uploaded"), 501);
+    for p in &closure {
+        let key = format!("{}{}.narinfo", app.prefix, Fixture::hash(p));
+        assert!(s3_exists(&app.s3, &key).await, "{p} was not uploaded");
+    }
+}
+
+/// SIGHUP: a token added to the config file works without a restart, a broken config keeps
+/// the running one, and a download in flight finishes across a reload.
+#[tokio::test(flavor = "multi_thread")]
+async fn sighup_reloads_tokens_and_keeps_the_old_ones_on_a_broken_config() {
+    let (a, acfg) = token("a", "write");
+    let (b, bcfg) = token("b", "write");
+    // A large object to be downloading while the reload happens.
+    let name = "1111111111111111111111111111111111111111111111111111.nar";
+    let big: Vec<u8> = (0..(48u32 << 20)).map(|i| (i % 253) as u8).collect();
+    let app = App::s3("reload")
+        .config(&acfg)
+        .seed(format!("nar/{name}"), big.clone())
+        .spawn()
+        .await;
+    let srv = &app.srv;
+    let client = reqwest::Client::new();
+    let probe = |tok: String| {
+        let c = client.clone();
+        let url = format!("{}/upload/nix-cache-info", srv.url);
+        async move { c.get(url).bearer_auth(tok).send().await.unwrap().status() }
+    };
+    assert_eq!(probe(a.clone()).await, 200);
+    assert_eq!(probe(b.clone()).await, 403);
+
+    // A download that has started (headers and a first byte read) when the reload happens.
+    let mut dl = std::net::TcpStream::connect(srv.addr).unwrap();
+    write!(
+        dl,
+        "GET /nar/{name} HTTP/1.1\r\nHost: x\r\nConnection: close\r\n\r\n"
+    )
+    .unwrap();
+    let mut first = [0u8; 1];
+    dl.read_exact(&mut first).unwrap();
+
+    std::fs::write(srv.config_path(), format!("{acfg}{bcfg}")).unwrap();
+    srv.sighup();
+    srv.wait_for_log("configuration reloaded", 1);
+    assert_eq!(probe(b.clone()).await, 200, "the new token is accepted");
+    assert_eq!(probe(a.clone()).await, 200);
+
+    let mut rest = Vec::new();
+    dl.read_to_end(&mut rest).unwrap();
+    let text_end = rest.windows(4).position(|w| w == b"\r\n\r\n").unwrap() + 4;
+    assert!(
+        rest.starts_with(b"TTP/1.1 200"),
+        "response after the reload"
+    );
+    assert_eq!(&rest[text_end..], &big[..], "the download finished whole");
+
+    // A broken config (unknown key) is refused; both tokens keep working.
+    std::fs::write(srv.config_path(), format!("{bcfg}\nbogus_key = 1\n")).unwrap();
+    srv.sighup();
+    srv.wait_for_log("configuration not reloaded", 1);
+    assert!(srv.log().contains("bogus_key"), "the log says why");
+    assert_eq!(probe(a.clone()).await, 200, "the old tokens stay");
+    assert_eq!(probe(b).await, 200);
+
+    // A change that needs a restart is refused too.
+    std::fs::write(
+        srv.config_path(),
+        format!("{acfg}[upload]\nmax_concurrent = 3\n"),
+    )
+    .unwrap();
+    srv.sighup();
+    srv.wait_for_log("configuration not reloaded", 2);
+    assert!(srv.log().contains("`upload` changed"), "{}", srv.log());
+}

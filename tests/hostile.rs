@@ -1,0 +1,96 @@
+//! Clients that hold connections: headers sent slowly or never finished, and more connections
+//! than the server will serve at once.
+#![allow(clippy::unwrap_used, clippy::expect_used)] // a failed unwrap is a failed test
+
+mod common;
+
+use std::time::Duration;
+
+use tokio::io::{AsyncReadExt as _, AsyncWriteExt as _};
+use tokio::net::TcpStream;
+
+use common::*;
+
+/// Opens a connection that starts a request and never finishes its headers.
+async fn slow_client(addr: std::net::SocketAddr) -> TcpStream {
+    let mut s = TcpStream::connect(addr).await.unwrap();
+    s.write_all(b"GET /healthz HTTP/1.1\r\nHost: cellar\r\nX-Slow: ")
+        .await
+        .unwrap();
+    s
+}
+
+/// Waits until the server closes `s` (EOF or reset); the test's own guard ends a hang.
+async fn closed_by_server(mut s: TcpStream) {
+    let mut buf = [0u8; 256];
+    loop {
+        match s.read(&mut buf).await {
+            Ok(0) | Err(_) => return,
+            Ok(_) => {} // e.g. a 408 before the close
+        }
+    }
+}
+
+fn healthz_client() -> reqwest::Client {
+    reqwest::Client::builder()
+        // A guard against a hung server, never an assertion about timing.
+        .timeout(Duration::from_secs(60))
+        .build()
+        .unwrap()
+}
+
+#[tokio::test(flavor = "multi_thread")]
+async fn slow_headers_are_cut_and_do_not_starve_others() {
+    let srv = Server::start(vec![("CELLAR_HEADER_READ_TIMEOUT_SECS".into(), "2".into())]);
+    let mut slow = Vec::new();
+    for _ in 0..300 {
+        slow.push(slow_client(srv.addr).await);
+    }
+    // Normal clients are served while the slow ones hang on.
+    let c = healthz_client();
+    let r = c.get(format!("{}/healthz", srv.url)).send().await.unwrap();
+    assert_eq!(r.status(), 200);
+    // And every slow connection is closed by the server (without a header-read timeout they
+    // would be held open forever and this would not return).
+    let guard = tokio::time::timeout(Duration::from_secs(120), async {
+        for s in slow {
+            closed_by_server(s).await;
+        }
+    });
+    assert!(guard.await.is_ok(), "slow connections were not closed");
+}
+
+#[tokio::test(flavor = "multi_thread")]
+async fn connections_beyond_the_cap_wait_for_a_free_one() {
+    let srv = Server::start(vec![
+        ("CELLAR_HEADER_READ_TIMEOUT_SECS".into(), "3".into()),
+        ("CELLAR_MAX_CONNECTIONS".into(), "4".into()),
+    ]);
+    let mut slow = Vec::new();
+    for _ in 0..4 {
+        slow.push(slow_client(srv.addr).await);
+    }
+    // The fifth connection is accepted only once a slow one has been cut, so when its answer
+    // arrives at least one slow connection must already be closed.
+    let r = healthz_client()
+        .get(format!("{}/healthz", srv.url))
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(r.status(), 200);
+    let mut closed = 0;
+    for s in &mut slow {
+        let mut buf = [0u8; 256];
+        // A closed connection reads EOF (or an error) at once; an open one would block, so
+        // peek without waiting.
+        match tokio::time::timeout(Duration::from_millis(1), s.read(&mut buf)).await {
+            Ok(Ok(0) | Err(_)) => closed += 1,
+            Ok(Ok(_)) => closed += 1, // the server's 408 and close
+            Err(_) => {}
+        }
+    }
+    assert!(
+        closed >= 1,
+        "the fifth connection was served while 4 were held"
+    );
+}

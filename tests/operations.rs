@@ -1,0 +1,187 @@
+//! Running cellar as an operator does: systemd's readiness and watchdog notifications, who may
+//! read `/metrics` and `/status`, `metrics_listen`, `cellar status`, and JSON logs with request
+//! ids. Local stores: none of this depends on the store.
+
+#![allow(clippy::unwrap_used, clippy::expect_used)]
+
+mod common;
+
+use std::os::unix::net::UnixDatagram;
+use std::process::Command;
+use std::time::Duration;
+
+use common::*;
+
+fn recv(sock: &UnixDatagram) -> String {
+    let mut buf = [0u8; 4096];
+    let n = sock.recv(&mut buf).expect("no notification from cellar");
+    String::from_utf8_lossy(&buf[..n]).into_owned()
+}
+
+#[test]
+fn notifies_systemd_ready_watchdog_and_stopping() {
+    let dir = tempfile::tempdir().unwrap();
+    let path = dir.path().join("notify.sock");
+    let sock = UnixDatagram::bind(&path).unwrap();
+    // A bound on each wait, not a delay: recv returns as soon as a datagram arrives.
+    sock.set_read_timeout(Some(Duration::from_secs(30)))
+        .unwrap();
+    let srv = Server::start(vec![
+        ("NOTIFY_SOCKET".into(), path.to_str().unwrap().into()),
+        // 200 ms: pinged every 100 ms.
+        ("WATCHDOG_USEC".into(), "200000".into()),
+    ]);
+    let ready = recv(&sock);
+    assert!(ready.contains("READY=1\n"), "{ready}");
+    assert!(
+        ready.contains(&format!("STATUS=serving on {}", srv.addr)),
+        "{ready}"
+    );
+    assert_eq!(recv(&sock), "WATCHDOG=1\n");
+    assert_eq!(recv(&sock), "WATCHDOG=1\n");
+    let killed = Command::new("kill")
+        .args(["-TERM", &srv.pid().to_string()])
+        .status()
+        .unwrap();
+    assert!(killed.success());
+    // Watchdog pings may still be queued before it.
+    let stopping = (0..50).map(|_| recv(&sock)).find(|m| m != "WATCHDOG=1\n");
+    assert_eq!(stopping.as_deref(), Some("STOPPING=1\n"));
+}
+
+#[tokio::test(flavor = "multi_thread")]
+async fn private_mode_guards_metrics_and_status_and_cellar_status_reports() {
+    let (r, rcfg) = token("reader", "read");
+    let srv = tokio::task::spawn_blocking(move || {
+        Server::start_with_config(&format!("[auth]\nprivate = true\n{rcfg}"), vec![])
+    })
+    .await
+    .unwrap();
+    let client = reqwest::Client::new();
+    for path in ["metrics", "status"] {
+        let url = format!("{}/{path}", srv.url);
+        assert_eq!(client.get(&url).send().await.unwrap().status(), 401);
+        let res = client.get(&url).bearer_auth(&r).send().await.unwrap();
+        assert_eq!(res.status(), 200, "{path}");
+    }
+
+    // `cellar status` without the token says why; with it, reports for a person.
+    let out = Command::new(CELLAR)
+        .args(["status", "--url", &srv.url])
+        .output()
+        .unwrap();
+    assert!(!out.status.success());
+    assert!(String::from_utf8_lossy(&out.stderr).contains("HTTP 401"));
+    let work = tempfile::tempdir().unwrap();
+    let token_file = work.path().join("token");
+    std::fs::write(&token_file, format!("{r}\n")).unwrap();
+    // A miss, then the same miss remembered: one hit in two lookups.
+    for _ in 0..2 {
+        let url = format!("{}/{}.narinfo", srv.url, "a".repeat(32));
+        let res = client.get(url).bearer_auth(&r).send().await.unwrap();
+        assert_eq!(res.status(), 404);
+    }
+    let out = Command::new(CELLAR)
+        .args(["status", "--url", &srv.url, "--token-file"])
+        .arg(&token_file)
+        .output()
+        .unwrap();
+    let text = String::from_utf8_lossy(&out.stdout);
+    assert!(out.status.success(), "{text}");
+    assert!(text.contains(&format!("cellar {}", env!("CARGO_PKG_VERSION"))));
+    assert!(text.contains("store: file://"), "{text}");
+    assert!(
+        text.contains(&format!("trusted-public-keys = {}", srv.public_key)),
+        "{text}"
+    );
+    assert!(text.contains("private: reads need a token"), "{text}");
+    assert!(
+        text.contains("narinfo memory cache: 1 entries") && text.contains("50.0% hits"),
+        "{text}"
+    );
+    assert!(text.contains("NAR disk cache: off"), "{text}");
+}
+
+#[tokio::test(flavor = "multi_thread")]
+async fn metrics_listen_serves_metrics_alone_and_unauthenticated() {
+    let (_r, rcfg) = token("reader", "read");
+    let srv = tokio::task::spawn_blocking(move || {
+        Server::start_with_config(
+            &format!("metrics_listen = \"127.0.0.1:0\"\n[auth]\nprivate = true\n{rcfg}"),
+            vec![],
+        )
+    })
+    .await
+    .unwrap();
+    // The log says where (the port was the kernel's choice); it is written before the server
+    // announces its own address, so it is there now.
+    let log = srv.log();
+    let addr = log
+        .lines()
+        .find(|l| l.contains("metrics served"))
+        .and_then(|l| l.split("listen=").nth(1))
+        .and_then(|rest| rest.split_whitespace().next())
+        .unwrap_or_else(|| panic!("no metrics address in:\n{log}"))
+        .to_owned();
+    let text = reqwest::get(format!("http://{addr}/metrics"))
+        .await
+        .unwrap()
+        .text()
+        .await
+        .unwrap();
+    assert!(text.contains("cellar_build_info"), "{text}");
+    // Only /metrics there; and not on the main listener at all.
+    let other = reqwest::get(format!("http://{addr}/nix-cache-info"))
+        .await
+        .unwrap();
+    assert_eq!(other.status(), 404);
+    let main = reqwest::get(format!("{}/metrics", srv.url)).await.unwrap();
+    assert_eq!(main.status(), 401, "private: anything there needs a token");
+}
+
+#[tokio::test(flavor = "multi_thread")]
+async fn json_logs_carry_the_request_id_on_every_line_of_a_request() {
+    let (w, wcfg) = token("builder", "write");
+    let srv = tokio::task::spawn_blocking(move || {
+        Server::start_with_config(&wcfg, vec![("CELLAR_LOG__FORMAT".into(), "json".into())])
+    })
+    .await
+    .unwrap();
+    let res = reqwest::Client::new()
+        .put(format!("{}/{}.narinfo", srv.url, "0".repeat(32)))
+        .basic_auth("builder", Some(&w))
+        .header("X-Request-Id", "json-req-7")
+        .body("not a narinfo")
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(res.status(), 400);
+    assert_eq!(res.headers()["x-request-id"], "json-req-7");
+    let log = srv.log();
+    let mut of_request = 0;
+    for line in log.lines().filter(|l| l.starts_with('{')) {
+        let v: serde_json::Value =
+            serde_json::from_str(line).unwrap_or_else(|e| panic!("{e}: {line}"));
+        let spans = v["spans"].as_array().cloned().unwrap_or_default();
+        if spans.iter().any(|s| s["id"] == "json-req-7") {
+            of_request += 1;
+            if v["message"] == "upload rejected" {
+                assert!(spans.iter().any(|s| s["token"] == "builder"), "{line}");
+            }
+        }
+    }
+    // The rejection (info) and the per-request line (debug, on in the tests' RUST_LOG).
+    assert!(of_request >= 2, "{log}");
+    assert!(log.contains("upload rejected"));
+    assert!(!log.contains(&w));
+}
+
+#[test]
+fn log_format_flag_is_checked() {
+    let out = Command::new(CELLAR)
+        .args(["--log-format", "yaml", "keygen", "x-1"])
+        .output()
+        .unwrap();
+    assert!(!out.status.success());
+    assert!(String::from_utf8_lossy(&out.stderr).contains("expected `text` or `json`"));
+}
