@@ -4,6 +4,11 @@
 //! with the real nix client.
 #![allow(dead_code)]
 
+mod upload;
+
+#[allow(unused_imports)] // not every test binary uses the upload helpers
+pub use upload::*;
+
 use std::io::{BufRead as _, BufReader};
 use std::net::SocketAddr;
 use std::path::{Path, PathBuf};
@@ -640,54 +645,4 @@ fn build_fixture() -> Fixture {
         top_drv,
         root,
     }
-}
-
-// ---------------------------------------------------------------------------------------------
-// Tokens
-
-/// A fresh token and the `[[auth.tokens]]` config entry accepting it with `scope`.
-pub fn token(name: &str, scope: &str) -> (String, String) {
-    let token = cellar::auth::generate().unwrap();
-    let entry = format!(
-        "[[auth.tokens]]\nname = \"{name}\"\nhash = \"{}\"\nscopes = [\"{scope}\"]\n",
-        cellar::auth::hash(&token)
-    );
-    (token, entry)
-}
-
-/// A netrc file for `server` with `token` as password.
-pub fn netrc(dir: &Path, server: &Server, token: &str) -> PathBuf {
-    let p = dir.join(format!("netrc-{}", &token[token.len() - 6..]));
-    std::fs::write(
-        &p,
-        format!("machine 127.0.0.1 login builder password {token}\n"),
-    )
-    .unwrap();
-    let _ = server;
-    p
-}
-
-/// Runs `cmd`, asserts success, returns its stderr (where nix reports progress).
-pub fn run_ok_stderr(mut cmd: Command) -> String {
-    let out = cmd.output().unwrap();
-    let err = String::from_utf8_lossy(&out.stderr).into_owned();
-    assert!(out.status.success(), "{cmd:?} failed:\n{err}");
-    err
-}
-
-/// `nix copy --from url` into a fresh store under `work`, then `nix store verify` there, both
-/// trusting only `key`.
-pub fn substitute_and_verify(url: &str, key: &str, top: &str, work: &Path) {
-    let store = work.join("store-copy");
-    let mut c = nix("nix", &work.join("xdg-copy"));
-    c.args(["copy", "--from", url, "--store"])
-        .arg(&store)
-        .args(["--trusted-public-keys", key, top]);
-    run_ok(c);
-    let mut v = nix("nix", &work.join("xdg-verify"));
-    v.args(["store", "verify", "-r", "--store"])
-        .arg(&store)
-        .args(["--trusted-public-keys", key, top]);
-    run_ok(v);
-    assert!(store.join(top.trim_start_matches('/')).exists());
 }

@@ -1,0 +1,360 @@
+//! What an upload must pass, on a real cellar over Garage: narinfo checks (name, FileHash,
+//! FileSize, duplicate references, `upload.trusted_keys`), immutability (409), listings and
+//! realisations, the bounds (413 before the body, 408 for an idle body, 503 that the real nix
+//! client retries, truncated zstd), and `cellar import` of a `file://` cache.
+
+#![allow(clippy::unwrap_used, clippy::expect_used)]
+
+mod common;
+
+use std::io::{Read as _, Write as _};
+use std::path::Path;
+
+use common::*;
+
+fn path_of<'a>(f: &'a Fixture, suffix: &str) -> &'a str {
+    f.closure.iter().find(|p| p.ends_with(suffix)).unwrap()
+}
+
+fn replace_line(narinfo: &str, field: &str, value: &str) -> String {
+    narinfo
+        .lines()
+        .map(|l| {
+            if l.starts_with(&format!("{field}: ")) {
+                format!("{field}: {value}")
+            } else {
+                l.to_owned()
+            }
+        })
+        .collect::<Vec<_>>()
+        .join("\n")
+        + "\n"
+}
+
+#[tokio::test(flavor = "multi_thread")]
+async fn narinfo_checks_and_immutability() {
+    let f = fixture();
+    let (w, wcfg) = token("builder", "write");
+    let app = App::s3("up-checks").config(&wcfg).spawn().await;
+    let u = format!("{}/upload", app.srv.url);
+    let c = reqwest::Client::new();
+    let (leaf_p, mid_p) = (path_of(f, "-leaf"), path_of(f, "-mid"));
+    let leaf = fixture_upload(&f.xz_dir, leaf_p);
+    let mid = fixture_upload(&f.xz_dir, mid_p);
+    let (s, m) = put(
+        &c,
+        format!("{u}/nar/{}", leaf.nar_name),
+        &w,
+        leaf.nar.clone(),
+    )
+    .await;
+    assert_eq!(s, 201, "{m}");
+    let at = |p: &str| format!("{u}/{}.narinfo", Fixture::hash(p));
+
+    // Uploaded under another path's hash.
+    let (s, m) = put(&c, at(mid_p), &w, leaf.narinfo.clone().into()).await;
+    assert_eq!(s, 400, "{m}");
+    assert!(m.contains("does not match the name"), "{m}");
+    // FileHash and FileSize must be those of the NAR that was uploaded.
+    let other_file = mid.nar_name.trim_end_matches(".nar.xz");
+    let bad = replace_line(&leaf.narinfo, "FileHash", &format!("sha256:{other_file}"));
+    let (s, m) = put(&c, at(leaf_p), &w, bad.into()).await;
+    assert_eq!(s, 400, "{m}");
+    assert!(m.contains("FileHash"), "{m}");
+    let bad = replace_line(&leaf.narinfo, "FileSize", "1");
+    let (s, m) = put(&c, at(leaf_p), &w, bad.into()).await;
+    assert_eq!(s, 400, "{m}");
+    assert!(m.contains("FileSize"), "{m}");
+    // Duplicate references.
+    let name = Fixture::basename(leaf_p);
+    let bad = replace_line(&leaf.narinfo, "References", &format!("{name} {name}"));
+    let (s, m) = put(&c, at(leaf_p), &w, bad.into()).await;
+    assert_eq!(s, 400, "{m}");
+    assert!(m.contains("listed twice"), "{m}");
+    assert_eq!(
+        status(format!("{}/{}.narinfo", app.srv.url, Fixture::hash(leaf_p))).await,
+        404
+    );
+
+    // Published; the same narinfo again is a success that changes nothing.
+    let (s, m) = put(&c, at(leaf_p), &w, leaf.narinfo.clone().into()).await;
+    assert_eq!(s, 201, "{m}");
+    let (s, m) = put(&c, at(leaf_p), &w, leaf.narinfo.clone().into()).await;
+    assert_eq!(s, 200, "{m}");
+    // Other contents for the published path: 409 naming both hashes.
+    let nar_hash = |n: &str| {
+        n.lines()
+            .find_map(|l| l.strip_prefix("NarHash: "))
+            .unwrap()
+            .to_owned()
+    };
+    let other = replace_line(&leaf.narinfo, "NarHash", &nar_hash(&mid.narinfo));
+    let (s, m) = put(&c, at(leaf_p), &w, other.into()).await;
+    assert_eq!(s, 409, "{m}");
+    assert!(
+        m.contains(&nar_hash(&leaf.narinfo)) && m.contains(&nar_hash(&mid.narinfo)),
+        "{m}"
+    );
+}
+
+#[tokio::test(flavor = "multi_thread")]
+async fn trusted_keys_listings_and_realisations() {
+    let f = fixture();
+    let work = tempfile::tempdir().unwrap();
+    let xdg = work.path().join("xdg");
+    let sec = work.path().join("builder.sec");
+    let mut k = nix("nix", &xdg);
+    k.args(["key", "generate-secret", "--key-name", "builder-1"]);
+    std::fs::write(&sec, run_ok(k)).unwrap();
+    let mut p = nix("nix", &xdg);
+    p.args(["key", "convert-secret-to-public"])
+        .stdin(std::fs::File::open(&sec).unwrap());
+    let public = run_ok(p).trim().to_owned();
+    let (w, wcfg) = token("builder", "write");
+    let config = format!("[upload]\ntrusted_keys = [\"{public}\"]\n{wcfg}");
+    let app = App::s3("up-trusted").config(&config).spawn().await;
+    let srv = &app.srv;
+    let n = netrc(work.path(), srv, &w);
+    let leaf = path_of(f, "-leaf");
+    let copy = |query: &str, tag: &str| {
+        let mut c = nix("nix", &work.path().join(format!("xdg-{tag}")));
+        c.args(["copy", "--option", "download-attempts", "1", "--to"])
+            .arg(format!("{}/upload{query}", srv.url))
+            .args(["--option", "netrc-file"])
+            .arg(&n)
+            .arg(leaf);
+        run(c)
+    };
+    // Unsigned: refused, with the reason in the server's answer.
+    let out = copy("", "unsigned");
+    assert!(!out.status.success(), "an unsigned upload was accepted");
+    let up = fixture_upload(&f.xz_dir, leaf);
+    let c = reqwest::Client::new();
+    let at = format!("{}/upload/{}.narinfo", srv.url, Fixture::hash(leaf));
+    let (s, m) = put(&c, at, &w, up.narinfo.clone().into()).await;
+    assert_eq!(s, 400, "{m}");
+    assert!(m.contains("upload.trusted_keys"), "{m}");
+    // Signed while uploading, with a listing: accepted.
+    let query = format!("?secret-key={}&write-nar-listing=true", sec.display());
+    let out = copy(&query, "signed");
+    assert!(
+        out.status.success(),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    let ls = reqwest::get(format!("{}/{}.ls", srv.url, Fixture::hash(leaf)))
+        .await
+        .unwrap();
+    assert_eq!(ls.status(), 200);
+    assert!(ls.text().await.unwrap().contains("\"version\""));
+
+    // A realisation, under both names Nix uses, read back from the root.
+    let doi = format!("sha256:{}!out", "1".repeat(52));
+    let body = br#"{"id":"x","outPath":"y","signatures":[],"dependentRealisations":{}}"#;
+    for key in [
+        format!("realisations/{doi}.doi"),
+        format!("build-trace/{}/out", Fixture::basename(&f.top_drv)),
+    ] {
+        let (s, m) = put(&c, format!("{}/upload/{key}", srv.url), &w, body.to_vec()).await;
+        assert_eq!(s, 201, "{key}: {m}");
+        let got = reqwest::get(format!("{}/{key}", srv.url)).await.unwrap();
+        assert_eq!(got.status(), 200, "{key}");
+        assert_eq!(got.bytes().await.unwrap().as_ref(), body);
+    }
+}
+
+/// Raw HTTP/1.1 on one connection, for what reqwest hides: `Expect: 100-continue`, a body
+/// that stops half-way.
+fn raw_put(srv: &Server, path: &str, token: &str, extra: &str, body: &[u8]) -> std::net::TcpStream {
+    use base64::Engine as _;
+    let auth = base64::engine::general_purpose::STANDARD.encode(format!("b:{token}"));
+    let mut s = std::net::TcpStream::connect(srv.addr).unwrap();
+    write!(
+        s,
+        "PUT {path} HTTP/1.1\r\nHost: x\r\nAuthorization: Basic {auth}\r\n{extra}\r\n"
+    )
+    .unwrap();
+    s.write_all(body).unwrap();
+    s.flush().unwrap();
+    s
+}
+
+fn status_line(s: &mut std::net::TcpStream) -> String {
+    let mut buf = [0u8; 512];
+    let n = s.read(&mut buf).unwrap();
+    String::from_utf8_lossy(&buf[..n]).into_owned()
+}
+
+#[tokio::test(flavor = "multi_thread")]
+async fn bounds_413_408_and_a_503_that_nix_retries() {
+    let f = fixture();
+    let (w, wcfg) = token("builder", "write");
+    let config = format!(
+        "[upload]\nmax_nar_bytes = 8388608\nmax_concurrent = 1\nbody_idle_timeout_secs = 2\n{wcfg}"
+    );
+    let app = App::s3("up-bounds").config(&config).spawn().await;
+    let srv = &app.srv;
+    let name = "2222222222222222222222222222222222222222222222222222.nar";
+    let nar = b"\x0d\x00\x00\x00\x00\x00\x00\x00nix-archive-1\x00\x00\x00".to_vec();
+
+    // 413 from Content-Length alone: the body is never asked for.
+    let mut s = raw_put(
+        srv,
+        &format!("/upload/nar/{name}"),
+        &w,
+        "Content-Length: 9000000\r\nExpect: 100-continue\r\n",
+        b"",
+    );
+    let r = status_line(&mut s);
+    assert!(r.starts_with("HTTP/1.1 413"), "{r}");
+
+    // A body that stops: 408 after the idle timeout, and its slot is free again.
+    let mut s = raw_put(
+        srv,
+        &format!("/upload/nar/{name}"),
+        &w,
+        "Content-Length: 1000\r\n",
+        &nar,
+    );
+    let r = status_line(&mut s);
+    assert!(r.starts_with("HTTP/1.1 408"), "{r}");
+
+    // One upload holds the only slot; nix's upload is refused (503) until it ends, and
+    // then nix's retry goes through.
+    let mut holder = raw_put(
+        srv,
+        &format!("/upload/nar/{name}"),
+        &w,
+        "Content-Length: 1000\r\n",
+        &nar,
+    );
+    // The holder has its slot once another PUT is refused.
+    let busy = "upload.max_concurrent uploads in progress";
+    let mut probe = raw_put(
+        srv,
+        &format!("/upload/nar/{name}"),
+        &w,
+        "Content-Length: 1000\r\nExpect: 100-continue\r\n",
+        b"",
+    );
+    let r = status_line(&mut probe);
+    assert!(
+        r.starts_with("HTTP/1.1 503") && r.contains("retry-after: 1"),
+        "{r}"
+    );
+    let work = tempfile::tempdir().unwrap();
+    let netrc = netrc(work.path(), srv, &w);
+    let leaf = path_of(f, "-leaf");
+    let mut c = nix("nix", &work.path().join("xdg"));
+    c.args([
+        "copy",
+        "--to",
+        &format!("{}/upload", srv.url),
+        "--option",
+        "netrc-file",
+    ])
+    .arg(&netrc)
+    .arg(leaf)
+    .stderr(std::process::Stdio::piped());
+    let child = c.spawn().unwrap();
+    srv.wait_for_log(busy, 2); // nix was refused too
+    holder.write_all(&vec![0u8; 1000 - nar.len()]).unwrap();
+    let _ = status_line(&mut holder);
+    let out = child.wait_with_output().unwrap();
+    assert!(
+        out.status.success(),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    assert_eq!(
+        status(format!("{}/{}.narinfo", srv.url, Fixture::hash(leaf))).await,
+        200
+    );
+
+    // A truncated zstd NAR: 400, nothing visible.
+    let zst = zstd::encode_all(&[nar.clone(), vec![1u8; 100_000]].concat()[..], 3).unwrap();
+    let cut = zst[..zst.len() - 3].to_vec();
+    let file = format!("{}.nar.zst", "3".repeat(52));
+    let (s, m) = put(
+        &reqwest::Client::new(),
+        format!("{}/upload/nar/{file}", srv.url),
+        &w,
+        cut,
+    )
+    .await;
+    assert_eq!(s, 400, "{m}");
+    assert!(m.contains("incomplete frame"), "{m}");
+    assert_eq!(status(format!("{}/nar/{file}", srv.url)).await, 404);
+}
+
+#[tokio::test(flavor = "multi_thread")]
+async fn import_a_file_cache_twice_then_substitute() {
+    let f = fixture();
+    let app = App::s3("import");
+    let env = app.direct_store_env();
+    let import = |dir: &Path| {
+        let mut c = std::process::Command::new(CELLAR);
+        c.arg("import").arg(dir).envs(env.iter().cloned());
+        c.output().unwrap()
+    };
+    let first = import(&f.xz_dir);
+    let out1 = String::from_utf8_lossy(&first.stdout);
+    assert!(
+        first.status.success(),
+        "{out1}\n{}",
+        String::from_utf8_lossy(&first.stderr)
+    );
+    assert!(
+        out1.contains(&format!("imported {}, skipped 0", f.closure.len())),
+        "{out1}"
+    );
+    let second = import(&f.xz_dir);
+    let out2 = String::from_utf8_lossy(&second.stdout);
+    assert!(second.status.success(), "{out2}");
+    assert!(
+        out2.contains(&format!("imported 0, skipped {}", f.closure.len())),
+        "{out2}"
+    );
+
+    let app = app.spawn().await;
+    let srv = &app.srv;
+    let work = tempfile::tempdir().unwrap();
+    substitute_and_verify(
+        &srv.url,
+        &srv.public_key,
+        &f.top,
+        &work.path().join("imported"),
+    );
+    // The build log came along.
+    let mut l = nix("nix", &work.path().join("xdg-log"));
+    l.args(["log", "--store", &srv.url, &f.top]);
+    assert!(run_ok(l).contains("building top"));
+
+    // A directory with a corrupt NAR: that path and what depends on it are rejected, with
+    // reasons, and the command fails.
+    let bad = work.path().join("bad-cache");
+    let mut cp = std::process::Command::new("cp");
+    cp.arg("-r").arg(&f.zstd_dir).arg(&bad);
+    run_ok(cp);
+    let leaf = f.closure.iter().find(|p| p.ends_with("-leaf")).unwrap();
+    let up = fixture_upload(&bad, leaf);
+    let nar_path = bad.join("nar").join(&up.nar_name);
+    let mut bytes = std::fs::read(&nar_path).unwrap();
+    let n = bytes.len();
+    bytes[n / 2] ^= 0x55;
+    std::fs::write(&nar_path, bytes).unwrap();
+    let env2 = App::s3("import-bad").direct_store_env();
+    let mut c = std::process::Command::new(CELLAR);
+    c.arg("import").arg(&bad).envs(env2);
+    let out = c.output().unwrap();
+    let text = String::from_utf8_lossy(&out.stdout);
+    assert!(!out.status.success(), "{text}");
+    assert!(
+        text.contains("rejected") && text.contains("-leaf"),
+        "{text}"
+    );
+    assert!(
+        text.contains("-mid") && text.contains("reference"),
+        "{text}"
+    );
+}
