@@ -298,10 +298,10 @@ fn serve(path: Option<&Path>, log_format: Option<LogFormat>) -> anyhow::Result<(
         }
         spawn_staging_cleanup(store.clone(), cfg.upload.staging_max_age);
         let state = AppState::new(cfg, store, loaded.keys)?;
-        cellar::reload::spawn_on_sighup(state.clone(), path.map(Path::to_owned))
-            .context("installing the SIGHUP handler")?;
         let access = state.access.clone();
         let flusher = access.spawn_flusher(state.config.gc.access_flush_interval);
+        cellar::reload::spawn_on_sighup(state.clone(), path.map(Path::to_owned))
+            .context("installing the SIGHUP handler")?;
         announce(addr);
         cellar::systemd::ready(&format!("serving on {addr}"));
         cellar::systemd::spawn_watchdog();

@@ -31,6 +31,7 @@ use super::inventory::Meta;
 use super::RESERVED_PREFIX;
 use crate::nix::{NarInfo, StorePathHash};
 use crate::store::{Store, StoreError};
+use crate::sync::lock;
 
 /// Where access records live, under [`RESERVED_PREFIX`].
 pub const DIR: &str = "access/";
@@ -139,7 +140,7 @@ impl AccessLog {
 
     /// A narinfo was served.
     pub fn record_path(&self, e: StorePathHash) {
-        let mut set = self.pending.lock().unwrap_or_else(|p| p.into_inner());
+        let mut set = lock(&self.pending);
         if set.len() < self.max_entries || set.contains(&e) {
             set.insert(e);
         }
@@ -166,10 +167,9 @@ impl AccessLog {
     /// Writes what was recorded since the last write (nothing if nothing was).
     pub async fn flush(&self) -> Result<(), StoreError> {
         let _w = self.writing.lock().await;
-        let taken: Vec<StorePathHash> =
-            std::mem::take(&mut *self.pending.lock().unwrap_or_else(|p| p.into_inner()))
-                .into_iter()
-                .collect();
+        let taken: Vec<StorePathHash> = std::mem::take(&mut *lock(&self.pending))
+            .into_iter()
+            .collect();
         if taken.is_empty() {
             return Ok(());
         }
@@ -180,7 +180,7 @@ impl AccessLog {
             Ok(()) => Ok(()),
             Err(e) => {
                 // Kept for the next attempt, as far as there is room.
-                let mut set = self.pending.lock().unwrap_or_else(|p| p.into_inner());
+                let mut set = lock(&self.pending);
                 for t in taken {
                     if set.len() >= self.max_entries {
                         break;

@@ -21,7 +21,7 @@ use super::inventory::Inventory;
 use super::report::Progress;
 use super::{access, pins, sweep};
 use crate::nix::StorePathHash;
-use crate::store::{object_key, Store, StoreError};
+use crate::store::{object_key as keys, Store, StoreError};
 
 /// One inconsistency, with the key of the object it is about.
 #[derive(Debug, Clone, PartialEq, Eq)]
@@ -147,7 +147,7 @@ pub async fn run(
     report.narinfos_checked = graph.len();
     let mut unservable = vec![false; graph.len()];
     for (i, n) in graph.nodes.iter().enumerate() {
-        let key = object_key::narinfo(n.hash);
+        let key = keys::narinfo(n.hash);
         let own = own_findings(n, &key, &inv, &all);
         unservable[i] = !own.is_empty();
         report.findings.extend(own);
@@ -180,7 +180,7 @@ pub async fn run(
     for (h, m) in &inv.listings {
         if !all.contains(h) && m.modified <= grace {
             report.findings.push(Finding::OrphanListing {
-                key: object_key::listing(*h),
+                key: keys::listing(*h),
             });
         }
     }
@@ -287,7 +287,7 @@ fn propagate(graph: &Graph, unservable: &mut [bool], findings: &mut Vec<Finding>
         for &by in &referrers[bad as usize] {
             if !std::mem::replace(&mut unservable[by as usize], true) {
                 findings.push(Finding::UnservableReference {
-                    key: object_key::narinfo(graph.nodes[by as usize].hash),
+                    key: keys::narinfo(graph.nodes[by as usize].hash),
                     reference: graph.nodes[bad as usize].name.to_string(),
                 });
                 stack.push(by);
@@ -318,7 +318,7 @@ async fn repair(
 ) {
     let mut delete: Vec<String> = sweep::referrers_first(graph, unservable)
         .into_iter()
-        .map(|i| object_key::narinfo(graph.nodes[i as usize].hash))
+        .map(|i| keys::narinfo(graph.nodes[i as usize].hash))
         .collect();
     let grace = opts
         .now
@@ -351,7 +351,7 @@ async fn repair(
         inv.listings
             .iter()
             .filter(|(h, m)| !kept_paths.contains(h) && m.modified <= grace)
-            .map(|(h, _)| object_key::listing(*h)),
+            .map(|(h, _)| keys::listing(*h)),
     );
     delete.extend(findings.iter().filter_map(|f| match f {
         Finding::BadReserved { key, .. } => Some(key.clone()),

@@ -30,7 +30,7 @@ pub(super) async fn get(
     headers: HeaderMap,
 ) -> Result<Response, Error> {
     let f: NarFileName = file.parse()?;
-    let res = get_nar(&st, &f, &headers).await;
+    let res = fetch(&st, &f, &headers).await;
     // Its narinfo now answers 404 (see crate::cache::missing_nars).
     if matches!(res, Err(Error::NotFound)) {
         st.missing_nars.seen_missing(f.as_str()).await;
@@ -38,7 +38,7 @@ pub(super) async fn get(
     res
 }
 
-async fn get_nar(st: &AppState, f: &NarFileName, headers: &HeaderMap) -> Result<Response, Error> {
+async fn fetch(st: &AppState, f: &NarFileName, headers: &HeaderMap) -> Result<Response, Error> {
     let key = object_key::nar(f);
     let reads = st.live().reads.clone();
     if let Some(cache) = &st.nars {

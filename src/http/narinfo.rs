@@ -54,15 +54,14 @@ pub(super) async fn put(st: &AppState, h: StorePathHash, body: Body) -> Result<S
     Ok(StatusCode::CREATED)
 }
 
-/// The signed narinfo of `h`, from memory or loaded once for all concurrent requests; a read
-/// counts as use for garbage collection.
+/// The signed narinfo of `h`, from memory or loaded once for all concurrent requests.
 async fn load(st: &AppState, live: &Live, h: StorePathHash) -> Result<Bytes, Error> {
     let body = live
         .narinfos
         .get_or_load(h, || signed_narinfo(st, live, h))
         .await?
         .ok_or(Error::NotFound)?;
-    // Never hand out a path whose NAR fetch is known to fail (see cache::missing_nars).
+    // Never hand out a path whose NAR fetch is known to fail (crate::cache::missing_nars).
     if st.missing_nars.points_to_missing(&body) {
         return Err(Error::NotFound);
     }

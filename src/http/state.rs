@@ -50,7 +50,7 @@ pub struct App {
     pub nars: Option<Arc<NarCache>>,
     /// What was served or uploaded, for garbage collection (see [`crate::gc::access`]).
     pub access: Arc<AccessLog>,
-    /// NARs seen missing: their narinfos answer 404.
+    /// NARs seen missing: their narinfos answer 404 (see [`crate::cache::missing_nars`]).
     pub missing_nars: MissingNars,
     live: ArcSwap<Live>,
 }
@@ -126,11 +126,11 @@ impl AppState {
             None => None,
         };
         let access = Arc::new(AccessLog::new(store.clone(), config.gc.access_max_entries));
-        let missing_nars = MissingNars::new(c.narinfo_ttl);
         let uploader = Arc::new(
             Uploader::new(&config.upload, &config.store_dir, store.clone())
                 .with_access(access.clone()),
         );
+        let missing_nars = MissingNars::new(c.narinfo_ttl);
         let live = Live::build(config.clone(), signing_keys, &store, &uploader)?;
         Ok(Self(Arc::new(App {
             config,

@@ -13,6 +13,7 @@ use futures::StreamExt as _;
 use super::{
     ByteRange, ContentRange, Object, ObjectInfo, ObjectList, ObjectWriter, Store, StoreError,
 };
+use crate::sync::lock;
 
 /// An object's bytes and when it was written (what a listing reports).
 #[derive(Clone)]
@@ -41,27 +42,18 @@ impl MemoryStore {
 
     /// Inserts an object as if written at `modified` (to test age-based decisions).
     pub fn insert_at(&self, key: &str, data: impl Into<Bytes>, modified: SystemTime) {
-        self.objects
-            .lock()
-            .unwrap_or_else(|p| p.into_inner())
-            .insert(
-                key.to_owned(),
-                Stored {
-                    data: data.into(),
-                    modified,
-                },
-            );
+        lock(&self.objects).insert(
+            key.to_owned(),
+            Stored {
+                data: data.into(),
+                modified,
+            },
+        );
     }
 
     /// Every key, sorted (for assertions).
     pub fn keys(&self) -> Vec<String> {
-        let mut k: Vec<String> = self
-            .objects
-            .lock()
-            .unwrap_or_else(|p| p.into_inner())
-            .keys()
-            .cloned()
-            .collect();
+        let mut k: Vec<String> = lock(&self.objects).keys().cloned().collect();
         k.sort();
         k
     }
@@ -94,12 +86,7 @@ impl MemoryStore {
         if self.down.load(Ordering::SeqCst) {
             return Err(StoreError::Unavailable("memory store is down".into()));
         }
-        Ok(self
-            .objects
-            .lock()
-            .unwrap_or_else(|p| p.into_inner())
-            .get(key)
-            .map(|s| s.data.clone()))
+        Ok(lock(&self.objects).get(key).map(|s| s.data.clone()))
     }
 }
 
@@ -173,9 +160,7 @@ impl Store for MemoryStore {
         let items: Vec<Result<ObjectInfo, StoreError>> = if self.down.load(Ordering::SeqCst) {
             vec![Err(StoreError::Unavailable("memory store is down".into()))]
         } else {
-            self.objects
-                .lock()
-                .unwrap_or_else(|p| p.into_inner())
+            lock(&self.objects)
                 .iter()
                 .filter(|(k, _)| k.starts_with(prefix))
                 .map(|(k, v)| {
@@ -194,10 +179,7 @@ impl Store for MemoryStore {
         if self.down.load(Ordering::SeqCst) {
             return Err(StoreError::Unavailable("memory store is down".into()));
         }
-        self.objects
-            .lock()
-            .unwrap_or_else(|p| p.into_inner())
-            .remove(key);
+        lock(&self.objects).remove(key);
         Ok(())
     }
 
@@ -220,16 +202,13 @@ impl ObjectWriter for MemoryWriter {
     }
     async fn commit(self: Box<Self>) -> Result<(), StoreError> {
         let this = *self;
-        this.objects
-            .lock()
-            .unwrap_or_else(|p| p.into_inner())
-            .insert(
-                this.key,
-                Stored {
-                    data: Bytes::from(this.buf),
-                    modified: SystemTime::now(),
-                },
-            );
+        lock(&this.objects).insert(
+            this.key,
+            Stored {
+                data: Bytes::from(this.buf),
+                modified: SystemTime::now(),
+            },
+        );
         Ok(())
     }
     async fn abort(self: Box<Self>) {}

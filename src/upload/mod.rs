@@ -29,6 +29,7 @@
 //! store failing on the way is [`Error::Store`], as for any request.
 
 pub mod digest;
+mod gc_guard;
 
 use std::collections::{HashMap, HashSet};
 use std::future::Future;
@@ -368,9 +369,10 @@ impl Uploader {
         // collection running meanwhile either sees the record in time or has deleted them
         // before the checks (see crate::gc::sweep).
         if let Some(a) = &self.access {
-            let stored = self.reencoded(&url_name).map_or(url_name.clone(), |(n, _)| n);
-            a.record_upload(&info, &[url_name.as_str(), stored.as_str()])
-                .await?;
+            let stored = self.reencoded(&url_name).map(|(n, _)| n);
+            let mut nars = vec![url_name.as_str()];
+            nars.extend(stored.as_ref().map(NarFileName::as_str));
+            a.record_upload(&info, &nars).await?;
         }
         let v = match self.remembered(&object_key::nar(&url_name)) {
             // Still there? (Someone may have deleted it from the bucket since.)
@@ -436,35 +438,6 @@ impl Uploader {
             narinfo: info,
             already_present: false,
         })
-    }
-
-    /// Checks again, after the narinfo was written, that its NAR and references are still
-    /// there; if a garbage collection removed one meanwhile, takes the narinfo back and
-    /// refuses the upload (the client uploads again what is missing on its next run).
-    async fn still_whole(
-        &self,
-        info: &NarInfo,
-        nar: &NarFileName,
-        upstreams: Option<&Upstreams>,
-    ) -> Result<(), Error> {
-        let check = async {
-            if self.store.head(&object_key::nar(nar)).await?.is_none() {
-                return Err(rejected(format!(
-                    "NAR {} is not in the cache; upload it again",
-                    info.url
-                )));
-            }
-            self.check_references(info, upstreams).await
-        };
-        match check.await {
-            Ok(()) => Ok(()),
-            Err(e) => {
-                if let Err(d) = self.store.delete(&object_key::narinfo(info.hash())).await {
-                    tracing::error!(path = %info.store_path, cause = %d, "could not take back a narinfo whose closure a garbage collection broke");
-                }
-                Err(e)
-            }
-        }
     }
 
     async fn check_references(
