@@ -68,6 +68,10 @@ enum Command {
         /// Delete; without it, only report what would be deleted.
         #[arg(long)]
         apply: bool,
+        /// Also write the results in the Prometheus text format to FILE (for node_exporter's
+        /// textfile collector).
+        #[arg(long, value_name = "FILE")]
+        metrics_file: Option<PathBuf>,
         #[arg(long, short)]
         config: Option<PathBuf>,
     },
@@ -87,6 +91,10 @@ enum Command {
         /// Check only N narinfos chosen at random.
         #[arg(long, value_name = "N")]
         sample: Option<usize>,
+        /// Also write the results in the Prometheus text format to FILE (for node_exporter's
+        /// textfile collector).
+        #[arg(long, value_name = "FILE")]
+        metrics_file: Option<PathBuf>,
         #[arg(long, short)]
         config: Option<PathBuf>,
     },
@@ -134,13 +142,18 @@ fn main() -> ExitCode {
         Command::Token {
             command: TokenCommand::New { name, scope },
         } => token_new(&name, scope),
-        Command::Gc { apply, config } => gc_cli::gc(config.as_deref(), apply),
+        Command::Gc {
+            apply,
+            metrics_file,
+            config,
+        } => gc_cli::gc(config.as_deref(), apply, metrics_file.as_deref()),
         Command::Pin { command, config } => gc_cli::pin(config.as_deref(), command),
         Command::Verify {
             repair,
             sample,
+            metrics_file,
             config,
-        } => match gc_cli::verify(config.as_deref(), repair, sample) {
+        } => match gc_cli::verify(config.as_deref(), repair, sample, metrics_file.as_deref()) {
             Ok(true) => Ok(()),
             Ok(false) => return ExitCode::from(1),
             Err(e) => Err(e),

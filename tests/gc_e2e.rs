@@ -55,11 +55,34 @@ async fn pinned_and_recently_read_closures_survive_gc_and_substitute() {
     let dry = cellar(&["gc"], &env);
     assert!(dry.status.success(), "{}", text(&dry));
     assert_eq!(walk(&data).len(), before, "dry run deleted something");
-    let out = cellar(&["gc", "--apply"], &env);
+    let metrics = w.join("cellar-gc.prom");
+    let out = cellar(
+        &["gc", "--apply", "--metrics-file", metrics.to_str().unwrap()],
+        &env,
+    );
     let summary = text(&out);
     assert!(out.status.success(), "{summary}");
     assert!(summary.contains("pinned"), "{summary}");
     assert!(summary.contains("used within the retention"), "{summary}");
+    // The same results for Prometheus (node_exporter's textfile collector), in a file the real
+    // promtool accepts.
+    let prom = std::fs::read_to_string(&metrics).unwrap();
+    assert!(prom.contains("cellar_gc_applied 1\n"), "{prom}");
+    for series in [
+        "cellar_gc_paths{outcome=\"kept\",reason=\"pinned\"} ",
+        "cellar_gc_paths{outcome=\"kept\",reason=\"recent\"} ",
+        "cellar_gc_paths{outcome=\"deleted\",reason=\"expired\"} ",
+    ] {
+        let n: u64 = prom
+            .lines()
+            .find_map(|l| l.strip_prefix(series))
+            .unwrap_or_else(|| panic!("{series} missing:\n{prom}"))
+            .parse()
+            .unwrap();
+        assert!(n > 0, "{series}: {prom}");
+    }
+    assert!(prom.contains("cellar_gc_errors 0\n"), "{prom}");
+    promtool_accepts(&metrics);
 
     // The expired closure is gone completely, except what the kept ones share with it.
     let kept: std::collections::HashSet<&str> = pinned
@@ -118,4 +141,19 @@ fn access_recorded(data: &std::path::Path, hash: &str) -> bool {
         && walk(&dir)
             .iter()
             .any(|p| std::fs::read_to_string(p).is_ok_and(|t| t.contains(hash)))
+}
+
+/// `promtool check metrics` (from Debian's prometheus package) accepts the file.
+fn promtool_accepts(file: &std::path::Path) {
+    let out = std::process::Command::new("promtool")
+        .args(["check", "metrics"])
+        .stdin(std::fs::File::open(file).unwrap())
+        .output()
+        .expect("promtool (Debian's prometheus package; scripts/test installs it)");
+    assert!(
+        out.status.success(),
+        "promtool: {}{}",
+        String::from_utf8_lossy(&out.stdout),
+        String::from_utf8_lossy(&out.stderr)
+    );
 }

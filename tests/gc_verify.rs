@@ -85,9 +85,28 @@ async fn verify_finds_planted_inconsistencies_and_repair_fixes_them() {
     // unfinished uploads would be taken for uploads in progress.
     env.push(("CELLAR_GC__GRACE_SECS".into(), "0".into()));
 
-    let out = cellar(&["verify"], &env);
+    let metrics = tempfile::tempdir().unwrap();
+    let prom_file = metrics.path().join("cellar-verify.prom");
+    let out = cellar(
+        &["verify", "--metrics-file", prom_file.to_str().unwrap()],
+        &env,
+    );
     let report = text(&out);
     assert_eq!(out.status.code(), Some(1), "{report}");
+    // The findings for Prometheus too, by kind.
+    let prom = std::fs::read_to_string(&prom_file).unwrap();
+    for kind in [
+        "missing_nar",
+        "nar_size",
+        "missing_reference",
+        "orphan_nar",
+        "bad_reserved",
+    ] {
+        assert!(
+            prom.contains(&format!("cellar_verify_findings{{kind=\"{kind}\"}} 1\n")),
+            "{kind}:\n{prom}"
+        );
+    }
     for expected in [
         format!("missing-nar {}", missing_nar.narinfo_key()),
         format!("broken-reference {}", above_missing.narinfo_key()),
@@ -120,8 +139,16 @@ async fn verify_finds_planted_inconsistencies_and_repair_fixes_them() {
 
     let out = cellar(&["verify", "--repair"], &env);
     assert!(out.status.success(), "{}", text(&out));
-    let out = cellar(&["verify"], &env);
+    let out = cellar(
+        &["verify", "--metrics-file", prom_file.to_str().unwrap()],
+        &env,
+    );
     assert!(out.status.success(), "second verify:\n{}", text(&out));
+    let prom = std::fs::read_to_string(&prom_file).unwrap();
+    assert!(
+        prom.contains("cellar_verify_findings{kind=\"any\"} 0\n"),
+        "{prom}"
+    );
 
     // What was whole is still there.
     for path in &f.closure {

@@ -68,7 +68,7 @@ async fn open(cfg: &Config) -> anyhow::Result<Arc<dyn Store>> {
         .with_context(|| format!("opening the store ({})", cfg.store.backend))
 }
 
-pub fn gc(path: Option<&Path>, apply: bool) -> anyhow::Result<()> {
+pub fn gc(path: Option<&Path>, apply: bool, metrics_file: Option<&Path>) -> anyhow::Result<()> {
     let cfg = Config::load(path)?;
     let summary = runtime()?.block_on(async {
         let store = open(&cfg).await?;
@@ -85,6 +85,11 @@ pub fn gc(path: Option<&Path>, apply: bool) -> anyhow::Result<()> {
         println!("dry run: nothing was deleted (run with --apply to delete)");
     }
     print!("{summary}");
+    if let Some(f) = metrics_file {
+        let text = gc::metrics_file::render_gc(&summary, SystemTime::now());
+        gc::metrics_file::write(f, &text)
+            .with_context(|| format!("--metrics-file {}", f.display()))?;
+    }
     if !summary.errors.is_empty() {
         anyhow::bail!("{} error(s) during the run", summary.errors.len());
     }
@@ -141,7 +146,12 @@ pub fn pin(path: Option<&Path>, command: PinCommand) -> anyhow::Result<()> {
 }
 
 /// Returns whether the store is consistent (after repair, if asked for).
-pub fn verify(path: Option<&Path>, repair: bool, sample: Option<usize>) -> anyhow::Result<bool> {
+pub fn verify(
+    path: Option<&Path>,
+    repair: bool,
+    sample: Option<usize>,
+    metrics_file: Option<&Path>,
+) -> anyhow::Result<bool> {
     let cfg = Config::load(path)?;
     if repair && sample.is_some() {
         anyhow::bail!("--repair checks the whole store; it cannot be combined with --sample");
@@ -177,6 +187,11 @@ pub fn verify(path: Option<&Path>, repair: bool, sample: Option<usize>) -> anyho
     }
     for e in &report.repair_errors {
         println!("repair failed: {e}");
+    }
+    if let Some(f) = metrics_file {
+        let text = gc::metrics_file::render_verify(&report, SystemTime::now());
+        gc::metrics_file::write(f, &text)
+            .with_context(|| format!("--metrics-file {}", f.display()))?;
     }
     Ok(if repair {
         report.repair_errors.is_empty()

@@ -10,7 +10,7 @@ use futures::StreamExt as _;
 use super::inventory::Inventory;
 use super::report::Progress;
 use crate::nix::{NarInfo, StorePathHash};
-use crate::store::{object_key as keys, Store, StoreError};
+use crate::store::{object_key, Store, StoreError};
 
 /// Narinfos larger than this are treated as corrupt (a path with 100k references is ~5 MiB).
 const MAX_NARINFO_BYTES: u64 = 16 << 20;
@@ -133,7 +133,9 @@ impl Graph {
         };
         progress.phase("reading narinfos", Some(inv.narinfos.len() as u64));
         let mut reads = futures::stream::iter(inv.narinfos.iter().map(|(h, _)| async move {
-            let raw = store.get_bytes(&keys::narinfo(*h), MAX_NARINFO_BYTES).await;
+            let raw = store
+                .get_bytes(&object_key::narinfo(*h), MAX_NARINFO_BYTES)
+                .await;
             (*h, raw)
         }))
         .buffered(READ_CONCURRENCY);

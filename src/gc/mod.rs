@@ -21,6 +21,7 @@ pub mod access;
 mod graph;
 mod inventory;
 mod mark;
+pub mod metrics_file;
 pub mod pins;
 mod report;
 mod sweep;

@@ -13,7 +13,7 @@ use futures::TryStreamExt as _;
 use super::inventory::Meta;
 use super::{GcError, RESERVED_PREFIX};
 use crate::nix::{StorePathBaseName, StorePathHash};
-use crate::store::{object_key as keys, Store, StoreError};
+use crate::store::{object_key, Store, StoreError};
 
 /// Where pins live, under [`RESERVED_PREFIX`].
 pub const DIR: &str = "pins/";
@@ -128,7 +128,7 @@ pub async fn add(
     let key = pin_key(name)?;
     let mut absent = Vec::new();
     for p in &paths {
-        if store.head(&keys::narinfo(p.hash())).await?.is_none() {
+        if store.head(&object_key::narinfo(p.hash())).await?.is_none() {
             absent.push(p.clone());
         }
     }

@@ -25,7 +25,7 @@ use super::mark::Marked;
 use super::report::Progress;
 use crate::config::GcConfig;
 use crate::nix::StorePathHash;
-use crate::store::{object_key as keys, Store, StoreError};
+use crate::store::{object_key, Store, StoreError};
 
 /// Objects deleted between two re-reads of the access records: the smaller, the shorter the
 /// time in which an upload could rely on an object the collector has already decided to delete.
@@ -222,7 +222,7 @@ pub async fn execute(
         // Copies to write back if an upload turns out to need one of them.
         let mut bodies: HashMap<u32, Bytes> = HashMap::new();
         for &i in &todo {
-            let key = keys::narinfo(graph.nodes[i as usize].hash);
+            let key = object_key::narinfo(graph.nodes[i as usize].hash);
             match store.get_bytes(&key, 64 << 20).await {
                 Ok(Some(body)) => {
                     bodies.insert(i, body);
@@ -237,7 +237,7 @@ pub async fn execute(
             .collect();
         let keys: Vec<String> = todo
             .iter()
-            .map(|&i| keys::narinfo(graph.nodes[i as usize].hash))
+            .map(|&i| object_key::narinfo(graph.nodes[i as usize].hash))
             .collect();
         for (i, ok) in todo.iter().zip(delete_all(store, &keys, &mut st.out).await) {
             if ok {
@@ -272,7 +272,7 @@ pub async fn execute(
                 Rest::Nar(f) if kept_nars.contains(f) || st.acc.nars.contains(*f) => None,
                 Rest::Nar(f) => Some(format!("nar/{f}")),
                 Rest::Listing(h) if kept_path(h) => None,
-                Rest::Listing(h) => Some(keys::listing(*h)),
+                Rest::Listing(h) => Some(object_key::listing(*h)),
                 Rest::Realisation(_, Some(h)) if kept_path(h) => None,
                 Rest::Realisation(k, _) | Rest::Plain(k) => Some((*k).clone()),
             })
@@ -334,7 +334,7 @@ impl State<'_> {
             for j in graph.close_over(i, &mut self.kept) {
                 match bodies.get(&j) {
                     Some(body) => {
-                        let key = keys::narinfo(graph.nodes[j as usize].hash);
+                        let key = object_key::narinfo(graph.nodes[j as usize].hash);
                         match store.put_bytes(&key, body.clone()).await {
                             Ok(()) => self.out.restored += 1,
                             Err(e) => self.out.errors.push(format!("restoring {key}: {e}")),

@@ -21,7 +21,7 @@ use super::inventory::Inventory;
 use super::report::Progress;
 use super::{access, pins, sweep};
 use crate::nix::StorePathHash;
-use crate::store::{object_key as keys, Store, StoreError};
+use crate::store::{object_key, Store, StoreError};
 
 /// One inconsistency, with the key of the object it is about.
 #[derive(Debug, Clone, PartialEq, Eq)]
@@ -69,6 +69,25 @@ pub enum Finding {
         key: String,
         reason: String,
     },
+}
+
+impl Finding {
+    /// A short, bounded name for the kind of finding (a metrics label).
+    pub fn kind(&self) -> &'static str {
+        match self {
+            Self::Unparseable { .. } => "unparseable",
+            Self::WrongHash { .. } => "wrong_hash",
+            Self::BadUrl { .. } => "bad_url",
+            Self::MissingNar { .. } => "missing_nar",
+            Self::NarSize { .. } => "nar_size",
+            Self::MissingReference { .. } => "missing_reference",
+            Self::UnservableReference { .. } => "unservable_reference",
+            Self::OrphanNar { .. } => "orphan_nar",
+            Self::OrphanListing { .. } => "orphan_listing",
+            Self::UnfinishedUpload { .. } => "unfinished_upload",
+            Self::BadReserved { .. } => "bad_reserved",
+        }
+    }
 }
 
 impl fmt::Display for Finding {
@@ -147,7 +166,7 @@ pub async fn run(
     report.narinfos_checked = graph.len();
     let mut unservable = vec![false; graph.len()];
     for (i, n) in graph.nodes.iter().enumerate() {
-        let key = keys::narinfo(n.hash);
+        let key = object_key::narinfo(n.hash);
         let own = own_findings(n, &key, &inv, &all);
         unservable[i] = !own.is_empty();
         report.findings.extend(own);
@@ -180,7 +199,7 @@ pub async fn run(
     for (h, m) in &inv.listings {
         if !all.contains(h) && m.modified <= grace {
             report.findings.push(Finding::OrphanListing {
-                key: keys::listing(*h),
+                key: object_key::listing(*h),
             });
         }
     }
@@ -287,7 +306,7 @@ fn propagate(graph: &Graph, unservable: &mut [bool], findings: &mut Vec<Finding>
         for &by in &referrers[bad as usize] {
             if !std::mem::replace(&mut unservable[by as usize], true) {
                 findings.push(Finding::UnservableReference {
-                    key: keys::narinfo(graph.nodes[by as usize].hash),
+                    key: object_key::narinfo(graph.nodes[by as usize].hash),
                     reference: graph.nodes[bad as usize].name.to_string(),
                 });
                 stack.push(by);
@@ -318,7 +337,7 @@ async fn repair(
 ) {
     let mut delete: Vec<String> = sweep::referrers_first(graph, unservable)
         .into_iter()
-        .map(|i| keys::narinfo(graph.nodes[i as usize].hash))
+        .map(|i| object_key::narinfo(graph.nodes[i as usize].hash))
         .collect();
     let grace = opts
         .now
@@ -351,7 +370,7 @@ async fn repair(
         inv.listings
             .iter()
             .filter(|(h, m)| !kept_paths.contains(h) && m.modified <= grace)
-            .map(|(h, _)| keys::listing(*h)),
+            .map(|(h, _)| object_key::listing(*h)),
     );
     delete.extend(findings.iter().filter_map(|f| match f {
         Finding::BadReserved { key, .. } => Some(key.clone()),
