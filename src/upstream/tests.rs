@@ -1,0 +1,67 @@
+use super::*;
+use axum::extract::Path;
+use axum::http::{header, HeaderMap, StatusCode};
+use axum::response::{IntoResponse as _, Response};
+
+#[test]
+fn reads_the_size_of_a_refused_range() {
+    assert_eq!(unsatisfied_range_size("bytes */1234"), Some(1234));
+    assert_eq!(unsatisfied_range_size(" bytes */0 "), Some(0));
+    assert_eq!(unsatisfied_range_size("bytes 0-9/1234"), None);
+    assert_eq!(unsatisfied_range_size("bytes */"), None);
+    assert_eq!(unsatisfied_range_size("bytes */*"), None);
+}
+
+/// An upstream whose NARs answer a range with 416: `said.nar` states its size in
+/// `Content-Range`, `unsaid.nar` does not (a HEAD tells it), `mute.nar` tells it nowhere.
+async fn upstream_nar(Path(file): Path<String>, headers: HeaderMap) -> Response {
+    let ranged = headers.contains_key(header::RANGE);
+    match (file.as_str(), ranged) {
+        ("said.nar", true) => (
+            StatusCode::RANGE_NOT_SATISFIABLE,
+            [(header::CONTENT_RANGE, "bytes */1234")],
+        )
+            .into_response(),
+        ("unsaid.nar" | "mute.nar", true) => StatusCode::RANGE_NOT_SATISFIABLE.into_response(),
+        ("unsaid.nar", false) => vec![0u8; 777].into_response(),
+        _ => StatusCode::NOT_FOUND.into_response(),
+    }
+}
+
+#[tokio::test]
+async fn a_refused_range_carries_the_upstreams_size() {
+    let app = axum::Router::new().route("/nar/{file}", axum::routing::get(upstream_nar));
+    let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+    let url = format!("http://{}", listener.local_addr().unwrap());
+    tokio::spawn(async move { axum::serve(listener, app).await });
+    let config = UpstreamConfig {
+        url,
+        public_keys: Vec::new(),
+        timeout: Duration::from_secs(5),
+        mirror: false,
+    };
+    let upstreams = Upstreams::new(&[config], "/nix/store").unwrap();
+    let range = Some(ByteRange::From {
+        start: 5000,
+        end: None,
+    });
+
+    let size = |r: Result<Option<Object>, StoreError>| match r {
+        Err(StoreError::RangeNotSatisfiable { size }) => Some(size),
+        Err(_) => None,
+        Ok(_) => panic!("a refused range was served"),
+    };
+    assert_eq!(size(upstreams.get("nar/said.nar", range).await), Some(1234));
+    assert_eq!(
+        size(upstreams.get("nar/unsaid.nar", range).await),
+        Some(777)
+    );
+    assert!(matches!(
+        upstreams.get("nar/mute.nar", range).await,
+        Err(StoreError::Unavailable(_))
+    ));
+    assert!(
+        !upstreams.list[0].down.is_active(),
+        "refusing a range is not an outage"
+    );
+}
