@@ -220,15 +220,35 @@ async fn bounds_413_408_and_a_503_that_nix_retries() {
     assert!(r.starts_with("HTTP/1.1 408"), "{r}");
 
     // One upload holds the only slot; nix's upload is refused (503) until it ends, and
-    // then nix's retry goes through.
+    // then nix's retry goes through. The holder is admitted once cellar asks for its body
+    // (100 Continue), and keeps its slot by sending a byte at a time, as a slow client does,
+    // well within the idle timeout, until the test lets it finish.
     let mut holder = raw_put(
         srv,
         &format!("/upload/nar/{name}"),
         &w,
-        "Content-Length: 1000\r\n",
-        &nar,
+        "Content-Length: 1000\r\nExpect: 100-continue\r\n",
+        b"",
     );
-    // The holder has its slot once another PUT is refused.
+    let r = status_line(&mut holder);
+    assert!(r.starts_with("HTTP/1.1 100"), "{r}");
+    holder.write_all(&nar).unwrap();
+    let finish = std::sync::Arc::new(std::sync::atomic::AtomicBool::new(false));
+    let trickle = {
+        let finish = finish.clone();
+        let mut out = holder.try_clone().unwrap();
+        let total = 1000 - nar.len();
+        std::thread::spawn(move || {
+            let mut sent = 0;
+            while !finish.load(std::sync::atomic::Ordering::SeqCst) && sent < total - 1 {
+                out.write_all(&[0u8]).unwrap();
+                sent += 1;
+                // The pace of a slow client, not a synchronisation.
+                std::thread::sleep(std::time::Duration::from_millis(300));
+            }
+            out.write_all(&vec![0u8; total - sent]).unwrap();
+        })
+    };
     let busy = "upload.max_concurrent uploads in progress";
     let mut probe = raw_put(
         srv,
@@ -258,7 +278,8 @@ async fn bounds_413_408_and_a_503_that_nix_retries() {
     .stderr(std::process::Stdio::piped());
     let child = c.spawn().unwrap();
     srv.wait_for_log(busy, 2); // nix was refused too
-    holder.write_all(&vec![0u8; 1000 - nar.len()]).unwrap();
+    finish.store(true, std::sync::atomic::Ordering::SeqCst);
+    trickle.join().unwrap();
     let _ = status_line(&mut holder);
     let out = child.wait_with_output().unwrap();
     assert!(
