@@ -87,7 +87,11 @@ async fn gc_racing_nix_copy_never_breaks_the_uploaded_closure() {
         );
         tokio::task::spawn_blocking(move || {
             let mut c = nix("nix", &w.join(format!("xdg-up-{tag}")));
-            c.args(["copy", "--to", &url, "--option", "download-attempts", "1"])
+            // The upload address: its probes ask the store itself, so a path the collector
+            // removed is seen missing and uploaded again (the root URL's memory cache could
+            // still answer for it).
+            let to = format!("{url}/upload");
+            c.args(["copy", "--to", &to, "--option", "download-attempts", "1"])
                 .arg("--option")
                 .arg("netrc-file")
                 .arg(&n)
