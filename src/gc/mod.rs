@@ -18,6 +18,7 @@
 //! into a cache file name first, and none of them starts with `_`.
 
 pub mod access;
+pub mod deleting;
 mod graph;
 mod inventory;
 mod mark;

@@ -8,17 +8,20 @@
 //! seen in time and kept, or deleted in the batch just done and written back from the copy
 //! read just before deleting it, or already gone when the upload checks (then the upload is
 //! refused, and `nix copy` uploads the path again on its next run). NARs, listings and
-//! realisations go after all narinfos, then logs, then expired access records.
+//! realisations go after all narinfos, then logs, then expired access records; each batch of
+//! NARs is announced before the re-read that precedes it ([`super::deleting`]), since a deleted
+//! NAR cannot be written back. If the records cannot be read, nothing more is deleted.
 
 use std::collections::{HashMap, HashSet};
 use std::sync::Arc;
-use std::time::SystemTime;
+use std::time::{Instant, SystemTime};
 
 use bytes::Bytes;
 
 use futures::StreamExt as _;
 
 use super::access::{self, Accessed, Entry};
+use super::deleting;
 use super::graph::Graph;
 use super::inventory::{Inventory, Meta};
 use super::mark::Marked;
@@ -188,6 +191,8 @@ struct State<'a> {
     graph: &'a Graph,
     acc: &'a mut Accessed,
     kept: Vec<bool>,
+    /// The NARs of kept narinfos.
+    kept_nars: HashSet<Box<str>>,
     /// Narinfos this run deleted.
     deleted: HashSet<u32>,
     out: Outcome,
@@ -207,13 +212,21 @@ pub async fn execute(
         graph,
         acc,
         kept: (0..graph.len() as u32).map(|i| marked.kept(i)).collect(),
+        kept_nars: (0..graph.len() as u32)
+            .filter(|&i| marked.kept(i))
+            .filter_map(|i| graph.nodes[i as usize].nar.clone())
+            .collect(),
         deleted: HashSet::new(),
         out: Outcome::default(),
     };
     progress.phase("deleting narinfos", Some(plan.narinfos.len() as u64));
     // What servers used while this run was listing and marking.
-    st.rescue(store, &HashMap::new()).await;
+    let mut records_read = st.rescue(store, &HashMap::new()).await;
     for batch in plan.narinfos.chunks(BATCH) {
+        if !records_read {
+            // Deleting without knowing what uploads rely on could break their closures.
+            return st.out;
+        }
         let todo: Vec<u32> = batch
             .iter()
             .copied()
@@ -245,7 +258,7 @@ pub async fn execute(
             }
         }
         progress.advance(batch.len() as u64);
-        st.rescue(store, &bodies).await;
+        records_read = st.rescue(store, &bodies).await;
     }
 
     let mut rest: Vec<Rest> = Vec::new();
@@ -259,28 +272,74 @@ pub async fn execute(
     rest.extend(plan.logs.iter().map(|(k, _)| Rest::Plain(k)));
     rest.extend(plan.access_records.iter().map(|(k, _)| Rest::Plain(k)));
     progress.phase("deleting NARs and the rest", Some(rest.len() as u64));
+    let run = run_id();
+    let mut announced = false;
     for batch in rest.chunks(BATCH) {
-        st.rescue(store, &HashMap::new()).await;
-        let kept_nars: HashSet<&str> = (0..graph.len())
-            .filter(|&i| st.kept[i])
-            .filter_map(|i| graph.nodes[i].nar.as_deref())
+        // NARs cannot be written back: they are announced before the re-read, and an upload
+        // relying on one after that is refused (see super::deleting).
+        let nars: Vec<&str> = batch
+            .iter()
+            .filter_map(|r| match r {
+                Rest::Nar(f) if st.nar_free(f) => Some(*f),
+                _ => None,
+            })
             .collect();
-        let kept_path = |h: &StorePathHash| graph.find(*h).is_some_and(|i| st.kept[i as usize]);
+        let since = Instant::now();
+        if !nars.is_empty() {
+            if let Err(e) = deleting::announce(store, &run, nars).await {
+                st.out.errors.push(format!("announcing deletions: {e}"));
+                progress.advance(batch.len() as u64);
+                continue;
+            }
+            announced = true;
+        }
+        if !st.rescue(store, &HashMap::new()).await {
+            progress.advance(batch.len() as u64);
+            continue;
+        }
+        if since.elapsed() > deleting::FRESH {
+            st.out.errors.push(format!(
+                "the store took over {:?} to re-read access records; batch skipped",
+                deleting::FRESH
+            ));
+            progress.advance(batch.len() as u64);
+            continue;
+        }
         let keys: Vec<String> = batch
             .iter()
             .filter_map(|r| match r {
-                Rest::Nar(f) if kept_nars.contains(f) || st.acc.nars.contains(*f) => None,
+                Rest::Nar(f) if !st.nar_free(f) => None,
                 Rest::Nar(f) => Some(format!("nar/{f}")),
-                Rest::Listing(h) if kept_path(h) => None,
+                Rest::Listing(h) if st.kept_path(h) => None,
                 Rest::Listing(h) => Some(object_key::listing(*h)),
-                Rest::Realisation(_, Some(h)) if kept_path(h) => None,
+                Rest::Realisation(_, Some(h)) if st.kept_path(h) => None,
                 Rest::Realisation(k, _) | Rest::Plain(k) => Some((*k).clone()),
             })
             .collect();
         delete_all(store, &keys, &mut st.out).await;
         progress.advance(batch.len() as u64);
     }
+    if announced {
+        if let Err(e) = deleting::withdraw(store, &run).await {
+            // Harmless: it stops counting after deleting::TTL.
+            tracing::warn!(cause = %e, "could not withdraw the announcement of deletions");
+        }
+    }
     st.out
+}
+
+/// A name for this run's announcements, distinct between collectors.
+fn run_id() -> String {
+    let mut rnd = [0u8; 6];
+    let t = SystemTime::now()
+        .duration_since(SystemTime::UNIX_EPOCH)
+        .unwrap_or_default();
+    if getrandom::getrandom(&mut rnd).is_err() {
+        rnd = (u64::from(std::process::id()) ^ t.as_nanos() as u64).to_le_bytes()[..6]
+            .try_into()
+            .unwrap_or_default();
+    }
+    format!("{}-{}", t.as_secs(), hex::encode(rnd))
 }
 
 /// What goes after the narinfos.
@@ -315,14 +374,16 @@ impl State<'_> {
     /// Keeps whatever servers used since the last look: paths not yet deleted are kept with
     /// their closures; paths deleted in the last batch, whose copies are in `bodies`, are
     /// written back; NARs uploads rely on are kept (in [`Accessed::nars`]).
-    async fn rescue(&mut self, store: &dyn Store, bodies: &HashMap<u32, Bytes>) {
+    ///
+    /// Returns false if the records could not be read: nothing may be deleted then.
+    async fn rescue(&mut self, store: &dyn Store, bodies: &HashMap<u32, Bytes>) -> bool {
         let fresh = match access::reread(store, self.acc, SystemTime::now()).await {
             Ok(f) => f,
             Err(e) => {
                 self.out
                     .errors
                     .push(format!("re-reading access records: {e}"));
-                return;
+                return false;
             }
         };
         let graph = self.graph;
@@ -332,6 +393,9 @@ impl State<'_> {
         });
         for i in needed.collect::<Vec<_>>() {
             for j in graph.close_over(i, &mut self.kept) {
+                if let Some(nar) = &graph.nodes[j as usize].nar {
+                    self.kept_nars.insert(nar.clone());
+                }
                 match bodies.get(&j) {
                     Some(body) => {
                         let key = object_key::narinfo(graph.nodes[j as usize].hash);
@@ -347,6 +411,16 @@ impl State<'_> {
                 }
             }
         }
+        true
+    }
+
+    /// No kept narinfo points to NAR file `f` and no upload relies on it.
+    fn nar_free(&self, f: &str) -> bool {
+        !self.acc.nars.contains(f) && !self.kept_nars.contains(f)
+    }
+
+    fn kept_path(&self, h: &StorePathHash) -> bool {
+        self.graph.find(*h).is_some_and(|i| self.kept[i as usize])
     }
 }
 

@@ -202,3 +202,35 @@ async fn an_unreadable_pin_stops_the_run() {
     assert!(matches!(r, Err(super::GcError::BadPin { .. })));
     assert_eq!(mem.keys().len(), 5);
 }
+
+/// The race a deleted NAR cannot recover from: an upload of the same contents records the NAR
+/// just after the collector decided to delete it. The collector announces the deletion, then
+/// re-reads the records, so it sees this one and keeps the NAR (an upload recording later
+/// sees the announcement and is refused: see the uploader's tests).
+#[tokio::test]
+async fn a_nar_an_upload_records_after_the_announcement_is_kept() {
+    let mem = Arc::new(MemoryStore::new());
+    let now = SystemTime::now();
+    let gone = path(&mem, "gone", &[], 100 * DAY, now);
+    let reused = path(&mem, "reused", &[], 100 * DAY, now);
+    let file: Box<str> = reused.nar.trim_start_matches("nar/").into();
+    let m = mem.clone();
+    mem.after_write("_cellar/deleting/", move |_| {
+        let key = format!(
+            "_cellar/access/{}/upload-1",
+            super::access::day(SystemTime::now())
+        );
+        m.insert(&key, render([Entry::Nar(file.clone())]));
+    });
+    let s = gc(&mem, &cfg(), now, true).await;
+    assert!(s.errors.is_empty(), "{:?}", s.errors);
+    assert!(has(&mem, &reused.nar), "the NAR the upload relies on went");
+    assert!(!has(&mem, &format!("{}.narinfo", reused.hash)));
+    assert!(!has(&mem, &gone.nar));
+    assert!(
+        !mem.keys()
+            .iter()
+            .any(|k| k.starts_with("_cellar/deleting/")),
+        "the announcement is withdrawn"
+    );
+}

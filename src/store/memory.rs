@@ -22,6 +22,9 @@ struct Stored {
     modified: SystemTime,
 }
 
+/// Called with the key of each object written under a prefix (see [`MemoryStore::after_write`]).
+type Hook = Arc<dyn Fn(&str) + Send + Sync>;
+
 #[derive(Default)]
 pub struct MemoryStore {
     // A std Mutex: held only for map operations, never across an await.
@@ -29,6 +32,7 @@ pub struct MemoryStore {
     gets: AtomicUsize,
     down: AtomicBool,
     latency_ms: AtomicUsize,
+    hooks: Arc<Mutex<Vec<(String, Hook)>>>,
 }
 
 impl MemoryStore {
@@ -49,6 +53,12 @@ impl MemoryStore {
                 modified,
             },
         );
+    }
+
+    /// Runs `f` after each write of an object whose key starts with `prefix`, before the
+    /// write returns: a test steps in at an exact point of a protocol.
+    pub fn after_write(&self, prefix: &str, f: impl Fn(&str) + Send + Sync + 'static) {
+        lock(&self.hooks).push((prefix.to_owned(), Arc::new(f)));
     }
 
     /// Every key, sorted (for assertions).
@@ -139,6 +149,7 @@ impl Store for MemoryStore {
         }
         Ok(Box::new(MemoryWriter {
             objects: self.objects.clone(),
+            hooks: self.hooks.clone(),
             key: key.to_owned(),
             buf: Vec::new(),
         }))
@@ -190,6 +201,7 @@ impl Store for MemoryStore {
 
 struct MemoryWriter {
     objects: Arc<Mutex<HashMap<String, Stored>>>,
+    hooks: Arc<Mutex<Vec<(String, Hook)>>>,
     key: String,
     buf: Vec<u8>,
 }
@@ -203,12 +215,20 @@ impl ObjectWriter for MemoryWriter {
     async fn commit(self: Box<Self>) -> Result<(), StoreError> {
         let this = *self;
         lock(&this.objects).insert(
-            this.key,
+            this.key.clone(),
             Stored {
                 data: Bytes::from(this.buf),
                 modified: SystemTime::now(),
             },
         );
+        let hooks: Vec<Hook> = lock(&this.hooks)
+            .iter()
+            .filter(|(p, _)| this.key.starts_with(p.as_str()))
+            .map(|(_, h)| h.clone())
+            .collect();
+        for h in hooks {
+            h(&this.key);
+        }
         Ok(())
     }
     async fn abort(self: Box<Self>) {}

@@ -373,6 +373,7 @@ impl Uploader {
             let mut nars = vec![url_name.as_str()];
             nars.extend(stored.as_ref().map(NarFileName::as_str));
             a.record_upload(&info, &nars).await?;
+            self.not_being_deleted(&nars).await?;
         }
         let v = match self.remembered(&object_key::nar(&url_name)) {
             // Still there? (Someone may have deleted it from the bucket since.)

@@ -222,3 +222,40 @@ async fn uploads_beyond_max_concurrent_are_busy() {
     drop(a);
     assert!(up.admit().is_ok(), "a finished upload frees its slot");
 }
+
+/// A NAR a collector announced it is deleting is not relied on: the upload is refused after
+/// recording what it needed, and no narinfo is written.
+#[tokio::test]
+async fn a_nar_being_collected_is_refused() {
+    let (mem, up) = uploader();
+    let store: Arc<dyn Store> = mem.clone();
+    let up = up.with_access(Arc::new(crate::gc::access::AccessLog::new(store, 100)));
+    let nar = nar();
+    let info = narinfo_for(&nar, nar.len());
+    let file = info.nar_file().unwrap();
+    up.put_nar(&file, body(nar.clone())).await.unwrap();
+    crate::gc::deleting::announce(mem.as_ref(), "run", [file.as_str()])
+        .await
+        .unwrap();
+    let e = up
+        .put_narinfo(info.hash(), info.render("/nix/store").as_bytes(), None)
+        .await
+        .unwrap_err();
+    assert!(e.to_string().contains("being deleted"), "{e}");
+    assert!(mem
+        .head(&object_key::narinfo(info.hash()))
+        .await
+        .unwrap()
+        .is_none());
+    assert!(
+        mem.keys().iter().any(|k| k.starts_with("_cellar/access/")),
+        "the record is written before the announcements are read"
+    );
+
+    crate::gc::deleting::withdraw(mem.as_ref(), "run")
+        .await
+        .unwrap();
+    up.put_narinfo(info.hash(), info.render("/nix/store").as_bytes(), None)
+        .await
+        .unwrap();
+}

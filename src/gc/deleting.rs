@@ -1,0 +1,120 @@
+//! Announcements of NARs a collector is about to delete, so that an upload relying on one of
+//! them at the same moment is refused instead of left pointing at nothing.
+//!
+//! A deleted narinfo can be written back from the copy the collector read before deleting it
+//! (see [`super::sweep`]); a deleted NAR cannot. So for NARs both sides announce first and look
+//! second, and at least one of them sees the other:
+//!
+//! - the collector writes `_cellar/deleting/<run>` naming the NARs of a batch, then re-reads
+//!   the access records, keeps every NAR an upload relies on, and deletes the rest;
+//! - an upload writes its access record (naming its NAR), then reads the announcements, and is
+//!   refused if its NAR is named in one.
+//!
+//! If the collector's re-read missed the upload's record, that record was written after the
+//! announcement, so the upload's read finds the announcement. This needs a store whose
+//! listings show what was written before them (S3, Garage, MinIO and a directory do).
+//!
+//! An announcement older than [`TTL`] is ignored (its collector died); a collector never
+//! deletes under an announcement older than half of it.
+
+use std::collections::HashSet;
+use std::time::{Duration, SystemTime};
+
+use bytes::Bytes;
+use futures::TryStreamExt as _;
+
+use super::RESERVED_PREFIX;
+use crate::store::{Store, StoreError};
+
+/// Where announcements live, under [`RESERVED_PREFIX`].
+pub const DIR: &str = "deleting/";
+
+const HEADER: &str = "cellar-deleting 1";
+
+/// How long an announcement counts.
+pub const TTL: Duration = Duration::from_secs(15 * 60);
+
+/// Past this age the collector announces again before deleting.
+pub const FRESH: Duration = Duration::from_secs(5 * 60);
+
+/// An announcement larger than this is not one of ours.
+const MAX_BYTES: u64 = 16 << 20;
+
+pub fn key(run: &str) -> String {
+    format!("{RESERVED_PREFIX}{DIR}{run}")
+}
+
+/// Writes (or replaces) the announcement of `run`: these NAR files are about to go.
+pub async fn announce<'a>(
+    store: &dyn Store,
+    run: &str,
+    nars: impl IntoIterator<Item = &'a str>,
+) -> Result<(), StoreError> {
+    let mut body = format!("{HEADER}\n");
+    for f in nars {
+        body.push_str(f);
+        body.push('\n');
+    }
+    store.put_bytes(&key(run), Bytes::from(body)).await
+}
+
+/// Removes the announcement of `run`.
+pub async fn withdraw(store: &dyn Store, run: &str) -> Result<(), StoreError> {
+    store.delete(&key(run)).await
+}
+
+/// The NAR files named by announcements younger than [`TTL`] at `now`.
+pub async fn announced(store: &dyn Store, now: SystemTime) -> Result<HashSet<String>, StoreError> {
+    let cutoff = now.checked_sub(TTL).unwrap_or(SystemTime::UNIX_EPOCH);
+    let prefix = format!("{RESERVED_PREFIX}{DIR}");
+    let live: Vec<_> = store
+        .list(&prefix)
+        .try_filter(|o| futures::future::ready(o.modified >= cutoff))
+        .try_collect()
+        .await?;
+    let mut out = HashSet::new();
+    for o in live {
+        let Some(raw) = store.get_bytes(&o.key, MAX_BYTES).await? else {
+            continue; // withdrawn since the listing
+        };
+        let text = String::from_utf8_lossy(&raw);
+        let mut lines = text.lines();
+        if lines.next() != Some(HEADER) {
+            tracing::warn!(key = %o.key, "ignoring an announcement that is not one");
+            continue;
+        }
+        out.extend(lines.map(str::to_owned));
+    }
+    Ok(out)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::store::memory::MemoryStore;
+
+    #[tokio::test]
+    async fn announcements_are_read_back_until_withdrawn_or_stale() {
+        let mem = MemoryStore::new();
+        let now = SystemTime::now();
+        announce(&mem, "run-a", ["a.nar.xz", "b.nar"])
+            .await
+            .unwrap();
+        let seen = announced(&mem, now).await.unwrap();
+        assert_eq!(
+            seen,
+            HashSet::from(["a.nar.xz".to_owned(), "b.nar".to_owned()])
+        );
+        // A dead collector's announcement stops counting.
+        mem.insert_at(
+            &key("run-dead"),
+            format!("{HEADER}\nc.nar\n"),
+            now - TTL * 2,
+        );
+        mem.insert_at(&key("junk"), "d.nar\n", now);
+        assert!(!announced(&mem, now).await.unwrap().contains("c.nar"));
+        assert!(!announced(&mem, now).await.unwrap().contains("d.nar"));
+        withdraw(&mem, "run-a").await.unwrap();
+        assert!(announced(&mem, now).await.unwrap().is_empty());
+    }
+}
