@@ -72,7 +72,9 @@ async fn misses_are_remembered_for_the_negative_ttl_only() {
     assert_eq!(mem.requests(), 2);
 }
 
-#[tokio::test]
+// The store's latency is on tokio's paused clock: it passes only once every request is
+// waiting, so all of them are there before the first store read returns.
+#[tokio::test(start_paused = true)]
 async fn concurrent_misses_cost_one_store_get() {
     let mem = Arc::new(MemoryStore::new());
     mem.insert(&format!("{HASH}.narinfo"), NARINFO);
@@ -131,24 +133,29 @@ async fn invalid_names_never_reach_the_store() {
 #[tokio::test]
 async fn an_upload_during_a_lookup_is_not_hidden_by_a_cached_miss() {
     let mem = Arc::new(MemoryStore::new());
-    mem.set_latency(Duration::from_millis(300));
     let st = state(Config::default(), &mem);
+    let gate = mem.hold_reads(&format!("{HASH}.narinfo"));
     let lookup = {
         let st = st.clone();
         tokio::spawn(async move { get(&st, &format!("/{HASH}.narinfo")).await })
     };
-    // The lookup is waiting on the store when the upload lands.
-    tokio::time::sleep(Duration::from_millis(100)).await;
+    // The lookup has found nothing and not answered yet when the upload lands.
+    gate.reached().await;
     mem.insert(&format!("{HASH}.narinfo"), NARINFO);
     st.live().narinfos.invalidate(HASH.parse().unwrap()).await;
+    gate.open();
+    // The lookup's miss crossed the upload: it looks again instead of remembering the miss.
     assert_eq!(lookup.await.unwrap().0, StatusCode::OK);
     assert_eq!(
         get(&st, &format!("/{HASH}.narinfo")).await.0,
         StatusCode::OK
     );
+    assert_eq!(mem.requests(), 2, "one read before the upload, one after");
 }
 
-#[tokio::test]
+// The store's latency is on tokio's paused clock: it passes only once every request is
+// waiting, so all of them are there before the first store read returns.
+#[tokio::test(start_paused = true)]
 async fn without_a_memory_cache_concurrent_misses_still_coalesce() {
     let mem = Arc::new(MemoryStore::new());
     mem.insert(&format!("{HASH}.narinfo"), NARINFO);

@@ -25,6 +25,30 @@ struct Stored {
 /// Called with the key of each object written under a prefix (see [`MemoryStore::after_write`]).
 type Hook = Arc<dyn Fn(&str) + Send + Sync>;
 
+/// Holds reads of keys under a prefix between looking the object up and returning it, until
+/// the test opens it (see [`MemoryStore::hold_reads`]).
+pub struct ReadGate {
+    prefix: String,
+    /// Given a permit by each read that reached the gate.
+    reached: tokio::sync::Semaphore,
+    /// Closed when the gate opens: every held read and every later one goes on.
+    open: tokio::sync::Semaphore,
+}
+
+impl ReadGate {
+    /// Waits until a read has looked its object up and is held at the gate.
+    pub async fn reached(&self) {
+        if let Ok(p) = self.reached.acquire().await {
+            p.forget();
+        }
+    }
+
+    /// Lets every held read return, and every later one pass.
+    pub fn open(&self) {
+        self.open.close();
+    }
+}
+
 #[derive(Default)]
 pub struct MemoryStore {
     // A std Mutex: held only for map operations, never across an await.
@@ -33,6 +57,7 @@ pub struct MemoryStore {
     down: AtomicBool,
     latency_ms: AtomicUsize,
     hooks: Arc<Mutex<Vec<(String, Hook)>>>,
+    gates: Mutex<Vec<Arc<ReadGate>>>,
 }
 
 impl MemoryStore {
@@ -59,6 +84,32 @@ impl MemoryStore {
     /// write returns: a test steps in at an exact point of a protocol.
     pub fn after_write(&self, prefix: &str, f: impl Fn(&str) + Send + Sync + 'static) {
         lock(&self.hooks).push((prefix.to_owned(), Arc::new(f)));
+    }
+
+    /// Holds each `get` and `head` of a key under `prefix` after it has looked the object up
+    /// and before it returns, until the gate is opened: a test lands a write exactly between
+    /// a read and its answer.
+    pub fn hold_reads(&self, prefix: &str) -> Arc<ReadGate> {
+        let gate = Arc::new(ReadGate {
+            prefix: prefix.to_owned(),
+            reached: tokio::sync::Semaphore::new(0),
+            open: tokio::sync::Semaphore::new(0),
+        });
+        lock(&self.gates).push(gate.clone());
+        gate
+    }
+
+    async fn pass_gates(&self, key: &str) {
+        let gates: Vec<Arc<ReadGate>> = lock(&self.gates)
+            .iter()
+            .filter(|g| key.starts_with(g.prefix.as_str()))
+            .cloned()
+            .collect();
+        for g in gates {
+            g.reached.add_permits(1);
+            // Never granted: this returns (with an error) once the gate is closed, i.e. open.
+            let _ = g.open.acquire().await;
+        }
     }
 
     /// Every key, sorted (for assertions).
@@ -104,7 +155,9 @@ impl MemoryStore {
 impl Store for MemoryStore {
     async fn get(&self, key: &str, range: Option<ByteRange>) -> Result<Option<Object>, StoreError> {
         self.delay().await;
-        let Some(data) = self.lookup(key)? else {
+        let found = self.lookup(key)?;
+        self.pass_gates(key).await;
+        let Some(data) = found else {
             return Ok(None);
         };
         let size = data.len() as u64;
@@ -133,7 +186,9 @@ impl Store for MemoryStore {
 
     async fn head(&self, key: &str) -> Result<Option<u64>, StoreError> {
         self.delay().await;
-        Ok(self.lookup(key)?.map(|d| d.len() as u64))
+        let found = self.lookup(key)?;
+        self.pass_gates(key).await;
+        Ok(found.map(|d| d.len() as u64))
     }
 
     async fn ping(&self) -> Result<(), StoreError> {

@@ -74,6 +74,10 @@ pub struct NarCache {
     reserved: AtomicU64,
     /// Longest wait for the next chunk from the store before a fill fails.
     idle_timeout: Duration,
+    /// Woken after the index and the files changed in the background, so tests wait for
+    /// that instead of polling.
+    #[cfg(test)]
+    changed: tokio::sync::Notify,
 }
 
 impl NarCache {
@@ -91,6 +95,8 @@ impl NarCache {
             disk_full: Backoff::new(FULL_BACKOFF),
             reserved: AtomicU64::new(0),
             idle_timeout,
+            #[cfg(test)]
+            changed: tokio::sync::Notify::new(),
         });
         // The budget may have shrunk since the last run.
         cache.evict();
@@ -172,6 +178,7 @@ impl NarCache {
     fn add(&self, name: &str, size: u64, sha256: [u8; 32]) {
         self.index().insert(name, size, sha256, Verified::Yes);
         self.evict();
+        self.changed();
     }
 
     fn drop_entry(&self, name: &str) {
@@ -179,6 +186,12 @@ impl NarCache {
         if held {
             self.disk.remove(name);
         }
+        self.changed();
+    }
+
+    fn changed(&self) {
+        #[cfg(test)]
+        self.changed.notify_waiters();
     }
 
     fn evict(&self) {
@@ -226,7 +239,10 @@ impl NarCache {
         };
         let this = self.clone();
         tokio::task::spawn_blocking(move || match this.disk.verify(&name, expected) {
-            Ok(()) => this.index().set_verified(&name),
+            Ok(()) => {
+                this.index().set_verified(&name);
+                this.changed();
+            }
             Err(e) => {
                 tracing::warn!(nar = %name, cause = %e, "NAR cache: cached file is corrupt, fetching it again");
                 this.drop_entry(&name);

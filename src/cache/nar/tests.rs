@@ -40,14 +40,27 @@ fn setup(
     (dir, cache, mem, store)
 }
 
-async fn wait_indexed(cache: &NarCache, n: usize) {
-    for _ in 0..200 {
-        if cache.usage().0 == n {
-            return;
+/// Waits until `done` holds, looking again each time the cache reports a change made in the
+/// background (a generous bound only turns a hang into a failure).
+async fn wait_until(cache: &NarCache, done: impl Fn() -> bool) {
+    let waiting = async {
+        loop {
+            let changed = cache.changed.notified();
+            tokio::pin!(changed);
+            changed.as_mut().enable();
+            if done() {
+                return;
+            }
+            changed.await;
         }
-        tokio::time::sleep(Duration::from_millis(10)).await;
-    }
-    panic!("cache never held {n} NARs");
+    };
+    tokio::time::timeout(Duration::from_secs(60), waiting)
+        .await
+        .expect("the cache never got there");
+}
+
+async fn wait_indexed(cache: &NarCache, n: usize) {
+    wait_until(cache, || cache.usage().0 == n).await;
 }
 
 #[tokio::test]
@@ -83,38 +96,41 @@ async fn fills_then_hits_without_the_store() {
 
 #[tokio::test]
 async fn eviction_keeps_the_budget() {
-    let (_d, cache, mem, store) = setup(2500);
+    let (d, cache, mem, store) = setup(2500);
     let names = [
         "07yp7gw2d9vmfgl2rd063i75qwkfbrgvqngp5yz2pk6iadzlckh7.nar",
         "17yp7gw2d9vmfgl2rd063i75qwkfbrgvqngp5yz2pk6iadzlckh7.nar",
         "27yp7gw2d9vmfgl2rd063i75qwkfbrgvqngp5yz2pk6iadzlckh7.nar",
     ];
-    for (i, n) in names.iter().enumerate() {
-        mem.insert(&format!("nar/{n}"), vec![i as u8; 1000]);
-        let name: NarFileName = n.parse().unwrap();
-        body(
-            cache
-                .get(&name, &format!("nar/{n}"), None, &store)
-                .await
-                .unwrap(),
-        )
-        .await;
-        wait_indexed(&cache, (i + 1).min(2)).await;
-    }
-    // The last fill indexes its NAR and evicts in the background: wait for that.
-    for _ in 0..200 {
-        if _d.path().join(names[2]).exists() && !_d.path().join(names[0]).exists() {
-            break;
+    let read = |i: usize| {
+        let (cache, store) = (cache.clone(), store.clone());
+        async move {
+            let name: NarFileName = names[i].parse().unwrap();
+            body(
+                cache
+                    .get(&name, &format!("nar/{}", names[i]), None, &store)
+                    .await
+                    .unwrap(),
+            )
+            .await
         }
-        tokio::time::sleep(Duration::from_millis(10)).await;
+    };
+    for (i, n) in names.iter().enumerate().take(2) {
+        mem.insert(&format!("nar/{n}"), vec![i as u8; 1000]);
+        read(i).await;
+        wait_indexed(&cache, i + 1).await;
     }
-    let (count, bytes) = cache.usage();
-    assert_eq!((count, bytes), (2, 2000));
-    assert!(
-        !_d.path().join(names[0]).exists(),
-        "the least recently used went"
-    );
-    assert!(_d.path().join(names[2]).exists());
+    // The first one is used again, so the second is now the least recently used.
+    let before = mem.requests();
+    assert_eq!(read(0).await, vec![0u8; 1000]);
+    assert_eq!(mem.requests(), before, "a hit");
+    mem.insert(&format!("nar/{}", names[2]), vec![2u8; 1000]);
+    read(2).await;
+    // The last fill indexes its NAR and evicts in the background: wait for that.
+    wait_until(&cache, || !d.path().join(names[1]).exists()).await;
+    assert_eq!(cache.usage(), (2, 2000));
+    assert!(d.path().join(names[0]).exists(), "recently used: kept");
+    assert!(d.path().join(names[2]).exists());
 }
 
 #[tokio::test]
@@ -180,17 +196,27 @@ async fn concurrent_misses_cost_one_store_get() {
 
 #[tokio::test]
 async fn too_large_nars_pass_through_with_one_store_get() {
-    let (_d, cache, mem, store) = setup(1000);
-    let data = vec![9u8; 800];
+    // Over the small-NAR limit (1 MiB), so it would be streamed into a file, and over half
+    // the budget, so the cache must not take it: the store's answer is handed over as is.
+    let (d, cache, mem, store) = setup(2_000_000);
+    let data: Vec<u8> = (0..1_500_000u32).map(|i| (i % 251) as u8).collect();
     mem.insert(&format!("nar/{NAME}"), data.clone());
     let name: NarFileName = NAME.parse().unwrap();
     let key = format!("nar/{NAME}");
-    assert_eq!(
-        body(cache.get(&name, &key, None, &store).await.unwrap()).await,
-        data
-    );
-    assert_eq!(mem.requests(), 1);
-    assert_eq!(cache.usage().0, 0);
+    for round in 1..=2 {
+        assert_eq!(
+            body(cache.get(&name, &key, None, &store).await.unwrap()).await,
+            data
+        );
+        assert_eq!(mem.requests(), round, "every request goes to the store");
+        assert_eq!(cache.usage(), (0, 0));
+    }
+    let files: Vec<_> = std::fs::read_dir(d.path())
+        .unwrap()
+        .map(|e| e.unwrap().file_name())
+        .filter(|n| n.to_string_lossy().starts_with(&NAME[..10]))
+        .collect();
+    assert!(files.is_empty(), "nothing written for it: {files:?}");
 }
 
 #[tokio::test]
