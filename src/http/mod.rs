@@ -39,6 +39,8 @@ mod status;
 mod upload;
 
 #[cfg(test)]
+mod private_tests;
+#[cfg(test)]
 mod tests;
 
 use std::sync::atomic::{AtomicBool, Ordering};

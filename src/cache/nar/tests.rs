@@ -127,7 +127,22 @@ async fn eviction_keeps_the_budget() {
     mem.insert(&format!("nar/{}", names[2]), vec![2u8; 1000]);
     read(2).await;
     // The last fill indexes its NAR and evicts in the background: wait for that.
-    wait_until(&cache, || !d.path().join(names[1]).exists()).await;
+    let nar_files = || {
+        std::fs::read_dir(d.path())
+            .unwrap()
+            .filter(|e| {
+                e.as_ref()
+                    .unwrap()
+                    .file_name()
+                    .to_string_lossy()
+                    .ends_with(".nar")
+            })
+            .count()
+    };
+    wait_until(&cache, || {
+        d.path().join(names[2]).exists() && nar_files() == 2
+    })
+    .await;
     assert_eq!(cache.usage(), (2, 2000));
     assert!(d.path().join(names[0]).exists(), "recently used: kept");
     assert!(d.path().join(names[2]).exists());
