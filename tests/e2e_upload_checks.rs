@@ -370,12 +370,33 @@ async fn import_a_file_cache_twice_then_substitute() {
     let out = c.output().unwrap();
     let text = String::from_utf8_lossy(&out.stdout);
     assert!(!out.status.success(), "{text}");
+    // One line per rejected path, `  rejected <path>: <why>`: the corrupt one for its own
+    // reason, and each path above it for the reference it lacks.
+    let rejected: Vec<(&str, &str)> = text
+        .lines()
+        .filter_map(|l| l.strip_prefix("  rejected "))
+        .filter_map(|l| l.split_once(": "))
+        .collect();
+    let why = |path: &str| {
+        rejected
+            .iter()
+            .find(|(p, _)| *p == path)
+            .map(|(_, why)| *why)
+            .unwrap_or_else(|| panic!("{path} not rejected:\n{text}"))
+    };
+    let leaf_why = why(leaf);
+    assert!(!leaf_why.contains("reference"), "{leaf_why}");
+    let mid = f.closure.iter().find(|p| p.ends_with("-mid")).unwrap();
+    let mid_why = why(mid);
     assert!(
-        text.contains("rejected") && text.contains("-leaf"),
-        "{text}"
+        mid_why.contains("reference") && mid_why.contains(leaf.as_str()),
+        "{mid_why}"
     );
-    assert!(
-        text.contains("-mid") && text.contains("reference"),
-        "{text}"
+    let top_why = why(&f.top);
+    assert!(top_why.contains(mid.as_str()), "{top_why}");
+    assert_eq!(
+        rejected.len(),
+        3,
+        "only the corrupt path and those above it:\n{text}"
     );
 }
