@@ -464,4 +464,6 @@ impl std::fmt::Display for IdleTimeout {
 impl std::error::Error for IdleTimeout {}
 
 #[cfg(test)]
+mod props;
+#[cfg(test)]
 mod tests;
