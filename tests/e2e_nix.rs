@@ -121,8 +121,30 @@ async fn hot_closure_is_served_without_touching_s3() {
         &f.top,
         &work.path().join("first"),
     );
-    // Fills finish in the background right after the last byte went out.
-    tokio::time::sleep(std::time::Duration::from_millis(300)).await;
+    // Fills finish in the background right after the last byte went out: wait until every
+    // NAR of the closure has its file (its `.meta` is written last), bounded against a hang.
+    let cached = || {
+        std::fs::read_dir(work.path().join("nar-cache"))
+            .unwrap()
+            .filter(|e| {
+                e.as_ref()
+                    .unwrap()
+                    .file_name()
+                    .to_string_lossy()
+                    .ends_with(".meta")
+            })
+            .count()
+    };
+    let deadline = std::time::Instant::now() + std::time::Duration::from_secs(60);
+    while cached() < f.closure.len() {
+        assert!(
+            std::time::Instant::now() < deadline,
+            "{} of {} NARs cached",
+            cached(),
+            f.closure.len()
+        );
+        tokio::time::sleep(std::time::Duration::from_millis(20)).await;
+    }
     let before = proxy.bytes_to_store();
     substitute_and_verify(
         &srv.url,

@@ -825,8 +825,10 @@ async fn disk_cached_nars_are_complete_cold_and_warm() {
     for t in tasks {
         t.await.unwrap();
     }
-    // Fills end right after the last byte: give them a moment to take their final names.
-    for _ in 0..100 {
+    // Fills end right after the last byte: wait until they have taken their final names
+    // (bounded against a hang, never relied on as a delay).
+    let deadline = std::time::Instant::now() + std::time::Duration::from_secs(60);
+    loop {
         let cached = std::fs::read_dir(dir.path())
             .unwrap()
             .filter(|e| {
@@ -840,6 +842,11 @@ async fn disk_cached_nars_are_complete_cold_and_warm() {
         if cached == nars.len() {
             break;
         }
+        assert!(
+            std::time::Instant::now() < deadline,
+            "{cached} of {} NARs cached",
+            nars.len()
+        );
         tokio::time::sleep(std::time::Duration::from_millis(20)).await;
     }
     let before = proxy.bytes_to_store();
