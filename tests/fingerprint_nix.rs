@@ -119,7 +119,7 @@ fn narinfos_signed_by_cellar_verify_with_nix() {
         if i == 0 {
             assert_eq!(
                 bad,
-                [control_path.clone()],
+                std::slice::from_ref(&control_path),
                 "the changed narinfo must be refused"
             );
         }
