@@ -19,24 +19,25 @@ mod replicas_support;
 
 use std::path::Path;
 use std::process::{Command, Stdio};
-use std::sync::Mutex;
 use std::time::{Duration, Instant};
 
 use common::*;
 use replicas_support::*;
 
-/// One test at a time.
-fn serial() -> std::sync::MutexGuard<'static, ()> {
-    static LOCK: Mutex<()> = Mutex::new(());
-    LOCK.lock().unwrap_or_else(std::sync::PoisonError::into_inner)
+/// One test at a time (an async lock: each test holds it across awaits, in its own runtime).
+async fn serial() -> tokio::sync::MutexGuard<'static, ()> {
+    static LOCK: tokio::sync::Mutex<()> = tokio::sync::Mutex::const_new(());
+    LOCK.lock().await
 }
 
 /// `nix copy --from url --store store path` trusting only `key`, with a fresh lookup cache.
 fn copy_from(url: &str, key: &str, store: &Path, path: &str, xdg: &Path) -> Command {
     let mut c = nix("nix", xdg);
-    c.args(["copy", "--from", url, "--store"])
-        .arg(store)
-        .args(["--trusted-public-keys", key, path]);
+    c.args(["copy", "--from", url, "--store"]).arg(store).args([
+        "--trusted-public-keys",
+        key,
+        path,
+    ]);
     c
 }
 
@@ -53,7 +54,11 @@ fn verify(store: &Path, key: &str, path: &str, xdg: &Path) {
 fn wait_until(what: &str, mut cond: impl FnMut() -> bool, log: impl Fn() -> String) {
     let deadline = Instant::now() + Duration::from_secs(60);
     while !cond() {
-        assert!(Instant::now() < deadline, "{what} did not happen:\n{}", log());
+        assert!(
+            Instant::now() < deadline,
+            "{what} did not happen:\n{}",
+            log()
+        );
         std::thread::sleep(Duration::from_millis(5));
     }
 }
@@ -82,7 +87,7 @@ fn field<'a>(line: &'a str, name: &str) -> &'a str {
 /// retried on B, which reads through node 1 with node 0 dead.
 #[tokio::test(flavor = "multi_thread")]
 async fn a_storage_node_killed_during_a_500_path_copy_fails_no_substitution() {
-    let _serial = serial();
+    let _serial = serial().await;
     let work = tempfile::tempdir().unwrap();
     let xdg = work.path().join("xdg");
     let (many, closure) = build("many", &[], &xdg);
@@ -140,7 +145,12 @@ async fn a_storage_node_killed_during_a_500_path_copy_fails_no_substitution() {
         lb.access_log(),
         a.log()
     );
-    verify(&store, &shared.public_key, &many, &work.path().join("xdg-v"));
+    verify(
+        &store,
+        &shared.public_key,
+        &many,
+        &work.path().join("xdg-v"),
+    );
 
     let log = lb.access_log();
     let total = log.lines().count();
@@ -151,9 +161,15 @@ async fn a_storage_node_killed_during_a_500_path_copy_fails_no_substitution() {
         total - at_kill
     );
     let failed: Vec<&str> = log.lines().filter(|l| status(l) >= 500).collect();
-    assert!(failed.is_empty(), "the client got 5xx:\n{}", failed.join("\n"));
+    assert!(
+        failed.is_empty(),
+        "the client got 5xx:\n{}",
+        failed.join("\n")
+    );
     // What nginx tried on more than one replica (A's 503s, or A's refused connections).
     let retried = log.lines().filter(|l| l.contains(", ")).count();
+    // A lost its store: what nginx sent it after the kill failed and went to B.
+    assert!(retried >= 1, "nothing was retried on B:\n{log}");
     eprintln!(
         "kill-node: {total} requests, {} after the kill, {retried} retried on the other replica, copy took {took:?}",
         total - at_kill
@@ -169,7 +185,7 @@ const NEGATIVE_TTL: Duration = Duration::from_secs(5);
 /// `NEGATIVE_TTL` (plus polling slack) after it. Then nix substitutes it from B.
 #[tokio::test(flavor = "multi_thread")]
 async fn an_upload_through_a_is_served_by_b_once_its_negative_ttl_expires() {
-    let _serial = serial();
+    let _serial = serial().await;
     let work = tempfile::tempdir().unwrap();
     let xdg = work.path().join("xdg");
     let (mid, closure) = build("mid", &["--argstr", "salt", "cellar-replicas-1"], &xdg);
@@ -250,7 +266,7 @@ const HOLD_AFTER: u64 = 256 << 10;
 /// stores verify, and both replicas end with the NAR on disk.
 #[tokio::test(flavor = "multi_thread")]
 async fn a_nar_being_filled_on_a_and_requested_on_b_is_served_to_both() {
-    let _serial = serial();
+    let _serial = serial().await;
     let work = tempfile::tempdir().unwrap();
     let xdg = work.path().join("xdg");
     let (big, closure) = build("big", &[], &xdg);
@@ -306,7 +322,12 @@ async fn a_nar_being_filled_on_a_and_requested_on_b_is_served_to_both() {
         &big,
         &work.path().join("xdg-b"),
     ));
-    verify(&store_b, &shared.public_key, &big, &work.path().join("xdg-vb"));
+    verify(
+        &store_b,
+        &shared.public_key,
+        &big,
+        &work.path().join("xdg-vb"),
+    );
     assert_eq!(b.log_count("NAR cache: miss"), 1, "{}", b.log());
     // A's fill was in progress all along.
     assert!(proxy_a.holding() >= 1);
@@ -320,13 +341,22 @@ async fn a_nar_being_filled_on_a_and_requested_on_b_is_served_to_both() {
         String::from_utf8_lossy(&out.stderr),
         a.log()
     );
-    verify(&store_a, &shared.public_key, &big, &work.path().join("xdg-va"));
+    verify(
+        &store_a,
+        &shared.public_key,
+        &big,
+        &work.path().join("xdg-va"),
+    );
     // Each replica completed its own fill (a NAR and its .meta file).
     for d in ["nars-a", "nars-b"] {
         let dir = work.path().join(d);
         wait_until(
             &format!("the NAR in {d}"),
-            || walk(&dir).iter().any(|p| p.to_string_lossy().ends_with(".nar.xz")),
+            || {
+                walk(&dir)
+                    .iter()
+                    .any(|p| p.to_string_lossy().ends_with(".nar.xz"))
+            },
             || format!("{:?}", walk(&dir)),
         );
     }
@@ -340,7 +370,7 @@ async fn a_nar_being_filled_on_a_and_requested_on_b_is_served_to_both() {
 /// refusing connections and sends the retry to the other, and the copy succeeds.
 #[tokio::test(flavor = "multi_thread")]
 async fn a_replica_killed_mid_download_the_retry_through_the_other_succeeds() {
-    let _serial = serial();
+    let _serial = serial().await;
     let work = tempfile::tempdir().unwrap();
     let xdg = work.path().join("xdg");
     let (big, _) = build("big", &[], &xdg);
@@ -409,7 +439,11 @@ async fn a_replica_killed_mid_download_the_retry_through_the_other_succeeds() {
     let last = nars[nars.len() - 1];
     assert!(
         field(last, "upstream").ends_with(&survivor_addr)
-            && field(last, "ustatus").rsplit(", ").next().unwrap().starts_with("20"),
+            && field(last, "ustatus")
+                .rsplit(", ")
+                .next()
+                .unwrap()
+                .starts_with("20"),
         "{log}"
     );
     eprintln!("kill-replica: nix said:\n{stderr}\nnginx:\n{log}");

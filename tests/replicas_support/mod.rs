@@ -53,11 +53,7 @@ impl Cluster {
             key_id: var("AWS_ACCESS_KEY_ID"),
             secret: var("AWS_SECRET_ACCESS_KEY"),
         };
-        Cluster {
-            endpoints,
-            s3,
-            dir,
-        }
+        Cluster { endpoints, s3, dir }
     }
 
     /// SIGKILLs node `i`.
@@ -75,10 +71,7 @@ impl Cluster {
     /// proxy in front of one), under `prefix`, with the cluster's credentials.
     pub fn store_env(&self, endpoint: &str, prefix: &str) -> Vec<(String, String)> {
         let mut env = s3_store_env(&self.s3, endpoint, prefix);
-        env.push((
-            "CELLAR_STORE__ACCESS_KEY_ID".into(),
-            self.s3.key_id.clone(),
-        ));
+        env.push(("CELLAR_STORE__ACCESS_KEY_ID".into(), self.s3.key_id.clone()));
         env.push((
             "CELLAR_STORE__SECRET_ACCESS_KEY".into(),
             self.s3.secret.clone(),
@@ -238,7 +231,7 @@ pid {d}/nginx.pid;
 error_log {d}/error.log info;
 events {{ worker_connections 1024; }}
 http {{
-    log_format replicas '$request_method $uri $status $body_bytes_sent range="$http_range" upstream="$upstream_addr" ustatus="$upstream_status"';
+    log_format replicas '$request_method $uri $status $body_bytes_sent range="$http_range" upstream="$upstream_addr" ustatus="$upstream_status" t=$msec rt=$request_time';
     access_log {d}/access.log replicas;
     client_body_temp_path {d}/client_body;
     proxy_temp_path {d}/proxy;
@@ -310,9 +303,7 @@ impl Drop for Nginx {
 pub fn build(attr: &str, args: &[&str], xdg: &Path) -> (String, Vec<String>) {
     let expr = Path::new(env!("CARGO_MANIFEST_DIR")).join("tests/fixtures/closure.nix");
     let mut b = nix("nix-build", xdg);
-    b.arg(&expr)
-        .args(["-A", attr, "--no-out-link"])
-        .args(args);
+    b.arg(&expr).args(["-A", attr, "--no-out-link"]).args(args);
     let top = run_ok(b).trim().to_owned();
     let mut q = nix("nix-store", xdg);
     q.args(["-qR", &top]);
