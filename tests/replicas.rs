@@ -10,7 +10,9 @@
 //!   other replica.
 //!
 //! Each test starts its own cluster, replicas and nginx, and the tests run one at a time (the
-//! machine has 2 cores, and one test kills a storage node).
+//! machine has 2 cores, and one test kills a storage node). The tests wait for nix and poll
+//! logs on their runtime's threads; 4 workers leave the proxies threads to run on whatever
+//! the core count.
 
 #![allow(clippy::unwrap_used, clippy::expect_used)]
 
@@ -85,7 +87,7 @@ fn field<'a>(line: &'a str, name: &str) -> &'a str {
 /// is SIGKILLed: A's store is gone and the cluster runs on 2 of 3 nodes. The copy succeeds and
 /// verifies, and no request the client made got a 5xx: what A could not answer (503) nginx
 /// retried on B, which reads through node 1 with node 0 dead.
-#[tokio::test(flavor = "multi_thread")]
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
 async fn a_storage_node_killed_during_a_500_path_copy_fails_no_substitution() {
     let _serial = serial().await;
     let work = tempfile::tempdir().unwrap();
@@ -183,7 +185,7 @@ const NEGATIVE_TTL: Duration = Duration::from_secs(5);
 /// netrc token), A serves it at once, and B keeps answering 404 from its cached miss until
 /// that expires: never 200 before `NEGATIVE_TTL` after its first 404, and 200 within
 /// `NEGATIVE_TTL` (plus polling slack) after it. Then nix substitutes it from B.
-#[tokio::test(flavor = "multi_thread")]
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
 async fn an_upload_through_a_is_served_by_b_once_its_negative_ttl_expires() {
     let _serial = serial().await;
     let work = tempfile::tempdir().unwrap();
@@ -264,7 +266,7 @@ const HOLD_AFTER: u64 = 256 << 10;
 /// for the same path: B fills its own cache from the cluster and serves it completely. Then A's
 /// store connection is let go: A's fill completes and its client gets the whole NAR too. Both
 /// stores verify, and both replicas end with the NAR on disk.
-#[tokio::test(flavor = "multi_thread")]
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
 async fn a_nar_being_filled_on_a_and_requested_on_b_is_served_to_both() {
     let _serial = serial().await;
     let work = tempfile::tempdir().unwrap();
@@ -368,7 +370,7 @@ async fn a_nar_being_filled_on_a_and_requested_on_b_is_served_to_both() {
 /// begun, so the client sees its transfer cut; nix retries the download (from where it was
 /// cut, with `Range`, since cellar sends `Accept-Ranges`), nginx finds the dead replica
 /// refusing connections and sends the retry to the other, and the copy succeeds.
-#[tokio::test(flavor = "multi_thread")]
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
 async fn a_replica_killed_mid_download_the_retry_through_the_other_succeeds() {
     let _serial = serial().await;
     let work = tempfile::tempdir().unwrap();
