@@ -129,13 +129,17 @@ pub fn unique_prefix(name: &str) -> String {
 
 // ---------------------------------------------------------------------------------------------
 // A TCP proxy in front of the store that a test can cut (connections reset, nothing accepted)
-// and restore, and that counts bytes sent to the store.
+// and restore, that counts bytes sent to the store, and that can hold answers mid-body.
 
 pub struct Proxy {
     pub addr: SocketAddr,
     down: Arc<AtomicBool>,
     to_upstream: Arc<AtomicU64>,
     conns: Arc<Mutex<Vec<tokio::task::AbortHandle>>>,
+    /// A connection that has passed this many bytes from the store waits until it is raised.
+    hold_after: tokio::sync::watch::Sender<u64>,
+    /// Connections waiting at `hold_after` now.
+    holding: Arc<AtomicU64>,
 }
 
 impl Proxy {
@@ -149,7 +153,10 @@ impl Proxy {
         let down = Arc::new(AtomicBool::new(false));
         let to_upstream = Arc::new(AtomicU64::new(0));
         let conns: Arc<Mutex<Vec<tokio::task::AbortHandle>>> = Arc::default();
+        let (hold_after, _) = tokio::sync::watch::channel(u64::MAX);
+        let holding = Arc::new(AtomicU64::new(0));
         let (d, t, c) = (down.clone(), to_upstream.clone(), conns.clone());
+        let (hold, held) = (hold_after.clone(), holding.clone());
         tokio::spawn(async move {
             loop {
                 let Ok((mut client, _)) = listener.accept().await else {
@@ -160,6 +167,8 @@ impl Proxy {
                     continue;
                 }
                 let t = t.clone();
+                let mut hold = hold.subscribe();
+                let held = held.clone();
                 let task = tokio::spawn(async move {
                     let Ok(mut server) = TcpStream::connect(upstream).await else {
                         return;
@@ -181,7 +190,24 @@ impl Proxy {
                         let _ = sw.shutdown().await;
                     };
                     let downstream = async {
-                        let _ = tokio::io::copy(&mut sr, &mut cw).await;
+                        let mut buf = vec![0u8; 64 * 1024];
+                        let mut passed = 0u64;
+                        loop {
+                            if passed >= *hold.borrow_and_update() {
+                                held.fetch_add(1, Ordering::SeqCst);
+                                while passed >= *hold.borrow_and_update() {
+                                    if hold.changed().await.is_err() {
+                                        break;
+                                    }
+                                }
+                                held.fetch_sub(1, Ordering::SeqCst);
+                            }
+                            let n = sr.read(&mut buf).await.unwrap_or(0);
+                            if n == 0 || cw.write_all(&buf[..n]).await.is_err() {
+                                break;
+                            }
+                            passed += n as u64;
+                        }
                         let _ = cw.shutdown().await;
                     };
                     tokio::join!(up, downstream);
@@ -194,7 +220,25 @@ impl Proxy {
             down,
             to_upstream,
             conns,
+            hold_after,
+            holding,
         }
+    }
+
+    /// From now on, a connection that has passed `bytes` bytes from the store (a NAR body
+    /// partly sent) stops passing more until [`Proxy::release`].
+    pub fn hold_after(&self, bytes: u64) {
+        self.hold_after.send_replace(bytes);
+    }
+
+    /// Lets every held connection go on, and holds none from now on.
+    pub fn release(&self) {
+        self.hold_after.send_replace(u64::MAX);
+    }
+
+    /// How many connections are being held now.
+    pub fn holding(&self) -> u64 {
+        self.holding.load(Ordering::SeqCst)
     }
 
     pub fn url(&self) -> String {
