@@ -188,7 +188,12 @@ class RequestCounter:
                 self.log("? ? chunked request body: no more counting on this connection")
                 self.lost = True
                 return
-            self.body_left = int(fields.get("content-length", "0") or 0)
+            try:
+                self.body_left = int(fields.get("content-length", "0") or 0)
+            except ValueError:
+                self.log("? ? unreadable Content-Length: no more counting on this connection")
+                self.lost = True
+                return
             self.log(f"{parts[0]} {parts[1] if len(parts) > 1 else '?'}")
 
     def log(self, what):
@@ -218,15 +223,15 @@ async def delay_proxy(port, upstream, delay_ms, log_path):
             writer.close()
 
     async def downward(reader, writer):  # server -> client, each chunk DELAY later
-        queue = asyncio.Queue()
+        queue = asyncio.Queue(64)  # at most 64 chunks (16 MiB) held: a slow client slows the reads
 
         async def read():
             try:
                 while data := await reader.read(1 << 18):
-                    queue.put_nowait((loop.time() + delay, data))
+                    await queue.put((loop.time() + delay, data))
             except (ConnectionError, OSError):
                 pass
-            queue.put_nowait((loop.time() + delay, b""))
+            await queue.put((loop.time() + delay, b""))
 
         reading = asyncio.create_task(read())
         try:
