@@ -13,11 +13,19 @@
                                       FILE: curl -w '%{http_code} %{size_download}' lines. Prints
                                       MiB/s (total bytes / wall time); exits 1 on any non-200.
   bench-helper.py wrk FILE            FILE: wrk's output. Prints requests/s; exits 1 on errors.
+  bench-helper.py delay-proxy PORT UPSTREAM DELAY_MS REQUEST_LOG
+                                      listens on 127.0.0.1:PORT and forwards every connection to
+                                      UPSTREAM (host:port), both ways; every chunk coming back from
+                                      the upstream is held DELAY_MS before it is passed on, so each
+                                      answer arrives at least DELAY_MS later (a slower S3). Appends
+                                      one line per request it forwards ("time conn METHOD TARGET")
+                                      to REQUEST_LOG. Runs until killed.
   bench-helper.py table RESULTS META OUT
                                       RESULTS: "metric<TAB>server<TAB>value" lines (value a number
                                       or "failed"); META: markdown
                                       lines put under the table. Prints the report and writes OUT.
 """
+import asyncio
 import datetime
 import hashlib
 import hmac
@@ -142,15 +150,137 @@ def wrk(path):
     print(f"{float(m.group(1)):.0f}")
 
 
+# --- the delay proxy --------------------------------------------------------------------------
+
+class RequestCounter:
+    """Finds the HTTP/1.x requests in one connection's client-to-server bytes, to log each one.
+
+    Knows requests framed by Content-Length or without a body (all the read path sends); on a
+    chunked body it logs that it stops counting on this connection, and only forwards from then.
+    """
+
+    def __init__(self, log_fd, conn):
+        self.log_fd, self.conn = log_fd, conn
+        self.buf, self.body_left, self.lost = b"", 0, False
+
+    def feed(self, data):
+        if self.lost:
+            return
+        self.buf += data
+        while True:
+            if self.body_left:
+                n = min(self.body_left, len(self.buf))
+                self.body_left -= n
+                self.buf = self.buf[n:]
+                if self.body_left:
+                    return
+            end = self.buf.find(b"\r\n\r\n")
+            if end < 0:
+                return
+            head, self.buf = self.buf[:end].decode("latin-1"), self.buf[end + 4:]
+            lines = head.split("\r\n")
+            parts = lines[0].split(" ")
+            fields = {}
+            for line in lines[1:]:
+                k, _, v = line.partition(":")
+                fields[k.strip().lower()] = v.strip()
+            if "chunked" in fields.get("transfer-encoding", "").lower():
+                self.log("? ? chunked request body: no more counting on this connection")
+                self.lost = True
+                return
+            try:
+                self.body_left = int(fields.get("content-length", "0") or 0)
+            except ValueError:
+                self.log("? ? unreadable Content-Length: no more counting on this connection")
+                self.lost = True
+                return
+            self.log(f"{parts[0]} {parts[1] if len(parts) > 1 else '?'}")
+
+    def log(self, what):
+        os.write(self.log_fd, f"{datetime.datetime.now().timestamp():.6f} {self.conn} {what}\n".encode())
+
+
+async def delay_proxy(port, upstream, delay_ms, log_path):
+    up_host, _, up_port = upstream.rpartition(":")
+    delay = int(delay_ms) / 1000
+    log_fd = os.open(log_path, os.O_WRONLY | os.O_CREAT | os.O_APPEND, 0o644)
+    loop = asyncio.get_running_loop()
+    conns = 0
+
+    def nodelay(writer):
+        sock = writer.get_extra_info("socket")
+        if sock is not None:
+            sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
+
+    async def upward(reader, writer, counter):  # client -> server, at once
+        try:
+            while data := await reader.read(1 << 16):
+                counter.feed(data)
+                writer.write(data)
+                await writer.drain()
+            writer.write_eof()
+        except (ConnectionError, OSError):
+            writer.close()
+
+    async def downward(reader, writer):  # server -> client, each chunk DELAY later
+        queue = asyncio.Queue(64)  # at most 64 chunks (16 MiB) held: a slow client slows the reads
+
+        async def read():
+            try:
+                while data := await reader.read(1 << 18):
+                    await queue.put((loop.time() + delay, data))
+            except (ConnectionError, OSError):
+                pass
+            await queue.put((loop.time() + delay, b""))
+
+        reading = asyncio.create_task(read())
+        try:
+            while True:
+                due, data = await queue.get()
+                wait = due - loop.time()
+                if wait > 0:
+                    await asyncio.sleep(wait)
+                if not data:
+                    writer.write_eof()
+                    break
+                writer.write(data)
+                await writer.drain()
+        except (ConnectionError, OSError):
+            writer.close()
+        reading.cancel()
+
+    async def handle(c_reader, c_writer):
+        nonlocal conns
+        conns += 1
+        try:
+            s_reader, s_writer = await asyncio.open_connection(up_host, int(up_port))
+        except OSError:
+            c_writer.close()
+            return
+        nodelay(c_writer)
+        nodelay(s_writer)
+        counter = RequestCounter(log_fd, conns)
+        await asyncio.gather(upward(c_reader, s_writer, counter), downward(s_reader, c_writer),
+                             return_exceptions=True)
+        for w in (c_writer, s_writer):
+            w.close()
+
+    server = await asyncio.start_server(handle, "127.0.0.1", int(port), backlog=1024)
+    async with server:
+        await server.serve_forever()
+
+
 # --- the report --------------------------------------------------------------------------------
 
 SERVERS = [("cellar-s3", "cellar (Garage)"), ("cellar-dir", "cellar (dir)"),
-           ("nginx", "nginx"), ("python", "python http.server"), ("garage", "Garage direct")]
+           ("nginx", "nginx"), ("python", "python http.server"), ("garage", "Garage direct"),
+           ("bucket-web", "anonymous bucket")]
 # (numerator, denominator, header)
 RATIOS = [("cellar-s3", "nginx", "cellar (Garage) / nginx"),
           ("cellar-dir", "nginx", "cellar (dir) / nginx"),
           ("cellar-s3", "python", "cellar (Garage) / python"),
-          ("cellar-s3", "garage", "cellar (Garage) / Garage direct")]
+          ("cellar-s3", "garage", "cellar (Garage) / Garage direct"),
+          ("cellar-s3", "bucket-web", "cellar (Garage) / anonymous bucket")]
 # metric key -> (label, better): "lower" or "higher"
 METRICS = [
     ("narinfo_cold", "narinfo latency, cold: µs p50, 1 keep-alive connection", "lower"),
@@ -167,14 +297,27 @@ METRICS = [
     ("rss_c16", "cellar peak RSS during 16 parallel NAR downloads: MiB", "lower"),
     ("rss_peak", "cellar peak RSS over the whole run: MiB", "lower"),
 ]
+# slow S3, one group of rows per delay: metric@<ms>ms
+DELAY_METRICS = [
+    ("nix_copy_cold", "`nix copy --from` slow-S3 closure, cold @ +{d}ms: s", "lower"),
+    ("nix_copy_warm", "`nix copy --from` slow-S3 closure, warm @ +{d}ms: s", "lower"),
+    ("s3_requests_warm", "S3 requests during the warm copy @ +{d}ms", "lower"),
+]
 
 
-def fmt(v):
+def metrics(keys):
+    """The fixed rows, then the slow-S3 rows of every delay found in the results."""
+    delays = sorted({int(m.group(1)) for k in keys if (m := re.search(r"@(\d+)ms$", k))})
+    return METRICS + [(f"{key}@{d}ms", label.format(d=d), better)
+                      for d in delays for key, label, better in DELAY_METRICS]
+
+
+def fmt(v, whole=False):
     if v is None:
         return "n/a"
     if isinstance(v, str):
         return f"**{v}**"
-    if v >= 10:
+    if v >= 10 or whole:
         return f"{v:.0f}"
     return f"{v:.2f}"
 
@@ -187,13 +330,13 @@ def table(results_path, meta_path, out_path):
             values[(parts[0], parts[1])] = parts[2] if parts[2] == "failed" else float(parts[2])
     head = ["metric", "better"] + [name for _, name in SERVERS] + [h for _, _, h in RATIOS]
     rows = ["| " + " | ".join(head) + " |", "|" + "---|" * 2 + "--:|" * (len(head) - 2)]
-    for key, label, better in METRICS:
+    for key, label, better in metrics({k for k, _ in values}):
         cells = [label, "↓" if better == "lower" else "↑"]
-        cells += [fmt(values.get((key, s))) for s, _ in SERVERS]
+        cells += [fmt(values.get((key, s)), whole=key.startswith("s3_requests")) for s, _ in SERVERS]
         for num, den, _ in RATIOS:
             a, b = values.get((key, num)), values.get((key, den))
-            ok = isinstance(a, float) and isinstance(b, float) and b
-            cells.append(f"{a / b:.2f}×" if ok else "n/a")
+            ok = isinstance(a, float) and isinstance(b, float)
+            cells.append(f"{a / b:.2f}×" if ok and b else "0 ÷ 0" if ok and not a else "n/a")
         rows.append("| " + " | ".join(cells) + " |")
     meta = open(meta_path).read() if meta_path and os.path.exists(meta_path) else ""
     report = "# cellar benchmark\n\n" + "\n".join(rows) + "\n\n" + meta
@@ -223,6 +366,8 @@ def main():
         throughput(*args)
     elif cmd == "wrk" and len(args) == 1:
         wrk(args[0])
+    elif cmd == "delay-proxy" and len(args) == 4:
+        asyncio.run(delay_proxy(*args))
     elif cmd == "table" and len(args) == 3:
         table(*args)
     else:

@@ -5,7 +5,14 @@
 #                                    prints shell-quoted env lines (S3_ENDPOINT, AWS_*, ...)
 #   scripts/garage-s3.sh stop DIR    stop it and delete DIR
 #
-# Ports are picked free at start. Knobs: S3_BUCKET (nix-cache), GARAGE_VERSION (2.5.0).
+# Ports are picked free at start. Knobs: S3_BUCKET (nix-cache), GARAGE_VERSION (2.5.0),
+# GARAGE_WEB=1: also serve the bucket without signatures on Garage's website endpoint (port
+# S3 port + 2), as a bucket opened with `mc anonymous set download` would be, and print
+# S3_WEB_ENDPOINT (http://BUCKET.web.localhost:PORT, for curl and nix) and S3_WEB_ADDR
+# (127.0.0.1:PORT) with S3_WEB_HOST (the Host header) for clients that resolve through the system.
+# Garage's website endpoint picks the bucket from the Host header: BUCKET + root_domain
+# (".web.localhost" here). libcurl, and so Nix, resolves every *.localhost name to 127.0.0.1
+# itself (RFC 6761), so the URL needs no DNS or /etc/hosts entry.
 set -euo pipefail
 cmd=${1:?usage: garage-s3.sh start|stop DIR}; DIR=${2:?usage: garage-s3.sh start|stop DIR}
 BUCKET=${S3_BUCKET:-nix-cache}; REGION=us-east-1; VERSION=${GARAGE_VERSION:-2.5.0}
@@ -26,7 +33,8 @@ free_port() {  # a port where nothing listens, and nothing on the two above it e
   while :; do
     p=$(( (RANDOM % 20000) + 30000 ))
     if ! (exec 3<>"/dev/tcp/127.0.0.1/$p") 2>/dev/null \
-       && ! (exec 3<>"/dev/tcp/127.0.0.1/$((p+1))") 2>/dev/null; then echo "$p"; return; fi
+       && ! (exec 3<>"/dev/tcp/127.0.0.1/$((p+1))") 2>/dev/null \
+       && ! (exec 3<>"/dev/tcp/127.0.0.1/$((p+2))") 2>/dev/null; then echo "$p"; return; fi
   done
 }
 
@@ -34,7 +42,7 @@ case "$cmd" in
 start)
   G=$(garage_bin)
   mkdir -p "$DIR/meta" "$DIR/data"; chmod 700 "$DIR"
-  PORT=$(free_port); RPC=$((PORT + 1))
+  PORT=$(free_port); RPC=$((PORT + 1)); WEB=$((PORT + 2))
   KEY_ID="GK$(od -An -N12 -tx1 /dev/urandom | tr -d ' \n')"
   SECRET=$(od -An -N32 -tx1 /dev/urandom | tr -d ' \n')
   cat > "$DIR/garage.toml" <<TOML
@@ -51,6 +59,14 @@ rpc_secret = "$(od -An -N32 -tx1 /dev/urandom | tr -d ' \n')"
 s3_region = "$REGION"
 api_bind_addr = "127.0.0.1:$PORT"
 TOML
+  if [ "${GARAGE_WEB:-}" = 1 ]; then
+    cat >> "$DIR/garage.toml" <<TOML
+
+[s3_web]
+bind_addr = "127.0.0.1:$WEB"
+root_domain = ".web.localhost"
+TOML
+  fi
   # --single-node lays out a one-node cluster; --default-bucket creates the key and the bucket.
   GARAGE_DEFAULT_ACCESS_KEY="$KEY_ID" GARAGE_DEFAULT_SECRET_KEY="$SECRET" GARAGE_DEFAULT_BUCKET="$BUCKET" \
   RUST_LOG=garage=warn nohup "$G" -c "$DIR/garage.toml" server --single-node --default-bucket \
@@ -66,6 +82,10 @@ TOML
     sleep 0.1
   done
   if [ $ok != 1 ]; then log "garage did not come up:"; tail -n 20 "$DIR/garage.log" >&2; exit 1; fi
+  if [ "${GARAGE_WEB:-}" = 1 ]; then
+    "$G" -c "$DIR/garage.toml" bucket website --allow "$BUCKET" > "$DIR/website.log" 2>&1 \
+      || { log "garage bucket website --allow $BUCKET failed:"; cat "$DIR/website.log" >&2; exit 1; }
+  fi
   cat > "$DIR/env" <<ENV
 export S3_ENDPOINT=http://127.0.0.1:$PORT
 export S3_BUCKET=$BUCKET
@@ -76,6 +96,13 @@ export AWS_DEFAULT_REGION=$REGION
 export AWS_REQUEST_CHECKSUM_CALCULATION=WHEN_REQUIRED
 export GARAGE_DIR=$DIR
 ENV
+  if [ "${GARAGE_WEB:-}" = 1 ]; then
+    cat >> "$DIR/env" <<ENV
+export S3_WEB_ENDPOINT=http://$BUCKET.web.localhost:$WEB
+export S3_WEB_ADDR=127.0.0.1:$WEB
+export S3_WEB_HOST=$BUCKET.web.localhost
+ENV
+  fi
   log "ready on 127.0.0.1:$PORT (state in $DIR)"
   cat "$DIR/env"
   ;;
