@@ -40,10 +40,18 @@ pub struct RouteLabels {
 
 #[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
 pub struct CacheLabels {
-    /// `narinfo_memory` or `nar_disk`.
+    /// `narinfo_memory`, `nar_memory` or `nar_disk`.
     pub layer: &'static str,
     /// `hit`, `negative_hit` (a remembered miss), `miss` or `bypass` (the layer could not serve
     /// the request, e.g. a range of a NAR not on disk).
+    pub result: &'static str,
+}
+
+#[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
+pub struct PrefetchLabels {
+    /// `narinfo` or `nar`.
+    pub kind: &'static str,
+    /// `loaded`, `absent` (nobody has the narinfo), `failed` or `dropped` (too many queued).
     pub result: &'static str,
 }
 
@@ -93,6 +101,7 @@ pub struct Metrics {
     pub bytes_sent: Family<RouteLabels, Counter>,
     pub bytes_received: Family<RouteLabels, Counter>,
     pub cache: Family<CacheLabels, Counter>,
+    pub prefetches: Family<PrefetchLabels, Counter>,
     pub store_requests: Family<StoreLabels, Counter>,
     pub store_duration: HistogramFamily<OpLabels>,
     pub uploads: Family<UploadLabels, Counter>,
@@ -115,6 +124,7 @@ impl Metrics {
             bytes_sent: Family::default(),
             bytes_received: Family::default(),
             cache: Family::default(),
+            prefetches: Family::default(),
             store_requests: Family::default(),
             store_duration: Family::new_with_constructor(latency_histogram),
             uploads: Family::default(),
@@ -144,8 +154,13 @@ impl Metrics {
         );
         r.register(
             "cache_lookups",
-            "Lookups in the narinfo memory cache and the NAR disk cache, by result",
+            "Lookups in the narinfo memory cache and the NAR memory and disk caches, by result",
             m.cache.clone(),
+        );
+        r.register(
+            "prefetches",
+            "Narinfos and small NARs fetched ahead of the client, by kind and result",
+            m.prefetches.clone(),
         );
         r.register(
             "store_requests",
@@ -199,6 +214,14 @@ pub fn cache_lookup(layer: &'static str, result: &'static str) {
     get()
         .cache
         .get_or_create(&CacheLabels { layer, result })
+        .inc();
+}
+
+/// Counts one prefetch.
+pub fn prefetch(kind: &'static str, result: &'static str) {
+    get()
+        .prefetches
+        .get_or_create(&PrefetchLabels { kind, result })
         .inc();
 }
 

@@ -167,3 +167,39 @@ async fn hot_closure_is_served_without_touching_s3() {
         &work.path().join("third"),
     );
 }
+
+/// `cellar_store_requests_total{op="GetObject"}` as the server reports it.
+async fn store_gets(srv: &Server) -> f64 {
+    let text = reqwest::get(format!("{}/metrics", srv.url))
+        .await
+        .unwrap()
+        .text()
+        .await
+        .unwrap();
+    text.lines()
+        .filter(|l| l.starts_with("cellar_store_requests_total{") && l.contains("GetObject"))
+        .filter_map(|l| l.rsplit_once(' ')?.1.parse::<f64>().ok())
+        .sum()
+}
+
+/// Default config, no disk cache: a cold substitution reads each object once (prefetching and
+/// the client's own requests share their loads), and a warm one reads only the NAR too large
+/// for the memory cache.
+#[tokio::test(flavor = "multi_thread")]
+async fn prefetching_reads_each_object_once_and_a_warm_closure_only_its_large_nar() {
+    let f = fixture();
+    let work = tempfile::tempdir().unwrap();
+    let app = App::s3("e2e-prefetch").seed_dir(&f.xz_dir).spawn().await;
+    let srv = &app.srv;
+    let paths = f.closure.len() as f64;
+    substitute_and_verify(&srv.url, &srv.public_key, &f.top, &work.path().join("cold"));
+    assert_eq!(
+        store_gets(srv).await,
+        2.0 * paths,
+        "one narinfo and one NAR per path:\n{}",
+        srv.log()
+    );
+    substitute_and_verify(&srv.url, &srv.public_key, &f.top, &work.path().join("warm"));
+    // The fixture's `big` path (2 MiB of random data) is over the 64 KiB memory limit.
+    assert_eq!(store_gets(srv).await, 2.0 * paths + 1.0, "{}", srv.log());
+}

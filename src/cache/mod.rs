@@ -3,4 +3,5 @@
 
 pub mod missing_nars;
 pub mod nar;
+pub mod nar_memory;
 pub mod narinfo;

@@ -67,14 +67,7 @@ impl NarInfoCache {
         let loaded = std::sync::atomic::AtomicBool::new(false);
         let loading = async {
             loaded.store(true, Ordering::Relaxed);
-            for _ in 0..3 {
-                let before = self.generation.load(Ordering::SeqCst);
-                let found = load().await?;
-                if found.is_some() || self.generation.load(Ordering::SeqCst) == before {
-                    return Ok(found);
-                }
-            }
-            load().await
+            self.load_fresh(load).await
         };
         let found = self
             .cache
@@ -88,6 +81,40 @@ impl NarInfoCache {
         };
         crate::metrics::cache_lookup("narinfo_memory", result);
         Ok(found)
+    }
+
+    /// Loads `h` like [`Self::get_or_load`] without counting a lookup: for prefetching,
+    /// which no client asked for.
+    pub async fn fill<F, Fut>(&self, h: StorePathHash, load: F) -> Result<Lookup, Error>
+    where
+        F: Fn() -> Fut,
+        Fut: std::future::Future<Output = Result<Lookup, Error>>,
+    {
+        self.cache
+            .try_get_with(h, self.load_fresh(load))
+            .await
+            .map_err(|e: Arc<Error>| (*e).clone())
+    }
+
+    /// Whether `h` is held (a miss included), without loading it.
+    pub fn contains(&self, h: StorePathHash) -> bool {
+        self.cache.contains_key(&h)
+    }
+
+    /// Runs `load`, again if an invalidation happened meanwhile and it found nothing.
+    async fn load_fresh<F, Fut>(&self, load: F) -> Result<Lookup, Error>
+    where
+        F: Fn() -> Fut,
+        Fut: std::future::Future<Output = Result<Lookup, Error>>,
+    {
+        for _ in 0..3 {
+            let before = self.generation.load(Ordering::SeqCst);
+            let found = load().await?;
+            if found.is_some() || self.generation.load(Ordering::SeqCst) == before {
+                return Ok(found);
+            }
+        }
+        load().await
     }
 
     /// Number of entries (misses included) and their weight in bytes.

@@ -134,7 +134,8 @@ impl Config {
     /// `want_mass_query`. The rest is held by the listener, the store client, the uploader
     /// or the NAR disk cache, which live as long as the process.
     pub fn needs_restart(&self, new: &Config) -> Option<&'static str> {
-        let fixed: [(&'static str, bool); 7] = [
+        let c = (&self.cache, &new.cache);
+        let fixed: [(&'static str, bool); 10] = [
             ("listen", self.listen == new.listen),
             ("store_dir", self.store_dir == new.store_dir),
             (
@@ -147,6 +148,18 @@ impl Config {
             (
                 "cache.nar_max_bytes",
                 self.cache.nar_max_bytes == new.cache.nar_max_bytes,
+            ),
+            (
+                "cache.nar_memory_bytes",
+                c.0.nar_memory_bytes == c.1.nar_memory_bytes,
+            ),
+            (
+                "cache.nar_memory_max_object_bytes",
+                c.0.nar_memory_max_object == c.1.nar_memory_max_object,
+            ),
+            (
+                "cache.prefetch_concurrency",
+                c.0.prefetch_concurrency == c.1.prefetch_concurrency,
             ),
         ];
         fixed
@@ -341,6 +354,12 @@ pub struct CacheConfig {
     pub nar_dir: Option<PathBuf>,
     /// Byte budget of the NAR disk cache (least recently used NARs go first).
     pub nar_max_bytes: u64,
+    /// Memory for small NARs (0 disables it).
+    pub nar_memory_bytes: u64,
+    /// NARs up to this size (as stored) are kept in memory.
+    pub nar_memory_max_object: u64,
+    /// Narinfos and small NARs fetched ahead of the client at once (0 disables prefetching).
+    pub prefetch_concurrency: usize,
 }
 
 /// `[gc]`: what `cellar gc` keeps, and how servers record what they serve.

@@ -31,6 +31,7 @@ mod metrics;
 mod nar;
 mod narinfo;
 mod object;
+mod prefetch;
 mod realisation;
 mod request_id;
 mod server;

@@ -20,9 +20,10 @@ use axum::response::Response;
 use super::object::{self, Kind};
 use super::AppState;
 use crate::cache::nar::NarCacheAnswer;
+use crate::cache::nar_memory::Unloaded;
 use crate::error::{Error, UploadError};
 use crate::nix::NarFileName;
-use crate::store::object_key;
+use crate::store::{object_key, Object};
 
 pub(super) async fn get(
     State(st): State<AppState>,
@@ -41,11 +42,27 @@ pub(super) async fn get(
 async fn fetch(st: &AppState, f: &NarFileName, headers: &HeaderMap) -> Result<Response, Error> {
     let key = object_key::nar(f);
     let reads = st.live().reads.clone();
+    let range = object::range_of(headers);
+    // Small NARs: from memory, or read whole once (their narinfo announced a small size).
+    let held = match st.nar_memory.get(f.as_str()).await {
+        Some(b) => Some(b),
+        None if st.nar_memory.is_small(f.as_str()).await => {
+            match st.nar_memory.load(f.as_str(), &key, &reads).await {
+                Ok(b) => Some(b),
+                Err(Unloaded::Large) => None,
+                Err(Unloaded::Failed(e)) => return Err(e),
+            }
+        }
+        None => None,
+    };
+    if let Some(b) = held {
+        return Ok(object::object_response(
+            Object::from_bytes(b, range)?,
+            Kind::Nar,
+        ));
+    }
     if let Some(cache) = &st.nars {
-        match cache
-            .get(f, &key, object::range_of(headers), &reads)
-            .await?
-        {
+        match cache.get(f, &key, range, &reads).await? {
             NarCacheAnswer::Object(obj) => return Ok(object::object_response(obj, Kind::Nar)),
             NarCacheAnswer::NotFound => return Err(Error::NotFound),
             NarCacheAnswer::Bypass => {}

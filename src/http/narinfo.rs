@@ -15,6 +15,8 @@
 //! These are called from the `/{file}` route in [`super`], which parses the name and
 //! dispatches `.narinfo` and `.ls` names.
 
+use std::sync::Arc;
+
 use axum::body::Body;
 use axum::http::{header, HeaderValue, StatusCode};
 use axum::response::{IntoResponse, Response};
@@ -55,10 +57,10 @@ pub(super) async fn put(st: &AppState, h: StorePathHash, body: Body) -> Result<S
 }
 
 /// The signed narinfo of `h`, from memory or loaded once for all concurrent requests.
-async fn load(st: &AppState, live: &Live, h: StorePathHash) -> Result<Bytes, Error> {
+async fn load(st: &AppState, live: &Arc<Live>, h: StorePathHash) -> Result<Bytes, Error> {
     let body = live
         .narinfos
-        .get_or_load(h, || signed_narinfo(st, live, h))
+        .get_or_load(h, || load_from_store(st, live, h))
         .await?
         .ok_or(Error::NotFound)?;
     // Never hand out a path whose NAR fetch is known to fail (crate::cache::missing_nars).
@@ -80,13 +82,27 @@ fn response(live: &Live, mut res: Response, len: usize) -> Response {
     res
 }
 
-/// The narinfo for `h` from the store, or else from an upstream, checked and rendered signed
-/// by every server key. `Ok(None)` if nobody has it.
-pub(crate) async fn signed_narinfo(
+/// What a miss of the narinfo memory cache runs: [`signed_narinfo`], then what the client will
+/// ask next is fetched ahead ([`super::prefetch`]).
+pub(super) async fn load_from_store(
+    st: &AppState,
+    live: &Arc<Live>,
+    h: StorePathHash,
+) -> Result<Option<Bytes>, Error> {
+    let Some(info) = signed_narinfo(st, live, h).await? else {
+        return Ok(None);
+    };
+    super::prefetch::after_load(st, live, &info).await;
+    Ok(Some(Bytes::from(info.render(&st.config.store_dir))))
+}
+
+/// The narinfo for `h` from the store, or else from an upstream, checked and signed by every
+/// server key. `Ok(None)` if nobody has it.
+async fn signed_narinfo(
     st: &AppState,
     live: &Live,
     h: StorePathHash,
-) -> Result<Option<Bytes>, Error> {
+) -> Result<Option<NarInfo>, Error> {
     let store_dir = &st.config.store_dir;
     let mut info = match stored_narinfo(st, h).await? {
         Some(info) => info,
@@ -106,7 +122,7 @@ pub(crate) async fn signed_narinfo(
     for k in &live.signing_keys {
         info.sign(k, store_dir);
     }
-    Ok(Some(Bytes::from(info.render(store_dir))))
+    Ok(Some(info))
 }
 
 async fn stored_narinfo(st: &AppState, h: StorePathHash) -> Result<Option<NarInfo>, Error> {

@@ -21,9 +21,11 @@ use bytes::Bytes;
 use thiserror::Error;
 
 use super::cache_info;
+use super::prefetch::Prefetch;
 use crate::auth::Tokens;
 use crate::cache::missing_nars::MissingNars;
 use crate::cache::nar::NarCache;
+use crate::cache::nar_memory::NarMemory;
 use crate::cache::narinfo::NarInfoCache;
 use crate::config::Config;
 use crate::gc::access::AccessLog;
@@ -48,6 +50,10 @@ pub struct App {
     pub store: Arc<dyn Store>,
     pub uploader: Arc<Uploader>,
     pub nars: Option<Arc<NarCache>>,
+    /// Small NARs in memory, ahead of the disk cache.
+    pub nar_memory: NarMemory,
+    /// Fetches what the client will ask next (see [`super::prefetch`]).
+    pub prefetch: Prefetch,
     /// What was served or uploaded, for garbage collection (see [`crate::gc::access`]).
     pub access: Arc<AccessLog>,
     /// NARs seen missing: their narinfos answer 404 (see [`crate::cache::missing_nars`]).
@@ -131,12 +137,16 @@ impl AppState {
                 .with_access(access.clone()),
         );
         let missing_nars = MissingNars::new(c.narinfo_ttl);
+        let nar_memory = NarMemory::new(c.nar_memory_bytes, c.nar_memory_max_object);
+        let prefetch = Prefetch::new(c.prefetch_concurrency);
         let live = Live::build(config.clone(), signing_keys, &store, &uploader)?;
         Ok(Self(Arc::new(App {
             config,
             store,
             uploader,
             nars,
+            nar_memory,
+            prefetch,
             access,
             missing_nars,
             live: ArcSwap::from_pointee(live),

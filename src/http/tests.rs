@@ -17,7 +17,10 @@ use crate::store::Store;
 const NARINFO: &str = include_str!("../../tests/fixtures/narinfo/top.narinfo");
 const HASH: &str = "f904kp3djilk732cgbnxhpy7vzykbqsh";
 
-fn state(cfg: Config, mem: &Arc<MemoryStore>) -> AppState {
+/// Without prefetching, so that store requests counted are the client's own (prefetching is
+/// tested in `prefetch/tests.rs`).
+fn state(mut cfg: Config, mem: &Arc<MemoryStore>) -> AppState {
+    cfg.cache.prefetch_concurrency = 0;
     let store: Arc<dyn Store> = mem.clone();
     AppState::new(
         cfg,

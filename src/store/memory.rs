@@ -10,9 +10,7 @@ use async_trait::async_trait;
 use bytes::Bytes;
 use futures::StreamExt as _;
 
-use super::{
-    ByteRange, ContentRange, Object, ObjectInfo, ObjectList, ObjectWriter, Store, StoreError,
-};
+use super::{ByteRange, Object, ObjectInfo, ObjectList, ObjectWriter, Store, StoreError};
 use crate::sync::lock;
 
 /// An object's bytes and when it was written (what a listing reports).
@@ -160,28 +158,7 @@ impl Store for MemoryStore {
         let Some(data) = found else {
             return Ok(None);
         };
-        let size = data.len() as u64;
-        let (data, content_range) = match range {
-            None => (data, None),
-            Some(r) => {
-                let (s, e) = r
-                    .resolve(size)
-                    .ok_or(StoreError::RangeNotSatisfiable { size })?;
-                (
-                    data.slice(s as usize..=e as usize),
-                    Some(ContentRange {
-                        start: s,
-                        end: e,
-                        total: size,
-                    }),
-                )
-            }
-        };
-        Ok(Some(Object {
-            length: data.len() as u64,
-            body: futures::stream::once(async move { Ok(data) }).boxed(),
-            range: content_range,
-        }))
+        Object::from_bytes(data, range).map(Some)
     }
 
     async fn head(&self, key: &str) -> Result<Option<u64>, StoreError> {

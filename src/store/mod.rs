@@ -160,6 +160,34 @@ pub struct Object {
     pub range: Option<ContentRange>,
 }
 
+impl Object {
+    /// `data`, or the part of it `range` asks for.
+    pub fn from_bytes(data: Bytes, range: Option<ByteRange>) -> Result<Self, StoreError> {
+        let size = data.len() as u64;
+        let (data, range) = match range {
+            None => (data, None),
+            Some(r) => {
+                let (s, e) = r
+                    .resolve(size)
+                    .ok_or(StoreError::RangeNotSatisfiable { size })?;
+                (
+                    data.slice(s as usize..=e as usize),
+                    Some(ContentRange {
+                        start: s,
+                        end: e,
+                        total: size,
+                    }),
+                )
+            }
+        };
+        Ok(Self {
+            length: data.len() as u64,
+            body: Box::pin(futures::stream::once(async move { Ok(data) })),
+            range,
+        })
+    }
+}
+
 /// An object being written. Nothing is visible under its key until [`ObjectWriter::commit`]
 /// succeeds; an aborted or dropped writer leaves nothing visible (an S3 multipart upload is
 /// aborted, a local temporary file removed).

@@ -358,6 +358,9 @@ struct CacheSection {
     narinfo_negative_ttl_secs: u64,
     nar_dir: Option<PathBuf>,
     nar_max_bytes: u64,
+    nar_memory_bytes: u64,
+    nar_memory_max_object_bytes: u64,
+    prefetch_concurrency: usize,
 }
 
 impl Default for CacheSection {
@@ -368,6 +371,9 @@ impl Default for CacheSection {
             narinfo_negative_ttl_secs: 15,
             nar_dir: None,
             nar_max_bytes: 10 << 30,
+            nar_memory_bytes: 64 << 20,
+            nar_memory_max_object_bytes: 64 << 10,
+            prefetch_concurrency: 16,
         }
     }
 }
@@ -382,7 +388,28 @@ impl CacheSection {
                 "must be at least 64 MiB when cache.nar_dir is set",
             ));
         }
+        if self.nar_memory_max_object_bytes > (16 << 20) {
+            return Err(ConfigError::invalid(
+                "cache.nar_memory_max_object_bytes",
+                "must be at most 16 MiB: larger NARs belong in the disk cache",
+            ));
+        }
+        if self.nar_memory_bytes > 0 && self.nar_memory_max_object_bytes > self.nar_memory_bytes {
+            return Err(ConfigError::invalid(
+                "cache.nar_memory_max_object_bytes",
+                "must not exceed cache.nar_memory_bytes",
+            ));
+        }
+        if self.prefetch_concurrency > 1024 {
+            return Err(ConfigError::invalid(
+                "cache.prefetch_concurrency",
+                "must be at most 1024",
+            ));
+        }
         Ok(CacheConfig {
+            nar_memory_bytes: self.nar_memory_bytes,
+            nar_memory_max_object: self.nar_memory_max_object_bytes,
+            prefetch_concurrency: self.prefetch_concurrency,
             narinfo_memory_bytes: self.narinfo_memory_bytes,
             narinfo_ttl: Duration::from_secs(self.narinfo_ttl_secs),
             narinfo_negative_ttl: Duration::from_secs(self.narinfo_negative_ttl_secs),

@@ -1,0 +1,191 @@
+//! Small NARs in memory, bounded in bytes: most paths of a closure have NARs of a few KiB, and
+//! a hot closure of them is then served without any I/O.
+//!
+//! Which NARs are small is known before fetching them: every narinfo cellar loads announces
+//! its NAR's size (`FileSize:`), recorded here as a hint ([`NarMemory::hint`]). A NAR with a
+//! small hint is loaded whole, once for all concurrent requests (a client's and a prefetch's
+//! alike), and kept; anything else takes the streaming path (the disk cache or the store).
+//! NARs are immutable, so entries need no TTL: the least recently used go first.
+
+use std::sync::Arc;
+
+use bytes::{Bytes, BytesMut};
+use futures::TryStreamExt as _;
+use moka::future::Cache;
+
+use crate::error::Error;
+use crate::store::{Store, StoreError};
+
+/// NAR sizes remembered from narinfos (about 100 bytes each).
+const MAX_HINTS: u64 = 200_000;
+
+/// Why a NAR was not loaded into memory.
+#[derive(Debug, Clone)]
+pub enum Unloaded {
+    /// Larger than the hint said (or than the limit): stream it instead.
+    Large,
+    /// The store failed, or does not have it.
+    Failed(Error),
+}
+
+pub struct NarMemory {
+    /// `None` when disabled (`cache.nar_memory_bytes = 0`).
+    cache: Option<Cache<Arc<str>, Bytes>>,
+    max_object: u64,
+    hints: Cache<Arc<str>, u64>,
+}
+
+impl NarMemory {
+    pub fn new(max_bytes: u64, max_object: u64) -> Self {
+        let cache = (max_bytes > 0 && max_object > 0).then(|| {
+            Cache::builder()
+                .max_capacity(max_bytes)
+                .weigher(|k: &Arc<str>, v: &Bytes| -> u32 {
+                    u32::try_from(k.len() + v.len() + 64).unwrap_or(u32::MAX)
+                })
+                .build()
+        });
+        Self {
+            cache,
+            max_object,
+            hints: Cache::new(MAX_HINTS),
+        }
+    }
+
+    /// Whether NARs are kept in memory at all.
+    pub fn enabled(&self) -> bool {
+        self.cache.is_some()
+    }
+
+    /// Records the size a narinfo gives for NAR file `name`.
+    pub async fn hint(&self, name: &str, file_size: Option<u64>) {
+        if let (Some(_), Some(size)) = (&self.cache, file_size) {
+            if size <= self.max_object {
+                self.hints.insert(name.into(), size).await;
+            }
+        }
+    }
+
+    /// Whether `name` is known to be small enough to be kept.
+    pub async fn is_small(&self, name: &str) -> bool {
+        self.cache.is_some() && self.hints.get(name).await.is_some()
+    }
+
+    /// Held in memory now (no loading).
+    pub async fn get(&self, name: &str) -> Option<Bytes> {
+        let found = self.cache.as_ref()?.get(name).await;
+        crate::metrics::cache_lookup("nar_memory", if found.is_some() { "hit" } else { "miss" });
+        found
+    }
+
+    /// Held in memory (without counting a lookup): for prefetching.
+    pub async fn contains(&self, name: &str) -> bool {
+        match &self.cache {
+            Some(c) => c.contains_key(name),
+            None => false,
+        }
+    }
+
+    /// `name` (store key `key`) from memory, or read whole from `store` once for all
+    /// concurrent callers and kept.
+    pub async fn load(
+        &self,
+        name: &str,
+        key: &str,
+        store: &Arc<dyn Store>,
+    ) -> Result<Bytes, Unloaded> {
+        let Some(cache) = &self.cache else {
+            return Err(Unloaded::Large);
+        };
+        let limit = self.max_object;
+        cache
+            .try_get_with(name.into(), read_small(store, key, limit))
+            .await
+            .map_err(|e: Arc<Unloaded>| (*e).clone())
+    }
+}
+
+async fn read_small(store: &Arc<dyn Store>, key: &str, limit: u64) -> Result<Bytes, Unloaded> {
+    let obj = store
+        .get(key, None)
+        .await
+        .map_err(|e| Unloaded::Failed(e.into()))?
+        .ok_or(Unloaded::Failed(Error::NotFound))?;
+    if obj.length > limit {
+        return Err(Unloaded::Large);
+    }
+    let mut buf = BytesMut::with_capacity(obj.length as usize);
+    let mut body = obj.body;
+    while let Some(chunk) = body
+        .try_next()
+        .await
+        .map_err(|e| Unloaded::Failed(StoreError::from(e).into()))?
+    {
+        if (buf.len() + chunk.len()) as u64 > obj.length {
+            break;
+        }
+        buf.extend_from_slice(&chunk);
+    }
+    if buf.len() as u64 != obj.length {
+        return Err(Unloaded::Failed(
+            StoreError::Unavailable(format!(
+                "{key}: the store sent {} bytes of {}",
+                buf.len(),
+                obj.length
+            ))
+            .into(),
+        ));
+    }
+    Ok(buf.freeze())
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::store::memory::MemoryStore;
+
+    #[tokio::test]
+    async fn small_nars_are_read_once_and_large_ones_left_to_streaming() {
+        let mem = Arc::new(MemoryStore::new());
+        mem.insert("nar/small.nar", vec![1u8; 100]);
+        mem.insert("nar/large.nar", vec![2u8; 5000]);
+        let store: Arc<dyn Store> = mem.clone();
+        let m = NarMemory::new(1 << 20, 1000);
+        m.hint("small.nar", Some(100)).await;
+        m.hint("large.nar", Some(5000)).await;
+        m.hint("lying.nar", Some(10)).await;
+        assert!(m.is_small("small.nar").await);
+        assert!(!m.is_small("large.nar").await, "over the limit: no hint");
+        assert!(!m.is_small("unknown.nar").await);
+
+        let (a, b) = tokio::join!(
+            m.load("small.nar", "nar/small.nar", &store),
+            m.load("small.nar", "nar/small.nar", &store)
+        );
+        assert_eq!(a.unwrap(), vec![1u8; 100]);
+        assert_eq!(b.unwrap(), vec![1u8; 100]);
+        assert_eq!(mem.requests(), 1, "one read for concurrent loads");
+        assert!(m.get("small.nar").await.is_some());
+        assert_eq!(mem.requests(), 1);
+
+        // A hint that lies: the object is larger than the limit, so it is streamed instead.
+        mem.insert("nar/lying.nar", vec![3u8; 5000]);
+        assert!(matches!(
+            m.load("lying.nar", "nar/lying.nar", &store).await,
+            Err(Unloaded::Large)
+        ));
+        assert!(!m.contains("lying.nar").await);
+        assert!(matches!(
+            m.load("gone.nar", "nar/gone.nar", &store).await,
+            Err(Unloaded::Failed(Error::NotFound))
+        ));
+    }
+
+    #[tokio::test]
+    async fn disabled_keeps_nothing() {
+        let m = NarMemory::new(0, 1000);
+        m.hint("small.nar", Some(100)).await;
+        assert!(!m.is_small("small.nar").await);
+        assert!(!m.enabled());
+    }
+}

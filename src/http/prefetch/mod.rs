@@ -1,0 +1,148 @@
+//! Closure-aware prefetch: fetching what the client will ask next before it asks.
+//!
+//! Nix walks a closure level by level: it asks for a path's narinfo, reads its `References:`,
+//! then asks for theirs, and downloads NARs after that. Each step costs the client a round trip
+//! to cellar and, on a miss, cellar one to the store. When cellar loads a narinfo from the store
+//! it already knows the next steps, so it starts them in the background, a few at a time
+//! (`cache.prefetch_concurrency`): the narinfos of the references and, if the NAR is small
+//! enough for the memory cache, the NAR. Both go into the caches requests read, through their
+//! single-flight loading: a request arriving while its prefetch runs waits for that load
+//! instead of asking the store again. A prefetched narinfo that was itself a miss prefetches
+//! its own references, so a cold closure is read at the store's parallelism, not at the pace of
+//! the client's walk.
+//!
+//! Only the root URL prefetches (the upload address answers its probes from the store alone),
+//! a prefetch records no access (nothing was served), and what cannot be queued
+//! (more than [`MAX_QUEUED`] waiting) is dropped: prefetching only ever saves time.
+
+use std::future::Future;
+use std::sync::atomic::{AtomicUsize, Ordering};
+use std::sync::Arc;
+
+use futures::future::BoxFuture;
+use futures::FutureExt as _;
+use tokio::sync::{Notify, Semaphore};
+
+use super::{AppState, Live};
+use crate::nix::{NarInfo, StorePathHash};
+use crate::store::object_key;
+
+/// Prefetches waiting for a slot at most; beyond, new ones are dropped.
+pub const MAX_QUEUED: usize = 8192;
+
+pub struct Prefetch {
+    /// `None` when prefetching is off.
+    slots: Option<Arc<Semaphore>>,
+    /// Waiting for a slot.
+    queued: Arc<AtomicUsize>,
+    /// Waiting or running; [`Prefetch::settled`] waits for zero.
+    pending: Arc<AtomicUsize>,
+    idle: Arc<Notify>,
+}
+
+impl Prefetch {
+    pub fn new(concurrency: usize) -> Self {
+        Self {
+            slots: (concurrency > 0).then(|| Arc::new(Semaphore::new(concurrency))),
+            queued: Arc::new(AtomicUsize::new(0)),
+            pending: Arc::new(AtomicUsize::new(0)),
+            idle: Arc::new(Notify::new()),
+        }
+    }
+
+    /// Returns once no prefetch is waiting or running (those a prefetch starts included: it
+    /// starts them before it ends).
+    #[cfg(test)]
+    pub async fn settled(&self) {
+        loop {
+            let idle = self.idle.notified();
+            tokio::pin!(idle);
+            idle.as_mut().enable();
+            if self.pending.load(Ordering::SeqCst) == 0 {
+                return;
+            }
+            idle.await;
+        }
+    }
+
+    fn enabled(&self) -> bool {
+        self.slots.is_some()
+    }
+
+    /// Runs `job` in the background once a slot is free.
+    fn spawn(&self, kind: &'static str, job: impl Future<Output = ()> + Send + 'static) {
+        let Some(slots) = &self.slots else { return };
+        if self.queued.fetch_add(1, Ordering::SeqCst) >= MAX_QUEUED {
+            self.queued.fetch_sub(1, Ordering::SeqCst);
+            crate::metrics::prefetch(kind, "dropped");
+            return;
+        }
+        self.pending.fetch_add(1, Ordering::SeqCst);
+        let (slots, queued) = (slots.clone(), self.queued.clone());
+        let (pending, idle) = (self.pending.clone(), self.idle.clone());
+        tokio::spawn(async move {
+            let slot = slots.acquire_owned().await;
+            queued.fetch_sub(1, Ordering::SeqCst);
+            if slot.is_ok() {
+                job.await;
+            }
+            if pending.fetch_sub(1, Ordering::SeqCst) == 1 {
+                idle.notify_waiters();
+            }
+        });
+    }
+}
+
+/// A narinfo was just loaded (not served from memory): records its NAR's size for the memory
+/// cache and prefetches its references' narinfos and its NAR.
+pub(super) async fn after_load(st: &AppState, live: &Arc<Live>, info: &NarInfo) {
+    let nar = info.nar_file().ok();
+    if let Some(nar) = &nar {
+        st.nar_memory.hint(nar.as_str(), info.file_size).await;
+    }
+    if !st.prefetch.enabled() {
+        return;
+    }
+    let own = info.hash();
+    for h in info.references.iter().map(|r| r.hash()) {
+        if h == own || live.narinfos.contains(h) {
+            continue;
+        }
+        st.prefetch
+            .spawn("narinfo", narinfo(st.clone(), live.clone(), h));
+    }
+    if let Some(nar) = nar {
+        if st.nar_memory.is_small(nar.as_str()).await && !st.nar_memory.contains(nar.as_str()).await
+        {
+            let (st, reads) = (st.clone(), live.reads.clone());
+            st.clone().prefetch.spawn("nar", async move {
+                let key = object_key::nar(&nar);
+                let result = match st.nar_memory.load(nar.as_str(), &key, &reads).await {
+                    Ok(_) => "loaded",
+                    Err(_) => "failed",
+                };
+                crate::metrics::prefetch("nar", result);
+            });
+        }
+    }
+}
+
+/// Loads `h` into the narinfo cache (boxed: a load may prefetch further, which loads again).
+fn narinfo(st: AppState, live: Arc<Live>, h: StorePathHash) -> BoxFuture<'static, ()> {
+    async move {
+        let result = match live
+            .narinfos
+            .fill(h, || super::narinfo::load_from_store(&st, &live, h))
+            .await
+        {
+            Ok(Some(_)) => "loaded",
+            Ok(None) => "absent",
+            Err(_) => "failed",
+        };
+        crate::metrics::prefetch("narinfo", result);
+    }
+    .boxed()
+}
+
+#[cfg(test)]
+mod tests;

@@ -1,0 +1,154 @@
+//! Prefetching over the in-memory store: after one narinfo miss, the closure below it and its
+//! small NARs are served with the store down.
+
+use std::sync::Arc;
+
+use axum::body::Body;
+use axum::http::{Request, StatusCode};
+use http_body_util::BodyExt as _;
+use tower::ServiceExt as _;
+
+use crate::config::Config;
+use crate::http::{app, AppState};
+use crate::nix::{base32, SecretKey, Sha256};
+use crate::store::memory::MemoryStore;
+use crate::store::Store;
+
+struct P {
+    hash: String,
+    base: String,
+    nar_url: String,
+    nar: Vec<u8>,
+}
+
+/// A path whose NAR is `nar_len` bytes (stored uncompressed), referring to `refs`. The
+/// narinfo's `FileSize` says `file_size` (the real size unless a test makes it lie).
+fn path(mem: &MemoryStore, seed: &str, refs: &[&P], nar_len: usize, file_size: usize) -> P {
+    let hash = base32::encode(&Sha256::digest(seed.as_bytes()).as_bytes()[..20]);
+    let base = format!("{hash}-{seed}");
+    let nar: Vec<u8> = seed.bytes().cycle().take(nar_len).collect();
+    let file = Sha256::digest(&nar).to_nix32();
+    let refs: Vec<&str> = refs.iter().map(|r| r.base.as_str()).collect();
+    let narinfo = format!(
+        "StorePath: /nix/store/{base}\nURL: nar/{file}.nar\nCompression: none\n\
+         FileSize: {file_size}\nNarHash: sha256:{file}\nNarSize: {nar_len}\nReferences: {}\n",
+        refs.join(" ")
+    );
+    mem.insert(&format!("{hash}.narinfo"), narinfo);
+    mem.insert(&format!("nar/{file}.nar"), nar.clone());
+    P {
+        hash,
+        base,
+        nar_url: format!("/nar/{file}.nar"),
+        nar,
+    }
+}
+
+fn state(cfg: Config, mem: &Arc<MemoryStore>) -> AppState {
+    let store: Arc<dyn Store> = mem.clone();
+    AppState::new(cfg, store, vec![SecretKey::generate("test-1").unwrap()]).unwrap()
+}
+
+async fn get(st: &AppState, path: &str) -> (StatusCode, Vec<u8>) {
+    let res = app(st.clone())
+        .oneshot(Request::get(path).body(Body::empty()).unwrap())
+        .await
+        .unwrap();
+    let status = res.status();
+    let body = res.into_body().collect().await.unwrap().to_bytes().to_vec();
+    (status, body)
+}
+
+/// A → B → C, and D beside B under A.
+fn closure(mem: &MemoryStore) -> [P; 4] {
+    let c = path(mem, "c", &[], 300, 300);
+    let b = path(mem, "b", &[&c], 200, 200);
+    let d = path(mem, "d", &[], 100, 100);
+    let a = path(mem, "a", &[&b, &d], 400, 400);
+    [a, b, c, d]
+}
+
+#[tokio::test]
+async fn one_miss_brings_the_closure_and_its_small_nars_into_memory() {
+    let mem = Arc::new(MemoryStore::new());
+    let [a, b, c, d] = closure(&mem);
+    let st = state(Config::default(), &mem);
+    assert_eq!(
+        get(&st, &format!("/{}.narinfo", a.hash)).await.0,
+        StatusCode::OK
+    );
+    st.prefetch.settled().await;
+    let reads = mem.requests();
+    // What the client asks next is in memory: nothing reaches the store, even when it is down.
+    mem.set_down(true);
+    for p in [&b, &c, &d] {
+        let (s, _) = get(&st, &format!("/{}.narinfo", p.hash)).await;
+        assert_eq!(s, StatusCode::OK, "{} was not prefetched", p.base);
+    }
+    for p in [&a, &b, &c, &d] {
+        let (s, body) = get(&st, &p.nar_url).await;
+        assert_eq!(
+            s,
+            StatusCode::OK,
+            "the NAR of {} was not prefetched",
+            p.base
+        );
+        assert_eq!(body, p.nar);
+    }
+    assert_eq!(mem.requests(), reads);
+}
+
+#[tokio::test]
+async fn without_prefetching_only_what_was_asked_is_read() {
+    let mem = Arc::new(MemoryStore::new());
+    let [a, b, ..] = closure(&mem);
+    let mut cfg = Config::default();
+    cfg.cache.prefetch_concurrency = 0;
+    let st = state(cfg, &mem);
+    assert_eq!(
+        get(&st, &format!("/{}.narinfo", a.hash)).await.0,
+        StatusCode::OK
+    );
+    st.prefetch.settled().await;
+    assert_eq!(mem.requests(), 1);
+    // The NAR is kept in memory once read, all the same.
+    assert_eq!(get(&st, &a.nar_url).await.0, StatusCode::OK);
+    mem.set_down(true);
+    assert_eq!(get(&st, &a.nar_url).await.0, StatusCode::OK);
+    assert_eq!(
+        get(&st, &format!("/{}.narinfo", b.hash)).await.0,
+        StatusCode::SERVICE_UNAVAILABLE
+    );
+}
+
+#[tokio::test]
+async fn large_nars_are_streamed_and_not_kept_even_when_the_narinfo_says_small() {
+    let mem = Arc::new(MemoryStore::new());
+    let mut cfg = Config::default();
+    cfg.cache.nar_memory_max_object = 1000;
+    let big = path(&mem, "big", &[], 5000, 5000);
+    // Its narinfo claims 10 bytes: the NAR is still served whole, by streaming.
+    let liar = path(&mem, "liar", &[], 4000, 10);
+    let top = path(&mem, "top", &[&big, &liar], 100, 100);
+    let st = state(cfg, &mem);
+    for p in [&top, &big, &liar] {
+        let (s, _) = get(&st, &format!("/{}.narinfo", p.hash)).await;
+        assert_eq!(s, StatusCode::OK);
+    }
+    st.prefetch.settled().await;
+    for p in [&big, &liar] {
+        let (s, body) = get(&st, &p.nar_url).await;
+        assert_eq!(s, StatusCode::OK);
+        assert_eq!(body, p.nar, "{}", p.base);
+    }
+    mem.set_down(true);
+    for p in [&big, &liar] {
+        assert_eq!(
+            get(&st, &p.nar_url).await.0,
+            StatusCode::SERVICE_UNAVAILABLE,
+            "{} was kept in memory",
+            p.base
+        );
+    }
+    assert_eq!(get(&st, &top.nar_url).await.0, StatusCode::OK);
+}
