@@ -30,7 +30,7 @@ taken=" "
 free_port() {  # a port where nothing listens, nor on the one above it, not handed out before
   local p
   while :; do
-    p=$(( (RANDOM % 20000) + 30000 ))
+    p=$(( (RANDOM % 12000) + 20000 ))  # below Linux's ephemeral range (32768+), where outgoing connections take theirs
     case "$taken" in *" $p "*|*" $((p+1)) "*|*" $((p-1)) "*) continue ;; esac
     if ! (exec 3<>"/dev/tcp/127.0.0.1/$p") 2>/dev/null \
        && ! (exec 3<>"/dev/tcp/127.0.0.1/$((p+1))") 2>/dev/null; then

@@ -31,7 +31,7 @@ garage_bin() {
 free_port() {  # a port where nothing listens, and nothing on the two above it either
   local p
   while :; do
-    p=$(( (RANDOM % 20000) + 30000 ))
+    p=$(( (RANDOM % 12000) + 20000 ))  # below Linux's ephemeral range (32768+), where outgoing connections take theirs
     if ! (exec 3<>"/dev/tcp/127.0.0.1/$p") 2>/dev/null \
        && ! (exec 3<>"/dev/tcp/127.0.0.1/$((p+1))") 2>/dev/null \
        && ! (exec 3<>"/dev/tcp/127.0.0.1/$((p+2))") 2>/dev/null; then echo "$p"; return; fi

@@ -31,6 +31,8 @@ async fn a_narinfo_whose_nar_was_seen_missing_answers_404() {
     .unwrap();
     let mut env = local_env(&data);
     env.push(("CELLAR_GC__ACCESS_FLUSH_SECS".into(), "1".into()));
+    // No prefetch: it would load the small NAR into memory before the test removes its file.
+    env.push(("CELLAR_CACHE__PREFETCH_CONCURRENCY".into(), "0".into()));
     let srv = Server::start(env);
     let http = reqwest::Client::new();
     let get = |path: String| {

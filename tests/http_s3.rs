@@ -461,6 +461,8 @@ async fn nar_ranges() {
 async fn invalid_names_never_reach_the_store() {
     let app = App::s3("names")
         .through_proxy()
+        // Prefetches would reach the store in the background while invalid names are counted.
+        .env("CELLAR_CACHE__PREFETCH_CONCURRENCY", "0")
         .seed(format!("{TOP_HASH}.narinfo"), TOP_NARINFO)
         .spawn()
         .await;
@@ -547,6 +549,8 @@ async fn store_down_is_503_and_recovers() {
     let f = the_fixture().await;
     let app = App::s3("down")
         .through_proxy()
+        // A cold narinfo must stay cold: no prefetch of the references of the one asked.
+        .env("CELLAR_CACHE__PREFETCH_CONCURRENCY", "0")
         .seed_dir(&f.xz_dir)
         .spawn()
         .await;

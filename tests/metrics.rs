@@ -156,6 +156,16 @@ async fn counters_follow_traffic_and_prometheus_scrapes_them() {
             &[r#"layer="nar_disk""#, r#"result="miss""#]
         ) >= n
     );
+    // The NARs are small: each GET looked in memory first.
+    assert!(
+        c(
+            "cellar_cache_lookups_total",
+            &[r#"layer="nar_memory""#, r#"result="hit""#]
+        ) + c(
+            "cellar_cache_lookups_total",
+            &[r#"layer="nar_memory""#, r#"result="miss""#]
+        ) >= n
+    );
     // S3: objects were written and read, and each call timed.
     assert!(c("cellar_store_requests_total", &[r#"result="ok""#]) > 0.0);
     assert!(c("cellar_store_requests_total", &[r#"op="GetObject""#]) > 0.0);

@@ -7,6 +7,7 @@
 //! alike), and kept; anything else takes the streaming path (the disk cache or the store).
 //! NARs are immutable, so entries need no TTL: the least recently used go first.
 
+use std::future::Future;
 use std::sync::Arc;
 
 use bytes::{Bytes, BytesMut};
@@ -14,7 +15,7 @@ use futures::TryStreamExt as _;
 use moka::future::Cache;
 
 use crate::error::Error;
-use crate::store::{Store, StoreError};
+use crate::store::{Object, StoreError};
 
 /// NAR sizes remembered from narinfos (about 100 bytes each).
 const MAX_HINTS: u64 = 200_000;
@@ -86,30 +87,30 @@ impl NarMemory {
         }
     }
 
-    /// `name` (store key `key`) from memory, or read whole from `store` once for all
-    /// concurrent callers and kept.
-    pub async fn load(
-        &self,
-        name: &str,
-        key: &str,
-        store: &Arc<dyn Store>,
-    ) -> Result<Bytes, Unloaded> {
+    /// `name` from memory, or read whole from what `source` opens (once for all concurrent
+    /// callers) and kept. `key` names the object in error messages.
+    pub async fn load<F>(&self, name: &str, key: &str, source: F) -> Result<Bytes, Unloaded>
+    where
+        F: Future<Output = Result<Option<Object>, Error>>,
+    {
         let Some(cache) = &self.cache else {
             return Err(Unloaded::Large);
         };
         let limit = self.max_object;
         cache
-            .try_get_with(name.into(), read_small(store, key, limit))
+            .try_get_with(name.into(), read_small(source, key, limit))
             .await
             .map_err(|e: Arc<Unloaded>| (*e).clone())
     }
 }
 
-async fn read_small(store: &Arc<dyn Store>, key: &str, limit: u64) -> Result<Bytes, Unloaded> {
-    let obj = store
-        .get(key, None)
+async fn read_small<F>(source: F, key: &str, limit: u64) -> Result<Bytes, Unloaded>
+where
+    F: Future<Output = Result<Option<Object>, Error>>,
+{
+    let obj = source
         .await
-        .map_err(|e| Unloaded::Failed(e.into()))?
+        .map_err(Unloaded::Failed)?
         .ok_or(Unloaded::Failed(Error::NotFound))?;
     if obj.length > limit {
         return Err(Unloaded::Large);
@@ -143,6 +144,11 @@ async fn read_small(store: &Arc<dyn Store>, key: &str, limit: u64) -> Result<Byt
 mod tests {
     use super::*;
     use crate::store::memory::MemoryStore;
+    use crate::store::Store;
+
+    async fn open(store: &Arc<dyn Store>, key: &str) -> Result<Option<Object>, Error> {
+        Ok(store.get(key, None).await?)
+    }
 
     #[tokio::test]
     async fn small_nars_are_read_once_and_large_ones_left_to_streaming() {
@@ -159,8 +165,8 @@ mod tests {
         assert!(!m.is_small("unknown.nar").await);
 
         let (a, b) = tokio::join!(
-            m.load("small.nar", "nar/small.nar", &store),
-            m.load("small.nar", "nar/small.nar", &store)
+            m.load("small.nar", "nar/small.nar", open(&store, "nar/small.nar")),
+            m.load("small.nar", "nar/small.nar", open(&store, "nar/small.nar"))
         );
         assert_eq!(a.unwrap(), vec![1u8; 100]);
         assert_eq!(b.unwrap(), vec![1u8; 100]);
@@ -171,12 +177,14 @@ mod tests {
         // A hint that lies: the object is larger than the limit, so it is streamed instead.
         mem.insert("nar/lying.nar", vec![3u8; 5000]);
         assert!(matches!(
-            m.load("lying.nar", "nar/lying.nar", &store).await,
+            m.load("lying.nar", "nar/lying.nar", open(&store, "nar/lying.nar"))
+                .await,
             Err(Unloaded::Large)
         ));
         assert!(!m.contains("lying.nar").await);
         assert!(matches!(
-            m.load("gone.nar", "nar/gone.nar", &store).await,
+            m.load("gone.nar", "nar/gone.nar", open(&store, "nar/gone.nar"))
+                .await,
             Err(Unloaded::Failed(Error::NotFound))
         ));
     }

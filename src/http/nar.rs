@@ -1,8 +1,10 @@
 //! `/nar/<file>`: the NARs, named `<filehash>.nar[.<ext>]`.
 //!
-//! - GET streams the NAR from the NAR disk cache when one is configured (it fills itself from
-//!   the read path), else from the read path (the store, then the upstreams). Ranges are
-//!   honoured: Nix resumes broken downloads with them.
+//! - GET answers a small NAR (its narinfo said so) from memory, loading it whole once; any
+//!   other NAR streams from the NAR disk cache when one is configured (it fills itself from
+//!   the read path), else from the read path (the store, then the upstreams). Small NARs are
+//!   loaded through the disk cache too, so they outlive the memory cache. Ranges are honoured:
+//!   Nix resumes broken downloads with them.
 //! - HEAD answers with the size a GET would stream, through the same read path, so a NAR only
 //!   an upstream has is found by HEAD too. It also finds a NAR that was re-encoded on upload
 //!   and stored under another extension: Nix sends `HEAD nar/<file>` before each upload, and a
@@ -11,6 +13,8 @@
 //!   Refused before its body is read when `Content-Length` is over `upload.max_nar_bytes`
 //!   (413) or `upload.max_concurrent` uploads are running (503): a client that gets either
 //!   has sent nothing, so a retry sends the whole body.
+
+use std::sync::Arc;
 
 use axum::body::Body;
 use axum::extract::{Path, State};
@@ -23,7 +27,7 @@ use crate::cache::nar::NarCacheAnswer;
 use crate::cache::nar_memory::Unloaded;
 use crate::error::{Error, UploadError};
 use crate::nix::NarFileName;
-use crate::store::{object_key, Object};
+use crate::store::{object_key, Object, Store};
 
 pub(super) async fn get(
     State(st): State<AppState>,
@@ -47,7 +51,11 @@ async fn fetch(st: &AppState, f: &NarFileName, headers: &HeaderMap) -> Result<Re
     let held = match st.nar_memory.get(f.as_str()).await {
         Some(b) => Some(b),
         None if st.nar_memory.is_small(f.as_str()).await => {
-            match st.nar_memory.load(f.as_str(), &key, &reads).await {
+            match st
+                .nar_memory
+                .load(f.as_str(), &key, open_whole(st, f, &key, &reads))
+                .await
+            {
                 Ok(b) => Some(b),
                 Err(Unloaded::Large) => None,
                 Err(Unloaded::Failed(e)) => return Err(e),
@@ -69,6 +77,24 @@ async fn fetch(st: &AppState, f: &NarFileName, headers: &HeaderMap) -> Result<Re
         }
     }
     object::get(&*reads, &key, Kind::Nar, headers).await
+}
+
+/// The whole NAR, through the disk cache when there is one (so it fills the disk too), for
+/// the memory cache.
+pub(super) async fn open_whole(
+    st: &AppState,
+    f: &NarFileName,
+    key: &str,
+    reads: &Arc<dyn Store>,
+) -> Result<Option<Object>, Error> {
+    if let Some(cache) = &st.nars {
+        match cache.get(f, key, None, reads).await? {
+            NarCacheAnswer::Object(obj) => return Ok(Some(obj)),
+            NarCacheAnswer::NotFound => return Ok(None),
+            NarCacheAnswer::Bypass => {}
+        }
+    }
+    Ok(reads.get(key, None).await?)
 }
 
 pub(super) async fn head(

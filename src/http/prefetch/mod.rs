@@ -117,7 +117,8 @@ pub(super) async fn after_load(st: &AppState, live: &Arc<Live>, info: &NarInfo) 
             let (st, reads) = (st.clone(), live.reads.clone());
             st.clone().prefetch.spawn("nar", async move {
                 let key = object_key::nar(&nar);
-                let result = match st.nar_memory.load(nar.as_str(), &key, &reads).await {
+                let source = super::nar::open_whole(&st, &nar, &key, &reads);
+                let result = match st.nar_memory.load(nar.as_str(), &key, source).await {
                     Ok(_) => "loaded",
                     Err(_) => "failed",
                 };
