@@ -22,8 +22,8 @@
 # Environment variables override the file, so CELLAR_LISTEN below wins over `listen` in it.
 #
 # The working directory is /var/lib/cellar (a volume, owned by uid 10001), so the defaults
-# ./cellar-data (local store) and ./cellar-key.sec (signing key generated on first start) land
-# there. A named volume inherits that ownership; a bind mount must be writable by uid 10001
+# ./cellar-data (local store), ./cellar-key.sec (signing key generated on first start) and, with
+# an S3 store, ./cellar-nar-cache (the NAR disk cache) land there. A named volume inherits that ownership; a bind mount must be writable by uid 10001
 # (`chown 10001:10001 DIR`). Key files you made yourself (`cellar keygen`) must be readable by
 # uid 10001; mount them read-only and list them in CELLAR_SIGNING__KEY_FILES.
 #

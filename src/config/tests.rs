@@ -252,3 +252,19 @@ fn the_nar_cache_never_holds_the_config_file() {
         Ok(())
     });
 }
+
+#[test]
+fn the_nar_disk_cache_is_on_by_default_for_s3_only() {
+    let s3 = "[store]\nkind = \"s3\"\nbucket = \"b\"\n";
+    let c = from_toml(s3).unwrap();
+    assert_eq!(c.cache.nar_dir, Some(PathBuf::from("./cellar-nar-cache")));
+    let c = from_toml(&format!("{s3}[cache]\nnar_dir = \"\"")).unwrap();
+    assert_eq!(c.cache.nar_dir, None, "empty turns it off");
+    let c = from_toml(&format!("{s3}[cache]\nnar_dir = \"/var/cache/x\"")).unwrap();
+    assert_eq!(c.cache.nar_dir, Some(PathBuf::from("/var/cache/x")));
+    assert_eq!(
+        from_toml("").unwrap().cache.nar_dir,
+        None,
+        "local store: off"
+    );
+}

@@ -4,13 +4,16 @@
 //! <dir>/<nar file name>        a complete NAR, byte for byte as the store holds it
 //! <dir>/<nar file name>.meta   "<size> <sha256 in hex>\n"
 //! <dir>/.tmp/<random hex>      a NAR being written; emptied at start-up
-//! <dir>/.cellar-nar-cache      the marker: this directory is cellar's NAR cache
+//! <dir>/.cellar-nar-cache      the marker: this directory is cellar's NAR cache, locked
+//!                              (flock) by the process using it
 //! ```
 //!
 //! cellar deletes files here, so it must never take another directory for its cache (one
 //! pointed at the working directory would otherwise delete the signing key in it). It creates
 //! the marker only in a new or empty directory, refuses to start in a non-empty directory
-//! without one, and even with one only ever removes files of the shapes above.
+//! without one, and even with one only ever removes files of the shapes above. Two processes
+//! never share one cache (each removes the other's temporary files at start and evicts files
+//! the other indexed): the second to open it is refused while the first holds its lock.
 //!
 //! A NAR is written under `.tmp/`, then its `.meta` is written, then it is renamed to its
 //! final name ([`Disk::publish`]): a file under a NAR name is always complete, and its `.meta`
@@ -137,13 +140,15 @@ pub(super) struct Disk {
     tmp: PathBuf,
     /// Serves complete files, ranges included.
     files: LocalStore,
+    /// The marker, locked for as long as this process uses the directory.
+    _lock: std::fs::File,
 }
 
 impl Disk {
     /// Opens `dir` (created if missing), removes what an interrupted run left, and returns
     /// the complete NARs found, least recently written first.
     pub(super) fn open(dir: &Path) -> io::Result<(Self, Vec<Found>)> {
-        claim(dir)?;
+        let lock = claim(dir)?;
         let tmp = dir.join(TMP);
         std::fs::create_dir_all(&tmp)?;
         for e in std::fs::read_dir(&tmp)?.flatten() {
@@ -153,6 +158,7 @@ impl Disk {
             dir: dir.to_owned(),
             tmp,
             files: LocalStore::open(dir)?,
+            _lock: lock,
         };
         let mut found = Vec::new();
         for e in std::fs::read_dir(dir)?.flatten() {
@@ -284,22 +290,32 @@ impl Disk {
 }
 
 /// Makes sure `dir` is a NAR cache cellar may delete files in: creates it (with the marker) if
-/// missing or empty, accepts it if it has the marker, refuses it otherwise.
-fn claim(dir: &Path) -> io::Result<()> {
+/// missing or empty, accepts it if it has the marker, refuses it otherwise; then locks the
+/// marker, refusing a directory another process holds.
+fn claim(dir: &Path) -> io::Result<std::fs::File> {
     std::fs::create_dir_all(dir)?;
     let marker = dir.join(MARKER);
-    if marker.is_file() {
-        return Ok(());
+    if !marker.is_file() {
+        if std::fs::read_dir(dir)?.next().is_some() {
+            return Err(io::Error::other(format!(
+                "{} is not empty and has no {MARKER} file, so it is not a NAR cache cellar \
+                 made; cellar deletes files in its NAR cache, so point cache.nar_dir at a new \
+                 or empty directory of its own",
+                dir.display()
+            )));
+        }
+        std::fs::write(&marker, MARKER_TEXT)?;
     }
-    if std::fs::read_dir(dir)?.next().is_some() {
-        return Err(io::Error::other(format!(
-            "{} is not empty and has no {MARKER} file, so it is not a NAR cache cellar made; \
-             cellar deletes files in its NAR cache, so point cache.nar_dir at a new or empty \
-             directory of its own",
+    let lock = std::fs::File::open(&marker)?;
+    match lock.try_lock() {
+        Ok(()) => Ok(lock),
+        Err(std::fs::TryLockError::WouldBlock) => Err(io::Error::other(format!(
+            "{} is the NAR cache of another running cellar; give each process a cache.nar_dir \
+             of its own",
             dir.display()
-        )));
+        ))),
+        Err(std::fs::TryLockError::Error(e)) => Err(e),
     }
-    std::fs::write(&marker, MARKER_TEXT)
 }
 
 fn read_meta(path: &Path) -> Option<(u64, [u8; 32])> {
@@ -357,10 +373,24 @@ mod tests {
             Err(VerifyError::Mismatch)
         ));
 
+        drop(disk);
         let (_, found) = Disk::open(d.path()).unwrap();
         assert_eq!(found.len(), 1);
         assert_eq!((found[0].name.as_str(), found[0].size), (NAME, 5));
         assert_eq!(found[0].sha256, sha);
+    }
+
+    #[test]
+    fn a_cache_directory_is_used_by_one_process_at_a_time() {
+        let d = tempfile::tempdir().unwrap();
+        let (first, _) = Disk::open(d.path()).unwrap();
+        let e = Disk::open(d.path()).err().unwrap().to_string();
+        assert!(e.contains("another running cellar"), "{e}");
+        drop(first);
+        assert!(
+            Disk::open(d.path()).is_ok(),
+            "free again once the first is gone"
+        );
     }
 
     #[test]
@@ -375,6 +405,7 @@ mod tests {
         let orphan_meta = format!("{}{META_SUFFIX}", NAME.replacen('0', "1", 1));
         std::fs::write(d.path().join(&orphan_meta), b"1 00").unwrap();
 
+        drop(disk);
         let (_, found) = Disk::open(d.path()).unwrap();
         assert!(found.is_empty());
         assert!(!tmp_path.exists());

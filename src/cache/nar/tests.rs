@@ -59,6 +59,21 @@ async fn wait_until(cache: &NarCache, done: impl Fn() -> bool) {
         .expect("the cache never got there");
 }
 
+/// Closes `cache` as a process exit would: returns once its background tasks have let go of it,
+/// so its directory's lock is free for the next open.
+async fn close(cache: Arc<NarCache>) {
+    let weak = Arc::downgrade(&cache);
+    drop(cache);
+    let gone = async {
+        while weak.strong_count() > 0 {
+            tokio::task::yield_now().await;
+        }
+    };
+    tokio::time::timeout(Duration::from_secs(60), gone)
+        .await
+        .expect("a background task kept the cache");
+}
+
 async fn wait_indexed(cache: &NarCache, n: usize) {
     wait_until(cache, || cache.usage().0 == n).await;
 }
@@ -157,7 +172,7 @@ async fn restart_rebuilds_and_drops_corrupt_files() {
     let key = format!("nar/{NAME}");
     body(cache.get(&name, &key, None, &store).await.unwrap()).await;
     wait_indexed(&cache, 1).await;
-    drop(cache);
+    close(cache).await;
 
     // Same size, different bytes: only hashing can tell.
     let mut bytes = std::fs::read(d.path().join(NAME)).unwrap();
@@ -180,7 +195,7 @@ async fn restart_rebuilds_and_drops_corrupt_files() {
     assert_eq!(std::fs::read(d.path().join(NAME)).unwrap(), data);
 
     // A truncated file is removed at start.
-    drop(cache);
+    close(cache).await;
     std::fs::write(d.path().join(NAME), b"short").unwrap();
     let cache = NarCache::open(d.path(), 1 << 30, Duration::from_secs(30)).unwrap();
     assert_eq!(cache.usage().0, 0);

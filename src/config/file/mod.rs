@@ -141,6 +141,8 @@ impl ConfigFile {
                 format!("{sd:?} must be an absolute path without a trailing `/`"),
             ));
         }
+        let store = self.store.validate()?;
+        let s3 = matches!(store.backend, StoreBackend::S3(_));
         Ok(Config {
             listen: self.listen,
             store_dir: sd,
@@ -158,11 +160,11 @@ impl ConfigFile {
                 0 => return Err(ConfigError::invalid("max_connections", "must be > 0")),
                 n => n,
             },
-            store: self.store.validate()?,
+            store,
             signing: self.signing.validate()?,
             auth: self.auth.validate()?,
             upload: self.upload.validate()?,
-            cache: self.cache.validate()?,
+            cache: self.cache.validate(s3)?,
             gc: self.gc.validate()?,
             upstreams: self
                 .upstreams
@@ -378,10 +380,18 @@ impl Default for CacheSection {
     }
 }
 
+/// Where the NAR disk cache goes when `cache.nar_dir` is not set and the store is S3.
+pub const DEFAULT_S3_NAR_DIR: &str = "./cellar-nar-cache";
+
 impl CacheSection {
-    fn validate(self) -> Result<CacheConfig, ConfigError> {
-        // An empty value (what an environment variable can say) disables the disk cache.
-        let nar_dir = self.nar_dir.filter(|p| !p.as_os_str().is_empty());
+    fn validate(self, s3: bool) -> Result<CacheConfig, ConfigError> {
+        // Unset: on for S3 (hot NARs from local disk, not the bucket), off for a local store
+        // (its NARs are on local disk already). An empty value (what an environment variable
+        // can say) disables it.
+        let nar_dir = match self.nar_dir {
+            None if s3 => Some(PathBuf::from(DEFAULT_S3_NAR_DIR)),
+            d => d.filter(|p| !p.as_os_str().is_empty()),
+        };
         if nar_dir.is_some() && self.nar_max_bytes < (64 << 20) {
             return Err(ConfigError::invalid(
                 "cache.nar_max_bytes",
