@@ -50,6 +50,14 @@ healthy() {  # $1: S3 port. A signed ListObjectsV2 of the bucket answers 200.
 
 case "$cmd" in
 start)
+  # A start that fails part-way leaves no node running (the caller has no PIDs to stop).
+  started_ok=0
+  abandon() {
+    [ "$started_ok" = 1 ] && return
+    for i in 0 1 2; do [ -f "$DIR/n$i.pid" ] && kill -9 "$(cat "$DIR/n$i.pid")" 2>/dev/null; done
+    return 0
+  }
+  trap abandon EXIT
   G=$(garage_bin)
   mkdir -p "$DIR"; chmod 700 "$DIR"
   KEY_ID="GK$(hex 12)"; SECRET=$(hex 32); RPC_SECRET=$(hex 32)
@@ -107,6 +115,7 @@ AWS_SECRET_ACCESS_KEY=$SECRET
 AWS_REGION=$REGION
 GARAGE_PIDS=$(cat "$DIR/n0.pid"),$(cat "$DIR/n1.pid"),$(cat "$DIR/n2.pid")
 ENV
+  started_ok=1
   ;;
 kill)
   i=${3:?usage: garage-cluster.sh kill DIR NODE}

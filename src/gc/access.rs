@@ -102,6 +102,21 @@ pub fn parse(text: &str) -> Result<Vec<Entry>, String> {
 }
 
 /// What one server used since its last write.
+/// 12 random hex digits naming a process or a run in object keys. Without randomness, time and
+/// pid: still distinct between processes.
+pub(super) fn random_id() -> String {
+    let mut rnd = [0u8; 6];
+    if getrandom::getrandom(&mut rnd).is_err() {
+        let t = SystemTime::now()
+            .duration_since(UNIX_EPOCH)
+            .unwrap_or_default();
+        rnd = ((t.as_nanos() as u64) ^ u64::from(std::process::id())).to_le_bytes()[..6]
+            .try_into()
+            .unwrap_or_default();
+    }
+    hex::encode(rnd)
+}
+
 pub struct AccessLog {
     store: Arc<dyn Store>,
     /// Random per process, so replicas never overwrite each other's records.
@@ -117,19 +132,9 @@ pub struct AccessLog {
 
 impl AccessLog {
     pub fn new(store: Arc<dyn Store>, max_entries: usize) -> Self {
-        let mut rnd = [0u8; 6];
-        // Without randomness, fall back to time and pid: still distinct between processes.
-        if getrandom::getrandom(&mut rnd).is_err() {
-            let t = SystemTime::now()
-                .duration_since(UNIX_EPOCH)
-                .unwrap_or_default();
-            rnd = ((t.as_nanos() as u64) ^ u64::from(std::process::id())).to_le_bytes()[..6]
-                .try_into()
-                .unwrap_or_default();
-        }
         Self {
             store,
-            process: hex::encode(rnd),
+            process: random_id(),
             seq: AtomicU64::new(0),
             max_entries,
             pending: Mutex::new(HashSet::new()),

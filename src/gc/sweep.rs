@@ -330,16 +330,10 @@ pub async fn execute(
 
 /// A name for this run's announcements, distinct between collectors.
 fn run_id() -> String {
-    let mut rnd = [0u8; 6];
     let t = SystemTime::now()
         .duration_since(SystemTime::UNIX_EPOCH)
         .unwrap_or_default();
-    if getrandom::getrandom(&mut rnd).is_err() {
-        rnd = (u64::from(std::process::id()) ^ t.as_nanos() as u64).to_le_bytes()[..6]
-            .try_into()
-            .unwrap_or_default();
-    }
-    format!("{}-{}", t.as_secs(), hex::encode(rnd))
+    format!("{}-{}", t.as_secs(), super::access::random_id())
 }
 
 /// What goes after the narinfos.
