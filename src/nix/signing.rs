@@ -216,7 +216,19 @@ mod tests {
         assert_eq!(sk.name(), "test-1");
         assert_eq!(sk.public().to_string(), NIX_PUBLIC);
         assert_eq!(sk.to_nix_format(), NIX_SECRET);
-        assert!(!format!("{sk:?}").contains("py8L"));
+        // Debug names the key (logs say which one) and never shows its material.
+        let debug = format!("{sk:?}");
+        assert!(
+            debug.contains("test-1") && !debug.contains("py8L"),
+            "{debug}"
+        );
+        let pk: PublicKey = NIX_PUBLIC.parse().unwrap();
+        assert_eq!(pk.name(), "test-1");
+        assert_eq!(sk.public().name(), "test-1");
+        // Public keys and signatures debug-print in Nix's format, as configs and logs write them.
+        assert_eq!(format!("{pk:?}"), NIX_PUBLIC);
+        let sig = sk.sign(b"x");
+        assert_eq!(format!("{sig:?}"), sig.to_string());
     }
 
     #[test]
@@ -229,6 +241,18 @@ mod tests {
         assert!(!pk.verifies(b"1;/nix/store/x;sha256:y;2;", &sig));
         let other = SecretKey::generate("cellar-1").unwrap().public();
         assert!(!other.verifies(b"1;/nix/store/x;sha256:y;1;", &sig));
+    }
+
+    #[test]
+    fn generated_keys_need_a_name_nix_can_parse() {
+        // `name:base64`: a colon in the name would end it early, whitespace ends the line.
+        for bad in ["", "a:b", "a b", "a\tb"] {
+            assert!(
+                matches!(SecretKey::generate(bad), Err(KeyError::BadName)),
+                "{bad:?}"
+            );
+        }
+        assert_eq!(SecretKey::generate("cache-1").unwrap().name(), "cache-1");
     }
 
     #[test]

@@ -127,6 +127,30 @@ fn strict_errors() {
         NarInfo::parse("garbage\n", SD),
         Err(NarInfoError::NoColon(1))
     ));
+    // A URL must be one word: empty or with spaces, it names no NAR Nix could fetch.
+    for url in ["URL: ", "URL: nar/a b.nar.xz"] {
+        let t = BUILT.replace(
+            "URL: nar/07yp7gw2d9vmfgl2rd063i75qwkfbrgvqngp5yz2pk6iadzlckh7.nar.xz",
+            url,
+        );
+        assert!(
+            matches!(
+                NarInfo::parse(&t, SD),
+                Err(NarInfoError::Bad { field: "URL", .. })
+            ),
+            "{url:?}"
+        );
+    }
+    // Unknown fields are kept, but a key must be a word: an empty one or one with spaces is a
+    // line that is not `Key: value`.
+    for (line, n) in [(": x", 11), ("Two Words: x", 11)] {
+        let t = format!("{BUILT}{line}\n");
+        assert_eq!(
+            NarInfo::parse(&t, SD).unwrap_err(),
+            NarInfoError::NoColon(n),
+            "{line:?}"
+        );
+    }
     let bad_ref = BUILT.replace("a6qsrmi2", "a6qsrmi/");
     assert!(matches!(
         NarInfo::parse(&bad_ref, SD),
