@@ -30,7 +30,8 @@ fn state(mut cfg: Config, mem: &Arc<MemoryStore>) -> AppState {
     .unwrap()
 }
 
-async fn get(st: &AppState, path: &str) -> (StatusCode, Vec<u8>) {
+/// GET `path` in process: the status and the whole body (the prefetch tests use it too).
+pub(super) async fn get(st: &AppState, path: &str) -> (StatusCode, Vec<u8>) {
     let res = app(st.clone())
         .oneshot(Request::get(path).body(Body::empty()).unwrap())
         .await

@@ -3,13 +3,11 @@
 
 use std::sync::Arc;
 
-use axum::body::Body;
-use axum::http::{Request, StatusCode};
-use http_body_util::BodyExt as _;
-use tower::ServiceExt as _;
+use axum::http::StatusCode;
 
 use crate::config::Config;
-use crate::http::{app, AppState};
+use crate::http::tests::get;
+use crate::http::AppState;
 use crate::nix::{base32, SecretKey, Sha256};
 use crate::store::memory::MemoryStore;
 use crate::store::Store;
@@ -47,16 +45,6 @@ fn path(mem: &MemoryStore, seed: &str, refs: &[&P], nar_len: usize, file_size: u
 fn state(cfg: Config, mem: &Arc<MemoryStore>) -> AppState {
     let store: Arc<dyn Store> = mem.clone();
     AppState::new(cfg, store, vec![SecretKey::generate("test-1").unwrap()]).unwrap()
-}
-
-async fn get(st: &AppState, path: &str) -> (StatusCode, Vec<u8>) {
-    let res = app(st.clone())
-        .oneshot(Request::get(path).body(Body::empty()).unwrap())
-        .await
-        .unwrap();
-    let status = res.status();
-    let body = res.into_body().collect().await.unwrap().to_bytes().to_vec();
-    (status, body)
 }
 
 /// A → B → C, and D beside B under A.
