@@ -131,12 +131,31 @@ impl Config {
     ///
     /// Reloadable (SIGHUP): `[auth]`, `[signing]`, `[[upstreams]]`, the narinfo memory cache
     /// (`cache.narinfo_*`), `narinfo_max_age_secs`, `not_found_max_age_secs`, `priority` and
-    /// `want_mass_query`. The rest is held by the listener, the store client, the uploader
-    /// or the NAR disk cache, which live as long as the process.
+    /// `want_mass_query`; `gc.keep_days`, `gc.grace_secs` and `gc.max_bytes` are read by
+    /// `cellar gc` only. The rest is held by the listeners, the logger, the store client, the
+    /// uploader, the access log or the NAR disk cache, which live as long as the process.
     pub fn needs_restart(&self, new: &Config) -> Option<&'static str> {
         let c = (&self.cache, &new.cache);
-        let fixed: [(&'static str, bool); 10] = [
+        let fixed: [(&'static str, bool); 16] = [
             ("listen", self.listen == new.listen),
+            ("metrics_listen", self.metrics_listen == new.metrics_listen),
+            (
+                "header_read_timeout_secs",
+                self.header_read_timeout == new.header_read_timeout,
+            ),
+            (
+                "max_connections",
+                self.max_connections == new.max_connections,
+            ),
+            ("log.format", self.log.format == new.log.format),
+            (
+                "gc.access_flush_secs",
+                self.gc.access_flush_interval == new.gc.access_flush_interval,
+            ),
+            (
+                "gc.access_max_entries",
+                self.gc.access_max_entries == new.gc.access_max_entries,
+            ),
             ("store_dir", self.store_dir == new.store_dir),
             (
                 "shutdown_timeout_secs",

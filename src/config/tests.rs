@@ -268,3 +268,42 @@ fn the_nar_disk_cache_is_on_by_default_for_s3_only() {
         "local store: off"
     );
 }
+
+#[test]
+fn a_reload_names_each_key_only_a_restart_applies() {
+    let base = from_toml("").unwrap();
+    // Each line is a change from the defaults, in the file's own words: the reload must name
+    // that key (so the log tells the operator what was kept), or accept it.
+    let fixed = [
+        ("listen", "listen = \"127.0.0.1:9999\""),
+        ("metrics_listen", "metrics_listen = \"127.0.0.1:9998\""),
+        ("header_read_timeout_secs", "header_read_timeout_secs = 7"),
+        ("max_connections", "max_connections = 7"),
+        ("log.format", "[log]\nformat = \"json\""),
+        ("shutdown_timeout_secs", "shutdown_timeout_secs = 7"),
+        ("store_dir", "store_dir = \"/gnu/store\""),
+        ("store", "[store]\nkind = \"local\"\npath = \"elsewhere\""),
+        ("upload", "[upload]\nmax_nar_bytes = 7000000"),
+        ("cache.nar_dir", "[cache]\nnar_dir = \"nars\""),
+        (
+            "cache.prefetch_concurrency",
+            "[cache]\nprefetch_concurrency = 0",
+        ),
+        ("gc.access_flush_secs", "[gc]\naccess_flush_secs = 7"),
+        ("gc.access_max_entries", "[gc]\naccess_max_entries = 7000"),
+    ];
+    for (key, toml) in fixed {
+        let new = from_toml(toml).unwrap_or_else(|e| panic!("{toml}: {e}"));
+        assert_eq!(base.needs_restart(&new), Some(key), "{toml}");
+    }
+    let reloadable = [
+        "priority = 7",
+        "narinfo_max_age_secs = 7",
+        "[gc]\nkeep_days = 7",
+        "[cache]\nnarinfo_ttl_secs = 7",
+    ];
+    for toml in reloadable {
+        let new = from_toml(toml).unwrap_or_else(|e| panic!("{toml}: {e}"));
+        assert_eq!(base.needs_restart(&new), None, "{toml}");
+    }
+}

@@ -401,3 +401,46 @@ async fn a_reload_swaps_tokens_and_refuses_changes_that_need_a_restart() {
     assert!(e.to_string().contains("`listen`"), "{e}");
     assert_eq!(status(&st, "btok").await, StatusCode::OK, "nothing changed");
 }
+
+#[tokio::test]
+async fn a_reload_swaps_upstreams_and_max_ages() {
+    let upstream = axum::Router::new().route(
+        "/log/{drv}",
+        axum::routing::get(|| async { "built by the upstream\n" }),
+    );
+    let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+    let url = format!("http://{}", listener.local_addr().unwrap());
+    tokio::spawn(async move { axum::serve(listener, upstream).await });
+
+    let mem = Arc::new(MemoryStore::new());
+    mem.insert(&format!("{HASH}.narinfo"), NARINFO);
+    let mut old = Config::default();
+    old.cache.prefetch_concurrency = 0;
+    let st = state(old.clone(), &mem);
+    let cache_control = |st: &AppState| {
+        let st = st.clone();
+        async move {
+            let req = Request::get(format!("/{HASH}.narinfo")).body(Body::empty());
+            let res = send(&st, req.unwrap()).await;
+            res.headers()["cache-control"].to_str().unwrap().to_owned()
+        }
+    };
+    let log = format!("/log/{HASH}-top.drv");
+    assert_eq!(get(&st, &log).await.0, StatusCode::NOT_FOUND);
+    assert_ne!(cache_control(&st).await, "public, max-age=7");
+
+    let mut new = old.clone();
+    new.narinfo_max_age = Duration::from_secs(7);
+    new.upstreams = vec![crate::config::UpstreamConfig {
+        url,
+        public_keys: Vec::new(),
+        timeout: Duration::from_secs(5),
+        mirror: false,
+    }];
+    st.reload(new, vec![SecretKey::generate("test-cellar-1").unwrap()])
+        .unwrap();
+    let (status, body) = get(&st, &log).await;
+    assert_eq!(status, StatusCode::OK);
+    assert_eq!(body, b"built by the upstream\n");
+    assert_eq!(cache_control(&st).await, "public, max-age=7");
+}
