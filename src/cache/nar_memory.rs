@@ -79,6 +79,12 @@ impl NarMemory {
         found
     }
 
+    /// The size of `name` if it is held (a HEAD answered without the store).
+    pub async fn size_of(&self, name: &str) -> Option<u64> {
+        let held = self.cache.as_ref()?.get(name).await?;
+        Some(held.len() as u64)
+    }
+
     /// Held in memory (without counting a lookup): for prefetching.
     pub async fn contains(&self, name: &str) -> bool {
         match &self.cache {

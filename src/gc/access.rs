@@ -90,11 +90,9 @@ pub fn parse(text: &str) -> Result<Vec<Entry>, String> {
     let mut out = Vec::new();
     for (i, line) in lines.enumerate() {
         let bad = || format!("line {}: {line:?}", i + 2);
-        out.push(match line.strip_prefix("nar/") {
-            Some(f) => {
-                f.parse::<crate::nix::NarFileName>().map_err(|_| bad())?;
-                Entry::Nar(f.into())
-            }
+        // A NAR is recorded by its object key, a path by its hash.
+        out.push(match crate::store::object_key::nar_file(line) {
+            Some(f) => Entry::Nar(f.as_str().into()),
             None => Entry::Path(line.parse().map_err(|_| bad())?),
         });
     }

@@ -9,11 +9,8 @@ use futures::StreamExt as _;
 
 use super::inventory::Inventory;
 use super::report::Progress;
-use crate::nix::{NarInfo, StorePathHash};
+use crate::nix::{NarInfo, StorePathHash, MAX_NARINFO_BYTES};
 use crate::store::{object_key, Store, StoreError};
-
-/// Narinfos larger than this are treated as corrupt (a path with 100k references is ~5 MiB).
-const MAX_NARINFO_BYTES: u64 = 16 << 20;
 
 /// How many narinfos are read at once: enough to hide S3 latency, few enough to stay polite.
 const READ_CONCURRENCY: usize = 32;
@@ -77,23 +74,19 @@ pub fn parse(h: StorePathHash, raw: Option<&[u8]>, store_dir: &str) -> Parsed {
     let Some(raw) = raw else {
         return fail(Problem::Gone);
     };
-    let Ok(text) = std::str::from_utf8(raw) else {
-        return fail(Problem::Unparseable("not UTF-8".into()));
-    };
-    let info = match NarInfo::parse(text, store_dir) {
+    let info = match NarInfo::parse_bytes(raw, store_dir) {
         Ok(i) => i,
         Err(e) => return fail(Problem::Unparseable(e.to_string())),
     };
-    let mut problem = None;
-    if info.hash() != h {
-        problem = Some(Problem::WrongHash(format!(
-            "its StorePath is {store_dir}/{}",
-            info.store_path
-        )));
-    }
-    let nar = match info.url.strip_prefix("nar/") {
-        Some(f) if f.parse::<crate::nix::NarFileName>().is_ok() => Some(f.into()),
-        _ => {
+    // A narinfo under the wrong name still names its references and NAR: they stay in the
+    // graph (so nothing is collected because of it) while verify reports it.
+    let mut problem = info
+        .check_name(store_dir, h)
+        .err()
+        .map(|e| Problem::WrongHash(e.to_string()));
+    let nar = match info.nar_file() {
+        Ok(f) => Some(f.as_str().into()),
+        Err(_) => {
             problem.get_or_insert(Problem::BadUrl(info.url.clone()));
             None
         }

@@ -9,8 +9,8 @@ use futures::TryStreamExt as _;
 
 use super::report::Progress;
 use super::RESERVED_PREFIX;
-use crate::nix::{NarFileName, StorePathBaseName, StorePathHash, TopLevelFile};
-use crate::store::{Store, StoreError};
+use crate::nix::{StorePathBaseName, StorePathHash, TopLevelFile};
+use crate::store::{object_key, Store, StoreError};
 
 /// Size and age of one object.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -48,11 +48,8 @@ pub fn classify(key: &str) -> Kind {
             Kind::ReservedOther
         };
     }
-    if let Some(file) = key.strip_prefix("nar/") {
-        return match file.parse::<NarFileName>() {
-            Ok(_) => Kind::Nar(file.to_owned()),
-            Err(_) => Kind::Other,
-        };
+    if let Some(file) = object_key::nar_file(key) {
+        return Kind::Nar(file.as_str().to_owned());
     }
     if let Some(drv) = key.strip_prefix("log/") {
         return match drv.parse::<StorePathBaseName>() {

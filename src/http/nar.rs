@@ -102,11 +102,18 @@ pub(super) async fn head(
     Path(file): Path<String>,
 ) -> Result<Response, Error> {
     let f: NarFileName = file.parse()?;
-    let reads = st.live().reads.clone();
-    let size = match reads.head(&object_key::nar(&f)).await? {
-        Some(size) => Some(size),
-        None => st.uploader.reencoded_size(&f).await?,
-    };
+    // The layers GET reads, in its order, so HEAD answers whatever GET would serve.
+    let mut size = st.nar_memory.size_of(f.as_str()).await;
+    if size.is_none() {
+        size = st.nars.as_ref().and_then(|cache| cache.size_of(&f));
+    }
+    if size.is_none() {
+        let reads = st.live().reads.clone();
+        size = match reads.head(&object_key::nar(&f)).await? {
+            Some(size) => Some(size),
+            None => st.uploader.reencoded_size(&f).await?,
+        };
+    }
     Ok(object::head_response(
         size.ok_or(Error::NotFound)?,
         Kind::Nar,

@@ -26,7 +26,7 @@ use super::object;
 use super::{AppState, Live};
 use crate::error::Error;
 use crate::nix::{NarInfo, StorePathHash, MAX_NARINFO_BYTES};
-use crate::store::{object_key, StoreError};
+use crate::store;
 
 pub(super) async fn get(st: &AppState, h: StorePathHash) -> Result<Response, Error> {
     let live = st.live();
@@ -104,7 +104,14 @@ async fn signed_narinfo(
     h: StorePathHash,
 ) -> Result<Option<NarInfo>, Error> {
     let store_dir = &st.config.store_dir;
-    let mut info = match stored_narinfo(st, h).await? {
+    let mut info = match store::stored_narinfo(
+        &*st.store,
+        h,
+        &st.config.store_dir,
+        Some(st.config.store.timeout),
+    )
+    .await?
+    {
         Some(info) => info,
         None => match live.upstreams.narinfo(h).await {
             Some(found) => {
@@ -123,20 +130,4 @@ async fn signed_narinfo(
         info.sign(k, store_dir);
     }
     Ok(Some(info))
-}
-
-async fn stored_narinfo(st: &AppState, h: StorePathHash) -> Result<Option<NarInfo>, Error> {
-    let key = object_key::narinfo(h);
-    // Bounded as a whole: a store that stalls mid-body is unavailable, not a hung request.
-    let limit = st.config.store.timeout;
-    let read = st.store.get_bytes(&key, MAX_NARINFO_BYTES);
-    let Some(raw) = tokio::time::timeout(limit, read)
-        .await
-        .map_err(|_| StoreError::Timeout(limit.as_secs()))??
-    else {
-        return Ok(None);
-    };
-    NarInfo::parse_for(&raw, &st.config.store_dir, h)
-        .map(Some)
-        .map_err(|reason| Error::BadObject { key, reason })
 }

@@ -210,6 +210,28 @@ async fn head_of_a_nar_has_the_length_of_its_get() {
 }
 
 #[tokio::test]
+async fn head_of_a_nar_held_in_memory_needs_no_store() {
+    let mem = Arc::new(MemoryStore::new());
+    let nar = "0l74sag416b7yzqh28bm87pdp102zcgslqmm73y4qr1rn0rmqsyx.nar.xz";
+    mem.insert(&format!("{HASH}.narinfo"), NARINFO);
+    mem.insert(&format!("nar/{nar}"), vec![1u8; 288]);
+    let st = state(Config::default(), &mem);
+    // The narinfo says the NAR is small; its GET keeps it in memory.
+    assert_eq!(
+        get(&st, &format!("/{HASH}.narinfo")).await.0,
+        StatusCode::OK
+    );
+    assert_eq!(get(&st, &format!("/nar/{nar}")).await.0, StatusCode::OK);
+    mem.set_down(true);
+    let before = mem.requests();
+    assert_eq!(
+        head(&st, &format!("/nar/{nar}")).await,
+        (StatusCode::OK, Some("288".into()))
+    );
+    assert_eq!(mem.requests(), before, "HEAD asked the store");
+}
+
+#[tokio::test]
 async fn head_of_a_nar_finds_it_re_encoded_on_upload() {
     let mem = Arc::new(MemoryStore::new());
     // Uploaded as .nar.xz, stored re-encoded as .nar.zst.

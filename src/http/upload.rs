@@ -25,8 +25,8 @@ use super::object::{self, Kind};
 use super::{cache_info, log, nar, realisation, AppState};
 use crate::config::Scope;
 use crate::error::Error;
-use crate::nix::{NarFileName, TopLevelFile, MAX_NARINFO_BYTES};
-use crate::store::{object_key, StoreError};
+use crate::nix::{NarFileName, TopLevelFile};
+use crate::store::{self, object_key};
 
 /// The routes under `/upload`, all behind a write token.
 pub(super) fn routes(state: AppState) -> Router<AppState> {
@@ -95,12 +95,9 @@ async fn stored_narinfo(
     st: &AppState,
     h: crate::nix::StorePathHash,
 ) -> Result<bytes::Bytes, Error> {
-    let limit = st.config.store.timeout;
-    let key = object_key::narinfo(h);
-    let read = st.store.get_bytes(&key, MAX_NARINFO_BYTES);
-    tokio::time::timeout(limit, read)
-        .await
-        .map_err(|_| StoreError::Timeout(limit.as_secs()))??
+    let limit = Some(st.config.store.timeout);
+    store::narinfo_bytes(&*st.store, h, limit)
+        .await?
         .ok_or(Error::NotFound)
 }
 

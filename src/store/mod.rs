@@ -18,6 +18,8 @@ use bytes::Bytes;
 use futures::Stream;
 use thiserror::Error;
 
+use crate::nix::{NarInfo, StorePathHash, MAX_NARINFO_BYTES};
+
 /// A streamed object body. An `Err` item means the store failed mid-body.
 pub type ByteStream = Pin<Box<dyn Stream<Item = io::Result<Bytes>> + Send + 'static>>;
 
@@ -273,6 +275,42 @@ pub trait Store: Send + Sync + 'static {
     }
 }
 
+/// The bytes of the narinfo stored for `h`, at most [`MAX_NARINFO_BYTES`]. `limit` bounds the
+/// read as a whole: a store that stalls mid-body is unavailable, not a hung request.
+pub async fn narinfo_bytes(
+    store: &dyn Store,
+    h: StorePathHash,
+    limit: Option<Duration>,
+) -> Result<Option<Bytes>, StoreError> {
+    let key = object_key::narinfo(h);
+    let read = store.get_bytes(&key, MAX_NARINFO_BYTES);
+    match limit {
+        Some(limit) => tokio::time::timeout(limit, read)
+            .await
+            .map_err(|_| StoreError::Timeout(limit.as_secs()))?,
+        None => read.await,
+    }
+}
+
+/// The narinfo stored for `h`, parsed and checked to be `h`'s (see [`narinfo_bytes`]); one
+/// that is not is a corrupt object, not a missing one.
+pub async fn stored_narinfo(
+    store: &dyn Store,
+    h: StorePathHash,
+    store_dir: &str,
+    limit: Option<Duration>,
+) -> Result<Option<NarInfo>, crate::error::Error> {
+    let Some(raw) = narinfo_bytes(store, h, limit).await? else {
+        return Ok(None);
+    };
+    NarInfo::parse_for(&raw, store_dir, h)
+        .map(Some)
+        .map_err(|reason| crate::error::Error::BadObject {
+            key: object_key::narinfo(h),
+            reason,
+        })
+}
+
 /// The one place that turns validated names into object keys (relative to the store root).
 pub mod object_key {
     use crate::nix::{NarFileName, OutputName, RealisationName, StorePathBaseName, StorePathHash};
@@ -285,6 +323,10 @@ pub mod object_key {
     }
     pub fn nar(f: &NarFileName) -> String {
         format!("nar/{f}")
+    }
+    /// The reverse of [`nar`]: the NAR a key names, `None` if it names none.
+    pub fn nar_file(key: &str) -> Option<NarFileName> {
+        key.strip_prefix("nar/")?.parse().ok()
     }
     pub fn log(drv: &StorePathBaseName) -> String {
         format!("log/{drv}")

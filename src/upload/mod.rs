@@ -304,17 +304,7 @@ impl Uploader {
 
     /// The narinfo the store holds for `hash`, parsed.
     pub async fn stored(&self, hash: StorePathHash) -> Result<Option<NarInfo>, Error> {
-        let key = object_key::narinfo(hash);
-        let Some(raw) = self
-            .store
-            .get_bytes(&key, crate::nix::MAX_NARINFO_BYTES)
-            .await?
-        else {
-            return Ok(None);
-        };
-        NarInfo::parse_for(&raw, &self.store_dir, hash)
-            .map(Some)
-            .map_err(|reason| Error::BadObject { key, reason })
+        crate::store::stored_narinfo(&*self.store, hash, &self.store_dir, None).await
     }
 
     /// The checks of a narinfo against its NAR, its signatures and its references; writes it

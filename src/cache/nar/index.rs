@@ -83,6 +83,12 @@ impl Index {
         Some((e.size, e.verified))
     }
 
+    /// The size of `name` if it is held and its file checked, without marking it used.
+    pub(super) fn verified_size(&self, name: &str) -> Option<u64> {
+        let e = self.entries.get(name)?;
+        (e.verified == Verified::Yes).then_some(e.size)
+    }
+
     /// Forgets `name`; true if it was held.
     pub(super) fn remove(&mut self, name: &str) -> bool {
         match self.entries.remove(name) {
@@ -178,6 +184,18 @@ mod tests {
         let mut i = index(200, &["a", "b"]);
         assert_eq!(i.touch("zz"), None);
         assert_eq!(i.touch("b"), Some((100, Verified::Yes)));
+        i.insert("c", 100, SHA, Verified::Yes);
+        assert_eq!(i.evict(), ["a"]);
+    }
+
+    #[test]
+    fn sizes_are_told_for_checked_files_only_and_are_no_use() {
+        let mut i = index(300, &["a", "b"]);
+        i.insert("unchecked", 50, SHA, Verified::No);
+        assert_eq!(i.verified_size("a"), Some(100));
+        assert_eq!(i.verified_size("unchecked"), None);
+        assert_eq!(i.verified_size("zz"), None);
+        // Asking about "a" did not make it recently used: it is still the first to go.
         i.insert("c", 100, SHA, Verified::Yes);
         assert_eq!(i.evict(), ["a"]);
     }

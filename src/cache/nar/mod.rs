@@ -108,6 +108,11 @@ impl NarCache {
         self.index().usage()
     }
 
+    /// The size of `name` if a checked copy is on disk (a HEAD answered without the store).
+    pub fn size_of(&self, name: &NarFileName) -> Option<u64> {
+        self.index().verified_size(name.as_str())
+    }
+
     /// Serves `name` (store key `key`) from disk or through a fill; `range` requests are
     /// served from disk only.
     pub async fn get(

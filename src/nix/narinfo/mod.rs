@@ -123,15 +123,29 @@ impl NarInfo {
         store_dir: &str,
         expected: StorePathHash,
     ) -> Result<Self, NarInfoError> {
-        let text = std::str::from_utf8(raw).map_err(|_| NarInfoError::NotUtf8)?;
-        let info = Self::parse(text, store_dir)?;
-        if info.hash() != expected {
-            return Err(NarInfoError::WrongPath {
-                path: format!("{store_dir}/{}", info.store_path),
-                expected,
-            });
-        }
+        let info = Self::parse_bytes(raw, store_dir)?;
+        info.check_name(store_dir, expected)?;
         Ok(info)
+    }
+
+    /// Parses stored bytes (UTF-8, then [`NarInfo::parse`]) without checking whose they are;
+    /// [`NarInfo::parse_for`] is the one to use unless the caller reports a wrong name apart
+    /// from the rest (as `cellar verify` does).
+    pub fn parse_bytes(raw: &[u8], store_dir: &str) -> Result<Self, NarInfoError> {
+        let text = std::str::from_utf8(raw).map_err(|_| NarInfoError::NotUtf8)?;
+        Self::parse(text, store_dir)
+    }
+
+    /// Whether this narinfo may be stored under `<expected>.narinfo`: its `StorePath:` must
+    /// have that hash (else one path's name would hand out another path's NAR).
+    pub fn check_name(&self, store_dir: &str, expected: StorePathHash) -> Result<(), NarInfoError> {
+        if self.hash() == expected {
+            return Ok(());
+        }
+        Err(NarInfoError::WrongPath {
+            path: format!("{store_dir}/{}", self.store_path),
+            expected,
+        })
     }
 
     /// The NAR's name under `nar/`, from `URL:`. NARs are served (and uploads accepted) only
