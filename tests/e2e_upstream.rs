@@ -256,4 +256,44 @@ async fn uploads_may_reference_paths_the_upstream_has() {
         .arg(work.path().join("store"))
         .args(["--trusted-public-keys", &a.public_key, mid]);
     run_ok(c);
+
+    // `cellar verify` with A's config knows the upstream: mid's reference is not missing, so
+    // --repair keeps mid. Without the upstream, the same bucket has a missing reference.
+    let verify = |config: Option<&Path>, repair: bool| {
+        let mut c = std::process::Command::new(CELLAR);
+        c.arg("verify")
+            .envs(s3_store_env(&app.s3, &app.s3.endpoint, &app.prefix))
+            .env("RUST_LOG", "warn");
+        if let Some(config) = config {
+            c.arg("--config").arg(config);
+        }
+        if repair {
+            c.arg("--repair");
+        }
+        c.output().unwrap()
+    };
+    let bare = verify(None, false);
+    let out = String::from_utf8_lossy(&bare.stdout);
+    assert_eq!(bare.status.code(), Some(1), "{out}");
+    assert!(out.contains("missing-reference"), "{out}");
+    let config = a.config_path();
+    for repair in [true, false] {
+        let o = verify(Some(&config), repair);
+        let out = String::from_utf8_lossy(&o.stdout);
+        assert!(
+            o.status.success(),
+            "{out}{}",
+            String::from_utf8_lossy(&o.stderr)
+        );
+        assert!(out.contains("0 finding(s)"), "{out}");
+        assert!(
+            out.contains("1 reference(s) not in the store are served by upstreams"),
+            "{out}"
+        );
+    }
+    let mid_narinfo = format!("{}{}.narinfo", app.prefix, Fixture::hash(mid));
+    assert!(
+        s3_exists(&app.s3, &mid_narinfo).await,
+        "--repair deleted mid"
+    );
 }

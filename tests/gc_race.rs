@@ -154,6 +154,7 @@ async fn gc_racing_nix_copy_never_breaks_the_uploaded_closure() {
             sample: None,
             grace: Duration::from_secs(3600),
             now: SystemTime::now(),
+            upstreams: None,
         },
         &Quiet,
     )

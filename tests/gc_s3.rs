@@ -99,6 +99,7 @@ async fn gc_over_several_listing_pages_keeps_pinned_closures_whole() {
             sample: None,
             grace: Duration::ZERO,
             now: SystemTime::now(),
+            upstreams: None,
         },
         &Quiet,
     )

@@ -159,11 +159,19 @@ pub fn verify(
     let report = runtime()?.block_on(async {
         let store = open(&cfg).await?;
         let bar = Bar::new();
+        let upstreams = match cfg.upstreams.is_empty() {
+            true => None,
+            false => Some(Arc::new(
+                cellar::upstream::Upstreams::new(&cfg.upstreams, &cfg.store_dir)
+                    .context("[[upstreams]]")?,
+            )),
+        };
         let opts = gc::verify::Options {
             repair,
             sample,
             grace: cfg.gc.grace,
             now: SystemTime::now(),
+            upstreams,
         };
         let r = gc::verify::run(&store, &cfg.store_dir, &opts, &bar).await;
         bar.0.finish_and_clear();
@@ -182,6 +190,12 @@ pub fn verify(
         },
         report.findings.len()
     );
+    if report.on_upstreams > 0 {
+        println!(
+            "{} reference(s) not in the store are served by upstreams",
+            report.on_upstreams
+        );
+    }
     for k in &report.repaired {
         println!("repaired: deleted {k}");
     }

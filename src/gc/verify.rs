@@ -3,7 +3,8 @@
 //!
 //! Findings: narinfos that do not parse, are stored under another path's hash, point at a
 //! missing NAR or one of another size than their `FileSize`, refer to a path that has no
-//! narinfo or one that cannot be served whole; NARs and listings no narinfo points to;
+//! narinfo (and no upstream serves: uploads may build on those) or one that cannot be served
+//! whole; NARs and listings no narinfo points to;
 //! unfinished uploads; objects under the reserved prefix that do not parse. Orphans and
 //! unfinished uploads younger than the grace period are uploads in progress, not findings.
 //!
@@ -20,8 +21,11 @@ use super::graph::{Graph, Problem};
 use super::inventory::Inventory;
 use super::report::Progress;
 use super::{access, pins, sweep};
+use futures::{StreamExt as _, TryStreamExt as _};
+
 use crate::nix::StorePathHash;
 use crate::store::{object_key, Store, StoreError};
+use crate::upstream::Upstreams;
 
 /// One inconsistency, with the key of the object it is about.
 #[derive(Debug, Clone, PartialEq, Eq)]
@@ -127,13 +131,16 @@ impl fmt::Display for Finding {
     }
 }
 
-#[derive(Debug, Clone)]
+#[derive(Clone)]
 pub struct Options {
     pub repair: bool,
     /// Check only this many narinfos, chosen at random (no orphan check, no repair).
     pub sample: Option<usize>,
     pub grace: Duration,
     pub now: SystemTime,
+    /// The server's upstreams: a reference one of them serves is not missing (the server
+    /// accepted the upload on top of it and serves it through).
+    pub upstreams: Option<Arc<Upstreams>>,
 }
 
 #[derive(Debug, Default)]
@@ -141,6 +148,8 @@ pub struct Report {
     pub objects: usize,
     pub narinfos_checked: usize,
     pub findings: Vec<Finding>,
+    /// References the store lacks that an upstream serves.
+    pub on_upstreams: usize,
     /// Keys deleted by `--repair`.
     pub repaired: Vec<String>,
     pub repair_errors: Vec<String>,
@@ -164,10 +173,13 @@ pub async fn run(
     }
     let graph = Graph::load(store.as_ref(), &inv, store_dir, progress).await?;
     report.narinfos_checked = graph.len();
+    let upstream = served_by_upstreams(&graph, &all, opts.upstreams.as_deref()).await?;
+    report.on_upstreams = upstream.len();
     let mut unservable = vec![false; graph.len()];
     for (i, n) in graph.nodes.iter().enumerate() {
         let key = object_key::narinfo(n.hash);
-        let own = own_findings(n, &key, &inv, &all);
+        let present = |r: &StorePathHash| all.contains(r) || upstream.contains(r);
+        let own = own_findings(n, &key, &inv, &present);
         unservable[i] = !own.is_empty();
         report.findings.extend(own);
     }
@@ -236,11 +248,37 @@ pub async fn run(
     Ok(report)
 }
 
+/// The references no narinfo in the store has that some upstream serves. An upstream that
+/// cannot be asked stops the run: a repair must not delete what it might serve.
+async fn served_by_upstreams(
+    graph: &Graph,
+    all: &HashSet<StorePathHash>,
+    upstreams: Option<&Upstreams>,
+) -> Result<HashSet<StorePathHash>, StoreError> {
+    let Some(u) = upstreams.filter(|u| !u.is_empty()) else {
+        return Ok(HashSet::new());
+    };
+    let missing: HashSet<StorePathHash> = graph
+        .nodes
+        .iter()
+        .flat_map(|n| n.missing_refs.iter().copied())
+        .filter(|r| !all.contains(r))
+        .collect();
+    let asks = missing
+        .into_iter()
+        .map(|h| async move { Ok::<_, StoreError>(u.has(h).await?.then_some(h)) });
+    let found: Vec<Option<StorePathHash>> = futures::stream::iter(asks)
+        .buffer_unordered(16)
+        .try_collect()
+        .await?;
+    Ok(found.into_iter().flatten().collect())
+}
+
 fn own_findings(
     n: &super::graph::Node,
     key: &str,
     inv: &Inventory,
-    all: &HashSet<StorePathHash>,
+    present: &dyn Fn(&StorePathHash) -> bool,
 ) -> Vec<Finding> {
     let key = key.to_owned();
     let mut out = Vec::new();
@@ -282,7 +320,7 @@ fn own_findings(
             }
         }
     }
-    for r in n.missing_refs.iter().filter(|r| !all.contains(r)) {
+    for r in n.missing_refs.iter().filter(|r| !present(r)) {
         out.push(Finding::MissingReference {
             key: key.clone(),
             reference: r.to_string(),
