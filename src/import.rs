@@ -7,10 +7,11 @@ use std::path::{Path, PathBuf};
 
 use futures::StreamExt as _;
 use thiserror::Error;
+use tokio::io::AsyncReadExt as _;
 use tokio_util::io::ReaderStream;
 
 use crate::error::{Error, UploadError};
-use crate::nix::{NarFileName, NarInfo, StorePathBaseName, StorePathHash};
+use crate::nix::{NarFileName, NarInfo, StorePathBaseName, StorePathHash, MAX_NARINFO_BYTES};
 use crate::store::{object_key, Store};
 use crate::upload::{Uploader, MAX_LISTING_BYTES, MAX_LOG_BYTES};
 
@@ -123,10 +124,21 @@ pub async fn import_dir(
                 .push((name.clone(), "not a <hash>.narinfo name".into()));
             continue;
         };
-        let text = tokio::fs::read_to_string(e.path())
+        // Bounded like an upload's narinfo, so a huge file is a rejection, not all of memory.
+        let mut raw = Vec::new();
+        tokio::fs::File::open(e.path())
+            .await
+            .map_err(read_err(&e.path()))?
+            .take(MAX_NARINFO_BYTES + 1)
+            .read_to_end(&mut raw)
             .await
             .map_err(read_err(&e.path()))?;
-        match NarInfo::parse_for(text.as_bytes(), store_dir, hash) {
+        if raw.len() as u64 > MAX_NARINFO_BYTES {
+            let why = format!("larger than {MAX_NARINFO_BYTES} bytes");
+            summary.rejected.push((name, why));
+            continue;
+        }
+        match NarInfo::parse_for(&raw, store_dir, hash) {
             Ok(info) => {
                 entries.insert(hash, info);
             }
@@ -208,6 +220,28 @@ mod tests {
         );
         let info = NarInfo::parse(&text, "/nix/store").unwrap();
         (info.hash(), info)
+    }
+
+    #[tokio::test]
+    async fn a_narinfo_over_the_size_limit_is_rejected_unread() {
+        let dir = tempfile::tempdir().unwrap();
+        let (hash, _) = entry("aaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaa-a", &[]);
+        let huge = vec![b'x'; MAX_NARINFO_BYTES as usize + 1];
+        std::fs::write(dir.path().join(format!("{hash}.narinfo")), huge).unwrap();
+        let mem = std::sync::Arc::new(crate::store::memory::MemoryStore::new());
+        let store: std::sync::Arc<dyn Store> = mem.clone();
+        let cfg = crate::config::Config::default();
+        let uploader = Uploader::new(&cfg.upload, "/nix/store", store.clone());
+        let s = import_dir(dir.path(), &*store, &uploader, "/nix/store", &())
+            .await
+            .unwrap();
+        assert_eq!(s.rejected.len(), 1, "{:?}", s.rejected);
+        assert!(
+            s.rejected[0].1.starts_with("larger than"),
+            "{:?}",
+            s.rejected
+        );
+        assert!(mem.keys().is_empty());
     }
 
     #[test]

@@ -216,7 +216,11 @@ fn import(dir: &Path, path: Option<&Path>) -> anyhow::Result<()> {
         .context("starting the async runtime")?;
     let summary = rt.block_on(async {
         let store = store::open(&cfg.store).await.context("opening the store")?;
-        let uploader = cellar::upload::Uploader::new(&cfg.upload, &cfg.store_dir, store.clone());
+        // Recorded like an upload, so that a garbage collection running meanwhile keeps what
+        // is imported and its references (see cellar::gc::sweep).
+        let access = cellar::gc::access::AccessLog::new(store.clone(), cfg.gc.access_max_entries);
+        let uploader = cellar::upload::Uploader::new(&cfg.upload, &cfg.store_dir, store.clone())
+            .with_access(std::sync::Arc::new(access));
         let bar = indicatif::ProgressBar::new(0);
         if let Ok(style) =
             indicatif::ProgressStyle::with_template("{bar:40} {pos}/{len} {wide_msg}")

@@ -338,6 +338,21 @@ async fn import_a_file_cache_twice_then_substitute() {
     );
 
     let app = app.spawn().await;
+    // Each imported path was recorded for garbage collection before it was written (as an
+    // upload is), so a collector running meanwhile keeps it and its references; the second
+    // import wrote nothing.
+    let records = s3_client(&app.s3)
+        .list_objects_v2()
+        .bucket(&app.s3.bucket)
+        .prefix(format!("{}_cellar/access/", app.prefix))
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(
+        records.key_count(),
+        Some(f.closure.len() as i32),
+        "{records:?}"
+    );
     let srv = &app.srv;
     let work = tempfile::tempdir().unwrap();
     substitute_and_verify(
@@ -398,5 +413,29 @@ async fn import_a_file_cache_twice_then_substitute() {
         rejected.len(),
         3,
         "only the corrupt path and those above it:\n{text}"
+    );
+
+    // Import applies the upload limits: with upload.max_nar_bytes at 1 MiB, the 2 MiB path
+    // is refused for its size (and top for lacking it); the rest is imported.
+    let mut env3 = App::s3("import-limit").direct_store_env();
+    env3.push(("CELLAR_UPLOAD__MAX_NAR_BYTES".into(), "1048576".into()));
+    let mut c = std::process::Command::new(CELLAR);
+    c.arg("import").arg(&f.xz_dir).envs(env3);
+    let out = c.output().unwrap();
+    let text = String::from_utf8_lossy(&out.stdout);
+    assert!(!out.status.success(), "{text}");
+    let big = f.closure.iter().find(|p| p.ends_with("-big")).unwrap();
+    let big_line = format!("  rejected {big}: ");
+    assert!(
+        text.lines()
+            .any(|l| l.starts_with(&big_line) && l.contains("larger than 1048576 bytes")),
+        "{text}"
+    );
+    assert!(
+        text.contains(&format!(
+            "imported {}, skipped 0 (already present), rejected 2",
+            f.closure.len() - 2
+        )),
+        "{text}"
     );
 }
