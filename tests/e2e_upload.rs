@@ -27,6 +27,20 @@ fn copy_to(
     run(c)
 }
 
+/// The PUT requests the server has answered, from its /metrics (every route, every status).
+async fn puts_answered(srv: &Server) -> f64 {
+    let text = reqwest::get(format!("{}/metrics", srv.url))
+        .await
+        .unwrap()
+        .text()
+        .await
+        .unwrap();
+    text.lines()
+        .filter(|l| l.starts_with("cellar_http_requests_total{") && l.contains("method=\"PUT\""))
+        .filter_map(|l| l.rsplit(' ').next()?.parse::<f64>().ok())
+        .sum()
+}
+
 fn assert_ok(out: &std::process::Output, what: &str) {
     assert!(
         out.status.success(),
@@ -70,7 +84,14 @@ async fn nix_copy_to_cellar_then_substitute_xz_and_zstd() {
         assert!(body.contains(want), "{body}");
         substitute_and_verify(&srv.url, &srv.public_key, &f.top, &work.path().join(tag));
 
-        // A second copy finds everything present and uploads nothing.
+        // Two PUTs a path at least (its NAR and narinfo; the .ls and log come along too).
+        let first_puts = puts_answered(srv).await;
+        assert!(
+            first_puts >= 2.0 * n as f64,
+            "{first_puts} PUTs for {n} paths"
+        );
+
+        // A second copy finds everything present and uploads nothing: not one PUT.
         let out = copy_to(
             &srv.url,
             Some(&netrc),
@@ -84,6 +105,11 @@ async fn nix_copy_to_cellar_then_substitute_xz_and_zstd() {
             srv.log_count("narinfo uploaded"),
             n,
             "a narinfo went up again"
+        );
+        assert_eq!(
+            puts_answered(srv).await,
+            first_puts,
+            "the second copy sent PUTs"
         );
     }
 }
