@@ -187,18 +187,21 @@ async fn upload_probes_never_reach_the_upstream() {
     }
 }
 
-/// SIGHUP: a token added to the config file works without a restart, a broken config keeps
-/// the running one, and a download in flight finishes across a reload.
+/// SIGHUP: a token added to the config file and a rotated key file work without a restart, a
+/// broken config or key file keeps the running one, and a download in flight finishes across
+/// a reload.
 #[tokio::test(flavor = "multi_thread")]
-async fn sighup_reloads_tokens_and_keeps_the_old_ones_on_a_broken_config() {
+async fn sighup_reloads_tokens_and_keys_and_keeps_the_old_ones_on_a_broken_config() {
     let (a, acfg) = token("a", "write");
     let (b, bcfg) = token("b", "write");
     // A large object to be downloading while the reload happens.
     let name = "1111111111111111111111111111111111111111111111111111.nar";
     let big: Vec<u8> = (0..(48u32 << 20)).map(|i| (i % 253) as u8).collect();
+    let f = fixture();
     let app = App::s3("reload")
         .config(&acfg)
         .seed(format!("nar/{name}"), big.clone())
+        .seed_dir(&f.xz_dir)
         .spawn()
         .await;
     let srv = &app.srv;
@@ -253,4 +256,34 @@ async fn sighup_reloads_tokens_and_keeps_the_old_ones_on_a_broken_config() {
     srv.sighup();
     srv.wait_for_log("configuration not reloaded", 2);
     assert!(srv.log().contains("`upload` changed"), "{}", srv.log());
+
+    // The signing key file, rotated in place: after a reload the real client trusts the new
+    // key alone; a key file that cannot be read is refused and the new key keeps signing.
+    let work = tempfile::tempdir().unwrap();
+    let key_file = srv.dir.path().join("cellar-test.sec");
+    let fresh = work.path().join("rotated.sec");
+    let out = std::process::Command::new(CELLAR)
+        .args(["keygen", "cellar-test-2", "--out"])
+        .arg(&fresh)
+        .output()
+        .unwrap();
+    assert!(out.status.success(), "keygen: {out:?}");
+    let rotated_public = String::from_utf8(out.stdout).unwrap().trim().to_owned();
+    std::fs::copy(&fresh, &key_file).unwrap();
+    std::fs::write(srv.config_path(), format!("{acfg}{bcfg}")).unwrap();
+    srv.sighup();
+    srv.wait_for_log("configuration reloaded", 2);
+    substitute_and_verify(
+        &srv.url,
+        &rotated_public,
+        &f.top,
+        &work.path().join("rotated"),
+    );
+
+    std::fs::write(&key_file, "not a key\n").unwrap();
+    srv.sighup();
+    srv.wait_for_log("configuration not reloaded", 3);
+    let narinfo = format!("{}/{}.narinfo", srv.url, Fixture::hash(&f.top));
+    let body = reqwest::get(narinfo).await.unwrap().text().await.unwrap();
+    assert!(body.contains("Sig: cellar-test-2:"), "{body}");
 }
