@@ -1,0 +1,135 @@
+//! The `[store]` section: a local directory or an S3 bucket, in one flat section so that
+//! `CELLAR_STORE__*` variables work for either.
+
+use std::path::PathBuf;
+use std::time::Duration;
+
+use serde::Deserialize;
+
+use super::{http_url, secs};
+use crate::config::{
+    ConfigError, LocalStoreConfig, S3Credentials, S3StoreConfig, Secret, StoreBackend, StoreConfig,
+};
+
+#[derive(Debug, Clone, Copy, Deserialize, PartialEq, Eq)]
+#[serde(rename_all = "lowercase")]
+enum StoreKind {
+    Local,
+    S3,
+}
+
+/// One flat section for both kinds (so `CELLAR_STORE__*` variables work for either); the
+/// fields of the other kind are ignored.
+#[derive(Debug, Clone, Deserialize)]
+#[serde(deny_unknown_fields, default)]
+pub(super) struct StoreSection {
+    kind: StoreKind,
+    path: PathBuf,
+    bucket: Option<String>,
+    endpoint: Option<String>,
+    region: String,
+    prefix: String,
+    force_path_style: bool,
+    access_key_id: Option<String>,
+    secret_access_key: Option<Secret>,
+    timeout_secs: u64,
+    connect_timeout_secs: u64,
+    ready_timeout_secs: u64,
+}
+
+impl Default for StoreSection {
+    fn default() -> Self {
+        Self {
+            kind: StoreKind::Local,
+            path: PathBuf::from("./cellar-data"),
+            bucket: None,
+            endpoint: None,
+            region: "us-east-1".into(),
+            prefix: String::new(),
+            force_path_style: true,
+            access_key_id: None,
+            secret_access_key: None,
+            timeout_secs: 10,
+            connect_timeout_secs: 3,
+            ready_timeout_secs: 2,
+        }
+    }
+}
+
+impl StoreSection {
+    pub(super) fn validate(self) -> Result<StoreConfig, ConfigError> {
+        let timeout = secs("store.timeout_secs", self.timeout_secs, 1)?;
+        let connect_timeout = secs("store.connect_timeout_secs", self.connect_timeout_secs, 1)?;
+        let ready_timeout = secs("store.ready_timeout_secs", self.ready_timeout_secs, 1)?;
+        let backend = match self.kind {
+            StoreKind::Local => {
+                if self.path.as_os_str().is_empty() {
+                    return Err(ConfigError::invalid("store.path", "must not be empty"));
+                }
+                StoreBackend::Local(LocalStoreConfig { path: self.path })
+            }
+            StoreKind::S3 => StoreBackend::S3(self.validate_s3(connect_timeout)?),
+        };
+        Ok(StoreConfig {
+            backend,
+            timeout,
+            ready_timeout,
+        })
+    }
+
+    fn validate_s3(self, connect_timeout: Duration) -> Result<S3StoreConfig, ConfigError> {
+        let bucket = self.bucket.unwrap_or_default();
+        if bucket.is_empty() {
+            let message = "is required when store.kind = \"s3\"";
+            return Err(ConfigError::invalid("store.bucket", message));
+        }
+        if bucket.contains('/') || bucket.contains(char::is_whitespace) {
+            let message = format!("{bucket:?} is not a bucket name");
+            return Err(ConfigError::invalid("store.bucket", message));
+        }
+        if let Some(ep) = &self.endpoint {
+            http_url("store.endpoint", ep)?;
+        }
+        if self.region.is_empty() {
+            return Err(ConfigError::invalid("store.region", "must not be empty"));
+        }
+        let credentials = match (self.access_key_id, self.secret_access_key) {
+            (Some(access_key_id), Some(secret_access_key)) => Some(S3Credentials {
+                access_key_id,
+                secret_access_key,
+            }),
+            (None, None) => None,
+            _ => {
+                return Err(ConfigError::invalid(
+                    "store.secret_access_key",
+                    "store.access_key_id and store.secret_access_key must be set together",
+                ))
+            }
+        };
+        if self.prefix.starts_with('/') || self.prefix.contains("..") {
+            return Err(ConfigError::invalid(
+                "store.prefix",
+                format!("{:?} must be relative (like `cache/`)", self.prefix),
+            ));
+        }
+        Ok(S3StoreConfig {
+            bucket,
+            endpoint: self.endpoint,
+            region: self.region,
+            prefix: normalise_prefix(&self.prefix),
+            force_path_style: self.force_path_style,
+            credentials,
+            connect_timeout,
+        })
+    }
+}
+
+/// A key prefix ending in `/`, or empty.
+pub(in crate::config) fn normalise_prefix(p: &str) -> String {
+    let p = p.trim_end_matches('/');
+    if p.is_empty() {
+        String::new()
+    } else {
+        format!("{p}/")
+    }
+}

@@ -1,0 +1,229 @@
+//! Narinfo uploads: the checks of a narinfo against its NAR, its signatures and its
+//! references, immutability of published paths, and [`Uploader::copy_path`] for paths that
+//! come from elsewhere (mirroring, import). See the parent module for the rules.
+
+use std::collections::HashSet;
+use std::future::Future;
+
+use bytes::Bytes;
+use futures::{Stream, StreamExt as _, TryStreamExt as _};
+
+use super::{rejected, Accepted, Uploader};
+use crate::error::{Error, UploadError};
+use crate::nix::{NarFileName, NarInfo, StorePathHash};
+use crate::store::{object_key, StoreError};
+use crate::upstream::Upstreams;
+
+impl Uploader {
+    /// Accepts the narinfo uploaded as `<hash>.narinfo` if every check passes, and writes it.
+    /// References that `upstreams` serve count as present.
+    pub async fn put_narinfo(
+        &self,
+        hash: StorePathHash,
+        raw: &[u8],
+        upstreams: Option<&Upstreams>,
+    ) -> Result<Accepted, Error> {
+        let info = NarInfo::parse_for(raw, &self.store_dir, hash)
+            .map_err(|e| rejected(format!("bad narinfo: {e}")))?;
+        self.accept_narinfo(info, upstreams).await
+    }
+
+    /// Copies a path into the store, verified exactly like an upload: its NAR, unless the
+    /// store already has it (under its name or re-encoded), read from `fetch_nar` only then;
+    /// then its narinfo, last, which is what makes the path visible. For paths that come from
+    /// elsewhere: an upstream being mirrored, a directory being imported.
+    pub async fn copy_path<F, Fut, S>(
+        &self,
+        info: NarInfo,
+        fetch_nar: F,
+        upstreams: Option<&Upstreams>,
+    ) -> Result<Accepted, Error>
+    where
+        F: FnOnce(NarFileName) -> Fut,
+        Fut: Future<Output = Result<S, Error>>,
+        S: Stream<Item = std::io::Result<Bytes>> + Send + 'static,
+    {
+        let name = info.nar_file().map_err(|e| rejected(e.to_string()))?;
+        if !self.has_nar(&name).await? {
+            let body = fetch_nar(name.clone()).await?;
+            self.put_nar(&name, body).await?;
+        }
+        self.accept_narinfo(info, upstreams).await
+    }
+
+    /// The narinfo the store holds for `hash`, parsed.
+    pub async fn stored(&self, hash: StorePathHash) -> Result<Option<NarInfo>, Error> {
+        crate::store::stored_narinfo(&*self.store, hash, &self.store_dir, None).await
+    }
+
+    /// The checks of a narinfo against its NAR, its signatures and its references; writes it
+    /// if they pass.
+    async fn accept_narinfo(
+        &self,
+        mut info: NarInfo,
+        upstreams: Option<&Upstreams>,
+    ) -> Result<Accepted, Error> {
+        let sd = &self.store_dir;
+        let hash = info.hash();
+        // Published paths are immutable. Checked first: a re-upload of a present path (a
+        // client with a stale view) costs one read, not a NAR verification. Two uploads of
+        // different contents racing past this check both write; the last one wins (S3 has no
+        // portable create-only write), which needs a non-reproducible build pushed twice at
+        // the same moment.
+        if let Some(existing) = self.stored(hash).await? {
+            if existing.nar_hash != info.nar_hash {
+                return Err(Error::Upload(UploadError::Conflict {
+                    store_path: format!("{sd}/{}", info.store_path),
+                    stored: existing.nar_hash.to_string(),
+                    uploaded: info.nar_hash.to_string(),
+                }));
+            }
+            return Ok(Accepted {
+                hash,
+                narinfo: existing,
+                already_present: true,
+            });
+        }
+        // The fingerprint Nix verifies has each reference once; a list with duplicates would
+        // be signed as sent and fail verification on every client.
+        let mut seen = HashSet::new();
+        if let Some(dup) = info.references.iter().find(|r| !seen.insert(*r)) {
+            return Err(rejected(format!("reference {sd}/{dup} is listed twice")));
+        }
+        let url_name = info.nar_file().map_err(|e| rejected(e.to_string()))?;
+        if let Some(ext) = url_name.compression_from_ext() {
+            if ext != info.compression {
+                return Err(rejected(format!(
+                    "Compression: {} does not match the URL's extension ({})",
+                    info.compression, url_name
+                )));
+            }
+        }
+        if !self.trusted_keys.is_empty() && !info.is_signed_by_any(&self.trusted_keys, sd) {
+            return Err(rejected(
+                "the narinfo is not signed by any of upload.trusted_keys",
+            ));
+        }
+        // Recorded before the NAR and the references are checked, so that a garbage
+        // collection running meanwhile either sees the record in time or has deleted them
+        // before the checks (see crate::gc::sweep).
+        if let Some(a) = &self.access {
+            let stored = self.reencoded(&url_name).map(|(n, _)| n);
+            let mut nars = vec![url_name.as_str()];
+            nars.extend(stored.as_ref().map(NarFileName::as_str));
+            a.record_upload(&info, &nars).await?;
+            self.not_being_deleted(&nars).await?;
+        }
+        let v = match self.remembered(&object_key::nar(&url_name)) {
+            // Still there? (Someone may have deleted it from the bucket since.)
+            Some(v)
+                if self
+                    .store
+                    .head(&object_key::nar(&v.stored))
+                    .await?
+                    .is_some() =>
+            {
+                v
+            }
+            _ => self
+                .verify_stored(&url_name)
+                .await?
+                .ok_or_else(|| rejected(format!("NAR {} has not been uploaded", info.url)))?,
+        };
+        if let Some(up) = v.uploaded_file {
+            if let Some(h) = info.file_hash {
+                if h != up.hash {
+                    return Err(rejected(format!(
+                        "FileHash {h} does not match the uploaded NAR ({})",
+                        up.hash
+                    )));
+                }
+            }
+            if let Some(s) = info.file_size {
+                if s != up.size {
+                    return Err(rejected(format!(
+                        "FileSize {s} does not match the uploaded NAR ({} bytes)",
+                        up.size
+                    )));
+                }
+            }
+        }
+        if info.nar_hash != v.nar.hash {
+            return Err(rejected(format!(
+                "NarHash {} does not match the NAR ({})",
+                info.nar_hash, v.nar.hash
+            )));
+        }
+        if info.nar_size != v.nar.size {
+            return Err(rejected(format!(
+                "NarSize {} does not match the NAR ({} bytes)",
+                info.nar_size, v.nar.size
+            )));
+        }
+        self.check_references(&info, upstreams).await?;
+
+        // Point the narinfo at what is stored (the signature does not cover these fields).
+        info.url = format!("nar/{}", v.stored);
+        info.compression = v.stored_compression;
+        info.file_hash = Some(v.stored_file.hash);
+        info.file_size = Some(v.stored_file.size);
+        self.store
+            .put_bytes(&object_key::narinfo(hash), Bytes::from(info.render(sd)))
+            .await?;
+        if self.access.is_some() {
+            self.still_whole(&info, &v.stored, upstreams).await?;
+        }
+        Ok(Accepted {
+            hash,
+            narinfo: info,
+            already_present: false,
+        })
+    }
+
+    pub(super) async fn check_references(
+        &self,
+        info: &NarInfo,
+        upstreams: Option<&Upstreams>,
+    ) -> Result<(), Error> {
+        let own = info.hash();
+        let refs: Vec<(StorePathHash, String)> = info
+            .references
+            .iter()
+            .filter(|r| r.hash() != own)
+            .map(|r| (r.hash(), r.to_string()))
+            .collect();
+        let store = &self.store;
+        let lookups = refs.into_iter().map(|(h, name)| {
+            async move {
+                if store.head(&object_key::narinfo(h)).await?.is_some() {
+                    return Ok::<_, StoreError>(None);
+                }
+                // Clients substituting through this server get it from an upstream. Asked
+                // only for references the store lacks: a `nix copy --to` uploads references
+                // first, so its uploads never reach an upstream.
+                let upstream = match upstreams {
+                    Some(u) if !u.is_empty() => u.has(h).await?,
+                    _ => false,
+                };
+                Ok(if upstream { None } else { Some(name) })
+            }
+        });
+        let found: Vec<Option<String>> = futures::stream::iter(lookups)
+            .buffer_unordered(16)
+            .try_collect()
+            .await?;
+        let missing: Vec<String> = found.into_iter().flatten().collect();
+        if let Some(first) = missing.first() {
+            return Err(rejected(format!(
+                "reference {}/{first} is not in the cache{}; upload references first",
+                self.store_dir,
+                if missing.len() > 1 {
+                    format!(" (nor {} other)", missing.len() - 1)
+                } else {
+                    String::new()
+                }
+            )));
+        }
+        Ok(())
+    }
+}
