@@ -44,7 +44,7 @@ mod private_tests;
 #[cfg(test)]
 mod tests;
 
-use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::atomic::Ordering;
 
 use axum::body::Body;
 use axum::extract::{Path, Request, State};
@@ -166,16 +166,15 @@ async fn authorize(State(st): State<AppState>, req: Request, next: Next) -> Resp
         _ => Scope::Write,
     };
     if scope == Scope::Write {
-        warn_root_upload_once();
+        warn_root_upload_once(&st);
     }
     check(&st, req, next, scope).await
 }
 
 /// Uploads through the root URL keep working, but once per process the log says why they
 /// should move (docs/uploads.md, "Why a separate address").
-fn warn_root_upload_once() {
-    static WARNED: AtomicBool = AtomicBool::new(false);
-    if !WARNED.swap(true, Ordering::Relaxed) {
+fn warn_root_upload_once(st: &AppState) {
+    if !st.root_upload_warned.swap(true, Ordering::Relaxed) {
         tracing::warn!(
             "an upload was sent to the root URL; point builders at /upload \
              (`nix copy --to http://HOST/upload`): a builder that also substitutes from \

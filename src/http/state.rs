@@ -58,6 +58,8 @@ pub struct App {
     pub access: Arc<AccessLog>,
     /// NARs seen missing: their narinfos answer 404 (see [`crate::cache::missing_nars`]).
     pub missing_nars: MissingNars,
+    /// Set once an upload reached the root URL and the log said to use `/upload` instead.
+    pub root_upload_warned: std::sync::atomic::AtomicBool,
     live: ArcSwap<Live>,
 }
 
@@ -149,6 +151,7 @@ impl AppState {
             prefetch,
             access,
             missing_nars,
+            root_upload_warned: std::sync::atomic::AtomicBool::new(false),
             live: ArcSwap::from_pointee(live),
         })))
     }

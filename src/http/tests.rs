@@ -466,3 +466,176 @@ async fn a_reload_swaps_upstreams_and_max_ages() {
     assert_eq!(body, b"built by the upstream\n");
     assert_eq!(cache_control(&st).await, "public, max-age=7");
 }
+
+// ---------------------------------------------------------------------------------------------
+// A path uploaded through the root URL, then read back; the cache headers every answer gets.
+
+#[tokio::test]
+async fn a_path_uploaded_through_the_root_is_served_and_heads_match_gets() {
+    use crate::config::Scope;
+    use crate::nix::Sha256;
+    let mem = Arc::new(MemoryStore::new());
+    let cfg = with_tokens(Config::default(), &[("ci", "wtok", Scope::Write)]);
+    let st = state(cfg, &mem);
+    let put = |path: String, body: Vec<u8>| {
+        let st = st.clone();
+        async move {
+            let req = authed("PUT", &path, "wtok").body(Body::from(body)).unwrap();
+            let res = send(&st, req).await;
+            assert!(
+                !res.headers().contains_key("cache-control"),
+                "{path}: an upload's answer is no cacheable page"
+            );
+            res.status()
+        }
+    };
+    // A NAR header is all the pipeline checks; uncompressed, so its file hash is its NarHash.
+    let mut nar = b"\x0d\x00\x00\x00\x00\x00\x00\x00nix-archive-1\x00\x00\x00".to_vec();
+    nar.extend_from_slice(&[7u8; 1000]);
+    let sha = Sha256::digest(&nar);
+    let file = format!("{}.nar", sha.to_nix32());
+    let narinfo = format!(
+        "StorePath: /nix/store/{HASH}-up\nURL: nar/{file}\nCompression: none\n\
+         NarHash: {sha}\nNarSize: {}\nReferences: \n",
+        nar.len()
+    );
+    let nar_len = nar.len();
+    assert_eq!(put(format!("/nar/{file}"), nar).await, StatusCode::CREATED);
+    let narinfo_path = format!("/{HASH}.narinfo");
+    assert_eq!(
+        put(narinfo_path.clone(), narinfo.into_bytes()).await,
+        StatusCode::CREATED
+    );
+    let listing_path = format!("/{HASH}.ls");
+    let listing = br#"{"version":1,"root":{"type":"regular","size":1000}}"#.to_vec();
+    assert_eq!(
+        put(listing_path.clone(), listing).await,
+        StatusCode::CREATED
+    );
+    let log_path = format!("/log/{HASH}-up.drv");
+    assert_eq!(
+        put(log_path.clone(), b"built\n".to_vec()).await,
+        StatusCode::CREATED
+    );
+
+    for path in [&narinfo_path, &listing_path, &log_path] {
+        let (status, body) = get(&st, path).await;
+        assert_eq!(status, StatusCode::OK, "{path}");
+        assert_eq!(
+            head(&st, path).await,
+            (StatusCode::OK, Some(body.len().to_string())),
+            "{path}"
+        );
+    }
+    assert_eq!(
+        head(&st, &format!("/nar/{file}")).await,
+        (StatusCode::OK, Some(nar_len.to_string()))
+    );
+}
+
+#[tokio::test]
+async fn not_found_answers_carry_the_negative_max_age_others_their_own() {
+    let mem = Arc::new(MemoryStore::new());
+    let cfg = Config {
+        not_found_max_age: Duration::from_secs(7),
+        ..Config::default()
+    };
+    let st = state(cfg, &mem);
+    let cache_control = |path: &'static str| {
+        let st = st.clone();
+        async move {
+            let res = send(&st, Request::get(path).body(Body::empty()).unwrap()).await;
+            let v = res
+                .headers()
+                .get("cache-control")
+                .map(|v| v.to_str().unwrap().to_owned());
+            (res.status(), v)
+        }
+    };
+    assert_eq!(
+        cache_control("/f904kp3djilk732cgbnxhpy7vzykbqsh.narinfo").await,
+        (StatusCode::NOT_FOUND, Some("public, max-age=7".into()))
+    );
+    assert_eq!(
+        cache_control("/nix-cache-info").await,
+        (StatusCode::OK, Some("public, max-age=3600".into()))
+    );
+}
+
+/// Log lines written while it is held (this thread only: a current-thread test runtime).
+#[derive(Clone, Default)]
+struct Captured(Arc<std::sync::Mutex<Vec<u8>>>);
+
+impl std::io::Write for Captured {
+    fn write(&mut self, b: &[u8]) -> std::io::Result<usize> {
+        self.0.lock().unwrap().extend_from_slice(b);
+        Ok(b.len())
+    }
+    fn flush(&mut self) -> std::io::Result<()> {
+        Ok(())
+    }
+}
+
+impl Captured {
+    fn text(&self) -> String {
+        String::from_utf8_lossy(&self.0.lock().unwrap()).into_owned()
+    }
+}
+
+#[tokio::test]
+async fn root_uploads_warn_once_and_carry_the_token_name() {
+    use crate::config::Scope;
+    let logs = Captured::default();
+    let writer = logs.clone();
+    let subscriber = tracing_subscriber::fmt()
+        .with_writer(move || writer.clone())
+        .with_ansi(false)
+        .finish();
+    let _guard = tracing::subscriber::set_default(subscriber);
+    let mem = Arc::new(MemoryStore::new());
+    let cfg = with_tokens(
+        Config::default(),
+        &[
+            ("ci-builder", "wtok", Scope::Write),
+            ("fleet", "rtok", Scope::Read),
+        ],
+    );
+    let st = state(cfg, &mem);
+    let log = format!("/log/{HASH}-up.drv");
+    let req = authed("GET", &log, "rtok").body(Body::empty()).unwrap();
+    assert_eq!(send(&st, req).await.status(), StatusCode::NOT_FOUND);
+    assert!(
+        !logs.text().contains("upload was sent to the root"),
+        "a read warned"
+    );
+    let mut nar = b"\x0d\x00\x00\x00\x00\x00\x00\x00nix-archive-1\x00\x00\x00".to_vec();
+    nar.extend_from_slice(&[7u8; 100]);
+    let path = format!("/nar/{}.nar", crate::nix::Sha256::digest(&nar).to_nix32());
+    for _ in 0..2 {
+        let req = authed("PUT", &path, "wtok").body(Body::from(nar.clone()));
+        assert_eq!(send(&st, req.unwrap()).await.status(), StatusCode::CREATED);
+    }
+    let text = logs.text();
+    assert_eq!(
+        text.matches("an upload was sent to the root URL").count(),
+        1,
+        "{text}"
+    );
+    // The upload's own lines name the token (never the token itself).
+    assert!(text.contains("upload{token=ci-builder}"), "{text}");
+    assert!(!text.contains("wtok"), "{text}");
+}
+
+#[tokio::test]
+async fn the_metrics_listener_serves_metrics_alone() {
+    let ask = |path: &'static str| async move {
+        let req = Request::get(path).body(Body::empty()).unwrap();
+        super::metrics_app().oneshot(req).await.unwrap()
+    };
+    let res = ask("/metrics").await;
+    assert_eq!(res.status(), StatusCode::OK);
+    assert_eq!(res.headers()["content-type"], crate::metrics::CONTENT_TYPE);
+    let body = res.into_body().collect().await.unwrap().to_bytes();
+    assert!(body.ends_with(b"# EOF\n"), "{body:?}");
+    assert_eq!(ask("/nix-cache-info").await.status(), StatusCode::NOT_FOUND);
+}
