@@ -56,6 +56,8 @@ pub struct MemoryStore {
     latency_ms: AtomicUsize,
     hooks: Arc<Mutex<Vec<(String, Hook)>>>,
     gates: Mutex<Vec<Arc<ReadGate>>>,
+    /// The key of every `get`, in order.
+    got: Mutex<Vec<String>>,
 }
 
 impl MemoryStore {
@@ -110,6 +112,14 @@ impl MemoryStore {
         }
     }
 
+    /// How many `get`s asked for a key under `prefix` (bodies read, not existence checks).
+    pub fn gets_under(&self, prefix: &str) -> usize {
+        lock(&self.got)
+            .iter()
+            .filter(|k| k.starts_with(prefix))
+            .count()
+    }
+
     /// Every key, sorted (for assertions).
     pub fn keys(&self) -> Vec<String> {
         let mut k: Vec<String> = lock(&self.objects).keys().cloned().collect();
@@ -153,6 +163,7 @@ impl MemoryStore {
 impl Store for MemoryStore {
     async fn get(&self, key: &str, range: Option<ByteRange>) -> Result<Option<Object>, StoreError> {
         self.delay().await;
+        lock(&self.got).push(key.to_owned());
         let found = self.lookup(key)?;
         self.pass_gates(key).await;
         let Some(data) = found else {
