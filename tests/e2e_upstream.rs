@@ -61,6 +61,27 @@ async fn nix_substitutes_through_the_upstream_chain() {
     let mut l = nix("nix", &work.path().join("xdg-log"));
     l.args(["log", "--store", &a.url, &f.top]);
     assert!(run_ok(l).contains("building top"));
+
+    // /metrics counts what A asked B, by upstream and result.
+    let metrics = reqwest::get(format!("{}/metrics", a.url))
+        .await
+        .unwrap()
+        .text()
+        .await
+        .unwrap();
+    let asked = |result: &str| -> f64 {
+        let labels = format!("result=\"{result}\"");
+        metrics
+            .lines()
+            .filter(|l| l.starts_with("cellar_upstream_requests_total{"))
+            .filter(|l| l.contains(&format!("upstream=\"{}\"", b.url)) && l.contains(&labels))
+            .filter_map(|l| l.rsplit(' ').next()?.parse::<f64>().ok())
+            .sum()
+    };
+    // At least a narinfo and a NAR for each path of the closure, and the log.
+    let ok = asked("ok");
+    assert!(ok >= 2.0 * f.closure.len() as f64 + 1.0, "{ok}\n{metrics}");
+    assert_eq!(asked("error") + asked("timeout"), 0.0, "{metrics}");
 }
 
 #[tokio::test(flavor = "multi_thread")]
