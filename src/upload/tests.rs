@@ -332,3 +332,116 @@ async fn a_nar_sent_in_the_target_compression_is_stored_as_sent() {
     assert_eq!(stored.unwrap(), Some(sent), "re-encoded under its own name");
     assert_eq!(mem.keys(), [object_key::nar(&name)]);
 }
+
+/// Each check of a narinfo against its NAR refuses the narinfo that fails it, with a message
+/// that says which; the narinfo that passes them all is written.
+#[tokio::test]
+async fn every_narinfo_check_refuses_what_it_checks() {
+    let key = crate::nix::SecretKey::generate("builder-1").unwrap();
+    let mem = Arc::new(MemoryStore::new());
+    let store: Arc<dyn Store> = mem.clone();
+    let mut cfg = Config::default();
+    cfg.upload.trusted_keys = vec![key.public()];
+    let up = Uploader::new(&cfg.upload, &cfg.store_dir, store);
+    let sd = "/nix/store";
+    let nar = nar();
+    let url = format!("nar/{}.nar", Sha256::digest(&nar).to_nix32());
+    let good = {
+        let mut i = narinfo_at(PATH, &nar, &url);
+        i.file_hash = Some(Sha256::digest(&nar));
+        i.file_size = Some(nar.len() as u64);
+        // A path may refer to itself; that reference needs no narinfo of its own.
+        i.references = vec![i.store_path.clone()];
+        i
+    };
+    let signed = |mut i: NarInfo| {
+        i.sigs.clear();
+        i.sign(&key, sd);
+        i
+    };
+    up.put_nar(&good.nar_file().unwrap(), body(nar.clone()))
+        .await
+        .unwrap();
+
+    let other = Sha256::digest(b"other");
+    let missing_ref: crate::nix::StorePathBaseName =
+        "7bxnj2gfflqa529lddzh3zhcn45nn86r-missing".parse().unwrap();
+    type Change = fn(&mut NarInfo, Sha256, &crate::nix::StorePathBaseName);
+    let cases: [(&str, Change); 7] = [
+        ("does not match the URL's extension", |i, _, _| {
+            i.url.push_str(".xz")
+        }),
+        ("FileHash", |i, o, _| i.file_hash = Some(o)),
+        ("FileSize", |i, _, _| i.file_size = Some(3)),
+        ("NarHash", |i, o, _| i.nar_hash = o),
+        ("NarSize", |i, _, _| i.nar_size += 1),
+        ("is not in the cache", |i, _, r| {
+            i.references.push(r.clone())
+        }),
+        ("has not been uploaded", |i, _, _| {
+            i.url = format!("nar/{}.nar", Sha256::digest(b"never").to_nix32())
+        }),
+    ];
+    for (needle, change) in cases {
+        let mut bad = good.clone();
+        change(&mut bad, other, &missing_ref);
+        let raw = signed(bad).render(sd);
+        let e = up.put_narinfo(good.hash(), raw.as_bytes(), None).await;
+        assert!(
+            matches!(&e, Err(Error::Upload(UploadError::Rejected(m))) if m.contains(needle)),
+            "{needle}: {e:?}"
+        );
+    }
+    // Not signed by a trusted key.
+    let e = up
+        .put_narinfo(good.hash(), good.render(sd).as_bytes(), None)
+        .await;
+    assert!(
+        matches!(&e, Err(Error::Upload(UploadError::Rejected(m))) if m.contains("trusted_keys")),
+        "{e:?}"
+    );
+    assert!(mem.keys().iter().all(|k| !k.ends_with(".narinfo")));
+
+    let acc = up
+        .put_narinfo(
+            good.hash(),
+            signed(good.clone()).render(sd).as_bytes(),
+            None,
+        )
+        .await
+        .unwrap();
+    assert!(!acc.already_present);
+    assert!(mem.keys().contains(&object_key::narinfo(good.hash())));
+
+    // A NAR remembered from its upload but deleted from the bucket since is not trusted.
+    let (mem, up) = uploader();
+    up.put_nar(&good.nar_file().unwrap(), body(nar.clone()))
+        .await
+        .unwrap();
+    mem.delete(&object_key::nar(&good.nar_file().unwrap()))
+        .await
+        .unwrap();
+    let e = up
+        .put_narinfo(good.hash(), good.render(sd).as_bytes(), None)
+        .await;
+    assert!(
+        matches!(&e, Err(Error::Upload(UploadError::Rejected(m))) if m.contains("has not been uploaded")),
+        "{e:?}"
+    );
+}
+
+#[tokio::test]
+async fn plain_uploads_are_stored_as_sent_within_their_limit() {
+    let (mem, up) = uploader();
+    let chunks = futures::stream::iter([Ok(Bytes::from("0123")), Ok(Bytes::from("456789"))]);
+    up.put_plain("log/x", chunks, 10).await.unwrap();
+    let got = mem.get_bytes("log/x", 100).await.unwrap();
+    assert_eq!(got, Some(Bytes::from("0123456789")));
+    let over = futures::stream::iter([Ok(Bytes::from("0123456789")), Ok(Bytes::from("a"))]);
+    let e = up.put_plain("log/y", over, 10).await;
+    assert!(
+        matches!(e, Err(Error::Upload(UploadError::TooLarge { limit: 10 }))),
+        "{e:?}"
+    );
+    assert_eq!(mem.keys(), ["log/x"]);
+}
