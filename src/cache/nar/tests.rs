@@ -264,3 +264,16 @@ async fn missing_nars_are_not_cached() {
         vec![1u8; 10]
     );
 }
+
+#[test]
+fn a_nar_that_would_leave_less_than_the_margin_free_is_not_cached() {
+    let d = tempfile::tempdir().unwrap();
+    let cache = NarCache::open(d.path(), 1 << 30, Duration::from_secs(30)).unwrap();
+    assert!(!cache.disk_full(1), "a small NAR on a roomy disk");
+    // Fits the free space, but would leave 100 MiB of the 256 MiB kept free.
+    let avail = cache.disk.free_bytes().unwrap();
+    assert!(avail > super::FREE_MARGIN, "the test needs 256 MiB free");
+    assert!(cache.disk_full(avail - (100 << 20)));
+    // And caching pauses: even a small NAR is served without it for a while.
+    assert!(cache.disk_full(1));
+}
