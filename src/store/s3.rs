@@ -18,6 +18,7 @@ use futures::StreamExt as _;
 use super::{ByteRange, ContentRange, Object, ObjectList, ObjectWriter, Store, StoreError};
 use crate::config::S3StoreConfig;
 
+mod fast;
 mod listing;
 mod writer;
 
@@ -33,6 +34,8 @@ pub struct S3Store {
     prefix: String,
     endpoint: String,
     timeout: Duration,
+    /// GetObject and HeadObject without the SDK, for a path-style endpoint (see [`fast`]).
+    fast: Option<fast::FastReads>,
 }
 
 impl S3Store {
@@ -73,12 +76,32 @@ impl S3Store {
             .clone()
             .or_else(|| shared.endpoint_url().map(str::to_owned))
             .unwrap_or_else(|| format!("aws:{}", s.region));
+        let fast = match (&s.endpoint, shared.credentials_provider()) {
+            (Some(ep), Some(creds)) if s.force_path_style => {
+                match fast::FastReads::new(
+                    ep,
+                    &s.bucket,
+                    &s.region,
+                    creds,
+                    s.connect_timeout,
+                    timeout,
+                ) {
+                    Ok(f) => Some(f),
+                    Err(e) => {
+                        tracing::warn!(cause = %e, "S3: reads go through the SDK");
+                        None
+                    }
+                }
+            }
+            _ => None,
+        };
         Self {
             client: Client::from_conf(conf),
             bucket: s.bucket.clone(),
             prefix: s.prefix.clone(),
             endpoint,
             timeout,
+            fast,
         }
     }
 
@@ -203,6 +226,16 @@ fn body_stream(body: aws_sdk_s3::primitives::ByteStream) -> super::ByteStream {
 impl Store for S3Store {
     async fn get(&self, key: &str, range: Option<ByteRange>) -> Result<Option<Object>, StoreError> {
         let full = self.key(key);
+        if let Some(fast) = &self.fast {
+            return match fast.get(&full, range).await? {
+                fast::Read::Found(o) => Ok(Some(o)),
+                fast::Read::NotFound => Ok(None),
+                fast::Read::BadRange => {
+                    let size = self.head(key).await?.unwrap_or(0);
+                    Err(StoreError::RangeNotSatisfiable { size })
+                }
+            };
+        }
         let req = self
             .client
             .get_object()
@@ -243,6 +276,9 @@ impl Store for S3Store {
     }
 
     async fn head(&self, key: &str) -> Result<Option<u64>, StoreError> {
+        if let Some(fast) = &self.fast {
+            return fast.head(&self.key(key)).await;
+        }
         let req = self
             .client
             .head_object()

@@ -1,0 +1,343 @@
+//! GetObject and HeadObject without the SDK's request pipeline: one SigV4-signed request over
+//! a pooled HTTP client. On a cold cache every narinfo and small NAR is one such request, and
+//! the SDK's per-request work (interceptors, endpoint resolution, retry bookkeeping) cost more
+//! than the request itself against a nearby store. Listings, deletes and uploads stay with
+//! the SDK.
+//!
+//! Path-style addressing only (`{endpoint}/{bucket}/{key}`), as MinIO and Garage are used;
+//! a virtual-hosted bucket keeps using the SDK for reads too.
+
+use std::time::{Duration, SystemTime};
+
+use aws_sdk_s3::config::{Credentials, ProvideCredentials as _, SharedCredentialsProvider};
+use aws_sigv4::http_request::{
+    sign, PayloadChecksumKind, PercentEncodingMode, SignableBody, SignableRequest,
+    SigningSettings, UriPathNormalizationMode,
+};
+use aws_sigv4::sign::v4;
+use futures::TryStreamExt as _;
+use reqwest::header::{HeaderMap, CONTENT_LENGTH, CONTENT_RANGE, RANGE};
+use reqwest::StatusCode;
+use tokio::sync::Mutex;
+
+use crate::store::{ByteRange, ContentRange, Object, StoreError};
+
+/// SHA-256 of the empty body: what a GET or HEAD signs as its payload.
+const EMPTY_SHA256: &str = "e3b0c44298fc1c149afbf4c8996fb92427ae41e4649b934ca495991b7852b855";
+
+/// Credentials are fetched again this long before they expire.
+const REFRESH_BEFORE: Duration = Duration::from_secs(300);
+
+pub(super) struct FastReads {
+    http: reqwest::Client,
+    /// `{endpoint}/{bucket}/`, to which an encoded key is appended.
+    base: String,
+    region: String,
+    bucket: String,
+    credentials: SharedCredentialsProvider,
+    cached: Mutex<Option<Credentials>>,
+    timeout: Duration,
+}
+
+/// What a read found: the object (or the response it comes from), no object, or a range
+/// past its end.
+pub(super) enum Read<T> {
+    Found(T),
+    NotFound,
+    BadRange,
+}
+
+impl FastReads {
+    pub(super) fn new(
+        endpoint: &str,
+        bucket: &str,
+        region: &str,
+        credentials: SharedCredentialsProvider,
+        connect_timeout: Duration,
+        timeout: Duration,
+    ) -> Result<Self, reqwest::Error> {
+        let http = reqwest::Client::builder()
+            .connect_timeout(connect_timeout)
+            .tcp_nodelay(true)
+            .pool_idle_timeout(Duration::from_secs(60))
+            .build()?;
+        Ok(Self {
+            http,
+            base: format!("{}/{}/", endpoint.trim_end_matches('/'), encode(bucket)),
+            region: region.to_owned(),
+            bucket: bucket.to_owned(),
+            credentials,
+            cached: Mutex::new(None),
+            timeout,
+        })
+    }
+
+    /// Credentials for the next request: cached until shortly before they expire.
+    async fn credentials(&self) -> Result<Credentials, StoreError> {
+        let mut cached = self.cached.lock().await;
+        if let Some(c) = cached.as_ref() {
+            let fresh = c
+                .expiry()
+                .is_none_or(|e| e > SystemTime::now() + REFRESH_BEFORE);
+            if fresh {
+                return Ok(c.clone());
+            }
+        }
+        let c = self
+            .credentials
+            .provide_credentials()
+            .await
+            .map_err(|e| StoreError::Misconfigured(format!("S3 credentials: {e}")))?;
+        *cached = Some(c.clone());
+        Ok(c)
+    }
+
+    /// The signed request for `key` (the full object key, prefix included).
+    async fn request(
+        &self,
+        method: reqwest::Method,
+        key: &str,
+        range: Option<ByteRange>,
+    ) -> Result<reqwest::RequestBuilder, StoreError> {
+        let url = format!("{}{}", self.base, encode_key(key));
+        let creds = self.credentials().await?;
+        let mut settings = SigningSettings::default();
+        settings.percent_encoding_mode = PercentEncodingMode::Single;
+        settings.payload_checksum_kind = PayloadChecksumKind::XAmzSha256;
+        settings.uri_path_normalization_mode = UriPathNormalizationMode::Disabled;
+        let identity = creds.into();
+        let params = v4::SigningParams::builder()
+            .identity(&identity)
+            .region(&self.region)
+            .name("s3")
+            .time(SystemTime::now())
+            .settings(settings)
+            .build()
+            .map_err(|e| StoreError::Misconfigured(format!("signing an S3 request: {e}")))?
+            .into();
+        let range_header = range.map(ByteRange::to_header);
+        // The signer adds x-amz-date and x-amz-content-sha256 itself.
+        let mut headers: Vec<(&str, &str)> = Vec::new();
+        if let Some(r) = &range_header {
+            headers.push(("range", r));
+        }
+        let signable = SignableRequest::new(
+            method.as_str(),
+            url.as_str(),
+            headers.iter().copied(),
+            SignableBody::Precomputed(EMPTY_SHA256.to_owned()),
+        )
+        .map_err(|e| StoreError::Other(format!("signing {url}: {e}")))?;
+        let (instructions, _) = sign(signable, &params)
+            .map_err(|e| StoreError::Other(format!("signing {url}: {e}")))?
+            .into_parts();
+        let mut req = self.http.request(method, &url);
+        if let Some(r) = range_header {
+            req = req.header(RANGE, r);
+        }
+        for (name, value) in instructions.headers() {
+            req = req.header(name, value);
+        }
+        Ok(req)
+    }
+
+    /// Sends `req` under the request timeout (time to response headers) and counts it.
+    async fn send(
+        &self,
+        what: &'static str,
+        req: reqwest::RequestBuilder,
+    ) -> Result<Read<reqwest::Response>, StoreError> {
+        let started = std::time::Instant::now();
+        let r = match tokio::time::timeout(self.timeout, self.attempts(what, req)).await {
+            Err(_) => Err(StoreError::Timeout(self.timeout.as_secs())),
+            Ok(r) => r,
+        };
+        let label = match &r {
+            Ok(Read::Found(_)) => "ok",
+            Ok(Read::NotFound) => "not_found",
+            Ok(Read::BadRange) => "bad_range",
+            Err(StoreError::Timeout(_)) => "timeout",
+            Err(_) => "error",
+        };
+        crate::metrics::store_request(what, label, started.elapsed());
+        r
+    }
+
+    /// Up to [`ATTEMPTS`] tries, as the SDK makes: again after a connection failure or a
+    /// 5xx/503 SlowDown, after a short random pause that doubles each time.
+    async fn attempts(
+        &self,
+        what: &'static str,
+        req: reqwest::RequestBuilder,
+    ) -> Result<Read<reqwest::Response>, StoreError> {
+        let mut pause = Duration::from_millis(25);
+        let mut attempt = 1;
+        loop {
+            // A body-less GET or HEAD always clones.
+            let Some(this) = req.try_clone() else {
+                return self.answer(what, req.send().await).await;
+            };
+            let sent = this.send().await;
+            let transient = match &sent {
+                Ok(res) => res.status().is_server_error(),
+                Err(_) => true,
+            };
+            if !transient || attempt == ATTEMPTS {
+                return self.answer(what, sent).await;
+            }
+            tracing::debug!(attempt, "S3 {what}: retrying after a transient failure");
+            tokio::time::sleep(jitter(pause)).await;
+            pause *= 2;
+            attempt += 1;
+        }
+    }
+
+    async fn answer(
+        &self,
+        what: &'static str,
+        sent: Result<reqwest::Response, reqwest::Error>,
+    ) -> Result<Read<reqwest::Response>, StoreError> {
+        match sent {
+            Ok(res) => self.check(what, res).await,
+            Err(e) => Err(StoreError::Unavailable(format!("{what}: {e}"))),
+        }
+    }
+
+    /// What the caller handles (found, missing, a range past the end); the rest becomes the
+    /// errors the SDK path gives.
+    async fn check(
+        &self,
+        what: &'static str,
+        res: reqwest::Response,
+    ) -> Result<Read<reqwest::Response>, StoreError> {
+        let status = res.status();
+        if status.is_success() {
+            return Ok(Read::Found(res));
+        }
+        if status == StatusCode::RANGE_NOT_SATISFIABLE {
+            return Ok(Read::BadRange);
+        }
+        let code = error_code(res).await;
+        let bucket = &self.bucket;
+        match (status.as_u16(), code.as_str()) {
+            (404, "NoSuchBucket") => Err(StoreError::Misconfigured(format!(
+                "bucket {bucket:?} does not exist"
+            ))),
+            (404, _) => Ok(Read::NotFound),
+            (401 | 403, c) => Err(StoreError::Misconfigured(format!(
+                "{what}: access denied ({}); check the credentials and that they may read bucket {bucket:?}",
+                if c.is_empty() { "403" } else { c }
+            ))),
+            (s, c) if s >= 500 => Err(StoreError::Unavailable(format!(
+                "{what}: store answered {s} {c}"
+            ))),
+            (s, c) => Err(StoreError::Other(format!("{what}: store answered {s} {c}"))),
+        }
+    }
+
+    pub(super) async fn get(
+        &self,
+        key: &str,
+        range: Option<ByteRange>,
+    ) -> Result<Read<Object>, StoreError> {
+        let req = self.request(reqwest::Method::GET, key, range).await?;
+        let res = match self.send("GetObject", req).await? {
+            Read::Found(res) => res,
+            Read::NotFound => return Ok(Read::NotFound),
+            Read::BadRange => return Ok(Read::BadRange),
+        };
+        let headers = res.headers();
+        let length = header_u64(headers, CONTENT_LENGTH.as_str())
+            .ok_or_else(|| StoreError::Other(format!("GetObject {key}: no Content-Length")))?;
+        let content_range = match range {
+            None => None,
+            // Never serve part of an object as if it were a whole one.
+            Some(_) => Some(
+                headers
+                    .get(CONTENT_RANGE)
+                    .and_then(|v| v.to_str().ok())
+                    .and_then(ContentRange::parse_header)
+                    .filter(|_| res.status() == StatusCode::PARTIAL_CONTENT)
+                    .ok_or_else(|| {
+                        StoreError::Other(format!(
+                            "GetObject {key}: ranged answer without a valid Content-Range"
+                        ))
+                    })?,
+            ),
+        };
+        let body = res.bytes_stream().map_err(std::io::Error::other);
+        Ok(Read::Found(Object {
+            body: Box::pin(body),
+            length,
+            range: content_range,
+        }))
+    }
+
+    pub(super) async fn head(&self, key: &str) -> Result<Option<u64>, StoreError> {
+        let req = self.request(reqwest::Method::HEAD, key, None).await?;
+        match self.send("HeadObject", req).await? {
+            Read::Found(res) => Ok(Some(
+                header_u64(res.headers(), CONTENT_LENGTH.as_str()).unwrap_or(0),
+            )),
+            Read::NotFound | Read::BadRange => Ok(None),
+        }
+    }
+}
+
+/// Tries of one read (the SDK's standard retry mode makes as many).
+const ATTEMPTS: u32 = 3;
+
+/// A random pause up to `max` (full jitter), so replicas retrying together spread out.
+fn jitter(max: Duration) -> Duration {
+    let mut b = [0u8; 2];
+    let r = getrandom::getrandom(&mut b).map_or(u16::MAX, |()| u16::from_le_bytes(b));
+    max.mul_f64(f64::from(r) / f64::from(u16::MAX))
+}
+
+fn header_u64(h: &HeaderMap, name: &str) -> Option<u64> {
+    h.get(name)?.to_str().ok()?.parse().ok()
+}
+
+/// The `<Code>` of an S3 error body, if it has one (a HEAD has no body).
+async fn error_code(res: reqwest::Response) -> String {
+    let Ok(body) = res.text().await else {
+        return String::new();
+    };
+    body.split_once("<Code>")
+        .and_then(|(_, rest)| rest.split_once("</Code>"))
+        .map(|(code, _)| code.to_owned())
+        .unwrap_or_default()
+}
+
+/// Percent-encodes everything but the unreserved characters (RFC 3986), as SigV4 wants.
+fn encode(s: &str) -> String {
+    let mut out = String::with_capacity(s.len());
+    for b in s.bytes() {
+        if b.is_ascii_alphanumeric() || matches!(b, b'-' | b'.' | b'_' | b'~') {
+            out.push(b as char);
+        } else {
+            out.push_str(&format!("%{b:02X}"));
+        }
+    }
+    out
+}
+
+/// An object key in a URL path: each segment encoded, `/` kept.
+fn encode_key(key: &str) -> String {
+    key.split('/').map(encode).collect::<Vec<_>>().join("/")
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn keys_are_encoded_as_sigv4_wants() {
+        assert_eq!(encode_key("nar/abc.nar.xz"), "nar/abc.nar.xz");
+        assert_eq!(
+            encode_key("p/realisations/sha256:ab!out.doi"),
+            "p/realisations/sha256%3Aab%21out.doi"
+        );
+        assert_eq!(encode_key("log/x y+z~"), "log/x%20y%2Bz~");
+    }
+}
