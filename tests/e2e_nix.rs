@@ -69,10 +69,16 @@ async fn s3_xz_closure_substitutes_trusting_only_cellar() {
     }
 }
 
+/// Also the reads through the AWS SDK (`store.direct_reads = false`; the other tests use the
+/// default, cellar's own signed GETs).
 #[tokio::test(flavor = "multi_thread")]
-async fn s3_zstd_closure_substitutes() {
+async fn s3_zstd_closure_substitutes_with_reads_through_the_sdk() {
     let f = fixture();
-    let app = App::s3("e2e-zstd").seed_dir(&f.zstd_dir).spawn().await;
+    let app = App::s3("e2e-zstd")
+        .seed_dir(&f.zstd_dir)
+        .env("CELLAR_STORE__DIRECT_READS", "false")
+        .spawn()
+        .await;
     let srv = &app.srv;
     let work = tempfile::tempdir().unwrap();
     substitute_and_verify(&srv.url, &srv.public_key, &f.top, work.path());

@@ -77,7 +77,7 @@ impl S3Store {
             .or_else(|| shared.endpoint_url().map(str::to_owned))
             .unwrap_or_else(|| format!("aws:{}", s.region));
         let fast = match (&s.endpoint, shared.credentials_provider()) {
-            (Some(ep), Some(creds)) if s.force_path_style => {
+            (Some(ep), Some(creds)) if s.force_path_style && s.direct_reads => {
                 match fast::FastReads::new(
                     ep,
                     &s.bucket,

@@ -30,6 +30,7 @@ pub(super) struct StoreSection {
     region: String,
     prefix: String,
     force_path_style: bool,
+    direct_reads: bool,
     access_key_id: Option<String>,
     secret_access_key: Option<Secret>,
     timeout_secs: u64,
@@ -47,6 +48,7 @@ impl Default for StoreSection {
             region: "us-east-1".into(),
             prefix: String::new(),
             force_path_style: true,
+            direct_reads: true,
             access_key_id: None,
             secret_access_key: None,
             timeout_secs: 10,
@@ -118,6 +120,7 @@ impl StoreSection {
             region: self.region,
             prefix: normalise_prefix(&self.prefix),
             force_path_style: self.force_path_style,
+            direct_reads: self.direct_reads,
             credentials,
             connect_timeout,
         })

@@ -11,8 +11,8 @@ use std::time::{Duration, SystemTime};
 
 use aws_sdk_s3::config::{Credentials, ProvideCredentials as _, SharedCredentialsProvider};
 use aws_sigv4::http_request::{
-    sign, PayloadChecksumKind, PercentEncodingMode, SignableBody, SignableRequest,
-    SigningSettings, UriPathNormalizationMode,
+    sign, PayloadChecksumKind, PercentEncodingMode, SignableBody, SignableRequest, SigningSettings,
+    UriPathNormalizationMode,
 };
 use aws_sigv4::sign::v4;
 use futures::TryStreamExt as _;
