@@ -60,6 +60,10 @@ impl FastReads {
             .connect_timeout(connect_timeout)
             .tcp_nodelay(true)
             .pool_idle_timeout(Duration::from_secs(60))
+            // As the SDK: no proxy from the environment, no redirect followed (a signed
+            // request sent elsewhere fails anyway; S3's region redirects carry no Location).
+            .no_proxy()
+            .redirect(reqwest::redirect::Policy::none())
             .build()?;
         Ok(Self {
             http,
@@ -330,6 +334,96 @@ fn encode_key(key: &str) -> String {
 #[cfg(test)]
 mod tests {
     use super::*;
+    use axum::http::{HeaderMap as AxumHeaders, StatusCode as S};
+    use axum::response::{IntoResponse as _, Response};
+    use std::sync::atomic::{AtomicUsize, Ordering};
+    use std::sync::Arc;
+
+    /// A fake S3 answering by key, counting requests; every request must be signed.
+    async fn fake_s3(hits: Arc<AtomicUsize>) -> String {
+        let app = axum::Router::new().fallback(move |uri: axum::http::Uri, h: AxumHeaders| {
+            let n = hits.fetch_add(1, Ordering::SeqCst);
+            async move {
+                let auth = h.get("authorization").and_then(|v| v.to_str().ok());
+                assert!(auth.is_some_and(|a| a.starts_with("AWS4-HMAC-SHA256 ")));
+                assert!(h.contains_key("x-amz-date") && h.contains_key("x-amz-content-sha256"));
+                let xml = |code: &str| format!("<Error><Code>{code}</Code></Error>");
+                let r: Response = match uri.path() {
+                    "/b/p/ok" => "hello".into_response(),
+                    "/b/p/gone" => (S::NOT_FOUND, xml("NoSuchKey")).into_response(),
+                    "/b/p/nobucket" => (S::NOT_FOUND, xml("NoSuchBucket")).into_response(),
+                    "/b/p/denied" => (S::FORBIDDEN, xml("AccessDenied")).into_response(),
+                    "/b/p/range" => (S::RANGE_NOT_SATISFIABLE, "").into_response(),
+                    "/b/p/flaky" if n == 0 => (S::INTERNAL_SERVER_ERROR, "").into_response(),
+                    "/b/p/flaky" => "later".into_response(),
+                    "/b/p/down" => (S::SERVICE_UNAVAILABLE, xml("SlowDown")).into_response(),
+                    "/b/p/partial" => (S::PARTIAL_CONTENT, "el").into_response(),
+                    other => panic!("unexpected {other}"),
+                };
+                r
+            }
+        });
+        let l = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+        let url = format!("http://{}", l.local_addr().unwrap());
+        tokio::spawn(async move { axum::serve(l, app).await });
+        url
+    }
+
+    async fn reads(hits: &Arc<AtomicUsize>) -> FastReads {
+        let url = fake_s3(hits.clone()).await;
+        let creds = SharedCredentialsProvider::new(Credentials::new("k", "s", None, None, "t"));
+        let d = Duration::from_secs(5);
+        FastReads::new(&url, "b", "us-east-1", creds, d, d).unwrap()
+    }
+
+    #[tokio::test]
+    async fn answers_map_to_what_the_store_trait_promises() {
+        let hits = Arc::new(AtomicUsize::new(0));
+        let r = reads(&hits).await;
+        let Read::Found(o) = r.get("p/ok", None).await.unwrap() else {
+            panic!("not found")
+        };
+        assert_eq!(o.length, 5);
+        assert_eq!(r.head("p/ok").await.unwrap(), Some(5));
+        assert!(matches!(r.get("p/gone", None).await, Ok(Read::NotFound)));
+        assert_eq!(r.head("p/gone").await.unwrap(), None);
+        let range = Some(ByteRange::From {
+            start: 9,
+            end: None,
+        });
+        assert!(matches!(r.get("p/range", range).await, Ok(Read::BadRange)));
+        assert!(matches!(
+            r.get("p/nobucket", None).await,
+            Err(StoreError::Misconfigured(m)) if m.contains("does not exist")
+        ));
+        assert!(matches!(
+            r.get("p/denied", None).await,
+            Err(StoreError::Misconfigured(m)) if m.contains("AccessDenied")
+        ));
+        // A 206 must say which part it is.
+        let one = Some(ByteRange::From {
+            start: 1,
+            end: Some(2),
+        });
+        assert!(matches!(
+            r.get("p/partial", one).await,
+            Err(StoreError::Other(_))
+        ));
+    }
+
+    #[tokio::test]
+    async fn server_errors_are_tried_three_times() {
+        let hits = Arc::new(AtomicUsize::new(0));
+        let r = reads(&hits).await;
+        assert!(matches!(r.get("p/flaky", None).await, Ok(Read::Found(_))));
+        assert_eq!(hits.load(Ordering::SeqCst), 2, "one failure, one retry");
+        hits.store(0, Ordering::SeqCst);
+        assert!(matches!(
+            r.get("p/down", None).await,
+            Err(StoreError::Unavailable(m)) if m.contains("503")
+        ));
+        assert_eq!(hits.load(Ordering::SeqCst), ATTEMPTS as usize);
+    }
 
     #[test]
     fn keys_are_encoded_as_sigv4_wants() {
