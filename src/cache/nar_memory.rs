@@ -178,7 +178,15 @@ mod tests {
         assert_eq!(b.unwrap(), vec![1u8; 100]);
         assert_eq!(mem.requests(), 1, "one read for concurrent loads");
         assert!(m.get("small.nar").await.is_some());
+        assert!(m.contains("small.nar").await);
+        assert_eq!(m.size_of("small.nar").await, Some(100));
         assert_eq!(mem.requests(), 1);
+        assert!(m.enabled());
+
+        // Exactly the limit is still small.
+        mem.insert("nar/edge.nar", vec![4u8; 1000]);
+        let edge = m.load("edge.nar", "nar/edge.nar", open(&store, "nar/edge.nar"));
+        assert_eq!(edge.await.unwrap().len(), 1000);
 
         // A hint that lies: the object is larger than the limit, so it is streamed instead.
         mem.insert("nar/lying.nar", vec![3u8; 5000]);

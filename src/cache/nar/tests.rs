@@ -277,3 +277,55 @@ fn a_nar_that_would_leave_less_than_the_margin_free_is_not_cached() {
     // And caching pauses: even a small NAR is served without it for a while.
     assert!(cache.disk_full(1));
 }
+
+#[tokio::test]
+async fn sizes_ranges_past_the_end_and_truncated_files() {
+    let (d, cache, mem, store) = setup(1 << 30);
+    let data = vec![7u8; 2_000_000];
+    let key = format!("nar/{NAME}");
+    mem.insert(&key, data.clone());
+    let name: NarFileName = NAME.parse().unwrap();
+    let other: NarFileName = "17yp7gw2d9vmfgl2rd063i75qwkfbrgvqngp5yz2pk6iadzlckh7.nar"
+        .parse()
+        .unwrap();
+    assert_eq!(cache.size_of(&name), None);
+    body(cache.get(&name, &key, None, &store).await.unwrap()).await;
+    wait_indexed(&cache, 1).await;
+    assert_eq!(cache.size_of(&name), Some(2_000_000));
+    assert_eq!(cache.size_of(&other), None);
+
+    // A range past the end is refused from disk, with the size, and the file stays.
+    let before = mem.requests();
+    let past = Some(ByteRange::From {
+        start: 5_000_000,
+        end: None,
+    });
+    assert!(matches!(
+        cache.get(&name, &key, past, &store).await,
+        Err(crate::store::StoreError::RangeNotSatisfiable { size: 2_000_000 })
+    ));
+    assert_eq!(mem.requests(), before);
+    assert_eq!(cache.usage().0, 1);
+
+    // A file cut short behind the cache's back is not served: the store is asked again.
+    let file = std::fs::File::options()
+        .write(true)
+        .open(d.path().join(NAME))
+        .unwrap();
+    file.set_len(1000).unwrap();
+    let got = cache.get(&name, &key, None, &store).await.unwrap();
+    assert!(
+        matches!(got, NarCacheAnswer::Bypass),
+        "a short file was served"
+    );
+    assert_eq!(cache.size_of(&name), None, "and it is forgotten");
+}
+
+#[test]
+fn a_full_disk_on_write_pauses_caching() {
+    let d = tempfile::tempdir().unwrap();
+    let cache = NarCache::open(d.path(), 1 << 30, Duration::from_secs(30)).unwrap();
+    assert!(!cache.disk_full(1));
+    cache.write_failed("x", &super::disk::WriteError::DiskFull);
+    assert!(cache.disk_full(1));
+}
