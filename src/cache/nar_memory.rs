@@ -204,6 +204,29 @@ mod tests {
     }
 
     #[tokio::test]
+    async fn an_object_in_several_chunks_is_read_whole_and_no_further() {
+        let m = NarMemory::new(1 << 20, 1000);
+        let chunked = |chunks: Vec<&'static [u8]>, length: u64| async move {
+            let body = futures::stream::iter(chunks.into_iter().map(|c| Ok(Bytes::from(c))));
+            Ok::<_, Error>(Some(Object {
+                body: Box::pin(body),
+                length,
+                range: None,
+            }))
+        };
+        let two = chunked(vec![&[1; 50], &[2; 50]], 100);
+        let got = m.load("two.nar", "nar/two.nar", two).await.unwrap();
+        assert_eq!(got.len(), 100);
+        assert_eq!(&got[45..55], &[1, 1, 1, 1, 1, 2, 2, 2, 2, 2]);
+        // A store that sends more than it announced is not believed.
+        let more = chunked(vec![&[1; 50], &[2; 60]], 100);
+        assert!(matches!(
+            m.load("more.nar", "nar/more.nar", more).await,
+            Err(Unloaded::Failed(_))
+        ));
+    }
+
+    #[tokio::test]
     async fn disabled_keeps_nothing() {
         let m = NarMemory::new(0, 1000);
         m.hint("small.nar", Some(100)).await;
