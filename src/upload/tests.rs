@@ -445,3 +445,49 @@ async fn plain_uploads_are_stored_as_sent_within_their_limit() {
     );
     assert_eq!(mem.keys(), ["log/x"]);
 }
+
+/// A reference the store lacks counts as present when an upstream serves a validly signed
+/// narinfo for it (so builders can upload on top of cache.nixos.org); without the upstream it
+/// is missing.
+#[tokio::test]
+async fn references_an_upstream_serves_count_as_present() {
+    let upstream_key = crate::nix::SecretKey::generate("upstream-1").unwrap();
+    let base = "7bxnj2gfflqa529lddzh3zhcn45nn86r-base";
+    let their_url = format!("nar/{}.nar", Sha256::digest(b"base nar").to_nix32());
+    let mut theirs = narinfo_at(base, b"base nar", &their_url);
+    theirs.sign(&upstream_key, "/nix/store");
+    let served = theirs.render("/nix/store");
+    let path = format!("/{}.narinfo", theirs.hash());
+    let app = axum::Router::new().route(&path, axum::routing::get(move || async move { served }));
+    let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+    let url = format!("http://{}", listener.local_addr().unwrap());
+    tokio::spawn(async move { axum::serve(listener, app).await });
+    let upstreams = crate::upstream::Upstreams::new(
+        &[crate::config::UpstreamConfig {
+            url,
+            public_keys: vec![upstream_key.public()],
+            timeout: std::time::Duration::from_secs(5),
+            mirror: false,
+        }],
+        "/nix/store",
+    )
+    .unwrap();
+
+    let (_mem, up) = uploader();
+    let nar = nar();
+    let url = format!("nar/{}.nar", Sha256::digest(&nar).to_nix32());
+    let mut ours = narinfo_at(PATH, &nar, &url);
+    ours.references = vec![theirs.store_path.clone()];
+    up.put_nar(&ours.nar_file().unwrap(), body(nar.clone()))
+        .await
+        .unwrap();
+    let raw = ours.render("/nix/store");
+    let e = up.put_narinfo(ours.hash(), raw.as_bytes(), None).await;
+    assert!(
+        matches!(&e, Err(Error::Upload(UploadError::Rejected(m))) if m.contains("not in the cache")),
+        "{e:?}"
+    );
+    up.put_narinfo(ours.hash(), raw.as_bytes(), Some(&upstreams))
+        .await
+        .unwrap();
+}
