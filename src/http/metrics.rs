@@ -155,7 +155,8 @@ impl http_body::Body for Counted {
 
 #[cfg(test)]
 mod tests {
-    use super::route_family;
+    use super::{method_label, route_family, status_class};
+    use axum::http::{Method, StatusCode};
 
     #[test]
     fn route_families_are_bounded() {
@@ -175,5 +176,36 @@ mod tests {
         assert_eq!(route_family("/favicon.ico"), "other");
         assert_eq!(route_family("/nar/"), "other");
         assert_eq!(route_family("/"), "other");
+        // Each family has its shape: a name where one is expected, nothing after a fixed path.
+        for shapeless in [
+            "/nar",
+            "/log",
+            "/realisations",
+            "/build-trace",
+            "/nix-cache-info/x",
+            "/healthz/x",
+            "/readyz/x",
+            "/metrics/x",
+            "/status/x",
+            "/y.narinfo/x",
+            "/y.ls/x",
+        ] {
+            assert_eq!(route_family(shapeless), "other", "{shapeless}");
+        }
+        assert_eq!(route_family("/readyz"), "health");
+        assert_eq!(route_family("/status"), "status");
+    }
+
+    #[test]
+    fn methods_and_statuses_are_bounded() {
+        assert_eq!(method_label(&Method::GET), "GET");
+        assert_eq!(method_label(&Method::HEAD), "HEAD");
+        assert_eq!(method_label(&Method::PUT), "PUT");
+        assert_eq!(method_label(&Method::DELETE), "other");
+        let class = |n: u16| status_class(StatusCode::from_u16(n).unwrap());
+        assert_eq!(
+            [100, 199, 200, 299, 300, 399, 400, 499, 500, 599].map(class),
+            ["1xx", "1xx", "2xx", "2xx", "3xx", "3xx", "4xx", "4xx", "5xx", "5xx"]
+        );
     }
 }
