@@ -58,6 +58,35 @@ async fn narinfo_hits_come_from_memory() {
         assert_eq!(again, first);
     }
     assert_eq!(mem.requests(), after_first, "hits must not touch the store");
+    // What /status reports and prefetch asks: one entry, of about the narinfo's size.
+    let narinfos = &st.live().narinfos;
+    let h = HASH.parse().unwrap();
+    assert!(narinfos.contains(h));
+    assert!(!narinfos.contains("0l74sag416b7yzqh28bm87pdp102zcgs".parse().unwrap()));
+    let (entries, bytes) = narinfos.usage().await;
+    assert_eq!(entries, 1);
+    assert!(bytes >= NARINFO.len() as u64, "{bytes}");
+}
+
+#[tokio::test]
+async fn nix_cache_info_is_generated_and_a_put_of_it_changes_nothing() {
+    use crate::config::Scope;
+    let mem = Arc::new(MemoryStore::new());
+    let mut cfg = with_tokens(Config::default(), &[("ci", "wtok", Scope::Write)]);
+    cfg.priority = 41;
+    let st = state(cfg, &mem);
+    let (status, body) = get(&st, "/nix-cache-info").await;
+    assert_eq!(status, StatusCode::OK);
+    let text = String::from_utf8(body).unwrap();
+    assert!(text.starts_with("StoreDir: /nix/store\n"), "{text}");
+    assert!(text.contains("Priority: 41\n"), "{text}");
+    let req = authed("PUT", "/nix-cache-info", "wtok").body(Body::from("StoreDir: /x\n"));
+    assert_eq!(
+        send(&st, req.unwrap()).await.status(),
+        StatusCode::NO_CONTENT
+    );
+    assert_eq!(get(&st, "/nix-cache-info").await.1, text.as_bytes());
+    assert!(mem.keys().is_empty(), "nothing was stored");
 }
 
 #[tokio::test]
