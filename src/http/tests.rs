@@ -680,3 +680,41 @@ async fn the_metrics_listener_serves_metrics_alone() {
     assert!(body.ends_with(b"# EOF\n"), "{body:?}");
     assert_eq!(ask("/nix-cache-info").await.status(), StatusCode::NOT_FOUND);
 }
+
+/// `cellar_uploads_total{kind,verdict}` as /metrics shows it (the registry is process-wide, so
+/// tests compare label sets no other test touches).
+async fn uploads_counted(st: &AppState, labels: &str) -> f64 {
+    let (_, body) = get(st, "/metrics").await;
+    let prefix = format!("cellar_uploads_total{{{labels}}} ");
+    String::from_utf8(body)
+        .unwrap()
+        .lines()
+        .find_map(|l| l.strip_prefix(&prefix)?.parse().ok())
+        .unwrap_or(0.0)
+}
+
+#[tokio::test]
+async fn puts_are_counted_by_kind_and_verdict_and_reads_are_not() {
+    use crate::config::Scope;
+    let mem = Arc::new(MemoryStore::new());
+    let cfg = with_tokens(Config::default(), &[("ci", "wtok", Scope::Write)]);
+    let st = state(cfg, &mem);
+    let accepted = r#"kind="realisation",verdict="accepted""#;
+    let other = r#"kind="health",verdict="other""#;
+    let (a0, o0) = (
+        uploads_counted(&st, accepted).await,
+        uploads_counted(&st, other).await,
+    );
+    let id = "/realisations/sha256:0l74sag416b7yzqh28bm87pdp102zcgslqmm73y4qr1rn0rmqsyx!out.doi";
+    let req = authed("PUT", id, "wtok").body(Body::from("{}"));
+    assert_eq!(send(&st, req.unwrap()).await.status(), StatusCode::CREATED);
+    assert_eq!(get(&st, id).await.0, StatusCode::OK);
+    // Refused by the router, with no error of cellar's own: counted as "other".
+    let req = authed("PUT", "/healthz", "wtok").body(Body::empty());
+    assert_eq!(
+        send(&st, req.unwrap()).await.status(),
+        StatusCode::METHOD_NOT_ALLOWED
+    );
+    assert_eq!(uploads_counted(&st, accepted).await, a0 + 1.0);
+    assert_eq!(uploads_counted(&st, other).await, o0 + 1.0);
+}
