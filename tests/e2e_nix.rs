@@ -176,16 +176,7 @@ async fn hot_closure_is_served_without_touching_s3() {
 
 /// `cellar_store_requests_total{op="GetObject"}` as the server reports it.
 async fn store_gets(srv: &Server) -> f64 {
-    let text = reqwest::get(format!("{}/metrics", srv.url))
-        .await
-        .unwrap()
-        .text()
-        .await
-        .unwrap();
-    text.lines()
-        .filter(|l| l.starts_with("cellar_store_requests_total{") && l.contains("GetObject"))
-        .filter_map(|l| l.rsplit_once(' ')?.1.parse::<f64>().ok())
-        .sum()
+    metric_sum(srv, "cellar_store_requests_total", &["GetObject"]).await
 }
 
 /// Default config (with S3: small NARs in memory, the others on the default disk cache): a cold

@@ -29,16 +29,7 @@ fn copy_to(
 
 /// The PUT requests the server has answered, from its /metrics (every route, every status).
 async fn puts_answered(srv: &Server) -> f64 {
-    let text = reqwest::get(format!("{}/metrics", srv.url))
-        .await
-        .unwrap()
-        .text()
-        .await
-        .unwrap();
-    text.lines()
-        .filter(|l| l.starts_with("cellar_http_requests_total{") && l.contains("method=\"PUT\""))
-        .filter_map(|l| l.rsplit(' ').next()?.parse::<f64>().ok())
-        .sum()
+    metric_sum(srv, "cellar_http_requests_total", &["method=\"PUT\""]).await
 }
 
 fn assert_ok(out: &std::process::Output, what: &str) {

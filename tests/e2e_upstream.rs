@@ -63,25 +63,19 @@ async fn nix_substitutes_through_the_upstream_chain() {
     assert!(run_ok(l).contains("building top"));
 
     // /metrics counts what A asked B, by upstream and result.
-    let metrics = reqwest::get(format!("{}/metrics", a.url))
-        .await
-        .unwrap()
-        .text()
-        .await
-        .unwrap();
-    let asked = |result: &str| -> f64 {
-        let labels = format!("result=\"{result}\"");
-        metrics
-            .lines()
-            .filter(|l| l.starts_with("cellar_upstream_requests_total{"))
-            .filter(|l| l.contains(&format!("upstream=\"{}\"", b.url)) && l.contains(&labels))
-            .filter_map(|l| l.rsplit(' ').next()?.parse::<f64>().ok())
-            .sum()
+    let upstream = format!("upstream=\"{}\"", b.url);
+    let asked = |result: &'static str| {
+        let result = format!("result=\"{result}\"");
+        let upstream = upstream.clone();
+        async move {
+            let labels = [upstream.as_str(), result.as_str()];
+            metric_sum(a, "cellar_upstream_requests_total", &labels).await
+        }
     };
     // At least a narinfo and a NAR for each path of the closure, and the log.
-    let ok = asked("ok");
-    assert!(ok >= 2.0 * f.closure.len() as f64 + 1.0, "{ok}\n{metrics}");
-    assert_eq!(asked("error") + asked("timeout"), 0.0, "{metrics}");
+    let ok = asked("ok").await;
+    assert!(ok >= 2.0 * f.closure.len() as f64 + 1.0, "{ok}");
+    assert_eq!(asked("error").await + asked("timeout").await, 0.0);
 }
 
 #[tokio::test(flavor = "multi_thread")]

@@ -690,3 +690,19 @@ fn build_fixture() -> Fixture {
         root,
     }
 }
+
+/// The sum of the samples of `metric` (e.g. `cellar_store_requests_total`) on `srv`'s /metrics
+/// whose labels contain each of `labels` (e.g. `op="GetObject"`).
+pub async fn metric_sum(srv: &Server, metric: &str, labels: &[&str]) -> f64 {
+    let text = reqwest::get(format!("{}/metrics", srv.url))
+        .await
+        .unwrap()
+        .text()
+        .await
+        .unwrap();
+    let prefix = format!("{metric}{{");
+    text.lines()
+        .filter(|l| l.starts_with(&prefix) && labels.iter().all(|want| l.contains(want)))
+        .filter_map(|l| l.rsplit_once(' ')?.1.parse::<f64>().ok())
+        .sum()
+}
