@@ -89,8 +89,12 @@ TOML
     for _ in $(seq 1 300); do g "$i" node id -q >/dev/null 2>&1 && break; sleep 0.1; done
   done
   ids=(); for i in 0 1 2; do ids+=("$(g "$i" node id -q)"); done
+  # Every pair connected, not only node 0 to the others: nodes 1 and 2 would find each
+  # other through node 0 a second or two later, and a test that kills node 0 before then
+  # leaves them without a quorum.
   g 0 node connect "${ids[1]}" >/dev/null
   g 0 node connect "${ids[2]}" >/dev/null
+  g 1 node connect "${ids[2]}" >/dev/null
   # One node per zone, so every object has a copy on each of the three nodes.
   for i in 0 1 2; do g 0 layout assign -z "dc$i" -c 1G "${ids[$i]%@*}" >/dev/null; done
   g 0 layout apply --version 1 >/dev/null
@@ -105,6 +109,15 @@ TOML
       sleep 0.1
     done
     if [ $ok != 1 ]; then log "node $i did not come up:"; tail -n 20 "$DIR/n$i.log" >&2; exit 1; fi
+  done
+  # Each node sees both others as healthy (a killed node leaves the other two a quorum).
+  for i in 0 1 2; do
+    ok=0
+    for _ in $(seq 1 300); do
+      if [ "$(g "$i" status 2>/dev/null | grep -c 'FAILED NODES')" = 0 ]; then ok=1; break; fi
+      sleep 0.1
+    done
+    if [ $ok != 1 ]; then log "node $i does not see the other two:"; g "$i" status >&2 || true; exit 1; fi
   done
   log "3 nodes ready on S3 ports ${ports[*]} (state in $DIR)"
   cat <<ENV

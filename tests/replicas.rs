@@ -65,6 +65,21 @@ fn wait_until(what: &str, mut cond: impl FnMut() -> bool, log: impl Fn() -> Stri
     }
 }
 
+/// The last `n` lines of `log` (a failure message prints what CI keeps: its end).
+fn tail(log: &str, n: usize) -> String {
+    let lines: Vec<&str> = log.lines().collect();
+    lines[lines.len().saturating_sub(n)..].join("\n")
+}
+
+/// The WARN and ERROR lines of a cellar log, then its last `n` lines.
+fn warnings_and_tail(log: &str, n: usize) -> String {
+    let warned: Vec<&str> = log
+        .lines()
+        .filter(|l| l.contains(" WARN ") || l.contains(" ERROR "))
+        .collect();
+    format!("{}\n...\n{}", warned.join("\n"), tail(log, n))
+}
+
 /// Access log lines for `needle` (e.g. `.narinfo`, `/nar/`).
 fn lines_with<'a>(log: &'a str, needle: &str) -> Vec<&'a str> {
     log.lines().filter(|l| l.contains(needle)).collect()
@@ -142,10 +157,16 @@ async fn a_storage_node_killed_during_a_500_path_copy_fails_no_substitution() {
     let took = started.elapsed();
     assert!(
         out.status.success(),
-        "nix copy failed:\n{}\nnginx:\n{}\nA:\n{}",
+        "nix copy failed.\nA, last lines:\n{}\nB, warnings and last lines:\n{}\nnginx errors:\n{}\nnginx, answers other than 200:\n{}\nnix:\n{}",
+        tail(&a.log(), 20),
+        warnings_and_tail(&b.log(), 20),
+        tail(&lb.error_log(), 20),
+        lb.access_log()
+            .lines()
+            .filter(|l| status(l) != 200)
+            .collect::<Vec<_>>()
+            .join("\n"),
         String::from_utf8_lossy(&out.stderr),
-        lb.access_log(),
-        a.log()
     );
     verify(
         &store,
