@@ -35,14 +35,20 @@ impl Uploader {
         nar: &NarFileName,
         upstreams: Option<&Upstreams>,
     ) -> Result<(), Error> {
+        // Both at once; the NAR's answer is judged first.
         let check = async {
-            if self.store.head(&object_key::nar(nar)).await?.is_none() {
+            let key = object_key::nar(nar);
+            let (nar_size, references) = futures::join!(
+                self.store.head(&key),
+                self.check_references(info, upstreams)
+            );
+            if nar_size?.is_none() {
                 return Err(rejected(format!(
                     "NAR {} is not in the cache; upload it again",
                     info.url
                 )));
             }
-            self.check_references(info, upstreams).await
+            references
         };
         match check.await {
             Ok(()) => Ok(()),

@@ -65,12 +65,37 @@ impl Uploader {
     ) -> Result<Accepted, Error> {
         let sd = &self.store_dir;
         let hash = info.hash();
+        // The store is asked in as few sequential round trips as the rules allow (Nix uploads
+        // path after path on one connection, so each one is paid per path):
+        // 1. the stored narinfo, and the access record, together;
+        // 2. after the record: announced deletions, the NAR, the references, together;
+        // 3. the narinfo written; 4. after it: the NAR and the references again, together.
+        // Answers are judged in the order they were asked before, so a refusal does not
+        // depend on timing.
+        let url_name = info.nar_file().map_err(|e| rejected(e.to_string()));
+        let mut nars = Vec::new();
+        if let Ok(n) = &url_name {
+            nars.push(n.clone());
+            nars.extend(self.reencoded(n).map(|(stored, _)| stored));
+        }
+        let nars: Vec<&str> = nars.iter().map(NarFileName::as_str).collect();
+        // Recorded before the NAR and the references are checked, so that a garbage
+        // collection running meanwhile either sees the record in time or has deleted them
+        // before the checks (see crate::gc::sweep). A path already present, or refused
+        // below, is recorded too: that only keeps what it names a while longer.
+        let record = async {
+            match (&self.access, nars.is_empty()) {
+                (Some(a), false) => a.record_upload(&info, &nars).await,
+                _ => Ok(()),
+            }
+        };
+        let (existing, recorded) = futures::join!(self.stored(hash), record);
         // Published paths are immutable. Checked first: a re-upload of a present path (a
         // client with a stale view) costs one read, not a NAR verification. Two uploads of
         // different contents racing past this check both write; the last one wins (S3 has no
         // portable create-only write), which needs a non-reproducible build pushed twice at
         // the same moment.
-        if let Some(existing) = self.stored(hash).await? {
+        if let Some(existing) = existing? {
             if existing.nar_hash != info.nar_hash {
                 return Err(Error::Upload(UploadError::Conflict {
                     store_path: format!("{sd}/{}", info.store_path),
@@ -90,7 +115,7 @@ impl Uploader {
         if let Some(dup) = info.references.iter().find(|r| !seen.insert(*r)) {
             return Err(rejected(format!("reference {sd}/{dup} is listed twice")));
         }
-        let url_name = info.nar_file().map_err(|e| rejected(e.to_string()))?;
+        let url_name = url_name?;
         if let Some(ext) = url_name.compression_from_ext() {
             if ext != info.compression {
                 return Err(rejected(format!(
@@ -104,32 +129,32 @@ impl Uploader {
                 "the narinfo is not signed by any of upload.trusted_keys",
             ));
         }
-        // Recorded before the NAR and the references are checked, so that a garbage
-        // collection running meanwhile either sees the record in time or has deleted them
-        // before the checks (see crate::gc::sweep).
-        if let Some(a) = &self.access {
-            let stored = self.reencoded(&url_name).map(|(n, _)| n);
-            let mut nars = vec![url_name.as_str()];
-            nars.extend(stored.as_ref().map(NarFileName::as_str));
-            a.record_upload(&info, &nars).await?;
-            self.not_being_deleted(&nars).await?;
-        }
-        let v = match self.remembered(&object_key::nar(&url_name)) {
-            // Still there? (Someone may have deleted it from the bucket since.)
-            Some(v)
-                if self
-                    .store
-                    .head(&object_key::nar(&v.stored))
-                    .await?
-                    .is_some() =>
-            {
-                v
+        recorded?;
+        let not_deleting = async {
+            match &self.access {
+                Some(_) => self.not_being_deleted(&nars).await,
+                None => Ok(()),
             }
-            _ => self
-                .verify_stored(&url_name)
-                .await?
-                .ok_or_else(|| rejected(format!("NAR {} has not been uploaded", info.url)))?,
         };
+        let nar = async {
+            match self.remembered(&object_key::nar(&url_name)) {
+                // Still there? (Someone may have deleted it from the bucket since.)
+                Some(v)
+                    if self
+                        .store
+                        .head(&object_key::nar(&v.stored))
+                        .await?
+                        .is_some() =>
+                {
+                    Ok(Some(v))
+                }
+                _ => self.verify_stored(&url_name).await,
+            }
+        };
+        let (not_deleting, nar, references) =
+            futures::join!(not_deleting, nar, self.check_references(&info, upstreams));
+        not_deleting?;
+        let v = nar?.ok_or_else(|| rejected(format!("NAR {} has not been uploaded", info.url)))?;
         if let Some(up) = v.uploaded_file {
             if let Some(h) = info.file_hash {
                 if h != up.hash {
@@ -160,7 +185,7 @@ impl Uploader {
                 info.nar_size, v.nar.size
             )));
         }
-        self.check_references(&info, upstreams).await?;
+        references?;
 
         // Point the narinfo at what is stored (the signature does not cover these fields).
         info.url = format!("nar/{}", v.stored);
