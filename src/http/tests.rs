@@ -168,12 +168,16 @@ async fn an_upload_during_a_lookup_is_not_hidden_by_a_cached_miss() {
     let mem = Arc::new(MemoryStore::new());
     let st = state(Config::default(), &mem);
     let gate = mem.hold_reads(&format!("{HASH}.narinfo"));
-    let lookup = {
+    let mut lookup = {
         let st = st.clone();
         tokio::spawn(async move { get(&st, &format!("/{HASH}.narinfo")).await })
     };
-    // The lookup has found nothing and not answered yet when the upload lands.
-    gate.reached().await;
+    // The lookup has found nothing and not answered yet when the upload lands. (A lookup
+    // that answers without reading the store fails here instead of leaving the test waiting.)
+    tokio::select! {
+        () = gate.reached() => {}
+        r = &mut lookup => panic!("the lookup answered {:?} without reading the store", r.unwrap().0),
+    }
     mem.insert(&format!("{HASH}.narinfo"), NARINFO);
     st.live().narinfos.invalidate(HASH.parse().unwrap()).await;
     gate.open();
