@@ -148,7 +148,9 @@ mod tests {
         let nix32 = "sha256:0mdqa9w1p6cmli6976v4wi0sw9r4p5prkj7lzfd1877wk11c9c73";
         let hexed = "sha256:e3b0c44298fc1c149afbf4c8996fb92427ae41e4649b934ca495991b7852b855";
         let sri = "sha256-47DEQpj8HBSa+/TImW+5JCeuQeRkm5NMpJWZG3hSuFU=";
-        for s in [nix32, hexed, sri] {
+        // Base64 after a colon: what Nix's `--base64` prints.
+        let base64 = "sha256:47DEQpj8HBSa+/TImW+5JCeuQeRkm5NMpJWZG3hSuFU=";
+        for s in [nix32, hexed, sri, base64] {
             assert_eq!(s.parse::<Sha256>().unwrap(), h, "{s}");
         }
         assert_eq!(h.to_string(), nix32);
@@ -158,5 +160,19 @@ mod tests {
         ));
         assert!("sha256:xyz".parse::<Sha256>().is_err());
         assert!("nonsense".parse::<Sha256>().is_err());
+    }
+
+    /// Debug output (assertion messages, logs) shows the values themselves.
+    #[test]
+    fn debug_shows_the_value() {
+        let h: StorePathHash = "6bxnj2gfflqa529lddzh3zhcn45nn86r".parse().unwrap();
+        assert_eq!(
+            format!("{h:?}"),
+            "StorePathHash(6bxnj2gfflqa529lddzh3zhcn45nn86r)"
+        );
+        assert_eq!(
+            format!("{:?}", Sha256::digest(b"")),
+            "sha256:0mdqa9w1p6cmli6976v4wi0sw9r4p5prkj7lzfd1877wk11c9c73"
+        );
     }
 }

@@ -271,6 +271,7 @@ mod tests {
             let n: NarFileName = name.parse().unwrap();
             assert_eq!(n.compression_from_ext(), c, "{name}");
             assert_eq!(n.as_str(), name);
+            assert_eq!(format!("{n:?}"), format!("{name:?}"));
         }
         for bad in [
             format!("{F}.nar.gz"),
@@ -300,6 +301,8 @@ mod tests {
         let ok = format!("{H}-hello-2.12.drv");
         let n: StorePathBaseName = ok.parse().unwrap();
         assert_eq!(n.hash().as_str(), H);
+        // Debug (assertion messages, logs) shows the name, quoted.
+        assert_eq!(format!("{n:?}"), format!("{ok:?}"));
         for bad in [
             H.to_string(),
             format!("{H}-"),
@@ -314,12 +317,18 @@ mod tests {
     #[test]
     fn realisation_names() {
         let ok = format!("sha256:{F}!out.doi");
-        assert!(ok.parse::<RealisationName>().is_ok());
+        let r: RealisationName = ok.parse().unwrap();
+        assert_eq!(format!("{r:?}"), format!("{ok:?}"));
+        let out: OutputName = "dev".parse().unwrap();
+        assert_eq!(format!("{out:?}"), "\"dev\"");
         for bad in [
             format!("sha256:{F}!out"),
             format!("sha256:{F}.doi"),
             format!("md5:{F}!out.doi"),
             format!("sha256:{F}!../x.doi"),
+            // nix32, one character short; 52 characters, one not in nix32's alphabet
+            format!("sha256:{}!out.doi", &F[1..]),
+            format!("sha256:e{}!out.doi", &F[1..]),
         ] {
             assert!(bad.parse::<RealisationName>().is_err(), "{bad}");
         }
