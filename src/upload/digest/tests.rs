@@ -274,3 +274,97 @@ async fn an_idle_body_times_out() {
         "the stream ends after the timeout"
     );
 }
+
+#[test]
+fn undecodable_compressions_are_refused_by_name() {
+    for c in [Compression::Brotli, Compression::Lz4] {
+        match check_decodable(c) {
+            Err(UploadError::Rejected(m)) => assert!(m.contains("cannot be verified"), "{m}"),
+            other => panic!("{c}: {other:?}"),
+        }
+    }
+    for c in [
+        Compression::None,
+        Compression::Xz,
+        Compression::Zstd,
+        Compression::Bzip2,
+    ] {
+        assert!(check_decodable(c).is_ok(), "{c}");
+    }
+    assert_eq!(NarTooLarge.to_string(), "the decompressed NAR is too large");
+}
+
+/// The magic is checked across writes: a NAR whose first bytes arrive in a small piece, and
+/// the rest of the magic inside a larger one, is accepted (the decoders pass on whatever
+/// they have).
+#[tokio::test]
+async fn a_nar_whose_magic_arrives_in_pieces_is_accepted() {
+    let plain = nar(&vec![5u8; 1000]);
+    let (first, rest) = plain.split_at(3);
+    let parts: Vec<io::Result<Bytes>> = std::iter::once(first)
+        .chain(rest.chunks(100))
+        .map(|c| Ok(Bytes::copy_from_slice(c)))
+        .collect();
+    let d = digest_into(
+        futures::stream::iter(parts),
+        Compression::None,
+        None,
+        None,
+        LIMITS,
+    )
+    .await
+    .unwrap();
+    assert_eq!(d.nar.hash, Sha256::digest(&plain));
+    assert_eq!(d.nar.size, plain.len() as u64);
+}
+
+/// Records the size of every chunk a writer is given.
+struct ChunkSizes(std::sync::Arc<std::sync::Mutex<Vec<usize>>>);
+
+#[async_trait::async_trait]
+impl ObjectWriter for ChunkSizes {
+    async fn write(&mut self, chunk: Bytes) -> Result<(), crate::store::StoreError> {
+        self.0.lock().unwrap().push(chunk.len());
+        Ok(())
+    }
+    async fn commit(self: Box<Self>) -> Result<(), crate::store::StoreError> {
+        Ok(())
+    }
+    async fn abort(self: Box<Self>) {}
+}
+
+/// Re-encoded output reaches the store in 1 MiB chunks (the last one smaller), not in
+/// whatever pieces the encoder writes: one S3 part holds a few chunks, not thousands.
+#[tokio::test]
+async fn re_encoded_output_is_sent_in_whole_chunks() {
+    // Data that does not compress, so the output is as large as the input.
+    let mut x: u64 = 0x9e37_79b9_7f4a_7c15;
+    let payload: Vec<u8> = (0..3 * OUT_CHUNK + 12_345)
+        .map(|_| {
+            x ^= x << 13;
+            x ^= x >> 7;
+            x ^= x << 17;
+            x as u8
+        })
+        .collect();
+    let sizes = std::sync::Arc::new(std::sync::Mutex::new(Vec::new()));
+    let mut w: Box<dyn ObjectWriter> = Box::new(ChunkSizes(sizes.clone()));
+    let d = digest_into(
+        chunks(nar(&payload)),
+        Compression::None,
+        Some((Compression::Zstd, Some(1))),
+        Some(&mut w),
+        LIMITS,
+    )
+    .await
+    .unwrap();
+    let sizes = sizes.lock().unwrap().clone();
+    assert!(sizes.len() >= 3, "{sizes:?}");
+    let (last, whole) = sizes.split_last().unwrap();
+    assert!(
+        whole.iter().all(|s| *s >= OUT_CHUNK && *s < 2 * OUT_CHUNK),
+        "{sizes:?}"
+    );
+    assert!(*last <= 2 * OUT_CHUNK, "{sizes:?}");
+    assert_eq!(sizes.iter().sum::<usize>() as u64, d.output.size);
+}
