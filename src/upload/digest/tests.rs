@@ -265,6 +265,8 @@ async fn an_idle_body_times_out() {
     ));
     assert!(s.next().await.unwrap().is_ok());
     let e = s.next().await.unwrap().unwrap_err();
+    // Whoever sees the io::Error itself (a log line) reads what happened.
+    assert_eq!(e.to_string(), "no data for 30 s");
     assert!(
         matches!(body_error(e), UploadError::IdleTimeout(30)),
         "wrong error"
@@ -367,4 +369,58 @@ async fn re_encoded_output_is_sent_in_whole_chunks() {
     );
     assert!(*last <= 2 * OUT_CHUNK, "{sizes:?}");
     assert_eq!(sizes.iter().sum::<usize>() as u64, d.output.size);
+}
+
+/// Without a writer nothing is re-encoded: the output is the input, as sent.
+#[tokio::test]
+async fn without_a_writer_nothing_is_re_encoded() {
+    let plain = nar(&vec![9u8; 50_000]);
+    let d = digest_into(
+        chunks(plain.clone()),
+        Compression::None,
+        Some((Compression::Zstd, Some(3))),
+        None,
+        LIMITS,
+    )
+    .await
+    .unwrap();
+    assert_eq!(d.output.hash, d.input.hash);
+    assert_eq!(d.output.size, plain.len() as u64);
+}
+
+#[tokio::test]
+async fn a_body_shorter_than_the_magic_is_not_a_nar() {
+    let e = digest_into(
+        chunks(NAR_MAGIC[..10].to_vec()),
+        Compression::None,
+        None,
+        None,
+        LIMITS,
+    )
+    .await
+    .unwrap_err();
+    assert!(rejected_with(&e, "too short"), "{e:?}");
+}
+
+/// The body as sent is bounded too, not only what it decompresses to: zstd skippable frames
+/// decompress to nothing, so a small NAR followed by a large one would otherwise be stored
+/// whole.
+#[tokio::test]
+async fn a_body_over_the_limit_is_too_large_even_if_it_decompresses_to_little() {
+    let limits = Limits {
+        max_nar_bytes: 64 << 10,
+        ..LIMITS
+    };
+    let mut body = zstd_of(&nar(b"small"));
+    let pad = 200_000u32;
+    body.extend_from_slice(&0x184D_2A50u32.to_le_bytes());
+    body.extend_from_slice(&pad.to_le_bytes());
+    body.extend(std::iter::repeat_n(0u8, pad as usize));
+    let e = digest_into(chunks(body), Compression::Zstd, None, None, limits)
+        .await
+        .unwrap_err();
+    assert!(
+        matches!(e, Error::Upload(UploadError::TooLarge { .. })),
+        "{e:?}"
+    );
 }
