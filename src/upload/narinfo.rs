@@ -73,12 +73,14 @@ impl Uploader {
         // Answers are judged in the order they were asked before, so a refusal does not
         // depend on timing.
         let url_name = info.nar_file().map_err(|e| rejected(e.to_string()));
-        let mut nars = Vec::new();
-        if let Ok(n) = &url_name {
-            nars.push(n.clone());
-            nars.extend(self.reencoded(n).map(|(stored, _)| stored));
-        }
-        let nars: Vec<&str> = nars.iter().map(NarFileName::as_str).collect();
+        // The NAR as uploaded, and as stored if uploads are re-encoded.
+        let nar_files: Vec<NarFileName> = match &url_name {
+            Ok(n) => std::iter::once(n.clone())
+                .chain(self.reencoded(n).map(|(stored, _)| stored))
+                .collect(),
+            Err(_) => Vec::new(),
+        };
+        let nars: Vec<&str> = nar_files.iter().map(NarFileName::as_str).collect();
         // Recorded before the NAR and the references are checked, so that a garbage
         // collection running meanwhile either sees the record in time or has deleted them
         // before the checks (see crate::gc::sweep). A path already present, or refused

@@ -14,6 +14,11 @@ fn nar(payload: &[u8]) -> Vec<u8> {
     v
 }
 
+/// The pipeline's verdict on `data` sent as `c`, in 1000-byte pieces, with nothing written.
+async fn check(data: Vec<u8>, c: Compression) -> Result<NarDigest, Error> {
+    digest_into(chunks(data), c, None, None, LIMITS).await
+}
+
 fn chunks(data: Vec<u8>) -> impl Stream<Item = io::Result<Bytes>> + Send + 'static {
     let parts: Vec<io::Result<Bytes>> = data
         .chunks(1000)
@@ -54,15 +59,9 @@ async fn hashes_compressed_and_plain() {
 
 #[tokio::test]
 async fn rejects_non_nars_and_truncated_streams() {
-    let e = digest_into(
-        chunks(b"hello world, not a nar".to_vec()),
-        Compression::None,
-        None,
-        None,
-        LIMITS,
-    )
-    .await
-    .unwrap_err();
+    let e = check(b"hello world, not a nar".to_vec(), Compression::None)
+        .await
+        .unwrap_err();
     assert!(
         matches!(e, Error::Upload(UploadError::Rejected(_))),
         "{e:?}"
@@ -74,16 +73,12 @@ async fn rejects_non_nars_and_truncated_streams() {
         e.finish().unwrap()
     };
     xz.truncate(xz.len() / 2);
-    let e = digest_into(chunks(xz), Compression::Xz, None, None, LIMITS)
-        .await
-        .unwrap_err();
+    let e = check(xz, Compression::Xz).await.unwrap_err();
     assert!(
         matches!(e, Error::Upload(UploadError::Rejected(_))),
         "{e:?}"
     );
-    let e = digest_into(chunks(plain), Compression::Brotli, None, None, LIMITS)
-        .await
-        .unwrap_err();
+    let e = check(plain, Compression::Brotli).await.unwrap_err();
     assert!(
         matches!(e, Error::Upload(UploadError::Rejected(_))),
         "{e:?}"
@@ -170,21 +165,11 @@ fn rejected_with(e: &Error, needle: &str) -> bool {
 async fn truncated_zstd_is_refused() {
     let plain = nar(&(0..200_000u32).map(|i| (i % 251) as u8).collect::<Vec<_>>());
     let zst = zstd_of(&plain);
-    assert!(
-        digest_into(chunks(zst.clone()), Compression::Zstd, None, None, LIMITS)
-            .await
-            .is_ok()
-    );
+    assert!(check(zst.clone(), Compression::Zstd).await.is_ok());
     for cut in [zst.len() - 1, zst.len() - 4, zst.len() / 2] {
-        let e = digest_into(
-            chunks(zst[..cut].to_vec()),
-            Compression::Zstd,
-            None,
-            None,
-            LIMITS,
-        )
-        .await
-        .unwrap_err();
+        let e = check(zst[..cut].to_vec(), Compression::Zstd)
+            .await
+            .unwrap_err();
         assert!(rejected_with(&e, "incomplete frame"), "cut at {cut}: {e:?}");
     }
 }
@@ -201,9 +186,7 @@ async fn xz_needing_more_memory_than_the_limit_is_refused() {
         .await
         .unwrap_err();
     assert!(rejected_with(&e, "upload.xz_memory_limit_bytes"), "{e:?}");
-    assert!(digest_into(chunks(xz), Compression::Xz, None, None, LIMITS)
-        .await
-        .is_ok());
+    assert!(check(xz, Compression::Xz).await.is_ok());
 }
 
 /// The default limit is enough for the largest preset (`xz -9`, a 64 MiB dictionary).
@@ -390,15 +373,9 @@ async fn without_a_writer_nothing_is_re_encoded() {
 
 #[tokio::test]
 async fn a_body_shorter_than_the_magic_is_not_a_nar() {
-    let e = digest_into(
-        chunks(NAR_MAGIC[..10].to_vec()),
-        Compression::None,
-        None,
-        None,
-        LIMITS,
-    )
-    .await
-    .unwrap_err();
+    let e = check(NAR_MAGIC[..10].to_vec(), Compression::None)
+        .await
+        .unwrap_err();
     assert!(rejected_with(&e, "too short"), "{e:?}");
 }
 
