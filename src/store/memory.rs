@@ -80,6 +80,11 @@ impl MemoryStore {
         );
     }
 
+    /// Removes an object at once (from a hook: what another process deletes meanwhile).
+    pub fn remove(&self, key: &str) {
+        lock(&self.objects).remove(key);
+    }
+
     /// Runs `f` after each write of an object whose key starts with `prefix`, before the
     /// write returns: a test steps in at an exact point of a protocol.
     pub fn after_write(&self, prefix: &str, f: impl Fn(&str) + Send + Sync + 'static) {

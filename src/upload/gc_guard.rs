@@ -1,14 +1,13 @@
 //! What keeps uploads and a concurrent `cellar gc` from breaking a closure between them (see
 //! [`crate::gc::sweep`]): before its checks an upload writes a record of what it relies on
 //! ([`crate::gc::access::AccessLog::record_upload`]), then refuses a NAR that a collector has
-//! announced it is deleting ([`crate::gc::deleting`]), and after writing its narinfo it checks
-//! once more that its NAR and references are still there.
+//! announced it is deleting ([`crate::gc::deleting`]), and writes its narinfo while checking
+//! once more that its NAR is still there.
 
 use super::{rejected, Uploader};
 use crate::error::Error;
 use crate::nix::{NarFileName, NarInfo};
-use crate::store::object_key;
-use crate::upstream::Upstreams;
+use crate::store::{object_key, StoreError};
 
 impl Uploader {
     /// Refuses the upload if a collector announced that it is deleting one of `nars` (the
@@ -26,35 +25,37 @@ impl Uploader {
         }
     }
 
-    /// Checks again, after the narinfo was written, that its NAR and references are still
-    /// there; if a garbage collection removed one meanwhile, takes the narinfo back and
-    /// refuses the upload (the client uploads again what is missing on its next run).
-    pub(super) async fn still_whole(
+    /// Writes the narinfo (`write`) while checking once more that its NAR is there; if it
+    /// has gone, takes the narinfo back and refuses the upload (the client uploads the NAR
+    /// again on its next run). Called after the announcements were read: a collector that
+    /// announced the NAR before this upload's record, and so may not have seen the record,
+    /// has either withdrawn its announcement after deleting the NAR (then this check sees
+    /// it gone) or is still announcing it (then the upload was refused before the write).
+    /// References need no second check: the collector writes back a narinfo it deleted
+    /// that a record names (see [`crate::gc::sweep`]).
+    pub(super) async fn write_while_nar_stays(
         &self,
+        write: impl std::future::Future<Output = Result<(), StoreError>>,
         info: &NarInfo,
         nar: &NarFileName,
-        upstreams: Option<&Upstreams>,
     ) -> Result<(), Error> {
-        // Both at once; the NAR's answer is judged first.
-        let check = async {
-            let key = object_key::nar(nar);
-            let (nar_size, references) = futures::join!(
-                self.store.head(&key),
-                self.check_references(info, upstreams)
-            );
-            if nar_size?.is_none() {
-                return Err(rejected(format!(
+        let key = object_key::nar(nar);
+        let (written, nar_size) = futures::join!(write, self.store.head(&key));
+        written?;
+        let gone = match nar_size {
+            Ok(size) => size.is_none().then(|| {
+                rejected(format!(
                     "NAR {} is not in the cache; upload it again",
                     info.url
-                )));
-            }
-            references
+                ))
+            }),
+            Err(e) => Some(e.into()),
         };
-        match check.await {
-            Ok(()) => Ok(()),
-            Err(e) => {
+        match gone {
+            None => Ok(()),
+            Some(e) => {
                 if let Err(d) = self.store.delete(&object_key::narinfo(info.hash())).await {
-                    tracing::error!(path = %info.store_path, cause = %d, "could not take back a narinfo whose closure a garbage collection broke");
+                    tracing::error!(path = %info.store_path, cause = %d, "could not take back a narinfo whose NAR a garbage collection deleted");
                 }
                 Err(e)
             }

@@ -66,12 +66,15 @@ impl Uploader {
         let sd = &self.store_dir;
         let hash = info.hash();
         // The store is asked in as few sequential round trips as the rules allow (Nix uploads
-        // path after path on one connection, so each one is paid per path):
-        // 1. the stored narinfo, and the access record, together;
-        // 2. after the record: announced deletions, the NAR, the references, together;
-        // 3. the narinfo written; 4. after it: the NAR and the references again, together.
-        // Answers are judged in the order they were asked before, so a refusal does not
-        // depend on timing.
+        // path after path on one connection, so each one is paid per path; see gc_guard for
+        // why this order keeps a concurrent `cellar gc` from breaking the closure):
+        // 1. the stored narinfo, the access record, and the NAR if this server received it,
+        //    together;
+        // 2. after the record: announced deletions, the references, and the NAR read back if
+        //    this server did not receive it, together;
+        // 3. after the announcements: the narinfo written, and the NAR checked once more,
+        //    together (the narinfo is taken back if the NAR has gone).
+        // Answers are judged in a fixed order, so a refusal does not depend on timing.
         let url_name = info.nar_file().map_err(|e| rejected(e.to_string()));
         // The NAR as uploaded, and as stored if uploads are re-encoded.
         let nar_files: Vec<NarFileName> = match &url_name {
@@ -81,17 +84,34 @@ impl Uploader {
             Err(_) => Vec::new(),
         };
         let nars: Vec<&str> = nar_files.iter().map(NarFileName::as_str).collect();
-        // Recorded before the NAR and the references are checked, so that a garbage
-        // collection running meanwhile either sees the record in time or has deleted them
-        // before the checks (see crate::gc::sweep). A path already present, or refused
-        // below, is recorded too: that only keeps what it names a while longer.
+        // Recorded before the references are checked and the announcements read, so that a
+        // garbage collection running meanwhile either sees the record in time or has deleted
+        // what it names before the checks (see crate::gc::sweep). A path already present, or
+        // refused below, is recorded too: that only keeps what it names a while longer.
         let record = async {
             match (&self.access, nars.is_empty()) {
                 (Some(a), false) => a.record_upload(&info, &nars).await,
                 _ => Ok(()),
             }
         };
-        let (existing, recorded) = futures::join!(self.stored(hash), record);
+        // A NAR this server received and verified: still there? (Someone may have deleted
+        // it from the bucket since.)
+        let remembered = url_name
+            .as_ref()
+            .ok()
+            .and_then(|n| self.remembered(&object_key::nar(n)));
+        let remembered_present = async {
+            match &remembered {
+                Some(v) => self
+                    .store
+                    .head(&object_key::nar(&v.stored))
+                    .await
+                    .map(|s| s.is_some()),
+                None => Ok(false),
+            }
+        };
+        let (existing, recorded, remembered_present) =
+            futures::join!(self.stored(hash), record, remembered_present);
         // Published paths are immutable. Checked first: a re-upload of a present path (a
         // client with a stale view) costs one read, not a NAR verification. Two uploads of
         // different contents racing past this check both write; the last one wins (S3 has no
@@ -132,6 +152,10 @@ impl Uploader {
             ));
         }
         recorded?;
+        let remembered = match remembered_present? {
+            true => remembered,
+            false => None,
+        };
         let not_deleting = async {
             match &self.access {
                 Some(_) => self.not_being_deleted(&nars).await,
@@ -139,18 +163,9 @@ impl Uploader {
             }
         };
         let nar = async {
-            match self.remembered(&object_key::nar(&url_name)) {
-                // Still there? (Someone may have deleted it from the bucket since.)
-                Some(v)
-                    if self
-                        .store
-                        .head(&object_key::nar(&v.stored))
-                        .await?
-                        .is_some() =>
-                {
-                    Ok(Some(v))
-                }
-                _ => self.verify_stored(&url_name).await,
+            match remembered {
+                Some(v) => Ok(Some(v)),
+                None => self.verify_stored(&url_name).await,
             }
         };
         let (not_deleting, nar, references) =
@@ -194,11 +209,11 @@ impl Uploader {
         info.compression = v.stored_compression;
         info.file_hash = Some(v.stored_file.hash);
         info.file_size = Some(v.stored_file.size);
-        self.store
-            .put_bytes(&object_key::narinfo(hash), Bytes::from(info.render(sd)))
-            .await?;
-        if self.access.is_some() {
-            self.still_whole(&info, &v.stored, upstreams).await?;
+        let key = object_key::narinfo(hash);
+        let write = self.store.put_bytes(&key, Bytes::from(info.render(sd)));
+        match &self.access {
+            Some(_) => self.write_while_nar_stays(write, &info, &v.stored).await?,
+            None => write.await?,
         }
         Ok(Accepted {
             hash,

@@ -260,6 +260,40 @@ async fn a_nar_being_collected_is_refused() {
         .unwrap();
 }
 
+/// A NAR deleted while its narinfo is being written (a collector that announced it before
+/// the upload's record, deleted it, and withdrew the announcement before the upload read the
+/// announcements): the narinfo is taken back and the upload refused, never left pointing at
+/// nothing.
+#[tokio::test]
+async fn a_nar_deleted_while_its_narinfo_is_written_takes_the_narinfo_back() {
+    let (mem, up) = uploader();
+    let store: Arc<dyn Store> = mem.clone();
+    let up = up.with_access(Arc::new(crate::gc::access::AccessLog::new(store, 100)));
+    let nar = nar();
+    let info = narinfo_for(&nar, nar.len());
+    let file = info.nar_file().unwrap();
+    up.put_nar(&file, body(nar.clone())).await.unwrap();
+    let nar_key = object_key::nar(&file);
+    let deleter = Arc::downgrade(&mem);
+    mem.after_write(&object_key::narinfo(info.hash()), move |_| {
+        if let Some(m) = deleter.upgrade() {
+            m.remove(&nar_key);
+        }
+    });
+    let e = up
+        .put_narinfo(info.hash(), info.render("/nix/store").as_bytes(), None)
+        .await
+        .unwrap_err();
+    assert!(e.to_string().contains("upload it again"), "{e}");
+    assert!(
+        mem.head(&object_key::narinfo(info.hash()))
+            .await
+            .unwrap()
+            .is_none(),
+        "the narinfo is taken back"
+    );
+}
+
 fn narinfo_at(path: &str, nar: &[u8], url: &str) -> NarInfo {
     let h = Sha256::digest(nar);
     let text = format!(
