@@ -42,6 +42,8 @@ mod upload;
 #[cfg(test)]
 mod private_tests;
 #[cfg(test)]
+mod serving_tests;
+#[cfg(test)]
 mod tests;
 
 use std::sync::atomic::Ordering;

@@ -19,7 +19,7 @@ const HASH: &str = "f904kp3djilk732cgbnxhpy7vzykbqsh";
 
 /// Without prefetching, so that store requests counted are the client's own (prefetching is
 /// tested in `prefetch/tests.rs`).
-fn state(mut cfg: Config, mem: &Arc<MemoryStore>) -> AppState {
+pub(super) fn state(mut cfg: Config, mem: &Arc<MemoryStore>) -> AppState {
     cfg.cache.prefetch_concurrency = 0;
     let store: Arc<dyn Store> = mem.clone();
     AppState::new(
@@ -212,7 +212,7 @@ async fn without_a_memory_cache_concurrent_misses_still_coalesce() {
     assert_eq!(mem.requests(), 1);
 }
 
-async fn head(st: &AppState, path: &str) -> (StatusCode, Option<String>) {
+pub(super) async fn head(st: &AppState, path: &str) -> (StatusCode, Option<String>) {
     let res = app(st.clone())
         .oneshot(Request::head(path).body(Body::empty()).unwrap())
         .await
@@ -290,7 +290,10 @@ async fn head_of_a_nar_finds_it_re_encoded_on_upload() {
 // ---------------------------------------------------------------------------------------------
 // The upload address, bounds at the door, reloads.
 
-fn with_tokens(mut cfg: Config, tokens: &[(&str, &str, crate::config::Scope)]) -> Config {
+pub(super) fn with_tokens(
+    mut cfg: Config,
+    tokens: &[(&str, &str, crate::config::Scope)],
+) -> Config {
     cfg.auth.tokens = tokens
         .iter()
         .map(|(name, token, scope)| crate::config::TokenConfig {
@@ -302,11 +305,11 @@ fn with_tokens(mut cfg: Config, tokens: &[(&str, &str, crate::config::Scope)]) -
     cfg
 }
 
-async fn send(st: &AppState, req: Request<Body>) -> axum::response::Response {
+pub(super) async fn send(st: &AppState, req: Request<Body>) -> axum::response::Response {
     app(st.clone()).oneshot(req).await.unwrap()
 }
 
-fn authed(method: &str, path: &str, token: &str) -> axum::http::request::Builder {
+pub(super) fn authed(method: &str, path: &str, token: &str) -> axum::http::request::Builder {
     Request::builder()
         .method(method)
         .uri(path)

@@ -1,0 +1,177 @@
+//! What the serving side sends back beyond the status: headers by kind of object, ranges,
+//! signatures kept or replaced, which NARs go through memory, and the size limits at the
+//! door, exactly at their bounds.
+
+use std::sync::Arc;
+
+use axum::body::Body;
+use axum::http::{Request, StatusCode};
+use http_body_util::BodyExt as _;
+
+use super::tests::{authed, get, send, state, with_tokens};
+use crate::config::{Config, Scope};
+use crate::error::{Error, UploadError};
+use crate::nix::Sha256;
+use crate::store::memory::MemoryStore;
+
+const NARINFO: &str = include_str!("../../tests/fixtures/narinfo/top.narinfo");
+const HASH: &str = "f904kp3djilk732cgbnxhpy7vzykbqsh";
+const NAR_FILE: &str = "07yp7gw2d9vmfgl2rd063i75qwkfbrgvqngp5yz2pk6iadzlckh7";
+const DRV: &str = "5g5d4v2ahmn1f7k9jcs2cns6ivf5gmpa-top.drv";
+const REALISATION: &str =
+    "realisations/sha256:1h86vccx9vgcyrkj3zv4b7j3r8rrc0z0r4r6q4jp1bz4g4jcv7vb!out.doi";
+
+async fn get_with(
+    st: &super::AppState,
+    req: Request<Body>,
+) -> (StatusCode, axum::http::HeaderMap, Vec<u8>) {
+    let res = send(st, req).await;
+    let (parts, body) = res.into_parts();
+    let body = body.collect().await.unwrap().to_bytes().to_vec();
+    (parts.status, parts.headers, body)
+}
+
+#[tokio::test]
+async fn each_kind_of_object_has_its_type_and_cache_lifetime() {
+    let mem = Arc::new(MemoryStore::new());
+    mem.insert(&format!("nar/{NAR_FILE}.nar"), vec![1u8; 100]);
+    mem.insert(&format!("{HASH}.ls"), r#"{"version":1}"#);
+    mem.insert(&format!("log/{DRV}"), "building\n");
+    mem.insert(REALISATION, "{}");
+    let st = state(Config::default(), &mem);
+    let year = "public, max-age=31536000, immutable";
+    let hour = "public, max-age=3600";
+    for (path, content_type, cache_control) in [
+        (
+            format!("/nar/{NAR_FILE}.nar"),
+            "application/x-nix-nar",
+            year,
+        ),
+        (format!("/{HASH}.ls"), "application/json", hour),
+        (format!("/log/{DRV}"), "text/plain; charset=utf-8", hour),
+        (format!("/{REALISATION}"), "application/json", hour),
+    ] {
+        let req = Request::get(&path).body(Body::empty()).unwrap();
+        let (status, headers, _) = get_with(&st, req).await;
+        assert_eq!(status, StatusCode::OK, "{path}");
+        assert_eq!(headers["content-type"], content_type, "{path}");
+        assert_eq!(headers["cache-control"], cache_control, "{path}");
+        assert_eq!(headers["accept-ranges"], "bytes", "{path}");
+    }
+}
+
+/// Nix resumes a broken NAR download with a range.
+#[tokio::test]
+async fn a_range_of_a_nar_is_answered_with_206_and_those_bytes() {
+    let mem = Arc::new(MemoryStore::new());
+    let nar: Vec<u8> = (0..=255u8).collect();
+    mem.insert(&format!("nar/{NAR_FILE}.nar"), nar.clone());
+    let st = state(Config::default(), &mem);
+    let req = Request::get(format!("/nar/{NAR_FILE}.nar"))
+        .header("range", "bytes=10-19")
+        .body(Body::empty())
+        .unwrap();
+    let (status, headers, body) = get_with(&st, req).await;
+    assert_eq!(status, StatusCode::PARTIAL_CONTENT);
+    assert_eq!(body, nar[10..20]);
+    assert_eq!(headers["content-range"], "bytes 10-19/256");
+}
+
+/// A NAR no narinfo announced as small is streamed: read from the store once, not first
+/// loaded whole for the memory cache and then read again.
+#[tokio::test]
+async fn a_nar_not_known_to_be_small_is_read_from_the_store_once() {
+    let mem = Arc::new(MemoryStore::new());
+    mem.insert(&format!("nar/{NAR_FILE}.nar"), vec![1u8; 300]);
+    let mut cfg = Config::default();
+    cfg.cache.nar_memory_max_object = 100;
+    let st = state(cfg, &mem);
+    let (status, body) = get(&st, &format!("/nar/{NAR_FILE}.nar")).await;
+    assert_eq!((status, body.len()), (StatusCode::OK, 300));
+    assert_eq!(mem.gets_under("nar/"), 1);
+}
+
+/// The narinfo's own signatures are kept next to cellar's by default
+/// (`signing.keep_existing_signatures`), and dropped when that is off.
+#[tokio::test]
+async fn existing_signatures_are_kept_or_dropped_as_configured() {
+    let theirs = NARINFO
+        .lines()
+        .find(|l| l.starts_with("Sig: test-1:"))
+        .unwrap();
+    for keep in [true, false] {
+        let mem = Arc::new(MemoryStore::new());
+        mem.insert(&format!("{HASH}.narinfo"), NARINFO);
+        let mut cfg = Config::default();
+        cfg.signing.keep_existing_signatures = keep;
+        let st = state(cfg, &mem);
+        let (status, body) = get(&st, &format!("/{HASH}.narinfo")).await;
+        assert_eq!(status, StatusCode::OK);
+        let text = String::from_utf8(body).unwrap();
+        let sigs: Vec<&str> = text.lines().filter(|l| l.starts_with("Sig: ")).collect();
+        assert!(
+            sigs.iter().any(|l| l.starts_with("Sig: test-cellar-1:")),
+            "{text}"
+        );
+        assert_eq!(sigs.contains(&theirs), keep, "keep = {keep}: {text}");
+        assert_eq!(sigs.len(), if keep { 2 } else { 1 }, "{text}");
+    }
+}
+
+fn nar_of(len: usize) -> (String, Vec<u8>) {
+    let mut nar = b"\x0d\x00\x00\x00\x00\x00\x00\x00nix-archive-1\x00\x00\x00".to_vec();
+    nar.resize(len, 7);
+    (format!("{}.nar", Sha256::digest(&nar).to_nix32()), nar)
+}
+
+/// `upload.max_nar_bytes` is the largest NAR accepted, to the byte, by its declared length.
+#[tokio::test]
+async fn a_nar_of_exactly_the_size_limit_is_accepted() {
+    let (small_file, small) = nar_of(500);
+    let (file, nar) = nar_of(2000);
+    let mem = Arc::new(MemoryStore::new());
+    let mut cfg = with_tokens(Config::default(), &[("w", "wtok", Scope::Write)]);
+    cfg.upload.max_nar_bytes = nar.len() as u64;
+    let st = state(cfg, &mem);
+    for (file, nar) in [(small_file, small), (file, nar)] {
+        let req = authed("PUT", &format!("/upload/nar/{file}"), "wtok")
+            .header("content-length", nar.len())
+            .body(Body::from(nar.clone()))
+            .unwrap();
+        assert_eq!(
+            send(&st, req).await.status(),
+            StatusCode::CREATED,
+            "{}",
+            nar.len()
+        );
+    }
+}
+
+fn chunks(sizes: &[usize]) -> Body {
+    let parts: Vec<Result<bytes::Bytes, std::io::Error>> = sizes
+        .iter()
+        .map(|&n| Ok(bytes::Bytes::from(vec![b'x'; n])))
+        .collect();
+    Body::from_stream(futures::stream::iter(parts))
+}
+
+/// A body read into memory (a narinfo) may be as long as its limit, in one chunk or many,
+/// and not a byte longer.
+#[tokio::test]
+async fn bodies_read_whole_are_bounded_to_the_byte() {
+    let st = state(Config::default(), &Arc::new(MemoryStore::new()));
+    let read = |sizes: &'static [usize]| {
+        let st = st.clone();
+        async move { super::object::read_body(&st, chunks(sizes), 10).await }
+    };
+    assert_eq!(read(&[10]).await.unwrap().len(), 10);
+    assert_eq!(read(&[4, 6]).await.unwrap().len(), 10);
+    for over in [&[11][..], &[6, 6][..], &[10, 1][..]] {
+        let sizes: &'static [usize] = over;
+        let e = read(sizes).await.unwrap_err();
+        assert!(
+            matches!(e, Error::Upload(UploadError::TooLarge { limit: 10 })),
+            "{sizes:?}: {e:?}"
+        );
+    }
+}
