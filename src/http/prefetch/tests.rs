@@ -140,3 +140,32 @@ async fn large_nars_are_streamed_and_not_kept_even_when_the_narinfo_says_small()
     }
     assert_eq!(get(&st, &top.nar_url).await.0, StatusCode::OK);
 }
+
+/// The other tests wait for prefetching with `settled`: it must wait for a job that is still
+/// running and return once the last one ends (a guard turns a missed wake-up into a failure
+/// instead of a hang).
+#[tokio::test]
+async fn settled_waits_for_the_last_running_job() {
+    let p = Arc::new(super::Prefetch::new(2));
+    let (release, held) = tokio::sync::oneshot::channel::<()>();
+    let (started_tx, started) = tokio::sync::oneshot::channel::<()>();
+    p.spawn("narinfo", async move {
+        let _ = started_tx.send(());
+        let _ = held.await;
+    });
+    p.spawn("narinfo", async {});
+    started.await.unwrap();
+    let waiter = tokio::spawn({
+        let p = p.clone();
+        async move { p.settled().await }
+    });
+    for _ in 0..100 {
+        tokio::task::yield_now().await;
+    }
+    assert!(!waiter.is_finished(), "settled returned while a job ran");
+    release.send(()).unwrap();
+    tokio::time::timeout(std::time::Duration::from_secs(10), waiter)
+        .await
+        .expect("settled missed the last job's end")
+        .unwrap();
+}
