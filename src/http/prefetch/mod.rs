@@ -38,6 +38,9 @@ pub struct Prefetch {
     /// Waiting or running; [`Prefetch::settled`] waits for zero.
     pending: Arc<AtomicUsize>,
     idle: Arc<Notify>,
+    /// Jobs started so far (for tests: what was worth prefetching).
+    #[cfg(test)]
+    started: AtomicUsize,
 }
 
 impl Prefetch {
@@ -47,7 +50,15 @@ impl Prefetch {
             queued: Arc::new(AtomicUsize::new(0)),
             pending: Arc::new(AtomicUsize::new(0)),
             idle: Arc::new(Notify::new()),
+            #[cfg(test)]
+            started: AtomicUsize::new(0),
         }
+    }
+
+    /// How many jobs were started so far.
+    #[cfg(test)]
+    pub fn started(&self) -> usize {
+        self.started.load(Ordering::SeqCst)
     }
 
     /// Returns once no prefetch is waiting or running (those a prefetch starts included: it
@@ -78,6 +89,8 @@ impl Prefetch {
             return;
         }
         self.pending.fetch_add(1, Ordering::SeqCst);
+        #[cfg(test)]
+        self.started.fetch_add(1, Ordering::SeqCst);
         let (slots, queued) = (slots.clone(), self.queued.clone());
         let (pending, idle) = (self.pending.clone(), self.idle.clone());
         tokio::spawn(async move {

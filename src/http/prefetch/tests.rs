@@ -124,6 +124,9 @@ async fn large_nars_are_streamed_and_not_kept_even_when_the_narinfo_says_small()
         assert_eq!(s, StatusCode::OK);
     }
     st.prefetch.settled().await;
+    // Prefetched: the NARs whose narinfo says small (top's, and the liar's, which turns out
+    // large once read). Not the one known to be large.
+    assert_eq!(mem.gets_under("nar/"), 2);
     for p in [&big, &liar] {
         let (s, body) = get(&st, &p.nar_url).await;
         assert_eq!(s, StatusCode::OK);
@@ -168,4 +171,45 @@ async fn settled_waits_for_the_last_running_job() {
         .await
         .expect("settled missed the last job's end")
         .unwrap();
+}
+
+/// Nothing is prefetched twice: not the path itself (a self-reference), not a reference
+/// already held in memory.
+#[tokio::test]
+async fn what_is_held_or_the_path_itself_is_not_prefetched() {
+    let mem = Arc::new(MemoryStore::new());
+    let mut cfg = Config::default();
+    // No NAR prefetching: every job counted is a narinfo's.
+    cfg.cache.nar_memory_max_object = 0;
+    let held = path(&mem, "held", &[], 100, 100);
+    let new = path(&mem, "new", &[], 100, 100);
+    let hash = base32::encode(&Sha256::digest(b"self").as_bytes()[..20]);
+    let me = format!("{hash}-self");
+    let file = Sha256::digest(b"x").to_nix32();
+    mem.insert(
+        &format!("{hash}.narinfo"),
+        format!(
+            "StorePath: /nix/store/{me}\nURL: nar/{file}.nar\nCompression: none\n\
+             NarHash: sha256:{file}\nNarSize: 1\nReferences: {me} {} {}\n",
+            held.base, new.base
+        ),
+    );
+    let st = state(cfg, &mem);
+    assert_eq!(
+        get(&st, &format!("/{}.narinfo", held.hash)).await.0,
+        StatusCode::OK
+    );
+    st.prefetch.settled().await;
+    let before = st.prefetch.started();
+    assert_eq!(
+        get(&st, &format!("/{hash}.narinfo")).await.0,
+        StatusCode::OK
+    );
+    st.prefetch.settled().await;
+    assert_eq!(
+        st.prefetch.started() - before,
+        1,
+        "only {} is new",
+        new.base
+    );
 }
