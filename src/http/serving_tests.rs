@@ -13,6 +13,7 @@ use crate::config::{Config, Scope};
 use crate::error::{Error, UploadError};
 use crate::nix::Sha256;
 use crate::store::memory::MemoryStore;
+use crate::store::Store as _;
 
 const NARINFO: &str = include_str!("../../tests/fixtures/narinfo/top.narinfo");
 const HASH: &str = "f904kp3djilk732cgbnxhpy7vzykbqsh";
@@ -174,4 +175,65 @@ async fn bodies_read_whole_are_bounded_to_the_byte() {
             "{sizes:?}: {e:?}"
         );
     }
+}
+
+/// `/build-trace/<drv>/<output>` (current Nix's realisations) is accepted as sent under its
+/// own key and answered to HEAD with its length.
+#[tokio::test]
+async fn build_traces_are_stored_as_sent_and_found_by_head() {
+    let mem = Arc::new(MemoryStore::new());
+    let cfg = with_tokens(Config::default(), &[("w", "wtok", Scope::Write)]);
+    let st = state(cfg, &mem);
+    let doc = br#"{"id":"x","outPath":"y"}"#.to_vec();
+    let req = authed("PUT", &format!("/upload/build-trace/{DRV}/out"), "wtok")
+        .header("content-length", doc.len())
+        .body(Body::from(doc.clone()))
+        .unwrap();
+    assert_eq!(send(&st, req).await.status(), StatusCode::CREATED);
+    let stored = mem
+        .get(&format!("build-trace/{DRV}/out"), None)
+        .await
+        .unwrap()
+        .expect("stored under its own key");
+    let mut body = Vec::new();
+    let mut s = stored.body;
+    while let Some(c) = futures::StreamExt::next(&mut s).await {
+        body.extend_from_slice(&c.unwrap());
+    }
+    assert_eq!(body, doc);
+    for path in [
+        format!("/build-trace/{DRV}/out"),
+        format!("/upload/build-trace/{DRV}/out"),
+    ] {
+        let req = authed("HEAD", &path, "wtok").body(Body::empty()).unwrap();
+        let res = send(&st, req).await;
+        assert_eq!(res.status(), StatusCode::OK, "{path}");
+        assert_eq!(
+            res.headers()["content-length"],
+            doc.len().to_string(),
+            "{path}"
+        );
+    }
+}
+
+/// The connection loop serves requests on its listener until told to stop, then returns.
+#[tokio::test]
+async fn the_server_answers_on_its_listener_and_stops_when_told() {
+    use tokio::io::{AsyncReadExt as _, AsyncWriteExt as _};
+    let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+    let addr = listener.local_addr().unwrap();
+    let st = state(Config::default(), &Arc::new(MemoryStore::new()));
+    let (stop, stopped) = tokio::sync::oneshot::channel::<()>();
+    let server = tokio::spawn(super::server::serve(listener, st, async {
+        let _ = stopped.await;
+    }));
+    let mut tcp = tokio::net::TcpStream::connect(addr).await.unwrap();
+    tcp.write_all(b"GET /healthz HTTP/1.1\r\nHost: t\r\nConnection: close\r\n\r\n")
+        .await
+        .unwrap();
+    let mut answer = String::new();
+    tcp.read_to_string(&mut answer).await.unwrap();
+    assert!(answer.starts_with("HTTP/1.1 200"), "{answer}");
+    stop.send(()).unwrap();
+    server.await.unwrap().unwrap();
 }
