@@ -242,14 +242,16 @@ async fn the_server_answers_on_its_listener_and_stops_when_told() {
 #[tokio::test]
 async fn status_reports_an_upstream_up_then_down_once_it_fails() {
     let mem = Arc::new(MemoryStore::new());
-    let mut cfg = Config::default();
-    cfg.upstreams = vec![crate::config::UpstreamConfig {
-        // Nothing listens on the discard port here: the connection is refused at once.
-        url: "http://127.0.0.1:9".into(),
-        public_keys: vec![crate::nix::SecretKey::generate("up-1").unwrap().public()],
-        timeout: std::time::Duration::from_secs(5),
-        mirror: false,
-    }];
+    let cfg = Config {
+        upstreams: vec![crate::config::UpstreamConfig {
+            // Nothing listens on the discard port here: the connection is refused at once.
+            url: "http://127.0.0.1:9".into(),
+            public_keys: vec![crate::nix::SecretKey::generate("up-1").unwrap().public()],
+            timeout: std::time::Duration::from_secs(5),
+            mirror: false,
+        }],
+        ..Config::default()
+    };
     let st = state(cfg, &mem);
     let up = |st: super::AppState| async move {
         let (status, body) = get(&st, "/status").await;
