@@ -266,3 +266,49 @@ async fn status_reports_an_upstream_up_then_down_once_it_fails() {
     );
     assert!(!up(st.clone()).await);
 }
+
+/// What `nix copy --to` probes on the upload address before it uploads: HEAD of narinfos,
+/// listings and NARs, 404 when absent (so it uploads them) and the stored length when present.
+#[tokio::test]
+async fn upload_probes_by_head_answer_absent_and_present() {
+    let mem = Arc::new(MemoryStore::new());
+    let st = state(
+        with_tokens(Config::default(), &[("w", "wtok", Scope::Write)]),
+        &mem,
+    );
+    let head = |path: String| {
+        let st = st.clone();
+        async move {
+            let res = send(
+                &st,
+                authed("HEAD", &path, "wtok").body(Body::empty()).unwrap(),
+            )
+            .await;
+            let len = res
+                .headers()
+                .get("content-length")
+                .map(|v| v.to_str().unwrap().to_owned());
+            (res.status(), len)
+        }
+    };
+    let paths = [
+        (format!("/upload/{HASH}.narinfo"), format!("{HASH}.narinfo")),
+        (format!("/upload/{HASH}.ls"), format!("{HASH}.ls")),
+        (
+            format!("/upload/nar/{NAR_FILE}.nar"),
+            format!("nar/{NAR_FILE}.nar"),
+        ),
+    ];
+    for (path, _) in &paths {
+        assert_eq!(head(path.clone()).await.0, StatusCode::NOT_FOUND, "{path}");
+    }
+    for (i, (path, key)) in paths.iter().enumerate() {
+        let body = vec![b'x'; 10 + i];
+        mem.insert(key, body.clone());
+        assert_eq!(
+            head(path.clone()).await,
+            (StatusCode::OK, Some(body.len().to_string())),
+            "{path}"
+        );
+    }
+}
