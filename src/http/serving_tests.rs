@@ -267,48 +267,65 @@ async fn status_reports_an_upstream_up_then_down_once_it_fails() {
     assert!(!up(st.clone()).await);
 }
 
-/// What `nix copy --to` probes on the upload address before it uploads: HEAD of narinfos,
-/// listings and NARs, 404 when absent (so it uploads them) and the stored length when present.
+/// The upload address reads the store directly, for each kind of object: `nix copy --to`
+/// probes with HEAD (404 when absent, so it uploads; the stored length when present), and
+/// GET returns what is stored.
 #[tokio::test]
-async fn upload_probes_by_head_answer_absent_and_present() {
+async fn the_upload_address_reads_every_kind_of_object_from_the_store() {
     let mem = Arc::new(MemoryStore::new());
     let st = state(
         with_tokens(Config::default(), &[("w", "wtok", Scope::Write)]),
         &mem,
     );
-    let head = |path: String| {
+    let ask = |method: &'static str, path: String| {
         let st = st.clone();
         async move {
             let res = send(
                 &st,
-                authed("HEAD", &path, "wtok").body(Body::empty()).unwrap(),
+                authed(method, &path, "wtok").body(Body::empty()).unwrap(),
             )
             .await;
+            let status = res.status();
             let len = res
                 .headers()
                 .get("content-length")
                 .map(|v| v.to_str().unwrap().to_owned());
-            (res.status(), len)
+            let body = res.into_body().collect().await.unwrap().to_bytes().to_vec();
+            (status, len, body)
         }
     };
-    let paths = [
-        (format!("/upload/{HASH}.narinfo"), format!("{HASH}.narinfo")),
-        (format!("/upload/{HASH}.ls"), format!("{HASH}.ls")),
-        (
-            format!("/upload/nar/{NAR_FILE}.nar"),
-            format!("nar/{NAR_FILE}.nar"),
-        ),
+    let keys = [
+        format!("{HASH}.narinfo"),
+        format!("{HASH}.ls"),
+        format!("nar/{NAR_FILE}.nar"),
+        format!("log/{DRV}"),
+        REALISATION.to_owned(),
+        format!("build-trace/{DRV}/out"),
     ];
-    for (path, _) in &paths {
-        assert_eq!(head(path.clone()).await.0, StatusCode::NOT_FOUND, "{path}");
+    for key in &keys {
+        let path = format!("/upload/{key}");
+        for method in ["HEAD", "GET"] {
+            assert_eq!(
+                ask(method, path.clone()).await.0,
+                StatusCode::NOT_FOUND,
+                "{method} {path}"
+            );
+        }
     }
-    for (i, (path, key)) in paths.iter().enumerate() {
+    for (i, key) in keys.iter().enumerate() {
+        let path = format!("/upload/{key}");
         let body = vec![b'x'; 10 + i];
         mem.insert(key, body.clone());
+        let len = Some(body.len().to_string());
         assert_eq!(
-            head(path.clone()).await,
-            (StatusCode::OK, Some(body.len().to_string())),
-            "{path}"
+            ask("HEAD", path.clone()).await,
+            (StatusCode::OK, len.clone(), Vec::new()),
+            "HEAD {path}"
+        );
+        assert_eq!(
+            ask("GET", path.clone()).await,
+            (StatusCode::OK, len, body),
+            "GET {path}"
         );
     }
 }
