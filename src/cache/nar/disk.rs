@@ -101,6 +101,15 @@ impl fmt::Display for VerifyError {
     }
 }
 
+/// What [`Disk::open`] found in the directory.
+pub(super) struct Opened {
+    pub disk: Disk,
+    /// The complete NARs, least recently written first.
+    pub found: Vec<Found>,
+    /// Files cellar did not write there (left alone).
+    pub foreign: Vec<PathBuf>,
+}
+
 /// A complete NAR found at start-up.
 pub(super) struct Found {
     pub name: String,
@@ -146,8 +155,8 @@ pub(super) struct Disk {
 
 impl Disk {
     /// Opens `dir` (created if missing), removes what an interrupted run left, and returns
-    /// the complete NARs found, least recently written first.
-    pub(super) fn open(dir: &Path) -> io::Result<(Self, Vec<Found>)> {
+    /// the complete NARs found and the files that are not cellar's.
+    pub(super) fn open(dir: &Path) -> io::Result<Opened> {
         let lock = claim(dir)?;
         let tmp = dir.join(TMP);
         std::fs::create_dir_all(&tmp)?;
@@ -161,6 +170,7 @@ impl Disk {
             _lock: lock,
         };
         let mut found = Vec::new();
+        let mut foreign = Vec::new();
         for e in std::fs::read_dir(dir)?.flatten() {
             let name = e.file_name().to_string_lossy().into_owned();
             if name.starts_with('.') || name.ends_with(META_SUFFIX) {
@@ -168,7 +178,7 @@ impl Disk {
             }
             if name.parse::<NarFileName>().is_err() {
                 // Not a name cellar writes here: not cellar's to delete.
-                tracing::warn!(file = %e.path().display(), "NAR cache: ignoring a file cellar did not write");
+                foreign.push(e.path());
                 continue;
             }
             let meta = read_meta(&disk.meta_path(&name));
@@ -194,7 +204,12 @@ impl Disk {
             }
         }
         found.sort_by(|(a, fa), (b, fb)| (a, &fa.name).cmp(&(b, &fb.name)));
-        Ok((disk, found.into_iter().map(|(_, f)| f).collect()))
+        foreign.sort();
+        Ok(Opened {
+            disk,
+            found: found.into_iter().map(|(_, f)| f).collect(),
+            foreign,
+        })
     }
 
     pub(super) fn dir(&self) -> &Path {
@@ -362,7 +377,7 @@ mod tests {
     #[test]
     fn written_files_survive_a_reopen_and_verify() {
         let d = tempfile::tempdir().unwrap();
-        let (disk, found) = Disk::open(d.path()).unwrap();
+        let Opened { disk, found, .. } = Disk::open(d.path()).unwrap();
         assert!(found.is_empty());
         let sha = disk.write_whole(NAME, b"hello").unwrap();
         let meta = std::fs::read_to_string(d.path().join(format!("{NAME}.meta"))).unwrap();
@@ -374,7 +389,7 @@ mod tests {
         ));
 
         drop(disk);
-        let (_, found) = Disk::open(d.path()).unwrap();
+        let Opened { found, .. } = Disk::open(d.path()).unwrap();
         assert_eq!(found.len(), 1);
         assert_eq!((found[0].name.as_str(), found[0].size), (NAME, 5));
         assert_eq!(found[0].sha256, sha);
@@ -383,7 +398,7 @@ mod tests {
     #[test]
     fn a_cache_directory_is_used_by_one_process_at_a_time() {
         let d = tempfile::tempdir().unwrap();
-        let (first, _) = Disk::open(d.path()).unwrap();
+        let Opened { disk: first, .. } = Disk::open(d.path()).unwrap();
         let e = Disk::open(d.path()).err().unwrap().to_string();
         assert!(e.contains("another running cellar"), "{e}");
         drop(first);
@@ -396,7 +411,7 @@ mod tests {
     #[test]
     fn open_removes_leftovers() {
         let d = tempfile::tempdir().unwrap();
-        let (disk, _) = Disk::open(d.path()).unwrap();
+        let Opened { disk, .. } = Disk::open(d.path()).unwrap();
         let (tmp, _) = disk.create_temp().unwrap();
         let tmp_path = tmp.path().to_owned();
         std::mem::forget(tmp); // as if the process died mid-fill
@@ -406,7 +421,7 @@ mod tests {
         std::fs::write(d.path().join(&orphan_meta), b"1 00").unwrap();
 
         drop(disk);
-        let (_, found) = Disk::open(d.path()).unwrap();
+        let Opened { found, .. } = Disk::open(d.path()).unwrap();
         assert!(found.is_empty());
         assert!(!tmp_path.exists());
         for leftover in [NAME, orphan_meta.as_str()] {
@@ -439,7 +454,7 @@ mod tests {
     #[test]
     fn a_dropped_temp_file_is_removed() {
         let d = tempfile::tempdir().unwrap();
-        let (disk, _) = Disk::open(d.path()).unwrap();
+        let Opened { disk, .. } = Disk::open(d.path()).unwrap();
         let (tmp, _) = disk.create_temp().unwrap();
         let path = tmp.path().to_owned();
         assert!(path.exists());

@@ -83,7 +83,14 @@ pub struct NarCache {
 impl NarCache {
     /// Opens the cache in `dir` (created if missing) and rebuilds its index.
     pub fn open(dir: &Path, max_bytes: u64, idle_timeout: Duration) -> io::Result<Arc<Self>> {
-        let (disk, found) = Disk::open(dir)?;
+        let disk::Opened {
+            disk,
+            found,
+            foreign,
+        } = Disk::open(dir)?;
+        for f in foreign {
+            tracing::warn!(file = %f.display(), "NAR cache: ignoring a file cellar did not write");
+        }
         let mut index = Index::new(max_bytes);
         for f in found {
             index.insert(&f.name, f.size, f.sha256, Verified::No);

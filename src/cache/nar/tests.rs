@@ -329,3 +329,58 @@ fn a_full_disk_on_write_pauses_caching() {
     cache.write_failed("x", &super::disk::WriteError::DiskFull);
     assert!(cache.disk_full(1));
 }
+
+/// Restarts keep complete NARs with their `.meta` (twice in a row), and leave alone what
+/// cellar did not write there, whatever its name looks like; only those are reported.
+#[tokio::test]
+async fn restarts_keep_complete_nars_and_leave_foreign_files_alone() {
+    let (d, cache, mem, store) = setup(1 << 30);
+    mem.insert(&format!("nar/{NAME}"), vec![7u8; 1000]);
+    let name: NarFileName = NAME.parse().unwrap();
+    body(
+        cache
+            .get(&name, &format!("nar/{NAME}"), None, &store)
+            .await
+            .unwrap(),
+    )
+    .await;
+    wait_indexed(&cache, 1).await;
+    close(cache).await;
+    for f in ["notes.txt", "notes.meta"] {
+        std::fs::write(d.path().join(f), b"mine").unwrap();
+    }
+    for _ in 0..2 {
+        let opened = super::disk::Disk::open(d.path()).unwrap();
+        assert_eq!(opened.found.len(), 1);
+        assert_eq!(opened.found[0].name, NAME);
+        assert_eq!(opened.foreign, vec![d.path().join("notes.txt")]);
+    }
+    for f in ["notes.txt", "notes.meta", NAME, &format!("{NAME}.meta")] {
+        assert!(d.path().join(f).exists(), "{f} was removed");
+    }
+    let cache = NarCache::open(d.path(), 1 << 30, Duration::from_secs(30)).unwrap();
+    assert_eq!(cache.usage(), (1, 1000));
+}
+
+#[test]
+fn disk_errors_say_what_failed() {
+    use super::disk::{VerifyError, WriteError};
+    let full = WriteError::io(
+        "writing",
+        std::path::Path::new("/c/x"),
+        std::io::Error::from_raw_os_error(28),
+    );
+    assert_eq!(full.to_string(), "no space left on the cache's file system");
+    let denied = WriteError::io(
+        "writing",
+        std::path::Path::new("/c/x"),
+        std::io::Error::new(std::io::ErrorKind::PermissionDenied, "denied"),
+    );
+    assert_eq!(denied.to_string(), "writing /c/x: denied");
+    assert_eq!(
+        VerifyError::Mismatch.to_string(),
+        "its size or sha256 differs from its .meta"
+    );
+    let unreadable = VerifyError::Unreadable(std::io::Error::other("gone"));
+    assert_eq!(unreadable.to_string(), "cannot read it: gone");
+}
