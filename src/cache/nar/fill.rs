@@ -411,3 +411,36 @@ fn tail(h: Arc<FillHandle>) -> ByteStream {
     })
     .boxed()
 }
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn fill_errors_say_what_went_wrong() {
+        let cases = [
+            (
+                FillError::Write(WriteError::DiskFull),
+                "no space left on the cache's file system",
+            ),
+            (
+                FillError::StoreStalled(Duration::from_secs(30)),
+                "the store sent nothing for 30 s mid-body",
+            ),
+            (
+                FillError::StoreFailed(io::Error::other("reset")),
+                "the store failed mid-body: reset",
+            ),
+            (
+                FillError::Short {
+                    written: 5,
+                    expected: 9,
+                },
+                "the store sent 5 bytes where it announced 9",
+            ),
+        ];
+        for (e, message) in cases {
+            assert_eq!(e.to_string(), message);
+        }
+    }
+}

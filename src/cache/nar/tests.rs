@@ -384,3 +384,170 @@ fn disk_errors_say_what_failed() {
     let unreadable = VerifyError::Unreadable(std::io::Error::other("gone"));
     assert_eq!(unreadable.to_string(), "cannot read it: gone");
 }
+
+/// A store holding one object whose body the test feeds chunk by chunk, announcing `length`
+/// whatever it sends.
+struct Fed {
+    length: u64,
+    body: std::sync::Mutex<Option<ByteStream>>,
+}
+
+impl Fed {
+    fn new(length: u64) -> (Arc<Self>, futures::channel::mpsc::UnboundedSender<Bytes>) {
+        let (tx, rx) = futures::channel::mpsc::unbounded::<Bytes>();
+        let body: ByteStream = Box::pin(futures::StreamExt::map(rx, Ok));
+        let store = Arc::new(Self {
+            length,
+            body: std::sync::Mutex::new(Some(body)),
+        });
+        (store, tx)
+    }
+}
+
+#[async_trait::async_trait]
+impl Store for Fed {
+    async fn get(
+        &self,
+        _key: &str,
+        _range: Option<ByteRange>,
+    ) -> Result<Option<super::Object>, crate::store::StoreError> {
+        let body = self.body.lock().unwrap().take();
+        Ok(body.map(|body| super::Object {
+            body,
+            length: self.length,
+            range: None,
+        }))
+    }
+    async fn head(&self, _key: &str) -> Result<Option<u64>, crate::store::StoreError> {
+        Ok(Some(self.length))
+    }
+    async fn ping(&self) -> Result<(), crate::store::StoreError> {
+        Ok(())
+    }
+    async fn writer(
+        &self,
+        _key: &str,
+    ) -> Result<Box<dyn crate::store::ObjectWriter>, crate::store::StoreError> {
+        Err(crate::store::StoreError::Other("read-only".into()))
+    }
+    async fn cleanup_staging(
+        &self,
+        _older_than: Duration,
+    ) -> Result<usize, crate::store::StoreError> {
+        Ok(0)
+    }
+    async fn stale_staging(
+        &self,
+        _older_than: Duration,
+    ) -> Result<Vec<String>, crate::store::StoreError> {
+        Ok(Vec::new())
+    }
+    fn list(&self, _prefix: &str) -> crate::store::ObjectList {
+        Box::pin(futures::stream::empty())
+    }
+    async fn delete(&self, _key: &str) -> Result<(), crate::store::StoreError> {
+        Ok(())
+    }
+    fn describe(&self) -> String {
+        "fed://".into()
+    }
+}
+
+/// A large NAR whose store stalls mid-body: what arrived is already readable by the client
+/// (written out before the fill waits for more), and the rest follows once the store goes on.
+#[tokio::test]
+async fn what_a_stalled_store_sent_is_readable_before_it_goes_on() {
+    let dir = tempfile::tempdir().unwrap();
+    let cache = NarCache::open(dir.path(), 1 << 30, Duration::from_secs(30)).unwrap();
+    let length = 3u64 << 20;
+    let (fed, tx) = Fed::new(length);
+    let store: Arc<dyn Store> = fed;
+    let first = Bytes::from(vec![1u8; 1000]);
+    tx.unbounded_send(first.clone()).unwrap();
+    let name: NarFileName = NAME.parse().unwrap();
+    let answer = cache
+        .get(&name, &format!("nar/{NAME}"), None, &store)
+        .await
+        .unwrap();
+    let NarCacheAnswer::Object(obj) = answer else {
+        panic!("a large NAR is served while it fills");
+    };
+    let mut body = obj.body;
+    let mut got = Vec::new();
+    while got.len() < first.len() {
+        let chunk = tokio::time::timeout(Duration::from_secs(10), body.try_next())
+            .await
+            .expect("the first bytes were held back while the store stalled")
+            .unwrap()
+            .unwrap();
+        got.extend_from_slice(&chunk);
+    }
+    assert_eq!(got, first);
+    let rest = vec![2u8; length as usize - first.len()];
+    for part in rest.chunks(64 << 10) {
+        tx.unbounded_send(Bytes::copy_from_slice(part)).unwrap();
+    }
+    drop(tx);
+    while let Some(chunk) = body.try_next().await.unwrap() {
+        got.extend_from_slice(&chunk);
+    }
+    assert_eq!(got.len() as u64, length);
+    assert_eq!(&got[first.len()..], &rest[..]);
+    wait_indexed(&cache, 1).await;
+    assert_eq!(cache.usage(), (1, length));
+}
+
+/// A small NAR whose store body ends short of its announced length is an error, not served
+/// and not cached.
+#[tokio::test]
+async fn a_short_small_nar_is_an_error_and_not_cached() {
+    let dir = tempfile::tempdir().unwrap();
+    let cache = NarCache::open(dir.path(), 1 << 30, Duration::from_secs(30)).unwrap();
+    let (fed, tx) = Fed::new(100);
+    let store: Arc<dyn Store> = fed;
+    tx.unbounded_send(Bytes::from(vec![1u8; 50])).unwrap();
+    drop(tx);
+    let name: NarFileName = NAME.parse().unwrap();
+    assert!(cache
+        .get(&name, &format!("nar/{NAME}"), None, &store)
+        .await
+        .is_err());
+    close(cache).await;
+    assert!(!dir.path().join(NAME).exists());
+}
+
+/// A small NAR over the cache's budget is served but not written.
+#[tokio::test]
+async fn a_small_nar_over_the_budget_is_served_and_not_written() {
+    let (d, cache, mem, store) = setup(50);
+    mem.insert(&format!("nar/{NAME}"), vec![7u8; 100]);
+    let name: NarFileName = NAME.parse().unwrap();
+    let got = body(
+        cache
+            .get(&name, &format!("nar/{NAME}"), None, &store)
+            .await
+            .unwrap(),
+    )
+    .await;
+    assert_eq!(got.len(), 100);
+    close(cache).await;
+    assert!(!d.path().join(NAME).exists());
+}
+
+/// A small NAR within the budget is written and indexed once served.
+#[tokio::test]
+async fn a_small_nar_is_written_and_indexed() {
+    let (d, cache, mem, store) = setup(1 << 20);
+    mem.insert(&format!("nar/{NAME}"), vec![7u8; 100]);
+    let name: NarFileName = NAME.parse().unwrap();
+    body(
+        cache
+            .get(&name, &format!("nar/{NAME}"), None, &store)
+            .await
+            .unwrap(),
+    )
+    .await;
+    wait_indexed(&cache, 1).await;
+    assert_eq!(cache.usage(), (1, 100));
+    assert_eq!(std::fs::read(d.path().join(NAME)).unwrap(), vec![7u8; 100]);
+}
