@@ -551,3 +551,38 @@ async fn a_small_nar_is_written_and_indexed() {
     assert_eq!(cache.usage(), (1, 100));
     assert_eq!(std::fs::read(d.path().join(NAME)).unwrap(), vec![7u8; 100]);
 }
+
+/// A request that goes away while its fill waits for the store leaves nothing behind: no
+/// half-made fill for the next request to find.
+#[tokio::test]
+async fn a_request_dropped_before_its_fill_started_leaves_no_fill() {
+    let (_d, cache, mem, store) = setup(1 << 30);
+    mem.insert(&format!("nar/{NAME}"), vec![7u8; 100]);
+    let gate = mem.hold_reads("nar/");
+    let request = tokio::spawn({
+        let (cache, store) = (cache.clone(), store.clone());
+        async move {
+            let name: NarFileName = NAME.parse().unwrap();
+            let _ = cache.get(&name, &format!("nar/{NAME}"), None, &store).await;
+        }
+    });
+    gate.reached().await;
+    assert_eq!(super::lock(&cache.fills).len(), 1);
+    request.abort();
+    assert!(request.await.unwrap_err().is_cancelled());
+    assert_eq!(
+        super::lock(&cache.fills).len(),
+        0,
+        "the empty fill was left"
+    );
+    gate.open();
+    let name: NarFileName = NAME.parse().unwrap();
+    let got = body(
+        cache
+            .get(&name, &format!("nar/{NAME}"), None, &store)
+            .await
+            .unwrap(),
+    )
+    .await;
+    assert_eq!(got.len(), 100);
+}
