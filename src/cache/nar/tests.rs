@@ -395,7 +395,11 @@ struct Fed {
 impl Fed {
     fn new(length: u64) -> (Arc<Self>, futures::channel::mpsc::UnboundedSender<Bytes>) {
         let (tx, rx) = futures::channel::mpsc::unbounded::<Bytes>();
-        let body: ByteStream = Box::pin(futures::StreamExt::map(rx, Ok));
+        // An empty chunk makes the body panic (a fill task dying without a word).
+        let body: ByteStream = Box::pin(futures::StreamExt::map(rx, |b: Bytes| {
+            assert!(!b.is_empty(), "the store's body blew up");
+            Ok(b)
+        }));
         let store = Arc::new(Self {
             length,
             body: std::sync::Mutex::new(Some(body)),
@@ -489,6 +493,10 @@ async fn what_a_stalled_store_sent_is_readable_before_it_goes_on() {
     }
     drop(tx);
     while let Some(chunk) = body.try_next().await.unwrap() {
+        assert!(
+            !chunk.is_empty(),
+            "an empty chunk while waiting for the fill"
+        );
         got.extend_from_slice(&chunk);
     }
     assert_eq!(got.len() as u64, length);
@@ -585,4 +593,36 @@ async fn a_request_dropped_before_its_fill_started_leaves_no_fill() {
     )
     .await;
     assert_eq!(got.len(), 100);
+}
+
+/// A fill that dies without a word (its task panics) fails its readers instead of leaving
+/// them waiting.
+#[tokio::test]
+async fn readers_of_a_fill_that_died_get_an_error() {
+    let dir = tempfile::tempdir().unwrap();
+    let cache = NarCache::open(dir.path(), 1 << 30, Duration::from_secs(30)).unwrap();
+    let (fed, tx) = Fed::new(3 << 20);
+    let store: Arc<dyn Store> = fed;
+    let name: NarFileName = NAME.parse().unwrap();
+    let answer = cache
+        .get(&name, &format!("nar/{NAME}"), None, &store)
+        .await
+        .unwrap();
+    let NarCacheAnswer::Object(obj) = answer else {
+        panic!("a large NAR is served while it fills");
+    };
+    tx.unbounded_send(Bytes::new()).unwrap();
+    let read = tokio::time::timeout(Duration::from_secs(10), concat_or_error(obj.body))
+        .await
+        .expect("the reader was left waiting");
+    let e = read.unwrap_err();
+    assert!(e.to_string().contains("ended unexpectedly"), "{e}");
+}
+
+async fn concat_or_error(s: ByteStream) -> std::io::Result<Vec<u8>> {
+    s.try_fold(Vec::new(), |mut v, b| async move {
+        v.extend_from_slice(&b);
+        Ok(v)
+    })
+    .await
 }
