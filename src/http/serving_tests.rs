@@ -178,7 +178,7 @@ async fn bodies_read_whole_are_bounded_to_the_byte() {
 }
 
 /// `/build-trace/<drv>/<output>` (current Nix's realisations) is accepted as sent under its
-/// own key and answered to HEAD with its length.
+/// own key and served as stored; HEAD of it, and of `/realisations/…`, gives the length.
 #[tokio::test]
 async fn build_traces_are_stored_as_sent_and_found_by_head() {
     let mem = Arc::new(MemoryStore::new());
@@ -201,9 +201,13 @@ async fn build_traces_are_stored_as_sent_and_found_by_head() {
         body.extend_from_slice(&c.unwrap());
     }
     assert_eq!(body, doc);
+    let (status, got) = get(&st, &format!("/build-trace/{DRV}/out")).await;
+    assert_eq!((status, got), (StatusCode::OK, doc.clone()));
+    mem.insert(REALISATION, doc.clone());
     for path in [
         format!("/build-trace/{DRV}/out"),
         format!("/upload/build-trace/{DRV}/out"),
+        format!("/{REALISATION}"),
     ] {
         let req = authed("HEAD", &path, "wtok").body(Body::empty()).unwrap();
         let res = send(&st, req).await;
