@@ -152,10 +152,8 @@ impl Uploader {
             ));
         }
         recorded?;
-        let remembered = match remembered_present? {
-            true => remembered,
-            false => None,
-        };
+        let present = remembered_present?;
+        let remembered = remembered.filter(|_| present);
         let not_deleting = async {
             match &self.access {
                 Some(_) => self.not_being_deleted(&nars).await,

@@ -35,6 +35,14 @@ fn uploader() -> (Arc<MemoryStore>, Uploader) {
     (mem, Uploader::new(&cfg.upload, &cfg.store_dir, store))
 }
 
+/// An uploader that writes access records, as the server's does (the gc protocol).
+fn uploader_with_access() -> (Arc<MemoryStore>, Uploader) {
+    let (mem, up) = uploader();
+    let store: Arc<dyn Store> = mem.clone();
+    let up = up.with_access(Arc::new(crate::gc::access::AccessLog::new(store, 100)));
+    (mem, up)
+}
+
 fn body(b: Bytes) -> impl Stream<Item = std::io::Result<Bytes>> + Send + 'static {
     futures::stream::iter([Ok(b)])
 }
@@ -227,9 +235,7 @@ async fn uploads_beyond_max_concurrent_are_busy() {
 /// recording what it needed, and no narinfo is written.
 #[tokio::test]
 async fn a_nar_being_collected_is_refused() {
-    let (mem, up) = uploader();
-    let store: Arc<dyn Store> = mem.clone();
-    let up = up.with_access(Arc::new(crate::gc::access::AccessLog::new(store, 100)));
+    let (mem, up) = uploader_with_access();
     let nar = nar();
     let info = narinfo_for(&nar, nar.len());
     let file = info.nar_file().unwrap();
@@ -266,9 +272,7 @@ async fn a_nar_being_collected_is_refused() {
 /// nothing.
 #[tokio::test]
 async fn a_nar_deleted_while_its_narinfo_is_written_takes_the_narinfo_back() {
-    let (mem, up) = uploader();
-    let store: Arc<dyn Store> = mem.clone();
-    let up = up.with_access(Arc::new(crate::gc::access::AccessLog::new(store, 100)));
+    let (mem, up) = uploader_with_access();
     let nar = nar();
     let info = narinfo_for(&nar, nar.len());
     let file = info.nar_file().unwrap();

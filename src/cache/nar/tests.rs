@@ -74,6 +74,15 @@ async fn close(cache: Arc<NarCache>) {
         .expect("a background task kept the cache");
 }
 
+/// Asks `cache` for the NAR [`NAME`] (its store key `nar/NAME`).
+async fn get_nar(
+    cache: &Arc<NarCache>,
+    store: &Arc<dyn Store>,
+) -> Result<NarCacheAnswer, crate::store::StoreError> {
+    let name: NarFileName = NAME.parse().unwrap();
+    cache.get(&name, &format!("nar/{NAME}"), None, store).await
+}
+
 async fn wait_indexed(cache: &NarCache, n: usize) {
     wait_until(cache, || cache.usage().0 == n).await;
 }
@@ -336,14 +345,7 @@ fn a_full_disk_on_write_pauses_caching() {
 async fn restarts_keep_complete_nars_and_leave_foreign_files_alone() {
     let (d, cache, mem, store) = setup(1 << 30);
     mem.insert(&format!("nar/{NAME}"), vec![7u8; 1000]);
-    let name: NarFileName = NAME.parse().unwrap();
-    body(
-        cache
-            .get(&name, &format!("nar/{NAME}"), None, &store)
-            .await
-            .unwrap(),
-    )
-    .await;
+    body(get_nar(&cache, &store).await.unwrap()).await;
     wait_indexed(&cache, 1).await;
     close(cache).await;
     for f in ["notes.txt", "notes.meta"] {
@@ -468,11 +470,7 @@ async fn what_a_stalled_store_sent_is_readable_before_it_goes_on() {
     let store: Arc<dyn Store> = fed;
     let first = Bytes::from(vec![1u8; 1000]);
     tx.unbounded_send(first.clone()).unwrap();
-    let name: NarFileName = NAME.parse().unwrap();
-    let answer = cache
-        .get(&name, &format!("nar/{NAME}"), None, &store)
-        .await
-        .unwrap();
+    let answer = get_nar(&cache, &store).await.unwrap();
     let NarCacheAnswer::Object(obj) = answer else {
         panic!("a large NAR is served while it fills");
     };
@@ -515,11 +513,7 @@ async fn a_short_small_nar_is_an_error_and_not_cached() {
     let store: Arc<dyn Store> = fed;
     tx.unbounded_send(Bytes::from(vec![1u8; 50])).unwrap();
     drop(tx);
-    let name: NarFileName = NAME.parse().unwrap();
-    assert!(cache
-        .get(&name, &format!("nar/{NAME}"), None, &store)
-        .await
-        .is_err());
+    assert!(get_nar(&cache, &store).await.is_err());
     close(cache).await;
     assert!(!dir.path().join(NAME).exists());
 }
@@ -529,14 +523,7 @@ async fn a_short_small_nar_is_an_error_and_not_cached() {
 async fn a_small_nar_over_the_budget_is_served_and_not_written() {
     let (d, cache, mem, store) = setup(50);
     mem.insert(&format!("nar/{NAME}"), vec![7u8; 100]);
-    let name: NarFileName = NAME.parse().unwrap();
-    let got = body(
-        cache
-            .get(&name, &format!("nar/{NAME}"), None, &store)
-            .await
-            .unwrap(),
-    )
-    .await;
+    let got = body(get_nar(&cache, &store).await.unwrap()).await;
     assert_eq!(got.len(), 100);
     close(cache).await;
     assert!(!d.path().join(NAME).exists());
@@ -547,14 +534,7 @@ async fn a_small_nar_over_the_budget_is_served_and_not_written() {
 async fn a_small_nar_is_written_and_indexed() {
     let (d, cache, mem, store) = setup(1 << 20);
     mem.insert(&format!("nar/{NAME}"), vec![7u8; 100]);
-    let name: NarFileName = NAME.parse().unwrap();
-    body(
-        cache
-            .get(&name, &format!("nar/{NAME}"), None, &store)
-            .await
-            .unwrap(),
-    )
-    .await;
+    body(get_nar(&cache, &store).await.unwrap()).await;
     wait_indexed(&cache, 1).await;
     assert_eq!(cache.usage(), (1, 100));
     assert_eq!(std::fs::read(d.path().join(NAME)).unwrap(), vec![7u8; 100]);
@@ -570,8 +550,7 @@ async fn a_request_dropped_before_its_fill_started_leaves_no_fill() {
     let request = tokio::spawn({
         let (cache, store) = (cache.clone(), store.clone());
         async move {
-            let name: NarFileName = NAME.parse().unwrap();
-            let _ = cache.get(&name, &format!("nar/{NAME}"), None, &store).await;
+            let _ = get_nar(&cache, &store).await;
         }
     });
     gate.reached().await;
@@ -584,14 +563,7 @@ async fn a_request_dropped_before_its_fill_started_leaves_no_fill() {
         "the empty fill was left"
     );
     gate.open();
-    let name: NarFileName = NAME.parse().unwrap();
-    let got = body(
-        cache
-            .get(&name, &format!("nar/{NAME}"), None, &store)
-            .await
-            .unwrap(),
-    )
-    .await;
+    let got = body(get_nar(&cache, &store).await.unwrap()).await;
     assert_eq!(got.len(), 100);
 }
 
@@ -603,11 +575,7 @@ async fn readers_of_a_fill_that_died_get_an_error() {
     let cache = NarCache::open(dir.path(), 1 << 30, Duration::from_secs(30)).unwrap();
     let (fed, tx) = Fed::new(3 << 20);
     let store: Arc<dyn Store> = fed;
-    let name: NarFileName = NAME.parse().unwrap();
-    let answer = cache
-        .get(&name, &format!("nar/{NAME}"), None, &store)
-        .await
-        .unwrap();
+    let answer = get_nar(&cache, &store).await.unwrap();
     let NarCacheAnswer::Object(obj) = answer else {
         panic!("a large NAR is served while it fills");
     };
