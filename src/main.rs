@@ -218,7 +218,8 @@ fn import(dir: &Path, path: Option<&Path>) -> anyhow::Result<()> {
         let store = store::open(&cfg.store).await.context("opening the store")?;
         // Recorded like an upload, so that a garbage collection running meanwhile keeps what
         // is imported and its references (see cellar::gc::sweep).
-        let access = cellar::gc::access::AccessLog::new(store.clone(), cfg.gc.access_max_entries);
+        let access = cellar::gc::access::AccessLog::new(store.clone(), cfg.gc.access_max_entries)
+            .covering_uploads_for(cellar::gc::access::UPLOAD_COVER);
         let uploader = cellar::upload::Uploader::new(&cfg.upload, &cfg.store_dir, store.clone())
             .with_access(std::sync::Arc::new(access));
         let bar = indicatif::ProgressBar::new(0);

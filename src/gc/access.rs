@@ -12,6 +12,13 @@
 //! that a collector running at the same time sees what the upload relies on (see
 //! [`super::sweep`]).
 //!
+//! An upload record also names what recently uploaded NARs and the upload address's probes
+//! named (a builder probes the whole closure it is about to upload, present paths included):
+//! the NAR's record is written while the NAR itself is stored, so a narinfo whose path,
+//! references and NAR a record written within [`AccessLog::covering_uploads_for`] already
+//! names is accepted without a record of its own, one store round trip sooner
+//! ([`AccessLog::covers`]).
+//!
 //! Reads record narinfos only, not NARs: a client always asks for the narinfo first, and
 //! several narinfos may share one NAR (same contents), so a NAR read says nothing about which
 //! path was used.
@@ -26,6 +33,7 @@ use std::time::{Duration, SystemTime, UNIX_EPOCH};
 
 use bytes::Bytes;
 use futures::TryStreamExt as _;
+use tokio::time::Instant;
 
 use super::inventory::Meta;
 use super::RESERVED_PREFIX;
@@ -37,6 +45,20 @@ use crate::sync::lock;
 pub const DIR: &str = "access/";
 
 const HEADER: &str = "cellar-access 1";
+
+/// What the key of a record written by an upload ends with.
+const UPLOAD_SUFFIX: &str = "-upload";
+
+/// A collector reads an upload record this young whatever its retention (`gc.keep_days`):
+/// uploads rely on what it names for [`UPLOAD_COVER`] after writing it, and on a record of
+/// their own for the few round trips before their narinfo is written.
+pub const UPLOAD_RECORD_LIFETIME: Duration = Duration::from_secs(30 * 60);
+
+/// How long after its write started an upload record stands in for the records of later
+/// uploads ([`AccessLog::covering_uploads_for`]). Well within [`UPLOAD_RECORD_LIFETIME`],
+/// which leaves room for the upload's own checks and for clocks that differ between this
+/// server, the store and the collector.
+pub const UPLOAD_COVER: Duration = Duration::from_secs(10 * 60);
 
 /// An access record larger than this is corrupt (a full set of 1M entries is ~60 MiB).
 const MAX_RECORD_BYTES: u64 = 256 << 20;
@@ -126,6 +148,12 @@ pub struct AccessLog {
     full: tokio::sync::Notify,
     /// One write at a time, so a record's sequence number follows the order of writes.
     writing: tokio::sync::Mutex<()>,
+    /// Paths the upload address was asked about, for the next upload record.
+    probed: Mutex<HashSet<StorePathHash>>,
+    /// What upload records named, with when their write started.
+    covered: Mutex<HashMap<Entry, Instant>>,
+    /// How long an upload record stands in for the records of later uploads; zero: never.
+    cover_for: Duration,
 }
 
 impl AccessLog {
@@ -138,7 +166,89 @@ impl AccessLog {
             pending: Mutex::new(HashSet::new()),
             full: tokio::sync::Notify::new(),
             writing: tokio::sync::Mutex::new(()),
+            probed: Mutex::new(HashSet::new()),
+            covered: Mutex::new(HashMap::new()),
+            cover_for: Duration::ZERO,
         }
+    }
+
+    /// Lets an upload record stand in for the record of a later narinfo upload for `d` after
+    /// its write started ([`UPLOAD_COVER`]; at most that: a collector reads upload records
+    /// for [`UPLOAD_RECORD_LIFETIME`] only).
+    pub fn covering_uploads_for(mut self, d: Duration) -> Self {
+        self.cover_for = d.min(UPLOAD_COVER);
+        self
+    }
+
+    /// The upload address was asked for the narinfo of `h`: a builder is about to upload
+    /// its closure, and `h` is part of it. Named in the next upload record.
+    pub fn record_probe(&self, h: StorePathHash) {
+        let mut set = lock(&self.probed);
+        if set.len() < self.max_entries {
+            set.insert(h);
+        }
+    }
+
+    /// A NAR is being uploaded (`nar_files`: the name uploaded and the name stored, if
+    /// recompressed): writes a record of it and of the paths probed since the last upload
+    /// record, so that the narinfo that follows needs no record of its own ([`Self::covers`]).
+    pub async fn record_nar_upload(&self, nar_files: &[&str]) -> Result<(), StoreError> {
+        if self.cover_for.is_zero() {
+            return Ok(());
+        }
+        let entries = nar_files.iter().map(|f| Entry::Nar((*f).into())).collect();
+        self.write_upload_record(entries).await
+    }
+
+    /// Whether a record written within [`Self::covering_uploads_for`] names the narinfo
+    /// `info`, each of its references and each of `nar_files`, so that its upload needs no
+    /// record of its own.
+    pub fn covers(&self, info: &NarInfo, nar_files: &[&str]) -> bool {
+        if self.cover_for.is_zero() {
+            return false;
+        }
+        let covered = lock(&self.covered);
+        let fresh = |e: &Entry| {
+            covered
+                .get(e)
+                .is_some_and(|at| at.elapsed() < self.cover_for)
+        };
+        fresh(&Entry::Path(info.hash()))
+            && nar_files.iter().all(|f| fresh(&Entry::Nar((*f).into())))
+            && info
+                .references
+                .iter()
+                .all(|r| fresh(&Entry::Path(r.hash())))
+    }
+
+    /// Writes `entries` and the paths probed since the last upload record as one record, and
+    /// remembers them as covered from the moment the write started.
+    async fn write_upload_record(&self, mut entries: Vec<Entry>) -> Result<(), StoreError> {
+        let _w = self.writing.lock().await;
+        let probed = std::mem::take(&mut *lock(&self.probed));
+        entries.extend(probed.iter().map(|h| Entry::Path(*h)));
+        let started = Instant::now();
+        if let Err(e) = self.write(entries.clone(), UPLOAD_SUFFIX).await {
+            // The probes are named by the next upload record instead.
+            let mut set = lock(&self.probed);
+            for h in probed {
+                if set.len() >= self.max_entries {
+                    break;
+                }
+                set.insert(h);
+            }
+            return Err(e);
+        }
+        if !self.cover_for.is_zero() {
+            let mut covered = lock(&self.covered);
+            if covered.len() + entries.len() > self.max_entries.saturating_mul(4) {
+                covered.retain(|_, at| at.elapsed() < self.cover_for);
+            }
+            for e in entries {
+                covered.insert(e, started);
+            }
+        }
+        Ok(())
     }
 
     /// A narinfo was served.
@@ -163,8 +273,7 @@ impl AccessLog {
         let mut entries = vec![Entry::Path(info.hash())];
         entries.extend(nar_files.iter().map(|f| Entry::Nar((*f).into())));
         entries.extend(info.references.iter().map(|r| Entry::Path(r.hash())));
-        let _w = self.writing.lock().await;
-        self.write(entries).await
+        self.write_upload_record(entries).await
     }
 
     /// Writes what was recorded since the last write (nothing if nothing was).
@@ -177,7 +286,7 @@ impl AccessLog {
             return Ok(());
         }
         match self
-            .write(taken.iter().map(|h| Entry::Path(*h)).collect())
+            .write(taken.iter().map(|h| Entry::Path(*h)).collect(), "")
             .await
         {
             Ok(()) => Ok(()),
@@ -195,10 +304,11 @@ impl AccessLog {
         }
     }
 
-    async fn write(&self, entries: Vec<Entry>) -> Result<(), StoreError> {
+    /// Writes `entries` as a new record whose key ends with `suffix`.
+    async fn write(&self, entries: Vec<Entry>, suffix: &str) -> Result<(), StoreError> {
         let seq = self.seq.fetch_add(1, Ordering::SeqCst);
         let key = format!(
-            "{RESERVED_PREFIX}{DIR}{}/{}-{seq:08}",
+            "{RESERVED_PREFIX}{DIR}{}/{}-{seq:08}{suffix}",
             day(SystemTime::now()),
             self.process
         );
@@ -241,7 +351,8 @@ pub struct Accessed {
     pub bad: Vec<(String, String)>,
 }
 
-/// Reads the records within the retention `keep` before `now`.
+/// Reads the records within the retention `keep` before `now`, and upload records within
+/// [`UPLOAD_RECORD_LIFETIME`] whatever the retention.
 pub async fn read_all(
     store: &dyn Store,
     records: &[(String, Meta)],
@@ -250,8 +361,17 @@ pub async fn read_all(
 ) -> Result<Accessed, StoreError> {
     let mut acc = Accessed::default();
     let cutoff = now.checked_sub(keep).unwrap_or(UNIX_EPOCH);
+    let upload_cutoff = now
+        .checked_sub(UPLOAD_RECORD_LIFETIME)
+        .unwrap_or(UNIX_EPOCH)
+        .min(cutoff);
     for (key, meta) in records {
-        if meta.modified < cutoff {
+        let limit = if key.ends_with(UPLOAD_SUFFIX) {
+            upload_cutoff
+        } else {
+            cutoff
+        };
+        if meta.modified < limit {
             // Known, so that re-reads during deletion do not take it for a new record.
             acc.read.insert(key.clone());
             acc.expired.push((key.clone(), *meta));
@@ -348,5 +468,81 @@ mod tests {
         assert_eq!(parse(&render(entries.clone())).unwrap(), entries);
         assert!(parse("garbage").is_err());
         assert!(parse(&format!("{HEADER}\nnothash\n")).is_err());
+    }
+
+    fn meta(modified: SystemTime) -> Meta {
+        Meta { size: 10, modified }
+    }
+
+    /// A path is covered only when its own hash, every reference and its NAR were named by a
+    /// record started within the cover.
+    #[tokio::test(start_paused = true)]
+    async fn covers_needs_the_path_its_references_and_its_nar() {
+        let mem = Arc::new(crate::store::memory::MemoryStore::new());
+        let log = AccessLog::new(mem.clone(), 1000).covering_uploads_for(UPLOAD_COVER);
+        let (top, dep) = (
+            "6bxnj2gfflqa529lddzh3zhcn45nn86r",
+            "0c9v4an6h4s2b3x3z8jgy3r0n9v7q3ph",
+        );
+        let nar = "07yp7gw2d9vmfgl2rd063i75qwkfbrgvqngp5yz2pk6iadzlckh7.nar.xz";
+        let text = format!(
+            "StorePath: /nix/store/{top}-top\nURL: nar/{nar}\nCompression: xz\n\
+             NarHash: sha256:1b8m03r63zqhnjf7l5wnldhh7c134ap5vpj0850ymkq1iyzicy5s\n\
+             NarSize: 8\nReferences: {dep}-dep\n"
+        );
+        let info = NarInfo::parse(&text, "/nix/store").unwrap();
+        assert!(!log.covers(&info, &[nar]), "nothing recorded yet");
+        log.record_probe(info.hash());
+        log.record_nar_upload(&[nar]).await.unwrap();
+        assert!(!log.covers(&info, &[nar]), "the reference was not probed");
+        log.record_probe(dep.parse().unwrap());
+        log.record_nar_upload(&[nar]).await.unwrap();
+        assert!(log.covers(&info, &[nar]));
+        assert!(
+            !log.covers(&info, &[nar, "other.nar"]),
+            "a NAR not recorded"
+        );
+        tokio::time::advance(UPLOAD_COVER).await;
+        assert!(!log.covers(&info, &[nar]), "older than the cover");
+        // Without a cover, NAR uploads write nothing and nothing is covered.
+        let off = AccessLog::new(mem.clone(), 1000);
+        let before = mem.keys().len();
+        off.record_probe(info.hash());
+        off.record_nar_upload(&[nar]).await.unwrap();
+        assert_eq!(mem.keys().len(), before);
+        assert!(!off.covers(&info, &[nar]));
+    }
+
+    /// Upload records are read for [`UPLOAD_RECORD_LIFETIME`] even past the retention (uploads
+    /// rely on them for [`UPLOAD_COVER`]); other records only within it.
+    #[tokio::test]
+    async fn young_upload_records_are_read_whatever_the_retention() {
+        let mem = crate::store::memory::MemoryStore::new();
+        let now = SystemTime::now();
+        let h: StorePathHash = "6bxnj2gfflqa529lddzh3zhcn45nn86r".parse().unwrap();
+        let old: StorePathHash = "0c9v4an6h4s2b3x3z8jgy3r0n9v7q3ph".parse().unwrap();
+        let young = now - Duration::from_secs(60);
+        let records = vec![
+            ("_cellar/access/d/p-1-upload".to_owned(), meta(young)),
+            ("_cellar/access/d/p-2".to_owned(), meta(young)),
+            (
+                "_cellar/access/d/p-3-upload".to_owned(),
+                meta(now - UPLOAD_RECORD_LIFETIME - Duration::from_secs(1)),
+            ),
+        ];
+        mem.insert(&records[0].0, render([Entry::Path(h)]));
+        mem.insert(&records[1].0, render([Entry::Path(old)]));
+        mem.insert(&records[2].0, render([Entry::Path(old)]));
+        let acc = read_all(&mem, &records, Duration::ZERO, now).await.unwrap();
+        assert_eq!(acc.seen.keys().collect::<Vec<_>>(), vec![&h]);
+        assert_eq!(acc.expired.len(), 2);
+        let acc = read_all(&mem, &records, Duration::from_secs(3600), now)
+            .await
+            .unwrap();
+        assert_eq!(
+            acc.seen.len(),
+            2,
+            "within the retention, every kind is read"
+        );
     }
 }

@@ -133,7 +133,10 @@ impl AppState {
             ),
             None => None,
         };
-        let access = Arc::new(AccessLog::new(store.clone(), config.gc.access_max_entries));
+        let access = Arc::new(
+            AccessLog::new(store.clone(), config.gc.access_max_entries)
+                .covering_uploads_for(crate::gc::access::UPLOAD_COVER),
+        );
         let uploader = Arc::new(
             Uploader::new(&config.upload, &config.store_dir, store.clone())
                 .with_access(access.clone()),

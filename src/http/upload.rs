@@ -91,10 +91,13 @@ async fn file_head(
 }
 
 /// The narinfo the store holds for `h`, bounded in size and time like the root's reads.
+/// The path is named in the next upload record, found or not: a builder probes the closure it
+/// is about to upload (see [`crate::gc::access::AccessLog::record_probe`]).
 async fn stored_narinfo(
     st: &AppState,
     h: crate::nix::StorePathHash,
 ) -> Result<bytes::Bytes, Error> {
+    st.access.record_probe(h);
     let limit = Some(st.config.store.timeout);
     store::narinfo_bytes(&*st.store, h, limit)
         .await?

@@ -200,8 +200,54 @@ impl Uploader {
             Some((stored, target)) => (stored, Some(target)),
             None => (name.clone(), None),
         };
+        // The record that lets the narinfo following this NAR skip its own is written while
+        // the NAR is stored, so it costs no round trip of its own. If it fails, that narinfo
+        // writes its record itself.
+        let record = async {
+            if let Some(a) = &self.access {
+                let mut files = vec![name.as_str()];
+                if target.is_some() {
+                    files.push(stored.as_str());
+                }
+                if let Err(e) = a.record_nar_upload(&files).await {
+                    tracing::warn!(nar = %name, cause = %e, "writing an upload record failed");
+                }
+            }
+        };
+        let (d, ()) = futures::join!(
+            self.store_nar(name, body, incoming, &stored, target),
+            record
+        );
+        let d = d?;
+        self.remember(
+            object_key::nar(name),
+            VerifiedNar {
+                stored,
+                stored_compression: target.unwrap_or(incoming),
+                stored_file: d.output,
+                uploaded_file: Some(d.input),
+                nar: d.nar,
+            },
+        );
+        Ok(d)
+    }
+
+    /// Streams the NAR uploaded as `name` into the store as `stored`, digested and
+    /// re-encoded to `target` on the way; committed only if its sha256 matches `name`.
+    async fn store_nar<S>(
+        &self,
+        name: &NarFileName,
+        body: S,
+        incoming: Compression,
+        stored: &NarFileName,
+        target: Option<Compression>,
+    ) -> Result<NarDigest, Error>
+    where
+        S: Stream<Item = std::io::Result<Bytes>> + Send + 'static,
+    {
+        let name_hash = name.file_hash();
         let recompress = target.map(|t| (t, self.recompress.and_then(|r| r.level)));
-        let mut w = self.store.writer(&object_key::nar(&stored)).await?;
+        let mut w = self.store.writer(&object_key::nar(stored)).await?;
         let d = match digest::digest_into(body, incoming, recompress, Some(&mut w), self.limits)
             .await
         {
@@ -219,16 +265,6 @@ impl Uploader {
             )));
         }
         w.commit().await?;
-        self.remember(
-            object_key::nar(name),
-            VerifiedNar {
-                stored,
-                stored_compression: target.unwrap_or(incoming),
-                stored_file: d.output,
-                uploaded_file: Some(d.input),
-                nar: d.nar,
-            },
-        );
         Ok(d)
     }
 

@@ -68,13 +68,16 @@ impl Uploader {
         // The store is asked in as few sequential round trips as the rules allow (Nix uploads
         // path after path on one connection, so each one is paid per path; see gc_guard for
         // why this order keeps a concurrent `cellar gc` from breaking the closure):
-        // 1. the stored narinfo, the access record, and the NAR if this server received it,
-        //    together;
-        // 2. after the record: announced deletions, the references, and the NAR read back if
-        //    this server did not receive it, together;
+        // 1. the stored narinfo and, unless a recent record already names the path, its
+        //    references and its NAR ([`AccessLog::covers`]), the access record, together;
+        // 2. after the record: announced deletions, the references, and the NAR (a HEAD if
+        //    this server received it, else read back and digested), together; with a recent
+        //    record already written, this is part of step 1;
         // 3. after the announcements: the narinfo written, and the NAR checked once more,
         //    together (the narinfo is taken back if the NAR has gone).
         // Answers are judged in a fixed order, so a refusal does not depend on timing.
+        //
+        // [`AccessLog::covers`]: crate::gc::access::AccessLog::covers
         let url_name = info.nar_file().map_err(|e| rejected(e.to_string()));
         // The NAR as uploaded, and as stored if uploads are re-encoded.
         let nar_files: Vec<NarFileName> = match &url_name {
@@ -88,30 +91,61 @@ impl Uploader {
         // garbage collection running meanwhile either sees the record in time or has deleted
         // what it names before the checks (see crate::gc::sweep). A path already present, or
         // refused below, is recorded too: that only keeps what it names a while longer.
-        let record = async {
-            match (&self.access, nars.is_empty()) {
-                (Some(a), false) => a.record_upload(&info, &nars).await,
-                _ => Ok(()),
+        let covered = match &self.access {
+            Some(a) => !nars.is_empty() && a.covers(&info, &nars),
+            None => false,
+        };
+        let (existing, recorded, (not_deleting, nar, references)) = {
+            let record = async {
+                match (&self.access, nars.is_empty() || covered) {
+                    (Some(a), false) => a.record_upload(&info, &nars).await,
+                    _ => Ok(()),
+                }
+            };
+            let not_deleting = async {
+                match &self.access {
+                    Some(_) => self.not_being_deleted(&nars).await,
+                    None => Ok(()),
+                }
+            };
+            // A NAR this server received and verified, if it is still there (someone may have
+            // deleted it from the bucket since); else the stored one, read back and digested.
+            let nar = async {
+                let remembered = url_name
+                    .as_ref()
+                    .ok()
+                    .and_then(|n| self.remembered(&object_key::nar(n)));
+                if let Some(v) = remembered {
+                    if self
+                        .store
+                        .head(&object_key::nar(&v.stored))
+                        .await?
+                        .is_some()
+                    {
+                        return Ok(Some(v));
+                    }
+                }
+                match &url_name {
+                    Ok(n) => self.verify_stored(n).await,
+                    Err(_) => Ok(None),
+                }
+            };
+            let checks = async {
+                futures::join!(not_deleting, nar, self.check_references(&info, upstreams))
+            };
+            if covered {
+                let (existing, checks) = futures::join!(self.stored(hash), checks);
+                (existing, Ok(()), checks)
+            } else {
+                let (existing, recorded) = futures::join!(self.stored(hash), record);
+                // The checks wait for the record, and are not needed when the path is
+                // already there or the record failed: those are judged first below.
+                match (&existing, &recorded) {
+                    (Ok(None), Ok(())) => (existing, recorded, checks.await),
+                    _ => (existing, recorded, (Ok(()), Ok(None), Ok(()))),
+                }
             }
         };
-        // A NAR this server received and verified: still there? (Someone may have deleted
-        // it from the bucket since.)
-        let remembered = url_name
-            .as_ref()
-            .ok()
-            .and_then(|n| self.remembered(&object_key::nar(n)));
-        let remembered_present = async {
-            match &remembered {
-                Some(v) => self
-                    .store
-                    .head(&object_key::nar(&v.stored))
-                    .await
-                    .map(|s| s.is_some()),
-                None => Ok(false),
-            }
-        };
-        let (existing, recorded, remembered_present) =
-            futures::join!(self.stored(hash), record, remembered_present);
         // Published paths are immutable. Checked first: a re-upload of a present path (a
         // client with a stale view) costs one read, not a NAR verification. Two uploads of
         // different contents racing past this check both write; the last one wins (S3 has no
@@ -152,22 +186,6 @@ impl Uploader {
             ));
         }
         recorded?;
-        let present = remembered_present?;
-        let remembered = remembered.filter(|_| present);
-        let not_deleting = async {
-            match &self.access {
-                Some(_) => self.not_being_deleted(&nars).await,
-                None => Ok(()),
-            }
-        };
-        let nar = async {
-            match remembered {
-                Some(v) => Ok(Some(v)),
-                None => self.verify_stored(&url_name).await,
-            }
-        };
-        let (not_deleting, nar, references) =
-            futures::join!(not_deleting, nar, self.check_references(&info, upstreams));
         not_deleting?;
         let v = nar?.ok_or_else(|| rejected(format!("NAR {} has not been uploaded", info.url)))?;
         if let Some(up) = v.uploaded_file {

@@ -529,3 +529,113 @@ async fn references_an_upstream_serves_count_as_present() {
         .await
         .unwrap();
 }
+
+/// An uploader whose upload records stand in for later ones, as the server's
+/// ([`crate::gc::access::UPLOAD_COVER`]), and its access log.
+fn uploader_covering() -> (
+    Arc<MemoryStore>,
+    Uploader,
+    Arc<crate::gc::access::AccessLog>,
+) {
+    let (mem, up) = uploader();
+    let store: Arc<dyn Store> = mem.clone();
+    let access = Arc::new(
+        crate::gc::access::AccessLog::new(store, 100)
+            .covering_uploads_for(crate::gc::access::UPLOAD_COVER),
+    );
+    (mem, up.with_access(access.clone()), access)
+}
+
+fn records(mem: &MemoryStore) -> Vec<String> {
+    mem.keys()
+        .into_iter()
+        .filter(|k| k.starts_with("_cellar/access/"))
+        .collect()
+}
+
+/// `nix copy --to` probes the closure, then uploads each path as NAR then narinfo: the NAR's
+/// record, written while the NAR is stored, names the probed paths too, so the narinfo needs
+/// no record of its own (one store round trip less per path).
+#[tokio::test]
+async fn a_narinfo_whose_probe_and_nar_were_recorded_writes_no_record_of_its_own() {
+    let (mem, up, access) = uploader_covering();
+    let nar = nar();
+    let info = narinfo_for(&nar, nar.len());
+    let file = info.nar_file().unwrap();
+    access.record_probe(info.hash());
+    up.put_nar(&file, body(nar.clone())).await.unwrap();
+    let after_nar = records(&mem);
+    assert_eq!(after_nar.len(), 1, "{after_nar:?}");
+    assert!(after_nar[0].ends_with("-upload"), "{after_nar:?}");
+    let text = mem
+        .get_bytes(&after_nar[0], 1 << 20)
+        .await
+        .unwrap()
+        .unwrap();
+    let named = crate::gc::access::parse(std::str::from_utf8(&text).unwrap()).unwrap();
+    assert!(named.contains(&crate::gc::access::Entry::Path(info.hash())));
+    assert!(named.contains(&crate::gc::access::Entry::Nar(file.as_str().into())));
+
+    up.put_narinfo(info.hash(), info.render("/nix/store").as_bytes(), None)
+        .await
+        .unwrap();
+    assert!(mem
+        .head(&object_key::narinfo(info.hash()))
+        .await
+        .unwrap()
+        .is_some());
+    assert_eq!(records(&mem), after_nar, "no second record");
+}
+
+/// Without the probe (or once the record is older than the cover), the narinfo writes its own
+/// record, as always.
+#[tokio::test(start_paused = true)]
+async fn a_narinfo_not_covered_by_a_recent_record_writes_its_own() {
+    let (mem, up, access) = uploader_covering();
+    let nar = nar();
+    let info = narinfo_for(&nar, nar.len());
+    let file = info.nar_file().unwrap();
+    up.put_nar(&file, body(nar.clone())).await.unwrap();
+    up.put_narinfo(info.hash(), info.render("/nix/store").as_bytes(), None)
+        .await
+        .unwrap();
+    assert_eq!(records(&mem).len(), 2, "the path was never probed");
+
+    let (mem, up, access2) = uploader_covering();
+    drop(access);
+    access2.record_probe(info.hash());
+    up.put_nar(&file, body(nar.clone())).await.unwrap();
+    tokio::time::advance(crate::gc::access::UPLOAD_COVER).await;
+    up.put_narinfo(info.hash(), info.render("/nix/store").as_bytes(), None)
+        .await
+        .unwrap();
+    assert_eq!(
+        records(&mem).len(),
+        2,
+        "the NAR's record is too old to count"
+    );
+}
+
+/// A covered narinfo skips only its record: the announcements are still read.
+#[tokio::test]
+async fn a_covered_narinfo_whose_nar_is_being_collected_is_refused() {
+    let (mem, up, access) = uploader_covering();
+    let nar = nar();
+    let info = narinfo_for(&nar, nar.len());
+    let file = info.nar_file().unwrap();
+    access.record_probe(info.hash());
+    up.put_nar(&file, body(nar.clone())).await.unwrap();
+    crate::gc::deleting::announce(mem.as_ref(), "run", [file.as_str()])
+        .await
+        .unwrap();
+    let e = up
+        .put_narinfo(info.hash(), info.render("/nix/store").as_bytes(), None)
+        .await
+        .unwrap_err();
+    assert!(e.to_string().contains("being deleted"), "{e}");
+    assert!(mem
+        .head(&object_key::narinfo(info.hash()))
+        .await
+        .unwrap()
+        .is_none());
+}
