@@ -150,6 +150,8 @@ pub struct AccessLog {
     writing: tokio::sync::Mutex<()>,
     /// Paths the upload address was asked about, for the next upload record.
     probed: Mutex<HashSet<StorePathHash>>,
+    /// When the upload address was last asked about a path.
+    last_probe: Mutex<Option<Instant>>,
     /// What upload records named, with when their write started.
     covered: Mutex<HashMap<Entry, Instant>>,
     /// How long an upload record stands in for the records of later uploads; zero: never.
@@ -167,6 +169,7 @@ impl AccessLog {
             full: tokio::sync::Notify::new(),
             writing: tokio::sync::Mutex::new(()),
             probed: Mutex::new(HashSet::new()),
+            last_probe: Mutex::new(None),
             covered: Mutex::new(HashMap::new()),
             cover_for: Duration::ZERO,
         }
@@ -183,6 +186,7 @@ impl AccessLog {
     /// The upload address was asked for the narinfo of `h`: a builder is about to upload
     /// its closure, and `h` is part of it. Named in the next upload record.
     pub fn record_probe(&self, h: StorePathHash) {
+        *lock(&self.last_probe) = Some(Instant::now());
         let mut set = lock(&self.probed);
         if set.len() < self.max_entries {
             set.insert(h);
@@ -192,8 +196,11 @@ impl AccessLog {
     /// A NAR is being uploaded (`nar_files`: the name uploaded and the name stored, if
     /// recompressed): writes a record of it and of the paths probed since the last upload
     /// record, so that the narinfo that follows needs no record of its own ([`Self::covers`]).
+    /// Only while a builder is at work (a probe within the cover): without probes the
+    /// narinfo is never covered (an import, a mirror), and the record would be one write more.
     pub async fn record_nar_upload(&self, nar_files: &[&str]) -> Result<(), StoreError> {
-        if self.cover_for.is_zero() {
+        let probing = lock(&self.last_probe).is_some_and(|t| t.elapsed() < self.cover_for);
+        if !probing {
             return Ok(());
         }
         let entries = nar_files.iter().map(|f| Entry::Nar((*f).into())).collect();

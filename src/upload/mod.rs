@@ -200,25 +200,9 @@ impl Uploader {
             Some((stored, target)) => (stored, Some(target)),
             None => (name.clone(), None),
         };
-        // The record that lets the narinfo following this NAR skip its own is written while
-        // the NAR is stored, so it costs no round trip of its own. If it fails, that narinfo
-        // writes its record itself.
-        let record = async {
-            if let Some(a) = &self.access {
-                let mut files = vec![name.as_str()];
-                if target.is_some() {
-                    files.push(stored.as_str());
-                }
-                if let Err(e) = a.record_nar_upload(&files).await {
-                    tracing::warn!(nar = %name, cause = %e, "writing an upload record failed");
-                }
-            }
-        };
-        let (d, ()) = futures::join!(
-            self.store_nar(name, body, incoming, &stored, target),
-            record
-        );
-        let d = d?;
+        let d = self
+            .store_nar(name, body, incoming, &stored, target)
+            .await?;
         self.remember(
             object_key::nar(name),
             VerifiedNar {
@@ -264,7 +248,23 @@ impl Uploader {
                 d.input.hash.to_nix32()
             )));
         }
-        w.commit().await?;
+        // The record that lets the narinfo following this NAR skip its own is written while
+        // the NAR is committed, so it costs no round trip of its own, and only once the NAR
+        // is complete and checked, so an aborted upload leaves no record. If it fails, that
+        // narinfo writes its record itself.
+        let record = async {
+            if let Some(a) = &self.access {
+                let mut files = vec![name.as_str()];
+                if target.is_some() {
+                    files.push(stored.as_str());
+                }
+                if let Err(e) = a.record_nar_upload(&files).await {
+                    tracing::warn!(nar = %name, cause = %e, "writing an upload record failed");
+                }
+            }
+        };
+        let (committed, ()) = futures::join!(w.commit(), record);
+        committed?;
         Ok(d)
     }
 

@@ -599,7 +599,11 @@ async fn a_narinfo_not_covered_by_a_recent_record_writes_its_own() {
     up.put_narinfo(info.hash(), info.render("/nix/store").as_bytes(), None)
         .await
         .unwrap();
-    assert_eq!(records(&mem).len(), 2, "the path was never probed");
+    assert_eq!(
+        records(&mem).len(),
+        1,
+        "nothing was probed: no NAR record, the narinfo's own"
+    );
 
     let (mem, up, access2) = uploader_covering();
     drop(access);
@@ -638,4 +642,23 @@ async fn a_covered_narinfo_whose_nar_is_being_collected_is_refused() {
         .await
         .unwrap()
         .is_none());
+}
+
+/// The NAR's record is written only once the NAR is complete and checked: a refused NAR
+/// leaves nothing behind, record included.
+#[tokio::test]
+async fn a_refused_nar_leaves_no_record() {
+    let (mem, up, access) = uploader_covering();
+    let nar = nar();
+    let info = narinfo_for(&nar, nar.len());
+    let file = info.nar_file().unwrap();
+    access.record_probe(info.hash());
+    let mut other = nar.to_vec();
+    other.push(0);
+    up.put_nar(&file, body(Bytes::from(other)))
+        .await
+        .unwrap_err();
+    assert!(mem.keys().is_empty(), "{:?}", mem.keys());
+    up.put_nar(&file, body(nar)).await.unwrap();
+    assert_eq!(records(&mem).len(), 1);
 }
