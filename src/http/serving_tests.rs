@@ -333,3 +333,50 @@ async fn the_upload_address_reads_every_kind_of_object_from_the_store() {
         );
     }
 }
+
+/// `nix copy --to`'s probes of the upload address are named by the record its first NAR
+/// writes, so the narinfo that follows is accepted without a record of its own.
+#[tokio::test]
+async fn upload_probes_are_named_by_the_next_nar_record() {
+    let (file, nar) = nar_of(600);
+    let hash = "6bxnj2gfflqa529lddzh3zhcn45nn86r";
+    let narinfo = format!(
+        "StorePath: /nix/store/{hash}-probed\nURL: nar/{file}\nCompression: none\n\
+         NarHash: {}\nNarSize: {}\nReferences: \n",
+        Sha256::digest(&nar),
+        nar.len()
+    );
+    let mem = Arc::new(MemoryStore::new());
+    let cfg = with_tokens(Config::default(), &[("w", "wtok", Scope::Write)]);
+    let st = state(cfg, &mem);
+    let records = || -> Vec<String> {
+        mem.keys()
+            .into_iter()
+            .filter(|k| k.starts_with("_cellar/access/"))
+            .collect()
+    };
+    let probe = authed("HEAD", &format!("/upload/{hash}.narinfo"), "wtok")
+        .body(Body::empty())
+        .unwrap();
+    assert_eq!(send(&st, probe).await.status(), StatusCode::NOT_FOUND);
+    assert!(records().is_empty(), "a probe alone writes nothing");
+    let put = authed("PUT", &format!("/upload/nar/{file}"), "wtok")
+        .header("content-length", nar.len())
+        .body(Body::from(nar.clone()))
+        .unwrap();
+    assert_eq!(send(&st, put).await.status(), StatusCode::CREATED);
+    let after_nar = records();
+    assert_eq!(after_nar.len(), 1, "{after_nar:?}");
+    let record = mem
+        .get_bytes(&after_nar[0], 1 << 20)
+        .await
+        .unwrap()
+        .unwrap();
+    let record = String::from_utf8(record.to_vec()).unwrap();
+    assert!(record.lines().any(|l| l == hash), "{record}");
+    let put = authed("PUT", &format!("/upload/{hash}.narinfo"), "wtok")
+        .body(Body::from(narinfo))
+        .unwrap();
+    assert_eq!(send(&st, put).await.status(), StatusCode::CREATED);
+    assert_eq!(records(), after_nar, "the narinfo was covered");
+}
