@@ -5,7 +5,10 @@
 //! its NAR's size (`FileSize:`), recorded here as a hint ([`NarMemory::hint`]). A NAR with a
 //! small hint is loaded whole, once for all concurrent requests (a client's and a prefetch's
 //! alike), and kept; anything else takes the streaming path (the disk cache or the store).
-//! NARs are immutable, so entries need no TTL: the least recently used go first.
+//! NARs are immutable, so entries need no TTL: the least recently used go first, to the NAR
+//! disk cache if there is one ([`Spill`]): small NARs are written to disk only when memory
+//! lets them go, not every one as it is loaded (a file and its `.meta` per NAR of a few KiB
+//! cost more than fetching it).
 
 use std::future::Future;
 use std::sync::Arc;
@@ -29,6 +32,9 @@ pub enum Unloaded {
     Failed(Error),
 }
 
+/// Where NARs that memory lets go for room are handed (the NAR disk cache).
+pub type Spill = Arc<dyn Fn(&str, Bytes) + Send + Sync>;
+
 pub struct NarMemory {
     /// `None` when disabled (`cache.nar_memory_bytes = 0`).
     cache: Option<Cache<Arc<str>, Bytes>>,
@@ -37,19 +43,37 @@ pub struct NarMemory {
 }
 
 impl NarMemory {
-    pub fn new(max_bytes: u64, max_object: u64) -> Self {
+    /// `spill` gets every NAR let go for room (not those replaced or invalidated).
+    pub fn new(max_bytes: u64, max_object: u64, spill: Option<Spill>) -> Self {
         let cache = (max_bytes > 0 && max_object > 0).then(|| {
-            Cache::builder()
-                .max_capacity(max_bytes)
-                .weigher(|k: &Arc<str>, v: &Bytes| -> u32 {
+            let builder = Cache::builder().max_capacity(max_bytes).weigher(
+                |k: &Arc<str>, v: &Bytes| -> u32 {
                     u32::try_from(k.len() + v.len() + 64).unwrap_or(u32::MAX)
-                })
-                .build()
+                },
+            );
+            match spill {
+                Some(spill) => builder
+                    .eviction_listener(move |k: Arc<Arc<str>>, v: Bytes, cause| {
+                        if cause == moka::notification::RemovalCause::Size {
+                            spill(&k, v);
+                        }
+                    })
+                    .build(),
+                None => builder.build(),
+            }
         });
         Self {
             cache,
             max_object,
             hints: Cache::new(MAX_HINTS),
+        }
+    }
+
+    /// Runs the cache's pending evictions (and so its spills) now.
+    #[cfg(test)]
+    pub async fn settle(&self) {
+        if let Some(c) = &self.cache {
+            c.run_pending_tasks().await;
         }
     }
 
@@ -162,7 +186,7 @@ mod tests {
         mem.insert("nar/small.nar", vec![1u8; 100]);
         mem.insert("nar/large.nar", vec![2u8; 5000]);
         let store: Arc<dyn Store> = mem.clone();
-        let m = NarMemory::new(1 << 20, 1000);
+        let m = NarMemory::new(1 << 20, 1000, None);
         m.hint("small.nar", Some(100)).await;
         m.hint("large.nar", Some(5000)).await;
         m.hint("lying.nar", Some(10)).await;
@@ -205,7 +229,7 @@ mod tests {
 
     #[tokio::test]
     async fn an_object_in_several_chunks_is_read_whole_and_no_further() {
-        let m = NarMemory::new(1 << 20, 1000);
+        let m = NarMemory::new(1 << 20, 1000, None);
         let chunked = |chunks: Vec<&'static [u8]>, length: u64| async move {
             let body = futures::stream::iter(chunks.into_iter().map(|c| Ok(Bytes::from(c))));
             Ok::<_, Error>(Some(Object {
@@ -228,9 +252,46 @@ mod tests {
 
     #[tokio::test]
     async fn disabled_keeps_nothing() {
-        let m = NarMemory::new(0, 1000);
+        let m = NarMemory::new(0, 1000, None);
         m.hint("small.nar", Some(100)).await;
         assert!(!m.is_small("small.nar").await);
         assert!(!m.enabled());
+    }
+
+    /// What memory lets go for room goes to the spill (the disk cache), with its bytes.
+    #[tokio::test]
+    async fn nars_let_go_for_room_are_spilled() {
+        let spilled = Arc::new(std::sync::Mutex::new(Vec::new()));
+        let to = spilled.clone();
+        let spill: Spill = Arc::new(move |name: &str, b: Bytes| {
+            to.lock().unwrap().push((name.to_owned(), b.len()));
+        });
+        // Room for about two NARs of 1000 bytes.
+        let m = NarMemory::new(2500, 1000, Some(spill));
+        for i in 0..6 {
+            let name = format!("n{i}.nar");
+            let obj = async {
+                Ok::<_, Error>(Some(Object::from_bytes(
+                    Bytes::from(vec![i as u8; 1000]),
+                    None,
+                )?))
+            };
+            m.load(&name, &name, obj).await.unwrap();
+        }
+        if let Some(c) = &m.cache {
+            c.run_pending_tasks().await;
+        }
+        let spilled = spilled.lock().unwrap().clone();
+        assert!(spilled.len() >= 3, "{spilled:?}");
+        assert!(spilled.iter().all(|(_, len)| *len == 1000), "{spilled:?}");
+        let held = (0..6)
+            .filter(|i| {
+                m.cache
+                    .as_ref()
+                    .unwrap()
+                    .contains_key(format!("n{i}.nar").as_str())
+            })
+            .count();
+        assert_eq!(held + spilled.len(), 6, "each NAR is held or spilled");
     }
 }

@@ -79,8 +79,9 @@ async fn fetch(st: &AppState, f: &NarFileName, headers: &HeaderMap) -> Result<Re
     object::get(&*reads, &key, Kind::Nar, headers).await
 }
 
-/// The whole NAR, through the disk cache when there is one (so it fills the disk too), for
-/// the memory cache.
+/// The whole NAR for the memory cache: from the disk cache if it holds it (a NAR memory let go
+/// before), else from the store. Not written to disk now: memory hands it to the disk cache
+/// when it lets it go ([`crate::cache::nar_memory::Spill`]).
 pub(super) async fn open_whole(
     st: &AppState,
     f: &NarFileName,
@@ -88,10 +89,8 @@ pub(super) async fn open_whole(
     reads: &Arc<dyn Store>,
 ) -> Result<Option<Object>, Error> {
     if let Some(cache) = &st.nars {
-        match cache.get(f, key, None, reads).await? {
-            NarCacheAnswer::Object(obj) => return Ok(Some(obj)),
-            NarCacheAnswer::NotFound => return Ok(None),
-            NarCacheAnswer::Bypass => {}
+        if let Some(obj) = cache.held(f).await? {
+            return Ok(Some(obj));
         }
     }
     Ok(reads.get(key, None).await?)

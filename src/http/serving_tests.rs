@@ -380,3 +380,47 @@ async fn upload_probes_are_named_by_the_next_nar_record() {
     assert_eq!(send(&st, put).await.status(), StatusCode::CREATED);
     assert_eq!(records(), after_nar, "the narinfo was covered");
 }
+
+/// Small NARs live in memory and reach the disk cache only when memory lets them go for room;
+/// one let go is then read back from disk, not from the store.
+#[tokio::test]
+async fn small_nars_reach_the_disk_only_when_memory_lets_them_go() {
+    let dir = tempfile::tempdir().unwrap();
+    let mem = Arc::new(MemoryStore::new());
+    let mut cfg = Config::default();
+    cfg.cache.nar_dir = Some(dir.path().join("nars"));
+    // Room for about two of the NARs below.
+    cfg.cache.nar_memory_bytes = 2500;
+    cfg.cache.nar_memory_max_object = 1000;
+    let st = state(cfg, &mem);
+    let names: Vec<String> = (0..6)
+        .map(|i| {
+            let (file, nar) = nar_of(900 + i);
+            mem.insert(&format!("nar/{file}"), nar);
+            file
+        })
+        .collect();
+    for n in &names {
+        st.nar_memory.hint(n, Some(1000)).await;
+        let (status, _) = get(&st, &format!("/nar/{n}")).await;
+        assert_eq!(status, StatusCode::OK);
+    }
+    assert_eq!(mem.gets_under("nar/"), 6);
+    st.nar_memory.settle().await;
+    let held = {
+        let mut held = 0;
+        for n in &names {
+            held += usize::from(st.nar_memory.contains(n).await);
+        }
+        held
+    };
+    assert!(held < 6, "memory let some go");
+    let disk = st.nars.clone().unwrap();
+    disk.wait_until(|d| d.usage().0 == 6 - held).await;
+    for n in &names {
+        let (status, body) = get(&st, &format!("/nar/{n}")).await;
+        assert_eq!(status, StatusCode::OK);
+        assert!(body.len() >= 900);
+    }
+    assert_eq!(mem.gets_under("nar/"), 6, "every NAR from memory or disk");
+}

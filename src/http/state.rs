@@ -25,7 +25,7 @@ use super::prefetch::Prefetch;
 use crate::auth::Tokens;
 use crate::cache::missing_nars::MissingNars;
 use crate::cache::nar::NarCache;
-use crate::cache::nar_memory::NarMemory;
+use crate::cache::nar_memory::{NarMemory, Spill};
 use crate::cache::narinfo::NarInfoCache;
 use crate::config::Config;
 use crate::gc::access::AccessLog;
@@ -142,7 +142,10 @@ impl AppState {
                 .with_access(access.clone()),
         );
         let missing_nars = MissingNars::new(c.narinfo_ttl);
-        let nar_memory = NarMemory::new(c.nar_memory_bytes, c.nar_memory_max_object);
+        let spill = nars.clone().map(|disk| -> Spill {
+            Arc::new(move |name: &str, data: Bytes| disk.spill(name, data))
+        });
+        let nar_memory = NarMemory::new(c.nar_memory_bytes, c.nar_memory_max_object, spill);
         let prefetch = Prefetch::new(c.prefetch_concurrency);
         let live = Live::build(config.clone(), signing_keys, &store, &uploader)?;
         Ok(Self(Arc::new(App {

@@ -250,7 +250,7 @@ impl NarCache {
     }
 
     /// Writes a small NAR's file and indexes it (best effort: a failure only means no caching).
-    fn store_small(&self, name: &str, data: &[u8]) {
+    pub(super) fn store_small(&self, name: &str, data: &[u8]) {
         let size = data.len() as u64;
         let admitted = self.index().admits(size);
         if !admitted || self.disk_full(size) {

@@ -83,6 +83,11 @@ impl Index {
         Some((e.size, e.verified))
     }
 
+    /// Whether `name` is held (checked or not), without marking it used.
+    pub(super) fn contains(&self, name: &str) -> bool {
+        self.entries.contains_key(name)
+    }
+
     /// The size of `name` if it is held and its file checked, without marking it used.
     pub(super) fn verified_size(&self, name: &str) -> Option<u64> {
         let e = self.entries.get(name)?;

@@ -37,6 +37,7 @@ use std::sync::atomic::AtomicU64;
 use std::sync::{Arc, Mutex, MutexGuard};
 use std::time::Duration;
 
+use bytes::Bytes;
 use tokio::sync::OnceCell;
 
 use crate::backoff::Backoff;
@@ -160,6 +161,60 @@ impl NarCache {
         tracing::debug!(nar = %n, "NAR cache: miss");
         cache_lookup("nar_disk", "miss");
         self.through_fill(n, key, store).await
+    }
+
+    /// `name` from disk if a checked copy is there; never fetched from the store (for the
+    /// small NARs the memory cache loads, which reach the disk only when memory lets them go:
+    /// [`Self::spill`]).
+    pub async fn held(self: &Arc<Self>, name: &NarFileName) -> Result<Option<Object>, StoreError> {
+        let n = name.as_str();
+        let state = self.index().touch(n);
+        let answer = match state {
+            Some((size, Verified::Yes)) => self.read_file(n, size, None).await?,
+            Some((_, Verified::No)) => {
+                self.spawn_verify(n.to_owned());
+                NarCacheAnswer::Bypass
+            }
+            Some((_, Verified::InProgress)) | None => NarCacheAnswer::Bypass,
+        };
+        let (result, obj) = match answer {
+            NarCacheAnswer::Object(obj) => ("hit", Some(obj)),
+            _ => ("miss", None),
+        };
+        crate::metrics::cache_lookup("nar_disk", result);
+        Ok(obj)
+    }
+
+    /// Writes a small NAR the memory cache let go (in the background; best effort: a failure
+    /// only means it is fetched from the store next time).
+    pub fn spill(self: &Arc<Self>, name: &str, data: Bytes) {
+        if self.index().contains(name) {
+            return;
+        }
+        let Ok(rt) = tokio::runtime::Handle::try_current() else {
+            return;
+        };
+        let (this, name) = (self.clone(), name.to_owned());
+        rt.spawn_blocking(move || this.store_small(&name, &data));
+    }
+
+    /// Waits until `done` holds, looking again after each change made in the background.
+    #[cfg(test)]
+    pub async fn wait_until(&self, done: impl Fn(&Self) -> bool) {
+        let waiting = async {
+            loop {
+                let changed = self.changed.notified();
+                tokio::pin!(changed);
+                changed.as_mut().enable();
+                if done(self) {
+                    return;
+                }
+                changed.await;
+            }
+        };
+        tokio::time::timeout(Duration::from_secs(60), waiting)
+            .await
+            .expect("the NAR cache never got there");
     }
 
     /// Serves a hit from its file, if the file is still what the index says.
