@@ -4,7 +4,9 @@
 //! into a temporary file. Every client asking for that NAR meanwhile (the first included) is
 //! served by tailing the growing file, so N concurrent misses cost one store GET and nobody
 //! waits for the whole NAR. Small NARs (most of them) are read whole instead and served from
-//! memory while their file is written. A file gets its final name only once complete, with its
+//! memory while their file is written. With the small-NAR memory cache on, small NARs reach
+//! this cache only when memory lets them go ([`NarCache::spill`]), and are read back with
+//! [`NarCache::held`]. A file gets its final name only once complete, with its
 //! size checked and its sha256 recorded in a `.meta` file beside it.
 //!
 //! After a restart the index is rebuilt from the directory; files whose size does not match
