@@ -4,7 +4,9 @@
 //! meanwhile waits on the same cell, so N concurrent misses cost one store GET. Once the
 //! store's answer is in, the cell says how to serve it:
 //! - a large NAR is streamed into a temporary file by a background task, and each reader tails
-//!   that file as it grows ([`tail`]), so nobody waits for the whole NAR;
+//!   that file as it grows ([`tail`]), so nobody waits for the whole NAR; the last few chunks
+//!   written stay in memory too, so a reader keeping up with the fill (the usual case: the one
+//!   client that missed) is handed them as they are, without reading the file back;
 //! - a small one is read whole and served from memory while its file is written in the
 //!   background (tailing a file costs small NARs more than it saves);
 //! - one the cache cannot take (too large for the budget, disk full) is handed to the first
@@ -13,6 +15,7 @@
 //! A reader of a fill that fails gets a stream error, so its client sees a failed transfer,
 //! never a short body.
 
+use std::collections::VecDeque;
 use std::fmt;
 use std::io;
 use std::os::unix::fs::FileExt as _;
@@ -36,6 +39,8 @@ const SMALL: u64 = 1 << 20;
 /// A fill writes once it has this much, or after `BATCH_WAIT` without more from the store.
 const BATCH: usize = 256 << 10;
 const BATCH_WAIT: Duration = Duration::from_millis(3);
+/// The last bytes a fill wrote that its readers get from memory, not from the file.
+const RECENT: usize = 4 << 20;
 
 /// How a fill's store answer is served; what its cell holds once set.
 pub(super) enum Started {
@@ -67,6 +72,36 @@ pub(super) struct FillHandle {
     file: Arc<std::fs::File>,
     size: u64,
     progress: watch::Receiver<Progress>,
+    /// The last chunks written (at most [`RECENT`] bytes), by offset.
+    recent: Mutex<VecDeque<(u64, Bytes)>>,
+    /// Reads that went to the file (for tests: who was served from memory).
+    #[cfg(test)]
+    file_reads: std::sync::atomic::AtomicUsize,
+}
+
+impl FillHandle {
+    /// Keeps `data`, written at `offset`, for readers at the head of the fill.
+    fn written(&self, offset: u64, data: Bytes) {
+        let mut recent = lock(&self.recent);
+        recent.push_back((offset, data));
+        let mut held: usize = recent.iter().map(|(_, b)| b.len()).sum();
+        while held > RECENT && recent.len() > 1 {
+            if let Some((_, b)) = recent.pop_front() {
+                held -= b.len();
+            }
+        }
+    }
+
+    /// The bytes from `pos` up to `end` (exclusive) that are still in memory, if `pos` is.
+    fn recent_at(&self, pos: u64, end: u64) -> Option<Bytes> {
+        let recent = lock(&self.recent);
+        let (start, b) = recent
+            .iter()
+            .find(|(start, b)| *start <= pos && pos < start + b.len() as u64)?;
+        let from = (pos - start) as usize;
+        let to = (end - start).min(b.len() as u64) as usize;
+        Some(b.slice(from..to))
+    }
 }
 
 /// Why a fill stopped before its file was complete.
@@ -156,6 +191,16 @@ impl NarCache {
         answer
     }
 
+    /// Reads from the file so far by the readers of the running fill of `name`.
+    #[cfg(test)]
+    pub(super) fn fill_file_reads(&self, name: &str) -> Option<usize> {
+        let cell = lock(&self.fills).get(name)?.clone();
+        match cell.get()? {
+            Started::Filling(h) => Some(h.file_reads.load(Ordering::SeqCst)),
+            _ => None,
+        }
+    }
+
     fn forget_cell(&self, name: &str, cell: &Arc<OnceCell<Started>>) {
         let mut fills = lock(&self.fills);
         if fills.get(name).is_some_and(|c| Arc::ptr_eq(c, cell)) {
@@ -198,12 +243,16 @@ impl NarCache {
             file: Arc::new(reader),
             size: obj.length,
             progress: rx,
+            recent: Mutex::new(VecDeque::new()),
+            #[cfg(test)]
+            file_reads: std::sync::atomic::AtomicUsize::new(0),
         });
         let this = self.clone();
         let size = obj.length;
         self.reserved.fetch_add(size, Ordering::Relaxed);
+        let head = handle.clone();
         tokio::spawn(async move {
-            let result = this.run_fill(&name, tmp, writer, obj, &tx).await;
+            let result = this.run_fill(&name, tmp, writer, obj, &tx, &head).await;
             this.reserved.fetch_sub(size, Ordering::Relaxed);
             match &result {
                 Ok(()) => {}
@@ -271,6 +320,7 @@ impl NarCache {
         file: std::fs::File,
         obj: Object,
         tx: &watch::Sender<Progress>,
+        head: &FillHandle,
     ) -> Result<(), FillError> {
         let mut file = tokio::fs::File::from_std(file);
         let mut hasher = sha2::Sha256::new();
@@ -295,7 +345,7 @@ impl NarCache {
                 }
                 None => {
                     if !buf.is_empty() {
-                        written += write_out(&tmp, &mut file, &mut buf).await?;
+                        written += write_out(&tmp, &mut file, &mut buf, written, head).await?;
                         let _ = tx.send(Progress::Written(written));
                     }
                     tokio::time::timeout(self.idle_timeout, body.next())
@@ -309,7 +359,7 @@ impl NarCache {
                     hasher.update(&chunk);
                     buf.extend_from_slice(&chunk);
                     if buf.len() >= READ_CHUNK as usize {
-                        written += write_out(&tmp, &mut file, &mut buf).await?;
+                        written += write_out(&tmp, &mut file, &mut buf, written, head).await?;
                         let _ = tx.send(Progress::Written(written));
                     }
                 }
@@ -318,7 +368,7 @@ impl NarCache {
             }
         }
         // Readers are told about the last bytes only with `Done`, after the checks below.
-        written += write_out(&tmp, &mut file, &mut buf).await?;
+        written += write_out(&tmp, &mut file, &mut buf, written, head).await?;
         if written != obj.length {
             return Err(FillError::Short {
                 written,
@@ -332,11 +382,14 @@ impl NarCache {
     }
 }
 
-/// Writes `buf` to the fill's file and waits until it is there (readers use `pread`).
+/// Writes `buf` to the fill's file at `offset` and waits until it is there (readers use
+/// `pread`), keeping it in memory for the readers at the head too.
 async fn write_out(
     tmp: &TempFile,
     file: &mut tokio::fs::File,
     buf: &mut bytes::BytesMut,
+    offset: u64,
+    head: &FillHandle,
 ) -> Result<u64, WriteError> {
     use tokio::io::AsyncWriteExt as _;
     let data = buf.split().freeze();
@@ -345,7 +398,11 @@ async fn write_out(
         Err(e) => Err(e),
     };
     res.map_err(|e| WriteError::io("writing", tmp.path(), e))?;
-    Ok(data.len() as u64)
+    let len = data.len() as u64;
+    if len > 0 {
+        head.written(offset, data);
+    }
+    Ok(len)
 }
 
 /// Removes a fill's cell if the request that created it is dropped before the fill started.
@@ -383,6 +440,12 @@ fn tail(h: Arc<FillHandle>) -> ByteStream {
                 }
             };
             if pos < avail {
+                if let Some(b) = h.recent_at(pos, avail) {
+                    let next = pos + b.len() as u64;
+                    return Some((Ok(b), (h, rx, next)));
+                }
+                #[cfg(test)]
+                h.file_reads.fetch_add(1, Ordering::SeqCst);
                 let len = (avail - pos).min(READ_CHUNK) as usize;
                 let file = h.file.clone();
                 let read = tokio::task::spawn_blocking(move || {

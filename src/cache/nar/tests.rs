@@ -594,3 +594,56 @@ async fn concat_or_error(s: ByteStream) -> std::io::Result<Vec<u8>> {
     })
     .await
 }
+
+/// A reader keeping up with a fill is handed the chunks just written from memory; one that
+/// joins late, past what memory keeps, reads the file. Both get the whole NAR.
+#[tokio::test]
+async fn a_reader_keeping_up_with_a_fill_is_served_from_memory() {
+    let dir = tempfile::tempdir().unwrap();
+    let cache = NarCache::open(dir.path(), 1 << 30, Duration::from_secs(30)).unwrap();
+    let chunk = 1usize << 20;
+    let length = 12 * chunk as u64;
+    let (fed, tx) = Fed::new(length);
+    let store: Arc<dyn Store> = fed;
+    let part = |i: usize| Bytes::from(vec![i as u8; chunk]);
+    tx.unbounded_send(part(0)).unwrap();
+    let NarCacheAnswer::Object(obj) = get_nar(&cache, &store).await.unwrap() else {
+        panic!("a large NAR is served while it fills");
+    };
+    let mut head = obj.body;
+    let mut got = Vec::new();
+    for i in 1..11 {
+        while got.len() < i * chunk {
+            got.extend_from_slice(&head.try_next().await.unwrap().unwrap());
+        }
+        tx.unbounded_send(part(i)).unwrap();
+    }
+    assert_eq!(
+        cache.fill_file_reads(NAME),
+        Some(0),
+        "the head reader read the file"
+    );
+    let NarCacheAnswer::Object(late) = get_nar(&cache, &store).await.unwrap() else {
+        panic!("a second reader joins the fill");
+    };
+    let mut late = late.body;
+    let first = late.try_next().await.unwrap().unwrap();
+    assert_eq!(first[0], 0);
+    assert_eq!(
+        cache.fill_file_reads(NAME),
+        Some(1),
+        "the late reader reads the file"
+    );
+    tx.unbounded_send(part(11)).unwrap();
+    drop(tx);
+    while let Some(b) = head.try_next().await.unwrap() {
+        got.extend_from_slice(&b);
+    }
+    let mut late_got = first.to_vec();
+    while let Some(b) = late.try_next().await.unwrap() {
+        late_got.extend_from_slice(&b);
+    }
+    let want: Vec<u8> = (0..12).flat_map(|i| vec![i as u8; chunk]).collect();
+    assert!(got == want, "the head reader's copy differs");
+    assert!(late_got == want, "the late reader's copy differs");
+}
