@@ -40,7 +40,9 @@ const SMALL: u64 = 1 << 20;
 const BATCH: usize = 256 << 10;
 const BATCH_WAIT: Duration = Duration::from_millis(3);
 /// The last bytes a fill wrote that its readers get from memory, not from the file.
-const RECENT: usize = 4 << 20;
+const RECENT: usize = 2 << 20;
+/// Blocks read from the store and waiting to be written to the file, at most.
+const WRITES_AHEAD: usize = 2;
 
 /// How a fill's store answer is served; what its cell holds once set.
 pub(super) enum Started {
@@ -84,11 +86,12 @@ impl FillHandle {
     fn written(&self, offset: u64, data: Bytes) {
         let mut recent = lock(&self.recent);
         recent.push_back((offset, data));
-        let mut held: usize = recent.iter().map(|(_, b)| b.len()).sum();
-        while held > RECENT && recent.len() > 1 {
-            if let Some((_, b)) = recent.pop_front() {
-                held -= b.len();
+        // Offsets grow: the bytes held are from the first chunk's offset to the end.
+        while let (Some((first, _)), Some((last, b))) = (recent.front(), recent.back()) {
+            if last + b.len() as u64 - first <= RECENT as u64 || recent.len() == 1 {
+                break;
             }
+            recent.pop_front();
         }
     }
 
@@ -322,53 +325,94 @@ impl NarCache {
         tx: &watch::Sender<Progress>,
         head: &FillHandle,
     ) -> Result<(), FillError> {
-        let mut file = tokio::fs::File::from_std(file);
-        let mut hasher = sha2::Sha256::new();
-        let mut written = 0u64;
-        let mut body = obj.body;
-        let mut buf = bytes::BytesMut::new();
-        let mut waited = false;
-        loop {
-            // Take what the store has ready; write it out (and tell readers) before waiting
-            // for more, or once 1 MiB has piled up. Readers see only flushed bytes: tokio's
-            // File completes `write_all` before the data is in the file, `flush` after.
-            let next = match body.next().now_or_never() {
-                Some(item) => item,
-                // Nothing ready, but little buffered: give the store a moment to send more, so
-                // the file is written in large blocks rather than one network read at a time.
-                None if !buf.is_empty() && buf.len() < BATCH && !waited => {
-                    waited = true;
-                    match tokio::time::timeout(BATCH_WAIT, body.next()).await {
-                        Ok(item) => item,
-                        Err(_) => continue, // then write what there is
-                    }
+        let file = Arc::new(file);
+        // The store is read while the file is written: a block goes to the writer below once
+        // complete and the next is read meanwhile (at most WRITES_AHEAD blocks wait), so a
+        // fill goes at the pace of the slower of the two, not of both one after the other.
+        // The flag says whether readers may be told about the block once it is written.
+        let (to_disk, blocks) = tokio::sync::mpsc::channel::<(Block, bool)>(WRITES_AHEAD);
+        let write = async {
+            // Owned, so that a failed write drops it and the read stops at its next send.
+            let mut blocks = blocks;
+            let mut written = 0u64;
+            while let Some((data, announce)) = blocks.recv().await {
+                written += write_out(&tmp, &file, data, written, head).await?;
+                if announce {
+                    let _ = tx.send(Progress::Written(written));
                 }
-                None => {
-                    if !buf.is_empty() {
-                        written += write_out(&tmp, &mut file, &mut buf, written, head).await?;
-                        let _ = tx.send(Progress::Written(written));
-                    }
-                    tokio::time::timeout(self.idle_timeout, body.next())
-                        .await
-                        .map_err(|_| FillError::StoreStalled(self.idle_timeout))?
-                }
-            };
-            waited = false;
-            match next {
-                Some(Ok(chunk)) => {
-                    hasher.update(&chunk);
-                    buf.extend_from_slice(&chunk);
-                    if buf.len() >= READ_CHUNK as usize {
-                        written += write_out(&tmp, &mut file, &mut buf, written, head).await?;
-                        let _ = tx.send(Progress::Written(written));
-                    }
-                }
-                Some(Err(e)) => return Err(FillError::StoreFailed(e)),
-                None => break,
             }
-        }
-        // Readers are told about the last bytes only with `Done`, after the checks below.
-        written += write_out(&tmp, &mut file, &mut buf, written, head).await?;
+            Ok::<u64, WriteError>(written)
+        };
+        let read = async {
+            let mut hasher = sha2::Sha256::new();
+            let mut body = obj.body;
+            let mut buf = Block::default();
+            let mut waited = false;
+            loop {
+                // Take what the store has ready; hand it to the writer (which tells readers)
+                // before waiting for more, or once 1 MiB has piled up. Readers see only
+                // flushed bytes: tokio's File completes `write_all` before the data is in the
+                // file, `flush` after.
+                let next = match body.next().now_or_never() {
+                    Some(item) => item,
+                    // Nothing ready, but little buffered: give the store a moment to send more,
+                    // so the file is written in large blocks rather than one network read at a
+                    // time.
+                    None if !buf.is_empty() && buf.len() < BATCH && !waited => {
+                        waited = true;
+                        match tokio::time::timeout(BATCH_WAIT, body.next()).await {
+                            Ok(item) => item,
+                            Err(_) => continue, // then write what there is
+                        }
+                    }
+                    None => {
+                        if !buf.is_empty()
+                            && to_disk
+                                .send((std::mem::take(&mut buf), true))
+                                .await
+                                .is_err()
+                        {
+                            return Ok(None); // the writer failed
+                        }
+                        tokio::time::timeout(self.idle_timeout, body.next())
+                            .await
+                            .map_err(|_| FillError::StoreStalled(self.idle_timeout))?
+                    }
+                };
+                waited = false;
+                match next {
+                    Some(Ok(chunk)) => {
+                        hasher.update(&chunk);
+                        buf.push(chunk);
+                        if buf.len() >= READ_CHUNK as usize
+                            && to_disk
+                                .send((std::mem::take(&mut buf), true))
+                                .await
+                                .is_err()
+                        {
+                            return Ok(None);
+                        }
+                    }
+                    Some(Err(e)) => return Err(FillError::StoreFailed(e)),
+                    None => break,
+                }
+            }
+            // Readers are told about the last bytes only with `Done`, after the checks below.
+            if to_disk.send((buf, false)).await.is_err() {
+                return Ok(None);
+            }
+            drop(to_disk);
+            Ok(Some(hasher))
+        };
+        let (read, write) = futures::join!(read, write);
+        // A write error ends the read too: it comes first.
+        let written = write?;
+        let Some(hasher) = read? else {
+            return Err(FillError::Short {
+                written,
+                expected: obj.length,
+            });
+        };
         if written != obj.length {
             return Err(FillError::Short {
                 written,
@@ -382,25 +426,57 @@ impl NarCache {
     }
 }
 
-/// Writes `buf` to the fill's file at `offset` and waits until it is there (readers use
-/// `pread`), keeping it in memory for the readers at the head too.
+/// Chunks from the store, written to the file together (kept as the store sent them: no copy).
+#[derive(Default)]
+struct Block {
+    chunks: Vec<Bytes>,
+    len: usize,
+}
+
+impl Block {
+    fn push(&mut self, chunk: Bytes) {
+        self.len += chunk.len();
+        self.chunks.push(chunk);
+    }
+
+    fn len(&self) -> usize {
+        self.len
+    }
+
+    fn is_empty(&self) -> bool {
+        self.len == 0
+    }
+}
+
+/// Writes `block` to the fill's file at `offset` and returns once it is there (readers use
+/// `pread`), keeping its chunks in memory for the readers at the head too.
 async fn write_out(
     tmp: &TempFile,
-    file: &mut tokio::fs::File,
-    buf: &mut bytes::BytesMut,
+    file: &Arc<std::fs::File>,
+    block: Block,
     offset: u64,
     head: &FillHandle,
 ) -> Result<u64, WriteError> {
-    use tokio::io::AsyncWriteExt as _;
-    let data = buf.split().freeze();
-    let res = match file.write_all(&data).await {
-        Ok(()) => file.flush().await,
-        Err(e) => Err(e),
-    };
-    res.map_err(|e| WriteError::io("writing", tmp.path(), e))?;
-    let len = data.len() as u64;
-    if len > 0 {
-        head.written(offset, data);
+    use std::io::Write as _;
+    let len = block.len() as u64;
+    let f = file.clone();
+    let chunks = tokio::task::spawn_blocking(move || {
+        let mut w: &std::fs::File = &f;
+        for c in &block.chunks {
+            w.write_all(c)?;
+        }
+        Ok::<_, io::Error>(block.chunks)
+    })
+    .await
+    .unwrap_or_else(|e| Err(io::Error::other(e)))
+    .map_err(|e| WriteError::io("writing", tmp.path(), e))?;
+    let mut at = offset;
+    for c in chunks {
+        let n = c.len() as u64;
+        if n > 0 {
+            head.written(at, c);
+        }
+        at += n;
     }
     Ok(len)
 }
