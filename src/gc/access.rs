@@ -228,6 +228,12 @@ impl AccessLog {
                 .all(|r| fresh(&Entry::Path(r.hash())))
     }
 
+    /// Entries remembered as covered (for tests: the map stays bounded).
+    #[cfg(test)]
+    fn covered_len(&self) -> usize {
+        lock(&self.covered).len()
+    }
+
     /// Writes `entries` and the paths probed since the last upload record as one record, and
     /// remembers them as covered from the moment the write started.
     async fn write_upload_record(&self, mut entries: Vec<Entry>) -> Result<(), StoreError> {
@@ -536,20 +542,108 @@ mod tests {
                 "_cellar/access/d/p-3-upload".to_owned(),
                 meta(now - UPLOAD_RECORD_LIFETIME - Duration::from_secs(1)),
             ),
+            (
+                "_cellar/access/d/p-4-upload".to_owned(),
+                meta(now - UPLOAD_RECORD_LIFETIME),
+            ),
         ];
+        let edge: StorePathHash = "1b8m03r63zqhnjf7l5wnldhh7c134ap5".parse().unwrap();
         mem.insert(&records[0].0, render([Entry::Path(h)]));
         mem.insert(&records[1].0, render([Entry::Path(old)]));
         mem.insert(&records[2].0, render([Entry::Path(old)]));
+        mem.insert(&records[3].0, render([Entry::Path(edge)]));
         let acc = read_all(&mem, &records, Duration::ZERO, now).await.unwrap();
-        assert_eq!(acc.seen.keys().collect::<Vec<_>>(), vec![&h]);
+        let mut seen: Vec<_> = acc.seen.keys().copied().collect();
+        seen.sort_by_key(|h| h.to_string());
+        let mut want = vec![h, edge];
+        want.sort_by_key(|h| h.to_string());
+        assert_eq!(seen, want, "exactly as old as the lifetime still counts");
         assert_eq!(acc.expired.len(), 2);
         let acc = read_all(&mem, &records, Duration::from_secs(3600), now)
             .await
             .unwrap();
         assert_eq!(
             acc.seen.len(),
-            2,
+            3,
             "within the retention, every kind is read"
+        );
+    }
+
+    fn hashes(n: usize) -> Vec<StorePathHash> {
+        (0..n)
+            .map(|i| {
+                let mut s = format!("{i:0>32}");
+                s = s.replace('0', "a").replace('1', "b").replace('2', "c");
+                s = s.replace('3', "d").replace('4', "f").replace('5', "g");
+                s = s.replace('6', "h").replace('7', "i").replace('8', "j");
+                s.replace('9', "k").parse().unwrap()
+            })
+            .collect()
+    }
+
+    const NAR: &str = "07yp7gw2d9vmfgl2rd063i75qwkfbrgvqngp5yz2pk6iadzlckh7.nar.xz";
+
+    async fn named_in(mem: &crate::store::memory::MemoryStore, key: &str) -> Vec<Entry> {
+        let raw = mem.get_bytes(key, 1 << 20).await.unwrap().unwrap();
+        parse(std::str::from_utf8(&raw).unwrap()).unwrap()
+    }
+
+    /// Probes beyond `gc.access_max_entries` are dropped, not held without bound; probes a
+    /// failed record could not name are named by the next one.
+    #[tokio::test]
+    async fn probes_are_bounded_and_survive_a_failed_write() {
+        let mem = Arc::new(crate::store::memory::MemoryStore::new());
+        let log = AccessLog::new(mem.clone(), 3).covering_uploads_for(UPLOAD_COVER);
+        let hs = hashes(5);
+        for h in &hs {
+            log.record_probe(*h);
+        }
+        mem.set_down(true);
+        log.record_nar_upload(&[NAR]).await.unwrap_err();
+        mem.set_down(false);
+        log.record_nar_upload(&[NAR]).await.unwrap();
+        let keys = mem.keys();
+        assert_eq!(keys.len(), 1, "{keys:?}");
+        let named = named_in(&mem, &keys[0]).await;
+        let paths = named.iter().filter(|e| matches!(e, Entry::Path(_))).count();
+        assert_eq!(paths, 3, "at most access_max_entries probes: {named:?}");
+    }
+
+    /// What records covered is forgotten once older than the cover, so the map stays bounded:
+    /// stale entries are dropped when a record would take it over four times
+    /// `gc.access_max_entries`.
+    #[tokio::test(start_paused = true)]
+    async fn covered_entries_are_pruned_once_stale() {
+        let mem = Arc::new(crate::store::memory::MemoryStore::new());
+        let log = AccessLog::new(mem.clone(), 1000).covering_uploads_for(UPLOAD_COVER);
+        let hs = hashes(3);
+        let names = |prefix: &str, n: usize| -> Vec<String> {
+            (0..n).map(|i| format!("{prefix}{i}.nar")).collect()
+        };
+        let record = |names: Vec<String>| {
+            let log = &log;
+            async move {
+                let refs: Vec<&str> = names.iter().map(String::as_str).collect();
+                log.record_nar_upload(&refs).await.unwrap();
+            }
+        };
+        log.record_probe(hs[0]);
+        record(names("a", 3000)).await;
+        assert_eq!(log.covered_len(), 3001);
+        tokio::time::advance(UPLOAD_COVER).await;
+        log.record_probe(hs[1]);
+        record(names("b", 998)).await;
+        assert_eq!(
+            log.covered_len(),
+            4000,
+            "up to the bound, nothing is dropped"
+        );
+        log.record_probe(hs[2]);
+        record(names("c", 1)).await;
+        assert_eq!(
+            log.covered_len(),
+            1001,
+            "over it, the stale entries are dropped"
         );
     }
 }

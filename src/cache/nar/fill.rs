@@ -473,9 +473,7 @@ async fn write_out(
     let mut at = offset;
     for c in chunks {
         let n = c.len() as u64;
-        if n > 0 {
-            head.written(at, c);
-        }
+        head.written(at, c);
         at += n;
     }
     Ok(len)
@@ -581,5 +579,45 @@ mod tests {
         for (e, message) in cases {
             assert_eq!(e.to_string(), message);
         }
+    }
+
+    /// Readers get from memory what lies within the last [`RECENT`] bytes written, and only
+    /// that; a single chunk larger than that is kept until the next one.
+    #[test]
+    fn the_last_bytes_written_are_kept_and_no_more() {
+        let file = tempfile::tempfile().unwrap();
+        let (_tx, rx) = watch::channel(Progress::Written(0));
+        let h = FillHandle {
+            file: Arc::new(file),
+            size: 16 << 20,
+            progress: rx,
+            recent: Mutex::new(VecDeque::new()),
+            file_reads: std::sync::atomic::AtomicUsize::new(0),
+        };
+        let mib = 1u64 << 20;
+        let chunk = |v: u8| Bytes::from(vec![v; mib as usize]);
+        h.written(0, chunk(0));
+        h.written(mib, chunk(1));
+        assert_eq!(
+            h.recent_at(0, 2 * mib).unwrap().len() as u64,
+            mib,
+            "within RECENT"
+        );
+        h.written(2 * mib, chunk(2));
+        assert!(h.recent_at(0, 3 * mib).is_none(), "beyond RECENT");
+        let part = h.recent_at(mib + 10, 3 * mib).unwrap();
+        assert_eq!((part.len() as u64, part[0]), (mib - 10, 1));
+        assert_eq!(
+            h.recent_at(2 * mib, 2 * mib + 5).unwrap().len(),
+            5,
+            "up to `end`"
+        );
+        assert!(h.recent_at(3 * mib, 4 * mib).is_none(), "not written yet");
+        h.written(3 * mib, Bytes::from(vec![3; 3 * mib as usize]));
+        assert!(
+            h.recent_at(3 * mib, 6 * mib).is_some(),
+            "a large chunk stays alone"
+        );
+        assert!(h.recent_at(2 * mib, 3 * mib).is_none());
     }
 }
