@@ -243,13 +243,7 @@ impl AccessLog {
         let started = Instant::now();
         if let Err(e) = self.write(entries.clone(), UPLOAD_SUFFIX).await {
             // The probes are named by the next upload record instead.
-            let mut set = lock(&self.probed);
-            for h in probed {
-                if set.len() >= self.max_entries {
-                    break;
-                }
-                set.insert(h);
-            }
+            self.put_back(&self.probed, probed);
             return Err(e);
         }
         if !self.cover_for.is_zero() {
@@ -304,16 +298,25 @@ impl AccessLog {
         {
             Ok(()) => Ok(()),
             Err(e) => {
-                // Kept for the next attempt, as far as there is room.
-                let mut set = lock(&self.pending);
-                for t in taken {
-                    if set.len() >= self.max_entries {
-                        break;
-                    }
-                    set.insert(t);
-                }
+                // Kept for the next attempt.
+                self.put_back(&self.pending, taken);
                 Err(e)
             }
+        }
+    }
+
+    /// Returns what a failed write took from `set` to it, as far as there is room.
+    fn put_back(
+        &self,
+        set: &Mutex<HashSet<StorePathHash>>,
+        taken: impl IntoIterator<Item = StorePathHash>,
+    ) {
+        let mut set = lock(set);
+        for h in taken {
+            if set.len() >= self.max_entries {
+                break;
+            }
+            set.insert(h);
         }
     }
 

@@ -546,6 +546,14 @@ fn uploader_covering() -> (
     (mem, up.with_access(access.clone()), access)
 }
 
+/// [`nar`], its narinfo and its file name.
+fn sample() -> (Bytes, NarInfo, crate::nix::NarFileName) {
+    let nar = nar();
+    let info = narinfo_for(&nar, nar.len());
+    let file = info.nar_file().unwrap();
+    (nar, info, file)
+}
+
 fn records(mem: &MemoryStore) -> Vec<String> {
     mem.keys()
         .into_iter()
@@ -559,9 +567,7 @@ fn records(mem: &MemoryStore) -> Vec<String> {
 #[tokio::test]
 async fn a_narinfo_whose_probe_and_nar_were_recorded_writes_no_record_of_its_own() {
     let (mem, up, access) = uploader_covering();
-    let nar = nar();
-    let info = narinfo_for(&nar, nar.len());
-    let file = info.nar_file().unwrap();
+    let (nar, info, file) = sample();
     access.record_probe(info.hash());
     up.put_nar(&file, body(nar.clone())).await.unwrap();
     let after_nar = records(&mem);
@@ -592,9 +598,7 @@ async fn a_narinfo_whose_probe_and_nar_were_recorded_writes_no_record_of_its_own
 #[tokio::test(start_paused = true)]
 async fn a_narinfo_not_covered_by_a_recent_record_writes_its_own() {
     let (mem, up, access) = uploader_covering();
-    let nar = nar();
-    let info = narinfo_for(&nar, nar.len());
-    let file = info.nar_file().unwrap();
+    let (nar, info, file) = sample();
     up.put_nar(&file, body(nar.clone())).await.unwrap();
     up.put_narinfo(info.hash(), info.render("/nix/store").as_bytes(), None)
         .await
@@ -624,9 +628,7 @@ async fn a_narinfo_not_covered_by_a_recent_record_writes_its_own() {
 #[tokio::test]
 async fn a_covered_narinfo_whose_nar_is_being_collected_is_refused() {
     let (mem, up, access) = uploader_covering();
-    let nar = nar();
-    let info = narinfo_for(&nar, nar.len());
-    let file = info.nar_file().unwrap();
+    let (nar, info, file) = sample();
     access.record_probe(info.hash());
     up.put_nar(&file, body(nar.clone())).await.unwrap();
     crate::gc::deleting::announce(mem.as_ref(), "run", [file.as_str()])
@@ -649,9 +651,7 @@ async fn a_covered_narinfo_whose_nar_is_being_collected_is_refused() {
 #[tokio::test]
 async fn a_refused_nar_leaves_no_record() {
     let (mem, up, access) = uploader_covering();
-    let nar = nar();
-    let info = narinfo_for(&nar, nar.len());
-    let file = info.nar_file().unwrap();
+    let (nar, info, file) = sample();
     access.record_probe(info.hash());
     let mut other = nar.to_vec();
     other.push(0);
