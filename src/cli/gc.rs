@@ -199,6 +199,9 @@ pub fn verify(
     for k in &report.repaired {
         println!("repaired: deleted {k}");
     }
+    for k in &report.in_use {
+        println!("kept {k}: an upload in progress relies on it");
+    }
     for e in &report.repair_errors {
         println!("repair failed: {e}");
     }

@@ -32,7 +32,7 @@ use crate::store::{object_key, Store, StoreError};
 
 /// Objects deleted between two re-reads of the access records: the smaller, the shorter the
 /// time in which an upload could rely on an object the collector has already decided to delete.
-const BATCH: usize = 64;
+pub(super) const BATCH: usize = 64;
 
 /// Deletions in flight at once.
 const DELETE_CONCURRENCY: usize = 16;
@@ -329,7 +329,7 @@ pub async fn execute(
 }
 
 /// A name for this run's announcements, distinct between collectors.
-fn run_id() -> String {
+pub(super) fn run_id() -> String {
     let t = SystemTime::now()
         .duration_since(SystemTime::UNIX_EPOCH)
         .unwrap_or_default();

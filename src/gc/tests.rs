@@ -234,3 +234,99 @@ async fn a_nar_an_upload_records_after_the_announcement_is_kept() {
         "the announcement is withdrawn"
     );
 }
+
+async fn repair(mem: &Arc<MemoryStore>, now: SystemTime) -> super::verify::Report {
+    let store: Arc<dyn Store> = mem.clone();
+    let opts = super::verify::Options {
+        repair: true,
+        sample: None,
+        grace: DAY,
+        now,
+        upstreams: None,
+    };
+    super::verify::run(&store, "/nix/store", &opts, &Quiet)
+        .await
+        .unwrap()
+}
+
+/// An orphan NAR old enough to repair, with its narinfo deleted long ago.
+fn orphan(mem: &MemoryStore, seed: &str, now: SystemTime) -> (String, Box<str>) {
+    let p = path(mem, seed, &[], 100 * DAY, now);
+    mem.remove(&format!("{}.narinfo", p.hash));
+    let file = p.nar.trim_start_matches("nar/").into();
+    (p.nar, file)
+}
+
+/// `verify --repair` deletes orphan NARs under the collector's protocol: an upload that
+/// relies on an orphan (its narinfo not written yet) names it in its access record, before
+/// the repair started or while it announces, and the NAR stays.
+#[tokio::test]
+async fn repair_keeps_the_orphan_nars_uploads_rely_on() {
+    let mem = Arc::new(MemoryStore::new());
+    let now = SystemTime::now();
+    let (gone, _) = orphan(&mem, "gone", now);
+    let (before, before_file) = orphan(&mem, "before", now);
+    let (during, during_file) = orphan(&mem, "during", now);
+    let today = super::access::day(now);
+    mem.insert(
+        &format!("_cellar/access/{today}/a-upload"),
+        render([Entry::Nar(before_file)]),
+    );
+    let m = mem.clone();
+    mem.after_write("_cellar/deleting/", move |_| {
+        m.insert(
+            &format!("_cellar/access/{today}/b-upload"),
+            render([Entry::Nar(during_file.clone())]),
+        );
+    });
+    let r = repair(&mem, now).await;
+    assert!(r.repair_errors.is_empty(), "{:?}", r.repair_errors);
+    assert!(!has(&mem, &gone), "the orphan no upload relies on stays");
+    assert!(has(&mem, &before), "the NAR an earlier record names went");
+    assert!(
+        has(&mem, &during),
+        "the NAR recorded during the repair went"
+    );
+    let mut in_use = r.in_use.clone();
+    in_use.sort();
+    assert_eq!(in_use, [before.clone(), during.clone()]);
+    let nars: Vec<&String> = r
+        .repaired
+        .iter()
+        .filter(|k| k.starts_with("nar/"))
+        .collect();
+    assert_eq!(nars, [&gone]);
+    assert!(
+        !mem.keys()
+            .iter()
+            .any(|k| k.starts_with("_cellar/deleting/")),
+        "the announcement is withdrawn"
+    );
+}
+
+/// The repair announces the NARs it is about to delete before it deletes them, so an upload
+/// checking announcements meanwhile is refused.
+#[tokio::test]
+async fn repair_announces_the_nars_it_deletes_first() {
+    let mem = Arc::new(MemoryStore::new());
+    let now = SystemTime::now();
+    let (gone, file) = orphan(&mem, "gone", now);
+    let seen = Arc::new(std::sync::Mutex::new(Vec::new()));
+    let (m, s, nar) = (mem.clone(), seen.clone(), gone.clone());
+    mem.after_write("_cellar/deleting/", move |key| {
+        let text = m
+            .bytes(key)
+            .map(|b| String::from_utf8_lossy(&b).into_owned());
+        s.lock().unwrap().push((text, has(&m, &nar)));
+    });
+    let r = repair(&mem, now).await;
+    assert!(r.repaired.contains(&gone), "{:?}", r.repaired);
+    assert!(!has(&mem, &gone));
+    let seen = seen.lock().unwrap();
+    assert!(
+        seen.iter()
+            .any(|(t, present)| *present
+                && t.as_deref().is_some_and(|t| t.lines().any(|l| l == &*file))),
+        "{file} was not announced before it went: {seen:?}"
+    );
+}

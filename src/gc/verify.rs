@@ -15,12 +15,12 @@
 use std::collections::HashSet;
 use std::fmt;
 use std::sync::Arc;
-use std::time::{Duration, SystemTime};
+use std::time::{Duration, Instant, SystemTime};
 
 use super::graph::{Graph, Problem};
 use super::inventory::Inventory;
 use super::report::Progress;
-use super::{access, pins, sweep};
+use super::{access, deleting, pins, sweep};
 use futures::{StreamExt as _, TryStreamExt as _};
 
 use crate::nix::StorePathHash;
@@ -152,6 +152,8 @@ pub struct Report {
     pub on_upstreams: usize,
     /// Keys deleted by `--repair`.
     pub repaired: Vec<String>,
+    /// Orphan NARs `--repair` kept because an upload relies on them (its narinfo is coming).
+    pub in_use: Vec<String>,
     pub repair_errors: Vec<String>,
 }
 
@@ -373,7 +375,7 @@ async fn repair(
     opts: &Options,
     report: &mut Report,
 ) {
-    let mut delete: Vec<String> = sweep::referrers_first(graph, unservable)
+    let delete: Vec<String> = sweep::referrers_first(graph, unservable)
         .into_iter()
         .map(|i| object_key::narinfo(graph.nodes[i as usize].hash))
         .collect();
@@ -400,31 +402,114 @@ async fn repair(
         .nars
         .iter()
         .filter(|(f, m)| !remaining.contains(f.as_str()) && m.modified <= grace)
-        .map(|(f, _)| format!("nar/{f}"))
+        .map(|(f, _)| f.clone())
         .collect();
     nars.sort();
-    delete.extend(nars);
-    delete.extend(
+    let mut rest = Vec::new();
+    rest.extend(
         inv.listings
             .iter()
             .filter(|(h, m)| !kept_paths.contains(h) && m.modified <= grace)
             .map(|(h, _)| object_key::listing(*h)),
     );
-    delete.extend(findings.iter().filter_map(|f| match f {
+    rest.extend(findings.iter().filter_map(|f| match f {
         Finding::BadReserved { key, .. } => Some(key.clone()),
         _ => None,
     }));
-    for key in delete {
-        match store.delete(&key).await {
-            Ok(()) => report.repaired.push(key),
-            Err(e) => report.repair_errors.push(format!("{key}: {e}")),
-        }
-    }
+    delete_each(store.as_ref(), delete, report).await;
+    delete_nars(store.as_ref(), inv, &nars, opts, report).await;
+    delete_each(store.as_ref(), rest, report).await;
     match store.cleanup_staging(opts.grace).await {
         Ok(n) if n > 0 => report.repaired.push(format!("{n} unfinished upload(s)")),
         Ok(_) => {}
         Err(e) => report
             .repair_errors
             .push(format!("unfinished uploads: {e}")),
+    }
+}
+
+async fn delete_each(store: &dyn Store, keys: Vec<String>, report: &mut Report) {
+    for key in keys {
+        match store.delete(&key).await {
+            Ok(()) => report.repaired.push(key),
+            Err(e) => report.repair_errors.push(format!("{key}: {e}")),
+        }
+    }
+}
+
+/// Deletes orphan NAR files the way `cellar gc` deletes NARs ([`super::deleting`]): not one a
+/// recent upload names in its access record (an upload may rely on a NAR already in the store,
+/// and its narinfo may not be written yet), each batch announced before the records are read
+/// again, so that an upload recording one of them later sees the announcement and is refused.
+async fn delete_nars(
+    store: &dyn Store,
+    inv: &Inventory,
+    files: &[String],
+    opts: &Options,
+    report: &mut Report,
+) {
+    if files.is_empty() {
+        return;
+    }
+    // An upload's record comes seconds before its narinfo; one older than the announcements'
+    // lifetime (and the grace period) belongs to an upload that is over.
+    let recent = opts.grace.max(deleting::TTL);
+    let mut acc = match access::read_all(store, &inv.access, recent, opts.now).await {
+        Ok(acc) => acc,
+        Err(e) => {
+            report
+                .repair_errors
+                .push(format!("reading access records: {e}; no NAR deleted"));
+            return;
+        }
+    };
+    let run = sweep::run_id();
+    let mut announced = false;
+    for batch in files.chunks(sweep::BATCH) {
+        let since = Instant::now();
+        let free: Vec<&str> = batch
+            .iter()
+            .map(String::as_str)
+            .filter(|f| !acc.nars.contains(*f))
+            .collect();
+        if !free.is_empty() {
+            if let Err(e) = deleting::announce(store, &run, free.iter().copied()).await {
+                report
+                    .repair_errors
+                    .push(format!("announcing deletions: {e}; batch skipped"));
+                continue;
+            }
+            announced = true;
+            if let Err(e) = access::reread(store, &mut acc, SystemTime::now()).await {
+                report
+                    .repair_errors
+                    .push(format!("re-reading access records: {e}; batch skipped"));
+                continue;
+            }
+            if since.elapsed() > deleting::FRESH {
+                report.repair_errors.push(format!(
+                    "the store took over {:?} to re-read access records; batch skipped",
+                    deleting::FRESH
+                ));
+                continue;
+            }
+        }
+        let (in_use, free): (Vec<&String>, Vec<&String>) =
+            batch.iter().partition(|f| acc.nars.contains(f.as_str()));
+        report
+            .in_use
+            .extend(in_use.into_iter().map(|f| format!("nar/{f}")));
+        delete_each(
+            store,
+            free.into_iter().map(|f| format!("nar/{f}")).collect(),
+            report,
+        )
+        .await;
+    }
+    if announced {
+        if let Err(e) = deleting::withdraw(store, &run).await {
+            // Harmless: it stops counting after deleting::TTL.
+            tracing::warn!(cause = %e, "could not withdraw the announcement of deletions");
+        }
     }
 }

@@ -125,6 +125,11 @@ impl MemoryStore {
             .count()
     }
 
+    /// An object's bytes, read at once (from a hook or an assertion; not counted as a `get`).
+    pub fn bytes(&self, key: &str) -> Option<Bytes> {
+        lock(&self.objects).get(key).map(|o| o.data.clone())
+    }
+
     /// Every key, sorted (for assertions).
     pub fn keys(&self) -> Vec<String> {
         let mut k: Vec<String> = lock(&self.objects).keys().cloned().collect();
