@@ -632,6 +632,9 @@ async fn root_uploads_warn_once_and_carry_the_token_name() {
         .with_ansi(false)
         .finish();
     let _guard = tracing::subscriber::set_default(subscriber);
+    // A span or event first met by another test's thread while this subscriber was being set
+    // can keep the interest computed without it ("never"): compute every callsite's again.
+    tracing::callsite::rebuild_interest_cache();
     let mem = Arc::new(MemoryStore::new());
     let cfg = with_tokens(
         Config::default(),
@@ -664,6 +667,7 @@ async fn root_uploads_warn_once_and_carry_the_token_name() {
     // The upload's own lines name the token (never the token itself); a read's lines do not
     // (the store failing makes it log).
     mem.set_down(true);
+    tracing::callsite::rebuild_interest_cache();
     let req = authed("GET", &format!("/{HASH}.narinfo"), "rtok");
     let status = send(&st, req.body(Body::empty()).unwrap()).await.status();
     assert_eq!(status, StatusCode::SERVICE_UNAVAILABLE);
