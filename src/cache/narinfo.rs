@@ -130,3 +130,27 @@ impl NarInfoCache {
         self.cache.invalidate(&h).await;
     }
 }
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn hits_live_for_the_positive_ttl_and_misses_for_the_negative_one() {
+        let ttl = Ttl {
+            positive: Duration::from_secs(3600),
+            negative: Duration::from_secs(5),
+        };
+        let h: StorePathHash = "0".repeat(32).parse().unwrap();
+        let now = Instant::now();
+        let hit = Some(Bytes::from_static(b"StorePath: x\n"));
+        assert_eq!(
+            ttl.expire_after_create(&h, &hit, now),
+            Some(Duration::from_secs(3600))
+        );
+        assert_eq!(
+            ttl.expire_after_create(&h, &None, now),
+            Some(Duration::from_secs(5))
+        );
+    }
+}

@@ -91,18 +91,22 @@ async fn nix_cache_info_is_generated_and_a_put_of_it_changes_nothing() {
 
 #[tokio::test]
 async fn misses_are_remembered_for_the_negative_ttl_only() {
-    let mem = Arc::new(MemoryStore::new());
-    let mut cfg = Config::default();
-    cfg.cache.narinfo_negative_ttl = Duration::from_secs(1);
-    let st = state(cfg, &mem);
     let path = format!("/{HASH}.narinfo");
-    assert_eq!(get(&st, &path).await.0, StatusCode::NOT_FOUND);
-    assert_eq!(get(&st, &path).await.0, StatusCode::NOT_FOUND);
-    assert_eq!(mem.requests(), 1, "the second miss comes from memory");
-    mem.insert(&format!("{HASH}.narinfo"), NARINFO);
-    tokio::time::sleep(Duration::from_millis(1300)).await;
-    assert_eq!(get(&st, &path).await.0, StatusCode::OK);
-    assert_eq!(mem.requests(), 2);
+    for (ttl, requests) in [(Duration::from_secs(60), 1), (Duration::ZERO, 2)] {
+        let mem = Arc::new(MemoryStore::new());
+        let mut cfg = Config::default();
+        cfg.cache.narinfo_negative_ttl = ttl;
+        let st = state(cfg, &mem);
+        assert_eq!(get(&st, &path).await.0, StatusCode::NOT_FOUND);
+        mem.insert(&format!("{HASH}.narinfo"), NARINFO);
+        let expected = if requests == 1 {
+            StatusCode::NOT_FOUND // the miss, from memory
+        } else {
+            StatusCode::OK
+        };
+        assert_eq!(get(&st, &path).await.0, expected, "negative TTL {ttl:?}");
+        assert_eq!(mem.requests(), requests, "negative TTL {ttl:?}");
+    }
 }
 
 // The store's latency is on tokio's paused clock: it passes only once every request is
