@@ -635,10 +635,12 @@ async fn root_uploads_warn_once_and_carry_the_token_name() {
         .with_writer(move || writer.clone())
         .with_ansi(false)
         .finish();
+    // While a single subscriber exists, tracing computes a callsite's interest against the
+    // registering thread's subscriber alone: another test's thread meeting a span or event
+    // first (with none) would turn it off for this one. With a second one alive, every
+    // callsite's interest is computed against all of them, whichever thread meets it first.
+    let _second = tracing::Dispatch::new(tracing_subscriber::registry());
     let _guard = tracing::subscriber::set_default(subscriber);
-    // A span or event first met by another test's thread while this subscriber was being set
-    // can keep the interest computed without it ("never"): compute every callsite's again.
-    tracing::callsite::rebuild_interest_cache();
     let mem = Arc::new(MemoryStore::new());
     let cfg = with_tokens(
         Config::default(),
@@ -671,7 +673,6 @@ async fn root_uploads_warn_once_and_carry_the_token_name() {
     // The upload's own lines name the token (never the token itself); a read's lines do not
     // (the store failing makes it log).
     mem.set_down(true);
-    tracing::callsite::rebuild_interest_cache();
     let req = authed("GET", &format!("/{HASH}.narinfo"), "rtok");
     let status = send(&st, req.body(Body::empty()).unwrap()).await.status();
     assert_eq!(status, StatusCode::SERVICE_UNAVAILABLE);
