@@ -8,6 +8,7 @@
 //! log lines, which must not be forged through it.
 
 use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::OnceLock;
 use std::time::Instant;
 
 use axum::extract::Request;
@@ -57,15 +58,34 @@ fn acceptable(id: &str) -> bool {
             .all(|b| b.is_ascii_alphanumeric() || matches!(b, b'.' | b'_' | b'-'))
 }
 
-/// 16 random hex digits; if the random source fails, a process-unique counter (ids need to be
-/// unique in the log, not unguessable).
+/// 16 hex digits: a counter added to a random base drawn once per process, through a
+/// bijective mix (splitmix64), so ids are unique within a process, unrelated between replicas,
+/// and cost no system call per request (ids need to be unique in the log, not unguessable).
 fn generate() -> String {
+    static BASE: OnceLock<u64> = OnceLock::new();
     static NEXT: AtomicU64 = AtomicU64::new(0);
-    let mut b = [0u8; 8];
-    match getrandom::getrandom(&mut b) {
-        Ok(()) => hex::encode(b),
-        Err(_) => format!("n{}", NEXT.fetch_add(1, Ordering::Relaxed)),
-    }
+    let base = *BASE.get_or_init(|| {
+        let mut b = [0u8; 8];
+        match getrandom::getrandom(&mut b) {
+            Ok(()) => u64::from_le_bytes(b),
+            // No random source: the start time and the process id still differ between replicas.
+            Err(_) => {
+                let t = std::time::SystemTime::now()
+                    .duration_since(std::time::UNIX_EPOCH)
+                    .unwrap_or_default();
+                (t.as_nanos() as u64) ^ (u64::from(std::process::id()) << 40)
+            }
+        }
+    });
+    let n = NEXT.fetch_add(1, Ordering::Relaxed);
+    format!("{:016x}", mix(base.wrapping_add(n)))
+}
+
+/// splitmix64's finalizer: a bijection on u64 that scatters consecutive inputs.
+fn mix(mut z: u64) -> u64 {
+    z = (z ^ (z >> 30)).wrapping_mul(0xbf58_476d_1ce4_e5b9);
+    z = (z ^ (z >> 27)).wrapping_mul(0x94d0_49bb_1331_11eb);
+    z ^ (z >> 31)
 }
 
 #[cfg(test)]
@@ -83,5 +103,20 @@ mod tests {
         assert_eq!(g.len(), 16);
         assert!(acceptable(&g));
         assert_ne!(g, generate());
+    }
+
+    #[test]
+    fn ids_do_not_repeat_and_do_not_look_alike() {
+        let ids: Vec<String> = (0..10_000).map(|_| generate()).collect();
+        let distinct: std::collections::HashSet<&String> = ids.iter().collect();
+        assert_eq!(distinct.len(), ids.len());
+        // Consecutive ids differ in many digits, not just the last ones.
+        let same_prefix = ids.windows(2).filter(|w| w[0][..8] == w[1][..8]).count();
+        assert!(
+            same_prefix < 10,
+            "{same_prefix} consecutive ids share 8 leading digits"
+        );
+        assert_eq!(mix(0), 0);
+        assert_ne!(mix(1), 1);
     }
 }
