@@ -200,7 +200,9 @@ pub fn verify(
         println!("repaired: deleted {k}");
     }
     for k in &report.in_use {
-        println!("kept {k}: an upload in progress relies on it");
+        println!(
+            "kept {k}: an upload recorded it within the grace period (its narinfo may follow)"
+        );
     }
     for e in &report.repair_errors {
         println!("repair failed: {e}");

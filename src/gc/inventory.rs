@@ -32,7 +32,10 @@ pub enum Kind {
     Realisation,
     Access,
     Pin,
-    /// Under the reserved prefix, but neither an access record nor a pin.
+    /// A collector's announcement of NARs it is about to delete ([`super::deleting`]): live
+    /// while its run deletes, so never a finding and never deleted by anyone else.
+    Announcement,
+    /// Under the reserved prefix, but neither an access record, a pin nor an announcement.
     ReservedOther,
     /// Not part of the layout cellar manages.
     Other,
@@ -44,6 +47,8 @@ pub fn classify(key: &str) -> Kind {
             Kind::Access
         } else if rest.starts_with(super::pins::DIR) {
             Kind::Pin
+        } else if rest.starts_with(super::deleting::DIR) {
+            Kind::Announcement
         } else {
             Kind::ReservedOther
         };
@@ -79,6 +84,8 @@ pub struct Inventory {
     pub access: Vec<(String, Meta)>,
     pub pins: Vec<(String, Meta)>,
     pub reserved_other: Vec<(String, Meta)>,
+    /// Announcements (counted; each run withdraws its own, and a dead run's stops counting).
+    pub announcements: usize,
     pub other: usize,
 }
 
@@ -103,6 +110,7 @@ impl Inventory {
                 Kind::Realisation => inv.realisations.push((o.key, meta)),
                 Kind::Access => inv.access.push((o.key, meta)),
                 Kind::Pin => inv.pins.push((o.key, meta)),
+                Kind::Announcement => inv.announcements += 1,
                 Kind::ReservedOther => inv.reserved_other.push((o.key, meta)),
                 Kind::Other => inv.other += 1,
             }
@@ -134,6 +142,10 @@ mod tests {
         assert_eq!(classify("realisations/x!out.doi"), Kind::Realisation);
         assert_eq!(classify("_cellar/access/2026-01-01/p-1"), Kind::Access);
         assert_eq!(classify("_cellar/pins/release"), Kind::Pin);
+        assert_eq!(
+            classify("_cellar/deleting/1767225599-ab12"),
+            Kind::Announcement
+        );
         assert_eq!(classify("_cellar/junk"), Kind::ReservedOther);
         assert_eq!(classify("nix-cache-info"), Kind::Other);
         assert_eq!(classify("nar/not-a-nar"), Kind::Other);

@@ -35,7 +35,7 @@ use crate::store::{object_key, Store, StoreError};
 pub(super) const BATCH: usize = 64;
 
 /// Deletions in flight at once.
-const DELETE_CONCURRENCY: usize = 16;
+pub(super) const DELETE_CONCURRENCY: usize = 16;
 
 /// A realisation (`realisations/…`, `build-trace/…`) and the path it names, when readable.
 pub struct Realisation {

@@ -330,3 +330,20 @@ async fn repair_announces_the_nars_it_deletes_first() {
         "{file} was not announced before it went: {seen:?}"
     );
 }
+
+/// A collector's live announcement is its run's state, not garbage: `verify` neither reports
+/// nor deletes it (an upload relies on seeing it).
+#[tokio::test]
+async fn verify_leaves_a_collectors_announcement_alone() {
+    let mem = Arc::new(MemoryStore::new());
+    let now = SystemTime::now();
+    let key = super::deleting::key("1767225599-ab12");
+    mem.insert(&key, "cellar-deleting 1\nx.nar\n");
+    let r = repair(&mem, now).await;
+    assert!(
+        has(&mem, &key),
+        "the announcement was deleted: {:?}",
+        r.repaired
+    );
+    assert!(r.findings.is_empty(), "{:?}", r.findings);
+}

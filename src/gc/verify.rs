@@ -428,19 +428,30 @@ async fn repair(
     }
 }
 
+/// Deletes `keys` a few at a time, as the collector does (a batch of announced NARs must be
+/// gone well within the announcement's lifetime).
 async fn delete_each(store: &dyn Store, keys: Vec<String>, report: &mut Report) {
-    for key in keys {
-        match store.delete(&key).await {
+    let results: Vec<(String, Result<(), StoreError>)> =
+        futures::stream::iter(keys.into_iter().map(|k| async move {
+            let r = store.delete(&k).await;
+            (k, r)
+        }))
+        .buffered(sweep::DELETE_CONCURRENCY)
+        .collect()
+        .await;
+    for (key, r) in results {
+        match r {
             Ok(()) => report.repaired.push(key),
             Err(e) => report.repair_errors.push(format!("{key}: {e}")),
         }
     }
 }
 
-/// Deletes orphan NAR files the way `cellar gc` deletes NARs ([`super::deleting`]): not one a
-/// recent upload names in its access record (an upload may rely on a NAR already in the store,
-/// and its narinfo may not be written yet), each batch announced before the records are read
-/// again, so that an upload recording one of them later sees the announcement and is refused.
+/// Deletes orphan NAR files under the collector's announcement protocol
+/// ([`super::deleting`]): not one a recent upload names in its access record (an upload may
+/// rely on a NAR already in the store, and its narinfo may not be written yet), each batch
+/// announced before the records are read again, so that an upload recording one of them
+/// later sees the announcement and is refused.
 async fn delete_nars(
     store: &dyn Store,
     inv: &Inventory,
@@ -451,9 +462,10 @@ async fn delete_nars(
     if files.is_empty() {
         return;
     }
-    // An upload's record comes seconds before its narinfo; one older than the announcements'
-    // lifetime (and the grace period) belongs to an upload that is over.
-    let recent = opts.grace.max(deleting::TTL);
+    // An upload's record comes seconds before its narinfo: one older than the grace period
+    // belongs to an upload that is over (`read_all` reads upload records for at least
+    // `access::UPLOAD_RECORD_LIFETIME` anyway).
+    let recent = opts.grace;
     let mut acc = match access::read_all(store, &inv.access, recent, opts.now).await {
         Ok(acc) => acc,
         Err(e) => {
