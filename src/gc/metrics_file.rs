@@ -143,6 +143,12 @@ pub fn render_verify(r: &Report, end: SystemTime) -> String {
     let _ = writeln!(out, "cellar_verify_repaired_objects {}", r.repaired.len());
     header(
         &mut out,
+        "cellar_verify_kept_for_uploads",
+        "Orphan NARs the last run's --repair kept because an upload recorded them.",
+    );
+    let _ = writeln!(out, "cellar_verify_kept_for_uploads {}", r.in_use.len());
+    header(
+        &mut out,
         "cellar_verify_repair_errors",
         "Repairs that failed in the last run.",
     );

@@ -290,6 +290,11 @@ async fn repair_keeps_the_orphan_nars_uploads_rely_on() {
     let mut in_use = r.in_use.clone();
     in_use.sort();
     assert_eq!(in_use, [before.clone(), during.clone()]);
+    let prom = super::metrics_file::render_verify(&r, now);
+    assert!(
+        prom.contains("\ncellar_verify_kept_for_uploads 2\n"),
+        "{prom}"
+    );
     let nars: Vec<&String> = r
         .repaired
         .iter()
