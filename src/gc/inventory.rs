@@ -84,8 +84,6 @@ pub struct Inventory {
     pub access: Vec<(String, Meta)>,
     pub pins: Vec<(String, Meta)>,
     pub reserved_other: Vec<(String, Meta)>,
-    /// Announcements (counted; each run withdraws its own, and a dead run's stops counting).
-    pub announcements: usize,
     pub other: usize,
 }
 
@@ -110,7 +108,8 @@ impl Inventory {
                 Kind::Realisation => inv.realisations.push((o.key, meta)),
                 Kind::Access => inv.access.push((o.key, meta)),
                 Kind::Pin => inv.pins.push((o.key, meta)),
-                Kind::Announcement => inv.announcements += 1,
+                // Each run withdraws its own; a dead run's stops counting after its TTL.
+                Kind::Announcement => {}
                 Kind::ReservedOther => inv.reserved_other.push((o.key, meta)),
                 Kind::Other => inv.other += 1,
             }

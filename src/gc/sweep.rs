@@ -35,7 +35,7 @@ use crate::store::{object_key, Store, StoreError};
 pub(super) const BATCH: usize = 64;
 
 /// Deletions in flight at once.
-pub(super) const DELETE_CONCURRENCY: usize = 16;
+const DELETE_CONCURRENCY: usize = 16;
 
 /// A realisation (`realisations/…`, `build-trace/…`) and the path it names, when readable.
 pub struct Realisation {
@@ -344,14 +344,18 @@ enum Rest<'a> {
     Plain(&'a String),
 }
 
+/// Deletes `keys` [`DELETE_CONCURRENCY`] at a time; one result per key, in order.
+pub(super) async fn delete_keys(store: &dyn Store, keys: &[String]) -> Vec<Result<(), StoreError>> {
+    futures::stream::iter(keys.iter().map(|k| store.delete(k)))
+        .buffered(DELETE_CONCURRENCY)
+        .collect()
+        .await
+}
+
 /// Deletes `keys` a few at a time; returns which deletions succeeded.
 async fn delete_all(store: &dyn Store, keys: &[String], out: &mut Outcome) -> Vec<bool> {
-    let results: Vec<Result<(), StoreError>> =
-        futures::stream::iter(keys.iter().map(|k| store.delete(k)))
-            .buffered(DELETE_CONCURRENCY)
-            .collect()
-            .await;
-    results
+    delete_keys(store, keys)
+        .await
         .into_iter()
         .zip(keys)
         .map(|(r, k)| match r {

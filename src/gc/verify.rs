@@ -152,7 +152,7 @@ pub struct Report {
     pub on_upstreams: usize,
     /// Keys deleted by `--repair`.
     pub repaired: Vec<String>,
-    /// Orphan NARs `--repair` kept because an upload relies on them (its narinfo is coming).
+    /// Orphan NARs `--repair` kept because an upload recorded them (its narinfo may follow).
     pub in_use: Vec<String>,
     pub repair_errors: Vec<String>,
 }
@@ -431,15 +431,8 @@ async fn repair(
 /// Deletes `keys` a few at a time, as the collector does (a batch of announced NARs must be
 /// gone well within the announcement's lifetime).
 async fn delete_each(store: &dyn Store, keys: Vec<String>, report: &mut Report) {
-    let results: Vec<(String, Result<(), StoreError>)> =
-        futures::stream::iter(keys.into_iter().map(|k| async move {
-            let r = store.delete(&k).await;
-            (k, r)
-        }))
-        .buffered(sweep::DELETE_CONCURRENCY)
-        .collect()
-        .await;
-    for (key, r) in results {
+    let results = sweep::delete_keys(store, &keys).await;
+    for (key, r) in keys.into_iter().zip(results) {
         match r {
             Ok(()) => report.repaired.push(key),
             Err(e) => report.repair_errors.push(format!("{key}: {e}")),
@@ -465,8 +458,7 @@ async fn delete_nars(
     // An upload's record comes seconds before its narinfo: one older than the grace period
     // belongs to an upload that is over (`read_all` reads upload records for at least
     // `access::UPLOAD_RECORD_LIFETIME` anyway).
-    let recent = opts.grace;
-    let mut acc = match access::read_all(store, &inv.access, recent, opts.now).await {
+    let mut acc = match access::read_all(store, &inv.access, opts.grace, opts.now).await {
         Ok(acc) => acc,
         Err(e) => {
             report
