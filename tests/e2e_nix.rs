@@ -69,8 +69,9 @@ async fn s3_xz_closure_substitutes_trusting_only_cellar() {
     }
 }
 
-/// Also the reads through the AWS SDK (`store.direct_reads = false`; the other tests use the
-/// default, cellar's own signed GETs).
+/// Also the reads through the AWS SDK (`store.direct_requests = false`, here by the name it
+/// had before, which is still accepted; the other tests use the default, cellar's own signed
+/// requests).
 #[tokio::test(flavor = "multi_thread")]
 async fn s3_zstd_closure_substitutes_with_reads_through_the_sdk() {
     let f = fixture();

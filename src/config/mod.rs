@@ -267,9 +267,10 @@ pub struct S3StoreConfig {
     pub prefix: String,
     /// Path-style addressing (`endpoint/bucket/key`); MinIO and Garage need it.
     pub force_path_style: bool,
-    /// GetObject/HeadObject signed and sent by cellar itself rather than through the SDK
-    /// (path-style endpoints only): cheaper per request.
-    pub direct_reads: bool,
+    /// GetObject, HeadObject, ListObjectsV2 and single-request PutObject signed and sent by
+    /// cellar itself rather than through the SDK (path-style endpoints only): cheaper per
+    /// request.
+    pub direct_requests: bool,
     /// Unset: the standard AWS chain.
     pub credentials: Option<S3Credentials>,
     /// The connect phase of one request.

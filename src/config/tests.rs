@@ -270,6 +270,22 @@ fn the_nar_disk_cache_is_on_by_default_for_s3_only() {
 }
 
 #[test]
+fn direct_requests_keeps_its_old_name() {
+    let s3 = "[store]\nkind = \"s3\"\nbucket = \"b\"\n";
+    let direct = |c: Config| match c.store.backend {
+        StoreBackend::S3(s) => s.direct_requests,
+        other => panic!("not s3: {other:?}"),
+    };
+    assert!(direct(from_toml(s3).unwrap()), "on by default");
+    assert!(!direct(
+        from_toml(&format!("{s3}direct_requests = false")).unwrap()
+    ));
+    assert!(!direct(
+        from_toml(&format!("{s3}direct_reads = false")).unwrap()
+    ));
+}
+
+#[test]
 fn a_reload_names_each_key_only_a_restart_applies() {
     let base = from_toml("").unwrap();
     // Each line is a change from the defaults, in the file's own words: the reload must name

@@ -198,13 +198,15 @@ impl AccessLog {
     /// record, so that the narinfo that follows needs no record of its own ([`Self::covers`]).
     /// Only while a builder is at work (a probe within the cover): without probes the
     /// narinfo is never covered (an import, a mirror), and the record would be one write more.
-    pub async fn record_nar_upload(&self, nar_files: &[&str]) -> Result<(), StoreError> {
+    /// `true` if a record was written.
+    pub async fn record_nar_upload(&self, nar_files: &[&str]) -> Result<bool, StoreError> {
         let probing = lock(&self.last_probe).is_some_and(|t| t.elapsed() < self.cover_for);
         if !probing {
-            return Ok(());
+            return Ok(false);
         }
         let entries = nar_files.iter().map(|f| Entry::Nar((*f).into())).collect();
-        self.write_upload_record(entries).await
+        self.write_upload_record(entries).await?;
+        Ok(true)
     }
 
     /// Whether a record written within [`Self::covering_uploads_for`] names the narinfo
@@ -509,7 +511,7 @@ mod tests {
         let info = NarInfo::parse(&text, "/nix/store").unwrap();
         assert!(!log.covers(&info, &[nar]), "nothing recorded yet");
         log.record_probe(info.hash());
-        log.record_nar_upload(&[nar]).await.unwrap();
+        assert!(log.record_nar_upload(&[nar]).await.unwrap(), "written");
         assert!(!log.covers(&info, &[nar]), "the reference was not probed");
         log.record_probe(dep.parse().unwrap());
         log.record_nar_upload(&[nar]).await.unwrap();
@@ -524,7 +526,7 @@ mod tests {
         let off = AccessLog::new(mem.clone(), 1000);
         let before = mem.keys().len();
         off.record_probe(info.hash());
-        off.record_nar_upload(&[nar]).await.unwrap();
+        assert!(!off.record_nar_upload(&[nar]).await.unwrap(), "not written");
         assert_eq!(mem.keys().len(), before);
         assert!(!off.covers(&info, &[nar]));
     }

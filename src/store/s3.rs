@@ -2,6 +2,7 @@
 
 use std::future::Future;
 use std::io;
+use std::sync::Arc;
 use std::time::Duration;
 
 use async_trait::async_trait;
@@ -34,8 +35,9 @@ pub struct S3Store {
     prefix: String,
     endpoint: String,
     timeout: Duration,
-    /// GetObject and HeadObject without the SDK, for a path-style endpoint (see [`fast`]).
-    fast: Option<fast::FastReads>,
+    /// Reads, listings and small writes without the SDK, for a path-style endpoint (see
+    /// [`fast`]).
+    fast: Option<Arc<fast::FastReads>>,
 }
 
 impl S3Store {
@@ -77,7 +79,7 @@ impl S3Store {
             .or_else(|| shared.endpoint_url().map(str::to_owned))
             .unwrap_or_else(|| format!("aws:{}", s.region));
         let fast = match (&s.endpoint, shared.credentials_provider()) {
-            (Some(ep), Some(creds)) if s.force_path_style && s.direct_reads => {
+            (Some(ep), Some(creds)) if s.force_path_style && s.direct_requests => {
                 match fast::FastReads::new(
                     ep,
                     &s.bucket,
@@ -86,7 +88,7 @@ impl S3Store {
                     s.connect_timeout,
                     timeout,
                 ) {
-                    Ok(f) => Some(f),
+                    Ok(f) => Some(Arc::new(f)),
                     Err(e) => {
                         tracing::warn!(cause = %e, "S3: reads go through the SDK");
                         None
@@ -319,6 +321,7 @@ impl Store for S3Store {
     async fn writer(&self, key: &str) -> Result<Box<dyn ObjectWriter>, StoreError> {
         Ok(Box::new(S3Writer::new(
             self.client.clone(),
+            self.fast.clone(),
             self.bucket.clone(),
             self.key(key),
             self.timeout,

@@ -4,7 +4,9 @@
 //! announced it is deleting ([`crate::gc::deleting`]), and writes its narinfo while checking
 //! once more that its NAR is still there.
 
-use super::{rejected, Uploader};
+use std::sync::Arc;
+
+use super::{rejected, Announced, Uploader};
 use crate::error::Error;
 use crate::nix::{NarFileName, NarInfo};
 use crate::store::{object_key, StoreError};
@@ -12,11 +14,24 @@ use crate::store::{object_key, StoreError};
 impl Uploader {
     /// Refuses the upload if a collector announced that it is deleting one of `nars` (the
     /// name uploaded, and the name stored if recompressed). Called after the access record
-    /// is written.
-    pub(super) async fn not_being_deleted(&self, nars: &[&str]) -> Result<(), Error> {
-        let deleting =
-            crate::gc::deleting::announced(self.store.as_ref(), std::time::SystemTime::now())
-                .await?;
+    /// is written; `read` are the announcements as read after an earlier record that names
+    /// `nars` too (the NAR's own, see [`Announced`]), which serve as well as a read now.
+    pub(super) async fn not_being_deleted(
+        &self,
+        nars: &[&str],
+        read: Option<Announced>,
+    ) -> Result<(), Error> {
+        let read = match read {
+            Some(a) => a.0.await,
+            None => None,
+        };
+        let deleting = match read {
+            Some(set) => set,
+            None => Arc::new(
+                crate::gc::deleting::announced(self.store.as_ref(), std::time::SystemTime::now())
+                    .await?,
+            ),
+        };
         match nars.iter().find(|f| deleting.contains(**f)) {
             Some(f) => Err(rejected(format!(
                 "NAR nar/{f} is being deleted by a garbage collection; upload it again"

@@ -32,10 +32,11 @@ pub mod digest;
 mod gc_guard;
 mod narinfo;
 
-use std::collections::HashMap;
+use std::collections::{HashMap, HashSet};
 use std::sync::{Arc, Mutex};
 
 use bytes::Bytes;
+use futures::future::{BoxFuture, FutureExt as _, Shared};
 use futures::{Stream, StreamExt as _};
 use tokio::sync::{OwnedSemaphorePermit, Semaphore};
 
@@ -71,6 +72,42 @@ struct VerifiedNar {
     /// The file as the client sent it, when this process saw the upload.
     uploaded_file: Option<FileDigest>,
     nar: FileDigest,
+    /// The collectors' announcements, read once this NAR's upload record was written.
+    announced: Option<Announced>,
+}
+
+/// The collectors' announcements ([`crate::gc::deleting::announced`]) read in the background
+/// as soon as a NAR's upload record is written, while the client sends the narinfo that
+/// follows: that narinfo may use them instead of reading them itself after its record, since
+/// this read, too, began after a record naming the NAR (see gc_guard). `None` once it is done
+/// if the read failed (the narinfo then reads them itself).
+#[derive(Clone)]
+struct Announced(Shared<BoxFuture<'static, Option<Arc<HashSet<String>>>>>);
+
+impl std::fmt::Debug for Announced {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.write_str("Announced")
+    }
+}
+
+impl Announced {
+    /// Starts reading the announcements now.
+    fn start(store: Arc<dyn Store>) -> Self {
+        let read = async move {
+            let now = std::time::SystemTime::now();
+            match crate::gc::deleting::announced(store.as_ref(), now).await {
+                Ok(set) => Some(Arc::new(set)),
+                Err(e) => {
+                    tracing::debug!(cause = %e, "reading the collectors' announcements failed");
+                    None
+                }
+            }
+        }
+        .boxed()
+        .shared();
+        tokio::spawn(read.clone());
+        Self(read)
+    }
 }
 
 /// Remembered NAR digests are capped so a long-running server does not grow without bound.
@@ -200,7 +237,7 @@ impl Uploader {
             Some((stored, target)) => (stored, Some(target)),
             None => (name.clone(), None),
         };
-        let d = self
+        let (d, announced) = self
             .store_nar(name, body, incoming, &stored, target)
             .await?;
         self.remember(
@@ -211,13 +248,15 @@ impl Uploader {
                 stored_file: d.output,
                 uploaded_file: Some(d.input),
                 nar: d.nar,
+                announced,
             },
         );
         Ok(d)
     }
 
     /// Streams the NAR uploaded as `name` into the store as `stored`, digested and
-    /// re-encoded to `target` on the way; committed only if its sha256 matches `name`.
+    /// re-encoded to `target` on the way; committed only if its sha256 matches `name`. With
+    /// the digest, the announcements being read if an upload record was written.
     async fn store_nar<S>(
         &self,
         name: &NarFileName,
@@ -225,7 +264,7 @@ impl Uploader {
         incoming: Compression,
         stored: &NarFileName,
         target: Option<Compression>,
-    ) -> Result<NarDigest, Error>
+    ) -> Result<(NarDigest, Option<Announced>), Error>
     where
         S: Stream<Item = std::io::Result<Bytes>> + Send + 'static,
     {
@@ -253,19 +292,24 @@ impl Uploader {
         // is complete and checked, so an aborted upload leaves no record. If it fails, that
         // narinfo writes its record itself.
         let record = async {
-            if let Some(a) = &self.access {
-                let mut files = vec![name.as_str()];
-                if target.is_some() {
-                    files.push(stored.as_str());
-                }
-                if let Err(e) = a.record_nar_upload(&files).await {
+            let Some(a) = &self.access else {
+                return false;
+            };
+            let mut files = vec![name.as_str()];
+            if target.is_some() {
+                files.push(stored.as_str());
+            }
+            match a.record_nar_upload(&files).await {
+                Ok(written) => written,
+                Err(e) => {
                     tracing::warn!(nar = %name, cause = %e, "writing an upload record failed");
+                    false
                 }
             }
         };
-        let (committed, ()) = futures::join!(w.commit(), record);
+        let (committed, recorded) = futures::join!(w.commit(), record);
         committed?;
-        Ok(d)
+        Ok((d, recorded.then(|| Announced::start(self.store.clone()))))
     }
 
     /// Finds and digests a NAR this process did not see being uploaded.
@@ -294,6 +338,7 @@ impl Uploader {
                 stored_file: d.input,
                 uploaded_file: None,
                 nar: d.nar,
+                announced: None,
             };
             self.remember(object_key::nar(name), v.clone());
             return Ok(Some(v));

@@ -72,7 +72,9 @@ impl Uploader {
         //    references and its NAR ([`AccessLog::covers`]), the access record, together;
         // 2. after the record: announced deletions, the references, and the NAR (a HEAD if
         //    this server received it, else read back and digested), together; with a recent
-        //    record already written, this is part of step 1;
+        //    record already written, this is part of step 1, and the announcements are those
+        //    read as soon as the NAR's own record was written (see `Announced`), usually
+        //    before the narinfo arrives;
         // 3. after the announcements: the narinfo written, and the NAR checked once more,
         //    together (the narinfo is taken back if the NAR has gone).
         // Answers are judged in a fixed order, so a refusal does not depend on timing.
@@ -95,6 +97,16 @@ impl Uploader {
             Some(a) => !nars.is_empty() && a.covers(&info, &nars),
             None => false,
         };
+        // A NAR this server received and verified.
+        let remembered = url_name
+            .as_ref()
+            .ok()
+            .and_then(|n| self.remembered(&object_key::nar(n)));
+        // The announcements read after the NAR's own record, which a covered narinfo may use.
+        let announced = remembered
+            .as_ref()
+            .and_then(|v| v.announced.clone())
+            .filter(|_| covered);
         let (existing, recorded, (not_deleting, nar, references)) = {
             let record = async {
                 match (&self.access, nars.is_empty() || covered) {
@@ -104,17 +116,13 @@ impl Uploader {
             };
             let not_deleting = async {
                 match &self.access {
-                    Some(_) => self.not_being_deleted(&nars).await,
+                    Some(_) => self.not_being_deleted(&nars, announced).await,
                     None => Ok(()),
                 }
             };
             // A NAR this server received and verified, if it is still there (someone may have
             // deleted it from the bucket since); else the stored one, read back and digested.
             let nar = async {
-                let remembered = url_name
-                    .as_ref()
-                    .ok()
-                    .and_then(|n| self.remembered(&object_key::nar(n)));
                 if let Some(v) = remembered {
                     if self
                         .store

@@ -624,16 +624,17 @@ async fn a_narinfo_not_covered_by_a_recent_record_writes_its_own() {
     );
 }
 
-/// A covered narinfo skips only its record: the announcements are still read.
+/// A covered narinfo skips only its record: the announcements are still read, after the
+/// NAR's record (a collector that announced the NAR before that record may not have seen it).
 #[tokio::test]
 async fn a_covered_narinfo_whose_nar_is_being_collected_is_refused() {
     let (mem, up, access) = uploader_covering();
     let (nar, info, file) = sample();
     access.record_probe(info.hash());
-    up.put_nar(&file, body(nar.clone())).await.unwrap();
     crate::gc::deleting::announce(mem.as_ref(), "run", [file.as_str()])
         .await
         .unwrap();
+    up.put_nar(&file, body(nar.clone())).await.unwrap();
     let e = up
         .put_narinfo(info.hash(), info.render("/nix/store").as_bytes(), None)
         .await
@@ -644,6 +645,50 @@ async fn a_covered_narinfo_whose_nar_is_being_collected_is_refused() {
         .await
         .unwrap()
         .is_none());
+}
+
+/// The announcements a covered narinfo relies on are read as soon as its NAR's record is
+/// written, while the client sends the narinfo, not after the narinfo arrives. A collector
+/// announcing the NAR after that read sees the record and keeps the NAR, so the narinfo may
+/// be accepted; the same announcement before the record refuses it (the test above).
+#[tokio::test]
+async fn a_covered_narinfo_uses_the_announcements_read_after_its_nars_record() {
+    let (mem, up, access) = uploader_covering();
+    let (nar, info, file) = sample();
+    access.record_probe(info.hash());
+    up.put_nar(&file, body(nar.clone())).await.unwrap();
+    let read = up
+        .remembered(&object_key::nar(&file))
+        .and_then(|v| v.announced)
+        .expect("read after the NAR's record");
+    assert_eq!(
+        read.0.await.map(|s| s.len()),
+        Some(0),
+        "nothing announced yet"
+    );
+    crate::gc::deleting::announce(mem.as_ref(), "run", [file.as_str()])
+        .await
+        .unwrap();
+    up.put_narinfo(info.hash(), info.render("/nix/store").as_bytes(), None)
+        .await
+        .unwrap();
+    assert_eq!(records(&mem).len(), 1, "the NAR's record only");
+
+    // Without a record of its own, the NAR has no early read: a narinfo that is not
+    // covered reads the announcements after writing its record.
+    let (mem, up) = uploader_with_access();
+    up.put_nar(&file, body(nar.clone())).await.unwrap();
+    assert!(up
+        .remembered(&object_key::nar(&file))
+        .is_some_and(|v| v.announced.is_none()));
+    crate::gc::deleting::announce(mem.as_ref(), "run", [file.as_str()])
+        .await
+        .unwrap();
+    let e = up
+        .put_narinfo(info.hash(), info.render("/nix/store").as_bytes(), None)
+        .await
+        .unwrap_err();
+    assert!(e.to_string().contains("being deleted"), "{e}");
 }
 
 /// The NAR's record is written only once the NAR is complete and checked: a refused NAR

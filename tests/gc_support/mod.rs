@@ -163,7 +163,7 @@ pub async fn s3_store(
         region: "us-east-1".into(),
         prefix: prefix.to_owned(),
         force_path_style: true,
-        direct_reads: true,
+        direct_requests: true,
         credentials: Some(S3Credentials {
             access_key_id: s3.key_id.clone(),
             secret_access_key: Secret(s3.secret.clone()),

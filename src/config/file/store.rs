@@ -30,7 +30,9 @@ pub(super) struct StoreSection {
     region: String,
     prefix: String,
     force_path_style: bool,
-    direct_reads: bool,
+    /// Called `direct_reads` until it covered listings and small writes too.
+    #[serde(alias = "direct_reads")]
+    direct_requests: bool,
     access_key_id: Option<String>,
     secret_access_key: Option<Secret>,
     timeout_secs: u64,
@@ -48,7 +50,7 @@ impl Default for StoreSection {
             region: "us-east-1".into(),
             prefix: String::new(),
             force_path_style: true,
-            direct_reads: true,
+            direct_requests: true,
             access_key_id: None,
             secret_access_key: None,
             timeout_secs: 10,
@@ -120,7 +122,7 @@ impl StoreSection {
             region: self.region,
             prefix: normalise_prefix(&self.prefix),
             force_path_style: self.force_path_style,
-            direct_reads: self.direct_reads,
+            direct_requests: self.direct_requests,
             credentials,
             connect_timeout,
         })

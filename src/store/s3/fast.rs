@@ -1,11 +1,14 @@
-//! GetObject and HeadObject without the SDK's request pipeline: one SigV4-signed request over
-//! a pooled HTTP client. On a cold cache every narinfo and small NAR is one such request, and
-//! the SDK's per-request work (interceptors, endpoint resolution, retry bookkeeping) cost more
-//! than the request itself against a nearby store. Listings, deletes and uploads stay with
-//! the SDK.
+//! GetObject, HeadObject, ListObjectsV2 and single-request PutObject without the SDK's
+//! request pipeline: one SigV4-signed request over a pooled HTTP client. On a cold cache
+//! every narinfo and small NAR is one such read, and an upload writes a few small objects and
+//! reads the collectors' announcements (a listing) per path; the SDK's per-request work
+//! (interceptors, endpoint resolution, retry bookkeeping) cost more than the request itself
+//! against a nearby store (under an upload's load: a PutObject 1.7-2.2 ms through the SDK
+//! against 1.0-1.2 ms here, a listing 3.4 against 2.4 ms). Multipart uploads, deletes and
+//! the rest stay with the SDK.
 //!
 //! Path-style addressing only (`{endpoint}/{bucket}/{key}`), as MinIO and Garage are used;
-//! a virtual-hosted bucket keeps using the SDK for reads too.
+//! a virtual-hosted bucket keeps using the SDK for everything.
 
 use std::time::{Duration, SystemTime};
 
@@ -15,9 +18,13 @@ use aws_sigv4::http_request::{
     UriPathNormalizationMode,
 };
 use aws_sigv4::sign::v4;
+use aws_smithy_types::date_time::{DateTime, Format};
+use aws_smithy_xml::decode::{try_data, Document, XmlDecodeError};
+use bytes::Bytes;
 use futures::TryStreamExt as _;
-use reqwest::header::{HeaderMap, CONTENT_LENGTH, CONTENT_RANGE, RANGE};
+use reqwest::header::{HeaderMap, CONTENT_LENGTH, CONTENT_RANGE};
 use reqwest::StatusCode;
+use sha2::{Digest as _, Sha256};
 use tokio::sync::Mutex;
 
 use crate::store::{ByteRange, ContentRange, Object, StoreError};
@@ -104,6 +111,21 @@ impl FastReads {
         range: Option<ByteRange>,
     ) -> Result<reqwest::RequestBuilder, StoreError> {
         let url = format!("{}{}", self.base, encode_key(key));
+        let range_header = range.map(ByteRange::to_header);
+        let headers: Vec<(&str, &str)> =
+            range_header.iter().map(|r| ("range", r.as_str())).collect();
+        self.signed(method, url, &headers, EMPTY_SHA256).await
+    }
+
+    /// `url` signed with SigV4 for a body whose sha256 (hex) is `payload_sha256`, with
+    /// `headers` (signed too).
+    async fn signed(
+        &self,
+        method: reqwest::Method,
+        url: String,
+        headers: &[(&str, &str)],
+        payload_sha256: &str,
+    ) -> Result<reqwest::RequestBuilder, StoreError> {
         let creds = self.credentials().await?;
         let mut settings = SigningSettings::default();
         settings.percent_encoding_mode = PercentEncodingMode::Single;
@@ -119,25 +141,20 @@ impl FastReads {
             .build()
             .map_err(|e| StoreError::Misconfigured(format!("signing an S3 request: {e}")))?
             .into();
-        let range_header = range.map(ByteRange::to_header);
         // The signer adds x-amz-date and x-amz-content-sha256 itself.
-        let mut headers: Vec<(&str, &str)> = Vec::new();
-        if let Some(r) = &range_header {
-            headers.push(("range", r));
-        }
         let signable = SignableRequest::new(
             method.as_str(),
             url.as_str(),
             headers.iter().copied(),
-            SignableBody::Precomputed(EMPTY_SHA256.to_owned()),
+            SignableBody::Precomputed(payload_sha256.to_owned()),
         )
         .map_err(|e| StoreError::Other(format!("signing {url}: {e}")))?;
         let (instructions, _) = sign(signable, &params)
             .map_err(|e| StoreError::Other(format!("signing {url}: {e}")))?
             .into_parts();
         let mut req = self.http.request(method, &url);
-        if let Some(r) = range_header {
-            req = req.header(RANGE, r);
+        for (name, value) in headers {
+            req = req.header(*name, *value);
         }
         for (name, value) in instructions.headers() {
             req = req.header(name, value);
@@ -149,6 +166,7 @@ impl FastReads {
     async fn send(
         &self,
         what: &'static str,
+        key: &str,
         req: reqwest::RequestBuilder,
     ) -> Result<Read<reqwest::Response>, StoreError> {
         let started = std::time::Instant::now();
@@ -163,7 +181,15 @@ impl FastReads {
             Err(StoreError::Timeout(_)) => "timeout",
             Err(_) => "error",
         };
-        crate::metrics::store_request(what, label, started.elapsed());
+        let took = started.elapsed();
+        crate::metrics::store_request(what, label, took);
+        tracing::trace!(
+            op = what,
+            key,
+            result = label,
+            us = took.as_micros() as u64,
+            "S3 request"
+        );
         r
     }
 
@@ -177,7 +203,7 @@ impl FastReads {
         let mut pause = Duration::from_millis(25);
         let mut attempt = 1;
         loop {
-            // A body-less GET or HEAD always clones.
+            // Requests without a body or with one in memory (all of them here) always clone.
             let Some(this) = req.try_clone() else {
                 return self.answer(what, req.send().await).await;
             };
@@ -245,7 +271,7 @@ impl FastReads {
         range: Option<ByteRange>,
     ) -> Result<Read<Object>, StoreError> {
         let req = self.request(reqwest::Method::GET, key, range).await?;
-        let res = match self.send("GetObject", req).await? {
+        let res = match self.send("GetObject", key, req).await? {
             Read::Found(res) => res,
             Read::NotFound => return Ok(Read::NotFound),
             Read::BadRange => return Ok(Read::BadRange),
@@ -279,13 +305,128 @@ impl FastReads {
 
     pub(super) async fn head(&self, key: &str) -> Result<Option<u64>, StoreError> {
         let req = self.request(reqwest::Method::HEAD, key, None).await?;
-        match self.send("HeadObject", req).await? {
+        match self.send("HeadObject", key, req).await? {
             Read::Found(res) => Ok(Some(
                 header_u64(res.headers(), CONTENT_LENGTH.as_str()).unwrap_or(0),
             )),
             Read::NotFound | Read::BadRange => Ok(None),
         }
     }
+}
+
+impl FastReads {
+    /// PutObject of a body held in memory, in one request. Retried like a read: the body is
+    /// whole, so sending it again is the same write.
+    pub(super) async fn put(&self, key: &str, body: Bytes) -> Result<(), StoreError> {
+        let url = format!("{}{}", self.base, encode_key(key));
+        let sha = hex::encode(Sha256::digest(&body));
+        let req = self
+            .signed(reqwest::Method::PUT, url, &[], &sha)
+            .await?
+            .body(body);
+        match self.send("PutObject", key, req).await? {
+            Read::Found(res) => {
+                // Read to the end, so the connection goes back to the pool.
+                let _ = res.bytes().await;
+                Ok(())
+            }
+            Read::NotFound | Read::BadRange => Err(StoreError::Other(format!(
+                "PutObject {key}: the store refused the write"
+            ))),
+        }
+    }
+
+    /// One ListObjectsV2 page of the keys under `prefix` (a full key prefix) after
+    /// `token`: the objects, and the token of the next page if there is one.
+    pub(super) async fn list_page(
+        &self,
+        prefix: &str,
+        token: Option<&str>,
+    ) -> Result<(Vec<Listed>, Option<String>), StoreError> {
+        let mut url = format!(
+            "{}?list-type=2&prefix={}",
+            self.base.trim_end_matches('/'),
+            encode(prefix)
+        );
+        if let Some(t) = token {
+            url.push_str("&continuation-token=");
+            url.push_str(&encode(t));
+        }
+        let req = self
+            .signed(reqwest::Method::GET, url, &[], EMPTY_SHA256)
+            .await?;
+        let res = match self.send("ListObjectsV2", prefix, req).await? {
+            Read::Found(res) => res,
+            Read::NotFound | Read::BadRange => {
+                return Err(StoreError::Other(format!(
+                    "ListObjectsV2 {prefix}: the store answered 404"
+                )))
+            }
+        };
+        let body = match tokio::time::timeout(self.timeout, res.bytes()).await {
+            Err(_) => return Err(StoreError::Timeout(self.timeout.as_secs())),
+            Ok(Err(e)) => return Err(StoreError::Unavailable(format!("ListObjectsV2: {e}"))),
+            Ok(Ok(b)) => b,
+        };
+        parse_list(&body).map_err(|e| {
+            StoreError::Other(format!("ListObjectsV2 {prefix}: unreadable answer: {e}"))
+        })
+    }
+}
+
+/// An object in a listing page, by its full key.
+#[derive(Debug, PartialEq)]
+pub(super) struct Listed {
+    pub key: String,
+    pub size: u64,
+    pub modified: SystemTime,
+}
+
+/// A ListObjectsV2 answer: its objects, and the next page's token if it is truncated.
+fn parse_list(body: &[u8]) -> Result<(Vec<Listed>, Option<String>), XmlDecodeError> {
+    let mut doc = Document::try_from(body)?;
+    let mut root = doc.root_element()?;
+    if !root.start_el().matches("ListBucketResult") {
+        return Err(XmlDecodeError::custom("not a ListBucketResult"));
+    }
+    let mut items = Vec::new();
+    let mut truncated = false;
+    let mut next = None;
+    while let Some(mut tag) = root.next_tag() {
+        if tag.start_el().matches("Contents") {
+            let mut key = None;
+            let mut size = 0;
+            let mut modified = SystemTime::UNIX_EPOCH;
+            while let Some(mut field) = tag.next_tag() {
+                if field.start_el().matches("Key") {
+                    key = Some(try_data(&mut field)?.into_owned());
+                } else if field.start_el().matches("Size") {
+                    size = try_data(&mut field)?.trim().parse().unwrap_or(0);
+                } else if field.start_el().matches("LastModified") {
+                    modified = DateTime::from_str(try_data(&mut field)?.trim(), Format::DateTime)
+                        .ok()
+                        .and_then(|t| SystemTime::try_from(t).ok())
+                        .unwrap_or(SystemTime::UNIX_EPOCH);
+                }
+            }
+            let key = key.ok_or_else(|| XmlDecodeError::custom("an object without a Key"))?;
+            items.push(Listed {
+                key,
+                size,
+                modified,
+            });
+        } else if tag.start_el().matches("IsTruncated") {
+            truncated = try_data(&mut tag)?.trim() == "true";
+        } else if tag.start_el().matches("NextContinuationToken") {
+            next = Some(try_data(&mut tag)?.into_owned());
+        }
+    }
+    if truncated && next.is_none() {
+        return Err(XmlDecodeError::custom(
+            "a truncated page without a NextContinuationToken",
+        ));
+    }
+    Ok((items, next.filter(|_| truncated)))
 }
 
 /// Tries of one read (the SDK's standard retry mode makes as many).
@@ -423,6 +564,49 @@ mod tests {
             Err(StoreError::Unavailable(m)) if m.contains("503")
         ));
         assert_eq!(hits.load(Ordering::SeqCst), ATTEMPTS as usize);
+    }
+
+    #[test]
+    fn listing_pages_are_read_with_their_continuation() {
+        let page = br#"<?xml version="1.0" encoding="UTF-8"?>
+<ListBucketResult xmlns="http://s3.amazonaws.com/doc/2006-03-01/">
+  <Name>b</Name><Prefix>p/</Prefix><KeyCount>2</KeyCount><MaxKeys>1000</MaxKeys>
+  <IsTruncated>true</IsTruncated>
+  <Contents><Key>p/a&amp;b.narinfo</Key><LastModified>2026-12-01T21:57:24.107Z</LastModified>
+    <ETag>"x"</ETag><Size>42</Size><StorageClass>STANDARD</StorageClass></Contents>
+  <Contents><Key>p/nar/c.nar</Key><LastModified>1970-01-01T00:00:10.000Z</LastModified><Size>7</Size></Contents>
+  <NextContinuationToken>tok/en=</NextContinuationToken>
+</ListBucketResult>"#;
+        let (items, next) = parse_list(page).unwrap();
+        assert_eq!(
+            items,
+            vec![
+                Listed {
+                    key: "p/a&b.narinfo".into(),
+                    size: 42,
+                    modified: SystemTime::UNIX_EPOCH + Duration::from_millis(1_796_162_244_107),
+                },
+                Listed {
+                    key: "p/nar/c.nar".into(),
+                    size: 7,
+                    modified: SystemTime::UNIX_EPOCH + Duration::from_secs(10),
+                },
+            ]
+        );
+        assert_eq!(next.as_deref(), Some("tok/en="));
+        // The last page: a token, if any, is not followed.
+        let last = b"<ListBucketResult><IsTruncated>false</IsTruncated>\
+            <NextContinuationToken>t</NextContinuationToken></ListBucketResult>";
+        assert_eq!(parse_list(last).unwrap(), (vec![], None));
+        // A listing cut short without a way on, or no listing at all, is an error (a
+        // collector must never take a partial listing for the whole bucket).
+        let cut = b"<ListBucketResult><IsTruncated>true</IsTruncated></ListBucketResult>";
+        assert!(parse_list(cut).is_err());
+        assert!(parse_list(b"<Error><Code>NoSuchKey</Code></Error>").is_err());
+        assert!(parse_list(
+            b"<ListBucketResult><Contents><Size>1</Size></Contents></ListBucketResult>"
+        )
+        .is_err());
     }
 
     #[test]

@@ -1,12 +1,14 @@
 //! Listing a bucket: objects (ListObjectsV2, paginated) and unfinished multipart uploads
 //! (ListMultipartUploads), for garbage collection, `cellar verify` and staging cleanup.
 
+use std::sync::Arc;
 use std::time::Duration;
 
 use aws_sdk_s3::Client;
 use futures::{StreamExt as _, TryStreamExt as _};
 
-use super::{classify, S3Store};
+use super::fast::FastReads;
+use super::{classify, result_label, S3Store};
 use crate::store::{ObjectInfo, ObjectList, StoreError};
 
 /// A multipart upload that was started and never completed nor aborted.
@@ -79,6 +81,54 @@ impl S3Store {
 
     /// Every object under `prefix`, one ListObjectsV2 page at a time.
     pub(super) fn list_objects(&self, prefix: &str) -> ObjectList {
+        match &self.fast {
+            Some(fast) => Self::list_direct(fast.clone(), self.prefix.clone(), self.key(prefix)),
+            None => self.list_sdk(prefix),
+        }
+    }
+
+    /// [`Self::list_objects`] without the SDK (see [`super::fast`]).
+    fn list_direct(fast: Arc<FastReads>, root: String, full_prefix: String) -> ObjectList {
+        struct Pager {
+            fast: Arc<FastReads>,
+            root: String,
+            full_prefix: String,
+            token: Option<String>,
+            done: bool,
+        }
+        let pager = Pager {
+            fast,
+            root,
+            full_prefix,
+            token: None,
+            done: false,
+        };
+        // As below: the next page is asked for only when this one has been consumed.
+        futures::stream::try_unfold(pager, |mut p| async move {
+            if p.done {
+                return Ok::<_, StoreError>(None);
+            }
+            let (items, next) = p.fast.list_page(&p.full_prefix, p.token.as_deref()).await?;
+            let items: Vec<Result<ObjectInfo, StoreError>> = items
+                .into_iter()
+                .filter_map(|o| {
+                    Some(Ok(ObjectInfo {
+                        key: o.key.strip_prefix(&p.root)?.to_owned(),
+                        size: o.size,
+                        modified: o.modified,
+                    }))
+                })
+                .collect();
+            p.done = next.is_none();
+            p.token = next;
+            Ok(Some((futures::stream::iter(items), p)))
+        })
+        .try_flatten()
+        .boxed()
+    }
+
+    /// [`Self::list_objects`] through the SDK.
+    fn list_sdk(&self, prefix: &str) -> ObjectList {
         struct Pager {
             client: Client,
             bucket: String,
@@ -110,15 +160,18 @@ impl S3Store {
                 .prefix(&p.full_prefix)
                 .set_continuation_token(p.token.take())
                 .send();
-            let out = match tokio::time::timeout(p.timeout, req).await {
-                Err(_) => return Err(StoreError::Timeout(p.timeout.as_secs())),
-                Ok(Ok(o)) => o,
-                Ok(Err(e)) => match classify::<(), _>("ListObjectsV2", &p.bucket, e)? {
-                    Ok(()) => return Ok(None),
-                    Err(f) => {
-                        return Err(StoreError::Other(format!("ListObjectsV2: {f:?}")));
-                    }
-                },
+            let started = std::time::Instant::now();
+            let r = match tokio::time::timeout(p.timeout, req).await {
+                Err(_) => Err(StoreError::Timeout(p.timeout.as_secs())),
+                Ok(Ok(o)) => Ok(Ok(o)),
+                Ok(Err(e)) => classify("ListObjectsV2", &p.bucket, e),
+            };
+            let took = started.elapsed();
+            crate::metrics::store_request("ListObjectsV2", result_label(&r), took);
+            tracing::trace!(op = "ListObjectsV2", prefix = %p.full_prefix, result = result_label(&r), us = took.as_micros() as u64, "S3 request");
+            let out = match r? {
+                Ok(o) => o,
+                Err(f) => return Err(StoreError::Other(format!("ListObjectsV2: {f:?}"))),
             };
             let items: Vec<Result<ObjectInfo, StoreError>> = out
                 .contents()

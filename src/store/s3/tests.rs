@@ -38,7 +38,7 @@ async fn ping_makes_one_attempt() {
         region: "us-east-1".into(),
         prefix: String::new(),
         force_path_style: true,
-        direct_reads: true,
+        direct_requests: true,
         credentials: Some(S3Credentials {
             access_key_id: "k".into(),
             secret_access_key: Secret("s".into()),

@@ -2,6 +2,7 @@
 //! [`PART_SIZE`] parts for large ones, aborted if the writer is dropped before `commit`.
 
 use std::future::Future;
+use std::sync::Arc;
 use std::time::Duration;
 
 use async_trait::async_trait;
@@ -11,11 +12,14 @@ use aws_sdk_s3::types::{CompletedMultipartUpload, CompletedPart};
 use aws_sdk_s3::Client;
 use bytes::{Bytes, BytesMut};
 
+use super::fast::FastReads;
 use super::{classify, result_label, PART_SIZE};
 use crate::store::{ObjectWriter, StoreError};
 
 pub(super) struct S3Writer {
     client: Client,
+    /// Sends a body that fits one PutObject without the SDK.
+    fast: Option<Arc<FastReads>>,
     bucket: String,
     key: String,
     timeout: Duration,
@@ -26,9 +30,16 @@ pub(super) struct S3Writer {
 }
 
 impl S3Writer {
-    pub(super) fn new(client: Client, bucket: String, key: String, timeout: Duration) -> Self {
+    pub(super) fn new(
+        client: Client,
+        fast: Option<Arc<FastReads>>,
+        bucket: String,
+        key: String,
+        timeout: Duration,
+    ) -> Self {
         Self {
             client,
+            fast,
             bucket,
             key,
             timeout,
@@ -53,7 +64,9 @@ impl S3Writer {
             Ok(Ok(v)) => Ok(Ok(v)),
             Ok(Err(e)) => classify::<T, E>(what, &self.bucket, e),
         };
-        crate::metrics::store_request(what, result_label(&r), started.elapsed());
+        let took = started.elapsed();
+        crate::metrics::store_request(what, result_label(&r), took);
+        tracing::trace!(op = what, key = %self.key, result = result_label(&r), us = took.as_micros() as u64, "S3 request");
         match r? {
             Ok(v) => Ok(v),
             Err(f) => Err(StoreError::Other(format!("{what} {}: {f:?}", self.key))),
@@ -114,8 +127,9 @@ impl ObjectWriter for S3Writer {
 
     async fn commit(mut self: Box<Self>) -> Result<(), StoreError> {
         let rest = std::mem::take(&mut self.buf).freeze();
-        match self.upload_id.clone() {
-            None => {
+        match (self.upload_id.clone(), self.fast.clone()) {
+            (None, Some(fast)) => fast.put(&self.key, rest).await?,
+            (None, None) => {
                 let req = self
                     .client
                     .put_object()
@@ -125,7 +139,7 @@ impl ObjectWriter for S3Writer {
                     .send();
                 self.timed("PutObject", req).await?;
             }
-            Some(id) => {
+            (Some(id), _) => {
                 if !rest.is_empty() {
                     self.upload_part(rest).await?;
                 }
