@@ -40,13 +40,19 @@ fn assert_ok(out: &std::process::Output, what: &str) {
     );
 }
 
+/// The xz round writes, reads and lists through the AWS SDK (`store.direct_requests =
+/// false`), the zstd round with cellar's own signed requests (the default).
 #[tokio::test(flavor = "multi_thread")]
 async fn nix_copy_to_cellar_then_substitute_xz_and_zstd() {
     let f = fixture();
     let (w, wcfg) = token("builder", "write");
     let work = tempfile::tempdir().unwrap();
-    for (tag, query) in [("xz", ""), ("zstd", "?compression=zstd")] {
-        let app = App::s3(&format!("up-{tag}")).config(&wcfg).spawn().await;
+    for (tag, query, direct) in [("xz", "", "false"), ("zstd", "?compression=zstd", "true")] {
+        let app = App::s3(&format!("up-{tag}"))
+            .config(&wcfg)
+            .env("CELLAR_STORE__DIRECT_REQUESTS", direct)
+            .spawn()
+            .await;
         let srv = &app.srv;
         let netrc = netrc(work.path(), srv, &w);
         let out = copy_to(

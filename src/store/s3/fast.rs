@@ -566,6 +566,94 @@ mod tests {
         assert_eq!(hits.load(Ordering::SeqCst), ATTEMPTS as usize);
     }
 
+    /// What a fake S3 saw of one request.
+    #[derive(Debug, Clone)]
+    struct Seen {
+        method: String,
+        uri: String,
+        sha256: String,
+        body: Vec<u8>,
+    }
+
+    /// A fake S3 that records each request and answers a PUT with 200 and a listing with
+    /// one object and, on the first page, a continuation token.
+    async fn recording_s3(seen: Arc<std::sync::Mutex<Vec<Seen>>>) -> FastReads {
+        let app = axum::Router::new().fallback(
+            move |method: axum::http::Method, uri: axum::http::Uri, h: AxumHeaders, body: Bytes| {
+                let seen = seen.clone();
+                async move {
+                    let sha256 = h
+                        .get("x-amz-content-sha256")
+                        .and_then(|v| v.to_str().ok())
+                        .unwrap_or_default()
+                        .to_owned();
+                    seen.lock().unwrap().push(Seen {
+                        method: method.to_string(),
+                        uri: uri.to_string(),
+                        sha256,
+                        body: body.to_vec(),
+                    });
+                    let q = uri.query().unwrap_or_default().to_owned();
+                    let r: Response = if method == axum::http::Method::PUT {
+                        S::OK.into_response()
+                    } else if q.contains("continuation-token") {
+                        "<ListBucketResult><IsTruncated>false</IsTruncated>\
+                         <Contents><Key>p/b</Key><Size>2</Size></Contents></ListBucketResult>"
+                            .into_response()
+                    } else {
+                        "<ListBucketResult><IsTruncated>true</IsTruncated>\
+                         <NextContinuationToken>t+1/=</NextContinuationToken>\
+                         <Contents><Key>p/a</Key><Size>1</Size></Contents></ListBucketResult>"
+                            .into_response()
+                    };
+                    r
+                }
+            },
+        );
+        let l = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+        let url = format!("http://{}", l.local_addr().unwrap());
+        tokio::spawn(async move { axum::serve(l, app).await });
+        let creds = SharedCredentialsProvider::new(Credentials::new("k", "s", None, None, "t"));
+        let d = Duration::from_secs(5);
+        FastReads::new(&url, "b", "us-east-1", creds, d, d).unwrap()
+    }
+
+    #[tokio::test]
+    async fn a_put_sends_the_body_with_its_sha256() {
+        let seen = Arc::new(std::sync::Mutex::new(Vec::new()));
+        let r = recording_s3(seen.clone()).await;
+        r.put("p/nar/x y.nar", Bytes::from_static(b"hello"))
+            .await
+            .unwrap();
+        let s = seen.lock().unwrap()[0].clone();
+        assert_eq!(s.method, "PUT");
+        assert_eq!(s.uri, "/b/p/nar/x%20y.nar");
+        assert_eq!(s.body, b"hello");
+        assert_eq!(
+            s.sha256,
+            "2cf24dba5fb0a30e26e83b2ac5b9e29e1b161e5c1fa7425e73043362938b9824"
+        );
+    }
+
+    #[tokio::test]
+    async fn a_listing_asks_for_its_prefix_and_follows_the_token() {
+        let seen = Arc::new(std::sync::Mutex::new(Vec::new()));
+        let r = recording_s3(seen.clone()).await;
+        let (first, next) = r.list_page("p/_cellar/", None).await.unwrap();
+        assert_eq!(first.len(), 1);
+        assert_eq!(next.as_deref(), Some("t+1/="));
+        let (second, next) = r.list_page("p/_cellar/", next.as_deref()).await.unwrap();
+        assert_eq!(second[0].key, "p/b");
+        assert_eq!(next, None);
+        let seen = seen.lock().unwrap();
+        assert_eq!(seen[0].method, "GET");
+        assert_eq!(seen[0].uri, "/b?list-type=2&prefix=p%2F_cellar%2F");
+        assert_eq!(
+            seen[1].uri,
+            "/b?list-type=2&prefix=p%2F_cellar%2F&continuation-token=t%2B1%2F%3D"
+        );
+    }
+
     #[test]
     fn listing_pages_are_read_with_their_continuation() {
         let page = br#"<?xml version="1.0" encoding="UTF-8"?>
