@@ -492,6 +492,37 @@ mod tests {
         Meta { size: 10, modified }
     }
 
+    /// The flusher writes what was served once per interval (and at once when it starts),
+    /// not sooner: virtual time, advanced by the runtime only while every task waits.
+    #[tokio::test(start_paused = true)]
+    async fn the_flusher_writes_once_per_interval() {
+        let mem = Arc::new(crate::store::memory::MemoryStore::new());
+        let (tx, mut written) = tokio::sync::mpsc::unbounded_channel();
+        mem.after_write("_cellar/access/", move |k| {
+            let _ = tx.send((k.to_owned(), Instant::now()));
+        });
+        let log = Arc::new(AccessLog::new(mem.clone(), 1000));
+        let (a, b): (StorePathHash, StorePathHash) = (
+            "6bxnj2gfflqa529lddzh3zhcn45nn86r".parse().unwrap(),
+            "0c9v4an6h4s2b3x3z8jgy3r0n9v7q3ph".parse().unwrap(),
+        );
+        let start = Instant::now();
+        log.record_path(a);
+        let flusher = log.spawn_flusher(Duration::from_secs(60));
+        let named = |key: &str, h: StorePathHash| {
+            let text = String::from_utf8(mem.bytes(key).unwrap().to_vec()).unwrap();
+            parse(&text).unwrap().contains(&Entry::Path(h))
+        };
+        let (first, at) = written.recv().await.unwrap();
+        assert!(named(&first, a));
+        assert_eq!(at, start, "the first record is written at once");
+        log.record_path(b);
+        let (second, at) = written.recv().await.unwrap();
+        assert!(named(&second, b) && !named(&second, a));
+        assert_eq!(at - start, Duration::from_secs(60), "one interval later");
+        flusher.abort();
+    }
+
     /// A path is covered only when its own hash, every reference and its NAR were named by a
     /// record started within the cover.
     #[tokio::test(start_paused = true)]

@@ -380,6 +380,30 @@ impl Server {
     pub fn pid(&self) -> u32 {
         self.child.id()
     }
+
+    /// Stops the server as systemd does (SIGTERM) and waits for it to exit: what it writes
+    /// at shutdown (the access record) is then in the store. Fails if it has not exited
+    /// within a minute, or exited with an error.
+    pub fn stop(mut self) {
+        let st = Command::new("kill")
+            .args(["-TERM", &self.child.id().to_string()])
+            .status()
+            .unwrap();
+        assert!(st.success(), "kill -TERM failed");
+        let mut child = std::mem::replace(
+            &mut self.child,
+            Command::new("true").spawn().expect("true runs"),
+        );
+        let (tx, rx) = std::sync::mpsc::channel();
+        std::thread::spawn(move || {
+            let _ = tx.send(child.wait());
+        });
+        let status = rx
+            .recv_timeout(Duration::from_secs(60))
+            .unwrap_or_else(|_| panic!("the server did not stop:\n{}", self.log()))
+            .unwrap();
+        assert!(status.success(), "{status}:\n{}", self.log());
+    }
 }
 
 impl Drop for Server {
