@@ -255,7 +255,7 @@ impl Default for CacheSection {
             nar_max_bytes: 10 << 30,
             nar_memory_bytes: 64 << 20,
             nar_memory_max_object_bytes: 64 << 10,
-            prefetch_concurrency: 16,
+            prefetch_concurrency: 64,
         }
     }
 }
