@@ -22,8 +22,8 @@ impl Uploader {
         read: Option<Announced>,
     ) -> Result<(), Error> {
         let read = match read {
-            Some(a) => a.0.await,
-            None => None,
+            Some(a) if a.covers(nars) => a.read.await,
+            _ => None,
         };
         let deleting = match read {
             Some(set) => set,

@@ -79,10 +79,14 @@ struct VerifiedNar {
 /// The collectors' announcements ([`crate::gc::deleting::announced`]) read in the background
 /// as soon as a NAR's upload record is written, while the client sends the narinfo that
 /// follows: that narinfo may use them instead of reading them itself after its record, since
-/// this read, too, began after a record naming the NAR (see gc_guard). `None` once it is done
-/// if the read failed (the narinfo then reads them itself).
+/// this read, too, began after a record naming the NAR (see gc_guard). Only what concerns
+/// `names` (the NAR's names, as uploaded and as stored) is kept: `None` once it is done if the
+/// read failed (the narinfo then reads them itself), else those of `names` announced.
 #[derive(Clone)]
-struct Announced(Shared<BoxFuture<'static, Option<Arc<HashSet<String>>>>>);
+struct Announced {
+    names: Arc<[String]>,
+    read: Shared<BoxFuture<'static, Option<Arc<HashSet<String>>>>>,
+}
 
 impl std::fmt::Debug for Announced {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
@@ -91,12 +95,17 @@ impl std::fmt::Debug for Announced {
 }
 
 impl Announced {
-    /// Starts reading the announcements now.
-    fn start(store: Arc<dyn Store>) -> Self {
+    /// Starts reading the announcements about `names` now.
+    fn start(store: Arc<dyn Store>, names: Vec<String>) -> Self {
+        let names: Arc<[String]> = names.into();
+        let wanted = names.clone();
         let read = async move {
             let now = std::time::SystemTime::now();
             match crate::gc::deleting::announced(store.as_ref(), now).await {
-                Ok(set) => Some(Arc::new(set)),
+                Ok(mut set) => {
+                    set.retain(|f| wanted.contains(f));
+                    Some(Arc::new(set))
+                }
                 Err(e) => {
                     tracing::debug!(cause = %e, "reading the collectors' announcements failed");
                     None
@@ -106,7 +115,12 @@ impl Announced {
         .boxed()
         .shared();
         tokio::spawn(read.clone());
-        Self(read)
+        Self { names, read }
+    }
+
+    /// Whether this read can answer for `nars`: it looked for each of them.
+    fn covers(&self, nars: &[&str]) -> bool {
+        nars.iter().all(|n| self.names.iter().any(|m| m == n))
     }
 }
 
@@ -309,7 +323,17 @@ impl Uploader {
         };
         let (committed, recorded) = futures::join!(w.commit(), record);
         committed?;
-        Ok((d, recorded.then(|| Announced::start(self.store.clone()))))
+        let names = || {
+            let mut n = vec![name.as_str().to_owned()];
+            if target.is_some() {
+                n.push(stored.as_str().to_owned());
+            }
+            n
+        };
+        Ok((
+            d,
+            recorded.then(|| Announced::start(self.store.clone(), names())),
+        ))
     }
 
     /// Finds and digests a NAR this process did not see being uploaded.
