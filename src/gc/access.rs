@@ -230,6 +230,12 @@ impl AccessLog {
                 .all(|r| fresh(&Entry::Path(r.hash())))
     }
 
+    /// Whether a record whose write started at `at` still covers uploads by itself (see
+    /// [`Self::covers`]): a collector starting now still reads it.
+    pub fn still_covers(&self, at: Instant) -> bool {
+        at.elapsed() < self.cover_for
+    }
+
     /// Entries remembered as covered (for tests: the map stays bounded).
     #[cfg(test)]
     fn covered_len(&self) -> usize {

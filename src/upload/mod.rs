@@ -82,8 +82,14 @@ struct VerifiedNar {
 /// this read, too, began after a record naming the NAR (see gc_guard). Only what concerns
 /// `names` (the NAR's names, as uploaded and as stored) is kept: `None` once it is done if the
 /// read failed (the narinfo then reads them itself), else those of `names` announced.
+///
+/// It stands for a read after the record only while that record covers uploads by itself
+/// (`since`, no later than the record's start): a narinfo covered by a newer record (the NAR's
+/// record too old, another upload's record naming it since) reads the announcements afresh, as
+/// a collector may no longer read the old record.
 #[derive(Clone)]
 struct Announced {
+    since: tokio::time::Instant,
     names: Arc<[String]>,
     read: Shared<BoxFuture<'static, Option<Arc<HashSet<String>>>>>,
 }
@@ -95,8 +101,8 @@ impl std::fmt::Debug for Announced {
 }
 
 impl Announced {
-    /// Starts reading the announcements about `names` now.
-    fn start(store: Arc<dyn Store>, names: Vec<String>) -> Self {
+    /// Starts reading the announcements about `names` now, after a record started at `since`.
+    fn start(store: Arc<dyn Store>, since: tokio::time::Instant, names: Vec<String>) -> Self {
         let names: Arc<[String]> = names.into();
         let wanted = names.clone();
         let read = async move {
@@ -115,7 +121,7 @@ impl Announced {
         .boxed()
         .shared();
         tokio::spawn(read.clone());
-        Self { names, read }
+        Self { since, names, read }
     }
 
     /// Whether this read can answer for `nars`: it looked for each of them.
@@ -305,6 +311,7 @@ impl Uploader {
         // the NAR is committed, so it costs no round trip of its own, and only once the NAR
         // is complete and checked, so an aborted upload leaves no record. If it fails, that
         // narinfo writes its record itself.
+        let record_from = tokio::time::Instant::now();
         let record = async {
             let Some(a) = &self.access else {
                 return false;
@@ -332,7 +339,7 @@ impl Uploader {
         };
         Ok((
             d,
-            recorded.then(|| Announced::start(self.store.clone(), names())),
+            recorded.then(|| Announced::start(self.store.clone(), record_from, names())),
         ))
     }
 

@@ -106,7 +106,13 @@ impl Uploader {
         let announced = remembered
             .as_ref()
             .and_then(|v| v.announced.clone())
-            .filter(|_| covered);
+            .filter(|a| {
+                covered
+                    && self
+                        .access
+                        .as_ref()
+                        .is_some_and(|l| l.still_covers(a.since))
+            });
         let (existing, recorded, (not_deleting, nar, references)) = {
             let record = async {
                 match (&self.access, nars.is_empty() || covered) {

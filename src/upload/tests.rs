@@ -695,6 +695,34 @@ async fn a_covered_narinfo_uses_the_announcements_read_after_its_nars_record() {
     assert!(e.to_string().contains("being deleted"), "{e}");
 }
 
+/// The early read stands for a read after the NAR's record only while that record covers
+/// uploads by itself. A narinfo covered by a newer record (here another one naming the path and
+/// the NAR, written after the NAR's record grew too old) reads the announcements again: a
+/// collector announcing the NAR meanwhile may not read the old record any more.
+#[tokio::test(start_paused = true)]
+async fn an_early_read_older_than_the_cover_is_not_used() {
+    let (mem, up, access) = uploader_covering();
+    let (nar, info, file) = sample();
+    access.record_probe(info.hash());
+    up.put_nar(&file, body(nar.clone())).await.unwrap();
+    let read = up
+        .remembered(&object_key::nar(&file))
+        .and_then(|v| v.announced)
+        .expect("read after the NAR's record");
+    assert_eq!(read.read.await.map(|s| s.len()), Some(0));
+    tokio::time::advance(crate::gc::access::UPLOAD_COVER).await;
+    crate::gc::deleting::announce(mem.as_ref(), "run", [file.as_str()])
+        .await
+        .unwrap();
+    access.record_probe(info.hash());
+    assert!(access.record_nar_upload(&[file.as_str()]).await.unwrap());
+    let e = up
+        .put_narinfo(info.hash(), info.render("/nix/store").as_bytes(), None)
+        .await
+        .unwrap_err();
+    assert!(e.to_string().contains("being deleted"), "{e}");
+}
+
 /// The NAR's record is written only once the NAR is complete and checked: a refused NAR
 /// leaves nothing behind, record included.
 #[tokio::test]

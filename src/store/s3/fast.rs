@@ -169,9 +169,21 @@ impl FastReads {
         key: &str,
         req: reqwest::RequestBuilder,
     ) -> Result<Read<reqwest::Response>, StoreError> {
+        self.send_within(self.timeout, what, key, req).await
+    }
+
+    /// [`Self::send`] with `limit` instead of the request timeout: a write sends its whole
+    /// body before the answer starts.
+    async fn send_within(
+        &self,
+        limit: Duration,
+        what: &'static str,
+        key: &str,
+        req: reqwest::RequestBuilder,
+    ) -> Result<Read<reqwest::Response>, StoreError> {
         let started = std::time::Instant::now();
-        let r = match tokio::time::timeout(self.timeout, self.attempts(what, req)).await {
-            Err(_) => Err(StoreError::Timeout(self.timeout.as_secs())),
+        let r = match tokio::time::timeout(limit, self.attempts(what, req)).await {
+            Err(_) => Err(StoreError::Timeout(limit.as_secs())),
             Ok(r) => r,
         };
         let label = match &r {
@@ -324,7 +336,11 @@ impl FastReads {
             .signed(reqwest::Method::PUT, url, &[], &sha)
             .await?
             .body(body);
-        match self.send("PutObject", key, req).await? {
+        // As the SDK path's writes: six request timeouts, for a body of up to 8 MiB.
+        match self
+            .send_within(self.timeout * 6, "PutObject", key, req)
+            .await?
+        {
             Read::Found(res) => {
                 // Read to the end, so the connection goes back to the pool.
                 let _ = res.bytes().await;
@@ -394,22 +410,33 @@ fn parse_list(body: &[u8]) -> Result<(Vec<Listed>, Option<String>), XmlDecodeErr
     let mut next = None;
     while let Some(mut tag) = root.next_tag() {
         if tag.start_el().matches("Contents") {
+            // Each field is required and must parse: an object dated 1970 would look expired
+            // to a collector (announcements, access records, grace periods).
             let mut key = None;
-            let mut size = 0;
-            let mut modified = SystemTime::UNIX_EPOCH;
+            let mut size = None;
+            let mut modified = None;
             while let Some(mut field) = tag.next_tag() {
                 if field.start_el().matches("Key") {
                     key = Some(try_data(&mut field)?.into_owned());
                 } else if field.start_el().matches("Size") {
-                    size = try_data(&mut field)?.trim().parse().unwrap_or(0);
+                    let s = try_data(&mut field)?;
+                    size = Some(s.trim().parse::<u64>().map_err(|_| {
+                        XmlDecodeError::custom(format!("a Size that is not a size: {s}"))
+                    })?);
                 } else if field.start_el().matches("LastModified") {
-                    modified = DateTime::from_str(try_data(&mut field)?.trim(), Format::DateTime)
+                    let t = try_data(&mut field)?;
+                    let parsed = DateTime::from_str(t.trim(), Format::DateTimeWithOffset)
                         .ok()
-                        .and_then(|t| SystemTime::try_from(t).ok())
-                        .unwrap_or(SystemTime::UNIX_EPOCH);
+                        .and_then(|d| SystemTime::try_from(d).ok());
+                    modified = Some(parsed.ok_or_else(|| {
+                        XmlDecodeError::custom(format!("a LastModified that is not a date: {t}"))
+                    })?);
                 }
             }
             let key = key.ok_or_else(|| XmlDecodeError::custom("an object without a Key"))?;
+            let size = size.ok_or_else(|| XmlDecodeError::custom(format!("{key}: no Size")))?;
+            let modified = modified
+                .ok_or_else(|| XmlDecodeError::custom(format!("{key}: no LastModified")))?;
             items.push(Listed {
                 key,
                 size,
@@ -598,12 +625,14 @@ mod tests {
                         S::OK.into_response()
                     } else if q.contains("continuation-token") {
                         "<ListBucketResult><IsTruncated>false</IsTruncated>\
-                         <Contents><Key>p/b</Key><Size>2</Size></Contents></ListBucketResult>"
+                         <Contents><Key>p/b</Key><Size>2</Size>\
+                         <LastModified>2026-12-01T00:00:00Z</LastModified></Contents></ListBucketResult>"
                             .into_response()
                     } else {
                         "<ListBucketResult><IsTruncated>true</IsTruncated>\
                          <NextContinuationToken>t+1/=</NextContinuationToken>\
-                         <Contents><Key>p/a</Key><Size>1</Size></Contents></ListBucketResult>"
+                         <Contents><Key>p/a</Key><Size>1</Size>\
+                         <LastModified>2026-12-01T00:00:00Z</LastModified></Contents></ListBucketResult>"
                             .into_response()
                     };
                     r
@@ -691,10 +720,27 @@ mod tests {
         let cut = b"<ListBucketResult><IsTruncated>true</IsTruncated></ListBucketResult>";
         assert!(parse_list(cut).is_err());
         assert!(parse_list(b"<Error><Code>NoSuchKey</Code></Error>").is_err());
-        assert!(parse_list(
-            b"<ListBucketResult><Contents><Size>1</Size></Contents></ListBucketResult>"
-        )
-        .is_err());
+        // Every field of an object is required and must parse (an object dated 1970 would
+        // look expired to a collector); a date may carry an offset.
+        let one = |fields: &str| {
+            format!("<ListBucketResult><Contents>{fields}</Contents></ListBucketResult>")
+        };
+        let date = "<LastModified>1970-01-01T01:00:10+01:00</LastModified>";
+        let (items, _) =
+            parse_list(one(&format!("<Key>k</Key><Size>1</Size>{date}")).as_bytes()).unwrap();
+        assert_eq!(
+            items[0].modified,
+            SystemTime::UNIX_EPOCH + Duration::from_secs(10)
+        );
+        for broken in [
+            format!("<Size>1</Size>{date}"),
+            format!("<Key>k</Key>{date}"),
+            "<Key>k</Key><Size>1</Size>".to_owned(),
+            "<Key>k</Key><Size>1</Size><LastModified>yesterday</LastModified>".to_owned(),
+            format!("<Key>k</Key><Size>-1</Size>{date}"),
+        ] {
+            assert!(parse_list(one(&broken).as_bytes()).is_err(), "{broken}");
+        }
     }
 
     #[test]
