@@ -695,6 +695,35 @@ async fn a_covered_narinfo_uses_the_announcements_read_after_its_nars_record() {
     assert!(e.to_string().contains("being deleted"), "{e}");
 }
 
+/// An early read answers only for the NAR names it looked for.
+#[tokio::test]
+async fn an_early_read_answers_only_for_the_names_it_looked_for() {
+    let mem: Arc<dyn Store> = Arc::new(MemoryStore::new());
+    let now = tokio::time::Instant::now();
+    let a = super::Announced::start(mem, now, vec!["a.nar".into(), "b.nar".into()]);
+    assert!(a.covers(&["a.nar"]));
+    assert!(a.covers(&["b.nar", "a.nar"]));
+    assert!(!a.covers(&["a.nar", "c.nar"]));
+}
+
+/// A narinfo whose NAR names an early read did not look for reads the announcements itself.
+#[tokio::test]
+async fn an_early_read_for_other_names_is_not_relied_on() {
+    let (mem, up) = uploader_with_access();
+    crate::gc::deleting::announce(mem.as_ref(), "run", ["c.nar"])
+        .await
+        .unwrap();
+    let store: Arc<dyn Store> = mem.clone();
+    let a = super::Announced::start(store, tokio::time::Instant::now(), vec!["a.nar".into()]);
+    assert_eq!(
+        a.read.clone().await.map(|s| s.len()),
+        Some(0),
+        "kept: a.nar only"
+    );
+    let e = up.not_being_deleted(&["c.nar"], Some(a)).await.unwrap_err();
+    assert!(e.to_string().contains("being deleted"), "{e}");
+}
+
 /// The early read stands for a read after the NAR's record only while that record covers
 /// uploads by itself. A narinfo covered by a newer record (here another one naming the path and
 /// the NAR, written after the NAR's record grew too old) reads the announcements again: a
