@@ -243,11 +243,7 @@ async fn a_nar_being_collected_is_refused() {
     crate::gc::deleting::announce(mem.as_ref(), "run", [file.as_str()])
         .await
         .unwrap();
-    let e = up
-        .put_narinfo(info.hash(), info.render("/nix/store").as_bytes(), None)
-        .await
-        .unwrap_err();
-    assert!(e.to_string().contains("being deleted"), "{e}");
+    refused_as_being_deleted(&up, &info).await;
     assert!(mem
         .head(&object_key::narinfo(info.hash()))
         .await
@@ -635,11 +631,7 @@ async fn a_covered_narinfo_whose_nar_is_being_collected_is_refused() {
         .await
         .unwrap();
     up.put_nar(&file, body(nar.clone())).await.unwrap();
-    let e = up
-        .put_narinfo(info.hash(), info.render("/nix/store").as_bytes(), None)
-        .await
-        .unwrap_err();
-    assert!(e.to_string().contains("being deleted"), "{e}");
+    refused_as_being_deleted(&up, &info).await;
     assert!(mem
         .head(&object_key::narinfo(info.hash()))
         .await
@@ -661,10 +653,7 @@ async fn a_covered_narinfo_uses_the_announcements_read_after_its_nars_record() {
         .await
         .unwrap();
     up.put_nar(&file, body(nar.clone())).await.unwrap();
-    let read = up
-        .remembered(&object_key::nar(&file))
-        .and_then(|v| v.announced)
-        .expect("read after the NAR's record");
+    let read = early_read(&up, &file);
     assert_eq!(
         read.read.await.map(|s| s.len()),
         Some(0),
@@ -688,11 +677,7 @@ async fn a_covered_narinfo_uses_the_announcements_read_after_its_nars_record() {
     crate::gc::deleting::announce(mem.as_ref(), "run", [file.as_str()])
         .await
         .unwrap();
-    let e = up
-        .put_narinfo(info.hash(), info.render("/nix/store").as_bytes(), None)
-        .await
-        .unwrap_err();
-    assert!(e.to_string().contains("being deleted"), "{e}");
+    refused_as_being_deleted(&up, &info).await;
 }
 
 /// An early read answers only for the NAR names it looked for.
@@ -734,10 +719,7 @@ async fn an_early_read_older_than_the_cover_is_not_used() {
     let (nar, info, file) = sample();
     access.record_probe(info.hash());
     up.put_nar(&file, body(nar.clone())).await.unwrap();
-    let read = up
-        .remembered(&object_key::nar(&file))
-        .and_then(|v| v.announced)
-        .expect("read after the NAR's record");
+    let read = early_read(&up, &file);
     assert_eq!(read.read.await.map(|s| s.len()), Some(0));
     tokio::time::advance(crate::gc::access::UPLOAD_COVER).await;
     crate::gc::deleting::announce(mem.as_ref(), "run", [file.as_str()])
@@ -745,6 +727,18 @@ async fn an_early_read_older_than_the_cover_is_not_used() {
         .unwrap();
     access.record_probe(info.hash());
     assert!(access.record_nar_upload(&[file.as_str()]).await.unwrap());
+    refused_as_being_deleted(&up, &info).await;
+}
+
+/// The announcements read as soon as the record of the NAR uploaded as `file` was written.
+fn early_read(up: &Uploader, file: &crate::nix::NarFileName) -> super::Announced {
+    up.remembered(&object_key::nar(file))
+        .and_then(|v| v.announced)
+        .expect("read after the NAR's record")
+}
+
+/// Uploading `info`'s narinfo is refused: a collector is deleting its NAR.
+async fn refused_as_being_deleted(up: &Uploader, info: &NarInfo) {
     let e = up
         .put_narinfo(info.hash(), info.render("/nix/store").as_bytes(), None)
         .await

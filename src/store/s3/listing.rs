@@ -1,13 +1,13 @@
 //! Listing a bucket: objects (ListObjectsV2, paginated) and unfinished multipart uploads
 //! (ListMultipartUploads), for garbage collection, `cellar verify` and staging cleanup.
 
-use std::sync::Arc;
 use std::time::Duration;
 
 use aws_sdk_s3::Client;
-use futures::{StreamExt as _, TryStreamExt as _};
+use futures::future::BoxFuture;
+use futures::{FutureExt as _, StreamExt as _, TryStreamExt as _};
 
-use super::fast::FastReads;
+use super::fast::Listed;
 use super::{classify, result_label, S3Store};
 use crate::store::{ObjectInfo, ObjectList, StoreError};
 
@@ -81,119 +81,118 @@ impl S3Store {
 
     /// Every object under `prefix`, one ListObjectsV2 page at a time.
     pub(super) fn list_objects(&self, prefix: &str) -> ObjectList {
+        let full_prefix = self.key(prefix);
         match &self.fast {
-            Some(fast) => Self::list_direct(fast.clone(), self.prefix.clone(), self.key(prefix)),
-            None => self.list_sdk(prefix),
-        }
-    }
-
-    /// [`Self::list_objects`] without the SDK (see [`super::fast`]).
-    fn list_direct(fast: Arc<FastReads>, root: String, full_prefix: String) -> ObjectList {
-        struct Pager {
-            fast: Arc<FastReads>,
-            root: String,
-            full_prefix: String,
-            token: Option<String>,
-            done: bool,
-        }
-        let pager = Pager {
-            fast,
-            root,
-            full_prefix,
-            token: None,
-            done: false,
-        };
-        // As below: the next page is asked for only when this one has been consumed.
-        futures::stream::try_unfold(pager, |mut p| async move {
-            if p.done {
-                return Ok::<_, StoreError>(None);
-            }
-            let (items, next) = p.fast.list_page(&p.full_prefix, p.token.as_deref()).await?;
-            let items: Vec<Result<ObjectInfo, StoreError>> = items
-                .into_iter()
-                .filter_map(|o| {
-                    Some(Ok(ObjectInfo {
-                        key: o.key.strip_prefix(&p.root)?.to_owned(),
-                        size: o.size,
-                        modified: o.modified,
-                    }))
+            Some(fast) => {
+                let fast = fast.clone();
+                paged(self.prefix.clone(), move |token| {
+                    let (fast, full_prefix) = (fast.clone(), full_prefix.clone());
+                    async move { fast.list_page(&full_prefix, token.as_deref()).await }.boxed()
                 })
-                .collect();
-            p.done = next.is_none();
-            p.token = next;
-            Ok(Some((futures::stream::iter(items), p)))
-        })
-        .try_flatten()
-        .boxed()
-    }
-
-    /// [`Self::list_objects`] through the SDK.
-    fn list_sdk(&self, prefix: &str) -> ObjectList {
-        struct Pager {
-            client: Client,
-            bucket: String,
-            root: String,
-            full_prefix: String,
-            timeout: Duration,
-            token: Option<String>,
-            done: bool,
-        }
-        let pager = Pager {
-            client: self.client.clone(),
-            bucket: self.bucket.clone(),
-            root: self.prefix.clone(),
-            full_prefix: self.key(prefix),
-            timeout: self.timeout,
-            token: None,
-            done: false,
-        };
-        // One ListObjectsV2 page (up to 1000 keys) per step; the next page is asked for only
-        // when the caller has consumed this one.
-        futures::stream::try_unfold(pager, |mut p| async move {
-            if p.done {
-                return Ok(None);
             }
-            let req = p
-                .client
-                .list_objects_v2()
-                .bucket(&p.bucket)
-                .prefix(&p.full_prefix)
-                .set_continuation_token(p.token.take())
-                .send();
-            let started = std::time::Instant::now();
-            let r = match tokio::time::timeout(p.timeout, req).await {
-                Err(_) => Err(StoreError::Timeout(p.timeout.as_secs())),
-                Ok(Ok(o)) => Ok(Ok(o)),
-                Ok(Err(e)) => classify("ListObjectsV2", &p.bucket, e),
-            };
-            let took = started.elapsed();
-            crate::metrics::store_request("ListObjectsV2", result_label(&r), took);
-            tracing::trace!(op = "ListObjectsV2", prefix = %p.full_prefix, result = result_label(&r), us = took.as_micros() as u64, "S3 request");
-            let out = match r? {
-                Ok(o) => o,
-                Err(f) => return Err(StoreError::Other(format!("ListObjectsV2: {f:?}"))),
-            };
-            let items: Vec<Result<ObjectInfo, StoreError>> = out
-                .contents()
-                .iter()
-                .filter_map(|o| {
-                    let key = o.key()?.strip_prefix(&p.root)?.to_owned();
-                    let modified = o
-                        .last_modified()
-                        .and_then(|t| std::time::SystemTime::try_from(*t).ok())
-                        .unwrap_or(std::time::UNIX_EPOCH);
-                    Some(Ok(ObjectInfo {
-                        key,
-                        size: o.size().and_then(|s| u64::try_from(s).ok()).unwrap_or(0),
-                        modified,
-                    }))
+            None => {
+                let (client, bucket, timeout) =
+                    (self.client.clone(), self.bucket.clone(), self.timeout);
+                paged(self.prefix.clone(), move |token| {
+                    let (client, bucket) = (client.clone(), bucket.clone());
+                    let full_prefix = full_prefix.clone();
+                    async move { sdk_page(client, bucket, full_prefix, timeout, token).await }
+                        .boxed()
                 })
-                .collect();
-            p.token = out.next_continuation_token().map(str::to_owned);
-            p.done = out.is_truncated() != Some(true) || p.token.is_none();
-            Ok(Some((futures::stream::iter(items), p)))
-        })
-        .try_flatten()
-        .boxed()
+            }
+        }
     }
+}
+
+/// A listing read one page at a time with `page` (the objects by full key, and the next page's
+/// token if there is one), keys made relative to `root`. The next page is asked for only when
+/// the caller has consumed this one.
+fn paged<F>(root: String, page: F) -> ObjectList
+where
+    F: Fn(Option<String>) -> BoxFuture<'static, PageResult> + Send + 'static,
+{
+    struct Pager<F> {
+        page: F,
+        root: String,
+        token: Option<String>,
+        done: bool,
+    }
+    let pager = Pager {
+        page,
+        root,
+        token: None,
+        done: false,
+    };
+    futures::stream::try_unfold(pager, |mut p| async move {
+        if p.done {
+            return Ok::<_, StoreError>(None);
+        }
+        let (items, next) = (p.page)(p.token.take()).await?;
+        let items: Vec<Result<ObjectInfo, StoreError>> = items
+            .into_iter()
+            .filter_map(|o| {
+                Some(Ok(ObjectInfo {
+                    key: o.key.strip_prefix(&p.root)?.to_owned(),
+                    size: o.size,
+                    modified: o.modified,
+                }))
+            })
+            .collect();
+        p.done = next.is_none();
+        p.token = next;
+        Ok(Some((futures::stream::iter(items), p)))
+    })
+    .try_flatten()
+    .boxed()
+}
+
+/// One listing page: the objects by full key, and the next page's token if there is one.
+type PageResult = Result<(Vec<Listed>, Option<String>), StoreError>;
+
+/// One ListObjectsV2 page (up to 1000 keys) through the SDK.
+async fn sdk_page(
+    client: Client,
+    bucket: String,
+    full_prefix: String,
+    timeout: Duration,
+    token: Option<String>,
+) -> PageResult {
+    let req = client
+        .list_objects_v2()
+        .bucket(&bucket)
+        .prefix(&full_prefix)
+        .set_continuation_token(token)
+        .send();
+    let started = std::time::Instant::now();
+    let r = match tokio::time::timeout(timeout, req).await {
+        Err(_) => Err(StoreError::Timeout(timeout.as_secs())),
+        Ok(Ok(o)) => Ok(Ok(o)),
+        Ok(Err(e)) => classify("ListObjectsV2", &bucket, e),
+    };
+    let took = started.elapsed();
+    crate::metrics::store_request("ListObjectsV2", result_label(&r), took);
+    tracing::trace!(op = "ListObjectsV2", prefix = %full_prefix, result = result_label(&r), us = took.as_micros() as u64, "S3 request");
+    let out = match r? {
+        Ok(o) => o,
+        Err(f) => return Err(StoreError::Other(format!("ListObjectsV2: {f:?}"))),
+    };
+    let items = out
+        .contents()
+        .iter()
+        .filter_map(|o| {
+            Some(Listed {
+                key: o.key()?.to_owned(),
+                size: o.size().and_then(|s| u64::try_from(s).ok()).unwrap_or(0),
+                modified: o
+                    .last_modified()
+                    .and_then(|t| std::time::SystemTime::try_from(*t).ok())
+                    .unwrap_or(std::time::UNIX_EPOCH),
+            })
+        })
+        .collect();
+    let next = out
+        .next_continuation_token()
+        .filter(|_| out.is_truncated() == Some(true))
+        .map(str::to_owned);
+    Ok((items, next))
 }
