@@ -4,9 +4,10 @@
 //! meanwhile waits on the same cell, so N concurrent misses cost one store GET. Once the
 //! store's answer is in, the cell says how to serve it:
 //! - a large NAR is streamed into a temporary file by a background task, and each reader tails
-//!   that file as it grows ([`tail`]), so nobody waits for the whole NAR; the last few chunks
-//!   written stay in memory too, so a reader keeping up with the fill (the usual case: the one
-//!   client that missed) is handed them as they are, without reading the file back;
+//!   that file as it grows ([`tail`]), so nobody waits for the whole NAR; the last chunks
+//!   received stay in memory too, so a reader keeping up with the fill (the usual case: the one
+//!   client that missed) is handed them as they arrive, without waiting for them to be written
+//!   or reading the file back (the file is written beside it, off the client's path);
 //! - a small one is read whole and served from memory while its file is written in the
 //!   background (tailing a file costs small NARs more than it saves);
 //! - one the cache cannot take (too large for the budget, disk full) is handed to the first
@@ -25,10 +26,9 @@ use std::time::Duration;
 
 use bytes::Bytes;
 use futures::{FutureExt as _, StreamExt as _};
-use sha2::Digest as _;
 use tokio::sync::{watch, OnceCell};
 
-use super::disk::{TempFile, WriteError};
+use super::disk::{Checksummer, TempFile, WriteError};
 use super::{lock, NarCache, NarCacheAnswer};
 use crate::store::{ByteStream, Object, Store, StoreError};
 
@@ -39,7 +39,7 @@ const SMALL: u64 = 1 << 20;
 /// A fill writes once it has this much, or after `BATCH_WAIT` without more from the store.
 const BATCH: usize = 256 << 10;
 const BATCH_WAIT: Duration = Duration::from_millis(3);
-/// The last bytes a fill wrote that its readers get from memory, not from the file.
+/// The last bytes a fill received that its readers get from memory, not from the file.
 const RECENT: usize = 2 << 20;
 /// Blocks read from the store and waiting to be written to the file, at most.
 const WRITES_AHEAD: usize = 2;
@@ -63,8 +63,13 @@ fn bypass(obj: Object) -> Started {
 /// How far a fill got, as its readers see it.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 enum Progress {
-    /// This many bytes are in the file and may be read.
-    Written(u64),
+    /// `received` bytes came from the store (the last [`RECENT`] of them are in memory, see
+    /// [`FillHandle::recent_at`]), `written` of them are in the file: readers may read either.
+    /// The last bytes are announced only with `Done`, after the fill's checks.
+    Filling {
+        received: u64,
+        written: u64,
+    },
     Done,
     Failed,
 }
@@ -74,7 +79,7 @@ pub(super) struct FillHandle {
     file: Arc<std::fs::File>,
     size: u64,
     progress: watch::Receiver<Progress>,
-    /// The last chunks written (at most [`RECENT`] bytes), by offset.
+    /// The last chunks received (at most [`RECENT`] bytes), by offset.
     recent: Mutex<VecDeque<(u64, Bytes)>>,
     /// Reads that went to the file (for tests: who was served from memory).
     #[cfg(test)]
@@ -82,8 +87,8 @@ pub(super) struct FillHandle {
 }
 
 impl FillHandle {
-    /// Keeps `data`, written at `offset`, for readers at the head of the fill.
-    fn written(&self, offset: u64, data: Bytes) {
+    /// Keeps `data`, received for `offset`, for readers at the head of the fill.
+    fn keep(&self, offset: u64, data: Bytes) {
         let mut recent = lock(&self.recent);
         recent.push_back((offset, data));
         // Offsets grow: the bytes held are from the first chunk's offset to the end.
@@ -241,7 +246,10 @@ impl NarCache {
                 return bypass(obj);
             }
         };
-        let (tx, rx) = watch::channel(Progress::Written(0));
+        let (tx, rx) = watch::channel(Progress::Filling {
+            received: 0,
+            written: 0,
+        });
         let handle = Arc::new(FillHandle {
             file: Arc::new(reader),
             size: obj.length,
@@ -309,7 +317,7 @@ impl NarCache {
             return;
         }
         match self.disk.write_whole(name, data) {
-            Ok(sha256) => self.add(name, size, sha256),
+            Ok(checksum) => self.add(name, size, checksum),
             Err(e) => self.write_failed(name, &e),
         }
     }
@@ -329,22 +337,28 @@ impl NarCache {
         // The store is read while the file is written: a block goes to the writer below once
         // complete and the next is read meanwhile (at most WRITES_AHEAD blocks wait), so a
         // fill goes at the pace of the slower of the two, not of both one after the other.
-        // The flag says whether readers may be told about the block once it is written.
+        // Readers get each chunk from memory as it arrives, before it is written. The flag
+        // says whether readers may be told about the block once it is written.
         let (to_disk, blocks) = tokio::sync::mpsc::channel::<(Block, bool)>(WRITES_AHEAD);
         let write = async {
             // Owned, so that a failed write drops it and the read stops at its next send.
             let mut blocks = blocks;
             let mut written = 0u64;
             while let Some((data, announce)) = blocks.recv().await {
-                written += write_out(&tmp, &file, data, written, head).await?;
+                written += write_out(&tmp, &file, data).await?;
                 if announce {
-                    let _ = tx.send(Progress::Written(written));
+                    tx.send_modify(|p| {
+                        if let Progress::Filling { written: w, .. } = p {
+                            *w = written;
+                        }
+                    });
                 }
             }
             Ok::<u64, WriteError>(written)
         };
         let read = async {
-            let mut hasher = sha2::Sha256::new();
+            let mut hasher = Checksummer::default();
+            let mut received = 0u64;
             let mut body = obj.body;
             let mut buf = Block::default();
             let mut waited = false;
@@ -383,6 +397,16 @@ impl NarCache {
                 match next {
                     Some(Ok(chunk)) => {
                         hasher.update(&chunk);
+                        head.keep(received, chunk.clone());
+                        received += chunk.len() as u64;
+                        // The last bytes wait for `Done`, after the checks below.
+                        if received < obj.length {
+                            tx.send_modify(|p| {
+                                if let Progress::Filling { received: r, .. } = p {
+                                    *r = received;
+                                }
+                            });
+                        }
                         buf.push(chunk);
                         if buf.len() >= READ_CHUNK as usize
                             && to_disk
@@ -419,9 +443,9 @@ impl NarCache {
                 expected: obj.length,
             });
         }
-        let sha256: [u8; 32] = hasher.finalize().into();
-        self.disk.publish(tmp, name, written, sha256)?;
-        self.add(name, written, sha256);
+        let checksum = hasher.finish();
+        self.disk.publish(tmp, name, written, checksum)?;
+        self.add(name, written, checksum);
         Ok(())
     }
 }
@@ -448,34 +472,25 @@ impl Block {
     }
 }
 
-/// Writes `block` to the fill's file at `offset` and returns once it is there (readers use
-/// `pread`), keeping its chunks in memory for the readers at the head too.
+/// Appends `block` to the fill's file and returns once it is there (readers use `pread`).
 async fn write_out(
     tmp: &TempFile,
     file: &Arc<std::fs::File>,
     block: Block,
-    offset: u64,
-    head: &FillHandle,
 ) -> Result<u64, WriteError> {
     use std::io::Write as _;
     let len = block.len() as u64;
     let f = file.clone();
-    let chunks = tokio::task::spawn_blocking(move || {
+    tokio::task::spawn_blocking(move || {
         let mut w: &std::fs::File = &f;
         for c in &block.chunks {
             w.write_all(c)?;
         }
-        Ok::<_, io::Error>(block.chunks)
+        Ok::<_, io::Error>(())
     })
     .await
     .unwrap_or_else(|e| Err(io::Error::other(e)))
     .map_err(|e| WriteError::io("writing", tmp.path(), e))?;
-    let mut at = offset;
-    for c in chunks {
-        let n = c.len() as u64;
-        head.written(at, c);
-        at += n;
-    }
     Ok(len)
 }
 
@@ -503,9 +518,9 @@ fn tail(h: Arc<FillHandle>) -> ByteStream {
                 return None;
             }
             let progress = *rx.borrow_and_update();
-            let avail = match progress {
-                Progress::Written(n) => n,
-                Progress::Done => h.size,
+            let (in_memory, in_file) = match progress {
+                Progress::Filling { received, written } => (received, written),
+                Progress::Done => (h.size, h.size),
                 Progress::Failed => {
                     return Some((
                         Err(io::Error::other("the store failed while sending this NAR")),
@@ -513,14 +528,17 @@ fn tail(h: Arc<FillHandle>) -> ByteStream {
                     ));
                 }
             };
-            if pos < avail {
-                if let Some(b) = h.recent_at(pos, avail) {
+            if pos < in_memory {
+                if let Some(b) = h.recent_at(pos, in_memory) {
                     let next = pos + b.len() as u64;
                     return Some((Ok(b), (h, rx, next)));
                 }
+            }
+            // Not in memory (any more): from the file once written there.
+            if pos < in_file {
                 #[cfg(test)]
                 h.file_reads.fetch_add(1, Ordering::SeqCst);
-                let len = (avail - pos).min(READ_CHUNK) as usize;
+                let len = (in_file - pos).min(READ_CHUNK) as usize;
                 let file = h.file.clone();
                 let read = tokio::task::spawn_blocking(move || {
                     let mut buf = vec![0u8; len];
@@ -584,9 +602,12 @@ mod tests {
     /// Readers get from memory what lies within the last [`RECENT`] bytes written, and only
     /// that; a single chunk larger than that is kept until the next one.
     #[test]
-    fn the_last_bytes_written_are_kept_and_no_more() {
+    fn the_last_bytes_received_are_kept_and_no_more() {
         let file = tempfile::tempfile().unwrap();
-        let (_tx, rx) = watch::channel(Progress::Written(0));
+        let (_tx, rx) = watch::channel(Progress::Filling {
+            received: 0,
+            written: 0,
+        });
         let h = FillHandle {
             file: Arc::new(file),
             size: 16 << 20,
@@ -596,14 +617,14 @@ mod tests {
         };
         let mib = 1u64 << 20;
         let chunk = |v: u8| Bytes::from(vec![v; mib as usize]);
-        h.written(0, chunk(0));
-        h.written(mib, chunk(1));
+        h.keep(0, chunk(0));
+        h.keep(mib, chunk(1));
         assert_eq!(
             h.recent_at(0, 2 * mib).unwrap().len() as u64,
             mib,
             "within RECENT"
         );
-        h.written(2 * mib, chunk(2));
+        h.keep(2 * mib, chunk(2));
         assert!(h.recent_at(0, 3 * mib).is_none(), "beyond RECENT");
         let part = h.recent_at(mib + 10, 3 * mib).unwrap();
         assert_eq!((part.len() as u64, part[0]), (mib - 10, 1));
@@ -613,11 +634,79 @@ mod tests {
             "up to `end`"
         );
         assert!(h.recent_at(3 * mib, 4 * mib).is_none(), "not written yet");
-        h.written(3 * mib, Bytes::from(vec![3; 3 * mib as usize]));
+        h.keep(3 * mib, Bytes::from(vec![3; 3 * mib as usize]));
         assert!(
             h.recent_at(3 * mib, 6 * mib).is_some(),
             "a large chunk stays alone"
         );
         assert!(h.recent_at(2 * mib, 3 * mib).is_none());
+    }
+
+    /// A handle on a fill of `size` bytes whose file holds `on_disk`, and its progress sender.
+    fn handle(size: u64, on_disk: &[u8]) -> (Arc<FillHandle>, watch::Sender<Progress>) {
+        use std::io::Write as _;
+        let mut file = tempfile::tempfile().unwrap();
+        file.write_all(on_disk).unwrap();
+        let (tx, rx) = watch::channel(Progress::Filling {
+            received: 0,
+            written: 0,
+        });
+        let h = FillHandle {
+            file: Arc::new(file),
+            size,
+            progress: rx,
+            recent: Mutex::new(VecDeque::new()),
+            file_reads: std::sync::atomic::AtomicUsize::new(0),
+        };
+        (Arc::new(h), tx)
+    }
+
+    /// A reader at the head gets what the store sent as soon as it is announced, before the
+    /// file has it: the client does not wait for the disk.
+    #[tokio::test(start_paused = true)]
+    async fn a_reader_gets_received_bytes_before_they_are_written() {
+        let (h, tx) = handle(10, b"");
+        h.keep(0, Bytes::from_static(b"hello"));
+        tx.send_replace(Progress::Filling {
+            received: 5,
+            written: 0,
+        });
+        let mut s = tail(h.clone());
+        let first = tokio::time::timeout(Duration::from_secs(5), s.next()).await;
+        let first = first.expect("waited for the file").unwrap().unwrap();
+        assert_eq!(first, &b"hello"[..]);
+        assert_eq!(h.file_reads.load(Ordering::SeqCst), 0);
+    }
+
+    /// Bytes received but no longer in memory are read from the file only once written
+    /// there: the reader waits for the writer rather than reading what is not in the file.
+    #[tokio::test(start_paused = true)]
+    async fn a_reader_past_memory_waits_for_the_file() {
+        let (h, tx) = handle(3 << 20, &[7u8; 1 << 20]);
+        let big = |v: u8| Bytes::from(vec![v; 1 << 20]);
+        // The first MiB fell out of memory; the file has it, but nothing is announced as
+        // written yet.
+        h.keep(0, big(7));
+        h.keep(1 << 20, big(8));
+        h.keep(2 << 20, big(9));
+        tx.send_replace(Progress::Filling {
+            received: 3 << 20,
+            written: 0,
+        });
+        let mut s = tail(h.clone());
+        let waited = tokio::time::timeout(Duration::from_secs(5), s.next()).await;
+        assert!(waited.is_err(), "read before the file had the bytes");
+        tx.send_replace(Progress::Filling {
+            received: 3 << 20,
+            written: 1 << 20,
+        });
+        let t = Duration::from_secs(5);
+        let first = tokio::time::timeout(t, s.next()).await.expect("hung");
+        let first = first.unwrap().unwrap();
+        assert_eq!((first.len(), first[0]), (1 << 20, 7));
+        assert_eq!(h.file_reads.load(Ordering::SeqCst), 1);
+        let second = tokio::time::timeout(t, s.next()).await.expect("hung");
+        let second = second.unwrap().unwrap();
+        assert_eq!(second[0], 8, "then memory again");
     }
 }

@@ -4,6 +4,8 @@
 
 use std::collections::{BTreeMap, HashMap};
 
+use super::disk::Checksum;
+
 /// Whether a cached file may be served as it is.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub(super) enum Verified {
@@ -17,7 +19,7 @@ pub(super) enum Verified {
 
 struct Entry {
     size: u64,
-    sha256: [u8; 32],
+    checksum: Checksum,
     /// When it was last used, on the index's own clock (a counter): its key in `Index::lru`.
     tick: u64,
     verified: Verified,
@@ -57,7 +59,7 @@ impl Index {
     }
 
     /// Adds `name` (replacing any entry of that name) as the most recently used.
-    pub(super) fn insert(&mut self, name: &str, size: u64, sha256: [u8; 32], verified: Verified) {
+    pub(super) fn insert(&mut self, name: &str, size: u64, checksum: Checksum, verified: Verified) {
         self.remove(name);
         let tick = self.next_tick();
         self.lru.insert(tick, name.to_owned());
@@ -66,7 +68,7 @@ impl Index {
             name.to_owned(),
             Entry {
                 size,
-                sha256,
+                checksum,
                 tick,
                 verified,
             },
@@ -122,15 +124,15 @@ impl Index {
         victims
     }
 
-    /// Claims an unchecked entry for hashing: its size and expected sha256, or `None` if it
+    /// Claims an unchecked entry for hashing: its size and expected checksum, or `None` if it
     /// is gone, already checked or being checked.
-    pub(super) fn start_verify(&mut self, name: &str) -> Option<(u64, [u8; 32])> {
+    pub(super) fn start_verify(&mut self, name: &str) -> Option<(u64, Checksum)> {
         let e = self.entries.get_mut(name)?;
         if e.verified != Verified::No {
             return None;
         }
         e.verified = Verified::InProgress;
-        Some((e.size, e.sha256))
+        Some((e.size, e.checksum))
     }
 
     /// Records that `name`'s file was hashed and found intact.
@@ -150,7 +152,7 @@ impl Index {
 mod tests {
     use super::*;
 
-    const SHA: [u8; 32] = [0; 32];
+    const SHA: Checksum = Checksum::Xxh3([0; 16]);
 
     fn index(budget: u64, names: &[&str]) -> Index {
         let mut i = Index::new(budget);
@@ -218,8 +220,8 @@ mod tests {
     #[test]
     fn unchecked_entries_are_claimed_for_hashing_once() {
         let mut i = Index::new(1000);
-        i.insert("a", 10, [7; 32], Verified::No);
-        assert_eq!(i.start_verify("a"), Some((10, [7; 32])));
+        i.insert("a", 10, Checksum::Xxh3([7; 16]), Verified::No);
+        assert_eq!(i.start_verify("a"), Some((10, Checksum::Xxh3([7; 16]))));
         assert_eq!(i.touch("a"), Some((10, Verified::InProgress)));
         assert_eq!(i.start_verify("a"), None, "already being hashed");
         i.set_verified("a");

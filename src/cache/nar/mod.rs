@@ -7,7 +7,7 @@
 //! memory while their file is written. With the small-NAR memory cache on, small NARs reach
 //! this cache only when memory lets them go ([`NarCache::spill`]), and are read back with
 //! [`NarCache::held`]. A file gets its final name only once complete, with its
-//! size checked and its sha256 recorded in a `.meta` file beside it.
+//! size checked and its checksum recorded in a `.meta` file beside it.
 //!
 //! After a restart the index is rebuilt from the directory; files whose size does not match
 //! their `.meta` are removed at once, and each surviving file is hashed once in the background
@@ -47,7 +47,7 @@ use crate::nix::NarFileName;
 use crate::store::{ByteRange, Object, Store, StoreError};
 use crate::sync::lock;
 
-use disk::{Disk, WriteError};
+use disk::{Checksum, Disk, WriteError};
 use fill::Started;
 use index::{Index, Verified};
 
@@ -96,7 +96,7 @@ impl NarCache {
         }
         let mut index = Index::new(max_bytes);
         for f in found {
-            index.insert(&f.name, f.size, f.sha256, Verified::No);
+            index.insert(&f.name, f.size, f.checksum, Verified::No);
         }
         let cache = Arc::new(Self {
             disk,
@@ -244,8 +244,8 @@ impl NarCache {
     }
 
     /// Indexes a file just published, then keeps the budget.
-    fn add(&self, name: &str, size: u64, sha256: [u8; 32]) {
-        self.index().insert(name, size, sha256, Verified::Yes);
+    fn add(&self, name: &str, size: u64, checksum: Checksum) {
+        self.index().insert(name, size, checksum, Verified::Yes);
         self.evict();
         self.changed();
     }
