@@ -91,6 +91,11 @@ impl NarMemory {
         }
     }
 
+    /// Whether a NAR of `size` bytes is kept here (when its narinfo was read first).
+    pub fn takes(&self, size: u64) -> bool {
+        self.cache.is_some() && size <= self.max_object
+    }
+
     /// Whether `name` is known to be small enough to be kept.
     pub async fn is_small(&self, name: &str) -> bool {
         self.cache.is_some() && self.hints.get(name).await.is_some()

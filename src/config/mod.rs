@@ -137,7 +137,7 @@ impl Config {
     /// uploader, the access log or the NAR disk cache, which live as long as the process.
     pub fn needs_restart(&self, new: &Config) -> Option<&'static str> {
         let c = (&self.cache, &new.cache);
-        let fixed: [(&'static str, bool); 16] = [
+        let fixed: [(&'static str, bool); 17] = [
             ("listen", self.listen == new.listen),
             ("metrics_listen", self.metrics_listen == new.metrics_listen),
             (
@@ -180,6 +180,10 @@ impl Config {
             (
                 "cache.prefetch_concurrency",
                 c.0.prefetch_concurrency == c.1.prefetch_concurrency,
+            ),
+            (
+                "cache.prefetch_nar_max_bytes",
+                c.0.prefetch_nar_max_bytes == c.1.prefetch_nar_max_bytes,
             ),
         ];
         fixed
@@ -322,6 +326,9 @@ pub struct CacheConfig {
     pub nar_memory_max_object: u64,
     /// Narinfos and small NARs fetched ahead of the client at once (0 disables prefetching).
     pub prefetch_concurrency: usize,
+    /// NARs up to this size go into the disk cache as soon as a client GETs their narinfo
+    /// (0: never ahead of their own request).
+    pub prefetch_nar_max_bytes: u64,
 }
 
 /// `[gc]`: what `cellar gc` keeps, and how servers record what they serve.

@@ -31,6 +31,7 @@ use crate::store;
 pub(super) async fn get(st: &AppState, h: StorePathHash) -> Result<Response, Error> {
     let live = st.live();
     let body = load(st, &live, h).await?;
+    super::prefetch::after_get(st, &body);
     let len = body.len();
     Ok(response(&live, body.into_response(), len))
 }

@@ -30,6 +30,7 @@ use tokio::sync::{watch, OnceCell};
 
 use super::disk::{Checksummer, TempFile, WriteError};
 use super::{lock, NarCache, NarCacheAnswer};
+use crate::nix::NarFileName;
 use crate::store::{ByteStream, Object, Store, StoreError};
 
 /// How much a reader reads at a time, and how much a fill buffers before it must write.
@@ -100,6 +101,21 @@ impl FillHandle {
         }
     }
 
+    /// Waits for the fill to end: "loaded" or "failed".
+    async fn finished(&self) -> &'static str {
+        let mut rx = self.progress.clone();
+        loop {
+            match *rx.borrow_and_update() {
+                Progress::Done => return "loaded",
+                Progress::Failed => return "failed",
+                Progress::Filling { .. } => {}
+            }
+            if rx.changed().await.is_err() {
+                return "failed";
+            }
+        }
+    }
+
     /// The bytes from `pos` up to `end` (exclusive) that are still in memory, if `pos` is.
     fn recent_at(&self, pos: u64, end: u64) -> Option<Bytes> {
         let recent = lock(&self.recent);
@@ -156,6 +172,83 @@ impl NarCache {
         key: &str,
         store: &Arc<dyn Store>,
     ) -> Result<NarCacheAnswer, StoreError> {
+        self.on_fill(name, key, store, |started| match started {
+            Started::Filling(h) => Ok(NarCacheAnswer::Object(Object {
+                body: tail(h.clone()),
+                length: h.size,
+                range: None,
+            })),
+            Started::Small(b) => {
+                let b = b.clone();
+                Ok(NarCacheAnswer::Object(Object {
+                    length: b.len() as u64,
+                    body: futures::stream::once(async move { Ok(b) }).boxed(),
+                    range: None,
+                }))
+            }
+            Started::NotFound => Ok(NarCacheAnswer::NotFound),
+            Started::Bypass(opened) => {
+                let taken = lock(opened).take();
+                Ok(taken.map_or(NarCacheAnswer::Bypass, NarCacheAnswer::Object))
+            }
+            Started::Failed(e) => Err(e.clone()),
+        })
+        .await
+    }
+
+    /// Fills the cache with `name` ahead of any request, unless it is on disk or on its way
+    /// already, or would not be kept (`size` is what its narinfo says); returns once that fill
+    /// is over, saying how it went (a metrics label).
+    pub async fn prefetch(
+        self: &Arc<Self>,
+        name: &NarFileName,
+        key: &str,
+        size: u64,
+        store: &Arc<dyn Store>,
+    ) -> &'static str {
+        let n = name.as_str();
+        {
+            let index = self.index();
+            if index.contains(n) {
+                return "cached";
+            }
+            if !index.admits(size) {
+                return "skipped";
+            }
+        }
+        if lock(&self.fills).contains_key(n) {
+            return "cached";
+        }
+        let reserved = self.reserved.load(Ordering::Relaxed);
+        if self.disk_full(size.saturating_add(reserved)) {
+            return "skipped";
+        }
+        let filling = self
+            .on_fill(n, key, store, |started| match started {
+                Started::Filling(h) => Ok(Some(h.clone())),
+                Started::Small(_) => Ok(None),
+                Started::NotFound => Err("absent"),
+                // Opened for nobody: dropped.
+                Started::Bypass(_) => Err("skipped"),
+                Started::Failed(_) => Err("failed"),
+            })
+            .await;
+        match filling {
+            Ok(Some(h)) => h.finished().await,
+            Ok(None) => "loaded",
+            Err(result) => result,
+        }
+    }
+
+    /// Runs `use_it` on the one fill of `name`, started if none is running. A fill that did
+    /// not start (nothing to tail) is forgotten after, so that the next request tries again.
+    async fn on_fill<R>(
+        self: &Arc<Self>,
+        name: &str,
+        key: &str,
+        store: &Arc<dyn Store>,
+        use_it: impl FnOnce(&Started) -> R,
+    ) -> R {
         let cell = lock(&self.fills)
             .entry(name.to_owned())
             .or_default()
@@ -171,31 +264,11 @@ impl NarCache {
             .get_or_init(|| self.start_fill(name.to_owned(), key.to_owned(), store.clone()))
             .await;
         drop(guard); // the cell is set now: the guard leaves it alone
-        let answer = match started {
-            Started::Filling(h) => {
-                return Ok(NarCacheAnswer::Object(Object {
-                    body: tail(h.clone()),
-                    length: h.size,
-                    range: None,
-                }));
-            }
-            Started::Small(b) => {
-                let b = b.clone();
-                return Ok(NarCacheAnswer::Object(Object {
-                    length: b.len() as u64,
-                    body: futures::stream::once(async move { Ok(b) }).boxed(),
-                    range: None,
-                }));
-            }
-            Started::NotFound => Ok(NarCacheAnswer::NotFound),
-            Started::Bypass(opened) => {
-                let taken = lock(opened).take();
-                Ok(taken.map_or(NarCacheAnswer::Bypass, NarCacheAnswer::Object))
-            }
-            Started::Failed(e) => Err(e.clone()),
-        };
-        // The fill never started: let the next request try again.
-        self.forget_cell(name, &cell);
+        let running = matches!(started, Started::Filling(_) | Started::Small(_));
+        let answer = use_it(started);
+        if !running {
+            self.forget_cell(name, &cell);
+        }
         answer
     }
 

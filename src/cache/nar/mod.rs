@@ -118,6 +118,11 @@ impl NarCache {
         self.index().usage()
     }
 
+    /// Whether `name` is on disk or being filled.
+    pub fn has(&self, name: &NarFileName) -> bool {
+        self.index().contains(name.as_str()) || lock(&self.fills).contains_key(name.as_str())
+    }
+
     /// The size of `name` if a checked copy is on disk (a HEAD answered without the store).
     pub fn size_of(&self, name: &NarFileName) -> Option<u64> {
         self.index().verified_size(name.as_str())

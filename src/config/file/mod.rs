@@ -243,6 +243,7 @@ struct CacheSection {
     nar_memory_bytes: u64,
     nar_memory_max_object_bytes: u64,
     prefetch_concurrency: usize,
+    prefetch_nar_max_bytes: u64,
 }
 
 impl Default for CacheSection {
@@ -256,6 +257,7 @@ impl Default for CacheSection {
             nar_memory_bytes: 64 << 20,
             nar_memory_max_object_bytes: 64 << 10,
             prefetch_concurrency: 64,
+            prefetch_nar_max_bytes: 256 << 20,
         }
     }
 }
@@ -300,6 +302,7 @@ impl CacheSection {
             nar_memory_bytes: self.nar_memory_bytes,
             nar_memory_max_object: self.nar_memory_max_object_bytes,
             prefetch_concurrency: self.prefetch_concurrency,
+            prefetch_nar_max_bytes: self.prefetch_nar_max_bytes,
             narinfo_memory_bytes: self.narinfo_memory_bytes,
             narinfo_ttl: Duration::from_secs(self.narinfo_ttl_secs),
             narinfo_negative_ttl: Duration::from_secs(self.narinfo_negative_ttl_secs),

@@ -11,6 +11,12 @@
 //! its own references, so a cold closure is read at the store's parallelism, not at the pace of
 //! the client's walk.
 //!
+//! Larger NARs go into the NAR disk cache, not memory, and only once a client GETs their
+//! narinfo (HEAD is how clients ask whether a path is there; a GET is for substituting it):
+//! the client asks for the NAR only after it has walked the whole closure, so the download
+//! gets a head start ([`after_get`]). At most [`NAR_FILLS`] such fills run at once, of NARs up
+//! to `cache.prefetch_nar_max_bytes`.
+//!
 //! Only the root URL prefetches (the upload address answers its probes from the store alone),
 //! a prefetch records no access (nothing was served), and what cannot be queued
 //! (more than [`MAX_QUEUED`] waiting) is dropped: prefetching only ever saves time.
@@ -24,15 +30,22 @@ use futures::FutureExt as _;
 use tokio::sync::{Notify, Semaphore};
 
 use super::{AppState, Live};
-use crate::nix::{NarInfo, StorePathHash};
+use crate::nix::{NarFileName, NarInfo, StorePathHash};
 use crate::store::object_key;
 
 /// Prefetches waiting for a slot at most; beyond, new ones are dropped.
 pub const MAX_QUEUED: usize = 8192;
 
+/// NAR disk cache fills started ahead of their request that run at once.
+pub const NAR_FILLS: usize = 4;
+
 pub struct Prefetch {
     /// `None` when prefetching is off.
     slots: Option<Arc<Semaphore>>,
+    /// For NAR disk cache fills, held until the fill is over.
+    fill_slots: Arc<Semaphore>,
+    /// Largest NAR filled ahead (0: none).
+    nar_max_bytes: u64,
     /// Waiting for a slot.
     queued: Arc<AtomicUsize>,
     /// Waiting or running; [`Prefetch::settled`] waits for zero.
@@ -44,9 +57,11 @@ pub struct Prefetch {
 }
 
 impl Prefetch {
-    pub fn new(concurrency: usize) -> Self {
+    pub fn new(concurrency: usize, nar_max_bytes: u64) -> Self {
         Self {
             slots: (concurrency > 0).then(|| Arc::new(Semaphore::new(concurrency))),
+            fill_slots: Arc::new(Semaphore::new(NAR_FILLS)),
+            nar_max_bytes,
             queued: Arc::new(AtomicUsize::new(0)),
             pending: Arc::new(AtomicUsize::new(0)),
             idle: Arc::new(Notify::new()),
@@ -83,6 +98,16 @@ impl Prefetch {
     /// Runs `job` in the background once a slot is free.
     fn spawn(&self, kind: &'static str, job: impl Future<Output = ()> + Send + 'static) {
         let Some(slots) = &self.slots else { return };
+        self.spawn_on(slots.clone(), kind, job);
+    }
+
+    /// Runs `job` in the background once one of `slots` is free.
+    fn spawn_on(
+        &self,
+        slots: Arc<Semaphore>,
+        kind: &'static str,
+        job: impl Future<Output = ()> + Send + 'static,
+    ) {
         if self.queued.fetch_add(1, Ordering::SeqCst) >= MAX_QUEUED {
             self.queued.fetch_sub(1, Ordering::SeqCst);
             crate::metrics::prefetch(kind, "dropped");
@@ -91,7 +116,7 @@ impl Prefetch {
         self.pending.fetch_add(1, Ordering::SeqCst);
         #[cfg(test)]
         self.started.fetch_add(1, Ordering::SeqCst);
-        let (slots, queued) = (slots.clone(), self.queued.clone());
+        let queued = self.queued.clone();
         let (pending, idle) = (self.pending.clone(), self.idle.clone());
         tokio::spawn(async move {
             let slot = slots.acquire_owned().await;
@@ -139,6 +164,42 @@ pub(super) async fn after_load(st: &AppState, live: &Arc<Live>, info: &NarInfo) 
             });
         }
     }
+}
+
+/// A client GETs a narinfo (`body`, as served): its NAR goes into the disk cache now if it is
+/// larger than memory takes (those are prefetched with their narinfo), at most
+/// `cache.prefetch_nar_max_bytes`, and not on disk or on its way yet.
+pub(super) fn after_get(st: &AppState, body: &[u8]) {
+    let (Some(cache), Some(_)) = (&st.nars, &st.prefetch.slots) else {
+        return;
+    };
+    let Some((nar, size)) = nar_of(body) else {
+        return;
+    };
+    if size > st.prefetch.nar_max_bytes || st.nar_memory.takes(size) || cache.has(&nar) {
+        return;
+    }
+    let (st, cache, reads) = (st.clone(), cache.clone(), st.live().reads.clone());
+    let slots = st.prefetch.fill_slots.clone();
+    st.clone().prefetch.spawn_on(slots, "nar", async move {
+        let key = object_key::nar(&nar);
+        let result = cache.prefetch(&nar, &key, size, &reads).await;
+        crate::metrics::prefetch("nar", result);
+    });
+}
+
+/// The NAR file and its size (`FileSize:`) a rendered narinfo names, if it says both.
+fn nar_of(body: &[u8]) -> Option<(NarFileName, u64)> {
+    let text = std::str::from_utf8(body).ok()?;
+    let (mut nar, mut size) = (None, None);
+    for line in text.lines() {
+        if let Some(file) = line.strip_prefix("URL: nar/") {
+            nar = file.parse().ok();
+        } else if let Some(n) = line.strip_prefix("FileSize: ") {
+            size = n.parse().ok();
+        }
+    }
+    Some((nar?, size?))
 }
 
 /// Loads `h` into the narinfo cache (boxed: a load may prefetch further, which loads again).

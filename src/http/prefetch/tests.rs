@@ -149,7 +149,7 @@ async fn large_nars_are_streamed_and_not_kept_even_when_the_narinfo_says_small()
 /// instead of a hang).
 #[tokio::test]
 async fn settled_waits_for_the_last_running_job() {
-    let p = Arc::new(super::Prefetch::new(2));
+    let p = Arc::new(super::Prefetch::new(2, 0));
     let (release, held) = tokio::sync::oneshot::channel::<()>();
     let (started_tx, started) = tokio::sync::oneshot::channel::<()>();
     p.spawn("narinfo", async move {
@@ -212,4 +212,90 @@ async fn what_is_held_or_the_path_itself_is_not_prefetched() {
         "only {} is new",
         new.base
     );
+}
+
+/// A client's GET of a narinfo starts filling the disk cache with its NAR when memory would not
+/// take it, so the NAR is then served with the store down: through a tailed fill (over 1 MiB)
+/// or read whole. A HEAD (is the path there?) starts nothing, nor does a NAR over
+/// `cache.prefetch_nar_max_bytes`; a NAR memory takes is prefetched into memory only.
+#[tokio::test]
+async fn a_narinfo_get_fills_the_disk_cache_with_its_nar() {
+    use tower::ServiceExt as _;
+    let mem = Arc::new(MemoryStore::new());
+    let dir = tempfile::tempdir().unwrap();
+    let mut cfg = Config::default();
+    cfg.cache.nar_dir = Some(dir.path().join("nars"));
+    cfg.cache.nar_memory_max_object = 1000;
+    cfg.cache.prefetch_nar_max_bytes = 3 << 20;
+    let tailed = path(&mem, "tailed", &[], 2 << 20, 2 << 20);
+    let whole = path(&mem, "whole", &[], 5000, 5000);
+    let probed = path(&mem, "probed", &[], 5000, 5000);
+    let huge = path(&mem, "huge", &[], 4 << 20, 4 << 20);
+    let small = path(&mem, "small", &[], 100, 100);
+    let st = state(cfg, &mem);
+    for p in [&tailed, &whole, &huge, &small] {
+        let (s, _) = get(&st, &format!("/{}.narinfo", p.hash)).await;
+        assert_eq!(s, StatusCode::OK);
+    }
+    let head = axum::http::Request::head(format!("/{}.narinfo", probed.hash))
+        .body(axum::body::Body::empty())
+        .unwrap();
+    let res = crate::http::app(st.clone()).oneshot(head).await.unwrap();
+    assert_eq!(res.status(), StatusCode::OK);
+    st.prefetch.settled().await;
+    assert_eq!(
+        mem.gets_under("nar/"),
+        3,
+        "each NAR fetched once, but the unasked ones"
+    );
+    mem.set_down(true);
+    for p in [&tailed, &whole, &small] {
+        let (s, body) = get(&st, &p.nar_url).await;
+        assert_eq!(
+            s,
+            StatusCode::OK,
+            "the NAR of {} was not prefetched",
+            p.base
+        );
+        assert!(body == p.nar, "{}", p.base);
+    }
+    for p in [&probed, &huge] {
+        let (s, _) = get(&st, &p.nar_url).await;
+        assert_eq!(
+            s,
+            StatusCode::SERVICE_UNAVAILABLE,
+            "{} was prefetched",
+            p.base
+        );
+    }
+}
+
+/// With prefetching off, a narinfo GET does not fill the disk cache either.
+#[tokio::test]
+async fn without_prefetching_no_nar_is_filled_ahead() {
+    let mem = Arc::new(MemoryStore::new());
+    let dir = tempfile::tempdir().unwrap();
+    let mut cfg = Config::default();
+    cfg.cache.nar_dir = Some(dir.path().join("nars"));
+    cfg.cache.nar_memory_max_object = 1000;
+    cfg.cache.prefetch_concurrency = 0;
+    let p = path(&mem, "p", &[], 5000, 5000);
+    let st = state(cfg, &mem);
+    assert_eq!(
+        get(&st, &format!("/{}.narinfo", p.hash)).await.0,
+        StatusCode::OK
+    );
+    st.prefetch.settled().await;
+    assert_eq!(mem.gets_under("nar/"), 0);
+}
+
+#[test]
+fn a_narinfo_names_its_nar_and_size() {
+    let file = "1b8m03r63zqhnjf7l5wnldhh7c134ap5vpj0850ymkq1iyzicy5s.nar.zst";
+    let body = format!("StorePath: /nix/store/x\nURL: nar/{file}\nFileSize: 42\nNarSize: 7\n");
+    let (nar, size) = super::nar_of(body.as_bytes()).unwrap();
+    assert_eq!((nar.as_str(), size), (file, 42));
+    let no_size = format!("URL: nar/{file}\nNarSize: 7\n");
+    assert!(super::nar_of(no_size.as_bytes()).is_none());
+    assert!(super::nar_of(b"URL: elsewhere/x.nar\nFileSize: 42\n").is_none());
 }
