@@ -305,6 +305,10 @@ fn a_reload_names_each_key_only_a_restart_applies() {
             "cache.prefetch_concurrency",
             "[cache]\nprefetch_concurrency = 0",
         ),
+        (
+            "cache.prefetch_nar_max_bytes",
+            "[cache]\nprefetch_nar_max_bytes = 0",
+        ),
         ("gc.access_flush_secs", "[gc]\naccess_flush_secs = 7"),
         ("gc.access_max_entries", "[gc]\naccess_max_entries = 7000"),
     ];
@@ -322,4 +326,12 @@ fn a_reload_names_each_key_only_a_restart_applies() {
         let new = from_toml(toml).unwrap_or_else(|e| panic!("{toml}: {e}"));
         assert_eq!(base.needs_restart(&new), None, "{toml}");
     }
+}
+
+#[test]
+fn nars_up_to_256_mib_are_prefetched_by_default() {
+    let c = from_toml("").unwrap();
+    assert_eq!(c.cache.prefetch_nar_max_bytes, 256 << 20);
+    let c = from_toml("[cache]\nprefetch_nar_max_bytes = 1000").unwrap();
+    assert_eq!(c.cache.prefetch_nar_max_bytes, 1000);
 }
