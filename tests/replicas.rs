@@ -101,7 +101,9 @@ fn field<'a>(line: &'a str, name: &str) -> &'a str {
 /// through Garage node 0) and B (node 1). Once 50 narinfo requests have been answered, node 0
 /// is SIGKILLed: A's store is gone and the cluster runs on 2 of 3 nodes. The copy succeeds and
 /// verifies, and no request the client made got a 5xx: what A could not answer (503) nginx
-/// retried on B, which reads through node 1 with node 0 dead.
+/// retried on B. B has served the closure before (its memory holds it); A does not prefetch,
+/// so it still needs its store after the kill (a prefetching A may hold the whole closure by
+/// then, and nothing it answers goes wrong).
 #[tokio::test(flavor = "multi_thread", worker_threads = 4)]
 async fn a_storage_node_killed_during_a_500_path_copy_fails_no_substitution() {
     let _serial = serial().await;
@@ -116,12 +118,35 @@ async fn a_storage_node_killed_during_a_500_path_copy_fails_no_substitution() {
     let prefix = unique_prefix("kill-node");
     cluster.seed_dir(&prefix, &cache).await;
     let shared = Shared::new("");
-    let a = shared
-        .replica(cluster.store_env(&cluster.endpoints[0], &prefix))
-        .await;
+    let mut env_a = cluster.store_env(&cluster.endpoints[0], &prefix);
+    env_a.push((
+        "CELLAR_CACHE__PREFETCH_CONCURRENCY".to_owned(),
+        "0".to_owned(),
+    ));
+    let a = shared.replica(env_a).await;
     let b = shared
         .replica(cluster.store_env(&cluster.endpoints[1], &prefix))
         .await;
+    for path in &closure {
+        let hash = &path.rsplit('/').next().unwrap()[..32];
+        let narinfo = reqwest::get(format!("{}/{hash}.narinfo", b.url))
+            .await
+            .unwrap()
+            .error_for_status()
+            .unwrap()
+            .text()
+            .await
+            .unwrap();
+        let url = narinfo
+            .lines()
+            .find_map(|l| l.strip_prefix("URL: "))
+            .unwrap();
+        reqwest::get(format!("{}/{url}", b.url))
+            .await
+            .unwrap()
+            .error_for_status()
+            .unwrap();
+    }
     let lb = Nginx::start(&[&a, &b]);
 
     let store = work.path().join("store");
@@ -409,7 +434,14 @@ async fn a_replica_killed_mid_download_the_retry_through_the_other_succeeds() {
     for i in 0..2 {
         let p = Proxy::start(&cluster.endpoints[i]).await;
         p.hold_after(HOLD_AFTER);
-        replicas.push(shared.replica(cluster.store_env(&p.url(), &prefix)).await);
+        // Only the client's own download reads the NAR: this is about the replica it went
+        // through. (A replica serving a narinfo GET reads its NAR ahead otherwise.)
+        let mut env = cluster.store_env(&p.url(), &prefix);
+        env.push((
+            "CELLAR_CACHE__PREFETCH_NAR_MAX_BYTES".to_owned(),
+            "0".to_owned(),
+        ));
+        replicas.push(shared.replica(env).await);
         proxies.push(p);
     }
     let lb = Nginx::start(&[&replicas[0], &replicas[1]]);
