@@ -31,7 +31,7 @@ use tokio::sync::{watch, OnceCell};
 use super::disk::{Checksummer, TempFile, WriteError};
 use super::{lock, NarCache, NarCacheAnswer};
 use crate::nix::NarFileName;
-use crate::store::{ByteStream, Object, Store, StoreError};
+use crate::store::{ByteRange, ByteStream, Object, Store, StoreError};
 
 /// How much a reader reads at a time, and how much a fill buffers before it must write.
 const READ_CHUNK: u64 = 1 << 20;
@@ -44,6 +44,14 @@ const BATCH_WAIT: Duration = Duration::from_millis(3);
 const RECENT: usize = 2 << 20;
 /// Blocks read from the store and waiting to be written to the file, at most.
 const WRITES_AHEAD: usize = 2;
+/// A fill reads a large NAR in parts of this size: the first as it arrives, the next ones
+/// [`PARTS_AHEAD`] at a time in parallel behind it, each a ranged GET. One connection to S3
+/// goes at the store's pace for one stream; several go faster (measured on Garage: ~290 MiB/s
+/// on one connection, ~440 on several).
+pub(super) const PART: u64 = 4 << 20;
+const PARTS_AHEAD: usize = 3;
+/// Parts fetched ahead or waiting to be taken, over all fills at once (the memory they hold).
+pub(super) const PARTS_IN_MEMORY: usize = 8;
 
 /// How a fill's store answer is served; what its cell holds once set.
 pub(super) enum Started {
@@ -295,7 +303,7 @@ impl NarCache {
         key: String,
         store: Arc<dyn Store>,
     ) -> Started {
-        let obj = match store.get(&key, None).await {
+        let obj = match open_in_parts(&store, &key, &self.parts).await {
             Ok(Some(o)) => o,
             Ok(None) => return Started::NotFound,
             Err(e) => return Started::Failed(e),
@@ -565,6 +573,122 @@ async fn write_out(
     .unwrap_or_else(|e| Err(io::Error::other(e)))
     .map_err(|e| WriteError::io("writing", tmp.path(), e))?;
     Ok(len)
+}
+
+/// Opens `key` for a fill: a ranged GET of its first [`PART`], and if the object is larger,
+/// a background task fetching the following parts in parallel (at most [`PARTS_AHEAD`] per
+/// fill, and `parts` fetched or waiting over all fills), handed on in order after the first. The object's
+/// body is then the whole object. A store that ignores the range sends the whole object, which
+/// is taken as it is.
+async fn open_in_parts(
+    store: &Arc<dyn Store>,
+    key: &str,
+    parts: &Arc<tokio::sync::Semaphore>,
+) -> Result<Option<Object>, StoreError> {
+    let first = ByteRange::From {
+        start: 0,
+        end: Some(PART - 1),
+    };
+    let Some(obj) = store.get(key, Some(first)).await? else {
+        return Ok(None);
+    };
+    let Some(range) = obj.range else {
+        return Ok(Some(obj)); // the whole object
+    };
+    if range.start != 0 || range.end.checked_sub(range.start).map(|n| n + 1) != Some(obj.length) {
+        return Err(StoreError::Other(format!(
+            "asked for bytes 0-{} of {key}, the store sent {}-{}/{}",
+            PART - 1,
+            range.start,
+            range.end,
+            range.total
+        )));
+    }
+    let total = range.total;
+    let whole = |body| Object {
+        body,
+        length: total,
+        range: None,
+    };
+    if obj.length >= total {
+        return Ok(Some(whole(obj.body)));
+    }
+    type Part = io::Result<(Vec<Bytes>, tokio::sync::OwnedSemaphorePermit)>;
+    let (tx, rx) = tokio::sync::mpsc::channel::<Part>(1);
+    let (store, key, parts) = (store.clone(), key.to_owned(), parts.clone());
+    let starts = (obj.length..total).step_by(PART as usize);
+    tokio::spawn(async move {
+        let mut fetched = futures::stream::iter(starts)
+            .map(|start| {
+                let (store, key, parts) = (store.clone(), key.clone(), parts.clone());
+                async move {
+                    // Held until the fill takes the part: it bounds the memory parts hold.
+                    let permit = parts.acquire_owned().await.map_err(io::Error::other)?;
+                    let end = (start + PART).min(total) - 1;
+                    let chunks = fetch_part(&*store, &key, start, end, total).await?;
+                    Ok((chunks, permit))
+                }
+            })
+            .buffered(PARTS_AHEAD);
+        while let Some(part) = fetched.next().await {
+            let failed = part.is_err();
+            // The fill went away (its body was dropped): stop fetching.
+            if tx.send(part).await.is_err() || failed {
+                return;
+            }
+        }
+    });
+    let rest = futures::stream::unfold(rx, |mut rx| async move {
+        let part = rx.recv().await?;
+        let chunks: ByteStream = match part {
+            Ok((chunks, _taken)) => futures::stream::iter(chunks.into_iter().map(Ok)).boxed(),
+            Err(e) => futures::stream::once(async move { Err(e) }).boxed(),
+        };
+        Some((chunks, rx))
+    })
+    .flatten();
+    Ok(Some(whole(obj.body.chain(rest).boxed())))
+}
+
+/// Bytes `start..=end` of `key`, whose size is `total`, whole.
+async fn fetch_part(
+    store: &dyn Store,
+    key: &str,
+    start: u64,
+    end: u64,
+    total: u64,
+) -> io::Result<Vec<Bytes>> {
+    let asked = ByteRange::From {
+        start,
+        end: Some(end),
+    };
+    let obj = store
+        .get(key, Some(asked))
+        .await
+        .map_err(io::Error::other)?
+        .ok_or_else(|| io::Error::other(format!("{key} went away while it was read")))?;
+    match obj.range {
+        Some(r) if (r.start, r.end, r.total) == (start, end, total) => {}
+        got => {
+            return Err(io::Error::other(format!(
+                "asked for bytes {start}-{end}/{total} of {key}, the store sent {got:?}"
+            )))
+        }
+    }
+    let mut chunks = Vec::new();
+    let mut n = 0u64;
+    let mut body = obj.body;
+    while let Some(chunk) = body.next().await {
+        let chunk = chunk?;
+        n += chunk.len() as u64;
+        chunks.push(chunk);
+    }
+    if n != end - start + 1 {
+        return Err(io::Error::other(format!(
+            "bytes {start}-{end} of {key}: the store sent {n}"
+        )));
+    }
+    Ok(chunks)
 }
 
 /// Removes a fill's cell if the request that created it is dropped before the fill started.

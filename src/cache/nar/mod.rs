@@ -77,6 +77,8 @@ pub struct NarCache {
     reserved: AtomicU64,
     /// Longest wait for the next chunk from the store before a fill fails.
     idle_timeout: Duration,
+    /// Parts of large NARs fetched ahead, over all fills (see [`fill::PART`]).
+    parts: Arc<tokio::sync::Semaphore>,
     /// Woken after the index and the files changed in the background, so tests wait for
     /// that instead of polling.
     #[cfg(test)]
@@ -105,6 +107,7 @@ impl NarCache {
             disk_full: Backoff::new(FULL_BACKOFF),
             reserved: AtomicU64::new(0),
             idle_timeout,
+            parts: Arc::new(tokio::sync::Semaphore::new(fill::PARTS_IN_MEMORY)),
             #[cfg(test)]
             changed: tokio::sync::Notify::new(),
         });

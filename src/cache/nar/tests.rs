@@ -230,7 +230,28 @@ async fn concurrent_misses_cost_one_store_get() {
     for t in tasks {
         assert_eq!(t.await.unwrap(), data);
     }
-    assert_eq!(mem.requests(), 1);
+    // One fill, which reads the NAR in two parts (ranged GETs).
+    assert_eq!(mem.requests(), 2);
+}
+
+/// A NAR of several parts is read with one ranged GET per part and served whole, in order,
+/// and the file written is the same.
+#[tokio::test]
+async fn a_large_nar_is_read_in_parts_and_served_in_order() {
+    let (_d, cache, mem, store) = setup(1 << 30);
+    let size = 3 * super::fill::PART + 12345;
+    let data: Vec<u8> = (0..size).map(|i| (i / 7) as u8).collect();
+    mem.insert(&format!("nar/{NAME}"), data.clone());
+    let got = get_nar(&cache, &store).await.unwrap();
+    assert!(
+        body(got).await == data,
+        "the parts came out of order or short"
+    );
+    assert_eq!(mem.requests(), 4);
+    wait_indexed(&cache, 1).await;
+    let again = get_nar(&cache, &store).await.unwrap();
+    assert!(body(again).await == data);
+    assert_eq!(mem.requests(), 4, "served from disk");
 }
 
 #[tokio::test]
