@@ -577,9 +577,10 @@ async fn write_out(
 
 /// Opens `key` for a fill: a ranged GET of its first [`PART`], and if the object is larger,
 /// a background task fetching the following parts in parallel (at most [`PARTS_AHEAD`] per
-/// fill, and `parts` fetched or waiting over all fills), handed on in order after the first. The object's
-/// body is then the whole object. A store that ignores the range sends the whole object, which
-/// is taken as it is.
+/// fill, and `parts` fetched or waiting over all fills), handed on in order after the first.
+/// The object's body is then the whole object. A store that ignores the range sends the whole
+/// object, which is taken as it is; one that answers the range as a miss is asked again for
+/// the whole object.
 async fn open_in_parts(
     store: &Arc<dyn Store>,
     key: &str,
@@ -590,7 +591,9 @@ async fn open_in_parts(
         end: Some(PART - 1),
     };
     let Some(obj) = store.get(key, Some(first)).await? else {
-        return Ok(None);
+        // Not there, or only at an upstream that ignores ranges (which answers a range as a
+        // miss): asked for whole.
+        return store.get(key, None).await;
     };
     let Some(range) = obj.range else {
         return Ok(Some(obj)); // the whole object

@@ -413,6 +413,8 @@ fn disk_errors_say_what_failed() {
 struct Fed {
     length: u64,
     body: std::sync::Mutex<Option<ByteStream>>,
+    /// Answers a range request as a miss (as an upstream cache that ignores ranges does).
+    ranges_missing: bool,
 }
 
 impl Fed {
@@ -426,6 +428,7 @@ impl Fed {
         let store = Arc::new(Self {
             length,
             body: std::sync::Mutex::new(Some(body)),
+            ranges_missing: false,
         });
         (store, tx)
     }
@@ -436,8 +439,11 @@ impl Store for Fed {
     async fn get(
         &self,
         _key: &str,
-        _range: Option<ByteRange>,
+        range: Option<ByteRange>,
     ) -> Result<Option<super::Object>, crate::store::StoreError> {
+        if range.is_some() && self.ranges_missing {
+            return Ok(None);
+        }
         let body = self.body.lock().unwrap().take();
         Ok(body.map(|body| super::Object {
             body,
@@ -668,4 +674,24 @@ async fn a_reader_keeping_up_with_a_fill_is_served_from_memory() {
     let want: Vec<u8> = (0..12).flat_map(|i| vec![i as u8; chunk]).collect();
     assert!(got == want, "the head reader's copy differs");
     assert!(late_got == want, "the late reader's copy differs");
+}
+
+/// A store that answers range requests as misses (an upstream cache that ignores ranges) is
+/// asked for the whole NAR: the fill still gets it.
+#[tokio::test]
+async fn a_store_answering_ranges_as_misses_is_asked_for_the_whole_nar() {
+    let dir = tempfile::tempdir().unwrap();
+    let cache = NarCache::open(dir.path(), 1 << 30, Duration::from_secs(30)).unwrap();
+    let data = vec![5u8; 2 << 20];
+    let (fed, tx) = Fed::new(data.len() as u64);
+    let fed = Arc::new(Fed {
+        length: fed.length,
+        body: std::sync::Mutex::new(fed.body.lock().unwrap().take()),
+        ranges_missing: true,
+    });
+    tx.unbounded_send(Bytes::from(data.clone())).unwrap();
+    drop(tx);
+    let store: Arc<dyn Store> = fed;
+    let answer = get_nar(&cache, &store).await.unwrap();
+    assert!(body(answer).await == data);
 }
