@@ -214,25 +214,18 @@ impl NarCache {
         size: u64,
         store: &Arc<dyn Store>,
     ) -> &'static str {
-        let n = name.as_str();
-        {
-            let index = self.index();
-            if index.contains(n) {
-                return "cached";
-            }
-            if !index.admits(size) {
-                return "skipped";
-            }
-        }
-        if lock(&self.fills).contains_key(n) {
+        if self.has(name) {
             return "cached";
+        }
+        if !self.index().admits(size) {
+            return "skipped";
         }
         let reserved = self.reserved.load(Ordering::Relaxed);
         if self.disk_full(size.saturating_add(reserved)) {
             return "skipped";
         }
         let filling = self
-            .on_fill(n, key, store, |started| match started {
+            .on_fill(name.as_str(), key, store, |started| match started {
                 Started::Filling(h) => Ok(Some(h.clone())),
                 Started::Small(_) => Ok(None),
                 Started::NotFound => Err("absent"),

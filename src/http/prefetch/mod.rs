@@ -173,6 +173,9 @@ pub(super) fn after_get(st: &AppState, body: &[u8]) {
     let (Some(cache), Some(_)) = (&st.nars, &st.prefetch.slots) else {
         return;
     };
+    if st.prefetch.nar_max_bytes == 0 {
+        return;
+    }
     let Some((nar, size)) = nar_of(body) else {
         return;
     };

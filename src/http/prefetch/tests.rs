@@ -214,6 +214,14 @@ async fn what_is_held_or_the_path_itself_is_not_prefetched() {
     );
 }
 
+/// The default config with a NAR disk cache in `dir`, and memory taking NARs up to 1000 bytes.
+fn with_disk_cache(dir: &tempfile::TempDir) -> Config {
+    let mut cfg = Config::default();
+    cfg.cache.nar_dir = Some(dir.path().join("nars"));
+    cfg.cache.nar_memory_max_object = 1000;
+    cfg
+}
+
 /// A client's GET of a narinfo starts filling the disk cache with its NAR when memory would not
 /// take it, so the NAR is then served with the store down: through a tailed fill (over 1 MiB)
 /// or read whole. A HEAD (is the path there?) starts nothing, nor does a NAR over
@@ -223,9 +231,7 @@ async fn a_narinfo_get_fills_the_disk_cache_with_its_nar() {
     use tower::ServiceExt as _;
     let mem = Arc::new(MemoryStore::new());
     let dir = tempfile::tempdir().unwrap();
-    let mut cfg = Config::default();
-    cfg.cache.nar_dir = Some(dir.path().join("nars"));
-    cfg.cache.nar_memory_max_object = 1000;
+    let mut cfg = with_disk_cache(&dir);
     cfg.cache.prefetch_nar_max_bytes = 3 << 20;
     let tailed = path(&mem, "tailed", &[], 2 << 20, 2 << 20);
     let whole = path(&mem, "whole", &[], 5000, 5000);
@@ -275,9 +281,7 @@ async fn a_narinfo_get_fills_the_disk_cache_with_its_nar() {
 async fn without_prefetching_no_nar_is_filled_ahead() {
     let mem = Arc::new(MemoryStore::new());
     let dir = tempfile::tempdir().unwrap();
-    let mut cfg = Config::default();
-    cfg.cache.nar_dir = Some(dir.path().join("nars"));
-    cfg.cache.nar_memory_max_object = 1000;
+    let mut cfg = with_disk_cache(&dir);
     cfg.cache.prefetch_concurrency = 0;
     let p = path(&mem, "p", &[], 5000, 5000);
     let st = state(cfg, &mem);
