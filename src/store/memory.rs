@@ -23,6 +23,15 @@ struct Stored {
 /// Called with the key of each object written under a prefix (see [`MemoryStore::after_write`]).
 type Hook = Arc<dyn Fn(&str) + Send + Sync>;
 
+/// What a ranged read made to fail does (see [`MemoryStore::fault_range`]).
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum RangeFault {
+    /// The body breaks off halfway, as over a dropped connection.
+    CutBody,
+    /// The answer is for the bytes one past those asked for.
+    WrongRange,
+}
+
 /// Holds reads of keys under a prefix between looking the object up and returning it, until
 /// the test opens it (see [`MemoryStore::hold_reads`]).
 pub struct ReadGate {
@@ -58,6 +67,10 @@ pub struct MemoryStore {
     gates: Mutex<Vec<Arc<ReadGate>>>,
     /// The key of every `get`, in order.
     got: Mutex<Vec<String>>,
+    /// Faults for ranged reads starting at a byte: (start, fault, reads left to fail).
+    faults: Mutex<Vec<(u64, RangeFault, usize)>>,
+    /// The start of every ranged `get`, in order.
+    range_starts: Mutex<Vec<u64>>,
 }
 
 impl MemoryStore {
@@ -137,6 +150,26 @@ impl MemoryStore {
         k
     }
 
+    /// Makes the next `times` ranged reads starting at byte `start` fail with `fault`.
+    pub fn fault_range(&self, start: u64, fault: RangeFault, times: usize) {
+        lock(&self.faults).push((start, fault, times));
+    }
+
+    /// The first byte asked for by each ranged `get`, in order.
+    pub fn range_starts(&self) -> Vec<u64> {
+        lock(&self.range_starts).clone()
+    }
+
+    /// The fault set for a ranged read starting at `start`, if any reads are left to fail.
+    fn take_fault(&self, start: u64) -> Option<RangeFault> {
+        let mut faults = lock(&self.faults);
+        let f = faults
+            .iter_mut()
+            .find(|(s, _, left)| *s == start && *left > 0)?;
+        f.2 -= 1;
+        Some(f.1)
+    }
+
     /// Number of `get` and `head` calls so far.
     pub fn requests(&self) -> usize {
         self.gets.load(Ordering::SeqCst)
@@ -179,7 +212,32 @@ impl Store for MemoryStore {
         let Some(data) = found else {
             return Ok(None);
         };
-        Object::from_bytes(data, range).map(Some)
+        let Some(ByteRange::From { start, end }) = range else {
+            return Object::from_bytes(data, range).map(Some);
+        };
+        lock(&self.range_starts).push(start);
+        match self.take_fault(start) {
+            None => Object::from_bytes(data, range).map(Some),
+            Some(RangeFault::WrongRange) => {
+                let shifted = ByteRange::From {
+                    start: start + 1,
+                    end: end.map(|e| e + 1),
+                };
+                Object::from_bytes(data, Some(shifted)).map(Some)
+            }
+            Some(RangeFault::CutBody) => {
+                let mut obj = Object::from_bytes(data, range)?;
+                let whole: Vec<Bytes> = obj.body.map(|c| c.unwrap_or_default()).collect().await;
+                let whole = whole.concat();
+                let half = Bytes::from(whole[..whole.len() / 2].to_vec());
+                obj.body = futures::stream::iter([
+                    Ok(half),
+                    Err(std::io::Error::other("connection reset (a test fault)")),
+                ])
+                .boxed();
+                Ok(Some(obj))
+            }
+        }
     }
 
     async fn head(&self, key: &str) -> Result<Option<u64>, StoreError> {

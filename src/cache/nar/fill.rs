@@ -50,6 +50,8 @@ const WRITES_AHEAD: usize = 2;
 /// on one connection, ~440 on several).
 pub(super) const PART: u64 = 4 << 20;
 const PARTS_AHEAD: usize = 3;
+/// Times a part is asked for before its fill fails.
+const PART_ATTEMPTS: usize = 3;
 /// Parts fetched ahead or waiting to be taken, over all fills at once (the memory they hold).
 pub(super) const PARTS_IN_MEMORY: usize = 8;
 
@@ -621,7 +623,7 @@ async fn open_in_parts(
                     // Held until the fill takes the part: it bounds the memory parts hold.
                     let permit = parts.acquire_owned().await.map_err(io::Error::other)?;
                     let end = (start + PART).min(total) - 1;
-                    let chunks = fetch_part(&*store, &key, start, end, total).await?;
+                    let chunks = fetch_part_retrying(&*store, &key, start, end, total).await?;
                     Ok((chunks, permit))
                 }
             })
@@ -646,6 +648,38 @@ async fn open_in_parts(
     Ok(Some(whole(obj.body.chain(rest).boxed())))
 }
 
+/// Bytes `start..=end` of `key`, whose size is `total`, whole, asked for again (up to
+/// [`PART_ATTEMPTS`] in all) when the store failed or broke off: one dropped connection costs
+/// that part, not the whole fill and the downloads reading it. A store that answers with
+/// other bytes than those asked for, or says the object is gone, is not asked again.
+async fn fetch_part_retrying(
+    store: &dyn Store,
+    key: &str,
+    start: u64,
+    end: u64,
+    total: u64,
+) -> io::Result<Vec<Bytes>> {
+    let mut attempt = 1;
+    loop {
+        match fetch_part(store, key, start, end, total).await {
+            Ok(chunks) => return Ok(chunks),
+            Err(PartError::Transient(e)) if attempt < PART_ATTEMPTS => {
+                tracing::warn!(key, start, end, attempt, error = %e, "a part of a NAR failed; asking again");
+                attempt += 1;
+            }
+            Err(PartError::Transient(e) | PartError::Final(e)) => return Err(e),
+        }
+    }
+}
+
+/// Why a part could not be read.
+enum PartError {
+    /// The store failed or broke off: asking again may work.
+    Transient(io::Error),
+    /// The store answered, wrongly: asking again would not help.
+    Final(io::Error),
+}
+
 /// Bytes `start..=end` of `key`, whose size is `total`, whole.
 async fn fetch_part(
     store: &dyn Store,
@@ -653,7 +687,7 @@ async fn fetch_part(
     start: u64,
     end: u64,
     total: u64,
-) -> io::Result<Vec<Bytes>> {
+) -> Result<Vec<Bytes>, PartError> {
     let asked = ByteRange::From {
         start,
         end: Some(end),
@@ -661,28 +695,32 @@ async fn fetch_part(
     let obj = store
         .get(key, Some(asked))
         .await
-        .map_err(io::Error::other)?
-        .ok_or_else(|| io::Error::other(format!("{key} went away while it was read")))?;
+        .map_err(|e| PartError::Transient(io::Error::other(e)))?
+        .ok_or_else(|| {
+            PartError::Final(io::Error::other(format!(
+                "{key} went away while it was read"
+            )))
+        })?;
     match obj.range {
         Some(r) if (r.start, r.end, r.total) == (start, end, total) => {}
         got => {
-            return Err(io::Error::other(format!(
+            return Err(PartError::Final(io::Error::other(format!(
                 "asked for bytes {start}-{end}/{total} of {key}, the store sent {got:?}"
-            )))
+            ))))
         }
     }
     let mut chunks = Vec::new();
     let mut n = 0u64;
     let mut body = obj.body;
     while let Some(chunk) = body.next().await {
-        let chunk = chunk?;
+        let chunk = chunk.map_err(PartError::Transient)?;
         n += chunk.len() as u64;
         chunks.push(chunk);
     }
     if n != end - start + 1 {
-        return Err(io::Error::other(format!(
+        return Err(PartError::Transient(io::Error::other(format!(
             "bytes {start}-{end} of {key}: the store sent {n}"
-        )));
+        ))));
     }
     Ok(chunks)
 }

@@ -8,7 +8,7 @@ use futures::TryStreamExt as _;
 
 use super::{NarCache, NarCacheAnswer};
 use crate::nix::NarFileName;
-use crate::store::memory::MemoryStore;
+use crate::store::memory::{MemoryStore, RangeFault};
 use crate::store::{ByteRange, ByteStream, Store};
 
 const NAME: &str = "07yp7gw2d9vmfgl2rd063i75qwkfbrgvqngp5yz2pk6iadzlckh7.nar.xz";
@@ -694,4 +694,79 @@ async fn a_store_answering_ranges_as_misses_is_asked_for_the_whole_nar() {
     let store: Arc<dyn Store> = fed;
     let answer = get_nar(&cache, &store).await.unwrap();
     assert!(body(answer).await == data);
+}
+
+/// A part whose transfer breaks off is asked for again: the download and the fill go on.
+#[tokio::test]
+async fn a_part_broken_off_is_asked_for_again() {
+    let (_d, cache, mem, store) = setup(1 << 30);
+    let part = super::fill::PART;
+    let data: Vec<u8> = (0..3 * part + 12345).map(|i| (i / 7) as u8).collect();
+    mem.insert(&format!("nar/{NAME}"), data.clone());
+    mem.fault_range(part, RangeFault::CutBody, 1);
+    let got = get_nar(&cache, &store).await.unwrap();
+    assert!(body(got).await == data, "the download differs");
+    let starts = mem.range_starts();
+    assert_eq!(
+        starts.iter().filter(|&&s| s == part).count(),
+        2,
+        "the broken part asked for again: {starts:?}"
+    );
+    wait_indexed(&cache, 1).await;
+    let again = get_nar(&cache, &store).await.unwrap();
+    assert!(body(again).await == data, "the file written differs");
+}
+
+/// A part that keeps failing fails the download; nothing is kept, and the next request
+/// reads the NAR afresh.
+#[tokio::test]
+async fn a_part_failing_every_time_fails_the_download_and_is_not_cached() {
+    let (_d, cache, mem, store) = setup(1 << 30);
+    let part = super::fill::PART;
+    let data: Vec<u8> = (0..3 * part).map(|i| (i / 3) as u8).collect();
+    mem.insert(&format!("nar/{NAME}"), data.clone());
+    mem.fault_range(part, RangeFault::CutBody, 3);
+    let NarCacheAnswer::Object(obj) = get_nar(&cache, &store).await.unwrap() else {
+        panic!("a large NAR is served while it fills");
+    };
+    let e = concat_or_error(obj.body).await.unwrap_err();
+    assert!(e.to_string().contains("the store failed"), "{e}");
+    let starts = mem.range_starts();
+    assert_eq!(
+        starts.iter().filter(|&&s| s == part).count(),
+        3,
+        "{starts:?}"
+    );
+    let again = get_nar(&cache, &store).await.unwrap();
+    assert!(body(again).await == data);
+    assert_eq!(mem.range_starts().first(), Some(&0));
+    assert_eq!(
+        mem.range_starts().iter().filter(|&&s| s == 0).count(),
+        2,
+        "the second request read the NAR from the store again"
+    );
+}
+
+/// A store answering a part with other bytes than those asked for is not trusted again: the
+/// download fails at once and nothing is cached.
+#[tokio::test]
+async fn a_part_answered_with_other_bytes_fails_without_asking_again() {
+    let (_d, cache, mem, store) = setup(1 << 30);
+    let part = super::fill::PART;
+    let data: Vec<u8> = (0..4 * part).map(|i| (i / 5) as u8).collect();
+    mem.insert(&format!("nar/{NAME}"), data.clone());
+    mem.fault_range(2 * part, RangeFault::WrongRange, 1);
+    let NarCacheAnswer::Object(obj) = get_nar(&cache, &store).await.unwrap() else {
+        panic!("a large NAR is served while it fills");
+    };
+    let e = concat_or_error(obj.body).await.unwrap_err();
+    assert!(e.to_string().contains("the store failed"), "{e}");
+    let starts = mem.range_starts();
+    assert_eq!(
+        starts.iter().filter(|&&s| s == 2 * part).count(),
+        1,
+        "{starts:?}"
+    );
+    let again = get_nar(&cache, &store).await.unwrap();
+    assert!(body(again).await == data);
 }
