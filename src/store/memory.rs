@@ -30,6 +30,10 @@ pub enum RangeFault {
     CutBody,
     /// The answer is for the bytes one past those asked for.
     WrongRange,
+    /// The store cannot be reached.
+    Unavailable,
+    /// The store refuses the credentials.
+    Denied,
 }
 
 /// Holds reads of keys under a prefix between looking the object up and returning it, until
@@ -225,6 +229,12 @@ impl Store for MemoryStore {
                 };
                 Object::from_bytes(data, Some(shifted)).map(Some)
             }
+            Some(RangeFault::Unavailable) => Err(StoreError::Unavailable(
+                "connection refused (a test fault)".into(),
+            )),
+            Some(RangeFault::Denied) => Err(StoreError::Misconfigured(
+                "access denied (a test fault)".into(),
+            )),
             Some(RangeFault::CutBody) => {
                 let mut obj = Object::from_bytes(data, range)?;
                 let whole: Vec<Bytes> = obj.body.map(|c| c.unwrap_or_default()).collect().await;

@@ -651,7 +651,8 @@ async fn open_in_parts(
 /// Bytes `start..=end` of `key`, whose size is `total`, whole, asked for again (up to
 /// [`PART_ATTEMPTS`] in all) when the store failed or broke off: one dropped connection costs
 /// that part, not the whole fill and the downloads reading it. A store that answers with
-/// other bytes than those asked for, or says the object is gone, is not asked again.
+/// other bytes than those asked for, says the object is gone or refuses the credentials is
+/// not asked again.
 async fn fetch_part_retrying(
     store: &dyn Store,
     key: &str,
@@ -695,7 +696,15 @@ async fn fetch_part(
     let obj = store
         .get(key, Some(asked))
         .await
-        .map_err(|e| PartError::Transient(io::Error::other(e)))?
+        .map_err(|e| match e {
+            StoreError::Unavailable(_) | StoreError::Timeout(_) | StoreError::Other(_) => {
+                PartError::Transient(io::Error::other(e))
+            }
+            // Credentials, a range the object no longer has: the next try would get the same.
+            StoreError::Misconfigured(_)
+            | StoreError::RangeNotSatisfiable { .. }
+            | StoreError::TooLarge { .. } => PartError::Final(io::Error::other(e)),
+        })?
         .ok_or_else(|| {
             PartError::Final(io::Error::other(format!(
                 "{key} went away while it was read"

@@ -696,7 +696,8 @@ async fn a_store_answering_ranges_as_misses_is_asked_for_the_whole_nar() {
     assert!(body(answer).await == data);
 }
 
-/// A part whose transfer breaks off is asked for again: the download and the fill go on.
+/// A part whose transfer breaks off, or whose store cannot be reached for a moment, is asked
+/// for again: the download and the fill go on.
 #[tokio::test]
 async fn a_part_broken_off_is_asked_for_again() {
     let (_d, cache, mem, store) = setup(1 << 30);
@@ -704,14 +705,17 @@ async fn a_part_broken_off_is_asked_for_again() {
     let data: Vec<u8> = (0..3 * part + 12345).map(|i| (i / 7) as u8).collect();
     mem.insert(&format!("nar/{NAME}"), data.clone());
     mem.fault_range(part, RangeFault::CutBody, 1);
+    mem.fault_range(2 * part, RangeFault::Unavailable, 1);
     let got = get_nar(&cache, &store).await.unwrap();
     assert!(body(got).await == data, "the download differs");
     let starts = mem.range_starts();
-    assert_eq!(
-        starts.iter().filter(|&&s| s == part).count(),
-        2,
-        "the broken part asked for again: {starts:?}"
-    );
+    for broken in [part, 2 * part] {
+        assert_eq!(
+            starts.iter().filter(|&&s| s == broken).count(),
+            2,
+            "the part at {broken} asked for again: {starts:?}"
+        );
+    }
     wait_indexed(&cache, 1).await;
     let again = get_nar(&cache, &store).await.unwrap();
     assert!(body(again).await == data, "the file written differs");
@@ -747,26 +751,28 @@ async fn a_part_failing_every_time_fails_the_download_and_is_not_cached() {
     );
 }
 
-/// A store answering a part with other bytes than those asked for is not trusted again: the
-/// download fails at once and nothing is cached.
+/// A store answering a part with other bytes than those asked for, or refusing the
+/// credentials, is not asked again: the download fails at once and nothing is cached.
 #[tokio::test]
-async fn a_part_answered_with_other_bytes_fails_without_asking_again() {
-    let (_d, cache, mem, store) = setup(1 << 30);
-    let part = super::fill::PART;
-    let data: Vec<u8> = (0..4 * part).map(|i| (i / 5) as u8).collect();
-    mem.insert(&format!("nar/{NAME}"), data.clone());
-    mem.fault_range(2 * part, RangeFault::WrongRange, 1);
-    let NarCacheAnswer::Object(obj) = get_nar(&cache, &store).await.unwrap() else {
-        panic!("a large NAR is served while it fills");
-    };
-    let e = concat_or_error(obj.body).await.unwrap_err();
-    assert!(e.to_string().contains("the store failed"), "{e}");
-    let starts = mem.range_starts();
-    assert_eq!(
-        starts.iter().filter(|&&s| s == 2 * part).count(),
-        1,
-        "{starts:?}"
-    );
-    let again = get_nar(&cache, &store).await.unwrap();
-    assert!(body(again).await == data);
+async fn a_part_answered_wrongly_fails_without_asking_again() {
+    for fault in [RangeFault::WrongRange, RangeFault::Denied] {
+        let (_d, cache, mem, store) = setup(1 << 30);
+        let part = super::fill::PART;
+        let data: Vec<u8> = (0..4 * part).map(|i| (i / 5) as u8).collect();
+        mem.insert(&format!("nar/{NAME}"), data.clone());
+        mem.fault_range(2 * part, fault, 1);
+        let NarCacheAnswer::Object(obj) = get_nar(&cache, &store).await.unwrap() else {
+            panic!("a large NAR is served while it fills");
+        };
+        let e = concat_or_error(obj.body).await.unwrap_err();
+        assert!(e.to_string().contains("the store failed"), "{fault:?}: {e}");
+        let starts = mem.range_starts();
+        assert_eq!(
+            starts.iter().filter(|&&s| s == 2 * part).count(),
+            1,
+            "{fault:?}: {starts:?}"
+        );
+        let again = get_nar(&cache, &store).await.unwrap();
+        assert!(body(again).await == data, "{fault:?}");
+    }
 }
