@@ -5,7 +5,7 @@ use std::path::{Path, PathBuf};
 
 use async_trait::async_trait;
 use futures::StreamExt as _;
-use tokio::io::{AsyncReadExt as _, AsyncSeekExt as _};
+use tokio::io::AsyncReadExt as _;
 use tokio_util::io::ReaderStream;
 
 use super::{
@@ -20,6 +20,63 @@ const STAGING: &str = ".staging";
 
 /// Read buffer for streaming files: small buffers cap throughput far below the disk's.
 const READ_BUFFER: usize = 1024 * 1024;
+
+/// Reads of at most this many bytes are done whole, in one call on the blocking pool (open,
+/// stat and read together); larger ones are streamed. Each hop to the blocking pool and back
+/// costs tens of microseconds, which a small NAR served from a file would pay four times.
+const WHOLE_READ_MAX: u64 = 256 << 10;
+
+/// A file opened for a read: read whole already, or to be streamed (`length` bytes from its
+/// current position).
+enum Opened {
+    Read(Bytes, Option<ContentRange>),
+    File(std::fs::File, u64, Option<ContentRange>),
+}
+
+/// Opens `path` for a read of `range` (all of it if `None`): `None` if there is no such file.
+fn open_for_read(path: &Path, range: Option<ByteRange>) -> Result<Option<Opened>, StoreError> {
+    use std::io::{Read as _, Seek as _};
+    let mut file = match std::fs::File::open(path) {
+        Ok(f) => f,
+        Err(e) if not_found(&e) => return Ok(None),
+        Err(e) => return Err(StoreError::Other(format!("{}: {e}", path.display()))),
+    };
+    let meta = file.metadata()?;
+    if !meta.is_file() {
+        return Ok(None);
+    }
+    let size = meta.len();
+    let (start, length, content_range) = match range {
+        None => (0, size, None),
+        Some(r) => {
+            let (start, end) = r
+                .resolve(size)
+                .ok_or(StoreError::RangeNotSatisfiable { size })?;
+            let content_range = ContentRange {
+                start,
+                end,
+                total: size,
+            };
+            (start, end - start + 1, Some(content_range))
+        }
+    };
+    if start > 0 {
+        file.seek(SeekFrom::Start(start))?;
+    }
+    if length > WHOLE_READ_MAX {
+        return Ok(Some(Opened::File(file, length, content_range)));
+    }
+    let mut buf = Vec::with_capacity(length as usize);
+    file.take(length).read_to_end(&mut buf)?;
+    if buf.len() as u64 != length {
+        return Err(StoreError::Other(format!(
+            "{}: {} bytes read of {length} (the file shrank while read)",
+            path.display(),
+            buf.len()
+        )));
+    }
+    Ok(Some(Opened::Read(Bytes::from(buf), content_range)))
+}
 
 pub struct LocalStore {
     root: PathBuf,
@@ -143,38 +200,23 @@ fn not_found(e: &io::Error) -> bool {
 impl Store for LocalStore {
     async fn get(&self, key: &str, range: Option<ByteRange>) -> Result<Option<Object>, StoreError> {
         let path = self.path(key);
-        let mut file = match tokio::fs::File::open(&path).await {
-            Ok(f) => f,
-            Err(e) if not_found(&e) => return Ok(None),
-            Err(e) => return Err(StoreError::Other(format!("{}: {e}", path.display()))),
-        };
-        let meta = file.metadata().await?;
-        if !meta.is_file() {
-            return Ok(None);
-        }
-        let size = meta.len();
-        let (length, content_range) = match range {
-            None => (size, None),
-            Some(r) => {
-                let (start, end) = r
-                    .resolve(size)
-                    .ok_or(StoreError::RangeNotSatisfiable { size })?;
-                file.seek(SeekFrom::Start(start)).await?;
-                (
-                    end - start + 1,
-                    Some(ContentRange {
-                        start,
-                        end,
-                        total: size,
-                    }),
-                )
+        let opened = tokio::task::spawn_blocking(move || open_for_read(&path, range))
+            .await
+            .map_err(|e| StoreError::Other(format!("reading {key}: {e}")))??;
+        Ok(opened.map(|o| match o {
+            Opened::Read(data, range) => Object {
+                length: data.len() as u64,
+                body: futures::stream::once(async move { Ok(data) }).boxed(),
+                range,
+            },
+            Opened::File(file, length, range) => {
+                let file = tokio::fs::File::from_std(file).take(length);
+                Object {
+                    body: ReaderStream::with_capacity(file, READ_BUFFER).boxed(),
+                    length,
+                    range,
+                }
             }
-        };
-        let body = ReaderStream::with_capacity(file.take(length), READ_BUFFER);
-        Ok(Some(Object {
-            body: body.boxed(),
-            length,
-            range: content_range,
         }))
     }
 
@@ -333,5 +375,97 @@ impl Drop for LocalWriter {
         if !self.done {
             let _ = std::fs::remove_file(&self.tmp);
         }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use futures::TryStreamExt as _;
+
+    use super::*;
+
+    async fn read(store: &LocalStore, key: &str, range: Option<ByteRange>) -> (Vec<u8>, Object) {
+        let mut obj = store.get(key, range).await.unwrap().unwrap();
+        let body = std::mem::replace(&mut obj.body, futures::stream::empty().boxed());
+        let chunks: Vec<Bytes> = body.try_collect().await.unwrap();
+        (chunks.concat(), obj)
+    }
+
+    /// Small and large files, whole and in ranges, read the same: the bytes asked for, their
+    /// length and range.
+    #[tokio::test]
+    async fn files_are_read_whole_and_in_ranges_at_any_size() {
+        let dir = tempfile::tempdir().unwrap();
+        let store = LocalStore::open(dir.path()).unwrap();
+        for size in [1000, WHOLE_READ_MAX, WHOLE_READ_MAX + 1, 3 << 20] {
+            let data: Vec<u8> = (0..size).map(|i| (i % 251) as u8).collect();
+            let key = format!("nar/f{size}");
+            std::fs::create_dir_all(dir.path().join("nar")).unwrap();
+            std::fs::write(dir.path().join(&key), &data).unwrap();
+            let (got, obj) = read(&store, &key, None).await;
+            assert!(got == data, "{size}: whole");
+            assert_eq!((obj.length, obj.range), (size, None), "{size}");
+            let ranges = [
+                (
+                    ByteRange::From {
+                        start: 10,
+                        end: Some(19),
+                    },
+                    10,
+                    19,
+                ),
+                (
+                    ByteRange::From {
+                        start: size - 5,
+                        end: None,
+                    },
+                    size - 5,
+                    size - 1,
+                ),
+                (ByteRange::Suffix(7), size - 7, size - 1),
+            ];
+            for (r, start, end) in ranges {
+                let (got, obj) = read(&store, &key, Some(r)).await;
+                assert!(
+                    got == data[start as usize..=end as usize],
+                    "{size}: {r:?} sent other bytes"
+                );
+                assert_eq!(obj.length, end - start + 1, "{size}: {r:?}");
+                assert_eq!(
+                    obj.range,
+                    Some(ContentRange {
+                        start,
+                        end,
+                        total: size
+                    }),
+                    "{size}: {r:?}"
+                );
+            }
+            let past = ByteRange::From {
+                start: size,
+                end: None,
+            };
+            assert!(matches!(
+                store.get(&key, Some(past)).await,
+                Err(StoreError::RangeNotSatisfiable { size: s }) if s == size
+            ));
+        }
+        assert!(store.get("nar/none", None).await.unwrap().is_none());
+        assert!(
+            store.get("nar", None).await.unwrap().is_none(),
+            "a directory"
+        );
+    }
+
+    /// Reads up to [`WHOLE_READ_MAX`] are done whole in one blocking call; larger ones stream.
+    #[test]
+    fn small_reads_are_whole_and_large_ones_stream() {
+        let dir = tempfile::tempdir().unwrap();
+        let path = dir.path().join("f");
+        std::fs::write(&path, vec![1u8; WHOLE_READ_MAX as usize + 100]).unwrap();
+        let whole = open_for_read(&path, Some(ByteRange::Suffix(WHOLE_READ_MAX))).unwrap();
+        assert!(matches!(whole, Some(Opened::Read(ref b, _)) if b.len() as u64 == WHOLE_READ_MAX));
+        let large = open_for_read(&path, None).unwrap();
+        assert!(matches!(large, Some(Opened::File(_, n, None)) if n == WHOLE_READ_MAX + 100));
     }
 }
