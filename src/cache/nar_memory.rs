@@ -14,7 +14,8 @@ use std::future::Future;
 use std::sync::Arc;
 
 use bytes::{Bytes, BytesMut};
-use futures::TryStreamExt as _;
+use futures::future::BoxFuture;
+use futures::{FutureExt as _, TryStreamExt as _};
 use moka::future::Cache;
 
 use crate::error::Error;
@@ -34,6 +35,10 @@ pub enum Unloaded {
 
 /// Where NARs that memory lets go for room are handed (the NAR disk cache).
 pub type Spill = Arc<dyn Fn(&str, Bytes) + Send + Sync>;
+
+/// Keeps a NAR read whole elsewhere in memory, if small enough; says whether it did
+/// ([`NarMemory::keeper`]).
+pub type Keep = Arc<dyn Fn(String, Bytes) -> BoxFuture<'static, bool> + Send + Sync>;
 
 pub struct NarMemory {
     /// `None` when disabled (`cache.nar_memory_bytes = 0`).
@@ -75,6 +80,29 @@ impl NarMemory {
         if let Some(c) = &self.cache {
             c.run_pending_tasks().await;
         }
+    }
+
+    /// Keeps NARs read whole elsewhere here, as if loaded, when small enough: the NAR disk
+    /// cache hands over the small NARs it fetched for a request that came without their
+    /// narinfo (a client that had it from its own cache), so that those too reach the disk only
+    /// when memory lets them go. `None` when memory keeps no NARs.
+    pub fn keeper(&self) -> Option<Keep> {
+        let cache = self.cache.clone()?;
+        let (hints, max_object) = (self.hints.clone(), self.max_object);
+        Some(Arc::new(move |name: String, data: Bytes| {
+            let (cache, hints) = (cache.clone(), hints.clone());
+            async move {
+                let size = data.len() as u64;
+                if size > max_object {
+                    return false;
+                }
+                let name: Arc<str> = name.into();
+                hints.insert(name.clone(), size).await;
+                cache.insert(name, data).await;
+                true
+            }
+            .boxed()
+        }))
     }
 
     /// Whether NARs are kept in memory at all.

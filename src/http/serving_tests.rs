@@ -424,3 +424,33 @@ async fn small_nars_reach_the_disk_only_when_memory_lets_them_go() {
     }
     assert_eq!(mem.gets_under("nar/"), 6, "every NAR from memory or disk");
 }
+
+/// A small NAR asked for without its narinfo (a client that had the narinfo from its own
+/// cache) goes to memory too, not to a file of the disk cache: served from memory next time.
+#[tokio::test]
+async fn a_small_nar_asked_for_without_its_narinfo_is_kept_in_memory() {
+    let dir = tempfile::tempdir().unwrap();
+    let mem = Arc::new(MemoryStore::new());
+    let mut cfg = Config::default();
+    cfg.cache.nar_dir = Some(dir.path().join("nars"));
+    let st = state(cfg, &mem);
+    let (file, nar) = nar_of(900);
+    mem.insert(&format!("nar/{file}"), nar.clone());
+    let (status, body) = get(&st, &format!("/nar/{file}")).await;
+    assert_eq!((status, body.len()), (StatusCode::OK, nar.len()));
+    let kept = async {
+        while !st.nar_memory.contains(&file).await {
+            tokio::task::yield_now().await;
+        }
+    };
+    tokio::time::timeout(std::time::Duration::from_secs(60), kept)
+        .await
+        .expect("the NAR never reached memory");
+    assert!(st.nar_memory.is_small(&file).await, "its size is known now");
+    let (status, body) = get(&st, &format!("/nar/{file}")).await;
+    assert_eq!((status, body.len()), (StatusCode::OK, nar.len()));
+    assert_eq!(mem.gets_under("nar/"), 1, "the second GET came from memory");
+    let disk = st.nars.clone().unwrap();
+    assert_eq!(disk.usage(), (0, 0), "no file written");
+    assert!(!dir.path().join("nars").join(&file).exists());
+}

@@ -146,6 +146,9 @@ impl AppState {
             Arc::new(move |name: &str, data: Bytes| disk.spill(name, data))
         });
         let nar_memory = NarMemory::new(c.nar_memory_bytes, c.nar_memory_max_object, spill);
+        if let (Some(disk), Some(keep)) = (&nars, nar_memory.keeper()) {
+            disk.keep_small_in(keep);
+        }
         let prefetch = Prefetch::new(c.prefetch_concurrency, c.prefetch_nar_max_bytes);
         let live = Live::build(config.clone(), signing_keys, &store, &uploader)?;
         Ok(Self(Arc::new(App {

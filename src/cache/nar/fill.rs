@@ -376,11 +376,23 @@ impl NarCache {
             Ok(Err(e)) => return Started::Failed(StoreError::Other(e.to_string())),
             Err(_) => return Started::Failed(StoreError::Timeout(self.idle_timeout.as_secs())),
         };
+        // The fill's cell (serving these bytes) stays until memory or the file holds them.
         let this = self.clone();
-        let file_data = data.clone();
-        tokio::task::spawn_blocking(move || {
-            this.store_small(&name, &file_data);
-            lock(&this.fills).remove(&name);
+        let kept_data = data.clone();
+        tokio::spawn(async move {
+            let kept = match this.keep_small.get() {
+                Some(keep) => keep(name.clone(), kept_data.clone()).await,
+                None => false,
+            };
+            if kept {
+                lock(&this.fills).remove(&name);
+                return;
+            }
+            let _ = tokio::task::spawn_blocking(move || {
+                this.store_small(&name, &kept_data);
+                lock(&this.fills).remove(&name);
+            })
+            .await;
         });
         Started::Small(data)
     }

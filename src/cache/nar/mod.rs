@@ -43,6 +43,7 @@ use bytes::Bytes;
 use tokio::sync::OnceCell;
 
 use crate::backoff::Backoff;
+use crate::cache::nar_memory::Keep;
 use crate::nix::NarFileName;
 use crate::store::{ByteRange, Object, Store, StoreError};
 use crate::sync::lock;
@@ -79,6 +80,8 @@ pub struct NarCache {
     idle_timeout: Duration,
     /// Parts of large NARs fetched ahead, over all fills (see [`fill::PART`]).
     parts: Arc<tokio::sync::Semaphore>,
+    /// Where small NARs read whole go instead of a file, if it takes them (the memory cache).
+    keep_small: std::sync::OnceLock<Keep>,
     /// Woken after the index and the files changed in the background, so tests wait for
     /// that instead of polling.
     #[cfg(test)]
@@ -108,12 +111,20 @@ impl NarCache {
             reserved: AtomicU64::new(0),
             idle_timeout,
             parts: Arc::new(tokio::sync::Semaphore::new(fill::PARTS_IN_MEMORY)),
+            keep_small: std::sync::OnceLock::new(),
             #[cfg(test)]
             changed: tokio::sync::Notify::new(),
         });
         // The budget may have shrunk since the last run.
         cache.evict();
         Ok(cache)
+    }
+
+    /// Hands the small NARs a fill reads whole (those asked for without their narinfo; the
+    /// others are loaded by the memory cache itself) to `keep` instead of writing them: they
+    /// reach the disk when memory lets them go. Set once, at start-up.
+    pub fn keep_small_in(&self, keep: Keep) {
+        let _ = self.keep_small.set(keep);
     }
 
     /// Number of NARs and bytes held.

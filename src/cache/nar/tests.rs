@@ -776,3 +776,39 @@ async fn a_part_answered_wrongly_fails_without_asking_again() {
         assert!(body(again).await == data, "{fault:?}");
     }
 }
+
+/// A small NAR read whole is offered to the memory cache first: kept there, it is not
+/// written; refused (too large for it), it is written as without one.
+#[tokio::test]
+async fn a_small_nar_goes_to_memory_if_it_takes_it_else_to_a_file() {
+    for takes in [true, false] {
+        let (d, cache, mem, store) = setup(1 << 20);
+        mem.insert(&format!("nar/{NAME}"), vec![7u8; 100]);
+        let offered = Arc::new(std::sync::Mutex::new(Vec::new()));
+        let seen = offered.clone();
+        cache.keep_small_in(Arc::new(move |name: String, data: Bytes| {
+            seen.lock().unwrap().push((name, data.len()));
+            Box::pin(async move { takes })
+        }));
+        assert_eq!(
+            body(get_nar(&cache, &store).await.unwrap()).await,
+            vec![7u8; 100]
+        );
+        if takes {
+            let settled = async {
+                while cache.has(&NAME.parse().unwrap()) {
+                    tokio::task::yield_now().await;
+                }
+            };
+            tokio::time::timeout(Duration::from_secs(60), settled)
+                .await
+                .expect("the fill never ended");
+            assert_eq!(cache.usage(), (0, 0), "kept in memory: no file");
+            assert!(!d.path().join(NAME).exists());
+        } else {
+            wait_indexed(&cache, 1).await;
+            assert_eq!(std::fs::read(d.path().join(NAME)).unwrap(), vec![7u8; 100]);
+        }
+        assert_eq!(*offered.lock().unwrap(), vec![(NAME.to_owned(), 100)]);
+    }
+}
