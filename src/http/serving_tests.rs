@@ -454,3 +454,27 @@ async fn a_small_nar_asked_for_without_its_narinfo_is_kept_in_memory() {
     assert_eq!(disk.usage(), (0, 0), "no file written");
     assert!(!dir.path().join("nars").join(&file).exists());
 }
+
+/// The disk cache and the memory cache refer to each other (spills one way, small NARs the
+/// other): a state that goes away lets its disk cache go too, with the lock on its directory.
+#[tokio::test]
+async fn a_dropped_state_lets_its_nar_disk_cache_go() {
+    let dir = tempfile::tempdir().unwrap();
+    let mem = Arc::new(MemoryStore::new());
+    let mut cfg = Config::default();
+    cfg.cache.nar_dir = Some(dir.path().join("nars"));
+    let st = state(cfg.clone(), &mem);
+    let disk = Arc::downgrade(st.nars.as_ref().unwrap());
+    drop(st);
+    let gone = async {
+        while disk.strong_count() > 0 {
+            tokio::task::yield_now().await;
+        }
+    };
+    tokio::time::timeout(std::time::Duration::from_secs(60), gone)
+        .await
+        .expect("the NAR disk cache was kept alive");
+    // Its directory can be opened again in this process.
+    let again = state(cfg, &mem);
+    assert!(again.nars.is_some());
+}

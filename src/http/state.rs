@@ -142,8 +142,14 @@ impl AppState {
                 .with_access(access.clone()),
         );
         let missing_nars = MissingNars::new(c.narinfo_ttl);
-        let spill = nars.clone().map(|disk| -> Spill {
-            Arc::new(move |name: &str, data: Bytes| disk.spill(name, data))
+        // Weak: the disk cache holds the memory cache (its keeper), which holds this.
+        let spill = nars.as_ref().map(|disk| -> Spill {
+            let disk = Arc::downgrade(disk);
+            Arc::new(move |name: &str, data: Bytes| {
+                if let Some(disk) = disk.upgrade() {
+                    disk.spill(name, data);
+                }
+            })
         });
         let nar_memory = NarMemory::new(c.nar_memory_bytes, c.nar_memory_max_object, spill);
         if let (Some(disk), Some(keep)) = (&nars, nar_memory.keeper()) {

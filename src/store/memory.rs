@@ -34,6 +34,8 @@ pub enum RangeFault {
     Unavailable,
     /// The store refuses the credentials.
     Denied,
+    /// The body stops halfway and sends nothing more, as over a connection gone quiet.
+    Stall,
 }
 
 /// Holds reads of keys under a prefix between looking the object up and returning it, until
@@ -235,16 +237,20 @@ impl Store for MemoryStore {
             Some(RangeFault::Denied) => Err(StoreError::Misconfigured(
                 "access denied (a test fault)".into(),
             )),
-            Some(RangeFault::CutBody) => {
+            Some(fault @ (RangeFault::CutBody | RangeFault::Stall)) => {
                 let mut obj = Object::from_bytes(data, range)?;
                 let whole: Vec<Bytes> = obj.body.map(|c| c.unwrap_or_default()).collect().await;
                 let whole = whole.concat();
-                let half = Bytes::from(whole[..whole.len() / 2].to_vec());
-                obj.body = futures::stream::iter([
-                    Ok(half),
-                    Err(std::io::Error::other("connection reset (a test fault)")),
-                ])
-                .boxed();
+                let half = futures::stream::once(futures::future::ready(Ok(Bytes::from(
+                    whole[..whole.len() / 2].to_vec(),
+                ))));
+                obj.body = if fault == RangeFault::Stall {
+                    half.chain(futures::stream::pending()).boxed()
+                } else {
+                    let reset = std::io::Error::other("connection reset (a test fault)");
+                    half.chain(futures::stream::once(futures::future::ready(Err(reset))))
+                        .boxed()
+                };
                 Ok(Some(obj))
             }
         }

@@ -298,7 +298,7 @@ impl NarCache {
         key: String,
         store: Arc<dyn Store>,
     ) -> Started {
-        let obj = match open_in_parts(&store, &key, &self.parts).await {
+        let obj = match open_in_parts(&store, &key, &self.parts, self.idle_timeout).await {
             Ok(Some(o)) => o,
             Ok(None) => return Started::NotFound,
             Err(e) => return Started::Failed(e),
@@ -592,6 +592,7 @@ async fn open_in_parts(
     store: &Arc<dyn Store>,
     key: &str,
     parts: &Arc<tokio::sync::Semaphore>,
+    idle_timeout: Duration,
 ) -> Result<Option<Object>, StoreError> {
     let first = ByteRange::From {
         start: 0,
@@ -627,6 +628,9 @@ async fn open_in_parts(
     let (tx, rx) = tokio::sync::mpsc::channel::<Part>(1);
     let (store, key, parts) = (store.clone(), key.to_owned(), parts.clone());
     let starts = (obj.length..total).step_by(PART as usize);
+    // A part gone quiet is given up on well before the fill itself would be (it waits
+    // `idle_timeout` for its next chunk), so that asking for it again can still save the fill.
+    let part_idle = idle_timeout / 3;
     tokio::spawn(async move {
         let mut fetched = futures::stream::iter(starts)
             .map(|start| {
@@ -635,14 +639,20 @@ async fn open_in_parts(
                     // Held until the fill takes the part: it bounds the memory parts hold.
                     let permit = parts.acquire_owned().await.map_err(io::Error::other)?;
                     let end = (start + PART).min(total) - 1;
-                    let chunks = fetch_part_retrying(&*store, &key, start, end, total).await?;
+                    let chunks =
+                        fetch_part_retrying(&*store, &key, start, end, total, part_idle).await?;
                     Ok((chunks, permit))
                 }
             })
             .buffered(PARTS_AHEAD);
-        while let Some(part) = fetched.next().await {
+        loop {
+            // The fill went away (its body was dropped): stop fetching, even mid-part.
+            let part = tokio::select! {
+                part = fetched.next() => part,
+                () = tx.closed() => return,
+            };
+            let Some(part) = part else { return };
             let failed = part.is_err();
-            // The fill went away (its body was dropped): stop fetching.
             if tx.send(part).await.is_err() || failed {
                 return;
             }
@@ -671,10 +681,11 @@ async fn fetch_part_retrying(
     start: u64,
     end: u64,
     total: u64,
+    idle_timeout: Duration,
 ) -> io::Result<Vec<Bytes>> {
     let mut attempt = 1;
     loop {
-        match fetch_part(store, key, start, end, total).await {
+        match fetch_part(store, key, start, end, total, idle_timeout).await {
             Ok(chunks) => return Ok(chunks),
             Err(PartError::Transient(e)) if attempt < PART_ATTEMPTS => {
                 tracing::warn!(key, start, end, attempt, error = %e, "a part of a NAR failed; asking again");
@@ -693,13 +704,15 @@ enum PartError {
     Final(io::Error),
 }
 
-/// Bytes `start..=end` of `key`, whose size is `total`, whole.
+/// Bytes `start..=end` of `key`, whose size is `total`, whole. A store that sends nothing for
+/// `idle_timeout` mid-part (a connection gone quiet rather than closed) has failed it.
 async fn fetch_part(
     store: &dyn Store,
     key: &str,
     start: u64,
     end: u64,
     total: u64,
+    idle_timeout: Duration,
 ) -> Result<Vec<Bytes>, PartError> {
     let asked = ByteRange::From {
         start,
@@ -733,7 +746,16 @@ async fn fetch_part(
     let mut chunks = Vec::new();
     let mut n = 0u64;
     let mut body = obj.body;
-    while let Some(chunk) = body.next().await {
+    loop {
+        let next = tokio::time::timeout(idle_timeout, body.next())
+            .await
+            .map_err(|_| {
+                PartError::Transient(io::Error::other(format!(
+                    "bytes {start}-{end} of {key}: the store sent nothing for {} s",
+                    idle_timeout.as_secs()
+                )))
+            })?;
+        let Some(chunk) = next else { break };
         let chunk = chunk.map_err(PartError::Transient)?;
         n += chunk.len() as u64;
         chunks.push(chunk);

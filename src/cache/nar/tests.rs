@@ -812,3 +812,24 @@ async fn a_small_nar_goes_to_memory_if_it_takes_it_else_to_a_file() {
         assert_eq!(*offered.lock().unwrap(), vec![(NAME.to_owned(), 100)]);
     }
 }
+
+/// A part whose store goes quiet mid-body (a connection neither closed nor sending) is given
+/// up on and asked for again, before the fill's own wait for the store runs out.
+#[tokio::test]
+async fn a_part_gone_quiet_is_asked_for_again() {
+    let dir = tempfile::tempdir().unwrap();
+    let cache = NarCache::open(dir.path(), 1 << 30, Duration::from_secs(3)).unwrap();
+    let mem = Arc::new(MemoryStore::new());
+    let store: Arc<dyn Store> = mem.clone();
+    let part = super::fill::PART;
+    let data: Vec<u8> = (0..3 * part).map(|i| (i / 11) as u8).collect();
+    mem.insert(&format!("nar/{NAME}"), data.clone());
+    mem.fault_range(part, RangeFault::Stall, 1);
+    let got = get_nar(&cache, &store).await.unwrap();
+    assert!(body(got).await == data, "the download differs");
+    let starts = mem.range_starts();
+    assert!(
+        starts.iter().filter(|&&s| s == part).count() >= 2,
+        "the quiet part asked for again: {starts:?}"
+    );
+}
