@@ -33,19 +33,23 @@ enum Opened {
     File(std::fs::File, u64, Option<ContentRange>),
 }
 
-/// Opens `path` for a read of `range` (all of it if `None`): `None` if there is no such file.
-fn open_for_read(path: &Path, range: Option<ByteRange>) -> Result<Option<Opened>, StoreError> {
-    use std::io::{Read as _, Seek as _};
-    let mut file = match std::fs::File::open(path) {
+/// The regular file at `path`, open, and its size: `None` if there is none.
+fn open_file(path: &Path) -> Result<Option<(std::fs::File, u64)>, StoreError> {
+    let file = match std::fs::File::open(path) {
         Ok(f) => f,
         Err(e) if not_found(&e) => return Ok(None),
         Err(e) => return Err(StoreError::Other(format!("{}: {e}", path.display()))),
     };
     let meta = file.metadata()?;
-    if !meta.is_file() {
+    Ok(meta.is_file().then_some((file, meta.len())))
+}
+
+/// Opens `path` for a read of `range` (all of it if `None`): `None` if there is no such file.
+fn open_for_read(path: &Path, range: Option<ByteRange>) -> Result<Option<Opened>, StoreError> {
+    use std::io::{Read as _, Seek as _};
+    let Some((mut file, size)) = open_file(path)? else {
         return Ok(None);
-    }
-    let size = meta.len();
+    };
     let (start, length, content_range) = match range {
         None => (0, size, None),
         Some(r) => {
@@ -226,19 +230,13 @@ impl Store for LocalStore {
         let path = self.path(key);
         let key = key.to_owned();
         tokio::task::spawn_blocking(move || {
-            let mut f = match std::fs::File::open(&path) {
-                Ok(f) => f,
-                Err(e) if not_found(&e) => return Ok(None),
-                Err(e) => return Err(StoreError::Other(format!("{}: {e}", path.display()))),
-            };
-            let meta = f.metadata()?;
-            if !meta.is_file() {
+            let Some((mut f, size)) = open_file(&path)? else {
                 return Ok(None);
-            }
-            if meta.len() > limit {
+            };
+            if size > limit {
                 return Err(StoreError::TooLarge { key, limit });
             }
-            let mut buf = Vec::with_capacity(meta.len() as usize);
+            let mut buf = Vec::with_capacity(size as usize);
             std::io::Read::read_to_end(&mut std::io::Read::take(&mut f, limit + 1), &mut buf)?;
             if buf.len() as u64 > limit {
                 return Err(StoreError::TooLarge { key, limit });
