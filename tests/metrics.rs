@@ -137,7 +137,8 @@ async fn counters_follow_traffic_and_prometheus_scrapes_them() {
         ) >= n
     );
     // The caches: the missing path was a miss, then answered from memory; every NAR was
-    // fetched once into the disk cache.
+    // looked up in the disk cache, found missing and fetched once (the large one may have been
+    // prefetched when its narinfo passed: then its GET finds it there, or filling).
     assert!(
         c(
             "cellar_cache_lookups_total",
@@ -150,12 +151,14 @@ async fn counters_follow_traffic_and_prometheus_scrapes_them() {
             &[r#"layer="narinfo_memory""#, r#"result="miss""#]
         ) >= 1.0
     );
-    assert!(
+    let disk = |result: &str| {
         c(
             "cellar_cache_lookups_total",
-            &[r#"layer="nar_disk""#, r#"result="miss""#]
-        ) >= n
-    );
+            &[r#"layer="nar_disk""#, &format!(r#"result="{result}""#)],
+        )
+    };
+    assert!(disk("miss") + disk("hit") >= n, "{text}");
+    assert!(disk("miss") >= n - 1.0, "{text}");
     // The NARs are small: each GET looked in memory first.
     assert!(
         c(
