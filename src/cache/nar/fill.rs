@@ -621,16 +621,22 @@ async fn open_in_parts(
         length: total,
         range: None,
     };
+    // A part gone quiet is given up on well before the fill itself would be (it waits
+    // `idle_timeout` for its next chunk), so that asking for it again can still save the fill.
+    let part_idle = idle_timeout / 3;
+    // The first part goes out to clients as it arrives: broken off, it is resumed where it
+    // stopped.
+    let first = match obj.length.checked_sub(1) {
+        Some(end) => Resume::stream(store.clone(), key, obj.body, 0, end, total, part_idle),
+        None => obj.body,
+    };
     if obj.length >= total {
-        return Ok(Some(whole(obj.body)));
+        return Ok(Some(whole(first)));
     }
     type Part = io::Result<(Vec<Bytes>, tokio::sync::OwnedSemaphorePermit)>;
     let (tx, rx) = tokio::sync::mpsc::channel::<Part>(1);
     let (store, key, parts) = (store.clone(), key.to_owned(), parts.clone());
     let starts = (obj.length..total).step_by(PART as usize);
-    // A part gone quiet is given up on well before the fill itself would be (it waits
-    // `idle_timeout` for its next chunk), so that asking for it again can still save the fill.
-    let part_idle = idle_timeout / 3;
     tokio::spawn(async move {
         let mut fetched = futures::stream::iter(starts)
             .map(|start| {
@@ -667,7 +673,93 @@ async fn open_in_parts(
         Some((chunks, rx))
     })
     .flatten();
-    Ok(Some(whole(obj.body.chain(rest).boxed())))
+    Ok(Some(whole(first.chain(rest).boxed())))
+}
+
+/// The bytes `next..=end` of an object being streamed: when its body breaks off, ends short
+/// or goes quiet for `idle`, the rest is asked for with a ranged GET (up to [`PART_ATTEMPTS`]
+/// reads in all, the first included), so one dropped connection does not fail the downloads
+/// reading it. A store that answers the resumed read wrongly ends it at once.
+struct Resume {
+    store: Arc<dyn Store>,
+    key: String,
+    body: ByteStream,
+    /// The next byte expected, and the last one.
+    next: u64,
+    end: u64,
+    total: u64,
+    idle: Duration,
+    reads_left: usize,
+}
+
+impl Resume {
+    fn stream(
+        store: Arc<dyn Store>,
+        key: &str,
+        body: ByteStream,
+        start: u64,
+        end: u64,
+        total: u64,
+        idle: Duration,
+    ) -> ByteStream {
+        let state = Resume {
+            store,
+            key: key.to_owned(),
+            body,
+            next: start,
+            end,
+            total,
+            idle,
+            reads_left: PART_ATTEMPTS - 1,
+        };
+        futures::stream::unfold(Some(state), |state| async move {
+            let mut s = state?;
+            match s.next_chunk().await {
+                Ok(Some(chunk)) => Some((Ok(chunk), Some(s))),
+                Ok(None) => None,
+                Err(e) => Some((Err(e), None)),
+            }
+        })
+        .boxed()
+    }
+
+    async fn next_chunk(&mut self) -> io::Result<Option<Bytes>> {
+        loop {
+            if self.next > self.end {
+                return Ok(None);
+            }
+            let failure = match tokio::time::timeout(self.idle, self.body.next()).await {
+                Ok(Some(Ok(chunk))) => {
+                    // Never past the end asked for.
+                    let room = self.end - self.next + 1;
+                    let chunk = if chunk.len() as u64 > room {
+                        chunk.slice(..room as usize)
+                    } else {
+                        chunk
+                    };
+                    self.next += chunk.len() as u64;
+                    return Ok(Some(chunk));
+                }
+                Ok(Some(Err(e))) => e,
+                Ok(None) => io::Error::other(format!("the store ended at byte {}", self.next)),
+                Err(_) => io::Error::other(format!(
+                    "the store sent nothing for {} s",
+                    self.idle.as_secs()
+                )),
+            };
+            if self.reads_left == 0 {
+                return Err(failure);
+            }
+            self.reads_left -= 1;
+            let (key, next, end) = (&self.key, self.next, self.end);
+            tracing::warn!(key, next, end, error = %failure, "a NAR download broke off; asking for the rest");
+            self.body = match open_range(&*self.store, key, next, end, self.total).await {
+                Ok(body) => body,
+                Err(PartError::Transient(e)) => futures::stream::once(async { Err(e) }).boxed(),
+                Err(PartError::Final(e)) => return Err(e),
+            };
+        }
+    }
 }
 
 /// Bytes `start..=end` of `key`, whose size is `total`, whole, asked for again (up to
@@ -714,6 +806,40 @@ async fn fetch_part(
     total: u64,
     idle_timeout: Duration,
 ) -> Result<Vec<Bytes>, PartError> {
+    let mut body = open_range(store, key, start, end, total).await?;
+    let mut chunks = Vec::new();
+    let mut n = 0u64;
+    loop {
+        let next = tokio::time::timeout(idle_timeout, body.next())
+            .await
+            .map_err(|_| {
+                PartError::Transient(io::Error::other(format!(
+                    "bytes {start}-{end} of {key}: the store sent nothing for {} s",
+                    idle_timeout.as_secs()
+                )))
+            })?;
+        let Some(chunk) = next else { break };
+        let chunk = chunk.map_err(PartError::Transient)?;
+        n += chunk.len() as u64;
+        chunks.push(chunk);
+    }
+    if n != end - start + 1 {
+        return Err(PartError::Transient(io::Error::other(format!(
+            "bytes {start}-{end} of {key}: the store sent {n}"
+        ))));
+    }
+    Ok(chunks)
+}
+
+/// The body of bytes `start..=end` of `key`, whose size is `total`: what the store answered
+/// checked to be those bytes.
+async fn open_range(
+    store: &dyn Store,
+    key: &str,
+    start: u64,
+    end: u64,
+    total: u64,
+) -> Result<ByteStream, PartError> {
     let asked = ByteRange::From {
         start,
         end: Some(end),
@@ -736,36 +862,11 @@ async fn fetch_part(
             )))
         })?;
     match obj.range {
-        Some(r) if (r.start, r.end, r.total) == (start, end, total) => {}
-        got => {
-            return Err(PartError::Final(io::Error::other(format!(
-                "asked for bytes {start}-{end}/{total} of {key}, the store sent {got:?}"
-            ))))
-        }
+        Some(r) if (r.start, r.end, r.total) == (start, end, total) => Ok(obj.body),
+        got => Err(PartError::Final(io::Error::other(format!(
+            "asked for bytes {start}-{end}/{total} of {key}, the store sent {got:?}"
+        )))),
     }
-    let mut chunks = Vec::new();
-    let mut n = 0u64;
-    let mut body = obj.body;
-    loop {
-        let next = tokio::time::timeout(idle_timeout, body.next())
-            .await
-            .map_err(|_| {
-                PartError::Transient(io::Error::other(format!(
-                    "bytes {start}-{end} of {key}: the store sent nothing for {} s",
-                    idle_timeout.as_secs()
-                )))
-            })?;
-        let Some(chunk) = next else { break };
-        let chunk = chunk.map_err(PartError::Transient)?;
-        n += chunk.len() as u64;
-        chunks.push(chunk);
-    }
-    if n != end - start + 1 {
-        return Err(PartError::Transient(io::Error::other(format!(
-            "bytes {start}-{end} of {key}: the store sent {n}"
-        ))));
-    }
-    Ok(chunks)
 }
 
 /// Removes a fill's cell if the request that created it is dropped before the fill started.

@@ -833,3 +833,76 @@ async fn a_part_gone_quiet_is_asked_for_again() {
         "the quiet part asked for again: {starts:?}"
     );
 }
+
+/// The first part of a NAR goes out to clients as it arrives: broken off, or gone quiet, it
+/// is resumed from the byte where it stopped, for a small NAR read whole as for a large one
+/// read in parts; the download and the file written are the NAR.
+#[tokio::test]
+async fn a_first_part_broken_off_is_resumed_where_it_stopped() {
+    let part = super::fill::PART;
+    for (size, fault) in [
+        (100_000, RangeFault::CutBody),
+        (3 * part + 777, RangeFault::CutBody),
+        (3 * part + 777, RangeFault::Stall),
+    ] {
+        let dir = tempfile::tempdir().unwrap();
+        let cache = NarCache::open(dir.path(), 1 << 30, Duration::from_secs(3)).unwrap();
+        let mem = Arc::new(MemoryStore::new());
+        let store: Arc<dyn Store> = mem.clone();
+        let data: Vec<u8> = (0..size).map(|i| (i / 13) as u8).collect();
+        mem.insert(&format!("nar/{NAME}"), data.clone());
+        mem.fault_range(0, fault, 1);
+        let got = get_nar(&cache, &store).await.unwrap();
+        assert!(
+            body(got).await == data,
+            "{size} {fault:?}: the download differs"
+        );
+        let cut = size.min(part) / 2;
+        let starts = mem.range_starts();
+        assert_eq!(
+            starts.iter().filter(|&&s| s == cut).count(),
+            1,
+            "{size} {fault:?}: resumed at {cut}: {starts:?}"
+        );
+        assert_eq!(starts.iter().filter(|&&s| s == 0).count(), 1, "{starts:?}");
+        wait_indexed(&cache, 1).await;
+        let again = get_nar(&cache, &store).await.unwrap();
+        assert!(
+            body(again).await == data,
+            "{size} {fault:?}: the file differs"
+        );
+    }
+}
+
+/// A first part that cannot be resumed fails the download after its last try, or at once
+/// when the store answers the rest wrongly; nothing is kept, and the next request reads the
+/// NAR afresh.
+#[tokio::test]
+async fn a_first_part_that_cannot_be_resumed_fails_the_download() {
+    let part = super::fill::PART;
+    for (fault, tries) in [
+        (RangeFault::Unavailable, 2),
+        (RangeFault::Denied, 1),
+        (RangeFault::WrongRange, 1),
+    ] {
+        let (_d, cache, mem, store) = setup(1 << 30);
+        let data: Vec<u8> = (0..3 * part).map(|i| (i / 17) as u8).collect();
+        mem.insert(&format!("nar/{NAME}"), data.clone());
+        mem.fault_range(0, RangeFault::CutBody, 1);
+        mem.fault_range(part / 2, fault, 5);
+        let NarCacheAnswer::Object(obj) = get_nar(&cache, &store).await.unwrap() else {
+            panic!("a large NAR is served while it fills");
+        };
+        let e = concat_or_error(obj.body).await.unwrap_err();
+        assert!(e.to_string().contains("the store failed"), "{fault:?}: {e}");
+        let starts = mem.range_starts();
+        assert_eq!(
+            starts.iter().filter(|&&s| s == part / 2).count(),
+            tries,
+            "{fault:?}: {starts:?}"
+        );
+        // Faults are left at part / 2; the next read starts at 0 and goes on in whole parts.
+        let again = get_nar(&cache, &store).await.unwrap();
+        assert!(body(again).await == data, "{fault:?}");
+    }
+}
