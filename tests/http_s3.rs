@@ -515,6 +515,19 @@ async fn invalid_names_never_reach_the_store() {
         ("a/b/c".into(), StatusCode::NOT_FOUND),
     ];
 
+    // The start-up cleanup of unfinished uploads lists them through the proxy in the
+    // background: counted from when it is done.
+    let listed = || {
+        metric_sum(
+            srv,
+            "cellar_store_requests_total",
+            &[r#"op="ListMultipartUploads""#],
+        )
+    };
+    let deadline = std::time::Instant::now() + std::time::Duration::from_secs(30);
+    while listed().await < 1.0 {
+        assert!(std::time::Instant::now() < deadline, "no start-up cleanup");
+    }
     let before = proxy.bytes_to_store();
     for (path, want) in &cases {
         for method in [Method::GET, Method::HEAD] {
@@ -705,6 +718,9 @@ async fn store_cut_mid_body_fails_the_download() {
         .await;
     let (srv, proxy) = (&app.srv, app.proxy());
     let c = client();
+    // The fill reads from the store at its own pace, not the client's: held after 1 MiB a
+    // connection, it cannot have the whole NAR before the store is cut.
+    proxy.hold_after(1 << 20);
 
     let r = get(&c, &format!("{}/nar/{name}", srv.url)).await;
     assert_eq!(r.status(), StatusCode::OK);
@@ -747,6 +763,7 @@ async fn store_cut_mid_body_fails_the_download() {
     // The server itself is fine, and serves the NAR again once the store is back.
     let (_, health) = get_ok(&c, &format!("{}/healthz", srv.url)).await;
     assert_eq!(health, b"ok\n");
+    proxy.release();
     proxy.set_down(false);
     let r = send(
         &c,

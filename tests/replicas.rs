@@ -340,6 +340,12 @@ async fn a_nar_being_filled_on_a_and_requested_on_b_is_served_to_both() {
     let a = shared.replica(env_a).await;
     let mut env_b = cluster.store_env(&cluster.endpoints[1], &prefix);
     env_b.push(nar_dir("nars-b"));
+    // B's NAR is read by its client's own GET (a miss), not ahead of it when the narinfo
+    // passes: read ahead, it could be on disk before the client asks.
+    env_b.push((
+        "CELLAR_CACHE__PREFETCH_NAR_MAX_BYTES".to_owned(),
+        "0".to_owned(),
+    ));
     let b = shared.replica(env_b).await;
 
     let store_a = work.path().join("store-a");

@@ -29,6 +29,7 @@ use futures::{FutureExt as _, StreamExt as _};
 use tokio::sync::{watch, OnceCell};
 
 use super::disk::{Checksummer, TempFile, WriteError};
+use super::index::Verified;
 use super::{lock, NarCache, NarCacheAnswer};
 use crate::nix::NarFileName;
 use crate::store::{ByteRange, ByteStream, Object, Store, StoreError};
@@ -182,7 +183,7 @@ impl NarCache {
         key: &str,
         store: &Arc<dyn Store>,
     ) -> Result<NarCacheAnswer, StoreError> {
-        self.on_fill(name, key, store, |started| match started {
+        let answer = self.on_fill(name, key, store, |started| match started {
             Started::Filling(h) => Ok(NarCacheAnswer::Object(Object {
                 body: tail(h.clone()),
                 length: h.size,
@@ -202,8 +203,18 @@ impl NarCache {
                 Ok(taken.map_or(NarCacheAnswer::Bypass, NarCacheAnswer::Object))
             }
             Started::Failed(e) => Err(e.clone()),
-        })
-        .await
+        });
+        match answer.await {
+            Some(answer) => answer,
+            // Its fill ended since the index was looked at.
+            None => {
+                let state = self.index().touch(name);
+                match state {
+                    Some((size, Verified::Yes)) => self.read_file(name, size, None).await,
+                    _ => Ok(NarCacheAnswer::Bypass),
+                }
+            }
+        }
     }
 
     /// Fills the cache with `name` ahead of any request, unless it is on disk or on its way
@@ -237,25 +248,34 @@ impl NarCache {
             })
             .await;
         match filling {
-            Ok(Some(h)) => h.finished().await,
-            Ok(None) => "loaded",
-            Err(result) => result,
+            Some(Ok(Some(h))) => h.finished().await,
+            Some(Ok(None)) => "loaded",
+            Some(Err(result)) => result,
+            None => "cached",
         }
     }
 
-    /// Runs `use_it` on the one fill of `name`, started if none is running. A fill that did
-    /// not start (nothing to tail) is forgotten after, so that the next request tries again.
+    /// Runs `use_it` on the one fill of `name`, started if none is running, or returns `None`
+    /// if none is and `name` is in the index (a fill that ended since the caller looked). A
+    /// fill that did not start (nothing to tail) is forgotten after, so that the next request
+    /// tries again.
     async fn on_fill<R>(
         self: &Arc<Self>,
         name: &str,
         key: &str,
         store: &Arc<dyn Store>,
         use_it: impl FnOnce(&Started) -> R,
-    ) -> R {
-        let cell = lock(&self.fills)
-            .entry(name.to_owned())
-            .or_default()
-            .clone();
+    ) -> Option<R> {
+        let cell = {
+            let mut fills = lock(&self.fills);
+            match fills.get(name) {
+                Some(cell) => cell.clone(),
+                // A fill indexes its NAR before it leaves `fills`, so one that is not there
+                // any more is in the index. (Lock order: `fills`, then `index`.)
+                None if self.index().contains(name) => return None,
+                None => fills.entry(name.to_owned()).or_default().clone(),
+            }
+        };
         // If this request goes away before the fill has started, nobody else may be waiting:
         // the guard then removes the empty cell.
         let guard = CellGuard {
@@ -272,7 +292,7 @@ impl NarCache {
         if !running {
             self.forget_cell(name, &cell);
         }
-        answer
+        Some(answer)
     }
 
     /// Reads from the file so far by the readers of the running fill of `name`.
@@ -351,6 +371,7 @@ impl NarCache {
                 Err(_) => Progress::Failed,
             });
             lock(&this.fills).remove(&name);
+            this.changed();
         });
         Started::Filling(handle)
     }

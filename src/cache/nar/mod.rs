@@ -134,7 +134,10 @@ impl NarCache {
 
     /// Whether `name` is on disk or being filled.
     pub fn has(&self, name: &NarFileName) -> bool {
-        self.index().contains(name.as_str()) || lock(&self.fills).contains_key(name.as_str())
+        // `fills` first: a fill leaves it only once its NAR is indexed. (Never both locks at
+        // once in this order: `on_fill` takes `fills`, then `index`.)
+        let filling = lock(&self.fills).contains_key(name.as_str());
+        filling || self.index().contains(name.as_str())
     }
 
     /// The size of `name` if a checked copy is on disk (a HEAD answered without the store).

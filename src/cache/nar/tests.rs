@@ -906,3 +906,30 @@ async fn a_first_part_that_cannot_be_resumed_fails_the_download() {
         assert!(body(again).await == data, "{fault:?}");
     }
 }
+
+/// A request that found the NAR neither in the index nor filling, because its fill ended in
+/// between (indexed, then gone from the fills), is served from the file that fill wrote, not
+/// from the store again.
+#[tokio::test]
+async fn a_fill_ended_since_the_index_was_read_is_served_from_its_file() {
+    let (_d, cache, mem, store) = setup(1 << 30);
+    let data: Vec<u8> = (0..3 * super::fill::PART / 2)
+        .map(|i| (i / 19) as u8)
+        .collect();
+    mem.insert(&format!("nar/{NAME}"), data.clone());
+    assert!(body(get_nar(&cache, &store).await.unwrap()).await == data);
+    wait_until(&cache, || cache.fill_file_reads(NAME).is_none()).await;
+    assert_eq!(cache.usage().0, 1);
+    let asked = mem.requests();
+    // What `get` does after it found nothing in the index.
+    let answer = cache
+        .through_fill(NAME, &format!("nar/{NAME}"), &store)
+        .await
+        .unwrap();
+    assert!(body(answer).await == data);
+    assert_eq!(
+        mem.requests(),
+        asked,
+        "the NAR was read from the store again"
+    );
+}
