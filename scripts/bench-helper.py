@@ -13,20 +13,11 @@
                                       FILE: curl -w '%{http_code} %{size_download}' lines. Prints
                                       MiB/s (total bytes / wall time); exits 1 on any non-200.
   bench-helper.py wrk FILE            FILE: wrk's output. Prints requests/s; exits 1 on errors.
-  bench-helper.py delay-proxy PORT UPSTREAM DELAY_MS REQUEST_LOG
-                                      listens on 127.0.0.1:PORT and forwards every connection to
-                                      UPSTREAM (host:port), both ways; every chunk coming back from
-                                      the upstream is held DELAY_MS before it is passed on, so each
-                                      answer arrives at least DELAY_MS later (a slower S3). Appends
-                                      one line per request it forwards ("time conn METHOD TARGET")
-                                      to REQUEST_LOG. Runs until killed.
   bench-helper.py table RESULTS META OUT
                                       RESULTS: "metric<TAB>server<TAB>value" lines (value a number
                                       or "failed"); META: markdown
                                       lines put under the table. Prints the report and writes OUT.
 """
-import asyncio
-import collections
 import datetime
 import hashlib
 import hmac
@@ -151,213 +142,6 @@ def wrk(path):
     print(f"{float(m.group(1)):.0f}")
 
 
-# --- the delay proxy --------------------------------------------------------------------------
-
-class RequestCounter:
-    """Finds the HTTP/1.x requests in one connection's client-to-server bytes, to log each one.
-
-    Knows requests framed by Content-Length or without a body (all the read path sends); on a
-    chunked body it logs that it stops counting on this connection, and only forwards from then.
-    """
-
-    def __init__(self, log_fd, conn):
-        self.log_fd, self.conn = log_fd, conn
-        self.buf, self.body_left, self.lost = b"", 0, False
-
-    def feed(self, data):
-        if self.lost:
-            return
-        self.buf += data
-        while True:
-            if self.body_left:
-                n = min(self.body_left, len(self.buf))
-                self.body_left -= n
-                self.buf = self.buf[n:]
-                if self.body_left:
-                    return
-            end = self.buf.find(b"\r\n\r\n")
-            if end < 0:
-                return
-            head, self.buf = self.buf[:end].decode("latin-1"), self.buf[end + 4:]
-            lines = head.split("\r\n")
-            parts = lines[0].split(" ")
-            fields = {}
-            for line in lines[1:]:
-                k, _, v = line.partition(":")
-                fields[k.strip().lower()] = v.strip()
-            if "chunked" in fields.get("transfer-encoding", "").lower():
-                self.log("? ? chunked request body: no more counting on this connection")
-                self.lost = True
-                return
-            try:
-                self.body_left = int(fields.get("content-length", "0") or 0)
-            except ValueError:
-                self.log("? ? unreadable Content-Length: no more counting on this connection")
-                self.lost = True
-                return
-            self.log(f"{parts[0]} {parts[1] if len(parts) > 1 else '?'}")
-
-    def log(self, what):
-        os.write(self.log_fd, f"{datetime.datetime.now().timestamp():.6f} {self.conn} {what}\n".encode())
-
-
-# Bytes held back from one client at most before the proxy stops reading from its upstream.
-HELD_MAX = 16 << 20
-
-
-class Upstream(asyncio.Protocol):
-    """The connection to the upstream of one client: what it sends is held for the delay,
-    in order, then written to the client (asyncio protocols, not streams: the proxy's own CPU
-    per request is what a slow S3 on another machine would not cost this one)."""
-
-    def __init__(self, client, delay):
-        self.client, self.delay = client, delay
-        self.loop = asyncio.get_running_loop()
-        self.transport = None
-        self.held = collections.deque()  # (due, bytes), or (due, None) for the end
-        self.held_bytes = 0
-        self.timer = None
-        self.paused = False  # reading from the upstream, by HELD_MAX or a slow client
-
-    def connection_made(self, transport):
-        self.transport = transport
-        nodelay(transport)
-
-    def data_received(self, data):
-        self.hold(data)
-        self.held_bytes += len(data)
-        if self.held_bytes > HELD_MAX:
-            self.pause()
-
-    def eof_received(self):
-        self.hold(None)
-        return True  # the client gets the end once the data before it is through
-
-    def connection_lost(self, exc):
-        self.hold(None)
-
-    def hold(self, data):
-        due = self.loop.time() + self.delay
-        self.held.append((due, data))
-        if self.timer is None:
-            self.timer = self.loop.call_at(due, self.flush)
-
-    def flush(self):
-        self.timer = None
-        now = self.loop.time()
-        client = self.client.transport
-        while self.held and self.held[0][0] <= now:
-            _, data = self.held.popleft()
-            if data is None:
-                self.held.clear()
-                if not client.is_closing():
-                    client.close()
-                return
-            self.held_bytes -= len(data)
-            if not client.is_closing():
-                client.write(data)
-        if self.held:
-            self.timer = self.loop.call_at(self.held[0][0], self.flush)
-        if self.held_bytes <= HELD_MAX // 2 and not self.client.write_paused:
-            self.resume()
-
-    def pause(self):
-        if not self.paused and self.transport is not None:
-            self.paused = True
-            self.transport.pause_reading()
-
-    def resume(self):
-        if self.paused and self.transport is not None and not self.transport.is_closing():
-            self.paused = False
-            self.transport.resume_reading()
-
-    def pause_writing(self):  # the upstream reads slower than the client sends
-        self.client.transport.pause_reading()
-
-    def resume_writing(self):
-        self.client.transport.resume_reading()
-
-
-class Client(asyncio.Protocol):
-    """One client connection: what it sends goes to the upstream at once, counted."""
-
-    def __init__(self, up_host, up_port, delay, log_fd, conn):
-        self.up_host, self.up_port, self.delay = up_host, up_port, delay
-        self.counter = RequestCounter(log_fd, conn)
-        self.transport = None
-        self.upstream = None
-        self.pending = []  # what the client sent before the upstream connection was up
-        self.write_paused = False
-
-    def connection_made(self, transport):
-        self.transport = transport
-        nodelay(transport)
-        asyncio.get_running_loop().create_task(self.connect())
-
-    async def connect(self):
-        loop = asyncio.get_running_loop()
-        try:
-            _, up = await loop.create_connection(lambda: Upstream(self, self.delay),
-                                                 self.up_host, self.up_port)
-        except OSError:
-            self.transport.close()
-            return
-        self.upstream = up
-        for data in self.pending:
-            up.transport.write(data)
-        self.pending = None
-
-    def data_received(self, data):
-        self.counter.feed(data)
-        if self.upstream is None:
-            if self.pending is not None:
-                self.pending.append(data)
-        elif not self.upstream.transport.is_closing():
-            self.upstream.transport.write(data)
-
-    def eof_received(self):
-        if self.upstream is not None and self.upstream.transport.can_write_eof():
-            self.upstream.transport.write_eof()
-        return True
-
-    def connection_lost(self, exc):
-        if self.upstream is not None:
-            self.upstream.transport.close()
-
-    def pause_writing(self):  # the client reads slower than the upstream sends
-        self.write_paused = True
-        if self.upstream is not None:
-            self.upstream.pause()
-
-    def resume_writing(self):
-        self.write_paused = False
-        if self.upstream is not None and self.upstream.held_bytes <= HELD_MAX // 2:
-            self.upstream.resume()
-
-
-def nodelay(transport):
-    sock = transport.get_extra_info("socket")
-    if sock is not None:
-        sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
-
-
-async def delay_proxy(port, upstream, delay_ms, log_path):
-    up_host, _, up_port = upstream.rpartition(":")
-    delay = int(delay_ms) / 1000
-    log_fd = os.open(log_path, os.O_WRONLY | os.O_CREAT | os.O_APPEND, 0o644)
-    conns = 0
-
-    def client():
-        nonlocal conns
-        conns += 1
-        return Client(up_host, int(up_port), delay, log_fd, conns)
-
-    server = await asyncio.get_running_loop().create_server(client, "127.0.0.1", int(port),
-                                                            backlog=1024)
-    async with server:
-        await server.serve_forever()
-
-
 # --- the report --------------------------------------------------------------------------------
 
 SERVERS = [("cellar-s3", "cellar (Garage)"), ("cellar-dir", "cellar (dir)"),
@@ -457,8 +241,6 @@ def main():
         throughput(*args)
     elif cmd == "wrk" and len(args) == 1:
         wrk(args[0])
-    elif cmd == "delay-proxy" and len(args) == 4:
-        asyncio.run(delay_proxy(*args))
     elif cmd == "table" and len(args) == 3:
         table(*args)
     else:

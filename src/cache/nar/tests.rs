@@ -841,6 +841,8 @@ async fn a_part_gone_quiet_is_asked_for_again() {
 async fn a_first_part_broken_off_is_resumed_where_it_stopped() {
     let part = super::fill::PART;
     for (size, fault) in [
+        // Cut after its first byte: one byte left to ask for.
+        (2, RangeFault::CutBody),
         (100_000, RangeFault::CutBody),
         (3 * part + 777, RangeFault::CutBody),
         (3 * part + 777, RangeFault::Stall),
