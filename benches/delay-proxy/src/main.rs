@@ -24,9 +24,9 @@ use tokio::net::{TcpListener, TcpStream};
 use tokio::sync::mpsc;
 use tokio::time::Instant;
 
-const READ: usize = 256 << 10;
-/// Chunks held back from one client at most (up to 16 MiB) before reading from the upstream
-/// stops: a slow client slows its upstream instead of filling memory.
+const READ: usize = 64 << 10;
+/// Chunks held back from one client at most (each at most [`READ`]: 16 MiB) before reading
+/// from the upstream stops: a slow client slows its upstream instead of filling memory.
 const HELD_CHUNKS: usize = 256;
 
 /// tokio's timer wakes on whole milliseconds, rounded up, and its poll rounds up again: asking
@@ -35,6 +35,9 @@ const HELD_CHUNKS: usize = 256;
 /// +2 ms 3.2-3.8 ms, Python 3.3-3.5; at +20 ms 21.9, Python 21.8; without this: 4.1 and 22.5).
 /// What is due already is not timed at all.
 const EARLY: Duration = Duration::from_micros(500);
+
+/// A request head longer than this means the counting lost the framing.
+const HEAD_MAX: usize = 64 << 10;
 
 type Log = Arc<Mutex<std::fs::File>>;
 
@@ -61,8 +64,14 @@ fn main() {
         let upstream: Arc<str> = upstream.as_str().into();
         let mut conn = 0u64;
         loop {
-            let Ok((client, _)) = listener.accept().await else {
-                continue;
+            let client = match listener.accept().await {
+                Ok((client, _)) => client,
+                Err(e) => {
+                    // Out of descriptors, say: not a reason to spin.
+                    eprintln!("delay proxy: accept: {e}");
+                    tokio::time::sleep(Duration::from_millis(50)).await;
+                    continue;
+                }
             };
             conn += 1;
             tokio::spawn(proxy(client, upstream.clone(), delay, log.clone(), conn));
@@ -105,7 +114,7 @@ async fn proxy(client: TcpStream, upstream: Arc<str>, delay: Duration, log: Log,
                 Ok(0) | Err(_) => break,
                 Ok(_) => {}
             }
-            if buf.len() < READ / 4 {
+            if buf.len() < READ / 8 {
                 buf.shrink_to_fit();
             }
             if tx.send((Instant::now() + delay, Some(buf))).await.is_err() {
@@ -171,6 +180,13 @@ impl Counter {
                 }
             }
             let Some(end) = find(&self.buf, b"\r\n\r\n") else {
+                if self.buf.len() > HEAD_MAX {
+                    self.write(
+                        "? ? no request head in 64 KiB: no more counting on this connection",
+                    );
+                    self.lost = true;
+                    self.buf = Vec::new();
+                }
                 return;
             };
             let head = String::from_utf8_lossy(&self.buf[..end]).into_owned();

@@ -643,8 +643,9 @@ async fn open_in_parts(
         range: None,
     };
     // A part gone quiet is given up on well before the fill itself would be (it waits
-    // `idle_timeout` for its next chunk), so that asking for it again can still save the fill.
-    let part_idle = idle_timeout / 3;
+    // `idle_timeout` for its next chunk), so that asking for it again, up to three reads in
+    // all, still fits in that wait.
+    let part_idle = idle_timeout / 4;
     // The first part goes out to clients as it arrives: broken off, it is resumed where it
     // stopped.
     let first = match obj.length.checked_sub(1) {
@@ -701,16 +702,31 @@ async fn open_in_parts(
 /// or goes quiet for `idle`, the rest is asked for with a ranged GET (up to [`PART_ATTEMPTS`]
 /// reads in all, the first included), so one dropped connection does not fail the downloads
 /// reading it. A store that answers the resumed read wrongly ends it at once.
+///
+/// The store has gone quiet when the body has sent nothing over two windows of `idle / 2` in
+/// a row, the second armed by a poll that found the first over: a reader that polled, went on
+/// to write to a slow disk for a while and polls again gets the second window to see the bytes
+/// it did not ask for meanwhile (a body sends as it is read).
 struct Resume {
     store: Arc<dyn Store>,
-    key: String,
-    body: ByteStream,
+    key: Arc<str>,
+    state: ResumeState,
     /// The next byte expected, and the last one.
     next: u64,
     end: u64,
     total: u64,
-    idle: Duration,
+    /// One window (half of the quiet time that ends a read).
+    window: Duration,
+    quiet: std::pin::Pin<Box<tokio::time::Sleep>>,
+    /// The current window is the second.
+    struck: bool,
     reads_left: usize,
+}
+
+enum ResumeState {
+    Reading(ByteStream),
+    Opening(futures::future::BoxFuture<'static, Result<ByteStream, PartError>>),
+    Done,
 }
 
 impl Resume {
@@ -723,56 +739,92 @@ impl Resume {
         total: u64,
         idle: Duration,
     ) -> ByteStream {
-        let state = Resume {
+        Box::pin(Resume {
             store,
-            key: key.to_owned(),
-            body,
+            key: key.into(),
+            state: ResumeState::Reading(body),
             next: start,
             end,
             total,
-            idle,
+            window: idle / 2,
+            quiet: Box::pin(tokio::time::sleep(idle / 2)),
+            struck: false,
             reads_left: PART_ATTEMPTS - 1,
-        };
-        futures::stream::unfold(Some(state), |state| async move {
-            let mut s = state?;
-            match s.next_chunk().await {
-                Ok(Some(chunk)) => Some((Ok(chunk), Some(s))),
-                Ok(None) => None,
-                Err(e) => Some((Err(e), None)),
-            }
         })
-        .boxed()
     }
 
-    async fn next_chunk(&mut self) -> io::Result<Option<Bytes>> {
+    /// Starts a new quiet window; the first of two unless `struck`.
+    fn arm(&mut self, struck: bool) {
+        self.struck = struck;
+        let deadline = tokio::time::Instant::now() + self.window;
+        self.quiet.as_mut().reset(deadline);
+    }
+}
+
+impl futures::Stream for Resume {
+    type Item = io::Result<Bytes>;
+
+    fn poll_next(
+        mut self: std::pin::Pin<&mut Self>,
+        cx: &mut std::task::Context<'_>,
+    ) -> std::task::Poll<Option<Self::Item>> {
+        use std::future::Future as _;
+        use std::task::Poll;
+        let this = &mut *self;
         loop {
-            if self.next > self.end {
-                return Ok(None);
+            if this.next > this.end {
+                return Poll::Ready(None);
             }
-            let failure = match tokio::time::timeout(self.idle, self.body.next()).await {
-                // A body is never longer than its range (the store's framing: Content-Length).
-                Ok(Some(Ok(chunk))) => {
-                    self.next += chunk.len() as u64;
-                    return Ok(Some(chunk));
-                }
-                Ok(Some(Err(e))) => e,
-                Ok(None) => io::Error::other(format!("the store ended at byte {}", self.next)),
-                Err(_) => io::Error::other(format!(
-                    "the store sent nothing for {} s",
-                    self.idle.as_secs()
-                )),
+            let failure = match &mut this.state {
+                ResumeState::Done => return Poll::Ready(None),
+                ResumeState::Opening(open) => match open.as_mut().poll(cx) {
+                    Poll::Pending => return Poll::Pending,
+                    Poll::Ready(Ok(body)) => {
+                        this.state = ResumeState::Reading(body);
+                        this.arm(false);
+                        continue;
+                    }
+                    Poll::Ready(Err(PartError::Transient(e))) => e,
+                    Poll::Ready(Err(PartError::Final(e))) => {
+                        this.state = ResumeState::Done;
+                        return Poll::Ready(Some(Err(e)));
+                    }
+                },
+                ResumeState::Reading(body) => match body.as_mut().poll_next(cx) {
+                    Poll::Ready(Some(Ok(chunk))) => {
+                        // A body is never longer than its range (its framing: Content-Length).
+                        this.next += chunk.len() as u64;
+                        this.arm(false);
+                        return Poll::Ready(Some(Ok(chunk)));
+                    }
+                    Poll::Ready(Some(Err(e))) => e,
+                    Poll::Ready(None) => {
+                        io::Error::other(format!("the store ended at byte {}", this.next))
+                    }
+                    Poll::Pending => match this.quiet.as_mut().poll(cx) {
+                        Poll::Pending => return Poll::Pending,
+                        Poll::Ready(()) if !this.struck => {
+                            this.arm(true);
+                            continue; // registers the second window's timer
+                        }
+                        Poll::Ready(()) => io::Error::other(format!(
+                            "the store sent nothing for {} ms",
+                            (2 * this.window).as_millis()
+                        )),
+                    },
+                },
             };
-            if self.reads_left == 0 {
-                return Err(failure);
+            if this.reads_left == 0 {
+                this.state = ResumeState::Done;
+                return Poll::Ready(Some(Err(failure)));
             }
-            self.reads_left -= 1;
-            let (key, next, end) = (&self.key, self.next, self.end);
-            tracing::warn!(key, next, end, error = %failure, "a NAR download broke off; asking for the rest");
-            self.body = match open_range(&*self.store, key, next, end, self.total).await {
-                Ok(body) => body,
-                Err(PartError::Transient(e)) => futures::stream::once(async { Err(e) }).boxed(),
-                Err(PartError::Final(e)) => return Err(e),
-            };
+            this.reads_left -= 1;
+            let (key, next, end, total) = (this.key.clone(), this.next, this.end, this.total);
+            tracing::warn!(key = %key, next, end, error = %failure, "a NAR download broke off; asking for the rest");
+            let store = this.store.clone();
+            this.state = ResumeState::Opening(Box::pin(async move {
+                open_range(&*store, &key, next, end, total).await
+            }));
         }
     }
 }
@@ -893,8 +945,20 @@ struct CellGuard<'a> {
 
 impl Drop for CellGuard<'_> {
     fn drop(&mut self) {
-        if !self.cell.initialized() {
-            self.cache.forget_cell(self.name, self.cell);
+        if self.cell.initialized() {
+            return;
+        }
+        // Another request waiting on the cell takes its fill over: the cell stays, so that
+        // later requests join that fill instead of starting one of their own. (The cell is held
+        // by `fills` and by the request going away; any more holders are waiting on it. They
+        // clone it under this lock.)
+        let mut fills = lock(&self.cache.fills);
+        if fills
+            .get(self.name)
+            .is_some_and(|c| Arc::ptr_eq(c, self.cell))
+            && Arc::strong_count(self.cell) <= 2
+        {
+            fills.remove(self.name);
         }
     }
 }
@@ -960,6 +1024,56 @@ fn tail(h: Arc<FillHandle>) -> ByteStream {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    /// A body whose next bytes come only a moment after the reader polls for them a second
+    /// time, as an HTTP body does that reads its connection when asked.
+    struct ReadWhenAsked {
+        polls: usize,
+        arrival: Option<std::pin::Pin<Box<tokio::time::Sleep>>>,
+        data: Option<Bytes>,
+    }
+
+    impl futures::Stream for ReadWhenAsked {
+        type Item = io::Result<Bytes>;
+        fn poll_next(
+            mut self: std::pin::Pin<&mut Self>,
+            cx: &mut std::task::Context<'_>,
+        ) -> std::task::Poll<Option<Self::Item>> {
+            use std::future::Future as _;
+            self.polls += 1;
+            if self.polls == 1 {
+                return std::task::Poll::Pending;
+            }
+            let arrival = self
+                .arrival
+                .get_or_insert_with(|| Box::pin(tokio::time::sleep(Duration::from_millis(10))));
+            std::task::ready!(arrival.as_mut().poll(cx));
+            std::task::Poll::Ready(self.data.take().map(Ok))
+        }
+    }
+
+    /// A reader that polled, went away for longer than the quiet time (writing to a slow
+    /// disk, say) and polls again gets the bytes the store sends then: its absence is not the
+    /// store's silence, and the store is not asked again.
+    #[tokio::test(start_paused = true)]
+    async fn a_reader_away_for_a_while_is_not_a_quiet_store() {
+        let mem = Arc::new(crate::store::memory::MemoryStore::new());
+        mem.insert("nar/x", vec![1u8; 10]);
+        let store: Arc<dyn Store> = mem.clone();
+        let body = ReadWhenAsked {
+            polls: 0,
+            arrival: None,
+            data: Some(Bytes::from(vec![1u8; 10])),
+        };
+        let idle = Duration::from_secs(2);
+        let mut s = Resume::stream(store, "nar/x", Box::pin(body), 0, 9, 10, idle);
+        assert!(s.next().now_or_never().is_none());
+        tokio::time::sleep(3 * idle).await;
+        let got = s.next().await.unwrap().unwrap();
+        assert_eq!(&got[..], &[1u8; 10][..]);
+        assert!(s.next().await.is_none());
+        assert!(mem.range_starts().is_empty(), "the store was asked again");
+    }
 
     #[test]
     fn fill_errors_say_what_went_wrong() {

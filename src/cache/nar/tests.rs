@@ -935,3 +935,35 @@ async fn a_fill_ended_since_the_index_was_read_is_served_from_its_file() {
         "the NAR was read from the store again"
     );
 }
+
+/// A request that goes away before its fill has started leaves the fill to another request
+/// waiting for it, and a request arriving after that joins the same fill: the store is read
+/// once for the two that stayed.
+#[tokio::test]
+async fn a_request_gone_before_its_fill_started_leaves_the_fill_to_those_waiting() {
+    let (_d, cache, mem, store) = setup(1 << 30);
+    let data: Vec<u8> = (0..100_000u32).map(|i| (i / 23) as u8).collect();
+    mem.insert(&format!("nar/{NAME}"), data.clone());
+    let gate = mem.hold_reads("nar/");
+    let spawn_get = |cache: &Arc<NarCache>, store: &Arc<dyn Store>| {
+        let (cache, store) = (cache.clone(), store.clone());
+        tokio::spawn(async move { body(get_nar(&cache, &store).await.unwrap()).await })
+    };
+    let first = spawn_get(&cache, &store);
+    gate.reached().await; // its read of the store is held
+    let second = spawn_get(&cache, &store);
+    tokio::task::yield_now().await; // the second waits on the first's fill
+    first.abort();
+    assert!(first.await.unwrap_err().is_cancelled());
+    gate.reached().await; // the second started the fill over: its read is held
+    let third = spawn_get(&cache, &store);
+    tokio::task::yield_now().await;
+    gate.open();
+    assert!(second.await.unwrap() == data);
+    assert!(third.await.unwrap() == data);
+    assert_eq!(
+        mem.requests(),
+        2,
+        "the first request's read, then the second's; the third joined"
+    );
+}
