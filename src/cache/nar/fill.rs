@@ -739,6 +739,7 @@ impl Resume {
         total: u64,
         idle: Duration,
     ) -> ByteStream {
+        let window = idle / 2;
         Box::pin(Resume {
             store,
             key: key.into(),
@@ -746,8 +747,8 @@ impl Resume {
             next: start,
             end,
             total,
-            window: idle / 2,
-            quiet: Box::pin(tokio::time::sleep(idle / 2)),
+            window,
+            quiet: Box::pin(tokio::time::sleep(window)),
             struck: false,
             reads_left: PART_ATTEMPTS - 1,
         })
@@ -1050,6 +1051,27 @@ mod tests {
             std::task::ready!(arrival.as_mut().poll(cx));
             std::task::Poll::Ready(self.data.take().map(Ok))
         }
+    }
+
+    /// A store that sends nothing while the reader waits is given up on after the quiet time
+    /// (two windows), and the rest is asked for from the byte where it stopped.
+    #[tokio::test(start_paused = true)]
+    async fn a_store_quiet_for_the_idle_time_is_asked_for_the_rest() {
+        let mem = Arc::new(crate::store::memory::MemoryStore::new());
+        let data: Vec<u8> = (0..10u8).collect();
+        mem.insert("nar/x", data.clone());
+        let store: Arc<dyn Store> = mem.clone();
+        let quiet = futures::stream::once(async { Ok(Bytes::from_static(&[0, 1, 2])) })
+            .chain(futures::stream::pending());
+        let idle = Duration::from_secs(2);
+        let mut s = Resume::stream(store, "nar/x", Box::pin(quiet), 0, 9, 10, idle);
+        assert_eq!(&s.next().await.unwrap().unwrap()[..], &[0, 1, 2]);
+        let waited = tokio::time::Instant::now();
+        let rest = s.next().await.unwrap().unwrap();
+        assert_eq!(waited.elapsed(), idle, "given up on after the quiet time");
+        assert_eq!(&rest[..], &data[3..]);
+        assert_eq!(mem.range_starts(), vec![3]);
+        assert!(s.next().await.is_none());
     }
 
     /// A reader that polled, went away for longer than the quiet time (writing to a slow
