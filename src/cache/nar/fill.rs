@@ -648,10 +648,9 @@ async fn open_in_parts(
     let part_idle = idle_timeout / 4;
     // The first part goes out to clients as it arrives: broken off, it is resumed where it
     // stopped.
-    let first = match obj.length.checked_sub(1) {
-        Some(end) => Resume::stream(store.clone(), key, obj.body, 0, end, total, part_idle),
-        None => obj.body,
-    };
+    // (`obj.length` ≥ 1: it is the length of the range checked above.)
+    let end = obj.length - 1;
+    let first = Resume::stream(store.clone(), key, obj.body, 0, end, total, part_idle);
     if obj.length >= total {
         return Ok(Some(whole(first)));
     }

@@ -623,6 +623,16 @@ async fn concat_or_error(s: ByteStream) -> std::io::Result<Vec<u8>> {
     .await
 }
 
+/// Asks for [`NAME`], a large NAR served while it fills, and returns how its download failed.
+async fn failed_download(cache: &Arc<NarCache>, store: &Arc<dyn Store>) -> std::io::Error {
+    let NarCacheAnswer::Object(obj) = get_nar(cache, store).await.unwrap() else {
+        panic!("a large NAR is served while it fills");
+    };
+    concat_or_error(obj.body)
+        .await
+        .expect_err("the download failed")
+}
+
 /// A reader keeping up with a fill is handed the chunks just written from memory; one that
 /// joins late, past what memory keeps, reads the file. Both get the whole NAR.
 #[tokio::test]
@@ -730,10 +740,7 @@ async fn a_part_failing_every_time_fails_the_download_and_is_not_cached() {
     let data: Vec<u8> = (0..3 * part).map(|i| (i / 3) as u8).collect();
     mem.insert(&format!("nar/{NAME}"), data.clone());
     mem.fault_range(part, RangeFault::CutBody, 3);
-    let NarCacheAnswer::Object(obj) = get_nar(&cache, &store).await.unwrap() else {
-        panic!("a large NAR is served while it fills");
-    };
-    let e = concat_or_error(obj.body).await.unwrap_err();
+    let e = failed_download(&cache, &store).await;
     assert!(e.to_string().contains("the store failed"), "{e}");
     let starts = mem.range_starts();
     assert_eq!(
@@ -761,10 +768,7 @@ async fn a_part_answered_wrongly_fails_without_asking_again() {
         let data: Vec<u8> = (0..4 * part).map(|i| (i / 5) as u8).collect();
         mem.insert(&format!("nar/{NAME}"), data.clone());
         mem.fault_range(2 * part, fault, 1);
-        let NarCacheAnswer::Object(obj) = get_nar(&cache, &store).await.unwrap() else {
-            panic!("a large NAR is served while it fills");
-        };
-        let e = concat_or_error(obj.body).await.unwrap_err();
+        let e = failed_download(&cache, &store).await;
         assert!(e.to_string().contains("the store failed"), "{fault:?}: {e}");
         let starts = mem.range_starts();
         assert_eq!(
@@ -892,10 +896,7 @@ async fn a_first_part_that_cannot_be_resumed_fails_the_download() {
         mem.insert(&format!("nar/{NAME}"), data.clone());
         mem.fault_range(0, RangeFault::CutBody, 1);
         mem.fault_range(part / 2, fault, 5);
-        let NarCacheAnswer::Object(obj) = get_nar(&cache, &store).await.unwrap() else {
-            panic!("a large NAR is served while it fills");
-        };
-        let e = concat_or_error(obj.body).await.unwrap_err();
+        let e = failed_download(&cache, &store).await;
         assert!(e.to_string().contains("the store failed"), "{fault:?}: {e}");
         let starts = mem.range_starts();
         assert_eq!(
