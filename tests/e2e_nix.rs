@@ -130,35 +130,13 @@ async fn hot_closure_is_served_without_touching_s3() {
     );
     // Small NARs (up to 64 KiB, the default `cache.nar_memory_max_object_bytes`) stay in
     // memory; the others go to the disk cache. Fills finish in the background right after the
-    // last byte went out: wait until every large NAR has its file (its `.meta` is written
-    // last), bounded against a hang.
+    // last byte went out: wait for the server to log each large NAR stored.
     let large = std::fs::read_dir(f.xz_dir.join("nar"))
         .unwrap()
         .filter(|e| e.as_ref().unwrap().metadata().unwrap().len() > 64 << 10)
         .count();
     assert!(large > 0, "the fixture has a NAR over the memory limit");
-    let cached = || {
-        std::fs::read_dir(work.path().join("nar-cache"))
-            .unwrap()
-            .filter(|e| {
-                e.as_ref()
-                    .unwrap()
-                    .file_name()
-                    .to_string_lossy()
-                    .ends_with(".meta")
-            })
-            .count()
-    };
-    let deadline = std::time::Instant::now() + std::time::Duration::from_secs(60);
-    while cached() < large {
-        assert!(
-            std::time::Instant::now() < deadline,
-            "{} of {} large NARs cached",
-            cached(),
-            large
-        );
-        tokio::time::sleep(std::time::Duration::from_millis(20)).await;
-    }
+    srv.wait_for_log("NAR cache: stored", large);
     let before = proxy.bytes_to_store();
     substitute_and_verify(
         &srv.url,

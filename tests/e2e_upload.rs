@@ -513,7 +513,11 @@ async fn bad_uploads_are_refused_and_leave_nothing_visible() {
 #[tokio::test(flavor = "multi_thread")]
 async fn truncated_upload_leaves_no_trace() {
     let (w, wcfg) = token("builder", "write");
-    let app = App::s3("up-trunc").config(&wcfg).spawn().await;
+    let app = App::s3("up-trunc")
+        .config(&wcfg)
+        .env("RUST_LOG", "info,cellar=debug,cellar::store=trace")
+        .spawn()
+        .await;
     let (srv, s3, prefix) = (&app.srv, &app.s3, &app.prefix);
     // A 20 MiB body so the server is already in a multipart upload when the client dies.
     let name = "0000000000000000000000000000000000000000000000000000.nar";
@@ -532,54 +536,32 @@ async fn truncated_upload_leaves_no_trace() {
     .unwrap();
     s.write_all(&nar).unwrap();
     s.flush().unwrap();
-    // Cut only once the multipart upload exists: what is tested is that it is aborted.
-    let client = s3_client(s3);
-    let deadline = std::time::Instant::now() + std::time::Duration::from_secs(60);
-    loop {
-        let uploads = client
-            .list_multipart_uploads()
-            .bucket(&s3.bucket)
-            .prefix(prefix)
-            .send()
-            .await
-            .unwrap();
-        if !uploads.uploads().is_empty() {
-            break;
-        }
-        assert!(
-            std::time::Instant::now() < deadline,
-            "no multipart upload started"
-        );
-        tokio::time::sleep(std::time::Duration::from_millis(20)).await;
-    }
+    // Cut only once the multipart upload exists (the server logs each S3 request at trace
+    // level): what is tested is that it is aborted.
+    srv.wait_for_log("op=\"CreateMultipartUpload\"", 1);
     drop(s);
-    // The server notices and aborts it; look everywhere until it has.
-    let mut clean = false;
-    let deadline = std::time::Instant::now() + std::time::Duration::from_secs(60);
-    while std::time::Instant::now() < deadline {
-        let objects = client
-            .list_objects_v2()
-            .bucket(&s3.bucket)
-            .prefix(prefix)
-            .send()
-            .await
-            .unwrap();
-        let uploads = client
-            .list_multipart_uploads()
-            .bucket(&s3.bucket)
-            .prefix(prefix)
-            .send()
-            .await
-            .unwrap();
-        if objects.contents().is_empty() && uploads.uploads().is_empty() {
-            clean = true;
-            break;
-        }
-        tokio::time::sleep(std::time::Duration::from_millis(100)).await;
-    }
+    // The server notices and aborts it; then nothing is left anywhere.
+    srv.wait_for_log("multipart upload aborted", 1);
+    let client = s3_client(s3);
+    let objects = client
+        .list_objects_v2()
+        .bucket(&s3.bucket)
+        .prefix(prefix)
+        .send()
+        .await
+        .unwrap();
+    let uploads = client
+        .list_multipart_uploads()
+        .bucket(&s3.bucket)
+        .prefix(prefix)
+        .send()
+        .await
+        .unwrap();
     assert!(
-        clean,
-        "the aborted upload left objects or multipart uploads behind"
+        objects.contents().is_empty() && uploads.uploads().is_empty(),
+        "the aborted upload left objects or multipart uploads behind: {:?} {:?}",
+        objects.contents(),
+        uploads.uploads()
     );
     assert_eq!(status(format!("{}/nar/{name}", srv.url)).await, 404);
     // The server is fine afterwards.

@@ -854,30 +854,8 @@ async fn disk_cached_nars_are_complete_cold_and_warm() {
     for t in tasks {
         t.await.unwrap();
     }
-    // Fills end right after the last byte: wait until they have taken their final names
-    // (bounded against a hang, never relied on as a delay).
-    let deadline = std::time::Instant::now() + std::time::Duration::from_secs(60);
-    loop {
-        let cached = std::fs::read_dir(dir.path())
-            .unwrap()
-            .filter(|e| {
-                e.as_ref()
-                    .unwrap()
-                    .file_name()
-                    .to_string_lossy()
-                    .ends_with(".meta")
-            })
-            .count();
-        if cached == nars.len() {
-            break;
-        }
-        assert!(
-            std::time::Instant::now() < deadline,
-            "{cached} of {} NARs cached",
-            nars.len()
-        );
-        tokio::time::sleep(std::time::Duration::from_millis(20)).await;
-    }
+    // Fills end right after the last byte: wait for the server to log each NAR stored.
+    srv.wait_for_log("NAR cache: stored", nars.len());
     let before = proxy.bytes_to_store();
     for (name, data) in &nars {
         let (_, body) = get_ok(&c, &format!("{}/nar/{name}", srv.url)).await;

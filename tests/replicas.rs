@@ -361,11 +361,8 @@ async fn a_nar_being_filled_on_a_and_requested_on_b_is_served_to_both() {
     .spawn()
     .unwrap();
     // A's fill has started and is held mid-body.
-    wait_until(
-        "A's fill held mid-body",
-        || proxy_a.holding() >= 1 && a.log_count("NAR cache: miss") >= 1,
-        || a.log(),
-    );
+    proxy_a.held().await;
+    a.wait_for_log("NAR cache: miss", 1);
     assert!(child_a.try_wait().unwrap().is_none());
 
     let store_b = work.path().join("store-b");
@@ -401,17 +398,15 @@ async fn a_nar_being_filled_on_a_and_requested_on_b_is_served_to_both() {
         &big,
         &work.path().join("xdg-va"),
     );
-    // Each replica completed its own fill (a NAR and its .meta file).
-    for d in ["nars-a", "nars-b"] {
-        let dir = work.path().join(d);
-        wait_until(
-            &format!("the NAR in {d}"),
-            || {
-                walk(&dir)
-                    .iter()
-                    .any(|p| p.to_string_lossy().ends_with(".nar.xz"))
-            },
-            || format!("{:?}", walk(&dir)),
+    // Each replica completed its own fill: woken by its log's line, then its file is there.
+    for (r, d) in [(&a, "nars-a"), (&b, "nars-b")] {
+        r.wait_for_log("NAR cache: stored", 1);
+        let files = walk(&work.path().join(d));
+        assert!(
+            files
+                .iter()
+                .any(|p| p.to_string_lossy().ends_with(".nar.xz")),
+            "no NAR in {d}: {files:?}"
         );
     }
 }
@@ -464,12 +459,11 @@ async fn a_replica_killed_mid_download_the_retry_through_the_other_succeeds() {
     .stderr(Stdio::piped())
     .spawn()
     .unwrap();
-    wait_until(
-        "a NAR held mid-body",
-        || proxies.iter().any(|p| p.holding() >= 1),
-        || lb.access_log(),
-    );
-    let victim = usize::from(proxies[0].holding() == 0);
+    // A NAR held mid-body, by whichever replica the client reached.
+    let victim = tokio::select! {
+        () = proxies[0].held() => 0,
+        () = proxies[1].held() => 1,
+    };
     let survivor = 1 - victim;
     proxies[survivor].release();
     let st = Command::new("kill")

@@ -138,8 +138,8 @@ pub struct Proxy {
     conns: Arc<Mutex<Vec<tokio::task::AbortHandle>>>,
     /// A connection that has passed this many bytes from the store waits until it is raised.
     hold_after: tokio::sync::watch::Sender<u64>,
-    /// Connections waiting at `hold_after` now.
-    holding: Arc<AtomicU64>,
+    /// Connections waiting at `hold_after` now, watched by tests waiting for a hold.
+    holding: Arc<tokio::sync::watch::Sender<u64>>,
 }
 
 impl Proxy {
@@ -154,7 +154,7 @@ impl Proxy {
         let to_upstream = Arc::new(AtomicU64::new(0));
         let conns: Arc<Mutex<Vec<tokio::task::AbortHandle>>> = Arc::default();
         let (hold_after, _) = tokio::sync::watch::channel(u64::MAX);
-        let holding = Arc::new(AtomicU64::new(0));
+        let holding = Arc::new(tokio::sync::watch::channel(0u64).0);
         let (d, t, c) = (down.clone(), to_upstream.clone(), conns.clone());
         let (hold, held) = (hold_after.clone(), holding.clone());
         tokio::spawn(async move {
@@ -194,13 +194,13 @@ impl Proxy {
                         let mut passed = 0u64;
                         loop {
                             if passed >= *hold.borrow_and_update() {
-                                held.fetch_add(1, Ordering::SeqCst);
+                                held.send_modify(|n| *n += 1);
                                 while passed >= *hold.borrow_and_update() {
                                     if hold.changed().await.is_err() {
                                         break;
                                     }
                                 }
-                                held.fetch_sub(1, Ordering::SeqCst);
+                                held.send_modify(|n| *n -= 1);
                             }
                             let n = sr.read(&mut buf).await.unwrap_or(0);
                             if n == 0 || cw.write_all(&buf[..n]).await.is_err() {
@@ -238,7 +238,22 @@ impl Proxy {
 
     /// How many connections are being held now.
     pub fn holding(&self) -> u64 {
-        self.holding.load(Ordering::SeqCst)
+        *self.holding.borrow()
+    }
+
+    /// The number of connections held, as it changes.
+    pub fn holds(&self) -> tokio::sync::watch::Receiver<u64> {
+        self.holding.subscribe()
+    }
+
+    /// Returns once a connection is being held (woken by the hold itself); fails after a
+    /// minute (a guard against a hung test).
+    pub async fn held(&self) {
+        let mut holds = self.holds();
+        tokio::time::timeout(Duration::from_secs(60), holds.wait_for(|n| *n >= 1))
+            .await
+            .expect("no connection was held within a minute")
+            .expect("the proxy is alive while the test holds it");
     }
 
     pub fn url(&self) -> String {
@@ -271,6 +286,57 @@ pub struct Server {
     pub public_key: String,
     pub dir: tempfile::TempDir,
     child: Child,
+    log: Arc<LogTap>,
+}
+
+/// A server's stderr as it arrives: read line by line from its pipe, kept in memory and in
+/// `server.log` (for a look after a failed test), with a condition variable woken by each line,
+/// so that a test waiting for a line is woken by the line itself.
+#[derive(Default)]
+pub struct LogTap {
+    text: Mutex<String>,
+    grew: std::sync::Condvar,
+}
+
+impl LogTap {
+    /// Starts copying `from` into the tap and into the file `copy`.
+    pub fn start(from: impl std::io::Read + Send + 'static, copy: &Path) -> Arc<LogTap> {
+        use std::io::Write as _;
+        let tap = Arc::new(LogTap::default());
+        let mut file = std::fs::File::create(copy).unwrap();
+        let writer = tap.clone();
+        std::thread::spawn(move || {
+            let mut from = BufReader::new(from);
+            let mut line = String::new();
+            // Until the process and every child holding its stderr have gone.
+            while from.read_line(&mut line).is_ok_and(|n| n > 0) {
+                let _ = file.write_all(line.as_bytes());
+                writer.text.lock().unwrap().push_str(&line);
+                writer.grew.notify_all();
+                line.clear();
+            }
+        });
+        tap
+    }
+
+    pub fn text(&self) -> String {
+        self.text.lock().unwrap().clone()
+    }
+
+    /// Waits until the log holds `needle` at least `count` times, woken by each line the
+    /// server writes. Fails after a minute (a guard against a hung test), with the log.
+    pub fn wait_for(&self, needle: &str, count: usize) {
+        let deadline = std::time::Instant::now() + Duration::from_secs(60);
+        let mut text = self.text.lock().unwrap();
+        while text.matches(needle).count() < count {
+            let left = deadline.saturating_duration_since(std::time::Instant::now());
+            assert!(
+                !left.is_zero(),
+                "{needle:?} did not appear {count} time(s) in the log:\n{text}"
+            );
+            text = self.grew.wait_timeout(text, left).unwrap().0;
+        }
+    }
 }
 
 /// Env for an S3 store at `endpoint` (usually a [`Proxy`]) under `prefix`.
@@ -311,8 +377,6 @@ impl Server {
             .unwrap();
         assert!(out.status.success(), "keygen: {out:?}");
         let public_key = String::from_utf8(out.stdout).unwrap().trim().to_owned();
-        let log_path = dir.path().join("server.log");
-        let log = std::fs::File::create(&log_path).unwrap();
         let mut cmd = Command::new(CELLAR);
         cmd.arg("serve")
             .arg("--config")
@@ -322,25 +386,26 @@ impl Server {
             .env("CELLAR_SIGNING__KEY_FILES", &key)
             .env("RUST_LOG", "info,cellar=debug")
             .stdout(Stdio::piped())
-            .stderr(log);
+            .stderr(Stdio::piped());
         for (k, v) in &env {
             cmd.env(k, v);
         }
         let mut child = cmd.spawn().unwrap();
-        let addr = wait_until_listening(&mut child, || {
-            std::fs::read_to_string(&log_path).unwrap_or_default()
-        });
+        let stderr = child.stderr.take().expect("cellar's stderr is piped");
+        let log = LogTap::start(stderr, &dir.path().join("server.log"));
+        let addr = wait_until_listening(&mut child, || log.text());
         Server {
             url: format!("http://{addr}"),
             addr,
             public_key,
             dir,
             child,
+            log,
         }
     }
 
     pub fn log(&self) -> String {
-        std::fs::read_to_string(self.dir.path().join("server.log")).unwrap_or_default()
+        self.log.text()
     }
 
     /// The config file the server was started with (rewrite it, then [`Server::sighup`]).
@@ -358,17 +423,10 @@ impl Server {
     }
 
     /// Waits until the log holds `needle` at least `count` times: for events only the log
-    /// reports (a reload done, an upload refused). Fails after a minute, with the log.
+    /// reports (a reload done, an upload refused). Woken by the server's own lines; fails
+    /// after a minute, with the log.
     pub fn wait_for_log(&self, needle: &str, count: usize) {
-        let deadline = std::time::Instant::now() + Duration::from_secs(60);
-        while self.log().matches(needle).count() < count {
-            assert!(
-                std::time::Instant::now() < deadline,
-                "{needle:?} did not appear {count} time(s) in the log:\n{}",
-                self.log()
-            );
-            std::thread::sleep(Duration::from_millis(20));
-        }
+        self.log.wait_for(needle, count);
     }
 
     /// How often the log holds `needle`.

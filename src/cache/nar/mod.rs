@@ -268,6 +268,7 @@ impl NarCache {
     /// Indexes a file just published, then keeps the budget.
     fn add(&self, name: &str, size: u64, checksum: Checksum) {
         self.index().insert(name, size, checksum, Verified::Yes);
+        tracing::debug!(nar = %name, bytes = size, "NAR cache: stored");
         self.evict();
         self.changed();
     }

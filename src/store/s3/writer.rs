@@ -171,8 +171,11 @@ impl ObjectWriter for S3Writer {
                 .key(&self.key)
                 .upload_id(&id)
                 .send();
-            if let Err(e) = self.timed("AbortMultipartUpload", req).await {
-                tracing::warn!(key = %self.key, cause = %e, "could not abort a multipart upload; cleanup will retry");
+            match self.timed("AbortMultipartUpload", req).await {
+                Ok(_) => tracing::debug!(key = %self.key, "multipart upload aborted"),
+                Err(e) => {
+                    tracing::warn!(key = %self.key, cause = %e, "could not abort a multipart upload; cleanup will retry")
+                }
             }
         }
         self.done = true;
@@ -191,8 +194,15 @@ impl Drop for S3Writer {
                     .bucket(&self.bucket)
                     .key(&self.key)
                     .upload_id(id);
+                let key = std::mem::take(&mut self.key);
                 rt.spawn(async move {
-                    let _ = req.send().await;
+                    match req.send().await {
+                        Ok(_) => tracing::debug!(%key, "multipart upload aborted"),
+                        Err(e) => {
+                            let cause = aws_smithy_types::error::display::DisplayErrorContext(&e);
+                            tracing::warn!(%key, %cause, "could not abort a multipart upload; cleanup will retry")
+                        }
+                    }
                 });
             }
         }
