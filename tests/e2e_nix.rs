@@ -187,3 +187,62 @@ async fn prefetching_reads_each_object_once_and_a_warm_closure_nothing() {
     // comes from the disk cache.
     assert_eq!(store_gets(srv).await, 2.0 * paths, "{}", srv.log());
 }
+
+/// With `store.redirect_nars`, the client downloads large NARs from the bucket itself: cellar
+/// answers their GETs with a redirect to a presigned URL of Garage (its public endpoint here
+/// is Garage's own port, while cellar reaches it through a proxy), and the real nix follows
+/// it, checks what it got and substitutes the closure. Small NARs still come from cellar.
+#[tokio::test(flavor = "multi_thread")]
+async fn large_nars_are_downloaded_from_the_bucket_through_presigned_urls() {
+    let f = fixture();
+    let work = tempfile::tempdir().unwrap();
+    let s3 = s3_env();
+    let app = App::s3("e2e-redirect")
+        .through_proxy()
+        .seed_dir(&f.xz_dir)
+        .env("CELLAR_STORE__REDIRECT_NARS", "true")
+        .env("CELLAR_STORE__PUBLIC_ENDPOINT", s3.endpoint.clone())
+        .env(
+            "CELLAR_CACHE__NAR_DIR",
+            work.path().join("nar-cache").to_str().unwrap(),
+        )
+        .spawn()
+        .await;
+    let srv = &app.srv;
+    let large = std::fs::read_dir(f.xz_dir.join("nar"))
+        .unwrap()
+        .filter(|e| e.as_ref().unwrap().metadata().unwrap().len() > 64 << 10)
+        .count();
+    assert!(large > 0, "the fixture has a NAR over the memory limit");
+    substitute_and_verify(&srv.url, &srv.public_key, &f.top, work.path());
+    assert_eq!(
+        srv.log_count("NAR redirected to the store"),
+        large,
+        "{}",
+        srv.log()
+    );
+    assert_eq!(srv.log_count("NAR cache: miss"), 0, "{}", srv.log());
+    // The redirect itself, as a client without redirects sees it.
+    let nar = std::fs::read_dir(f.xz_dir.join("nar"))
+        .unwrap()
+        .map(|e| e.unwrap())
+        .find(|e| e.metadata().unwrap().len() > 64 << 10)
+        .unwrap();
+    let name = nar.file_name().to_string_lossy().into_owned();
+    let c = reqwest::Client::builder()
+        .redirect(reqwest::redirect::Policy::none())
+        .build()
+        .unwrap();
+    let r = c
+        .get(format!("{}/nar/{name}", srv.url))
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(r.status(), 302);
+    let to = r.headers()["location"].to_str().unwrap().to_owned();
+    assert!(to.starts_with(&s3.endpoint), "{to}");
+    assert!(to.contains("X-Amz-Signature="), "{to}");
+    // The presigned URL alone (no credentials) reads the NAR from Garage.
+    let body = reqwest::get(&to).await.unwrap().error_for_status().unwrap();
+    assert!(body.bytes().await.unwrap() == std::fs::read(nar.path()).unwrap());
+}

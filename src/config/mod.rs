@@ -279,6 +279,17 @@ pub struct S3StoreConfig {
     pub credentials: Option<S3Credentials>,
     /// The connect phase of one request.
     pub connect_timeout: Duration,
+    /// GETs of large NARs answered with a redirect to a presigned URL (`store.redirect_nars`).
+    pub redirect: Option<NarRedirect>,
+}
+
+/// Large NARs are downloaded from the bucket itself, through presigned URLs.
+#[derive(Debug, Clone, PartialEq)]
+pub struct NarRedirect {
+    /// The endpoint as clients reach it (unset: `endpoint`, or AWS's).
+    pub public_endpoint: Option<String>,
+    /// How long a presigned URL stays valid.
+    pub ttl: Duration,
 }
 
 #[derive(Debug, Clone, PartialEq)]

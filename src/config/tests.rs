@@ -270,6 +270,56 @@ fn the_nar_disk_cache_is_on_by_default_for_s3_only() {
 }
 
 #[test]
+fn nar_redirects_need_an_s3_store_and_a_valid_url_and_lifetime() {
+    let s3 = "[store]\nkind = \"s3\"\nbucket = \"b\"\n";
+    let redirect = |c: Config| match c.store.backend {
+        StoreBackend::S3(s) => s.redirect,
+        other => panic!("not s3: {other:?}"),
+    };
+    assert_eq!(redirect(from_toml(s3).unwrap()), None, "off by default");
+    assert_eq!(
+        redirect(from_toml(&format!("{s3}redirect_nars = true")).unwrap()),
+        Some(crate::config::NarRedirect {
+            public_endpoint: None,
+            ttl: Duration::from_secs(3600),
+        })
+    );
+    let on = format!(
+        "{s3}redirect_nars = true\npublic_endpoint = \"https://s3.example.org\"\n\
+         redirect_ttl_secs = 600"
+    );
+    assert_eq!(
+        redirect(from_toml(&on).unwrap()),
+        Some(crate::config::NarRedirect {
+            public_endpoint: Some("https://s3.example.org".into()),
+            ttl: Duration::from_secs(600),
+        })
+    );
+    for (bad, key) in [
+        ("[store]\nredirect_nars = true", "store.redirect_nars"),
+        (
+            &format!("{s3}redirect_nars = true\npublic_endpoint = \"s3.example.org\""),
+            "store.public_endpoint",
+        ),
+        (
+            &format!("{s3}redirect_nars = true\nredirect_ttl_secs = 59"),
+            "store.redirect_ttl_secs",
+        ),
+        (
+            &format!("{s3}redirect_nars = true\nredirect_ttl_secs = 604801"),
+            "store.redirect_ttl_secs",
+        ),
+    ] {
+        let e = from_toml(bad).unwrap_err().to_string();
+        assert!(e.contains(key), "{bad}: {e}");
+    }
+    assert!(from_toml(&format!(
+        "{s3}redirect_nars = true\nredirect_ttl_secs = 604800"
+    ))
+    .is_ok());
+}
+
+#[test]
 fn direct_requests_keeps_its_old_name() {
     let s3 = "[store]\nkind = \"s3\"\nbucket = \"b\"\n";
     let direct = |c: Config| match c.store.backend {

@@ -5,6 +5,9 @@
 //!   the read path), else from the read path (the store, then the upstreams). Small NARs are
 //!   loaded through the disk cache too, so they outlive the memory cache. Ranges are honoured:
 //!   Nix resumes broken downloads with them.
+//! - With `store.redirect_nars`, GET answers a NAR that is in the bucket, too large for the
+//!   memory cache and not on cellar's disk with a 302 to a presigned URL: the client
+//!   downloads it from the bucket itself.
 //! - HEAD answers with the size a GET would stream, through the same read path, so a NAR only
 //!   an upstream has is found by HEAD too. It also finds a NAR that was re-encoded on upload
 //!   and stored under another extension: Nix sends `HEAD nar/<file>` before each upload, and a
@@ -69,6 +72,9 @@ async fn fetch(st: &AppState, f: &NarFileName, headers: &HeaderMap) -> Result<Re
             Kind::Nar,
         ));
     }
+    if let Some(to) = redirect(st, f, &key).await? {
+        return Ok(to);
+    }
     if let Some(cache) = &st.nars {
         match cache.get(f, &key, range, &reads).await? {
             NarCacheAnswer::Object(obj) => return Ok(object::object_response(obj, Kind::Nar)),
@@ -82,6 +88,36 @@ async fn fetch(st: &AppState, f: &NarFileName, headers: &HeaderMap) -> Result<Re
 /// The whole NAR for the memory cache: from the disk cache if it holds it (a NAR memory let go
 /// before), else from the store. Not written to disk now: memory hands it to the disk cache
 /// when it lets it go ([`crate::cache::nar_memory::Spill`]).
+/// With `store.redirect_nars`: a NAR that is in the bucket, larger than the memory cache
+/// takes and not on cellar's disk is downloaded from the bucket itself, through a presigned
+/// URL. Anything else (a small NAR, one on disk, one only an upstream has) is served as usual.
+async fn redirect(st: &AppState, f: &NarFileName, key: &str) -> Result<Option<Response>, Error> {
+    if !st.store.redirects_nars() || st.nars.as_ref().is_some_and(|c| c.has(f)) {
+        return Ok(None);
+    }
+    let Some(size) = st.store.head(key).await? else {
+        return Ok(None);
+    };
+    if st.nar_memory.takes(size) {
+        return Ok(None);
+    }
+    let Some(url) = st.store.presigned_get(key).await? else {
+        return Ok(None);
+    };
+    tracing::debug!(nar = %f, size, "NAR redirected to the store");
+    let location = axum::http::HeaderValue::from_str(&url)
+        .map_err(|e| crate::store::StoreError::Other(format!("presigned URL {url:?}: {e}")))?;
+    let mut res = Response::new(Body::empty());
+    *res.status_mut() = StatusCode::FOUND;
+    res.headers_mut().insert(header::LOCATION, location);
+    // The URL expires: nothing on the way keeps the answer.
+    res.headers_mut().insert(
+        header::CACHE_CONTROL,
+        axum::http::HeaderValue::from_static("no-store"),
+    );
+    Ok(Some(res))
+}
+
 pub(super) async fn open_whole(
     st: &AppState,
     f: &NarFileName,

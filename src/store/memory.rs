@@ -77,6 +77,8 @@ pub struct MemoryStore {
     faults: Mutex<Vec<(u64, RangeFault, usize)>>,
     /// The start of every ranged `get`, in order.
     range_starts: Mutex<Vec<u64>>,
+    /// Set: large NARs are redirected to `<base>/<key>` (as S3 does with presigned URLs).
+    presign_base: Mutex<Option<String>>,
 }
 
 impl MemoryStore {
@@ -97,6 +99,11 @@ impl MemoryStore {
                 modified,
             },
         );
+    }
+
+    /// From now on GETs of large NARs are answered with a redirect to `<base>/<key>`.
+    pub fn presign_to(&self, base: &str) {
+        *lock(&self.presign_base) = Some(base.to_owned());
     }
 
     /// Removes an object at once (from a hook: what another process deletes meanwhile).
@@ -323,6 +330,16 @@ impl Store for MemoryStore {
 
     fn describe(&self) -> String {
         "memory://".into()
+    }
+
+    fn redirects_nars(&self) -> bool {
+        lock(&self.presign_base).is_some()
+    }
+
+    async fn presigned_get(&self, key: &str) -> Result<Option<String>, StoreError> {
+        Ok(lock(&self.presign_base)
+            .as_ref()
+            .map(|base| format!("{base}/{key}")))
     }
 }
 

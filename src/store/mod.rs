@@ -244,6 +244,18 @@ pub trait Store: Send + Sync + 'static {
     /// A short description for logs (`s3://bucket/prefix at endpoint`, `file:///dir`).
     fn describe(&self) -> String;
 
+    /// Whether GETs of large NARs are to be answered with [`Store::presigned_get`]'s URL.
+    fn redirects_nars(&self) -> bool {
+        false
+    }
+
+    /// A URL that lets its holder GET `key` from the store directly for a while, if this
+    /// store makes them.
+    async fn presigned_get(&self, key: &str) -> Result<Option<String>, StoreError> {
+        let _ = key;
+        Ok(None)
+    }
+
     /// Reads a whole small object into memory, refusing objects over `limit` bytes.
     async fn get_bytes(&self, key: &str, limit: u64) -> Result<Option<Bytes>, StoreError> {
         use futures::TryStreamExt as _;

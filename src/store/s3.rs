@@ -13,6 +13,7 @@ use aws_sdk_s3::config::{
     StalledStreamProtectionConfig,
 };
 use aws_sdk_s3::error::{ProvideErrorMetadata, SdkError};
+use aws_sdk_s3::presigning::PresigningConfig;
 use aws_sdk_s3::Client;
 use futures::StreamExt as _;
 
@@ -38,6 +39,9 @@ pub struct S3Store {
     /// Reads, listings and small writes without the SDK, for a path-style endpoint (see
     /// [`fast`]).
     fast: Option<Arc<fast::FastReads>>,
+    /// Signs the URLs large NARs are redirected to (`store.redirect_nars`): a client of its
+    /// own whose endpoint is the one clients reach; it sends nothing.
+    presigner: Option<(Client, Duration)>,
 }
 
 impl S3Store {
@@ -72,6 +76,13 @@ impl S3Store {
         if let Some(ep) = &s.endpoint {
             b = b.endpoint_url(ep);
         }
+        let presigner = s.redirect.as_ref().map(|r| {
+            let mut p = b.clone();
+            if let Some(ep) = &r.public_endpoint {
+                p = p.endpoint_url(ep);
+            }
+            (Client::from_conf(p.build()), r.ttl)
+        });
         let conf = b.build();
         let endpoint = s
             .endpoint
@@ -104,6 +115,7 @@ impl S3Store {
             endpoint,
             timeout,
             fast,
+            presigner,
         }
     }
 
@@ -374,6 +386,29 @@ impl Store for S3Store {
 
     fn describe(&self) -> String {
         format!("s3://{}/{} at {}", self.bucket, self.prefix, self.endpoint)
+    }
+
+    fn redirects_nars(&self) -> bool {
+        self.presigner.is_some()
+    }
+
+    async fn presigned_get(&self, key: &str) -> Result<Option<String>, StoreError> {
+        let Some((client, ttl)) = &self.presigner else {
+            return Ok(None);
+        };
+        let config = PresigningConfig::expires_in(*ttl)
+            .map_err(|e| StoreError::Misconfigured(format!("store.redirect_ttl_secs: {e}")))?;
+        let signed = client
+            .get_object()
+            .bucket(&self.bucket)
+            .key(self.key(key))
+            .presigned(config)
+            .await
+            .map_err(|e| {
+                let e = aws_smithy_types::error::display::DisplayErrorContext(&e);
+                StoreError::Other(format!("presigning a GET of {key}: {e}"))
+            })?;
+        Ok(Some(signed.uri().to_owned()))
     }
 }
 

@@ -169,6 +169,7 @@ pub async fn s3_store(
             secret_access_key: Secret(s3.secret.clone()),
         }),
         connect_timeout: std::time::Duration::from_secs(2),
+        redirect: None,
     };
     std::sync::Arc::new(
         cellar::store::s3::S3Store::new(&cfg, std::time::Duration::from_secs(10)).await,

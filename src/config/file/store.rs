@@ -8,7 +8,8 @@ use serde::Deserialize;
 
 use super::{http_url, secs};
 use crate::config::{
-    ConfigError, LocalStoreConfig, S3Credentials, S3StoreConfig, Secret, StoreBackend, StoreConfig,
+    ConfigError, LocalStoreConfig, NarRedirect, S3Credentials, S3StoreConfig, Secret, StoreBackend,
+    StoreConfig,
 };
 
 #[derive(Debug, Clone, Copy, Deserialize, PartialEq, Eq)]
@@ -38,6 +39,9 @@ pub(super) struct StoreSection {
     timeout_secs: u64,
     connect_timeout_secs: u64,
     ready_timeout_secs: u64,
+    redirect_nars: bool,
+    public_endpoint: Option<String>,
+    redirect_ttl_secs: u64,
 }
 
 impl Default for StoreSection {
@@ -56,6 +60,9 @@ impl Default for StoreSection {
             timeout_secs: 10,
             connect_timeout_secs: 3,
             ready_timeout_secs: 2,
+            redirect_nars: false,
+            public_endpoint: None,
+            redirect_ttl_secs: 3600,
         }
     }
 }
@@ -69,6 +76,10 @@ impl StoreSection {
             StoreKind::Local => {
                 if self.path.as_os_str().is_empty() {
                     return Err(ConfigError::invalid("store.path", "must not be empty"));
+                }
+                if self.redirect_nars {
+                    let message = "needs store.kind = \"s3\": clients are sent to the bucket";
+                    return Err(ConfigError::invalid("store.redirect_nars", message));
                 }
                 StoreBackend::Local(LocalStoreConfig { path: self.path })
             }
@@ -110,6 +121,23 @@ impl StoreSection {
                 ))
             }
         };
+        let redirect = if self.redirect_nars {
+            if let Some(ep) = &self.public_endpoint {
+                http_url("store.public_endpoint", ep)?;
+            }
+            let ttl = secs("store.redirect_ttl_secs", self.redirect_ttl_secs, 60)?;
+            // SigV4 presigned URLs live at most a week.
+            if ttl > Duration::from_secs(7 * 24 * 3600) {
+                let message = "must be at most 604800 (a week, what S3 allows)";
+                return Err(ConfigError::invalid("store.redirect_ttl_secs", message));
+            }
+            Some(NarRedirect {
+                public_endpoint: self.public_endpoint,
+                ttl,
+            })
+        } else {
+            None
+        };
         if self.prefix.starts_with('/') || self.prefix.contains("..") {
             return Err(ConfigError::invalid(
                 "store.prefix",
@@ -125,6 +153,7 @@ impl StoreSection {
             direct_requests: self.direct_requests,
             credentials,
             connect_timeout,
+            redirect,
         })
     }
 }

@@ -173,7 +173,8 @@ pub(super) fn after_get(st: &AppState, body: &[u8]) {
     let (Some(cache), Some(_)) = (&st.nars, &st.prefetch.slots) else {
         return;
     };
-    if st.prefetch.nar_max_bytes == 0 {
+    // Redirected NARs are read from the bucket by the client, not from cellar's disk.
+    if st.prefetch.nar_max_bytes == 0 || st.store.redirects_nars() {
         return;
     }
     let Some((nar, size)) = nar_of(body) else {

@@ -303,3 +303,94 @@ fn a_narinfo_names_its_nar_and_size() {
     assert!(super::nar_of(no_size.as_bytes()).is_none());
     assert!(super::nar_of(b"URL: elsewhere/x.nar\nFileSize: 42\n").is_none());
 }
+
+/// `GET /nar/…` of `url` through the whole router: status, `Location`, `Cache-Control`, body.
+async fn get_nar(
+    st: &AppState,
+    url: &str,
+) -> (StatusCode, Option<String>, Option<String>, Vec<u8>) {
+    use http_body_util::BodyExt as _;
+    use tower::ServiceExt as _;
+    let req = axum::http::Request::get(url)
+        .body(axum::body::Body::empty())
+        .unwrap();
+    let res = crate::http::app(st.clone()).oneshot(req).await.unwrap();
+    let header = |h| {
+        res.headers()
+            .get(h)
+            .map(|v: &axum::http::HeaderValue| v.to_str().unwrap().to_owned())
+    };
+    let (location, cache) = (
+        header(axum::http::header::LOCATION),
+        header(axum::http::header::CACHE_CONTROL),
+    );
+    let status = res.status();
+    let body = res.into_body().collect().await.unwrap().to_bytes().to_vec();
+    (status, location, cache, body)
+}
+
+/// With redirects on (`store.redirect_nars`), a large NAR in the store is answered with a
+/// redirect to the store's presigned URL, never read through cellar nor filled ahead by its
+/// narinfo's GET; a small one is still served from memory, and one the store lacks is a 404.
+#[tokio::test]
+async fn large_nars_are_redirected_to_the_store_and_not_filled_ahead() {
+    let mem = Arc::new(MemoryStore::new());
+    let dir = tempfile::tempdir().unwrap();
+    let big = path(&mem, "big", &[], 5000, 5000);
+    let small = path(&mem, "small", &[], 100, 100);
+    mem.presign_to("http://s3.example/b");
+    let st = state(with_disk_cache(&dir), &mem);
+    for p in [&big, &small] {
+        assert_eq!(
+            get(&st, &format!("/{}.narinfo", p.hash)).await.0,
+            StatusCode::OK
+        );
+    }
+    st.prefetch.settled().await;
+    assert_eq!(
+        mem.gets_under("nar/"),
+        1,
+        "only the small NAR was read ahead"
+    );
+
+    let (status, location, cache, body) = get_nar(&st, &big.nar_url).await;
+    assert_eq!(status, StatusCode::FOUND);
+    assert_eq!(
+        location.as_deref(),
+        Some(format!("http://s3.example/b{}", big.nar_url).as_str())
+    );
+    assert_eq!(cache.as_deref(), Some("no-store"), "the URL expires");
+    assert!(body.is_empty());
+
+    let (status, location, _, body) = get_nar(&st, &small.nar_url).await;
+    assert_eq!((status, location), (StatusCode::OK, None));
+    assert!(body == small.nar);
+    assert_eq!(
+        mem.gets_under("nar/"),
+        1,
+        "nothing more read through cellar"
+    );
+
+    let absent = format!("/nar/{}.nar", "0".repeat(52));
+    assert_eq!(get_nar(&st, &absent).await.0, StatusCode::NOT_FOUND);
+    assert_eq!(st.nars.as_ref().unwrap().usage(), (0, 0), "nothing on disk");
+}
+
+/// A NAR already on cellar's disk is served from there: faster than the store.
+#[tokio::test]
+async fn a_nar_on_disk_is_served_rather_than_redirected() {
+    let mem = Arc::new(MemoryStore::new());
+    let dir = tempfile::tempdir().unwrap();
+    let big = path(&mem, "big", &[], 5000, 5000);
+    let st = state(with_disk_cache(&dir), &mem);
+    let (status, _, _, body) = get_nar(&st, &big.nar_url).await;
+    assert_eq!(status, StatusCode::OK);
+    assert!(body == big.nar);
+    let disk = st.nars.clone().unwrap();
+    disk.wait_until(|d| d.usage().0 == 1).await;
+    mem.presign_to("http://s3.example/b");
+    let (status, location, _, body) = get_nar(&st, &big.nar_url).await;
+    assert_eq!((status, location), (StatusCode::OK, None));
+    assert!(body == big.nar);
+    assert_eq!(mem.gets_under("nar/"), 1, "the second GET came from disk");
+}

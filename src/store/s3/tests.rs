@@ -44,6 +44,7 @@ async fn ping_makes_one_attempt() {
             secret_access_key: Secret("s".into()),
         }),
         connect_timeout: Duration::from_secs(2),
+        redirect: None,
     };
     let store = S3Store::new(&cfg, Duration::from_secs(5)).await;
     assert!(store.ping().await.is_err());
