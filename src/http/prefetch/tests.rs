@@ -371,6 +371,12 @@ async fn large_nars_are_redirected_to_the_store_and_not_filled_ahead() {
         "nothing more read through cellar"
     );
 
+    // A small NAR asked for without its narinfo (its size unknown until the HEAD).
+    let lone = path(&mem, "lone", &[], 200, 200);
+    let (status, location, _, body) = get_nar(&st, &lone.nar_url).await;
+    assert_eq!((status, location), (StatusCode::OK, None));
+    assert!(body == lone.nar);
+
     let absent = format!("/nar/{}.nar", "0".repeat(52));
     assert_eq!(get_nar(&st, &absent).await.0, StatusCode::NOT_FOUND);
     assert_eq!(st.nars.as_ref().unwrap().usage(), (0, 0), "nothing on disk");
