@@ -131,12 +131,19 @@ async fn hot_closure_is_served_without_touching_s3() {
     // Small NARs (up to 64 KiB, the default `cache.nar_memory_max_object_bytes`) stay in
     // memory; the others go to the disk cache. Fills finish in the background right after the
     // last byte went out: wait for the server to log each large NAR stored.
-    let large = std::fs::read_dir(f.xz_dir.join("nar"))
+    let large: Vec<String> = std::fs::read_dir(f.xz_dir.join("nar"))
         .unwrap()
-        .filter(|e| e.as_ref().unwrap().metadata().unwrap().len() > 64 << 10)
-        .count();
-    assert!(large > 0, "the fixture has a NAR over the memory limit");
-    srv.wait_for_log("NAR cache: stored", large);
+        .map(|e| e.unwrap())
+        .filter(|e| e.metadata().unwrap().len() > 64 << 10)
+        .map(|e| e.file_name().to_string_lossy().into_owned())
+        .collect();
+    assert!(
+        !large.is_empty(),
+        "the fixture has a NAR over the memory limit"
+    );
+    for name in &large {
+        srv.wait_for_log(&format!("NAR cache: stored nar={name}"), 1);
+    }
     let before = proxy.bytes_to_store();
     substitute_and_verify(
         &srv.url,

@@ -5,8 +5,8 @@
 //!   the read path), else from the read path (the store, then the upstreams). Small NARs are
 //!   loaded through the disk cache too, so they outlive the memory cache. Ranges are honoured:
 //!   Nix resumes broken downloads with them.
-//! - With `store.redirect_nars`, GET answers a NAR that is in the bucket, too large for the
-//!   memory cache and not on cellar's disk with a 302 to a presigned URL: the client
+//! - With `store.redirect_nars`, GET answers a NAR that is in the bucket, larger than what
+//!   counts as small and not on cellar's disk with a 302 to a presigned URL: the client
 //!   downloads it from the bucket itself.
 //! - HEAD answers with the size a GET would stream, through the same read path, so a NAR only
 //!   an upstream has is found by HEAD too. It also finds a NAR that was re-encoded on upload
@@ -72,7 +72,7 @@ async fn fetch(st: &AppState, f: &NarFileName, headers: &HeaderMap) -> Result<Re
             Kind::Nar,
         ));
     }
-    if let Some(to) = redirect(st, f, &key).await? {
+    if let Some(to) = redirect(st, f, &key).await {
         return Ok(to);
     }
     if let Some(cache) = &st.nars {
@@ -85,28 +85,40 @@ async fn fetch(st: &AppState, f: &NarFileName, headers: &HeaderMap) -> Result<Re
     object::get(&*reads, &key, Kind::Nar, headers).await
 }
 
-/// The whole NAR for the memory cache: from the disk cache if it holds it (a NAR memory let go
-/// before), else from the store. Not written to disk now: memory hands it to the disk cache
-/// when it lets it go ([`crate::cache::nar_memory::Spill`]).
-/// With `store.redirect_nars`: a NAR that is in the bucket, larger than the memory cache
-/// takes and not on cellar's disk is downloaded from the bucket itself, through a presigned
-/// URL. Anything else (a small NAR, one on disk, one only an upstream has) is served as usual.
-async fn redirect(st: &AppState, f: &NarFileName, key: &str) -> Result<Option<Response>, Error> {
+/// With `store.redirect_nars`: a NAR that is in the bucket, larger than what counts as small
+/// (`cache.nar_memory_max_object_bytes`) and not on cellar's disk is downloaded from the
+/// bucket itself, through a presigned URL. Anything else (a small NAR, one on disk, one only
+/// an upstream has) is served as usual, and so is every NAR when the store cannot be asked or
+/// the URL cannot be made: a redirect only ever saves cellar work.
+async fn redirect(st: &AppState, f: &NarFileName, key: &str) -> Option<Response> {
     if !st.store.redirects_nars() || st.nars.as_ref().is_some_and(|c| c.has(f)) {
-        return Ok(None);
+        return None;
     }
-    let Some(size) = st.store.head(key).await? else {
-        return Ok(None);
+    let size = match st.store.head(key).await {
+        Ok(Some(size)) => size,
+        Ok(None) => return None,
+        Err(e) => {
+            tracing::debug!(nar = %f, cause = %e, "not redirected: the store did not answer");
+            return None;
+        }
     };
-    if st.nar_memory.takes(size) {
-        return Ok(None);
+    if size <= st.config.cache.nar_memory_max_object {
+        return None;
     }
-    let Some(url) = st.store.presigned_get(key).await? else {
-        return Ok(None);
+    let url = match st.store.presigned_get(key).await {
+        Ok(Some(url)) => url,
+        Ok(None) => return None,
+        Err(e) => {
+            tracing::warn!(nar = %f, cause = %e, "not redirected: presigning failed");
+            return None;
+        }
+    };
+    let Ok(location) = axum::http::HeaderValue::from_str(&url) else {
+        // Not logged: the URL is a credential.
+        tracing::warn!(nar = %f, "not redirected: the presigned URL is not a header value");
+        return None;
     };
     tracing::debug!(nar = %f, size, "NAR redirected to the store");
-    let location = axum::http::HeaderValue::from_str(&url)
-        .map_err(|e| crate::store::StoreError::Other(format!("presigned URL {url:?}: {e}")))?;
     let mut res = Response::new(Body::empty());
     *res.status_mut() = StatusCode::FOUND;
     res.headers_mut().insert(header::LOCATION, location);
@@ -115,9 +127,12 @@ async fn redirect(st: &AppState, f: &NarFileName, key: &str) -> Result<Option<Re
         header::CACHE_CONTROL,
         axum::http::HeaderValue::from_static("no-store"),
     );
-    Ok(Some(res))
+    Some(res)
 }
 
+/// The whole NAR for the memory cache: from the disk cache if it holds it (a NAR memory let go
+/// before), else from the store. Not written to disk now: memory hands it to the disk cache
+/// when it lets it go ([`crate::cache::nar_memory::Spill`]).
 pub(super) async fn open_whole(
     st: &AppState,
     f: &NarFileName,

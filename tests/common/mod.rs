@@ -286,56 +286,49 @@ pub struct Server {
     pub public_key: String,
     pub dir: tempfile::TempDir,
     child: Child,
-    log: Arc<LogTap>,
 }
 
-/// A server's stderr as it arrives: read line by line from its pipe, kept in memory and in
-/// `server.log` (for a look after a failed test), with a condition variable woken by each line,
-/// so that a test waiting for a line is woken by the line itself.
-#[derive(Default)]
-pub struct LogTap {
-    text: Mutex<String>,
-    grew: std::sync::Condvar,
-}
-
-impl LogTap {
-    /// Starts copying `from` into the tap and into the file `copy`.
-    pub fn start(from: impl std::io::Read + Send + 'static, copy: &Path) -> Arc<LogTap> {
-        use std::io::Write as _;
-        let tap = Arc::new(LogTap::default());
-        let mut file = std::fs::File::create(copy).unwrap();
-        let writer = tap.clone();
-        std::thread::spawn(move || {
-            let mut from = BufReader::new(from);
-            let mut line = String::new();
-            // Until the process and every child holding its stderr have gone.
-            while from.read_line(&mut line).is_ok_and(|n| n > 0) {
-                let _ = file.write_all(line.as_bytes());
-                writer.text.lock().unwrap().push_str(&line);
-                writer.grew.notify_all();
-                line.clear();
-            }
-        });
-        tap
-    }
-
-    pub fn text(&self) -> String {
-        self.text.lock().unwrap().clone()
-    }
-
-    /// Waits until the log holds `needle` at least `count` times, woken by each line the
-    /// server writes. Fails after a minute (a guard against a hung test), with the log.
-    pub fn wait_for(&self, needle: &str, count: usize) {
+/// Waits until the file `path` holds `needle` at least `count` times, woken by each write to
+/// it (inotify), not on a timer: for events only a log reports. Fails after a minute (a
+/// guard against a hung test) with the file. Inside a multi-threaded tokio runtime
+/// the worker hands its tasks over first, so in-process helpers (a [`Proxy`]) keep running.
+pub fn wait_for_in_file(path: &Path, needle: &str, count: usize) {
+    let wait = || {
+        use rustix::fs::inotify;
+        let read =
+            || String::from_utf8_lossy(&std::fs::read(path).unwrap_or_default()).into_owned();
+        let changes = inotify::init(inotify::CreateFlags::CLOEXEC | inotify::CreateFlags::NONBLOCK)
+            .expect("inotify");
+        inotify::add_watch(&changes, path, inotify::WatchFlags::MODIFY).expect("watching the log");
         let deadline = std::time::Instant::now() + Duration::from_secs(60);
-        let mut text = self.text.lock().unwrap();
-        while text.matches(needle).count() < count {
+        // Read after the watch is set: a write after this read wakes the poll below.
+        while read().matches(needle).count() < count {
             let left = deadline.saturating_duration_since(std::time::Instant::now());
-            assert!(
-                !left.is_zero(),
-                "{needle:?} did not appear {count} time(s) in the log:\n{text}"
-            );
-            text = self.grew.wait_timeout(text, left).unwrap().0;
+            if left.is_zero() {
+                panic!(
+                    "{needle:?} did not appear {count} time(s) in {}:\n{}",
+                    path.display(),
+                    read()
+                );
+            }
+            let left = rustix::event::Timespec {
+                tv_sec: left.as_secs() as i64,
+                tv_nsec: i64::from(left.subsec_nanos()),
+            };
+            let mut fds = [rustix::event::PollFd::new(
+                &changes,
+                rustix::event::PollFlags::IN,
+            )];
+            let _ = rustix::event::poll(&mut fds, Some(&left));
+            let mut events = [0u8; 4096];
+            while rustix::io::read(&changes, &mut events).is_ok_and(|n| n > 0) {}
         }
+    };
+    match tokio::runtime::Handle::try_current() {
+        Ok(h) if h.runtime_flavor() == tokio::runtime::RuntimeFlavor::MultiThread => {
+            tokio::task::block_in_place(wait)
+        }
+        _ => wait(),
     }
 }
 
@@ -377,6 +370,8 @@ impl Server {
             .unwrap();
         assert!(out.status.success(), "keygen: {out:?}");
         let public_key = String::from_utf8(out.stdout).unwrap().trim().to_owned();
+        let log_path = dir.path().join("server.log");
+        let log = std::fs::File::create(&log_path).unwrap();
         let mut cmd = Command::new(CELLAR);
         cmd.arg("serve")
             .arg("--config")
@@ -386,26 +381,30 @@ impl Server {
             .env("CELLAR_SIGNING__KEY_FILES", &key)
             .env("RUST_LOG", "info,cellar=debug")
             .stdout(Stdio::piped())
-            .stderr(Stdio::piped());
+            .stderr(log);
         for (k, v) in &env {
             cmd.env(k, v);
         }
         let mut child = cmd.spawn().unwrap();
-        let stderr = child.stderr.take().expect("cellar's stderr is piped");
-        let log = LogTap::start(stderr, &dir.path().join("server.log"));
-        let addr = wait_until_listening(&mut child, || log.text());
+        let addr = wait_until_listening(&mut child, || {
+            String::from_utf8_lossy(&std::fs::read(&log_path).unwrap_or_default()).into_owned()
+        });
         Server {
             url: format!("http://{addr}"),
             addr,
             public_key,
             dir,
             child,
-            log,
         }
     }
 
+    /// What the server wrote on stderr so far (it writes there before it answers).
     pub fn log(&self) -> String {
-        self.log.text()
+        String::from_utf8_lossy(&std::fs::read(self.log_path()).unwrap_or_default()).into_owned()
+    }
+
+    fn log_path(&self) -> PathBuf {
+        self.dir.path().join("server.log")
     }
 
     /// The config file the server was started with (rewrite it, then [`Server::sighup`]).
@@ -423,10 +422,10 @@ impl Server {
     }
 
     /// Waits until the log holds `needle` at least `count` times: for events only the log
-    /// reports (a reload done, an upload refused). Woken by the server's own lines; fails
-    /// after a minute, with the log.
+    /// reports (a reload done, an upload refused). Woken by the server's writes to its log
+    /// ([`wait_for_in_file`]); fails after a minute, with the log.
     pub fn wait_for_log(&self, needle: &str, count: usize) {
-        self.log.wait_for(needle, count);
+        wait_for_in_file(&self.log_path(), needle, count);
     }
 
     /// How often the log holds `needle`.

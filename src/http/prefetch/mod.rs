@@ -173,8 +173,7 @@ pub(super) fn after_get(st: &AppState, body: &[u8]) {
     let (Some(cache), Some(_)) = (&st.nars, &st.prefetch.slots) else {
         return;
     };
-    // Redirected NARs are read from the bucket by the client, not from cellar's disk.
-    if st.prefetch.nar_max_bytes == 0 || st.store.redirects_nars() {
+    if st.prefetch.nar_max_bytes == 0 {
         return;
     }
     let Some((nar, size)) = nar_of(body) else {
@@ -187,6 +186,12 @@ pub(super) fn after_get(st: &AppState, body: &[u8]) {
     let slots = st.prefetch.fill_slots.clone();
     st.clone().prefetch.spawn_on(slots, "nar", async move {
         let key = object_key::nar(&nar);
+        // A NAR the bucket has is redirected to it (`store.redirect_nars`): the client reads
+        // it from there, not from cellar's disk. One only an upstream has is filled as usual.
+        if st.store.redirects_nars() && matches!(st.store.head(&key).await, Ok(Some(_))) {
+            crate::metrics::prefetch("nar", "redirected");
+            return;
+        }
         let result = cache.prefetch(&nar, &key, size, &reads).await;
         crate::metrics::prefetch("nar", result);
     });

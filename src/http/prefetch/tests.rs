@@ -400,3 +400,55 @@ async fn a_nar_on_disk_is_served_rather_than_redirected() {
     assert!(body == big.nar);
     assert_eq!(mem.gets_under("nar/"), 1, "the second GET came from disk");
 }
+
+/// What is not redirected even with redirects on: a NAR only an upstream has (passed through,
+/// and filled ahead by its narinfo's GET as usual), a HEAD; a `Range` goes with the redirect.
+#[tokio::test]
+async fn upstream_nars_and_heads_are_not_redirected_and_ranges_are() {
+    use tower::ServiceExt as _;
+    let upstream_nar: Vec<u8> = b"upstream".iter().copied().cycle().take(5000).collect();
+    let served = upstream_nar.clone();
+    let upstream = axum::Router::new().route(
+        "/nar/{file}",
+        axum::routing::get(move || {
+            let body = served.clone();
+            async move { body }
+        }),
+    );
+    let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+    let url = format!("http://{}", listener.local_addr().unwrap());
+    tokio::spawn(async move { axum::serve(listener, upstream).await });
+
+    let mem = Arc::new(MemoryStore::new());
+    let dir = tempfile::tempdir().unwrap();
+    let big = path(&mem, "big", &[], 5000, 5000);
+    mem.presign_to("http://s3.example/b");
+    let mut cfg = with_disk_cache(&dir);
+    cfg.upstreams = vec![crate::config::UpstreamConfig {
+        url,
+        public_keys: Vec::new(),
+        timeout: std::time::Duration::from_secs(5),
+        mirror: false,
+    }];
+    let st = state(cfg, &mem);
+    let big_key = big.nar_url.trim_start_matches('/');
+
+    let only_upstream = format!("/nar/{}.nar", Sha256::digest(b"elsewhere").to_nix32());
+    let (status, location, _, body) = get_nar(&st, &only_upstream).await;
+    assert_eq!((status, location), (StatusCode::OK, None));
+    assert!(body == upstream_nar);
+
+    let head = axum::http::Request::head(&big.nar_url)
+        .body(axum::body::Body::empty())
+        .unwrap();
+    let res = crate::http::app(st.clone()).oneshot(head).await.unwrap();
+    assert_eq!(res.status(), StatusCode::OK);
+
+    let ranged = axum::http::Request::get(&big.nar_url)
+        .header(axum::http::header::RANGE, "bytes=100-")
+        .body(axum::body::Body::empty())
+        .unwrap();
+    let res = crate::http::app(st.clone()).oneshot(ranged).await.unwrap();
+    assert_eq!(res.status(), StatusCode::FOUND);
+    assert_eq!(mem.gets_under(big_key), 0, "the big NAR never read through cellar");
+}
