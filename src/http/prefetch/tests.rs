@@ -234,12 +234,14 @@ async fn a_narinfo_get_fills_the_disk_cache_with_its_nar() {
     let mut cfg = with_disk_cache(&dir);
     cfg.cache.prefetch_nar_max_bytes = 3 << 20;
     let tailed = path(&mem, "tailed", &[], 2 << 20, 2 << 20);
+    // Exactly at the limit: filled ahead too.
+    let edge = path(&mem, "edge", &[], 3 << 20, 3 << 20);
     let whole = path(&mem, "whole", &[], 5000, 5000);
     let probed = path(&mem, "probed", &[], 5000, 5000);
     let huge = path(&mem, "huge", &[], 4 << 20, 4 << 20);
     let small = path(&mem, "small", &[], 100, 100);
     let st = state(cfg, &mem);
-    for p in [&tailed, &whole, &huge, &small] {
+    for p in [&tailed, &edge, &whole, &huge, &small] {
         let (s, _) = get(&st, &format!("/{}.narinfo", p.hash)).await;
         assert_eq!(s, StatusCode::OK);
     }
@@ -251,11 +253,11 @@ async fn a_narinfo_get_fills_the_disk_cache_with_its_nar() {
     st.prefetch.settled().await;
     assert_eq!(
         mem.gets_under("nar/"),
-        3,
+        4,
         "each NAR fetched once, but the unasked ones"
     );
     mem.set_down(true);
-    for p in [&tailed, &whole, &small] {
+    for p in [&tailed, &edge, &whole, &small] {
         let (s, body) = get(&st, &p.nar_url).await;
         assert_eq!(
             s,
@@ -450,5 +452,9 @@ async fn upstream_nars_and_heads_are_not_redirected_and_ranges_are() {
         .unwrap();
     let res = crate::http::app(st.clone()).oneshot(ranged).await.unwrap();
     assert_eq!(res.status(), StatusCode::FOUND);
-    assert_eq!(mem.gets_under(big_key), 0, "the big NAR never read through cellar");
+    assert_eq!(
+        mem.gets_under(big_key),
+        0,
+        "the big NAR never read through cellar"
+    );
 }
