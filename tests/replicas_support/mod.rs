@@ -281,7 +281,11 @@ http {{
 
     /// The access log: one line per request, written when it ends.
     pub fn access_log(&self) -> String {
-        std::fs::read_to_string(self.dir.path().join("access.log")).unwrap_or_default()
+        std::fs::read_to_string(self.access_log_path()).unwrap_or_default()
+    }
+
+    pub fn access_log_path(&self) -> std::path::PathBuf {
+        self.dir.path().join("access.log")
     }
 
     pub fn error_log(&self) -> String {
