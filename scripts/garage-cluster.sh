@@ -55,6 +55,9 @@ start)
   abandon() {
     [ "$started_ok" = 1 ] && return
     for i in 0 1 2; do [ -f "$DIR/n$i.pid" ] && kill -9 "$(cat "$DIR/n$i.pid")" 2>/dev/null; done
+    for i in 0 1 2; do
+      [ -s "$DIR/n$i.log" ] && { log "node $i's log (start failed):"; tail -n 15 "$DIR/n$i.log" >&2; }
+    done
     return 0
   }
   trap abandon EXIT
