@@ -206,14 +206,25 @@ fn a_nar_cache_in_someone_elses_directory_is_refused() {
     assert!(d.path().join("shared/notes.txt").exists());
 }
 
-/// Runs `cmd` to its end; a server that wrongly starts is killed after a minute (a guard
-/// against a hung test, never a wait the test relies on), so the test fails instead of hanging.
+/// Runs `cmd` to its end, woken by its exit; a server that wrongly starts is killed after a
+/// minute (a guard against a hung test, never a wait the test relies on), so the test fails
+/// instead of hanging.
 fn output_within_a_minute(mut cmd: Command) -> std::process::Output {
     let child = cmd.stderr(Stdio::piped()).spawn().unwrap();
     let pid = child.id().to_string();
+    let (tx, rx) = std::sync::mpsc::channel();
     std::thread::spawn(move || {
-        std::thread::sleep(std::time::Duration::from_secs(60));
-        let _ = Command::new("kill").arg(&pid).status();
+        let _ = tx.send(child.wait_with_output());
     });
-    child.wait_with_output().unwrap()
+    match rx.recv_timeout(std::time::Duration::from_secs(60)) {
+        Ok(out) => out.unwrap(),
+        Err(_) => {
+            let _ = Command::new("kill").arg(&pid).status();
+            let out = rx.recv().unwrap().unwrap();
+            panic!(
+                "still running after a minute, killed:\n{}",
+                String::from_utf8_lossy(&out.stderr)
+            );
+        }
+    }
 }

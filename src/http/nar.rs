@@ -94,25 +94,25 @@ async fn redirect(st: &AppState, f: &NarFileName, key: &str) -> Option<Response>
     if !st.store.redirects_nars() || st.nars.as_ref().is_some_and(|c| c.has(f)) {
         return None;
     }
-    let size = match st.store.head(key).await {
-        Ok(Some(size)) => size,
-        Ok(None) => return None,
-        Err(e) => {
-            tracing::debug!(nar = %f, cause = %e, "not redirected: the store did not answer");
-            return None;
-        }
-    };
+    let size = st
+        .store
+        .head(key)
+        .await
+        .inspect_err(
+            |e| tracing::debug!(nar = %f, cause = %e, "not redirected: the store did not answer"),
+        )
+        .ok()
+        .flatten()?;
     if size <= st.config.cache.nar_memory_max_object {
         return None;
     }
-    let url = match st.store.presigned_get(key).await {
-        Ok(Some(url)) => url,
-        Ok(None) => return None,
-        Err(e) => {
-            tracing::warn!(nar = %f, cause = %e, "not redirected: presigning failed");
-            return None;
-        }
-    };
+    let url = st
+        .store
+        .presigned_get(key)
+        .await
+        .inspect_err(|e| tracing::warn!(nar = %f, cause = %e, "not redirected: presigning failed"))
+        .ok()
+        .flatten()?;
     let Ok(location) = axum::http::HeaderValue::from_str(&url) else {
         // Not logged: the URL is a credential.
         tracing::warn!(nar = %f, "not redirected: the presigned URL is not a header value");
