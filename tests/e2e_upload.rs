@@ -111,6 +111,58 @@ async fn nix_copy_to_cellar_then_substitute_xz_and_zstd() {
     }
 }
 
+/// A path whose NAR spans several multipart parts goes up with `nix copy --to` (its 8 MiB
+/// parts sent to Garage several at once, `store.upload_part_concurrency`) and comes back whole
+/// into a fresh store.
+#[tokio::test(flavor = "multi_thread")]
+async fn a_large_path_goes_up_in_parts_and_comes_back_whole() {
+    let (w, wcfg) = token("builder", "write");
+    let work = tempfile::tempdir().unwrap();
+    // 30 MiB that zstd cannot shrink: four parts. The contents are the test run's own, so
+    // the path is new to the client's store.
+    let file = work.path().join("large-blob");
+    let seed = std::time::SystemTime::now()
+        .duration_since(std::time::UNIX_EPOCH)
+        .unwrap()
+        .as_nanos() as u64;
+    let mut x = seed | 1;
+    let blob: Vec<u8> = (0..(30 << 20) / 8)
+        .flat_map(|_| {
+            x ^= x << 13;
+            x ^= x >> 7;
+            x ^= x << 17;
+            x.to_le_bytes()
+        })
+        .collect();
+    std::fs::write(&file, &blob).unwrap();
+    let mut add = nix("nix-store", &work.path().join("xdg-add"));
+    add.arg("--add").arg(&file);
+    let path = run_ok(add).trim().to_owned();
+
+    let app = App::s3("up-parts").config(&wcfg).spawn().await;
+    let srv = &app.srv;
+    let netrc = netrc(work.path(), srv, &w);
+    let out = copy_to(
+        &format!("{}?compression=zstd", srv.url),
+        Some(&netrc),
+        &[&path],
+        work.path(),
+        "parts",
+    );
+    assert_ok(&out, "nix copy --to");
+    let parts = metric_sum(srv, "cellar_store_requests_total", &["op=\"UploadPart\""]).await;
+    assert!(parts >= 4.0, "{parts} parts sent for a 30 MiB NAR");
+    substitute_and_verify(&srv.url, &srv.public_key, &path, work.path());
+    let copied = work
+        .path()
+        .join("store-copy")
+        .join(path.trim_start_matches('/'));
+    assert!(
+        std::fs::read(copied).unwrap() == blob,
+        "the path came back different"
+    );
+}
+
 #[tokio::test(flavor = "multi_thread")]
 async fn uploads_need_a_write_token() {
     let f = fixture();

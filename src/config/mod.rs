@@ -281,6 +281,8 @@ pub struct S3StoreConfig {
     pub connect_timeout: Duration,
     /// GETs of large NARs answered with a redirect to a presigned URL (`store.redirect_nars`).
     pub redirect: Option<NarRedirect>,
+    /// Parts of one multipart upload sent to S3 at once.
+    pub upload_part_concurrency: usize,
 }
 
 /// Large NARs are downloaded from the bucket itself, through presigned URLs.

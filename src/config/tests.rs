@@ -320,6 +320,26 @@ fn nar_redirects_need_an_s3_store_and_a_valid_url_and_lifetime() {
 }
 
 #[test]
+fn upload_part_concurrency_is_bounded() {
+    let s3 = "[store]\nkind = \"s3\"\nbucket = \"b\"\n";
+    let parts = |c: Config| match c.store.backend {
+        StoreBackend::S3(s) => s.upload_part_concurrency,
+        other => panic!("not s3: {other:?}"),
+    };
+    assert_eq!(parts(from_toml(s3).unwrap()), 4, "the default");
+    for ok in [1, 16] {
+        let c = from_toml(&format!("{s3}upload_part_concurrency = {ok}")).unwrap();
+        assert_eq!(parts(c), ok);
+    }
+    for bad in [0, 17] {
+        let e = from_toml(&format!("{s3}upload_part_concurrency = {bad}"))
+            .unwrap_err()
+            .to_string();
+        assert!(e.contains("store.upload_part_concurrency"), "{bad}: {e}");
+    }
+}
+
+#[test]
 fn direct_requests_keeps_its_old_name() {
     let s3 = "[store]\nkind = \"s3\"\nbucket = \"b\"\n";
     let direct = |c: Config| match c.store.backend {

@@ -27,7 +27,8 @@ mod writer;
 use writer::S3Writer;
 
 /// Bodies up to this size are sent with one PutObject; larger ones as a multipart upload in
-/// parts of this size, so an upload holds at most about one part in memory whatever its size.
+/// parts of this size, so an upload holds at most a few parts in memory whatever its size
+/// (one being filled, `store.upload_part_concurrency` in flight).
 const PART_SIZE: usize = 8 << 20;
 
 pub struct S3Store {
@@ -42,6 +43,10 @@ pub struct S3Store {
     /// Signs the URLs large NARs are redirected to (`store.redirect_nars`): a client of its
     /// own whose endpoint is the one clients reach; it sends nothing.
     presigner: Option<(Client, Duration)>,
+    /// Parts one multipart upload sends at once (`store.upload_part_concurrency`).
+    part_concurrency: usize,
+    /// Parts all multipart uploads send at once ([`writer::PARTS_IN_FLIGHT`]).
+    part_permits: Arc<tokio::sync::Semaphore>,
 }
 
 impl S3Store {
@@ -116,6 +121,8 @@ impl S3Store {
             timeout,
             fast,
             presigner,
+            part_concurrency: s.upload_part_concurrency,
+            part_permits: Arc::new(tokio::sync::Semaphore::new(writer::PARTS_IN_FLIGHT)),
         }
     }
 
@@ -337,6 +344,8 @@ impl Store for S3Store {
             self.bucket.clone(),
             self.key(key),
             self.timeout,
+            self.part_concurrency,
+            Arc::clone(&self.part_permits),
         )))
     }
 

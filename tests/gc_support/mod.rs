@@ -170,6 +170,7 @@ pub async fn s3_store(
         }),
         connect_timeout: std::time::Duration::from_secs(2),
         redirect: None,
+        upload_part_concurrency: 4,
     };
     std::sync::Arc::new(
         cellar::store::s3::S3Store::new(&cfg, std::time::Duration::from_secs(10)).await,

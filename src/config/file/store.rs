@@ -42,6 +42,7 @@ pub(super) struct StoreSection {
     redirect_nars: bool,
     public_endpoint: Option<String>,
     redirect_ttl_secs: u64,
+    upload_part_concurrency: usize,
 }
 
 impl Default for StoreSection {
@@ -63,6 +64,7 @@ impl Default for StoreSection {
             redirect_nars: false,
             public_endpoint: None,
             redirect_ttl_secs: 3600,
+            upload_part_concurrency: 4,
         }
     }
 }
@@ -138,6 +140,16 @@ impl StoreSection {
         } else {
             None
         };
+        if !(1..=16).contains(&self.upload_part_concurrency) {
+            let message = format!(
+                "must be between 1 and 16, not {}",
+                self.upload_part_concurrency
+            );
+            return Err(ConfigError::invalid(
+                "store.upload_part_concurrency",
+                message,
+            ));
+        }
         if self.prefix.starts_with('/') || self.prefix.contains("..") {
             return Err(ConfigError::invalid(
                 "store.prefix",
@@ -154,6 +166,7 @@ impl StoreSection {
             credentials,
             connect_timeout,
             redirect,
+            upload_part_concurrency: self.upload_part_concurrency,
         })
     }
 }

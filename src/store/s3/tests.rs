@@ -45,6 +45,7 @@ async fn ping_makes_one_attempt() {
         }),
         connect_timeout: Duration::from_secs(2),
         redirect: None,
+        upload_part_concurrency: 4,
     };
     let store = S3Store::new(&cfg, Duration::from_secs(5)).await;
     assert!(store.ping().await.is_err());
@@ -52,4 +53,202 @@ async fn ping_makes_one_attempt() {
     // Requests other than the probe keep the SDK's retries.
     let _ = store.head("x").await;
     assert!(accepted.load(Ordering::SeqCst) > 2);
+}
+
+/// What a fake S3 saw of one multipart upload.
+#[derive(Default)]
+struct Seen {
+    /// Part bodies by number.
+    parts: std::collections::BTreeMap<u32, bytes::Bytes>,
+    /// The most parts in flight at once.
+    most_at_once: usize,
+    /// The body of CompleteMultipartUpload.
+    completed: Option<String>,
+    aborted: bool,
+}
+
+/// A fake S3 endpoint for multipart uploads that answers no part before `gate` parts have
+/// arrived (so a writer sending one part at a time never gets an answer), and refuses part
+/// `refuse` (403).
+async fn multipart_s3(gate: usize, refuse: Option<u32>) -> (String, Arc<std::sync::Mutex<Seen>>) {
+    use axum::extract::{Query, State};
+    use axum::http::{Method, StatusCode};
+    use std::collections::HashMap;
+
+    #[derive(Clone)]
+    struct Fake {
+        seen: Arc<std::sync::Mutex<Seen>>,
+        arrived: Arc<tokio::sync::watch::Sender<usize>>,
+        in_flight: Arc<std::sync::atomic::AtomicUsize>,
+        gate: usize,
+        refuse: Option<u32>,
+    }
+    async fn handle(
+        State(f): State<Fake>,
+        method: Method,
+        Query(q): Query<HashMap<String, String>>,
+        body: bytes::Bytes,
+    ) -> (StatusCode, [(&'static str, String); 1], String) {
+        use std::sync::atomic::Ordering;
+        let etag = |s: String| (StatusCode::OK, [("etag", "\"e\"".to_owned())], s);
+        if q.contains_key("uploads") {
+            let xml = "<InitiateMultipartUploadResult><Bucket>b</Bucket><Key>k</Key>\
+                       <UploadId>u1</UploadId></InitiateMultipartUploadResult>";
+            return etag(xml.into());
+        }
+        if let Some(n) = q.get("partNumber") {
+            let n: u32 = n.parse().unwrap();
+            let now = f.in_flight.fetch_add(1, Ordering::SeqCst) + 1;
+            {
+                let mut s = f.seen.lock().unwrap();
+                s.most_at_once = s.most_at_once.max(now);
+            }
+            f.arrived.send_modify(|a| *a += 1);
+            let mut arrived = f.arrived.subscribe();
+            let _ = arrived.wait_for(|a| *a >= f.gate).await;
+            f.in_flight.fetch_sub(1, Ordering::SeqCst);
+            if f.refuse == Some(n) {
+                let xml = "<Error><Code>AccessDenied</Code><Message>no</Message></Error>";
+                return (StatusCode::FORBIDDEN, [("etag", String::new())], xml.into());
+            }
+            f.seen.lock().unwrap().parts.insert(n, body);
+            return (
+                StatusCode::OK,
+                [("etag", format!("\"p{n}\""))],
+                String::new(),
+            );
+        }
+        if method == Method::DELETE {
+            f.seen.lock().unwrap().aborted = true;
+            return (
+                StatusCode::NO_CONTENT,
+                [("etag", String::new())],
+                String::new(),
+            );
+        }
+        f.seen.lock().unwrap().completed = Some(String::from_utf8_lossy(&body).into_owned());
+        etag(
+            "<CompleteMultipartUploadResult><Bucket>b</Bucket><Key>k</Key>\
+              <ETag>\"all\"</ETag></CompleteMultipartUploadResult>"
+                .into(),
+        )
+    }
+    let seen = Arc::new(std::sync::Mutex::new(Seen::default()));
+    let fake = Fake {
+        seen: seen.clone(),
+        arrived: Arc::new(tokio::sync::watch::channel(0).0),
+        in_flight: Arc::default(),
+        gate,
+        refuse,
+    };
+    let app = axum::Router::new()
+        .fallback(handle)
+        .with_state(fake)
+        .layer(axum::extract::DefaultBodyLimit::disable());
+    let l = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+    let addr = l.local_addr().unwrap();
+    tokio::spawn(async move { axum::serve(l, app).await });
+    (format!("http://{addr}"), seen)
+}
+
+async fn store_at(endpoint: String, upload_part_concurrency: usize) -> S3Store {
+    use crate::config::{S3Credentials, Secret};
+    let cfg = S3StoreConfig {
+        bucket: "b".into(),
+        endpoint: Some(endpoint),
+        region: "us-east-1".into(),
+        prefix: String::new(),
+        force_path_style: true,
+        direct_requests: true,
+        credentials: Some(S3Credentials {
+            access_key_id: "k".into(),
+            secret_access_key: Secret("s".into()),
+        }),
+        connect_timeout: Duration::from_secs(2),
+        redirect: None,
+        upload_part_concurrency,
+    };
+    S3Store::new(&cfg, Duration::from_secs(5)).await
+}
+
+/// Writes `body` through a writer in 1 MiB chunks, then commits (or aborts on a failure).
+async fn write_all(store: &S3Store, body: &[u8]) -> Result<(), StoreError> {
+    let mut w = store.writer("nar/x.nar").await?;
+    for chunk in body.chunks(1 << 20) {
+        if let Err(e) = w.write(bytes::Bytes::copy_from_slice(chunk)).await {
+            w.abort().await;
+            return Err(e);
+        }
+    }
+    w.commit().await
+}
+
+fn body(len: usize) -> Vec<u8> {
+    (0..len).map(|i| (i % 251) as u8).collect()
+}
+
+/// The parts of a multipart upload travel together (here three at once: the fake S3 answers
+/// none before three have arrived), and are completed in order, whole.
+#[tokio::test(flavor = "multi_thread")]
+async fn multipart_parts_are_sent_concurrently_and_completed_in_order() {
+    let (endpoint, seen) = multipart_s3(3, None).await;
+    let store = store_at(endpoint, 3).await;
+    let data = body(3 * PART_SIZE + 12345);
+    tokio::time::timeout(Duration::from_secs(60), write_all(&store, &data))
+        .await
+        .expect("the parts were sent one at a time: the fake S3 answers none before three")
+        .unwrap();
+    let seen = seen.lock().unwrap();
+    assert_eq!(
+        seen.most_at_once, 3,
+        "at most store.upload_part_concurrency at once"
+    );
+    assert_eq!(seen.parts.keys().copied().collect::<Vec<_>>(), [1, 2, 3, 4]);
+    let joined: Vec<u8> = seen
+        .parts
+        .values()
+        .flat_map(|b| b.iter().copied())
+        .collect();
+    assert!(joined == data, "the parts do not add up to the body");
+    let completed = seen.completed.as_deref().expect("completed");
+    let numbers: Vec<usize> = (1..=4)
+        .map(|n| {
+            completed
+                .find(&format!("<PartNumber>{n}</PartNumber>"))
+                .unwrap_or_else(|| panic!("part {n} missing from {completed}"))
+        })
+        .collect();
+    assert!(
+        numbers.windows(2).all(|w| w[0] < w[1]),
+        "parts out of order: {completed}"
+    );
+    assert!(
+        completed.contains("&quot;p4&quot;"),
+        "the parts' ETags: {completed}"
+    );
+    assert!(!seen.aborted);
+}
+
+/// With `store.upload_part_concurrency = 1`, one part at a time.
+#[tokio::test(flavor = "multi_thread")]
+async fn multipart_parts_one_at_a_time_when_so_configured() {
+    let (endpoint, seen) = multipart_s3(1, None).await;
+    let store = store_at(endpoint, 1).await;
+    write_all(&store, &body(2 * PART_SIZE + 1)).await.unwrap();
+    let seen = seen.lock().unwrap();
+    assert_eq!(seen.most_at_once, 1);
+    assert_eq!(seen.parts.len(), 3);
+}
+
+/// A part refused while others are in flight fails the upload, which is aborted and never
+/// completed.
+#[tokio::test(flavor = "multi_thread")]
+async fn a_refused_part_fails_the_upload_and_it_is_aborted() {
+    let (endpoint, seen) = multipart_s3(2, Some(2)).await;
+    let store = store_at(endpoint, 2).await;
+    let r = write_all(&store, &body(4 * PART_SIZE)).await;
+    assert!(r.is_err(), "a refused part must fail the upload");
+    let seen = seen.lock().unwrap();
+    assert!(seen.completed.is_none(), "completed despite a refused part");
+    assert!(seen.aborted, "the multipart upload was not aborted");
 }

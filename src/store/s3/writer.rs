@@ -1,5 +1,10 @@
 //! Writing one object: a single PutObject for small bodies, a multipart upload in
 //! [`PART_SIZE`] parts for large ones, aborted if the writer is dropped before `commit`.
+//!
+//! A multipart upload sends up to `store.upload_part_concurrency` parts at once, so the
+//! client's body keeps arriving while earlier parts travel to S3: over a distant S3 the
+//! parts' round trips overlap instead of adding up. Parts in flight are bounded per upload
+//! and process-wide ([`PARTS_IN_FLIGHT`]), and so is the memory they hold.
 
 use std::future::Future;
 use std::sync::Arc;
@@ -11,45 +16,26 @@ use aws_sdk_s3::error::{ProvideErrorMetadata, SdkError};
 use aws_sdk_s3::types::{CompletedMultipartUpload, CompletedPart};
 use aws_sdk_s3::Client;
 use bytes::{Bytes, BytesMut};
+use tokio::sync::Semaphore;
+use tokio::task::JoinSet;
 
 use super::fast::FastReads;
 use super::{classify, result_label, PART_SIZE};
 use crate::store::{ObjectWriter, StoreError};
 
-pub(super) struct S3Writer {
+/// Parts being sent at once by all the multipart uploads of one process: at most this many
+/// times [`PART_SIZE`] of memory (128 MiB), whatever the number of uploads.
+pub(super) const PARTS_IN_FLIGHT: usize = 16;
+
+/// The object a writer writes, shared with the tasks sending its parts.
+struct Target {
     client: Client,
-    /// Sends a body that fits one PutObject without the SDK.
-    fast: Option<Arc<FastReads>>,
     bucket: String,
     key: String,
     timeout: Duration,
-    buf: BytesMut,
-    upload_id: Option<String>,
-    parts: Vec<CompletedPart>,
-    done: bool,
 }
 
-impl S3Writer {
-    pub(super) fn new(
-        client: Client,
-        fast: Option<Arc<FastReads>>,
-        bucket: String,
-        key: String,
-        timeout: Duration,
-    ) -> Self {
-        Self {
-            client,
-            fast,
-            bucket,
-            key,
-            timeout,
-            buf: BytesMut::new(),
-            upload_id: None,
-            parts: Vec::new(),
-            done: false,
-        }
-    }
-
+impl Target {
     async fn timed<T, E>(
         &self,
         what: &'static str,
@@ -73,54 +59,211 @@ impl S3Writer {
         }
     }
 
-    async fn upload_part(&mut self, part: Bytes) -> Result<(), StoreError> {
-        let id = match &self.upload_id {
-            Some(id) => id.clone(),
-            None => {
-                let req = self
-                    .client
-                    .create_multipart_upload()
-                    .bucket(&self.bucket)
-                    .key(&self.key)
-                    .send();
-                let out = self.timed("CreateMultipartUpload", req).await?;
-                let id = out
-                    .upload_id()
-                    .ok_or_else(|| StoreError::Other("CreateMultipartUpload: no upload id".into()))?
-                    .to_owned();
-                self.upload_id = Some(id.clone());
-                id
-            }
-        };
-        let number = i32::try_from(self.parts.len() + 1)
-            .map_err(|_| StoreError::Other("too many parts".into()))?;
+    async fn upload_part(
+        &self,
+        id: &str,
+        number: i32,
+        part: Bytes,
+    ) -> Result<CompletedPart, StoreError> {
         let req = self
             .client
             .upload_part()
             .bucket(&self.bucket)
             .key(&self.key)
-            .upload_id(&id)
+            .upload_id(id)
             .part_number(number)
             .body(part.into())
             .send();
         let out = self.timed("UploadPart", req).await?;
-        self.parts.push(
-            CompletedPart::builder()
-                .part_number(number)
-                .set_e_tag(out.e_tag().map(str::to_owned))
-                .build(),
-        );
+        Ok(CompletedPart::builder()
+            .part_number(number)
+            .set_e_tag(out.e_tag().map(str::to_owned))
+            .build())
+    }
+}
+
+pub(super) struct S3Writer {
+    target: Arc<Target>,
+    /// Sends a body that fits one PutObject without the SDK.
+    fast: Option<Arc<FastReads>>,
+    buf: BytesMut,
+    upload_id: Option<String>,
+    /// Parts sent so far (their numbers are 1..=sent).
+    sent: i32,
+    /// Parts on their way to S3.
+    in_flight: JoinSet<Result<CompletedPart, StoreError>>,
+    /// At most this many in `in_flight`.
+    concurrency: usize,
+    /// The process-wide bound on parts in flight.
+    permits: Arc<Semaphore>,
+    parts: Vec<CompletedPart>,
+    done: bool,
+}
+
+impl S3Writer {
+    #[allow(clippy::too_many_arguments)]
+    pub(super) fn new(
+        client: Client,
+        fast: Option<Arc<FastReads>>,
+        bucket: String,
+        key: String,
+        timeout: Duration,
+        concurrency: usize,
+        permits: Arc<Semaphore>,
+    ) -> Self {
+        Self {
+            target: Arc::new(Target {
+                client,
+                bucket,
+                key,
+                timeout,
+            }),
+            fast,
+            buf: BytesMut::new(),
+            upload_id: None,
+            sent: 0,
+            in_flight: JoinSet::new(),
+            concurrency: concurrency.max(1),
+            permits,
+            parts: Vec::new(),
+            done: false,
+        }
+    }
+
+    async fn upload_id(&mut self) -> Result<String, StoreError> {
+        if let Some(id) = &self.upload_id {
+            return Ok(id.clone());
+        }
+        let t = &self.target;
+        let req = t
+            .client
+            .create_multipart_upload()
+            .bucket(&t.bucket)
+            .key(&t.key)
+            .send();
+        let out = t.timed("CreateMultipartUpload", req).await?;
+        let id = out
+            .upload_id()
+            .ok_or_else(|| StoreError::Other("CreateMultipartUpload: no upload id".into()))?
+            .to_owned();
+        self.upload_id = Some(id.clone());
+        Ok(id)
+    }
+
+    /// Sends the next part in the background, once fewer than `concurrency` of this
+    /// writer's parts (and fewer than [`PARTS_IN_FLIGHT`] of the process's) are in flight.
+    async fn send_part(&mut self, part: Bytes) -> Result<(), StoreError> {
+        let id = self.upload_id().await?;
+        while self.in_flight.len() >= self.concurrency {
+            self.finish_one().await?;
+        }
+        let permit = Arc::clone(&self.permits)
+            .acquire_owned()
+            .await
+            .map_err(|_| StoreError::Other("the part semaphore is closed".into()))?;
+        self.sent = self
+            .sent
+            .checked_add(1)
+            .ok_or_else(|| StoreError::Other("too many parts".into()))?;
+        let number = self.sent;
+        let target = Arc::clone(&self.target);
+        self.in_flight.spawn(async move {
+            let _permit = permit;
+            target.upload_part(&id, number, part).await
+        });
         Ok(())
+    }
+
+    /// Waits for one part in flight to be stored; its failure is this upload's.
+    async fn finish_one(&mut self) -> Result<(), StoreError> {
+        match self.in_flight.join_next().await {
+            None => Ok(()),
+            Some(Ok(Ok(part))) => {
+                self.parts.push(part);
+                Ok(())
+            }
+            Some(Ok(Err(e))) => Err(e),
+            Some(Err(e)) => Err(StoreError::Other(format!(
+                "UploadPart {}: the task sending it ended: {e}",
+                self.target.key
+            ))),
+        }
+    }
+}
+
+impl S3Writer {
+    /// Sends the last part, waits for every part, and completes the upload.
+    async fn complete(&mut self, id: &str, rest: Bytes) -> Result<(), StoreError> {
+        if !rest.is_empty() {
+            self.send_part(rest).await?;
+        }
+        while !self.in_flight.is_empty() {
+            self.finish_one().await?;
+        }
+        let mut parts = std::mem::take(&mut self.parts);
+        parts.sort_by_key(|p| p.part_number());
+        let t = &self.target;
+        let req = t
+            .client
+            .complete_multipart_upload()
+            .bucket(&t.bucket)
+            .key(&t.key)
+            .upload_id(id)
+            .multipart_upload(
+                CompletedMultipartUpload::builder()
+                    .set_parts(Some(parts))
+                    .build(),
+            )
+            .send();
+        t.timed("CompleteMultipartUpload", req).await?;
+        Ok(())
+    }
+
+    /// Stops the parts in flight (so none lands after the abort), then aborts the upload.
+    async fn abort_upload(&mut self) {
+        self.in_flight.shutdown().await;
+        if let Some(id) = self.upload_id.take() {
+            let t = &self.target;
+            let req = t
+                .client
+                .abort_multipart_upload()
+                .bucket(&t.bucket)
+                .key(&t.key)
+                .upload_id(&id)
+                .send();
+            match t.timed("AbortMultipartUpload", req).await {
+                Ok(_) => tracing::debug!(key = %t.key, "multipart upload aborted"),
+                Err(e) => {
+                    tracing::warn!(key = %t.key, cause = %e, "could not abort a multipart upload; cleanup will retry")
+                }
+            }
+        }
+        self.done = true;
     }
 }
 
 #[async_trait]
 impl ObjectWriter for S3Writer {
     async fn write(&mut self, chunk: Bytes) -> Result<(), StoreError> {
-        self.buf.extend_from_slice(&chunk);
-        while self.buf.len() >= PART_SIZE {
-            let part = self.buf.split_to(PART_SIZE).freeze();
-            self.upload_part(part).await?;
+        let mut chunk = &chunk[..];
+        while !chunk.is_empty() {
+            let n = chunk.len().min(PART_SIZE - self.buf.len());
+            // Grown by doubling up to one part, never beyond: parts are allocated whole
+            // rather than carved from a buffer shared with the parts in flight, which made
+            // every refill a fresh, larger allocation.
+            let cap = (self.buf.len() + n)
+                .max(self.buf.capacity() * 2)
+                .min(PART_SIZE);
+            if cap > self.buf.capacity() {
+                self.buf.reserve(cap - self.buf.len());
+            }
+            self.buf.extend_from_slice(&chunk[..n]);
+            chunk = &chunk[n..];
+            if self.buf.len() == PART_SIZE {
+                let next = BytesMut::with_capacity(PART_SIZE);
+                let part = std::mem::replace(&mut self.buf, next).freeze();
+                self.send_part(part).await?;
+            }
         }
         Ok(())
     }
@@ -128,34 +271,24 @@ impl ObjectWriter for S3Writer {
     async fn commit(mut self: Box<Self>) -> Result<(), StoreError> {
         let rest = std::mem::take(&mut self.buf).freeze();
         match (self.upload_id.clone(), self.fast.clone()) {
-            (None, Some(fast)) => fast.put(&self.key, rest).await?,
+            (None, Some(fast)) => fast.put(&self.target.key, rest).await?,
             (None, None) => {
-                let req = self
+                let t = &self.target;
+                let req = t
                     .client
                     .put_object()
-                    .bucket(&self.bucket)
-                    .key(&self.key)
+                    .bucket(&t.bucket)
+                    .key(&t.key)
                     .body(rest.into())
                     .send();
-                self.timed("PutObject", req).await?;
+                t.timed("PutObject", req).await?;
             }
             (Some(id), _) => {
-                if !rest.is_empty() {
-                    self.upload_part(rest).await?;
+                if let Err(e) = self.complete(&id, rest).await {
+                    // Not left to the drop: the upload is gone when the error is returned.
+                    self.abort_upload().await;
+                    return Err(e);
                 }
-                let req = self
-                    .client
-                    .complete_multipart_upload()
-                    .bucket(&self.bucket)
-                    .key(&self.key)
-                    .upload_id(&id)
-                    .multipart_upload(
-                        CompletedMultipartUpload::builder()
-                            .set_parts(Some(std::mem::take(&mut self.parts)))
-                            .build(),
-                    )
-                    .send();
-                self.timed("CompleteMultipartUpload", req).await?;
             }
         }
         self.done = true;
@@ -163,44 +296,32 @@ impl ObjectWriter for S3Writer {
     }
 
     async fn abort(mut self: Box<Self>) {
-        if let Some(id) = self.upload_id.take() {
-            let req = self
-                .client
-                .abort_multipart_upload()
-                .bucket(&self.bucket)
-                .key(&self.key)
-                .upload_id(&id)
-                .send();
-            match self.timed("AbortMultipartUpload", req).await {
-                Ok(_) => tracing::debug!(key = %self.key, "multipart upload aborted"),
-                Err(e) => {
-                    tracing::warn!(key = %self.key, cause = %e, "could not abort a multipart upload; cleanup will retry")
-                }
-            }
-        }
-        self.done = true;
+        self.abort_upload().await;
     }
 }
 
 impl Drop for S3Writer {
     fn drop(&mut self) {
-        // Dropped mid-upload (the client went away): abort in the background. If even that
-        // fails, the periodic staging cleanup removes the upload.
+        // Dropped mid-upload (the client went away): abort in the background, after the parts
+        // in flight are stopped. If even that fails, the periodic staging cleanup removes the
+        // upload.
         if let (false, Some(id)) = (self.done, self.upload_id.take()) {
             if let Ok(rt) = tokio::runtime::Handle::try_current() {
-                let req = self
-                    .client
-                    .abort_multipart_upload()
-                    .bucket(&self.bucket)
-                    .key(&self.key)
-                    .upload_id(id);
-                let key = std::mem::take(&mut self.key);
+                let mut in_flight = std::mem::take(&mut self.in_flight);
+                let t = Arc::clone(&self.target);
                 rt.spawn(async move {
+                    in_flight.shutdown().await;
+                    let req = t
+                        .client
+                        .abort_multipart_upload()
+                        .bucket(&t.bucket)
+                        .key(&t.key)
+                        .upload_id(id);
                     match req.send().await {
-                        Ok(_) => tracing::debug!(%key, "multipart upload aborted"),
+                        Ok(_) => tracing::debug!(key = %t.key, "multipart upload aborted"),
                         Err(e) => {
                             let cause = aws_smithy_types::error::display::DisplayErrorContext(&e);
-                            tracing::warn!(%key, %cause, "could not abort a multipart upload; cleanup will retry")
+                            tracing::warn!(key = %t.key, %cause, "could not abort a multipart upload; cleanup will retry")
                         }
                     }
                 });
