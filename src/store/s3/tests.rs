@@ -194,7 +194,7 @@ async fn multipart_parts_are_sent_concurrently_and_completed_in_order() {
     let (endpoint, seen) = multipart_s3(3, None).await;
     let store = store_at(endpoint, 3).await;
     let data = body(3 * PART_SIZE + 12345);
-    tokio::time::timeout(Duration::from_secs(60), write_all(&store, &data))
+    tokio::time::timeout(Duration::from_secs(20), write_all(&store, &data))
         .await
         .expect("the parts were sent one at a time: the fake S3 answers none before three")
         .unwrap();
