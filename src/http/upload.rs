@@ -99,14 +99,9 @@ async fn stored_narinfo(
 ) -> Result<bytes::Bytes, Error> {
     st.access.record_probe(h);
     let limit = Some(st.config.store.timeout);
-    match store::narinfo_bytes(&*st.store, h, limit).await? {
-        Some(raw) => Ok(raw),
-        None => {
-            // The upload of this path that usually follows need not read it again.
-            st.uploader.probed_absent(h);
-            Err(Error::NotFound)
-        }
-    }
+    store::narinfo_bytes(&*st.store, h, limit)
+        .await?
+        .ok_or(Error::NotFound)
 }
 
 fn narinfo_response(mut res: Response, len: usize) -> Response {

@@ -133,13 +133,6 @@ impl Announced {
 /// Remembered NAR digests are capped so a long-running server does not grow without bound.
 const MAX_REMEMBERED: usize = 100_000;
 
-/// How long the upload address's "no such narinfo" (a probe the store answered 404) stands
-/// for the immutability check of that path's upload, instead of reading the store again.
-/// A builder probes its whole closure, then uploads path after path: this spares each one a
-/// round trip. Another writer publishing the same path within it is the race the check
-/// already leaves (two uploads past it both write; the last one wins), only wider.
-const PROBED_ABSENT_TRUST: std::time::Duration = std::time::Duration::from_secs(60);
-
 pub struct Uploader {
     store: Arc<dyn Store>,
     store_dir: String,
@@ -150,14 +143,6 @@ pub struct Uploader {
     slots: Arc<Semaphore>,
     // A std Mutex: held for map operations only, never across an await.
     verified: Mutex<HashMap<String, VerifiedNar>>,
-    /// Narinfos this process wrote, and when: each after an upload record naming it, which
-    /// keeps a collector from deleting it for [`crate::gc::access::UPLOAD_RECORD_LIFETIME`].
-    /// For [`crate::gc::access::UPLOAD_COVER`] after the write, a later upload counts it as a
-    /// present reference without asking the store (see [`Uploader::check_references`]).
-    written: Mutex<HashMap<StorePathHash, tokio::time::Instant>>,
-    /// Narinfos the store lacked when the upload address was asked for them, and when
-    /// ([`PROBED_ABSENT_TRUST`]).
-    probed_absent: Mutex<HashMap<StorePathHash, tokio::time::Instant>>,
     /// Where accepted narinfos are recorded before they are written (garbage collection).
     access: Option<Arc<crate::gc::access::AccessLog>>,
 }
@@ -182,8 +167,6 @@ impl Uploader {
             limits: Limits::from_config(cfg),
             slots: Arc::new(Semaphore::new(cfg.max_concurrent)),
             verified: Mutex::new(HashMap::new()),
-            written: Mutex::new(HashMap::new()),
-            probed_absent: Mutex::new(HashMap::new()),
             access: None,
         }
     }
@@ -221,45 +204,6 @@ impl Uploader {
 
     fn remembered(&self, uploaded_key: &str) -> Option<VerifiedNar> {
         lock(&self.verified).get(uploaded_key).cloned()
-    }
-
-    /// The upload address was asked for the narinfo of `h`, and the store has none.
-    pub fn probed_absent(&self, h: StorePathHash) {
-        let mut m = lock(&self.probed_absent);
-        if m.len() >= MAX_REMEMBERED {
-            m.clear();
-        }
-        m.insert(h, tokio::time::Instant::now());
-    }
-
-    /// Whether the store lacked the narinfo of `h` when probed within [`PROBED_ABSENT_TRUST`],
-    /// and this process has not written it since.
-    fn known_absent(&self, h: StorePathHash) -> bool {
-        let probed = lock(&self.probed_absent).get(&h).copied();
-        probed.is_some_and(|at| at.elapsed() < PROBED_ABSENT_TRUST)
-            && !lock(&self.written).contains_key(&h)
-    }
-
-    /// The narinfo of `h` was written by this process, after an upload record naming it.
-    fn wrote(&self, h: StorePathHash) {
-        lock(&self.probed_absent).remove(&h);
-        let mut m = lock(&self.written);
-        if m.len() >= MAX_REMEMBERED {
-            m.clear();
-        }
-        m.insert(h, tokio::time::Instant::now());
-    }
-
-    /// Whether this process wrote the narinfo of `h` so recently that the upload record
-    /// written before it still keeps every collector from deleting it: within
-    /// [`crate::gc::access::UPLOAD_COVER`] of the write (the record started at most that long
-    /// before it, and collectors read records for three times that). Only with an access log
-    /// (no records, no such guarantee).
-    fn recently_written(&self, h: StorePathHash) -> bool {
-        self.access.is_some()
-            && lock(&self.written)
-                .get(&h)
-                .is_some_and(|at| at.elapsed() < crate::gc::access::UPLOAD_COVER)
     }
 
     /// Where a NAR uploaded as `name` is stored when uploads are re-encoded to another
