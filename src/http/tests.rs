@@ -392,6 +392,46 @@ async fn upload_probes_answer_from_the_store_not_the_read_side_cache() {
     assert_eq!(res.status(), StatusCode::OK);
 }
 
+/// Nix probes a NAR with HEAD right before uploading it: a miss starts the NAR's upload
+/// record then (see `Uploader::nar_expected`); a NAR the store has starts nothing.
+#[tokio::test]
+async fn a_nar_probe_that_misses_starts_its_upload_record() {
+    use crate::config::Scope;
+    let mem = Arc::new(MemoryStore::new());
+    let st = state(
+        with_tokens(Config::default(), &[("w", "wtok", Scope::Write)]),
+        &mem,
+    );
+    let probe = format!("/upload/{HASH}.narinfo");
+    let res = send(
+        &st,
+        authed("GET", &probe, "wtok").body(Body::empty()).unwrap(),
+    )
+    .await;
+    assert_eq!(res.status(), StatusCode::NOT_FOUND);
+    let missing: crate::nix::NarFileName = format!("{}.nar", "1".repeat(52)).parse().unwrap();
+    let present: crate::nix::NarFileName = format!("{}.nar", "2".repeat(52)).parse().unwrap();
+    mem.insert(&format!("nar/{present}"), "x");
+    for (name, status) in [
+        (&missing, StatusCode::NOT_FOUND),
+        (&present, StatusCode::OK),
+    ] {
+        let path = format!("/upload/nar/{name}");
+        let res = send(
+            &st,
+            authed("HEAD", &path, "wtok").body(Body::empty()).unwrap(),
+        )
+        .await;
+        assert_eq!(res.status(), status);
+    }
+    assert_eq!(st.uploader.early_record(&missing).await, Some(true));
+    assert_eq!(st.uploader.early_record(&present).await, None);
+    assert!(mem
+        .keys()
+        .iter()
+        .any(|k| k.starts_with("_cellar/access/") && k.ends_with("-upload")));
+}
+
 #[tokio::test]
 async fn nar_puts_over_the_limits_are_refused_before_the_body() {
     use crate::config::Scope;

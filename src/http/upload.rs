@@ -133,10 +133,12 @@ async fn nar_head(State(st): State<AppState>, Path(file): Path<String>) -> Resul
         Some(size) => Some(size),
         None => st.uploader.reencoded_size(&f).await?,
     };
-    Ok(object::head_response(
-        size.ok_or(Error::NotFound)?,
-        Kind::Nar,
-    ))
+    let Some(size) = size else {
+        // Its upload usually follows at once: its record is written meanwhile.
+        st.uploader.nar_expected(&f);
+        return Err(Error::NotFound);
+    };
+    Ok(object::head_response(size, Kind::Nar))
 }
 
 async fn log_get(

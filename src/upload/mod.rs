@@ -133,6 +133,10 @@ impl Announced {
 /// Remembered NAR digests are capped so a long-running server does not grow without bound.
 const MAX_REMEMBERED: usize = 100_000;
 
+/// A NAR's upload record written ahead of the NAR, and the announcements read after it
+/// (`None` if no record was written).
+type EarlyRecord = Shared<BoxFuture<'static, Option<Announced>>>;
+
 pub struct Uploader {
     store: Arc<dyn Store>,
     store_dir: String,
@@ -143,6 +147,10 @@ pub struct Uploader {
     slots: Arc<Semaphore>,
     // A std Mutex: held for map operations only, never across an await.
     verified: Mutex<HashMap<String, VerifiedNar>>,
+    /// Upload records written when a client found a NAR missing (`HEAD nar/…`, which Nix
+    /// sends right before uploading it), and the announcements read after each, by the key
+    /// of the NAR as it will be uploaded ([`Uploader::nar_expected`]).
+    early: Mutex<HashMap<String, EarlyRecord>>,
     /// Where accepted narinfos are recorded before they are written (garbage collection).
     access: Option<Arc<crate::gc::access::AccessLog>>,
 }
@@ -167,6 +175,7 @@ impl Uploader {
             limits: Limits::from_config(cfg),
             slots: Arc::new(Semaphore::new(cfg.max_concurrent)),
             verified: Mutex::new(HashMap::new()),
+            early: Mutex::new(HashMap::new()),
             access: None,
         }
     }
@@ -204,6 +213,64 @@ impl Uploader {
 
     fn remembered(&self, uploaded_key: &str) -> Option<VerifiedNar> {
         lock(&self.verified).get(uploaded_key).cloned()
+    }
+
+    /// The NAR names an upload of `name` is recorded under: as uploaded, and as stored if
+    /// uploads are re-encoded.
+    fn record_names(&self, name: &NarFileName) -> Vec<String> {
+        std::iter::once(name.as_str().to_owned())
+            .chain(self.reencoded(name).map(|(s, _)| s.as_str().to_owned()))
+            .collect()
+    }
+
+    /// A client found the NAR `name` missing: Nix sends this probe right before it uploads
+    /// the NAR. Writes the NAR's upload record now, in the background, and reads the
+    /// collectors' announcements after it, so both are done, or under way, when the NAR has
+    /// arrived and its narinfo follows, instead of costing that narinfo two sequential round
+    /// trips ([`Announced`]). The protocol is the same as for a record written with the NAR:
+    /// the record names the NAR before anything relies on it, and the read comes after the
+    /// record. A NAR then never uploaded leaves that record behind (names only, no object);
+    /// it expires with the other records. Only with an access log and a builder at work (see
+    /// [`crate::gc::access::AccessLog::record_nar_upload`]).
+    pub fn nar_expected(&self, name: &NarFileName) {
+        let Some(access) = self.access.clone() else {
+            return;
+        };
+        let names = self.record_names(name);
+        let store = self.store.clone();
+        let early: EarlyRecord = async move {
+            let since = tokio::time::Instant::now();
+            let files: Vec<&str> = names.iter().map(String::as_str).collect();
+            match access.record_nar_upload(&files).await {
+                Ok(true) => Some(Announced::start(store, since, names)),
+                Ok(false) => None,
+                Err(e) => {
+                    tracing::warn!(nar = %files[0], cause = %e, "writing an upload record failed");
+                    None
+                }
+            }
+        }
+        .boxed()
+        .shared();
+        tokio::spawn(early.clone());
+        let mut m = lock(&self.early);
+        if m.len() >= MAX_REMEMBERED {
+            m.clear();
+        }
+        m.insert(object_key::nar(name), early);
+    }
+
+    /// Awaits the record [`Uploader::nar_expected`] started for `name`: `None` if none was
+    /// started, else whether one was written.
+    #[cfg(test)]
+    pub(crate) async fn early_record(&self, name: &NarFileName) -> Option<bool> {
+        let early = lock(&self.early).get(&object_key::nar(name)).cloned()?;
+        Some(early.await.is_some())
+    }
+
+    /// The record [`Uploader::nar_expected`] started for the NAR under `uploaded_key`, if any.
+    fn take_early(&self, uploaded_key: &str) -> Option<EarlyRecord> {
+        lock(&self.early).remove(uploaded_key)
     }
 
     /// Where a NAR uploaded as `name` is stored when uploads are re-encoded to another
@@ -289,6 +356,7 @@ impl Uploader {
         S: Stream<Item = std::io::Result<Bytes>> + Send + 'static,
     {
         let name_hash = name.file_hash();
+        let early = self.take_early(&object_key::nar(name));
         let recompress = target.map(|t| (t, self.recompress.and_then(|r| r.level)));
         let mut w = self.store.writer(&object_key::nar(stored)).await?;
         let d = match digest::digest_into(body, incoming, recompress, Some(&mut w), self.limits)
@@ -307,40 +375,37 @@ impl Uploader {
                 d.input.hash.to_nix32()
             )));
         }
-        // The record that lets the narinfo following this NAR skip its own is written while
-        // the NAR is committed, so it costs no round trip of its own, and only once the NAR
-        // is complete and checked, so an aborted upload leaves no record. If it fails, that
-        // narinfo writes its record itself.
-        let record_from = tokio::time::Instant::now();
+        // The record that lets the narinfo following this NAR skip its own: the one written
+        // when the client probed the NAR, if it names what this upload stores and still
+        // covers uploads; else one written now, while the NAR is committed, so it costs no
+        // round trip of its own, and only once the NAR is complete and checked. If it fails,
+        // that narinfo writes its record itself. The announcements are read after the record
+        // (see `Announced`).
+        let names = self.record_names(name);
         let record = async {
-            let Some(a) = &self.access else {
-                return false;
-            };
-            let mut files = vec![name.as_str()];
-            if target.is_some() {
-                files.push(stored.as_str());
+            if let (Some(early), Some(log)) = (early, &self.access) {
+                if let Some(a) = early.await {
+                    let files: Vec<&str> = names.iter().map(String::as_str).collect();
+                    if a.covers(&files) && log.still_covers(a.since) {
+                        return Some(a);
+                    }
+                }
             }
+            let a = self.access.as_ref()?;
+            let since = tokio::time::Instant::now();
+            let files: Vec<&str> = names.iter().map(String::as_str).collect();
             match a.record_nar_upload(&files).await {
-                Ok(written) => written,
+                Ok(true) => Some(Announced::start(self.store.clone(), since, names.clone())),
+                Ok(false) => None,
                 Err(e) => {
                     tracing::warn!(nar = %name, cause = %e, "writing an upload record failed");
-                    false
+                    None
                 }
             }
         };
-        let (committed, recorded) = futures::join!(w.commit(), record);
+        let (committed, announced) = futures::join!(w.commit(), record);
         committed?;
-        let names = || {
-            let mut n = vec![name.as_str().to_owned()];
-            if target.is_some() {
-                n.push(stored.as_str().to_owned());
-            }
-            n
-        };
-        Ok((
-            d,
-            recorded.then(|| Announced::start(self.store.clone(), record_from, names())),
-        ))
+        Ok((d, announced))
     }
 
     /// Finds and digests a NAR this process did not see being uploaded.

@@ -762,3 +762,73 @@ async fn a_refused_nar_leaves_no_record() {
     up.put_nar(&file, body(nar)).await.unwrap();
     assert_eq!(records(&mem).len(), 1);
 }
+
+/// The record [`Uploader::nar_expected`] started for `file`, awaited: `true` if written.
+async fn early_record_written(up: &Uploader, file: &crate::nix::NarFileName) -> bool {
+    up.early_record(file)
+        .await
+        .expect("a record was started at the probe")
+}
+
+/// `nix copy --to` probes a NAR (`HEAD nar/…`, a 404) right before uploading it: the NAR's
+/// record is written then, naming the NAR and the probed closure before the NAR arrives, and
+/// neither the NAR nor its narinfo writes another.
+#[tokio::test]
+async fn a_nar_probed_before_its_upload_is_recorded_at_the_probe() {
+    let (mem, up, access) = uploader_covering();
+    let (nar, info, file) = sample();
+    access.record_probe(info.hash());
+    up.nar_expected(&file);
+    assert!(early_record_written(&up, &file).await);
+    let at_probe = records(&mem);
+    assert_eq!(at_probe.len(), 1, "{at_probe:?}");
+    let text = mem.get_bytes(&at_probe[0], 1 << 20).await.unwrap().unwrap();
+    let named = crate::gc::access::parse(std::str::from_utf8(&text).unwrap()).unwrap();
+    assert!(named.contains(&crate::gc::access::Entry::Path(info.hash())));
+    assert!(named.contains(&crate::gc::access::Entry::Nar(file.as_str().into())));
+
+    up.put_nar(&file, body(nar)).await.unwrap();
+    assert!(
+        early_read(&up, &file).covers(&[file.as_str()]),
+        "the NAR carries the read made after the probe's record"
+    );
+    up.put_narinfo(info.hash(), info.render("/nix/store").as_bytes(), None)
+        .await
+        .unwrap();
+    assert!(mem.bytes(&object_key::narinfo(info.hash())).is_some());
+    assert_eq!(records(&mem), at_probe, "no second record");
+}
+
+/// The early record changes when the record is written, not the protocol: a collector that
+/// announced the NAR before it gets the narinfo refused.
+#[tokio::test]
+async fn a_nar_announced_before_its_probe_is_refused() {
+    let (mem, up, access) = uploader_covering();
+    let (nar, info, file) = sample();
+    access.record_probe(info.hash());
+    crate::gc::deleting::announce(mem.as_ref(), "run", [file.as_str()])
+        .await
+        .unwrap();
+    up.nar_expected(&file);
+    up.put_nar(&file, body(nar)).await.unwrap();
+    refused_as_being_deleted(&up, &info).await;
+}
+
+/// A probe's record that no longer covers uploads by itself (the NAR took longer than
+/// [`crate::gc::access::UPLOAD_COVER`] to arrive) is not used: the NAR writes a fresh one.
+#[tokio::test(start_paused = true)]
+async fn a_probe_record_older_than_the_cover_is_replaced_by_the_nar() {
+    let (mem, up, access) = uploader_covering();
+    let (nar, info, file) = sample();
+    access.record_probe(info.hash());
+    up.nar_expected(&file);
+    assert!(early_record_written(&up, &file).await);
+    tokio::time::advance(crate::gc::access::UPLOAD_COVER).await;
+    access.record_probe(info.hash());
+    up.put_nar(&file, body(nar)).await.unwrap();
+    assert_eq!(records(&mem).len(), 2, "the NAR wrote its own record");
+    up.put_narinfo(info.hash(), info.render("/nix/store").as_bytes(), None)
+        .await
+        .unwrap();
+    assert_eq!(records(&mem).len(), 2, "which covers the narinfo");
+}
