@@ -99,9 +99,14 @@ async fn stored_narinfo(
 ) -> Result<bytes::Bytes, Error> {
     st.access.record_probe(h);
     let limit = Some(st.config.store.timeout);
-    store::narinfo_bytes(&*st.store, h, limit)
-        .await?
-        .ok_or(Error::NotFound)
+    match store::narinfo_bytes(&*st.store, h, limit).await? {
+        Some(raw) => Ok(raw),
+        None => {
+            // The upload of this path that usually follows need not read it again.
+            st.uploader.probed_absent(h);
+            Err(Error::NotFound)
+        }
+    }
 }
 
 fn narinfo_response(mut res: Response, len: usize) -> Response {
@@ -129,16 +134,17 @@ async fn nar_get(
 /// 200. Also found under the name it was re-encoded to (`upload.compression`).
 async fn nar_head(State(st): State<AppState>, Path(file): Path<String>) -> Result<Response, Error> {
     let f: NarFileName = file.parse()?;
+    // Its upload, or the narinfo relying on it, follows at once: their record is written
+    // meanwhile, starting now rather than after this answer.
+    st.uploader.nar_expected(&f);
     let size = match st.store.head(&object_key::nar(&f)).await? {
         Some(size) => Some(size),
         None => st.uploader.reencoded_size(&f).await?,
     };
-    let Some(size) = size else {
-        // Its upload usually follows at once: its record is written meanwhile.
-        st.uploader.nar_expected(&f);
-        return Err(Error::NotFound);
-    };
-    Ok(object::head_response(size, Kind::Nar))
+    Ok(object::head_response(
+        size.ok_or(Error::NotFound)?,
+        Kind::Nar,
+    ))
 }
 
 async fn log_get(

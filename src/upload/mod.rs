@@ -137,6 +137,13 @@ const MAX_REMEMBERED: usize = 100_000;
 /// (`None` if no record was written).
 type EarlyRecord = Shared<BoxFuture<'static, Option<Announced>>>;
 
+/// How long the upload address's "no such narinfo" (a probe the store answered 404) stands
+/// for the immutability check of that path's upload, instead of reading the store again.
+/// A builder probes its whole closure, then uploads path after path: this spares each one a
+/// round trip. Another writer publishing the same path within it is the race the check
+/// already leaves (two uploads past it both write; the last one wins), only wider.
+const PROBED_ABSENT_TRUST: std::time::Duration = std::time::Duration::from_secs(60);
+
 pub struct Uploader {
     store: Arc<dyn Store>,
     store_dir: String,
@@ -147,10 +154,18 @@ pub struct Uploader {
     slots: Arc<Semaphore>,
     // A std Mutex: held for map operations only, never across an await.
     verified: Mutex<HashMap<String, VerifiedNar>>,
-    /// Upload records written when a client found a NAR missing (`HEAD nar/…`, which Nix
-    /// sends right before uploading it), and the announcements read after each, by the key
-    /// of the NAR as it will be uploaded ([`Uploader::nar_expected`]).
+    /// Upload records written when a client asked for a NAR (`HEAD nar/…`, which Nix sends
+    /// right before uploading it), and the announcements read after each, by the key of the
+    /// NAR as it will be uploaded ([`Uploader::nar_expected`]).
     early: Mutex<HashMap<String, EarlyRecord>>,
+    /// Narinfos this process wrote, and when: each after an upload record naming it, which
+    /// keeps a collector from deleting it for [`crate::gc::access::UPLOAD_RECORD_LIFETIME`].
+    /// For [`crate::gc::access::UPLOAD_COVER`] after the write, a later upload counts it as a
+    /// present reference without asking the store (see [`Uploader::check_references`]).
+    written: Mutex<HashMap<StorePathHash, tokio::time::Instant>>,
+    /// Narinfos the store lacked when the upload address was asked for them, and when
+    /// ([`PROBED_ABSENT_TRUST`]).
+    probed_absent: Mutex<HashMap<StorePathHash, tokio::time::Instant>>,
     /// Where accepted narinfos are recorded before they are written (garbage collection).
     access: Option<Arc<crate::gc::access::AccessLog>>,
 }
@@ -176,6 +191,8 @@ impl Uploader {
             slots: Arc::new(Semaphore::new(cfg.max_concurrent)),
             verified: Mutex::new(HashMap::new()),
             early: Mutex::new(HashMap::new()),
+            written: Mutex::new(HashMap::new()),
+            probed_absent: Mutex::new(HashMap::new()),
             access: None,
         }
     }
@@ -223,8 +240,9 @@ impl Uploader {
             .collect()
     }
 
-    /// A client found the NAR `name` missing: Nix sends this probe right before it uploads
-    /// the NAR. Writes the NAR's upload record now, in the background, and reads the
+    /// A client asks the upload address whether it has the NAR `name` (`HEAD nar/…`): Nix
+    /// sends this right before it uploads the NAR, or, if the NAR is there, the narinfo that
+    /// relies on it. Writes the NAR's upload record now, in the background, and reads the
     /// collectors' announcements after it, so both are done, or under way, when the NAR has
     /// arrived and its narinfo follows, instead of costing that narinfo two sequential round
     /// trips ([`Announced`]). The protocol is the same as for a record written with the NAR:
@@ -271,6 +289,45 @@ impl Uploader {
     /// The record [`Uploader::nar_expected`] started for the NAR under `uploaded_key`, if any.
     fn take_early(&self, uploaded_key: &str) -> Option<EarlyRecord> {
         lock(&self.early).remove(uploaded_key)
+    }
+
+    /// The upload address was asked for the narinfo of `h`, and the store has none.
+    pub fn probed_absent(&self, h: StorePathHash) {
+        let mut m = lock(&self.probed_absent);
+        if m.len() >= MAX_REMEMBERED {
+            m.clear();
+        }
+        m.insert(h, tokio::time::Instant::now());
+    }
+
+    /// Whether the store lacked the narinfo of `h` when probed within [`PROBED_ABSENT_TRUST`],
+    /// and this process has not written it since.
+    fn known_absent(&self, h: StorePathHash) -> bool {
+        let probed = lock(&self.probed_absent).get(&h).copied();
+        probed.is_some_and(|at| at.elapsed() < PROBED_ABSENT_TRUST)
+            && !lock(&self.written).contains_key(&h)
+    }
+
+    /// The narinfo of `h` was written by this process, after an upload record naming it.
+    fn wrote(&self, h: StorePathHash) {
+        lock(&self.probed_absent).remove(&h);
+        let mut m = lock(&self.written);
+        if m.len() >= MAX_REMEMBERED {
+            m.clear();
+        }
+        m.insert(h, tokio::time::Instant::now());
+    }
+
+    /// Whether this process wrote the narinfo of `h` so recently that the upload record
+    /// written before it still keeps every collector from deleting it: within
+    /// [`crate::gc::access::UPLOAD_COVER`] of the write (the record started at most that long
+    /// before it, and collectors read records for three times that). Only with an access log
+    /// (no records, no such guarantee).
+    fn recently_written(&self, h: StorePathHash) -> bool {
+        self.access.is_some()
+            && lock(&self.written)
+                .get(&h)
+                .is_some_and(|at| at.elapsed() < crate::gc::access::UPLOAD_COVER)
     }
 
     /// Where a NAR uploaded as `name` is stored when uploads are re-encoded to another

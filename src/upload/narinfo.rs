@@ -70,11 +70,15 @@ impl Uploader {
         // why this order keeps a concurrent `cellar gc` from breaking the closure):
         // 1. the stored narinfo and, unless a recent record already names the path, its
         //    references and its NAR ([`AccessLog::covers`]), the access record, together;
+        //    the stored narinfo is not read if the upload address found none moments ago
+        //    ([`Uploader::known_absent`]);
         // 2. after the record: announced deletions, the references, and the NAR (a HEAD if
         //    this server received it, else read back and digested), together; with a recent
         //    record already written, this is part of step 1, and the announcements are those
         //    read as soon as the NAR's own record was written (see `Announced`), usually
-        //    before the narinfo arrives;
+        //    before the narinfo arrives; references this process wrote recently, and the NAR
+        //    it received under that recent record, count as present without a request
+        //    (both are kept by the records; step 3 checks the NAR again);
         // 3. after the announcements: the narinfo written, and the NAR checked once more,
         //    together (the narinfo is taken back if the NAR has gone).
         // Answers are judged in a fixed order, so a refusal does not depend on timing.
@@ -113,6 +117,9 @@ impl Uploader {
                         .as_ref()
                         .is_some_and(|l| l.still_covers(a.since))
             });
+        // The NAR's own record covers this narinfo: the NAR was received and recorded here
+        // moments ago, and no collector deletes it now without announcing it (refused below).
+        let nar_recorded = announced.is_some();
         let (existing, recorded, (not_deleting, nar, references)) = {
             let record = async {
                 match (&self.access, nars.is_empty() || covered) {
@@ -130,6 +137,9 @@ impl Uploader {
             // deleted it from the bucket since); else the stored one, read back and digested.
             let nar = async {
                 if let Some(v) = remembered {
+                    if nar_recorded {
+                        return Ok(Some(v));
+                    }
                     if self
                         .store
                         .head(&object_key::nar(&v.stored))
@@ -147,11 +157,18 @@ impl Uploader {
             let checks = async {
                 futures::join!(not_deleting, nar, self.check_references(&info, upstreams))
             };
+            let stored = async {
+                if self.known_absent(hash) {
+                    Ok(None)
+                } else {
+                    self.stored(hash).await
+                }
+            };
             if covered {
-                let (existing, checks) = futures::join!(self.stored(hash), checks);
+                let (existing, checks) = futures::join!(stored, checks);
                 (existing, Ok(()), checks)
             } else {
-                let (existing, recorded) = futures::join!(self.stored(hash), record);
+                let (existing, recorded) = futures::join!(stored, record);
                 // The checks wait for the record, and are not needed when the path is
                 // already there or the record failed: those are judged first below.
                 match (&existing, &recorded) {
@@ -245,6 +262,7 @@ impl Uploader {
             Some(_) => self.write_while_nar_stays(write, &info, &v.stored).await?,
             None => write.await?,
         }
+        self.wrote(hash);
         Ok(Accepted {
             hash,
             narinfo: info,
@@ -252,6 +270,9 @@ impl Uploader {
         })
     }
 
+    /// Refuses `info` unless each of its references is in the cache: written by this
+    /// process recently ([`Uploader::recently_written`]: no request), else found in the
+    /// store, else (with `upstreams`) served by an upstream.
     pub(super) async fn check_references(
         &self,
         info: &NarInfo,
@@ -261,7 +282,7 @@ impl Uploader {
         let refs: Vec<(StorePathHash, String)> = info
             .references
             .iter()
-            .filter(|r| r.hash() != own)
+            .filter(|r| r.hash() != own && !self.recently_written(r.hash()))
             .map(|r| (r.hash(), r.to_string()))
             .collect();
         let store = &self.store;

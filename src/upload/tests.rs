@@ -832,3 +832,131 @@ async fn a_probe_record_older_than_the_cover_is_replaced_by_the_nar() {
         .unwrap();
     assert_eq!(records(&mem).len(), 2, "which covers the narinfo");
 }
+
+/// A second path, `b`, with its own NAR, referring to [`PATH`].
+fn referrer() -> (Bytes, NarInfo, crate::nix::NarFileName) {
+    let mut v = nar().to_vec();
+    v.push(1);
+    let nar = Bytes::from(v);
+    let h = Sha256::digest(&nar);
+    let text = format!(
+        "StorePath: /nix/store/0bxnj2gfflqa529lddzh3zhcn45nn86r-b\nURL: nar/{}.nar\n\
+         Compression: none\nNarHash: {h}\nNarSize: {}\nReferences: {PATH}\n",
+        h.to_nix32(),
+        nar.len()
+    );
+    let info = NarInfo::parse(&text, "/nix/store").unwrap();
+    let file = info.nar_file().unwrap();
+    (nar, info, file)
+}
+
+/// `nix copy --to` as the server sees it: the closure probed (absent), then NAR and narinfo
+/// path after path. What this process just learned stands in for store reads: the probe's
+/// miss for the stored narinfo, the NAR it received under its own record, and the reference
+/// it wrote itself. A narinfo then costs its write and the NAR's last check, nothing more.
+#[tokio::test]
+async fn a_closure_uploaded_path_after_path_reads_only_the_last_nar_check() {
+    let (mem, up, access) = uploader_covering();
+    let (nar, info, file) = sample();
+    let (b_nar, b_info, b_file) = referrer();
+    for h in [info.hash(), b_info.hash()] {
+        access.record_probe(h);
+        up.probed_absent(h);
+    }
+    up.put_nar(&file, body(nar)).await.unwrap();
+    let before = mem.requests();
+    up.put_narinfo(info.hash(), info.render("/nix/store").as_bytes(), None)
+        .await
+        .unwrap();
+    assert_eq!(
+        mem.requests() - before,
+        1,
+        "one HEAD: the NAR, as the narinfo is written"
+    );
+    assert_eq!(mem.gets_under(&object_key::narinfo(info.hash())), 0);
+
+    up.put_nar(&b_file, body(b_nar)).await.unwrap();
+    let before = mem.requests();
+    up.put_narinfo(b_info.hash(), b_info.render("/nix/store").as_bytes(), None)
+        .await
+        .unwrap();
+    assert_eq!(
+        mem.requests() - before,
+        1,
+        "the reference written here and the probed miss are not asked again"
+    );
+    assert!(mem.bytes(&object_key::narinfo(b_info.hash())).is_some());
+}
+
+/// Without a probe, or with one older than a minute, the stored narinfo is read: a path
+/// published meanwhile is not overwritten (a conflict), however it got there.
+#[tokio::test(start_paused = true)]
+async fn a_stale_or_missing_probe_reads_the_stored_narinfo() {
+    let (mem, up, access) = uploader_covering();
+    let (nar, info, file) = sample();
+    access.record_probe(info.hash());
+    up.probed_absent(info.hash());
+    up.put_nar(&file, body(nar.clone())).await.unwrap();
+    tokio::time::advance(super::PROBED_ABSENT_TRUST).await;
+    // Published by someone else after the probe, with other contents.
+    let mut other = info.clone();
+    other.nar_hash = Sha256::digest(b"other");
+    mem.insert(
+        &object_key::narinfo(info.hash()),
+        other.render("/nix/store"),
+    );
+    let e = up
+        .put_narinfo(info.hash(), info.render("/nix/store").as_bytes(), None)
+        .await
+        .unwrap_err();
+    assert!(
+        matches!(e, Error::Upload(UploadError::Conflict { .. })),
+        "{e}"
+    );
+    assert_eq!(mem.gets_under(&object_key::narinfo(info.hash())), 1);
+
+    // No probe at all: read too.
+    let (mem, up, _) = uploader_covering();
+    up.put_nar(&file, body(nar)).await.unwrap();
+    up.put_narinfo(info.hash(), info.render("/nix/store").as_bytes(), None)
+        .await
+        .unwrap();
+    assert_eq!(mem.gets_under(&object_key::narinfo(info.hash())), 1);
+}
+
+/// A reference counts as present without a request only while written here recently
+/// ([`crate::gc::access::UPLOAD_COVER`]) and with the gc protocol's records: afterwards, and
+/// for references found in the store, it is asked for (and a missing one refuses the upload).
+#[tokio::test(start_paused = true)]
+async fn references_written_here_count_only_while_their_record_keeps_them() {
+    let (mem, up, _) = uploader_covering();
+    let (nar, info, file) = sample();
+    let (b_nar, b_info, b_file) = referrer();
+    up.put_nar(&file, body(nar.clone())).await.unwrap();
+    up.put_narinfo(info.hash(), info.render("/nix/store").as_bytes(), None)
+        .await
+        .unwrap();
+    tokio::time::advance(crate::gc::access::UPLOAD_COVER).await;
+    // Gone from the store (as if collected long after its record): the referrer is refused.
+    mem.remove(&object_key::narinfo(info.hash()));
+    up.put_nar(&b_file, body(b_nar.clone())).await.unwrap();
+    let e = up
+        .put_narinfo(b_info.hash(), b_info.render("/nix/store").as_bytes(), None)
+        .await
+        .unwrap_err();
+    assert!(e.to_string().contains("is not in the cache"), "{e}");
+
+    // Written moments ago, but no access log: asked for, and refused as well.
+    let (mem, up) = uploader();
+    up.put_nar(&file, body(nar)).await.unwrap();
+    up.put_narinfo(info.hash(), info.render("/nix/store").as_bytes(), None)
+        .await
+        .unwrap();
+    mem.remove(&object_key::narinfo(info.hash()));
+    up.put_nar(&b_file, body(b_nar)).await.unwrap();
+    let e = up
+        .put_narinfo(b_info.hash(), b_info.render("/nix/store").as_bytes(), None)
+        .await
+        .unwrap_err();
+    assert!(e.to_string().contains("is not in the cache"), "{e}");
+}
