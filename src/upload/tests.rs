@@ -960,3 +960,24 @@ async fn references_written_here_count_only_while_their_record_keeps_them() {
         .unwrap_err();
     assert!(e.to_string().contains("is not in the cache"), "{e}");
 }
+
+/// The maps of what this process learned hold more than one entry: two NARs probed before
+/// either arrives both keep their records, two paths probed and two written are all known.
+#[tokio::test]
+async fn what_was_learned_is_kept_for_several_paths_at_once() {
+    let (_mem, up, access) = uploader_covering();
+    let (_, info, file) = sample();
+    let (_, b_info, b_file) = referrer();
+    access.record_probe(info.hash());
+    up.nar_expected(&file);
+    up.nar_expected(&b_file);
+    assert_eq!(up.early_record(&file).await, Some(true));
+    assert_eq!(up.early_record(&b_file).await, Some(true));
+    up.probed_absent(info.hash());
+    up.probed_absent(b_info.hash());
+    assert!(up.known_absent(info.hash()) && up.known_absent(b_info.hash()));
+    up.wrote(info.hash());
+    up.wrote(b_info.hash());
+    assert!(up.recently_written(info.hash()) && up.recently_written(b_info.hash()));
+    assert!(!up.known_absent(info.hash()), "written since the probe");
+}
