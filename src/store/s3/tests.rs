@@ -17,7 +17,6 @@ fn content_range_header() {
 /// after the SDK's retries.
 #[tokio::test]
 async fn ping_makes_one_attempt() {
-    use crate::config::{S3Credentials, Secret};
     use std::sync::atomic::{AtomicUsize, Ordering};
     use std::sync::Arc;
 
@@ -32,22 +31,7 @@ async fn ping_makes_one_attempt() {
             drop(s);
         }
     });
-    let cfg = S3StoreConfig {
-        bucket: "b".into(),
-        endpoint: Some(format!("http://{addr}")),
-        region: "us-east-1".into(),
-        prefix: String::new(),
-        force_path_style: true,
-        direct_requests: true,
-        credentials: Some(S3Credentials {
-            access_key_id: "k".into(),
-            secret_access_key: Secret("s".into()),
-        }),
-        connect_timeout: Duration::from_secs(2),
-        redirect: None,
-        upload_part_concurrency: 4,
-    };
-    let store = S3Store::new(&cfg, Duration::from_secs(5)).await;
+    let store = store_at(format!("http://{addr}"), 4).await;
     assert!(store.ping().await.is_err());
     assert_eq!(accepted.load(Ordering::SeqCst), 1);
     // Requests other than the probe keep the SDK's retries.

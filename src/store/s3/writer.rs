@@ -59,6 +59,24 @@ impl Target {
         }
     }
 
+    /// Aborts the multipart upload `id`; a failure is logged (the periodic staging cleanup
+    /// removes the upload later).
+    async fn abort(&self, id: &str) {
+        let req = self
+            .client
+            .abort_multipart_upload()
+            .bucket(&self.bucket)
+            .key(&self.key)
+            .upload_id(id)
+            .send();
+        match self.timed("AbortMultipartUpload", req).await {
+            Ok(_) => tracing::debug!(key = %self.key, "multipart upload aborted"),
+            Err(e) => {
+                tracing::warn!(key = %self.key, cause = %e, "could not abort a multipart upload; cleanup will retry")
+            }
+        }
+    }
+
     async fn upload_part(
         &self,
         id: &str,
@@ -223,20 +241,7 @@ impl S3Writer {
     async fn abort_upload(&mut self) {
         self.in_flight.shutdown().await;
         if let Some(id) = self.upload_id.take() {
-            let t = &self.target;
-            let req = t
-                .client
-                .abort_multipart_upload()
-                .bucket(&t.bucket)
-                .key(&t.key)
-                .upload_id(&id)
-                .send();
-            match t.timed("AbortMultipartUpload", req).await {
-                Ok(_) => tracing::debug!(key = %t.key, "multipart upload aborted"),
-                Err(e) => {
-                    tracing::warn!(key = %t.key, cause = %e, "could not abort a multipart upload; cleanup will retry")
-                }
-            }
+            self.target.abort(&id).await;
         }
         self.done = true;
     }
@@ -311,19 +316,7 @@ impl Drop for S3Writer {
                 let t = Arc::clone(&self.target);
                 rt.spawn(async move {
                     in_flight.shutdown().await;
-                    let req = t
-                        .client
-                        .abort_multipart_upload()
-                        .bucket(&t.bucket)
-                        .key(&t.key)
-                        .upload_id(id);
-                    match req.send().await {
-                        Ok(_) => tracing::debug!(key = %t.key, "multipart upload aborted"),
-                        Err(e) => {
-                            let cause = aws_smithy_types::error::display::DisplayErrorContext(&e);
-                            tracing::warn!(key = %t.key, %cause, "could not abort a multipart upload; cleanup will retry")
-                        }
-                    }
+                    t.abort(&id).await;
                 });
             }
         }
