@@ -142,25 +142,64 @@ async fn a_large_path_goes_up_in_parts_and_comes_back_whole() {
     let app = App::s3("up-parts").config(&wcfg).spawn().await;
     let srv = &app.srv;
     let netrc = netrc(work.path(), srv, &w);
-    let out = copy_to(
-        &format!("{}?compression=zstd", srv.url),
-        Some(&netrc),
-        &[&path],
-        work.path(),
-        "parts",
-    );
+    let upload = format!("{}/upload?compression=zstd", srv.url);
+    let out = copy_to(&upload, Some(&netrc), &[&path], work.path(), "parts");
     assert_ok(&out, "nix copy --to");
     let parts = metric_sum(srv, "cellar_store_requests_total", &["op=\"UploadPart\""]).await;
     assert!(parts >= 4.0, "{parts} parts sent for a 30 MiB NAR");
-    substitute_and_verify(&srv.url, &srv.public_key, &path, work.path());
-    let copied = work
-        .path()
-        .join("store-copy")
-        .join(path.trim_start_matches('/'));
-    assert!(
-        std::fs::read(copied).unwrap() == blob,
-        "the path came back different"
-    );
+    let back = |srv: &Server, dir: &str| {
+        let work = work.path().join(dir);
+        substitute_and_verify(&srv.url, &srv.public_key, &path, &work);
+        let copied = work.join("store-copy").join(path.trim_start_matches('/'));
+        assert!(
+            std::fs::read(copied).unwrap() == blob,
+            "the path came back different"
+        );
+    };
+    back(srv, "first");
+
+    // Its narinfo lost (an upload that broke off before it, say), the path is uploaded again
+    // and its 30 MiB are not: this process stored the NAR, so the client's probe finds it.
+    let lose_narinfo = || async {
+        let key = format!("{}{}.narinfo", app.prefix, Fixture::hash(&path));
+        let s3 = s3_client(&app.s3);
+        s3.delete_object()
+            .bucket(&app.s3.bucket)
+            .key(&key)
+            .send()
+            .await
+            .unwrap();
+    };
+    let already = "NAR already stored: its body was not asked for";
+    let received =
+        |srv| async move { metric_sum(srv, "cellar_http_request_bytes_total", &[]).await };
+    lose_narinfo().await;
+    let before = received(srv).await;
+    let out = copy_to(&upload, Some(&netrc), &[&path], work.path(), "again");
+    assert_ok(&out, "nix copy --to, again");
+    assert_eq!(srv.log_count("NAR uploaded"), 1);
+    assert_eq!(srv.log_count(already), 0);
+    assert_eq!(srv.log_count("narinfo uploaded"), 2);
+    let sent = received(srv).await - before;
+    assert!(sent < (1 << 20) as f64, "{sent} bytes received");
+    back(srv, "again");
+
+    // Through another cellar (a replica, or this one restarted), which has not seen the NAR:
+    // the probe says "absent" without asking, and the NAR's PUT is answered before its body.
+    lose_narinfo().await;
+    let env = s3_store_env(&app.s3, &app.s3.endpoint, &app.prefix);
+    let other = tokio::task::spawn_blocking(move || Server::start_with_config(&wcfg, env))
+        .await
+        .unwrap();
+    let upload = format!("{}/upload?compression=zstd", other.url);
+    let out = copy_to(&upload, Some(&netrc), &[&path], work.path(), "other");
+    assert_ok(&out, "nix copy --to, through another cellar");
+    assert_eq!(other.log_count("NAR uploaded"), 0);
+    assert_eq!(other.log_count(already), 1);
+    assert_eq!(other.log_count("narinfo uploaded"), 1);
+    let sent = received(&other).await;
+    assert!(sent < (1 << 20) as f64, "{sent} bytes received");
+    back(&other, "other");
 }
 
 #[tokio::test(flavor = "multi_thread")]

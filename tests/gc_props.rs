@@ -210,6 +210,8 @@ impl World {
         let opts = gc::Options {
             apply: true,
             now: self.now,
+            // The operations run one after another: no upload overlaps a collection.
+            settle: Duration::ZERO,
         };
         let s = gc::run(&self.store, "/nix/store", &self.cfg, &opts, &Quiet)
             .await

@@ -105,6 +105,7 @@ async fn gc_racing_nix_copy_never_breaks_the_uploaded_closure() {
         let opts = gc::Options {
             apply: true,
             now: SystemTime::now(),
+            settle: gc::deleting::SETTLE,
         };
         let s = gc::run(&store, "/nix/store", &cfg, &opts, &Quiet)
             .await
@@ -154,6 +155,7 @@ async fn gc_racing_nix_copy_never_breaks_the_uploaded_closure() {
             sample: None,
             grace: Duration::from_secs(3600),
             now: SystemTime::now(),
+            settle: gc::deleting::SETTLE,
             upstreams: None,
         },
         &Quiet,

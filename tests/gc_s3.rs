@@ -64,6 +64,7 @@ async fn gc_over_several_listing_pages_keeps_pinned_closures_whole() {
         &gc::Options {
             apply: false,
             now: SystemTime::now(),
+            settle: gc::deleting::SETTLE,
         },
         &Quiet,
     )
@@ -77,6 +78,7 @@ async fn gc_over_several_listing_pages_keeps_pinned_closures_whole() {
         &gc::Options {
             apply: true,
             now: SystemTime::now(),
+            settle: gc::deleting::SETTLE,
         },
         &Quiet,
     )
@@ -99,6 +101,7 @@ async fn gc_over_several_listing_pages_keeps_pinned_closures_whole() {
             sample: None,
             grace: Duration::ZERO,
             now: SystemTime::now(),
+            settle: gc::deleting::SETTLE,
             upstreams: None,
         },
         &Quiet,

@@ -76,6 +76,7 @@ pub fn gc(path: Option<&Path>, apply: bool, metrics_file: Option<&Path>) -> anyh
         let opts = gc::Options {
             apply,
             now: SystemTime::now(),
+            settle: gc::deleting::SETTLE,
         };
         let s = gc::run(&store, &cfg.store_dir, &cfg.gc, &opts, &bar).await;
         bar.0.finish_and_clear();
@@ -171,6 +172,7 @@ pub fn verify(
             sample,
             grace: cfg.gc.grace,
             now: SystemTime::now(),
+            settle: gc::deleting::SETTLE,
             upstreams,
         };
         let r = gc::verify::run(&store, &cfg.store_dir, &opts, &bar).await;

@@ -16,6 +16,14 @@
 //!
 //! An announcement older than [`TTL`] is ignored (its collector died); a collector never
 //! deletes under an announcement older than half of it.
+//!
+//! An upload need not read the announcements itself after its record: a read that began at
+//! most [`TRUSTED_FOR`] before the record was complete serves as well, because a collector
+//! waits [`SETTLE`] (at least twice as long) between announcing NARs and re-reading the records.
+//! An announcement that read missed was complete after the read began, so the collector's
+//! re-read begins more than `SETTLE` after that, when the record is complete, and sees it.
+//! A server uploading path after path then reads the announcements once in a while in the
+//! background ([`crate::upload::Uploader`]), not once per path.
 
 use std::collections::HashSet;
 use std::time::{Duration, SystemTime};
@@ -36,6 +44,15 @@ pub const TTL: Duration = Duration::from_secs(15 * 60);
 
 /// Past this age the collector announces again before deleting.
 pub const FRESH: Duration = Duration::from_secs(5 * 60);
+
+/// How long a collector waits after announcing NARs before it re-reads the access records
+/// and deletes them (once per run: later batches are named by the same announcement).
+pub const SETTLE: Duration = Duration::from_secs(4);
+
+/// How long before an upload's record is complete a read of the announcements may have begun
+/// and still serve that upload (at most half of [`SETTLE`]: the margin covers clocks that run
+/// at slightly different rates on two machines).
+pub const TRUSTED_FOR: Duration = Duration::from_secs(2);
 
 /// An announcement larger than this is not one of ours.
 const MAX_BYTES: u64 = 16 << 20;

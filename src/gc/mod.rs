@@ -66,6 +66,10 @@ pub struct Options {
     pub apply: bool,
     /// The time the run treats as now (tests move it to simulate a clock).
     pub now: SystemTime,
+    /// The wait between announcing NARs and deleting them: [`deleting::SETTLE`], which the
+    /// servers' uploads rely on. Only a test whose uploads never overlap a collection may
+    /// shorten it.
+    pub settle: std::time::Duration,
 }
 
 /// One garbage collection over `store`.
@@ -95,7 +99,16 @@ pub async fn run(
     let mut summary = Summary::new(&marked, &plan, &sizes);
     summary.unresolved_pins = roots.unresolved_pins;
     if opts.apply {
-        let outcome = sweep::execute(store, &graph, &marked, &plan, &mut acc, progress).await;
+        let outcome = sweep::execute(
+            store,
+            &graph,
+            &marked,
+            &plan,
+            &mut acc,
+            opts.settle,
+            progress,
+        )
+        .await;
         summary.record(outcome);
     }
     Ok(summary)

@@ -8,9 +8,10 @@
 //! seen in time and kept, or deleted in the batch just done and written back from the copy
 //! read just before deleting it, or already gone when the upload checks (then the upload is
 //! refused, and `nix copy` uploads the path again on its next run). NARs, listings and
-//! realisations go after all narinfos, then logs, then expired access records; each batch of
-//! NARs is announced before the re-read that precedes it ([`super::deleting`]), since a deleted
-//! NAR cannot be written back. If the records cannot be read, nothing more is deleted.
+//! realisations go after all narinfos, then logs, then expired access records; NARs are
+//! announced before the re-read that precedes their batch, many batches at once, and the
+//! collector waits `deleting::SETTLE` after naming new ones ([`super::deleting`]), since a
+//! deleted NAR cannot be written back. If the records cannot be read, nothing more is deleted.
 
 use std::collections::{HashMap, HashSet};
 use std::sync::Arc;
@@ -33,6 +34,10 @@ use crate::store::{object_key, Store, StoreError};
 /// Objects deleted between two re-reads of the access records: the smaller, the shorter the
 /// time in which an upload could rely on an object the collector has already decided to delete.
 pub(super) const BATCH: usize = 64;
+
+/// Entries of the NAR phase (NARs and the rest) whose NARs one announcement names: about
+/// 4 MiB of names at most, well under what readers take (`deleting::MAX_BYTES`).
+const ANNOUNCED_AT_ONCE: usize = 64 * 1024;
 
 /// Deletions in flight at once.
 const DELETE_CONCURRENCY: usize = 16;
@@ -205,6 +210,7 @@ pub async fn execute(
     marked: &Marked,
     plan: &Plan,
     acc: &mut Accessed,
+    settle: std::time::Duration,
     progress: &dyn Progress,
 ) -> Outcome {
     let store = store.as_ref();
@@ -273,26 +279,45 @@ pub async fn execute(
     rest.extend(plan.access_records.iter().map(|(k, _)| Rest::Plain(k)));
     progress.phase("deleting NARs and the rest", Some(rest.len() as u64));
     let run = run_id();
-    let mut announced = false;
-    for batch in rest.chunks(BATCH) {
+    // The standing announcement: when it was last written, and the end of the part of `rest`
+    // whose NARs it names.
+    let mut standing: Option<(Instant, usize)> = None;
+    for (i, batch) in rest.chunks(BATCH).enumerate() {
         // NARs cannot be written back: they are announced before the re-read, and an upload
-        // relying on one after that is refused (see super::deleting).
-        let nars: Vec<&str> = batch
+        // relying on one after that is refused (see super::deleting). One announcement names
+        // the NARs of many batches, as the collector waits `deleting::SETTLE` after naming
+        // new ones; it is written again, naming those left, before it gets old.
+        let (start, end) = (i * BATCH, i * BATCH + batch.len());
+        let has_nars = batch
             .iter()
-            .filter_map(|r| match r {
-                Rest::Nar(f) if st.nar_free(f) => Some(*f),
-                _ => None,
-            })
-            .collect();
-        let since = Instant::now();
-        if !nars.is_empty() {
-            if let Err(e) = deleting::announce(store, &run, nars).await {
-                st.out.errors.push(format!("announcing deletions: {e}"));
-                progress.advance(batch.len() as u64);
-                continue;
+            .any(|r| matches!(r, Rest::Nar(f) if st.nar_free(f)));
+        if has_nars {
+            let new_names = standing.is_none_or(|(_, named)| named < end);
+            if new_names || standing.is_some_and(|(at, _)| at.elapsed() > deleting::FRESH / 2) {
+                let named = match standing {
+                    Some((_, named)) if !new_names => named,
+                    _ => (start + ANNOUNCED_AT_ONCE).min(rest.len()),
+                };
+                let nars = rest[start..named].iter().filter_map(|r| match r {
+                    Rest::Nar(f) if st.nar_free(f) => Some(*f),
+                    _ => None,
+                });
+                let at = Instant::now();
+                if let Err(e) = deleting::announce(store, &run, nars).await {
+                    st.out.errors.push(format!("announcing deletions: {e}"));
+                    progress.advance(batch.len() as u64);
+                    continue;
+                }
+                if new_names {
+                    tokio::time::sleep(settle).await;
+                }
+                standing = Some((at, named));
             }
-            announced = true;
         }
+        let since = match standing {
+            Some((at, _)) if has_nars => at,
+            _ => Instant::now(),
+        };
         if !st.rescue(store, &HashMap::new()).await {
             progress.advance(batch.len() as u64);
             continue;
@@ -319,7 +344,7 @@ pub async fn execute(
         delete_all(store, &keys, &mut st.out).await;
         progress.advance(batch.len() as u64);
     }
-    if announced {
+    if standing.is_some() {
         if let Err(e) = deleting::withdraw(store, &run).await {
             // Harmless: it stops counting after deleting::TTL.
             tracing::warn!(cause = %e, "could not withdraw the announcement of deletions");

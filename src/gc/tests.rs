@@ -57,16 +57,26 @@ async fn gc(
     apply: bool,
 ) -> super::Summary {
     let store: Arc<dyn Store> = mem.clone();
-    run(&store, "/nix/store", cfg, &Options { apply, now }, &Quiet)
-        .await
-        .unwrap()
+    run(
+        &store,
+        "/nix/store",
+        cfg,
+        &Options {
+            apply,
+            now,
+            settle: super::deleting::SETTLE,
+        },
+        &Quiet,
+    )
+    .await
+    .unwrap()
 }
 
 fn has(mem: &MemoryStore, key: &str) -> bool {
     mem.keys().iter().any(|k| k == key)
 }
 
-#[tokio::test]
+#[tokio::test(start_paused = true)]
 async fn keeps_pinned_recent_and_young_closures_and_deletes_the_rest_whole() {
     let mem = Arc::new(MemoryStore::new());
     let now = SystemTime::now();
@@ -118,7 +128,7 @@ async fn keeps_pinned_recent_and_young_closures_and_deletes_the_rest_whole() {
     assert!(has(&mem, "_cellar/pins/release"));
 }
 
-#[tokio::test]
+#[tokio::test(start_paused = true)]
 async fn only_pins_are_roots_with_zero_retention_and_nothing_young_is_deleted() {
     let mem = Arc::new(MemoryStore::new());
     let now = SystemTime::now();
@@ -148,7 +158,7 @@ async fn only_pins_are_roots_with_zero_retention_and_nothing_young_is_deleted() 
     ));
 }
 
-#[tokio::test]
+#[tokio::test(start_paused = true)]
 async fn a_byte_budget_evicts_the_least_recently_used_closures_whole() {
     let mem = Arc::new(MemoryStore::new());
     let now = SystemTime::now();
@@ -184,7 +194,7 @@ async fn a_byte_budget_evicts_the_least_recently_used_closures_whole() {
     assert!(!mem.keys().iter().any(|k| k.ends_with(".narinfo")));
 }
 
-#[tokio::test]
+#[tokio::test(start_paused = true)]
 async fn an_unreadable_pin_stops_the_run() {
     let mem = Arc::new(MemoryStore::new());
     let now = SystemTime::now();
@@ -195,7 +205,11 @@ async fn an_unreadable_pin_stops_the_run() {
         &store,
         "/nix/store",
         &cfg(),
-        &Options { apply: true, now },
+        &Options {
+            apply: true,
+            now,
+            settle: super::deleting::SETTLE,
+        },
         &Quiet,
     )
     .await;
@@ -207,7 +221,7 @@ async fn an_unreadable_pin_stops_the_run() {
 /// just after the collector decided to delete it. The collector announces the deletion, then
 /// re-reads the records, so it sees this one and keeps the NAR (an upload recording later
 /// sees the announcement and is refused: see the uploader's tests).
-#[tokio::test]
+#[tokio::test(start_paused = true)]
 async fn a_nar_an_upload_records_after_the_announcement_is_kept() {
     let mem = Arc::new(MemoryStore::new());
     let now = SystemTime::now();
@@ -235,6 +249,50 @@ async fn a_nar_an_upload_records_after_the_announcement_is_kept() {
     );
 }
 
+/// Writes an upload record naming `file` half of `deleting::SETTLE` after every announcement:
+/// an upload that read the announcements just before the collector announced, and so may rely
+/// on that read for `deleting::TRUSTED_FOR`, records its NAR while the collector waits.
+fn record_while_settling(mem: &Arc<MemoryStore>, file: Box<str>) {
+    let m = mem.clone();
+    mem.after_write("_cellar/deleting/", move |_| {
+        let (m, file) = (m.clone(), file.clone());
+        tokio::spawn(async move {
+            tokio::time::sleep(super::deleting::SETTLE / 2).await;
+            let key = format!(
+                "_cellar/access/{}/upload-settling",
+                super::access::day(SystemTime::now())
+            );
+            m.insert(&key, render([Entry::Nar(file)]));
+        });
+    });
+}
+
+/// The collector waits `deleting::SETTLE` between announcing NARs and re-reading the records
+/// before it deletes them, so a NAR an upload records in that time is kept (the upload may
+/// have read the announcements just before they were made: see `deleting`).
+#[tokio::test(start_paused = true)]
+async fn a_nar_recorded_while_the_collector_settles_is_kept() {
+    let mem = Arc::new(MemoryStore::new());
+    let now = SystemTime::now();
+    let gone = path(&mem, "gone", &[], 100 * DAY, now);
+    let reused = path(&mem, "reused", &[], 100 * DAY, now);
+    record_while_settling(&mem, reused.nar.trim_start_matches("nar/").into());
+    let s = gc(&mem, &cfg(), now, true).await;
+    assert!(s.errors.is_empty(), "{:?}", s.errors);
+    assert!(has(&mem, &reused.nar), "the NAR the upload relies on went");
+    assert!(!has(&mem, &gone.nar));
+
+    // The same for the orphan NARs `cellar verify --repair` deletes.
+    let mem = Arc::new(MemoryStore::new());
+    let (gone, _) = orphan(&mem, "gone", now);
+    let (kept, file) = orphan(&mem, "kept", now);
+    record_while_settling(&mem, file);
+    let r = repair(&mem, now).await;
+    assert!(r.repair_errors.is_empty(), "{:?}", r.repair_errors);
+    assert!(has(&mem, &kept), "the NAR the upload relies on went");
+    assert!(!has(&mem, &gone));
+}
+
 async fn repair(mem: &Arc<MemoryStore>, now: SystemTime) -> super::verify::Report {
     let store: Arc<dyn Store> = mem.clone();
     let opts = super::verify::Options {
@@ -242,6 +300,7 @@ async fn repair(mem: &Arc<MemoryStore>, now: SystemTime) -> super::verify::Repor
         sample: None,
         grace: DAY,
         now,
+        settle: super::deleting::SETTLE,
         upstreams: None,
     };
     super::verify::run(&store, "/nix/store", &opts, &Quiet)
@@ -260,7 +319,7 @@ fn orphan(mem: &MemoryStore, seed: &str, now: SystemTime) -> (String, Box<str>) 
 /// `verify --repair` deletes orphan NARs under the collector's protocol: an upload that
 /// relies on an orphan (its narinfo not written yet) names it in its access record, before
 /// the repair started or while it announces, and the NAR stays.
-#[tokio::test]
+#[tokio::test(start_paused = true)]
 async fn repair_keeps_the_orphan_nars_uploads_rely_on() {
     let mem = Arc::new(MemoryStore::new());
     let now = SystemTime::now();
@@ -311,7 +370,7 @@ async fn repair_keeps_the_orphan_nars_uploads_rely_on() {
 
 /// The repair announces the NARs it is about to delete before it deletes them, so an upload
 /// checking announcements meanwhile is refused.
-#[tokio::test]
+#[tokio::test(start_paused = true)]
 async fn repair_announces_the_nars_it_deletes_first() {
     let mem = Arc::new(MemoryStore::new());
     let now = SystemTime::now();
@@ -338,7 +397,7 @@ async fn repair_announces_the_nars_it_deletes_first() {
 
 /// A collector's live announcement is its run's state, not garbage: `verify` neither reports
 /// nor deletes it (an upload relies on seeing it).
-#[tokio::test]
+#[tokio::test(start_paused = true)]
 async fn verify_leaves_a_collectors_announcement_alone() {
     let mem = Arc::new(MemoryStore::new());
     let now = SystemTime::now();

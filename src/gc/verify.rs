@@ -138,6 +138,9 @@ pub struct Options {
     pub sample: Option<usize>,
     pub grace: Duration,
     pub now: SystemTime,
+    /// The wait between announcing orphaned NARs and deleting them (see
+    /// [`super::Options::settle`]).
+    pub settle: Duration,
     /// The server's upstreams: a reference one of them serves is not missing (the server
     /// accepted the upload on top of it and serves it through).
     pub upstreams: Option<Arc<Upstreams>>,
@@ -484,6 +487,7 @@ async fn delete_nars(
                 continue;
             }
             announced = true;
+            tokio::time::sleep(opts.settle).await;
             if let Err(e) = access::reread(store, &mut acc, SystemTime::now()).await {
                 report
                     .repair_errors

@@ -15,7 +15,9 @@
 //! - PUT is an upload (`nix copy --to`), verified by [`crate::upload`] before it is visible.
 //!   Refused before its body is read when `Content-Length` is over `upload.max_nar_bytes`
 //!   (413) or `upload.max_concurrent` uploads are running (503): a client that gets either
-//!   has sent nothing, so a retry sends the whole body.
+//!   has sent nothing, so a retry sends the whole body. A NAR over
+//!   [`crate::upload::STORED_AGAIN_MAX`] that the store already holds is answered 200 before
+//!   its body is asked for; a smaller one is stored again (the same bytes under the same name).
 
 use std::sync::Arc;
 
@@ -186,6 +188,13 @@ pub(super) async fn put(
         return Err(UploadError::TooLarge { limit }.into());
     }
     let _slot = st.uploader.admit()?;
+    // A large NAR the store holds already is not received again: asked before the body is
+    // (the client sent `Expect: 100-continue` and waits for it), answered 200 without it.
+    if st.uploader.already_stored(&name, declared).await? {
+        st.missing_nars.seen_present(name.as_str()).await;
+        tracing::info!(nar = %name, "NAR already stored: its body was not asked for");
+        return Ok(StatusCode::OK);
+    }
     let d = st
         .uploader
         .put_nar(&name, object::body_stream(&st, body))

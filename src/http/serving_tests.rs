@@ -321,11 +321,14 @@ async fn the_upload_address_reads_every_kind_of_object_from_the_store() {
         let body = vec![b'x'; 10 + i];
         mem.insert(key, body.clone());
         let len = Some(body.len().to_string());
-        assert_eq!(
-            ask("HEAD", path.clone()).await,
-            (StatusCode::OK, len.clone(), Vec::new()),
-            "HEAD {path}"
-        );
+        // A NAR stored as sent is probed from memory: "absent" (see
+        // upload_nar_probes_ask_the_store_only_for_nars_seen_or_re_encoded).
+        let head = if key.starts_with("nar/") {
+            (StatusCode::NOT_FOUND, Some("10".into()), b"".to_vec())
+        } else {
+            (StatusCode::OK, len.clone(), Vec::new())
+        };
+        assert_eq!(ask("HEAD", path.clone()).await, head, "HEAD {path}");
         assert_eq!(
             ask("GET", path.clone()).await,
             (StatusCode::OK, len, body),

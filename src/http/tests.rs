@@ -455,6 +455,113 @@ async fn nar_puts_over_the_limits_are_refused_before_the_body() {
     assert_eq!(mem.requests(), 0, "nothing reached the store");
 }
 
+/// The upload address's NAR probe (`HEAD`, which Nix sends right before each NAR upload)
+/// answers "absent" without asking the store when the NAR would be stored as sent, and asks
+/// it for a NAR this process stored and when uploads are re-encoded. Nothing on the way may
+/// keep the answer.
+#[tokio::test]
+async fn upload_nar_probes_ask_the_store_only_for_nars_seen_or_re_encoded() {
+    use crate::config::Scope;
+    let mem = Arc::new(MemoryStore::new());
+    mem.insert(&format!("nar/{NAR_FILE}.nar.xz"), vec![1u8; 300]);
+    mem.insert(&format!("nar/{NAR_FILE}.nar.zst"), vec![1u8; 200]);
+    let cfg = with_tokens(Config::default(), &[("w", "wtok", Scope::Write)]);
+    let probe = |st: AppState, ext: &'static str| async move {
+        let path = format!("/upload/nar/{NAR_FILE}.{ext}");
+        let req = authed("HEAD", &path, "wtok").body(Body::empty()).unwrap();
+        let res = send(&st, req).await;
+        let name: crate::nix::NarFileName = format!("{NAR_FILE}.{ext}").parse().unwrap();
+        st.uploader.early_record(&name).await;
+        res
+    };
+    let st = state(cfg.clone(), &mem);
+    let before = mem.requests();
+    let res = probe(st.clone(), "nar.xz").await;
+    assert_eq!(res.status(), StatusCode::NOT_FOUND);
+    assert_eq!(res.headers()["cache-control"], "no-store");
+    assert_eq!(mem.requests(), before, "the probe asked the store");
+    // What the store holds is still what a GET of the upload address reads.
+    let path = format!("/upload/nar/{NAR_FILE}.nar.xz");
+    let res = send(
+        &st,
+        authed("GET", &path, "wtok").body(Body::empty()).unwrap(),
+    )
+    .await;
+    assert_eq!(res.status(), StatusCode::OK);
+    assert_eq!(res.headers()["cache-control"], "no-store");
+    // A NAR this process stored: the store is asked (a retried upload skips it).
+    let mut nar = b"\x0d\x00\x00\x00\x00\x00\x00\x00nix-archive-1\x00\x00\x00".to_vec();
+    nar.extend_from_slice(&[7u8; 100]);
+    let name = crate::nix::Sha256::digest(&nar).to_nix32();
+    let req = authed("PUT", &format!("/upload/nar/{name}.nar"), "wtok")
+        .header("content-length", nar.len().to_string())
+        .body(Body::from(nar.clone()));
+    assert_eq!(send(&st, req.unwrap()).await.status(), StatusCode::CREATED);
+    let before = mem.requests();
+    let path = format!("/upload/nar/{name}.nar");
+    let res = send(
+        &st,
+        authed("HEAD", &path, "wtok").body(Body::empty()).unwrap(),
+    )
+    .await;
+    assert_eq!(res.status(), StatusCode::OK);
+    assert_eq!(res.headers()["content-length"], nar.len().to_string());
+    assert!(mem.requests() > before, "the store was not asked");
+
+    let mut cfg = cfg;
+    cfg.upload.recompress = Some(crate::config::Recompression {
+        compression: crate::nix::Compression::Zstd,
+        level: None,
+    });
+    let st = state(cfg, &mem);
+    mem.remove(&format!("nar/{NAR_FILE}.nar.xz"));
+    let before = mem.requests();
+    // Stored re-encoded as .nar.zst: found under the name the client uploads.
+    let res = probe(st.clone(), "nar.xz").await;
+    assert_eq!(res.status(), StatusCode::OK);
+    assert_eq!(res.headers()["content-length"], "200");
+    assert!(mem.requests() > before, "the store was not asked");
+}
+
+/// A PUT of a NAR over `STORED_AGAIN_MAX` the store holds is answered 200 without its body
+/// (the client waits for `100 Continue` before sending it); one the store lacks, or a small
+/// one, is received (and a small one is not looked up first).
+#[tokio::test]
+async fn a_large_nar_already_stored_is_not_received_again() {
+    use crate::config::Scope;
+    use crate::upload::STORED_AGAIN_MAX;
+    let mem = Arc::new(MemoryStore::new());
+    let st = state(
+        with_tokens(Config::default(), &[("w", "wtok", Scope::Write)]),
+        &mem,
+    );
+    let stored = format!("{NAR_FILE}.nar.xz");
+    mem.insert(&format!("nar/{stored}"), vec![1u8; 300]);
+    let absent = format!("{}.nar.xz", "1".repeat(52));
+    // A body that fails if read: a status other than the error's says it was not.
+    let unread = || {
+        Body::from_stream(futures::stream::once(async {
+            Err::<bytes::Bytes, _>(std::io::Error::other("the body was read"))
+        }))
+    };
+    let put = |name: &str, len: u64| {
+        let req = authed("PUT", &format!("/upload/nar/{name}"), "wtok")
+            .header("content-length", len.to_string())
+            .body(unread())
+            .unwrap();
+        let st = st.clone();
+        async move { send(&st, req).await.status() }
+    };
+    let large = STORED_AGAIN_MAX + 1;
+    assert_eq!(put(&stored, large).await, StatusCode::OK);
+    let read = put(&absent, large).await;
+    assert!(read.is_client_error(), "{read}");
+    let before = mem.requests();
+    let read = put(&stored, STORED_AGAIN_MAX).await;
+    assert!(read.is_client_error(), "{read}");
+    assert_eq!(mem.requests(), before, "a small NAR was looked up");
+}
+
 #[tokio::test]
 async fn a_reload_swaps_tokens_and_refuses_changes_that_need_a_restart() {
     use crate::config::Scope;
@@ -698,7 +805,9 @@ async fn root_uploads_warn_once_and_carry_the_token_name() {
             .count()
     };
     for _ in 0..3 {
-        let req = authed("PUT", &path, "wtok").body(Body::from(nar.clone()));
+        let req = authed("PUT", &path, "wtok")
+            .header("content-length", nar.len().to_string())
+            .body(Body::from(nar.clone()));
         assert_eq!(send(&st, req.unwrap()).await.status(), StatusCode::CREATED);
         assert_eq!(warnings(), 1, "{}", logs.text());
     }

@@ -53,8 +53,14 @@ pub(super) fn routes(state: AppState) -> Router<AppState> {
         .route_layer(middleware::from_fn_with_state(state, authorize))
 }
 
+/// Lets a write token through; every answer here is about the store right now, for one
+/// builder, so no cache on the way may keep it (a 404 of a probe above all: the NAR's is
+/// answered without asking the store).
 async fn authorize(State(st): State<AppState>, req: Request, next: Next) -> Response {
-    super::check(&st, req, next, Scope::Write).await
+    let mut res = super::check(&st, req, next, Scope::Write).await;
+    res.headers_mut()
+        .insert(header::CACHE_CONTROL, HeaderValue::from_static("no-store"));
+    res
 }
 
 /// GET `/upload/<hash>.narinfo` or `.ls`: as stored.
@@ -115,8 +121,6 @@ fn narinfo_response(mut res: Response, len: usize) -> Response {
         header::CONTENT_TYPE,
         HeaderValue::from_static("text/x-nix-narinfo"),
     );
-    // An answer about the store right now, for one builder: no proxy may keep it.
-    h.insert(header::CACHE_CONTROL, HeaderValue::from_static("no-store"));
     h.insert(header::CONTENT_LENGTH, HeaderValue::from(len));
     res
 }
@@ -130,13 +134,19 @@ async fn nar_get(
     object::get(&*st.store, &object_key::nar(&f), Kind::Nar, &headers).await
 }
 
-/// HEAD `/upload/nar/<file>`: Nix sends it before each NAR upload, and skips the upload on
-/// 200. Also found under the name it was re-encoded to (`upload.compression`).
+/// HEAD `/upload/nar/<file>`: Nix sends it right before each NAR upload, and skips the upload
+/// on 200. A NAR stored as sent is answered 404 without asking the store: sending it again is
+/// harmless (the same bytes under the same name), and the PUT asks the store before taking the
+/// body of a large one ([`crate::upload::Uploader::probe_asks_store`]). A NAR re-encoded on
+/// upload (`upload.compression`) is looked up, also under the name it was stored as.
 async fn nar_head(State(st): State<AppState>, Path(file): Path<String>) -> Result<Response, Error> {
     let f: NarFileName = file.parse()?;
     // Its upload, or the narinfo relying on it, follows at once: their record is written
     // meanwhile, starting now rather than after this answer.
     st.uploader.nar_expected(&f);
+    if !st.uploader.probe_asks_store(&f) {
+        return Err(Error::NotFound);
+    }
     let size = match st.store.head(&object_key::nar(&f)).await? {
         Some(size) => Some(size),
         None => st.uploader.reencoded_size(&f).await?,

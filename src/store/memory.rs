@@ -67,6 +67,7 @@ pub struct MemoryStore {
     // A std Mutex: held only for map operations, never across an await.
     objects: Arc<Mutex<HashMap<String, Stored>>>,
     gets: AtomicUsize,
+    lists: AtomicUsize,
     down: AtomicBool,
     latency_ms: AtomicUsize,
     hooks: Arc<Mutex<Vec<(String, Hook)>>>,
@@ -181,6 +182,11 @@ impl MemoryStore {
             .find(|(s, _, left)| *s == start && *left > 0)?;
         f.2 -= 1;
         Some(f.1)
+    }
+
+    /// Number of `list` calls so far.
+    pub fn lists(&self) -> usize {
+        self.lists.load(Ordering::SeqCst)
     }
 
     /// Number of `get` and `head` calls so far.
@@ -302,6 +308,7 @@ impl Store for MemoryStore {
     }
 
     fn list(&self, prefix: &str) -> ObjectList {
+        self.lists.fetch_add(1, Ordering::SeqCst);
         let items: Vec<Result<ObjectInfo, StoreError>> = if self.down.load(Ordering::SeqCst) {
             vec![Err(StoreError::Unavailable("memory store is down".into()))]
         } else {

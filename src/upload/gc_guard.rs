@@ -4,8 +4,6 @@
 //! announced it is deleting ([`crate::gc::deleting`]), and writes its narinfo while checking
 //! once more that its NAR is still there.
 
-use std::sync::Arc;
-
 use super::{rejected, Announced, Uploader};
 use crate::error::Error;
 use crate::nix::{NarFileName, NarInfo};
@@ -27,10 +25,11 @@ impl Uploader {
         };
         let deleting = match read {
             Some(set) => set,
-            None => Arc::new(
-                crate::gc::deleting::announced(self.store.as_ref(), std::time::SystemTime::now())
-                    .await?,
-            ),
+            None => {
+                self.announcements
+                    .after(tokio::time::Instant::now())
+                    .await?
+            }
         };
         match nars.iter().find(|f| deleting.contains(**f)) {
             Some(f) => Err(rejected(format!(

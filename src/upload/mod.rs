@@ -28,6 +28,7 @@
 //! Errors: what is wrong with the upload is [`UploadError`] (a 400 for HTTP clients); the
 //! store failing on the way is [`Error::Store`], as for any request.
 
+mod announcements;
 pub mod digest;
 mod gc_guard;
 mod narinfo;
@@ -57,6 +58,12 @@ pub const MAX_LISTING_BYTES: u64 = 256 << 20;
 /// What a client refused for `upload.max_concurrent` is told to wait. Nix 2.8 retries 5xx
 /// with its own back-off (0.3 s doubling) and ignores it; other clients may not.
 const BUSY_RETRY_AFTER_SECS: u64 = 1;
+
+/// NARs up to this size are stored again when sent, without asking whether the store holds
+/// them ([`Uploader::already_stored`]): receiving and writing 1 MiB costs about what one store
+/// round trip does, and a client sends a NAR the store already holds only after an upload of
+/// it broke off before its narinfo, or when two paths share one.
+pub const STORED_AGAIN_MAX: u64 = 1 << 20;
 
 fn rejected(msg: impl Into<String>) -> Error {
     Error::Upload(UploadError::Rejected(msg.into()))
@@ -101,15 +108,24 @@ impl std::fmt::Debug for Announced {
 }
 
 impl Announced {
-    /// Starts reading the announcements about `names` now, after a record started at `since`.
-    fn start(store: Arc<dyn Store>, since: tokio::time::Instant, names: Vec<String>) -> Self {
+    /// The announcements about `names`, for a record started at `since` and complete now:
+    /// from a read that qualifies for it, or read now ([`announcements::Announcements::after`]).
+    fn start(
+        announcements: Arc<announcements::Announcements>,
+        since: tokio::time::Instant,
+        names: Vec<String>,
+    ) -> Self {
         let names: Arc<[String]> = names.into();
         let wanted = names.clone();
+        let recorded = tokio::time::Instant::now();
         let read = async move {
-            let now = std::time::SystemTime::now();
-            match crate::gc::deleting::announced(store.as_ref(), now).await {
-                Ok(mut set) => {
-                    set.retain(|f| wanted.contains(f));
+            match announcements.after(recorded).await {
+                Ok(all) => {
+                    let set: HashSet<String> = wanted
+                        .iter()
+                        .filter(|f| all.contains(f.as_str()))
+                        .cloned()
+                        .collect();
                     Some(Arc::new(set))
                 }
                 Err(e) => {
@@ -168,6 +184,8 @@ pub struct Uploader {
     probed_absent: Mutex<HashMap<StorePathHash, tokio::time::Instant>>,
     /// Where accepted narinfos are recorded before they are written (garbage collection).
     access: Option<Arc<crate::gc::access::AccessLog>>,
+    /// The collectors' announcements, as uploads read them after their records.
+    announcements: Arc<announcements::Announcements>,
 }
 
 /// The result of a narinfo upload.
@@ -183,6 +201,7 @@ pub struct Accepted {
 impl Uploader {
     pub fn new(cfg: &UploadConfig, store_dir: &str, store: Arc<dyn Store>) -> Self {
         Self {
+            announcements: announcements::Announcements::new(store.clone()),
             store,
             store_dir: store_dir.to_owned(),
             recompress: cfg.recompress,
@@ -255,12 +274,12 @@ impl Uploader {
             return;
         };
         let names = self.record_names(name);
-        let store = self.store.clone();
+        let announcements = self.announcements.clone();
         let early: EarlyRecord = async move {
             let since = tokio::time::Instant::now();
             let files: Vec<&str> = names.iter().map(String::as_str).collect();
             match access.record_nar_upload(&files).await {
-                Ok(true) => Some(Announced::start(store, since, names)),
+                Ok(true) => Some(Announced::start(announcements, since, names)),
                 Ok(false) => None,
                 Err(e) => {
                     tracing::warn!(nar = %files[0], cause = %e, "writing an upload record failed");
@@ -351,6 +370,35 @@ impl Uploader {
             Some((stored, _)) => self.store.head(&object_key::nar(&stored)).await,
             None => Ok(None),
         }
+    }
+
+    /// Whether a client's `HEAD nar/<name>` at the upload address must ask the store. Not
+    /// when the NAR would be stored as sent and this process has not seen it in the store:
+    /// its name is the sha256 of its bytes, so storing it again writes the very object the
+    /// store may hold, and the probe answers "absent" from memory, saving the round trip every
+    /// path of an upload would wait for. Whether the store holds a large one is asked when it
+    /// is sent ([`Uploader::already_stored`]). Asked: a NAR this process stored or read back
+    /// (an upload retried after it broke off before its narinfo, or a second path with the
+    /// same NAR: not sent again, even through a proxy that takes bodies before cellar sees
+    /// them), and one re-encoded on upload (a new encoding of it need not be byte for byte the
+    /// copy the store holds, which narinfos name by its hash).
+    pub fn probe_asks_store(&self, name: &NarFileName) -> bool {
+        self.reencoded(name).is_some() || self.remembered(&object_key::nar(name)).is_some()
+    }
+
+    /// Whether a NAR about to be sent as `name` with `declared` bytes (`Content-Length`) is in
+    /// the store already, asked before its body is: then it is not received again. Only NARs
+    /// over [`STORED_AGAIN_MAX`] (or of unknown size) are looked up; a smaller one costs less
+    /// to store again than a round trip to ask.
+    pub async fn already_stored(
+        &self,
+        name: &NarFileName,
+        declared: Option<u64>,
+    ) -> Result<bool, StoreError> {
+        if declared.is_some_and(|n| n <= STORED_AGAIN_MAX) {
+            return Ok(false);
+        }
+        self.has_nar(name).await
     }
 
     /// Whether the store holds the NAR a client would find under `name`: the object itself,
@@ -452,7 +500,11 @@ impl Uploader {
             let since = tokio::time::Instant::now();
             let files: Vec<&str> = names.iter().map(String::as_str).collect();
             match a.record_nar_upload(&files).await {
-                Ok(true) => Some(Announced::start(self.store.clone(), since, names.clone())),
+                Ok(true) => Some(Announced::start(
+                    self.announcements.clone(),
+                    since,
+                    names.clone(),
+                )),
                 Ok(false) => None,
                 Err(e) => {
                     tracing::warn!(nar = %name, cause = %e, "writing an upload record failed");

@@ -233,7 +233,7 @@ async fn uploads_beyond_max_concurrent_are_busy() {
 
 /// A NAR a collector announced it is deleting is not relied on: the upload is refused after
 /// recording what it needed, and no narinfo is written.
-#[tokio::test]
+#[tokio::test(start_paused = true)]
 async fn a_nar_being_collected_is_refused() {
     let (mem, up) = uploader_with_access();
     let nar = nar();
@@ -257,9 +257,45 @@ async fn a_nar_being_collected_is_refused() {
     crate::gc::deleting::withdraw(mem.as_ref(), "run")
         .await
         .unwrap();
+    // The read that saw the announcement serves uploads for a while yet.
+    refused_as_being_deleted(&up, &info).await;
+    tokio::time::advance(crate::gc::deleting::TRUSTED_FOR * 2).await;
     up.put_narinfo(info.hash(), info.render("/nix/store").as_bytes(), None)
         .await
         .unwrap();
+}
+
+/// A read of the announcements serves the uploads whose records were complete at most
+/// `TRUSTED_FOR` after it began (a collector waits longer before acting on an announcement);
+/// used when older than a second, it is renewed in the background.
+#[tokio::test(start_paused = true)]
+async fn one_read_of_the_announcements_serves_uploads_for_a_while() {
+    use crate::gc::deleting::{announce, TRUSTED_FOR};
+    use tokio::time::{advance, Instant};
+    let mem = Arc::new(MemoryStore::new());
+    let watch = super::announcements::Announcements::new(mem.clone());
+    let lists = || mem.lists();
+    assert!(watch.after(Instant::now()).await.unwrap().is_empty());
+    assert_eq!(lists(), 1);
+    announce(mem.as_ref(), "run", ["a.nar"]).await.unwrap();
+    // A record complete within TRUSTED_FOR of that read: the read serves, without a request.
+    advance(TRUSTED_FOR / 4).await;
+    assert!(watch.after(Instant::now()).await.unwrap().is_empty());
+    assert_eq!(lists(), 1);
+    // Past it, a read now.
+    advance(TRUSTED_FOR).await;
+    let seen = watch.after(Instant::now()).await.unwrap();
+    assert!(seen.contains("a.nar"), "{seen:?}");
+    assert_eq!(lists(), 2);
+    // Used when over a second old, the read is renewed behind the upload's back.
+    announce(mem.as_ref(), "run", ["b.nar"]).await.unwrap();
+    advance(std::time::Duration::from_millis(1100)).await;
+    let seen = watch.after(Instant::now()).await.unwrap();
+    assert!(!seen.contains("b.nar"), "{seen:?}");
+    watch.refreshed.notified().await;
+    let seen = watch.after(Instant::now()).await.unwrap();
+    assert!(seen.contains("b.nar"), "{seen:?}");
+    assert_eq!(lists(), 3);
 }
 
 /// A NAR deleted while its narinfo is being written (a collector that announced it before
@@ -685,7 +721,8 @@ async fn a_covered_narinfo_uses_the_announcements_read_after_its_nars_record() {
 async fn an_early_read_answers_only_for_the_names_it_looked_for() {
     let mem: Arc<dyn Store> = Arc::new(MemoryStore::new());
     let now = tokio::time::Instant::now();
-    let a = super::Announced::start(mem, now, vec!["a.nar".into(), "b.nar".into()]);
+    let watch = super::announcements::Announcements::new(mem);
+    let a = super::Announced::start(watch, now, vec!["a.nar".into(), "b.nar".into()]);
     assert!(a.covers(&["a.nar"]));
     assert!(a.covers(&["b.nar", "a.nar"]));
     assert!(!a.covers(&["a.nar", "c.nar"]));
@@ -699,7 +736,8 @@ async fn an_early_read_for_other_names_is_not_relied_on() {
         .await
         .unwrap();
     let store: Arc<dyn Store> = mem.clone();
-    let a = super::Announced::start(store, tokio::time::Instant::now(), vec!["a.nar".into()]);
+    let watch = super::announcements::Announcements::new(store);
+    let a = super::Announced::start(watch, tokio::time::Instant::now(), vec!["a.nar".into()]);
     assert_eq!(
         a.read.clone().await.map(|s| s.len()),
         Some(0),
