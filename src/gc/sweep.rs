@@ -35,9 +35,10 @@ use crate::store::{object_key, Store, StoreError};
 /// time in which an upload could rely on an object the collector has already decided to delete.
 pub(super) const BATCH: usize = 64;
 
-/// Entries of the NAR phase (NARs and the rest) whose NARs one announcement names: about
-/// 4 MiB of names at most, well under what readers take (`deleting::MAX_BYTES`).
-const ANNOUNCED_AT_ONCE: usize = 64 * 1024;
+/// Entries of the NAR phase (NARs and the rest) whose NARs one announcement names (64
+/// batches, at most ~250 KiB of names): the collector waits `deleting::SETTLE` once per
+/// announcement of new NARs, and an upload relying on any NAR named is refused meanwhile.
+const ANNOUNCED_AT_ONCE: usize = 64 * BATCH;
 
 /// Deletions in flight at once.
 const DELETE_CONCURRENCY: usize = 16;

@@ -60,11 +60,11 @@ impl Announcements {
             }
             return Ok(read.nars);
         }
-        self.read().await
+        self.read_now().await
     }
 
     /// Reads the announcements now, and keeps the result if no later read has been kept.
-    async fn read(&self) -> Result<Arc<HashSet<String>>, StoreError> {
+    pub(super) async fn read_now(&self) -> Result<Arc<HashSet<String>>, StoreError> {
         let began = Instant::now();
         let nars =
             Arc::new(deleting::announced(self.store.as_ref(), std::time::SystemTime::now()).await?);
@@ -84,7 +84,7 @@ impl Announcements {
         }
         let this = self.clone();
         tokio::spawn(async move {
-            if let Err(e) = this.read().await {
+            if let Err(e) = this.read_now().await {
                 tracing::debug!(cause = %e, "reading the collectors' announcements failed");
             }
             this.refreshing.store(false, Ordering::SeqCst);

@@ -31,6 +31,12 @@ impl Uploader {
                     .await?
             }
         };
+        if !nars.iter().any(|f| deleting.contains(*f)) {
+            return Ok(());
+        }
+        // That read may be a moment old, and the collection over since: a refusal is
+        // confirmed by a read made now (rare, so it may cost the round trip).
+        let deleting = self.announcements.read_now().await?;
         match nars.iter().find(|f| deleting.contains(**f)) {
             Some(f) => Err(rejected(format!(
                 "NAR nar/{f} is being deleted by a garbage collection; upload it again"
