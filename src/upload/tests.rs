@@ -291,7 +291,12 @@ async fn one_read_of_the_announcements_serves_uploads_for_a_while() {
     advance(std::time::Duration::from_millis(1100)).await;
     let seen = watch.after(Instant::now()).await.unwrap();
     assert!(!seen.contains("b.nar"), "{seen:?}");
-    watch.refreshed.notified().await;
+    tokio::time::timeout(
+        std::time::Duration::from_secs(20),
+        watch.refreshed.notified(),
+    )
+    .await
+    .expect("no read was made in the background");
     let seen = watch.after(Instant::now()).await.unwrap();
     assert!(seen.contains("b.nar"), "{seen:?}");
     assert_eq!(lists(), 3);
