@@ -230,11 +230,7 @@ async fn a_nar_an_upload_records_after_the_announcement_is_kept() {
     let file: Box<str> = reused.nar.trim_start_matches("nar/").into();
     let m = mem.clone();
     mem.after_write("_cellar/deleting/", move |_| {
-        let key = format!(
-            "_cellar/access/{}/upload-1",
-            super::access::day(SystemTime::now())
-        );
-        m.insert(&key, render([Entry::Nar(file.clone())]));
+        write_upload_record(&m, "upload-1", file.clone());
     });
     let s = gc(&mem, &cfg(), now, true).await;
     assert!(s.errors.is_empty(), "{:?}", s.errors);
@@ -258,13 +254,18 @@ fn record_while_settling(mem: &Arc<MemoryStore>, file: Box<str>) {
         let (m, file) = (m.clone(), file.clone());
         tokio::spawn(async move {
             tokio::time::sleep(super::deleting::SETTLE / 2).await;
-            let key = format!(
-                "_cellar/access/{}/upload-settling",
-                super::access::day(SystemTime::now())
-            );
-            m.insert(&key, render([Entry::Nar(file)]));
+            write_upload_record(&m, "upload-settling", file);
         });
     });
+}
+
+/// An upload record of today named `name`, naming the NAR `file`.
+fn write_upload_record(mem: &MemoryStore, name: &str, file: Box<str>) {
+    let day = super::access::day(SystemTime::now());
+    mem.insert(
+        &format!("_cellar/access/{day}/{name}"),
+        render([Entry::Nar(file)]),
+    );
 }
 
 /// The collector waits `deleting::SETTLE` between announcing NARs and re-reading the records
@@ -326,17 +327,10 @@ async fn repair_keeps_the_orphan_nars_uploads_rely_on() {
     let (gone, _) = orphan(&mem, "gone", now);
     let (before, before_file) = orphan(&mem, "before", now);
     let (during, during_file) = orphan(&mem, "during", now);
-    let today = super::access::day(now);
-    mem.insert(
-        &format!("_cellar/access/{today}/a-upload"),
-        render([Entry::Nar(before_file)]),
-    );
+    write_upload_record(&mem, "a-upload", before_file);
     let m = mem.clone();
     mem.after_write("_cellar/deleting/", move |_| {
-        m.insert(
-            &format!("_cellar/access/{today}/b-upload"),
-            render([Entry::Nar(during_file.clone())]),
-        );
+        write_upload_record(&m, "b-upload", during_file.clone());
     });
     let r = repair(&mem, now).await;
     assert!(r.repair_errors.is_empty(), "{:?}", r.repair_errors);

@@ -466,17 +466,16 @@ async fn upload_nar_probes_ask_the_store_only_for_nars_seen_or_re_encoded() {
     mem.insert(&format!("nar/{NAR_FILE}.nar.xz"), vec![1u8; 300]);
     mem.insert(&format!("nar/{NAR_FILE}.nar.zst"), vec![1u8; 200]);
     let cfg = with_tokens(Config::default(), &[("w", "wtok", Scope::Write)]);
-    let probe = |st: AppState, ext: &'static str| async move {
-        let path = format!("/upload/nar/{NAR_FILE}.{ext}");
-        let req = authed("HEAD", &path, "wtok").body(Body::empty()).unwrap();
-        let res = send(&st, req).await;
-        let name: crate::nix::NarFileName = format!("{NAR_FILE}.{ext}").parse().unwrap();
+    let probe = |st: AppState, file: String| async move {
+        let req = authed("HEAD", &format!("/upload/nar/{file}"), "wtok");
+        let res = send(&st, req.body(Body::empty()).unwrap()).await;
+        let name: crate::nix::NarFileName = file.parse().unwrap();
         st.uploader.early_record(&name).await;
         res
     };
     let st = state(cfg.clone(), &mem);
     let before = mem.requests();
-    let res = probe(st.clone(), "nar.xz").await;
+    let res = probe(st.clone(), format!("{NAR_FILE}.nar.xz")).await;
     assert_eq!(res.status(), StatusCode::NOT_FOUND);
     assert_eq!(res.headers()["cache-control"], "no-store");
     assert_eq!(mem.requests(), before, "the probe asked the store");
@@ -490,20 +489,13 @@ async fn upload_nar_probes_ask_the_store_only_for_nars_seen_or_re_encoded() {
     assert_eq!(res.status(), StatusCode::OK);
     assert_eq!(res.headers()["cache-control"], "no-store");
     // A NAR this process stored: the store is asked (a retried upload skips it).
-    let mut nar = b"\x0d\x00\x00\x00\x00\x00\x00\x00nix-archive-1\x00\x00\x00".to_vec();
-    nar.extend_from_slice(&[7u8; 100]);
-    let name = crate::nix::Sha256::digest(&nar).to_nix32();
-    let req = authed("PUT", &format!("/upload/nar/{name}.nar"), "wtok")
+    let (nar, file) = tiny_nar();
+    let req = authed("PUT", &format!("/upload/nar/{file}"), "wtok")
         .header("content-length", nar.len().to_string())
         .body(Body::from(nar.clone()));
     assert_eq!(send(&st, req.unwrap()).await.status(), StatusCode::CREATED);
     let before = mem.requests();
-    let path = format!("/upload/nar/{name}.nar");
-    let res = send(
-        &st,
-        authed("HEAD", &path, "wtok").body(Body::empty()).unwrap(),
-    )
-    .await;
+    let res = probe(st.clone(), file).await;
     assert_eq!(res.status(), StatusCode::OK);
     assert_eq!(res.headers()["content-length"], nar.len().to_string());
     assert!(mem.requests() > before, "the store was not asked");
@@ -517,10 +509,18 @@ async fn upload_nar_probes_ask_the_store_only_for_nars_seen_or_re_encoded() {
     mem.remove(&format!("nar/{NAR_FILE}.nar.xz"));
     let before = mem.requests();
     // Stored re-encoded as .nar.zst: found under the name the client uploads.
-    let res = probe(st.clone(), "nar.xz").await;
+    let res = probe(st.clone(), format!("{NAR_FILE}.nar.xz")).await;
     assert_eq!(res.status(), StatusCode::OK);
     assert_eq!(res.headers()["content-length"], "200");
     assert!(mem.requests() > before, "the store was not asked");
+}
+
+/// A NAR of 100 bytes of contents (its header alone is checked) and its file name.
+fn tiny_nar() -> (Vec<u8>, String) {
+    let mut nar = b"\x0d\x00\x00\x00\x00\x00\x00\x00nix-archive-1\x00\x00\x00".to_vec();
+    nar.extend_from_slice(&[7u8; 100]);
+    let file = format!("{}.nar", crate::nix::Sha256::digest(&nar).to_nix32());
+    (nar, file)
 }
 
 /// A PUT of a NAR over `STORED_AGAIN_MAX` the store holds is answered 200 without its body
@@ -796,9 +796,8 @@ async fn root_uploads_warn_once_and_carry_the_token_name() {
         !logs.text().contains("upload was sent to the root"),
         "a read warned"
     );
-    let mut nar = b"\x0d\x00\x00\x00\x00\x00\x00\x00nix-archive-1\x00\x00\x00".to_vec();
-    nar.extend_from_slice(&[7u8; 100]);
-    let path = format!("/nar/{}.nar", crate::nix::Sha256::digest(&nar).to_nix32());
+    let (nar, file) = tiny_nar();
+    let path = format!("/nar/{file}");
     let warnings = || {
         logs.text()
             .matches("an upload was sent to the root URL")
