@@ -86,6 +86,15 @@ pub struct UpstreamLabels {
 }
 
 #[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
+pub struct AccessRecordLabels {
+    /// `use` (the narinfos served, written every `gc.access_flush_secs`) or `upload` (what an
+    /// upload relies on).
+    pub kind: &'static str,
+    /// `written` or `failed`.
+    pub result: &'static str,
+}
+
+#[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
 pub struct BuildLabels {
     pub version: &'static str,
     /// `s3` or `local`.
@@ -106,6 +115,7 @@ pub struct Metrics {
     pub store_duration: HistogramFamily<OpLabels>,
     pub uploads: Family<UploadLabels, Counter>,
     pub upstream_requests: Family<UpstreamLabels, Counter>,
+    pub access_records: Family<AccessRecordLabels, Counter>,
     pub build_info: Family<BuildLabels, Gauge>,
 }
 
@@ -129,6 +139,7 @@ impl Metrics {
             store_duration: Family::new_with_constructor(latency_histogram),
             uploads: Family::default(),
             upstream_requests: Family::default(),
+            access_records: Family::default(),
             build_info: Family::default(),
             registry: Registry::default(),
         };
@@ -181,6 +192,11 @@ impl Metrics {
             "upstream_requests",
             "Requests to upstream caches, by upstream and result",
             m.upstream_requests.clone(),
+        );
+        r.register(
+            "access_records",
+            "Access records written to the store for `cellar gc`, by kind and result",
+            m.access_records.clone(),
         );
         r.register(
             "build_info",
@@ -243,6 +259,17 @@ pub fn upstream_request(upstream: &str, result: &'static str) {
         .get_or_create(&UpstreamLabels {
             upstream: upstream.to_owned(),
             result,
+        })
+        .inc();
+}
+
+/// Counts one access record written (or not) to the store.
+pub fn access_record(kind: &'static str, written: bool) {
+    get()
+        .access_records
+        .get_or_create(&AccessRecordLabels {
+            kind,
+            result: if written { "written" } else { "failed" },
         })
         .inc();
 }

@@ -193,6 +193,12 @@ impl Upstreams {
             .await
             {
                 Ok(Ok(b)) => b,
+                // A body cut off is the upstream failing, not a refusal of what it sent.
+                Ok(Err(Refusal::Body(e))) => {
+                    u.failed(&Failure::Request(e));
+                    unavailable = true;
+                    continue;
+                }
                 Ok(Err(why)) => {
                     tracing::warn!(upstream = %u.base, path = %h, cause = %why, "upstream narinfo refused");
                     continue;

@@ -336,9 +336,17 @@ impl AccessLog {
             day(SystemTime::now()),
             self.process
         );
-        self.store
+        let written = self
+            .store
             .put_bytes(&key, Bytes::from(render(entries)))
-            .await
+            .await;
+        let kind = if suffix == UPLOAD_SUFFIX {
+            "upload"
+        } else {
+            "use"
+        };
+        crate::metrics::access_record(kind, written.is_ok());
+        written
     }
 
     /// Writes every `interval`, and early when the set is full, until the task is aborted.
@@ -352,8 +360,18 @@ impl AccessLog {
                     _ = tick.tick() => {}
                     _ = this.full.notified() => {}
                 }
-                if let Err(e) = this.flush().await {
-                    tracing::warn!(cause = %e, "writing the access record failed; retrying later");
+                match this.flush().await {
+                    Ok(()) => {}
+                    // Credentials that may read but not write: `cellar gc` would then see no
+                    // use of what this server serves and collect it by age alone.
+                    Err(e @ StoreError::Misconfigured(_)) => tracing::error!(
+                        cause = %e,
+                        "the store refused the access record: `cellar gc` cannot see what this \
+                         server serves; allow it to write objects under _cellar/ (see docs/s3.md)"
+                    ),
+                    Err(e) => {
+                        tracing::warn!(cause = %e, "writing the access record failed; retrying later")
+                    }
                 }
             }
         })
@@ -527,6 +545,37 @@ mod tests {
         assert!(named(&second, b) && !named(&second, a));
         assert_eq!(at - start, Duration::from_secs(60), "one interval later");
         flusher.abort();
+    }
+
+    /// A write the store refuses is counted as failed and loses nothing: the next flush
+    /// writes what it held.
+    #[tokio::test]
+    async fn a_failed_write_is_counted_and_kept_for_the_next() {
+        let count = |result: &'static str| {
+            crate::metrics::get()
+                .access_records
+                .get(&crate::metrics::AccessRecordLabels {
+                    kind: "use",
+                    result,
+                })
+                .map_or(0, |c| c.get())
+        };
+        let mem = Arc::new(crate::store::memory::MemoryStore::new());
+        let log = AccessLog::new(mem.clone(), 1000);
+        let h: StorePathHash = "6bxnj2gfflqa529lddzh3zhcn45nn86r".parse().unwrap();
+        log.record_path(h);
+        mem.set_down(true);
+        let failed = count("failed");
+        log.flush().await.unwrap_err();
+        assert!(count("failed") > failed, "the failure is counted");
+        mem.set_down(false);
+        let written = count("written");
+        log.flush().await.unwrap();
+        assert!(count("written") > written, "the write is counted");
+        let keys = mem.keys();
+        assert_eq!(keys.len(), 1, "{keys:?}");
+        let text = String::from_utf8(mem.bytes(&keys[0]).unwrap().to_vec()).unwrap();
+        assert!(parse(&text).unwrap().contains(&Entry::Path(h)));
     }
 
     /// A path is covered only when its own hash, every reference and its NAR were named by a

@@ -23,6 +23,62 @@ use crate::nix::{NarInfo, StorePathHash, MAX_NARINFO_BYTES};
 /// A streamed object body. An `Err` item means the store failed mid-body.
 pub type ByteStream = Pin<Box<dyn Stream<Item = io::Result<Bytes>> + Send + 'static>>;
 
+/// `body`, failing with [`io::ErrorKind::TimedOut`] when the store sends nothing for `idle`
+/// while it is being read: a connection gone quiet rather than closed would otherwise hold its
+/// reader (and every request waiting on the same load) until the client gives up. Time spent
+/// while nobody reads (a slow client downstream) does not count.
+pub fn idle_limited(body: ByteStream, idle: Duration, what: String) -> ByteStream {
+    Box::pin(IdleLimited {
+        body,
+        idle,
+        quiet: None,
+        what,
+    })
+}
+
+struct IdleLimited {
+    body: ByteStream,
+    idle: Duration,
+    /// Runs from the first poll that found nothing; cleared by each chunk.
+    quiet: Option<Pin<Box<tokio::time::Sleep>>>,
+    what: String,
+}
+
+impl Stream for IdleLimited {
+    type Item = io::Result<Bytes>;
+
+    fn poll_next(
+        mut self: Pin<&mut Self>,
+        cx: &mut std::task::Context<'_>,
+    ) -> std::task::Poll<Option<Self::Item>> {
+        use std::future::Future as _;
+        use std::task::Poll;
+        let this = &mut *self;
+        if let Poll::Ready(item) = this.body.as_mut().poll_next(cx) {
+            this.quiet = None;
+            return Poll::Ready(item);
+        }
+        let idle = this.idle;
+        let quiet = this
+            .quiet
+            .get_or_insert_with(|| Box::pin(tokio::time::sleep(idle)));
+        match quiet.as_mut().poll(cx) {
+            Poll::Pending => Poll::Pending,
+            Poll::Ready(()) => {
+                this.quiet = None;
+                Poll::Ready(Some(Err(io::Error::new(
+                    io::ErrorKind::TimedOut,
+                    format!(
+                        "{}: the store sent nothing for {} s",
+                        this.what,
+                        idle.as_secs()
+                    ),
+                ))))
+            }
+        }
+    }
+}
+
 #[derive(Debug, Clone, Error)]
 pub enum StoreError {
     /// The store could not be reached (connection refused, DNS, TLS, timeout).
@@ -405,5 +461,33 @@ mod tests {
         assert_eq!(r("bytes=-100").resolve(50), Some((0, 49)));
         assert_eq!(r("bytes=50-").resolve(50), None);
         assert_eq!(r("bytes=-1").resolve(0), None);
+    }
+
+    /// A body that goes quiet fails after the idle limit; one whose reader takes its time
+    /// between chunks does not.
+    #[tokio::test(start_paused = true)]
+    async fn a_quiet_body_fails_after_the_idle_limit() {
+        use futures::StreamExt as _;
+        let idle = Duration::from_secs(30);
+        let chunk = || Ok::<_, io::Error>(Bytes::from_static(b"x"));
+        let quiet: ByteStream =
+            Box::pin(futures::stream::iter([chunk()]).chain(futures::stream::pending()));
+        let mut body = idle_limited(quiet, idle, "nar/x.nar".into());
+        assert!(body.next().await.unwrap().is_ok());
+        let started = tokio::time::Instant::now();
+        let e = body.next().await.unwrap().unwrap_err();
+        assert_eq!(e.kind(), io::ErrorKind::TimedOut);
+        assert!(e.to_string().contains("nar/x.nar"), "{e}");
+        assert_eq!(started.elapsed(), idle);
+
+        let ready: ByteStream = Box::pin(futures::stream::iter([chunk(), chunk()]));
+        let mut body = idle_limited(ready, idle, "nar/y.nar".into());
+        assert!(body.next().await.unwrap().is_ok());
+        tokio::time::sleep(idle * 2).await;
+        assert!(
+            body.next().await.unwrap().is_ok(),
+            "a slow reader is not a quiet store"
+        );
+        assert!(body.next().await.is_none());
     }
 }

@@ -28,8 +28,9 @@ use writer::S3Writer;
 
 /// Bodies up to this size are sent with one PutObject; larger ones as a multipart upload in
 /// parts of this size, so an upload holds at most a few parts in memory whatever its size
-/// (one being filled, `store.upload_part_concurrency` in flight).
-const PART_SIZE: usize = 8 << 20;
+/// (one being filled, `store.upload_part_concurrency` in flight). S3 allows 10 000 parts,
+/// which bounds `upload.max_nar_bytes` ([`crate::config::S3_MAX_OBJECT_BYTES`]).
+const PART_SIZE: usize = crate::config::S3_PART_BYTES;
 
 pub struct S3Store {
     client: Client,
@@ -37,6 +38,9 @@ pub struct S3Store {
     prefix: String,
     endpoint: String,
     timeout: Duration,
+    /// How long a body being read may go without a byte before it fails (see
+    /// [`super::idle_limited`]).
+    body_idle: Duration,
     /// Reads, listings and small writes without the SDK, for a path-style endpoint (see
     /// [`fast`]).
     fast: Option<Arc<fast::FastReads>>,
@@ -47,6 +51,12 @@ pub struct S3Store {
     part_concurrency: usize,
     /// Parts all multipart uploads send at once ([`writer::PARTS_IN_FLIGHT`]).
     part_permits: Arc<tokio::sync::Semaphore>,
+}
+
+/// The idle limit of bodies read from the store: three request timeouts, at least 30 s (a
+/// store under load may pause between chunks longer than it takes to start an answer).
+fn body_idle(timeout: Duration) -> Duration {
+    (timeout * 3).max(Duration::from_secs(30))
 }
 
 impl S3Store {
@@ -119,6 +129,7 @@ impl S3Store {
             prefix: s.prefix.clone(),
             endpoint,
             timeout,
+            body_idle: body_idle(timeout),
             fast,
             presigner,
             part_concurrency: s.upload_part_concurrency,
@@ -249,7 +260,10 @@ impl Store for S3Store {
         let full = self.key(key);
         if let Some(fast) = &self.fast {
             return match fast.get(&full, range).await? {
-                fast::Read::Found(o) => Ok(Some(o)),
+                fast::Read::Found(o) => Ok(Some(Object {
+                    body: super::idle_limited(o.body, self.body_idle, full),
+                    ..o
+                })),
                 fast::Read::NotFound => Ok(None),
                 fast::Read::BadRange => {
                     let size = self.head(key).await?.unwrap_or(0);
@@ -290,7 +304,7 @@ impl Store for S3Store {
             ),
         };
         Ok(Some(Object {
-            body: body_stream(out.body),
+            body: super::idle_limited(body_stream(out.body), self.body_idle, full),
             length,
             range: content_range,
         }))

@@ -65,3 +65,38 @@ async fn a_refused_range_carries_the_upstreams_size() {
         "refusing a range is not an outage"
     );
 }
+
+/// An upstream that cuts a narinfo's body off has failed: an upload relying on it is asked to
+/// come back (503), not refused for a reference nobody has, and the upstream is skipped.
+#[tokio::test]
+async fn a_narinfo_cut_off_is_an_outage_not_a_miss() {
+    use tokio::io::{AsyncReadExt as _, AsyncWriteExt as _};
+    let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+    let url = format!("http://{}", listener.local_addr().unwrap());
+    tokio::spawn(async move {
+        while let Ok((mut s, _)) = listener.accept().await {
+            let mut buf = [0u8; 4096];
+            let _ = s.read(&mut buf).await;
+            let _ = s
+                .write_all(b"HTTP/1.1 200 OK\r\nContent-Length: 1000\r\n\r\nStorePath: /nix")
+                .await;
+            // Dropped: the body ends 990 bytes short.
+        }
+    });
+    let config = UpstreamConfig {
+        url,
+        public_keys: Vec::new(),
+        timeout: Duration::from_secs(5),
+        mirror: false,
+    };
+    let upstreams = Upstreams::new(&[config], "/nix/store").unwrap();
+    let h: StorePathHash = "6bxnj2gfflqa529lddzh3zhcn45nn86r".parse().unwrap();
+    assert!(matches!(
+        upstreams.has(h).await,
+        Err(StoreError::Unavailable(_))
+    ));
+    assert!(
+        upstreams.list[0].down.is_active(),
+        "the upstream is skipped"
+    );
+}

@@ -205,8 +205,10 @@ impl FastReads {
         r
     }
 
-    /// Up to [`ATTEMPTS`] tries, as the SDK makes: again after a connection failure or a
-    /// 5xx/503 SlowDown, after a short random pause that doubles each time.
+    /// Up to [`ATTEMPTS`] tries, as the SDK makes: again after a connection failure, a 5xx
+    /// or a 429, after a random pause that doubles each time; one that asks to slow down
+    /// (503 SlowDown, 429) waits at least [`THROTTLED_PAUSE`]. The whole stays within the
+    /// caller's timeout.
     async fn attempts(
         &self,
         what: &'static str,
@@ -220,15 +222,27 @@ impl FastReads {
                 return self.answer(what, req.send().await).await;
             };
             let sent = this.send().await;
-            let transient = match &sent {
-                Ok(res) => res.status().is_server_error(),
-                Err(_) => true,
+            let (transient, throttled) = match &sent {
+                Ok(res) => {
+                    let s = res.status();
+                    let throttled = matches!(
+                        s,
+                        StatusCode::SERVICE_UNAVAILABLE | StatusCode::TOO_MANY_REQUESTS
+                    );
+                    (s.is_server_error() || throttled, throttled)
+                }
+                Err(_) => (true, false),
             };
             if !transient || attempt == ATTEMPTS {
                 return self.answer(what, sent).await;
             }
             tracing::debug!(attempt, "S3 {what}: retrying after a transient failure");
-            tokio::time::sleep(jitter(pause)).await;
+            let wait = if throttled {
+                THROTTLED_PAUSE + jitter(pause)
+            } else {
+                jitter(pause)
+            };
+            tokio::time::sleep(wait).await;
             pause *= 2;
             attempt += 1;
         }
@@ -270,7 +284,7 @@ impl FastReads {
                 "{what}: access denied ({}); check the credentials and that they may read bucket {bucket:?}",
                 if c.is_empty() { "403" } else { c }
             ))),
-            (s, c) if s >= 500 => Err(StoreError::Unavailable(format!(
+            (s, c) if s >= 500 || s == 429 => Err(StoreError::Unavailable(format!(
                 "{what}: store answered {s} {c}"
             ))),
             (s, c) => Err(StoreError::Other(format!("{what}: store answered {s} {c}"))),
@@ -459,6 +473,10 @@ fn parse_list(body: &[u8]) -> Result<(Vec<Listed>, Option<String>), XmlDecodeErr
 /// Tries of one read (the SDK's standard retry mode makes as many).
 const ATTEMPTS: u32 = 3;
 
+/// The least a retry waits after the store asked to slow down (503 SlowDown, 429): sooner
+/// would add to what it is shedding.
+const THROTTLED_PAUSE: Duration = Duration::from_millis(200);
+
 /// A random pause up to `max` (full jitter), so replicas retrying together spread out.
 fn jitter(max: Duration) -> Duration {
     let mut b = [0u8; 2];
@@ -525,6 +543,9 @@ mod tests {
                     "/b/p/flaky" if n == 0 => (S::INTERNAL_SERVER_ERROR, "").into_response(),
                     "/b/p/flaky" => "later".into_response(),
                     "/b/p/down" => (S::SERVICE_UNAVAILABLE, xml("SlowDown")).into_response(),
+                    "/b/p/busy" if n == 0 => (S::TOO_MANY_REQUESTS, "").into_response(),
+                    "/b/p/busy" => "later".into_response(),
+                    "/b/p/refusing" => (S::TOO_MANY_REQUESTS, "").into_response(),
                     "/b/p/partial" => (S::PARTIAL_CONTENT, "el").into_response(),
                     other => panic!("unexpected {other}"),
                 };
@@ -589,6 +610,22 @@ mod tests {
         assert!(matches!(
             r.get("p/down", None).await,
             Err(StoreError::Unavailable(m)) if m.contains("503")
+        ));
+        assert_eq!(hits.load(Ordering::SeqCst), ATTEMPTS as usize);
+    }
+
+    /// A store asking to slow down with 429 is asked again (after a pause), and one that
+    /// keeps asking is unavailable, not a client error.
+    #[tokio::test]
+    async fn too_many_requests_is_retried() {
+        let hits = Arc::new(AtomicUsize::new(0));
+        let r = reads(&hits).await;
+        assert!(matches!(r.get("p/busy", None).await, Ok(Read::Found(_))));
+        assert_eq!(hits.load(Ordering::SeqCst), 2, "one refusal, one retry");
+        hits.store(0, Ordering::SeqCst);
+        assert!(matches!(
+            r.head("p/refusing").await,
+            Err(StoreError::Unavailable(m)) if m.contains("429")
         ));
         assert_eq!(hits.load(Ordering::SeqCst), ATTEMPTS as usize);
     }

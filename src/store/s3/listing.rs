@@ -176,20 +176,31 @@ async fn sdk_page(
         Ok(o) => o,
         Err(f) => return Err(StoreError::Other(format!("ListObjectsV2: {f:?}"))),
     };
+    // An entry without its key, size or date is refused, as the direct listing does: an
+    // object dated 1970 would look expired to gc's grace and retention.
     let items = out
         .contents()
         .iter()
-        .filter_map(|o| {
-            Some(Listed {
-                key: o.key()?.to_owned(),
-                size: o.size().and_then(|s| u64::try_from(s).ok()).unwrap_or(0),
+        .map(|o| {
+            let bad = |what: &str| {
+                StoreError::Other(format!(
+                    "ListObjectsV2: {} without {what}",
+                    o.key().unwrap_or("an object")
+                ))
+            };
+            Ok(Listed {
+                key: o.key().ok_or_else(|| bad("a Key"))?.to_owned(),
+                size: o
+                    .size()
+                    .and_then(|s| u64::try_from(s).ok())
+                    .ok_or_else(|| bad("a Size"))?,
                 modified: o
                     .last_modified()
                     .and_then(|t| std::time::SystemTime::try_from(*t).ok())
-                    .unwrap_or(std::time::UNIX_EPOCH),
+                    .ok_or_else(|| bad("a LastModified"))?,
             })
         })
-        .collect();
+        .collect::<Result<Vec<_>, StoreError>>()?;
     let next = out
         .next_continuation_token()
         .filter(|_| out.is_truncated() == Some(true))

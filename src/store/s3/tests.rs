@@ -147,6 +147,15 @@ async fn multipart_s3(
 }
 
 async fn store_at(endpoint: String, upload_part_concurrency: usize) -> S3Store {
+    store_with(endpoint, upload_part_concurrency, true).await
+}
+
+/// [`store_at`], with the SDK for every request unless `direct_requests`.
+async fn store_with(
+    endpoint: String,
+    upload_part_concurrency: usize,
+    direct_requests: bool,
+) -> S3Store {
     use crate::config::{S3Credentials, Secret};
     let cfg = S3StoreConfig {
         bucket: "b".into(),
@@ -154,7 +163,7 @@ async fn store_at(endpoint: String, upload_part_concurrency: usize) -> S3Store {
         region: "us-east-1".into(),
         prefix: String::new(),
         force_path_style: true,
-        direct_requests: true,
+        direct_requests,
         credentials: Some(S3Credentials {
             access_key_id: "k".into(),
             secret_access_key: Secret("s".into()),
@@ -265,4 +274,82 @@ async fn a_writer_dropped_mid_upload_aborts_it() {
         .await
         .expect("the dropped writer's upload was not aborted");
     assert!(seen.lock().unwrap().completed.is_none());
+}
+
+/// A listing entry without a date is an error on the SDK's path as on the direct one: dated
+/// 1970 it would look expired to gc's grace and retention.
+#[tokio::test]
+async fn a_listed_object_without_a_date_is_refused() {
+    use futures::StreamExt as _;
+    let listing = |dated: bool| {
+        let date = if dated {
+            "<LastModified>2026-11-30T10:00:00.000Z</LastModified>"
+        } else {
+            ""
+        };
+        format!(
+            "<?xml version=\"1.0\" encoding=\"UTF-8\"?>\
+             <ListBucketResult xmlns=\"http://s3.amazonaws.com/doc/2006-03-01/\">\
+             <Name>b</Name><Prefix></Prefix><KeyCount>1</KeyCount><MaxKeys>1000</MaxKeys>\
+             <IsTruncated>false</IsTruncated>\
+             <Contents><Key>x.narinfo</Key>{date}<Size>5</Size></Contents>\
+             </ListBucketResult>"
+        )
+    };
+    for direct in [false, true] {
+        for dated in [true, false] {
+            let body = listing(dated);
+            let app = axum::Router::new().fallback(move || {
+                let body = body.clone();
+                async move { ([("content-type", "application/xml")], body) }
+            });
+            let l = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+            let addr = l.local_addr().unwrap();
+            tokio::spawn(async move { axum::serve(l, app).await });
+            let store = store_with(format!("http://{addr}"), 4, direct).await;
+            let listed: Vec<_> = store.list("").collect().await;
+            assert_eq!(listed.len(), 1, "direct {direct}, dated {dated}");
+            match (&listed[0], dated) {
+                (Ok(o), true) => assert_eq!(o.key, "x.narinfo"),
+                (Err(e), false) => assert!(e.to_string().contains("LastModified"), "{e}"),
+                (other, _) => panic!("direct {direct}, dated {dated}: {other:?}"),
+            }
+        }
+    }
+}
+
+/// A body the store stops sending (the connection open, nothing more on it) fails once it has
+/// been quiet for the idle limit, on the direct path and the SDK's alike, instead of holding
+/// its reader forever. Virtual time: the runtime moves the clock on while every task waits.
+#[tokio::test(start_paused = true)]
+async fn a_body_the_store_stops_sending_fails() {
+    use futures::StreamExt as _;
+    let app = axum::Router::new().fallback(|| async {
+        let head = futures::stream::iter([Ok::<_, std::io::Error>(bytes::Bytes::from_static(
+            b"0123456789",
+        ))]);
+        let body = axum::body::Body::from_stream(head.chain(futures::stream::pending()));
+        ([("content-length", "100")], body)
+    });
+    let l = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+    let addr = l.local_addr().unwrap();
+    tokio::spawn(async move { axum::serve(l, app).await });
+    for direct in [true, false] {
+        let store = store_with(format!("http://{addr}"), 4, direct).await;
+        let obj = store.get("nar/x.nar", None).await.unwrap().unwrap();
+        let mut body = obj.body;
+        assert_eq!(&body.next().await.unwrap().unwrap()[..], b"0123456789");
+        // A guard on the virtual clock: without the idle limit nothing else would end the wait.
+        let next = tokio::time::timeout(std::time::Duration::from_secs(3600), body.next());
+        let e = next
+            .await
+            .expect("the body waited on")
+            .unwrap()
+            .unwrap_err();
+        assert_eq!(
+            e.kind(),
+            std::io::ErrorKind::TimedOut,
+            "direct {direct}: {e}"
+        );
+    }
 }
