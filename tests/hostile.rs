@@ -94,3 +94,21 @@ async fn connections_beyond_the_cap_wait_for_a_free_one() {
         "the fifth connection was served while 4 were held"
     );
 }
+
+/// An HTTP/2 connection opened and left without requests, which the header-read timeout does
+/// not cover (it is HTTP/1's), is closed once nothing has moved on it for `idle_timeout_secs`.
+#[tokio::test(flavor = "multi_thread")]
+async fn idle_connections_are_closed() {
+    let srv = Server::start(vec![("CELLAR_IDLE_TIMEOUT_SECS".into(), "2".into())]);
+    let mut h2 = TcpStream::connect(srv.addr).await.unwrap();
+    // The HTTP/2 preface and an empty SETTINGS frame (prior knowledge, as over h2c).
+    h2.write_all(b"PRI * HTTP/2.0\r\n\r\nSM\r\n\r\n\x00\x00\x00\x04\x00\x00\x00\x00\x00")
+        .await
+        .unwrap();
+    // A guard against the connection being held forever, not an assertion about timing.
+    let guard = tokio::time::timeout(Duration::from_secs(60), closed_by_server(h2));
+    assert!(
+        guard.await.is_ok(),
+        "the idle HTTP/2 connection was not closed"
+    );
+}

@@ -47,10 +47,12 @@ async fn counters_follow_traffic_and_prometheus_scrapes_them() {
         .await;
     let srv = &app.srv;
 
-    // Uploads through the real client, then a substitution (narinfos and NARs read back).
+    // Uploads through the real client to the upload address, as the README sets builders
+    // up, then a substitution (narinfos and NARs read back).
     let netrc = netrc(work.path(), srv, &w);
     let mut up = nix("nix", &work.path().join("xdg-up"));
-    up.args(["copy", "--to", &srv.url, "--option", "netrc-file"])
+    let upload = format!("{}/upload", srv.url);
+    up.args(["copy", "--to", &upload, "--option", "netrc-file"])
         .arg(&netrc)
         .arg(&f.top);
     run_ok(up);
@@ -65,7 +67,7 @@ async fn counters_follow_traffic_and_prometheus_scrapes_them() {
         "1".repeat(52)
     );
     let res = client
-        .put(format!("{}/{}.narinfo", srv.url, "0".repeat(32)))
+        .put(format!("{upload}/{}.narinfo", "0".repeat(32)))
         .basic_auth("builder", Some(&w))
         .header("X-Request-Id", "refused-upload-1")
         .body(bogus)

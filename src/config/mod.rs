@@ -28,6 +28,12 @@ use thiserror::Error;
 
 use crate::nix::{Compression, PublicKey};
 
+/// The part size of cellar's multipart uploads to S3.
+pub const S3_PART_BYTES: usize = 8 << 20;
+
+/// The largest object cellar can write to S3: 10 000 parts (S3's limit) of [`S3_PART_BYTES`].
+pub const S3_MAX_OBJECT_BYTES: u64 = 10_000 * S3_PART_BYTES as u64;
+
 #[derive(Debug, Error)]
 pub enum ConfigError {
     /// The file or environment could not be read as the file format (syntax, types, unknown
@@ -78,6 +84,9 @@ pub struct Config {
     /// How long a connection may take to send a request's headers (also the idle limit of a
     /// kept-alive connection between requests).
     pub header_read_timeout: Duration,
+    /// How long a connection may go without a byte sent or received before it is closed (an
+    /// HTTP/2 connection left without requests, a client that stopped reading an answer).
+    pub idle_timeout: Duration,
     /// Connections served at once; more wait in the kernel's accept backlog.
     pub max_connections: usize,
     pub store: StoreConfig,
@@ -137,13 +146,14 @@ impl Config {
     /// uploader, the access log or the NAR disk cache, which live as long as the process.
     pub fn needs_restart(&self, new: &Config) -> Option<&'static str> {
         let c = (&self.cache, &new.cache);
-        let fixed: [(&'static str, bool); 17] = [
+        let fixed: [(&'static str, bool); 18] = [
             ("listen", self.listen == new.listen),
             ("metrics_listen", self.metrics_listen == new.metrics_listen),
             (
                 "header_read_timeout_secs",
                 self.header_read_timeout == new.header_read_timeout,
             ),
+            ("idle_timeout_secs", self.idle_timeout == new.idle_timeout),
             (
                 "max_connections",
                 self.max_connections == new.max_connections,

@@ -364,6 +364,7 @@ fn a_reload_names_each_key_only_a_restart_applies() {
         ("listen", "listen = \"127.0.0.1:9999\""),
         ("metrics_listen", "metrics_listen = \"127.0.0.1:9998\""),
         ("header_read_timeout_secs", "header_read_timeout_secs = 7"),
+        ("idle_timeout_secs", "idle_timeout_secs = 7"),
         ("max_connections", "max_connections = 7"),
         ("log.format", "[log]\nformat = \"json\""),
         ("shutdown_timeout_secs", "shutdown_timeout_secs = 7"),
@@ -404,4 +405,20 @@ fn nars_up_to_256_mib_are_prefetched_by_default() {
     assert_eq!(c.cache.prefetch_nar_max_bytes, 256 << 20);
     let c = from_toml("[cache]\nprefetch_nar_max_bytes = 1000").unwrap();
     assert_eq!(c.cache.prefetch_nar_max_bytes, 1000);
+}
+
+/// S3 takes at most 10 000 parts in one object: a larger NAR limit would accept an upload
+/// that fails only after ~78 GiB were sent. A local store has no such bound.
+#[test]
+fn the_nar_limit_fits_in_an_s3_object() {
+    let s3 = "[store]\nkind = \"s3\"\nbucket = \"b\"\n";
+    let at = |n: u64| format!("{s3}[upload]\nmax_nar_bytes = {n}\n");
+    let c = from_toml(&at(S3_MAX_OBJECT_BYTES)).unwrap();
+    assert_eq!(c.upload.max_nar_bytes, S3_MAX_OBJECT_BYTES);
+    let e = from_toml(&at(S3_MAX_OBJECT_BYTES + 1))
+        .unwrap_err()
+        .to_string();
+    assert!(e.contains("upload.max_nar_bytes"), "{e}");
+    let local = format!("[upload]\nmax_nar_bytes = {}\n", S3_MAX_OBJECT_BYTES + 1);
+    assert!(from_toml(&local).is_ok());
 }

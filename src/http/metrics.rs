@@ -35,9 +35,24 @@ pub(super) async fn get() -> Response {
 }
 
 /// The endpoint family of `path`, a bounded label. Only the shape of the path counts: whether
-/// the name is valid is the handler's business (a bad name is a 4xx of its family).
+/// the name is valid is the handler's business (a bad name is a 4xx of its family). The upload
+/// address serves the cache's files under `/upload/`: its requests count in their file's
+/// family (a `PUT /upload/nar/…` is a `nar` upload), the `method` label telling probes from
+/// reads of the cache apart only as far as Nix's requests do.
 pub(super) fn route_family(path: &str) -> &'static str {
     let rest = path.trim_start_matches('/');
+    match rest.strip_prefix("upload/") {
+        Some(file) => match family(file) {
+            f @ ("nar" | "log" | "realisation" | "build_trace" | "cache_info" | "narinfo"
+            | "listing") => f,
+            _ => "other",
+        },
+        None => family(rest),
+    }
+}
+
+/// The family of a path of the cache's address, without its leading `/`.
+fn family(rest: &str) -> &'static str {
     let (first, tail) = rest.split_once('/').unwrap_or((rest, ""));
     match first {
         "nar" if !tail.is_empty() => "nar",
@@ -194,6 +209,31 @@ mod tests {
         }
         assert_eq!(route_family("/readyz"), "health");
         assert_eq!(route_family("/status"), "status");
+    }
+
+    /// What Nix sends to the upload address counts in the family of the file it names; the
+    /// server's own endpoints are not served there.
+    #[test]
+    fn the_upload_address_counts_in_its_files_families() {
+        let h = "0123456789abcdfghijklmnpqrsvwxyz";
+        assert_eq!(route_family(&format!("/upload/{h}.narinfo")), "narinfo");
+        assert_eq!(route_family(&format!("/upload/{h}.ls")), "listing");
+        assert_eq!(route_family("/upload/nar/abc.nar.zst"), "nar");
+        assert_eq!(route_family("/upload/log/abc-foo.drv"), "log");
+        assert_eq!(
+            route_family("/upload/realisations/sha256:x!out.doi"),
+            "realisation"
+        );
+        assert_eq!(route_family("/upload/nix-cache-info"), "cache_info");
+        for elsewhere in [
+            "/upload",
+            "/upload/",
+            "/upload/metrics",
+            "/upload/healthz",
+            "/upload/upload/nar/x",
+        ] {
+            assert_eq!(route_family(elsewhere), "other", "{elsewhere}");
+        }
     }
 
     #[test]

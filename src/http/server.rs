@@ -5,21 +5,30 @@
 //!   headers within it, also between requests on a kept-alive connection (hyper starts the
 //!   timer whenever the connection waits for a request). Without it, a client sending headers
 //!   one byte a minute holds a connection and its buffer forever.
+//! - **Idle timeout** (`idle_timeout_secs`): a connection on which no byte moves either way
+//!   for that long is closed. It ends what the header-read timeout does not see: an HTTP/2
+//!   connection kept open without requests (hyper has no idle limit for HTTP/2), a client
+//!   that asked for a NAR and stopped reading it (the answer waits on a full socket).
 //! - **Connection cap** (`max_connections`): beyond it, new connections wait in the kernel's
 //!   accept backlog until one closes, so memory stays bounded whatever clients do.
 //! - **Graceful shutdown**: on `shutdown`, stop accepting, let requests in flight finish for
 //!   at most `shutdown_timeout_secs`, then return.
 
 use std::future::Future;
+use std::pin::Pin;
+use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::Arc;
+use std::task::{Context, Poll};
 use std::time::Duration;
 
 use hyper_util::rt::{TokioExecutor, TokioIo, TokioTimer};
 use hyper_util::server::conn::auto;
 use hyper_util::server::graceful::GracefulShutdown;
 use hyper_util::service::TowerToHyperService;
-use tokio::net::TcpListener;
+use tokio::io::{AsyncRead, AsyncWrite, ReadBuf};
+use tokio::net::{TcpListener, TcpStream};
 use tokio::sync::Semaphore;
+use tokio::time::Instant;
 
 use super::{app, AppState};
 
@@ -31,6 +40,7 @@ pub async fn serve(
     shutdown: impl Future<Output = ()> + Send + 'static,
 ) -> std::io::Result<()> {
     let grace = state.config.shutdown_timeout;
+    let idle = state.config.idle_timeout;
     let permits = Arc::new(Semaphore::new(state.config.max_connections));
     let mut builder = auto::Builder::new(TokioExecutor::new());
     builder
@@ -67,14 +77,21 @@ pub async fn serve(
         if let Err(e) = tcp.set_nodelay(true) {
             tracing::debug!("set_nodelay: {e}");
         }
+        let (tcp, activity) = Watched::new(tcp);
         let conn = builder
             .serve_connection(TokioIo::new(tcp), service.clone())
             .into_owned();
         let conn = graceful.watch(conn);
         tokio::spawn(async move {
-            // Errors here are the client's (reset, timeout, bad request): nothing to report.
-            if let Err(e) = conn.await {
-                tracing::debug!(cause = %e, "connection ended with an error");
+            tokio::select! {
+                // Errors here are the client's (reset, timeout, bad request): nothing to report.
+                r = conn => if let Err(e) = r {
+                    tracing::debug!(cause = %e, "connection ended with an error");
+                },
+                // Dropping the connection closes it.
+                () = activity.idle_for(idle) => {
+                    tracing::debug!("connection idle for {} s; closed", idle.as_secs());
+                }
             }
             drop(permit);
         });
@@ -87,4 +104,104 @@ pub async fn serve(
         }
     }
     Ok(())
+}
+
+/// A connection's socket that notes when a byte last moved through it.
+struct Watched {
+    tcp: TcpStream,
+    activity: Arc<Activity>,
+}
+
+/// When a byte last moved: milliseconds since `origin`.
+struct Activity {
+    origin: Instant,
+    last_ms: AtomicU64,
+}
+
+impl Watched {
+    fn new(tcp: TcpStream) -> (Self, Arc<Activity>) {
+        let activity = Arc::new(Activity {
+            origin: Instant::now(),
+            last_ms: AtomicU64::new(0),
+        });
+        (
+            Self {
+                tcp,
+                activity: activity.clone(),
+            },
+            activity,
+        )
+    }
+}
+
+impl Activity {
+    fn moved(&self) {
+        let ms = u64::try_from(self.origin.elapsed().as_millis()).unwrap_or(u64::MAX);
+        self.last_ms.store(ms, Ordering::Relaxed);
+    }
+
+    /// Returns once nothing has moved for `idle`.
+    async fn idle_for(&self, idle: Duration) {
+        loop {
+            let last = self.origin + Duration::from_millis(self.last_ms.load(Ordering::Relaxed));
+            let deadline = last + idle;
+            if Instant::now() >= deadline {
+                return;
+            }
+            tokio::time::sleep_until(deadline).await;
+        }
+    }
+}
+
+impl AsyncRead for Watched {
+    fn poll_read(
+        mut self: Pin<&mut Self>,
+        cx: &mut Context<'_>,
+        buf: &mut ReadBuf<'_>,
+    ) -> Poll<std::io::Result<()>> {
+        let before = buf.filled().len();
+        let r = Pin::new(&mut self.tcp).poll_read(cx, buf);
+        if matches!(r, Poll::Ready(Ok(()))) && buf.filled().len() > before {
+            self.activity.moved();
+        }
+        r
+    }
+}
+
+impl AsyncWrite for Watched {
+    fn poll_write(
+        mut self: Pin<&mut Self>,
+        cx: &mut Context<'_>,
+        data: &[u8],
+    ) -> Poll<std::io::Result<usize>> {
+        let r = Pin::new(&mut self.tcp).poll_write(cx, data);
+        if matches!(r, Poll::Ready(Ok(n)) if n > 0) {
+            self.activity.moved();
+        }
+        r
+    }
+
+    fn poll_write_vectored(
+        mut self: Pin<&mut Self>,
+        cx: &mut Context<'_>,
+        bufs: &[std::io::IoSlice<'_>],
+    ) -> Poll<std::io::Result<usize>> {
+        let r = Pin::new(&mut self.tcp).poll_write_vectored(cx, bufs);
+        if matches!(r, Poll::Ready(Ok(n)) if n > 0) {
+            self.activity.moved();
+        }
+        r
+    }
+
+    fn is_write_vectored(&self) -> bool {
+        self.tcp.is_write_vectored()
+    }
+
+    fn poll_flush(mut self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<std::io::Result<()>> {
+        Pin::new(&mut self.tcp).poll_flush(cx)
+    }
+
+    fn poll_shutdown(mut self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<std::io::Result<()>> {
+        Pin::new(&mut self.tcp).poll_shutdown(cx)
+    }
 }

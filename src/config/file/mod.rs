@@ -88,6 +88,7 @@ pub(super) struct ConfigFile {
     narinfo_max_age_secs: u64,
     not_found_max_age_secs: u64,
     header_read_timeout_secs: u64,
+    idle_timeout_secs: u64,
     max_connections: usize,
     store: StoreSection,
     signing: SigningSection,
@@ -117,6 +118,7 @@ impl Default for ConfigFile {
             narinfo_max_age_secs: 60,
             not_found_max_age_secs: 10,
             header_read_timeout_secs: 30,
+            idle_timeout_secs: 300,
             max_connections: 1024,
             store: StoreSection::default(),
             signing: SigningSection::default(),
@@ -159,6 +161,7 @@ impl ConfigFile {
                 self.header_read_timeout_secs,
                 1,
             )?,
+            idle_timeout: secs("idle_timeout_secs", self.idle_timeout_secs, 1)?,
             max_connections: match self.max_connections {
                 0 => return Err(ConfigError::invalid("max_connections", "must be > 0")),
                 n => n,
@@ -166,7 +169,7 @@ impl ConfigFile {
             store,
             signing: self.signing.validate()?,
             auth: self.auth.validate()?,
-            upload: self.upload.validate()?,
+            upload: self.upload.validate(s3)?,
             cache: self.cache.validate(s3)?,
             gc: self.gc.validate()?,
             upstreams: self

@@ -49,7 +49,8 @@ impl Default for UploadSection {
 }
 
 impl UploadSection {
-    pub(super) fn validate(self) -> Result<UploadConfig, ConfigError> {
+    /// `s3`: the store is an S3 bucket, which bounds the size of one object.
+    pub(super) fn validate(self, s3: bool) -> Result<UploadConfig, ConfigError> {
         let recompress = match self.compression {
             None => None,
             Some(c) => {
@@ -83,6 +84,18 @@ impl UploadSection {
             return Err(ConfigError::invalid(
                 "upload.max_nar_bytes",
                 "must be at least 1 MiB (1048576)",
+            ));
+        }
+        if s3 && self.max_nar_bytes > crate::config::S3_MAX_OBJECT_BYTES {
+            return Err(ConfigError::invalid(
+                "upload.max_nar_bytes",
+                format!(
+                    "must be at most {} ({} GiB) with an S3 store: S3 takes at most 10000 parts \
+                     of {} MiB in one object",
+                    crate::config::S3_MAX_OBJECT_BYTES,
+                    crate::config::S3_MAX_OBJECT_BYTES >> 30,
+                    crate::config::S3_PART_BYTES >> 20
+                ),
             ));
         }
         if self.max_concurrent == 0 {
