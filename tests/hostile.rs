@@ -105,10 +105,74 @@ async fn idle_connections_are_closed() {
     h2.write_all(b"PRI * HTTP/2.0\r\n\r\nSM\r\n\r\n\x00\x00\x00\x04\x00\x00\x00\x00\x00")
         .await
         .unwrap();
+    let opened = std::time::Instant::now();
     // A guard against the connection being held forever, not an assertion about timing.
     let guard = tokio::time::timeout(Duration::from_secs(60), closed_by_server(h2));
     assert!(
         guard.await.is_ok(),
         "the idle HTTP/2 connection was not closed"
+    );
+    // Not before its time: the close is the idle limit's, not a refusal of the connection.
+    assert!(
+        opened.elapsed() >= Duration::from_millis(1500),
+        "{:?}",
+        opened.elapsed()
+    );
+}
+
+/// A connection asking a request every second is never idle for the 2 s limit: it is served
+/// for as long as it keeps asking.
+#[tokio::test(flavor = "multi_thread")]
+async fn a_connection_in_use_is_not_idle() {
+    let srv = Server::start(vec![("CELLAR_IDLE_TIMEOUT_SECS".into(), "2".into())]);
+    let mut s = TcpStream::connect(srv.addr).await.unwrap();
+    for i in 0..4 {
+        s.write_all(b"GET /healthz HTTP/1.1\r\nHost: cellar\r\n\r\n")
+            .await
+            .unwrap();
+        let mut buf = [0u8; 1024];
+        let n = s.read(&mut buf).await.unwrap();
+        let answer = String::from_utf8_lossy(&buf[..n]);
+        assert!(
+            answer.starts_with("HTTP/1.1 200"),
+            "request {i}: {answer:?}"
+        );
+        // The pace of a client between requests: 4 s on one connection in all.
+        tokio::time::sleep(Duration::from_secs(1)).await;
+    }
+}
+
+/// A download the client reads steadily for longer than the idle limit is not idle: the
+/// bytes it takes keep the connection (the answer's headers went out long before).
+#[tokio::test(flavor = "multi_thread")]
+async fn a_slow_steady_download_is_not_idle() {
+    let srv = Server::start(vec![("CELLAR_IDLE_TIMEOUT_SECS".into(), "2".into())]);
+    let size = 24usize << 20;
+    let nar = format!("{}.nar", "1".repeat(52));
+    let dir = srv.dir.path().join("cellar-data/nar");
+    std::fs::create_dir_all(&dir).unwrap();
+    std::fs::write(dir.join(&nar), vec![7u8; size]).unwrap();
+    let mut s = TcpStream::connect(srv.addr).await.unwrap();
+    let ask = format!("GET /nar/{nar} HTTP/1.1\r\nHost: cellar\r\nConnection: close\r\n\r\n");
+    s.write_all(ask.as_bytes()).await.unwrap();
+    let started = std::time::Instant::now();
+    let (mut got, mut paced) = (0usize, 0usize);
+    let mut buf = vec![0u8; 256 << 10];
+    loop {
+        let n = s.read(&mut buf).await.unwrap();
+        if n == 0 {
+            break;
+        }
+        got += n;
+        // A client taking ~4 s for the whole NAR: 40 ms per 256 KiB.
+        while got >= paced + (256 << 10) {
+            paced += 256 << 10;
+            tokio::time::sleep(Duration::from_millis(40)).await;
+        }
+    }
+    assert!(got > size, "{got} bytes of {size} and headers");
+    assert!(
+        started.elapsed() > Duration::from_secs(2),
+        "not slower than the limit"
     );
 }

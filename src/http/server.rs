@@ -8,7 +8,8 @@
 //! - **Idle timeout** (`idle_timeout_secs`): a connection on which no byte moves either way
 //!   for that long is closed. It ends what the header-read timeout does not see: an HTTP/2
 //!   connection kept open without requests (hyper has no idle limit for HTTP/2), a client
-//!   that asked for a NAR and stopped reading it (the answer waits on a full socket).
+//!   that asked for a NAR and stopped reading it (the answer waits on a full socket). A
+//!   request being worked on before its answer starts keeps its connection, however long.
 //! - **Connection cap** (`max_connections`): beyond it, new connections wait in the kernel's
 //!   accept backlog until one closes, so memory stays bounded whatever clients do.
 //! - **Graceful shutdown**: on `shutdown`, stop accepting, let requests in flight finish for
@@ -16,7 +17,7 @@
 
 use std::future::Future;
 use std::pin::Pin;
-use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::atomic::{AtomicU64, AtomicUsize, Ordering};
 use std::sync::Arc;
 use std::task::{Context, Poll};
 use std::time::Duration;
@@ -78,8 +79,12 @@ pub async fn serve(
             tracing::debug!("set_nodelay: {e}");
         }
         let (tcp, activity) = Watched::new(tcp);
+        let tracked = Tracked {
+            inner: service.clone(),
+            activity: activity.clone(),
+        };
         let conn = builder
-            .serve_connection(TokioIo::new(tcp), service.clone())
+            .serve_connection(TokioIo::new(tcp), tracked)
             .into_owned();
         let conn = graceful.watch(conn);
         tokio::spawn(async move {
@@ -112,10 +117,58 @@ struct Watched {
     activity: Arc<Activity>,
 }
 
-/// When a byte last moved: milliseconds since `origin`.
+/// When a byte last moved (milliseconds since `origin`), and how many requests are being
+/// worked on before their answer starts: while one is, the connection is not idle, even if
+/// nothing moves (an upload's NAR read back and checked, a slow store).
 struct Activity {
     origin: Instant,
     last_ms: AtomicU64,
+    working: AtomicUsize,
+}
+
+/// The service of one connection: counts its requests in [`Activity`] until their answer
+/// starts.
+#[derive(Clone)]
+struct Tracked<S> {
+    inner: S,
+    activity: Arc<Activity>,
+}
+
+impl<S, R> hyper::service::Service<R> for Tracked<S>
+where
+    S: hyper::service::Service<R>,
+    S::Future: Send + 'static,
+{
+    type Response = S::Response;
+    type Error = S::Error;
+    type Future = Pin<Box<dyn Future<Output = Result<S::Response, S::Error>> + Send>>;
+
+    fn call(&self, req: R) -> Self::Future {
+        let working = Working::start(self.activity.clone());
+        let answer = self.inner.call(req);
+        Box::pin(async move {
+            let r = answer.await;
+            drop(working);
+            r
+        })
+    }
+}
+
+/// One request being worked on; its end (answer or cancellation) counts as activity.
+struct Working(Arc<Activity>);
+
+impl Working {
+    fn start(activity: Arc<Activity>) -> Self {
+        activity.working.fetch_add(1, Ordering::Relaxed);
+        Self(activity)
+    }
+}
+
+impl Drop for Working {
+    fn drop(&mut self) {
+        self.0.moved();
+        self.0.working.fetch_sub(1, Ordering::Relaxed);
+    }
 }
 
 impl Watched {
@@ -123,6 +176,7 @@ impl Watched {
         let activity = Arc::new(Activity {
             origin: Instant::now(),
             last_ms: AtomicU64::new(0),
+            working: AtomicUsize::new(0),
         });
         (
             Self {
@@ -140,12 +194,18 @@ impl Activity {
         self.last_ms.store(ms, Ordering::Relaxed);
     }
 
-    /// Returns once nothing has moved for `idle`.
+    /// Returns once nothing has moved for `idle` and no request is being worked on.
     async fn idle_for(&self, idle: Duration) {
         loop {
             let last = self.origin + Duration::from_millis(self.last_ms.load(Ordering::Relaxed));
-            let deadline = last + idle;
-            if Instant::now() >= deadline {
+            let now = Instant::now();
+            let deadline = if self.working.load(Ordering::Relaxed) > 0 {
+                // Looked at again a period from now: the end of the request moves `last`.
+                now + idle
+            } else {
+                last + idle
+            };
+            if now >= deadline {
                 return;
             }
             tokio::time::sleep_until(deadline).await;

@@ -242,6 +242,35 @@ async fn the_server_answers_on_its_listener_and_stops_when_told() {
     server.await.unwrap().unwrap();
 }
 
+/// A request whose answer takes longer than `idle_timeout` to start (a slow store here; an
+/// upload's NAR read back and checked in life) keeps its connection: nothing moves on it
+/// meanwhile, but it is not idle.
+#[tokio::test]
+async fn a_slow_answer_is_not_an_idle_connection() {
+    use tokio::io::{AsyncReadExt as _, AsyncWriteExt as _};
+    let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+    let addr = listener.local_addr().unwrap();
+    let mem = Arc::new(MemoryStore::new());
+    mem.set_latency(std::time::Duration::from_millis(2500));
+    let cfg = Config {
+        idle_timeout: std::time::Duration::from_secs(1),
+        ..Config::default()
+    };
+    let st = state(cfg, &mem);
+    let (stop, stopped) = tokio::sync::oneshot::channel::<()>();
+    let server = tokio::spawn(super::server::serve(listener, st, async {
+        let _ = stopped.await;
+    }));
+    let mut tcp = tokio::net::TcpStream::connect(addr).await.unwrap();
+    let ask = format!("GET /{HASH}.narinfo HTTP/1.1\r\nHost: t\r\nConnection: close\r\n\r\n");
+    tcp.write_all(ask.as_bytes()).await.unwrap();
+    let mut answer = String::new();
+    tcp.read_to_string(&mut answer).await.unwrap();
+    assert!(answer.starts_with("HTTP/1.1 404"), "{answer:?}");
+    stop.send(()).unwrap();
+    server.await.unwrap().unwrap();
+}
+
 /// `/status` reports each upstream as up until it fails, then as down.
 #[tokio::test]
 async fn status_reports_an_upstream_up_then_down_once_it_fails() {
