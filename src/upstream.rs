@@ -229,8 +229,8 @@ impl Upstreams {
 
     /// Sends `req` to `u` within its timeout: `Ok(Some)` for a 2xx (or 416, so a range outside
     /// the object can be reported as such), `Ok(None)` for a plain miss (4xx), `Err` when the
-    /// upstream failed (timeout, connection error, 5xx), which also marks it down (and logs
-    /// the failure if it starts an outage, so callers need not).
+    /// upstream failed (timeout, connection error, 5xx, 429, 408), which also marks it down
+    /// (and logs the failure if it starts an outage, so callers need not).
     async fn send(
         &self,
         u: &Upstream,
@@ -239,7 +239,14 @@ impl Upstreams {
         let failure = match tokio::time::timeout(u.timeout, req.send()).await {
             Err(_) => Failure::Timeout,
             Ok(Err(e)) => Failure::Request(e),
-            Ok(Ok(r)) if r.status().is_server_error() => Failure::Status(r.status()),
+            // Throttled or timed out at the upstream: it has not said the object is missing.
+            Ok(Ok(r))
+                if r.status().is_server_error()
+                    || r.status() == reqwest::StatusCode::TOO_MANY_REQUESTS
+                    || r.status() == reqwest::StatusCode::REQUEST_TIMEOUT =>
+            {
+                Failure::Status(r.status())
+            }
             Ok(Ok(r)) => {
                 u.answered();
                 let ok = r.status().is_success()
@@ -315,12 +322,32 @@ impl Upstreams {
             } else {
                 None
             };
-            if range.is_some() && content_range.is_none() {
-                // The upstream ignored the range; let the caller see a plain miss rather than
-                // serve the wrong bytes as a range.
-                continue;
-            }
             let body = res.bytes_stream().map_err(io::Error::other).boxed();
+            if let (Some(r), None) = (range, content_range) {
+                // The upstream ignored the range (HTTP allows it) and sends the whole object.
+                // From the start, it goes out whole (as HTTP allows too; a fill then reads it
+                // in one piece instead of asking for every part from the start again); a
+                // range further in, as a client resuming asks, is cut from it here.
+                if matches!(r, ByteRange::From { start: 0, .. }) {
+                    return Ok(Some(Object {
+                        body,
+                        length,
+                        range: None,
+                    }));
+                }
+                let Some((start, end)) = r.resolve(length) else {
+                    return Err(StoreError::RangeNotSatisfiable { size: length });
+                };
+                return Ok(Some(Object {
+                    body: crate::store::byte_slice(body, start, end - start + 1),
+                    length: end - start + 1,
+                    range: Some(ContentRange {
+                        start,
+                        end,
+                        total: length,
+                    }),
+                }));
+            }
             return Ok(Some(Object {
                 body,
                 length,

@@ -160,10 +160,16 @@ impl NarMemory {
             return Err(Unloaded::Large);
         };
         let limit = self.max_object;
-        cache
+        let loaded = cache
             .try_get_with(name.into(), read_small(source, key, limit))
             .await
-            .map_err(|e: Arc<Unloaded>| (*e).clone())
+            .map_err(|e: Arc<Unloaded>| (*e).clone());
+        if matches!(loaded, Err(Unloaded::Large)) {
+            // The narinfo's size was wrong: the NAR is streamed from now on, not opened whole
+            // first on every request.
+            self.hints.invalidate(name).await;
+        }
+        loaded
     }
 }
 
@@ -253,6 +259,10 @@ mod tests {
             Err(Unloaded::Large)
         ));
         assert!(!m.contains("lying.nar").await);
+        assert!(
+            !m.is_small("lying.nar").await,
+            "a hint found wrong is dropped: later requests stream at once"
+        );
         assert!(matches!(
             m.load("gone.nar", "nar/gone.nar", open(&store, "nar/gone.nar"))
                 .await,

@@ -3,7 +3,7 @@
 //! `try_get_with`, which runs one loader per key however many requests wait for it
 //! (single-flight); errors are not cached.
 
-use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 
@@ -64,16 +64,8 @@ impl NarInfoCache {
     {
         // Set when this caller's loader runs: anything else was answered from memory (or by a
         // load another request ran at the same time, which saved a store request all the same).
-        let loaded = std::sync::atomic::AtomicBool::new(false);
-        let loading = async {
-            loaded.store(true, Ordering::Relaxed);
-            self.load_fresh(load).await
-        };
-        let found = self
-            .cache
-            .try_get_with(h, loading)
-            .await
-            .map_err(|e: Arc<Error>| (*e).clone())?;
+        let loaded = AtomicBool::new(false);
+        let found = self.cached(h, &load, &loaded).await?;
         let result = match (loaded.load(Ordering::Relaxed), &found) {
             (true, _) => "miss",
             (false, Some(_)) => "hit",
@@ -90,8 +82,40 @@ impl NarInfoCache {
         F: Fn() -> Fut,
         Fut: std::future::Future<Output = Result<Lookup, Error>>,
     {
+        self.cached(h, &load, &AtomicBool::new(false)).await
+    }
+
+    /// The cached lookup for `h`, else `load`'s (once for all concurrent callers; `loaded` set
+    /// if this caller's ran).
+    async fn cached<F, Fut>(
+        &self,
+        h: StorePathHash,
+        load: &F,
+        loaded: &AtomicBool,
+    ) -> Result<Lookup, Error>
+    where
+        F: Fn() -> Fut,
+        Fut: std::future::Future<Output = Result<Lookup, Error>>,
+    {
+        let before = self.generation.load(Ordering::SeqCst);
+        let attempt = move || async move {
+            loaded.store(true, Ordering::Relaxed);
+            self.load_fresh(load).await
+        };
+        let found = self
+            .cache
+            .try_get_with(h, attempt())
+            .await
+            .map_err(|e: Arc<Error>| (*e).clone())?;
+        if found.is_some() || self.generation.load(Ordering::SeqCst) == before {
+            return Ok(found);
+        }
+        // An invalidation came after the load looked, perhaps before its miss was kept (the
+        // cache keeps it only once the load has returned): look again rather than keep a
+        // miss that could hide an upload for the negative TTL.
+        self.cache.invalidate(&h).await;
         self.cache
-            .try_get_with(h, self.load_fresh(load))
+            .try_get_with(h, attempt())
             .await
             .map_err(|e: Arc<Error>| (*e).clone())
     }
@@ -102,7 +126,7 @@ impl NarInfoCache {
     }
 
     /// Runs `load`, again if an invalidation happened meanwhile and it found nothing.
-    async fn load_fresh<F, Fut>(&self, load: F) -> Result<Lookup, Error>
+    async fn load_fresh<F, Fut>(&self, load: &F) -> Result<Lookup, Error>
     where
         F: Fn() -> Fut,
         Fut: std::future::Future<Output = Result<Lookup, Error>>,
@@ -152,5 +176,34 @@ mod tests {
             ttl.expire_after_create(&h, &None, now),
             Some(Duration::from_secs(5))
         );
+    }
+
+    /// A miss found while uploads kept landing (each look raced by an invalidation) is not
+    /// kept: the path is looked up again until a look is not raced.
+    #[tokio::test]
+    async fn a_miss_raced_by_an_invalidation_is_not_kept() {
+        let cache = NarInfoCache::new(
+            1 << 20,
+            Duration::from_secs(3600),
+            Duration::from_secs(3600),
+        );
+        let h: StorePathHash = "0".repeat(32).parse().unwrap();
+        let calls = &std::sync::atomic::AtomicUsize::new(0);
+        let generation = &cache.generation;
+        let load = move || async move {
+            // Uploads land during the first four looks (all load_fresh makes), then stop.
+            if calls.fetch_add(1, Ordering::SeqCst) < 4 {
+                generation.fetch_add(1, Ordering::SeqCst);
+                return Ok(None);
+            }
+            Ok(Some(Bytes::from_static(b"StorePath: x\n")))
+        };
+        let found = cache.get_or_load(h, load).await.unwrap();
+        assert!(found.is_some(), "the miss was kept");
+        assert!(cache
+            .fill(h, || async { Ok(None) })
+            .await
+            .unwrap()
+            .is_some());
     }
 }

@@ -391,6 +391,9 @@ pub struct Accessed {
     pub expired: Vec<(String, Meta)>,
     /// Records that do not parse.
     pub bad: Vec<(String, String)>,
+    /// Paths named by upload records younger than [`UPLOAD_RECORD_LIFETIME`]: uploads may
+    /// still rely on them, whatever the retention or the byte budget.
+    pub uploading: HashSet<StorePathHash>,
 }
 
 /// Reads the records within the retention `keep` before `now`, and upload records within
@@ -403,10 +406,10 @@ pub async fn read_all(
 ) -> Result<Accessed, StoreError> {
     let mut acc = Accessed::default();
     let cutoff = now.checked_sub(keep).unwrap_or(UNIX_EPOCH);
-    let upload_cutoff = now
+    let lifetime_cutoff = now
         .checked_sub(UPLOAD_RECORD_LIFETIME)
-        .unwrap_or(UNIX_EPOCH)
-        .min(cutoff);
+        .unwrap_or(UNIX_EPOCH);
+    let upload_cutoff = lifetime_cutoff.min(cutoff);
     for (key, meta) in records {
         let limit = if key.ends_with(UPLOAD_SUFFIX) {
             upload_cutoff
@@ -419,7 +422,14 @@ pub async fn read_all(
             acc.expired.push((key.clone(), *meta));
             continue;
         }
-        read_one(store, &mut acc, key, meta.modified).await?;
+        let entries = read_one(store, &mut acc, key, meta.modified).await?;
+        if key.ends_with(UPLOAD_SUFFIX) && meta.modified >= lifetime_cutoff {
+            acc.uploading
+                .extend(entries.into_iter().filter_map(|e| match e {
+                    Entry::Path(h) => Some(h),
+                    Entry::Nar(_) => None,
+                }));
+        }
     }
     Ok(acc)
 }
@@ -430,8 +440,11 @@ async fn read_one(
     key: &str,
     modified: SystemTime,
 ) -> Result<Vec<Entry>, StoreError> {
+    let raw = store.get_bytes(key, MAX_RECORD_BYTES).await?;
+    // Read only once it was: a record that failed to read is read again by the next re-read
+    // (which fails as long as it does, and nothing is deleted meanwhile).
     acc.read.insert(key.to_owned());
-    let Some(raw) = store.get_bytes(key, MAX_RECORD_BYTES).await? else {
+    let Some(raw) = raw else {
         return Ok(Vec::new());
     };
     let entries = match std::str::from_utf8(&raw)
@@ -658,6 +671,25 @@ mod tests {
             3,
             "within the retention, every kind is read"
         );
+    }
+
+    /// A record that could not be read is read by the next re-read: until it is, the re-reads
+    /// fail (and nothing is deleted), and it is not taken for read.
+    #[tokio::test]
+    async fn a_record_that_failed_to_read_is_read_again() {
+        use crate::store::memory::{FailOp, MemoryStore};
+        let mem = MemoryStore::new();
+        let now = SystemTime::now();
+        let mut acc = read_all(&mem, &[], Duration::from_secs(3600), now)
+            .await
+            .unwrap();
+        let key = format!("{RESERVED_PREFIX}{DIR}{}/p-1-upload", day(now));
+        mem.insert(&key, render([Entry::Nar(NAR.into())]));
+        mem.fail(FailOp::Read, &key, 0, 1);
+        assert!(reread(&mem, &mut acc, now).await.is_err());
+        let fresh = reread(&mem, &mut acc, now).await.unwrap();
+        assert_eq!(fresh, vec![Entry::Nar(NAR.into())]);
+        assert!(acc.nars.contains(NAR));
     }
 
     fn hashes(n: usize) -> Vec<StorePathHash> {

@@ -1,6 +1,7 @@
 //! Roots and marking: which paths a run keeps, and why.
 //!
-//! Pinned and young paths (younger than the grace period) are kept whatever the budget says.
+//! Pinned and young paths (younger than the grace period), and paths an upload in progress
+//! names, are kept whatever the budget and the retention say.
 //! Recently used paths (read, or uploaded, within the retention) are kept most recent first;
 //! with `gc.max_bytes` set, the first one whose closure no longer fits and every older one are
 //! evicted, so what is evicted is always less recently used than anything kept. A closure is
@@ -20,6 +21,9 @@ pub enum Reason {
     Pinned,
     /// Younger than the grace period.
     Young,
+    /// Named by an upload in progress (an upload record younger than
+    /// [`super::access::UPLOAD_RECORD_LIFETIME`]).
+    Uploading,
     /// Used within the retention.
     Recent,
     /// In the closure of a kept path.
@@ -34,7 +38,7 @@ impl Reason {
     pub fn kept(self) -> bool {
         matches!(
             self,
-            Self::Pinned | Self::Young | Self::Recent | Self::Referenced
+            Self::Pinned | Self::Young | Self::Uploading | Self::Recent | Self::Referenced
         )
     }
 
@@ -42,6 +46,7 @@ impl Reason {
         match self {
             Self::Pinned => "pinned",
             Self::Young => "younger than the grace period",
+            Self::Uploading => "named by an upload in progress",
             Self::Recent => "used within the retention",
             Self::Referenced => "referenced by a kept path",
             Self::Expired => "expired",
@@ -53,6 +58,7 @@ impl Reason {
 pub struct Roots {
     pinned: Vec<bool>,
     young: Vec<bool>,
+    uploading: Vec<bool>,
     /// The last use within the retention, if any.
     recent: Vec<Option<SystemTime>>,
     cutoff: SystemTime,
@@ -78,6 +84,7 @@ impl Roots {
         Self {
             pinned: vec![false; graph.len()],
             young,
+            uploading: vec![false; graph.len()],
             recent,
             cutoff,
             unresolved_pins: Vec::new(),
@@ -95,6 +102,19 @@ impl Roots {
         for (h, t) in seen {
             if let Some(i) = graph.find(*h) {
                 self.used(i, *t);
+            }
+        }
+    }
+
+    /// Paths uploads may still rely on (see [`super::access::Accessed::uploading`]).
+    pub fn add_uploads<'a>(
+        &mut self,
+        graph: &Graph,
+        paths: impl IntoIterator<Item = &'a StorePathHash>,
+    ) {
+        for h in paths {
+            if let Some(i) = graph.find(*h) {
+                self.uploading[i as usize] = true;
             }
         }
     }
@@ -155,6 +175,8 @@ pub fn mark(graph: &Graph, roots: &Roots, max_bytes: Option<u64>, sizes: &[u64])
             Reason::Pinned
         } else if roots.young[i as usize] {
             Reason::Young
+        } else if roots.uploading[i as usize] {
+            Reason::Uploading
         } else {
             continue;
         };

@@ -21,6 +21,7 @@ fn reason_label(r: Reason) -> &'static str {
     match r {
         Reason::Pinned => "pinned",
         Reason::Young => "young",
+        Reason::Uploading => "uploading",
         Reason::Recent => "recent",
         Reason::Referenced => "referenced",
         Reason::Expired => "expired",

@@ -88,6 +88,7 @@ pub async fn run(
     let mut roots = mark::Roots::new(&graph, cfg, opts.now);
     let mut acc = access::read_all(store.as_ref(), &inv.access, cfg.keep, opts.now).await?;
     roots.add_access(&graph, &acc.seen);
+    roots.add_uploads(&graph, &acc.uploading);
     let (pins, unreadable) = pins::read_all(store.as_ref(), &inv.pins, store_dir).await?;
     if let Some((key, reason)) = unreadable.into_iter().next() {
         return Err(GcError::BadPin { key, reason });

@@ -35,7 +35,9 @@ pub struct Pin {
 impl Pin {
     /// Whether the pin still makes its paths roots at `now`.
     pub fn active(&self, now: SystemTime) -> bool {
-        self.keep.is_none_or(|k| self.created + k > now)
+        // A keep too long for the clock to represent lasts as long as the clock.
+        self.keep
+            .is_none_or(|k| self.created.checked_add(k).is_none_or(|end| end > now))
     }
 
     pub fn render(&self, store_dir: &str) -> String {
@@ -68,7 +70,11 @@ impl Pin {
             match k {
                 "created" => {
                     let s: u64 = v.parse().map_err(|_| bad())?;
-                    created = Some(UNIX_EPOCH + Duration::from_secs(s));
+                    created = Some(
+                        UNIX_EPOCH
+                            .checked_add(Duration::from_secs(s))
+                            .ok_or_else(bad)?,
+                    );
                 }
                 "keep-days" => {
                     let d: u64 = v.parse().map_err(|_| bad())?;
@@ -220,6 +226,16 @@ mod tests {
         assert!(p.active(p.created + Duration::from_secs(86400)));
         assert!(!p.active(p.created + Duration::from_secs(8 * 86400)));
         assert!(Pin::parse("x", "cellar-pin 1\npath: /etc/passwd\n", "/nix/store").is_err());
+    }
+
+    /// Times beyond what the clock holds neither panic nor end a pin.
+    #[test]
+    fn huge_times_do_not_overflow() {
+        let forever = format!("{HEADER}\ncreated: 1700000000\nkeep-days: {}\n", u64::MAX);
+        let p = Pin::parse("long", &forever, "/nix/store").unwrap();
+        assert!(p.active(UNIX_EPOCH + Duration::from_secs(4_000_000_000)));
+        let bad_date = format!("{HEADER}\ncreated: {}\n", u64::MAX);
+        assert!(Pin::parse("late", &bad_date, "/nix/store").is_err());
     }
 
     #[test]

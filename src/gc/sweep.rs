@@ -241,6 +241,7 @@ pub async fn execute(
             .collect();
         // Copies to write back if an upload turns out to need one of them.
         let mut bodies: HashMap<u32, Bytes> = HashMap::new();
+        let mut unread = Vec::new();
         for &i in &todo {
             let key = object_key::narinfo(graph.nodes[i as usize].hash);
             match store.get_bytes(&key, 64 << 20).await {
@@ -248,24 +249,48 @@ pub async fn execute(
                     bodies.insert(i, body);
                 }
                 Ok(None) => {}
-                Err(e) => st.out.errors.push(format!("{key}: {e}")),
+                Err(e) => {
+                    st.out.errors.push(format!("{key}: {e}"));
+                    unread.push(i);
+                }
             }
+        }
+        // A narinfo that stays is served: its closure and NAR stay with it.
+        for i in unread {
+            st.keep(store, i, &bodies).await;
         }
         let todo: Vec<u32> = todo
             .into_iter()
-            .filter(|i| bodies.contains_key(i))
+            .filter(|i| bodies.contains_key(i) && !st.kept[*i as usize])
             .collect();
         let keys: Vec<String> = todo
             .iter()
             .map(|&i| object_key::narinfo(graph.nodes[i as usize].hash))
             .collect();
+        let mut undeleted = Vec::new();
         for (i, ok) in todo.iter().zip(delete_all(store, &keys, &mut st.out).await) {
             if ok {
                 st.deleted.insert(*i);
+            } else {
+                undeleted.push(*i);
             }
+        }
+        // Deleted at the same time, its references in this batch are written back.
+        for i in undeleted {
+            st.keep(store, i, &bodies).await;
         }
         progress.advance(batch.len() as u64);
         records_read = st.rescue(store, &bodies).await;
+        if !records_read {
+            // An upload may have relied on any narinfo of this batch: all are written back
+            // (referrers come first, so a batch written back whole leaves whole closures).
+            for &i in &todo {
+                if st.deleted.contains(&i) {
+                    st.keep(store, i, &bodies).await;
+                }
+            }
+            return st.out;
+        }
     }
 
     let mut rest: Vec<Rest> = Vec::new();
@@ -411,31 +436,47 @@ impl State<'_> {
             }
         };
         let graph = self.graph;
-        let needed = fresh.into_iter().filter_map(|e| match e {
-            Entry::Path(h) => graph.find(h),
-            Entry::Nar(_) => None,
-        });
-        for i in needed.collect::<Vec<_>>() {
-            for j in graph.close_over(i, &mut self.kept) {
-                if let Some(nar) = &graph.nodes[j as usize].nar {
-                    self.kept_nars.insert(nar.clone());
-                }
-                match bodies.get(&j) {
-                    Some(body) => {
-                        let key = object_key::narinfo(graph.nodes[j as usize].hash);
-                        match store.put_bytes(&key, body.clone()).await {
-                            Ok(()) => self.out.restored += 1,
-                            Err(e) => self.out.errors.push(format!("restoring {key}: {e}")),
-                        }
-                    }
-                    // Deleted in an earlier batch: an upload that needs it found it missing
-                    // and was refused (or uploads it again). Kept marked, so its NAR stays.
-                    None if self.deleted.contains(&j) => {}
-                    None => self.out.rescued += 1,
-                }
-            }
+        let needed: Vec<u32> = fresh
+            .into_iter()
+            .filter_map(|e| match e {
+                Entry::Path(h) => graph.find(h),
+                Entry::Nar(_) => None,
+            })
+            .collect();
+        for i in needed {
+            self.out.rescued += self.keep(store, i, bodies).await;
         }
         true
+    }
+
+    /// Keeps `i` with its closure and their NARs; those deleted in the batch just done, whose
+    /// copies are in `bodies`, are written back. Those deleted in an earlier batch stay
+    /// deleted: an upload that needed one found it missing and was refused (or uploads it
+    /// again); kept marked, their NARs stay. Returns how many were kept and never deleted.
+    async fn keep(&mut self, store: &dyn Store, i: u32, bodies: &HashMap<u32, Bytes>) -> usize {
+        let graph = self.graph;
+        let mut untouched = 0;
+        for j in graph.close_over(i, &mut self.kept) {
+            if let Some(nar) = &graph.nodes[j as usize].nar {
+                self.kept_nars.insert(nar.clone());
+            }
+            if !self.deleted.contains(&j) {
+                untouched += 1;
+                continue;
+            }
+            let Some(body) = bodies.get(&j) else {
+                continue;
+            };
+            let key = object_key::narinfo(graph.nodes[j as usize].hash);
+            match store.put_bytes(&key, body.clone()).await {
+                Ok(()) => {
+                    self.out.restored += 1;
+                    self.deleted.remove(&j);
+                }
+                Err(e) => self.out.errors.push(format!("restoring {key}: {e}")),
+            }
+        }
+        untouched
     }
 
     /// No kept narinfo points to NAR file `f` and no upload relies on it.

@@ -8,7 +8,7 @@ use super::report::Quiet;
 use super::{run, Options};
 use crate::config::GcConfig;
 use crate::nix::{base32, Sha256};
-use crate::store::memory::MemoryStore;
+use crate::store::memory::{FailOp, MemoryStore};
 use crate::store::Store;
 
 const DAY: Duration = Duration::from_secs(86400);
@@ -404,4 +404,153 @@ async fn verify_leaves_a_collectors_announcement_alone() {
         r.repaired
     );
     assert!(r.findings.is_empty(), "{:?}", r.findings);
+}
+
+/// A narinfo the collector could not read or delete stays, and so does everything it needs:
+/// its NAR, and its references (written back if they were deleted beside it).
+#[tokio::test(start_paused = true)]
+async fn a_narinfo_that_stays_keeps_its_closure() {
+    // A read fails after the one that loaded the graph; a delete at once.
+    for (op, skip) in [(FailOp::Delete, 0), (FailOp::Read, 1)] {
+        let mem = Arc::new(MemoryStore::new());
+        let now = SystemTime::now();
+        let dep = path(&mem, "dep", &[], 100 * DAY, now);
+        let top = path(&mem, "top", &[&dep], 100 * DAY, now);
+        let other = path(&mem, "other", &[], 100 * DAY, now);
+        mem.fail(op, &format!("{}.narinfo", top.hash), skip, 1);
+        let s = gc(&mem, &cfg(), now, true).await;
+        assert_eq!(s.errors.len(), 1, "{op:?}: {:?}", s.errors);
+        for p in [&top, &dep] {
+            let narinfo = format!("{}.narinfo", p.hash);
+            assert!(has(&mem, &narinfo), "{op:?}: {} went", p.base);
+            assert!(has(&mem, &p.nar), "{op:?}: the NAR of {} went", p.base);
+        }
+        assert!(!has(&mem, &format!("{}.narinfo", other.hash)));
+        assert!(!has(&mem, &other.nar));
+    }
+}
+
+/// When the access records cannot be read again after a batch, an upload may have relied on
+/// any narinfo of it: the batch is written back whole and the run stops, NARs untouched.
+#[tokio::test(start_paused = true)]
+async fn a_batch_whose_records_cannot_be_read_again_is_written_back() {
+    let mem = Arc::new(MemoryStore::new());
+    let now = SystemTime::now();
+    let dep = path(&mem, "dep", &[], 100 * DAY, now);
+    let top = path(&mem, "top", &[&dep], 100 * DAY, now);
+    // The re-read before the batch passes, the one after it fails.
+    let yesterday = super::access::day(SystemTime::now() - DAY);
+    let prefix = format!("_cellar/access/{yesterday}/");
+    mem.fail(FailOp::List, &prefix, 1, usize::MAX);
+    let s = gc(&mem, &cfg(), now, true).await;
+    assert!(!s.errors.is_empty());
+    for p in [&top, &dep] {
+        assert!(has(&mem, &format!("{}.narinfo", p.hash)), "{} went", p.base);
+        assert!(has(&mem, &p.nar), "the NAR of {} went", p.base);
+    }
+}
+
+/// What an upload in progress names (an upload record younger than its lifetime) is kept
+/// with its closure whatever the retention and the budget say: the upload's narinfo may have
+/// been checked against it, and write no record of its own.
+#[tokio::test(start_paused = true)]
+async fn paths_an_upload_in_progress_names_are_roots() {
+    let mem = Arc::new(MemoryStore::new());
+    let now = SystemTime::now();
+    let dep = path(&mem, "dep", &[], 100 * DAY, now);
+    let named = path(&mem, "named", &[&dep], 100 * DAY, now);
+    let other = path(&mem, "other", &[], 100 * DAY, now);
+    let day = super::access::day(now);
+    let record = |age: Duration| {
+        mem.insert_at(
+            &format!("_cellar/access/{day}/p-1-upload"),
+            render([Entry::Path(named.hash.parse().unwrap())]),
+            now - age,
+        );
+    };
+    record(Duration::from_secs(60));
+    let strict = GcConfig {
+        keep: Duration::ZERO,
+        max_bytes: Some(0),
+        ..cfg()
+    };
+    let s = gc(&mem, &strict, now, true).await;
+    assert!(s.errors.is_empty(), "{:?}", s.errors);
+    for p in [&named, &dep] {
+        assert!(has(&mem, &format!("{}.narinfo", p.hash)), "{} went", p.base);
+        assert!(has(&mem, &p.nar), "the NAR of {} went", p.base);
+    }
+    assert!(!has(&mem, &format!("{}.narinfo", other.hash)));
+    // Once older than its lifetime, the record names an upload that is over.
+    record(super::access::UPLOAD_RECORD_LIFETIME + Duration::from_secs(1));
+    gc(&mem, &strict, now, true).await;
+    assert!(!has(&mem, &format!("{}.narinfo", named.hash)));
+}
+
+/// `verify --repair` deletes a narinfo only if it is older than the grace period and a second
+/// look confirms the finding: the listing is not a snapshot, and a NAR uploaded while it runs
+/// may be missing from it.
+#[tokio::test(start_paused = true)]
+async fn repair_looks_again_before_deleting_a_narinfo() {
+    let mem = Arc::new(MemoryStore::new());
+    let now = SystemTime::now();
+    let late = path(&mem, "late", &[], 100 * DAY, now);
+    let late_nar = mem.bytes(&late.nar).unwrap();
+    mem.remove(&late.nar);
+    let young = path(&mem, "young", &[], Duration::from_secs(60), now);
+    mem.remove(&young.nar);
+    let broken = path(&mem, "broken", &[], 100 * DAY, now);
+    mem.remove(&broken.nar);
+    let referrer = path(&mem, "referrer", &[&broken], 100 * DAY, now);
+    // The late NAR lands after the listing, while the narinfos are read.
+    let gate = mem.hold_reads(&format!("{}.narinfo", late.hash));
+    let (r, ()) = tokio::join!(repair(&mem, now), async {
+        gate.reached().await;
+        mem.insert_at(&late.nar, late_nar, now);
+        gate.open();
+    });
+    let narinfo = |p: &P| format!("{}.narinfo", p.hash);
+    assert!(
+        r.findings
+            .iter()
+            .any(|f| f.to_string().contains(&late.hash)),
+        "the listing showed it broken: {:?}",
+        r.findings
+    );
+    assert!(has(&mem, &narinfo(&late)), "deleted: {:?}", r.repaired);
+    assert!(has(&mem, &late.nar));
+    assert!(
+        has(&mem, &narinfo(&young)),
+        "an upload in progress was deleted"
+    );
+    assert!(!has(&mem, &narinfo(&broken)));
+    assert!(
+        !has(&mem, &narinfo(&referrer)),
+        "a path whose reference went stays"
+    );
+}
+
+/// A pin that does not parse is reported by `verify --repair` and left alone (gc refuses to
+/// run while it is there; deleting it would let the next run collect what it pins). Other
+/// unreadable reserved objects are deleted.
+#[tokio::test(start_paused = true)]
+async fn repair_reports_a_bad_pin_and_leaves_it() {
+    let mem = Arc::new(MemoryStore::new());
+    let now = SystemTime::now();
+    mem.insert_at(
+        "_cellar/pins/typo",
+        "cellar-pin 1\ncreated 12\n",
+        now - 100 * DAY,
+    );
+    mem.insert_at("_cellar/access/x/garbage", "nonsense", now - 100 * DAY);
+    let r = repair(&mem, now).await;
+    let reported = |key: &str| {
+        r.findings
+            .iter()
+            .any(|f| matches!(f, super::verify::Finding::BadReserved { key: k, .. } if k == key))
+    };
+    assert!(reported("_cellar/pins/typo"), "{:?}", r.findings);
+    assert!(reported("_cellar/access/x/garbage"), "{:?}", r.findings);
+    assert!(has(&mem, "_cellar/pins/typo"));
+    assert!(!has(&mem, "_cellar/access/x/garbage"));
 }

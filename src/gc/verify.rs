@@ -9,8 +9,10 @@
 //! unfinished uploads younger than the grace period are uploads in progress, not findings.
 //!
 //! Repair deletes the unservable narinfos to a fixed point (a path whose reference goes, goes
-//! too), referrers first, then orphans and unfinished uploads older than the grace period and
-//! unreadable reserved objects.
+//! too), referrers first, each older than the grace period and found unservable again by a
+//! second look at the store (the listing is not a snapshot); then orphans and unfinished
+//! uploads older than the grace period and unreadable access records. Unreadable pins are
+//! reported, never deleted.
 
 use std::collections::HashSet;
 use std::fmt;
@@ -191,6 +193,7 @@ pub async fn run(
     if !full {
         return Ok(report);
     }
+    let own_bad = unservable.clone();
     propagate(&graph, &mut unservable, &mut report.findings);
     let grace = opts
         .now
@@ -243,7 +246,8 @@ pub async fn run(
             store,
             &graph,
             &inv,
-            &unservable,
+            &own_bad,
+            &upstream,
             &report.findings.clone(),
             opts,
             &mut report,
@@ -369,23 +373,79 @@ fn sample<T>(v: &mut Vec<T>, n: usize) {
     v.truncate(n);
 }
 
+/// Whether narinfo `n`, found unservable on its own, still is: the listing is not a snapshot,
+/// so a NAR or reference uploaded while it ran may be missing from it. Asked again of the
+/// store; a narinfo younger than the grace period may be an upload in progress, and one the
+/// store cannot answer for stays.
+async fn still_unservable(
+    store: &dyn Store,
+    n: &super::graph::Node,
+    upstream: &HashSet<StorePathHash>,
+    grace: SystemTime,
+    report: &mut Report,
+) -> bool {
+    if n.modified > grace {
+        return false;
+    }
+    if matches!(
+        n.problem,
+        Some(Problem::Unparseable(_) | Problem::WrongHash(_) | Problem::BadUrl(_))
+    ) {
+        return true;
+    }
+    let mut keys: Vec<(String, Option<u64>)> = Vec::new();
+    if let Some(nar) = &n.nar {
+        keys.push((format!("nar/{nar}"), n.file_size));
+    }
+    keys.extend(
+        n.missing_refs
+            .iter()
+            .filter(|r| !upstream.contains(r))
+            .map(|r| (object_key::narinfo(*r), None)),
+    );
+    for (key, size) in keys {
+        match store.head(&key).await {
+            Ok(None) => return true,
+            Ok(Some(actual)) if size.is_some_and(|s| s != actual) => return true,
+            Ok(Some(_)) => {}
+            Err(e) => {
+                report
+                    .repair_errors
+                    .push(format!("{key}: {e}; its narinfo kept"));
+                return false;
+            }
+        }
+    }
+    false
+}
+
+#[allow(clippy::too_many_arguments)]
 async fn repair(
     store: &Arc<dyn Store>,
     graph: &Graph,
     inv: &Inventory,
-    unservable: &[bool],
+    own_bad: &[bool],
+    upstream: &HashSet<StorePathHash>,
     findings: &[Finding],
     opts: &Options,
     report: &mut Report,
 ) {
-    let delete: Vec<String> = sweep::referrers_first(graph, unservable)
-        .into_iter()
-        .map(|i| object_key::narinfo(graph.nodes[i as usize].hash))
-        .collect();
     let grace = opts
         .now
         .checked_sub(opts.grace)
         .unwrap_or(SystemTime::UNIX_EPOCH);
+    let mut unservable = vec![false; graph.len()];
+    for (i, n) in graph.nodes.iter().enumerate() {
+        if own_bad[i] {
+            unservable[i] = still_unservable(store.as_ref(), n, upstream, grace, report).await;
+        }
+    }
+    propagate(graph, &mut unservable, &mut Vec::new());
+    let unservable = &unservable[..];
+    let delete: Vec<String> = sweep::referrers_first(graph, unservable)
+        .into_iter()
+        .map(|i| object_key::narinfo(graph.nodes[i as usize].hash))
+        .collect();
     // NARs and listings left without a servable narinfo, old enough not to be uploads.
     let remaining: HashSet<&str> = graph
         .nodes
@@ -415,8 +475,11 @@ async fn repair(
             .filter(|(h, m)| !kept_paths.contains(h) && m.modified <= grace)
             .map(|(h, _)| object_key::listing(*h)),
     );
+    // A pin that does not parse is left for a human: gc refuses to run while it is there,
+    // and deleting it would let the next run collect what it was meant to keep.
+    let pins: HashSet<&str> = inv.pins.iter().map(|(k, _)| k.as_str()).collect();
     rest.extend(findings.iter().filter_map(|f| match f {
-        Finding::BadReserved { key, .. } => Some(key.clone()),
+        Finding::BadReserved { key, .. } if !pins.contains(key.as_str()) => Some(key.clone()),
         _ => None,
     }));
     delete_each(store.as_ref(), delete, report).await;

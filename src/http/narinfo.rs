@@ -49,10 +49,17 @@ pub(super) async fn put(st: &AppState, h: StorePathHash, body: Body) -> Result<S
         .uploader
         .put_narinfo(h, &raw, Some(&live.upstreams))
         .await?;
+    // Its NAR is there (the upload checked it), under the name the stored narinfo gives, which
+    // differs from the uploaded one when uploads are re-encoded: a miss remembered for it
+    // must not hide the path. The state now, not the one before the write: a reload may
+    // have replaced the narinfo cache meanwhile.
+    if let Ok(f) = acc.narinfo.nar_file() {
+        st.missing_nars.seen_present(f.as_str()).await;
+    }
+    st.live().narinfos.invalidate(h).await;
     if acc.already_present {
         return Ok(StatusCode::OK);
     }
-    live.narinfos.invalidate(h).await;
     tracing::info!(path = %acc.narinfo.store_path, "narinfo uploaded");
     Ok(StatusCode::CREATED)
 }

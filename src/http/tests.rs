@@ -716,6 +716,39 @@ async fn a_path_uploaded_through_the_root_is_served_and_heads_match_gets() {
     );
 }
 
+/// A NAR seen missing hides the narinfos naming it (a NAR 404 fails the client), until it is
+/// back: a narinfo uploaded for it here shows it is, even when its NAR came another way (a
+/// replica stored it, the client found it there and sent only the narinfo).
+#[tokio::test]
+async fn a_narinfo_uploaded_for_a_nar_seen_missing_is_served_at_once() {
+    use crate::config::Scope;
+    let mem = Arc::new(MemoryStore::new());
+    let st = state(
+        with_tokens(Config::default(), &[("ci", "wtok", Scope::Write)]),
+        &mem,
+    );
+    let (nar, file) = tiny_nar();
+    assert_eq!(
+        get(&st, &format!("/nar/{file}")).await.0,
+        StatusCode::NOT_FOUND
+    );
+    mem.insert(&format!("nar/{file}"), nar.clone());
+    let sha = crate::nix::Sha256::digest(&nar);
+    let narinfo = format!(
+        "StorePath: /nix/store/{HASH}-back\nURL: nar/{file}\nCompression: none\n\
+         NarHash: {sha}\nNarSize: {}\nReferences: \n",
+        nar.len()
+    );
+    let req = authed("PUT", &format!("/{HASH}.narinfo"), "wtok")
+        .body(Body::from(narinfo))
+        .unwrap();
+    assert_eq!(send(&st, req).await.status(), StatusCode::CREATED);
+    assert_eq!(
+        get(&st, &format!("/{HASH}.narinfo")).await.0,
+        StatusCode::OK
+    );
+}
+
 #[tokio::test]
 async fn not_found_answers_carry_the_negative_max_age_others_their_own() {
     let mem = Arc::new(MemoryStore::new());

@@ -38,6 +38,16 @@ pub enum RangeFault {
     Stall,
 }
 
+/// Which calls [`MemoryStore::fail`] makes fail.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum FailOp {
+    /// `get` and `head`.
+    Read,
+    Delete,
+    /// `list`, of exactly this prefix.
+    List,
+}
+
 /// Holds reads of keys under a prefix between looking the object up and returning it, until
 /// the test opens it (see [`MemoryStore::hold_reads`]).
 pub struct ReadGate {
@@ -78,6 +88,8 @@ pub struct MemoryStore {
     faults: Mutex<Vec<(u64, RangeFault, usize)>>,
     /// The start of every ranged `get`, in order.
     range_starts: Mutex<Vec<u64>>,
+    /// Calls made to fail: (operation, key, calls left to pass first, calls left to fail).
+    failing: Mutex<Vec<(FailOp, String, usize, usize)>>,
     /// Set: large NARs are redirected to `<base>/<key>` (as S3 does with presigned URLs).
     presign_base: Mutex<Option<String>>,
 }
@@ -207,6 +219,28 @@ impl MemoryStore {
         }
     }
 
+    /// Makes `times` calls of `op` on `key` fail as an unreachable store would, after the
+    /// next `skip` ones pass.
+    pub fn fail(&self, op: FailOp, key: &str, skip: usize, times: usize) {
+        lock(&self.failing).push((op, key.to_owned(), skip, times));
+    }
+
+    fn take_failure(&self, op: FailOp, key: &str) -> Result<(), StoreError> {
+        let mut failing = lock(&self.failing);
+        let Some(f) = failing
+            .iter_mut()
+            .find(|(o, k, _, left)| *o == op && k == key && *left > 0)
+        else {
+            return Ok(());
+        };
+        if f.2 > 0 {
+            f.2 -= 1;
+            return Ok(());
+        }
+        f.3 -= 1;
+        Err(StoreError::Unavailable(format!("{key}: a test fault")))
+    }
+
     /// While down, every call fails as an unreachable store would.
     pub fn set_down(&self, down: bool) {
         self.down.store(down, Ordering::SeqCst);
@@ -217,6 +251,7 @@ impl MemoryStore {
         if self.down.load(Ordering::SeqCst) {
             return Err(StoreError::Unavailable("memory store is down".into()));
         }
+        self.take_failure(FailOp::Read, key)?;
         Ok(lock(&self.objects).get(key).map(|s| s.data.clone()))
     }
 }
@@ -311,6 +346,8 @@ impl Store for MemoryStore {
         self.lists.fetch_add(1, Ordering::SeqCst);
         let items: Vec<Result<ObjectInfo, StoreError>> = if self.down.load(Ordering::SeqCst) {
             vec![Err(StoreError::Unavailable("memory store is down".into()))]
+        } else if let Err(e) = self.take_failure(FailOp::List, prefix) {
+            vec![Err(e)]
         } else {
             lock(&self.objects)
                 .iter()
@@ -331,6 +368,7 @@ impl Store for MemoryStore {
         if self.down.load(Ordering::SeqCst) {
             return Err(StoreError::Unavailable("memory store is down".into()));
         }
+        self.take_failure(FailOp::Delete, key)?;
         lock(&self.objects).remove(key);
         Ok(())
     }

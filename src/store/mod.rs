@@ -23,6 +23,44 @@ use crate::nix::{NarInfo, StorePathHash, MAX_NARINFO_BYTES};
 /// A streamed object body. An `Err` item means the store failed mid-body.
 pub type ByteStream = Pin<Box<dyn Stream<Item = io::Result<Bytes>> + Send + 'static>>;
 
+/// The `take` bytes of `body` after its first `skip`: a range cut from a whole body. A body
+/// that ends before them fails (the answer must not end cleanly short).
+pub fn byte_slice(body: ByteStream, skip: u64, take: u64) -> ByteStream {
+    use futures::StreamExt as _;
+    Box::pin(futures::stream::unfold(
+        (body, skip, take),
+        |(mut body, mut skip, take)| async move {
+            if take == 0 {
+                return None;
+            }
+            loop {
+                let mut chunk = match body.next().await {
+                    None => {
+                        let short = io::Error::new(
+                            io::ErrorKind::UnexpectedEof,
+                            "the body ended before the range it was cut from",
+                        );
+                        return Some((Err(short), (body, 0, 0)));
+                    }
+                    Some(Err(e)) => return Some((Err(e), (body, 0, 0))),
+                    Some(Ok(c)) => c,
+                };
+                let n = chunk.len() as u64;
+                if skip >= n {
+                    skip -= n;
+                    continue;
+                }
+                let mut part = chunk.split_off(skip as usize);
+                if part.len() as u64 > take {
+                    part.truncate(take as usize);
+                }
+                let left = take - part.len() as u64;
+                return Some((Ok(part), (body, 0, left)));
+            }
+        },
+    ))
+}
+
 /// `body`, failing with [`io::ErrorKind::TimedOut`] when the store sends nothing for `idle`
 /// while it is being read: a connection gone quiet rather than closed would otherwise hold its
 /// reader (and every request waiting on the same load) until the client gives up. Time spent
@@ -450,6 +488,35 @@ mod tests {
         ] {
             assert_eq!(ByteRange::parse_header(bad), None, "{bad}");
         }
+    }
+
+    #[tokio::test]
+    async fn a_range_is_cut_from_a_whole_body() {
+        use futures::StreamExt as _;
+        let chunks = ["abc", "defg", "", "hij"];
+        let whole = || -> ByteStream {
+            Box::pin(futures::stream::iter(
+                chunks.map(|c| Ok(Bytes::from_static(c.as_bytes()))),
+            ))
+        };
+        let cut = |skip, take| async move {
+            let parts: Vec<io::Result<Bytes>> = byte_slice(whole(), skip, take).collect().await;
+            parts
+        };
+        let text = |parts: Vec<io::Result<Bytes>>| {
+            parts
+                .into_iter()
+                .map(|p| String::from_utf8(p.unwrap().to_vec()).unwrap())
+                .collect::<String>()
+        };
+        assert_eq!(text(cut(0, 10).await), "abcdefghij");
+        assert_eq!(text(cut(2, 3).await), "cde");
+        assert_eq!(text(cut(3, 4).await), "defg");
+        assert_eq!(text(cut(9, 1).await), "j");
+        assert!(cut(0, 0).await.is_empty());
+        let short = cut(8, 5).await;
+        assert_eq!(short.len(), 2, "the bytes there are, then an error");
+        assert!(short[1].is_err());
     }
 
     #[test]

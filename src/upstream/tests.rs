@@ -100,3 +100,86 @@ async fn a_narinfo_cut_off_is_an_outage_not_a_miss() {
         "the upstream is skipped"
     );
 }
+
+/// An upstream that ignores `Range` and throttles: `whole.nar` is always sent whole (200),
+/// `busy.nar` answers 429.
+async fn plain_upstream(Path(file): Path<String>) -> Response {
+    match file.as_str() {
+        "whole.nar" => b"0123456789".to_vec().into_response(),
+        "busy.nar" => StatusCode::TOO_MANY_REQUESTS.into_response(),
+        _ => StatusCode::NOT_FOUND.into_response(),
+    }
+}
+
+async fn plain_upstreams() -> Upstreams {
+    let app = axum::Router::new().route("/nar/{file}", axum::routing::get(plain_upstream));
+    let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+    let url = format!("http://{}", listener.local_addr().unwrap());
+    tokio::spawn(async move { axum::serve(listener, app).await });
+    let config = UpstreamConfig {
+        url,
+        public_keys: Vec::new(),
+        timeout: Duration::from_secs(5),
+        mirror: false,
+    };
+    Upstreams::new(&[config], "/nix/store").unwrap()
+}
+
+/// A range the upstream ignored is cut from the whole object it sent, not taken for a miss
+/// (a NAR 404 fails the client's download, and hides the narinfo).
+#[tokio::test]
+async fn a_range_the_upstream_ignores_is_cut_from_the_whole_object() {
+    let upstreams = plain_upstreams().await;
+    let range = Some(ByteRange::From {
+        start: 3,
+        end: Some(5),
+    });
+    let obj = upstreams
+        .get("nar/whole.nar", range)
+        .await
+        .unwrap()
+        .unwrap();
+    assert_eq!(obj.length, 3);
+    assert_eq!(
+        obj.range,
+        Some(ContentRange {
+            start: 3,
+            end: 5,
+            total: 10
+        })
+    );
+    let chunks: Vec<bytes::Bytes> = obj.body.try_collect().await.unwrap();
+    assert_eq!(chunks.concat(), b"345");
+    let from_the_start = Some(ByteRange::From {
+        start: 0,
+        end: Some(3),
+    });
+    let obj = upstreams
+        .get("nar/whole.nar", from_the_start)
+        .await
+        .unwrap()
+        .unwrap();
+    assert_eq!((obj.length, obj.range), (10, None), "sent whole");
+    let past_the_end = Some(ByteRange::From {
+        start: 10,
+        end: None,
+    });
+    assert!(matches!(
+        upstreams.get("nar/whole.nar", past_the_end).await,
+        Err(StoreError::RangeNotSatisfiable { size: 10 })
+    ));
+}
+
+/// A throttled upstream (429) has not said it lacks the object: an outage (503), not a 404.
+#[tokio::test]
+async fn a_throttled_upstream_is_unavailable_not_a_miss() {
+    let upstreams = plain_upstreams().await;
+    assert!(matches!(
+        upstreams.get("nar/busy.nar", None).await,
+        Err(StoreError::Unavailable(_))
+    ));
+    assert!(
+        upstreams.list[0].down.is_active(),
+        "the upstream is skipped"
+    );
+}

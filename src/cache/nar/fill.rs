@@ -55,6 +55,11 @@ const PARTS_AHEAD: usize = 3;
 const PART_ATTEMPTS: usize = 3;
 /// Parts fetched ahead or waiting to be taken, over all fills at once (the memory they hold).
 pub(super) const PARTS_IN_MEMORY: usize = 8;
+/// Large NARs written to disk at once. A fill runs on after the request that started it has
+/// gone (for the next one), so without a bound a client starting downloads of many NARs and
+/// dropping them would hold that many store connections and write buffers; beyond it, NARs
+/// stream from the store for as long as their request lasts and are not kept.
+pub(super) const MAX_RUNNING: usize = 32;
 
 /// How a fill's store answer is served; what its cell holds once set.
 pub(super) enum Started {
@@ -331,6 +336,12 @@ impl NarCache {
         if !admitted || self.disk_full(obj.length.saturating_add(reserved)) {
             return bypass(obj);
         }
+        // Counted from here to the end of its task (no await point before it is spawned).
+        if self.running.fetch_add(1, Ordering::SeqCst) >= MAX_RUNNING {
+            self.running.fetch_sub(1, Ordering::SeqCst);
+            tracing::debug!(nar = %name, "NAR cache: {MAX_RUNNING} fills running, streamed without one");
+            return bypass(obj);
+        }
         let opened = self.disk.create_temp().and_then(|(tmp, writer)| {
             let reader = tmp.reader()?;
             Ok((tmp, writer, reader))
@@ -338,6 +349,7 @@ impl NarCache {
         let (tmp, writer, reader) = match opened {
             Ok(files) => files,
             Err(e) => {
+                self.running.fetch_sub(1, Ordering::SeqCst);
                 self.write_failed(&name, &e);
                 return bypass(obj);
             }
@@ -361,6 +373,7 @@ impl NarCache {
         tokio::spawn(async move {
             let result = this.run_fill(&name, tmp, writer, obj, &tx, &head).await;
             this.reserved.fetch_sub(size, Ordering::Relaxed);
+            this.running.fetch_sub(1, Ordering::SeqCst);
             match &result {
                 Ok(()) => {}
                 Err(FillError::Write(e)) => this.write_failed(&name, e),
@@ -619,9 +632,13 @@ async fn open_in_parts(
         start: 0,
         end: Some(PART - 1),
     };
-    let Some(obj) = store.get(key, Some(first)).await? else {
-        // Not there, or only at an upstream that ignores ranges (which answers a range as a
-        // miss): asked for whole.
+    let obj = match store.get(key, Some(first)).await {
+        // An empty object has no first byte to ask for: read whole, it is what it is.
+        Err(StoreError::RangeNotSatisfiable { size: 0 }) => return store.get(key, None).await,
+        other => other?,
+    };
+    let Some(obj) = obj else {
+        // Not there: asked for whole, in case a store only finds it so.
         return store.get(key, None).await;
     };
     let Some(range) = obj.range else {

@@ -76,6 +76,8 @@ pub struct NarCache {
     disk_full: Backoff,
     /// Bytes promised to fills still running (not yet in the index).
     reserved: AtomicU64,
+    /// Large NARs being written to disk (see [`fill::MAX_RUNNING`]).
+    running: std::sync::atomic::AtomicUsize,
     /// Longest wait for the next chunk from the store before a fill fails.
     idle_timeout: Duration,
     /// Parts of large NARs fetched ahead, over all fills (see [`fill::PART`]).
@@ -109,6 +111,7 @@ impl NarCache {
             fills: Mutex::new(HashMap::new()),
             disk_full: Backoff::new(FULL_BACKOFF),
             reserved: AtomicU64::new(0),
+            running: std::sync::atomic::AtomicUsize::new(0),
             idle_timeout,
             parts: Arc::new(tokio::sync::Semaphore::new(fill::PARTS_IN_MEMORY)),
             keep_small: std::sync::OnceLock::new(),

@@ -968,3 +968,49 @@ async fn a_request_gone_before_its_fill_started_leaves_the_fill_to_those_waiting
         "the first request's read, then the second's; the third joined"
     );
 }
+
+/// An empty object (broken, but there) has no first part to ask for: S3 answers that range
+/// 416. It is read whole instead, and served as it is, not as a 416 to a request without a
+/// range.
+#[tokio::test]
+async fn an_empty_object_is_read_whole() {
+    let (_d, cache, mem, store) = setup(1 << 30);
+    mem.insert(&format!("nar/{NAME}"), Vec::new());
+    let answer = get_nar(&cache, &store).await.unwrap();
+    assert!(body(answer).await.is_empty());
+}
+
+/// At most `MAX_RUNNING` large NARs are written to disk at once: fills outlive their
+/// requests, so a client starting and dropping many downloads would otherwise hold as many
+/// store connections and buffers. Beyond it a NAR streams from the store without a fill.
+#[tokio::test]
+async fn fills_are_bounded() {
+    let (_d, cache, mem, store) = setup(1 << 30);
+    let n = super::fill::MAX_RUNNING + 1;
+    // Every first part stalls halfway: the fills keep running.
+    mem.fault_range(0, RangeFault::Stall, n);
+    let mut answers = Vec::new();
+    for i in 0..n {
+        let name = format!(
+            "{}.nar",
+            crate::nix::Sha256::digest(&i.to_le_bytes()).to_nix32()
+        );
+        mem.insert(&format!("nar/{name}"), vec![1u8; 3 << 19]);
+        let f: NarFileName = name.parse().unwrap();
+        let answer = cache.get(&f, &format!("nar/{name}"), None, &store).await;
+        assert!(
+            matches!(answer, Ok(NarCacheAnswer::Object(_))),
+            "NAR {i} not served"
+        );
+        answers.push(answer);
+    }
+    assert_eq!(
+        cache.running.load(std::sync::atomic::Ordering::SeqCst),
+        super::fill::MAX_RUNNING
+    );
+    assert_eq!(
+        crate::sync::lock(&cache.fills).len(),
+        super::fill::MAX_RUNNING,
+        "the last NAR has no fill"
+    );
+}
