@@ -201,9 +201,17 @@ async fn sdk_page(
             })
         })
         .collect::<Result<Vec<_>, StoreError>>()?;
+    let truncated = out.is_truncated() == Some(true);
+    if truncated && out.next_continuation_token().is_none() {
+        // Ending here would pass a part of the listing for the whole (gc would then not see
+        // the narinfos that keep their references).
+        return Err(StoreError::Other(
+            "ListObjectsV2: a truncated page without a NextContinuationToken".into(),
+        ));
+    }
     let next = out
         .next_continuation_token()
-        .filter(|_| out.is_truncated() == Some(true))
+        .filter(|_| truncated)
         .map(str::to_owned);
     Ok((items, next))
 }

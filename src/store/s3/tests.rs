@@ -277,11 +277,12 @@ async fn a_writer_dropped_mid_upload_aborts_it() {
 }
 
 /// A listing entry without a date is an error on the SDK's path as on the direct one: dated
-/// 1970 it would look expired to gc's grace and retention.
+/// 1970 it would look expired to gc's grace and retention. So is a page that says more follow
+/// without saying where: ending there would pass a part of the listing for the whole.
 #[tokio::test]
 async fn a_listed_object_without_a_date_is_refused() {
     use futures::StreamExt as _;
-    let listing = |dated: bool| {
+    let listing = |dated: bool, truncated: bool| {
         let date = if dated {
             "<LastModified>2026-11-30T10:00:00.000Z</LastModified>"
         } else {
@@ -291,14 +292,30 @@ async fn a_listed_object_without_a_date_is_refused() {
             "<?xml version=\"1.0\" encoding=\"UTF-8\"?>\
              <ListBucketResult xmlns=\"http://s3.amazonaws.com/doc/2006-03-01/\">\
              <Name>b</Name><Prefix></Prefix><KeyCount>1</KeyCount><MaxKeys>1000</MaxKeys>\
-             <IsTruncated>false</IsTruncated>\
+             <IsTruncated>{truncated}</IsTruncated>\
              <Contents><Key>x.narinfo</Key>{date}<Size>5</Size></Contents>\
              </ListBucketResult>"
         )
     };
     for direct in [false, true] {
+        let body = listing(true, true);
+        let app = axum::Router::new().fallback(move || {
+            let body = body.clone();
+            async move { ([("content-type", "application/xml")], body) }
+        });
+        let l = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+        let addr = l.local_addr().unwrap();
+        tokio::spawn(async move { axum::serve(l, app).await });
+        let store = store_with(format!("http://{addr}"), 4, direct).await;
+        let listed: Vec<_> = store.list("").collect().await;
+        assert!(
+            listed.iter().any(|r| r
+                .as_ref()
+                .is_err_and(|e| e.to_string().contains("NextContinuationToken"))),
+            "direct {direct}: {listed:?}"
+        );
         for dated in [true, false] {
-            let body = listing(dated);
+            let body = listing(dated, false);
             let app = axum::Router::new().fallback(move || {
                 let body = body.clone();
                 async move { ([("content-type", "application/xml")], body) }
