@@ -322,6 +322,11 @@ impl Upstreams {
             } else {
                 None
             };
+            let encoding = crate::store::content_encoding(
+                res.headers()
+                    .get(reqwest::header::CONTENT_ENCODING)
+                    .and_then(|v| v.to_str().ok()),
+            );
             let body = res.bytes_stream().map_err(io::Error::other).boxed();
             if let (Some(r), None) = (range, content_range) {
                 // The upstream ignored the range (HTTP allows it) and sends the whole object.
@@ -333,6 +338,7 @@ impl Upstreams {
                         body,
                         length,
                         range: None,
+                        encoding,
                     }));
                 }
                 let Some((start, end)) = r.resolve(length) else {
@@ -346,12 +352,14 @@ impl Upstreams {
                         end,
                         total: length,
                     }),
+                    encoding,
                 }));
             }
             return Ok(Some(Object {
                 body,
                 length,
                 range: content_range,
+                encoding,
             }));
         }
         if unavailable {

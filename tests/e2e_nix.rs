@@ -69,6 +69,43 @@ async fn s3_xz_closure_substitutes_trusting_only_cellar() {
     }
 }
 
+/// A log Nix's S3 store wrote compressed (`log-compression`, as Hydra's logs on
+/// cache.nixos.org are) keeps its `Content-Encoding` through cellar, on cellar's own read
+/// path and the SDK's, and `nix log` decodes it.
+#[tokio::test(flavor = "multi_thread")]
+async fn a_log_stored_compressed_is_decoded_by_nix_log() {
+    use std::io::Write as _;
+    let f = fixture();
+    let app = App::s3("e2e-log-encoding")
+        .seed_dir(&f.xz_dir)
+        .spawn()
+        .await;
+    let drv = f.top_drv.rsplit('/').next().unwrap();
+    let mut xz = liblzma::write::XzEncoder::new(Vec::new(), 6);
+    xz.write_all(b"the compressed log of top\n").unwrap();
+    let xz = xz.finish().unwrap();
+    s3_client(&app.s3)
+        .put_object()
+        .bucket(&app.s3.bucket)
+        .key(format!("{}log/{drv}", app.prefix))
+        .content_type("text/plain; charset=utf-8")
+        .content_encoding("xz")
+        .body(xz.into())
+        .send()
+        .await
+        .unwrap();
+    let mut env = s3_store_env(&app.s3, &app.s3.endpoint, &app.prefix);
+    env.push(("CELLAR_STORE__DIRECT_REQUESTS".into(), "false".into()));
+    let sdk = Server::start(env);
+    let work = tempfile::tempdir().unwrap();
+    for (name, url) in [("direct", &app.srv.url), ("sdk", &sdk.url)] {
+        let mut l = nix("nix", &work.path().join(format!("xdg-{name}")));
+        l.args(["log", "--store", url, &f.top]);
+        let log = run_ok(l);
+        assert!(log.contains("the compressed log of top"), "{name}: {log:?}");
+    }
+}
+
 /// Also the reads through the AWS SDK (`store.direct_requests = false`, here by the name it
 /// had before, which is still accepted; the other tests use the default, cellar's own signed
 /// requests).

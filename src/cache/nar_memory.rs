@@ -279,6 +279,7 @@ mod tests {
                 body: Box::pin(body),
                 length,
                 range: None,
+                encoding: None,
             }))
         };
         let two = chunked(vec![&[1; 50], &[2; 50]], 100);

@@ -82,7 +82,19 @@ pub(super) fn object_response(obj: Object, kind: Kind) -> Response {
             res.headers_mut().insert(header::CONTENT_RANGE, v);
         }
     }
+    let encoding = obj
+        .encoding
+        .as_deref()
+        .and_then(|e| HeaderValue::from_str(e).ok());
     set_common_headers(&mut res, kind);
+    if let Some(e) = encoding {
+        // Stored compressed by Nix's S3 store (`log-compression`, `ls-compression`) or served
+        // so by an upstream: the client decodes it. Nix resumes such a download from the
+        // start, not with a range, so none is offered.
+        let h = res.headers_mut();
+        h.insert(header::CONTENT_ENCODING, e);
+        h.remove(header::ACCEPT_RANGES);
+    }
     res
 }
 

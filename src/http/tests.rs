@@ -716,6 +716,22 @@ async fn a_path_uploaded_through_the_root_is_served_and_heads_match_gets() {
     );
 }
 
+/// An object stored encoded goes out with its `Content-Encoding` and without `Accept-Ranges`
+/// (Nix resumes an encoded download from the start); a plain one offers ranges.
+#[tokio::test]
+async fn an_encoded_object_is_served_with_its_encoding_and_no_ranges() {
+    use super::object::{object_response, Kind};
+    let mut obj = crate::store::Object::from_bytes(bytes::Bytes::from_static(b"x"), None).unwrap();
+    obj.encoding = Some("br".into());
+    let res = object_response(obj, Kind::Log);
+    assert_eq!(res.headers()["content-encoding"], "br");
+    assert!(!res.headers().contains_key("accept-ranges"));
+    let plain = crate::store::Object::from_bytes(bytes::Bytes::from_static(b"x"), None).unwrap();
+    let res = object_response(plain, Kind::Log);
+    assert!(!res.headers().contains_key("content-encoding"));
+    assert_eq!(res.headers()["accept-ranges"], "bytes");
+}
+
 /// A NAR seen missing hides the narinfos naming it (a NAR 404 fails the client), until it is
 /// back: a narinfo uploaded for it here shows it is, even when its NAR came another way (a
 /// replica stored it, the client found it there and sent only the narinfo).

@@ -212,6 +212,7 @@ impl Store for LocalStore {
                 length: data.len() as u64,
                 body: futures::stream::once(async move { Ok(data) }).boxed(),
                 range,
+                encoding: None,
             },
             Opened::File(file, length, range) => {
                 let file = tokio::fs::File::from_std(file).take(length);
@@ -219,6 +220,7 @@ impl Store for LocalStore {
                     body: ReaderStream::with_capacity(file, READ_BUFFER).boxed(),
                     length,
                     range,
+                    encoding: None,
                 }
             }
         }))

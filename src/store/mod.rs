@@ -254,6 +254,18 @@ pub struct Object {
     pub length: u64,
     /// Set when a range was requested and honoured.
     pub range: Option<ContentRange>,
+    /// How the body is encoded (`Content-Encoding`), if it is: Nix's S3 store writes logs and
+    /// listings compressed this way with `log-compression`/`ls-compression` (cache.nixos.org's
+    /// are Brotli), and a client reading them through cellar must be told, as it decodes them.
+    pub encoding: Option<String>,
+}
+
+/// A `Content-Encoding` worth passing on: not empty, not `identity`, a valid header value.
+pub fn content_encoding(v: Option<&str>) -> Option<String> {
+    let v = v?.trim();
+    let plain = v.is_empty() || v.eq_ignore_ascii_case("identity");
+    let valid = v.bytes().all(|b| b.is_ascii_graphic() || b == b' ');
+    (!plain && valid).then(|| v.to_owned())
 }
 
 impl Object {
@@ -280,6 +292,7 @@ impl Object {
             length: data.len() as u64,
             body: Box::pin(futures::stream::once(async move { Ok(data) })),
             range,
+            encoding: None,
         })
     }
 }
@@ -361,6 +374,13 @@ pub trait Store: Send + Sync + 'static {
                 key: key.to_owned(),
                 limit,
             });
+        }
+        if let Some(e) = &obj.encoding {
+            // What cellar reads itself (narinfos, records, pins) it reads as written; Nix's
+            // `narinfo-compression` is not decoded.
+            return Err(StoreError::Other(format!(
+                "{key} is stored with Content-Encoding {e}, which cellar does not decode"
+            )));
         }
         let mut buf = Vec::with_capacity(obj.length as usize);
         let mut body = obj.body;
@@ -487,6 +507,21 @@ mod tests {
             "bytes=-",
         ] {
             assert_eq!(ByteRange::parse_header(bad), None, "{bad}");
+        }
+    }
+
+    #[test]
+    fn only_real_content_encodings_are_passed_on() {
+        assert_eq!(content_encoding(Some(" br ")), Some("br".to_owned()));
+        assert_eq!(content_encoding(Some("xz")), Some("xz".to_owned()));
+        for plain in [
+            None,
+            Some(""),
+            Some("identity"),
+            Some("IDENTITY"),
+            Some("a\u{7f}b"),
+        ] {
+            assert_eq!(content_encoding(plain), None, "{plain:?}");
         }
     }
 

@@ -107,6 +107,7 @@ async fn plain_upstream(Path(file): Path<String>) -> Response {
     match file.as_str() {
         "whole.nar" => b"0123456789".to_vec().into_response(),
         "busy.nar" => StatusCode::TOO_MANY_REQUESTS.into_response(),
+        "brotli.nar" => ([(header::CONTENT_ENCODING, "br")], b"\x0b\x00".to_vec()).into_response(),
         _ => StatusCode::NOT_FOUND.into_response(),
     }
 }
@@ -182,4 +183,19 @@ async fn a_throttled_upstream_is_unavailable_not_a_miss() {
         upstreams.list[0].down.is_active(),
         "the upstream is skipped"
     );
+}
+
+/// An upstream's `Content-Encoding` (cache.nixos.org serves its logs and listings Brotli-encoded)
+/// is kept with the object, for the client to decode.
+#[tokio::test]
+async fn an_upstreams_content_encoding_is_kept() {
+    let upstreams = plain_upstreams().await;
+    let obj = upstreams
+        .get("nar/brotli.nar", None)
+        .await
+        .unwrap()
+        .unwrap();
+    assert_eq!(obj.encoding.as_deref(), Some("br"));
+    let obj = upstreams.get("nar/whole.nar", None).await.unwrap().unwrap();
+    assert_eq!(obj.encoding, None);
 }

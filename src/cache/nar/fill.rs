@@ -193,6 +193,7 @@ impl NarCache {
                 body: tail(h.clone()),
                 length: h.size,
                 range: None,
+                encoding: None,
             })),
             Started::Small(b) => {
                 let b = b.clone();
@@ -200,6 +201,7 @@ impl NarCache {
                     length: b.len() as u64,
                     body: futures::stream::once(async move { Ok(b) }).boxed(),
                     range: None,
+                    encoding: None,
                 }))
             }
             Started::NotFound => Ok(NarCacheAnswer::NotFound),
@@ -654,10 +656,13 @@ async fn open_in_parts(
         )));
     }
     let total = range.total;
+    // NARs are never stored encoded (Nix's S3 store encodes only logs, listings and
+    // narinfos), and a fill keeps bytes, not headers.
     let whole = |body| Object {
         body,
         length: total,
         range: None,
+        encoding: None,
     };
     // A part gone quiet is given up on well before the fill itself would be (it waits
     // `idle_timeout` for its next chunk), so that asking for it again, up to three reads in

@@ -449,6 +449,7 @@ impl Store for Fed {
             body,
             length: self.length,
             range: None,
+            encoding: None,
         }))
     }
     async fn head(&self, _key: &str) -> Result<Option<u64>, crate::store::StoreError> {

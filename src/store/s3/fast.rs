@@ -321,11 +321,17 @@ impl FastReads {
                     })?,
             ),
         };
+        let encoding = crate::store::content_encoding(
+            headers
+                .get(reqwest::header::CONTENT_ENCODING)
+                .and_then(|v| v.to_str().ok()),
+        );
         let body = res.bytes_stream().map_err(std::io::Error::other);
         Ok(Read::Found(Object {
             body: Box::pin(body),
             length,
             range: content_range,
+            encoding,
         }))
     }
 

@@ -373,3 +373,23 @@ async fn a_body_the_store_stops_sending_fails() {
         );
     }
 }
+
+/// What cellar reads itself (a narinfo, a record, a pin) stored with a `Content-Encoding`
+/// (Nix's `narinfo-compression`) is refused with that reason, on both read paths, instead of
+/// being parsed as if it were plain.
+#[tokio::test]
+async fn an_encoded_object_cellar_reads_itself_is_refused() {
+    let app = axum::Router::new()
+        .fallback(|| async { ([("content-encoding", "xz")], b"\xfd7zXZ".to_vec()) });
+    let l = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+    let addr = l.local_addr().unwrap();
+    tokio::spawn(async move { axum::serve(l, app).await });
+    for direct in [false, true] {
+        let store = store_with(format!("http://{addr}"), 4, direct).await;
+        let e = store.get_bytes("x.narinfo", 1 << 20).await.unwrap_err();
+        assert!(
+            e.to_string().contains("Content-Encoding xz"),
+            "direct {direct}: {e}"
+        );
+    }
+}
