@@ -160,8 +160,9 @@ impl NarMemory {
             return Err(Unloaded::Large);
         };
         let limit = self.max_object;
+        let expected = self.hints.get(name).await;
         let loaded = cache
-            .try_get_with(name.into(), read_small(source, key, limit))
+            .try_get_with(name.into(), read_small(source, key, limit, expected))
             .await
             .map_err(|e: Arc<Unloaded>| (*e).clone());
         if matches!(loaded, Err(Unloaded::Large)) {
@@ -173,7 +174,14 @@ impl NarMemory {
     }
 }
 
-async fn read_small<F>(source: F, key: &str, limit: u64) -> Result<Bytes, Unloaded>
+/// Reads the object `source` opens whole, if it is at most `limit` bytes and, when its
+/// narinfo gave one, of the `expected` size.
+async fn read_small<F>(
+    source: F,
+    key: &str,
+    limit: u64,
+    expected: Option<u64>,
+) -> Result<Bytes, Unloaded>
 where
     F: Future<Output = Result<Option<Object>, Error>>,
 {
@@ -183,6 +191,17 @@ where
         .ok_or(Unloaded::Failed(Error::NotFound))?;
     if obj.length > limit {
         return Err(Unloaded::Large);
+    }
+    if let Some(size) = expected.filter(|&s| s != obj.length) {
+        // A truncated or foreign object: kept, it would be served as it is until evicted (and
+        // kept by proxies for a year). Refused, it is a logged 502, and read again once fixed.
+        return Err(Unloaded::Failed(
+            StoreError::Other(format!(
+                "{key} has {} bytes, its narinfo's FileSize says {size}",
+                obj.length
+            ))
+            .into(),
+        ));
     }
     let mut buf = BytesMut::with_capacity(obj.length as usize);
     let mut body = obj.body;
@@ -263,6 +282,16 @@ mod tests {
             !m.is_small("lying.nar").await,
             "a hint found wrong is dropped: later requests stream at once"
         );
+
+        // An object shorter than its narinfo says is refused, not kept.
+        mem.insert("nar/short.nar", vec![5u8; 60]);
+        m.hint("short.nar", Some(100)).await;
+        let short = m.load("short.nar", "nar/short.nar", open(&store, "nar/short.nar"));
+        match short.await {
+            Err(Unloaded::Failed(e)) => assert!(e.to_string().contains("FileSize"), "{e}"),
+            Ok(_) | Err(Unloaded::Large) => panic!("a short NAR was taken"),
+        }
+        assert!(!m.contains("short.nar").await);
         assert!(matches!(
             m.load("gone.nar", "nar/gone.nar", open(&store, "nar/gone.nar"))
                 .await,
