@@ -452,6 +452,14 @@ async fn nar_puts_over_the_limits_are_refused_before_the_body() {
     let res = send(&st, authed("PUT", &path, "wtok").body(unread()).unwrap()).await;
     assert_eq!(res.status(), StatusCode::SERVICE_UNAVAILABLE);
     assert_eq!(res.headers()["retry-after"], "1");
+    // Listings, logs and realisations count among the uploads running too.
+    for other in [
+        format!("/upload/{HASH}.ls"),
+        format!("/upload/log/{HASH}-x.drv"),
+    ] {
+        let res = send(&st, authed("PUT", &other, "wtok").body(unread()).unwrap()).await;
+        assert_eq!(res.status(), StatusCode::SERVICE_UNAVAILABLE, "{other}");
+    }
     assert_eq!(mem.requests(), 0, "nothing reached the store");
 }
 

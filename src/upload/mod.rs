@@ -551,11 +551,13 @@ impl Uploader {
         Ok(None)
     }
 
-    /// Stores a listing, log or realisation as sent, streamed.
+    /// Stores a listing, log or realisation as sent, streamed; counted among the uploads
+    /// running (`upload.max_concurrent`), as each holds a store writer and its buffer.
     pub async fn put_plain<S>(&self, key: &str, body: S, limit: u64) -> Result<(), Error>
     where
         S: Stream<Item = std::io::Result<Bytes>> + Send,
     {
+        let _slot = self.admit()?;
         let mut w = self.store.writer(key).await?;
         let mut body = std::pin::pin!(body);
         let mut n = 0u64;
