@@ -425,15 +425,18 @@ async fn small_nars_reach_the_disk_only_when_memory_lets_them_go() {
     cfg.cache.nar_memory_bytes = 2500;
     cfg.cache.nar_memory_max_object = 1000;
     let st = state(cfg, &mem);
-    let names: Vec<String> = (0..6)
+    let sized: Vec<(String, u64)> = (0..6)
         .map(|i| {
             let (file, nar) = nar_of(900 + i);
+            let size = nar.len() as u64;
             mem.insert(&format!("nar/{file}"), nar);
-            file
+            (file, size)
         })
         .collect();
-    for n in &names {
-        st.nar_memory.hint(n, Some(1000)).await;
+    let names: Vec<String> = sized.iter().map(|(f, _)| f.clone()).collect();
+    for (n, size) in &sized {
+        // What its narinfo's FileSize says.
+        st.nar_memory.hint(n, Some(*size)).await;
         let (status, _) = get(&st, &format!("/nar/{n}")).await;
         assert_eq!(status, StatusCode::OK);
     }
