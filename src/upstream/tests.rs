@@ -28,19 +28,29 @@ async fn upstream_nar(Path(file): Path<String>, headers: HeaderMap) -> Response 
     }
 }
 
-#[tokio::test]
-async fn a_refused_range_carries_the_upstreams_size() {
-    let app = axum::Router::new().route("/nar/{file}", axum::routing::get(upstream_nar));
-    let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
-    let url = format!("http://{}", listener.local_addr().unwrap());
-    tokio::spawn(async move { axum::serve(listener, app).await });
+/// One upstream at `url`, without keys, with a 5 s timeout.
+fn upstreams_at(url: String) -> Upstreams {
     let config = UpstreamConfig {
         url,
         public_keys: Vec::new(),
         timeout: Duration::from_secs(5),
         mirror: false,
     };
-    let upstreams = Upstreams::new(&[config], "/nix/store").unwrap();
+    Upstreams::new(&[config], "/nix/store").unwrap()
+}
+
+/// One upstream serving `app` on a port of its own.
+async fn upstreams_serving(app: axum::Router) -> Upstreams {
+    let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+    let url = format!("http://{}", listener.local_addr().unwrap());
+    tokio::spawn(async move { axum::serve(listener, app).await });
+    upstreams_at(url)
+}
+
+#[tokio::test]
+async fn a_refused_range_carries_the_upstreams_size() {
+    let app = axum::Router::new().route("/nar/{file}", axum::routing::get(upstream_nar));
+    let upstreams = upstreams_serving(app).await;
     let range = Some(ByteRange::From {
         start: 5000,
         end: None,
@@ -83,13 +93,7 @@ async fn a_narinfo_cut_off_is_an_outage_not_a_miss() {
             // Dropped: the body ends 990 bytes short.
         }
     });
-    let config = UpstreamConfig {
-        url,
-        public_keys: Vec::new(),
-        timeout: Duration::from_secs(5),
-        mirror: false,
-    };
-    let upstreams = Upstreams::new(&[config], "/nix/store").unwrap();
+    let upstreams = upstreams_at(url);
     let h: StorePathHash = "6bxnj2gfflqa529lddzh3zhcn45nn86r".parse().unwrap();
     assert!(matches!(
         upstreams.has(h).await,
@@ -113,17 +117,8 @@ async fn plain_upstream(Path(file): Path<String>) -> Response {
 }
 
 async fn plain_upstreams() -> Upstreams {
-    let app = axum::Router::new().route("/nar/{file}", axum::routing::get(plain_upstream));
-    let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
-    let url = format!("http://{}", listener.local_addr().unwrap());
-    tokio::spawn(async move { axum::serve(listener, app).await });
-    let config = UpstreamConfig {
-        url,
-        public_keys: Vec::new(),
-        timeout: Duration::from_secs(5),
-        mirror: false,
-    };
-    Upstreams::new(&[config], "/nix/store").unwrap()
+    upstreams_serving(axum::Router::new().route("/nar/{file}", axum::routing::get(plain_upstream)))
+        .await
 }
 
 /// A range the upstream ignored is cut from the whole object it sent, not taken for a miss
