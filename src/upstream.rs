@@ -311,9 +311,8 @@ impl Upstreams {
                     }
                 }
             }
-            let Some(length) = res.content_length() else {
-                continue; // cannot serve with a Content-Length
-            };
+            // Unknown for a body streamed without one (nix-serve's NARs are chunked).
+            let length = res.content_length();
             let content_range = if status == reqwest::StatusCode::PARTIAL_CONTENT {
                 res.headers()
                     .get(reqwest::header::CONTENT_RANGE)
@@ -341,12 +340,22 @@ impl Upstreams {
                         encoding,
                     }));
                 }
+                let Some(length) = length else {
+                    // Nor did it say how long the object is: no part of it can be promised,
+                    // so the whole goes out (HTTP allows a server to ignore a range).
+                    return Ok(Some(Object {
+                        body,
+                        length: None,
+                        range: None,
+                        encoding,
+                    }));
+                };
                 let Some((start, end)) = r.resolve(length) else {
                     return Err(StoreError::RangeNotSatisfiable { size: length });
                 };
                 return Ok(Some(Object {
                     body: crate::store::byte_slice(body, start, end - start + 1),
-                    length: end - start + 1,
+                    length: Some(end - start + 1),
                     range: Some(ContentRange {
                         start,
                         end,
@@ -357,7 +366,10 @@ impl Upstreams {
             }
             return Ok(Some(Object {
                 body,
-                length,
+                // A part sent without a length has the length its Content-Range gives.
+                length: length.or(content_range
+                    .and_then(|r| r.end.checked_sub(r.start))
+                    .map(|n| n + 1)),
                 range: content_range,
                 encoding,
             }));

@@ -310,3 +310,125 @@ async fn uploads_may_reference_paths_the_upstream_has() {
         "--repair deleted mid"
     );
 }
+
+/// A stand-in for nix-serve or harmonia (`style`) serving a `file://` copy of the fixture's
+/// closure, uncompressed and signed with a key of its own: their narinfo URLs, their NARs
+/// streamed chunked without a length (tests/fixtures/other_cache_server.py says why it is a
+/// stand-in). Killed when dropped.
+struct OtherServer {
+    url: String,
+    public_key: String,
+    child: std::process::Child,
+}
+
+impl OtherServer {
+    fn start(style: &str, work: &Path) -> Self {
+        use std::io::BufRead as _;
+        let f = fixture();
+        let xdg = work.join(format!("xdg-{style}"));
+        let sec = work.join(format!("{style}.sec"));
+        let mut k = nix("nix", &xdg);
+        k.args(["key", "generate-secret", "--key-name", style]);
+        std::fs::write(&sec, run_ok(k)).unwrap();
+        let mut p = nix("nix", &xdg);
+        p.args(["key", "convert-secret-to-public"])
+            .stdin(std::fs::File::open(&sec).unwrap());
+        let public_key = run_ok(p).trim().to_owned();
+        let dir = work.join(format!("cache-{style}"));
+        let mut c = nix("nix", &xdg);
+        c.args(["copy", "--to"])
+            .arg(format!(
+                "file://{}?compression=none&secret-key={}",
+                dir.display(),
+                sec.display()
+            ))
+            .arg(&f.top);
+        run_ok(c);
+        let script =
+            Path::new(env!("CARGO_MANIFEST_DIR")).join("tests/fixtures/other_cache_server.py");
+        let mut child = std::process::Command::new("python3")
+            .arg(script)
+            .arg(style)
+            .arg(&dir)
+            .stdout(std::process::Stdio::piped())
+            .spawn()
+            .unwrap();
+        let mut port = String::new();
+        std::io::BufReader::new(child.stdout.take().unwrap())
+            .read_line(&mut port)
+            .unwrap();
+        Self {
+            url: format!("http://127.0.0.1:{}", port.trim()),
+            public_key,
+            child,
+        }
+    }
+}
+
+impl Drop for OtherServer {
+    fn drop(&mut self) {
+        let _ = self.child.kill();
+        let _ = self.child.wait();
+    }
+}
+
+/// Pull-through from the servers people run on a builder: nix-serve names NARs
+/// `nar/<pathhash>-<narhash>.nar`, harmonia `nar/<narhash>.nar?hash=<pathhash>`, and both
+/// stream them without a `Content-Length`. The real client substitutes the closure through
+/// cellar, which passes their URLs on and streams their NARs as they come (no length, no
+/// ranges offered).
+#[tokio::test(flavor = "multi_thread")]
+async fn nix_substitutes_from_nix_serve_and_harmonia() {
+    let f = fixture();
+    let work = tempfile::tempdir().unwrap();
+    let leaf = f.closure.iter().find(|p| p.ends_with("-leaf")).unwrap();
+    for style in ["nix-serve", "harmonia"] {
+        let other = OtherServer::start(style, work.path());
+        // One of them mirrored, so that the paths must also be stored under its names.
+        let mirror = style == "harmonia";
+        let extra = if mirror { "mirror = true\n" } else { "" };
+        let app = App::s3(&format!("pull-{style}"))
+            .config(&upstream_config(&other.url, &other.public_key, extra))
+            .spawn()
+            .await;
+        let a = &app.srv;
+        substitute_and_verify(&a.url, &a.public_key, &f.top, &work.path().join(style));
+
+        // The leaf's narinfo carries the upstream's NAR URL, and its NAR comes as sent.
+        let ni = reqwest::get(format!("{}/{}.narinfo", a.url, Fixture::hash(leaf)))
+            .await
+            .unwrap()
+            .text()
+            .await
+            .unwrap();
+        let url = ni.lines().find_map(|l| l.strip_prefix("URL: ")).unwrap();
+        let want = if style == "nix-serve" {
+            format!("nar/{}-", Fixture::hash(leaf))
+        } else {
+            "?hash=".to_owned()
+        };
+        assert!(url.contains(&want), "{style}: {ni}");
+        let nar = reqwest::get(format!("{}/{url}", a.url)).await.unwrap();
+        assert_eq!(nar.status(), 200, "{style}: GET {url}\n{}", a.log());
+        // Mirrored, it is in the bucket by now, with its length.
+        assert!(
+            mirror || !nar.headers().contains_key(reqwest::header::ACCEPT_RANGES),
+            "{style}: ranges offered on a NAR of unknown length"
+        );
+        let direct = reqwest::get(format!("{}/{url}", other.url))
+            .await
+            .unwrap()
+            .bytes()
+            .await
+            .unwrap();
+        assert_eq!(nar.bytes().await.unwrap(), direct, "{style}");
+
+        if mirror {
+            // Copied into the bucket: the closure substitutes without the upstream.
+            a.wait_for_log("mirrored from upstream", f.closure.len());
+            drop(other);
+            let again = work.path().join(format!("{style}-again"));
+            substitute_and_verify(&a.url, &a.public_key, &f.top, &again);
+        }
+    }
+}

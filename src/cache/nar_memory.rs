@@ -189,41 +189,51 @@ where
         .await
         .map_err(Unloaded::Failed)?
         .ok_or(Unloaded::Failed(Error::NotFound))?;
-    if obj.length > limit {
+    let length = obj.length;
+    if length.is_some_and(|n| n > limit) {
         return Err(Unloaded::Large);
     }
-    if let Some(size) = expected.filter(|&s| s != obj.length) {
-        // A truncated or foreign object: kept, it would be served as it is until evicted (and
-        // kept by proxies for a year). Refused, it is a logged 502, and read again once fixed.
-        return Err(Unloaded::Failed(
+    // A truncated or foreign object: kept, it would be served as it is until evicted (and
+    // kept by proxies for a year). Refused, it is a logged 502, and read again once fixed.
+    let wrong_size = |got: u64, size: u64| {
+        Unloaded::Failed(
             StoreError::Other(format!(
-                "{key} has {} bytes, its narinfo's FileSize says {size}",
-                obj.length
+                "{key} has {got} bytes, its narinfo's FileSize says {size}"
             ))
             .into(),
-        ));
+        )
+    };
+    if let (Some(size), Some(got)) = (expected, length) {
+        if size != got {
+            return Err(wrong_size(got, size));
+        }
     }
-    let mut buf = BytesMut::with_capacity(obj.length as usize);
+    // Without a length (an upstream streaming it), read up to the limit: more is not small.
+    let cap = length.unwrap_or(limit);
+    let mut buf = BytesMut::with_capacity(cap as usize);
     let mut body = obj.body;
     while let Some(chunk) = body
         .try_next()
         .await
         .map_err(|e| Unloaded::Failed(StoreError::from(e).into()))?
     {
-        if (buf.len() + chunk.len()) as u64 > obj.length {
+        if (buf.len() + chunk.len()) as u64 > cap {
+            if length.is_none() {
+                return Err(Unloaded::Large);
+            }
             break;
         }
         buf.extend_from_slice(&chunk);
     }
-    if buf.len() as u64 != obj.length {
-        return Err(Unloaded::Failed(
-            StoreError::Unavailable(format!(
-                "{key}: the store sent {} bytes of {}",
-                buf.len(),
-                obj.length
-            ))
-            .into(),
-        ));
+    let got = buf.len() as u64;
+    match (length, expected) {
+        (Some(n), _) if got != n => {
+            return Err(Unloaded::Failed(
+                StoreError::Unavailable(format!("{key}: the store sent {got} bytes of {n}")).into(),
+            ));
+        }
+        (None, Some(size)) if got != size => return Err(wrong_size(got, size)),
+        _ => {}
     }
     Ok(buf.freeze())
 }
@@ -302,7 +312,7 @@ mod tests {
     #[tokio::test]
     async fn an_object_in_several_chunks_is_read_whole_and_no_further() {
         let m = NarMemory::new(1 << 20, 1000, None);
-        let chunked = |chunks: Vec<&'static [u8]>, length: u64| async move {
+        let chunked = |chunks: Vec<&'static [u8]>, length: Option<u64>| async move {
             let body = futures::stream::iter(chunks.into_iter().map(|c| Ok(Bytes::from(c))));
             Ok::<_, Error>(Some(Object {
                 body: Box::pin(body),
@@ -311,16 +321,33 @@ mod tests {
                 encoding: None,
             }))
         };
-        let two = chunked(vec![&[1; 50], &[2; 50]], 100);
+        let two = chunked(vec![&[1; 50], &[2; 50]], Some(100));
         let got = m.load("two.nar", "nar/two.nar", two).await.unwrap();
         assert_eq!(got.len(), 100);
         assert_eq!(&got[45..55], &[1, 1, 1, 1, 1, 2, 2, 2, 2, 2]);
         // A store that sends more than it announced is not believed.
-        let more = chunked(vec![&[1; 50], &[2; 60]], 100);
+        let more = chunked(vec![&[1; 50], &[2; 60]], Some(100));
         assert!(matches!(
             m.load("more.nar", "nar/more.nar", more).await,
             Err(Unloaded::Failed(_))
         ));
+
+        // Sent without a length (an upstream streaming it): read up to the limit, kept if it
+        // ends there, not small if it goes on, and held to its narinfo's FileSize.
+        let streamed = chunked(vec![&[3; 600], &[4; 400]], None);
+        let got = m.load("unsized.nar", "nar/unsized.nar", streamed).await;
+        assert_eq!(got.unwrap().len(), 1000);
+        let over = chunked(vec![&[3; 600], &[4; 401]], None);
+        assert!(matches!(
+            m.load("over.nar", "nar/over.nar", over).await,
+            Err(Unloaded::Large)
+        ));
+        m.hint("hinted.nar", Some(999)).await;
+        let hinted = chunked(vec![&[3; 600], &[4; 400]], None);
+        match m.load("hinted.nar", "nar/hinted.nar", hinted).await {
+            Err(Unloaded::Failed(e)) => assert!(e.to_string().contains("FileSize"), "{e}"),
+            _ => panic!("a NAR of another size than its narinfo's was taken"),
+        }
     }
 
     #[tokio::test]

@@ -1,4 +1,5 @@
-//! `/nar/<file>`: the NARs, named `<filehash>.nar[.<ext>]`.
+//! `/nar/<file>`: the NARs, named `<filehash>.nar[.<ext>]` (and, read from upstreams, as
+//! nix-serve and harmonia name theirs: [`NarFileName`]).
 //!
 //! - GET answers a small NAR (its narinfo said so) from memory, loading it whole once; any
 //!   other NAR streams from the NAR disk cache when one is configured (it fills itself from
@@ -22,7 +23,7 @@
 use std::sync::Arc;
 
 use axum::body::Body;
-use axum::extract::{Path, State};
+use axum::extract::{Path, RawQuery, State};
 use axum::http::{header, HeaderMap, StatusCode};
 use axum::response::Response;
 
@@ -37,9 +38,10 @@ use crate::store::{object_key, Object, Store};
 pub(super) async fn get(
     State(st): State<AppState>,
     Path(file): Path<String>,
+    RawQuery(query): RawQuery,
     headers: HeaderMap,
 ) -> Result<Response, Error> {
-    let f: NarFileName = file.parse()?;
+    let f = NarFileName::from_request(&file, query.as_deref())?;
     let res = fetch(&st, &f, &headers).await;
     // Its narinfo now answers 404 (see crate::cache::missing_nars).
     if matches!(res, Err(Error::NotFound)) {
@@ -152,8 +154,9 @@ pub(super) async fn open_whole(
 pub(super) async fn head(
     State(st): State<AppState>,
     Path(file): Path<String>,
+    RawQuery(query): RawQuery,
 ) -> Result<Response, Error> {
-    let f: NarFileName = file.parse()?;
+    let f = NarFileName::from_request(&file, query.as_deref())?;
     // The layers GET reads, in its order, so HEAD answers whatever GET would serve.
     let mut size = st.nar_memory.size_of(f.as_str()).await;
     if size.is_none() {
@@ -178,7 +181,8 @@ pub(super) async fn put(
     headers: HeaderMap,
     body: Body,
 ) -> Result<StatusCode, Error> {
-    let name: NarFileName = file.parse()?;
+    // Uploads are named as Nix names NARs; other servers' names are only read through.
+    let name = NarFileName::parse_nix(&file)?;
     let limit = st.uploader.max_nar_bytes();
     let declared = headers
         .get(header::CONTENT_LENGTH)

@@ -72,9 +72,12 @@ fn set_common_headers(res: &mut Response, kind: Kind) {
 
 /// A streamed 200 or 206 for `obj`.
 pub(super) fn object_response(obj: Object, kind: Kind) -> Response {
+    let length = obj.length;
     let mut res = Body::from_stream(obj.body).into_response();
-    res.headers_mut()
-        .insert(header::CONTENT_LENGTH, HeaderValue::from(obj.length));
+    if let Some(n) = length {
+        res.headers_mut()
+            .insert(header::CONTENT_LENGTH, HeaderValue::from(n));
+    }
     if let Some(cr) = obj.range {
         *res.status_mut() = StatusCode::PARTIAL_CONTENT;
         if let Ok(v) = HeaderValue::from_str(&format!("bytes {}-{}/{}", cr.start, cr.end, cr.total))
@@ -94,6 +97,11 @@ pub(super) fn object_response(obj: Object, kind: Kind) -> Response {
         let h = res.headers_mut();
         h.insert(header::CONTENT_ENCODING, e);
         h.remove(header::ACCEPT_RANGES);
+    }
+    if length.is_none() {
+        // Streamed by an upstream that did not say its length (chunked): no range of it can
+        // be promised, and Nix asks for one only where it was offered.
+        res.headers_mut().remove(header::ACCEPT_RANGES);
     }
     res
 }

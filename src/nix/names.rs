@@ -105,10 +105,18 @@ impl FromStr for TopLevelFile {
 ///
 /// The hash is nix-base32: 52 characters for the sha256 FileHash Nix uses, 32 for caches that
 /// name NARs after the store path hash.
+///
+/// Two names other servers give their (uncompressed) NARs are taken too, so that cellar can
+/// pull through from them: nix-serve's `<pathhash>-<narhash>.nar` and harmonia's
+/// `<narhash>.nar?hash=<pathhash>` (the query is part of the name: harmonia finds the path by
+/// it). Both are the only forms their grammar allows, hashes checked, so a name still cannot
+/// reach outside the cache layout or carry anything else to an upstream.
 #[derive(Clone, PartialEq, Eq, Hash)]
 pub struct NarFileName {
     full: String,
     compression: Option<Compression>,
+    /// Where the file hash starts in `full` (after nix-serve's `<pathhash>-`).
+    hash_at: usize,
 }
 
 impl NarFileName {
@@ -121,10 +129,13 @@ impl NarFileName {
         self.compression
     }
     /// The nix-base32 hash the name starts with: the file's sha256 (52 characters) for the
-    /// names Nix gives NARs, which is what makes a NAR's name a promise about its bytes.
+    /// names Nix gives NARs, which is what makes a NAR's name a promise about its bytes. For
+    /// nix-serve's and harmonia's names, the NAR hash (their NARs are not compressed, so it is
+    /// the file's hash too).
     pub fn file_hash(&self) -> &str {
         // Parsing checked there is a `.` after a 32- or 52-character hash.
-        self.full.split_once('.').map_or(&self.full, |(h, _)| h)
+        let rest = &self.full[self.hash_at..];
+        rest.split_once('.').map_or(rest, |(h, _)| h)
     }
     /// The same file hash under the extension of `compression` (what a NAR re-encoded on
     /// upload is stored as). Infallible: the hash was validated and every extension is known.
@@ -134,7 +145,28 @@ impl NarFileName {
             compression: Compression::from_extension(
                 compression.extension().trim_start_matches('.'),
             ),
+            hash_at: 0,
         }
+    }
+    /// The name a request for `/nar/<file>?<query>` asks for: `file`, or harmonia's
+    /// `<narhash>.nar?hash=<pathhash>` when the query is exactly that. Any other query is
+    /// ignored, as it is on every other route.
+    pub fn from_request(file: &str, query: Option<&str>) -> Result<Self, NameError> {
+        if let Some(q) = query.filter(|q| q.starts_with("hash=")) {
+            if let Ok(n) = format!("{file}?{q}").parse() {
+                return Ok(n);
+            }
+        }
+        file.parse()
+    }
+    /// `s` if it is one of the names Nix gives NARs (`<filehash>.nar[.<ext>]`), not another
+    /// server's name for one: what an upload may be called.
+    pub fn parse_nix(s: &str) -> Result<Self, NameError> {
+        let n: Self = s.parse()?;
+        if n.hash_at != 0 || n.full.contains('?') {
+            return Err(err("NAR file", s));
+        }
+        Ok(n)
     }
 }
 
@@ -142,8 +174,33 @@ impl FromStr for NarFileName {
     type Err = NameError;
     fn from_str(s: &str) -> Result<Self, NameError> {
         let e = || err("NAR file", s);
+        let is_hash = |h: &str, len: usize| h.len() == len && base32::is_nix32(h);
+        // harmonia: `<narhash>.nar?hash=<pathhash>`.
+        if let Some((name, query)) = s.split_once('?') {
+            let path_hash = query.strip_prefix("hash=").ok_or_else(e)?;
+            let nar_hash = name.strip_suffix(".nar").ok_or_else(e)?;
+            if !is_hash(nar_hash, 52) || !is_hash(path_hash, StorePathHash::LEN) {
+                return Err(e());
+            }
+            return Ok(Self {
+                full: s.to_owned(),
+                compression: None,
+                hash_at: 0,
+            });
+        }
         let (hash, rest) = s.split_once('.').ok_or_else(e)?;
-        if !(hash.len() == 32 || hash.len() == 52) || !base32::is_nix32(hash) {
+        // nix-serve: `<pathhash>-<narhash>.nar`.
+        if let Some((path_hash, nar_hash)) = hash.split_once('-') {
+            if rest != "nar" || !is_hash(path_hash, StorePathHash::LEN) || !is_hash(nar_hash, 52) {
+                return Err(e());
+            }
+            return Ok(Self {
+                full: s.to_owned(),
+                compression: None,
+                hash_at: path_hash.len() + 1,
+            });
+        }
+        if !(is_hash(hash, 32) || is_hash(hash, 52)) {
             return Err(e());
         }
         let compression = match rest {
@@ -156,6 +213,7 @@ impl FromStr for NarFileName {
         Ok(Self {
             full: s.to_owned(),
             compression,
+            hash_at: 0,
         })
     }
 }
@@ -282,6 +340,42 @@ mod tests {
         ] {
             assert!(bad.parse::<NarFileName>().is_err(), "{bad}");
         }
+        // Other servers' names for their uncompressed NARs, taken for pull-through.
+        let serve: NarFileName = format!("{H}-{F}.nar").parse().unwrap();
+        let harmonia: NarFileName = format!("{F}.nar?hash={H}").parse().unwrap();
+        for n in [&serve, &harmonia] {
+            assert_eq!(n.file_hash(), F, "{n}");
+            assert_eq!(n.compression_from_ext(), None, "{n}");
+            assert!(NarFileName::parse_nix(n.as_str()).is_err(), "{n}");
+        }
+        assert_eq!(harmonia.as_str(), format!("{F}.nar?hash={H}"));
+        assert_eq!(
+            serve.with_compression(Compression::Zstd).as_str(),
+            format!("{F}.nar.zst")
+        );
+        assert!(NarFileName::parse_nix(&format!("{F}.nar.xz")).is_ok());
+        for bad in [
+            format!("{H}-{F}.nar.xz"),
+            format!("{F}-{H}.nar"),
+            format!("{H}-{H}.nar"),
+            format!("{H}x-{F}.nar"),
+            format!("{H}-{F}.nar?hash={H}"),
+            format!("{F}.nar.xz?hash={H}"),
+            format!("{F}.nar?hash={F}"),
+            format!("{F}.nar?hash={H}&x=1"),
+            format!("{F}.nar?other={H}"),
+            format!("{H}.nar?hash={H}"),
+            format!("{F}.nar?hash=../{H}"),
+        ] {
+            assert!(bad.parse::<NarFileName>().is_err(), "{bad}");
+        }
+        // The request for harmonia's name: its query is part of it; other queries are not.
+        let req = |q| NarFileName::from_request(&format!("{F}.nar"), q).unwrap();
+        let query = format!("hash={H}");
+        assert_eq!(req(Some(&query)), harmonia);
+        assert_eq!(req(Some("hash=nope")).as_str(), format!("{F}.nar"));
+        assert_eq!(req(Some("x=1")).as_str(), format!("{F}.nar"));
+        assert_eq!(req(None).as_str(), format!("{F}.nar"));
         let xz: NarFileName = format!("{F}.nar.xz").parse().unwrap();
         assert_eq!(xz.file_hash(), F);
         assert_eq!(

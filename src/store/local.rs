@@ -209,7 +209,7 @@ impl Store for LocalStore {
             .map_err(|e| StoreError::Other(format!("reading {key}: {e}")))??;
         Ok(opened.map(|o| match o {
             Opened::Read(data, range) => Object {
-                length: data.len() as u64,
+                length: Some(data.len() as u64),
                 body: futures::stream::once(async move { Ok(data) }).boxed(),
                 range,
                 encoding: None,
@@ -218,7 +218,7 @@ impl Store for LocalStore {
                 let file = tokio::fs::File::from_std(file).take(length);
                 Object {
                     body: ReaderStream::with_capacity(file, READ_BUFFER).boxed(),
-                    length,
+                    length: Some(length),
                     range,
                     encoding: None,
                 }
@@ -404,7 +404,7 @@ mod tests {
             std::fs::write(dir.path().join(&key), &data).unwrap();
             let (got, obj) = read(&store, &key, None).await;
             assert!(got == data, "{size}: whole");
-            assert_eq!((obj.length, obj.range), (size, None), "{size}");
+            assert_eq!((obj.length, obj.range), (Some(size), None), "{size}");
             let ranges = [
                 (
                     ByteRange::From {
@@ -430,7 +430,7 @@ mod tests {
                     got == data[start as usize..=end as usize],
                     "{size}: {r:?} sent other bytes"
                 );
-                assert_eq!(obj.length, end - start + 1, "{size}: {r:?}");
+                assert_eq!(obj.length, Some(end - start + 1), "{size}: {r:?}");
                 assert_eq!(
                     obj.range,
                     Some(ContentRange {

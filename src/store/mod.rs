@@ -250,8 +250,9 @@ pub type ObjectList = Pin<Box<dyn Stream<Item = Result<ObjectInfo, StoreError>> 
 /// An object being read.
 pub struct Object {
     pub body: ByteStream,
-    /// Length of `body` in bytes.
-    pub length: u64,
+    /// Length of `body` in bytes, when it is known: an upstream cache may stream an object
+    /// without saying its length (nix-serve does so for NARs). Always known for the stores.
+    pub length: Option<u64>,
     /// Set when a range was requested and honoured.
     pub range: Option<ContentRange>,
     /// How the body is encoded (`Content-Encoding`), if it is: Nix's S3 store writes logs and
@@ -289,7 +290,7 @@ impl Object {
             }
         };
         Ok(Self {
-            length: data.len() as u64,
+            length: Some(data.len() as u64),
             body: Box::pin(futures::stream::once(async move { Ok(data) })),
             range,
             encoding: None,
@@ -369,7 +370,7 @@ pub trait Store: Send + Sync + 'static {
         let Some(obj) = self.get(key, None).await? else {
             return Ok(None);
         };
-        if obj.length > limit {
+        if obj.length.is_some_and(|n| n > limit) {
             return Err(StoreError::TooLarge {
                 key: key.to_owned(),
                 limit,
@@ -382,7 +383,7 @@ pub trait Store: Send + Sync + 'static {
                 "{key} is stored with Content-Encoding {e}, which cellar does not decode"
             )));
         }
-        let mut buf = Vec::with_capacity(obj.length as usize);
+        let mut buf = Vec::with_capacity(obj.length.unwrap_or(0).min(limit) as usize);
         let mut body = obj.body;
         while let Some(chunk) = body
             .try_next()

@@ -306,7 +306,7 @@ impl Store for S3Store {
         let encoding = super::content_encoding(out.content_encoding());
         Ok(Some(Object {
             body: super::idle_limited(body_stream(out.body), self.body_idle, full),
-            length,
+            length: Some(length),
             range: content_range,
             encoding,
         }))

@@ -112,6 +112,11 @@ async fn plain_upstream(Path(file): Path<String>) -> Response {
         "whole.nar" => b"0123456789".to_vec().into_response(),
         "busy.nar" => StatusCode::TOO_MANY_REQUESTS.into_response(),
         "brotli.nar" => ([(header::CONTENT_ENCODING, "br")], b"\x0b\x00".to_vec()).into_response(),
+        // Streamed without a length, as nix-serve sends NARs.
+        "chunked.nar" => {
+            let parts = [&b"01234"[..], &b"56789"[..]].map(|p| Ok::<_, io::Error>(p.to_vec()));
+            axum::body::Body::from_stream(futures::stream::iter(parts)).into_response()
+        }
         _ => StatusCode::NOT_FOUND.into_response(),
     }
 }
@@ -135,7 +140,7 @@ async fn a_range_the_upstream_ignores_is_cut_from_the_whole_object() {
         .await
         .unwrap()
         .unwrap();
-    assert_eq!(obj.length, 3);
+    assert_eq!(obj.length, Some(3));
     assert_eq!(
         obj.range,
         Some(ContentRange {
@@ -155,7 +160,7 @@ async fn a_range_the_upstream_ignores_is_cut_from_the_whole_object() {
         .await
         .unwrap()
         .unwrap();
-    assert_eq!((obj.length, obj.range), (10, None), "sent whole");
+    assert_eq!((obj.length, obj.range), (Some(10), None), "sent whole");
     let past_the_end = Some(ByteRange::From {
         start: 10,
         end: None,
@@ -193,4 +198,31 @@ async fn an_upstreams_content_encoding_is_kept() {
     assert_eq!(obj.encoding.as_deref(), Some("br"));
     let obj = upstreams.get("nar/whole.nar", None).await.unwrap().unwrap();
     assert_eq!(obj.encoding, None);
+}
+
+/// A NAR streamed without a length (nix-serve's are) is served, whole: with no length known no
+/// part of it can be promised, so a range is answered with all of it (as HTTP allows).
+#[tokio::test]
+async fn an_object_without_a_length_is_served_whole() {
+    let upstreams = plain_upstreams().await;
+    for range in [
+        None,
+        Some(ByteRange::From {
+            start: 0,
+            end: Some(3),
+        }),
+        Some(ByteRange::From {
+            start: 4,
+            end: None,
+        }),
+    ] {
+        let obj = upstreams
+            .get("nar/chunked.nar", range)
+            .await
+            .unwrap()
+            .unwrap();
+        assert_eq!((obj.length, obj.range), (None, None), "{range:?}");
+        let chunks: Vec<bytes::Bytes> = obj.body.try_collect().await.unwrap();
+        assert_eq!(chunks.concat(), b"0123456789", "{range:?}");
+    }
 }

@@ -191,14 +191,14 @@ impl NarCache {
         let answer = self.on_fill(name, key, store, |started| match started {
             Started::Filling(h) => Ok(NarCacheAnswer::Object(Object {
                 body: tail(h.clone()),
-                length: h.size,
+                length: Some(h.size),
                 range: None,
                 encoding: None,
             })),
             Started::Small(b) => {
                 let b = b.clone();
                 Ok(NarCacheAnswer::Object(Object {
-                    length: b.len() as u64,
+                    length: Some(b.len() as u64),
                     body: futures::stream::once(async move { Ok(b) }).boxed(),
                     range: None,
                     encoding: None,
@@ -330,12 +330,18 @@ impl NarCache {
             Ok(None) => return Started::NotFound,
             Err(e) => return Started::Failed(e),
         };
-        if obj.length <= SMALL {
-            return self.start_small(name, obj).await;
+        let Some(length) = obj.length else {
+            // Streamed by an upstream that did not say how long it is (nix-serve): a fill
+            // needs the length for its space and for the readers that join it.
+            tracing::debug!(nar = %name, "NAR cache: length unknown, streamed without a fill");
+            return bypass(obj);
+        };
+        if length <= SMALL {
+            return self.start_small(name, length, obj).await;
         }
-        let admitted = self.index().admits(obj.length);
+        let admitted = self.index().admits(length);
         let reserved = self.reserved.load(Ordering::Relaxed);
-        if !admitted || self.disk_full(obj.length.saturating_add(reserved)) {
+        if !admitted || self.disk_full(length.saturating_add(reserved)) {
             return bypass(obj);
         }
         // Counted from here to the end of its task (no await point before it is spawned).
@@ -362,14 +368,14 @@ impl NarCache {
         });
         let handle = Arc::new(FillHandle {
             file: Arc::new(reader),
-            size: obj.length,
+            size: length,
             progress: rx,
             recent: Mutex::new(VecDeque::new()),
             #[cfg(test)]
             file_reads: std::sync::atomic::AtomicUsize::new(0),
         });
         let this = self.clone();
-        let size = obj.length;
+        let size = length;
         self.reserved.fetch_add(size, Ordering::Relaxed);
         let head = handle.clone();
         tokio::spawn(async move {
@@ -391,8 +397,7 @@ impl NarCache {
         Started::Filling(handle)
     }
 
-    async fn start_small(self: &Arc<Self>, name: String, obj: Object) -> Started {
-        let expected = obj.length;
+    async fn start_small(self: &Arc<Self>, name: String, expected: u64, obj: Object) -> Started {
         let read = async {
             let mut buf = Vec::with_capacity(expected as usize);
             let mut body = obj.body;
@@ -457,6 +462,7 @@ impl NarCache {
         tx: &watch::Sender<Progress>,
         head: &FillHandle,
     ) -> Result<(), FillError> {
+        let length = head.size;
         let file = Arc::new(file);
         // The store is read while the file is written: a block goes to the writer below once
         // complete and the next is read meanwhile (at most WRITES_AHEAD blocks wait), so a
@@ -524,7 +530,7 @@ impl NarCache {
                         head.keep(received, chunk.clone());
                         received += chunk.len() as u64;
                         // The last bytes wait for `Done`, after the checks below.
-                        if received < obj.length {
+                        if received < length {
                             tx.send_modify(|p| {
                                 if let Progress::Filling { received: r, .. } = p {
                                     *r = received;
@@ -558,13 +564,13 @@ impl NarCache {
         let Some(hasher) = read? else {
             return Err(FillError::Short {
                 written,
-                expected: obj.length,
+                expected: length,
             });
         };
-        if written != obj.length {
+        if written != length {
             return Err(FillError::Short {
                 written,
-                expected: obj.length,
+                expected: length,
             });
         }
         let checksum = hasher.finish();
@@ -646,7 +652,8 @@ async fn open_in_parts(
     let Some(range) = obj.range else {
         return Ok(Some(obj)); // the whole object
     };
-    if range.start != 0 || range.end.checked_sub(range.start).map(|n| n + 1) != Some(obj.length) {
+    let sent = range.end.checked_sub(range.start).map(|n| n + 1);
+    let Some(first_len) = sent.filter(|_| range.start == 0 && sent == obj.length) else {
         return Err(StoreError::Other(format!(
             "asked for bytes 0-{} of {key}, the store sent {}-{}/{}",
             PART - 1,
@@ -654,13 +661,13 @@ async fn open_in_parts(
             range.end,
             range.total
         )));
-    }
+    };
     let total = range.total;
     // NARs are never stored encoded (Nix's S3 store encodes only logs, listings and
     // narinfos), and a fill keeps bytes, not headers.
     let whole = |body| Object {
         body,
-        length: total,
+        length: Some(total),
         range: None,
         encoding: None,
     };
@@ -670,16 +677,16 @@ async fn open_in_parts(
     let part_idle = idle_timeout / 4;
     // The first part goes out to clients as it arrives: broken off, it is resumed where it
     // stopped.
-    // (`obj.length` ≥ 1: it is the length of the range checked above.)
-    let end = obj.length - 1;
+    // (`first_len` ≥ 1: it is the length of a range.)
+    let end = first_len - 1;
     let first = Resume::stream(store.clone(), key, obj.body, 0, end, total, part_idle);
-    if obj.length >= total {
+    if first_len >= total {
         return Ok(Some(whole(first)));
     }
     type Part = io::Result<(Vec<Bytes>, tokio::sync::OwnedSemaphorePermit)>;
     let (tx, rx) = tokio::sync::mpsc::channel::<Part>(1);
     let (store, key, parts) = (store.clone(), key.to_owned(), parts.clone());
-    let starts = (obj.length..total).step_by(PART as usize);
+    let starts = (first_len..total).step_by(PART as usize);
     tokio::spawn(async move {
         let mut fetched = futures::stream::iter(starts)
             .map(|start| {

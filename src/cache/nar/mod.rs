@@ -252,7 +252,7 @@ impl NarCache {
         range: Option<ByteRange>,
     ) -> Result<NarCacheAnswer, StoreError> {
         match self.disk.read(name, range).await {
-            Ok(Some(obj)) if obj.range.map_or(obj.length, |r| r.total) == size => {
+            Ok(Some(obj)) if obj.range.map_or(obj.length, |r| Some(r.total)) == Some(size) => {
                 Ok(NarCacheAnswer::Object(obj))
             }
             Err(e @ StoreError::RangeNotSatisfiable { .. }) => Err(e),

@@ -447,7 +447,7 @@ impl Store for Fed {
         let body = self.body.lock().unwrap().take();
         Ok(body.map(|body| super::Object {
             body,
-            length: self.length,
+            length: Some(self.length),
             range: None,
             encoding: None,
         }))

@@ -329,7 +329,7 @@ impl FastReads {
         let body = res.bytes_stream().map_err(std::io::Error::other);
         Ok(Read::Found(Object {
             body: Box::pin(body),
-            length,
+            length: Some(length),
             range: content_range,
             encoding,
         }))
@@ -578,7 +578,7 @@ mod tests {
         let Read::Found(o) = r.get("p/ok", None).await.unwrap() else {
             panic!("not found")
         };
-        assert_eq!(o.length, 5);
+        assert_eq!(o.length, Some(5));
         assert_eq!(r.head("p/ok").await.unwrap(), Some(5));
         assert!(matches!(r.get("p/gone", None).await, Ok(Read::NotFound)));
         assert_eq!(r.head("p/gone").await.unwrap(), None);
