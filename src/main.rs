@@ -170,6 +170,9 @@ fn main() -> ExitCode {
 
 fn check_config(path: Option<&Path>) -> anyhow::Result<()> {
     let cfg = Config::load(path)?;
+    for (var, key) in path.map(Config::env_overrides).unwrap_or_default() {
+        println!("note: {var} overrides `{key}` in the config file");
+    }
     if !cfg.signing.key_files.is_empty() {
         for f in &cfg.signing.key_files {
             let k = signing_keys::read_secret_key(f)?;
@@ -276,6 +279,7 @@ fn serve(path: Option<&Path>, log_format: Option<LogFormat>) -> anyhow::Result<(
     let cfg = Config::load(path)?;
     cellar::telemetry::init(log_format.unwrap_or(cfg.log.format))
         .map_err(|e| anyhow::anyhow!("setting up logs: {e}"))?;
+    cellar::reload::warn_env_overrides(path);
     cellar::metrics::set_build_info(match cfg.store.backend {
         StoreBackend::Local(_) => "local",
         StoreBackend::S3(_) => "s3",

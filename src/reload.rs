@@ -27,10 +27,24 @@ pub enum Error {
 /// Loads the configuration (`file`, then the environment) and its keys, and applies them.
 pub fn reload(state: &AppState, file: Option<&Path>) -> Result<(), Error> {
     let config = Config::load(file)?;
+    warn_env_overrides(file);
     // Only existing keys: a reload never creates the generated key as a start would.
     let keys = signing_keys::load_existing(&config.signing)?;
     state.reload(config, keys)?;
     Ok(())
+}
+
+/// Logs each key of `file` that a `CELLAR_*` variable overrides: what the file says there has
+/// no effect, at start or on reload (a key rotated in the file, while a unit's `Environment=`
+/// still names the old one).
+pub fn warn_env_overrides(file: Option<&Path>) {
+    for (var, key) in file.map(Config::env_overrides).unwrap_or_default() {
+        tracing::warn!(
+            variable = %var,
+            key = %key,
+            "the environment overrides this key of the config file, whose value has no effect"
+        );
+    }
 }
 
 /// Reloads on every SIGHUP for as long as the runtime lives. The handler is installed

@@ -93,6 +93,58 @@ fn check_config_names_the_key() {
     }
 }
 
+/// `check-config` says which keys of the file the environment overrides; the variables
+/// Kubernetes sets beside a service named `cellar` are not taken for keys.
+#[test]
+fn check_config_notes_overrides_and_ignores_service_links() {
+    let d = tempfile::tempdir().unwrap();
+    std::fs::write(d.path().join("c.toml"), "listen = \"127.0.0.1:9000\"\n").unwrap();
+    let out = cellar(d.path())
+        .args(["check-config", "--config", "c.toml"])
+        .envs([
+            ("CELLAR_LISTEN", "127.0.0.1:9001"),
+            ("CELLAR_SERVICE_HOST", "10.0.0.7"),
+            ("CELLAR_PORT_8080_TCP", "tcp://10.0.0.7:8080"),
+        ])
+        .output()
+        .unwrap();
+    let text = String::from_utf8_lossy(&out.stdout);
+    assert!(
+        out.status.success(),
+        "{text}{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    assert!(text.contains("CELLAR_LISTEN overrides `listen`"), "{text}");
+}
+
+/// `gc`, `verify` and `pin` look after an existing store: run from another directory with a
+/// relative `store.path`, they fail rather than report on an empty one they made.
+#[test]
+fn store_commands_refuse_a_local_store_that_does_not_exist() {
+    let d = tempfile::tempdir().unwrap();
+    for args in [vec!["gc"], vec!["verify"], vec!["pin", "list"]] {
+        let out = cellar(d.path()).args(&args).output().unwrap();
+        let err = String::from_utf8_lossy(&out.stderr);
+        assert!(!out.status.success(), "{args:?}: {err}");
+        assert!(
+            err.contains("store.path") && err.contains("cellar-data"),
+            "{args:?}: {err}"
+        );
+        assert!(
+            !d.path().join("cellar-data").exists(),
+            "{args:?} created the store"
+        );
+    }
+    // The server makes it.
+    std::fs::create_dir(d.path().join("cellar-data")).unwrap();
+    let out = cellar(d.path()).args(["verify"]).output().unwrap();
+    assert!(
+        out.status.success(),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+}
+
 #[test]
 fn refuses_to_start_with_a_malformed_key_naming_the_file() {
     let d = tempfile::tempdir().unwrap();

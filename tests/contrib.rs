@@ -44,12 +44,18 @@ fn the_systemd_unit_verifies_cleanly() {
         "StateDirectory=cellar",
         "CacheDirectory=cellar",
         "LoadCredential=cache.sec:",
-        "CELLAR_SIGNING__KEY_FILES=%d/cache.sec",
+        "LimitNOFILE=",
         "ProtectSystem=strict",
         "NoNewPrivileges=yes",
     ] {
         assert!(text.contains(needed), "the unit lacks {needed}");
     }
+    // Settings belong in the config file: a variable here would override it, unseen by a reload.
+    let settings: Vec<&str> = text
+        .lines()
+        .filter(|l| l.starts_with("Environment=") && l.contains("CELLAR_"))
+        .collect();
+    assert!(settings.is_empty(), "{settings:?}");
 }
 
 #[test]

@@ -63,7 +63,7 @@ fn runtime() -> anyhow::Result<tokio::runtime::Runtime> {
 }
 
 async fn open(cfg: &Config) -> anyhow::Result<Arc<dyn Store>> {
-    store::open(&cfg.store)
+    store::open_existing(&cfg.store)
         .await
         .with_context(|| format!("opening the store ({})", cfg.store.backend))
 }

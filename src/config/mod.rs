@@ -125,9 +125,27 @@ impl Config {
             }
             fig = fig.merge(Toml::file_exact(f));
         }
-        let cfg = Self::from_figment(fig.merge(Env::prefixed("CELLAR_").split("__")))?;
+        let cfg = Self::from_figment(with_env(fig))?;
         cfg.check_nar_dir(file)?;
         Ok(cfg)
+    }
+
+    /// The keys `file` sets that a `CELLAR_*` variable overrides, as `(variable, key)`: what
+    /// the file says there has no effect, which is worth a warning (a key rotated in the file
+    /// and reloaded, while a unit's `Environment=` still names the old one).
+    pub fn env_overrides(file: &Path) -> Vec<(String, String)> {
+        if !file.is_file() {
+            return Vec::new();
+        }
+        let from_file = Figment::from(Toml::file_exact(file));
+        let mut found: Vec<(String, String)> = std::env::vars()
+            .filter_map(|(var, _)| {
+                let key = config_key(&var)?;
+                from_file.contains(&key).then_some((var, key))
+            })
+            .collect();
+        found.sort();
+        found
     }
 
     pub fn from_figment(fig: Figment) -> Result<Self, ConfigError> {
@@ -473,4 +491,62 @@ pub struct UpstreamConfig {
     /// Also store what is fetched from this upstream (NAR then narinfo, verified like an
     /// upload), so the next request is served from the store.
     pub mirror: bool,
+}
+
+/// `fig` with the `CELLAR_*` environment variables over it: `__` between nested keys, and
+/// without the variables Kubernetes and Docker set for a service named `cellar`.
+///
+/// figment reads a variable's value as TOML would (`8080` a number, `a,b` a list); the keys
+/// that are text take the value as it is written instead, so that a bucket named `2024`, or a
+/// MinIO secret made of digits (`0123…`, which as a number would lose its zero), stay as set.
+fn with_env(fig: Figment) -> Figment {
+    let mut fig = fig.merge(
+        Env::prefixed("CELLAR_")
+            .filter(|k| !is_link_variable(k.as_str()))
+            .split("__"),
+    );
+    for (var, value) in std::env::vars() {
+        if let Some(key) = config_key(&var).filter(|k| TEXT_KEYS.contains(&k.as_str())) {
+            fig = fig.merge(figment::providers::Serialized::default(&key, value));
+        }
+    }
+    fig
+}
+
+/// The keys whose values are text, whatever they look like.
+const TEXT_KEYS: &[&str] = &[
+    "store_dir",
+    "store.path",
+    "store.bucket",
+    "store.endpoint",
+    "store.region",
+    "store.prefix",
+    "store.access_key_id",
+    "store.secret_access_key",
+    "store.public_endpoint",
+    "signing.generated_key_file",
+    "signing.generated_key_name",
+    "cache.nar_dir",
+];
+
+/// The key a variable sets (`CELLAR_STORE__BUCKET`: `store.bucket`), if it is configuration.
+fn config_key(var: &str) -> Option<String> {
+    let rest = var.strip_prefix("CELLAR_")?;
+    if rest.is_empty() || is_link_variable(rest) {
+        return None;
+    }
+    Some(rest.to_ascii_lowercase().replace("__", "."))
+}
+
+/// Whether `key` (a variable's name after `CELLAR_`) is one Kubernetes service links
+/// (`CELLAR_SERVICE_HOST`, `CELLAR_SERVICE_PORT[_NAME]`, `CELLAR_PORT[_8080_TCP[_ADDR]]`) or
+/// Docker's `--link` (`CELLAR_NAME`, `CELLAR_ENV_*`, the same `CELLAR_PORT*`) set in every pod
+/// or container beside a service named `cellar`. They are not configuration: taken as keys,
+/// they would be unknown keys, and the server would not start.
+fn is_link_variable(key: &str) -> bool {
+    let k = key.to_ascii_lowercase();
+    ["service_host", "service_port", "port", "name"].contains(&k.as_str())
+        || ["service_port_", "port_", "env_"]
+            .iter()
+            .any(|p| k.starts_with(p))
 }

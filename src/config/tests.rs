@@ -80,11 +80,78 @@ fn env_overrides_with_nesting_and_csv_lists() {
             c.signing.key_files,
             vec![PathBuf::from("a.sec"), PathBuf::from("b.sec")]
         );
+        // What Kubernetes and Docker set beside a service named `cellar` is not configuration.
+        for (var, value) in [
+            ("CELLAR_SERVICE_HOST", "10.0.0.7"),
+            ("CELLAR_SERVICE_PORT", "8080"),
+            ("CELLAR_SERVICE_PORT_HTTP", "8080"),
+            ("CELLAR_PORT", "tcp://10.0.0.7:8080"),
+            ("CELLAR_PORT_8080_TCP_ADDR", "10.0.0.7"),
+            ("CELLAR_NAME", "/web/cellar"),
+            ("CELLAR_ENV_FOO", "bar"),
+        ] {
+            jail.set_env(var, value);
+        }
+        // A bucket or a secret made of digits is still text, as written.
+        jail.set_env("CELLAR_STORE__BUCKET", "2024");
+        jail.set_env("CELLAR_STORE__PREFIX", "007");
+        let c = Config::load(Some(Path::new("c.toml"))).map_err(|e| e.to_string())?;
+        assert_eq!(c.listen.port(), 9000);
+        let StoreBackend::S3(s3) = &c.store.backend else {
+            return Err(format!("store is not s3: {c:?}").into());
+        };
+        assert_eq!(s3.bucket, "2024");
+        assert_eq!(s3.prefix, "007/");
+        // The file's `store.kind` is overridden, and said so; `listen` is not.
+        assert_eq!(
+            Config::env_overrides(Path::new("c.toml")),
+            vec![("CELLAR_STORE__KIND".to_owned(), "store.kind".to_owned())]
+        );
+        // A misspelt key is still an error.
         jail.set_env("CELLAR_STORE__BUKKET", "x");
         let e = Config::load(None).unwrap_err().to_string();
         assert!(e.contains("bukket"), "{e}");
         Ok(())
     });
+}
+
+#[test]
+fn durations_and_counts_have_upper_bounds() {
+    for (toml, key) in [
+        (
+            "idle_timeout_secs = 9223372036854775807",
+            "idle_timeout_secs",
+        ),
+        ("narinfo_max_age_secs = 99999999999", "narinfo_max_age_secs"),
+        (
+            "[cache]\nnarinfo_ttl_secs = 99999999999",
+            "cache.narinfo_ttl_secs",
+        ),
+        (
+            "[cache]\nnarinfo_negative_ttl_secs = 99999999999",
+            "cache.narinfo_negative_ttl_secs",
+        ),
+        (
+            "[gc]\naccess_flush_secs = 9223372036854775807",
+            "gc.access_flush_secs",
+        ),
+        ("[gc]\ngrace_secs = 9223372036854775807", "gc.grace_secs"),
+        (
+            "[store]\ntimeout_secs = 9223372036854775807",
+            "store.timeout_secs",
+        ),
+        ("max_connections = 1000001", "max_connections"),
+        (
+            "[upload]\nmax_concurrent = 1000001",
+            "upload.max_concurrent",
+        ),
+    ] {
+        let e = from_toml(toml).unwrap_err().to_string();
+        assert!(e.contains(key) && e.contains("at most"), "{toml}: {e}");
+    }
+    // Ten years is still a duration.
+    let c = from_toml("[cache]\nnarinfo_ttl_secs = 315360000").unwrap();
+    assert_eq!(c.cache.narinfo_ttl, Duration::from_secs(315_360_000));
 }
 
 #[test]

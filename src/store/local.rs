@@ -95,6 +95,26 @@ impl LocalStore {
         })
     }
 
+    /// Opens the directory `root`, which must exist: for the commands that look after a store
+    /// (`gc`, `verify`, `pin`), which would otherwise report on an empty one made for them,
+    /// say when run from another directory than the server's with a relative `store.path`.
+    pub fn open_existing(root: &Path) -> io::Result<Self> {
+        if !root.is_dir() {
+            let shown = std::path::absolute(root).unwrap_or_else(|_| root.to_path_buf());
+            return Err(io::Error::new(
+                io::ErrorKind::NotFound,
+                format!(
+                    "store.path {} is not a directory (a relative path is taken from the \
+                     working directory)",
+                    shown.display()
+                ),
+            ));
+        }
+        Ok(Self {
+            root: root.to_path_buf(),
+        })
+    }
+
     fn path(&self, key: &str) -> PathBuf {
         self.root.join(key)
     }

@@ -466,11 +466,27 @@ pub mod object_key {
     }
 }
 
-/// Opens the store `[store]` names.
+/// Opens the store `[store]` names; a local directory is created if missing.
 pub async fn open(cfg: &crate::config::StoreConfig) -> io::Result<std::sync::Arc<dyn Store>> {
+    open_as(cfg, true).await
+}
+
+/// Opens the store `[store]` names; a local directory must exist (see
+/// [`local::LocalStore::open_existing`]).
+pub async fn open_existing(
+    cfg: &crate::config::StoreConfig,
+) -> io::Result<std::sync::Arc<dyn Store>> {
+    open_as(cfg, false).await
+}
+
+async fn open_as(
+    cfg: &crate::config::StoreConfig,
+    create: bool,
+) -> io::Result<std::sync::Arc<dyn Store>> {
     use crate::config::StoreBackend;
     Ok(match &cfg.backend {
-        StoreBackend::Local(l) => std::sync::Arc::new(local::LocalStore::open(&l.path)?),
+        StoreBackend::Local(l) if create => std::sync::Arc::new(local::LocalStore::open(&l.path)?),
+        StoreBackend::Local(l) => std::sync::Arc::new(local::LocalStore::open_existing(&l.path)?),
         StoreBackend::S3(s3) => std::sync::Arc::new(s3::S3Store::new(s3, cfg.timeout).await),
     })
 }

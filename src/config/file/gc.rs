@@ -47,7 +47,7 @@ impl GcSection {
         }
         Ok(GcConfig {
             keep: Duration::from_secs(self.keep_days * 24 * 3600),
-            grace: Duration::from_secs(self.grace_secs),
+            grace: secs("gc.grace_secs", self.grace_secs, 0)?,
             max_bytes: (self.max_bytes > 0).then_some(self.max_bytes),
             access_flush_interval: secs("gc.access_flush_secs", self.access_flush_secs, 1)?,
             access_max_entries: self.access_max_entries,

@@ -53,8 +53,22 @@ where
         .collect()
 }
 
-/// `key = N` seconds, which must be at least `min`.
+/// The longest any `*_secs` key may say: 10 years. People write a huge number to mean "never";
+/// timers and caches have limits of their own beyond that (moka's at 1000 years, an `Instant`
+/// plus `u64::MAX` seconds overflows), and no timeout needs more.
+pub(crate) const MAX_SECS: u64 = 10 * 365 * 24 * 3600;
+
+/// The most connections or uploads at once a key may allow (a semaphore's permits).
+pub(crate) const MAX_COUNT: usize = 1_000_000;
+
+/// `key = N` seconds, which must be at least `min` and at most [`MAX_SECS`].
 fn secs(key: &str, n: u64, min: u64) -> Result<Duration, ConfigError> {
+    if n > MAX_SECS {
+        return Err(ConfigError::invalid(
+            key,
+            format!("must be at most {MAX_SECS} (10 years)"),
+        ));
+    }
     if n < min {
         let message = if min == 1 {
             "must be > 0".to_owned()
@@ -154,8 +168,8 @@ impl ConfigFile {
             priority: self.priority,
             want_mass_query: self.want_mass_query,
             shutdown_timeout: secs("shutdown_timeout_secs", self.shutdown_timeout_secs, 1)?,
-            narinfo_max_age: Duration::from_secs(self.narinfo_max_age_secs),
-            not_found_max_age: Duration::from_secs(self.not_found_max_age_secs),
+            narinfo_max_age: secs("narinfo_max_age_secs", self.narinfo_max_age_secs, 0)?,
+            not_found_max_age: secs("not_found_max_age_secs", self.not_found_max_age_secs, 0)?,
             header_read_timeout: secs(
                 "header_read_timeout_secs",
                 self.header_read_timeout_secs,
@@ -164,6 +178,12 @@ impl ConfigFile {
             idle_timeout: secs("idle_timeout_secs", self.idle_timeout_secs, 1)?,
             max_connections: match self.max_connections {
                 0 => return Err(ConfigError::invalid("max_connections", "must be > 0")),
+                n if n > MAX_COUNT => {
+                    return Err(ConfigError::invalid(
+                        "max_connections",
+                        format!("must be at most {MAX_COUNT}"),
+                    ))
+                }
                 n => n,
             },
             store,
@@ -307,8 +327,12 @@ impl CacheSection {
             prefetch_concurrency: self.prefetch_concurrency,
             prefetch_nar_max_bytes: self.prefetch_nar_max_bytes,
             narinfo_memory_bytes: self.narinfo_memory_bytes,
-            narinfo_ttl: Duration::from_secs(self.narinfo_ttl_secs),
-            narinfo_negative_ttl: Duration::from_secs(self.narinfo_negative_ttl_secs),
+            narinfo_ttl: secs("cache.narinfo_ttl_secs", self.narinfo_ttl_secs, 0)?,
+            narinfo_negative_ttl: secs(
+                "cache.narinfo_negative_ttl_secs",
+                self.narinfo_negative_ttl_secs,
+                0,
+            )?,
             nar_dir,
             nar_max_bytes: self.nar_max_bytes,
         })

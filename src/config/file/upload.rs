@@ -1,7 +1,5 @@
 //! The `[upload]` section: re-encoding, trusted keys, and the bounds on each upload.
 
-use std::time::Duration;
-
 use serde::{Deserialize, Deserializer};
 
 use super::{list_or_csv, secs};
@@ -104,6 +102,12 @@ impl UploadSection {
                 "must be > 0 (0 would refuse every upload)",
             ));
         }
+        if self.max_concurrent > super::MAX_COUNT {
+            return Err(ConfigError::invalid(
+                "upload.max_concurrent",
+                format!("must be at most {}", super::MAX_COUNT),
+            ));
+        }
         if self.xz_memory_limit_bytes < (65 << 20) {
             return Err(ConfigError::invalid(
                 "upload.xz_memory_limit_bytes",
@@ -113,7 +117,7 @@ impl UploadSection {
         Ok(UploadConfig {
             recompress,
             trusted_keys: self.trusted_keys,
-            staging_max_age: Duration::from_secs(self.staging_max_age_secs),
+            staging_max_age: secs("upload.staging_max_age_secs", self.staging_max_age_secs, 60)?,
             max_nar_bytes: self.max_nar_bytes,
             max_concurrent: self.max_concurrent,
             xz_memory_limit_bytes: self.xz_memory_limit_bytes,
