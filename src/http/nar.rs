@@ -15,10 +15,11 @@
 //!   404 there would make it upload the NAR again.
 //! - PUT is an upload (`nix copy --to`), verified by [`crate::upload`] before it is visible.
 //!   Refused before its body is read when `Content-Length` is over `upload.max_nar_bytes`
-//!   (413) or `upload.max_concurrent` uploads are running (503): a client that gets either
-//!   has sent nothing, so a retry sends the whole body. A NAR over
-//!   [`crate::upload::STORED_AGAIN_MAX`] that the store already holds is answered 200 before
-//!   its body is asked for; a smaller one is stored again (the same bytes under the same name).
+//!   (413); waits for a slot when `upload.max_concurrent` uploads are running (503 after
+//!   [`crate::upload::ADMIT_WAIT`]). A NAR over [`crate::upload::STORED_AGAIN_MAX`] that the
+//!   store already holds is answered 200 before its body is asked for (read and dropped when
+//!   a proxy took `Expect` for itself); a smaller one is stored again (the same bytes under
+//!   the same name).
 
 use std::sync::Arc;
 
@@ -175,6 +176,39 @@ pub(super) async fn head(
     ))
 }
 
+/// How long a NAR upload waits for the store to say whether it holds the NAR already, before
+/// the body is taken anyway: less than the second curl waits for `100 Continue`.
+const ALREADY_STORED_WAIT: std::time::Duration = std::time::Duration::from_millis(500);
+
+/// Whether the client waits for `100 Continue` before it sends the body.
+fn expects_continue(headers: &HeaderMap) -> bool {
+    headers
+        .get(header::EXPECT)
+        .and_then(|v| v.to_str().ok())
+        .is_some_and(|v| v.eq_ignore_ascii_case("100-continue"))
+}
+
+/// Reads a body to its end without keeping it, refusing more than `limit` bytes.
+async fn discard<S>(body: S, limit: u64) -> Result<(), Error>
+where
+    S: futures::Stream<Item = std::io::Result<bytes::Bytes>>,
+{
+    use futures::TryStreamExt as _;
+    let mut body = std::pin::pin!(body);
+    let mut n = 0u64;
+    while let Some(chunk) = body
+        .try_next()
+        .await
+        .map_err(crate::upload::digest::body_error)?
+    {
+        n += chunk.len() as u64;
+        if n > limit {
+            return Err(UploadError::TooLarge { limit }.into());
+        }
+    }
+    Ok(())
+}
+
 pub(super) async fn put(
     State(st): State<AppState>,
     Path(file): Path<String>,
@@ -191,12 +225,27 @@ pub(super) async fn put(
     if declared.is_some_and(|n| n > limit) {
         return Err(UploadError::TooLarge { limit }.into());
     }
-    let _slot = st.uploader.admit()?;
-    // A large NAR the store holds already is not received again: asked before the body is
-    // (the client sent `Expect: 100-continue` and waits for it), answered 200 without it.
-    if st.uploader.already_stored(&name, declared).await? {
+    let _slot = st.uploader.admit().await?;
+    // A large NAR the store holds already is not stored again: asked before the body is read.
+    // A client that sent `Expect: 100-continue` waits for it (curl: one second), so it is
+    // answered 200 without it; asking the store is given less than that, after which the body
+    // is taken as usual. One whose body comes anyway (a proxy such as nginx answers `Expect`
+    // itself) has it read and dropped: an answer over a body left unread would end in a reset
+    // connection, which the client or the proxy takes for a failure.
+    let stored = tokio::time::timeout(
+        ALREADY_STORED_WAIT,
+        st.uploader.already_stored(&name, declared),
+    )
+    .await
+    .unwrap_or(Ok(false))?;
+    if stored {
         st.missing_nars.seen_present(name.as_str()).await;
-        tracing::info!(nar = %name, "NAR already stored: its body was not asked for");
+        if expects_continue(&headers) {
+            tracing::info!(nar = %name, "NAR already stored: its body was not asked for");
+        } else {
+            discard(object::body_stream(&st, body), limit).await?;
+            tracing::info!(nar = %name, "NAR already stored: its body was read and dropped");
+        }
         return Ok(StatusCode::OK);
     }
     let d = st

@@ -424,7 +424,8 @@ async fn a_nar_probe_starts_its_upload_record() {
         .any(|k| k.starts_with("_cellar/access/") && k.ends_with("-upload")));
 }
 
-#[tokio::test]
+/// (Paused time: the wait for an upload slot passes without taking it.)
+#[tokio::test(start_paused = true)]
 async fn nar_puts_over_the_limits_are_refused_before_the_body() {
     use crate::config::Scope;
     let mem = Arc::new(MemoryStore::new());
@@ -448,7 +449,7 @@ async fn nar_puts_over_the_limits_are_refused_before_the_body() {
     )
     .await;
     assert_eq!(res.status(), StatusCode::PAYLOAD_TOO_LARGE);
-    let _running = st.uploader.admit().unwrap();
+    let _running = st.uploader.admit().await.unwrap();
     let res = send(&st, authed("PUT", &path, "wtok").body(unread()).unwrap()).await;
     assert_eq!(res.status(), StatusCode::SERVICE_UNAVAILABLE);
     assert_eq!(res.headers()["retry-after"], "1");
@@ -532,8 +533,9 @@ fn tiny_nar() -> (Vec<u8>, String) {
 }
 
 /// A PUT of a NAR over `STORED_AGAIN_MAX` the store holds is answered 200 without its body
-/// (the client waits for `100 Continue` before sending it); one the store lacks, or a small
-/// one, is received (and a small one is not looked up first).
+/// when the client waits for `100 Continue` before sending it; one the store lacks, or a small
+/// one, is received (and a small one is not looked up first). One sent without `Expect` (a
+/// proxy answered it) has its body read to the end and dropped, and is not stored again.
 #[tokio::test]
 async fn a_large_nar_already_stored_is_not_received_again() {
     use crate::config::Scope;
@@ -555,6 +557,7 @@ async fn a_large_nar_already_stored_is_not_received_again() {
     let put = |name: &str, len: u64| {
         let req = authed("PUT", &format!("/upload/nar/{name}"), "wtok")
             .header("content-length", len.to_string())
+            .header("expect", "100-continue")
             .body(unread())
             .unwrap();
         let st = st.clone();
@@ -568,6 +571,38 @@ async fn a_large_nar_already_stored_is_not_received_again() {
     let read = put(&stored, STORED_AGAIN_MAX).await;
     assert!(read.is_client_error(), "{read}");
     assert_eq!(mem.requests(), before, "a small NAR was looked up");
+
+    // Through a proxy that took `Expect` for itself: the body comes, and is read whole.
+    let taken = Arc::new(std::sync::atomic::AtomicUsize::new(0));
+    let counted = taken.clone();
+    let chunks = futures::stream::iter((0..3).map(move |_| {
+        counted.fetch_add(1, std::sync::atomic::Ordering::SeqCst);
+        Ok::<_, std::io::Error>(bytes::Bytes::from(vec![0u8; 1 << 20]))
+    }));
+    let req = authed("PUT", &format!("/upload/nar/{stored}"), "wtok")
+        .header("content-length", (3u64 << 20).to_string())
+        .body(Body::from_stream(chunks))
+        .unwrap();
+    let before = mem.requests();
+    assert_eq!(send(&st, req).await.status(), StatusCode::OK);
+    assert_eq!(
+        taken.load(std::sync::atomic::Ordering::SeqCst),
+        3,
+        "not read to the end"
+    );
+    assert_eq!(
+        mem.requests(),
+        before + 1,
+        "only the lookup: nothing stored"
+    );
+    assert_eq!(
+        mem.get_bytes(&format!("nar/{stored}"), 1000)
+            .await
+            .unwrap()
+            .unwrap()
+            .len(),
+        300
+    );
 }
 
 #[tokio::test]

@@ -382,6 +382,14 @@ impl ObjectWriter for LocalWriter {
         }
         tokio::fs::rename(&self.tmp, &self.dest).await?;
         self.done = true;
+        // The rename is durable once the directory is: an acknowledged upload must survive
+        // a power cut, and a narinfo must not survive one that its NAR did not.
+        if let Some(parent) = self.dest.parent() {
+            let dir = parent.to_path_buf();
+            tokio::task::spawn_blocking(move || std::fs::File::open(&dir)?.sync_all())
+                .await
+                .map_err(|e| StoreError::Other(format!("syncing a directory: {e}")))??;
+        }
         Ok(())
     }
 

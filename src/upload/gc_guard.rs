@@ -60,8 +60,17 @@ impl Uploader {
         nar: &NarFileName,
     ) -> Result<(), Error> {
         let key = object_key::nar(nar);
-        let (written, nar_size) = futures::join!(write, self.store.head(&key));
+        let (written, mut nar_size) = futures::join!(write, self.store.head(&key));
         written?;
+        // A failed look is asked again before the narinfo is taken back: it may belong to
+        // another upload of the same path, acknowledged meanwhile, that a referrer relies on.
+        for wait in HEAD_RETRIES {
+            if nar_size.is_ok() {
+                break;
+            }
+            tokio::time::sleep(wait).await;
+            nar_size = self.store.head(&key).await;
+        }
         let gone = match nar_size {
             Ok(size) => size.is_none().then(|| {
                 rejected(format!(
@@ -82,3 +91,12 @@ impl Uploader {
         }
     }
 }
+
+/// The waits before the NAR's presence is asked again after a failed look, in
+/// [`Uploader::write_while_nar_stays`]: a passing store error (a timeout, a 503) should not
+/// take a narinfo back.
+const HEAD_RETRIES: [std::time::Duration; 3] = [
+    std::time::Duration::from_millis(100),
+    std::time::Duration::from_millis(300),
+    std::time::Duration::from_secs(1),
+];

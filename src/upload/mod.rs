@@ -59,6 +59,13 @@ pub const MAX_LISTING_BYTES: u64 = 256 << 20;
 /// with its own back-off (0.3 s doubling) and ignores it; other clients may not.
 const BUSY_RETRY_AFTER_SECS: u64 = 1;
 
+/// How long an upload waits for one of the `upload.max_concurrent` slots before it is refused
+/// (503). Waiting rather than refusing at once: a client behind a proxy (nginx answers
+/// `Expect: 100-continue` itself and sends or spools the body) has sent its body by then, and
+/// Nix 2.8 retries a PUT without it, then stalls for 300 s. Under nginx's default
+/// `proxy_read_timeout` (60 s), so that the refusal, not the proxy's 504, reaches the client.
+pub const ADMIT_WAIT: std::time::Duration = std::time::Duration::from_secs(50);
+
 /// NARs up to this size are stored again when sent, without asking whether the store holds
 /// them ([`Uploader::already_stored`]): receiving and writing 1 MiB costs about what one store
 /// round trip does, and a client sends a NAR the store already holds only after an upload of
@@ -228,15 +235,29 @@ impl Uploader {
         self.limits.max_nar_bytes
     }
 
-    /// A slot for one NAR upload, held until it is dropped; `Busy` (503) when
-    /// `upload.max_concurrent` are in progress. Taken before the body is read, so a refused
-    /// client has sent nothing (it is never told `100 Continue`) and its retry is whole.
-    pub fn admit(&self) -> Result<OwnedSemaphorePermit, Error> {
-        self.slots.clone().try_acquire_owned().map_err(|_| {
+    /// A slot for one upload, held until it is dropped. Taken before the body is read: when
+    /// `upload.max_concurrent` are in progress, the upload waits for one (at most
+    /// [`ADMIT_WAIT`], first come first served), then is `Busy` (503).
+    pub async fn admit(&self) -> Result<OwnedSemaphorePermit, Error> {
+        let busy = || {
             Error::Upload(UploadError::Busy {
                 retry_after_secs: BUSY_RETRY_AFTER_SECS,
             })
-        })
+        };
+        if let Ok(slot) = self.slots.clone().try_acquire_owned() {
+            return Ok(slot);
+        }
+        tracing::debug!("upload waits for one of upload.max_concurrent");
+        match tokio::time::timeout(ADMIT_WAIT, self.slots.clone().acquire_owned()).await {
+            Ok(Ok(slot)) => Ok(slot),
+            Ok(Err(_)) | Err(_) => {
+                tracing::warn!(
+                    wait_secs = ADMIT_WAIT.as_secs(),
+                    "upload refused: upload.max_concurrent uploads ran for as long as it waited"
+                );
+                Err(busy())
+            }
+        }
     }
 
     fn remember(&self, uploaded_key: String, v: VerifiedNar) {
@@ -517,8 +538,13 @@ impl Uploader {
         Ok((d, announced))
     }
 
-    /// Finds and digests a NAR this process did not see being uploaded.
+    /// Finds and digests a NAR this process did not see being uploaded (another replica
+    /// received it, or this process before a restart). Reading a NAR back and decoding it
+    /// costs what receiving it does, so it holds one of the `upload.max_concurrent` slots:
+    /// a fleet's narinfos landing on a replica that saw none of their NARs are not all read
+    /// back at once.
     async fn verify_stored(&self, name: &NarFileName) -> Result<Option<VerifiedNar>, Error> {
+        let _slot = self.admit().await?;
         let mut candidates = vec![name.clone()];
         if let Some((stored, _)) = self.reencoded(name) {
             candidates.push(stored);
@@ -557,7 +583,7 @@ impl Uploader {
     where
         S: Stream<Item = std::io::Result<Bytes>> + Send,
     {
-        let _slot = self.admit()?;
+        let _slot = self.admit().await?;
         let mut w = self.store.writer(key).await?;
         let mut body = std::pin::pin!(body);
         let mut n = 0u64;

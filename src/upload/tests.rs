@@ -214,21 +214,32 @@ async fn duplicate_references_are_refused() {
         .is_none());
 }
 
-#[tokio::test]
-async fn uploads_beyond_max_concurrent_are_busy() {
+/// Beyond `upload.max_concurrent`, an upload waits for a slot (a client behind a proxy has
+/// sent its body already, and Nix 2.8 retries without it), and is busy only after
+/// [`ADMIT_WAIT`]. (Paused time: the wait passes without taking it.)
+#[tokio::test(start_paused = true)]
+async fn uploads_beyond_max_concurrent_wait_then_are_busy() {
     let mut cfg = Config::default();
     cfg.upload.max_concurrent = 2;
     let store: Arc<dyn Store> = Arc::new(MemoryStore::new());
-    let up = Uploader::new(&cfg.upload, &cfg.store_dir, store);
-    let a = up.admit().unwrap();
-    let _b = up.admit().unwrap();
-    let e = up.admit().unwrap_err();
+    let up = Arc::new(Uploader::new(&cfg.upload, &cfg.store_dir, store));
+    let a = up.admit().await.unwrap();
+    let _b = up.admit().await.unwrap();
+    let started = tokio::time::Instant::now();
+    let e = up.admit().await.unwrap_err();
     assert!(
         matches!(e, Error::Upload(UploadError::Busy { .. })),
         "{e:?}"
     );
+    assert_eq!(started.elapsed(), ADMIT_WAIT, "refused only after waiting");
+    // One that waits gets the slot a finished upload frees.
+    let waiting = tokio::spawn({
+        let up = up.clone();
+        async move { up.admit().await.is_ok() }
+    });
+    tokio::time::sleep(ADMIT_WAIT / 2).await;
     drop(a);
-    assert!(up.admit().is_ok(), "a finished upload frees its slot");
+    assert!(waiting.await.unwrap(), "a finished upload frees its slot");
 }
 
 /// A NAR a collector announced it is deleting is not relied on: the upload is refused after
@@ -332,6 +343,62 @@ async fn a_nar_deleted_while_its_narinfo_is_written_takes_the_narinfo_back() {
             .is_none(),
         "the narinfo is taken back"
     );
+}
+
+/// A look at the NAR that fails while its narinfo is written is asked again: a passing store
+/// error does not take back a narinfo (it may be another, acknowledged upload's). Failing
+/// every time, it does. (Paused time: the waits between looks pass without taking them.)
+#[tokio::test(start_paused = true)]
+async fn a_failed_look_at_the_nar_is_asked_again_before_the_narinfo_is_taken_back() {
+    use crate::store::memory::FailOp;
+    for (failures, kept) in [(1, true), (4, false)] {
+        let (mem, up) = uploader_with_access();
+        let nar = nar();
+        let info = narinfo_for(&nar, nar.len());
+        let file = info.nar_file().unwrap();
+        up.put_nar(&file, body(nar.clone())).await.unwrap();
+        let nar_key = object_key::nar(&file);
+        let failing = Arc::downgrade(&mem);
+        mem.after_write(&object_key::narinfo(info.hash()), move |_| {
+            if let Some(m) = failing.upgrade() {
+                m.fail(FailOp::Read, &nar_key, 0, failures);
+            }
+        });
+        let res = up
+            .put_narinfo(info.hash(), info.render("/nix/store").as_bytes(), None)
+            .await;
+        assert_eq!(res.is_ok(), kept, "{failures} failures: {res:?}");
+        let stored = mem.head(&object_key::narinfo(info.hash())).await.unwrap();
+        assert_eq!(stored.is_some(), kept, "{failures} failures");
+    }
+}
+
+/// A NAR read back for a narinfo (uploaded through another replica) holds an upload slot:
+/// with every slot taken it waits, and is busy after [`ADMIT_WAIT`]. (Paused time.)
+#[tokio::test(start_paused = true)]
+async fn reading_a_nar_back_takes_an_upload_slot() {
+    let mem = Arc::new(MemoryStore::new());
+    let mut cfg = Config::default();
+    cfg.upload.max_concurrent = 1;
+    let store: Arc<dyn Store> = mem.clone();
+    let up = Uploader::new(&cfg.upload, &cfg.store_dir, store);
+    let nar = nar();
+    let info = narinfo_for(&nar, nar.len());
+    mem.insert(&object_key::nar(&info.nar_file().unwrap()), nar.to_vec());
+    let text = info.render("/nix/store");
+    let slot = up.admit().await.unwrap();
+    let e = up
+        .put_narinfo(info.hash(), text.as_bytes(), None)
+        .await
+        .unwrap_err();
+    assert!(
+        matches!(e, Error::Upload(UploadError::Busy { .. })),
+        "{e:?}"
+    );
+    drop(slot);
+    up.put_narinfo(info.hash(), text.as_bytes(), None)
+        .await
+        .unwrap();
 }
 
 fn narinfo_at(path: &str, nar: &[u8], url: &str) -> NarInfo {
