@@ -117,6 +117,8 @@ pub struct Metrics {
     pub upstream_requests: Family<UpstreamLabels, Counter>,
     pub access_records: Family<AccessRecordLabels, Counter>,
     pub build_info: Family<BuildLabels, Gauge>,
+    pub uploads_waiting: Gauge,
+    pub uploads_running: Gauge,
 }
 
 /// 1 ms to ~33 s in powers of two: a hot narinfo takes well under a millisecond, a NAR
@@ -141,6 +143,8 @@ impl Metrics {
             upstream_requests: Family::default(),
             access_records: Family::default(),
             build_info: Family::default(),
+            uploads_waiting: Gauge::default(),
+            uploads_running: Gauge::default(),
             registry: Registry::default(),
         };
         r.register(
@@ -197,6 +201,16 @@ impl Metrics {
             "access_records",
             "Access records written to the store for `cellar gc`, by kind and result",
             m.access_records.clone(),
+        );
+        r.register(
+            "uploads_running",
+            "Uploads holding one of the upload.max_concurrent slots",
+            m.uploads_running.clone(),
+        );
+        r.register(
+            "uploads_waiting",
+            "Uploads waiting for one of the upload.max_concurrent slots",
+            m.uploads_waiting.clone(),
         );
         r.register(
             "build_info",

@@ -5,6 +5,8 @@
 #![allow(clippy::unwrap_used, clippy::expect_used)]
 
 mod common;
+#[path = "replicas_support/mod.rs"]
+mod replicas_support;
 
 use std::io::{Read as _, Write as _};
 use std::path::Path;
@@ -665,4 +667,93 @@ async fn truncated_upload_leaves_no_trace() {
     let mut resp = String::new();
     r.read_to_string(&mut resp).unwrap();
     assert!(resp.starts_with("HTTP/1.1 200"), "{resp}");
+}
+
+/// The value of the gauge `metric` on `srv` once `ok` holds for it (polled, 30 s at most).
+async fn gauge_reaches(srv: &Server, metric: &str, ok: impl Fn(f64) -> bool) -> f64 {
+    let deadline = std::time::Instant::now() + std::time::Duration::from_secs(30);
+    loop {
+        let text = reqwest::get(format!("{}/metrics", srv.url))
+            .await
+            .unwrap()
+            .text()
+            .await
+            .unwrap();
+        let v = text
+            .lines()
+            .find_map(|l| l.strip_prefix(&format!("{metric} ")))
+            .and_then(|v| v.parse().ok())
+            .unwrap_or(f64::NAN);
+        if ok(v) {
+            return v;
+        }
+        assert!(
+            std::time::Instant::now() < deadline,
+            "{metric} stayed at {v}:\n{}",
+            srv.log()
+        );
+        tokio::time::sleep(std::time::Duration::from_millis(20)).await;
+    }
+}
+
+/// Through nginx as the README sets it up (`proxy_request_buffering off`: nginx answers
+/// `Expect: 100-continue` itself, so the client has sent its body before cellar sees the
+/// request), an upload that arrives while all `upload.max_concurrent` slots are taken waits
+/// for one, and the real client's `nix copy` succeeds. Refused at once (503), Nix 2.8 would
+/// retry the PUT without its body.
+#[tokio::test(flavor = "multi_thread")]
+async fn an_upload_through_nginx_waits_for_a_slot() {
+    let f = fixture();
+    let (w, wcfg) = token("builder", "write");
+    let work = tempfile::tempdir().unwrap();
+    let app = App::s3("up-wait")
+        .config(&format!("{wcfg}[upload]\nmax_concurrent = 1\n"))
+        .spawn()
+        .await;
+    let srv = &app.srv;
+    let nginx = replicas_support::Nginx::start(&[srv]);
+
+    // A log upload holds the one slot: half its body sent, the rest when the test says.
+    let log = format!("/upload/log/{}", Fixture::basename(&f.top_drv));
+    let mut held = std::net::TcpStream::connect(srv.addr).unwrap();
+    write!(
+        held,
+        "PUT {log} HTTP/1.1\r\nHost: x\r\nAuthorization: Bearer {w}\r\n\
+         Content-Type: text/plain\r\nContent-Length: 10\r\nConnection: close\r\n\r\n12345"
+    )
+    .unwrap();
+    gauge_reaches(srv, "cellar_uploads_running", |v| v == 1.0).await;
+
+    let leaf = f.closure.iter().find(|p| p.ends_with("-leaf")).unwrap();
+    let netrc = netrc(work.path(), srv, &w);
+    let mut c = nix("nix", &work.path().join("xdg-up-wait"));
+    c.args(["copy", "--option", "download-attempts", "1", "--to"])
+        .arg(format!("{}/upload", nginx.url))
+        .arg("--option")
+        .arg("netrc-file")
+        .arg(&netrc)
+        .arg(leaf)
+        .stdout(std::process::Stdio::null())
+        .stderr(std::process::Stdio::piped());
+    let copy = c.spawn().unwrap();
+    // Its NAR upload waits for the slot...
+    gauge_reaches(srv, "cellar_uploads_waiting", |v| v == 1.0).await;
+    // ...which it gets when the log upload ends.
+    write!(held, "67890").unwrap();
+    let mut answer = String::new();
+    held.read_to_string(&mut answer).unwrap();
+    assert!(answer.starts_with("HTTP/1.1 201"), "{answer}");
+    let out = copy.wait_with_output().unwrap();
+    assert!(
+        out.status.success(),
+        "nix copy failed:\n{}\nnginx:\n{}",
+        String::from_utf8_lossy(&out.stderr),
+        nginx.access_log()
+    );
+    let narinfo = format!("{}/{}.narinfo", srv.url, Fixture::hash(leaf));
+    assert_eq!(reqwest::get(&narinfo).await.unwrap().status(), 200);
+    assert_eq!(
+        gauge_reaches(srv, "cellar_uploads_waiting", |v| v == 0.0).await,
+        0.0
+    );
 }

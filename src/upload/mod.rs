@@ -59,6 +59,25 @@ pub const MAX_LISTING_BYTES: u64 = 256 << 20;
 /// with its own back-off (0.3 s doubling) and ignores it; other clients may not.
 const BUSY_RETRY_AFTER_SECS: u64 = 1;
 
+/// One of the `upload.max_concurrent` slots ([`Uploader::admit`]), held until dropped.
+#[derive(Debug)]
+pub struct Slot {
+    _permit: OwnedSemaphorePermit,
+}
+
+impl Slot {
+    fn new(permit: OwnedSemaphorePermit) -> Self {
+        crate::metrics::get().uploads_running.inc();
+        Self { _permit: permit }
+    }
+}
+
+impl Drop for Slot {
+    fn drop(&mut self) {
+        crate::metrics::get().uploads_running.dec();
+    }
+}
+
 /// How long an upload waits for one of the `upload.max_concurrent` slots before it is refused
 /// (503). Waiting rather than refusing at once: a client behind a proxy (nginx answers
 /// `Expect: 100-continue` itself and sends or spools the body) has sent its body by then, and
@@ -238,18 +257,27 @@ impl Uploader {
     /// A slot for one upload, held until it is dropped. Taken before the body is read: when
     /// `upload.max_concurrent` are in progress, the upload waits for one (at most
     /// [`ADMIT_WAIT`], first come first served), then is `Busy` (503).
-    pub async fn admit(&self) -> Result<OwnedSemaphorePermit, Error> {
+    pub async fn admit(&self) -> Result<Slot, Error> {
         let busy = || {
             Error::Upload(UploadError::Busy {
                 retry_after_secs: BUSY_RETRY_AFTER_SECS,
             })
         };
-        if let Ok(slot) = self.slots.clone().try_acquire_owned() {
-            return Ok(slot);
+        if let Ok(permit) = self.slots.clone().try_acquire_owned() {
+            return Ok(Slot::new(permit));
         }
         tracing::debug!("upload waits for one of upload.max_concurrent");
+        // Counted while it waits, however the wait ends (a client gone drops it).
+        struct Waiting;
+        impl Drop for Waiting {
+            fn drop(&mut self) {
+                crate::metrics::get().uploads_waiting.dec();
+            }
+        }
+        crate::metrics::get().uploads_waiting.inc();
+        let _waiting = Waiting;
         match tokio::time::timeout(ADMIT_WAIT, self.slots.clone().acquire_owned()).await {
-            Ok(Ok(slot)) => Ok(slot),
+            Ok(Ok(permit)) => Ok(Slot::new(permit)),
             Ok(Err(_)) | Err(_) => {
                 tracing::warn!(
                     wait_secs = ADMIT_WAIT.as_secs(),
