@@ -46,7 +46,7 @@ pub(super) async fn get(
     let res = fetch(&st, &f, &headers).await;
     // Its narinfo now answers 404 (see crate::cache::missing_nars).
     if matches!(res, Err(Error::NotFound)) {
-        st.missing_nars.seen_missing(f.as_str()).await;
+        st.live().missing_nars.seen_missing(f.as_str()).await;
     }
     res
 }
@@ -239,7 +239,7 @@ pub(super) async fn put(
     .await
     .unwrap_or(Ok(false))?;
     if stored {
-        st.missing_nars.seen_present(name.as_str()).await;
+        st.live().missing_nars.seen_present(name.as_str()).await;
         if expects_continue(&headers) {
             tracing::info!(nar = %name, "NAR already stored: its body was not asked for");
         } else {
@@ -252,7 +252,7 @@ pub(super) async fn put(
         .uploader
         .put_nar(&name, object::body_stream(&st, body))
         .await?;
-    st.missing_nars.seen_present(name.as_str()).await;
+    st.live().missing_nars.seen_present(name.as_str()).await;
     tracing::info!(nar = %name, size = d.input.size, nar_size = d.nar.size, "NAR uploaded");
     Ok(StatusCode::CREATED)
 }

@@ -54,7 +54,7 @@ pub(super) async fn put(st: &AppState, h: StorePathHash, body: Body) -> Result<S
     // must not hide the path. The state now, not the one before the write: a reload may
     // have replaced the narinfo cache meanwhile.
     if let Ok(f) = acc.narinfo.nar_file() {
-        st.missing_nars.seen_present(f.as_str()).await;
+        st.live().missing_nars.seen_present(f.as_str()).await;
     }
     st.live().narinfos.invalidate(h).await;
     if acc.already_present {
@@ -72,7 +72,7 @@ async fn load(st: &AppState, live: &Arc<Live>, h: StorePathHash) -> Result<Bytes
         .await?
         .ok_or(Error::NotFound)?;
     // Never hand out a path whose NAR fetch is known to fail (crate::cache::missing_nars).
-    if st.missing_nars.points_to_missing(&body) {
+    if st.live().missing_nars.points_to_missing(&body) {
         return Err(Error::NotFound);
     }
     st.access.record_path(h);

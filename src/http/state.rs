@@ -56,8 +56,6 @@ pub struct App {
     pub prefetch: Prefetch,
     /// What was served or uploaded, for garbage collection (see [`crate::gc::access`]).
     pub access: Arc<AccessLog>,
-    /// NARs seen missing: their narinfos answer 404 (see [`crate::cache::missing_nars`]).
-    pub missing_nars: MissingNars,
     /// Set once an upload reached the root URL and the log said to use `/upload` instead.
     pub root_upload_warned: std::sync::atomic::AtomicBool,
     live: ArcSwap<Live>,
@@ -77,6 +75,9 @@ pub struct Live {
     /// Copies paths from upstreams marked `mirror = true` into the store, in the background.
     pub mirror: Mirror,
     pub narinfos: NarInfoCache,
+    /// NARs seen missing: their narinfos answer 404 (see [`crate::cache::missing_nars`]).
+    /// Here, not fixed, as what it remembers lasts `cache.narinfo_ttl_secs`, reloadable.
+    pub missing_nars: MissingNars,
     /// `Cache-Control` of narinfo answers, built once.
     pub narinfo_cache_control: HeaderValue,
     pub cache_info: Bytes,
@@ -141,7 +142,6 @@ impl AppState {
             Uploader::new(&config.upload, &config.store_dir, store.clone())
                 .with_access(access.clone()),
         );
-        let missing_nars = MissingNars::new(c.narinfo_ttl);
         // Weak: the disk cache holds the memory cache (its keeper), which holds this.
         let spill = nars.as_ref().map(|disk| -> Spill {
             let disk = Arc::downgrade(disk);
@@ -165,7 +165,6 @@ impl AppState {
             nar_memory,
             prefetch,
             access,
-            missing_nars,
             root_upload_warned: std::sync::atomic::AtomicBool::new(false),
             live: ArcSwap::from_pointee(live),
         })))
@@ -225,6 +224,7 @@ impl Live {
             cache_info: cache_info::render(&config),
             narinfo_cache_control,
             narinfos,
+            missing_nars: MissingNars::new(c.narinfo_ttl),
             upstreams,
             reads,
             mirror,

@@ -808,6 +808,37 @@ async fn a_narinfo_uploaded_for_a_nar_seen_missing_is_served_at_once() {
     );
 }
 
+/// What the NARs seen missing are remembered for is `cache.narinfo_ttl_secs`, reloadable: a
+/// reload starts them afresh with the new TTL, as it does the narinfo memory cache.
+#[tokio::test]
+async fn a_reload_starts_the_nars_seen_missing_afresh() {
+    let mem = Arc::new(MemoryStore::new());
+    let st = state(Config::default(), &mem);
+    let (nar, file) = tiny_nar();
+    let sha = crate::nix::Sha256::digest(&nar);
+    mem.insert(
+        &format!("{HASH}.narinfo"),
+        format!(
+            "StorePath: /nix/store/{HASH}-gone\nURL: nar/{file}\nCompression: none\n\
+             NarHash: {sha}\nNarSize: {}\nReferences: \n",
+            nar.len()
+        )
+        .into_bytes(),
+    );
+    let narinfo = format!("/{HASH}.narinfo");
+    assert_eq!(
+        get(&st, &format!("/nar/{file}")).await.0,
+        StatusCode::NOT_FOUND
+    );
+    assert_eq!(get(&st, &narinfo).await.0, StatusCode::NOT_FOUND, "hidden");
+    // The NAR comes back (a repair in the bucket); the TTL is lowered and reloaded.
+    mem.insert(&format!("nar/{file}"), nar.clone());
+    let mut lower = st.live().config.clone();
+    lower.cache.narinfo_ttl = Duration::from_secs(60);
+    st.reload(lower, st.live().signing_keys.clone()).unwrap();
+    assert_eq!(get(&st, &narinfo).await.0, StatusCode::OK);
+}
+
 #[tokio::test]
 async fn not_found_answers_carry_the_negative_max_age_others_their_own() {
     let mem = Arc::new(MemoryStore::new());
