@@ -342,6 +342,15 @@ mod tests {
             m.load("over.nar", "nar/over.nar", over).await,
             Err(Unloaded::Large)
         ));
+        m.hint("fits.nar", Some(1000)).await;
+        let fits = chunked(vec![&[3; 600], &[4; 400]], None);
+        assert_eq!(
+            m.load("fits.nar", "nar/fits.nar", fits)
+                .await
+                .unwrap()
+                .len(),
+            1000
+        );
         m.hint("hinted.nar", Some(999)).await;
         let hinted = chunked(vec![&[3; 600], &[4; 400]], None);
         match m.load("hinted.nar", "nar/hinted.nar", hinted).await {

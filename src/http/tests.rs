@@ -541,10 +541,9 @@ async fn a_large_nar_already_stored_is_not_received_again() {
     use crate::config::Scope;
     use crate::upload::STORED_AGAIN_MAX;
     let mem = Arc::new(MemoryStore::new());
-    let st = state(
-        with_tokens(Config::default(), &[("w", "wtok", Scope::Write)]),
-        &mem,
-    );
+    let mut cfg = with_tokens(Config::default(), &[("w", "wtok", Scope::Write)]);
+    cfg.upload.max_nar_bytes = 3 << 20;
+    let st = state(cfg, &mem);
     let stored = format!("{NAR_FILE}.nar.xz");
     mem.insert(&format!("nar/{stored}"), vec![1u8; 300]);
     let absent = format!("{}.nar.xz", "1".repeat(52));
@@ -572,16 +571,18 @@ async fn a_large_nar_already_stored_is_not_received_again() {
     assert!(read.is_client_error(), "{read}");
     assert_eq!(mem.requests(), before, "a small NAR was looked up");
 
-    // Through a proxy that took `Expect` for itself: the body comes, and is read whole.
+    // Through a proxy that took `Expect` for itself: the body comes, and is read whole (up
+    // to `upload.max_nar_bytes`, here exactly that).
     let taken = Arc::new(std::sync::atomic::AtomicUsize::new(0));
-    let counted = taken.clone();
-    let chunks = futures::stream::iter((0..3).map(move |_| {
-        counted.fetch_add(1, std::sync::atomic::Ordering::SeqCst);
-        Ok::<_, std::io::Error>(bytes::Bytes::from(vec![0u8; 1 << 20]))
-    }));
+    let mebibytes = |n: usize, taken: Arc<std::sync::atomic::AtomicUsize>| {
+        Body::from_stream(futures::stream::iter((0..n).map(move |_| {
+            taken.fetch_add(1, std::sync::atomic::Ordering::SeqCst);
+            Ok::<_, std::io::Error>(bytes::Bytes::from(vec![0u8; 1 << 20]))
+        })))
+    };
     let req = authed("PUT", &format!("/upload/nar/{stored}"), "wtok")
         .header("content-length", (3u64 << 20).to_string())
-        .body(Body::from_stream(chunks))
+        .body(mebibytes(3, taken.clone()))
         .unwrap();
     let before = mem.requests();
     assert_eq!(send(&st, req).await.status(), StatusCode::OK);
@@ -595,6 +596,11 @@ async fn a_large_nar_already_stored_is_not_received_again() {
         before + 1,
         "only the lookup: nothing stored"
     );
+    // Without a length, a body past the limit is refused as it comes.
+    let req = authed("PUT", &format!("/upload/nar/{stored}"), "wtok")
+        .body(mebibytes(5, taken.clone()))
+        .unwrap();
+    assert_eq!(send(&st, req).await.status(), StatusCode::PAYLOAD_TOO_LARGE);
     assert_eq!(
         mem.get_bytes(&format!("nar/{stored}"), 1000)
             .await
