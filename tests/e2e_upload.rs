@@ -669,33 +669,6 @@ async fn truncated_upload_leaves_no_trace() {
     assert!(resp.starts_with("HTTP/1.1 200"), "{resp}");
 }
 
-/// The value of the gauge `metric` on `srv` once `ok` holds for it (polled, 30 s at most).
-async fn gauge_reaches(srv: &Server, metric: &str, ok: impl Fn(f64) -> bool) -> f64 {
-    let deadline = std::time::Instant::now() + std::time::Duration::from_secs(30);
-    loop {
-        let text = reqwest::get(format!("{}/metrics", srv.url))
-            .await
-            .unwrap()
-            .text()
-            .await
-            .unwrap();
-        let v = text
-            .lines()
-            .find_map(|l| l.strip_prefix(&format!("{metric} ")))
-            .and_then(|v| v.parse().ok())
-            .unwrap_or(f64::NAN);
-        if ok(v) {
-            return v;
-        }
-        assert!(
-            std::time::Instant::now() < deadline,
-            "{metric} stayed at {v}:\n{}",
-            srv.log()
-        );
-        tokio::time::sleep(std::time::Duration::from_millis(20)).await;
-    }
-}
-
 /// Through nginx as the README sets it up (`proxy_request_buffering off`: nginx answers
 /// `Expect: 100-continue` itself, so the client has sent its body before cellar sees the
 /// request), an upload that arrives while all `upload.max_concurrent` slots are taken waits

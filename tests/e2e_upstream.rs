@@ -384,11 +384,8 @@ async fn nix_substitutes_from_nix_serve_and_harmonia() {
     let leaf = f.closure.iter().find(|p| p.ends_with("-leaf")).unwrap();
     for style in ["nix-serve", "harmonia"] {
         let other = OtherServer::start(style, work.path());
-        // One of them mirrored, so that the paths must also be stored under its names.
-        let mirror = style == "harmonia";
-        let extra = if mirror { "mirror = true\n" } else { "" };
         let app = App::s3(&format!("pull-{style}"))
-            .config(&upstream_config(&other.url, &other.public_key, extra))
+            .config(&upstream_config(&other.url, &other.public_key, ""))
             .spawn()
             .await;
         let a = &app.srv;
@@ -410,9 +407,8 @@ async fn nix_substitutes_from_nix_serve_and_harmonia() {
         assert!(url.contains(&want), "{style}: {ni}");
         let nar = reqwest::get(format!("{}/{url}", a.url)).await.unwrap();
         assert_eq!(nar.status(), 200, "{style}: GET {url}\n{}", a.log());
-        // Mirrored, it is in the bucket by now, with its length.
         assert!(
-            mirror || !nar.headers().contains_key(reqwest::header::ACCEPT_RANGES),
+            !nar.headers().contains_key(reqwest::header::ACCEPT_RANGES),
             "{style}: ranges offered on a NAR of unknown length"
         );
         let direct = reqwest::get(format!("{}/{url}", other.url))
@@ -422,13 +418,31 @@ async fn nix_substitutes_from_nix_serve_and_harmonia() {
             .await
             .unwrap();
         assert_eq!(nar.bytes().await.unwrap(), direct, "{style}");
-
-        if mirror {
-            // Copied into the bucket: the closure substitutes without the upstream.
-            a.wait_for_log("mirrored from upstream", f.closure.len());
-            drop(other);
-            let again = work.path().join(format!("{style}-again"));
-            substitute_and_verify(&a.url, &a.public_key, &f.top, &again);
-        }
     }
+
+    // Mirrored, a path is stored under harmonia's names, and substitutes without it.
+    let fresh = work.path().join("mirror");
+    std::fs::create_dir(&fresh).unwrap();
+    let other = OtherServer::start("harmonia", &fresh);
+    let app = App::s3("pull-harmonia-mirror")
+        .config(&upstream_config(
+            &other.url,
+            &other.public_key,
+            "mirror = true\n",
+        ))
+        .spawn()
+        .await;
+    let a = &app.srv;
+    let ni = reqwest::get(format!("{}/{}.narinfo", a.url, Fixture::hash(leaf)))
+        .await
+        .unwrap();
+    assert_eq!(ni.status(), 200);
+    a.wait_for_log("mirrored from upstream", 1);
+    drop(other);
+    substitute_and_verify(
+        &a.url,
+        &a.public_key,
+        leaf,
+        &work.path().join("harmonia-mirrored"),
+    );
 }

@@ -192,8 +192,12 @@ pub struct Uploader {
     recompress: Option<Recompression>,
     trusted_keys: Vec<PublicKey>,
     limits: Limits,
-    /// One permit per NAR upload in progress (`upload.max_concurrent`).
+    /// One permit per upload in progress (`upload.max_concurrent`).
     slots: Arc<Semaphore>,
+    /// One permit per NAR being read back for a narinfo (as many again): apart from the
+    /// uploads', so that long NAR uploads do not keep narinfos (whose body is read already)
+    /// waiting until they are refused.
+    readbacks: Arc<Semaphore>,
     // A std Mutex: held for map operations only, never across an await.
     verified: Mutex<HashMap<String, VerifiedNar>>,
     /// Upload records written when a client asked for a NAR (`HEAD nar/…`, which Nix sends
@@ -234,6 +238,7 @@ impl Uploader {
             trusted_keys: cfg.trusted_keys.clone(),
             limits: Limits::from_config(cfg),
             slots: Arc::new(Semaphore::new(cfg.max_concurrent)),
+            readbacks: Arc::new(Semaphore::new(cfg.max_concurrent)),
             verified: Mutex::new(HashMap::new()),
             early: Mutex::new(HashMap::new()),
             written: Mutex::new(HashMap::new()),
@@ -258,12 +263,22 @@ impl Uploader {
     /// `upload.max_concurrent` are in progress, the upload waits for one (at most
     /// [`ADMIT_WAIT`], first come first served), then is `Busy` (503).
     pub async fn admit(&self) -> Result<Slot, Error> {
+        Self::slot_of(&self.slots).await
+    }
+
+    /// A slot for reading a NAR back (see [`Uploader::readbacks`]), taken as [`Self::admit`]
+    /// takes one.
+    pub(crate) async fn readback_slot(&self) -> Result<Slot, Error> {
+        Self::slot_of(&self.readbacks).await
+    }
+
+    async fn slot_of(slots: &Arc<Semaphore>) -> Result<Slot, Error> {
         let busy = || {
             Error::Upload(UploadError::Busy {
                 retry_after_secs: BUSY_RETRY_AFTER_SECS,
             })
         };
-        if let Ok(permit) = self.slots.clone().try_acquire_owned() {
+        if let Ok(permit) = slots.clone().try_acquire_owned() {
             return Ok(Slot::new(permit));
         }
         tracing::debug!("upload waits for one of upload.max_concurrent");
@@ -276,7 +291,7 @@ impl Uploader {
         }
         crate::metrics::get().uploads_waiting.inc();
         let _waiting = Waiting;
-        match tokio::time::timeout(ADMIT_WAIT, self.slots.clone().acquire_owned()).await {
+        match tokio::time::timeout(ADMIT_WAIT, slots.clone().acquire_owned()).await {
             Ok(Ok(permit)) => Ok(Slot::new(permit)),
             Ok(Err(_)) | Err(_) => {
                 tracing::warn!(
@@ -568,11 +583,11 @@ impl Uploader {
 
     /// Finds and digests a NAR this process did not see being uploaded (another replica
     /// received it, or this process before a restart). Reading a NAR back and decoding it
-    /// costs what receiving it does, so it holds one of the `upload.max_concurrent` slots:
-    /// a fleet's narinfos landing on a replica that saw none of their NARs are not all read
-    /// back at once.
+    /// costs what receiving it does, so at most `upload.max_concurrent` are read back at
+    /// once: a fleet's narinfos landing on a replica that saw none of their NARs are not all
+    /// read back together.
     async fn verify_stored(&self, name: &NarFileName) -> Result<Option<VerifiedNar>, Error> {
-        let _slot = self.admit().await?;
+        let _slot = self.readback_slot().await?;
         let mut candidates = vec![name.clone()];
         if let Some((stored, _)) = self.reencoded(name) {
             candidates.push(stored);

@@ -373,10 +373,11 @@ async fn a_failed_look_at_the_nar_is_asked_again_before_the_narinfo_is_taken_bac
     }
 }
 
-/// A NAR read back for a narinfo (uploaded through another replica) holds an upload slot:
-/// with every slot taken it waits, and is busy after [`ADMIT_WAIT`]. (Paused time.)
+/// A NAR read back for a narinfo (uploaded through another replica) takes a slot of its own
+/// pool: with every one taken it waits, and is busy after [`ADMIT_WAIT`]; the uploads' slots
+/// all taken do not hold it up. (Paused time.)
 #[tokio::test(start_paused = true)]
-async fn reading_a_nar_back_takes_an_upload_slot() {
+async fn reading_a_nar_back_takes_a_slot_of_its_own() {
     let mem = Arc::new(MemoryStore::new());
     let mut cfg = Config::default();
     cfg.upload.max_concurrent = 1;
@@ -386,7 +387,8 @@ async fn reading_a_nar_back_takes_an_upload_slot() {
     let info = narinfo_for(&nar, nar.len());
     mem.insert(&object_key::nar(&info.nar_file().unwrap()), nar.to_vec());
     let text = info.render("/nix/store");
-    let slot = up.admit().await.unwrap();
+    let slot = up.readback_slot().await.unwrap();
+    let uploading = up.admit().await.unwrap();
     let e = up
         .put_narinfo(info.hash(), text.as_bytes(), None)
         .await
@@ -399,6 +401,7 @@ async fn reading_a_nar_back_takes_an_upload_slot() {
     up.put_narinfo(info.hash(), text.as_bytes(), None)
         .await
         .unwrap();
+    drop(uploading);
 }
 
 fn narinfo_at(path: &str, nar: &[u8], url: &str) -> NarInfo {
