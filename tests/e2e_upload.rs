@@ -686,16 +686,22 @@ async fn an_upload_through_nginx_waits_for_a_slot() {
     let srv = &app.srv;
     let nginx = replicas_support::Nginx::start(&[srv]);
 
-    // A log upload holds the one slot: half its body sent, the rest when the test says.
+    // A log upload holds the one slot: admitted once cellar asks for its body (100 Continue),
+    // it sends half of it, the rest when the test says.
     let log = format!("/upload/log/{}", Fixture::basename(&f.top_drv));
     let mut held = std::net::TcpStream::connect(srv.addr).unwrap();
     write!(
         held,
         "PUT {log} HTTP/1.1\r\nHost: x\r\nAuthorization: Bearer {w}\r\n\
-         Content-Type: text/plain\r\nContent-Length: 10\r\nConnection: close\r\n\r\n12345"
+         Content-Type: text/plain\r\nContent-Length: 10\r\nExpect: 100-continue\r\n\
+         Connection: close\r\n\r\n"
     )
     .unwrap();
-    gauge_reaches(srv, "cellar_uploads_running", |v| v == 1.0).await;
+    let mut head = [0u8; 64];
+    let n = held.read(&mut head).unwrap();
+    let cont = String::from_utf8_lossy(&head[..n]).into_owned();
+    assert!(cont.starts_with("HTTP/1.1 100"), "{cont}");
+    write!(held, "12345").unwrap();
 
     let leaf = f.closure.iter().find(|p| p.ends_with("-leaf")).unwrap();
     let netrc = netrc(work.path(), srv, &w);
@@ -710,7 +716,8 @@ async fn an_upload_through_nginx_waits_for_a_slot() {
         .stderr(std::process::Stdio::piped());
     let copy = c.spawn().unwrap();
     // Its NAR upload waits for the slot...
-    gauge_reaches(srv, "cellar_uploads_waiting", |v| v == 1.0).await;
+    srv.wait_for_log("upload waits for one of upload.max_concurrent", 1);
+    assert_eq!(metric_sum(srv, "cellar_uploads_waiting", &[]).await, 1.0);
     // ...which it gets when the log upload ends.
     write!(held, "67890").unwrap();
     let mut answer = String::new();
@@ -725,7 +732,7 @@ async fn an_upload_through_nginx_waits_for_a_slot() {
     );
     let narinfo = format!("{}/{}.narinfo", srv.url, Fixture::hash(leaf));
     assert_eq!(reqwest::get(&narinfo).await.unwrap().status(), 200);
-    // Both gauges come back down.
-    gauge_reaches(srv, "cellar_uploads_waiting", |v| v == 0.0).await;
-    gauge_reaches(srv, "cellar_uploads_running", |v| v == 0.0).await;
+    // Both gauges are back down (every upload's answer has come: its slot is let go first).
+    assert_eq!(metric_sum(srv, "cellar_uploads_waiting", &[]).await, 0.0);
+    assert_eq!(metric_sum(srv, "cellar_uploads_running", &[]).await, 0.0);
 }

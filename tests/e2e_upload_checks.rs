@@ -250,7 +250,6 @@ async fn bounds_413_408_and_a_wait_for_the_upload_slot() {
             out.write_all(&vec![0u8; total - sent]).unwrap();
         })
     };
-    gauge_reaches(srv, "cellar_uploads_running", |v| v == 1.0).await;
     let work = tempfile::tempdir().unwrap();
     let netrc = netrc(work.path(), srv, &w);
     let leaf = path_of(f, "-leaf");
@@ -266,7 +265,7 @@ async fn bounds_413_408_and_a_wait_for_the_upload_slot() {
     .arg(leaf)
     .stderr(std::process::Stdio::piped());
     let child = c.spawn().unwrap();
-    gauge_reaches(srv, "cellar_uploads_waiting", |v| v == 1.0).await; // nix waits
+    srv.wait_for_log("upload waits for one of upload.max_concurrent", 1); // nix waits
     finish.store(true, std::sync::atomic::Ordering::SeqCst);
     trickle.join().unwrap();
     let _ = status_line(&mut holder);

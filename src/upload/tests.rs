@@ -313,24 +313,34 @@ async fn one_read_of_the_announcements_serves_uploads_for_a_while() {
     assert_eq!(lists(), 3);
 }
 
-/// A NAR deleted while its narinfo is being written (a collector that announced it before
-/// the upload's record, deleted it, and withdrew the announcement before the upload read the
-/// announcements): the narinfo is taken back and the upload refused, never left pointing at
-/// nothing.
-#[tokio::test]
-async fn a_nar_deleted_while_its_narinfo_is_written_takes_the_narinfo_back() {
+/// An uploader writing access records, with [`nar`] uploaded, and the narinfo for it; `then`
+/// runs on the store and the NAR's key when a narinfo is written (before the upload looks at
+/// the NAR once more).
+async fn nar_uploaded_then(
+    then: impl Fn(&MemoryStore, &str) + Send + Sync + 'static,
+) -> (Arc<MemoryStore>, Uploader, NarInfo) {
     let (mem, up) = uploader_with_access();
     let nar = nar();
     let info = narinfo_for(&nar, nar.len());
     let file = info.nar_file().unwrap();
     up.put_nar(&file, body(nar.clone())).await.unwrap();
     let nar_key = object_key::nar(&file);
-    let deleter = Arc::downgrade(&mem);
+    let store = Arc::downgrade(&mem);
     mem.after_write(&object_key::narinfo(info.hash()), move |_| {
-        if let Some(m) = deleter.upgrade() {
-            m.remove(&nar_key);
+        if let Some(m) = store.upgrade() {
+            then(&m, &nar_key);
         }
     });
+    (mem, up, info)
+}
+
+/// A NAR deleted while its narinfo is being written (a collector that announced it before
+/// the upload's record, deleted it, and withdrew the announcement before the upload read the
+/// announcements): the narinfo is taken back and the upload refused, never left pointing at
+/// nothing.
+#[tokio::test]
+async fn a_nar_deleted_while_its_narinfo_is_written_takes_the_narinfo_back() {
+    let (mem, up, info) = nar_uploaded_then(|m, nar_key| m.remove(nar_key)).await;
     let e = up
         .put_narinfo(info.hash(), info.render("/nix/store").as_bytes(), None)
         .await
@@ -352,18 +362,8 @@ async fn a_nar_deleted_while_its_narinfo_is_written_takes_the_narinfo_back() {
 async fn a_failed_look_at_the_nar_is_asked_again_before_the_narinfo_is_taken_back() {
     use crate::store::memory::FailOp;
     for (failures, kept) in [(1, true), (4, false)] {
-        let (mem, up) = uploader_with_access();
-        let nar = nar();
-        let info = narinfo_for(&nar, nar.len());
-        let file = info.nar_file().unwrap();
-        up.put_nar(&file, body(nar.clone())).await.unwrap();
-        let nar_key = object_key::nar(&file);
-        let failing = Arc::downgrade(&mem);
-        mem.after_write(&object_key::narinfo(info.hash()), move |_| {
-            if let Some(m) = failing.upgrade() {
-                m.fail(FailOp::Read, &nar_key, 0, failures);
-            }
-        });
+        let (mem, up, info) =
+            nar_uploaded_then(move |m, nar_key| m.fail(FailOp::Read, nar_key, 0, failures)).await;
         let res = up
             .put_narinfo(info.hash(), info.render("/nix/store").as_bytes(), None)
             .await;

@@ -773,7 +773,8 @@ fn build_fixture() -> Fixture {
 }
 
 /// The sum of the samples of `metric` (e.g. `cellar_store_requests_total`) on `srv`'s /metrics
-/// whose labels contain each of `labels` (e.g. `op="GetObject"`).
+/// whose labels contain each of `labels` (e.g. `op="GetObject"`); for a metric without labels
+/// (a gauge such as `cellar_uploads_waiting`), its value.
 pub async fn metric_sum(srv: &Server, metric: &str, labels: &[&str]) -> f64 {
     let text = reqwest::get(format!("{}/metrics", srv.url))
         .await
@@ -781,9 +782,10 @@ pub async fn metric_sum(srv: &Server, metric: &str, labels: &[&str]) -> f64 {
         .text()
         .await
         .unwrap();
-    let prefix = format!("{metric}{{");
+    let (labelled, bare) = (format!("{metric}{{"), format!("{metric} "));
     text.lines()
-        .filter(|l| l.starts_with(&prefix) && labels.iter().all(|want| l.contains(want)))
+        .filter(|l| l.starts_with(&labelled) || l.starts_with(&bare))
+        .filter(|l| labels.iter().all(|want| l.contains(want)))
         .filter_map(|l| l.rsplit_once(' ')?.1.parse::<f64>().ok())
         .sum()
 }

@@ -101,30 +101,3 @@ pub async fn put(
 pub async fn status(url: String) -> u16 {
     reqwest::get(url).await.unwrap().status().as_u16()
 }
-
-/// The value of the gauge `metric` on `srv` once `ok` holds for it (polled, 30 s at most).
-pub async fn gauge_reaches(srv: &Server, metric: &str, ok: impl Fn(f64) -> bool) -> f64 {
-    let deadline = std::time::Instant::now() + std::time::Duration::from_secs(30);
-    loop {
-        let text = reqwest::get(format!("{}/metrics", srv.url))
-            .await
-            .unwrap()
-            .text()
-            .await
-            .unwrap();
-        let v = text
-            .lines()
-            .find_map(|l| l.strip_prefix(&format!("{metric} ")))
-            .and_then(|v| v.parse().ok())
-            .unwrap_or(f64::NAN);
-        if ok(v) {
-            return v;
-        }
-        assert!(
-            std::time::Instant::now() < deadline,
-            "{metric} stayed at {v}:\n{}",
-            srv.log()
-        );
-        tokio::time::sleep(std::time::Duration::from_millis(20)).await;
-    }
-}
