@@ -375,8 +375,9 @@ impl Drop for OtherServer {
 /// Pull-through from the servers people run on a builder: nix-serve names NARs
 /// `nar/<pathhash>-<narhash>.nar`, harmonia `nar/<narhash>.nar?hash=<pathhash>`, and both
 /// stream them without a `Content-Length`. The real client substitutes the closure through
-/// cellar, which passes their URLs on and streams their NARs as they come (no length, no
-/// ranges offered).
+/// cellar, which passes their URLs on, streams a NAR it knows no size of as it comes (no
+/// length, no ranges offered), and keeps those whose narinfo it served (`Compression: none`
+/// gives the size): once the upstream is gone, the closure still substitutes from cellar.
 #[tokio::test(flavor = "multi_thread")]
 async fn nix_substitutes_from_nix_serve_and_harmonia() {
     let f = fixture();
@@ -389,22 +390,26 @@ async fn nix_substitutes_from_nix_serve_and_harmonia() {
             .spawn()
             .await;
         let a = &app.srv;
-        substitute_and_verify(&a.url, &a.public_key, &f.top, &work.path().join(style));
-
-        // The leaf's narinfo carries the upstream's NAR URL, and its NAR comes as sent.
-        let ni = reqwest::get(format!("{}/{}.narinfo", a.url, Fixture::hash(leaf)))
+        let upstream_ni = reqwest::get(format!("{}/{}.narinfo", other.url, Fixture::hash(leaf)))
             .await
             .unwrap()
             .text()
             .await
             .unwrap();
-        let url = ni.lines().find_map(|l| l.strip_prefix("URL: ")).unwrap();
+        let field = |ni: &str, name: &str| {
+            ni.lines()
+                .find_map(|l| l.strip_prefix(&format!("{name}: ")))
+                .map(str::to_owned)
+        };
+        let url = field(&upstream_ni, "URL").unwrap();
         let want = if style == "nix-serve" {
             format!("nar/{}-", Fixture::hash(leaf))
         } else {
             "?hash=".to_owned()
         };
-        assert!(url.contains(&want), "{style}: {ni}");
+        assert!(url.contains(&want), "{style}: {upstream_ni}");
+
+        // Asked for before its narinfo, a NAR comes as sent: no length, no ranges.
         let nar = reqwest::get(format!("{}/{url}", a.url)).await.unwrap();
         assert_eq!(nar.status(), 200, "{style}: GET {url}\n{}", a.log());
         assert!(
@@ -418,6 +423,35 @@ async fn nix_substitutes_from_nix_serve_and_harmonia() {
             .await
             .unwrap();
         assert_eq!(nar.bytes().await.unwrap(), direct, "{style}");
+
+        substitute_and_verify(&a.url, &a.public_key, &f.top, &work.path().join(style));
+
+        // The narinfo keeps the upstream's NAR URL and gives the size it lacked.
+        let ni = reqwest::get(format!("{}/{}.narinfo", a.url, Fixture::hash(leaf)))
+            .await
+            .unwrap()
+            .text()
+            .await
+            .unwrap();
+        assert_eq!(field(&ni, "URL"), Some(url.clone()), "{style}: {ni}");
+        assert_eq!(field(&upstream_ni, "FileSize"), None, "{upstream_ni}");
+        assert_eq!(
+            field(&ni, "FileSize"),
+            field(&ni, "NarSize"),
+            "{style}: {ni}"
+        );
+        let nar = reqwest::get(format!("{}/{url}", a.url)).await.unwrap();
+        assert_eq!(nar.content_length(), Some(direct.len() as u64), "{style}");
+        assert_eq!(nar.bytes().await.unwrap(), direct, "{style}");
+
+        // Without the upstream, the closure (small NARs and a 2 MiB one) comes from cellar.
+        drop(other);
+        substitute_and_verify(
+            &a.url,
+            &a.public_key,
+            &f.top,
+            &work.path().join(format!("{style}-gone")),
+        );
     }
 
     // Mirrored, a path is stored under harmonia's names, and substitutes without it.

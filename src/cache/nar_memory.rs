@@ -2,8 +2,10 @@
 //! a hot closure of them is then served without any I/O.
 //!
 //! Which NARs are small is known before fetching them: every narinfo cellar loads announces
-//! its NAR's size (`FileSize:`), recorded here as a hint ([`NarMemory::hint`]). A NAR with a
-//! small hint is loaded whole, once for all concurrent requests (a client's and a prefetch's
+//! its NAR's size (`FileSize:`), recorded here ([`NarMemory::hint`]) for NARs of every size:
+//! the NAR disk cache holds its files to it too ([`NarMemory::announced`]), and a NAR held
+//! here of another size than its narinfo now says (a NAR named after its store path, which
+//! an upstream replaced) is let go. A NAR with a small hint is loaded whole, once for all concurrent requests (a client's and a prefetch's
 //! alike), and kept; anything else takes the streaming path (the disk cache or the store).
 //! NARs are immutable, so entries need no TTL: the least recently used go first, to the NAR
 //! disk cache if there is one ([`Spill`]): small NARs are written to disk only when memory
@@ -112,11 +114,14 @@ impl NarMemory {
 
     /// Records the size a narinfo gives for NAR file `name`.
     pub async fn hint(&self, name: &str, file_size: Option<u64>) {
-        if let (Some(_), Some(size)) = (&self.cache, file_size) {
-            if size <= self.max_object {
-                self.hints.insert(name.into(), size).await;
-            }
+        if let Some(size) = file_size {
+            self.hints.insert(name.into(), size).await;
         }
+    }
+
+    /// The size the last narinfo read for NAR file `name` gave it, if one did.
+    pub async fn announced(&self, name: &str) -> Option<u64> {
+        self.hints.get(name).await
     }
 
     /// Whether a NAR of `size` bytes is kept here (when its narinfo was read first).
@@ -126,20 +131,38 @@ impl NarMemory {
 
     /// Whether `name` is known to be small enough to be kept.
     pub async fn is_small(&self, name: &str) -> bool {
-        self.cache.is_some() && self.hints.get(name).await.is_some()
+        self.cache.is_some()
+            && self
+                .hints
+                .get(name)
+                .await
+                .is_some_and(|size| size <= self.max_object)
     }
 
     /// Held in memory now (no loading).
     pub async fn get(&self, name: &str) -> Option<Bytes> {
-        let found = self.cache.as_ref()?.get(name).await;
+        let found = self.held(name).await;
         crate::metrics::cache_lookup("nar_memory", if found.is_some() { "hit" } else { "miss" });
         found
     }
 
     /// The size of `name` if it is held (a HEAD answered without the store).
     pub async fn size_of(&self, name: &str) -> Option<u64> {
-        let held = self.cache.as_ref()?.get(name).await?;
-        Some(held.len() as u64)
+        Some(self.held(name).await?.len() as u64)
+    }
+
+    /// `name` as held, unless its narinfo now gives it another size: then it is let go.
+    async fn held(&self, name: &str) -> Option<Bytes> {
+        let cache = self.cache.as_ref()?;
+        let held = cache.get(name).await?;
+        match self.hints.get(name).await {
+            Some(size) if size != held.len() as u64 => {
+                tracing::info!(nar = %name, held = held.len(), size, "NAR memory: its narinfo now gives another size; letting it go");
+                cache.invalidate(name).await;
+                None
+            }
+            _ => Some(held),
+        }
     }
 
     /// Held in memory (without counting a lookup): for prefetching.
@@ -259,7 +282,8 @@ mod tests {
         m.hint("large.nar", Some(5000)).await;
         m.hint("lying.nar", Some(10)).await;
         assert!(m.is_small("small.nar").await);
-        assert!(!m.is_small("large.nar").await, "over the limit: no hint");
+        assert!(!m.is_small("large.nar").await, "over the limit");
+        assert_eq!(m.announced("large.nar").await, Some(5000));
         assert!(!m.is_small("unknown.nar").await);
 
         let (a, b) = tokio::join!(
@@ -357,6 +381,33 @@ mod tests {
             Err(Unloaded::Failed(e)) => assert!(e.to_string().contains("FileSize"), "{e}"),
             _ => panic!("a NAR of another size than its narinfo's was taken"),
         }
+    }
+
+    /// A NAR named after its store path changes when its upstream rebuilds the path: once the
+    /// narinfo gives another size, the NAR held is let go and the new one loaded.
+    #[tokio::test]
+    async fn a_nar_its_narinfo_now_gives_another_size_is_let_go() {
+        let mem = Arc::new(MemoryStore::new());
+        mem.insert("nar/p.nar", vec![1u8; 100]);
+        let store: Arc<dyn Store> = mem.clone();
+        let m = NarMemory::new(1 << 20, 1000, None);
+        m.hint("p.nar", Some(100)).await;
+        let old = m
+            .load("p.nar", "nar/p.nar", open(&store, "nar/p.nar"))
+            .await;
+        assert_eq!(old.unwrap().len(), 100);
+        m.hint("p.nar", Some(100)).await;
+        assert!(m.get("p.nar").await.is_some(), "the same size: kept");
+
+        mem.insert("nar/p.nar", vec![2u8; 200]);
+        m.hint("p.nar", Some(200)).await;
+        assert_eq!(m.size_of("p.nar").await, None);
+        assert!(m.get("p.nar").await.is_none());
+        let new = m
+            .load("p.nar", "nar/p.nar", open(&store, "nar/p.nar"))
+            .await;
+        assert_eq!(new.unwrap(), vec![2u8; 200]);
+        assert_eq!(m.size_of("p.nar").await, Some(200));
     }
 
     #[tokio::test]

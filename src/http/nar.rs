@@ -81,7 +81,8 @@ async fn fetch(st: &AppState, f: &NarFileName, headers: &HeaderMap) -> Result<Re
         return Ok(to);
     }
     if let Some(cache) = &st.nars {
-        match cache.get(f, &key, range, &reads).await? {
+        let announced = st.nar_memory.announced(f.as_str()).await;
+        match cache.get(f, &key, range, announced, &reads).await? {
             NarCacheAnswer::Object(obj) => return Ok(object::object_response(obj, Kind::Nar)),
             NarCacheAnswer::NotFound => return Err(Error::NotFound),
             NarCacheAnswer::Bypass => {}
@@ -145,7 +146,8 @@ pub(super) async fn open_whole(
     reads: &Arc<dyn Store>,
 ) -> Result<Option<Object>, Error> {
     if let Some(cache) = &st.nars {
-        if let Some(obj) = cache.held(f).await? {
+        let announced = st.nar_memory.announced(f.as_str()).await;
+        if let Some(obj) = cache.held(f, announced).await? {
             return Ok(Some(obj));
         }
     }
@@ -161,7 +163,13 @@ pub(super) async fn head(
     // The layers GET reads, in its order, so HEAD answers whatever GET would serve.
     let mut size = st.nar_memory.size_of(f.as_str()).await;
     if size.is_none() {
-        size = st.nars.as_ref().and_then(|cache| cache.size_of(&f));
+        // Not a file its narinfo now gives another size (GET fetches that again).
+        let announced = st.nar_memory.announced(f.as_str()).await;
+        size = st
+            .nars
+            .as_ref()
+            .and_then(|cache| cache.size_of(&f))
+            .filter(|&held| announced.is_none_or(|a| a == held));
     }
     if size.is_none() {
         let reads = st.live().reads.clone();

@@ -131,6 +131,7 @@ async fn signed_narinfo(
             None => return Ok(None),
         },
     };
+    info.complete_file_size();
     if !live.config.signing.keep_existing_signatures {
         info.sigs.clear();
     }

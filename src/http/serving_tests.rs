@@ -463,6 +463,37 @@ async fn small_nars_reach_the_disk_only_when_memory_lets_them_go() {
     assert_eq!(mem.gets_under("nar/"), 6, "every NAR from memory or disk");
 }
 
+/// A NAR named after its store path, on disk, that a new narinfo gives another size (the
+/// upstream rebuilt the path): HEAD and GET answer the new NAR, not the file on disk.
+#[tokio::test]
+async fn a_nar_on_disk_that_its_narinfo_now_sizes_otherwise_is_fetched_again() {
+    use super::tests::head;
+    let dir = tempfile::tempdir().unwrap();
+    let mem = Arc::new(MemoryStore::new());
+    let mut cfg = Config::default();
+    cfg.cache.nar_dir = Some(dir.path().join("nars"));
+    let st = state(cfg, &mem);
+    let file = format!("{HASH}.nar");
+    let key = format!("nar/{file}");
+    let old = vec![1u8; 200_000];
+    mem.insert(&key, old.clone());
+    st.nar_memory.hint(&file, Some(200_000)).await;
+    assert_eq!(get(&st, &format!("/nar/{file}")).await.1, old);
+    let disk = st.nars.clone().unwrap();
+    disk.wait_until(|d| d.usage().0 == 1).await;
+    mem.set_down(true);
+    let held = head(&st, &format!("/nar/{file}")).await;
+    assert_eq!(held, (StatusCode::OK, Some("200000".into())));
+    mem.set_down(false);
+
+    let new = vec![2u8; 150_000];
+    mem.insert(&key, new.clone());
+    st.nar_memory.hint(&file, Some(150_000)).await;
+    let fresh = head(&st, &format!("/nar/{file}")).await;
+    assert_eq!(fresh, (StatusCode::OK, Some("150000".into())));
+    assert_eq!(get(&st, &format!("/nar/{file}")).await.1, new);
+}
+
 /// A small NAR asked for without its narinfo (a client that had the narinfo from its own
 /// cache) goes to memory too, not to a file of the disk cache: served from memory next time.
 #[tokio::test]

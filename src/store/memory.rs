@@ -92,6 +92,8 @@ pub struct MemoryStore {
     failing: Mutex<Vec<(FailOp, String, usize, usize)>>,
     /// Set: large NARs are redirected to `<base>/<key>` (as S3 does with presigned URLs).
     presign_base: Mutex<Option<String>>,
+    /// Set: objects are sent whole without a length, ranges ignored (as nix-serve does).
+    lengthless: AtomicBool,
 }
 
 impl MemoryStore {
@@ -120,6 +122,12 @@ impl MemoryStore {
     }
 
     /// Removes an object at once (from a hook: what another process deletes meanwhile).
+    /// Sends objects from now on as nix-serve and harmonia send NARs: whole, ranges ignored,
+    /// without a length.
+    pub fn serve_unsized(&self) {
+        self.lengthless.store(true, Ordering::SeqCst);
+    }
+
     pub fn remove(&self, key: &str) {
         lock(&self.objects).remove(key);
     }
@@ -266,6 +274,11 @@ impl Store for MemoryStore {
         let Some(data) = found else {
             return Ok(None);
         };
+        if self.lengthless.load(Ordering::SeqCst) {
+            let mut obj = Object::from_bytes(data, None)?;
+            obj.length = None;
+            return Ok(Some(obj));
+        }
         let Some(ByteRange::From { start, end }) = range else {
             return Object::from_bytes(data, range).map(Some);
         };

@@ -186,9 +186,10 @@ impl NarCache {
         self: &Arc<Self>,
         name: &str,
         key: &str,
+        announced: Option<u64>,
         store: &Arc<dyn Store>,
     ) -> Result<NarCacheAnswer, StoreError> {
-        let answer = self.on_fill(name, key, store, |started| match started {
+        let answer = self.on_fill(name, key, announced, store, |started| match started {
             Started::Filling(h) => Ok(NarCacheAnswer::Object(Object {
                 body: tail(h.clone()),
                 length: Some(h.size),
@@ -245,14 +246,20 @@ impl NarCache {
             return "skipped";
         }
         let filling = self
-            .on_fill(name.as_str(), key, store, |started| match started {
-                Started::Filling(h) => Ok(Some(h.clone())),
-                Started::Small(_) => Ok(None),
-                Started::NotFound => Err("absent"),
-                // Opened for nobody: dropped.
-                Started::Bypass(_) => Err("skipped"),
-                Started::Failed(_) => Err("failed"),
-            })
+            .on_fill(
+                name.as_str(),
+                key,
+                Some(size),
+                store,
+                |started| match started {
+                    Started::Filling(h) => Ok(Some(h.clone())),
+                    Started::Small(_) => Ok(None),
+                    Started::NotFound => Err("absent"),
+                    // Opened for nobody: dropped.
+                    Started::Bypass(_) => Err("skipped"),
+                    Started::Failed(_) => Err("failed"),
+                },
+            )
             .await;
         match filling {
             Some(Ok(Some(h))) => h.finished().await,
@@ -270,6 +277,7 @@ impl NarCache {
         self: &Arc<Self>,
         name: &str,
         key: &str,
+        announced: Option<u64>,
         store: &Arc<dyn Store>,
         use_it: impl FnOnce(&Started) -> R,
     ) -> Option<R> {
@@ -291,7 +299,9 @@ impl NarCache {
             cell: &cell,
         };
         let started = cell
-            .get_or_init(|| self.start_fill(name.to_owned(), key.to_owned(), store.clone()))
+            .get_or_init(|| {
+                self.start_fill(name.to_owned(), key.to_owned(), announced, store.clone())
+            })
             .await;
         drop(guard); // the cell is set now: the guard leaves it alone
         let running = matches!(started, Started::Filling(_) | Started::Small(_));
@@ -319,10 +329,15 @@ impl NarCache {
         }
     }
 
+    /// Opens `key` and starts its fill. `announced` is the NAR's size by its narinfo, if
+    /// known: an object of another size is served but not kept, and one whose source does not
+    /// say its length (nix-serve, harmonia) is filled to that size (a body that ends before
+    /// or goes past it fails the fill and its readers).
     async fn start_fill(
         self: &Arc<Self>,
         name: String,
         key: String,
+        announced: Option<u64>,
         store: Arc<dyn Store>,
     ) -> Started {
         let obj = match open_in_parts(&store, &key, &self.parts, self.idle_timeout).await {
@@ -330,11 +345,18 @@ impl NarCache {
             Ok(None) => return Started::NotFound,
             Err(e) => return Started::Failed(e),
         };
-        let Some(length) = obj.length else {
-            // Streamed by an upstream that did not say how long it is (nix-serve): a fill
-            // needs the length for its space and for the readers that join it.
-            tracing::debug!(nar = %name, "NAR cache: length unknown, streamed without a fill");
-            return bypass(obj);
+        let length = match (obj.length, announced) {
+            (Some(length), Some(size)) if length != size => {
+                tracing::warn!(nar = %name, length, file_size = size, "NAR cache: the NAR's size is not its narinfo's FileSize; served without caching");
+                return bypass(obj);
+            }
+            (Some(length), _) | (None, Some(length)) => length,
+            (None, None) => {
+                // Streamed by an upstream that did not say how long it is, and no narinfo
+                // said it either: a fill needs the length for its space and its readers.
+                tracing::debug!(nar = %name, "NAR cache: length unknown, streamed without a fill");
+                return bypass(obj);
+            }
         };
         if length <= SMALL {
             return self.start_small(name, length, obj).await;
@@ -401,17 +423,33 @@ impl NarCache {
         let read = async {
             let mut buf = Vec::with_capacity(expected as usize);
             let mut body = obj.body;
+            // No further than one byte past: a source without a length may not end there.
             while let Some(chunk) = body.next().await {
-                buf.extend_from_slice(&chunk?);
+                let chunk = chunk?;
+                let room = (expected as usize + 1).saturating_sub(buf.len());
+                buf.extend_from_slice(&chunk[..chunk.len().min(room)]);
+                if buf.len() as u64 > expected {
+                    break;
+                }
             }
             Ok::<_, io::Error>(buf)
         };
         let data = match tokio::time::timeout(self.idle_timeout, read).await {
             Ok(Ok(d)) if d.len() as u64 == expected => Bytes::from(d),
             Ok(Ok(d)) => {
+                let what = if (d.len() as u64) < expected {
+                    "short"
+                } else {
+                    "long"
+                };
                 return Started::Failed(StoreError::Other(format!(
-                    "short body for nar/{name}: {} of {expected} bytes",
-                    d.len()
+                    "{what} body for nar/{name}: {}{} of {expected} bytes",
+                    d.len(),
+                    if (d.len() as u64) > expected {
+                        " or more"
+                    } else {
+                        ""
+                    }
                 )));
             }
             Ok(Err(e)) => return Started::Failed(StoreError::Other(e.to_string())),

@@ -90,6 +90,11 @@ impl Index {
         self.entries.contains_key(name)
     }
 
+    /// The size of `name` if it is held (checked or not), without marking it used.
+    pub(super) fn size(&self, name: &str) -> Option<u64> {
+        Some(self.entries.get(name)?.size)
+    }
+
     /// The size of `name` if it is held and its file checked, without marking it used.
     pub(super) fn verified_size(&self, name: &str) -> Option<u64> {
         let e = self.entries.get(name)?;

@@ -149,16 +149,21 @@ impl NarCache {
     }
 
     /// Serves `name` (store key `key`) from disk or through a fill; `range` requests are
-    /// served from disk only.
+    /// served from disk only. `announced` is its size by its narinfo, if known
+    /// ([`crate::cache::nar_memory::NarMemory::announced`]): a file of another size is
+    /// dropped and fetched again (a NAR named after its store path, which the upstream
+    /// replaced), and a fill is held to it.
     pub async fn get(
         self: &Arc<Self>,
         name: &NarFileName,
         key: &str,
         range: Option<ByteRange>,
+        announced: Option<u64>,
         store: &Arc<dyn Store>,
     ) -> Result<NarCacheAnswer, StoreError> {
         use crate::metrics::cache_lookup;
         let n = name.as_str();
+        self.drop_if_not(n, announced);
         let state = self.index().touch(n);
         match state {
             Some((size, Verified::Yes)) => {
@@ -187,14 +192,29 @@ impl NarCache {
         }
         tracing::debug!(nar = %n, "NAR cache: miss");
         cache_lookup("nar_disk", "miss");
-        self.through_fill(n, key, store).await
+        self.through_fill(n, key, announced, store).await
+    }
+
+    /// Drops the file of `name` if it is not of the `announced` size.
+    fn drop_if_not(&self, name: &str, announced: Option<u64>) {
+        let Some(size) = announced else { return };
+        let held = self.index().size(name);
+        if let Some(held) = held.filter(|&h| h != size) {
+            tracing::info!(nar = %name, held, file_size = size, "NAR cache: its narinfo now gives another size; fetching it again");
+            self.drop_entry(name);
+        }
     }
 
     /// `name` from disk if a checked copy is there; never fetched from the store (for the
     /// small NARs the memory cache loads, which reach the disk only when memory lets them go:
     /// [`Self::spill`]).
-    pub async fn held(self: &Arc<Self>, name: &NarFileName) -> Result<Option<Object>, StoreError> {
+    pub async fn held(
+        self: &Arc<Self>,
+        name: &NarFileName,
+        announced: Option<u64>,
+    ) -> Result<Option<Object>, StoreError> {
         let n = name.as_str();
+        self.drop_if_not(n, announced);
         let state = self.index().touch(n);
         let answer = match state {
             Some((size, Verified::Yes)) => self.read_file(n, size, None).await?,

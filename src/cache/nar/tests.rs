@@ -80,7 +80,9 @@ async fn get_nar(
     store: &Arc<dyn Store>,
 ) -> Result<NarCacheAnswer, crate::store::StoreError> {
     let name: NarFileName = NAME.parse().unwrap();
-    cache.get(&name, &format!("nar/{NAME}"), None, store).await
+    cache
+        .get(&name, &format!("nar/{NAME}"), None, None, store)
+        .await
 }
 
 async fn wait_indexed(cache: &NarCache, n: usize) {
@@ -95,20 +97,20 @@ async fn fills_then_hits_without_the_store() {
     let name: NarFileName = NAME.parse().unwrap();
     let key = format!("nar/{NAME}");
     assert_eq!(
-        body(cache.get(&name, &key, None, &store).await.unwrap()).await,
+        body(cache.get(&name, &key, None, None, &store).await.unwrap()).await,
         data
     );
     wait_indexed(&cache, 1).await;
     let before = mem.requests();
     assert_eq!(
-        body(cache.get(&name, &key, None, &store).await.unwrap()).await,
+        body(cache.get(&name, &key, None, None, &store).await.unwrap()).await,
         data
     );
     let r = Some(ByteRange::From {
         start: 10,
         end: Some(19),
     });
-    match cache.get(&name, &key, r, &store).await.unwrap() {
+    match cache.get(&name, &key, r, None, &store).await.unwrap() {
         NarCacheAnswer::Object(o) => {
             assert_eq!(o.range.unwrap().total, data.len() as u64);
             assert_eq!(concat(o.body).await.len(), 10);
@@ -132,7 +134,7 @@ async fn eviction_keeps_the_budget() {
             let name: NarFileName = names[i].parse().unwrap();
             body(
                 cache
-                    .get(&name, &format!("nar/{}", names[i]), None, &store)
+                    .get(&name, &format!("nar/{}", names[i]), None, None, &store)
                     .await
                     .unwrap(),
             )
@@ -179,7 +181,7 @@ async fn restart_rebuilds_and_drops_corrupt_files() {
     mem.insert(&format!("nar/{NAME}"), data.clone());
     let name: NarFileName = NAME.parse().unwrap();
     let key = format!("nar/{NAME}");
-    body(cache.get(&name, &key, None, &store).await.unwrap()).await;
+    body(cache.get(&name, &key, None, None, &store).await.unwrap()).await;
     wait_indexed(&cache, 1).await;
     close(cache).await;
 
@@ -191,13 +193,13 @@ async fn restart_rebuilds_and_drops_corrupt_files() {
     assert_eq!(cache.usage().0, 1);
     // First hit: not yet verified, so the store serves it while the file is checked.
     assert!(matches!(
-        cache.get(&name, &key, None, &store).await.unwrap(),
+        cache.get(&name, &key, None, None, &store).await.unwrap(),
         NarCacheAnswer::Bypass
     ));
     wait_indexed(&cache, 0).await;
     // Then it is fetched again, intact.
     assert_eq!(
-        body(cache.get(&name, &key, None, &store).await.unwrap()).await,
+        body(cache.get(&name, &key, None, None, &store).await.unwrap()).await,
         data
     );
     wait_indexed(&cache, 1).await;
@@ -222,9 +224,9 @@ async fn concurrent_misses_cost_one_store_get() {
         .map(|_| {
             let (cache, store, name, key) =
                 (cache.clone(), store.clone(), name.clone(), key.clone());
-            tokio::spawn(
-                async move { body(cache.get(&name, &key, None, &store).await.unwrap()).await },
-            )
+            tokio::spawn(async move {
+                body(cache.get(&name, &key, None, None, &store).await.unwrap()).await
+            })
         })
         .collect();
     for t in tasks {
@@ -265,7 +267,7 @@ async fn too_large_nars_pass_through_with_one_store_get() {
     let key = format!("nar/{NAME}");
     for round in 1..=2 {
         assert_eq!(
-            body(cache.get(&name, &key, None, &store).await.unwrap()).await,
+            body(cache.get(&name, &key, None, None, &store).await.unwrap()).await,
             data
         );
         assert_eq!(mem.requests(), round, "every request goes to the store");
@@ -285,12 +287,12 @@ async fn missing_nars_are_not_cached() {
     let name: NarFileName = NAME.parse().unwrap();
     let key = format!("nar/{NAME}");
     assert!(matches!(
-        cache.get(&name, &key, None, &store).await.unwrap(),
+        cache.get(&name, &key, None, None, &store).await.unwrap(),
         NarCacheAnswer::NotFound
     ));
     mem.insert(&key, vec![1u8; 10]);
     assert_eq!(
-        body(cache.get(&name, &key, None, &store).await.unwrap()).await,
+        body(cache.get(&name, &key, None, None, &store).await.unwrap()).await,
         vec![1u8; 10]
     );
 }
@@ -319,7 +321,7 @@ async fn sizes_ranges_past_the_end_and_truncated_files() {
         .parse()
         .unwrap();
     assert_eq!(cache.size_of(&name), None);
-    body(cache.get(&name, &key, None, &store).await.unwrap()).await;
+    body(cache.get(&name, &key, None, None, &store).await.unwrap()).await;
     wait_indexed(&cache, 1).await;
     assert_eq!(cache.size_of(&name), Some(2_000_000));
     assert_eq!(cache.size_of(&other), None);
@@ -331,7 +333,7 @@ async fn sizes_ranges_past_the_end_and_truncated_files() {
         end: None,
     });
     assert!(matches!(
-        cache.get(&name, &key, past, &store).await,
+        cache.get(&name, &key, past, None, &store).await,
         Err(crate::store::StoreError::RangeNotSatisfiable { size: 2_000_000 })
     ));
     assert_eq!(mem.requests(), before);
@@ -343,7 +345,7 @@ async fn sizes_ranges_past_the_end_and_truncated_files() {
         .open(d.path().join(NAME))
         .unwrap();
     file.set_len(1000).unwrap();
-    let got = cache.get(&name, &key, None, &store).await.unwrap();
+    let got = cache.get(&name, &key, None, None, &store).await.unwrap();
     assert!(
         matches!(got, NarCacheAnswer::Bypass),
         "a short file was served"
@@ -927,7 +929,7 @@ async fn a_fill_ended_since_the_index_was_read_is_served_from_its_file() {
     let asked = mem.requests();
     // What `get` does after it found nothing in the index.
     let answer = cache
-        .through_fill(NAME, &format!("nar/{NAME}"), &store)
+        .through_fill(NAME, &format!("nar/{NAME}"), None, &store)
         .await
         .unwrap();
     assert!(body(answer).await == data);
@@ -998,7 +1000,9 @@ async fn fills_are_bounded() {
         );
         mem.insert(&format!("nar/{name}"), vec![1u8; 3 << 19]);
         let f: NarFileName = name.parse().unwrap();
-        let answer = cache.get(&f, &format!("nar/{name}"), None, &store).await;
+        let answer = cache
+            .get(&f, &format!("nar/{name}"), None, None, &store)
+            .await;
         assert!(
             matches!(answer, Ok(NarCacheAnswer::Object(_))),
             "NAR {i} not served"
@@ -1014,4 +1018,121 @@ async fn fills_are_bounded() {
         super::fill::MAX_RUNNING,
         "the last NAR has no fill"
     );
+}
+
+/// Asks `cache` for the NAR [`NAME`] with the size its narinfo gives.
+async fn get_announced(
+    cache: &Arc<NarCache>,
+    store: &Arc<dyn Store>,
+    size: u64,
+) -> Result<NarCacheAnswer, crate::store::StoreError> {
+    let name: NarFileName = NAME.parse().unwrap();
+    cache
+        .get(&name, &format!("nar/{NAME}"), None, Some(size), store)
+        .await
+}
+
+/// Reads an answer to its end: its bytes, or the error that cut it.
+async fn read_out(l: NarCacheAnswer) -> std::io::Result<Vec<u8>> {
+    match l {
+        NarCacheAnswer::Object(o) => {
+            let chunks: Vec<Bytes> = o.body.try_collect().await?;
+            Ok(chunks.concat())
+        }
+        _ => panic!("not an object"),
+    }
+}
+
+/// nix-serve and harmonia send NARs without a length: with the size from the narinfo, a NAR
+/// large or small is filled all the same and then served without the store; without one it
+/// is streamed as it comes and not kept.
+#[tokio::test]
+async fn a_nar_sent_without_a_length_is_kept_at_its_narinfos_size() {
+    for len in [3_000_000usize, 5_000] {
+        let (_d, cache, mem, store) = setup(1 << 30);
+        mem.serve_unsized();
+        let data: Vec<u8> = (0..len).map(|i| (i / 7) as u8).collect();
+        mem.insert(&format!("nar/{NAME}"), data.clone());
+
+        let unknown = get_nar(&cache, &store).await.unwrap();
+        match &unknown {
+            NarCacheAnswer::Object(o) => assert_eq!(o.length, None, "{len}"),
+            _ => panic!("{len}: not served"),
+        }
+        assert!(body(unknown).await == data, "{len}");
+
+        let answer = get_announced(&cache, &store, len as u64).await.unwrap();
+        match &answer {
+            NarCacheAnswer::Object(o) => assert_eq!(o.length, Some(len as u64), "{len}"),
+            _ => panic!("{len}: not served"),
+        }
+        assert!(body(answer).await == data, "{len}");
+        wait_indexed(&cache, 1).await;
+        let asked = mem.requests();
+        let hit = get_announced(&cache, &store, len as u64).await.unwrap();
+        assert!(body(hit).await == data, "{len}");
+        assert_eq!(mem.requests(), asked, "{len}: not served from disk");
+    }
+}
+
+/// A NAR sent without a length that does not end at its narinfo's size fails its readers
+/// (they were promised that length) and is not kept; one sent with a length other than its
+/// narinfo's is served as sent and not kept.
+#[tokio::test]
+async fn a_nar_of_another_size_than_its_narinfos_is_not_kept() {
+    for len in [3_000_000usize, 5_000] {
+        for wrong in [len as u64 - 1, len as u64 + 1] {
+            let (_d, cache, mem, store) = setup(1 << 30);
+            mem.serve_unsized();
+            let data = vec![9u8; len];
+            mem.insert(&format!("nar/{NAME}"), data.clone());
+            match get_announced(&cache, &store, wrong).await {
+                Ok(answer) => {
+                    let got = read_out(answer).await;
+                    assert!(
+                        got.is_err(),
+                        "{len}/{wrong}: a body of the wrong size ended well"
+                    );
+                }
+                Err(e) => assert!(e.to_string().contains("body"), "{len}/{wrong}: {e}"),
+            }
+            wait_until(&cache, || crate::sync::lock(&cache.fills).is_empty()).await;
+            assert_eq!(cache.usage().0, 0, "{len}/{wrong}: kept");
+        }
+
+        let (_d, cache, mem, store) = setup(1 << 30);
+        let data = vec![8u8; len];
+        mem.insert(&format!("nar/{NAME}"), data.clone());
+        let answer = get_announced(&cache, &store, len as u64 + 1).await.unwrap();
+        assert!(read_out(answer).await.unwrap() == data, "{len}");
+        assert!(crate::sync::lock(&cache.fills).is_empty(), "{len}: filled");
+        assert_eq!(cache.usage().0, 0, "{len}: kept");
+    }
+}
+
+/// A NAR named after its store path (as attic and old nix-serve name them) changes when the
+/// upstream rebuilds the path: once its narinfo gives another size, the file on disk is
+/// dropped and the new NAR fetched, for the streaming path and for memory's loads alike.
+#[tokio::test]
+async fn a_file_its_narinfo_now_gives_another_size_is_fetched_again() {
+    let (_d, cache, mem, store) = setup(1 << 30);
+    let old = vec![1u8; 3_000_000];
+    mem.insert(&format!("nar/{NAME}"), old.clone());
+    assert!(body(get_announced(&cache, &store, 3_000_000).await.unwrap()).await == old);
+    wait_indexed(&cache, 1).await;
+
+    let name: NarFileName = NAME.parse().unwrap();
+    assert!(cache.held(&name, Some(3_000_000)).await.unwrap().is_some());
+    assert!(
+        cache.held(&name, Some(2_000_000)).await.unwrap().is_none(),
+        "memory loaded a file of another size"
+    );
+    assert_eq!(cache.usage().0, 0, "the file is still indexed");
+
+    assert!(body(get_announced(&cache, &store, 3_000_000).await.unwrap()).await == old);
+    wait_indexed(&cache, 1).await;
+    let new = vec![2u8; 2_000_000];
+    mem.insert(&format!("nar/{NAME}"), new.clone());
+    assert!(body(get_announced(&cache, &store, 2_000_000).await.unwrap()).await == new);
+    wait_until(&cache, || cache.usage() == (1, 2_000_000)).await;
 }

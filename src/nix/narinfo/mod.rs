@@ -292,6 +292,15 @@ impl NarInfo {
         })
     }
 
+    /// Gives an uncompressed NAR's file its size, `NarSize`, when the narinfo does not say it
+    /// (nix-serve and harmonia give none): the NAR caches then know how long it is before it
+    /// comes, from a server that streams it without `Content-Length`.
+    pub fn complete_file_size(&mut self) {
+        if self.compression == Compression::None && self.file_size.is_none() {
+            self.file_size = Some(self.nar_size);
+        }
+    }
+
     /// The message a signature covers: `1;<path>;<narhash>;<narsize>;<ref,ref,…>`.
     pub fn fingerprint(&self, store_dir: &str) -> String {
         let mut s = format!(

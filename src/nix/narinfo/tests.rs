@@ -266,3 +266,19 @@ fn nar_file_comes_from_the_url() {
         );
     }
 }
+
+/// nix-serve and harmonia give no `FileSize`: an uncompressed NAR's file is its NAR, so it
+/// takes `NarSize`. A compressed one's size is unknown, and a given one is kept.
+#[test]
+fn an_uncompressed_nar_without_a_file_size_gets_its_nar_size() {
+    let mut n = NarInfo::parse(BUILT, SD).unwrap();
+    n.file_size = None;
+    n.complete_file_size();
+    assert_eq!(n.file_size, None, "compressed: unknown");
+    n.compression = Compression::None;
+    n.complete_file_size();
+    assert_eq!(n.file_size, Some(624));
+    n.file_size = Some(5);
+    n.complete_file_size();
+    assert_eq!(n.file_size, Some(5), "given: kept");
+}
