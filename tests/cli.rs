@@ -207,23 +207,26 @@ fn token_new_prints_a_token_and_its_hash_only() {
         .unwrap();
     assert!(text.contains(&cellar::auth::hash(token)));
     assert!(text.contains("scopes = [\"write\"]"));
-    // The printed entry is valid config.
+    // The printed entry is valid config, alone and appended to the shipped config file.
     let entry: String = text
         .lines()
         .skip_while(|l| !l.starts_with("[[auth.tokens]]"))
         .take(4)
         .map(|l| format!("{l}\n"))
         .collect();
-    std::fs::write(d.path().join("c.toml"), entry).unwrap();
-    let check = cellar(d.path())
-        .args(["check-config", "--config", "c.toml"])
-        .output()
-        .unwrap();
-    assert!(
-        check.status.success(),
-        "{}",
-        String::from_utf8_lossy(&check.stderr)
-    );
+    let shipped = include_str!("../config/cellar.toml");
+    for config in [entry.clone(), format!("{shipped}\n{entry}")] {
+        std::fs::write(d.path().join("c.toml"), config).unwrap();
+        let check = cellar(d.path())
+            .args(["check-config", "--config", "c.toml"])
+            .output()
+            .unwrap();
+        assert!(
+            check.status.success(),
+            "{}",
+            String::from_utf8_lossy(&check.stderr)
+        );
+    }
 }
 
 /// cellar deletes files in its NAR cache: pointed at a directory it did not make, it refuses

@@ -58,6 +58,60 @@ fn the_systemd_unit_verifies_cleanly() {
     assert!(settings.is_empty(), "{settings:?}");
 }
 
+/// The garbage collection's service and timer verify, and the service runs as the server
+/// runs: the same dynamic user (named after the server's unit), state and working directory,
+/// credentials file and config file. A unit of another user would have systemd hand the
+/// server's state directory over to it.
+#[test]
+fn the_gc_units_verify_and_run_as_the_server() {
+    let dir = tempfile::tempdir().unwrap();
+    let read = |name: &str| std::fs::read_to_string(Path::new(ROOT).join("contrib").join(name));
+    let gc = read("cellar-gc.service").unwrap();
+    assert!(gc.contains("ExecStart=/usr/local/bin/cellar gc --apply"));
+    std::fs::write(
+        dir.path().join("cellar-gc.service"),
+        gc.replace("/usr/local/bin/cellar", CELLAR),
+    )
+    .unwrap();
+    std::fs::write(
+        dir.path().join("cellar-gc.timer"),
+        read("cellar-gc.timer").unwrap(),
+    )
+    .unwrap();
+    let out = Command::new("systemd-analyze")
+        .args(["verify", "--man=no"])
+        .arg(dir.path().join("cellar-gc.service"))
+        .arg(dir.path().join("cellar-gc.timer"))
+        .output()
+        .unwrap();
+    let err = String::from_utf8_lossy(&out.stderr);
+    assert!(out.status.success() && err.trim().is_empty(), "{err}");
+
+    let server = read("cellar.service").unwrap();
+    let setting = |unit: &str, key: &str| -> Option<String> {
+        unit.lines()
+            .find_map(|l| l.strip_prefix(&format!("{key}=")))
+            .map(str::to_owned)
+    };
+    // The server's dynamic user is named after its unit unless it names one.
+    let user = setting(&server, "User").unwrap_or_else(|| "cellar".to_owned());
+    assert_eq!(setting(&gc, "User"), Some(user.clone()), "{gc}");
+    assert_eq!(setting(&gc, "Group"), Some(user), "{gc}");
+    for key in [
+        "DynamicUser",
+        "StateDirectory",
+        "WorkingDirectory",
+        "EnvironmentFile",
+    ] {
+        assert_eq!(setting(&gc, key), setting(&server, key), "{key}");
+    }
+    let config = |unit: &str| {
+        setting(unit, "ExecStart")
+            .and_then(|e| e.split_once("--config ").map(|(_, c)| c.to_owned()))
+    };
+    assert_eq!(config(&gc), config(&server));
+}
+
 #[test]
 fn the_systemd_unit_is_hardened() {
     let dir = tempfile::tempdir().unwrap();

@@ -177,6 +177,7 @@ const NGINX_HTTP: &str = r#"
     upstream cellar {
 {servers}
         keepalive 16;
+        keepalive_timeout 25s;
     }
     server {
         listen {listen};
