@@ -130,6 +130,88 @@ async fn pinned_and_recently_read_closures_survive_gc_and_substitute() {
     assert!(!out.status.success() && text(&out).contains("invalid pin name"));
 }
 
+/// Nix keeps the narinfos it read in its own cache for 30 days: the same user substituting
+/// a closure again (a store wiped, a machine reinstalled) asks cellar for the NARs alone.
+/// Those reads are uses of the paths too, so the closure survives a collection that comes
+/// after the reads of its narinfos left the retention.
+#[tokio::test(flavor = "multi_thread")]
+async fn a_closure_fetched_again_through_the_clients_narinfo_cache_survives_gc() {
+    let work = tempfile::tempdir().unwrap();
+    let w = work.path();
+    let again = build_closure("gc-e2e-again", w);
+    let expired = build_closure("gc-e2e-again-expired", w);
+    let data = w.join("data");
+    copy_to_dir(&[&again.top, &expired.top], &data, w);
+    age_files(&data, Duration::from_secs(100 * 86400));
+    // One server address and key throughout, as a deployment has: the client's cache is
+    // keyed by the URL, and its narinfos carry the key's signatures.
+    let key = w.join("cache.sec");
+    let out = cellar(&["keygen", "cache-1", "--out", key.to_str().unwrap()], &[]);
+    assert!(out.status.success(), "{}", text(&out));
+    let public_key = String::from_utf8(out.stdout).unwrap().trim().to_owned();
+    let port = std::net::TcpListener::bind("127.0.0.1:0")
+        .unwrap()
+        .local_addr()
+        .unwrap()
+        .port();
+    let mut env = local_env(&data);
+    env.push(("CELLAR_LISTEN".into(), format!("127.0.0.1:{port}")));
+    env.push((
+        "CELLAR_SIGNING__KEY_FILES".into(),
+        key.to_str().unwrap().into(),
+    ));
+    // One user, whose client cache persists between the steps.
+    let xdg = w.join("xdg-user");
+    let substitute = |srv: &Server, store: &str| {
+        let mut c = nix("nix", &xdg);
+        c.args(["copy", "--from", &srv.url, "--store"])
+            .arg(w.join(store))
+            .args(["--trusted-public-keys", &public_key, &again.top]);
+        let out = run(c);
+        assert!(out.status.success(), "{}", text(&out));
+    };
+    let records = || walk(&data.join("_cellar/access"));
+
+    let srv = Server::start(env.clone());
+    substitute(&srv, "store-1");
+    srv.stop();
+    assert!(access_recorded(&data, hash_of(&again.top)));
+    // Forty days on, the reads of its narinfos are past the retention (30 days).
+    age_files(&data, Duration::from_secs(40 * 86400));
+    let before = records();
+
+    let srv = Server::start(env.clone());
+    substitute(&srv, "store-2");
+    srv.stop();
+    let new: Vec<String> = records()
+        .into_iter()
+        .filter(|p| !before.contains(p))
+        .map(|p| std::fs::read_to_string(p).unwrap())
+        .collect();
+    let new = new.concat();
+    assert!(new.contains("\nnar/"), "no NAR read recorded: {new}");
+    assert!(
+        !new.contains(hash_of(&again.top)),
+        "the client asked for a narinfo again: {new}"
+    );
+
+    let out = cellar(&["gc", "--apply"], &env);
+    assert!(out.status.success(), "{}", text(&out));
+    for p in &again.paths {
+        let h = hash_of(p);
+        assert!(
+            data.join(format!("{h}.narinfo")).exists(),
+            "{p} went:\n{}",
+            text(&out)
+        );
+    }
+    assert!(!data
+        .join(format!("{}.narinfo", hash_of(&expired.top)))
+        .exists());
+    let srv = Server::start(env);
+    substitute_and_verify(&srv.url, &public_key, &again.top, &w.join("after"));
+}
+
 fn access_recorded(data: &std::path::Path, hash: &str) -> bool {
     let dir = data.join("_cellar/access");
     dir.exists()

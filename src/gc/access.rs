@@ -19,12 +19,13 @@
 //! names is accepted without a record of its own, one store round trip sooner
 //! ([`AccessLog::covers`]).
 //!
-//! Reads record narinfos only, not NARs: a client always asks for the narinfo first, and
-//! several narinfos may share one NAR (same contents), so a NAR read says nothing about which
-//! path was used.
+//! Reads record the narinfos served and the NARs served: Nix keeps narinfos in its own cache
+//! for 30 days (`narinfo-cache-positive-ttl`), so a client substituting a path again may ask
+//! for its NAR alone. A NAR read counts as a use of every path whose narinfo names that NAR
+//! (several may share one: same contents).
 //!
 //! Format: a header line `cellar-access 1`, then one entry per line: a store path hash, or
-//! `nar/<file>` for a NAR an upload relies on.
+//! `nar/<file>` for a NAR served, or one an upload relies on (in an upload record).
 
 use std::collections::{HashMap, HashSet};
 use std::sync::atomic::{AtomicU64, Ordering};
@@ -84,7 +85,7 @@ pub fn day(t: SystemTime) -> String {
 #[derive(Debug, Clone, PartialEq, Eq, Hash)]
 pub enum Entry {
     Path(StorePathHash),
-    /// A NAR by file name (only uploads record these).
+    /// A NAR by file name: served, or (in an upload record) relied on by an upload.
     Nar(Box<str>),
 }
 
@@ -144,7 +145,7 @@ pub struct AccessLog {
     seq: AtomicU64,
     max_entries: usize,
     // A std Mutex: held for set operations only, never across an await.
-    pending: Mutex<HashSet<StorePathHash>>,
+    pending: Mutex<HashSet<Entry>>,
     full: tokio::sync::Notify,
     /// One write at a time, so a record's sequence number follows the order of writes.
     writing: tokio::sync::Mutex<()>,
@@ -267,7 +268,16 @@ impl AccessLog {
     }
 
     /// A narinfo was served.
-    pub fn record_path(&self, e: StorePathHash) {
+    pub fn record_path(&self, h: StorePathHash) {
+        self.record(Entry::Path(h));
+    }
+
+    /// A NAR was served (named as its narinfo's `URL:` names it, without `nar/`).
+    pub fn record_nar(&self, file: &str) {
+        self.record(Entry::Nar(file.into()));
+    }
+
+    fn record(&self, e: Entry) {
         let mut set = lock(&self.pending);
         if set.len() < self.max_entries || set.contains(&e) {
             set.insert(e);
@@ -294,16 +304,13 @@ impl AccessLog {
     /// Writes what was recorded since the last write (nothing if nothing was).
     pub async fn flush(&self) -> Result<(), StoreError> {
         let _w = self.writing.lock().await;
-        let taken: Vec<StorePathHash> = std::mem::take(&mut *lock(&self.pending))
+        let taken: Vec<Entry> = std::mem::take(&mut *lock(&self.pending))
             .into_iter()
             .collect();
         if taken.is_empty() {
             return Ok(());
         }
-        match self
-            .write(taken.iter().map(|h| Entry::Path(*h)).collect(), "")
-            .await
-        {
+        match self.write(taken.clone(), "").await {
             Ok(()) => Ok(()),
             Err(e) => {
                 // Kept for the next attempt.
@@ -314,10 +321,10 @@ impl AccessLog {
     }
 
     /// Returns what a failed write took from `set` to it, as far as there is room.
-    fn put_back(
+    fn put_back<T: std::hash::Hash + Eq>(
         &self,
-        set: &Mutex<HashSet<StorePathHash>>,
-        taken: impl IntoIterator<Item = StorePathHash>,
+        set: &Mutex<HashSet<T>>,
+        taken: impl IntoIterator<Item = T>,
     ) {
         let mut set = lock(set);
         for h in taken {
@@ -383,7 +390,12 @@ impl AccessLog {
 pub struct Accessed {
     /// Each entry with the time it was last used.
     pub seen: HashMap<StorePathHash, SystemTime>,
-    /// NARs uploads relied on.
+    /// Each NAR served (or named by an upload), with the time it was last: a use of every
+    /// path whose narinfo names it.
+    pub nar_seen: HashMap<Box<str>, SystemTime>,
+    /// NARs uploads may still rely on: named by upload records younger than
+    /// [`UPLOAD_RECORD_LIFETIME`] (or written while the collector runs), kept whether or not
+    /// a narinfo names them yet.
     pub nars: HashSet<Box<str>>,
     /// Records already read (re-reads skip them).
     pub read: HashSet<String>,
@@ -422,8 +434,9 @@ pub async fn read_all(
             acc.expired.push((key.clone(), *meta));
             continue;
         }
-        let entries = read_one(store, &mut acc, key, meta.modified).await?;
-        if key.ends_with(UPLOAD_SUFFIX) && meta.modified >= lifetime_cutoff {
+        let in_progress = key.ends_with(UPLOAD_SUFFIX) && meta.modified >= lifetime_cutoff;
+        let entries = read_one(store, &mut acc, key, meta.modified, in_progress).await?;
+        if in_progress {
             acc.uploading
                 .extend(entries.into_iter().filter_map(|e| match e {
                     Entry::Path(h) => Some(h),
@@ -434,11 +447,14 @@ pub async fn read_all(
     Ok(acc)
 }
 
+/// Reads record `key` into `acc`; `in_progress`: an upload record young enough that the
+/// upload may still rely on the NARs it names.
 async fn read_one(
     store: &dyn Store,
     acc: &mut Accessed,
     key: &str,
     modified: SystemTime,
+    in_progress: bool,
 ) -> Result<Vec<Entry>, StoreError> {
     let raw = store.get_bytes(key, MAX_RECORD_BYTES).await?;
     // Read only once it was: a record that failed to read is read again by the next re-read
@@ -464,7 +480,11 @@ async fn read_one(
                 *t = (*t).max(modified);
             }
             Entry::Nar(f) => {
-                acc.nars.insert(f.clone());
+                if in_progress {
+                    acc.nars.insert(f.clone());
+                }
+                let t = acc.nar_seen.entry(f.clone()).or_insert(modified);
+                *t = (*t).max(modified);
             }
         }
     }
@@ -492,7 +512,8 @@ pub async fn reread(
             .try_collect()
             .await?;
         for o in new {
-            fresh.extend(read_one(store, acc, &o.key, o.modified).await?);
+            let upload = o.key.ends_with(UPLOAD_SUFFIX);
+            fresh.extend(read_one(store, acc, &o.key, o.modified, upload).await?);
         }
     }
     Ok(fresh)

@@ -185,6 +185,17 @@ impl Graph {
         self.nodes.len()
     }
 
+    /// The nodes whose narinfo names each NAR file (several may share one).
+    pub fn nar_users(&self) -> HashMap<&str, Vec<u32>> {
+        let mut users: HashMap<&str, Vec<u32>> = HashMap::new();
+        for (i, n) in self.nodes.iter().enumerate() {
+            if let Some(f) = n.nar.as_deref() {
+                users.entry(f).or_default().push(i as u32);
+            }
+        }
+        users
+    }
+
     /// Marks `start` and everything it refers to, transitively, in `marked`; returns the
     /// nodes newly marked.
     pub fn close_over(&self, start: u32, marked: &mut [bool]) -> Vec<u32> {

@@ -106,6 +106,17 @@ impl Roots {
         }
     }
 
+    /// NARs served: a use of each path whose narinfo names the NAR (a client whose own cache
+    /// holds the narinfo asks for the NAR alone).
+    pub fn add_nar_access(&mut self, graph: &Graph, seen: &HashMap<Box<str>, SystemTime>) {
+        let users = graph.nar_users();
+        for (f, t) in seen {
+            for &i in users.get(&**f).into_iter().flatten() {
+                self.used(i, *t);
+            }
+        }
+    }
+
     /// Paths uploads may still rely on (see [`super::access::Accessed::uploading`]).
     pub fn add_uploads<'a>(
         &mut self,

@@ -2,8 +2,8 @@
 //! directory) as the only state: no database, no lock, nothing that several replicas must share
 //! but the store itself.
 //!
-//! What is kept: the closures of the roots. A root is a path read or uploaded within
-//! `gc.keep_days` ([`access`]: servers record what they serve in small objects under
+//! What is kept: the closures of the roots. A root is a path read (its narinfo or its NAR)
+//! or uploaded within `gc.keep_days` ([`access`]: servers record what they serve in small objects under
 //! [`RESERVED_PREFIX`]), a path named by a pin ([`pins`]), or a narinfo younger than
 //! `gc.keep_days` or the grace period. Closures follow `References:`, so a kept path never
 //! loses a dependency.
@@ -88,6 +88,7 @@ pub async fn run(
     let mut roots = mark::Roots::new(&graph, cfg, opts.now);
     let mut acc = access::read_all(store.as_ref(), &inv.access, cfg.keep, opts.now).await?;
     roots.add_access(&graph, &acc.seen);
+    roots.add_nar_access(&graph, &acc.nar_seen);
     roots.add_uploads(&graph, &acc.uploading);
     let (pins, unreadable) = pins::read_all(store.as_ref(), &inv.pins, store_dir).await?;
     if let Some((key, reason)) = unreadable.into_iter().next() {

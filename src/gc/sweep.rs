@@ -201,6 +201,8 @@ struct State<'a> {
     kept_nars: HashSet<Box<str>>,
     /// Narinfos this run deleted.
     deleted: HashSet<u32>,
+    /// The nodes naming each NAR file.
+    nar_users: HashMap<&'a str, Vec<u32>>,
     out: Outcome,
 }
 
@@ -224,6 +226,7 @@ pub async fn execute(
             .filter_map(|i| graph.nodes[i as usize].nar.clone())
             .collect(),
         deleted: HashSet::new(),
+        nar_users: graph.nar_users(),
         out: Outcome::default(),
     };
     progress.phase("deleting narinfos", Some(plan.narinfos.len() as u64));
@@ -420,8 +423,8 @@ async fn delete_all(store: &dyn Store, keys: &[String], out: &mut Outcome) -> Ve
 }
 
 impl State<'_> {
-    /// Keeps whatever servers used since the last look: paths not yet deleted are kept with
-    /// their closures; paths deleted in the last batch, whose copies are in `bodies`, are
+    /// Keeps whatever servers used since the last look (paths whose narinfo or NAR was
+    /// served, or that an upload named): paths not yet deleted are kept with their closures; paths deleted in the last batch, whose copies are in `bodies`, are
     /// written back; NARs uploads rely on are kept (in [`Accessed::nars`]).
     ///
     /// Returns false if the records could not be read: nothing may be deleted then.
@@ -438,9 +441,10 @@ impl State<'_> {
         let graph = self.graph;
         let needed: Vec<u32> = fresh
             .into_iter()
-            .filter_map(|e| match e {
-                Entry::Path(h) => graph.find(h),
-                Entry::Nar(_) => None,
+            .flat_map(|e| match e {
+                Entry::Path(h) => graph.find(h).into_iter().collect(),
+                // A NAR served: the paths naming it were used.
+                Entry::Nar(f) => self.nar_users.get(&*f).cloned().unwrap_or_default(),
             })
             .collect();
         for i in needed {

@@ -259,11 +259,12 @@ fn record_while_settling(mem: &Arc<MemoryStore>, file: Box<str>) {
     });
 }
 
-/// An upload record of today named `name`, naming the NAR `file`.
+/// An upload record of today (its key ends with `-upload`, as servers write them) named
+/// after `name`, naming the NAR `file`.
 fn write_upload_record(mem: &MemoryStore, name: &str, file: Box<str>) {
     let day = super::access::day(SystemTime::now());
     mem.insert(
-        &format!("_cellar/access/{day}/{name}"),
+        &format!("_cellar/access/{day}/{name}-upload"),
         render([Entry::Nar(file)]),
     );
 }
@@ -461,10 +462,15 @@ async fn paths_an_upload_in_progress_names_are_roots() {
     let named = path(&mem, "named", &[&dep], 100 * DAY, now);
     let other = path(&mem, "other", &[], 100 * DAY, now);
     let day = super::access::day(now);
+    // As an upload writes it: the narinfo and its NAR.
+    let nar_file = named.nar.trim_start_matches("nar/");
     let record = |age: Duration| {
         mem.insert_at(
             &format!("_cellar/access/{day}/p-1-upload"),
-            render([Entry::Path(named.hash.parse().unwrap())]),
+            render([
+                Entry::Path(named.hash.parse().unwrap()),
+                Entry::Nar(nar_file.into()),
+            ]),
             now - age,
         );
     };
@@ -491,6 +497,33 @@ async fn paths_an_upload_in_progress_names_are_roots() {
     let s = gc(&mem, &budget, now, true).await;
     assert!(s.errors.is_empty(), "{:?}", s.errors);
     assert!(!has(&mem, &format!("{}.narinfo", named.hash)));
+    assert!(!has(&mem, &named.nar), "an evicted path's NAR stays");
+}
+
+/// Nix keeps narinfos in its own cache for 30 days, so a client substituting a path again
+/// may ask for its NAR alone: that is a use of the path (and of every path naming that NAR),
+/// kept with its closure like one whose narinfo was read.
+#[tokio::test(start_paused = true)]
+async fn a_path_whose_nar_alone_was_served_is_kept() {
+    let mem = Arc::new(MemoryStore::new());
+    let now = SystemTime::now();
+    let dep = path(&mem, "dep", &[], 100 * DAY, now);
+    let served = path(&mem, "served", &[&dep], 100 * DAY, now);
+    let other = path(&mem, "other", &[], 100 * DAY, now);
+    let nar_file = served.nar.trim_start_matches("nar/");
+    mem.insert_at(
+        "_cellar/access/x/p-1",
+        render([Entry::Nar(nar_file.into())]),
+        now - 2 * DAY,
+    );
+    let s = gc(&mem, &cfg(), now, true).await;
+    assert!(s.errors.is_empty(), "{:?}", s.errors);
+    for p in [&served, &dep] {
+        assert!(has(&mem, &format!("{}.narinfo", p.hash)), "{} went", p.base);
+        assert!(has(&mem, &p.nar), "the NAR of {} went", p.base);
+    }
+    assert!(!has(&mem, &format!("{}.narinfo", other.hash)));
+    assert!(!has(&mem, &other.nar));
 }
 
 /// `verify --repair` deletes a narinfo only if it is older than the grace period and a second
@@ -559,4 +592,34 @@ async fn repair_reports_a_bad_pin_and_leaves_it() {
     assert!(reported("_cellar/access/x/garbage"), "{:?}", r.findings);
     assert!(has(&mem, "_cellar/pins/typo"));
     assert!(!has(&mem, "_cellar/access/x/garbage"));
+}
+
+/// A NAR served while the collector runs (after it listed the records) is a use of the paths
+/// naming it: they are kept with their closures, as when their narinfo is served.
+#[tokio::test(start_paused = true)]
+async fn a_nar_served_while_the_collector_runs_keeps_its_path() {
+    let mem = Arc::new(MemoryStore::new());
+    let now = SystemTime::now();
+    let dep = path(&mem, "dep", &[], 100 * DAY, now);
+    let served = path(&mem, "served", &[&dep], 100 * DAY, now);
+    let other = path(&mem, "other", &[], 100 * DAY, now);
+    let file: Box<str> = served.nar.trim_start_matches("nar/").into();
+    // Held when the collector first reads the narinfo (the records are listed by then).
+    let gate = mem.hold_reads(&format!("{}.narinfo", served.hash));
+    let day = super::access::day(SystemTime::now());
+    let cfg = cfg();
+    let (s, ()) = tokio::join!(gc(&mem, &cfg, now, true), async {
+        gate.reached().await;
+        mem.insert(
+            &format!("_cellar/access/{day}/p-9"),
+            render([Entry::Nar(file)]),
+        );
+        gate.open();
+    });
+    assert!(s.errors.is_empty(), "{:?}", s.errors);
+    for p in [&served, &dep] {
+        assert!(has(&mem, &format!("{}.narinfo", p.hash)), "{} went", p.base);
+        assert!(has(&mem, &p.nar), "the NAR of {} went", p.base);
+    }
+    assert!(!has(&mem, &format!("{}.narinfo", other.hash)));
 }

@@ -44,9 +44,13 @@ pub(super) async fn get(
 ) -> Result<Response, Error> {
     let f = NarFileName::from_request(&file, query.as_deref())?;
     let res = fetch(&st, &f, &headers).await;
-    // Its narinfo now answers 404 (see crate::cache::missing_nars).
-    if matches!(res, Err(Error::NotFound)) {
-        st.live().missing_nars.seen_missing(f.as_str()).await;
+    match &res {
+        // A use of the paths whose narinfo names it, for `cellar gc`: a client whose own
+        // cache holds the narinfo asks for the NAR alone.
+        Ok(_) => st.access.record_nar(f.as_str()),
+        // Its narinfo now answers 404 (see crate::cache::missing_nars).
+        Err(Error::NotFound) => st.live().missing_nars.seen_missing(f.as_str()).await,
+        Err(_) => {}
     }
     res
 }
