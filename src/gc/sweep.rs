@@ -1,7 +1,8 @@
 //! Deletion: the plan (what goes, in which order) and its execution.
 //!
-//! Narinfos go first, referrers before what they refer to: at every moment the narinfos left
-//! in the store have complete closures, even if the run dies half-way. They go in batches;
+//! Narinfos go first, referrers before what they refer to (a path is deleted only once the
+//! deletions of its referrers are done: [`waves`]): at every moment the narinfos left in the
+//! store have complete closures, even if the run dies half-way. They go in batches;
 //! before each batch the collector re-reads the access records written since it last looked,
 //! and after it, once more. An upload writes its record (the narinfo and its references)
 //! before it checks that the references exist, so a reference an upload relies on is either
@@ -162,24 +163,47 @@ pub fn referrers_first(graph: &Graph, condemned: &[bool]) -> Vec<u32> {
             referrers[r as usize] += 1;
         }
     }
-    let mut ready: Vec<u32> = (0..n as u32)
+    // First in, first out: the order comes in layers, so that [`waves`] of it are wide.
+    let mut ready: std::collections::VecDeque<u32> = (0..n as u32)
         .filter(|&i| condemned[i as usize] && referrers[i as usize] == 0)
         .collect();
     let mut order = Vec::new();
     let mut placed = vec![false; n];
-    while let Some(i) = ready.pop() {
+    while let Some(i) = ready.pop_front() {
         order.push(i);
         placed[i as usize] = true;
         for r in condemned_refs(i) {
             referrers[r as usize] -= 1;
             if referrers[r as usize] == 0 {
-                ready.push(r);
+                ready.push_back(r);
             }
         }
     }
     // Only corrupt data has reference cycles (Nix paths cannot): those go last.
     order.extend((0..n as u32).filter(|&i| condemned[i as usize] && !placed[i as usize]));
     order
+}
+
+/// `order` (referrers first, as [`referrers_first`] gives it) cut into waves, each deleted
+/// at once after the one before is done: none of a wave refers to another of its wave, so a
+/// path goes only once every referrer of it before it in `order` is gone, and a run that dies
+/// half-way leaves no narinfo without a reference.
+pub(super) fn waves(graph: &Graph, order: &[u32]) -> Vec<Vec<u32>> {
+    let mut out = Vec::new();
+    let mut wave = Vec::new();
+    let mut referred: HashSet<u32> = HashSet::new();
+    for &i in order {
+        if referred.contains(&i) {
+            out.push(std::mem::take(&mut wave));
+            referred.clear();
+        }
+        referred.extend(graph.nodes[i as usize].refs.iter().copied());
+        wave.push(i);
+    }
+    if !wave.is_empty() {
+        out.push(wave);
+    }
+    out
 }
 
 /// What happened during deletion.
@@ -266,21 +290,24 @@ pub async fn execute(
             .into_iter()
             .filter(|i| bodies.contains_key(i) && !st.kept[*i as usize])
             .collect();
-        let keys: Vec<String> = todo
-            .iter()
-            .map(|&i| object_key::narinfo(graph.nodes[i as usize].hash))
-            .collect();
-        let mut undeleted = Vec::new();
-        for (i, ok) in todo.iter().zip(delete_all(store, &keys, &mut st.out).await) {
-            if ok {
-                st.deleted.insert(*i);
-            } else {
-                undeleted.push(*i);
+        for wave in waves(graph, &todo) {
+            // A referrer that could not be deleted keeps its closure: not deleted now.
+            let wave: Vec<u32> = wave.into_iter().filter(|&i| !st.kept[i as usize]).collect();
+            let keys: Vec<String> = wave
+                .iter()
+                .map(|&i| object_key::narinfo(graph.nodes[i as usize].hash))
+                .collect();
+            let mut undeleted = Vec::new();
+            for (i, ok) in wave.iter().zip(delete_all(store, &keys, &mut st.out).await) {
+                if ok {
+                    st.deleted.insert(*i);
+                } else {
+                    undeleted.push(*i);
+                }
             }
-        }
-        // Deleted at the same time, its references in this batch are written back.
-        for i in undeleted {
-            st.keep(store, i, &bodies).await;
+            for i in undeleted {
+                st.keep(store, i, &bodies).await;
+            }
         }
         progress.advance(batch.len() as u64);
         records_read = st.rescue(store, &bodies).await;

@@ -623,3 +623,54 @@ async fn a_nar_served_while_the_collector_runs_keeps_its_path() {
     }
     assert!(!has(&mem, &format!("{}.narinfo", other.hash)));
 }
+
+/// A path is deleted only once its referrers' deletions are done, not alongside them: when a
+/// referrer's deletion fails, what it refers to was never touched (nothing to write back),
+/// and a run killed at any moment leaves every narinfo with its references.
+#[tokio::test(start_paused = true)]
+async fn a_path_goes_only_after_its_referrers() {
+    let mem = Arc::new(MemoryStore::new());
+    let now = SystemTime::now();
+    let leaf = path(&mem, "leaf", &[], 100 * DAY, now);
+    let mid = path(&mem, "mid", &[&leaf], 100 * DAY, now);
+    let top = path(&mem, "top", &[&mid, &leaf], 100 * DAY, now);
+    let lone = path(&mem, "lone", &[], 100 * DAY, now);
+    mem.fail(
+        FailOp::Delete,
+        &format!("{}.narinfo", top.hash),
+        0,
+        usize::MAX,
+    );
+    let s = gc(&mem, &cfg(), now, true).await;
+    assert_eq!(s.errors.len(), 1, "{:?}", s.errors);
+    assert_eq!(s.restored, 0, "a reference was deleted beside its referrer");
+    for p in [&top, &mid, &leaf] {
+        assert!(has(&mem, &format!("{}.narinfo", p.hash)), "{} went", p.base);
+        assert!(has(&mem, &p.nar), "the NAR of {} went", p.base);
+    }
+    assert!(!has(&mem, &format!("{}.narinfo", lone.hash)));
+}
+
+/// A narinfo `verify --repair` fails to delete stays, and so does its NAR: deleting the NAR
+/// would leave a narinfo that was missing a reference missing its NAR as well.
+#[tokio::test(start_paused = true)]
+async fn repair_keeps_the_nar_of_a_narinfo_it_could_not_delete() {
+    let mem = Arc::new(MemoryStore::new());
+    let now = SystemTime::now();
+    let gone = path(&mem, "gone", &[], 100 * DAY, now);
+    let referrer = path(&mem, "referrer", &[&gone], 100 * DAY, now);
+    let other = path(&mem, "other", &[&gone], 100 * DAY, now);
+    mem.remove(&format!("{}.narinfo", gone.hash));
+    mem.fail(
+        FailOp::Delete,
+        &format!("{}.narinfo", referrer.hash),
+        0,
+        usize::MAX,
+    );
+    let r = repair(&mem, now).await;
+    assert_eq!(r.repair_errors.len(), 1, "{:?}", r.repair_errors);
+    assert!(has(&mem, &format!("{}.narinfo", referrer.hash)));
+    assert!(has(&mem, &referrer.nar), "the NAR of a narinfo left went");
+    assert!(!has(&mem, &format!("{}.narinfo", other.hash)));
+    assert!(!has(&mem, &other.nar));
+}

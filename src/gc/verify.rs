@@ -441,12 +441,19 @@ async fn repair(
         }
     }
     propagate(graph, &mut unservable, &mut Vec::new());
-    let unservable = &unservable[..];
-    let delete: Vec<String> = sweep::referrers_first(graph, unservable)
-        .into_iter()
-        .map(|i| object_key::narinfo(graph.nodes[i as usize].hash))
+    let order = sweep::referrers_first(graph, &unservable);
+    let delete: Vec<String> = order
+        .iter()
+        .map(|&i| object_key::narinfo(graph.nodes[i as usize].hash))
         .collect();
-    // NARs and listings left without a servable narinfo, old enough not to be uploads.
+    let deleted = delete_each(store.as_ref(), delete, report).await;
+    // A narinfo that could not be deleted stays: so do its NAR and listing.
+    let mut unservable = unservable;
+    for (&i, gone) in order.iter().zip(deleted) {
+        unservable[i as usize] = gone;
+    }
+    let unservable = &unservable[..];
+    // NARs and listings left without a narinfo, old enough not to be uploads.
     let remaining: HashSet<&str> = graph
         .nodes
         .iter()
@@ -482,7 +489,6 @@ async fn repair(
         Finding::BadReserved { key, .. } if !pins.contains(key.as_str()) => Some(key.clone()),
         _ => None,
     }));
-    delete_each(store.as_ref(), delete, report).await;
     delete_nars(store.as_ref(), inv, &nars, opts, report).await;
     delete_each(store.as_ref(), rest, report).await;
     match store.cleanup_staging(opts.grace).await {
@@ -496,14 +502,22 @@ async fn repair(
 
 /// Deletes `keys` a few at a time, as the collector does (a batch of announced NARs must be
 /// gone well within the announcement's lifetime).
-async fn delete_each(store: &dyn Store, keys: Vec<String>, report: &mut Report) {
+/// Says for each key whether it is gone.
+async fn delete_each(store: &dyn Store, keys: Vec<String>, report: &mut Report) -> Vec<bool> {
     let results = sweep::delete_keys(store, &keys).await;
-    for (key, r) in keys.into_iter().zip(results) {
-        match r {
-            Ok(()) => report.repaired.push(key),
-            Err(e) => report.repair_errors.push(format!("{key}: {e}")),
-        }
-    }
+    keys.into_iter()
+        .zip(results)
+        .map(|(key, r)| match r {
+            Ok(()) => {
+                report.repaired.push(key);
+                true
+            }
+            Err(e) => {
+                report.repair_errors.push(format!("{key}: {e}"));
+                false
+            }
+        })
+        .collect()
 }
 
 /// Deletes orphan NAR files under the collector's announcement protocol
