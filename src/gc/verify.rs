@@ -448,7 +448,6 @@ async fn repair(
         .collect();
     let deleted = delete_each(store.as_ref(), delete, report).await;
     // A narinfo that could not be deleted stays: so do its NAR and listing.
-    let mut unservable = unservable;
     for (&i, gone) in order.iter().zip(deleted) {
         unservable[i as usize] = gone;
     }
