@@ -385,6 +385,23 @@ impl AccessLog {
     }
 }
 
+/// Writes a record naming `paths` as used now, from outside a server (`cellar pin add`): a
+/// collector already running does not see a new pin, but it sees this record, and keeps
+/// those paths as it keeps what servers serve meanwhile. Named `<id>-<what>`.
+pub async fn record_now(
+    store: &dyn Store,
+    paths: impl IntoIterator<Item = StorePathHash>,
+    what: &str,
+) -> Result<(), StoreError> {
+    let key = format!(
+        "{RESERVED_PREFIX}{DIR}{}/{}-{what}",
+        day(SystemTime::now()),
+        random_id()
+    );
+    let record = render(paths.into_iter().map(Entry::Path));
+    store.put_bytes(&key, Bytes::from(record)).await
+}
+
 /// Access records read by a collector.
 #[derive(Debug, Default)]
 pub struct Accessed {

@@ -124,6 +124,9 @@ pub fn store_path(s: &str, store_dir: &str) -> Result<StorePathBaseName, GcError
 
 /// Writes the pin `name` (replacing one of the same name). Returns the paths that have no
 /// narinfo in the store yet: pinned all the same, but worth a warning.
+///
+/// The paths are first recorded as used ([`super::access::record_now`]): a collection already
+/// running read the pins before this one existed, and keeps them by that record instead.
 pub async fn add(
     store: &dyn Store,
     name: &str,
@@ -132,6 +135,7 @@ pub async fn add(
     store_dir: &str,
 ) -> Result<Vec<StorePathBaseName>, GcError> {
     let key = pin_key(name)?;
+    super::access::record_now(store, paths.iter().map(StorePathBaseName::hash), "pin").await?;
     let mut absent = Vec::new();
     for p in &paths {
         if store.head(&object_key::narinfo(p.hash())).await?.is_none() {

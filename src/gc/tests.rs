@@ -674,3 +674,32 @@ async fn repair_keeps_the_nar_of_a_narinfo_it_could_not_delete() {
     assert!(!has(&mem, &format!("{}.narinfo", other.hash)));
     assert!(!has(&mem, &other.nar));
 }
+
+/// A pin added while a collection runs (after it read the pins) keeps its closure all the
+/// same: `pin add` records the paths as used, and the collector re-reads the records.
+#[tokio::test(start_paused = true)]
+async fn a_pin_added_during_a_run_keeps_its_closure() {
+    let mem = Arc::new(MemoryStore::new());
+    let now = SystemTime::now();
+    let dep = path(&mem, "dep", &[], 100 * DAY, now);
+    let pinned = path(&mem, "pinned", &[&dep], 100 * DAY, now);
+    let other = path(&mem, "other", &[], 100 * DAY, now);
+    // Held when the collector reads a narinfo: the pins are listed by then.
+    let gate = mem.hold_reads(&format!("{}.narinfo", other.hash));
+    let cfg = cfg();
+    let (s, ()) = tokio::join!(gc(&mem, &cfg, now, true), async {
+        gate.reached().await;
+        let base: crate::nix::StorePathBaseName = pinned.base.parse().unwrap();
+        super::pins::add(&*mem, "late", vec![base], None, "/nix/store")
+            .await
+            .unwrap();
+        gate.open();
+    });
+    assert!(s.errors.is_empty(), "{:?}", s.errors);
+    for p in [&pinned, &dep] {
+        assert!(has(&mem, &format!("{}.narinfo", p.hash)), "{} went", p.base);
+        assert!(has(&mem, &p.nar), "the NAR of {} went", p.base);
+    }
+    assert!(!has(&mem, &format!("{}.narinfo", other.hash)));
+    assert!(has(&mem, "_cellar/pins/late"));
+}
