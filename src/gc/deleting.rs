@@ -17,6 +17,12 @@
 //! An announcement older than [`TTL`] is ignored (its collector died); a collector never
 //! deletes under an announcement older than half of it.
 //!
+//! One collector deletes at a time ([`begin`]): a run announces itself (naming no NAR yet)
+//! before it deletes anything, keeps its announcement fresh while it runs, and stops at once
+//! if another collector's announcement is live. Two at once could undo each other's
+//! protections: one writes back a narinfo an upload needed while the other, past its look at
+//! the records, deletes that narinfo's NAR.
+//!
 //! An upload need not read the announcements itself after its record: a read that began at
 //! most [`TRUSTED_FOR`] before the record was complete serves as well, because a collector
 //! waits [`SETTLE`] (at least twice as long) between announcing NARs and re-reading the records.
@@ -73,6 +79,46 @@ pub async fn announce<'a>(
         body.push('\n');
     }
     store.put_bytes(&key(run), Bytes::from(body)).await
+}
+
+/// Another collector's live announcement, found by [`begin`].
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Busy {
+    pub key: String,
+    /// How long ago it was written, by the store's clock against this one's.
+    pub age: Duration,
+}
+
+/// Starts a run that deletes: announces it (no NAR named yet), then looks for the live
+/// announcement of another run. If there is one, withdraws its own and returns it: two runs
+/// that start together both stop, and neither deletes anything. Returns the run's name.
+pub async fn begin(store: &dyn Store) -> Result<Result<String, Busy>, StoreError> {
+    let run = super::sweep::run_id();
+    announce(store, &run, []).await?;
+    let now = SystemTime::now();
+    let cutoff = now.checked_sub(TTL).unwrap_or(SystemTime::UNIX_EPOCH);
+    let own = key(&run);
+    let prefix = format!("{RESERVED_PREFIX}{DIR}");
+    let other = store
+        .list(&prefix)
+        .try_filter(|o| futures::future::ready(o.modified >= cutoff && o.key != own))
+        .try_next()
+        .await;
+    match other {
+        Ok(None) => Ok(Ok(run)),
+        Ok(Some(o)) => {
+            withdraw(store, &run).await?;
+            Ok(Err(Busy {
+                key: o.key,
+                age: now.duration_since(o.modified).unwrap_or_default(),
+            }))
+        }
+        Err(e) => {
+            // Not knowing, it does not start; its announcement goes (or expires).
+            let _ = withdraw(store, &run).await;
+            Err(e)
+        }
+    }
 }
 
 /// Removes the announcement of `run`.
@@ -133,5 +179,32 @@ mod tests {
         assert!(!announced(&mem, now).await.unwrap().contains("d.nar"));
         withdraw(&mem, "run-a").await.unwrap();
         assert!(announced(&mem, now).await.unwrap().is_empty());
+    }
+
+    /// One collector at a time: a run starts only if no other run's announcement is live,
+    /// and leaves nothing behind when it does not.
+    #[tokio::test]
+    async fn a_run_begins_only_when_no_other_is_live() {
+        let mem = MemoryStore::new();
+        let now = SystemTime::now();
+        mem.insert_at(&key("run-dead"), format!("{HEADER}\n"), now - TTL * 2);
+        let first = begin(&mem).await.unwrap().unwrap();
+        assert!(mem.keys().contains(&key(&first)));
+        let busy = begin(&mem).await.unwrap().unwrap_err();
+        assert_eq!(busy.key, key(&first));
+        assert!(busy.age < TTL);
+        let live: Vec<String> = mem
+            .keys()
+            .into_iter()
+            .filter(|k| k.starts_with(&format!("{RESERVED_PREFIX}{DIR}")) && !k.ends_with("dead"))
+            .collect();
+        assert_eq!(
+            live,
+            vec![key(&first)],
+            "the refused run left its announcement"
+        );
+        withdraw(&mem, &first).await.unwrap();
+        let next = begin(&mem).await.unwrap().unwrap();
+        assert_ne!(next, first);
     }
 }

@@ -57,6 +57,13 @@ pub enum GcError {
     /// to keep.
     #[error("pin {key} cannot be read ({reason}); fix or remove it before collecting")]
     BadPin { key: String, reason: String },
+    /// Another collector (`gc --apply` or `verify --repair`) is deleting: one at a time.
+    #[error(
+        "another collection is running ({key}, written {secs} s ago), so nothing was deleted: \
+         run `cellar gc --apply` and `cellar verify --repair` from one machine at a time (the \
+         announcement of a run that died counts for 15 minutes)"
+    )]
+    Busy { key: String, secs: u64 },
 }
 
 /// What `cellar gc` was asked to do.
@@ -101,6 +108,12 @@ pub async fn run(
     let mut summary = Summary::new(&marked, &plan, &sizes);
     summary.unresolved_pins = roots.unresolved_pins;
     if opts.apply {
+        let run = deleting::begin(store.as_ref())
+            .await?
+            .map_err(|b| GcError::Busy {
+                key: b.key,
+                secs: b.age.as_secs(),
+            })?;
         let outcome = sweep::execute(
             store,
             &graph,
@@ -108,6 +121,7 @@ pub async fn run(
             &plan,
             &mut acc,
             opts.settle,
+            &run,
             progress,
         )
         .await;

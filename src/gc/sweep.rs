@@ -230,7 +230,10 @@ struct State<'a> {
     out: Outcome,
 }
 
-/// Carries out `plan` in batches, re-reading access records before and after each one.
+/// Carries out `plan` in batches, re-reading access records before and after each one, as
+/// run `run` (begun by [`deleting::begin`]: its announcement is kept fresh, and withdrawn at
+/// the end).
+#[allow(clippy::too_many_arguments)]
 pub async fn execute(
     store: &Arc<dyn Store>,
     graph: &Graph,
@@ -238,9 +241,41 @@ pub async fn execute(
     plan: &Plan,
     acc: &mut Accessed,
     settle: std::time::Duration,
+    run: &str,
     progress: &dyn Progress,
 ) -> Outcome {
-    let store = store.as_ref();
+    let out = delete(
+        store.as_ref(),
+        graph,
+        marked,
+        plan,
+        acc,
+        settle,
+        run,
+        progress,
+    )
+    .await;
+    if let Err(e) = deleting::withdraw(store.as_ref(), run).await {
+        // Harmless: it stops counting after deleting::TTL.
+        tracing::warn!(cause = %e, "could not withdraw the announcement of deletions");
+    }
+    out
+}
+
+#[allow(clippy::too_many_arguments)]
+async fn delete(
+    store: &dyn Store,
+    graph: &Graph,
+    marked: &Marked,
+    plan: &Plan,
+    acc: &mut Accessed,
+    settle: std::time::Duration,
+    run: &str,
+    progress: &dyn Progress,
+) -> Outcome {
+    // When the announcement was last written: rewritten before it is half as old as
+    // deleting::FRESH, so that it stays live for other collectors (see deleting::begin).
+    let mut announced_at = Instant::now();
     let mut st = State {
         graph,
         acc,
@@ -260,6 +295,12 @@ pub async fn execute(
         if !records_read {
             // Deleting without knowing what uploads rely on could break their closures.
             return st.out;
+        }
+        if announced_at.elapsed() > deleting::FRESH / 2 {
+            match deleting::announce(store, run, []).await {
+                Ok(()) => announced_at = Instant::now(),
+                Err(e) => st.out.errors.push(format!("announcing the run: {e}")),
+            }
         }
         let todo: Vec<u32> = batch
             .iter()
@@ -334,7 +375,6 @@ pub async fn execute(
     rest.extend(plan.logs.iter().map(|(k, _)| Rest::Plain(k)));
     rest.extend(plan.access_records.iter().map(|(k, _)| Rest::Plain(k)));
     progress.phase("deleting NARs and the rest", Some(rest.len() as u64));
-    let run = run_id();
     // The standing announcement: when it was last written, and the end of the part of `rest`
     // whose NARs it names.
     let mut standing: Option<(Instant, usize)> = None;
@@ -359,15 +399,32 @@ pub async fn execute(
                     _ => None,
                 });
                 let at = Instant::now();
-                if let Err(e) = deleting::announce(store, &run, nars).await {
+                if let Err(e) = deleting::announce(store, run, nars).await {
                     st.out.errors.push(format!("announcing deletions: {e}"));
                     progress.advance(batch.len() as u64);
                     continue;
                 }
+                announced_at = at;
                 if new_names {
                     tokio::time::sleep(settle).await;
                 }
                 standing = Some((at, named));
+            }
+        } else if announced_at.elapsed() > deleting::FRESH / 2 {
+            // Nothing to announce in this batch: the run's announcement is only kept live
+            // (naming the NARs still to come, if one named any).
+            let named = standing.map_or(start, |(_, named)| named.max(start));
+            let nars = rest[start..named].iter().filter_map(|r| match r {
+                Rest::Nar(f) if st.nar_free(f) => Some(*f),
+                _ => None,
+            });
+            let at = Instant::now();
+            match deleting::announce(store, run, nars).await {
+                Ok(()) => {
+                    announced_at = at;
+                    standing = standing.map(|(_, named)| (at, named));
+                }
+                Err(e) => st.out.errors.push(format!("announcing the run: {e}")),
             }
         }
         let since = match standing {
@@ -399,12 +456,6 @@ pub async fn execute(
             .collect();
         delete_all(store, &keys, &mut st.out).await;
         progress.advance(batch.len() as u64);
-    }
-    if standing.is_some() {
-        if let Err(e) = deleting::withdraw(store, &run).await {
-            // Harmless: it stops counting after deleting::TTL.
-            tracing::warn!(cause = %e, "could not withdraw the announcement of deletions");
-        }
     }
     st.out
 }

@@ -229,8 +229,12 @@ async fn a_nar_an_upload_records_after_the_announcement_is_kept() {
     let reused = path(&mem, "reused", &[], 100 * DAY, now);
     let file: Box<str> = reused.nar.trim_start_matches("nar/").into();
     let m = mem.clone();
+    // After the announcement naming NARs: the run's first one, at its start, names none.
+    let writes = std::sync::atomic::AtomicUsize::new(0);
     mem.after_write("_cellar/deleting/", move |_| {
-        write_upload_record(&m, "upload-1", file.clone());
+        if writes.fetch_add(1, std::sync::atomic::Ordering::SeqCst) == 1 {
+            write_upload_record(&m, "upload-1", file.clone());
+        }
     });
     let s = gc(&mem, &cfg(), now, true).await;
     assert!(s.errors.is_empty(), "{:?}", s.errors);
@@ -405,6 +409,49 @@ async fn verify_leaves_a_collectors_announcement_alone() {
         r.repaired
     );
     assert!(r.findings.is_empty(), "{:?}", r.findings);
+    // And while that collector runs, nothing is repaired (one collector at a time).
+    assert!(
+        r.repair_errors
+            .iter()
+            .any(|e| e.contains("another collection is running")),
+        "{:?}",
+        r.repair_errors
+    );
+}
+
+/// One collector deletes at a time: `gc --apply` finds another run's live announcement and
+/// stops before deleting anything, saying so; once that run is over, it collects.
+#[tokio::test(start_paused = true)]
+async fn a_collection_stops_while_another_runs() {
+    let mem = Arc::new(MemoryStore::new());
+    let now = SystemTime::now();
+    let expired = path(&mem, "expired", &[], 100 * DAY, now);
+    let other = super::deleting::key("1767225599-ab12");
+    mem.insert(&other, "cellar-deleting 1\n");
+    let store: Arc<dyn Store> = mem.clone();
+    let opts = Options {
+        apply: true,
+        now,
+        settle: super::deleting::SETTLE,
+    };
+    let Err(e) = run(&store, "/nix/store", &cfg(), &opts, &Quiet).await else {
+        panic!("collected beside another run");
+    };
+    assert!(e.to_string().contains(&other), "{e}");
+    assert!(has(&mem, &format!("{}.narinfo", expired.hash)));
+    let announcements = |m: &MemoryStore| {
+        m.keys()
+            .into_iter()
+            .filter(|k| k.starts_with("_cellar/deleting/"))
+            .count()
+    };
+    assert_eq!(announcements(&mem), 1, "its own announcement stayed");
+
+    mem.remove(&other);
+    let s = gc(&mem, &cfg(), now, true).await;
+    assert!(s.errors.is_empty(), "{:?}", s.errors);
+    assert!(!has(&mem, &format!("{}.narinfo", expired.hash)));
+    assert_eq!(announcements(&mem), 0, "its announcement was not withdrawn");
 }
 
 /// A narinfo the collector could not read or delete stays, and so does everything it needs:

@@ -430,6 +430,46 @@ async fn repair(
     opts: &Options,
     report: &mut Report,
 ) {
+    // One collector deletes at a time (see deleting::begin).
+    let run = match deleting::begin(store.as_ref()).await {
+        Ok(Ok(run)) => run,
+        Ok(Err(busy)) => {
+            report.repair_errors.push(format!(
+                "another collection is running ({}, written {} s ago): nothing repaired",
+                busy.key,
+                busy.age.as_secs()
+            ));
+            return;
+        }
+        Err(e) => {
+            report
+                .repair_errors
+                .push(format!("announcing the repair: {e}; nothing repaired"));
+            return;
+        }
+    };
+    repair_as(
+        store, graph, inv, own_bad, upstream, findings, opts, &run, report,
+    )
+    .await;
+    if let Err(e) = deleting::withdraw(store.as_ref(), &run).await {
+        // Harmless: it stops counting after deleting::TTL.
+        tracing::warn!(cause = %e, "could not withdraw the announcement of deletions");
+    }
+}
+
+#[allow(clippy::too_many_arguments)]
+async fn repair_as(
+    store: &Arc<dyn Store>,
+    graph: &Graph,
+    inv: &Inventory,
+    own_bad: &[bool],
+    upstream: &HashSet<StorePathHash>,
+    findings: &[Finding],
+    opts: &Options,
+    run: &str,
+    report: &mut Report,
+) {
     let grace = opts
         .now
         .checked_sub(opts.grace)
@@ -488,7 +528,7 @@ async fn repair(
         Finding::BadReserved { key, .. } if !pins.contains(key.as_str()) => Some(key.clone()),
         _ => None,
     }));
-    delete_nars(store.as_ref(), inv, &nars, opts, report).await;
+    delete_nars(store.as_ref(), inv, &nars, opts, run, report).await;
     delete_each(store.as_ref(), rest, report).await;
     match store.cleanup_staging(opts.grace).await {
         Ok(n) if n > 0 => report.repaired.push(format!("{n} unfinished upload(s)")),
@@ -529,6 +569,7 @@ async fn delete_nars(
     inv: &Inventory,
     files: &[String],
     opts: &Options,
+    run: &str,
     report: &mut Report,
 ) {
     if files.is_empty() {
@@ -546,8 +587,6 @@ async fn delete_nars(
             return;
         }
     };
-    let run = sweep::run_id();
-    let mut announced = false;
     for batch in files.chunks(sweep::BATCH) {
         let since = Instant::now();
         let free: Vec<&str> = batch
@@ -556,13 +595,12 @@ async fn delete_nars(
             .filter(|f| !acc.nars.contains(*f))
             .collect();
         if !free.is_empty() {
-            if let Err(e) = deleting::announce(store, &run, free.iter().copied()).await {
+            if let Err(e) = deleting::announce(store, run, free.iter().copied()).await {
                 report
                     .repair_errors
                     .push(format!("announcing deletions: {e}; batch skipped"));
                 continue;
             }
-            announced = true;
             tokio::time::sleep(opts.settle).await;
             if let Err(e) = access::reread(store, &mut acc, SystemTime::now()).await {
                 report
@@ -589,11 +627,5 @@ async fn delete_nars(
             report,
         )
         .await;
-    }
-    if announced {
-        if let Err(e) = deleting::withdraw(store, &run).await {
-            // Harmless: it stops counting after deleting::TTL.
-            tracing::warn!(cause = %e, "could not withdraw the announcement of deletions");
-        }
     }
 }
