@@ -46,6 +46,13 @@ async fn pinned_and_recently_read_closures_survive_gc_and_substitute() {
         );
     }
 
+    // Which NAR each path names (read before gc deletes any narinfo).
+    let nar_urls: std::collections::HashMap<&str, String> = read
+        .paths
+        .iter()
+        .chain(&expired.paths)
+        .map(|p| (p.as_str(), nar_url(&data, p)))
+        .collect();
     let before = walk(&data).len();
     let dry = cellar(&["gc"], &env);
     assert!(dry.status.success(), "{}", text(&dry));
@@ -79,22 +86,34 @@ async fn pinned_and_recently_read_closures_survive_gc_and_substitute() {
     assert!(prom.contains("cellar_gc_errors 0\n"), "{prom}");
     promtool_accepts(&metrics);
 
-    // The expired closure is gone completely, except what the kept ones share with it.
+    // The expired closure is gone completely, except what the kept ones share with it: the
+    // same paths, and paths whose NAR a client read (a NAR read is a use of every path naming
+    // it: the leaves of the closures have the same contents, so the same NAR).
     let kept: std::collections::HashSet<&str> = pinned
         .paths
         .iter()
         .chain(&read.paths)
         .map(|p| hash_of(p))
         .collect();
+    let read_nars: std::collections::HashSet<&String> =
+        read.paths.iter().map(|p| &nar_urls[p.as_str()]).collect();
     for p in &expired.paths {
         let h = hash_of(p);
         let exists = data.join(format!("{h}.narinfo")).exists();
+        let shares_a_read_nar = read_nars.contains(&nar_urls[p.as_str()]);
         assert_eq!(
             exists,
-            kept.contains(h),
+            kept.contains(h) || shares_a_read_nar,
             "{p}: narinfo present = {exists}\n{summary}"
         );
     }
+    assert!(
+        expired
+            .paths
+            .iter()
+            .any(|p| !data.join(format!("{}.narinfo", hash_of(p))).exists()),
+        "nothing of the expired closure went\n{summary}"
+    );
     // No narinfo left whose NAR or references are missing.
     let out = cellar(&["verify"], &env);
     assert!(out.status.success(), "{}", text(&out));
@@ -210,6 +229,17 @@ async fn a_closure_fetched_again_through_the_clients_narinfo_cache_survives_gc()
         .exists());
     let srv = Server::start(env);
     substitute_and_verify(&srv.url, &public_key, &again.top, &w.join("after"));
+}
+
+/// The `URL:` of the narinfo of `path` in the store directory `data`.
+fn nar_url(data: &std::path::Path, path: &str) -> String {
+    let narinfo = data.join(format!("{}.narinfo", hash_of(path)));
+    std::fs::read_to_string(narinfo)
+        .unwrap_or_default()
+        .lines()
+        .find_map(|l| l.strip_prefix("URL: "))
+        .unwrap_or_default()
+        .to_owned()
 }
 
 fn access_recorded(data: &std::path::Path, hash: &str) -> bool {

@@ -206,6 +206,9 @@ pub fn verify(
             "kept {k}: an upload recorded it within the grace period (its narinfo may follow)"
         );
     }
+    for k in &report.relied_on {
+        println!("kept {k}: an upload in progress names it (it may have been repaired by it)");
+    }
     for e in &report.repair_errors {
         println!("repair failed: {e}");
     }

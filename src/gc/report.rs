@@ -68,7 +68,7 @@ impl Summary {
         for (_, m, _) in &plan.realisations {
             s.realisations.add(m.size);
         }
-        for (_, m) in &plan.logs {
+        for (_, _, m) in &plan.logs {
             s.logs.add(m.size);
         }
         for (_, m) in &plan.access_records {

@@ -60,7 +60,8 @@ pub struct Plan {
     pub nars: Vec<(String, Meta)>,
     pub listings: Vec<(StorePathHash, Meta)>,
     pub realisations: Vec<(String, Meta, Option<StorePathHash>)>,
-    pub logs: Vec<(String, Meta)>,
+    /// Build logs, with the derivation they are of.
+    pub logs: Vec<(String, StorePathHash, Meta)>,
     pub access_records: Vec<(String, Meta)>,
 }
 
@@ -124,7 +125,14 @@ impl Plan {
                 .into_iter()
                 .filter(|r| {
                     // One whose path cannot be read is kept: never delete what is not understood.
-                    r.out.is_some_and(|h| !kept_hashes.contains(&h)) && old_enough(&r.meta, grace)
+                    // One whose path has no narinfo here (an upstream may serve it) goes only
+                    // once older than the retention.
+                    let cutoff = match r.out.map(|h| graph.find(h)) {
+                        Some(Some(_)) => grace,
+                        Some(None) => retention,
+                        None => return false,
+                    };
+                    r.out.is_some_and(|h| !kept_hashes.contains(&h)) && old_enough(&r.meta, cutoff)
                 })
                 .map(|r| (r.key, r.meta, r.out))
                 .collect(),
@@ -132,7 +140,7 @@ impl Plan {
                 .logs
                 .iter()
                 .filter(|(_, drv, m)| !kept_derivers.contains(drv) && old_enough(m, retention))
-                .map(|(k, _, m)| (k.clone(), *m))
+                .map(|(k, drv, m)| (k.clone(), *drv, *m))
                 .collect(),
             access_records: acc
                 .expired
@@ -227,6 +235,8 @@ struct State<'a> {
     deleted: HashSet<u32>,
     /// The nodes naming each NAR file.
     nar_users: HashMap<&'a str, Vec<u32>>,
+    /// The nodes naming each derivation as their `Deriver:`.
+    derived: HashMap<StorePathHash, Vec<u32>>,
     out: Outcome,
 }
 
@@ -286,6 +296,15 @@ async fn delete(
             .collect(),
         deleted: HashSet::new(),
         nar_users: graph.nar_users(),
+        derived: {
+            let mut d: HashMap<StorePathHash, Vec<u32>> = HashMap::new();
+            for (i, n) in graph.nodes.iter().enumerate() {
+                if let Some(drv) = n.deriver {
+                    d.entry(drv).or_default().push(i as u32);
+                }
+            }
+            d
+        },
         out: Outcome::default(),
     };
     progress.phase("deleting narinfos", Some(plan.narinfos.len() as u64));
@@ -372,7 +391,7 @@ async fn delete(
             .iter()
             .map(|(k, _, h)| Rest::Realisation(k, *h)),
     );
-    rest.extend(plan.logs.iter().map(|(k, _)| Rest::Plain(k)));
+    rest.extend(plan.logs.iter().map(|(k, drv, _)| Rest::Log(k, *drv)));
     rest.extend(plan.access_records.iter().map(|(k, _)| Rest::Plain(k)));
     progress.phase("deleting NARs and the rest", Some(rest.len() as u64));
     // The standing announcement: when it was last written, and the end of the part of `rest`
@@ -451,7 +470,9 @@ async fn delete(
                 Rest::Listing(h) if st.kept_path(h) => None,
                 Rest::Listing(h) => Some(object_key::listing(*h)),
                 Rest::Realisation(_, Some(h)) if st.kept_path(h) => None,
-                Rest::Realisation(k, _) | Rest::Plain(k) => Some((*k).clone()),
+                // Its derivation's output was kept during the run after all.
+                Rest::Log(_, drv) if st.kept_deriver(drv) => None,
+                Rest::Realisation(k, _) | Rest::Log(k, _) | Rest::Plain(k) => Some((*k).clone()),
             })
             .collect();
         delete_all(store, &keys, &mut st.out).await;
@@ -473,6 +494,8 @@ enum Rest<'a> {
     Nar(&'a str),
     Listing(StorePathHash),
     Realisation(&'a String, Option<StorePathHash>),
+    /// A build log, and the derivation it is of.
+    Log(&'a String, StorePathHash),
     Plain(&'a String),
 }
 
@@ -564,6 +587,13 @@ impl State<'_> {
     /// No kept narinfo points to NAR file `f` and no upload relies on it.
     fn nar_free(&self, f: &str) -> bool {
         !self.acc.nars.contains(f) && !self.kept_nars.contains(f)
+    }
+
+    /// Whether a kept path names `drv` as its `Deriver:`.
+    fn kept_deriver(&self, drv: &StorePathHash) -> bool {
+        self.derived
+            .get(drv)
+            .is_some_and(|outs| outs.iter().any(|&i| self.kept[i as usize]))
     }
 
     fn kept_path(&self, h: &StorePathHash) -> bool {

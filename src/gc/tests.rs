@@ -750,3 +750,88 @@ async fn a_pin_added_during_a_run_keeps_its_closure() {
     assert!(!has(&mem, &format!("{}.narinfo", other.hash)));
     assert!(has(&mem, "_cellar/pins/late"));
 }
+
+/// What is decided at the end of a run follows what the run kept meanwhile: the build log of
+/// a path a server used while the collector ran stays with that path.
+#[tokio::test(start_paused = true)]
+async fn a_path_used_during_the_run_keeps_its_build_log() {
+    let mem = Arc::new(MemoryStore::new());
+    let now = SystemTime::now();
+    let used = path(&mem, "used", &[], 100 * DAY, now);
+    let other = path(&mem, "other", &[], 100 * DAY, now);
+    let gate = mem.hold_reads(&format!("{}.narinfo", other.hash));
+    let day = super::access::day(SystemTime::now());
+    let cfg = cfg();
+    let (s, ()) = tokio::join!(gc(&mem, &cfg, now, true), async {
+        gate.reached().await;
+        mem.insert(
+            &format!("_cellar/access/{day}/p-9"),
+            render([Entry::Path(used.hash.parse().unwrap())]),
+        );
+        gate.open();
+    });
+    assert!(s.errors.is_empty(), "{:?}", s.errors);
+    assert!(has(&mem, &format!("{}.narinfo", used.hash)));
+    assert!(has(&mem, &format!("log/{}.drv", used.base)), "its log went");
+    assert!(!has(&mem, &format!("log/{}.drv", other.base)));
+}
+
+/// A realisation whose output has no narinfo here (an upstream may serve it) is kept for the
+/// retention, not deleted as soon as it is past the grace period.
+#[tokio::test(start_paused = true)]
+async fn a_realisation_of_a_path_not_here_is_kept_for_the_retention() {
+    let mem = Arc::new(MemoryStore::new());
+    let now = SystemTime::now();
+    let realisation = |drv: &str| {
+        let out = base32::encode(&Sha256::digest(drv.as_bytes()).as_bytes()[..20]);
+        (
+            format!(
+                "realisations/sha256:{}!out.doi",
+                hex::encode(Sha256::digest(drv.as_bytes()).as_bytes())
+            ),
+            format!(r#"{{"id":"x","outPath":"{out}-{drv}","signatures":[]}}"#),
+        )
+    };
+    let (recent, body) = realisation("recent");
+    mem.insert_at(&recent, body, now - 2 * DAY);
+    let (old, body) = realisation("old");
+    mem.insert_at(&old, body, now - 100 * DAY);
+    let s = gc(&mem, &cfg(), now, true).await;
+    assert!(s.errors.is_empty(), "{:?}", s.errors);
+    assert!(has(&mem, &recent), "deleted within the retention");
+    assert!(!has(&mem, &old));
+}
+
+/// A narinfo `verify --repair` found missing a reference is kept if an upload names it when
+/// the repair is about to delete: the missing reference may just have been uploaded, and the
+/// upload of a path referring to it relies on it.
+#[tokio::test(start_paused = true)]
+async fn repair_keeps_a_broken_path_an_upload_names() {
+    let mem = Arc::new(MemoryStore::new());
+    let now = SystemTime::now();
+    let missing = path(&mem, "missing", &[], 100 * DAY, now);
+    let healed = path(&mem, "healed", &[&missing], 100 * DAY, now);
+    let broken = path(&mem, "broken", &[&missing], 100 * DAY, now);
+    mem.remove(&format!("{}.narinfo", missing.hash));
+    // An upload of a path referring to `healed` records it (with its references) while the
+    // repair reads the narinfos.
+    let gate = mem.hold_reads(&format!("{}.narinfo", broken.hash));
+    let day = super::access::day(SystemTime::now());
+    let (r, ()) = tokio::join!(repair(&mem, now), async {
+        gate.reached().await;
+        mem.insert(
+            &format!("_cellar/access/{day}/p-1-upload"),
+            render([Entry::Path(healed.hash.parse().unwrap())]),
+        );
+        gate.open();
+    });
+    assert!(r.repair_errors.is_empty(), "{:?}", r.repair_errors);
+    assert!(
+        has(&mem, &format!("{}.narinfo", healed.hash)),
+        "{:?}",
+        r.repaired
+    );
+    assert!(has(&mem, &healed.nar));
+    assert_eq!(r.relied_on, vec![format!("{}.narinfo", healed.hash)]);
+    assert!(!has(&mem, &format!("{}.narinfo", broken.hash)));
+}

@@ -159,6 +159,9 @@ pub struct Report {
     pub repaired: Vec<String>,
     /// Orphan NARs `--repair` kept because an upload recorded them (its narinfo may follow).
     pub in_use: Vec<String>,
+    /// Narinfos `--repair` found broken but kept: an upload in progress (or a record written
+    /// while it ran) names them, so an upload may rely on them (or just healed them).
+    pub relied_on: Vec<String>,
     pub repair_errors: Vec<String>,
 }
 
@@ -480,6 +483,24 @@ async fn repair_as(
             unservable[i] = still_unservable(store.as_ref(), n, upstream, grace, report).await;
         }
     }
+    // Confirmed broken a moment ago, a path may have been healed since (its missing reference
+    // uploaded) and be relied on by an upload of a path referring to it: one an upload in
+    // progress names, or a record written since the listing, stays.
+    let relied_on = match relied_on(store.as_ref(), inv, opts).await {
+        Ok(r) => r,
+        Err(e) => {
+            report
+                .repair_errors
+                .push(format!("reading access records: {e}; nothing repaired"));
+            return;
+        }
+    };
+    for (i, n) in graph.nodes.iter().enumerate() {
+        if unservable[i] && relied_on.contains(&n.hash) {
+            unservable[i] = false;
+            report.relied_on.push(object_key::narinfo(n.hash));
+        }
+    }
     propagate(graph, &mut unservable, &mut Vec::new());
     let order = sweep::referrers_first(graph, &unservable);
     let delete: Vec<String> = order
@@ -541,6 +562,23 @@ async fn repair_as(
 
 /// Deletes `keys` a few at a time, as the collector does (a batch of announced NARs must be
 /// gone well within the announcement's lifetime).
+/// Paths uploads may rely on now: named by upload records young enough to be uploads in
+/// progress, or by any record written since the store was listed.
+async fn relied_on(
+    store: &dyn Store,
+    inv: &Inventory,
+    opts: &Options,
+) -> Result<HashSet<StorePathHash>, StoreError> {
+    let mut acc = access::read_all(store, &inv.access, opts.grace, opts.now).await?;
+    let fresh = access::reread(store, &mut acc, SystemTime::now()).await?;
+    let mut out = acc.uploading;
+    out.extend(fresh.into_iter().filter_map(|e| match e {
+        access::Entry::Path(h) => Some(h),
+        access::Entry::Nar(_) => None,
+    }));
+    Ok(out)
+}
+
 /// Says for each key whether it is gone.
 async fn delete_each(store: &dyn Store, keys: Vec<String>, report: &mut Report) -> Vec<bool> {
     let results = sweep::delete_keys(store, &keys).await;

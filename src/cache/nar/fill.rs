@@ -189,7 +189,12 @@ impl NarCache {
         announced: Option<u64>,
         store: &Arc<dyn Store>,
     ) -> Result<NarCacheAnswer, StoreError> {
+        // A fill of another size than the narinfo now gives (one that ended just now, of the
+        // NAR it replaced) is not joined: the store is asked.
+        let other_size = |size: u64| announced.is_some_and(|a| a != size);
         let answer = self.on_fill(name, key, announced, store, |started| match started {
+            Started::Filling(h) if other_size(h.size) => Ok(NarCacheAnswer::Bypass),
+            Started::Small(b) if other_size(b.len() as u64) => Ok(NarCacheAnswer::Bypass),
             Started::Filling(h) => Ok(NarCacheAnswer::Object(Object {
                 body: tail(h.clone()),
                 length: Some(h.size),

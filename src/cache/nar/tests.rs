@@ -1136,3 +1136,21 @@ async fn a_file_its_narinfo_now_gives_another_size_is_fetched_again() {
     assert!(body(get_announced(&cache, &store, 2_000_000).await.unwrap()).await == new);
     wait_until(&cache, || cache.usage() == (1, 2_000_000)).await;
 }
+
+/// A request whose narinfo gives another size than the fill running for that name (of the
+/// NAR it replaced) does not join that fill: the caller asks the store.
+#[tokio::test]
+async fn a_fill_of_another_size_than_the_narinfo_is_not_joined() {
+    let (_d, cache, mem, store) = setup(1 << 30);
+    let len = 3 * super::fill::PART / 2;
+    mem.insert(&format!("nar/{NAME}"), vec![1u8; len as usize]);
+    // The second part stalls: the fill keeps running.
+    mem.fault_range(super::fill::PART, RangeFault::Stall, usize::MAX);
+    let first = get_announced(&cache, &store, len).await.unwrap();
+    assert!(matches!(first, NarCacheAnswer::Object(_)));
+    assert!(crate::sync::lock(&cache.fills).contains_key(NAME));
+    let other = get_announced(&cache, &store, len - 1).await.unwrap();
+    assert!(matches!(other, NarCacheAnswer::Bypass), "joined the fill");
+    let same = get_announced(&cache, &store, len).await.unwrap();
+    assert!(matches!(same, NarCacheAnswer::Object(_)));
+}
