@@ -323,11 +323,12 @@ impl Store for S3Store {
             .key(self.key(key))
             .send();
         match self.call("HeadObject", req).await? {
-            Ok(o) => Ok(Some(
-                o.content_length()
-                    .and_then(|l| u64::try_from(l).ok())
-                    .unwrap_or(0),
-            )),
+            // Without its length the answer says nothing of the object's size (see FastReads).
+            Ok(o) => o
+                .content_length()
+                .and_then(|l| u64::try_from(l).ok())
+                .map(Some)
+                .ok_or_else(|| StoreError::Other(format!("HEAD {key}: no Content-Length"))),
             Err(_) => Ok(None),
         }
     }

@@ -338,9 +338,11 @@ impl FastReads {
     pub(super) async fn head(&self, key: &str) -> Result<Option<u64>, StoreError> {
         let req = self.request(reqwest::Method::HEAD, key, None).await?;
         match self.send("HeadObject", key, req).await? {
-            Read::Found(res) => Ok(Some(
-                header_u64(res.headers(), CONTENT_LENGTH.as_str()).unwrap_or(0),
-            )),
+            // Without its length the answer says nothing of the object's size: an error, not
+            // an empty object (`verify` would take that for a NAR of the wrong size).
+            Read::Found(res) => header_u64(res.headers(), CONTENT_LENGTH.as_str())
+                .map(Some)
+                .ok_or_else(|| StoreError::Other(format!("HEAD {key}: no Content-Length"))),
             Read::NotFound | Read::BadRange => Ok(None),
         }
     }
@@ -553,6 +555,11 @@ mod tests {
                     "/b/p/busy" => "later".into_response(),
                     "/b/p/refusing" => (S::TOO_MANY_REQUESTS, "").into_response(),
                     "/b/p/partial" => (S::PARTIAL_CONTENT, "el").into_response(),
+                    // Streamed: no Content-Length, on HEAD either.
+                    "/b/p/unsized" => axum::body::Body::from_stream(futures::stream::once(async {
+                        Ok::<_, std::io::Error>(bytes::Bytes::from_static(b"x"))
+                    }))
+                    .into_response(),
                     other => panic!("unexpected {other}"),
                 };
                 r
@@ -582,6 +589,10 @@ mod tests {
         assert_eq!(r.head("p/ok").await.unwrap(), Some(5));
         assert!(matches!(r.get("p/gone", None).await, Ok(Read::NotFound)));
         assert_eq!(r.head("p/gone").await.unwrap(), None);
+        assert!(
+            matches!(r.head("p/unsized").await, Err(StoreError::Other(m)) if m.contains("Content-Length")),
+            "a HEAD without a length taken for a size"
+        );
         let range = Some(ByteRange::From {
             start: 9,
             end: None,
