@@ -420,8 +420,9 @@ pub struct Accessed {
     pub expired: Vec<(String, Meta)>,
     /// Records that do not parse.
     pub bad: Vec<(String, String)>,
-    /// Paths named by upload records younger than [`UPLOAD_RECORD_LIFETIME`]: uploads may
-    /// still rely on them, whatever the retention or the byte budget.
+    /// Paths named by upload records younger than [`UPLOAD_RECORD_LIFETIME`] (and by those
+    /// re-reads found): uploads may still rely on them, whatever the retention or the byte
+    /// budget.
     pub uploading: HashSet<StorePathHash>,
 }
 
@@ -530,7 +531,14 @@ pub async fn reread(
             .await?;
         for o in new {
             let upload = o.key.ends_with(UPLOAD_SUFFIX);
-            fresh.extend(read_one(store, acc, &o.key, o.modified, upload).await?);
+            let entries = read_one(store, acc, &o.key, o.modified, upload).await?;
+            if upload {
+                acc.uploading.extend(entries.iter().filter_map(|e| match e {
+                    Entry::Path(h) => Some(*h),
+                    Entry::Nar(_) => None,
+                }));
+            }
+            fresh.extend(entries);
         }
     }
     Ok(fresh)

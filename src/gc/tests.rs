@@ -812,26 +812,44 @@ async fn repair_keeps_a_broken_path_an_upload_names() {
     let missing = path(&mem, "missing", &[], 100 * DAY, now);
     let healed = path(&mem, "healed", &[&missing], 100 * DAY, now);
     let broken = path(&mem, "broken", &[&missing], 100 * DAY, now);
+    // Broken only through `broken`, and named by the upload too.
+    let upper = path(&mem, "upper", &[&broken], 100 * DAY, now);
     mem.remove(&format!("{}.narinfo", missing.hash));
-    // An upload of a path referring to `healed` records it (with its references) while the
-    // repair reads the narinfos.
+    // An upload of a path referring to `healed` and `upper` records them while the repair
+    // reads the narinfos; a client reads `broken` (a read protects nothing).
     let gate = mem.hold_reads(&format!("{}.narinfo", broken.hash));
     let day = super::access::day(SystemTime::now());
     let (r, ()) = tokio::join!(repair(&mem, now), async {
         gate.reached().await;
         mem.insert(
             &format!("_cellar/access/{day}/p-1-upload"),
-            render([Entry::Path(healed.hash.parse().unwrap())]),
+            render([
+                Entry::Path(healed.hash.parse().unwrap()),
+                Entry::Path(upper.hash.parse().unwrap()),
+            ]),
+        );
+        mem.insert(
+            &format!("_cellar/access/{day}/p-2"),
+            render([Entry::Path(broken.hash.parse().unwrap())]),
         );
         gate.open();
     });
     assert!(r.repair_errors.is_empty(), "{:?}", r.repair_errors);
-    assert!(
-        has(&mem, &format!("{}.narinfo", healed.hash)),
-        "{:?}",
-        r.repaired
-    );
-    assert!(has(&mem, &healed.nar));
-    assert_eq!(r.relied_on, vec![format!("{}.narinfo", healed.hash)]);
+    for p in [&healed, &upper] {
+        assert!(
+            has(&mem, &format!("{}.narinfo", p.hash)),
+            "{:?}",
+            r.repaired
+        );
+        assert!(has(&mem, &p.nar));
+    }
+    let mut relied_on = r.relied_on.clone();
+    relied_on.sort();
+    let mut want = vec![
+        format!("{}.narinfo", healed.hash),
+        format!("{}.narinfo", upper.hash),
+    ];
+    want.sort();
+    assert_eq!(relied_on, want);
     assert!(!has(&mem, &format!("{}.narinfo", broken.hash)));
 }

@@ -477,15 +477,19 @@ async fn repair_as(
         .now
         .checked_sub(opts.grace)
         .unwrap_or(SystemTime::UNIX_EPOCH);
+    // The run's announcement (deleting::begin) is written when it began.
+    let mut announced_at = std::time::Instant::now();
     let mut unservable = vec![false; graph.len()];
     for (i, n) in graph.nodes.iter().enumerate() {
         if own_bad[i] {
             unservable[i] = still_unservable(store.as_ref(), n, upstream, grace, report).await;
+            deleting::keep_alive(store.as_ref(), run, &mut announced_at).await;
         }
     }
+    propagate(graph, &mut unservable, &mut Vec::new());
     // Confirmed broken a moment ago, a path may have been healed since (its missing reference
     // uploaded) and be relied on by an upload of a path referring to it: one an upload in
-    // progress names, or a record written since the listing, stays.
+    // progress names stays (after the propagation: none of it is deleted).
     let relied_on = match relied_on(store.as_ref(), inv, opts).await {
         Ok(r) => r,
         Err(e) => {
@@ -501,7 +505,7 @@ async fn repair_as(
             report.relied_on.push(object_key::narinfo(n.hash));
         }
     }
-    propagate(graph, &mut unservable, &mut Vec::new());
+    deleting::keep_alive(store.as_ref(), run, &mut announced_at).await;
     let order = sweep::referrers_first(graph, &unservable);
     let delete: Vec<String> = order
         .iter()
@@ -563,20 +567,15 @@ async fn repair_as(
 /// Deletes `keys` a few at a time, as the collector does (a batch of announced NARs must be
 /// gone well within the announcement's lifetime).
 /// Paths uploads may rely on now: named by upload records young enough to be uploads in
-/// progress, or by any record written since the store was listed.
+/// progress (those listed, and those written since).
 async fn relied_on(
     store: &dyn Store,
     inv: &Inventory,
     opts: &Options,
 ) -> Result<HashSet<StorePathHash>, StoreError> {
-    let mut acc = access::read_all(store, &inv.access, opts.grace, opts.now).await?;
-    let fresh = access::reread(store, &mut acc, SystemTime::now()).await?;
-    let mut out = acc.uploading;
-    out.extend(fresh.into_iter().filter_map(|e| match e {
-        access::Entry::Path(h) => Some(h),
-        access::Entry::Nar(_) => None,
-    }));
-    Ok(out)
+    let mut acc = access::read_all(store, &inv.access, Duration::ZERO, opts.now).await?;
+    access::reread(store, &mut acc, SystemTime::now()).await?;
+    Ok(acc.uploading)
 }
 
 /// Says for each key whether it is gone.

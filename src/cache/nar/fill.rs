@@ -568,6 +568,14 @@ impl NarCache {
                 };
                 waited = false;
                 match next {
+                    // Past its length (a source that gave none, held to its narinfo's size):
+                    // failed now, not once the whole body is on disk.
+                    Some(Ok(chunk)) if received + chunk.len() as u64 > length => {
+                        return Err(FillError::Short {
+                            written: received + chunk.len() as u64,
+                            expected: length,
+                        });
+                    }
                     Some(Ok(chunk)) => {
                         hasher.update(&chunk);
                         head.keep(received, chunk.clone());
