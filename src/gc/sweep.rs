@@ -573,7 +573,7 @@ impl State<'_> {
                 continue;
             };
             let key = object_key::narinfo(graph.nodes[j as usize].hash);
-            match store.put_bytes(&key, body.clone()).await {
+            match write_back(store, &key, body).await {
                 Ok(()) => {
                     self.out.restored += 1;
                     self.deleted.remove(&j);
@@ -598,6 +598,30 @@ impl State<'_> {
 
     fn kept_path(&self, h: &StorePathHash) -> bool {
         self.graph.find(*h).is_some_and(|i| self.kept[i as usize])
+    }
+}
+
+/// Pauses before the second and third try of a write-back.
+const WRITE_BACK_RETRIES: [std::time::Duration; 2] = [
+    std::time::Duration::from_millis(200),
+    std::time::Duration::from_secs(1),
+];
+
+/// Writes a deleted narinfo back (an upload relied on it): tried again after a failure,
+/// since until it is back that upload's path has a missing reference.
+async fn write_back(store: &dyn Store, key: &str, body: &Bytes) -> Result<(), StoreError> {
+    let mut pauses = WRITE_BACK_RETRIES.iter();
+    loop {
+        match store.put_bytes(key, body.clone()).await {
+            Ok(()) => return Ok(()),
+            Err(e) => match pauses.next() {
+                Some(&pause) => {
+                    tracing::warn!(%key, cause = %e, "writing a narinfo back failed; trying again");
+                    tokio::time::sleep(pause).await;
+                }
+                None => return Err(e),
+            },
+        }
     }
 }
 

@@ -46,6 +46,8 @@ pub enum FailOp {
     Delete,
     /// `list`, of exactly this prefix.
     List,
+    /// Opening a writer (and so `put_bytes`).
+    Write,
 }
 
 /// Holds reads of keys under a prefix between looking the object up and returning it, until
@@ -335,6 +337,7 @@ impl Store for MemoryStore {
         if self.down.load(Ordering::SeqCst) {
             return Err(StoreError::Unavailable("memory store is down".into()));
         }
+        self.take_failure(FailOp::Write, key)?;
         Ok(Box::new(MemoryWriter {
             objects: self.objects.clone(),
             hooks: self.hooks.clone(),
