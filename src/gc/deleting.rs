@@ -134,6 +134,14 @@ pub async fn keep_alive(store: &dyn Store, run: &str, at: &mut std::time::Instan
     }
 }
 
+/// Ends run `run`: withdraws its announcement (a failure is only logged: an announcement
+/// stops counting after [`TTL`]).
+pub async fn end(store: &dyn Store, run: &str) {
+    if let Err(e) = withdraw(store, run).await {
+        tracing::warn!(cause = %e, "could not withdraw the announcement of deletions");
+    }
+}
+
 /// Removes the announcement of `run`.
 pub async fn withdraw(store: &dyn Store, run: &str) -> Result<(), StoreError> {
     store.delete(&key(run)).await

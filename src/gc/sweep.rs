@@ -265,10 +265,7 @@ pub async fn execute(
         progress,
     )
     .await;
-    if let Err(e) = deleting::withdraw(store.as_ref(), run).await {
-        // Harmless: it stops counting after deleting::TTL.
-        tracing::warn!(cause = %e, "could not withdraw the announcement of deletions");
-    }
+    deleting::end(store.as_ref(), run).await;
     out
 }
 
@@ -315,12 +312,7 @@ async fn delete(
             // Deleting without knowing what uploads rely on could break their closures.
             return st.out;
         }
-        if announced_at.elapsed() > deleting::FRESH / 2 {
-            match deleting::announce(store, run, []).await {
-                Ok(()) => announced_at = Instant::now(),
-                Err(e) => st.out.errors.push(format!("announcing the run: {e}")),
-            }
-        }
+        deleting::keep_alive(store, run, &mut announced_at).await;
         let todo: Vec<u32> = batch
             .iter()
             .copied()

@@ -455,10 +455,7 @@ async fn repair(
         store, graph, inv, own_bad, upstream, findings, opts, &run, report,
     )
     .await;
-    if let Err(e) = deleting::withdraw(store.as_ref(), &run).await {
-        // Harmless: it stops counting after deleting::TTL.
-        tracing::warn!(cause = %e, "could not withdraw the announcement of deletions");
-    }
+    deleting::end(store.as_ref(), &run).await;
 }
 
 #[allow(clippy::too_many_arguments)]
