@@ -285,7 +285,7 @@ impl Upstreams {
                 unavailable = true;
                 continue;
             }
-            let mut req = self.client.get(format!("{}/{key}", u.base));
+            let mut req = self.client.get(url(u, key));
             if let Some(r) = range {
                 req = req.header(reqwest::header::RANGE, r.to_header());
             }
@@ -314,10 +314,21 @@ impl Upstreams {
             // Unknown for a body streamed without one (nix-serve's NARs are chunked).
             let length = res.content_length();
             let content_range = if status == reqwest::StatusCode::PARTIAL_CONTENT {
-                res.headers()
+                let stated = res
+                    .headers()
                     .get(reqwest::header::CONTENT_RANGE)
                     .and_then(|v| v.to_str().ok())
-                    .and_then(ContentRange::parse_header)
+                    .and_then(ContentRange::parse_header);
+                if stated.is_none() {
+                    // A part, but which part of how much is not said (or not usably, as in
+                    // `bytes 0-99/*`): never served, or cut again, as if it were the whole.
+                    tracing::warn!(upstream = %u.base, key, "upstream sent a part without a usable Content-Range");
+                    return Err(StoreError::Other(format!(
+                        "{}/{key}: a 206 without a usable Content-Range",
+                        u.base
+                    )));
+                }
+                stated
             } else {
                 None
             };
@@ -399,31 +410,58 @@ impl Upstreams {
             .and_then(unsatisfied_range_size);
         match stated {
             Some(size) => Some(size),
-            None => self.head_at(u, key).await,
+            None => self.head_at(u, key).await.ok().flatten(),
         }
     }
 
-    /// The size of `key` at the first upstream that has it.
-    async fn head(&self, key: &str) -> Option<u64> {
-        for u in self.list.iter().filter(|u| !u.down.is_active()) {
-            if let Some(n) = self.head_at(u, key).await {
-                return Some(n);
+    /// The size of `key` at the first upstream that has it. Unavailable, as a GET would be,
+    /// when none has it and some upstream could not be asked: a HEAD answers what the GET
+    /// of the same address would (503, not a 404 that clients and proxies keep).
+    async fn head(&self, key: &str) -> Result<Option<u64>, StoreError> {
+        let mut unavailable = false;
+        for u in &self.list {
+            if u.down.is_active() {
+                unavailable = true;
+                continue;
+            }
+            match self.head_at(u, key).await {
+                Ok(Some(n)) => return Ok(Some(n)),
+                Ok(None) => {}
+                Err(_) => unavailable = true,
             }
         }
-        None
+        if unavailable {
+            return Err(StoreError::Unavailable(
+                "an upstream cache could not be asked".into(),
+            ));
+        }
+        Ok(None)
     }
 
-    /// The size of `key` at `u`, if it has it.
-    async fn head_at(&self, u: &Upstream, key: &str) -> Option<u64> {
-        let r = self
-            .send(u, self.client.head(format!("{}/{key}", u.base)))
-            .await
-            .ok()??;
+    /// The size of `key` at `u`, if it has it and says it (a HEAD without a length finds
+    /// nothing); `Err` when `u` failed.
+    async fn head_at(&self, u: &Upstream, key: &str) -> Result<Option<u64>, Failure> {
+        let Some(r) = self.send(u, self.client.head(url(u, key))).await? else {
+            return Ok(None);
+        };
         // HEAD has no body: the length is in the header.
-        r.headers()
+        Ok(r.headers()
             .get(reqwest::header::CONTENT_LENGTH)
             .and_then(|v| v.to_str().ok())
-            .and_then(|v| v.parse().ok())
+            .and_then(|v| v.parse().ok()))
+    }
+}
+
+/// The URL of `key` (a cache-relative path such as `log/<drv>`) at `u`. Store path names may
+/// hold `?`, which is escaped so that it stays part of the path: a request cannot add a query
+/// of its choosing to what the upstream is sent. The one query sent is harmonia's
+/// `nar/<narhash>.nar?hash=<pathhash>`, which [`crate::nix::NarFileName`] allows in exactly
+/// that form and nowhere else.
+fn url(u: &Upstream, key: &str) -> String {
+    if key.starts_with("nar/") {
+        format!("{}/{key}", u.base)
+    } else {
+        format!("{}/{}", u.base, key.replace('?', "%3F"))
     }
 }
 
@@ -469,7 +507,7 @@ impl Store for WithUpstreams {
         if let Some(s) = self.store.head(key).await? {
             return Ok(Some(s));
         }
-        Ok(self.upstreams.head(key).await)
+        self.upstreams.head(key).await
     }
 
     async fn ping(&self) -> Result<(), StoreError> {

@@ -43,7 +43,9 @@ pub(super) async fn get(
     headers: HeaderMap,
 ) -> Result<Response, Error> {
     let f = NarFileName::from_request(&file, query.as_deref())?;
-    let res = fetch(&st, &f, &headers).await;
+    let res = fetch(&st, &f, &headers)
+        .await
+        .map(|res| lifetime(&st, &f, res));
     match &res {
         // A use of the paths whose narinfo names it, for `cellar gc`: a client whose own
         // cache holds the narinfo asks for the NAR alone.
@@ -84,15 +86,46 @@ async fn fetch(st: &AppState, f: &NarFileName, headers: &HeaderMap) -> Result<Re
     if let Some(to) = redirect(st, f, &key).await {
         return Ok(to);
     }
+    let announced = st.nar_memory.announced(f.as_str()).await;
     if let Some(cache) = &st.nars {
-        let announced = st.nar_memory.announced(f.as_str()).await;
         match cache.get(f, &key, range, announced, &reads).await? {
             NarCacheAnswer::Object(obj) => return Ok(object::object_response(obj, Kind::Nar)),
             NarCacheAnswer::NotFound => return Err(Error::NotFound),
             NarCacheAnswer::Bypass => {}
         }
     }
-    object::get(&*reads, &key, Kind::Nar, headers).await
+    let obj = reads.get(&key, range).await?.ok_or(Error::NotFound)?;
+    Ok(object::object_response(
+        resumable(obj, range, announced)?,
+        Kind::Nar,
+    ))
+}
+
+/// `obj`, answering `range`: an upstream that streams NARs without a length (nix-serve,
+/// harmonia) sends the whole NAR whatever range is asked for. A client resuming a download
+/// cellar served with the narinfo's size (and so offered ranges for) must get the part it
+/// asked for: curl fails a resume answered with the whole body. The part is cut from the
+/// whole with the narinfo's size as the total; a body shorter than that fails the transfer.
+fn resumable(
+    obj: Object,
+    range: Option<crate::store::ByteRange>,
+    announced: Option<u64>,
+) -> Result<Object, Error> {
+    let (Some(r), Some(total), None, None) = (range, announced, obj.length, obj.range) else {
+        return Ok(obj);
+    };
+    if obj.encoding.is_some() {
+        return Ok(obj);
+    }
+    let Some((start, end)) = r.resolve(total) else {
+        return Err(crate::store::StoreError::RangeNotSatisfiable { size: total }.into());
+    };
+    Ok(Object {
+        body: crate::store::byte_slice(obj.body, start, end - start + 1),
+        length: Some(end - start + 1),
+        range: Some(crate::store::ContentRange { start, end, total }),
+        encoding: None,
+    })
 }
 
 /// With `store.redirect_nars`: a NAR that is in the bucket, larger than what counts as small
@@ -182,10 +215,21 @@ pub(super) async fn head(
             None => st.uploader.reencoded_size(&f).await?,
         };
     }
-    Ok(object::head_response(
-        size.ok_or(Error::NotFound)?,
-        Kind::Nar,
-    ))
+    let res = object::head_response(size.ok_or(Error::NotFound)?, Kind::Nar);
+    Ok(lifetime(&st, &f, res))
+}
+
+/// A NAR named after its store path (attic, old nix-serve) changes when the path is rebuilt:
+/// it is kept by clients and proxies as long as a narinfo, not for a year as immutable.
+fn lifetime(st: &AppState, f: &NarFileName, mut res: Response) -> Response {
+    // Not a redirect, whose presigned URL expires (`no-store`).
+    if !f.names_its_bytes() && res.status().is_success() {
+        res.headers_mut().insert(
+            header::CACHE_CONTROL,
+            st.live().narinfo_cache_control.clone(),
+        );
+    }
+    res
 }
 
 /// How long a NAR upload waits for the store to say whether it holds the NAR already, before

@@ -547,3 +547,60 @@ async fn a_dropped_state_lets_its_nar_disk_cache_go() {
     let again = state(cfg, &mem);
     assert!(again.nars.is_some());
 }
+
+/// A client resuming a NAR download that cellar served with its narinfo's size (so ranges
+/// were offered) from a source that sends NARs whole and without a length (nix-serve,
+/// harmonia) gets the part it asked for: curl fails a resume answered with the whole body.
+#[tokio::test]
+async fn a_resumed_download_from_a_source_without_lengths_gets_its_part() {
+    let mem = Arc::new(MemoryStore::new());
+    let file = format!("{NAR_FILE}.nar");
+    let nar: Vec<u8> = (0..200_000u32).map(|i| (i % 251) as u8).collect();
+    mem.insert(&format!("nar/{file}"), nar.clone());
+    mem.serve_unsized();
+    let st = state(Config::default(), &mem);
+    st.nar_memory.hint(&file, Some(200_000)).await;
+    let req = Request::get(format!("/nar/{file}"))
+        .header("range", "bytes=150000-")
+        .body(Body::empty())
+        .unwrap();
+    let (status, headers, body) = get_with(&st, req).await;
+    assert_eq!(status, StatusCode::PARTIAL_CONTENT);
+    assert_eq!(headers["content-range"], "bytes 150000-199999/200000");
+    assert_eq!(headers["content-length"], "50000");
+    assert_eq!(body, nar[150_000..]);
+    // Past the end the narinfo gives: 416 with the size, as from any other source.
+    let req = Request::get(format!("/nar/{file}"))
+        .header("range", "bytes=200000-")
+        .body(Body::empty())
+        .unwrap();
+    let (status, headers, _) = get_with(&st, req).await;
+    assert_eq!(status, StatusCode::RANGE_NOT_SATISFIABLE);
+    assert_eq!(headers["content-range"], "bytes */200000");
+}
+
+/// A NAR named after its store path hash (32 characters, as attic and old nix-serve name
+/// them) changes when the path is rebuilt: it lives in caches as long as a narinfo does.
+#[tokio::test]
+async fn a_nar_named_after_its_store_path_is_not_immutable() {
+    let mem = Arc::new(MemoryStore::new());
+    let file = format!("{HASH}.nar");
+    mem.insert(&format!("nar/{file}"), vec![1u8; 100]);
+    let cfg = Config {
+        narinfo_max_age: std::time::Duration::from_secs(1234),
+        ..Config::default()
+    };
+    let st = state(cfg, &mem);
+    let req = Request::get(format!("/nar/{file}"))
+        .body(Body::empty())
+        .unwrap();
+    let (status, headers, _) = get_with(&st, req).await;
+    assert_eq!(status, StatusCode::OK);
+    assert_eq!(headers["cache-control"], "public, max-age=1234");
+    let req = Request::head(format!("/nar/{file}"))
+        .body(Body::empty())
+        .unwrap();
+    let (status, headers, _) = get_with(&st, req).await;
+    assert_eq!(status, StatusCode::OK);
+    assert_eq!(headers["cache-control"], "public, max-age=1234");
+}

@@ -137,6 +137,12 @@ impl NarFileName {
         let rest = &self.full[self.hash_at..];
         rest.split_once('.').map_or(rest, |(h, _)| h)
     }
+    /// Whether the name is a hash of the bytes (always so for the names Nix gives NARs, and
+    /// nix-serve's and harmonia's), not a store path hash (32 characters): a NAR named after
+    /// its store path changes when the path is rebuilt, so it is not cached as immutable.
+    pub fn names_its_bytes(&self) -> bool {
+        self.file_hash().len() != StorePathHash::LEN
+    }
     /// The same file hash under the extension of `compression` (what a NAR re-encoded on
     /// upload is stored as). Infallible: the hash was validated and every extension is known.
     pub fn with_compression(&self, compression: Compression) -> Self {

@@ -220,16 +220,19 @@ pub struct ContentRange {
 }
 
 impl ContentRange {
-    /// Parses `bytes 0-99/1234` (what S3 and HTTP servers send with a 206).
+    /// Parses `bytes 0-99/1234` (what S3 and HTTP servers send with a 206). A span that is
+    /// not inside the total (`bytes 5-2/10`, `bytes 0-99/50`) or a total left unknown
+    /// (`bytes 0-99/*`) is `None`: no part can be served, or cut, from what it says.
     pub fn parse_header(v: &str) -> Option<Self> {
         let rest = v.strip_prefix("bytes ")?;
         let (span, total) = rest.split_once('/')?;
         let (s, e) = span.split_once('-')?;
-        Some(Self {
+        let r = Self {
             start: s.parse().ok()?,
             end: e.parse().ok()?,
             total: total.parse().ok()?,
-        })
+        };
+        (r.start <= r.end && r.end < r.total).then_some(r)
     }
 }
 

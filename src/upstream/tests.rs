@@ -2,6 +2,7 @@ use super::*;
 use axum::extract::Path;
 use axum::http::{header, HeaderMap, StatusCode};
 use axum::response::{IntoResponse as _, Response};
+use std::sync::Arc;
 
 #[test]
 fn reads_the_size_of_a_refused_range() {
@@ -112,6 +113,13 @@ async fn plain_upstream(Path(file): Path<String>) -> Response {
         "whole.nar" => b"0123456789".to_vec().into_response(),
         "busy.nar" => StatusCode::TOO_MANY_REQUESTS.into_response(),
         "brotli.nar" => ([(header::CONTENT_ENCODING, "br")], b"\x0b\x00".to_vec()).into_response(),
+        // A part, without saying of how much.
+        "vague.nar" => (
+            StatusCode::PARTIAL_CONTENT,
+            [(header::CONTENT_RANGE, "bytes 0-3/*")],
+            b"0123".to_vec(),
+        )
+            .into_response(),
         // Streamed without a length, as nix-serve sends NARs.
         "chunked.nar" => {
             let parts = [&b"01234"[..], &b"56789"[..]].map(|p| Ok::<_, io::Error>(p.to_vec()));
@@ -224,5 +232,94 @@ async fn an_object_without_a_length_is_served_whole() {
         assert_eq!((obj.length, obj.range), (None, None), "{range:?}");
         let chunks: Vec<bytes::Bytes> = obj.body.try_collect().await.unwrap();
         assert_eq!(chunks.concat(), b"0123456789", "{range:?}");
+    }
+}
+
+/// A part whose place in the object is not said (`bytes 0-3/*` leaves the total unknown) is
+/// neither served nor cut again as if it were the whole object: a fill would keep 4 bytes as
+/// the NAR.
+#[tokio::test]
+async fn a_part_without_a_usable_content_range_is_an_error() {
+    let upstreams = plain_upstreams().await;
+    for range in [
+        Some(ByteRange::From {
+            start: 0,
+            end: Some(3),
+        }),
+        Some(ByteRange::From {
+            start: 2,
+            end: None,
+        }),
+    ] {
+        assert!(
+            matches!(
+                upstreams.get("nar/vague.nar", range).await,
+                Err(StoreError::Other(_))
+            ),
+            "{range:?}"
+        );
+    }
+}
+
+/// A HEAD answers what a GET of the same address would: an upstream that fails (5xx) or is
+/// skipped after a failure makes both unavailable (503), not a 404 kept by clients.
+#[tokio::test]
+async fn a_head_while_the_upstream_fails_is_unavailable_like_a_get() {
+    let app = axum::Router::new().route(
+        "/log/{drv}",
+        axum::routing::get(|| async { StatusCode::INTERNAL_SERVER_ERROR })
+            .head(|| async { StatusCode::INTERNAL_SERVER_ERROR }),
+    );
+    let upstreams = upstreams_serving(app).await;
+    assert!(matches!(
+        upstreams.head("log/x").await,
+        Err(StoreError::Unavailable(_))
+    ));
+    assert!(
+        upstreams.list[0].down.is_active(),
+        "the upstream is skipped"
+    );
+    // Skipped now: still unavailable, not a miss.
+    assert!(matches!(
+        upstreams.head("log/x").await,
+        Err(StoreError::Unavailable(_))
+    ));
+    assert!(matches!(
+        upstreams.get("log/x", None).await,
+        Err(StoreError::Unavailable(_))
+    ));
+    // A plain miss stays a miss.
+    let upstreams = plain_upstreams().await;
+    assert!(matches!(upstreams.head("nar/none.nar").await, Ok(None)));
+    assert!(matches!(
+        upstreams.head("nar/whole.nar").await,
+        Ok(Some(10))
+    ));
+}
+
+/// A `?` in a store path name (Nix allows it) stays in the path sent upstream: a request
+/// cannot add a query of its own to it (S3's `?versionId=`, `?acl`).
+#[tokio::test]
+async fn a_question_mark_in_a_name_is_not_a_query_upstream() {
+    let seen = Arc::new(std::sync::Mutex::new(Vec::new()));
+    let s = seen.clone();
+    let app = axum::Router::new().fallback(move |uri: axum::http::Uri| {
+        let s = s.clone();
+        async move {
+            s.lock().unwrap().push(uri.to_string());
+            "log"
+        }
+    });
+    let upstreams = upstreams_serving(app).await;
+    let key = "log/5g5d4v2ahmn1f7k9jcs2cns6ivf5gmpa-x?versionId=abc";
+    assert!(upstreams.get(key, None).await.unwrap().is_some());
+    assert_eq!(upstreams.head(key).await.unwrap(), Some(3));
+    let seen = seen.lock().unwrap().clone();
+    assert_eq!(seen.len(), 2);
+    for uri in seen {
+        assert_eq!(
+            uri,
+            "/log/5g5d4v2ahmn1f7k9jcs2cns6ivf5gmpa-x%3FversionId=abc"
+        );
     }
 }

@@ -11,6 +11,19 @@ fn content_range_header() {
         })
     );
     assert_eq!(ContentRange::parse_header("bytes */1234"), None);
+    // Spans a part cannot have: a length computed from them would be wrong or overflow.
+    for bad in [
+        "bytes 0-99/*",
+        "bytes 5-2/10",
+        "bytes 0-99/50",
+        "bytes 0-18446744073709551615/18446744073709551615",
+    ] {
+        assert_eq!(ContentRange::parse_header(bad), None, "{bad}");
+    }
+    assert_eq!(
+        ContentRange::parse_header("bytes 9-9/10").map(|r| (r.start, r.end)),
+        Some((9, 9))
+    );
 }
 
 /// /readyz asks once: a store refusing connections is reported after one attempt, not
