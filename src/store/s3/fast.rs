@@ -354,15 +354,14 @@ impl FastReads {
     pub(super) async fn put(&self, key: &str, body: Bytes) -> Result<(), StoreError> {
         let url = format!("{}{}", self.base, encode_key(key));
         let sha = hex::encode(Sha256::digest(&body));
+        let body_len = body.len();
         let req = self
             .signed(reqwest::Method::PUT, url, &[], &sha)
             .await?
             .body(body);
-        // As the SDK path's writes: six request timeouts, for a body of up to 8 MiB.
-        match self
-            .send_within(self.timeout * 6, "PutObject", key, req)
-            .await?
-        {
+        // As the SDK path's writes.
+        let deadline = super::writer::write_deadline(self.timeout, body_len);
+        match self.send_within(deadline, "PutObject", key, req).await? {
             Read::Found(res) => {
                 // Read to the end, so the connection goes back to the pool.
                 let _ = res.bytes().await;

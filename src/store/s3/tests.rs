@@ -169,6 +169,22 @@ async fn store_with(
     upload_part_concurrency: usize,
     direct_requests: bool,
 ) -> S3Store {
+    store_timed(
+        endpoint,
+        upload_part_concurrency,
+        direct_requests,
+        Duration::from_secs(5),
+    )
+    .await
+}
+
+/// [`store_with`], with `timeout` as `store.timeout_secs`.
+async fn store_timed(
+    endpoint: String,
+    upload_part_concurrency: usize,
+    direct_requests: bool,
+    timeout: Duration,
+) -> S3Store {
     use crate::config::{S3Credentials, Secret};
     let cfg = S3StoreConfig {
         bucket: "b".into(),
@@ -185,7 +201,7 @@ async fn store_with(
         redirect: None,
         upload_part_concurrency,
     };
-    S3Store::new(&cfg, Duration::from_secs(5)).await
+    S3Store::new(&cfg, timeout).await
 }
 
 /// Writes `body` through a writer in chunks that straddle the parts' boundaries, then
@@ -397,6 +413,53 @@ async fn an_encoded_object_cellar_reads_itself_is_refused() {
         assert!(
             e.to_string().contains("Content-Encoding xz"),
             "direct {direct}: {e}"
+        );
+    }
+}
+
+/// A fake S3 that takes `delay` to answer each PUT, after reading its body.
+async fn slow_put_s3(delay: Duration) -> String {
+    let app = axum::Router::new()
+        .fallback(move |_body: bytes::Bytes| async move {
+            // Simulated store latency, not synchronisation.
+            tokio::time::sleep(delay).await;
+            [("etag", "\"e\"")]
+        })
+        .layer(axum::extract::DefaultBodyLimit::disable());
+    let l = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+    let addr = l.local_addr().unwrap();
+    tokio::spawn(async move { axum::serve(l, app).await });
+    format!("http://{addr}")
+}
+
+/// A write's deadline grows with its body: over a slow uplink a part of 8 MiB takes minutes,
+/// and was given up after six request timeouts, however steadily it went. A stuck write is
+/// still given up.
+#[tokio::test]
+async fn a_write_is_given_time_for_its_body() {
+    assert_eq!(
+        writer::write_deadline(Duration::from_secs(10), 0),
+        Duration::from_secs(60)
+    );
+    assert_eq!(
+        writer::write_deadline(Duration::from_secs(10), PART_SIZE),
+        Duration::from_secs(60 + 256)
+    );
+    let endpoint = slow_put_s3(Duration::from_millis(1500)).await;
+    for direct in [true, false] {
+        // Six request timeouts are 0.6 s: less than the store takes to answer.
+        let store = store_timed(endpoint.clone(), 4, direct, Duration::from_millis(100)).await;
+        // 64 KiB: 2 s more at the slowest pace waited for.
+        write_all(&store, &body(64 << 10))
+            .await
+            .unwrap_or_else(|e| panic!("direct: {direct}: {e}"));
+        // 1 KiB: 31 ms more, and the store is still too slow.
+        assert!(
+            matches!(
+                write_all(&store, &body(1 << 10)).await,
+                Err(StoreError::Timeout(_))
+            ),
+            "direct: {direct}"
         );
     }
 }

@@ -27,6 +27,19 @@ use crate::store::{ObjectWriter, StoreError};
 /// times [`PART_SIZE`] of memory (128 MiB), whatever the number of uploads.
 pub(super) const PARTS_IN_FLIGHT: usize = 16;
 
+/// The slowest pace at which a body being written to S3 is still waited for: a part of 8 MiB
+/// gets 256 s on top of six request timeouts. A home server pushing to a distant S3 over a
+/// slow uplink shares it between the parts in flight (`store.upload_part_concurrency`, 4 by
+/// default): 1 Mbit/s still carries four parts at this pace each.
+const SLOWEST_WRITE_BYTES_PER_SEC: u64 = 32 * 1024;
+
+/// How long a request carrying `bytes` of body to S3 may take: six request timeouts (the
+/// store answers writes more slowly than reads), plus the body's time at the slowest pace
+/// waited for. A stuck connection is still given up, after minutes, not held forever.
+pub(super) fn write_deadline(timeout: Duration, bytes: usize) -> Duration {
+    timeout * 6 + Duration::from_millis(bytes as u64 * 1000 / SLOWEST_WRITE_BYTES_PER_SEC)
+}
+
 /// The object a writer writes, shared with the tasks sending its parts.
 struct Target {
     client: Client,
@@ -36,17 +49,20 @@ struct Target {
 }
 
 impl Target {
+    /// `fut`, a request carrying `bytes` of body, within its [`write_deadline`].
     async fn timed<T, E>(
         &self,
         what: &'static str,
+        bytes: usize,
         fut: impl Future<Output = Result<T, SdkError<E, HttpResponse>>>,
     ) -> Result<T, StoreError>
     where
         E: ProvideErrorMetadata + std::error::Error + Send + Sync + 'static,
     {
         let started = std::time::Instant::now();
-        let r = match tokio::time::timeout(self.timeout * 6, fut).await {
-            Err(_) => Err(StoreError::Timeout(self.timeout.as_secs() * 6)),
+        let deadline = write_deadline(self.timeout, bytes);
+        let r = match tokio::time::timeout(deadline, fut).await {
+            Err(_) => Err(StoreError::Timeout(deadline.as_secs())),
             Ok(Ok(v)) => Ok(Ok(v)),
             Ok(Err(e)) => classify::<T, E>(what, &self.bucket, e),
         };
@@ -69,7 +85,7 @@ impl Target {
             .key(&self.key)
             .upload_id(id)
             .send();
-        match self.timed("AbortMultipartUpload", req).await {
+        match self.timed("AbortMultipartUpload", 0, req).await {
             Ok(_) => tracing::debug!(key = %self.key, "multipart upload aborted"),
             Err(e) => {
                 tracing::warn!(key = %self.key, cause = %e, "could not abort a multipart upload; cleanup will retry")
@@ -83,6 +99,7 @@ impl Target {
         number: i32,
         part: Bytes,
     ) -> Result<CompletedPart, StoreError> {
+        let bytes = part.len();
         let req = self
             .client
             .upload_part()
@@ -92,7 +109,7 @@ impl Target {
             .part_number(number)
             .body(part.into())
             .send();
-        let out = self.timed("UploadPart", req).await?;
+        let out = self.timed("UploadPart", bytes, req).await?;
         Ok(CompletedPart::builder()
             .part_number(number)
             .set_e_tag(out.e_tag().map(str::to_owned))
@@ -159,7 +176,7 @@ impl S3Writer {
             .bucket(&t.bucket)
             .key(&t.key)
             .send();
-        let out = t.timed("CreateMultipartUpload", req).await?;
+        let out = t.timed("CreateMultipartUpload", 0, req).await?;
         let id = out
             .upload_id()
             .ok_or_else(|| StoreError::Other("CreateMultipartUpload: no upload id".into()))?
@@ -233,7 +250,7 @@ impl S3Writer {
                     .build(),
             )
             .send();
-        t.timed("CompleteMultipartUpload", req).await?;
+        t.timed("CompleteMultipartUpload", 0, req).await?;
         Ok(())
     }
 
@@ -279,6 +296,7 @@ impl ObjectWriter for S3Writer {
             (None, Some(fast)) => fast.put(&self.target.key, rest).await?,
             (None, None) => {
                 let t = &self.target;
+                let bytes = rest.len();
                 let req = t
                     .client
                     .put_object()
@@ -286,7 +304,7 @@ impl ObjectWriter for S3Writer {
                     .key(&t.key)
                     .body(rest.into())
                     .send();
-                t.timed("PutObject", req).await?;
+                t.timed("PutObject", bytes, req).await?;
             }
             (Some(id), _) => {
                 if let Err(e) = self.complete(&id, rest).await {
