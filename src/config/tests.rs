@@ -59,6 +59,30 @@ fn errors_name_the_key() {
     assert!(e.contains("store.endpoint"), "{e}");
 }
 
+/// A bucket configured without `kind = "s3"` (an environment that sets CELLAR_STORE__BUCKET
+/// and forgets CELLAR_STORE__KIND) is refused: it would quietly serve a local directory.
+#[test]
+fn s3_keys_without_the_s3_kind_are_errors() {
+    for key in [
+        "bucket = \"b\"",
+        "endpoint = \"http://localhost:3900\"",
+        "access_key_id = \"k\"",
+        "secret_access_key = \"s\"",
+        "public_endpoint = \"https://s3.example.org\"",
+    ] {
+        for kind in ["", "kind = \"local\"\n"] {
+            let e = from_toml(&format!("[store]\n{kind}{key}"))
+                .unwrap_err()
+                .to_string();
+            let name = key.split(' ').next().unwrap();
+            assert!(e.contains("store.kind"), "{key}: {e}");
+            assert!(e.contains(&format!("store.{name}")), "{key}: {e}");
+        }
+    }
+    // What the shipped file sets for every kind stays allowed.
+    assert!(from_toml("[store]\nregion = \"eu-west-1\"\nprefix = \"cache/\"").is_ok());
+}
+
 #[test]
 #[allow(clippy::result_large_err)] // figment's Jail API
 fn env_overrides_with_nesting_and_csv_lists() {
@@ -141,14 +165,12 @@ fn durations_and_counts_have_upper_bounds() {
             "store.timeout_secs",
         ),
         ("max_connections = 1000001", "max_connections"),
-        (
-            "[upload]\nmax_concurrent = 1000001",
-            "upload.max_concurrent",
-        ),
+        ("[upload]\nmax_concurrent = 129", "upload.max_concurrent"),
     ] {
         let e = from_toml(toml).unwrap_err().to_string();
         assert!(e.contains(key) && e.contains("at most"), "{toml}: {e}");
     }
+    assert!(from_toml("[upload]\nmax_concurrent = 128").is_ok());
     // Ten years is still a duration.
     let c = from_toml("[cache]\nnarinfo_ttl_secs = 315360000").unwrap();
     assert_eq!(c.cache.narinfo_ttl, Duration::from_secs(315_360_000));

@@ -83,6 +83,23 @@ impl StoreSection {
                     let message = "needs store.kind = \"s3\": clients are sent to the bucket";
                     return Err(ConfigError::invalid("store.redirect_nars", message));
                 }
+                // Set for a bucket but left on the default kind (an environment without
+                // CELLAR_STORE__KIND): it would serve and take uploads into a local
+                // directory, which a container loses on restart.
+                let s3_keys = [
+                    ("store.bucket", self.bucket.is_some()),
+                    ("store.endpoint", self.endpoint.is_some()),
+                    ("store.access_key_id", self.access_key_id.is_some()),
+                    ("store.secret_access_key", self.secret_access_key.is_some()),
+                    ("store.public_endpoint", self.public_endpoint.is_some()),
+                ];
+                if let Some((key, _)) = s3_keys.iter().find(|(_, set)| *set) {
+                    let message = format!(
+                        "is \"local\" (the default) while {key} is set, which only an S3 store \
+                         uses: set store.kind = \"s3\" (CELLAR_STORE__KIND=s3), or remove {key}"
+                    );
+                    return Err(ConfigError::invalid("store.kind", message));
+                }
                 StoreBackend::Local(LocalStoreConfig { path: self.path })
             }
             StoreKind::S3 => StoreBackend::S3(self.validate_s3(connect_timeout)?),

@@ -29,6 +29,9 @@ pub(super) struct UploadSection {
     body_idle_timeout_secs: u64,
 }
 
+/// The most uploads `upload.max_concurrent` may let run at once.
+const MAX_CONCURRENT_UPLOADS: usize = 128;
+
 impl Default for UploadSection {
     fn default() -> Self {
         Self {
@@ -102,10 +105,16 @@ impl UploadSection {
                 "must be > 0 (0 would refuse every upload)",
             ));
         }
-        if self.max_concurrent > super::MAX_COUNT {
+        if self.max_concurrent > MAX_CONCURRENT_UPLOADS {
+            // Each upload holds up to two of the runtime's 512 blocking threads (its digest,
+            // its read-back) for as long as its body takes; more would leave local-store
+            // reads, which use them too, queued behind stalled uploads.
             return Err(ConfigError::invalid(
                 "upload.max_concurrent",
-                format!("must be at most {}", super::MAX_COUNT),
+                format!(
+                    "must be at most {MAX_CONCURRENT_UPLOADS} (each upload holds blocking \
+                     threads, of which there are 512)"
+                ),
             ));
         }
         if self.xz_memory_limit_bytes < (65 << 20) {
