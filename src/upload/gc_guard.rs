@@ -83,6 +83,9 @@ impl Uploader {
         match gone {
             None => Ok(()),
             Some(e) => {
+                // Another upload of the same path may have written it moments ago: no
+                // referrer is taken on the word of that write any more.
+                self.unwrote(info.hash());
                 if let Err(d) = self.store.delete(&object_key::narinfo(info.hash())).await {
                     tracing::error!(path = %info.store_path, cause = %d, "could not take back a narinfo whose NAR a garbage collection deleted");
                 }

@@ -401,6 +401,12 @@ impl Uploader {
         m.insert(h, tokio::time::Instant::now());
     }
 
+    /// The narinfo of `h` was taken back (or may have been): references to it are asked for
+    /// in the store again.
+    fn unwrote(&self, h: StorePathHash) {
+        lock(&self.written).remove(&h);
+    }
+
     /// Whether this process wrote the narinfo of `h` so recently that the upload record
     /// written before it still keeps every collector from deleting it: within
     /// [`crate::gc::access::UPLOAD_COVER`] of the write (the record started at most that long

@@ -1093,3 +1093,42 @@ async fn what_was_learned_is_kept_for_several_paths_at_once() {
     assert!(up.recently_written(info.hash()) && up.recently_written(b_info.hash()));
     assert!(!up.known_absent(info.hash()), "written since the probe");
 }
+
+/// Two uploads of the same path: one is written and acknowledged, the other cannot see the
+/// NAR (the store fails every look) and takes the narinfo back. A referrer is then checked
+/// against the store, not taken on the word of the first write: it would be published with a
+/// reference the cache no longer has.
+#[tokio::test(start_paused = true)]
+async fn a_narinfo_taken_back_is_not_counted_as_written() {
+    use crate::store::memory::FailOp;
+    let (mem, up, _) = uploader_covering();
+    let (nar, info, file) = sample();
+    let (b_nar, b_info, b_file) = referrer();
+    up.put_nar(&file, body(nar)).await.unwrap();
+    let text = info.render("/nix/store");
+    // The other upload's write, acknowledged.
+    up.wrote(info.hash());
+    assert!(up.recently_written(info.hash()));
+    let nar_key = object_key::nar(&file);
+    let store = Arc::downgrade(&mem);
+    mem.after_write(&object_key::narinfo(info.hash()), move |_| {
+        if let Some(m) = store.upgrade() {
+            m.fail(FailOp::Read, &nar_key, 0, 4);
+        }
+    });
+    assert!(up
+        .put_narinfo(info.hash(), text.as_bytes(), None)
+        .await
+        .is_err());
+    assert!(mem
+        .head(&object_key::narinfo(info.hash()))
+        .await
+        .unwrap()
+        .is_none());
+    up.put_nar(&b_file, body(b_nar)).await.unwrap();
+    let e = up
+        .put_narinfo(b_info.hash(), b_info.render("/nix/store").as_bytes(), None)
+        .await
+        .unwrap_err();
+    assert!(e.to_string().contains("is not in the cache"), "{e}");
+}
