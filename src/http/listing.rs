@@ -34,7 +34,7 @@ pub(super) async fn put(st: &AppState, h: StorePathHash, body: Body) -> Result<S
     st.uploader
         .put_plain(
             &object_key::listing(h),
-            object::body_stream(st, body),
+            object::limited_body_stream(st, body, MAX_LISTING_BYTES)?,
             MAX_LISTING_BYTES,
         )
         .await?;

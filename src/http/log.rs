@@ -43,7 +43,11 @@ pub(super) async fn put(
     body: Body,
 ) -> Result<StatusCode, Error> {
     st.uploader
-        .put_plain(&key(&drv)?, object::body_stream(&st, body), MAX_LOG_BYTES)
+        .put_plain(
+            &key(&drv)?,
+            object::limited_body_stream(&st, body, MAX_LOG_BYTES)?,
+            MAX_LOG_BYTES,
+        )
         .await?;
     Ok(StatusCode::CREATED)
 }

@@ -135,6 +135,26 @@ pub(super) async fn head(source: &dyn Store, key: &str, kind: Kind) -> Result<Re
     Ok(head_response(size, kind))
 }
 
+/// A PUT's body of at most `limit` bytes as the stream the uploader takes (which counts them
+/// as they come): refused before any of it is read, so before `100 Continue` is sent, when its
+/// `Content-Length` says it is larger.
+pub(super) fn limited_body_stream(
+    st: &AppState,
+    body: Body,
+    limit: u64,
+) -> Result<impl Stream<Item = std::io::Result<Bytes>> + Send + 'static, Error> {
+    refuse_declared_over(&body, limit)?;
+    Ok(body_stream(st, body))
+}
+
+/// Refuses `body` if its `Content-Length` is over `limit`.
+fn refuse_declared_over(body: &Body, limit: u64) -> Result<(), Error> {
+    if http_body::Body::size_hint(body).lower() > limit {
+        return Err(crate::error::UploadError::TooLarge { limit }.into());
+    }
+    Ok(())
+}
+
 /// A PUT's body as the stream the uploader takes, ended by an error when idle too long.
 pub(super) fn body_stream(
     st: &AppState,
@@ -148,6 +168,7 @@ pub(super) fn body_stream(
 
 /// A PUT's whole body, refused past `limit` bytes before more is read.
 pub(super) async fn read_body(st: &AppState, body: Body, limit: u64) -> Result<Bytes, Error> {
+    refuse_declared_over(&body, limit)?;
     let mut buf = Vec::new();
     let mut s = std::pin::pin!(body_stream(st, body));
     while let Some(chunk) = s.try_next().await.map_err(digest::body_error)? {

@@ -30,7 +30,11 @@ pub(super) fn build_trace_key(drv: &str, output: &str) -> Result<String, Error> 
 
 async fn put_as_sent(st: &AppState, key: &str, body: Body) -> Result<StatusCode, Error> {
     st.uploader
-        .put_plain(key, object::body_stream(st, body), MAX_REALISATION_BYTES)
+        .put_plain(
+            key,
+            object::limited_body_stream(st, body, MAX_REALISATION_BYTES)?,
+            MAX_REALISATION_BYTES,
+        )
         .await?;
     Ok(StatusCode::CREATED)
 }

@@ -604,3 +604,38 @@ async fn a_nar_named_after_its_store_path_is_not_immutable() {
     assert_eq!(status, StatusCode::OK);
     assert_eq!(headers["cache-control"], "public, max-age=1234");
 }
+
+/// Every PUT whose `Content-Length` is over its limit is refused with 413 before its body is
+/// read: no `100 Continue` is sent, so the client never sends it (a 2 GiB "log" would
+/// otherwise stream 1 GiB into the store holding an upload slot), and nothing is written.
+#[tokio::test]
+async fn puts_declared_over_their_limit_are_refused_before_the_body() {
+    use tokio::io::{AsyncReadExt as _, AsyncWriteExt as _};
+    let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+    let addr = listener.local_addr().unwrap();
+    let mem = Arc::new(MemoryStore::new());
+    let cfg = with_tokens(Config::default(), &[("w", "wtok", Scope::Write)]);
+    let st = state(cfg, &mem);
+    let (_stop, stopped) = tokio::sync::oneshot::channel::<()>();
+    tokio::spawn(super::server::serve(listener, st, async {
+        let _ = stopped.await;
+    }));
+    for path in [
+        format!("/upload/log/{DRV}"),
+        format!("/upload/{HASH}.ls"),
+        format!("/upload/{HASH}.narinfo"),
+        format!("/upload/{REALISATION}"),
+        format!("/upload/build-trace/{DRV}/out"),
+    ] {
+        let mut tcp = tokio::net::TcpStream::connect(addr).await.unwrap();
+        let head = format!(
+            "PUT {path} HTTP/1.1\r\nHost: t\r\nAuthorization: Bearer wtok\r\n\
+             Content-Length: 2147483648\r\nExpect: 100-continue\r\nConnection: close\r\n\r\n"
+        );
+        tcp.write_all(head.as_bytes()).await.unwrap();
+        let mut answer = String::new();
+        tcp.read_to_string(&mut answer).await.unwrap();
+        assert!(answer.starts_with("HTTP/1.1 413"), "{path}: {answer}");
+    }
+    assert!(mem.keys().is_empty(), "{:?}", mem.keys());
+}
