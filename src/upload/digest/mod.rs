@@ -204,7 +204,14 @@ impl Write for NarSink {
             let take = (NAR_MAGIC.len() - self.head.len()).min(b.len());
             self.head.extend_from_slice(&b[..take]);
             if !NAR_MAGIC.starts_with(&self.head) {
-                return Err(io::Error::new(io::ErrorKind::InvalidData, "not a NAR"));
+                // `nix copy --to 'http://…?compression=gzip'` names gzip NARs `.nar`.
+                let why = if self.head.starts_with(&[0x1f, 0x8b]) {
+                    "not a NAR but gzip data (Nix names gzip NARs .nar): NARs compressed with \
+                     gzip cannot be verified; upload with xz, zstd, bzip2 or none"
+                } else {
+                    "not a NAR"
+                };
+                return Err(io::Error::new(io::ErrorKind::InvalidData, why));
             }
         }
         if self.hash.size + b.len() as u64 > self.max_bytes {

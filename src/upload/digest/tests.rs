@@ -371,6 +371,22 @@ async fn without_a_writer_nothing_is_re_encoded() {
     assert_eq!(d.output.size, plain.len() as u64);
 }
 
+/// Nix names a gzip NAR `.nar` (no extension of its own): the refusal says why.
+#[tokio::test]
+async fn a_gzip_nar_sent_as_plain_is_refused_by_name() {
+    let e = check(b"\x1f\x8b\x08\x00rest".to_vec(), Compression::None)
+        .await
+        .unwrap_err();
+    assert!(rejected_with(&e, "gzip cannot be verified"), "{e:?}");
+    let e = check(b"\x1f\x00 not gzip".to_vec(), Compression::None)
+        .await
+        .unwrap_err();
+    assert!(
+        rejected_with(&e, "not a NAR") && !rejected_with(&e, "gzip"),
+        "{e:?}"
+    );
+}
+
 #[tokio::test]
 async fn a_body_shorter_than_the_magic_is_not_a_nar() {
     let e = check(NAR_MAGIC[..10].to_vec(), Compression::None)
