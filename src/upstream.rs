@@ -322,11 +322,10 @@ impl Upstreams {
                 if stated.is_none() {
                     // A part, but which part of how much is not said (or not usably, as in
                     // `bytes 0-99/*`): never served, or cut again, as if it were the whole.
+                    // The next upstream may do better; else unavailable, as a failure.
                     tracing::warn!(upstream = %u.base, key, "upstream sent a part without a usable Content-Range");
-                    return Err(StoreError::Other(format!(
-                        "{}/{key}: a 206 without a usable Content-Range",
-                        u.base
-                    )));
+                    unavailable = true;
+                    continue;
                 }
                 stated
             } else {
@@ -417,7 +416,7 @@ impl Upstreams {
     /// The size of `key` at the first upstream that has it. Unavailable, as a GET would be,
     /// when none has it and some upstream could not be asked: a HEAD answers what the GET
     /// of the same address would (503, not a 404 that clients and proxies keep).
-    async fn head(&self, key: &str) -> Result<Option<u64>, StoreError> {
+    pub async fn head(&self, key: &str) -> Result<Option<u64>, StoreError> {
         let mut unavailable = false;
         for u in &self.list {
             if u.down.is_active() {

@@ -120,9 +120,16 @@ fn resumable(
     let Some((start, end)) = r.resolve(total) else {
         return Err(crate::store::StoreError::RangeNotSatisfiable { size: total }.into());
     };
+    let len = end - start + 1;
+    // To the last byte the narinfo gives: a body going on past it is not that NAR.
+    let body = if end + 1 == total {
+        crate::store::byte_slice_to_end(obj.body, start, len)
+    } else {
+        crate::store::byte_slice(obj.body, start, len)
+    };
     Ok(Object {
-        body: crate::store::byte_slice(obj.body, start, end - start + 1),
-        length: Some(end - start + 1),
+        body,
+        length: Some(len),
         range: Some(crate::store::ContentRange { start, end, total }),
         encoding: None,
     })
@@ -209,11 +216,17 @@ pub(super) async fn head(
             .filter(|&held| announced.is_none_or(|a| a == held));
     }
     if size.is_none() {
-        let reads = st.live().reads.clone();
-        size = match reads.head(&object_key::nar(&f)).await? {
+        let key = object_key::nar(&f);
+        size = match st.store.head(&key).await? {
             Some(size) => Some(size),
             None => st.uploader.reencoded_size(&f).await?,
         };
+        if size.is_none() {
+            // An upstream that cannot be asked is a miss here, where GET would be a 503:
+            // `nix copy --to` the root URL sends this HEAD before each NAR, and a 503 would
+            // fail the copy where a 404 only makes it upload the NAR.
+            size = st.live().upstreams.head(&key).await.unwrap_or(None);
+        }
     }
     let res = object::head_response(size.ok_or(Error::NotFound)?, Kind::Nar);
     Ok(lifetime(&st, &f, res))
@@ -221,7 +234,7 @@ pub(super) async fn head(
 
 /// A NAR named after its store path (attic, old nix-serve) changes when the path is rebuilt:
 /// it is kept by clients and proxies as long as a narinfo, not for a year as immutable.
-fn lifetime(st: &AppState, f: &NarFileName, mut res: Response) -> Response {
+pub(super) fn lifetime(st: &AppState, f: &NarFileName, mut res: Response) -> Response {
     // Not a redirect, whose presigned URL expires (`no-store`).
     if !f.names_its_bytes() && res.status().is_success() {
         res.headers_mut().insert(

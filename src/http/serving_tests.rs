@@ -577,6 +577,15 @@ async fn a_resumed_download_from_a_source_without_lengths_gets_its_part() {
     let (status, headers, _) = get_with(&st, req).await;
     assert_eq!(status, StatusCode::RANGE_NOT_SATISFIABLE);
     assert_eq!(headers["content-range"], "bytes */200000");
+    // A body that goes on past the narinfo's size is not that NAR: the transfer fails.
+    st.nar_memory.hint(&file, Some(199_000)).await;
+    let req = Request::get(format!("/nar/{file}"))
+        .header("range", "bytes=150000-")
+        .body(Body::empty())
+        .unwrap();
+    let res = send(&st, req).await;
+    assert_eq!(res.status(), StatusCode::PARTIAL_CONTENT);
+    assert!(res.into_body().collect().await.is_err());
 }
 
 /// A NAR named after its store path hash (32 characters, as attic and old nix-serve name
@@ -603,6 +612,22 @@ async fn a_nar_named_after_its_store_path_is_not_immutable() {
     let (status, headers, _) = get_with(&st, req).await;
     assert_eq!(status, StatusCode::OK);
     assert_eq!(headers["cache-control"], "public, max-age=1234");
+    // nix-serve's and harmonia's names hold the NAR's hash: immutable.
+    for file in [
+        format!("{HASH}-{NAR_FILE}.nar"),
+        format!("{NAR_FILE}.nar?hash={HASH}"),
+    ] {
+        mem.insert(&format!("nar/{file}"), vec![1u8; 100]);
+        let req = Request::get(format!("/nar/{file}"))
+            .body(Body::empty())
+            .unwrap();
+        let (status, headers, _) = get_with(&st, req).await;
+        assert_eq!(status, StatusCode::OK, "{file}");
+        assert_eq!(
+            headers["cache-control"], "public, max-age=31536000, immutable",
+            "{file}"
+        );
+    }
 }
 
 /// Every PUT whose `Content-Length` is over its limit is refused with 413 before its body is
@@ -614,7 +639,9 @@ async fn puts_declared_over_their_limit_are_refused_before_the_body() {
     let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
     let addr = listener.local_addr().unwrap();
     let mem = Arc::new(MemoryStore::new());
-    let cfg = with_tokens(Config::default(), &[("w", "wtok", Scope::Write)]);
+    let mut cfg = with_tokens(Config::default(), &[("w", "wtok", Scope::Write)]);
+    // Without the check, the body that never comes is given up soon.
+    cfg.upload.body_idle_timeout = std::time::Duration::from_secs(1);
     let st = state(cfg, &mem);
     let (_stop, stopped) = tokio::sync::oneshot::channel::<()>();
     tokio::spawn(super::server::serve(listener, st, async {

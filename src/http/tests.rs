@@ -291,6 +291,48 @@ async fn head_of_a_nar_finds_it_re_encoded_on_upload() {
     );
 }
 
+/// With an upstream that cannot be asked, HEAD of a log (or listing, realisation) is a 503 as
+/// its GET is, not a 404 clients keep; HEAD of a NAR stays a 404 (uploads to the root URL send
+/// it before each NAR, and a 503 would fail the copy) and finds a re-encoded NAR first.
+#[tokio::test]
+async fn heads_while_an_upstream_is_down() {
+    let mem = Arc::new(MemoryStore::new());
+    mem.insert(&format!("nar/{NAR_FILE}.nar.zst"), vec![1u8; 200]);
+    let mut cfg = Config {
+        upstreams: vec![crate::config::UpstreamConfig {
+            // Nothing listens on the discard port here: the connection is refused at once.
+            url: "http://127.0.0.1:9".into(),
+            public_keys: vec![crate::nix::SecretKey::generate("up-1").unwrap().public()],
+            timeout: std::time::Duration::from_secs(5),
+            mirror: false,
+        }],
+        ..Config::default()
+    };
+    cfg.upload.recompress = Some(crate::config::Recompression {
+        compression: crate::nix::Compression::Zstd,
+        level: None,
+    });
+    let st = state(cfg, &mem);
+    let drv = "5g5d4v2ahmn1f7k9jcs2cns6ivf5gmpa-top.drv";
+    assert_eq!(
+        head(&st, &format!("/log/{drv}")).await.0,
+        StatusCode::SERVICE_UNAVAILABLE
+    );
+    assert_eq!(
+        get(&st, &format!("/log/{drv}")).await.0,
+        StatusCode::SERVICE_UNAVAILABLE
+    );
+    assert_eq!(
+        head(&st, &format!("/nar/{NAR_FILE}.nar.xz")).await,
+        (StatusCode::OK, Some("200".into()))
+    );
+    let absent = "1b8m03r63zqhnjf7l5wnldhh7c134ap5vpj0850ymkq1iyzicy5s";
+    assert_eq!(
+        head(&st, &format!("/nar/{absent}.nar.xz")).await.0,
+        StatusCode::NOT_FOUND
+    );
+}
+
 // ---------------------------------------------------------------------------------------------
 // The upload address, bounds at the door, reloads.
 

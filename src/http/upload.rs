@@ -131,7 +131,8 @@ async fn nar_get(
     headers: HeaderMap,
 ) -> Result<Response, Error> {
     let f: NarFileName = file.parse()?;
-    object::get(&*st.store, &object_key::nar(&f), Kind::Nar, &headers).await
+    let res = object::get(&*st.store, &object_key::nar(&f), Kind::Nar, &headers).await?;
+    Ok(super::nar::lifetime(&st, &f, res))
 }
 
 /// HEAD `/upload/nar/<file>`: Nix sends it right before each NAR upload, and skips the upload

@@ -26,36 +26,88 @@ pub type ByteStream = Pin<Box<dyn Stream<Item = io::Result<Bytes>> + Send + 'sta
 /// The `take` bytes of `body` after its first `skip`: a range cut from a whole body. A body
 /// that ends before them fails (the answer must not end cleanly short).
 pub fn byte_slice(body: ByteStream, skip: u64, take: u64) -> ByteStream {
+    slice(body, skip, take, false)
+}
+
+/// [`byte_slice`] of the last bytes of a body of known size: one that goes on past them is
+/// not that body, and fails too.
+pub fn byte_slice_to_end(body: ByteStream, skip: u64, take: u64) -> ByteStream {
+    slice(body, skip, take, true)
+}
+
+fn slice(body: ByteStream, skip: u64, take: u64, at_end: bool) -> ByteStream {
     use futures::StreamExt as _;
+    /// Where the cut is: before or in the bytes asked for, past them (checking the body ends
+    /// there, when it must), or over (after an error or the end: the body is not polled again).
+    enum At {
+        Cutting { skip: u64, take: u64 },
+        Past { extra: bool },
+        Over,
+    }
+    fn fail(kind: io::ErrorKind, why: &'static str) -> io::Error {
+        io::Error::new(kind, why)
+    }
+    let long = || {
+        fail(
+            io::ErrorKind::InvalidData,
+            "the body goes on past the size it was cut to",
+        )
+    };
     Box::pin(futures::stream::unfold(
-        (body, skip, take),
-        |(mut body, mut skip, take)| async move {
+        (
+            body,
             if take == 0 {
-                return None;
-            }
-            loop {
-                let mut chunk = match body.next().await {
-                    None => {
-                        let short = io::Error::new(
-                            io::ErrorKind::UnexpectedEof,
-                            "the body ended before the range it was cut from",
-                        );
-                        return Some((Err(short), (body, 0, 0)));
+                At::Past { extra: false }
+            } else {
+                At::Cutting { skip, take }
+            },
+        ),
+        move |(mut body, at)| async move {
+            match at {
+                At::Over => None,
+                At::Past { .. } if !at_end => None,
+                At::Past { extra: true } => Some((Err(long()), (body, At::Over))),
+                At::Past { extra: false } => loop {
+                    match body.next().await {
+                        None => return None,
+                        Some(Ok(c)) if c.is_empty() => continue,
+                        Some(Ok(_)) => return Some((Err(long()), (body, At::Over))),
+                        Some(Err(e)) => return Some((Err(e), (body, At::Over))),
                     }
-                    Some(Err(e)) => return Some((Err(e), (body, 0, 0))),
-                    Some(Ok(c)) => c,
-                };
-                let n = chunk.len() as u64;
-                if skip >= n {
-                    skip -= n;
-                    continue;
-                }
-                let mut part = chunk.split_off(skip as usize);
-                if part.len() as u64 > take {
-                    part.truncate(take as usize);
-                }
-                let left = take - part.len() as u64;
-                return Some((Ok(part), (body, 0, left)));
+                },
+                At::Cutting { mut skip, take } => loop {
+                    let mut chunk = match body.next().await {
+                        None => {
+                            let short = fail(
+                                io::ErrorKind::UnexpectedEof,
+                                "the body ended before the range it was cut from",
+                            );
+                            return Some((Err(short), (body, At::Over)));
+                        }
+                        Some(Err(e)) => return Some((Err(e), (body, At::Over))),
+                        Some(Ok(c)) => c,
+                    };
+                    let n = chunk.len() as u64;
+                    if skip >= n {
+                        skip -= n;
+                        continue;
+                    }
+                    let mut part = chunk.split_off(skip as usize);
+                    let extra = part.len() as u64 > take;
+                    if extra {
+                        part.truncate(take as usize);
+                    }
+                    let left = take - part.len() as u64;
+                    let next = if left == 0 {
+                        At::Past { extra }
+                    } else {
+                        At::Cutting {
+                            skip: 0,
+                            take: left,
+                        }
+                    };
+                    return Some((Ok(part), (body, next)));
+                },
             }
         },
     ))
@@ -572,6 +624,22 @@ mod tests {
         let short = cut(8, 5).await;
         assert_eq!(short.len(), 2, "the bytes there are, then an error");
         assert!(short[1].is_err());
+        // To the end: the body must end there.
+        let to_end = |skip, take| async move {
+            let parts: Vec<io::Result<Bytes>> =
+                byte_slice_to_end(whole(), skip, take).collect().await;
+            parts
+        };
+        assert_eq!(text(to_end(7, 3).await), "hij");
+        assert_eq!(text(to_end(0, 10).await), "abcdefghij");
+        let mut long = to_end(5, 3).await;
+        assert!(
+            long.pop().unwrap().is_err(),
+            "the bytes asked for, then an error"
+        );
+        assert_eq!(text(long), "fgh");
+        let long = to_end(0, 0).await;
+        assert!(long.len() == 1 && long[0].is_err(), "{long:?}");
     }
 
     #[test]

@@ -95,7 +95,7 @@ impl StoreSection {
                 ];
                 if let Some((key, _)) = s3_keys.iter().find(|(_, set)| *set) {
                     let message = format!(
-                        "is \"local\" (the default) while {key} is set, which only an S3 store \
+                        "is \"local\" (the default when unset) while {key} is set, which only an S3 store \
                          uses: set store.kind = \"s3\" (CELLAR_STORE__KIND=s3), or remove {key}"
                     );
                     return Err(ConfigError::invalid("store.kind", message));

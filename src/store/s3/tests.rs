@@ -417,15 +417,35 @@ async fn an_encoded_object_cellar_reads_itself_is_refused() {
     }
 }
 
-/// A fake S3 that takes `delay` to answer each PUT, after reading its body.
+/// A fake S3 that takes `delay` to answer each PUT (an object or a part), after reading its
+/// body, and answers the rest of a multipart upload at once.
 async fn slow_put_s3(delay: Duration) -> String {
-    let app = axum::Router::new()
-        .fallback(move |_body: bytes::Bytes| async move {
-            // Simulated store latency, not synchronisation.
-            tokio::time::sleep(delay).await;
-            [("etag", "\"e\"")]
-        })
-        .layer(axum::extract::DefaultBodyLimit::disable());
+    use axum::extract::Query;
+    use axum::http::Method;
+    use axum::response::IntoResponse as _;
+    use std::collections::HashMap;
+    let app =
+        axum::Router::new()
+            .fallback(
+                move |method: Method,
+                      Query(q): Query<HashMap<String, String>>,
+                      _body: bytes::Bytes| async move {
+                    if q.contains_key("uploads") {
+                        return "<InitiateMultipartUploadResult><Bucket>b</Bucket><Key>k</Key>\
+                            <UploadId>u1</UploadId></InitiateMultipartUploadResult>"
+                            .into_response();
+                    }
+                    if method == Method::POST {
+                        return "<CompleteMultipartUploadResult><Bucket>b</Bucket><Key>k</Key>\
+                            <ETag>\"all\"</ETag></CompleteMultipartUploadResult>"
+                            .into_response();
+                    }
+                    // Simulated store latency, not synchronisation.
+                    tokio::time::sleep(delay).await;
+                    [("etag", "\"e\"")].into_response()
+                },
+            )
+            .layer(axum::extract::DefaultBodyLimit::disable());
     let l = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
     let addr = l.local_addr().unwrap();
     tokio::spawn(async move { axum::serve(l, app).await });
@@ -453,6 +473,10 @@ async fn a_write_is_given_time_for_its_body() {
         write_all(&store, &body(64 << 10))
             .await
             .unwrap_or_else(|e| panic!("direct: {direct}: {e}"));
+        // Two parts of 8 MiB, through the SDK's UploadPart: 256 s more each.
+        write_all(&store, &body(2 * PART_SIZE))
+            .await
+            .unwrap_or_else(|e| panic!("parts, direct: {direct}: {e}"));
         // 1 KiB: 31 ms more, and the store is still too slow.
         assert!(
             matches!(
