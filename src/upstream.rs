@@ -21,7 +21,11 @@ use crate::store::{ByteRange, ContentRange, Object, ObjectWriter, Store, StoreEr
 const BACKOFF: Duration = Duration::from_secs(30);
 
 struct Upstream {
+    /// Where requests go: may hold credentials (`https://user:token@host`, how a private
+    /// cellar is used as an upstream).
     base: String,
+    /// `base` without its credentials: what logs, metrics and `/status` show.
+    name: String,
     keys: Vec<PublicKey>,
     timeout: Duration,
     mirror: bool,
@@ -79,7 +83,7 @@ impl Upstream {
     fn failed(&self, why: &Failure) {
         if self.down.trip() {
             tracing::warn!(
-                upstream = %self.base,
+                upstream = %self.name,
                 cause = %why,
                 "upstream unavailable; skipping it for {} s at a time",
                 self.down.period().as_secs()
@@ -90,7 +94,7 @@ impl Upstream {
     /// Logs the end of an outage, once.
     fn answered(&self) {
         if self.down.reset() {
-            tracing::info!(upstream = %self.base, "upstream answers again");
+            tracing::info!(upstream = %self.name, "upstream answers again");
         }
     }
 }
@@ -121,6 +125,7 @@ impl Upstreams {
             .iter()
             .map(|c| Upstream {
                 base: c.url.clone(),
+                name: without_credentials(&c.url),
                 keys: c.public_keys.clone(),
                 timeout: c.timeout,
                 mirror: c.mirror,
@@ -142,7 +147,7 @@ impl Upstreams {
     pub fn health(&self) -> Vec<(String, bool)> {
         self.list
             .iter()
-            .map(|u| (u.base.clone(), u.down.is_active()))
+            .map(|u| (u.name.clone(), u.down.is_active()))
             .collect()
     }
 
@@ -200,7 +205,7 @@ impl Upstreams {
                     continue;
                 }
                 Ok(Err(why)) => {
-                    tracing::warn!(upstream = %u.base, path = %h, cause = %why, "upstream narinfo refused");
+                    tracing::warn!(upstream = %u.name, path = %h, cause = %why, "upstream narinfo refused");
                     continue;
                 }
                 Err(_) => {
@@ -220,7 +225,7 @@ impl Upstreams {
                     );
                 }
                 Err(why) => {
-                    tracing::warn!(upstream = %u.base, path = %h, cause = %why, "upstream narinfo refused");
+                    tracing::warn!(upstream = %u.name, path = %h, cause = %why, "upstream narinfo refused");
                 }
             }
         }
@@ -238,6 +243,7 @@ impl Upstreams {
     ) -> Result<Option<reqwest::Response>, Failure> {
         let failure = match tokio::time::timeout(u.timeout, req.send()).await {
             Err(_) => Failure::Timeout,
+            // reqwest takes credentials out of the URL it shows in errors.
             Ok(Err(e)) => Failure::Request(e),
             // Throttled or timed out at the upstream: it has not said the object is missing.
             Ok(Ok(r))
@@ -252,7 +258,7 @@ impl Upstreams {
                 let ok = r.status().is_success()
                     || r.status() == reqwest::StatusCode::RANGE_NOT_SATISFIABLE;
                 let result = if ok { "ok" } else { "not_found" };
-                crate::metrics::upstream_request(&u.base, result);
+                crate::metrics::upstream_request(&u.name, result);
                 return Ok(ok.then_some(r));
             }
         };
@@ -261,7 +267,7 @@ impl Upstreams {
             Failure::Request(_) => "error",
             Failure::Status(_) => "server_error",
         };
-        crate::metrics::upstream_request(&u.base, result);
+        crate::metrics::upstream_request(&u.name, result);
         u.failed(&failure);
         Err(failure)
     }
@@ -305,7 +311,7 @@ impl Upstreams {
                         // The upstream has the object but will not say its size, which the
                         // client needs to ask again. Neither a 416 with a made-up size nor a
                         // 404 would be true: try the next upstream, else answer 503.
-                        tracing::warn!(upstream = %u.base, key, "upstream refused a range without saying the object's size");
+                        tracing::warn!(upstream = %u.name, key, "upstream refused a range without saying the object's size");
                         unavailable = true;
                         continue;
                     }
@@ -323,7 +329,7 @@ impl Upstreams {
                     // A part, but which part of how much is not said (or not usably, as in
                     // `bytes 0-99/*`): never served, or cut again, as if it were the whole.
                     // The next upstream may do better; else unavailable, as a failure.
-                    tracing::warn!(upstream = %u.base, key, "upstream sent a part without a usable Content-Range");
+                    tracing::warn!(upstream = %u.name, key, "upstream sent a part without a usable Content-Range");
                     unavailable = true;
                     continue;
                 }
@@ -461,6 +467,21 @@ fn url(u: &Upstream, key: &str) -> String {
         format!("{}/{key}", u.base)
     } else {
         format!("{}/{}", u.base, key.replace('?', "%3F"))
+    }
+}
+
+/// `url` without the user name and password it may hold, for showing it.
+fn without_credentials(url: &str) -> String {
+    match reqwest::Url::parse(url) {
+        Ok(mut u) if !u.username().is_empty() || u.password().is_some() => {
+            // Cannot fail for the http(s) URLs the configuration allows.
+            let _ = u.set_username("");
+            let _ = u.set_password(None);
+            u.as_str().trim_end_matches('/').to_owned()
+        }
+        Ok(_) => url.to_owned(),
+        // Not shown at all rather than shown with what it may hold.
+        Err(_) => "(upstream URL)".to_owned(),
     }
 }
 

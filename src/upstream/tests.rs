@@ -323,3 +323,62 @@ async fn a_question_mark_in_a_name_is_not_a_query_upstream() {
         );
     }
 }
+
+/// An upstream URL may carry credentials (`https://user:token@host`, a private cellar used as
+/// an upstream): they are sent, as Basic auth, and never shown: not in `/status`, not in the
+/// metrics' labels, not in the failures logged.
+#[tokio::test]
+async fn credentials_in_an_upstream_url_are_used_and_never_shown() {
+    let seen = Arc::new(std::sync::Mutex::new(Vec::new()));
+    let s = seen.clone();
+    let app = axum::Router::new().fallback(move |headers: HeaderMap| {
+        let s = s.clone();
+        async move {
+            s.lock().unwrap().push(
+                headers
+                    .get(header::AUTHORIZATION)
+                    .map(|v| v.to_str().unwrap().to_owned()),
+            );
+            StatusCode::INTERNAL_SERVER_ERROR
+        }
+    });
+    let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+    let addr = listener.local_addr().unwrap();
+    tokio::spawn(async move { axum::serve(listener, app).await });
+    let upstreams = upstreams_at(format!("http://reader:S3CRET-TOKEN@{addr}"));
+    assert!(upstreams.get("log/x", None).await.is_err());
+    // "reader:S3CRET-TOKEN", as Basic auth.
+    assert_eq!(
+        seen.lock().unwrap().clone(),
+        vec![Some("Basic cmVhZGVyOlMzQ1JFVC1UT0tFTg==".to_owned())]
+    );
+    let shown = format!("{:?}", upstreams.health());
+    assert!(shown.contains(&format!("http://{addr}")), "{shown}");
+    let metrics = crate::metrics::render();
+    assert!(metrics.contains(&format!("http://{addr}")), "{metrics}");
+    for text in [shown, metrics] {
+        assert!(
+            !text.contains("S3CRET") && !text.contains("reader"),
+            "{text}"
+        );
+    }
+    // A connection refused: the failure shown names no URL.
+    let upstreams = upstreams_at("http://reader:S3CRET-TOKEN@127.0.0.1:9".into());
+    assert!(upstreams.get("log/x", None).await.is_err());
+    let u = &upstreams.list[0];
+    let e = upstreams
+        .send(u, upstreams.client.get(url(u, "log/x")))
+        .await
+        .err()
+        .map(|f| f.to_string())
+        .unwrap_or_default();
+    assert!(!e.is_empty() && !e.contains("S3CRET"), "{e}");
+    assert_eq!(
+        without_credentials("https://cache.example.org"),
+        "https://cache.example.org"
+    );
+    assert_eq!(
+        without_credentials("https://a:b@cache.example.org/x"),
+        "https://cache.example.org/x"
+    );
+}
