@@ -541,12 +541,45 @@ fn config_key(var: &str) -> Option<String> {
 /// Whether `key` (a variable's name after `CELLAR_`) is one Kubernetes service links
 /// (`CELLAR_SERVICE_HOST`, `CELLAR_SERVICE_PORT[_NAME]`, `CELLAR_PORT[_8080_TCP[_ADDR]]`) or
 /// Docker's `--link` (`CELLAR_NAME`, `CELLAR_ENV_*`, the same `CELLAR_PORT*`) set in every pod
-/// or container beside a service named `cellar`. They are not configuration: taken as keys,
-/// they would be unknown keys, and the server would not start.
+/// or container beside a service named `cellar`, or beside one named `cellar-<x>`
+/// (`CELLAR_METRICS_SERVICE_HOST`, `CELLAR_METRICS_PORT_9090_TCP`, … for `cellar-metrics`, as
+/// charts name a service next to the main one). They are not configuration: taken as keys,
+/// they would be unknown keys, and the server would not start. No configuration key has a
+/// name of these forms.
 fn is_link_variable(key: &str) -> bool {
     let k = key.to_ascii_lowercase();
-    ["service_host", "service_port", "port", "name"].contains(&k.as_str())
+    if ["service_host", "service_port", "port", "name"].contains(&k.as_str())
         || ["service_port_", "port_", "env_"]
             .iter()
             .any(|p| k.starts_with(p))
+    {
+        return true;
+    }
+    // `cellar-<x>`: `<x>_` first, without `__` (which nests configuration keys).
+    if k.contains("__") {
+        return false;
+    }
+    let service_link = |rest: &str| {
+        rest == "service_host"
+            || rest == "service_port"
+            || rest.starts_with("service_port_")
+            || rest == "port"
+            || is_port_link(rest)
+    };
+    k.match_indices('_').any(|(i, _)| service_link(&k[i + 1..]))
+}
+
+/// `port_<number>_<tcp|udp|sctp>[_proto|_port|_addr]`.
+fn is_port_link(s: &str) -> bool {
+    let Some(rest) = s.strip_prefix("port_") else {
+        return false;
+    };
+    let Some((number, rest)) = rest.split_once('_') else {
+        return false;
+    };
+    let (proto, field) = rest.split_once('_').unwrap_or((rest, ""));
+    !number.is_empty()
+        && number.bytes().all(|b| b.is_ascii_digit())
+        && ["tcp", "udp", "sctp"].contains(&proto)
+        && ["", "proto", "port", "addr"].contains(&field)
 }

@@ -113,6 +113,15 @@ fn env_overrides_with_nesting_and_csv_lists() {
             ("CELLAR_PORT_8080_TCP_ADDR", "10.0.0.7"),
             ("CELLAR_NAME", "/web/cellar"),
             ("CELLAR_ENV_FOO", "bar"),
+            // Beside a service named `cellar-metrics`.
+            ("CELLAR_METRICS_SERVICE_HOST", "10.0.0.8"),
+            ("CELLAR_METRICS_SERVICE_PORT", "9090"),
+            ("CELLAR_METRICS_SERVICE_PORT_HTTP", "9090"),
+            ("CELLAR_METRICS_PORT", "tcp://10.0.0.8:9090"),
+            ("CELLAR_METRICS_PORT_9090_TCP", "tcp://10.0.0.8:9090"),
+            ("CELLAR_METRICS_PORT_9090_TCP_PROTO", "tcp"),
+            ("CELLAR_METRICS_PORT_9090_TCP_PORT", "9090"),
+            ("CELLAR_METRICS_PORT_9090_TCP_ADDR", "10.0.0.8"),
         ] {
             jail.set_env(var, value);
         }
@@ -510,4 +519,27 @@ fn the_nar_limit_fits_in_an_s3_object() {
     assert!(e.contains("upload.max_nar_bytes"), "{e}");
     let local = format!("[upload]\nmax_nar_bytes = {}\n", S3_MAX_OBJECT_BYTES + 1);
     assert!(from_toml(&local).is_ok());
+}
+
+/// Link variables of services named `cellar-<x>` are told from configuration keys with `_` in
+/// their names, and nested keys never are link variables.
+#[test]
+fn link_variables_of_sibling_services_are_not_keys() {
+    use super::config_key;
+    for var in [
+        "CELLAR_HEADLESS_SERVICE_HOST",
+        "CELLAR_MY_CACHE_PORT_80_TCP_ADDR",
+        "CELLAR_X_PORT",
+    ] {
+        assert_eq!(config_key(var), None, "{var}");
+    }
+    for (var, key) in [
+        ("CELLAR_NOT_FOUND_MAX_AGE_SECS", "not_found_max_age_secs"),
+        ("CELLAR_METRICS_LISTEN", "metrics_listen"),
+        ("CELLAR_STORE__PORT", "store.port"),
+        ("CELLAR_UPLOAD__MAX_CONCURRENT", "upload.max_concurrent"),
+        ("CELLAR_X_PORT_80_TCPX", "x_port_80_tcpx"),
+    ] {
+        assert_eq!(config_key(var).as_deref(), Some(key), "{var}");
+    }
 }
