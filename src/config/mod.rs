@@ -38,10 +38,32 @@ pub const S3_MAX_OBJECT_BYTES: u64 = 10_000 * S3_PART_BYTES as u64;
 pub enum ConfigError {
     /// The file or environment could not be read as the file format (syntax, types, unknown
     /// keys); figment's message names the key.
-    #[error("{0}")]
+    #[error("{}", shown(.0))]
     Load(Box<figment::Error>),
     #[error("config key `{key}`: {message}")]
     Invalid { key: String, message: String },
+}
+
+/// figment's message, without what it may quote of a secret: a value of the wrong type under
+/// `secret_access_key` is not repeated, and a syntax error's excerpt of the file (`2 | key =
+/// "…`, which may be a secret's line) is left out; its line and column stay.
+fn shown(e: &figment::Error) -> String {
+    if e.path.last().is_some_and(|k| k == "secret_access_key") {
+        return format!(
+            "config key `{}`: not a valid value (not shown: it is a secret)",
+            e.path.join(".")
+        );
+    }
+    e.to_string()
+        .lines()
+        .filter(|l| {
+            let l = l.trim_start();
+            !l.trim_start_matches(|c: char| c.is_ascii_digit())
+                .trim_start()
+                .starts_with('|')
+        })
+        .collect::<Vec<_>>()
+        .join("\n")
 }
 
 impl ConfigError {

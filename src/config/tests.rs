@@ -543,3 +543,26 @@ fn link_variables_of_sibling_services_are_not_keys() {
         assert_eq!(config_key(var).as_deref(), Some(key), "{var}");
     }
 }
+
+/// A configuration error never repeats a secret: not a syntax error's excerpt of the file,
+/// not a secret of the wrong type. Where the error is stays said.
+#[test]
+fn config_errors_do_not_quote_secrets() {
+    for (toml, place) in [
+        ("[store]\nsecret_access_key = \"SUPERSECRET", "line 2"),
+        ("[store]\nsecret_access_key = SUPERSECRET", "line 2"),
+        (
+            "[store]\nsecret_access_key = 1234567",
+            "store.secret_access_key",
+        ),
+    ] {
+        let e = from_toml(toml).unwrap_err().to_string();
+        assert!(!e.contains("SUPERSECRET") && !e.contains("1234567"), "{e}");
+        assert!(e.contains(place), "{e}");
+    }
+    // Other errors keep figment's words.
+    let e = from_toml("[store]\ntimeout_secs = \"x\"")
+        .unwrap_err()
+        .to_string();
+    assert!(e.contains("timeout_secs") && e.contains("string"), "{e}");
+}
