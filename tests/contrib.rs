@@ -201,6 +201,21 @@ fn the_compose_files_cellar_environment_is_a_valid_config() {
     );
 }
 
+/// compose gives cellar time to finish requests in flight and write its last access records
+/// after SIGTERM: longer than `shutdown_timeout_secs` plus a store write (`store.timeout_secs`),
+/// defaults here.
+#[test]
+fn the_compose_file_gives_cellar_time_to_stop() {
+    let yaml = std::fs::read_to_string(Path::new(ROOT).join("contrib/compose.yaml")).unwrap();
+    let grace: u64 = yaml
+        .lines()
+        .find_map(|l| l.trim().strip_prefix("stop_grace_period: "))
+        .and_then(|v| v.strip_suffix('s'))
+        .and_then(|v| v.parse().ok())
+        .expect("stop_grace_period: <n>s");
+    assert!(grace > 10 + 10, "{grace} s");
+}
+
 #[test]
 fn the_dockerfile_copies_what_exists() {
     let dockerfile = std::fs::read_to_string(Path::new(ROOT).join("Dockerfile")).unwrap();

@@ -1,5 +1,9 @@
 //! `/healthz` (the process answers; no I/O) and `/readyz` (the store answers, within
 //! `store.ready_timeout_secs`), for curl and load balancers.
+//!
+//! `/readyz` needs no token: probes arriving while the store is being asked share that
+//! answer, so a burst of them sends one request to the store, not one each. Every answer is
+//! still the store's state after the probe arrived.
 
 use axum::extract::State;
 use axum::http::{header, StatusCode};
@@ -13,25 +17,37 @@ pub(super) async fn healthz() -> impl IntoResponse {
     ([NO_STORE], "ok\n")
 }
 
+/// The store's last answer to a readiness probe, and when it was asked.
+#[derive(Default)]
+pub struct Readiness(tokio::sync::Mutex<Option<(tokio::time::Instant, StatusCode, &'static str)>>);
+
 pub(super) async fn readyz(State(st): State<AppState>) -> impl IntoResponse {
+    let arrived = tokio::time::Instant::now();
+    // Held while the store is asked: probes arriving meanwhile wait for that answer.
+    let mut last = st.readiness.0.lock().await;
+    let (status, text) = match *last {
+        Some((asked, status, text)) if asked >= arrived => (status, text),
+        _ => {
+            let asked = tokio::time::Instant::now();
+            let (status, text) = ask_store(&st).await;
+            *last = Some((asked, status, text));
+            (status, text)
+        }
+    };
+    (status, [NO_STORE], text)
+}
+
+async fn ask_store(st: &AppState) -> (StatusCode, &'static str) {
     let limit = st.config.store.ready_timeout;
     match tokio::time::timeout(limit, st.store.ping()).await {
-        Ok(Ok(())) => (StatusCode::OK, [NO_STORE], "ready\n".to_owned()),
+        Ok(Ok(())) => (StatusCode::OK, "ready\n"),
         Ok(Err(e)) => {
             tracing::warn!(cause = %e, store = %st.store.describe(), "not ready");
-            (
-                StatusCode::SERVICE_UNAVAILABLE,
-                [NO_STORE],
-                "store unavailable\n".to_owned(),
-            )
+            (StatusCode::SERVICE_UNAVAILABLE, "store unavailable\n")
         }
         Err(_) => {
             tracing::warn!(store = %st.store.describe(), "not ready: store timed out");
-            (
-                StatusCode::SERVICE_UNAVAILABLE,
-                [NO_STORE],
-                "store timed out\n".to_owned(),
-            )
+            (StatusCode::SERVICE_UNAVAILABLE, "store timed out\n")
         }
     }
 }

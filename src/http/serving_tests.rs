@@ -666,3 +666,20 @@ async fn puts_declared_over_their_limit_are_refused_before_the_body() {
     }
     assert!(mem.keys().is_empty(), "{:?}", mem.keys());
 }
+
+/// A burst of readiness probes (`/readyz` needs no token) asks the store once, not once per
+/// probe; a probe after the burst asks again, so a store gone down is seen at once.
+#[tokio::test(start_paused = true)]
+async fn readiness_probes_arriving_together_ask_the_store_once() {
+    let mem = Arc::new(MemoryStore::new());
+    mem.set_latency(std::time::Duration::from_millis(50));
+    let st = state(Config::default(), &mem);
+    let probes = (0..20).map(|_| get(&st, "/readyz"));
+    for (status, body) in futures::future::join_all(probes).await {
+        assert_eq!((status, body.as_slice()), (StatusCode::OK, &b"ready\n"[..]));
+    }
+    assert_eq!(mem.pings(), 1);
+    mem.set_down(true);
+    assert_eq!(get(&st, "/readyz").await.0, StatusCode::SERVICE_UNAVAILABLE);
+    assert_eq!(mem.pings(), 2);
+}

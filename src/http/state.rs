@@ -58,6 +58,8 @@ pub struct App {
     pub access: Arc<AccessLog>,
     /// Set once an upload reached the root URL and the log said to use `/upload` instead.
     pub root_upload_warned: std::sync::atomic::AtomicBool,
+    /// The store's last answer to `/readyz` (see [`super::health`]).
+    pub readiness: super::health::Readiness,
     live: ArcSwap<Live>,
 }
 
@@ -166,6 +168,7 @@ impl AppState {
             prefetch,
             access,
             root_upload_warned: std::sync::atomic::AtomicBool::new(false),
+            readiness: super::health::Readiness::default(),
             live: ArcSwap::from_pointee(live),
         })))
     }

@@ -80,6 +80,7 @@ pub struct MemoryStore {
     objects: Arc<Mutex<HashMap<String, Stored>>>,
     gets: AtomicUsize,
     lists: AtomicUsize,
+    pings: AtomicUsize,
     down: AtomicBool,
     latency_ms: AtomicUsize,
     hooks: Arc<Mutex<Vec<(String, Hook)>>>,
@@ -211,12 +212,18 @@ impl MemoryStore {
         self.lists.load(Ordering::SeqCst)
     }
 
+    /// Number of `ping` calls so far.
+    pub fn pings(&self) -> usize {
+        self.pings.load(Ordering::SeqCst)
+    }
+
     /// Number of `get` and `head` calls so far.
     pub fn requests(&self) -> usize {
         self.gets.load(Ordering::SeqCst)
     }
 
-    /// Makes every `get` and `head` take this long (to let concurrent requests pile up).
+    /// Makes every `get`, `head` and `ping` take this long (to let concurrent requests pile
+    /// up).
     pub fn set_latency(&self, d: std::time::Duration) {
         self.latency_ms
             .store(d.as_millis() as usize, Ordering::SeqCst);
@@ -327,6 +334,8 @@ impl Store for MemoryStore {
     }
 
     async fn ping(&self) -> Result<(), StoreError> {
+        self.pings.fetch_add(1, Ordering::SeqCst);
+        self.delay().await;
         if self.down.load(Ordering::SeqCst) {
             return Err(StoreError::Unavailable("memory store is down".into()));
         }
