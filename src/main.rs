@@ -315,11 +315,15 @@ fn serve(path: Option<&Path>, log_format: Option<LogFormat>) -> anyhow::Result<(
             store = %store.describe(),
             "cellar serving"
         );
-        if let Some(m) = cfg.metrics_listen {
-            serve_metrics(m).await?;
-        }
+        let metrics_listener = match cfg.metrics_listen {
+            Some(m) => Some(bind_metrics(m).await?),
+            None => None,
+        };
         spawn_staging_cleanup(store.clone(), cfg.upload.staging_max_age);
         let state = AppState::new(cfg, store, loaded.keys)?;
+        if let Some(l) = metrics_listener {
+            serve_metrics(l, state.clone());
+        }
         let access = state.access.clone();
         let flusher = access.spawn_flusher(state.config.gc.access_flush_interval);
         cellar::reload::spawn_on_sighup(state.clone(), path.map(Path::to_owned))
@@ -338,19 +342,23 @@ fn serve(path: Option<&Path>, log_format: Option<LogFormat>) -> anyhow::Result<(
     })
 }
 
-/// Binds `metrics_listen` and serves `/metrics` there until the process exits.
-async fn serve_metrics(addr: std::net::SocketAddr) -> anyhow::Result<()> {
+/// Binds `metrics_listen`.
+async fn bind_metrics(addr: std::net::SocketAddr) -> anyhow::Result<tokio::net::TcpListener> {
     let listener = tokio::net::TcpListener::bind(addr)
         .await
         .with_context(|| format!("config key `metrics_listen`: cannot bind {addr}"))?;
     let bound = listener.local_addr().context("reading the bound address")?;
-    tracing::info!(listen = %bound, "metrics served");
+    tracing::info!(listen = %bound, "metrics served, and health checks");
+    Ok(listener)
+}
+
+/// Serves `/metrics`, `/healthz` and `/readyz` on `listener` until the process exits.
+fn serve_metrics(listener: tokio::net::TcpListener, state: AppState) {
     tokio::spawn(async move {
-        if let Err(e) = axum::serve(listener, cellar::metrics_app()).await {
+        if let Err(e) = axum::serve(listener, cellar::metrics_app(state)).await {
             tracing::error!(cause = %e, "metrics listener failed");
         }
     });
-    Ok(())
 }
 
 fn status(url: &str, token_file: Option<&Path>) -> anyhow::Result<()> {

@@ -103,11 +103,14 @@ async fn private_mode_guards_metrics_and_status_and_cellar_status_reports() {
 }
 
 #[tokio::test(flavor = "multi_thread")]
-async fn metrics_listen_serves_metrics_alone_and_unauthenticated() {
+async fn metrics_listen_serves_metrics_and_health_checks_unauthenticated() {
     let (_r, rcfg) = token("reader", "read");
     let srv = tokio::task::spawn_blocking(move || {
         Server::start_with_config(
-            &format!("metrics_listen = \"127.0.0.1:0\"\n[auth]\nprivate = true\n{rcfg}"),
+            &format!(
+                "metrics_listen = \"127.0.0.1:0\"\nmax_connections = 2\n\
+                 [auth]\nprivate = true\n{rcfg}"
+            ),
             vec![],
         )
     })
@@ -137,6 +140,15 @@ async fn metrics_listen_serves_metrics_alone_and_unauthenticated() {
     assert_eq!(other.status(), 404);
     let main = reqwest::get(format!("{}/metrics", srv.url)).await.unwrap();
     assert_eq!(main.status(), 401, "private: anything there needs a token");
+    // Health checks there need no token, and are answered while clients hold every one of
+    // the main listener's connections (`max_connections`).
+    let _held: Vec<_> =
+        futures::future::join_all((0..2).map(|_| tokio::net::TcpStream::connect(srv.addr))).await;
+    for (path, text) in [("healthz", "ok\n"), ("readyz", "ready\n")] {
+        let res = reqwest::get(format!("http://{addr}/{path}")).await.unwrap();
+        assert_eq!(res.status(), 200, "{path}");
+        assert_eq!(res.text().await.unwrap(), text);
+    }
 }
 
 #[tokio::test(flavor = "multi_thread")]

@@ -110,13 +110,17 @@ pub fn app(state: AppState) -> Router {
         .with_state(state)
 }
 
-/// The router of `metrics_listen`: `/metrics` alone, unauthenticated (the operator chose who
-/// reaches that address).
-pub fn metrics_app() -> Router {
+/// The router of `metrics_listen`: `/metrics`, and the health checks, unauthenticated (the
+/// operator chose who reaches that address). Its connections are not counted against
+/// `max_connections`: a probe there is answered however many clients the main listener holds.
+pub fn metrics_app(state: AppState) -> Router {
     Router::new()
         .route("/metrics", get(metrics::get))
+        .route("/healthz", get(health::healthz))
+        .route("/readyz", get(health::readyz))
         .fallback(not_found)
         .layer(middleware::from_fn(metrics::observe))
+        .with_state(state)
 }
 
 async fn not_found() -> Error {

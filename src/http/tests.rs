@@ -995,16 +995,22 @@ async fn root_uploads_warn_once_and_carry_the_token_name() {
 }
 
 #[tokio::test]
-async fn the_metrics_listener_serves_metrics_alone() {
-    let ask = |path: &'static str| async move {
-        let req = Request::get(path).body(Body::empty()).unwrap();
-        super::metrics_app().oneshot(req).await.unwrap()
+async fn the_metrics_listener_serves_metrics_and_health_checks_alone() {
+    let st = state(Config::default(), &Arc::new(MemoryStore::new()));
+    let ask = |path: &'static str| {
+        let st = st.clone();
+        async move {
+            let req = Request::get(path).body(Body::empty()).unwrap();
+            super::metrics_app(st).oneshot(req).await.unwrap()
+        }
     };
     let res = ask("/metrics").await;
     assert_eq!(res.status(), StatusCode::OK);
     assert_eq!(res.headers()["content-type"], crate::metrics::CONTENT_TYPE);
     let body = res.into_body().collect().await.unwrap().to_bytes();
     assert!(body.ends_with(b"# EOF\n"), "{body:?}");
+    assert_eq!(ask("/healthz").await.status(), StatusCode::OK);
+    assert_eq!(ask("/readyz").await.status(), StatusCode::OK);
     assert_eq!(ask("/nix-cache-info").await.status(), StatusCode::NOT_FOUND);
 }
 
