@@ -84,62 +84,6 @@ fn open_for_read(path: &Path, range: Option<ByteRange>) -> Result<Option<Opened>
 
 pub struct LocalStore {
     root: PathBuf,
-    /// The owner of `root`, given to what this process creates under it.
-    owner: Owner,
-}
-
-/// Who owns the store directory. What a process creates in it is given that owner, when the
-/// process may do so (it runs as root): `cellar pin add`, `import` or a cron job run as root
-/// next to a server running as its own user (the shipped unit's) would otherwise leave
-/// directories (`_cellar/access/<day>/`, `nar/`) the server cannot write into.
-#[derive(Clone, Copy)]
-struct Owner {
-    uid: u32,
-    gid: u32,
-}
-
-impl Owner {
-    fn of(root: &Path) -> io::Result<Self> {
-        use std::os::unix::fs::MetadataExt as _;
-        let m = std::fs::metadata(root)?;
-        Ok(Self {
-            uid: m.uid(),
-            gid: m.gid(),
-        })
-    }
-
-    /// Gives `path`, just created by this process, to the store's owner. Not an error when
-    /// the process may not (it is not root): what it creates is then its own, as usual.
-    fn adopt(self, path: &Path) {
-        use std::os::unix::fs::MetadataExt as _;
-        let Ok(m) = std::fs::symlink_metadata(path) else {
-            return;
-        };
-        if (m.uid(), m.gid()) != (self.uid, self.gid) {
-            let _ = std::os::unix::fs::chown(path, Some(self.uid), Some(self.gid));
-        }
-    }
-
-    /// Creates `dir` (under `root`) and the directories above it that are missing, each
-    /// given to the store's owner.
-    fn create_dirs(self, root: &Path, dir: &Path) -> io::Result<()> {
-        if dir.is_dir() {
-            return Ok(());
-        }
-        let Ok(below) = dir.strip_prefix(root) else {
-            return std::fs::create_dir_all(dir);
-        };
-        let mut at = root.to_path_buf();
-        for part in below.components() {
-            at.push(part);
-            match std::fs::create_dir(&at) {
-                Ok(()) => self.adopt(&at),
-                Err(e) if e.kind() == io::ErrorKind::AlreadyExists => {}
-                Err(e) => return Err(e),
-            }
-        }
-        Ok(())
-    }
 }
 
 impl LocalStore {
@@ -148,7 +92,6 @@ impl LocalStore {
         std::fs::create_dir_all(root)?;
         Ok(Self {
             root: root.to_path_buf(),
-            owner: Owner::of(root)?,
         })
     }
 
@@ -169,7 +112,6 @@ impl LocalStore {
         }
         Ok(Self {
             root: root.to_path_buf(),
-            owner: Owner::of(root)?,
         })
     }
 
@@ -352,27 +294,15 @@ impl Store for LocalStore {
 
     async fn writer(&self, key: &str) -> Result<Box<dyn ObjectWriter>, StoreError> {
         let staging = self.root.join(STAGING);
+        tokio::fs::create_dir_all(&staging).await?;
         let mut rnd = [0u8; 12];
         getrandom::getrandom(&mut rnd).map_err(|e| StoreError::Other(e.to_string()))?;
         let tmp = staging.join(hex::encode(rnd));
-        let (owner, root, at) = (self.owner, self.root.clone(), tmp.clone());
-        let file = tokio::task::spawn_blocking(move || {
-            owner.create_dirs(&root, &staging)?;
-            let file = std::fs::File::create(&at)?;
-            owner.adopt(&at);
-            Ok::<_, io::Error>(file)
-        })
-        .await
-        .map_err(|e| StoreError::Other(format!("creating a file: {e}")))??;
+        let file = tokio::fs::File::create(&tmp).await?;
         Ok(Box::new(LocalWriter {
-            file: Some(tokio::io::BufWriter::with_capacity(
-                READ_BUFFER,
-                tokio::fs::File::from_std(file),
-            )),
+            file: Some(tokio::io::BufWriter::with_capacity(READ_BUFFER, file)),
             tmp,
             dest: self.path(key),
-            root: self.root.clone(),
-            owner: self.owner,
             done: false,
         }))
     }
@@ -427,8 +357,6 @@ struct LocalWriter {
     file: Option<tokio::io::BufWriter<tokio::fs::File>>,
     tmp: PathBuf,
     dest: PathBuf,
-    root: PathBuf,
-    owner: Owner,
     done: bool,
 }
 
@@ -450,10 +378,7 @@ impl ObjectWriter for LocalWriter {
         f.get_mut().sync_all().await?;
         drop(f);
         if let Some(parent) = self.dest.parent() {
-            let (owner, root, dir) = (self.owner, self.root.clone(), parent.to_path_buf());
-            tokio::task::spawn_blocking(move || owner.create_dirs(&root, &dir))
-                .await
-                .map_err(|e| StoreError::Other(format!("creating a directory: {e}")))??;
+            tokio::fs::create_dir_all(parent).await?;
         }
         tokio::fs::rename(&self.tmp, &self.dest).await?;
         self.done = true;
@@ -496,39 +421,6 @@ mod tests {
 
     /// Small and large files, whole and in ranges, read the same: the bytes asked for, their
     /// length and range.
-    /// What a process running as root (`cellar pin add`, `import`, a cron job) creates in a
-    /// store directory that belongs to the server's user is given to that user: directories
-    /// and files alike, so the server can write into them afterwards. A process that may not
-    /// give them away (not root) writes as usual.
-    #[tokio::test]
-    async fn what_is_created_belongs_to_the_stores_owner() {
-        use std::os::unix::fs::MetadataExt as _;
-        let dir = tempfile::tempdir().unwrap();
-        let root = dir.path().join("store");
-        std::fs::create_dir(&root).unwrap();
-        let (uid, gid) = (54321, 54322);
-        let root_may = std::os::unix::fs::chown(&root, Some(uid), Some(gid)).is_ok();
-        let store = LocalStore::open(&root).unwrap();
-        let mut w = store.writer("_cellar/access/2026-12-03/r1").await.unwrap();
-        w.write(Bytes::from_static(b"x")).await.unwrap();
-        w.commit().await.unwrap();
-        let me = std::fs::metadata(dir.path()).unwrap().uid();
-        let expect = if root_may { uid } else { me };
-        for p in [
-            ".staging",
-            "_cellar",
-            "_cellar/access",
-            "_cellar/access/2026-12-03",
-            "_cellar/access/2026-12-03/r1",
-        ] {
-            let m = std::fs::metadata(root.join(p)).unwrap();
-            assert_eq!(m.uid(), expect, "{p}");
-            if root_may {
-                assert_eq!(m.gid(), gid, "{p}");
-            }
-        }
-    }
-
     #[tokio::test]
     async fn files_are_read_whole_and_in_ranges_at_any_size() {
         let dir = tempfile::tempdir().unwrap();
