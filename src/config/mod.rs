@@ -49,8 +49,13 @@ pub enum ConfigError {
 /// "…`, which may be a secret's line) is left out; its line and column stay.
 fn shown(e: &figment::Error) -> String {
     if e.path.last().is_some_and(|k| k == "secret_access_key") {
+        let from = e
+            .metadata
+            .as_ref()
+            .map(|m| format!(" (from {})", m.name))
+            .unwrap_or_default();
         return format!(
-            "config key `{}`: not a valid value (not shown: it is a secret)",
+            "config key `{}`: not a valid value{from} (not shown: it is a secret)",
             e.path.join(".")
         );
     }

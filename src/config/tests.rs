@@ -566,3 +566,52 @@ fn config_errors_do_not_quote_secrets() {
         .to_string();
     assert!(e.contains("timeout_secs") && e.contains("string"), "{e}");
 }
+
+/// No key of the configuration (the shipped file lists every one) is taken for a link
+/// variable when set through the environment.
+#[test]
+fn every_key_can_be_set_through_the_environment() {
+    use super::config_key;
+    let shipped =
+        std::fs::read_to_string(concat!(env!("CARGO_MANIFEST_DIR"), "/config/cellar.toml"))
+            .unwrap();
+    let mut section = String::new();
+    let mut n = 0;
+    for line in shipped.lines().map(|l| l.trim_start_matches('#').trim()) {
+        if let Some(s) = line.strip_prefix('[').and_then(|l| l.strip_suffix(']')) {
+            section = s.trim_matches(|c| c == '[' || c == ']').to_owned();
+            continue;
+        }
+        let Some((key, _)) = line.split_once(" = ") else {
+            continue;
+        };
+        if key.is_empty() || !key.chars().all(|c| c.is_ascii_lowercase() || c == '_') {
+            continue;
+        }
+        let full = if section.is_empty() {
+            key.to_owned()
+        } else {
+            format!("{section}.{key}")
+        };
+        let var = format!("CELLAR_{}", full.replace('.', "__").to_ascii_uppercase());
+        assert_eq!(config_key(&var).as_deref(), Some(full.as_str()), "{var}");
+        n += 1;
+    }
+    assert!(n > 40, "{n} keys read");
+}
+
+/// An upstream URL that is not http(s) is refused without repeating what it may hold.
+#[test]
+fn a_bad_url_is_refused_without_its_credentials() {
+    let e = from_toml(
+        "[[upstreams]]\nurl = \"htps://cellar:T0KEN@cache.example.org\"\n\
+         public_keys = [\"cache.nixos.org-1:6NCHdD59X431o0gWypbMrAURkbJ16ZPMQFGspcDShjY=\"]",
+    )
+    .unwrap_err()
+    .to_string();
+    assert!(!e.contains("T0KEN"), "{e}");
+    assert!(
+        e.contains("cache.example.org") && e.contains("http://"),
+        "{e}"
+    );
+}

@@ -1,9 +1,11 @@
 //! `/healthz` (the process answers; no I/O) and `/readyz` (the store answers, within
 //! `store.ready_timeout_secs`), for curl and load balancers.
 //!
-//! `/readyz` needs no token: probes arriving while the store is being asked share that
-//! answer, so a burst of them sends one request to the store, not one each. Every answer is
-//! still the store's state after the probe arrived.
+//! `/readyz` needs no token: a burst of probes sends one or two requests to the store, not one
+//! each. Probes arriving while the store is being asked wait for that answer and then share
+//! the next one: every answer is the store's state after the probe arrived, and comes within
+//! `store.ready_timeout_secs` of it (else it is "store timed out"). While the server drains
+//! after SIGTERM, `/readyz` answers 503, so a load balancer stops sending it clients.
 
 use axum::extract::State;
 use axum::http::{header, StatusCode};
@@ -22,18 +24,31 @@ pub(super) async fn healthz() -> impl IntoResponse {
 pub struct Readiness(tokio::sync::Mutex<Option<(tokio::time::Instant, StatusCode, &'static str)>>);
 
 pub(super) async fn readyz(State(st): State<AppState>) -> impl IntoResponse {
+    if st.draining.load(std::sync::atomic::Ordering::SeqCst) {
+        return (
+            StatusCode::SERVICE_UNAVAILABLE,
+            [NO_STORE],
+            "shutting down\n",
+        );
+    }
     let arrived = tokio::time::Instant::now();
-    // Held while the store is asked: probes arriving meanwhile wait for that answer.
-    let mut last = st.readiness.0.lock().await;
-    let (status, text) = match *last {
-        Some((asked, status, text)) if asked >= arrived => (status, text),
-        _ => {
-            let asked = tokio::time::Instant::now();
-            let (status, text) = ask_store(&st).await;
-            *last = Some((asked, status, text));
-            (status, text)
+    let answer = async {
+        // Held while the store is asked: probes arriving meanwhile wait for that answer.
+        let mut last = st.readiness.0.lock().await;
+        match *last {
+            Some((asked, status, text)) if asked >= arrived => (status, text),
+            _ => {
+                let asked = tokio::time::Instant::now();
+                let (status, text) = ask_store(&st).await;
+                *last = Some((asked, status, text));
+                (status, text)
+            }
         }
     };
+    let limit = st.config.store.ready_timeout;
+    let (status, text) = tokio::time::timeout_at(arrived + limit, answer)
+        .await
+        .unwrap_or((StatusCode::SERVICE_UNAVAILABLE, "store timed out\n"));
     (status, [NO_STORE], text)
 }
 

@@ -49,6 +49,7 @@ pub async fn serve(
         .timer(TokioTimer::new())
         .header_read_timeout(state.config.header_read_timeout);
     builder.http2().timer(TokioTimer::new());
+    let draining = state.clone();
     let service = TowerToHyperService::new(app(state));
     let graceful = GracefulShutdown::new();
     tokio::pin!(shutdown);
@@ -102,6 +103,10 @@ pub async fn serve(
         });
     }
     drop(listener);
+    // `/readyz` on `metrics_listen`, still open, tells load balancers to go elsewhere.
+    draining
+        .draining
+        .store(true, std::sync::atomic::Ordering::SeqCst);
     tokio::select! {
         () = graceful.shutdown() => {}
         () = tokio::time::sleep(grace) => {

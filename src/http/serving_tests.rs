@@ -228,7 +228,7 @@ async fn the_server_answers_on_its_listener_and_stops_when_told() {
     let addr = listener.local_addr().unwrap();
     let st = state(Config::default(), &Arc::new(MemoryStore::new()));
     let (stop, stopped) = tokio::sync::oneshot::channel::<()>();
-    let server = tokio::spawn(super::server::serve(listener, st, async {
+    let server = tokio::spawn(super::server::serve(listener, st.clone(), async {
         let _ = stopped.await;
     }));
     let mut tcp = tokio::net::TcpStream::connect(addr).await.unwrap();
@@ -238,8 +238,11 @@ async fn the_server_answers_on_its_listener_and_stops_when_told() {
     let mut answer = String::new();
     tcp.read_to_string(&mut answer).await.unwrap();
     assert!(answer.starts_with("HTTP/1.1 200"), "{answer}");
+    assert!(!st.draining.load(std::sync::atomic::Ordering::SeqCst));
     stop.send(()).unwrap();
     server.await.unwrap().unwrap();
+    // What `/readyz` (on `metrics_listen`, still open) now says.
+    assert!(st.draining.load(std::sync::atomic::Ordering::SeqCst));
 }
 
 /// A request whose answer takes longer than `idle_timeout` to start (a slow store here; an
@@ -682,4 +685,39 @@ async fn readiness_probes_arriving_together_ask_the_store_once() {
     mem.set_down(true);
     assert_eq!(get(&st, "/readyz").await.0, StatusCode::SERVICE_UNAVAILABLE);
     assert_eq!(mem.pings(), 2);
+}
+
+/// `/readyz` answers within `store.ready_timeout_secs` of the probe's arrival, even when it
+/// waited for another probe's request to the store; and 503 once the server drains.
+#[tokio::test(start_paused = true)]
+async fn a_readiness_probe_answers_within_its_timeout_and_not_while_draining() {
+    let mem = Arc::new(MemoryStore::new());
+    let mut cfg = Config::default();
+    cfg.store.ready_timeout = std::time::Duration::from_secs(2);
+    let st = state(cfg, &mem);
+    // A store answering in 1.6 s: a probe arriving 1 s into another's request waits 0.6 s
+    // for it, then would wait 1.6 s more for its own.
+    mem.set_latency(std::time::Duration::from_millis(1600));
+    let first = tokio::spawn({
+        let st = st.clone();
+        async move { get(&st, "/readyz").await }
+    });
+    tokio::time::sleep(std::time::Duration::from_secs(1)).await;
+    let started = tokio::time::Instant::now();
+    let (status, body) = get(&st, "/readyz").await;
+    assert_eq!(started.elapsed(), std::time::Duration::from_secs(2));
+    assert_eq!(
+        (status, body.as_slice()),
+        (StatusCode::SERVICE_UNAVAILABLE, &b"store timed out\n"[..])
+    );
+    assert_eq!(first.await.unwrap().0, StatusCode::OK);
+
+    st.draining.store(true, std::sync::atomic::Ordering::SeqCst);
+    let pings = mem.pings();
+    let (status, body) = get(&st, "/readyz").await;
+    assert_eq!(
+        (status, body.as_slice()),
+        (StatusCode::SERVICE_UNAVAILABLE, &b"shutting down\n"[..])
+    );
+    assert_eq!(mem.pings(), pings, "the store is not asked");
 }

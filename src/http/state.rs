@@ -60,6 +60,8 @@ pub struct App {
     pub root_upload_warned: std::sync::atomic::AtomicBool,
     /// The store's last answer to `/readyz` (see [`super::health`]).
     pub readiness: super::health::Readiness,
+    /// Set once the server stops taking connections (SIGTERM): `/readyz` answers 503.
+    pub draining: std::sync::atomic::AtomicBool,
     live: ArcSwap<Live>,
 }
 
@@ -169,6 +171,7 @@ impl AppState {
             access,
             root_upload_warned: std::sync::atomic::AtomicBool::new(false),
             readiness: super::health::Readiness::default(),
+            draining: std::sync::atomic::AtomicBool::new(false),
             live: ArcSwap::from_pointee(live),
         })))
     }

@@ -84,9 +84,14 @@ fn http_url(key: &str, url: &str) -> Result<(), ConfigError> {
     if url.starts_with("http://") || url.starts_with("https://") {
         Ok(())
     } else {
+        // Not repeated whole: an upstream's URL may hold a token (`user:token@host`).
+        let shown = match url.rsplit_once('@') {
+            Some((_, host)) => format!("…@{host}"),
+            None => url.to_owned(),
+        };
         Err(ConfigError::invalid(
             key,
-            format!("{url:?} must start with http:// or https://"),
+            format!("{shown:?} must start with http:// or https://"),
         ))
     }
 }
