@@ -42,6 +42,8 @@ pub mod store;
 mod sync;
 pub mod systemd;
 pub mod telemetry;
+#[cfg(test)]
+mod test_logs;
 pub mod upload;
 pub mod upstream;
 

@@ -916,41 +916,10 @@ async fn not_found_answers_carry_the_negative_max_age_others_their_own() {
     );
 }
 
-/// Log lines written while it is held (this thread only: a current-thread test runtime).
-#[derive(Clone, Default)]
-struct Captured(Arc<std::sync::Mutex<Vec<u8>>>);
-
-impl std::io::Write for Captured {
-    fn write(&mut self, b: &[u8]) -> std::io::Result<usize> {
-        self.0.lock().unwrap().extend_from_slice(b);
-        Ok(b.len())
-    }
-    fn flush(&mut self) -> std::io::Result<()> {
-        Ok(())
-    }
-}
-
-impl Captured {
-    fn text(&self) -> String {
-        String::from_utf8_lossy(&self.0.lock().unwrap()).into_owned()
-    }
-}
-
 #[tokio::test]
 async fn root_uploads_warn_once_and_carry_the_token_name() {
     use crate::config::Scope;
-    let logs = Captured::default();
-    let writer = logs.clone();
-    let subscriber = tracing_subscriber::fmt()
-        .with_writer(move || writer.clone())
-        .with_ansi(false)
-        .finish();
-    // While a single subscriber exists, tracing computes a callsite's interest against the
-    // registering thread's subscriber alone: another test's thread meeting a span or event
-    // first (with none) would turn it off for this one. With a second one alive, every
-    // callsite's interest is computed against all of them, whichever thread meets it first.
-    let _second = tracing::Dispatch::new(tracing_subscriber::registry());
-    let _guard = tracing::subscriber::set_default(subscriber);
+    let logs = crate::test_logs::capture();
     let mem = Arc::new(MemoryStore::new());
     let cfg = with_tokens(
         Config::default(),

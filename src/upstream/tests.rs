@@ -329,6 +329,7 @@ async fn a_question_mark_in_a_name_is_not_a_query_upstream() {
 /// metrics' labels, not in the failures logged.
 #[tokio::test]
 async fn credentials_in_an_upstream_url_are_used_and_never_shown() {
+    let logs = crate::test_logs::capture();
     let seen = Arc::new(std::sync::Mutex::new(Vec::new()));
     let s = seen.clone();
     let app = axum::Router::new().fallback(move |headers: HeaderMap| {
@@ -356,7 +357,9 @@ async fn credentials_in_an_upstream_url_are_used_and_never_shown() {
     assert!(shown.contains(&format!("http://{addr}")), "{shown}");
     let metrics = crate::metrics::render();
     assert!(metrics.contains(&format!("http://{addr}")), "{metrics}");
-    for text in [shown, metrics] {
+    let logged = logs.text();
+    assert!(logged.contains("upstream unavailable"), "{logged}");
+    for text in [shown, metrics, logged] {
         assert!(
             !text.contains("S3CRET") && !text.contains("reader"),
             "{text}"
