@@ -56,15 +56,25 @@ pub fn spawn_on_sighup(state: AppState, file: Option<PathBuf>) -> std::io::Resul
     tokio::spawn(async move {
         while hup.recv().await.is_some() {
             match reload(&state, file.as_deref()) {
-                Ok(()) => tracing::info!(
-                    tokens = state.live().config.auth.tokens.len(),
-                    keys = state.live().signing_keys.len(),
-                    "configuration reloaded"
-                ),
-                Err(e) => tracing::error!(
-                    cause = %e,
-                    "configuration not reloaded; the running configuration stays"
-                ),
+                Ok(()) => {
+                    let (tokens, keys) = {
+                        let live = state.live();
+                        (live.config.auth.tokens.len(), live.signing_keys.len())
+                    };
+                    tracing::info!(tokens, keys, "configuration reloaded");
+                    crate::systemd::status(&format!(
+                        "serving; configuration reloaded ({tokens} tokens, {keys} signing keys)"
+                    ));
+                }
+                Err(e) => {
+                    tracing::error!(
+                        cause = %e,
+                        "configuration not reloaded; the running configuration stays"
+                    );
+                    crate::systemd::status(&format!(
+                        "serving; configuration NOT reloaded, the running one stays: {e}"
+                    ));
+                }
             }
         }
     });

@@ -15,6 +15,12 @@ pub fn ready(status: &str) {
     send(&[NotifyState::Ready, NotifyState::Status(status)]);
 }
 
+/// Replaces the line `systemctl status` shows: how the last reload went, which `systemctl
+/// reload` itself cannot say (it only sends the signal).
+pub fn status(status: &str) {
+    send(&[NotifyState::Status(status)]);
+}
+
 /// Tells systemd the service is shutting down (in-flight requests are finishing).
 pub fn stopping() {
     send(&[NotifyState::Stopping]);

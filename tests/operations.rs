@@ -49,6 +49,38 @@ fn notifies_systemd_ready_watchdog_and_stopping() {
     assert_eq!(stopping.as_deref(), Some("STOPPING=1\n"));
 }
 
+/// `systemctl reload` only sends SIGHUP: whether the reload took is shown by `systemctl
+/// status`, from the STATUS= cellar sends.
+#[test]
+fn a_reload_says_how_it_went_to_systemd() {
+    let dir = tempfile::tempdir().unwrap();
+    let path = dir.path().join("notify.sock");
+    let sock = UnixDatagram::bind(&path).unwrap();
+    // A bound on each wait, not a delay: recv returns as soon as a datagram arrives.
+    sock.set_read_timeout(Some(Duration::from_secs(30)))
+        .unwrap();
+    let srv = Server::start(vec![(
+        "NOTIFY_SOCKET".into(),
+        path.to_str().unwrap().into(),
+    )]);
+    assert!(recv(&sock).contains("READY=1\n"));
+    std::fs::write(srv.config_path(), "[upload]\nmax_concurrent = 0\n").unwrap();
+    srv.sighup();
+    let refused = recv(&sock);
+    assert!(
+        refused.starts_with("STATUS=serving; configuration NOT reloaded")
+            && refused.contains("upload.max_concurrent"),
+        "{refused}"
+    );
+    std::fs::write(srv.config_path(), "").unwrap();
+    srv.sighup();
+    let taken = recv(&sock);
+    assert!(
+        taken.starts_with("STATUS=serving; configuration reloaded"),
+        "{taken}"
+    );
+}
+
 #[tokio::test(flavor = "multi_thread")]
 async fn private_mode_guards_metrics_and_status_and_cellar_status_reports() {
     let (r, rcfg) = token("reader", "read");
