@@ -77,6 +77,27 @@ fn bypass(obj: Object) -> Started {
     Started::Bypass(Mutex::new(Some(obj)))
 }
 
+/// `key` opened with one plain GET, for a NAR served without a fill. Not through
+/// [`open_in_parts`]: its parts hold the fills' shared part buffers until they are read, and a
+/// client reading slowly (or not at all) would hold them, stalling every fill.
+async fn plain(store: &Arc<dyn Store>, key: &str) -> Started {
+    match store.get(key, None).await {
+        Ok(Some(obj)) => bypass(obj),
+        Ok(None) => Started::NotFound,
+        Err(e) => Started::Failed(e),
+    }
+}
+
+/// `obj`, opened in parts, served without a fill: opened again plainly ([`plain`]) if it has
+/// parts beyond the first, so that it holds none of the shared part buffers.
+async fn unfilled(obj: Object, store: &Arc<dyn Store>, key: &str) -> Started {
+    if obj.length.is_some_and(|n| n > PART) {
+        drop(obj);
+        return plain(store, key).await;
+    }
+    bypass(obj)
+}
+
 /// How far a fill got, as its readers see it.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 enum Progress {
@@ -345,6 +366,16 @@ impl NarCache {
         announced: Option<u64>,
         store: Arc<dyn Store>,
     ) -> Started {
+        // Known not to be kept: streamed as is, without the fills' part buffers.
+        if let Some(size) = announced.filter(|&s| s > SMALL) {
+            let reserved = self.reserved.load(Ordering::Relaxed);
+            if !self.index().admits(size)
+                || self.disk_full(size.saturating_add(reserved))
+                || self.running.load(Ordering::SeqCst) >= MAX_RUNNING
+            {
+                return plain(&store, &key).await;
+            }
+        }
         let obj = match open_in_parts(&store, &key, &self.parts, self.idle_timeout).await {
             Ok(Some(o)) => o,
             Ok(None) => return Started::NotFound,
@@ -353,7 +384,7 @@ impl NarCache {
         let length = match (obj.length, announced) {
             (Some(length), Some(size)) if length != size => {
                 tracing::warn!(nar = %name, length, file_size = size, "NAR cache: the NAR's size is not its narinfo's FileSize; served without caching");
-                return bypass(obj);
+                return unfilled(obj, &store, &key).await;
             }
             (Some(length), _) | (None, Some(length)) => length,
             (None, None) => {
@@ -369,13 +400,13 @@ impl NarCache {
         let admitted = self.index().admits(length);
         let reserved = self.reserved.load(Ordering::Relaxed);
         if !admitted || self.disk_full(length.saturating_add(reserved)) {
-            return bypass(obj);
+            return unfilled(obj, &store, &key).await;
         }
         // Counted from here to the end of its task (no await point before it is spawned).
         if self.running.fetch_add(1, Ordering::SeqCst) >= MAX_RUNNING {
             self.running.fetch_sub(1, Ordering::SeqCst);
             tracing::debug!(nar = %name, "NAR cache: {MAX_RUNNING} fills running, streamed without one");
-            return bypass(obj);
+            return unfilled(obj, &store, &key).await;
         }
         let opened = self.disk.create_temp().and_then(|(tmp, writer)| {
             let reader = tmp.reader()?;
@@ -386,7 +417,7 @@ impl NarCache {
             Err(e) => {
                 self.running.fetch_sub(1, Ordering::SeqCst);
                 self.write_failed(&name, &e);
-                return bypass(obj);
+                return unfilled(obj, &store, &key).await;
             }
         };
         let (tx, rx) = watch::channel(Progress::Filling {

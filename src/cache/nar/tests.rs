@@ -1154,3 +1154,40 @@ async fn a_fill_of_another_size_than_the_narinfo_is_not_joined() {
     let same = get_announced(&cache, &store, len).await.unwrap();
     assert!(matches!(same, NarCacheAnswer::Object(_)));
 }
+
+/// NARs served without a fill (too large for the budget) hold none of the part buffers the
+/// fills share: two clients that never read them (a paused laptop) do not stall the fill of
+/// another NAR until it times out. Whether their size was announced or not.
+#[tokio::test(start_paused = true)]
+async fn nars_served_without_a_fill_hold_no_part_buffers() {
+    let dir = tempfile::tempdir().unwrap();
+    let cache = NarCache::open(dir.path(), 16 << 20, Duration::from_secs(2)).unwrap();
+    let mem = Arc::new(MemoryStore::new());
+    let store: Arc<dyn Store> = mem.clone();
+    let big_name = "1b8m03r63zqhnjf7l5wnldhh7c134ap5vpj0850ymkq1iyzicy5s.nar";
+    let big: NarFileName = big_name.parse().unwrap();
+    let big_key = format!("nar/{big_name}");
+    mem.insert(&big_key, vec![1u8; 40 << 20]);
+    let mut unread = Vec::new();
+    for announced in [Some(40 << 20), None, None, None, None, None] {
+        let (gets, ranged) = (mem.gets_under("nar/"), mem.range_starts().len());
+        let answer = cache
+            .get(&big, &big_key, None, announced, &store)
+            .await
+            .unwrap();
+        assert!(matches!(answer, NarCacheAnswer::Object(_)), "{announced:?}");
+        unread.push(answer);
+        if announced.is_some() {
+            // Known too large from its narinfo: one plain GET, not a first part first.
+            assert_eq!(mem.gets_under("nar/"), gets + 1);
+            assert_eq!(mem.range_starts().len(), ranged);
+        }
+    }
+    let data = vec![2u8; 6 << 20];
+    mem.insert(&format!("nar/{NAME}"), data.clone());
+    let got = read_out(get_nar(&cache, &store).await.unwrap())
+        .await
+        .unwrap();
+    assert!(got == data, "the fill stalled");
+    drop(unread);
+}

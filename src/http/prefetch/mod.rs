@@ -142,8 +142,12 @@ pub(super) async fn after_load(st: &AppState, live: &Arc<Live>, info: &NarInfo) 
         return;
     }
     let own = info.hash();
+    // Without a narinfo memory cache (`cache.narinfo_memory_bytes = 0`) there is nothing to
+    // fill, and nothing would say which narinfos were loaded already: each load would walk
+    // the closure below it again, by every route through it.
+    let keeps_narinfos = live.config.cache.narinfo_memory_bytes > 0;
     for h in info.references.iter().map(|r| r.hash()) {
-        if h == own || live.narinfos.contains(h) {
+        if !keeps_narinfos || h == own || live.narinfos.contains(h) {
             continue;
         }
         st.prefetch

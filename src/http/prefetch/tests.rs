@@ -458,3 +458,31 @@ async fn upstream_nars_and_heads_are_not_redirected_and_ranges_are() {
         "the big NAR never read through cellar"
     );
 }
+
+/// Without a narinfo memory cache, references' narinfos are not prefetched: there is nowhere
+/// to keep them, and each load would walk the closure below it again (here a ladder of 12
+/// paths, each referring to the next two: thousands of reads for one request).
+#[tokio::test]
+async fn without_a_narinfo_cache_no_narinfo_is_prefetched() {
+    let mem = Arc::new(MemoryStore::new());
+    let mut ladder: Vec<P> = Vec::new();
+    for i in 0..12 {
+        let refs: Vec<&P> = ladder.iter().rev().take(2).collect();
+        let p = path(&mem, &format!("p{i}"), &refs, 100, 100);
+        ladder.push(p);
+    }
+    let top = ladder.last().unwrap();
+    let mut cfg = Config::default();
+    cfg.cache.narinfo_memory_bytes = 0;
+    let st = state(cfg, &mem);
+    assert_eq!(
+        get(&st, &format!("/{}.narinfo", top.hash)).await.0,
+        StatusCode::OK
+    );
+    st.prefetch.settled().await;
+    assert_eq!(
+        mem.gets_under("") - mem.gets_under("nar/"),
+        1,
+        "narinfos read"
+    );
+}
