@@ -92,9 +92,14 @@ impl Checksummer {
     }
 }
 
-/// Whether `e` says the file system is full (ENOSPC).
+/// Whether `e` says the file system is full (ENOSPC), or the quota of the cache's user or
+/// subvolume is (EDQUOT: user quotas, btrfs qgroups, XFS project quotas): both pause caching
+/// instead of failing fill after fill.
 pub(super) fn is_disk_full(e: &io::Error) -> bool {
-    e.kind() == io::ErrorKind::StorageFull
+    matches!(
+        e.kind(),
+        io::ErrorKind::StorageFull | io::ErrorKind::QuotaExceeded
+    )
 }
 
 /// Why a cache file could not be written.
@@ -379,7 +384,11 @@ fn claim(dir: &Path) -> io::Result<std::fs::File> {
         }
         std::fs::write(&marker, MARKER_TEXT)?;
     }
-    let lock = std::fs::File::open(&marker)?;
+    // Opened for writing: an exclusive lock over NFS needs a file open for writing.
+    let lock = std::fs::OpenOptions::new()
+        .read(true)
+        .write(true)
+        .open(&marker)?;
     match lock.try_lock() {
         Ok(()) => Ok(lock),
         Err(std::fs::TryLockError::WouldBlock) => Err(io::Error::other(format!(
@@ -431,6 +440,8 @@ mod tests {
     fn enospc_is_disk_full() {
         let nospc = io::Error::from_raw_os_error(rustix::io::Errno::NOSPC.raw_os_error());
         assert!(is_disk_full(&nospc));
+        let quota = io::Error::from_raw_os_error(rustix::io::Errno::DQUOT.raw_os_error());
+        assert!(is_disk_full(&quota));
         assert!(!is_disk_full(&io::Error::from(
             io::ErrorKind::PermissionDenied
         )));
