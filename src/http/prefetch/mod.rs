@@ -19,7 +19,9 @@
 //!
 //! Only the root URL prefetches (the upload address answers its probes from the store alone),
 //! a prefetch records no access (nothing was served), and what cannot be queued
-//! (more than [`MAX_QUEUED`] waiting) is dropped: prefetching only ever saves time.
+//! (more than [`MAX_QUEUED`] waiting, or [`FILLS_QUEUED`] disk-cache fills, which have a queue
+//! of their own so that a walk over a large closure cannot crowd out the narinfos) is dropped:
+//! prefetching only ever saves time. A NAR already queued for a fill is not queued again.
 
 use std::future::Future;
 use std::sync::atomic::{AtomicUsize, Ordering};
@@ -39,6 +41,10 @@ pub const MAX_QUEUED: usize = 8192;
 /// NAR disk cache fills started ahead of their request that run at once.
 pub const NAR_FILLS: usize = 4;
 
+/// NAR disk cache fills waiting for one of [`NAR_FILLS`] at most; beyond, new ones are
+/// dropped (by the time they ran, the client would have asked for the NAR itself).
+pub const FILLS_QUEUED: usize = 64;
+
 pub struct Prefetch {
     /// `None` when prefetching is off.
     slots: Option<Arc<Semaphore>>,
@@ -48,6 +54,10 @@ pub struct Prefetch {
     nar_max_bytes: u64,
     /// Waiting for a slot.
     queued: Arc<AtomicUsize>,
+    /// Disk-cache fills waiting for a slot.
+    fills_queued: Arc<AtomicUsize>,
+    /// The NARs of the fills queued or running.
+    filling: Arc<std::sync::Mutex<std::collections::HashSet<NarFileName>>>,
     /// Waiting or running; [`Prefetch::settled`] waits for zero.
     pending: Arc<AtomicUsize>,
     idle: Arc<Notify>,
@@ -63,6 +73,8 @@ impl Prefetch {
             fill_slots: Arc::new(Semaphore::new(NAR_FILLS)),
             nar_max_bytes,
             queued: Arc::new(AtomicUsize::new(0)),
+            fills_queued: Arc::new(AtomicUsize::new(0)),
+            filling: Arc::default(),
             pending: Arc::new(AtomicUsize::new(0)),
             idle: Arc::new(Notify::new()),
             #[cfg(test)]
@@ -98,25 +110,27 @@ impl Prefetch {
     /// Runs `job` in the background once a slot is free.
     fn spawn(&self, kind: &'static str, job: impl Future<Output = ()> + Send + 'static) {
         let Some(slots) = &self.slots else { return };
-        self.spawn_on(slots.clone(), kind, job);
+        self.spawn_on(slots.clone(), (&self.queued, MAX_QUEUED), kind, job);
     }
 
-    /// Runs `job` in the background once one of `slots` is free.
+    /// Runs `job` in the background once one of `slots` is free, if fewer than `cap` jobs
+    /// wait in `queue`.
     fn spawn_on(
         &self,
         slots: Arc<Semaphore>,
+        (queue, cap): (&Arc<AtomicUsize>, usize),
         kind: &'static str,
         job: impl Future<Output = ()> + Send + 'static,
     ) {
-        if self.queued.fetch_add(1, Ordering::SeqCst) >= MAX_QUEUED {
-            self.queued.fetch_sub(1, Ordering::SeqCst);
+        if queue.fetch_add(1, Ordering::SeqCst) >= cap {
+            queue.fetch_sub(1, Ordering::SeqCst);
             crate::metrics::prefetch(kind, "dropped");
             return;
         }
         self.pending.fetch_add(1, Ordering::SeqCst);
         #[cfg(test)]
         self.started.fetch_add(1, Ordering::SeqCst);
-        let queued = self.queued.clone();
+        let queued = queue.clone();
         let (pending, idle) = (self.pending.clone(), self.idle.clone());
         tokio::spawn(async move {
             let slot = slots.acquire_owned().await;
@@ -186,19 +200,41 @@ pub(super) fn after_get(st: &AppState, body: &[u8]) {
     if size > st.prefetch.nar_max_bytes || st.nar_memory.takes(size) || cache.has(&nar) {
         return;
     }
+    let filling = st.prefetch.filling.clone();
+    if !crate::sync::lock(&filling).insert(nar.clone()) {
+        return; // queued or running already
+    }
     let (st, cache, reads) = (st.clone(), cache.clone(), st.live().reads.clone());
     let slots = st.prefetch.fill_slots.clone();
-    st.clone().prefetch.spawn_on(slots, "nar", async move {
-        let key = object_key::nar(&nar);
-        // A NAR the bucket has is redirected to it (`store.redirect_nars`): the client reads
-        // it from there, not from cellar's disk. One only an upstream has is filled as usual.
-        if st.store.redirects_nars() && matches!(st.store.head(&key).await, Ok(Some(_))) {
-            crate::metrics::prefetch("nar", "redirected");
-            return;
-        }
-        let result = cache.prefetch(&nar, &key, size, &reads).await;
-        crate::metrics::prefetch("nar", result);
-    });
+    let queue = st.prefetch.fills_queued.clone();
+    // Taken off `filling` when the job ends, or is dropped unqueued.
+    let done = Filled(filling, nar.clone());
+    st.clone()
+        .prefetch
+        .spawn_on(slots, (&queue, FILLS_QUEUED), "nar", async move {
+            let _done = done;
+            let key = object_key::nar(&nar);
+            // A NAR the bucket has is redirected to it (`store.redirect_nars`): the client reads
+            // it from there, not from cellar's disk. One only an upstream has is filled as usual.
+            if st.store.redirects_nars() && matches!(st.store.head(&key).await, Ok(Some(_))) {
+                crate::metrics::prefetch("nar", "redirected");
+                return;
+            }
+            let result = cache.prefetch(&nar, &key, size, &reads).await;
+            crate::metrics::prefetch("nar", result);
+        });
+}
+
+/// Takes a NAR off [`Prefetch::filling`] when dropped.
+struct Filled(
+    Arc<std::sync::Mutex<std::collections::HashSet<NarFileName>>>,
+    NarFileName,
+);
+
+impl Drop for Filled {
+    fn drop(&mut self) {
+        crate::sync::lock(&self.0).remove(&self.1);
+    }
 }
 
 /// The NAR file and its size (`FileSize:`) a rendered narinfo names, if it says both.

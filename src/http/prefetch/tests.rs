@@ -486,3 +486,41 @@ async fn without_a_narinfo_cache_no_narinfo_is_prefetched() {
         "narinfos read"
     );
 }
+
+/// Disk-cache fills ahead of their request have a queue of their own, bounded by
+/// [`super::FILLS_QUEUED`] (beyond, the client asks for the NAR before the fill would run),
+/// and a NAR already queued is not queued again: a walk over a large closure cannot fill the
+/// queue the narinfos' prefetch uses.
+#[tokio::test]
+async fn fills_ahead_are_queued_once_each_and_apart() {
+    let mem = Arc::new(MemoryStore::new());
+    let dir = tempfile::tempdir().unwrap();
+    let st = state(with_disk_cache(&dir), &mem);
+    let paths: Vec<P> = (0..100)
+        .map(|i| path(&mem, &format!("f{i}"), &[], 5000, 5000))
+        .collect();
+    // The NAR reads wait: every fill stays queued or running.
+    let gate = mem.hold_reads("nar/");
+    let before = st.prefetch.started();
+    for _ in 0..3 {
+        assert_eq!(
+            get(&st, &format!("/{}.narinfo", paths[0].hash)).await.0,
+            StatusCode::OK
+        );
+    }
+    assert_eq!(st.prefetch.started() - before, 1, "queued once");
+    for p in &paths[1..] {
+        assert_eq!(
+            get(&st, &format!("/{}.narinfo", p.hash)).await.0,
+            StatusCode::OK
+        );
+    }
+    // Those running (up to NAR_FILLS, as their tasks got to run) and those queued.
+    let started = st.prefetch.started() - before;
+    assert!(
+        (super::FILLS_QUEUED..=super::NAR_FILLS + super::FILLS_QUEUED).contains(&started),
+        "{started}"
+    );
+    gate.open();
+    st.prefetch.settled().await;
+}
