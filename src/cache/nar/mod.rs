@@ -57,6 +57,10 @@ const FREE_MARGIN: u64 = 256 << 20;
 /// After the disk is found full, how long no NAR is written.
 const FULL_BACKOFF: Duration = Duration::from_secs(60);
 
+/// How long a request waits for the check of a file from before a restart (its hash, read
+/// once) before it reads the NAR from the store instead.
+const CHECK_WAIT: Duration = Duration::from_secs(10);
+
 /// What [`NarCache::get`] found.
 pub enum NarCacheAnswer {
     /// Served from disk or a fill: the object.
@@ -84,9 +88,8 @@ pub struct NarCache {
     parts: Arc<tokio::sync::Semaphore>,
     /// Where small NARs read whole go instead of a file, if it takes them (the memory cache).
     keep_small: std::sync::OnceLock<Keep>,
-    /// Woken after the index and the files changed in the background, so tests wait for
-    /// that instead of polling.
-    #[cfg(test)]
+    /// Woken after the index and the files changed in the background: requests waiting for a
+    /// file's check wait for that (and tests, instead of polling).
     changed: tokio::sync::Notify,
 }
 
@@ -115,7 +118,6 @@ impl NarCache {
             idle_timeout,
             parts: Arc::new(tokio::sync::Semaphore::new(fill::PARTS_IN_MEMORY)),
             keep_small: std::sync::OnceLock::new(),
-            #[cfg(test)]
             changed: tokio::sync::Notify::new(),
         });
         // The budget may have shrunk since the last run.
@@ -175,14 +177,23 @@ impl NarCache {
                 cache_lookup("nar_disk", result);
                 return answer;
             }
-            Some((_, Verified::No)) => {
-                self.spawn_verify(n.to_owned());
-                cache_lookup("nar_disk", "bypass");
-                return Ok(NarCacheAnswer::Bypass);
-            }
-            Some((_, Verified::InProgress)) => {
-                cache_lookup("nar_disk", "bypass");
-                return Ok(NarCacheAnswer::Bypass);
+            Some((_, verified)) => {
+                // A file from before a restart, checked on its first use. The requests for it
+                // meanwhile (after a deploy, every client at once) wait for the check rather
+                // than each reading the whole NAR from the store; a check that takes longer
+                // than a client should wait (a huge file on a slow disk) lets them go there.
+                if verified == Verified::No {
+                    self.spawn_verify(n.to_owned());
+                }
+                if let Some(size) = self.checked_within(n, CHECK_WAIT).await {
+                    cache_lookup("nar_disk", "hit");
+                    return self.read_file(n, size, range).await;
+                }
+                if self.index().size(n).is_some() {
+                    cache_lookup("nar_disk", "bypass");
+                    return Ok(NarCacheAnswer::Bypass);
+                }
+                // Corrupt, and dropped: fetched again like any miss.
             }
             None => {}
         }
@@ -305,8 +316,26 @@ impl NarCache {
     }
 
     fn changed(&self) {
-        #[cfg(test)]
         self.changed.notify_waiters();
+    }
+
+    /// The size of `name` once its file's check passes, if that is within `wait`; `None` if
+    /// the check failed (the file is gone) or takes longer.
+    async fn checked_within(&self, name: &str, wait: Duration) -> Option<u64> {
+        let checked = async {
+            loop {
+                let changed = self.changed.notified();
+                tokio::pin!(changed);
+                changed.as_mut().enable();
+                match self.index().touch(name) {
+                    Some((size, Verified::Yes)) => return Some(size),
+                    Some(_) => {}
+                    None => return None,
+                }
+                changed.await;
+            }
+        };
+        tokio::time::timeout(wait, checked).await.ok().flatten()
     }
 
     fn evict(&self) {

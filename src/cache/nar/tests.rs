@@ -191,17 +191,14 @@ async fn restart_rebuilds_and_drops_corrupt_files() {
     std::fs::write(d.path().join(NAME), bytes).unwrap();
     let cache = NarCache::open(d.path(), 1 << 30, Duration::from_secs(30)).unwrap();
     assert_eq!(cache.usage().0, 1);
-    // First hit: not yet verified, so the store serves it while the file is checked.
-    assert!(matches!(
-        cache.get(&name, &key, None, None, &store).await.unwrap(),
-        NarCacheAnswer::Bypass
-    ));
-    wait_indexed(&cache, 0).await;
-    // Then it is fetched again, intact.
+    // First hit: the file is checked first; corrupt, it is dropped, and the NAR fetched
+    // again, intact.
+    let before = mem.requests();
     assert_eq!(
         body(cache.get(&name, &key, None, None, &store).await.unwrap()).await,
         data
     );
+    assert_eq!(mem.requests(), before + 1);
     wait_indexed(&cache, 1).await;
     assert_eq!(std::fs::read(d.path().join(NAME)).unwrap(), data);
 
@@ -211,6 +208,35 @@ async fn restart_rebuilds_and_drops_corrupt_files() {
     let cache = NarCache::open(d.path(), 1 << 30, Duration::from_secs(30)).unwrap();
     assert_eq!(cache.usage().0, 0);
     assert!(!d.path().join(NAME).exists());
+}
+
+/// After a restart, the requests for a file not yet checked (every client at once, after a
+/// deploy) wait for its check and are served from disk: none reaches the store.
+#[tokio::test]
+async fn requests_for_a_file_being_checked_wait_for_the_check() {
+    let (d, cache, mem, store) = setup(1 << 30);
+    let data: Vec<u8> = (0..3_000_000u32).map(|i| (i % 253) as u8).collect();
+    mem.insert(&format!("nar/{NAME}"), data.clone());
+    let name: NarFileName = NAME.parse().unwrap();
+    let key = format!("nar/{NAME}");
+    body(cache.get(&name, &key, None, None, &store).await.unwrap()).await;
+    wait_indexed(&cache, 1).await;
+    close(cache).await;
+    let cache = NarCache::open(d.path(), 1 << 30, Duration::from_secs(30)).unwrap();
+    let before = mem.requests();
+    let tasks: Vec<_> = (0..10)
+        .map(|_| {
+            let (cache, store, name, key) =
+                (cache.clone(), store.clone(), name.clone(), key.clone());
+            tokio::spawn(async move {
+                body(cache.get(&name, &key, None, None, &store).await.unwrap()).await
+            })
+        })
+        .collect();
+    for t in tasks {
+        assert!(t.await.unwrap() == data);
+    }
+    assert_eq!(mem.requests(), before, "the store was asked");
 }
 
 #[tokio::test]
