@@ -71,8 +71,10 @@ pub fn spawn_on_sighup(state: AppState, file: Option<PathBuf>) -> std::io::Resul
                         cause = %e,
                         "configuration not reloaded; the running configuration stays"
                     );
+                    // One line: systemd reads each line of a notification as an assignment.
+                    let why = e.to_string().replace('\n', "; ");
                     crate::systemd::status(&format!(
-                        "serving; configuration NOT reloaded, the running one stays: {e}"
+                        "serving; configuration NOT reloaded, the running one stays: {why}"
                     ));
                 }
             }

@@ -46,9 +46,13 @@ pub(super) async fn readyz(State(st): State<AppState>) -> impl IntoResponse {
         }
     };
     let limit = st.config.store.ready_timeout;
-    let (status, text) = tokio::time::timeout_at(arrived + limit, answer)
-        .await
-        .unwrap_or((StatusCode::SERVICE_UNAVAILABLE, "store timed out\n"));
+    let (status, text) = match tokio::time::timeout_at(arrived + limit, answer).await {
+        Ok(answer) => answer,
+        Err(_) => {
+            tracing::warn!(store = %st.store.describe(), "not ready: store timed out");
+            (StatusCode::SERVICE_UNAVAILABLE, "store timed out\n")
+        }
+    };
     (status, [NO_STORE], text)
 }
 

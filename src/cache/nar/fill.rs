@@ -366,13 +366,11 @@ impl NarCache {
         announced: Option<u64>,
         store: Arc<dyn Store>,
     ) -> Started {
-        // Known not to be kept: streamed as is, without the fills' part buffers.
+        // Known not to be kept: streamed as is, without the fills' part buffers (and without
+        // their resuming of a broken-off read: the client resumes with a range). Not the
+        // free-space check, which would pause caching on a size the narinfo may have wrong.
         if let Some(size) = announced.filter(|&s| s > SMALL) {
-            let reserved = self.reserved.load(Ordering::Relaxed);
-            if !self.index().admits(size)
-                || self.disk_full(size.saturating_add(reserved))
-                || self.running.load(Ordering::SeqCst) >= MAX_RUNNING
-            {
+            if !self.index().admits(size) || self.running.load(Ordering::SeqCst) >= MAX_RUNNING {
                 return plain(&store, &key).await;
             }
         }

@@ -177,7 +177,7 @@ impl NarCache {
                 cache_lookup("nar_disk", result);
                 return answer;
             }
-            Some((_, verified)) => {
+            Some((size, verified)) => {
                 // A file from before a restart, checked on its first use. The requests for it
                 // meanwhile (after a deploy, every client at once) wait for the check rather
                 // than each reading the whole NAR from the store; a check that takes longer
@@ -185,9 +185,18 @@ impl NarCache {
                 if verified == Verified::No {
                     self.spawn_verify(n.to_owned());
                 }
-                if let Some(size) = self.checked_within(n, CHECK_WAIT).await {
-                    cache_lookup("nar_disk", "hit");
-                    return self.read_file(n, size, range).await;
+                // Waited for as long as hashing the file should take (at 100 MB/s, plus a
+                // second), at most CHECK_WAIT: many checks at once, or a stuck one, send the
+                // requests to the store soon.
+                let wait = Duration::from_millis(1000 + size / 100_000).min(CHECK_WAIT);
+                if let Some(size) = self.checked_within(n, wait).await {
+                    let answer = self.read_file(n, size, range).await;
+                    let result = match answer {
+                        Ok(NarCacheAnswer::Object(_)) => "hit",
+                        _ => "bypass",
+                    };
+                    cache_lookup("nar_disk", result);
+                    return answer;
                 }
                 if self.index().size(n).is_some() {
                     cache_lookup("nar_disk", "bypass");
@@ -327,10 +336,15 @@ impl NarCache {
                 let changed = self.changed.notified();
                 tokio::pin!(changed);
                 changed.as_mut().enable();
-                match self.index().touch(name) {
-                    Some((size, Verified::Yes)) => return Some(size),
-                    Some(_) => {}
-                    None => return None,
+                // Looked at without touching: every change wakes every waiter.
+                let (held, checked) = {
+                    let index = self.index();
+                    (index.size(name), index.verified_size(name))
+                };
+                match (held, checked) {
+                    (_, Some(size)) => return Some(size),
+                    (Some(_), None) => {}
+                    (None, None) => return None,
                 }
                 changed.await;
             }
