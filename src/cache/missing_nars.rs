@@ -18,6 +18,10 @@ const CAPACITY: u64 = 100_000;
 
 pub struct MissingNars {
     names: Cache<Box<str>, ()>,
+    /// When each NAR was last uploaded here (as long as a miss is remembered): a GET that
+    /// started before that and found nothing saw the store before the upload, and is not
+    /// remembered.
+    uploaded: Cache<Box<str>, tokio::time::Instant>,
     /// Set once anything was ever remembered: until then narinfos are not scanned at all.
     any: AtomicBool,
 }
@@ -29,18 +33,29 @@ impl MissingNars {
                 .max_capacity(CAPACITY)
                 .time_to_live(ttl.max(Duration::from_secs(1)))
                 .build(),
+            uploaded: Cache::builder()
+                .max_capacity(CAPACITY)
+                .time_to_live(ttl.max(Duration::from_secs(1)))
+                .build(),
             any: AtomicBool::new(false),
         }
     }
 
-    /// A GET of `nar/<file>` found nothing.
-    pub async fn seen_missing(&self, file: &str) {
+    /// A GET of `nar/<file>` that started at `asked` found nothing. Not remembered if the NAR
+    /// was uploaded since: that GET looked before the upload ended.
+    pub async fn seen_missing(&self, file: &str, asked: tokio::time::Instant) {
+        if self.uploaded.get(file).await.is_some_and(|at| at >= asked) {
+            return;
+        }
         self.any.store(true, Ordering::Relaxed);
         self.names.insert(file.into(), ()).await;
     }
 
     /// `nar/<file>` was uploaded.
     pub async fn seen_present(&self, file: &str) {
+        self.uploaded
+            .insert(file.into(), tokio::time::Instant::now())
+            .await;
         if self.any.load(Ordering::Relaxed) {
             self.names.invalidate(file).await;
         }
@@ -69,9 +84,28 @@ mod tests {
         let m = MissingNars::new(Duration::from_secs(60));
         let body = b"StorePath: /nix/store/x\nURL: nar/abc.nar.xz\nCompression: xz\n";
         assert!(!m.points_to_missing(body));
-        m.seen_missing("abc.nar.xz").await;
+        m.seen_missing("abc.nar.xz", tokio::time::Instant::now())
+            .await;
         assert!(m.points_to_missing(body));
         m.seen_present("abc.nar.xz").await;
         assert!(!m.points_to_missing(body));
+    }
+
+    /// A GET that found nothing but started before the NAR's upload ended (it looked first)
+    /// is not remembered: the narinfo uploaded with that NAR is served. One that started
+    /// after the upload is.
+    #[tokio::test(start_paused = true)]
+    async fn a_miss_older_than_the_upload_is_not_remembered() {
+        let m = MissingNars::new(Duration::from_secs(60));
+        let body = b"StorePath: /nix/store/x\nURL: nar/abc.nar.xz\nCompression: xz\n";
+        let asked = tokio::time::Instant::now();
+        tokio::time::advance(Duration::from_millis(5)).await;
+        m.seen_present("abc.nar.xz").await;
+        m.seen_missing("abc.nar.xz", asked).await;
+        assert!(!m.points_to_missing(body));
+        tokio::time::advance(Duration::from_millis(5)).await;
+        m.seen_missing("abc.nar.xz", tokio::time::Instant::now())
+            .await;
+        assert!(m.points_to_missing(body));
     }
 }

@@ -43,6 +43,7 @@ pub(super) async fn get(
     headers: HeaderMap,
 ) -> Result<Response, Error> {
     let f = NarFileName::from_request(&file, query.as_deref())?;
+    let asked = tokio::time::Instant::now();
     let res = fetch(&st, &f, &headers)
         .await
         .map(|res| lifetime(&st, &f, res));
@@ -51,7 +52,7 @@ pub(super) async fn get(
         // cache holds the narinfo asks for the NAR alone.
         Ok(_) => st.access.record_nar(f.as_str()),
         // Its narinfo now answers 404 (see crate::cache::missing_nars).
-        Err(Error::NotFound) => st.live().missing_nars.seen_missing(f.as_str()).await,
+        Err(Error::NotFound) => st.live().missing_nars.seen_missing(f.as_str(), asked).await,
         Err(_) => {}
     }
     res
