@@ -279,13 +279,7 @@ async fn a_slow_answer_is_not_an_idle_connection() {
 async fn status_reports_an_upstream_up_then_down_once_it_fails() {
     let mem = Arc::new(MemoryStore::new());
     let cfg = Config {
-        upstreams: vec![crate::config::UpstreamConfig {
-            // Nothing listens on the discard port here: the connection is refused at once.
-            url: "http://127.0.0.1:9".into(),
-            public_keys: vec![crate::nix::SecretKey::generate("up-1").unwrap().public()],
-            timeout: std::time::Duration::from_secs(5),
-            mirror: false,
-        }],
+        upstreams: vec![super::tests::dead_upstream()],
         ..Config::default()
     };
     let st = state(cfg, &mem);

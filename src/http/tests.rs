@@ -291,6 +291,17 @@ async fn head_of_a_nar_finds_it_re_encoded_on_upload() {
     );
 }
 
+/// An upstream that fails at once: nothing listens on the discard port here, so the
+/// connection is refused.
+pub(super) fn dead_upstream() -> crate::config::UpstreamConfig {
+    crate::config::UpstreamConfig {
+        url: "http://127.0.0.1:9".into(),
+        public_keys: vec![crate::nix::SecretKey::generate("up-1").unwrap().public()],
+        timeout: std::time::Duration::from_secs(5),
+        mirror: false,
+    }
+}
+
 /// With an upstream that cannot be asked, HEAD of a log (or listing, realisation) is a 503 as
 /// its GET is, not a 404 clients keep; HEAD of a NAR stays a 404 (uploads to the root URL send
 /// it before each NAR, and a 503 would fail the copy) and finds a re-encoded NAR first.
@@ -299,13 +310,7 @@ async fn heads_while_an_upstream_is_down() {
     let mem = Arc::new(MemoryStore::new());
     mem.insert(&format!("nar/{NAR_FILE}.nar.zst"), vec![1u8; 200]);
     let mut cfg = Config {
-        upstreams: vec![crate::config::UpstreamConfig {
-            // Nothing listens on the discard port here: the connection is refused at once.
-            url: "http://127.0.0.1:9".into(),
-            public_keys: vec![crate::nix::SecretKey::generate("up-1").unwrap().public()],
-            timeout: std::time::Duration::from_secs(5),
-            mirror: false,
-        }],
+        upstreams: vec![dead_upstream()],
         ..Config::default()
     };
     cfg.upload.recompress = Some(crate::config::Recompression {

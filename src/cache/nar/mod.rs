@@ -168,15 +168,7 @@ impl NarCache {
         self.drop_if_not(n, announced);
         let state = self.index().touch(n);
         match state {
-            Some((size, Verified::Yes)) => {
-                let answer = self.read_file(n, size, range).await;
-                let result = match answer {
-                    Ok(NarCacheAnswer::Object(_)) => "hit",
-                    _ => "bypass",
-                };
-                cache_lookup("nar_disk", result);
-                return answer;
-            }
+            Some((size, Verified::Yes)) => return self.read_hit(n, size, range).await,
             Some((size, verified)) => {
                 // A file from before a restart, checked on its first use. The requests for it
                 // meanwhile (after a deploy, every client at once) wait for the check rather
@@ -190,13 +182,7 @@ impl NarCache {
                 // requests to the store soon.
                 let wait = Duration::from_millis(1000 + size / 100_000).min(CHECK_WAIT);
                 if let Some(size) = self.checked_within(n, wait).await {
-                    let answer = self.read_file(n, size, range).await;
-                    let result = match answer {
-                        Ok(NarCacheAnswer::Object(_)) => "hit",
-                        _ => "bypass",
-                    };
-                    cache_lookup("nar_disk", result);
-                    return answer;
+                    return self.read_hit(n, size, range).await;
                 }
                 if self.index().size(n).is_some() {
                     cache_lookup("nar_disk", "bypass");
@@ -282,6 +268,23 @@ impl NarCache {
         tokio::time::timeout(Duration::from_secs(60), waiting)
             .await
             .expect("the NAR cache never got there");
+    }
+
+    /// [`Self::read_file`] of a checked file, counted as a hit (or a bypass if the file is
+    /// gone).
+    async fn read_hit(
+        &self,
+        name: &str,
+        size: u64,
+        range: Option<ByteRange>,
+    ) -> Result<NarCacheAnswer, StoreError> {
+        let answer = self.read_file(name, size, range).await;
+        let result = match answer {
+            Ok(NarCacheAnswer::Object(_)) => "hit",
+            _ => "bypass",
+        };
+        crate::metrics::cache_lookup("nar_disk", result);
+        answer
     }
 
     /// Serves a hit from its file, if the file is still what the index says.
