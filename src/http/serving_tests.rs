@@ -696,7 +696,11 @@ async fn a_readiness_probe_answers_within_its_timeout_and_not_while_draining() {
         let st = st.clone();
         async move { get(&st, "/readyz").await }
     });
-    tokio::time::sleep(std::time::Duration::from_secs(1)).await;
+    // Once the first probe is asking the store, the clock moves 1 s on.
+    while mem.pings() == 0 {
+        tokio::task::yield_now().await;
+    }
+    tokio::time::advance(std::time::Duration::from_secs(1)).await;
     let started = tokio::time::Instant::now();
     let (status, body) = get(&st, "/readyz").await;
     assert_eq!(started.elapsed(), std::time::Duration::from_secs(2));
