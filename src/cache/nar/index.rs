@@ -1,6 +1,9 @@
 //! What the NAR cache holds, in memory: each NAR's size, hash and whether its file has been
 //! checked, the order of use (least recently used first) and the byte budget. No I/O: the
 //! caller removes the files of what [`Index::evict`] hands back.
+//!
+//! The budget is of disk space, not of NAR bytes: each NAR is charged its [`footprint`], so
+//! that a cache of many small NARs stays within it too.
 
 use std::collections::{BTreeMap, HashMap};
 
@@ -17,6 +20,17 @@ pub(super) enum Verified {
     InProgress,
 }
 
+/// The allocation unit assumed for the cache's file system (ext4, XFS and btrfs default to it).
+const BLOCK: u64 = 4096;
+
+/// The disk space a cached NAR of `size` bytes takes: its file rounded up to whole blocks,
+/// and one block for its `.meta`. A 1 KiB NAR takes 8 KiB; a 100 MiB one, 4 KiB more.
+pub(super) fn footprint(size: u64) -> u64 {
+    size.div_ceil(BLOCK)
+        .saturating_mul(BLOCK)
+        .saturating_add(BLOCK)
+}
+
 struct Entry {
     size: u64,
     checksum: Checksum,
@@ -30,7 +44,7 @@ pub(super) struct Index {
     /// Names by last use, oldest first. Ticks are unique, so this is a total order.
     lru: BTreeMap<u64, String>,
     tick: u64,
-    /// Sum of the entries' sizes.
+    /// Sum of the entries' [`footprint`]s.
     total: u64,
     budget: u64,
 }
@@ -50,10 +64,10 @@ impl Index {
     /// Whether a NAR of `size` bytes is worth caching at all: one that takes more than half
     /// the budget would evict most of the cache for a single NAR.
     pub(super) fn admits(&self, size: u64) -> bool {
-        size <= self.budget / 2
+        footprint(size) <= self.budget / 2
     }
 
-    /// Number of NARs and bytes held.
+    /// Number of NARs, and the disk space they take (their [`footprint`]s).
     pub(super) fn usage(&self) -> (usize, u64) {
         (self.entries.len(), self.total)
     }
@@ -63,7 +77,7 @@ impl Index {
         self.remove(name);
         let tick = self.next_tick();
         self.lru.insert(tick, name.to_owned());
-        self.total += size;
+        self.total += footprint(size);
         self.entries.insert(
             name.to_owned(),
             Entry {
@@ -106,7 +120,7 @@ impl Index {
         match self.entries.remove(name) {
             Some(e) => {
                 self.lru.remove(&e.tick);
-                self.total -= e.size;
+                self.total -= footprint(e.size);
                 true
             }
             None => false,
@@ -122,7 +136,7 @@ impl Index {
                 break;
             };
             if let Some(e) = self.entries.remove(&name) {
-                self.total -= e.size;
+                self.total -= footprint(e.size);
             }
             victims.push(name);
         }
@@ -158,6 +172,8 @@ mod tests {
     use super::*;
 
     const SHA: Checksum = Checksum::Xxh3([0; 16]);
+    /// What a 100-byte NAR takes on disk: a block for it, one for its `.meta`.
+    const F: u64 = 2 * BLOCK;
 
     fn index(budget: u64, names: &[&str]) -> Index {
         let mut i = Index::new(budget);
@@ -169,7 +185,7 @@ mod tests {
 
     #[test]
     fn evicts_the_least_recently_used_not_the_first_inserted() {
-        let mut i = index(300, &["a", "b", "c"]);
+        let mut i = index(3 * F, &["a", "b", "c"]);
         // Use order now differs from insertion order: b is the oldest use.
         i.touch("a");
         i.touch("c");
@@ -178,22 +194,23 @@ mod tests {
         i.touch("a");
         i.insert("e", 100, SHA, Verified::Yes);
         assert_eq!(i.evict(), ["c"]);
-        assert_eq!(i.usage(), (3, 300));
+        assert_eq!(i.usage(), (3, 3 * F));
     }
 
     #[test]
     fn evicts_until_the_budget_holds() {
-        let mut i = index(1000, &["a", "b", "c"]);
+        let mut i = index(4 * F, &["a", "b", "c"]);
         assert!(i.evict().is_empty());
-        i.insert("big", 900, SHA, Verified::Yes);
-        // 1200 bytes: two of the 100-byte NARs must go; exactly the budget is fine.
+        // Five blocks and a `.meta`: 3 F.
+        i.insert("big", 5 * BLOCK, SHA, Verified::Yes);
+        // 6 F: two of the 100-byte NARs must go; exactly the budget is fine.
         assert_eq!(i.evict(), ["a", "b"]);
-        assert_eq!(i.usage(), (2, 1000));
+        assert_eq!(i.usage(), (2, 4 * F));
     }
 
     #[test]
     fn touching_a_missing_name_changes_nothing() {
-        let mut i = index(200, &["a", "b"]);
+        let mut i = index(2 * F, &["a", "b"]);
         assert_eq!(i.touch("zz"), None);
         assert_eq!(i.touch("b"), Some((100, Verified::Yes)));
         i.insert("c", 100, SHA, Verified::Yes);
@@ -202,7 +219,7 @@ mod tests {
 
     #[test]
     fn sizes_are_told_for_checked_files_only_and_are_no_use() {
-        let mut i = index(300, &["a", "b"]);
+        let mut i = index(3 * F, &["a", "b"]);
         i.insert("unchecked", 50, SHA, Verified::No);
         assert_eq!(i.verified_size("a"), Some(100));
         assert_eq!(i.verified_size("unchecked"), None);
@@ -214,9 +231,9 @@ mod tests {
 
     #[test]
     fn replacing_an_entry_counts_its_size_once() {
-        let mut i = index(1000, &["a"]);
-        i.insert("a", 300, SHA, Verified::Yes);
-        assert_eq!(i.usage(), (1, 300));
+        let mut i = index(10 * F, &["a"]);
+        i.insert("a", 3 * BLOCK, SHA, Verified::Yes);
+        assert_eq!(i.usage(), (1, 4 * BLOCK));
         assert!(i.remove("a"));
         assert!(!i.remove("a"));
         assert_eq!(i.usage(), (0, 0));
@@ -237,8 +254,24 @@ mod tests {
 
     #[test]
     fn admits_at_most_half_the_budget() {
-        let i = Index::new(1000);
-        assert!(i.admits(500));
-        assert!(!i.admits(501));
+        let i = Index::new(8 * BLOCK);
+        assert!(i.admits(3 * BLOCK));
+        assert!(!i.admits(3 * BLOCK + 1));
+    }
+
+    #[test]
+    fn small_nars_are_charged_the_disk_space_they_take() {
+        assert_eq!(footprint(0), BLOCK);
+        assert_eq!(footprint(1), 2 * BLOCK);
+        assert_eq!(footprint(BLOCK), 2 * BLOCK);
+        assert_eq!(footprint(BLOCK + 1), 3 * BLOCK);
+        assert_eq!(footprint(u64::MAX), u64::MAX);
+        // A thousand 1 KiB NARs take 8 MiB of disk: a 4 MiB budget keeps half of them.
+        let mut i = Index::new(4 << 20);
+        for n in 0..1000 {
+            i.insert(&n.to_string(), 1024, SHA, Verified::Yes);
+        }
+        assert_eq!(i.evict().len(), 488);
+        assert_eq!(i.usage(), (512, 4 << 20));
     }
 }

@@ -6,6 +6,7 @@ use std::time::Duration;
 use bytes::Bytes;
 use futures::TryStreamExt as _;
 
+use super::index::footprint;
 use super::{NarCache, NarCacheAnswer};
 use crate::nix::NarFileName;
 use crate::store::memory::{MemoryStore, RangeFault};
@@ -122,7 +123,8 @@ async fn fills_then_hits_without_the_store() {
 
 #[tokio::test]
 async fn eviction_keeps_the_budget() {
-    let (d, cache, mem, store) = setup(2500);
+    // Room for two of the three 1000-byte NARs, as they take 8 KiB of disk each.
+    let (d, cache, mem, store) = setup(2 * footprint(1000) + 1000);
     let names = [
         "07yp7gw2d9vmfgl2rd063i75qwkfbrgvqngp5yz2pk6iadzlckh7.nar",
         "17yp7gw2d9vmfgl2rd063i75qwkfbrgvqngp5yz2pk6iadzlckh7.nar",
@@ -169,7 +171,7 @@ async fn eviction_keeps_the_budget() {
         d.path().join(names[2]).exists() && nar_files() == 2
     })
     .await;
-    assert_eq!(cache.usage(), (2, 2000));
+    assert_eq!(cache.usage(), (2, 2 * footprint(1000)));
     assert!(d.path().join(names[0]).exists(), "recently used: kept");
     assert!(d.path().join(names[2]).exists());
 }
@@ -410,7 +412,7 @@ async fn restarts_keep_complete_nars_and_leave_foreign_files_alone() {
         assert!(d.path().join(f).exists(), "{f} was removed");
     }
     let cache = NarCache::open(d.path(), 1 << 30, Duration::from_secs(30)).unwrap();
-    assert_eq!(cache.usage(), (1, 1000));
+    assert_eq!(cache.usage(), (1, footprint(1000)));
 }
 
 #[test]
@@ -557,7 +559,7 @@ async fn what_a_stalled_store_sent_is_readable_before_it_goes_on() {
     assert_eq!(got.len() as u64, length);
     assert_eq!(&got[first.len()..], &rest[..]);
     wait_indexed(&cache, 1).await;
-    assert_eq!(cache.usage(), (1, length));
+    assert_eq!(cache.usage(), (1, footprint(length)));
 }
 
 /// A small NAR whose store body ends short of its announced length is an error, not served
@@ -593,7 +595,7 @@ async fn a_small_nar_is_written_and_indexed() {
     mem.insert(&format!("nar/{NAME}"), vec![7u8; 100]);
     body(get_nar(&cache, &store).await.unwrap()).await;
     wait_indexed(&cache, 1).await;
-    assert_eq!(cache.usage(), (1, 100));
+    assert_eq!(cache.usage(), (1, footprint(100)));
     assert_eq!(std::fs::read(d.path().join(NAME)).unwrap(), vec![7u8; 100]);
 }
 
@@ -1160,7 +1162,7 @@ async fn a_file_its_narinfo_now_gives_another_size_is_fetched_again() {
     let new = vec![2u8; 2_000_000];
     mem.insert(&format!("nar/{NAME}"), new.clone());
     assert!(body(get_announced(&cache, &store, 2_000_000).await.unwrap()).await == new);
-    wait_until(&cache, || cache.usage() == (1, 2_000_000)).await;
+    wait_until(&cache, || cache.usage() == (1, footprint(2_000_000))).await;
 }
 
 /// A request whose narinfo gives another size than the fill running for that name (of the
