@@ -209,6 +209,9 @@ pub struct Uploader {
     /// For [`crate::gc::access::UPLOAD_COVER`] after the write, a later upload counts it as a
     /// present reference without asking the store (see [`Uploader::check_references`]).
     written: Mutex<HashMap<StorePathHash, tokio::time::Instant>>,
+    /// Narinfos taken back (or that may have been), and when: a write that began before that
+    /// is not counted as written ([`Uploader::wrote`]).
+    taken_back: Mutex<HashMap<StorePathHash, tokio::time::Instant>>,
     /// Narinfos the store lacked when the upload address was asked for them, and when
     /// ([`PROBED_ABSENT_TRUST`]).
     probed_absent: Mutex<HashMap<StorePathHash, tokio::time::Instant>>,
@@ -242,6 +245,7 @@ impl Uploader {
             verified: Mutex::new(HashMap::new()),
             early: Mutex::new(HashMap::new()),
             written: Mutex::new(HashMap::new()),
+            taken_back: Mutex::new(HashMap::new()),
             probed_absent: Mutex::new(HashMap::new()),
             access: None,
         }
@@ -391,10 +395,19 @@ impl Uploader {
             && !lock(&self.written).contains_key(&h)
     }
 
-    /// The narinfo of `h` was written by this process, after an upload record naming it.
-    fn wrote(&self, h: StorePathHash) {
+    /// The narinfo of `h` was written by this process, after an upload record naming it, by
+    /// a write that began at `began`. Not counted if another upload took the narinfo back
+    /// since then: the take-back may have come after this write.
+    fn wrote(&self, h: StorePathHash, began: tokio::time::Instant) {
         lock(&self.probed_absent).remove(&h);
         let mut m = lock(&self.written);
+        if lock(&self.taken_back)
+            .get(&h)
+            .is_some_and(|&at| at >= began)
+        {
+            m.remove(&h);
+            return;
+        }
         if m.len() >= MAX_REMEMBERED {
             m.clear();
         }
@@ -402,9 +415,15 @@ impl Uploader {
     }
 
     /// The narinfo of `h` was taken back (or may have been): references to it are asked for
-    /// in the store again.
+    /// in the store again, and writes of it still under way are not counted.
     fn unwrote(&self, h: StorePathHash) {
-        lock(&self.written).remove(&h);
+        let mut m = lock(&self.written);
+        m.remove(&h);
+        let mut taken = lock(&self.taken_back);
+        if taken.len() >= MAX_REMEMBERED {
+            taken.clear();
+        }
+        taken.insert(h, tokio::time::Instant::now());
     }
 
     /// Whether this process wrote the narinfo of `h` so recently that the upload record

@@ -257,12 +257,13 @@ impl Uploader {
         info.file_hash = Some(v.stored_file.hash);
         info.file_size = Some(v.stored_file.size);
         let key = object_key::narinfo(hash);
+        let began = tokio::time::Instant::now();
         let write = self.store.put_bytes(&key, Bytes::from(info.render(sd)));
         match &self.access {
             Some(_) => self.write_while_nar_stays(write, &info, &v.stored).await?,
             None => write.await?,
         }
-        self.wrote(hash);
+        self.wrote(hash, began);
         Ok(Accepted {
             hash,
             narinfo: info,

@@ -1088,8 +1088,8 @@ async fn what_was_learned_is_kept_for_several_paths_at_once() {
     up.probed_absent(info.hash());
     up.probed_absent(b_info.hash());
     assert!(up.known_absent(info.hash()) && up.known_absent(b_info.hash()));
-    up.wrote(info.hash());
-    up.wrote(b_info.hash());
+    up.wrote(info.hash(), tokio::time::Instant::now());
+    up.wrote(b_info.hash(), tokio::time::Instant::now());
     assert!(up.recently_written(info.hash()) && up.recently_written(b_info.hash()));
     assert!(!up.known_absent(info.hash()), "written since the probe");
 }
@@ -1107,7 +1107,7 @@ async fn a_narinfo_taken_back_is_not_counted_as_written() {
     up.put_nar(&file, body(nar)).await.unwrap();
     let text = info.render("/nix/store");
     // The other upload's write, acknowledged.
-    up.wrote(info.hash());
+    up.wrote(info.hash(), tokio::time::Instant::now());
     assert!(up.recently_written(info.hash()));
     let nar_key = object_key::nar(&file);
     let store = Arc::downgrade(&mem);
@@ -1131,4 +1131,21 @@ async fn a_narinfo_taken_back_is_not_counted_as_written() {
         .await
         .unwrap_err();
     assert!(e.to_string().contains("is not in the cache"), "{e}");
+}
+
+/// Two uploads of the same path: one takes the narinfo back while the other's write is still
+/// under way. That write, once it ends, is not counted as written: the take-back may have
+/// deleted what it wrote. A write begun after the take-back counts again.
+#[tokio::test(start_paused = true)]
+async fn a_write_under_way_when_its_narinfo_is_taken_back_is_not_counted() {
+    let (_mem, up, _) = uploader_covering();
+    let (_, info, _) = sample();
+    let began = tokio::time::Instant::now();
+    tokio::time::advance(std::time::Duration::from_millis(5)).await;
+    up.unwrote(info.hash());
+    tokio::time::advance(std::time::Duration::from_millis(5)).await;
+    up.wrote(info.hash(), began);
+    assert!(!up.recently_written(info.hash()));
+    up.wrote(info.hash(), tokio::time::Instant::now());
+    assert!(up.recently_written(info.hash()));
 }
