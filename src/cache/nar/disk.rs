@@ -63,7 +63,7 @@ impl Checksum {
         }
     }
 
-    fn render(&self) -> String {
+    pub(super) fn render(&self) -> String {
         match self {
             Self::Xxh3(h) => format!("{XXH3_PREFIX}{}", hex::encode(h)),
             Self::Sha256(h) => hex::encode(h),
@@ -156,10 +156,20 @@ impl fmt::Display for VerifyError {
     }
 }
 
+/// When a cache file was last used, as its metadata can tell after a restart: the later of
+/// its write and its last read. The file system records reads as the access time: with
+/// Linux's default `relatime`, a file's first read after its write and then one a day, so the
+/// order of eviction after a restart follows the use of files to within a day. On a file
+/// system mounted `noatime` this is the order of writing.
+fn last_use(m: &std::fs::Metadata) -> std::time::SystemTime {
+    let written = m.modified().unwrap_or(UNIX_EPOCH);
+    m.accessed().map_or(written, |read| read.max(written))
+}
+
 /// What [`Disk::open`] found in the directory.
 pub(super) struct Opened {
     pub disk: Disk,
-    /// The complete NARs, least recently written first.
+    /// The complete NARs, least recently used first (see [`last_use`]).
     pub found: Vec<Found>,
     /// Files cellar did not write there (left alone).
     pub foreign: Vec<PathBuf>,
@@ -237,12 +247,11 @@ impl Disk {
                 continue;
             }
             let meta = read_meta(&disk.meta_path(&name));
-            let len = e.metadata().ok().map(|m| (m.len(), m.modified().ok()));
+            let len = e.metadata().ok().map(|m| (m.len(), last_use(&m)));
             match (meta, len) {
-                (Some((size, checksum)), Some((l, mtime))) if l == size => {
-                    let mtime = mtime.unwrap_or(UNIX_EPOCH);
+                (Some((size, checksum)), Some((l, used))) if l == size => {
                     found.push((
-                        mtime,
+                        used,
                         Found {
                             name,
                             size,

@@ -415,6 +415,37 @@ async fn restarts_keep_complete_nars_and_leave_foreign_files_alone() {
     assert_eq!(cache.usage(), (1, footprint(1000)));
 }
 
+/// After a restart, the NARs read since they were written are evicted after those only
+/// written: the file system's access times tell which were used.
+#[test]
+fn a_restart_orders_files_by_their_last_use() {
+    use std::fs::FileTimes;
+    use std::time::{Duration as D, UNIX_EPOCH};
+    let d = tempfile::tempdir().unwrap();
+    drop(NarCache::open(d.path(), 1 << 30, Duration::from_secs(30)).unwrap());
+    let names = [
+        "07yp7gw2d9vmfgl2rd063i75qwkfbrgvqngp5yz2pk6iadzlckh7.nar",
+        "17yp7gw2d9vmfgl2rd063i75qwkfbrgvqngp5yz2pk6iadzlckh7.nar",
+        "27yp7gw2d9vmfgl2rd063i75qwkfbrgvqngp5yz2pk6iadzlckh7.nar",
+    ];
+    let at = |s: u64| UNIX_EPOCH + D::from_secs(1_700_000_000 + s);
+    // Written in the order 0, 1, 2; 0 read last, 1 never.
+    let times = [(at(0), at(30)), (at(10), at(10)), (at(20), at(20))];
+    for (name, (written, read)) in names.iter().zip(times) {
+        let data = vec![1u8; 10];
+        let meta = format!("10 {}\n", super::disk::Checksum::of(&data).render());
+        std::fs::write(d.path().join(format!("{name}.meta")), meta).unwrap();
+        let path = d.path().join(name);
+        std::fs::write(&path, &data).unwrap();
+        let f = std::fs::File::options().write(true).open(&path).unwrap();
+        f.set_times(FileTimes::new().set_modified(written).set_accessed(read))
+            .unwrap();
+    }
+    let opened = super::disk::Disk::open(d.path()).unwrap();
+    let order: Vec<_> = opened.found.iter().map(|f| f.name.as_str()).collect();
+    assert_eq!(order, [names[1], names[2], names[0]]);
+}
+
 #[test]
 fn disk_errors_say_what_failed() {
     use super::disk::{VerifyError, WriteError};
