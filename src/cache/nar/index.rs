@@ -143,6 +143,29 @@ impl Index {
         victims
     }
 
+    /// Forgets the least recently used NARs that together take at least `short` bytes of
+    /// disk; their names, whose files the caller removes. Nothing if all of them together
+    /// take less: emptying the cache would not make the room.
+    pub(super) fn make_room(&mut self, short: u64) -> Vec<String> {
+        if self.total < short {
+            return Vec::new();
+        }
+        let mut victims = Vec::new();
+        let mut freed = 0u64;
+        while freed < short {
+            let Some((_, name)) = self.lru.pop_first() else {
+                break;
+            };
+            if let Some(e) = self.entries.remove(&name) {
+                let f = footprint(e.size);
+                self.total -= f;
+                freed += f;
+            }
+            victims.push(name);
+        }
+        victims
+    }
+
     /// Claims an unchecked entry for hashing: its size and expected checksum, or `None` if it
     /// is gone, already checked or being checked.
     pub(super) fn start_verify(&mut self, name: &str) -> Option<(u64, Checksum)> {
@@ -257,6 +280,22 @@ mod tests {
         let i = Index::new(8 * BLOCK);
         assert!(i.admits(3 * BLOCK));
         assert!(!i.admits(3 * BLOCK + 1));
+    }
+
+    #[test]
+    fn room_is_made_from_the_least_recently_used_if_they_can_make_it() {
+        let mut i = index(100 * F, &["a", "b", "c"]);
+        i.touch("a");
+        assert!(
+            i.make_room(3 * F + 1).is_empty(),
+            "the whole cache would not do"
+        );
+        assert_eq!(i.usage(), (3, 3 * F));
+        assert!(i.make_room(0).is_empty());
+        assert_eq!(i.make_room(F + 1), ["b", "c"]);
+        assert_eq!(i.usage(), (1, F));
+        assert_eq!(i.make_room(F), ["a"]);
+        assert_eq!(i.usage(), (0, 0));
     }
 
     #[test]

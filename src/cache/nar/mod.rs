@@ -364,17 +364,33 @@ impl NarCache {
     }
 
     /// Whether writing `need` more bytes should be skipped: during a disk-full pause, or if
-    /// the file system would keep less than [`FREE_MARGIN`] free.
+    /// the file system would keep less than [`FREE_MARGIN`] free and the least recently used
+    /// NARs cannot make the room (a budget larger than the disk, or other files filling it:
+    /// the cache then shrinks to what the disk holds, as nginx's `min_free` does).
     fn disk_full(&self, need: u64) -> bool {
         if self.disk_full.is_active() {
             return true;
         }
         // Unknown free space is no reason to stop caching; a full disk is then found on write.
         let avail = self.disk.free_bytes().unwrap_or(u64::MAX);
-        if avail < need.saturating_add(FREE_MARGIN) {
+        let wanted = need.saturating_add(FREE_MARGIN);
+        if avail >= wanted {
+            return false;
+        }
+        let victims = self.index().make_room(wanted - avail);
+        if victims.is_empty() {
             self.note_full(format_args!("{avail} bytes free"));
             return true;
         }
+        tracing::info!(
+            nars = victims.len(),
+            free_bytes = avail,
+            "NAR cache: the disk is fuller than the budget allows; evicting to keep room"
+        );
+        for name in victims {
+            self.disk.remove(&name);
+        }
+        self.changed();
         false
     }
 

@@ -338,6 +338,36 @@ fn a_nar_that_would_leave_less_than_the_margin_free_is_not_cached() {
     assert!(cache.disk_full(1));
 }
 
+/// A disk fuller than the budget allows (a budget larger than the disk, or other files)
+/// makes the least recently used NARs go, rather than keeping the cache as it is and no new
+/// NAR in it.
+#[test]
+fn a_short_disk_evicts_the_least_recently_used_to_make_room() {
+    use super::index::Verified;
+    let d = tempfile::tempdir().unwrap();
+    let cache = NarCache::open(d.path(), u64::MAX / 2, Duration::from_secs(30)).unwrap();
+    let avail = cache.disk.free_bytes().unwrap();
+    assert!(avail > super::FREE_MARGIN, "the test needs 256 MiB free");
+    let checksum = super::disk::Checksum::of(b"");
+    // The oldest says it takes what the disk has left, the newer 1 GiB.
+    let names = [
+        "07yp7gw2d9vmfgl2rd063i75qwkfbrgvqngp5yz2pk6iadzlckh7.nar",
+        "17yp7gw2d9vmfgl2rd063i75qwkfbrgvqngp5yz2pk6iadzlckh7.nar",
+    ];
+    for (name, size) in names.iter().zip([avail, 1 << 30]) {
+        std::fs::write(d.path().join(name), b"").unwrap();
+        cache.index().insert(name, size, checksum, Verified::Yes);
+    }
+    // Would leave 100 MiB of the 256 MiB kept free: the oldest goes, the other stays.
+    assert!(!cache.disk_full(avail - (100 << 20)));
+    assert!(!d.path().join(names[0]).exists());
+    assert!(d.path().join(names[1]).exists());
+    assert_eq!(cache.usage().0, 1);
+    // What even an empty cache could not make room for pauses caching, evicting nothing.
+    assert!(cache.disk_full(avail.saturating_mul(4)));
+    assert_eq!(cache.usage().0, 1);
+}
+
 #[tokio::test]
 async fn sizes_ranges_past_the_end_and_truncated_files() {
     let (d, cache, mem, store) = setup(1 << 30);
