@@ -113,6 +113,72 @@ async fn nix_copy_to_cellar_then_substitute_xz_and_zstd() {
     }
 }
 
+/// Content-addressed derivations: `nix copy --to` uploads their realisations
+/// (`realisations/sha256:<hex>!out.doi`, as Nix names them), and a fresh store that may not
+/// build (`--max-jobs 0`) gets the outputs by looking their realisations up through cellar.
+#[tokio::test(flavor = "multi_thread")]
+async fn content_addressed_derivations_round_trip_through_their_realisations() {
+    const CA: &str = "--extra-experimental-features";
+    let work = tempfile::tempdir().unwrap();
+    let expr = Path::new(env!("CARGO_MANIFEST_DIR")).join("tests/fixtures/ca.nix");
+    let salt = format!("cellar-ca-{}", std::process::id());
+    let with_expr = |c: &mut std::process::Command| {
+        c.args([CA, "ca-derivations", "-f"])
+            .arg(&expr)
+            .args(["--argstr", "salt", &salt]);
+    };
+    let mut b = nix("nix-build", &work.path().join("xdg-build"));
+    b.args([CA, "ca-derivations", "--no-out-link"])
+        .arg(&expr)
+        .args(["--argstr", "salt", &salt]);
+    let top = run_ok(b).trim().to_owned();
+
+    let (w, wcfg) = token("builder", "write");
+    let app = App::s3("up-ca").config(&wcfg).spawn().await;
+    let srv = &app.srv;
+    let n = netrc(work.path(), srv, &w);
+    let mut up = nix("nix", &work.path().join("xdg-up"));
+    up.args(["copy", "--to", &srv.url, "--option", "netrc-file"])
+        .arg(&n);
+    with_expr(&mut up);
+    run_ok(up);
+    let realisations = |method: &'static str, status: &'static str| {
+        let labels = [
+            "route=\"realisation\"".to_owned(),
+            format!("method=\"{method}\""),
+            format!("status=\"{status}\""),
+        ];
+        async move {
+            let labels: Vec<&str> = labels.iter().map(String::as_str).collect();
+            metric_sum(srv, "cellar_http_requests_total", &labels).await
+        }
+    };
+    assert_eq!(
+        realisations("PUT", "2xx").await,
+        2.0,
+        "one for each derivation"
+    );
+    assert_eq!(realisations("PUT", "4xx").await, 0.0);
+
+    let store = work.path().join("store-ca");
+    let mut sub = nix("nix", &work.path().join("xdg-sub"));
+    sub.args(["build", "--no-link", "--max-jobs", "0", "--store"])
+        .arg(&store)
+        .args([
+            "--substituters",
+            &srv.url,
+            "--trusted-public-keys",
+            &srv.public_key,
+        ]);
+    with_expr(&mut sub);
+    run_ok(sub);
+    assert!(store.join(top.trim_start_matches('/')).exists());
+    assert!(
+        realisations("GET", "2xx").await >= 2.0,
+        "looked up through cellar"
+    );
+}
+
 /// A path whose NAR spans several multipart parts goes up with `nix copy --to` (its 8 MiB
 /// parts sent to Garage several at once, `store.upload_part_concurrency`) and comes back whole
 /// into a fresh store.

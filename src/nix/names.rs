@@ -236,7 +236,9 @@ impl fmt::Debug for NarFileName {
     }
 }
 
-/// `sha256:<nix32>!<output>.doi`, a CA realisation under `realisations/` (Nix ≤ 2.32).
+/// `sha256:<hex>!<output>.doi`, a CA realisation under `realisations/` (Nix ≤ 2.32): the id
+/// is Nix's `DrvOutput::to_string()`, the derivation's hash modulo in base 16 (64 lowercase hex
+/// digits). A nix32 hash (52 characters) is accepted too.
 #[derive(Clone, PartialEq, Eq)]
 pub struct RealisationName(String);
 
@@ -253,7 +255,9 @@ impl FromStr for RealisationName {
         let stem = s.strip_suffix(".doi").ok_or_else(e)?;
         let (drv_hash, output) = stem.split_once('!').ok_or_else(e)?;
         let h = drv_hash.strip_prefix("sha256:").ok_or_else(e)?;
-        if h.len() != 52 || !base32::is_nix32(h) || !is_store_name(output) {
+        let hex = h.len() == 64 && h.bytes().all(|b| matches!(b, b'0'..=b'9' | b'a'..=b'f'));
+        let nix32 = h.len() == 52 && base32::is_nix32(h);
+        if !(hex || nix32) || !is_store_name(output) {
             return Err(e());
         }
         Ok(Self(s.to_owned()))
@@ -419,6 +423,9 @@ mod tests {
         let ok = format!("sha256:{F}!out.doi");
         let r: RealisationName = ok.parse().unwrap();
         assert_eq!(format!("{r:?}"), format!("{ok:?}"));
+        // As Nix writes them: base 16.
+        let hex = "sha256:b632b7d29005a5d5a8bcf52c678c15117655ecea0accf428a35335c6ecba23d2!out.doi";
+        assert_eq!(hex.parse::<RealisationName>().unwrap().as_str(), hex);
         let out: OutputName = "dev".parse().unwrap();
         assert_eq!(format!("{out:?}"), "\"dev\"");
         for bad in [
@@ -429,6 +436,10 @@ mod tests {
             // nix32, one character short; 52 characters, one not in nix32's alphabet
             format!("sha256:{}!out.doi", &F[1..]),
             format!("sha256:e{}!out.doi", &F[1..]),
+            // base 16: one digit short, upper case, not a digit
+            format!("sha256:{}!out.doi", "a".repeat(63)),
+            format!("sha256:{}!out.doi", "A".repeat(64)),
+            format!("sha256:{}!out.doi", "g".repeat(64)),
         ] {
             assert!(bad.parse::<RealisationName>().is_err(), "{bad}");
         }
