@@ -202,9 +202,7 @@ pub fn verify(
         println!("repaired: deleted {k}");
     }
     for k in &report.in_use {
-        println!(
-            "kept {k}: an upload recorded it within the grace period (its narinfo may follow)"
-        );
+        println!("kept {k}: an upload recorded it in the last 30 minutes (its narinfo may follow)");
     }
     for k in &report.relied_on {
         println!("kept {k}: an upload in progress names it (it may have been repaired by it)");

@@ -121,6 +121,68 @@ pub async fn begin(store: &dyn Store) -> Result<Result<String, Busy>, StoreError
     }
 }
 
+/// A run that deletes, announced before it reads the store ([`Announced::begin`]) and kept
+/// live in the background until it starts deleting ([`Announced::into_run`]). Its listing and
+/// reads must come after the announcement: a run that listed the store while another was
+/// deleting would act on what that one was undoing (a narinfo it had deleted, then written
+/// back for an upload), and delete what that narinfo needs.
+pub struct Announced {
+    run: String,
+    stop: tokio::sync::oneshot::Sender<()>,
+    renewing: tokio::task::JoinHandle<()>,
+}
+
+impl Announced {
+    /// [`begin`], then renews the announcement every half of [`FRESH`] while the run reads.
+    pub async fn begin(
+        store: &std::sync::Arc<dyn Store>,
+    ) -> Result<Result<Self, Busy>, StoreError> {
+        let run = match begin(store.as_ref()).await? {
+            Ok(run) => run,
+            Err(busy) => return Ok(Err(busy)),
+        };
+        let (stop, mut stopped) = tokio::sync::oneshot::channel::<()>();
+        let (store, name) = (store.clone(), run.clone());
+        // Stopped only between renewals, never during one: a renewal landing after the run
+        // has named NARs would hide them from uploads.
+        let renewing = tokio::spawn(async move {
+            loop {
+                tokio::select! {
+                    _ = &mut stopped => return,
+                    () = tokio::time::sleep(FRESH / 2) => {}
+                }
+                if let Err(e) = announce(store.as_ref(), &name, []).await {
+                    tracing::warn!(cause = %e, "could not renew the announcement of the run");
+                }
+            }
+        });
+        Ok(Ok(Self {
+            run,
+            stop,
+            renewing,
+        }))
+    }
+
+    /// Stops the renewals, waiting for one under way; the run's name, for deleting (its
+    /// announcement written again now, so that it is fresh when deletions begin).
+    pub async fn into_run(self, store: &dyn Store) -> String {
+        let _ = self.stop.send(());
+        let _ = self.renewing.await;
+        if let Err(e) = announce(store, &self.run, []).await {
+            tracing::warn!(cause = %e, "could not renew the announcement of the run");
+        }
+        self.run
+    }
+
+    /// Ends a run that will not delete (its reads failed): stops the renewals and withdraws
+    /// the announcement.
+    pub async fn abandon(self, store: &dyn Store) {
+        let _ = self.stop.send(());
+        let _ = self.renewing.await;
+        end(store, &self.run).await;
+    }
+}
+
 /// Writes the announcement of `run` again, naming no NAR, if it was written more than half
 /// of [`FRESH`] ago (`at`): it stays live for other collectors during a long phase without
 /// deletions of NARs. Not for a run whose announcement names NARs still to be deleted.

@@ -87,13 +87,64 @@ pub async fn run(
     opts: &Options,
     progress: &dyn Progress,
 ) -> Result<Summary, GcError> {
+    if !opts.apply {
+        return Ok(read_and_plan(store, store_dir, cfg, opts, progress)
+            .await?
+            .summary);
+    }
+    // A run that deletes announces itself before it lists anything (deleting::Announced).
+    let announced = deleting::Announced::begin(store)
+        .await?
+        .map_err(|b| GcError::Busy {
+            key: b.key,
+            secs: b.age.as_secs(),
+        })?;
+    let mut read = match read_and_plan(store, store_dir, cfg, opts, progress).await {
+        Ok(read) => read,
+        Err(e) => {
+            announced.abandon(store.as_ref()).await;
+            return Err(e);
+        }
+    };
+    let run = announced.into_run(store.as_ref()).await;
+    let outcome = sweep::execute(
+        store,
+        &read.graph,
+        &read.marked,
+        &read.plan,
+        &mut read.acc,
+        opts.settle,
+        &run,
+        progress,
+    )
+    .await;
+    read.summary.record(outcome);
+    Ok(read.summary)
+}
+
+/// What a run read, and what it would delete.
+struct Planned {
+    graph: graph::Graph,
+    marked: mark::Marked,
+    plan: sweep::Plan,
+    acc: access::Accessed,
+    summary: Summary,
+}
+
+async fn read_and_plan(
+    store: &Arc<dyn Store>,
+    store_dir: &str,
+    cfg: &GcConfig,
+    opts: &Options,
+    progress: &dyn Progress,
+) -> Result<Planned, GcError> {
     let inv = inventory::Inventory::load(store.as_ref(), progress).await?;
     let graph = graph::Graph::load(store.as_ref(), &inv, store_dir, progress).await?;
     let sizes: Vec<u64> = (0..graph.len() as u32)
         .map(|i| mark::path_bytes(&graph, &inv.nars, i))
         .collect();
     let mut roots = mark::Roots::new(&graph, cfg, opts.now);
-    let mut acc = access::read_all(store.as_ref(), &inv.access, cfg.keep, opts.now).await?;
+    let acc = access::read_all(store.as_ref(), &inv.access, cfg.keep, opts.now).await?;
     roots.add_access(&graph, &acc.seen);
     roots.add_nar_access(&graph, &acc.nar_seen);
     roots.add_uploads(&graph, &acc.uploading);
@@ -107,27 +158,13 @@ pub async fn run(
     let plan = sweep::Plan::new(&graph, &inv, &marked, realisations, cfg, opts.now, &acc);
     let mut summary = Summary::new(&marked, &plan, &sizes);
     summary.unresolved_pins = roots.unresolved_pins;
-    if opts.apply {
-        let run = deleting::begin(store.as_ref())
-            .await?
-            .map_err(|b| GcError::Busy {
-                key: b.key,
-                secs: b.age.as_secs(),
-            })?;
-        let outcome = sweep::execute(
-            store,
-            &graph,
-            &marked,
-            &plan,
-            &mut acc,
-            opts.settle,
-            &run,
-            progress,
-        )
-        .await;
-        summary.record(outcome);
-    }
-    Ok(summary)
+    Ok(Planned {
+        graph,
+        marked,
+        plan,
+        acc,
+        summary,
+    })
 }
 
 #[cfg(test)]

@@ -229,10 +229,14 @@ async fn a_nar_an_upload_records_after_the_announcement_is_kept() {
     let reused = path(&mem, "reused", &[], 100 * DAY, now);
     let file: Box<str> = reused.nar.trim_start_matches("nar/").into();
     let m = mem.clone();
-    // After the announcement naming NARs: the run's first one, at its start, names none.
-    let writes = std::sync::atomic::AtomicUsize::new(0);
-    mem.after_write("_cellar/deleting/", move |_| {
-        if writes.fetch_add(1, std::sync::atomic::Ordering::SeqCst) == 1 {
+    // After the first announcement naming NARs (those before, from the run's start, name
+    // none).
+    let written = std::sync::atomic::AtomicBool::new(false);
+    mem.after_write("_cellar/deleting/", move |key| {
+        let names_nars = m
+            .bytes(key)
+            .is_some_and(|b| b.windows(4).any(|w| w == b".nar"));
+        if names_nars && !written.swap(true, std::sync::atomic::Ordering::SeqCst) {
             write_upload_record(&m, "upload-1", file.clone());
         }
     });
@@ -452,6 +456,71 @@ async fn a_collection_stops_while_another_runs() {
     assert!(s.errors.is_empty(), "{:?}", s.errors);
     assert!(!has(&mem, &format!("{}.narinfo", expired.hash)));
     assert_eq!(announcements(&mem), 0, "its announcement was not withdrawn");
+}
+
+/// A collection that starts while another deletes stops, even if that other run is over by
+/// the time this one has read the store: what it listed may be what the other run was
+/// undoing (a narinfo it deleted, then wrote back for an upload), and acting on it would
+/// delete what that narinfo needs. The same for `verify --repair`.
+#[tokio::test(start_paused = true)]
+async fn a_collection_that_listed_while_another_deleted_does_not_delete() {
+    let mem = Arc::new(MemoryStore::new());
+    let now = SystemTime::now();
+    let dep = path(&mem, "dep", &[], 100 * DAY, now);
+    let top = path(&mem, "top", &[&dep], 100 * DAY, now);
+    let other = super::deleting::key("1767225599-ab12");
+    let store: Arc<dyn Store> = mem.clone();
+    let opts = Options {
+        apply: true,
+        now,
+        settle: super::deleting::SETTLE,
+    };
+    for repairing in [false, true] {
+        // The other run is deleting as this one starts, and ends while this one reads.
+        mem.insert(&other, "cellar-deleting 1\n");
+        let gate = mem.hold_reads(&format!("{}.narinfo", dep.hash));
+        let collect = async {
+            if repairing {
+                let r = repair(&mem, now).await;
+                assert!(
+                    r.repair_errors
+                        .iter()
+                        .any(|e| e.contains("another collection is running")),
+                    "{:?}",
+                    r.repair_errors
+                );
+            } else {
+                let Err(e) = run(&store, "/nix/store", &cfg(), &opts, &Quiet).await else {
+                    panic!("collected what it listed while another run deleted");
+                };
+                assert!(e.to_string().contains(&other), "{e}");
+            }
+        };
+        tokio::pin!(collect);
+        tokio::select! {
+            () = &mut collect => {}
+            () = gate.reached() => {
+                mem.remove(&other);
+                gate.open();
+                collect.await;
+            }
+        }
+        gate.open();
+        for key in [
+            format!("{}.narinfo", top.hash),
+            format!("{}.narinfo", dep.hash),
+            top.nar.clone(),
+            dep.nar.clone(),
+        ] {
+            assert!(has(&mem, &key), "{key} deleted (repairing: {repairing})");
+        }
+        let ours = mem
+            .keys()
+            .into_iter()
+            .filter(|k| k.starts_with("_cellar/deleting/") && *k != other)
+            .count();
+        assert_eq!(ours, 0, "its announcement stayed (repairing: {repairing})");
+    }
 }
 
 /// A narinfo the collector could not read or delete stays, and so does everything it needs:
@@ -859,4 +928,44 @@ async fn repair_keeps_a_broken_path_an_upload_names() {
     want.sort();
     assert_eq!(relied_on, want);
     assert!(!has(&mem, &format!("{}.narinfo", broken.hash)));
+}
+
+/// A run's announcement is renewed while it reads the store (which can take longer than an
+/// announcement counts), and no longer once it deletes (a late renewal would replace the
+/// announcement naming its NARs with one naming none).
+#[tokio::test(start_paused = true)]
+async fn an_announcement_is_renewed_while_the_run_reads_and_not_after() {
+    use std::sync::atomic::{AtomicUsize, Ordering};
+    let mem = Arc::new(MemoryStore::new());
+    let writes = Arc::new(AtomicUsize::new(0));
+    let w = writes.clone();
+    mem.after_write("_cellar/deleting/", move |_| {
+        w.fetch_add(1, Ordering::SeqCst);
+    });
+    let store: Arc<dyn Store> = mem.clone();
+    let announced = super::deleting::Announced::begin(&store)
+        .await
+        .unwrap()
+        .unwrap();
+    assert_eq!(writes.load(Ordering::SeqCst), 1);
+    let half = super::deleting::FRESH / 2;
+    tokio::time::sleep(half * 3 + Duration::from_secs(1)).await;
+    assert_eq!(
+        writes.load(Ordering::SeqCst),
+        4,
+        "renewed every half of FRESH"
+    );
+    let run = announced.into_run(store.as_ref()).await;
+    assert_eq!(
+        writes.load(Ordering::SeqCst),
+        5,
+        "written again as deletions begin"
+    );
+    tokio::time::sleep(half * 4).await;
+    assert_eq!(
+        writes.load(Ordering::SeqCst),
+        5,
+        "renewed after the run began deleting"
+    );
+    assert!(has(&mem, &super::deleting::key(&run)));
 }

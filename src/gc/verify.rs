@@ -171,6 +171,72 @@ pub async fn run(
     opts: &Options,
     progress: &dyn Progress,
 ) -> Result<Report, StoreError> {
+    // One collector deletes at a time, and a repair announces itself before it lists
+    // anything (see deleting::Announced): it must not act on what another run was undoing.
+    let mut announced = None;
+    let mut not_repairing = None;
+    if opts.repair {
+        match deleting::Announced::begin(store).await {
+            Ok(Ok(a)) => announced = Some(a),
+            Ok(Err(busy)) => {
+                not_repairing = Some(format!(
+                    "another collection is running ({}, written {} s ago): nothing repaired",
+                    busy.key,
+                    busy.age.as_secs()
+                ));
+            }
+            Err(e) => not_repairing = Some(format!("announcing the repair: {e}; nothing repaired")),
+        }
+    }
+    let (mut report, checked) = match check(store, store_dir, opts, progress).await {
+        Ok(done) => done,
+        Err(e) => {
+            if let Some(a) = announced {
+                a.abandon(store.as_ref()).await;
+            }
+            return Err(e);
+        }
+    };
+    report.repair_errors.extend(not_repairing);
+    match (announced, checked) {
+        (Some(a), Some(c)) => {
+            let run = a.into_run(store.as_ref()).await;
+            let findings = report.findings.clone();
+            repair_as(
+                store,
+                &c.graph,
+                &c.inv,
+                &c.own_bad,
+                &c.upstream,
+                &findings,
+                opts,
+                &run,
+                &mut report,
+            )
+            .await;
+            deleting::end(store.as_ref(), &run).await;
+        }
+        (Some(a), None) => a.abandon(store.as_ref()).await,
+        (None, _) => {}
+    }
+    Ok(report)
+}
+
+/// What a full check read, for the repair.
+struct Checked {
+    graph: Graph,
+    inv: Inventory,
+    own_bad: Vec<bool>,
+    upstream: HashSet<StorePathHash>,
+}
+
+/// The findings; what the check read too, unless it only sampled.
+async fn check(
+    store: &Arc<dyn Store>,
+    store_dir: &str,
+    opts: &Options,
+    progress: &dyn Progress,
+) -> Result<(Report, Option<Checked>), StoreError> {
     let mut inv = Inventory::load(store.as_ref(), progress).await?;
     let all: HashSet<StorePathHash> = inv.narinfos.iter().map(|(h, _)| *h).collect();
     let mut report = Report {
@@ -194,7 +260,7 @@ pub async fn run(
         report.findings.extend(own);
     }
     if !full {
-        return Ok(report);
+        return Ok((report, None));
     }
     let own_bad = unservable.clone();
     propagate(&graph, &mut unservable, &mut report.findings);
@@ -244,20 +310,15 @@ pub async fn run(
     for (key, reason) in bad_reserved {
         report.findings.push(Finding::BadReserved { key, reason });
     }
-    if opts.repair {
-        repair(
-            store,
-            &graph,
-            &inv,
-            &own_bad,
-            &upstream,
-            &report.findings.clone(),
-            opts,
-            &mut report,
-        )
-        .await;
-    }
-    Ok(report)
+    Ok((
+        report,
+        Some(Checked {
+            graph,
+            inv,
+            own_bad,
+            upstream,
+        }),
+    ))
 }
 
 /// The references no narinfo in the store has that some upstream serves. An upstream that
@@ -423,42 +484,6 @@ async fn still_unservable(
 }
 
 #[allow(clippy::too_many_arguments)]
-async fn repair(
-    store: &Arc<dyn Store>,
-    graph: &Graph,
-    inv: &Inventory,
-    own_bad: &[bool],
-    upstream: &HashSet<StorePathHash>,
-    findings: &[Finding],
-    opts: &Options,
-    report: &mut Report,
-) {
-    // One collector deletes at a time (see deleting::begin).
-    let run = match deleting::begin(store.as_ref()).await {
-        Ok(Ok(run)) => run,
-        Ok(Err(busy)) => {
-            report.repair_errors.push(format!(
-                "another collection is running ({}, written {} s ago): nothing repaired",
-                busy.key,
-                busy.age.as_secs()
-            ));
-            return;
-        }
-        Err(e) => {
-            report
-                .repair_errors
-                .push(format!("announcing the repair: {e}; nothing repaired"));
-            return;
-        }
-    };
-    repair_as(
-        store, graph, inv, own_bad, upstream, findings, opts, &run, report,
-    )
-    .await;
-    deleting::end(store.as_ref(), &run).await;
-}
-
-#[allow(clippy::too_many_arguments)]
 async fn repair_as(
     store: &Arc<dyn Store>,
     graph: &Graph,
@@ -474,7 +499,7 @@ async fn repair_as(
         .now
         .checked_sub(opts.grace)
         .unwrap_or(SystemTime::UNIX_EPOCH);
-    // The run's announcement (deleting::begin) is written when it began.
+    // The run's announcement was written again as it began (deleting::Announced::into_run).
     let mut announced_at = std::time::Instant::now();
     let mut unservable = vec![false; graph.len()];
     for (i, n) in graph.nodes.iter().enumerate() {
