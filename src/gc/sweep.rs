@@ -553,18 +553,36 @@ impl State<'_> {
     async fn keep(&mut self, store: &dyn Store, i: u32, bodies: &HashMap<u32, Bytes>) -> usize {
         let graph = self.graph;
         let mut untouched = 0;
-        for j in graph.close_over(i, &mut self.kept) {
+        let closure = graph.close_over(i, &mut self.kept);
+        for &j in &closure {
             if let Some(nar) = &graph.nodes[j as usize].nar {
                 self.kept_nars.insert(nar.clone());
             }
             if !self.deleted.contains(&j) {
                 untouched += 1;
+            }
+        }
+        // References before their referrers, so that no narinfo is back before what it
+        // needs; one whose reference could not be written back stays deleted with it.
+        for j in references_first(graph, &closure) {
+            if !self.deleted.contains(&j) {
                 continue;
             }
             let Some(body) = bodies.get(&j) else {
                 continue;
             };
             let key = object_key::narinfo(graph.nodes[j as usize].hash);
+            let missing = graph.nodes[j as usize]
+                .refs
+                .iter()
+                .find(|&&r| r != j && self.deleted.contains(&r));
+            if let Some(&r) = missing {
+                let needed = object_key::narinfo(graph.nodes[r as usize].hash);
+                self.out.errors.push(format!(
+                    "not restoring {key}: its reference {needed} is not back"
+                ));
+                continue;
+            }
             match write_back(store, &key, body).await {
                 Ok(()) => {
                     self.out.restored += 1;
@@ -591,6 +609,32 @@ impl State<'_> {
     fn kept_path(&self, h: &StorePathHash) -> bool {
         self.graph.find(*h).is_some_and(|i| self.kept[i as usize])
     }
+}
+
+/// `nodes` ordered so that each comes after those of its references that are among them.
+fn references_first(graph: &Graph, nodes: &[u32]) -> Vec<u32> {
+    let within: HashSet<u32> = nodes.iter().copied().collect();
+    let mut seen = HashSet::new();
+    let mut out = Vec::with_capacity(nodes.len());
+    for &start in nodes {
+        let mut stack = vec![(start, false)];
+        while let Some((n, expanded)) = stack.pop() {
+            if expanded {
+                out.push(n);
+                continue;
+            }
+            if !seen.insert(n) {
+                continue;
+            }
+            stack.push((n, true));
+            for &r in &graph.nodes[n as usize].refs {
+                if within.contains(&r) && !seen.contains(&r) {
+                    stack.push((r, false));
+                }
+            }
+        }
+    }
+    out
 }
 
 /// Pauses before the second and third try of a write-back.

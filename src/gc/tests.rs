@@ -574,6 +574,43 @@ async fn a_batch_whose_records_cannot_be_read_again_is_written_back() {
     }
 }
 
+/// A batch written back goes back references first, and a narinfo whose reference could not
+/// be written back stays deleted: a path is never back without what it needs.
+#[tokio::test(start_paused = true)]
+async fn a_narinfo_is_not_written_back_before_or_without_its_references() {
+    let mem = Arc::new(MemoryStore::new());
+    let now = SystemTime::now();
+    let dep = path(&mem, "dep", &[], 100 * DAY, now);
+    let top = path(&mem, "top", &[&dep], 100 * DAY, now);
+    let yesterday = super::access::day(SystemTime::now() - DAY);
+    mem.fail(
+        FailOp::List,
+        &format!("_cellar/access/{yesterday}/"),
+        1,
+        usize::MAX,
+    );
+    // Every write back of `dep` fails.
+    mem.fail(
+        FailOp::Write,
+        &format!("{}.narinfo", dep.hash),
+        0,
+        usize::MAX,
+    );
+    let s = gc(&mem, &cfg(), now, true).await;
+    assert!(
+        !has(&mem, &format!("{}.narinfo", top.hash)),
+        "written back without its reference"
+    );
+    assert!(
+        s.errors.iter().any(|e| e.starts_with("not restoring")),
+        "{:?}",
+        s.errors
+    );
+    for p in [&top, &dep] {
+        assert!(has(&mem, &p.nar), "the NAR of {} went", p.base);
+    }
+}
+
 /// What an upload in progress names (an upload record younger than its lifetime) is kept
 /// with its closure whatever the retention and the budget say: the upload's narinfo may have
 /// been checked against it, and write no record of its own.
