@@ -27,13 +27,20 @@ fn err(kind: &'static str, name: &str) -> NameError {
     }
 }
 
-/// Characters Nix allows in the name part of a store path.
+/// Characters Nix allows in the name part of a store path. A leading `.` is allowed, as Nix
+/// 2.4 to 2.18 (and again 2.20 on) allow it: `"${./.envrc}"` is `<hash>-.envrc`. The name
+/// always follows `<hash>-` in a key, so even `..` is no path segment of its own.
 fn is_store_name(s: &str) -> bool {
     !s.is_empty()
         && s.len() <= 211
-        && !s.starts_with('.')
         && s.bytes()
             .all(|c| c.is_ascii_alphanumeric() || b"+-._?=".contains(&c))
+}
+
+/// An output name (`out`, `dev`): a store name that does not start with `.`, so that it is
+/// never `.` or `..` as a key's path segment (`build-trace/<drv>/<output>`).
+fn is_output_name(s: &str) -> bool {
+    is_store_name(s) && !s.starts_with('.')
 }
 
 /// `<hash32>-<name>`, the last component of a store path (used for build logs and drv names).
@@ -257,7 +264,7 @@ impl FromStr for RealisationName {
         let h = drv_hash.strip_prefix("sha256:").ok_or_else(e)?;
         let hex = h.len() == 64 && h.bytes().all(|b| matches!(b, b'0'..=b'9' | b'a'..=b'f'));
         let nix32 = h.len() == 52 && base32::is_nix32(h);
-        if !(hex || nix32) || !is_store_name(output) {
+        if !(hex || nix32) || !is_output_name(output) {
             return Err(e());
         }
         Ok(Self(s.to_owned()))
@@ -283,7 +290,7 @@ impl OutputName {
 impl FromStr for OutputName {
     type Err = NameError;
     fn from_str(s: &str) -> Result<Self, NameError> {
-        if is_store_name(s) {
+        if is_output_name(s) {
             Ok(Self(s.to_owned()))
         } else {
             Err(err("output", s))
@@ -407,10 +414,14 @@ mod tests {
         assert_eq!(n.hash().as_str(), H);
         // Debug (assertion messages, logs) shows the name, quoted.
         assert_eq!(format!("{n:?}"), format!("{ok:?}"));
+        // Names Nix 2.8 gives paths (`builtins.toFile ".envrc"`, `".."`).
+        for dotted in [".envrc", ".pnp.loader.mjs", "..", ".-x"] {
+            let ok = format!("{H}-{dotted}");
+            assert_eq!(ok.parse::<StorePathBaseName>().unwrap().as_str(), ok);
+        }
         for bad in [
             H.to_string(),
             format!("{H}-"),
-            format!("{H}-.hidden"),
             format!("{H}-a/b"),
             format!("{H}_x"),
         ] {
@@ -428,6 +439,9 @@ mod tests {
         assert_eq!(hex.parse::<RealisationName>().unwrap().as_str(), hex);
         let out: OutputName = "dev".parse().unwrap();
         assert_eq!(format!("{out:?}"), "\"dev\"");
+        for bad in ["..", ".", ".dev", ""] {
+            assert!(bad.parse::<OutputName>().is_err(), "{bad}");
+        }
         for bad in [
             format!("sha256:{F}!out"),
             format!("sha256:{F}.doi"),
