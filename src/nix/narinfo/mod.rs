@@ -233,9 +233,13 @@ impl NarInfo {
                     }
                     set(&mut url, value.to_owned(), line, "URL")?
                 }
+                // Empty, as absent, is bzip2 to Nix (nar-info.cc), not none.
                 "Compression" => set(
                     &mut compression,
-                    value.parse().map_err(|e| bad("Compression", e))?,
+                    match value {
+                        "" => Compression::Bzip2,
+                        v => v.parse().map_err(|e| bad("Compression", e))?,
+                    },
                     line,
                     "Compression",
                 )?,
@@ -267,7 +271,12 @@ impl NarInfo {
                     set(&mut ca, value.to_owned(), line, "CA")?
                 }
                 other => {
-                    if other.is_empty() || other.contains(char::is_whitespace) {
+                    // Nix splits a line at its first `:`: `References:x: y` is a second
+                    // `References` to it, so such a key is refused rather than passed on.
+                    if other.is_empty()
+                        || other.contains(char::is_whitespace)
+                        || other.contains(':')
+                    {
                         return Err(NarInfoError::NoColon(line));
                     }
                     extra.push((other.to_owned(), value.to_owned()))

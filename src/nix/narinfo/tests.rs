@@ -77,6 +77,20 @@ References:\n";
     assert!(n
         .render(SD)
         .contains("NarHash: sha256:0mdqa9w1p6cmli6976v4wi0sw9r4p5prkj7lzfd1877wk11c9c73\n"));
+    // An empty value too, as Nix reads it.
+    let empty = NarInfo::parse(&format!("{text}Compression: \n"), SD).unwrap();
+    assert_eq!(empty.compression, Compression::Bzip2);
+    assert!(empty.render(SD).contains("Compression: bzip2\n"));
+}
+
+/// Nix splits a line at its first `:`, so a key with a colon in it is another field to it
+/// (`References:x: y` a second, corrupt `References`): refused, not passed on.
+#[test]
+fn a_key_with_a_colon_is_refused() {
+    for line in ["References:x: y", "X:Y: z"] {
+        let e = NarInfo::parse(&format!("{BUILT}{line}\n"), SD).unwrap_err();
+        assert!(matches!(e, NarInfoError::NoColon(11)), "{line}: {e}");
+    }
 }
 
 #[test]
