@@ -205,32 +205,41 @@ pub(super) async fn head(
     RawQuery(query): RawQuery,
 ) -> Result<Response, Error> {
     let f = NarFileName::from_request(&file, query.as_deref())?;
-    // The layers GET reads, in its order, so HEAD answers whatever GET would serve.
-    let mut size = st.nar_memory.size_of(f.as_str()).await;
-    if size.is_none() {
-        // Not a file its narinfo now gives another size (GET fetches that again).
-        let announced = st.nar_memory.announced(f.as_str()).await;
-        size = st
-            .nars
-            .as_ref()
-            .and_then(|cache| cache.size_of(&f))
-            .filter(|&held| announced.is_none_or(|a| a == held));
-    }
-    if size.is_none() {
-        let key = object_key::nar(&f);
-        size = match st.store.head(&key).await? {
+    // The store first, not the caches: at the root this HEAD comes from `nix copy --to`,
+    // which uploads the NAR only on a 404, so it must say whether the store has it. A NAR a
+    // collection deleted may still be in this replica's caches; a 200 from them would make
+    // the client skip the NAR and its narinfo be refused. The caches answer only while the
+    // store cannot.
+    let key = object_key::nar(&f);
+    let mut size = match st.store.head(&key).await {
+        Ok(Some(size)) => Some(size),
+        Ok(None) => st.uploader.reencoded_size(&f).await?,
+        Err(e) => match cached_size(&st, &f).await {
             Some(size) => Some(size),
-            None => st.uploader.reencoded_size(&f).await?,
-        };
-        if size.is_none() {
-            // An upstream that cannot be asked is a miss here, where GET would be a 503:
-            // `nix copy --to` the root URL sends this HEAD before each NAR, and a 503 would
-            // fail the copy where a 404 only makes it upload the NAR.
-            size = st.live().upstreams.head(&key).await.unwrap_or(None);
-        }
+            None => return Err(e.into()),
+        },
+    };
+    if size.is_none() {
+        // An upstream that cannot be asked is a miss here, where GET would be a 503:
+        // `nix copy --to` the root URL sends this HEAD before each NAR, and a 503 would
+        // fail the copy where a 404 only makes it upload the NAR.
+        size = st.live().upstreams.head(&key).await.unwrap_or(None);
     }
     let res = object::head_response(size.ok_or(Error::NotFound)?, Kind::Nar);
     Ok(lifetime(&st, &f, res))
+}
+
+/// The size of `f` as the memory or disk cache holds it, if either does.
+async fn cached_size(st: &AppState, f: &NarFileName) -> Option<u64> {
+    if let Some(size) = st.nar_memory.size_of(f.as_str()).await {
+        return Some(size);
+    }
+    // Not a file its narinfo now gives another size (GET fetches that again).
+    let announced = st.nar_memory.announced(f.as_str()).await;
+    st.nars
+        .as_ref()
+        .and_then(|cache| cache.size_of(f))
+        .filter(|&held| announced.is_none_or(|a| a == held))
 }
 
 /// A NAR named after its store path (attic, old nix-serve) changes when the path is rebuilt:
