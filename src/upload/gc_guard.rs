@@ -47,7 +47,8 @@ impl Uploader {
 
     /// Writes the narinfo (`write`) while checking once more that its NAR is there; if it
     /// has gone, takes the narinfo back and refuses the upload (the client uploads the NAR
-    /// again on its next run). Called after the announcements were read: a collector that
+    /// again on its next run). If the store cannot say, the narinfo stays and the upload
+    /// gets the store's error. Called after the announcements were read: a collector that
     /// announced the NAR before this upload's record, and so may not have seen the record,
     /// has either withdrawn its announcement after deleting the NAR (then this check sees
     /// it gone) or is still announcing it (then the upload was refused before the write).
@@ -62,8 +63,7 @@ impl Uploader {
         let key = object_key::nar(nar);
         let (written, mut nar_size) = futures::join!(write, self.store.head(&key));
         written?;
-        // A failed look is asked again before the narinfo is taken back: it may belong to
-        // another upload of the same path, acknowledged meanwhile, that a referrer relies on.
+        // A failed look is asked again: only a NAR seen absent takes the narinfo back.
         for wait in HEAD_RETRIES {
             if nar_size.is_ok() {
                 break;
@@ -71,25 +71,27 @@ impl Uploader {
             tokio::time::sleep(wait).await;
             nar_size = self.store.head(&key).await;
         }
-        let gone = match nar_size {
-            Ok(size) => size.is_none().then(|| {
-                rejected(format!(
-                    "NAR {} is not in the cache; upload it again",
-                    info.url
-                ))
-            }),
-            Err(e) => Some(e.into()),
-        };
-        match gone {
-            None => Ok(()),
-            Some(e) => {
+        match nar_size {
+            Ok(Some(_)) => Ok(()),
+            Ok(None) => {
                 // Another upload of the same path may have written it moments ago: no
                 // referrer is taken on the word of that write any more.
                 self.unwrote(info.hash());
                 if let Err(d) = self.store.delete(&object_key::narinfo(info.hash())).await {
                     tracing::error!(path = %info.store_path, cause = %d, "could not take back a narinfo whose NAR a garbage collection deleted");
                 }
-                Err(e)
+                Err(rejected(format!(
+                    "NAR {} is not in the cache; upload it again",
+                    info.url
+                )))
+            }
+            Err(e) => {
+                // Not known to be gone, the narinfo stays: another upload of the same path,
+                // through another replica, may have written it too and been acknowledged,
+                // and a path referring to it accepted there on the word of that write.
+                // (A NAR a collection deleted in this moment is found by `cellar verify`.)
+                tracing::warn!(path = %info.store_path, cause = %e, "narinfo written, but its NAR could not be looked at again; the upload is answered with an error");
+                Err(e.into())
             }
         }
     }
