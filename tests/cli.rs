@@ -145,6 +145,56 @@ fn store_commands_refuse_a_local_store_that_does_not_exist() {
     );
 }
 
+/// A local store at a file system's root holds `lost+found`, which the server's user cannot
+/// read: `gc` and `verify`, run as that user, list the store without it. (As root the test
+/// runs them as `nobody`, who owns the store but not `lost+found`; otherwise `lost+found` is
+/// made unreadable to its owner.)
+#[test]
+fn gc_and_verify_pass_over_an_unreadable_directory_outside_the_layout() {
+    use std::os::unix::process::CommandExt as _;
+    let d = tempfile::tempdir().unwrap();
+    std::fs::set_permissions(d.path(), std::fs::Permissions::from_mode(0o755)).unwrap();
+    let store = d.path().join("cellar-data");
+    std::fs::create_dir_all(store.join("lost+found")).unwrap();
+    std::fs::write(store.join("lost+found/#1234"), b"a lost block").unwrap();
+    std::fs::write(store.join("nix-cache-info"), b"StoreDir: /nix/store\n").unwrap();
+    // The test's own directory is its effective user's.
+    let root = std::os::unix::fs::MetadataExt::uid(&std::fs::metadata(d.path()).unwrap()) == 0;
+    const NOBODY: u32 = 65534;
+    if root {
+        std::os::unix::fs::chown(&store, Some(NOBODY), Some(NOBODY)).unwrap();
+        std::fs::set_permissions(
+            store.join("lost+found"),
+            std::fs::Permissions::from_mode(0o700),
+        )
+        .unwrap();
+    } else {
+        std::fs::set_permissions(
+            store.join("lost+found"),
+            std::fs::Permissions::from_mode(0o000),
+        )
+        .unwrap();
+    }
+    for args in [vec!["verify"], vec!["gc"]] {
+        let mut c = cellar(d.path());
+        c.args(&args)
+            .env("CELLAR_STORE__PATH", &store)
+            .env("HOME", d.path());
+        if root {
+            c.uid(NOBODY).gid(NOBODY);
+        }
+        let out = c.output().unwrap();
+        let err = String::from_utf8_lossy(&out.stderr);
+        assert!(out.status.success(), "{args:?}: {err}");
+        assert!(!err.contains("lost+found"), "{args:?}: {err}");
+    }
+    std::fs::set_permissions(
+        store.join("lost+found"),
+        std::fs::Permissions::from_mode(0o700),
+    )
+    .unwrap();
+}
+
 #[test]
 fn refuses_to_start_with_a_malformed_key_naming_the_file() {
     let d = tempfile::tempdir().unwrap();

@@ -149,6 +149,21 @@ impl LocalStore {
 
 type ListSender = tokio::sync::mpsc::Sender<Result<ObjectInfo, StoreError>>;
 
+/// Whether `dir` (under `root`) is where objects of the cache's layout live: the root itself,
+/// or under one of the directories its keys begin with.
+fn in_layout(root: &Path, dir: &Path) -> bool {
+    let Ok(rel) = dir.strip_prefix(root) else {
+        return true;
+    };
+    match rel.components().next() {
+        None => true,
+        Some(first) => matches!(
+            first.as_os_str().to_str(),
+            Some("nar" | "log" | "realisations" | "build-trace" | "_cellar")
+        ),
+    }
+}
+
 /// Sends every file under `root` whose key starts with `prefix` (skipping the staging
 /// directory) until done or the receiver is gone.
 fn walk(root: &Path, prefix: &str, tx: &ListSender) {
@@ -163,6 +178,14 @@ fn walk(root: &Path, prefix: &str, tx: &ListSender) {
         let rd = match std::fs::read_dir(&dir) {
             Ok(rd) => rd,
             Err(e) if not_found(&e) => continue,
+            // A directory no object lives in, that the server's user may not read: a store
+            // at a file system's root has `lost+found` (root's, mode 0700).
+            Err(e)
+                if e.kind() == std::io::ErrorKind::PermissionDenied && !in_layout(root, &dir) =>
+            {
+                tracing::debug!(dir = %dir.display(), "not listing a directory outside the cache's layout");
+                continue;
+            }
             Err(e) => {
                 let _ = tx.blocking_send(Err(StoreError::Other(format!("{}: {e}", dir.display()))));
                 return;
@@ -417,6 +440,24 @@ mod tests {
         let body = std::mem::replace(&mut obj.body, futures::stream::empty().boxed());
         let chunks: Vec<Bytes> = body.try_collect().await.unwrap();
         (chunks.concat(), obj)
+    }
+
+    #[test]
+    fn the_layout_is_the_root_and_the_directories_keys_begin_with() {
+        let root = Path::new("/srv/cache");
+        for dir in [
+            "",
+            "nar",
+            "log",
+            "realisations/x",
+            "build-trace/a",
+            "_cellar/access/d",
+        ] {
+            assert!(in_layout(root, &root.join(dir)), "{dir}");
+        }
+        for dir in ["lost+found", ".snapshots", "narx"] {
+            assert!(!in_layout(root, &root.join(dir)), "{dir}");
+        }
     }
 
     /// Small and large files, whole and in ranges, read the same: the bytes asked for, their
