@@ -915,9 +915,10 @@ async fn a_realisation_of_a_path_not_here_is_kept_for_the_retention() {
     assert!(!has(&mem, &old));
 }
 
-/// A narinfo `verify --repair` found missing a reference is kept if an upload names it when
-/// the repair is about to delete: the missing reference may just have been uploaded, and the
-/// upload of a path referring to it relies on it.
+/// A narinfo `verify --repair` found missing a reference is kept, with its closure, if an
+/// upload names it when the repair is about to delete: the missing reference may just have
+/// been uploaded (below it: `upper` is broken only through `broken`), and the upload of a path
+/// referring to it relies on it.
 #[tokio::test(start_paused = true)]
 async fn repair_keeps_a_broken_path_an_upload_names() {
     let mem = Arc::new(MemoryStore::new());
@@ -961,10 +962,14 @@ async fn repair_keeps_a_broken_path_an_upload_names() {
     let mut want = vec![
         format!("{}.narinfo", healed.hash),
         format!("{}.narinfo", upper.hash),
+        format!("{}.narinfo", broken.hash),
     ];
     want.sort();
     assert_eq!(relied_on, want);
-    assert!(!has(&mem, &format!("{}.narinfo", broken.hash)));
+    assert!(
+        has(&mem, &format!("{}.narinfo", broken.hash)),
+        "a path below one relied on was deleted"
+    );
 }
 
 /// A run's announcement is renewed while it reads the store (which can take longer than an

@@ -521,10 +521,20 @@ async fn repair_as(
             return;
         }
     };
+    // With its closure: the healing may have been deeper down (a reference's missing
+    // reference uploaded), and deleting a path below would break the one relied on for good.
+    let mut kept = vec![false; graph.len()];
     for (i, n) in graph.nodes.iter().enumerate() {
         if unservable[i] && relied_on.contains(&n.hash) {
-            unservable[i] = false;
-            report.relied_on.push(object_key::narinfo(n.hash));
+            for j in graph.close_over(i as u32, &mut kept) {
+                let j = j as usize;
+                if unservable[j] {
+                    unservable[j] = false;
+                    report
+                        .relied_on
+                        .push(object_key::narinfo(graph.nodes[j].hash));
+                }
+            }
         }
     }
     deleting::keep_alive(store.as_ref(), run, &mut announced_at).await;
