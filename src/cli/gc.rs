@@ -205,7 +205,7 @@ pub fn verify(
         println!("kept {k}: an upload recorded it in the last 30 minutes (its narinfo may follow)");
     }
     for k in &report.relied_on {
-        println!("kept {k}: an upload in progress names it (it may have been repaired by it)");
+        println!("kept {k}: an upload in progress names it or a path that needs it (it may have been repaired by it)");
     }
     for e in &report.repair_errors {
         println!("repair failed: {e}");
