@@ -5,8 +5,9 @@
 //! The cost: while any NAR is remembered, each narinfo answer is scanned for its `URL:` line
 //! (a few hundred bytes, well under a microsecond); each entry takes about 100 bytes for
 //! `ttl`; and a client that got the 404 remembers it for its negative TTL (an hour in Nix),
-//! even if the NAR is uploaded again meanwhile. A NAR uploaded through this server is forgotten
-//! at once; one uploaded through another replica, after `ttl`.
+//! even if the NAR is uploaded again meanwhile. A NAR uploaded through this server, or served
+//! by it again, is forgotten at once; one uploaded through another replica and not asked for
+//! here since, after `ttl`.
 
 use std::sync::atomic::{AtomicBool, Ordering};
 use std::time::Duration;
@@ -61,6 +62,14 @@ impl MissingNars {
         }
     }
 
+    /// `nar/<file>` was served: found again (uploaded through another replica since), it is
+    /// no longer missing.
+    pub async fn seen_served(&self, file: &str) {
+        if self.any.load(Ordering::Relaxed) {
+            self.names.invalidate(file).await;
+        }
+    }
+
     /// Whether the rendered narinfo `body` points at a NAR known to be missing.
     pub fn points_to_missing(&self, body: &[u8]) -> bool {
         if !self.any.load(Ordering::Relaxed) {
@@ -88,6 +97,12 @@ mod tests {
             .await;
         assert!(m.points_to_missing(body));
         m.seen_present("abc.nar.xz").await;
+        assert!(!m.points_to_missing(body));
+        // Served again (uploaded through another replica): forgotten too.
+        m.seen_missing("abc.nar.xz", tokio::time::Instant::now())
+            .await;
+        assert!(m.points_to_missing(body));
+        m.seen_served("abc.nar.xz").await;
         assert!(!m.points_to_missing(body));
     }
 

@@ -50,7 +50,10 @@ pub(super) async fn get(
     match &res {
         // A use of the paths whose narinfo names it, for `cellar gc`: a client whose own
         // cache holds the narinfo asks for the NAR alone.
-        Ok(_) => st.access.record_nar(f.as_str()),
+        Ok(_) => {
+            st.access.record_nar(f.as_str());
+            st.live().missing_nars.seen_served(f.as_str()).await;
+        }
         // Its narinfo now answers 404 (see crate::cache::missing_nars).
         Err(Error::NotFound) => st.live().missing_nars.seen_missing(f.as_str(), asked).await,
         Err(_) => {}

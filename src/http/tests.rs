@@ -869,6 +869,34 @@ async fn a_narinfo_uploaded_for_a_nar_seen_missing_is_served_at_once() {
     );
 }
 
+/// A NAR seen missing, then served (another replica had it uploaded since), no longer hides
+/// the narinfo naming it.
+#[tokio::test]
+async fn a_nar_seen_missing_then_served_shows_its_narinfo_again() {
+    let mem = Arc::new(MemoryStore::new());
+    let st = state(Config::default(), &mem);
+    let (nar, file) = tiny_nar();
+    let sha = crate::nix::Sha256::digest(&nar);
+    mem.insert(
+        &format!("{HASH}.narinfo"),
+        format!(
+            "StorePath: /nix/store/{HASH}-back\nURL: nar/{file}\nCompression: none\n\
+             NarHash: {sha}\nNarSize: {}\nReferences: \n",
+            nar.len()
+        )
+        .into_bytes(),
+    );
+    let narinfo = format!("/{HASH}.narinfo");
+    assert_eq!(
+        get(&st, &format!("/nar/{file}")).await.0,
+        StatusCode::NOT_FOUND
+    );
+    assert_eq!(get(&st, &narinfo).await.0, StatusCode::NOT_FOUND, "hidden");
+    mem.insert(&format!("nar/{file}"), nar.clone());
+    assert_eq!(get(&st, &format!("/nar/{file}")).await.0, StatusCode::OK);
+    assert_eq!(get(&st, &narinfo).await.0, StatusCode::OK);
+}
+
 /// What the NARs seen missing are remembered for is `cache.narinfo_ttl_secs`, reloadable: a
 /// reload starts them afresh with the new TTL, as it does the narinfo memory cache.
 #[tokio::test]
