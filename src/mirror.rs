@@ -41,12 +41,17 @@ impl Mirror {
     }
 
     /// Copies the path `info` describes (a narinfo an upstream served, already checked against
-    /// that upstream's keys) into the store, in the background. Must be called within a Tokio
-    /// runtime.
-    pub fn offer(&self, info: NarInfo) {
+    /// that upstream's keys) into the store, in the background; whether a copy started. Must be
+    /// called within a Tokio runtime. A NAR named after its store path (attic, old nix-serve)
+    /// cannot be: the store keeps NARs under a hash of their bytes.
+    pub fn offer(&self, info: NarInfo) -> bool {
+        if !info.nar_file().is_ok_and(|f| f.names_its_bytes()) {
+            tracing::debug!(path = %info.store_path, url = %info.url, "not mirrored: its NAR is not named after its bytes");
+            return false;
+        }
         let Ok(permit) = self.copies.clone().try_acquire_owned() else {
             tracing::debug!(path = %info.store_path, "mirroring busy, skipped");
-            return;
+            return false;
         };
         let uploader = self.uploader.clone();
         let reads = self.reads.clone();
@@ -72,5 +77,37 @@ impl Mirror {
                 }
             }
         });
+        true
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::config::Config;
+    use crate::store::memory::MemoryStore;
+
+    fn narinfo(url: &str) -> NarInfo {
+        let text = format!(
+            "StorePath: /nix/store/6bxnj2gfflqa529lddzh3zhcn45nn86r-top\nURL: {url}\n\
+             Compression: none\nNarHash: sha256:0v1h8fzqs60d8pccpwskrpnv3c7fz25ddhwl2rwlfblan5zvirsv\n\
+             NarSize: 624\nReferences: \n"
+        );
+        NarInfo::parse(&text, "/nix/store").unwrap()
+    }
+
+    /// A NAR named after its store path cannot be stored (the store names NARs after their
+    /// bytes): such a path is not offered a copy that would fail on every miss.
+    #[tokio::test]
+    async fn paths_whose_nar_is_named_after_the_store_path_are_not_copied() {
+        let cfg = Config::default();
+        let store: Arc<dyn Store> = Arc::new(MemoryStore::new());
+        let uploader = Arc::new(Uploader::new(&cfg.upload, &cfg.store_dir, store.clone()));
+        let upstreams = Arc::new(Upstreams::new(&[], &cfg.store_dir).unwrap());
+        let mirror = Mirror::new(uploader, store, upstreams);
+        assert!(!mirror.offer(narinfo("nar/6bxnj2gfflqa529lddzh3zhcn45nn86r.nar")));
+        assert!(mirror.offer(narinfo(
+            "nar/0v1h8fzqs60d8pccpwskrpnv3c7fz25ddhwl2rwlfblan5zvirsv.nar"
+        )));
     }
 }
