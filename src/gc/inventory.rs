@@ -42,6 +42,11 @@ pub enum Kind {
 }
 
 pub fn classify(key: &str) -> Kind {
+    // A "folder" (`_cellar/pins/`, as S3 consoles' "Create folder" and s3fs make them): no
+    // object of the layout, whatever prefix it has.
+    if key.ends_with('/') {
+        return Kind::Other;
+    }
     if let Some(rest) = key.strip_prefix(RESERVED_PREFIX) {
         return if rest.starts_with(super::access::DIR) {
             Kind::Access
@@ -148,5 +153,13 @@ mod tests {
         assert_eq!(classify("_cellar/junk"), Kind::ReservedOther);
         assert_eq!(classify("nix-cache-info"), Kind::Other);
         assert_eq!(classify("nar/not-a-nar"), Kind::Other);
+        for folder in [
+            "_cellar/pins/",
+            "_cellar/",
+            "realisations/",
+            "_cellar/access/d/",
+        ] {
+            assert_eq!(classify(folder), Kind::Other, "{folder}");
+        }
     }
 }

@@ -668,7 +668,12 @@ pub async fn read_realisations(
 ) -> Result<Vec<Realisation>, StoreError> {
     let mut out = Vec::with_capacity(inv.realisations.len());
     for (key, meta) in &inv.realisations {
-        let raw = store.get_bytes(key, 1 << 20).await?;
+        // One too large for a realisation is not one: kept, as an unreadable one is.
+        let raw = match store.get_bytes(key, 1 << 20).await {
+            Ok(raw) => raw,
+            Err(StoreError::TooLarge { .. }) => None,
+            Err(e) => return Err(e),
+        };
         let path = raw
             .as_deref()
             .and_then(|r| serde_json::from_slice::<serde_json::Value>(r).ok())

@@ -1011,3 +1011,21 @@ async fn an_announcement_is_renewed_while_the_run_reads_and_not_after() {
     );
     assert!(has(&mem, &super::deleting::key(&run)));
 }
+
+/// Odd objects a bucket gathers do not stop a collection: a "folder" marker under the pins
+/// (an S3 console's "Create folder") is no pin, and an object under `realisations/` too large
+/// to be one is kept unread.
+#[tokio::test(start_paused = true)]
+async fn folder_markers_and_oversized_realisations_do_not_stop_a_collection() {
+    let mem = Arc::new(MemoryStore::new());
+    let now = SystemTime::now();
+    let expired = path(&mem, "expired", &[], 100 * DAY, now);
+    mem.insert_at("_cellar/pins/", "", now - 100 * DAY);
+    let huge = "realisations/sha256:aa!out.doi";
+    mem.insert_at(huge, vec![b' '; 2 << 20], now - 100 * DAY);
+    let s = gc(&mem, &cfg(), now, true).await;
+    assert!(s.errors.is_empty(), "{:?}", s.errors);
+    assert!(!has(&mem, &format!("{}.narinfo", expired.hash)));
+    assert!(has(&mem, huge));
+    assert!(has(&mem, "_cellar/pins/"));
+}
