@@ -104,6 +104,9 @@ pub struct Config {
     pub want_mass_query: bool,
     /// How long in-flight requests may run after SIGTERM/SIGINT before the server exits.
     pub shutdown_timeout: Duration,
+    /// After SIGTERM/SIGINT, how long the server still accepts connections while `/readyz`
+    /// answers 503, before it stops accepting (load balancers that probe see it go first).
+    pub shutdown_delay: Duration,
     /// Cache-Control max-age for narinfos (NARs are immutable).
     pub narinfo_max_age: Duration,
     /// Cache-Control max-age for 404 answers.
@@ -191,7 +194,7 @@ impl Config {
     /// uploader, the access log or the NAR disk cache, which live as long as the process.
     pub fn needs_restart(&self, new: &Config) -> Option<&'static str> {
         let c = (&self.cache, &new.cache);
-        let fixed: [(&'static str, bool); 18] = [
+        let fixed: [(&'static str, bool); 19] = [
             ("listen", self.listen == new.listen),
             ("metrics_listen", self.metrics_listen == new.metrics_listen),
             (
@@ -216,6 +219,10 @@ impl Config {
             (
                 "shutdown_timeout_secs",
                 self.shutdown_timeout == new.shutdown_timeout,
+            ),
+            (
+                "shutdown_delay_secs",
+                self.shutdown_delay == new.shutdown_delay,
             ),
             ("store", self.store == new.store),
             ("upload", self.upload == new.upload),

@@ -466,6 +466,7 @@ fn a_reload_names_each_key_only_a_restart_applies() {
         ("max_connections", "max_connections = 7"),
         ("log.format", "[log]\nformat = \"json\""),
         ("shutdown_timeout_secs", "shutdown_timeout_secs = 7"),
+        ("shutdown_delay_secs", "shutdown_delay_secs = 7"),
         ("store_dir", "store_dir = \"/gnu/store\""),
         ("store", "[store]\nkind = \"local\"\npath = \"elsewhere\""),
         ("upload", "[upload]\nmax_nar_bytes = 7000000"),

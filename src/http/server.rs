@@ -50,6 +50,25 @@ pub async fn serve(
         .header_read_timeout(state.config.header_read_timeout);
     builder.http2().timer(TokioTimer::new());
     let draining = state.clone();
+    let delay = state.config.shutdown_delay;
+    // Told to stop, the server says so on `/readyz` at once, and goes on accepting for the
+    // delay: a load balancer probing it stops sending clients before the port closes.
+    let shutdown = {
+        let draining = state.clone();
+        async move {
+            shutdown.await;
+            draining
+                .draining
+                .store(true, std::sync::atomic::Ordering::SeqCst);
+            if !delay.is_zero() {
+                tracing::info!(
+                    "shutdown: /readyz answers 503; accepting connections for {} s more",
+                    delay.as_secs()
+                );
+                tokio::time::sleep(delay).await;
+            }
+        }
+    };
     let service = TowerToHyperService::new(app(state));
     let graceful = GracefulShutdown::new();
     tokio::pin!(shutdown);
@@ -103,7 +122,8 @@ pub async fn serve(
         });
     }
     drop(listener);
-    // `/readyz` on `metrics_listen`, still open, tells load balancers to go elsewhere.
+    // `/readyz` on `metrics_listen`, still open, tells load balancers to go elsewhere (set
+    // already unless the loop ended another way).
     draining
         .draining
         .store(true, std::sync::atomic::Ordering::SeqCst);

@@ -245,6 +245,48 @@ async fn the_server_answers_on_its_listener_and_stops_when_told() {
     assert!(st.draining.load(std::sync::atomic::Ordering::SeqCst));
 }
 
+/// With `shutdown_delay`, a server told to stop answers 503 on `/readyz` at once and goes on
+/// accepting connections and serving them (a load balancer stops sending clients before the
+/// port closes).
+#[tokio::test]
+async fn a_server_told_to_stop_accepts_for_the_delay_while_not_ready() {
+    use tokio::io::{AsyncReadExt as _, AsyncWriteExt as _};
+    let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+    let addr = listener.local_addr().unwrap();
+    let cfg = Config {
+        shutdown_delay: std::time::Duration::from_secs(3600),
+        ..Config::default()
+    };
+    let st = state(cfg, &Arc::new(MemoryStore::new()));
+    let (stop, stopped) = tokio::sync::oneshot::channel::<()>();
+    let server = tokio::spawn(super::server::serve(listener, st.clone(), async {
+        let _ = stopped.await;
+    }));
+    let ask = |path: &'static str| async move {
+        let mut tcp = tokio::net::TcpStream::connect(addr).await.unwrap();
+        let req = format!("GET {path} HTTP/1.1\r\nHost: t\r\nConnection: close\r\n\r\n");
+        tcp.write_all(req.as_bytes()).await.unwrap();
+        let mut answer = String::new();
+        tcp.read_to_string(&mut answer).await.unwrap();
+        answer
+    };
+    assert!(ask("/readyz").await.starts_with("HTTP/1.1 200"));
+    stop.send(()).unwrap();
+    // Until the server has taken the word (yields, no wait on the clock).
+    for _ in 0..100_000 {
+        if st.draining.load(std::sync::atomic::Ordering::SeqCst) {
+            break;
+        }
+        tokio::task::yield_now().await;
+    }
+    let ready = ask("/readyz").await;
+    assert!(ready.starts_with("HTTP/1.1 503"), "{ready}");
+    let served = ask("/nix-cache-info").await;
+    assert!(served.starts_with("HTTP/1.1 200"), "{served}");
+    assert!(!server.is_finished());
+    server.abort();
+}
+
 /// A request whose answer takes longer than `idle_timeout` to start (a slow store here; an
 /// upload's NAR read back and checked in life) keeps its connection: nothing moves on it
 /// meanwhile, but it is not idle.

@@ -104,6 +104,7 @@ pub(super) struct ConfigFile {
     priority: u32,
     want_mass_query: bool,
     shutdown_timeout_secs: u64,
+    shutdown_delay_secs: u64,
     narinfo_max_age_secs: u64,
     not_found_max_age_secs: u64,
     header_read_timeout_secs: u64,
@@ -134,6 +135,7 @@ impl Default for ConfigFile {
             priority: 40,
             want_mass_query: true,
             shutdown_timeout_secs: 10,
+            shutdown_delay_secs: 0,
             narinfo_max_age_secs: 60,
             not_found_max_age_secs: 10,
             header_read_timeout_secs: 30,
@@ -173,6 +175,7 @@ impl ConfigFile {
             priority: self.priority,
             want_mass_query: self.want_mass_query,
             shutdown_timeout: secs("shutdown_timeout_secs", self.shutdown_timeout_secs, 1)?,
+            shutdown_delay: secs("shutdown_delay_secs", self.shutdown_delay_secs, 0)?,
             narinfo_max_age: secs("narinfo_max_age_secs", self.narinfo_max_age_secs, 0)?,
             not_found_max_age: secs("not_found_max_age_secs", self.not_found_max_age_secs, 0)?,
             header_read_timeout: secs(
