@@ -186,12 +186,12 @@ impl Announced {
 /// Writes the announcement of `run` again, naming no NAR, if it was written more than half
 /// of [`FRESH`] ago (`at`): it stays live for other collectors during a long phase without
 /// deletions of NARs. Not for a run whose announcement names NARs still to be deleted.
-pub async fn keep_alive(store: &dyn Store, run: &str, at: &mut std::time::Instant) {
+pub async fn keep_alive(store: &dyn Store, run: &str, at: &mut tokio::time::Instant) {
     if at.elapsed() <= FRESH / 2 {
         return;
     }
     match announce(store, run, []).await {
-        Ok(()) => *at = std::time::Instant::now(),
+        Ok(()) => *at = tokio::time::Instant::now(),
         Err(e) => tracing::warn!(cause = %e, "could not renew the announcement of the run"),
     }
 }

@@ -1029,3 +1029,37 @@ async fn folder_markers_and_oversized_realisations_do_not_stop_a_collection() {
     assert!(has(&mem, huge));
     assert!(has(&mem, "_cellar/pins/"));
 }
+
+/// A repair that deletes for long (a bucket an expiry rule broke) keeps its announcement live
+/// between chunks of deletions: another collector must not take it for a dead run's.
+#[tokio::test(start_paused = true)]
+async fn a_long_repair_keeps_its_announcement_live_while_it_deletes() {
+    use std::sync::atomic::{AtomicUsize, Ordering};
+    let mem = Arc::new(MemoryStore::new());
+    let now = SystemTime::now();
+    let broken: Vec<P> = (0..1100)
+        .map(|i| path(&mem, &format!("broken-{i}"), &[], 100 * DAY, now))
+        .collect();
+    for p in &broken {
+        mem.remove(&p.nar);
+    }
+    let first = format!("{}.narinfo", broken[0].hash);
+    // Announcements written once the narinfos began to go.
+    let while_deleting = Arc::new(AtomicUsize::new(0));
+    let (m, w) = (mem.clone(), while_deleting.clone());
+    mem.after_write("_cellar/deleting/", move |_| {
+        let narinfos = m.keys().iter().filter(|k| k.ends_with(".narinfo")).count();
+        if narinfos < 1100 {
+            w.fetch_add(1, Ordering::SeqCst);
+        }
+    });
+    // 16 deletions at a time, 3 s each: the first 1024 take over 3 minutes.
+    mem.set_latency(Duration::from_secs(3));
+    let r = repair(&mem, now).await;
+    assert!(r.repair_errors.is_empty(), "{:?}", r.repair_errors);
+    assert!(!has(&mem, &first));
+    assert!(
+        while_deleting.load(Ordering::SeqCst) >= 1,
+        "not renewed while deleting"
+    );
+}

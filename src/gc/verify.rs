@@ -17,7 +17,9 @@
 use std::collections::HashSet;
 use std::fmt;
 use std::sync::Arc;
-use std::time::{Duration, Instant, SystemTime};
+use std::time::{Duration, SystemTime};
+
+use tokio::time::Instant;
 
 use super::graph::{Graph, Problem};
 use super::inventory::Inventory;
@@ -500,7 +502,7 @@ async fn repair_as(
         .checked_sub(opts.grace)
         .unwrap_or(SystemTime::UNIX_EPOCH);
     // The run's announcement was written again as it began (deleting::Announced::into_run).
-    let mut announced_at = std::time::Instant::now();
+    let mut announced_at = Instant::now();
     let mut unservable = vec![false; graph.len()];
     for (i, n) in graph.nodes.iter().enumerate() {
         if own_bad[i] {
@@ -543,7 +545,7 @@ async fn repair_as(
         .iter()
         .map(|&i| object_key::narinfo(graph.nodes[i as usize].hash))
         .collect();
-    let deleted = delete_each(store.as_ref(), delete, report).await;
+    let deleted = delete_each(store.as_ref(), delete, report, run, &mut announced_at).await;
     // A narinfo that could not be deleted stays: so do its NAR and listing.
     for (&i, gone) in order.iter().zip(deleted) {
         unservable[i as usize] = gone;
@@ -586,7 +588,7 @@ async fn repair_as(
         _ => None,
     }));
     delete_nars(store.as_ref(), inv, &nars, opts, run, report).await;
-    delete_each(store.as_ref(), rest, report).await;
+    delete_each(store.as_ref(), rest, report, run, &mut announced_at).await;
     match store.cleanup_staging(opts.grace).await {
         Ok(n) if n > 0 => report.repaired.push(format!("{n} unfinished upload(s)")),
         Ok(_) => {}
@@ -596,8 +598,6 @@ async fn repair_as(
     }
 }
 
-/// Deletes `keys` a few at a time, as the collector does (a batch of announced NARs must be
-/// gone well within the announcement's lifetime).
 /// Paths uploads may rely on now: named by upload records young enough to be uploads in
 /// progress (those listed, and those written since).
 async fn relied_on(
@@ -610,14 +610,35 @@ async fn relied_on(
     Ok(acc.uploading)
 }
 
-/// Says for each key whether it is gone.
-async fn delete_each(store: &dyn Store, keys: Vec<String>, report: &mut Report) -> Vec<bool> {
-    let results = sweep::delete_keys(store, &keys).await;
-    keys.into_iter()
+/// Keys deleted between two looks at the run's announcement (kept live for other collectors
+/// through a long repair: one of a bucket an expiry rule broke can delete for hours).
+const DELETE_CHUNK: usize = 1024;
+
+/// Deletes `keys` in order, a chunk at a time, keeping the run's announcement live; says for
+/// each whether it is gone. Not while the announcement names NARs still to be deleted.
+async fn delete_each(
+    store: &dyn Store,
+    keys: Vec<String>,
+    report: &mut Report,
+    run: &str,
+    announced_at: &mut Instant,
+) -> Vec<bool> {
+    let mut gone = Vec::with_capacity(keys.len());
+    for chunk in keys.chunks(DELETE_CHUNK) {
+        gone.extend(delete_reporting(store, chunk, report).await);
+        deleting::keep_alive(store, run, announced_at).await;
+    }
+    gone
+}
+
+/// Deletes `keys`, reporting each; says for each whether it is gone.
+async fn delete_reporting(store: &dyn Store, keys: &[String], report: &mut Report) -> Vec<bool> {
+    let results = sweep::delete_keys(store, keys).await;
+    keys.iter()
         .zip(results)
         .map(|(key, r)| match r {
             Ok(()) => {
-                report.repaired.push(key);
+                report.repaired.push(key.clone());
                 true
             }
             Err(e) => {
@@ -690,11 +711,8 @@ async fn delete_nars(
         report
             .in_use
             .extend(in_use.into_iter().map(|f| format!("nar/{f}")));
-        delete_each(
-            store,
-            free.into_iter().map(|f| format!("nar/{f}")).collect(),
-            report,
-        )
-        .await;
+        // Under this batch's announcement, which must stay as it is until they are gone.
+        let keys: Vec<String> = free.into_iter().map(|f| format!("nar/{f}")).collect();
+        delete_reporting(store, &keys, report).await;
     }
 }

@@ -222,8 +222,8 @@ impl MemoryStore {
         self.gets.load(Ordering::SeqCst)
     }
 
-    /// Makes every `get`, `head` and `ping` take this long (to let concurrent requests pile
-    /// up).
+    /// Makes every `get`, `head`, `delete` and `ping` take this long (to let concurrent
+    /// requests pile up, or a long run pass in paused time).
     pub fn set_latency(&self, d: std::time::Duration) {
         self.latency_ms
             .store(d.as_millis() as usize, Ordering::SeqCst);
@@ -390,6 +390,7 @@ impl Store for MemoryStore {
     }
 
     async fn delete(&self, key: &str) -> Result<(), StoreError> {
+        self.delay().await;
         if self.down.load(Ordering::SeqCst) {
             return Err(StoreError::Unavailable("memory store is down".into()));
         }
