@@ -84,6 +84,21 @@ async fn pinned_and_recently_read_closures_survive_gc_and_substitute() {
         assert!(n > 0, "{series}: {prom}");
     }
     assert!(prom.contains("cellar_gc_errors 0\n"), "{prom}");
+    // What it deleted: every path it decided to.
+    let decided: u64 = prom
+        .lines()
+        .filter_map(|l| l.strip_prefix("cellar_gc_paths{outcome=\"deleted\","))
+        .filter_map(|l| l.rsplit_once(' ')?.1.parse::<u64>().ok())
+        .sum();
+    assert!(decided > 0, "{prom}");
+    assert!(
+        prom.contains(&format!("cellar_gc_narinfos_deleted {decided}\n")),
+        "{prom}"
+    );
+    assert!(
+        summary.contains(&format!("deleted: {decided} narinfos\n")),
+        "{summary}"
+    );
     promtool_accepts(&metrics);
 
     // The expired closure is gone completely, except what the kept ones share with it: the

@@ -95,6 +95,16 @@ pub fn render_gc(s: &Summary, end: SystemTime) -> String {
             t.count
         );
     }
+    header(
+        &mut out,
+        "cellar_gc_narinfos_deleted",
+        "Narinfos the last run deleted (fewer than the paths it decided to delete after errors; 0 for a dry run).",
+    );
+    let _ = writeln!(
+        out,
+        "cellar_gc_narinfos_deleted {}",
+        s.deleted_narinfos.unwrap_or(0)
+    );
     header(&mut out, "cellar_gc_errors", "Errors in the last run.");
     let _ = writeln!(out, "cellar_gc_errors {}", s.errors.len());
     out

@@ -47,6 +47,8 @@ pub struct Summary {
     pub access_records: Tally,
     pub rescued: usize,
     pub restored: usize,
+    /// Narinfos deleted, once applied: fewer than planned after errors or rescues.
+    pub deleted_narinfos: Option<usize>,
     /// Pins naming paths that are not in the store.
     pub unresolved_pins: Vec<String>,
     pub errors: Vec<String>,
@@ -81,6 +83,7 @@ impl Summary {
         self.applied = true;
         self.rescued = o.rescued;
         self.restored = o.restored;
+        self.deleted_narinfos = Some(o.deleted_narinfos);
         self.errors.extend(o.errors);
     }
 
@@ -117,8 +120,9 @@ pub fn human(bytes: u64) -> String {
 
 impl fmt::Display for Summary {
     fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        // What was planned; what was done is told below when it differs.
         let verb = if self.applied {
-            "deleted"
+            "to delete"
         } else {
             "would delete"
         };
@@ -144,6 +148,17 @@ impl fmt::Display for Summary {
         ] {
             if t.count > 0 {
                 writeln!(f, "{verb}: {} {what}, {}", t.count, human(t.bytes))?;
+            }
+        }
+        if let Some(n) = self.deleted_narinfos {
+            writeln!(f, "deleted: {n} narinfos")?;
+            let planned = self.deleted_paths();
+            if (n as u64) < planned {
+                writeln!(
+                    f,
+                    "  {} of the paths to delete stayed (see below); so did their NARs, listings and logs",
+                    planned - n as u64
+                )?;
             }
         }
         if self.rescued + self.restored > 0 {

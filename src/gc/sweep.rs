@@ -223,7 +223,18 @@ pub struct Outcome {
     pub rescued: usize,
     /// Narinfos written back after deletion because an upload needed them.
     pub restored: usize,
+    /// Narinfos deleted and not written back.
+    pub deleted_narinfos: usize,
     pub errors: Vec<String>,
+}
+
+impl State<'_> {
+    fn finish(self) -> Outcome {
+        Outcome {
+            deleted_narinfos: self.deleted.len(),
+            ..self.out
+        }
+    }
 }
 
 /// The collector's view while deleting: what is kept, and what uploads rely on.
@@ -312,7 +323,7 @@ async fn delete(
     for batch in plan.narinfos.chunks(BATCH) {
         if !records_read {
             // Deleting without knowing what uploads rely on could break their closures.
-            return st.out;
+            return st.finish();
         }
         deleting::keep_alive(store, run, &mut announced_at).await;
         let todo: Vec<u32> = batch
@@ -373,7 +384,7 @@ async fn delete(
                     st.keep(store, i, &bodies).await;
                 }
             }
-            return st.out;
+            return st.finish();
         }
     }
 
@@ -472,7 +483,7 @@ async fn delete(
         delete_all(store, &keys, &mut st.out).await;
         progress.advance(batch.len() as u64);
     }
-    st.out
+    st.finish()
 }
 
 /// A name for this run's announcements, distinct between collectors.

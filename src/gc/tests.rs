@@ -105,6 +105,8 @@ async fn keeps_pinned_recent_and_young_closures_and_deletes_the_rest_whole() {
 
     let s = gc(&mem, &cfg(), now, true).await;
     assert!(s.errors.is_empty(), "{:?}", s.errors);
+    assert_eq!(s.deleted_narinfos, Some(2));
+    assert!(dry.deleted_narinfos.is_none());
     for kept in [&shared, &pinned_dep, &pinned, &read_dep, &read, &young] {
         assert!(
             has(&mem, &format!("{}.narinfo", kept.hash)),
@@ -563,6 +565,9 @@ async fn a_batch_whose_records_cannot_be_read_again_is_written_back() {
     mem.fail(FailOp::Write, &format!("{}.narinfo", top.hash), 0, 2);
     let s = gc(&mem, &cfg(), now, true).await;
     assert!(!s.errors.is_empty());
+    // Planned, and said so; deleted, none (the summary and the metrics tell both).
+    assert_eq!((s.deleted_paths(), s.deleted_narinfos), (2, Some(0)));
+    assert!(s.to_string().contains("deleted: 0 narinfos\n"), "{s}");
     assert!(
         !s.errors.iter().any(|e| e.starts_with("restoring")),
         "{:?}",
