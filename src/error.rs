@@ -87,7 +87,10 @@ impl Error {
                 StatusCode::RANGE_NOT_SATISFIABLE
             }
             Self::Store(
-                StoreError::Misconfigured(_) | StoreError::TooLarge { .. } | StoreError::Other(_),
+                StoreError::Misconfigured(_)
+                | StoreError::TooLarge { .. }
+                | StoreError::Encoded { .. }
+                | StoreError::Other(_),
             ) => StatusCode::BAD_GATEWAY,
             Self::BadObject { .. } => StatusCode::BAD_GATEWAY,
             Self::Unauthorized => StatusCode::UNAUTHORIZED,
@@ -115,6 +118,7 @@ impl Error {
             Self::Store(StoreError::RangeNotSatisfiable { .. }) => "range_not_satisfiable",
             Self::Store(StoreError::Misconfigured(_)) => "store_misconfigured",
             Self::Store(StoreError::TooLarge { .. }) => "too_large",
+            Self::Store(StoreError::Encoded { .. }) => "encoded_object",
             Self::Store(StoreError::Other(_)) => "store_error",
             Self::BadObject { .. } => "corrupt_object",
             Self::Unauthorized => "unauthorized",
@@ -139,7 +143,10 @@ impl Error {
             }
             Self::Store(StoreError::RangeNotSatisfiable { .. }) => "range not satisfiable".into(),
             Self::Store(
-                StoreError::Misconfigured(_) | StoreError::TooLarge { .. } | StoreError::Other(_),
+                StoreError::Misconfigured(_)
+                | StoreError::TooLarge { .. }
+                | StoreError::Encoded { .. }
+                | StoreError::Other(_),
             ) => "store error".into(),
             Self::BadObject { .. } => "corrupt object in the store".into(),
             Self::Unauthorized => {

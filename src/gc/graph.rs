@@ -61,6 +61,18 @@ pub struct Parsed {
     pub name: Box<str>,
 }
 
+/// A narinfo stored under `h` that cannot be read, for `reason`.
+fn unreadable(h: StorePathHash, reason: String) -> Parsed {
+    Parsed {
+        refs: Vec::new(),
+        nar: None,
+        file_size: None,
+        deriver: None,
+        problem: Some(Problem::Unparseable(reason)),
+        name: h.as_str().into(),
+    }
+}
+
 /// Parses the narinfo stored under `h` (`None`: it is gone).
 pub fn parse(h: StorePathHash, raw: Option<&[u8]>, store_dir: &str) -> Parsed {
     let fail = |p: Problem| Parsed {
@@ -137,6 +149,9 @@ impl Graph {
                 Ok(raw) => parse(h, raw.as_deref(), store_dir),
                 // A narinfo too large to be one is as unservable as one that does not parse.
                 Err(StoreError::TooLarge { .. }) => parse(h, Some(b"\xff"), store_dir),
+                // So is one cellar cannot decode (written with `narinfo-compression`): kept
+                // by gc, reported by verify, not one stop of every run.
+                Err(e @ StoreError::Encoded { .. }) => unreadable(h, e.to_string()),
                 Err(e) => return Err(e),
             };
             let meta = inv.narinfos[graph.nodes.len()].1;

@@ -1068,3 +1068,37 @@ async fn a_long_repair_keeps_its_announcement_live_while_it_deletes() {
         "not renewed while deleting"
     );
 }
+
+/// A narinfo stored with a `Content-Encoding` (Nix's `narinfo-compression`), which cellar does
+/// not decode, does not stop `gc` or `verify`: verify reports it, naming the encoding.
+#[tokio::test(start_paused = true)]
+async fn an_encoded_narinfo_is_reported_not_a_stop() {
+    let mem = Arc::new(MemoryStore::new());
+    let now = SystemTime::now();
+    let encoded = path(&mem, "encoded", &[], Duration::from_secs(60), now);
+    let expired = path(&mem, "expired", &[], 100 * DAY, now);
+    mem.set_encoding(&format!("{}.narinfo", encoded.hash), "br");
+    let s = gc(&mem, &cfg(), now, true).await;
+    assert!(s.errors.is_empty(), "{:?}", s.errors);
+    assert!(!has(&mem, &format!("{}.narinfo", expired.hash)));
+    assert!(has(&mem, &format!("{}.narinfo", encoded.hash)), "young");
+    let store: Arc<dyn Store> = mem.clone();
+    let opts = super::verify::Options {
+        repair: false,
+        sample: None,
+        grace: DAY,
+        now,
+        settle: super::deleting::SETTLE,
+        upstreams: None,
+    };
+    let r = super::verify::run(&store, "/nix/store", &opts, &Quiet)
+        .await
+        .unwrap();
+    assert!(
+        r.findings
+            .iter()
+            .any(|f| f.to_string().contains("Content-Encoding br")),
+        "{:?}",
+        r.findings
+    );
+}

@@ -84,6 +84,8 @@ pub struct MemoryStore {
     down: AtomicBool,
     latency_ms: AtomicUsize,
     hooks: Arc<Mutex<Vec<(String, Hook)>>>,
+    /// The `Content-Encoding` GETs of a key answer with (see [`MemoryStore::set_encoding`]).
+    encodings: Mutex<HashMap<String, String>>,
     gates: Mutex<Vec<Arc<ReadGate>>>,
     /// The key of every `get`, in order.
     got: Mutex<Vec<String>>,
@@ -117,6 +119,12 @@ impl MemoryStore {
                 modified,
             },
         );
+    }
+
+    /// GETs of `key` say it is stored with `Content-Encoding: encoding` (as Nix's
+    /// `narinfo-compression` leaves objects in S3).
+    pub fn set_encoding(&self, key: &str, encoding: &str) {
+        lock(&self.encodings).insert(key.to_owned(), encoding.to_owned());
     }
 
     /// From now on GETs of large NARs are answered with a redirect to `<base>/<key>`.
@@ -273,9 +281,13 @@ impl MemoryStore {
     }
 }
 
-#[async_trait]
-impl Store for MemoryStore {
-    async fn get(&self, key: &str, range: Option<ByteRange>) -> Result<Option<Object>, StoreError> {
+impl MemoryStore {
+    /// A GET as the objects are stored, before any `Content-Encoding` is given.
+    async fn get_as_stored(
+        &self,
+        key: &str,
+        range: Option<ByteRange>,
+    ) -> Result<Option<Object>, StoreError> {
         self.delay().await;
         lock(&self.got).push(key.to_owned());
         let found = self.lookup(key)?;
@@ -324,6 +336,17 @@ impl Store for MemoryStore {
                 Ok(Some(obj))
             }
         }
+    }
+}
+
+#[async_trait]
+impl Store for MemoryStore {
+    async fn get(&self, key: &str, range: Option<ByteRange>) -> Result<Option<Object>, StoreError> {
+        let mut found = self.get_as_stored(key, range).await;
+        if let Ok(Some(obj)) = &mut found {
+            obj.encoding = lock(&self.encodings).get(key).cloned();
+        }
+        found
     }
 
     async fn head(&self, key: &str) -> Result<Option<u64>, StoreError> {

@@ -186,6 +186,10 @@ pub enum StoreError {
     /// An object is larger than the caller accepts.
     #[error("object {key} is larger than {limit} bytes")]
     TooLarge { key: String, limit: u64 },
+    /// An object cellar reads itself (a narinfo, a record, a pin) is stored with a
+    /// `Content-Encoding` (Nix's `narinfo-compression`), which it does not decode.
+    #[error("{key} is stored with Content-Encoding {encoding}, which cellar does not decode")]
+    Encoded { key: String, encoding: String },
     /// Any other failure of the store (an unexpected S3 error, a local I/O error).
     #[error("store error: {0}")]
     Other(String),
@@ -434,9 +438,10 @@ pub trait Store: Send + Sync + 'static {
         if let Some(e) = &obj.encoding {
             // What cellar reads itself (narinfos, records, pins) it reads as written; Nix's
             // `narinfo-compression` is not decoded.
-            return Err(StoreError::Other(format!(
-                "{key} is stored with Content-Encoding {e}, which cellar does not decode"
-            )));
+            return Err(StoreError::Encoded {
+                key: key.to_owned(),
+                encoding: e.to_string(),
+            });
         }
         let mut buf = Vec::with_capacity(obj.length.unwrap_or(0).min(limit) as usize);
         let mut body = obj.body;

@@ -1030,7 +1030,8 @@ async fn open_range(
             // Credentials, a range the object no longer has: the next try would get the same.
             StoreError::Misconfigured(_)
             | StoreError::RangeNotSatisfiable { .. }
-            | StoreError::TooLarge { .. } => PartError::Final(io::Error::other(e)),
+            | StoreError::TooLarge { .. }
+            | StoreError::Encoded { .. } => PartError::Final(io::Error::other(e)),
         })?
         .ok_or_else(|| {
             PartError::Final(io::Error::other(format!(
