@@ -17,9 +17,9 @@
 //! An announcement older than [`TTL`] is ignored (its collector died); a collector never
 //! deletes under an announcement older than half of it.
 //!
-//! One collector deletes at a time ([`begin`]): a run announces itself (naming no NAR yet)
-//! before it deletes anything, keeps its announcement fresh while it runs, and stops at once
-//! if another collector's announcement is live. Two at once could undo each other's
+//! One collector deletes at a time ([`begin`], [`Announced`]): a run announces itself (naming
+//! no NAR yet) before it lists the store, keeps its announcement fresh while it runs, and stops
+//! if another collector's announcement is live, when it begins and again before it deletes. Two at once could undo each other's
 //! protections: one writes back a narinfo an upload needed while the other, past its look at
 //! the records, deletes that narinfo's NAR.
 //!
@@ -95,9 +95,16 @@ pub struct Busy {
 pub async fn begin(store: &dyn Store) -> Result<Result<String, Busy>, StoreError> {
     let run = super::sweep::run_id();
     announce(store, &run, []).await?;
+    Ok(alone(store, &run).await?.map(|()| run))
+}
+
+/// After `run` (re)announced itself: `Ok(())` if no other run's announcement is live, else
+/// that run (and `run`'s own announcement withdrawn). On an error, `run`'s announcement is
+/// withdrawn too: not knowing, it does not go on.
+async fn alone(store: &dyn Store, run: &str) -> Result<Result<(), Busy>, StoreError> {
     let now = SystemTime::now();
     let cutoff = now.checked_sub(TTL).unwrap_or(SystemTime::UNIX_EPOCH);
-    let own = key(&run);
+    let own = key(run);
     let prefix = format!("{RESERVED_PREFIX}{DIR}");
     let other = store
         .list(&prefix)
@@ -105,17 +112,16 @@ pub async fn begin(store: &dyn Store) -> Result<Result<String, Busy>, StoreError
         .try_next()
         .await;
     match other {
-        Ok(None) => Ok(Ok(run)),
+        Ok(None) => Ok(Ok(())),
         Ok(Some(o)) => {
-            withdraw(store, &run).await?;
+            withdraw(store, run).await?;
             Ok(Err(Busy {
                 key: o.key,
                 age: now.duration_since(o.modified).unwrap_or_default(),
             }))
         }
         Err(e) => {
-            // Not knowing, it does not start; its announcement goes (or expires).
-            let _ = withdraw(store, &run).await;
+            let _ = withdraw(store, run).await;
             Err(e)
         }
     }
@@ -163,15 +169,19 @@ impl Announced {
         }))
     }
 
-    /// Stops the renewals, waiting for one under way; the run's name, for deleting (its
-    /// announcement written again now, so that it is fresh when deletions begin).
-    pub async fn into_run(self, store: &dyn Store) -> String {
+    /// Stops the renewals, waiting for one under way; the run's name, for deleting. Its
+    /// announcement is written again now, so that it is fresh when deletions begin, and the
+    /// other runs' looked at once more: renewals that failed for longer than [`TTL`], or a
+    /// machine suspended while the run read, may have let another run start meanwhile. Then
+    /// this one does not delete (its announcement withdrawn), nor if it cannot tell.
+    pub async fn into_run(self, store: &dyn Store) -> Result<Result<String, Busy>, StoreError> {
         let _ = self.stop.send(());
         let _ = self.renewing.await;
         if let Err(e) = announce(store, &self.run, []).await {
-            tracing::warn!(cause = %e, "could not renew the announcement of the run");
+            let _ = withdraw(store, &self.run).await;
+            return Err(e);
         }
-        self.run
+        Ok(alone(store, &self.run).await?.map(|()| self.run))
     }
 
     /// Ends a run that will not delete (its reads failed): stops the renewals and withdraws

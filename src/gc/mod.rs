@@ -106,7 +106,13 @@ pub async fn run(
             return Err(e);
         }
     };
-    let run = announced.into_run(store.as_ref()).await;
+    let run = announced
+        .into_run(store.as_ref())
+        .await?
+        .map_err(|b| GcError::Busy {
+            key: b.key,
+            secs: b.age.as_secs(),
+        })?;
     let outcome = sweep::execute(
         store,
         &read.graph,

@@ -254,7 +254,7 @@ struct State<'a> {
 }
 
 /// Carries out `plan` in batches, re-reading access records before and after each one, as
-/// run `run` (begun by [`deleting::begin`]: its announcement is kept fresh, and withdrawn at
+/// run `run` (begun by [`deleting::Announced`]: its announcement is kept fresh, and withdrawn at
 /// the end).
 #[allow(clippy::too_many_arguments)]
 pub async fn execute(

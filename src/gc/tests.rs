@@ -1002,7 +1002,7 @@ async fn an_announcement_is_renewed_while_the_run_reads_and_not_after() {
         4,
         "renewed every half of FRESH"
     );
-    let run = announced.into_run(store.as_ref()).await;
+    let run = announced.into_run(store.as_ref()).await.unwrap().unwrap();
     assert_eq!(
         writes.load(Ordering::SeqCst),
         5,
@@ -1101,4 +1101,62 @@ async fn an_encoded_narinfo_is_reported_not_a_stop() {
         "{:?}",
         r.findings
     );
+}
+
+/// Another run live by the time this one has read the store (its renewals failed for long, or
+/// the machine slept): this one does not delete, and withdraws its announcement. The same for
+/// `verify --repair`.
+#[tokio::test(start_paused = true)]
+async fn a_run_that_finds_another_live_once_it_has_read_does_not_delete() {
+    let mem = Arc::new(MemoryStore::new());
+    let now = SystemTime::now();
+    let dep = path(&mem, "dep", &[], 100 * DAY, now);
+    let broken = path(&mem, "broken", &[&dep], 100 * DAY, now);
+    mem.remove(&broken.nar);
+    let other = super::deleting::key("1767225599-ab12");
+    let store: Arc<dyn Store> = mem.clone();
+    let opts = Options {
+        apply: true,
+        now,
+        settle: super::deleting::SETTLE,
+    };
+    for repairing in [false, true] {
+        let gate = mem.hold_reads(&format!("{}.narinfo", dep.hash));
+        let collect = async {
+            if repairing {
+                let r = repair(&mem, now).await;
+                assert!(
+                    r.repair_errors
+                        .iter()
+                        .any(|e| e.contains("another collection is running")),
+                    "{:?}",
+                    r.repair_errors
+                );
+            } else {
+                let Err(e) = run(&store, "/nix/store", &cfg(), &opts, &Quiet).await else {
+                    panic!("deleted beside another run");
+                };
+                assert!(e.to_string().contains(&other), "{e}");
+            }
+        };
+        let ((), ()) = tokio::join!(collect, async {
+            gate.reached().await;
+            mem.insert(&other, "cellar-deleting 1\n");
+            gate.open();
+        });
+        for key in [
+            format!("{}.narinfo", dep.hash),
+            format!("{}.narinfo", broken.hash),
+            dep.nar.clone(),
+        ] {
+            assert!(has(&mem, &key), "{key} deleted (repairing: {repairing})");
+        }
+        let ours = mem
+            .keys()
+            .into_iter()
+            .filter(|k| k.starts_with("_cellar/deleting/") && *k != other)
+            .count();
+        assert_eq!(ours, 0, "its announcement stayed (repairing: {repairing})");
+        mem.remove(&other);
+    }
 }

@@ -202,7 +202,23 @@ pub async fn run(
     report.repair_errors.extend(not_repairing);
     match (announced, checked) {
         (Some(a), Some(c)) => {
-            let run = a.into_run(store.as_ref()).await;
+            let run = match a.into_run(store.as_ref()).await {
+                Ok(Ok(run)) => run,
+                Ok(Err(busy)) => {
+                    report.repair_errors.push(format!(
+                        "another collection is running ({}, written {} s ago): nothing repaired",
+                        busy.key,
+                        busy.age.as_secs()
+                    ));
+                    return Ok(report);
+                }
+                Err(e) => {
+                    report
+                        .repair_errors
+                        .push(format!("announcing the repair: {e}; nothing repaired"));
+                    return Ok(report);
+                }
+            };
             let findings = report.findings.clone();
             repair_as(
                 store,
