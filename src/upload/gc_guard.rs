@@ -80,6 +80,9 @@ impl Uploader {
                 if let Err(d) = self.store.delete(&object_key::narinfo(info.hash())).await {
                     tracing::error!(path = %info.store_path, cause = %d, "could not take back a narinfo whose NAR a garbage collection deleted");
                 }
+                // And again once the delete is done: a write of the path that began while it
+                // was under way (the NAR uploaded again meanwhile) may be what it deleted.
+                self.unwrote(info.hash());
                 Err(rejected(format!(
                     "NAR {} is not in the cache; upload it again",
                     info.url

@@ -1150,3 +1150,37 @@ async fn a_write_under_way_when_its_narinfo_is_taken_back_is_not_counted() {
     up.wrote(info.hash(), tokio::time::Instant::now());
     assert!(up.recently_written(info.hash()));
 }
+
+/// A write of the path that begins while another upload's take-back is deleting its narinfo
+/// is not counted as written: that delete may remove what it wrote. (Paused time: the store
+/// takes a second per look and per delete.)
+#[tokio::test(start_paused = true)]
+async fn a_write_begun_while_the_take_back_deletes_is_not_counted() {
+    let (mem, up, _) = uploader_covering();
+    let (nar, info, file) = sample();
+    up.put_nar(&file, body(nar)).await.unwrap();
+    let written = Arc::new(tokio::sync::Notify::new());
+    let (store, nar_key, w) = (
+        Arc::downgrade(&mem),
+        object_key::nar(&file),
+        written.clone(),
+    );
+    mem.after_write(&object_key::narinfo(info.hash()), move |_| {
+        if let Some(m) = store.upgrade() {
+            m.remove(&nar_key);
+            w.notify_one();
+        }
+    });
+    mem.set_latency(std::time::Duration::from_secs(1));
+    let text = info.render("/nix/store");
+    let (taken_back, ()) =
+        tokio::join!(up.put_narinfo(info.hash(), text.as_bytes(), None), async {
+            written.notified().await;
+            // The look takes a second, then the delete another: this write begins in the
+            // middle of the delete.
+            tokio::time::sleep(std::time::Duration::from_millis(1500)).await;
+            up.wrote(info.hash(), tokio::time::Instant::now());
+        });
+    assert!(taken_back.is_err());
+    assert!(!up.recently_written(info.hash()));
+}
