@@ -268,7 +268,7 @@ impl NarCache {
             return "skipped";
         }
         let reserved = self.reserved.load(Ordering::Relaxed);
-        if self.disk_full(size.saturating_add(reserved)) {
+        if self.no_room(size, reserved) {
             return "skipped";
         }
         let filling = self
@@ -397,7 +397,7 @@ impl NarCache {
         }
         let admitted = self.index().admits(length);
         let reserved = self.reserved.load(Ordering::Relaxed);
-        if !admitted || self.disk_full(length.saturating_add(reserved)) {
+        if !admitted || self.no_room(length, reserved) {
             return unfilled(obj, &store, &key).await;
         }
         // Counted from here to the end of its task (no await point before it is spawned).

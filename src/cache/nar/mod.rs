@@ -368,16 +368,24 @@ impl NarCache {
     /// NARs cannot make the room (a budget larger than the disk, or other files filling it:
     /// the cache then shrinks to what the disk holds, as nginx's `min_free` does).
     fn disk_full(&self, need: u64) -> bool {
+        self.no_room(need, 0)
+    }
+
+    /// [`Self::disk_full`] for a NAR of `size` bytes while fills still running were promised
+    /// `reserved` more. What they wrote already is gone from the free space, so that count is
+    /// high: NARs are evicted for this NAR's own room at most.
+    fn no_room(&self, size: u64, reserved: u64) -> bool {
         if self.disk_full.is_active() {
             return true;
         }
         // Unknown free space is no reason to stop caching; a full disk is then found on write.
         let avail = self.disk.free_bytes().unwrap_or(u64::MAX);
-        let wanted = need.saturating_add(FREE_MARGIN);
+        let wanted = size.saturating_add(reserved).saturating_add(FREE_MARGIN);
         if avail >= wanted {
             return false;
         }
-        let victims = self.index().make_room(wanted - avail);
+        let short = (wanted - avail).min(size.saturating_add(FREE_MARGIN));
+        let victims = self.index().make_room(short);
         if victims.is_empty() {
             self.note_full(format_args!("{avail} bytes free"));
             return true;

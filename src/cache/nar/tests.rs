@@ -368,6 +368,30 @@ fn a_short_disk_evicts_the_least_recently_used_to_make_room() {
     assert_eq!(cache.usage().0, 1);
 }
 
+/// Fills still running count as space still to be taken, but what they wrote is gone from
+/// the free space already: a new NAR evicts for its own room only, not for theirs again.
+#[test]
+fn running_fills_do_not_make_a_new_nar_evict_for_them() {
+    use super::index::Verified;
+    let d = tempfile::tempdir().unwrap();
+    let cache = NarCache::open(d.path(), u64::MAX / 2, Duration::from_secs(30)).unwrap();
+    let checksum = super::disk::Checksum::of(b"");
+    let names = [
+        "07yp7gw2d9vmfgl2rd063i75qwkfbrgvqngp5yz2pk6iadzlckh7.nar",
+        "17yp7gw2d9vmfgl2rd063i75qwkfbrgvqngp5yz2pk6iadzlckh7.nar",
+    ];
+    for name in names {
+        std::fs::write(d.path().join(name), b"").unwrap();
+        cache.index().insert(name, 1 << 30, checksum, Verified::Yes);
+    }
+    let avail = cache.disk.free_bytes().unwrap();
+    // Promised to running fills: all the free space and 1 GiB more. A 1-byte NAR makes room
+    // for itself and the margin: the older NAR goes, the other stays.
+    assert!(!cache.no_room(1, avail + (1 << 30)));
+    assert!(!d.path().join(names[0]).exists());
+    assert!(d.path().join(names[1]).exists());
+}
+
 #[tokio::test]
 async fn sizes_ranges_past_the_end_and_truncated_files() {
     let (d, cache, mem, store) = setup(1 << 30);
