@@ -190,6 +190,21 @@ impl Uploader {
                     uploaded: info.nar_hash.to_string(),
                 }));
             }
+            // Present only if whole: a narinfo left in place when its NAR could not be looked
+            // at (see `write_while_nar_stays`) is found here by the client's retry.
+            if let Ok(name) = existing.nar_file() {
+                if !self.has_nar(&name).await? {
+                    self.unwrote(hash);
+                    if let Err(d) = self.store.delete(&object_key::narinfo(hash)).await {
+                        tracing::error!(path = %info.store_path, cause = %d, "could not remove a narinfo whose NAR is missing");
+                    }
+                    self.unwrote(hash);
+                    return Err(rejected(format!(
+                        "the cache's narinfo of this path named a NAR it lacks (nar/{name}) and \
+                         was removed; upload the path again"
+                    )));
+                }
+            }
             return Ok(Accepted {
                 hash,
                 narinfo: existing,

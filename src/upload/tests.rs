@@ -1184,3 +1184,33 @@ async fn a_write_begun_while_the_take_back_deletes_is_not_counted() {
     assert!(taken_back.is_err());
     assert!(!up.recently_written(info.hash()));
 }
+
+/// A narinfo found stored for a path counts as present only if its NAR is there too: one left
+/// in place when its NAR could not be looked at, whose NAR is in fact gone, is removed, and
+/// the upload refused so that the client sends the path again.
+#[tokio::test]
+async fn a_stored_narinfo_without_its_nar_is_not_present() {
+    let (mem, up) = uploader();
+    let (nar, info, file) = sample();
+    up.put_nar(&file, body(nar)).await.unwrap();
+    let text = info.render("/nix/store");
+    up.put_narinfo(info.hash(), text.as_bytes(), None)
+        .await
+        .unwrap();
+    let again = up
+        .put_narinfo(info.hash(), text.as_bytes(), None)
+        .await
+        .unwrap();
+    assert!(again.already_present);
+    mem.remove(&object_key::nar(&file));
+    let e = up
+        .put_narinfo(info.hash(), text.as_bytes(), None)
+        .await
+        .unwrap_err();
+    assert!(e.to_string().contains("upload the path again"), "{e}");
+    assert!(mem
+        .head(&object_key::narinfo(info.hash()))
+        .await
+        .unwrap()
+        .is_none());
+}
