@@ -405,7 +405,8 @@ fn spawn_staging_cleanup(store: std::sync::Arc<dyn cellar::store::Store>, max_ag
 }
 
 /// Installs the SIGTERM/SIGINT handlers now (before the port opens, so an early signal is not
-/// fatal) and returns a future that completes on the first of them.
+/// fatal) and returns a future that completes on the first of them. A second one ends the
+/// process at once (Ctrl-C twice), without waiting for `shutdown_delay_secs` or the requests.
 fn shutdown_signal() -> std::io::Result<impl std::future::Future<Output = ()>> {
     use tokio::signal::unix::{signal, SignalKind};
     let mut term = signal(SignalKind::terminate())?;
@@ -415,6 +416,16 @@ fn shutdown_signal() -> std::io::Result<impl std::future::Future<Output = ()>> {
             _ = term.recv() => {},
             _ = int.recv() => {},
         }
-        tracing::info!("shutdown signal received, finishing in-flight requests");
+        tracing::info!(
+            "shutdown signal received, finishing in-flight requests (a second one exits at once)"
+        );
+        tokio::spawn(async move {
+            tokio::select! {
+                _ = term.recv() => {},
+                _ = int.recv() => {},
+            }
+            tracing::warn!("second shutdown signal: exiting now");
+            std::process::exit(130);
+        });
     })
 }

@@ -243,6 +243,53 @@ fn first_start_creates_a_key_and_prints_the_trusted_key_line_then_stops_on_sigte
     assert!(!err.contains(secret_part), "the secret key was printed");
 }
 
+/// Told to stop with a shutdown delay, the server waits; told twice (Ctrl-C twice), it exits
+/// at once.
+#[test]
+fn a_second_signal_ends_the_shutdown_delay() {
+    let d = tempfile::tempdir().unwrap();
+    let log = d.path().join("serve.log");
+    let mut child = cellar(d.path())
+        .args(["serve"])
+        .env("CELLAR_LISTEN", "127.0.0.1:0")
+        .env("CELLAR_SHUTDOWN_DELAY_SECS", "3600")
+        .stdout(Stdio::piped())
+        .stderr(std::fs::File::create(&log).unwrap())
+        .spawn()
+        .unwrap();
+    let read_log = || std::fs::read_to_string(&log).unwrap_or_default();
+    let addr = wait_until_listening(&mut child, read_log);
+    let pid = child.id().to_string();
+    let term = || {
+        let status = Command::new("kill").args(["-TERM", &pid]).status().unwrap();
+        assert!(status.success());
+    };
+    term();
+    wait_for_in_file(&log, "accepting connections for 3600 s more", 1);
+    // Still serving during the delay.
+    std::net::TcpStream::connect(addr).expect("closed during the delay");
+    term();
+    // A guard against a hung test, not a wait the test relies on.
+    let (tx, rx) = std::sync::mpsc::channel();
+    std::thread::spawn(move || {
+        let _ = tx.send(child.wait());
+    });
+    let Ok(exit) = rx.recv_timeout(std::time::Duration::from_secs(60)) else {
+        let _ = Command::new("kill").args(["-KILL", &pid]).status();
+        panic!(
+            "still running a minute after the second signal:\n{}",
+            read_log()
+        );
+    };
+    let exit = exit.unwrap();
+    assert_eq!(exit.code(), Some(130), "{}", read_log());
+    assert!(
+        read_log().contains("second shutdown signal"),
+        "{}",
+        read_log()
+    );
+}
+
 #[test]
 fn token_new_prints_a_token_and_its_hash_only() {
     let d = tempfile::tempdir().unwrap();

@@ -9,10 +9,10 @@
 //! - With `store.redirect_nars`, GET answers a NAR that is in the bucket, larger than what
 //!   counts as small and not on cellar's disk with a 302 to a presigned URL: the client
 //!   downloads it from the bucket itself.
-//! - HEAD answers with the size a GET would stream, through the same read path, so a NAR only
-//!   an upstream has is found by HEAD too. It also finds a NAR that was re-encoded on upload
-//!   and stored under another extension: Nix sends `HEAD nar/<file>` before each upload, and a
-//!   404 there would make it upload the NAR again.
+//! - HEAD says whether the store has the NAR (also re-encoded on upload, under another
+//!   extension), else an upstream; this replica's caches answer only while the store cannot:
+//!   Nix sends `HEAD nar/<file>` before each upload to the root URL and skips the NAR on a 200,
+//!   so a NAR a collection deleted but a cache still holds must be a 404.
 //! - PUT is an upload (`nix copy --to`), verified by [`crate::upload`] before it is visible.
 //!   Refused before its body is read when `Content-Length` is over `upload.max_nar_bytes`
 //!   (413); waits for a slot when `upload.max_concurrent` uploads are running (503 after
