@@ -26,6 +26,10 @@ pub enum Problem {
     BadUrl(String),
     /// It vanished between the listing and the read (another collector, a repair).
     Gone,
+    /// Stored with a `Content-Encoding` cellar does not decode (Nix's `narinfo-compression`):
+    /// a narinfo, but which NAR and references it names is unknown, so nothing may be deleted
+    /// on the strength of this graph (gc and repairs refuse to run).
+    Encoded(String),
 }
 
 #[derive(Debug, Clone)]
@@ -61,14 +65,14 @@ pub struct Parsed {
     pub name: Box<str>,
 }
 
-/// A narinfo stored under `h` that cannot be read, for `reason`.
-fn unreadable(h: StorePathHash, reason: String) -> Parsed {
+/// A narinfo stored under `h` in an encoding cellar cannot read, for `reason`.
+fn encoded(h: StorePathHash, reason: String) -> Parsed {
     Parsed {
         refs: Vec::new(),
         nar: None,
         file_size: None,
         deriver: None,
-        problem: Some(Problem::Unparseable(reason)),
+        problem: Some(Problem::Encoded(reason)),
         name: h.as_str().into(),
     }
 }
@@ -149,9 +153,9 @@ impl Graph {
                 Ok(raw) => parse(h, raw.as_deref(), store_dir),
                 // A narinfo too large to be one is as unservable as one that does not parse.
                 Err(StoreError::TooLarge { .. }) => parse(h, Some(b"\xff"), store_dir),
-                // So is one cellar cannot decode (written with `narinfo-compression`): kept
-                // by gc, reported by verify, not one stop of every run.
-                Err(e @ StoreError::Encoded { .. }) => unreadable(h, e.to_string()),
+                // One cellar cannot decode (written with `narinfo-compression`): reported by
+                // verify; gc and repairs refuse to run (see `Graph::encoded`).
+                Err(e @ StoreError::Encoded { .. }) => encoded(h, e.to_string()),
                 Err(e) => return Err(e),
             };
             let meta = inv.narinfos[graph.nodes.len()].1;
@@ -160,6 +164,15 @@ impl Graph {
             progress.advance(1);
         }
         Ok(graph)
+    }
+
+    /// The reason of the first narinfo stored encoded, if any: what it names is unknown, so
+    /// deleting by this graph could take its NAR or references.
+    pub fn encoded(&self) -> Option<&str> {
+        self.nodes.iter().find_map(|n| match &n.problem {
+            Some(Problem::Encoded(reason)) => Some(reason.as_str()),
+            _ => None,
+        })
     }
 
     /// Builds the node for `h` against the nodes this graph knows.

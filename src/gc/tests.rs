@@ -1070,30 +1070,29 @@ async fn a_long_repair_keeps_its_announcement_live_while_it_deletes() {
 }
 
 /// A narinfo stored with a `Content-Encoding` (Nix's `narinfo-compression`), which cellar does
-/// not decode, does not stop `gc` or `verify`: verify reports it, naming the encoding.
+/// not decode: `verify` reports it, naming the encoding, and goes on; `gc --apply` and
+/// `verify --repair` delete nothing, since what it names (its NAR, its references) is unknown.
 #[tokio::test(start_paused = true)]
-async fn an_encoded_narinfo_is_reported_not_a_stop() {
+async fn an_encoded_narinfo_is_reported_and_nothing_is_deleted_by_it() {
     let mem = Arc::new(MemoryStore::new());
     let now = SystemTime::now();
-    let encoded = path(&mem, "encoded", &[], Duration::from_secs(60), now);
-    let expired = path(&mem, "expired", &[], 100 * DAY, now);
+    let dep = path(&mem, "dep", &[], 100 * DAY, now);
+    let encoded = path(&mem, "encoded", &[&dep], 100 * DAY, now);
+    let broken = path(&mem, "broken", &[], 100 * DAY, now);
+    mem.remove(&broken.nar);
     mem.set_encoding(&format!("{}.narinfo", encoded.hash), "br");
-    let s = gc(&mem, &cfg(), now, true).await;
-    assert!(s.errors.is_empty(), "{:?}", s.errors);
-    assert!(!has(&mem, &format!("{}.narinfo", expired.hash)));
-    assert!(has(&mem, &format!("{}.narinfo", encoded.hash)), "young");
+    let before = mem.keys();
     let store: Arc<dyn Store> = mem.clone();
-    let opts = super::verify::Options {
-        repair: false,
-        sample: None,
-        grace: DAY,
+    let opts = Options {
+        apply: true,
         now,
         settle: super::deleting::SETTLE,
-        upstreams: None,
     };
-    let r = super::verify::run(&store, "/nix/store", &opts, &Quiet)
-        .await
-        .unwrap();
+    let Err(e) = run(&store, "/nix/store", &cfg(), &opts, &Quiet).await else {
+        panic!("collected by a graph with an encoded narinfo");
+    };
+    assert!(e.to_string().contains("Content-Encoding br"), "{e}");
+    let r = repair(&mem, now).await;
     assert!(
         r.findings
             .iter()
@@ -1101,6 +1100,14 @@ async fn an_encoded_narinfo_is_reported_not_a_stop() {
         "{:?}",
         r.findings
     );
+    assert!(
+        r.repair_errors
+            .iter()
+            .any(|e| e.contains("nothing was repaired")),
+        "{:?}",
+        r.repair_errors
+    );
+    assert_eq!(mem.keys(), before, "deleted: {:?}", r.repaired);
 }
 
 /// Another run live by the time this one has read the store (its renewals failed for long, or

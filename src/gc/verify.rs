@@ -201,6 +201,14 @@ pub async fn run(
     };
     report.repair_errors.extend(not_repairing);
     match (announced, checked) {
+        (Some(a), Some(c)) if c.graph.encoded().is_some() => {
+            a.abandon(store.as_ref()).await;
+            report.repair_errors.push(format!(
+                "{}: what such a narinfo names is unknown, so nothing was repaired (decode or \
+                 remove the narinfos reported so)",
+                c.graph.encoded().unwrap_or_default()
+            ));
+        }
         (Some(a), Some(c)) => {
             let run = match a.into_run(store.as_ref()).await {
                 Ok(Ok(run)) => run,
@@ -377,7 +385,7 @@ fn own_findings(
         None => {}
         // Deleted since the listing: nothing to check.
         Some(Problem::Gone) => return out,
-        Some(Problem::Unparseable(reason)) => {
+        Some(Problem::Unparseable(reason) | Problem::Encoded(reason)) => {
             out.push(Finding::Unparseable {
                 key,
                 reason: reason.clone(),

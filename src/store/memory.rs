@@ -140,6 +140,7 @@ impl MemoryStore {
     }
 
     pub fn remove(&self, key: &str) {
+        lock(&self.encodings).remove(key);
         lock(&self.objects).remove(key);
     }
 
@@ -418,6 +419,7 @@ impl Store for MemoryStore {
             return Err(StoreError::Unavailable("memory store is down".into()));
         }
         self.take_failure(FailOp::Delete, key)?;
+        lock(&self.encodings).remove(key);
         lock(&self.objects).remove(key);
         Ok(())
     }
