@@ -135,7 +135,33 @@ async fn alone(store: &dyn Store, run: &str) -> Result<Result<(), Busy>, StoreEr
 pub struct Announced {
     run: String,
     stop: tokio::sync::oneshot::Sender<()>,
-    renewing: tokio::task::JoinHandle<()>,
+    /// Ends with when the announcement was last written.
+    renewing: tokio::task::JoinHandle<Written>,
+}
+
+/// When an announcement was written, by both clocks: the monotonic one does not count a
+/// machine's sleep, the wall clock may be set.
+#[derive(Debug, Clone, Copy)]
+struct Written {
+    mono: tokio::time::Instant,
+    wall: SystemTime,
+}
+
+impl Written {
+    fn now() -> Self {
+        Self {
+            mono: tokio::time::Instant::now(),
+            wall: SystemTime::now(),
+        }
+    }
+
+    /// Whether an announcement written then may have stopped counting for other collectors
+    /// by now (within [`FRESH`] of [`TTL`], a margin for clocks).
+    fn lapsed(&self, now: Written) -> bool {
+        let limit = TTL - FRESH;
+        let wall = now.wall.duration_since(self.wall).unwrap_or_default();
+        now.mono.saturating_duration_since(self.mono) >= limit || wall >= limit
+    }
 }
 
 impl Announced {
@@ -152,13 +178,17 @@ impl Announced {
         // Stopped only between renewals, never during one: a renewal landing after the run
         // has named NARs would hide them from uploads.
         let renewing = tokio::spawn(async move {
+            let mut written = Written::now();
             loop {
                 tokio::select! {
-                    _ = &mut stopped => return,
+                    _ = &mut stopped => return written,
                     () = tokio::time::sleep(FRESH / 2) => {}
                 }
-                if let Err(e) = announce(store.as_ref(), &name, []).await {
-                    tracing::warn!(cause = %e, "could not renew the announcement of the run");
+                match announce(store.as_ref(), &name, []).await {
+                    Ok(()) => written = Written::now(),
+                    Err(e) => {
+                        tracing::warn!(cause = %e, "could not renew the announcement of the run")
+                    }
                 }
             }
         });
@@ -176,12 +206,27 @@ impl Announced {
     /// this one does not delete (its announcement withdrawn), nor if it cannot tell.
     pub async fn into_run(self, store: &dyn Store) -> Result<Result<String, Busy>, StoreError> {
         let _ = self.stop.send(());
-        let _ = self.renewing.await;
+        let written = self.renewing.await;
+        // Lapsed, it may have let another run start and end meanwhile (which `alone` would not
+        // see), undoing what this run read.
+        if written.map_or(true, |w| w.lapsed(Written::now())) {
+            let _ = withdraw(store, &self.run).await;
+            return Err(StoreError::Other(
+                "this run's announcement could not be kept live while it read the store, so \
+                 another collection may have run meanwhile: nothing deleted; run it again"
+                    .into(),
+            ));
+        }
         if let Err(e) = announce(store, &self.run, []).await {
             let _ = withdraw(store, &self.run).await;
             return Err(e);
         }
         Ok(alone(store, &self.run).await?.map(|()| self.run))
+    }
+
+    /// The key of the run's announcement.
+    pub fn key(&self) -> String {
+        key(&self.run)
     }
 
     /// Ends a run that will not delete (its reads failed): stops the renewals and withdraws

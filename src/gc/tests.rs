@@ -1167,3 +1167,29 @@ async fn a_run_that_finds_another_live_once_it_has_read_does_not_delete() {
         mem.remove(&other);
     }
 }
+
+/// A run whose announcement could not be renewed for long (the store refusing its writes, or
+/// the machine asleep) does not delete: another run may have started and ended meanwhile,
+/// unseen. Its own writes working again by then change nothing.
+#[tokio::test(start_paused = true)]
+async fn a_run_whose_announcement_lapsed_does_not_delete() {
+    let mem = Arc::new(MemoryStore::new());
+    let store: Arc<dyn Store> = mem.clone();
+    let announced = super::deleting::Announced::begin(&store)
+        .await
+        .unwrap()
+        .unwrap();
+    // Every renewal within TTL fails (one each half of FRESH).
+    let renewals =
+        (super::deleting::TTL.as_secs() / (super::deleting::FRESH.as_secs() / 2)) as usize;
+    mem.fail(FailOp::Write, &announced.key(), 0, renewals);
+    tokio::time::sleep(super::deleting::TTL).await;
+    let e = announced.into_run(store.as_ref()).await.unwrap_err();
+    assert!(e.to_string().contains("nothing deleted"), "{e}");
+    assert!(
+        !mem.keys()
+            .iter()
+            .any(|k| k.starts_with("_cellar/deleting/")),
+        "its announcement stayed"
+    );
+}
