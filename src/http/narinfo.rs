@@ -45,10 +45,19 @@ pub(super) async fn head(st: &AppState, h: StorePathHash) -> Result<Response, Er
 pub(super) async fn put(st: &AppState, h: StorePathHash, body: Body) -> Result<StatusCode, Error> {
     let raw = object::read_body(st, body, MAX_NARINFO_BYTES).await?;
     let live = st.live();
-    let acc = st
+    let acc = match st
         .uploader
         .put_narinfo(h, &raw, Some(&live.upstreams))
-        .await?;
+        .await
+    {
+        Ok(acc) => acc,
+        Err(e) => {
+            // A refused upload may have taken a narinfo back (its NAR gone): not served from
+            // memory afterwards.
+            st.live().narinfos.invalidate(h).await;
+            return Err(e);
+        }
+    };
     // Its NAR is there (the upload checked it), under the name the stored narinfo gives, which
     // differs from the uploaded one when uploads are re-encoded: a miss remembered for it
     // must not hide the path. The state now, not the one before the write: a reload may

@@ -897,6 +897,37 @@ async fn a_nar_seen_missing_then_served_shows_its_narinfo_again() {
     assert_eq!(get(&st, &narinfo).await.0, StatusCode::OK);
 }
 
+/// An upload that finds the stored narinfo's NAR gone removes that narinfo and is refused;
+/// the narinfo is then not served from memory either.
+#[tokio::test]
+async fn a_narinfo_removed_by_a_refused_upload_is_not_served_from_memory() {
+    use crate::config::Scope;
+    let mem = Arc::new(MemoryStore::new());
+    let st = state(
+        with_tokens(Config::default(), &[("ci", "wtok", Scope::Write)]),
+        &mem,
+    );
+    let (nar, file) = tiny_nar();
+    let sha = crate::nix::Sha256::digest(&nar);
+    let narinfo = format!(
+        "StorePath: /nix/store/{HASH}-gone\nURL: nar/{file}\nCompression: none\n\
+         NarHash: {sha}\nNarSize: {}\nReferences: \n",
+        nar.len()
+    );
+    mem.insert(&format!("{HASH}.narinfo"), narinfo.clone().into_bytes());
+    let path = format!("/{HASH}.narinfo");
+    assert_eq!(
+        get(&st, &path).await.0,
+        StatusCode::OK,
+        "held in memory now"
+    );
+    let req = authed("PUT", &path, "wtok")
+        .body(Body::from(narinfo))
+        .unwrap();
+    assert_eq!(send(&st, req).await.status(), StatusCode::BAD_REQUEST);
+    assert_eq!(get(&st, &path).await.0, StatusCode::NOT_FOUND);
+}
+
 /// What the NARs seen missing are remembered for is `cache.narinfo_ttl_secs`, reloadable: a
 /// reload starts them afresh with the new TTL, as it does the narinfo memory cache.
 #[tokio::test]

@@ -193,7 +193,10 @@ impl Uploader {
             // Present only if whole: a narinfo left in place when its NAR could not be looked
             // at (see `write_while_nar_stays`) is found here by the client's retry.
             if let Ok(name) = existing.nar_file() {
-                if !self.has_nar(&name).await? {
+                // Only an upload that could have replaced it may have it removed.
+                let trusted =
+                    self.trusted_keys.is_empty() || info.is_signed_by_any(&self.trusted_keys, sd);
+                if trusted && !self.has_nar(&name).await? {
                     self.unwrote(hash);
                     if let Err(d) = self.store.delete(&object_key::narinfo(hash)).await {
                         tracing::error!(path = %info.store_path, cause = %d, "could not remove a narinfo whose NAR is missing");

@@ -1213,4 +1213,22 @@ async fn a_stored_narinfo_without_its_nar_is_not_present() {
         .await
         .unwrap()
         .is_none());
+
+    // With upload.trusted_keys, only a narinfo signed by one of them has it removed.
+    let key = crate::nix::SecretKey::generate("builder-1").unwrap();
+    let mut cfg = Config::default();
+    cfg.upload.trusted_keys = vec![key.public()];
+    let store: Arc<dyn Store> = mem.clone();
+    let strict = Uploader::new(&cfg.upload, &cfg.store_dir, store);
+    mem.insert(&object_key::narinfo(info.hash()), text.clone().into_bytes());
+    let unsigned = strict
+        .put_narinfo(info.hash(), text.as_bytes(), None)
+        .await
+        .unwrap();
+    assert!(unsigned.already_present);
+    assert!(mem
+        .head(&object_key::narinfo(info.hash()))
+        .await
+        .unwrap()
+        .is_some());
 }
