@@ -2,6 +2,7 @@
 
 use std::path::{Path, PathBuf};
 use std::process::ExitCode;
+use std::sync::Arc;
 use std::time::Duration;
 
 use anyhow::Context as _;
@@ -300,7 +301,9 @@ fn serve(path: Option<&Path>, log_format: Option<LogFormat>) -> anyhow::Result<(
         let store = store::open(&cfg.store)
             .await
             .with_context(|| format!("opening the store ({})", cfg.store.backend))?;
-        let signal = shutdown_signal().context("installing signal handlers")?;
+        // The access log, once there: a second signal still writes what it holds.
+        let last_words = Arc::new(std::sync::OnceLock::new());
+        let signal = shutdown_signal(last_words.clone()).context("installing signal handlers")?;
         let shutdown = async {
             signal.await;
             cellar::systemd::stopping();
@@ -325,6 +328,7 @@ fn serve(path: Option<&Path>, log_format: Option<LogFormat>) -> anyhow::Result<(
             serve_metrics(l, state.clone());
         }
         let access = state.access.clone();
+        let _ = last_words.set(access.clone());
         let flusher = access.spawn_flusher(state.config.gc.access_flush_interval);
         cellar::reload::spawn_on_sighup(state.clone(), path.map(Path::to_owned))
             .context("installing the SIGHUP handler")?;
@@ -407,7 +411,9 @@ fn spawn_staging_cleanup(store: std::sync::Arc<dyn cellar::store::Store>, max_ag
 /// Installs the SIGTERM/SIGINT handlers now (before the port opens, so an early signal is not
 /// fatal) and returns a future that completes on the first of them. A second one ends the
 /// process at once (Ctrl-C twice), without waiting for `shutdown_delay_secs` or the requests.
-fn shutdown_signal() -> std::io::Result<impl std::future::Future<Output = ()>> {
+fn shutdown_signal(
+    last_words: Arc<std::sync::OnceLock<Arc<cellar::gc::access::AccessLog>>>,
+) -> std::io::Result<impl std::future::Future<Output = ()>> {
     use tokio::signal::unix::{signal, SignalKind};
     let mut term = signal(SignalKind::terminate())?;
     let mut int = signal(SignalKind::interrupt())?;
@@ -425,6 +431,14 @@ fn shutdown_signal() -> std::io::Result<impl std::future::Future<Output = ()>> {
                 _ = int.recv() => {},
             }
             tracing::warn!("second shutdown signal: exiting now");
+            // What was served since the last write still counts as recent use: written if
+            // that takes at most two seconds.
+            if let Some(access) = last_words.get() {
+                let flushed = tokio::time::timeout(Duration::from_secs(2), access.flush()).await;
+                if !matches!(flushed, Ok(Ok(()))) {
+                    tracing::warn!("the last access records were not written");
+                }
+            }
             std::process::exit(130);
         });
     })

@@ -249,6 +249,20 @@ fn first_start_creates_a_key_and_prints_the_trusted_key_line_then_stops_on_sigte
 fn a_second_signal_ends_the_shutdown_delay() {
     let d = tempfile::tempdir().unwrap();
     let log = d.path().join("serve.log");
+    // A path to serve, whose use is recorded in memory until the server writes it.
+    let fixture = std::path::Path::new(env!("CARGO_MANIFEST_DIR")).join("tests/fixtures/narinfo");
+    let narinfo = std::fs::read_to_string(fixture.join("top.narinfo")).unwrap();
+    let hash = narinfo
+        .lines()
+        .find_map(|l| l.strip_prefix("StorePath: /nix/store/"))
+        .unwrap()[..32]
+        .to_owned();
+    std::fs::create_dir(d.path().join("cellar-data")).unwrap();
+    std::fs::write(
+        d.path().join(format!("cellar-data/{hash}.narinfo")),
+        &narinfo,
+    )
+    .unwrap();
     let mut child = cellar(d.path())
         .args(["serve"])
         .env("CELLAR_LISTEN", "127.0.0.1:0")
@@ -259,6 +273,12 @@ fn a_second_signal_ends_the_shutdown_delay() {
         .unwrap();
     let read_log = || std::fs::read_to_string(&log).unwrap_or_default();
     let addr = wait_until_listening(&mut child, read_log);
+    let served = std::process::Command::new("curl")
+        .args(["-sf", "-o", "/dev/null"])
+        .arg(format!("http://{addr}/{hash}.narinfo"))
+        .status()
+        .unwrap();
+    assert!(served.success());
     let pid = child.id().to_string();
     let term = || {
         let status = Command::new("kill").args(["-TERM", &pid]).status().unwrap();
@@ -287,6 +307,14 @@ fn a_second_signal_ends_the_shutdown_delay() {
         read_log().contains("second shutdown signal"),
         "{}",
         read_log()
+    );
+    // Its use was written on the way out.
+    let records = walk(&d.path().join("cellar-data/_cellar/access"));
+    assert!(
+        records.iter().any(|r| std::fs::read_to_string(r)
+            .unwrap_or_default()
+            .contains(&hash)),
+        "{records:?}"
     );
 }
 
