@@ -102,6 +102,21 @@ pub async fn begin(store: &dyn Store) -> Result<Result<String, Busy>, StoreError
 /// that run (and `run`'s own announcement withdrawn). On an error, `run`'s announcement is
 /// withdrawn too: not knowing, it does not go on.
 async fn alone(store: &dyn Store, run: &str) -> Result<Result<(), Busy>, StoreError> {
+    match others(store, run).await {
+        Ok(None) => Ok(Ok(())),
+        Ok(Some(busy)) => {
+            withdraw(store, run).await?;
+            Ok(Err(busy))
+        }
+        Err(e) => {
+            let _ = withdraw(store, run).await;
+            Err(e)
+        }
+    }
+}
+
+/// Another run's live announcement, if there is one besides `run`'s.
+async fn others(store: &dyn Store, run: &str) -> Result<Option<Busy>, StoreError> {
     let now = SystemTime::now();
     let cutoff = now.checked_sub(TTL).unwrap_or(SystemTime::UNIX_EPOCH);
     let own = key(run);
@@ -110,22 +125,20 @@ async fn alone(store: &dyn Store, run: &str) -> Result<Result<(), Busy>, StoreEr
         .list(&prefix)
         .try_filter(|o| futures::future::ready(o.modified >= cutoff && o.key != own))
         .try_next()
-        .await;
-    match other {
-        Ok(None) => Ok(Ok(())),
-        Ok(Some(o)) => {
-            withdraw(store, run).await?;
-            Ok(Err(Busy {
-                key: o.key,
-                age: now.duration_since(o.modified).unwrap_or_default(),
-            }))
-        }
-        Err(e) => {
-            let _ = withdraw(store, run).await;
-            Err(e)
-        }
-    }
+        .await?;
+    Ok(other.map(|o| Busy {
+        key: o.key,
+        age: now.duration_since(o.modified).unwrap_or_default(),
+    }))
 }
+
+/// The waits before `into_run` asks the store again after a failed write or listing: a run
+/// that read for hours is not thrown away on one passing error.
+const RETRIES: [Duration; 3] = [
+    Duration::from_millis(200),
+    Duration::from_secs(1),
+    Duration::from_secs(5),
+];
 
 /// A run that deletes, announced before it reads the store ([`Announced::begin`]) and kept
 /// live in the background until it starts deleting ([`Announced::into_run`]). Its listing and
@@ -217,11 +230,40 @@ impl Announced {
                     .into(),
             ));
         }
-        if let Err(e) = announce(store, &self.run, []).await {
+        let mut retries = RETRIES.iter();
+        let mut announced = announce(store, &self.run, []).await;
+        while let (Err(_), Some(&wait)) = (&announced, retries.next()) {
+            tokio::time::sleep(wait).await;
+            announced = announce(store, &self.run, []).await;
+        }
+        if let Err(e) = announced {
             let _ = withdraw(store, &self.run).await;
             return Err(e);
         }
-        Ok(alone(store, &self.run).await?.map(|()| self.run))
+        let mut retries = RETRIES.iter();
+        let mut waited_for_a_starter = false;
+        loop {
+            match others(store, &self.run).await {
+                Ok(None) => return Ok(Ok(self.run)),
+                // Written moments ago: most likely a run starting now, which sees this one and
+                // withdraws at once. Looked at again once that had time to happen.
+                Ok(Some(busy)) if busy.age < SETTLE && !waited_for_a_starter => {
+                    waited_for_a_starter = true;
+                    tokio::time::sleep(SETTLE).await;
+                }
+                Ok(Some(busy)) => {
+                    withdraw(store, &self.run).await?;
+                    return Ok(Err(busy));
+                }
+                Err(e) => match retries.next() {
+                    Some(&wait) => tokio::time::sleep(wait).await,
+                    None => {
+                        let _ = withdraw(store, &self.run).await;
+                        return Err(e);
+                    }
+                },
+            }
+        }
     }
 
     /// The key of the run's announcement.

@@ -1193,3 +1193,26 @@ async fn a_run_whose_announcement_lapsed_does_not_delete() {
         "its announcement stayed"
     );
 }
+
+/// A run about to delete is not thrown away by a passing moment: a listing that fails once,
+/// or the announcement of a run that is starting and withdraws on seeing this one.
+#[tokio::test(start_paused = true)]
+async fn a_run_about_to_delete_rides_out_a_passing_error_and_a_starter() {
+    let mem = Arc::new(MemoryStore::new());
+    let store: Arc<dyn Store> = mem.clone();
+    let announced = super::deleting::Announced::begin(&store)
+        .await
+        .unwrap()
+        .unwrap();
+    mem.fail(FailOp::List, "_cellar/deleting/", 0, 1);
+    let starter = super::deleting::key("1767225599-ab12");
+    mem.insert(&starter, "cellar-deleting 1\n");
+    let m = mem.clone();
+    let s = starter.clone();
+    let (run, ()) = tokio::join!(announced.into_run(store.as_ref()), async move {
+        tokio::time::sleep(super::deleting::SETTLE / 2).await;
+        m.remove(&s);
+    });
+    let run = run.unwrap().unwrap();
+    assert!(has(&mem, &super::deleting::key(&run)));
+}
