@@ -66,6 +66,15 @@ pub enum GcError {
     Busy { key: String, secs: u64 },
 }
 
+impl From<deleting::Busy> for GcError {
+    fn from(b: deleting::Busy) -> Self {
+        Self::Busy {
+            key: b.key,
+            secs: b.age.as_secs(),
+        }
+    }
+}
+
 /// What `cellar gc` was asked to do.
 #[derive(Debug, Clone)]
 pub struct Options {
@@ -95,10 +104,7 @@ pub async fn run(
     // A run that deletes announces itself before it lists anything (deleting::Announced).
     let announced = deleting::Announced::begin(store)
         .await?
-        .map_err(|b| GcError::Busy {
-            key: b.key,
-            secs: b.age.as_secs(),
-        })?;
+        .map_err(GcError::from)?;
     let mut read = match read_and_plan(store, store_dir, cfg, opts, progress).await {
         Ok(read) => read,
         Err(e) => {
@@ -109,10 +115,7 @@ pub async fn run(
     let run = announced
         .into_run(store.as_ref())
         .await?
-        .map_err(|b| GcError::Busy {
-            key: b.key,
-            secs: b.age.as_secs(),
-        })?;
+        .map_err(GcError::from)?;
     let outcome = sweep::execute(
         store,
         &read.graph,
