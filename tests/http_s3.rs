@@ -318,6 +318,28 @@ async fn build_logs_are_served() {
     assert_eq!(h(&hh, CONTENT_LENGTH), want.len().to_string());
 }
 
+/// An endpoint written as people write host names (`http://LOCALHOST:3900`, an IPv6 address
+/// in full) reaches the store: requests are signed for the URL as it is sent, which the HTTP
+/// client normalises, not as it was written.
+#[tokio::test(flavor = "multi_thread")]
+async fn an_endpoint_spelled_in_capitals_is_signed_as_sent() {
+    let f = the_fixture().await;
+    let s3 = s3_env();
+    let endpoint = s3.endpoint.replace("127.0.0.1", "LOCALHOST");
+    assert_ne!(endpoint, s3.endpoint, "S3_ENDPOINT is not on 127.0.0.1");
+    let app = App::s3("spelled")
+        .seed_dir(&f.xz_dir)
+        .env("CELLAR_STORE__ENDPOINT", endpoint)
+        .spawn()
+        .await;
+    let c = client();
+    let drv = Fixture::basename(&f.top_drv);
+    let (_, body) = get_ok(&c, &format!("{}/log/{drv}", app.srv.url)).await;
+    assert_eq!(body, read(&f.xz_dir.join("log").join(drv)));
+    let hash = Fixture::hash(&f.closure[0]);
+    get_ok(&c, &format!("{}/{hash}.narinfo", app.srv.url)).await;
+}
+
 #[tokio::test(flavor = "multi_thread")]
 async fn realisations_and_build_traces_are_served() {
     let drv_hash = nix32_of(b"a CA derivation");

@@ -276,6 +276,14 @@ fn prefix_normalisation() {
         panic!("not s3: {c:?}");
     };
     assert_eq!(s3.prefix, "cache/");
+    for bad in ["/cache", "../cache", "./cache", "cache/./x", "a/."] {
+        let err = from_toml(&format!(
+            "[store]\nkind = \"s3\"\nbucket = \"b\"\nprefix = \"{bad}\""
+        ))
+        .unwrap_err()
+        .to_string();
+        assert!(err.contains("store.prefix"), "{bad}: {err}");
+    }
 }
 
 #[test]

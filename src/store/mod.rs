@@ -321,11 +321,22 @@ pub struct Object {
 }
 
 /// A `Content-Encoding` worth passing on: not empty, not `identity`, a valid header value.
+/// `aws-chunked` is left out: it names how an upload was framed, not how the object is
+/// encoded, and some S3 servers store it with the object (Ceph RGW before its fix, versitygw);
+/// a client told it fails to decode the body.
 pub fn content_encoding(v: Option<&str>) -> Option<String> {
     let v = v?.trim();
-    let plain = v.is_empty() || v.eq_ignore_ascii_case("identity");
     let valid = v.bytes().all(|b| b.is_ascii_graphic() || b == b' ');
-    (!plain && valid).then(|| v.to_owned())
+    let codings: Vec<&str> = v
+        .split(',')
+        .map(str::trim)
+        .filter(|c| {
+            !c.is_empty()
+                && !c.eq_ignore_ascii_case("identity")
+                && !c.eq_ignore_ascii_case("aws-chunked")
+        })
+        .collect();
+    (valid && !codings.is_empty()).then(|| codings.join(", "))
 }
 
 impl Object {
@@ -591,11 +602,21 @@ mod tests {
     fn only_real_content_encodings_are_passed_on() {
         assert_eq!(content_encoding(Some(" br ")), Some("br".to_owned()));
         assert_eq!(content_encoding(Some("xz")), Some("xz".to_owned()));
+        assert_eq!(
+            content_encoding(Some("gzip,aws-chunked")),
+            Some("gzip".to_owned())
+        );
+        assert_eq!(
+            content_encoding(Some("gzip, br")),
+            Some("gzip, br".to_owned())
+        );
         for plain in [
             None,
             Some(""),
             Some("identity"),
             Some("IDENTITY"),
+            Some("aws-chunked"),
+            Some(" AWS-CHUNKED , identity"),
             Some("a\u{7f}b"),
         ] {
             assert_eq!(content_encoding(plain), None, "{plain:?}");

@@ -232,7 +232,7 @@ where
             "{what}: {}",
             aws_smithy_types::error::display::DisplayErrorContext(&e)
         ))),
-        (_, Some(s), _) if s >= 500 => Err(StoreError::Unavailable(format!(
+        (_, Some(s), _) if s >= 500 || s == 429 => Err(StoreError::Unavailable(format!(
             "{what}: store answered {s} {}",
             code.as_deref().unwrap_or("")
         ))),

@@ -167,7 +167,12 @@ impl StoreSection {
                 message,
             ));
         }
-        if self.prefix.starts_with('/') || self.prefix.contains("..") {
+        // `.` segments too: the HTTP client drops them from the URL it sends, so the key
+        // read or written would not be the one asked for (nor the signature match).
+        if self.prefix.starts_with('/')
+            || self.prefix.contains("..")
+            || self.prefix.split('/').any(|s| s == ".")
+        {
             return Err(ConfigError::invalid(
                 "store.prefix",
                 format!("{:?} must be relative (like `cache/`)", self.prefix),

@@ -32,8 +32,14 @@ use crate::store::{ByteRange, ContentRange, Object, StoreError};
 /// SHA-256 of the empty body: what a GET or HEAD signs as its payload.
 const EMPTY_SHA256: &str = "e3b0c44298fc1c149afbf4c8996fb92427ae41e4649b934ca495991b7852b855";
 
-/// Credentials are fetched again this long before they expire.
+/// Credentials are fetched again this long before they expire (as the SDK's cache does, with
+/// room for clocks that disagree a little). Until then, and while fetching new ones fails,
+/// the ones held are used.
 const REFRESH_BEFORE: Duration = Duration::from_secs(300);
+
+/// Credentials this close to their expiry are not signed with: a request signed now may reach
+/// the store after they expired.
+const STILL_VALID_FOR: Duration = Duration::from_secs(10);
 
 pub(super) struct FastReads {
     http: reqwest::Client,
@@ -42,7 +48,9 @@ pub(super) struct FastReads {
     region: String,
     bucket: String,
     credentials: SharedCredentialsProvider,
-    cached: Mutex<Option<Credentials>>,
+    cached: std::sync::Mutex<Option<Credentials>>,
+    /// Held by the one request that fetches new credentials.
+    refreshing: Mutex<()>,
     timeout: Duration,
 }
 
@@ -71,6 +79,10 @@ impl FastReads {
             // request sent elsewhere fails anyway; S3's region redirects carry no Location).
             .no_proxy()
             .redirect(reqwest::redirect::Policy::none())
+            // Over TLS a server may offer HTTP/2, and then every request shares one
+            // connection and its flow-control window: a few NAR bodies read slowly (a slow
+            // client, a slow disk cache) would stall every other read, narinfos included.
+            .http1_only()
             .build()?;
         Ok(Self {
             http,
@@ -78,29 +90,63 @@ impl FastReads {
             region: region.to_owned(),
             bucket: bucket.to_owned(),
             credentials,
-            cached: Mutex::new(None),
+            cached: std::sync::Mutex::new(None),
+            refreshing: Mutex::new(()),
             timeout,
         })
     }
 
-    /// Credentials for the next request: cached until shortly before they expire.
+    /// The credentials held, if they expire after `now + margin` (or never).
+    fn held(&self, now: SystemTime, margin: Duration) -> Option<Credentials> {
+        let cached = self.cached.lock().unwrap_or_else(|p| p.into_inner());
+        cached
+            .as_ref()
+            .filter(|c| c.expiry().is_none_or(|e| e > now + margin))
+            .cloned()
+    }
+
+    /// Credentials for the next request. Held ones are used until [`REFRESH_BEFORE`] their
+    /// expiry; then one request fetches new ones (within the request timeout) while the others
+    /// go on with the held ones, which are also used if the fetch fails, until
+    /// [`STILL_VALID_FOR`] before they expire.
     async fn credentials(&self) -> Result<Credentials, StoreError> {
-        let mut cached = self.cached.lock().await;
-        if let Some(c) = cached.as_ref() {
-            let fresh = c
-                .expiry()
-                .is_none_or(|e| e > SystemTime::now() + REFRESH_BEFORE);
-            if fresh {
-                return Ok(c.clone());
-            }
+        let now = SystemTime::now();
+        if let Some(c) = self.held(now, REFRESH_BEFORE) {
+            return Ok(c);
         }
-        let c = self
-            .credentials
-            .provide_credentials()
-            .await
-            .map_err(|e| StoreError::Misconfigured(format!("S3 credentials: {e}")))?;
-        *cached = Some(c.clone());
-        Ok(c)
+        let usable = self.held(now, STILL_VALID_FOR);
+        let _refreshing = match (&usable, self.refreshing.try_lock()) {
+            (_, Ok(guard)) => guard,
+            // Another request is fetching: these still do meanwhile.
+            (Some(c), Err(_)) => return Ok(c.clone()),
+            (None, Err(_)) => {
+                let guard = tokio::time::timeout(self.timeout, self.refreshing.lock())
+                    .await
+                    .map_err(|_| StoreError::Timeout(self.timeout.as_secs()))?;
+                // The request that held the lock may have fetched them.
+                if let Some(c) = self.held(SystemTime::now(), REFRESH_BEFORE) {
+                    return Ok(c);
+                }
+                guard
+            }
+        };
+        let fetched =
+            tokio::time::timeout(self.timeout, self.credentials.provide_credentials()).await;
+        let failure = match fetched {
+            Ok(Ok(c)) => {
+                *self.cached.lock().unwrap_or_else(|p| p.into_inner()) = Some(c.clone());
+                return Ok(c);
+            }
+            Ok(Err(e)) => StoreError::Misconfigured(format!("S3 credentials: {e}")),
+            Err(_) => StoreError::Timeout(self.timeout.as_secs()),
+        };
+        match usable {
+            Some(c) => {
+                tracing::warn!("S3 credentials could not be renewed ({failure}); using the current ones until they expire");
+                Ok(c)
+            }
+            None => Err(failure),
+        }
     }
 
     /// The signed request for `key` (the full object key, prefix included).
@@ -126,6 +172,10 @@ impl FastReads {
         headers: &[(&str, &str)],
         payload_sha256: &str,
     ) -> Result<reqwest::RequestBuilder, StoreError> {
+        // Signed as it is sent: reqwest normalises what it parses (a host in lower case, an
+        // IPv6 address shortened), and a signature over the other spelling does not match.
+        let url = reqwest::Url::parse(&url)
+            .map_err(|e| StoreError::Misconfigured(format!("S3 request URL {url}: {e}")))?;
         let creds = self.credentials().await?;
         let mut settings = SigningSettings::default();
         settings.percent_encoding_mode = PercentEncodingMode::Single;
@@ -152,7 +202,7 @@ impl FastReads {
         let (instructions, _) = sign(signable, &params)
             .map_err(|e| StoreError::Other(format!("signing {url}: {e}")))?
             .into_parts();
-        let mut req = self.http.request(method, &url);
+        let mut req = self.http.request(method, url);
         for (name, value) in headers {
             req = req.header(*name, *value);
         }
@@ -628,6 +678,93 @@ mod tests {
             Err(StoreError::Unavailable(m)) if m.contains("503")
         ));
         assert_eq!(hits.load(Ordering::SeqCst), ATTEMPTS as usize);
+    }
+
+    /// A credentials provider that gives credentials expiring `lasting` from now on its
+    /// first call, then fails (an STS or metadata service gone for a while), counting calls.
+    #[derive(Debug)]
+    struct FailsAfterFirst {
+        lasting: Duration,
+        calls: Arc<AtomicUsize>,
+    }
+
+    impl aws_sdk_s3::config::ProvideCredentials for FailsAfterFirst {
+        fn provide_credentials<'a>(
+            &'a self,
+        ) -> aws_credential_types::provider::future::ProvideCredentials<'a>
+        where
+            Self: 'a,
+        {
+            let n = self.calls.fetch_add(1, Ordering::SeqCst);
+            let expiry = SystemTime::now() + self.lasting;
+            aws_credential_types::provider::future::ProvideCredentials::ready(if n == 0 {
+                Ok(Credentials::new(
+                    "k",
+                    "s",
+                    Some("t".into()),
+                    Some(expiry),
+                    "t",
+                ))
+            } else {
+                Err(aws_credential_types::provider::error::CredentialsError::provider_error("down"))
+            })
+        }
+    }
+
+    async fn reads_with(hits: &Arc<AtomicUsize>, provider: FailsAfterFirst) -> FastReads {
+        let url = fake_s3(hits.clone()).await;
+        let d = Duration::from_secs(5);
+        FastReads::new(
+            &url,
+            "b",
+            "us-east-1",
+            SharedCredentialsProvider::new(provider),
+            d,
+            d,
+        )
+        .unwrap()
+    }
+
+    /// Credentials due for renewal are still signed with while the renewal fails, and the
+    /// provider is asked once per request meanwhile, not by every request at once; ones about
+    /// to expire are not.
+    #[tokio::test]
+    async fn held_credentials_outlive_a_failed_renewal_until_they_expire() {
+        let hits = Arc::new(AtomicUsize::new(0));
+        let calls = Arc::new(AtomicUsize::new(0));
+        let lasting = REFRESH_BEFORE - Duration::from_secs(60);
+        let r = reads_with(
+            &hits,
+            FailsAfterFirst {
+                lasting,
+                calls: calls.clone(),
+            },
+        )
+        .await;
+        for _ in 0..3 {
+            assert!(matches!(r.get("p/ok", None).await, Ok(Read::Found(_))));
+        }
+        assert_eq!(
+            calls.load(Ordering::SeqCst),
+            3,
+            "a renewal tried per request"
+        );
+
+        let calls = Arc::new(AtomicUsize::new(0));
+        let lasting = STILL_VALID_FOR - Duration::from_secs(1);
+        let r = reads_with(
+            &hits,
+            FailsAfterFirst {
+                lasting,
+                calls: calls.clone(),
+            },
+        )
+        .await;
+        assert!(matches!(r.get("p/ok", None).await, Ok(Read::Found(_))));
+        assert!(
+            matches!(r.get("p/ok", None).await, Err(StoreError::Misconfigured(m)) if m.contains("credentials")),
+            "signed with credentials about to expire"
+        );
     }
 
     /// A store asking to slow down with 429 is asked again (after a pause), and one that

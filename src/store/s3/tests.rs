@@ -52,6 +52,29 @@ async fn ping_makes_one_attempt() {
     assert!(accepted.load(Ordering::SeqCst) > 2);
 }
 
+/// A store that keeps answering 429 (too many requests) is unavailable (503 to clients, a
+/// pause for the caller), on the SDK's path as on the direct one, not a client error.
+#[tokio::test]
+async fn a_store_asking_to_slow_down_is_unavailable() {
+    let app = axum::Router::new().fallback(|| async {
+        (
+            axum::http::StatusCode::TOO_MANY_REQUESTS,
+            "<Error><Code>SlowDown</Code></Error>",
+        )
+    });
+    let l = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+    let endpoint = format!("http://{}", l.local_addr().unwrap());
+    tokio::spawn(async move { axum::serve(l, app).await });
+    for direct in [false, true] {
+        let store = store_with(endpoint.clone(), 4, direct).await;
+        let got = store.head("x").await;
+        assert!(
+            matches!(got, Err(StoreError::Unavailable(_))),
+            "direct {direct}: {got:?}"
+        );
+    }
+}
+
 /// What a fake S3 saw of one multipart upload.
 #[derive(Default)]
 struct Seen {
