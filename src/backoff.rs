@@ -2,6 +2,10 @@
 //! upstream cache that timed out or failed (skipped instead of making every request wait), and
 //! the NAR disk cache once its disk is full (NARs are then served without caching).
 //!
+//! A pause may wait for several failures in a row ([`Backoff::after`]): an upstream whose one
+//! slow answer (a NAR part, a prefetch) was followed by answers proves nothing about the next
+//! request, and skipping it turns every path it holds into a miss.
+//!
 //! Besides the pause, a [`Backoff`] remembers whether the current outage has been reported, so
 //! that its holder logs one line when it starts and one when it ends, not one per request:
 //! [`Backoff::trip`] and [`Backoff::reset`] say whether they changed that state.
@@ -10,11 +14,15 @@
 //! NAR cache miss. Time is measured on the monotonic clock, so a wall-clock step neither
 //! extends nor cuts a pause.
 
-use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
+use std::sync::atomic::{AtomicBool, AtomicU32, AtomicU64, Ordering};
 use std::time::{Duration, Instant};
 
 pub struct Backoff {
     period: Duration,
+    /// Failures in a row that start a pause.
+    threshold: u32,
+    /// Failures since the last success.
+    in_a_row: AtomicU32,
     /// The clock `until_ms` counts from.
     origin: Instant,
     /// End of the pause in milliseconds since `origin`; 0 before the first trip.
@@ -26,8 +34,16 @@ pub struct Backoff {
 impl Backoff {
     /// A back-off that pauses for `period` after each failure.
     pub fn new(period: Duration) -> Self {
+        Self::after(1, period)
+    }
+
+    /// A back-off that pauses for `period` once `threshold` failures came with no success
+    /// between them, and after each failure that follows.
+    pub fn after(threshold: u32, period: Duration) -> Self {
         Self {
             period,
+            threshold: threshold.max(1),
+            in_a_row: AtomicU32::new(0),
             origin: Instant::now(),
             until_ms: AtomicU64::new(0),
             reported: AtomicBool::new(false),
@@ -44,10 +60,18 @@ impl Backoff {
         self.now_ms() < self.until_ms.load(Ordering::Relaxed)
     }
 
-    /// Records a failure: (re)starts the pause for one period from now. True if this starts an
-    /// outage (the first trip since creation or the last [`reset`](Self::reset)): the caller
-    /// logs it then, and stays quiet on the trips that follow.
+    /// Records a failure: (re)starts the pause for one period from now once it is the
+    /// threshold's failure in a row. True if this starts an outage (the first pause since
+    /// creation or the last [`reset`](Self::reset)): the caller logs it then, and stays quiet
+    /// on the trips that follow.
     pub fn trip(&self) -> bool {
+        let failures = self
+            .in_a_row
+            .fetch_add(1, Ordering::Relaxed)
+            .saturating_add(1);
+        if failures < self.threshold {
+            return false;
+        }
         let until = self.now_ms().saturating_add(millis(self.period));
         self.until_ms.store(until, Ordering::Relaxed);
         !self.reported.swap(true, Ordering::Relaxed)
@@ -57,6 +81,7 @@ impl Backoff {
     /// caller logs its end once. A pause already running is left to run out: a request that
     /// was in flight when another one failed proves little about the next one.
     pub fn reset(&self) -> bool {
+        self.in_a_row.store(0, Ordering::Relaxed);
         self.reported.swap(false, Ordering::Relaxed)
     }
 
@@ -97,6 +122,28 @@ mod tests {
         assert!(b.reset(), "the first success ends it");
         assert!(!b.reset(), "later successes change nothing");
         assert!(b.trip(), "a failure after that is a new outage");
+    }
+
+    #[test]
+    fn a_threshold_counts_failures_in_a_row_only() {
+        let b = Backoff::after(3, Duration::from_secs(3600));
+        assert!(!b.trip());
+        assert!(!b.trip());
+        assert!(!b.is_active(), "two failures in a row of three");
+        assert!(!b.reset(), "no outage was reported");
+        assert!(!b.trip());
+        assert!(!b.trip());
+        assert!(
+            !b.is_active(),
+            "a success between failures starts the count again"
+        );
+        assert!(b.trip(), "the third in a row starts the outage");
+        assert!(b.is_active());
+        b.reset();
+        assert!(
+            !b.trip(),
+            "after a success, one failure does not start another"
+        );
     }
 
     #[test]

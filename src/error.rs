@@ -19,6 +19,11 @@ use crate::store::StoreError;
 pub enum Error {
     #[error("not found")]
     NotFound,
+    /// Not found in the store nor by the upstreams asked, while some upstream could not be
+    /// asked (down, skipped after failures): a 404 as a narinfo lookup must answer, but one
+    /// neither this server nor anything in front of it keeps.
+    #[error("not found; an upstream cache could not be asked")]
+    NotFoundForNow,
     #[error("{0}")]
     BadName(#[from] NameError),
     #[error(transparent)]
@@ -78,7 +83,7 @@ pub struct ErrorLabel(pub &'static str);
 impl Error {
     pub fn status(&self) -> StatusCode {
         match self {
-            Self::NotFound => StatusCode::NOT_FOUND,
+            Self::NotFound | Self::NotFoundForNow => StatusCode::NOT_FOUND,
             Self::BadName(_) => StatusCode::BAD_REQUEST,
             Self::Store(StoreError::Unavailable(_) | StoreError::Timeout(_)) => {
                 StatusCode::SERVICE_UNAVAILABLE
@@ -112,6 +117,7 @@ impl Error {
     pub fn label(&self) -> &'static str {
         match self {
             Self::NotFound => "not_found",
+            Self::NotFoundForNow => "not_found_upstream_down",
             Self::BadName(_) => "bad_name",
             Self::Store(StoreError::Unavailable(_)) => "store_unavailable",
             Self::Store(StoreError::Timeout(_)) => "store_timeout",
@@ -137,6 +143,7 @@ impl Error {
     fn public_reason(&self) -> String {
         match self {
             Self::NotFound => "not found".into(),
+            Self::NotFoundForNow => "not found (an upstream cache could not be asked)".into(),
             Self::BadName(e) => e.to_string(),
             Self::Store(StoreError::Unavailable(_) | StoreError::Timeout(_)) => {
                 "store unavailable".into()
@@ -207,7 +214,7 @@ impl IntoResponse for Error {
             header::CONTENT_TYPE,
             HeaderValue::from_static("text/plain; charset=utf-8"),
         );
-        if status.is_server_error() || matches!(self, Self::Upload(_)) {
+        if status.is_server_error() || matches!(self, Self::Upload(_) | Self::NotFoundForNow) {
             h.insert(header::CACHE_CONTROL, HeaderValue::from_static("no-store"));
         }
         if status == StatusCode::UNAUTHORIZED {
@@ -235,6 +242,9 @@ mod tests {
     #[test]
     fn statuses() {
         assert_eq!(Error::NotFound.status(), StatusCode::NOT_FOUND);
+        let unsure = Error::NotFoundForNow.into_response();
+        assert_eq!(unsure.status(), StatusCode::NOT_FOUND);
+        assert_eq!(unsure.headers()[header::CACHE_CONTROL], "no-store");
         assert_eq!(
             Error::Store(StoreError::Timeout(3)).status(),
             StatusCode::SERVICE_UNAVAILABLE

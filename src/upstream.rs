@@ -2,8 +2,9 @@
 //! the configured order before the server answers 404 (a 404 sticks in clients for an hour). An
 //! upstream narinfo is accepted only if it carries a valid signature by one of that upstream's
 //! keys; it is then served signed by this server, and its NAR (and log, listing) streamed from
-//! the upstream through `/nar/…`. A slow or dead upstream is a miss after its timeout and is
-//! then skipped for a while, so an outage does not turn every request into a wait.
+//! the upstream through `/nar/…`, asked of the upstream whose narinfo named it. A slow or dead
+//! upstream is a miss after its timeout, and after [`FAILURES_IN_A_ROW`] such failures it is
+//! skipped for a while, so an outage does not turn every request into a wait.
 
 use std::fmt;
 use std::io;
@@ -17,8 +18,16 @@ use crate::config::UpstreamConfig;
 use crate::nix::{NarInfo, NarInfoError, NarUrlError, PublicKey, StorePathHash, MAX_NARINFO_BYTES};
 use crate::store::{ByteRange, ContentRange, Object, ObjectWriter, Store, StoreError};
 
-/// After a failure, how long an upstream is skipped.
+/// After [`FAILURES_IN_A_ROW`] failures, how long an upstream is skipped.
 const BACKOFF: Duration = Duration::from_secs(30);
+
+/// Failures with no answer between them that make an upstream skipped. One slow answer (a part
+/// of a large NAR, one of many prefetches) is not an outage: skipping the upstream makes every
+/// path only it holds a miss.
+pub const FAILURES_IN_A_ROW: u32 = 3;
+
+/// How many NAR names are remembered with the upstream whose narinfo named them.
+const ROUTES: u64 = 200_000;
 
 struct Upstream {
     /// Where requests go: may hold credentials (`https://user:token@host`, how a private
@@ -79,7 +88,8 @@ impl fmt::Display for Refusal {
 }
 
 impl Upstream {
-    /// Skips this upstream for a while; logs the first failure of an outage only.
+    /// Counts a failure: the upstream is skipped for a while once [`FAILURES_IN_A_ROW`] came
+    /// with no answer between them. Logs the start of an outage only.
     fn failed(&self, why: &Failure) {
         if self.down.trip() {
             tracing::warn!(
@@ -108,19 +118,39 @@ pub struct Found {
 
 pub struct Upstreams {
     list: Vec<Upstream>,
+    /// `nar/<file>` → the index in `list` of the upstream whose verified narinfo named it:
+    /// the NAR is asked of that upstream alone, not of every upstream in order (which would
+    /// count another upstream's refusal against it, and could take the bytes from an upstream
+    /// whose NAR of that name is another one). A name not held here (asked by a client that
+    /// kept the narinfo, or of another replica) goes to every upstream in order.
+    routes: moka::future::Cache<String, usize>,
     client: reqwest::Client,
     store_dir: String,
 }
 
 impl Upstreams {
-    pub fn new(configs: &[UpstreamConfig], store_dir: &str) -> Result<Self, reqwest::Error> {
-        let client = reqwest::Client::builder()
+    /// The HTTP client's settings for upstreams: timeouts, pool, and which redirects it follows.
+    fn client_builder() -> reqwest::ClientBuilder {
+        reqwest::Client::builder()
             .user_agent(concat!("cellar/", env!("CARGO_PKG_VERSION")))
             .connect_timeout(Duration::from_secs(5))
             .pool_max_idle_per_host(32)
             // A body that stops arriving fails instead of holding a request (or a fill) forever.
             .read_timeout(Duration::from_secs(30))
-            .build()?;
+            .redirect(reqwest::redirect::Policy::custom(|attempt| {
+                let from = attempt.previous().first().cloned();
+                match from.map(|f| redirect_refused(&f, attempt.url())) {
+                    _ if attempt.previous().len() > MAX_REDIRECTS => {
+                        attempt.error("too many redirects")
+                    }
+                    Some(Some(why)) => attempt.error(why),
+                    _ => attempt.follow(),
+                }
+            }))
+    }
+
+    pub fn new(configs: &[UpstreamConfig], store_dir: &str) -> Result<Self, reqwest::Error> {
+        let client = Self::client_builder().build()?;
         let list = configs
             .iter()
             .map(|c| Upstream {
@@ -129,11 +159,12 @@ impl Upstreams {
                 keys: c.public_keys.clone(),
                 timeout: c.timeout,
                 mirror: c.mirror,
-                down: Backoff::new(BACKOFF),
+                down: Backoff::after(FAILURES_IN_A_ROW, BACKOFF),
             })
             .collect();
         Ok(Self {
             list,
+            routes: moka::future::Cache::new(ROUTES),
             client,
             store_dir: store_dir.to_owned(),
         })
@@ -152,10 +183,11 @@ impl Upstreams {
     }
 
     /// Asks each upstream in order for the narinfo of `h`; the first one with a narinfo that
-    /// verifies wins. An upstream that is down or fails counts as a miss here: a narinfo
-    /// lookup must answer (a miss is a 404) within the upstream timeout.
-    pub async fn narinfo(&self, h: StorePathHash) -> Option<Found> {
-        self.lookup_narinfo(h).await.0
+    /// verifies wins. An upstream that is down or fails counts as a miss here (a narinfo
+    /// lookup must answer within the upstream timeout), and the second value says whether
+    /// that happened: such a miss is not one to remember.
+    pub async fn narinfo(&self, h: StorePathHash) -> (Option<Found>, bool) {
+        self.lookup_narinfo(h).await
     }
 
     /// True if some upstream serves a verified narinfo for `h` (used to accept uploads whose
@@ -175,17 +207,22 @@ impl Upstreams {
     /// The narinfo, and whether some upstream could not answer.
     async fn lookup_narinfo(&self, h: StorePathHash) -> (Option<Found>, bool) {
         let mut unavailable = false;
-        for u in &self.list {
+        for (i, u) in self.list.iter().enumerate() {
             if u.down.is_active() {
                 unavailable = true;
                 continue;
             }
+            // Not counted as an answer before its body is read: an upstream that sends headers
+            // and then cuts every body off is failing.
             let res = match self
-                .send(u, self.client.get(format!("{}/{h}.narinfo", u.base)))
+                .request(u, self.client.get(format!("{}/{h}.narinfo", u.base)))
                 .await
             {
                 Ok(Some(r)) => r,
-                Ok(None) => continue,
+                Ok(None) => {
+                    u.answered();
+                    continue;
+                }
                 Err(_) => {
                     unavailable = true;
                     continue;
@@ -197,7 +234,10 @@ impl Upstreams {
             )
             .await
             {
-                Ok(Ok(b)) => b,
+                Ok(Ok(b)) => {
+                    u.answered();
+                    b
+                }
                 // A body cut off is the upstream failing, not a refusal of what it sent.
                 Ok(Err(Refusal::Body(e))) => {
                     u.failed(&Failure::Request(e));
@@ -205,6 +245,7 @@ impl Upstreams {
                     continue;
                 }
                 Ok(Err(why)) => {
+                    u.answered();
                     tracing::warn!(upstream = %u.name, path = %h, cause = %why, "upstream narinfo refused");
                     continue;
                 }
@@ -216,6 +257,11 @@ impl Upstreams {
             };
             match self.check(u, h, &body) {
                 Ok(info) => {
+                    if let Ok(f) = info.nar_file() {
+                        self.routes
+                            .insert(crate::store::object_key::nar(&f), i)
+                            .await;
+                    }
                     return (
                         Some(Found {
                             info,
@@ -232,11 +278,23 @@ impl Upstreams {
         (None, unavailable)
     }
 
+    /// [`Self::request`], counting an answer as the end of an outage: for requests whose
+    /// answer is complete at its headers (a HEAD, a miss) or whose body goes to the caller.
+    async fn send(
+        &self,
+        u: &Upstream,
+        req: reqwest::RequestBuilder,
+    ) -> Result<Option<reqwest::Response>, Failure> {
+        let r = self.request(u, req).await?;
+        u.answered();
+        Ok(r)
+    }
+
     /// Sends `req` to `u` within its timeout: `Ok(Some)` for a 2xx (or 416, so a range outside
     /// the object can be reported as such), `Ok(None)` for a plain miss (4xx), `Err` when the
-    /// upstream failed (timeout, connection error, 5xx, 429, 408), which also marks it down
-    /// (and logs the failure if it starts an outage, so callers need not).
-    async fn send(
+    /// upstream failed (timeout, connection error, 5xx, 429, 408), which also counts against
+    /// it ([`Upstream::failed`], which logs the start of an outage, so callers need not).
+    async fn request(
         &self,
         u: &Upstream,
         req: reqwest::RequestBuilder,
@@ -254,7 +312,6 @@ impl Upstreams {
                 Failure::Status(r.status())
             }
             Ok(Ok(r)) => {
-                u.answered();
                 let ok = r.status().is_success()
                     || r.status() == reqwest::StatusCode::RANGE_NOT_SATISFIABLE;
                 let result = if ok { "ok" } else { "not_found" };
@@ -282,11 +339,20 @@ impl Upstreams {
         Ok(info)
     }
 
+    /// The upstreams to ask for `key`, in order: the one whose narinfo named it if that is
+    /// known, else all of them.
+    async fn asked_for(&self, key: &str) -> &[Upstream] {
+        match self.routes.get(key).await {
+            Some(i) => self.list.get(i..=i).unwrap_or(&self.list),
+            None => &self.list,
+        }
+    }
+
     /// GETs `key` (a cache-relative path such as `nar/<file>`) from the first upstream that
     /// has it.
     async fn get(&self, key: &str, range: Option<ByteRange>) -> Result<Option<Object>, StoreError> {
         let mut unavailable = false;
-        for u in &self.list {
+        for u in self.asked_for(key).await {
             if u.down.is_active() {
                 unavailable = true;
                 continue;
@@ -424,7 +490,7 @@ impl Upstreams {
     /// of the same address would (503, not a 404 that clients and proxies keep).
     pub async fn head(&self, key: &str) -> Result<Option<u64>, StoreError> {
         let mut unavailable = false;
-        for u in &self.list {
+        for u in self.asked_for(key).await {
             if u.down.is_active() {
                 unavailable = true;
                 continue;
@@ -454,6 +520,71 @@ impl Upstreams {
             .get(reqwest::header::CONTENT_LENGTH)
             .and_then(|v| v.to_str().ok())
             .and_then(|v| v.parse().ok()))
+    }
+}
+
+/// Redirects an upstream may send before its answer is taken as a failure.
+const MAX_REDIRECTS: usize = 5;
+
+/// Why an upstream asked for `from` may not send cellar to `to`, if it may not. Upstreams
+/// redirect NARs to where they keep them (attic to S3, a cellar with `redirect_nars`), and what
+/// they redirect to is served to anyone who asks: so never from https to plain http, never to a
+/// link-local or unspecified address (a cloud metadata service lives at 169.254.169.254), and
+/// to a loopback or private address only from an upstream that is on one itself (a homelab
+/// cache and its bucket). Names are not resolved: a public name that resolves to a private
+/// address is not caught here.
+fn redirect_refused(from: &reqwest::Url, to: &reqwest::Url) -> Option<&'static str> {
+    if from.scheme() == "https" && to.scheme() != "https" {
+        return Some("redirect from https to another scheme");
+    }
+    if !matches!(to.scheme(), "http" | "https") {
+        return Some("redirect to a scheme other than http(s)");
+    }
+    match (reach(from), reach(to)) {
+        (_, Reach::Never) => Some("redirect to a link-local or unspecified address"),
+        (Reach::Public, Reach::Local) => {
+            Some("redirect from a public upstream to a loopback or private address")
+        }
+        _ => None,
+    }
+}
+
+/// Where a URL's host is, as far as its spelling says.
+#[derive(Debug, PartialEq)]
+enum Reach {
+    Public,
+    /// Loopback or private (RFC 1918, IPv6 unique local), or `localhost`.
+    Local,
+    /// Link-local or unspecified: nothing an upstream has reason to send cellar to.
+    Never,
+}
+
+fn reach(u: &reqwest::Url) -> Reach {
+    use std::net::IpAddr;
+    let Some(host) = u.host_str() else {
+        return Reach::Never;
+    };
+    let literal = host.trim_start_matches('[').trim_end_matches(']');
+    let ip = match literal.parse::<IpAddr>() {
+        Ok(IpAddr::V6(a)) => a.to_ipv4_mapped().map_or(IpAddr::V6(a), IpAddr::V4),
+        Ok(a) => a,
+        Err(_) => {
+            let d = host.trim_end_matches('.').to_ascii_lowercase();
+            return if d == "localhost" || d.ends_with(".localhost") {
+                Reach::Local
+            } else {
+                Reach::Public
+            };
+        }
+    };
+    match ip {
+        IpAddr::V4(a) if a.is_link_local() || a.is_unspecified() || a.is_broadcast() => {
+            Reach::Never
+        }
+        IpAddr::V4(a) if a.is_loopback() || a.is_private() => Reach::Local,
+        IpAddr::V6(a) if a.is_unspecified() || (a.segments()[0] & 0xffc0) == 0xfe80 => Reach::Never,
+        IpAddr::V6(a) if a.is_loopback() || (a.segments()[0] & 0xfe00) == 0xfc00 => Reach::Local,
+        _ => Reach::Public,
     }
 }
 

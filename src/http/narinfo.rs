@@ -131,13 +131,16 @@ async fn signed_narinfo(
     {
         Some(info) => info,
         None => match live.upstreams.narinfo(h).await {
-            Some(found) => {
+            (Some(found), _) => {
                 if found.mirror {
                     live.mirror.offer(found.info.clone());
                 }
                 found.info
             }
-            None => return Ok(None),
+            (None, false) => return Ok(None),
+            // Not remembered as a miss (errors are not cached): asked again once the upstream
+            // is back.
+            (None, true) => return Err(Error::NotFoundForNow),
         },
     };
     info.complete_file_size();

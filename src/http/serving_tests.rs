@@ -316,7 +316,7 @@ async fn a_slow_answer_is_not_an_idle_connection() {
     server.await.unwrap().unwrap();
 }
 
-/// `/status` reports each upstream as up until it fails, then as down.
+/// `/status` reports each upstream as up until it fails (three times in a row), then as down.
 #[tokio::test]
 async fn status_reports_an_upstream_up_then_down_once_it_fails() {
     let mem = Arc::new(MemoryStore::new());
@@ -332,11 +332,35 @@ async fn status_reports_an_upstream_up_then_down_once_it_fails() {
         v["upstreams"][0]["up"].as_bool().unwrap()
     };
     assert!(up(st.clone()).await);
-    assert_eq!(
-        get(&st, &format!("/{HASH}.narinfo")).await.0,
-        StatusCode::NOT_FOUND
-    );
+    for _ in 0..crate::upstream::FAILURES_IN_A_ROW {
+        assert_eq!(
+            get(&st, &format!("/{HASH}.narinfo")).await.0,
+            StatusCode::NOT_FOUND
+        );
+    }
     assert!(!up(st.clone()).await);
+}
+
+/// A narinfo missed while an upstream could not be asked is a 404 that is not kept: not in
+/// memory (the next request looks again), not by caches in front (`no-store`).
+#[tokio::test]
+async fn a_miss_while_an_upstream_is_down_is_not_remembered() {
+    let mem = Arc::new(MemoryStore::new());
+    let cfg = Config {
+        upstreams: vec![super::tests::dead_upstream()],
+        ..Config::default()
+    };
+    let st = state(cfg, &mem);
+    let url = format!("/{HASH}.narinfo");
+    let req = Request::get(&url).body(Body::empty()).unwrap();
+    let (status, headers, _) = get_with(&st, req).await;
+    assert_eq!(status, StatusCode::NOT_FOUND);
+    assert_eq!(headers["cache-control"], "no-store");
+    // The path arrives (another replica's upload, the upstream back): found at once, not
+    // after the negative TTL.
+    mem.insert(&format!("{HASH}.narinfo"), NARINFO);
+    mem.insert(&format!("nar/{NAR_FILE}.nar.xz"), vec![0u8; 10]);
+    assert_eq!(get(&st, &url).await.0, StatusCode::OK);
 }
 
 /// The upload address reads the store directly, for each kind of object: `nix copy --to`

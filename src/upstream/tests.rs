@@ -96,10 +96,12 @@ async fn a_narinfo_cut_off_is_an_outage_not_a_miss() {
     });
     let upstreams = upstreams_at(url);
     let h: StorePathHash = "6bxnj2gfflqa529lddzh3zhcn45nn86r".parse().unwrap();
-    assert!(matches!(
-        upstreams.has(h).await,
-        Err(StoreError::Unavailable(_))
-    ));
+    for _ in 0..FAILURES_IN_A_ROW {
+        assert!(matches!(
+            upstreams.has(h).await,
+            Err(StoreError::Unavailable(_))
+        ));
+    }
     assert!(
         upstreams.list[0].down.is_active(),
         "the upstream is skipped"
@@ -183,10 +185,12 @@ async fn a_range_the_upstream_ignores_is_cut_from_the_whole_object() {
 #[tokio::test]
 async fn a_throttled_upstream_is_unavailable_not_a_miss() {
     let upstreams = plain_upstreams().await;
-    assert!(matches!(
-        upstreams.get("nar/busy.nar", None).await,
-        Err(StoreError::Unavailable(_))
-    ));
+    for _ in 0..FAILURES_IN_A_ROW {
+        assert!(matches!(
+            upstreams.get("nar/busy.nar", None).await,
+            Err(StoreError::Unavailable(_))
+        ));
+    }
     assert!(
         upstreams.list[0].down.is_active(),
         "the upstream is skipped"
@@ -271,10 +275,12 @@ async fn a_head_while_the_upstream_fails_is_unavailable_like_a_get() {
             .head(|| async { StatusCode::INTERNAL_SERVER_ERROR }),
     );
     let upstreams = upstreams_serving(app).await;
-    assert!(matches!(
-        upstreams.head("log/x").await,
-        Err(StoreError::Unavailable(_))
-    ));
+    for _ in 0..FAILURES_IN_A_ROW {
+        assert!(matches!(
+            upstreams.head("log/x").await,
+            Err(StoreError::Unavailable(_))
+        ));
+    }
     assert!(
         upstreams.list[0].down.is_active(),
         "the upstream is skipped"
@@ -347,11 +353,14 @@ async fn credentials_in_an_upstream_url_are_used_and_never_shown() {
     let addr = listener.local_addr().unwrap();
     tokio::spawn(async move { axum::serve(listener, app).await });
     let upstreams = upstreams_at(format!("http://reader:S3CRET-TOKEN@{addr}"));
-    assert!(upstreams.get("log/x", None).await.is_err());
+    for _ in 0..FAILURES_IN_A_ROW {
+        assert!(upstreams.get("log/x", None).await.is_err());
+    }
     // "reader:S3CRET-TOKEN", as Basic auth.
+    let basic = Some("Basic cmVhZGVyOlMzQ1JFVC1UT0tFTg==".to_owned());
     assert_eq!(
         seen.lock().unwrap().clone(),
-        vec![Some("Basic cmVhZGVyOlMzQ1JFVC1UT0tFTg==".to_owned())]
+        vec![basic; FAILURES_IN_A_ROW as usize]
     );
     let shown = format!("{:?}", upstreams.health());
     assert!(shown.contains(&format!("http://{addr}")), "{shown}");
@@ -384,4 +393,189 @@ async fn credentials_in_an_upstream_url_are_used_and_never_shown() {
         without_credentials("https://a:b@cache.example.org/x"),
         "https://cache.example.org/x"
     );
+}
+
+/// A narinfo for `path` whose NAR is `nar/<file>`, signed by `key`.
+fn signed_narinfo(key: &crate::nix::SecretKey, path: &str, file: &str) -> String {
+    let text = format!(
+        "StorePath: /nix/store/{path}\nURL: nar/{file}\nCompression: none\n\
+         NarHash: {}\nNarSize: 10\nReferences: \n",
+        crate::nix::Sha256::digest(b"0123456789")
+    );
+    let mut info = NarInfo::parse(&text, "/nix/store").unwrap();
+    info.sign(key, "/nix/store");
+    info.render("/nix/store")
+}
+
+/// Serves `app` on a port of its own; its URL.
+async fn serve(app: axum::Router) -> String {
+    let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+    let url = format!("http://{}", listener.local_addr().unwrap());
+    tokio::spawn(async move { axum::serve(listener, app).await });
+    url
+}
+
+const FIRST: &str = "6bxnj2gfflqa529lddzh3zhcn45nn86r";
+const SECOND: &str = "7bxnj2gfflqa529lddzh3zhcn45nn86r";
+const SECOND_NAR: &str = "1b8m03r63zqhnjf7l5wnldhh7c134ap5vpj0850ymkq1iyzicy5s.nar";
+
+/// Two upstreams, in this order: the first holds the narinfo of [`FIRST`] and fails every NAR
+/// request (as nix-serve does for a NAR name not its own), counting them; the second holds
+/// [`SECOND`] and its NAR [`SECOND_NAR`].
+async fn two_upstreams(first_nar_requests: Arc<std::sync::atomic::AtomicUsize>) -> Upstreams {
+    let k1 = crate::nix::SecretKey::generate("first-1").unwrap();
+    let k2 = crate::nix::SecretKey::generate("second-1").unwrap();
+    let first = signed_narinfo(
+        &k1,
+        &format!("{FIRST}-a"),
+        "0mz5j6wnmb1kvqbwdv1w3yyr5pahfrwsnsyk2zq4ff1qd6q6bz6j.nar",
+    );
+    let app1 = axum::Router::new()
+        .route(
+            &format!("/{FIRST}.narinfo"),
+            axum::routing::get(move || async move { first }),
+        )
+        .route(
+            "/nar/{file}",
+            axum::routing::get(move || {
+                first_nar_requests.fetch_add(1, std::sync::atomic::Ordering::SeqCst);
+                async { StatusCode::INTERNAL_SERVER_ERROR }
+            }),
+        );
+    let second = signed_narinfo(&k2, &format!("{SECOND}-b"), SECOND_NAR);
+    let app2 = axum::Router::new()
+        .route(
+            &format!("/{SECOND}.narinfo"),
+            axum::routing::get(move || async move { second }),
+        )
+        .route(
+            &format!("/nar/{SECOND_NAR}"),
+            axum::routing::get(|| async { "0123456789" }),
+        );
+    let configs =
+        [(serve(app1).await, k1), (serve(app2).await, k2)].map(|(url, k)| UpstreamConfig {
+            url,
+            public_keys: vec![k.public()],
+            timeout: Duration::from_secs(5),
+            mirror: false,
+        });
+    Upstreams::new(&configs, "/nix/store").unwrap()
+}
+
+/// A NAR is asked of the upstream whose narinfo named it, not of every upstream in order: an
+/// upstream listed before it is not asked (it could answer with another NAR of that name), and
+/// its refusal does not count against it.
+#[tokio::test]
+async fn a_nar_is_asked_of_the_upstream_whose_narinfo_named_it() {
+    let asked = Arc::new(std::sync::atomic::AtomicUsize::new(0));
+    let upstreams = two_upstreams(asked.clone()).await;
+    let second: StorePathHash = SECOND.parse().unwrap();
+    assert!(upstreams.narinfo(second).await.0.is_some());
+    let key = format!("nar/{SECOND_NAR}");
+    for _ in 0..FAILURES_IN_A_ROW {
+        let obj = upstreams.get(&key, None).await.unwrap().unwrap();
+        let chunks: Vec<bytes::Bytes> = obj.body.try_collect().await.unwrap();
+        assert_eq!(chunks.concat(), b"0123456789");
+        assert_eq!(upstreams.head(&key).await.unwrap(), Some(10));
+    }
+    assert_eq!(asked.load(std::sync::atomic::Ordering::SeqCst), 0);
+    // A name no narinfo here named (a client that kept the narinfo, another replica's) goes
+    // to each upstream in order.
+    let other = "nar/0zw2p0wavbk0nx2hchxbgiv9h5dv1bd7cbh1lfpv3qzcsm5dfnlj.nar";
+    assert!(upstreams.get(other, None).await.is_err());
+    assert_eq!(asked.load(std::sync::atomic::Ordering::SeqCst), 1);
+}
+
+/// One failed request (a slow NAR part, one of many prefetches) does not make an upstream
+/// skipped: its narinfos are still found. Only failures in a row do.
+#[tokio::test]
+async fn one_failure_does_not_make_an_upstream_skipped() {
+    let asked = Arc::new(std::sync::atomic::AtomicUsize::new(0));
+    let upstreams = two_upstreams(asked.clone()).await;
+    let first: StorePathHash = FIRST.parse().unwrap();
+    let unknown = "nar/0zw2p0wavbk0nx2hchxbgiv9h5dv1bd7cbh1lfpv3qzcsm5dfnlj.nar";
+    for _ in 0..3 {
+        // A failure, then an answer: never three in a row.
+        assert!(upstreams.get(unknown, None).await.is_err());
+        let (found, unsure) = upstreams.narinfo(first).await;
+        assert!(found.is_some() && !unsure);
+    }
+    assert!(!upstreams.list[0].down.is_active());
+    for _ in 0..FAILURES_IN_A_ROW {
+        assert!(upstreams.get(unknown, None).await.is_err());
+    }
+    assert!(upstreams.list[0].down.is_active());
+    // Skipped now: a miss, said to be one that could not be asked.
+    let (found, unsure) = upstreams.narinfo(first).await;
+    assert!(found.is_none() && unsure);
+}
+
+/// Redirects an upstream sends are followed to where NARs are kept (attic to its bucket), but
+/// not from https to http, not to link-local addresses (cloud metadata services), and not from
+/// a public upstream to a loopback or private address: what they lead to is served to anyone.
+#[test]
+fn redirects_that_would_reach_inside_are_refused() {
+    let u = |s: &str| reqwest::Url::parse(s).unwrap();
+    let public = u("https://cache.example.org/nar/x.nar");
+    for ok in [
+        "https://bucket.s3.example.com/x",
+        "https://cache.example.org/other",
+    ] {
+        assert_eq!(redirect_refused(&public, &u(ok)), None, "{ok}");
+    }
+    for refused in [
+        "http://bucket.s3.example.com/x",
+        "https://169.254.169.254/latest/meta-data/",
+        "https://127.0.0.1/x",
+        "https://localhost/x",
+        "https://10.1.2.3/x",
+        "https://192.168.1.5/x",
+        "https://[::1]/x",
+        "https://[fd00::1]/x",
+        "https://[fe80::1]/x",
+        "https://[::ffff:127.0.0.1]/x",
+        "https://0.0.0.0/x",
+        "file:///etc/passwd",
+    ] {
+        assert!(
+            redirect_refused(&public, &u(refused)).is_some(),
+            "{refused}"
+        );
+    }
+    // A homelab upstream may send cellar to its bucket next to it, never to link-local.
+    let lan = u("http://192.168.1.5:8080/nar/x.nar");
+    assert_eq!(
+        redirect_refused(&lan, &u("http://192.168.1.6:9000/b/x")),
+        None
+    );
+    assert_eq!(
+        redirect_refused(&lan, &u("http://127.0.0.1:9000/b/x")),
+        None
+    );
+    assert!(redirect_refused(&lan, &u("http://169.254.169.254/")).is_some());
+}
+
+/// The redirect rule is the client's: an upstream on a public address redirecting cellar to a
+/// loopback one (where a metadata service or an admin port may listen) fails as a request.
+#[tokio::test]
+async fn a_redirect_inside_is_not_followed() {
+    let secret = serve(axum::Router::new().fallback(|| async { "secret" })).await;
+    let to = format!("{secret}/secret");
+    // The upstream is reached by a name that reads as public; the redirect names 127.0.0.1.
+    let app = axum::Router::new().fallback(move || {
+        let to = to.clone();
+        async move { axum::response::Redirect::temporary(&to) }
+    });
+    let url = serve(app).await.replace("127.0.0.1", "cache.test");
+    let port = url.rsplit(':').next().unwrap().to_owned();
+    let mut upstreams = upstreams_at(url);
+    // The client's own policy, on a client that can reach "cache.test".
+    upstreams.client = Upstreams::client_builder()
+        .resolve("cache.test", format!("127.0.0.1:{port}").parse().unwrap())
+        .build()
+        .unwrap();
+    assert!(matches!(
+        upstreams.get("log/x", None).await,
+        Err(StoreError::Unavailable(_))
+    ));
 }
