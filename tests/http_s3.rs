@@ -7,6 +7,7 @@
 #![allow(clippy::unwrap_used, clippy::expect_used)] // a failed unwrap is a failed test
 
 mod common;
+mod replicas_support;
 
 use std::path::{Path, PathBuf};
 use std::time::Duration;
@@ -338,6 +339,133 @@ async fn an_endpoint_spelled_in_capitals_is_signed_as_sent() {
     assert_eq!(body, read(&f.xz_dir.join("log").join(drv)));
     let hash = Fixture::hash(&f.closure[0]);
     get_ok(&c, &format!("{}/{hash}.narinfo", app.srv.url)).await;
+}
+
+/// A store reached over TLS (nginx with a certificate of its own in front of Garage, as S3
+/// behind Caddy, MinIO with TLS, R2): read through cellar, with the certificate trusted
+/// through `SSL_CERT_FILE`; and though the store offers HTTP/2, cellar's reads use HTTP/1.1,
+/// where a NAR read slowly holds only its own connection (over HTTP/2 every read would share
+/// one connection's flow-control window).
+#[tokio::test(flavor = "multi_thread")]
+async fn a_store_behind_tls_is_read_over_http_1_1() {
+    let f = the_fixture().await;
+    let s3 = s3_env();
+    // A certificate authority of the test's own, and the server's certificate it signs.
+    let certs = tempfile::tempdir().unwrap();
+    let at = |name: &str| certs.path().join(name).display().to_string();
+    let (ca, cert, key) = (at("ca.pem"), at("cert.pem"), at("key.pem"));
+    std::fs::write(
+        at("leaf.ext"),
+        "subjectAltName=DNS:localhost\nbasicConstraints=CA:FALSE\nextendedKeyUsage=serverAuth\n",
+    )
+    .unwrap();
+    let ec = [
+        "-newkey",
+        "ec",
+        "-pkeyopt",
+        "ec_paramgen_curve:prime256v1",
+        "-nodes",
+    ];
+    for args in [
+        &[
+            "req",
+            "-x509",
+            "-days",
+            "1",
+            "-subj",
+            "/CN=cellar test CA",
+            "-keyout",
+            &at("ca.key"),
+            "-out",
+            &ca,
+        ][..],
+        &[
+            "req",
+            "-subj",
+            "/CN=localhost",
+            "-keyout",
+            &key,
+            "-out",
+            &at("leaf.csr"),
+        ],
+    ] {
+        let mut openssl = std::process::Command::new("openssl");
+        openssl.args(&args[..1]).args(ec).args(&args[1..]);
+        run_ok(openssl);
+    }
+    let mut sign = std::process::Command::new("openssl");
+    sign.args([
+        "x509",
+        "-req",
+        "-days",
+        "1",
+        "-in",
+        &at("leaf.csr"),
+        "-CA",
+        &ca,
+    ])
+    .args([
+        "-CAkey",
+        &at("ca.key"),
+        "-CAcreateserial",
+        "-extfile",
+        &at("leaf.ext"),
+    ])
+    .args(["-out", &cert]);
+    run_ok(sign);
+    let garage = s3.endpoint.trim_start_matches("http://").to_owned();
+    let nginx = replicas_support::Nginx::serving("https", |listen| {
+        format!(
+            r#"
+    server {{
+        listen {listen} ssl http2;
+        ssl_certificate {cert};
+        ssl_certificate_key {key};
+        client_max_body_size 0;
+        location / {{
+            proxy_pass http://{garage};
+            proxy_http_version 1.1;
+            proxy_set_header Host $http_host;
+            proxy_buffering off;
+            proxy_request_buffering off;
+        }}
+    }}
+"#,
+        )
+    });
+    let endpoint = nginx.url.replace("127.0.0.1", "localhost");
+    let app = App::s3("tls")
+        .seed_dir(&f.xz_dir)
+        .env("CELLAR_STORE__ENDPOINT", endpoint)
+        .env("SSL_CERT_FILE", ca)
+        .spawn()
+        .await;
+    let c = client();
+    let hash = Fixture::hash(&f.top);
+    let res = get(&c, &format!("{}/{hash}.narinfo", app.srv.url)).await;
+    assert_eq!(
+        res.status(),
+        StatusCode::OK,
+        "cellar:\n{}\nnginx:\n{}\n{}",
+        app.srv.log(),
+        nginx.access_log(),
+        nginx.error_log()
+    );
+    let body = res.bytes().await.unwrap();
+    let nar = parse_narinfo(&body).url;
+    let (_, got) = get_ok(&c, &format!("{}/{nar}", app.srv.url)).await;
+    assert_eq!(got, read(&f.xz_dir.join(&nar)));
+    let log = nginx.access_log();
+    // The objects' reads (the SDK, which cellar uses for listings and multipart uploads,
+    // offers HTTP/2 as it likes).
+    let reads: Vec<&str> = log
+        .lines()
+        .filter(|l| l.contains(".narinfo ") || l.contains(".nar.xz "))
+        .collect();
+    assert!(reads.len() >= 2, "{log}");
+    for l in reads {
+        assert!(l.ends_with("proto=HTTP/1.1"), "{log}");
+    }
 }
 
 #[tokio::test(flavor = "multi_thread")]

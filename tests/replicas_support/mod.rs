@@ -225,12 +225,22 @@ impl Nginx {
     /// nginx in the foreground (one process, `master_process off`) on a free port of
     /// 127.0.0.1, with every path in its own temporary directory, proxying to `servers`.
     pub fn start(servers: &[&Server]) -> Nginx {
-        let dir = tempfile::tempdir().unwrap();
-        let d = dir.path().display().to_string();
         let upstream: String = servers
             .iter()
             .map(|s| format!("        server {} max_fails=1 fail_timeout=10s;\n", s.addr))
             .collect();
+        Self::serving("http", |listen| {
+            NGINX_HTTP
+                .replace("{servers}", upstream.trim_end())
+                .replace("{listen}", listen)
+        })
+    }
+
+    /// nginx as [`Self::start`] runs it, with the `server` blocks `http` gives for the address
+    /// to listen on (`127.0.0.1:<port>`), reached with `scheme`.
+    pub fn serving(scheme: &str, http: impl Fn(&str) -> String) -> Nginx {
+        let dir = tempfile::tempdir().unwrap();
+        let d = dir.path().display().to_string();
         // nginx cannot bind port 0 and say which port it got: take a free one and retry on
         // the (rare) loss of the race for it.
         for _ in 0..5 {
@@ -240,9 +250,7 @@ impl Nginx {
                 .unwrap()
                 .port();
             let listen = format!("127.0.0.1:{port}");
-            let http = NGINX_HTTP
-                .replace("{servers}", upstream.trim_end())
-                .replace("{listen}", &listen);
+            let http = http(&listen);
             let conf = format!(
                 r#"daemon off;
 master_process off;
@@ -250,7 +258,7 @@ pid {d}/nginx.pid;
 error_log {d}/error.log info;
 events {{ worker_connections 1024; }}
 http {{
-    log_format replicas '$request_method $uri $status $body_bytes_sent range="$http_range" upstream="$upstream_addr" ustatus="$upstream_status" t=$msec rt=$request_time';
+    log_format replicas '$request_method $uri $status $body_bytes_sent range="$http_range" upstream="$upstream_addr" ustatus="$upstream_status" t=$msec rt=$request_time proto=$server_protocol';
     access_log {d}/access.log replicas;
     client_body_temp_path {d}/client_body;
     proxy_temp_path {d}/proxy;
@@ -279,7 +287,7 @@ http {{
             loop {
                 if TcpStream::connect(&listen).is_ok() {
                     return Nginx {
-                        url: format!("http://{listen}"),
+                        url: format!("{scheme}://{listen}"),
                         dir,
                         child,
                     };
