@@ -1,6 +1,6 @@
 //! One pass over the whole store, sorting each key into the part of the cache layout it
-//! belongs to. Keys cellar does not know (`nix-cache-info`, other tools' files) are counted
-//! and left alone: a collector must never delete what it does not understand.
+//! belongs to. Keys cellar does not know (`nix-cache-info`, other tools' files) are left
+//! alone: a collector must never delete what it does not understand.
 
 use std::collections::HashMap;
 use std::time::SystemTime;
@@ -89,7 +89,6 @@ pub struct Inventory {
     pub access: Vec<(String, Meta)>,
     pub pins: Vec<(String, Meta)>,
     pub reserved_other: Vec<(String, Meta)>,
-    pub other: usize,
 }
 
 impl Inventory {
@@ -116,7 +115,7 @@ impl Inventory {
                 // Each run withdraws its own; a dead run's stops counting after its TTL.
                 Kind::Announcement => {}
                 Kind::ReservedOther => inv.reserved_other.push((o.key, meta)),
-                Kind::Other => inv.other += 1,
+                Kind::Other => {}
             }
         }
         // Listing order differs between stores; a fixed order makes runs reproducible.

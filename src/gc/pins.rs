@@ -254,5 +254,7 @@ mod tests {
         assert!(store_path(&format!("{p}/bin/hi"), sd).is_ok());
         assert!(store_path("6bxnj2gfflqa529lddzh3zhcn45nn86r-top", sd).is_ok());
         assert!(store_path("/usr/bin/top", sd).is_err());
+        // Inside a store path only as a full path: a relative one is not a store path.
+        assert!(store_path("6bxnj2gfflqa529lddzh3zhcn45nn86r-top/bin", sd).is_err());
     }
 }

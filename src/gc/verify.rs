@@ -152,7 +152,6 @@ pub struct Options {
 
 #[derive(Debug, Default)]
 pub struct Report {
-    pub objects: usize,
     pub narinfos_checked: usize,
     pub findings: Vec<Finding>,
     /// References the store lacks that an upstream serves.
@@ -265,10 +264,7 @@ async fn check(
 ) -> Result<(Report, Option<Checked>), StoreError> {
     let mut inv = Inventory::load(store.as_ref(), progress).await?;
     let all: HashSet<StorePathHash> = inv.narinfos.iter().map(|(h, _)| *h).collect();
-    let mut report = Report {
-        objects: inv.narinfos.len() + inv.nars.len() + inv.listings.len() + inv.logs.len(),
-        ..Report::default()
-    };
+    let mut report = Report::default();
     let full = opts.sample.is_none_or(|n| n >= inv.narinfos.len());
     if !full {
         sample(&mut inv.narinfos, opts.sample.unwrap_or(0));
