@@ -173,8 +173,17 @@ fn walk(root: &Path, prefix: &str, tx: &ListSender) {
         Some(i) => root.join(&prefix[..i]),
         None => root.to_path_buf(),
     };
+    // Directories already walked, by device and inode: a symlinked directory (a `nar/` on
+    // another disk) is followed, and one that links back up is walked once.
+    let mut seen = std::collections::HashSet::new();
     let mut dirs = vec![start];
     while let Some(dir) = dirs.pop() {
+        if let Ok(m) = std::fs::metadata(&dir) {
+            use std::os::unix::fs::MetadataExt as _;
+            if !seen.insert((m.dev(), m.ino())) {
+                continue;
+            }
+        }
         let rd = match std::fs::read_dir(&dir) {
             Ok(rd) => rd,
             Err(e) if not_found(&e) => continue,
@@ -194,6 +203,16 @@ fn walk(root: &Path, prefix: &str, tx: &ListSender) {
         for entry in rd {
             let item = entry.and_then(|e| Ok((e.path(), e.file_type()?)));
             let (path, ft) = match item {
+                // What a symbolic link points to, as the object reads do (a dangling one is
+                // no object).
+                Ok((path, ft)) if ft.is_symlink() => match std::fs::metadata(&path) {
+                    Ok(m) => (path, m.file_type()),
+                    Err(e) if not_found(&e) => continue,
+                    Err(e) => {
+                        let _ = tx.blocking_send(Err(e.into()));
+                        return;
+                    }
+                },
                 Ok(x) => x,
                 Err(e) => {
                     let _ = tx.blocking_send(Err(e.into()));
@@ -233,6 +252,37 @@ fn walk(root: &Path, prefix: &str, tx: &ListSender) {
             }
         }
     }
+}
+
+/// Makes `dir` durable: its entry in its parent and its own entries reach the disk.
+async fn sync_dir(dir: &Path) -> Result<(), StoreError> {
+    let dir = dir.to_path_buf();
+    tokio::task::spawn_blocking(move || std::fs::File::open(&dir)?.sync_all())
+        .await
+        .map_err(|e| StoreError::Other(format!("syncing a directory: {e}")))??;
+    Ok(())
+}
+
+/// `create_dir_all`, with each directory it creates made durable in its parent: an object
+/// acknowledged in a new directory (`build-trace/<drv>/`, the first `nar/`) must survive a
+/// power cut with the directory.
+async fn create_dirs_durably(dir: &Path) -> Result<(), StoreError> {
+    let mut missing = Vec::new();
+    let mut at = dir;
+    while !tokio::fs::try_exists(at).await.unwrap_or(false) {
+        missing.push(at.to_path_buf());
+        match at.parent() {
+            Some(p) => at = p,
+            None => break,
+        }
+    }
+    tokio::fs::create_dir_all(dir).await?;
+    for created in missing.iter().rev() {
+        if let Some(parent) = created.parent() {
+            sync_dir(parent).await?;
+        }
+    }
+    Ok(())
 }
 
 fn not_found(e: &io::Error) -> bool {
@@ -401,18 +451,40 @@ impl ObjectWriter for LocalWriter {
         f.get_mut().sync_all().await?;
         drop(f);
         if let Some(parent) = self.dest.parent() {
-            tokio::fs::create_dir_all(parent).await?;
+            create_dirs_durably(parent).await?;
         }
-        tokio::fs::rename(&self.tmp, &self.dest).await?;
-        self.done = true;
+        match tokio::fs::rename(&self.tmp, &self.dest).await {
+            Ok(()) => {}
+            // The destination is on another file system than the staging directory (a `nar/`
+            // mounted from another disk): copied next to it, made durable, then renamed there.
+            Err(e) if e.kind() == io::ErrorKind::CrossesDevices => {
+                let beside = self.dest.with_file_name(format!(
+                    ".{}.cellar-tmp",
+                    self.tmp
+                        .file_name()
+                        .and_then(|n| n.to_str())
+                        .unwrap_or("upload")
+                ));
+                let moved = async {
+                    tokio::fs::copy(&self.tmp, &beside).await?;
+                    tokio::fs::File::open(&beside).await?.sync_all().await?;
+                    tokio::fs::rename(&beside, &self.dest).await
+                }
+                .await;
+                if let Err(e) = moved {
+                    let _ = tokio::fs::remove_file(&beside).await;
+                    return Err(e.into());
+                }
+                let _ = tokio::fs::remove_file(&self.tmp).await;
+            }
+            Err(e) => return Err(e.into()),
+        }
         // The rename is durable once the directory is: an acknowledged upload must survive
         // a power cut, and a narinfo must not survive one that its NAR did not.
         if let Some(parent) = self.dest.parent() {
-            let dir = parent.to_path_buf();
-            tokio::task::spawn_blocking(move || std::fs::File::open(&dir)?.sync_all())
-                .await
-                .map_err(|e| StoreError::Other(format!("syncing a directory: {e}")))??;
+            sync_dir(parent).await?;
         }
+        self.done = true;
         Ok(())
     }
 
@@ -458,6 +530,57 @@ mod tests {
         for dir in ["lost+found", ".snapshots", "narx"] {
             assert!(!in_layout(root, &root.join(dir)), "{dir}");
         }
+    }
+
+    /// The keys `list` gives under `prefix`, sorted.
+    async fn keys(store: &LocalStore, prefix: &str) -> Vec<String> {
+        let mut keys: Vec<String> = store
+            .list(prefix)
+            .map_ok(|o| o.key)
+            .try_collect()
+            .await
+            .unwrap();
+        keys.sort();
+        keys
+    }
+
+    /// A `nar/` on another file system, linked into the store's directory (a bigger disk):
+    /// uploads land there although the staging directory is on the other file system (a
+    /// rename across file systems fails), and a listing of the whole store follows the link,
+    /// as one of `nar/` does. A link back up the tree is walked once.
+    #[tokio::test]
+    async fn a_directory_on_another_file_system_linked_in_is_written_and_listed() {
+        let dir = tempfile::tempdir().unwrap();
+        let elsewhere = tempfile::tempdir_in("/dev/shm").unwrap();
+        use std::os::unix::fs::MetadataExt as _;
+        assert_ne!(
+            std::fs::metadata(dir.path()).unwrap().dev(),
+            std::fs::metadata(elsewhere.path()).unwrap().dev(),
+            "/dev/shm is not another file system here"
+        );
+        std::os::unix::fs::symlink(elsewhere.path(), dir.path().join("nar")).unwrap();
+        std::os::unix::fs::symlink(dir.path(), dir.path().join("loop")).unwrap();
+        let store = LocalStore::open(dir.path()).unwrap();
+        store
+            .put_bytes("nar/x.nar", Bytes::from_static(b"nar"))
+            .await
+            .unwrap();
+        store
+            .put_bytes("a.narinfo", Bytes::from_static(b"info"))
+            .await
+            .unwrap();
+        assert_eq!(
+            std::fs::read(elsewhere.path().join("x.nar")).unwrap(),
+            b"nar"
+        );
+        assert_eq!(keys(&store, "").await, ["a.narinfo", "nar/x.nar"]);
+        assert_eq!(keys(&store, "nar/").await, ["nar/x.nar"]);
+        // Nothing of the copy is left beside it.
+        let beside: Vec<_> = std::fs::read_dir(elsewhere.path())
+            .unwrap()
+            .map(|e| e.unwrap().file_name())
+            .collect();
+        assert_eq!(beside, ["x.nar"]);
     }
 
     /// Small and large files, whole and in ranges, read the same: the bytes asked for, their
