@@ -292,7 +292,7 @@ impl Upstreams {
 
     /// Sends `req` to `u` within its timeout: `Ok(Some)` for a 2xx (or 416, so a range outside
     /// the object can be reported as such), `Ok(None)` for a plain miss (4xx), `Err` when the
-    /// upstream failed (timeout, connection error, 5xx, 429, 408), which also counts against
+    /// upstream failed (timeout, connection error, 5xx, 429, 408, 401), which also counts against
     /// it ([`Upstream::failed`], which logs the start of an outage, so callers need not).
     async fn request(
         &self,
@@ -304,10 +304,15 @@ impl Upstreams {
             // reqwest takes credentials out of the URL it shows in errors.
             Ok(Err(e)) => Failure::Request(e),
             // Throttled or timed out at the upstream: it has not said the object is missing.
+            // Nor has one that wants credentials (a private cellar or attic whose token in
+            // the URL is wrong or expired): a failure to be seen in the log and `/status`, not
+            // a quiet miss. (A 403 stays a miss: S3 answers it for a missing key to a reader
+            // without the right to list.)
             Ok(Ok(r))
                 if r.status().is_server_error()
                     || r.status() == reqwest::StatusCode::TOO_MANY_REQUESTS
-                    || r.status() == reqwest::StatusCode::REQUEST_TIMEOUT =>
+                    || r.status() == reqwest::StatusCode::REQUEST_TIMEOUT
+                    || r.status() == reqwest::StatusCode::UNAUTHORIZED =>
             {
                 Failure::Status(r.status())
             }

@@ -248,6 +248,10 @@ fn upstreams_and_cache() {
             "upstreams[0].public_keys",
         ),
         (
+            "[[upstreams]]\nurl = \"https://x/cache?token=t\"\npublic_keys = [\"cache.nixos.org-1:6NCHdD59X431o0gWypbMrAURkbJ16ZPMQFGspcDShjY=\"]",
+            "upstreams[0].url",
+        ),
+        (
             "[cache]\nnar_dir = \"/x\"\nnar_max_bytes = 5",
             "cache.nar_max_bytes",
         ),

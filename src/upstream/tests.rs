@@ -579,3 +579,20 @@ async fn a_redirect_inside_is_not_followed() {
         Err(StoreError::Unavailable(_))
     ));
 }
+
+/// An upstream that asks for credentials (a private cache whose token in the URL is wrong) is
+/// failing, not missing every path: after failures in a row it is reported down and logged.
+#[tokio::test]
+async fn an_upstream_refusing_its_credentials_is_failing_not_a_miss() {
+    let logs = crate::test_logs::capture();
+    let app = axum::Router::new().fallback(|| async { StatusCode::UNAUTHORIZED });
+    let upstreams = upstreams_at(serve(app).await);
+    let h: StorePathHash = FIRST.parse().unwrap();
+    for _ in 0..FAILURES_IN_A_ROW {
+        let (found, unsure) = upstreams.narinfo(h).await;
+        assert!(found.is_none() && unsure);
+    }
+    assert!(upstreams.list[0].down.is_active());
+    let logged = logs.text();
+    assert!(logged.contains("401"), "{logged}");
+}

@@ -420,6 +420,12 @@ impl UpstreamEntry {
     fn validate(self, i: usize) -> Result<UpstreamConfig, ConfigError> {
         let key = |k: &str| format!("upstreams[{i}].{k}");
         http_url(&key("url"), &self.url)?;
+        if self.url.contains(['?', '#']) {
+            return Err(ConfigError::invalid(
+                key("url"),
+                "must have no query or fragment: cellar appends each file's path to it",
+            ));
+        }
         if self.public_keys.is_empty() {
             return Err(ConfigError::invalid(
                 key("public_keys"),
