@@ -1304,3 +1304,38 @@ async fn a_byte_budget_counts_young_paths_and_fits_to_the_byte() {
     assert_eq!(count(&short, Reason::OverBudget), 2, "{:?}", short.paths);
     assert_eq!(count(&short, Reason::Expired), 1);
 }
+
+/// Chains of paths (top refers to mid, mid to leaf) go referrers first, layer after layer,
+/// whatever order their hashes put them in: a mid that cannot be deleted keeps its leaf, and
+/// nothing is written back.
+#[tokio::test(start_paused = true)]
+async fn a_chain_goes_layer_after_layer_whatever_the_order_of_its_hashes() {
+    let mem = Arc::new(MemoryStore::new());
+    let now = SystemTime::now();
+    let mut chains = Vec::new();
+    for k in 0..8 {
+        let leaf = path(&mem, &format!("leaf-{k}"), &[], 100 * DAY, now);
+        let mid = path(&mem, &format!("mid-{k}"), &[&leaf], 100 * DAY, now);
+        let top = path(&mem, &format!("top-{k}"), &[&mid], 100 * DAY, now);
+        mem.fail(
+            FailOp::Delete,
+            &format!("{}.narinfo", mid.hash),
+            0,
+            usize::MAX,
+        );
+        chains.push((top, mid, leaf));
+    }
+    let s = gc(&mem, &cfg(), now, true).await;
+    assert_eq!(s.errors.len(), 8, "{:?}", s.errors);
+    assert_eq!(s.restored, 0, "a reference was deleted beside its referrer");
+    for (top, mid, leaf) in &chains {
+        assert!(
+            !has(&mem, &format!("{}.narinfo", top.hash)),
+            "{} stayed",
+            top.base
+        );
+        for p in [mid, leaf] {
+            assert!(has(&mem, &format!("{}.narinfo", p.hash)), "{} went", p.base);
+        }
+    }
+}
