@@ -575,6 +575,7 @@ async fn a_batch_whose_records_cannot_be_read_again_is_written_back() {
     assert!(!s.errors.is_empty());
     // Planned, and said so; deleted, none (the summary and the metrics tell both).
     assert_eq!((s.deleted_paths(), s.deleted_narinfos), (2, Some(0)));
+    assert_eq!((s.restored, s.rescued), (2, 0), "both written back, none untouched");
     assert!(s.to_string().contains("deleted: 0 narinfos\n"), "{s}");
     assert!(
         !s.errors.iter().any(|e| e.starts_with("restoring")),
@@ -877,14 +878,25 @@ async fn a_pin_added_during_a_run_keeps_its_closure() {
     assert!(has(&mem, "_cellar/pins/late"));
 }
 
-/// What is decided at the end of a run follows what the run kept meanwhile: the build log of
-/// a path a server used while the collector ran stays with that path.
+/// What is decided at the end of a run follows what the run kept meanwhile: the build log,
+/// listing, NAR and realisation of a path a server used while the collector ran stay with
+/// that path.
 #[tokio::test(start_paused = true)]
 async fn a_path_used_during_the_run_keeps_its_build_log() {
     let mem = Arc::new(MemoryStore::new());
     let now = SystemTime::now();
     let used = path(&mem, "used", &[], 100 * DAY, now);
     let other = path(&mem, "other", &[], 100 * DAY, now);
+    let realisation = |p: &P| {
+        let key = format!(
+            "realisations/sha256:{}!out.doi",
+            hex::encode(Sha256::digest(p.base.as_bytes()).as_bytes())
+        );
+        let body = format!(r#"{{"id":"x","outPath":"{}","signatures":[]}}"#, p.base);
+        mem.insert_at(&key, body, now - 100 * DAY);
+        key
+    };
+    let (used_realisation, other_realisation) = (realisation(&used), realisation(&other));
     let gate = mem.hold_reads(&format!("{}.narinfo", other.hash));
     let day = super::access::day(SystemTime::now());
     let cfg = cfg();
@@ -897,9 +909,16 @@ async fn a_path_used_during_the_run_keeps_its_build_log() {
         gate.open();
     });
     assert!(s.errors.is_empty(), "{:?}", s.errors);
+    assert_eq!((s.rescued, s.restored), (1, 0), "kept before it was deleted");
     assert!(has(&mem, &format!("{}.narinfo", used.hash)));
     assert!(has(&mem, &format!("log/{}.drv", used.base)), "its log went");
+    assert!(has(&mem, &format!("{}.ls", used.hash)), "its listing went");
+    assert!(has(&mem, &used.nar), "its NAR went");
+    assert!(has(&mem, &used_realisation), "its realisation went");
     assert!(!has(&mem, &format!("log/{}.drv", other.base)));
+    assert!(!has(&mem, &format!("{}.ls", other.hash)));
+    assert!(!has(&mem, &other.nar));
+    assert!(!has(&mem, &other_realisation));
 }
 
 /// A realisation whose output has no narinfo here (an upstream may serve it) is kept for the
