@@ -183,11 +183,14 @@ impl Upstreams {
     }
 
     /// Asks each upstream in order for the narinfo of `h`; the first one with a narinfo that
-    /// verifies wins. An upstream that is down or fails counts as a miss here (a narinfo
-    /// lookup must answer within the upstream timeout), and the second value says whether
-    /// that happened: such a miss is not one to remember.
+    /// verifies wins. An upstream that is skipped or fails counts as a miss here (a narinfo
+    /// lookup must answer within the upstream timeout), and the second value says whether one
+    /// failed during this lookup: such a miss is not one to remember. (One skipped after
+    /// failures is not asked, and a miss while it is skipped is remembered as usual, or every
+    /// miss would read the store again for as long as an upstream stays down.)
     pub async fn narinfo(&self, h: StorePathHash) -> (Option<Found>, bool) {
-        self.lookup_narinfo(h).await
+        let (found, _skipped, failed) = self.lookup_narinfo(h).await;
+        (found, failed)
     }
 
     /// True if some upstream serves a verified narinfo for `h` (used to accept uploads whose
@@ -196,20 +199,22 @@ impl Upstreams {
     /// refused.
     pub async fn has(&self, h: StorePathHash) -> Result<bool, StoreError> {
         match self.lookup_narinfo(h).await {
-            (Some(_), _) => Ok(true),
-            (None, false) => Ok(false),
-            (None, true) => Err(StoreError::Unavailable(
+            (Some(_), _, _) => Ok(true),
+            (None, false, false) => Ok(false),
+            (None, _, _) => Err(StoreError::Unavailable(
                 "an upstream cache could not be asked".into(),
             )),
         }
     }
 
-    /// The narinfo, and whether some upstream could not answer.
-    async fn lookup_narinfo(&self, h: StorePathHash) -> (Option<Found>, bool) {
+    /// The narinfo, whether some upstream was skipped (after failures), and whether some
+    /// upstream failed to answer now.
+    async fn lookup_narinfo(&self, h: StorePathHash) -> (Option<Found>, bool, bool) {
+        let mut skipped = false;
         let mut unavailable = false;
         for (i, u) in self.list.iter().enumerate() {
             if u.down.is_active() {
-                unavailable = true;
+                skipped = true;
                 continue;
             }
             // Not counted as an answer before its body is read: an upstream that sends headers
@@ -267,6 +272,7 @@ impl Upstreams {
                             info,
                             mirror: u.mirror,
                         }),
+                        skipped,
                         unavailable,
                     );
                 }
@@ -275,7 +281,7 @@ impl Upstreams {
                 }
             }
         }
-        (None, unavailable)
+        (None, skipped, unavailable)
     }
 
     /// [`Self::request`], counting an answer as the end of an outage: for requests whose
@@ -301,6 +307,13 @@ impl Upstreams {
     ) -> Result<Option<reqwest::Response>, Failure> {
         let failure = match tokio::time::timeout(u.timeout, req.send()).await {
             Err(_) => Failure::Timeout,
+            // A redirect cellar does not follow ([`redirect_refused`]): the upstream answered,
+            // but not with anything cellar may serve. A miss of this object, not an outage.
+            Ok(Err(e)) if e.is_redirect() => {
+                tracing::warn!(upstream = %u.name, cause = %e, "upstream redirect not followed");
+                crate::metrics::upstream_request(&u.name, "not_found");
+                return Ok(None);
+            }
             // reqwest takes credentials out of the URL it shows in errors.
             Ok(Err(e)) => Failure::Request(e),
             // Throttled or timed out at the upstream: it has not said the object is missing.
@@ -528,27 +541,31 @@ impl Upstreams {
     }
 }
 
-/// Redirects an upstream may send before its answer is taken as a failure.
+/// Redirects an upstream may send before its answer is taken as a miss.
 const MAX_REDIRECTS: usize = 5;
 
 /// Why an upstream asked for `from` may not send cellar to `to`, if it may not. Upstreams
 /// redirect NARs to where they keep them (attic to S3, a cellar with `redirect_nars`), and what
-/// they redirect to is served to anyone who asks: so never from https to plain http, never to a
-/// link-local or unspecified address (a cloud metadata service lives at 169.254.169.254), and
-/// to a loopback or private address only from an upstream that is on one itself (a homelab
-/// cache and its bucket). Names are not resolved: a public name that resolves to a private
-/// address is not caught here.
+/// they redirect to is served to anyone who asks: so never to a link-local or metadata address
+/// (a cloud metadata service lives at 169.254.169.254), to a loopback or private address only
+/// from an upstream that is on one itself (a homelab cache and its bucket, by address or by a
+/// local name: `nas`, `attic.lan`, `*.local`, `*.home.arpa`, `*.internal`), and from https to
+/// plain http only within such a network. Names are not resolved: a public name that resolves
+/// to a private address is not caught here. A redirect refused is a miss of that object, not a
+/// failure of the upstream.
 fn redirect_refused(from: &reqwest::Url, to: &reqwest::Url) -> Option<&'static str> {
-    if from.scheme() == "https" && to.scheme() != "https" {
-        return Some("redirect from https to another scheme");
-    }
     if !matches!(to.scheme(), "http" | "https") {
         return Some("redirect to a scheme other than http(s)");
     }
     match (reach(from), reach(to)) {
-        (_, Reach::Never) => Some("redirect to a link-local or unspecified address"),
+        (_, Reach::Never) => Some("redirect to a link-local or metadata address"),
         (Reach::Public, Reach::Local) => {
             Some("redirect from a public upstream to a loopback or private address")
+        }
+        // Within a home network a TLS front may send cellar to a plain-http bucket.
+        (Reach::Local, Reach::Local) => None,
+        _ if from.scheme() == "https" && to.scheme() != "https" => {
+            Some("redirect from https to plain http")
         }
         _ => None,
     }
@@ -558,11 +575,17 @@ fn redirect_refused(from: &reqwest::Url, to: &reqwest::Url) -> Option<&'static s
 #[derive(Debug, PartialEq)]
 enum Reach {
     Public,
-    /// Loopback or private (RFC 1918, IPv6 unique local), or `localhost`.
+    /// Loopback, private (RFC 1918, shared 100.64/10, IPv6 unique local), or a local name
+    /// (`localhost`, a name without a dot, `.local`, `.lan`, `.home.arpa`, `.internal`,
+    /// `.localdomain`).
     Local,
-    /// Link-local or unspecified: nothing an upstream has reason to send cellar to.
+    /// Link-local, unspecified, or a cloud metadata service's address (169.254.169.254,
+    /// 100.100.100.200, fd00:ec2::254): nothing an upstream has reason to send cellar to.
     Never,
 }
+
+/// Name suffixes of home and company networks.
+const LOCAL_SUFFIXES: [&str; 5] = [".local", ".lan", ".home.arpa", ".internal", ".localdomain"];
 
 fn reach(u: &reqwest::Url) -> Reach {
     use std::net::IpAddr;
@@ -575,19 +598,39 @@ fn reach(u: &reqwest::Url) -> Reach {
         Ok(a) => a,
         Err(_) => {
             let d = host.trim_end_matches('.').to_ascii_lowercase();
-            return if d == "localhost" || d.ends_with(".localhost") {
-                Reach::Local
-            } else {
-                Reach::Public
-            };
+            let local = d == "localhost"
+                || d.ends_with(".localhost")
+                || !d.contains('.')
+                || LOCAL_SUFFIXES.iter().any(|s| d.ends_with(s));
+            return if local { Reach::Local } else { Reach::Public };
         }
     };
+    const ALIBABA_METADATA: std::net::Ipv4Addr = std::net::Ipv4Addr::new(100, 100, 100, 200);
+    const AWS_METADATA_V6: std::net::Ipv6Addr =
+        std::net::Ipv6Addr::new(0xfd00, 0xec2, 0, 0, 0, 0, 0, 0x254);
     match ip {
-        IpAddr::V4(a) if a.is_link_local() || a.is_unspecified() || a.is_broadcast() => {
+        IpAddr::V4(a)
+            if a.is_link_local()
+                || a.is_unspecified()
+                || a.is_broadcast()
+                || a == ALIBABA_METADATA =>
+        {
             Reach::Never
         }
-        IpAddr::V4(a) if a.is_loopback() || a.is_private() => Reach::Local,
-        IpAddr::V6(a) if a.is_unspecified() || (a.segments()[0] & 0xffc0) == 0xfe80 => Reach::Never,
+        IpAddr::V4(a)
+            if a.is_loopback()
+                || a.is_private()
+                || (a.octets()[0] == 100 && (a.octets()[1] & 0xc0) == 64) =>
+        {
+            Reach::Local
+        }
+        IpAddr::V6(a)
+            if a.is_unspecified()
+                || (a.segments()[0] & 0xffc0) == 0xfe80
+                || a == AWS_METADATA_V6 =>
+        {
+            Reach::Never
+        }
         IpAddr::V6(a) if a.is_loopback() || (a.segments()[0] & 0xfe00) == 0xfc00 => Reach::Local,
         _ => Reach::Public,
     }

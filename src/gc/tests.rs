@@ -575,7 +575,11 @@ async fn a_batch_whose_records_cannot_be_read_again_is_written_back() {
     assert!(!s.errors.is_empty());
     // Planned, and said so; deleted, none (the summary and the metrics tell both).
     assert_eq!((s.deleted_paths(), s.deleted_narinfos), (2, Some(0)));
-    assert_eq!((s.restored, s.rescued), (2, 0), "both written back, none untouched");
+    assert_eq!(
+        (s.restored, s.rescued),
+        (2, 0),
+        "both written back, none untouched"
+    );
     assert!(s.to_string().contains("deleted: 0 narinfos\n"), "{s}");
     assert!(
         !s.errors.iter().any(|e| e.starts_with("restoring")),
@@ -909,7 +913,11 @@ async fn a_path_used_during_the_run_keeps_its_build_log() {
         gate.open();
     });
     assert!(s.errors.is_empty(), "{:?}", s.errors);
-    assert_eq!((s.rescued, s.restored), (1, 0), "kept before it was deleted");
+    assert_eq!(
+        (s.rescued, s.restored),
+        (1, 0),
+        "kept before it was deleted"
+    );
     assert!(has(&mem, &format!("{}.narinfo", used.hash)));
     assert!(has(&mem, &format!("log/{}.drv", used.base)), "its log went");
     assert!(has(&mem, &format!("{}.ls", used.hash)), "its listing went");
