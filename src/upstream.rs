@@ -119,10 +119,11 @@ pub struct Found {
 pub struct Upstreams {
     list: Vec<Upstream>,
     /// `nar/<file>` → the index in `list` of the upstream whose verified narinfo named it:
-    /// the NAR is asked of that upstream alone, not of every upstream in order (which would
-    /// count another upstream's refusal against it, and could take the bytes from an upstream
-    /// whose NAR of that name is another one). A name not held here (asked by a client that
-    /// kept the narinfo, or of another replica) goes to every upstream in order.
+    /// the NAR is asked of that upstream first, and of the others only if it could not answer
+    /// (asking every upstream in order would count another upstream's refusal against it, and
+    /// could take the bytes from an upstream whose NAR of that name is another one). A name
+    /// not held here (asked by a client that kept the narinfo, or of another replica) goes to
+    /// every upstream in order.
     routes: moka::future::Cache<String, usize>,
     client: reqwest::Client,
     store_dir: String,
@@ -164,7 +165,9 @@ impl Upstreams {
             .collect();
         Ok(Self {
             list,
-            routes: moka::future::Cache::new(ROUTES),
+            // Least recently used out: moka's default admission would refuse new names once
+            // full (a name inserted is not yet used).
+            routes: routes(ROUTES),
             client,
             store_dir: store_dir.to_owned(),
         })
@@ -357,12 +360,17 @@ impl Upstreams {
         Ok(info)
     }
 
-    /// The upstreams to ask for `key`, in order: the one whose narinfo named it if that is
-    /// known, else all of them.
-    async fn asked_for(&self, key: &str) -> &[Upstream] {
-        match self.routes.get(key).await {
-            Some(i) => self.list.get(i..=i).unwrap_or(&self.list),
-            None => &self.list,
+    /// The upstreams to ask for `key`, in order, and whether the first is the one whose
+    /// narinfo named it (its miss is then the answer; the others are asked only when it
+    /// could not be: skipped, failing, or it is a mirror of another listed after it).
+    async fn asked_for(&self, key: &str) -> (Vec<&Upstream>, bool) {
+        match self.routes.get(key).await.and_then(|i| self.list.get(i)) {
+            Some(routed) => {
+                let mut order = vec![routed];
+                order.extend(self.list.iter().filter(|u| !std::ptr::eq(*u, routed)));
+                (order, true)
+            }
+            None => (self.list.iter().collect(), false),
         }
     }
 
@@ -370,7 +378,8 @@ impl Upstreams {
     /// has it.
     async fn get(&self, key: &str, range: Option<ByteRange>) -> Result<Option<Object>, StoreError> {
         let mut unavailable = false;
-        for u in self.asked_for(key).await {
+        let (order, routed) = self.asked_for(key).await;
+        for (n, u) in order.into_iter().enumerate() {
             if u.down.is_active() {
                 unavailable = true;
                 continue;
@@ -381,6 +390,7 @@ impl Upstreams {
             }
             let res = match self.send(u, req).await {
                 Ok(Some(r)) => r,
+                Ok(None) if routed && n == 0 => break,
                 Ok(None) => continue,
                 Err(_) => {
                     unavailable = true;
@@ -508,13 +518,15 @@ impl Upstreams {
     /// of the same address would (503, not a 404 that clients and proxies keep).
     pub async fn head(&self, key: &str) -> Result<Option<u64>, StoreError> {
         let mut unavailable = false;
-        for u in self.asked_for(key).await {
+        let (order, routed) = self.asked_for(key).await;
+        for (n, u) in order.into_iter().enumerate() {
             if u.down.is_active() {
                 unavailable = true;
                 continue;
             }
             match self.head_at(u, key).await {
-                Ok(Some(n)) => return Ok(Some(n)),
+                Ok(Some(size)) => return Ok(Some(size)),
+                Ok(None) if routed && n == 0 => break,
                 Ok(None) => {}
                 Err(_) => unavailable = true,
             }
@@ -539,6 +551,16 @@ impl Upstreams {
             .and_then(|v| v.to_str().ok())
             .and_then(|v| v.parse().ok()))
     }
+}
+
+/// The map of NAR names to upstreams, of `capacity` names, the least recently used out
+/// first: moka's default admission would refuse new names once full (a name inserted has not
+/// been used yet).
+fn routes(capacity: u64) -> moka::future::Cache<String, usize> {
+    moka::future::Cache::builder()
+        .max_capacity(capacity)
+        .eviction_policy(moka::policy::EvictionPolicy::lru())
+        .build()
 }
 
 /// Redirects an upstream may send before its answer is taken as a miss.

@@ -620,3 +620,72 @@ async fn an_upstream_refusing_its_credentials_is_failing_not_a_miss() {
     let logged = logs.text();
     assert!(logged.contains("401"), "{logged}");
 }
+
+/// Once full, the map of NAR names keeps the newest names (the least recently used go).
+#[tokio::test]
+async fn the_routes_keep_new_names_once_full() {
+    let r = routes(2);
+    for k in ["a", "b", "c"] {
+        r.insert(k.to_owned(), 0).await;
+        r.run_pending_tasks().await;
+    }
+    assert!(r.get("c").await.is_some(), "a new name was refused");
+    assert_eq!(r.entry_count(), 2);
+}
+
+/// The upstream whose narinfo named a NAR is asked first: its miss is the answer (the others
+/// are not asked), but when it cannot answer (failing, skipped) the others are.
+#[tokio::test]
+async fn a_routed_nar_falls_back_to_the_others_only_when_its_upstream_cannot_answer() {
+    use std::sync::atomic::{AtomicBool, AtomicUsize, Ordering};
+    let key = crate::nix::SecretKey::generate("first-1").unwrap();
+    let info = signed_narinfo(&key, &format!("{FIRST}-a"), SECOND_NAR);
+    let failing = Arc::new(AtomicBool::new(false));
+    let f = failing.clone();
+    let first = axum::Router::new()
+        .route(
+            &format!("/{FIRST}.narinfo"),
+            axum::routing::get(move || async move { info }),
+        )
+        .route(
+            "/nar/{file}",
+            axum::routing::get(move || {
+                let status = if f.load(Ordering::SeqCst) {
+                    StatusCode::INTERNAL_SERVER_ERROR
+                } else {
+                    StatusCode::NOT_FOUND
+                };
+                async move { status }
+            }),
+        );
+    let asked = Arc::new(AtomicUsize::new(0));
+    let a = asked.clone();
+    let second = axum::Router::new().route(
+        &format!("/nar/{SECOND_NAR}"),
+        axum::routing::get(move || {
+            a.fetch_add(1, Ordering::SeqCst);
+            async { "0123456789" }
+        }),
+    );
+    let configs = [serve(first).await, serve(second).await].map(|url| UpstreamConfig {
+        url,
+        public_keys: vec![key.public()],
+        timeout: Duration::from_secs(5),
+        mirror: false,
+    });
+    let upstreams = Upstreams::new(&configs, "/nix/store").unwrap();
+    assert!(upstreams.narinfo(FIRST.parse().unwrap()).await.0.is_some());
+    let nar = format!("nar/{SECOND_NAR}");
+    assert!(upstreams.get(&nar, None).await.unwrap().is_none());
+    assert_eq!(upstreams.head(&nar).await.unwrap(), None);
+    assert_eq!(
+        asked.load(Ordering::SeqCst),
+        0,
+        "asked beyond the routed upstream's miss"
+    );
+    failing.store(true, Ordering::SeqCst);
+    let obj = upstreams.get(&nar, None).await.unwrap().unwrap();
+    let chunks: Vec<bytes::Bytes> = obj.body.try_collect().await.unwrap();
+    assert_eq!(chunks.concat(), b"0123456789");
+    assert_eq!(asked.load(Ordering::SeqCst), 1);
+}
