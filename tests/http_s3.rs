@@ -456,8 +456,8 @@ async fn a_store_behind_tls_is_read_over_http_1_1() {
     let (_, got) = get_ok(&c, &format!("{}/{nar}", app.srv.url)).await;
     assert_eq!(got, read(&f.xz_dir.join(&nar)));
     let log = nginx.access_log();
-    // The objects' reads (the SDK, which cellar uses for listings and multipart uploads,
-    // offers HTTP/2 as it likes).
+    // The objects' reads (the SDK, which cellar uses for deletes and multipart uploads, and
+    // at start, offers HTTP/2 as it likes).
     let reads: Vec<&str> = log
         .lines()
         .filter(|l| l.contains(".narinfo ") || l.contains(".nar.xz "))

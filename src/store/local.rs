@@ -150,11 +150,15 @@ impl LocalStore {
 type ListSender = tokio::sync::mpsc::Sender<Result<ObjectInfo, StoreError>>;
 
 /// Whether `dir` (under `root`) is where objects of the cache's layout live: the root itself,
-/// or under one of the directories its keys begin with.
+/// or under one of the directories its keys begin with. A file system's `lost+found` is not,
+/// wherever it is (a `nar/` on a disk of its own has one).
 fn in_layout(root: &Path, dir: &Path) -> bool {
     let Ok(rel) = dir.strip_prefix(root) else {
         return true;
     };
+    if rel.components().any(|c| c.as_os_str() == "lost+found") {
+        return false;
+    }
     match rel.components().next() {
         None => true,
         Some(first) => matches!(
@@ -207,6 +211,16 @@ fn walk(root: &Path, prefix: &str, tx: &ListSender) {
                 // no object).
                 Ok((path, ft)) if ft.is_symlink() => match std::fs::metadata(&path) {
                     Ok(m) => (path, m.file_type()),
+                    // A part of the layout linked to a disk not mounted: its objects are not
+                    // missing, they cannot be seen (`verify --repair` would delete every
+                    // narinfo whose NAR it then cannot find).
+                    Err(e) if path.parent() == Some(root) && in_layout(root, &path) => {
+                        let _ = tx.blocking_send(Err(StoreError::Unavailable(format!(
+                            "{}: {e} (a link to a file system not mounted?)",
+                            path.display()
+                        ))));
+                        return;
+                    }
                     Err(e) if not_found(&e) => continue,
                     Err(e) => {
                         let _ = tx.blocking_send(Err(e.into()));
@@ -527,7 +541,7 @@ mod tests {
         ] {
             assert!(in_layout(root, &root.join(dir)), "{dir}");
         }
-        for dir in ["lost+found", ".snapshots", "narx"] {
+        for dir in ["lost+found", ".snapshots", "narx", "nar/lost+found"] {
             assert!(!in_layout(root, &root.join(dir)), "{dir}");
         }
     }
@@ -581,6 +595,13 @@ mod tests {
             .map(|e| e.unwrap().file_name())
             .collect();
         assert_eq!(beside, ["x.nar"]);
+        // The disk not mounted (the link dangles): the listing fails, it does not find no NAR.
+        drop(elsewhere);
+        let listed: Result<Vec<_>, _> = store.list("").try_collect().await;
+        assert!(
+            matches!(listed, Err(StoreError::Unavailable(_))),
+            "{listed:?}"
+        );
     }
 
     /// Small and large files, whole and in ranges, read the same: the bytes asked for, their

@@ -25,6 +25,7 @@ use futures::TryStreamExt as _;
 use reqwest::header::{HeaderMap, CONTENT_LENGTH, CONTENT_RANGE};
 use reqwest::StatusCode;
 use sha2::{Digest as _, Sha256};
+use std::sync::atomic::Ordering;
 use tokio::sync::Mutex;
 
 use crate::store::{ByteRange, ContentRange, Object, StoreError};
@@ -51,6 +52,8 @@ pub(super) struct FastReads {
     cached: std::sync::Mutex<Option<Credentials>>,
     /// Held by the one request that fetches new credentials.
     refreshing: Mutex<()>,
+    /// Set while renewals fail: the failure is logged once, and the recovery.
+    renewal_failing: std::sync::atomic::AtomicBool,
     timeout: Duration,
 }
 
@@ -92,6 +95,7 @@ impl FastReads {
             credentials,
             cached: std::sync::Mutex::new(None),
             refreshing: Mutex::new(()),
+            renewal_failing: std::sync::atomic::AtomicBool::new(false),
             timeout,
         })
     }
@@ -123,8 +127,9 @@ impl FastReads {
                 let guard = tokio::time::timeout(self.timeout, self.refreshing.lock())
                     .await
                     .map_err(|_| StoreError::Timeout(self.timeout.as_secs()))?;
-                // The request that held the lock may have fetched them.
-                if let Some(c) = self.held(SystemTime::now(), REFRESH_BEFORE) {
+                // The request that held the lock may have fetched them (perhaps ones that
+                // last less than REFRESH_BEFORE: signed with, not fetched again at once).
+                if let Some(c) = self.held(SystemTime::now(), STILL_VALID_FOR) {
                     return Ok(c);
                 }
                 guard
@@ -135,6 +140,9 @@ impl FastReads {
         let failure = match fetched {
             Ok(Ok(c)) => {
                 *self.cached.lock().unwrap_or_else(|p| p.into_inner()) = Some(c.clone());
+                if self.renewal_failing.swap(false, Ordering::Relaxed) {
+                    tracing::info!("S3 credentials renewed");
+                }
                 return Ok(c);
             }
             Ok(Err(e)) => StoreError::Misconfigured(format!("S3 credentials: {e}")),
@@ -142,7 +150,10 @@ impl FastReads {
         };
         match usable {
             Some(c) => {
-                tracing::warn!("S3 credentials could not be renewed ({failure}); using the current ones until they expire");
+                // Once per streak of failures, not per request.
+                if !self.renewal_failing.swap(true, Ordering::Relaxed) {
+                    tracing::warn!("S3 credentials could not be renewed ({failure}); using the current ones until they expire");
+                }
                 Ok(c)
             }
             None => Err(failure),
@@ -730,6 +741,7 @@ mod tests {
     /// to expire are not.
     #[tokio::test]
     async fn held_credentials_outlive_a_failed_renewal_until_they_expire() {
+        let logs = crate::test_logs::capture();
         let hits = Arc::new(AtomicUsize::new(0));
         let calls = Arc::new(AtomicUsize::new(0));
         let lasting = REFRESH_BEFORE - Duration::from_secs(60);
@@ -748,6 +760,12 @@ mod tests {
             calls.load(Ordering::SeqCst),
             3,
             "a renewal tried per request"
+        );
+        let logged = logs.text();
+        assert_eq!(
+            logged.matches("could not be renewed").count(),
+            1,
+            "logged once per streak: {logged}"
         );
 
         let calls = Arc::new(AtomicUsize::new(0));
