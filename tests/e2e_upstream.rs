@@ -149,19 +149,27 @@ async fn a_dead_upstream_is_a_miss_within_its_timeout() {
         .spawn()
         .await;
     let a = &app.srv;
-    let url = format!("{}/{}.narinfo", a.url, "0000000000000000000000000000000a");
-    let t = Instant::now();
-    assert_eq!(reqwest::get(&url).await.unwrap().status(), 404);
-    // timeout_secs = 2: a miss, not a hang (a bound against hanging, generous for a loaded
-    // machine: what it guards is a wait of minutes).
-    assert!(t.elapsed() < Duration::from_secs(15), "{:?}", t.elapsed());
-    assert!(
-        dead.connections_since_last().await >= 1,
-        "the upstream was asked"
-    );
-    // Then it is skipped: the next miss does not even connect to it.
-    let url2 = format!("{}/{}.narinfo", a.url, "0000000000000000000000000000000b");
-    assert_eq!(reqwest::get(&url2).await.unwrap().status(), 404);
+    // Three failures in a row (cellar's FAILURES_IN_A_ROW) make the upstream skipped.
+    for h in ["a", "b", "c"] {
+        let url = format!("{}/{h:0>32}.narinfo", a.url);
+        let t = Instant::now();
+        let res = reqwest::get(&url).await.unwrap();
+        assert_eq!(res.status(), 404);
+        // A miss while the upstream failed: not to be kept by anything in front.
+        assert_eq!(res.headers()["cache-control"], "no-store");
+        // timeout_secs = 2: a miss, not a hang (a bound against hanging, generous for a
+        // loaded machine: what it guards is a wait of minutes).
+        assert!(t.elapsed() < Duration::from_secs(15), "{:?}", t.elapsed());
+        assert!(
+            dead.connections_since_last().await >= 1,
+            "the upstream was asked"
+        );
+    }
+    // Then it is skipped: the next miss does not even connect to it, and is an ordinary one.
+    let url2 = format!("{}/{}.narinfo", a.url, "0000000000000000000000000000000d");
+    let res = reqwest::get(&url2).await.unwrap();
+    assert_eq!(res.status(), 404);
+    assert_ne!(res.headers()["cache-control"], "no-store");
     assert_eq!(dead.connections_since_last().await, 0, "asked again");
     assert!(a.log().contains("upstream unavailable"), "{}", a.log());
     // A NAR only an unreachable upstream could have is 503 (Nix retries it), not a final 404.

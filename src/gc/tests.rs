@@ -1366,3 +1366,34 @@ async fn a_chain_goes_layer_after_layer_whatever_the_order_of_its_hashes() {
         }
     }
 }
+
+/// A run deleting more NARs than one announcement names (64 batches of 64) names every NAR in
+/// an announcement before it goes: each announcement covers the batches that follow it.
+#[tokio::test(start_paused = true)]
+async fn every_nar_a_long_run_deletes_was_announced() {
+    let mem = Arc::new(MemoryStore::new());
+    let now = SystemTime::now();
+    let paths: Vec<P> = (0..4200)
+        .map(|i| path(&mem, &format!("p-{i}"), &[], 100 * DAY, now))
+        .collect();
+    let named = Arc::new(std::sync::Mutex::new(std::collections::HashSet::new()));
+    let (m, n) = (mem.clone(), named.clone());
+    mem.after_write("_cellar/deleting/", move |key| {
+        if let Some(body) = m.bytes(key) {
+            let text = String::from_utf8_lossy(&body).into_owned();
+            n.lock()
+                .unwrap()
+                .extend(text.lines().skip(1).map(str::to_owned));
+        }
+    });
+    let s = gc(&mem, &cfg(), now, true).await;
+    assert!(s.errors.is_empty(), "{:?}", s.errors);
+    let named = named.lock().unwrap();
+    let unnamed: Vec<&str> = paths
+        .iter()
+        .map(|p| p.nar.trim_start_matches("nar/"))
+        .filter(|f| !named.contains(*f))
+        .collect();
+    assert!(unnamed.is_empty(), "{} never announced", unnamed.len());
+    assert!(!paths.iter().any(|p| has(&mem, &p.nar)));
+}
