@@ -1397,3 +1397,47 @@ async fn every_nar_a_long_run_deletes_was_announced() {
     assert!(unnamed.is_empty(), "{} never announced", unnamed.len());
     assert!(!paths.iter().any(|p| has(&mem, &p.nar)));
 }
+
+/// A deletion phase (NARs, listings, logs, after the narinfos) that lasts far longer than an
+/// announcement counts as fresh (a slow store) keeps the run's announcement live: it is written
+/// again every `FRESH / 2` and a batch, whether the batch deletes NARs or only listings and logs.
+#[tokio::test(start_paused = true)]
+async fn a_long_deletion_phase_keeps_its_announcement_fresh() {
+    let mem = Arc::new(MemoryStore::new());
+    let now = SystemTime::now();
+    for i in 0..3000 {
+        path(&mem, &format!("p-{i}"), &[], 100 * DAY, now);
+    }
+    // When the announcement was written once no narinfo was left.
+    let writes = Arc::new(std::sync::Mutex::new(Vec::new()));
+    let (m, w) = (mem.clone(), writes.clone());
+    mem.after_write("_cellar/deleting/", move |_| {
+        if !m.keys().iter().any(|k| k.ends_with(".narinfo")) {
+            w.lock().unwrap().push(tokio::time::Instant::now());
+        }
+    });
+    mem.set_latency(Duration::from_secs(2));
+    let s = gc(&mem, &cfg(), now, true).await;
+    assert!(s.errors.is_empty(), "{:?}", s.errors);
+    let mut writes = writes.lock().unwrap().clone();
+    let phase = writes
+        .last()
+        .copied()
+        .unwrap_or_else(tokio::time::Instant::now)
+        - writes[0];
+    assert!(
+        phase > super::deleting::FRESH,
+        "the phase took only {phase:?}"
+    );
+    writes.push(tokio::time::Instant::now());
+    let longest = writes
+        .windows(2)
+        .map(|w| w[1] - w[0])
+        .max()
+        .unwrap_or_default();
+    assert!(
+        longest < super::deleting::FRESH / 2 + Duration::from_secs(60),
+        "the announcement went {longest:?} without being written ({} writes)",
+        writes.len()
+    );
+}
