@@ -207,6 +207,9 @@ fn walk(root: &Path, prefix: &str, tx: &ListSender) {
         for entry in rd {
             let item = entry.and_then(|e| Ok((e.path(), e.file_type()?)));
             let (path, ft) = match item {
+                // A link outside the layout (a `result` of a nix-build run in the store's
+                // directory) is not followed: nothing of the cache lives there.
+                Ok((path, ft)) if ft.is_symlink() && !in_layout(root, &path) => continue,
                 // What a symbolic link points to, as the object reads do (a dangling one is
                 // no object).
                 Ok((path, ft)) if ft.is_symlink() => match std::fs::metadata(&path) {
@@ -479,16 +482,12 @@ impl ObjectWriter for LocalWriter {
                         .and_then(|n| n.to_str())
                         .unwrap_or("upload")
                 ));
-                let moved = async {
-                    tokio::fs::copy(&self.tmp, &beside).await?;
-                    tokio::fs::File::open(&beside).await?.sync_all().await?;
-                    tokio::fs::rename(&beside, &self.dest).await
-                }
-                .await;
-                if let Err(e) = moved {
-                    let _ = tokio::fs::remove_file(&beside).await;
-                    return Err(e.into());
-                }
+                // Removed unless renamed, also when the commit is dropped half-way.
+                let mut copy = RemovedOnDrop(Some(beside.clone()));
+                tokio::fs::copy(&self.tmp, &beside).await?;
+                tokio::fs::File::open(&beside).await?.sync_all().await?;
+                tokio::fs::rename(&beside, &self.dest).await?;
+                copy.0 = None;
                 let _ = tokio::fs::remove_file(&self.tmp).await;
             }
             Err(e) => return Err(e.into()),
@@ -504,6 +503,17 @@ impl ObjectWriter for LocalWriter {
 
     async fn abort(self: Box<Self>) {
         // Drop removes the temporary file.
+    }
+}
+
+/// A file removed when this is dropped, unless taken out first.
+struct RemovedOnDrop(Option<PathBuf>);
+
+impl Drop for RemovedOnDrop {
+    fn drop(&mut self) {
+        if let Some(p) = &self.0 {
+            let _ = std::fs::remove_file(p);
+        }
     }
 }
 
@@ -574,6 +584,8 @@ mod tests {
         );
         std::os::unix::fs::symlink(elsewhere.path(), dir.path().join("nar")).unwrap();
         std::os::unix::fs::symlink(dir.path(), dir.path().join("loop")).unwrap();
+        // A nix-build's `result` in the store's directory: not followed.
+        std::os::unix::fs::symlink(elsewhere.path(), dir.path().join("result")).unwrap();
         let store = LocalStore::open(dir.path()).unwrap();
         store
             .put_bytes("nar/x.nar", Bytes::from_static(b"nar"))
