@@ -722,10 +722,20 @@ mod tests {
         }
     }
 
-    async fn reads_with(hits: &Arc<AtomicUsize>, provider: FailsAfterFirst) -> FastReads {
+    /// Reads from a fake S3 signed with credentials from [`FailsAfterFirst`] lasting
+    /// `lasting`, and the count of the provider's calls.
+    async fn reads_with(
+        hits: &Arc<AtomicUsize>,
+        lasting: Duration,
+    ) -> (FastReads, Arc<AtomicUsize>) {
         let url = fake_s3(hits.clone()).await;
+        let calls = Arc::new(AtomicUsize::new(0));
+        let provider = FailsAfterFirst {
+            lasting,
+            calls: calls.clone(),
+        };
         let d = Duration::from_secs(5);
-        FastReads::new(
+        let r = FastReads::new(
             &url,
             "b",
             "us-east-1",
@@ -733,7 +743,8 @@ mod tests {
             d,
             d,
         )
-        .unwrap()
+        .unwrap();
+        (r, calls)
     }
 
     /// Credentials due for renewal are still signed with while the renewal fails, and the
@@ -743,16 +754,7 @@ mod tests {
     async fn held_credentials_outlive_a_failed_renewal_until_they_expire() {
         let logs = crate::test_logs::capture();
         let hits = Arc::new(AtomicUsize::new(0));
-        let calls = Arc::new(AtomicUsize::new(0));
-        let lasting = REFRESH_BEFORE - Duration::from_secs(60);
-        let r = reads_with(
-            &hits,
-            FailsAfterFirst {
-                lasting,
-                calls: calls.clone(),
-            },
-        )
-        .await;
+        let (r, calls) = reads_with(&hits, REFRESH_BEFORE - Duration::from_secs(60)).await;
         for _ in 0..3 {
             assert!(matches!(r.get("p/ok", None).await, Ok(Read::Found(_))));
         }
@@ -768,16 +770,7 @@ mod tests {
             "logged once per streak: {logged}"
         );
 
-        let calls = Arc::new(AtomicUsize::new(0));
-        let lasting = STILL_VALID_FOR - Duration::from_secs(1);
-        let r = reads_with(
-            &hits,
-            FailsAfterFirst {
-                lasting,
-                calls: calls.clone(),
-            },
-        )
-        .await;
+        let (r, _) = reads_with(&hits, STILL_VALID_FOR - Duration::from_secs(1)).await;
         assert!(matches!(r.get("p/ok", None).await, Ok(Read::Found(_))));
         assert!(
             matches!(r.get("p/ok", None).await, Err(StoreError::Misconfigured(m)) if m.contains("credentials")),
