@@ -72,7 +72,7 @@ impl NarMemory {
         Self {
             cache,
             max_object,
-            hints: Cache::new(MAX_HINTS),
+            hints: hints(MAX_HINTS),
         }
     }
 
@@ -261,10 +261,36 @@ where
     Ok(buf.freeze())
 }
 
+/// The NAR sizes from narinfos, the least recently used going first, every new one admitted:
+/// a hint is read right after its narinfo was (to prefetch its NAR), and moka's default
+/// admission would turn new ones away once the map is full of older ones read twice.
+fn hints(capacity: u64) -> Cache<Arc<str>, u64> {
+    Cache::builder()
+        .max_capacity(capacity)
+        .eviction_policy(moka::policy::EvictionPolicy::lru())
+        .build()
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
     use crate::store::memory::MemoryStore;
+
+    #[tokio::test]
+    async fn a_full_hint_map_takes_new_hints() {
+        let h = hints(10);
+        for i in 0..10 {
+            let name: Arc<str> = format!("old{i}").into();
+            h.insert(name.clone(), i).await;
+            for _ in 0..5 {
+                h.get(&name).await;
+            }
+        }
+        h.run_pending_tasks().await;
+        h.insert("new".into(), 42).await;
+        h.run_pending_tasks().await;
+        assert_eq!(h.get("new").await, Some(42));
+    }
     use crate::store::Store;
 
     async fn open(store: &Arc<dyn Store>, key: &str) -> Result<Option<Object>, Error> {

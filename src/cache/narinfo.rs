@@ -32,11 +32,16 @@ impl Expiry<StorePathHash, Lookup> for Ttl {
     }
 }
 
+/// Invalidation counters, each shared by the hashes that fall into it.
+const GENERATIONS: usize = 1024;
+
 pub struct NarInfoCache {
     cache: Cache<StorePathHash, Lookup>,
-    /// Bumped by every invalidation: a miss loaded across one is loaded again, so an upload
-    /// that lands while a lookup is in flight is not hidden behind a cached miss.
-    generation: AtomicU64,
+    /// Bumped by every invalidation of a hash of theirs: a miss loaded across one is loaded
+    /// again, so an upload that lands while a lookup is in flight is not hidden behind a
+    /// cached miss. One counter per group of hashes, not one for all: while uploads land
+    /// every few milliseconds, a miss of another path is not looked up again for them.
+    generations: Box<[AtomicU64]>,
 }
 
 impl NarInfoCache {
@@ -48,11 +53,23 @@ impl NarInfoCache {
                 u32::try_from(v.as_ref().map_or(0, Bytes::len) + 100).unwrap_or(u32::MAX)
             })
             .expire_after(Ttl { positive, negative })
+            // Least recently used goes first, and every new entry is admitted: moka's default
+            // (TinyLFU) turns away a new key once the cache is full of keys asked for more
+            // than once, so a closure just prefetched would not be kept, and the prefetch of
+            // the next would load it again.
+            .eviction_policy(moka::policy::EvictionPolicy::lru())
             .build();
         Self {
             cache,
-            generation: AtomicU64::new(0),
+            generations: (0..GENERATIONS).map(|_| AtomicU64::new(0)).collect(),
         }
+    }
+
+    /// The invalidation counter of `h`.
+    fn generation(&self, h: StorePathHash) -> &AtomicU64 {
+        use std::hash::{BuildHasher as _, BuildHasherDefault};
+        let hasher = BuildHasherDefault::<std::collections::hash_map::DefaultHasher>::default();
+        &self.generations[(hasher.hash_one(h) % GENERATIONS as u64) as usize]
     }
 
     /// The cached lookup for `h`, or the result of `load` (run once for all concurrent
@@ -97,17 +114,18 @@ impl NarInfoCache {
         F: Fn() -> Fut,
         Fut: std::future::Future<Output = Result<Lookup, Error>>,
     {
-        let before = self.generation.load(Ordering::SeqCst);
+        let generation = self.generation(h);
+        let before = generation.load(Ordering::SeqCst);
         let attempt = move || async move {
             loaded.store(true, Ordering::Relaxed);
-            self.load_fresh(load).await
+            self.load_fresh(generation, load).await
         };
         let found = self
             .cache
             .try_get_with(h, attempt())
             .await
             .map_err(|e: Arc<Error>| (*e).clone())?;
-        if found.is_some() || self.generation.load(Ordering::SeqCst) == before {
+        if found.is_some() || generation.load(Ordering::SeqCst) == before {
             return Ok(found);
         }
         // An invalidation came after the load looked, perhaps before its miss was kept (the
@@ -125,16 +143,17 @@ impl NarInfoCache {
         self.cache.contains_key(&h)
     }
 
-    /// Runs `load`, again if an invalidation happened meanwhile and it found nothing.
-    async fn load_fresh<F, Fut>(&self, load: &F) -> Result<Lookup, Error>
+    /// Runs `load`, again if an invalidation (counted by `generation`) happened meanwhile and
+    /// it found nothing.
+    async fn load_fresh<F, Fut>(&self, generation: &AtomicU64, load: &F) -> Result<Lookup, Error>
     where
         F: Fn() -> Fut,
         Fut: std::future::Future<Output = Result<Lookup, Error>>,
     {
         for _ in 0..3 {
-            let before = self.generation.load(Ordering::SeqCst);
+            let before = generation.load(Ordering::SeqCst);
             let found = load().await?;
-            if found.is_some() || self.generation.load(Ordering::SeqCst) == before {
+            if found.is_some() || generation.load(Ordering::SeqCst) == before {
                 return Ok(found);
             }
         }
@@ -150,7 +169,7 @@ impl NarInfoCache {
 
     /// Forgets `h` (after an upload, so the new narinfo is served at once).
     pub async fn invalidate(&self, h: StorePathHash) {
-        self.generation.fetch_add(1, Ordering::SeqCst);
+        self.generation(h).fetch_add(1, Ordering::SeqCst);
         self.cache.invalidate(&h).await;
     }
 }
@@ -189,7 +208,7 @@ mod tests {
         );
         let h: StorePathHash = "0".repeat(32).parse().unwrap();
         let calls = &std::sync::atomic::AtomicUsize::new(0);
-        let generation = &cache.generation;
+        let generation = cache.generation(h);
         let load = move || async move {
             // Uploads land during the first four looks (all load_fresh makes), then stop.
             if calls.fetch_add(1, Ordering::SeqCst) < 4 {
@@ -205,5 +224,66 @@ mod tests {
             .await
             .unwrap()
             .is_some());
+    }
+
+    /// Uploads of other paths landing while a miss is looked up do not make it looked up
+    /// again (each would be a store request, and one per upstream).
+    #[tokio::test]
+    async fn a_miss_is_looked_up_once_while_other_paths_are_uploaded() {
+        let cache = NarInfoCache::new(1 << 20, Duration::from_secs(60), Duration::from_secs(60));
+        let h: StorePathHash = "0".repeat(32).parse().unwrap();
+        // Hashes of other paths, counted apart from h.
+        let others: Vec<StorePathHash> = (1..100u32)
+            .map(|i| format!("{:0>32}", crate::nix::base32::encode(&i.to_be_bytes())))
+            .filter_map(|s| s.parse().ok())
+            .filter(|o| !std::ptr::eq(cache.generation(*o), cache.generation(h)))
+            .collect();
+        assert!(others.len() > 90);
+        let calls = &std::sync::atomic::AtomicUsize::new(0);
+        let (cache, others) = (&cache, &others);
+        let load = move || async move {
+            calls.fetch_add(1, Ordering::SeqCst);
+            for o in others {
+                cache.invalidate(*o).await;
+            }
+            Ok(None)
+        };
+        assert!(cache.get_or_load(h, load).await.unwrap().is_none());
+        assert_eq!(calls.load(Ordering::SeqCst), 1);
+    }
+
+    /// A full cache keeps what is loaded last, however often the older entries were read:
+    /// a closure prefetched into it is there when the client asks.
+    #[tokio::test]
+    async fn a_full_cache_admits_new_entries() {
+        let text = Bytes::from(vec![b'x'; 900]);
+        let cache = NarInfoCache::new(1_000_000, Duration::from_secs(60), Duration::from_secs(60));
+        let hash = |i: u32| -> StorePathHash {
+            format!("{:0>32}", crate::nix::base32::encode(&i.to_be_bytes()))
+                .parse()
+                .unwrap()
+        };
+        // Full, then each entry read a few times (moka counts reads once it is half full).
+        for round in 0..6 {
+            for i in 0..1000 {
+                let t = text.clone();
+                cache
+                    .fill(hash(i), || async { Ok(Some(t.clone())) })
+                    .await
+                    .unwrap();
+            }
+            if round == 0 {
+                cache.usage().await;
+            }
+        }
+        cache.usage().await;
+        let new = hash(100_000);
+        let t = text.clone();
+        cache
+            .fill(new, || async { Ok(Some(t.clone())) })
+            .await
+            .unwrap();
+        cache.usage().await;
+        assert!(cache.contains(new));
     }
 }

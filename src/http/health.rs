@@ -2,10 +2,13 @@
 //! `store.ready_timeout_secs`), for curl and load balancers.
 //!
 //! `/readyz` needs no token: a burst of probes sends one or two requests to the store, not one
-//! each. Probes arriving while the store is being asked wait for that answer and then share
-//! the next one: every answer is the store's state after the probe arrived, and comes within
-//! `store.ready_timeout_secs` of it (else it is "store timed out"). While the server drains
-//! after SIGTERM, `/readyz` answers 503, so a load balancer stops sending it clients.
+//! each. Probes arriving while the store is being asked wait for that answer, and take it if
+//! it was asked at most [`SHARED`] before they arrived (several load balancers probing a
+//! slow store a moment apart would otherwise each wait for two requests in a row, and time
+//! out); later ones share the next request. Every answer is the store's state at most
+//! [`SHARED`] before the probe arrived, and comes within `store.ready_timeout_secs` of it
+//! (else it is "store timed out"). While the server drains after SIGTERM, `/readyz` answers
+//! 503, so a load balancer stops sending it clients.
 
 use axum::extract::State;
 use axum::http::{header, StatusCode};
@@ -14,6 +17,9 @@ use axum::response::IntoResponse;
 use super::AppState;
 
 const NO_STORE: (header::HeaderName, &str) = (header::CACHE_CONTROL, "no-store");
+
+/// How long before a probe's arrival the store may have been asked for the answer it gets.
+pub const SHARED: std::time::Duration = std::time::Duration::from_secs(1);
 
 pub(super) async fn healthz() -> impl IntoResponse {
     ([NO_STORE], "ok\n")
@@ -36,7 +42,7 @@ pub(super) async fn readyz(State(st): State<AppState>) -> impl IntoResponse {
         // Held while the store is asked: probes arriving meanwhile wait for that answer.
         let mut last = st.readiness.0.lock().await;
         match *last {
-            Some((asked, status, text)) if asked >= arrived => (status, text),
+            Some((asked, status, text)) if asked + SHARED >= arrived => (status, text),
             _ => {
                 let asked = tokio::time::Instant::now();
                 let (status, text) = ask_store(&st).await;

@@ -731,7 +731,8 @@ async fn puts_declared_over_their_limit_are_refused_before_the_body() {
 }
 
 /// A burst of readiness probes (`/readyz` needs no token) asks the store once, not once per
-/// probe; a probe after the burst asks again, so a store gone down is seen at once.
+/// probe; a probe more than a second after the burst asks again, so a store gone down is seen
+/// within a second.
 #[tokio::test(start_paused = true)]
 async fn readiness_probes_arriving_together_ask_the_store_once() {
     let mem = Arc::new(MemoryStore::new());
@@ -743,38 +744,56 @@ async fn readiness_probes_arriving_together_ask_the_store_once() {
     }
     assert_eq!(mem.pings(), 1);
     mem.set_down(true);
+    // Within a second of the answer, a probe takes it; later, it asks again.
+    assert_eq!(get(&st, "/readyz").await.0, StatusCode::OK);
+    assert_eq!(mem.pings(), 1);
+    tokio::time::advance(super::health::SHARED).await;
     assert_eq!(get(&st, "/readyz").await.0, StatusCode::SERVICE_UNAVAILABLE);
     assert_eq!(mem.pings(), 2);
 }
 
 /// `/readyz` answers within `store.ready_timeout_secs` of the probe's arrival, even when it
-/// waited for another probe's request to the store; and 503 once the server drains.
+/// waited for another probe's request to the store; a probe arriving shortly after another
+/// (load balancers probing a moment apart) takes its answer; and 503 once the server drains.
 #[tokio::test(start_paused = true)]
 async fn a_readiness_probe_answers_within_its_timeout_and_not_while_draining() {
     let mem = Arc::new(MemoryStore::new());
     let mut cfg = Config::default();
     cfg.store.ready_timeout = std::time::Duration::from_secs(2);
     let st = state(cfg, &mem);
-    // A store answering in 1.6 s: a probe arriving 1 s into another's request waits 0.6 s
-    // for it, then would wait 1.6 s more for its own.
+    // A store answering in 1.6 s, slow but within the timeout.
     mem.set_latency(std::time::Duration::from_millis(1600));
-    let first = tokio::spawn({
-        let st = st.clone();
-        async move { get(&st, "/readyz").await }
-    });
-    // Once the first probe is asking the store, the clock moves 1 s on.
-    while mem.pings() == 0 {
-        tokio::task::yield_now().await;
-    }
-    tokio::time::advance(std::time::Duration::from_secs(1)).await;
-    let started = tokio::time::Instant::now();
-    let (status, body) = get(&st, "/readyz").await;
-    assert_eq!(started.elapsed(), std::time::Duration::from_secs(2));
+    let probe_after = |delay: std::time::Duration| {
+        let (st, mem) = (st.clone(), mem.clone());
+        async move {
+            let first = tokio::spawn({
+                let st = st.clone();
+                async move { get(&st, "/readyz").await }
+            });
+            // Once the first probe is asking the store, the clock moves on.
+            let pings = mem.pings();
+            while mem.pings() == pings {
+                tokio::task::yield_now().await;
+            }
+            tokio::time::advance(delay).await;
+            let started = tokio::time::Instant::now();
+            let answer = get(&st, "/readyz").await;
+            assert_eq!(first.await.unwrap().0, StatusCode::OK);
+            (answer, started.elapsed())
+        }
+    };
+    // Arriving 1 s into the other's request: its answer, 0.6 s later.
+    let ((status, body), took) = probe_after(super::health::SHARED).await;
+    assert_eq!((status, body.as_slice()), (StatusCode::OK, &b"ready\n"[..]));
+    assert_eq!(took, std::time::Duration::from_millis(600));
+    // Arriving 1.1 s into it: too old an answer; it waits 0.5 s, then 1.6 s for its own,
+    // past its 2 s.
+    let ((status, body), took) = probe_after(std::time::Duration::from_millis(1100)).await;
+    assert_eq!(took, std::time::Duration::from_secs(2));
     assert_eq!(
         (status, body.as_slice()),
         (StatusCode::SERVICE_UNAVAILABLE, &b"store timed out\n"[..])
     );
-    assert_eq!(first.await.unwrap().0, StatusCode::OK);
 
     st.draining.store(true, std::sync::atomic::Ordering::SeqCst);
     let pings = mem.pings();

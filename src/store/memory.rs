@@ -89,6 +89,10 @@ pub struct MemoryStore {
     gates: Mutex<Vec<Arc<ReadGate>>>,
     /// The key of every `get`, in order.
     got: Mutex<Vec<String>>,
+    /// Every key a `head` asked about, in order.
+    headed: Mutex<Vec<String>>,
+    /// What writers that never committed "left behind" ([`MemoryStore::leave_staged`]).
+    staged: Mutex<Vec<String>>,
     /// Faults for ranged reads starting at a byte: (start, fault, reads left to fail).
     faults: Mutex<Vec<(u64, RangeFault, usize)>>,
     /// The start of every ranged `get`, in order.
@@ -179,6 +183,20 @@ impl MemoryStore {
     /// How many `get`s asked for a key under `prefix` (bodies read, not existence checks).
     pub fn gets_under(&self, prefix: &str) -> usize {
         lock(&self.got)
+            .iter()
+            .filter(|k| k.starts_with(prefix))
+            .count()
+    }
+
+    /// Makes `what` look like an upload a writer left unfinished, older than any grace period
+    /// (real writers here buffer in memory and leave nothing).
+    pub fn leave_staged(&self, what: &str) {
+        lock(&self.staged).push(what.to_owned());
+    }
+
+    /// How many `head`s asked about a key under `prefix`.
+    pub fn heads_under(&self, prefix: &str) -> usize {
+        lock(&self.headed)
             .iter()
             .filter(|k| k.starts_with(prefix))
             .count()
@@ -351,6 +369,7 @@ impl Store for MemoryStore {
     }
 
     async fn head(&self, key: &str) -> Result<Option<u64>, StoreError> {
+        lock(&self.headed).push(key.to_owned());
         self.delay().await;
         let found = self.lookup(key)?;
         self.pass_gates(key).await;
@@ -380,15 +399,15 @@ impl Store for MemoryStore {
     }
 
     async fn cleanup_staging(&self, _older_than: std::time::Duration) -> Result<usize, StoreError> {
-        Ok(0)
+        Ok(std::mem::take(&mut *lock(&self.staged)).len())
     }
 
-    // Writers buffer in memory and leave nothing behind.
+    // Writers buffer in memory and leave nothing behind, unless a test says otherwise.
     async fn stale_staging(
         &self,
         _older_than: std::time::Duration,
     ) -> Result<Vec<String>, StoreError> {
-        Ok(Vec::new())
+        Ok(lock(&self.staged).clone())
     }
 
     fn list(&self, prefix: &str) -> ObjectList {

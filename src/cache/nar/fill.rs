@@ -271,6 +271,10 @@ impl NarCache {
         if self.no_room(size, reserved) {
             return "skipped";
         }
+        // No fill could start: the store is not asked for a NAR nobody would read.
+        if size > SMALL && self.running.load(Ordering::SeqCst) >= MAX_RUNNING {
+            return "skipped";
+        }
         let filling = self
             .on_fill(
                 name.as_str(),

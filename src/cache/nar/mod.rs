@@ -224,11 +224,19 @@ impl NarCache {
         let state = self.index().touch(n);
         let answer = match state {
             Some((size, Verified::Yes)) => self.read_file(n, size, None).await?,
-            Some((_, Verified::No)) => {
-                self.spawn_verify(n.to_owned());
-                NarCacheAnswer::Bypass
+            Some((size, verified)) => {
+                // A file from before a restart: a small one is hashed in no time, so its check
+                // is waited for rather than the NAR read from the store.
+                if verified == Verified::No {
+                    self.spawn_verify(n.to_owned());
+                }
+                let wait = Duration::from_millis(1000 + size / 100_000).min(CHECK_WAIT);
+                match self.checked_within(n, wait).await {
+                    Some(size) => self.read_file(n, size, None).await?,
+                    None => NarCacheAnswer::Bypass,
+                }
             }
-            Some((_, Verified::InProgress)) | None => NarCacheAnswer::Bypass,
+            None => NarCacheAnswer::Bypass,
         };
         let (result, obj) = match answer {
             NarCacheAnswer::Object(obj) => ("hit", Some(obj)),
@@ -299,7 +307,13 @@ impl NarCache {
                 Ok(NarCacheAnswer::Object(obj))
             }
             Err(e @ StoreError::RangeNotSatisfiable { .. }) => Err(e),
-            _ => {
+            // The file could not be read now (out of file descriptors, an I/O error): it may be
+            // fine, so it stays, and this request goes to the store.
+            Err(e) => {
+                tracing::warn!(nar = %name, error = %e, "NAR cache: cannot read the file, serving from the store");
+                Ok(NarCacheAnswer::Bypass)
+            }
+            Ok(_) => {
                 tracing::warn!(nar = %name, "NAR cache: file missing or truncated, fetching again");
                 self.drop_entry(name);
                 Ok(NarCacheAnswer::Bypass)
@@ -384,9 +398,15 @@ impl NarCache {
         if avail >= wanted {
             return false;
         }
-        let short = (wanted - avail).min(size.saturating_add(FREE_MARGIN));
+        let own = size.saturating_add(FREE_MARGIN);
+        let short = (wanted - avail).min(own);
         let victims = self.index().make_room(short);
         if victims.is_empty() {
+            // Short only of what the running fills were promised (part of which they wrote
+            // already): this NAR fits, and a disk that does fill up is found on write.
+            if avail >= own {
+                return false;
+            }
             self.note_full(format_args!("{avail} bytes free"));
             return true;
         }

@@ -241,6 +241,24 @@ async fn requests_for_a_file_being_checked_wait_for_the_check() {
     assert_eq!(mem.requests(), before, "the store was asked");
 }
 
+/// After a restart, a small NAR the memory cache let go to disk is read back from there once
+/// its (quick) check passes, not from the store.
+#[tokio::test]
+async fn a_small_file_from_before_a_restart_is_read_after_its_check() {
+    let (d, cache, mem, _store) = setup(1 << 30);
+    let data = vec![3u8; 10_000];
+    mem.insert(&format!("nar/{NAME}"), data.clone());
+    let name: NarFileName = NAME.parse().unwrap();
+    cache.spill(NAME, bytes::Bytes::from(data.clone()));
+    wait_indexed(&cache, 1).await;
+    close(cache).await;
+    let cache = NarCache::open(d.path(), 1 << 30, Duration::from_secs(30)).unwrap();
+    let before = mem.requests();
+    let obj = cache.held(&name, Some(10_000)).await.unwrap();
+    assert!(body(NarCacheAnswer::Object(obj.expect("not read from disk"))).await == data);
+    assert_eq!(mem.requests(), before);
+}
+
 #[tokio::test]
 async fn concurrent_misses_cost_one_store_get() {
     let (_d, cache, mem, store) = setup(1 << 30);
@@ -392,6 +410,20 @@ fn running_fills_do_not_make_a_new_nar_evict_for_them() {
     assert!(d.path().join(names[1]).exists());
 }
 
+/// With nothing to evict, what running fills were promised (and partly wrote already) is no
+/// reason to pause caching while the new NAR itself fits: no "disk full" on a disk with room.
+#[test]
+fn running_fills_alone_do_not_pause_caching() {
+    let d = tempfile::tempdir().unwrap();
+    let cache = NarCache::open(d.path(), u64::MAX / 2, Duration::from_secs(30)).unwrap();
+    let avail = cache.disk.free_bytes().unwrap();
+    assert!(!cache.no_room(1, avail + (1 << 30)));
+    assert!(!cache.disk_full(1));
+    // A NAR that does not fit beside the margin pauses it.
+    assert!(cache.no_room(avail, 0));
+    assert!(cache.disk_full(1));
+}
+
 #[tokio::test]
 async fn sizes_ranges_past_the_end_and_truncated_files() {
     let (d, cache, mem, store) = setup(1 << 30);
@@ -433,6 +465,41 @@ async fn sizes_ranges_past_the_end_and_truncated_files() {
         "a short file was served"
     );
     assert_eq!(cache.size_of(&name), None, "and it is forgotten");
+}
+
+/// A file that cannot be read for a while (here a loop of links: ELOOP, as EMFILE or EIO
+/// would be) is not taken for a corrupt one: the request goes to the store, and the file and
+/// its entry stay.
+#[tokio::test]
+async fn a_file_that_cannot_be_read_now_is_not_dropped() {
+    let (d, cache, mem, store) = setup(1 << 30);
+    let key = format!("nar/{NAME}");
+    mem.insert(&key, vec![7u8; 2_000_000]);
+    let name: NarFileName = NAME.parse().unwrap();
+    body(cache.get(&name, &key, None, None, &store).await.unwrap()).await;
+    wait_indexed(&cache, 1).await;
+    let file = d.path().join(NAME);
+    let kept = d.path().join("kept");
+    std::fs::rename(&file, &kept).unwrap();
+    std::os::unix::fs::symlink(NAME, &file).unwrap();
+    let got = cache.get(&name, &key, None, None, &store).await.unwrap();
+    assert!(matches!(got, NarCacheAnswer::Bypass), "served from a loop");
+    assert_eq!(
+        cache.size_of(&name),
+        Some(2_000_000),
+        "the entry was dropped"
+    );
+    // Readable again: served from disk.
+    std::fs::remove_file(&file).unwrap();
+    std::fs::rename(&kept, &file).unwrap();
+    let before = mem.requests();
+    assert_eq!(
+        body(cache.get(&name, &key, None, None, &store).await.unwrap())
+            .await
+            .len(),
+        2_000_000
+    );
+    assert_eq!(mem.requests(), before);
 }
 
 #[test]
@@ -1131,6 +1198,13 @@ async fn fills_are_bounded() {
         super::fill::MAX_RUNNING,
         "the last NAR has no fill"
     );
+    // A fill ahead of its request that could not start is not even asked of the store.
+    let name: NarFileName = NAME.parse().unwrap();
+    let key = format!("nar/{NAME}");
+    mem.insert(&key, vec![1u8; 3 << 19]);
+    let size = 3 << 19;
+    assert_eq!(cache.prefetch(&name, &key, size, &store).await, "skipped");
+    assert_eq!(mem.gets_under(&key), 0);
 }
 
 /// Asks `cache` for the NAR [`NAME`] with the size its narinfo gives.

@@ -45,6 +45,11 @@ pub const NAR_FILLS: usize = 4;
 /// dropped (by the time they ran, the client would have asked for the NAR itself).
 pub const FILLS_QUEUED: usize = 64;
 
+/// How long a narinfo prefetched is not prefetched again, whether or not the narinfo cache
+/// still holds it ([`Prefetch::recent`]), and how many such names are remembered.
+const RECENT_TTL: std::time::Duration = std::time::Duration::from_secs(60);
+const RECENT_NAMES: u64 = 65_536;
+
 pub struct Prefetch {
     /// `None` when prefetching is off.
     slots: Option<Arc<Semaphore>>,
@@ -58,6 +63,14 @@ pub struct Prefetch {
     fills_queued: Arc<AtomicUsize>,
     /// The NARs of the fills queued or running.
     filling: Arc<std::sync::Mutex<std::collections::HashSet<NarFileName>>>,
+    /// Narinfos prefetched lately. What the narinfo cache holds is not prefetched again, but
+    /// it may not hold what was loaded (expired after a short `cache.narinfo_ttl_secs`, or
+    /// evicted from a full cache): without this, each load would walk the closure below it
+    /// again, by every route through it.
+    recent: moka::future::Cache<StorePathHash, ()>,
+    /// NARs a fill ahead found in the bucket, which clients are redirected to
+    /// (`store.redirect_nars`): not asked about again at every GET of their narinfo.
+    redirected: moka::future::Cache<NarFileName, ()>,
     /// Waiting or running; [`Prefetch::settled`] waits for zero.
     pending: Arc<AtomicUsize>,
     idle: Arc<Notify>,
@@ -75,6 +88,8 @@ impl Prefetch {
             queued: Arc::new(AtomicUsize::new(0)),
             fills_queued: Arc::new(AtomicUsize::new(0)),
             filling: Arc::default(),
+            recent: recently(),
+            redirected: recently(),
             pending: Arc::new(AtomicUsize::new(0)),
             idle: Arc::new(Notify::new()),
             #[cfg(test)]
@@ -105,6 +120,11 @@ impl Prefetch {
 
     fn enabled(&self) -> bool {
         self.slots.is_some()
+    }
+
+    /// Whether `h` was not prefetched within [`RECENT_TTL`] (and is now).
+    async fn first_time(&self, h: StorePathHash) -> bool {
+        self.recent.entry(h).or_insert(()).await.is_fresh()
     }
 
     /// Runs `job` in the background once a slot is free.
@@ -159,9 +179,14 @@ pub(super) async fn after_load(st: &AppState, live: &Arc<Live>, info: &NarInfo) 
     // Without a narinfo memory cache (`cache.narinfo_memory_bytes = 0`) there is nothing to
     // fill, and nothing would say which narinfos were loaded already: each load would walk
     // the closure below it again, by every route through it.
-    let keeps_narinfos = live.config.cache.narinfo_memory_bytes > 0;
+    let keeps_narinfos =
+        live.config.cache.narinfo_memory_bytes > 0 && !live.config.cache.narinfo_ttl.is_zero();
     for h in info.references.iter().map(|r| r.hash()) {
-        if !keeps_narinfos || h == own || live.narinfos.contains(h) {
+        if !keeps_narinfos
+            || h == own
+            || live.narinfos.contains(h)
+            || !st.prefetch.first_time(h).await
+        {
             continue;
         }
         st.prefetch
@@ -197,7 +222,11 @@ pub(super) fn after_get(st: &AppState, body: &[u8]) {
     let Some((nar, size)) = nar_of(body) else {
         return;
     };
-    if size > st.prefetch.nar_max_bytes || st.nar_memory.takes(size) || cache.has(&nar) {
+    if size > st.prefetch.nar_max_bytes
+        || st.nar_memory.takes(size)
+        || cache.has(&nar)
+        || st.prefetch.redirected.contains_key(&nar)
+    {
         return;
     }
     let filling = st.prefetch.filling.clone();
@@ -217,12 +246,25 @@ pub(super) fn after_get(st: &AppState, body: &[u8]) {
             // A NAR the bucket has is redirected to it (`store.redirect_nars`): the client reads
             // it from there, not from cellar's disk. One only an upstream has is filled as usual.
             if st.store.redirects_nars() && matches!(st.store.head(&key).await, Ok(Some(_))) {
+                st.prefetch.redirected.insert(nar.clone(), ()).await;
                 crate::metrics::prefetch("nar", "redirected");
                 return;
             }
             let result = cache.prefetch(&nar, &key, size, &reads).await;
             crate::metrics::prefetch("nar", result);
         });
+}
+
+/// A set of names remembered for [`RECENT_TTL`], the least recently used going first when full.
+fn recently<K>() -> moka::future::Cache<K, ()>
+where
+    K: std::hash::Hash + Eq + Send + Sync + 'static,
+{
+    moka::future::Cache::builder()
+        .max_capacity(RECENT_NAMES)
+        .time_to_live(RECENT_TTL)
+        .eviction_policy(moka::policy::EvictionPolicy::lru())
+        .build()
 }
 
 /// Takes a NAR off [`Prefetch::filling`] when dropped.
@@ -254,6 +296,12 @@ fn nar_of(body: &[u8]) -> Option<(NarFileName, u64)> {
 /// Loads `h` into the narinfo cache (boxed: a load may prefetch further, which loads again).
 fn narinfo(st: AppState, live: Arc<Live>, h: StorePathHash) -> BoxFuture<'static, ()> {
     async move {
+        // Queued before a reload (SIGHUP): the old state's cache is no longer read, and its
+        // upstreams may be gone from the configuration.
+        if !Arc::ptr_eq(&st.live(), &live) {
+            crate::metrics::prefetch("narinfo", "dropped");
+            return;
+        }
         let result = match live
             .narinfos
             .fill(h, || super::narinfo::load_from_store(&st, &live, h))

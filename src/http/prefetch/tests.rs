@@ -524,3 +524,108 @@ async fn fills_ahead_are_queued_once_each_and_apart() {
     gate.open();
     st.prefetch.settled().await;
 }
+
+/// A narinfo the cache no longer holds (evicted from a full cache, or expired) is not
+/// prefetched again for a while: each load would otherwise walk the closure below it again,
+/// by every route through it (a ladder of 12 paths, each referring to the next two).
+#[tokio::test]
+async fn a_closure_prefetched_lately_is_not_walked_again() {
+    let mem = Arc::new(MemoryStore::new());
+    let mut ladder: Vec<P> = Vec::new();
+    for i in 0..12 {
+        let refs: Vec<&P> = ladder.iter().rev().take(2).collect();
+        let p = path(&mem, &format!("p{i}"), &refs, 100, 100);
+        ladder.push(p);
+    }
+    let top = ladder.last().unwrap();
+    let st = state(Config::default(), &mem);
+    let narinfo_reads = || mem.gets_under("") - mem.gets_under("nar/");
+    assert_eq!(
+        get(&st, &format!("/{}.narinfo", top.hash)).await.0,
+        StatusCode::OK
+    );
+    st.prefetch.settled().await;
+    assert_eq!(narinfo_reads(), 12);
+    // Gone from memory, the whole closure; the top asked for again.
+    for p in &ladder {
+        st.live().narinfos.invalidate(p.hash.parse().unwrap()).await;
+    }
+    assert_eq!(
+        get(&st, &format!("/{}.narinfo", top.hash)).await.0,
+        StatusCode::OK
+    );
+    st.prefetch.settled().await;
+    assert_eq!(narinfo_reads(), 13);
+}
+
+/// With a narinfo TTL of 0 nothing prefetched would be kept: nothing is prefetched.
+#[tokio::test]
+async fn without_a_narinfo_ttl_no_narinfo_is_prefetched() {
+    let mem = Arc::new(MemoryStore::new());
+    let [a, ..] = closure(&mem);
+    let mut cfg = Config::default();
+    cfg.cache.narinfo_ttl = std::time::Duration::ZERO;
+    let st = state(cfg, &mem);
+    assert_eq!(
+        get(&st, &format!("/{}.narinfo", a.hash)).await.0,
+        StatusCode::OK
+    );
+    st.prefetch.settled().await;
+    assert_eq!(
+        mem.gets_under("") - mem.gets_under("nar/"),
+        1,
+        "narinfos read"
+    );
+}
+
+/// A large NAR found in the bucket and redirected to it is asked about once, not at every GET
+/// of its narinfo (each a billed request to the store).
+#[tokio::test]
+async fn a_redirected_nar_is_not_asked_about_again() {
+    let mem = Arc::new(MemoryStore::new());
+    let dir = tempfile::tempdir().unwrap();
+    let big = path(&mem, "big", &[], 5000, 5000);
+    mem.presign_to("http://s3.example/b");
+    let st = state(with_disk_cache(&dir), &mem);
+    for _ in 0..3 {
+        assert_eq!(
+            get(&st, &format!("/{}.narinfo", big.hash)).await.0,
+            StatusCode::OK
+        );
+        st.prefetch.settled().await;
+    }
+    assert_eq!(mem.heads_under("nar/"), 1);
+    assert_eq!(mem.gets_under("nar/"), 0);
+}
+
+/// Prefetches queued before a reload are dropped: the old state's narinfo cache is no longer
+/// read, and its upstreams may be gone from the configuration.
+#[tokio::test]
+async fn prefetches_queued_before_a_reload_are_dropped() {
+    let mem = Arc::new(MemoryStore::new());
+    let [a, b, _, d] = closure(&mem);
+    let mut cfg = Config::default();
+    cfg.cache.prefetch_concurrency = 1;
+    let st = state(cfg.clone(), &mem);
+    // The first prefetch (b's or d's narinfo) holds the only slot; the other waits.
+    let gate = mem.hold_reads(&format!("{}.narinfo", b.hash));
+    let gate_d = mem.hold_reads(&format!("{}.narinfo", d.hash));
+    assert_eq!(
+        get(&st, &format!("/{}.narinfo", a.hash)).await.0,
+        StatusCode::OK
+    );
+    tokio::select! {
+        () = gate.reached() => {}
+        () = gate_d.reached() => {}
+    }
+    st.reload(cfg, st.live().signing_keys.clone()).unwrap();
+    gate.open();
+    gate_d.open();
+    st.prefetch.settled().await;
+    // a's, then one of b's and d's: the other was queued before the reload.
+    assert_eq!(
+        mem.gets_under("") - mem.gets_under("nar/"),
+        2,
+        "narinfos read"
+    );
+}

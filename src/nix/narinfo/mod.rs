@@ -316,13 +316,15 @@ impl NarInfo {
             "1;{store_dir}/{};{};{};",
             self.store_path, self.nar_hash, self.nar_size
         );
-        // Nix signs the references as a sorted set, whatever order the narinfo lists them in.
+        // Nix signs the references as a sorted set, whatever order the narinfo lists them in
+        // (and however often: it reads them into a set).
         let mut refs: Vec<&str> = self
             .references
             .iter()
             .map(StorePathBaseName::as_str)
             .collect();
         refs.sort_unstable();
+        refs.dedup();
         for (i, r) in refs.iter().enumerate() {
             if i > 0 {
                 s.push(',');
