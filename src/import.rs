@@ -17,10 +17,10 @@ use crate::upload::{Uploader, MAX_LISTING_BYTES, MAX_LOG_BYTES};
 
 #[derive(Debug, Error)]
 pub enum ImportError {
-    #[error("cannot read {path}: {source}")]
+    #[error("cannot read {path}: {cause}")]
     Read {
         path: PathBuf,
-        source: std::io::Error,
+        cause: std::io::Error,
     },
     #[error(transparent)]
     Store(#[from] crate::store::StoreError),
@@ -99,7 +99,7 @@ fn references_first(entries: &HashMap<StorePathHash, NarInfo>) -> Vec<StorePathH
 fn read_err(path: &Path) -> impl FnOnce(std::io::Error) -> ImportError + '_ {
     move |source| ImportError::Read {
         path: path.to_owned(),
-        source,
+        cause: source,
     }
 }
 
@@ -147,34 +147,59 @@ pub async fn import_dir(
     }
 
     progress.start(entries.len());
+    let mut refused = HashSet::new();
     for h in references_first(&entries) {
         let Some(info) = entries.remove(&h) else {
             continue;
         };
         let label = format!("{store_dir}/{}", info.store_path);
         progress.advance(&label);
-        if store.head(&object_key::narinfo(h)).await?.is_some() {
-            summary.skipped += 1;
-            continue;
-        }
-        match import_one(dir, store, uploader, info).await {
-            Ok(()) => summary.imported += 1,
+        let deriver = info.deriver.clone();
+        let fresh = store.head(&object_key::narinfo(h)).await?.is_none();
+        // A path whose reference was refused would be refused after its NAR was copied (an
+        // orphan): refused before.
+        let refused_reference = info
+            .references
+            .iter()
+            .find(|r| r.hash() != h && refused.contains(&r.hash()))
+            .cloned();
+        let written = match (fresh, refused_reference) {
+            (false, _) => {
+                summary.skipped += 1;
+                Ok(())
+            }
+            (true, Some(r)) => Err(Error::Upload(UploadError::Rejected(format!(
+                "its reference {store_dir}/{r} was rejected"
+            )))),
+            (true, None) => import_one(dir, uploader, info).await,
+        };
+        match written {
+            Ok(()) => {}
             // The store failing is not this path's fault: stop, and let the next run resume.
             Err(Error::Store(s)) => return Err(s.into()),
-            Err(err) => summary.rejected.push((label, err.to_string())),
+            Err(err) => {
+                refused.insert(h);
+                summary.rejected.push((label, err.to_string()));
+                continue;
+            }
+        }
+        if fresh {
+            summary.imported += 1;
+        }
+        // The listing and log come after the narinfo (a rejected path leaves none behind), so
+        // a path already there may lack them: a run stopped between the two completes them.
+        match import_extras(dir, store, uploader, h, deriver.as_ref(), fresh).await {
+            Ok(()) => {}
+            Err(Error::Store(s)) => return Err(s.into()),
+            Err(err) => summary
+                .rejected
+                .push((format!("{label} (its listing or log)"), err.to_string())),
         }
     }
     Ok(summary)
 }
 
-async fn import_one(
-    dir: &Path,
-    store: &dyn Store,
-    uploader: &Uploader,
-    info: NarInfo,
-) -> Result<(), Error> {
-    let h = info.hash();
-    let deriver = info.deriver.clone();
+async fn import_one(dir: &Path, uploader: &Uploader, info: NarInfo) -> Result<(), Error> {
     let fetch_nar = |name: NarFileName| async move {
         let path = dir.join("nar").join(name.as_str());
         let file = tokio::fs::File::open(&path).await.map_err(|err| {
@@ -183,17 +208,29 @@ async fn import_one(
         Ok(ReaderStream::with_capacity(file, READ_CHUNK))
     };
     // Import has no upstreams: every reference must be in the store (or imported first).
-    uploader.copy_path(info, fetch_nar, None).await?;
-    // Extras that come with the path, when the directory has them, streamed and bounded
-    // like their HTTP uploads.
+    uploader.copy_path(info, fetch_nar, None).await.map(|_| ())
+}
+
+/// The extras that come with path `h`, when the directory has them and the store does not
+/// (`fresh`: its narinfo was just written, so it has no listing yet), streamed and bounded
+/// like their HTTP uploads.
+async fn import_extras(
+    dir: &Path,
+    store: &dyn Store,
+    uploader: &Uploader,
+    h: StorePathHash,
+    deriver: Option<&StorePathBaseName>,
+    fresh: bool,
+) -> Result<(), Error> {
     let listing = dir.join(format!("{h}.ls"));
     if let Ok(f) = tokio::fs::File::open(&listing).await {
-        let body = ReaderStream::with_capacity(f, READ_CHUNK).boxed();
-        uploader
-            .put_plain(&object_key::listing(h), body, MAX_LISTING_BYTES)
-            .await?;
+        let key = object_key::listing(h);
+        if fresh || store.head(&key).await?.is_none() {
+            let body = ReaderStream::with_capacity(f, READ_CHUNK).boxed();
+            uploader.put_plain(&key, body, MAX_LISTING_BYTES).await?;
+        }
     }
-    if let Some(drv) = &deriver {
+    if let Some(drv) = deriver {
         let log = dir.join("log").join(drv.as_str());
         if let Ok(f) = tokio::fs::File::open(&log).await {
             if store.head(&object_key::log(drv)).await?.is_none() {
@@ -242,6 +279,122 @@ mod tests {
             s.rejected
         );
         assert!(mem.keys().is_empty());
+    }
+
+    /// Writes a path into a `file://`-style directory: its narinfo (uncompressed NAR, hashed
+    /// as `hashed`) and NAR. Returns its hash and NAR's key.
+    fn write_path(
+        dir: &Path,
+        path: &str,
+        nar: &[u8],
+        hashed: &[u8],
+        refs: &[&str],
+    ) -> (StorePathHash, String) {
+        let header = b"\x0d\x00\x00\x00\x00\x00\x00\x00nix-archive-1\x00\x00\x00";
+        let mut full = header.to_vec();
+        full.extend_from_slice(nar);
+        let mut claimed = header.to_vec();
+        claimed.extend_from_slice(hashed);
+        let digest = crate::nix::Sha256::digest(&claimed);
+        let file = format!("{}.nar", crate::nix::Sha256::digest(&full).to_nix32());
+        let text = format!(
+            "StorePath: /nix/store/{path}\nURL: nar/{file}\nCompression: none\n\
+             NarHash: {digest}\nNarSize: {}\nReferences: {}\n",
+            full.len(),
+            refs.join(" ")
+        );
+        let info = NarInfo::parse(&text, "/nix/store").unwrap();
+        let h = info.hash();
+        std::fs::create_dir_all(dir.join("nar")).unwrap();
+        std::fs::write(dir.join("nar").join(&file), &full).unwrap();
+        std::fs::write(dir.join(format!("{h}.narinfo")), &text).unwrap();
+        (h, format!("nar/{file}"))
+    }
+
+    fn importer() -> (std::sync::Arc<crate::store::memory::MemoryStore>, Uploader) {
+        let mem = std::sync::Arc::new(crate::store::memory::MemoryStore::new());
+        let store: std::sync::Arc<dyn Store> = mem.clone();
+        let cfg = crate::config::Config::default();
+        let uploader = Uploader::new(&cfg.upload, "/nix/store", store);
+        (mem, uploader)
+    }
+
+    /// A run stopped by the store after a path's narinfo was written, before its listing: the
+    /// next run, which finds the narinfo, writes the listing.
+    #[tokio::test]
+    async fn a_listing_left_out_by_a_stopped_run_is_written_by_the_next() {
+        use crate::store::memory::FailOp;
+        let dir = tempfile::tempdir().unwrap();
+        let top = "6bxnj2gfflqa529lddzh3zhcn45nn86r-top";
+        let (h, _) = write_path(dir.path(), top, &[7; 100], &[7; 100], &[]);
+        std::fs::write(dir.path().join(format!("{h}.ls")), br#"{"version":1}"#).unwrap();
+        let (mem, uploader) = importer();
+        mem.fail(FailOp::Write, &object_key::listing(h), 0, 1);
+
+        let stopped = import_dir(dir.path(), &*mem, &uploader, "/nix/store", &()).await;
+        assert!(stopped.is_err());
+        assert!(mem.head(&object_key::narinfo(h)).await.unwrap().is_some());
+        assert!(mem.head(&object_key::listing(h)).await.unwrap().is_none());
+
+        let s = import_dir(dir.path(), &*mem, &uploader, "/nix/store", &())
+            .await
+            .unwrap();
+        assert_eq!((s.imported, s.skipped), (0, 1));
+        assert!(s.rejected.is_empty(), "{:?}", s.rejected);
+        assert!(mem.head(&object_key::listing(h)).await.unwrap().is_some());
+    }
+
+    /// A path whose reference was rejected is rejected before its NAR is copied: no orphan
+    /// NAR for each path above a broken one.
+    #[tokio::test]
+    async fn paths_above_a_rejected_one_copy_no_nar() {
+        let dir = tempfile::tempdir().unwrap();
+        let broken = "6bxnj2gfflqa529lddzh3zhcn45nn86r-broken";
+        let (bh, _) = write_path(dir.path(), broken, &[1; 100], &[2; 100], &[]);
+        let above = "7bxnj2gfflqa529lddzh3zhcn45nn86r-above";
+        let (ah, above_nar) = write_path(dir.path(), above, &[3; 100], &[3; 100], &[broken]);
+        let (mem, uploader) = importer();
+        let s = import_dir(dir.path(), &*mem, &uploader, "/nix/store", &())
+            .await
+            .unwrap();
+        assert_eq!(s.rejected.len(), 2, "{:?}", s.rejected);
+        assert!(s.rejected[1].1.contains("reference"), "{:?}", s.rejected);
+        assert!(
+            mem.head(&above_nar).await.unwrap().is_none(),
+            "its NAR was copied"
+        );
+        for h in [bh, ah] {
+            assert!(mem.head(&object_key::narinfo(h)).await.unwrap().is_none());
+        }
+    }
+
+    /// A cache signed by a key the server does not trust is refused path by path before any
+    /// NAR is copied.
+    #[tokio::test]
+    async fn an_untrusted_cache_copies_no_nar() {
+        let dir = tempfile::tempdir().unwrap();
+        let (_, nar) = write_path(
+            dir.path(),
+            "6bxnj2gfflqa529lddzh3zhcn45nn86r-top",
+            &[1; 100],
+            &[1; 100],
+            &[],
+        );
+        let mem = std::sync::Arc::new(crate::store::memory::MemoryStore::new());
+        let store: std::sync::Arc<dyn Store> = mem.clone();
+        let mut cfg = crate::config::Config::default();
+        let trusted = crate::nix::SecretKey::generate("trusted-1").unwrap();
+        cfg.upload.trusted_keys = vec![trusted.public()];
+        let uploader = Uploader::new(&cfg.upload, "/nix/store", store);
+        let s = import_dir(dir.path(), &*mem, &uploader, "/nix/store", &())
+            .await
+            .unwrap();
+        assert_eq!(s.rejected.len(), 1, "{:?}", s.rejected);
+        assert!(s.rejected[0].1.contains("trusted"), "{:?}", s.rejected);
+        assert!(
+            mem.head(&nar).await.unwrap().is_none(),
+            "the NAR was copied"
+        );
     }
 
     #[test]

@@ -83,7 +83,9 @@ enum Command {
         #[arg(long, short, global = true)]
         config: Option<PathBuf>,
     },
-    /// Check that every narinfo can be served whole; exit 1 on any inconsistency.
+    /// Check that every narinfo can be served whole; exit 1 on any inconsistency (with
+    /// --repair: on any left unrepaired for a human, a pin that does not parse or a failed
+    /// deletion).
     Verify {
         /// Delete what cannot be served whole, orphans and unfinished uploads past the grace
         /// period.
@@ -255,8 +257,11 @@ fn import(dir: &Path, path: Option<&Path>) -> anyhow::Result<()> {
 }
 
 fn token_new(name: &str, scope: ScopeArg) -> anyhow::Result<()> {
-    if name.is_empty() || name.contains('"') || name.contains('\\') {
-        anyhow::bail!("--name {name:?}: use letters, digits and dashes");
+    // The name is the netrc login and goes into the printed TOML: no spaces, quotes or
+    // newlines, which would break either.
+    let fits = |c: char| c.is_ascii_alphanumeric() || matches!(c, '-' | '_' | '.');
+    if name.is_empty() || !name.chars().all(fits) {
+        anyhow::bail!("--name {name:?}: use letters, digits, dashes, dots and underscores");
     }
     let token = cellar::auth::generate().map_err(|e| anyhow::anyhow!("random source: {e}"))?;
     let scope = match scope {

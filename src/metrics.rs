@@ -296,6 +296,48 @@ pub fn cache_count(layer: &'static str, result: &'static str) -> u64 {
         .map_or(0, |c| c.get())
 }
 
+/// The content type of [`render_classic`]: the Prometheus text format 0.0.4.
+pub const CLASSIC_CONTENT_TYPE: &str = "text/plain; version=0.0.4; charset=utf-8";
+
+/// The registry in the Prometheus text format 0.0.4, for scrapers that do not ask for
+/// OpenMetrics (`promtool check metrics`, older agents): the same samples, with a counter's
+/// `# HELP` and `# TYPE` under its samples' name (`…_total`, where OpenMetrics names the family
+/// without it), and no `# UNIT` or `# EOF`.
+pub fn render_classic() -> String {
+    to_classic(&render())
+}
+
+fn to_classic(openmetrics: &str) -> String {
+    let counters: std::collections::HashSet<&str> = openmetrics
+        .lines()
+        .filter_map(|l| l.strip_prefix("# TYPE ")?.strip_suffix(" counter"))
+        .collect();
+    let mut out = String::with_capacity(openmetrics.len());
+    for line in openmetrics.lines() {
+        if line == "# EOF" || line.starts_with("# UNIT ") {
+            continue;
+        }
+        let header = ["# HELP ", "# TYPE "]
+            .into_iter()
+            .find_map(|p| Some((p, line.strip_prefix(p)?)));
+        match header {
+            Some((prefix, rest)) => {
+                let (name, tail) = rest.split_once(' ').unwrap_or((rest, ""));
+                out.push_str(prefix);
+                out.push_str(name);
+                if counters.contains(name) {
+                    out.push_str("_total");
+                }
+                out.push(' ');
+                out.push_str(tail);
+            }
+            None => out.push_str(line),
+        }
+        out.push('\n');
+    }
+    out
+}
+
 /// The whole registry in the OpenMetrics text format.
 pub fn render() -> String {
     let mut out = String::new();
@@ -323,5 +365,22 @@ mod tests {
         assert!(text.contains(r#"cellar_cache_lookups_total{layer="narinfo_memory",result="hit"}"#));
         assert!(text.contains(r#"cellar_build_info{version=""#));
         assert!(text.ends_with("# EOF\n"));
+    }
+
+    #[test]
+    fn the_classic_format_names_a_counter_family_by_its_samples() {
+        let om = "# HELP cellar_x Xs seen.\n# TYPE cellar_x counter\n\
+                  cellar_x_total{a=\"b\"} 1\n\
+                  # HELP cellar_y_seconds Time.\n# TYPE cellar_y_seconds histogram\n# UNIT cellar_y_seconds seconds\n\
+                  cellar_y_seconds_sum 0.5\ncellar_y_seconds_count 1\n\
+                  # HELP cellar_z Zs.\n# TYPE cellar_z gauge\ncellar_z 3\n# EOF\n";
+        assert_eq!(
+            to_classic(om),
+            "# HELP cellar_x_total Xs seen.\n# TYPE cellar_x_total counter\n\
+             cellar_x_total{a=\"b\"} 1\n\
+             # HELP cellar_y_seconds Time.\n# TYPE cellar_y_seconds histogram\n\
+             cellar_y_seconds_sum 0.5\ncellar_y_seconds_count 1\n\
+             # HELP cellar_z Zs.\n# TYPE cellar_z gauge\ncellar_z 3\n"
+        );
     }
 }

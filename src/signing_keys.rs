@@ -12,17 +12,17 @@ use crate::nix::SecretKey;
 
 #[derive(Debug, Error)]
 pub enum KeyFileError {
-    #[error("cannot read signing key file {path}: {source}")]
+    #[error("cannot read signing key file {path}: {cause}")]
     Read {
         path: PathBuf,
-        source: std::io::Error,
+        cause: std::io::Error,
     },
-    #[error("signing key file {path} is not a Nix secret key (`name:base64`): {source}")]
-    Malformed { path: PathBuf, source: KeyError },
-    #[error("cannot write key file {path}: {source}")]
+    #[error("signing key file {path} is not a Nix secret key (`name:base64`): {cause}")]
+    Malformed { path: PathBuf, cause: KeyError },
+    #[error("cannot write key file {path}: {cause}")]
     Write {
         path: PathBuf,
-        source: std::io::Error,
+        cause: std::io::Error,
     },
     #[error("invalid key name: {0}")]
     Name(KeyError),
@@ -34,33 +34,46 @@ pub enum KeyFileError {
 pub fn read_secret_key(path: &Path) -> Result<SecretKey, KeyFileError> {
     let text = std::fs::read_to_string(path).map_err(|source| KeyFileError::Read {
         path: path.to_owned(),
-        source,
+        cause: source,
     })?;
     text.trim()
         .parse()
         .map_err(|source| KeyFileError::Malformed {
             path: path.to_owned(),
-            source,
+            cause: source,
         })
 }
 
-/// Writes `key` to a new file (mode 0600); refuses to overwrite an existing one.
+/// Writes `key` to a new file (mode 0600); refuses to overwrite an existing one. The file
+/// appears whole or not at all: written and synced beside it, then linked into place (which
+/// fails if it exists), so a crash or a full disk leaves no empty key behind that every later
+/// start would refuse, and a second process starting at once reads a whole key.
 pub fn write_secret_key(path: &Path, key: &SecretKey) -> Result<(), KeyFileError> {
     let err = |source| KeyFileError::Write {
         path: path.to_owned(),
-        source,
+        cause: source,
     };
     if let Some(dir) = path.parent().filter(|d| !d.as_os_str().is_empty()) {
         std::fs::create_dir_all(dir).map_err(err)?;
     }
-    let mut f = std::fs::OpenOptions::new()
-        .write(true)
-        .create_new(true)
-        .mode(0o600)
-        .open(path)
-        .map_err(err)?;
-    f.write_all(key.to_nix_format().as_bytes()).map_err(err)?;
-    f.sync_all().map_err(err)
+    let mut rnd = [0u8; 8];
+    getrandom::getrandom(&mut rnd)
+        .map_err(|e| err(std::io::Error::other(format!("no random source: {e}"))))?;
+    let mut tmp = path.as_os_str().to_owned();
+    tmp.push(format!(".{}.tmp", hex::encode(rnd)));
+    let tmp = PathBuf::from(tmp);
+    let written = (|| {
+        let mut f = std::fs::OpenOptions::new()
+            .write(true)
+            .create_new(true)
+            .mode(0o600)
+            .open(&tmp)?;
+        f.write_all(key.to_nix_format().as_bytes())?;
+        f.sync_all()?;
+        std::fs::hard_link(&tmp, path)
+    })();
+    let _ = std::fs::remove_file(&tmp);
+    written.map_err(err)
 }
 
 /// A default key name: `<hostname>-1` (key names must differ between caches, since Nix keys
@@ -127,7 +140,19 @@ pub fn load(cfg: &SigningConfig) -> Result<LoadedKeys, KeyFileError> {
         KeyError::RandomSource(_) => KeyFileError::Generate(e),
         e => KeyFileError::Name(e),
     })?;
-    write_secret_key(path, &key)?;
+    match write_secret_key(path, &key) {
+        Ok(()) => {}
+        // Another process sharing the directory created it first: its key is the one.
+        Err(KeyFileError::Write { cause, .. })
+            if cause.kind() == std::io::ErrorKind::AlreadyExists =>
+        {
+            return Ok(LoadedKeys {
+                keys: vec![read_secret_key(path)?],
+                generated: None,
+            });
+        }
+        Err(e) => return Err(e),
+    }
     Ok(LoadedKeys {
         keys: vec![key],
         generated: Some(path.clone()),
@@ -158,6 +183,44 @@ mod tests {
         assert!(second.generated.is_none());
         assert_eq!(first.keys[0].public(), second.keys[0].public());
         assert_eq!(second.keys[0].name(), "t-1");
+    }
+
+    /// Replicas sharing a state directory, started at once: one creates the key, and every
+    /// one signs with it (none fails on the file another is writing, none reads it half
+    /// written).
+    #[test]
+    fn starts_at_once_share_one_created_key() {
+        let dir = tempfile::tempdir().unwrap();
+        let cfg = SigningConfig {
+            generated_key_file: dir.path().join("k.sec"),
+            generated_key_name: Some("t-1".into()),
+            ..SigningConfig::default()
+        };
+        let barrier = std::sync::Barrier::new(8);
+        let keys: Vec<String> = std::thread::scope(|s| {
+            let starts: Vec<_> = (0..8)
+                .map(|_| {
+                    s.spawn(|| {
+                        barrier.wait();
+                        load(&cfg).map(|k| k.keys[0].public().to_string())
+                    })
+                })
+                .collect();
+            starts
+                .into_iter()
+                .map(|t| t.join().unwrap().unwrap())
+                .collect()
+        });
+        assert!(keys.iter().all(|k| *k == keys[0]), "{keys:?}");
+        assert_eq!(
+            read_secret_key(&cfg.generated_key_file)
+                .unwrap()
+                .public()
+                .to_string(),
+            keys[0]
+        );
+        // Nothing left beside it.
+        assert_eq!(std::fs::read_dir(dir.path()).unwrap().count(), 1);
     }
 
     #[test]

@@ -56,18 +56,18 @@ pub struct UpstreamStatus {
 
 #[derive(Debug, Error)]
 pub enum StatusError {
-    #[error("{url}: {source}")]
-    Request { url: String, source: reqwest::Error },
+    #[error("{url}: {cause}")]
+    Request { url: String, cause: reqwest::Error },
     #[error("{url}: HTTP {status}{hint}")]
     Status {
         url: String,
         status: reqwest::StatusCode,
         hint: &'static str,
     },
-    #[error("{url}: not a cellar status answer: {source}")]
+    #[error("{url}: not a cellar status answer: {cause}")]
     Decode {
         url: String,
-        source: serde_json::Error,
+        cause: serde_json::Error,
     },
 }
 
@@ -77,7 +77,7 @@ pub async fn fetch(base: &str, token: Option<&str>) -> Result<Status, StatusErro
     let url = format!("{}/status", base.trim_end_matches('/'));
     let err = |source| StatusError::Request {
         url: url.clone(),
-        source,
+        cause: source,
     };
     let client = reqwest::Client::builder()
         .timeout(std::time::Duration::from_secs(10))
@@ -98,7 +98,7 @@ pub async fn fetch(base: &str, token: Option<&str>) -> Result<Status, StatusErro
         return Err(StatusError::Status { url, status, hint });
     }
     let body = res.bytes().await.map_err(err)?;
-    serde_json::from_slice(&body).map_err(|source| StatusError::Decode { url, source })
+    serde_json::from_slice(&body).map_err(|source| StatusError::Decode { url, cause: source })
 }
 
 /// Bytes for people: `512 B`, `3.4 MiB`.

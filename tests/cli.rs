@@ -318,6 +318,20 @@ fn a_second_signal_ends_the_shutdown_delay() {
     );
 }
 
+/// A name with a space or a quote would break the netrc line or the TOML entry printed.
+#[test]
+fn token_new_refuses_a_name_that_would_not_fit_netrc_or_toml() {
+    let d = tempfile::tempdir().unwrap();
+    for bad in ["ci runner", "ci\"", "ci\nx", ""] {
+        let out = cellar(d.path())
+            .args(["token", "new", "--name", bad, "--scope", "read"])
+            .output()
+            .unwrap();
+        assert!(!out.status.success(), "{bad:?} accepted");
+        assert!(out.stdout.is_empty(), "{bad:?}: a token was printed");
+    }
+}
+
 #[test]
 fn token_new_prints_a_token_and_its_hash_only() {
     let d = tempfile::tempdir().unwrap();

@@ -13,7 +13,9 @@ mod gc_support;
 use std::time::Duration;
 
 use common::{nix, run, substitute_and_verify, walk, Server};
-use gc_support::{age_files, build_closure, cellar, copy_to_dir, hash_of, local_env, text};
+use gc_support::{
+    age_files, assert_readable_by_all, build_closure, cellar, copy_to_dir, hash_of, local_env, text,
+};
 
 #[tokio::test(flavor = "multi_thread")]
 async fn pinned_and_recently_read_closures_survive_gc_and_substitute() {
@@ -100,6 +102,7 @@ async fn pinned_and_recently_read_closures_survive_gc_and_substitute() {
         "{summary}"
     );
     promtool_accepts(&metrics);
+    assert_readable_by_all(&metrics);
 
     // The expired closure is gone completely, except what the kept ones share with it: the
     // same paths, and paths whose NAR a client read (a NAR read is a use of every path naming

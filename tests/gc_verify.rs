@@ -13,7 +13,7 @@ use common::{
     fixture, s3_client, s3_env, s3_exists, s3_put, s3_store_env, s3_upload_dir, unique_prefix,
     Fixture,
 };
-use gc_support::{cellar, text, Path};
+use gc_support::{assert_readable_by_all, cellar, text, Path};
 
 #[tokio::test(flavor = "multi_thread")]
 async fn verify_finds_planted_inconsistencies_and_repair_fixes_them() {
@@ -93,7 +93,8 @@ async fn verify_finds_planted_inconsistencies_and_repair_fixes_them() {
     );
     let report = text(&out);
     assert_eq!(out.status.code(), Some(1), "{report}");
-    // The findings for Prometheus too, by kind.
+    // The findings for Prometheus too, by kind, in a file node_exporter can read.
+    assert_readable_by_all(&prom_file);
     let prom = std::fs::read_to_string(&prom_file).unwrap();
     for kind in [
         "missing_nar",
@@ -137,10 +138,17 @@ async fn verify_finds_planted_inconsistencies_and_repair_fixes_them() {
     let out = cellar(&["verify", "--sample", "5"], &env);
     assert!(text(&out).contains("checked 5 narinfos"), "{}", text(&out));
 
-    let out = cellar(&["verify", "--repair"], &env);
-    assert!(out.status.success(), "{}", text(&out));
     // A pin that does not parse is left for a human: deleting it would let gc collect what
-    // it was meant to keep.
+    // it was meant to keep. The repair fails on it, everything else repaired.
+    let out = cellar(&["verify", "--repair"], &env);
+    assert_eq!(out.status.code(), Some(1), "{}", text(&out));
+    let repaired = text(&out);
+    let failed: Vec<&str> = repaired
+        .lines()
+        .filter(|l| l.starts_with("repair failed: "))
+        .collect();
+    assert_eq!(failed.len(), 1, "{repaired}");
+    assert!(failed[0].contains("_cellar/pins/broken"), "{repaired}");
     assert!(s3_exists(&s3, &format!("{prefix}_cellar/pins/broken")).await);
     let out = cellar(&["pin", "rm", "broken"], &env);
     assert!(out.status.success(), "{}", text(&out));

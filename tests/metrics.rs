@@ -87,8 +87,14 @@ async fn counters_follow_traffic_and_prometheus_scrapes_them() {
         assert_eq!(res.headers()["x-request-id"].len(), 16, "a generated id");
     }
 
+    // As Prometheus scrapes: asking for OpenMetrics first.
     let page = client
         .get(format!("{}/metrics", srv.url))
+        .header(
+            "Accept",
+            "application/openmetrics-text;version=1.0.0,application/openmetrics-text;\
+             version=0.0.1;q=0.75,text/plain;version=0.0.4;q=0.5,*/*;q=0.1",
+        )
         .send()
         .await
         .unwrap();
@@ -97,6 +103,19 @@ async fn counters_follow_traffic_and_prometheus_scrapes_them() {
         .unwrap()
         .starts_with("application/openmetrics-text"));
     let text = page.text().await.unwrap();
+    assert!(text.ends_with("# EOF\n"), "{text}");
+    // Asked for nothing in particular (curl, promtool, older agents): the Prometheus text
+    // format, which the real promtool accepts.
+    let page = client
+        .get(format!("{}/metrics", srv.url))
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(
+        page.headers()["content-type"],
+        "text/plain; version=0.0.4; charset=utf-8"
+    );
+    promtool_accepts(&page.text().await.unwrap());
     let s = samples(&text);
     let n = f.closure.len() as f64;
     let c = |name: &str, labels: &[&str]| sum(&s, name, labels);
@@ -290,4 +309,26 @@ impl Drop for KillOnDrop {
         let _ = self.0.kill();
         let _ = self.0.wait();
     }
+}
+
+/// `promtool check metrics` (from Debian's prometheus package) accepts `page`.
+fn promtool_accepts(page: &str) {
+    use std::io::Write as _;
+    let mut child = std::process::Command::new("promtool")
+        .args(["check", "metrics"])
+        .stdin(std::process::Stdio::piped())
+        .stdout(std::process::Stdio::piped())
+        .stderr(std::process::Stdio::piped())
+        .spawn()
+        .expect("promtool (Debian's prometheus package; scripts/test installs it)");
+    let mut stdin = child.stdin.take().unwrap();
+    stdin.write_all(page.as_bytes()).unwrap();
+    drop(stdin);
+    let out = child.wait_with_output().unwrap();
+    assert!(
+        out.status.success(),
+        "promtool: {}{}\n{page}",
+        String::from_utf8_lossy(&out.stdout),
+        String::from_utf8_lossy(&out.stderr)
+    );
 }

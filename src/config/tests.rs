@@ -83,6 +83,31 @@ fn s3_keys_without_the_s3_kind_are_errors() {
     assert!(from_toml("[store]\nregion = \"eu-west-1\"\nprefix = \"cache/\"").is_ok());
 }
 
+/// A key file variable set from an unset one (compose's `${KEY}`) is refused: read as no key
+/// files, it would make cellar sign with a new key no client trusts.
+#[test]
+#[allow(clippy::result_large_err)] // figment's Jail API
+fn an_empty_key_file_variable_is_refused() {
+    figment::Jail::expect_with(|jail| {
+        jail.create_file("c.toml", "[signing]\nkey_files = [\"a.sec\"]\n")?;
+        jail.set_env("CELLAR_SIGNING__KEY_FILES", "");
+        let e = Config::load(Some(Path::new("c.toml")))
+            .map(|c| format!("{c:?}"))
+            .unwrap_err()
+            .to_string();
+        assert!(
+            e.to_lowercase().contains("signing.key_files") && e.contains("empty"),
+            "{e}"
+        );
+        // An empty list written in the file is a choice: the created key.
+        jail.clear_env();
+        jail.create_file("c.toml", "[signing]\nkey_files = []\n")?;
+        let c = Config::load(Some(Path::new("c.toml"))).map_err(|e| e.to_string())?;
+        assert!(c.signing.key_files.is_empty());
+        Ok(())
+    });
+}
+
 #[test]
 #[allow(clippy::result_large_err)] // figment's Jail API
 fn env_overrides_with_nesting_and_csv_lists() {

@@ -167,10 +167,19 @@ pub fn render_verify(r: &Report, end: SystemTime) -> String {
     out
 }
 
-/// Replaces `path` with `text` at once (written beside it, then renamed).
+/// Replaces `path` with `text` at once (written beside it, synced, then renamed), readable by
+/// all: the file is for node_exporter's textfile collector, which runs as another user, and a
+/// unit's `UMask=0077` (contrib/cellar-gc.service) would otherwise leave it readable only by
+/// cellar, every series silently missing.
 pub fn write(path: &Path, text: &str) -> std::io::Result<()> {
+    use std::io::Write as _;
+    use std::os::unix::fs::PermissionsExt as _;
     let mut tmp = path.as_os_str().to_owned();
     tmp.push(".tmp");
-    std::fs::write(&tmp, text)?;
+    let mut file = std::fs::File::create(&tmp)?;
+    // After creation: the mode given to open(2) would be narrowed by the umask.
+    file.set_permissions(std::fs::Permissions::from_mode(0o644))?;
+    file.write_all(text.as_bytes())?;
+    file.sync_all()?;
     std::fs::rename(&tmp, path)
 }

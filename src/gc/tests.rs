@@ -314,13 +314,22 @@ async fn a_nar_recorded_while_the_collector_settles_is_kept() {
 }
 
 async fn repair(mem: &Arc<MemoryStore>, now: SystemTime) -> super::verify::Report {
+    repair_settling(mem, now, super::deleting::SETTLE).await
+}
+
+/// `verify --repair` waiting `settle` between announcing orphan NARs and deleting them.
+async fn repair_settling(
+    mem: &Arc<MemoryStore>,
+    now: SystemTime,
+    settle: Duration,
+) -> super::verify::Report {
     let store: Arc<dyn Store> = mem.clone();
     let opts = super::verify::Options {
         repair: true,
         sample: None,
         grace: DAY,
         now,
-        settle: super::deleting::SETTLE,
+        settle,
         upstreams: None,
     };
     super::verify::run(&store, "/nix/store", &opts, &Quiet)
@@ -748,8 +757,8 @@ async fn repair_looks_again_before_deleting_a_narinfo() {
 }
 
 /// A pin that does not parse is reported by `verify --repair` and left alone (gc refuses to
-/// run while it is there; deleting it would let the next run collect what it pins). Other
-/// unreadable reserved objects are deleted.
+/// run while it is there; deleting it would let the next run collect what it pins), as a
+/// repair error: the run fails. Other unreadable reserved objects are deleted.
 #[tokio::test(start_paused = true)]
 async fn repair_reports_a_bad_pin_and_leaves_it() {
     let mem = Arc::new(MemoryStore::new());
@@ -768,6 +777,9 @@ async fn repair_reports_a_bad_pin_and_leaves_it() {
     };
     assert!(reported("_cellar/pins/typo"), "{:?}", r.findings);
     assert!(reported("_cellar/access/x/garbage"), "{:?}", r.findings);
+    // Left, so not a successful repair (`verify --repair` exits 1).
+    assert_eq!(r.repair_errors.len(), 1, "{:?}", r.repair_errors);
+    assert!(r.repair_errors[0].starts_with("_cellar/pins/typo: "));
     assert!(has(&mem, "_cellar/pins/typo"));
     assert!(!has(&mem, "_cellar/access/x/garbage"));
 }
@@ -1440,4 +1452,171 @@ async fn a_long_deletion_phase_keeps_its_announcement_fresh() {
         "the announcement went {longest:?} without being written ({} writes)",
         writes.len()
     );
+}
+
+/// `verify` without `--repair`.
+async fn check(
+    mem: &Arc<MemoryStore>,
+    now: SystemTime,
+    sample: Option<usize>,
+) -> super::verify::Report {
+    let store: Arc<dyn Store> = mem.clone();
+    let opts = super::verify::Options {
+        repair: false,
+        sample,
+        grace: DAY,
+        now,
+        settle: super::deleting::SETTLE,
+        upstreams: None,
+    };
+    super::verify::run(&store, "/nix/store", &opts, &Quiet)
+        .await
+        .unwrap()
+}
+
+/// Each finding as `kind key`, sorted.
+fn found(r: &super::verify::Report) -> Vec<String> {
+    let mut v: Vec<String> = r
+        .findings
+        .iter()
+        .map(|f| {
+            let text = f.to_string();
+            let key = text
+                .split_whitespace()
+                .nth(1)
+                .unwrap_or("")
+                .trim_end_matches(':');
+            format!("{} {key}", f.kind())
+        })
+        .collect();
+    v.sort();
+    v
+}
+
+/// Orphan NARs and listings, and unfinished uploads, are findings once older than the grace
+/// period (younger, they may be an upload in progress); `--repair` deletes those, a broken
+/// path with its listing and the paths above it, and leaves what is whole or young.
+#[tokio::test(start_paused = true)]
+async fn verify_finds_and_repairs_what_is_past_the_grace_period_only() {
+    let mem = Arc::new(MemoryStore::new());
+    let now = SystemTime::now();
+    let ok = path(&mem, "ok", &[], 100 * DAY, now);
+    let (old_nar, _) = orphan(&mem, "old", now);
+    let old = path(&mem, "old", &[], 100 * DAY, now);
+    mem.remove(&format!("{}.narinfo", old.hash));
+    let young = path(&mem, "young", &[], Duration::from_secs(3600), now);
+    mem.remove(&format!("{}.narinfo", young.hash));
+    let broken = path(&mem, "broken", &[], 100 * DAY, now);
+    mem.remove(&broken.nar);
+    let above = path(&mem, "above", &[&broken], 100 * DAY, now);
+    mem.leave_staged("staging/abandoned");
+
+    let r = check(&mem, now, None).await;
+    let n = |h: &str| format!("{h}.narinfo");
+    let mut expected = vec![
+        format!("missing_nar {}", n(&broken.hash)),
+        format!("unservable_reference {}", n(&above.hash)),
+        format!("orphan_nar {old_nar}"),
+        format!("orphan_listing {}.ls", old.hash),
+        "unfinished_upload staging/abandoned".to_owned(),
+    ];
+    expected.sort();
+    assert_eq!(found(&r), expected);
+
+    let r = repair(&mem, now).await;
+    assert!(r.repair_errors.is_empty(), "{:?}", r.repair_errors);
+    assert!(
+        r.repaired.iter().any(|k| k == "1 unfinished upload(s)"),
+        "{:?}",
+        r.repaired
+    );
+    for gone in [
+        n(&broken.hash),
+        n(&above.hash),
+        format!("{}.ls", broken.hash),
+        format!("{}.ls", above.hash),
+        above.nar.clone(),
+        old_nar,
+        format!("{}.ls", old.hash),
+    ] {
+        assert!(!has(&mem, &gone), "{gone} stayed");
+    }
+    for kept in [
+        n(&ok.hash),
+        ok.nar.clone(),
+        format!("{}.ls", ok.hash),
+        young.nar.clone(),
+        format!("{}.ls", young.hash),
+    ] {
+        assert!(has(&mem, &kept), "{kept} went");
+    }
+    assert!(check(&mem, now, None).await.findings.is_empty());
+}
+
+/// A path whose NAR is not the size its narinfo gives is a finding, confirmed by a second
+/// look and repaired, down to a narinfo exactly as old as the grace period.
+#[tokio::test(start_paused = true)]
+async fn a_nar_of_another_size_is_found_and_repaired() {
+    let mem = Arc::new(MemoryStore::new());
+    let now = SystemTime::now();
+    let sized = |seed: &str, file_size: usize, age: Duration| {
+        let p = path(&mem, seed, &[], age, now);
+        let key = format!("{}.narinfo", p.hash);
+        let text = String::from_utf8(mem.bytes(&key).unwrap().to_vec()).unwrap();
+        mem.insert_at(&key, format!("{text}FileSize: {file_size}\n"), now - age);
+        p
+    };
+    let right = sized("right", "nar of right".len(), 100 * DAY);
+    let wrong = sized("wrong", 999, DAY);
+    let r = check(&mem, now, None).await;
+    assert_eq!(found(&r), vec![format!("nar_size {}.narinfo", wrong.hash)]);
+    let r = repair(&mem, now).await;
+    assert!(r.repair_errors.is_empty(), "{:?}", r.repair_errors);
+    assert!(!has(&mem, &format!("{}.narinfo", wrong.hash)));
+    assert!(has(&mem, &format!("{}.narinfo", right.hash)));
+}
+
+/// A sample of at least every narinfo is a full check (orphans included); a smaller one does
+/// not take the references it did not draw for missing ones.
+#[tokio::test(start_paused = true)]
+async fn samples_check_what_they_draw_and_no_more() {
+    let mem = Arc::new(MemoryStore::new());
+    let now = SystemTime::now();
+    let low = path(&mem, "low", &[], 100 * DAY, now);
+    let _top = path(&mem, "top", &[&low], 100 * DAY, now);
+    let (orphan_nar, _) = orphan(&mem, "orphan", now);
+    let r = check(&mem, now, Some(2)).await;
+    assert_eq!(r.narinfos_checked, 2);
+    assert!(
+        found(&r).contains(&format!("orphan_nar {orphan_nar}")),
+        "{:?}",
+        found(&r)
+    );
+    for _ in 0..10 {
+        let r = check(&mem, now, Some(1)).await;
+        assert_eq!(r.narinfos_checked, 1);
+        assert!(r.findings.is_empty(), "{:?}", found(&r));
+    }
+}
+
+/// A batch of orphan NARs is deleted only if its announcement was at most `FRESH` old when the
+/// records were read again (an upload may have named a NAR since); older, it is skipped.
+#[tokio::test(start_paused = true)]
+async fn a_repair_batch_announced_longer_ago_than_fresh_is_skipped() {
+    let fresh = super::deleting::FRESH;
+    let mem = Arc::new(MemoryStore::new());
+    let now = SystemTime::now();
+    let (nar, _) = orphan(&mem, "orphan", now);
+    let r = repair_settling(&mem, now, fresh + Duration::from_secs(1)).await;
+    assert_eq!(r.repair_errors.len(), 1, "{:?}", r.repair_errors);
+    assert!(
+        r.repair_errors[0].contains("batch skipped"),
+        "{:?}",
+        r.repair_errors
+    );
+    assert!(has(&mem, &nar));
+    // Exactly FRESH: still fresh.
+    let r = repair_settling(&mem, now, fresh).await;
+    assert!(r.repair_errors.is_empty(), "{:?}", r.repair_errors);
+    assert!(!has(&mem, &nar));
 }

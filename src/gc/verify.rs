@@ -603,10 +603,19 @@ async fn repair_as(
     // A pin that does not parse is left for a human: gc refuses to run while it is there,
     // and deleting it would let the next run collect what it was meant to keep.
     let pins: HashSet<&str> = inv.pins.iter().map(|(k, _)| k.as_str()).collect();
-    rest.extend(findings.iter().filter_map(|f| match f {
-        Finding::BadReserved { key, .. } if !pins.contains(key.as_str()) => Some(key.clone()),
-        _ => None,
-    }));
+    for f in findings {
+        match f {
+            Finding::BadReserved { key, .. } if !pins.contains(key.as_str()) => {
+                rest.push(key.clone());
+            }
+            // Not repaired, so the run does not end as if all were: a failure to see.
+            Finding::BadReserved { key, .. } => report.repair_errors.push(format!(
+                "{key}: a pin that does not parse is left for you to fix or remove \
+                 (`cellar pin rm`); gc refuses to run while it is there"
+            )),
+            _ => {}
+        }
+    }
     delete_nars(store.as_ref(), inv, &nars, opts, run, report).await;
     delete_each(store.as_ref(), rest, report, run, &mut announced_at).await;
     match store.cleanup_staging(opts.grace).await {
@@ -734,5 +743,87 @@ async fn delete_nars(
         // Under this batch's announcement, which must stay as it is until they are gone.
         let keys: Vec<String> = free.into_iter().map(|f| format!("nar/{f}")).collect();
         delete_reporting(store, &keys, report).await;
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn each_finding_has_its_own_metrics_kind() {
+        let k = || String::from("k");
+        let all = [
+            (
+                Finding::Unparseable {
+                    key: k(),
+                    reason: k(),
+                },
+                "unparseable",
+            ),
+            (
+                Finding::WrongHash {
+                    key: k(),
+                    detail: k(),
+                },
+                "wrong_hash",
+            ),
+            (Finding::BadUrl { key: k(), url: k() }, "bad_url"),
+            (Finding::MissingNar { key: k(), nar: k() }, "missing_nar"),
+            (
+                Finding::NarSize {
+                    key: k(),
+                    nar: k(),
+                    expected: 1,
+                    actual: 2,
+                },
+                "nar_size",
+            ),
+            (
+                Finding::MissingReference {
+                    key: k(),
+                    reference: k(),
+                },
+                "missing_reference",
+            ),
+            (
+                Finding::UnservableReference {
+                    key: k(),
+                    reference: k(),
+                },
+                "unservable_reference",
+            ),
+            (Finding::OrphanNar { key: k() }, "orphan_nar"),
+            (Finding::OrphanListing { key: k() }, "orphan_listing"),
+            (Finding::UnfinishedUpload { what: k() }, "unfinished_upload"),
+            (
+                Finding::BadReserved {
+                    key: k(),
+                    reason: k(),
+                },
+                "bad_reserved",
+            ),
+        ];
+        for (finding, kind) in &all {
+            assert_eq!(finding.kind(), *kind, "{finding}");
+        }
+    }
+
+    /// A sample is `n` distinct narinfos of those listed, any of them.
+    #[test]
+    fn a_sample_is_drawn_from_all() {
+        let mut seen = HashSet::new();
+        for _ in 0..300 {
+            let mut v: Vec<u32> = (0..10).collect();
+            sample(&mut v, 3);
+            assert_eq!(v.len(), 3);
+            assert!(v.iter().all(|x| *x < 10));
+            assert_eq!(v.iter().collect::<HashSet<_>>().len(), 3, "{v:?}");
+            seen.extend(v);
+        }
+        assert_eq!(seen.len(), 10, "never drawn: {seen:?}");
+        let mut few: Vec<u32> = (0..2).collect();
+        sample(&mut few, 5);
+        assert_eq!(few.len(), 2);
     }
 }

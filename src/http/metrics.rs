@@ -19,17 +19,26 @@ use prometheus_client::metrics::counter::Counter;
 use crate::error::ErrorLabel;
 use crate::metrics::{self, HttpLabels, RouteLabels, UploadLabels};
 
-/// `GET /metrics`.
-pub(super) async fn get() -> Response {
+/// `GET /metrics`: OpenMetrics to a scraper that asks for it (Prometheus does), else the
+/// Prometheus text format 0.0.4, which every other reader of metrics takes
+/// (`promtool check metrics`, curl, older agents).
+pub(super) async fn get(headers: axum::http::HeaderMap) -> Response {
+    let openmetrics = headers
+        .get_all(header::ACCEPT)
+        .iter()
+        .filter_map(|v| v.to_str().ok())
+        .any(|v| v.contains("application/openmetrics-text"));
+    let (content_type, body) = if openmetrics {
+        (metrics::CONTENT_TYPE, metrics::render())
+    } else {
+        (metrics::CLASSIC_CONTENT_TYPE, metrics::render_classic())
+    };
     (
         [
-            (
-                header::CONTENT_TYPE,
-                HeaderValue::from_static(metrics::CONTENT_TYPE),
-            ),
+            (header::CONTENT_TYPE, HeaderValue::from_static(content_type)),
             (header::CACHE_CONTROL, HeaderValue::from_static("no-store")),
         ],
-        metrics::render(),
+        body,
     )
         .into_response()
 }

@@ -100,10 +100,10 @@ pub enum ReloadError {
 /// What can stop [`AppState::new`].
 #[derive(Debug, Error)]
 pub enum StartError {
-    #[error("config key `cache.nar_dir`: cannot open the NAR disk cache in {}: {source}", dir.display())]
+    #[error("config key `cache.nar_dir`: cannot open the NAR disk cache in {}: {cause}", dir.display())]
     NarCache {
         dir: std::path::PathBuf,
-        source: std::io::Error,
+        cause: std::io::Error,
     },
     #[error(transparent)]
     Live(#[from] ReloadError),
@@ -133,7 +133,7 @@ impl AppState {
                 )
                 .map_err(|source| StartError::NarCache {
                     dir: dir.clone(),
-                    source,
+                    cause: source,
                 })?,
             ),
             None => None,

@@ -1047,6 +1047,21 @@ async fn the_metrics_listener_serves_metrics_and_health_checks_alone() {
     };
     let res = ask("/metrics").await;
     assert_eq!(res.status(), StatusCode::OK);
+    assert_eq!(
+        res.headers()["content-type"],
+        crate::metrics::CLASSIC_CONTENT_TYPE
+    );
+    let body = res.into_body().collect().await.unwrap().to_bytes();
+    assert!(!body.ends_with(b"# EOF\n"), "{body:?}");
+    // What Prometheus asks for.
+    let req = Request::get("/metrics")
+        .header(
+            "accept",
+            "application/openmetrics-text;version=1.0.0,*/*;q=0.1",
+        )
+        .body(Body::empty())
+        .unwrap();
+    let res = super::metrics_app(st.clone()).oneshot(req).await.unwrap();
     assert_eq!(res.headers()["content-type"], crate::metrics::CONTENT_TYPE);
     let body = res.into_body().collect().await.unwrap().to_bytes();
     assert!(body.ends_with(b"# EOF\n"), "{body:?}");

@@ -45,10 +45,40 @@ impl Uploader {
     {
         let name = info.nar_file().map_err(|e| rejected(e.to_string()))?;
         if !self.has_nar(&name).await? {
+            // What the narinfo would be refused for whatever the store holds, before its NAR
+            // is copied (a cache signed by a key not trusted would leave every NAR orphaned).
+            self.check_alone(&info)?;
             let body = fetch_nar(name.clone()).await?;
             self.put_nar(&name, body).await?;
         }
         self.accept_narinfo(info, upstreams).await
+    }
+
+    /// The checks of a narinfo that need nothing from the store: references listed once, the
+    /// compression its URL says, a trusted signature.
+    fn check_alone(&self, info: &NarInfo) -> Result<(), Error> {
+        let sd = &self.store_dir;
+        // The fingerprint Nix verifies has each reference once; a list with duplicates would
+        // be signed as sent and fail verification on every client.
+        let mut seen = HashSet::new();
+        if let Some(dup) = info.references.iter().find(|r| !seen.insert(*r)) {
+            return Err(rejected(format!("reference {sd}/{dup} is listed twice")));
+        }
+        let url_name = info.nar_file().map_err(|e| rejected(e.to_string()))?;
+        if let Some(ext) = url_name.compression_from_ext() {
+            if ext != info.compression {
+                return Err(rejected(format!(
+                    "Compression: {} does not match the URL's extension ({})",
+                    info.compression, url_name
+                )));
+            }
+        }
+        if !self.trusted_keys.is_empty() && !info.is_signed_by_any(&self.trusted_keys, sd) {
+            return Err(rejected(
+                "the narinfo is not signed by any of upload.trusted_keys",
+            ));
+        }
+        Ok(())
     }
 
     /// The narinfo the store holds for `hash`, parsed.
@@ -214,26 +244,8 @@ impl Uploader {
                 already_present: true,
             });
         }
-        // The fingerprint Nix verifies has each reference once; a list with duplicates would
-        // be signed as sent and fail verification on every client.
-        let mut seen = HashSet::new();
-        if let Some(dup) = info.references.iter().find(|r| !seen.insert(*r)) {
-            return Err(rejected(format!("reference {sd}/{dup} is listed twice")));
-        }
-        let url_name = url_name?;
-        if let Some(ext) = url_name.compression_from_ext() {
-            if ext != info.compression {
-                return Err(rejected(format!(
-                    "Compression: {} does not match the URL's extension ({})",
-                    info.compression, url_name
-                )));
-            }
-        }
-        if !self.trusted_keys.is_empty() && !info.is_signed_by_any(&self.trusted_keys, sd) {
-            return Err(rejected(
-                "the narinfo is not signed by any of upload.trusted_keys",
-            ));
-        }
+        url_name?;
+        self.check_alone(&info)?;
         recorded?;
         not_deleting?;
         let v = nar?.ok_or_else(|| rejected(format!("NAR {} has not been uploaded", info.url)))?;

@@ -71,8 +71,10 @@ impl Path {
 }
 
 /// Runs `cellar ARGS` with `env`; returns its output.
+/// Runs `cellar` as contrib/cellar-gc.service does: under `UMask=0077`.
 pub fn cellar(args: &[&str], env: &[(String, String)]) -> Output {
-    Command::new(CELLAR)
+    Command::new("sh")
+        .args(["-c", "umask 077 && exec \"$0\" \"$@\"", CELLAR])
         .args(args)
         .envs(env.iter().map(|(k, v)| (k, v)))
         .env("RUST_LOG", "warn")
@@ -175,4 +177,12 @@ pub async fn s3_store(
     std::sync::Arc::new(
         cellar::store::s3::S3Store::new(&cfg, std::time::Duration::from_secs(10)).await,
     )
+}
+
+/// node_exporter runs as another user: the metrics file must be readable by all, whatever the
+/// umask cellar ran under.
+pub fn assert_readable_by_all(file: &std::path::Path) {
+    use std::os::unix::fs::PermissionsExt as _;
+    let mode = std::fs::metadata(file).unwrap().permissions().mode();
+    assert_eq!(mode & 0o777, 0o644, "{}: mode {mode:o}", file.display());
 }

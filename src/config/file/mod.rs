@@ -25,6 +25,13 @@ use crate::nix::PublicKey;
 
 mod gc;
 
+#[derive(Deserialize)]
+#[serde(untagged)]
+enum ListOrString {
+    List(Vec<String>),
+    One(String),
+}
+
 /// Accepts a TOML list or, for environment variables, one comma-separated string.
 fn list_or_csv<'de, D, T>(d: D) -> Result<Vec<T>, D::Error>
 where
@@ -32,13 +39,34 @@ where
     T: std::str::FromStr,
     T::Err: fmt::Display,
 {
-    #[derive(Deserialize)]
-    #[serde(untagged)]
-    enum ListOrString {
-        List(Vec<String>),
-        One(String),
+    csv_items(ListOrString::deserialize(d)?)
+}
+
+/// Like [`list_or_csv`], but an empty string is refused rather than read as an empty list:
+/// for `signing.key_files`, where an empty list means "create a new key", and a variable set
+/// from an unset one (`CELLAR_SIGNING__KEY_FILES=${KEY}` in compose) would quietly replace the
+/// key every client trusts.
+fn key_file_list<'de, D>(d: D) -> Result<Vec<PathBuf>, D::Error>
+where
+    D: Deserializer<'de>,
+{
+    let items = ListOrString::deserialize(d)?;
+    if matches!(&items, ListOrString::One(s) if s.trim().is_empty()) {
+        return Err(serde::de::Error::custom(
+            "is set but empty (from an unset variable?): name the key files, or leave it out \
+             to use the key created on first start",
+        ));
     }
-    let items = match ListOrString::deserialize(d)? {
+    csv_items(items)
+}
+
+fn csv_items<T, E>(items: ListOrString) -> Result<Vec<T>, E>
+where
+    T: std::str::FromStr,
+    T::Err: fmt::Display,
+    E: serde::de::Error,
+{
+    let items = match items {
         ListOrString::List(v) => v,
         ListOrString::One(s) => s
             .split(',')
@@ -49,7 +77,7 @@ where
     };
     items
         .into_iter()
-        .map(|s| s.parse().map_err(serde::de::Error::custom))
+        .map(|s| s.parse().map_err(E::custom))
         .collect()
 }
 
@@ -226,7 +254,7 @@ impl ConfigFile {
 #[derive(Debug, Clone, Deserialize)]
 #[serde(deny_unknown_fields, default)]
 struct SigningSection {
-    #[serde(deserialize_with = "list_or_csv")]
+    #[serde(deserialize_with = "key_file_list")]
     key_files: Vec<PathBuf>,
     generated_key_file: PathBuf,
     generated_key_name: Option<String>,
