@@ -163,10 +163,23 @@ pub async fn import_dir(
             .iter()
             .find(|r| r.hash() != h && refused.contains(&r.hash()))
             .cloned();
+        // The extras of a path already there are those of the build stored, which need not be
+        // this one (not every build is reproducible): written only if it is the same NAR.
+        let mut extras = fresh;
         let written = match (fresh, refused_reference) {
             (false, _) => {
                 summary.skipped += 1;
-                Ok(())
+                if has_extras(dir, h, deriver.as_ref()) {
+                    match uploader.stored(h).await {
+                        Ok(stored) => {
+                            extras = stored.is_some_and(|s| s.nar_hash == info.nar_hash);
+                            Ok(())
+                        }
+                        Err(e) => Err(e),
+                    }
+                } else {
+                    Ok(())
+                }
             }
             (true, Some(r)) => Err(Error::Upload(UploadError::Rejected(format!(
                 "its reference {store_dir}/{r} was rejected"
@@ -186,6 +199,9 @@ pub async fn import_dir(
         if fresh {
             summary.imported += 1;
         }
+        if !extras {
+            continue;
+        }
         // The listing and log come after the narinfo (a rejected path leaves none behind), so
         // a path already there may lack them: a run stopped between the two completes them.
         match import_extras(dir, store, uploader, h, deriver.as_ref(), fresh).await {
@@ -197,6 +213,12 @@ pub async fn import_dir(
         }
     }
     Ok(summary)
+}
+
+/// Whether the directory has a listing or a build log for path `h`.
+fn has_extras(dir: &Path, h: StorePathHash, deriver: Option<&StorePathBaseName>) -> bool {
+    dir.join(format!("{h}.ls")).exists()
+        || deriver.is_some_and(|d| dir.join("log").join(d.as_str()).exists())
 }
 
 async fn import_one(dir: &Path, uploader: &Uploader, info: NarInfo) -> Result<(), Error> {
@@ -342,6 +364,28 @@ mod tests {
         assert_eq!((s.imported, s.skipped), (0, 1));
         assert!(s.rejected.is_empty(), "{:?}", s.rejected);
         assert!(mem.head(&object_key::listing(h)).await.unwrap().is_some());
+    }
+
+    /// A path already stored from another build (another NarHash) does not get this
+    /// directory's listing, which describes another NAR.
+    #[tokio::test]
+    async fn another_builds_listing_is_not_added_to_a_stored_path() {
+        let top = "6bxnj2gfflqa529lddzh3zhcn45nn86r-top";
+        let (mem, uploader) = importer();
+        let stored = tempfile::tempdir().unwrap();
+        let (h, _) = write_path(stored.path(), top, &[1; 100], &[1; 100], &[]);
+        let s = import_dir(stored.path(), &*mem, &uploader, "/nix/store", &())
+            .await
+            .unwrap();
+        assert_eq!(s.imported, 1);
+        let dir = tempfile::tempdir().unwrap();
+        write_path(dir.path(), top, &[2; 100], &[2; 100], &[]);
+        std::fs::write(dir.path().join(format!("{h}.ls")), br#"{"version":1}"#).unwrap();
+        let s = import_dir(dir.path(), &*mem, &uploader, "/nix/store", &())
+            .await
+            .unwrap();
+        assert_eq!((s.skipped, s.rejected.len()), (1, 0));
+        assert!(mem.head(&object_key::listing(h)).await.unwrap().is_none());
     }
 
     /// A path whose reference was rejected is rejected before its NAR is copied: no orphan

@@ -62,18 +62,23 @@ pub fn write_secret_key(path: &Path, key: &SecretKey) -> Result<(), KeyFileError
     let mut tmp = path.as_os_str().to_owned();
     tmp.push(format!(".{}.tmp", hex::encode(rnd)));
     let tmp = PathBuf::from(tmp);
-    let written = (|| {
+    let write_new = |at: &Path| -> std::io::Result<()> {
         let mut f = std::fs::OpenOptions::new()
             .write(true)
             .create_new(true)
             .mode(0o600)
-            .open(&tmp)?;
+            .open(at)?;
         f.write_all(key.to_nix_format().as_bytes())?;
-        f.sync_all()?;
-        std::fs::hard_link(&tmp, path)
-    })();
+        f.sync_all()
+    };
+    let linked = write_new(&tmp).and_then(|()| std::fs::hard_link(&tmp, path));
     let _ = std::fs::remove_file(&tmp);
-    written.map_err(err)
+    match linked {
+        Err(e) if e.kind() == std::io::ErrorKind::AlreadyExists => Err(err(e)),
+        // A file system without hard links (vfat, some FUSE and SMB mounts): written in place.
+        Err(_) => write_new(path).map_err(err),
+        Ok(()) => Ok(()),
+    }
 }
 
 /// A default key name: `<hostname>-1` (key names must differ between caches, since Nix keys

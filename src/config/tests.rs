@@ -99,6 +99,8 @@ fn an_empty_key_file_variable_is_refused() {
             e.to_lowercase().contains("signing.key_files") && e.contains("empty"),
             "{e}"
         );
+        jail.set_env("CELLAR_SIGNING__KEY_FILES", " , ");
+        assert!(Config::load(Some(Path::new("c.toml"))).is_err());
         // An empty list written in the file is a choice: the created key.
         jail.clear_env();
         jail.create_file("c.toml", "[signing]\nkey_files = []\n")?;

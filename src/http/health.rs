@@ -5,10 +5,11 @@
 //! each. Probes arriving while the store is being asked wait for that answer, and take it if
 //! it was asked at most [`SHARED`] before they arrived (several load balancers probing a
 //! slow store a moment apart would otherwise each wait for two requests in a row, and time
-//! out); later ones share the next request. Every answer is the store's state at most
-//! [`SHARED`] before the probe arrived, and comes within `store.ready_timeout_secs` of it
-//! (else it is "store timed out"). While the server drains after SIGTERM, `/readyz` answers
-//! 503, so a load balancer stops sending it clients.
+//! out); others share the next request. A probe arriving once no request is under way asks
+//! the store, so a store gone down is seen at once. Every answer comes within
+//! `store.ready_timeout_secs` of the probe's arrival (else it is "store timed out"). While the
+//! server drains after SIGTERM, `/readyz` answers 503, so a load balancer stops sending it
+//! clients.
 
 use axum::extract::State;
 use axum::http::{header, StatusCode};
@@ -25,9 +26,17 @@ pub(super) async fn healthz() -> impl IntoResponse {
     ([NO_STORE], "ok\n")
 }
 
-/// The store's last answer to a readiness probe, and when it was asked.
+/// The store's last answer to a readiness probe: when it was asked, when it answered, and what.
 #[derive(Default)]
-pub struct Readiness(tokio::sync::Mutex<Option<(tokio::time::Instant, StatusCode, &'static str)>>);
+pub struct Readiness(tokio::sync::Mutex<Option<Answer>>);
+
+#[derive(Clone, Copy)]
+struct Answer {
+    asked: tokio::time::Instant,
+    answered: tokio::time::Instant,
+    status: StatusCode,
+    text: &'static str,
+}
 
 pub(super) async fn readyz(State(st): State<AppState>) -> impl IntoResponse {
     if st.draining.load(std::sync::atomic::Ordering::SeqCst) {
@@ -42,11 +51,17 @@ pub(super) async fn readyz(State(st): State<AppState>) -> impl IntoResponse {
         // Held while the store is asked: probes arriving meanwhile wait for that answer.
         let mut last = st.readiness.0.lock().await;
         match *last {
-            Some((asked, status, text)) if asked + SHARED >= arrived => (status, text),
+            // Under way when this probe arrived, and asked shortly before.
+            Some(a) if a.answered > arrived && a.asked + SHARED >= arrived => (a.status, a.text),
             _ => {
                 let asked = tokio::time::Instant::now();
                 let (status, text) = ask_store(&st).await;
-                *last = Some((asked, status, text));
+                *last = Some(Answer {
+                    asked,
+                    answered: tokio::time::Instant::now(),
+                    status,
+                    text,
+                });
                 (status, text)
             }
         }

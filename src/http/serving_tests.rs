@@ -731,8 +731,7 @@ async fn puts_declared_over_their_limit_are_refused_before_the_body() {
 }
 
 /// A burst of readiness probes (`/readyz` needs no token) asks the store once, not once per
-/// probe; a probe more than a second after the burst asks again, so a store gone down is seen
-/// within a second.
+/// probe; a probe after the burst asks again, so a store gone down is seen at once.
 #[tokio::test(start_paused = true)]
 async fn readiness_probes_arriving_together_ask_the_store_once() {
     let mem = Arc::new(MemoryStore::new());
@@ -744,10 +743,6 @@ async fn readiness_probes_arriving_together_ask_the_store_once() {
     }
     assert_eq!(mem.pings(), 1);
     mem.set_down(true);
-    // Within a second of the answer, a probe takes it; later, it asks again.
-    assert_eq!(get(&st, "/readyz").await.0, StatusCode::OK);
-    assert_eq!(mem.pings(), 1);
-    tokio::time::advance(super::health::SHARED).await;
     assert_eq!(get(&st, "/readyz").await.0, StatusCode::SERVICE_UNAVAILABLE);
     assert_eq!(mem.pings(), 2);
 }

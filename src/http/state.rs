@@ -189,6 +189,9 @@ impl AppState {
         }
         let live = Live::build(config, signing_keys, &self.store, &self.uploader)?;
         self.live.store(Arc::new(live));
+        // The new narinfo cache holds nothing: what was prefetched into the old one may be
+        // prefetched again.
+        self.prefetch.forget_recent();
         Ok(())
     }
 }

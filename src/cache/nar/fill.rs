@@ -119,6 +119,8 @@ pub(super) struct FillHandle {
     progress: watch::Receiver<Progress>,
     /// The last chunks received (at most [`RECENT`] bytes), by offset.
     recent: Mutex<VecDeque<(u64, Bytes)>>,
+    /// Of [`NarCache::reserved`], what this fill has not written yet.
+    unwritten: std::sync::atomic::AtomicU64,
     /// Reads that went to the file (for tests: who was served from memory).
     #[cfg(test)]
     file_reads: std::sync::atomic::AtomicUsize,
@@ -431,6 +433,7 @@ impl NarCache {
             size: length,
             progress: rx,
             recent: Mutex::new(VecDeque::new()),
+            unwritten: std::sync::atomic::AtomicU64::new(length),
             #[cfg(test)]
             file_reads: std::sync::atomic::AtomicUsize::new(0),
         });
@@ -440,7 +443,8 @@ impl NarCache {
         let head = handle.clone();
         tokio::spawn(async move {
             let result = this.run_fill(&name, tmp, writer, obj, &tx, &head).await;
-            this.reserved.fetch_sub(size, Ordering::Relaxed);
+            let unwritten = head.unwritten.swap(0, Ordering::Relaxed);
+            this.reserved.fetch_sub(unwritten, Ordering::Relaxed);
             this.running.fetch_sub(1, Ordering::SeqCst);
             match &result {
                 Ok(()) => {}
@@ -551,7 +555,13 @@ impl NarCache {
             let mut blocks = blocks;
             let mut written = 0u64;
             while let Some((data, announce)) = blocks.recv().await {
-                written += write_out(&tmp, &file, data).await?;
+                let n = write_out(&tmp, &file, data).await?;
+                written += n;
+                // Written, so gone from the free space: no longer reserved.
+                let left = head.unwritten.load(Ordering::Relaxed);
+                head.unwritten
+                    .store(left.saturating_sub(n), Ordering::Relaxed);
+                self.reserved.fetch_sub(n.min(left), Ordering::Relaxed);
                 if announce {
                     tx.send_modify(|p| {
                         if let Progress::Filling { written: w, .. } = p {
@@ -1252,6 +1262,7 @@ mod tests {
             size: 16 << 20,
             progress: rx,
             recent: Mutex::new(VecDeque::new()),
+            unwritten: std::sync::atomic::AtomicU64::new(0),
             file_reads: std::sync::atomic::AtomicUsize::new(0),
         };
         let mib = 1u64 << 20;
@@ -1295,6 +1306,7 @@ mod tests {
             size,
             progress: rx,
             recent: Mutex::new(VecDeque::new()),
+            unwritten: std::sync::atomic::AtomicU64::new(0),
             file_reads: std::sync::atomic::AtomicUsize::new(0),
         };
         (Arc::new(h), tx)

@@ -91,7 +91,14 @@ pub struct NarCache {
     /// Woken after the index and the files changed in the background: requests waiting for a
     /// file's check wait for that (and tests, instead of polling).
     changed: tokio::sync::Notify,
+    /// Files that failed to be read, and how many times in a row (see [`READ_ERRORS`]).
+    read_errors: Mutex<HashMap<String, u32>>,
 }
+
+/// Failed reads in a row after which a cached file is dropped: fewer may be the process short
+/// of file descriptors or memory for a moment (the file is fine), more a file that cannot be
+/// read (its owner changed, a bad sector), to be fetched again.
+const READ_ERRORS: u32 = 3;
 
 impl NarCache {
     /// Opens the cache in `dir` (created if missing) and rebuilds its index.
@@ -119,6 +126,7 @@ impl NarCache {
             parts: Arc::new(tokio::sync::Semaphore::new(fill::PARTS_IN_MEMORY)),
             keep_small: std::sync::OnceLock::new(),
             changed: tokio::sync::Notify::new(),
+            read_errors: Mutex::new(HashMap::new()),
         });
         // The budget may have shrunk since the last run.
         cache.evict();
@@ -302,15 +310,38 @@ impl NarCache {
         size: u64,
         range: Option<ByteRange>,
     ) -> Result<NarCacheAnswer, StoreError> {
-        match self.disk.read(name, range).await {
+        let read = self.disk.read(name, range).await;
+        if !matches!(read, Err(StoreError::Other(_))) {
+            let mut errors = lock(&self.read_errors);
+            if !errors.is_empty() {
+                errors.remove(name);
+            }
+        }
+        match read {
             Ok(Some(obj)) if obj.range.map_or(obj.length, |r| Some(r.total)) == Some(size) => {
                 Ok(NarCacheAnswer::Object(obj))
             }
             Err(e @ StoreError::RangeNotSatisfiable { .. }) => Err(e),
-            // The file could not be read now (out of file descriptors, an I/O error): it may be
-            // fine, so it stays, and this request goes to the store.
+            // The file could not be read (out of file descriptors, an I/O error): it may be
+            // fine, so it stays until that happens READ_ERRORS times in a row, and this request
+            // goes to the store.
             Err(e) => {
-                tracing::warn!(nar = %name, error = %e, "NAR cache: cannot read the file, serving from the store");
+                let failed = {
+                    let mut errors = lock(&self.read_errors);
+                    let n = errors.entry(name.to_owned()).or_insert(0);
+                    *n += 1;
+                    let failed = *n;
+                    if failed >= READ_ERRORS {
+                        errors.remove(name);
+                    }
+                    failed
+                };
+                if failed >= READ_ERRORS {
+                    tracing::warn!(nar = %name, error = %e, "NAR cache: cannot read the file, fetching it again");
+                    self.drop_entry(name);
+                } else {
+                    tracing::warn!(nar = %name, error = %e, "NAR cache: cannot read the file, serving from the store");
+                }
                 Ok(NarCacheAnswer::Bypass)
             }
             Ok(_) => {
@@ -385,9 +416,9 @@ impl NarCache {
         self.no_room(need, 0)
     }
 
-    /// [`Self::disk_full`] for a NAR of `size` bytes while fills still running were promised
-    /// `reserved` more. What they wrote already is gone from the free space, so that count is
-    /// high: NARs are evicted for this NAR's own room at most.
+    /// [`Self::disk_full`] for a NAR of `size` bytes while fills still running are yet to
+    /// write `reserved` more (what they wrote is gone from the free space already, and no
+    /// longer reserved). NARs are evicted for this NAR's own room at most.
     fn no_room(&self, size: u64, reserved: u64) -> bool {
         if self.disk_full.is_active() {
             return true;
@@ -398,15 +429,9 @@ impl NarCache {
         if avail >= wanted {
             return false;
         }
-        let own = size.saturating_add(FREE_MARGIN);
-        let short = (wanted - avail).min(own);
+        let short = (wanted - avail).min(size.saturating_add(FREE_MARGIN));
         let victims = self.index().make_room(short);
         if victims.is_empty() {
-            // Short only of what the running fills were promised (part of which they wrote
-            // already): this NAR fits, and a disk that does fill up is found on write.
-            if avail >= own {
-                return false;
-            }
             self.note_full(format_args!("{avail} bytes free"));
             return true;
         }

@@ -410,18 +410,40 @@ fn running_fills_do_not_make_a_new_nar_evict_for_them() {
     assert!(d.path().join(names[1]).exists());
 }
 
-/// With nothing to evict, what running fills were promised (and partly wrote already) is no
-/// reason to pause caching while the new NAR itself fits: no "disk full" on a disk with room.
-#[test]
-fn running_fills_alone_do_not_pause_caching() {
-    let d = tempfile::tempdir().unwrap();
-    let cache = NarCache::open(d.path(), u64::MAX / 2, Duration::from_secs(30)).unwrap();
-    let avail = cache.disk.free_bytes().unwrap();
-    assert!(!cache.no_room(1, avail + (1 << 30)));
-    assert!(!cache.disk_full(1));
-    // A NAR that does not fit beside the margin pauses it.
-    assert!(cache.no_room(avail, 0));
-    assert!(cache.disk_full(1));
+/// A running fill reserves free space only for what it has yet to write (what it wrote is
+/// gone from the free space already), and nothing once it is over.
+#[tokio::test]
+async fn a_fill_reserves_only_what_it_has_yet_to_write() {
+    use std::sync::atomic::Ordering;
+    let (_d, cache, mem, store) = setup(1 << 30);
+    let size = 3u64 << 19;
+    let key = format!("nar/{NAME}");
+    mem.insert(&key, vec![1u8; size as usize]);
+    // The store stalls halfway through the NAR: the fill keeps running.
+    mem.fault_range(0, RangeFault::Stall, 1);
+    let answer = get_nar(&cache, &store).await.unwrap();
+    assert!(matches!(answer, NarCacheAnswer::Object(_)));
+    let written_some = async {
+        while cache.reserved.load(Ordering::Relaxed) == size {
+            tokio::task::yield_now().await;
+        }
+    };
+    tokio::time::timeout(Duration::from_secs(60), written_some)
+        .await
+        .expect("nothing written");
+    let reserved = cache.reserved.load(Ordering::Relaxed);
+    assert!(reserved > 0 && reserved < size, "{reserved}");
+    drop(answer);
+}
+
+/// Nothing stays reserved once fills are over.
+#[tokio::test]
+async fn fills_over_reserve_nothing() {
+    let (_d, cache, mem, store) = setup(1 << 30);
+    mem.insert(&format!("nar/{NAME}"), vec![1u8; 3 << 19]);
+    body(get_nar(&cache, &store).await.unwrap()).await;
+    wait_indexed(&cache, 1).await;
+    assert_eq!(cache.reserved.load(std::sync::atomic::Ordering::Relaxed), 0);
 }
 
 #[tokio::test]
@@ -469,7 +491,7 @@ async fn sizes_ranges_past_the_end_and_truncated_files() {
 
 /// A file that cannot be read for a while (here a loop of links: ELOOP, as EMFILE or EIO
 /// would be) is not taken for a corrupt one: the request goes to the store, and the file and
-/// its entry stay.
+/// its entry stay, unless that happens `READ_ERRORS` times in a row.
 #[tokio::test]
 async fn a_file_that_cannot_be_read_now_is_not_dropped() {
     let (d, cache, mem, store) = setup(1 << 30);
@@ -482,14 +504,19 @@ async fn a_file_that_cannot_be_read_now_is_not_dropped() {
     let kept = d.path().join("kept");
     std::fs::rename(&file, &kept).unwrap();
     std::os::unix::fs::symlink(NAME, &file).unwrap();
-    let got = cache.get(&name, &key, None, None, &store).await.unwrap();
-    assert!(matches!(got, NarCacheAnswer::Bypass), "served from a loop");
-    assert_eq!(
-        cache.size_of(&name),
-        Some(2_000_000),
-        "the entry was dropped"
-    );
-    // Readable again: served from disk.
+    let unreadable = || async {
+        let got = cache.get(&name, &key, None, None, &store).await.unwrap();
+        assert!(matches!(got, NarCacheAnswer::Bypass), "served from a loop");
+    };
+    for _ in 1..super::READ_ERRORS {
+        unreadable().await;
+        assert_eq!(
+            cache.size_of(&name),
+            Some(2_000_000),
+            "the entry was dropped"
+        );
+    }
+    // Readable again: served from disk, and its failures forgotten.
     std::fs::remove_file(&file).unwrap();
     std::fs::rename(&kept, &file).unwrap();
     let before = mem.requests();
@@ -500,6 +527,15 @@ async fn a_file_that_cannot_be_read_now_is_not_dropped() {
         2_000_000
     );
     assert_eq!(mem.requests(), before);
+    // Unreadable READ_ERRORS times in a row: dropped, to be fetched again.
+    std::fs::rename(&file, &kept).unwrap();
+    std::os::unix::fs::symlink(NAME, &file).unwrap();
+    for _ in 1..super::READ_ERRORS {
+        unreadable().await;
+    }
+    assert_eq!(cache.size_of(&name), Some(2_000_000), "dropped too soon");
+    unreadable().await;
+    assert_eq!(cache.size_of(&name), None, "kept for ever");
 }
 
 #[test]

@@ -51,7 +51,8 @@ where
     D: Deserializer<'de>,
 {
     let items = ListOrString::deserialize(d)?;
-    if matches!(&items, ListOrString::One(s) if s.trim().is_empty()) {
+    // Blank, or only separators (`${KEY_A},${KEY_B}` with both unset).
+    if matches!(&items, ListOrString::One(s) if s.split(',').all(|f| f.trim().is_empty())) {
         return Err(serde::de::Error::custom(
             "is set but empty (from an unset variable?): name the key files, or leave it out \
              to use the key created on first start",

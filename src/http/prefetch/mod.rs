@@ -127,25 +127,32 @@ impl Prefetch {
         self.recent.entry(h).or_insert(()).await.is_fresh()
     }
 
-    /// Runs `job` in the background once a slot is free.
-    fn spawn(&self, kind: &'static str, job: impl Future<Output = ()> + Send + 'static) {
-        let Some(slots) = &self.slots else { return };
-        self.spawn_on(slots.clone(), (&self.queued, MAX_QUEUED), kind, job);
+    /// Forgets which narinfos were prefetched (on a reload: the new narinfo cache is empty).
+    pub(super) fn forget_recent(&self) {
+        self.recent.invalidate_all();
+    }
+
+    /// Runs `job` in the background once a slot is free; false if it was dropped.
+    fn spawn(&self, kind: &'static str, job: impl Future<Output = ()> + Send + 'static) -> bool {
+        let Some(slots) = &self.slots else {
+            return false;
+        };
+        self.spawn_on(slots.clone(), (&self.queued, MAX_QUEUED), kind, job)
     }
 
     /// Runs `job` in the background once one of `slots` is free, if fewer than `cap` jobs
-    /// wait in `queue`.
+    /// wait in `queue` (else says false).
     fn spawn_on(
         &self,
         slots: Arc<Semaphore>,
         (queue, cap): (&Arc<AtomicUsize>, usize),
         kind: &'static str,
         job: impl Future<Output = ()> + Send + 'static,
-    ) {
+    ) -> bool {
         if queue.fetch_add(1, Ordering::SeqCst) >= cap {
             queue.fetch_sub(1, Ordering::SeqCst);
             crate::metrics::prefetch(kind, "dropped");
-            return;
+            return false;
         }
         self.pending.fetch_add(1, Ordering::SeqCst);
         #[cfg(test)]
@@ -162,6 +169,7 @@ impl Prefetch {
                 idle.notify_waiters();
             }
         });
+        true
     }
 }
 
@@ -189,16 +197,25 @@ pub(super) async fn after_load(st: &AppState, live: &Arc<Live>, info: &NarInfo) 
         {
             continue;
         }
-        st.prefetch
-            .spawn("narinfo", narinfo(st.clone(), live.clone(), h));
+        if !st
+            .prefetch
+            .spawn("narinfo", narinfo(st.clone(), live.clone(), h))
+        {
+            st.prefetch.recent.invalidate(&h).await;
+        }
     }
     if let Some(nar) = nar {
         if st.nar_memory.is_small(nar.as_str()).await && !st.nar_memory.contains(nar.as_str()).await
         {
-            let (st, reads) = (st.clone(), live.reads.clone());
+            let (st, live) = (st.clone(), live.clone());
             st.clone().prefetch.spawn("nar", async move {
+                if !Arc::ptr_eq(&st.live(), &live) {
+                    crate::metrics::prefetch("nar", "dropped");
+                    return;
+                }
+                let reads = &live.reads;
                 let key = object_key::nar(&nar);
-                let source = super::nar::open_whole(&st, &nar, &key, &reads);
+                let source = super::nar::open_whole(&st, &nar, &key, reads);
                 let result = match st.nar_memory.load(nar.as_str(), &key, source).await {
                     Ok(_) => "loaded",
                     Err(_) => "failed",
@@ -233,7 +250,7 @@ pub(super) fn after_get(st: &AppState, body: &[u8]) {
     if !crate::sync::lock(&filling).insert(nar.clone()) {
         return; // queued or running already
     }
-    let (st, cache, reads) = (st.clone(), cache.clone(), st.live().reads.clone());
+    let (st, cache, live) = (st.clone(), cache.clone(), st.live());
     let slots = st.prefetch.fill_slots.clone();
     let queue = st.prefetch.fills_queued.clone();
     // Taken off `filling` when the job ends, or is dropped unqueued.
@@ -242,6 +259,12 @@ pub(super) fn after_get(st: &AppState, body: &[u8]) {
         .prefetch
         .spawn_on(slots, (&queue, FILLS_QUEUED), "nar", async move {
             let _done = done;
+            // Queued before a reload: the upstreams it would read from may be gone.
+            if !Arc::ptr_eq(&st.live(), &live) {
+                crate::metrics::prefetch("nar", "dropped");
+                return;
+            }
+            let reads = &live.reads;
             let key = object_key::nar(&nar);
             // A NAR the bucket has is redirected to it (`store.redirect_nars`): the client reads
             // it from there, not from cellar's disk. One only an upstream has is filled as usual.
@@ -250,7 +273,7 @@ pub(super) fn after_get(st: &AppState, body: &[u8]) {
                 crate::metrics::prefetch("nar", "redirected");
                 return;
             }
-            let result = cache.prefetch(&nar, &key, size, &reads).await;
+            let result = cache.prefetch(&nar, &key, size, reads).await;
             crate::metrics::prefetch("nar", result);
         });
 }
@@ -299,6 +322,7 @@ fn narinfo(st: AppState, live: Arc<Live>, h: StorePathHash) -> BoxFuture<'static
         // Queued before a reload (SIGHUP): the old state's cache is no longer read, and its
         // upstreams may be gone from the configuration.
         if !Arc::ptr_eq(&st.live(), &live) {
+            st.prefetch.recent.invalidate(&h).await;
             crate::metrics::prefetch("narinfo", "dropped");
             return;
         }
@@ -309,7 +333,11 @@ fn narinfo(st: AppState, live: Arc<Live>, h: StorePathHash) -> BoxFuture<'static
         {
             Ok(Some(_)) => "loaded",
             Ok(None) => "absent",
-            Err(_) => "failed",
+            Err(_) => {
+                // Not loaded: another walk may try again.
+                st.prefetch.recent.invalidate(&h).await;
+                "failed"
+            }
         };
         crate::metrics::prefetch("narinfo", result);
     }

@@ -556,6 +556,15 @@ async fn a_closure_prefetched_lately_is_not_walked_again() {
     );
     st.prefetch.settled().await;
     assert_eq!(narinfo_reads(), 13);
+    // A reload starts an empty narinfo cache: the closure is prefetched into it.
+    st.reload(Config::default(), st.live().signing_keys.clone())
+        .unwrap();
+    assert_eq!(
+        get(&st, &format!("/{}.narinfo", top.hash)).await.0,
+        StatusCode::OK
+    );
+    st.prefetch.settled().await;
+    assert_eq!(narinfo_reads(), 25);
 }
 
 /// With a narinfo TTL of 0 nothing prefetched would be kept: nothing is prefetched.
@@ -622,10 +631,12 @@ async fn prefetches_queued_before_a_reload_are_dropped() {
     gate.open();
     gate_d.open();
     st.prefetch.settled().await;
-    // a's, then one of b's and d's: the other was queued before the reload.
+    // a's, then one of b's and d's: the other was queued before the reload, as were the
+    // NARs' prefetches.
     assert_eq!(
         mem.gets_under("") - mem.gets_under("nar/"),
         2,
         "narinfos read"
     );
+    assert_eq!(mem.gets_under("nar/"), 0, "NARs read");
 }
