@@ -1572,6 +1572,11 @@ async fn a_nar_of_another_size_is_found_and_repaired() {
     assert_eq!(found(&r), vec![format!("nar_size {}.narinfo", wrong.hash)]);
     let r = repair(&mem, now).await;
     assert!(r.repair_errors.is_empty(), "{:?}", r.repair_errors);
+    assert!(
+        !r.repaired.iter().any(|k| k.contains("unfinished")),
+        "none left: {:?}",
+        r.repaired
+    );
     assert!(!has(&mem, &format!("{}.narinfo", wrong.hash)));
     assert!(has(&mem, &format!("{}.narinfo", right.hash)));
 }
@@ -1619,4 +1624,64 @@ async fn a_repair_batch_announced_longer_ago_than_fresh_is_skipped() {
     let r = repair_settling(&mem, now, fresh).await;
     assert!(r.repair_errors.is_empty(), "{:?}", r.repair_errors);
     assert!(!has(&mem, &nar));
+}
+
+/// A reference the store lacks but an upstream serves is not missing (the server accepted
+/// the upload on top of it and serves it through); one nobody serves is.
+#[tokio::test]
+async fn references_an_upstream_serves_are_not_missing() {
+    let elsewhere = MemoryStore::new();
+    let now = SystemTime::now();
+    let served = path(&elsewhere, "served", &[], 100 * DAY, now);
+    let nowhere = path(&elsewhere, "nowhere", &[], 100 * DAY, now);
+    let key = crate::nix::SecretKey::generate("upstream-1").unwrap();
+    let raw = elsewhere
+        .bytes(&format!("{}.narinfo", served.hash))
+        .unwrap();
+    let mut info =
+        crate::nix::NarInfo::parse(std::str::from_utf8(&raw).unwrap(), "/nix/store").unwrap();
+    info.sign(&key, "/nix/store");
+    let text = info.render("/nix/store");
+    let app = axum::Router::new().route(
+        &format!("/{}.narinfo", served.hash),
+        axum::routing::get(move || async move { text.clone() }),
+    );
+    let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+    let url = format!("http://{}", listener.local_addr().unwrap());
+    tokio::spawn(async move { axum::serve(listener, app).await });
+    let upstreams = crate::upstream::Upstreams::new(
+        &[crate::config::UpstreamConfig {
+            url,
+            public_keys: vec![key.public()],
+            timeout: Duration::from_secs(30),
+            mirror: false,
+        }],
+        "/nix/store",
+    )
+    .unwrap();
+
+    let mem = Arc::new(MemoryStore::new());
+    let top = path(&mem, "top", &[&served, &nowhere], 100 * DAY, now);
+    let store: Arc<dyn Store> = mem.clone();
+    let opts = super::verify::Options {
+        repair: false,
+        sample: None,
+        grace: DAY,
+        now,
+        settle: super::deleting::SETTLE,
+        upstreams: Some(Arc::new(upstreams)),
+    };
+    let r = super::verify::run(&store, "/nix/store", &opts, &Quiet)
+        .await
+        .unwrap();
+    assert_eq!(r.on_upstreams, 1);
+    assert_eq!(
+        found(&r),
+        vec![format!("missing_reference {}.narinfo", top.hash)]
+    );
+    assert!(
+        r.findings[0].to_string().contains(&nowhere.hash),
+        "{}",
+        r.findings[0]
+    );
 }
