@@ -765,5 +765,26 @@ impl Store for WithUpstreams {
     }
 }
 
+/// One upstream serving `app` on a port of its own, trusting `keys` (for tests of what
+/// relies on upstreams: uploads, verify).
+#[cfg(test)]
+pub(crate) async fn serving(app: axum::Router, keys: Vec<crate::nix::PublicKey>) -> Upstreams {
+    let listener = tokio::net::TcpListener::bind("127.0.0.1:0")
+        .await
+        .unwrap_or_else(|e| panic!("binding a test upstream: {e}"));
+    let url = format!(
+        "http://{}",
+        listener.local_addr().unwrap_or_else(|e| panic!("{e}"))
+    );
+    tokio::spawn(async move { axum::serve(listener, app).await });
+    let config = UpstreamConfig {
+        url,
+        public_keys: keys,
+        timeout: Duration::from_secs(30),
+        mirror: false,
+    };
+    Upstreams::new(&[config], "/nix/store").unwrap_or_else(|e| panic!("{e}"))
+}
+
 #[cfg(test)]
 mod tests;

@@ -1646,19 +1646,7 @@ async fn references_an_upstream_serves_are_not_missing() {
         &format!("/{}.narinfo", served.hash),
         axum::routing::get(move || async move { text.clone() }),
     );
-    let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
-    let url = format!("http://{}", listener.local_addr().unwrap());
-    tokio::spawn(async move { axum::serve(listener, app).await });
-    let upstreams = crate::upstream::Upstreams::new(
-        &[crate::config::UpstreamConfig {
-            url,
-            public_keys: vec![key.public()],
-            timeout: Duration::from_secs(30),
-            mirror: false,
-        }],
-        "/nix/store",
-    )
-    .unwrap();
+    let upstreams = crate::upstream::serving(app, vec![key.public()]).await;
 
     let mem = Arc::new(MemoryStore::new());
     let top = path(&mem, "top", &[&served, &nowhere], 100 * DAY, now);

@@ -605,19 +605,7 @@ async fn references_an_upstream_serves_count_as_present() {
     let served = theirs.render("/nix/store");
     let path = format!("/{}.narinfo", theirs.hash());
     let app = axum::Router::new().route(&path, axum::routing::get(move || async move { served }));
-    let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
-    let url = format!("http://{}", listener.local_addr().unwrap());
-    tokio::spawn(async move { axum::serve(listener, app).await });
-    let upstreams = crate::upstream::Upstreams::new(
-        &[crate::config::UpstreamConfig {
-            url,
-            public_keys: vec![upstream_key.public()],
-            timeout: std::time::Duration::from_secs(5),
-            mirror: false,
-        }],
-        "/nix/store",
-    )
-    .unwrap();
+    let upstreams = crate::upstream::serving(app, vec![upstream_key.public()]).await;
 
     let (_mem, up) = uploader();
     let nar = nar();
