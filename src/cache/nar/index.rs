@@ -177,6 +177,22 @@ impl Index {
         Some((e.size, e.checksum))
     }
 
+    /// Whether `name` is held, not checked, and no check of it is under way (one failed).
+    pub(super) fn unchecked(&self, name: &str) -> bool {
+        self.entries
+            .get(name)
+            .is_some_and(|e| e.verified == Verified::No)
+    }
+
+    /// Leaves `name` to be checked again (its check could not read it for now).
+    pub(super) fn set_unchecked(&mut self, name: &str) {
+        if let Some(e) = self.entries.get_mut(name) {
+            if e.verified == Verified::InProgress {
+                e.verified = Verified::No;
+            }
+        }
+    }
+
     /// Records that `name`'s file was hashed and found intact.
     pub(super) fn set_verified(&mut self, name: &str) {
         if let Some(e) = self.entries.get_mut(name) {

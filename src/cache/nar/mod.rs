@@ -326,17 +326,7 @@ impl NarCache {
             // fine, so it stays until that happens READ_ERRORS times in a row, and this request
             // goes to the store.
             Err(e) => {
-                let failed = {
-                    let mut errors = lock(&self.read_errors);
-                    let n = errors.entry(name.to_owned()).or_insert(0);
-                    *n += 1;
-                    let failed = *n;
-                    if failed >= READ_ERRORS {
-                        errors.remove(name);
-                    }
-                    failed
-                };
-                if failed >= READ_ERRORS {
+                if self.read_failed(name) {
                     tracing::warn!(nar = %name, error = %e, "NAR cache: cannot read the file, fetching it again");
                     self.drop_entry(name);
                 } else {
@@ -350,6 +340,19 @@ impl NarCache {
                 Ok(NarCacheAnswer::Bypass)
             }
         }
+    }
+
+    /// Counts a failed read of `name`'s file; true once that made [`READ_ERRORS`] in a row
+    /// (the count then starts over).
+    fn read_failed(&self, name: &str) -> bool {
+        let mut errors = lock(&self.read_errors);
+        let n = errors.entry(name.to_owned()).or_insert(0);
+        *n += 1;
+        if *n >= READ_ERRORS {
+            errors.remove(name);
+            return true;
+        }
+        false
     }
 
     fn index(&self) -> MutexGuard<'_, Index> {
@@ -391,6 +394,8 @@ impl NarCache {
                 };
                 match (held, checked) {
                     (_, Some(size)) => return Some(size),
+                    // Its check could not read it: not checked within any wait.
+                    (Some(_), None) if self.index().unchecked(name) => return None,
                     (Some(_), None) => {}
                     (None, None) => return None,
                 }
@@ -471,6 +476,15 @@ impl NarCache {
         tokio::task::spawn_blocking(move || match this.disk.verify(&name, expected) {
             Ok(()) => {
                 this.index().set_verified(&name);
+                this.changed();
+            }
+            // Not read (out of file descriptors after a restart, with every client at once):
+            // checked again on a later use, unless that keeps failing.
+            Err(disk::VerifyError::Unreadable(e))
+                if e.kind() != io::ErrorKind::NotFound && !this.read_failed(&name) =>
+            {
+                tracing::warn!(nar = %name, cause = %e, "NAR cache: cannot read the file to check it, serving from the store");
+                this.index().set_unchecked(&name);
                 this.changed();
             }
             Err(e) => {

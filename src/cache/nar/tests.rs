@@ -489,17 +489,30 @@ async fn sizes_ranges_past_the_end_and_truncated_files() {
     assert_eq!(cache.size_of(&name), None, "and it is forgotten");
 }
 
-/// A file that cannot be read for a while (here a loop of links: ELOOP, as EMFILE or EIO
-/// would be) is not taken for a corrupt one: the request goes to the store, and the file and
-/// its entry stay, unless that happens `READ_ERRORS` times in a row.
-#[tokio::test]
-async fn a_file_that_cannot_be_read_now_is_not_dropped() {
+/// A cache holding [`NAME`] (2 MB, checked), filled from the store it returns.
+async fn filled() -> (
+    tempfile::TempDir,
+    Arc<NarCache>,
+    Arc<MemoryStore>,
+    Arc<dyn Store>,
+    NarFileName,
+    String,
+) {
     let (d, cache, mem, store) = setup(1 << 30);
     let key = format!("nar/{NAME}");
     mem.insert(&key, vec![7u8; 2_000_000]);
     let name: NarFileName = NAME.parse().unwrap();
     body(cache.get(&name, &key, None, None, &store).await.unwrap()).await;
     wait_indexed(&cache, 1).await;
+    (d, cache, mem, store, name, key)
+}
+
+/// A file that cannot be read for a while (here a loop of links: ELOOP, as EMFILE or EIO
+/// would be) is not taken for a corrupt one: the request goes to the store, and the file and
+/// its entry stay, unless that happens `READ_ERRORS` times in a row.
+#[tokio::test]
+async fn a_file_that_cannot_be_read_now_is_not_dropped() {
+    let (d, cache, mem, store, name, key) = filled().await;
     let file = d.path().join(NAME);
     let kept = d.path().join("kept");
     std::fs::rename(&file, &kept).unwrap();
@@ -536,6 +549,58 @@ async fn a_file_that_cannot_be_read_now_is_not_dropped() {
     assert_eq!(cache.size_of(&name), Some(2_000_000), "dropped too soon");
     unreadable().await;
     assert_eq!(cache.size_of(&name), None, "kept for ever");
+}
+
+/// After a restart, a file its check cannot read for now (here a loop of links, as EMFILE
+/// would be when every client comes back at once) is not dropped as corrupt: the request goes
+/// to the store at once, and the file is checked again on its next use, unless that keeps
+/// failing `READ_ERRORS` times in a row.
+#[tokio::test]
+async fn a_file_its_check_cannot_read_now_is_checked_again() {
+    let (d, cache, mem, store, name, key) = filled().await;
+    close(cache).await;
+    let file = d.path().join(NAME);
+    let kept = d.path().join("kept");
+    let reopen = || async {
+        let cache = NarCache::open(d.path(), 1 << 30, Duration::from_secs(30)).unwrap();
+        std::fs::rename(&file, &kept).unwrap();
+        std::os::unix::fs::symlink(NAME, &file).unwrap();
+        cache
+    };
+    let unreadable = |cache: Arc<NarCache>| {
+        let (name, key, store) = (name.clone(), key.clone(), store.clone());
+        async move {
+            let got = cache.get(&name, &key, None, None, &store).await.unwrap();
+            assert!(matches!(got, NarCacheAnswer::Bypass), "served from a loop");
+        }
+    };
+    let cache = reopen().await;
+    unreadable(cache.clone()).await;
+    assert_eq!(cache.usage().0, 1, "dropped as corrupt");
+    // Readable again: checked, and served from disk.
+    std::fs::remove_file(&file).unwrap();
+    std::fs::rename(&kept, &file).unwrap();
+    let before = mem.requests();
+    let got = body(cache.get(&name, &key, None, None, &store).await.unwrap()).await;
+    assert_eq!(got.len(), 2_000_000);
+    assert_eq!(mem.requests(), before);
+    close(cache).await;
+    // Unreadable at every check: dropped after READ_ERRORS.
+    let cache = reopen().await;
+    for _ in 1..super::READ_ERRORS {
+        unreadable(cache.clone()).await;
+    }
+    assert_eq!(cache.usage().0, 1, "dropped too soon");
+    // The last: dropped, and fetched again from the store into a new file.
+    let before = mem.requests();
+    let got = body(cache.get(&name, &key, None, None, &store).await.unwrap()).await;
+    assert_eq!(got.len(), 2_000_000);
+    assert!(mem.requests() > before, "not fetched again");
+    wait_indexed(&cache, 1).await;
+    assert!(!std::fs::symlink_metadata(&file)
+        .unwrap()
+        .file_type()
+        .is_symlink());
 }
 
 #[test]
