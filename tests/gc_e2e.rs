@@ -12,7 +12,7 @@ mod gc_support;
 
 use std::time::Duration;
 
-use common::{nix, run, substitute_and_verify, walk, Server};
+use common::{nix, promtool_accepts, run, substitute_and_verify, walk, Server};
 use gc_support::{
     age_files, assert_readable_by_all, build_closure, cellar, copy_to_dir, hash_of, local_env, text,
 };
@@ -266,19 +266,4 @@ fn access_recorded(data: &std::path::Path, hash: &str) -> bool {
         && walk(&dir)
             .iter()
             .any(|p| std::fs::read_to_string(p).is_ok_and(|t| t.contains(hash)))
-}
-
-/// `promtool check metrics` (from Debian's prometheus package) accepts the file.
-fn promtool_accepts(file: &std::path::Path) {
-    let out = std::process::Command::new("promtool")
-        .args(["check", "metrics"])
-        .stdin(std::fs::File::open(file).unwrap())
-        .output()
-        .expect("promtool (Debian's prometheus package; scripts/test installs it)");
-    assert!(
-        out.status.success(),
-        "promtool: {}{}",
-        String::from_utf8_lossy(&out.stdout),
-        String::from_utf8_lossy(&out.stderr)
-    );
 }

@@ -47,6 +47,17 @@ fn state(cfg: Config, mem: &Arc<MemoryStore>) -> AppState {
     AppState::new(cfg, store, vec![SecretKey::generate("test-1").unwrap()]).unwrap()
 }
 
+/// 12 paths, each referring to the two before it: a closure with many routes to each path.
+fn ladder(mem: &MemoryStore) -> Vec<P> {
+    let mut ladder: Vec<P> = Vec::new();
+    for i in 0..12 {
+        let refs: Vec<&P> = ladder.iter().rev().take(2).collect();
+        let p = path(mem, &format!("p{i}"), &refs, 100, 100);
+        ladder.push(p);
+    }
+    ladder
+}
+
 /// A → B → C, and D beside B under A.
 fn closure(mem: &MemoryStore) -> [P; 4] {
     let c = path(mem, "c", &[], 300, 300);
@@ -465,12 +476,7 @@ async fn upstream_nars_and_heads_are_not_redirected_and_ranges_are() {
 #[tokio::test]
 async fn without_a_narinfo_cache_no_narinfo_is_prefetched() {
     let mem = Arc::new(MemoryStore::new());
-    let mut ladder: Vec<P> = Vec::new();
-    for i in 0..12 {
-        let refs: Vec<&P> = ladder.iter().rev().take(2).collect();
-        let p = path(&mem, &format!("p{i}"), &refs, 100, 100);
-        ladder.push(p);
-    }
+    let ladder = ladder(&mem);
     let top = ladder.last().unwrap();
     let mut cfg = Config::default();
     cfg.cache.narinfo_memory_bytes = 0;
@@ -531,12 +537,7 @@ async fn fills_ahead_are_queued_once_each_and_apart() {
 #[tokio::test]
 async fn a_closure_prefetched_lately_is_not_walked_again() {
     let mem = Arc::new(MemoryStore::new());
-    let mut ladder: Vec<P> = Vec::new();
-    for i in 0..12 {
-        let refs: Vec<&P> = ladder.iter().rev().take(2).collect();
-        let p = path(&mem, &format!("p{i}"), &refs, 100, 100);
-        ladder.push(p);
-    }
+    let ladder = ladder(&mem);
     let top = ladder.last().unwrap();
     let st = state(Config::default(), &mem);
     let narinfo_reads = || mem.gets_under("") - mem.gets_under("nar/");
