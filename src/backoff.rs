@@ -4,7 +4,10 @@
 //!
 //! A pause may wait for several failures in a row ([`Backoff::after`]): an upstream whose one
 //! slow answer (a NAR part, a prefetch) was followed by answers proves nothing about the next
-//! request, and skipping it turns every path it holds into a miss.
+//! request, and skipping it turns every path it holds into a miss. Requests that were under way
+//! together and fail together (a burst of prefetches all waiting on one slow answer) are one
+//! failure, not one each: a holder counting them takes an [`Attempt`] when a request starts and
+//! [`Backoff::trip_after`] counts its failure only if no other failure was counted since.
 //!
 //! Besides the pause, a [`Backoff`] remembers whether the current outage has been reported, so
 //! that its holder logs one line when it starts and one when it ends, not one per request:
@@ -29,7 +32,13 @@ pub struct Backoff {
     until_ms: AtomicU64,
     /// Set by a trip, cleared by a reset: the outage has been reported and not yet its end.
     reported: AtomicBool,
+    /// Failures counted by [`Backoff::trip_after`] so far: what an [`Attempt`] remembers.
+    counted: AtomicU64,
 }
+
+/// When a request started, as far as a [`Backoff`] is concerned: the failures counted before it.
+#[derive(Clone, Copy, Debug)]
+pub struct Attempt(u64);
 
 impl Backoff {
     /// A back-off that pauses for `period` after each failure.
@@ -47,6 +56,7 @@ impl Backoff {
             origin: Instant::now(),
             until_ms: AtomicU64::new(0),
             reported: AtomicBool::new(false),
+            counted: AtomicU64::new(0),
         }
     }
 
@@ -75,6 +85,26 @@ impl Backoff {
         let until = self.now_ms().saturating_add(millis(self.period));
         self.until_ms.store(until, Ordering::Relaxed);
         !self.reported.swap(true, Ordering::Relaxed)
+    }
+
+    /// Marks the start of a request whose failure [`trip_after`](Self::trip_after) may count.
+    pub fn attempt(&self) -> Attempt {
+        Attempt(self.counted.load(Ordering::Acquire))
+    }
+
+    /// Records the failure of a request started at `started`, as [`trip`](Self::trip) does,
+    /// unless a failure was counted since it started: requests under way at once that fail at
+    /// once (each waited for the same slow upstream) are one failure in a row, not many.
+    pub fn trip_after(&self, started: Attempt) -> bool {
+        let next = started.0.wrapping_add(1);
+        if self
+            .counted
+            .compare_exchange(started.0, next, Ordering::AcqRel, Ordering::Acquire)
+            .is_err()
+        {
+            return false;
+        }
+        self.trip()
     }
 
     /// Records a success: the outage is over. True if an outage had been reported, so the
@@ -143,6 +173,34 @@ mod tests {
         assert!(
             !b.trip(),
             "after a success, one failure does not start another"
+        );
+    }
+
+    #[test]
+    fn failures_of_requests_under_way_together_count_once() {
+        let b = Backoff::after(3, Duration::from_secs(3600));
+        // A burst: every request started before any of them failed.
+        let burst: Vec<Attempt> = (0..64).map(|_| b.attempt()).collect();
+        for a in &burst {
+            assert!(!b.trip_after(*a));
+        }
+        assert!(
+            !b.is_active(),
+            "64 failures at once are one failure in a row"
+        );
+        // Two more, each started after the previous failure was counted.
+        let second = b.attempt();
+        assert!(!b.trip_after(second));
+        assert!(!b.is_active(), "two failures in a row of three");
+        let third = b.attempt();
+        assert!(
+            b.trip_after(third),
+            "the third failure in a row, each seen after the one before, starts the outage"
+        );
+        assert!(b.is_active());
+        assert!(
+            !b.trip_after(third),
+            "a request started with the third counts nothing more"
         );
     }
 

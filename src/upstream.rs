@@ -13,7 +13,7 @@ use std::time::Duration;
 use async_trait::async_trait;
 use futures::{StreamExt as _, TryStreamExt as _};
 
-use crate::backoff::Backoff;
+use crate::backoff::{Attempt, Backoff};
 use crate::config::UpstreamConfig;
 use crate::nix::{NarInfo, NarInfoError, NarUrlError, PublicKey, StorePathHash, MAX_NARINFO_BYTES};
 use crate::store::{ByteRange, ContentRange, Object, ObjectWriter, Store, StoreError};
@@ -90,8 +90,11 @@ impl fmt::Display for Refusal {
 impl Upstream {
     /// Counts a failure: the upstream is skipped for a while once [`FAILURES_IN_A_ROW`] came
     /// with no answer between them. Logs the start of an outage only.
-    fn failed(&self, why: &Failure) {
-        if self.down.trip() {
+    /// A failure counts only if none was counted since `started`
+    /// ([`Backoff::trip_after`]): 64 prefetches that time out together on one slow upstream
+    /// are one failure.
+    fn failed(&self, started: Attempt, why: &Failure) {
+        if self.down.trip_after(started) {
             tracing::warn!(
                 upstream = %self.name,
                 cause = %why,
@@ -222,8 +225,13 @@ impl Upstreams {
             }
             // Not counted as an answer before its body is read: an upstream that sends headers
             // and then cuts every body off is failing.
+            let started = u.down.attempt();
             let res = match self
-                .request(u, self.client.get(format!("{}/{h}.narinfo", u.base)))
+                .request(
+                    u,
+                    started,
+                    self.client.get(format!("{}/{h}.narinfo", u.base)),
+                )
                 .await
             {
                 Ok(Some(r)) => r,
@@ -248,7 +256,7 @@ impl Upstreams {
                 }
                 // A body cut off is the upstream failing, not a refusal of what it sent.
                 Ok(Err(Refusal::Body(e))) => {
-                    u.failed(&Failure::Request(e));
+                    u.failed(started, &Failure::Request(e));
                     unavailable = true;
                     continue;
                 }
@@ -258,7 +266,7 @@ impl Upstreams {
                     continue;
                 }
                 Err(_) => {
-                    u.failed(&Failure::Timeout);
+                    u.failed(started, &Failure::Timeout);
                     unavailable = true;
                     continue;
                 }
@@ -294,7 +302,7 @@ impl Upstreams {
         u: &Upstream,
         req: reqwest::RequestBuilder,
     ) -> Result<Option<reqwest::Response>, Failure> {
-        let r = self.request(u, req).await?;
+        let r = self.request(u, u.down.attempt(), req).await?;
         u.answered();
         Ok(r)
     }
@@ -302,10 +310,12 @@ impl Upstreams {
     /// Sends `req` to `u` within its timeout: `Ok(Some)` for a 2xx (or 416, so a range outside
     /// the object can be reported as such), `Ok(None)` for a plain miss (4xx), `Err` when the
     /// upstream failed (timeout, connection error, 5xx, 429, 408, 401), which also counts against
-    /// it ([`Upstream::failed`], which logs the start of an outage, so callers need not).
+    /// it ([`Upstream::failed`], which logs the start of an outage, so callers need not) unless
+    /// another failure was counted since `started`.
     async fn request(
         &self,
         u: &Upstream,
+        started: Attempt,
         req: reqwest::RequestBuilder,
     ) -> Result<Option<reqwest::Response>, Failure> {
         let failure = match tokio::time::timeout(u.timeout, req.send()).await {
@@ -346,7 +356,7 @@ impl Upstreams {
             Failure::Status(_) => "server_error",
         };
         crate::metrics::upstream_request(&u.name, result);
-        u.failed(&failure);
+        u.failed(started, &failure);
         Err(failure)
     }
 

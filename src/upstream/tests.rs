@@ -515,6 +515,55 @@ async fn one_failure_does_not_make_an_upstream_skipped() {
     ));
 }
 
+/// Requests under way together that fail together (a burst of prefetches, each waiting on one
+/// overloaded upstream) are one failure, not enough to make the upstream skipped: the client's
+/// own next request still asks it. Failures one after another still are.
+#[tokio::test]
+async fn failures_of_a_burst_count_as_one() {
+    const BURST: usize = 8;
+    let barrier = Arc::new(tokio::sync::Barrier::new(BURST));
+    let app = axum::Router::new().route(
+        "/{file}",
+        axum::routing::get(move || {
+            let barrier = barrier.clone();
+            async move {
+                // Every request of the burst has been sent before any of them is answered.
+                barrier.wait().await;
+                StatusCode::SERVICE_UNAVAILABLE
+            }
+        }),
+    );
+    let upstreams = Arc::new(upstreams_serving(app).await);
+    let h: StorePathHash = "6bxnj2gfflqa529lddzh3zhcn45nn86r".parse().unwrap();
+    let burst: Vec<_> = (0..BURST)
+        .map(|_| {
+            let upstreams = upstreams.clone();
+            tokio::spawn(async move { upstreams.has(h).await })
+        })
+        .collect();
+    for r in futures::future::join_all(burst).await {
+        assert!(matches!(r.unwrap(), Err(StoreError::Unavailable(_))));
+    }
+    assert!(
+        !upstreams.list[0].down.is_active(),
+        "{BURST} failures at once are one failure in a row"
+    );
+    // Two more bursts, each after the one before failed: three failures in a row.
+    for _ in 1..FAILURES_IN_A_ROW {
+        let burst: Vec<_> = (0..BURST)
+            .map(|_| {
+                let upstreams = upstreams.clone();
+                tokio::spawn(async move { upstreams.has(h).await })
+            })
+            .collect();
+        futures::future::join_all(burst).await;
+    }
+    assert!(
+        upstreams.list[0].down.is_active(),
+        "the upstream is skipped"
+    );
+}
+
 /// Redirects an upstream sends are followed to where NARs are kept (attic to its bucket), but
 /// not from https to http, not to link-local addresses (cloud metadata services), and not from
 /// a public upstream to a loopback or private address: what they lead to is served to anyone.
