@@ -563,9 +563,12 @@ impl NarCache {
                     .store(left.saturating_sub(n), Ordering::Relaxed);
                 self.reserved.fetch_sub(n.min(left), Ordering::Relaxed);
                 if announce {
+                    // Never the last byte: that waits for `Done`, after the length and
+                    // checks (a source without a length may yet send one byte too many).
+                    let shown = written.min(length.saturating_sub(1));
                     tx.send_modify(|p| {
                         if let Progress::Filling { written: w, .. } = p {
-                            *w = written;
+                            *w = shown;
                         }
                     });
                 }
@@ -668,8 +671,13 @@ impl NarCache {
             });
         }
         let checksum = hasher.finish();
-        self.disk.publish(tmp, name, written, checksum)?;
-        self.add(name, written, checksum);
+        // Every byte is in the file, checked, and each reader holds it open: a file that
+        // cannot be published (no file descriptor, no room for its `.meta`) is only not
+        // cached, and the readers finish.
+        match self.disk.publish(tmp, name, written, checksum) {
+            Ok(()) => self.add(name, written, checksum),
+            Err(e) => self.write_failed(name, &e),
+        }
         Ok(())
     }
 }

@@ -695,6 +695,8 @@ fn disk_errors_say_what_failed() {
 /// whatever it sends.
 struct Fed {
     length: u64,
+    /// Whether the body comes with its length (else, as nix-serve sends NARs, without).
+    sized: bool,
     body: std::sync::Mutex<Option<ByteStream>>,
     /// Answers a range request as a miss (as an upstream cache that ignores ranges does).
     ranges_missing: bool,
@@ -702,6 +704,13 @@ struct Fed {
 
 impl Fed {
     fn new(length: u64) -> (Arc<Self>, futures::channel::mpsc::UnboundedSender<Bytes>) {
+        Self::build(length, true)
+    }
+
+    fn build(
+        length: u64,
+        sized: bool,
+    ) -> (Arc<Self>, futures::channel::mpsc::UnboundedSender<Bytes>) {
         let (tx, rx) = futures::channel::mpsc::unbounded::<Bytes>();
         // An empty chunk makes the body panic (a fill task dying without a word).
         let body: ByteStream = Box::pin(futures::StreamExt::map(rx, |b: Bytes| {
@@ -710,6 +719,7 @@ impl Fed {
         }));
         let store = Arc::new(Self {
             length,
+            sized,
             body: std::sync::Mutex::new(Some(body)),
             ranges_missing: false,
         });
@@ -730,7 +740,7 @@ impl Store for Fed {
         let body = self.body.lock().unwrap().take();
         Ok(body.map(|body| super::Object {
             body,
-            length: Some(self.length),
+            length: self.sized.then_some(self.length),
             range: None,
             encoding: None,
         }))
@@ -813,6 +823,25 @@ async fn what_a_stalled_store_sent_is_readable_before_it_goes_on() {
     assert_eq!(&got[first.len()..], &rest[..]);
     wait_indexed(&cache, 1).await;
     assert_eq!(cache.usage(), (1, footprint(length)));
+}
+
+/// Readers are told of a NAR's last byte only once its source has ended there: a source
+/// without a length that stalls right at the narinfo's size (it may yet send a byte too many)
+/// keeps them waiting, and they fail with the fill, rather than end as if complete.
+#[tokio::test(start_paused = true)]
+async fn the_last_byte_waits_for_the_end_of_the_source() {
+    let dir = tempfile::tempdir().unwrap();
+    let cache = NarCache::open(dir.path(), 1 << 30, Duration::from_secs(30)).unwrap();
+    let length = 3u64 << 20;
+    let (fed, tx) = Fed::build(length, false);
+    let store: Arc<dyn Store> = fed;
+    for part in vec![3u8; length as usize].chunks(64 << 10) {
+        tx.unbounded_send(Bytes::copy_from_slice(part)).unwrap();
+    }
+    let answer = get_announced(&cache, &store, length).await.unwrap();
+    let read = read_out(answer).await;
+    assert!(read.is_err(), "the NAR ended before its source did");
+    drop(tx);
 }
 
 /// A small NAR whose store body ends short of its announced length is an error, not served
@@ -899,6 +928,23 @@ async fn readers_of_a_fill_that_died_get_an_error() {
     assert!(e.to_string().contains("ended unexpectedly"), "{e}");
 }
 
+/// A fill whose file cannot be published (here its `.meta` cannot be written) has still sent
+/// every byte, checked: its readers finish, and only the caching is lost.
+#[tokio::test]
+async fn a_fill_that_cannot_be_published_still_serves_its_readers() {
+    let (dir, cache, mem, store) = setup(1 << 30);
+    let data: Vec<u8> = (0..3_000_000u32).map(|i| (i % 251) as u8).collect();
+    mem.insert(&format!("nar/{NAME}"), data.clone());
+    std::fs::create_dir(dir.path().join(format!("{NAME}.meta"))).unwrap();
+    let NarCacheAnswer::Object(obj) = get_nar(&cache, &store).await.unwrap() else {
+        panic!("a large NAR is served while it fills");
+    };
+    assert_eq!(concat_or_error(obj.body).await.unwrap(), data);
+    wait_until(&cache, || super::lock(&cache.fills).is_empty()).await;
+    assert_eq!(cache.usage().0, 0, "not cached");
+    assert!(!dir.path().join(NAME).exists());
+}
+
 async fn concat_or_error(s: ByteStream) -> std::io::Result<Vec<u8>> {
     s.try_fold(Vec::new(), |mut v, b| async move {
         v.extend_from_slice(&b);
@@ -980,6 +1026,7 @@ async fn a_store_answering_ranges_as_misses_is_asked_for_the_whole_nar() {
     let (fed, tx) = Fed::new(data.len() as u64);
     let fed = Arc::new(Fed {
         length: fed.length,
+        sized: true,
         body: std::sync::Mutex::new(fed.body.lock().unwrap().take()),
         ranges_missing: true,
     });
