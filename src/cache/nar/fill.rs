@@ -54,6 +54,9 @@ const PARTS_AHEAD: usize = 3;
 /// Times a part is asked for before its fill fails.
 const PART_ATTEMPTS: usize = 3;
 /// Parts fetched ahead or waiting to be taken, over all fills at once (the memory they hold).
+/// A part finding none free is not fetched ahead but read when its fill gets there, streamed
+/// like the first: fills of a slow source holding every one leave the others slower, not
+/// stalled.
 pub(super) const PARTS_IN_MEMORY: usize = 8;
 /// Large NARs written to disk at once. A fill runs on after the request that started it has
 /// gone (for the next one), so without a bound a client starting downloads of many NARs and
@@ -728,7 +731,8 @@ async fn write_out(
 
 /// Opens `key` for a fill: a ranged GET of its first [`PART`], and if the object is larger,
 /// a background task fetching the following parts in parallel (at most [`PARTS_AHEAD`] per
-/// fill, and `parts` fetched or waiting over all fills), handed on in order after the first.
+/// fill, and `parts` fetched or waiting over all fills; a part finding no permit free is read
+/// when the fill gets there instead), handed on in order after the first.
 /// The object's body is then the whole object. A store that ignores the range sends the whole
 /// object, which is taken as it is; one that answers the range as a miss is asked again for
 /// the whole object.
@@ -785,8 +789,8 @@ async fn open_in_parts(
     if first_len >= total {
         return Ok(Some(whole(first)));
     }
-    type Part = io::Result<(Vec<Bytes>, tokio::sync::OwnedSemaphorePermit)>;
-    let (tx, rx) = tokio::sync::mpsc::channel::<Part>(1);
+    let (tx, rx) = tokio::sync::mpsc::channel::<io::Result<Part>>(1);
+    let (lazy_store, lazy_key) = (store.clone(), Arc::<str>::from(key));
     let (store, key, parts) = (store.clone(), key.to_owned(), parts.clone());
     let starts = (first_len..total).step_by(PART as usize);
     tokio::spawn(async move {
@@ -794,12 +798,22 @@ async fn open_in_parts(
             .map(|start| {
                 let (store, key, parts) = (store.clone(), key.clone(), parts.clone());
                 async move {
-                    // Held until the fill takes the part: it bounds the memory parts hold.
-                    let permit = parts.acquire_owned().await.map_err(io::Error::other)?;
                     let end = (start + PART).min(total) - 1;
+                    // Held until the fill takes the part: it bounds the memory parts hold.
+                    // None free (other fills' parts wait on a slow source): not waited for,
+                    // or this fill would stall behind theirs; read when the fill gets there.
+                    let permit = match parts.try_acquire_owned() {
+                        Ok(permit) => permit,
+                        Err(tokio::sync::TryAcquireError::NoPermits) => {
+                            return Ok(Part::Later { start, end });
+                        }
+                        Err(e @ tokio::sync::TryAcquireError::Closed) => {
+                            return Err(io::Error::other(e));
+                        }
+                    };
                     let chunks =
                         fetch_part_retrying(&*store, &key, start, end, total, part_idle).await?;
-                    Ok((chunks, permit))
+                    Ok(Part::Fetched(chunks, permit))
                 }
             })
             .buffered(PARTS_AHEAD);
@@ -816,16 +830,32 @@ async fn open_in_parts(
             }
         }
     });
-    let rest = futures::stream::unfold(rx, |mut rx| async move {
-        let part = rx.recv().await?;
-        let chunks: ByteStream = match part {
-            Ok((chunks, _taken)) => futures::stream::iter(chunks.into_iter().map(Ok)).boxed(),
-            Err(e) => futures::stream::once(async move { Err(e) }).boxed(),
-        };
-        Some((chunks, rx))
+    let rest = futures::stream::unfold(rx, move |mut rx| {
+        let (store, key) = (lazy_store.clone(), lazy_key.clone());
+        async move {
+            let part = rx.recv().await?;
+            let chunks: ByteStream = match part {
+                Ok(Part::Fetched(chunks, _taken)) => {
+                    futures::stream::iter(chunks.into_iter().map(Ok)).boxed()
+                }
+                Ok(Part::Later { start, end }) => {
+                    Resume::opening(store, key, start, end, total, part_idle)
+                }
+                Err(e) => futures::stream::once(async move { Err(e) }).boxed(),
+            };
+            Some((chunks, rx))
+        }
     })
     .flatten();
     Ok(Some(whole(first.chain(rest).boxed())))
+}
+
+/// A part of a large NAR after the first, as its fill gets it.
+enum Part {
+    /// Fetched ahead, held in memory under its permit.
+    Fetched(Vec<Bytes>, tokio::sync::OwnedSemaphorePermit),
+    /// Bytes `start..=end`, to be read when the fill gets there: no permit was free.
+    Later { start: u64, end: u64 },
 }
 
 /// The bytes `next..=end` of an object being streamed: when its body breaks off, ends short
@@ -874,6 +904,35 @@ impl Resume {
             store,
             key: key.into(),
             state: ResumeState::Reading(body),
+            next: start,
+            end,
+            total,
+            window,
+            quiet: Box::pin(tokio::time::sleep(window)),
+            struck: false,
+            reads_left: PART_ATTEMPTS - 1,
+        })
+    }
+
+    /// The bytes `start..=end` of `key`, whose size is `total`, asked for once polled and
+    /// then read as [`Resume::stream`] reads an open body.
+    fn opening(
+        store: Arc<dyn Store>,
+        key: Arc<str>,
+        start: u64,
+        end: u64,
+        total: u64,
+        idle: Duration,
+    ) -> ByteStream {
+        let window = idle / 2;
+        let open = {
+            let (store, key) = (store.clone(), key.clone());
+            Box::pin(async move { open_range(&*store, &key, start, end, total).await })
+        };
+        Box::pin(Resume {
+            store,
+            key,
+            state: ResumeState::Opening(open),
             next: start,
             end,
             total,

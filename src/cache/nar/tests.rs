@@ -302,6 +302,28 @@ async fn a_large_nar_is_read_in_parts_and_served_in_order() {
     assert_eq!(mem.requests(), 4, "served from disk");
 }
 
+/// Parts fetched ahead are bounded over all fills; a fill finding every such permit held (by
+/// fills of a slow source) reads its parts as it gets to them instead of waiting for one, so
+/// it is not stalled behind them.
+#[tokio::test(start_paused = true)]
+async fn a_fill_finding_every_part_permit_held_reads_its_parts_itself() {
+    let (_d, cache, mem, store) = setup(1 << 30);
+    let held = cache
+        .parts
+        .clone()
+        .acquire_many_owned(super::fill::PARTS_IN_MEMORY as u32)
+        .await
+        .unwrap();
+    let size = 3 * super::fill::PART + 12345;
+    let data: Vec<u8> = (0..size).map(|i| (i / 7) as u8).collect();
+    mem.insert(&format!("nar/{NAME}"), data.clone());
+    let got = read_out(get_nar(&cache, &store).await.unwrap()).await;
+    assert!(got.unwrap() == data, "the parts came out of order or short");
+    assert_eq!(mem.requests(), 4, "one GET a part");
+    wait_indexed(&cache, 1).await;
+    drop(held);
+}
+
 #[tokio::test]
 async fn too_large_nars_pass_through_with_one_store_get() {
     // Over the small-NAR limit (1 MiB), so it would be streamed into a file, and over half
