@@ -35,7 +35,7 @@ use std::collections::HashMap;
 use std::fmt;
 use std::io;
 use std::path::Path;
-use std::sync::atomic::AtomicU64;
+use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::{Arc, Mutex, MutexGuard};
 use std::time::Duration;
 
@@ -93,7 +93,23 @@ pub struct NarCache {
     changed: tokio::sync::Notify,
     /// Files that failed to be read, and how many times in a row (see [`READ_ERRORS`]).
     read_errors: Mutex<HashMap<String, u32>>,
+    /// Checks of files from before a restart that may run at once ([`CHECKS_AT_ONCE`]).
+    checks: Arc<tokio::sync::Semaphore>,
+    /// Checks waiting for their turn ([`CHECKS_WAITING`] at most).
+    checks_waiting: std::sync::atomic::AtomicUsize,
 }
+
+/// Checks of files from before a restart that run at once, each hashing a whole file on a
+/// blocking thread. After a restart every client comes back at once: without a bound, every
+/// distinct file asked for would be hashed at the same time, each with a thread, a file
+/// descriptor and a read buffer, and the disk reads of everything else (hits, fills, uploads)
+/// would queue behind them.
+const CHECKS_AT_ONCE: usize = 4;
+
+/// Checks waiting for their turn, at most. Beyond, a file is left unchecked for now and its
+/// request goes to the store at once, instead of waiting for a check far down the line; its
+/// next use asks for its check again.
+const CHECKS_WAITING: usize = 256;
 
 /// Failed reads in a row after which a cached file is dropped: fewer may be the process short
 /// of file descriptors or memory for a moment (the file is fine), more a file that cannot be
@@ -127,6 +143,8 @@ impl NarCache {
             keep_small: std::sync::OnceLock::new(),
             changed: tokio::sync::Notify::new(),
             read_errors: Mutex::new(HashMap::new()),
+            checks: Arc::new(tokio::sync::Semaphore::new(CHECKS_AT_ONCE)),
+            checks_waiting: std::sync::atomic::AtomicUsize::new(0),
         });
         // The budget may have shrunk since the last run.
         cache.evict();
@@ -466,31 +484,59 @@ impl NarCache {
         }
     }
 
-    /// Hashes a file indexed at start-up in the background; keeps it if it matches its
-    /// `.meta`, drops it (to be fetched again) otherwise.
+    /// Hashes a file indexed at start-up in the background ([`CHECKS_AT_ONCE`] at a time);
+    /// keeps it if it matches its `.meta`, drops it (to be fetched again) otherwise. With
+    /// [`CHECKS_WAITING`] checks waiting already, leaves it unchecked for now.
     fn spawn_verify(self: &Arc<Self>, name: String) {
         let Some(expected) = self.index().start_verify(&name) else {
             return;
         };
+        if self.checks_waiting.fetch_add(1, Ordering::SeqCst) >= CHECKS_WAITING {
+            self.checks_waiting.fetch_sub(1, Ordering::SeqCst);
+            self.index().set_unchecked(&name);
+            self.changed();
+            return;
+        }
         let this = self.clone();
-        tokio::task::spawn_blocking(move || match this.disk.verify(&name, expected) {
-            Ok(()) => {
-                this.index().set_verified(&name);
+        tokio::spawn(async move {
+            let turn = this.checks.clone().acquire_owned().await;
+            this.checks_waiting.fetch_sub(1, Ordering::SeqCst);
+            let Ok(turn) = turn else {
+                return; // never closed
+            };
+            let (cache, file) = (this.clone(), name.clone());
+            let check = tokio::task::spawn_blocking(move || {
+                let _turn = turn;
+                cache.verify(&file, expected);
+            });
+            // A check that panicked leaves the file to be checked again on its next use.
+            if check.await.is_err() {
+                this.index().set_unchecked(&name);
                 this.changed();
+            }
+        });
+    }
+
+    /// The check [`Self::spawn_verify`] runs.
+    fn verify(&self, name: &str, expected: (u64, Checksum)) {
+        match self.disk.verify(name, expected) {
+            Ok(()) => {
+                self.index().set_verified(name);
+                self.changed();
             }
             // Not read (out of file descriptors after a restart, with every client at once):
             // checked again on a later use, unless that keeps failing.
             Err(disk::VerifyError::Unreadable(e))
-                if e.kind() != io::ErrorKind::NotFound && !this.read_failed(&name) =>
+                if e.kind() != io::ErrorKind::NotFound && !self.read_failed(name) =>
             {
                 tracing::warn!(nar = %name, cause = %e, "NAR cache: cannot read the file to check it, serving from the store");
-                this.index().set_unchecked(&name);
-                this.changed();
+                self.index().set_unchecked(name);
+                self.changed();
             }
             Err(e) => {
                 tracing::warn!(nar = %name, cause = %e, "NAR cache: cached file is corrupt, fetching it again");
-                this.drop_entry(&name);
+                self.drop_entry(name);
             }
-        });
+        }
     }
 }

@@ -241,6 +241,66 @@ async fn requests_for_a_file_being_checked_wait_for_the_check() {
     assert_eq!(mem.requests(), before, "the store was asked");
 }
 
+/// Files from before a restart are checked a few at a time: with every turn taken, a request
+/// for one waits its while and goes to the store, and its check runs once a turn is free.
+/// With too many checks waiting already, a request goes to the store at once and the file is
+/// left to be checked on its next use.
+#[tokio::test(start_paused = true)]
+async fn checks_after_a_restart_take_turns() {
+    let (d, cache, mem, store) = setup(1 << 30);
+    let data: Vec<u8> = (0..3_000_000u32).map(|i| (i % 253) as u8).collect();
+    mem.insert(&format!("nar/{NAME}"), data.clone());
+    let name: NarFileName = NAME.parse().unwrap();
+    let key = format!("nar/{NAME}");
+    body(cache.get(&name, &key, None, None, &store).await.unwrap()).await;
+    wait_indexed(&cache, 1).await;
+    close(cache).await;
+
+    let cache = NarCache::open(d.path(), 1 << 30, Duration::from_secs(30)).unwrap();
+    let turns = cache
+        .checks
+        .clone()
+        .acquire_many_owned(super::CHECKS_AT_ONCE as u32)
+        .await
+        .unwrap();
+    assert!(matches!(
+        cache.get(&name, &key, None, None, &store).await.unwrap(),
+        NarCacheAnswer::Bypass
+    ));
+    assert_eq!(
+        cache
+            .checks_waiting
+            .load(std::sync::atomic::Ordering::SeqCst),
+        1
+    );
+    drop(turns);
+    wait_until(&cache, || cache.index().verified_size(NAME).is_some()).await;
+    assert_eq!(
+        cache
+            .checks_waiting
+            .load(std::sync::atomic::Ordering::SeqCst),
+        0
+    );
+    close(cache).await;
+
+    let cache = NarCache::open(d.path(), 1 << 30, Duration::from_secs(30)).unwrap();
+    cache
+        .checks_waiting
+        .store(super::CHECKS_WAITING, std::sync::atomic::Ordering::SeqCst);
+    let started = tokio::time::Instant::now();
+    assert!(matches!(
+        cache.get(&name, &key, None, None, &store).await.unwrap(),
+        NarCacheAnswer::Bypass
+    ));
+    assert_eq!(started.elapsed(), Duration::ZERO, "the request waited");
+    assert!(cache.index().unchecked(NAME), "left to be checked later");
+    cache
+        .checks_waiting
+        .store(0, std::sync::atomic::Ordering::SeqCst);
+    let hit = cache.get(&name, &key, None, None, &store).await.unwrap();
+    assert!(body(hit).await == data, "checked on its next use");
+}
+
 /// After a restart, a small NAR the memory cache let go to disk is read back from there once
 /// its (quick) check passes, not from the store.
 #[tokio::test]
