@@ -341,7 +341,10 @@ fn serve(path: Option<&Path>, log_format: Option<LogFormat>) -> anyhow::Result<(
         cellar::systemd::ready(&format!("serving on {addr}"));
         cellar::systemd::spawn_watchdog();
         cellar::serve(listener, state, shutdown).await?;
+        // Stopped, and waited for: a write it had under way gives its entries back (and its
+        // lock up) for the last one below.
         flusher.abort();
+        let _ = flusher.await;
         // What was served since the last write still counts as recent use.
         if let Err(e) = access.flush().await {
             tracing::warn!(cause = %e, "writing the last access record failed");

@@ -249,12 +249,12 @@ impl AccessLog {
         let _w = self.writing.lock().await;
         let probed = std::mem::take(&mut *lock(&self.probed));
         entries.extend(probed.iter().map(|h| Entry::Path(*h)));
+        // Until written, the probes go back if the write fails or is dropped (the upload's
+        // client gone): the next upload record names them instead.
+        let mut taken = Taken::new(self, &self.probed, probed);
         let started = Instant::now();
-        if let Err(e) = self.write(entries.clone(), UPLOAD_SUFFIX).await {
-            // The probes are named by the next upload record instead.
-            self.put_back(&self.probed, probed);
-            return Err(e);
-        }
+        self.write(entries.clone(), UPLOAD_SUFFIX).await?;
+        taken.written();
         if !self.cover_for.is_zero() {
             let mut covered = lock(&self.covered);
             if covered.len() + entries.len() > self.max_entries.saturating_mul(4) {
@@ -304,20 +304,18 @@ impl AccessLog {
     /// Writes what was recorded since the last write (nothing if nothing was).
     pub async fn flush(&self) -> Result<(), StoreError> {
         let _w = self.writing.lock().await;
-        let taken: Vec<Entry> = std::mem::take(&mut *lock(&self.pending))
+        let entries: Vec<Entry> = std::mem::take(&mut *lock(&self.pending))
             .into_iter()
             .collect();
-        if taken.is_empty() {
+        if entries.is_empty() {
             return Ok(());
         }
-        match self.write(taken.clone(), "").await {
-            Ok(()) => Ok(()),
-            Err(e) => {
-                // Kept for the next attempt.
-                self.put_back(&self.pending, taken);
-                Err(e)
-            }
-        }
+        // Kept for the next attempt if the write fails, or is dropped (the flusher stopped at
+        // shutdown mid-write: the last flush then writes them).
+        let mut taken = Taken::new(self, &self.pending, entries.clone());
+        self.write(entries, "").await?;
+        taken.written();
+        Ok(())
     }
 
     /// Returns what a failed write took from `set` to it, as far as there is room.
@@ -362,12 +360,23 @@ impl AccessLog {
         tokio::spawn(async move {
             let mut tick = tokio::time::interval(interval);
             tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
+            let mut failed = false;
             loop {
-                tokio::select! {
-                    _ = tick.tick() => {}
-                    _ = this.full.notified() => {}
+                if failed {
+                    // After a failure, the next try waits for the interval even when the set
+                    // is full: a store refusing every write, with requests coming in, would
+                    // otherwise be sent the whole set again at once after each refusal.
+                    tick.reset();
+                    tick.tick().await;
+                } else {
+                    tokio::select! {
+                        _ = tick.tick() => {}
+                        _ = this.full.notified() => {}
+                    }
                 }
-                match this.flush().await {
+                let flushed = this.flush().await;
+                failed = flushed.is_err();
+                match flushed {
                     Ok(()) => {}
                     // Credentials that may read but not write: `cellar gc` would then see no
                     // use of what this server serves and collect it by age alone.
@@ -382,6 +391,40 @@ impl AccessLog {
                 }
             }
         })
+    }
+}
+
+/// What a write took from one of an [`AccessLog`]'s sets: returned to it when dropped unless
+/// [`written`](Taken::written), so that neither a failed write nor a dropped one loses it.
+struct Taken<'a, T: std::hash::Hash + Eq> {
+    log: &'a AccessLog,
+    set: &'a Mutex<HashSet<T>>,
+    items: Vec<T>,
+}
+
+impl<'a, T: std::hash::Hash + Eq> Taken<'a, T> {
+    fn new(
+        log: &'a AccessLog,
+        set: &'a Mutex<HashSet<T>>,
+        items: impl IntoIterator<Item = T>,
+    ) -> Self {
+        Self {
+            log,
+            set,
+            items: items.into_iter().collect(),
+        }
+    }
+
+    fn written(&mut self) {
+        self.items.clear();
+    }
+}
+
+impl<T: std::hash::Hash + Eq> Drop for Taken<'_, T> {
+    fn drop(&mut self) {
+        if !self.items.is_empty() {
+            self.log.put_back(self.set, std::mem::take(&mut self.items));
+        }
     }
 }
 
@@ -631,6 +674,73 @@ mod tests {
         let written = count("written");
         log.flush().await.unwrap();
         assert!(count("written") > written, "the write is counted");
+        let keys = mem.keys();
+        assert_eq!(keys.len(), 1, "{keys:?}");
+        let text = String::from_utf8(mem.bytes(&keys[0]).unwrap().to_vec()).unwrap();
+        assert!(parse(&text).unwrap().contains(&Entry::Path(h)));
+    }
+
+    /// A store refusing every write, with requests coming in while the set is full, is tried
+    /// once per interval, not again after each refusal (the whole set re-sent in a loop).
+    #[tokio::test(start_paused = true)]
+    async fn a_full_set_the_store_refuses_is_tried_once_per_interval() {
+        let mem = Arc::new(crate::store::memory::MemoryStore::new());
+        let (tx, mut written) = tokio::sync::mpsc::unbounded_channel();
+        mem.after_write("_cellar/access/", move |_| {
+            let _ = tx.send(Instant::now());
+        });
+        let log = Arc::new(AccessLog::new(mem.clone(), 1000));
+        let hash = |i: usize| -> StorePathHash {
+            let alphabet = b"0123456789abcdfghijklmnpqrsvwxyz";
+            let mut s = [b'0'; 32];
+            let mut n = i;
+            for c in s.iter_mut().rev().take(4) {
+                *c = alphabet[n % 32];
+                n /= 32;
+            }
+            std::str::from_utf8(&s).unwrap().parse().unwrap()
+        };
+        for i in 0..1000 {
+            log.record_path(hash(i));
+        }
+        mem.set_down(true);
+        let start = Instant::now();
+        let flusher = log.spawn_flusher(Duration::from_secs(60));
+        while mem.writes() == 0 {
+            tokio::task::yield_now().await;
+        }
+        // Requests go on while the store refuses: each finds the set full.
+        for i in 1000..1200 {
+            log.record_path(hash(i));
+            tokio::task::yield_now().await;
+        }
+        assert_eq!(mem.writes(), 1, "tried again before the interval");
+        mem.set_down(false);
+        let at = written.recv().await.unwrap();
+        assert_eq!(at - start, Duration::from_secs(60));
+        assert_eq!(mem.writes(), 2);
+        flusher.abort();
+    }
+
+    /// A flush dropped while it writes (the flusher stopped at shutdown) loses nothing: the
+    /// next flush, the last one, writes what it had taken.
+    #[tokio::test]
+    async fn a_flush_dropped_mid_write_leaves_its_entries_for_the_next() {
+        let mem = Arc::new(crate::store::memory::MemoryStore::new());
+        let log = AccessLog::new(mem.clone(), 1000);
+        let h: StorePathHash = "6bxnj2gfflqa529lddzh3zhcn45nn86r".parse().unwrap();
+        log.record_path(h);
+        let gate = mem.hold_writes("_cellar/access/");
+        {
+            let flush = log.flush();
+            tokio::pin!(flush);
+            tokio::select! {
+                _ = &mut flush => panic!("the write went through the gate"),
+                () = gate.reached() => {}
+            }
+        }
+        gate.open();
+        log.flush().await.unwrap();
         let keys = mem.keys();
         assert_eq!(keys.len(), 1, "{keys:?}");
         let text = String::from_utf8(mem.bytes(&keys[0]).unwrap().to_vec()).unwrap();

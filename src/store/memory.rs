@@ -79,6 +79,8 @@ pub struct MemoryStore {
     // A std Mutex: held only for map operations, never across an await.
     objects: Arc<Mutex<HashMap<String, Stored>>>,
     gets: AtomicUsize,
+    /// Writers asked for (each write, failed or not).
+    writes: AtomicUsize,
     lists: AtomicUsize,
     pings: AtomicUsize,
     down: AtomicBool,
@@ -87,6 +89,8 @@ pub struct MemoryStore {
     /// The `Content-Encoding` GETs of a key answer with (see [`MemoryStore::set_encoding`]).
     encodings: Mutex<HashMap<String, String>>,
     gates: Mutex<Vec<Arc<ReadGate>>>,
+    /// Gates held by writes (opening a writer), see [`MemoryStore::hold_writes`].
+    write_gates: Mutex<Vec<Arc<ReadGate>>>,
     /// The key of every `get`, in order.
     got: Mutex<Vec<String>>,
     /// Every key a `head` asked about, in order.
@@ -167,8 +171,24 @@ impl MemoryStore {
         gate
     }
 
+    /// Holds each write of a key under `prefix` (as it opens its writer) until the gate is
+    /// opened: a test drops a write under way.
+    pub fn hold_writes(&self, prefix: &str) -> Arc<ReadGate> {
+        let gate = Arc::new(ReadGate {
+            prefix: prefix.to_owned(),
+            reached: tokio::sync::Semaphore::new(0),
+            open: tokio::sync::Semaphore::new(0),
+        });
+        lock(&self.write_gates).push(gate.clone());
+        gate
+    }
+
     async fn pass_gates(&self, key: &str) {
-        let gates: Vec<Arc<ReadGate>> = lock(&self.gates)
+        Self::pass(&self.gates, key).await;
+    }
+
+    async fn pass(gates: &Mutex<Vec<Arc<ReadGate>>>, key: &str) {
+        let gates: Vec<Arc<ReadGate>> = lock(gates)
             .iter()
             .filter(|g| key.starts_with(g.prefix.as_str()))
             .cloned()
@@ -242,6 +262,11 @@ impl MemoryStore {
     /// Number of `ping` calls so far.
     pub fn pings(&self) -> usize {
         self.pings.load(Ordering::SeqCst)
+    }
+
+    /// Number of writes tried so far (failed ones too).
+    pub fn writes(&self) -> usize {
+        self.writes.load(Ordering::SeqCst)
     }
 
     /// Number of `get` and `head` calls so far.
@@ -386,6 +411,8 @@ impl Store for MemoryStore {
     }
 
     async fn writer(&self, key: &str) -> Result<Box<dyn ObjectWriter>, StoreError> {
+        self.writes.fetch_add(1, Ordering::SeqCst);
+        Self::pass(&self.write_gates, key).await;
         if self.down.load(Ordering::SeqCst) {
             return Err(StoreError::Unavailable("memory store is down".into()));
         }
