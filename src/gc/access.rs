@@ -106,20 +106,36 @@ pub fn render(entries: impl IntoIterator<Item = Entry>) -> String {
 
 /// Parses a record; the error names the first bad line.
 pub fn parse(text: &str) -> Result<Vec<Entry>, String> {
+    match parse_lenient(text)? {
+        (entries, None) => Ok(entries),
+        (_, Some(bad)) => Err(bad),
+    }
+}
+
+/// Parses a record, keeping the entries of the lines that parse: a damaged line (a record
+/// cut or changed by hand) loses only itself, and what the others name still counts as used.
+/// Also the first bad line, if any. An error if the record is not one (no header).
+fn parse_lenient(text: &str) -> Result<(Vec<Entry>, Option<String>), String> {
     let mut lines = text.lines();
     if lines.next() != Some(HEADER) {
         return Err(format!("does not start with {HEADER:?}"));
     }
     let mut out = Vec::new();
+    let mut first_bad = None;
     for (i, line) in lines.enumerate() {
-        let bad = || format!("line {}: {line:?}", i + 2);
         // A NAR is recorded by its object key, a path by its hash.
-        out.push(match crate::store::object_key::nar_file(line) {
-            Some(f) => Entry::Nar(f.as_str().into()),
-            None => Entry::Path(line.parse().map_err(|_| bad())?),
-        });
+        let entry = match crate::store::object_key::nar_file(line) {
+            Some(f) => Some(Entry::Nar(f.as_str().into())),
+            None => line.parse().ok().map(Entry::Path),
+        };
+        match entry {
+            Some(e) => out.push(e),
+            None => {
+                first_bad.get_or_insert_with(|| format!("line {}: {line:?}", i + 2));
+            }
+        }
     }
-    Ok(out)
+    Ok((out, first_bad))
 }
 
 /// What one server used since its last write.
@@ -461,8 +477,11 @@ pub struct Accessed {
     pub read: HashSet<String>,
     /// Records older than the retention: they no longer make anything a root.
     pub expired: Vec<(String, Meta)>,
-    /// Records that do not parse.
+    /// Records that do not parse, whole or in part (the lines that parse count).
     pub bad: Vec<(String, String)>,
+    /// Of those, upload records young enough that an upload may rely on them: what they
+    /// protect is not known for sure, so nothing may be collected while they are.
+    pub bad_uploads: Vec<(String, String)>,
     /// Paths named by upload records younger than [`UPLOAD_RECORD_LIFETIME`] (and by those
     /// re-reads found): uploads may still rely on them, whatever the retention or the byte
     /// budget.
@@ -524,16 +543,19 @@ async fn read_one(
     let Some(raw) = raw else {
         return Ok(Vec::new());
     };
-    let entries = match std::str::from_utf8(&raw)
+    let parsed = std::str::from_utf8(&raw)
         .map_err(|_| "not UTF-8".to_owned())
-        .and_then(parse)
-    {
-        Ok(e) => e,
-        Err(why) => {
-            acc.bad.push((key.to_owned(), why));
-            return Ok(Vec::new());
-        }
+        .and_then(parse_lenient);
+    let (entries, bad) = match parsed {
+        Ok((entries, bad)) => (entries, bad),
+        Err(why) => (Vec::new(), Some(why)),
     };
+    if let Some(why) = bad {
+        if in_progress {
+            acc.bad_uploads.push((key.to_owned(), why.clone()));
+        }
+        acc.bad.push((key.to_owned(), why));
+    }
     for e in &entries {
         match e {
             Entry::Path(h) => {
@@ -575,6 +597,12 @@ pub async fn reread(
         for o in new {
             let upload = o.key.ends_with(UPLOAD_SUFFIX);
             let entries = read_one(store, acc, &o.key, o.modified, upload).await?;
+            // What an upload under way relies on is not known: no deletion may go on.
+            if let Some((key, why)) = acc.bad_uploads.last().filter(|(k, _)| *k == o.key) {
+                return Err(StoreError::Other(format!(
+                    "the upload record {key} does not parse ({why})"
+                )));
+            }
             if upload {
                 acc.uploading.extend(entries.iter().filter_map(|e| match e {
                     Entry::Path(h) => Some(*h),

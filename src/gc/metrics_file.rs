@@ -107,6 +107,16 @@ pub fn render_gc(s: &Summary, end: SystemTime) -> String {
     );
     header(&mut out, "cellar_gc_errors", "Errors in the last run.");
     let _ = writeln!(out, "cellar_gc_errors {}", s.errors.len());
+    header(
+        &mut out,
+        "cellar_gc_damaged_access_records",
+        "Access records within the retention the last run found damaged (lines that do not parse).",
+    );
+    let _ = writeln!(
+        out,
+        "cellar_gc_damaged_access_records {}",
+        s.bad_records.len()
+    );
     out
 }
 

@@ -57,6 +57,14 @@ pub enum GcError {
     /// to keep.
     #[error("pin {key} cannot be read ({reason}); fix or remove it before collecting")]
     BadPin { key: String, reason: String },
+    /// The record of an upload under way that does not parse: what the upload relies on is
+    /// unknown, so collecting now could break its closure.
+    #[error(
+        "the access record {key} of an upload under way does not parse ({reason}), so nothing \
+         was collected; it stops mattering 30 minutes after it was written (`cellar verify \
+         --repair` removes it)"
+    )]
+    BadUploadRecord { key: String, reason: String },
     /// Another collector (`gc --apply` or `verify --repair`) is deleting: one at a time.
     #[error(
         "another collection is running ({key}, written {secs} s ago), so nothing was deleted: \
@@ -160,6 +168,9 @@ async fn read_and_plan(
         .collect();
     let mut roots = mark::Roots::new(&graph, cfg, opts.now);
     let acc = access::read_all(store.as_ref(), &inv.access, cfg.keep, opts.now).await?;
+    if let Some((key, reason)) = acc.bad_uploads.first().cloned() {
+        return Err(GcError::BadUploadRecord { key, reason });
+    }
     roots.add_access(&graph, &acc.seen);
     roots.add_nar_access(&graph, &acc.nar_seen);
     roots.add_uploads(&graph, &acc.uploading);
@@ -173,6 +184,11 @@ async fn read_and_plan(
     let plan = sweep::Plan::new(&graph, &inv, &marked, realisations, cfg, opts.now, &acc);
     let mut summary = Summary::new(&marked, &plan, &sizes);
     summary.unresolved_pins = roots.unresolved_pins;
+    summary.bad_records = acc
+        .bad
+        .iter()
+        .map(|(key, why)| format!("{key} ({why})"))
+        .collect();
     Ok(Planned {
         graph,
         marked,

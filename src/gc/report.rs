@@ -51,6 +51,9 @@ pub struct Summary {
     pub deleted_narinfos: Option<usize>,
     /// Pins naming paths that are not in the store.
     pub unresolved_pins: Vec<String>,
+    /// Access records within the retention that do not parse, whole or in part: what their
+    /// bad lines name counts as unused.
+    pub bad_records: Vec<String>,
     pub errors: Vec<String>,
 }
 
@@ -171,6 +174,13 @@ impl fmt::Display for Summary {
         }
         for p in &self.unresolved_pins {
             writeln!(f, "warning: pin {p} is not in the cache")?;
+        }
+        for r in &self.bad_records {
+            writeln!(
+                f,
+                "warning: access record {r} is damaged: what its lines that do not parse \
+                 name counts as unused (`cellar verify --repair` removes it)"
+            )?;
         }
         for e in &self.errors {
             writeln!(f, "error: {e}")?;

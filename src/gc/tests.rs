@@ -227,6 +227,92 @@ async fn an_unreadable_pin_stops_the_run() {
     assert_eq!(mem.keys().len(), 5);
 }
 
+/// A use record with a damaged line still counts what its other lines name, and the run
+/// says which record is damaged.
+#[tokio::test(start_paused = true)]
+async fn a_damaged_use_record_counts_its_good_lines_and_is_reported() {
+    let mem = Arc::new(MemoryStore::new());
+    let now = SystemTime::now();
+    let read = path(&mem, "read", &[], 100 * DAY, now);
+    let unread = path(&mem, "unread", &[], 100 * DAY, now);
+    let record = format!("{}not a hash\n{}\n", render([]), read.hash);
+    mem.insert_at("_cellar/access/x/p-1", record, now - DAY);
+    let s = gc(&mem, &cfg(), now, true).await;
+    assert!(s.errors.is_empty(), "{:?}", s.errors);
+    assert!(
+        has(&mem, &format!("{}.narinfo", read.hash)),
+        "a good line lost"
+    );
+    assert!(!has(&mem, &format!("{}.narinfo", unread.hash)));
+    assert_eq!(s.bad_records.len(), 1, "{:?}", s.bad_records);
+    let text = s.to_string();
+    assert!(
+        text.contains("access record _cellar/access/x/p-1 (line 2: \"not a hash\") is damaged"),
+        "{text}"
+    );
+    let prom = super::metrics_file::render_gc(&s, now);
+    assert!(
+        prom.contains("\ncellar_gc_damaged_access_records 1\n"),
+        "{prom}"
+    );
+}
+
+/// The record of an upload under way that does not parse stops the run before it deletes
+/// anything: what that upload relies on is unknown. Found only by a re-read while deleting,
+/// it stops the deletions still to come.
+#[tokio::test(start_paused = true)]
+async fn a_damaged_upload_record_under_way_stops_the_run() {
+    let mem = Arc::new(MemoryStore::new());
+    let now = SystemTime::now();
+    path(&mem, "old", &[], 100 * DAY, now);
+    let day = super::access::day(now);
+    let key = format!("_cellar/access/{day}/p-1-upload");
+    mem.insert_at(&key, "cellar-access 1\ngarbage\n", now);
+    let before = mem.keys();
+    let store: Arc<dyn Store> = mem.clone();
+    let opts = Options {
+        apply: true,
+        now,
+        settle: super::deleting::SETTLE,
+    };
+    let r = run(&store, "/nix/store", &cfg(), &opts, &Quiet).await;
+    assert!(
+        matches!(&r, Err(super::GcError::BadUploadRecord { key: k, .. }) if *k == key),
+        "{:?}",
+        r.map(|s| s.to_string())
+    );
+    assert_eq!(mem.keys(), before, "something was deleted");
+    // Older than an upload can be under way: a warning only.
+    let later = Options {
+        now: now + Duration::from_secs(31 * 60),
+        ..opts
+    };
+    let s = run(&store, "/nix/store", &cfg(), &later, &Quiet)
+        .await
+        .unwrap();
+    assert_eq!(s.bad_records.len(), 1);
+
+    // Written while the collector settles: the re-read finds it, and nothing is deleted.
+    let mem = Arc::new(MemoryStore::new());
+    let gone = path(&mem, "gone", &[], 100 * DAY, now);
+    let m = mem.clone();
+    mem.after_write("_cellar/deleting/", move |_| {
+        let m = m.clone();
+        tokio::spawn(async move {
+            tokio::time::sleep(super::deleting::SETTLE / 2).await;
+            let day = super::access::day(SystemTime::now());
+            m.insert(&format!("_cellar/access/{day}/q-1-upload"), "garbage");
+        });
+    });
+    let s = gc(&mem, &cfg(), now, true).await;
+    assert!(
+        s.errors.iter().any(|e| e.contains("does not parse")),
+        "{:?}",
+        s.errors
+    );
+    assert!(has(&mem, &gone.nar), "deleted after all");
+}
+
 /// The race a deleted NAR cannot recover from: an upload of the same contents records the NAR
 /// just after the collector decided to delete it. The collector announces the deletion, then
 /// re-reads the records, so it sees this one and keeps the NAR (an upload recording later
