@@ -181,15 +181,69 @@ pub fn render_verify(r: &Report, end: SystemTime) -> String {
 /// all: the file is for node_exporter's textfile collector, which runs as another user, and a
 /// unit's `UMask=0077` (contrib/cellar-gc.service) would otherwise leave it readable only by
 /// cellar, every series silently missing.
+///
+/// The file written beside it has a name of its own, created new (never an existing file or a
+/// symlink someone planted there: the run may be root's), and hidden (`.NAME.ID.tmp`, which
+/// the collector, reading `*.prom`, skips); two runs at once each rename a whole file.
 pub fn write(path: &Path, text: &str) -> std::io::Result<()> {
     use std::io::Write as _;
     use std::os::unix::fs::PermissionsExt as _;
-    let mut tmp = path.as_os_str().to_owned();
-    tmp.push(".tmp");
-    let mut file = std::fs::File::create(&tmp)?;
-    // After creation: the mode given to open(2) would be narrowed by the umask.
-    file.set_permissions(std::fs::Permissions::from_mode(0o644))?;
-    file.write_all(text.as_bytes())?;
-    file.sync_all()?;
-    std::fs::rename(&tmp, path)
+    let dir = path
+        .parent()
+        .filter(|d| !d.as_os_str().is_empty())
+        .unwrap_or(Path::new("."));
+    let name = path
+        .file_name()
+        .ok_or_else(|| std::io::Error::new(std::io::ErrorKind::InvalidInput, "not a file name"))?;
+    let mut hidden = std::ffi::OsString::from(".");
+    hidden.push(name);
+    hidden.push(format!(".{}.tmp", super::access::random_id()));
+    let tmp = dir.join(hidden);
+    let written = (|| {
+        let mut file = std::fs::OpenOptions::new()
+            .write(true)
+            .create_new(true)
+            .open(&tmp)?;
+        // After creation: the mode given to open(2) would be narrowed by the umask.
+        file.set_permissions(std::fs::Permissions::from_mode(0o644))?;
+        file.write_all(text.as_bytes())?;
+        file.sync_all()?;
+        std::fs::rename(&tmp, path)
+    })();
+    if written.is_err() {
+        let _ = std::fs::remove_file(&tmp);
+    }
+    written?;
+    // The rename itself on disk (best effort: some file systems refuse to sync a directory).
+    if let Ok(d) = std::fs::File::open(dir) {
+        let _ = d.sync_all();
+    }
+    Ok(())
+}
+
+#[cfg(test)]
+mod tests {
+    /// The file beside the target is new and its own: a symlink planted where the old fixed
+    /// name was is neither followed nor touched, and nothing is left beside the target.
+    #[test]
+    fn writes_beside_the_target_under_a_name_of_its_own() {
+        let dir = tempfile::tempdir().unwrap();
+        let victim = dir.path().join("victim");
+        std::fs::write(&victim, "precious").unwrap();
+        let target = dir.path().join("cellar-gc.prom");
+        std::os::unix::fs::symlink(&victim, dir.path().join("cellar-gc.prom.tmp")).unwrap();
+        super::write(&target, "cellar_gc_errors 0\n").unwrap();
+        super::write(&target, "cellar_gc_errors 1\n").unwrap();
+        assert_eq!(
+            std::fs::read_to_string(&target).unwrap(),
+            "cellar_gc_errors 1\n"
+        );
+        assert_eq!(std::fs::read_to_string(&victim).unwrap(), "precious");
+        let mut names: Vec<String> = std::fs::read_dir(dir.path())
+            .unwrap()
+            .map(|e| e.unwrap().file_name().to_string_lossy().into_owned())
+            .collect();
+        names.sort();
+        assert_eq!(names, ["cellar-gc.prom", "cellar-gc.prom.tmp", "victim"]);
+    }
 }
