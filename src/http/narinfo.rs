@@ -24,7 +24,7 @@ use bytes::Bytes;
 
 use super::object;
 use super::{AppState, Live};
-use crate::error::Error;
+use crate::error::{Error, UploadError};
 use crate::nix::{NarInfo, StorePathHash, MAX_NARINFO_BYTES};
 use crate::store;
 
@@ -44,12 +44,21 @@ pub(super) async fn head(st: &AppState, h: StorePathHash) -> Result<Response, Er
 
 pub(super) async fn put(st: &AppState, h: StorePathHash, body: Body) -> Result<StatusCode, Error> {
     let raw = object::read_body(st, body, MAX_NARINFO_BYTES).await?;
-    let live = st.live();
-    let acc = match st
-        .uploader
-        .put_narinfo(h, &raw, Some(&live.upstreams))
+    // The body is read: the rest runs to its end even if the client goes away (hyper drops
+    // the handler then), so that a narinfo written is always checked once more against a
+    // collection deleting its NAR, and taken back if need be (see
+    // `Uploader::write_while_nar_stays`), never left half-way.
+    let st = st.clone();
+    tokio::spawn(async move { accept(&st, h, &raw).await })
         .await
-    {
+        .unwrap_or_else(|e| {
+            Err(UploadError::Internal(format!("the narinfo upload task failed: {e}")).into())
+        })
+}
+
+async fn accept(st: &AppState, h: StorePathHash, raw: &[u8]) -> Result<StatusCode, Error> {
+    let live = st.live();
+    let acc = match st.uploader.put_narinfo(h, raw, Some(&live.upstreams)).await {
         Ok(acc) => acc,
         Err(e) => {
             // A refused upload may have taken a narinfo back (its NAR gone): not served from

@@ -820,6 +820,58 @@ async fn a_path_uploaded_through_the_root_is_served_and_heads_match_gets() {
     );
 }
 
+/// A narinfo PUT whose client goes away once its body is read runs to its end: the write
+/// and the check after it (its NAR still there) are not cut off half-way.
+#[tokio::test]
+async fn a_narinfo_upload_whose_client_went_away_runs_to_its_end() {
+    use crate::config::Scope;
+    use crate::nix::Sha256;
+    let mem = Arc::new(MemoryStore::new());
+    let cfg = with_tokens(Config::default(), &[("ci", "wtok", Scope::Write)]);
+    let st = state(cfg, &mem);
+    let mut nar = b"\x0d\x00\x00\x00\x00\x00\x00\x00nix-archive-1\x00\x00\x00".to_vec();
+    nar.extend_from_slice(&[7u8; 1000]);
+    let sha = Sha256::digest(&nar);
+    let file = format!("{}.nar", sha.to_nix32());
+    let narinfo = format!(
+        "StorePath: /nix/store/{HASH}-up\nURL: nar/{file}\nCompression: none\n\
+         NarHash: {sha}\nNarSize: {}\nReferences: \n",
+        nar.len()
+    );
+    let req = authed("PUT", &format!("/nar/{file}"), "wtok")
+        .header("content-length", nar.len())
+        .body(Body::from(nar))
+        .unwrap();
+    assert_eq!(send(&st, req).await.status(), StatusCode::CREATED);
+
+    let key = format!("{HASH}.narinfo");
+    let (tx, mut written) = tokio::sync::mpsc::unbounded_channel();
+    mem.after_write(&key, move |_| {
+        let _ = tx.send(());
+    });
+    let gate = mem.hold_writes(&key);
+    let req = authed("PUT", &format!("/{HASH}.narinfo"), "wtok")
+        .header("content-length", narinfo.len())
+        .body(Body::from(narinfo))
+        .unwrap();
+    {
+        let put = send(&st, req);
+        tokio::pin!(put);
+        tokio::select! {
+            _ = &mut put => panic!("the narinfo was written through the gate"),
+            () = gate.reached() => {}
+        }
+        // Dropped here, as hyper drops a handler whose client has gone.
+    }
+    gate.open();
+    tokio::time::timeout(Duration::from_secs(60), written.recv())
+        .await
+        .expect("the narinfo write was cut off with its request")
+        .unwrap();
+    let (status, _) = get(&st, &format!("/{HASH}.narinfo")).await;
+    assert_eq!(status, StatusCode::OK);
+}
+
 /// An object stored encoded goes out with its `Content-Encoding` and without `Accept-Ranges`
 /// (Nix resumes an encoded download from the start); a plain one offers ranges.
 #[tokio::test]
