@@ -262,6 +262,10 @@ pub(super) fn lifetime(st: &AppState, f: &NarFileName, mut res: Response) -> Res
 /// the body is taken anyway: less than the second curl waits for `100 Continue`.
 const ALREADY_STORED_WAIT: std::time::Duration = std::time::Duration::from_millis(500);
 
+/// How long after its request a client that sent `Expect: 100-continue` is taken to wait for
+/// `100 Continue` before it sends its body anyway (curl: one second).
+const CONTINUE_PATIENCE: std::time::Duration = std::time::Duration::from_millis(900);
+
 /// Whether the client waits for `100 Continue` before it sends the body.
 fn expects_continue(headers: &HeaderMap) -> bool {
     headers
@@ -307,6 +311,7 @@ pub(super) async fn put(
     if declared.is_some_and(|n| n > limit) {
         return Err(UploadError::TooLarge { limit }.into());
     }
+    let arrived = tokio::time::Instant::now();
     let _slot = st.uploader.admit().await?;
     // A large NAR the store holds already is not stored again: asked before the body is read.
     // A client that sent `Expect: 100-continue` waits for it (curl: one second), so it is
@@ -314,15 +319,26 @@ pub(super) async fn put(
     // is taken as usual. One whose body comes anyway (a proxy such as nginx answers `Expect`
     // itself) has it read and dropped: an answer over a body left unread would end in a reset
     // connection, which the client or the proxy takes for a failure.
-    let stored = tokio::time::timeout(
+    // A store that cannot say is no reason to fail the upload (Nix 2.8 would retry without
+    // its body): the body is taken, as after the wait.
+    let stored = match tokio::time::timeout(
         ALREADY_STORED_WAIT,
         st.uploader.already_stored(&name, declared),
     )
     .await
-    .unwrap_or(Ok(false))?;
+    {
+        Ok(Ok(stored)) => stored,
+        Ok(Err(e)) => {
+            tracing::warn!(nar = %name, cause = %e, "could not ask the store for a NAR being uploaded; taking its body");
+            false
+        }
+        Err(_) => false,
+    };
     if stored {
         st.live().missing_nars.seen_present(name.as_str()).await;
-        if expects_continue(&headers) {
+        // Not asked for only while the client still waits for `100 Continue`: after a wait
+        // for an upload slot, its body is on its way.
+        if expects_continue(&headers) && arrived.elapsed() < CONTINUE_PATIENCE {
             tracing::info!(nar = %name, "NAR already stored: its body was not asked for");
         } else {
             discard(object::body_stream(&st, body), limit).await?;

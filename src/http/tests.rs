@@ -666,6 +666,66 @@ async fn a_large_nar_already_stored_is_not_received_again() {
     );
 }
 
+/// A client that sent `Expect: 100-continue` sends its body anyway after a second: once an
+/// upload has waited that long for a slot, a NAR already stored has its body read and dropped
+/// rather than left unread (the connection would be reset). And a store that cannot say
+/// whether it holds the NAR does not fail the upload: its body is taken.
+#[tokio::test(start_paused = true)]
+async fn an_upload_that_waited_for_a_slot_has_its_body_read() {
+    use crate::config::Scope;
+    use crate::store::memory::FailOp;
+    use crate::upload::STORED_AGAIN_MAX;
+    let mem = Arc::new(MemoryStore::new());
+    let mut cfg = with_tokens(Config::default(), &[("w", "wtok", Scope::Write)]);
+    cfg.upload.max_nar_bytes = 3 << 20;
+    cfg.upload.max_concurrent = 1;
+    let st = state(cfg, &mem);
+    let stored = format!("{NAR_FILE}.nar.xz");
+    mem.insert(&format!("nar/{stored}"), vec![1u8; 300]);
+    let taken = Arc::new(std::sync::atomic::AtomicUsize::new(0));
+    let body = {
+        let taken = taken.clone();
+        Body::from_stream(futures::stream::iter((0..2).map(move |_| {
+            taken.fetch_add(1, std::sync::atomic::Ordering::SeqCst);
+            Ok::<_, std::io::Error>(bytes::Bytes::from(vec![0u8; 1 << 20]))
+        })))
+    };
+    let req = authed("PUT", &format!("/upload/nar/{stored}"), "wtok")
+        .header("content-length", (2u64 << 20).to_string())
+        .header("expect", "100-continue")
+        .body(body)
+        .unwrap();
+    let slot = st.uploader.admit().await.unwrap();
+    let put = tokio::spawn({
+        let st = st.clone();
+        async move { send(&st, req).await.status() }
+    });
+    // A scenario step on the paused clock: the upload waits two seconds for its slot.
+    tokio::time::sleep(Duration::from_secs(2)).await;
+    drop(slot);
+    assert_eq!(put.await.unwrap(), StatusCode::OK);
+    assert_eq!(
+        taken.load(std::sync::atomic::Ordering::SeqCst),
+        2,
+        "the body was left unread"
+    );
+
+    mem.fail(FailOp::Read, &format!("nar/{stored}"), 0, 1);
+    let req = authed("PUT", &format!("/upload/nar/{stored}"), "wtok")
+        .header("content-length", (STORED_AGAIN_MAX + 1).to_string())
+        .header("expect", "100-continue")
+        .body(Body::from_stream(futures::stream::once(async {
+            Err::<bytes::Bytes, _>(std::io::Error::other("the body was read"))
+        })))
+        .unwrap();
+    let res = send(&st, req).await;
+    assert!(
+        res.status().is_client_error(),
+        "{}: the body was not taken",
+        res.status()
+    );
+}
+
 #[tokio::test]
 async fn a_reload_swaps_tokens_and_refuses_changes_that_need_a_restart() {
     use crate::config::Scope;

@@ -258,7 +258,10 @@ impl S3Writer {
     async fn abort_upload(&mut self) {
         self.in_flight.shutdown().await;
         if let Some(id) = self.upload_id.take() {
-            self.target.abort(&id).await;
+            // In a task of its own: a writer dropped while it waits (its request gone) does
+            // not leave the upload, whose id it no longer holds, behind.
+            let t = Arc::clone(&self.target);
+            let _ = tokio::spawn(async move { t.abort(&id).await }).await;
         }
         self.done = true;
     }
