@@ -464,6 +464,8 @@ pub async fn record_now(
 /// Access records read by a collector.
 #[derive(Debug, Default)]
 pub struct Accessed {
+    /// When the records were last listed: a re-read lists every day from the one before it.
+    pub listed: Option<SystemTime>,
     /// Each entry with the time it was last used.
     pub seen: HashMap<StorePathHash, SystemTime>,
     /// Each NAR served (or named by an upload), with the time it was last: a use of every
@@ -496,7 +498,10 @@ pub async fn read_all(
     keep: Duration,
     now: SystemTime,
 ) -> Result<Accessed, StoreError> {
-    let mut acc = Accessed::default();
+    let mut acc = Accessed {
+        listed: Some(now),
+        ..Accessed::default()
+    };
     let cutoff = now.checked_sub(keep).unwrap_or(UNIX_EPOCH);
     let lifetime_cutoff = now
         .checked_sub(UPLOAD_RECORD_LIFETIME)
@@ -574,21 +579,26 @@ async fn read_one(
     Ok(entries)
 }
 
-/// Reads records written since the last read (those of the days around `now`): what servers
-/// used while the collector was running.
+/// Reads records written since the last read: what servers used while the collector was
+/// running. Those of every day from the one before the last listing (a server whose clock is
+/// behind writes under yesterday) to the one after `now` (or ahead): a run whose reading took
+/// days misses none written meanwhile.
 pub async fn reread(
     store: &dyn Store,
     acc: &mut Accessed,
     now: SystemTime,
 ) -> Result<Vec<Entry>, StoreError> {
+    const DAY: Duration = Duration::from_secs(86400);
     let mut fresh = Vec::new();
-    for offset in [-1i64, 0, 1] {
-        let t = if offset < 0 {
-            now.checked_sub(Duration::from_secs(86400)).unwrap_or(now)
-        } else {
-            now + Duration::from_secs(86400 * offset as u64)
-        };
-        let prefix = format!("{RESERVED_PREFIX}{DIR}{}/", day(t));
+    let since = acc.listed.unwrap_or(now).min(now);
+    let mut t = since.checked_sub(DAY).unwrap_or(since);
+    let mut days = Vec::new();
+    while day(t) <= day(now + DAY) && days.len() < MAX_REREAD_DAYS {
+        days.push(day(t));
+        t += DAY;
+    }
+    for d in days {
+        let prefix = format!("{RESERVED_PREFIX}{DIR}{d}/");
         let new: Vec<_> = store
             .list(&prefix)
             .try_filter(|o| futures::future::ready(!acc.read.contains(&o.key)))
@@ -612,8 +622,12 @@ pub async fn reread(
             fresh.extend(entries);
         }
     }
+    acc.listed = Some(now);
     Ok(fresh)
 }
+
+/// Days a re-read lists at most (a year): bounds the walk if the clock jumped.
+const MAX_REREAD_DAYS: usize = 366;
 
 #[cfg(test)]
 mod tests {
@@ -874,6 +888,24 @@ mod tests {
         let fresh = reread(&mem, &mut acc, now).await.unwrap();
         assert_eq!(fresh, vec![Entry::Nar(NAR.into())]);
         assert!(acc.nars.contains(NAR));
+    }
+
+    /// A run whose reading took days re-reads the records of every day since its listing, not
+    /// only of the days around the re-read: none written meanwhile is missed.
+    #[tokio::test]
+    async fn a_reread_days_later_reads_every_day_since_the_listing() {
+        use crate::store::memory::MemoryStore;
+        const DAY: Duration = Duration::from_secs(86400);
+        let mem = MemoryStore::new();
+        let now = SystemTime::now();
+        let mut acc = read_all(&mem, &[], Duration::from_secs(3600), now)
+            .await
+            .unwrap();
+        let key = format!("{RESERVED_PREFIX}{DIR}{}/p-1-upload", day(now + DAY));
+        mem.insert(&key, render([Entry::Nar(NAR.into())]));
+        let fresh = reread(&mem, &mut acc, now + 3 * DAY).await.unwrap();
+        assert_eq!(fresh, vec![Entry::Nar(NAR.into())]);
+        assert_eq!(acc.listed, Some(now + 3 * DAY));
     }
 
     fn hashes(n: usize) -> Vec<StorePathHash> {
