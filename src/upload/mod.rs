@@ -622,13 +622,17 @@ impl Uploader {
                 continue;
             };
             let c = cand.compression_from_ext().unwrap_or(Compression::None);
-            // The body is the store's: a broken one is the store failing, not a client.
+            // The object is the store's: a broken body, or one that does not decode or is
+            // over this server's limits (stored through a replica with larger ones), is the
+            // store's trouble to be seen by its operator, not the client's narinfo (a 4xx,
+            // which Nix does not retry, would blame it).
             let d = digest::digest_into(obj.body, c, None, None, self.limits)
                 .await
                 .map_err(|e| match e {
-                    Error::Upload(UploadError::Body(b)) => Error::Store(StoreError::Other(
-                        format!("reading {} back: {b}", object_key::nar(&cand)),
-                    )),
+                    Error::Upload(u) => Error::Store(StoreError::Other(format!(
+                        "reading {} back: {u}",
+                        object_key::nar(&cand)
+                    ))),
                     other => other,
                 })?;
             let v = VerifiedNar {

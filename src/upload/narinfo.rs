@@ -226,7 +226,15 @@ impl Uploader {
                 // Only an upload that could have replaced it may have it removed.
                 let trusted =
                     self.trusted_keys.is_empty() || info.is_signed_by_any(&self.trusted_keys, sd);
-                if trusted && !self.has_nar(&name).await? {
+                let whole = self.has_nar(&name).await?;
+                if !whole && !trusted {
+                    // Not answered "present": the client would take the path for complete.
+                    return Err(rejected(format!(
+                        "the cache's narinfo of this path names a NAR it lacks (nar/{name}); \
+                         only an upload signed by one of upload.trusted_keys may replace it"
+                    )));
+                }
+                if !whole {
                     self.unwrote(hash);
                     if let Err(d) = self.store.delete(&object_key::narinfo(hash)).await {
                         tracing::error!(path = %info.store_path, cause = %d, "could not remove a narinfo whose NAR is missing");

@@ -457,6 +457,22 @@ async fn narinfos_are_checked_against_remembered_digests_or_the_nar_read_back() 
         .await
         .unwrap();
     assert_eq!(mem.gets_under("nar/"), 1);
+
+    // A stored object that is no NAR is the store's trouble (a 502 its operator sees), not
+    // the narinfo's (a 4xx, which would blame the client).
+    let (mem, up) = uploader();
+    let (info, _) = &uploaded[1];
+    mem.insert(
+        &object_key::nar(&info.nar_file().unwrap()),
+        b"not a NAR".to_vec(),
+    );
+    let raw = info.render("/nix/store");
+    let e = up
+        .put_narinfo(info.hash(), raw.as_bytes(), None)
+        .await
+        .unwrap_err();
+    assert_eq!(e.status(), axum::http::StatusCode::BAD_GATEWAY, "{e}");
+    assert!(e.to_string().contains("reading nar/"), "{e}");
 }
 
 #[tokio::test]
@@ -1202,18 +1218,19 @@ async fn a_stored_narinfo_without_its_nar_is_not_present() {
         .unwrap()
         .is_none());
 
-    // With upload.trusted_keys, only a narinfo signed by one of them has it removed.
+    // With upload.trusted_keys, only a narinfo signed by one of them has it removed; an
+    // unsigned one is refused (not told the path is there) and the narinfo stays.
     let key = crate::nix::SecretKey::generate("builder-1").unwrap();
     let mut cfg = Config::default();
     cfg.upload.trusted_keys = vec![key.public()];
     let store: Arc<dyn Store> = mem.clone();
     let strict = Uploader::new(&cfg.upload, &cfg.store_dir, store);
     mem.insert(&object_key::narinfo(info.hash()), text.clone().into_bytes());
-    let unsigned = strict
+    let e = strict
         .put_narinfo(info.hash(), text.as_bytes(), None)
         .await
-        .unwrap();
-    assert!(unsigned.already_present);
+        .unwrap_err();
+    assert!(e.to_string().contains("names a NAR it lacks"), "{e}");
     assert!(mem
         .head(&object_key::narinfo(info.hash()))
         .await
