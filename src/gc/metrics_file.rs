@@ -188,17 +188,13 @@ pub fn render_verify(r: &Report, end: SystemTime) -> String {
 pub fn write(path: &Path, text: &str) -> std::io::Result<()> {
     use std::io::Write as _;
     use std::os::unix::fs::PermissionsExt as _;
-    let dir = path
-        .parent()
-        .filter(|d| !d.as_os_str().is_empty())
-        .unwrap_or(Path::new("."));
     let name = path
         .file_name()
         .ok_or_else(|| std::io::Error::new(std::io::ErrorKind::InvalidInput, "not a file name"))?;
     let mut hidden = std::ffi::OsString::from(".");
     hidden.push(name);
     hidden.push(format!(".{}.tmp", super::access::random_id()));
-    let tmp = dir.join(hidden);
+    let tmp = path.with_file_name(hidden);
     let written = (|| {
         let mut file = std::fs::OpenOptions::new()
             .write(true)
@@ -215,7 +211,9 @@ pub fn write(path: &Path, text: &str) -> std::io::Result<()> {
     }
     written?;
     // The rename itself on disk (best effort: some file systems refuse to sync a directory).
-    if let Ok(d) = std::fs::File::open(dir) {
+    // `./NAME` for a bare name, whose parent is then `.`.
+    let full = Path::new(".").join(path);
+    if let Ok(d) = std::fs::File::open(full.parent().unwrap_or(Path::new("."))) {
         let _ = d.sync_all();
     }
     Ok(())
@@ -223,6 +221,95 @@ pub fn write(path: &Path, text: &str) -> std::io::Result<()> {
 
 #[cfg(test)]
 mod tests {
+    use std::time::{Duration, UNIX_EPOCH};
+
+    use super::super::mark::Reason;
+    use super::super::report::{Summary, Tally};
+    use super::super::verify::{Finding, Report};
+
+    /// Every sample line comes after a HELP and a TYPE line for its metric.
+    fn assert_described(prom: &str) {
+        for line in prom.lines().filter(|l| !l.starts_with('#')) {
+            let name = line.split(['{', ' ']).next().unwrap();
+            assert!(
+                prom.contains(&format!("# HELP {name} ")),
+                "{name} has no HELP:\n{prom}"
+            );
+            assert!(
+                prom.contains(&format!("# TYPE {name} gauge\n")),
+                "{name} has no TYPE:\n{prom}"
+            );
+        }
+    }
+
+    #[test]
+    fn a_gc_run_is_rendered_with_every_reason_and_its_time() {
+        let reasons = [
+            (Reason::Pinned, "kept", "pinned"),
+            (Reason::Young, "kept", "young"),
+            (Reason::Uploading, "kept", "uploading"),
+            (Reason::Recent, "kept", "recent"),
+            (Reason::Referenced, "kept", "referenced"),
+            (Reason::Expired, "deleted", "expired"),
+            (Reason::OverBudget, "deleted", "over_budget"),
+        ];
+        let mut s = Summary::default();
+        for (i, (r, _, _)) in reasons.iter().enumerate() {
+            let n = i as u64 + 1;
+            s.paths.insert(
+                *r,
+                Tally {
+                    count: n,
+                    bytes: 100 * n,
+                },
+            );
+        }
+        let prom = super::render_gc(&s, UNIX_EPOCH + Duration::from_secs(1_700_000_123));
+        assert!(
+            prom.contains("\ncellar_gc_last_run_timestamp_seconds 1700000123\n"),
+            "{prom}"
+        );
+        for (i, (_, outcome, reason)) in reasons.iter().enumerate() {
+            let n = i + 1;
+            let labels = format!("{{outcome=\"{outcome}\",reason=\"{reason}\"}}");
+            assert!(
+                prom.contains(&format!("\ncellar_gc_paths{labels} {n}\n")),
+                "{prom}"
+            );
+            assert!(
+                prom.contains(&format!("\ncellar_gc_path_bytes{labels} {}\n", 100 * n)),
+                "{prom}"
+            );
+        }
+        assert_described(&prom);
+    }
+
+    #[test]
+    fn a_verify_run_counts_its_findings_by_kind() {
+        let orphan = |k: &str| Finding::OrphanNar { key: k.into() };
+        let r = Report {
+            narinfos_checked: 7,
+            findings: vec![
+                orphan("nar/a.nar"),
+                orphan("nar/b.nar"),
+                orphan("nar/c.nar"),
+                Finding::OrphanListing { key: "x.ls".into() },
+            ],
+            ..Report::default()
+        };
+        let prom = super::render_verify(&r, UNIX_EPOCH + Duration::from_secs(42));
+        for line in [
+            "cellar_verify_last_run_timestamp_seconds 42",
+            "cellar_verify_narinfos_checked 7",
+            "cellar_verify_findings{kind=\"any\"} 4",
+            "cellar_verify_findings{kind=\"orphan_nar\"} 3",
+            "cellar_verify_findings{kind=\"orphan_listing\"} 1",
+        ] {
+            assert!(prom.contains(&format!("\n{line}\n")), "{line}:\n{prom}");
+        }
+        assert_described(&prom);
+    }
+
     /// The file beside the target is new and its own: a symlink planted where the old fixed
     /// name was is neither followed nor touched, and nothing is left beside the target.
     #[test]

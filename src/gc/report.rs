@@ -188,3 +188,75 @@ impl fmt::Display for Summary {
         Ok(())
     }
 }
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn sizes_are_shown_in_binary_units() {
+        for (bytes, shown) in [
+            (0, "0 B"),
+            (1023, "1023 B"),
+            (1024, "1.0 KiB"),
+            (1536, "1.5 KiB"),
+            (5 << 20, "5.0 MiB"),
+            (3 << 30, "3.0 GiB"),
+            (2 << 40, "2.0 TiB"),
+            (4096 << 40, "4096.0 TiB"),
+        ] {
+            assert_eq!(human(bytes), shown, "{bytes}");
+        }
+    }
+
+    fn tally(count: u64, bytes: u64) -> Tally {
+        Tally { count, bytes }
+    }
+
+    #[test]
+    fn a_summary_says_what_was_kept_deleted_and_left() {
+        let mut s = Summary {
+            applied: true,
+            deleted_narinfos: Some(2),
+            rescued: 1,
+            restored: 2,
+            listings: tally(4, 40),
+            ..Summary::default()
+        };
+        s.paths.insert(Reason::Pinned, tally(1, 1000));
+        s.paths.insert(Reason::Recent, tally(2, 2048));
+        s.paths.insert(Reason::Expired, tally(5, 5000));
+        let text = s.to_string();
+        for line in [
+            "kept: 3 paths, 3.0 KiB",
+            "to delete: 5 paths, 4.9 KiB",
+            "to delete: 4 listings, 40 B",
+            "deleted: 2 narinfos",
+            "  3 of the paths to delete stayed",
+            "kept after all (used while this run was deleting): 3 paths, 2 written back",
+        ] {
+            assert!(text.contains(line), "{line:?} missing:\n{text}");
+        }
+        assert!(
+            !text.contains("NAR files"),
+            "a kind with nothing to delete is left out:\n{text}"
+        );
+        assert_eq!(
+            text.lines().filter(|l| l.contains("expired")).count(),
+            1,
+            "{text}"
+        );
+
+        let quiet = Summary {
+            deleted_narinfos: Some(0),
+            ..Summary::default()
+        };
+        let text = quiet.to_string();
+        assert!(
+            text.starts_with("kept: 0 paths, 0 B\nwould delete: 0 paths, 0 B\n"),
+            "{text}"
+        );
+        assert!(!text.contains("stayed"), "{text}");
+        assert!(!text.contains("kept after all"), "{text}");
+    }
+}
