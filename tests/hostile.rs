@@ -95,23 +95,42 @@ async fn connections_beyond_the_cap_wait_for_a_free_one() {
     );
 }
 
-/// An HTTP/2 connection opened and left without requests, which the header-read timeout does
-/// not cover (it is HTTP/1's), is closed once nothing has moved on it for `idle_timeout_secs`.
+/// HTTP/2 without TLS (h2c) is not served: one connection could carry hundreds of downloads,
+/// past what the connection cap bounds. The prior-knowledge preface gets the connection closed.
 #[tokio::test(flavor = "multi_thread")]
-async fn idle_connections_are_closed() {
-    let srv = Server::start(vec![("CELLAR_IDLE_TIMEOUT_SECS".into(), "2".into())]);
+async fn http2_without_tls_is_refused() {
+    let srv = Server::start(Vec::new());
     let mut h2 = TcpStream::connect(srv.addr).await.unwrap();
     // The HTTP/2 preface and an empty SETTINGS frame (prior knowledge, as over h2c).
     h2.write_all(b"PRI * HTTP/2.0\r\n\r\nSM\r\n\r\n\x00\x00\x00\x04\x00\x00\x00\x00\x00")
         .await
         .unwrap();
+    let mut answer = Vec::new();
+    // A guard against the connection being held, not an assertion about timing.
+    tokio::time::timeout(Duration::from_secs(60), h2.read_to_end(&mut answer))
+        .await
+        .expect("the HTTP/2 connection was served")
+        .ok();
+    let answer = String::from_utf8_lossy(&answer);
+    assert!(
+        answer.is_empty() || answer.starts_with("HTTP/1.1 "),
+        "{answer:?}"
+    );
+}
+
+/// A connection opened and left without a request is closed once nothing has moved on it for
+/// `idle_timeout_secs` (here before the header-read timeout).
+#[tokio::test(flavor = "multi_thread")]
+async fn idle_connections_are_closed() {
+    let srv = Server::start(vec![
+        ("CELLAR_IDLE_TIMEOUT_SECS".into(), "2".into()),
+        ("CELLAR_HEADER_READ_TIMEOUT_SECS".into(), "120".into()),
+    ]);
+    let idle = TcpStream::connect(srv.addr).await.unwrap();
     let opened = std::time::Instant::now();
     // A guard against the connection being held forever, not an assertion about timing.
-    let guard = tokio::time::timeout(Duration::from_secs(60), closed_by_server(h2));
-    assert!(
-        guard.await.is_ok(),
-        "the idle HTTP/2 connection was not closed"
-    );
+    let guard = tokio::time::timeout(Duration::from_secs(60), closed_by_server(idle));
+    assert!(guard.await.is_ok(), "the idle connection was not closed");
     // Not before its time: the close is the idle limit's, not a refusal of the connection.
     assert!(
         opened.elapsed() >= Duration::from_millis(1500),

@@ -1,13 +1,18 @@
-//! The connection loop: accepts TCP connections and serves HTTP/1.1 and HTTP/2 on them with
-//! the limits a server on the internet needs, which `axum::serve` does not set.
+//! The connection loop: accepts TCP connections and serves HTTP/1.1 on them with the limits a
+//! server on the internet needs, which `axum::serve` does not set.
+//!
+//! HTTP/1.1 only: Nix speaks HTTP/1.1 to a plain `http://` cache, and a TLS proxy in front
+//! (the deployment this server is made for) speaks HTTP/2 to clients and HTTP/1.1 to it.
+//! HTTP/2 without TLS (h2c) would let one connection, one of the capped many, carry up to
+//! 200 NAR downloads at once, each holding its read buffers while the client holds its flow
+//! control window shut: the cap would no longer bound memory.
 //!
 //! - **Header-read timeout** (`header_read_timeout_secs`): a connection must send a request's
 //!   headers within it, also between requests on a kept-alive connection (hyper starts the
 //!   timer whenever the connection waits for a request). Without it, a client sending headers
 //!   one byte a minute holds a connection and its buffer forever.
 //! - **Idle timeout** (`idle_timeout_secs`): a connection on which no byte moves either way
-//!   for that long is closed. It ends what the header-read timeout does not see: an HTTP/2
-//!   connection kept open without requests (hyper has no idle limit for HTTP/2), a client
+//!   for that long is closed. It ends what the header-read timeout does not see: a client
 //!   that asked for a NAR and stopped reading it (the answer waits on a full socket). A
 //!   request being worked on before its answer starts keeps its connection, however long.
 //! - **Connection cap** (`max_connections`): beyond it, new connections wait in the kernel's
@@ -43,12 +48,11 @@ pub async fn serve(
     let grace = state.config.shutdown_timeout;
     let idle = state.config.idle_timeout;
     let permits = Arc::new(Semaphore::new(state.config.max_connections));
-    let mut builder = auto::Builder::new(TokioExecutor::new());
+    let mut builder = auto::Builder::new(TokioExecutor::new()).http1_only();
     builder
         .http1()
         .timer(TokioTimer::new())
         .header_read_timeout(state.config.header_read_timeout);
-    builder.http2().timer(TokioTimer::new());
     let draining = state.clone();
     let delay = state.config.shutdown_delay;
     // Told to stop, the server says so on `/readyz` at once, and goes on accepting for the
