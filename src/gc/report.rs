@@ -241,11 +241,9 @@ mod tests {
             !text.contains("NAR files"),
             "a kind with nothing to delete is left out:\n{text}"
         );
-        assert_eq!(
-            text.lines().filter(|l| l.contains("expired")).count(),
-            1,
-            "{text}"
-        );
+        let at = |what: &str| text.find(what).unwrap_or_else(|| panic!("{what}:\n{text}"));
+        assert!(at("to delete: 5 paths") < at("expired"), "{text}");
+        assert!(at("pinned") < at("to delete: 5 paths"), "{text}");
 
         let quiet = Summary {
             deleted_narinfos: Some(0),
@@ -258,5 +256,15 @@ mod tests {
         );
         assert!(!text.contains("stayed"), "{text}");
         assert!(!text.contains("kept after all"), "{text}");
+        let rescued = Summary {
+            rescued: 1,
+            ..Summary::default()
+        };
+        assert!(
+            rescued.to_string().contains(
+                "kept after all (used while this run was deleting): 1 paths, 0 written back"
+            ),
+            "{rescued}"
+        );
     }
 }
