@@ -30,12 +30,25 @@ pub enum KeyFileError {
     Generate(KeyError),
 }
 
-/// Reads one secret key file.
+/// Reads one secret key file. One that other users may read (a key made with `nix key
+/// generate-secret > FILE` under the usual umask) is used, with a warning: anyone who can read
+/// it can sign paths this cache's clients trust.
 pub fn read_secret_key(path: &Path) -> Result<SecretKey, KeyFileError> {
     let text = std::fs::read_to_string(path).map_err(|source| KeyFileError::Read {
         path: path.to_owned(),
         cause: source,
     })?;
+    if let Ok(meta) = std::fs::metadata(path) {
+        use std::os::unix::fs::PermissionsExt as _;
+        let mode = meta.permissions().mode();
+        if mode & 0o077 != 0 {
+            tracing::warn!(
+                path = %path.display(),
+                mode = %format_args!("{:o}", mode & 0o777),
+                "the signing key file can be read by other users; `chmod 600` it"
+            );
+        }
+    }
     text.trim()
         .parse()
         .map_err(|source| KeyFileError::Malformed {
@@ -71,12 +84,21 @@ pub fn write_secret_key(path: &Path, key: &SecretKey) -> Result<(), KeyFileError
         f.write_all(key.to_nix_format().as_bytes())?;
         f.sync_all()
     };
-    let linked = write_new(&tmp).and_then(|()| std::fs::hard_link(&tmp, path));
+    if let Err(e) = write_new(&tmp) {
+        // A full disk, a full quota: nothing is left behind, the next start tries again.
+        let _ = std::fs::remove_file(&tmp);
+        return Err(err(e));
+    }
+    let linked = std::fs::hard_link(&tmp, path);
     let _ = std::fs::remove_file(&tmp);
     match linked {
         Err(e) if e.kind() == std::io::ErrorKind::AlreadyExists => Err(err(e)),
-        // A file system without hard links (vfat, some FUSE and SMB mounts): written in place.
-        Err(_) => write_new(path).map_err(err),
+        // A file system without hard links (vfat, some FUSE and SMB mounts): written in place,
+        // and removed again if that fails, so no partial key stays behind.
+        Err(_) => write_new(path).map_err(|e| {
+            let _ = std::fs::remove_file(path);
+            err(e)
+        }),
         Ok(()) => Ok(()),
     }
 }
@@ -168,6 +190,22 @@ pub fn load(cfg: &SigningConfig) -> Result<LoadedKeys, KeyFileError> {
 mod tests {
     use super::*;
     use std::os::unix::fs::PermissionsExt as _;
+
+    /// A key file other users may read is used, and said to be.
+    #[test]
+    fn a_key_file_others_may_read_is_warned_about() {
+        let dir = tempfile::tempdir().unwrap();
+        let path = dir.path().join("k.sec");
+        let key = SecretKey::generate("t-1").unwrap();
+        write_secret_key(&path, &key).unwrap();
+        let logs = crate::test_logs::capture();
+        read_secret_key(&path).unwrap();
+        assert!(!logs.text().contains("other users"), "{}", logs.text());
+        std::fs::set_permissions(&path, std::fs::Permissions::from_mode(0o640)).unwrap();
+        assert_eq!(read_secret_key(&path).unwrap().public(), key.public());
+        assert!(logs.text().contains("mode=640"), "{}", logs.text());
+        assert!(logs.text().contains("other users"), "{}", logs.text());
+    }
 
     #[test]
     fn generate_then_reload_the_same_key() {

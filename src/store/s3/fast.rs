@@ -416,9 +416,12 @@ impl FastReads {
         let url = format!("{}{}", self.base, encode_key(key));
         let sha = hex::encode(Sha256::digest(&body));
         let body_len = body.len();
+        // Said outright: over HTTP/1 an empty body would go without it, which AWS S3 refuses
+        // (411 MissingContentLength): an empty build log.
         let req = self
             .signed(reqwest::Method::PUT, url, &[], &sha)
             .await?
+            .header(reqwest::header::CONTENT_LENGTH, body_len)
             .body(body);
         // As the SDK path's writes.
         let deadline = super::writer::write_deadline(self.timeout, body_len);
