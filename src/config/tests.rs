@@ -57,6 +57,22 @@ fn errors_name_the_key() {
         .unwrap_err()
         .to_string();
     assert!(e.contains("store.endpoint"), "{e}");
+    // Credentials set but empty would override the instance's: refused, by name.
+    for (key, toml) in [
+        (
+            "store.access_key_id",
+            "access_key_id = \"\"\nsecret_access_key = \"s\"",
+        ),
+        (
+            "store.secret_access_key",
+            "access_key_id = \"k\"\nsecret_access_key = \" \"",
+        ),
+    ] {
+        let e = from_toml(&format!("[store]\nkind = \"s3\"\nbucket = \"b\"\n{toml}"))
+            .unwrap_err()
+            .to_string();
+        assert!(e.contains(key) && e.contains("must not be empty"), "{e}");
+    }
 }
 
 /// A bucket configured without `kind = "s3"` (an environment that sets CELLAR_STORE__BUCKET

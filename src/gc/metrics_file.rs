@@ -66,7 +66,7 @@ pub fn render_gc(s: &Summary, end: SystemTime) -> String {
     header(
         &mut out,
         "cellar_gc_path_bytes",
-        "Bytes of the NARs of those paths.",
+        "Bytes of those paths (narinfo and NAR).",
     );
     for (r, t) in &s.paths {
         let outcome = if r.kept() { "kept" } else { "deleted" };

@@ -127,6 +127,23 @@ impl StoreSection {
         if self.region.is_empty() {
             return Err(ConfigError::invalid("store.region", "must not be empty"));
         }
+        // Set but empty (a chart or compose file that always sets both) would sign with empty
+        // credentials instead of using the instance's or the environment's: refused.
+        for (key, v) in [
+            ("store.access_key_id", self.access_key_id.as_deref()),
+            (
+                "store.secret_access_key",
+                self.secret_access_key.as_ref().map(|s| s.0.as_str()),
+            ),
+        ] {
+            if v.is_some_and(|v| v.trim().is_empty()) {
+                return Err(ConfigError::invalid(
+                    key,
+                    "must not be empty (leave it unset to use the environment's or the \
+                     instance's credentials)",
+                ));
+            }
+        }
         let credentials = match (self.access_key_id, self.secret_access_key) {
             (Some(access_key_id), Some(secret_access_key)) => Some(S3Credentials {
                 access_key_id,

@@ -427,8 +427,9 @@ impl FastReads {
         let deadline = super::writer::write_deadline(self.timeout, body_len);
         match self.send_within(deadline, "PutObject", key, req).await? {
             Read::Found(res) => {
-                // Read to the end, so the connection goes back to the pool.
-                let _ = res.bytes().await;
+                // Read to the end, so the connection goes back to the pool; a store that
+                // stalls there (the write is done) costs its connection, not the upload.
+                let _ = tokio::time::timeout(self.timeout, res.bytes()).await;
                 Ok(())
             }
             Read::NotFound | Read::BadRange => Err(StoreError::Other(format!(

@@ -127,7 +127,15 @@ where
         if p.done {
             return Ok::<_, StoreError>(None);
         }
-        let (items, next) = (p.page)(p.token.take()).await?;
+        let asked = p.token.take();
+        let (items, next) = (p.page)(asked.clone()).await?;
+        // A store that hands back the token it was given would be listed forever.
+        if next.is_some() && next == asked {
+            return Err(StoreError::Other(format!(
+                "listing {}: the store answered a page with the token it was asked for",
+                p.root
+            )));
+        }
         let items: Vec<Result<ObjectInfo, StoreError>> = items
             .into_iter()
             .filter_map(|o| {
@@ -214,4 +222,55 @@ async fn sdk_page(
         .filter(|_| truncated)
         .map(str::to_owned);
     Ok((items, next))
+}
+
+#[cfg(test)]
+mod tests {
+    use std::time::SystemTime;
+
+    use futures::StreamExt as _;
+
+    use super::*;
+
+    fn listed(key: &str) -> Listed {
+        Listed {
+            key: key.into(),
+            size: 1,
+            modified: SystemTime::UNIX_EPOCH,
+        }
+    }
+
+    /// Pages are followed by their tokens to the last; a store answering a page with the
+    /// token it was asked for is an error, not a listing without end.
+    #[tokio::test]
+    async fn pages_are_followed_and_a_repeated_token_ends_the_listing() {
+        let pages = paged("p/".into(), |token: Option<String>| {
+            async move {
+                Ok(match token.as_deref() {
+                    None => (vec![listed("p/a")], Some("1".to_owned())),
+                    Some("1") => (vec![listed("p/b")], Some("2".to_owned())),
+                    _ => (vec![listed("p/c")], None),
+                })
+            }
+            .boxed()
+        });
+        let keys: Vec<String> = pages.map(|o| o.unwrap().key).collect().await;
+        assert_eq!(keys, ["a", "b", "c"]);
+
+        let stuck = paged("p/".into(), |token: Option<String>| {
+            async move {
+                Ok((
+                    vec![listed("p/a")],
+                    Some(token.unwrap_or_else(|| "1".to_owned())),
+                ))
+            }
+            .boxed()
+        });
+        let got: Vec<_> = stuck.take(10).collect().await;
+        assert!(
+            got.iter().any(Result::is_err),
+            "a repeated token was followed"
+        );
+        assert!(got.len() < 10, "{}", got.len());
+    }
 }
