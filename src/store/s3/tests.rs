@@ -488,6 +488,11 @@ async fn a_write_is_given_time_for_its_body() {
         writer::write_deadline(Duration::from_secs(10), PART_SIZE),
         Duration::from_secs(60 + 256)
     );
+    // Completing a multipart upload: a second a part on top (S3 assembles the object first).
+    assert_eq!(
+        writer::complete_deadline(Duration::from_secs(10), 1000),
+        Duration::from_secs(60 + 1000)
+    );
     let endpoint = slow_put_s3(Duration::from_millis(1500)).await;
     for direct in [true, false] {
         // Six request timeouts are 0.6 s: less than the store takes to answer.

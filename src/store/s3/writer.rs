@@ -40,6 +40,14 @@ pub(super) fn write_deadline(timeout: Duration, bytes: usize) -> Duration {
     timeout * 6 + Duration::from_millis(bytes as u64 * 1000 / SLOWEST_WRITE_BYTES_PER_SEC)
 }
 
+/// How long completing a multipart upload of `parts` parts may take: S3 assembles the object
+/// before it answers, which for a large one takes minutes (AWS documents it), so a second per
+/// part on top of a write's six request timeouts. Given up too early, the upload is aborted
+/// while S3 may still be finishing it.
+pub(super) fn complete_deadline(timeout: Duration, parts: usize) -> Duration {
+    write_deadline(timeout, 0) + Duration::from_secs(u64::try_from(parts).unwrap_or(u64::MAX))
+}
+
 /// The object a writer writes, shared with the tasks sending its parts.
 struct Target {
     client: Client,
@@ -59,8 +67,21 @@ impl Target {
     where
         E: ProvideErrorMetadata + std::error::Error + Send + Sync + 'static,
     {
+        self.timed_within(what, write_deadline(self.timeout, bytes), fut)
+            .await
+    }
+
+    /// `fut` within `deadline`.
+    async fn timed_within<T, E>(
+        &self,
+        what: &'static str,
+        deadline: Duration,
+        fut: impl Future<Output = Result<T, SdkError<E, HttpResponse>>>,
+    ) -> Result<T, StoreError>
+    where
+        E: ProvideErrorMetadata + std::error::Error + Send + Sync + 'static,
+    {
         let started = std::time::Instant::now();
-        let deadline = write_deadline(self.timeout, bytes);
         let r = match tokio::time::timeout(deadline, fut).await {
             Err(_) => Err(StoreError::Timeout(deadline.as_secs())),
             Ok(Ok(v)) => Ok(Ok(v)),
@@ -237,6 +258,7 @@ impl S3Writer {
         }
         let mut parts = std::mem::take(&mut self.parts);
         parts.sort_by_key(|p| p.part_number());
+        let deadline = complete_deadline(self.target.timeout, parts.len());
         let t = &self.target;
         let req = t
             .client
@@ -250,7 +272,8 @@ impl S3Writer {
                     .build(),
             )
             .send();
-        t.timed("CompleteMultipartUpload", 0, req).await?;
+        t.timed_within("CompleteMultipartUpload", deadline, req)
+            .await?;
         Ok(())
     }
 
