@@ -32,8 +32,8 @@ pub(super) async fn head(st: &AppState, h: StorePathHash) -> Result<Response, Er
 
 pub(super) async fn put(st: &AppState, h: StorePathHash, body: Body) -> Result<StatusCode, Error> {
     st.uploader
-        .put_plain(
-            &object_key::listing(h),
+        .put_listing(
+            h,
             object::limited_body_stream(st, body, MAX_LISTING_BYTES)?,
             MAX_LISTING_BYTES,
         )

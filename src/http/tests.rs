@@ -848,15 +848,17 @@ async fn a_path_uploaded_through_the_root_is_served_and_heads_match_gets() {
     );
     let nar_len = nar.len();
     assert_eq!(put(format!("/nar/{file}"), nar).await, StatusCode::CREATED);
-    let narinfo_path = format!("/{HASH}.narinfo");
-    assert_eq!(
-        put(narinfo_path.clone(), narinfo.into_bytes()).await,
-        StatusCode::CREATED
-    );
+    // The listing before the narinfo, as Nix sends them: held until the narinfo is accepted.
     let listing_path = format!("/{HASH}.ls");
     let listing = br#"{"version":1,"root":{"type":"regular","size":1000}}"#.to_vec();
     assert_eq!(
         put(listing_path.clone(), listing).await,
+        StatusCode::CREATED
+    );
+    assert_eq!(get(&st, &listing_path).await.0, StatusCode::NOT_FOUND);
+    let narinfo_path = format!("/{HASH}.narinfo");
+    assert_eq!(
+        put(narinfo_path.clone(), narinfo.into_bytes()).await,
         StatusCode::CREATED
     );
     let log_path = format!("/log/{HASH}-up.drv");

@@ -31,6 +31,7 @@
 mod announcements;
 pub mod digest;
 mod gc_guard;
+mod listings;
 mod narinfo;
 
 use std::collections::{HashMap, HashSet};
@@ -217,6 +218,8 @@ pub struct Uploader {
     probed_absent: Mutex<HashMap<StorePathHash, tokio::time::Instant>>,
     /// Where accepted narinfos are recorded before they are written (garbage collection).
     access: Option<Arc<crate::gc::access::AccessLog>>,
+    /// Listings uploaded and waiting for their narinfo ([`listings`]).
+    listings: listings::Listings,
     /// The collectors' announcements, as uploads read them after their records.
     announcements: Arc<announcements::Announcements>,
 }
@@ -248,6 +251,7 @@ impl Uploader {
             taken_back: Mutex::new(HashMap::new()),
             probed_absent: Mutex::new(HashMap::new()),
             access: None,
+            listings: listings::Listings::default(),
         }
     }
 
@@ -647,6 +651,28 @@ impl Uploader {
             return Ok(Some(v));
         }
         Ok(None)
+    }
+
+    /// Holds the listing uploaded for `h` until its narinfo is accepted, which writes it
+    /// ([`listings`]); counted among the uploads running (`upload.max_concurrent`).
+    pub async fn put_listing<S>(&self, h: StorePathHash, body: S, limit: u64) -> Result<(), Error>
+    where
+        S: Stream<Item = std::io::Result<Bytes>> + Send,
+    {
+        let _slot = self.admit().await?;
+        let mut body = std::pin::pin!(body);
+        let mut listing = Vec::new();
+        while let Some(chunk) = body.next().await {
+            let chunk = chunk.map_err(digest::body_error)?;
+            if (listing.len() + chunk.len()) as u64 > limit {
+                return Err(UploadError::TooLarge { limit }.into());
+            }
+            listing.extend_from_slice(&chunk);
+        }
+        if !self.listings.hold(h, Bytes::from(listing)) {
+            tracing::warn!(path = %h, "listing dropped: too many listings wait for their narinfos");
+        }
+        Ok(())
     }
 
     /// Stores a listing, log or realisation as sent, streamed; counted among the uploads

@@ -246,6 +246,9 @@ impl Uploader {
                     )));
                 }
             }
+            // A listing sent with it describes the client's NAR, not necessarily the stored
+            // one (a non-reproducible path pushed twice): the path keeps what it has.
+            self.listings.take(hash);
             return Ok(Accepted {
                 hash,
                 narinfo: existing,
@@ -302,6 +305,17 @@ impl Uploader {
             None => write.await?,
         }
         self.wrote(hash, began);
+        // Its listing, held since it came (before the narinfo, as Nix sends it), is written
+        // now that the path is: never one for a path that is not, nor over another's.
+        if let Some(listing) = self.listings.take(hash) {
+            if let Err(e) = self
+                .store
+                .put_bytes(&object_key::listing(hash), listing)
+                .await
+            {
+                tracing::warn!(path = %info.store_path, cause = %e, "the path's listing could not be written; it has none");
+            }
+        }
         Ok(Accepted {
             hash,
             narinfo: info,

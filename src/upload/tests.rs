@@ -1237,3 +1237,53 @@ async fn a_stored_narinfo_without_its_nar_is_not_present() {
         .unwrap()
         .is_some());
 }
+
+/// A listing is written with its narinfo, never for a path that is not in the cache (its
+/// narinfo refused) nor over the listing of a path already there (another build's, of
+/// another NAR).
+#[tokio::test]
+async fn listings_are_written_with_their_narinfo_only() {
+    let (mem, up) = uploader();
+    let (nar, info, file) = sample();
+    let h = info.hash();
+    let listing = || body(Bytes::from_static(b"{\"version\":1}"));
+    up.put_nar(&file, body(nar)).await.unwrap();
+    // Refused (its NarSize is wrong): no listing either.
+    let mut wrong = info.clone();
+    wrong.nar_size += 1;
+    up.put_listing(h, listing(), 1 << 20).await.unwrap();
+    assert!(up
+        .put_narinfo(h, wrong.render("/nix/store").as_bytes(), None)
+        .await
+        .is_err());
+    assert!(mem.head(&object_key::listing(h)).await.unwrap().is_none());
+    // Accepted: its listing follows.
+    up.put_narinfo(h, info.render("/nix/store").as_bytes(), None)
+        .await
+        .unwrap();
+    assert_eq!(
+        mem.bytes(&object_key::listing(h)).as_deref(),
+        Some(&b"{\"version\":1}"[..]),
+        "the listing held since before the refusal is written with the accepted narinfo"
+    );
+    // Another push of the present path with its own listing: the stored one stays.
+    up.put_listing(h, body(Bytes::from_static(b"{\"other\":1}")), 1 << 20)
+        .await
+        .unwrap();
+    let again = up
+        .put_narinfo(h, info.render("/nix/store").as_bytes(), None)
+        .await
+        .unwrap();
+    assert!(again.already_present);
+    assert_eq!(
+        mem.bytes(&object_key::listing(h)).as_deref(),
+        Some(&b"{\"version\":1}"[..])
+    );
+    assert_eq!(up.listings.held_bytes(), 0, "dropped, not kept for later");
+    // Over its limit: refused as it comes.
+    let e = up
+        .put_listing(h, body(Bytes::from(vec![b' '; 100])), 10)
+        .await
+        .unwrap_err();
+    assert!(e.to_string().contains("larger than"), "{e}");
+}

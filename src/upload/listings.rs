@@ -1,0 +1,125 @@
+//! Listings (`<hash>.ls`) held until their narinfo is accepted.
+//!
+//! Nix uploads a path's listing before its narinfo. Written to the store as it came, a
+//! listing would be visible for a path that is not (its narinfo refused, or never sent), and
+//! the loser of two pushes of a non-reproducible path at once would replace the winner's
+//! listing with one of another NAR (newer Nix reads files out of the NAR at the offsets it
+//! gives). So a listing waits in memory, and is written right after its narinfo, by the
+//! upload that wrote it; one whose path is already present, or whose narinfo does not come
+//! within [`HELD_FOR`], is dropped. A listing is optional: one lost (a restart in between, the
+//! narinfo sent to another replica) leaves the path without one, as if it had none.
+
+use std::collections::HashMap;
+use std::sync::Mutex;
+
+use bytes::Bytes;
+use tokio::time::{Duration, Instant};
+
+use crate::nix::StorePathHash;
+use crate::sync::lock;
+
+/// How long a listing waits for its narinfo (Nix sends it right after).
+pub const HELD_FOR: Duration = Duration::from_secs(600);
+
+/// Bytes of listings held at most; one that does not fit is dropped (the path then has none).
+pub const HELD_BYTES: usize = 64 << 20;
+
+#[derive(Default)]
+pub struct Listings {
+    held: Mutex<Held>,
+}
+
+#[derive(Default)]
+struct Held {
+    by_path: HashMap<StorePathHash, (Bytes, Instant)>,
+    bytes: usize,
+}
+
+impl Held {
+    fn remove(&mut self, h: StorePathHash) -> Option<Bytes> {
+        let (listing, _) = self.by_path.remove(&h)?;
+        self.bytes -= listing.len();
+        Some(listing)
+    }
+}
+
+impl Listings {
+    /// Holds `listing` for `h` (replacing one held before); false if it does not fit.
+    pub fn hold(&self, h: StorePathHash, listing: Bytes) -> bool {
+        let mut held = lock(&self.held);
+        held.remove(h);
+        let now = Instant::now();
+        let expired: Vec<StorePathHash> = held
+            .by_path
+            .iter()
+            .filter(|(_, (_, at))| now.duration_since(*at) >= HELD_FOR)
+            .map(|(h, _)| *h)
+            .collect();
+        for e in expired {
+            held.remove(e);
+        }
+        if held.bytes + listing.len() > HELD_BYTES {
+            return false;
+        }
+        held.bytes += listing.len();
+        held.by_path.insert(h, (listing, now));
+        true
+    }
+
+    /// The listing held for `h`, if one is and it is not older than [`HELD_FOR`]; no longer
+    /// held after.
+    pub fn take(&self, h: StorePathHash) -> Option<Bytes> {
+        let mut held = lock(&self.held);
+        let fresh = held
+            .by_path
+            .get(&h)
+            .is_some_and(|(_, at)| at.elapsed() < HELD_FOR);
+        let listing = held.remove(h)?;
+        fresh.then_some(listing)
+    }
+
+    #[cfg(test)]
+    pub fn held_bytes(&self) -> usize {
+        lock(&self.held).bytes
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn hash(c: char) -> StorePathHash {
+        std::iter::repeat_n(c, 32)
+            .collect::<String>()
+            .parse()
+            .unwrap()
+    }
+
+    #[tokio::test(start_paused = true)]
+    async fn listings_are_held_once_within_their_time_and_budget() {
+        let l = Listings::default();
+        assert!(l.hold(hash('a'), Bytes::from_static(b"first")));
+        assert!(l.hold(hash('a'), Bytes::from_static(b"second")));
+        assert_eq!(l.held_bytes(), 6, "replaced, not added");
+        assert_eq!(l.take(hash('a')).as_deref(), Some(&b"second"[..]));
+        assert_eq!(l.take(hash('a')), None, "taken once");
+        assert_eq!(l.held_bytes(), 0);
+
+        assert!(l.hold(hash('b'), Bytes::from_static(b"late")));
+        tokio::time::advance(HELD_FOR).await;
+        assert_eq!(l.take(hash('b')), None, "its narinfo came too late");
+        assert_eq!(l.held_bytes(), 0);
+
+        assert!(l.hold(hash('c'), Bytes::from(vec![0u8; HELD_BYTES])));
+        assert!(
+            !l.hold(hash('d'), Bytes::from_static(b"x")),
+            "over the budget"
+        );
+        tokio::time::advance(HELD_FOR).await;
+        assert!(
+            l.hold(hash('d'), Bytes::from_static(b"x")),
+            "the expired made room"
+        );
+        assert_eq!(l.held_bytes(), 1);
+    }
+}
