@@ -295,14 +295,9 @@ async fn a_damaged_upload_record_under_way_stops_the_run() {
     // Written while the collector settles: the re-read finds it, and nothing is deleted.
     let mem = Arc::new(MemoryStore::new());
     let gone = path(&mem, "gone", &[], 100 * DAY, now);
-    let m = mem.clone();
-    mem.after_write("_cellar/deleting/", move |_| {
-        let m = m.clone();
-        tokio::spawn(async move {
-            tokio::time::sleep(super::deleting::SETTLE / 2).await;
-            let day = super::access::day(SystemTime::now());
-            m.insert(&format!("_cellar/access/{day}/q-1-upload"), "garbage");
-        });
+    while_settling(&mem, |m| {
+        let day = super::access::day(SystemTime::now());
+        m.insert(&format!("_cellar/access/{day}/q-1-upload"), "garbage");
     });
     let s = gc(&mem, &cfg(), now, true).await;
     assert!(
@@ -353,12 +348,22 @@ async fn a_nar_an_upload_records_after_the_announcement_is_kept() {
 /// an upload that read the announcements just before the collector announced, and so may rely
 /// on that read for `deleting::TRUSTED_FOR`, records its NAR while the collector waits.
 fn record_while_settling(mem: &Arc<MemoryStore>, file: Box<str>) {
+    while_settling(mem, move |m| {
+        write_upload_record(m, "upload-settling", file.clone())
+    });
+}
+
+/// Runs `write` on the store half of `deleting::SETTLE` after every announcement.
+fn while_settling(
+    mem: &Arc<MemoryStore>,
+    write: impl Fn(&MemoryStore) + Clone + Send + Sync + 'static,
+) {
     let m = mem.clone();
     mem.after_write("_cellar/deleting/", move |_| {
-        let (m, file) = (m.clone(), file.clone());
+        let (m, write) = (m.clone(), write.clone());
         tokio::spawn(async move {
             tokio::time::sleep(super::deleting::SETTLE / 2).await;
-            write_upload_record(&m, "upload-settling", file);
+            write(&m);
         });
     });
 }

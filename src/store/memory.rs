@@ -162,24 +162,22 @@ impl MemoryStore {
     /// and before it returns, until the gate is opened: a test lands a write exactly between
     /// a read and its answer.
     pub fn hold_reads(&self, prefix: &str) -> Arc<ReadGate> {
-        let gate = Arc::new(ReadGate {
-            prefix: prefix.to_owned(),
-            reached: tokio::sync::Semaphore::new(0),
-            open: tokio::sync::Semaphore::new(0),
-        });
-        lock(&self.gates).push(gate.clone());
-        gate
+        Self::add_gate(&self.gates, prefix)
     }
 
     /// Holds each write of a key under `prefix` (as it opens its writer) until the gate is
     /// opened: a test drops a write under way.
     pub fn hold_writes(&self, prefix: &str) -> Arc<ReadGate> {
+        Self::add_gate(&self.write_gates, prefix)
+    }
+
+    fn add_gate(gates: &Mutex<Vec<Arc<ReadGate>>>, prefix: &str) -> Arc<ReadGate> {
         let gate = Arc::new(ReadGate {
             prefix: prefix.to_owned(),
             reached: tokio::sync::Semaphore::new(0),
             open: tokio::sync::Semaphore::new(0),
         });
-        lock(&self.write_gates).push(gate.clone());
+        lock(gates).push(gate.clone());
         gate
     }
 

@@ -899,19 +899,8 @@ impl Resume {
         total: u64,
         idle: Duration,
     ) -> ByteStream {
-        let window = idle / 2;
-        Box::pin(Resume {
-            store,
-            key: key.into(),
-            state: ResumeState::Reading(body),
-            next: start,
-            end,
-            total,
-            window,
-            quiet: Box::pin(tokio::time::sleep(window)),
-            struck: false,
-            reads_left: PART_ATTEMPTS - 1,
-        })
+        let state = ResumeState::Reading(body);
+        Self::boxed(store, key.into(), state, start, end, total, idle)
     }
 
     /// The bytes `start..=end` of `key`, whose size is `total`, asked for once polled and
@@ -924,15 +913,28 @@ impl Resume {
         total: u64,
         idle: Duration,
     ) -> ByteStream {
-        let window = idle / 2;
         let open = {
             let (store, key) = (store.clone(), key.clone());
             Box::pin(async move { open_range(&*store, &key, start, end, total).await })
         };
+        let state = ResumeState::Opening(open);
+        Self::boxed(store, key, state, start, end, total, idle)
+    }
+
+    fn boxed(
+        store: Arc<dyn Store>,
+        key: Arc<str>,
+        state: ResumeState,
+        start: u64,
+        end: u64,
+        total: u64,
+        idle: Duration,
+    ) -> ByteStream {
+        let window = idle / 2;
         Box::pin(Resume {
             store,
             key,
-            state: ResumeState::Opening(open),
+            state,
             next: start,
             end,
             total,

@@ -212,19 +212,31 @@ async fn restart_rebuilds_and_drops_corrupt_files() {
     assert!(!d.path().join(NAME).exists());
 }
 
+/// A cache holding [`NAME`] (3 MB, filled from the store), reopened as after a restart: its
+/// file is not checked yet. The directory, the cache, the store and the NAR's bytes.
+async fn cached_then_restarted() -> (
+    tempfile::TempDir,
+    Arc<NarCache>,
+    Arc<MemoryStore>,
+    Arc<dyn Store>,
+    Vec<u8>,
+) {
+    let (d, cache, mem, store) = setup(1 << 30);
+    let data: Vec<u8> = (0..3_000_000u32).map(|i| (i % 253) as u8).collect();
+    mem.insert(&format!("nar/{NAME}"), data.clone());
+    body(get_nar(&cache, &store).await.unwrap()).await;
+    wait_indexed(&cache, 1).await;
+    close(cache).await;
+    let cache = NarCache::open(d.path(), 1 << 30, Duration::from_secs(30)).unwrap();
+    (d, cache, mem, store, data)
+}
+
 /// After a restart, the requests for a file not yet checked (every client at once, after a
 /// deploy) wait for its check and are served from disk: none reaches the store.
 #[tokio::test]
 async fn requests_for_a_file_being_checked_wait_for_the_check() {
-    let (d, cache, mem, store) = setup(1 << 30);
-    let data: Vec<u8> = (0..3_000_000u32).map(|i| (i % 253) as u8).collect();
-    mem.insert(&format!("nar/{NAME}"), data.clone());
-    let name: NarFileName = NAME.parse().unwrap();
-    let key = format!("nar/{NAME}");
-    body(cache.get(&name, &key, None, None, &store).await.unwrap()).await;
-    wait_indexed(&cache, 1).await;
-    close(cache).await;
-    let cache = NarCache::open(d.path(), 1 << 30, Duration::from_secs(30)).unwrap();
+    let (_d, cache, mem, store, data) = cached_then_restarted().await;
+    let (name, key): (NarFileName, _) = (NAME.parse().unwrap(), format!("nar/{NAME}"));
     let before = mem.requests();
     let tasks: Vec<_> = (0..10)
         .map(|_| {
@@ -247,16 +259,8 @@ async fn requests_for_a_file_being_checked_wait_for_the_check() {
 /// left to be checked on its next use.
 #[tokio::test(start_paused = true)]
 async fn checks_after_a_restart_take_turns() {
-    let (d, cache, mem, store) = setup(1 << 30);
-    let data: Vec<u8> = (0..3_000_000u32).map(|i| (i % 253) as u8).collect();
-    mem.insert(&format!("nar/{NAME}"), data.clone());
-    let name: NarFileName = NAME.parse().unwrap();
-    let key = format!("nar/{NAME}");
-    body(cache.get(&name, &key, None, None, &store).await.unwrap()).await;
-    wait_indexed(&cache, 1).await;
-    close(cache).await;
-
-    let cache = NarCache::open(d.path(), 1 << 30, Duration::from_secs(30)).unwrap();
+    let (d, cache, _mem, store, data) = cached_then_restarted().await;
+    let (name, key): (NarFileName, _) = (NAME.parse().unwrap(), format!("nar/{NAME}"));
     let turns = cache
         .checks
         .clone()
