@@ -103,6 +103,29 @@ async fn pinned_and_recently_read_closures_survive_gc_and_substitute() {
     );
     promtool_accepts(&metrics);
     assert_readable_by_all(&metrics);
+    assert!(prom.contains("cellar_gc_last_run_failed 0\n"), "{prom}");
+    let last_success = prom
+        .lines()
+        .find(|l| l.starts_with("cellar_gc_last_success_timestamp_seconds "))
+        .unwrap_or_else(|| panic!("no last success:\n{prom}"))
+        .to_owned();
+
+    // A run that stops (a pin that does not parse: collecting could delete what it keeps)
+    // says so in the file, which keeps when a run last ended and drops the last run's
+    // numbers, instead of showing them as if nothing had happened.
+    let broken_pin = data.join("_cellar/pins/broken");
+    std::fs::write(&broken_pin, b"not a pin").unwrap();
+    let out = cellar(
+        &["gc", "--apply", "--metrics-file", metrics.to_str().unwrap()],
+        &env,
+    );
+    assert!(!out.status.success(), "{}", text(&out));
+    let failed = std::fs::read_to_string(&metrics).unwrap();
+    assert!(failed.contains("cellar_gc_last_run_failed 1\n"), "{failed}");
+    assert!(failed.contains(&format!("{last_success}\n")), "{failed}");
+    assert!(!failed.contains("cellar_gc_paths"), "{failed}");
+    promtool_accepts(&metrics);
+    std::fs::remove_file(&broken_pin).unwrap();
 
     // The expired closure is gone completely, except what the kept ones share with it: the
     // same paths, and paths whose NAR a client read (a NAR read is a use of every path naming

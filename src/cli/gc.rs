@@ -68,19 +68,28 @@ async fn open(cfg: &Config) -> anyhow::Result<Arc<dyn Store>> {
         .with_context(|| format!("opening the store ({})", cfg.store.backend))
 }
 
+/// Runs `run`; if it fails and a metrics file is asked for, the file says that the run
+/// failed (keeping when one last ended), rather than still showing the last good run's
+/// numbers as if this one had found them.
+fn failure_shown<T>(
+    metrics_file: Option<&Path>,
+    job: gc::metrics_file::Job,
+    run: impl FnOnce() -> anyhow::Result<T>,
+) -> anyhow::Result<T> {
+    let result = run();
+    if let (Err(_), Some(f)) = (&result, metrics_file) {
+        let previous = std::fs::read_to_string(f).ok();
+        let text = gc::metrics_file::render_failed(job, previous.as_deref(), SystemTime::now());
+        if let Err(e) = gc::metrics_file::write(f, &text) {
+            eprintln!("--metrics-file {}: {e}", f.display());
+        }
+    }
+    result
+}
+
 pub fn gc(path: Option<&Path>, apply: bool, metrics_file: Option<&Path>) -> anyhow::Result<()> {
-    let cfg = Config::load(path)?;
-    let summary = runtime()?.block_on(async {
-        let store = open(&cfg).await?;
-        let bar = Bar::new();
-        let opts = gc::Options {
-            apply,
-            now: SystemTime::now(),
-            settle: gc::deleting::SETTLE,
-        };
-        let s = gc::run(&store, &cfg.store_dir, &cfg.gc, &opts, &bar).await;
-        bar.0.finish_and_clear();
-        anyhow::Ok(s?)
+    let summary = failure_shown(metrics_file, gc::metrics_file::Job::Gc, || {
+        gc_summary(path, apply)
     })?;
     if !apply {
         println!("dry run: nothing was deleted (run with --apply to delete)");
@@ -95,6 +104,22 @@ pub fn gc(path: Option<&Path>, apply: bool, metrics_file: Option<&Path>) -> anyh
         anyhow::bail!("{} error(s) during the run", summary.errors.len());
     }
     Ok(())
+}
+
+fn gc_summary(path: Option<&Path>, apply: bool) -> anyhow::Result<gc::Summary> {
+    let cfg = Config::load(path)?;
+    runtime()?.block_on(async {
+        let store = open(&cfg).await?;
+        let bar = Bar::new();
+        let opts = gc::Options {
+            apply,
+            now: SystemTime::now(),
+            settle: gc::deleting::SETTLE,
+        };
+        let s = gc::run(&store, &cfg.store_dir, &cfg.gc, &opts, &bar).await;
+        bar.0.finish_and_clear();
+        anyhow::Ok(s?)
+    })
 }
 
 pub fn pin(path: Option<&Path>, command: PinCommand) -> anyhow::Result<()> {
@@ -153,31 +178,11 @@ pub fn verify(
     sample: Option<usize>,
     metrics_file: Option<&Path>,
 ) -> anyhow::Result<bool> {
-    let cfg = Config::load(path)?;
     if repair && sample.is_some() {
         anyhow::bail!("--repair checks the whole store; it cannot be combined with --sample");
     }
-    let report = runtime()?.block_on(async {
-        let store = open(&cfg).await?;
-        let bar = Bar::new();
-        let upstreams = match cfg.upstreams.is_empty() {
-            true => None,
-            false => Some(Arc::new(
-                cellar::upstream::Upstreams::new(&cfg.upstreams, &cfg.store_dir)
-                    .context("[[upstreams]]")?,
-            )),
-        };
-        let opts = gc::verify::Options {
-            repair,
-            sample,
-            grace: cfg.gc.grace,
-            now: SystemTime::now(),
-            settle: gc::deleting::SETTLE,
-            upstreams,
-        };
-        let r = gc::verify::run(&store, &cfg.store_dir, &opts, &bar).await;
-        bar.0.finish_and_clear();
-        anyhow::Ok(r?)
+    let report = failure_shown(metrics_file, gc::metrics_file::Job::Verify, || {
+        verify_report(path, repair, sample)
     })?;
     for f in &report.findings {
         println!("{f}");
@@ -219,5 +224,35 @@ pub fn verify(
         report.repair_errors.is_empty()
     } else {
         report.findings.is_empty()
+    })
+}
+
+fn verify_report(
+    path: Option<&Path>,
+    repair: bool,
+    sample: Option<usize>,
+) -> anyhow::Result<gc::verify::Report> {
+    let cfg = Config::load(path)?;
+    runtime()?.block_on(async {
+        let store = open(&cfg).await?;
+        let bar = Bar::new();
+        let upstreams = match cfg.upstreams.is_empty() {
+            true => None,
+            false => Some(Arc::new(
+                cellar::upstream::Upstreams::new(&cfg.upstreams, &cfg.store_dir)
+                    .context("[[upstreams]]")?,
+            )),
+        };
+        let opts = gc::verify::Options {
+            repair,
+            sample,
+            grace: cfg.gc.grace,
+            now: SystemTime::now(),
+            settle: gc::deleting::SETTLE,
+            upstreams,
+        };
+        let r = gc::verify::run(&store, &cfg.store_dir, &opts, &bar).await;
+        bar.0.finish_and_clear();
+        anyhow::Ok(r?)
     })
 }

@@ -34,15 +34,71 @@ fn header(out: &mut String, name: &str, help: &str) {
     let _ = writeln!(out, "# TYPE {name} gauge");
 }
 
+/// The batch jobs that write a metrics file.
+#[derive(Debug, Clone, Copy)]
+pub enum Job {
+    Gc,
+    Verify,
+}
+
+impl Job {
+    fn name(self) -> &'static str {
+        match self {
+            Self::Gc => "gc",
+            Self::Verify => "verify",
+        }
+    }
+}
+
+/// What every file says of the run itself: when it ended, whether it stopped before its
+/// end, and when a run last ended (`success`, if known).
+fn run_lines(out: &mut String, job: Job, end: SystemTime, failed: bool, success: Option<u64>) {
+    let job = job.name();
+    header(
+        out,
+        &format!("cellar_{job}_last_run_timestamp_seconds"),
+        &format!("When the last cellar {job} run ended (unix time)."),
+    );
+    let _ = writeln!(out, "cellar_{job}_last_run_timestamp_seconds {}", unix(end));
+    header(
+        out,
+        &format!("cellar_{job}_last_run_failed"),
+        &format!(
+            "1 if the last cellar {job} run stopped before its end (its log says why; the \
+             other series then are missing), 0 if it ended."
+        ),
+    );
+    let _ = writeln!(out, "cellar_{job}_last_run_failed {}", u8::from(failed));
+    if let Some(t) = success {
+        header(
+            out,
+            &format!("cellar_{job}_last_success_timestamp_seconds"),
+            &format!("When a cellar {job} run last ended, not stopped (unix time)."),
+        );
+        let _ = writeln!(out, "cellar_{job}_last_success_timestamp_seconds {t}");
+    }
+}
+
+/// The metrics of a `cellar gc` or `cellar verify` run that stopped at `end` without a result
+/// (the store unreachable, a damaged upload record): the run's time, that it failed, and
+/// when one last ended, carried over from `previous` (the file the last run left), so a
+/// failing job shows on a dashboard instead of leaving the last good run's numbers there.
+pub fn render_failed(job: Job, previous: Option<&str>, end: SystemTime) -> String {
+    let name = format!("cellar_{}_last_success_timestamp_seconds ", job.name());
+    let success = previous.and_then(|text| {
+        text.lines()
+            .find_map(|l| l.strip_prefix(name.as_str()))
+            .and_then(|v| v.trim().parse().ok())
+    });
+    let mut out = String::new();
+    run_lines(&mut out, job, end, true, success);
+    out
+}
+
 /// The metrics of one `cellar gc` run that ended at `end`.
 pub fn render_gc(s: &Summary, end: SystemTime) -> String {
     let mut out = String::new();
-    header(
-        &mut out,
-        "cellar_gc_last_run_timestamp_seconds",
-        "When the last cellar gc run ended (unix time).",
-    );
-    let _ = writeln!(out, "cellar_gc_last_run_timestamp_seconds {}", unix(end));
+    run_lines(&mut out, Job::Gc, end, false, Some(unix(end)));
     header(
         &mut out,
         "cellar_gc_applied",
@@ -123,16 +179,7 @@ pub fn render_gc(s: &Summary, end: SystemTime) -> String {
 /// The metrics of one `cellar verify` run that ended at `end`.
 pub fn render_verify(r: &Report, end: SystemTime) -> String {
     let mut out = String::new();
-    header(
-        &mut out,
-        "cellar_verify_last_run_timestamp_seconds",
-        "When the last cellar verify run ended (unix time).",
-    );
-    let _ = writeln!(
-        out,
-        "cellar_verify_last_run_timestamp_seconds {}",
-        unix(end)
-    );
+    run_lines(&mut out, Job::Verify, end, false, Some(unix(end)));
     header(
         &mut out,
         "cellar_verify_narinfos_checked",
@@ -308,6 +355,46 @@ mod tests {
             assert!(prom.contains(&format!("\n{line}\n")), "{line}:\n{prom}");
         }
         assert_described(&prom);
+    }
+
+    /// A run that stops without a result says so, keeps the time a run last ended from the
+    /// file the last one left, and drops that run's numbers (they are not this run's).
+    #[test]
+    fn a_failed_run_says_so_and_keeps_when_one_last_ended() {
+        let ok = super::render_gc(&Summary::default(), UNIX_EPOCH + Duration::from_secs(100));
+        assert!(ok.contains("\ncellar_gc_last_run_failed 0\n"), "{ok}");
+        assert!(
+            ok.contains("\ncellar_gc_last_success_timestamp_seconds 100\n"),
+            "{ok}"
+        );
+        let end = UNIX_EPOCH + Duration::from_secs(200);
+        let failed = super::render_failed(super::Job::Gc, Some(&ok), end);
+        for line in [
+            "cellar_gc_last_run_timestamp_seconds 200",
+            "cellar_gc_last_run_failed 1",
+            "cellar_gc_last_success_timestamp_seconds 100",
+        ] {
+            assert!(failed.contains(&format!("\n{line}\n")), "{line}:\n{failed}");
+        }
+        assert!(!failed.contains("cellar_gc_paths"), "{failed}");
+        assert_described(&failed);
+        // Failing again keeps it; with no file before, there is no time to give.
+        let again = super::render_failed(super::Job::Gc, Some(&failed), end);
+        assert!(
+            again.contains("\ncellar_gc_last_success_timestamp_seconds 100\n"),
+            "{again}"
+        );
+        let first = super::render_failed(super::Job::Verify, None, end);
+        assert!(
+            first.contains("\ncellar_verify_last_run_failed 1\n"),
+            "{first}"
+        );
+        assert!(!first.contains("success"), "{first}");
+        let verified = super::render_verify(&Report::default(), end);
+        assert!(
+            verified.contains("\ncellar_verify_last_run_failed 0\n"),
+            "{verified}"
+        );
     }
 
     /// The file beside the target is new and its own: a symlink planted where the old fixed

@@ -50,7 +50,15 @@ impl Kind {
 }
 
 /// The single byte range a GET asks for, if any (anything else gets the whole object).
+///
+/// A range asked for under `If-Range` is for the version the client holds a part of; cellar
+/// sends no validator (no `ETag`, no `Last-Modified`), so no version can be shown to match
+/// and the whole object is the answer (RFC 9110, 13.1.5): logs, listings and realisations
+/// are replaced in place, and a resumed copy of one must not splice two versions together.
 pub(super) fn range_of(headers: &HeaderMap) -> Option<ByteRange> {
+    if headers.contains_key(header::IF_RANGE) {
+        return None;
+    }
     headers
         .get(header::RANGE)
         .and_then(|v| v.to_str().ok())

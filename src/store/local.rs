@@ -18,6 +18,20 @@ use tokio::io::AsyncWriteExt as _;
 /// served (every served name is validated).
 const STAGING: &str = ".staging";
 
+/// The end of the name of a copy made beside its destination when that is on another file
+/// system than the staging directory (`.<staged name>.cellar-tmp`): not an object until it
+/// is renamed, so never listed, and removed with the staged files when left behind.
+const COPY_SUFFIX: &str = ".cellar-tmp";
+
+/// The top-level directories a cross-device commit may copy into (see [`COPY_SUFFIX`]).
+const OBJECT_DIRS: [&str; 5] = ["nar", "log", "realisations", "build-trace", "_cellar"];
+
+/// Whether `name` is a commit's copy beside its destination.
+fn is_copy_beside(name: &std::ffi::OsStr) -> bool {
+    name.to_str()
+        .is_some_and(|n| n.starts_with('.') && n.ends_with(COPY_SUFFIX))
+}
+
 /// Read buffer for streaming files: small buffers cap throughput far below the disk's.
 const READ_BUFFER: usize = 1024 * 1024;
 
@@ -119,19 +133,46 @@ impl LocalStore {
         self.root.join(key)
     }
 
-    /// Staged files of writers that never committed, older than `older_than`.
+    /// Staged files of writers that never committed, older than `older_than`: those in the
+    /// staging directory, and the copies a commit across file systems left beside their
+    /// destination (a process killed during the copy) in a top-level directory that is on
+    /// another file system (only there can one be).
     async fn staged_older_than(
         &self,
         older_than: std::time::Duration,
     ) -> Result<Vec<PathBuf>, StoreError> {
-        let dir = self.root.join(STAGING);
+        let staging = self.root.join(STAGING);
         let mut out = Vec::new();
-        let mut rd = match tokio::fs::read_dir(&dir).await {
+        Self::old_files_in(&staging, older_than, |_| true, &mut out).await?;
+        use std::os::unix::fs::MetadataExt as _;
+        let device = |p: &Path| std::fs::metadata(p).ok().map(|m| m.dev());
+        let root_device = device(&self.root);
+        for name in OBJECT_DIRS {
+            let dir = self.root.join(name);
+            let dir_device = device(&dir);
+            if dir_device.is_some() && dir_device != root_device {
+                Self::old_files_in(&dir, older_than, is_copy_beside, &mut out).await?;
+            }
+        }
+        Ok(out)
+    }
+
+    /// Adds to `out` the entries of `dir` older than `older_than` whose name `wanted` takes.
+    async fn old_files_in(
+        dir: &Path,
+        older_than: std::time::Duration,
+        wanted: fn(&std::ffi::OsStr) -> bool,
+        out: &mut Vec<PathBuf>,
+    ) -> Result<(), StoreError> {
+        let mut rd = match tokio::fs::read_dir(dir).await {
             Ok(rd) => rd,
-            Err(e) if not_found(&e) => return Ok(out),
+            Err(e) if not_found(&e) => return Ok(()),
             Err(e) => return Err(e.into()),
         };
         while let Some(e) = rd.next_entry().await? {
+            if !wanted(&e.file_name()) {
+                continue;
+            }
             let old = e
                 .metadata()
                 .await
@@ -143,7 +184,7 @@ impl LocalStore {
                 out.push(e.path());
             }
         }
-        Ok(out)
+        Ok(())
     }
 }
 
@@ -207,9 +248,17 @@ fn walk(root: &Path, prefix: &str, tx: &ListSender) {
         for entry in rd {
             let item = entry.and_then(|e| Ok((e.path(), e.file_type()?)));
             let (path, ft) = match item {
-                // A link outside the layout (a `result` of a nix-build run in the store's
-                // directory) is not followed: nothing of the cache lives there.
-                Ok((path, ft)) if ft.is_symlink() && !in_layout(root, &path) => continue,
+                // A link to a directory outside the layout (a `result` of a nix-build run
+                // in the store's directory) is not followed: nothing of the cache lives
+                // there. A link to a file is, wherever it is: a narinfo linked in (a cache
+                // assembled with `ln -s`) is served, so it is listed, or gc would find its
+                // NAR unreferenced and delete it.
+                Ok((path, ft)) if ft.is_symlink() && !in_layout(root, &path) => {
+                    match std::fs::metadata(&path) {
+                        Ok(m) if m.is_file() => (path, m.file_type()),
+                        _ => continue,
+                    }
+                }
                 // What a symbolic link points to, as the object reads do (a dangling one is
                 // no object).
                 Ok((path, ft)) if ft.is_symlink() => match std::fs::metadata(&path) {
@@ -250,7 +299,10 @@ fn walk(root: &Path, prefix: &str, tx: &ListSender) {
                 }
                 continue;
             }
-            if !ft.is_file() || !key.starts_with(prefix) {
+            if !ft.is_file()
+                || !key.starts_with(prefix)
+                || path.file_name().is_some_and(is_copy_beside)
+            {
                 continue;
             }
             let info = std::fs::metadata(&path).map(|m| ObjectInfo {
@@ -568,6 +620,24 @@ mod tests {
         keys
     }
 
+    /// A narinfo linked into the store's directory (a cache assembled with `ln -s`) is listed
+    /// as it is served, or gc would take its NAR for unreferenced; a link to a directory
+    /// outside the layout, or to nothing, is not.
+    #[tokio::test]
+    async fn a_narinfo_linked_in_is_listed() {
+        let dir = tempfile::tempdir().unwrap();
+        let other = tempfile::tempdir().unwrap();
+        std::fs::write(other.path().join("a.narinfo"), b"info").unwrap();
+        std::os::unix::fs::symlink(other.path().join("a.narinfo"), dir.path().join("a.narinfo"))
+            .unwrap();
+        std::os::unix::fs::symlink(other.path().join("gone"), dir.path().join("b.narinfo"))
+            .unwrap();
+        std::os::unix::fs::symlink(other.path(), dir.path().join("result")).unwrap();
+        let store = LocalStore::open(dir.path()).unwrap();
+        assert_eq!(read(&store, "a.narinfo", None).await.0, b"info");
+        assert_eq!(keys(&store, "").await, ["a.narinfo"]);
+    }
+
     /// A `nar/` on another file system, linked into the store's directory (a bigger disk):
     /// uploads land there although the staging directory is on the other file system (a
     /// rename across file systems fails), and a listing of the whole store follows the link,
@@ -607,6 +677,19 @@ mod tests {
             .map(|e| e.unwrap().file_name())
             .collect();
         assert_eq!(beside, ["x.nar"]);
+        // A copy left there by a process killed during it: not an object, and removed with
+        // the staged files.
+        std::fs::write(elsewhere.path().join(".0a1b.cellar-tmp"), b"half").unwrap();
+        assert_eq!(keys(&store, "").await, ["a.narinfo", "nar/x.nar"]);
+        let zero = std::time::Duration::ZERO;
+        let stale = store.stale_staging(zero).await.unwrap();
+        assert!(
+            stale.len() == 1 && stale[0].ends_with("/.0a1b.cellar-tmp"),
+            "{stale:?}"
+        );
+        assert_eq!(store.cleanup_staging(zero).await.unwrap(), 1);
+        assert!(!elsewhere.path().join(".0a1b.cellar-tmp").exists());
+        assert_eq!(keys(&store, "").await, ["a.narinfo", "nar/x.nar"]);
         // The disk not mounted (the link dangles): the listing fails, it does not find no NAR.
         drop(elsewhere);
         let listed: Result<Vec<_>, _> = store.list("").try_collect().await;
