@@ -68,6 +68,14 @@ pub enum UploadError {
         stored: String,
         uploaded: String,
     },
+    /// The output already has a realisation naming another path: a published realisation
+    /// is kept.
+    #[error("{key} already names {stored}; this realisation names {uploaded}")]
+    RealisationConflict {
+        key: String,
+        stored: String,
+        uploaded: String,
+    },
     /// The body sent nothing for this many seconds.
     #[error("the upload body sent nothing for {0} s")]
     IdleTimeout(u64),
@@ -105,7 +113,9 @@ impl Error {
             }
             Self::Upload(UploadError::Internal(_)) => StatusCode::INTERNAL_SERVER_ERROR,
             Self::Upload(UploadError::TooLarge { .. }) => StatusCode::PAYLOAD_TOO_LARGE,
-            Self::Upload(UploadError::Conflict { .. }) => StatusCode::CONFLICT,
+            Self::Upload(
+                UploadError::Conflict { .. } | UploadError::RealisationConflict { .. },
+            ) => StatusCode::CONFLICT,
             Self::Upload(UploadError::IdleTimeout(_)) => StatusCode::REQUEST_TIMEOUT,
             // Nix retries 5xx (with back-off); a 4xx would fail the whole `nix copy`.
             Self::Upload(UploadError::Busy { .. }) => StatusCode::SERVICE_UNAVAILABLE,
@@ -133,7 +143,9 @@ impl Error {
             Self::Upload(UploadError::Body(_)) => "incomplete",
             Self::Upload(UploadError::Internal(_)) => "internal",
             Self::Upload(UploadError::TooLarge { .. }) => "too_large",
-            Self::Upload(UploadError::Conflict { .. }) => "conflict",
+            Self::Upload(
+                UploadError::Conflict { .. } | UploadError::RealisationConflict { .. },
+            ) => "conflict",
             Self::Upload(UploadError::IdleTimeout(_)) => "idle_timeout",
             Self::Upload(UploadError::Busy { .. }) => "busy",
         }
@@ -166,6 +178,7 @@ impl Error {
             Self::Upload(
                 e @ (UploadError::TooLarge { .. }
                 | UploadError::Conflict { .. }
+                | UploadError::RealisationConflict { .. }
                 | UploadError::IdleTimeout(_)),
             ) => format!("upload rejected: {e}"),
             Self::Upload(UploadError::Busy { .. }) => {
@@ -191,6 +204,7 @@ impl Error {
             Self::Upload(
                 e @ (UploadError::TooLarge { .. }
                 | UploadError::Conflict { .. }
+                | UploadError::RealisationConflict { .. }
                 | UploadError::IdleTimeout(_)),
             ) => tracing::info!(reason = %e, "upload rejected"),
             Self::Upload(UploadError::Busy { .. }) => {

@@ -148,18 +148,35 @@ async fn trusted_keys_listings_and_realisations() {
     assert_eq!(ls.status(), 200);
     assert!(ls.text().await.unwrap().contains("\"version\""));
 
-    // A realisation, under both names Nix uses, read back from the root.
+    // A realisation, under both names Nix uses, read back from the root: refused while the
+    // path it names is not in the cache, stored once it is, kept when sent again (200) and
+    // when another names another path (409).
     let doi = format!("sha256:{}!out", "1".repeat(52));
-    let body = br#"{"id":"x","outPath":"y","signatures":[],"dependentRealisations":{}}"#;
+    let realisation = |out: &str| {
+        format!(
+            r#"{{"id":"{doi}","outPath":"{out}","signatures":[],"dependentRealisations":{{}}}}"#
+        )
+        .into_bytes()
+    };
+    let body = realisation(Fixture::basename(leaf));
+    let absent = realisation(Fixture::basename(&f.top));
     for key in [
         format!("realisations/{doi}.doi"),
         format!("build-trace/{}/out", Fixture::basename(&f.top_drv)),
     ] {
-        let (s, m) = put(&c, format!("{}/upload/{key}", srv.url), &w, body.to_vec()).await;
+        let at = format!("{}/upload/{key}", srv.url);
+        let (s, m) = put(&c, at.clone(), &w, absent.clone()).await;
+        assert_eq!(s, 400, "{key}: {m}");
+        assert!(m.contains("not in the cache"), "{key}: {m}");
+        let (s, m) = put(&c, at.clone(), &w, body.clone()).await;
         assert_eq!(s, 201, "{key}: {m}");
+        let (s, m) = put(&c, at.clone(), &w, body.clone()).await;
+        assert_eq!(s, 200, "{key}: {m}");
+        let (s, m) = put(&c, at, &w, absent.clone()).await;
+        assert_eq!(s, 409, "{key}: {m}");
         let got = reqwest::get(format!("{}/{key}", srv.url)).await.unwrap();
         assert_eq!(got.status(), 200, "{key}");
-        assert_eq!(got.bytes().await.unwrap().as_ref(), body);
+        assert_eq!(got.bytes().await.unwrap().as_ref(), body.as_slice());
     }
 }
 

@@ -67,18 +67,18 @@ const MAX_RECORD_BYTES: u64 = 256 << 20;
 /// `YYYY-MM-DD` (UTC) of `t`: records are grouped by day, so a collector reads only the days
 /// within the retention and re-reads only the last ones.
 pub fn day(t: SystemTime) -> String {
-    let days = t.duration_since(UNIX_EPOCH).unwrap_or_default().as_secs() / 86400;
-    // Howard Hinnant's days-to-civil algorithm, for days since 1970-01-01.
-    let z = days as i64 + 719_468;
-    let era = z.div_euclid(146_097);
-    let doe = z.rem_euclid(146_097);
-    let yoe = (doe - doe / 1460 + doe / 36524 - doe / 146_096) / 365;
-    let doy = doe - (365 * yoe + yoe / 4 - yoe / 100);
-    let mp = (5 * doy + 2) / 153;
-    let d = doy - (153 * mp + 2) / 5 + 1;
-    let m = if mp < 10 { mp + 3 } else { mp - 9 };
-    let y = yoe + era * 400 + i64::from(m <= 2);
-    format!("{y:04}-{m:02}-{d:02}")
+    let secs = t.duration_since(UNIX_EPOCH).unwrap_or_default().as_secs();
+    let date = i64::try_from(secs)
+        .ok()
+        .and_then(|s| time::OffsetDateTime::from_unix_timestamp(s).ok())
+        .unwrap_or(time::OffsetDateTime::UNIX_EPOCH)
+        .date();
+    format!(
+        "{:04}-{:02}-{:02}",
+        date.year(),
+        u8::from(date.month()),
+        date.day()
+    )
 }
 
 /// One line of a record.
@@ -643,6 +643,19 @@ mod tests {
         assert_eq!(
             day(UNIX_EPOCH + Duration::from_secs(1_767_225_599)),
             "2025-12-31"
+        );
+        // Around the century years that are not leap years, and one that is.
+        assert_eq!(
+            day(UNIX_EPOCH + Duration::from_secs(4_107_542_400)),
+            "2100-03-01"
+        );
+        assert_eq!(
+            day(UNIX_EPOCH + Duration::from_secs(4_107_542_399)),
+            "2100-02-28"
+        );
+        assert_eq!(
+            day(UNIX_EPOCH + Duration::from_secs(951_868_800)),
+            "2000-03-01"
         );
     }
 

@@ -687,14 +687,10 @@ pub async fn read_realisations(
             Err(StoreError::TooLarge { .. }) => None,
             Err(e) => return Err(e),
         };
-        let path = raw
+        let out_hash = raw
             .as_deref()
-            .and_then(|r| serde_json::from_slice::<serde_json::Value>(r).ok())
-            .and_then(|v| v.get("outPath")?.as_str().map(str::to_owned));
-        let out_hash = path.and_then(|p| {
-            let base = p.rsplit('/').next()?.to_owned();
-            base.get(..32)?.parse().ok()
-        });
+            .and_then(|r| crate::nix::Realisation::parse(r).ok())
+            .map(|r| r.out_hash());
         out.push(Realisation {
             key: key.clone(),
             meta: *meta,

@@ -1,7 +1,10 @@
 //! Realisations of content-addressed derivations (JSON), under both names Nix has used:
 //! `/realisations/<drvhash>!<output>.doi` (Nix up to ~2.32) and
-//! `/build-trace/<drv>/<output>` (current Nix). Both are served from the read path as stored
-//! and accepted as sent, each under its own key: one is not translated into the other.
+//! `/build-trace/<drv>/<output>` (current Nix). Both are served from the read path as stored,
+//! each under its own key: one is not translated into the other. An upload is checked
+//! ([`crate::upload::Uploader::put_realisation`]): it must name a path in the cache, and a
+//! published one is kept (201 when written, 200 when it was there already, 409 when it
+//! names another path).
 
 use axum::body::Body;
 use axum::extract::{Path, State};
@@ -13,9 +16,7 @@ use super::AppState;
 use crate::error::Error;
 use crate::nix::{OutputName, RealisationName, StorePathBaseName};
 use crate::store::object_key;
-
-/// A bound on what one realisation upload may write to the store.
-const MAX_REALISATION_BYTES: u64 = 1 << 20;
+use crate::upload::{RealisationStored, MAX_REALISATION_BYTES};
 
 pub(super) fn realisation_key(id: &str) -> Result<String, Error> {
     let r: RealisationName = id.parse()?;
@@ -28,15 +29,19 @@ pub(super) fn build_trace_key(drv: &str, output: &str) -> Result<String, Error> 
     Ok(object_key::build_trace(&d, &o))
 }
 
-async fn put_as_sent(st: &AppState, key: &str, body: Body) -> Result<StatusCode, Error> {
-    st.uploader
-        .put_plain(
-            key,
-            object::limited_body_stream(st, body, MAX_REALISATION_BYTES)?,
-            MAX_REALISATION_BYTES,
-        )
-        .await?;
-    Ok(StatusCode::CREATED)
+async fn put_checked(st: &AppState, key: &str, body: Body) -> Result<StatusCode, Error> {
+    let raw = object::read_body(st, body, MAX_REALISATION_BYTES).await?;
+    let live = st.live();
+    Ok(
+        match st
+            .uploader
+            .put_realisation(key, raw, Some(&live.upstreams))
+            .await?
+        {
+            RealisationStored::Written => StatusCode::CREATED,
+            RealisationStored::Unchanged => StatusCode::OK,
+        },
+    )
 }
 
 pub(super) async fn get(
@@ -61,7 +66,7 @@ pub(super) async fn put(
     Path(id): Path<String>,
     body: Body,
 ) -> Result<StatusCode, Error> {
-    put_as_sent(&st, &realisation_key(&id)?, body).await
+    put_checked(&st, &realisation_key(&id)?, body).await
 }
 
 pub(super) async fn get_build_trace(
@@ -87,5 +92,5 @@ pub(super) async fn put_build_trace(
     Path((drv, output)): Path<(String, String)>,
     body: Body,
 ) -> Result<StatusCode, Error> {
-    put_as_sent(&st, &build_trace_key(&drv, &output)?, body).await
+    put_checked(&st, &build_trace_key(&drv, &output)?, body).await
 }

@@ -196,19 +196,36 @@ async fn bodies_read_whole_are_bounded_to_the_byte() {
     }
 }
 
-/// `/build-trace/<drv>/<output>` (current Nix's realisations) is accepted as sent under its
-/// own key and served as stored; HEAD of it, and of `/realisations/…`, gives the length.
+/// `/build-trace/<drv>/<output>` (current Nix's realisations) is stored as sent under its
+/// own key once the path it names is in the cache, and served as stored; HEAD of it, and of
+/// `/realisations/…`, gives the length. Sent again it is 200 (nothing written); naming
+/// another path, 409.
 #[tokio::test]
 async fn build_traces_are_stored_as_sent_and_found_by_head() {
     let mem = Arc::new(MemoryStore::new());
     let cfg = with_tokens(Config::default(), &[("w", "wtok", Scope::Write)]);
     let st = state(cfg, &mem);
-    let doc = br#"{"id":"x","outPath":"y"}"#.to_vec();
-    let req = authed("PUT", &format!("/upload/build-trace/{DRV}/out"), "wtok")
-        .header("content-length", doc.len())
-        .body(Body::from(doc.clone()))
-        .unwrap();
-    assert_eq!(send(&st, req).await.status(), StatusCode::CREATED);
+    let doc = format!(r#"{{"outPath":"{HASH}-top","signatures":[]}}"#).into_bytes();
+    let put = |doc: Vec<u8>| {
+        authed("PUT", &format!("/upload/build-trace/{DRV}/out"), "wtok")
+            .header("content-length", doc.len())
+            .body(Body::from(doc))
+            .unwrap()
+    };
+    // Its output not in the cache yet: refused, nothing stored.
+    assert_eq!(
+        send(&st, put(doc.clone())).await.status(),
+        StatusCode::BAD_REQUEST
+    );
+    assert!(mem.keys().is_empty(), "{:?}", mem.keys());
+    mem.insert(&format!("{HASH}.narinfo"), NARINFO);
+    assert_eq!(
+        send(&st, put(doc.clone())).await.status(),
+        StatusCode::CREATED
+    );
+    assert_eq!(send(&st, put(doc.clone())).await.status(), StatusCode::OK);
+    let other = br#"{"outPath":"0d71ygfwbmy1xjlbj1v027dfmy9cqavy-other"}"#.to_vec();
+    assert_eq!(send(&st, put(other)).await.status(), StatusCode::CONFLICT);
     let stored = mem
         .get(&format!("build-trace/{DRV}/out"), None)
         .await

@@ -1209,7 +1209,10 @@ async fn puts_are_counted_by_kind_and_verdict_and_reads_are_not() {
         uploads_counted(&st, other).await,
     );
     let id = "/realisations/sha256:0l74sag416b7yzqh28bm87pdp102zcgslqmm73y4qr1rn0rmqsyx!out.doi";
-    let req = authed("PUT", id, "wtok").body(Body::from("{}"));
+    let out = "0d71ygfwbmy1xjlbj1v027dfmy9cqavy-other";
+    mem.insert(&format!("{}.narinfo", &out[..32]), "StorePath: x\n");
+    let doc = format!(r#"{{"outPath":"{out}"}}"#);
+    let req = authed("PUT", id, "wtok").body(Body::from(doc));
     assert_eq!(send(&st, req.unwrap()).await.status(), StatusCode::CREATED);
     assert_eq!(get(&st, id).await.0, StatusCode::OK);
     // Refused by the router, with no error of cellar's own: counted as "other".

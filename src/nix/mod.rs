@@ -5,10 +5,12 @@ pub mod compression;
 pub mod hash;
 pub mod names;
 pub mod narinfo;
+pub mod realisation;
 pub mod signing;
 
 pub use compression::Compression;
 pub use hash::{Sha256, StorePathHash};
 pub use names::{NarFileName, OutputName, RealisationName, StorePathBaseName, TopLevelFile};
 pub use narinfo::{NarInfo, NarInfoError, NarUrlError, MAX_NARINFO_BYTES};
+pub use realisation::{Realisation, RealisationError};
 pub use signing::{PublicKey, SecretKey, Signature};

@@ -33,6 +33,7 @@ pub mod digest;
 mod gc_guard;
 mod listings;
 mod narinfo;
+mod realisation;
 
 use std::collections::{HashMap, HashSet};
 use std::sync::{Arc, Mutex};
@@ -49,6 +50,7 @@ use crate::store::{object_key, Store, StoreError};
 use crate::sync::lock;
 
 pub use digest::{FileDigest, Limits, NarDigest};
+pub use realisation::{RealisationStored, MAX_REALISATION_BYTES};
 
 /// Build logs larger than this are refused (HTTP uploads and `cellar import`).
 pub const MAX_LOG_BYTES: u64 = 1 << 30;
@@ -220,6 +222,8 @@ pub struct Uploader {
     access: Option<Arc<crate::gc::access::AccessLog>>,
     /// Listings uploaded and waiting for their narinfo ([`listings`]).
     listings: listings::Listings,
+    /// Held by a realisation upload from its read of the stored one to its write.
+    realisations: tokio::sync::Mutex<()>,
     /// The collectors' announcements, as uploads read them after their records.
     announcements: Arc<announcements::Announcements>,
 }
@@ -252,6 +256,7 @@ impl Uploader {
             probed_absent: Mutex::new(HashMap::new()),
             access: None,
             listings: listings::Listings::default(),
+            realisations: tokio::sync::Mutex::new(()),
         }
     }
 
@@ -675,7 +680,7 @@ impl Uploader {
         Ok(())
     }
 
-    /// Stores a listing, log or realisation as sent, streamed; counted among the uploads
+    /// Stores a log as sent, streamed; counted among the uploads
     /// running (`upload.max_concurrent`), as each holds a store writer and its buffer.
     pub async fn put_plain<S>(&self, key: &str, body: S, limit: u64) -> Result<(), Error>
     where

@@ -323,6 +323,24 @@ impl Uploader {
         })
     }
 
+    /// Whether the path `h` is in the cache: its narinfo in the store, else (with
+    /// `upstreams`) served by an upstream, which clients substituting through this server get
+    /// it from. Upstreams are asked only for paths the store lacks: a `nix copy --to` uploads
+    /// references first, so its uploads never reach an upstream.
+    pub(super) async fn in_cache(
+        &self,
+        h: StorePathHash,
+        upstreams: Option<&Upstreams>,
+    ) -> Result<bool, StoreError> {
+        if self.recently_written(h) || self.store.head(&object_key::narinfo(h)).await?.is_some() {
+            return Ok(true);
+        }
+        match upstreams {
+            Some(u) if !u.is_empty() => u.has(h).await,
+            _ => Ok(false),
+        }
+    }
+
     /// Refuses `info` unless each of its references is in the cache: written by this
     /// process recently ([`Uploader::recently_written`]: no request), else found in the
     /// store, else (with `upstreams`) served by an upstream.
@@ -338,21 +356,8 @@ impl Uploader {
             .filter(|r| r.hash() != own && !self.recently_written(r.hash()))
             .map(|r| (r.hash(), r.to_string()))
             .collect();
-        let store = &self.store;
-        let lookups = refs.into_iter().map(|(h, name)| {
-            async move {
-                if store.head(&object_key::narinfo(h)).await?.is_some() {
-                    return Ok::<_, StoreError>(None);
-                }
-                // Clients substituting through this server get it from an upstream. Asked
-                // only for references the store lacks: a `nix copy --to` uploads references
-                // first, so its uploads never reach an upstream.
-                let upstream = match upstreams {
-                    Some(u) if !u.is_empty() => u.has(h).await?,
-                    _ => false,
-                };
-                Ok(if upstream { None } else { Some(name) })
-            }
+        let lookups = refs.into_iter().map(|(h, name)| async move {
+            Ok::<_, StoreError>((!self.in_cache(h, upstreams).await?).then_some(name))
         });
         let found: Vec<Option<String>> = futures::stream::iter(lookups)
             .buffer_unordered(16)

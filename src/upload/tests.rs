@@ -1287,3 +1287,103 @@ async fn listings_are_written_with_their_narinfo_only() {
         .unwrap_err();
     assert!(e.to_string().contains("larger than"), "{e}");
 }
+
+mod realisations {
+    use super::*;
+
+    const KEY: &str =
+        "realisations/sha256:15e3c560894cbb27085cf65b5a2ecb18488c999497f4531b6907a7581ce6d527!out.doi";
+
+    fn realisation(out: &str, sigs: &[&str]) -> Bytes {
+        Bytes::from(
+            serde_json::to_vec(&serde_json::json!({
+                "dependentRealisations": {},
+                "id": "sha256:15e3c560894cbb27085cf65b5a2ecb18488c999497f4531b6907a7581ce6d527!out",
+                "outPath": out,
+                "signatures": sigs,
+            }))
+            .unwrap(),
+        )
+    }
+
+    async fn stored(mem: &MemoryStore) -> Option<crate::nix::Realisation> {
+        let raw = mem.get_bytes(KEY, 1 << 20).await.unwrap()?;
+        Some(crate::nix::Realisation::parse(&raw).unwrap())
+    }
+
+    const OTHER: &str = "0d71ygfwbmy1xjlbj1v027dfmy9cqavy-other";
+
+    /// A realisation is stored once the path it names is in the cache, and refused before.
+    #[tokio::test]
+    async fn a_realisation_waits_for_its_output() {
+        let (mem, up) = uploader();
+        let err = up
+            .put_realisation(KEY, realisation(PATH, &[]), None)
+            .await
+            .unwrap_err();
+        assert_eq!(err.status(), axum::http::StatusCode::BAD_REQUEST, "{err}");
+        assert!(err.to_string().contains(PATH), "{err}");
+        assert!(stored(&mem).await.is_none());
+        mem.insert(&format!("{}.narinfo", &PATH[..32]), "StorePath: x\n");
+        let sent = realisation(PATH, &["k:1"]);
+        let done = up.put_realisation(KEY, sent.clone(), None).await.unwrap();
+        assert_eq!(done, RealisationStored::Written);
+        assert_eq!(mem.get_bytes(KEY, 1 << 20).await.unwrap().unwrap(), sent);
+    }
+
+    /// A published realisation is kept: sent again it writes nothing; with a signature more
+    /// it gains that signature; naming another path it is a conflict, and stays.
+    #[tokio::test]
+    async fn a_published_realisation_is_kept() {
+        let (mem, up) = uploader();
+        mem.insert(&format!("{}.narinfo", &PATH[..32]), "StorePath: x\n");
+        mem.insert(&format!("{}.narinfo", &OTHER[..32]), "StorePath: y\n");
+        let first = realisation(PATH, &["k:1"]);
+        up.put_realisation(KEY, first.clone(), None).await.unwrap();
+        let writes = mem.writes();
+        let again = up.put_realisation(KEY, first.clone(), None).await.unwrap();
+        assert_eq!(again, RealisationStored::Unchanged);
+        assert_eq!(mem.writes(), writes);
+
+        let signed = up
+            .put_realisation(KEY, realisation(PATH, &["j:2"]), None)
+            .await
+            .unwrap();
+        assert_eq!(signed, RealisationStored::Written);
+        let now = stored(&mem).await.unwrap();
+        assert_eq!(
+            now.with_signatures_of(
+                &crate::nix::Realisation::parse(&realisation(PATH, &["k:1", "j:2"])).unwrap()
+            ),
+            None,
+            "both signatures kept"
+        );
+
+        let before = mem.get_bytes(KEY, 1 << 20).await.unwrap();
+        let err = up
+            .put_realisation(KEY, realisation(OTHER, &["k:1"]), None)
+            .await
+            .unwrap_err();
+        assert_eq!(err.status(), axum::http::StatusCode::CONFLICT, "{err}");
+        assert!(err.to_string().contains(OTHER), "{err}");
+        assert_eq!(mem.get_bytes(KEY, 1 << 20).await.unwrap(), before);
+    }
+
+    /// What is not a realisation is refused before the store is asked; a stored one that
+    /// does not parse is replaced by a good upload.
+    #[tokio::test]
+    async fn garbage_is_refused_and_replaced() {
+        let (mem, up) = uploader();
+        let err = up
+            .put_realisation(KEY, Bytes::from_static(b"{\"outPath\": 1}"), None)
+            .await
+            .unwrap_err();
+        assert_eq!(err.status(), axum::http::StatusCode::BAD_REQUEST, "{err}");
+        assert_eq!(mem.gets_under(""), 0);
+        mem.insert(KEY, "garbage");
+        mem.insert(&format!("{}.narinfo", &PATH[..32]), "StorePath: x\n");
+        let sent = realisation(PATH, &[]);
+        up.put_realisation(KEY, sent.clone(), None).await.unwrap();
+        assert_eq!(mem.get_bytes(KEY, 1 << 20).await.unwrap().unwrap(), sent);
+    }
+}

@@ -1,0 +1,148 @@
+//! The realisation of a content-addressed derivation's output: the JSON Nix uploads for it
+//! (`realisations/<drvhash>!<output>.doi`, `build-trace/<drv>/<output>`). Every form Nix has
+//! written has `outPath` (the store path's last component, `<hash>-<name>`) and
+//! `signatures`; older ones also `id` and `dependentRealisations`, which are kept as sent.
+
+use serde_json::{Map, Value};
+
+use super::{StorePathBaseName, StorePathHash};
+
+/// A realisation as uploaded: its JSON object and the path it names.
+#[derive(Debug, Clone)]
+pub struct Realisation {
+    doc: Map<String, Value>,
+    out: StorePathBaseName,
+}
+
+/// Why an upload is not a realisation.
+#[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
+pub enum RealisationError {
+    #[error("not a JSON object")]
+    NotAnObject,
+    #[error("no outPath")]
+    NoOutPath,
+    #[error("outPath {0:?} is not a store path")]
+    BadOutPath(String),
+    #[error("signatures is not a list")]
+    BadSignatures,
+}
+
+impl Realisation {
+    /// Parses an uploaded realisation. `outPath` may be a whole store path (`/nix/store/…`)
+    /// or, as Nix writes it, its last component.
+    pub fn parse(raw: &[u8]) -> Result<Self, RealisationError> {
+        let Ok(Value::Object(doc)) = serde_json::from_slice(raw) else {
+            return Err(RealisationError::NotAnObject);
+        };
+        let out = match doc.get("outPath") {
+            Some(Value::String(p)) => {
+                let base = p.rsplit('/').next().unwrap_or(p);
+                base.parse()
+                    .map_err(|_| RealisationError::BadOutPath(p.clone()))?
+            }
+            _ => return Err(RealisationError::NoOutPath),
+        };
+        if !matches!(doc.get("signatures"), None | Some(Value::Array(_))) {
+            return Err(RealisationError::BadSignatures);
+        }
+        Ok(Self { doc, out })
+    }
+
+    /// The output path it names.
+    pub fn out_path(&self) -> &StorePathBaseName {
+        &self.out
+    }
+
+    pub fn out_hash(&self) -> StorePathHash {
+        self.out.hash()
+    }
+
+    fn signatures(&self) -> &[Value] {
+        match self.doc.get("signatures") {
+            Some(Value::Array(s)) => s,
+            _ => &[],
+        }
+    }
+
+    /// This realisation with the signatures of `other` (of the same output) it lacks added,
+    /// as JSON; `None` if it has them all already.
+    pub fn with_signatures_of(&self, other: &Self) -> Option<Vec<u8>> {
+        let mine = self.signatures();
+        let new: Vec<Value> = other
+            .signatures()
+            .iter()
+            .filter(|s| !mine.contains(s))
+            .cloned()
+            .collect();
+        if new.is_empty() {
+            return None;
+        }
+        let mut doc = self.doc.clone();
+        let mut all = mine.to_vec();
+        all.extend(new);
+        doc.insert("signatures".into(), Value::Array(all));
+        serde_json::to_vec(&doc).ok()
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    const OUT: &str = "g1w7hy3qg1w7hy3qg1w7hy3qg1w7hy3q-foo";
+
+    fn doc(out: &str, sigs: &[&str]) -> Vec<u8> {
+        serde_json::to_vec(&serde_json::json!({
+            "dependentRealisations": {},
+            "id": "sha256:15e3c560894cbb27085cf65b5a2ecb18488c999497f4531b6907a7581ce6d527!out",
+            "outPath": out,
+            "signatures": sigs,
+        }))
+        .unwrap()
+    }
+
+    #[test]
+    fn names_its_output_as_nix_or_as_a_whole_path() {
+        let r = Realisation::parse(&doc(OUT, &[])).unwrap();
+        assert_eq!(r.out_path().as_str(), OUT);
+        assert_eq!(r.out_hash().as_str(), &OUT[..32]);
+        let whole = Realisation::parse(&doc(&format!("/nix/store/{OUT}"), &[])).unwrap();
+        assert_eq!(whole.out_path().as_str(), OUT);
+        // The newest form: only outPath and signatures (as objects).
+        let new = br#"{"outPath":"g1w7hy3qg1w7hy3qg1w7hy3qg1w7hy3q-foo","signatures":[{"keyName":"k","sig":"s"}]}"#;
+        assert_eq!(Realisation::parse(new).unwrap().out_path().as_str(), OUT);
+    }
+
+    #[test]
+    fn what_is_not_a_realisation_is_refused() {
+        for (raw, want) in [
+            (&b"[]"[..], RealisationError::NotAnObject),
+            (b"not json", RealisationError::NotAnObject),
+            (b"{}", RealisationError::NoOutPath),
+            (br#"{"outPath":7}"#, RealisationError::NoOutPath),
+            (
+                br#"{"outPath":"nothash-foo"}"#,
+                RealisationError::BadOutPath("nothash-foo".into()),
+            ),
+            (
+                br#"{"outPath":"g1w7hy3qg1w7hy3qg1w7hy3qg1w7hy3q-foo","signatures":"x"}"#,
+                RealisationError::BadSignatures,
+            ),
+        ] {
+            assert_eq!(Realisation::parse(raw).unwrap_err(), want, "{raw:?}");
+        }
+    }
+
+    #[test]
+    fn signatures_are_added_once() {
+        let stored = Realisation::parse(&doc(OUT, &["a:1", "b:2"])).unwrap();
+        let same = Realisation::parse(&doc(OUT, &["b:2"])).unwrap();
+        assert!(stored.with_signatures_of(&same).is_none());
+        let more = Realisation::parse(&doc(OUT, &["c:3", "a:1"])).unwrap();
+        let merged = Realisation::parse(&stored.with_signatures_of(&more).unwrap()).unwrap();
+        assert_eq!(merged.signatures(), ["a:1", "b:2", "c:3"]);
+        // The rest is the stored one's.
+        assert_eq!(merged.doc.get("id"), stored.doc.get("id"));
+        assert_eq!(merged.out_path(), stored.out_path());
+    }
+}

@@ -1,0 +1,73 @@
+//! Realisations of content-addressed derivations' outputs, checked before they are stored:
+//! the path one names must be in the cache (Nix uploads it first), and one already published
+//! is kept. A second upload naming the same path adds the signatures it brings; one naming
+//! another path (a build that is not reproducible, pushed by a second builder) is a conflict
+//! (409), as Nix's own store refuses it: clients that substituted the first output keep
+//! agreeing with the cache.
+
+use bytes::Bytes;
+
+use super::{rejected, Uploader};
+use crate::error::{Error, UploadError};
+use crate::nix::Realisation;
+use crate::upstream::Upstreams;
+
+/// What a realisation upload did.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum RealisationStored {
+    /// Written: new, or the stored one with signatures added.
+    Written,
+    /// The stored one names the same path and has every signature sent: nothing written.
+    Unchanged,
+}
+
+/// A stored realisation is read up to this size (an upload is limited to it too).
+pub const MAX_REALISATION_BYTES: u64 = 1 << 20;
+
+impl Uploader {
+    /// Stores the realisation `raw` under `key` (`realisations/…` or `build-trace/…`).
+    pub async fn put_realisation(
+        &self,
+        key: &str,
+        raw: Bytes,
+        upstreams: Option<&Upstreams>,
+    ) -> Result<RealisationStored, Error> {
+        let sent =
+            Realisation::parse(&raw).map_err(|e| rejected(format!("not a realisation: {e}")))?;
+        let _slot = self.admit().await?;
+        // One at a time in this process, so two uploads of one output cannot both find it
+        // absent (replicas may still race; the first written then is replaced).
+        let _one = self.realisations.lock().await;
+        let stored = self.store.get_bytes(key, MAX_REALISATION_BYTES).await?;
+        let stored = stored.and_then(|s| match Realisation::parse(&s) {
+            Ok(r) => Some(r),
+            Err(e) => {
+                tracing::warn!(key, cause = %e, "stored realisation unreadable: replaced by the upload");
+                None
+            }
+        });
+        let write = match &stored {
+            Some(s) if s.out_path() != sent.out_path() => {
+                return Err(Error::Upload(UploadError::RealisationConflict {
+                    key: key.to_owned(),
+                    stored: format!("{}/{}", self.store_dir, s.out_path()),
+                    uploaded: format!("{}/{}", self.store_dir, sent.out_path()),
+                }));
+            }
+            Some(s) => match s.with_signatures_of(&sent) {
+                Some(merged) => Bytes::from(merged),
+                None => return Ok(RealisationStored::Unchanged),
+            },
+            None => raw,
+        };
+        if !self.in_cache(sent.out_hash(), upstreams).await? {
+            return Err(rejected(format!(
+                "its output {}/{} is not in the cache; upload the path first",
+                self.store_dir,
+                sent.out_path()
+            )));
+        }
+        self.store.put_bytes(key, write).await?;
+        Ok(RealisationStored::Written)
+    }
+}
