@@ -163,8 +163,10 @@ pub struct AccessLog {
     // A std Mutex: held for set operations only, never across an await.
     pending: Mutex<HashSet<Entry>>,
     full: tokio::sync::Notify,
-    /// One write at a time, so a record's sequence number follows the order of writes.
-    writing: tokio::sync::Mutex<()>,
+    /// One use flush at a time (the flusher's, and the last one at shutdown). Upload records
+    /// do not take it: an upload waits for its own record only, never for a large flush
+    /// of uses or for another upload's record.
+    flushing: tokio::sync::Mutex<()>,
     /// Paths the upload address was asked about, for the next upload record.
     probed: Mutex<HashSet<StorePathHash>>,
     /// When the upload address was last asked about a path.
@@ -184,7 +186,7 @@ impl AccessLog {
             max_entries,
             pending: Mutex::new(HashSet::new()),
             full: tokio::sync::Notify::new(),
-            writing: tokio::sync::Mutex::new(()),
+            flushing: tokio::sync::Mutex::new(()),
             probed: Mutex::new(HashSet::new()),
             last_probe: Mutex::new(None),
             covered: Mutex::new(HashMap::new()),
@@ -262,7 +264,6 @@ impl AccessLog {
     /// Writes `entries` and the paths probed since the last upload record as one record, and
     /// remembers them as covered from the moment the write started.
     async fn write_upload_record(&self, mut entries: Vec<Entry>) -> Result<(), StoreError> {
-        let _w = self.writing.lock().await;
         let probed = std::mem::take(&mut *lock(&self.probed));
         entries.extend(probed.iter().map(|h| Entry::Path(*h)));
         // Until written, the probes go back if the write fails or is dropped (the upload's
@@ -319,7 +320,7 @@ impl AccessLog {
 
     /// Writes what was recorded since the last write (nothing if nothing was).
     pub async fn flush(&self) -> Result<(), StoreError> {
-        let _w = self.writing.lock().await;
+        let _f = self.flushing.lock().await;
         let entries: Vec<Entry> = std::mem::take(&mut *lock(&self.pending))
             .into_iter()
             .collect();
@@ -779,6 +780,40 @@ mod tests {
 
     /// A flush dropped while it writes (the flusher stopped at shutdown) loses nothing: the
     /// next flush, the last one, writes what it had taken.
+    /// An upload's record is written while a flush of uses is under way (a large one takes
+    /// seconds): it does not wait for it.
+    #[tokio::test]
+    async fn an_upload_record_does_not_wait_for_a_flush_of_uses() {
+        let mem = Arc::new(crate::store::memory::MemoryStore::new());
+        let log = AccessLog::new(mem.clone(), 1000).covering_uploads_for(UPLOAD_COVER);
+        let h: StorePathHash = "6bxnj2gfflqa529lddzh3zhcn45nn86r".parse().unwrap();
+        log.record_path(h);
+        log.record_probe(h);
+        // The flush is the first write: sequence number 0.
+        let first = format!(
+            "{RESERVED_PREFIX}{DIR}{}/{}-00000000",
+            day(SystemTime::now()),
+            log.process
+        );
+        let gate = mem.hold_writes(&first);
+        let flush = log.flush();
+        tokio::pin!(flush);
+        tokio::select! {
+            _ = &mut flush => panic!("the flush went through the gate"),
+            () = gate.reached() => {}
+        }
+        let record =
+            tokio::time::timeout(Duration::from_secs(60), log.record_nar_upload(&["x.nar"]));
+        tokio::select! {
+            _ = &mut flush => panic!("the flush went through the gate"),
+            written = record => assert!(written.expect("waited for the flush").unwrap()),
+        }
+        assert!(mem.keys().iter().any(|k| k.ends_with(UPLOAD_SUFFIX)));
+        gate.open();
+        flush.await.unwrap();
+        assert_eq!(mem.keys().len(), 2, "{:?}", mem.keys());
+    }
+
     #[tokio::test]
     async fn a_flush_dropped_mid_write_leaves_its_entries_for_the_next() {
         let mem = Arc::new(crate::store::memory::MemoryStore::new());
