@@ -218,11 +218,16 @@ fn durations_and_counts_have_upper_bounds() {
         ),
         ("max_connections = 1000001", "max_connections"),
         ("[upload]\nmax_concurrent = 129", "upload.max_concurrent"),
+        (
+            "[gc]\naccess_max_entries = 2000001",
+            "gc.access_max_entries",
+        ),
     ] {
         let e = from_toml(toml).unwrap_err().to_string();
         assert!(e.contains(key) && e.contains("at most"), "{toml}: {e}");
     }
     assert!(from_toml("[upload]\nmax_concurrent = 128").is_ok());
+    assert!(from_toml("[gc]\naccess_max_entries = 2000000").is_ok());
     // Ten years is still a duration.
     let c = from_toml("[cache]\nnarinfo_ttl_secs = 315360000").unwrap();
     assert_eq!(c.cache.narinfo_ttl, Duration::from_secs(315_360_000));

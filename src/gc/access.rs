@@ -89,14 +89,14 @@ pub enum Entry {
     Nar(Box<str>),
 }
 
-pub fn render(entries: impl IntoIterator<Item = Entry>) -> String {
+pub fn render<E: std::borrow::Borrow<Entry>>(entries: impl IntoIterator<Item = E>) -> String {
     let mut s = format!("{HEADER}\n");
     for e in entries {
-        match e {
+        match e.borrow() {
             Entry::Path(h) => s.push_str(h.as_str()),
             Entry::Nar(f) => {
                 s.push_str("nar/");
-                s.push_str(&f);
+                s.push_str(f);
             }
         }
         s.push('\n');
@@ -270,7 +270,7 @@ impl AccessLog {
         // client gone): the next upload record names them instead.
         let mut taken = Taken::new(self, &self.probed, probed);
         let started = Instant::now();
-        self.write(entries.clone(), UPLOAD_SUFFIX).await?;
+        self.write(render(&entries), UPLOAD_SUFFIX).await?;
         taken.written();
         if !self.cover_for.is_zero() {
             let mut covered = lock(&self.covered);
@@ -329,8 +329,10 @@ impl AccessLog {
         }
         // Kept for the next attempt if the write fails, or is dropped (the flusher stopped at
         // shutdown mid-write: the last flush then writes them).
-        let mut taken = Taken::new(self, &self.pending, entries.clone());
-        self.write(entries, "").await?;
+        // Rendered from the entries taken, not from a copy of them: a full set is large.
+        let text = render(&entries);
+        let mut taken = Taken::new(self, &self.pending, entries);
+        self.write(text, "").await?;
         taken.written();
         Ok(())
     }
@@ -350,18 +352,15 @@ impl AccessLog {
         }
     }
 
-    /// Writes `entries` as a new record whose key ends with `suffix`.
-    async fn write(&self, entries: Vec<Entry>, suffix: &str) -> Result<(), StoreError> {
+    /// Writes `text` (a rendered record) as a new record whose key ends with `suffix`.
+    async fn write(&self, text: String, suffix: &str) -> Result<(), StoreError> {
         let seq = self.seq.fetch_add(1, Ordering::SeqCst);
         let key = format!(
             "{RESERVED_PREFIX}{DIR}{}/{}-{seq:08}{suffix}",
             day(SystemTime::now()),
             self.process
         );
-        let written = self
-            .store
-            .put_bytes(&key, Bytes::from(render(entries)))
-            .await;
+        let written = self.store.put_bytes(&key, Bytes::from(text)).await;
         let kind = if suffix == UPLOAD_SUFFIX {
             "upload"
         } else {

@@ -96,7 +96,7 @@ async fn keeps_pinned_recent_and_young_closures_and_deletes_the_rest_whole() {
     mem.insert_at("_cellar/pins/release", pin, now - old);
     let record = render([Entry::Path(read.hash.parse().unwrap())]);
     mem.insert_at("_cellar/access/x/p-1", record, now - 2 * DAY);
-    mem.insert_at("_cellar/access/x/p-0", render([]), now - 40 * DAY);
+    mem.insert_at("_cellar/access/x/p-0", render::<Entry>([]), now - 40 * DAY);
 
     let before = mem.keys();
     let dry = gc(&mem, &cfg(), now, false).await;
@@ -235,7 +235,7 @@ async fn a_damaged_use_record_counts_its_good_lines_and_is_reported() {
     let now = SystemTime::now();
     let read = path(&mem, "read", &[], 100 * DAY, now);
     let unread = path(&mem, "unread", &[], 100 * DAY, now);
-    let record = format!("{}not a hash\n{}\n", render([]), read.hash);
+    let record = format!("{}not a hash\n{}\n", render::<Entry>([]), read.hash);
     mem.insert_at("_cellar/access/x/p-1", record, now - DAY);
     let s = gc(&mem, &cfg(), now, true).await;
     assert!(s.errors.is_empty(), "{:?}", s.errors);

@@ -45,6 +45,14 @@ impl GcSection {
                 "must be at least 1000 (a full set is flushed early, not dropped)",
             ));
         }
+        // A full set must stay a record collectors read (at most 256 MiB, ~65 bytes a line).
+        if self.access_max_entries > 2_000_000 {
+            return Err(ConfigError::invalid(
+                "gc.access_max_entries",
+                "must be at most 2000000 (a larger set writes records too large for \
+                 `cellar gc` to read; lower gc.access_flush_secs instead)",
+            ));
+        }
         Ok(GcConfig {
             keep: Duration::from_secs(self.keep_days * 24 * 3600),
             grace: secs("gc.grace_secs", self.grace_secs, 0)?,
