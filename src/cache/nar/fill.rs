@@ -63,6 +63,9 @@ pub(super) const PARTS_IN_MEMORY: usize = 8;
 /// dropping them would hold that many store connections and write buffers; beyond it, NARs
 /// stream from the store for as long as their request lasts and are not kept.
 pub(super) const MAX_RUNNING: usize = 32;
+/// How long a prefetch waits for the fill it started before it gives its slot back to the
+/// next one (the fill goes on).
+pub(super) const PREFETCH_HOLD: Duration = Duration::from_secs(10);
 
 /// How a fill's store answer is served; what its cell holds once set.
 pub(super) enum Started {
@@ -258,7 +261,8 @@ impl NarCache {
 
     /// Fills the cache with `name` ahead of any request, unless it is on disk or on its way
     /// already, or would not be kept (`size` is what its narinfo says); returns once that fill
-    /// is over, saying how it went (a metrics label).
+    /// is over, or has run for [`PREFETCH_HOLD`] ("started"), saying how it went (a metrics
+    /// label).
     pub async fn prefetch(
         self: &Arc<Self>,
         name: &NarFileName,
@@ -297,7 +301,12 @@ impl NarCache {
             )
             .await;
         match filling {
-            Some(Ok(Some(h))) => h.finished().await,
+            // The caller's prefetch slot is held only so long: a NAR a slow upstream trickles
+            // in would otherwise keep it for the whole download, and the fills of NARs from a
+            // fast store waited behind. The fill goes on (bounded by `MAX_RUNNING`).
+            Some(Ok(Some(h))) => tokio::time::timeout(PREFETCH_HOLD, h.finished())
+                .await
+                .unwrap_or("started"),
             Some(Ok(None)) => "loaded",
             Some(Err(result)) => result,
             None => "cached",

@@ -1441,6 +1441,32 @@ async fn fills_are_bounded() {
     assert_eq!(mem.gets_under(&key), 0);
 }
 
+/// A prefetch whose fill is slow (a NAR an upstream trickles in) gives its slot back after
+/// `PREFETCH_HOLD`, saying "started", and the fill goes on.
+#[tokio::test(start_paused = true)]
+async fn a_slow_prefetch_gives_its_slot_back_and_its_fill_goes_on() {
+    let dir = tempfile::tempdir().unwrap();
+    // A part that has gone quiet is asked for again only after a fraction of this, which
+    // is still far longer than the hold.
+    let cache = NarCache::open(dir.path(), 1 << 30, Duration::from_secs(3600)).unwrap();
+    let mem = Arc::new(MemoryStore::new());
+    let store: Arc<dyn Store> = mem.clone();
+    mem.fault_range(0, RangeFault::Stall, 1);
+    let name: NarFileName = NAME.parse().unwrap();
+    let key = format!("nar/{NAME}");
+    // Read in parts, the first of which stalls halfway.
+    let size = 3 * super::fill::PART;
+    mem.insert(&key, vec![1u8; size as usize]);
+    let started = tokio::time::Instant::now();
+    assert_eq!(cache.prefetch(&name, &key, size, &store).await, "started");
+    assert!(started.elapsed() >= super::fill::PREFETCH_HOLD);
+    assert_eq!(
+        cache.running.load(std::sync::atomic::Ordering::SeqCst),
+        1,
+        "the fill stopped"
+    );
+}
+
 /// Asks `cache` for the NAR [`NAME`] with the size its narinfo gives.
 async fn get_announced(
     cache: &Arc<NarCache>,
