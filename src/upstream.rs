@@ -723,14 +723,62 @@ async fn read_capped(res: reqwest::Response, cap: usize) -> Result<bytes::Bytes,
 pub struct WithUpstreams {
     pub store: std::sync::Arc<dyn Store>,
     pub upstreams: std::sync::Arc<Upstreams>,
+    /// Objects an upstream served from their first byte (the store had none), for
+    /// [`UPSTREAM_FIRST_FOR`]: the later parts of a NAR read in parts (the disk cache reads a
+    /// large NAR 4 MiB at a time) are asked of the upstreams first, not each of the store
+    /// first for a miss (a 1 GiB NAR: 256 GETs of the bucket that find nothing).
+    upstream_first: moka::future::Cache<String, ()>,
+}
+
+/// How long an object an upstream served keeps its later parts going to the upstreams first.
+const UPSTREAM_FIRST_FOR: Duration = Duration::from_secs(600);
+
+impl WithUpstreams {
+    pub fn new(store: std::sync::Arc<dyn Store>, upstreams: std::sync::Arc<Upstreams>) -> Self {
+        Self {
+            store,
+            upstreams,
+            upstream_first: moka::future::Cache::builder()
+                .max_capacity(4096)
+                .time_to_live(UPSTREAM_FIRST_FOR)
+                .eviction_policy(moka::policy::EvictionPolicy::lru())
+                .build(),
+        }
+    }
 }
 
 #[async_trait]
 impl Store for WithUpstreams {
     async fn get(&self, key: &str, range: Option<ByteRange>) -> Result<Option<Object>, StoreError> {
+        let later_part = matches!(range, Some(ByteRange::From { start, .. }) if start > 0);
+        if later_part && self.upstream_first.contains_key(key) {
+            // The store is still asked if no upstream serves it (any more): mirrored or
+            // uploaded since, it is the same NAR.
+            match self.upstreams.get(key, range).await {
+                Ok(Some(o)) => return Ok(Some(o)),
+                Ok(None) => return self.store.get(key, range).await,
+                Err(e) => {
+                    return match self.store.get(key, range).await {
+                        Ok(Some(o)) => Ok(Some(o)),
+                        _ => Err(e),
+                    }
+                }
+            }
+        }
         match self.store.get(key, range).await? {
-            Some(o) => Ok(Some(o)),
-            None => self.upstreams.get(key, range).await,
+            Some(o) => {
+                if !later_part {
+                    self.upstream_first.invalidate(key).await;
+                }
+                Ok(Some(o))
+            }
+            None => {
+                let o = self.upstreams.get(key, range).await?;
+                if o.is_some() && !later_part {
+                    self.upstream_first.insert(key.to_owned(), ()).await;
+                }
+                Ok(o)
+            }
         }
     }
 

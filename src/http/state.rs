@@ -216,10 +216,7 @@ impl Live {
         let reads: Arc<dyn Store> = if upstreams.is_empty() {
             store.clone()
         } else {
-            Arc::new(WithUpstreams {
-                store: store.clone(),
-                upstreams: upstreams.clone(),
-            })
+            Arc::new(WithUpstreams::new(store.clone(), upstreams.clone()))
         };
         let mirror = Mirror::new(uploader.clone(), reads.clone(), upstreams.clone());
         // Digits and ASCII only: always a valid header value.

@@ -738,3 +738,41 @@ async fn a_routed_nar_falls_back_to_the_others_only_when_its_upstream_cannot_ans
     assert_eq!(chunks.concat(), b"0123456789");
     assert_eq!(asked.load(Ordering::SeqCst), 1);
 }
+
+/// The later parts of an object an upstream served from its first byte go to the upstreams
+/// first, not each to the store for a miss; an object the store served stays the store's.
+#[tokio::test]
+async fn later_parts_of_an_upstream_object_skip_the_store() {
+    let mem = Arc::new(crate::store::memory::MemoryStore::new());
+    let store: Arc<dyn Store> = mem.clone();
+    let both = WithUpstreams::new(store, Arc::new(plain_upstreams().await));
+    let part = |start| {
+        Some(ByteRange::From {
+            start,
+            end: Some(start + 1),
+        })
+    };
+    let read = |key: &'static str, range| {
+        let both = &both;
+        async move {
+            let obj = both.get(key, range).await.unwrap().unwrap();
+            let chunks: Vec<bytes::Bytes> = obj.body.try_collect().await.unwrap();
+            chunks.concat()
+        }
+    };
+    // This upstream sends a range from the first byte as the whole object.
+    assert_eq!(read("nar/whole.nar", part(0)).await, b"0123456789");
+    assert_eq!(mem.gets_under("nar/"), 1);
+    assert_eq!(read("nar/whole.nar", part(2)).await, b"23");
+    assert_eq!(read("nar/whole.nar", part(4)).await, b"45");
+    assert_eq!(
+        mem.gets_under("nar/"),
+        1,
+        "the store was asked for later parts"
+    );
+    // Now in the store (mirrored): read from there again from its first byte on.
+    mem.insert("nar/whole.nar", b"0123456789".to_vec());
+    assert_eq!(read("nar/whole.nar", part(0)).await, b"01");
+    assert_eq!(read("nar/whole.nar", part(2)).await, b"23");
+    assert_eq!(mem.gets_under("nar/"), 3);
+}
