@@ -328,6 +328,7 @@ fn serve(path: Option<&Path>, log_format: Option<LogFormat>) -> anyhow::Result<(
             None => None,
         };
         spawn_staging_cleanup(store.clone(), cfg.upload.staging_max_age);
+        spawn_store_check(store.clone(), cfg.store.timeout);
         let state = AppState::new(cfg, store, loaded.keys)?;
         if let Some(l) = metrics_listener {
             serve_metrics(l, state.clone());
@@ -399,6 +400,31 @@ fn announce(addr: std::net::SocketAddr) {
     use std::io::Write as _;
     // A closed stdout must not stop the server (the address is in the log too).
     let _ = writeln!(std::io::stdout(), "listening on http://{addr}");
+}
+
+/// Asks the store once, right after start-up: a wrong endpoint, bucket, region or credentials
+/// then show in the log at once, with the keys to check, not at the first client's 502 or 503.
+/// The server serves anyway (an S3 store still starting is no reason to stop); `/readyz`
+/// answers 503 until the store answers.
+fn spawn_store_check(store: std::sync::Arc<dyn cellar::store::Store>, timeout: Duration) {
+    tokio::spawn(async move {
+        let what = store.describe();
+        let check = "check store.endpoint, store.bucket, store.prefix, store.region and the \
+                     credentials; serving anyway, /readyz answers 503 until the store answers";
+        match tokio::time::timeout(timeout, store.ping()).await {
+            Ok(Ok(())) => tracing::debug!(store = %what, "the store answers"),
+            Ok(Err(e @ cellar::store::StoreError::Misconfigured(_))) => {
+                tracing::error!(store = %what, cause = %e, "the store refuses cellar at start-up ({check})")
+            }
+            Ok(Err(e)) => {
+                tracing::warn!(store = %what, cause = %e, "the store cannot be reached at start-up ({check})")
+            }
+            Err(_) => tracing::warn!(
+                store = %what,
+                "the store did not answer within store.timeout_secs at start-up ({check})"
+            ),
+        }
+    });
 }
 
 /// Removes unfinished uploads (aborted multipart uploads, temporary files) at start and hourly.

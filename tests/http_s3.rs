@@ -781,6 +781,45 @@ async fn store_down_is_503_and_recovers() {
     assert!(body == cold_nar, "NAR after recovery differs");
 }
 
+/// A store that refuses cellar (a wrong secret) or cannot be reached (nothing listening at
+/// the endpoint) is said in the log right after start-up, with the keys to check, before any
+/// client asks; the server serves anyway, and `/readyz` says it is not ready.
+#[tokio::test(flavor = "multi_thread")]
+async fn a_store_refusing_or_unreachable_at_start_up_is_logged_at_once() {
+    let s3 = s3_env();
+    let closed = {
+        let l = std::net::TcpListener::bind("127.0.0.1:0").unwrap();
+        format!("http://{}", l.local_addr().unwrap())
+    };
+    for (endpoint, secret, said) in [
+        (
+            s3.endpoint.clone(),
+            "not-the-secret",
+            "the store refuses cellar at start-up",
+        ),
+        (
+            closed,
+            s3.secret.as_str(),
+            "the store cannot be reached at start-up",
+        ),
+    ] {
+        let mut env = s3_store_env(&s3, &endpoint, &unique_prefix("start-check"));
+        env.push(("CELLAR_STORE__ACCESS_KEY_ID".into(), s3.key_id.clone()));
+        env.push(("CELLAR_STORE__SECRET_ACCESS_KEY".into(), secret.into()));
+        let srv = tokio::task::spawn_blocking(move || {
+            let srv = Server::start(env);
+            srv.wait_for_log(said, 1);
+            srv
+        })
+        .await
+        .unwrap();
+        let log = srv.log();
+        assert!(log.contains("store.endpoint"), "{log}");
+        let r = get(&client(), &format!("{}/readyz", srv.url)).await;
+        assert_eq!(r.status(), StatusCode::SERVICE_UNAVAILABLE, "{said}");
+    }
+}
+
 // ---------------------------------------------------------------------------------------------
 // 6. Corrupt narinfos in the bucket
 
