@@ -303,6 +303,7 @@ fn serve(path: Option<&Path>, log_format: Option<LogFormat>) -> anyhow::Result<(
         .build()
         .context("starting the async runtime")?;
     rt.block_on(async move {
+        let hup = cellar::reload::sighup_handler().context("installing the SIGHUP handler")?;
         let store = store::open(&cfg.store)
             .await
             .with_context(|| format!("opening the store ({})", cfg.store.backend))?;
@@ -328,7 +329,7 @@ fn serve(path: Option<&Path>, log_format: Option<LogFormat>) -> anyhow::Result<(
             None => None,
         };
         spawn_staging_cleanup(store.clone(), cfg.upload.staging_max_age);
-        spawn_store_check(store.clone(), cfg.store.timeout);
+        let store_check = (store.clone(), cfg.store.timeout);
         let state = AppState::new(cfg, store, loaded.keys)?;
         if let Some(l) = metrics_listener {
             serve_metrics(l, state.clone());
@@ -336,8 +337,9 @@ fn serve(path: Option<&Path>, log_format: Option<LogFormat>) -> anyhow::Result<(
         let access = state.access.clone();
         let _ = last_words.set(access.clone());
         let flusher = access.spawn_flusher(state.config.gc.access_flush_interval);
-        cellar::reload::spawn_on_sighup(state.clone(), path.map(Path::to_owned))
-            .context("installing the SIGHUP handler")?;
+        cellar::reload::spawn_on_sighup(state.clone(), path.map(Path::to_owned), hup);
+        // Once start-up cannot fail any more: a store read cut by an exit is no finding.
+        spawn_store_check(store_check.0, store_check.1);
         announce(addr);
         cellar::systemd::ready(&format!("serving on {addr}"));
         cellar::systemd::spawn_watchdog();

@@ -47,12 +47,22 @@ pub fn warn_env_overrides(file: Option<&Path>) {
     }
 }
 
-/// Reloads on every SIGHUP for as long as the runtime lives. The handler is installed
-/// before this returns, so a SIGHUP sent once the server has announced itself is never the
-/// default action (which would end the process).
-pub fn spawn_on_sighup(state: AppState, file: Option<PathBuf>) -> std::io::Result<()> {
+/// Installs the SIGHUP handler: from now on a SIGHUP is not the default action (which ends
+/// the process), and one received before [`spawn_on_sighup`] starts reloading is kept for it.
+/// Called first thing at start-up: a `systemctl reload` (a log rotation's, a deployment's)
+/// during a slow start (the store opened, the AWS credential chain asked) must not end it.
+pub fn sighup_handler() -> std::io::Result<tokio::signal::unix::Signal> {
     use tokio::signal::unix::{signal, SignalKind};
-    let mut hup = signal(SignalKind::hangup())?;
+    signal(SignalKind::hangup())
+}
+
+/// Reloads on every SIGHUP `hup` receives ([`sighup_handler`]) for as long as the runtime
+/// lives.
+pub fn spawn_on_sighup(
+    state: AppState,
+    file: Option<PathBuf>,
+    mut hup: tokio::signal::unix::Signal,
+) {
     tokio::spawn(async move {
         while hup.recv().await.is_some() {
             match reload(&state, file.as_deref()) {
@@ -80,5 +90,4 @@ pub fn spawn_on_sighup(state: AppState, file: Option<PathBuf>) -> std::io::Resul
             }
         }
     });
-    Ok(())
 }
