@@ -918,6 +918,48 @@ mod tests {
         );
     }
 
+    /// The lifetimes the docs give (docs/gc.md): an upload record is read for 30 minutes, and
+    /// stands in for later uploads' records for 10 (well within it).
+    #[test]
+    fn upload_records_live_30_minutes_and_cover_for_10() {
+        assert_eq!(UPLOAD_RECORD_LIFETIME, Duration::from_secs(1800));
+        assert_eq!(UPLOAD_COVER, Duration::from_secs(600));
+    }
+
+    /// The sets of uses and of probes hold at most `max_entries` each.
+    #[test]
+    fn the_sets_hold_at_most_max_entries() {
+        let mem = Arc::new(crate::store::memory::MemoryStore::new());
+        let log = AccessLog::new(mem, 1000);
+        for i in 0..1001u32 {
+            let nix32 = crate::nix::Sha256::digest(&i.to_le_bytes()).to_nix32();
+            let h: StorePathHash = nix32[..32].parse().unwrap();
+            log.record_path(h);
+            log.record_probe(h);
+        }
+        assert_eq!(lock(&log.pending).len(), 1000);
+        assert_eq!(lock(&log.probed).len(), 1000);
+    }
+
+    /// A re-read lists each day from the one before the last listing to the one after now
+    /// (clocks differ), and at most a year of days.
+    #[tokio::test]
+    async fn a_reread_lists_each_day_since_the_last_listing() {
+        const DAY: Duration = Duration::from_secs(86400);
+        let mem = crate::store::memory::MemoryStore::new();
+        let now = SystemTime::now();
+        for (since, days) in [(DAY, 4), (400 * DAY, MAX_REREAD_DAYS)] {
+            let mut acc = Accessed {
+                listed: Some(now - since),
+                ..Accessed::default()
+            };
+            let before = mem.lists();
+            reread(&mem, &mut acc, now).await.unwrap();
+            assert_eq!(mem.lists() - before, days, "listed {since:?} ago");
+            assert_eq!(acc.listed, Some(now));
+        }
+    }
+
     /// A record that could not be read is read by the next re-read: until it is, the re-reads
     /// fail (and nothing is deleted), and it is not taken for read.
     #[tokio::test]

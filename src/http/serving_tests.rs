@@ -465,6 +465,33 @@ async fn the_upload_address_reads_every_kind_of_object_from_the_store() {
     }
 }
 
+/// A NAR served is a use of the paths whose narinfo names it, for `cellar gc` (a client whose
+/// own cache holds the narinfo asks for the NAR alone): recorded; a NAR not found is not.
+#[tokio::test]
+async fn a_nar_served_is_recorded_as_a_use() {
+    use crate::gc::access::{parse, Entry};
+    let mem = Arc::new(MemoryStore::new());
+    mem.insert(&format!("nar/{NAR_FILE}.nar"), vec![1u8; 100]);
+    let st = state(Config::default(), &mem);
+    let (status, _) = get(&st, &format!("/nar/{NAR_FILE}.nar")).await;
+    assert_eq!(status, StatusCode::OK);
+    let absent = format!("{}.nar", "1".repeat(52));
+    let (status, _) = get(&st, &format!("/nar/{absent}")).await;
+    assert_eq!(status, StatusCode::NOT_FOUND);
+    st.access.flush().await.unwrap();
+    let records: Vec<String> = mem
+        .keys()
+        .into_iter()
+        .filter(|k| k.starts_with("_cellar/access/"))
+        .collect();
+    assert_eq!(records.len(), 1, "{records:?}");
+    let text = String::from_utf8(mem.bytes(&records[0]).unwrap().to_vec()).unwrap();
+    assert_eq!(
+        parse(&text).unwrap(),
+        [Entry::Nar(format!("{NAR_FILE}.nar").into())]
+    );
+}
+
 /// `nix copy --to`'s probes of the upload address are named by the record its first NAR
 /// writes, so the narinfo that follows is accepted without a record of its own.
 #[tokio::test]

@@ -324,32 +324,64 @@ fn walk(root: &Path, prefix: &str, tx: &ListSender) {
 }
 
 /// Makes `dir` durable: its entry in its parent and its own entries reach the disk.
-async fn sync_dir(dir: &Path) -> Result<(), StoreError> {
-    let dir = dir.to_path_buf();
-    tokio::task::spawn_blocking(move || std::fs::File::open(&dir)?.sync_all())
-        .await
-        .map_err(|e| StoreError::Other(format!("syncing a directory: {e}")))??;
-    Ok(())
+fn sync_dir(dir: &Path) -> io::Result<()> {
+    std::fs::File::open(dir)?.sync_all()
 }
 
 /// `create_dir_all`, with each directory it creates made durable in its parent: an object
 /// acknowledged in a new directory (`build-trace/<drv>/`, the first `nar/`) must survive a
 /// power cut with the directory.
-async fn create_dirs_durably(dir: &Path) -> Result<(), StoreError> {
+fn create_dirs_durably(dir: &Path) -> io::Result<()> {
     let mut missing = Vec::new();
     let mut at = dir;
-    while !tokio::fs::try_exists(at).await.unwrap_or(false) {
+    while !at.try_exists().unwrap_or(false) {
         missing.push(at.to_path_buf());
         match at.parent() {
             Some(p) => at = p,
             None => break,
         }
     }
-    tokio::fs::create_dir_all(dir).await?;
+    std::fs::create_dir_all(dir)?;
     for created in missing.iter().rev() {
         if let Some(parent) = created.parent() {
-            sync_dir(parent).await?;
+            sync_dir(parent)?;
         }
+    }
+    Ok(())
+}
+
+/// Makes the staged file `tmp` (written and synced) the object at `dest`, durably: its
+/// directories created, renamed there (or, on another file system than the staging
+/// directory, copied beside it, synced and renamed), and the directory synced. Run whole on
+/// the blocking pool, so that a request dropped meanwhile (its client gone) cannot stop it
+/// between the rename and the directory's sync: an object visible is durable.
+fn publish(tmp: &Path, dest: &Path) -> io::Result<()> {
+    if let Some(parent) = dest.parent() {
+        create_dirs_durably(parent)?;
+    }
+    match std::fs::rename(tmp, dest) {
+        Ok(()) => {}
+        // The destination is on another file system than the staging directory (a `nar/`
+        // mounted from another disk): copied next to it, made durable, then renamed there.
+        Err(e) if e.kind() == io::ErrorKind::CrossesDevices => {
+            let beside = dest.with_file_name(format!(
+                ".{}{COPY_SUFFIX}",
+                tmp.file_name().and_then(|n| n.to_str()).unwrap_or("upload")
+            ));
+            // Removed unless renamed.
+            let mut copy = RemovedOnDrop(Some(beside.clone()));
+            std::fs::copy(tmp, &beside)?;
+            std::fs::File::open(&beside)?.sync_all()?;
+            std::fs::rename(&beside, dest)?;
+            copy.0 = None;
+            let _ = std::fs::remove_file(tmp);
+        }
+        Err(e) => return Err(e),
+    }
+    // The rename is durable once the directory is: an acknowledged upload must survive
+    // a power cut, and a narinfo must not survive one that its NAR did not.
+    if let Some(parent) = dest.parent() {
+        sync_dir(parent)?;
     }
     Ok(())
 }
@@ -519,36 +551,10 @@ impl ObjectWriter for LocalWriter {
         f.flush().await?;
         f.get_mut().sync_all().await?;
         drop(f);
-        if let Some(parent) = self.dest.parent() {
-            create_dirs_durably(parent).await?;
-        }
-        match tokio::fs::rename(&self.tmp, &self.dest).await {
-            Ok(()) => {}
-            // The destination is on another file system than the staging directory (a `nar/`
-            // mounted from another disk): copied next to it, made durable, then renamed there.
-            Err(e) if e.kind() == io::ErrorKind::CrossesDevices => {
-                let beside = self.dest.with_file_name(format!(
-                    ".{}.cellar-tmp",
-                    self.tmp
-                        .file_name()
-                        .and_then(|n| n.to_str())
-                        .unwrap_or("upload")
-                ));
-                // Removed unless renamed, also when the commit is dropped half-way.
-                let mut copy = RemovedOnDrop(Some(beside.clone()));
-                tokio::fs::copy(&self.tmp, &beside).await?;
-                tokio::fs::File::open(&beside).await?.sync_all().await?;
-                tokio::fs::rename(&beside, &self.dest).await?;
-                copy.0 = None;
-                let _ = tokio::fs::remove_file(&self.tmp).await;
-            }
-            Err(e) => return Err(e.into()),
-        }
-        // The rename is durable once the directory is: an acknowledged upload must survive
-        // a power cut, and a narinfo must not survive one that its NAR did not.
-        if let Some(parent) = self.dest.parent() {
-            sync_dir(parent).await?;
-        }
+        let (tmp, dest) = (self.tmp.clone(), self.dest.clone());
+        tokio::task::spawn_blocking(move || publish(&tmp, &dest))
+            .await
+            .map_err(|e| StoreError::Other(format!("publishing {}: {e}", self.dest.display())))??;
         self.done = true;
         Ok(())
     }
