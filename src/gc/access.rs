@@ -635,28 +635,17 @@ mod tests {
 
     #[test]
     fn days_are_civil_dates() {
-        assert_eq!(day(UNIX_EPOCH), "1970-01-01");
-        assert_eq!(
-            day(UNIX_EPOCH + Duration::from_secs(951_782_400)),
-            "2000-02-29"
-        );
-        assert_eq!(
-            day(UNIX_EPOCH + Duration::from_secs(1_767_225_599)),
-            "2025-12-31"
-        );
-        // Around the century years that are not leap years, and one that is.
-        assert_eq!(
-            day(UNIX_EPOCH + Duration::from_secs(4_107_542_400)),
-            "2100-03-01"
-        );
-        assert_eq!(
-            day(UNIX_EPOCH + Duration::from_secs(4_107_542_399)),
-            "2100-02-28"
-        );
-        assert_eq!(
-            day(UNIX_EPOCH + Duration::from_secs(951_868_800)),
-            "2000-03-01"
-        );
+        for (secs, want) in [
+            (0, "1970-01-01"),
+            (951_782_400, "2000-02-29"),
+            // Around the century years that are not leap years, and one that is.
+            (951_868_800, "2000-03-01"),
+            (1_767_225_599, "2025-12-31"),
+            (4_107_542_399, "2100-02-28"),
+            (4_107_542_400, "2100-03-01"),
+        ] {
+            assert_eq!(day(UNIX_EPOCH + Duration::from_secs(secs)), want, "{secs}");
+        }
     }
 
     #[test]
