@@ -179,16 +179,10 @@ async fn content_addressed_derivations_round_trip_through_their_realisations() {
     );
 }
 
-/// A path whose NAR spans several multipart parts goes up with `nix copy --to` (its 8 MiB
-/// parts sent to Garage several at once, `store.upload_part_concurrency`) and comes back whole
-/// into a fresh store.
-#[tokio::test(flavor = "multi_thread")]
-async fn a_large_path_goes_up_in_parts_and_comes_back_whole() {
-    let (w, wcfg) = token("builder", "write");
-    let work = tempfile::tempdir().unwrap();
-    // 30 MiB that zstd cannot shrink: four parts. The contents are the test run's own, so
-    // the path is new to the client's store.
-    let file = work.path().join("large-blob");
+/// A new store path of 30 MiB that zstd cannot shrink (four multipart parts), and its
+/// contents. The contents are the test run's own, so the path is new to the client's store.
+fn large_path(work: &Path) -> (String, Vec<u8>) {
+    let file = work.join("large-blob");
     let seed = std::time::SystemTime::now()
         .duration_since(std::time::UNIX_EPOCH)
         .unwrap()
@@ -203,9 +197,70 @@ async fn a_large_path_goes_up_in_parts_and_comes_back_whole() {
         })
         .collect();
     std::fs::write(&file, &blob).unwrap();
-    let mut add = nix("nix-store", &work.path().join("xdg-add"));
+    let mut add = nix("nix-store", &work.join("xdg-add"));
     add.arg("--add").arg(&file);
-    let path = run_ok(add).trim().to_owned();
+    (run_ok(add).trim().to_owned(), blob)
+}
+
+/// S3 completes a multipart upload but its answer is lost on the way (the connection closes
+/// first). The SDK's retry then finds no such upload: the object stands, so the NAR's upload
+/// succeeds, and the client does not send its 30 MiB again.
+#[tokio::test(flavor = "multi_thread")]
+async fn a_completed_upload_whose_answer_was_lost_stands() {
+    let (w, wcfg) = token("builder", "write");
+    let work = tempfile::tempdir().unwrap();
+    let (path, blob) = large_path(work.path());
+    let app = App::s3("up-lost-answer")
+        .config(&wcfg)
+        .through_proxy()
+        .spawn()
+        .await;
+    let srv = &app.srv;
+    app.proxy().lose_answer_to("POST ", "uploadId=");
+    let netrc = netrc(work.path(), srv, &w);
+    let upload = format!("{}/upload?compression=zstd", srv.url);
+    let out = copy_to(&upload, Some(&netrc), &[&path], work.path(), "lost");
+    assert_ok(&out, "nix copy --to");
+    assert_eq!(
+        srv.log_count("the upload was completed by a try whose answer was lost"),
+        1
+    );
+    let completes = |result: &str| {
+        let labels = [
+            "op=\"CompleteMultipartUpload\"".to_owned(),
+            format!("result=\"{result}\""),
+        ];
+        async move {
+            let labels: Vec<&str> = labels.iter().map(String::as_str).collect();
+            metric_sum(srv, "cellar_store_requests_total", &labels).await
+        }
+    };
+    assert_eq!(
+        completes("not_found").await,
+        1.0,
+        "the retry found no upload"
+    );
+    assert_eq!(completes("ok").await, 0.0);
+    assert_eq!(srv.log_count("NAR uploaded"), 1);
+    let parts = metric_sum(srv, "cellar_store_requests_total", &["op=\"UploadPart\""]).await;
+    assert_eq!(parts, 4.0, "the NAR went up once");
+    let back = work.path().join("back");
+    substitute_and_verify(&srv.url, &srv.public_key, &path, &back);
+    let copied = back.join("store-copy").join(path.trim_start_matches('/'));
+    assert!(
+        std::fs::read(copied).unwrap() == blob,
+        "the path came back different"
+    );
+}
+
+/// A path whose NAR spans several multipart parts goes up with `nix copy --to` (its 8 MiB
+/// parts sent to Garage several at once, `store.upload_part_concurrency`) and comes back whole
+/// into a fresh store.
+#[tokio::test(flavor = "multi_thread")]
+async fn a_large_path_goes_up_in_parts_and_comes_back_whole() {
+    let (w, wcfg) = token("builder", "write");
+    let work = tempfile::tempdir().unwrap();
+    let (path, blob) = large_path(work.path());
 
     let app = App::s3("up-parts").config(&wcfg).spawn().await;
     let srv = &app.srv;

@@ -140,6 +140,17 @@ pub struct Proxy {
     hold_after: tokio::sync::watch::Sender<u64>,
     /// Connections waiting at `hold_after` now, watched by tests waiting for a hold.
     holding: Arc<tokio::sync::watch::Sender<u64>>,
+    /// The next request whose first line starts with `.0` and holds `.1` reaches the store,
+    /// and its answer is lost: the client's connection is closed instead.
+    lose: Arc<Mutex<Option<(String, String)>>>,
+}
+
+/// Whether `chunk`, read from a client, starts a request whose first line starts with
+/// `method` and holds `part`.
+fn request_is(chunk: &[u8], method: &str, part: &str) -> bool {
+    let line = chunk.split(|&b| b == b'\n').next().unwrap_or_default();
+    let line = String::from_utf8_lossy(line);
+    line.starts_with(method) && line.contains(part)
 }
 
 impl Proxy {
@@ -157,6 +168,8 @@ impl Proxy {
         let holding = Arc::new(tokio::sync::watch::channel(0u64).0);
         let (d, t, c) = (down.clone(), to_upstream.clone(), conns.clone());
         let (hold, held) = (hold_after.clone(), holding.clone());
+        let lose: Arc<Mutex<Option<(String, String)>>> = Arc::default();
+        let losing = lose.clone();
         tokio::spawn(async move {
             loop {
                 let Ok((mut client, _)) = listener.accept().await else {
@@ -169,10 +182,13 @@ impl Proxy {
                 let t = t.clone();
                 let mut hold = hold.subscribe();
                 let held = held.clone();
+                let losing = losing.clone();
                 let task = tokio::spawn(async move {
                     let Ok(mut server) = TcpStream::connect(upstream).await else {
                         return;
                     };
+                    // This connection's next answer is lost.
+                    let lost = AtomicBool::new(false);
                     let (mut cr, mut cw) = client.split();
                     let (mut sr, mut sw) = server.split();
                     let up = async {
@@ -183,6 +199,16 @@ impl Proxy {
                                 break;
                             }
                             t.fetch_add(n as u64, Ordering::SeqCst);
+                            {
+                                let mut lose = losing.lock().unwrap();
+                                if lose
+                                    .as_ref()
+                                    .is_some_and(|(m, p)| request_is(&buf[..n], m, p))
+                                {
+                                    *lose = None;
+                                    lost.store(true, Ordering::SeqCst);
+                                }
+                            }
                             if sw.write_all(&buf[..n]).await.is_err() {
                                 break;
                             }
@@ -203,7 +229,10 @@ impl Proxy {
                                 held.send_modify(|n| *n -= 1);
                             }
                             let n = sr.read(&mut buf).await.unwrap_or(0);
-                            if n == 0 || cw.write_all(&buf[..n]).await.is_err() {
+                            if n == 0
+                                || lost.load(Ordering::SeqCst)
+                                || cw.write_all(&buf[..n]).await.is_err()
+                            {
                                 break;
                             }
                             passed += n as u64;
@@ -222,7 +251,15 @@ impl Proxy {
             conns,
             hold_after,
             holding,
+            lose,
         }
+    }
+
+    /// The next request whose first line starts with `method` and holds `part` reaches the
+    /// store, which acts on it, but its answer never reaches the client: the proxy closes
+    /// the client's connection when the answer comes.
+    pub fn lose_answer_to(&self, method: &str, part: &str) {
+        *self.lose.lock().unwrap() = Some((method.to_owned(), part.to_owned()));
     }
 
     /// From now on, a connection that has passed `bytes` bytes from the store (a NAR body

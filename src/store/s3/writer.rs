@@ -20,7 +20,7 @@ use tokio::sync::Semaphore;
 use tokio::task::JoinSet;
 
 use super::fast::FastReads;
-use super::{classify, result_label, PART_SIZE};
+use super::{classify, result_label, Failure, PART_SIZE};
 use crate::store::{ObjectWriter, StoreError};
 
 /// Parts being sent at once by all the multipart uploads of one process: at most this many
@@ -46,6 +46,14 @@ pub(super) fn write_deadline(timeout: Duration, bytes: usize) -> Duration {
 /// while S3 may still be finishing it.
 pub(super) fn complete_deadline(timeout: Duration, parts: usize) -> Duration {
     write_deadline(timeout, 0) + Duration::from_secs(u64::try_from(parts).unwrap_or(u64::MAX))
+}
+
+/// Whether an object of `length` and `etag` is what a multipart upload of `parts` parts and
+/// `bytes` bytes leaves (see [`S3Writer::completed`]).
+fn is_upload_of(length: Option<i64>, etag: Option<&str>, bytes: u64, parts: usize) -> bool {
+    let etag = etag.unwrap_or_default().trim_matches('"');
+    length.and_then(|l| u64::try_from(l).ok()) == Some(bytes)
+        && etag.ends_with(&format!("-{parts}"))
 }
 
 /// The object a writer writes, shared with the tasks sending its parts.
@@ -81,6 +89,22 @@ impl Target {
     where
         E: ProvideErrorMetadata + std::error::Error + Send + Sync + 'static,
     {
+        match self.answer_within(what, deadline, fut).await? {
+            Ok(v) => Ok(v),
+            Err(f) => Err(StoreError::Other(format!("{what} {}: {f:?}", self.key))),
+        }
+    }
+
+    /// `fut` within `deadline`, a missing object (or upload) told apart from other failures.
+    async fn answer_within<T, E>(
+        &self,
+        what: &'static str,
+        deadline: Duration,
+        fut: impl Future<Output = Result<T, SdkError<E, HttpResponse>>>,
+    ) -> Result<Result<T, Failure>, StoreError>
+    where
+        E: ProvideErrorMetadata + std::error::Error + Send + Sync + 'static,
+    {
         let started = std::time::Instant::now();
         let r = match tokio::time::timeout(deadline, fut).await {
             Err(_) => Err(StoreError::Timeout(deadline.as_secs())),
@@ -90,10 +114,7 @@ impl Target {
         let took = started.elapsed();
         crate::metrics::store_request(what, result_label(&r), took);
         tracing::trace!(op = what, key = %self.key, result = result_label(&r), us = took.as_micros() as u64, "S3 request");
-        match r? {
-            Ok(v) => Ok(v),
-            Err(f) => Err(StoreError::Other(format!("{what} {}: {f:?}", self.key))),
-        }
+        r
     }
 
     /// Aborts the multipart upload `id`; a failure is logged (the periodic staging cleanup
@@ -146,6 +167,8 @@ pub(super) struct S3Writer {
     upload_id: Option<String>,
     /// Parts sent so far (their numbers are 1..=sent).
     sent: i32,
+    /// The bytes of those parts.
+    sent_bytes: u64,
     /// Parts on their way to S3.
     in_flight: JoinSet<Result<CompletedPart, StoreError>>,
     /// At most this many in `in_flight`.
@@ -178,6 +201,7 @@ impl S3Writer {
             buf: BytesMut::new(),
             upload_id: None,
             sent: 0,
+            sent_bytes: 0,
             in_flight: JoinSet::new(),
             concurrency: concurrency.max(1),
             permits,
@@ -222,6 +246,7 @@ impl S3Writer {
             .checked_add(1)
             .ok_or_else(|| StoreError::Other("too many parts".into()))?;
         let number = self.sent;
+        self.sent_bytes += part.len() as u64;
         let target = Arc::clone(&self.target);
         self.in_flight.spawn(async move {
             let _permit = permit;
@@ -258,7 +283,8 @@ impl S3Writer {
         }
         let mut parts = std::mem::take(&mut self.parts);
         parts.sort_by_key(|p| p.part_number());
-        let deadline = complete_deadline(self.target.timeout, parts.len());
+        let count = parts.len();
+        let deadline = complete_deadline(self.target.timeout, count);
         let t = &self.target;
         let req = t
             .client
@@ -272,9 +298,38 @@ impl S3Writer {
                     .build(),
             )
             .send();
-        t.timed_within("CompleteMultipartUpload", deadline, req)
-            .await?;
-        Ok(())
+        match t
+            .answer_within("CompleteMultipartUpload", deadline, req)
+            .await?
+        {
+            Ok(_) => Ok(()),
+            // No such upload: a try whose answer was lost (the SDK retries a connection
+            // closed before the answer, a timeout, a 5xx) may have completed it. The object
+            // then stands, and sending the body again would be for nothing.
+            Err(Failure::NotFound) if self.completed(count).await => {
+                tracing::warn!(key = %t.key, "CompleteMultipartUpload: the upload was completed by a try whose answer was lost");
+                Ok(())
+            }
+            Err(f) => Err(StoreError::Other(format!(
+                "CompleteMultipartUpload {}: {f:?}",
+                t.key
+            ))),
+        }
+    }
+
+    /// Whether the object stands as the upload of `parts` parts would have left it: its
+    /// length is the bytes sent, its ETag that of a multipart upload of `parts` parts (S3,
+    /// Garage and MinIO end it with `-<parts>`; how the rest is computed differs). A NAR is
+    /// named by its content's hash, so an object of that key and shape holds these bytes; a
+    /// build log is named by its derivation, so it could be an earlier log of the very same
+    /// length, which then stands for this one.
+    async fn completed(&self, parts: usize) -> bool {
+        let t = &self.target;
+        let req = t.client.head_object().bucket(&t.bucket).key(&t.key).send();
+        match t.timed("HeadObject", 0, req).await {
+            Ok(o) => is_upload_of(o.content_length(), o.e_tag(), self.sent_bytes, parts),
+            Err(_) => false,
+        }
     }
 
     /// Stops the parts in flight (so none lands after the abort), then aborts the upload.
@@ -364,5 +419,33 @@ impl Drop for S3Writer {
                 });
             }
         }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::is_upload_of;
+
+    #[test]
+    fn an_upload_is_known_by_its_length_and_part_count() {
+        let etag = Some("\"3944a9f7a4faab7f78788ff6210f63f0-3\"");
+        assert!(is_upload_of(Some(30), etag, 30, 3));
+        // Another length, another number of parts, a single PUT's ETag, or none at all.
+        assert!(!is_upload_of(Some(31), etag, 30, 3));
+        assert!(!is_upload_of(None, etag, 30, 3));
+        assert!(!is_upload_of(Some(30), etag, 30, 4));
+        assert!(!is_upload_of(
+            Some(30),
+            Some("\"3944a9f7a4faab7f78788ff6210f63f0-13\""),
+            30,
+            3
+        ));
+        assert!(!is_upload_of(
+            Some(30),
+            Some("\"3944a9f7a4faab7f78788ff6210f63f0\""),
+            30,
+            3
+        ));
+        assert!(!is_upload_of(Some(30), None, 30, 3));
     }
 }
