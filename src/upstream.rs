@@ -814,6 +814,10 @@ impl Store for WithUpstreams {
         self.store.delete(key).await
     }
 
+    fn now(&self) -> std::time::SystemTime {
+        self.store.now()
+    }
+
     fn describe(&self) -> String {
         format!(
             "{} (+{} upstreams)",

@@ -62,6 +62,14 @@ fn runtime() -> anyhow::Result<tokio::runtime::Runtime> {
         .context("starting the async runtime")
 }
 
+/// The store's time (see [`cellar::store::clock`]), after one request, so that a store whose
+/// clock differs from this machine's has shown it. A store that does not answer fails the run
+/// at its first read.
+async fn store_now(store: &dyn Store) -> SystemTime {
+    let _ = store.ping().await;
+    store.now()
+}
+
 async fn open(cfg: &Config) -> anyhow::Result<Arc<dyn Store>> {
     store::open_existing(&cfg.store)
         .await
@@ -113,7 +121,7 @@ fn gc_summary(path: Option<&Path>, apply: bool) -> anyhow::Result<gc::Summary> {
         let bar = Bar::new();
         let opts = gc::Options {
             apply,
-            now: SystemTime::now(),
+            now: store_now(store.as_ref()).await,
             settle: gc::deleting::SETTLE,
         };
         let s = gc::run(&store, &cfg.store_dir, &cfg.gc, &opts, &bar).await;
@@ -146,7 +154,7 @@ pub fn pin(path: Option<&Path>, command: PinCommand) -> anyhow::Result<()> {
             }
             PinCommand::List => {
                 let (pins, bad) = gc::pins::list(store.as_ref(), &sd).await?;
-                let now = SystemTime::now();
+                let now = store.now();
                 for p in pins {
                     let state = match p.keep {
                         None => "kept until removed".to_owned(),
@@ -247,7 +255,7 @@ fn verify_report(
             repair,
             sample,
             grace: cfg.gc.grace,
-            now: SystemTime::now(),
+            now: store_now(store.as_ref()).await,
             settle: gc::deleting::SETTLE,
             upstreams,
         };

@@ -357,7 +357,7 @@ impl AccessLog {
         let seq = self.seq.fetch_add(1, Ordering::SeqCst);
         let key = format!(
             "{RESERVED_PREFIX}{DIR}{}/{}-{seq:08}{suffix}",
-            day(SystemTime::now()),
+            day(self.store.now()),
             self.process
         );
         let written = self.store.put_bytes(&key, Bytes::from(text)).await;
@@ -454,7 +454,7 @@ pub async fn record_now(
 ) -> Result<(), StoreError> {
     let key = format!(
         "{RESERVED_PREFIX}{DIR}{}/{}-{what}",
-        day(SystemTime::now()),
+        day(store.now()),
         random_id()
     );
     let record = render(paths.into_iter().map(Entry::Path));

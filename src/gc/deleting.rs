@@ -117,7 +117,7 @@ async fn alone(store: &dyn Store, run: &str) -> Result<Result<(), Busy>, StoreEr
 
 /// Another run's live announcement, if there is one besides `run`'s.
 async fn others(store: &dyn Store, run: &str) -> Result<Option<Busy>, StoreError> {
-    let now = SystemTime::now();
+    let now = store.now();
     let cutoff = now.checked_sub(TTL).unwrap_or(SystemTime::UNIX_EPOCH);
     let own = key(run);
     let prefix = format!("{RESERVED_PREFIX}{DIR}");

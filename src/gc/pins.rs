@@ -144,7 +144,7 @@ pub async fn add(
     }
     let pin = Pin {
         name: name.to_owned(),
-        created: SystemTime::now(),
+        created: store.now(),
         keep: keep_days.map(|d| Duration::from_secs(d.saturating_mul(86400))),
         paths,
     };

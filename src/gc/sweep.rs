@@ -535,7 +535,7 @@ impl State<'_> {
     ///
     /// Returns false if the records could not be read: nothing may be deleted then.
     async fn rescue(&mut self, store: &dyn Store, bodies: &HashMap<u32, Bytes>) -> bool {
-        let fresh = match access::reread(store, self.acc, SystemTime::now()).await {
+        let fresh = match access::reread(store, self.acc, store.now()).await {
             Ok(f) => f,
             Err(e) => {
                 self.out

@@ -635,7 +635,7 @@ async fn relied_on(
     opts: &Options,
 ) -> Result<HashSet<StorePathHash>, StoreError> {
     let mut acc = access::read_all(store, &inv.access, Duration::ZERO, opts.now).await?;
-    access::reread(store, &mut acc, SystemTime::now()).await?;
+    access::reread(store, &mut acc, store.now()).await?;
     Ok(acc.uploading)
 }
 
@@ -721,7 +721,7 @@ async fn delete_nars(
                 continue;
             }
             tokio::time::sleep(opts.settle).await;
-            if let Err(e) = access::reread(store, &mut acc, SystemTime::now()).await {
+            if let Err(e) = access::reread(store, &mut acc, store.now()).await {
                 report
                     .repair_errors
                     .push(format!("re-reading access records: {e}; batch skipped"));

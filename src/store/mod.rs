@@ -4,6 +4,7 @@
 //! Keys passed to a store are always built by [`object_key`] from validated names, never from raw
 //! request strings.
 
+pub mod clock;
 pub mod local;
 #[cfg(test)]
 pub mod memory;
@@ -432,6 +433,12 @@ pub trait Store: Send + Sync + 'static {
     async fn presigned_get(&self, key: &str) -> Result<Option<String>, StoreError> {
         let _ = key;
         Ok(None)
+    }
+
+    /// The store's time now, to compare the times of its objects with (see [`clock`]). For a
+    /// store on this machine, this machine's time.
+    fn now(&self) -> SystemTime {
+        SystemTime::now()
     }
 
     /// Reads a whole small object into memory, refusing objects over `limit` bytes.

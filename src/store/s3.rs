@@ -17,6 +17,7 @@ use aws_sdk_s3::presigning::PresigningConfig;
 use aws_sdk_s3::Client;
 use futures::StreamExt as _;
 
+use super::clock::{ObserveDates, RetrySkewed, StoreClock};
 use super::{ByteRange, ContentRange, Object, ObjectList, ObjectWriter, Store, StoreError};
 use crate::config::S3StoreConfig;
 
@@ -51,6 +52,8 @@ pub struct S3Store {
     part_concurrency: usize,
     /// Parts all multipart uploads send at once ([`writer::PARTS_IN_FLIGHT`]).
     part_permits: Arc<tokio::sync::Semaphore>,
+    /// The store's time, learnt from its answers.
+    clock: StoreClock,
 }
 
 /// The idle limit of bodies read from the store: three request timeouts, at least 30 s (a
@@ -60,6 +63,30 @@ fn body_idle(timeout: Duration) -> Duration {
 }
 
 impl S3Store {
+    /// One HeadBucket, without the SDK's retries.
+    async fn head_bucket_once(
+        &self,
+    ) -> Result<Result<aws_sdk_s3::operation::head_bucket::HeadBucketOutput, Failure>, StoreError>
+    {
+        let once = aws_sdk_s3::config::Builder::default()
+            .retry_config(aws_sdk_s3::config::retry::RetryConfig::disabled());
+        let req = self
+            .client
+            .head_bucket()
+            .bucket(&self.bucket)
+            .customize()
+            .config_override(once)
+            .send();
+        self.call("HeadBucket", req).await
+    }
+
+    /// Whether the store's clock, as known, moved by [`super::clock::SKEW_RETRY`] or more from
+    /// `offset_ms`.
+    fn clock_moved_since(&self, offset_ms: i64) -> bool {
+        let moved = (self.clock.offset_ms() - offset_ms).unsigned_abs();
+        u128::from(moved) >= super::clock::SKEW_RETRY.as_millis()
+    }
+
     /// Builds the client. Makes no request: an unreachable store is reported by `/readyz` and
     /// per request, so the server can start before its store does.
     pub async fn new(s: &S3StoreConfig, timeout: Duration) -> Self {
@@ -80,6 +107,7 @@ impl S3Store {
             ));
         }
         let shared = loader.load().await;
+        let clock = StoreClock::default();
         let mut b = aws_sdk_s3::config::Builder::from(&shared)
             .force_path_style(s.force_path_style)
             // Garage and MinIO over plain http mis-verify the streaming checksum trailers.
@@ -87,7 +115,12 @@ impl S3Store {
             .response_checksum_validation(ResponseChecksumValidation::WhenRequired)
             // The body of a GET is polled only as fast as the HTTP client reads it; a slow
             // client must not make the SDK abort the download as "stalled".
-            .stalled_stream_protection(StalledStreamProtectionConfig::disabled());
+            .stalled_stream_protection(StalledStreamProtectionConfig::disabled())
+            // The SDK corrects the time it signs with itself, from the same answers (its
+            // own time source is this machine's: given the store's, it would add the offset
+            // twice).
+            .interceptor(ObserveDates(clock.clone()))
+            .retry_classifier(RetrySkewed);
         if let Some(ep) = &s.endpoint {
             b = b.endpoint_url(ep);
         }
@@ -113,6 +146,7 @@ impl S3Store {
                     creds,
                     s.connect_timeout,
                     timeout,
+                    clock.clone(),
                 ) {
                     Ok(f) => Some(Arc::new(f)),
                     Err(e) => {
@@ -134,6 +168,7 @@ impl S3Store {
             presigner,
             part_concurrency: s.upload_part_concurrency,
             part_permits: Arc::new(tokio::sync::Semaphore::new(writer::PARTS_IN_FLIGHT)),
+            clock,
         }
     }
 
@@ -336,16 +371,13 @@ impl Store for S3Store {
     async fn ping(&self) -> Result<(), StoreError> {
         // One attempt: a readiness probe wants the store's state now, not after the SDK's
         // retries with back-off (a refused connection would otherwise take seconds to report).
-        let once = aws_sdk_s3::config::Builder::default()
-            .retry_config(aws_sdk_s3::config::retry::RetryConfig::disabled());
-        let req = self
-            .client
-            .head_bucket()
-            .bucket(&self.bucket)
-            .customize()
-            .config_override(once)
-            .send();
-        match self.call("HeadBucket", req).await? {
+        // Its time refused, one more, with the store's time the refusal told.
+        let offset = self.clock.offset_ms();
+        let answer = match self.head_bucket_once().await {
+            Err(_) if self.clock_moved_since(offset) => self.head_bucket_once().await,
+            answer => answer,
+        };
+        match answer? {
             Ok(_) => Ok(()),
             Err(_) => Err(StoreError::Misconfigured(format!(
                 "bucket {:?} does not exist",
@@ -412,6 +444,10 @@ impl Store for S3Store {
 
     fn describe(&self) -> String {
         format!("s3://{}/{} at {}", self.bucket, self.prefix, self.endpoint)
+    }
+
+    fn now(&self) -> std::time::SystemTime {
+        self.clock.now()
     }
 
     fn redirects_nars(&self) -> bool {

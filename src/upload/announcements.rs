@@ -66,8 +66,7 @@ impl Announcements {
     /// Reads the announcements now, and keeps the result if no later read has been kept.
     pub(super) async fn read_now(&self) -> Result<Arc<HashSet<String>>, StoreError> {
         let began = Instant::now();
-        let nars =
-            Arc::new(deleting::announced(self.store.as_ref(), std::time::SystemTime::now()).await?);
+        let nars = Arc::new(deleting::announced(self.store.as_ref(), self.store.now()).await?);
         let mut latest = self.lock();
         if latest.as_ref().is_none_or(|r| r.began < began) {
             *latest = Some(Read {

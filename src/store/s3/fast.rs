@@ -28,6 +28,7 @@ use sha2::{Digest as _, Sha256};
 use std::sync::atomic::Ordering;
 use tokio::sync::Mutex;
 
+use crate::store::clock::{StoreClock, SKEW_RETRY};
 use crate::store::{ByteRange, ContentRange, Object, StoreError};
 
 /// SHA-256 of the empty body: what a GET or HEAD signs as its payload.
@@ -55,6 +56,20 @@ pub(super) struct FastReads {
     /// Set while renewals fail: the failure is logged once, and the recovery.
     renewal_failing: std::sync::atomic::AtomicBool,
     timeout: Duration,
+    /// The store's time, which requests are signed with; each answer's `Date` sets it.
+    clock: StoreClock,
+}
+
+/// A request before it is signed: it is signed again for each try, with the store's time
+/// then (an answer may just have shown that this machine's clock is off).
+struct Unsigned {
+    method: reqwest::Method,
+    url: String,
+    /// Sent and signed.
+    headers: Vec<(&'static str, String)>,
+    /// The body's SHA-256 (hex).
+    payload_sha256: String,
+    body: Option<Bytes>,
 }
 
 /// What a read found: the object (or the response it comes from), no object, or a range
@@ -73,6 +88,7 @@ impl FastReads {
         credentials: SharedCredentialsProvider,
         connect_timeout: Duration,
         timeout: Duration,
+        clock: StoreClock,
     ) -> Result<Self, reqwest::Error> {
         let http = reqwest::Client::builder()
             .connect_timeout(connect_timeout)
@@ -97,6 +113,7 @@ impl FastReads {
             refreshing: Mutex::new(()),
             renewal_failing: std::sync::atomic::AtomicBool::new(false),
             timeout,
+            clock,
         })
     }
 
@@ -160,33 +177,26 @@ impl FastReads {
         }
     }
 
-    /// The signed request for `key` (the full object key, prefix included).
-    async fn request(
-        &self,
-        method: reqwest::Method,
-        key: &str,
-        range: Option<ByteRange>,
-    ) -> Result<reqwest::RequestBuilder, StoreError> {
-        let url = format!("{}{}", self.base, encode_key(key));
-        let range_header = range.map(ByteRange::to_header);
-        let headers: Vec<(&str, &str)> =
-            range_header.iter().map(|r| ("range", r.as_str())).collect();
-        self.signed(method, url, &headers, EMPTY_SHA256).await
+    /// A request without a body for `key` (the full object key, prefix included).
+    fn request(&self, method: reqwest::Method, key: &str, range: Option<ByteRange>) -> Unsigned {
+        Unsigned {
+            method,
+            url: format!("{}{}", self.base, encode_key(key)),
+            headers: range
+                .map(|r| ("range", r.to_header()))
+                .into_iter()
+                .collect(),
+            payload_sha256: EMPTY_SHA256.to_owned(),
+            body: None,
+        }
     }
 
-    /// `url` signed with SigV4 for a body whose sha256 (hex) is `payload_sha256`, with
-    /// `headers` (signed too).
-    async fn signed(
-        &self,
-        method: reqwest::Method,
-        url: String,
-        headers: &[(&str, &str)],
-        payload_sha256: &str,
-    ) -> Result<reqwest::RequestBuilder, StoreError> {
+    /// `u` signed with SigV4 at the store's time now.
+    async fn signed(&self, u: &Unsigned) -> Result<reqwest::RequestBuilder, StoreError> {
         // Signed as it is sent: reqwest normalises what it parses (a host in lower case, an
         // IPv6 address shortened), and a signature over the other spelling does not match.
-        let url = reqwest::Url::parse(&url)
-            .map_err(|e| StoreError::Misconfigured(format!("S3 request URL {url}: {e}")))?;
+        let url = reqwest::Url::parse(&u.url)
+            .map_err(|e| StoreError::Misconfigured(format!("S3 request URL {}: {e}", u.url)))?;
         let creds = self.credentials().await?;
         let mut settings = SigningSettings::default();
         settings.percent_encoding_mode = PercentEncodingMode::Single;
@@ -197,40 +207,45 @@ impl FastReads {
             .identity(&identity)
             .region(&self.region)
             .name("s3")
-            .time(SystemTime::now())
+            .time(self.clock.now())
             .settings(settings)
             .build()
             .map_err(|e| StoreError::Misconfigured(format!("signing an S3 request: {e}")))?
             .into();
         // The signer adds x-amz-date and x-amz-content-sha256 itself.
         let signable = SignableRequest::new(
-            method.as_str(),
+            u.method.as_str(),
             url.as_str(),
-            headers.iter().copied(),
-            SignableBody::Precomputed(payload_sha256.to_owned()),
+            u.headers.iter().map(|(n, v)| (*n, v.as_str())),
+            SignableBody::Precomputed(u.payload_sha256.clone()),
         )
         .map_err(|e| StoreError::Other(format!("signing {url}: {e}")))?;
         let (instructions, _) = sign(signable, &params)
             .map_err(|e| StoreError::Other(format!("signing {url}: {e}")))?
             .into_parts();
-        let mut req = self.http.request(method, url);
-        for (name, value) in headers {
-            req = req.header(*name, *value);
+        let mut req = self.http.request(u.method.clone(), url);
+        for (name, value) in &u.headers {
+            req = req.header(*name, value);
         }
         for (name, value) in instructions.headers() {
             req = req.header(name, value);
         }
+        if let Some(body) = &u.body {
+            // Said outright: over HTTP/1 an empty body would go without it, which AWS S3
+            // refuses (411 MissingContentLength): an empty build log.
+            req = req.header(CONTENT_LENGTH, body.len()).body(body.clone());
+        }
         Ok(req)
     }
 
-    /// Sends `req` under the request timeout (time to response headers) and counts it.
+    /// Sends `u` under the request timeout (time to response headers) and counts it.
     async fn send(
         &self,
         what: &'static str,
         key: &str,
-        req: reqwest::RequestBuilder,
+        u: Unsigned,
     ) -> Result<Read<reqwest::Response>, StoreError> {
-        self.send_within(self.timeout, what, key, req).await
+        self.send_within(self.timeout, what, key, u).await
     }
 
     /// [`Self::send`] with `limit` instead of the request timeout: a write sends its whole
@@ -240,10 +255,10 @@ impl FastReads {
         limit: Duration,
         what: &'static str,
         key: &str,
-        req: reqwest::RequestBuilder,
+        u: Unsigned,
     ) -> Result<Read<reqwest::Response>, StoreError> {
         let started = std::time::Instant::now();
-        let r = match tokio::time::timeout(limit, self.attempts(what, req)).await {
+        let r = match tokio::time::timeout(limit, self.attempts(what, &u)).await {
             Err(_) => Err(StoreError::Timeout(limit.as_secs())),
             Ok(r) => r,
         };
@@ -268,34 +283,49 @@ impl FastReads {
 
     /// Up to [`ATTEMPTS`] tries, as the SDK makes: again after a connection failure, a 5xx
     /// or a 429, after a random pause that doubles each time; one that asks to slow down
-    /// (503 SlowDown, 429) waits at least [`THROTTLED_PAUSE`]. The whole stays within the
-    /// caller's timeout.
+    /// (503 SlowDown, 429) waits at least [`THROTTLED_PAUSE`]. Again at once after a 4xx
+    /// whose `Date` shows the request was signed with a time off by [`SKEW_RETRY`] or more.
+    /// The whole stays within the caller's timeout.
     async fn attempts(
         &self,
         what: &'static str,
-        req: reqwest::RequestBuilder,
+        u: &Unsigned,
     ) -> Result<Read<reqwest::Response>, StoreError> {
         let mut pause = Duration::from_millis(25);
         let mut attempt = 1;
         loop {
-            // Requests without a body or with one in memory (all of them here) always clone.
-            let Some(this) = req.try_clone() else {
-                return self.answer(what, req.send().await).await;
-            };
-            let sent = this.send().await;
-            let (transient, throttled) = match &sent {
+            let signed_with = self.clock.offset_ms();
+            let sent = self.signed(u).await?.send().await;
+            let (transient, throttled, skewed) = match &sent {
                 Ok(res) => {
+                    if let Some(date) = res.headers().get(reqwest::header::DATE) {
+                        if res.headers().get(reqwest::header::AGE).is_none() {
+                            self.clock.observe(date.to_str().unwrap_or_default());
+                        }
+                    }
+                    let off = (self.clock.offset_ms() - signed_with).unsigned_abs();
                     let s = res.status();
                     let throttled = matches!(
                         s,
                         StatusCode::SERVICE_UNAVAILABLE | StatusCode::TOO_MANY_REQUESTS
                     );
-                    (s.is_server_error() || throttled, throttled)
+                    let skewed = s.is_client_error()
+                        && !throttled
+                        && u128::from(off) >= SKEW_RETRY.as_millis();
+                    (s.is_server_error() || throttled, throttled, skewed)
                 }
-                Err(_) => (true, false),
+                Err(_) => (true, false, false),
             };
-            if !transient || attempt == ATTEMPTS {
+            if !(transient || skewed) || attempt == ATTEMPTS {
                 return self.answer(what, sent).await;
+            }
+            attempt += 1;
+            if skewed {
+                tracing::debug!(
+                    attempt,
+                    "S3 {what}: signed with a time the store refused; signing again with its own"
+                );
+                continue;
             }
             tracing::debug!(attempt, "S3 {what}: retrying after a transient failure");
             let wait = if throttled {
@@ -305,7 +335,6 @@ impl FastReads {
             };
             tokio::time::sleep(wait).await;
             pause *= 2;
-            attempt += 1;
         }
     }
 
@@ -357,7 +386,7 @@ impl FastReads {
         key: &str,
         range: Option<ByteRange>,
     ) -> Result<Read<Object>, StoreError> {
-        let req = self.request(reqwest::Method::GET, key, range).await?;
+        let req = self.request(reqwest::Method::GET, key, range);
         let res = match self.send("GetObject", key, req).await? {
             Read::Found(res) => res,
             Read::NotFound => return Ok(Read::NotFound),
@@ -397,7 +426,7 @@ impl FastReads {
     }
 
     pub(super) async fn head(&self, key: &str) -> Result<Option<u64>, StoreError> {
-        let req = self.request(reqwest::Method::HEAD, key, None).await?;
+        let req = self.request(reqwest::Method::HEAD, key, None);
         match self.send("HeadObject", key, req).await? {
             // Without its length the answer says nothing of the object's size: an error, not
             // an empty object (`verify` would take that for a NAR of the wrong size).
@@ -413,16 +442,14 @@ impl FastReads {
     /// PutObject of a body held in memory, in one request. Retried like a read: the body is
     /// whole, so sending it again is the same write.
     pub(super) async fn put(&self, key: &str, body: Bytes) -> Result<(), StoreError> {
-        let url = format!("{}{}", self.base, encode_key(key));
-        let sha = hex::encode(Sha256::digest(&body));
         let body_len = body.len();
-        // Said outright: over HTTP/1 an empty body would go without it, which AWS S3 refuses
-        // (411 MissingContentLength): an empty build log.
-        let req = self
-            .signed(reqwest::Method::PUT, url, &[], &sha)
-            .await?
-            .header(reqwest::header::CONTENT_LENGTH, body_len)
-            .body(body);
+        let req = Unsigned {
+            method: reqwest::Method::PUT,
+            url: format!("{}{}", self.base, encode_key(key)),
+            headers: Vec::new(),
+            payload_sha256: hex::encode(Sha256::digest(&body)),
+            body: Some(body),
+        };
         // As the SDK path's writes.
         let deadline = super::writer::write_deadline(self.timeout, body_len);
         match self.send_within(deadline, "PutObject", key, req).await? {
@@ -454,9 +481,13 @@ impl FastReads {
             url.push_str("&continuation-token=");
             url.push_str(&encode(t));
         }
-        let req = self
-            .signed(reqwest::Method::GET, url, &[], EMPTY_SHA256)
-            .await?;
+        let req = Unsigned {
+            method: reqwest::Method::GET,
+            url,
+            headers: Vec::new(),
+            payload_sha256: EMPTY_SHA256.to_owned(),
+            body: None,
+        };
         let res = match self.send("ListObjectsV2", prefix, req).await? {
             Read::Found(res) => res,
             Read::NotFound | Read::BadRange => {
@@ -619,6 +650,32 @@ mod tests {
                     "/b/p/busy" => "later".into_response(),
                     "/b/p/refusing" => (S::TOO_MANY_REQUESTS, "").into_response(),
                     "/b/p/partial" => (S::PARTIAL_CONTENT, "el").into_response(),
+                    // A store whose clock is two days ahead, refusing signatures dated more
+                    // than 15 minutes from its own time, as AWS does.
+                    "/b/p/skewed" => {
+                        let theirs = SystemTime::now() + Duration::from_secs(2 * 86400);
+                        let signed = h["x-amz-date"].to_str().unwrap().to_owned();
+                        let (d, t) = signed.split_at(8);
+                        let rfc3339 = format!(
+                            "{}-{}-{}T{}:{}:{}",
+                            &d[..4],
+                            &d[4..6],
+                            &d[6..],
+                            &t[1..3],
+                            &t[3..5],
+                            &t[5..]
+                        );
+                        let at = DateTime::from_str(&rfc3339, Format::DateTime).unwrap();
+                        let at = SystemTime::try_from(at).unwrap();
+                        let off = theirs.duration_since(at).unwrap_or_else(|e| e.duration());
+                        let date = DateTime::from(theirs).fmt(Format::HttpDate).unwrap();
+                        let status = if off > Duration::from_secs(900) {
+                            S::FORBIDDEN
+                        } else {
+                            S::OK
+                        };
+                        (status, [("date", date)], xml("RequestTimeTooSkewed")).into_response()
+                    }
                     // Streamed: no Content-Length, on HEAD either.
                     "/b/p/unsized" => axum::body::Body::from_stream(futures::stream::once(async {
                         Ok::<_, std::io::Error>(bytes::Bytes::from_static(b"x"))
@@ -639,7 +696,31 @@ mod tests {
         let url = fake_s3(hits.clone()).await;
         let creds = SharedCredentialsProvider::new(Credentials::new("k", "s", None, None, "t"));
         let d = Duration::from_secs(5);
-        FastReads::new(&url, "b", "us-east-1", creds, d, d).unwrap()
+        FastReads::new(&url, "b", "us-east-1", creds, d, d, StoreClock::default()).unwrap()
+    }
+
+    /// A store whose clock is days away refuses the first request (signed with this
+    /// machine's time); its `Date` gives its time, the request is signed again with it and
+    /// succeeds, and later requests are signed with it from the start.
+    #[tokio::test]
+    async fn requests_are_signed_with_the_stores_time() {
+        let hits = Arc::new(AtomicUsize::new(0));
+        let r = reads(&hits).await;
+        // A refusal from a store whose clock agrees with this machine's is not tried again.
+        assert!(r.get("p/denied", None).await.is_err());
+        assert_eq!(hits.load(Ordering::SeqCst), 1);
+        hits.store(0, Ordering::SeqCst);
+        assert!(matches!(r.get("p/skewed", None).await, Ok(Read::Found(_))));
+        assert_eq!(hits.load(Ordering::SeqCst), 2, "refused, then signed again");
+        let ahead = r.clock.offset_ms() - 2 * 86_400_000;
+        assert!(ahead.abs() <= 2000, "{ahead} ms off the store's offset");
+        hits.store(0, Ordering::SeqCst);
+        assert!(matches!(r.head("p/skewed").await, Ok(Some(_))));
+        assert_eq!(
+            hits.load(Ordering::SeqCst),
+            1,
+            "signed right the first time"
+        );
     }
 
     #[tokio::test]
@@ -746,6 +827,7 @@ mod tests {
             SharedCredentialsProvider::new(provider),
             d,
             d,
+            StoreClock::default(),
         )
         .unwrap();
         (r, calls)
@@ -849,7 +931,7 @@ mod tests {
         tokio::spawn(async move { axum::serve(l, app).await });
         let creds = SharedCredentialsProvider::new(Credentials::new("k", "s", None, None, "t"));
         let d = Duration::from_secs(5);
-        FastReads::new(&url, "b", "us-east-1", creds, d, d).unwrap()
+        FastReads::new(&url, "b", "us-east-1", creds, d, d, StoreClock::default()).unwrap()
     }
 
     #[tokio::test]
@@ -883,7 +965,7 @@ mod tests {
         tokio::spawn(async move { axum::serve(l, app).await });
         let creds = SharedCredentialsProvider::new(Credentials::new("k", "s", None, None, "t"));
         let d = Duration::from_millis(100);
-        let r = FastReads::new(&url, "b", "us-east-1", creds, d, d).unwrap();
+        let r = FastReads::new(&url, "b", "us-east-1", creds, d, d, StoreClock::default()).unwrap();
         r.put("p/x", Bytes::from_static(b"x")).await.unwrap();
         assert!(matches!(r.head("p/x").await, Err(StoreError::Timeout(_))));
     }

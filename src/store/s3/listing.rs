@@ -27,7 +27,9 @@ impl S3Store {
         let mut found = Vec::new();
         let mut key_marker = None;
         let mut upload_marker = None;
-        let cutoff = std::time::SystemTime::now()
+        let cutoff = self
+            .clock
+            .now()
             .checked_sub(older_than)
             .unwrap_or(std::time::UNIX_EPOCH);
         loop {

@@ -515,3 +515,58 @@ async fn a_write_is_given_time_for_its_body() {
         );
     }
 }
+
+/// A store whose clock is two days ahead of this machine's, refusing signatures more than
+/// 15 minutes off its time (400, as Garage words it; AWS says 403 RequestTimeTooSkewed).
+async fn store_two_days_ahead() -> String {
+    use aws_smithy_types::date_time::{DateTime, Format};
+    use axum::http::{HeaderMap, StatusCode};
+    use axum::response::IntoResponse as _;
+    let app = axum::Router::new().fallback(|h: HeaderMap| async move {
+        let theirs = std::time::SystemTime::now() + Duration::from_secs(2 * 86400);
+        let date = DateTime::from(theirs).fmt(Format::HttpDate).unwrap();
+        let signed = h
+            .get("x-amz-date")
+            .and_then(|v| v.to_str().ok())
+            .and_then(crate::store::clock::signing_time)
+            .unwrap();
+        let off = theirs
+            .duration_since(signed)
+            .unwrap_or_else(|e| e.duration());
+        if off > Duration::from_secs(900) {
+            let body =
+                "<Error><Code>InvalidRequest</Code><Message>Date is too old</Message></Error>";
+            (StatusCode::BAD_REQUEST, [("date", date)], body).into_response()
+        } else {
+            (
+                StatusCode::OK,
+                [("date", date), ("content-length", "5".into())],
+            )
+                .into_response()
+        }
+    });
+    let l = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+    let endpoint = format!("http://{}", l.local_addr().unwrap());
+    tokio::spawn(async move { axum::serve(l, app).await });
+    endpoint
+}
+
+/// Against a store whose clock is days away, the first request is refused for its time; it is
+/// signed again with the store's time and goes through: the readiness probe (one request
+/// otherwise), and reads through the SDK as through cellar's own requests. The store's time
+/// is then cellar's "now".
+#[tokio::test]
+async fn a_store_whose_clock_is_days_away_is_signed_for_with_its_time() {
+    let endpoint = store_two_days_ahead().await;
+    store_at(endpoint.clone(), 4).await.ping().await.unwrap();
+    for direct in [false, true] {
+        let store = store_with(endpoint.clone(), 4, direct).await;
+        assert_eq!(store.head("x").await.unwrap(), Some(5), "direct {direct}");
+        let ahead = store
+            .now()
+            .duration_since(std::time::SystemTime::now())
+            .unwrap();
+        let off = ahead.as_secs_f64() - 2.0 * 86400.0;
+        assert!(off.abs() < 3.0, "direct {direct}: {off} s off");
+    }
+}

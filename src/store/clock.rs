@@ -1,0 +1,298 @@
+//! The store's time, as told by the `Date` of its answers.
+//!
+//! Objects carry the store's times (S3's `LastModified`), and cellar compares them with "now":
+//! a collector's grace period and the age of announcements, the day an access record is named
+//! after, the age of abandoned uploads. A machine whose clock is off (a board without a
+//! battery-backed clock, booted before NTP answered; a VM restored from a snapshot) would then
+//! take fresh objects for old ones, or the other way round. S3 also refuses requests signed
+//! with a time too far from its own (15 minutes on AWS, a day on Garage).
+//!
+//! So an S3 store keeps the offset of its clock to this machine's, learnt from each answer's
+//! `Date` header, and "now" is this machine's time plus that offset: for comparisons, and for
+//! signing cellar's own requests (the SDK corrects the time it signs with itself). A request
+//! refused for its time is signed again and retried at once. A `Date` has a resolution of a
+//! second and reaches cellar a round trip late, so offsets under [`SLACK`] are taken for none,
+//! and the offset moves only when an answer disagrees with it by [`SLACK`] or more.
+
+use std::sync::atomic::{AtomicI64, Ordering};
+use std::sync::Arc;
+use std::time::{Duration, SystemTime};
+
+use aws_smithy_types::date_time::{DateTime, Format};
+
+/// Differences between the two clocks smaller than this are noise (the `Date` header's
+/// resolution, the time an answer takes to arrive).
+pub const SLACK: Duration = Duration::from_secs(2);
+
+/// An offset this large is worth a warning: the store's and this machine's clocks disagree.
+const WORTH_SAYING: Duration = Duration::from_secs(60);
+
+/// The store's clock, as an offset to this machine's; clones share it.
+#[derive(Debug, Default, Clone)]
+pub struct StoreClock {
+    /// Milliseconds to add to this machine's time to get the store's.
+    offset_ms: Arc<AtomicI64>,
+}
+
+impl StoreClock {
+    /// The store's time now.
+    pub fn now(&self) -> SystemTime {
+        shifted(SystemTime::now(), self.offset_ms())
+    }
+
+    /// Milliseconds to add to this machine's time to get the store's.
+    pub fn offset_ms(&self) -> i64 {
+        self.offset_ms.load(Ordering::Relaxed)
+    }
+
+    /// Takes note of an answer's `Date` header, received now. Returns whether the offset moved.
+    pub fn observe(&self, date: &str) -> bool {
+        self.observe_at(date, SystemTime::now())
+    }
+
+    /// [`Self::observe`] of an answer received at `received` (by this machine's clock).
+    pub fn observe_at(&self, date: &str, received: SystemTime) -> bool {
+        let Some(told) = DateTime::from_str(date.trim(), Format::HttpDate)
+            .ok()
+            .and_then(|d| SystemTime::try_from(d).ok())
+        else {
+            return false;
+        };
+        let measured = offset_ms(told, received);
+        let slack = SLACK.as_millis() as i64;
+        let held = self.offset_ms();
+        if (measured - held).abs() < slack {
+            return false;
+        }
+        // Within the slack of no offset at all: none (the noise of a clock in sync).
+        let new = if measured.abs() < slack { 0 } else { measured };
+        self.offset_ms.store(new, Ordering::Relaxed);
+        let worth = WORTH_SAYING.as_millis() as i64;
+        if new.abs() >= worth {
+            tracing::warn!(
+                offset_secs = new / 1000,
+                "the store's clock and this machine's disagree; cellar goes by the store's (keep this machine's clock in sync: NTP)"
+            );
+        } else if held.abs() >= worth {
+            tracing::info!(
+                offset_secs = new / 1000,
+                "the store's clock and this machine's agree again"
+            );
+        }
+        true
+    }
+}
+
+/// `a - b` in milliseconds, negative if `a` is earlier.
+fn offset_ms(a: SystemTime, b: SystemTime) -> i64 {
+    match a.duration_since(b) {
+        Ok(d) => i64::try_from(d.as_millis()).unwrap_or(i64::MAX),
+        Err(e) => i64::try_from(e.duration().as_millis()).map_or(i64::MIN, |m| -m),
+    }
+}
+
+/// `t` moved by `ms` milliseconds (saturating at what the clock holds).
+fn shifted(t: SystemTime, ms: i64) -> SystemTime {
+    let d = Duration::from_millis(ms.unsigned_abs());
+    let moved = if ms >= 0 {
+        t.checked_add(d)
+    } else {
+        t.checked_sub(d)
+    };
+    moved.unwrap_or(t)
+}
+
+/// A refusal (4xx) whose `Date` is [`SKEW_RETRY`] or more from the time the request was
+/// signed with is tried again, signed anew with the store's time now known: the store may
+/// have refused the signature's time (AWS beyond 15 minutes, Garage beyond a day).
+pub const SKEW_RETRY: Duration = Duration::from_secs(60);
+
+/// Whether an answer dated `told` to a request signed at `signed` is [`SKEW_RETRY`] or more
+/// away from it.
+pub fn off_by_skew_retry(told: SystemTime, signed: SystemTime) -> bool {
+    offset_ms(told, signed).unsigned_abs() >= SKEW_RETRY.as_millis() as u64
+}
+
+/// The time a SigV4 request was signed with (its `x-amz-date`, `20261130T005320Z`).
+pub(crate) fn signing_time(amz_date: &str) -> Option<SystemTime> {
+    let b = amz_date.as_bytes();
+    if b.len() != 16 || b[8] != b'T' || b[15] != b'Z' {
+        return None;
+    }
+    let (d, t) = (&amz_date[..8], &amz_date[9..15]);
+    let rfc3339 = format!(
+        "{}-{}-{}T{}:{}:{}Z",
+        &d[..4],
+        &d[4..6],
+        &d[6..],
+        &t[..2],
+        &t[2..4],
+        &t[4..]
+    );
+    let parsed = DateTime::from_str(&rfc3339, Format::DateTime).ok()?;
+    SystemTime::try_from(parsed).ok()
+}
+
+fn http_date(text: &str) -> Option<SystemTime> {
+    let parsed = DateTime::from_str(text.trim(), Format::HttpDate).ok()?;
+    SystemTime::try_from(parsed).ok()
+}
+
+/// When the request of an SDK call was signed, kept between its hooks.
+#[derive(Debug, Clone, Copy)]
+struct SignedAt(SystemTime);
+
+impl aws_smithy_types::config_bag::Storable for SignedAt {
+    type Storer = aws_smithy_types::config_bag::StoreReplace<Self>;
+}
+
+/// Marks an answer that refused a request signed [`SKEW_RETRY`] or more away from its `Date`.
+#[derive(Debug, Clone, Copy)]
+struct SignedOffClock;
+
+/// Shows the store's clock each answer the SDK receives, and marks the refusals of requests
+/// signed with a time off the store's, for [`RetrySkewed`].
+#[derive(Debug)]
+pub(super) struct ObserveDates(pub StoreClock);
+
+impl aws_sdk_s3::config::Intercept for ObserveDates {
+    fn name(&self) -> &'static str {
+        "cellar::ObserveDates"
+    }
+
+    fn read_before_transmit(
+        &self,
+        ctx: &aws_sdk_s3::config::interceptors::BeforeTransmitInterceptorContextRef<'_>,
+        _: &aws_sdk_s3::config::RuntimeComponents,
+        cfg: &mut aws_sdk_s3::config::ConfigBag,
+    ) -> Result<(), aws_sdk_s3::error::BoxError> {
+        if let Some(at) = ctx
+            .request()
+            .headers()
+            .get("x-amz-date")
+            .and_then(signing_time)
+        {
+            cfg.interceptor_state().store_put(SignedAt(at));
+        }
+        Ok(())
+    }
+
+    fn modify_before_deserialization(
+        &self,
+        ctx: &mut aws_sdk_s3::config::interceptors::BeforeDeserializationInterceptorContextMut<'_>,
+        _: &aws_sdk_s3::config::RuntimeComponents,
+        cfg: &mut aws_sdk_s3::config::ConfigBag,
+    ) -> Result<(), aws_sdk_s3::error::BoxError> {
+        let res = ctx.response();
+        // An answer from a cache carries the time it was first made.
+        if res.headers().get("age").is_some() {
+            return Ok(());
+        }
+        let Some(date) = res.headers().get("date").map(str::to_owned) else {
+            return Ok(());
+        };
+        self.0.observe(&date);
+        let refused = res.status().is_client_error();
+        let signed = cfg.load::<SignedAt>().map(|s| s.0);
+        if let (true, Some(told), Some(signed)) = (refused, http_date(&date), signed) {
+            if off_by_skew_retry(told, signed) {
+                ctx.response_mut().add_extension(SignedOffClock);
+            }
+        }
+        Ok(())
+    }
+}
+
+/// Has the SDK try again a request that [`ObserveDates`] found refused for its time (its
+/// standard retries, signed anew with the store's time).
+#[derive(Debug)]
+pub(super) struct RetrySkewed;
+
+impl aws_sdk_s3::config::retry::ClassifyRetry for RetrySkewed {
+    fn classify_retry(
+        &self,
+        ctx: &aws_sdk_s3::config::interceptors::InterceptorContext,
+    ) -> aws_sdk_s3::config::retry::RetryAction {
+        use aws_sdk_s3::config::retry::RetryAction;
+        match ctx.response().and_then(|r| r.extension::<SignedOffClock>()) {
+            Some(_) => {
+                RetryAction::retryable_error(aws_smithy_types::retry::ErrorKind::TransientError)
+            }
+            None => RetryAction::NoActionIndicated,
+        }
+    }
+
+    fn name(&self) -> &'static str {
+        "cellar::RetrySkewed"
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn at(secs: u64) -> SystemTime {
+        SystemTime::UNIX_EPOCH + Duration::from_secs(secs)
+    }
+
+    /// 1_796_000_000 s after the epoch.
+    const DATE: &str = "Mon, 30 Nov 2026 00:53:20 GMT";
+
+    #[test]
+    fn the_offset_follows_the_dates_and_ignores_noise() {
+        let c = StoreClock::default();
+        // In sync within a second or so: no offset.
+        assert!(!c.observe_at(DATE, at(1_796_000_001)));
+        assert!(!c.observe_at(DATE, at(1_795_999_999)));
+        assert_eq!(c.offset_ms(), 0);
+        // This machine two days behind: the store is 172800 s ahead.
+        assert!(c.observe_at(DATE, at(1_796_000_000 - 172_800)));
+        assert_eq!(c.offset_ms(), 172_800_000);
+        // A later answer a second off that does not move it.
+        assert!(!c.observe_at(DATE, at(1_796_000_000 - 172_801)));
+        assert_eq!(c.offset_ms(), 172_800_000);
+        // This machine an hour ahead.
+        assert!(c.observe_at(DATE, at(1_796_003_600)));
+        assert_eq!(c.offset_ms(), -3_600_000);
+        // Back in sync (within the slack): none.
+        assert!(c.observe_at(DATE, at(1_796_000_001)));
+        assert_eq!(c.offset_ms(), 0);
+        // What is not a date changes nothing.
+        assert!(!c.observe_at("yesterday", at(1)));
+        assert_eq!(c.offset_ms(), 0);
+    }
+
+    #[test]
+    fn signing_times_and_dates_are_read() {
+        assert_eq!(signing_time("20261130T005320Z"), Some(at(1_796_000_000)));
+        assert_eq!(http_date(DATE), Some(at(1_796_000_000)));
+        for bad in [
+            "20261130T005320",
+            "2026-11-30T00:53:20Z",
+            "20261130X005320Z",
+            "",
+        ] {
+            assert_eq!(signing_time(bad), None, "{bad}");
+        }
+        assert!(off_by_skew_retry(at(1000), at(1060)));
+        assert!(off_by_skew_retry(at(1060), at(1000)));
+        assert!(!off_by_skew_retry(at(1000), at(1059)));
+    }
+
+    #[test]
+    fn now_is_this_machines_time_moved_by_the_offset() {
+        let c = StoreClock::default();
+        c.observe_at(DATE, at(1_796_000_000 - 3600));
+        let mine = SystemTime::now();
+        let theirs = c.now();
+        let ahead = theirs.duration_since(mine).unwrap();
+        assert!(ahead >= Duration::from_secs(3600) && ahead < Duration::from_secs(3601));
+        c.observe_at(DATE, at(1_796_000_000 + 3600));
+        let behind = SystemTime::now().duration_since(c.now()).unwrap();
+        assert!(behind >= Duration::from_secs(3599) && behind <= Duration::from_secs(3600));
+        assert_eq!(shifted(at(10), -20_000), at(10) - Duration::from_secs(20));
+        // Beyond what the clock holds: unmoved, not a panic.
+        let far = SystemTime::UNIX_EPOCH + Duration::from_secs(i64::MAX as u64);
+        assert_eq!(shifted(far, i64::MAX), far);
+    }
+}
