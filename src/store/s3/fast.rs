@@ -650,32 +650,6 @@ mod tests {
                     "/b/p/busy" => "later".into_response(),
                     "/b/p/refusing" => (S::TOO_MANY_REQUESTS, "").into_response(),
                     "/b/p/partial" => (S::PARTIAL_CONTENT, "el").into_response(),
-                    // A store whose clock is two days ahead, refusing signatures dated more
-                    // than 15 minutes from its own time, as AWS does.
-                    "/b/p/skewed" => {
-                        let theirs = SystemTime::now() + Duration::from_secs(2 * 86400);
-                        let signed = h["x-amz-date"].to_str().unwrap().to_owned();
-                        let (d, t) = signed.split_at(8);
-                        let rfc3339 = format!(
-                            "{}-{}-{}T{}:{}:{}",
-                            &d[..4],
-                            &d[4..6],
-                            &d[6..],
-                            &t[1..3],
-                            &t[3..5],
-                            &t[5..]
-                        );
-                        let at = DateTime::from_str(&rfc3339, Format::DateTime).unwrap();
-                        let at = SystemTime::try_from(at).unwrap();
-                        let off = theirs.duration_since(at).unwrap_or_else(|e| e.duration());
-                        let date = DateTime::from(theirs).fmt(Format::HttpDate).unwrap();
-                        let status = if off > Duration::from_secs(900) {
-                            S::FORBIDDEN
-                        } else {
-                            S::OK
-                        };
-                        (status, [("date", date)], xml("RequestTimeTooSkewed")).into_response()
-                    }
                     // Streamed: no Content-Length, on HEAD either.
                     "/b/p/unsized" => axum::body::Body::from_stream(futures::stream::once(async {
                         Ok::<_, std::io::Error>(bytes::Bytes::from_static(b"x"))
@@ -710,6 +684,11 @@ mod tests {
         assert!(r.get("p/denied", None).await.is_err());
         assert_eq!(hits.load(Ordering::SeqCst), 1);
         hits.store(0, Ordering::SeqCst);
+        let ahead = super::super::tests::store_two_days_ahead(hits.clone()).await;
+        let creds = SharedCredentialsProvider::new(Credentials::new("k", "s", None, None, "t"));
+        let d = Duration::from_secs(5);
+        let r =
+            FastReads::new(&ahead, "b", "us-east-1", creds, d, d, StoreClock::default()).unwrap();
         assert!(matches!(r.get("p/skewed", None).await, Ok(Read::Found(_))));
         assert_eq!(hits.load(Ordering::SeqCst), 2, "refused, then signed again");
         let ahead = r.clock.offset_ms() - 2 * 86_400_000;

@@ -517,12 +517,16 @@ async fn a_write_is_given_time_for_its_body() {
 }
 
 /// A store whose clock is two days ahead of this machine's, refusing signatures more than
-/// 15 minutes off its time (400, as Garage words it; AWS says 403 RequestTimeTooSkewed).
-async fn store_two_days_ahead() -> String {
+/// 15 minutes off its time (400, as Garage words it; AWS says 403 RequestTimeTooSkewed), and
+/// counting requests in `hits`. Every object is 5 bytes.
+pub(super) async fn store_two_days_ahead(
+    hits: std::sync::Arc<std::sync::atomic::AtomicUsize>,
+) -> String {
     use aws_smithy_types::date_time::{DateTime, Format};
     use axum::http::{HeaderMap, StatusCode};
     use axum::response::IntoResponse as _;
-    let app = axum::Router::new().fallback(|h: HeaderMap| async move {
+    let app = axum::Router::new().fallback(move |h: HeaderMap| async move {
+        hits.fetch_add(1, std::sync::atomic::Ordering::SeqCst);
         let theirs = std::time::SystemTime::now() + Duration::from_secs(2 * 86400);
         let date = DateTime::from(theirs).fmt(Format::HttpDate).unwrap();
         let signed = h
@@ -557,7 +561,7 @@ async fn store_two_days_ahead() -> String {
 /// is then cellar's "now".
 #[tokio::test]
 async fn a_store_whose_clock_is_days_away_is_signed_for_with_its_time() {
-    let endpoint = store_two_days_ahead().await;
+    let endpoint = store_two_days_ahead(std::sync::Arc::default()).await;
     store_at(endpoint.clone(), 4).await.ping().await.unwrap();
     for direct in [false, true] {
         let store = store_with(endpoint.clone(), 4, direct).await;
