@@ -48,13 +48,18 @@ fn nix_copy_to(url: &str, netrc: &Path, path: &str, work: &Path) {
 }
 
 /// A server two days behind the store (Garage refuses signatures more than a day off) takes
-/// uploads and serves them; a collector three hours ahead keeps what was written a moment ago
+/// uploads and serves them, its large NARs through presigned URLs; a collector three hours ahead keeps what was written a moment ago
 /// (within a grace period of an hour by the store's clock, not three hours old by its own).
 #[tokio::test(flavor = "multi_thread")]
 async fn a_cellar_whose_clock_is_off_goes_by_the_stores() {
     let f = fixture();
     let (w, wcfg) = token("builder", "write");
-    let mut app = App::s3("clock-off").config(&wcfg);
+    // Large NARs are downloaded from Garage through presigned URLs, which must be valid by
+    // Garage's clock too.
+    let mut app = App::s3("clock-off")
+        .config(&wcfg)
+        .env("CELLAR_STORE__REDIRECT_NARS", "true")
+        .env("CELLAR_STORE__PUBLIC_ENDPOINT", s3_env().endpoint.clone());
     for (k, v) in clock_moved("-2d") {
         app = app.env(&k, v);
     }
@@ -86,6 +91,11 @@ async fn a_cellar_whose_clock_is_off_goes_by_the_stores() {
         &srv.public_key,
         &f.top,
         &work.path().join("first"),
+    );
+    assert!(
+        srv.log_count("NAR redirected to the store") >= 1,
+        "{}",
+        srv.log()
     );
 
     // A NAR whose narinfo is still on its way, written just now.

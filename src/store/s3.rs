@@ -458,7 +458,12 @@ impl Store for S3Store {
         let Some((client, ttl)) = &self.presigner else {
             return Ok(None);
         };
-        let config = PresigningConfig::expires_in(*ttl)
+        // Signed from the store's time: the presigning client sends nothing, so the SDK
+        // never learns the store's clock for it.
+        let config = PresigningConfig::builder()
+            .start_time(self.clock.now())
+            .expires_in(*ttl)
+            .build()
             .map_err(|e| StoreError::Misconfigured(format!("store.redirect_ttl_secs: {e}")))?;
         let signed = client
             .get_object()

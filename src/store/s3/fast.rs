@@ -12,6 +12,7 @@
 
 use std::time::{Duration, SystemTime};
 
+use aws_credential_types::provider::error::CredentialsError;
 use aws_sdk_s3::config::{Credentials, ProvideCredentials as _, SharedCredentialsProvider};
 use aws_sigv4::http_request::{
     sign, PayloadChecksumKind, PercentEncodingMode, SignableBody, SignableRequest, SigningSettings,
@@ -70,6 +71,22 @@ struct Unsigned {
     /// The body's SHA-256 (hex).
     payload_sha256: String,
     body: Option<Bytes>,
+}
+
+/// What a credentials provider's failure is to cellar: one that did not answer in time or
+/// failed on its side (an STS or metadata service down, answering 503) makes the store
+/// unavailable for now; the others (no credentials, a bad profile) are misconfiguration.
+fn credentials_failure(e: &CredentialsError) -> StoreError {
+    let text = format!(
+        "S3 credentials: {}",
+        aws_smithy_types::error::display::DisplayErrorContext(e)
+    );
+    match e {
+        CredentialsError::ProviderTimedOut(_) | CredentialsError::ProviderError(_) => {
+            StoreError::Unavailable(text)
+        }
+        _ => StoreError::Misconfigured(text),
+    }
 }
 
 /// What a read found: the object (or the response it comes from), no object, or a range
@@ -162,7 +179,7 @@ impl FastReads {
                 }
                 return Ok(c);
             }
-            Ok(Err(e)) => StoreError::Misconfigured(format!("S3 credentials: {e}")),
+            Ok(Err(e)) => credentials_failure(&e),
             Err(_) => StoreError::Timeout(self.timeout.as_secs()),
         };
         match usable {
@@ -837,10 +854,37 @@ mod tests {
 
         let (r, _) = reads_with(&hits, STILL_VALID_FOR - Duration::from_secs(1)).await;
         assert!(matches!(r.get("p/ok", None).await, Ok(Read::Found(_))));
+        // The provider failing (on its side) leaves the store unavailable for now.
         assert!(
-            matches!(r.get("p/ok", None).await, Err(StoreError::Misconfigured(m)) if m.contains("credentials")),
+            matches!(r.get("p/ok", None).await, Err(StoreError::Unavailable(m)) if m.contains("credentials")),
             "signed with credentials about to expire"
         );
+    }
+
+    #[test]
+    fn a_credentials_provider_down_is_no_misconfiguration() {
+        use aws_credential_types::provider::error::CredentialsError as E;
+        let unavailable = [
+            E::provider_error("STS answered 503"),
+            E::provider_timed_out(Duration::from_secs(5)),
+        ];
+        for e in unavailable {
+            assert!(
+                matches!(credentials_failure(&e), StoreError::Unavailable(_)),
+                "{e:?}"
+            );
+        }
+        let misconfigured = [
+            E::not_loaded("no credentials in the environment"),
+            E::invalid_configuration("a profile that assumes itself"),
+            E::unhandled("not UTF-8"),
+        ];
+        for e in misconfigured {
+            assert!(
+                matches!(credentials_failure(&e), StoreError::Misconfigured(_)),
+                "{e:?}"
+            );
+        }
     }
 
     /// A store asking to slow down with 429 is asked again (after a pause), and one that
