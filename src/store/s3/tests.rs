@@ -98,8 +98,24 @@ async fn multipart_s3(
     Arc<std::sync::Mutex<Seen>>,
     Arc<tokio::sync::Notify>,
 ) {
+    multipart_s3_after_a_lost_answer(gate, refuse, None).await
+}
+
+/// [`multipart_s3`], where with `lost` the completion of the upload is answered as a retry
+/// after a lost answer is (404 NoSuchUpload), and a HEAD of the object with `lost`: its
+/// length and ETag if the first try completed it, `None` if it did not.
+async fn multipart_s3_after_a_lost_answer(
+    gate: usize,
+    refuse: Option<u32>,
+    lost: Option<Option<(usize, &'static str)>>,
+) -> (
+    String,
+    Arc<std::sync::Mutex<Seen>>,
+    Arc<tokio::sync::Notify>,
+) {
     use axum::extract::{Query, State};
     use axum::http::{Method, StatusCode};
+    use axum::response::{IntoResponse as _, Response};
     use std::collections::HashMap;
 
     #[derive(Clone)]
@@ -110,19 +126,41 @@ async fn multipart_s3(
         gate: usize,
         refuse: Option<u32>,
         deleted: Arc<tokio::sync::Notify>,
+        lost: Option<Option<(usize, &'static str)>>,
     }
     async fn handle(
         State(f): State<Fake>,
         method: Method,
         Query(q): Query<HashMap<String, String>>,
         body: bytes::Bytes,
-    ) -> (StatusCode, [(&'static str, String); 1], String) {
+    ) -> Response {
+        answer(f, method, q, body).await.into_response()
+    }
+    async fn answer(
+        f: Fake,
+        method: Method,
+        q: HashMap<String, String>,
+        body: bytes::Bytes,
+    ) -> Response {
         use std::sync::atomic::Ordering;
+        if method == Method::HEAD {
+            return match f.lost.flatten() {
+                Some((len, etag)) => (
+                    StatusCode::OK,
+                    [
+                        ("etag", etag.to_owned()),
+                        ("content-length", len.to_string()),
+                    ],
+                )
+                    .into_response(),
+                None => StatusCode::NOT_FOUND.into_response(),
+            };
+        }
         let etag = |s: String| (StatusCode::OK, [("etag", "\"e\"".to_owned())], s);
         if q.contains_key("uploads") {
             let xml = "<InitiateMultipartUploadResult><Bucket>b</Bucket><Key>k</Key>\
                        <UploadId>u1</UploadId></InitiateMultipartUploadResult>";
-            return etag(xml.into());
+            return etag(xml.into()).into_response();
         }
         if let Some(n) = q.get("partNumber") {
             let n: u32 = n.parse().unwrap();
@@ -137,23 +175,19 @@ async fn multipart_s3(
             f.in_flight.fetch_sub(1, Ordering::SeqCst);
             if f.refuse == Some(n) {
                 let xml = "<Error><Code>AccessDenied</Code><Message>no</Message></Error>";
-                return (StatusCode::FORBIDDEN, [("etag", String::new())], xml.into());
+                return (StatusCode::FORBIDDEN, [("etag", String::new())], xml).into_response();
             }
             f.seen.lock().unwrap().parts.insert(n, body);
-            return (
-                StatusCode::OK,
-                [("etag", format!("\"p{n}\""))],
-                String::new(),
-            );
+            return (StatusCode::OK, [("etag", format!("\"p{n}\""))]).into_response();
         }
         if method == Method::DELETE {
             f.seen.lock().unwrap().aborted = true;
             f.deleted.notify_one();
-            return (
-                StatusCode::NO_CONTENT,
-                [("etag", String::new())],
-                String::new(),
-            );
+            return StatusCode::NO_CONTENT.into_response();
+        }
+        if f.lost.is_some() {
+            let xml = "<Error><Code>NoSuchUpload</Code><Message>no</Message></Error>";
+            return (StatusCode::NOT_FOUND, xml).into_response();
         }
         f.seen.lock().unwrap().completed = Some(String::from_utf8_lossy(&body).into_owned());
         etag(
@@ -161,6 +195,7 @@ async fn multipart_s3(
               <ETag>\"all\"</ETag></CompleteMultipartUploadResult>"
                 .into(),
         )
+        .into_response()
     }
     let seen = Arc::new(std::sync::Mutex::new(Seen::default()));
     let deleted = Arc::new(tokio::sync::Notify::new());
@@ -171,6 +206,7 @@ async fn multipart_s3(
         in_flight: Arc::default(),
         gate,
         refuse,
+        lost,
     };
     let app = axum::Router::new()
         .fallback(handle)
@@ -309,6 +345,27 @@ async fn a_refused_part_fails_the_upload_and_it_is_aborted() {
     let seen = seen.lock().unwrap();
     assert!(seen.completed.is_none(), "completed despite a refused part");
     assert!(seen.aborted, "the multipart upload was not aborted");
+}
+
+/// A completion retried after its answer was lost finds no such upload: the upload stands if
+/// the object is there as it would have left it, and fails (aborted) if it is not, or is
+/// another object.
+#[tokio::test]
+async fn a_completion_whose_answer_was_lost_stands_if_the_object_does() {
+    let len = 2 * PART_SIZE + 1;
+    let cases = [
+        (Some((len, "\"abc-3\"")), true),
+        (None, false),
+        (Some((len + 1, "\"abc-3\"")), false),
+        (Some((len, "\"abc-2\"")), false),
+    ];
+    for (head, stands) in cases {
+        let (endpoint, seen, _) = multipart_s3_after_a_lost_answer(1, None, Some(head)).await;
+        let store = store_at(endpoint, 2).await;
+        let r = write_all(&store, &body(len)).await;
+        assert_eq!(r.is_ok(), stands, "{head:?}: {r:?}");
+        assert_eq!(seen.lock().unwrap().aborted, !stands, "{head:?}");
+    }
 }
 
 /// A writer dropped mid-upload (the client went away) aborts its multipart upload in the
