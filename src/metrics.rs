@@ -119,6 +119,7 @@ pub struct Metrics {
     pub build_info: Family<BuildLabels, Gauge>,
     pub uploads_waiting: Gauge,
     pub uploads_running: Gauge,
+    pub store_clock_offset: Gauge,
 }
 
 /// 1 ms to ~33 s in powers of two: a hot narinfo takes well under a millisecond, a NAR
@@ -145,6 +146,7 @@ impl Metrics {
             build_info: Family::default(),
             uploads_waiting: Gauge::default(),
             uploads_running: Gauge::default(),
+            store_clock_offset: Gauge::default(),
             registry: Registry::default(),
         };
         r.register(
@@ -211,6 +213,11 @@ impl Metrics {
             "uploads_waiting",
             "Uploads waiting for one of the upload.max_concurrent slots",
             m.uploads_waiting.clone(),
+        );
+        r.register(
+            "store_clock_offset_seconds",
+            "How far the S3 store's clock is ahead of this machine's (negative: behind), by the Date of its answers; cellar goes by the store's",
+            m.store_clock_offset.clone(),
         );
         r.register(
             "build_info",

@@ -78,6 +78,8 @@ async fn a_cellar_whose_clock_is_off_goes_by_the_stores() {
         "{}",
         srv.log()
     );
+    let offset = metric_sum(srv, "cellar_store_clock_offset_seconds", &[]).await;
+    assert!((offset - 172_800.0).abs() <= 2.0, "clock offset {offset} s");
     // The start-up check, refused for its time, asked again with the store's.
     srv.wait_for_log("the store answers", 1);
     assert_eq!(

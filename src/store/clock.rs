@@ -67,6 +67,7 @@ impl StoreClock {
         // Within the slack of no offset at all: none (the noise of a clock in sync).
         let new = if measured.abs() < slack { 0 } else { measured };
         self.offset_ms.store(new, Ordering::Relaxed);
+        crate::metrics::get().store_clock_offset.set(new / 1000);
         let worth = WORTH_SAYING.as_millis() as i64;
         if new.abs() >= worth {
             tracing::warn!(
@@ -260,6 +261,41 @@ mod tests {
         // What is not a date changes nothing.
         assert!(!c.observe_at("yesterday", at(1)));
         assert_eq!(c.offset_ms(), 0);
+    }
+
+    /// Two seconds (the slack) is a difference: the offset moves by it, and is kept.
+    #[test]
+    fn the_slack_is_the_least_difference_taken() {
+        let c = StoreClock::default();
+        assert!(c.observe_at(DATE, at(1_796_000_000 - 2)));
+        assert_eq!(c.offset_ms(), 2000);
+        assert!(c.observe_at(DATE, at(1_796_000_000 - 4)));
+        assert_eq!(c.offset_ms(), 4000);
+    }
+
+    /// An offset of a minute or more is logged as a warning, and its end when the clocks
+    /// agree again; smaller ones are not.
+    #[test]
+    fn a_large_offset_is_said_and_so_is_its_end() {
+        let logs = crate::test_logs::capture();
+        let c = StoreClock::default();
+        c.observe_at(DATE, at(1_796_000_000 - 59));
+        c.observe_at(DATE, at(1_796_000_000));
+        assert_eq!(logs.text(), "", "under a minute: nothing said");
+        c.observe_at(DATE, at(1_796_000_000 - 60));
+        assert_eq!(
+            logs.text().matches("disagree").count(),
+            1,
+            "{}",
+            logs.text()
+        );
+        c.observe_at(DATE, at(1_796_000_000 - 30));
+        assert_eq!(
+            logs.text().matches("agree again").count(),
+            1,
+            "{}",
+            logs.text()
+        );
     }
 
     #[test]
