@@ -371,8 +371,14 @@ impl Disk {
     /// Removes the file of `name` and its `.meta`. Readers holding the file open keep
     /// reading it; only the name goes.
     pub(super) fn remove(&self, name: &str) {
-        let _ = std::fs::remove_file(self.dir.join(name));
-        let _ = std::fs::remove_file(self.meta_path(name));
+        for f in self.files_of(name) {
+            let _ = std::fs::remove_file(f);
+        }
+    }
+
+    /// The file of `name` and its `.meta`.
+    pub(super) fn files_of(&self, name: &str) -> [PathBuf; 2] {
+        [self.dir.join(name), self.meta_path(name)]
     }
 }
 

@@ -423,11 +423,29 @@ impl NarCache {
         tokio::time::timeout(wait, checked).await.ok().flatten()
     }
 
+    /// Keeps the budget: the least recently used NARs leave the index at once, and their
+    /// files are removed on the blocking pool (a large NAR may evict thousands of small ones,
+    /// and unlinking them would hold an async worker that long). A NAR filled again under the
+    /// same name in that moment may lose its new file, which its next read finds missing: it
+    /// is fetched once more.
     fn evict(&self) {
         let victims = self.index().evict();
-        for name in victims {
+        if victims.is_empty() {
+            return;
+        }
+        let mut files = Vec::with_capacity(victims.len() * 2);
+        for name in &victims {
             tracing::debug!(nar = %name, "NAR cache: evicted");
-            self.disk.remove(&name);
+            files.extend(self.disk.files_of(name));
+        }
+        let remove = move || {
+            for f in files {
+                let _ = std::fs::remove_file(f);
+            }
+        };
+        match tokio::runtime::Handle::try_current() {
+            Ok(rt) => drop(rt.spawn_blocking(remove)),
+            Err(_) => remove(),
         }
     }
 
