@@ -436,7 +436,7 @@ fn spawn_staging_cleanup(store: std::sync::Arc<dyn cellar::store::Store>, max_ag
         loop {
             tick.tick().await;
             match store.cleanup_staging(max_age).await {
-                Ok(0) => {}
+                Ok(0) => tracing::debug!("no stale unfinished uploads"),
                 Ok(n) => tracing::info!(removed = n, "removed stale unfinished uploads"),
                 Err(e) => tracing::warn!(cause = %e, "cleanup of unfinished uploads failed"),
             }

@@ -129,3 +129,47 @@ async fn a_cellar_whose_clock_is_off_goes_by_the_stores() {
         &work.path().join("after-gc"),
     );
 }
+
+/// A cellar started hours ahead of the store (beyond `upload.staging_max_age`, 6 hours) does
+/// not take another replica's multipart upload in progress for an abandoned one: its
+/// start-up cleanup dates uploads by the store's clock, which the listing's answer told.
+#[tokio::test(flavor = "multi_thread")]
+async fn a_cellar_ahead_of_the_store_leaves_uploads_in_progress_alone() {
+    let s3 = s3_env();
+    let prefix = unique_prefix("clock-ahead");
+    let key = format!("{prefix}nar/{}.nar", "1".repeat(52));
+    let client = s3_client(&s3);
+    let started = client
+        .create_multipart_upload()
+        .bucket(&s3.bucket)
+        .key(&key)
+        .send()
+        .await
+        .unwrap();
+    let mut env = s3_store_env(&s3, &s3.endpoint, &prefix);
+    env.extend(clock_moved("+8h"));
+    env.push(("RUST_LOG".into(), "info,cellar=debug".into()));
+    let srv = tokio::task::spawn_blocking(move || Server::start_with_config("", env))
+        .await
+        .unwrap();
+    srv.wait_for_log("stale unfinished uploads", 1);
+    assert_eq!(
+        srv.log_count("no stale unfinished uploads"),
+        1,
+        "{}",
+        srv.log()
+    );
+    let uploads = client
+        .list_multipart_uploads()
+        .bucket(&s3.bucket)
+        .prefix(&prefix)
+        .send()
+        .await
+        .unwrap();
+    let ids: Vec<_> = uploads
+        .uploads()
+        .iter()
+        .filter_map(|u| u.upload_id())
+        .collect();
+    assert_eq!(ids, [started.upload_id().unwrap()]);
+}

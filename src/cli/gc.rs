@@ -62,18 +62,14 @@ fn runtime() -> anyhow::Result<tokio::runtime::Runtime> {
         .context("starting the async runtime")
 }
 
-/// The store's time (see [`cellar::store::clock`]), after one request, so that a store whose
-/// clock differs from this machine's has shown it. A store that does not answer fails the run
-/// at its first read.
-async fn store_now(store: &dyn Store) -> SystemTime {
-    let _ = store.ping().await;
-    store.now()
-}
-
+/// Opens the store and asks it once: a store that does not answer fails the command at once,
+/// and one whose clock differs from this machine's has shown it before anything is dated
+/// (`gc`'s now, a pin's access record; see [`cellar::store::clock`]).
 async fn open(cfg: &Config) -> anyhow::Result<Arc<dyn Store>> {
-    store::open_existing(&cfg.store)
-        .await
-        .with_context(|| format!("opening the store ({})", cfg.store.backend))
+    let what = || format!("opening the store ({})", cfg.store.backend);
+    let store = store::open_existing(&cfg.store).await.with_context(what)?;
+    store.ping().await.with_context(what)?;
+    Ok(store)
 }
 
 /// Runs `run`; if it fails and a metrics file is asked for, the file says that the run
@@ -121,7 +117,7 @@ fn gc_summary(path: Option<&Path>, apply: bool) -> anyhow::Result<gc::Summary> {
         let bar = Bar::new();
         let opts = gc::Options {
             apply,
-            now: store_now(store.as_ref()).await,
+            now: store.now(),
             settle: gc::deleting::SETTLE,
         };
         let s = gc::run(&store, &cfg.store_dir, &cfg.gc, &opts, &bar).await;
@@ -255,7 +251,7 @@ fn verify_report(
             repair,
             sample,
             grace: cfg.gc.grace,
-            now: store_now(store.as_ref()).await,
+            now: store.now(),
             settle: gc::deleting::SETTLE,
             upstreams,
         };

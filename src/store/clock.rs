@@ -37,7 +37,12 @@ pub struct StoreClock {
 impl StoreClock {
     /// The store's time now.
     pub fn now(&self) -> SystemTime {
-        shifted(SystemTime::now(), self.offset_ms())
+        self.at(self.offset_ms())
+    }
+
+    /// The store's time now by `offset_ms` (one [`Self::offset_ms`] read).
+    pub fn at(&self, offset_ms: i64) -> SystemTime {
+        shifted(SystemTime::now(), offset_ms)
     }
 
     /// Milliseconds to add to this machine's time to get the store's.
@@ -117,7 +122,7 @@ pub fn off_by_skew_retry(told: SystemTime, signed: SystemTime) -> bool {
 /// The time a SigV4 request was signed with (its `x-amz-date`, `20261130T005320Z`).
 pub(crate) fn signing_time(amz_date: &str) -> Option<SystemTime> {
     let b = amz_date.as_bytes();
-    if b.len() != 16 || b[8] != b'T' || b[15] != b'Z' {
+    if !amz_date.is_ascii() || b.len() != 16 || b[8] != b'T' || b[15] != b'Z' {
         return None;
     }
     let (d, t) = (&amz_date[..8], &amz_date[9..15]);
@@ -139,9 +144,10 @@ fn http_date(text: &str) -> Option<SystemTime> {
     SystemTime::try_from(parsed).ok()
 }
 
-/// When the request of an SDK call was signed, kept between its hooks.
+/// When the request of an SDK call was signed (its time, and this machine's monotonic clock
+/// when it was sent), kept between its hooks.
 #[derive(Debug, Clone, Copy)]
-struct SignedAt(SystemTime);
+struct SignedAt(SystemTime, std::time::Instant);
 
 impl aws_smithy_types::config_bag::Storable for SignedAt {
     type Storer = aws_smithy_types::config_bag::StoreReplace<Self>;
@@ -173,7 +179,8 @@ impl aws_sdk_s3::config::Intercept for ObserveDates {
             .get("x-amz-date")
             .and_then(signing_time)
         {
-            cfg.interceptor_state().store_put(SignedAt(at));
+            cfg.interceptor_state()
+                .store_put(SignedAt(at, std::time::Instant::now()));
         }
         Ok(())
     }
@@ -194,7 +201,9 @@ impl aws_sdk_s3::config::Intercept for ObserveDates {
         };
         self.0.observe(&date);
         let refused = res.status().is_client_error();
-        let signed = cfg.load::<SignedAt>().map(|s| s.0);
+        // The signature's time as of the answer: a request that took long (a large body on
+        // a slow link) was not signed with a time off by what it took.
+        let signed = cfg.load::<SignedAt>().map(|s| s.0 + s.1.elapsed());
         if let (true, Some(told), Some(signed)) = (refused, http_date(&date), signed) {
             if off_by_skew_retry(told, signed) {
                 ctx.response_mut().add_extension(SignedOffClock);

@@ -395,6 +395,7 @@ impl Store for S3Store {
             self.timeout,
             self.part_concurrency,
             Arc::clone(&self.part_permits),
+            self.clock.clone(),
         )))
     }
 

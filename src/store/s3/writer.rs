@@ -8,7 +8,7 @@
 
 use std::future::Future;
 use std::sync::Arc;
-use std::time::Duration;
+use std::time::{Duration, SystemTime};
 
 use async_trait::async_trait;
 use aws_sdk_s3::config::http::HttpResponse;
@@ -21,6 +21,7 @@ use tokio::task::JoinSet;
 
 use super::fast::FastReads;
 use super::{classify, result_label, Failure, PART_SIZE};
+use crate::store::clock::StoreClock;
 use crate::store::{ObjectWriter, StoreError};
 
 /// Parts being sent at once by all the multipart uploads of one process: at most this many
@@ -48,12 +49,26 @@ pub(super) fn complete_deadline(timeout: Duration, parts: usize) -> Duration {
     write_deadline(timeout, 0) + Duration::from_secs(u64::try_from(parts).unwrap_or(u64::MAX))
 }
 
-/// Whether an object of `length` and `etag` is what a multipart upload of `parts` parts and
-/// `bytes` bytes leaves (see [`S3Writer::completed`]).
-fn is_upload_of(length: Option<i64>, etag: Option<&str>, bytes: u64, parts: usize) -> bool {
-    let etag = etag.unwrap_or_default().trim_matches('"');
-    length.and_then(|l| u64::try_from(l).ok()) == Some(bytes)
+/// How much earlier than the store's time when a multipart upload began its object may be
+/// dated and still be that upload's (S3 dates it when the upload began, to the second; the
+/// store's time is known to within [`crate::store::clock::SLACK`]).
+const DATED_WITHIN: Duration = Duration::from_secs(5);
+
+/// The object as a HEAD shows it.
+struct Shape<'a> {
+    length: Option<i64>,
+    etag: Option<&'a str>,
+    modified: Option<SystemTime>,
+}
+
+/// Whether an object of `shape` is what a multipart upload of `parts` parts and `bytes` bytes,
+/// begun at `began` by the store's clock, leaves (see [`S3Writer::completed`]).
+fn is_upload_of(shape: &Shape<'_>, bytes: u64, parts: usize, began: SystemTime) -> bool {
+    let etag = shape.etag.unwrap_or_default().trim_matches('"');
+    let not_before = began.checked_sub(DATED_WITHIN).unwrap_or(began);
+    shape.length.and_then(|l| u64::try_from(l).ok()) == Some(bytes)
         && etag.ends_with(&format!("-{parts}"))
+        && shape.modified.is_some_and(|m| m >= not_before)
 }
 
 /// The object a writer writes, shared with the tasks sending its parts.
@@ -177,6 +192,10 @@ pub(super) struct S3Writer {
     permits: Arc<Semaphore>,
     parts: Vec<CompletedPart>,
     done: bool,
+    /// The store's time.
+    clock: StoreClock,
+    /// When the multipart upload began, by the store's clock.
+    began: Option<SystemTime>,
 }
 
 impl S3Writer {
@@ -189,6 +208,7 @@ impl S3Writer {
         timeout: Duration,
         concurrency: usize,
         permits: Arc<Semaphore>,
+        clock: StoreClock,
     ) -> Self {
         Self {
             target: Arc::new(Target {
@@ -207,6 +227,8 @@ impl S3Writer {
             permits,
             parts: Vec::new(),
             done: false,
+            clock,
+            began: None,
         }
     }
 
@@ -227,6 +249,8 @@ impl S3Writer {
             .ok_or_else(|| StoreError::Other("CreateMultipartUpload: no upload id".into()))?
             .to_owned();
         self.upload_id = Some(id.clone());
+        // Its answer told the store's time.
+        self.began = Some(self.clock.now());
         Ok(id)
     }
 
@@ -327,7 +351,17 @@ impl S3Writer {
         let t = &self.target;
         let req = t.client.head_object().bucket(&t.bucket).key(&t.key).send();
         match t.timed("HeadObject", 0, req).await {
-            Ok(o) => is_upload_of(o.content_length(), o.e_tag(), self.sent_bytes, parts),
+            Ok(o) => {
+                let shape = Shape {
+                    length: o.content_length(),
+                    etag: o.e_tag(),
+                    modified: o
+                        .last_modified()
+                        .and_then(|t| SystemTime::try_from(*t).ok()),
+                };
+                let began = self.began.unwrap_or_else(|| self.clock.now());
+                is_upload_of(&shape, self.sent_bytes, parts, began)
+            }
             Err(_) => false,
         }
     }
@@ -424,28 +458,47 @@ impl Drop for S3Writer {
 
 #[cfg(test)]
 mod tests {
-    use super::is_upload_of;
+    use super::{is_upload_of, Shape};
+    use std::time::{Duration, SystemTime};
 
     #[test]
-    fn an_upload_is_known_by_its_length_and_part_count() {
-        let etag = Some("\"3944a9f7a4faab7f78788ff6210f63f0-3\"");
-        assert!(is_upload_of(Some(30), etag, 30, 3));
+    fn an_upload_is_known_by_its_length_part_count_and_date() {
+        let began = SystemTime::UNIX_EPOCH + Duration::from_secs(1_796_000_000);
+        let etag = "\"3944a9f7a4faab7f78788ff6210f63f0-3\"";
+        let shape = |length, etag, modified| Shape {
+            length,
+            etag,
+            modified,
+        };
+        let up = |s: Shape<'_>| is_upload_of(&s, 30, 3, began);
+        // Dated when the upload began (to the second, by a clock known to 2 s), or later.
+        for at in [
+            began - Duration::from_secs(5),
+            began,
+            began + Duration::from_secs(60),
+        ] {
+            assert!(up(shape(Some(30), Some(etag), Some(at))), "{at:?}");
+        }
         // Another length, another number of parts, a single PUT's ETag, or none at all.
-        assert!(!is_upload_of(Some(31), etag, 30, 3));
-        assert!(!is_upload_of(None, etag, 30, 3));
-        assert!(!is_upload_of(Some(30), etag, 30, 4));
+        assert!(!up(shape(Some(31), Some(etag), Some(began))));
+        assert!(!up(shape(None, Some(etag), Some(began))));
         assert!(!is_upload_of(
-            Some(30),
-            Some("\"3944a9f7a4faab7f78788ff6210f63f0-13\""),
+            &shape(Some(30), Some(etag), Some(began)),
             30,
-            3
+            4,
+            began
         ));
-        assert!(!is_upload_of(
+        let thirteen = "\"3944a9f7a4faab7f78788ff6210f63f0-13\"";
+        assert!(!up(shape(Some(30), Some(thirteen), Some(began))));
+        let single = "\"3944a9f7a4faab7f78788ff6210f63f0\"";
+        assert!(!up(shape(Some(30), Some(single), Some(began))));
+        assert!(!up(shape(Some(30), None, Some(began))));
+        // An object from before the upload (the same key, written earlier), or undated.
+        assert!(!up(shape(
             Some(30),
-            Some("\"3944a9f7a4faab7f78788ff6210f63f0\""),
-            30,
-            3
-        ));
-        assert!(!is_upload_of(Some(30), None, 30, 3));
+            Some(etag),
+            Some(began - Duration::from_secs(6))
+        )));
+        assert!(!up(shape(Some(30), Some(etag), None)));
     }
 }
