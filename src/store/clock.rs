@@ -119,6 +119,13 @@ pub fn off_by_skew_retry(told: SystemTime, signed: SystemTime) -> bool {
     offset_ms(told, signed).unsigned_abs() >= SKEW_RETRY.as_millis() as u64
 }
 
+/// Whether an answer dated `told` to a request signed at `signed` that took `took` shows the
+/// signature's time off the store's by [`SKEW_RETRY`] or more: a request that took long (a
+/// large body on a slow link) was not signed with a time off by what it took.
+fn signed_off_clock(told: SystemTime, signed: SystemTime, took: Duration) -> bool {
+    off_by_skew_retry(told, signed + took)
+}
+
 /// The time a SigV4 request was signed with (its `x-amz-date`, `20261130T005320Z`).
 pub(crate) fn signing_time(amz_date: &str) -> Option<SystemTime> {
     let b = amz_date.as_bytes();
@@ -201,11 +208,9 @@ impl aws_sdk_s3::config::Intercept for ObserveDates {
         };
         self.0.observe(&date);
         let refused = res.status().is_client_error();
-        // The signature's time as of the answer: a request that took long (a large body on
-        // a slow link) was not signed with a time off by what it took.
-        let signed = cfg.load::<SignedAt>().map(|s| s.0 + s.1.elapsed());
-        if let (true, Some(told), Some(signed)) = (refused, http_date(&date), signed) {
-            if off_by_skew_retry(told, signed) {
+        let signed = cfg.load::<SignedAt>().map(|s| (s.0, s.1.elapsed()));
+        if let (true, Some(told), Some((signed, took))) = (refused, http_date(&date), signed) {
+            if signed_off_clock(told, signed, took) {
                 ctx.response_mut().add_extension(SignedOffClock);
             }
         }
@@ -320,6 +325,13 @@ mod tests {
             assert_eq!(signing_time(bad), None, "{bad}");
         }
         assert!(off_by_skew_retry(at(1000), at(1060)));
+        // Answered 90 s after signing: off if the request was quick, not if it took 89 s.
+        assert!(signed_off_clock(at(1090), at(1000), Duration::ZERO));
+        assert!(!signed_off_clock(
+            at(1090),
+            at(1000),
+            Duration::from_secs(89)
+        ));
         assert!(off_by_skew_retry(at(1060), at(1000)));
         assert!(!off_by_skew_retry(at(1000), at(1059)));
     }
