@@ -725,6 +725,10 @@ mod tests {
             1,
             "signed right the first time"
         );
+        // Refused for another reason, by a store whose offset is the one known: not again.
+        hits.store(0, Ordering::SeqCst);
+        assert!(r.get("p/denied", None).await.is_err());
+        assert_eq!(hits.load(Ordering::SeqCst), 1);
     }
 
     #[tokio::test]

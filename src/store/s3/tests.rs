@@ -585,14 +585,14 @@ async fn a_write_is_given_time_for_its_body() {
 
 /// A store whose clock is two days ahead of this machine's, refusing signatures more than
 /// 15 minutes off its time (400, as Garage words it; AWS says 403 RequestTimeTooSkewed), and
-/// counting requests in `hits`. Every object is 5 bytes.
+/// counting requests in `hits`. Every object is 5 bytes, except `…/denied`, refused (403).
 pub(super) async fn store_two_days_ahead(
     hits: std::sync::Arc<std::sync::atomic::AtomicUsize>,
 ) -> String {
     use aws_smithy_types::date_time::{DateTime, Format};
     use axum::http::{HeaderMap, StatusCode};
     use axum::response::IntoResponse as _;
-    let app = axum::Router::new().fallback(move |h: HeaderMap| async move {
+    let app = axum::Router::new().fallback(move |uri: axum::http::Uri, h: HeaderMap| async move {
         hits.fetch_add(1, std::sync::atomic::Ordering::SeqCst);
         let theirs = std::time::SystemTime::now() + Duration::from_secs(2 * 86400);
         let date = DateTime::from(theirs).fmt(Format::HttpDate).unwrap();
@@ -608,6 +608,9 @@ pub(super) async fn store_two_days_ahead(
             let body =
                 "<Error><Code>InvalidRequest</Code><Message>Date is too old</Message></Error>";
             (StatusCode::BAD_REQUEST, [("date", date)], body).into_response()
+        } else if uri.path().ends_with("/denied") {
+            let body = "<Error><Code>AccessDenied</Code></Error>";
+            (StatusCode::FORBIDDEN, [("date", date)], body).into_response()
         } else {
             (
                 StatusCode::OK,
