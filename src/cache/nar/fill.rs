@@ -546,7 +546,7 @@ impl NarCache {
     /// Copies the store's body into the temporary file; on success gives it its final name
     /// and indexes it. On failure the temporary file goes, and readers fail too.
     async fn run_fill(
-        &self,
+        self: &Arc<Self>,
         name: &str,
         tmp: TempFile,
         file: std::fs::File,
@@ -685,11 +685,17 @@ impl NarCache {
         let checksum = hasher.finish();
         // Every byte is in the file, checked, and each reader holds it open: a file that
         // cannot be published (no file descriptor, no room for its `.meta`) is only not
-        // cached, and the readers finish.
-        match self.disk.publish(tmp, name, written, checksum) {
-            Ok(()) => self.add(name, written, checksum),
-            Err(e) => self.write_failed(name, &e),
-        }
+        // cached, and the readers finish. Published and indexed on the blocking pool (its
+        // `.meta` written, its rename, and the eviction it may cause), and to the end even if
+        // this fill is dropped meanwhile.
+        let (this, name) = (Arc::clone(self), name.to_owned());
+        let _ = tokio::task::spawn_blocking(move || {
+            match this.disk.publish(tmp, &name, written, checksum) {
+                Ok(()) => this.add(&name, written, checksum),
+                Err(e) => this.write_failed(&name, &e),
+            }
+        })
+        .await;
         Ok(())
     }
 }
