@@ -50,6 +50,13 @@ impl StoreClock {
         self.offset_ms.load(Ordering::Relaxed)
     }
 
+    /// Whether the offset moved by [`SKEW_RETRY`] or more from `offset_ms` (read before a
+    /// request): that request was signed with a time the store may have refused.
+    pub fn moved_since(&self, offset_ms: i64) -> bool {
+        let moved = (self.offset_ms() - offset_ms).unsigned_abs();
+        u128::from(moved) >= SKEW_RETRY.as_millis()
+    }
+
     /// Takes note of an answer's `Date` header, received now. Returns whether the offset moved.
     pub fn observe(&self, date: &str) -> bool {
         self.observe_at(date, SystemTime::now())
@@ -115,7 +122,7 @@ pub const SKEW_RETRY: Duration = Duration::from_secs(60);
 
 /// Whether an answer dated `told` to a request signed at `signed` is [`SKEW_RETRY`] or more
 /// away from it.
-pub fn off_by_skew_retry(told: SystemTime, signed: SystemTime) -> bool {
+fn off_by_skew_retry(told: SystemTime, signed: SystemTime) -> bool {
     offset_ms(told, signed).unsigned_abs() >= SKEW_RETRY.as_millis() as u64
 }
 

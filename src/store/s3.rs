@@ -80,13 +80,6 @@ impl S3Store {
         self.call("HeadBucket", req).await
     }
 
-    /// Whether the store's clock, as known, moved by [`super::clock::SKEW_RETRY`] or more from
-    /// `offset_ms`.
-    fn clock_moved_since(&self, offset_ms: i64) -> bool {
-        let moved = (self.clock.offset_ms() - offset_ms).unsigned_abs();
-        u128::from(moved) >= super::clock::SKEW_RETRY.as_millis()
-    }
-
     /// Builds the client. Makes no request: an unreachable store is reported by `/readyz` and
     /// per request, so the server can start before its store does.
     pub async fn new(s: &S3StoreConfig, timeout: Duration) -> Self {
@@ -374,7 +367,7 @@ impl Store for S3Store {
         // Its time refused, one more, with the store's time the refusal told.
         let offset = self.clock.offset_ms();
         let answer = match self.head_bucket_once().await {
-            Err(_) if self.clock_moved_since(offset) => self.head_bucket_once().await,
+            Err(_) if self.clock.moved_since(offset) => self.head_bucket_once().await,
             answer => answer,
         };
         match answer? {

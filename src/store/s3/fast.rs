@@ -29,7 +29,7 @@ use sha2::{Digest as _, Sha256};
 use std::sync::atomic::Ordering;
 use tokio::sync::Mutex;
 
-use crate::store::clock::{StoreClock, SKEW_RETRY};
+use crate::store::clock::StoreClock;
 use crate::store::{ByteRange, ContentRange, Object, StoreError};
 
 /// SHA-256 of the empty body: what a GET or HEAD signs as its payload.
@@ -308,7 +308,7 @@ impl FastReads {
     /// Up to [`ATTEMPTS`] tries, as the SDK makes: again after a connection failure, a 5xx
     /// or a 429, after a random pause that doubles each time; one that asks to slow down
     /// (503 SlowDown, 429) waits at least [`THROTTLED_PAUSE`]. Again at once after a 4xx
-    /// whose `Date` shows the request was signed with a time off by [`SKEW_RETRY`] or more.
+    /// whose `Date` shows the request was signed with a time off by [`crate::store::clock::SKEW_RETRY`] or more.
     /// The whole stays within the caller's timeout.
     async fn attempts(
         &self,
@@ -328,15 +328,13 @@ impl FastReads {
                             self.clock.observe(date.to_str().unwrap_or_default());
                         }
                     }
-                    let off = (self.clock.offset_ms() - signed_with).unsigned_abs();
                     let s = res.status();
                     let throttled = matches!(
                         s,
                         StatusCode::SERVICE_UNAVAILABLE | StatusCode::TOO_MANY_REQUESTS
                     );
-                    let skewed = s.is_client_error()
-                        && !throttled
-                        && u128::from(off) >= SKEW_RETRY.as_millis();
+                    let skewed =
+                        s.is_client_error() && !throttled && self.clock.moved_since(signed_with);
                     (s.is_server_error() || throttled, throttled, skewed)
                 }
                 Err(_) => (true, false, false),
