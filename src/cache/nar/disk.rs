@@ -371,14 +371,9 @@ impl Disk {
     /// Removes the file of `name` and its `.meta`. Readers holding the file open keep
     /// reading it; only the name goes.
     pub(super) fn remove(&self, name: &str) {
-        for f in self.files_of(name) {
+        for f in [self.dir.join(name), self.meta_path(name)] {
             let _ = std::fs::remove_file(f);
         }
-    }
-
-    /// The file of `name` and its `.meta`.
-    pub(super) fn files_of(&self, name: &str) -> [PathBuf; 2] {
-        [self.dir.join(name), self.meta_path(name)]
     }
 }
 

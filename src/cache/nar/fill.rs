@@ -531,16 +531,13 @@ impl NarCache {
     }
 
     /// Writes a small NAR's file and indexes it (best effort: a failure only means no caching).
-    pub(super) fn store_small(&self, name: &str, data: &[u8]) {
+    pub(super) fn store_small(self: &Arc<Self>, name: &str, data: &[u8]) {
         let size = data.len() as u64;
         let admitted = self.index().admits(size);
         if !admitted || self.disk_full(size) {
             return;
         }
-        match self.disk.write_whole(name, data) {
-            Ok(checksum) => self.add(name, size, checksum),
-            Err(e) => self.write_failed(name, &e),
-        }
+        self.add(name, size, || self.disk.write_whole(name, data));
     }
 
     /// Copies the store's body into the temporary file; on success gives it its final name
@@ -690,10 +687,10 @@ impl NarCache {
         // this fill is dropped meanwhile.
         let (this, name) = (Arc::clone(self), name.to_owned());
         let _ = tokio::task::spawn_blocking(move || {
-            match this.disk.publish(tmp, &name, written, checksum) {
-                Ok(()) => this.add(&name, written, checksum),
-                Err(e) => this.write_failed(&name, &e),
-            }
+            this.add(&name, written, || {
+                this.disk.publish(tmp, &name, written, checksum)?;
+                Ok(checksum)
+            });
         })
         .await;
         Ok(())

@@ -97,6 +97,11 @@ pub struct NarCache {
     checks: Arc<tokio::sync::Semaphore>,
     /// Checks waiting for their turn ([`CHECKS_WAITING`] at most).
     checks_waiting: std::sync::atomic::AtomicUsize,
+    /// Held while a name's files change on disk with its entry in the index: a publish
+    /// (`.meta`, rename, entry) and each removal of a name no longer indexed. A removal that
+    /// comes after the name was filled again finds it indexed and leaves its new files.
+    /// Taken before the index's lock, never while holding it.
+    names: Mutex<()>,
 }
 
 /// Checks of files from before a restart that run at once, each hashing a whole file on a
@@ -145,6 +150,7 @@ impl NarCache {
             read_errors: Mutex::new(HashMap::new()),
             checks: Arc::new(tokio::sync::Semaphore::new(CHECKS_AT_ONCE)),
             checks_waiting: std::sync::atomic::AtomicUsize::new(0),
+            names: Mutex::new(()),
         });
         // The budget may have shrunk since the last run.
         cache.evict();
@@ -377,20 +383,44 @@ impl NarCache {
         lock(&self.index)
     }
 
-    /// Indexes a file just published, then keeps the budget.
-    fn add(&self, name: &str, size: u64, checksum: Checksum) {
-        self.index().insert(name, size, checksum, Verified::Yes);
-        tracing::debug!(nar = %name, bytes = size, "NAR cache: stored");
-        self.evict();
-        self.changed();
+    /// Publishes the file of `name` (`publish` gives it its name and returns its checksum)
+    /// and indexes it, as one step for removals (see [`Self::names`]); then keeps the budget.
+    /// A failure only means the NAR is not cached.
+    fn add(
+        self: &Arc<Self>,
+        name: &str,
+        size: u64,
+        publish: impl FnOnce() -> Result<Checksum, WriteError>,
+    ) {
+        let published = {
+            let _names = lock(&self.names);
+            publish().map(|checksum| self.index().insert(name, size, checksum, Verified::Yes))
+        };
+        match published {
+            Ok(()) => {
+                tracing::debug!(nar = %name, bytes = size, "NAR cache: stored");
+                self.evict();
+                self.changed();
+            }
+            Err(e) => self.write_failed(name, &e),
+        }
     }
 
     fn drop_entry(&self, name: &str) {
         let held = self.index().remove(name);
         if held {
-            self.disk.remove(name);
+            self.remove_unindexed(name);
         }
         self.changed();
+    }
+
+    /// Removes the files of `name` unless it is indexed again: filled anew since it left the
+    /// index, its files are the new ones.
+    fn remove_unindexed(&self, name: &str) {
+        let _names = lock(&self.names);
+        if !self.index().contains(name) {
+            self.disk.remove(name);
+        }
     }
 
     fn changed(&self) {
@@ -426,22 +456,21 @@ impl NarCache {
     /// Keeps the budget: the least recently used NARs leave the index at once, and their
     /// files are removed on the blocking pool (a large NAR may evict thousands of small ones,
     /// and unlinking them would hold an async worker that long). A NAR filled again under the
-    /// same name in that moment may lose its new file, which its next read finds missing: it
-    /// is fetched once more.
-    fn evict(&self) {
+    /// same name meanwhile keeps its new files.
+    fn evict(self: &Arc<Self>) {
         let victims = self.index().evict();
         if victims.is_empty() {
             return;
         }
-        let mut files = Vec::with_capacity(victims.len() * 2);
         for name in &victims {
             tracing::debug!(nar = %name, "NAR cache: evicted");
-            files.extend(self.disk.files_of(name));
         }
+        let this = Arc::clone(self);
         let remove = move || {
-            for f in files {
-                let _ = std::fs::remove_file(f);
+            for name in &victims {
+                this.remove_unindexed(name);
             }
+            this.changed();
         };
         match tokio::runtime::Handle::try_current() {
             Ok(rt) => drop(rt.spawn_blocking(remove)),
@@ -482,7 +511,7 @@ impl NarCache {
             "NAR cache: the disk is fuller than the budget allows; evicting to keep room"
         );
         for name in victims {
-            self.disk.remove(&name);
+            self.remove_unindexed(&name);
         }
         self.changed();
         false

@@ -177,6 +177,25 @@ async fn eviction_keeps_the_budget() {
 }
 
 #[tokio::test]
+async fn a_nar_filled_again_keeps_its_new_file_when_the_old_one_is_removed_late() {
+    let (d, cache, _mem, _store) = setup(1 << 30);
+    cache.store_small(NAME, b"old");
+    // Evicted: out of the index at once, its files to be removed in the background...
+    assert!(cache.index().remove(NAME));
+    // ...but filled again before that removal runs.
+    cache.store_small(NAME, b"new");
+    cache.remove_unindexed(NAME);
+    assert_eq!(std::fs::read(d.path().join(NAME)).unwrap(), b"new");
+    assert!(d.path().join(format!("{NAME}.meta")).exists());
+    assert_eq!(cache.usage().0, 1);
+    // Once it has left the index for good, the removal takes its files.
+    assert!(cache.index().remove(NAME));
+    cache.remove_unindexed(NAME);
+    assert!(!d.path().join(NAME).exists());
+    assert!(!d.path().join(format!("{NAME}.meta")).exists());
+}
+
+#[tokio::test]
 async fn restart_rebuilds_and_drops_corrupt_files() {
     let (d, cache, mem, store) = setup(1 << 30);
     let data = vec![7u8; 100_000];
