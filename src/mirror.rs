@@ -27,6 +27,8 @@ const MAX_COPIES: usize = 4;
 /// are dropped: mirrored on a later miss.
 const MAX_WAITING: usize = 1024;
 
+/// Clones share their queue and copies.
+#[derive(Clone)]
 pub struct Mirror {
     inner: Arc<Inner>,
 }

@@ -514,7 +514,7 @@ pub struct UploadConfig {
 }
 
 /// One `[[upstreams]]` entry.
-#[derive(Debug, Clone)]
+#[derive(Debug, Clone, PartialEq)]
 pub struct UpstreamConfig {
     /// Base URL of the cache without a trailing `/`, e.g. `https://cache.nixos.org`.
     pub url: String,

@@ -78,10 +78,12 @@ pub struct Live {
     pub reads: Arc<dyn Store>,
     /// Copies paths from upstreams marked `mirror = true` into the store, in the background.
     pub mirror: Mirror,
-    pub narinfos: NarInfoCache,
+    /// Kept by a reload that changes neither the keys, the upstreams nor its own settings
+    /// (a token rotated, say): what it holds is still what would be served.
+    pub narinfos: Arc<NarInfoCache>,
     /// NARs seen missing: their narinfos answer 404 (see [`crate::cache::missing_nars`]).
     /// Here, not fixed, as what it remembers lasts `cache.narinfo_ttl_secs`, reloadable.
-    pub missing_nars: MissingNars,
+    pub missing_nars: Arc<MissingNars>,
     /// `Cache-Control` of narinfo answers, built once.
     pub narinfo_cache_control: HeaderValue,
     pub cache_info: Bytes,
@@ -160,7 +162,7 @@ impl AppState {
             disk.keep_small_in(keep);
         }
         let prefetch = Prefetch::new(c.prefetch_concurrency, c.prefetch_nar_max_bytes);
-        let live = Live::build(config.clone(), signing_keys, &store, &uploader)?;
+        let live = Live::build(config.clone(), signing_keys, &store, &uploader, None)?;
         Ok(Self(Arc::new(App {
             config,
             store,
@@ -187,38 +189,73 @@ impl AppState {
         if let Some(key) = self.config.needs_restart(&config) {
             return Err(ReloadError::NeedsRestart(key));
         }
-        let live = Live::build(config, signing_keys, &self.store, &self.uploader)?;
+        let old = self.live();
+        let live = Live::build(
+            config,
+            signing_keys,
+            &self.store,
+            &self.uploader,
+            Some(&old),
+        )?;
+        let emptied = !Arc::ptr_eq(&live.narinfos, &old.narinfos);
         self.live.store(Arc::new(live));
-        // The new narinfo cache holds nothing: what was prefetched into the old one may be
-        // prefetched again.
-        self.prefetch.forget_recent();
+        if emptied {
+            // The new narinfo cache holds nothing: what was prefetched into the old one may
+            // be prefetched again.
+            self.prefetch.forget_recent();
+        }
         Ok(())
     }
 }
 
 impl Live {
+    /// The state for `config`. On a reload (`previous` is the running state) what the change
+    /// leaves valid is kept: the upstreams (their clients' connections, their failure counts,
+    /// the mirror's queue) if they are configured as before, and the narinfo cache and the
+    /// missing NARs too if the signing keys and the cache's settings are also unchanged.
     fn build(
         config: Config,
         signing_keys: Vec<SecretKey>,
         store: &Arc<dyn Store>,
         uploader: &Arc<Uploader>,
+        previous: Option<&Live>,
     ) -> Result<Self, ReloadError> {
         let c = &config.cache;
-        let narinfos = NarInfoCache::new(
-            c.narinfo_memory_bytes,
-            c.narinfo_ttl,
-            c.narinfo_negative_ttl,
-        );
-        let upstreams = Arc::new(
-            Upstreams::new(&config.upstreams, &config.store_dir)
-                .map_err(|e| ReloadError::Build(format!("upstream HTTP client: {e}")))?,
-        );
-        let reads: Arc<dyn Store> = if upstreams.is_empty() {
-            store.clone()
-        } else {
-            Arc::new(WithUpstreams::new(store.clone(), upstreams.clone()))
+        let same_upstreams = previous.filter(|p| p.config.upstreams == config.upstreams);
+        let (upstreams, reads, mirror) = match same_upstreams {
+            Some(p) => (p.upstreams.clone(), p.reads.clone(), p.mirror.clone()),
+            None => {
+                let upstreams = Arc::new(
+                    Upstreams::new(&config.upstreams, &config.store_dir)
+                        .map_err(|e| ReloadError::Build(format!("upstream HTTP client: {e}")))?,
+                );
+                let reads: Arc<dyn Store> = if upstreams.is_empty() {
+                    store.clone()
+                } else {
+                    Arc::new(WithUpstreams::new(store.clone(), upstreams.clone()))
+                };
+                let mirror = Mirror::new(uploader.clone(), reads.clone(), upstreams.clone());
+                (upstreams, reads, mirror)
+            }
         };
-        let mirror = Mirror::new(uploader.clone(), reads.clone(), upstreams.clone());
+        let same_narinfos = same_upstreams.filter(|p| {
+            let (was, is) = (&p.config.cache, c);
+            was.narinfo_memory_bytes == is.narinfo_memory_bytes
+                && was.narinfo_ttl == is.narinfo_ttl
+                && was.narinfo_negative_ttl == is.narinfo_negative_ttl
+                && same_keys(&p.signing_keys, &signing_keys)
+        });
+        let (narinfos, missing_nars) = match same_narinfos {
+            Some(p) => (p.narinfos.clone(), p.missing_nars.clone()),
+            None => (
+                Arc::new(NarInfoCache::new(
+                    c.narinfo_memory_bytes,
+                    c.narinfo_ttl,
+                    c.narinfo_negative_ttl,
+                )),
+                Arc::new(MissingNars::new(c.narinfo_ttl)),
+            ),
+        };
         // Digits and ASCII only: always a valid header value.
         let narinfo_cache_control = HeaderValue::from_str(&format!(
             "public, max-age={}",
@@ -230,7 +267,7 @@ impl Live {
             cache_info: cache_info::render(&config),
             narinfo_cache_control,
             narinfos,
-            missing_nars: MissingNars::new(c.narinfo_ttl),
+            missing_nars,
             upstreams,
             reads,
             mirror,
@@ -238,4 +275,10 @@ impl Live {
             config,
         })
     }
+}
+
+/// Whether `a` and `b` are the same keys in the same order (the narinfos they signed carry
+/// the same signatures).
+fn same_keys(a: &[SecretKey], b: &[SecretKey]) -> bool {
+    a.len() == b.len() && a.iter().zip(b).all(|(a, b)| a.public() == b.public())
 }

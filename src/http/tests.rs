@@ -747,24 +747,65 @@ async fn a_reload_swaps_tokens_and_refuses_changes_that_need_a_restart() {
         }
     };
     assert_eq!(status(&st, "btok").await, StatusCode::FORBIDDEN);
+    mem.insert(&format!("{HASH}.narinfo"), NARINFO);
+    let signed_by = |st: &AppState| {
+        let st = st.clone();
+        async move {
+            let (_, body) = get(&st, &format!("/{HASH}.narinfo")).await;
+            let body = String::from_utf8(body).unwrap();
+            // The last signature is cellar's (the fixture carries its builder's).
+            let sig = body
+                .lines()
+                .filter_map(|l| l.strip_prefix("Sig: "))
+                .next_back();
+            sig.unwrap().split(':').next().unwrap().to_owned()
+        }
+    };
+    assert_eq!(signed_by(&st).await, "test-cellar-1");
 
+    // New tokens, the same key: the narinfo cache stays (the narinfo is not read again).
     let new = with_tokens(old.clone(), &[("b", "btok", Scope::Write)]);
-    let rotated = SecretKey::generate("test-cellar-2").unwrap();
-    st.reload(new.clone(), vec![rotated.clone()]).unwrap();
+    st.reload(new.clone(), vec![key.clone()]).unwrap();
     assert_eq!(status(&st, "btok").await, StatusCode::OK);
     assert_eq!(status(&st, "atok").await, StatusCode::FORBIDDEN);
-    // Narinfos are signed with the new key from now on.
-    mem.insert(&format!("{HASH}.narinfo"), NARINFO);
-    let (_, body) = get(&st, &format!("/{HASH}.narinfo")).await;
-    assert!(String::from_utf8(body)
-        .unwrap()
-        .contains("Sig: test-cellar-2:"));
+    let reads = mem.requests();
+    assert_eq!(signed_by(&st).await, "test-cellar-1");
+    assert_eq!(mem.requests(), reads, "served from memory");
+    // A new key: narinfos are signed with it from now on, those in memory too.
+    let rotated = SecretKey::generate("test-cellar-2").unwrap();
+    st.reload(new.clone(), vec![rotated.clone()]).unwrap();
+    assert_eq!(signed_by(&st).await, "test-cellar-2");
+    // A key added: every narinfo carries its signature too.
+    st.reload(new.clone(), vec![rotated.clone(), key.clone()])
+        .unwrap();
+    assert_eq!(signed_by(&st).await, "test-cellar-1");
 
     let mut moved = new.clone();
     moved.listen = "127.0.0.1:1".parse().unwrap();
     let e = st.reload(moved, vec![key]).unwrap_err();
     assert!(e.to_string().contains("`listen`"), "{e}");
     assert_eq!(status(&st, "btok").await, StatusCode::OK, "nothing changed");
+}
+
+#[tokio::test]
+async fn a_reload_keeps_the_narinfo_cache_unless_its_settings_change() {
+    let mem = Arc::new(MemoryStore::new());
+    let st = state(Config::default(), &mem);
+    let changes: [fn(&mut Config); 4] = [
+        |_| {},
+        |c| c.cache.narinfo_memory_bytes /= 2,
+        |c| c.cache.narinfo_ttl /= 2,
+        |c| c.cache.narinfo_negative_ttl /= 2,
+    ];
+    for (i, change) in changes.into_iter().enumerate() {
+        let mut cfg = st.live().config.clone();
+        change(&mut cfg);
+        let before = st.live();
+        st.reload(cfg, before.signing_keys.clone()).unwrap();
+        let kept = Arc::ptr_eq(&before.narinfos, &st.live().narinfos);
+        assert_eq!(kept, i == 0, "change {i}");
+        assert!(Arc::ptr_eq(&before.upstreams, &st.live().upstreams));
+    }
 }
 
 #[tokio::test]

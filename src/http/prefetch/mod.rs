@@ -209,7 +209,8 @@ pub(super) async fn after_load(st: &AppState, live: &Arc<Live>, info: &NarInfo) 
         {
             let (st, live) = (st.clone(), live.clone());
             st.clone().prefetch.spawn("nar", async move {
-                if !Arc::ptr_eq(&st.live(), &live) {
+                // Queued before a reload that changed the upstreams it would read from.
+                if !Arc::ptr_eq(&st.live().reads, &live.reads) {
                     crate::metrics::prefetch("nar", "dropped");
                     return;
                 }
@@ -259,8 +260,8 @@ pub(super) fn after_get(st: &AppState, body: &[u8]) {
         .prefetch
         .spawn_on(slots, (&queue, FILLS_QUEUED), "nar", async move {
             let _done = done;
-            // Queued before a reload: the upstreams it would read from may be gone.
-            if !Arc::ptr_eq(&st.live(), &live) {
+            // Queued before a reload that changed the upstreams it would read from.
+            if !Arc::ptr_eq(&st.live().reads, &live.reads) {
                 crate::metrics::prefetch("nar", "dropped");
                 return;
             }
@@ -319,9 +320,10 @@ fn nar_of(body: &[u8]) -> Option<(NarFileName, u64)> {
 /// Loads `h` into the narinfo cache (boxed: a load may prefetch further, which loads again).
 fn narinfo(st: AppState, live: Arc<Live>, h: StorePathHash) -> BoxFuture<'static, ()> {
     async move {
-        // Queued before a reload (SIGHUP): the old state's cache is no longer read, and its
-        // upstreams may be gone from the configuration.
-        if !Arc::ptr_eq(&st.live(), &live) {
+        // Queued before a reload (SIGHUP) that replaced the narinfo cache (no longer read) or
+        // the upstreams (which may be gone from the configuration).
+        let now = st.live();
+        if !Arc::ptr_eq(&now.narinfos, &live.narinfos) || !Arc::ptr_eq(&now.reads, &live.reads) {
             st.prefetch.recent.invalidate(&h).await;
             crate::metrics::prefetch("narinfo", "dropped");
             return;

@@ -2,6 +2,7 @@
 //! small NARs are served with the store down.
 
 use std::sync::Arc;
+use std::time::Duration;
 
 use axum::http::StatusCode;
 
@@ -557,7 +558,7 @@ async fn a_closure_prefetched_lately_is_not_walked_again() {
     );
     st.prefetch.settled().await;
     assert_eq!(narinfo_reads(), 13);
-    // A reload starts an empty narinfo cache: the closure is prefetched into it.
+    // A reload that changes nothing the narinfo cache holds keeps it...
     st.reload(Config::default(), st.live().signing_keys.clone())
         .unwrap();
     assert_eq!(
@@ -565,7 +566,27 @@ async fn a_closure_prefetched_lately_is_not_walked_again() {
         StatusCode::OK
     );
     st.prefetch.settled().await;
-    assert_eq!(narinfo_reads(), 25);
+    assert_eq!(narinfo_reads(), 13);
+    // ...and what it prefetched lately: the closure is not walked again.
+    for p in &ladder {
+        st.live().narinfos.invalidate(p.hash.parse().unwrap()).await;
+    }
+    assert_eq!(
+        get(&st, &format!("/{}.narinfo", top.hash)).await.0,
+        StatusCode::OK
+    );
+    st.prefetch.settled().await;
+    assert_eq!(narinfo_reads(), 14);
+    // ...one that changes its settings starts an empty one: the closure is prefetched into it.
+    let mut shorter = Config::default();
+    shorter.cache.narinfo_ttl = Duration::from_secs(300);
+    st.reload(shorter, st.live().signing_keys.clone()).unwrap();
+    assert_eq!(
+        get(&st, &format!("/{}.narinfo", top.hash)).await.0,
+        StatusCode::OK
+    );
+    st.prefetch.settled().await;
+    assert_eq!(narinfo_reads(), 26);
 }
 
 /// With a narinfo TTL of 0 nothing prefetched would be kept: nothing is prefetched.
@@ -608,16 +629,14 @@ async fn a_redirected_nar_is_not_asked_about_again() {
     assert_eq!(mem.gets_under("nar/"), 0);
 }
 
-/// Prefetches queued before a reload are dropped: the old state's narinfo cache is no longer
-/// read, and its upstreams may be gone from the configuration.
-#[tokio::test]
-async fn prefetches_queued_before_a_reload_are_dropped() {
+/// Reloads `change` while prefetches are queued behind the only slot (b's or d's narinfo
+/// holding it); the narinfos and the NARs then read.
+async fn reload_with_prefetches_queued(change: impl FnOnce(&mut Config)) -> (usize, usize) {
     let mem = Arc::new(MemoryStore::new());
     let [a, b, _, d] = closure(&mem);
     let mut cfg = Config::default();
     cfg.cache.prefetch_concurrency = 1;
     let st = state(cfg.clone(), &mem);
-    // The first prefetch (b's or d's narinfo) holds the only slot; the other waits.
     let gate = mem.hold_reads(&format!("{}.narinfo", b.hash));
     let gate_d = mem.hold_reads(&format!("{}.narinfo", d.hash));
     assert_eq!(
@@ -628,16 +647,56 @@ async fn prefetches_queued_before_a_reload_are_dropped() {
         () = gate.reached() => {}
         () = gate_d.reached() => {}
     }
+    change(&mut cfg);
     st.reload(cfg, st.live().signing_keys.clone()).unwrap();
     gate.open();
     gate_d.open();
     st.prefetch.settled().await;
+    (
+        mem.gets_under("") - mem.gets_under("nar/"),
+        mem.gets_under("nar/"),
+    )
+}
+
+/// Prefetches queued before a reload that changes the upstreams are dropped: the old state's
+/// narinfo cache is no longer read, and its upstreams may be gone from the configuration.
+#[tokio::test]
+async fn prefetches_queued_before_a_reload_of_the_upstreams_are_dropped() {
+    let read = reload_with_prefetches_queued(|c| {
+        // Never asked: the prefetches that would are dropped.
+        c.upstreams = vec![crate::config::UpstreamConfig {
+            url: "http://127.0.0.1:9".into(),
+            public_keys: Vec::new(),
+            timeout: Duration::from_secs(5),
+            mirror: false,
+        }];
+    })
+    .await;
     // a's, then one of b's and d's: the other was queued before the reload, as were the
     // NARs' prefetches.
-    assert_eq!(
-        mem.gets_under("") - mem.gets_under("nar/"),
-        2,
-        "narinfos read"
-    );
-    assert_eq!(mem.gets_under("nar/"), 0, "NARs read");
+    assert_eq!(read, (2, 0), "narinfos and NARs read");
+}
+
+/// Narinfo prefetches queued before a reload that replaces the narinfo cache are dropped: they
+/// would load into the old one.
+#[tokio::test]
+async fn narinfo_prefetches_queued_before_a_reload_of_the_narinfo_cache_are_dropped() {
+    let read = reload_with_prefetches_queued(|c| {
+        c.cache.narinfo_ttl = Duration::from_secs(300);
+    })
+    .await;
+    assert_eq!(read.0, 2, "a's, then one of b's and d's");
+}
+
+/// A reload of what prefetches do not depend on (the tokens) lets those queued run.
+#[tokio::test]
+async fn prefetches_queued_before_a_reload_of_tokens_run() {
+    let read = reload_with_prefetches_queued(|c| {
+        *c = crate::http::tests::with_tokens(
+            c.clone(),
+            &[("ci", "ci-token", crate::config::Scope::Write)],
+        );
+    })
+    .await;
+    assert_eq!(read.0, 4, "the whole closure's narinfos");
 }
