@@ -215,6 +215,14 @@ async fn sighup_reloads_tokens_and_keys_and_keeps_the_old_ones_on_a_broken_confi
     };
     assert_eq!(probe(a.clone()).await, 200);
     assert_eq!(probe(b.clone()).await, 403);
+    // The closure's narinfos, signed with the first key, are now in memory.
+    let work = tempfile::tempdir().unwrap();
+    substitute_and_verify(
+        &srv.url,
+        &srv.public_key,
+        &f.top,
+        &work.path().join("first"),
+    );
 
     // A download that has started (headers and a first byte read) when the reload happens.
     let mut dl = std::net::TcpStream::connect(srv.addr).unwrap();
@@ -260,8 +268,8 @@ async fn sighup_reloads_tokens_and_keys_and_keeps_the_old_ones_on_a_broken_confi
     assert!(srv.log().contains("`upload` changed"), "{}", srv.log());
 
     // The signing key file, rotated in place: after a reload the real client trusts the new
-    // key alone; a key file that cannot be read is refused and the new key keeps signing.
-    let work = tempfile::tempdir().unwrap();
+    // key alone (the narinfos in memory were signed with the old one: they go); a key file
+    // that cannot be read is refused and the new key keeps signing.
     let key_file = srv.dir.path().join("cellar-test.sec");
     let fresh = work.path().join("rotated.sec");
     let out = std::process::Command::new(CELLAR)
