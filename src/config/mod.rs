@@ -114,8 +114,8 @@ pub struct Config {
     /// How long a connection may take to send a request's headers (also the idle limit of a
     /// kept-alive connection between requests).
     pub header_read_timeout: Duration,
-    /// How long a connection may go without a byte sent or received before it is closed (an
-    /// HTTP/2 connection left without requests, a client that stopped reading an answer).
+    /// How long a connection may go without a byte sent or received before it is closed (a
+    /// client that stopped reading an answer).
     pub idle_timeout: Duration,
     /// Connections served at once; more wait in the kernel's accept backlog.
     pub max_connections: usize,
