@@ -119,6 +119,7 @@ pub struct Metrics {
     pub build_info: Family<BuildLabels, Gauge>,
     pub uploads_waiting: Gauge,
     pub uploads_running: Gauge,
+    pub prefetches_pending: Gauge,
     pub store_clock_offset: Gauge,
 }
 
@@ -146,6 +147,7 @@ impl Metrics {
             build_info: Family::default(),
             uploads_waiting: Gauge::default(),
             uploads_running: Gauge::default(),
+            prefetches_pending: Gauge::default(),
             store_clock_offset: Gauge::default(),
             registry: Registry::default(),
         };
@@ -213,6 +215,11 @@ impl Metrics {
             "uploads_waiting",
             "Uploads waiting for one of the upload.max_concurrent slots",
             m.uploads_waiting.clone(),
+        );
+        r.register(
+            "prefetches_pending",
+            "Prefetches waiting for a slot or running: what a client will ask next, being fetched ahead",
+            m.prefetches_pending.clone(),
         );
         r.register(
             "store_clock_offset_seconds",

@@ -59,6 +59,28 @@ async fn counters_follow_traffic_and_prometheus_scrapes_them() {
     substitute_and_verify(&srv.url, &srv.public_key, &f.top, &work.path().join("sub"));
 
     let client = reqwest::Client::new();
+    // The prefetches the substitution started all end (what a benchmark waits for before it
+    // measures a warm copy): the gauge comes back to 0.
+    let pending = || async {
+        let text = client
+            .get(format!("{}/metrics", srv.url))
+            .send()
+            .await
+            .unwrap();
+        sum(
+            &samples(&text.text().await.unwrap()),
+            "cellar_prefetches_pending",
+            &[],
+        )
+    };
+    let settled = async {
+        while pending().await != 0.0 {
+            tokio::task::yield_now().await;
+        }
+    };
+    tokio::time::timeout(std::time::Duration::from_secs(60), settled)
+        .await
+        .expect("prefetches still pending a minute after the substitution");
     // A refused upload: a narinfo whose NAR is not there.
     let h = Fixture::hash(&f.top);
     let bogus = format!(

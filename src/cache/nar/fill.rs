@@ -342,6 +342,8 @@ impl NarCache {
             name,
             cell: &cell,
         };
+        #[cfg(test)]
+        self.at_fills.fetch_add(1, Ordering::SeqCst);
         let started = cell
             .get_or_init(|| {
                 self.start_fill(name.to_owned(), key.to_owned(), announced, store.clone())

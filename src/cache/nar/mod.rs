@@ -102,6 +102,9 @@ pub struct NarCache {
     /// comes after the name was filled again finds it indexed and leaves its new files.
     /// Taken before the index's lock, never while holding it.
     names: Mutex<()>,
+    /// Requests that reached a fill's cell (started it, or waited on it).
+    #[cfg(test)]
+    at_fills: std::sync::atomic::AtomicUsize,
 }
 
 /// Checks of files from before a restart that run at once, each hashing a whole file on a
@@ -151,6 +154,8 @@ impl NarCache {
             checks: Arc::new(tokio::sync::Semaphore::new(CHECKS_AT_ONCE)),
             checks_waiting: std::sync::atomic::AtomicUsize::new(0),
             names: Mutex::new(()),
+            #[cfg(test)]
+            at_fills: std::sync::atomic::AtomicUsize::new(0),
         });
         // The budget may have shrunk since the last run.
         cache.evict();

@@ -1389,12 +1389,26 @@ async fn a_request_gone_before_its_fill_started_leaves_the_fill_to_those_waiting
     let first = spawn_get(&cache, &store);
     gate.reached().await; // its read of the store is held
     let second = spawn_get(&cache, &store);
-    tokio::task::yield_now().await; // the second waits on the first's fill
+    // Until the second waits on the first's fill (a bound turns a hang into a failure).
+    let arrived = |n: usize| {
+        let cache = cache.clone();
+        let waiting = async move {
+            while cache.at_fills.load(std::sync::atomic::Ordering::SeqCst) < n {
+                tokio::task::yield_now().await;
+            }
+        };
+        tokio::time::timeout(Duration::from_secs(60), waiting)
+    };
+    arrived(2)
+        .await
+        .expect("the second request never reached the fill");
     first.abort();
     assert!(first.await.unwrap_err().is_cancelled());
     gate.reached().await; // the second started the fill over: its read is held
     let third = spawn_get(&cache, &store);
-    tokio::task::yield_now().await;
+    arrived(3)
+        .await
+        .expect("the third request never reached the fill");
     gate.open();
     assert!(second.await.unwrap() == data);
     assert!(third.await.unwrap() == data);

@@ -155,6 +155,7 @@ impl Prefetch {
             return false;
         }
         self.pending.fetch_add(1, Ordering::SeqCst);
+        crate::metrics::get().prefetches_pending.inc();
         #[cfg(test)]
         self.started.fetch_add(1, Ordering::SeqCst);
         let queued = queue.clone();
@@ -165,6 +166,7 @@ impl Prefetch {
             if slot.is_ok() {
                 job.await;
             }
+            crate::metrics::get().prefetches_pending.dec();
             if pending.fetch_sub(1, Ordering::SeqCst) == 1 {
                 idle.notify_waiters();
             }

@@ -178,6 +178,8 @@ async fn settled_waits_for_the_last_running_job() {
         tokio::task::yield_now().await;
     }
     assert!(!waiter.is_finished(), "settled returned while a job ran");
+    // The gauge is the process's (other tests' prefetches count too): at least this one.
+    assert!(crate::metrics::get().prefetches_pending.get() >= 1);
     release.send(()).unwrap();
     tokio::time::timeout(std::time::Duration::from_secs(10), waiter)
         .await

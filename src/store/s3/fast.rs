@@ -984,15 +984,16 @@ mod tests {
     #[tokio::test]
     async fn a_put_waits_longer_than_a_read() {
         let app = axum::Router::new().fallback(|| async {
-            // A store that takes 3 request timeouts to answer (simulated latency).
-            tokio::time::sleep(Duration::from_millis(300)).await;
+            // A store that takes 3 request timeouts to answer (simulated latency, with
+            // a request timeout's margin either way on a loaded machine).
+            tokio::time::sleep(Duration::from_millis(1200)).await;
             S::OK
         });
         let l = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
         let url = format!("http://{}", l.local_addr().unwrap());
         tokio::spawn(async move { axum::serve(l, app).await });
         let creds = SharedCredentialsProvider::new(Credentials::new("k", "s", None, None, "t"));
-        let d = Duration::from_millis(100);
+        let d = Duration::from_millis(400);
         let r = FastReads::new(&url, "b", "us-east-1", creds, d, d, StoreClock::default()).unwrap();
         r.put("p/x", Bytes::from_static(b"x")).await.unwrap();
         assert!(matches!(r.head("p/x").await, Err(StoreError::Timeout(_))));
