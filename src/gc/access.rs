@@ -446,14 +446,17 @@ impl<T: std::hash::Hash + Eq> Drop for Taken<'_, T> {
 
 /// Writes a record naming `paths` as used now, from outside a server (`cellar pin add`): a
 /// collector already running does not see a new pin, but it sees this record, and keeps
-/// those paths as it keeps what servers serve meanwhile. Named `<id>-<what>`.
+/// those paths as it keeps what servers serve meanwhile. Named `<id>-<what>-upload`: read as
+/// an upload's record, it keeps its paths for [`UPLOAD_RECORD_LIFETIME`] whatever the
+/// retention (`gc.keep_days = 0`) and the budget (`gc.max_bytes`), as a collection starting
+/// between this record and the pin itself does not find the pin.
 pub async fn record_now(
     store: &dyn Store,
     paths: impl IntoIterator<Item = StorePathHash>,
     what: &str,
 ) -> Result<(), StoreError> {
     let key = format!(
-        "{RESERVED_PREFIX}{DIR}{}/{}-{what}",
+        "{RESERVED_PREFIX}{DIR}{}/{}-{what}{UPLOAD_SUFFIX}",
         day(store.now()),
         random_id()
     );

@@ -985,6 +985,42 @@ async fn a_pin_added_during_a_run_keeps_its_closure() {
     assert!(has(&mem, "_cellar/pins/late"));
 }
 
+/// A collection that starts after `pin add` recorded its paths but before it wrote the pin
+/// keeps them too, with no retention (only pins are roots) and over the budget alike.
+#[tokio::test(start_paused = true)]
+async fn a_pin_being_written_when_a_run_starts_keeps_its_closure() {
+    for budget in [None, Some(1)] {
+        let mem = Arc::new(MemoryStore::new());
+        let now = SystemTime::now();
+        let dep = path(&mem, "dep", &[], 100 * DAY, now);
+        let pinned = path(&mem, "pinned", &[&dep], 100 * DAY, now);
+        let other = path(&mem, "other", &[], 100 * DAY, now);
+        // `pin add`'s first step; the pin itself is not written yet.
+        let h: crate::nix::StorePathHash = pinned.hash.parse().unwrap();
+        super::access::record_now(&*mem, [h], "pin").await.unwrap();
+        let cfg = GcConfig {
+            keep: if budget.is_some() {
+                cfg().keep
+            } else {
+                Duration::ZERO
+            },
+            max_bytes: budget,
+            ..cfg()
+        };
+        let s = gc(&mem, &cfg, now + Duration::from_secs(5), true).await;
+        assert!(s.errors.is_empty(), "{:?}", s.errors);
+        for p in [&pinned, &dep] {
+            assert!(
+                has(&mem, &format!("{}.narinfo", p.hash)),
+                "{} went ({budget:?})",
+                p.base
+            );
+            assert!(has(&mem, &p.nar), "the NAR of {} went", p.base);
+        }
+        assert!(!has(&mem, &format!("{}.narinfo", other.hash)), "{budget:?}");
+    }
+}
+
 /// What is decided at the end of a run follows what the run kept meanwhile: the build log,
 /// listing, NAR and realisation of a path a server used while the collector ran stay with
 /// that path.
