@@ -32,6 +32,7 @@
 //! background ([`crate::upload::Uploader`]), not once per path.
 
 use std::collections::HashSet;
+use std::sync::Arc;
 use std::time::{Duration, SystemTime};
 
 use bytes::Bytes;
@@ -39,6 +40,7 @@ use futures::TryStreamExt as _;
 
 use super::RESERVED_PREFIX;
 use crate::store::{Store, StoreError};
+use crate::sync::lock;
 
 /// Where announcements live, under [`RESERVED_PREFIX`].
 pub const DIR: &str = "deleting/";
@@ -147,6 +149,7 @@ const RETRIES: [Duration; 3] = [
 /// back for an upload), and delete what that narinfo needs.
 pub struct Announced {
     run: String,
+    store: Arc<dyn Store>,
     stop: tokio::sync::oneshot::Sender<()>,
     /// Ends with when the announcement was last written.
     renewing: tokio::task::JoinHandle<Written>,
@@ -187,6 +190,7 @@ impl Announced {
             Err(busy) => return Ok(Err(busy)),
         };
         let (stop, mut stopped) = tokio::sync::oneshot::channel::<()>();
+        let kept_store = store.clone();
         let (store, name) = (store.clone(), run.clone());
         // Stopped only between renewals, never during one: a renewal landing after the run
         // has named NARs would hide them from uploads.
@@ -207,17 +211,19 @@ impl Announced {
         });
         Ok(Ok(Self {
             run,
+            store: kept_store,
             stop,
             renewing,
         }))
     }
 
-    /// Stops the renewals, waiting for one under way; the run's name, for deleting. Its
+    /// Stops the renewals, waiting for one under way; the [`Run`] that deletes. Its
     /// announcement is written again now, so that it is fresh when deletions begin, and the
     /// other runs' looked at once more: renewals that failed for longer than [`TTL`], or a
     /// machine suspended while the run read, may have let another run start meanwhile. Then
     /// this one does not delete (its announcement withdrawn), nor if it cannot tell.
-    pub async fn into_run(self, store: &dyn Store) -> Result<Result<String, Busy>, StoreError> {
+    pub async fn into_run(self) -> Result<Result<Run, Busy>, StoreError> {
+        let store = self.store.as_ref();
         let _ = self.stop.send(());
         let written = self.renewing.await;
         // Lapsed, it may have let another run start and end meanwhile (which `alone` would not
@@ -231,9 +237,11 @@ impl Announced {
             ));
         }
         let mut retries = RETRIES.iter();
+        let mut at = Written::now();
         let mut announced = announce(store, &self.run, []).await;
         while let (Err(_), Some(&wait)) = (&announced, retries.next()) {
             tokio::time::sleep(wait).await;
+            at = Written::now();
             announced = announce(store, &self.run, []).await;
         }
         if let Err(e) = announced {
@@ -244,7 +252,7 @@ impl Announced {
         let mut waited_for_a_starter = false;
         loop {
             match others(store, &self.run).await {
-                Ok(None) => return Ok(Ok(self.run)),
+                Ok(None) => return Ok(Ok(Run::start(self.store.clone(), self.run, at))),
                 // Written moments ago: most likely a run starting now, which sees this one and
                 // withdraws at once. Looked at again once that had time to happen.
                 Ok(Some(busy)) if busy.age < SETTLE && !waited_for_a_starter => {
@@ -273,23 +281,123 @@ impl Announced {
 
     /// Ends a run that will not delete (its reads failed): stops the renewals and withdraws
     /// the announcement.
-    pub async fn abandon(self, store: &dyn Store) {
+    pub async fn abandon(self) {
         let _ = self.stop.send(());
         let _ = self.renewing.await;
-        end(store, &self.run).await;
+        end(self.store.as_ref(), &self.run).await;
     }
 }
 
-/// Writes the announcement of `run` again, naming no NAR, if it was written more than half
-/// of [`FRESH`] ago (`at`): it stays live for other collectors during a long phase without
-/// deletions of NARs. Not for a run whose announcement names NARs still to be deleted.
-pub async fn keep_alive(store: &dyn Store, run: &str, at: &mut tokio::time::Instant) {
-    if at.elapsed() <= FRESH / 2 {
-        return;
+/// A run that deletes, from [`Announced::into_run`] to [`Run::end`]. Its announcement is
+/// written again in the background every half of [`FRESH`], naming the NARs it names at the
+/// time, so that it stays live for other collectors however long a phase takes (a re-read
+/// of a busy day's access records, thousands of deletions); nothing may be deleted once it
+/// may have lapsed ([`Run::live`]), as another collector could have started.
+pub struct Run {
+    shared: Arc<RunShared>,
+    stop: tokio::sync::oneshot::Sender<()>,
+    renewing: tokio::task::JoinHandle<()>,
+}
+
+struct RunShared {
+    store: Arc<dyn Store>,
+    name: String,
+    /// The NARs the announcement names, locked across each write of it: writes land in the
+    /// order they were made, so that a renewal never replaces newer names with older ones.
+    names: tokio::sync::Mutex<Vec<String>>,
+    /// When the announcement was last written (the start of that write).
+    written: std::sync::Mutex<Written>,
+}
+
+impl RunShared {
+    /// Writes the announcement, naming `nars` from now on if given.
+    async fn write(&self, nars: Option<Vec<String>>) -> Result<(), StoreError> {
+        let mut names = self.names.lock().await;
+        if let Some(nars) = nars {
+            *names = nars;
+        }
+        let at = Written::now();
+        announce(
+            self.store.as_ref(),
+            &self.name,
+            names.iter().map(String::as_str),
+        )
+        .await?;
+        *lock(&self.written) = at;
+        Ok(())
     }
-    match announce(store, run, []).await {
-        Ok(()) => *at = tokio::time::Instant::now(),
-        Err(e) => tracing::warn!(cause = %e, "could not renew the announcement of the run"),
+}
+
+/// The wait before a renewal is tried again after it failed.
+const RENEW_RETRY: Duration = Duration::from_secs(10);
+
+impl Run {
+    fn start(store: Arc<dyn Store>, name: String, written: Written) -> Self {
+        let shared = Arc::new(RunShared {
+            store,
+            name,
+            names: tokio::sync::Mutex::new(Vec::new()),
+            written: std::sync::Mutex::new(written),
+        });
+        let (stop, mut stopped) = tokio::sync::oneshot::channel::<()>();
+        let renewer = shared.clone();
+        // Stopped only between renewals, never during one: a renewal landing after the
+        // withdrawal would leave the announcement behind.
+        let renewing = tokio::spawn(async move {
+            let mut wait = FRESH / 2;
+            loop {
+                tokio::select! {
+                    _ = &mut stopped => return,
+                    () = tokio::time::sleep(wait) => {}
+                }
+                wait = match renewer.write(None).await {
+                    Ok(()) => FRESH / 2,
+                    Err(e) => {
+                        tracing::warn!(cause = %e, "could not renew the announcement of the run");
+                        RENEW_RETRY
+                    }
+                };
+            }
+        });
+        Self {
+            shared,
+            stop,
+            renewing,
+        }
+    }
+
+    /// The run's name.
+    pub fn name(&self) -> &str {
+        &self.shared.name
+    }
+
+    /// The key of the run's announcement.
+    pub fn key(&self) -> String {
+        key(&self.shared.name)
+    }
+
+    /// Writes the announcement now, naming `nars` (instead of those it named).
+    pub async fn announce<'a>(
+        &self,
+        nars: impl IntoIterator<Item = &'a str>,
+    ) -> Result<(), StoreError> {
+        let nars = nars.into_iter().map(str::to_owned).collect();
+        self.shared.write(Some(nars)).await
+    }
+
+    /// Whether the announcement is surely still live for other collectors: written within
+    /// [`TTL`] less a margin of [`FRESH`]. Once it is not, nothing may be deleted: another
+    /// collector may have started, listing the store while this one changed it.
+    pub fn live(&self) -> bool {
+        !lock(&self.shared.written).lapsed(Written::now())
+    }
+
+    /// Ends the run: stops the renewals (waiting for one under way) and withdraws the
+    /// announcement.
+    pub async fn end(self) {
+        let _ = self.stop.send(());
+        let _ = self.renewing.await;
+        end(self.shared.store.as_ref(), &self.shared.name).await;
     }
 }
 

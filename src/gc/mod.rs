@@ -116,14 +116,11 @@ pub async fn run(
     let mut read = match read_and_plan(store, store_dir, cfg, opts, progress).await {
         Ok(read) => read,
         Err(e) => {
-            announced.abandon(store.as_ref()).await;
+            announced.abandon().await;
             return Err(e);
         }
     };
-    let run = announced
-        .into_run(store.as_ref())
-        .await?
-        .map_err(GcError::from)?;
+    let run = announced.into_run().await?.map_err(GcError::from)?;
     let outcome = sweep::execute(
         store,
         &read.graph,
@@ -131,7 +128,7 @@ pub async fn run(
         &read.plan,
         &mut read.acc,
         opts.settle,
-        &run,
+        run,
         progress,
     )
     .await;

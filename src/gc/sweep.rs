@@ -18,8 +18,6 @@ use std::collections::{HashMap, HashSet};
 use std::sync::Arc;
 use std::time::SystemTime;
 
-use tokio::time::Instant;
-
 use bytes::Bytes;
 
 use futures::StreamExt as _;
@@ -254,8 +252,7 @@ struct State<'a> {
 }
 
 /// Carries out `plan` in batches, re-reading access records before and after each one, as
-/// run `run` (begun by [`deleting::Announced`]: its announcement is kept fresh, and withdrawn at
-/// the end).
+/// `run` (its announcement kept live in the background, and withdrawn at the end).
 #[allow(clippy::too_many_arguments)]
 pub async fn execute(
     store: &Arc<dyn Store>,
@@ -264,7 +261,7 @@ pub async fn execute(
     plan: &Plan,
     acc: &mut Accessed,
     settle: std::time::Duration,
-    run: &str,
+    run: deleting::Run,
     progress: &dyn Progress,
 ) -> Outcome {
     let out = delete(
@@ -274,13 +271,18 @@ pub async fn execute(
         plan,
         acc,
         settle,
-        run,
+        &run,
         progress,
     )
     .await;
-    deleting::end(store.as_ref(), run).await;
+    run.end().await;
     out
 }
+
+/// Why a run stopped deleting when its announcement could not be kept live.
+pub(super) const LAPSED: &str = "the run's announcement could not be kept live (the store \
+    refused or did not answer its renewals), so another collection could start: stopped deleting; \
+    run it again";
 
 #[allow(clippy::too_many_arguments)]
 async fn delete(
@@ -290,12 +292,9 @@ async fn delete(
     plan: &Plan,
     acc: &mut Accessed,
     settle: std::time::Duration,
-    run: &str,
+    run: &deleting::Run,
     progress: &dyn Progress,
 ) -> Outcome {
-    // When the announcement was last written: rewritten before it is half as old as
-    // deleting::FRESH, so that it stays live for other collectors (see deleting::begin).
-    let mut announced_at = Instant::now();
     let mut st = State {
         graph,
         acc,
@@ -325,7 +324,6 @@ async fn delete(
             // Deleting without knowing what uploads rely on could break their closures.
             return st.finish();
         }
-        deleting::keep_alive(store, run, &mut announced_at).await;
         let todo: Vec<u32> = batch
             .iter()
             .copied()
@@ -355,7 +353,14 @@ async fn delete(
             .into_iter()
             .filter(|i| bodies.contains_key(i) && !st.kept[*i as usize])
             .collect();
+        let mut lapsed = false;
         for wave in waves(graph, &todo) {
+            if !run.live() {
+                // The waves deleted so far get the re-read below, and their write-backs.
+                lapsed = true;
+                st.out.errors.push(LAPSED.into());
+                break;
+            }
             // A referrer that could not be deleted keeps its closure: not deleted now.
             let wave: Vec<u32> = wave.into_iter().filter(|&i| !st.kept[i as usize]).collect();
             let keys: Vec<String> = wave
@@ -376,6 +381,9 @@ async fn delete(
         }
         progress.advance(batch.len() as u64);
         records_read = st.rescue(store, &bodies).await;
+        if lapsed && records_read {
+            return st.finish();
+        }
         if !records_read {
             // An upload may have relied on any narinfo of this batch: all are written back
             // (referrers come first, so a batch written back whole leaves whole closures).
@@ -399,73 +407,38 @@ async fn delete(
     rest.extend(plan.logs.iter().map(|(k, drv, _)| Rest::Log(k, *drv)));
     rest.extend(plan.access_records.iter().map(|(k, _)| Rest::Plain(k)));
     progress.phase("deleting NARs and the rest", Some(rest.len() as u64));
-    // The standing announcement: when it was last written, and the end of the part of `rest`
-    // whose NARs it names.
-    let mut standing: Option<(Instant, usize)> = None;
+    // The end of the part of `rest` whose NARs the standing announcement names.
+    let mut named: Option<usize> = None;
     for (i, batch) in rest.chunks(BATCH).enumerate() {
         // NARs cannot be written back: they are announced before the re-read, and an upload
         // relying on one after that is refused (see super::deleting). One announcement names
         // the NARs of many batches, as the collector waits `deleting::SETTLE` after naming
-        // new ones; it is written again, naming those left, before it gets old.
+        // new ones; the run renews it in the background, naming the same NARs.
         let (start, end) = (i * BATCH, i * BATCH + batch.len());
         let has_nars = batch
             .iter()
             .any(|r| matches!(r, Rest::Nar(f) if st.nar_free(f)));
-        if has_nars {
-            let new_names = standing.is_none_or(|(_, named)| named < end);
-            if new_names || standing.is_some_and(|(at, _)| at.elapsed() > deleting::FRESH / 2) {
-                let named = match standing {
-                    Some((_, named)) if !new_names => named,
-                    _ => (start + ANNOUNCED_AT_ONCE).min(rest.len()),
-                };
-                let nars = rest[start..named].iter().filter_map(|r| match r {
-                    Rest::Nar(f) if st.nar_free(f) => Some(*f),
-                    _ => None,
-                });
-                let at = Instant::now();
-                if let Err(e) = deleting::announce(store, run, nars).await {
-                    st.out.errors.push(format!("announcing deletions: {e}"));
-                    progress.advance(batch.len() as u64);
-                    continue;
-                }
-                announced_at = at;
-                if new_names {
-                    tokio::time::sleep(settle).await;
-                }
-                standing = Some((at, named));
-            }
-        } else if announced_at.elapsed() > deleting::FRESH / 2 {
-            // Nothing to announce in this batch: the run's announcement is only kept live
-            // (naming the NARs still to come, if one named any).
-            let named = standing.map_or(start, |(_, named)| named.max(start));
-            let nars = rest[start..named].iter().filter_map(|r| match r {
+        if has_nars && named.is_none_or(|named| named < end) {
+            let upto = (start + ANNOUNCED_AT_ONCE).min(rest.len());
+            let nars = rest[start..upto].iter().filter_map(|r| match r {
                 Rest::Nar(f) if st.nar_free(f) => Some(*f),
                 _ => None,
             });
-            let at = Instant::now();
-            match deleting::announce(store, run, nars).await {
-                Ok(()) => {
-                    announced_at = at;
-                    standing = standing.map(|(_, named)| (at, named));
-                }
-                Err(e) => st.out.errors.push(format!("announcing the run: {e}")),
+            if let Err(e) = run.announce(nars).await {
+                st.out.errors.push(format!("announcing deletions: {e}"));
+                progress.advance(batch.len() as u64);
+                continue;
             }
+            tokio::time::sleep(settle).await;
+            named = Some(upto);
         }
-        let since = match standing {
-            Some((at, _)) if has_nars => at,
-            _ => Instant::now(),
-        };
         if !st.rescue(store, &HashMap::new()).await {
             progress.advance(batch.len() as u64);
             continue;
         }
-        if since.elapsed() > deleting::FRESH {
-            st.out.errors.push(format!(
-                "the store took over {:?} to re-read access records; batch skipped",
-                deleting::FRESH
-            ));
-            progress.advance(batch.len() as u64);
-            continue;
+        if !run.live() {
+            st.out.errors.push(LAPSED.into());
+            return st.finish();
         }
         let keys: Vec<String> = batch
             .iter()

@@ -985,6 +985,87 @@ async fn a_pin_added_during_a_run_keeps_its_closure() {
     assert!(has(&mem, "_cellar/pins/late"));
 }
 
+/// A collection deletes nothing more once its announcement may have lapsed (the store refused
+/// its renewals while the run was held up): another collector could have started, listing the
+/// store while this one changes it.
+#[tokio::test(start_paused = true)]
+async fn a_collection_stops_deleting_once_its_announcement_may_have_lapsed() {
+    use std::sync::atomic::{AtomicUsize, Ordering};
+    let mem = Arc::new(MemoryStore::new());
+    let now = SystemTime::now();
+    let old = path(&mem, "old", &[], 100 * DAY, now);
+    let narinfo = format!("{}.narinfo", old.hash);
+    // From the announcement written as deletions begin (the run's second write) on, every
+    // renewal fails, and the collector's read of the narinfo before deleting it is held.
+    let gate = Arc::new(std::sync::Mutex::new(None));
+    let (weak, slot, held) = (Arc::downgrade(&mem), gate.clone(), narinfo.clone());
+    let writes = AtomicUsize::new(0);
+    mem.after_write("_cellar/deleting/", move |key| {
+        let Some(mem) = weak.upgrade() else { return };
+        if writes.fetch_add(1, Ordering::SeqCst) == 1 {
+            mem.fail(FailOp::Write, key, 0, usize::MAX);
+            *slot.lock().unwrap() = Some(mem.hold_reads(&held));
+        }
+    });
+    let cfg = cfg();
+    let (s, ()) = tokio::join!(gc(&mem, &cfg, now, true), async {
+        let gate = loop {
+            if let Some(g) = gate.lock().unwrap().clone() {
+                break g;
+            }
+            tokio::task::yield_now().await;
+        };
+        gate.reached().await;
+        tokio::time::sleep(super::deleting::TTL).await;
+        gate.open();
+    });
+    assert!(
+        s.errors
+            .iter()
+            .any(|e| e.contains("could not be kept live")),
+        "{:?}",
+        s.errors
+    );
+    assert!(has(&mem, &narinfo), "deleted under a lapsed announcement");
+    assert!(has(&mem, &old.nar));
+}
+
+/// The same for the NARs left without a narinfo: named in the announcement, whose renewals
+/// the store then refuses until the run gets to delete them.
+#[tokio::test(start_paused = true)]
+async fn a_collection_deletes_no_nar_under_a_lapsed_announcement() {
+    let mem = Arc::new(MemoryStore::new());
+    let now = SystemTime::now();
+    let (nar, file) = orphan(&mem, "orphan", now);
+    let weak = Arc::downgrade(&mem);
+    mem.after_write("_cellar/deleting/", move |key| {
+        let Some(mem) = weak.upgrade() else { return };
+        let named = mem
+            .bytes(key)
+            .is_some_and(|b| String::from_utf8_lossy(&b).contains(&*file));
+        if named {
+            mem.fail(FailOp::Write, key, 0, usize::MAX);
+        }
+    });
+    let store: Arc<dyn Store> = mem.clone();
+    let opts = Options {
+        apply: true,
+        now,
+        settle: super::deleting::TTL,
+    };
+    let s = run(&store, "/nix/store", &cfg(), &opts, &Quiet)
+        .await
+        .unwrap();
+    assert!(
+        s.errors
+            .iter()
+            .any(|e| e.contains("could not be kept live")),
+        "{:?}",
+        s.errors
+    );
+    assert!(has(&mem, &nar), "deleted under a lapsed announcement");
+}
+
 /// A collection that starts after `pin add` recorded its paths but before it wrote the pin
 /// keeps them too, with no retention (only pins are roots) and over the budget alike.
 #[tokio::test(start_paused = true)]
@@ -1176,19 +1257,25 @@ async fn an_announcement_is_renewed_while_the_run_reads_and_not_after() {
         4,
         "renewed every half of FRESH"
     );
-    let run = announced.into_run(store.as_ref()).await.unwrap().unwrap();
+    let run = announced.into_run().await.unwrap().unwrap();
     assert_eq!(
         writes.load(Ordering::SeqCst),
         5,
         "written again as deletions begin"
     );
-    tokio::time::sleep(half * 4).await;
+    tokio::time::sleep(half * 4 + Duration::from_secs(1)).await;
     assert_eq!(
         writes.load(Ordering::SeqCst),
-        5,
-        "renewed after the run began deleting"
+        9,
+        "renewed every half of FRESH while it deletes"
     );
-    assert!(has(&mem, &super::deleting::key(&run)));
+    assert!(run.live());
+    let key = run.key();
+    assert!(has(&mem, &key));
+    run.end().await;
+    assert!(!has(&mem, &key), "withdrawn at the end");
+    tokio::time::sleep(half * 4).await;
+    assert_eq!(writes.load(Ordering::SeqCst), 9, "renewed after its end");
 }
 
 /// Odd objects a bucket gathers do not stop a collection: a "folder" marker under the pins
@@ -1358,7 +1445,9 @@ async fn a_run_whose_announcement_lapsed_does_not_delete() {
         (super::deleting::TTL.as_secs() / (super::deleting::FRESH.as_secs() / 2)) as usize;
     mem.fail(FailOp::Write, &announced.key(), 0, renewals);
     tokio::time::sleep(super::deleting::TTL).await;
-    let e = announced.into_run(store.as_ref()).await.unwrap_err();
+    let Err(e) = announced.into_run().await else {
+        panic!("went on to delete");
+    };
     assert!(e.to_string().contains("nothing deleted"), "{e}");
     assert!(
         !mem.keys()
@@ -1383,12 +1472,12 @@ async fn a_run_about_to_delete_rides_out_a_passing_error_and_a_starter() {
     mem.insert(&starter, "cellar-deleting 1\n");
     let m = mem.clone();
     let s = starter.clone();
-    let (run, ()) = tokio::join!(announced.into_run(store.as_ref()), async move {
+    let (run, ()) = tokio::join!(announced.into_run(), async move {
         tokio::time::sleep(super::deleting::SETTLE / 2).await;
         m.remove(&s);
     });
     let run = run.unwrap().unwrap();
-    assert!(has(&mem, &super::deleting::key(&run)));
+    assert!(has(&mem, &run.key()));
 }
 
 /// An announcement older than [`super::deleting::SETTLE`] is a run under way, not one starting:
@@ -1408,7 +1497,7 @@ async fn a_run_about_to_delete_stops_at_once_for_a_run_under_way() {
         SystemTime::now() - Duration::from_secs(60),
     );
     let started = tokio::time::Instant::now();
-    let busy = announced.into_run(store.as_ref()).await.unwrap();
+    let busy = announced.into_run().await.unwrap();
     assert!(busy.is_err(), "ran beside another run");
     assert!(
         started.elapsed() < super::deleting::SETTLE,
@@ -1731,26 +1820,48 @@ async fn samples_check_what_they_draw_and_no_more() {
     }
 }
 
-/// A batch of orphan NARs is deleted only if its announcement was at most `FRESH` old when the
-/// records were read again (an upload may have named a NAR since); older, it is skipped.
+/// A repair deletes the NARs it announced however long it took to get there, as long as its
+/// announcement was kept live; once the store refused its renewals for long enough that
+/// another collector could start, it deletes nothing more.
 #[tokio::test(start_paused = true)]
-async fn a_repair_batch_announced_longer_ago_than_fresh_is_skipped() {
-    let fresh = super::deleting::FRESH;
+async fn a_repair_deletes_only_while_its_announcement_is_live() {
+    let ttl = super::deleting::TTL;
     let mem = Arc::new(MemoryStore::new());
     let now = SystemTime::now();
-    let (nar, _) = orphan(&mem, "orphan", now);
-    let r = repair_settling(&mem, now, fresh + Duration::from_secs(1)).await;
-    assert_eq!(r.repair_errors.len(), 1, "{:?}", r.repair_errors);
+    let (nar, file) = orphan(&mem, "orphan", now);
+    // Slower than an announcement lasts, renewed meanwhile: deleted.
+    let r = repair_settling(&mem, now, ttl + Duration::from_secs(1)).await;
+    assert!(r.repair_errors.is_empty(), "{:?}", r.repair_errors);
+    assert!(!has(&mem, &nar));
+
+    let (nar, file2) = orphan(&mem, "orphan-2", now);
+    assert_ne!(file, file2);
+    // Deleted after the NARs, if at all.
+    mem.insert_at("_cellar/access/x/garbage", "nonsense", now - 100 * DAY);
+    // Every write of the announcement after the one naming the NAR fails.
+    let weak = Arc::downgrade(&mem);
+    mem.after_write("_cellar/deleting/", move |key| {
+        let Some(mem) = weak.upgrade() else { return };
+        let named = mem
+            .bytes(key)
+            .is_some_and(|b| String::from_utf8_lossy(&b).contains(&*file2));
+        if named {
+            mem.fail(FailOp::Write, key, 0, usize::MAX);
+        }
+    });
+    let r = repair_settling(&mem, now, ttl).await;
     assert!(
-        r.repair_errors[0].contains("batch skipped"),
+        r.repair_errors
+            .iter()
+            .any(|e| e.contains("could not be kept live")),
         "{:?}",
         r.repair_errors
     );
-    assert!(has(&mem, &nar));
-    // Exactly FRESH: still fresh.
-    let r = repair_settling(&mem, now, fresh).await;
-    assert!(r.repair_errors.is_empty(), "{:?}", r.repair_errors);
-    assert!(!has(&mem, &nar));
+    assert!(has(&mem, &nar), "deleted under a lapsed announcement");
+    assert!(
+        has(&mem, "_cellar/access/x/garbage"),
+        "deleted after the lapse"
+    );
 }
 
 /// A reference the store lacks but an upstream serves is not missing (the server accepted

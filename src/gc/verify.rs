@@ -19,8 +19,6 @@ use std::fmt;
 use std::sync::Arc;
 use std::time::{Duration, SystemTime};
 
-use tokio::time::Instant;
-
 use super::graph::{Graph, Problem};
 use super::inventory::Inventory;
 use super::report::Progress;
@@ -193,7 +191,7 @@ pub async fn run(
         Ok(done) => done,
         Err(e) => {
             if let Some(a) = announced {
-                a.abandon(store.as_ref()).await;
+                a.abandon().await;
             }
             return Err(e);
         }
@@ -201,7 +199,7 @@ pub async fn run(
     report.repair_errors.extend(not_repairing);
     match (announced, checked) {
         (Some(a), Some(c)) if c.graph.encoded().is_some() => {
-            a.abandon(store.as_ref()).await;
+            a.abandon().await;
             report.repair_errors.push(format!(
                 "{}: what such a narinfo names is unknown, so nothing was repaired (decode or \
                  remove the narinfos reported so)",
@@ -209,7 +207,7 @@ pub async fn run(
             ));
         }
         (Some(a), Some(c)) => {
-            let run = match a.into_run(store.as_ref()).await {
+            let run = match a.into_run().await {
                 Ok(Ok(run)) => run,
                 Ok(Err(busy)) => {
                     report.repair_errors.push(format!(
@@ -239,9 +237,9 @@ pub async fn run(
                 &mut report,
             )
             .await;
-            deleting::end(store.as_ref(), &run).await;
+            run.end().await;
         }
-        (Some(a), None) => a.abandon(store.as_ref()).await,
+        (Some(a), None) => a.abandon().await,
         (None, _) => {}
     }
     Ok(report)
@@ -514,20 +512,17 @@ async fn repair_as(
     upstream: &HashSet<StorePathHash>,
     findings: &[Finding],
     opts: &Options,
-    run: &str,
+    run: &deleting::Run,
     report: &mut Report,
 ) {
     let grace = opts
         .now
         .checked_sub(opts.grace)
         .unwrap_or(SystemTime::UNIX_EPOCH);
-    // The run's announcement was written again as it began (deleting::Announced::into_run).
-    let mut announced_at = Instant::now();
     let mut unservable = vec![false; graph.len()];
     for (i, n) in graph.nodes.iter().enumerate() {
         if own_bad[i] {
             unservable[i] = still_unservable(store.as_ref(), n, upstream, grace, report).await;
-            deleting::keep_alive(store.as_ref(), run, &mut announced_at).await;
         }
     }
     propagate(graph, &mut unservable, &mut Vec::new());
@@ -559,13 +554,12 @@ async fn repair_as(
             }
         }
     }
-    deleting::keep_alive(store.as_ref(), run, &mut announced_at).await;
     let order = sweep::referrers_first(graph, &unservable);
     let delete: Vec<String> = order
         .iter()
         .map(|&i| object_key::narinfo(graph.nodes[i as usize].hash))
         .collect();
-    let deleted = delete_each(store.as_ref(), delete, report, run, &mut announced_at).await;
+    let deleted = delete_each(store.as_ref(), delete, report, run).await;
     // A narinfo that could not be deleted stays: so do its NAR and listing.
     for (&i, gone) in order.iter().zip(deleted) {
         unservable[i as usize] = gone;
@@ -617,7 +611,7 @@ async fn repair_as(
         }
     }
     delete_nars(store.as_ref(), inv, &nars, opts, run, report).await;
-    delete_each(store.as_ref(), rest, report, run, &mut announced_at).await;
+    delete_each(store.as_ref(), rest, report, run).await;
     match store.cleanup_staging(opts.grace).await {
         Ok(n) if n > 0 => report.repaired.push(format!("{n} unfinished upload(s)")),
         Ok(_) => {}
@@ -643,19 +637,22 @@ async fn relied_on(
 /// through a long repair: one of a bucket an expiry rule broke can delete for hours).
 const DELETE_CHUNK: usize = 1024;
 
-/// Deletes `keys` in order, a chunk at a time, keeping the run's announcement live; says for
-/// each whether it is gone. Not while the announcement names NARs still to be deleted.
+/// Deletes `keys` in order, a chunk at a time, while the run's announcement is live; says for
+/// each whether it is gone.
 async fn delete_each(
     store: &dyn Store,
     keys: Vec<String>,
     report: &mut Report,
-    run: &str,
-    announced_at: &mut Instant,
+    run: &deleting::Run,
 ) -> Vec<bool> {
     let mut gone = Vec::with_capacity(keys.len());
     for chunk in keys.chunks(DELETE_CHUNK) {
+        if !run.live() {
+            report.repair_errors.push(sweep::LAPSED.into());
+            gone.resize(keys.len(), false);
+            break;
+        }
         gone.extend(delete_reporting(store, chunk, report).await);
-        deleting::keep_alive(store, run, announced_at).await;
     }
     gone
 }
@@ -688,7 +685,7 @@ async fn delete_nars(
     inv: &Inventory,
     files: &[String],
     opts: &Options,
-    run: &str,
+    run: &deleting::Run,
     report: &mut Report,
 ) {
     if files.is_empty() {
@@ -707,14 +704,13 @@ async fn delete_nars(
         }
     };
     for batch in files.chunks(sweep::BATCH) {
-        let since = Instant::now();
         let free: Vec<&str> = batch
             .iter()
             .map(String::as_str)
             .filter(|f| !acc.nars.contains(*f))
             .collect();
         if !free.is_empty() {
-            if let Err(e) = deleting::announce(store, run, free.iter().copied()).await {
+            if let Err(e) = run.announce(free.iter().copied()).await {
                 report
                     .repair_errors
                     .push(format!("announcing deletions: {e}; batch skipped"));
@@ -727,13 +723,10 @@ async fn delete_nars(
                     .push(format!("re-reading access records: {e}; batch skipped"));
                 continue;
             }
-            if since.elapsed() > deleting::FRESH {
-                report.repair_errors.push(format!(
-                    "the store took over {:?} to re-read access records; batch skipped",
-                    deleting::FRESH
-                ));
-                continue;
-            }
+        }
+        if !run.live() {
+            report.repair_errors.push(sweep::LAPSED.into());
+            return;
         }
         let (in_use, free): (Vec<&String>, Vec<&String>) =
             batch.iter().partition(|f| acc.nars.contains(f.as_str()));
