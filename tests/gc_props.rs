@@ -212,6 +212,7 @@ impl World {
             now: self.now,
             // The operations run one after another: no upload overlaps a collection.
             settle: Duration::ZERO,
+            stop: Default::default(),
         };
         let s = gc::run(&self.store, "/nix/store", &self.cfg, &opts, &Quiet)
             .await

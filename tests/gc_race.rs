@@ -13,8 +13,8 @@ use std::time::{Duration, Instant, SystemTime};
 use cellar::config::GcConfig;
 use cellar::gc::{self, Quiet};
 use common::{
-    netrc, nix, run, s3_env, s3_store_env, s3_upload_dir, substitute_and_verify, token,
-    unique_prefix, Server,
+    netrc, nix, run, s3_env, s3_exists, s3_put, s3_store_env, s3_upload_dir, substitute_and_verify,
+    token, unique_prefix, Proxy, Server, CELLAR,
 };
 use gc_support::{build_closure, build_expr, copy_to_dir, s3_store};
 
@@ -106,6 +106,7 @@ async fn gc_racing_nix_copy_never_breaks_the_uploaded_closure() {
             apply: true,
             now: SystemTime::now(),
             settle: gc::deleting::SETTLE,
+            stop: Default::default(),
         };
         let s = gc::run(&store, "/nix/store", &cfg, &opts, &Quiet)
             .await
@@ -156,6 +157,7 @@ async fn gc_racing_nix_copy_never_breaks_the_uploaded_closure() {
             grace: Duration::from_secs(3600),
             now: SystemTime::now(),
             settle: gc::deleting::SETTLE,
+            stop: Default::default(),
             upstreams: None,
         },
         &Quiet,
@@ -174,4 +176,73 @@ async fn gc_racing_nix_copy_never_breaks_the_uploaded_closure() {
         &w.join("substitute"),
     );
     eprintln!("{runs} gc runs raced the upload");
+}
+
+/// `cellar gc --apply` and `cellar verify --repair` asked to stop (SIGTERM, as `systemctl
+/// stop` sends; Ctrl-C alike) while they read the store end at once: they delete nothing and
+/// withdraw their announcement, so the next run goes ahead at once instead of finding
+/// "another collection is running".
+#[tokio::test(flavor = "multi_thread")]
+async fn a_collection_stopped_while_it_reads_deletes_nothing_and_lets_the_next_run_go() {
+    for run in [["gc", "--apply"], ["verify", "--repair"]] {
+        stopped_while_reading(run).await;
+    }
+}
+
+async fn stopped_while_reading(run: [&str; 2]) {
+    use std::io::BufRead as _;
+    let s3 = s3_env();
+    let prefix = unique_prefix("gc-stop");
+    // A NAR without a narinfo: garbage for a run with no grace period.
+    let orphan = format!("{prefix}nar/{}.nar", "1".repeat(52));
+    s3_put(&s3, &orphan, b"no narinfo names me".to_vec()).await;
+    let gc_env = |endpoint: &str| {
+        let mut env = s3_store_env(&s3, endpoint, &prefix);
+        env.push(("CELLAR_GC__GRACE_SECS".into(), "0".into()));
+        env.push(("CELLAR_STORE__TIMEOUT_SECS".into(), "60".into()));
+        env
+    };
+    // Every answer of the store is held: the run is stuck at its first request.
+    let proxy = Proxy::start(&s3.endpoint).await;
+    proxy.hold_after(0);
+    let mut child = std::process::Command::new(CELLAR)
+        .args(run)
+        .envs(gc_env(&proxy.url()))
+        .stderr(std::process::Stdio::piped())
+        .spawn()
+        .unwrap();
+    proxy.held().await;
+    let st = std::process::Command::new("kill")
+        .args(["-TERM", &child.id().to_string()])
+        .status()
+        .unwrap();
+    assert!(st.success());
+    // It says it will stop; then the store answers again.
+    let mut stderr = std::io::BufReader::new(child.stderr.take().unwrap());
+    let mut said = String::new();
+    while !said.contains("cellar: stopping") {
+        let mut line = String::new();
+        assert!(stderr.read_line(&mut line).unwrap() > 0, "ended: {said}");
+        said.push_str(&line);
+    }
+    proxy.release();
+    let mut rest = String::new();
+    std::io::Read::read_to_string(&mut stderr, &mut rest).unwrap();
+    said.push_str(&rest);
+    let status = child.wait().unwrap();
+    assert!(!status.success(), "{said}");
+    assert!(said.contains("stopped on request"), "{said}");
+    assert!(s3_exists(&s3, &orphan).await, "deleted by a stopped run");
+
+    let out = std::process::Command::new(CELLAR)
+        .args(run)
+        .envs(gc_env(&s3.endpoint))
+        .output()
+        .unwrap();
+    let said = String::from_utf8_lossy(&out.stderr);
+    assert!(out.status.success(), "the next run: {said}");
+    assert!(
+        !s3_exists(&s3, &orphan).await,
+        "the next run deleted nothing"
+    );
 }

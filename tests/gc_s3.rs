@@ -65,6 +65,7 @@ async fn gc_over_several_listing_pages_keeps_pinned_closures_whole() {
             apply: false,
             now: SystemTime::now(),
             settle: gc::deleting::SETTLE,
+            stop: Default::default(),
         },
         &Quiet,
     )
@@ -79,6 +80,7 @@ async fn gc_over_several_listing_pages_keeps_pinned_closures_whole() {
             apply: true,
             now: SystemTime::now(),
             settle: gc::deleting::SETTLE,
+            stop: Default::default(),
         },
         &Quiet,
     )
@@ -102,6 +104,7 @@ async fn gc_over_several_listing_pages_keeps_pinned_closures_whole() {
             grace: Duration::ZERO,
             now: SystemTime::now(),
             settle: gc::deleting::SETTLE,
+            stop: Default::default(),
             upstreams: None,
         },
         &Quiet,

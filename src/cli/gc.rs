@@ -55,6 +55,36 @@ impl Progress for Bar {
     }
 }
 
+/// For a run that deletes: the first SIGINT or SIGTERM asks it to stop where that is safe
+/// ([`gc::Stop`]), a second one ends the process at once.
+fn stop_on_signals() -> anyhow::Result<gc::Stop> {
+    use tokio::signal::unix::{signal, SignalKind};
+    let stop = gc::Stop::default();
+    let mut int = signal(SignalKind::interrupt()).context("installing the SIGINT handler")?;
+    let mut term = signal(SignalKind::terminate()).context("installing the SIGTERM handler")?;
+    let requested = stop.clone();
+    tokio::spawn(async move {
+        let mut signals = 0;
+        loop {
+            tokio::select! {
+                _ = int.recv() => {}
+                _ = term.recv() => {}
+            }
+            signals += 1;
+            if signals > 1 {
+                eprintln!("cellar: stopping at once");
+                std::process::exit(130);
+            }
+            eprintln!(
+                "cellar: stopping once the deletions under way are checked and undone where \
+                 needed (again to stop at once, which may leave an upload's reference deleted)"
+            );
+            requested.request();
+        }
+    });
+    Ok(stop)
+}
+
 fn runtime() -> anyhow::Result<tokio::runtime::Runtime> {
     tokio::runtime::Builder::new_multi_thread()
         .enable_all()
@@ -113,12 +143,18 @@ pub fn gc(path: Option<&Path>, apply: bool, metrics_file: Option<&Path>) -> anyh
 fn gc_summary(path: Option<&Path>, apply: bool) -> anyhow::Result<gc::Summary> {
     let cfg = Config::load(path)?;
     runtime()?.block_on(async {
+        let stop = if apply {
+            stop_on_signals()?
+        } else {
+            gc::Stop::default()
+        };
         let store = open(&cfg).await?;
         let bar = Bar::new();
         let opts = gc::Options {
             apply,
             now: store.now(),
             settle: gc::deleting::SETTLE,
+            stop,
         };
         let s = gc::run(&store, &cfg.store_dir, &cfg.gc, &opts, &bar).await;
         bar.0.finish_and_clear();
@@ -238,6 +274,11 @@ fn verify_report(
 ) -> anyhow::Result<gc::verify::Report> {
     let cfg = Config::load(path)?;
     runtime()?.block_on(async {
+        let stop = if repair {
+            stop_on_signals()?
+        } else {
+            gc::Stop::default()
+        };
         let store = open(&cfg).await?;
         let bar = Bar::new();
         let upstreams = match cfg.upstreams.is_empty() {
@@ -253,6 +294,7 @@ fn verify_report(
             grace: cfg.gc.grace,
             now: store.now(),
             settle: gc::deleting::SETTLE,
+            stop,
             upstreams,
         };
         let r = gc::verify::run(&store, &cfg.store_dir, &opts, &bar).await;

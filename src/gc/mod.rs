@@ -72,6 +72,9 @@ pub enum GcError {
          announcement of a run that died counts for 15 minutes)"
     )]
     Busy { key: String, secs: u64 },
+    /// Asked to stop (SIGINT, SIGTERM) before it deleted anything.
+    #[error("stopped on request before anything was deleted")]
+    Stopped,
 }
 
 impl From<deleting::Busy> for GcError {
@@ -94,7 +97,52 @@ pub struct Options {
     /// servers' uploads rely on. Only a test whose uploads never overlap a collection may
     /// shorten it.
     pub settle: std::time::Duration,
+    /// Asked to stop (SIGINT, SIGTERM): see [`Stop`].
+    pub stop: Stop,
 }
+
+/// A request to stop a run that deletes (`gc --apply`, `verify --repair`) early, and safely:
+/// one still reading the store stops at once, deleting nothing; one deleting stops before
+/// its next batch, once the batch under way has had its re-read of the access records and
+/// its write-backs (a run killed between deleting a batch and that re-read could leave an
+/// upload that relied on one of its narinfos without it).
+#[derive(Clone, Default, Debug)]
+pub struct Stop(Arc<StopInner>);
+
+#[derive(Default, Debug)]
+struct StopInner {
+    requested: std::sync::atomic::AtomicBool,
+    notify: tokio::sync::Notify,
+}
+
+impl Stop {
+    pub fn request(&self) {
+        self.0
+            .requested
+            .store(true, std::sync::atomic::Ordering::SeqCst);
+        self.0.notify.notify_waiters();
+    }
+
+    pub fn requested(&self) -> bool {
+        self.0.requested.load(std::sync::atomic::Ordering::SeqCst)
+    }
+
+    /// Returns once a stop is requested.
+    pub async fn wait(&self) {
+        loop {
+            let notified = self.0.notify.notified();
+            tokio::pin!(notified);
+            notified.as_mut().enable();
+            if self.requested() {
+                return;
+            }
+            notified.await;
+        }
+    }
+}
+
+/// Why a run stopped before it had deleted all it would.
+pub const STOPPED: &str = "stopped on request (SIGINT or SIGTERM) before the end: run it again";
 
 /// One garbage collection over `store`.
 pub async fn run(
@@ -113,7 +161,12 @@ pub async fn run(
     let announced = deleting::Announced::begin(store)
         .await?
         .map_err(GcError::from)?;
-    let mut read = match read_and_plan(store, store_dir, cfg, opts, progress).await {
+    // Stopped while it reads, it has deleted nothing: it ends at once.
+    let read = tokio::select! {
+        read = read_and_plan(store, store_dir, cfg, opts, progress) => read,
+        () = opts.stop.wait() => Err(GcError::Stopped),
+    };
+    let mut read = match read {
         Ok(read) => read,
         Err(e) => {
             announced.abandon().await;
@@ -129,6 +182,7 @@ pub async fn run(
         &mut read.acc,
         opts.settle,
         run,
+        &opts.stop,
         progress,
     )
     .await;

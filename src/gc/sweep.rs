@@ -244,6 +244,8 @@ struct State<'a> {
     kept_nars: HashSet<Box<str>>,
     /// Narinfos this run deleted.
     deleted: HashSet<u32>,
+    /// A narinfo an upload relied on could not be written back: the run deletes no more.
+    write_back_failed: bool,
     /// The nodes naming each NAR file.
     nar_users: HashMap<&'a str, Vec<u32>>,
     /// The nodes naming each derivation as their `Deriver:`.
@@ -262,6 +264,7 @@ pub async fn execute(
     acc: &mut Accessed,
     settle: std::time::Duration,
     run: deleting::Run,
+    stop: &super::Stop,
     progress: &dyn Progress,
 ) -> Outcome {
     let out = delete(
@@ -272,6 +275,7 @@ pub async fn execute(
         acc,
         settle,
         &run,
+        stop,
         progress,
     )
     .await;
@@ -293,6 +297,7 @@ async fn delete(
     acc: &mut Accessed,
     settle: std::time::Duration,
     run: &deleting::Run,
+    stop: &super::Stop,
     progress: &dyn Progress,
 ) -> Outcome {
     let mut st = State {
@@ -305,6 +310,7 @@ async fn delete(
             .collect(),
         deleted: HashSet::new(),
         nar_users: graph.nar_users(),
+        write_back_failed: false,
         derived: {
             let mut d: HashMap<StorePathHash, Vec<u32>> = HashMap::new();
             for (i, n) in graph.nodes.iter().enumerate() {
@@ -322,6 +328,17 @@ async fn delete(
     for batch in plan.narinfos.chunks(BATCH) {
         if !records_read {
             // Deleting without knowing what uploads rely on could break their closures.
+            return st.finish();
+        }
+        // Between batches: the last one's re-read and write-backs are done.
+        if stop.requested() {
+            st.out.errors.push(super::STOPPED.into());
+            return st.finish();
+        }
+        if st.write_back_failed {
+            st.out.errors.push(
+                "a narinfo an upload relied on could not be written back: stopped deleting".into(),
+            );
             return st.finish();
         }
         let todo: Vec<u32> = batch
@@ -410,6 +427,10 @@ async fn delete(
     // The end of the part of `rest` whose NARs the standing announcement names.
     let mut named: Option<usize> = None;
     for (i, batch) in rest.chunks(BATCH).enumerate() {
+        if stop.requested() {
+            st.out.errors.push(super::STOPPED.into());
+            return st.finish();
+        }
         // NARs cannot be written back: they are announced before the re-read, and an upload
         // relying on one after that is refused (see super::deleting). One announcement names
         // the NARs of many batches, as the collector waits `deleting::SETTLE` after naming
@@ -574,7 +595,10 @@ impl State<'_> {
                     self.out.restored += 1;
                     self.deleted.remove(&j);
                 }
-                Err(e) => self.out.errors.push(format!("restoring {key}: {e}")),
+                Err(e) => {
+                    self.write_back_failed = true;
+                    self.out.errors.push(format!("restoring {key}: {e}"));
+                }
             }
         }
         untouched

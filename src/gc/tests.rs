@@ -65,6 +65,7 @@ async fn gc(
             apply,
             now,
             settle: super::deleting::SETTLE,
+            stop: Default::default(),
         },
         &Quiet,
     )
@@ -219,6 +220,7 @@ async fn an_unreadable_pin_stops_the_run() {
             apply: true,
             now,
             settle: super::deleting::SETTLE,
+            stop: Default::default(),
         },
         &Quiet,
     )
@@ -274,6 +276,7 @@ async fn a_damaged_upload_record_under_way_stops_the_run() {
         apply: true,
         now,
         settle: super::deleting::SETTLE,
+        stop: Default::default(),
     };
     let r = run(&store, "/nix/store", &cfg(), &opts, &Quiet).await;
     assert!(
@@ -421,6 +424,7 @@ async fn repair_settling(
         grace: DAY,
         now,
         settle,
+        stop: Default::default(),
         upstreams: None,
     };
     super::verify::run(&store, "/nix/store", &opts, &Quiet)
@@ -547,6 +551,7 @@ async fn a_collection_stops_while_another_runs() {
         apply: true,
         now,
         settle: super::deleting::SETTLE,
+        stop: Default::default(),
     };
     let Err(e) = run(&store, "/nix/store", &cfg(), &opts, &Quiet).await else {
         panic!("collected beside another run");
@@ -584,6 +589,7 @@ async fn a_collection_that_listed_while_another_deleted_does_not_delete() {
         apply: true,
         now,
         settle: super::deleting::SETTLE,
+        stop: Default::default(),
     };
     for repairing in [false, true] {
         // The other run is deleting as this one starts, and ends while this one reads.
@@ -690,6 +696,46 @@ async fn a_batch_whose_records_cannot_be_read_again_is_written_back() {
         assert!(has(&mem, &format!("{}.narinfo", p.hash)), "{} went", p.base);
         assert!(has(&mem, &p.nar), "the NAR of {} went", p.base);
     }
+}
+
+/// A narinfo an upload relied on that cannot be written back ends the run after its batch:
+/// the store fails writes, and more deletions could leave more uploads without a reference.
+#[tokio::test(start_paused = true)]
+async fn a_failed_write_back_stops_the_run() {
+    let mem = Arc::new(MemoryStore::new());
+    let now = SystemTime::now();
+    let paths: Vec<P> = (0..super::sweep::BATCH + 6)
+        .map(|i| path(&mem, &format!("p{i}"), &[], 100 * DAY, now))
+        .collect();
+    // An upload relies on the first narinfo deleted, as it goes; writing it back fails.
+    let weak = Arc::downgrade(&mem);
+    let first = std::sync::atomic::AtomicBool::new(true);
+    mem.after_delete("", move |key| {
+        let Some(mem) = weak.upgrade() else { return };
+        let Some(hash) = key.strip_suffix(".narinfo") else {
+            return;
+        };
+        if first.swap(false, std::sync::atomic::Ordering::SeqCst) {
+            let day = super::access::day(SystemTime::now());
+            let record = render([Entry::Path(hash.parse().unwrap())]);
+            mem.insert(&format!("_cellar/access/{day}/r-upload"), record);
+            mem.fail(FailOp::Write, key, 0, usize::MAX);
+        }
+    });
+    let s = gc(&mem, &cfg(), now, true).await;
+    assert!(
+        s.errors
+            .iter()
+            .any(|e| e.contains("could not be written back")),
+        "{:?}",
+        s.errors
+    );
+    let left = paths
+        .iter()
+        .filter(|p| has(&mem, &format!("{}.narinfo", p.hash)))
+        .count();
+    assert!(left >= 6, "the next batch was deleted too: {left} left");
+    assert!(paths.iter().all(|p| has(&mem, &p.nar)), "a NAR went");
 }
 
 /// A batch written back goes back references first, and a narinfo whose reference could not
@@ -1052,6 +1098,7 @@ async fn a_collection_deletes_no_nar_under_a_lapsed_announcement() {
         apply: true,
         now,
         settle: super::deleting::TTL,
+        stop: Default::default(),
     };
     let s = run(&store, "/nix/store", &cfg(), &opts, &Quiet)
         .await
@@ -1064,6 +1111,84 @@ async fn a_collection_deletes_no_nar_under_a_lapsed_announcement() {
         s.errors
     );
     assert!(has(&mem, &nar), "deleted under a lapsed announcement");
+}
+
+/// A stop asked for as deletions begin (the announcement's second write).
+fn stop_as_deletions_begin(mem: &MemoryStore) -> super::Stop {
+    let stop = super::Stop::default();
+    let (asked, writes) = (stop.clone(), std::sync::atomic::AtomicUsize::new(0));
+    mem.after_write("_cellar/deleting/", move |_| {
+        if writes.fetch_add(1, std::sync::atomic::Ordering::SeqCst) == 1 {
+            asked.request();
+        }
+    });
+    stop
+}
+
+/// A collection asked to stop (SIGINT, SIGTERM) once it deletes stops between batches: here
+/// before the first, deleting nothing (narinfos, or NARs left without one), and withdrawing
+/// its announcement. `verify --repair` alike.
+#[tokio::test(start_paused = true)]
+async fn a_collection_asked_to_stop_stops_between_batches() {
+    for orphan_only in [false, true] {
+        let mem = Arc::new(MemoryStore::new());
+        let now = SystemTime::now();
+        let old = path(&mem, "old", &[], 100 * DAY, now);
+        if orphan_only {
+            mem.remove(&format!("{}.narinfo", old.hash));
+        }
+        let store: Arc<dyn Store> = mem.clone();
+        let opts = Options {
+            apply: true,
+            now,
+            settle: super::deleting::SETTLE,
+            stop: stop_as_deletions_begin(&mem),
+        };
+        let s = run(&store, "/nix/store", &cfg(), &opts, &Quiet)
+            .await
+            .unwrap();
+        assert!(
+            s.errors.iter().any(|e| e.contains("stopped on request")),
+            "{:?}",
+            s.errors
+        );
+        assert_eq!(has(&mem, &format!("{}.narinfo", old.hash)), !orphan_only);
+        assert!(has(&mem, &old.nar), "orphan only: {orphan_only}");
+        assert!(
+            !mem.keys()
+                .iter()
+                .any(|k| k.starts_with("_cellar/deleting/")),
+            "its announcement stayed"
+        );
+    }
+    // A repair: a narinfo whose NAR is gone, and a NAR without a narinfo.
+    let mem = Arc::new(MemoryStore::new());
+    let now = SystemTime::now();
+    let broken = path(&mem, "broken", &[], 100 * DAY, now);
+    mem.remove(&broken.nar);
+    let (nar, _) = orphan(&mem, "orphan", now);
+    let store: Arc<dyn Store> = mem.clone();
+    let opts = super::verify::Options {
+        repair: true,
+        sample: None,
+        grace: DAY,
+        now,
+        settle: super::deleting::SETTLE,
+        stop: stop_as_deletions_begin(&mem),
+        upstreams: None,
+    };
+    let r = super::verify::run(&store, "/nix/store", &opts, &Quiet)
+        .await
+        .unwrap();
+    assert!(
+        r.repair_errors
+            .iter()
+            .any(|e| e.contains("stopped on request")),
+        "{:?}",
+        r.repair_errors
+    );
+    assert!(has(&mem, &format!("{}.narinfo", broken.hash)));
+    assert!(has(&mem, &nar));
 }
 
 /// A collection that starts after `pin add` recorded its paths but before it wrote the pin
@@ -1348,6 +1473,7 @@ async fn an_encoded_narinfo_is_reported_and_nothing_is_deleted_by_it() {
         apply: true,
         now,
         settle: super::deleting::SETTLE,
+        stop: Default::default(),
     };
     let Err(e) = run(&store, "/nix/store", &cfg(), &opts, &Quiet).await else {
         panic!("collected by a graph with an encoded narinfo");
@@ -1387,6 +1513,7 @@ async fn a_run_that_finds_another_live_once_it_has_read_does_not_delete() {
         apply: true,
         now,
         settle: super::deleting::SETTLE,
+        stop: Default::default(),
     };
     for repairing in [false, true] {
         let gate = mem.hold_reads(&format!("{}.narinfo", dep.hash));
@@ -1683,6 +1810,7 @@ async fn check(
         grace: DAY,
         now,
         settle: super::deleting::SETTLE,
+        stop: Default::default(),
         upstreams: None,
     };
     super::verify::run(&store, "/nix/store", &opts, &Quiet)
@@ -1895,6 +2023,7 @@ async fn references_an_upstream_serves_are_not_missing() {
         grace: DAY,
         now,
         settle: super::deleting::SETTLE,
+        stop: Default::default(),
         upstreams: Some(Arc::new(upstreams)),
     };
     let r = super::verify::run(&store, "/nix/store", &opts, &Quiet)

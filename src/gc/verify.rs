@@ -143,6 +143,8 @@ pub struct Options {
     /// The wait between announcing orphaned NARs and deleting them (see
     /// [`super::Options::settle`]).
     pub settle: Duration,
+    /// Asked to stop (see [`super::Stop`]).
+    pub stop: super::Stop,
     /// The server's upstreams: a reference one of them serves is not missing (the server
     /// accepted the upload on top of it and serves it through).
     pub upstreams: Option<Arc<Upstreams>>,
@@ -187,7 +189,12 @@ pub async fn run(
             Err(e) => not_repairing = Some(format!("announcing the repair: {e}; nothing repaired")),
         }
     }
-    let (mut report, checked) = match check(store, store_dir, opts, progress).await {
+    // Stopped while it checks, it has deleted nothing: it ends at once.
+    let checked = tokio::select! {
+        checked = check(store, store_dir, opts, progress) => checked,
+        () = opts.stop.wait() => Err(StoreError::Other(super::STOPPED.into())),
+    };
+    let (mut report, checked) = match checked {
         Ok(done) => done,
         Err(e) => {
             if let Some(a) = announced {
@@ -559,7 +566,7 @@ async fn repair_as(
         .iter()
         .map(|&i| object_key::narinfo(graph.nodes[i as usize].hash))
         .collect();
-    let deleted = delete_each(store.as_ref(), delete, report, run).await;
+    let deleted = delete_each(store.as_ref(), delete, report, run, &opts.stop).await;
     // A narinfo that could not be deleted stays: so do its NAR and listing.
     for (&i, gone) in order.iter().zip(deleted) {
         unservable[i as usize] = gone;
@@ -611,7 +618,7 @@ async fn repair_as(
         }
     }
     delete_nars(store.as_ref(), inv, &nars, opts, run, report).await;
-    delete_each(store.as_ref(), rest, report, run).await;
+    delete_each(store.as_ref(), rest, report, run, &opts.stop).await;
     match store.cleanup_staging(opts.grace).await {
         Ok(n) if n > 0 => report.repaired.push(format!("{n} unfinished upload(s)")),
         Ok(_) => {}
@@ -644,11 +651,19 @@ async fn delete_each(
     keys: Vec<String>,
     report: &mut Report,
     run: &deleting::Run,
+    stop: &super::Stop,
 ) -> Vec<bool> {
     let mut gone = Vec::with_capacity(keys.len());
     for chunk in keys.chunks(DELETE_CHUNK) {
-        if !run.live() {
-            report.repair_errors.push(sweep::LAPSED.into());
+        let why = if !run.live() {
+            Some(sweep::LAPSED)
+        } else if stop.requested() {
+            Some(super::STOPPED)
+        } else {
+            None
+        };
+        if let Some(why) = why {
+            report.repair_errors.push(why.into());
             gone.resize(keys.len(), false);
             break;
         }
@@ -704,6 +719,10 @@ async fn delete_nars(
         }
     };
     for batch in files.chunks(sweep::BATCH) {
+        if opts.stop.requested() {
+            report.repair_errors.push(super::STOPPED.into());
+            return;
+        }
         let free: Vec<&str> = batch
             .iter()
             .map(String::as_str)

@@ -86,6 +86,8 @@ pub struct MemoryStore {
     down: AtomicBool,
     latency_ms: AtomicUsize,
     hooks: Arc<Mutex<Vec<(String, Hook)>>>,
+    /// Run after each deletion of a key under their prefix (see [`MemoryStore::after_delete`]).
+    delete_hooks: Mutex<Vec<(String, Hook)>>,
     /// The `Content-Encoding` GETs of a key answer with (see [`MemoryStore::set_encoding`]).
     encodings: Mutex<HashMap<String, String>>,
     gates: Mutex<Vec<Arc<ReadGate>>>,
@@ -156,6 +158,12 @@ impl MemoryStore {
     /// write returns: a test steps in at an exact point of a protocol.
     pub fn after_write(&self, prefix: &str, f: impl Fn(&str) + Send + Sync + 'static) {
         lock(&self.hooks).push((prefix.to_owned(), Arc::new(f)));
+    }
+
+    /// Runs `f` after each deletion of an object whose key starts with `prefix`, before the
+    /// deletion returns.
+    pub fn after_delete(&self, prefix: &str, f: impl Fn(&str) + Send + Sync + 'static) {
+        lock(&self.delete_hooks).push((prefix.to_owned(), Arc::new(f)));
     }
 
     /// Holds each `get` and `head` of a key under `prefix` after it has looked the object up
@@ -465,6 +473,14 @@ impl Store for MemoryStore {
         self.take_failure(FailOp::Delete, key)?;
         lock(&self.encodings).remove(key);
         lock(&self.objects).remove(key);
+        let hooks: Vec<Hook> = lock(&self.delete_hooks)
+            .iter()
+            .filter(|(p, _)| key.starts_with(p.as_str()))
+            .map(|(_, h)| h.clone())
+            .collect();
+        for h in hooks {
+            h(key);
+        }
         Ok(())
     }
 
