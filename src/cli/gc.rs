@@ -252,6 +252,9 @@ pub fn verify(
     for k in &report.relied_on {
         println!("kept {k}: an upload in progress names it or a path that needs it (it may have been repaired by it)");
     }
+    for k in &report.young {
+        println!("kept {k}: younger than gc.grace_secs, or needed by a path that is (a later run repairs it if it is still broken)");
+    }
     for e in &report.repair_errors {
         println!("repair failed: {e}");
     }

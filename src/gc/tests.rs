@@ -865,6 +865,16 @@ async fn repair_looks_again_before_deleting_a_narinfo() {
     let broken = path(&mem, "broken", &[], 100 * DAY, now);
     mem.remove(&broken.nar);
     let referrer = path(&mem, "referrer", &[&broken], 100 * DAY, now);
+    // Broken too (its reference is), but young: it stays, and so does what it needs.
+    let broken_below = path(&mem, "broken-below", &[], 100 * DAY, now);
+    mem.remove(&broken_below.nar);
+    let young_referrer = path(
+        &mem,
+        "young-referrer",
+        &[&broken_below],
+        Duration::from_secs(60),
+        now,
+    );
     // The late NAR lands after the listing, while the narinfos are read.
     let gate = mem.hold_reads(&format!("{}.narinfo", late.hash));
     let (r, ()) = tokio::join!(repair(&mem, now), async {
@@ -891,6 +901,19 @@ async fn repair_looks_again_before_deleting_a_narinfo() {
         !has(&mem, &narinfo(&referrer)),
         "a path whose reference went stays"
     );
+    for p in [&young_referrer, &broken_below] {
+        assert!(
+            has(&mem, &narinfo(p)),
+            "{} deleted: {:?}",
+            p.base,
+            r.repaired
+        );
+    }
+    let mut young = r.young.clone();
+    young.sort();
+    let mut want = vec![narinfo(&broken_below), narinfo(&young_referrer)];
+    want.sort();
+    assert_eq!(young, want);
 }
 
 /// A pin that does not parse is reported by `verify --repair` and left alone (gc refuses to

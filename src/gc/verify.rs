@@ -163,6 +163,9 @@ pub struct Report {
     /// Narinfos `--repair` found broken but kept: an upload in progress (or a record written
     /// while it ran) names them, so an upload may rely on them (or just healed them).
     pub relied_on: Vec<String>,
+    /// Narinfos `--repair` found broken but kept: younger than the grace period (an upload
+    /// in progress may be about to write what they miss), or needed by one that is.
+    pub young: Vec<String>,
     pub repair_errors: Vec<String>,
 }
 
@@ -547,16 +550,22 @@ async fn repair_as(
     };
     // With its closure: the healing may have been deeper down (a reference's missing
     // reference uploaded), and deleting a path below would break the one relied on for good.
+    // So too a narinfo younger than the grace period that refers to a broken path: nothing
+    // that young is deleted, nor what it needs (a later run repairs what is still broken).
     let mut kept = vec![false; graph.len()];
     for (i, n) in graph.nodes.iter().enumerate() {
-        if unservable[i] && relied_on.contains(&n.hash) {
+        let relied = relied_on.contains(&n.hash);
+        if unservable[i] && (relied || n.modified > grace) {
             for j in graph.close_over(i as u32, &mut kept) {
                 let j = j as usize;
                 if unservable[j] {
                     unservable[j] = false;
-                    report
-                        .relied_on
-                        .push(object_key::narinfo(graph.nodes[j].hash));
+                    let key = object_key::narinfo(graph.nodes[j].hash);
+                    if relied {
+                        report.relied_on.push(key);
+                    } else {
+                        report.young.push(key);
+                    }
                 }
             }
         }
