@@ -544,16 +544,30 @@ async fn read_one(
     modified: SystemTime,
     in_progress: bool,
 ) -> Result<Vec<Entry>, StoreError> {
-    let raw = store.get_bytes(key, MAX_RECORD_BYTES).await?;
+    // Stored compressed (`Content-Encoding`, by a tool that copied the bucket) or larger than
+    // any record: what it says cannot be read, so it is a damaged record (reported by
+    // `verify`, removed by `--repair`), not a store failing, which would stop every run for
+    // good.
+    let raw = match store.get_bytes(key, MAX_RECORD_BYTES).await {
+        Err(StoreError::Encoded { encoding, .. }) => {
+            Err(format!("stored with Content-Encoding {encoding}"))
+        }
+        Err(StoreError::TooLarge { .. }) => Err(format!("larger than {MAX_RECORD_BYTES} bytes")),
+        other => Ok(other?),
+    };
     // Read only once it was: a record that failed to read is read again by the next re-read
     // (which fails as long as it does, and nothing is deleted meanwhile).
     acc.read.insert(key.to_owned());
-    let Some(raw) = raw else {
-        return Ok(Vec::new());
+    let raw = match raw {
+        Ok(None) => return Ok(Vec::new()),
+        Ok(Some(raw)) => Ok(raw),
+        Err(why) => Err(why),
     };
-    let parsed = std::str::from_utf8(&raw)
-        .map_err(|_| "not UTF-8".to_owned())
-        .and_then(parse_lenient);
+    let parsed = raw.and_then(|raw| {
+        std::str::from_utf8(&raw)
+            .map_err(|_| "not UTF-8".to_owned())
+            .and_then(parse_lenient)
+    });
     let (entries, bad) = match parsed {
         Ok((entries, bad)) => (entries, bad),
         Err(why) => (Vec::new(), Some(why)),

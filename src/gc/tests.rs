@@ -944,6 +944,28 @@ async fn repair_reports_a_bad_pin_and_leaves_it() {
     assert!(!has(&mem, "_cellar/access/x/garbage"));
 }
 
+/// An access record stored compressed (`Content-Encoding`, by a tool that copied the bucket)
+/// is a damaged record: `verify` reports it and `--repair` removes it, instead of failing on
+/// it every time.
+#[tokio::test(start_paused = true)]
+async fn an_encoded_access_record_is_reported_and_removed() {
+    let mem = Arc::new(MemoryStore::new());
+    let now = SystemTime::now();
+    let key = "_cellar/access/x/p-1";
+    mem.insert_at(key, render::<Entry>([]), now - 100 * DAY);
+    mem.set_encoding(key, "gzip");
+    let r = repair(&mem, now).await;
+    assert!(
+        r.findings.iter().any(
+            |f| matches!(f, super::verify::Finding::BadReserved { key: k, .. } if k == key)
+        ),
+        "{:?}",
+        r.findings
+    );
+    assert!(r.repair_errors.is_empty(), "{:?}", r.repair_errors);
+    assert!(!has(&mem, key));
+}
+
 /// A NAR served while the collector runs (after it listed the records) is a use of the paths
 /// naming it: they are kept with their closures, as when their narinfo is served.
 #[tokio::test(start_paused = true)]
