@@ -116,6 +116,7 @@ pub struct Metrics {
     pub uploads: Family<UploadLabels, Counter>,
     pub upstream_requests: Family<UpstreamLabels, Counter>,
     pub access_records: Family<AccessRecordLabels, Counter>,
+    pub access_entries_dropped: Counter,
     pub build_info: Family<BuildLabels, Gauge>,
     pub uploads_waiting: Gauge,
     pub uploads_running: Gauge,
@@ -144,6 +145,7 @@ impl Metrics {
             uploads: Family::default(),
             upstream_requests: Family::default(),
             access_records: Family::default(),
+            access_entries_dropped: Counter::default(),
             build_info: Family::default(),
             uploads_waiting: Gauge::default(),
             uploads_running: Gauge::default(),
@@ -205,6 +207,11 @@ impl Metrics {
             "access_records",
             "Access records written to the store for `cellar gc`, by kind and result",
             m.access_records.clone(),
+        );
+        r.register(
+            "access_entries_dropped",
+            "Uses (narinfos and NARs served) not recorded for `cellar gc` because the set of gc.access_max_entries was full and not yet written",
+            m.access_entries_dropped.clone(),
         );
         r.register(
             "uploads_running",

@@ -298,6 +298,10 @@ impl AccessLog {
         let mut set = lock(&self.pending);
         if set.len() < self.max_entries || set.contains(&e) {
             set.insert(e);
+        } else {
+            // Full, its write not yet begun (the store slow, or refusing writes): this use is
+            // not recorded, and `cellar gc` may not see it.
+            crate::metrics::get().access_entries_dropped.inc();
         }
         if set.len() >= self.max_entries {
             self.full.notify_one();
@@ -937,6 +941,8 @@ mod tests {
     fn the_sets_hold_at_most_max_entries() {
         let mem = Arc::new(crate::store::memory::MemoryStore::new());
         let log = AccessLog::new(mem, 1000);
+        let dropped = || crate::metrics::get().access_entries_dropped.get();
+        let before = dropped();
         for i in 0..1001u32 {
             let nix32 = crate::nix::Sha256::digest(&i.to_le_bytes()).to_nix32();
             let h: StorePathHash = nix32[..32].parse().unwrap();
@@ -945,6 +951,8 @@ mod tests {
         }
         assert_eq!(lock(&log.pending).len(), 1000);
         assert_eq!(lock(&log.probed).len(), 1000);
+        // Counted (other tests' logs may count at the same time: at least this one).
+        assert!(dropped() > before, "the use dropped was not counted");
     }
 
     /// A re-read lists each day from the one before the last listing to the one after now

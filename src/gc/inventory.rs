@@ -88,6 +88,8 @@ pub struct Inventory {
     pub realisations: Vec<(String, Meta)>,
     pub access: Vec<(String, Meta)>,
     pub pins: Vec<(String, Meta)>,
+    /// Collectors' announcements (see [`super::deleting`]).
+    pub announcements: Vec<(String, Meta)>,
     pub reserved_other: Vec<(String, Meta)>,
 }
 
@@ -113,7 +115,7 @@ impl Inventory {
                 Kind::Access => inv.access.push((o.key, meta)),
                 Kind::Pin => inv.pins.push((o.key, meta)),
                 // Each run withdraws its own; a dead run's stops counting after its TTL.
-                Kind::Announcement => {}
+                Kind::Announcement => inv.announcements.push((o.key, meta)),
                 Kind::ReservedOther => inv.reserved_other.push((o.key, meta)),
                 Kind::Other => {}
             }

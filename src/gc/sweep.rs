@@ -63,6 +63,9 @@ pub struct Plan {
     /// Build logs, with the derivation they are of.
     pub logs: Vec<(String, StorePathHash, Meta)>,
     pub access_records: Vec<(String, Meta)>,
+    /// Announcements left by runs that died (killed, their machine gone): long past counting,
+    /// removed so that every upload's and collector's look at the announcements stays short.
+    pub dead_announcements: Vec<String>,
 }
 
 fn old_enough(meta: &Meta, cutoff: SystemTime) -> bool {
@@ -148,6 +151,16 @@ impl Plan {
                 .filter(|(_, m)| old_enough(m, grace))
                 .cloned()
                 .collect(),
+            dead_announcements: {
+                let dead = now
+                    .checked_sub(deleting::TTL * 2)
+                    .unwrap_or(SystemTime::UNIX_EPOCH);
+                inv.announcements
+                    .iter()
+                    .filter(|(_, m)| old_enough(m, dead))
+                    .map(|(k, _)| k.clone())
+                    .collect()
+            },
         }
     }
 }
@@ -423,6 +436,7 @@ async fn delete(
     );
     rest.extend(plan.logs.iter().map(|(k, drv, _)| Rest::Log(k, *drv)));
     rest.extend(plan.access_records.iter().map(|(k, _)| Rest::Plain(k)));
+    rest.extend(plan.dead_announcements.iter().map(Rest::Plain));
     progress.phase("deleting NARs and the rest", Some(rest.len() as u64));
     // The end of the part of `rest` whose NARs the standing announcement names.
     let mut named: Option<usize> = None;

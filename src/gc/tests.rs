@@ -956,9 +956,9 @@ async fn an_encoded_access_record_is_reported_and_removed() {
     mem.set_encoding(key, "gzip");
     let r = repair(&mem, now).await;
     assert!(
-        r.findings.iter().any(
-            |f| matches!(f, super::verify::Finding::BadReserved { key: k, .. } if k == key)
-        ),
+        r.findings
+            .iter()
+            .any(|f| matches!(f, super::verify::Finding::BadReserved { key: k, .. } if k == key)),
         "{:?}",
         r.findings
     );
@@ -1156,6 +1156,23 @@ async fn a_collection_deletes_no_nar_under_a_lapsed_announcement() {
         s.errors
     );
     assert!(has(&mem, &nar), "deleted under a lapsed announcement");
+}
+
+/// The announcements of runs that died are removed once long past counting (twice their
+/// lifetime); one that stopped counting lately stays, in case its run's clock is off.
+#[tokio::test(start_paused = true)]
+async fn announcements_of_dead_runs_are_removed() {
+    let mem = Arc::new(MemoryStore::new());
+    let now = SystemTime::now();
+    let ttl = super::deleting::TTL;
+    let dead = super::deleting::key("1700000000-dead");
+    let lapsed = super::deleting::key("1700000000-lapsed");
+    mem.insert_at(&dead, "cellar-deleting 1\n", now - ttl * 3);
+    mem.insert_at(&lapsed, "cellar-deleting 1\n", now - ttl * 3 / 2);
+    let s = gc(&mem, &cfg(), now, true).await;
+    assert!(s.errors.is_empty(), "{:?}", s.errors);
+    assert!(!has(&mem, &dead));
+    assert!(has(&mem, &lapsed));
 }
 
 /// A stop asked for as deletions begin (the announcement's second write).

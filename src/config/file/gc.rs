@@ -42,7 +42,7 @@ impl GcSection {
         if self.access_max_entries < 1000 {
             return Err(ConfigError::invalid(
                 "gc.access_max_entries",
-                "must be at least 1000 (a full set is flushed early, not dropped)",
+                "must be at least 1000 (a full set is written early)",
             ));
         }
         // A full set must stay a record collectors read (at most 256 MiB, ~65 bytes a line).
