@@ -33,7 +33,7 @@ use std::sync::{Arc, Mutex};
 use std::time::{Duration, SystemTime, UNIX_EPOCH};
 
 use bytes::Bytes;
-use futures::TryStreamExt as _;
+use futures::{StreamExt as _, TryStreamExt as _};
 use tokio::time::Instant;
 
 use super::inventory::Meta;
@@ -514,6 +514,7 @@ pub async fn read_all(
         .checked_sub(UPLOAD_RECORD_LIFETIME)
         .unwrap_or(UNIX_EPOCH);
     let upload_cutoff = lifetime_cutoff.min(cutoff);
+    let mut to_read = Vec::new();
     for (key, meta) in records {
         let limit = if key.ends_with(UPLOAD_SUFFIX) {
             upload_cutoff
@@ -527,7 +528,15 @@ pub async fn read_all(
             continue;
         }
         let in_progress = key.ends_with(UPLOAD_SUFFIX) && meta.modified >= lifetime_cutoff;
-        let entries = read_one(store, &mut acc, key, meta.modified, in_progress).await?;
+        to_read.push((key, meta.modified, in_progress));
+    }
+    let mut fetched =
+        futures::stream::iter(to_read.into_iter().map(|(key, modified, ip)| async move {
+            (key, modified, ip, fetch(store, key).await)
+        }))
+        .buffered(READS_AT_ONCE);
+    while let Some((key, modified, in_progress, got)) = fetched.next().await {
+        let entries = take(&mut acc, key, modified, in_progress, got?);
         if in_progress {
             acc.uploading
                 .extend(entries.into_iter().filter_map(|e| match e {
@@ -539,31 +548,42 @@ pub async fn read_all(
     Ok(acc)
 }
 
-/// Reads record `key` into `acc`; `in_progress`: an upload record young enough that the
-/// upload may still rely on the NARs it names.
-async fn read_one(
-    store: &dyn Store,
-    acc: &mut Accessed,
-    key: &str,
-    modified: SystemTime,
-    in_progress: bool,
-) -> Result<Vec<Entry>, StoreError> {
+/// Records read at once (a busy day has thousands, each a GET).
+const READS_AT_ONCE: usize = 16;
+
+/// What reading a record gave: its bytes (`None`: gone since the listing), or why they
+/// cannot be a record.
+type Fetched = Result<Option<Bytes>, String>;
+
+/// Reads record `key`.
+async fn fetch(store: &dyn Store, key: &str) -> Result<Fetched, StoreError> {
     // Stored compressed (`Content-Encoding`, by a tool that copied the bucket) or larger than
     // any record: what it says cannot be read, so it is a damaged record (reported by
     // `verify`, removed by `--repair`), not a store failing, which would stop every run for
     // good.
-    let raw = match store.get_bytes(key, MAX_RECORD_BYTES).await {
+    Ok(match store.get_bytes(key, MAX_RECORD_BYTES).await {
         Err(StoreError::Encoded { encoding, .. }) => {
             Err(format!("stored with Content-Encoding {encoding}"))
         }
         Err(StoreError::TooLarge { .. }) => Err(format!("larger than {MAX_RECORD_BYTES} bytes")),
         other => Ok(other?),
-    };
+    })
+}
+
+/// Takes record `key`, as read, into `acc`; `in_progress`: an upload record young enough that
+/// the upload may still rely on the NARs it names. Its entries.
+fn take(
+    acc: &mut Accessed,
+    key: &str,
+    modified: SystemTime,
+    in_progress: bool,
+    fetched: Fetched,
+) -> Vec<Entry> {
     // Read only once it was: a record that failed to read is read again by the next re-read
     // (which fails as long as it does, and nothing is deleted meanwhile).
     acc.read.insert(key.to_owned());
-    let raw = match raw {
-        Ok(None) => return Ok(Vec::new()),
+    let raw = match fetched {
+        Ok(None) => return Vec::new(),
         Ok(Some(raw)) => Ok(raw),
         Err(why) => Err(why),
     };
@@ -597,7 +617,7 @@ async fn read_one(
             }
         }
     }
-    Ok(entries)
+    entries
 }
 
 /// Reads records written since the last read: what servers used while the collector was
@@ -625,9 +645,14 @@ pub async fn reread(
             .try_filter(|o| futures::future::ready(!acc.read.contains(&o.key)))
             .try_collect()
             .await?;
-        for o in new {
+        let mut fetched = futures::stream::iter(
+            new.iter()
+                .map(|o| async move { (o, fetch(store, &o.key).await) }),
+        )
+        .buffered(READS_AT_ONCE);
+        while let Some((o, got)) = fetched.next().await {
             let upload = o.key.ends_with(UPLOAD_SUFFIX);
-            let entries = read_one(store, acc, &o.key, o.modified, upload).await?;
+            let entries = take(acc, &o.key, o.modified, upload, got?);
             // What an upload under way relies on is not known: no deletion may go on.
             if let Some((key, why)) = acc.bad_uploads.last().filter(|(k, _)| *k == o.key) {
                 return Err(StoreError::Other(format!(
