@@ -944,6 +944,41 @@ async fn repair_reports_a_bad_pin_and_leaves_it() {
     assert!(!has(&mem, "_cellar/access/x/garbage"));
 }
 
+/// A long repair looks at the access records again between chunks of deletions: broken
+/// paths an upload began to rely on meanwhile (it may have healed them) are kept.
+#[tokio::test(start_paused = true)]
+async fn a_long_repair_keeps_what_uploads_began_to_rely_on_meanwhile() {
+    let mem = Arc::new(MemoryStore::new());
+    let now = SystemTime::now();
+    let n = super::verify::DELETE_CHUNK + 6;
+    let broken: Vec<P> = (0..n)
+        .map(|i| {
+            let p = path(&mem, &format!("b{i}"), &[], 100 * DAY, now);
+            mem.remove(&p.nar);
+            p
+        })
+        .collect();
+    // As the first narinfo goes, an upload records that it relies on every one of them.
+    let weak = Arc::downgrade(&mem);
+    let record = render(broken.iter().map(|p| Entry::Path(p.hash.parse().unwrap())));
+    let first = std::sync::atomic::AtomicBool::new(true);
+    mem.after_delete("", move |key| {
+        let Some(mem) = weak.upgrade() else { return };
+        if key.ends_with(".narinfo") && first.swap(false, std::sync::atomic::Ordering::SeqCst) {
+            let day = super::access::day(SystemTime::now());
+            mem.insert(&format!("_cellar/access/{day}/r-upload"), record.clone());
+        }
+    });
+    let r = repair(&mem, now).await;
+    assert!(r.repair_errors.is_empty(), "{:?}", r.repair_errors);
+    let left = broken
+        .iter()
+        .filter(|p| has(&mem, &format!("{}.narinfo", p.hash)))
+        .count();
+    assert_eq!(left, 6, "deleted after the upload relied on them");
+    assert_eq!(r.relied_on.len(), 6);
+}
+
 /// An access record stored compressed (`Content-Encoding`, by a tool that copied the bucket)
 /// is a damaged record: `verify` reports it and `--repair` removes it, instead of failing on
 /// it every time.

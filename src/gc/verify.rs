@@ -539,7 +539,7 @@ async fn repair_as(
     // Confirmed broken a moment ago, a path may have been healed since (its missing reference
     // uploaded) and be relied on by an upload of a path referring to it: one an upload in
     // progress names stays (after the propagation: none of it is deleted).
-    let relied_on = match relied_on(store.as_ref(), inv, opts).await {
+    let mut acc = match relied_on(store.as_ref(), inv, opts).await {
         Ok(r) => r,
         Err(e) => {
             report
@@ -554,7 +554,7 @@ async fn repair_as(
     // that young is deleted, nor what it needs (a later run repairs what is still broken).
     let mut kept = vec![false; graph.len()];
     for (i, n) in graph.nodes.iter().enumerate() {
-        let relied = relied_on.contains(&n.hash);
+        let relied = acc.uploading.contains(&n.hash);
         if unservable[i] && (relied || n.modified > grace) {
             for j in graph.close_over(i as u32, &mut kept) {
                 let j = j as usize;
@@ -571,14 +571,55 @@ async fn repair_as(
         }
     }
     let order = sweep::referrers_first(graph, &unservable);
-    let delete: Vec<String> = order
-        .iter()
-        .map(|&i| object_key::narinfo(graph.nodes[i as usize].hash))
-        .collect();
-    let deleted = delete_each(store.as_ref(), delete, report, run, &opts.stop).await;
+    let mut deleted = vec![false; graph.len()];
+    for (n, chunk) in order.chunks(DELETE_CHUNK).enumerate() {
+        if n > 0 {
+            // A long repair: uploads that began meanwhile may rely on what is left (one
+            // healed by them, or what it needs). Those are kept, with their closures.
+            if let Err(e) = access::reread(store.as_ref(), &mut acc, store.now()).await {
+                report
+                    .repair_errors
+                    .push(format!("re-reading access records: {e}; stopped repairing"));
+                break;
+            }
+            for &i in &order[n * DELETE_CHUNK..] {
+                let i = i as usize;
+                if !unservable[i] || !acc.uploading.contains(&graph.nodes[i].hash) {
+                    continue;
+                }
+                // Its references come after it in the order: none is deleted yet.
+                for j in graph.close_over(i as u32, &mut kept) {
+                    let j = j as usize;
+                    if unservable[j] {
+                        unservable[j] = false;
+                        report
+                            .relied_on
+                            .push(object_key::narinfo(graph.nodes[j].hash));
+                    }
+                }
+            }
+        }
+        let chunk: Vec<u32> = chunk
+            .iter()
+            .copied()
+            .filter(|&i| unservable[i as usize])
+            .collect();
+        let keys: Vec<String> = chunk
+            .iter()
+            .map(|&i| object_key::narinfo(graph.nodes[i as usize].hash))
+            .collect();
+        let gone = delete_each(store.as_ref(), keys, report, run, &opts.stop).await;
+        let stopped = gone.iter().any(|g| !g) && (!run.live() || opts.stop.requested());
+        for (&i, gone) in chunk.iter().zip(gone) {
+            deleted[i as usize] = gone;
+        }
+        if stopped {
+            break;
+        }
+    }
     // A narinfo that could not be deleted stays: so do its NAR and listing.
-    for (&i, gone) in order.iter().zip(deleted) {
-        unservable[i as usize] = gone;
+    for &i in &order {
+        unservable[i as usize] = deleted[i as usize];
     }
     let unservable = &unservable[..];
     // NARs and listings left without a narinfo, old enough not to be uploads.
@@ -643,15 +684,15 @@ async fn relied_on(
     store: &dyn Store,
     inv: &Inventory,
     opts: &Options,
-) -> Result<HashSet<StorePathHash>, StoreError> {
+) -> Result<access::Accessed, StoreError> {
     let mut acc = access::read_all(store, &inv.access, Duration::ZERO, opts.now).await?;
     access::reread(store, &mut acc, store.now()).await?;
-    Ok(acc.uploading)
+    Ok(acc)
 }
 
 /// Keys deleted between two looks at the run's announcement (kept live for other collectors
 /// through a long repair: one of a bucket an expiry rule broke can delete for hours).
-const DELETE_CHUNK: usize = 1024;
+pub(super) const DELETE_CHUNK: usize = 1024;
 
 /// Deletes `keys` in order, a chunk at a time, while the run's announcement is live; says for
 /// each whether it is gone.
