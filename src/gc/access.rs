@@ -630,6 +630,13 @@ pub async fn reread(
     now: SystemTime,
 ) -> Result<Vec<Entry>, StoreError> {
     const DAY: Duration = Duration::from_secs(86400);
+    // A damaged record of an upload under way was read once: what it protects stays unknown
+    // for as long as the run lasts, so every re-read fails, and nothing more is deleted.
+    if let Some((key, why)) = acc.bad_uploads.first() {
+        return Err(StoreError::Other(format!(
+            "the upload record {key} does not parse ({why})"
+        )));
+    }
     let mut fresh = Vec::new();
     let since = acc.listed.unwrap_or(now).min(now);
     let mut t = since.checked_sub(DAY).unwrap_or(since);
@@ -978,6 +985,24 @@ mod tests {
         assert_eq!(lock(&log.probed).len(), 1000);
         // Counted (other tests' logs may count at the same time: at least this one).
         assert!(dropped() > before, "the use dropped was not counted");
+    }
+
+    /// A damaged record of an upload under way fails every re-read after it was found, not
+    /// only the one that read it (it is not read again).
+    #[tokio::test]
+    async fn a_damaged_upload_record_fails_every_reread() {
+        let mem = crate::store::memory::MemoryStore::new();
+        let now = SystemTime::now();
+        let key = format!("{RESERVED_PREFIX}{DIR}{}/r{UPLOAD_SUFFIX}", day(now));
+        let mut acc = Accessed {
+            listed: Some(now),
+            ..Accessed::default()
+        };
+        mem.insert(&key, "not a record");
+        for _ in 0..2 {
+            assert!(reread(&mem, &mut acc, now).await.is_err());
+        }
+        assert_eq!(acc.bad_uploads.len(), 1);
     }
 
     /// A re-read lists each day from the one before the last listing to the one after now

@@ -152,7 +152,36 @@ pub struct Announced {
     store: Arc<dyn Store>,
     stop: tokio::sync::oneshot::Sender<()>,
     /// Ends with when the announcement was last written.
-    renewing: tokio::task::JoinHandle<Written>,
+    renewing: tokio::task::JoinHandle<Liveness>,
+}
+
+/// When a run's announcement was last written, and whether it may have lapsed at any time
+/// since the run began: once it may have, another collector could have started, and a later
+/// renewal does not undo that.
+#[derive(Debug, Clone, Copy)]
+struct Liveness {
+    last: Written,
+    lapsed: bool,
+}
+
+impl Liveness {
+    fn new(at: Written) -> Self {
+        Self {
+            last: at,
+            lapsed: false,
+        }
+    }
+
+    /// A write of the announcement that began at `at` succeeded.
+    fn renewed(&mut self, at: Written) {
+        self.lapsed |= self.last.lapsed(at);
+        self.last = at;
+    }
+
+    /// Whether the announcement has been live without a gap and still is.
+    fn live(&self, now: Written) -> bool {
+        !self.lapsed && !self.last.lapsed(now)
+    }
 }
 
 /// When an announcement was written, by both clocks: the monotonic one does not count a
@@ -195,14 +224,15 @@ impl Announced {
         // Stopped only between renewals, never during one: a renewal landing after the run
         // has named NARs would hide them from uploads.
         let renewing = tokio::spawn(async move {
-            let mut written = Written::now();
+            let mut liveness = Liveness::new(Written::now());
             loop {
                 tokio::select! {
-                    _ = &mut stopped => return written,
+                    _ = &mut stopped => return liveness,
                     () = tokio::time::sleep(FRESH / 2) => {}
                 }
+                let at = Written::now();
                 match announce(store.as_ref(), &name, []).await {
-                    Ok(()) => written = Written::now(),
+                    Ok(()) => liveness.renewed(at),
                     Err(e) => {
                         tracing::warn!(cause = %e, "could not renew the announcement of the run")
                     }
@@ -225,17 +255,17 @@ impl Announced {
     pub async fn into_run(self) -> Result<Result<Run, Busy>, StoreError> {
         let store = self.store.as_ref();
         let _ = self.stop.send(());
-        let written = self.renewing.await;
+        let liveness = self.renewing.await;
         // Lapsed, it may have let another run start and end meanwhile (which `alone` would not
         // see), undoing what this run read.
-        if written.map_or(true, |w| w.lapsed(Written::now())) {
+        let Some(mut liveness) = liveness.ok().filter(|l| l.live(Written::now())) else {
             let _ = withdraw(store, &self.run).await;
             return Err(StoreError::Other(
                 "this run's announcement could not be kept live while it read the store, so \
                  another collection may have run meanwhile: nothing deleted; run it again"
                     .into(),
             ));
-        }
+        };
         let mut retries = RETRIES.iter();
         let mut at = Written::now();
         let mut announced = announce(store, &self.run, []).await;
@@ -248,11 +278,12 @@ impl Announced {
             let _ = withdraw(store, &self.run).await;
             return Err(e);
         }
+        liveness.renewed(at);
         let mut retries = RETRIES.iter();
         let mut waited_for_a_starter = false;
         loop {
             match others(store, &self.run).await {
-                Ok(None) => return Ok(Ok(Run::start(self.store.clone(), self.run, at))),
+                Ok(None) => return Ok(Ok(Run::start(self.store.clone(), self.run, liveness))),
                 // Written moments ago: most likely a run starting now, which sees this one and
                 // withdraws at once. Looked at again once that had time to happen.
                 Ok(Some(busy)) if busy.age < SETTLE && !waited_for_a_starter => {
@@ -305,25 +336,27 @@ struct RunShared {
     /// The NARs the announcement names, locked across each write of it: writes land in the
     /// order they were made, so that a renewal never replaces newer names with older ones.
     names: tokio::sync::Mutex<Vec<String>>,
-    /// When the announcement was last written (the start of that write).
-    written: std::sync::Mutex<Written>,
+    /// When the announcement was last written (the start of that write), and whether it
+    /// lapsed meanwhile.
+    written: std::sync::Mutex<Liveness>,
 }
 
 impl RunShared {
-    /// Writes the announcement, naming `nars` from now on if given.
+    /// Writes the announcement, naming `nars` from now on if given (and if written).
     async fn write(&self, nars: Option<Vec<String>>) -> Result<(), StoreError> {
         let mut names = self.names.lock().await;
-        if let Some(nars) = nars {
-            *names = nars;
-        }
+        let named = nars.as_ref().unwrap_or(&names);
         let at = Written::now();
         announce(
             self.store.as_ref(),
             &self.name,
-            names.iter().map(String::as_str),
+            named.iter().map(String::as_str),
         )
         .await?;
-        *lock(&self.written) = at;
+        if let Some(nars) = nars {
+            *names = nars;
+        }
+        lock(&self.written).renewed(at);
         Ok(())
     }
 }
@@ -332,7 +365,7 @@ impl RunShared {
 const RENEW_RETRY: Duration = Duration::from_secs(10);
 
 impl Run {
-    fn start(store: Arc<dyn Store>, name: String, written: Written) -> Self {
+    fn start(store: Arc<dyn Store>, name: String, written: Liveness) -> Self {
         let shared = Arc::new(RunShared {
             store,
             name,
@@ -385,11 +418,12 @@ impl Run {
         self.shared.write(Some(nars)).await
     }
 
-    /// Whether the announcement is surely still live for other collectors: written within
-    /// [`TTL`] less a margin of [`FRESH`]. Once it is not, nothing may be deleted: another
-    /// collector may have started, listing the store while this one changed it.
+    /// Whether the announcement has surely been live for other collectors all along: each
+    /// write within [`TTL`] less a margin of [`FRESH`] of the one before, and of now. Once it
+    /// is not, nothing may be deleted, however the renewals go later: another collector may
+    /// have started, listing the store while this one changed it.
     pub fn live(&self) -> bool {
-        !lock(&self.shared.written).lapsed(Written::now())
+        lock(&self.shared.written).live(Written::now())
     }
 
     /// Ends the run: stops the renewals (waiting for one under way) and withdraws the
@@ -467,6 +501,28 @@ mod tests {
         assert!(!announced(&mem, now).await.unwrap().contains("d.nar"));
         withdraw(&mem, "run-a").await.unwrap();
         assert!(announced(&mem, now).await.unwrap().is_empty());
+    }
+
+    /// An announcement that may have lapsed once stays lapsed for its run, whatever renewals
+    /// succeed after: another collector may have started in the gap.
+    #[test]
+    fn a_lapse_is_for_good() {
+        let start = Written::now();
+        let later = |d: Duration| Written {
+            mono: start.mono + d,
+            wall: start.wall + d,
+        };
+        let mut l = Liveness::new(start);
+        l.renewed(later(FRESH / 2));
+        assert!(l.live(later(FRESH)));
+        // The next write only after the limit, then renewals on time again.
+        l.renewed(later(FRESH / 2 + TTL - FRESH));
+        assert!(!l.live(later(TTL)));
+        l.renewed(later(TTL + FRESH / 2));
+        assert!(!l.live(later(TTL + FRESH / 2)));
+        // Without a renewal, it lapses by the clock alone.
+        assert!(!Liveness::new(start).live(later(TTL - FRESH)));
+        assert!(Liveness::new(start).live(later(TTL - FRESH - Duration::from_secs(1))));
     }
 
     /// One collector at a time: a run starts only if no other run's announcement is live,

@@ -296,6 +296,10 @@ pub async fn execute(
     out
 }
 
+/// Why a run stopped after a failed write-back.
+const WRITE_BACK_FAILED: &str =
+    "a narinfo an upload relied on could not be written back: stopped deleting";
+
 /// Why a run stopped deleting when its announcement could not be kept live.
 pub(super) const LAPSED: &str = "the run's announcement could not be kept live (the store \
     refused or did not answer its renewals), so another collection could start: stopped deleting; \
@@ -349,9 +353,7 @@ async fn delete(
             return st.finish();
         }
         if st.write_back_failed {
-            st.out.errors.push(
-                "a narinfo an upload relied on could not be written back: stopped deleting".into(),
-            );
+            st.out.errors.push(WRITE_BACK_FAILED.into());
             return st.finish();
         }
         let todo: Vec<u32> = batch
@@ -426,6 +428,10 @@ async fn delete(
         }
     }
 
+    if st.write_back_failed {
+        st.out.errors.push(WRITE_BACK_FAILED.into());
+        return st.finish();
+    }
     let mut rest: Vec<Rest> = Vec::new();
     rest.extend(plan.nars.iter().map(|(f, _)| Rest::Nar(f.as_str())));
     rest.extend(plan.listings.iter().map(|(h, _)| Rest::Listing(*h)));

@@ -702,9 +702,16 @@ async fn a_batch_whose_records_cannot_be_read_again_is_written_back() {
 /// the store fails writes, and more deletions could leave more uploads without a reference.
 #[tokio::test(start_paused = true)]
 async fn a_failed_write_back_stops_the_run() {
+    // In the first of two batches, and in the last one.
+    for n in [super::sweep::BATCH + 6, 5] {
+        a_failed_write_back_stops_a_run_of(n).await;
+    }
+}
+
+async fn a_failed_write_back_stops_a_run_of(n: usize) {
     let mem = Arc::new(MemoryStore::new());
     let now = SystemTime::now();
-    let paths: Vec<P> = (0..super::sweep::BATCH + 6)
+    let paths: Vec<P> = (0..n)
         .map(|i| path(&mem, &format!("p{i}"), &[], 100 * DAY, now))
         .collect();
     // An upload relies on the first narinfo deleted, as it goes; writing it back fails.
@@ -734,7 +741,9 @@ async fn a_failed_write_back_stops_the_run() {
         .iter()
         .filter(|p| has(&mem, &format!("{}.narinfo", p.hash)))
         .count();
-    assert!(left >= 6, "the next batch was deleted too: {left} left");
+    if n > super::sweep::BATCH {
+        assert!(left >= 6, "the next batch was deleted too: {left} left");
+    }
     assert!(paths.iter().all(|p| has(&mem, &p.nar)), "a NAR went");
 }
 

@@ -621,6 +621,10 @@ async fn repair_as(
     for &i in &order {
         unservable[i as usize] = deleted[i as usize];
     }
+    // Stopped (asked to, or its announcement lapsed): nothing more is deleted.
+    if !run.live() || opts.stop.requested() {
+        return;
+    }
     let unservable = &unservable[..];
     // NARs and listings left without a narinfo, old enough not to be uploads.
     let remaining: HashSet<&str> = graph
@@ -668,7 +672,13 @@ async fn repair_as(
         }
     }
     delete_nars(store.as_ref(), inv, &nars, opts, run, report).await;
+    if !run.live() || opts.stop.requested() {
+        return;
+    }
     delete_each(store.as_ref(), rest, report, run, &opts.stop).await;
+    if !run.live() || opts.stop.requested() {
+        return;
+    }
     match store.cleanup_staging(opts.grace).await {
         Ok(n) if n > 0 => report.repaired.push(format!("{n} unfinished upload(s)")),
         Ok(_) => {}

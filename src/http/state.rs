@@ -244,6 +244,8 @@ impl Live {
                 && was.narinfo_ttl == is.narinfo_ttl
                 && was.narinfo_negative_ttl == is.narinfo_negative_ttl
                 && same_keys(&p.signing_keys, &signing_keys)
+                && p.config.signing.keep_existing_signatures
+                    == config.signing.keep_existing_signatures
         });
         let (narinfos, missing_nars) = match same_narinfos {
             Some(p) => (p.narinfos.clone(), p.missing_nars.clone()),

@@ -791,11 +791,12 @@ async fn a_reload_swaps_tokens_and_refuses_changes_that_need_a_restart() {
 async fn a_reload_keeps_the_narinfo_cache_unless_its_settings_change() {
     let mem = Arc::new(MemoryStore::new());
     let st = state(Config::default(), &mem);
-    let changes: [fn(&mut Config); 4] = [
+    let changes: [fn(&mut Config); 5] = [
         |_| {},
         |c| c.cache.narinfo_memory_bytes /= 2,
         |c| c.cache.narinfo_ttl /= 2,
         |c| c.cache.narinfo_negative_ttl /= 2,
+        |c| c.signing.keep_existing_signatures = !c.signing.keep_existing_signatures,
     ];
     for (i, change) in changes.into_iter().enumerate() {
         let mut cfg = st.live().config.clone();

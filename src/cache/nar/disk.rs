@@ -347,12 +347,18 @@ impl Disk {
         renamed
     }
 
-    /// Writes a NAR held whole in memory; its checksum.
-    pub(super) fn write_whole(&self, name: &str, data: &[u8]) -> Result<Checksum, WriteError> {
+    /// Writes a NAR held whole in memory to a temporary file, to be published; its checksum.
+    pub(super) fn write_temp(&self, data: &[u8]) -> Result<(TempFile, Checksum), WriteError> {
         let (tmp, mut file) = self.create_temp()?;
         file.write_all(data)
             .map_err(|e| WriteError::io("writing", &tmp.path, e))?;
-        let checksum = Checksum::of(data);
+        Ok((tmp, Checksum::of(data)))
+    }
+
+    /// Writes a NAR held whole in memory; its checksum.
+    #[cfg(test)]
+    pub(super) fn write_whole(&self, name: &str, data: &[u8]) -> Result<Checksum, WriteError> {
+        let (tmp, checksum) = self.write_temp(data)?;
         self.publish(tmp, name, data.len() as u64, checksum)?;
         Ok(checksum)
     }

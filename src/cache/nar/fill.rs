@@ -539,7 +539,14 @@ impl NarCache {
         if !admitted || self.disk_full(size) {
             return;
         }
-        self.add(name, size, || self.disk.write_whole(name, data));
+        // Written outside the lock `add` takes: only the publish and the index wait on it.
+        match self.disk.write_temp(data) {
+            Ok((tmp, checksum)) => self.add(name, size, || {
+                self.disk.publish(tmp, name, size, checksum)?;
+                Ok(checksum)
+            }),
+            Err(e) => self.write_failed(name, &e),
+        }
     }
 
     /// Copies the store's body into the temporary file; on success gives it its final name

@@ -155,7 +155,7 @@ impl Prefetch {
             return false;
         }
         self.pending.fetch_add(1, Ordering::SeqCst);
-        crate::metrics::get().prefetches_pending.inc();
+        let counted = PendingGauge::count();
         #[cfg(test)]
         self.started.fetch_add(1, Ordering::SeqCst);
         let queued = queue.clone();
@@ -166,7 +166,7 @@ impl Prefetch {
             if slot.is_ok() {
                 job.await;
             }
-            crate::metrics::get().prefetches_pending.dec();
+            drop(counted);
             if pending.fetch_sub(1, Ordering::SeqCst) == 1 {
                 idle.notify_waiters();
             }
@@ -346,6 +346,23 @@ fn narinfo(st: AppState, live: Arc<Live>, h: StorePathHash) -> BoxFuture<'static
         crate::metrics::prefetch("narinfo", result);
     }
     .boxed()
+}
+
+/// One prefetch in `cellar_prefetches_pending`, for as long as it lives (a job that panics
+/// or whose task is dropped at shutdown is taken off too).
+struct PendingGauge;
+
+impl PendingGauge {
+    fn count() -> Self {
+        crate::metrics::get().prefetches_pending.inc();
+        Self
+    }
+}
+
+impl Drop for PendingGauge {
+    fn drop(&mut self) {
+        crate::metrics::get().prefetches_pending.dec();
+    }
 }
 
 #[cfg(test)]
