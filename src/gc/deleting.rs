@@ -399,11 +399,6 @@ impl Run {
         }
     }
 
-    /// The run's name.
-    pub fn name(&self) -> &str {
-        &self.shared.name
-    }
-
     /// The key of the run's announcement.
     pub fn key(&self) -> String {
         key(&self.shared.name)

@@ -39,7 +39,7 @@ pub(super) const BATCH: usize = 64;
 /// Entries of the NAR phase (NARs and the rest) whose NARs one announcement names (64
 /// batches, at most ~250 KiB of names): the collector waits `deleting::SETTLE` once per
 /// announcement of new NARs, and an upload relying on any NAR named is refused meanwhile.
-const ANNOUNCED_AT_ONCE: usize = 64 * BATCH;
+pub(super) const ANNOUNCED_AT_ONCE: usize = 64 * BATCH;
 
 /// Deletions in flight at once.
 const DELETE_CONCURRENCY: usize = 16;

@@ -967,9 +967,16 @@ async fn a_long_repair_keeps_what_uploads_began_to_rely_on_meanwhile() {
             p
         })
         .collect();
-    // As the first narinfo goes, an upload records that it relies on every one of them.
+    // As the first narinfo goes, an upload records that it relies on every other one.
     let weak = Arc::downgrade(&mem);
-    let record = render(broken.iter().map(|p| Entry::Path(p.hash.parse().unwrap())));
+    let named = |i: usize| i.is_multiple_of(2);
+    let record = render(
+        broken
+            .iter()
+            .enumerate()
+            .filter(|(i, _)| named(*i))
+            .map(|(_, p)| Entry::Path(p.hash.parse().unwrap())),
+    );
     let first = std::sync::atomic::AtomicBool::new(true);
     mem.after_delete("", move |key| {
         let Some(mem) = weak.upgrade() else { return };
@@ -980,12 +987,60 @@ async fn a_long_repair_keeps_what_uploads_began_to_rely_on_meanwhile() {
     });
     let r = repair(&mem, now).await;
     assert!(r.repair_errors.is_empty(), "{:?}", r.repair_errors);
-    let left = broken
-        .iter()
-        .filter(|p| has(&mem, &format!("{}.narinfo", p.hash)))
-        .count();
-    assert_eq!(left, 6, "deleted after the upload relied on them");
-    assert_eq!(r.relied_on.len(), 6);
+    let left: Vec<usize> = (0..n)
+        .filter(|&i| has(&mem, &format!("{}.narinfo", broken[i].hash)))
+        .collect();
+    // Of the last 6 deleted, those it names stay; the others go.
+    assert!(left.iter().all(|&i| named(i)), "kept unnamed: {left:?}");
+    assert!(!left.is_empty() && left.len() < 6, "{left:?}");
+    assert_eq!(r.relied_on.len(), left.len());
+}
+
+/// Every NAR a collection deletes was named in its announcement before (after the records
+/// were read again), however many it deletes: an upload relying on one from then on is
+/// refused. Over more NARs than one announcement names.
+#[tokio::test(start_paused = true)]
+async fn every_nar_deleted_was_announced_first() {
+    use std::collections::HashSet;
+    use std::sync::Mutex;
+    let mem = Arc::new(MemoryStore::new());
+    let now = SystemTime::now();
+    let n = super::sweep::ANNOUNCED_AT_ONCE + 2 * super::sweep::BATCH;
+    for i in 0..n {
+        let file =
+            base32::encode(&Sha256::digest(format!("orphan {i}").as_bytes()).as_bytes()[..32]);
+        mem.insert_at(&format!("nar/{file}.nar"), "x", now - 100 * DAY);
+    }
+    let announced: Arc<Mutex<HashSet<String>>> = Arc::default();
+    let unannounced: Arc<Mutex<Vec<String>>> = Arc::default();
+    let (weak, names) = (Arc::downgrade(&mem), announced.clone());
+    mem.after_write("_cellar/deleting/", move |key| {
+        let Some(mem) = weak.upgrade() else { return };
+        let text = String::from_utf8(mem.bytes(key).unwrap().to_vec()).unwrap();
+        names
+            .lock()
+            .unwrap()
+            .extend(text.lines().skip(1).map(str::to_owned));
+    });
+    let (names, missing) = (announced.clone(), unannounced.clone());
+    mem.after_delete("nar/", move |key| {
+        let file = key.trim_start_matches("nar/");
+        if !names.lock().unwrap().contains(file) {
+            missing.lock().unwrap().push(file.to_owned());
+        }
+    });
+    let s = gc(&mem, &cfg(), now, true).await;
+    assert!(s.errors.is_empty(), "{:?}", s.errors);
+    assert_eq!(
+        mem.keys().iter().filter(|k| k.starts_with("nar/")).count(),
+        0
+    );
+    let missing = unannounced.lock().unwrap();
+    assert!(
+        missing.is_empty(),
+        "{} NARs deleted unannounced",
+        missing.len()
+    );
 }
 
 /// An access record stored compressed (`Content-Encoding`, by a tool that copied the bucket)

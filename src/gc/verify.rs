@@ -609,11 +609,10 @@ async fn repair_as(
             .map(|&i| object_key::narinfo(graph.nodes[i as usize].hash))
             .collect();
         let gone = delete_each(store.as_ref(), keys, report, run, &opts.stop).await;
-        let stopped = gone.iter().any(|g| !g) && (!run.live() || opts.stop.requested());
         for (&i, gone) in chunk.iter().zip(gone) {
             deleted[i as usize] = gone;
         }
-        if stopped {
+        if halted(run, &opts.stop) {
             break;
         }
     }
@@ -622,7 +621,7 @@ async fn repair_as(
         unservable[i as usize] = deleted[i as usize];
     }
     // Stopped (asked to, or its announcement lapsed): nothing more is deleted.
-    if !run.live() || opts.stop.requested() {
+    if halted(run, &opts.stop) {
         return;
     }
     let unservable = &unservable[..];
@@ -672,11 +671,11 @@ async fn repair_as(
         }
     }
     delete_nars(store.as_ref(), inv, &nars, opts, run, report).await;
-    if !run.live() || opts.stop.requested() {
+    if halted(run, &opts.stop) {
         return;
     }
     delete_each(store.as_ref(), rest, report, run, &opts.stop).await;
-    if !run.live() || opts.stop.requested() {
+    if halted(run, &opts.stop) {
         return;
     }
     match store.cleanup_staging(opts.grace).await {
@@ -698,6 +697,12 @@ async fn relied_on(
     let mut acc = access::read_all(store, &inv.access, Duration::ZERO, opts.now).await?;
     access::reread(store, &mut acc, store.now()).await?;
     Ok(acc)
+}
+
+/// Whether the repair must delete nothing more: asked to stop, or its announcement may have
+/// lapsed.
+fn halted(run: &deleting::Run, stop: &super::Stop) -> bool {
+    !run.live() || stop.requested()
 }
 
 /// Keys deleted between two looks at the run's announcement (kept live for other collectors
