@@ -539,6 +539,38 @@ async fn upload_probes_are_named_by_the_next_nar_record() {
     assert_eq!(records(), after_nar, "the narinfo was covered");
 }
 
+/// A push of a closure the cache already has (the upload address finds every narinfo, and
+/// nothing is uploaded) is a use of it, as a read is: the next access record names it.
+#[tokio::test]
+async fn pushing_what_the_cache_has_is_a_use() {
+    let hash = "6bxnj2gfflqa529lddzh3zhcn45nn86r";
+    let mem = Arc::new(MemoryStore::new());
+    mem.insert(
+        &format!("{hash}.narinfo"),
+        format!(
+            "StorePath: /nix/store/{hash}-present\nURL: nar/x.nar\nCompression: none\n\
+             NarHash: sha256:{}\nNarSize: 1\nReferences: \n",
+            "1".repeat(52)
+        ),
+    );
+    let cfg = with_tokens(Config::default(), &[("w", "wtok", Scope::Write)]);
+    let st = state(cfg, &mem);
+    let probe = authed("HEAD", &format!("/upload/{hash}.narinfo"), "wtok")
+        .body(Body::empty())
+        .unwrap();
+    assert_eq!(send(&st, probe).await.status(), StatusCode::OK);
+    st.access.flush().await.unwrap();
+    let records: Vec<String> = mem
+        .keys()
+        .into_iter()
+        .filter(|k| k.starts_with("_cellar/access/") && !k.ends_with("-upload"))
+        .collect();
+    assert_eq!(records.len(), 1, "{records:?}");
+    let record = mem.bytes(&records[0]).unwrap();
+    let record = String::from_utf8(record.to_vec()).unwrap();
+    assert!(record.lines().any(|l| l == hash), "{record}");
+}
+
 /// Small NARs live in memory and reach the disk cache only when memory lets them go for room;
 /// one let go is then read back from disk, not from the store.
 #[tokio::test]

@@ -98,7 +98,8 @@ async fn file_head(
 
 /// The narinfo the store holds for `h`, bounded in size and time like the root's reads.
 /// The path is named in the next upload record, found or not: a builder probes the closure it
-/// is about to upload (see [`crate::gc::access::AccessLog::record_probe`]).
+/// is about to upload (see [`crate::gc::access::AccessLog::record_probe`]). Found, it is also
+/// a use, as a read is: a builder pushing a closure the cache has already keeps it.
 async fn stored_narinfo(
     st: &AppState,
     h: crate::nix::StorePathHash,
@@ -106,7 +107,10 @@ async fn stored_narinfo(
     st.access.record_probe(h);
     let limit = Some(st.config.store.timeout);
     match store::narinfo_bytes(&*st.store, h, limit).await? {
-        Some(raw) => Ok(raw),
+        Some(raw) => {
+            st.access.record_path(h);
+            Ok(raw)
+        }
         None => {
             // The upload of this path that usually follows need not read it again.
             st.uploader.probed_absent(h);
