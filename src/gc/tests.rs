@@ -432,6 +432,20 @@ async fn repair_settling(
         .unwrap()
 }
 
+/// Every write of a run's announcement after the one naming NAR `file` fails.
+fn fail_renewals_once_named(mem: &Arc<MemoryStore>, file: Box<str>) {
+    let weak = Arc::downgrade(mem);
+    mem.after_write("_cellar/deleting/", move |key| {
+        let Some(mem) = weak.upgrade() else { return };
+        let named = mem
+            .bytes(key)
+            .is_some_and(|b| String::from_utf8_lossy(&b).contains(&*file));
+        if named {
+            mem.fail(FailOp::Write, key, 0, usize::MAX);
+        }
+    });
+}
+
 /// An orphan NAR old enough to repair, with its narinfo deleted long ago.
 fn orphan(mem: &MemoryStore, seed: &str, now: SystemTime) -> (String, Box<str>) {
     let p = path(mem, seed, &[], 100 * DAY, now);
@@ -1227,16 +1241,7 @@ async fn a_collection_deletes_no_nar_under_a_lapsed_announcement() {
     let mem = Arc::new(MemoryStore::new());
     let now = SystemTime::now();
     let (nar, file) = orphan(&mem, "orphan", now);
-    let weak = Arc::downgrade(&mem);
-    mem.after_write("_cellar/deleting/", move |key| {
-        let Some(mem) = weak.upgrade() else { return };
-        let named = mem
-            .bytes(key)
-            .is_some_and(|b| String::from_utf8_lossy(&b).contains(&*file));
-        if named {
-            mem.fail(FailOp::Write, key, 0, usize::MAX);
-        }
-    });
+    fail_renewals_once_named(&mem, file);
     let store: Arc<dyn Store> = mem.clone();
     let opts = Options {
         apply: true,
@@ -2127,17 +2132,7 @@ async fn a_repair_deletes_only_while_its_announcement_is_live() {
     assert_ne!(file, file2);
     // Deleted after the NARs, if at all.
     mem.insert_at("_cellar/access/x/garbage", "nonsense", now - 100 * DAY);
-    // Every write of the announcement after the one naming the NAR fails.
-    let weak = Arc::downgrade(&mem);
-    mem.after_write("_cellar/deleting/", move |key| {
-        let Some(mem) = weak.upgrade() else { return };
-        let named = mem
-            .bytes(key)
-            .is_some_and(|b| String::from_utf8_lossy(&b).contains(&*file2));
-        if named {
-            mem.fail(FailOp::Write, key, 0, usize::MAX);
-        }
-    });
+    fail_renewals_once_named(&mem, file2);
     let r = repair_settling(&mem, now, ttl).await;
     assert!(
         r.repair_errors

@@ -544,51 +544,37 @@ async fn a_closure_prefetched_lately_is_not_walked_again() {
     let top = ladder.last().unwrap();
     let st = state(Config::default(), &mem);
     let narinfo_reads = || mem.gets_under("") - mem.gets_under("nar/");
-    assert_eq!(
-        get(&st, &format!("/{}.narinfo", top.hash)).await.0,
-        StatusCode::OK
-    );
-    st.prefetch.settled().await;
-    assert_eq!(narinfo_reads(), 12);
+    // The top asked for, and what it prefetches done: the narinfos read so far.
+    let ask_top = || async {
+        assert_eq!(
+            get(&st, &format!("/{}.narinfo", top.hash)).await.0,
+            StatusCode::OK
+        );
+        st.prefetch.settled().await;
+        narinfo_reads()
+    };
+    // The whole closure gone from memory.
+    let forget = || async {
+        for p in &ladder {
+            st.live().narinfos.invalidate(p.hash.parse().unwrap()).await;
+        }
+    };
+    assert_eq!(ask_top().await, 12);
     // Gone from memory, the whole closure; the top asked for again.
-    for p in &ladder {
-        st.live().narinfos.invalidate(p.hash.parse().unwrap()).await;
-    }
-    assert_eq!(
-        get(&st, &format!("/{}.narinfo", top.hash)).await.0,
-        StatusCode::OK
-    );
-    st.prefetch.settled().await;
-    assert_eq!(narinfo_reads(), 13);
+    forget().await;
+    assert_eq!(ask_top().await, 13);
     // A reload that changes nothing the narinfo cache holds keeps it...
     st.reload(Config::default(), st.live().signing_keys.clone())
         .unwrap();
-    assert_eq!(
-        get(&st, &format!("/{}.narinfo", top.hash)).await.0,
-        StatusCode::OK
-    );
-    st.prefetch.settled().await;
-    assert_eq!(narinfo_reads(), 13);
+    assert_eq!(ask_top().await, 13);
     // ...and what it prefetched lately: the closure is not walked again.
-    for p in &ladder {
-        st.live().narinfos.invalidate(p.hash.parse().unwrap()).await;
-    }
-    assert_eq!(
-        get(&st, &format!("/{}.narinfo", top.hash)).await.0,
-        StatusCode::OK
-    );
-    st.prefetch.settled().await;
-    assert_eq!(narinfo_reads(), 14);
+    forget().await;
+    assert_eq!(ask_top().await, 14);
     // ...one that changes its settings starts an empty one: the closure is prefetched into it.
     let mut shorter = Config::default();
     shorter.cache.narinfo_ttl = Duration::from_secs(300);
     st.reload(shorter, st.live().signing_keys.clone()).unwrap();
-    assert_eq!(
-        get(&st, &format!("/{}.narinfo", top.hash)).await.0,
-        StatusCode::OK
-    );
-    st.prefetch.settled().await;
-    assert_eq!(narinfo_reads(), 26);
+    assert_eq!(ask_top().await, 26);
 }
 
 /// With a narinfo TTL of 0 nothing prefetched would be kept: nothing is prefetched.
