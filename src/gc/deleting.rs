@@ -148,11 +148,8 @@ const RETRIES: [Duration; 3] = [
 /// deleting would act on what that one was undoing (a narinfo it had deleted, then written
 /// back for an upload), and delete what that narinfo needs.
 pub struct Announced {
-    run: String,
-    store: Arc<dyn Store>,
-    stop: tokio::sync::oneshot::Sender<()>,
-    /// Ends with when the announcement was last written.
-    renewing: tokio::task::JoinHandle<Liveness>,
+    /// Renewed in the background from its first write on, naming no NAR yet.
+    run: Run,
 }
 
 /// When a run's announcement was last written, and whether it may have lapsed at any time
@@ -214,76 +211,49 @@ impl Announced {
     pub async fn begin(
         store: &std::sync::Arc<dyn Store>,
     ) -> Result<Result<Self, Busy>, StoreError> {
+        let at = Written::now();
         let run = match begin(store.as_ref()).await? {
             Ok(run) => run,
             Err(busy) => return Ok(Err(busy)),
         };
-        let (stop, mut stopped) = tokio::sync::oneshot::channel::<()>();
-        let kept_store = store.clone();
-        let (store, name) = (store.clone(), run.clone());
-        // Stopped only between renewals, never during one: a renewal landing after the run
-        // has named NARs would hide them from uploads.
-        let renewing = tokio::spawn(async move {
-            let mut liveness = Liveness::new(Written::now());
-            loop {
-                tokio::select! {
-                    _ = &mut stopped => return liveness,
-                    () = tokio::time::sleep(FRESH / 2) => {}
-                }
-                let at = Written::now();
-                match announce(store.as_ref(), &name, []).await {
-                    Ok(()) => liveness.renewed(at),
-                    Err(e) => {
-                        tracing::warn!(cause = %e, "could not renew the announcement of the run")
-                    }
-                }
-            }
-        });
         Ok(Ok(Self {
-            run,
-            store: kept_store,
-            stop,
-            renewing,
+            run: Run::start(store.clone(), run, Liveness::new(at)),
         }))
     }
 
-    /// Stops the renewals, waiting for one under way; the [`Run`] that deletes. Its
-    /// announcement is written again now, so that it is fresh when deletions begin, and the
-    /// other runs' looked at once more: renewals that failed for longer than [`TTL`], or a
-    /// machine suspended while the run read, may have let another run start meanwhile. Then
-    /// this one does not delete (its announcement withdrawn), nor if it cannot tell.
+    /// The [`Run`] that deletes. Its announcement is written again now, so that it is fresh
+    /// when deletions begin, and the other runs' looked at once more: renewals that failed for
+    /// longer than [`TTL`], or a machine suspended while the run read, may have let another
+    /// run start meanwhile. Then this one does not delete (its announcement withdrawn), nor
+    /// if it cannot tell.
     pub async fn into_run(self) -> Result<Result<Run, Busy>, StoreError> {
-        let store = self.store.as_ref();
-        let _ = self.stop.send(());
-        let liveness = self.renewing.await;
+        let run = self.run;
         // Lapsed, it may have let another run start and end meanwhile (which `alone` would not
         // see), undoing what this run read.
-        let Some(mut liveness) = liveness.ok().filter(|l| l.live(Written::now())) else {
-            let _ = withdraw(store, &self.run).await;
+        if !run.live() {
+            run.end().await;
             return Err(StoreError::Other(
                 "this run's announcement could not be kept live while it read the store, so \
                  another collection may have run meanwhile: nothing deleted; run it again"
                     .into(),
             ));
-        };
+        }
         let mut retries = RETRIES.iter();
-        let mut at = Written::now();
-        let mut announced = announce(store, &self.run, []).await;
+        let mut announced = run.shared.write(None).await;
         while let (Err(_), Some(&wait)) = (&announced, retries.next()) {
             tokio::time::sleep(wait).await;
-            at = Written::now();
-            announced = announce(store, &self.run, []).await;
+            announced = run.shared.write(None).await;
         }
         if let Err(e) = announced {
-            let _ = withdraw(store, &self.run).await;
+            run.end().await;
             return Err(e);
         }
-        liveness.renewed(at);
+        let store = run.shared.store.as_ref();
         let mut retries = RETRIES.iter();
         let mut waited_for_a_starter = false;
         loop {
-            match others(store, &self.run).await {
-                Ok(None) => return Ok(Ok(Run::start(self.store.clone(), self.run, liveness))),
+            match others(store, &run.shared.name).await {
+                Ok(None) => return Ok(Ok(run)),
                 // Written moments ago: most likely a run starting now, which sees this one and
                 // withdraws at once. Looked at again once that had time to happen.
                 Ok(Some(busy)) if busy.age < SETTLE && !waited_for_a_starter => {
@@ -291,13 +261,13 @@ impl Announced {
                     tokio::time::sleep(SETTLE).await;
                 }
                 Ok(Some(busy)) => {
-                    withdraw(store, &self.run).await?;
+                    run.end().await;
                     return Ok(Err(busy));
                 }
                 Err(e) => match retries.next() {
                     Some(&wait) => tokio::time::sleep(wait).await,
                     None => {
-                        let _ = withdraw(store, &self.run).await;
+                        run.end().await;
                         return Err(e);
                     }
                 },
@@ -307,19 +277,17 @@ impl Announced {
 
     /// The key of the run's announcement.
     pub fn key(&self) -> String {
-        key(&self.run)
+        self.run.key()
     }
 
     /// Ends a run that will not delete (its reads failed): stops the renewals and withdraws
     /// the announcement.
     pub async fn abandon(self) {
-        let _ = self.stop.send(());
-        let _ = self.renewing.await;
-        end(self.store.as_ref(), &self.run).await;
+        self.run.end().await;
     }
 }
 
-/// A run that deletes, from [`Announced::into_run`] to [`Run::end`]. Its announcement is
+/// A run that deletes, from [`Announced::begin`] to [`Run::end`]. Its announcement is
 /// written again in the background every half of [`FRESH`], naming the NARs it names at the
 /// time, so that it stays live for other collectors however long a phase takes (a re-read
 /// of a busy day's access records, thousands of deletions); nothing may be deleted once it
@@ -362,7 +330,7 @@ impl RunShared {
 }
 
 /// The wait before a renewal is tried again after it failed.
-const RENEW_RETRY: Duration = Duration::from_secs(10);
+pub(super) const RENEW_RETRY: Duration = Duration::from_secs(10);
 
 impl Run {
     fn start(store: Arc<dyn Store>, name: String, written: Liveness) -> Self {

@@ -1733,9 +1733,10 @@ async fn a_run_whose_announcement_lapsed_does_not_delete() {
         .await
         .unwrap()
         .unwrap();
-    // Every renewal within TTL fails (one each half of FRESH).
-    let renewals =
-        (super::deleting::TTL.as_secs() / (super::deleting::FRESH.as_secs() / 2)) as usize;
+    // Every renewal within TTL fails (the first after half of FRESH, then one each
+    // RENEW_RETRY).
+    let d = super::deleting::TTL.saturating_sub(super::deleting::FRESH / 2);
+    let renewals = 1 + (d.as_secs() / super::deleting::RENEW_RETRY.as_secs()) as usize;
     mem.fail(FailOp::Write, &announced.key(), 0, renewals);
     tokio::time::sleep(super::deleting::TTL).await;
     let Err(e) = announced.into_run().await else {
