@@ -556,18 +556,12 @@ async fn repair_as(
     for (i, n) in graph.nodes.iter().enumerate() {
         let relied = acc.uploading.contains(&n.hash);
         if unservable[i] && (relied || n.modified > grace) {
-            for j in graph.close_over(i as u32, &mut kept) {
-                let j = j as usize;
-                if unservable[j] {
-                    unservable[j] = false;
-                    let key = object_key::narinfo(graph.nodes[j].hash);
-                    if relied {
-                        report.relied_on.push(key);
-                    } else {
-                        report.young.push(key);
-                    }
-                }
-            }
+            let listed = if relied {
+                &mut report.relied_on
+            } else {
+                &mut report.young
+            };
+            keep_closure(graph, i, &mut kept, &mut unservable, listed);
         }
     }
     let order = sweep::referrers_first(graph, &unservable);
@@ -588,15 +582,7 @@ async fn repair_as(
                     continue;
                 }
                 // Its references come after it in the order: none is deleted yet.
-                for j in graph.close_over(i as u32, &mut kept) {
-                    let j = j as usize;
-                    if unservable[j] {
-                        unservable[j] = false;
-                        report
-                            .relied_on
-                            .push(object_key::narinfo(graph.nodes[j].hash));
-                    }
-                }
+                keep_closure(graph, i, &mut kept, &mut unservable, &mut report.relied_on);
             }
         }
         let chunk: Vec<u32> = chunk
@@ -697,6 +683,24 @@ async fn relied_on(
     let mut acc = access::read_all(store, &inv.access, Duration::ZERO, opts.now).await?;
     access::reread(store, &mut acc, store.now()).await?;
     Ok(acc)
+}
+
+/// Keeps node `i` and its closure from deletion (`kept`: what was kept so far), listing each
+/// broken narinfo of it in `listed`.
+fn keep_closure(
+    graph: &Graph,
+    i: usize,
+    kept: &mut [bool],
+    unservable: &mut [bool],
+    listed: &mut Vec<String>,
+) {
+    for j in graph.close_over(i as u32, kept) {
+        let j = j as usize;
+        if unservable[j] {
+            unservable[j] = false;
+            listed.push(object_key::narinfo(graph.nodes[j].hash));
+        }
+    }
 }
 
 /// Whether the repair must delete nothing more: asked to stop, or its announcement may have
