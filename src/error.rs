@@ -82,6 +82,9 @@ pub enum UploadError {
     /// `upload.max_concurrent` uploads are running; the client should retry after this long.
     #[error("too many uploads in progress")]
     Busy { retry_after_secs: u64 },
+    /// The body is sent with a `Content-Encoding` cellar does not decode.
+    #[error("Content-Encoding {0:?} is not one cellar decodes (xz, zstd, bzip2, br, gzip)")]
+    UnsupportedEncoding(String),
 }
 
 /// [`Error::label`] of the error a response was made from, in the response's extensions.
@@ -119,6 +122,7 @@ impl Error {
             Self::Upload(UploadError::IdleTimeout(_)) => StatusCode::REQUEST_TIMEOUT,
             // Nix retries 5xx (with back-off); a 4xx would fail the whole `nix copy`.
             Self::Upload(UploadError::Busy { .. }) => StatusCode::SERVICE_UNAVAILABLE,
+            Self::Upload(UploadError::UnsupportedEncoding(_)) => StatusCode::UNSUPPORTED_MEDIA_TYPE,
         }
     }
 
@@ -148,6 +152,7 @@ impl Error {
             ) => "conflict",
             Self::Upload(UploadError::IdleTimeout(_)) => "idle_timeout",
             Self::Upload(UploadError::Busy { .. }) => "busy",
+            Self::Upload(UploadError::UnsupportedEncoding(_)) => "unsupported_encoding",
         }
     }
 
@@ -179,7 +184,8 @@ impl Error {
                 e @ (UploadError::TooLarge { .. }
                 | UploadError::Conflict { .. }
                 | UploadError::RealisationConflict { .. }
-                | UploadError::IdleTimeout(_)),
+                | UploadError::IdleTimeout(_)
+                | UploadError::UnsupportedEncoding(_)),
             ) => format!("upload rejected: {e}"),
             Self::Upload(UploadError::Busy { .. }) => {
                 "too many uploads in progress, retry later".into()
@@ -205,7 +211,8 @@ impl Error {
                 e @ (UploadError::TooLarge { .. }
                 | UploadError::Conflict { .. }
                 | UploadError::RealisationConflict { .. }
-                | UploadError::IdleTimeout(_)),
+                | UploadError::IdleTimeout(_)
+                | UploadError::UnsupportedEncoding(_)),
             ) => tracing::info!(reason = %e, "upload rejected"),
             Self::Upload(UploadError::Busy { .. }) => {
                 tracing::info!("upload refused: upload.max_concurrent uploads in progress")

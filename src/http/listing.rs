@@ -1,6 +1,7 @@
 //! `/<hash>.ls`: the JSON listing of a path's files, written by `nix copy` with
 //! `write-nar-listing=true` (newer Nix uses it for `nix store ls` instead of downloading the
-//! whole NAR). Served from the read path as stored; uploaded as sent.
+//! whole NAR). Served from the read path as stored; uploaded as sent, decoded first if sent
+//! with a `Content-Encoding` (newer Nix's `ls-compression`).
 //!
 //! These are called from the `/{file}` route in [`super`], which parses the name and
 //! dispatches `.narinfo` and `.ls` names.
@@ -30,11 +31,16 @@ pub(super) async fn head(st: &AppState, h: StorePathHash) -> Result<Response, Er
     object::head(&*reads, &object_key::listing(h), Kind::Listing).await
 }
 
-pub(super) async fn put(st: &AppState, h: StorePathHash, body: Body) -> Result<StatusCode, Error> {
+pub(super) async fn put(
+    st: &AppState,
+    h: StorePathHash,
+    headers: &HeaderMap,
+    body: Body,
+) -> Result<StatusCode, Error> {
     st.uploader
         .put_listing(
             h,
-            object::limited_body_stream(st, body, MAX_LISTING_BYTES)?,
+            object::decoded_body_stream(st, headers, body, MAX_LISTING_BYTES)?,
             MAX_LISTING_BYTES,
         )
         .await?;

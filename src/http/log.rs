@@ -1,6 +1,7 @@
 //! `/log/<drv>`: build logs, plain text, named after the derivation's store path base name
 //! (`nix log --store URL OUT` reads `Deriver:` from the narinfo, then GETs this). Served from
-//! the read path as stored; uploaded by `nix copy --to` with `PUT /log/<drv>`.
+//! the read path as stored; uploaded by `nix copy --to` with `PUT /log/<drv>`, decoded first
+//! if sent with a `Content-Encoding` (newer Nix's `log-compression`).
 
 use axum::body::Body;
 use axum::extract::{Path, State};
@@ -40,12 +41,13 @@ pub(super) async fn head(
 pub(super) async fn put(
     State(st): State<AppState>,
     Path(drv): Path<String>,
+    headers: HeaderMap,
     body: Body,
 ) -> Result<StatusCode, Error> {
     st.uploader
         .put_plain(
             &key(&drv)?,
-            object::limited_body_stream(&st, body, MAX_LOG_BYTES)?,
+            object::decoded_body_stream(&st, &headers, body, MAX_LOG_BYTES)?,
             MAX_LOG_BYTES,
         )
         .await?;

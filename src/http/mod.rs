@@ -157,11 +157,12 @@ async fn head_file(
 async fn put_file(
     State(st): State<AppState>,
     Path(file): Path<String>,
+    headers: HeaderMap,
     body: Body,
 ) -> Result<StatusCode, Error> {
     match top_level(&file)? {
-        TopLevelFile::NarInfo(h) => narinfo::put(&st, h, body).await,
-        TopLevelFile::Listing(h) => listing::put(&st, h, body).await,
+        TopLevelFile::NarInfo(h) => narinfo::put(&st, h, &headers, body).await,
+        TopLevelFile::Listing(h) => listing::put(&st, h, &headers, body).await,
     }
 }
 

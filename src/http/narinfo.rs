@@ -18,7 +18,7 @@
 use std::sync::Arc;
 
 use axum::body::Body;
-use axum::http::{header, HeaderValue, StatusCode};
+use axum::http::{header, HeaderMap, HeaderValue, StatusCode};
 use axum::response::{IntoResponse, Response};
 use bytes::Bytes;
 
@@ -42,8 +42,14 @@ pub(super) async fn head(st: &AppState, h: StorePathHash) -> Result<Response, Er
     Ok(response(&live, ().into_response(), len))
 }
 
-pub(super) async fn put(st: &AppState, h: StorePathHash, body: Body) -> Result<StatusCode, Error> {
-    let raw = object::read_body(st, body, MAX_NARINFO_BYTES).await?;
+pub(super) async fn put(
+    st: &AppState,
+    h: StorePathHash,
+    headers: &HeaderMap,
+    body: Body,
+) -> Result<StatusCode, Error> {
+    // Newer Nix sends it compressed when asked to (`narinfo-compression`).
+    let raw = object::read_decoded_body(st, headers, body, MAX_NARINFO_BYTES).await?;
     // The body is read: the rest runs to its end even if the client goes away (hyper drops
     // the handler then), so that a narinfo written is always checked once more against a
     // collection deleting its NAR, and taken back if need be (see

@@ -21,7 +21,7 @@ use futures::{Stream, TryStreamExt as _};
 use super::AppState;
 use crate::error::Error;
 use crate::store::{ByteRange, Object, Store};
-use crate::upload::digest;
+use crate::upload::{digest, encoding};
 
 #[derive(Debug, Clone, Copy)]
 pub(super) enum Kind {
@@ -161,6 +161,40 @@ fn refuse_declared_over(body: &Body, limit: u64) -> Result<(), Error> {
         return Err(crate::error::UploadError::TooLarge { limit }.into());
     }
     Ok(())
+}
+
+/// [`limited_body_stream`], decoded from the request's `Content-Encoding` if it names one
+/// (newer Nix compresses narinfos, listings and logs so when asked to): see
+/// [`crate::upload::encoding`]. `limit` bounds the bytes as sent and as decoded.
+pub(super) fn decoded_body_stream(
+    st: &AppState,
+    headers: &HeaderMap,
+    body: Body,
+    limit: u64,
+) -> Result<impl Stream<Item = std::io::Result<Bytes>> + Send + 'static, Error> {
+    let coding = coding_of(st, headers)?;
+    Ok(encoding::decode(
+        coding,
+        limited_body_stream(st, body, limit)?,
+        limit,
+    ))
+}
+
+/// [`read_body`], decoded as [`decoded_body_stream`] is.
+pub(super) async fn read_decoded_body(
+    st: &AppState,
+    headers: &HeaderMap,
+    body: Body,
+    limit: u64,
+) -> Result<Bytes, Error> {
+    let coding = coding_of(st, headers)?;
+    let raw = read_body(st, body, limit).await?;
+    Ok(encoding::decode_all(coding, raw, limit).await?)
+}
+
+fn coding_of(st: &AppState, headers: &HeaderMap) -> Result<Option<encoding::Coding>, Error> {
+    let value = headers.get(header::CONTENT_ENCODING).map(|v| v.as_bytes());
+    Ok(st.uploader.coding(value)?)
 }
 
 /// A PUT's body as the stream the uploader takes, ended by an error when idle too long.

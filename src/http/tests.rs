@@ -924,6 +924,113 @@ async fn a_path_uploaded_through_the_root_is_served_and_heads_match_gets() {
     );
 }
 
+/// Newer Nix compresses the narinfos, listings and logs it uploads when asked to
+/// (`narinfo-compression=xz&ls-compression=br&log-compression=gzip`) and names the method in
+/// `Content-Encoding`: they are stored decoded, and read back as plain text. A coding cellar
+/// does not decode is 415 before the body is read; a body that does not decode as its header
+/// says is 400, and nothing is stored.
+#[tokio::test]
+async fn uploads_sent_compressed_are_stored_decoded() {
+    use std::io::Write as _;
+
+    use crate::config::Scope;
+    use crate::nix::Sha256;
+    let mem = Arc::new(MemoryStore::new());
+    let cfg = with_tokens(Config::default(), &[("ci", "wtok", Scope::Write)]);
+    let st = state(cfg, &mem);
+    let put = |path: String, encoding: &'static str, body: Vec<u8>| {
+        let st = st.clone();
+        async move {
+            let req = authed("PUT", &path, "wtok")
+                .header("content-length", body.len())
+                .header("content-encoding", encoding)
+                .body(Body::from(body))
+                .unwrap();
+            let res = send(&st, req).await;
+            let status = res.status();
+            let text = res.into_body().collect().await.unwrap().to_bytes();
+            (status, String::from_utf8_lossy(&text).into_owned())
+        }
+    };
+    let mut nar = b"\x0d\x00\x00\x00\x00\x00\x00\x00nix-archive-1\x00\x00\x00".to_vec();
+    nar.extend_from_slice(&[7u8; 1000]);
+    let sha = Sha256::digest(&nar);
+    let file = format!("{}.nar", sha.to_nix32());
+    let narinfo = format!(
+        "StorePath: /nix/store/{HASH}-up\nURL: nar/{file}\nCompression: none\n\
+         NarHash: {sha}\nNarSize: {}\nReferences: \n",
+        nar.len()
+    );
+    assert_eq!(
+        put(format!("/nar/{file}"), "identity", nar).await.0,
+        StatusCode::CREATED
+    );
+
+    // What Nix would send: a listing in brotli (Python's `brotli.compress` of `listing`)...
+    let listing = b"{\"version\":1,\"root\":{\"type\":\"regular\",\"size\":5,\"narOffset\":96}}\n";
+    let listing_br = b"\x8b\x1f\x80\x7b\x22\x76\x65\x72\x73\x69\x6f\x6e\x22\x3a\x31\x2c\x22\x72\x6f\x6f\x74\x22\x3a\x7b\x22\x74\x79\x70\x65\x22\x3a\x22\x72\x65\x67\x75\x6c\x61\x72\x22\x2c\x22\x73\x69\x7a\x65\x22\x3a\x35\x2c\x22\x6e\x61\x72\x4f\x66\x66\x73\x65\x74\x22\x3a\x39\x36\x7d\x7d\x0a\x03";
+    let listing_path = format!("/{HASH}.ls");
+    assert_eq!(
+        put(listing_path.clone(), "br", listing_br.to_vec()).await.0,
+        StatusCode::CREATED
+    );
+    // ... the narinfo in xz ...
+    let mut xz = liblzma::write::XzEncoder::new(Vec::new(), 6);
+    xz.write_all(narinfo.as_bytes()).unwrap();
+    let narinfo_path = format!("/{HASH}.narinfo");
+    assert_eq!(
+        put(narinfo_path.clone(), "xz", xz.finish().unwrap())
+            .await
+            .0,
+        StatusCode::CREATED
+    );
+    // ... and the log in gzip.
+    let mut gz = flate2::write::GzEncoder::new(Vec::new(), flate2::Compression::fast());
+    gz.write_all(b"building up\nbuilt\n").unwrap();
+    let log_path = format!("/log/{HASH}-up.drv");
+    assert_eq!(
+        put(log_path.clone(), "gzip", gz.finish().unwrap()).await.0,
+        StatusCode::CREATED
+    );
+
+    let (status, body) = get(&st, &narinfo_path).await;
+    assert_eq!(status, StatusCode::OK);
+    let served = String::from_utf8(body).unwrap();
+    assert!(
+        served.starts_with(&format!("StorePath: /nix/store/{HASH}-up\n")),
+        "{served}"
+    );
+    assert!(served.contains("\nSig: test-cellar-1:"), "{served}");
+    assert_eq!(
+        get(&st, &listing_path).await,
+        (StatusCode::OK, listing.to_vec())
+    );
+    assert_eq!(
+        get(&st, &log_path).await,
+        (StatusCode::OK, b"building up\nbuilt\n".to_vec())
+    );
+    assert_eq!(
+        mem.get_bytes(&format!("log/{HASH}-up.drv"), 1 << 20)
+            .await
+            .unwrap()
+            .as_deref(),
+        Some(&b"building up\nbuilt\n"[..]),
+        "stored decoded"
+    );
+
+    // A coding cellar does not decode, and a body that is not what its header says.
+    let other_log = format!("/log/{HASH}-other.drv");
+    let (status, text) = put(other_log.clone(), "lz4", b"whatever".to_vec()).await;
+    assert_eq!(status, StatusCode::UNSUPPORTED_MEDIA_TYPE, "{text}");
+    assert!(text.contains("\"lz4\""), "{text}");
+    let (status, text) = put(other_log.clone(), "zstd", b"not zstd".to_vec()).await;
+    assert_eq!(status, StatusCode::BAD_REQUEST, "{text}");
+    assert!(text.contains("Content-Encoding zstd"), "{text}");
+    assert_eq!(get(&st, &other_log).await.0, StatusCode::NOT_FOUND);
+    let (status, _) = put(format!("/{HASH}.narinfo"), "br", b"not brotli".to_vec()).await;
+    assert_eq!(status, StatusCode::BAD_REQUEST);
+}
+
 /// A narinfo PUT whose client goes away once its body is read runs to its end: the write
 /// and the check after it (its NAR still there) are not cut off half-way.
 #[tokio::test]

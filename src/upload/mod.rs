@@ -30,6 +30,7 @@
 
 mod announcements;
 pub mod digest;
+pub mod encoding;
 mod gc_guard;
 mod listings;
 mod narinfo;
@@ -270,6 +271,20 @@ impl Uploader {
     /// The largest NAR accepted (`upload.max_nar_bytes`).
     pub fn max_nar_bytes(&self) -> u64 {
         self.limits.max_nar_bytes
+    }
+
+    /// How to decode a body sent with `content_encoding` (the header's value, if any): see
+    /// [`encoding`]. A coding cellar does not decode is refused (415) before the body is read.
+    pub fn coding(
+        &self,
+        content_encoding: Option<&[u8]>,
+    ) -> Result<Option<encoding::Coding>, UploadError> {
+        Ok(
+            encoding::of(content_encoding)?.map(|compression| encoding::Coding {
+                compression,
+                xz_memory_limit_bytes: self.limits.xz_memory_limit_bytes,
+            }),
+        )
     }
 
     /// A slot for one upload, held until it is dropped. Taken before the body is read: when

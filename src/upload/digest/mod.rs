@@ -424,15 +424,18 @@ where
 }
 
 /// A body stream error as an upload error: an idle body (see [`with_idle_timeout`]) keeps its
-/// own variant, anything else is the body breaking.
+/// own variant, an upload error carried inside is passed on, anything else is the body
+/// breaking.
 pub(crate) fn body_error(e: io::Error) -> UploadError {
-    match e
-        .get_ref()
-        .and_then(|inner| inner.downcast_ref::<IdleTimeout>())
-    {
-        Some(t) => UploadError::IdleTimeout(t.0),
-        None => UploadError::Body(e.to_string()),
+    let inner = e.get_ref();
+    if let Some(t) = inner.and_then(|i| i.downcast_ref::<IdleTimeout>()) {
+        return UploadError::IdleTimeout(t.0);
     }
+    // Already an upload's failure (a decoder refusing the body, see `super::encoding`).
+    if let Some(u) = inner.and_then(|i| i.downcast_ref::<UploadError>()) {
+        return u.clone();
+    }
+    UploadError::Body(e.to_string())
 }
 
 /// `body`, ending with an [`IdleTimeout`] error when no chunk arrives for `idle`. A client
