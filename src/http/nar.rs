@@ -105,22 +105,29 @@ async fn fetch(st: &AppState, f: &NarFileName, headers: &HeaderMap) -> Result<Re
     ))
 }
 
-/// `obj`, answering `range`: an upstream that streams NARs without a length (nix-serve,
-/// harmonia) sends the whole NAR whatever range is asked for. A client resuming a download
-/// cellar served with the narinfo's size (and so offered ranges for) must get the part it
-/// asked for: curl fails a resume answered with the whole body. The part is cut from the
-/// whole with the narinfo's size as the total; a body shorter than that fails the transfer.
+/// `obj`, answering `range`, held to the size its narinfo announced: an upstream that streams
+/// NARs without a length (nix-serve, harmonia) sends the whole NAR whatever range is asked
+/// for, and a NAR it fails to produce half-way may end as cleanly as a whole one. Sent with
+/// the narinfo's size as its length (so a body shorter or longer than that fails the transfer,
+/// which Nix retries, instead of handing it a short NAR), and ranges offered. A client resuming
+/// a download must get the part it asked for (curl fails a resume answered with the whole
+/// body): the part is cut from the whole with the narinfo's size as the total.
 fn resumable(
     obj: Object,
     range: Option<crate::store::ByteRange>,
     announced: Option<u64>,
 ) -> Result<Object, Error> {
-    let (Some(r), Some(total), None, None) = (range, announced, obj.length, obj.range) else {
+    let (Some(total), None, None, None) = (announced, obj.length, obj.range, &obj.encoding) else {
         return Ok(obj);
     };
-    if obj.encoding.is_some() {
-        return Ok(obj);
-    }
+    let Some(r) = range else {
+        return Ok(Object {
+            body: crate::store::byte_slice_to_end(obj.body, 0, total),
+            length: Some(total),
+            range: None,
+            encoding: None,
+        });
+    };
     let Some((start, end)) = r.resolve(total) else {
         return Err(crate::store::StoreError::RangeNotSatisfiable { size: total }.into());
     };

@@ -746,6 +746,50 @@ async fn a_resumed_download_from_a_source_without_lengths_gets_its_part() {
     assert!(res.into_body().collect().await.is_err());
 }
 
+/// A whole NAR from a source that sends it without a length (nix-serve, harmonia) and not
+/// through a fill (no disk cache) goes out with its narinfo's size as its length: a body that
+/// ends early (the upstream's `nix-store --dump` died, and it ended its chunked answer
+/// cleanly) or goes on past it fails the transfer, which Nix retries, instead of handing it a
+/// NAR cut short as if whole.
+#[tokio::test]
+async fn a_whole_nar_without_a_length_is_held_to_its_narinfo_size() {
+    let mem = Arc::new(MemoryStore::new());
+    let file = format!("{NAR_FILE}.nar");
+    let nar: Vec<u8> = (0..200_000u32).map(|i| (i % 251) as u8).collect();
+    mem.insert(&format!("nar/{file}"), nar.clone());
+    mem.serve_unsized();
+    let st = state(Config::default(), &mem);
+    assert!(
+        st.nars.is_none(),
+        "no fill: the store's body goes out as it comes"
+    );
+    let whole = || {
+        Request::get(format!("/nar/{file}"))
+            .body(Body::empty())
+            .unwrap()
+    };
+    // Without a narinfo's size: as the source sends it.
+    let res = send(&st, whole()).await;
+    assert_eq!(res.status(), StatusCode::OK);
+    assert!(!res.headers().contains_key("content-length"));
+    st.nar_memory.hint(&file, Some(200_000)).await;
+    let (status, headers, body) = get_with(&st, whole()).await;
+    assert_eq!(status, StatusCode::OK);
+    assert_eq!(headers["content-length"], "200000");
+    assert_eq!(headers["accept-ranges"], "bytes");
+    assert_eq!(body, nar);
+    for announced in [200_001, 199_999] {
+        st.nar_memory.hint(&file, Some(announced)).await;
+        let res = send(&st, whole()).await;
+        assert_eq!(res.status(), StatusCode::OK);
+        assert_eq!(res.headers()["content-length"], announced.to_string());
+        assert!(
+            res.into_body().collect().await.is_err(),
+            "a body of 200000 bytes sent as {announced}"
+        );
+    }
+}
+
 /// A NAR named after its store path hash (32 characters, as attic and old nix-serve name
 /// them) changes when the path is rebuilt: it lives in caches as long as a narinfo does.
 #[tokio::test]
