@@ -137,10 +137,14 @@ pub(super) async fn get(
     Ok(object_response(obj, kind))
 }
 
-/// HEAD of `key`: its size from `source`, with the headers a GET would have.
+/// HEAD of `key` (a listing, log or realisation): the headers of a GET of it, from a GET of
+/// it whose body is dropped unread. A store's HEAD says only a size, and these may be stored
+/// compressed (`Content-Encoding`, then no ranges) or come from an upstream without a length;
+/// nothing asks for them often enough for the GET to cost (Nix sends no HEAD of them).
 pub(super) async fn head(source: &dyn Store, key: &str, kind: Kind) -> Result<Response, Error> {
-    let size = source.head(key).await?.ok_or(Error::NotFound)?;
-    Ok(head_response(size, kind))
+    let obj = source.get(key, None).await?.ok_or(Error::NotFound)?;
+    let (parts, _unread) = object_response(obj, kind).into_parts();
+    Ok(Response::from_parts(parts, Body::empty()))
 }
 
 /// A PUT's body of at most `limit` bytes as the stream the uploader takes (which counts them

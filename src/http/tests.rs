@@ -1099,6 +1099,56 @@ async fn an_encoded_object_is_served_with_its_encoding_and_no_ranges() {
     assert_eq!(res.headers()["accept-ranges"], "bytes");
 }
 
+/// A HEAD of a log, listing or realisation has the headers its GET has: an encoded one's
+/// `Content-Encoding`, and no `Accept-Ranges` then.
+#[tokio::test]
+async fn a_head_of_an_encoded_object_says_its_encoding_as_its_get_does() {
+    let mem = Arc::new(MemoryStore::new());
+    let drv = "5g5d4v2ahmn1f7k9jcs2cns6ivf5gmpa-top.drv";
+    mem.insert(&format!("log/{drv}"), vec![9u8; 40]);
+    mem.set_encoding(&format!("log/{drv}"), "br");
+    mem.insert(&format!("{HASH}.ls"), b"{}".to_vec());
+    let st = state(Config::default(), &mem);
+    for (path, encoded) in [
+        (format!("/log/{drv}"), true),
+        (format!("/{HASH}.ls"), false),
+    ] {
+        let get = send(&st, Request::get(&path).body(Body::empty()).unwrap()).await;
+        let head = send(&st, Request::head(&path).body(Body::empty()).unwrap()).await;
+        assert_eq!(
+            (get.status(), head.status()),
+            (StatusCode::OK, StatusCode::OK)
+        );
+        for name in [
+            "content-length",
+            "content-encoding",
+            "accept-ranges",
+            "content-type",
+        ] {
+            assert_eq!(
+                get.headers().get(name),
+                head.headers().get(name),
+                "{path}: {name}"
+            );
+        }
+        assert_eq!(
+            head.headers().contains_key("content-encoding"),
+            encoded,
+            "{path}"
+        );
+        assert!(head
+            .into_body()
+            .collect()
+            .await
+            .unwrap()
+            .to_bytes()
+            .is_empty());
+    }
+    let missing = format!("/log/{}", drv.replace("top", "gone"));
+    let head = send(&st, Request::head(&missing).body(Body::empty()).unwrap()).await;
+    assert_eq!(head.status(), StatusCode::NOT_FOUND);
+}
+
 /// A NAR seen missing hides the narinfos naming it (a NAR 404 fails the client), until it is
 /// back: a narinfo uploaded for it here shows it is, even when its NAR came another way (a
 /// replica stored it, the client found it there and sent only the narinfo).
