@@ -444,8 +444,10 @@ async fn delete(
     rest.extend(plan.access_records.iter().map(|(k, _)| Rest::Plain(k)));
     rest.extend(plan.dead_announcements.iter().map(Rest::Plain));
     progress.phase("deleting NARs and the rest", Some(rest.len() as u64));
-    // The end of the part of `rest` whose NARs the standing announcement names.
+    // The end of the part of `rest` whose NARs the standing announcement names, and those
+    // NARs that are still to be deleted.
     let mut named: Option<usize> = None;
+    let mut announced: Vec<&str> = Vec::new();
     for (i, batch) in rest.chunks(BATCH).enumerate() {
         if stop.requested() {
             st.out.errors.push(super::STOPPED.into());
@@ -461,15 +463,19 @@ async fn delete(
             .any(|r| matches!(r, Rest::Nar(f) if st.nar_free(f)));
         if has_nars && named.is_none_or(|named| named < end) {
             let upto = (start + ANNOUNCED_AT_ONCE).min(rest.len());
-            let nars = rest[start..upto].iter().filter_map(|r| match r {
-                Rest::Nar(f) if st.nar_free(f) => Some(*f),
-                _ => None,
-            });
-            if let Err(e) = run.announce(nars).await {
+            let nars: Vec<&str> = rest[start..upto]
+                .iter()
+                .filter_map(|r| match r {
+                    Rest::Nar(f) if st.nar_free(f) => Some(*f),
+                    _ => None,
+                })
+                .collect();
+            if let Err(e) = run.announce(nars.iter().copied()).await {
                 st.out.errors.push(format!("announcing deletions: {e}"));
                 progress.advance(batch.len() as u64);
                 continue;
             }
+            announced = nars;
             tokio::time::sleep(settle).await;
             named = Some(upto);
         }
@@ -480,6 +486,15 @@ async fn delete(
         if !run.live() {
             st.out.errors.push(LAPSED.into());
             return st.finish();
+        }
+        if announced.iter().any(|f| !st.nar_free(f)) {
+            // The re-read kept some of the NARs named: an upload relies on them, and its
+            // narinfo would be refused for as long as they are named (the announcement may
+            // stand for many batches, until the run ends). Naming fewer needs no wait.
+            announced.retain(|f| st.nar_free(f));
+            if let Err(e) = run.announce(announced.iter().copied()).await {
+                tracing::warn!(cause = %e, "could not take the NARs kept out of the announcement");
+            }
         }
         let keys: Vec<String> = batch
             .iter()

@@ -326,17 +326,27 @@ async fn a_nar_an_upload_records_after_the_announcement_is_kept() {
     // After the first announcement naming NARs (those before, from the run's start, name
     // none).
     let written = std::sync::atomic::AtomicBool::new(false);
+    let last: Arc<std::sync::Mutex<String>> = Arc::default();
+    let last_written = last.clone();
     mem.after_write("_cellar/deleting/", move |key| {
-        let names_nars = m
+        let text = m
             .bytes(key)
-            .is_some_and(|b| b.windows(4).any(|w| w == b".nar"));
+            .map(|b| String::from_utf8_lossy(&b).into_owned());
+        let text = text.unwrap_or_default();
+        let names_nars = text.contains(".nar");
         if names_nars && !written.swap(true, std::sync::atomic::Ordering::SeqCst) {
             write_upload_record(&m, "upload-1", file.clone());
         }
+        *last_written.lock().unwrap() = text;
     });
     let s = gc(&mem, &cfg(), now, true).await;
     assert!(s.errors.is_empty(), "{:?}", s.errors);
     assert!(has(&mem, &reused.nar), "the NAR the upload relies on went");
+    // Once kept, it is no longer named: the upload's narinfo would be refused while it is.
+    let reused_file = reused.nar.trim_start_matches("nar/");
+    let last = last.lock().unwrap().clone();
+    assert!(!last.contains(reused_file), "still announced: {last}");
+    assert!(last.contains(gone.nar.trim_start_matches("nar/")), "{last}");
     assert!(!has(&mem, &format!("{}.narinfo", reused.hash)));
     assert!(!has(&mem, &gone.nar));
     assert!(
