@@ -681,14 +681,29 @@ impl Uploader {
     {
         let _slot = self.admit().await?;
         let mut body = std::pin::pin!(body);
-        let mut listing = Vec::new();
+        // Kept while it could be held; a larger one is read to its end (Nix fails the whole
+        // copy on a refused listing) without being kept.
+        let mut listing = Some(Vec::new());
+        let mut read = 0u64;
         while let Some(chunk) = body.next().await {
             let chunk = chunk.map_err(digest::body_error)?;
-            if (listing.len() + chunk.len()) as u64 > limit {
+            read += chunk.len() as u64;
+            if read > limit {
                 return Err(UploadError::TooLarge { limit }.into());
             }
-            listing.extend_from_slice(&chunk);
+            if read > listings::HELD_BYTES as u64 {
+                listing = None;
+            }
+            if let Some(l) = &mut listing {
+                l.extend_from_slice(&chunk);
+            }
         }
+        let Some(mut listing) = listing else {
+            tracing::warn!(path = %h, bytes = read, "listing dropped: larger than the listings held at most");
+            return Ok(());
+        };
+        // Held as counted: by its length, not the capacity it grew to.
+        listing.shrink_to_fit();
         if !self.listings.hold(h, Bytes::from(listing)) {
             tracing::warn!(path = %h, "listing dropped: too many listings wait for their narinfos");
         }

@@ -1288,6 +1288,34 @@ async fn listings_are_written_with_their_narinfo_only() {
     assert!(e.to_string().contains("larger than"), "{e}");
 }
 
+/// A listing larger than all the listings held at most is read to its end and answered as
+/// taken (a refusal would fail the client's whole copy), but not kept; one that fits is.
+#[tokio::test]
+async fn a_listing_too_large_to_hold_is_read_and_dropped() {
+    use super::listings::HELD_BYTES;
+    let (_mem, up) = uploader();
+    let h: StorePathHash = "f904kp3djilk732cgbnxhpy7vzykbqsh".parse().unwrap();
+    let mib = Bytes::from(vec![b' '; 1 << 20]);
+    let chunks = |n: usize| {
+        let c: Vec<std::io::Result<Bytes>> = (0..n).map(|_| Ok(mib.clone())).collect();
+        futures::stream::iter(c)
+    };
+    let over = HELD_BYTES / (1 << 20) + 1;
+    let logs = crate::test_logs::capture();
+    up.put_listing(h, chunks(over), 256 << 20).await.unwrap();
+    // Let go as soon as it could not be held, not read whole first.
+    let logged = logs.text();
+    assert!(
+        logged.contains("larger than the listings held at most"),
+        "{logged}"
+    );
+    assert_eq!(up.listings.held_bytes(), 0);
+    assert!(up.listings.take(h).is_none());
+    let fits = HELD_BYTES / (1 << 20);
+    up.put_listing(h, chunks(fits), 256 << 20).await.unwrap();
+    assert_eq!(up.listings.held_bytes(), HELD_BYTES);
+}
+
 mod realisations {
     use super::*;
 
