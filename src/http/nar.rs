@@ -310,6 +310,7 @@ pub(super) async fn put(
 ) -> Result<StatusCode, Error> {
     // Uploads are named as Nix names NARs; other servers' names are only read through.
     let name = NarFileName::parse_nix(&file)?;
+    crate::upload::check_nar_name(&name)?;
     let limit = st.uploader.max_nar_bytes();
     let declared = headers
         .get(header::CONTENT_LENGTH)

@@ -587,6 +587,43 @@ fn tiny_nar() -> (Vec<u8>, String) {
     (nar, file)
 }
 
+/// A NAR name no upload may use (a compression cellar cannot verify, a 32-character name) is
+/// refused with 400 also when the store holds a NAR under it (Nix's S3 store wrote it), not
+/// taken as sent; and a narinfo naming such a NAR is refused with 400, not a 502 from reading
+/// it back.
+#[tokio::test]
+async fn a_stored_nar_under_a_name_uploads_may_not_use_is_refused() {
+    use crate::config::Scope;
+    use crate::upload::STORED_AGAIN_MAX;
+    let mem = Arc::new(MemoryStore::new());
+    let cfg = with_tokens(Config::default(), &[("w", "wtok", Scope::Write)]);
+    let st = state(cfg, &mem);
+    let size = STORED_AGAIN_MAX + 1;
+    for name in [format!("{NAR_FILE}.nar.br"), format!("{HASH}.nar.xz")] {
+        mem.insert(&format!("nar/{name}"), vec![1u8; size as usize]);
+        let req = authed("PUT", &format!("/upload/nar/{name}"), "wtok")
+            .header("content-length", size.to_string())
+            .header("expect", "100-continue")
+            .body(Body::empty())
+            .unwrap();
+        let res = send(&st, req).await;
+        assert_eq!(res.status(), StatusCode::BAD_REQUEST, "{name}");
+    }
+    let narinfo = format!(
+        "StorePath: /nix/store/{HASH}-up\nURL: nar/{NAR_FILE}.nar.br\nCompression: br\n\
+         FileSize: {size}\nNarHash: sha256:{NAR_FILE}\nNarSize: {size}\nReferences: \n"
+    );
+    let req = authed("PUT", &format!("/upload/{HASH}.narinfo"), "wtok")
+        .body(Body::from(narinfo))
+        .unwrap();
+    let res = send(&st, req).await;
+    assert_eq!(res.status(), StatusCode::BAD_REQUEST);
+    let text = res.into_body().collect().await.unwrap().to_bytes();
+    let text = String::from_utf8_lossy(&text);
+    assert!(text.contains("cannot be verified"), "{text}");
+    assert!(!mem.keys().iter().any(|k| k.ends_with(".narinfo")));
+}
+
 /// A PUT of a NAR over `STORED_AGAIN_MAX` the store holds is answered 200 without its body
 /// when the client waits for `100 Continue` before sending it; one the store lacks, or a small
 /// one, is received (and a small one is not looked up first). One sent without `Expect` (a

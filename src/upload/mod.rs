@@ -53,6 +53,20 @@ use crate::sync::lock;
 pub use digest::{FileDigest, Limits, NarDigest};
 pub use realisation::{RealisationStored, MAX_REALISATION_BYTES};
 
+/// Refuses a NAR name no upload may use: the name must be the file's sha256 (52 characters),
+/// which is what makes re-uploads idempotent and an object under it impossible to swap for
+/// other bytes, and its compression one cellar decodes (else its NarHash cannot be checked).
+/// Checked before anything else, also before a NAR the store holds already is taken as sent.
+pub fn check_nar_name(name: &NarFileName) -> Result<(), UploadError> {
+    digest::check_decodable(name.compression_from_ext().unwrap_or(Compression::None))?;
+    if name.file_hash().len() != 52 {
+        return Err(UploadError::Rejected(
+            "a NAR's name must be the nix-base32 sha256 of the file (52 characters)".into(),
+        ));
+    }
+    Ok(())
+}
+
 /// Build logs larger than this are refused (HTTP uploads and `cellar import`).
 pub const MAX_LOG_BYTES: u64 = 1 << 30;
 
@@ -528,16 +542,8 @@ impl Uploader {
     where
         S: Stream<Item = std::io::Result<Bytes>> + Send + 'static,
     {
+        check_nar_name(name)?;
         let incoming = name.compression_from_ext().unwrap_or(Compression::None);
-        digest::check_decodable(incoming)?;
-        let name_hash = name.file_hash();
-        if name_hash.len() != 52 {
-            // The name must be the file's sha256, which is what makes re-uploads idempotent
-            // and an object under it impossible to swap for other bytes.
-            return Err(rejected(
-                "a NAR's name must be the nix-base32 sha256 of the file (52 characters)",
-            ));
-        }
         let (stored, target) = match self.reencoded(name) {
             Some((stored, target)) => (stored, Some(target)),
             None => (name.clone(), None),
@@ -636,6 +642,9 @@ impl Uploader {
     /// once: a fleet's narinfos landing on a replica that saw none of their NARs are not all
     /// read back together.
     async fn verify_stored(&self, name: &NarFileName) -> Result<Option<VerifiedNar>, Error> {
+        // A narinfo naming a NAR no upload could have stored (one Nix's S3 store wrote in
+        // brotli, say) is the narinfo's fault, refused as the NAR's upload would be.
+        check_nar_name(name)?;
         let _slot = self.readback_slot().await?;
         let mut candidates = vec![name.clone()];
         if let Some((stored, _)) = self.reencoded(name) {
