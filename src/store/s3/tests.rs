@@ -395,6 +395,56 @@ async fn a_writer_dropped_mid_upload_aborts_it() {
     assert!(seen.lock().unwrap().completed.is_none());
 }
 
+/// A writer dropped while the store is still creating its multipart upload (the client went
+/// away just then) aborts the upload once the store has created it: it never learnt the id
+/// otherwise, and the upload stayed until the periodic staging cleanup.
+#[tokio::test]
+async fn a_writer_dropped_while_its_upload_is_created_aborts_it() {
+    use axum::http::{Method, StatusCode};
+    use axum::response::IntoResponse as _;
+    use tokio::sync::Notify;
+    let (asked, answer, deleted) = (
+        Arc::new(Notify::new()),
+        Arc::new(Notify::new()),
+        Arc::new(Notify::new()),
+    );
+    let (a, g, d) = (asked.clone(), answer.clone(), deleted.clone());
+    let app = axum::Router::new().fallback(move |method: Method, uri: axum::http::Uri| {
+        let (a, g, d) = (a.clone(), g.clone(), d.clone());
+        async move {
+            if method == Method::DELETE {
+                d.notify_one();
+                return StatusCode::NO_CONTENT.into_response();
+            }
+            if uri.query().is_some_and(|q| q.contains("uploads")) {
+                a.notify_one();
+                g.notified().await;
+                let xml = "<InitiateMultipartUploadResult><Bucket>b</Bucket><Key>k</Key>\
+                               <UploadId>u1</UploadId></InitiateMultipartUploadResult>";
+                return (StatusCode::OK, xml).into_response();
+            }
+            // Parts: never answered here (the writer is gone by then).
+            std::future::pending::<()>().await;
+            StatusCode::OK.into_response()
+        }
+    });
+    let l = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+    let endpoint = format!("http://{}", l.local_addr().unwrap());
+    tokio::spawn(async move { axum::serve(l, app).await });
+    let store = store_at(endpoint, 2).await;
+    let writing = tokio::spawn(async move {
+        let mut w = store.writer("nar/x.nar").await.unwrap();
+        let _ = w.write(bytes::Bytes::from(body(PART_SIZE + 1))).await;
+    });
+    asked.notified().await;
+    writing.abort();
+    assert!(writing.await.is_err_and(|e| e.is_cancelled()));
+    answer.notify_one();
+    tokio::time::timeout(Duration::from_secs(20), deleted.notified())
+        .await
+        .expect("the upload created after its writer was dropped was not aborted");
+}
+
 /// A listing entry without a date is an error on the SDK's path as on the direct one: dated
 /// 1970 it would look expired to gc's grace and retention. So is a page that says more follow
 /// without saying where: ending there would pass a part of the listing for the whole.

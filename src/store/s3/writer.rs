@@ -180,6 +180,9 @@ pub(super) struct S3Writer {
     fast: Option<Arc<FastReads>>,
     buf: BytesMut,
     upload_id: Option<String>,
+    /// The CreateMultipartUpload under way, if the writer was dropped while it was: its id
+    /// is then learnt by the task, which aborts the upload.
+    creating: Option<tokio::task::JoinHandle<Result<String, StoreError>>>,
     /// Parts sent so far (their numbers are 1..=sent).
     sent: i32,
     /// The bytes of those parts.
@@ -220,6 +223,7 @@ impl S3Writer {
             fast,
             buf: BytesMut::new(),
             upload_id: None,
+            creating: None,
             sent: 0,
             sent_bytes: 0,
             in_flight: JoinSet::new(),
@@ -236,18 +240,27 @@ impl S3Writer {
         if let Some(id) = &self.upload_id {
             return Ok(id.clone());
         }
-        let t = &self.target;
-        let req = t
-            .client
-            .create_multipart_upload()
-            .bucket(&t.bucket)
-            .key(&t.key)
-            .send();
-        let out = t.timed("CreateMultipartUpload", 0, req).await?;
-        let id = out
-            .upload_id()
-            .ok_or_else(|| StoreError::Other("CreateMultipartUpload: no upload id".into()))?
-            .to_owned();
+        // In a task of its own: a writer dropped while the store creates the upload (the
+        // client went away) would otherwise never learn its id, and leave it to the periodic
+        // staging cleanup, hours later.
+        let t = Arc::clone(&self.target);
+        let creating = self.creating.insert(tokio::spawn(async move {
+            let req = t
+                .client
+                .create_multipart_upload()
+                .bucket(&t.bucket)
+                .key(&t.key)
+                .send();
+            let out = t.timed("CreateMultipartUpload", 0, req).await?;
+            out.upload_id()
+                .map(str::to_owned)
+                .ok_or_else(|| StoreError::Other("CreateMultipartUpload: no upload id".into()))
+        }));
+        let created = creating.await;
+        self.creating = None;
+        let id = created.map_err(|e| {
+            StoreError::Other(format!("CreateMultipartUpload: the task ended: {e}"))
+        })??;
         self.upload_id = Some(id.clone());
         // Its answer told the store's time.
         self.began = Some(self.clock.now());
@@ -443,6 +456,17 @@ impl Drop for S3Writer {
         // Dropped mid-upload (the client went away): abort in the background, after the parts
         // in flight are stopped. If even that fails, the periodic staging cleanup removes the
         // upload.
+        if let Some(creating) = self.creating.take() {
+            // Dropped while the upload was being created: aborted once it is.
+            let t = Arc::clone(&self.target);
+            if let Ok(rt) = tokio::runtime::Handle::try_current() {
+                rt.spawn(async move {
+                    if let Ok(Ok(id)) = creating.await {
+                        t.abort(&id).await;
+                    }
+                });
+            }
+        }
         if let (false, Some(id)) = (self.done, self.upload_id.take()) {
             if let Ok(rt) = tokio::runtime::Handle::try_current() {
                 let mut in_flight = std::mem::take(&mut self.in_flight);
