@@ -85,15 +85,21 @@ where
         }
         Ok(chunk)
     });
-    let (tx, mut rx) = mpsc::channel::<io::Result<Bytes>>(2);
-    let reader = SyncIoBridge::new(StreamReader::new(Box::pin(body)));
-    tokio::task::spawn_blocking(move || {
-        if let Err(e) = run(coding, reader, limit, &tx) {
-            // The receiver may be gone (the upload failed otherwise): nothing to tell then.
-            let _ = tx.blocking_send(Err(e));
-        }
-    });
-    futures::stream::poll_fn(move |cx| rx.poll_recv(cx)).boxed()
+    // Started when first polled: the body is not read (nor `100 Continue` sent) while the
+    // upload waits for a slot, and no thread is held meanwhile.
+    futures::stream::once(async move {
+        let (tx, mut rx) = mpsc::channel::<io::Result<Bytes>>(2);
+        let reader = SyncIoBridge::new(StreamReader::new(Box::pin(body)));
+        tokio::task::spawn_blocking(move || {
+            if let Err(e) = run(coding, reader, limit, &tx) {
+                // The receiver may be gone (the upload failed otherwise): nothing to tell.
+                let _ = tx.blocking_send(Err(e));
+            }
+        });
+        futures::stream::poll_fn(move |cx| rx.poll_recv(cx))
+    })
+    .flatten()
+    .boxed()
 }
 
 /// Decodes all of `input`, sending what it produces to `tx`; stops early when the receiver

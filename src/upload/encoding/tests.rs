@@ -90,6 +90,18 @@ fn the_header_names_a_coding_cellar_decodes_or_is_refused() {
     ));
 }
 
+/// Nothing starts before the decoded body is asked for: built outside any runtime (where
+/// starting the decoder's thread would panic), it can be dropped unread. An upload waiting
+/// for a slot thus neither reads its body (`100 Continue`) nor holds a thread.
+#[test]
+fn the_decoder_starts_when_the_body_is_first_read() {
+    let never_polled =
+        futures::stream::poll_fn(|_| -> std::task::Poll<Option<io::Result<Bytes>>> {
+            panic!("the body was read")
+        });
+    drop(decode(coding(Compression::Gzip), never_polled, 1 << 20));
+}
+
 #[tokio::test]
 async fn every_coding_nix_sends_is_decoded_whatever_the_chunks() {
     let text = log_text();
