@@ -220,8 +220,25 @@ fn import(dir: &Path, path: Option<&Path>) -> anyhow::Result<()> {
         .enable_all()
         .build()
         .context("starting the async runtime")?;
+    if let cellar::config::StoreBackend::Local(l) = &cfg.store.backend {
+        if !l.path.is_dir() {
+            // Created, so that a new cache can be filled before its server first starts; said,
+            // as a relative path lands wherever the command was run.
+            let shown = std::path::absolute(&l.path).unwrap_or_else(|_| l.path.clone());
+            eprintln!(
+                "cellar: store.path {} does not exist: creating it (a relative path is taken \
+                 from the working directory)",
+                shown.display()
+            );
+        }
+    }
     let summary = rt.block_on(async {
         let store = store::open(&cfg.store).await.context("opening the store")?;
+        eprintln!(
+            "cellar: importing {} into {}",
+            dir.display(),
+            store.describe()
+        );
         // Recorded like an upload, so that a garbage collection running meanwhile keeps what
         // is imported and its references (see cellar::gc::sweep).
         let access = cellar::gc::access::AccessLog::new(store.clone(), cfg.gc.access_max_entries)

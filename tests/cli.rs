@@ -145,6 +145,43 @@ fn store_commands_refuse_a_local_store_that_does_not_exist() {
     );
 }
 
+/// `cellar import` fills a new cache before its server first starts, so it creates a missing
+/// local store, but says so with the absolute path, and says which store it imports into: a
+/// relative `store.path` lands wherever the command was run.
+#[test]
+fn import_says_where_it_creates_the_store_and_what_it_imports_into() {
+    let d = tempfile::tempdir().unwrap();
+    let from = d.path().join("old-cache");
+    std::fs::create_dir(&from).unwrap();
+    let out = cellar(d.path()).arg("import").arg(&from).output().unwrap();
+    let err = String::from_utf8_lossy(&out.stderr);
+    assert!(out.status.success(), "{err}");
+    let store = d.path().join("cellar-data");
+    assert!(store.is_dir());
+    assert!(
+        err.contains(&format!(
+            "store.path {} does not exist: creating it",
+            store.display()
+        )),
+        "{err}"
+    );
+    assert!(
+        err.contains(&format!(
+            "importing {} into file://{}",
+            from.display(),
+            store.display()
+        )),
+        "{err}"
+    );
+    // Once it exists, nothing is said of creating it.
+    let out = cellar(d.path()).arg("import").arg(&from).output().unwrap();
+    let err = String::from_utf8_lossy(&out.stderr);
+    assert!(
+        out.status.success() && !err.contains("creating it"),
+        "{err}"
+    );
+}
+
 /// A local store at a file system's root holds `lost+found`, which the server's user cannot
 /// read: `gc` and `verify`, run as that user, list the store without it. (As root the test
 /// runs them as `nobody`, who owns the store but not `lost+found`; otherwise `lost+found` is

@@ -676,3 +676,43 @@ fn a_bad_url_is_refused_without_its_credentials() {
         "{e}"
     );
 }
+
+/// `metrics_listen` may not take the port `listen` serves: the same address, or either on
+/// every address (`0.0.0.0`, `[::]`); `serve` would fail to bind where `check-config` passed.
+#[test]
+fn metrics_listen_may_not_take_the_port_of_listen() {
+    for (listen, metrics) in [
+        ("127.0.0.1:8080", "127.0.0.1:8080"),
+        ("0.0.0.0:8080", "127.0.0.1:8080"),
+        ("127.0.0.1:8080", "0.0.0.0:8080"),
+        ("[::]:8080", "127.0.0.1:8080"),
+    ] {
+        let e = from_toml(&format!(
+            "listen = \"{listen}\"\nmetrics_listen = \"{metrics}\""
+        ))
+        .unwrap_err()
+        .to_string();
+        assert!(e.contains("metrics_listen"), "{listen} {metrics}: {e}");
+    }
+    for (listen, metrics) in [
+        ("127.0.0.1:8080", "127.0.0.1:9090"),
+        ("127.0.0.1:8080", "127.0.0.2:8080"),
+        ("0.0.0.0:8080", "0.0.0.0:9090"),
+        ("127.0.0.1:0", "127.0.0.1:0"),
+    ] {
+        let c = from_toml(&format!(
+            "listen = \"{listen}\"\nmetrics_listen = \"{metrics}\""
+        ));
+        assert!(c.is_ok(), "{listen} {metrics}: {c:?}");
+    }
+}
+
+/// An empty `signing.generated_key_file` (a variable set from an unset one) is refused naming
+/// the key, not found at start-up as "cannot write key file".
+#[test]
+fn an_empty_generated_key_file_is_refused() {
+    let e = from_toml("[signing]\ngenerated_key_file = \"\"")
+        .unwrap_err()
+        .to_string();
+    assert!(e.contains("signing.generated_key_file"), "{e}");
+}

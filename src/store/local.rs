@@ -523,7 +523,10 @@ impl Store for LocalStore {
     }
 
     fn describe(&self) -> String {
-        format!("file://{}", self.root.display())
+        // Absolute: a relative store.path is taken from the working directory, which logs and
+        // `cellar import` should not leave the reader to guess.
+        let root = std::path::absolute(&self.root).unwrap_or_else(|_| self.root.clone());
+        format!("file://{}", root.display())
     }
 }
 

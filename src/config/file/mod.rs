@@ -236,11 +236,14 @@ impl ConfigFile {
                 .map(|(i, u)| u.validate(i))
                 .collect::<Result<_, _>>()?,
             metrics_listen: match self.metrics_listen {
-                // Port 0 twice is two ports the kernel picks, not one address used twice.
-                Some(m) if m == self.listen && m.port() != 0 => {
+                Some(m) if overlap(m, self.listen) => {
                     return Err(ConfigError::invalid(
                         "metrics_listen",
-                        format!("{m} is `listen` too; leave it unset to serve /metrics there"),
+                        format!(
+                            "{m} takes the port `listen` ({}) serves; leave it unset to serve \
+                             /metrics there",
+                            self.listen
+                        ),
                     ))
                 }
                 m => m,
@@ -250,6 +253,15 @@ impl ConfigFile {
             },
         })
     }
+}
+
+/// Whether two listening addresses would take the same port: the same port (not 0, which is
+/// two ports the kernel picks) on the same address, or on any address and one of its (an
+/// unspecified address, `0.0.0.0` or `[::]`, takes the port on every address).
+fn overlap(a: std::net::SocketAddr, b: std::net::SocketAddr) -> bool {
+    a.port() == b.port()
+        && a.port() != 0
+        && (a.ip() == b.ip() || a.ip().is_unspecified() || b.ip().is_unspecified())
 }
 
 #[derive(Debug, Clone, Deserialize)]
@@ -275,6 +287,13 @@ impl Default for SigningSection {
 
 impl SigningSection {
     fn validate(self) -> Result<SigningConfig, ConfigError> {
+        if self.generated_key_file.as_os_str().is_empty() {
+            return Err(ConfigError::invalid(
+                "signing.generated_key_file",
+                "is set but empty (from an unset variable?): name the file, or leave it out"
+                    .to_owned(),
+            ));
+        }
         if let Some(n) = &self.generated_key_name {
             if n.is_empty() || n.contains(':') || n.contains(char::is_whitespace) {
                 return Err(ConfigError::invalid(
