@@ -112,6 +112,9 @@ pub async fn import_dir(
 ) -> Result<Summary, ImportError> {
     let mut summary = Summary::default();
     let mut entries: HashMap<StorePathHash, NarInfo> = HashMap::new();
+    // Paths whose narinfo in `dir` was rejected as it was read: a path referring to one is
+    // rejected before its NAR is copied unless the store has that reference already.
+    let mut unreadable: HashSet<StorePathHash> = HashSet::new();
     let mut rd = tokio::fs::read_dir(dir).await.map_err(read_err(dir))?;
     while let Some(e) = rd.next_entry().await.map_err(read_err(dir))? {
         let name = e.file_name().to_string_lossy().into_owned();
@@ -136,13 +139,17 @@ pub async fn import_dir(
         if raw.len() as u64 > MAX_NARINFO_BYTES {
             let why = format!("larger than {MAX_NARINFO_BYTES} bytes");
             summary.rejected.push((name, why));
+            unreadable.insert(hash);
             continue;
         }
         match NarInfo::parse_for(&raw, store_dir, hash) {
             Ok(info) => {
                 entries.insert(hash, info);
             }
-            Err(err) => summary.rejected.push((name, format!("bad narinfo: {err}"))),
+            Err(err) => {
+                summary.rejected.push((name, format!("bad narinfo: {err}")));
+                unreadable.insert(hash);
+            }
         }
     }
 
@@ -158,11 +165,23 @@ pub async fn import_dir(
         let fresh = store.head(&object_key::narinfo(h)).await?.is_none();
         // A path whose reference was refused would be refused after its NAR was copied (an
         // orphan): refused before.
-        let refused_reference = info
+        let mut refused_reference = info
             .references
             .iter()
             .find(|r| r.hash() != h && refused.contains(&r.hash()))
             .cloned();
+        if fresh && refused_reference.is_none() {
+            for r in info
+                .references
+                .iter()
+                .filter(|r| unreadable.contains(&r.hash()))
+            {
+                if store.head(&object_key::narinfo(r.hash())).await?.is_none() {
+                    refused_reference = Some(r.clone());
+                    break;
+                }
+            }
+        }
         // The extras of a path already there are those of the build stored, which need not be
         // this one (not every build is reproducible): written only if it is the same NAR.
         let mut extras = fresh;
@@ -410,6 +429,50 @@ mod tests {
         for h in [bh, ah] {
             assert!(mem.head(&object_key::narinfo(h)).await.unwrap().is_none());
         }
+    }
+
+    /// The same for a reference whose narinfo in the directory does not parse (rejected as it
+    /// was read); but one the store already has is no reason to reject the path above it.
+    #[tokio::test]
+    async fn paths_above_an_unreadable_narinfo_copy_no_nar_unless_the_store_has_it() {
+        let dir = tempfile::tempdir().unwrap();
+        let broken = "6bxnj2gfflqa529lddzh3zhcn45nn86r-broken";
+        let (bh, _) = write_path(dir.path(), broken, &[1; 100], &[1; 100], &[]);
+        let above = "7bxnj2gfflqa529lddzh3zhcn45nn86r-above";
+        let (ah, above_nar) = write_path(dir.path(), above, &[3; 100], &[3; 100], &[broken]);
+        let narinfo = dir.path().join(format!("{bh}.narinfo"));
+        let good = std::fs::read_to_string(&narinfo).unwrap();
+        std::fs::write(&narinfo, &good[..good.len() / 2]).unwrap();
+        let (mem, uploader) = importer();
+        let s = import_dir(dir.path(), &*mem, &uploader, "/nix/store", &())
+            .await
+            .unwrap();
+        assert_eq!(s.rejected.len(), 2, "{:?}", s.rejected);
+        assert!(s.rejected[1].1.contains("reference"), "{:?}", s.rejected);
+        assert!(
+            mem.head(&above_nar).await.unwrap().is_none(),
+            "its NAR was copied"
+        );
+        assert!(mem.head(&object_key::narinfo(ah)).await.unwrap().is_none());
+        // With the reference in the store, the path above goes in.
+        std::fs::write(&narinfo, &good).unwrap();
+        let only = tempfile::tempdir().unwrap();
+        let (_, _) = write_path(only.path(), broken, &[1; 100], &[1; 100], &[]);
+        let s = import_dir(only.path(), &*mem, &uploader, "/nix/store", &())
+            .await
+            .unwrap();
+        assert!(s.rejected.is_empty(), "{:?}", s.rejected);
+        std::fs::write(&narinfo, &good[..good.len() / 2]).unwrap();
+        let s = import_dir(dir.path(), &*mem, &uploader, "/nix/store", &())
+            .await
+            .unwrap();
+        assert_eq!(
+            s.rejected.len(),
+            1,
+            "only the unreadable one: {:?}",
+            s.rejected
+        );
+        assert!(mem.head(&object_key::narinfo(ah)).await.unwrap().is_some());
     }
 
     /// A cache signed by a key the server does not trust is refused path by path before any
