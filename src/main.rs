@@ -321,12 +321,22 @@ fn serve(path: Option<&Path>, log_format: Option<LogFormat>) -> anyhow::Result<(
         .context("starting the async runtime")?;
     rt.block_on(async move {
         let hup = cellar::reload::sighup_handler().context("installing the SIGHUP handler")?;
-        let store = store::open(&cfg.store)
-            .await
-            .with_context(|| format!("opening the store ({})", cfg.store.backend))?;
         // The access log, once there: a second signal still writes what it holds.
         let last_words = Arc::new(std::sync::OnceLock::new());
+        // Before anything that may take a while: as a container's PID 1, cellar would
+        // otherwise ignore a stop while the store opens.
         let signal = shutdown_signal(last_words.clone()).context("installing signal handlers")?;
+        let mut signal = Box::pin(signal);
+        let store = tokio::select! {
+            opened = store::open(&cfg.store) => {
+                opened.with_context(|| format!("opening the store ({})", cfg.store.backend))?
+            }
+            () = &mut signal => {
+                tracing::info!("stopped before serving");
+                return Ok(());
+            }
+        };
+        let last_flush_within = cfg.store.timeout;
         let shutdown = async {
             signal.await;
             cellar::systemd::stopping();
@@ -365,9 +375,14 @@ fn serve(path: Option<&Path>, log_format: Option<LogFormat>) -> anyhow::Result<(
         // lock up) for the last one below.
         flusher.abort();
         let _ = flusher.await;
-        // What was served since the last write still counts as recent use.
-        if let Err(e) = access.flush().await {
-            tracing::warn!(cause = %e, "writing the last access record failed");
+        // What was served since the last write still counts as recent use: written within
+        // `store.timeout_secs`, which the stop timeout the docs give leaves for it.
+        match tokio::time::timeout(last_flush_within, access.flush()).await {
+            Ok(Ok(())) => {}
+            Ok(Err(e)) => tracing::warn!(cause = %e, "writing the last access record failed"),
+            Err(_) => {
+                tracing::warn!("the last access record was not written within store.timeout_secs")
+            }
         }
         tracing::info!("stopped");
         Ok(())
