@@ -1,18 +1,20 @@
 //! Mirroring: a path served from an upstream marked `mirror = true` is copied into the store in
 //! the background (NAR, then narinfo, verified like an upload, by
 //! [`Uploader::copy_path`]), so the next request for it is served from the store and keeps
-//! working when the upstream is gone.
+//! working when the upstream is gone. Its closure comes along: each reference the store lacks
+//! is copied first (from whichever upstream serves it), and the path itself only once all are
+//! in, so the store alone serves every closure it holds a mirrored path of.
 //!
 //! The narinfo lookup only offers the path ([`Mirror::offer`]); it never waits for the copy,
 //! and a copy that fails is logged and forgotten: the path is offered again on a later miss.
 
-use std::collections::VecDeque;
+use std::collections::{HashSet, VecDeque};
 use std::sync::{Arc, Mutex};
 
 use tokio::sync::{OwnedSemaphorePermit, Semaphore};
 
 use crate::error::{Error, UploadError};
-use crate::nix::NarInfo;
+use crate::nix::{NarInfo, StorePathHash};
 use crate::store::{object_key, Store};
 use crate::sync::lock;
 use crate::upload::Uploader;
@@ -27,6 +29,11 @@ const MAX_COPIES: usize = 4;
 /// are dropped: mirrored on a later miss.
 const MAX_WAITING: usize = 1024;
 
+/// The most paths one copy brings into the store with a path's closure: a closure the store
+/// lacks more of is not mirrored (a misconfigured upstream would otherwise have one copy walk
+/// a distribution). Its paths are still served through the upstream.
+const MAX_CLOSURE: usize = 20_000;
+
 /// Clones share their queue and copies.
 #[derive(Clone)]
 pub struct Mirror {
@@ -38,7 +45,7 @@ struct Inner {
     /// Where the NAR is read from: the store, then the upstreams (the NAR is usually only at
     /// the upstream the narinfo came from).
     reads: Arc<dyn Store>,
-    /// References a mirrored path has at an upstream count as present.
+    /// Where the narinfos of the references a mirrored path's store lacks are found.
     upstreams: Arc<Upstreams>,
     copies: Arc<Semaphore>,
     /// Offered paths no copy has taken yet, in the order offered.
@@ -126,6 +133,78 @@ impl Inner {
 
     async fn copy(&self, info: NarInfo) {
         let path = info.store_path.clone();
+        match self.copy_closure(info).await {
+            Ok(0) => {}
+            Ok(1) => tracing::info!(path = %path, "mirrored from upstream"),
+            Ok(n) => {
+                tracing::info!(path = %path, paths = n, "mirrored from upstream, with the references the store lacked")
+            }
+            Err(e) => {
+                tracing::warn!(path = %path, cause = %e, "mirroring from upstream failed")
+            }
+        }
+    }
+
+    /// Copies `top` and every path of its closure the store lacks, references first; how
+    /// many were copied. Nothing of the closure is asked of the store twice, and a reference
+    /// found in the store is not walked further (the store holds closures whole). Fails,
+    /// copying nothing, when a reference is at no upstream or cannot be mirrored.
+    async fn copy_closure(&self, top: NarInfo) -> Result<usize, Error> {
+        let rejected = |why: String| Error::Upload(UploadError::Rejected(why));
+        if self.in_store(top.hash()).await? {
+            return Ok(0);
+        }
+        let mut seen: HashSet<StorePathHash> = HashSet::from([top.hash()]);
+        // Depth first: a path leaves the stack, into `order`, once all its references have.
+        let mut stack: Vec<(NarInfo, usize)> = vec![(top, 0)];
+        let mut order: Vec<NarInfo> = Vec::new();
+        while let Some((info, next)) = stack.last_mut() {
+            let Some(r) = info.references.get(*next).cloned() else {
+                if let Some((done, _)) = stack.pop() {
+                    order.push(done);
+                }
+                continue;
+            };
+            *next += 1;
+            if !seen.insert(r.hash()) || self.in_store(r.hash()).await? {
+                continue;
+            }
+            if seen.len() > MAX_CLOSURE {
+                return Err(rejected(format!(
+                    "the store lacks over {MAX_CLOSURE} paths of its closure"
+                )));
+            }
+            let found = match self.upstreams.narinfo(r.hash()).await {
+                (Some(f), _) => f.info,
+                (None, failed) => {
+                    let why = if failed { "could not be asked" } else { "has" };
+                    return Err(rejected(format!(
+                        "its closure's {r} is not in the store and no upstream {why} it"
+                    )));
+                }
+            };
+            if !found.nar_file().is_ok_and(|f| f.names_its_bytes()) {
+                return Err(rejected(format!(
+                    "its closure's {r} has a NAR named after its store path, which cannot be \
+                     stored"
+                )));
+            }
+            stack.push((found, 0));
+        }
+        let n = order.len();
+        for info in order {
+            self.copy_one(info).await?;
+        }
+        Ok(n)
+    }
+
+    /// Whether the store (not an upstream) has a narinfo for `h`.
+    async fn in_store(&self, h: StorePathHash) -> Result<bool, Error> {
+        Ok(self.uploader.stored(h).await?.is_some())
+    }
+
+    /// Copies one path whose references are all in the store.
+    async fn copy_one(&self, info: NarInfo) -> Result<(), Error> {
         let reads = self.reads.clone();
         let fetch_nar = |name| async move {
             let obj = reads
@@ -138,16 +217,9 @@ impl Inner {
                 })?;
             Ok(obj.body)
         };
-        match self
-            .uploader
-            .copy_path(info, fetch_nar, Some(&self.upstreams))
-            .await
-        {
-            Ok(_) => tracing::info!(path = %path, "mirrored from upstream"),
-            Err(e) => {
-                tracing::warn!(path = %path, cause = %e, "mirroring from upstream failed")
-            }
-        }
+        // No upstream counts for its references: they are in the store, and must be.
+        self.uploader.copy_path(info, fetch_nar, None).await?;
+        Ok(())
     }
 }
 
@@ -217,6 +289,150 @@ mod tests {
         got.dedup();
         assert_eq!(got.len(), n, "{got:?}");
         assert_eq!(mirror.waiting(), 0);
+    }
+
+    /// A path of a closure: its narinfo signed by `key` (NAR uncompressed), the NAR's key, and
+    /// the NAR.
+    fn closure_path(
+        key: &crate::nix::SecretKey,
+        hash: &str,
+        refs: &[&str],
+    ) -> (NarInfo, String, Vec<u8>) {
+        use crate::nix::Sha256;
+        let mut nar = b"\x0d\x00\x00\x00\x00\x00\x00\x00nix-archive-1\x00\x00\x00".to_vec();
+        nar.extend_from_slice(hash.as_bytes());
+        let sha = Sha256::digest(&nar);
+        let file = format!("{}.nar", sha.to_nix32());
+        let refs: Vec<String> = refs.iter().map(|r| format!("{r}-p")).collect();
+        let text = format!(
+            "StorePath: /nix/store/{hash}-p\nURL: nar/{file}\nCompression: none\n\
+             NarHash: {sha}\nNarSize: {}\nReferences: {}\n",
+            nar.len(),
+            refs.join(" ")
+        );
+        let mut info = NarInfo::parse(&text, "/nix/store").unwrap();
+        info.sign(key, "/nix/store");
+        (info, format!("nar/{file}"), nar)
+    }
+
+    /// An upstream serving `paths`' narinfos (their NARs are read from the returned store, as
+    /// the read path would through the upstreams), and a mirror into `store` over it.
+    async fn mirror_over(
+        key: &crate::nix::SecretKey,
+        paths: &[(NarInfo, String, Vec<u8>)],
+        store: &Arc<MemoryStore>,
+    ) -> Mirror {
+        let nars = Arc::new(MemoryStore::new());
+        let mut app = axum::Router::new();
+        for (info, nar_key, nar) in paths {
+            nars.insert(nar_key, nar.clone());
+            let text = info.render("/nix/store");
+            app = app.route(
+                &format!("/{}.narinfo", info.hash()),
+                axum::routing::get(move || async move { text }),
+            );
+        }
+        let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+        let url = format!("http://{}", listener.local_addr().unwrap());
+        tokio::spawn(async move { axum::serve(listener, app).await });
+        let cfg = Config::default();
+        let upstreams = Upstreams::new(
+            &[crate::config::UpstreamConfig {
+                url,
+                public_keys: vec![key.public()],
+                timeout: std::time::Duration::from_secs(10),
+                mirror: true,
+            }],
+            &cfg.store_dir,
+        )
+        .unwrap();
+        let inner: Arc<dyn Store> = store.clone();
+        let uploader = Arc::new(Uploader::new(&cfg.upload, &cfg.store_dir, inner));
+        Mirror::new(uploader, nars, Arc::new(upstreams))
+    }
+
+    const A: &str = "aaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaa";
+    const B: &str = "bbbbbbbbbbbbbbbbbbbbbbbbbbbbbbbb";
+    const C: &str = "cccccccccccccccccccccccccccccccc";
+    const D: &str = "dddddddddddddddddddddddddddddddd";
+
+    /// A mirrored path brings the paths of its closure the store lacks, references first,
+    /// each from the upstream that serves it: once the upstream is gone, the store serves the
+    /// whole closure. A reference the store has is not walked further.
+    #[tokio::test]
+    async fn a_mirrored_path_brings_its_closure_references_first() {
+        let key = crate::nix::SecretKey::generate("up-1").unwrap();
+        let paths = [
+            closure_path(&key, A, &[B, C, A]),
+            closure_path(&key, B, &[C, D]),
+            closure_path(&key, C, &[]),
+            closure_path(&key, D, &[]),
+        ];
+        let store = Arc::new(MemoryStore::new());
+        // D is in the store already: neither copied nor asked of the upstream.
+        store.insert(
+            &format!("{D}.narinfo"),
+            paths[3].0.render("/nix/store").into_bytes(),
+        );
+        store.insert(&paths[3].1, paths[3].2.clone());
+        let written = Arc::new(std::sync::Mutex::new(Vec::new()));
+        let w = written.clone();
+        store.after_write("", move |k| {
+            if let Some(h) = k.strip_suffix(".narinfo") {
+                w.lock().unwrap().push(h.to_owned());
+            }
+        });
+        let mirror = mirror_over(&key, &paths[..3], &store).await;
+        let n = mirror.inner.copy_closure(paths[0].0.clone()).await.unwrap();
+        assert_eq!(n, 3);
+        assert_eq!(*written.lock().unwrap(), [C, B, A], "references first");
+        for (_, nar, _) in &paths {
+            assert!(store.bytes(nar).is_some(), "{nar}");
+        }
+        // Mirrored again: nothing to do.
+        assert_eq!(
+            mirror.inner.copy_closure(paths[0].0.clone()).await.unwrap(),
+            0
+        );
+    }
+
+    /// A closure with a path no upstream has (or one whose NAR cannot be stored) is not
+    /// mirrored at all: its top would be a narinfo the store alone cannot serve whole.
+    #[tokio::test]
+    async fn a_path_whose_closure_cannot_be_mirrored_is_not() {
+        let key = crate::nix::SecretKey::generate("up-1").unwrap();
+        let paths = [
+            closure_path(&key, A, &[B]),
+            closure_path(&key, B, &[C]),
+            closure_path(&key, C, &[]),
+        ];
+        let store = Arc::new(MemoryStore::new());
+        // C is at no upstream.
+        let mirror = mirror_over(&key, &paths[..2], &store).await;
+        let e = mirror
+            .inner
+            .copy_closure(paths[0].0.clone())
+            .await
+            .unwrap_err();
+        assert!(e.to_string().contains(C), "{e}");
+        assert!(
+            !store.keys().iter().any(|k| k.ends_with(".narinfo")),
+            "{:?}",
+            store.keys()
+        );
+        // B's NAR is named after its store path.
+        let (mut b, _, _) = closure_path(&key, B, &[]);
+        b.url = format!("nar/{B}.nar");
+        b.sign(&key, "/nix/store");
+        let paths = [paths[0].clone(), (b, String::new(), Vec::new())];
+        let mirror = mirror_over(&key, &paths, &store).await;
+        let e = mirror
+            .inner
+            .copy_closure(paths[0].0.clone())
+            .await
+            .unwrap_err();
+        assert!(e.to_string().contains("named after its store path"), "{e}");
+        assert!(!store.keys().iter().any(|k| k.ends_with(".narinfo")));
     }
 
     /// A NAR named after its store path cannot be stored (the store names NARs after their

@@ -212,36 +212,43 @@ async fn head_of_a_nar_only_the_upstream_has_is_its_size() {
     assert_eq!(body, std::fs::read(f.xz_dir.join(url)).unwrap());
 }
 
+/// A path mirrored brings its closure: asked only for `mid` (no prefetch to ask for the rest),
+/// cellar copies `leaf`, which `mid` refers to, then `mid`; with the upstream gone, the real
+/// client substitutes `mid`'s closure from the bucket alone.
 #[tokio::test(flavor = "multi_thread")]
 async fn mirrored_paths_land_in_the_bucket() {
     let f = fixture();
     let work = tempfile::tempdir().unwrap();
     let leaf = f.closure.iter().find(|p| p.ends_with("-leaf")).unwrap();
-    let b = upstream_with(&[leaf.as_str()], work.path());
+    let mid = f.closure.iter().find(|p| p.ends_with("-mid")).unwrap();
+    let b = upstream_with(&[leaf.as_str(), mid.as_str()], work.path());
     let app = App::s3("pull-mirror")
         .config(&upstream_config(&b.url, &b.public_key, "mirror = true\n"))
+        .env("CELLAR_CACHE__PREFETCH_CONCURRENCY", "0")
         .spawn()
         .await;
     let (a, s3, prefix) = (&app.srv, &app.s3, &app.prefix);
-    let h = Fixture::hash(leaf);
-    let r = reqwest::get(format!("{}/{h}.narinfo", a.url))
+    let r = reqwest::get(format!("{}/{}.narinfo", a.url, Fixture::hash(mid)))
         .await
         .unwrap();
     assert_eq!(r.status(), 200);
     // Mirroring runs in the background; the server logs each path it has copied.
     a.wait_for_log("mirrored from upstream", 1);
-    assert!(
-        s3_exists(s3, &format!("{prefix}{h}.narinfo")).await,
-        "not mirrored:\n{}",
-        a.log()
-    );
-    // The stored narinfo's NAR is in the bucket too, and B is no longer needed.
+    for p in [leaf, mid] {
+        let h = Fixture::hash(p);
+        assert!(
+            s3_exists(s3, &format!("{prefix}{h}.narinfo")).await,
+            "{p} not mirrored:\n{}",
+            a.log()
+        );
+    }
+    // The stored narinfos' NARs are in the bucket too, and B is no longer needed.
     drop(b);
     let work2 = tempfile::tempdir().unwrap();
     let mut c = nix("nix", &work2.path().join("xdg"));
     c.args(["copy", "--from", &a.url, "--store"])
         .arg(work2.path().join("store"))
-        .args(["--trusted-public-keys", &a.public_key, leaf]);
+        .args(["--trusted-public-keys", &a.public_key, mid]);
     run_ok(c);
 }
 
