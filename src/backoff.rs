@@ -204,6 +204,29 @@ mod tests {
         );
     }
 
+    /// A pause of a real length ends by itself once its period has passed on the clock: the
+    /// holder tries again without any success having been seen.
+    #[test]
+    fn a_pause_ends_when_its_period_has_passed() {
+        let period = Duration::from_millis(20);
+        let b = Backoff::new(period);
+        let tripped = Instant::now();
+        assert!(b.trip());
+        let deadline = tripped + Duration::from_secs(10);
+        while b.is_active() {
+            assert!(
+                Instant::now() < deadline,
+                "a pause of {period:?} still runs after 10 s"
+            );
+            std::thread::yield_now();
+        }
+        // The clock counts whole milliseconds: the end may come up to one early.
+        assert!(
+            tripped.elapsed() + Duration::from_millis(1) >= period,
+            "the pause ended before its period"
+        );
+    }
+
     #[test]
     fn a_reset_leaves_a_running_pause_alone() {
         let b = Backoff::new(Duration::from_secs(3600));

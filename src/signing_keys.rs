@@ -95,8 +95,11 @@ pub fn write_secret_key(path: &Path, key: &SecretKey) -> Result<(), KeyFileError
         Err(e) if e.kind() == std::io::ErrorKind::AlreadyExists => Err(err(e)),
         // A file system without hard links (vfat, some FUSE and SMB mounts): written in place,
         // and removed again if that fails, so no partial key stays behind.
+        // Not if another process created it meanwhile: that key is theirs, and in use.
         Err(_) => write_new(path).map_err(|e| {
-            let _ = std::fs::remove_file(path);
+            if e.kind() != std::io::ErrorKind::AlreadyExists {
+                let _ = std::fs::remove_file(path);
+            }
             err(e)
         }),
         Ok(()) => Ok(()),
@@ -264,6 +267,88 @@ mod tests {
         );
         // Nothing left beside it.
         assert_eq!(std::fs::read_dir(dir.path()).unwrap().count(), 1);
+    }
+
+    /// A key generated without a configured name is named after the machine, `<hostname>-1`,
+    /// so that caches on different machines do not share a key name (Nix keys its trusted keys
+    /// by name).
+    #[test]
+    fn a_generated_key_is_named_after_the_host() {
+        let host = std::fs::read_to_string("/proc/sys/kernel/hostname")
+            .or_else(|_| std::fs::read_to_string("/etc/hostname"))
+            .unwrap_or_default();
+        let host = host.trim();
+        let expected = if host.is_empty() {
+            "cellar-1".to_owned()
+        } else {
+            // Characters a key name may not hold are left out (none in a usual host name).
+            let kept: String = host
+                .chars()
+                .filter(|c| c.is_ascii_alphanumeric() || "-._".contains(*c))
+                .collect();
+            format!("{kept}-1")
+        };
+        let dir = tempfile::tempdir().unwrap();
+        let cfg = SigningConfig {
+            generated_key_file: dir.path().join("k.sec"),
+            generated_key_name: None,
+            ..SigningConfig::default()
+        };
+        let loaded = load(&cfg).unwrap();
+        assert_eq!(loaded.keys[0].name(), expected);
+        assert_eq!(default_key_name(), expected);
+    }
+
+    /// A reload reads the keys configured, or the generated key file when none is: the keys
+    /// it signs with afterwards are those, not none.
+    #[test]
+    fn a_reload_reads_the_configured_or_generated_keys() {
+        let dir = tempfile::tempdir().unwrap();
+        let a = SecretKey::generate("a-1").unwrap();
+        let b = SecretKey::generate("b-1").unwrap();
+        write_secret_key(&dir.path().join("a.sec"), &a).unwrap();
+        write_secret_key(&dir.path().join("b.sec"), &b).unwrap();
+        let cfg = SigningConfig {
+            key_files: vec![dir.path().join("a.sec"), dir.path().join("b.sec")],
+            ..SigningConfig::default()
+        };
+        let names: Vec<String> = load_existing(&cfg)
+            .unwrap()
+            .iter()
+            .map(|k| k.public().to_string())
+            .collect();
+        assert_eq!(names, [a.public().to_string(), b.public().to_string()]);
+        let cfg = SigningConfig {
+            generated_key_file: dir.path().join("a.sec"),
+            ..SigningConfig::default()
+        };
+        let keys = load_existing(&cfg).unwrap();
+        assert_eq!(keys.len(), 1);
+        assert_eq!(keys[0].public().to_string(), a.public().to_string());
+        // A missing generated key is an error to report, never created on a reload.
+        let cfg = SigningConfig {
+            generated_key_file: dir.path().join("gone.sec"),
+            ..SigningConfig::default()
+        };
+        assert!(load_existing(&cfg).is_err());
+        assert!(!dir.path().join("gone.sec").exists());
+    }
+
+    /// A key file that cannot be created (its directory cannot be made: a file is in the way)
+    /// is reported as such, not as a key file some other process created and this one cannot
+    /// read.
+    #[test]
+    fn a_key_file_that_cannot_be_created_is_reported_as_a_write_failure() {
+        let dir = tempfile::tempdir().unwrap();
+        std::fs::write(dir.path().join("file"), "not a directory").unwrap();
+        let cfg = SigningConfig {
+            generated_key_file: dir.path().join("file/sub/k.sec"),
+            generated_key_name: Some("t-1".into()),
+            ..SigningConfig::default()
+        };
+        let e = load(&cfg).unwrap_err();
+        assert!(matches!(e, KeyFileError::Write { .. }), "{e}");
+        assert!(e.to_string().contains("cannot write key file"), "{e}");
     }
 
     #[test]

@@ -776,3 +776,400 @@ async fn later_parts_of_an_upstream_object_skip_the_store() {
     assert_eq!(read("nar/whole.nar", part(2)).await, b"23");
     assert_eq!(mem.gets_under("nar/"), 3);
 }
+
+/// An upstream narinfo refused is logged with why it was refused, so that an operator can tell
+/// a wrong `public_keys` entry from an upstream sending something else.
+#[tokio::test]
+async fn a_refused_narinfo_is_logged_with_the_reason() {
+    let logs = crate::test_logs::capture();
+    let trusted = crate::nix::SecretKey::generate("trusted-1").unwrap();
+    let other = crate::nix::SecretKey::generate("other-1").unwrap();
+    let info = signed_narinfo(&other, &format!("{FIRST}-a"), SECOND_NAR);
+    let app = axum::Router::new().route(
+        &format!("/{FIRST}.narinfo"),
+        axum::routing::get(move || async move { info }),
+    );
+    let config = UpstreamConfig {
+        url: serve(app).await,
+        public_keys: vec![trusted.public()],
+        timeout: Duration::from_secs(5),
+        mirror: false,
+    };
+    let upstreams = Upstreams::new(&[config], "/nix/store").unwrap();
+    let (found, failed) = upstreams.narinfo(FIRST.parse().unwrap()).await;
+    assert!(found.is_none() && !failed);
+    let logged = logs.text();
+    assert!(logged.contains("upstream narinfo refused"), "{logged}");
+    assert!(
+        logged.contains("no valid signature by the upstream's keys"),
+        "{logged}"
+    );
+}
+
+/// An upstream that redirects `/log/<n>` to `/log/<n - 1>`, and serves `/log/0`.
+async fn redirecting_upstream(Path(n): Path<usize>) -> Response {
+    match n {
+        0 => "found".into_response(),
+        n => axum::response::Redirect::temporary(&format!("/log/{}", n - 1)).into_response(),
+    }
+}
+
+/// An upstream may redirect up to [`MAX_REDIRECTS`] times in a row (attic to a bucket, a
+/// bucket to its region) and what it leads to is served; one more is a miss of that object, not
+/// an outage, and not followed on forever.
+#[tokio::test]
+async fn exactly_the_allowed_number_of_redirects_is_followed() {
+    let app = axum::Router::new().route("/log/{n}", axum::routing::get(redirecting_upstream));
+    let upstreams = upstreams_serving(app).await;
+    let obj = upstreams
+        .get(&format!("log/{MAX_REDIRECTS}"), None)
+        .await
+        .unwrap()
+        .expect("served after the allowed redirects");
+    let chunks: Vec<bytes::Bytes> = obj.body.try_collect().await.unwrap();
+    assert_eq!(chunks.concat(), b"found");
+    assert!(matches!(
+        upstreams
+            .get(&format!("log/{}", MAX_REDIRECTS + 1), None)
+            .await,
+        Ok(None)
+    ));
+    assert!(!upstreams.list[0].down.is_active());
+}
+
+/// Without upstreams configured there is nothing to fall through to (the store is served
+/// alone, `/status` lists none); with one there is.
+#[test]
+fn upstreams_are_empty_only_when_none_is_configured() {
+    assert!(Upstreams::new(&[], "/nix/store").unwrap().is_empty());
+    assert!(!upstreams_at("http://127.0.0.1:9".into()).is_empty());
+}
+
+/// A NAR no narinfo here named (asked by a client that kept the narinfo, or of another
+/// replica) is asked of every upstream in order: the first one's 404 is not the answer when the
+/// next has it.
+#[tokio::test]
+async fn an_unrouted_nar_the_first_upstream_lacks_is_found_at_the_next() {
+    let first = axum::Router::new().fallback(|| async { StatusCode::NOT_FOUND });
+    let second = axum::Router::new().route(
+        &format!("/nar/{SECOND_NAR}"),
+        axum::routing::get(|| async { "0123456789" }),
+    );
+    let configs = [serve(first).await, serve(second).await].map(|url| UpstreamConfig {
+        url,
+        public_keys: Vec::new(),
+        timeout: Duration::from_secs(5),
+        mirror: false,
+    });
+    let upstreams = Upstreams::new(&configs, "/nix/store").unwrap();
+    let nar = format!("nar/{SECOND_NAR}");
+    let obj = upstreams.get(&nar, None).await.unwrap().unwrap();
+    let chunks: Vec<bytes::Bytes> = obj.body.try_collect().await.unwrap();
+    assert_eq!(chunks.concat(), b"0123456789");
+    assert_eq!(upstreams.head(&nar).await.unwrap(), Some(10));
+}
+
+/// A part an upstream streams without a `Content-Length` has the length its `Content-Range`
+/// says (what the client is told, and what a fill expects to read).
+#[tokio::test]
+async fn a_part_without_a_length_has_the_length_of_its_range() {
+    let app = axum::Router::new().route(
+        "/nar/{file}",
+        axum::routing::get(|| async {
+            let part = futures::stream::iter([Ok::<_, io::Error>(b"2345".to_vec())]);
+            (
+                StatusCode::PARTIAL_CONTENT,
+                [(header::CONTENT_RANGE, "bytes 2-5/10")],
+                axum::body::Body::from_stream(part),
+            )
+        }),
+    );
+    let upstreams = upstreams_serving(app).await;
+    let range = Some(ByteRange::From {
+        start: 2,
+        end: Some(5),
+    });
+    let obj = upstreams.get("nar/part.nar", range).await.unwrap().unwrap();
+    assert_eq!(obj.length, Some(4));
+    assert_eq!(
+        obj.range,
+        Some(ContentRange {
+            start: 2,
+            end: 5,
+            total: 10
+        })
+    );
+    let chunks: Vec<bytes::Bytes> = obj.body.try_collect().await.unwrap();
+    assert_eq!(chunks.concat(), b"2345");
+}
+
+/// Where a redirect may lead, by how its host is spelled: each range of addresses on both
+/// sides of its edges (link-local and metadata addresses never, loopback, private, shared
+/// 100.64/10 and unique local addresses only from a local upstream, the rest public).
+#[test]
+fn hosts_are_classified_at_the_edges_of_each_range() {
+    let cases = [
+        // Names.
+        ("localhost", Reach::Local),
+        ("LOCALHOST.", Reach::Local),
+        ("app.localhost", Reach::Local),
+        ("nas", Reach::Local),
+        ("minio.lan", Reach::Local),
+        ("printer.local", Reach::Local),
+        ("cache.home.arpa", Reach::Local),
+        ("metadata.google.internal", Reach::Local),
+        ("box.localdomain", Reach::Local),
+        ("cache.example.org", Reach::Public),
+        ("localhost.example.org", Reach::Public),
+        ("a.notlan", Reach::Public),
+        // IPv4.
+        ("8.8.8.8", Reach::Public),
+        ("0.0.0.0", Reach::Never),
+        ("255.255.255.255", Reach::Never),
+        ("169.253.255.255", Reach::Public),
+        ("169.254.0.0", Reach::Never),
+        ("169.254.169.254", Reach::Never),
+        ("169.254.255.255", Reach::Never),
+        ("169.255.0.0", Reach::Public),
+        ("100.100.100.200", Reach::Never),
+        ("100.100.100.201", Reach::Local),
+        ("127.0.0.1", Reach::Local),
+        ("127.255.255.254", Reach::Local),
+        ("9.255.255.255", Reach::Public),
+        ("10.0.0.1", Reach::Local),
+        ("11.0.0.1", Reach::Public),
+        ("172.15.255.255", Reach::Public),
+        ("172.16.0.1", Reach::Local),
+        ("172.31.255.255", Reach::Local),
+        ("172.32.0.1", Reach::Public),
+        ("192.168.1.1", Reach::Local),
+        ("192.169.0.1", Reach::Public),
+        ("100.63.255.255", Reach::Public),
+        ("100.64.0.0", Reach::Local),
+        ("100.127.255.255", Reach::Local),
+        ("100.128.0.0", Reach::Public),
+        ("99.64.0.1", Reach::Public),
+        ("101.64.0.1", Reach::Public),
+        // IPv6.
+        ("[::]", Reach::Never),
+        ("[fe7f::1]", Reach::Public),
+        ("[fe80::1]", Reach::Never),
+        ("[febf:ffff::1]", Reach::Never),
+        ("[fec0::1]", Reach::Public),
+        ("[fd00:ec2::254]", Reach::Never),
+        ("[fd00:ec2::253]", Reach::Local),
+        ("[::1]", Reach::Local),
+        ("[::2]", Reach::Public),
+        ("[fbff::1]", Reach::Public),
+        ("[fc00::1]", Reach::Local),
+        ("[fdff:ffff::1]", Reach::Local),
+        ("[fe00::1]", Reach::Public),
+        ("[2001:db8::1]", Reach::Public),
+        ("[::ffff:10.0.0.1]", Reach::Local),
+        ("[::ffff:169.254.169.254]", Reach::Never),
+        ("[::ffff:8.8.8.8]", Reach::Public),
+    ];
+    for (host, expected) in cases {
+        let u = reqwest::Url::parse(&format!("http://{host}/x")).unwrap();
+        assert_eq!(reach(&u), expected, "{host}");
+    }
+}
+
+/// Credentials in an upstream URL are taken out of what is shown, whichever of the user name
+/// and the password carries them; a URL without any is shown as configured.
+#[test]
+fn credentials_are_taken_out_of_every_url_that_holds_them() {
+    for (configured, shown) in [
+        (
+            "https://reader:token@cache.example.org/x",
+            "https://cache.example.org/x",
+        ),
+        // A token as the user name alone (as some hosts take it).
+        (
+            "https://TOKEN@cache.example.org/x",
+            "https://cache.example.org/x",
+        ),
+        // A password alone.
+        (
+            "https://:TOKEN@cache.example.org/x",
+            "https://cache.example.org/x",
+        ),
+        // No credentials: as spelled in the configuration.
+        (
+            "https://Cache.Example.org:443/nix-cache/",
+            "https://Cache.Example.org:443/nix-cache/",
+        ),
+    ] {
+        assert_eq!(without_credentials(configured), shown, "{configured}");
+    }
+}
+
+/// A response of `body`, its length said (`sized`) or streamed in `chunks` without one.
+fn response(body: &[u8], sized: bool, chunks: usize) -> reqwest::Response {
+    let body = if sized {
+        reqwest::Body::from(body.to_vec())
+    } else {
+        let parts: Vec<Result<Vec<u8>, io::Error>> = body
+            .chunks(body.len().div_ceil(chunks).max(1))
+            .map(|c| Ok(c.to_vec()))
+            .collect();
+        reqwest::Body::wrap_stream(futures::stream::iter(parts))
+    };
+    reqwest::Response::from(axum::http::Response::new(body))
+}
+
+/// A narinfo body is read up to its cap and no further: one of exactly the cap is accepted
+/// whether its length is said or it is streamed in parts, one byte more is refused either way.
+#[tokio::test]
+async fn a_body_is_read_up_to_exactly_its_cap() {
+    const CAP: usize = 10;
+    let read = |body: Vec<u8>, sized: bool, chunks: usize| async move {
+        match read_capped(response(&body, sized, chunks), CAP).await {
+            Ok(b) => Some(b.len()),
+            Err(Refusal::TooLarge(cap)) => {
+                assert_eq!(cap, CAP);
+                None
+            }
+            Err(e) => panic!("{e}"),
+        }
+    };
+    // Its length said, or streamed in one part, two, five.
+    for (sized, chunks) in [(true, 1), (false, 1), (false, 2), (false, 5)] {
+        let how = format!("sized: {sized}, chunks: {chunks}");
+        assert_eq!(
+            read(vec![7; CAP - 1], sized, chunks).await,
+            Some(CAP - 1),
+            "{how}"
+        );
+        assert_eq!(read(vec![7; CAP], sized, chunks).await, Some(CAP), "{how}");
+        assert_eq!(read(vec![7; CAP + 1], sized, chunks).await, None, "{how}");
+    }
+    // The last part is the one that goes over.
+    let over = [7u8; CAP + 1];
+    let parts: Vec<Result<Vec<u8>, io::Error>> = vec![Ok(over[..CAP].to_vec()), Ok(vec![7])];
+    let res = reqwest::Response::from(axum::http::Response::new(reqwest::Body::wrap_stream(
+        futures::stream::iter(parts),
+    )));
+    assert!(matches!(
+        read_capped(res, CAP).await,
+        Err(Refusal::TooLarge(CAP))
+    ));
+}
+
+/// An upstream serving `nar/whole.nar` whole (ranges ignored), counting the requests, or
+/// failing them (500) while `failing` is set.
+async fn switchable_upstream(
+    asked: Arc<std::sync::atomic::AtomicUsize>,
+    failing: Arc<std::sync::atomic::AtomicBool>,
+) -> Upstreams {
+    use std::sync::atomic::Ordering;
+    let app = axum::Router::new().route(
+        "/nar/whole.nar",
+        axum::routing::get(move || {
+            asked.fetch_add(1, Ordering::SeqCst);
+            let failing = failing.load(Ordering::SeqCst);
+            async move {
+                if failing {
+                    StatusCode::INTERNAL_SERVER_ERROR.into_response()
+                } else {
+                    b"0123456789".to_vec().into_response()
+                }
+            }
+        }),
+    );
+    upstreams_serving(app).await
+}
+
+/// A later part of an object an upstream served from its first byte is asked of the upstream
+/// first; when it fails, the store's copy (mirrored since) is served rather than a 503.
+#[tokio::test]
+async fn a_later_part_the_upstream_fails_is_served_from_the_store() {
+    use std::sync::atomic::{AtomicBool, AtomicUsize, Ordering};
+    let asked = Arc::new(AtomicUsize::new(0));
+    let failing = Arc::new(AtomicBool::new(false));
+    let mem = Arc::new(crate::store::memory::MemoryStore::new());
+    let store: Arc<dyn Store> = mem.clone();
+    let upstreams = switchable_upstream(asked.clone(), failing.clone()).await;
+    let both = WithUpstreams::new(store, Arc::new(upstreams));
+    let part = |start| {
+        Some(ByteRange::From {
+            start,
+            end: Some(start + 1),
+        })
+    };
+    let obj = both.get("nar/whole.nar", part(0)).await.unwrap().unwrap();
+    let chunks: Vec<bytes::Bytes> = obj.body.try_collect().await.unwrap();
+    assert_eq!(chunks.concat(), b"0123456789");
+    mem.insert("nar/whole.nar", b"0123456789".to_vec());
+    failing.store(true, Ordering::SeqCst);
+    let obj = both
+        .get("nar/whole.nar", part(2))
+        .await
+        .unwrap()
+        .expect("served from the store");
+    let chunks: Vec<bytes::Bytes> = obj.body.try_collect().await.unwrap();
+    assert_eq!(chunks.concat(), b"23");
+    assert_eq!(
+        asked.load(Ordering::SeqCst),
+        2,
+        "the upstream was asked first"
+    );
+}
+
+/// Only an object an upstream served from its first byte sends its later parts to the
+/// upstreams first: a later part alone (a client resuming) served by an upstream leaves the
+/// store asked first for the next, and a copy there (mirrored since) is served from it.
+#[tokio::test]
+async fn a_later_part_alone_from_an_upstream_leaves_the_store_asked_first() {
+    use std::sync::atomic::{AtomicBool, AtomicUsize, Ordering};
+    let asked = Arc::new(AtomicUsize::new(0));
+    let mem = Arc::new(crate::store::memory::MemoryStore::new());
+    let store: Arc<dyn Store> = mem.clone();
+    let upstreams = switchable_upstream(asked.clone(), Arc::new(AtomicBool::new(false))).await;
+    let both = WithUpstreams::new(store, Arc::new(upstreams));
+    let part = |start| {
+        Some(ByteRange::From {
+            start,
+            end: Some(start + 1),
+        })
+    };
+    let obj = both.get("nar/whole.nar", part(2)).await.unwrap().unwrap();
+    let chunks: Vec<bytes::Bytes> = obj.body.try_collect().await.unwrap();
+    assert_eq!(chunks.concat(), b"23");
+    assert_eq!(asked.load(Ordering::SeqCst), 1);
+    mem.insert("nar/whole.nar", b"0123456789".to_vec());
+    let obj = both.get("nar/whole.nar", part(4)).await.unwrap().unwrap();
+    let chunks: Vec<bytes::Bytes> = obj.body.try_collect().await.unwrap();
+    assert_eq!(chunks.concat(), b"45");
+    assert_eq!(
+        asked.load(Ordering::SeqCst),
+        1,
+        "the upstream was asked before the store"
+    );
+}
+
+/// What concerns the cache itself (readiness, staging left behind, deleting, its description)
+/// is answered by the store under the upstreams, never by an upstream.
+#[tokio::test]
+async fn the_store_under_the_upstreams_answers_for_the_cache_itself() {
+    let mem = Arc::new(crate::store::memory::MemoryStore::new());
+    let store: Arc<dyn Store> = mem.clone();
+    let both = WithUpstreams::new(store, Arc::new(plain_upstreams().await));
+    assert_eq!(both.describe(), "memory:// (+1 upstreams)");
+    assert!(both.ping().await.is_ok());
+    mem.set_down(true);
+    assert!(matches!(both.ping().await, Err(StoreError::Unavailable(_))));
+    mem.set_down(false);
+    mem.leave_staged("upload-a");
+    mem.leave_staged("upload-b");
+    let older = Duration::from_secs(3600);
+    assert_eq!(
+        both.stale_staging(older).await.unwrap(),
+        ["upload-a", "upload-b"]
+    );
+    assert_eq!(both.cleanup_staging(older).await.unwrap(), 2);
+    assert!(both.stale_staging(older).await.unwrap().is_empty());
+    mem.insert("nar/whole.nar", b"0123456789".to_vec());
+    both.delete("nar/whole.nar").await.unwrap();
+    assert!(mem.bytes("nar/whole.nar").is_none());
+}
