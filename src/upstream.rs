@@ -15,7 +15,9 @@ use futures::{StreamExt as _, TryStreamExt as _};
 
 use crate::backoff::{Attempt, Backoff};
 use crate::config::UpstreamConfig;
-use crate::nix::{NarInfo, NarInfoError, NarUrlError, PublicKey, StorePathHash, MAX_NARINFO_BYTES};
+use crate::nix::{
+    NarFileName, NarInfo, NarInfoError, NarUrlError, PublicKey, StorePathHash, MAX_NARINFO_BYTES,
+};
 use crate::store::{ByteRange, ContentRange, Object, ObjectWriter, Store, StoreError};
 
 /// After [`FAILURES_IN_A_ROW`] failures, how long an upstream is skipped.
@@ -372,15 +374,31 @@ impl Upstreams {
 
     /// The upstreams to ask for `key`, in order, and whether the first is the one whose
     /// narinfo named it (its miss is then the answer; the others are asked only when it
-    /// could not be: skipped, failing, or it is a mirror of another listed after it).
+    /// could not be: skipped, failing, or it is a mirror of another listed after it). A NAR
+    /// named after its store path ([`same_everywhere`] is false) is the routed upstream's
+    /// alone: another's NAR of that name may be another build, and a part of it spliced into
+    /// a fill (or served whole) would be a NAR no narinfo describes.
     async fn asked_for(&self, key: &str) -> (Vec<&Upstream>, bool) {
         match self.routes.get(key).await.and_then(|i| self.list.get(i)) {
             Some(routed) => {
                 let mut order = vec![routed];
-                order.extend(self.list.iter().filter(|u| !std::ptr::eq(*u, routed)));
+                if same_everywhere(key) {
+                    order.extend(self.list.iter().filter(|u| !std::ptr::eq(*u, routed)));
+                }
                 (order, true)
             }
             None => (self.list.iter().collect(), false),
+        }
+    }
+
+    /// Routes `key` to `u`, which served (a part of) it, if it is a NAR named after its store
+    /// path no narinfo routed: its later parts then come from the same upstream.
+    async fn pin(&self, key: &str, u: &Upstream, routed: bool) {
+        if routed || same_everywhere(key) {
+            return;
+        }
+        if let Some(i) = self.list.iter().position(|l| std::ptr::eq(l, u)) {
+            self.routes.insert(key.to_owned(), i).await;
         }
     }
 
@@ -408,6 +426,7 @@ impl Upstreams {
                 }
             };
             let status = res.status();
+            self.pin(key, u, routed).await;
             if status == reqwest::StatusCode::RANGE_NOT_SATISFIABLE {
                 match self.refused_range_size(u, key, &res).await {
                     Some(size) => return Err(StoreError::RangeNotSatisfiable { size }),
@@ -673,6 +692,15 @@ fn reach(u: &reqwest::Url) -> Reach {
 /// of its choosing to what the upstream is sent. The one query sent is harmonia's
 /// `nar/<narhash>.nar?hash=<pathhash>`, which [`crate::nix::NarFileName`] allows in exactly
 /// that form and nowhere else.
+/// Whether every upstream's object under `key` is the same bytes: anything but a NAR named
+/// after its store path (32 characters, as attic and old nix-serve name them), whose name is
+/// the hash of its bytes (Nix's names, nix-serve's and harmonia's).
+fn same_everywhere(key: &str) -> bool {
+    key.strip_prefix("nar/")
+        .and_then(|f| NarFileName::parse_nix(f).ok())
+        .is_none_or(|f| f.names_its_bytes())
+}
+
 fn url(u: &Upstream, key: &str) -> String {
     if key.starts_with("nar/") {
         format!("{}/{key}", u.base)

@@ -1173,3 +1173,110 @@ async fn the_store_under_the_upstreams_answers_for_the_cache_itself() {
     both.delete("nar/whole.nar").await.unwrap();
     assert!(mem.bytes("nar/whole.nar").is_none());
 }
+
+/// A NAR named after its store path (attic's names) is the routed upstream's alone: another
+/// upstream's NAR of that name may be another build, so when the routed one fails, the
+/// answer is that it could not be asked (503), never the other's bytes. One no narinfo routed
+/// stays with the upstream that first served a part of it, so a fill's later parts cannot be
+/// spliced from another upstream's NAR.
+#[tokio::test]
+async fn a_nar_named_after_its_store_path_comes_from_one_upstream_only() {
+    use std::sync::atomic::{AtomicBool, AtomicUsize, Ordering};
+    let key = crate::nix::SecretKey::generate("first-1").unwrap();
+    let file = format!("{SECOND}.nar");
+    let info = signed_narinfo(&key, &format!("{FIRST}-a"), &file);
+    // Each upstream serves its own bytes under the name, or fails, as the test says.
+    let upstream = |byte: u8, failing: Arc<AtomicBool>, asked: Arc<AtomicUsize>| {
+        let info = info.clone();
+        axum::Router::new()
+            .route(
+                &format!("/{FIRST}.narinfo"),
+                axum::routing::get(move || async move { info }),
+            )
+            .route(
+                "/nar/{file}",
+                axum::routing::get(move |headers: HeaderMap| {
+                    let (failing, asked) = (failing.clone(), asked.clone());
+                    async move {
+                        asked.fetch_add(1, Ordering::SeqCst);
+                        if failing.load(Ordering::SeqCst) {
+                            return StatusCode::INTERNAL_SERVER_ERROR.into_response();
+                        }
+                        let body = vec![byte; 10];
+                        match headers.get(header::RANGE).and_then(|r| r.to_str().ok()) {
+                            Some("bytes=0-3") => (
+                                StatusCode::PARTIAL_CONTENT,
+                                [(header::CONTENT_RANGE, "bytes 0-3/10")],
+                                body[..4].to_vec(),
+                            )
+                                .into_response(),
+                            Some("bytes=4-9") => (
+                                StatusCode::PARTIAL_CONTENT,
+                                [(header::CONTENT_RANGE, "bytes 4-9/10")],
+                                body[4..].to_vec(),
+                            )
+                                .into_response(),
+                            _ => body.into_response(),
+                        }
+                    }
+                }),
+            )
+    };
+    let flags = || {
+        (
+            Arc::new(AtomicBool::new(false)),
+            Arc::new(AtomicUsize::new(0)),
+        )
+    };
+    let ((fail_a, asked_a), (fail_b, asked_b)) = (flags(), flags());
+    let urls = [
+        serve(upstream(b'a', fail_a.clone(), asked_a.clone())).await,
+        serve(upstream(b'b', fail_b.clone(), asked_b.clone())).await,
+    ];
+    let configs = urls.map(|url| UpstreamConfig {
+        url,
+        public_keys: vec![key.public()],
+        timeout: Duration::from_secs(5),
+        mirror: false,
+    });
+    let nar = format!("nar/{file}");
+    let part = |start, end| {
+        Some(ByteRange::From {
+            start,
+            end: Some(end),
+        })
+    };
+
+    // Routed by the first upstream's narinfo, which then fails: the second is not asked.
+    let upstreams = Upstreams::new(&configs, "/nix/store").unwrap();
+    assert!(upstreams.narinfo(FIRST.parse().unwrap()).await.0.is_some());
+    fail_a.store(true, Ordering::SeqCst);
+    assert!(matches!(
+        upstreams.get(&nar, None).await,
+        Err(StoreError::Unavailable(_))
+    ));
+    assert_eq!(
+        asked_b.load(Ordering::SeqCst),
+        0,
+        "the other upstream was asked"
+    );
+
+    // Not routed: the first part comes from the first upstream that has it (the second,
+    // the first failing), and the later part from it again, or not at all.
+    let upstreams = Upstreams::new(&configs, "/nix/store").unwrap();
+    let first = upstreams.get(&nar, part(0, 3)).await.unwrap().unwrap();
+    let bytes: Vec<bytes::Bytes> = first.body.try_collect().await.unwrap();
+    assert_eq!(bytes.concat(), b"bbbb");
+    fail_a.store(false, Ordering::SeqCst);
+    fail_b.store(true, Ordering::SeqCst);
+    let asked_before = asked_a.load(Ordering::SeqCst);
+    assert!(matches!(
+        upstreams.get(&nar, part(4, 9)).await,
+        Err(StoreError::Unavailable(_))
+    ));
+    assert_eq!(
+        asked_a.load(Ordering::SeqCst),
+        asked_before,
+        "the later part was asked of another upstream"
+    );
+}
