@@ -2,8 +2,10 @@
 //! the background (NAR, then narinfo, verified like an upload, by
 //! [`Uploader::copy_path`]), so the next request for it is served from the store and keeps
 //! working when the upstream is gone. Its closure comes along: each reference the store lacks
-//! is copied first (from whichever upstream serves it), and the path itself only once all are
-//! in, so the store alone serves every closure it holds a mirrored path of.
+//! that a mirrored upstream serves is copied first, and the path itself only once all are in,
+//! so the store serves every closure it holds a mirrored path of without the mirrored
+//! upstreams. A reference only an upstream that is not mirrored serves stays there, served
+//! through it (as an upload's may).
 //!
 //! The narinfo lookup only offers the path ([`Mirror::offer`]); it never waits for the copy,
 //! and a copy that fails is logged and forgotten: the path is offered again on a later miss.
@@ -145,10 +147,12 @@ impl Inner {
         }
     }
 
-    /// Copies `top` and every path of its closure the store lacks, references first; how
-    /// many were copied. Nothing of the closure is asked of the store twice, and a reference
-    /// found in the store is not walked further (the store holds closures whole). Fails,
-    /// copying nothing, when a reference is at no upstream or cannot be mirrored.
+    /// Copies `top` and every path of its closure the store lacks and a mirrored upstream
+    /// serves, references first; how many were copied. Nothing of the closure is asked of the
+    /// store twice, and a reference found in the store, or at an upstream that is not
+    /// mirrored, is not walked further. Fails before copying anything when a reference is at
+    /// no upstream or cannot be stored; a copy that fails stops the rest (what was copied
+    /// before it has its references in, and is served whole).
     async fn copy_closure(&self, top: NarInfo) -> Result<usize, Error> {
         let rejected = |why: String| Error::Upload(UploadError::Rejected(why));
         if self.in_store(top.hash()).await? {
@@ -175,6 +179,8 @@ impl Inner {
                 )));
             }
             let found = match self.upstreams.narinfo(r.hash()).await {
+                // Left at that upstream, which is not to be copied from.
+                (Some(f), _) if !f.mirror => continue,
                 (Some(f), _) => f.info,
                 (None, failed) => {
                     let why = if failed { "could not be asked" } else { "has" };
@@ -217,8 +223,11 @@ impl Inner {
                 })?;
             Ok(obj.body)
         };
-        // No upstream counts for its references: they are in the store, and must be.
-        self.uploader.copy_path(info, fetch_nar, None).await?;
+        // Its references from mirrored upstreams are in the store by now; the others count
+        // at their upstream.
+        self.uploader
+            .copy_path(info, fetch_nar, Some(&self.upstreams))
+            .await?;
         Ok(())
     }
 }
@@ -291,13 +300,12 @@ mod tests {
         assert_eq!(mirror.waiting(), 0);
     }
 
+    /// A path of a closure: its narinfo, the key of its NAR, and the NAR.
+    type Path = (NarInfo, String, Vec<u8>);
+
     /// A path of a closure: its narinfo signed by `key` (NAR uncompressed), the NAR's key, and
     /// the NAR.
-    fn closure_path(
-        key: &crate::nix::SecretKey,
-        hash: &str,
-        refs: &[&str],
-    ) -> (NarInfo, String, Vec<u8>) {
+    fn closure_path(key: &crate::nix::SecretKey, hash: &str, refs: &[&str]) -> Path {
         use crate::nix::Sha256;
         let mut nar = b"\x0d\x00\x00\x00\x00\x00\x00\x00nix-archive-1\x00\x00\x00".to_vec();
         nar.extend_from_slice(hash.as_bytes());
@@ -319,33 +327,42 @@ mod tests {
     /// the read path would through the upstreams), and a mirror into `store` over it.
     async fn mirror_over(
         key: &crate::nix::SecretKey,
-        paths: &[(NarInfo, String, Vec<u8>)],
+        paths: &[Path],
+        store: &Arc<MemoryStore>,
+    ) -> Mirror {
+        mirror_over_each(key, &[(paths, true)], store).await
+    }
+
+    /// [`mirror_over`] with several upstreams, each serving its paths, mirrored or not.
+    async fn mirror_over_each(
+        key: &crate::nix::SecretKey,
+        upstreams: &[(&[Path], bool)],
         store: &Arc<MemoryStore>,
     ) -> Mirror {
         let nars = Arc::new(MemoryStore::new());
-        let mut app = axum::Router::new();
-        for (info, nar_key, nar) in paths {
-            nars.insert(nar_key, nar.clone());
-            let text = info.render("/nix/store");
-            app = app.route(
-                &format!("/{}.narinfo", info.hash()),
-                axum::routing::get(move || async move { text }),
-            );
-        }
-        let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
-        let url = format!("http://{}", listener.local_addr().unwrap());
-        tokio::spawn(async move { axum::serve(listener, app).await });
-        let cfg = Config::default();
-        let upstreams = Upstreams::new(
-            &[crate::config::UpstreamConfig {
+        let mut configs = Vec::new();
+        for (paths, mirror) in upstreams {
+            let mut app = axum::Router::new();
+            for (info, nar_key, nar) in paths.iter() {
+                nars.insert(nar_key, nar.clone());
+                let text = info.render("/nix/store");
+                app = app.route(
+                    &format!("/{}.narinfo", info.hash()),
+                    axum::routing::get(move || async move { text }),
+                );
+            }
+            let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+            let url = format!("http://{}", listener.local_addr().unwrap());
+            tokio::spawn(async move { axum::serve(listener, app).await });
+            configs.push(crate::config::UpstreamConfig {
                 url,
                 public_keys: vec![key.public()],
                 timeout: std::time::Duration::from_secs(10),
-                mirror: true,
-            }],
-            &cfg.store_dir,
-        )
-        .unwrap();
+                mirror: *mirror,
+            });
+        }
+        let cfg = Config::default();
+        let upstreams = Upstreams::new(&configs, &cfg.store_dir).unwrap();
         let inner: Arc<dyn Store> = store.clone();
         let uploader = Arc::new(Uploader::new(&cfg.upload, &cfg.store_dir, inner));
         Mirror::new(uploader, nars, Arc::new(upstreams))
@@ -394,6 +411,33 @@ mod tests {
             mirror.inner.copy_closure(paths[0].0.clone()).await.unwrap(),
             0
         );
+    }
+
+    /// A reference only an upstream that is not mirrored serves stays there (served through
+    /// it, as before): the path is mirrored with the references a mirrored upstream serves.
+    #[tokio::test]
+    async fn references_at_an_upstream_not_mirrored_stay_there() {
+        let key = crate::nix::SecretKey::generate("up-1").unwrap();
+        let paths = [
+            closure_path(&key, A, &[B, C]),
+            closure_path(&key, B, &[]),
+            closure_path(&key, C, &[]),
+        ];
+        let store = Arc::new(MemoryStore::new());
+        let mirrored = [paths[0].clone(), paths[1].clone()];
+        let not_mirrored = [paths[2].clone()];
+        let mirror = mirror_over_each(
+            &key,
+            &[(&not_mirrored[..], false), (&mirrored[..], true)],
+            &store,
+        )
+        .await;
+        let n = mirror.inner.copy_closure(paths[0].0.clone()).await.unwrap();
+        assert_eq!(n, 2);
+        assert!(store.bytes(&format!("{A}.narinfo")).is_some());
+        assert!(store.bytes(&format!("{B}.narinfo")).is_some());
+        assert!(store.bytes(&format!("{C}.narinfo")).is_none());
+        assert!(store.bytes(&paths[2].1).is_none(), "C's NAR copied");
     }
 
     /// A closure with a path no upstream has (or one whose NAR cannot be stored) is not

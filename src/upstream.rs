@@ -391,8 +391,9 @@ impl Upstreams {
         }
     }
 
-    /// Routes `key` to `u`, which served (a part of) it, if it is a NAR named after its store
-    /// path no narinfo routed: its later parts then come from the same upstream.
+    /// Routes `key` to `u`, which serves (a part of) it, if it is a NAR named after its store
+    /// path no narinfo routed: its later parts then come from the same upstream. Called only
+    /// with an answer that is being returned, never one passed over for the next upstream.
     async fn pin(&self, key: &str, u: &Upstream, routed: bool) {
         if routed || same_everywhere(key) {
             return;
@@ -426,7 +427,6 @@ impl Upstreams {
                 }
             };
             let status = res.status();
-            self.pin(key, u, routed).await;
             if status == reqwest::StatusCode::RANGE_NOT_SATISFIABLE {
                 match self.refused_range_size(u, key, &res).await {
                     Some(size) => return Err(StoreError::RangeNotSatisfiable { size }),
@@ -472,6 +472,7 @@ impl Upstreams {
                 // in one piece instead of asking for every part from the start again); a
                 // range further in, as a client resuming asks, is cut from it here.
                 if matches!(r, ByteRange::From { start: 0, .. }) {
+                    self.pin(key, u, routed).await;
                     return Ok(Some(Object {
                         body,
                         length,
@@ -482,6 +483,7 @@ impl Upstreams {
                 let Some(length) = length else {
                     // Nor did it say how long the object is: no part of it can be promised,
                     // so the whole goes out (HTTP allows a server to ignore a range).
+                    self.pin(key, u, routed).await;
                     return Ok(Some(Object {
                         body,
                         length: None,
@@ -492,6 +494,7 @@ impl Upstreams {
                 let Some((start, end)) = r.resolve(length) else {
                     return Err(StoreError::RangeNotSatisfiable { size: length });
                 };
+                self.pin(key, u, routed).await;
                 return Ok(Some(Object {
                     body: crate::store::byte_slice(body, start, end - start + 1),
                     length: Some(end - start + 1),
@@ -503,6 +506,7 @@ impl Upstreams {
                     encoding,
                 }));
             }
+            self.pin(key, u, routed).await;
             return Ok(Some(Object {
                 body,
                 // A part sent without a length has the length its Content-Range gives.
@@ -687,11 +691,6 @@ fn reach(u: &reqwest::Url) -> Reach {
     }
 }
 
-/// The URL of `key` (a cache-relative path such as `log/<drv>`) at `u`. Store path names may
-/// hold `?`, which is escaped so that it stays part of the path: a request cannot add a query
-/// of its choosing to what the upstream is sent. The one query sent is harmonia's
-/// `nar/<narhash>.nar?hash=<pathhash>`, which [`crate::nix::NarFileName`] allows in exactly
-/// that form and nowhere else.
 /// Whether every upstream's object under `key` is the same bytes: anything but a NAR named
 /// after its store path (32 characters, as attic and old nix-serve name them), whose name is
 /// the hash of its bytes (Nix's names, nix-serve's and harmonia's).
@@ -701,6 +700,11 @@ fn same_everywhere(key: &str) -> bool {
         .is_none_or(|f| f.names_its_bytes())
 }
 
+/// The URL of `key` (a cache-relative path such as `log/<drv>`) at `u`. Store path names may
+/// hold `?`, which is escaped so that it stays part of the path: a request cannot add a query
+/// of its choosing to what the upstream is sent. The one query sent is harmonia's
+/// `nar/<narhash>.nar?hash=<pathhash>`, which [`crate::nix::NarFileName`] allows in exactly
+/// that form and nowhere else.
 fn url(u: &Upstream, key: &str) -> String {
     if key.starts_with("nar/") {
         format!("{}/{key}", u.base)

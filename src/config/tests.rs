@@ -686,6 +686,7 @@ fn metrics_listen_may_not_take_the_port_of_listen() {
         ("0.0.0.0:8080", "127.0.0.1:8080"),
         ("127.0.0.1:8080", "0.0.0.0:8080"),
         ("[::]:8080", "127.0.0.1:8080"),
+        ("[::1]:8080", "[::]:8080"),
     ] {
         let e = from_toml(&format!(
             "listen = \"{listen}\"\nmetrics_listen = \"{metrics}\""
@@ -699,6 +700,8 @@ fn metrics_listen_may_not_take_the_port_of_listen() {
         ("127.0.0.1:8080", "127.0.0.2:8080"),
         ("0.0.0.0:8080", "0.0.0.0:9090"),
         ("127.0.0.1:0", "127.0.0.1:0"),
+        ("0.0.0.0:8080", "[::1]:8080"),
+        ("[::1]:8080", "0.0.0.0:8080"),
     ] {
         let c = from_toml(&format!(
             "listen = \"{listen}\"\nmetrics_listen = \"{metrics}\""

@@ -90,13 +90,23 @@ where
     futures::stream::once(async move {
         let (tx, mut rx) = mpsc::channel::<io::Result<Bytes>>(2);
         let reader = SyncIoBridge::new(StreamReader::new(Box::pin(body)));
-        tokio::task::spawn_blocking(move || {
+        let decoder = tokio::task::spawn_blocking(move || {
             if let Err(e) = run(coding, reader, limit, &tx) {
                 // The receiver may be gone (the upload failed otherwise): nothing to tell.
                 let _ = tx.blocking_send(Err(e));
             }
         });
-        futures::stream::poll_fn(move |cx| rx.poll_recv(cx))
+        // The channel ends when the decoder does; one that died (a panic) did not finish,
+        // and what it sent must not pass for the whole body.
+        let died = futures::stream::once(async move {
+            decoder.await.err().map(|e| {
+                Err(io::Error::other(UploadError::Internal(format!(
+                    "the decoder of the body ended: {e}"
+                ))))
+            })
+        })
+        .filter_map(futures::future::ready);
+        futures::stream::poll_fn(move |cx| rx.poll_recv(cx)).chain(died)
     })
     .flatten()
     .boxed()

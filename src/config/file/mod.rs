@@ -256,12 +256,16 @@ impl ConfigFile {
 }
 
 /// Whether two listening addresses would take the same port: the same port (not 0, which is
-/// two ports the kernel picks) on the same address, or on any address and one of its (an
-/// unspecified address, `0.0.0.0` or `[::]`, takes the port on every address).
+/// two ports the kernel picks) on the same address, or on every address and one of them:
+/// `0.0.0.0` takes it on every IPv4 address, `[::]` on every address of both families (Linux
+/// binds it dual-stack by default).
 fn overlap(a: std::net::SocketAddr, b: std::net::SocketAddr) -> bool {
+    let covers = |any: std::net::IpAddr, other: std::net::IpAddr| {
+        any.is_unspecified() && (any.is_ipv6() || other.is_ipv4())
+    };
     a.port() == b.port()
         && a.port() != 0
-        && (a.ip() == b.ip() || a.ip().is_unspecified() || b.ip().is_unspecified())
+        && (a.ip() == b.ip() || covers(a.ip(), b.ip()) || covers(b.ip(), a.ip()))
 }
 
 #[derive(Debug, Clone, Deserialize)]

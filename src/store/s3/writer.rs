@@ -244,18 +244,21 @@ impl S3Writer {
         // client went away) would otherwise never learn its id, and leave it to the periodic
         // staging cleanup, hours later.
         let t = Arc::clone(&self.target);
-        let creating = self.creating.insert(tokio::spawn(async move {
-            let req = t
-                .client
-                .create_multipart_upload()
-                .bucket(&t.bucket)
-                .key(&t.key)
-                .send();
-            let out = t.timed("CreateMultipartUpload", 0, req).await?;
-            out.upload_id()
-                .map(str::to_owned)
-                .ok_or_else(|| StoreError::Other("CreateMultipartUpload: no upload id".into()))
-        }));
+        // One creation at a time: a call cut off while waiting leaves it to the next.
+        let creating = self.creating.get_or_insert_with(|| {
+            tokio::spawn(async move {
+                let req = t
+                    .client
+                    .create_multipart_upload()
+                    .bucket(&t.bucket)
+                    .key(&t.key)
+                    .send();
+                let out = t.timed("CreateMultipartUpload", 0, req).await?;
+                out.upload_id()
+                    .map(str::to_owned)
+                    .ok_or_else(|| StoreError::Other("CreateMultipartUpload: no upload id".into()))
+            })
+        });
         let created = creating.await;
         self.creating = None;
         let id = created.map_err(|e| {

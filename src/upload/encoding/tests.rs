@@ -294,3 +294,25 @@ async fn the_decoder_stops_when_the_reader_goes_away() {
         );
     }
 }
+
+/// A decoder that dies half-way (here the body panics under it) ends the decoded body with an
+/// error: what it produced before is not taken for the whole (a truncated log stored as
+/// uploaded).
+#[tokio::test]
+async fn a_decoder_that_dies_does_not_pass_for_a_complete_body() {
+    let text: Vec<u8> = (0..200_000u32).flat_map(|i| i.to_le_bytes()).collect();
+    let sent = encode(Compression::Gzip, &text);
+    let half = Bytes::copy_from_slice(&sent[..sent.len() / 2]);
+    let mut polls = 0;
+    let body = futures::stream::poll_fn(move |_| {
+        polls += 1;
+        if polls > 1 {
+            panic!("the body's source failed (a test)");
+        }
+        std::task::Poll::Ready(Some(Ok(half.clone())))
+    });
+    match collect(decode(coding(Compression::Gzip), body, 1 << 30)).await {
+        Err(UploadError::Internal(m)) => assert!(m.contains("decoder"), "{m}"),
+        other => panic!("{:?}", other.map(|b| b.len())),
+    }
+}
