@@ -624,6 +624,21 @@ async fn a_stored_nar_under_a_name_uploads_may_not_use_is_refused() {
     assert!(!mem.keys().iter().any(|k| k.ends_with(".narinfo")));
 }
 
+/// A path `HASH`-up to upload: its NAR (a NAR header is all the pipeline checks;
+/// uncompressed, so its file hash is its NarHash), the NAR's file name, and its narinfo.
+fn uploadable_path() -> (Vec<u8>, String, String) {
+    let mut nar = b"\x0d\x00\x00\x00\x00\x00\x00\x00nix-archive-1\x00\x00\x00".to_vec();
+    nar.extend_from_slice(&[7u8; 1000]);
+    let sha = crate::nix::Sha256::digest(&nar);
+    let file = format!("{}.nar", sha.to_nix32());
+    let narinfo = format!(
+        "StorePath: /nix/store/{HASH}-up\nURL: nar/{file}\nCompression: none\n\
+         NarHash: {sha}\nNarSize: {}\nReferences: \n",
+        nar.len()
+    );
+    (nar, file, narinfo)
+}
+
 /// A PUT of a NAR over `STORED_AGAIN_MAX` the store holds is answered 200 without its body
 /// when the client waits for `100 Continue` before sending it; one the store lacks, or a small
 /// one, is received (and a small one is not looked up first). One sent without `Expect` (a
@@ -895,7 +910,6 @@ async fn a_reload_swaps_upstreams_and_max_ages() {
 #[tokio::test]
 async fn a_path_uploaded_through_the_root_is_served_and_heads_match_gets() {
     use crate::config::Scope;
-    use crate::nix::Sha256;
     let mem = Arc::new(MemoryStore::new());
     let cfg = with_tokens(Config::default(), &[("ci", "wtok", Scope::Write)]);
     let st = state(cfg, &mem);
@@ -915,16 +929,7 @@ async fn a_path_uploaded_through_the_root_is_served_and_heads_match_gets() {
             res.status()
         }
     };
-    // A NAR header is all the pipeline checks; uncompressed, so its file hash is its NarHash.
-    let mut nar = b"\x0d\x00\x00\x00\x00\x00\x00\x00nix-archive-1\x00\x00\x00".to_vec();
-    nar.extend_from_slice(&[7u8; 1000]);
-    let sha = Sha256::digest(&nar);
-    let file = format!("{}.nar", sha.to_nix32());
-    let narinfo = format!(
-        "StorePath: /nix/store/{HASH}-up\nURL: nar/{file}\nCompression: none\n\
-         NarHash: {sha}\nNarSize: {}\nReferences: \n",
-        nar.len()
-    );
+    let (nar, file, narinfo) = uploadable_path();
     let nar_len = nar.len();
     assert_eq!(put(format!("/nar/{file}"), nar).await, StatusCode::CREATED);
     // The listing before the narinfo, as Nix sends them: held until the narinfo is accepted.
@@ -971,7 +976,6 @@ async fn uploads_sent_compressed_are_stored_decoded() {
     use std::io::Write as _;
 
     use crate::config::Scope;
-    use crate::nix::Sha256;
     let mem = Arc::new(MemoryStore::new());
     let cfg = with_tokens(Config::default(), &[("ci", "wtok", Scope::Write)]);
     let st = state(cfg, &mem);
@@ -989,15 +993,7 @@ async fn uploads_sent_compressed_are_stored_decoded() {
             (status, String::from_utf8_lossy(&text).into_owned())
         }
     };
-    let mut nar = b"\x0d\x00\x00\x00\x00\x00\x00\x00nix-archive-1\x00\x00\x00".to_vec();
-    nar.extend_from_slice(&[7u8; 1000]);
-    let sha = Sha256::digest(&nar);
-    let file = format!("{}.nar", sha.to_nix32());
-    let narinfo = format!(
-        "StorePath: /nix/store/{HASH}-up\nURL: nar/{file}\nCompression: none\n\
-         NarHash: {sha}\nNarSize: {}\nReferences: \n",
-        nar.len()
-    );
+    let (nar, file, narinfo) = uploadable_path();
     assert_eq!(
         put(format!("/nar/{file}"), "identity", nar).await.0,
         StatusCode::CREATED
