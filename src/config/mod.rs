@@ -153,7 +153,7 @@ impl Config {
                     format!("{} is not a readable file", f.display()),
                 ));
             }
-            fig = fig.merge(Toml::file_exact(f));
+            fig = fig.merge(Renamed(Toml::file_exact(f)));
         }
         let cfg = Self::from_figment(with_env(fig))?;
         cfg.check_nar_dir(file)?;
@@ -167,7 +167,7 @@ impl Config {
         if !file.is_file() {
             return Vec::new();
         }
-        let from_file = Figment::from(Toml::file_exact(file));
+        let from_file = Figment::from(Renamed(Toml::file_exact(file)));
         let mut found: Vec<(String, String)> = std::env::vars()
             .filter_map(|(var, _)| {
                 let key = config_key(&var)?;
@@ -537,7 +537,8 @@ fn with_env(fig: Figment) -> Figment {
     let mut fig = fig.merge(
         Env::prefixed("CELLAR_")
             .filter(|k| !is_link_variable(k.as_str()))
-            .split("__"),
+            .split("__")
+            .map(|k| renamed(k.as_str()).into()),
     );
     for (var, value) in std::env::vars() {
         if let Some(key) = config_key(&var).filter(|k| TEXT_KEYS.contains(&k.as_str())) {
@@ -561,6 +562,9 @@ const TEXT_KEYS: &[&str] = &[
     "signing.generated_key_file",
     "signing.generated_key_name",
     "cache.nar_dir",
+    // Lists, as one comma-separated value: a key file named `2024` stays a name.
+    "signing.key_files",
+    "upload.trusted_keys",
 ];
 
 /// The key a variable sets (`CELLAR_STORE__BUCKET`: `store.bucket`), if it is configuration.
@@ -569,7 +573,62 @@ fn config_key(var: &str) -> Option<String> {
     if rest.is_empty() || is_link_variable(rest) {
         return None;
     }
-    Some(rest.to_ascii_lowercase().replace("__", "."))
+    Some(renamed(&rest.to_ascii_lowercase().replace("__", ".")))
+}
+
+/// Keys that were renamed, as `(table, old name, name)`. The old name is read as the new one
+/// wherever it is written, in the file or in a variable, so that a variable of either name
+/// overrides the file's key of either name (as serde's `alias` would not: the two names from
+/// two sources reach serde together, as a duplicate).
+const RENAMED: &[(&str, &str, &str)] = &[("store", "direct_reads", "direct_requests")];
+
+/// `key` (dotted: `store.direct_reads`) under its current name.
+fn renamed(key: &str) -> String {
+    RENAMED
+        .iter()
+        .find(|(table, old, _)| key.eq_ignore_ascii_case(&format!("{table}.{old}")))
+        .map_or_else(
+            || key.to_owned(),
+            |(table, _, new)| format!("{table}.{new}"),
+        )
+}
+
+/// A provider whose renamed keys ([`RENAMED`]) are read under their current names. Both names
+/// in one source is an error that names them.
+struct Renamed<P>(P);
+
+impl<P: figment::Provider> figment::Provider for Renamed<P> {
+    fn metadata(&self) -> figment::Metadata {
+        self.0.metadata()
+    }
+
+    fn data(
+        &self,
+    ) -> Result<figment::value::Map<figment::Profile, figment::value::Dict>, figment::Error> {
+        let mut data = self.0.data()?;
+        for dict in data.values_mut() {
+            for (table, old, new) in RENAMED {
+                let Some(figment::value::Value::Dict(_, t)) = dict.get_mut(*table) else {
+                    continue;
+                };
+                let Some(value) = t.remove(*old) else {
+                    continue;
+                };
+                if t.contains_key(*new) {
+                    return Err(format!(
+                        "`{table}.{old}` is the old name of `{table}.{new}`: set one of them"
+                    )
+                    .into());
+                }
+                t.insert((*new).to_owned(), value);
+            }
+        }
+        Ok(data)
+    }
+
+    fn profile(&self) -> Option<figment::Profile> {
+        self.0.profile()
+    }
 }
 
 /// Whether `key` (a variable's name after `CELLAR_`) is one Kubernetes service links

@@ -9,7 +9,7 @@ use figment::Figment;
 use super::*;
 
 fn from_toml(s: &str) -> Result<Config, ConfigError> {
-    Config::from_figment(Figment::new().merge(Toml::string(s)))
+    Config::from_figment(Figment::new().merge(Renamed(Toml::string(s))))
 }
 
 #[test]
@@ -328,7 +328,21 @@ fn prefix_normalisation() {
         panic!("not s3: {c:?}");
     };
     assert_eq!(s3.prefix, "cache/");
-    for bad in ["/cache", "../cache", "./cache", "cache/./x", "a/."] {
+    for good in ["v1..2/", "..cache/", "a.b/"] {
+        let c = from_toml(&format!(
+            "[store]\nkind = \"s3\"\nbucket = \"b\"\nprefix = \"{good}\""
+        ));
+        assert!(c.is_ok(), "{good}: {c:?}");
+    }
+    for bad in [
+        "/cache",
+        "../cache",
+        "./cache",
+        "cache/./x",
+        "a/.",
+        "a/../b",
+        "a/..",
+    ] {
         let err = from_toml(&format!(
             "[store]\nkind = \"s3\"\nbucket = \"b\"\nprefix = \"{bad}\""
         ))
@@ -511,6 +525,70 @@ fn direct_requests_keeps_its_old_name() {
     assert!(!direct(
         from_toml(&format!("{s3}direct_reads = false")).unwrap()
     ));
+    let e = from_toml(&format!("{s3}direct_reads = false\ndirect_requests = true"))
+        .unwrap_err()
+        .to_string();
+    assert!(
+        e.contains("store.direct_reads") && e.contains("store.direct_requests"),
+        "{e}"
+    );
+}
+
+/// A variable of either name overrides the file's key of either name, and is reported as
+/// overriding it.
+#[test]
+#[allow(clippy::result_large_err)] // figment's Jail API
+fn a_variable_overrides_a_renamed_key_under_either_name() {
+    figment::Jail::expect_with(|jail| {
+        let direct = |c: Config| match c.store.backend {
+            StoreBackend::S3(s) => s.direct_requests,
+            other => panic!("not s3: {other:?}"),
+        };
+        let s3 = "[store]\nkind = \"s3\"\nbucket = \"b\"\n";
+        for (in_file, var, value) in [
+            (
+                "direct_reads = false",
+                "CELLAR_STORE__DIRECT_REQUESTS",
+                "true",
+            ),
+            (
+                "direct_requests = true",
+                "CELLAR_STORE__DIRECT_READS",
+                "false",
+            ),
+            ("direct_reads = true", "CELLAR_STORE__DIRECT_READS", "false"),
+        ] {
+            jail.clear_env();
+            jail.create_file("c.toml", &format!("{s3}{in_file}\n"))?;
+            jail.set_env(var, value);
+            let c = Config::load(Some(Path::new("c.toml"))).map_err(|e| e.to_string())?;
+            assert_eq!(direct(c).to_string(), value, "{in_file} with {var}");
+            assert_eq!(
+                Config::env_overrides(Path::new("c.toml")),
+                vec![(var.to_owned(), "store.direct_requests".to_owned())],
+                "{in_file} with {var}"
+            );
+        }
+        Ok(())
+    });
+}
+
+/// A list key's variable is text, as a path is: a key file named `2024` is that file.
+#[test]
+#[allow(clippy::result_large_err)] // figment's Jail API
+fn a_list_variable_of_digits_is_names() {
+    figment::Jail::expect_with(|jail| {
+        jail.set_env("CELLAR_SIGNING__KEY_FILES", "2024");
+        let c = Config::load(None).map_err(|e| e.to_string())?;
+        assert_eq!(c.signing.key_files, vec![PathBuf::from("2024")]);
+        jail.set_env("CELLAR_SIGNING__KEY_FILES", "2024,2025");
+        let c = Config::load(None).map_err(|e| e.to_string())?;
+        assert_eq!(
+            c.signing.key_files,
+            vec![PathBuf::from("2024"), PathBuf::from("2025")]
+        );
+        Ok(())
+    });
 }
 
 #[test]

@@ -31,8 +31,8 @@ pub(super) struct StoreSection {
     region: String,
     prefix: String,
     force_path_style: bool,
-    /// Called `direct_reads` until it covered listings and small writes too.
-    #[serde(alias = "direct_reads")]
+    /// Called `direct_reads` until it covered listings and small writes too: read under that
+    /// name too, see `config::RENAMED`.
     direct_requests: bool,
     access_key_id: Option<String>,
     secret_access_key: Option<Secret>,
@@ -184,12 +184,10 @@ impl StoreSection {
                 message,
             ));
         }
-        // `.` segments too: the HTTP client drops them from the URL it sends, so the key
-        // read or written would not be the one asked for (nor the signature match).
-        if self.prefix.starts_with('/')
-            || self.prefix.contains("..")
-            || self.prefix.split('/').any(|s| s == ".")
-        {
+        // `.` and `..` segments: the HTTP client resolves them in the URL it sends, so the
+        // key read or written would not be the one asked for (nor the signature match). Dots
+        // inside a segment (`v1..2/`) are a name like any other.
+        if self.prefix.starts_with('/') || self.prefix.split('/').any(|s| s == "." || s == "..") {
             return Err(ConfigError::invalid(
                 "store.prefix",
                 format!("{:?} must be relative (like `cache/`)", self.prefix),
