@@ -106,6 +106,56 @@ async fn a_log_stored_compressed_is_decoded_by_nix_log() {
     }
 }
 
+/// A bucket whose narinfos Nix's S3 store wrote compressed (`narinfo-compression=xz`, or zstd)
+/// and marked so in `Content-Encoding`: cellar decodes each as it reads it, on its own read
+/// path and the SDK's, and the real client substitutes the closure (it was a 502).
+#[tokio::test(flavor = "multi_thread")]
+async fn narinfos_stored_compressed_are_decoded_and_substitute() {
+    use std::io::Write as _;
+    let f = fixture();
+    let app = App::s3("e2e-narinfo-encoding")
+        .seed_dir(&f.xz_dir)
+        .spawn()
+        .await;
+    let s3 = s3_client(&app.s3);
+    let mut narinfos = 0;
+    for (i, entry) in std::fs::read_dir(&f.xz_dir).unwrap().enumerate() {
+        let path = entry.unwrap().path();
+        let name = path.file_name().unwrap().to_str().unwrap().to_owned();
+        if !name.ends_with(".narinfo") {
+            continue;
+        }
+        let plain = std::fs::read(&path).unwrap();
+        // Two codings, by turns.
+        let (coding, body) = if i % 2 == 0 {
+            let mut xz = liblzma::write::XzEncoder::new(Vec::new(), 6);
+            xz.write_all(&plain).unwrap();
+            ("xz", xz.finish().unwrap())
+        } else {
+            ("zstd", zstd::encode_all(&plain[..], 3).unwrap())
+        };
+        assert_ne!(body, plain);
+        s3.put_object()
+            .bucket(&app.s3.bucket)
+            .key(format!("{}{name}", app.prefix))
+            .content_type("text/x-nix-narinfo")
+            .content_encoding(coding)
+            .body(body.into())
+            .send()
+            .await
+            .unwrap();
+        narinfos += 1;
+    }
+    assert_eq!(narinfos, f.closure.len());
+    let mut env = s3_store_env(&app.s3, &app.s3.endpoint, &app.prefix);
+    env.push(("CELLAR_STORE__DIRECT_REQUESTS".into(), "false".into()));
+    let sdk = Server::start(env);
+    let work = tempfile::tempdir().unwrap();
+    for (name, srv) in [("direct", &app.srv), ("sdk", &sdk)] {
+        substitute_and_verify(&srv.url, &srv.public_key, &f.top, &work.path().join(name));
+    }
+}
+
 /// Also the reads through the AWS SDK (`store.direct_requests = false`, here by the name it
 /// had before, which is still accepted; the other tests use the default, cellar's own signed
 /// requests).

@@ -481,6 +481,7 @@ async fn realisations_and_build_traces_are_served() {
     let app = App::s3("ca")
         .seed(format!("realisations/{id}.doi"), doi.clone())
         .seed(format!("build-trace/{drv}/out"), trace.clone())
+        .seed(format!("build-trace-v2/{drv}/out.doi"), trace.clone())
         .spawn()
         .await;
     let srv = &app.srv;
@@ -489,6 +490,7 @@ async fn realisations_and_build_traces_are_served() {
     for (url, want) in [
         (format!("{}/realisations/{id}.doi", srv.url), &doi),
         (format!("{}/build-trace/{drv}/out", srv.url), &trace),
+        (format!("{}/build-trace-v2/{drv}/out.doi", srv.url), &trace),
     ] {
         let (hd, body) = get_ok(&c, &url).await;
         assert_eq!(h(&hd, CONTENT_TYPE), "application/json", "{url}");
@@ -502,6 +504,7 @@ async fn realisations_and_build_traces_are_served() {
     for url in [
         format!("{}/realisations/sha256:{drv_hash}!dev.doi", srv.url),
         format!("{}/build-trace/{drv}/dev", srv.url),
+        format!("{}/build-trace-v2/{drv}/dev.doi", srv.url),
     ] {
         assert_eq!(get(&c, &url).await.status(), StatusCode::NOT_FOUND, "{url}");
         assert_eq!(

@@ -67,7 +67,10 @@ pub fn classify(key: &str) -> Kind {
             Err(_) => Kind::Other,
         };
     }
-    if key.starts_with("realisations/") || key.starts_with("build-trace/") {
+    if ["realisations/", "build-trace/", "build-trace-v2/"]
+        .iter()
+        .any(|p| key.starts_with(p))
+    {
         return Kind::Realisation;
     }
     match key.parse::<TopLevelFile>() {
@@ -145,6 +148,8 @@ mod tests {
             Kind::Log(_)
         ));
         assert_eq!(classify("realisations/x!out.doi"), Kind::Realisation);
+        assert_eq!(classify("build-trace/x.drv/out"), Kind::Realisation);
+        assert_eq!(classify("build-trace-v2/x.drv/out.doi"), Kind::Realisation);
         assert_eq!(classify("_cellar/access/2026-01-01/p-1"), Kind::Access);
         assert_eq!(classify("_cellar/pins/release"), Kind::Pin);
         assert_eq!(

@@ -1631,9 +1631,11 @@ async fn a_long_repair_keeps_its_announcement_live_while_it_deletes() {
     );
 }
 
-/// A narinfo stored with a `Content-Encoding` (Nix's `narinfo-compression`), which cellar does
-/// not decode: `verify` reports it, naming the encoding, and goes on; `gc --apply` and
+/// A narinfo stored with a `Content-Encoding` it does not decode from (here: plain text that
+/// says it is Brotli): `verify` reports it, naming the encoding, and goes on; `gc --apply` and
 /// `verify --repair` delete nothing, since what it names (its NAR, its references) is unknown.
+/// (One that decodes, as Nix's `narinfo-compression` writes it, is read as any other:
+/// `an_encoded_narinfo_that_decodes_is_read_as_any_other`.)
 #[tokio::test(start_paused = true)]
 async fn an_encoded_narinfo_is_reported_and_nothing_is_deleted_by_it() {
     let mem = Arc::new(MemoryStore::new());
@@ -2206,4 +2208,36 @@ async fn references_an_upstream_serves_are_not_missing() {
         "{}",
         r.findings[0]
     );
+}
+
+/// A narinfo Nix's S3 store wrote compressed (`narinfo-compression=xz`, `Content-Encoding: xz`)
+/// is read decoded: a collection runs (it stops at a narinfo it cannot read) and deletes
+/// nothing of these young paths, and `verify` finds nothing wrong.
+#[tokio::test(start_paused = true)]
+async fn an_encoded_narinfo_that_decodes_is_read_as_any_other() {
+    use std::io::Write as _;
+    let mem = Arc::new(MemoryStore::new());
+    let now = SystemTime::now();
+    let dep = path(&mem, "dep", &[], DAY, now);
+    let top = path(&mem, "top", &[&dep], DAY, now);
+    let key = format!("{}.narinfo", top.hash);
+    let plain = mem.bytes(&key).unwrap();
+    let mut xz = liblzma::write::XzEncoder::new(Vec::new(), 6);
+    xz.write_all(&plain).unwrap();
+    mem.insert(&key, xz.finish().unwrap());
+    mem.set_encoding(&key, "xz");
+    let before = mem.keys();
+    let store: Arc<dyn Store> = mem.clone();
+    let opts = Options {
+        apply: true,
+        now,
+        settle: super::deleting::SETTLE,
+        stop: Default::default(),
+    };
+    let report = run(&store, "/nix/store", &cfg(), &opts, &Quiet)
+        .await
+        .unwrap();
+    assert_eq!(mem.keys(), before, "{report:?}");
+    let r = repair(&mem, now).await;
+    assert!(r.findings.is_empty(), "{:?}", r.findings);
 }

@@ -67,7 +67,7 @@ fn family(rest: &str) -> &'static str {
         "nar" if !tail.is_empty() => "nar",
         "log" if !tail.is_empty() => "log",
         "realisations" if !tail.is_empty() => "realisation",
-        "build-trace" if !tail.is_empty() => "build_trace",
+        "build-trace" | "build-trace-v2" if !tail.is_empty() => "build_trace",
         "nix-cache-info" if tail.is_empty() => "cache_info",
         "healthz" | "readyz" if tail.is_empty() => "health",
         "metrics" if tail.is_empty() => "metrics",
@@ -194,6 +194,7 @@ mod tests {
             "realisation"
         );
         assert_eq!(route_family("/build-trace/x.drv/out"), "build_trace");
+        assert_eq!(route_family("/build-trace-v2/x.drv/out.doi"), "build_trace");
         assert_eq!(route_family("/nix-cache-info"), "cache_info");
         assert_eq!(route_family("/healthz"), "health");
         assert_eq!(route_family("/metrics"), "metrics");
@@ -206,6 +207,7 @@ mod tests {
             "/log",
             "/realisations",
             "/build-trace",
+            "/build-trace-v2",
             "/nix-cache-info/x",
             "/healthz/x",
             "/readyz/x",

@@ -81,9 +81,15 @@ pub fn app(state: AppState) -> Router {
         )
         .route(
             "/build-trace/{drv}/{output}",
-            get(realisation::get_build_trace)
-                .head(realisation::head_build_trace)
-                .put(realisation::put_build_trace),
+            get(realisation::get_build_trace::<false>)
+                .head(realisation::head_build_trace::<false>)
+                .put(realisation::put_build_trace::<false>),
+        )
+        .route(
+            "/build-trace-v2/{drv}/{output}",
+            get(realisation::get_build_trace::<true>)
+                .head(realisation::head_build_trace::<true>)
+                .put(realisation::put_build_trace::<true>),
         )
         .route("/status", get(status::get))
         .route("/{file}", get(get_file).head(head_file).put(put_file));

@@ -1,7 +1,7 @@
-//! Realisations of content-addressed derivations (JSON), under both names Nix has used:
-//! `/realisations/<drvhash>!<output>.doi` (Nix up to ~2.32) and
-//! `/build-trace/<drv>/<output>` (current Nix). Both are served from the read path as stored,
-//! each under its own key: one is not translated into the other. An upload is checked
+//! Realisations of content-addressed derivations (JSON), under each name Nix has used:
+//! `/realisations/<drvhash>!<output>.doi` (Nix up to ~2.32), `/build-trace/<drv>/<output>`
+//! and `/build-trace-v2/<drv>/<output>.doi` (Nix 2.35, "build trace entries"). Each is served
+//! from the read path as stored, under its own key: one is not translated into another. An upload is checked
 //! ([`crate::upload::Uploader::put_realisation`]): it must name a path in the cache, and a
 //! published one is kept (201 when written, 200 when it was there already, 409 when it
 //! names another path).
@@ -23,10 +23,15 @@ pub(super) fn realisation_key(id: &str) -> Result<String, Error> {
     Ok(object_key::realisation(&r))
 }
 
-pub(super) fn build_trace_key(drv: &str, output: &str) -> Result<String, Error> {
+/// The key of a build trace: `build-trace/<drv>/<output>`, or with `V2`
+/// `build-trace-v2/<drv>/<output>.doi`.
+pub(super) fn build_trace_key<const V2: bool>(drv: &str, output: &str) -> Result<String, Error> {
     let d: StorePathBaseName = drv.parse()?;
-    let o: OutputName = output.parse()?;
-    Ok(object_key::build_trace(&d, &o))
+    Ok(if V2 {
+        object_key::build_trace_v2(&d, &OutputName::from_doi_file(output)?)
+    } else {
+        object_key::build_trace(&d, &output.parse()?)
+    })
 }
 
 async fn put_checked(st: &AppState, key: &str, body: Body) -> Result<StatusCode, Error> {
@@ -69,28 +74,33 @@ pub(super) async fn put(
     put_checked(&st, &realisation_key(&id)?, body).await
 }
 
-pub(super) async fn get_build_trace(
+pub(super) async fn get_build_trace<const V2: bool>(
     State(st): State<AppState>,
     Path((drv, output)): Path<(String, String)>,
     headers: HeaderMap,
 ) -> Result<Response, Error> {
-    let key = build_trace_key(&drv, &output)?;
+    let key = build_trace_key::<V2>(&drv, &output)?;
     let reads = st.live().reads.clone();
     object::get(&*reads, &key, Kind::Realisation, &headers).await
 }
 
-pub(super) async fn head_build_trace(
+pub(super) async fn head_build_trace<const V2: bool>(
     State(st): State<AppState>,
     Path((drv, output)): Path<(String, String)>,
 ) -> Result<Response, Error> {
     let reads = st.live().reads.clone();
-    object::head(&*reads, &build_trace_key(&drv, &output)?, Kind::Realisation).await
+    object::head(
+        &*reads,
+        &build_trace_key::<V2>(&drv, &output)?,
+        Kind::Realisation,
+    )
+    .await
 }
 
-pub(super) async fn put_build_trace(
+pub(super) async fn put_build_trace<const V2: bool>(
     State(st): State<AppState>,
     Path((drv, output)): Path<(String, String)>,
     body: Body,
 ) -> Result<StatusCode, Error> {
-    put_checked(&st, &build_trace_key(&drv, &output)?, body).await
+    put_checked(&st, &build_trace_key::<V2>(&drv, &output)?, body).await
 }

@@ -196,64 +196,83 @@ async fn bodies_read_whole_are_bounded_to_the_byte() {
     }
 }
 
-/// `/build-trace/<drv>/<output>` (current Nix's realisations) is stored as sent under its
-/// own key once the path it names is in the cache, and served as stored; HEAD of it, and of
-/// `/realisations/…`, gives the length. Sent again it is 200 (nothing written); naming
-/// another path, 409.
+/// `/build-trace/<drv>/<output>` and `/build-trace-v2/<drv>/<output>.doi` (the realisations
+/// of later Nix) are each stored as sent under their own key once the path they name is in the
+/// cache, and served as stored; HEAD of them, and of `/realisations/…`, gives the length. Sent
+/// again it is 200 (nothing written); naming another path, 409.
 #[tokio::test]
 async fn build_traces_are_stored_as_sent_and_found_by_head() {
-    let mem = Arc::new(MemoryStore::new());
-    let cfg = with_tokens(Config::default(), &[("w", "wtok", Scope::Write)]);
-    let st = state(cfg, &mem);
-    let doc = format!(r#"{{"outPath":"{HASH}-top","signatures":[]}}"#).into_bytes();
-    let put = |doc: Vec<u8>| {
-        authed("PUT", &format!("/upload/build-trace/{DRV}/out"), "wtok")
-            .header("content-length", doc.len())
-            .body(Body::from(doc))
-            .unwrap()
-    };
-    // Its output not in the cache yet: refused, nothing stored.
-    assert_eq!(
-        send(&st, put(doc.clone())).await.status(),
-        StatusCode::BAD_REQUEST
-    );
-    assert!(mem.keys().is_empty(), "{:?}", mem.keys());
-    mem.insert(&format!("{HASH}.narinfo"), NARINFO);
-    assert_eq!(
-        send(&st, put(doc.clone())).await.status(),
-        StatusCode::CREATED
-    );
-    assert_eq!(send(&st, put(doc.clone())).await.status(), StatusCode::OK);
-    let other = br#"{"outPath":"0d71ygfwbmy1xjlbj1v027dfmy9cqavy-other"}"#.to_vec();
-    assert_eq!(send(&st, put(other)).await.status(), StatusCode::CONFLICT);
-    let stored = mem
-        .get(&format!("build-trace/{DRV}/out"), None)
-        .await
-        .unwrap()
-        .expect("stored under its own key");
-    let mut body = Vec::new();
-    let mut s = stored.body;
-    while let Some(c) = futures::StreamExt::next(&mut s).await {
-        body.extend_from_slice(&c.unwrap());
-    }
-    assert_eq!(body, doc);
-    let (status, got) = get(&st, &format!("/build-trace/{DRV}/out")).await;
-    assert_eq!((status, got), (StatusCode::OK, doc.clone()));
-    mem.insert(REALISATION, doc.clone());
-    for path in [
-        format!("/build-trace/{DRV}/out"),
-        format!("/upload/build-trace/{DRV}/out"),
-        format!("/{REALISATION}"),
+    for key in [
+        format!("build-trace/{DRV}/out"),
+        format!("build-trace-v2/{DRV}/out.doi"),
     ] {
-        let req = authed("HEAD", &path, "wtok").body(Body::empty()).unwrap();
-        let res = send(&st, req).await;
-        assert_eq!(res.status(), StatusCode::OK, "{path}");
+        let mem = Arc::new(MemoryStore::new());
+        let cfg = with_tokens(Config::default(), &[("w", "wtok", Scope::Write)]);
+        let st = state(cfg, &mem);
+        let doc = format!(r#"{{"outPath":"{HASH}-top","signatures":[]}}"#).into_bytes();
+        let put = |doc: Vec<u8>| {
+            authed("PUT", &format!("/upload/{key}"), "wtok")
+                .header("content-length", doc.len())
+                .body(Body::from(doc))
+                .unwrap()
+        };
+        // Its output not in the cache yet: refused, nothing stored.
         assert_eq!(
-            res.headers()["content-length"],
-            doc.len().to_string(),
-            "{path}"
+            send(&st, put(doc.clone())).await.status(),
+            StatusCode::BAD_REQUEST,
+            "{key}"
         );
+        assert!(mem.keys().is_empty(), "{:?}", mem.keys());
+        mem.insert(&format!("{HASH}.narinfo"), NARINFO);
+        assert_eq!(
+            send(&st, put(doc.clone())).await.status(),
+            StatusCode::CREATED,
+            "{key}"
+        );
+        assert_eq!(send(&st, put(doc.clone())).await.status(), StatusCode::OK);
+        let other = br#"{"outPath":"0d71ygfwbmy1xjlbj1v027dfmy9cqavy-other"}"#.to_vec();
+        assert_eq!(send(&st, put(other)).await.status(), StatusCode::CONFLICT);
+        let stored = mem
+            .get(&key, None)
+            .await
+            .unwrap()
+            .expect("stored under its own key");
+        let mut body = Vec::new();
+        let mut s = stored.body;
+        while let Some(c) = futures::StreamExt::next(&mut s).await {
+            body.extend_from_slice(&c.unwrap());
+        }
+        assert_eq!(body, doc);
+        let (status, got) = get(&st, &format!("/{key}")).await;
+        assert_eq!((status, got), (StatusCode::OK, doc.clone()), "{key}");
+        mem.insert(REALISATION, doc.clone());
+        for path in [
+            format!("/{key}"),
+            format!("/upload/{key}"),
+            format!("/{REALISATION}"),
+        ] {
+            let req = authed("HEAD", &path, "wtok").body(Body::empty()).unwrap();
+            let res = send(&st, req).await;
+            assert_eq!(res.status(), StatusCode::OK, "{path}");
+            assert_eq!(
+                res.headers()["content-length"],
+                doc.len().to_string(),
+                "{path}"
+            );
+        }
     }
+}
+
+/// A build trace of Nix 2.35's layout names its output as `<output>.doi`; without the suffix
+/// (or with the other layout's name) it is no build trace: 400, the store not asked.
+#[tokio::test]
+async fn a_build_trace_v2_without_its_suffix_is_refused() {
+    let mem = Arc::new(MemoryStore::new());
+    mem.insert(&format!("build-trace-v2/{DRV}/out"), "{}");
+    let st = state(Config::default(), &mem);
+    let (status, _) = get(&st, &format!("/build-trace-v2/{DRV}/out")).await;
+    assert_eq!(status, StatusCode::BAD_REQUEST);
+    assert_eq!(mem.gets_under(""), 0, "the store was asked");
 }
 
 /// The connection loop serves requests on its listener until told to stop, then returns.
@@ -433,6 +452,7 @@ async fn the_upload_address_reads_every_kind_of_object_from_the_store() {
         format!("log/{DRV}"),
         REALISATION.to_owned(),
         format!("build-trace/{DRV}/out"),
+        format!("build-trace-v2/{DRV}/out.doi"),
     ];
     for key in &keys {
         let path = format!("/upload/{key}");
@@ -855,6 +875,7 @@ async fn puts_declared_over_their_limit_are_refused_before_the_body() {
         format!("/upload/{HASH}.narinfo"),
         format!("/upload/{REALISATION}"),
         format!("/upload/build-trace/{DRV}/out"),
+        format!("/upload/build-trace-v2/{DRV}/out.doi"),
     ] {
         let mut tcp = tokio::net::TcpStream::connect(addr).await.unwrap();
         let head = format!(

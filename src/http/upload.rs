@@ -42,9 +42,15 @@ pub(super) fn routes(state: AppState) -> Router<AppState> {
         )
         .route(
             "/build-trace/{drv}/{output}",
-            get(build_trace_get)
-                .head(build_trace_head)
-                .put(realisation::put_build_trace),
+            get(build_trace_get::<false>)
+                .head(build_trace_head::<false>)
+                .put(realisation::put_build_trace::<false>),
+        )
+        .route(
+            "/build-trace-v2/{drv}/{output}",
+            get(build_trace_get::<true>)
+                .head(build_trace_head::<true>)
+                .put(realisation::put_build_trace::<true>),
         )
         .route(
             "/{file}",
@@ -200,22 +206,22 @@ async fn realisation_head(
     .await
 }
 
-async fn build_trace_get(
+async fn build_trace_get<const V2: bool>(
     State(st): State<AppState>,
     Path((drv, output)): Path<(String, String)>,
     headers: HeaderMap,
 ) -> Result<Response, Error> {
-    let key = realisation::build_trace_key(&drv, &output)?;
+    let key = realisation::build_trace_key::<V2>(&drv, &output)?;
     object::get(&*st.store, &key, Kind::Realisation, &headers).await
 }
 
-async fn build_trace_head(
+async fn build_trace_head<const V2: bool>(
     State(st): State<AppState>,
     Path((drv, output)): Path<(String, String)>,
 ) -> Result<Response, Error> {
     object::head(
         &*st.store,
-        &realisation::build_trace_key(&drv, &output)?,
+        &realisation::build_trace_key::<V2>(&drv, &output)?,
         Kind::Realisation,
     )
     .await

@@ -2,6 +2,7 @@
 //! extensions it gives them under `nar/`.
 
 use std::fmt;
+use std::io::{self, Read};
 use std::str::FromStr;
 
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Hash)]
@@ -70,6 +71,54 @@ impl Compression {
     /// Whether cellar can re-encode uploads to it.
     pub fn can_encode(self) -> bool {
         self.encode_levels().is_some()
+    }
+
+    /// The compression an HTTP `Content-Encoding` names, as Nix names it in one when it
+    /// uploads a narinfo, a listing or a log compressed (`narinfo-compression`, …): `None` for
+    /// none (`identity`, or `none` as Nix's setting). `Err` (with the name) for a coding cellar
+    /// does not decode: `lz4`, several codings, any other name.
+    pub fn from_content_encoding(name: &str) -> Result<Option<Self>, String> {
+        let name = name.trim().to_ascii_lowercase();
+        let c = match name.as_str() {
+            "" | "identity" | "none" => return Ok(None),
+            "x-gzip" => Self::Gzip,
+            other => other.parse().map_err(|_| name.clone())?,
+        };
+        match c {
+            Self::Xz | Self::Zstd | Self::Bzip2 | Self::Brotli | Self::Gzip => Ok(Some(c)),
+            Self::None => Ok(None),
+            Self::Lz4 => Err(name),
+        }
+    }
+
+    /// `input` decompressed: a reader of what it decodes to. `xz_memory_limit` bounds the
+    /// memory an xz stream's header may ask the decoder for. Several concatenated streams
+    /// (members) are read as one, as Nix's own decoders do. `lz4` is not decoded (an error).
+    pub fn decoder<'a, R: Read + 'a>(
+        self,
+        input: R,
+        xz_memory_limit: u64,
+    ) -> io::Result<Box<dyn Read + 'a>> {
+        Ok(match self {
+            Self::None => Box::new(input),
+            Self::Xz => {
+                let stream = liblzma::stream::Stream::new_stream_decoder(
+                    xz_memory_limit,
+                    liblzma::stream::CONCATENATED,
+                )?;
+                Box::new(liblzma::read::XzDecoder::new_stream(input, stream))
+            }
+            Self::Zstd => Box::new(zstd::stream::read::Decoder::new(input)?),
+            Self::Bzip2 => Box::new(bzip2::read::MultiBzDecoder::new(input)),
+            Self::Brotli => Box::new(brotli_decompressor::Decompressor::new(input, 64 * 1024)),
+            Self::Gzip => Box::new(flate2::read::MultiGzDecoder::new(input)),
+            Self::Lz4 => {
+                return Err(io::Error::new(
+                    io::ErrorKind::Unsupported,
+                    "cellar does not decode lz4",
+                ))
+            }
+        })
     }
 
     /// The compression named by an extension after `.nar.` (without the dot).

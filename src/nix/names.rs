@@ -277,13 +277,21 @@ impl fmt::Debug for RealisationName {
     }
 }
 
-/// An output name (`out`, `dev`, …) as used in `build-trace/<drv>/<output>`.
+/// An output name (`out`, `dev`, …) as used in `build-trace/<drv>/<output>` and
+/// `build-trace-v2/<drv>/<output>.doi`.
 #[derive(Clone, PartialEq, Eq)]
 pub struct OutputName(String);
 
 impl OutputName {
     pub fn as_str(&self) -> &str {
         &self.0
+    }
+
+    /// The output a `build-trace-v2/<drv>/` file names: `<output>.doi`.
+    pub fn from_doi_file(file: &str) -> Result<Self, NameError> {
+        file.strip_suffix(".doi")
+            .and_then(|o| o.parse().ok())
+            .ok_or_else(|| err("build trace file", file))
     }
 }
 
@@ -441,6 +449,13 @@ mod tests {
         assert_eq!(format!("{out:?}"), "\"dev\"");
         for bad in ["..", ".", ".dev", ""] {
             assert!(bad.parse::<OutputName>().is_err(), "{bad}");
+        }
+        assert_eq!(
+            OutputName::from_doi_file("dev.doi").unwrap().as_str(),
+            "dev"
+        );
+        for bad in ["dev", ".doi", "..doi", "dev.doi/x", "dev.DOI"] {
+            assert!(OutputName::from_doi_file(bad).is_err(), "{bad}");
         }
         for bad in [
             format!("sha256:{F}!out"),

@@ -24,7 +24,14 @@ const STAGING: &str = ".staging";
 const COPY_SUFFIX: &str = ".cellar-tmp";
 
 /// The top-level directories a cross-device commit may copy into (see [`COPY_SUFFIX`]).
-const OBJECT_DIRS: [&str; 5] = ["nar", "log", "realisations", "build-trace", "_cellar"];
+const OBJECT_DIRS: [&str; 6] = [
+    "nar",
+    "log",
+    "realisations",
+    "build-trace",
+    "build-trace-v2",
+    "_cellar",
+];
 
 /// Whether `name` is a commit's copy beside its destination.
 fn is_copy_beside(name: &std::ffi::OsStr) -> bool {
@@ -204,7 +211,7 @@ fn in_layout(root: &Path, dir: &Path) -> bool {
         None => true,
         Some(first) => matches!(
             first.as_os_str().to_str(),
-            Some("nar" | "log" | "realisations" | "build-trace" | "_cellar")
+            Some("nar" | "log" | "realisations" | "build-trace" | "build-trace-v2" | "_cellar")
         ),
     }
 }
@@ -608,6 +615,7 @@ mod tests {
             "log",
             "realisations/x",
             "build-trace/a",
+            "build-trace-v2/a",
             "_cellar/access/d",
         ] {
             assert!(in_layout(root, &root.join(dir)), "{dir}");

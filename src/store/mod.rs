@@ -19,7 +19,7 @@ use bytes::Bytes;
 use futures::Stream;
 use thiserror::Error;
 
-use crate::nix::{NarInfo, StorePathHash, MAX_NARINFO_BYTES};
+use crate::nix::{Compression, NarInfo, StorePathHash, MAX_NARINFO_BYTES};
 
 /// A streamed object body. An `Err` item means the store failed mid-body.
 pub type ByteStream = Pin<Box<dyn Stream<Item = io::Result<Bytes>> + Send + 'static>>;
@@ -188,9 +188,14 @@ pub enum StoreError {
     #[error("object {key} is larger than {limit} bytes")]
     TooLarge { key: String, limit: u64 },
     /// An object cellar reads itself (a narinfo, a record, a pin) is stored with a
-    /// `Content-Encoding` (Nix's `narinfo-compression`), which it does not decode.
-    #[error("{key} is stored with Content-Encoding {encoding}, which cellar does not decode")]
-    Encoded { key: String, encoding: String },
+    /// `Content-Encoding` it cannot decode (one it does not know, or a body that does not
+    /// decode as the coding says); `why` says which, completing the sentence.
+    #[error("{key} is stored with Content-Encoding {encoding}, {why}")]
+    Encoded {
+        key: String,
+        encoding: String,
+        why: String,
+    },
     /// Any other failure of the store (an unexpected S3 error, a local I/O error).
     #[error("store error: {0}")]
     Other(String),
@@ -453,14 +458,23 @@ pub trait Store: Send + Sync + 'static {
                 limit,
             });
         }
-        if let Some(e) = &obj.encoding {
-            // What cellar reads itself (narinfos, records, pins) it reads as written; Nix's
-            // `narinfo-compression` is not decoded.
-            return Err(StoreError::Encoded {
-                key: key.to_owned(),
-                encoding: e.to_string(),
-            });
-        }
+        // Nix's `narinfo-compression` stores a narinfo compressed, saying how in its
+        // `Content-Encoding`: decoded below, bounded by `limit` as stored and as decoded.
+        let coding = match obj
+            .encoding
+            .as_deref()
+            .map(Compression::from_content_encoding)
+        {
+            None => None,
+            Some(Ok(c)) => c,
+            Some(Err(encoding)) => {
+                return Err(StoreError::Encoded {
+                    key: key.to_owned(),
+                    encoding,
+                    why: "which cellar does not decode".to_owned(),
+                })
+            }
+        };
         let mut buf = Vec::with_capacity(obj.length.unwrap_or(0).min(limit) as usize);
         let mut body = obj.body;
         while let Some(chunk) = body
@@ -476,8 +490,47 @@ pub trait Store: Send + Sync + 'static {
             }
             buf.extend_from_slice(&chunk);
         }
-        Ok(Some(Bytes::from(buf)))
+        match coding {
+            None => Ok(Some(Bytes::from(buf))),
+            Some(c) => decoded(key, c, buf, limit).await.map(Some),
+        }
     }
+}
+
+/// What an xz-compressed object cellar reads itself may ask of memory to be decoded: xz -9's
+/// dictionary and then some, never touched by a small object (the dictionary is only written
+/// as far as the object goes).
+const DECODE_XZ_MEMORY: u64 = 128 << 20;
+
+/// `data` (of `key`) decoded from `c`, at most `limit` bytes of it.
+async fn decoded(
+    key: &str,
+    c: Compression,
+    data: Vec<u8>,
+    limit: u64,
+) -> Result<Bytes, StoreError> {
+    use std::io::Read as _;
+    let out = tokio::task::spawn_blocking(move || -> io::Result<Vec<u8>> {
+        let mut out = Vec::new();
+        c.decoder(&data[..], DECODE_XZ_MEMORY)?
+            .take(limit.saturating_add(1))
+            .read_to_end(&mut out)?;
+        Ok(out)
+    })
+    .await
+    .map_err(|e| StoreError::Other(format!("decoding {key}: {e}")))?
+    .map_err(|e| StoreError::Encoded {
+        key: key.to_owned(),
+        encoding: c.as_str().to_owned(),
+        why: format!("which it does not decode as: {e}"),
+    })?;
+    if out.len() as u64 > limit {
+        return Err(StoreError::TooLarge {
+            key: key.to_owned(),
+            limit,
+        });
+    }
+    Ok(Bytes::from(out))
 }
 
 /// The bytes of the narinfo stored for `h`, at most [`MAX_NARINFO_BYTES`]. `limit` bounds the
@@ -541,6 +594,10 @@ pub mod object_key {
     }
     pub fn build_trace(drv: &StorePathBaseName, out: &OutputName) -> String {
         format!("build-trace/{drv}/{}", out.as_str())
+    }
+    /// Nix 2.35's layout.
+    pub fn build_trace_v2(drv: &StorePathBaseName, out: &OutputName) -> String {
+        format!("build-trace-v2/{drv}/{}.doi", out.as_str())
     }
 }
 

@@ -30,25 +30,8 @@ pub fn of(header: Option<&[u8]>) -> Result<Option<Compression>, UploadError> {
         return Ok(None);
     };
     let name = std::str::from_utf8(raw)
-        .map_err(|_| UploadError::UnsupportedEncoding(String::from_utf8_lossy(raw).into()))?
-        .trim()
-        .to_ascii_lowercase();
-    let c = match name.as_str() {
-        "" | "identity" | "none" => return Ok(None),
-        "x-gzip" => Compression::Gzip,
-        other => other
-            .parse::<Compression>()
-            .map_err(|_| UploadError::UnsupportedEncoding(other.to_owned()))?,
-    };
-    match c {
-        Compression::Xz
-        | Compression::Zstd
-        | Compression::Bzip2
-        | Compression::Brotli
-        | Compression::Gzip => Ok(Some(c)),
-        Compression::None => Ok(None),
-        Compression::Lz4 => Err(UploadError::UnsupportedEncoding(name)),
-    }
+        .map_err(|_| UploadError::UnsupportedEncoding(String::from_utf8_lossy(raw).into()))?;
+    Compression::from_content_encoding(name).map_err(UploadError::UnsupportedEncoding)
 }
 
 /// How a body is to be decoded: its coding, and the memory an xz stream's header may ask
@@ -120,7 +103,9 @@ fn run<R: Read>(
     limit: u64,
     tx: &mpsc::Sender<io::Result<Bytes>>,
 ) -> io::Result<()> {
-    let mut decoder = decoder(coding, input)?;
+    let mut decoder = coding
+        .compression
+        .decoder(input, coding.xz_memory_limit_bytes)?;
     let mut produced = 0u64;
     loop {
         let mut buf = vec![0u8; CHUNK];
@@ -139,23 +124,6 @@ fn run<R: Read>(
             return Ok(());
         }
     }
-}
-
-fn decoder<'a, R: Read + 'a>(coding: Coding, input: R) -> io::Result<Box<dyn Read + 'a>> {
-    Ok(match coding.compression {
-        Compression::Xz => {
-            let stream = liblzma::stream::Stream::new_stream_decoder(
-                coding.xz_memory_limit_bytes,
-                liblzma::stream::CONCATENATED,
-            )?;
-            Box::new(liblzma::read::XzDecoder::new_stream(input, stream))
-        }
-        Compression::Zstd => Box::new(zstd::stream::read::Decoder::new(input)?),
-        Compression::Bzip2 => Box::new(bzip2::read::MultiBzDecoder::new(input)),
-        Compression::Brotli => Box::new(brotli_decompressor::Decompressor::new(input, CHUNK)),
-        Compression::Gzip => Box::new(flate2::read::MultiGzDecoder::new(input)),
-        Compression::None | Compression::Lz4 => Box::new(input),
-    })
 }
 
 /// A decoder's failure as the upload's: the body's own (it broke, went idle: see [`decode`])

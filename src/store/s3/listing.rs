@@ -61,6 +61,7 @@ impl S3Store {
                             || k.starts_with("log/")
                             || k.starts_with("realisations/")
                             || k.starts_with("build-trace/")
+                            || k.starts_with("build-trace-v2/")
                             || k.starts_with(crate::gc::RESERVED_PREFIX)
                             || k.ends_with(".narinfo")
                             || k.ends_with(".ls")

@@ -538,22 +538,53 @@ async fn a_body_the_store_stops_sending_fails() {
 }
 
 /// What cellar reads itself (a narinfo, a record, a pin) stored with a `Content-Encoding`
-/// (Nix's `narinfo-compression`) is refused with that reason, on both read paths, instead of
-/// being parsed as if it were plain.
+/// (Nix's `narinfo-compression`) is decoded, on both read paths, and bounded by the limit as
+/// decoded too; one in a coding cellar does not decode, or that does not decode as its coding
+/// says, is refused with that reason instead of being parsed as if it were plain.
 #[tokio::test]
-async fn an_encoded_object_cellar_reads_itself_is_refused() {
-    let app = axum::Router::new()
-        .fallback(|| async { ([("content-encoding", "xz")], b"\xfd7zXZ".to_vec()) });
+async fn an_encoded_object_cellar_reads_itself_is_decoded() {
+    use std::io::Write as _;
+    let plain = b"StorePath: /nix/store/x\n".repeat(100);
+    let mut xz = liblzma::write::XzEncoder::new(Vec::new(), 6);
+    xz.write_all(&plain).unwrap();
+    let xz = xz.finish().unwrap();
+    assert!(xz.len() < plain.len() / 4);
+    let app = axum::Router::new().fallback(move |uri: axum::http::Uri| {
+        let xz = xz.clone();
+        async move {
+            match uri.path().rsplit('/').next().unwrap_or("") {
+                "xz.narinfo" => ([("content-encoding", "xz")], xz),
+                "lz4.narinfo" => ([("content-encoding", "lz4")], xz),
+                _ => ([("content-encoding", "xz")], b"\xfd7zXZ".to_vec()),
+            }
+        }
+    });
     let l = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
     let addr = l.local_addr().unwrap();
     tokio::spawn(async move { axum::serve(l, app).await });
     for direct in [false, true] {
         let store = store_with(format!("http://{addr}"), 4, direct).await;
-        let e = store.get_bytes("x.narinfo", 1 << 20).await.unwrap_err();
+        let got = store.get_bytes("xz.narinfo", 1 << 20).await.unwrap();
+        assert_eq!(got.as_deref(), Some(&plain[..]), "direct {direct}");
+        // Small as stored, too large as decoded.
+        let e = store
+            .get_bytes("xz.narinfo", plain.len() as u64 - 1)
+            .await
+            .unwrap_err();
         assert!(
-            e.to_string().contains("Content-Encoding xz"),
+            matches!(e, StoreError::TooLarge { .. }),
             "direct {direct}: {e}"
         );
+        for (key, why) in [
+            ("lz4.narinfo", "Content-Encoding lz4"),
+            ("broken.narinfo", "Content-Encoding xz"),
+        ] {
+            let e = store.get_bytes(key, 1 << 20).await.unwrap_err();
+            assert!(
+                matches!(e, StoreError::Encoded { .. }) && e.to_string().contains(why),
+                "direct {direct}: {key}: {e}"
+            );
+        }
     }
 }
 
