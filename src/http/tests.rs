@@ -43,6 +43,34 @@ pub(super) async fn get(st: &AppState, path: &str) -> (StatusCode, Vec<u8>) {
     )
 }
 
+/// A cache Nix wrote with a compression cellar does not decode, as libarchive's `lzip` (or
+/// `lzop`, `grzip`, `lrzip`, `compress` under a bare `.nar`): its narinfos are served signed
+/// and its NARs as stored, as Nix itself reads them (the narinfo was a 502).
+#[tokio::test]
+async fn a_cache_in_a_compression_cellar_does_not_decode_is_served() {
+    let f = "0l74sag416b7yzqh28bm87pdp102zcgslqmm73y4qr1rn0rmqsyx";
+    for (compression, ext) in [("lzip", ".lzip"), ("lzop", ""), ("compress", "")] {
+        let mem = Arc::new(MemoryStore::new());
+        let narinfo = NARINFO
+            .replace(".nar.xz", &format!(".nar{ext}"))
+            .replace("Compression: xz", &format!("Compression: {compression}"));
+        mem.insert(&format!("{HASH}.narinfo"), narinfo);
+        mem.insert(&format!("nar/{f}.nar{ext}"), vec![7u8; 288]);
+        let st = state(Config::default(), &mem);
+        let (s, body) = get(&st, &format!("/{HASH}.narinfo")).await;
+        assert_eq!(s, StatusCode::OK, "{compression}");
+        let body = String::from_utf8(body).unwrap();
+        assert!(
+            body.contains(&format!("Compression: {compression}\n"))
+                && body.contains(&format!("URL: nar/{f}.nar{ext}\n"))
+                && body.contains("Sig: test-cellar-1:"),
+            "{body}"
+        );
+        let (s, nar) = get(&st, &format!("/nar/{f}.nar{ext}")).await;
+        assert_eq!((s, nar), (StatusCode::OK, vec![7u8; 288]), "{compression}");
+    }
+}
+
 #[tokio::test]
 async fn narinfo_hits_come_from_memory() {
     let mem = Arc::new(MemoryStore::new());

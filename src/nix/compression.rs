@@ -14,11 +14,18 @@ pub enum Compression {
     Brotli,
     Lz4,
     Gzip,
+    /// The rest of what Nix compresses with (through libarchive): served as stored, never
+    /// decoded. `lzip` gets `.nar.lzip`; the others a bare `.nar`, as gzip does.
+    Lzip,
+    Lzop,
+    Grzip,
+    Lrzip,
+    Compress,
 }
 
 impl Compression {
     /// Every compression Nix knows.
-    pub const ALL: [Self; 7] = [
+    pub const ALL: [Self; 12] = [
         Self::None,
         Self::Xz,
         Self::Zstd,
@@ -26,6 +33,11 @@ impl Compression {
         Self::Brotli,
         Self::Lz4,
         Self::Gzip,
+        Self::Lzip,
+        Self::Lzop,
+        Self::Grzip,
+        Self::Lrzip,
+        Self::Compress,
     ];
 
     /// The value of the narinfo `Compression:` field.
@@ -38,13 +50,20 @@ impl Compression {
             Self::Brotli => "br",
             Self::Lz4 => "lz4",
             Self::Gzip => "gzip",
+            Self::Lzip => "lzip",
+            Self::Lzop => "lzop",
+            Self::Grzip => "grzip",
+            Self::Lrzip => "lrzip",
+            Self::Compress => "compress",
         }
     }
 
-    /// The suffix Nix appends to `.nar`. Quirk kept from Nix: gzip gets none.
+    /// The suffix Nix appends to `.nar`. Quirk kept from Nix: gzip (and lzop, grzip, lrzip,
+    /// compress) get none.
     pub fn extension(self) -> &'static str {
         match self {
-            Self::None | Self::Gzip => "",
+            Self::None | Self::Gzip | Self::Lzop | Self::Grzip | Self::Lrzip | Self::Compress => "",
+            Self::Lzip => ".lzip",
             Self::Xz => ".xz",
             Self::Zstd => ".zst",
             Self::Bzip2 => ".bz2",
@@ -64,7 +83,15 @@ impl Compression {
             Self::None => Some(0..=0),
             Self::Xz => Some(0..=9),
             Self::Zstd => Some(1..=19),
-            Self::Bzip2 | Self::Brotli | Self::Lz4 | Self::Gzip => None,
+            Self::Bzip2
+            | Self::Brotli
+            | Self::Lz4
+            | Self::Gzip
+            | Self::Lzip
+            | Self::Lzop
+            | Self::Grzip
+            | Self::Lrzip
+            | Self::Compress => None,
         }
     }
 
@@ -87,7 +114,9 @@ impl Compression {
         match c {
             Self::Xz | Self::Zstd | Self::Bzip2 | Self::Brotli | Self::Gzip => Ok(Some(c)),
             Self::None => Ok(None),
-            Self::Lz4 => Err(name),
+            Self::Lz4 | Self::Lzip | Self::Lzop | Self::Grzip | Self::Lrzip | Self::Compress => {
+                Err(name)
+            }
         }
     }
 
@@ -112,10 +141,10 @@ impl Compression {
             Self::Bzip2 => Box::new(bzip2::read::MultiBzDecoder::new(input)),
             Self::Brotli => Box::new(brotli_decompressor::Decompressor::new(input, 64 * 1024)),
             Self::Gzip => Box::new(flate2::read::MultiGzDecoder::new(input)),
-            Self::Lz4 => {
+            Self::Lz4 | Self::Lzip | Self::Lzop | Self::Grzip | Self::Lrzip | Self::Compress => {
                 return Err(io::Error::new(
                     io::ErrorKind::Unsupported,
-                    "cellar does not decode lz4",
+                    format!("cellar does not decode {self}"),
                 ))
             }
         })
@@ -129,6 +158,7 @@ impl Compression {
             "bz2" => Some(Self::Bzip2),
             "br" => Some(Self::Brotli),
             "lz4" => Some(Self::Lz4),
+            "lzip" => Some(Self::Lzip),
             _ => None,
         }
     }
@@ -145,6 +175,11 @@ impl FromStr for Compression {
             "br" => Self::Brotli,
             "lz4" => Self::Lz4,
             "gzip" => Self::Gzip,
+            "lzip" => Self::Lzip,
+            "lzop" => Self::Lzop,
+            "grzip" => Self::Grzip,
+            "lrzip" => Self::Lrzip,
+            "compress" => Self::Compress,
             other => return Err(format!("unknown compression {other:?}")),
         })
     }
@@ -169,5 +204,16 @@ mod tests {
             }
         }
         assert!("rar".parse::<Compression>().is_err());
+        assert_eq!(Compression::from_extension("lzip"), Some(Compression::Lzip));
+        // What Nix writes with libarchive's filters: named, served, never decoded.
+        for c in ["lzip", "lzop", "grzip", "lrzip", "compress"] {
+            let c: Compression = c.parse().unwrap();
+            assert!(!c.can_decode() && !c.can_encode(), "{c}");
+            assert!(c.decoder(&b""[..], 1 << 20).is_err(), "{c}");
+            assert!(
+                Compression::from_content_encoding(c.as_str()).is_err(),
+                "{c}"
+            );
+        }
     }
 }

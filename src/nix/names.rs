@@ -348,6 +348,7 @@ mod tests {
             (format!("{F}.nar.bz2"), Some(Compression::Bzip2)),
             (format!("{F}.nar.br"), Some(Compression::Brotli)),
             (format!("{F}.nar.lz4"), Some(Compression::Lz4)),
+            (format!("{F}.nar.lzip"), Some(Compression::Lzip)),
             (format!("{F}.nar"), None),
             (format!("{H}.nar"), None),
         ] {
