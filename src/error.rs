@@ -96,9 +96,9 @@ impl Error {
         match self {
             Self::NotFound | Self::NotFoundForNow => StatusCode::NOT_FOUND,
             Self::BadName(_) => StatusCode::BAD_REQUEST,
-            Self::Store(StoreError::Unavailable(_) | StoreError::Timeout(_)) => {
-                StatusCode::SERVICE_UNAVAILABLE
-            }
+            Self::Store(
+                StoreError::Unavailable(_) | StoreError::Timeout(_) | StoreError::UpstreamDown(_),
+            ) => StatusCode::SERVICE_UNAVAILABLE,
             Self::Store(StoreError::RangeNotSatisfiable { .. }) => {
                 StatusCode::RANGE_NOT_SATISFIABLE
             }
@@ -134,6 +134,7 @@ impl Error {
             Self::NotFoundForNow => "not_found_upstream_down",
             Self::BadName(_) => "bad_name",
             Self::Store(StoreError::Unavailable(_)) => "store_unavailable",
+            Self::Store(StoreError::UpstreamDown(_)) => "upstream_unavailable",
             Self::Store(StoreError::Timeout(_)) => "store_timeout",
             Self::Store(StoreError::RangeNotSatisfiable { .. }) => "range_not_satisfiable",
             Self::Store(StoreError::Misconfigured(_)) => "store_misconfigured",
@@ -164,6 +165,9 @@ impl Error {
             Self::BadName(e) => e.to_string(),
             Self::Store(StoreError::Unavailable(_) | StoreError::Timeout(_)) => {
                 "store unavailable".into()
+            }
+            Self::Store(StoreError::UpstreamDown(_)) => {
+                "not in the store, and an upstream cache could not be asked".into()
             }
             Self::Store(StoreError::RangeNotSatisfiable { .. }) => "range not satisfiable".into(),
             Self::Store(
@@ -200,6 +204,9 @@ impl Error {
             }
             Self::Store(StoreError::Unavailable(_) | StoreError::Timeout(_)) => {
                 tracing::warn!(cause = %self, "store unavailable")
+            }
+            Self::Store(StoreError::UpstreamDown(_)) => {
+                tracing::warn!(cause = %self, "upstream unavailable")
             }
             Self::Upload(UploadError::Rejected(m)) => {
                 tracing::info!(reason = %m, "upload rejected")

@@ -779,6 +779,14 @@ impl WithUpstreams {
     }
 }
 
+/// The upstreams' "one could not be asked" after the store found nothing, as such.
+fn upstream_down(e: StoreError) -> StoreError {
+    match e {
+        StoreError::Unavailable(m) => StoreError::UpstreamDown(m),
+        other => other,
+    }
+}
+
 #[async_trait]
 impl Store for WithUpstreams {
     async fn get(&self, key: &str, range: Option<ByteRange>) -> Result<Option<Object>, StoreError> {
@@ -805,7 +813,11 @@ impl Store for WithUpstreams {
                 Ok(Some(o))
             }
             None => {
-                let o = self.upstreams.get(key, range).await?;
+                let o = self
+                    .upstreams
+                    .get(key, range)
+                    .await
+                    .map_err(upstream_down)?;
                 if o.is_some() && !later_part {
                     self.upstream_first.insert(key.to_owned(), ()).await;
                 }
@@ -818,7 +830,7 @@ impl Store for WithUpstreams {
         if let Some(s) = self.store.head(key).await? {
             return Ok(Some(s));
         }
-        self.upstreams.head(key).await
+        self.upstreams.head(key).await.map_err(upstream_down)
     }
 
     async fn ping(&self) -> Result<(), StoreError> {

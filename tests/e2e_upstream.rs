@@ -180,6 +180,40 @@ async fn a_dead_upstream_is_a_miss_within_its_timeout() {
     assert_eq!(reqwest::get(&nar).await.unwrap().status(), 503);
 }
 
+/// With its upstream down, a build log neither the bucket nor a reachable upstream has is
+/// "not available" to the real client at once: `nix log` says so, instead of failing on a 503
+/// after its retries; the closure itself still substitutes from the bucket.
+#[tokio::test(flavor = "multi_thread")]
+async fn nix_log_says_not_available_while_the_upstream_is_down() {
+    let f = fixture();
+    let dead = DeadUpstream::start().await;
+    let key = "cellar-test-1:/+L0Q/jKhm6dU1WL+m92avPr/xAL77BfJ3lwg3EXluU=";
+    let app = App::s3("pull-dead-log")
+        .seed_dir(&f.xz_dir)
+        .config(&upstream_config(&format!("http://{}", dead.addr), key, ""))
+        .spawn()
+        .await;
+    let a = &app.srv;
+    let drv = f.top_drv.rsplit('/').next().unwrap();
+    // The bucket has no log of top: remove the one the fixture's cache holds.
+    s3_client(&app.s3)
+        .delete_object()
+        .bucket(&app.s3.bucket)
+        .key(format!("{}log/{drv}", app.prefix))
+        .send()
+        .await
+        .unwrap();
+    let work = tempfile::tempdir().unwrap();
+    let mut l = nix("nix", &work.path().join("xdg"));
+    l.args(["log", "--store", &a.url, &f.top]);
+    let out = l.output().unwrap();
+    let stderr = String::from_utf8_lossy(&out.stderr);
+    assert!(!out.status.success(), "{stderr}");
+    assert!(stderr.contains("is not available"), "{stderr}");
+    assert!(!stderr.contains("503"), "{stderr}");
+    substitute_and_verify(&a.url, &a.public_key, &f.top, work.path());
+}
+
 #[tokio::test(flavor = "multi_thread")]
 async fn head_of_a_nar_only_the_upstream_has_is_its_size() {
     let f = fixture();

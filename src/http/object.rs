@@ -20,7 +20,7 @@ use futures::{Stream, TryStreamExt as _};
 
 use super::AppState;
 use crate::error::Error;
-use crate::store::{ByteRange, Object, Store};
+use crate::store::{ByteRange, Object, Store, StoreError};
 use crate::upload::{digest, encoding};
 
 #[derive(Debug, Clone, Copy)]
@@ -130,11 +130,23 @@ pub(super) async fn get(
     kind: Kind,
     req_headers: &HeaderMap,
 ) -> Result<Response, Error> {
-    let obj = source
-        .get(key, range_of(req_headers))
-        .await?
-        .ok_or(Error::NotFound)?;
+    let obj = lookup(kind, source.get(key, range_of(req_headers)).await)?;
     Ok(object_response(obj, kind))
+}
+
+/// What a read found, as an answer: a listing, log or realisation that no upstream had while
+/// one could not be asked is not found for now (404, kept by no cache), as a narinfo is. These
+/// are lookups a client moves on from (`nix log` tries the next substituter); a 503 fails it
+/// after retries. A NAR stays a 503: its narinfo said it is there.
+fn lookup(kind: Kind, found: Result<Option<Object>, StoreError>) -> Result<Object, Error> {
+    match found {
+        Ok(Some(obj)) => Ok(obj),
+        Ok(None) => Err(Error::NotFound),
+        Err(StoreError::UpstreamDown(_)) if !matches!(kind, Kind::Nar) => {
+            Err(Error::NotFoundForNow)
+        }
+        Err(e) => Err(e.into()),
+    }
 }
 
 /// HEAD of `key` (a listing, log or realisation): the headers of a GET of it, from a GET of
@@ -142,7 +154,7 @@ pub(super) async fn get(
 /// compressed (`Content-Encoding`, then no ranges) or come from an upstream without a length;
 /// nothing asks for them often enough for the GET to cost (Nix sends no HEAD of them).
 pub(super) async fn head(source: &dyn Store, key: &str, kind: Kind) -> Result<Response, Error> {
-    let obj = source.get(key, None).await?.ok_or(Error::NotFound)?;
+    let obj = lookup(kind, source.get(key, None).await)?;
     let (parts, _unread) = object_response(obj, kind).into_parts();
     Ok(Response::from_parts(parts, Body::empty()))
 }

@@ -338,11 +338,14 @@ pub(super) fn dead_upstream() -> crate::config::UpstreamConfig {
     }
 }
 
-/// With an upstream that cannot be asked, HEAD of a log (or listing, realisation) is a 503 as
-/// its GET is, not a 404 clients keep; HEAD of a NAR stays a 404 (uploads to the root URL send
-/// it before each NAR, and a 503 would fail the copy) and finds a re-encoded NAR first.
+/// With an upstream that cannot be asked, a log, listing or realisation the store lacks is not
+/// found for now: 404 to GET and HEAD alike, kept by no cache (`no-store`), as a narinfo is;
+/// `nix log` then says it has none instead of failing after its retries. A NAR's GET stays a
+/// 503 (its narinfo said it is there, and Nix retries). HEAD of a NAR stays a 404 (uploads to
+/// the root URL send it before each NAR, and a 503 would fail the copy) and finds a re-encoded
+/// NAR first.
 #[tokio::test]
-async fn heads_while_an_upstream_is_down() {
+async fn lookups_while_an_upstream_is_down_are_not_found_for_now() {
     let mem = Arc::new(MemoryStore::new());
     mem.insert(&format!("nar/{NAR_FILE}.nar.zst"), vec![1u8; 200]);
     let mut cfg = Config {
@@ -355,19 +358,44 @@ async fn heads_while_an_upstream_is_down() {
     });
     let st = state(cfg, &mem);
     let drv = "5g5d4v2ahmn1f7k9jcs2cns6ivf5gmpa-top.drv";
+    let drv_hash = "1b8m03r63zqhnjf7l5wnldhh7c134ap5vpj0850ymkq1iyzicy5s";
+    for path in [
+        format!("/log/{drv}"),
+        format!("/{HASH}.ls"),
+        format!("/realisations/sha256:{drv_hash}!out.doi"),
+        format!("/build-trace-v2/{drv}/out.doi"),
+    ] {
+        for method in ["GET", "HEAD"] {
+            let res = app(st.clone())
+                .oneshot(
+                    Request::builder()
+                        .method(method)
+                        .uri(&path)
+                        .body(Body::empty())
+                        .unwrap(),
+                )
+                .await
+                .unwrap();
+            assert_eq!(res.status(), StatusCode::NOT_FOUND, "{method} {path}");
+            assert_eq!(
+                res.headers()["cache-control"],
+                "no-store",
+                "{method} {path}"
+            );
+        }
+        // The upstream's failure is not remembered: with the object in the store now, found.
+        mem.insert(&path[1..], "{}");
+        assert_eq!(get(&st, &path).await.0, StatusCode::OK, "{path}");
+    }
+    let absent = "1b8m03r63zqhnjf7l5wnldhh7c134ap5vpj0850ymkq1iyzicy5s";
     assert_eq!(
-        head(&st, &format!("/log/{drv}")).await.0,
-        StatusCode::SERVICE_UNAVAILABLE
-    );
-    assert_eq!(
-        get(&st, &format!("/log/{drv}")).await.0,
+        get(&st, &format!("/nar/{absent}.nar.xz")).await.0,
         StatusCode::SERVICE_UNAVAILABLE
     );
     assert_eq!(
         head(&st, &format!("/nar/{NAR_FILE}.nar.xz")).await,
         (StatusCode::OK, Some("200".into()))
     );
-    let absent = "1b8m03r63zqhnjf7l5wnldhh7c134ap5vpj0850ymkq1iyzicy5s";
     assert_eq!(
         head(&st, &format!("/nar/{absent}.nar.xz")).await.0,
         StatusCode::NOT_FOUND

@@ -178,6 +178,12 @@ pub enum StoreError {
     /// The store did not answer within the configured timeout.
     #[error("store timed out after {0} s")]
     Timeout(u64),
+    /// Not in the store, and no upstream cache had it while one of them could not be asked:
+    /// what it would have answered is unknown. A NAR's GET is then a 503 (its narinfo was
+    /// served, and Nix retries); a lookup's (a log, a listing, a realisation) a 404 not to
+    /// be kept, as a narinfo's is.
+    #[error("not in the store, and {0}")]
+    UpstreamDown(String),
     /// The store refused our credentials or the bucket does not exist: a misconfiguration.
     #[error("store misconfigured: {0}")]
     Misconfigured(String),

@@ -1128,9 +1128,10 @@ async fn open_range(
         .get(key, Some(asked))
         .await
         .map_err(|e| match e {
-            StoreError::Unavailable(_) | StoreError::Timeout(_) | StoreError::Other(_) => {
-                PartError::Transient(io::Error::other(e))
-            }
+            StoreError::Unavailable(_)
+            | StoreError::Timeout(_)
+            | StoreError::UpstreamDown(_)
+            | StoreError::Other(_) => PartError::Transient(io::Error::other(e)),
             // Credentials, a range the object no longer has: the next try would get the same.
             StoreError::Misconfigured(_)
             | StoreError::RangeNotSatisfiable { .. }
