@@ -19,6 +19,16 @@ struct P {
     nar: String,
 }
 
+/// The options of a collection that deletes, at `now`, waiting the usual settle time.
+fn applying(now: SystemTime) -> Options {
+    Options {
+        apply: true,
+        now,
+        settle: super::deleting::SETTLE,
+        stop: Default::default(),
+    }
+}
+
 fn path(store: &MemoryStore, seed: &str, refs: &[&P], age: Duration, now: SystemTime) -> P {
     let hash = base32::encode(&Sha256::digest(seed.as_bytes()).as_bytes()[..20]);
     let base = format!("{hash}-{seed}");
@@ -212,19 +222,7 @@ async fn an_unreadable_pin_stops_the_run() {
     path(&mem, "p", &[], 100 * DAY, now);
     mem.insert_at("_cellar/pins/bad", "nonsense", now);
     let store: Arc<dyn Store> = mem.clone();
-    let r = run(
-        &store,
-        "/nix/store",
-        &cfg(),
-        &Options {
-            apply: true,
-            now,
-            settle: super::deleting::SETTLE,
-            stop: Default::default(),
-        },
-        &Quiet,
-    )
-    .await;
+    let r = run(&store, "/nix/store", &cfg(), &applying(now), &Quiet).await;
     assert!(matches!(r, Err(super::GcError::BadPin { .. })));
     assert_eq!(mem.keys().len(), 5);
 }
@@ -272,12 +270,7 @@ async fn a_damaged_upload_record_under_way_stops_the_run() {
     mem.insert_at(&key, "cellar-access 1\ngarbage\n", now);
     let before = mem.keys();
     let store: Arc<dyn Store> = mem.clone();
-    let opts = Options {
-        apply: true,
-        now,
-        settle: super::deleting::SETTLE,
-        stop: Default::default(),
-    };
+    let opts = applying(now);
     let r = run(&store, "/nix/store", &cfg(), &opts, &Quiet).await;
     assert!(
         matches!(&r, Err(super::GcError::BadUploadRecord { key: k, .. }) if *k == key),
@@ -571,12 +564,7 @@ async fn a_collection_stops_while_another_runs() {
     let other = super::deleting::key("1767225599-ab12");
     mem.insert(&other, "cellar-deleting 1\n");
     let store: Arc<dyn Store> = mem.clone();
-    let opts = Options {
-        apply: true,
-        now,
-        settle: super::deleting::SETTLE,
-        stop: Default::default(),
-    };
+    let opts = applying(now);
     let Err(e) = run(&store, "/nix/store", &cfg(), &opts, &Quiet).await else {
         panic!("collected beside another run");
     };
@@ -609,12 +597,7 @@ async fn a_collection_that_listed_while_another_deleted_does_not_delete() {
     let top = path(&mem, "top", &[&dep], 100 * DAY, now);
     let other = super::deleting::key("1767225599-ab12");
     let store: Arc<dyn Store> = mem.clone();
-    let opts = Options {
-        apply: true,
-        now,
-        settle: super::deleting::SETTLE,
-        stop: Default::default(),
-    };
+    let opts = applying(now);
     for repairing in [false, true] {
         // The other run is deleting as this one starts, and ends while this one reads.
         mem.insert(&other, "cellar-deleting 1\n");
@@ -1647,12 +1630,7 @@ async fn an_encoded_narinfo_is_reported_and_nothing_is_deleted_by_it() {
     mem.set_encoding(&format!("{}.narinfo", encoded.hash), "br");
     let before = mem.keys();
     let store: Arc<dyn Store> = mem.clone();
-    let opts = Options {
-        apply: true,
-        now,
-        settle: super::deleting::SETTLE,
-        stop: Default::default(),
-    };
+    let opts = applying(now);
     let Err(e) = run(&store, "/nix/store", &cfg(), &opts, &Quiet).await else {
         panic!("collected by a graph with an encoded narinfo");
     };
@@ -1687,12 +1665,7 @@ async fn a_run_that_finds_another_live_once_it_has_read_does_not_delete() {
     mem.remove(&broken.nar);
     let other = super::deleting::key("1767225599-ab12");
     let store: Arc<dyn Store> = mem.clone();
-    let opts = Options {
-        apply: true,
-        now,
-        settle: super::deleting::SETTLE,
-        stop: Default::default(),
-    };
+    let opts = applying(now);
     for repairing in [false, true] {
         let gate = mem.hold_reads(&format!("{}.narinfo", dep.hash));
         let collect = async {
@@ -2228,12 +2201,7 @@ async fn an_encoded_narinfo_that_decodes_is_read_as_any_other() {
     mem.set_encoding(&key, "xz");
     let before = mem.keys();
     let store: Arc<dyn Store> = mem.clone();
-    let opts = Options {
-        apply: true,
-        now,
-        settle: super::deleting::SETTLE,
-        stop: Default::default(),
-    };
+    let opts = applying(now);
     let report = run(&store, "/nix/store", &cfg(), &opts, &Quiet)
         .await
         .unwrap();
