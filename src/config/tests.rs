@@ -573,6 +573,25 @@ fn a_variable_overrides_a_renamed_key_under_either_name() {
     });
 }
 
+/// A value of the wrong type in the file is reported with the file it is in, also for the
+/// keys read under a new name ([`Renamed`] keeps the file's name for its errors).
+#[test]
+#[allow(clippy::result_large_err)] // figment's Jail API
+fn a_bad_value_names_the_file() {
+    figment::Jail::expect_with(|jail| {
+        jail.create_file(
+            "c.toml",
+            "[store]\nkind = \"s3\"\nbucket = \"b\"\ndirect_reads = 7\n",
+        )?;
+        let e = Config::load(Some(Path::new("c.toml")))
+            .map(|c| format!("{c:?}"))
+            .unwrap_err()
+            .to_string();
+        assert!(e.contains("c.toml") && e.contains("direct_requests"), "{e}");
+        Ok(())
+    });
+}
+
 /// A list key's variable is text, as a path is: a key file named `2024` is that file.
 #[test]
 #[allow(clippy::result_large_err)] // figment's Jail API

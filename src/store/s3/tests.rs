@@ -566,6 +566,12 @@ async fn an_encoded_object_cellar_reads_itself_is_decoded() {
         let store = store_with(format!("http://{addr}"), 4, direct).await;
         let got = store.get_bytes("xz.narinfo", 1 << 20).await.unwrap();
         assert_eq!(got.as_deref(), Some(&plain[..]), "direct {direct}");
+        let exact = store.get_bytes("xz.narinfo", plain.len() as u64).await;
+        assert_eq!(
+            exact.unwrap().as_deref(),
+            Some(&plain[..]),
+            "direct {direct}"
+        );
         // Small as stored, too large as decoded.
         let e = store
             .get_bytes("xz.narinfo", plain.len() as u64 - 1)
@@ -585,6 +591,26 @@ async fn an_encoded_object_cellar_reads_itself_is_decoded() {
                 "direct {direct}: {key}: {e}"
             );
         }
+    }
+}
+
+/// A small object read whole is refused once over the caller's limit, to the byte, by its
+/// stated length (S3 states one; an object without is refused as a broken answer).
+#[tokio::test]
+async fn a_small_object_over_the_limit_is_refused_to_the_byte() {
+    let app = axum::Router::new().fallback(|| async { vec![b'x'; 100] });
+    let l = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+    let addr = l.local_addr().unwrap();
+    tokio::spawn(async move { axum::serve(l, app).await });
+    for direct in [false, true] {
+        let store = store_with(format!("http://{addr}"), 4, direct).await;
+        let got = store.get_bytes("sized", 100).await.unwrap().unwrap();
+        assert_eq!(got.len(), 100, "direct {direct}");
+        let e = store.get_bytes("sized", 99).await.unwrap_err();
+        assert!(
+            matches!(e, StoreError::TooLarge { limit: 99, .. }),
+            "direct {direct}: {e}"
+        );
     }
 }
 
