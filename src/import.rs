@@ -352,7 +352,9 @@ mod tests {
         (h, format!("nar/{file}"))
     }
 
-    fn importer() -> (std::sync::Arc<crate::store::memory::MemoryStore>, Uploader) {
+    use crate::store::memory::MemoryStore;
+
+    fn importer() -> (std::sync::Arc<MemoryStore>, Uploader) {
         let mem = std::sync::Arc::new(crate::store::memory::MemoryStore::new());
         let store: std::sync::Arc<dyn Store> = mem.clone();
         let cfg = crate::config::Config::default();
@@ -409,6 +411,17 @@ mod tests {
 
     /// A path whose reference was rejected is rejected before its NAR is copied: no orphan
     /// NAR for each path above a broken one.
+    /// The path below and the one above it rejected, the one above for its reference, and
+    /// its NAR not copied.
+    async fn assert_rejected_above(s: &Summary, mem: &MemoryStore, above_nar: &str) {
+        assert_eq!(s.rejected.len(), 2, "{:?}", s.rejected);
+        assert!(s.rejected[1].1.contains("reference"), "{:?}", s.rejected);
+        assert!(
+            mem.head(above_nar).await.unwrap().is_none(),
+            "its NAR was copied"
+        );
+    }
+
     #[tokio::test]
     async fn paths_above_a_rejected_one_copy_no_nar() {
         let dir = tempfile::tempdir().unwrap();
@@ -420,12 +433,7 @@ mod tests {
         let s = import_dir(dir.path(), &*mem, &uploader, "/nix/store", &())
             .await
             .unwrap();
-        assert_eq!(s.rejected.len(), 2, "{:?}", s.rejected);
-        assert!(s.rejected[1].1.contains("reference"), "{:?}", s.rejected);
-        assert!(
-            mem.head(&above_nar).await.unwrap().is_none(),
-            "its NAR was copied"
-        );
+        assert_rejected_above(&s, &mem, &above_nar).await;
         for h in [bh, ah] {
             assert!(mem.head(&object_key::narinfo(h)).await.unwrap().is_none());
         }
@@ -447,12 +455,7 @@ mod tests {
         let s = import_dir(dir.path(), &*mem, &uploader, "/nix/store", &())
             .await
             .unwrap();
-        assert_eq!(s.rejected.len(), 2, "{:?}", s.rejected);
-        assert!(s.rejected[1].1.contains("reference"), "{:?}", s.rejected);
-        assert!(
-            mem.head(&above_nar).await.unwrap().is_none(),
-            "its NAR was copied"
-        );
+        assert_rejected_above(&s, &mem, &above_nar).await;
         assert!(mem.head(&object_key::narinfo(ah)).await.unwrap().is_none());
         // With the reference in the store, the path above goes in.
         std::fs::write(&narinfo, &good).unwrap();
