@@ -52,8 +52,8 @@ pub(super) fn route_family(path: &str) -> &'static str {
     let rest = path.trim_start_matches('/');
     match rest.strip_prefix("upload/") {
         Some(file) => match family(file) {
-            f @ ("nar" | "log" | "realisation" | "build_trace" | "cache_info" | "narinfo"
-            | "listing") => f,
+            f @ ("nar" | "log" | "debuginfo" | "realisation" | "build_trace" | "cache_info"
+            | "narinfo" | "listing") => f,
             _ => "other",
         },
         None => family(rest),
@@ -66,6 +66,7 @@ fn family(rest: &str) -> &'static str {
     match first {
         "nar" if !tail.is_empty() => "nar",
         "log" if !tail.is_empty() => "log",
+        "debuginfo" if !tail.is_empty() => "debuginfo",
         "realisations" if !tail.is_empty() => "realisation",
         "build-trace" | "build-trace-v2" if !tail.is_empty() => "build_trace",
         "nix-cache-info" if tail.is_empty() => "cache_info",
@@ -189,6 +190,8 @@ mod tests {
         assert_eq!(route_family(&format!("/{h}.ls")), "listing");
         assert_eq!(route_family("/nar/abc.nar.xz"), "nar");
         assert_eq!(route_family("/log/abc-foo.drv"), "log");
+        assert_eq!(route_family("/debuginfo/abc.debug"), "debuginfo");
+        assert_eq!(route_family("/upload/debuginfo/abc.debug"), "debuginfo");
         assert_eq!(
             route_family("/realisations/sha256:x!out.doi"),
             "realisation"
@@ -205,6 +208,7 @@ mod tests {
         for shapeless in [
             "/nar",
             "/log",
+            "/debuginfo",
             "/realisations",
             "/build-trace",
             "/build-trace-v2",

@@ -1,7 +1,7 @@
 //! The HTTP layer: the route table, shared state, and the server loop.
 //!
 //! Routes mirror the binary cache layout, one module per endpoint family with its GET, HEAD and
-//! PUT side by side: `cache_info`, `narinfo`, `nar`, `log`, `listing`, `realisation`
+//! PUT side by side: `cache_info`, `narinfo`, `nar`, `log`, `debuginfo`, `listing`, `realisation`
 //! (both `/realisations/` and `/build-trace/`), `health`; `object` holds what the object
 //! endpoints share. axum cannot route `/{hash}.narinfo` (a parameter with a static suffix), so
 //! `/{file}` and `/nar/{file}` take the whole name and the handlers parse it into a validated
@@ -24,6 +24,7 @@
 //! [`crate::upload`]. The state is in [`state`]: what a reload replaces is behind one swap.
 
 mod cache_info;
+mod debuginfo;
 mod health;
 mod listing;
 mod log;
@@ -73,6 +74,12 @@ pub fn app(state: AppState) -> Router {
         .route("/nix-cache-info", get(cache_info::get).put(cache_info::put))
         .route("/nar/{file}", get(nar::get).head(nar::head).put(nar::put))
         .route("/log/{drv}", get(log::get).head(log::head).put(log::put))
+        .route(
+            "/debuginfo/{name}",
+            get(debuginfo::get)
+                .head(debuginfo::head)
+                .put(debuginfo::put),
+        )
         .route(
             "/realisations/{id}",
             get(realisation::get)

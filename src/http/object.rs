@@ -29,13 +29,14 @@ pub(super) enum Kind {
     Listing,
     Log,
     Realisation,
+    DebugInfo,
 }
 
 impl Kind {
     fn content_type(self) -> &'static str {
         match self {
             Self::Nar => "application/x-nix-nar",
-            Self::Listing | Self::Realisation => "application/json",
+            Self::Listing | Self::Realisation | Self::DebugInfo => "application/json",
             Self::Log => "text/plain; charset=utf-8",
         }
     }
@@ -44,7 +45,9 @@ impl Kind {
         match self {
             // Content-addressed by FileHash: never changes.
             Self::Nar => "public, max-age=31536000, immutable",
-            Self::Listing | Self::Log | Self::Realisation => "public, max-age=3600",
+            Self::Listing | Self::Log | Self::Realisation | Self::DebugInfo => {
+                "public, max-age=3600"
+            }
         }
     }
 }

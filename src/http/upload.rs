@@ -22,7 +22,7 @@ use axum::routing::get;
 use axum::Router;
 
 use super::object::{self, Kind};
-use super::{cache_info, log, nar, realisation, AppState};
+use super::{cache_info, debuginfo, log, nar, realisation, AppState};
 use crate::config::Scope;
 use crate::error::Error;
 use crate::nix::{NarFileName, TopLevelFile};
@@ -34,6 +34,10 @@ pub(super) fn routes(state: AppState) -> Router<AppState> {
         .route("/nix-cache-info", get(cache_info::get).put(cache_info::put))
         .route("/nar/{file}", get(nar_get).head(nar_head).put(nar::put))
         .route("/log/{drv}", get(log_get).head(log_head).put(log::put))
+        .route(
+            "/debuginfo/{name}",
+            get(debuginfo_get).head(debuginfo_head).put(debuginfo::put),
+        )
         .route(
             "/realisations/{id}",
             get(realisation_get)
@@ -178,6 +182,27 @@ async fn log_get(
 
 async fn log_head(State(st): State<AppState>, Path(drv): Path<String>) -> Result<Response, Error> {
     object::head(&*st.store, &log::key(&drv)?, Kind::Log).await
+}
+
+async fn debuginfo_get(
+    State(st): State<AppState>,
+    Path(name): Path<String>,
+    headers: HeaderMap,
+) -> Result<Response, Error> {
+    object::get(
+        &*st.store,
+        &debuginfo::key(&name)?,
+        Kind::DebugInfo,
+        &headers,
+    )
+    .await
+}
+
+async fn debuginfo_head(
+    State(st): State<AppState>,
+    Path(name): Path<String>,
+) -> Result<Response, Error> {
+    object::head(&*st.store, &debuginfo::key(&name)?, Kind::DebugInfo).await
 }
 
 async fn realisation_get(

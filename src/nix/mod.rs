@@ -2,6 +2,7 @@
 
 pub mod base32;
 pub mod compression;
+pub mod debuginfo;
 pub mod hash;
 pub mod names;
 pub mod narinfo;
@@ -9,6 +10,7 @@ pub mod realisation;
 pub mod signing;
 
 pub use compression::Compression;
+pub use debuginfo::{DebugInfoLink, DebugInfoName, MAX_DEBUGINFO_BYTES};
 pub use hash::{Sha256, StorePathHash};
 pub use names::{NarFileName, OutputName, RealisationName, StorePathBaseName, TopLevelFile};
 pub use narinfo::{NarInfo, NarInfoError, NarUrlError, MAX_NARINFO_BYTES};

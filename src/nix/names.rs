@@ -20,7 +20,7 @@ pub struct NameError {
     pub name: String,
 }
 
-fn err(kind: &'static str, name: &str) -> NameError {
+pub(super) fn err(kind: &'static str, name: &str) -> NameError {
     NameError {
         kind,
         name: name.chars().take(200).collect(),

@@ -24,9 +24,10 @@ const STAGING: &str = ".staging";
 const COPY_SUFFIX: &str = ".cellar-tmp";
 
 /// The top-level directories a cross-device commit may copy into (see [`COPY_SUFFIX`]).
-const OBJECT_DIRS: [&str; 6] = [
+const OBJECT_DIRS: [&str; 7] = [
     "nar",
     "log",
+    "debuginfo",
     "realisations",
     "build-trace",
     "build-trace-v2",

@@ -577,7 +577,9 @@ pub async fn stored_narinfo(
 
 /// The one place that turns validated names into object keys (relative to the store root).
 pub mod object_key {
-    use crate::nix::{NarFileName, OutputName, RealisationName, StorePathBaseName, StorePathHash};
+    use crate::nix::{
+        DebugInfoName, NarFileName, OutputName, RealisationName, StorePathBaseName, StorePathHash,
+    };
 
     pub fn narinfo(h: StorePathHash) -> String {
         format!("{h}.narinfo")
@@ -594,6 +596,9 @@ pub mod object_key {
     }
     pub fn log(drv: &StorePathBaseName) -> String {
         format!("log/{drv}")
+    }
+    pub fn debuginfo(name: &DebugInfoName) -> String {
+        format!("debuginfo/{name}")
     }
     pub fn realisation(r: &RealisationName) -> String {
         format!("realisations/{}", r.as_str())

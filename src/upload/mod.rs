@@ -29,6 +29,7 @@
 //! store failing on the way is [`Error::Store`], as for any request.
 
 mod announcements;
+mod debuginfo;
 pub mod digest;
 pub mod encoding;
 mod gc_guard;

@@ -59,6 +59,7 @@ impl S3Store {
                     .is_some_and(|k| {
                         k.starts_with("nar/")
                             || k.starts_with("log/")
+                            || k.starts_with("debuginfo/")
                             || k.starts_with("realisations/")
                             || k.starts_with("build-trace/")
                             || k.starts_with("build-trace-v2/")
