@@ -30,6 +30,8 @@ pub enum Kind {
     Log(StorePathHash),
     /// `realisations/…` or `build-trace/…`.
     Realisation,
+    /// `debuginfo/<build id>`, a link to a NAR.
+    DebugInfo,
     Access,
     Pin,
     /// A collector's announcement of NARs it is about to delete ([`super::deleting`]): live
@@ -67,6 +69,12 @@ pub fn classify(key: &str) -> Kind {
             Err(_) => Kind::Other,
         };
     }
+    if let Some(name) = key.strip_prefix("debuginfo/") {
+        return match name.parse::<crate::nix::DebugInfoName>() {
+            Ok(_) => Kind::DebugInfo,
+            Err(_) => Kind::Other,
+        };
+    }
     if ["realisations/", "build-trace/", "build-trace-v2/"]
         .iter()
         .any(|p| key.starts_with(p))
@@ -89,6 +97,7 @@ pub struct Inventory {
     pub nars: HashMap<String, Meta>,
     pub logs: Vec<(String, StorePathHash, Meta)>,
     pub realisations: Vec<(String, Meta)>,
+    pub debuginfo: Vec<(String, Meta)>,
     pub access: Vec<(String, Meta)>,
     pub pins: Vec<(String, Meta)>,
     /// Collectors' announcements (see [`super::deleting`]).
@@ -115,6 +124,7 @@ impl Inventory {
                 }
                 Kind::Log(h) => inv.logs.push((o.key, h, meta)),
                 Kind::Realisation => inv.realisations.push((o.key, meta)),
+                Kind::DebugInfo => inv.debuginfo.push((o.key, meta)),
                 Kind::Access => inv.access.push((o.key, meta)),
                 Kind::Pin => inv.pins.push((o.key, meta)),
                 // Each run withdraws its own; a dead run's stops counting after its TTL.
@@ -150,6 +160,10 @@ mod tests {
         assert_eq!(classify("realisations/x!out.doi"), Kind::Realisation);
         assert_eq!(classify("build-trace/x.drv/out"), Kind::Realisation);
         assert_eq!(classify("build-trace-v2/x.drv/out.doi"), Kind::Realisation);
+        let id = "abcdef0123456789abcdef0123456789abcdef01";
+        assert_eq!(classify(&format!("debuginfo/{id}.debug")), Kind::DebugInfo);
+        assert_eq!(classify(&format!("debuginfo/{id}")), Kind::DebugInfo);
+        assert_eq!(classify("debuginfo/readme"), Kind::Other);
         assert_eq!(classify("_cellar/access/2026-01-01/p-1"), Kind::Access);
         assert_eq!(classify("_cellar/pins/release"), Kind::Pin);
         assert_eq!(

@@ -143,6 +143,7 @@ pub fn render_gc(s: &Summary, end: SystemTime) -> String {
         ("listing", &s.listings),
         ("realisation", &s.realisations),
         ("log", &s.logs),
+        ("debuginfo", &s.debuginfo),
         ("access_record", &s.access_records),
     ] {
         let _ = writeln!(

@@ -12,7 +12,8 @@
 //! into a compact graph ([`graph`]), roots and marking ([`mark`]), then deletion ([`sweep`]):
 //! narinfos first, referrers before what they refer to, so that the narinfos left at any
 //! moment (even if the run dies half-way) still have complete closures; then NARs, listings
-//! and realisations no remaining narinfo points to, then logs of deleted derivations.
+//! and realisations no remaining narinfo points to, then logs of deleted derivations and debug
+//! info links to deleted NARs.
 //!
 //! Nothing under [`RESERVED_PREFIX`] is ever served: every name a request can reach is parsed
 //! into a cache file name first, and none of them starts with `_`.
@@ -231,8 +232,8 @@ async fn read_and_plan(
     }
     roots.add_pins(&graph, &pins, opts.now);
     let marked = mark::mark(&graph, &roots, cfg.max_bytes, &sizes);
-    let realisations = sweep::read_realisations(store.as_ref(), &inv).await?;
-    let plan = sweep::Plan::new(&graph, &inv, &marked, realisations, cfg, opts.now, &acc);
+    let contents = sweep::Contents::read(store.as_ref(), &inv).await?;
+    let plan = sweep::Plan::new(&graph, &inv, &marked, contents, cfg, opts.now, &acc);
     let mut summary = Summary::new(&marked, &plan, &sizes);
     summary.unresolved_pins = roots.unresolved_pins;
     summary.bad_records = acc

@@ -44,6 +44,7 @@ pub struct Summary {
     pub listings: Tally,
     pub realisations: Tally,
     pub logs: Tally,
+    pub debuginfo: Tally,
     pub access_records: Tally,
     pub rescued: usize,
     pub restored: usize,
@@ -75,6 +76,9 @@ impl Summary {
         }
         for (_, _, m) in &plan.logs {
             s.logs.add(m.size);
+        }
+        for (_, m, _) in &plan.debuginfo {
+            s.debuginfo.add(m.size);
         }
         for (_, m) in &plan.access_records {
             s.access_records.add(m.size);
@@ -147,6 +151,7 @@ impl fmt::Display for Summary {
             ("listings", self.listings),
             ("realisations", self.realisations),
             ("build logs", self.logs),
+            ("debug info links", self.debuginfo),
             ("expired access records", self.access_records),
         ] {
             if t.count > 0 {

@@ -51,6 +51,28 @@ pub struct Realisation {
     pub out: Option<StorePathHash>,
 }
 
+/// A debug info link (`debuginfo/…`) and the NAR it names, when readable.
+pub struct DebugLink {
+    pub key: String,
+    pub meta: Meta,
+    pub nar: Option<String>,
+}
+
+/// What the objects that name others name: realisations and debug info links.
+pub struct Contents {
+    pub realisations: Vec<Realisation>,
+    pub links: Vec<DebugLink>,
+}
+
+impl Contents {
+    pub async fn read(store: &dyn Store, inv: &Inventory) -> Result<Self, StoreError> {
+        Ok(Self {
+            realisations: read_realisations(store, inv).await?,
+            links: read_debuginfo(store, inv).await?,
+        })
+    }
+}
+
 /// What a run deletes. Nothing in it is younger than the grace period.
 #[derive(Default)]
 pub struct Plan {
@@ -62,6 +84,8 @@ pub struct Plan {
     pub realisations: Vec<(String, Meta, Option<StorePathHash>)>,
     /// Build logs, with the derivation they are of.
     pub logs: Vec<(String, StorePathHash, Meta)>,
+    /// Debug info links, with the NAR they name.
+    pub debuginfo: Vec<(String, Meta, String)>,
     pub access_records: Vec<(String, Meta)>,
     /// Announcements left by runs that died (killed, their machine gone): long past counting,
     /// removed so that every upload's and collector's look at the announcements stays short.
@@ -77,7 +101,7 @@ impl Plan {
         graph: &Graph,
         inv: &Inventory,
         marked: &Marked,
-        realisations: Vec<Realisation>,
+        contents: Contents,
         cfg: &GcConfig,
         now: SystemTime,
         acc: &Accessed,
@@ -110,7 +134,28 @@ impl Plan {
             .map(|(f, m)| (f.clone(), *m))
             .collect();
         nars.sort_by(|a, b| a.0.cmp(&b.0));
+        let going: HashSet<&str> = nars.iter().map(|(f, _)| f.as_str()).collect();
+        // A link goes with the NAR it names; one naming a NAR the store lacks (its upload
+        // never finished, or the NAR went without it) once older than the retention, as
+        // Nix writes the link before the NAR. One that cannot be read is kept.
+        let Contents {
+            realisations,
+            links,
+        } = contents;
+        let debuginfo = links
+            .into_iter()
+            .filter_map(|l| {
+                let nar = l.nar?;
+                let goes = if inv.nars.contains_key(&nar) {
+                    going.contains(nar.as_str())
+                } else {
+                    !acc.nars.contains(nar.as_str()) && old_enough(&l.meta, retention)
+                };
+                goes.then_some((l.key, l.meta, nar))
+            })
+            .collect();
         Plan {
+            debuginfo,
             narinfos: referrers_first(
                 graph,
                 &(0..graph.len() as u32)
@@ -441,6 +486,11 @@ async fn delete(
             .map(|(k, _, h)| Rest::Realisation(k, *h)),
     );
     rest.extend(plan.logs.iter().map(|(k, drv, _)| Rest::Log(k, *drv)));
+    rest.extend(
+        plan.debuginfo
+            .iter()
+            .map(|(k, _, nar)| Rest::DebugInfo(k, nar.as_str())),
+    );
     rest.extend(plan.access_records.iter().map(|(k, _)| Rest::Plain(k)));
     rest.extend(plan.dead_announcements.iter().map(Rest::Plain));
     progress.phase("deleting NARs and the rest", Some(rest.len() as u64));
@@ -506,7 +556,12 @@ async fn delete(
                 Rest::Realisation(_, Some(h)) if st.kept_path(h) => None,
                 // Its derivation's output was kept during the run after all.
                 Rest::Log(_, drv) if st.kept_deriver(drv) => None,
-                Rest::Realisation(k, _) | Rest::Log(k, _) | Rest::Plain(k) => Some((*k).clone()),
+                // Its NAR was kept during the run after all.
+                Rest::DebugInfo(_, nar) if !st.nar_free(nar) => None,
+                Rest::Realisation(k, _)
+                | Rest::Log(k, _)
+                | Rest::DebugInfo(k, _)
+                | Rest::Plain(k) => Some((*k).clone()),
             })
             .collect();
         delete_all(store, &keys, &mut st.out).await;
@@ -530,6 +585,8 @@ enum Rest<'a> {
     Realisation(&'a String, Option<StorePathHash>),
     /// A build log, and the derivation it is of.
     Log(&'a String, StorePathHash),
+    /// A debug info link, and the NAR it names.
+    DebugInfo(&'a String, &'a str),
     Plain(&'a String),
 }
 
@@ -706,8 +763,31 @@ async fn write_back(store: &dyn Store, key: &str, body: &Bytes) -> Result<(), St
     }
 }
 
+/// Reads which NAR each debug info link names.
+async fn read_debuginfo(store: &dyn Store, inv: &Inventory) -> Result<Vec<DebugLink>, StoreError> {
+    let mut out = Vec::with_capacity(inv.debuginfo.len());
+    for (key, meta) in &inv.debuginfo {
+        // One too large for a link is not one: kept, as an unreadable one is.
+        let raw = match store.get_bytes(key, crate::nix::MAX_DEBUGINFO_BYTES).await {
+            Ok(raw) => raw,
+            Err(StoreError::TooLarge { .. }) => None,
+            Err(e) => return Err(e),
+        };
+        let nar = raw
+            .as_deref()
+            .and_then(|r| crate::nix::DebugInfoLink::parse(r).ok())
+            .map(|l| l.nar().as_str().to_owned());
+        out.push(DebugLink {
+            key: key.clone(),
+            meta: *meta,
+            nar,
+        });
+    }
+    Ok(out)
+}
+
 /// Reads which path each realisation names (its JSON `outPath`).
-pub async fn read_realisations(
+async fn read_realisations(
     store: &dyn Store,
     inv: &Inventory,
 ) -> Result<Vec<Realisation>, StoreError> {

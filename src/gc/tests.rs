@@ -52,6 +52,14 @@ fn path(store: &MemoryStore, seed: &str, refs: &[&P], age: Duration, now: System
     }
 }
 
+/// A debug info link to `nar` (`nar/<file>`), `age` old; returns its key.
+fn debug_link(store: &MemoryStore, id: u8, nar: &str, age: Duration, now: SystemTime) -> String {
+    let key = format!("debuginfo/{}.debug", hex::encode([id; 20]));
+    let body = format!(r#"{{"archive":"../{nar}","member":"lib/debug/.build-id/ab/x.debug"}}"#);
+    store.insert_at(&key, body, now - age);
+    key
+}
+
 fn cfg() -> GcConfig {
     GcConfig {
         keep: 30 * DAY,
@@ -1386,6 +1394,54 @@ async fn a_pin_being_written_when_a_run_starts_keeps_its_closure() {
     }
 }
 
+/// A debug info link goes with the NAR it names; one naming a NAR the store lacks (Nix writes
+/// the link first) once older than the retention; one that cannot be read stays.
+#[tokio::test(start_paused = true)]
+async fn debug_info_links_go_with_their_nars() {
+    let mem = Arc::new(MemoryStore::new());
+    let now = SystemTime::now();
+    let kept = path(&mem, "kept", &[], Duration::from_secs(60), now);
+    let expired = path(&mem, "expired", &[], 100 * DAY, now);
+    let nowhere = "nar/0000000000000000000000000000000000000000000000000000.nar.xz";
+    let with_kept = debug_link(&mem, 1, &kept.nar, 100 * DAY, now);
+    let with_expired = debug_link(&mem, 2, &expired.nar, 100 * DAY, now);
+    // Within the retention, its NAR may be on its way.
+    let uploading = debug_link(&mem, 3, nowhere, 2 * DAY, now);
+    let dangling = debug_link(&mem, 4, nowhere, 40 * DAY, now);
+    let unreadable = format!("debuginfo/{}", hex::encode([5u8; 20]));
+    mem.insert_at(&unreadable, "not a link", now - 100 * DAY);
+    // Not a link's name: not the collector's to delete.
+    mem.insert_at("debuginfo/README", "x", now - 100 * DAY);
+
+    let s = gc(&mem, &cfg(), now, true).await;
+    assert!(s.errors.is_empty(), "{:?}", s.errors);
+    assert_eq!(s.debuginfo.count, 2);
+    assert!(!has(&mem, &expired.nar));
+    for key in [&with_expired, &dangling] {
+        assert!(!has(&mem, key), "{key} kept");
+    }
+    for key in [
+        &with_kept,
+        &uploading,
+        &unreadable,
+        &"debuginfo/README".to_owned(),
+    ] {
+        assert!(has(&mem, key), "{key} deleted");
+    }
+
+    // A link the store cannot read now is not taken for one naming nothing: the run stops
+    // before deleting anything.
+    let expired = path(&mem, "expired-2", &[], 100 * DAY, now);
+    debug_link(&mem, 6, &expired.nar, 100 * DAY, now);
+    mem.fail(FailOp::Read, &with_kept, 0, 1);
+    let store: Arc<dyn Store> = mem.clone();
+    let e = run(&store, "/nix/store", &cfg(), &applying(now), &Quiet)
+        .await
+        .unwrap_err();
+    assert!(e.to_string().contains(&with_kept), "{e}");
+    assert!(has(&mem, &expired.nar));
+}
+
 /// What is decided at the end of a run follows what the run kept meanwhile: the build log,
 /// listing, NAR and realisation of a path a server used while the collector ran stay with
 /// that path.
@@ -1405,6 +1461,8 @@ async fn a_path_used_during_the_run_keeps_its_build_log() {
         key
     };
     let (used_realisation, other_realisation) = (realisation(&used), realisation(&other));
+    let used_link = debug_link(&mem, 1, &used.nar, 100 * DAY, now);
+    let other_link = debug_link(&mem, 2, &other.nar, 100 * DAY, now);
     let gate = mem.hold_reads(&format!("{}.narinfo", other.hash));
     let day = super::access::day(SystemTime::now());
     let cfg = cfg();
@@ -1427,6 +1485,8 @@ async fn a_path_used_during_the_run_keeps_its_build_log() {
     assert!(has(&mem, &format!("{}.ls", used.hash)), "its listing went");
     assert!(has(&mem, &used.nar), "its NAR went");
     assert!(has(&mem, &used_realisation), "its realisation went");
+    assert!(has(&mem, &used_link), "its debug info link went");
+    assert!(!has(&mem, &other_link));
     assert!(!has(&mem, &format!("log/{}.drv", other.base)));
     assert!(!has(&mem, &format!("{}.ls", other.hash)));
     assert!(!has(&mem, &other.nar));
