@@ -11,7 +11,10 @@ use tokio::io::AsyncReadExt as _;
 use tokio_util::io::ReaderStream;
 
 use crate::error::{Error, UploadError};
-use crate::nix::{NarFileName, NarInfo, StorePathBaseName, StorePathHash, MAX_NARINFO_BYTES};
+use crate::nix::{
+    DebugInfoLink, DebugInfoName, NarFileName, NarInfo, StorePathBaseName, StorePathHash,
+    MAX_DEBUGINFO_BYTES, MAX_NARINFO_BYTES,
+};
 use crate::store::{object_key, Store};
 use crate::upload::{Uploader, MAX_LISTING_BYTES, MAX_LOG_BYTES};
 
@@ -231,7 +234,65 @@ pub async fn import_dir(
                 .push((format!("{label} (its listing or log)"), err.to_string())),
         }
     }
+    import_debuginfo(dir, store, uploader, &mut summary).await?;
     Ok(summary)
+}
+
+/// The debug info links of `dir/debuginfo/` (`nix copy --to 'file://DIR?index-debug-info=true'`)
+/// that the store lacks and whose NAR it holds, after the paths: a link to a NAR that was
+/// not imported would lead nowhere.
+async fn import_debuginfo(
+    dir: &Path,
+    store: &dyn Store,
+    uploader: &Uploader,
+    summary: &mut Summary,
+) -> Result<(), ImportError> {
+    let links = dir.join("debuginfo");
+    let mut rd = match tokio::fs::read_dir(&links).await {
+        Ok(rd) => rd,
+        Err(e) if e.kind() == std::io::ErrorKind::NotFound => return Ok(()),
+        Err(e) => return Err(read_err(&links)(e)),
+    };
+    while let Some(e) = rd.next_entry().await.map_err(read_err(&links))? {
+        let file = e.file_name().to_string_lossy().into_owned();
+        let label = format!("debuginfo/{file}");
+        let Ok(name) = file.parse::<DebugInfoName>() else {
+            summary
+                .rejected
+                .push((label, "not a debug info link's name".into()));
+            continue;
+        };
+        if store.head(&object_key::debuginfo(&name)).await?.is_some() {
+            continue;
+        }
+        let mut raw = Vec::new();
+        tokio::fs::File::open(e.path())
+            .await
+            .map_err(read_err(&e.path()))?
+            .take(MAX_DEBUGINFO_BYTES + 1)
+            .read_to_end(&mut raw)
+            .await
+            .map_err(read_err(&e.path()))?;
+        let nar = match DebugInfoLink::parse(&raw) {
+            Ok(link) => uploader.stored_name(link.nar()),
+            Err(err) => {
+                let why = format!("not a debug info link: {err}");
+                summary.rejected.push((label, why));
+                continue;
+            }
+        };
+        if store.head(&object_key::nar(&nar)).await?.is_none() {
+            let why = format!("its NAR {nar} is not in the store");
+            summary.rejected.push((label, why));
+            continue;
+        }
+        match uploader.put_debuginfo(&name, raw.into()).await {
+            Ok(()) => {}
+            Err(Error::Store(s)) => return Err(s.into()),
+            Err(err) => summary.rejected.push((label, err.to_string())),
+        }
+    }
+    Ok(())
 }
 
 /// Whether the directory has a listing or a build log for path `h`.

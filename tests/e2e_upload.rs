@@ -941,3 +941,87 @@ async fn a_closure_uploaded_compressed_as_newer_nix_sends_it_substitutes() {
     l.args(["log", "--store", &srv.url, &f.top]);
     assert!(run_ok(l).contains("building top, as uploaded in gzip"));
 }
+
+/// `nix copy --to '…/upload?index-debug-info=true'` uploads a link for each debug file of a
+/// path (`debuginfo/<build id>.debug`, before the NAR), which cellar serves: it names the NAR
+/// that holds the file, which cellar serves too.
+#[tokio::test(flavor = "multi_thread")]
+async fn debug_info_links_go_up_with_their_path_and_lead_to_its_nar() {
+    let work = tempfile::tempdir().unwrap();
+    let expr = Path::new(env!("CARGO_MANIFEST_DIR")).join("tests/fixtures/debug.nix");
+    let salt = format!("cellar-debug-{}", std::process::id());
+    let mut b = nix("nix-build", &work.path().join("xdg-build"));
+    b.arg("--no-out-link")
+        .arg(&expr)
+        .args(["--argstr", "salt", &salt]);
+    let path = run_ok(b).trim().to_owned();
+
+    let (w, wcfg) = token("builder", "write");
+    let app = App::s3("up-debuginfo").config(&wcfg).spawn().await;
+    let srv = &app.srv;
+    let n = netrc(work.path(), srv, &w);
+    let to = format!("{}/upload?index-debug-info=true&compression=zstd", srv.url);
+    assert_ok(
+        &copy_to(&to, Some(&n), &[&path], work.path(), "1"),
+        "nix copy --to with index-debug-info",
+    );
+    let link_puts = || async {
+        metric_sum(
+            srv,
+            "cellar_http_requests_total",
+            &["route=\"debuginfo\"", "method=\"PUT\"", "status=\"2xx\""],
+        )
+        .await
+    };
+    assert_eq!(link_puts().await, 2.0, "one link for each build id");
+
+    let narinfo = reqwest::get(format!("{}/{}.narinfo", srv.url, Fixture::hash(&path)))
+        .await
+        .unwrap()
+        .text()
+        .await
+        .unwrap();
+    let url = narinfo
+        .lines()
+        .find_map(|l| l.strip_prefix("URL: "))
+        .unwrap()
+        .to_owned();
+    for (id, symbols) in [
+        ("abcdef0123456789abcdef0123456789abcdef01", "symbols-1"),
+        ("cd0123456789abcdef0123456789abcdef012345", "symbols-2"),
+    ] {
+        let res = reqwest::get(format!("{}/debuginfo/{id}.debug", srv.url))
+            .await
+            .unwrap();
+        assert_eq!(res.status(), 200, "{id}");
+        assert_eq!(res.headers()["content-type"], "application/json");
+        let link: serde_json::Value = serde_json::from_slice(&res.bytes().await.unwrap()).unwrap();
+        assert_eq!(link["archive"], format!("../{url}"), "{link}");
+        let member = link["member"].as_str().unwrap();
+        assert_eq!(
+            member,
+            format!("lib/debug/.build-id/{}/{}.debug", &id[..2], &id[2..])
+        );
+        // The NAR it leads to, through cellar, holds the file.
+        let nar = reqwest::get(format!("{}/{url}", srv.url))
+            .await
+            .unwrap()
+            .bytes()
+            .await
+            .unwrap();
+        let nar = zstd::decode_all(&nar[..]).unwrap();
+        let holds = |needle: &[u8]| nar.windows(needle.len()).any(|w| w == needle);
+        // The file's name (after `lib/debug/.build-id/ab/`) and its contents.
+        assert!(holds(symbols.as_bytes()) && holds(&member.as_bytes()[23..]));
+    }
+    let missing = reqwest::get(format!("{}/debuginfo/{}", srv.url, "0".repeat(40)))
+        .await
+        .unwrap();
+    assert_eq!(missing.status(), 404);
+    let bad = reqwest::get(format!("{}/debuginfo/not-a-build-id", srv.url))
+        .await
+        .unwrap();
+    assert_eq!(bad.status(), 400);
+
+    substitute_and_verify(&srv.url, &srv.public_key, &path, &work.path().join("sub"));
+}

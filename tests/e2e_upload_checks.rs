@@ -444,3 +444,90 @@ async fn import_a_file_cache_twice_then_substitute() {
         "{text}"
     );
 }
+
+/// `cellar import` brings the debug info links of a directory `nix copy --to
+/// 'file://DIR?index-debug-info=true'` wrote, after the paths; a link whose NAR the store
+/// does not hold, or a file that is no link, is rejected with its reason.
+#[tokio::test(flavor = "multi_thread")]
+async fn import_brings_debug_info_links_whose_nars_it_holds() {
+    let work = tempfile::tempdir().unwrap();
+    let expr = Path::new(env!("CARGO_MANIFEST_DIR")).join("tests/fixtures/debug.nix");
+    let mut b = nix("nix-build", &work.path().join("xdg-build"));
+    b.arg("--no-out-link")
+        .arg(&expr)
+        .args(["--argstr", "salt", "cellar-import-debug"]);
+    let path = run_ok(b).trim().to_owned();
+    let dir = work.path().join("cache");
+    let mut c = nix("nix", &work.path().join("xdg-copy"));
+    c.args([
+        "copy",
+        "--to",
+        &format!("file://{}?index-debug-info=true", dir.display()),
+        &path,
+    ]);
+    run_ok(c);
+    let id = "abcdef0123456789abcdef0123456789abcdef01";
+    let links = dir.join("debuginfo");
+    let sent = std::fs::read_to_string(links.join(format!("{id}.debug"))).unwrap();
+    assert!(sent.contains("\"../nar/"), "{sent}");
+    // A link to a NAR the directory lacks, and a file that is no link.
+    let nowhere = "0000000000000000000000000000000000000000000000000000";
+    let mut stray: serde_json::Value = serde_json::from_str(&sent).unwrap();
+    stray["archive"] = format!("../nar/{nowhere}.nar.xz").into();
+    std::fs::write(
+        links.join(format!("{}.debug", "1".repeat(40))),
+        stray.to_string(),
+    )
+    .unwrap();
+    std::fs::write(links.join("notes.txt"), "x").unwrap();
+
+    let app = App::s3("import-debug");
+    let mut c = std::process::Command::new(CELLAR);
+    c.arg("import").arg(&dir).envs(app.direct_store_env());
+    let out = c.output().unwrap();
+    let text = String::from_utf8_lossy(&out.stdout);
+    assert!(!out.status.success(), "{text}");
+    assert!(text.contains("imported 1, skipped 0"), "{text}");
+    let rejected: Vec<&str> = text
+        .lines()
+        .filter_map(|l| l.strip_prefix("  rejected "))
+        .collect();
+    assert_eq!(rejected.len(), 2, "{text}");
+    assert!(
+        rejected
+            .iter()
+            .any(|l| l.starts_with("debuginfo/1111") && l.contains(&format!("its NAR {nowhere}"))),
+        "{text}"
+    );
+    assert!(
+        rejected
+            .iter()
+            .any(|l| l.starts_with("debuginfo/notes.txt: ")),
+        "{text}"
+    );
+
+    let app = app.spawn().await;
+    let srv = &app.srv;
+    for name in [
+        format!("{id}.debug"),
+        "cd0123456789abcdef0123456789abcdef012345.debug".into(),
+    ] {
+        let res = reqwest::get(format!("{}/debuginfo/{name}", srv.url))
+            .await
+            .unwrap();
+        assert_eq!(res.status(), 200, "{name}");
+    }
+    assert_eq!(
+        status(format!("{}/debuginfo/{}.debug", srv.url, "1".repeat(40))).await,
+        404
+    );
+    assert_eq!(
+        reqwest::get(format!("{}/debuginfo/{id}.debug", srv.url))
+            .await
+            .unwrap()
+            .text()
+            .await
+            .unwrap(),
+        sent
+    );
+}

@@ -1512,3 +1512,69 @@ async fn puts_are_counted_by_kind_and_verdict_and_reads_are_not() {
     assert_eq!(uploads_counted(&st, accepted).await, a0 + 1.0);
     assert_eq!(uploads_counted(&st, other).await, o0 + 1.0);
 }
+
+/// A debug info link is checked before it is stored (a build id as its name, a NAR of the
+/// layout as its archive, a file under `lib/debug/.build-id/` as its member), and names the
+/// NAR as the store holds it when uploads are re-encoded. The upload address finds it in the
+/// store (Nix's `HEAD` before each link), the root serves it.
+#[tokio::test]
+async fn debug_info_links_are_checked_and_name_the_stored_nar() {
+    use crate::config::Scope;
+    let mem = Arc::new(MemoryStore::new());
+    let mut cfg = with_tokens(Config::default(), &[("w", "wtok", Scope::Write)]);
+    cfg.upload.recompress = Some(crate::config::Recompression {
+        compression: crate::nix::Compression::Zstd,
+        level: None,
+    });
+    let st = state(cfg, &mem);
+    let id = "abcdef0123456789abcdef0123456789abcdef01";
+    let member = "lib/debug/.build-id/ab/cdef0123456789abcdef0123456789abcdef01.debug";
+    let link = |archive: &str| format!(r#"{{"archive":"{archive}","member":"{member}"}}"#);
+    let put = |name: String, body: String| {
+        let st = st.clone();
+        async move {
+            let req = authed("PUT", &format!("/upload/debuginfo/{name}"), "wtok")
+                .body(Body::from(body))
+                .unwrap();
+            send(&st, req).await.status()
+        }
+    };
+    let probe = |name: String| {
+        let st = st.clone();
+        async move {
+            let req = authed("HEAD", &format!("/upload/debuginfo/{name}"), "wtok")
+                .body(Body::empty())
+                .unwrap();
+            send(&st, req).await.status()
+        }
+    };
+    let sent = link(&format!("../nar/{NAR_FILE}.nar.xz"));
+    for (name, body) in [
+        ("not-a-build-id".to_owned(), sent.clone()),
+        (format!("{id}.debug"), "{}".to_owned()),
+        (format!("{id}.debug"), link("../nar/x.nar.xz")),
+        (format!("{id}.debug"), sent.replace(member, "etc/passwd")),
+    ] {
+        assert_eq!(put(name, body).await, StatusCode::BAD_REQUEST);
+    }
+    assert_eq!(
+        mem.keys(),
+        Vec::<String>::new(),
+        "a refused link was stored"
+    );
+    assert_eq!(probe(format!("{id}.debug")).await, StatusCode::NOT_FOUND);
+
+    assert_eq!(put(format!("{id}.debug"), sent).await, StatusCode::CREATED);
+    assert_eq!(probe(format!("{id}.debug")).await, StatusCode::OK);
+    let (status, body) = get(&st, &format!("/debuginfo/{id}.debug")).await;
+    assert_eq!(status, StatusCode::OK);
+    assert_eq!(
+        String::from_utf8(body).unwrap(),
+        link(&format!("../nar/{NAR_FILE}.nar.zst")),
+        "not the name the re-encoded NAR is stored under"
+    );
+    assert_eq!(
+        get(&st, &format!("/debuginfo/{id}")).await.0,
+        StatusCode::NOT_FOUND
+    );
+}

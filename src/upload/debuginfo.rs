@@ -7,10 +7,17 @@ use bytes::Bytes;
 
 use super::{rejected, Uploader};
 use crate::error::Error;
-use crate::nix::{DebugInfoLink, DebugInfoName};
+use crate::nix::{DebugInfoLink, DebugInfoName, NarFileName};
 use crate::store::object_key;
 
 impl Uploader {
+    /// The name a NAR uploaded as `name` is stored under: re-encoded with `upload.compression`,
+    /// or as sent.
+    pub fn stored_name(&self, name: &NarFileName) -> NarFileName {
+        self.reencoded(name)
+            .map_or_else(|| name.clone(), |(stored, _)| stored)
+    }
+
     /// Stores the link `raw` as `debuginfo/<name>`, replacing one stored there: two paths may
     /// hold the same debug file, and either NAR serves it. With `upload.compression` the link
     /// names the NAR as the store will hold it (re-encoded), so that it leads to a file cellar
@@ -19,9 +26,11 @@ impl Uploader {
         let link = DebugInfoLink::parse(&raw)
             .map_err(|e| rejected(format!("not a debug info link: {e}")))?;
         let _slot = self.admit().await?;
-        let body = match self.reencoded(link.nar()) {
-            Some((stored, _)) => Bytes::from(link.with_nar(stored).render()),
-            None => raw,
+        let stored = self.stored_name(link.nar());
+        let body = if &stored == link.nar() {
+            raw
+        } else {
+            Bytes::from(link.with_nar(stored).render())
         };
         self.store
             .put_bytes(&object_key::debuginfo(name), body)
