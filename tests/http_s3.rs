@@ -591,7 +591,11 @@ async fn nar_ranges() {
         assert!(body[..] == want[start..=end], "{range}: wrong bytes");
     }
 
-    for range in [format!("bytes={size}-"), format!("bytes={}-", size + 100)] {
+    for range in [
+        format!("bytes={size}-"),
+        format!("bytes={}-", size + 100),
+        "bytes=-0".to_owned(),
+    ] {
         let r = send(&c, Method::GET, &url, Some(&range)).await;
         assert_eq!(r.status(), StatusCode::RANGE_NOT_SATISFIABLE, "{range}");
         assert_eq!(hdr(&r, CONTENT_RANGE), format!("bytes */{size}"), "{range}");

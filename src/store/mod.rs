@@ -233,8 +233,8 @@ impl ByteRange {
         let (a, b) = spec.split_once('-')?;
         let (a, b) = (a.trim(), b.trim());
         if a.is_empty() {
-            let n: u64 = b.parse().ok()?;
-            return (n > 0).then_some(Self::Suffix(n));
+            // `bytes=-0` is a range, one no object satisfies (RFC 9110, 14.1.1): a 416.
+            return Some(Self::Suffix(b.parse().ok()?));
         }
         let start: u64 = a.parse().ok()?;
         let end = if b.is_empty() {
@@ -259,7 +259,7 @@ impl ByteRange {
                 Some((start, end.map_or(size - 1, |e| e.min(size - 1))))
             }
             Self::Suffix(n) => {
-                if size == 0 {
+                if size == 0 || n == 0 {
                     return None;
                 }
                 Some((size.saturating_sub(n), size - 1))
@@ -666,7 +666,6 @@ mod tests {
             "bytes=0-1,3-4",
             "items=0-1",
             "bytes=x-",
-            "bytes=-0",
             "bytes=-",
         ] {
             assert_eq!(ByteRange::parse_header(bad), None, "{bad}");
@@ -752,6 +751,7 @@ mod tests {
         assert_eq!(r("bytes=-100").resolve(50), Some((0, 49)));
         assert_eq!(r("bytes=50-").resolve(50), None);
         assert_eq!(r("bytes=-1").resolve(0), None);
+        assert_eq!(r("bytes=-0").resolve(50), None, "no byte of it");
     }
 
     /// A body that goes quiet fails after the idle limit; one whose reader goes away after
