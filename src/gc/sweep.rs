@@ -763,27 +763,54 @@ async fn write_back(store: &dyn Store, key: &str, body: &Bytes) -> Result<(), St
     }
 }
 
+/// Objects read at once while reading realisations and debug info links.
+const READ_CONCURRENCY: usize = 16;
+
+/// Reads each of `objects` (up to `limit` bytes) and what `names` finds in it, in order;
+/// `None` for one that is gone, too large, or not understood (kept: never delete what is not
+/// understood). A store failure ends the run's reading.
+async fn read_named<T>(
+    store: &dyn Store,
+    objects: &[(String, Meta)],
+    limit: u64,
+    names: impl Fn(&[u8]) -> Option<T>,
+) -> Result<Vec<Option<T>>, StoreError> {
+    futures::stream::iter(objects.iter().map(|(key, _)| store.get_bytes(key, limit)))
+        .buffered(READ_CONCURRENCY)
+        .map(|read| match read {
+            Ok(raw) => Ok(raw.as_deref().and_then(&names)),
+            Err(StoreError::TooLarge { .. }) => Ok(None),
+            Err(e) => Err(e),
+        })
+        .collect::<Vec<_>>()
+        .await
+        .into_iter()
+        .collect()
+}
+
 /// Reads which NAR each debug info link names.
 async fn read_debuginfo(store: &dyn Store, inv: &Inventory) -> Result<Vec<DebugLink>, StoreError> {
-    let mut out = Vec::with_capacity(inv.debuginfo.len());
-    for (key, meta) in &inv.debuginfo {
-        // One too large for a link is not one: kept, as an unreadable one is.
-        let raw = match store.get_bytes(key, crate::nix::MAX_DEBUGINFO_BYTES).await {
-            Ok(raw) => raw,
-            Err(StoreError::TooLarge { .. }) => None,
-            Err(e) => return Err(e),
-        };
-        let nar = raw
-            .as_deref()
-            .and_then(|r| crate::nix::DebugInfoLink::parse(r).ok())
-            .map(|l| l.nar().as_str().to_owned());
-        out.push(DebugLink {
+    let nars = read_named(
+        store,
+        &inv.debuginfo,
+        crate::nix::MAX_DEBUGINFO_BYTES,
+        |r| {
+            crate::nix::DebugInfoLink::parse(r)
+                .ok()
+                .map(|l| l.nar().as_str().to_owned())
+        },
+    )
+    .await?;
+    Ok(inv
+        .debuginfo
+        .iter()
+        .zip(nars)
+        .map(|((key, meta), nar)| DebugLink {
             key: key.clone(),
             meta: *meta,
             nar,
-        });
-    }
-    Ok(out)
+        })
+        .collect())
 }
 
 /// Reads which path each realisation names (its JSON `outPath`).
@@ -791,23 +818,18 @@ async fn read_realisations(
     store: &dyn Store,
     inv: &Inventory,
 ) -> Result<Vec<Realisation>, StoreError> {
-    let mut out = Vec::with_capacity(inv.realisations.len());
-    for (key, meta) in &inv.realisations {
-        // One too large for a realisation is not one: kept, as an unreadable one is.
-        let raw = match store.get_bytes(key, 1 << 20).await {
-            Ok(raw) => raw,
-            Err(StoreError::TooLarge { .. }) => None,
-            Err(e) => return Err(e),
-        };
-        let out_hash = raw
-            .as_deref()
-            .and_then(|r| crate::nix::Realisation::parse(r).ok())
-            .map(|r| r.out_hash());
-        out.push(Realisation {
+    let outs = read_named(store, &inv.realisations, 1 << 20, |r| {
+        crate::nix::Realisation::parse(r).ok().map(|r| r.out_hash())
+    })
+    .await?;
+    Ok(inv
+        .realisations
+        .iter()
+        .zip(outs)
+        .map(|((key, meta), out)| Realisation {
             key: key.clone(),
             meta: *meta,
-            out: out_hash,
-        });
-    }
-    Ok(out)
+            out,
+        })
+        .collect())
 }

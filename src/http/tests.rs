@@ -1566,13 +1566,25 @@ async fn debug_info_links_are_checked_and_name_the_stored_nar() {
 
     assert_eq!(put(format!("{id}.debug"), sent).await, StatusCode::CREATED);
     assert_eq!(probe(format!("{id}.debug")).await, StatusCode::OK);
+    let stored = link(&format!("../nar/{NAR_FILE}.nar.zst"));
     let (status, body) = get(&st, &format!("/debuginfo/{id}.debug")).await;
     assert_eq!(status, StatusCode::OK);
     assert_eq!(
         String::from_utf8(body).unwrap(),
-        link(&format!("../nar/{NAR_FILE}.nar.zst")),
+        stored,
         "not the name the re-encoded NAR is stored under"
     );
+    assert_eq!(
+        head(&st, &format!("/debuginfo/{id}.debug")).await,
+        (StatusCode::OK, Some(stored.len().to_string()))
+    );
+    let req = authed("GET", &format!("/upload/debuginfo/{id}.debug"), "wtok")
+        .body(Body::empty())
+        .unwrap();
+    let res = send(&st, req).await;
+    assert_eq!(res.status(), StatusCode::OK);
+    let body = res.into_body().collect().await.unwrap().to_bytes();
+    assert_eq!(body, stored.as_bytes());
     assert_eq!(
         get(&st, &format!("/debuginfo/{id}")).await.0,
         StatusCode::NOT_FOUND

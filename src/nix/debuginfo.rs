@@ -136,7 +136,9 @@ mod tests {
     #[test]
     fn names_are_build_ids() {
         for ok in [ID.to_owned(), format!("{ID}.debug")] {
-            assert_eq!(ok.parse::<DebugInfoName>().unwrap().as_str(), ok);
+            let name: DebugInfoName = ok.parse().unwrap();
+            assert_eq!(name.as_str(), ok);
+            assert_eq!(format!("{name:?}"), format!("{ok:?}"));
         }
         for bad in [
             "",
@@ -209,8 +211,10 @@ mod tests {
                 "{m}"
             );
         }
-        let long = format!("lib/debug/.build-id/{}", "a".repeat(4096));
-        assert!(link(&format!("../nar/{F}.nar.xz"), &long).is_err());
+        // Up to 4096 bytes.
+        let longest = format!("lib/debug/.build-id/{}", "a".repeat(4096 - 20));
+        assert!(link(&format!("../nar/{F}.nar.xz"), &longest).is_ok());
+        assert!(link(&format!("../nar/{F}.nar.xz"), &format!("{longest}a")).is_err());
         for doc in [
             "[]",
             "{}",

@@ -661,6 +661,14 @@ mod tests {
             ByteRange::parse_header("bytes=-5"),
             Some(ByteRange::Suffix(5))
         );
+        assert_eq!(
+            ByteRange::parse_header("bytes=5-5"),
+            Some(ByteRange::From {
+                start: 5,
+                end: Some(5)
+            }),
+            "one byte"
+        );
         for bad in [
             "bytes=5-1",
             "bytes=0-1,3-4",
