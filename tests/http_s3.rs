@@ -455,6 +455,9 @@ async fn a_store_behind_tls_is_read_over_http_1_1() {
     let nar = parse_narinfo(&body).url;
     let (_, got) = get_ok(&c, &format!("{}/{nar}", app.srv.url)).await;
     assert_eq!(got, read(&f.xz_dir.join(&nar)));
+    // nginx logs a request once it has sent the answer, which may be after cellar has the
+    // bytes and has answered: wait for the NAR's line.
+    wait_for_in_file(&nginx.access_log_path(), ".nar.xz ", 1);
     let log = nginx.access_log();
     // The objects' reads (the SDK, which cellar uses for deletes and multipart uploads, and
     // at start, offers HTTP/2 as it likes).
