@@ -106,6 +106,20 @@ fn read_err(path: &Path) -> impl FnOnce(std::io::Error) -> ImportError + '_ {
     }
 }
 
+/// The file at `path`, up to one byte past `limit`: enough to tell one over the limit, never
+/// all of memory for a huge one.
+async fn read_bounded(path: &Path, limit: u64) -> Result<Vec<u8>, ImportError> {
+    let mut raw = Vec::new();
+    tokio::fs::File::open(path)
+        .await
+        .map_err(read_err(path))?
+        .take(limit + 1)
+        .read_to_end(&mut raw)
+        .await
+        .map_err(read_err(path))?;
+    Ok(raw)
+}
+
 pub async fn import_dir(
     dir: &Path,
     store: &dyn Store,
@@ -131,14 +145,7 @@ pub async fn import_dir(
             continue;
         };
         // Bounded like an upload's narinfo, so a huge file is a rejection, not all of memory.
-        let mut raw = Vec::new();
-        tokio::fs::File::open(e.path())
-            .await
-            .map_err(read_err(&e.path()))?
-            .take(MAX_NARINFO_BYTES + 1)
-            .read_to_end(&mut raw)
-            .await
-            .map_err(read_err(&e.path()))?;
+        let raw = read_bounded(&e.path(), MAX_NARINFO_BYTES).await?;
         if raw.len() as u64 > MAX_NARINFO_BYTES {
             let why = format!("larger than {MAX_NARINFO_BYTES} bytes");
             summary.rejected.push((name, why));
@@ -265,14 +272,7 @@ async fn import_debuginfo(
         if store.head(&object_key::debuginfo(&name)).await?.is_some() {
             continue;
         }
-        let mut raw = Vec::new();
-        tokio::fs::File::open(e.path())
-            .await
-            .map_err(read_err(&e.path()))?
-            .take(MAX_DEBUGINFO_BYTES + 1)
-            .read_to_end(&mut raw)
-            .await
-            .map_err(read_err(&e.path()))?;
+        let raw = read_bounded(&e.path(), MAX_DEBUGINFO_BYTES).await?;
         let nar = match DebugInfoLink::parse(&raw) {
             Ok(link) => uploader.stored_name(link.nar()),
             Err(err) => {
