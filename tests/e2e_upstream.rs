@@ -529,3 +529,60 @@ async fn nix_substitutes_from_nix_serve_and_harmonia() {
         &work.path().join("harmonia-mirrored"),
     );
 }
+
+/// Debug info links come through from an upstream as logs do, and lead to the upstream's NAR,
+/// which cellar pulls through too; the path itself substitutes through the chain.
+#[tokio::test(flavor = "multi_thread")]
+async fn debug_info_links_come_through_from_the_upstream() {
+    let work = tempfile::tempdir().unwrap();
+    let expr = Path::new(env!("CARGO_MANIFEST_DIR")).join("tests/fixtures/debug.nix");
+    let mut b = nix("nix-build", &work.path().join("xdg-build"));
+    b.arg("--no-out-link")
+        .arg(&expr)
+        .args(["--argstr", "salt", "cellar-upstream-debug"]);
+    let path = run_ok(b).trim().to_owned();
+    // Cellar B over a directory `nix copy --to 'file://…?index-debug-info=true'` wrote.
+    let data = work.path().join("upstream-data");
+    let mut c = nix("nix", &work.path().join("xdg-copy"));
+    c.args([
+        "copy",
+        "--to",
+        &format!("file://{}?index-debug-info=true", data.display()),
+        &path,
+    ]);
+    run_ok(c);
+    let b = Server::start(vec![
+        ("CELLAR_STORE__KIND".into(), "local".into()),
+        ("CELLAR_STORE__PATH".into(), data.to_str().unwrap().into()),
+    ]);
+    let app = App::s3("pull-debuginfo")
+        .config(&upstream_config(&b.url, &b.public_key, ""))
+        .spawn()
+        .await;
+    let a = &app.srv;
+
+    let id = "abcdef0123456789abcdef0123456789abcdef01";
+    let sent = std::fs::read(data.join(format!("debuginfo/{id}.debug"))).unwrap();
+    let res = reqwest::get(format!("{}/debuginfo/{id}.debug", a.url))
+        .await
+        .unwrap();
+    assert_eq!(res.status(), 200);
+    assert_eq!(res.bytes().await.unwrap(), sent);
+    let link: serde_json::Value = serde_json::from_slice(&sent).unwrap();
+    let nar = link["archive"]
+        .as_str()
+        .unwrap()
+        .strip_prefix("../")
+        .unwrap();
+    let res = reqwest::get(format!("{}/{nar}", a.url)).await.unwrap();
+    assert_eq!(res.status(), 200, "{nar}");
+    assert_eq!(
+        res.bytes().await.unwrap(),
+        std::fs::read(data.join(nar)).unwrap()
+    );
+    assert_eq!(
+        status(format!("{}/debuginfo/{}", a.url, "0".repeat(40))).await,
+        404
+    );
+    substitute_and_verify(&a.url, &a.public_key, &path, &work.path().join("sub"));
+}
