@@ -995,7 +995,14 @@ async fn debug_info_links_go_up_with_their_path_and_lead_to_its_nar() {
             .unwrap();
         assert_eq!(res.status(), 200, "{id}");
         assert_eq!(res.headers()["content-type"], "application/json");
-        let link: serde_json::Value = serde_json::from_slice(&res.bytes().await.unwrap()).unwrap();
+        let raw = res.bytes().await.unwrap();
+        // As dwarffs asks for it: the bare build id.
+        let bare = reqwest::get(format!("{}/debuginfo/{id}", srv.url))
+            .await
+            .unwrap();
+        assert_eq!(bare.status(), 200, "{id}");
+        assert_eq!(bare.bytes().await.unwrap(), raw);
+        let link: serde_json::Value = serde_json::from_slice(&raw).unwrap();
         assert_eq!(link["archive"], format!("../{url}"), "{link}");
         let member = link["member"].as_str().unwrap();
         assert_eq!(

@@ -20,7 +20,7 @@ use std::time::SystemTime;
 
 use bytes::Bytes;
 
-use futures::StreamExt as _;
+use futures::{StreamExt as _, TryStreamExt as _};
 
 use super::access::{self, Accessed, Entry};
 use super::deleting;
@@ -149,7 +149,9 @@ impl Plan {
                 let goes = if inv.nars.contains_key(&nar) {
                     going.contains(nar.as_str())
                 } else {
-                    !acc.nars.contains(nar.as_str()) && old_enough(&l.meta, retention)
+                    !acc.nars.contains(nar.as_str())
+                        && !kept_nars.contains(nar.as_str())
+                        && old_enough(&l.meta, retention)
                 };
                 goes.then_some((l.key, l.meta, nar))
             })
@@ -782,10 +784,8 @@ async fn read_named<T>(
             Err(StoreError::TooLarge { .. }) => Ok(None),
             Err(e) => Err(e),
         })
-        .collect::<Vec<_>>()
+        .try_collect()
         .await
-        .into_iter()
-        .collect()
 }
 
 /// Reads which NAR each debug info link names.

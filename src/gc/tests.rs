@@ -1408,6 +1408,11 @@ async fn debug_info_links_go_with_their_nars() {
     // Within the retention, its NAR may be on its way.
     let uploading = debug_link(&mem, 3, nowhere, 2 * DAY, now);
     let dangling = debug_link(&mem, 4, nowhere, 40 * DAY, now);
+    // A kept path whose NAR is missing (a broken path, for verify): its link is not counted
+    // as going, and stays.
+    let broken = path(&mem, "broken", &[], Duration::from_secs(60), now);
+    mem.remove(&broken.nar);
+    let with_broken = debug_link(&mem, 7, &broken.nar, 100 * DAY, now);
     let unreadable = format!("debuginfo/{}", hex::encode([5u8; 20]));
     mem.insert_at(&unreadable, "not a link", now - 100 * DAY);
     // Not a link's name: not the collector's to delete.
@@ -1424,6 +1429,7 @@ async fn debug_info_links_go_with_their_nars() {
         &with_kept,
         &uploading,
         &unreadable,
+        &with_broken,
         &"debuginfo/README".to_owned(),
     ] {
         assert!(has(&mem, key), "{key} deleted");

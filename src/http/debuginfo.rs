@@ -1,7 +1,9 @@
 //! `/debuginfo/<build id>`: debug info links, JSON naming the NAR that holds a debug file and
 //! the file within it (see [`crate::nix::debuginfo`]). `nix copy --to 'URL?index-debug-info=true'`
 //! uploads one for each debug file of a path (a `HEAD` first, then a `PUT` if it is missing);
-//! dwarffs and other debuginfod-style fetchers read them. Served from the read path as stored.
+//! dwarffs and other fetchers of debug symbols read them. Served from the read path as stored;
+//! a bare build id (dwarffs asks for `debuginfo/<build id>`) finds the link Nix uploaded as
+//! `<build id>.debug`.
 
 use axum::body::Body;
 use axum::extract::{Path, State};
@@ -20,13 +22,43 @@ pub(super) fn key(name: &str) -> Result<String, Error> {
     Ok(object_key::debuginfo(&n))
 }
 
+/// The keys a read of `name` tries, in order: the name as asked for, then, for a bare build id
+/// (what dwarffs asks for), the name Nix's uploader gives the link (`<build id>.debug`).
+fn keys(name: &str) -> Result<Vec<String>, Error> {
+    let mut keys = vec![key(name)?];
+    if !name.ends_with(".debug") {
+        keys.push(key(&format!("{name}.debug"))?);
+    }
+    Ok(keys)
+}
+
+/// The first of `keys` that `read` finds.
+async fn first_found<F, Fut>(keys: Vec<String>, read: F) -> Result<Response, Error>
+where
+    F: Fn(String) -> Fut,
+    Fut: std::future::Future<Output = Result<Response, Error>>,
+{
+    let mut missing = Error::NotFound;
+    for key in keys {
+        match read(key).await {
+            Err(e @ (Error::NotFound | Error::NotFoundForNow)) => missing = e,
+            found => return found,
+        }
+    }
+    Err(missing)
+}
+
 pub(super) async fn get(
     State(st): State<AppState>,
     Path(name): Path<String>,
     headers: HeaderMap,
 ) -> Result<Response, Error> {
     let reads = st.live().reads.clone();
-    object::get(&*reads, &key(&name)?, Kind::DebugInfo, &headers).await
+    first_found(keys(&name)?, |key| {
+        let (reads, headers) = (reads.clone(), &headers);
+        async move { object::get(&*reads, &key, Kind::DebugInfo, headers).await }
+    })
+    .await
 }
 
 pub(super) async fn head(
@@ -34,7 +66,11 @@ pub(super) async fn head(
     Path(name): Path<String>,
 ) -> Result<Response, Error> {
     let reads = st.live().reads.clone();
-    object::head(&*reads, &key(&name)?, Kind::DebugInfo).await
+    first_found(keys(&name)?, |key| {
+        let reads = reads.clone();
+        async move { object::head(&*reads, &key, Kind::DebugInfo).await }
+    })
+    .await
 }
 
 pub(super) async fn put(

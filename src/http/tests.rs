@@ -1585,8 +1585,33 @@ async fn debug_info_links_are_checked_and_name_the_stored_nar() {
     assert_eq!(res.status(), StatusCode::OK);
     let body = res.into_body().collect().await.unwrap().to_bytes();
     assert_eq!(body, stored.as_bytes());
+    // dwarffs asks for the bare build id: it finds the link Nix named `<build id>.debug`.
     assert_eq!(
-        get(&st, &format!("/debuginfo/{id}")).await.0,
+        get(&st, &format!("/debuginfo/{id}")).await,
+        (StatusCode::OK, stored.clone().into_bytes())
+    );
+    assert_eq!(
+        head(&st, &format!("/debuginfo/{id}")).await,
+        (StatusCode::OK, Some(stored.len().to_string()))
+    );
+    let other = "0".repeat(40);
+    assert_eq!(
+        get(&st, &format!("/debuginfo/{other}")).await.0,
         StatusCode::NOT_FOUND
+    );
+    assert_eq!(
+        head(&st, &format!("/debuginfo/{other}")).await.0,
+        StatusCode::NOT_FOUND
+    );
+
+    // A NAR the store holds as sent (stored before re-encoding was set up) is not sent again,
+    // and its narinfo names it as it is: so does its link.
+    let other_file = format!("{}.nar.xz", "1".repeat(52));
+    mem.insert(&format!("nar/{other_file}"), vec![1u8; 10]);
+    let kept = link(&format!("../nar/{other_file}"));
+    assert_eq!(put(other.clone(), kept.clone()).await, StatusCode::CREATED);
+    assert_eq!(
+        get(&st, &format!("/debuginfo/{other}")).await,
+        (StatusCode::OK, kept.into_bytes())
     );
 }

@@ -285,6 +285,15 @@ fn body_stream(body: aws_sdk_s3::primitives::ByteStream) -> super::ByteStream {
 #[async_trait]
 impl Store for S3Store {
     async fn get(&self, key: &str, range: Option<ByteRange>) -> Result<Option<Object>, StoreError> {
+        if range == Some(ByteRange::Suffix(0)) {
+            // No byte of any object: answered from the object's size, not sent to S3, which
+            // may ignore such a range and send the whole object (HTTP allows it), a 200 where
+            // a part is asked for.
+            return match self.head(key).await? {
+                Some(size) => Err(StoreError::RangeNotSatisfiable { size }),
+                None => Ok(None),
+            };
+        }
         let full = self.key(key);
         if let Some(fast) = &self.fast {
             return match fast.get(&full, range).await? {

@@ -20,14 +20,22 @@ impl Uploader {
 
     /// Stores the link `raw` as `debuginfo/<name>`, replacing one stored there: two paths may
     /// hold the same debug file, and either NAR serves it. With `upload.compression` the link
-    /// names the NAR as the store will hold it (re-encoded), so that it leads to a file cellar
-    /// serves.
+    /// names the NAR as the store will hold it (re-encoded, unless the store holds it as sent
+    /// already), so that it leads to a file cellar serves.
     pub async fn put_debuginfo(&self, name: &DebugInfoName, raw: Bytes) -> Result<(), Error> {
         let link = DebugInfoLink::parse(&raw)
             .map_err(|e| rejected(format!("not a debug info link: {e}")))?;
         let _slot = self.admit().await?;
         let stored = self.stored_name(link.nar());
-        let body = if &stored == link.nar() {
+        // A NAR the store holds under the name sent (stored before re-encoding was set up) is
+        // not uploaded again, and its narinfo keeps naming it: so does its link.
+        let body = if &stored == link.nar()
+            || self
+                .store
+                .head(&object_key::nar(link.nar()))
+                .await?
+                .is_some()
+        {
             raw
         } else {
             Bytes::from(link.with_nar(stored).render())

@@ -614,6 +614,35 @@ async fn a_small_object_over_the_limit_is_refused_to_the_byte() {
     }
 }
 
+/// `bytes=-0` (no byte of any object) is answered from the object's size, never sent: a store
+/// that ignores it sends the whole object, which is no answer to a range.
+#[tokio::test]
+async fn an_empty_suffix_range_is_unsatisfiable_on_a_store_that_ignores_ranges() {
+    let app = axum::Router::new().fallback(|uri: axum::http::Uri| async move {
+        if uri.path().ends_with("/gone") {
+            (axum::http::StatusCode::NOT_FOUND, Vec::new())
+        } else {
+            (axum::http::StatusCode::OK, vec![b'x'; 100])
+        }
+    });
+    let l = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+    let addr = l.local_addr().unwrap();
+    tokio::spawn(async move { axum::serve(l, app).await });
+    for direct in [false, true] {
+        let store = store_with(format!("http://{addr}"), 4, direct).await;
+        let e = store
+            .get("nar/x.nar", Some(ByteRange::Suffix(0)))
+            .await
+            .err();
+        assert!(
+            matches!(e, Some(StoreError::RangeNotSatisfiable { size: 100 })),
+            "direct {direct}: {e:?}"
+        );
+        let gone = store.get("gone", Some(ByteRange::Suffix(0))).await;
+        assert!(matches!(gone, Ok(None)), "direct {direct}");
+    }
+}
+
 /// A fake S3 that takes `delay` to answer each PUT (an object or a part), after reading its
 /// body, and answers the rest of a multipart upload at once.
 async fn slow_put_s3(delay: Duration) -> String {
