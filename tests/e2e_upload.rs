@@ -948,13 +948,8 @@ async fn a_closure_uploaded_compressed_as_newer_nix_sends_it_substitutes() {
 #[tokio::test(flavor = "multi_thread")]
 async fn debug_info_links_go_up_with_their_path_and_lead_to_its_nar() {
     let work = tempfile::tempdir().unwrap();
-    let expr = Path::new(env!("CARGO_MANIFEST_DIR")).join("tests/fixtures/debug.nix");
     let salt = format!("cellar-debug-{}", std::process::id());
-    let mut b = nix("nix-build", &work.path().join("xdg-build"));
-    b.arg("--no-out-link")
-        .arg(&expr)
-        .args(["--argstr", "salt", &salt]);
-    let path = run_ok(b).trim().to_owned();
+    let path = debug_info_path(work.path(), &salt);
 
     let (w, wcfg) = token("builder", "write");
     let app = App::s3("up-debuginfo").config(&wcfg).spawn().await;

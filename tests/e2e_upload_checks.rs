@@ -451,21 +451,8 @@ async fn import_a_file_cache_twice_then_substitute() {
 #[tokio::test(flavor = "multi_thread")]
 async fn import_brings_debug_info_links_whose_nars_it_holds() {
     let work = tempfile::tempdir().unwrap();
-    let expr = Path::new(env!("CARGO_MANIFEST_DIR")).join("tests/fixtures/debug.nix");
-    let mut b = nix("nix-build", &work.path().join("xdg-build"));
-    b.arg("--no-out-link")
-        .arg(&expr)
-        .args(["--argstr", "salt", "cellar-import-debug"]);
-    let path = run_ok(b).trim().to_owned();
     let dir = work.path().join("cache");
-    let mut c = nix("nix", &work.path().join("xdg-copy"));
-    c.args([
-        "copy",
-        "--to",
-        &format!("file://{}?index-debug-info=true", dir.display()),
-        &path,
-    ]);
-    run_ok(c);
+    debug_info_cache(work.path(), "cellar-import-debug", &dir);
     let id = "abcdef0123456789abcdef0123456789abcdef01";
     let links = dir.join("debuginfo");
     let sent = std::fs::read_to_string(links.join(format!("{id}.debug"))).unwrap();

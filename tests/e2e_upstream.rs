@@ -535,22 +535,9 @@ async fn nix_substitutes_from_nix_serve_and_harmonia() {
 #[tokio::test(flavor = "multi_thread")]
 async fn debug_info_links_come_through_from_the_upstream() {
     let work = tempfile::tempdir().unwrap();
-    let expr = Path::new(env!("CARGO_MANIFEST_DIR")).join("tests/fixtures/debug.nix");
-    let mut b = nix("nix-build", &work.path().join("xdg-build"));
-    b.arg("--no-out-link")
-        .arg(&expr)
-        .args(["--argstr", "salt", "cellar-upstream-debug"]);
-    let path = run_ok(b).trim().to_owned();
     // Cellar B over a directory `nix copy --to 'file://…?index-debug-info=true'` wrote.
     let data = work.path().join("upstream-data");
-    let mut c = nix("nix", &work.path().join("xdg-copy"));
-    c.args([
-        "copy",
-        "--to",
-        &format!("file://{}?index-debug-info=true", data.display()),
-        &path,
-    ]);
-    run_ok(c);
+    let path = debug_info_cache(work.path(), "cellar-upstream-debug", &data);
     let b = Server::start(vec![
         ("CELLAR_STORE__KIND".into(), "local".into()),
         ("CELLAR_STORE__PATH".into(), data.to_str().unwrap().into()),

@@ -101,3 +101,29 @@ pub async fn put(
 pub async fn status(url: String) -> u16 {
     reqwest::get(url).await.unwrap().status().as_u16()
 }
+
+/// A path with debug info (`tests/fixtures/debug.nix`, two build ids), new to the store for
+/// each `salt`, built by the real nix under `work`.
+pub fn debug_info_path(work: &Path, salt: &str) -> String {
+    let expr = Path::new(env!("CARGO_MANIFEST_DIR")).join("tests/fixtures/debug.nix");
+    let mut b = nix("nix-build", &work.join("xdg-build"));
+    b.arg("--no-out-link")
+        .arg(&expr)
+        .args(["--argstr", "salt", salt]);
+    run_ok(b).trim().to_owned()
+}
+
+/// [`debug_info_path`], copied with `nix copy --to 'file://DIR?index-debug-info=true'` into
+/// `dir`, which then holds its links under `debuginfo/`.
+pub fn debug_info_cache(work: &Path, salt: &str, dir: &Path) -> String {
+    let path = debug_info_path(work, salt);
+    let mut c = nix("nix", &work.join("xdg-copy"));
+    c.args([
+        "copy",
+        "--to",
+        &format!("file://{}?index-debug-info=true", dir.display()),
+        &path,
+    ]);
+    run_ok(c);
+    path
+}
