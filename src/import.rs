@@ -273,16 +273,16 @@ async fn import_debuginfo(
             continue;
         }
         let raw = read_bounded(&e.path(), MAX_DEBUGINFO_BYTES).await?;
-        let nar = match DebugInfoLink::parse(&raw) {
-            Ok(link) => uploader.stored_name(link.nar()),
+        let link = match DebugInfoLink::parse(&raw) {
+            Ok(link) => link,
             Err(err) => {
                 let why = format!("not a debug info link: {err}");
                 summary.rejected.push((label, why));
                 continue;
             }
         };
-        if store.head(&object_key::nar(&nar)).await?.is_none() {
-            let why = format!("its NAR {nar} is not in the store");
+        if !uploader.has_nar(link.nar()).await? {
+            let why = format!("its NAR {} is not in the store", link.nar());
             summary.rejected.push((label, why));
             continue;
         }

@@ -7,17 +7,10 @@ use bytes::Bytes;
 
 use super::{rejected, Uploader};
 use crate::error::Error;
-use crate::nix::{DebugInfoLink, DebugInfoName, NarFileName};
+use crate::nix::{DebugInfoLink, DebugInfoName};
 use crate::store::object_key;
 
 impl Uploader {
-    /// The name a NAR uploaded as `name` is stored under: re-encoded with `upload.compression`,
-    /// or as sent.
-    pub fn stored_name(&self, name: &NarFileName) -> NarFileName {
-        self.reencoded(name)
-            .map_or_else(|| name.clone(), |(stored, _)| stored)
-    }
-
     /// Stores the link `raw` as `debuginfo/<name>`, replacing one stored there: two paths may
     /// hold the same debug file, and either NAR serves it. With `upload.compression` the link
     /// names the NAR as the store will hold it (re-encoded, unless the store holds it as sent
@@ -26,19 +19,19 @@ impl Uploader {
         let link = DebugInfoLink::parse(&raw)
             .map_err(|e| rejected(format!("not a debug info link: {e}")))?;
         let _slot = self.admit().await?;
-        let stored = self.stored_name(link.nar());
         // A NAR the store holds under the name sent (stored before re-encoding was set up) is
         // not uploaded again, and its narinfo keeps naming it: so does its link.
-        let body = if &stored == link.nar()
-            || self
-                .store
-                .head(&object_key::nar(link.nar()))
-                .await?
-                .is_some()
-        {
-            raw
-        } else {
-            Bytes::from(link.with_nar(stored).render())
+        let body = match self.reencoded(link.nar()) {
+            Some((stored, _))
+                if self
+                    .store
+                    .head(&object_key::nar(link.nar()))
+                    .await?
+                    .is_none() =>
+            {
+                Bytes::from(link.with_nar(stored).render())
+            }
+            _ => raw,
         };
         self.store
             .put_bytes(&object_key::debuginfo(name), body)

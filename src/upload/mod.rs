@@ -531,7 +531,7 @@ impl Uploader {
 
     /// Whether the store holds the NAR a client would find under `name`: the object itself,
     /// or the re-encoded copy it was stored as.
-    async fn has_nar(&self, name: &NarFileName) -> Result<bool, StoreError> {
+    pub async fn has_nar(&self, name: &NarFileName) -> Result<bool, StoreError> {
         if self.store.head(&object_key::nar(name)).await?.is_some() {
             return Ok(true);
         }
