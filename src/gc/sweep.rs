@@ -15,6 +15,7 @@
 //! deleted NAR cannot be written back. If the records cannot be read, nothing more is deleted.
 
 use std::collections::{HashMap, HashSet};
+use std::fmt;
 use std::sync::Arc;
 use std::time::SystemTime;
 
@@ -44,18 +45,39 @@ pub(super) const ANNOUNCED_AT_ONCE: usize = 64 * BATCH;
 /// Deletions in flight at once.
 const DELETE_CONCURRENCY: usize = 16;
 
-/// A realisation (`realisations/…`, `build-trace/…`) and the path it names, when readable.
+/// What an object that names another (a realisation, a debug info link) was found to name.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum Named<T> {
+    /// It names this.
+    Understood(T),
+    /// Deleted since the listing.
+    Gone,
+    /// Too large, or not what Nix writes there (why). gc keeps it: it never deletes what it
+    /// does not understand; `verify` reports it.
+    NotUnderstood(String),
+}
+
+impl<T> Named<T> {
+    pub fn understood(&self) -> Option<&T> {
+        match self {
+            Self::Understood(t) => Some(t),
+            Self::Gone | Self::NotUnderstood(_) => None,
+        }
+    }
+}
+
+/// A realisation (`realisations/…`, `build-trace/…`) and the path it names.
 pub struct Realisation {
     pub key: String,
     pub meta: Meta,
-    pub out: Option<StorePathHash>,
+    pub out: Named<StorePathHash>,
 }
 
-/// A debug info link (`debuginfo/…`) and the NAR it names, when readable.
+/// A debug info link (`debuginfo/…`) and the NAR it names.
 pub struct DebugLink {
     pub key: String,
     pub meta: Meta,
-    pub nar: Option<String>,
+    pub nar: Named<String>,
 }
 
 /// What the objects that name others name: realisations and debug info links.
@@ -145,7 +167,9 @@ impl Plan {
         let debuginfo = links
             .into_iter()
             .filter_map(|l| {
-                let nar = l.nar?;
+                let Named::Understood(nar) = l.nar else {
+                    return None;
+                };
                 let goes = if inv.nars.contains_key(&nar) {
                     going.contains(nar.as_str())
                 } else {
@@ -177,14 +201,15 @@ impl Plan {
                     // One whose path cannot be read is kept: never delete what is not understood.
                     // One whose path has no narinfo here (an upstream may serve it) goes only
                     // once older than the retention.
-                    let cutoff = match r.out.map(|h| graph.find(h)) {
+                    let cutoff = match r.out.understood().map(|h| graph.find(*h)) {
                         Some(Some(_)) => grace,
                         Some(None) => retention,
                         None => return false,
                     };
-                    r.out.is_some_and(|h| !kept_hashes.contains(&h)) && old_enough(&r.meta, cutoff)
+                    r.out.understood().is_some_and(|h| !kept_hashes.contains(h))
+                        && old_enough(&r.meta, cutoff)
                 })
-                .map(|r| (r.key, r.meta, r.out))
+                .map(|r| (r.key, r.meta, r.out.understood().copied()))
                 .collect(),
             logs: inv
                 .logs
@@ -765,23 +790,31 @@ async fn write_back(store: &dyn Store, key: &str, body: &Bytes) -> Result<(), St
     }
 }
 
+/// The largest realisation read (Nix's are a few hundred bytes).
+const MAX_REALISATION_BYTES: u64 = 1 << 20;
+
 /// Objects read at once while reading realisations and debug info links.
 const READ_CONCURRENCY: usize = 16;
 
-/// Reads each of `objects` (up to `limit` bytes) and what `names` finds in it, in order;
-/// `None` for one that is gone, too large, or not understood (kept: never delete what is not
-/// understood). A store failure ends the run's reading.
-async fn read_named<T>(
+/// Reads each of `objects` (up to `limit` bytes) and what `names` finds in it (or why it
+/// finds nothing), in order. A store failure ends the run's reading.
+async fn read_named<T, E: fmt::Display>(
     store: &dyn Store,
     objects: &[(String, Meta)],
     limit: u64,
-    names: impl Fn(&[u8]) -> Option<T>,
-) -> Result<Vec<Option<T>>, StoreError> {
+    names: impl Fn(&[u8]) -> Result<T, E>,
+) -> Result<Vec<Named<T>>, StoreError> {
     futures::stream::iter(objects.iter().map(|(key, _)| store.get_bytes(key, limit)))
         .buffered(READ_CONCURRENCY)
         .map(|read| match read {
-            Ok(raw) => Ok(raw.as_deref().and_then(&names)),
-            Err(StoreError::TooLarge { .. }) => Ok(None),
+            Ok(None) => Ok(Named::Gone),
+            Ok(Some(raw)) => Ok(match names(&raw) {
+                Ok(t) => Named::Understood(t),
+                Err(e) => Named::NotUnderstood(e.to_string()),
+            }),
+            Err(StoreError::TooLarge { .. }) => {
+                Ok(Named::NotUnderstood(format!("larger than {limit} bytes")))
+            }
             Err(e) => Err(e),
         })
         .try_collect()
@@ -794,11 +827,7 @@ async fn read_debuginfo(store: &dyn Store, inv: &Inventory) -> Result<Vec<DebugL
         store,
         &inv.debuginfo,
         crate::nix::MAX_DEBUGINFO_BYTES,
-        |r| {
-            crate::nix::DebugInfoLink::parse(r)
-                .ok()
-                .map(|l| l.nar().as_str().to_owned())
-        },
+        |r| crate::nix::DebugInfoLink::parse(r).map(|l| l.nar().as_str().to_owned()),
     )
     .await?;
     Ok(inv
@@ -818,8 +847,8 @@ async fn read_realisations(
     store: &dyn Store,
     inv: &Inventory,
 ) -> Result<Vec<Realisation>, StoreError> {
-    let outs = read_named(store, &inv.realisations, 1 << 20, |r| {
-        crate::nix::Realisation::parse(r).ok().map(|r| r.out_hash())
+    let outs = read_named(store, &inv.realisations, MAX_REALISATION_BYTES, |r| {
+        crate::nix::Realisation::parse(r).map(|r| r.out_hash())
     })
     .await?;
     Ok(inv

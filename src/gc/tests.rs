@@ -2055,6 +2055,153 @@ fn found(r: &super::verify::Report) -> Vec<String> {
     v
 }
 
+/// A realisation naming path `base`, written `age` ago.
+fn realisation_of(store: &MemoryStore, base: &str, age: Duration, now: SystemTime) -> String {
+    let key = format!(
+        "realisations/sha256:{}!out.doi",
+        hex::encode(Sha256::digest(base.as_bytes()).as_bytes())
+    );
+    let body = format!(r#"{{"id":"x","outPath":"{base}","signatures":[]}}"#);
+    store.insert_at(&key, body, now - age);
+    key
+}
+
+/// `verify` finds the realisations naming a path without a narinfo and the debug info links
+/// naming a missing NAR (once older than the grace period: Nix writes a link before its
+/// NAR), and those it cannot read; `--repair` deletes the first two, with those naming what
+/// it deletes itself (a broken path, an orphan NAR), and leaves the unreadable to a human.
+#[tokio::test(start_paused = true)]
+async fn verify_finds_realisations_and_links_naming_nothing() {
+    let mem = Arc::new(MemoryStore::new());
+    let now = SystemTime::now();
+    let old = 100 * DAY;
+    let young = Duration::from_secs(60);
+    let whole = path(&mem, "whole", &[], old, now);
+    let whole_realisation = realisation_of(&mem, &whole.base, old, now);
+    let whole_link = debug_link(&mem, 1, &whole.nar, old, now);
+    let ghost = format!("{}-ghost", base32::encode(&[7u8; 20]));
+    let dangling_realisation = realisation_of(&mem, &ghost, old, now);
+    let nowhere = "nar/0000000000000000000000000000000000000000000000000000.nar.xz";
+    let dangling_link = debug_link(&mem, 2, nowhere, old, now);
+    // Young: maybe an upload in progress.
+    let young_ghost = format!("{}-young", base32::encode(&[8u8; 20]));
+    let young_realisation = realisation_of(&mem, &young_ghost, young, now);
+    let young_link = debug_link(&mem, 3, nowhere, young, now);
+    // A path whose NAR is gone: repair deletes it, and with it what names it.
+    let broken = path(&mem, "broken", &[], old, now);
+    mem.remove(&broken.nar);
+    let broken_realisation = realisation_of(&mem, &broken.base, old, now);
+    let o = path(&mem, "orphan", &[], old, now);
+    mem.remove(&format!("{}.narinfo", o.hash));
+    mem.remove(&format!("{}.ls", o.hash));
+    let orphan_nar = o.nar;
+    let orphan_link = debug_link(&mem, 4, &orphan_nar, old, now);
+    let unreadable_realisation = "realisations/sha256:00!out.doi".to_owned();
+    mem.insert_at(&unreadable_realisation, "{}", now - old);
+    let unreadable_link = format!("debuginfo/{}", hex::encode([5u8; 20]));
+    mem.insert_at(&unreadable_link, "not a link", now - old);
+
+    let r = check(&mem, now, None).await;
+    assert_eq!(
+        found(&r),
+        vec![
+            format!("dangling_debuginfo {dangling_link}"),
+            format!("dangling_realisation {dangling_realisation}"),
+            format!("missing_nar {}.narinfo", broken.hash),
+            format!("orphan_nar {orphan_nar}"),
+            format!("unreadable {unreadable_link}"),
+            format!("unreadable {unreadable_realisation}"),
+        ]
+    );
+    let text: Vec<String> = r.findings.iter().map(ToString::to_string).collect();
+    assert!(
+        text.contains(&format!(
+            "dangling-realisation {dangling_realisation}: {} has no narinfo",
+            &ghost[..32]
+        )),
+        "{text:?}"
+    );
+    assert!(
+        text.contains(&format!(
+            "dangling-debuginfo {dangling_link}: {nowhere} does not exist"
+        )),
+        "{text:?}"
+    );
+    // A sample does not look at them.
+    assert!(found(&check(&mem, now, Some(1)).await)
+        .iter()
+        .all(|f| !f.starts_with("dangling") && !f.starts_with("unreadable")));
+
+    let r = repair(&mem, now).await;
+    for key in [
+        &dangling_realisation,
+        &dangling_link,
+        &broken_realisation,
+        &orphan_link,
+        &orphan_nar,
+    ] {
+        assert!(!has(&mem, key), "{key} kept");
+        assert!(r.repaired.contains(key), "{key}: {:?}", r.repaired);
+    }
+    for key in [
+        &whole_realisation,
+        &whole_link,
+        &whole.nar,
+        &young_realisation,
+        &young_link,
+        &unreadable_realisation,
+        &unreadable_link,
+    ] {
+        assert!(has(&mem, key), "{key} deleted");
+    }
+    let mut errors = r.repair_errors.clone();
+    errors.sort();
+    assert_eq!(errors.len(), 2, "{errors:?}");
+    assert!(errors[0].starts_with(&format!("{unreadable_link}: not understood")));
+    assert!(errors[1].starts_with(&format!("{unreadable_realisation}: not understood")));
+    assert_eq!(
+        found(&check(&mem, now, None).await),
+        vec![
+            format!("unreadable {unreadable_link}"),
+            format!("unreadable {unreadable_realisation}"),
+        ]
+    );
+}
+
+/// The listing is not a snapshot: a path or NAR uploaded after it (here while the realisation
+/// and link naming them are read) is looked for again before `--repair` deletes what names
+/// it, and what the store cannot answer for is kept.
+#[tokio::test(start_paused = true)]
+async fn repair_looks_again_before_deleting_a_realisation_or_link() {
+    let mem = Arc::new(MemoryStore::new());
+    let now = SystemTime::now();
+    let late = format!("{}-late", base32::encode(&[9u8; 20]));
+    let late_realisation = realisation_of(&mem, &late, 100 * DAY, now);
+    let late_nar = "nar/1111111111111111111111111111111111111111111111111111.nar";
+    let late_link = debug_link(&mem, 1, late_nar, 100 * DAY, now);
+    let unsure = format!("{}-unsure", base32::encode(&[10u8; 20]));
+    let unsure_realisation = realisation_of(&mem, &unsure, 100 * DAY, now);
+    let unsure_narinfo = format!("{}.narinfo", &unsure[..32]);
+    mem.fail(FailOp::Read, &unsure_narinfo, 0, 1);
+    let gate = mem.hold_reads(&late_realisation);
+    let (r, ()) = tokio::join!(repair(&mem, now), async {
+        gate.reached().await;
+        mem.insert(&format!("{}.narinfo", &late[..32]), "uploaded since");
+        mem.insert(late_nar, "uploaded since");
+        gate.open();
+    });
+    assert!(has(&mem, &late_realisation), "{:?}", r.repaired);
+    assert!(has(&mem, &late_link), "{:?}", r.repaired);
+    assert!(has(&mem, &unsure_realisation), "{:?}", r.repaired);
+    assert_eq!(r.repair_errors.len(), 1, "{:?}", r.repair_errors);
+    assert!(
+        r.repair_errors[0].contains(&unsure_narinfo)
+            && r.repair_errors[0].contains(&unsure_realisation),
+        "{:?}",
+        r.repair_errors
+    );
+}
+
 /// Orphan NARs and listings, and unfinished uploads, are findings once older than the grace
 /// period (younger, they may be an upload in progress); `--repair` deletes those, a broken
 /// path with its listing and the paths above it, and leaves what is whole or young.

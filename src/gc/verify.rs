@@ -22,6 +22,7 @@ use std::time::{Duration, SystemTime};
 use super::graph::{Graph, Problem};
 use super::inventory::Inventory;
 use super::report::Progress;
+use super::sweep::Named;
 use super::{access, deleting, pins, sweep};
 use futures::{StreamExt as _, TryStreamExt as _};
 
@@ -75,6 +76,21 @@ pub enum Finding {
         key: String,
         reason: String,
     },
+    /// A realisation naming a path the store has no narinfo for (and no upstream serves).
+    DanglingRealisation {
+        key: String,
+        out: String,
+    },
+    /// A debug info link naming a NAR the store lacks.
+    DanglingDebugInfo {
+        key: String,
+        nar: String,
+    },
+    /// A realisation or debug info link that is not what Nix writes there.
+    Unreadable {
+        key: String,
+        reason: String,
+    },
 }
 
 impl Finding {
@@ -92,6 +108,9 @@ impl Finding {
             Self::OrphanListing { .. } => "orphan_listing",
             Self::UnfinishedUpload { .. } => "unfinished_upload",
             Self::BadReserved { .. } => "bad_reserved",
+            Self::DanglingRealisation { .. } => "dangling_realisation",
+            Self::DanglingDebugInfo { .. } => "dangling_debuginfo",
+            Self::Unreadable { .. } => "unreadable",
         }
     }
 }
@@ -129,6 +148,13 @@ impl fmt::Display for Finding {
             }
             Self::UnfinishedUpload { what } => write!(f, "unfinished-upload {what}"),
             Self::BadReserved { key, reason } => write!(f, "bad-reserved {key}: {reason}"),
+            Self::DanglingRealisation { key, out } => {
+                write!(f, "dangling-realisation {key}: {out} has no narinfo")
+            }
+            Self::DanglingDebugInfo { key, nar } => {
+                write!(f, "dangling-debuginfo {key}: nar/{nar} does not exist")
+            }
+            Self::Unreadable { key, reason } => write!(f, "unreadable {key}: {reason}"),
         }
     }
 }
@@ -235,18 +261,7 @@ pub async fn run(
                 }
             };
             let findings = report.findings.clone();
-            repair_as(
-                store,
-                &c.graph,
-                &c.inv,
-                &c.own_bad,
-                &c.upstream,
-                &findings,
-                opts,
-                &run,
-                &mut report,
-            )
-            .await;
+            repair_as(store, &c, &findings, opts, &run, &mut report).await;
             run.end().await;
         }
         (Some(a), None) => a.abandon().await,
@@ -261,6 +276,8 @@ struct Checked {
     inv: Inventory,
     own_bad: Vec<bool>,
     upstream: HashSet<StorePathHash>,
+    /// The realisations and debug info links, and what they name.
+    contents: sweep::Contents,
 }
 
 /// The findings; what the check read too, unless it only sampled.
@@ -322,6 +339,13 @@ async fn check(
             });
         }
     }
+    let contents = sweep::Contents::read(store.as_ref(), &inv).await?;
+    report.findings.extend(named_findings(
+        &contents,
+        &|h| all.contains(h) || upstream.contains(h),
+        &inv,
+        grace,
+    ));
     for what in store.stale_staging(opts.grace).await? {
         report.findings.push(Finding::UnfinishedUpload { what });
     }
@@ -347,8 +371,51 @@ async fn check(
             inv,
             own_bad,
             upstream,
+            contents,
         }),
     ))
+}
+
+/// What is wrong with the realisations and debug info links: those naming what the store
+/// lacks (older than `grace`: Nix writes a link before its NAR), and those not understood.
+fn named_findings(
+    contents: &sweep::Contents,
+    present: &dyn Fn(&StorePathHash) -> bool,
+    inv: &Inventory,
+    grace: SystemTime,
+) -> Vec<Finding> {
+    let mut out = Vec::new();
+    for r in &contents.realisations {
+        match &r.out {
+            Named::Understood(h) if !present(h) && r.meta.modified <= grace => {
+                out.push(Finding::DanglingRealisation {
+                    key: r.key.clone(),
+                    out: h.to_string(),
+                });
+            }
+            Named::NotUnderstood(reason) => out.push(Finding::Unreadable {
+                key: r.key.clone(),
+                reason: reason.clone(),
+            }),
+            Named::Understood(_) | Named::Gone => {}
+        }
+    }
+    for l in &contents.links {
+        match &l.nar {
+            Named::Understood(nar) if !inv.nars.contains_key(nar) && l.meta.modified <= grace => {
+                out.push(Finding::DanglingDebugInfo {
+                    key: l.key.clone(),
+                    nar: nar.clone(),
+                });
+            }
+            Named::NotUnderstood(reason) => out.push(Finding::Unreadable {
+                key: l.key.clone(),
+                reason: reason.clone(),
+            }),
+            Named::Understood(_) | Named::Gone => {}
+        }
+    }
+    out
 }
 
 /// The references no narinfo in the store has that some upstream serves. An upstream that
@@ -513,18 +580,21 @@ async fn still_unservable(
     false
 }
 
-#[allow(clippy::too_many_arguments)]
 async fn repair_as(
     store: &Arc<dyn Store>,
-    graph: &Graph,
-    inv: &Inventory,
-    own_bad: &[bool],
-    upstream: &HashSet<StorePathHash>,
+    c: &Checked,
     findings: &[Finding],
     opts: &Options,
     run: &deleting::Run,
     report: &mut Report,
 ) {
+    let Checked {
+        graph,
+        inv,
+        own_bad,
+        upstream,
+        contents,
+    } = c;
     let grace = opts
         .now
         .checked_sub(opts.grace)
@@ -611,6 +681,37 @@ async fn repair_as(
         return;
     }
     let unservable = &unservable[..];
+    // Realisations naming a path this repair deleted, or one the store has no narinfo for.
+    let gone: HashSet<StorePathHash> = graph
+        .nodes
+        .iter()
+        .enumerate()
+        .filter(|(i, _)| unservable[*i])
+        .map(|(_, n)| n.hash)
+        .collect();
+    let realisations = named_to_delete(
+        store.as_ref(),
+        contents
+            .realisations
+            .iter()
+            .map(|r| (&r.key, &r.meta, &r.out)),
+        |h| {
+            if gone.contains(h) {
+                Some(None)
+            } else if graph.find(*h).is_none() && !upstream.contains(h) {
+                Some(Some(object_key::narinfo(*h)))
+            } else {
+                None
+            }
+        },
+        grace,
+        report,
+    )
+    .await;
+    delete_each(store.as_ref(), realisations, report, run, &opts.stop).await;
+    if halted(run, &opts.stop) {
+        return;
+    }
     // NARs and listings left without a narinfo, old enough not to be uploads.
     let remaining: HashSet<&str> = graph
         .nodes
@@ -656,10 +757,29 @@ async fn repair_as(
             _ => {}
         }
     }
-    delete_nars(store.as_ref(), inv, &nars, opts, run, report).await;
+    let gone_nars = delete_nars(store.as_ref(), inv, &nars, opts, run, report).await;
     if halted(run, &opts.stop) {
         return;
     }
+    // Debug info links naming a NAR this repair deleted, or one the store lacks.
+    rest.extend(
+        named_to_delete(
+            store.as_ref(),
+            contents.links.iter().map(|l| (&l.key, &l.meta, &l.nar)),
+            |nar| {
+                if gone_nars.contains(nar) {
+                    Some(None)
+                } else if !inv.nars.contains_key(nar) {
+                    Some(Some(format!("nar/{nar}")))
+                } else {
+                    None
+                }
+            },
+            grace,
+            report,
+        )
+        .await,
+    );
     delete_each(store.as_ref(), rest, report, run, &opts.stop).await;
     if halted(run, &opts.stop) {
         return;
@@ -672,6 +792,56 @@ async fn repair_as(
             .push(format!("unfinished uploads: {e}")),
     }
 }
+
+/// The realisations or debug info links (key, listing, what it names) to delete: older than
+/// `grace`, and naming what `absent` says is gone (`Some(None)`), or lacked when listed
+/// (`Some(Some(key))`: deleted if a second look at that key finds nothing, as it may have
+/// been uploaded since). One not understood is left for a human, as a repair error.
+async fn named_to_delete<'a, T: 'a>(
+    store: &dyn Store,
+    objects: impl Iterator<Item = (&'a String, &'a super::inventory::Meta, &'a Named<T>)>,
+    absent: impl Fn(&T) -> Option<Option<String>>,
+    grace: SystemTime,
+    report: &mut Report,
+) -> Vec<String> {
+    let mut delete = Vec::new();
+    let mut unsure = Vec::new();
+    for (key, meta, named) in objects {
+        match named {
+            Named::NotUnderstood(_) => report.repair_errors.push(format!(
+                "{key}: not understood, left for you to check and remove (verify deletes \
+                 only what it understands)"
+            )),
+            Named::Understood(t) if meta.modified <= grace => match absent(t) {
+                Some(None) => delete.push(key.clone()),
+                Some(Some(probe)) => unsure.push((key.clone(), probe)),
+                None => {}
+            },
+            Named::Understood(_) | Named::Gone => {}
+        }
+    }
+    let looks: Vec<(String, String, Result<Option<u64>, StoreError>)> =
+        futures::stream::iter(unsure.into_iter().map(|(key, probe)| async move {
+            let r = store.head(&probe).await;
+            (key, probe, r)
+        }))
+        .buffered(SECOND_LOOKS)
+        .collect()
+        .await;
+    for (key, probe, r) in looks {
+        match r {
+            Ok(None) => delete.push(key),
+            Ok(Some(_)) => {}
+            Err(e) => report
+                .repair_errors
+                .push(format!("{probe}: {e}; {key} kept")),
+        }
+    }
+    delete
+}
+
+/// Second looks at the store in flight at once.
+const SECOND_LOOKS: usize = 16;
 
 /// Paths uploads may rely on now: named by upload records young enough to be uploads in
 /// progress (those listed, and those written since).
@@ -764,6 +934,7 @@ async fn delete_reporting(store: &dyn Store, keys: &[String], report: &mut Repor
 /// rely on a NAR already in the store, and its narinfo may not be written yet), each batch
 /// announced before the records are read again, so that an upload recording one of them
 /// later sees the announcement and is refused.
+/// Says which it deleted.
 async fn delete_nars(
     store: &dyn Store,
     inv: &Inventory,
@@ -771,9 +942,10 @@ async fn delete_nars(
     opts: &Options,
     run: &deleting::Run,
     report: &mut Report,
-) {
+) -> HashSet<String> {
+    let mut deleted = HashSet::new();
     if files.is_empty() {
-        return;
+        return deleted;
     }
     // An upload's record comes seconds before its narinfo: one older than the grace period
     // belongs to an upload that is over (`read_all` reads upload records for at least
@@ -784,13 +956,13 @@ async fn delete_nars(
             report
                 .repair_errors
                 .push(format!("reading access records: {e}; no NAR deleted"));
-            return;
+            return deleted;
         }
     };
     for batch in files.chunks(sweep::BATCH) {
         if opts.stop.requested() {
             report.repair_errors.push(super::STOPPED.into());
-            return;
+            return deleted;
         }
         let free: Vec<&str> = batch
             .iter()
@@ -814,7 +986,7 @@ async fn delete_nars(
         }
         if !run.live() {
             report.repair_errors.push(sweep::LAPSED.into());
-            return;
+            return deleted;
         }
         let (in_use, free): (Vec<&String>, Vec<&String>) =
             batch.iter().partition(|f| acc.nars.contains(f.as_str()));
@@ -822,9 +994,16 @@ async fn delete_nars(
             .in_use
             .extend(in_use.into_iter().map(|f| format!("nar/{f}")));
         // Under this batch's announcement, which must stay as it is until they are gone.
-        let keys: Vec<String> = free.into_iter().map(|f| format!("nar/{f}")).collect();
-        delete_reporting(store, &keys, report).await;
+        let keys: Vec<String> = free.iter().map(|f| format!("nar/{f}")).collect();
+        let gone = delete_reporting(store, &keys, report).await;
+        deleted.extend(
+            free.into_iter()
+                .zip(gone)
+                .filter(|(_, gone)| *gone)
+                .map(|(f, _)| f.clone()),
+        );
     }
+    deleted
 }
 
 #[cfg(test)]
@@ -883,6 +1062,21 @@ mod tests {
                     reason: k(),
                 },
                 "bad_reserved",
+            ),
+            (
+                Finding::DanglingRealisation { key: k(), out: k() },
+                "dangling_realisation",
+            ),
+            (
+                Finding::DanglingDebugInfo { key: k(), nar: k() },
+                "dangling_debuginfo",
+            ),
+            (
+                Finding::Unreadable {
+                    key: k(),
+                    reason: k(),
+                },
+                "unreadable",
             ),
         ];
         for (finding, kind) in &all {
