@@ -4,15 +4,18 @@
 //! Findings: narinfos that do not parse, are stored under another path's hash, point at a
 //! missing NAR or one of another size than their `FileSize`, refer to a path that has no
 //! narinfo (and no upstream serves: uploads may build on those) or one that cannot be served
-//! whole; NARs and listings no narinfo points to;
-//! unfinished uploads; objects under the reserved prefix that do not parse. Orphans and
-//! unfinished uploads younger than the grace period are uploads in progress, not findings.
+//! whole; NARs and listings no narinfo points to; realisations naming a path without a
+//! narinfo, debug info links naming a missing NAR, and either when it cannot be read;
+//! unfinished uploads; objects under the reserved prefix that do not parse. Orphans,
+//! unfinished uploads and what names something missing are uploads in progress while younger
+//! than the grace period, not findings.
 //!
 //! Repair deletes the unservable narinfos to a fixed point (a path whose reference goes, goes
 //! too), referrers first, each older than the grace period and found unservable again by a
 //! second look at the store (the listing is not a snapshot); then orphans and unfinished
-//! uploads older than the grace period and unreadable access records. Unreadable pins are
-//! reported, never deleted.
+//! uploads older than the grace period and unreadable access records; realisations and debug
+//! info links naming what is gone (what it deleted, or what a second look does not find).
+//! Unreadable pins, realisations and links are reported, never deleted.
 
 use std::collections::HashSet;
 use std::fmt;
