@@ -83,12 +83,12 @@ enum Command {
         #[arg(long, short, global = true)]
         config: Option<PathBuf>,
     },
-    /// Check that every narinfo can be served whole; exit 1 on any inconsistency (with
-    /// --repair: on any left unrepaired for a human, a pin that does not parse or a failed
-    /// deletion).
+    /// Check that every narinfo can be served whole, and what realisations and debug info
+    /// links name; exit 1 on any inconsistency (with --repair: on any left unrepaired for a
+    /// human, a pin, realisation or link that does not parse, or a failed deletion).
     Verify {
-        /// Delete what cannot be served whole, orphans and unfinished uploads past the grace
-        /// period.
+        /// Delete what cannot be served whole, orphans, unfinished uploads, and realisations
+        /// and links naming what is missing, past the grace period.
         #[arg(long)]
         repair: bool,
         /// Check only N narinfos chosen at random.

@@ -10,8 +10,8 @@ mod gc_support;
 use futures::StreamExt as _;
 
 use common::{
-    fixture, s3_client, s3_env, s3_exists, s3_put, s3_store_env, s3_upload_dir, unique_prefix,
-    Fixture,
+    debug_info_cache, fixture, nix, run_ok, s3_client, s3_env, s3_exists, s3_put, s3_store_env,
+    s3_upload_dir, unique_prefix, walk, Fixture,
 };
 use gc_support::{assert_readable_by_all, cellar, text, Path};
 
@@ -175,4 +175,118 @@ async fn verify_finds_planted_inconsistencies_and_repair_fixes_them() {
         assert!(!s3_exists(&s3, &format!("{prefix}{}", gone.narinfo_key())).await);
     }
     assert!(!s3_exists(&s3, &format!("{prefix}{}", orphan.nar_key())).await);
+}
+
+/// What Nix writes beside the paths: realisations (content-addressed derivations) and debug
+/// info links (`index-debug-info=true`). An expiry rule that takes a narinfo or a NAR leaves
+/// them naming nothing: `verify` finds them by key, and `--repair` removes them with the
+/// broken path, keeping what is whole.
+#[tokio::test(flavor = "multi_thread")]
+async fn verify_finds_what_realisations_and_debug_info_links_lost() {
+    let work = tempfile::tempdir().unwrap();
+    let dir = work.path().join("cache");
+    let salt = format!("cellar-verify-named-{}", std::process::id());
+    let debug = debug_info_cache(work.path(), &salt, &dir);
+    let ca = std::path::Path::new(env!("CARGO_MANIFEST_DIR")).join("tests/fixtures/ca.nix");
+    let mut copy = nix("nix", &work.path().join("xdg-ca"));
+    copy.args(["copy", "--extra-experimental-features", "ca-derivations"])
+        .args(["--to", &format!("file://{}", dir.display()), "-f"])
+        .arg(&ca)
+        .args(["--argstr", "salt", &salt]);
+    run_ok(copy);
+    let s3 = s3_env();
+    let prefix = unique_prefix("verify-named");
+    s3_upload_dir(&s3, &prefix, &dir).await;
+
+    let keys: Vec<String> = walk(&dir)
+        .iter()
+        .map(|p| p.strip_prefix(&dir).unwrap().to_str().unwrap().to_owned())
+        .collect();
+    let links: Vec<&String> = keys
+        .iter()
+        .filter(|k| k.starts_with("debuginfo/"))
+        .collect();
+    assert_eq!(links.len(), 2, "{keys:?}");
+    // Each realisation and the path it names.
+    let realisations: Vec<(&String, String)> = keys
+        .iter()
+        .filter(|k| k.starts_with("realisations/"))
+        .map(|k| {
+            let doc: serde_json::Value =
+                serde_json::from_slice(&std::fs::read(dir.join(k)).unwrap()).unwrap();
+            (k, doc["outPath"].as_str().unwrap().to_owned())
+        })
+        .collect();
+    assert_eq!(realisations.len(), 2, "{keys:?}");
+    // The top path, which nothing refers to.
+    let (top_realisation, top) = realisations
+        .iter()
+        .find(|(_, out)| out.ends_with("-ca-top"))
+        .unwrap();
+    let (leaf_realisation, leaf) = realisations
+        .iter()
+        .find(|(_, out)| out.ends_with("-ca-leaf"))
+        .unwrap();
+
+    // Expired by a bucket rule: the top path's narinfo, and the NAR of the debug path.
+    let client = s3_client(&s3);
+    let debug_narinfo = format!("{}.narinfo", Fixture::hash(&debug));
+    let debug_nar = std::fs::read_to_string(dir.join(&debug_narinfo))
+        .unwrap()
+        .lines()
+        .find_map(|l| l.strip_prefix("URL: ").map(str::to_owned))
+        .unwrap();
+    let top_narinfo = format!("{}.narinfo", &top[..32]);
+    for key in [&top_narinfo, &debug_nar] {
+        client
+            .delete_object()
+            .bucket(&s3.bucket)
+            .key(format!("{prefix}{key}"))
+            .send()
+            .await
+            .unwrap();
+    }
+
+    let mut env = s3_store_env(&s3, &s3.endpoint, &prefix);
+    env.push(("CELLAR_GC__GRACE_SECS".into(), "0".into()));
+    let out = cellar(&["verify"], &env);
+    let report = text(&out);
+    assert_eq!(out.status.code(), Some(1), "{report}");
+    let mut expected = vec![
+        format!(
+            "dangling-realisation {top_realisation}: {} has no narinfo",
+            &top[..32]
+        ),
+        format!("missing-nar {debug_narinfo}"),
+    ];
+    expected.extend(
+        links
+            .iter()
+            .map(|l| format!("dangling-debuginfo {l}: {debug_nar} does not exist")),
+    );
+    for e in &expected {
+        assert!(report.contains(e.as_str()), "{e:?} not reported:\n{report}");
+    }
+    assert!(!report.contains(leaf_realisation.as_str()), "{report}");
+
+    let out = cellar(&["verify", "--repair"], &env);
+    assert!(out.status.success(), "{}", text(&out));
+    for gone in [top_realisation, &debug_narinfo, links[0], links[1]] {
+        assert!(
+            !s3_exists(&s3, &format!("{prefix}{gone}")).await,
+            "{gone} kept:\n{}",
+            text(&out)
+        );
+    }
+    for kept in [
+        leaf_realisation.to_string(),
+        format!("{}.narinfo", &leaf[..32]),
+    ] {
+        assert!(
+            s3_exists(&s3, &format!("{prefix}{kept}")).await,
+            "{kept} went"
+        );
+    }
+    let out = cellar(&["verify"], &env);
+    assert!(out.status.success(), "second verify:\n{}", text(&out));
 }

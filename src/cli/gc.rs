@@ -231,7 +231,7 @@ pub fn verify(
         "checked {} narinfos{}: {} finding(s)",
         report.narinfos_checked,
         if sample.is_some() {
-            " (a sample; orphans not checked)"
+            " (a sample; orphans, realisations and debug info links not checked)"
         } else {
             ""
         },

@@ -790,9 +790,6 @@ async fn write_back(store: &dyn Store, key: &str, body: &Bytes) -> Result<(), St
     }
 }
 
-/// The largest realisation read (Nix's are a few hundred bytes).
-const MAX_REALISATION_BYTES: u64 = 1 << 20;
-
 /// Objects read at once while reading realisations and debug info links.
 const READ_CONCURRENCY: usize = 16;
 
@@ -847,9 +844,12 @@ async fn read_realisations(
     store: &dyn Store,
     inv: &Inventory,
 ) -> Result<Vec<Realisation>, StoreError> {
-    let outs = read_named(store, &inv.realisations, MAX_REALISATION_BYTES, |r| {
-        crate::nix::Realisation::parse(r).map(|r| r.out_hash())
-    })
+    let outs = read_named(
+        store,
+        &inv.realisations,
+        crate::upload::MAX_REALISATION_BYTES,
+        |r| crate::nix::Realisation::parse(r).map(|r| r.out_hash()),
+    )
     .await?;
     Ok(inv
         .realisations

@@ -2100,6 +2100,9 @@ async fn verify_finds_realisations_and_links_naming_nothing() {
     mem.insert_at(&unreadable_realisation, "{}", now - old);
     let unreadable_link = format!("debuginfo/{}", hex::encode([5u8; 20]));
     mem.insert_at(&unreadable_link, "not a link", now - old);
+    let too_large = "realisations/sha256:01!out.doi".to_owned();
+    let large = " ".repeat(crate::upload::MAX_REALISATION_BYTES as usize + 1);
+    mem.insert_at(&too_large, large, now - old);
 
     let r = check(&mem, now, None).await;
     assert_eq!(
@@ -2111,6 +2114,7 @@ async fn verify_finds_realisations_and_links_naming_nothing() {
             format!("orphan_nar {orphan_nar}"),
             format!("unreadable {unreadable_link}"),
             format!("unreadable {unreadable_realisation}"),
+            format!("unreadable {too_large}"),
         ]
     );
     let text: Vec<String> = r.findings.iter().map(ToString::to_string).collect();
@@ -2124,6 +2128,13 @@ async fn verify_finds_realisations_and_links_naming_nothing() {
     assert!(
         text.contains(&format!(
             "dangling-debuginfo {dangling_link}: {nowhere} does not exist"
+        )),
+        "{text:?}"
+    );
+    assert!(
+        text.contains(&format!(
+            "unreadable {too_large}: larger than {} bytes",
+            crate::upload::MAX_REALISATION_BYTES
         )),
         "{text:?}"
     );
@@ -2151,19 +2162,22 @@ async fn verify_finds_realisations_and_links_naming_nothing() {
         &young_link,
         &unreadable_realisation,
         &unreadable_link,
+        &too_large,
     ] {
         assert!(has(&mem, key), "{key} deleted");
     }
     let mut errors = r.repair_errors.clone();
     errors.sort();
-    assert_eq!(errors.len(), 2, "{errors:?}");
+    assert_eq!(errors.len(), 3, "{errors:?}");
     assert!(errors[0].starts_with(&format!("{unreadable_link}: not understood")));
     assert!(errors[1].starts_with(&format!("{unreadable_realisation}: not understood")));
+    assert!(errors[2].starts_with(&format!("{too_large}: not understood")));
     assert_eq!(
         found(&check(&mem, now, None).await),
         vec![
             format!("unreadable {unreadable_link}"),
             format!("unreadable {unreadable_realisation}"),
+            format!("unreadable {too_large}"),
         ]
     );
 }
@@ -2183,13 +2197,37 @@ async fn repair_looks_again_before_deleting_a_realisation_or_link() {
     let unsure_realisation = realisation_of(&mem, &unsure, 100 * DAY, now);
     let unsure_narinfo = format!("{}.narinfo", &unsure[..32]);
     mem.fail(FailOp::Read, &unsure_narinfo, 0, 1);
+    // Being uploaded again as the repair looks: the upload records name them.
+    let inflight = format!("{}-inflight", base32::encode(&[11u8; 20]));
+    let inflight_realisation = realisation_of(&mem, &inflight, 100 * DAY, now);
+    let inflight_nar = "nar/2222222222222222222222222222222222222222222222222222.nar";
+    let inflight_link = debug_link(&mem, 2, inflight_nar, 100 * DAY, now);
+    let day = super::access::day(SystemTime::now());
     let gate = mem.hold_reads(&late_realisation);
+    let path_looked_at = mem.hold_reads(&format!("{}.narinfo", &inflight[..32]));
+    let nar_looked_at = mem.hold_reads(inflight_nar);
     let (r, ()) = tokio::join!(repair(&mem, now), async {
         gate.reached().await;
         mem.insert(&format!("{}.narinfo", &late[..32]), "uploaded since");
         mem.insert(late_nar, "uploaded since");
         gate.open();
+        path_looked_at.reached().await;
+        let h = inflight[..32].parse().unwrap();
+        mem.insert(
+            &format!("_cellar/access/{day}/a-upload"),
+            render([Entry::Path(h)]),
+        );
+        path_looked_at.open();
+        nar_looked_at.reached().await;
+        let f = inflight_nar.trim_start_matches("nar/").into();
+        mem.insert(
+            &format!("_cellar/access/{day}/b-upload"),
+            render([Entry::Nar(f)]),
+        );
+        nar_looked_at.open();
     });
+    assert!(has(&mem, &inflight_realisation), "{:?}", r.repaired);
+    assert!(has(&mem, &inflight_link), "{:?}", r.repaired);
     assert!(has(&mem, &late_realisation), "{:?}", r.repaired);
     assert!(has(&mem, &late_link), "{:?}", r.repaired);
     assert!(has(&mem, &unsure_realisation), "{:?}", r.repaired);
@@ -2355,22 +2393,28 @@ async fn references_an_upstream_serves_are_not_missing() {
     let now = SystemTime::now();
     let served = path(&elsewhere, "served", &[], 100 * DAY, now);
     let nowhere = path(&elsewhere, "nowhere", &[], 100 * DAY, now);
+    // Named by a realisation only.
+    let realised = path(&elsewhere, "realised", &[], 100 * DAY, now);
     let key = crate::nix::SecretKey::generate("upstream-1").unwrap();
-    let raw = elsewhere
-        .bytes(&format!("{}.narinfo", served.hash))
-        .unwrap();
-    let mut info =
-        crate::nix::NarInfo::parse(std::str::from_utf8(&raw).unwrap(), "/nix/store").unwrap();
-    info.sign(&key, "/nix/store");
-    let text = info.render("/nix/store");
-    let app = axum::Router::new().route(
-        &format!("/{}.narinfo", served.hash),
-        axum::routing::get(move || async move { text.clone() }),
-    );
+    let mut app = axum::Router::new();
+    for p in [&served, &realised] {
+        let raw = elsewhere.bytes(&format!("{}.narinfo", p.hash)).unwrap();
+        let mut info =
+            crate::nix::NarInfo::parse(std::str::from_utf8(&raw).unwrap(), "/nix/store").unwrap();
+        info.sign(&key, "/nix/store");
+        let text = info.render("/nix/store");
+        app = app.route(
+            &format!("/{}.narinfo", p.hash),
+            axum::routing::get(move || async move { text.clone() }),
+        );
+    }
     let upstreams = crate::upstream::serving(app, vec![key.public()]).await;
 
     let mem = Arc::new(MemoryStore::new());
     let top = path(&mem, "top", &[&served, &nowhere], 100 * DAY, now);
+    // So with realisations: the server accepts one of a path an upstream serves.
+    let kept = realisation_of(&mem, &realised.base, 100 * DAY, now);
+    let dangling = realisation_of(&mem, &nowhere.base, 100 * DAY, now);
     let store: Arc<dyn Store> = mem.clone();
     let opts = super::verify::Options {
         repair: false,
@@ -2384,15 +2428,32 @@ async fn references_an_upstream_serves_are_not_missing() {
     let r = super::verify::run(&store, "/nix/store", &opts, &Quiet)
         .await
         .unwrap();
-    assert_eq!(r.on_upstreams, 1);
+    assert_eq!(r.on_upstreams, 2);
     assert_eq!(
         found(&r),
-        vec![format!("missing_reference {}.narinfo", top.hash)]
+        vec![
+            format!("dangling_realisation {dangling}"),
+            format!("missing_reference {}.narinfo", top.hash)
+        ]
     );
     assert!(
-        r.findings[0].to_string().contains(&nowhere.hash),
+        r.findings[1].to_string().contains(&nowhere.hash),
         "{}",
-        r.findings[0]
+        r.findings[1]
+    );
+    let repairing = super::verify::Options {
+        repair: true,
+        settle: Duration::ZERO,
+        ..opts
+    };
+    let r = super::verify::run(&store, "/nix/store", &repairing, &Quiet)
+        .await
+        .unwrap();
+    assert!(r.repair_errors.is_empty(), "{:?}", r.repair_errors);
+    assert!(!has(&mem, &dangling));
+    assert!(
+        has(&mem, &kept),
+        "a realisation of a path an upstream serves went"
     );
 }
 

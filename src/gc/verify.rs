@@ -165,7 +165,8 @@ impl fmt::Display for Finding {
 #[derive(Clone)]
 pub struct Options {
     pub repair: bool,
-    /// Check only this many narinfos, chosen at random (no orphan check, no repair).
+    /// Check only this many narinfos, chosen at random (no orphan check, no realisations or
+    /// debug info links, no repair).
     pub sample: Option<usize>,
     pub grace: Duration,
     pub now: SystemTime,
@@ -183,7 +184,7 @@ pub struct Options {
 pub struct Report {
     pub narinfos_checked: usize,
     pub findings: Vec<Finding>,
-    /// References the store lacks that an upstream serves.
+    /// References (and realisations' paths) the store lacks that an upstream serves.
     pub on_upstreams: usize,
     /// Keys deleted by `--repair`.
     pub repaired: Vec<String>,
@@ -299,7 +300,12 @@ async fn check(
     }
     let graph = Graph::load(store.as_ref(), &inv, store_dir, progress).await?;
     report.narinfos_checked = graph.len();
-    let upstream = served_by_upstreams(&graph, &all, opts.upstreams.as_deref()).await?;
+    let contents = match full {
+        true => Some(sweep::Contents::read(store.as_ref(), &inv).await?),
+        false => None,
+    };
+    let upstream =
+        served_by_upstreams(&graph, &all, contents.as_ref(), opts.upstreams.as_deref()).await?;
     report.on_upstreams = upstream.len();
     let mut unservable = vec![false; graph.len()];
     for (i, n) in graph.nodes.iter().enumerate() {
@@ -309,9 +315,9 @@ async fn check(
         unservable[i] = !own.is_empty();
         report.findings.extend(own);
     }
-    if !full {
+    let Some(contents) = contents else {
         return Ok((report, None));
-    }
+    };
     let own_bad = unservable.clone();
     propagate(&graph, &mut unservable, &mut report.findings);
     let grace = opts
@@ -342,7 +348,6 @@ async fn check(
             });
         }
     }
-    let contents = sweep::Contents::read(store.as_ref(), &inv).await?;
     report.findings.extend(named_findings(
         &contents,
         &|h| all.contains(h) || upstream.contains(h),
@@ -421,20 +426,27 @@ fn named_findings(
     out
 }
 
-/// The references no narinfo in the store has that some upstream serves. An upstream that
-/// cannot be asked stops the run: a repair must not delete what it might serve.
+/// The references and realisations' paths no narinfo in the store has that some upstream
+/// serves (the server accepts both on top of an upstream). An upstream that cannot be asked
+/// stops the run: a repair must not delete what it might serve.
 async fn served_by_upstreams(
     graph: &Graph,
     all: &HashSet<StorePathHash>,
+    contents: Option<&sweep::Contents>,
     upstreams: Option<&Upstreams>,
 ) -> Result<HashSet<StorePathHash>, StoreError> {
     let Some(u) = upstreams.filter(|u| !u.is_empty()) else {
         return Ok(HashSet::new());
     };
+    let outs = contents
+        .into_iter()
+        .flat_map(|c| c.realisations.iter().filter_map(|r| r.out.understood()));
     let missing: HashSet<StorePathHash> = graph
         .nodes
         .iter()
-        .flat_map(|n| n.missing_refs.iter().copied())
+        .flat_map(|n| n.missing_refs.iter())
+        .chain(outs)
+        .copied()
         .filter(|r| !all.contains(r))
         .collect();
     let asks = missing
@@ -699,18 +711,27 @@ async fn repair_as(
             .iter()
             .map(|r| (&r.key, &r.meta, &r.out)),
         |h| {
-            if gone.contains(h) {
-                Some(None)
-            } else if graph.find(*h).is_none() && !upstream.contains(h) {
-                Some(Some(object_key::narinfo(*h)))
-            } else {
-                None
-            }
+            (gone.contains(h) || graph.find(*h).is_none() && !upstream.contains(h))
+                .then(|| object_key::narinfo(*h))
         },
         grace,
         report,
     )
     .await;
+    // An upload of the path may be under way (its narinfo not written yet).
+    let realisations = match access::reread(store.as_ref(), &mut acc, store.now()).await {
+        Ok(_) => realisations
+            .into_iter()
+            .filter(|(_, h)| !acc.uploading.contains(h))
+            .map(|(k, _)| k)
+            .collect(),
+        Err(e) => {
+            report.repair_errors.push(format!(
+                "re-reading access records: {e}; no realisation deleted"
+            ));
+            Vec::new()
+        }
+    };
     delete_each(store.as_ref(), realisations, report, run, &opts.stop).await;
     if halted(run, &opts.stop) {
         return;
@@ -765,24 +786,29 @@ async fn repair_as(
         return;
     }
     // Debug info links naming a NAR this repair deleted, or one the store lacks.
-    rest.extend(
-        named_to_delete(
-            store.as_ref(),
-            contents.links.iter().map(|l| (&l.key, &l.meta, &l.nar)),
-            |nar| {
-                if gone_nars.contains(nar) {
-                    Some(None)
-                } else if !inv.nars.contains_key(nar) {
-                    Some(Some(format!("nar/{nar}")))
-                } else {
-                    None
-                }
-            },
-            grace,
-            report,
-        )
-        .await,
-    );
+    let links = named_to_delete(
+        store.as_ref(),
+        contents.links.iter().map(|l| (&l.key, &l.meta, &l.nar)),
+        |nar| {
+            (gone_nars.contains(nar) || !inv.nars.contains_key(nar)).then(|| format!("nar/{nar}"))
+        },
+        grace,
+        report,
+    )
+    .await;
+    // Nix writes a path's links before its NAR, which an upload under way records (as the
+    // client asks for it) before sending it.
+    match access::reread(store.as_ref(), &mut acc, store.now()).await {
+        Ok(_) => rest.extend(
+            links
+                .into_iter()
+                .filter(|(_, nar)| !acc.nars.contains(nar.as_str()))
+                .map(|(k, _)| k),
+        ),
+        Err(e) => report.repair_errors.push(format!(
+            "re-reading access records: {e}; no debug info link deleted"
+        )),
+    }
     delete_each(store.as_ref(), rest, report, run, &opts.stop).await;
     if halted(run, &opts.stop) {
         return;
@@ -796,18 +822,18 @@ async fn repair_as(
     }
 }
 
-/// The realisations or debug info links (key, listing, what it names) to delete: older than
-/// `grace`, and naming what `absent` says is gone (`Some(None)`), or lacked when listed
-/// (`Some(Some(key))`: deleted if a second look at that key finds nothing, as it may have
-/// been uploaded since). One not understood is left for a human, as a repair error.
-async fn named_to_delete<'a, T: 'a>(
+/// The realisations or debug info links (key, listing, what it names) that may go, with what
+/// they name: older than `grace`, naming what `gone` says is gone or was missing (the key to
+/// look at), and found missing by a second look at that key (it may have been uploaded
+/// since the listing, or again since the repair deleted it). One not understood is left for
+/// a human, as a repair error.
+async fn named_to_delete<'a, T: Clone + 'a>(
     store: &dyn Store,
     objects: impl Iterator<Item = (&'a String, &'a super::inventory::Meta, &'a Named<T>)>,
-    absent: impl Fn(&T) -> Option<Option<String>>,
+    gone: impl Fn(&T) -> Option<String>,
     grace: SystemTime,
     report: &mut Report,
-) -> Vec<String> {
-    let mut delete = Vec::new();
+) -> Vec<(String, T)> {
     let mut unsure = Vec::new();
     for (key, meta, named) in objects {
         match named {
@@ -815,25 +841,26 @@ async fn named_to_delete<'a, T: 'a>(
                 "{key}: not understood, left for you to check and remove (verify deletes \
                  only what it understands)"
             )),
-            Named::Understood(t) if meta.modified <= grace => match absent(t) {
-                Some(None) => delete.push(key.clone()),
-                Some(Some(probe)) => unsure.push((key.clone(), probe)),
-                None => {}
-            },
+            Named::Understood(t) if meta.modified <= grace => {
+                if let Some(probe) = gone(t) {
+                    unsure.push((key, t, probe));
+                }
+            }
             Named::Understood(_) | Named::Gone => {}
         }
     }
-    let looks: Vec<(String, String, Result<Option<u64>, StoreError>)> =
-        futures::stream::iter(unsure.into_iter().map(|(key, probe)| async move {
+    let looks: Vec<_> =
+        futures::stream::iter(unsure.into_iter().map(|(key, t, probe)| async move {
             let r = store.head(&probe).await;
-            (key, probe, r)
+            (key, t, probe, r)
         }))
         .buffered(SECOND_LOOKS)
         .collect()
         .await;
-    for (key, probe, r) in looks {
+    let mut delete = Vec::new();
+    for (key, t, probe, r) in looks {
         match r {
-            Ok(None) => delete.push(key),
+            Ok(None) => delete.push((key.clone(), t.clone())),
             Ok(Some(_)) => {}
             Err(e) => report
                 .repair_errors
