@@ -2182,6 +2182,14 @@ async fn verify_finds_realisations_and_links_naming_nothing() {
     );
 }
 
+/// Waits until a read reaches `gate`; fails (on the paused clock, at once when nothing else
+/// runs) when none does.
+async fn reach(gate: &crate::store::memory::ReadGate, what: &str) {
+    tokio::time::timeout(Duration::from_secs(600), gate.reached())
+        .await
+        .unwrap_or_else(|_| panic!("never {what}"));
+}
+
 /// The listing is not a snapshot: a path or NAR uploaded after it (here while the realisation
 /// and link naming them are read) is looked for again before `--repair` deletes what names
 /// it, and what the store cannot answer for is kept.
@@ -2207,18 +2215,18 @@ async fn repair_looks_again_before_deleting_a_realisation_or_link() {
     let path_looked_at = mem.hold_reads(&format!("{}.narinfo", &inflight[..32]));
     let nar_looked_at = mem.hold_reads(inflight_nar);
     let (r, ()) = tokio::join!(repair(&mem, now), async {
-        gate.reached().await;
+        reach(&gate, "read the realisation").await;
         mem.insert(&format!("{}.narinfo", &late[..32]), "uploaded since");
         mem.insert(late_nar, "uploaded since");
         gate.open();
-        path_looked_at.reached().await;
+        reach(&path_looked_at, "path looked at").await;
         let h = inflight[..32].parse().unwrap();
         mem.insert(
             &format!("_cellar/access/{day}/a-upload"),
             render([Entry::Path(h)]),
         );
         path_looked_at.open();
-        nar_looked_at.reached().await;
+        reach(&nar_looked_at, "nar looked at").await;
         let f = inflight_nar.trim_start_matches("nar/").into();
         mem.insert(
             &format!("_cellar/access/{day}/b-upload"),
