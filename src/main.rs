@@ -94,6 +94,10 @@ enum Command {
         /// Check only N narinfos chosen at random.
         #[arg(long, value_name = "N")]
         sample: Option<usize>,
+        /// Also read every NAR checked and hash it against its narinfo's FileHash (or
+        /// NarHash if stored uncompressed): finds corrupted NARs, reading the whole store.
+        #[arg(long)]
+        hashes: bool,
         /// Also write the results in the Prometheus text format to FILE (for node_exporter's
         /// textfile collector).
         #[arg(long, value_name = "FILE")]
@@ -154,9 +158,16 @@ fn main() -> ExitCode {
         Command::Verify {
             repair,
             sample,
+            hashes,
             metrics_file,
             config,
-        } => match gc_cli::verify(config.as_deref(), repair, sample, metrics_file.as_deref()) {
+        } => match gc_cli::verify(
+            config.as_deref(),
+            repair,
+            sample,
+            hashes,
+            metrics_file.as_deref(),
+        ) {
             Ok(true) => Ok(()),
             Ok(false) => return ExitCode::from(1),
             Err(e) => Err(e),

@@ -152,6 +152,7 @@ async fn gc_racing_nix_copy_never_breaks_the_uploaded_closure() {
         &store,
         "/nix/store",
         &gc::verify::Options {
+            hashes: false,
             repair: false,
             sample: None,
             grace: Duration::from_secs(3600),

@@ -99,6 +99,7 @@ async fn gc_over_several_listing_pages_keeps_pinned_closures_whole() {
         &store,
         "/nix/store",
         &gc::verify::Options {
+            hashes: false,
             repair: false,
             sample: None,
             grace: Duration::ZERO,

@@ -216,13 +216,14 @@ pub fn verify(
     path: Option<&Path>,
     repair: bool,
     sample: Option<usize>,
+    hashes: bool,
     metrics_file: Option<&Path>,
 ) -> anyhow::Result<bool> {
     if repair && sample.is_some() {
         anyhow::bail!("--repair checks the whole store; it cannot be combined with --sample");
     }
     let report = failure_shown(metrics_file, gc::metrics_file::Job::Verify, || {
-        verify_report(path, repair, sample)
+        verify_report(path, repair, sample, hashes)
     })?;
     for f in &report.findings {
         println!("{f}");
@@ -274,6 +275,7 @@ fn verify_report(
     path: Option<&Path>,
     repair: bool,
     sample: Option<usize>,
+    hashes: bool,
 ) -> anyhow::Result<gc::verify::Report> {
     let cfg = Config::load(path)?;
     runtime()?.block_on(async {
@@ -294,6 +296,7 @@ fn verify_report(
         let opts = gc::verify::Options {
             repair,
             sample,
+            hashes,
             grace: cfg.gc.grace,
             now: store.now(),
             settle: gc::deleting::SETTLE,

@@ -430,6 +430,7 @@ async fn repair_settling(
 ) -> super::verify::Report {
     let store: Arc<dyn Store> = mem.clone();
     let opts = super::verify::Options {
+        hashes: false,
         repair: true,
         sample: None,
         grace: DAY,
@@ -1336,6 +1337,7 @@ async fn a_collection_asked_to_stop_stops_between_batches() {
     let (nar, _) = orphan(&mem, "orphan", now);
     let store: Arc<dyn Store> = mem.clone();
     let opts = super::verify::Options {
+        hashes: false,
         repair: true,
         sample: None,
         grace: DAY,
@@ -2023,6 +2025,7 @@ async fn check(
 ) -> super::verify::Report {
     let store: Arc<dyn Store> = mem.clone();
     let opts = super::verify::Options {
+        hashes: false,
         repair: false,
         sample,
         grace: DAY,
@@ -2248,6 +2251,115 @@ async fn repair_looks_again_before_deleting_a_realisation_or_link() {
     );
 }
 
+/// `verify` with `hashes` on.
+async fn verify_hashing(
+    mem: &Arc<MemoryStore>,
+    now: SystemTime,
+    repair: bool,
+) -> super::verify::Report {
+    let store: Arc<dyn Store> = mem.clone();
+    let opts = super::verify::Options {
+        hashes: true,
+        repair,
+        sample: None,
+        grace: DAY,
+        now,
+        settle: super::deleting::SETTLE,
+        stop: Default::default(),
+        upstreams: None,
+    };
+    super::verify::run(&store, "/nix/store", &opts, &Quiet)
+        .await
+        .unwrap()
+}
+
+/// With `hashes`, `verify` reads every NAR and compares its bytes with the narinfo's
+/// `FileHash` (`NarHash` for a NAR stored uncompressed): a NAR of the right size whose bytes
+/// changed (bit rot, an overwrite by another tool) is found, the paths above it cannot be
+/// served whole, and `--repair` deletes them; without it, nothing is read.
+#[tokio::test(start_paused = true)]
+async fn verify_hashes_the_nars_when_asked() {
+    let mem = Arc::new(MemoryStore::new());
+    let now = SystemTime::now();
+    let old = 100 * DAY;
+    let whole = path(&mem, "whole", &[], old, now);
+    let rotten = path(&mem, "rotten", &[], old, now);
+    let body = mem.bytes(&rotten.nar).unwrap();
+    let mut flipped = body.to_vec();
+    flipped[0] ^= 1;
+    mem.insert_at(&rotten.nar, flipped.clone(), now - old);
+    let above = path(&mem, "above", &[&rotten], old, now);
+    // Compressed, with a FileHash the NAR does not have.
+    let filed = path(&mem, "filed", &[], old, now);
+    let key = format!("{}.narinfo", filed.hash);
+    let text = String::from_utf8(mem.bytes(&key).unwrap().to_vec()).unwrap();
+    let promised = Sha256::digest(b"other bytes");
+    let text = text.replace(
+        "Compression: none\n",
+        &format!("Compression: xz\nFileHash: {promised}\n"),
+    );
+    mem.insert_at(&key, text, now - old);
+
+    assert!(found(&check(&mem, now, None).await).is_empty());
+    let r = verify_hashing(&mem, now, false).await;
+    assert_eq!(
+        found(&r),
+        vec![
+            format!("nar_hash {}.narinfo", filed.hash),
+            format!("nar_hash {}.narinfo", rotten.hash),
+            format!("unservable_reference {}.narinfo", above.hash),
+        ]
+    );
+    let text: Vec<String> = r.findings.iter().map(ToString::to_string).collect();
+    let expected = format!(
+        "nar-hash {}.narinfo: {} hashes to {}, NarHash says {}",
+        rotten.hash,
+        rotten.nar,
+        Sha256::digest(&flipped),
+        Sha256::digest(&body)
+    );
+    assert!(text.contains(&expected), "{text:?}");
+    assert!(
+        text.iter()
+            .any(|t| t.ends_with(&format!("FileHash says {promised}"))),
+        "{text:?}"
+    );
+
+    // Repaired: what is broken goes, what is whole stays. The rotten NAR, uploaded again
+    // while the check reads it, is looked at again before its narinfo goes.
+    let mem2 = Arc::new(MemoryStore::new());
+    let healed = path(&mem2, "healed", &[], old, now);
+    let good = mem2.bytes(&healed.nar).unwrap();
+    let mut bad = good.to_vec();
+    bad[0] ^= 1;
+    mem2.insert_at(&healed.nar, bad, now - old);
+    let gate = mem2.hold_reads(&healed.nar);
+    let (r2, ()) = tokio::join!(verify_hashing(&mem2, now, true), async {
+        reach(&gate, "read the NAR").await;
+        mem2.insert(&healed.nar, good.clone());
+        gate.open();
+    });
+    assert_eq!(
+        found(&r2),
+        vec![format!("nar_hash {}.narinfo", healed.hash)]
+    );
+    assert!(
+        has(&mem2, &format!("{}.narinfo", healed.hash)),
+        "{:?}",
+        r2.repaired
+    );
+
+    let r = verify_hashing(&mem, now, true).await;
+    assert!(r.repair_errors.is_empty(), "{:?}", r.repair_errors);
+    for gone in [&rotten.hash, &above.hash, &filed.hash] {
+        assert!(!has(&mem, &format!("{gone}.narinfo")), "{gone} kept");
+    }
+    assert!(!has(&mem, &rotten.nar));
+    assert!(has(&mem, &format!("{}.narinfo", whole.hash)));
+    assert!(has(&mem, &whole.nar));
+    assert!(found(&verify_hashing(&mem, now, false).await).is_empty());
+}
+
 /// Orphan NARs and listings, and unfinished uploads, are findings once older than the grace
 /// period (younger, they may be an upload in progress); `--repair` deletes those, a broken
 /// path with its listing and the paths above it, and leaves what is whole or young.
@@ -2425,6 +2537,7 @@ async fn references_an_upstream_serves_are_not_missing() {
     let dangling = realisation_of(&mem, &nowhere.base, 100 * DAY, now);
     let store: Arc<dyn Store> = mem.clone();
     let opts = super::verify::Options {
+        hashes: false,
         repair: false,
         sample: None,
         grace: DAY,
@@ -2450,6 +2563,7 @@ async fn references_an_upstream_serves_are_not_missing() {
         r.findings[1]
     );
     let repairing = super::verify::Options {
+        hashes: false,
         repair: true,
         settle: Duration::ZERO,
         ..opts

@@ -29,7 +29,7 @@ use super::sweep::Named;
 use super::{access, deleting, pins, sweep};
 use futures::{StreamExt as _, TryStreamExt as _};
 
-use crate::nix::StorePathHash;
+use crate::nix::{Sha256, StorePathHash};
 use crate::store::{object_key, Store, StoreError};
 use crate::upstream::Upstreams;
 
@@ -57,6 +57,15 @@ pub enum Finding {
         nar: String,
         expected: u64,
         actual: u64,
+    },
+    /// The NAR's bytes do not hash to what the narinfo says (`FileHash`, or `NarHash` for an
+    /// uncompressed NAR): checked with [`Options::hashes`].
+    NarHash {
+        key: String,
+        nar: String,
+        field: &'static str,
+        expected: Sha256,
+        actual: Sha256,
     },
     MissingReference {
         key: String,
@@ -105,6 +114,7 @@ impl Finding {
             Self::BadUrl { .. } => "bad_url",
             Self::MissingNar { .. } => "missing_nar",
             Self::NarSize { .. } => "nar_size",
+            Self::NarHash { .. } => "nar_hash",
             Self::MissingReference { .. } => "missing_reference",
             Self::UnservableReference { .. } => "unservable_reference",
             Self::OrphanNar { .. } => "orphan_nar",
@@ -136,6 +146,16 @@ impl fmt::Display for Finding {
                 f,
                 "nar-size {key}: nar/{nar} has {actual} bytes, FileSize says {expected}"
             ),
+            Self::NarHash {
+                key,
+                nar,
+                field,
+                expected,
+                actual,
+            } => write!(
+                f,
+                "nar-hash {key}: nar/{nar} hashes to {actual}, {field} says {expected}"
+            ),
             Self::MissingReference { key, reference } => {
                 write!(f, "missing-reference {key}: {reference} has no narinfo")
             }
@@ -165,6 +185,8 @@ impl fmt::Display for Finding {
 #[derive(Clone)]
 pub struct Options {
     pub repair: bool,
+    /// Read every NAR checked and hash it (slow: the whole store is read).
+    pub hashes: bool,
     /// Check only this many narinfos, chosen at random (no orphan check, no realisations or
     /// debug info links, no repair).
     pub sample: Option<usize>,
@@ -277,6 +299,9 @@ pub async fn run(
 /// What a full check read, for the repair.
 struct Checked {
     graph: Graph,
+    store_dir: String,
+    /// Nodes whose NAR did not hash to what their narinfo says.
+    corrupt: HashSet<u32>,
     inv: Inventory,
     own_bad: Vec<bool>,
     upstream: HashSet<StorePathHash>,
@@ -314,6 +339,27 @@ async fn check(
         let own = own_findings(n, &key, &inv, &present);
         unservable[i] = !own.is_empty();
         report.findings.extend(own);
+    }
+    // The NARs of the paths found whole so far, read and hashed.
+    let mut corrupt = HashSet::new();
+    if opts.hashes {
+        let whole: Vec<u32> = (0..graph.len() as u32)
+            .filter(|&i| !unservable[i as usize])
+            .collect();
+        progress.phase("hashing NARs", Some(whole.len() as u64));
+        let mut hashed = futures::stream::iter(whole.into_iter().map(|i| {
+            let n = &graph.nodes[i as usize];
+            async move { (i, hash_finding(store.as_ref(), n, store_dir).await) }
+        }))
+        .buffered(HASH_CONCURRENCY);
+        while let Some((i, found)) = hashed.next().await {
+            progress.advance(1);
+            if let Some(f) = found? {
+                unservable[i as usize] = true;
+                corrupt.insert(i);
+                report.findings.push(f);
+            }
+        }
     }
     let Some(contents) = contents else {
         return Ok((report, None));
@@ -376,6 +422,8 @@ async fn check(
         report,
         Some(Checked {
             graph,
+            store_dir: store_dir.to_owned(),
+            corrupt,
             inv,
             own_bad,
             upstream,
@@ -558,6 +606,7 @@ async fn still_unservable(
     n: &super::graph::Node,
     upstream: &HashSet<StorePathHash>,
     grace: SystemTime,
+    rehash: Option<&str>,
     report: &mut Report,
 ) -> bool {
     if n.modified > grace {
@@ -592,7 +641,65 @@ async fn still_unservable(
             }
         }
     }
-    false
+    // Its NAR hashed wrong: it may have been uploaded again since.
+    let Some(store_dir) = rehash else {
+        return false;
+    };
+    match hash_finding(store, n, store_dir).await {
+        Ok(found) => found.is_some(),
+        Err(e) => {
+            report.repair_errors.push(format!(
+                "hashing the NAR of {}: {e}; its narinfo kept",
+                object_key::narinfo(n.hash)
+            ));
+            false
+        }
+    }
+}
+
+/// NARs read and hashed at once.
+const HASH_CONCURRENCY: usize = 4;
+
+/// Reads the NAR of `n` and says if it does not hash to what its narinfo says: `FileHash`,
+/// or `NarHash` for a NAR stored uncompressed (a compressed one without `FileHash` is not
+/// checked). Nothing when either is gone or the narinfo does not parse (reported otherwise).
+async fn hash_finding(
+    store: &dyn Store,
+    n: &super::graph::Node,
+    store_dir: &str,
+) -> Result<Option<Finding>, StoreError> {
+    use sha2::Digest as _;
+    let key = object_key::narinfo(n.hash);
+    let Some(raw) = store.get_bytes(&key, crate::nix::MAX_NARINFO_BYTES).await? else {
+        return Ok(None);
+    };
+    let Ok(info) = crate::nix::NarInfo::parse_bytes(&raw, store_dir) else {
+        return Ok(None);
+    };
+    let (field, expected) = match (info.file_hash, info.compression) {
+        (Some(h), _) => ("FileHash", h),
+        (None, crate::nix::Compression::None) => ("NarHash", info.nar_hash),
+        (None, _) => return Ok(None),
+    };
+    let Some(nar) = info.url.strip_prefix("nar/") else {
+        return Ok(None);
+    };
+    let Some(obj) = store.get(&format!("nar/{nar}"), None).await? else {
+        return Ok(None);
+    };
+    let mut body = obj.body;
+    let mut h = sha2::Sha256::new();
+    while let Some(chunk) = body.next().await {
+        h.update(&chunk?);
+    }
+    let actual = Sha256::from_bytes(h.finalize().into());
+    Ok((actual != expected).then(|| Finding::NarHash {
+        key,
+        nar: nar.to_owned(),
+        field,
+        expected,
+        actual,
+    }))
 }
 
 async fn repair_as(
@@ -605,6 +712,8 @@ async fn repair_as(
 ) {
     let Checked {
         graph,
+        store_dir,
+        corrupt,
         inv,
         own_bad,
         upstream,
@@ -617,7 +726,9 @@ async fn repair_as(
     let mut unservable = vec![false; graph.len()];
     for (i, n) in graph.nodes.iter().enumerate() {
         if own_bad[i] {
-            unservable[i] = still_unservable(store.as_ref(), n, upstream, grace, report).await;
+            let rehash = corrupt.contains(&(i as u32)).then_some(store_dir.as_str());
+            unservable[i] =
+                still_unservable(store.as_ref(), n, upstream, grace, rehash, report).await;
         }
     }
     propagate(graph, &mut unservable, &mut Vec::new());
