@@ -10,8 +10,8 @@ mod gc_support;
 use futures::StreamExt as _;
 
 use common::{
-    debug_info_cache, fixture, nix, run_ok, s3_client, s3_env, s3_exists, s3_put, s3_store_env,
-    s3_upload_dir, unique_prefix, walk, Fixture,
+    debug_info_cache, fixture, netrc, nix, run, run_ok, s3_client, s3_env, s3_exists, s3_put,
+    s3_store_env, s3_upload_dir, substitute_and_verify, token, unique_prefix, walk, App, Fixture,
 };
 use gc_support::{assert_readable_by_all, cellar, text, Path};
 
@@ -289,4 +289,97 @@ async fn verify_finds_what_realisations_and_debug_info_links_lost() {
     }
     let out = cellar(&["verify"], &env);
     assert!(out.status.success(), "second verify:\n{}", text(&out));
+}
+
+/// A NAR whose bytes changed in the bucket (bit rot, an overwrite by another tool) keeps its
+/// size, so only its hash tells: the real client refuses it, plain `verify` cannot see it,
+/// `verify --hashes` finds it and what stands on it, and `--repair` removes them, so that the
+/// builder's next `nix copy --to` uploads them again and clients substitute the closure whole.
+#[tokio::test(flavor = "multi_thread")]
+async fn verify_hashes_finds_a_nar_the_client_would_refuse() {
+    let f = fixture();
+    let work = tempfile::tempdir().unwrap();
+    let dir = work.path().join("cache");
+    run_ok({
+        let mut c = std::process::Command::new("cp");
+        c.arg("-r").arg(&f.xz_dir).arg(&dir);
+        c
+    });
+    // A path below the top, its NAR changed in the middle, same size.
+    let below = f.closure.iter().find(|p| **p != f.top).unwrap();
+    let narinfo_key = format!("{}.narinfo", Fixture::hash(below));
+    let nar_key = std::fs::read_to_string(dir.join(&narinfo_key))
+        .unwrap()
+        .lines()
+        .find_map(|l| l.strip_prefix("URL: ").map(str::to_owned))
+        .unwrap();
+    let mut nar = std::fs::read(dir.join(&nar_key)).unwrap();
+    let mid = nar.len() / 2;
+    nar[mid] ^= 0x55;
+    std::fs::write(dir.join(&nar_key), &nar).unwrap();
+    // The real client refuses it.
+    let xdg = work.path().join("xdg-client");
+    let mut c = nix("nix", &xdg);
+    c.args(["copy", "--no-check-sigs", "--from"])
+        .arg(format!("file://{}", dir.display()))
+        .arg("--store")
+        .arg(work.path().join("store-refused"))
+        .arg(below);
+    let out = run(c);
+    assert!(!out.status.success(), "the client took a changed NAR");
+
+    let (w, wcfg) = token("builder", "write");
+    let app = App::s3("verify-hashes")
+        .config(&wcfg)
+        .seed_dir(&dir)
+        .spawn()
+        .await;
+    let mut env = s3_store_env(&app.s3, &app.s3.endpoint, &app.prefix);
+    env.push(("CELLAR_GC__GRACE_SECS".into(), "0".into()));
+    let out = cellar(&["verify"], &env);
+    assert!(
+        out.status.success(),
+        "same size, nothing to see:\n{}",
+        text(&out)
+    );
+    let out = cellar(&["verify", "--hashes"], &env);
+    let report = text(&out);
+    assert_eq!(out.status.code(), Some(1), "{report}");
+    assert!(
+        report.contains(&format!(
+            "nar-hash {narinfo_key}: {nar_key} hashes to sha256:"
+        )),
+        "{report}"
+    );
+    assert!(report.contains("FileHash says sha256:"), "{report}");
+    assert!(
+        report.contains(&format!(
+            "broken-reference {}.narinfo",
+            Fixture::hash(&f.top)
+        )),
+        "{report}"
+    );
+    let out = cellar(&["verify", "--hashes", "--repair"], &env);
+    assert!(out.status.success(), "{}", text(&out));
+    let at = |key: &str| format!("{}{key}", app.prefix);
+    assert!(!s3_exists(&app.s3, &at(&narinfo_key)).await);
+    assert!(!s3_exists(&app.s3, &at(&nar_key)).await);
+    let out = cellar(&["verify", "--hashes"], &env);
+    assert!(out.status.success(), "after the repair:\n{}", text(&out));
+
+    // The builder uploads what went again; the client gets the whole closure.
+    let srv = &app.srv;
+    let n = netrc(work.path(), srv, &w);
+    let mut up = nix("nix", &work.path().join("xdg-builder"));
+    up.args([
+        "copy",
+        "--to",
+        &format!("{}/upload", srv.url),
+        "--option",
+        "netrc-file",
+    ])
+    .arg(&n)
+    .arg(&f.top);
+    run_ok(up);
+    substitute_and_verify(&srv.url, &srv.public_key, &f.top, work.path());
 }
