@@ -1194,6 +1194,16 @@ mod tests {
                 },
                 "unservable_reference",
             ),
+            (
+                Finding::NarHash {
+                    key: k(),
+                    nar: k(),
+                    field: "FileHash",
+                    expected: Sha256::digest(b"a"),
+                    actual: Sha256::digest(b"b"),
+                },
+                "nar_hash",
+            ),
             (Finding::OrphanNar { key: k() }, "orphan_nar"),
             (Finding::OrphanListing { key: k() }, "orphan_listing"),
             (Finding::UnfinishedUpload { what: k() }, "unfinished_upload"),
