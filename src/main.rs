@@ -94,8 +94,9 @@ enum Command {
         /// Check only N narinfos chosen at random.
         #[arg(long, value_name = "N")]
         sample: Option<usize>,
-        /// Also read every NAR checked and hash it against its narinfo's FileHash (or
-        /// NarHash if stored uncompressed): finds corrupted NARs, reading the whole store.
+        /// Also read every NAR checked and check it as the client does (FileHash, else
+        /// decoded against NarHash and NarSize): finds corrupted NARs, reading the whole
+        /// store.
         #[arg(long)]
         hashes: bool,
         /// Also write the results in the Prometheus text format to FILE (for node_exporter's

@@ -259,16 +259,21 @@ pub fn verify(
     for e in &report.repair_errors {
         println!("repair failed: {e}");
     }
+    for e in &report.unhashed {
+        println!("not hashed: {e}");
+    }
     if let Some(f) = metrics_file {
         let text = gc::metrics_file::render_verify(&report, SystemTime::now());
         gc::metrics_file::write(f, &text)
             .with_context(|| format!("--metrics-file {}", f.display()))?;
     }
-    Ok(if repair {
-        report.repair_errors.is_empty()
-    } else {
-        report.findings.is_empty()
-    })
+    // A NAR that could not be read was not checked: the store is not known to be whole.
+    Ok(report.unhashed.is_empty()
+        && if repair {
+            report.repair_errors.is_empty()
+        } else {
+            report.findings.is_empty()
+        })
 }
 
 fn verify_report(

@@ -30,10 +30,28 @@ fn applying(now: SystemTime) -> Options {
 }
 
 fn path(store: &MemoryStore, seed: &str, refs: &[&P], age: Duration, now: SystemTime) -> P {
+    path_with(
+        store,
+        seed,
+        format!("nar of {seed}").into_bytes(),
+        refs,
+        age,
+        now,
+    )
+}
+
+/// [`path`] whose NAR is `body`.
+fn path_with(
+    store: &MemoryStore,
+    seed: &str,
+    body: Vec<u8>,
+    refs: &[&P],
+    age: Duration,
+    now: SystemTime,
+) -> P {
     let hash = base32::encode(&Sha256::digest(seed.as_bytes()).as_bytes()[..20]);
     let base = format!("{hash}-{seed}");
-    let body = format!("nar of {seed}");
-    let file = Sha256::digest(body.as_bytes()).to_nix32();
+    let file = Sha256::digest(&body).to_nix32();
     let refs: Vec<String> = refs.iter().map(|r| r.base.clone()).collect();
     let narinfo = format!(
         "StorePath: /nix/store/{base}\nURL: nar/{file}.nar\nCompression: none\nNarHash: sha256:{file}\nNarSize: {}\nReferences: {}\nDeriver: {hash}-{seed}.drv\n",
@@ -2282,56 +2300,85 @@ async fn verify_hashes_the_nars_when_asked() {
     let mem = Arc::new(MemoryStore::new());
     let now = SystemTime::now();
     let old = 100 * DAY;
-    let whole = path(&mem, "whole", &[], old, now);
-    let rotten = path(&mem, "rotten", &[], old, now);
+    // What the pipeline takes for a NAR: its header, then anything.
+    let nar = |seed: &str| {
+        let mut v = b"\x0d\x00\x00\x00\x00\x00\x00\x00nix-archive-1\x00\x00\x00".to_vec();
+        v.extend_from_slice(seed.as_bytes());
+        v
+    };
+    let whole = path_with(&mem, "whole", nar("whole"), &[], old, now);
+    let rotten = path_with(&mem, "rotten", nar("rotten"), &[], old, now);
     let body = mem.bytes(&rotten.nar).unwrap();
     let mut flipped = body.to_vec();
-    flipped[0] ^= 1;
+    *flipped.last_mut().unwrap() ^= 1;
     mem.insert_at(&rotten.nar, flipped.clone(), now - old);
-    let above = path(&mem, "above", &[&rotten], old, now);
-    // Compressed, with a FileHash the NAR does not have.
-    let filed = path(&mem, "filed", &[], old, now);
-    let key = format!("{}.narinfo", filed.hash);
-    let text = String::from_utf8(mem.bytes(&key).unwrap().to_vec()).unwrap();
-    let promised = Sha256::digest(b"other bytes");
-    let text = text.replace(
-        "Compression: none\n",
-        &format!("Compression: xz\nFileHash: {promised}\n"),
-    );
+    let above = path_with(&mem, "above", nar("above"), &[&rotten], old, now);
+    let narinfo_of = |p: &P| {
+        let key = format!("{}.narinfo", p.hash);
+        (
+            key.clone(),
+            String::from_utf8(mem.bytes(&key).unwrap().to_vec()).unwrap(),
+        )
+    };
+    let wrong = Sha256::digest(b"other bytes");
+    // A FileHash the NAR does not have, but it decodes to its NarHash: the client takes it.
+    let refiled = path_with(&mem, "refiled", nar("refiled"), &[], old, now);
+    let (key, text) = narinfo_of(&refiled);
+    let text = text.replace("NarSize", &format!("FileHash: {wrong}\nNarSize"));
     mem.insert_at(&key, text, now - old);
+    // Said to be xz, and not.
+    let undecodable = path_with(&mem, "undecodable", nar("undecodable"), &[], old, now);
+    let (key, text) = narinfo_of(&undecodable);
+    mem.insert_at(&key, text.replace("none", "xz"), now - old);
+    // xz without FileHash: decoded.
+    let xz = path_with(&mem, "xz", nar("xz"), &[], old, now);
+    let (key, text) = narinfo_of(&xz);
+    mem.insert_at(&key, text.replace("none", "xz"), now - old);
+    let mut e = liblzma::write::XzEncoder::new(Vec::new(), 6);
+    std::io::Write::write_all(&mut e, &nar("xz")).unwrap();
+    mem.insert_at(&xz.nar, e.finish().unwrap(), now - old);
+    // Its NAR cannot be read now: not checked, and said so.
+    let unread = path_with(&mem, "unread", nar("unread"), &[], old, now);
 
     assert!(found(&check(&mem, now, None).await).is_empty());
+    mem.fail(FailOp::Read, &unread.nar, 0, 1);
     let r = verify_hashing(&mem, now, false).await;
     assert_eq!(
         found(&r),
         vec![
-            format!("nar_hash {}.narinfo", filed.hash),
             format!("nar_hash {}.narinfo", rotten.hash),
+            format!("nar_hash {}.narinfo", undecodable.hash),
             format!("unservable_reference {}.narinfo", above.hash),
         ]
     );
+    assert_eq!(r.unhashed.len(), 1, "{:?}", r.unhashed);
+    assert!(
+        r.unhashed[0].starts_with(&format!("{}.narinfo: ", unread.hash)),
+        "{:?}",
+        r.unhashed
+    );
     let text: Vec<String> = r.findings.iter().map(ToString::to_string).collect();
     let expected = format!(
-        "nar-hash {}.narinfo: {} hashes to {}, NarHash says {}",
+        "nar-hash {}.narinfo: {} decodes to {}, NarHash says {}",
         rotten.hash,
         rotten.nar,
         Sha256::digest(&flipped),
         Sha256::digest(&body)
     );
     assert!(text.contains(&expected), "{text:?}");
-    assert!(
-        text.iter()
-            .any(|t| t.ends_with(&format!("FileHash says {promised}"))),
-        "{text:?}"
+    let prefix = format!(
+        "nar-hash {}.narinfo: {} does not decode: ",
+        undecodable.hash, undecodable.nar
     );
+    assert!(text.iter().any(|t| t.starts_with(&prefix)), "{text:?}");
 
     // Repaired: what is broken goes, what is whole stays. The rotten NAR, uploaded again
     // while the check reads it, is looked at again before its narinfo goes.
     let mem2 = Arc::new(MemoryStore::new());
-    let healed = path(&mem2, "healed", &[], old, now);
+    let healed = path_with(&mem2, "healed", nar("healed"), &[], old, now);
     let good = mem2.bytes(&healed.nar).unwrap();
     let mut bad = good.to_vec();
-    bad[0] ^= 1;
+    *bad.last_mut().unwrap() ^= 1;
     mem2.insert_at(&healed.nar, bad, now - old);
     let gate = mem2.hold_reads(&healed.nar);
     let (r2, ()) = tokio::join!(verify_hashing(&mem2, now, true), async {
@@ -2351,13 +2398,20 @@ async fn verify_hashes_the_nars_when_asked() {
 
     let r = verify_hashing(&mem, now, true).await;
     assert!(r.repair_errors.is_empty(), "{:?}", r.repair_errors);
-    for gone in [&rotten.hash, &above.hash, &filed.hash] {
+    for gone in [&rotten.hash, &above.hash, &undecodable.hash] {
         assert!(!has(&mem, &format!("{gone}.narinfo")), "{gone} kept");
     }
     assert!(!has(&mem, &rotten.nar));
-    assert!(has(&mem, &format!("{}.narinfo", whole.hash)));
-    assert!(has(&mem, &whole.nar));
-    assert!(found(&verify_hashing(&mem, now, false).await).is_empty());
+    for kept in [&whole, &refiled, &xz, &unread] {
+        assert!(
+            has(&mem, &format!("{}.narinfo", kept.hash)),
+            "{} went",
+            kept.base
+        );
+        assert!(has(&mem, &kept.nar), "{} went", kept.nar);
+    }
+    let r = verify_hashing(&mem, now, false).await;
+    assert!(found(&r).is_empty() && r.unhashed.is_empty(), "{r:?}");
 }
 
 /// Orphan NARs and listings, and unfinished uploads, are findings once older than the grace

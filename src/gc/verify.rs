@@ -58,14 +58,12 @@ pub enum Finding {
         expected: u64,
         actual: u64,
     },
-    /// The NAR's bytes do not hash to what the narinfo says (`FileHash`, or `NarHash` for an
-    /// uncompressed NAR): checked with [`Options::hashes`].
+    /// The NAR does not decode to what the narinfo says (`NarHash`, `NarSize`), or not at all:
+    /// the client would refuse it. Checked with [`Options::hashes`].
     NarHash {
         key: String,
         nar: String,
-        field: &'static str,
-        expected: Sha256,
-        actual: Sha256,
+        reason: String,
     },
     MissingReference {
         key: String,
@@ -146,16 +144,7 @@ impl fmt::Display for Finding {
                 f,
                 "nar-size {key}: nar/{nar} has {actual} bytes, FileSize says {expected}"
             ),
-            Self::NarHash {
-                key,
-                nar,
-                field,
-                expected,
-                actual,
-            } => write!(
-                f,
-                "nar-hash {key}: nar/{nar} hashes to {actual}, {field} says {expected}"
-            ),
+            Self::NarHash { key, nar, reason } => write!(f, "nar-hash {key}: nar/{nar} {reason}"),
             Self::MissingReference { key, reference } => {
                 write!(f, "missing-reference {key}: {reference} has no narinfo")
             }
@@ -185,7 +174,7 @@ impl fmt::Display for Finding {
 #[derive(Clone)]
 pub struct Options {
     pub repair: bool,
-    /// Read every NAR checked and hash it (slow: the whole store is read).
+    /// Read every NAR checked and check it as the client does (slow: the whole store is read).
     pub hashes: bool,
     /// Check only this many narinfos, chosen at random (no orphan check, no realisations or
     /// debug info links, no repair).
@@ -208,6 +197,8 @@ pub struct Report {
     pub findings: Vec<Finding>,
     /// References (and realisations' paths) the store lacks that an upstream serves.
     pub on_upstreams: usize,
+    /// Paths whose NAR `hashes` could not read (why): not checked, so not consistent either.
+    pub unhashed: Vec<String>,
     /// Keys deleted by `--repair`.
     pub repaired: Vec<String>,
     /// Orphan NARs `--repair` kept because an upload recorded them (its narinfo may follow).
@@ -354,10 +345,17 @@ async fn check(
         .buffered(HASH_CONCURRENCY);
         while let Some((i, found)) = hashed.next().await {
             progress.advance(1);
-            if let Some(f) = found? {
-                unservable[i as usize] = true;
-                corrupt.insert(i);
-                report.findings.push(f);
+            match found {
+                Ok(Some(f)) => {
+                    unservable[i as usize] = true;
+                    corrupt.insert(i);
+                    report.findings.push(f);
+                }
+                Ok(None) => {}
+                Err(e) => report.unhashed.push(format!(
+                    "{}: {e}",
+                    object_key::narinfo(graph.nodes[i as usize].hash)
+                )),
             }
         }
     }
@@ -660,15 +658,17 @@ async fn still_unservable(
 /// NARs read and hashed at once.
 const HASH_CONCURRENCY: usize = 4;
 
-/// Reads the NAR of `n` and says if it does not hash to what its narinfo says: `FileHash`,
-/// or `NarHash` for a NAR stored uncompressed (a compressed one without `FileHash` is not
-/// checked). Nothing when either is gone or the narinfo does not parse (reported otherwise).
+/// Reads the NAR of `n` and says if the client would refuse it: its bytes as stored against
+/// `FileHash` (quick), and when they differ or there is none, the NAR decoded against
+/// `NarHash` and `NarSize`, which is what the client checks (a NAR re-encoded since its
+/// narinfo was written still serves). Nothing when either object is gone, the narinfo does
+/// not parse (reported otherwise), the NAR is stored with a `Content-Encoding` (the client
+/// decodes that first) or compressed in a way cellar cannot decode.
 async fn hash_finding(
     store: &dyn Store,
     n: &super::graph::Node,
     store_dir: &str,
 ) -> Result<Option<Finding>, StoreError> {
-    use sha2::Digest as _;
     let key = object_key::narinfo(n.hash);
     let Some(raw) = store.get_bytes(&key, crate::nix::MAX_NARINFO_BYTES).await? else {
         return Ok(None);
@@ -676,30 +676,87 @@ async fn hash_finding(
     let Ok(info) = crate::nix::NarInfo::parse_bytes(&raw, store_dir) else {
         return Ok(None);
     };
-    let (field, expected) = match (info.file_hash, info.compression) {
-        (Some(h), _) => ("FileHash", h),
-        (None, crate::nix::Compression::None) => ("NarHash", info.nar_hash),
-        (None, _) => return Ok(None),
-    };
     let Some(nar) = info.url.strip_prefix("nar/") else {
         return Ok(None);
     };
-    let Some(obj) = store.get(&format!("nar/{nar}"), None).await? else {
+    let nar_key = format!("nar/{nar}");
+    let Some(obj) = store.get(&nar_key, None).await? else {
         return Ok(None);
     };
-    let mut body = obj.body;
-    let mut h = sha2::Sha256::new();
-    while let Some(chunk) = body.next().await {
-        h.update(&chunk?);
+    if obj.encoding.is_some() {
+        return Ok(None);
     }
-    let actual = Sha256::from_bytes(h.finalize().into());
-    Ok((actual != expected).then(|| Finding::NarHash {
+    let obj = match info.file_hash {
+        Some(expected) => {
+            if hash_body(&nar_key, obj).await? == expected {
+                return Ok(None);
+            }
+            match store.get(&nar_key, None).await? {
+                Some(obj) => obj,
+                None => return Ok(None),
+            }
+        }
+        None => obj,
+    };
+    if !info.compression.can_decode() {
+        return Ok(None);
+    }
+    // What is in the store is checked whatever this server's upload limits, which may have
+    // been larger when it went in (xz's largest dictionary is 1.5 GiB).
+    let limits = crate::upload::Limits {
+        max_nar_bytes: u64::MAX,
+        xz_memory_limit_bytes: 2 << 30,
+    };
+    let length = obj.length;
+    let reason =
+        match crate::upload::digest::digest_into(obj.body, info.compression, None, None, limits)
+            .await
+        {
+            Ok(d) if length.is_some_and(|l| l != d.input.size) => {
+                return Err(StoreError::Other(format!(
+                    "{nar_key}: read {} of its {} bytes",
+                    d.input.size,
+                    length.unwrap_or_default()
+                )));
+            }
+            Ok(d) if d.nar.hash != info.nar_hash => {
+                format!("decodes to {}, NarHash says {}", d.nar.hash, info.nar_hash)
+            }
+            Ok(d) if d.nar.size != info.nar_size => format!(
+                "decodes to {} bytes, NarSize says {}",
+                d.nar.size, info.nar_size
+            ),
+            Ok(_) => return Ok(None),
+            Err(crate::error::Error::Upload(crate::error::UploadError::Rejected(why))) => {
+                format!("does not decode: {why}")
+            }
+            Err(crate::error::Error::Store(e)) => return Err(e),
+            Err(e) => return Err(StoreError::Other(format!("{nar_key}: {e}"))),
+        };
+    Ok(Some(Finding::NarHash {
         key,
         nar: nar.to_owned(),
-        field,
-        expected,
-        actual,
+        reason,
     }))
+}
+
+/// The SHA-256 of an object's bytes, all of them (a body cut short is an error).
+async fn hash_body(key: &str, obj: crate::store::Object) -> Result<Sha256, StoreError> {
+    use sha2::Digest as _;
+    let mut body = obj.body;
+    let mut h = sha2::Sha256::new();
+    let mut read = 0u64;
+    while let Some(chunk) = body.next().await {
+        let chunk = chunk?;
+        read += chunk.len() as u64;
+        h.update(&chunk);
+    }
+    if let Some(l) = obj.length.filter(|&l| l != read) {
+        return Err(StoreError::Other(format!(
+            "{key}: read {read} of its {l} bytes"
+        )));
+    }
+    Ok(Sha256::from_bytes(h.finalize().into()))
 }
 
 async fn repair_as(
@@ -1198,9 +1255,7 @@ mod tests {
                 Finding::NarHash {
                     key: k(),
                     nar: k(),
-                    field: "FileHash",
-                    expected: Sha256::digest(b"a"),
-                    actual: Sha256::digest(b"b"),
+                    reason: k(),
                 },
                 "nar_hash",
             ),
