@@ -2337,6 +2337,10 @@ async fn verify_hashes_the_nars_when_asked() {
     let mut e = liblzma::write::XzEncoder::new(Vec::new(), 6);
     std::io::Write::write_all(&mut e, &nar("xz")).unwrap();
     mem.insert_at(&xz.nar, e.finish().unwrap(), now - old);
+    // Kept with a Content-Encoding, which the client undoes before it checks: not checked.
+    let encoded = path_with(&mem, "encoded", nar("encoded"), &[], old, now);
+    mem.insert_at(&encoded.nar, b"gzip of it".to_vec(), now - old);
+    mem.set_encoding(&encoded.nar, "gzip");
     // Its NAR cannot be read now: not checked, and said so.
     let unread = path_with(&mem, "unread", nar("unread"), &[], old, now);
 
@@ -2402,7 +2406,7 @@ async fn verify_hashes_the_nars_when_asked() {
         assert!(!has(&mem, &format!("{gone}.narinfo")), "{gone} kept");
     }
     assert!(!has(&mem, &rotten.nar));
-    for kept in [&whole, &refiled, &xz, &unread] {
+    for kept in [&whole, &refiled, &xz, &unread, &encoded] {
         assert!(
             has(&mem, &format!("{}.narinfo", kept.hash)),
             "{} went",
