@@ -2326,6 +2326,27 @@ async fn verify_hashes_the_nars_when_asked() {
     let (key, text) = narinfo_of(&refiled);
     let text = text.replace("NarSize", &format!("FileHash: {wrong}\nNarSize"));
     mem.insert_at(&key, text, now - old);
+    // As Nix writes them, with the FileHash of the bytes before they changed.
+    let rotten_filed = path_with(&mem, "rotten-filed", nar("rotten-filed"), &[], old, now);
+    let (key, text) = narinfo_of(&rotten_filed);
+    let good = mem.bytes(&rotten_filed.nar).unwrap();
+    let text = text.replace(
+        "NarSize",
+        &format!("FileHash: {}\nNarSize", Sha256::digest(&good)),
+    );
+    mem.insert_at(&key, text, now - old);
+    let mut bad = good.to_vec();
+    *bad.last_mut().unwrap() ^= 1;
+    mem.insert_at(&rotten_filed.nar, bad, now - old);
+    // The right NarHash, the wrong NarSize.
+    let mis_sized = path_with(&mem, "mis-sized", nar("mis-sized"), &[], old, now);
+    let (key, text) = narinfo_of(&mis_sized);
+    let size = nar("mis-sized").len();
+    let text = text.replace(
+        &format!("NarSize: {size}\n"),
+        &format!("NarSize: {}\n", size + 1),
+    );
+    mem.insert_at(&key, text, now - old);
     // Said to be xz, and not.
     let undecodable = path_with(&mem, "undecodable", nar("undecodable"), &[], old, now);
     let (key, text) = narinfo_of(&undecodable);
@@ -2347,14 +2368,17 @@ async fn verify_hashes_the_nars_when_asked() {
     assert!(found(&check(&mem, now, None).await).is_empty());
     mem.fail(FailOp::Read, &unread.nar, 0, 1);
     let r = verify_hashing(&mem, now, false).await;
-    assert_eq!(
-        found(&r),
-        vec![
+    assert_eq!(found(&r), {
+        let mut v = vec![
             format!("nar_hash {}.narinfo", rotten.hash),
+            format!("nar_hash {}.narinfo", rotten_filed.hash),
+            format!("nar_hash {}.narinfo", mis_sized.hash),
             format!("nar_hash {}.narinfo", undecodable.hash),
             format!("unservable_reference {}.narinfo", above.hash),
-        ]
-    );
+        ];
+        v.sort();
+        v
+    });
     assert_eq!(r.unhashed.len(), 1, "{:?}", r.unhashed);
     assert!(
         r.unhashed[0].starts_with(&format!("{}.narinfo: ", unread.hash)),
@@ -2368,6 +2392,14 @@ async fn verify_hashes_the_nars_when_asked() {
         rotten.nar,
         Sha256::digest(&flipped),
         Sha256::digest(&body)
+    );
+    assert!(text.contains(&expected), "{text:?}");
+    let expected = format!(
+        "nar-hash {}.narinfo: {} decodes to {} bytes, NarSize says {}",
+        mis_sized.hash,
+        mis_sized.nar,
+        size,
+        size + 1
     );
     assert!(text.contains(&expected), "{text:?}");
     let prefix = format!(
