@@ -2041,18 +2041,30 @@ async fn check(
     now: SystemTime,
     sample: Option<usize>,
 ) -> super::verify::Report {
-    let store: Arc<dyn Store> = mem.clone();
     let opts = super::verify::Options {
+        sample,
+        ..verify_opts(now)
+    };
+    verify_as(mem, &opts).await
+}
+
+/// `verify` without `--repair`, over the whole store, with a grace period of a day.
+fn verify_opts(now: SystemTime) -> super::verify::Options {
+    super::verify::Options {
         hashes: false,
         repair: false,
-        sample,
+        sample: None,
         grace: DAY,
         now,
         settle: super::deleting::SETTLE,
         stop: Default::default(),
         upstreams: None,
-    };
-    super::verify::run(&store, "/nix/store", &opts, &Quiet)
+    }
+}
+
+async fn verify_as(mem: &Arc<MemoryStore>, opts: &super::verify::Options) -> super::verify::Report {
+    let store: Arc<dyn Store> = mem.clone();
+    super::verify::run(&store, "/nix/store", opts, &Quiet)
         .await
         .unwrap()
 }
@@ -2275,26 +2287,19 @@ async fn verify_hashing(
     now: SystemTime,
     repair: bool,
 ) -> super::verify::Report {
-    let store: Arc<dyn Store> = mem.clone();
     let opts = super::verify::Options {
         hashes: true,
         repair,
-        sample: None,
-        grace: DAY,
-        now,
-        settle: super::deleting::SETTLE,
-        stop: Default::default(),
-        upstreams: None,
+        ..verify_opts(now)
     };
-    super::verify::run(&store, "/nix/store", &opts, &Quiet)
-        .await
-        .unwrap()
+    verify_as(mem, &opts).await
 }
 
-/// With `hashes`, `verify` reads every NAR and compares its bytes with the narinfo's
-/// `FileHash` (`NarHash` for a NAR stored uncompressed): a NAR of the right size whose bytes
-/// changed (bit rot, an overwrite by another tool) is found, the paths above it cannot be
-/// served whole, and `--repair` deletes them; without it, nothing is read.
+/// With `hashes`, `verify` reads every NAR and checks it as the client does (its bytes against
+/// `FileHash`, else decoded against `NarHash` and `NarSize`): a NAR of the right size whose
+/// bytes changed (bit rot, an overwrite by another tool) is found, the paths above it cannot
+/// be served whole, and `--repair` deletes them. A NAR that cannot be read is reported as not
+/// hashed; one kept with a `Content-Encoding` or whose `FileHash` alone is off is not a finding.
 #[tokio::test(start_paused = true)]
 async fn verify_hashes_the_nars_when_asked() {
     let mem = Arc::new(MemoryStore::new());
