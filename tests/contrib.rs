@@ -58,34 +58,47 @@ fn the_systemd_unit_verifies_cleanly() {
     assert!(settings.is_empty(), "{settings:?}");
 }
 
-/// The garbage collection's service and timer verify, and the service runs as the server
-/// runs: the same dynamic user (named after the server's unit), state and working directory,
-/// credentials file and config file. A unit of another user would have systemd hand the
-/// server's state directory over to it.
+/// The garbage collection's and the weekly check's services and timers verify, and each
+/// service runs as the server runs: the same dynamic user (named after the server's unit),
+/// state and working directory, credentials file and config file. A unit of another user would
+/// have systemd hand the server's state directory over to it.
 #[test]
 fn the_gc_units_verify_and_run_as_the_server() {
+    for (unit, command) in [
+        ("cellar-gc", "gc --apply"),
+        ("cellar-verify", "verify --hashes"),
+    ] {
+        batch_units_verify_and_run_as_the_server(unit, command);
+    }
+}
+
+fn batch_units_verify_and_run_as_the_server(unit: &str, command: &str) {
     let dir = tempfile::tempdir().unwrap();
     let read = |name: &str| std::fs::read_to_string(Path::new(ROOT).join("contrib").join(name));
-    let gc = read("cellar-gc.service").unwrap();
-    assert!(gc.contains("ExecStart=/usr/local/bin/cellar gc --apply"));
+    let service = format!("{unit}.service");
+    let timer = format!("{unit}.timer");
+    let gc = read(&service).unwrap();
+    assert!(
+        gc.contains(&format!("ExecStart=/usr/local/bin/cellar {command} ")),
+        "{gc}"
+    );
     std::fs::write(
-        dir.path().join("cellar-gc.service"),
+        dir.path().join(&service),
         gc.replace("/usr/local/bin/cellar", CELLAR),
     )
     .unwrap();
-    std::fs::write(
-        dir.path().join("cellar-gc.timer"),
-        read("cellar-gc.timer").unwrap(),
-    )
-    .unwrap();
+    std::fs::write(dir.path().join(&timer), read(&timer).unwrap()).unwrap();
     let out = Command::new("systemd-analyze")
         .args(["verify", "--man=no"])
-        .arg(dir.path().join("cellar-gc.service"))
-        .arg(dir.path().join("cellar-gc.timer"))
+        .arg(dir.path().join(&service))
+        .arg(dir.path().join(&timer))
         .output()
         .unwrap();
     let err = String::from_utf8_lossy(&out.stderr);
-    assert!(out.status.success() && err.trim().is_empty(), "{err}");
+    assert!(
+        out.status.success() && err.trim().is_empty(),
+        "{unit}: {err}"
+    );
 
     let server = read("cellar.service").unwrap();
     let setting = |unit: &str, key: &str| -> Option<String> {
@@ -103,13 +116,13 @@ fn the_gc_units_verify_and_run_as_the_server() {
         "WorkingDirectory",
         "EnvironmentFile",
     ] {
-        assert_eq!(setting(&gc, key), setting(&server, key), "{key}");
+        assert_eq!(setting(&gc, key), setting(&server, key), "{unit}: {key}");
     }
     let config = |unit: &str| {
         setting(unit, "ExecStart")
             .and_then(|e| e.split_once("--config ").map(|(_, c)| c.to_owned()))
     };
-    assert_eq!(config(&gc), config(&server));
+    assert_eq!(config(&gc), config(&server), "{unit}");
 }
 
 #[test]
