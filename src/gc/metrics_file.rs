@@ -222,6 +222,12 @@ pub fn render_verify(r: &Report, end: SystemTime) -> String {
         "Repairs that failed in the last run.",
     );
     let _ = writeln!(out, "cellar_verify_repair_errors {}", r.repair_errors.len());
+    header(
+        &mut out,
+        "cellar_verify_nars_not_hashed",
+        "NARs the last run's --hashes could not read (not checked).",
+    );
+    let _ = writeln!(out, "cellar_verify_nars_not_hashed {}", r.unhashed.len());
     out
 }
 
@@ -343,6 +349,7 @@ mod tests {
                 orphan("nar/c.nar"),
                 Finding::OrphanListing { key: "x.ls".into() },
             ],
+            unhashed: vec!["a.narinfo: gone".into(), "b.narinfo: gone".into()],
             ..Report::default()
         };
         let prom = super::render_verify(&r, UNIX_EPOCH + Duration::from_secs(42));
@@ -352,6 +359,7 @@ mod tests {
             "cellar_verify_findings{kind=\"any\"} 4",
             "cellar_verify_findings{kind=\"orphan_nar\"} 3",
             "cellar_verify_findings{kind=\"orphan_listing\"} 1",
+            "cellar_verify_nars_not_hashed 2",
         ] {
             assert!(prom.contains(&format!("\n{line}\n")), "{line}:\n{prom}");
         }
