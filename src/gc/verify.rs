@@ -278,7 +278,7 @@ pub async fn run(
                 }
             };
             let findings = report.findings.clone();
-            repair_as(store, &c, &findings, opts, &run, &mut report).await;
+            repair_as(store, store_dir, &c, &findings, opts, &run, &mut report).await;
             run.end().await;
         }
         (Some(a), None) => a.abandon().await,
@@ -290,7 +290,6 @@ pub async fn run(
 /// What a full check read, for the repair.
 struct Checked {
     graph: Graph,
-    store_dir: String,
     /// Nodes whose NAR did not hash to what their narinfo says.
     corrupt: HashSet<u32>,
     inv: Inventory,
@@ -420,7 +419,6 @@ async fn check(
         report,
         Some(Checked {
             graph,
-            store_dir: store_dir.to_owned(),
             corrupt,
             inv,
             own_bad,
@@ -679,8 +677,12 @@ async fn hash_finding(
     let Some(nar) = info.url.strip_prefix("nar/") else {
         return Ok(None);
     };
-    let nar_key = format!("nar/{nar}");
-    let Some(obj) = store.get(&nar_key, None).await? else {
+    let nar_key = &info.url;
+    let decodable = info.compression.can_decode();
+    if info.file_hash.is_none() && !decodable {
+        return Ok(None);
+    }
+    let Some(obj) = store.get(nar_key, None).await? else {
         return Ok(None);
     };
     if obj.encoding.is_some() {
@@ -688,19 +690,16 @@ async fn hash_finding(
     }
     let obj = match info.file_hash {
         Some(expected) => {
-            if hash_body(&nar_key, obj).await? == expected {
+            if hash_body(nar_key, obj).await? == expected || !decodable {
                 return Ok(None);
             }
-            match store.get(&nar_key, None).await? {
+            match store.get(nar_key, None).await? {
                 Some(obj) => obj,
                 None => return Ok(None),
             }
         }
         None => obj,
     };
-    if !info.compression.can_decode() {
-        return Ok(None);
-    }
     // What is in the store is checked whatever this server's upload limits, which may have
     // been larger when it went in (xz's largest dictionary is 1.5 GiB).
     let limits = crate::upload::Limits {
@@ -761,6 +760,7 @@ async fn hash_body(key: &str, obj: crate::store::Object) -> Result<Sha256, Store
 
 async fn repair_as(
     store: &Arc<dyn Store>,
+    store_dir: &str,
     c: &Checked,
     findings: &[Finding],
     opts: &Options,
@@ -769,7 +769,6 @@ async fn repair_as(
 ) {
     let Checked {
         graph,
-        store_dir,
         corrupt,
         inv,
         own_bad,
@@ -783,7 +782,7 @@ async fn repair_as(
     let mut unservable = vec![false; graph.len()];
     for (i, n) in graph.nodes.iter().enumerate() {
         if own_bad[i] {
-            let rehash = corrupt.contains(&(i as u32)).then_some(store_dir.as_str());
+            let rehash = corrupt.contains(&(i as u32)).then_some(store_dir);
             unservable[i] =
                 still_unservable(store.as_ref(), n, upstream, grace, rehash, report).await;
         }
@@ -882,24 +881,12 @@ async fn repair_as(
             (gone.contains(h) || graph.find(*h).is_none() && !upstream.contains(h))
                 .then(|| object_key::narinfo(*h))
         },
+        // An upload of the path may be under way (its narinfo not written yet).
+        (&mut acc, |acc, h| acc.uploading.contains(h), "realisation"),
         grace,
         report,
     )
     .await;
-    // An upload of the path may be under way (its narinfo not written yet).
-    let realisations = match access::reread(store.as_ref(), &mut acc, store.now()).await {
-        Ok(_) => realisations
-            .into_iter()
-            .filter(|(_, h)| !acc.uploading.contains(h))
-            .map(|(k, _)| k)
-            .collect(),
-        Err(e) => {
-            report.repair_errors.push(format!(
-                "re-reading access records: {e}; no realisation deleted"
-            ));
-            Vec::new()
-        }
-    };
     delete_each(store.as_ref(), realisations, report, run, &opts.stop).await;
     if halted(run, &opts.stop) {
         return;
@@ -960,23 +947,18 @@ async fn repair_as(
         |nar| {
             (gone_nars.contains(nar) || !inv.nars.contains_key(nar)).then(|| format!("nar/{nar}"))
         },
+        // Nix writes a path's links before its NAR, which an upload under way records (as
+        // the client asks for it) before sending it.
+        (
+            &mut acc,
+            |acc, nar| acc.nars.contains(nar.as_str()),
+            "debug info link",
+        ),
         grace,
         report,
     )
     .await;
-    // Nix writes a path's links before its NAR, which an upload under way records (as the
-    // client asks for it) before sending it.
-    match access::reread(store.as_ref(), &mut acc, store.now()).await {
-        Ok(_) => rest.extend(
-            links
-                .into_iter()
-                .filter(|(_, nar)| !acc.nars.contains(nar.as_str()))
-                .map(|(k, _)| k),
-        ),
-        Err(e) => report.repair_errors.push(format!(
-            "re-reading access records: {e}; no debug info link deleted"
-        )),
-    }
+    rest.extend(links);
     delete_each(store.as_ref(), rest, report, run, &opts.stop).await;
     if halted(run, &opts.stop) {
         return;
@@ -990,18 +972,24 @@ async fn repair_as(
     }
 }
 
-/// The realisations or debug info links (key, listing, what it names) that may go, with what
-/// they name: older than `grace`, naming what `gone` says is gone or was missing (the key to
-/// look at), and found missing by a second look at that key (it may have been uploaded
-/// since the listing, or again since the repair deleted it). One not understood is left for
-/// a human, as a repair error.
-async fn named_to_delete<'a, T: Clone + 'a>(
+/// The realisations or debug info links (key, listing, what it names) that may go: older than
+/// `grace`, naming what `gone` says is gone or was missing (the key to look at), found missing
+/// by a second look at that key (it may have been uploaded since the listing, or again since
+/// the repair deleted it), and not named by an upload under way (`relied`: the upload records,
+/// read again after the looks, whether they name it, and what the objects are, for messages).
+/// One not understood is left for a human, as a repair error.
+async fn named_to_delete<'a, T: 'a>(
     store: &dyn Store,
     objects: impl Iterator<Item = (&'a String, &'a super::inventory::Meta, &'a Named<T>)>,
     gone: impl Fn(&T) -> Option<String>,
+    relied: (
+        &mut access::Accessed,
+        impl Fn(&access::Accessed, &T) -> bool,
+        &str,
+    ),
     grace: SystemTime,
     report: &mut Report,
-) -> Vec<(String, T)> {
+) -> Vec<String> {
     let mut unsure = Vec::new();
     for (key, meta, named) in objects {
         match named {
@@ -1025,17 +1013,28 @@ async fn named_to_delete<'a, T: Clone + 'a>(
         .buffered(SECOND_LOOKS)
         .collect()
         .await;
-    let mut delete = Vec::new();
+    let mut missing = Vec::new();
     for (key, t, probe, r) in looks {
         match r {
-            Ok(None) => delete.push((key.clone(), t.clone())),
+            Ok(None) => missing.push((key, t)),
             Ok(Some(_)) => {}
             Err(e) => report
                 .repair_errors
                 .push(format!("{probe}: {e}; {key} kept")),
         }
     }
-    delete
+    let (acc, names, what) = relied;
+    if let Err(e) = access::reread(store, acc, store.now()).await {
+        report
+            .repair_errors
+            .push(format!("re-reading access records: {e}; no {what} deleted"));
+        return Vec::new();
+    }
+    missing
+        .into_iter()
+        .filter(|(_, t)| !names(acc, t))
+        .map(|(key, _)| key.clone())
+        .collect()
 }
 
 /// Second looks at the store in flight at once.
