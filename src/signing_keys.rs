@@ -17,6 +17,14 @@ pub enum KeyFileError {
         path: PathBuf,
         cause: std::io::Error,
     },
+    /// A secret key given where its file's path belongs (`key_files = ["name:base64"]`). The
+    /// message does not repeat it: it ends up in logs and in systemd's status line.
+    #[error(
+        "signing.key_files names a secret key itself, not a file: write the key to a file \
+         (mode 0600) and name that file (the key is not repeated here; if it was shared, \
+         consider it exposed)"
+    )]
+    KeyInsteadOfFile,
     #[error("signing key file {path} is not a Nix secret key (`name:base64`): {cause}")]
     Malformed { path: PathBuf, cause: KeyError },
     #[error("cannot write key file {path}: {cause}")]
@@ -34,6 +42,13 @@ pub enum KeyFileError {
 /// generate-secret > FILE` under the usual umask) is used, with a warning: anyone who can read
 /// it can sign paths this cache's clients trust.
 pub fn read_secret_key(path: &Path) -> Result<SecretKey, KeyFileError> {
+    if !path.exists()
+        && path
+            .to_str()
+            .is_some_and(|p| p.trim().parse::<SecretKey>().is_ok())
+    {
+        return Err(KeyFileError::KeyInsteadOfFile);
+    }
     let text = std::fs::read_to_string(path).map_err(|source| KeyFileError::Read {
         path: path.to_owned(),
         cause: source,
@@ -109,9 +124,20 @@ pub fn write_secret_key(path: &Path, key: &SecretKey) -> Result<(), KeyFileError
 /// A default key name: `<hostname>-1` (key names must differ between caches, since Nix keys
 /// its trusted keys by name).
 pub fn default_key_name() -> String {
-    let host = std::fs::read_to_string("/proc/sys/kernel/hostname")
-        .or_else(|_| std::fs::read_to_string("/etc/hostname"))
-        .unwrap_or_default();
+    key_name_for(&host_name())
+}
+
+/// The machine's host name, as the kernel has it: `uname`, which works where
+/// `/proc/sys/kernel/hostname` is hidden (systemd's `ProcSubset=pid`, as in the shipped unit),
+/// and names this machine, not what `/etc/hostname` may say.
+fn host_name() -> String {
+    rustix::system::uname()
+        .nodename()
+        .to_string_lossy()
+        .into_owned()
+}
+
+fn key_name_for(host: &str) -> String {
     let host: String = host
         .trim()
         .chars()
@@ -269,25 +295,56 @@ mod tests {
         assert_eq!(std::fs::read_dir(dir.path()).unwrap().count(), 1);
     }
 
+    /// Characters a key name may not hold are left out of the host name; with none left the
+    /// name is `cellar-1`.
+    #[test]
+    fn key_names_keep_what_a_key_name_may_hold() {
+        assert_eq!(
+            key_name_for("build-01.example.org"),
+            "build-01.example.org-1"
+        );
+        assert_eq!(key_name_for(" my host!\n"), "myhost-1");
+        assert_eq!(key_name_for(""), "cellar-1");
+        assert_eq!(key_name_for("ü"), "cellar-1");
+        assert!(default_key_name().parse::<SecretKey>().is_err()); // a name, not a key
+        assert!(SecretKey::generate(&default_key_name()).is_ok());
+    }
+
+    /// A secret key put where its file's path belongs is refused without being repeated: the
+    /// error ends up in logs and in systemd's status line.
+    #[test]
+    fn a_key_given_for_its_file_is_not_repeated() {
+        let key = SecretKey::generate("cache.example.org-1")
+            .unwrap()
+            .to_nix_format();
+        let e = read_secret_key(Path::new(key.trim()))
+            .unwrap_err()
+            .to_string();
+        let secret = key.trim().split_once(':').unwrap().1;
+        assert!(!e.contains(secret), "{e}");
+        assert!(
+            e.contains("signing.key_files") && e.contains("not a file"),
+            "{e}"
+        );
+        // A file that does not exist is still named.
+        let e = read_secret_key(Path::new("/nonexistent/k.sec"))
+            .unwrap_err()
+            .to_string();
+        assert!(e.contains("/nonexistent/k.sec"), "{e}");
+    }
+
     /// A key generated without a configured name is named after the machine, `<hostname>-1`,
     /// so that caches on different machines do not share a key name (Nix keys its trusted keys
     /// by name).
     #[test]
     fn a_generated_key_is_named_after_the_host() {
-        let host = std::fs::read_to_string("/proc/sys/kernel/hostname")
-            .or_else(|_| std::fs::read_to_string("/etc/hostname"))
-            .unwrap_or_default();
+        // The kernel's name for the machine (what `/proc/sys/kernel/hostname` shows where it
+        // is not hidden), not read from a file that systemd's `ProcSubset=pid` hides.
+        let host = std::fs::read_to_string("/proc/sys/kernel/hostname").unwrap();
         let host = host.trim();
-        let expected = if host.is_empty() {
-            "cellar-1".to_owned()
-        } else {
-            // Characters a key name may not hold are left out (none in a usual host name).
-            let kept: String = host
-                .chars()
-                .filter(|c| c.is_ascii_alphanumeric() || "-._".contains(*c))
-                .collect();
-            format!("{kept}-1")
-        };
+        assert!(!host.is_empty());
+        assert_eq!(host_name(), host);
+        let expected = format!("{host}-1");
         let dir = tempfile::tempdir().unwrap();
         let cfg = SigningConfig {
             generated_key_file: dir.path().join("k.sec"),

@@ -168,7 +168,7 @@ impl Config {
             return Vec::new();
         }
         let from_file = Figment::from(Renamed(Toml::file_exact(file)));
-        let mut found: Vec<(String, String)> = std::env::vars()
+        let mut found: Vec<(String, String)> = utf8_vars()
             .filter_map(|(var, _)| {
                 let key = config_key(&var)?;
                 from_file.contains(&key).then_some((var, key))
@@ -540,12 +540,20 @@ fn with_env(fig: Figment) -> Figment {
             .split("__")
             .map(|k| renamed(k.as_str()).into()),
     );
-    for (var, value) in std::env::vars() {
+    for (var, value) in utf8_vars() {
         if let Some(key) = config_key(&var).filter(|k| TEXT_KEYS.contains(&k.as_str())) {
             fig = fig.merge(figment::providers::Serialized::default(&key, value));
         }
     }
     fig
+}
+
+/// The environment's variables whose names and values are UTF-8 (`std::env::vars` panics on
+/// any other, and one such variable, a `$OLDPWD` in Latin-1 say, is no reason to fail).
+/// Figment's `Env` skips the same ones.
+fn utf8_vars() -> impl Iterator<Item = (String, String)> {
+    std::env::vars_os()
+        .filter_map(|(var, value)| Some((var.into_string().ok()?, value.into_string().ok()?)))
 }
 
 /// The keys whose values are text, whatever they look like.

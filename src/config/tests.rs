@@ -101,6 +101,38 @@ fn s3_keys_without_the_s3_kind_are_errors() {
 
 /// A key file variable set from an unset one (compose's `${KEY}`) is refused: read as no key
 /// files, it would make cellar sign with a new key no client trusts.
+/// The same for the keys uploads must be signed with: read as no keys, an unset variable would
+/// quietly let a leaked write token publish unsigned paths.
+#[test]
+#[allow(clippy::result_large_err)] // figment's Jail API
+fn an_empty_trusted_keys_variable_is_refused() {
+    figment::Jail::expect_with(|jail| {
+        let key = "test-1:/+L0Q/jKhm6dU1WL+m92avPr/xAL77BfJ3lwg3EXluU=";
+        jail.create_file("c.toml", &format!("[upload]\ntrusted_keys = [\"{key}\"]\n"))?;
+        for blank in ["", " , "] {
+            jail.set_env("CELLAR_UPLOAD__TRUSTED_KEYS", blank);
+            let e = Config::load(Some(Path::new("c.toml")))
+                .map(|c| format!("{c:?}"))
+                .unwrap_err()
+                .to_string();
+            assert!(
+                e.to_lowercase().contains("upload.trusted_keys") && e.contains("empty"),
+                "{blank:?}: {e}"
+            );
+        }
+        // Keys in the variable, as a comma-separated list, still replace the file's.
+        jail.set_env("CELLAR_UPLOAD__TRUSTED_KEYS", format!("{key}, {key}"));
+        let c = Config::load(Some(Path::new("c.toml"))).map_err(|e| e.to_string())?;
+        assert_eq!(c.upload.trusted_keys.len(), 2);
+        // An empty list written in the file is a choice: unsigned uploads are accepted.
+        jail.clear_env();
+        jail.create_file("c.toml", "[upload]\ntrusted_keys = []\n")?;
+        let c = Config::load(Some(Path::new("c.toml"))).map_err(|e| e.to_string())?;
+        assert!(c.upload.trusted_keys.is_empty());
+        Ok(())
+    });
+}
+
 #[test]
 #[allow(clippy::result_large_err)] // figment's Jail API
 fn an_empty_key_file_variable_is_refused() {

@@ -50,13 +50,39 @@ fn key_file_list<'de, D>(d: D) -> Result<Vec<PathBuf>, D::Error>
 where
     D: Deserializer<'de>,
 {
-    let items = ListOrString::deserialize(d)?;
-    // Blank, or only separators (`${KEY_A},${KEY_B}` with both unset).
+    not_blank(
+        ListOrString::deserialize(d)?,
+        "name the key files, or leave it out to use the key created on first start",
+    )
+}
+
+/// Like [`key_file_list`], for `upload.trusted_keys`, where an empty list means "uploads need
+/// no signature": a variable set from an unset one must not quietly drop the requirement.
+pub(super) fn trusted_key_list<'de, D, T>(d: D) -> Result<Vec<T>, D::Error>
+where
+    D: Deserializer<'de>,
+    T: std::str::FromStr,
+    T::Err: fmt::Display,
+{
+    not_blank(
+        ListOrString::deserialize(d)?,
+        "name the public keys uploads must be signed with, or leave it out to accept \
+         unsigned uploads",
+    )
+}
+
+/// `items`, refused if they are one string that is blank, or only separators
+/// (`${KEY_A},${KEY_B}` with both unset).
+fn not_blank<T, E>(items: ListOrString, instead: &str) -> Result<Vec<T>, E>
+where
+    T: std::str::FromStr,
+    T::Err: fmt::Display,
+    E: serde::de::Error,
+{
     if matches!(&items, ListOrString::One(s) if s.split(',').all(|f| f.trim().is_empty())) {
-        return Err(serde::de::Error::custom(
-            "is set but empty (from an unset variable?): name the key files, or leave it out \
-             to use the key created on first start",
-        ));
+        return Err(E::custom(format!(
+            "is set but empty (from an unset variable?): {instead}"
+        )));
     }
     csv_items(items)
 }

@@ -2,7 +2,7 @@
 
 use serde::{Deserialize, Deserializer};
 
-use super::{list_or_csv, secs};
+use super::{secs, trusted_key_list};
 use crate::config::{ConfigError, Recompression, UploadConfig};
 use crate::nix::{Compression, PublicKey};
 
@@ -20,7 +20,7 @@ pub(super) struct UploadSection {
     #[serde(deserialize_with = "opt_compression")]
     compression: Option<Compression>,
     compression_level: Option<i32>,
-    #[serde(deserialize_with = "list_or_csv")]
+    #[serde(deserialize_with = "trusted_key_list")]
     trusted_keys: Vec<PublicKey>,
     staging_max_age_secs: u64,
     max_nar_bytes: u64,
