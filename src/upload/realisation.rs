@@ -3,7 +3,8 @@
 //! is kept. A second upload naming the same path adds the signatures it brings; one naming
 //! another path (a build that is not reproducible, pushed by a second builder) is a conflict
 //! (409), as Nix's own store refuses it: clients that substituted the first output keep
-//! agreeing with the cache.
+//! agreeing with the cache. Unless the cache no longer has the path the stored one names:
+//! that one is replaced.
 
 use bytes::Bytes;
 
@@ -46,6 +47,23 @@ impl Uploader {
                 None
             }
         });
+        // One naming a path the cache no longer has (expired, deleted by hand, no longer
+        // served upstream) agrees with nobody: clients asking for it find nothing. The upload
+        // replaces it, as a narinfo whose NAR is gone is replaced.
+        let stored = match stored {
+            Some(s)
+                if s.out_path() != sent.out_path()
+                    && !self.in_cache(s.out_hash(), upstreams).await? =>
+            {
+                tracing::info!(
+                    key,
+                    stored = %s.out_path(),
+                    "stored realisation names a path the cache lacks: replaced by the upload"
+                );
+                None
+            }
+            other => other,
+        };
         let write = match &stored {
             Some(s) if s.out_path() != sent.out_path() => {
                 return Err(Error::Upload(UploadError::RealisationConflict {

@@ -1397,6 +1397,23 @@ mod realisations {
         assert_eq!(mem.get_bytes(KEY, 1 << 20).await.unwrap(), before);
     }
 
+    /// A stored realisation naming a path the cache no longer has (an expiry rule, a path
+    /// deleted by hand) is no conflict: the upload naming a path that is there replaces it.
+    #[tokio::test]
+    async fn a_realisation_naming_a_path_gone_is_replaced() {
+        let (mem, up) = uploader();
+        mem.insert(&format!("{}.narinfo", &PATH[..32]), "StorePath: x\n");
+        mem.insert(&format!("{}.narinfo", &OTHER[..32]), "StorePath: y\n");
+        up.put_realisation(KEY, realisation(PATH, &["k:1"]), None)
+            .await
+            .unwrap();
+        mem.remove(&format!("{}.narinfo", &PATH[..32]));
+        let sent = realisation(OTHER, &["k:1"]);
+        let done = up.put_realisation(KEY, sent.clone(), None).await.unwrap();
+        assert_eq!(done, RealisationStored::Written);
+        assert_eq!(mem.get_bytes(KEY, 1 << 20).await.unwrap().unwrap(), sent);
+    }
+
     /// What is not a realisation is refused before the store is asked; a stored one that
     /// does not parse is replaced by a good upload.
     #[tokio::test]
