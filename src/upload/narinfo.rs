@@ -115,6 +115,12 @@ impl Uploader {
         //
         // [`AccessLog::covers`]: crate::gc::access::AccessLog::covers
         let url_name = info.nar_file().map_err(|e| rejected(e.to_string()));
+        // What refuses the narinfo whatever the store holds (a signature missing when
+        // `upload.trusted_keys` is set, say): judged before the store is asked anything but
+        // whether the path is already there (then it is answered as present, as below), so an
+        // unsigned narinfo naming many references or a large NAR costs no lookups, read back
+        // or upload record.
+        let refused = self.check_alone(&info).err();
         // The NAR as uploaded, and as stored if uploads are re-encoded.
         let nar_files: Vec<NarFileName> = match &url_name {
             Ok(n) => std::iter::once(n.clone())
@@ -194,7 +200,9 @@ impl Uploader {
                     self.stored(hash).await
                 }
             };
-            if covered {
+            if refused.is_some() {
+                (stored.await, Ok(()), (Ok(()), Ok(None), Ok(())))
+            } else if covered {
                 let (existing, checks) = futures::join!(stored, checks);
                 (existing, Ok(()), checks)
             } else {
@@ -256,7 +264,9 @@ impl Uploader {
             });
         }
         url_name?;
-        self.check_alone(&info)?;
+        if let Some(e) = refused {
+            return Err(e);
+        }
         recorded?;
         not_deleting?;
         let v = nar?.ok_or_else(|| rejected(format!("NAR {} has not been uploaded", info.url)))?;

@@ -495,6 +495,54 @@ async fn a_nar_sent_in_the_target_compression_is_stored_as_sent() {
     assert_eq!(mem.keys(), [object_key::nar(&name)]);
 }
 
+/// A narinfo refused whatever the store holds (unsigned, with `upload.trusted_keys` set) costs
+/// no lookup of its references, no read back of its NAR and no upload record: only the read
+/// that tells whether the path is already there, which is then answered as present.
+#[tokio::test]
+async fn an_unsigned_narinfo_is_refused_before_the_store_is_asked() {
+    let key = crate::nix::SecretKey::generate("builder-1").unwrap();
+    let mem = Arc::new(MemoryStore::new());
+    let store: Arc<dyn Store> = mem.clone();
+    let mut cfg = Config::default();
+    cfg.upload.trusted_keys = vec![key.public()];
+    let up = Uploader::new(&cfg.upload, &cfg.store_dir, store.clone())
+        .with_access(Arc::new(crate::gc::access::AccessLog::new(store, 100)));
+    let sd = "/nix/store";
+    let nar = nar();
+    let url = format!("nar/{}.nar", Sha256::digest(&nar).to_nix32());
+    let mut info = narinfo_at(PATH, &nar, &url);
+    // Fifty references the cache lacks, and a NAR in the store nobody uploaded here.
+    info.references = (0..50)
+        .map(|i| format!("{i:0>32}-r").replace('0', "a").parse().unwrap())
+        .collect();
+    mem.insert(&url, nar.clone());
+    let e = up
+        .put_narinfo(info.hash(), info.render(sd).as_bytes(), None)
+        .await;
+    assert!(
+        matches!(&e, Err(Error::Upload(UploadError::Rejected(m))) if m.contains("trusted_keys")),
+        "{e:?}"
+    );
+    assert_eq!(mem.heads_under(""), 0);
+    assert_eq!(mem.gets_under("nar/"), 0);
+    assert_eq!(
+        mem.keys(),
+        [url.clone()],
+        "nothing written: no upload record"
+    );
+
+    // Already there: answered as present, as to a signed upload.
+    let mut stored = info.clone();
+    stored.references.clear();
+    stored.sign(&key, sd);
+    mem.insert(&format!("{}.narinfo", &PATH[..32]), stored.render(sd));
+    let acc = up
+        .put_narinfo(info.hash(), info.render(sd).as_bytes(), None)
+        .await
+        .unwrap();
+    assert!(acc.already_present);
+}
+
 /// Each check of a narinfo against its NAR refuses the narinfo that fails it, with a message
 /// that says which; the narinfo that passes them all is written.
 #[tokio::test]
