@@ -527,7 +527,7 @@ async fn an_unsigned_narinfo_is_refused_before_the_store_is_asked() {
     assert_eq!(mem.gets_under("nar/"), 0);
     assert_eq!(
         mem.keys(),
-        [url.clone()],
+        std::slice::from_ref(&url),
         "nothing written: no upload record"
     );
 
