@@ -184,8 +184,9 @@ impl NarMemory {
         };
         let limit = self.max_object;
         let expected = self.hints.get(name).await;
+        let exact = names_its_bytes(name);
         let loaded = cache
-            .try_get_with(name.into(), read_small(source, key, limit, expected))
+            .try_get_with(name.into(), read_small(source, key, limit, expected, exact))
             .await
             .map_err(|e: Arc<Unloaded>| (*e).clone());
         if matches!(loaded, Err(Unloaded::Large)) {
@@ -197,13 +198,24 @@ impl NarMemory {
     }
 }
 
+/// Whether the NAR file `name` is named after its bytes (see
+/// [`crate::nix::NarFileName::names_its_bytes`]): then another size than its narinfo's is a
+/// broken object, never a rebuilt one.
+pub(crate) fn names_its_bytes(name: &str) -> bool {
+    name.parse::<crate::nix::NarFileName>()
+        .is_ok_and(|f| f.names_its_bytes())
+}
+
 /// Reads the object `source` opens whole, if it is at most `limit` bytes and, when its
-/// narinfo gave one, of the `expected` size.
+/// narinfo gave one, of the `expected` size. An object larger than `limit` is
+/// [`Unloaded::Large`] (streamed instead), unless it is `exact` (named after its bytes) and
+/// its narinfo said it is smaller: that one is of the wrong size.
 async fn read_small<F>(
     source: F,
     key: &str,
     limit: u64,
     expected: Option<u64>,
+    exact: bool,
 ) -> Result<Bytes, Unloaded>
 where
     F: Future<Output = Result<Option<Object>, Error>>,
@@ -213,9 +225,6 @@ where
         .map_err(Unloaded::Failed)?
         .ok_or(Unloaded::Failed(Error::NotFound))?;
     let length = obj.length;
-    if length.is_some_and(|n| n > limit) {
-        return Err(Unloaded::Large);
-    }
     // A truncated or foreign object: kept, it would be served as it is until evicted (and
     // kept by proxies for a year). Refused, it is a logged 502, and read again once fixed.
     let wrong_size = |got: u64, size: u64| {
@@ -226,6 +235,12 @@ where
             .into(),
         )
     };
+    if length.is_some_and(|n| n > limit) {
+        return Err(match expected {
+            Some(size) if exact => wrong_size(length.unwrap_or_default(), size),
+            _ => Unloaded::Large,
+        });
+    }
     if let (Some(size), Some(got)) = (expected, length) {
         if size != got {
             return Err(wrong_size(got, size));

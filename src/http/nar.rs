@@ -93,14 +93,21 @@ async fn fetch(st: &AppState, f: &NarFileName, headers: &HeaderMap) -> Result<Re
     let announced = st.nar_memory.announced(f.as_str()).await;
     if let Some(cache) = &st.nars {
         match cache.get(f, &key, range, announced, &reads).await? {
-            NarCacheAnswer::Object(obj) => return Ok(object::object_response(obj, Kind::Nar)),
+            // A NAR the cache streams without keeping it (too large for it, fills all busy)
+            // is held to the narinfo's size as below.
+            NarCacheAnswer::Object(obj) => {
+                return Ok(object::object_response(
+                    resumable(f, obj, range, announced)?,
+                    Kind::Nar,
+                ))
+            }
             NarCacheAnswer::NotFound => return Err(Error::NotFound),
             NarCacheAnswer::Bypass => {}
         }
     }
     let obj = reads.get(&key, range).await?.ok_or(Error::NotFound)?;
     Ok(object::object_response(
-        resumable(obj, range, announced)?,
+        resumable(f, obj, range, announced)?,
         Kind::Nar,
     ))
 }
@@ -112,11 +119,26 @@ async fn fetch(st: &AppState, f: &NarFileName, headers: &HeaderMap) -> Result<Re
 /// which Nix retries, instead of handing it a short NAR), and ranges offered. A client resuming
 /// a download must get the part it asked for (curl fails a resume answered with the whole
 /// body): the part is cut from the whole with the narinfo's size as the total.
+///
+/// A whole NAR named after its bytes whose store gives another length than its narinfo is
+/// broken (truncated, foreign): a 502, not a 200 proxies keep for a year. One named after its
+/// store path may have been rebuilt, and is served as it is.
 fn resumable(
+    f: &NarFileName,
     obj: Object,
     range: Option<crate::store::ByteRange>,
     announced: Option<u64>,
 ) -> Result<Object, Error> {
+    if let (Some(total), Some(length), None, None) =
+        (announced, obj.length, obj.range, &obj.encoding)
+    {
+        if length != total && f.names_its_bytes() {
+            return Err(crate::store::StoreError::Other(format!(
+                "nar/{f} has {length} bytes, its narinfo's FileSize says {total}"
+            ))
+            .into());
+        }
+    }
     let (Some(total), None, None, None) = (announced, obj.length, obj.range, &obj.encoding) else {
         return Ok(obj);
     };

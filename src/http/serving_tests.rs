@@ -810,6 +810,54 @@ async fn a_whole_nar_without_a_length_is_held_to_its_narinfo_size() {
     }
 }
 
+/// The same with a disk cache that does not keep the NAR (too large for its budget): the
+/// object the cache opened is handed on as it is, and held to the narinfo's size all the
+/// same. And a NAR named after its bytes that the store holds with another length than its
+/// narinfo's is broken (truncated, foreign): a 502, with or without a disk cache, not a 200
+/// that proxies keep for a year.
+#[tokio::test]
+async fn a_nar_the_disk_cache_does_not_keep_is_held_to_its_narinfo_size() {
+    let dir = tempfile::tempdir().unwrap();
+    let mem = Arc::new(MemoryStore::new());
+    let file = format!("{NAR_FILE}.nar");
+    let len = 3 << 19; // 1.5 MiB: not small, and over half the budget below
+    let nar: Vec<u8> = (0..len).map(|i| (i % 251) as u8).collect();
+    mem.insert(&format!("nar/{file}"), nar.clone());
+    let mut cfg = Config::default();
+    cfg.cache.nar_dir = Some(dir.path().join("nars"));
+    cfg.cache.nar_max_bytes = 2 << 20;
+    let st = state(cfg, &mem);
+    assert!(st.nars.is_some());
+    let whole = || {
+        Request::get(format!("/nar/{file}"))
+            .body(Body::empty())
+            .unwrap()
+    };
+    mem.serve_unsized();
+    st.nar_memory.hint(&file, Some(len as u64)).await;
+    let (status, headers, body) = get_with(&st, whole()).await;
+    assert_eq!(status, StatusCode::OK);
+    assert_eq!(headers["content-length"], len.to_string());
+    assert_eq!(body, nar);
+    st.nar_memory.hint(&file, Some(len as u64 + 1)).await;
+    let res = send(&st, whole()).await;
+    assert_eq!(res.status(), StatusCode::OK);
+    assert!(
+        res.into_body().collect().await.is_err(),
+        "ended early, as if whole"
+    );
+
+    // Sent with its length, which is not the narinfo's.
+    for st in [st, state(Config::default(), &mem)] {
+        mem.serve_sized();
+        for wrong in [len as u64 - 1, len as u64 + 1] {
+            st.nar_memory.hint(&file, Some(wrong)).await;
+            let res = send(&st, whole()).await;
+            assert_eq!(res.status(), StatusCode::BAD_GATEWAY, "{wrong}");
+        }
+    }
+}
+
 /// A NAR named after its store path hash (32 characters, as attic and old nix-serve name
 /// them) changes when the path is rebuilt: it lives in caches as long as a narinfo does.
 #[tokio::test]

@@ -149,6 +149,11 @@ impl MemoryStore {
         self.lengthless.store(true, Ordering::SeqCst);
     }
 
+    /// Objects are sent with their length again (after [`Self::serve_unsized`]).
+    pub fn serve_sized(&self) {
+        self.lengthless.store(false, Ordering::SeqCst);
+    }
+
     pub fn remove(&self, key: &str) {
         lock(&self.encodings).remove(key);
         lock(&self.objects).remove(key);

@@ -400,6 +400,15 @@ impl NarCache {
             Err(e) => return Started::Failed(e),
         };
         let length = match (obj.length, announced) {
+            // Named after its bytes, it is broken (truncated, foreign): a 502, as from
+            // memory, not served with a year's lifetime for proxies to keep.
+            (Some(length), Some(size))
+                if length != size && crate::cache::nar_memory::names_its_bytes(&name) =>
+            {
+                return Started::Failed(StoreError::Other(format!(
+                    "{key} has {length} bytes, its narinfo's FileSize says {size}"
+                )));
+            }
             (Some(length), Some(size)) if length != size => {
                 tracing::warn!(nar = %name, length, file_size = size, "NAR cache: the NAR's size is not its narinfo's FileSize; served without caching");
                 return unfilled(obj, &store, &key).await;

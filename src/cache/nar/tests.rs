@@ -1506,9 +1506,19 @@ async fn get_announced(
     store: &Arc<dyn Store>,
     size: u64,
 ) -> Result<NarCacheAnswer, crate::store::StoreError> {
-    let name: NarFileName = NAME.parse().unwrap();
+    get_announced_as(cache, store, NAME, size).await
+}
+
+/// Asks `cache` for the NAR `name` with the size its narinfo gives.
+async fn get_announced_as(
+    cache: &Arc<NarCache>,
+    store: &Arc<dyn Store>,
+    name: &str,
+    size: u64,
+) -> Result<NarCacheAnswer, crate::store::StoreError> {
+    let parsed: NarFileName = name.parse().unwrap();
     cache
-        .get(&name, &format!("nar/{NAME}"), None, Some(size), store)
+        .get(&parsed, &format!("nar/{name}"), None, Some(size), store)
         .await
 }
 
@@ -1557,7 +1567,8 @@ async fn a_nar_sent_without_a_length_is_kept_at_its_narinfos_size() {
 
 /// A NAR sent without a length that does not end at its narinfo's size fails its readers
 /// (they were promised that length) and is not kept; one sent with a length other than its
-/// narinfo's is served as sent and not kept.
+/// narinfo's is a store error (a 502) if it is named after its bytes (it is broken: truncated,
+/// foreign), and served as sent if it is named after its store path (rebuilt); neither kept.
 #[tokio::test]
 async fn a_nar_of_another_size_than_its_narinfos_is_not_kept() {
     for len in [3_000_000usize, 5_000] {
@@ -1580,13 +1591,25 @@ async fn a_nar_of_another_size_than_its_narinfos_is_not_kept() {
             assert_eq!(cache.usage().0, 0, "{len}/{wrong}: kept");
         }
 
-        let (_d, cache, mem, store) = setup(1 << 30);
-        let data = vec![8u8; len];
-        mem.insert(&format!("nar/{NAME}"), data.clone());
-        let answer = get_announced(&cache, &store, len as u64 + 1).await.unwrap();
-        assert!(read_out(answer).await.unwrap() == data, "{len}");
-        assert!(crate::sync::lock(&cache.fills).is_empty(), "{len}: filled");
-        assert_eq!(cache.usage().0, 0, "{len}: kept");
+        let by_path = "6bxnj2gfflqa529lddzh3zhcn45nn86r.nar";
+        for name in [NAME, by_path] {
+            let (_d, cache, mem, store) = setup(1 << 30);
+            let data = vec![8u8; len];
+            mem.insert(&format!("nar/{name}"), data.clone());
+            let got = get_announced_as(&cache, &store, name, len as u64 + 1).await;
+            if name == NAME {
+                let e = got.err().expect("a broken NAR served");
+                assert!(e.to_string().contains("FileSize says"), "{len}: {e}");
+                assert_eq!(
+                    crate::error::Error::from(e).status(),
+                    axum::http::StatusCode::BAD_GATEWAY
+                );
+            } else {
+                assert!(read_out(got.unwrap()).await.unwrap() == data, "{len}");
+            }
+            wait_until(&cache, || crate::sync::lock(&cache.fills).is_empty()).await;
+            assert_eq!(cache.usage().0, 0, "{len}: kept");
+        }
     }
 }
 
