@@ -324,6 +324,79 @@ where
     Ok(())
 }
 
+/// A request body lent to an upload, so that what the upload left unread when it failed can
+/// be read here before the refusal is answered. Answered over a body still coming, the
+/// connection is closed with bytes unread, which resets it: the client, still sending, may
+/// see the reset instead of the answer (curl: "Connection reset by peer"), and Nix 2.8 then
+/// retries the PUT without its body and stalls for `stalled-download-timeout` (300 s). A
+/// NAR refused early (gzip, which cannot be verified; a decompression bomb; a broken stream)
+/// is the usual case.
+#[derive(Clone)]
+struct Lent(
+    Arc<
+        std::sync::Mutex<
+            Option<futures::stream::BoxStream<'static, std::io::Result<bytes::Bytes>>>,
+        >,
+    >,
+);
+
+/// What is read of a refused upload's body, at most, before it is answered (within
+/// [`DRAIN_TIME`]): more than that and the connection is closed with the rest unread.
+const DRAIN_MAX: u64 = 64 << 20;
+const DRAIN_TIME: std::time::Duration = std::time::Duration::from_secs(5);
+
+impl Lent {
+    fn new<S>(body: S) -> Self
+    where
+        S: futures::Stream<Item = std::io::Result<bytes::Bytes>> + Send + 'static,
+    {
+        use futures::StreamExt as _;
+        Self(Arc::new(std::sync::Mutex::new(Some(body.boxed()))))
+    }
+
+    /// Reads what is left of the body, if it is not more than [`DRAIN_MAX`] (as far as
+    /// `declared` says), for at most [`DRAIN_TIME`]; the body is taken back from the upload,
+    /// which has given up on it.
+    async fn drain_rest(&self, declared: Option<u64>) {
+        use futures::StreamExt as _;
+        let Some(mut rest) = crate::sync::lock(&self.0).take() else {
+            return;
+        };
+        if declared.is_some_and(|n| n > DRAIN_MAX) {
+            return;
+        }
+        let drained = tokio::time::timeout(DRAIN_TIME, async {
+            let mut n = 0u64;
+            while let Some(Ok(chunk)) = rest.next().await {
+                n += chunk.len() as u64;
+                if n > DRAIN_MAX {
+                    break;
+                }
+            }
+        })
+        .await;
+        if drained.is_err() {
+            tracing::debug!("the refused upload's body was not read to its end in time");
+        }
+    }
+}
+
+impl futures::Stream for Lent {
+    type Item = std::io::Result<bytes::Bytes>;
+
+    fn poll_next(
+        self: std::pin::Pin<&mut Self>,
+        cx: &mut std::task::Context<'_>,
+    ) -> std::task::Poll<Option<Self::Item>> {
+        use futures::StreamExt as _;
+        match crate::sync::lock(&self.0).as_mut() {
+            Some(body) => body.poll_next_unpin(cx),
+            // Taken back: the upload has failed already.
+            None => std::task::Poll::Ready(None),
+        }
+    }
+}
+
 pub(super) async fn put(
     State(st): State<AppState>,
     Path(file): Path<String>,
@@ -376,10 +449,14 @@ pub(super) async fn put(
         }
         return Ok(StatusCode::OK);
     }
-    let d = st
-        .uploader
-        .put_nar(&name, object::body_stream(&st, body))
-        .await?;
+    let lent = Lent::new(object::body_stream(&st, body));
+    let d = match st.uploader.put_nar(&name, lent.clone()).await {
+        Ok(d) => d,
+        Err(e) => {
+            lent.drain_rest(declared).await;
+            return Err(e);
+        }
+    };
     st.live().missing_nars.seen_present(name.as_str()).await;
     tracing::info!(nar = %name, size = d.input.size, nar_size = d.nar.size, "NAR uploaded");
     Ok(StatusCode::CREATED)

@@ -635,6 +635,44 @@ async fn upload_nar_probes_ask_the_store_only_for_nars_seen_or_re_encoded() {
     assert!(mem.requests() > before, "the store was not asked");
 }
 
+/// A NAR refused early (gzip data, which cannot be verified) has the rest of its body read
+/// before the 400 is answered: answered over a body still coming, the connection would be
+/// reset, and the client still sending could see the reset instead of the refusal (Nix then
+/// retries without the body and stalls for minutes).
+#[tokio::test]
+async fn a_refused_nar_has_its_body_read_before_the_answer() {
+    use crate::config::Scope;
+    use std::sync::atomic::{AtomicUsize, Ordering};
+    let mem = Arc::new(MemoryStore::new());
+    let cfg = with_tokens(Config::default(), &[("w", "wtok", Scope::Write)]);
+    let st = state(cfg, &mem);
+    let read = Arc::new(AtomicUsize::new(0));
+    let chunks = 40;
+    let body = {
+        let read = read.clone();
+        futures::StreamExt::map(futures::stream::iter(0..chunks), move |i: usize| {
+            read.fetch_add(1, Ordering::SeqCst);
+            let mut chunk = vec![7u8; 64 << 10];
+            if i == 0 {
+                chunk[..3].copy_from_slice(b"\x1f\x8b\x08"); // gzip's magic
+            }
+            Ok::<_, std::io::Error>(bytes::Bytes::from(chunk))
+        })
+    };
+    let req = authed("PUT", &format!("/upload/nar/{NAR_FILE}.nar"), "wtok")
+        .header("content-length", (chunks * (64 << 10)).to_string())
+        .body(Body::from_stream(body))
+        .unwrap();
+    let res = send(&st, req).await;
+    assert_eq!(res.status(), StatusCode::BAD_REQUEST);
+    assert_eq!(
+        read.load(Ordering::SeqCst),
+        chunks,
+        "the body was not read to its end"
+    );
+    assert!(mem.keys().is_empty(), "{:?}", mem.keys());
+}
+
 /// A NAR of 100 bytes of contents (its header alone is checked) and its file name.
 fn tiny_nar() -> (Vec<u8>, String) {
     let mut nar = b"\x0d\x00\x00\x00\x00\x00\x00\x00nix-archive-1\x00\x00\x00".to_vec();
