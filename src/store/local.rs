@@ -23,7 +23,8 @@ const STAGING: &str = ".staging";
 /// is renamed, so never listed, and removed with the staged files when left behind.
 const COPY_SUFFIX: &str = ".cellar-tmp";
 
-/// The top-level directories a cross-device commit may copy into (see [`COPY_SUFFIX`]).
+/// The top-level directories objects live in: where a cross-device commit may copy into (see
+/// [`COPY_SUFFIX`]), and the layout a listing follows links into ([`in_layout`]).
 const OBJECT_DIRS: [&str; 7] = [
     "nar",
     "log",
@@ -210,10 +211,10 @@ fn in_layout(root: &Path, dir: &Path) -> bool {
     }
     match rel.components().next() {
         None => true,
-        Some(first) => matches!(
-            first.as_os_str().to_str(),
-            Some("nar" | "log" | "realisations" | "build-trace" | "build-trace-v2" | "_cellar")
-        ),
+        Some(first) => first
+            .as_os_str()
+            .to_str()
+            .is_some_and(|d| OBJECT_DIRS.contains(&d)),
     }
 }
 
@@ -617,6 +618,7 @@ mod tests {
             "realisations/x",
             "build-trace/a",
             "build-trace-v2/a",
+            "debuginfo",
             "_cellar/access/d",
         ] {
             assert!(in_layout(root, &root.join(dir)), "{dir}");
