@@ -389,11 +389,18 @@ impl futures::Stream for Lent {
         cx: &mut std::task::Context<'_>,
     ) -> std::task::Poll<Option<Self::Item>> {
         use futures::StreamExt as _;
-        match crate::sync::lock(&self.0).as_mut() {
-            Some(body) => body.poll_next_unpin(cx),
-            // Taken back: the upload has failed already.
-            None => std::task::Poll::Ready(None),
+        let mut lent = crate::sync::lock(&self.0);
+        let Some(body) = lent.as_mut() else {
+            // Taken back (the upload has failed already), or ended.
+            return std::task::Poll::Ready(None);
+        };
+        let next = body.poll_next_unpin(cx);
+        // Ended, or failed (which ends it): let go, never polled again (the body's streams
+        // may not be polled past their end) nor drained.
+        if matches!(next, std::task::Poll::Ready(None | Some(Err(_)))) {
+            *lent = None;
         }
+        next
     }
 }
 

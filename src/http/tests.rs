@@ -671,6 +671,20 @@ async fn a_refused_nar_has_its_body_read_before_the_answer() {
         "the body was not read to its end"
     );
     assert!(mem.keys().is_empty(), "{:?}", mem.keys());
+
+    // Refused once read to its end (its sha256 is not its name): nothing is left to read,
+    // and the body is not polled past its end.
+    let (nar, file) = tiny_nar();
+    let req = authed("PUT", &format!("/upload/nar/{NAR_FILE}.nar"), "wtok")
+        .header("content-length", nar.len().to_string())
+        .body(Body::from(nar))
+        .unwrap();
+    let res = send(&st, req).await;
+    assert_eq!(res.status(), StatusCode::BAD_REQUEST);
+    let text =
+        String::from_utf8(res.into_body().collect().await.unwrap().to_bytes().to_vec()).unwrap();
+    assert!(text.contains("but its name says"), "{text} ({file})");
+    assert!(mem.keys().is_empty(), "{:?}", mem.keys());
 }
 
 /// A NAR of 100 bytes of contents (its header alone is checked) and its file name.
