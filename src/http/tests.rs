@@ -575,6 +575,39 @@ async fn nar_puts_over_the_limits_are_refused_before_the_body() {
     assert_eq!(mem.requests(), 0, "nothing reached the store");
 }
 
+/// A handler that panics (a bug) is answered 500 and logged with the cause, not a connection
+/// dropped without an answer; the server goes on answering.
+#[tokio::test]
+async fn a_handler_that_panics_is_answered_500_and_logged() {
+    use crate::config::Scope;
+    let mem = Arc::new(MemoryStore::new());
+    let cfg = with_tokens(Config::default(), &[("w", "wtok", Scope::Write)]);
+    let st = state(cfg, &mem);
+    mem.after_write("log/", |_| panic!("a bug the test put there"));
+    let logs = crate::test_logs::capture();
+    let path = format!("/upload/log/{HASH}-x.drv");
+    let res = send(
+        &st,
+        authed("PUT", &path, "wtok")
+            .body(Body::from("hello"))
+            .unwrap(),
+    )
+    .await;
+    assert_eq!(res.status(), StatusCode::INTERNAL_SERVER_ERROR);
+    assert_eq!(res.headers()["cache-control"], "no-store");
+    let text = logs.text();
+    assert!(
+        text.contains("panicked") && text.contains("a bug the test put there"),
+        "{text}"
+    );
+    let res = send(
+        &st,
+        Request::get("/nix-cache-info").body(Body::empty()).unwrap(),
+    )
+    .await;
+    assert_eq!(res.status(), StatusCode::OK);
+}
+
 /// The upload address's NAR probe (`HEAD`, which Nix sends right before each NAR upload)
 /// answers "absent" without asking the store when the NAR would be stored as sent, and asks
 /// it for a NAR this process stored and when uploads are re-encoded. Nothing on the way may
