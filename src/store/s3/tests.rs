@@ -691,6 +691,15 @@ async fn a_write_is_given_time_for_its_body() {
         writer::write_deadline(Duration::from_secs(10), PART_SIZE),
         Duration::from_secs(60 + 256)
     );
+    // Parts sent together share the uplink: each is given its share of the slowest pace.
+    assert_eq!(
+        writer::write_deadline_sharing(Duration::from_secs(10), PART_SIZE, 4),
+        Duration::from_secs(60 + 4 * 256)
+    );
+    assert_eq!(
+        writer::write_deadline_sharing(Duration::from_secs(10), PART_SIZE, 0),
+        writer::write_deadline(Duration::from_secs(10), PART_SIZE)
+    );
     // Completing a multipart upload: a second a part on top (S3 assembles the object first).
     assert_eq!(
         writer::complete_deadline(Duration::from_secs(10), 1000),

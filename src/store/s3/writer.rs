@@ -28,17 +28,27 @@ use crate::store::{ObjectWriter, StoreError};
 /// times [`PART_SIZE`] of memory (128 MiB), whatever the number of uploads.
 pub(super) const PARTS_IN_FLIGHT: usize = 16;
 
-/// The slowest pace at which a body being written to S3 is still waited for: a part of 8 MiB
-/// gets 256 s on top of six request timeouts. A home server pushing to a distant S3 over a
-/// slow uplink shares it between the parts in flight (`store.upload_part_concurrency`, 4 by
-/// default): 1 Mbit/s still carries four parts at this pace each.
+/// The slowest uplink to S3 at which writes are still waited for: a part of 8 MiB alone on
+/// it gets 256 s on top of six request timeouts. A home server pushing to a distant S3 over a
+/// slow uplink shares it between the parts in flight (`store.upload_part_concurrency` per
+/// upload, [`PARTS_IN_FLIGHT`] in all), so a part is given its body's time at this pace times
+/// the parts in flight when it starts ([`write_deadline_sharing`]).
 const SLOWEST_WRITE_BYTES_PER_SEC: u64 = 32 * 1024;
 
 /// How long a request carrying `bytes` of body to S3 may take: six request timeouts (the
 /// store answers writes more slowly than reads), plus the body's time at the slowest pace
 /// waited for. A stuck connection is still given up, after minutes, not held forever.
 pub(super) fn write_deadline(timeout: Duration, bytes: usize) -> Duration {
-    timeout * 6 + Duration::from_millis(bytes as u64 * 1000 / SLOWEST_WRITE_BYTES_PER_SEC)
+    write_deadline_sharing(timeout, bytes, 1)
+}
+
+/// [`write_deadline`] for a body sent while `sharing` requests (itself included) share the
+/// uplink: at the slowest pace waited for, each gets its share of it.
+pub(super) fn write_deadline_sharing(timeout: Duration, bytes: usize, sharing: usize) -> Duration {
+    let sharing = u64::try_from(sharing.max(1)).unwrap_or(u64::MAX);
+    let body_ms =
+        (bytes as u64).saturating_mul(1000).saturating_mul(sharing) / SLOWEST_WRITE_BYTES_PER_SEC;
+    timeout * 6 + Duration::from_millis(body_ms)
 }
 
 /// How long completing a multipart upload of `parts` parts may take: S3 assembles the object
@@ -155,6 +165,7 @@ impl Target {
         id: &str,
         number: i32,
         part: Bytes,
+        sharing: usize,
     ) -> Result<CompletedPart, StoreError> {
         let bytes = part.len();
         let req = self
@@ -166,7 +177,8 @@ impl Target {
             .part_number(number)
             .body(part.into())
             .send();
-        let out = self.timed("UploadPart", bytes, req).await?;
+        let deadline = write_deadline_sharing(self.timeout, bytes, sharing);
+        let out = self.timed_within("UploadPart", deadline, req).await?;
         Ok(CompletedPart::builder()
             .part_number(number)
             .set_e_tag(out.e_tag().map(str::to_owned))
@@ -287,10 +299,12 @@ impl S3Writer {
             .ok_or_else(|| StoreError::Other("too many parts".into()))?;
         let number = self.sent;
         self.sent_bytes += part.len() as u64;
+        // The parts of every upload in flight now, this one included, share the uplink.
+        let sharing = PARTS_IN_FLIGHT.saturating_sub(self.permits.available_permits());
         let target = Arc::clone(&self.target);
         self.in_flight.spawn(async move {
             let _permit = permit;
-            target.upload_part(&id, number, part).await
+            target.upload_part(&id, number, part, sharing).await
         });
         Ok(())
     }
