@@ -130,7 +130,8 @@ pub fn gc(path: Option<&Path>, apply: bool, metrics_file: Option<&Path>) -> anyh
     }
     print!("{summary}");
     if let Some(f) = metrics_file {
-        let text = gc::metrics_file::render_gc(&summary, SystemTime::now());
+        let previous = std::fs::read_to_string(f).ok();
+        let text = gc::metrics_file::render_gc(&summary, previous.as_deref(), SystemTime::now());
         gc::metrics_file::write(f, &text)
             .with_context(|| format!("--metrics-file {}", f.display()))?;
     }
@@ -263,7 +264,8 @@ pub fn verify(
         println!("not hashed: {e}");
     }
     if let Some(f) = metrics_file {
-        let text = gc::metrics_file::render_verify(&report, SystemTime::now());
+        let previous = std::fs::read_to_string(f).ok();
+        let text = gc::metrics_file::render_verify(&report, previous.as_deref(), SystemTime::now());
         gc::metrics_file::write(f, &text)
             .with_context(|| format!("--metrics-file {}", f.display()))?;
     }

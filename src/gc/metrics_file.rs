@@ -65,7 +65,7 @@ fn run_lines(out: &mut String, job: Job, end: SystemTime, failed: bool, success:
         &format!("cellar_{job}_last_run_failed"),
         &format!(
             "1 if the last cellar {job} run stopped before its end (its log says why; the \
-             other series then are missing), 0 if it ended."
+             other series then are missing) or ended with errors, 0 if it ended without."
         ),
     );
     let _ = writeln!(out, "cellar_{job}_last_run_failed {}", u8::from(failed));
@@ -73,7 +73,7 @@ fn run_lines(out: &mut String, job: Job, end: SystemTime, failed: bool, success:
         header(
             out,
             &format!("cellar_{job}_last_success_timestamp_seconds"),
-            &format!("When a cellar {job} run last ended, not stopped (unix time)."),
+            &format!("When a cellar {job} run last ended without errors (unix time)."),
         );
         let _ = writeln!(out, "cellar_{job}_last_success_timestamp_seconds {t}");
     }
@@ -84,21 +84,40 @@ fn run_lines(out: &mut String, job: Job, end: SystemTime, failed: bool, success:
 /// when one last ended, carried over from `previous` (the file the last run left), so a
 /// failing job shows on a dashboard instead of leaving the last good run's numbers there.
 pub fn render_failed(job: Job, previous: Option<&str>, end: SystemTime) -> String {
-    let name = format!("cellar_{}_last_success_timestamp_seconds ", job.name());
-    let success = previous.and_then(|text| {
-        text.lines()
-            .find_map(|l| l.strip_prefix(name.as_str()))
-            .and_then(|v| v.trim().parse().ok())
-    });
     let mut out = String::new();
-    run_lines(&mut out, job, end, true, success);
+    run_lines(&mut out, job, end, true, last_success(job, previous));
     out
 }
 
-/// The metrics of one `cellar gc` run that ended at `end`.
-pub fn render_gc(s: &Summary, end: SystemTime) -> String {
+/// When a run of `job` last ended without errors, as `previous` (the file the last run left)
+/// says.
+fn last_success(job: Job, previous: Option<&str>) -> Option<u64> {
+    let name = format!("cellar_{}_last_success_timestamp_seconds ", job.name());
+    previous.and_then(|text| {
+        text.lines()
+            .find_map(|l| l.strip_prefix(name.as_str()))
+            .and_then(|v| v.trim().parse().ok())
+    })
+}
+
+/// The run lines of a run that ended at `end` with a result, failed if it had errors (the
+/// command exits 1: stopped on request or lapsed half-way, deletions or write-backs that
+/// failed): then the last success is carried over from `previous`, so an alert on either
+/// series sees a job that never gets to its end.
+fn ended_lines(out: &mut String, job: Job, end: SystemTime, failed: bool, previous: Option<&str>) {
+    let success = if failed {
+        last_success(job, previous)
+    } else {
+        Some(unix(end))
+    };
+    run_lines(out, job, end, failed, success);
+}
+
+/// The metrics of one `cellar gc` run that ended at `end` (`previous`: the file the last run
+/// left).
+pub fn render_gc(s: &Summary, previous: Option<&str>, end: SystemTime) -> String {
     let mut out = String::new();
-    run_lines(&mut out, Job::Gc, end, false, Some(unix(end)));
+    ended_lines(&mut out, Job::Gc, end, !s.errors.is_empty(), previous);
     header(
         &mut out,
         "cellar_gc_applied",
@@ -177,10 +196,13 @@ pub fn render_gc(s: &Summary, end: SystemTime) -> String {
     out
 }
 
-/// The metrics of one `cellar verify` run that ended at `end`.
-pub fn render_verify(r: &Report, end: SystemTime) -> String {
+/// The metrics of one `cellar verify` run that ended at `end` (`previous`: the file the last
+/// run left). Findings are its result, not a failure; repair errors and NARs that could not be
+/// read for `--hashes` are.
+pub fn render_verify(r: &Report, previous: Option<&str>, end: SystemTime) -> String {
     let mut out = String::new();
-    run_lines(&mut out, Job::Verify, end, false, Some(unix(end)));
+    let failed = !r.repair_errors.is_empty() || !r.unhashed.is_empty();
+    ended_lines(&mut out, Job::Verify, end, failed, previous);
     header(
         &mut out,
         "cellar_verify_narinfos_checked",
@@ -318,7 +340,7 @@ mod tests {
                 },
             );
         }
-        let prom = super::render_gc(&s, UNIX_EPOCH + Duration::from_secs(1_700_000_123));
+        let prom = super::render_gc(&s, None, UNIX_EPOCH + Duration::from_secs(1_700_000_123));
         assert!(
             prom.contains("\ncellar_gc_last_run_timestamp_seconds 1700000123\n"),
             "{prom}"
@@ -352,7 +374,7 @@ mod tests {
             unhashed: vec!["a.narinfo: gone".into(), "b.narinfo: gone".into()],
             ..Report::default()
         };
-        let prom = super::render_verify(&r, UNIX_EPOCH + Duration::from_secs(42));
+        let prom = super::render_verify(&r, None, UNIX_EPOCH + Duration::from_secs(42));
         for line in [
             "cellar_verify_last_run_timestamp_seconds 42",
             "cellar_verify_narinfos_checked 7",
@@ -370,7 +392,11 @@ mod tests {
     /// file the last one left, and drops that run's numbers (they are not this run's).
     #[test]
     fn a_failed_run_says_so_and_keeps_when_one_last_ended() {
-        let ok = super::render_gc(&Summary::default(), UNIX_EPOCH + Duration::from_secs(100));
+        let ok = super::render_gc(
+            &Summary::default(),
+            None,
+            UNIX_EPOCH + Duration::from_secs(100),
+        );
         assert!(ok.contains("\ncellar_gc_last_run_failed 0\n"), "{ok}");
         assert!(
             ok.contains("\ncellar_gc_last_success_timestamp_seconds 100\n"),
@@ -399,10 +425,68 @@ mod tests {
             "{first}"
         );
         assert!(!first.contains("success"), "{first}");
-        let verified = super::render_verify(&Report::default(), end);
+        let verified = super::render_verify(&Report::default(), None, end);
         assert!(
             verified.contains("\ncellar_verify_last_run_failed 0\n"),
             "{verified}"
+        );
+
+        // A run that ended with errors (stopped half-way, deletions that failed) failed too,
+        // with what it did, and the last success carried over; so does a repair with errors,
+        // or a verify that could not read a NAR to hash. Findings alone are no failure.
+        let later = UNIX_EPOCH + Duration::from_secs(300);
+        let stopped = Summary {
+            errors: vec![crate::gc::STOPPED.into()],
+            ..Summary::default()
+        };
+        let partial = super::render_gc(&stopped, Some(&ok), later);
+        for line in [
+            "cellar_gc_last_run_timestamp_seconds 300",
+            "cellar_gc_last_run_failed 1",
+            "cellar_gc_last_success_timestamp_seconds 100",
+            "cellar_gc_errors 1",
+        ] {
+            assert!(
+                partial.contains(&format!("\n{line}\n")),
+                "{line}:\n{partial}"
+            );
+        }
+        assert_described(&partial);
+        for r in [
+            Report {
+                repair_errors: vec!["x".into()],
+                ..Report::default()
+            },
+            Report {
+                unhashed: vec!["x".into()],
+                ..Report::default()
+            },
+        ] {
+            let text = super::render_verify(&r, Some(&verified), later);
+            assert!(
+                text.contains("\ncellar_verify_last_run_failed 1\n"),
+                "{text}"
+            );
+            assert!(
+                text.contains("\ncellar_verify_last_success_timestamp_seconds 200\n"),
+                "{text}"
+            );
+        }
+        let found = Report {
+            findings: vec![crate::gc::verify::Finding::MissingNar {
+                key: "k".into(),
+                nar: "n".into(),
+            }],
+            ..Report::default()
+        };
+        let text = super::render_verify(&found, Some(&verified), later);
+        assert!(
+            text.contains("\ncellar_verify_last_run_failed 0\n"),
+            "{text}"
+        );
+        assert!(
+            text.contains("\ncellar_verify_last_success_timestamp_seconds 300\n"),
+            "{text}"
         );
     }
 

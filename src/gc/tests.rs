@@ -276,7 +276,7 @@ async fn a_damaged_use_record_counts_its_good_lines_and_is_reported() {
         text.contains("access record _cellar/access/x/p-1 (line 2: \"not a hash\") is damaged"),
         "{text}"
     );
-    let prom = super::metrics_file::render_gc(&s, now);
+    let prom = super::metrics_file::render_gc(&s, None, now);
     assert!(
         prom.contains("\ncellar_gc_damaged_access_records 1\n"),
         "{prom}"
@@ -510,7 +510,7 @@ async fn repair_keeps_the_orphan_nars_uploads_rely_on() {
     let mut in_use = r.in_use.clone();
     in_use.sort();
     assert_eq!(in_use, [before.clone(), during.clone()]);
-    let prom = super::metrics_file::render_verify(&r, now);
+    let prom = super::metrics_file::render_verify(&r, None, now);
     assert!(
         prom.contains("\ncellar_verify_kept_for_uploads 2\n"),
         "{prom}"
@@ -1376,6 +1376,35 @@ async fn a_collection_asked_to_stop_stops_between_batches() {
     );
     assert!(has(&mem, &format!("{}.narinfo", broken.hash)));
     assert!(has(&mem, &nar));
+
+    // Asked to stop while the broken narinfos are being deleted (past the look before their
+    // chunk): the orphan NARs are not deleted, and the repair says it stopped (exit 1, a
+    // failure in the metrics file), not as if it had repaired all.
+    let mem = Arc::new(MemoryStore::new());
+    let broken = path(&mem, "broken", &[], 100 * DAY, now);
+    mem.remove(&broken.nar);
+    let (nar, _) = orphan(&mem, "orphan", now);
+    let store: Arc<dyn Store> = mem.clone();
+    let stop = super::Stop::default();
+    let asked = stop.clone();
+    mem.after_delete(&format!("{}.narinfo", broken.hash), move |_| {
+        asked.request()
+    });
+    let opts = super::verify::Options { stop, ..opts };
+    let r = super::verify::run(&store, "/nix/store", &opts, &Quiet)
+        .await
+        .unwrap();
+    assert!(!has(&mem, &format!("{}.narinfo", broken.hash)));
+    assert!(has(&mem, &nar));
+    assert_eq!(
+        r.repair_errors
+            .iter()
+            .filter(|e| e.contains("stopped on request"))
+            .count(),
+        1,
+        "{:?}",
+        r.repair_errors
+    );
 }
 
 /// A collection that starts after `pin add` recorded its paths but before it wrote the pin

@@ -850,7 +850,7 @@ async fn repair_as(
         for (&i, gone) in chunk.iter().zip(gone) {
             deleted[i as usize] = gone;
         }
-        if halted(run, &opts.stop) {
+        if halted_noted(run, &opts.stop, report) {
             break;
         }
     }
@@ -859,7 +859,7 @@ async fn repair_as(
         unservable[i as usize] = deleted[i as usize];
     }
     // Stopped (asked to, or its announcement lapsed): nothing more is deleted.
-    if halted(run, &opts.stop) {
+    if halted_noted(run, &opts.stop, report) {
         return;
     }
     let unservable = &unservable[..];
@@ -888,7 +888,7 @@ async fn repair_as(
     )
     .await;
     delete_each(store.as_ref(), realisations, report, run, &opts.stop).await;
-    if halted(run, &opts.stop) {
+    if halted_noted(run, &opts.stop, report) {
         return;
     }
     // NARs and listings left without a narinfo, old enough not to be uploads.
@@ -937,7 +937,7 @@ async fn repair_as(
         }
     }
     let gone_nars = delete_nars(store.as_ref(), inv, &nars, opts, run, report).await;
-    if halted(run, &opts.stop) {
+    if halted_noted(run, &opts.stop, report) {
         return;
     }
     // Debug info links naming a NAR this repair deleted, or one the store lacks.
@@ -960,7 +960,7 @@ async fn repair_as(
     .await;
     rest.extend(links);
     delete_each(store.as_ref(), rest, report, run, &opts.stop).await;
-    if halted(run, &opts.stop) {
+    if halted_noted(run, &opts.stop, report) {
         return;
     }
     match store.cleanup_staging(opts.grace).await {
@@ -1070,10 +1070,21 @@ fn keep_closure(
     }
 }
 
-/// Whether the repair must delete nothing more: asked to stop, or its announcement may have
-/// lapsed.
-fn halted(run: &deleting::Run, stop: &super::Stop) -> bool {
-    !run.live() || stop.requested()
+/// Whether the repair must stop (asked to, or its announcement lapsed), said in the report
+/// (once) when so: a repair that stops before its end did not repair what it left, and must
+/// not end as if it had (exit 0, a success in the metrics).
+fn halted_noted(run: &deleting::Run, stop: &super::Stop, report: &mut Report) -> bool {
+    let why = if !run.live() {
+        sweep::LAPSED
+    } else if stop.requested() {
+        super::STOPPED
+    } else {
+        return false;
+    };
+    if !report.repair_errors.iter().any(|e| e == why) {
+        report.repair_errors.push(why.into());
+    }
+    true
 }
 
 /// Keys deleted between two looks at the run's announcement (kept live for other collectors
