@@ -741,7 +741,7 @@ impl State<'_> {
 }
 
 /// `nodes` ordered so that each comes after those of its references that are among them.
-fn references_first(graph: &Graph, nodes: &[u32]) -> Vec<u32> {
+pub(super) fn references_first(graph: &Graph, nodes: &[u32]) -> Vec<u32> {
     let within: HashSet<u32> = nodes.iter().copied().collect();
     let mut seen = HashSet::new();
     let mut out = Vec::with_capacity(nodes.len());
@@ -774,7 +774,11 @@ const WRITE_BACK_RETRIES: [std::time::Duration; 2] = [
 
 /// Writes a deleted narinfo back (an upload relied on it): tried again after a failure,
 /// since until it is back that upload's path has a missing reference.
-async fn write_back(store: &dyn Store, key: &str, body: &Bytes) -> Result<(), StoreError> {
+pub(super) async fn write_back(
+    store: &dyn Store,
+    key: &str,
+    body: &Bytes,
+) -> Result<(), StoreError> {
     let mut pauses = WRITE_BACK_RETRIES.iter();
     loop {
         match store.put_bytes(key, body.clone()).await {

@@ -17,7 +17,7 @@
 //! info links naming what is gone (what it deleted, or what a second look does not find).
 //! Unreadable pins, realisations and links are reported, never deleted.
 
-use std::collections::HashSet;
+use std::collections::{HashMap, HashSet};
 use std::fmt;
 use std::sync::Arc;
 use std::time::{Duration, SystemTime};
@@ -27,6 +27,7 @@ use super::inventory::Inventory;
 use super::report::Progress;
 use super::sweep::Named;
 use super::{access, deleting, pins, sweep};
+use bytes::Bytes;
 use futures::{StreamExt as _, TryStreamExt as _};
 
 use crate::nix::{Sha256, StorePathHash};
@@ -842,6 +843,25 @@ async fn repair_as(
             .copied()
             .filter(|&i| unservable[i as usize])
             .collect();
+        // Copies to write back if an upload turns out to have relied on one of them (below).
+        // One that cannot be read is not deleted.
+        let mut bodies: HashMap<u32, Bytes> = HashMap::new();
+        for &i in &chunk {
+            let key = object_key::narinfo(graph.nodes[i as usize].hash);
+            match store.get_bytes(&key, crate::nix::MAX_NARINFO_BYTES).await {
+                Ok(Some(body)) => {
+                    bodies.insert(i, body);
+                }
+                Ok(None) => {}
+                Err(e) => report
+                    .repair_errors
+                    .push(format!("{key}: {e}; not deleted")),
+            }
+        }
+        let chunk: Vec<u32> = chunk
+            .into_iter()
+            .filter(|i| bodies.contains_key(i))
+            .collect();
         let keys: Vec<String> = chunk
             .iter()
             .map(|&i| object_key::narinfo(graph.nodes[i as usize].hash))
@@ -849,6 +869,54 @@ async fn repair_as(
         let gone = delete_each(store.as_ref(), keys, report, run, &opts.stop).await;
         for (&i, gone) in chunk.iter().zip(gone) {
             deleted[i as usize] = gone;
+        }
+        // An upload that began after the look before this chunk may have found one of them
+        // (healed since it was found broken) and relied on it before it went: written back,
+        // with what it needs, as a collection does after each batch.
+        let reread = access::reread(store.as_ref(), &mut acc, store.now()).await;
+        // Kept with their closures from here on: what is left of them is not deleted by a
+        // later chunk either.
+        let back: Vec<u32> = match &reread {
+            Ok(_) => {
+                for i in 0..graph.len() {
+                    if !kept[i] && acc.uploading.contains(&graph.nodes[i].hash) {
+                        keep_closure(graph, i, &mut kept, &mut unservable, &mut report.relied_on);
+                    }
+                }
+                chunk
+                    .iter()
+                    .copied()
+                    .filter(|&i| kept[i as usize])
+                    .collect()
+            }
+            // Any of them may have been relied on.
+            Err(_) => chunk.clone(),
+        };
+        let back: Vec<u32> = back.into_iter().filter(|&i| deleted[i as usize]).collect();
+        let mut not_back = false;
+        for j in sweep::references_first(graph, &back) {
+            let key = object_key::narinfo(graph.nodes[j as usize].hash);
+            let Some(body) = bodies.get(&j) else { continue };
+            match sweep::write_back(store.as_ref(), &key, body).await {
+                Ok(()) => deleted[j as usize] = false,
+                Err(e) => {
+                    not_back = true;
+                    report.repair_errors.push(format!(
+                        "writing back {key}, which an upload relies on: {e}"
+                    ));
+                }
+            }
+        }
+        // The store fails writes: nothing more is deleted (as a collection stops).
+        if not_back {
+            break;
+        }
+        if let Err(e) = reread {
+            report.repair_errors.push(format!(
+                "re-reading access records: {e}; what was just deleted is written back, and \
+                 repairing stopped"
+            ));
+            break;
         }
         if halted_noted(run, &opts.stop, report) {
             break;
