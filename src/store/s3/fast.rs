@@ -147,7 +147,9 @@ impl FastReads {
     /// go on with the held ones, which are also used if the fetch fails, until
     /// [`STILL_VALID_FOR`] before they expire.
     async fn credentials(&self) -> Result<Credentials, StoreError> {
-        let now = SystemTime::now();
+        // Expiry times are the issuer's (STS, IMDS): judged by the store's clock, which this
+        // machine's may be minutes off (see `StoreClock`), as requests are signed with it.
+        let now = self.clock.now();
         if let Some(c) = self.held(now, REFRESH_BEFORE) {
             return Ok(c);
         }
@@ -162,7 +164,7 @@ impl FastReads {
                     .map_err(|_| StoreError::Timeout(self.timeout.as_secs()))?;
                 // The request that held the lock may have fetched them (perhaps ones that
                 // last less than REFRESH_BEFORE: signed with, not fetched again at once).
-                if let Some(c) = self.held(SystemTime::now(), STILL_VALID_FOR) {
+                if let Some(c) = self.held(self.clock.now(), STILL_VALID_FOR) {
                     return Ok(c);
                 }
                 guard
@@ -868,6 +870,23 @@ mod tests {
             matches!(r.get("p/ok", None).await, Err(StoreError::Misconfigured(m)) if m.contains("credentials")),
             "signed with credentials about to expire"
         );
+    }
+
+    /// Credentials expire by their issuer's clock (STS, IMDS): judged by the store's, which
+    /// this machine's may be off, not signed with once expired there.
+    #[tokio::test]
+    async fn credentials_expire_by_the_stores_clock() {
+        use aws_smithy_types::date_time::{DateTime, Format};
+        let hits = Arc::new(AtomicUsize::new(0));
+        let (r, _) = reads_with(&hits, Duration::from_secs(30 * 60)).await;
+        assert!(r.credentials().await.is_ok());
+        assert!(r.credentials().await.is_ok(), "the ones held");
+        // The store's clock is an hour ahead of this machine's: they have expired.
+        let ahead = DateTime::from(SystemTime::now() + Duration::from_secs(3600))
+            .fmt(Format::HttpDate)
+            .unwrap();
+        assert!(r.clock.observe(&ahead));
+        assert!(r.credentials().await.is_err());
     }
 
     #[test]
