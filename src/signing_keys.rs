@@ -344,7 +344,7 @@ mod tests {
         let host = host.trim();
         assert!(!host.is_empty());
         assert_eq!(host_name(), host);
-        let expected = format!("{host}-1");
+        let expected = key_name_for(host);
         let dir = tempfile::tempdir().unwrap();
         let cfg = SigningConfig {
             generated_key_file: dir.path().join("k.sec"),

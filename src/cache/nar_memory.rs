@@ -237,7 +237,9 @@ where
     };
     if length.is_some_and(|n| n > limit) {
         return Err(match expected {
-            Some(size) if exact => wrong_size(length.unwrap_or_default(), size),
+            Some(size) if exact && length != Some(size) => {
+                wrong_size(length.unwrap_or_default(), size)
+            }
             _ => Unloaded::Large,
         });
     }

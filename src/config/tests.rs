@@ -99,9 +99,7 @@ fn s3_keys_without_the_s3_kind_are_errors() {
     assert!(from_toml("[store]\nregion = \"eu-west-1\"\nprefix = \"cache/\"").is_ok());
 }
 
-/// A key file variable set from an unset one (compose's `${KEY}`) is refused: read as no key
-/// files, it would make cellar sign with a new key no client trusts.
-/// The same for the keys uploads must be signed with: read as no keys, an unset variable would
+/// `CELLAR_UPLOAD__TRUSTED_KEYS` set from an unset variable is refused: read as no keys, it would
 /// quietly let a leaked write token publish unsigned paths.
 #[test]
 #[allow(clippy::result_large_err)] // figment's Jail API
@@ -133,6 +131,8 @@ fn an_empty_trusted_keys_variable_is_refused() {
     });
 }
 
+/// A key file variable set from an unset one (compose's `${KEY}`) is refused: read as no key
+/// files, it would make cellar sign with a new key no client trusts.
 #[test]
 #[allow(clippy::result_large_err)] // figment's Jail API
 fn an_empty_key_file_variable_is_refused() {

@@ -944,6 +944,40 @@ async fn repair_writes_back_what_an_upload_relied_on_meanwhile() {
         "{:?}",
         r.relied_on
     );
+    assert!(
+        !r.repaired.contains(&format!("{}.narinfo", x.hash)),
+        "written back, yet reported deleted: {:?}",
+        r.repaired
+    );
+
+    // X itself uploaded again after it went (whole now): the upload's narinfo stays, not
+    // the broken copy read before.
+    let mem = Arc::new(MemoryStore::new());
+    let x = path(&mem, "x", &[], 100 * DAY, now);
+    mem.remove(&x.nar);
+    let x_key = format!("{}.narinfo", x.hash);
+    let fresh = format!(
+        "{}\nSig: fresh\n",
+        String::from_utf8_lossy(&mem.bytes(&x_key).unwrap())
+    );
+    let hooked = mem.clone();
+    let (x_nar, xh) = (x.nar.clone(), x.hash.parse().unwrap());
+    mem.after_delete(&x_key.clone(), move |key| {
+        hooked.insert(&x_nar, "nar of x");
+        hooked.insert(key, fresh.clone());
+        let day = super::access::day(SystemTime::now());
+        hooked.insert(
+            &format!("_cellar/access/{day}/x-upload"),
+            render([Entry::Path(xh)]),
+        );
+    });
+    let r = repair(&mem, now).await;
+    assert!(r.repair_errors.is_empty(), "{:?}", r.repair_errors);
+    let now_there = String::from_utf8(mem.bytes(&x_key).unwrap().to_vec()).unwrap();
+    assert!(
+        now_there.contains("Sig: fresh"),
+        "the upload's narinfo was replaced: {now_there}"
+    );
 }
 
 /// `verify --repair` deletes a narinfo only if it is older than the grace period and a second
@@ -1065,12 +1099,37 @@ async fn a_long_repair_keeps_what_uploads_began_to_rely_on_meanwhile() {
             .filter(|(i, _)| named(*i))
             .map(|(_, p)| Entry::Path(p.hash.parse().unwrap())),
     );
-    let first = std::sync::atomic::AtomicBool::new(true);
+    let named_keys: std::collections::HashSet<String> = broken
+        .iter()
+        .enumerate()
+        .filter(|(i, _)| named(*i))
+        .map(|(_, p)| format!("{}.narinfo", p.hash))
+        .collect();
+    // And as the second chunk begins, another names a path deleted in the first that the
+    // first did not name: that one stays deleted (the upload found it missing), and keeps
+    // nothing.
+    let late = std::sync::Mutex::new(None::<String>);
+    let deletions = std::sync::atomic::AtomicUsize::new(0);
     mem.after_delete("", move |key| {
         let Some(mem) = weak.upgrade() else { return };
-        if key.ends_with(".narinfo") && first.swap(false, std::sync::atomic::Ordering::SeqCst) {
-            let day = super::access::day(SystemTime::now());
+        if !key.ends_with(".narinfo") {
+            return;
+        }
+        let n = deletions.fetch_add(1, std::sync::atomic::Ordering::SeqCst);
+        let day = super::access::day(SystemTime::now());
+        if n == 0 {
             mem.insert(&format!("_cellar/access/{day}/r-upload"), record.clone());
+        }
+        let mut late = late.lock().unwrap();
+        if late.is_none() && !named_keys.contains(key) {
+            *late = Some(key.trim_end_matches(".narinfo").to_owned());
+        }
+        if n == super::verify::DELETE_CHUNK {
+            let h = late.as_ref().unwrap().parse().unwrap();
+            mem.insert(
+                &format!("_cellar/access/{day}/late-upload"),
+                render([Entry::Path(h)]),
+            );
         }
     });
     let r = repair(&mem, now).await;

@@ -827,7 +827,7 @@ async fn repair_as(
                 report
                     .repair_errors
                     .push(format!("re-reading access records: {e}; stopped repairing"));
-                break;
+                return;
             }
             for &i in &order[n * DELETE_CHUNK..] {
                 let i = i as usize;
@@ -874,12 +874,15 @@ async fn repair_as(
         // (healed since it was found broken) and relied on it before it went: written back,
         // with what it needs, as a collection does after each batch.
         let reread = access::reread(store.as_ref(), &mut acc, store.now()).await;
+        let in_chunk: HashSet<u32> = chunk.iter().copied().collect();
         // Kept with their closures from here on: what is left of them is not deleted by a
-        // later chunk either.
+        // later chunk either. Not those deleted in an earlier chunk, which stay deleted (an
+        // upload relying on one found it missing then): they keep nothing.
         let back: Vec<u32> = match &reread {
             Ok(_) => {
                 for i in 0..graph.len() {
-                    if !kept[i] && acc.uploading.contains(&graph.nodes[i].hash) {
+                    let gone_before = deleted[i] && !in_chunk.contains(&(i as u32));
+                    if !kept[i] && !gone_before && acc.uploading.contains(&graph.nodes[i].hash) {
                         keep_closure(graph, i, &mut kept, &mut unservable, &mut report.relied_on);
                     }
                 }
@@ -897,8 +900,32 @@ async fn repair_as(
         for j in sweep::references_first(graph, &back) {
             let key = object_key::narinfo(graph.nodes[j as usize].hash);
             let Some(body) = bodies.get(&j) else { continue };
-            match sweep::write_back(store.as_ref(), &key, body).await {
-                Ok(()) => deleted[j as usize] = false,
+            // Not before what it needs: one whose reference could not be written back stays
+            // deleted with it.
+            let missing = graph.nodes[j as usize]
+                .refs
+                .iter()
+                .find(|&&r| r != j && deleted[r as usize]);
+            if let Some(&r) = missing {
+                let needed = object_key::narinfo(graph.nodes[r as usize].hash);
+                report.repair_errors.push(format!(
+                    "not writing back {key}, which an upload relies on: its reference {needed} \
+                     is not back"
+                ));
+                continue;
+            }
+            // Uploaded again meanwhile (the path healed): the upload's narinfo stays, not the
+            // broken copy read before.
+            let back = match store.head(&key).await {
+                Ok(Some(_)) => Ok(()),
+                Ok(None) => sweep::write_back(store.as_ref(), &key, body).await,
+                Err(e) => Err(e),
+            };
+            match back {
+                Ok(()) => {
+                    deleted[j as usize] = false;
+                    report.repaired.retain(|k| *k != key);
+                }
                 Err(e) => {
                     not_back = true;
                     report.repair_errors.push(format!(
@@ -907,16 +934,20 @@ async fn repair_as(
                 }
             }
         }
-        // The store fails writes: nothing more is deleted (as a collection stops).
+        // The store fails writes, or the records cannot be read: nothing more is deleted, as a
+        // collection stops.
         if not_back {
-            break;
+            report.repair_errors.push(
+                "a narinfo an upload relies on could not be written back; repairing stopped".into(),
+            );
+            return;
         }
         if let Err(e) = reread {
             report.repair_errors.push(format!(
                 "re-reading access records: {e}; what was just deleted is written back, and \
                  repairing stopped"
             ));
-            break;
+            return;
         }
         if halted_noted(run, &opts.stop, report) {
             break;

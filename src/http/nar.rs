@@ -330,15 +330,16 @@ where
 /// see the reset instead of the answer (curl: "Connection reset by peer"), and Nix 2.8 then
 /// retries the PUT without its body and stalls for `stalled-download-timeout` (300 s). A
 /// NAR refused early (gzip, which cannot be verified; a decompression bomb; a broken stream)
-/// is the usual case.
+/// is the usual case. A body the upload never asked for is not read either: a client that
+/// sent `Expect: 100-continue` is still waiting, and gets the refusal without sending it.
 #[derive(Clone)]
-struct Lent(
-    Arc<
-        std::sync::Mutex<
-            Option<futures::stream::BoxStream<'static, std::io::Result<bytes::Bytes>>>,
-        >,
-    >,
-);
+struct Lent(Arc<std::sync::Mutex<LentBody>>);
+
+struct LentBody {
+    body: Option<futures::stream::BoxStream<'static, std::io::Result<bytes::Bytes>>>,
+    /// Whether the upload asked for the body (which asks the client for it).
+    asked: bool,
+}
 
 /// What is read of a refused upload's body, at most, before it is answered (within
 /// [`DRAIN_TIME`]): more than that and the connection is closed with the rest unread.
@@ -351,7 +352,10 @@ impl Lent {
         S: futures::Stream<Item = std::io::Result<bytes::Bytes>> + Send + 'static,
     {
         use futures::StreamExt as _;
-        Self(Arc::new(std::sync::Mutex::new(Some(body.boxed()))))
+        Self(Arc::new(std::sync::Mutex::new(LentBody {
+            body: Some(body.boxed()),
+            asked: false,
+        })))
     }
 
     /// Reads what is left of the body, if it is not more than [`DRAIN_MAX`] (as far as
@@ -359,10 +363,12 @@ impl Lent {
     /// which has given up on it.
     async fn drain_rest(&self, declared: Option<u64>) {
         use futures::StreamExt as _;
-        let Some(mut rest) = crate::sync::lock(&self.0).take() else {
-            return;
+        let (rest, asked) = {
+            let mut lent = crate::sync::lock(&self.0);
+            (lent.body.take(), lent.asked)
         };
-        if declared.is_some_and(|n| n > DRAIN_MAX) {
+        let Some(mut rest) = rest else { return };
+        if !asked || declared.is_some_and(|n| n > DRAIN_MAX) {
             return;
         }
         let drained = tokio::time::timeout(DRAIN_TIME, async {
@@ -390,7 +396,8 @@ impl futures::Stream for Lent {
     ) -> std::task::Poll<Option<Self::Item>> {
         use futures::StreamExt as _;
         let mut lent = crate::sync::lock(&self.0);
-        let Some(body) = lent.as_mut() else {
+        lent.asked = true;
+        let Some(body) = lent.body.as_mut() else {
             // Taken back (the upload has failed already), or ended.
             return std::task::Poll::Ready(None);
         };
@@ -398,7 +405,7 @@ impl futures::Stream for Lent {
         // Ended, or failed (which ends it): let go, never polled again (the body's streams
         // may not be polled past their end) nor drained.
         if matches!(next, std::task::Poll::Ready(None | Some(Err(_)))) {
-            *lent = None;
+            lent.body = None;
         }
         next
     }

@@ -718,6 +718,31 @@ async fn a_refused_nar_has_its_body_read_before_the_answer() {
         String::from_utf8(res.into_body().collect().await.unwrap().to_bytes().to_vec()).unwrap();
     assert!(text.contains("but its name says"), "{text} ({file})");
     assert!(mem.keys().is_empty(), "{:?}", mem.keys());
+
+    // Refused before the upload asked for its body (the store cannot be written): the body is
+    // not asked for here either (a client waiting for `100 Continue` is not made to send it).
+    read.store(0, Ordering::SeqCst);
+    let name = format!("{NAR_FILE}.nar");
+    mem.fail(
+        crate::store::memory::FailOp::Write,
+        &format!("nar/{name}"),
+        0,
+        1,
+    );
+    let body = {
+        let read = read.clone();
+        futures::StreamExt::map(futures::stream::iter(0..chunks), move |_| {
+            read.fetch_add(1, Ordering::SeqCst);
+            Ok::<_, std::io::Error>(bytes::Bytes::from(vec![7u8; 64 << 10]))
+        })
+    };
+    let req = authed("PUT", &format!("/upload/nar/{name}"), "wtok")
+        .header("content-length", (chunks * (64 << 10)).to_string())
+        .body(Body::from_stream(body))
+        .unwrap();
+    let res = send(&st, req).await;
+    assert!(res.status().is_server_error(), "{}", res.status());
+    assert_eq!(read.load(Ordering::SeqCst), 0, "the body was read");
 }
 
 /// A NAR of 100 bytes of contents (its header alone is checked) and its file name.
