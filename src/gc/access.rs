@@ -495,6 +495,10 @@ pub struct Accessed {
     /// re-reads found): uploads may still rely on them, whatever the retention or the byte
     /// budget.
     pub uploading: HashSet<StorePathHash>,
+    /// Entries of records a re-read took (now in `read`) but could not hand over, as it
+    /// failed after them: the next re-read hands them over first, so that what they name
+    /// is still rescued.
+    pending: Vec<Entry>,
 }
 
 /// Reads the records within the retention `keep` before `now`, and upload records within
@@ -629,6 +633,23 @@ pub async fn reread(
     acc: &mut Accessed,
     now: SystemTime,
 ) -> Result<Vec<Entry>, StoreError> {
+    let mut fresh = std::mem::take(&mut acc.pending);
+    match reread_into(store, acc, now, &mut fresh).await {
+        Ok(()) => Ok(fresh),
+        Err(e) => {
+            acc.pending = fresh;
+            Err(e)
+        }
+    }
+}
+
+/// [`reread`], adding to `fresh` the entries of each record as it takes it.
+async fn reread_into(
+    store: &dyn Store,
+    acc: &mut Accessed,
+    now: SystemTime,
+    fresh: &mut Vec<Entry>,
+) -> Result<(), StoreError> {
     const DAY: Duration = Duration::from_secs(86400);
     // A damaged record of an upload under way was read once: what it protects stays unknown
     // for as long as the run lasts, so every re-read fails, and nothing more is deleted.
@@ -637,7 +658,6 @@ pub async fn reread(
             "the upload record {key} does not parse ({why})"
         )));
     }
-    let mut fresh = Vec::new();
     let since = acc.listed.unwrap_or(now).min(now);
     let mut t = since.checked_sub(DAY).unwrap_or(since);
     let mut days = Vec::new();
@@ -676,7 +696,7 @@ pub async fn reread(
         }
     }
     acc.listed = Some(now);
-    Ok(fresh)
+    Ok(())
 }
 
 /// Days a re-read lists at most (a year): bounds the walk if the clock jumped.
@@ -1037,10 +1057,17 @@ mod tests {
         let key = format!("{RESERVED_PREFIX}{DIR}{}/p-1-upload", day(now));
         mem.insert(&key, render([Entry::Nar(NAR.into())]));
         mem.fail(FailOp::Read, &key, 0, 1);
+        // One read before it in the failed re-read: taken then (not read again), and its
+        // entries handed over by the next re-read, so that what it names is still rescued.
+        let used: StorePathHash = "0c6kzph7q0gbwm8yd1bhcxvq58a1f5xq".parse().unwrap();
+        let before = format!("{RESERVED_PREFIX}{DIR}{}/a-0", day(now));
+        mem.insert(&before, render([Entry::Path(used)]));
         assert!(reread(&mem, &mut acc, now).await.is_err());
+        assert!(acc.read.contains(&before));
         let fresh = reread(&mem, &mut acc, now).await.unwrap();
-        assert_eq!(fresh, vec![Entry::Nar(NAR.into())]);
+        assert_eq!(fresh, vec![Entry::Path(used), Entry::Nar(NAR.into())]);
         assert!(acc.nars.contains(NAR));
+        assert!(reread(&mem, &mut acc, now).await.unwrap().is_empty());
     }
 
     /// A run whose reading took days re-reads the records of every day since its listing, not

@@ -455,17 +455,18 @@ impl Store for MemoryStore {
         } else if let Err(e) = self.take_failure(FailOp::List, prefix) {
             vec![Err(e)]
         } else {
-            lock(&self.objects)
+            // In key order, as S3 lists.
+            let mut found: Vec<ObjectInfo> = lock(&self.objects)
                 .iter()
                 .filter(|(k, _)| k.starts_with(prefix))
-                .map(|(k, v)| {
-                    Ok(ObjectInfo {
-                        key: k.clone(),
-                        size: v.data.len() as u64,
-                        modified: v.modified,
-                    })
+                .map(|(k, v)| ObjectInfo {
+                    key: k.clone(),
+                    size: v.data.len() as u64,
+                    modified: v.modified,
                 })
-                .collect()
+                .collect();
+            found.sort_by(|a, b| a.key.cmp(&b.key));
+            found.into_iter().map(Ok).collect()
         };
         futures::stream::iter(items).boxed()
     }
