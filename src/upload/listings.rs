@@ -31,24 +31,39 @@ pub struct Listings {
 
 #[derive(Default)]
 struct Held {
-    by_path: HashMap<StorePathHash, (Bytes, Instant)>,
+    /// A listing, or none where two different ones came for the path (two pushes of a
+    /// non-reproducible path at once): which narinfo each goes with is not known, so the
+    /// path gets neither.
+    by_path: HashMap<StorePathHash, (Option<Bytes>, Instant)>,
     bytes: usize,
 }
 
 impl Held {
-    fn remove(&mut self, h: StorePathHash) -> Option<Bytes> {
+    fn remove(&mut self, h: StorePathHash) -> Option<Option<Bytes>> {
         let (listing, _) = self.by_path.remove(&h)?;
-        self.bytes -= listing.len();
+        self.bytes -= listing.as_ref().map_or(0, Bytes::len);
         Some(listing)
     }
 }
 
 impl Listings {
-    /// Holds `listing` for `h` (replacing one held before); false if it does not fit.
-    pub fn hold(&self, h: StorePathHash, listing: Bytes) -> bool {
+    /// Holds `listing` for `h` (replacing the same one sent again); refused, saying why, if
+    /// it does not fit, or if another listing is held for `h`: then neither is.
+    pub fn hold(&self, h: StorePathHash, listing: Bytes) -> Result<(), &'static str> {
         let mut held = lock(&self.held);
-        held.remove(h);
         let now = Instant::now();
+        let other = held.by_path.get(&h).is_some_and(|(l, at)| {
+            now.duration_since(*at) < HELD_FOR && l.as_ref() != Some(&listing)
+        });
+        if other {
+            held.remove(h);
+            held.by_path.insert(h, (None, now));
+            return Err(
+                "another listing of the path came meanwhile (two pushes of it at once): \
+                        it gets neither",
+            );
+        }
+        held.remove(h);
         let expired: Vec<StorePathHash> = held
             .by_path
             .iter()
@@ -59,11 +74,11 @@ impl Listings {
             held.remove(e);
         }
         if held.bytes + listing.len() > HELD_BYTES {
-            return false;
+            return Err("too many listings wait for their narinfos");
         }
         held.bytes += listing.len();
-        held.by_path.insert(h, (listing, now));
-        true
+        held.by_path.insert(h, (Some(listing), now));
+        Ok(())
     }
 
     /// The listing held for `h`, if one is and it is not older than [`HELD_FOR`]; no longer
@@ -74,8 +89,13 @@ impl Listings {
             .by_path
             .get(&h)
             .is_some_and(|(_, at)| at.elapsed() < HELD_FOR);
-        let listing = held.remove(h)?;
+        let listing = held.remove(h)??;
         fresh.then_some(listing)
+    }
+
+    #[cfg(test)]
+    fn hold_ok(&self, h: StorePathHash, listing: Bytes) -> bool {
+        self.hold(h, listing).is_ok()
     }
 
     #[cfg(test)]
@@ -98,26 +118,35 @@ mod tests {
     #[tokio::test(start_paused = true)]
     async fn listings_are_held_once_within_their_time_and_budget() {
         let l = Listings::default();
-        assert!(l.hold(hash('a'), Bytes::from_static(b"first")));
-        assert!(l.hold(hash('a'), Bytes::from_static(b"second")));
-        assert_eq!(l.held_bytes(), 6, "replaced, not added");
-        assert_eq!(l.take(hash('a')).as_deref(), Some(&b"second"[..]));
+        assert!(l.hold_ok(hash('a'), Bytes::from_static(b"first")));
+        assert!(l.hold_ok(hash('a'), Bytes::from_static(b"first")));
+        assert_eq!(l.held_bytes(), 5, "replaced, not added");
+        assert_eq!(l.take(hash('a')).as_deref(), Some(&b"first"[..]));
         assert_eq!(l.take(hash('a')), None, "taken once");
         assert_eq!(l.held_bytes(), 0);
 
-        assert!(l.hold(hash('b'), Bytes::from_static(b"late")));
+        // Two different listings of one path (two pushes of a non-reproducible path at
+        // once): which narinfo each goes with is not known, so it gets neither, until they
+        // expire.
+        assert!(l.hold_ok(hash('f'), Bytes::from_static(b"one")));
+        assert!(!l.hold_ok(hash('f'), Bytes::from_static(b"other")));
+        assert!(!l.hold_ok(hash('f'), Bytes::from_static(b"one")));
+        assert_eq!(l.held_bytes(), 0);
+        assert_eq!(l.take(hash('f')), None);
+
+        assert!(l.hold_ok(hash('b'), Bytes::from_static(b"late")));
         tokio::time::advance(HELD_FOR).await;
         assert_eq!(l.take(hash('b')), None, "its narinfo came too late");
         assert_eq!(l.held_bytes(), 0);
 
-        assert!(l.hold(hash('c'), Bytes::from(vec![0u8; HELD_BYTES])));
+        assert!(l.hold_ok(hash('c'), Bytes::from(vec![0u8; HELD_BYTES])));
         assert!(
-            !l.hold(hash('d'), Bytes::from_static(b"x")),
+            !l.hold_ok(hash('d'), Bytes::from_static(b"x")),
             "over the budget"
         );
         tokio::time::advance(HELD_FOR).await;
         assert!(
-            l.hold(hash('d'), Bytes::from_static(b"x")),
+            l.hold_ok(hash('d'), Bytes::from_static(b"x")),
             "the expired made room"
         );
         assert_eq!(l.held_bytes(), 1);

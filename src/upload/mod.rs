@@ -714,8 +714,8 @@ impl Uploader {
         };
         // Held as counted: by its length, not the capacity it grew to.
         listing.shrink_to_fit();
-        if !self.listings.hold(h, Bytes::from(listing)) {
-            tracing::warn!(path = %h, "listing dropped: too many listings wait for their narinfos");
+        if let Err(why) = self.listings.hold(h, Bytes::from(listing)) {
+            tracing::warn!(path = %h, "listing dropped: {why}");
         }
         Ok(())
     }
