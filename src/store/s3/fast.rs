@@ -420,14 +420,19 @@ impl FastReads {
         let headers = res.headers();
         let length = header_u64(headers, CONTENT_LENGTH.as_str())
             .ok_or_else(|| StoreError::Other(format!("GetObject {key}: no Content-Length")))?;
+        let told = headers.get(CONTENT_RANGE).and_then(|v| v.to_str().ok());
         let content_range = match range {
             None => None,
+            // A store that ignores the range sends the whole object, with a 200 (AWS does
+            // for a range an empty object cannot meet): taken as such, as HTTP allows.
+            Some(_) if res.status() == StatusCode::OK && told.is_none() => None,
+            // MinIO's answer to a range of an empty object (`bytes 0--1/0`).
+            Some(_) if told.is_some_and(|t| t.trim_end().ends_with("/0")) => {
+                return Ok(Read::BadRange)
+            }
             // Never serve part of an object as if it were a whole one.
             Some(_) => Some(
-                headers
-                    .get(CONTENT_RANGE)
-                    .and_then(|v| v.to_str().ok())
-                    .and_then(ContentRange::parse_header)
+                told.and_then(ContentRange::parse_header)
                     .filter(|_| res.status() == StatusCode::PARTIAL_CONTENT)
                     .ok_or_else(|| {
                         StoreError::Other(format!(
@@ -675,6 +680,12 @@ mod tests {
                     "/b/p/busy" => "later".into_response(),
                     "/b/p/refusing" => (S::TOO_MANY_REQUESTS, "").into_response(),
                     "/b/p/partial" => (S::PARTIAL_CONTENT, "el").into_response(),
+                    "/b/p/empty" => (
+                        S::PARTIAL_CONTENT,
+                        [(axum::http::header::CONTENT_RANGE, "bytes 0--1/0")],
+                        "",
+                    )
+                        .into_response(),
                     // Streamed: no Content-Length, on HEAD either.
                     "/b/p/unsized" => axum::body::Body::from_stream(futures::stream::once(async {
                         Ok::<_, std::io::Error>(bytes::Bytes::from_static(b"x"))
@@ -768,6 +779,14 @@ mod tests {
             r.get("p/partial", one).await,
             Err(StoreError::Other(_))
         ));
+        // A store that ignores the range answers 200 with the whole object: taken whole,
+        // not as the part asked for.
+        let Read::Found(o) = r.get("p/ok", one).await.unwrap() else {
+            panic!("not found")
+        };
+        assert_eq!((o.length, o.range), (Some(5), None));
+        // MinIO's answer to a range of an empty object.
+        assert!(matches!(r.get("p/empty", one).await, Ok(Read::BadRange)));
     }
 
     #[tokio::test]
