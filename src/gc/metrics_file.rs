@@ -155,7 +155,7 @@ pub fn render_gc(s: &Summary, previous: Option<&str>, end: SystemTime) -> String
     header(
         &mut out,
         "cellar_gc_deleted_objects",
-        "Objects other than narinfos the last run deleted (or would delete), by kind.",
+        "Objects other than narinfos the last run deleted (a dry run: would delete), by kind.",
     );
     for (kind, t) in [
         ("nar", &s.nars),
@@ -165,11 +165,12 @@ pub fn render_gc(s: &Summary, previous: Option<&str>, end: SystemTime) -> String
         ("debuginfo", &s.debuginfo),
         ("access_record", &s.access_records),
     ] {
-        let _ = writeln!(
-            out,
-            "cellar_gc_deleted_objects{{kind=\"{kind}\"}} {}",
-            t.count
-        );
+        // Applied: what it did delete (fewer than planned after errors or a stop).
+        let n = match &s.deleted_objects {
+            Some(done) => done.get(kind).map_or(0, |&n| n as u64),
+            None => t.count,
+        };
+        let _ = writeln!(out, "cellar_gc_deleted_objects{{kind=\"{kind}\"}} {n}");
     }
     header(
         &mut out,

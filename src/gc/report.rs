@@ -50,6 +50,9 @@ pub struct Summary {
     pub restored: usize,
     /// Narinfos deleted, once applied: fewer than planned after errors or rescues.
     pub deleted_narinfos: Option<usize>,
+    /// The other objects deleted by kind, once applied: fewer than planned after errors, a
+    /// stop, or what uploads turned out to rely on.
+    pub deleted_objects: Option<BTreeMap<&'static str, usize>>,
     /// Pins naming paths that are not in the store.
     pub unresolved_pins: Vec<String>,
     /// Access records within the retention that do not parse, whole or in part: what their
@@ -91,6 +94,7 @@ impl Summary {
         self.rescued = o.rescued;
         self.restored = o.restored;
         self.deleted_narinfos = Some(o.deleted_narinfos);
+        self.deleted_objects = Some(o.deleted_objects);
         self.errors.extend(o.errors);
     }
 

@@ -308,6 +308,9 @@ pub struct Outcome {
     pub restored: usize,
     /// Narinfos deleted and not written back.
     pub deleted_narinfos: usize,
+    /// The other objects deleted, by kind (`nar`, `listing`, `realisation`, `log`,
+    /// `debuginfo`, `access_record`).
+    pub deleted_objects: std::collections::BTreeMap<&'static str, usize>,
     pub errors: Vec<String>,
 }
 
@@ -518,7 +521,7 @@ async fn delete(
             .iter()
             .map(|(k, _, nar)| Rest::DebugInfo(k, nar.as_str())),
     );
-    rest.extend(plan.access_records.iter().map(|(k, _)| Rest::Plain(k)));
+    rest.extend(plan.access_records.iter().map(|(k, _)| Rest::Record(k)));
     rest.extend(plan.dead_announcements.iter().map(Rest::Plain));
     progress.phase("deleting NARs and the rest", Some(rest.len() as u64));
     // The end of the part of `rest` whose NARs the standing announcement names, and those
@@ -573,25 +576,31 @@ async fn delete(
                 tracing::warn!(cause = %e, "could not take the NARs kept out of the announcement");
             }
         }
-        let keys: Vec<String> = batch
+        let (kinds, keys): (Vec<Option<&'static str>>, Vec<String>) = batch
             .iter()
             .filter_map(|r| match r {
                 Rest::Nar(f) if !st.nar_free(f) => None,
-                Rest::Nar(f) => Some(format!("nar/{f}")),
+                Rest::Nar(f) => Some((Some("nar"), format!("nar/{f}"))),
                 Rest::Listing(h) if st.kept_path(h) => None,
-                Rest::Listing(h) => Some(object_key::listing(*h)),
+                Rest::Listing(h) => Some((Some("listing"), object_key::listing(*h))),
                 Rest::Realisation(_, Some(h)) if st.kept_path(h) => None,
                 // Its derivation's output was kept during the run after all.
                 Rest::Log(_, drv) if st.kept_deriver(drv) => None,
                 // Its NAR was kept during the run after all.
                 Rest::DebugInfo(_, nar) if !st.nar_free(nar) => None,
-                Rest::Realisation(k, _)
-                | Rest::Log(k, _)
-                | Rest::DebugInfo(k, _)
-                | Rest::Plain(k) => Some((*k).clone()),
+                Rest::Realisation(k, _) => Some((Some("realisation"), (*k).clone())),
+                Rest::Log(k, _) => Some((Some("log"), (*k).clone())),
+                Rest::DebugInfo(k, _) => Some((Some("debuginfo"), (*k).clone())),
+                Rest::Record(k) => Some((Some("access_record"), (*k).clone())),
+                Rest::Plain(k) => Some((None, (*k).clone())),
             })
-            .collect();
-        delete_all(store, &keys, &mut st.out).await;
+            .unzip();
+        let gone = delete_all(store, &keys, &mut st.out).await;
+        for (kind, gone) in kinds.into_iter().zip(gone) {
+            if let (Some(kind), true) = (kind, gone) {
+                *st.out.deleted_objects.entry(kind).or_default() += 1;
+            }
+        }
         progress.advance(batch.len() as u64);
     }
     st.finish()
@@ -614,6 +623,8 @@ enum Rest<'a> {
     Log(&'a String, StorePathHash),
     /// A debug info link, and the NAR it names.
     DebugInfo(&'a String, &'a str),
+    /// An access record past the retention.
+    Record(&'a String),
     Plain(&'a String),
 }
 

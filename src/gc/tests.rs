@@ -281,6 +281,10 @@ async fn a_damaged_use_record_counts_its_good_lines_and_is_reported() {
         prom.contains("\ncellar_gc_damaged_access_records 1\n"),
         "{prom}"
     );
+    assert!(
+        prom.contains("\ncellar_gc_deleted_objects{kind=\"nar\"} 1\n"),
+        "{prom}"
+    );
 }
 
 /// The record of an upload under way that does not parse stops the run before it deletes
@@ -1455,6 +1459,13 @@ async fn a_collection_asked_to_stop_stops_between_batches() {
         );
         assert_eq!(has(&mem, &format!("{}.narinfo", old.hash)), !orphan_only);
         assert!(has(&mem, &old.nar), "orphan only: {orphan_only}");
+        // The metrics file says what it did delete, not what it planned to.
+        assert_eq!(s.nars.count, 1);
+        let prom = super::metrics_file::render_gc(&s, None, now);
+        assert!(
+            prom.contains("\ncellar_gc_deleted_objects{kind=\"nar\"} 0\n"),
+            "{prom}"
+        );
         assert!(
             !mem.keys()
                 .iter()
