@@ -1201,15 +1201,7 @@ async fn delete_each(
 ) -> Vec<bool> {
     let mut gone = Vec::with_capacity(keys.len());
     for chunk in keys.chunks(DELETE_CHUNK) {
-        let why = if !run.live() {
-            Some(sweep::LAPSED)
-        } else if stop.requested() {
-            Some(super::STOPPED)
-        } else {
-            None
-        };
-        if let Some(why) = why {
-            report.repair_errors.push(why.into());
+        if halted_noted(run, stop, report) {
             gone.resize(keys.len(), false);
             break;
         }
