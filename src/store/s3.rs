@@ -208,6 +208,22 @@ enum Failure {
     BadRange,
 }
 
+/// A 401 or 403 from the store: its refusal of the credentials, or, with
+/// `InvalidObjectState`, of one object (AWS's answer for an object a lifecycle rule moved to
+/// an archive storage class: the credentials are fine, that object cannot be read as it is).
+fn refused(what: &str, bucket: &str, code: &str) -> StoreError {
+    if code == "InvalidObjectState" {
+        return StoreError::Other(format!(
+            "{what}: the object is archived (InvalidObjectState); restore it, and keep the \
+             cache's objects out of the bucket's transition rules"
+        ));
+    }
+    let code = if code.is_empty() { "403" } else { code };
+    StoreError::Misconfigured(format!(
+        "{what}: access denied ({code}); check the credentials and that they may read bucket {bucket:?}"
+    ))
+}
+
 fn classify<T, E>(
     what: &str,
     bucket: &str,
@@ -224,11 +240,12 @@ where
         ),
         (SdkError::ServiceError(_), Some(404), _) => Ok(Err(Failure::NotFound)),
         (SdkError::ServiceError(_), Some(416), _) => Ok(Err(Failure::BadRange)),
-        (SdkError::ServiceError(_), Some(401 | 403), c) => Err(StoreError::Misconfigured(format!(
-            "{what}: access denied ({}); check the credentials and that they may read bucket {bucket:?}",
-            c.unwrap_or("403")
-        ))),
-        (SdkError::TimeoutError(_), _, _) => Err(StoreError::Unavailable(format!("{what}: timeout"))),
+        (SdkError::ServiceError(_), Some(401 | 403), c) => {
+            Err(refused(what, bucket, c.unwrap_or("")))
+        }
+        (SdkError::TimeoutError(_), _, _) => {
+            Err(StoreError::Unavailable(format!("{what}: timeout")))
+        }
         (SdkError::DispatchFailure(d), _, _) => {
             if d.is_timeout() {
                 Err(StoreError::Unavailable(format!("{what}: timeout")))

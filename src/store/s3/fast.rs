@@ -395,10 +395,7 @@ impl FastReads {
                 "bucket {bucket:?} does not exist"
             ))),
             (404, _) => Ok(Read::NotFound),
-            (401 | 403, c) => Err(StoreError::Misconfigured(format!(
-                "{what}: access denied ({}); check the credentials and that they may read bucket {bucket:?}",
-                if c.is_empty() { "403" } else { c }
-            ))),
+            (401 | 403, c) => Err(super::refused(what, bucket, c)),
             (s, c) if s >= 500 || s == 429 => Err(StoreError::Unavailable(format!(
                 "{what}: store answered {s} {c}"
             ))),
@@ -672,6 +669,7 @@ mod tests {
                     "/b/p/gone" => (S::NOT_FOUND, xml("NoSuchKey")).into_response(),
                     "/b/p/nobucket" => (S::NOT_FOUND, xml("NoSuchBucket")).into_response(),
                     "/b/p/denied" => (S::FORBIDDEN, xml("AccessDenied")).into_response(),
+                    "/b/p/archived" => (S::FORBIDDEN, xml("InvalidObjectState")).into_response(),
                     "/b/p/range" => (S::RANGE_NOT_SATISFIABLE, "").into_response(),
                     "/b/p/flaky" if n == 0 => (S::INTERNAL_SERVER_ERROR, "").into_response(),
                     "/b/p/flaky" => "later".into_response(),
@@ -769,6 +767,11 @@ mod tests {
         assert!(matches!(
             r.get("p/denied", None).await,
             Err(StoreError::Misconfigured(m)) if m.contains("AccessDenied")
+        ));
+        // An archived object is refused alone: the credentials are not in question.
+        assert!(matches!(
+            r.get("p/archived", None).await,
+            Err(StoreError::Other(m)) if m.contains("archived")
         ));
         // A 206 must say which part it is.
         let one = Some(ByteRange::From {

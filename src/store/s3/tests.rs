@@ -730,40 +730,46 @@ async fn a_write_is_given_time_for_its_body() {
 
 /// A store whose clock is two days ahead of this machine's, refusing signatures more than
 /// 15 minutes off its time (400, as Garage words it; AWS says 403 RequestTimeTooSkewed), and
-/// counting requests in `hits`. Every object is 5 bytes, except `…/denied`, refused (403).
+/// counting requests in `hits`. Every object is 5 bytes, except `…/denied`, refused (403), and
+/// `…/archived`, whose GET is refused as AWS refuses an archived object's (403).
 pub(super) async fn store_two_days_ahead(
     hits: std::sync::Arc<std::sync::atomic::AtomicUsize>,
 ) -> String {
     use aws_smithy_types::date_time::{DateTime, Format};
     use axum::http::{HeaderMap, StatusCode};
     use axum::response::IntoResponse as _;
-    let app = axum::Router::new().fallback(move |uri: axum::http::Uri, h: HeaderMap| async move {
-        hits.fetch_add(1, std::sync::atomic::Ordering::SeqCst);
-        let theirs = std::time::SystemTime::now() + Duration::from_secs(2 * 86400);
-        let date = DateTime::from(theirs).fmt(Format::HttpDate).unwrap();
-        let signed = h
-            .get("x-amz-date")
-            .and_then(|v| v.to_str().ok())
-            .and_then(crate::store::clock::signing_time)
-            .unwrap();
-        let off = theirs
-            .duration_since(signed)
-            .unwrap_or_else(|e| e.duration());
-        if off > Duration::from_secs(900) {
-            let body =
-                "<Error><Code>InvalidRequest</Code><Message>Date is too old</Message></Error>";
-            (StatusCode::BAD_REQUEST, [("date", date)], body).into_response()
-        } else if uri.path().ends_with("/denied") {
-            let body = "<Error><Code>AccessDenied</Code></Error>";
-            (StatusCode::FORBIDDEN, [("date", date)], body).into_response()
-        } else {
-            (
-                StatusCode::OK,
-                [("date", date), ("content-length", "5".into())],
-            )
-                .into_response()
-        }
-    });
+    let app = axum::Router::new().fallback(
+        move |method: axum::http::Method, uri: axum::http::Uri, h: HeaderMap| async move {
+            hits.fetch_add(1, std::sync::atomic::Ordering::SeqCst);
+            let theirs = std::time::SystemTime::now() + Duration::from_secs(2 * 86400);
+            let date = DateTime::from(theirs).fmt(Format::HttpDate).unwrap();
+            let signed = h
+                .get("x-amz-date")
+                .and_then(|v| v.to_str().ok())
+                .and_then(crate::store::clock::signing_time)
+                .unwrap();
+            let off = theirs
+                .duration_since(signed)
+                .unwrap_or_else(|e| e.duration());
+            if off > Duration::from_secs(900) {
+                let body =
+                    "<Error><Code>InvalidRequest</Code><Message>Date is too old</Message></Error>";
+                (StatusCode::BAD_REQUEST, [("date", date)], body).into_response()
+            } else if uri.path().ends_with("/denied") {
+                let body = "<Error><Code>AccessDenied</Code></Error>";
+                (StatusCode::FORBIDDEN, [("date", date)], body).into_response()
+            } else if uri.path().ends_with("/archived") && method == axum::http::Method::GET {
+                let body = "<Error><Code>InvalidObjectState</Code></Error>";
+                (StatusCode::FORBIDDEN, [("date", date)], body).into_response()
+            } else {
+                (
+                    StatusCode::OK,
+                    [("date", date), ("content-length", "5".into())],
+                )
+                    .into_response()
+            }
+        },
+    );
     let l = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
     let endpoint = format!("http://{}", l.local_addr().unwrap());
     tokio::spawn(async move { axum::serve(l, app).await });
@@ -787,5 +793,27 @@ async fn a_store_whose_clock_is_days_away_is_signed_for_with_its_time() {
             .unwrap();
         let off = ahead.as_secs_f64() - 2.0 * 86400.0;
         assert!(off.abs() < 5.0, "direct {direct}: {off} s off");
+    }
+}
+
+/// A 403 for an archived object (AWS's `InvalidObjectState`) is that object's failure, not a
+/// refusal of the credentials, on both read paths; a 403 `AccessDenied` still is.
+#[tokio::test]
+async fn an_archived_object_is_not_taken_for_refused_credentials() {
+    let endpoint = store_two_days_ahead(std::sync::Arc::default()).await;
+    for direct in [false, true] {
+        let store = store_with(endpoint.clone(), 4, direct).await;
+        let archived = store.get("p/archived", None).await;
+        assert!(
+            matches!(&archived, Err(StoreError::Other(m)) if m.contains("InvalidObjectState")),
+            "direct {direct}: {:?}",
+            archived.err()
+        );
+        let denied = store.get("p/denied", None).await;
+        assert!(
+            matches!(&denied, Err(StoreError::Misconfigured(m)) if m.contains("AccessDenied")),
+            "direct {direct}: {:?}",
+            denied.err()
+        );
     }
 }
