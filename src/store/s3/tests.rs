@@ -730,8 +730,9 @@ async fn a_write_is_given_time_for_its_body() {
 
 /// A store whose clock is two days ahead of this machine's, refusing signatures more than
 /// 15 minutes off its time (400, as Garage words it; AWS says 403 RequestTimeTooSkewed), and
-/// counting requests in `hits`. Every object is 5 bytes, except `…/denied`, refused (403), and
-/// `…/archived`, whose GET is refused as AWS refuses an archived object's (403).
+/// counting requests in `hits`. Every object is 5 bytes, except `…/denied`, refused (403), ,
+/// `…/archived`, whose GET is refused as AWS refuses an archived object's (403), and
+/// `…/empty` and `…/minio-empty`, empty objects whose ranged GET AWS and MinIO answer.
 pub(super) async fn store_two_days_ahead(
     hits: std::sync::Arc<std::sync::atomic::AtomicUsize>,
 ) -> String {
@@ -758,6 +759,22 @@ pub(super) async fn store_two_days_ahead(
             } else if uri.path().ends_with("/denied") {
                 let body = "<Error><Code>AccessDenied</Code></Error>";
                 (StatusCode::FORBIDDEN, [("date", date)], body).into_response()
+            } else if uri.path().ends_with("/empty") && method == axum::http::Method::GET {
+                // AWS: a range of an empty object is answered with the whole object.
+                (
+                    StatusCode::OK,
+                    [("date", date), ("content-length", "0".into())],
+                )
+                    .into_response()
+            } else if uri.path().ends_with("/minio-empty") && method == axum::http::Method::GET {
+                let told = ("content-range", "bytes 0--1/0".to_owned());
+                (StatusCode::PARTIAL_CONTENT, [("date", date), told]).into_response()
+            } else if uri.path().ends_with("empty") {
+                (
+                    StatusCode::OK,
+                    [("date", date), ("content-length", "0".into())],
+                )
+                    .into_response()
             } else if uri.path().ends_with("/archived") && method == axum::http::Method::GET {
                 let body = "<Error><Code>InvalidObjectState</Code></Error>";
                 (StatusCode::FORBIDDEN, [("date", date)], body).into_response()
@@ -814,6 +831,32 @@ async fn an_archived_object_is_not_taken_for_refused_credentials() {
             matches!(&denied, Err(StoreError::Misconfigured(m)) if m.contains("AccessDenied")),
             "direct {direct}: {:?}",
             denied.err()
+        );
+    }
+}
+
+/// A range of an empty object, as AWS answers it (a 200 with the empty object) and as MinIO
+/// does (`206 bytes 0--1/0`): the empty object and a 416, on both read paths, not a 502.
+#[tokio::test]
+async fn a_range_of_an_empty_object_is_answered_as_the_stores_do() {
+    let endpoint = store_two_days_ahead(std::sync::Arc::default()).await;
+    let range = Some(ByteRange::From {
+        start: 0,
+        end: None,
+    });
+    for direct in [false, true] {
+        let store = store_with(endpoint.clone(), 4, direct).await;
+        let whole = store.get("p/empty", range).await;
+        assert!(
+            matches!(&whole, Ok(Some(o)) if o.length == Some(0) && o.range.is_none()),
+            "direct {direct}: {:?}",
+            whole.as_ref().err()
+        );
+        let minio = store.get("p/minio-empty", range).await;
+        assert!(
+            matches!(&minio, Err(StoreError::RangeNotSatisfiable { size: 0 })),
+            "direct {direct}: {:?}",
+            minio.as_ref().err()
         );
     }
 }
