@@ -17,6 +17,8 @@ pub enum Compression {
     /// The rest of what Nix compresses with (through libarchive): served as stored, never
     /// decoded. `lzip` gets `.nar.lzip`; the others a bare `.nar`, as gzip does.
     Lzip,
+    /// The legacy `.lzma` format (xz's predecessor), not xz.
+    Lzma,
     Lzop,
     Grzip,
     Lrzip,
@@ -25,7 +27,7 @@ pub enum Compression {
 
 impl Compression {
     /// Every compression Nix knows.
-    pub const ALL: [Self; 12] = [
+    pub const ALL: [Self; 13] = [
         Self::None,
         Self::Xz,
         Self::Zstd,
@@ -34,6 +36,7 @@ impl Compression {
         Self::Lz4,
         Self::Gzip,
         Self::Lzip,
+        Self::Lzma,
         Self::Lzop,
         Self::Grzip,
         Self::Lrzip,
@@ -51,6 +54,7 @@ impl Compression {
             Self::Lz4 => "lz4",
             Self::Gzip => "gzip",
             Self::Lzip => "lzip",
+            Self::Lzma => "lzma",
             Self::Lzop => "lzop",
             Self::Grzip => "grzip",
             Self::Lrzip => "lrzip",
@@ -58,11 +62,17 @@ impl Compression {
         }
     }
 
-    /// The suffix Nix appends to `.nar`. Quirk kept from Nix: gzip (and lzop, grzip, lrzip,
-    /// compress) get none.
+    /// The suffix Nix appends to `.nar`. Quirk kept from Nix: gzip (and lzma, lzop, grzip,
+    /// lrzip, compress) get none.
     pub fn extension(self) -> &'static str {
         match self {
-            Self::None | Self::Gzip | Self::Lzop | Self::Grzip | Self::Lrzip | Self::Compress => "",
+            Self::None
+            | Self::Gzip
+            | Self::Lzma
+            | Self::Lzop
+            | Self::Grzip
+            | Self::Lrzip
+            | Self::Compress => "",
             Self::Lzip => ".lzip",
             Self::Xz => ".xz",
             Self::Zstd => ".zst",
@@ -88,6 +98,7 @@ impl Compression {
             | Self::Lz4
             | Self::Gzip
             | Self::Lzip
+            | Self::Lzma
             | Self::Lzop
             | Self::Grzip
             | Self::Lrzip
@@ -114,9 +125,13 @@ impl Compression {
         match c {
             Self::Xz | Self::Zstd | Self::Bzip2 | Self::Brotli | Self::Gzip => Ok(Some(c)),
             Self::None => Ok(None),
-            Self::Lz4 | Self::Lzip | Self::Lzop | Self::Grzip | Self::Lrzip | Self::Compress => {
-                Err(name)
-            }
+            Self::Lz4
+            | Self::Lzip
+            | Self::Lzma
+            | Self::Lzop
+            | Self::Grzip
+            | Self::Lrzip
+            | Self::Compress => Err(name),
         }
     }
 
@@ -141,7 +156,13 @@ impl Compression {
             Self::Bzip2 => Box::new(bzip2::read::MultiBzDecoder::new(input)),
             Self::Brotli => Box::new(brotli_decompressor::Decompressor::new(input, 64 * 1024)),
             Self::Gzip => Box::new(flate2::read::MultiGzDecoder::new(input)),
-            Self::Lz4 | Self::Lzip | Self::Lzop | Self::Grzip | Self::Lrzip | Self::Compress => {
+            Self::Lz4
+            | Self::Lzip
+            | Self::Lzma
+            | Self::Lzop
+            | Self::Grzip
+            | Self::Lrzip
+            | Self::Compress => {
                 return Err(io::Error::new(
                     io::ErrorKind::Unsupported,
                     format!("cellar does not decode {self}"),
@@ -176,6 +197,7 @@ impl FromStr for Compression {
             "lz4" => Self::Lz4,
             "gzip" => Self::Gzip,
             "lzip" => Self::Lzip,
+            "lzma" => Self::Lzma,
             "lzop" => Self::Lzop,
             "grzip" => Self::Grzip,
             "lrzip" => Self::Lrzip,
@@ -206,7 +228,7 @@ mod tests {
         assert!("rar".parse::<Compression>().is_err());
         assert_eq!(Compression::from_extension("lzip"), Some(Compression::Lzip));
         // What Nix writes with libarchive's filters: named, served, never decoded.
-        for c in ["lzip", "lzop", "grzip", "lrzip", "compress"] {
+        for c in ["lzip", "lzma", "lzop", "grzip", "lrzip", "compress"] {
             let c: Compression = c.parse().unwrap();
             assert!(!c.can_decode() && !c.can_encode(), "{c}");
             assert!(c.decoder(&b""[..], 1 << 20).is_err(), "{c}");

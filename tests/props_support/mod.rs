@@ -75,7 +75,7 @@ pub fn narinfo() -> impl Strategy<Value = NarInfo> {
         proptest::option::of(sha256()),
         proptest::option::of(any::<u64>()),
     );
-    let nar = (sha256(), any::<u64>());
+    let nar = (sha256(), 1..=u64::MAX);
     let refs = proptest::collection::vec(base_name(), 0..6);
     let extras = (
         proptest::option::of(base_name()),

@@ -246,7 +246,12 @@ impl NarInfo {
                 "FileHash" => set(&mut file_hash, hash("FileHash")?, line, "FileHash")?,
                 "FileSize" => set(&mut file_size, num("FileSize")?, line, "FileSize")?,
                 "NarHash" => set(&mut nar_hash, hash("NarHash")?, line, "NarHash")?,
-                "NarSize" => set(&mut nar_size, num("NarSize")?, line, "NarSize")?,
+                "NarSize" => match num("NarSize")? {
+                    // No NAR is empty (its header alone is 13 bytes), and Nix refuses such a
+                    // narinfo as corrupt ("NarSize missing or zero").
+                    0 => return Err(bad("NarSize", "zero".into())),
+                    n => set(&mut nar_size, n, line, "NarSize")?,
+                },
                 "References" => {
                     let refs = value
                         .split(' ')
@@ -265,10 +270,10 @@ impl NarInfo {
                 "System" => set(&mut system, value.to_owned(), line, "System")?,
                 "Sig" => sigs.push(value.parse().map_err(|e| bad("Sig", format!("{e}")))?),
                 "CA" => {
-                    if value.is_empty() {
-                        return Err(bad("CA", "empty".into()));
+                    // Nix reads an empty `CA:` as none.
+                    if !value.is_empty() {
+                        set(&mut ca, value.to_owned(), line, "CA")?
                     }
-                    set(&mut ca, value.to_owned(), line, "CA")?
                 }
                 other => {
                     // Nix splits a line at its first `:`: `References:x: y` is a second

@@ -70,7 +70,7 @@ fn missing_compression_means_bzip2_and_hex_narhash_is_normalised() {
     let text = "StorePath: /nix/store/6bxnj2gfflqa529lddzh3zhcn45nn86r-top\n\
 URL: nar/x.nar.bz2\n\
 NarHash: sha256:e3b0c44298fc1c149afbf4c8996fb92427ae41e4649b934ca495991b7852b855\n\
-NarSize: 0\n\
+NarSize: 13\n\
 References:\n";
     let n = NarInfo::parse(text, SD).unwrap();
     assert_eq!(n.compression, Compression::Bzip2);
@@ -299,4 +299,29 @@ fn an_uncompressed_nar_without_a_file_size_gets_its_nar_size() {
     n.file_size = Some(5);
     n.complete_file_size();
     assert_eq!(n.file_size, Some(5), "given: kept");
+}
+
+/// What Nix's own parser makes of two edge cases: `NarSize: 0` is corrupt (no NAR is empty),
+/// an empty `CA:` is no CA.
+#[test]
+fn zero_nar_size_is_refused_and_an_empty_ca_is_none() {
+    let text = |size: u64, ca: &str| {
+        format!(
+            "StorePath: /nix/store/6bxnj2gfflqa529lddzh3zhcn45nn86r-top\n\
+URL: nar/x.nar\n\
+Compression: none\n\
+NarHash: sha256:0mdqa9w1p6cmli6976v4wi0sw9r4p5prkj7lzfd1877wk11c9c73\n\
+NarSize: {size}\n\
+References:\n{ca}"
+        )
+    };
+    let zero = NarInfo::parse(&text(0, ""), SD);
+    assert!(
+        zero.as_ref()
+            .is_err_and(|e| e.to_string().contains("NarSize")),
+        "{zero:?}"
+    );
+    let n = NarInfo::parse(&text(120, "CA: \n"), SD).unwrap();
+    assert_eq!(n.ca, None);
+    assert!(!n.render(SD).contains("CA:"));
 }
