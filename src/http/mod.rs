@@ -197,15 +197,18 @@ async fn put_file(
     }
 }
 
-/// Reads need a `read` token in private mode; everything else needs a `write` token.
+/// Reads need a `read` token in private mode; uploads (`PUT`) need a `write` token. No route
+/// here takes another method: such a request goes on to the router, which answers 405, with
+/// no credentials asked for and no upload warned of.
 async fn authorize(State(st): State<AppState>, req: Request, next: Next) -> Response {
     let scope = match *req.method() {
         Method::GET | Method::HEAD => Scope::Read,
-        _ => Scope::Write,
+        Method::PUT => {
+            warn_root_upload_once(&st);
+            Scope::Write
+        }
+        _ => return next.run(req).await,
     };
-    if scope == Scope::Write {
-        warn_root_upload_once(&st);
-    }
     check(&st, req, next, scope).await
 }
 

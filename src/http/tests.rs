@@ -431,6 +431,67 @@ pub(super) fn authed(method: &str, path: &str, token: &str) -> axum::http::reque
         .header("authorization", format!("Bearer {token}"))
 }
 
+/// A method no route takes (`DELETE`, `POST`, `OPTIONS`) is a 405, as docs/http-api.md says,
+/// with or without credentials, private mode or not; it is not taken for an upload sent to
+/// the root (no 401, no warning used up), while a `PUT` there still needs its write token.
+#[tokio::test]
+async fn other_methods_are_not_allowed_rather_than_unauthorized() {
+    use crate::config::Scope;
+    use std::sync::atomic::Ordering;
+    let mem = Arc::new(MemoryStore::new());
+    let mut cfg = with_tokens(Config::default(), &[("r", "rtok", Scope::Read)]);
+    cfg.auth.private = true;
+    let st = state(cfg, &mem);
+    let narinfo = format!("/{}.narinfo", "0".repeat(32));
+    for (method, path) in [
+        ("DELETE", narinfo.as_str()),
+        ("POST", "/nix-cache-info"),
+        ("OPTIONS", "/nix-cache-info"),
+        ("DELETE", "/nar/x.nar"),
+    ] {
+        let req = Request::builder()
+            .method(method)
+            .uri(path)
+            .body(Body::empty());
+        let res = send(&st, req.unwrap()).await;
+        assert_eq!(
+            res.status(),
+            StatusCode::METHOD_NOT_ALLOWED,
+            "{method} {path}"
+        );
+        let req = authed(method, path, "rtok").body(Body::empty());
+        let res = send(&st, req.unwrap()).await;
+        assert_eq!(
+            res.status(),
+            StatusCode::METHOD_NOT_ALLOWED,
+            "{method} {path}, read token"
+        );
+    }
+    assert!(!st.root_upload_warned.load(Ordering::Relaxed));
+    let req = Request::builder()
+        .method("PUT")
+        .uri(&narinfo)
+        .body(Body::empty());
+    assert_eq!(
+        send(&st, req.unwrap()).await.status(),
+        StatusCode::UNAUTHORIZED
+    );
+    let req = authed("PUT", &narinfo, "rtok").body(Body::empty());
+    assert_eq!(
+        send(&st, req.unwrap()).await.status(),
+        StatusCode::FORBIDDEN
+    );
+    assert!(st.root_upload_warned.load(Ordering::Relaxed));
+    // Reads still need the token in private mode.
+    let req = Request::builder()
+        .uri("/nix-cache-info")
+        .body(Body::empty());
+    assert_eq!(
+        send(&st, req.unwrap()).await.status(),
+        StatusCode::UNAUTHORIZED
+    );
+}
+
 #[tokio::test]
 async fn the_upload_address_needs_a_write_token_even_to_read() {
     use crate::config::Scope;
