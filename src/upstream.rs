@@ -16,7 +16,8 @@ use futures::{StreamExt as _, TryStreamExt as _};
 use crate::backoff::{Attempt, Backoff};
 use crate::config::UpstreamConfig;
 use crate::nix::{
-    NarFileName, NarInfo, NarInfoError, NarUrlError, PublicKey, StorePathHash, MAX_NARINFO_BYTES,
+    Compression, NarFileName, NarInfo, NarInfoError, NarUrlError, PublicKey, StorePathHash,
+    MAX_NARINFO_BYTES,
 };
 use crate::store::{ByteRange, ContentRange, Object, ObjectWriter, Store, StoreError};
 
@@ -75,6 +76,8 @@ enum Refusal {
     Unsigned,
     /// Its `URL` is not `nar/<file>`, so its NAR could not be served through `/nar/…`.
     BadUrl(NarUrlError),
+    /// Sent compressed in a way cellar does not decode, or not decodable as it says.
+    Encoded(String),
 }
 
 impl fmt::Display for Refusal {
@@ -85,6 +88,7 @@ impl fmt::Display for Refusal {
             Self::Invalid(e) => fmt::Display::fmt(e, f),
             Self::Unsigned => f.write_str("no valid signature by the upstream's keys"),
             Self::BadUrl(e) => fmt::Display::fmt(e, f),
+            Self::Encoded(why) => f.write_str(why),
         }
     }
 }
@@ -209,7 +213,7 @@ impl Upstreams {
         match self.lookup_narinfo(h).await {
             (Some(_), _, _) => Ok(true),
             (None, false, false) => Ok(false),
-            (None, _, _) => Err(StoreError::Unavailable(
+            (None, _, _) => Err(StoreError::UpstreamDown(
                 "an upstream cache could not be asked".into(),
             )),
         }
@@ -246,10 +250,17 @@ impl Upstreams {
                     continue;
                 }
             };
-            let body = match tokio::time::timeout(
-                u.timeout,
-                read_capped(res, MAX_NARINFO_BYTES as usize),
-            )
+            // A bucket Nix wrote with `narinfo-compression` serves its narinfos compressed,
+            // saying so in their `Content-Encoding` (whatever the request accepts), as the store
+            // does: decoded the same way, within the same bound.
+            let coding = res
+                .headers()
+                .get(reqwest::header::CONTENT_ENCODING)
+                .map(|v| Compression::from_content_encoding(v.to_str().unwrap_or("?")));
+            let body = match tokio::time::timeout(u.timeout, async {
+                let body = read_capped(res, MAX_NARINFO_BYTES as usize).await?;
+                decode_narinfo(h, coding, body).await
+            })
             .await
             {
                 Ok(Ok(b)) => {
@@ -733,6 +744,26 @@ fn unsatisfied_range_size(v: &str) -> Option<u64> {
     v.trim().strip_prefix("bytes */")?.parse().ok()
 }
 
+/// The narinfo of `h` as sent (`body`), decoded from its `Content-Encoding` (`coding`).
+async fn decode_narinfo(
+    h: StorePathHash,
+    coding: Option<Result<Option<Compression>, String>>,
+    body: bytes::Bytes,
+) -> Result<bytes::Bytes, Refusal> {
+    match coding {
+        None | Some(Ok(None)) => Ok(body),
+        Some(Ok(Some(c))) => {
+            let key = format!("{h}.narinfo");
+            crate::store::decoded(&key, c, body.into(), MAX_NARINFO_BYTES)
+                .await
+                .map_err(|e| Refusal::Encoded(e.to_string()))
+        }
+        Some(Err(name)) => Err(Refusal::Encoded(format!(
+            "sent with Content-Encoding {name:?}, which cellar does not decode"
+        ))),
+    }
+}
+
 /// Reads a response body, refusing more than `cap` bytes.
 async fn read_capped(res: reqwest::Response, cap: usize) -> Result<bytes::Bytes, Refusal> {
     if res.content_length().is_some_and(|l| l > cap as u64) {
@@ -800,7 +831,7 @@ impl Store for WithUpstreams {
                 Err(e) => {
                     return match self.store.get(key, range).await {
                         Ok(Some(o)) => Ok(Some(o)),
-                        _ => Err(e),
+                        _ => Err(upstream_down(e)),
                     }
                 }
             }

@@ -509,7 +509,7 @@ pub trait Store: Send + Sync + 'static {
 const DECODE_XZ_MEMORY: u64 = 128 << 20;
 
 /// `data` (of `key`) decoded from `c`, at most `limit` bytes of it.
-async fn decoded(
+pub(crate) async fn decoded(
     key: &str,
     c: Compression,
     data: Vec<u8>,

@@ -1114,6 +1114,12 @@ async fn a_later_part_the_upstream_fails_is_served_from_the_store() {
         2,
         "the upstream was asked first"
     );
+    // Neither has it: the upstream's failure, told as such (not the store's).
+    mem.remove("nar/whole.nar");
+    assert!(matches!(
+        both.get("nar/whole.nar", part(4)).await,
+        Err(StoreError::UpstreamDown(_))
+    ));
 }
 
 /// Only an object an upstream served from its first byte sends its later parts to the
@@ -1279,4 +1285,62 @@ async fn a_nar_named_after_its_store_path_comes_from_one_upstream_only() {
         asked_before,
         "the later part was asked of another upstream"
     );
+}
+
+/// An upstream bucket whose narinfos Nix wrote with `narinfo-compression` serves them
+/// compressed, saying so in `Content-Encoding`: decoded as the store's are (xz, zstd); one
+/// in a coding cellar does not decode is refused with that reason, not taken for a narinfo.
+#[tokio::test]
+async fn an_upstreams_compressed_narinfos_are_decoded() {
+    use std::io::Read as _;
+    let logs = crate::test_logs::capture();
+    let key = crate::nix::SecretKey::generate("bucket-1").unwrap();
+    let third = "8bxnj2gfflqa529lddzh3zhcn45nn86r";
+    let plain = |h: &str| signed_narinfo(&key, &format!("{h}-a"), SECOND_NAR);
+    let mut xz = Vec::new();
+    liblzma::read::XzEncoder::new(plain(FIRST).as_bytes(), 6)
+        .read_to_end(&mut xz)
+        .unwrap();
+    let zst = zstd::encode_all(plain(SECOND).as_bytes(), 3).unwrap();
+    let lz4 = plain(third).into_bytes();
+    let coded = |coding: &'static str, body: Vec<u8>| {
+        axum::routing::get(move || async move { ([("content-encoding", coding)], body) })
+    };
+    let app = axum::Router::new()
+        .route(&format!("/{FIRST}.narinfo"), coded("xz", xz))
+        .route(&format!("/{SECOND}.narinfo"), coded("zstd", zst))
+        .route(&format!("/{third}.narinfo"), coded("lz4", lz4));
+    let config = UpstreamConfig {
+        url: serve(app).await,
+        public_keys: vec![key.public()],
+        timeout: Duration::from_secs(5),
+        mirror: false,
+    };
+    let upstreams = Upstreams::new(&[config], "/nix/store").unwrap();
+    for h in [FIRST, SECOND] {
+        let (found, failed) = upstreams.narinfo(h.parse().unwrap()).await;
+        let info = found.map(|f| f.info);
+        assert!(
+            info.as_ref()
+                .is_some_and(|i| i.store_path.to_string().starts_with(h)),
+            "{h}: {info:?}"
+        );
+        assert!(!failed);
+    }
+    let (found, failed) = upstreams.narinfo(third.parse().unwrap()).await;
+    assert!(found.is_none() && !failed);
+    let logged = logs.text();
+    assert!(logged.contains("which cellar does not decode"), "{logged}");
+}
+
+/// Whether an upstream has a path, when it cannot be asked (an upload's reference, verify's
+/// look at paths the store lacks), is the upstream's failure, told as such: not a miss, and
+/// not the store's failure.
+#[tokio::test]
+async fn has_is_upstream_down_when_the_upstream_cannot_be_asked() {
+    let upstreams = upstreams_at("http://127.0.0.1:9".into());
+    assert!(matches!(
+        upstreams.has(FIRST.parse().unwrap()).await,
+        Err(StoreError::UpstreamDown(_))
+    ));
 }
