@@ -11,6 +11,7 @@
 //! and a copy that fails is logged and forgotten: the path is offered again on a later miss.
 
 use std::collections::{HashSet, VecDeque};
+use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::{Arc, Mutex};
 
 use tokio::sync::{OwnedSemaphorePermit, Semaphore};
@@ -52,6 +53,8 @@ struct Inner {
     copies: Arc<Semaphore>,
     /// Offered paths no copy has taken yet, in the order offered.
     waiting: Mutex<VecDeque<NarInfo>>,
+    /// Set by [`Mirror::retire`]: nothing more is copied.
+    retired: AtomicBool,
 }
 
 impl Mirror {
@@ -63,6 +66,7 @@ impl Mirror {
                 upstreams,
                 copies: Arc::new(Semaphore::new(MAX_COPIES)),
                 waiting: Mutex::new(VecDeque::new()),
+                retired: AtomicBool::new(false),
             }),
         }
     }
@@ -73,6 +77,9 @@ impl Mirror {
     /// store path (attic, old nix-serve) cannot be: the store keeps NARs under a hash of its
     /// bytes.
     pub fn offer(&self, info: NarInfo) -> bool {
+        if self.inner.retired.load(Ordering::SeqCst) {
+            return false;
+        }
         if !info.nar_file().is_ok_and(|f| f.names_its_bytes()) {
             tracing::debug!(path = %info.store_path, url = %info.url, "not mirrored: its NAR is not named after its bytes");
             return false;
@@ -90,6 +97,27 @@ impl Mirror {
         }
         Inner::work(&self.inner);
         true
+    }
+
+    /// Stops this mirror, whose upstreams a reload replaced (an upstream no longer mirrored,
+    /// or gone, perhaps for serving what it should not): the paths waiting are dropped, later
+    /// offers refused, and a copy under way stops before its next path. What it copied is in
+    /// the store, verified and with its references, as an upload would be.
+    pub fn retire(&self) {
+        self.inner.retired.store(true, Ordering::SeqCst);
+        let dropped = std::mem::take(&mut *lock(&self.inner.waiting)).len();
+        if dropped > 0 {
+            tracing::info!(
+                paths = dropped,
+                "upstreams reconfigured: paths waiting to be mirrored dropped"
+            );
+        }
+    }
+
+    /// Whether [`Self::retire`] was called (for tests).
+    #[cfg(test)]
+    pub fn is_retired(&self) -> bool {
+        self.inner.retired.load(Ordering::SeqCst)
     }
 
     /// Paths offered and not yet taken by a copy (for tests).
@@ -197,9 +225,14 @@ impl Inner {
             }
             stack.push((found, 0));
         }
-        let n = order.len();
+        let mut n = 0;
         for info in order {
+            if self.retired.load(Ordering::SeqCst) {
+                tracing::info!(path = %info.store_path, "upstreams reconfigured: mirroring stopped");
+                break;
+            }
             self.copy_one(info).await?;
+            n += 1;
         }
         Ok(n)
     }
@@ -411,6 +444,31 @@ mod tests {
             mirror.inner.copy_closure(paths[0].0.clone()).await.unwrap(),
             0
         );
+    }
+
+    /// A mirror retired by a reload that replaced its upstreams copies nothing more: the copy
+    /// under way ends with the path it is writing (its references are in), later offers are
+    /// refused.
+    #[tokio::test]
+    async fn a_retired_mirror_stops_before_its_next_path() {
+        let key = crate::nix::SecretKey::generate("up-1").unwrap();
+        let paths = [closure_path(&key, A, &[B]), closure_path(&key, B, &[])];
+        let store = Arc::new(MemoryStore::new());
+        let mirror = mirror_over(&key, &paths, &store).await;
+        let gate = store.hold_writes("nar/");
+        let copying = {
+            let (inner, top) = (mirror.inner.clone(), paths[0].0.clone());
+            tokio::spawn(async move { inner.copy_closure(top).await })
+        };
+        gate.reached().await;
+        mirror.retire();
+        gate.open();
+        assert_eq!(copying.await.unwrap().unwrap(), 1, "B, the path under way");
+        assert!(store.bytes(&format!("{B}.narinfo")).is_some());
+        assert!(store.bytes(&format!("{A}.narinfo")).is_none());
+        assert!(store.bytes(&paths[0].1).is_none());
+        assert!(!mirror.offer(paths[0].0.clone()));
+        assert_eq!(mirror.waiting(), 0);
     }
 
     /// A reference only an upstream that is not mirrored serves stays there (served through

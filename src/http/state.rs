@@ -198,7 +198,12 @@ impl AppState {
             Some(&old),
         )?;
         let emptied = !Arc::ptr_eq(&live.narinfos, &old.narinfos);
+        let new_upstreams = !Arc::ptr_eq(&live.upstreams, &old.upstreams);
         self.live.store(Arc::new(live));
+        if new_upstreams {
+            // Nothing more is copied from the upstreams as they were.
+            old.mirror.retire();
+        }
         if emptied {
             // The new narinfo cache holds nothing: what was prefetched into the old one may
             // be prefetched again.

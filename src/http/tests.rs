@@ -1123,12 +1123,24 @@ async fn a_reload_swaps_upstreams_and_max_ages() {
         timeout: Duration::from_secs(5),
         mirror: false,
     }];
-    st.reload(new, vec![SecretKey::generate("test-cellar-1").unwrap()])
-        .unwrap();
+    let before = st.live();
+    st.reload(
+        new.clone(),
+        vec![SecretKey::generate("test-cellar-1").unwrap()],
+    )
+    .unwrap();
+    // The mirror of the upstreams as they were copies nothing more.
+    assert!(before.mirror.is_retired());
     let (status, body) = get(&st, &log).await;
     assert_eq!(status, StatusCode::OK);
     assert_eq!(body, b"built by the upstream\n");
     assert_eq!(cache_control(&st).await, "public, max-age=7");
+    // A reload that keeps the upstreams keeps their mirror, and its queue.
+    let before = st.live();
+    new.narinfo_max_age = Duration::from_secs(8);
+    st.reload(new, vec![SecretKey::generate("test-cellar-1").unwrap()])
+        .unwrap();
+    assert!(!before.mirror.is_retired());
 }
 
 // ---------------------------------------------------------------------------------------------
