@@ -147,6 +147,7 @@ impl Upstreams {
             .pool_max_idle_per_host(32)
             // A body that stops arriving fails instead of holding a request (or a fill) forever.
             .read_timeout(Duration::from_secs(30))
+            .dns_resolver(std::sync::Arc::new(GuardedResolver))
             .redirect(reqwest::redirect::Policy::custom(|attempt| {
                 let from = attempt.previous().first().cloned();
                 match from.map(|f| redirect_refused(&f, attempt.url())) {
@@ -616,9 +617,10 @@ const MAX_REDIRECTS: usize = 5;
 /// (a cloud metadata service lives at 169.254.169.254), to a loopback or private address only
 /// from an upstream that is on one itself (a homelab cache and its bucket, by address or by a
 /// local name: `nas`, `attic.lan`, `*.local`, `*.home.arpa`, `*.internal`), and from https to
-/// plain http only within such a network. Names are not resolved: a public name that resolves
-/// to a private address is not caught here. A redirect refused is a miss of that object, not a
-/// failure of the upstream.
+/// plain http only within such a network. Names are judged here by their spelling: a public
+/// name that resolves to a private address is not caught here, but no name is ever connected
+/// to at a link-local or metadata address ([`GuardedResolver`]). A redirect refused is a miss
+/// of that object, not a failure of the upstream.
 fn redirect_refused(from: &reqwest::Url, to: &reqwest::Url) -> Option<&'static str> {
     if !matches!(to.scheme(), "http" | "https") {
         return Some("redirect to a scheme other than http(s)");
@@ -634,6 +636,61 @@ fn redirect_refused(from: &reqwest::Url, to: &reqwest::Url) -> Option<&'static s
             Some("redirect from https to plain http")
         }
         _ => None,
+    }
+}
+
+/// Whether `ip` is an address no upstream has reason to send cellar to ([`Reach::Never`]):
+/// link-local, unspecified, broadcast, or a cloud metadata service's (169.254.169.254,
+/// 100.100.100.200, fd00:ec2::254).
+fn never(ip: std::net::IpAddr) -> bool {
+    use std::net::IpAddr;
+    const ALIBABA_METADATA: std::net::Ipv4Addr = std::net::Ipv4Addr::new(100, 100, 100, 200);
+    const AWS_METADATA_V6: std::net::Ipv6Addr =
+        std::net::Ipv6Addr::new(0xfd00, 0xec2, 0, 0, 0, 0, 0, 0x254);
+    match ip {
+        IpAddr::V6(a) if a.to_ipv4_mapped().is_some() => {
+            a.to_ipv4_mapped().is_some_and(|v4| never(IpAddr::V4(v4)))
+        }
+        IpAddr::V4(a) => {
+            a.is_link_local() || a.is_unspecified() || a.is_broadcast() || a == ALIBABA_METADATA
+        }
+        IpAddr::V6(a) => {
+            a.is_unspecified() || (a.segments()[0] & 0xffc0) == 0xfe80 || a == AWS_METADATA_V6
+        }
+    }
+}
+
+/// Resolves upstream host names as the system does, leaving out the addresses of
+/// [`never`]: a name that resolves only to those (a redirect to `instance-data`, which is
+/// 169.254.169.254 on EC2, or a public name pointed there) is not connected to. The redirect
+/// guard ([`redirect_refused`]) judges names by their spelling only; this holds whatever the
+/// name.
+struct GuardedResolver;
+
+impl reqwest::dns::Resolve for GuardedResolver {
+    fn resolve(&self, name: reqwest::dns::Name) -> reqwest::dns::Resolving {
+        let host = name.as_str().to_owned();
+        Box::pin(async move {
+            let found = tokio::net::lookup_host((host.as_str(), 0)).await?;
+            let addrs = usable_addresses(&host, found)?;
+            Ok(Box::new(addrs.into_iter()) as reqwest::dns::Addrs)
+        })
+    }
+}
+
+/// The addresses `host` resolved to (`found`) that may be connected to; an error if none.
+fn usable_addresses(
+    host: &str,
+    found: impl Iterator<Item = std::net::SocketAddr>,
+) -> Result<Vec<std::net::SocketAddr>, Box<dyn std::error::Error + Send + Sync>> {
+    let (ok, refused): (Vec<_>, Vec<_>) = found.partition(|a| !never(a.ip()));
+    match (ok.is_empty(), refused.is_empty()) {
+        (false, _) => Ok(ok),
+        (true, false) => Err(format!(
+            "{host} resolves only to link-local or metadata addresses, which cellar does not connect to"
+        )
+        .into()),
+        (true, true) => Err(format!("{host} resolves to no address").into()),
     }
 }
 
@@ -671,31 +728,14 @@ fn reach(u: &reqwest::Url) -> Reach {
             return if local { Reach::Local } else { Reach::Public };
         }
     };
-    const ALIBABA_METADATA: std::net::Ipv4Addr = std::net::Ipv4Addr::new(100, 100, 100, 200);
-    const AWS_METADATA_V6: std::net::Ipv6Addr =
-        std::net::Ipv6Addr::new(0xfd00, 0xec2, 0, 0, 0, 0, 0, 0x254);
     match ip {
-        IpAddr::V4(a)
-            if a.is_link_local()
-                || a.is_unspecified()
-                || a.is_broadcast()
-                || a == ALIBABA_METADATA =>
-        {
-            Reach::Never
-        }
+        a if never(a) => Reach::Never,
         IpAddr::V4(a)
             if a.is_loopback()
                 || a.is_private()
                 || (a.octets()[0] == 100 && (a.octets()[1] & 0xc0) == 64) =>
         {
             Reach::Local
-        }
-        IpAddr::V6(a)
-            if a.is_unspecified()
-                || (a.segments()[0] & 0xffc0) == 0xfe80
-                || a == AWS_METADATA_V6 =>
-        {
-            Reach::Never
         }
         IpAddr::V6(a) if a.is_loopback() || (a.segments()[0] & 0xfe00) == 0xfc00 => Reach::Local,
         _ => Reach::Public,

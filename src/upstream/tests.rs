@@ -1344,3 +1344,45 @@ async fn has_is_upstream_down_when_the_upstream_cannot_be_asked() {
         Err(StoreError::UpstreamDown(_))
     ));
 }
+
+/// No name is connected to at a link-local or metadata address, whatever its spelling (the
+/// redirect guard judges names by spelling only): such addresses are left out of what a name
+/// resolves to, and a name with only those fails.
+#[test]
+fn names_are_never_connected_to_at_link_local_or_metadata_addresses() {
+    let sa = |s: &str| s.parse::<std::net::SocketAddr>().unwrap();
+    for never in [
+        "169.254.169.254:0",
+        "100.100.100.200:0",
+        "[fd00:ec2::254]:0",
+        "[fe80::1]:0",
+        "[::ffff:169.254.169.254]:0",
+        "0.0.0.0:0",
+    ] {
+        let r = usable_addresses("instance-data", std::iter::once(sa(never)));
+        assert!(
+            r.as_ref()
+                .is_err_and(|e| e.to_string().contains("link-local or metadata")),
+            "{never}: {r:?}"
+        );
+    }
+    let mixed = [sa("169.254.169.254:0"), sa("10.0.0.1:0"), sa("[::1]:0")];
+    assert_eq!(
+        usable_addresses("nas", mixed.into_iter()).unwrap(),
+        [sa("10.0.0.1:0"), sa("[::1]:0")]
+    );
+    assert!(usable_addresses("nothing", std::iter::empty()).is_err());
+}
+
+/// Upstreams named by a host name are reached through that resolver.
+#[tokio::test]
+async fn an_upstream_named_by_a_host_name_is_reached() {
+    let app = axum::Router::new().route("/log/{drv}", axum::routing::get(|| async { "a log" }));
+    let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+    let port = listener.local_addr().unwrap().port();
+    tokio::spawn(async move { axum::serve(listener, app).await });
+    let upstreams = upstreams_at(format!("http://localhost:{port}"));
+    let obj = upstreams.get("log/x.drv", None).await.unwrap().unwrap();
+    let chunks: Vec<bytes::Bytes> = obj.body.try_collect().await.unwrap();
+    assert_eq!(chunks.concat(), b"a log");
+}
