@@ -10,8 +10,9 @@
 //!   or reading the file back (the file is written beside it, off the client's path);
 //! - a small one is read whole and served from memory while its file is written in the
 //!   background (tailing a file costs small NARs more than it saves);
-//! - one the cache cannot take (too large for the budget, disk full) is handed to the first
-//!   reader as the store opened it.
+//! - one the cache cannot take (too large for the budget, disk full, every fill running) is
+//!   streamed to the first reader without a file: as the store opened it if that was one
+//!   request, else opened again plainly, so that it holds none of the fills' part buffers.
 //!
 //! A reader of a fill that fails gets a stream error, so its client sees a failed transfer,
 //! never a short body.
@@ -38,7 +39,8 @@ use crate::store::{ByteRange, ByteStream, Object, Store, StoreError};
 const READ_CHUNK: u64 = 1 << 20;
 /// NARs up to this size are read whole on a miss instead of being tailed through a file.
 const SMALL: u64 = 1 << 20;
-/// A fill writes once it has this much, or after `BATCH_WAIT` without more from the store.
+/// With less than this buffered and nothing more ready from the store, a fill waits up to
+/// `BATCH_WAIT` for more before it writes, so that the file is written in large blocks.
 const BATCH: usize = 256 << 10;
 const BATCH_WAIT: Duration = Duration::from_millis(3);
 /// The last bytes a fill received that its readers get from memory, not from the file.
@@ -276,12 +278,13 @@ impl NarCache {
         if !self.index().admits(size) {
             return "skipped";
         }
-        let reserved = self.reserved.load(Ordering::Relaxed);
-        if self.no_room(size, reserved) {
+        // No fill could start: the store is not asked for a NAR nobody would read (and no
+        // NAR is evicted for its room).
+        if size > SMALL && self.running.load(Ordering::SeqCst) >= MAX_RUNNING {
             return "skipped";
         }
-        // No fill could start: the store is not asked for a NAR nobody would read.
-        if size > SMALL && self.running.load(Ordering::SeqCst) >= MAX_RUNNING {
+        let reserved = self.reserved.load(Ordering::Relaxed);
+        if self.no_room_off_worker(size, reserved).await {
             return "skipped";
         }
         let filling = self
@@ -376,7 +379,8 @@ impl NarCache {
     }
 
     /// Opens `key` and starts its fill. `announced` is the NAR's size by its narinfo, if
-    /// known: an object of another size is served but not kept, and one whose source does not
+    /// known: an object of another size is a 502 if its name is its hash (it is broken),
+    /// else served but not kept (a NAR named after its store path, rebuilt); one whose source does not
     /// say its length (nix-serve, harmonia) is filled to that size (a body that ends before
     /// or goes past it fails the fill and its readers).
     async fn start_fill(
@@ -425,8 +429,10 @@ impl NarCache {
             return self.start_small(name, length, obj).await;
         }
         let admitted = self.index().admits(length);
+        // With every fill running, no NAR is evicted for the room of one that cannot start.
+        let busy = self.running.load(Ordering::SeqCst) >= MAX_RUNNING;
         let reserved = self.reserved.load(Ordering::Relaxed);
-        if !admitted || self.no_room(length, reserved) {
+        if !admitted || busy || self.no_room_off_worker(length, reserved).await {
             return unfilled(obj, &store, &key).await;
         }
         // Counted from here to the end of its task (no await point before it is spawned).
@@ -609,10 +615,8 @@ impl NarCache {
             let mut buf = Block::default();
             let mut waited = false;
             loop {
-                // Take what the store has ready; hand it to the writer (which tells readers)
-                // before waiting for more, or once 1 MiB has piled up. Readers see only
-                // flushed bytes: tokio's File completes `write_all` before the data is in the
-                // file, `flush` after.
+                // Take what the store has ready; hand it to the writer before waiting for
+                // more, or once 1 MiB has piled up.
                 let next = match body.next().now_or_never() {
                     Some(item) => item,
                     // Nothing ready, but little buffered: give the store a moment to send more,

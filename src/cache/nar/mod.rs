@@ -11,8 +11,9 @@
 //!
 //! After a restart the index is rebuilt from the directory; files whose size does not match
 //! their `.meta` are removed at once, and each surviving file is hashed once in the background
-//! (on its first hit; that request is served from the store) before it is served, so a
-//! corrupted file is dropped and fetched again. When the disk is full, NARs are served straight
+//! (on its first hit, which waits for that check as long as hashing it should take, and is
+//! served from the store past that) before it is served, so a corrupted file is dropped and
+//! fetched again. When the disk is full, NARs are served straight
 //! from the store without caching for a while ([`Backoff`]), and that is logged once.
 //!
 //! The parts, each readable on its own:
@@ -404,6 +405,9 @@ impl NarCache {
         match published {
             Ok(()) => {
                 tracing::debug!(nar = %name, bytes = size, "NAR cache: stored");
+                if self.disk_full.reset() {
+                    tracing::info!(dir = %self.disk.dir().display(), "NAR cache: the disk has room again, caching");
+                }
                 self.evict();
                 self.changed();
             }
@@ -495,15 +499,43 @@ impl NarCache {
     /// write `reserved` more (what they wrote is gone from the free space already, and no
     /// longer reserved). NARs are evicted for this NAR's own room at most.
     fn no_room(&self, size: u64, reserved: u64) -> bool {
+        match self.room_at_once(size, reserved) {
+            Ok(no_room) => no_room,
+            Err(avail) => self.make_room(size, reserved, avail),
+        }
+    }
+
+    /// [`Self::no_room`] from async code: when room must be made, on the blocking pool.
+    /// Evicting for a large NAR on a disk fuller than the budget allows may unlink thousands
+    /// of small files, which would hold an async worker, and every request on it, that long.
+    async fn no_room_off_worker(self: &Arc<Self>, size: u64, reserved: u64) -> bool {
+        if let Ok(no_room) = self.room_at_once(size, reserved) {
+            return no_room;
+        }
+        let this = Arc::clone(self);
+        tokio::task::spawn_blocking(move || this.no_room(size, reserved))
+            .await
+            .unwrap_or(true)
+    }
+
+    /// [`Self::no_room`]'s answer if it needs no eviction, else (`Err`) the free bytes.
+    fn room_at_once(&self, size: u64, reserved: u64) -> Result<bool, u64> {
         if self.disk_full.is_active() {
-            return true;
+            return Ok(true);
         }
         // Unknown free space is no reason to stop caching; a full disk is then found on write.
         let avail = self.disk.free_bytes().unwrap_or(u64::MAX);
         let wanted = size.saturating_add(reserved).saturating_add(FREE_MARGIN);
         if avail >= wanted {
-            return false;
+            return Ok(false);
         }
+        Err(avail)
+    }
+
+    /// The rest of [`Self::no_room`], with `avail` bytes free: evicts for the room, or pauses
+    /// caching if it cannot be made.
+    fn make_room(&self, size: u64, reserved: u64, avail: u64) -> bool {
+        let wanted = size.saturating_add(reserved).saturating_add(FREE_MARGIN);
         let short = (wanted - avail).min(size.saturating_add(FREE_MARGIN));
         let victims = self.index().make_room(short);
         if victims.is_empty() {

@@ -717,6 +717,28 @@ fn a_full_disk_on_write_pauses_caching() {
     assert!(cache.disk_full(1));
 }
 
+/// Each disk-full episode is logged when it starts, and its end when a NAR is stored again:
+/// a second one days later is not silent.
+#[test]
+fn each_disk_full_episode_is_logged() {
+    let logs = crate::test_logs::capture();
+    let d = tempfile::tempdir().unwrap();
+    let cache = NarCache::open(d.path(), 1 << 30, Duration::from_secs(30)).unwrap();
+    let full = || {
+        logs.text()
+            .matches("disk full, serving without caching")
+            .count()
+    };
+    cache.write_failed("x", &super::disk::WriteError::DiskFull);
+    cache.write_failed("y", &super::disk::WriteError::DiskFull);
+    assert_eq!(full(), 1, "once per episode");
+    let checksum = super::disk::Checksum::of(b"");
+    cache.add(NAME, 0, || Ok(checksum));
+    assert!(logs.text().contains("has room again"));
+    cache.write_failed("z", &super::disk::WriteError::DiskFull);
+    assert_eq!(full(), 2, "the next episode");
+}
+
 /// Restarts keep complete NARs with their `.meta` (twice in a row), and leave alone what
 /// cellar did not write there, whatever its name looks like; only those are reported.
 #[tokio::test]
@@ -1472,6 +1494,41 @@ async fn fills_are_bounded() {
     let size = 3 << 19;
     assert_eq!(cache.prefetch(&name, &key, size, &store).await, "skipped");
     assert_eq!(mem.gets_under(&key), 0);
+}
+
+/// With every fill running, a NAR that cannot get one evicts nothing for its room on a disk
+/// that is short of it: neither its prefetch nor its request (streamed without a fill).
+#[tokio::test]
+async fn a_nar_that_cannot_be_filled_evicts_nothing() {
+    use super::index::Verified;
+    let (d, cache, mem, store) = setup(u64::MAX / 2);
+    let avail = cache.disk.free_bytes().unwrap();
+    // Fills under way are yet to write all the disk has left: any new NAR is short of room,
+    // which evicting the only NAR held (1 GiB, it says) would make.
+    let old = "07yp7gw2d9vmfgl2rd063i75qwkfbrgvqngp5yz2pk6iadzlckh7.nar";
+    std::fs::write(d.path().join(old), b"").unwrap();
+    let checksum = super::disk::Checksum::of(b"");
+    cache.index().insert(old, 1 << 30, checksum, Verified::Yes);
+    cache
+        .reserved
+        .store(avail, std::sync::atomic::Ordering::Relaxed);
+    cache.running.store(
+        super::fill::MAX_RUNNING,
+        std::sync::atomic::Ordering::SeqCst,
+    );
+    let name: NarFileName = NAME.parse().unwrap();
+    let key = format!("nar/{NAME}");
+    let size = 3 << 19;
+    mem.insert(&key, vec![1u8; size as usize]);
+    assert_eq!(cache.prefetch(&name, &key, size, &store).await, "skipped");
+    let got = body(cache.get(&name, &key, None, None, &store).await.unwrap()).await;
+    assert_eq!(got.len() as u64, size);
+    assert!(d.path().join(old).exists());
+    assert_eq!(cache.usage().0, 1);
+    // Once a fill is free, room is made for it.
+    cache.running.store(0, std::sync::atomic::Ordering::SeqCst);
+    cache.prefetch(&name, &key, size, &store).await;
+    assert!(!cache.index().contains(old));
 }
 
 /// A prefetch whose fill is slow (a NAR an upstream trickles in) gives its slot back after
