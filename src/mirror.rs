@@ -139,7 +139,8 @@ impl Inner {
             let (mut permit, mut next) = (permit, first);
             loop {
                 this.copy(next).await;
-                if let Some(info) = lock(&this.waiting).pop_front() {
+                let waiting = lock(&this.waiting).pop_front();
+                if let Some(info) = waiting.filter(|_| !this.retired.load(Ordering::SeqCst)) {
                     next = info;
                     continue;
                 }
@@ -154,8 +155,11 @@ impl Inner {
         });
     }
 
-    /// A free copy and the next path waiting, if both are.
+    /// A free copy and the next path waiting, if both are (and the mirror is not retired).
     fn take(&self) -> Option<(OwnedSemaphorePermit, NarInfo)> {
+        if self.retired.load(Ordering::SeqCst) {
+            return None;
+        }
         let permit = self.copies.clone().try_acquire_owned().ok()?;
         let info = lock(&self.waiting).pop_front()?;
         Some((permit, info))
@@ -198,6 +202,10 @@ impl Inner {
                 continue;
             };
             *next += 1;
+            if self.retired.load(Ordering::SeqCst) {
+                tracing::info!(path = %r, "upstreams reconfigured: mirroring stopped");
+                return Ok(0);
+            }
             if !seen.insert(r.hash()) || self.in_store(r.hash()).await? {
                 continue;
             }

@@ -59,7 +59,17 @@ impl fmt::Display for Failure {
     fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
         match self {
             Self::Timeout => f.write_str("timeout"),
-            Self::Request(e) => fmt::Display::fmt(e, f),
+            // With its causes: reqwest's own words alone ("error sending request for url")
+            // do not say what went wrong (refused, reset, no address, TLS).
+            Self::Request(e) => {
+                fmt::Display::fmt(e, f)?;
+                let mut cause = std::error::Error::source(e);
+                while let Some(c) = cause {
+                    write!(f, ": {c}")?;
+                    cause = c.source();
+                }
+                Ok(())
+            }
             Self::Status(s) => write!(f, "HTTP {s}"),
         }
     }
@@ -141,13 +151,18 @@ pub struct Upstreams {
 impl Upstreams {
     /// The HTTP client's settings for upstreams: timeouts, pool, and which redirects it follows.
     fn client_builder() -> reqwest::ClientBuilder {
+        Self::client_builder_with(GuardedResolver::default())
+    }
+
+    /// [`Self::client_builder`] resolving names with `resolver`.
+    fn client_builder_with(resolver: GuardedResolver) -> reqwest::ClientBuilder {
         reqwest::Client::builder()
             .user_agent(concat!("cellar/", env!("CARGO_PKG_VERSION")))
             .connect_timeout(Duration::from_secs(5))
             .pool_max_idle_per_host(32)
             // A body that stops arriving fails instead of holding a request (or a fill) forever.
             .read_timeout(Duration::from_secs(30))
-            .dns_resolver(std::sync::Arc::new(GuardedResolver))
+            .dns_resolver(std::sync::Arc::new(resolver))
             .redirect(reqwest::redirect::Policy::custom(|attempt| {
                 let from = attempt.previous().first().cloned();
                 match from.map(|f| redirect_refused(&f, attempt.url())) {
@@ -619,8 +634,9 @@ const MAX_REDIRECTS: usize = 5;
 /// local name: `nas`, `attic.lan`, `*.local`, `*.home.arpa`, `*.internal`), and from https to
 /// plain http only within such a network. Names are judged here by their spelling: a public
 /// name that resolves to a private address is not caught here, but no name is ever connected
-/// to at a link-local or metadata address ([`GuardedResolver`]). A redirect refused is a miss
-/// of that object, not a failure of the upstream.
+/// to at a metadata service's address ([`GuardedResolver`]; that is a failed request, not a
+/// refused redirect). A redirect refused is a miss of that object, not a failure of the
+/// upstream.
 fn redirect_refused(from: &reqwest::Url, to: &reqwest::Url) -> Option<&'static str> {
     if !matches!(to.scheme(), "http" | "https") {
         return Some("redirect to a scheme other than http(s)");
@@ -640,36 +656,60 @@ fn redirect_refused(from: &reqwest::Url, to: &reqwest::Url) -> Option<&'static s
 }
 
 /// Whether `ip` is an address no upstream has reason to send cellar to ([`Reach::Never`]):
-/// link-local, unspecified, broadcast, or a cloud metadata service's (169.254.169.254,
-/// 100.100.100.200, fd00:ec2::254).
+/// link-local, unspecified, broadcast, or a cloud metadata service's ([`metadata`]).
 fn never(ip: std::net::IpAddr) -> bool {
     use std::net::IpAddr;
-    const ALIBABA_METADATA: std::net::Ipv4Addr = std::net::Ipv4Addr::new(100, 100, 100, 200);
-    const AWS_METADATA_V6: std::net::Ipv6Addr =
-        std::net::Ipv6Addr::new(0xfd00, 0xec2, 0, 0, 0, 0, 0, 0x254);
+    if metadata(ip) {
+        return true;
+    }
     match ip {
         IpAddr::V6(a) if a.to_ipv4_mapped().is_some() => {
             a.to_ipv4_mapped().is_some_and(|v4| never(IpAddr::V4(v4)))
         }
-        IpAddr::V4(a) => {
-            a.is_link_local() || a.is_unspecified() || a.is_broadcast() || a == ALIBABA_METADATA
-        }
-        IpAddr::V6(a) => {
-            a.is_unspecified() || (a.segments()[0] & 0xffc0) == 0xfe80 || a == AWS_METADATA_V6
-        }
+        IpAddr::V4(a) => a.is_link_local() || a.is_unspecified() || a.is_broadcast(),
+        IpAddr::V6(a) => a.is_unspecified() || (a.segments()[0] & 0xffc0) == 0xfe80,
     }
 }
 
-/// Resolves upstream host names as the system does, leaving out the addresses of
-/// [`never`]: a name that resolves only to those (a redirect to `instance-data`, which is
-/// 169.254.169.254 on EC2, or a public name pointed there) is not connected to. The redirect
-/// guard ([`redirect_refused`]) judges names by their spelling only; this holds whatever the
-/// name.
-struct GuardedResolver;
+/// Whether `ip` is a cloud metadata service's address: 169.254.169.254 (AWS, GCP, Azure,
+/// and others), 100.100.100.200 (Alibaba), fd00:ec2::254 (AWS over IPv6).
+fn metadata(ip: std::net::IpAddr) -> bool {
+    use std::net::{IpAddr, Ipv4Addr, Ipv6Addr};
+    const V4: [Ipv4Addr; 2] = [
+        Ipv4Addr::new(169, 254, 169, 254),
+        Ipv4Addr::new(100, 100, 100, 200),
+    ];
+    const AWS_V6: Ipv6Addr = Ipv6Addr::new(0xfd00, 0xec2, 0, 0, 0, 0, 0, 0x254);
+    match ip {
+        IpAddr::V4(a) => V4.contains(&a),
+        IpAddr::V6(a) => a == AWS_V6 || a.to_ipv4_mapped().is_some_and(|v4| V4.contains(&v4)),
+    }
+}
+
+/// Resolves upstream host names as the system does, leaving out cloud metadata services'
+/// addresses ([`metadata`]): a name that resolves only to those (a redirect to
+/// `instance-data`, which EC2 resolves to 169.254.169.254, or a public name pointed there) is
+/// not connected to. The redirect guard ([`redirect_refused`]) judges names by their spelling
+/// only; this holds whatever the name. (Other link-local addresses stay usable: a NAS on a
+/// direct cable may have one.)
+#[derive(Default)]
+struct GuardedResolver {
+    /// For tests: what every name resolves to, instead of the system's answer.
+    #[cfg(test)]
+    fixed: Option<Vec<std::net::IpAddr>>,
+}
 
 impl reqwest::dns::Resolve for GuardedResolver {
     fn resolve(&self, name: reqwest::dns::Name) -> reqwest::dns::Resolving {
         let host = name.as_str().to_owned();
+        #[cfg(test)]
+        if let Some(ips) = &self.fixed {
+            let found: Vec<_> = ips.iter().map(|&ip| (ip, 0).into()).collect();
+            let addrs = usable_addresses(&host, found.into_iter());
+            return Box::pin(
+                async move { Ok(Box::new(addrs?.into_iter()) as reqwest::dns::Addrs) },
+            );
+        }
         Box::pin(async move {
             let found = tokio::net::lookup_host((host.as_str(), 0)).await?;
             let addrs = usable_addresses(&host, found)?;
@@ -683,11 +723,11 @@ fn usable_addresses(
     host: &str,
     found: impl Iterator<Item = std::net::SocketAddr>,
 ) -> Result<Vec<std::net::SocketAddr>, Box<dyn std::error::Error + Send + Sync>> {
-    let (ok, refused): (Vec<_>, Vec<_>) = found.partition(|a| !never(a.ip()));
+    let (ok, refused): (Vec<_>, Vec<_>) = found.partition(|a| !metadata(a.ip()));
     match (ok.is_empty(), refused.is_empty()) {
         (false, _) => Ok(ok),
         (true, false) => Err(format!(
-            "{host} resolves only to link-local or metadata addresses, which cellar does not connect to"
+            "{host} resolves only to a cloud metadata service's address, which cellar does not connect to"
         )
         .into()),
         (true, true) => Err(format!("{host} resolves to no address").into()),

@@ -198,8 +198,8 @@ async fn put_file(
 }
 
 /// Reads need a `read` token in private mode; uploads (`PUT`) need a `write` token. No route
-/// here takes another method: such a request goes on to the router, which answers 405, with
-/// no credentials asked for and no upload warned of.
+/// here takes another method: such a request is answered 405 here, with no credentials asked
+/// for and no upload warned of (and never passed on, should a route take one some day).
 async fn authorize(State(st): State<AppState>, req: Request, next: Next) -> Response {
     let scope = match *req.method() {
         Method::GET | Method::HEAD => Scope::Read,
@@ -207,7 +207,10 @@ async fn authorize(State(st): State<AppState>, req: Request, next: Next) -> Resp
             warn_root_upload_once(&st);
             Scope::Write
         }
-        _ => return next.run(req).await,
+        _ => {
+            let allow = (header::ALLOW, HeaderValue::from_static("GET, HEAD, PUT"));
+            return (StatusCode::METHOD_NOT_ALLOWED, [allow]).into_response();
+        }
     };
     check(&st, req, next, scope).await
 }

@@ -99,7 +99,7 @@ async fn a_narinfo_cut_off_is_an_outage_not_a_miss() {
     for _ in 0..FAILURES_IN_A_ROW {
         assert!(matches!(
             upstreams.has(h).await,
-            Err(StoreError::Unavailable(_))
+            Err(StoreError::UpstreamDown(_))
         ));
     }
     assert!(
@@ -511,7 +511,7 @@ async fn one_failure_does_not_make_an_upstream_skipped() {
     // An upload relying on it is asked to come back, though.
     assert!(matches!(
         upstreams.has(first).await,
-        Err(StoreError::Unavailable(_))
+        Err(StoreError::UpstreamDown(_))
     ));
 }
 
@@ -542,7 +542,7 @@ async fn failures_of_a_burst_count_as_one() {
         })
         .collect();
     for r in futures::future::join_all(burst).await {
-        assert!(matches!(r.unwrap(), Err(StoreError::Unavailable(_))));
+        assert!(matches!(r.unwrap(), Err(StoreError::UpstreamDown(_))));
     }
     assert!(
         !upstreams.list[0].down.is_active(),
@@ -1345,33 +1345,60 @@ async fn has_is_upstream_down_when_the_upstream_cannot_be_asked() {
     ));
 }
 
-/// No name is connected to at a link-local or metadata address, whatever its spelling (the
+/// No name is connected to at a cloud metadata service's address, whatever its spelling (the
 /// redirect guard judges names by spelling only): such addresses are left out of what a name
-/// resolves to, and a name with only those fails.
+/// resolves to, and a name with only those fails. Other link-local addresses stay (a NAS on a
+/// direct cable).
 #[test]
-fn names_are_never_connected_to_at_link_local_or_metadata_addresses() {
+fn names_are_never_connected_to_at_metadata_addresses() {
     let sa = |s: &str| s.parse::<std::net::SocketAddr>().unwrap();
     for never in [
         "169.254.169.254:0",
         "100.100.100.200:0",
         "[fd00:ec2::254]:0",
-        "[fe80::1]:0",
         "[::ffff:169.254.169.254]:0",
-        "0.0.0.0:0",
     ] {
         let r = usable_addresses("instance-data", std::iter::once(sa(never)));
         assert!(
             r.as_ref()
-                .is_err_and(|e| e.to_string().contains("link-local or metadata")),
+                .is_err_and(|e| e.to_string().contains("metadata service")),
             "{never}: {r:?}"
         );
     }
-    let mixed = [sa("169.254.169.254:0"), sa("10.0.0.1:0"), sa("[::1]:0")];
+    let mixed = [
+        sa("169.254.169.254:0"),
+        sa("10.0.0.1:0"),
+        sa("169.254.1.2:0"),
+        sa("[fe80::1]:0"),
+    ];
     assert_eq!(
         usable_addresses("nas", mixed.into_iter()).unwrap(),
-        [sa("10.0.0.1:0"), sa("[::1]:0")]
+        [sa("10.0.0.1:0"), sa("169.254.1.2:0"), sa("[fe80::1]:0")]
     );
     assert!(usable_addresses("nothing", std::iter::empty()).is_err());
+}
+
+/// The upstreams' client resolves names through that filter: an upstream (or a redirect)
+/// whose name resolves to a metadata service is never connected to.
+#[tokio::test]
+async fn the_upstreams_client_never_connects_to_a_metadata_service_by_name() {
+    let logs = crate::test_logs::capture();
+    let mut upstreams = upstreams_at("http://instance-data:8080".into());
+    let fixed = GuardedResolver {
+        fixed: Some(vec!["169.254.169.254".parse().unwrap()]),
+    };
+    upstreams.client = Upstreams::client_builder_with(fixed).build().unwrap();
+    for _ in 0..FAILURES_IN_A_ROW {
+        let e = upstreams.get("log/x", None).await;
+        assert!(
+            matches!(&e, Err(StoreError::Unavailable(_))),
+            "{:?}",
+            e.err()
+        );
+    }
+    // The outage is logged with its cause, down to the resolver's.
+    let logged = logs.text();
+    assert!(logged.contains("metadata service"), "{logged}");
 }
 
 /// Upstreams named by a host name are reached through that resolver.

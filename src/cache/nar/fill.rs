@@ -118,6 +118,17 @@ enum Progress {
     },
     Done,
     Failed,
+    /// The fill could not write its file (a full disk, an I/O error), while the store was
+    /// fine: readers read the rest from the store ([`FillHandle::source`]).
+    Unwritten,
+}
+
+/// Where a fill reads its NAR from, for readers to read the rest from when the fill could
+/// not write it.
+pub(super) struct Source {
+    store: Arc<dyn Store>,
+    key: Arc<str>,
+    idle: Duration,
 }
 
 /// A fill in progress: a read handle on its temporary file and how far the writer got.
@@ -129,6 +140,8 @@ pub(super) struct FillHandle {
     recent: Mutex<VecDeque<(u64, Bytes)>>,
     /// Of [`NarCache::reserved`], what this fill has not written yet.
     unwritten: std::sync::atomic::AtomicU64,
+    /// The NAR in the store, if the readers may read the rest there (see [`tail`]).
+    source: Option<Source>,
     /// Reads that went to the file (for tests: who was served from memory).
     #[cfg(test)]
     file_reads: std::sync::atomic::AtomicUsize,
@@ -154,7 +167,7 @@ impl FillHandle {
         loop {
             match *rx.borrow_and_update() {
                 Progress::Done => return "loaded",
-                Progress::Failed => return "failed",
+                Progress::Failed | Progress::Unwritten => return "failed",
                 Progress::Filling { .. } => {}
             }
             if rx.changed().await.is_err() {
@@ -463,6 +476,11 @@ impl NarCache {
             progress: rx,
             recent: Mutex::new(VecDeque::new()),
             unwritten: std::sync::atomic::AtomicU64::new(length),
+            source: Some(Source {
+                store: store.clone(),
+                key: key.as_str().into(),
+                idle: self.idle_timeout,
+            }),
             #[cfg(test)]
             file_reads: std::sync::atomic::AtomicUsize::new(0),
         });
@@ -482,6 +500,7 @@ impl NarCache {
             }
             let _ = tx.send(match result {
                 Ok(()) => Progress::Done,
+                Err(FillError::Write(_)) => Progress::Unwritten,
                 Err(_) => Progress::Failed,
             });
             lock(&this.fills).remove(&name);
@@ -588,6 +607,11 @@ impl NarCache {
             let mut blocks = blocks;
             let mut written = 0u64;
             while let Some((data, announce)) = blocks.recv().await {
+                #[cfg(test)]
+                if written + data.len() as u64 > self.fail_writes_past.load(Ordering::SeqCst) {
+                    let e = io::Error::other("a test's failed write");
+                    return Err(WriteError::io("writing", tmp.path(), e));
+                }
                 let n = write_out(&tmp, &file, data).await?;
                 written += n;
                 // Written, so gone from the free space: no longer reserved.
@@ -1191,62 +1215,113 @@ impl Drop for CellGuard<'_> {
     }
 }
 
-/// Streams a fill's file as it grows. Fails (so the client's transfer fails) if the fill does.
+/// Where a reader of a fill is.
+enum Tailing {
+    /// Reading the fill, at this offset.
+    Fill(Arc<FillHandle>, watch::Receiver<Progress>, u64),
+    /// Reading the rest from the store, the fill having failed on its side.
+    Rest(ByteStream),
+    Done,
+}
+
+/// Streams a fill's file as it grows. Fails (so the client's transfer fails) if the fill does
+/// because of the store; if it fails on its own side (its file could not be written or read
+/// back: a full disk, an I/O error), the rest is read from the store instead, so the client
+/// does not see the cache's trouble.
 fn tail(h: Arc<FillHandle>) -> ByteStream {
     let rx = h.progress.clone();
-    futures::stream::unfold((h, rx, 0u64), |(h, mut rx, pos)| async move {
-        loop {
-            if pos >= h.size {
-                return None;
-            }
-            let progress = *rx.borrow_and_update();
-            let (in_memory, in_file) = match progress {
-                Progress::Filling { received, written } => (received, written),
-                Progress::Done => (h.size, h.size),
-                Progress::Failed => {
-                    return Some((
-                        Err(io::Error::other("the store failed while sending this NAR")),
-                        (h.clone(), rx.clone(), h.size),
-                    ));
-                }
-            };
-            if pos < in_memory {
-                if let Some(b) = h.recent_at(pos, in_memory) {
-                    let next = pos + b.len() as u64;
-                    return Some((Ok(b), (h, rx, next)));
-                }
-            }
-            // Not in memory (any more): from the file once written there.
-            if pos < in_file {
-                #[cfg(test)]
-                h.file_reads.fetch_add(1, Ordering::SeqCst);
-                let len = (in_file - pos).min(READ_CHUNK) as usize;
-                let file = h.file.clone();
-                let read = tokio::task::spawn_blocking(move || {
-                    let mut buf = vec![0u8; len];
-                    file.read_exact_at(&mut buf, pos).map(|()| Bytes::from(buf))
-                })
-                .await
-                .unwrap_or_else(|e| Err(io::Error::other(e)));
-                return match read {
-                    Ok(b) => Some((Ok(b), (h, rx, pos + len as u64))),
-                    Err(e) => {
-                        tracing::warn!(cause = %e, pos, "NAR cache: reading a fill failed");
-                        let end = h.size;
-                        Some((Err(e), (h, rx, end)))
-                    }
-                };
-            }
-            if rx.changed().await.is_err() && *rx.borrow() != Progress::Done {
-                let end = h.size;
-                return Some((
-                    Err(io::Error::other("NAR fill ended unexpectedly")),
-                    (h, rx, end),
-                ));
-            }
+    futures::stream::unfold(Tailing::Fill(h, rx, 0), |state| async move {
+        match state {
+            Tailing::Done => None,
+            Tailing::Rest(rest) => next_of(rest).await,
+            Tailing::Fill(h, rx, pos) => tail_next(h, rx, pos).await,
         }
     })
     .boxed()
+}
+
+/// The next item of `rest`, and the state after it.
+async fn next_of(mut rest: ByteStream) -> Option<(io::Result<Bytes>, Tailing)> {
+    let item = rest.next().await?;
+    Some((item, Tailing::Rest(rest)))
+}
+
+/// The rest of the NAR from `pos`, read from the store after the fill failed on its own side
+/// (`cause`); an error if it cannot be.
+async fn rest_from_store(
+    h: &FillHandle,
+    pos: u64,
+    cause: &str,
+) -> Option<(io::Result<Bytes>, Tailing)> {
+    let Some(src) = &h.source else {
+        return Some((Err(io::Error::other(cause.to_owned())), Tailing::Done));
+    };
+    tracing::info!(key = %src.key, pos, cause, "NAR cache: reading the rest from the store");
+    let end = h.size - 1;
+    let rest = Resume::opening(
+        src.store.clone(),
+        src.key.clone(),
+        pos,
+        end,
+        h.size,
+        src.idle,
+    );
+    next_of(rest).await
+}
+
+/// The next bytes for a reader of the fill `h` at `pos`.
+async fn tail_next(
+    h: Arc<FillHandle>,
+    mut rx: watch::Receiver<Progress>,
+    pos: u64,
+) -> Option<(io::Result<Bytes>, Tailing)> {
+    loop {
+        if pos >= h.size {
+            return None;
+        }
+        let progress = *rx.borrow_and_update();
+        let (in_memory, in_file) = match progress {
+            Progress::Filling { received, written } => (received, written),
+            Progress::Done => (h.size, h.size),
+            Progress::Failed => {
+                let e = io::Error::other("the store failed while sending this NAR");
+                return Some((Err(e), Tailing::Done));
+            }
+            Progress::Unwritten => {
+                return rest_from_store(&h, pos, "the fill could not write its file").await;
+            }
+        };
+        if pos < in_memory {
+            if let Some(b) = h.recent_at(pos, in_memory) {
+                let next = pos + b.len() as u64;
+                return Some((Ok(b), Tailing::Fill(h, rx, next)));
+            }
+        }
+        // Not in memory (any more): from the file once written there.
+        if pos < in_file {
+            #[cfg(test)]
+            h.file_reads.fetch_add(1, Ordering::SeqCst);
+            let len = (in_file - pos).min(READ_CHUNK) as usize;
+            let file = h.file.clone();
+            let read = tokio::task::spawn_blocking(move || {
+                let mut buf = vec![0u8; len];
+                file.read_exact_at(&mut buf, pos).map(|()| Bytes::from(buf))
+            })
+            .await
+            .unwrap_or_else(|e| Err(io::Error::other(e)));
+            return match read {
+                Ok(b) => Some((Ok(b), Tailing::Fill(h, rx, pos + len as u64))),
+                Err(e) => {
+                    tracing::warn!(cause = %e, pos, "NAR cache: reading a fill failed");
+                    rest_from_store(&h, pos, "the fill's file could not be read").await
+                }
+            };
+        }
+        if rx.changed().await.is_err() && *rx.borrow() != Progress::Done {
+            let e = io::Error::other("NAR fill ended unexpectedly");
+            return Some((Err(e), Tailing::Done));
+        }
+    }
 }
 
 #[cfg(test)]
@@ -1367,6 +1442,7 @@ mod tests {
             progress: rx,
             recent: Mutex::new(VecDeque::new()),
             unwritten: std::sync::atomic::AtomicU64::new(0),
+            source: None,
             file_reads: std::sync::atomic::AtomicUsize::new(0),
         };
         let mib = 1u64 << 20;
@@ -1411,6 +1487,7 @@ mod tests {
             progress: rx,
             recent: Mutex::new(VecDeque::new()),
             unwritten: std::sync::atomic::AtomicU64::new(0),
+            source: None,
             file_reads: std::sync::atomic::AtomicUsize::new(0),
         };
         (Arc::new(h), tx)

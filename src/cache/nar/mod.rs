@@ -106,6 +106,9 @@ pub struct NarCache {
     /// Requests that reached a fill's cell (started it, or waited on it).
     #[cfg(test)]
     at_fills: std::sync::atomic::AtomicUsize,
+    /// A fill's write that would take its file past this many bytes fails (for tests).
+    #[cfg(test)]
+    fail_writes_past: AtomicU64,
 }
 
 /// Checks of files from before a restart that run at once, each hashing a whole file on a
@@ -157,6 +160,8 @@ impl NarCache {
             names: Mutex::new(()),
             #[cfg(test)]
             at_fills: std::sync::atomic::AtomicUsize::new(0),
+            #[cfg(test)]
+            fail_writes_past: AtomicU64::new(u64::MAX),
         });
         // The budget may have shrunk since the last run.
         cache.evict();

@@ -90,6 +90,26 @@ async fn wait_indexed(cache: &NarCache, n: usize) {
     wait_until(cache, || cache.usage().0 == n).await;
 }
 
+/// A fill that cannot write its file (the disk filled up under it, an I/O error) is the
+/// cache's trouble, not the client's: its readers get the rest from the store, every byte in
+/// place, and nothing is kept.
+#[tokio::test]
+async fn readers_of_a_fill_that_cannot_write_get_the_rest_from_the_store() {
+    let logs = crate::test_logs::capture();
+    let (_d, cache, mem, store) = setup(1 << 30);
+    let data: Vec<u8> = (0..5_000_000u32).map(|i| (i % 251) as u8).collect();
+    let key = format!("nar/{NAME}");
+    mem.insert(&key, data.clone());
+    let name: NarFileName = NAME.parse().unwrap();
+    cache
+        .fail_writes_past
+        .store(1 << 20, std::sync::atomic::Ordering::SeqCst);
+    let got = body(cache.get(&name, &key, None, None, &store).await.unwrap()).await;
+    assert!(got == data, "{} bytes, not the NAR", got.len());
+    assert!(logs.text().contains("reading the rest from the store"));
+    assert_eq!(cache.usage().0, 0);
+}
+
 #[tokio::test]
 async fn fills_then_hits_without_the_store() {
     let (_d, cache, mem, store) = setup(1 << 30);
