@@ -858,3 +858,27 @@ fn an_empty_generated_key_file_is_refused() {
         .to_string();
     assert!(e.contains("signing.generated_key_file"), "{e}");
 }
+
+/// A secret key given where a key file's path belongs (`…="$(cat k.sec)"`) is refused at
+/// start-up by the key's name, without repeating it: for the generated key's file too, which
+/// otherwise became a directory tree named after the key, logged as created.
+#[test]
+fn a_secret_key_in_place_of_a_key_files_path_is_refused() {
+    let key = crate::nix::SecretKey::generate("cache-1")
+        .unwrap()
+        .to_nix_format();
+    for (field, toml) in [
+        (
+            "signing.generated_key_file",
+            format!("[signing]\ngenerated_key_file = \"{key}\""),
+        ),
+        (
+            "signing.key_files",
+            format!("[signing]\nkey_files = [\"/etc/k.sec\", \"{key}\"]"),
+        ),
+    ] {
+        let e = from_toml(&toml).unwrap_err().to_string();
+        assert!(e.contains(field) && e.contains("secret key"), "{e}");
+        assert!(!e.contains(&key[8..]), "the key is repeated: {e}");
+    }
+}

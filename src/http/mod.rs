@@ -203,16 +203,13 @@ async fn put_file(
 async fn authorize(State(st): State<AppState>, req: Request, next: Next) -> Response {
     let scope = match *req.method() {
         Method::GET | Method::HEAD => Scope::Read,
-        Method::PUT => {
-            warn_root_upload_once(&st);
-            Scope::Write
-        }
+        Method::PUT => Scope::Write,
         _ => {
             let allow = (header::ALLOW, HeaderValue::from_static("GET, HEAD, PUT"));
             return (StatusCode::METHOD_NOT_ALLOWED, [allow]).into_response();
         }
     };
-    check(&st, req, next, scope).await
+    check(&st, req, next, scope, true).await
 }
 
 /// Uploads through the root URL keep working, but once per process the log says why they
@@ -227,11 +224,16 @@ fn warn_root_upload_once(st: &AppState) {
     }
 }
 
-/// Lets the request through if its credentials allow `scope`, else answers 401/403.
-async fn check(st: &AppState, req: Request, next: Next, scope: Scope) -> Response {
+/// Lets the request through if its credentials allow `scope`, else answers 401/403. `root`:
+/// the request came to the root URL, where an upload is warned of (once it is allowed: a
+/// scanner's refused PUT does not use the warning up).
+async fn check(st: &AppState, req: Request, next: Next, scope: Scope, root: bool) -> Response {
     let decision = st.live().tokens.check(req.headers(), scope);
     match decision {
         Decision::Allowed(Some(token)) if scope == Scope::Write => {
+            if root {
+                warn_root_upload_once(st);
+            }
             // Upload log lines carry the token's name.
             next.run(req)
                 .instrument(tracing::info_span!("upload", token = %token))

@@ -55,7 +55,9 @@ pub(super) async fn put(
     // collection deleting its NAR, and taken back if need be (see
     // `Uploader::write_while_nar_stays`), never left half-way.
     let st = st.clone();
-    tokio::spawn(async move { accept(&st, h, &raw).await })
+    // In this request's span: the lines it logs carry the request's id and token name.
+    let accepting = async move { accept(&st, h, &raw).await };
+    tokio::spawn(tracing::Instrument::in_current_span(accepting))
         .await
         .unwrap_or_else(|e| {
             Err(UploadError::Internal(format!("the narinfo upload task failed: {e}")).into())

@@ -3,13 +3,14 @@
 //! - [`App`]: what is fixed for the life of the process (the store, the uploader and its
 //!   limits, the NAR disk cache, the listen address): changing it needs a restart.
 //! - [`Live`]: what a reload replaces as a whole (tokens, signing keys, upstreams, narinfo
-//!   cache TTLs and Cache-Control ages, nix-cache-info), behind one atomic swap. A request
-//!   takes one snapshot ([`AppState::live`]) and uses it to the end, so a reload never mixes
-//!   old tokens with new keys within a request, and a download in flight finishes with the
-//!   state it started with.
+//!   cache TTLs and Cache-Control ages, nix-cache-info), behind one atomic swap. Each step of
+//!   a request (the token check, the handler, the headers) takes a snapshot
+//!   ([`AppState::live`]) and uses it to its end: a reload is seen whole by each step, and a
+//!   download in flight finishes with the state it started with.
 //!
 //! The narinfo memory cache belongs to [`Live`]: its entries are signed with the keys of their
-//! state, and its TTLs are reloadable, so a reload starts an empty one.
+//! state, and its TTLs are reloadable, so a reload that changes the keys, the upstreams or the
+//! cache's settings starts an empty one (others keep it).
 
 use std::ops::Deref;
 use std::sync::Arc;

@@ -481,7 +481,8 @@ async fn other_methods_are_not_allowed_rather_than_unauthorized() {
         send(&st, req.unwrap()).await.status(),
         StatusCode::FORBIDDEN
     );
-    assert!(st.root_upload_warned.load(Ordering::Relaxed));
+    // Refused uploads are not warned of either (an allowed one is).
+    assert!(!st.root_upload_warned.load(Ordering::Relaxed));
     // Reads still need the token in private mode.
     let req = Request::builder()
         .uri("/nix-cache-info")
@@ -1600,6 +1601,21 @@ async fn root_uploads_warn_once_and_carry_the_token_name() {
             .matches("an upload was sent to the root URL")
             .count()
     };
+    // Refused (no token, a read token): not an upload, and the warning is not used up.
+    let req = Request::builder()
+        .method("PUT")
+        .uri(&path)
+        .body(Body::empty());
+    assert_eq!(
+        send(&st, req.unwrap()).await.status(),
+        StatusCode::UNAUTHORIZED
+    );
+    let req = authed("PUT", &path, "rtok").body(Body::empty());
+    assert_eq!(
+        send(&st, req.unwrap()).await.status(),
+        StatusCode::FORBIDDEN
+    );
+    assert_eq!(warnings(), 0, "{}", logs.text());
     for _ in 0..3 {
         let req = authed("PUT", &path, "wtok")
             .header("content-length", nar.len().to_string())
@@ -1607,6 +1623,18 @@ async fn root_uploads_warn_once_and_carry_the_token_name() {
         assert_eq!(send(&st, req.unwrap()).await.status(), StatusCode::CREATED);
         assert_eq!(warnings(), 1, "{}", logs.text());
     }
+    // The line that records a path published names the token too.
+    let (nar, file, narinfo) = uploadable_path();
+    let req = authed("PUT", &format!("/nar/{file}"), "wtok").body(Body::from(nar));
+    assert_eq!(send(&st, req.unwrap()).await.status(), StatusCode::CREATED);
+    let req = authed("PUT", &format!("/{HASH}.narinfo"), "wtok").body(Body::from(narinfo));
+    assert_eq!(send(&st, req.unwrap()).await.status(), StatusCode::CREATED);
+    let text = logs.text();
+    let published = text.lines().find(|l| l.contains("narinfo uploaded"));
+    assert!(
+        published.is_some_and(|l| l.contains("upload{token=ci-builder}")),
+        "{text}"
+    );
     // The upload's own lines name the token (never the token itself); a read's lines do not
     // (the store failing makes it log).
     mem.set_down(true);

@@ -67,7 +67,7 @@ pub(super) fn routes(state: AppState) -> Router<AppState> {
 /// builder, so no cache on the way may keep it (a 404 of a probe above all: the NAR's is
 /// answered without asking the store).
 async fn authorize(State(st): State<AppState>, req: Request, next: Next) -> Response {
-    let mut res = super::check(&st, req, next, Scope::Write).await;
+    let mut res = super::check(&st, req, next, Scope::Write, false).await;
     res.headers_mut()
         .insert(header::CACHE_CONTROL, HeaderValue::from_static("no-store"));
     res

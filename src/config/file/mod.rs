@@ -315,6 +315,24 @@ impl Default for SigningSection {
     }
 }
 
+/// Whether `path` is not a file but a secret key itself (`CELLAR_SIGNING__…="$(cat k.sec)"`).
+fn is_a_secret_key(path: &std::path::Path) -> bool {
+    !path.exists()
+        && path
+            .to_str()
+            .is_some_and(|p| p.trim().parse::<crate::nix::SecretKey>().is_ok())
+}
+
+/// Refused without repeating it: it would end up in the log, or as a file name.
+fn key_instead_of_file(key: &str) -> ConfigError {
+    ConfigError::invalid(
+        key,
+        "holds a secret key, not the path of a file holding one (not repeated here; consider \
+         it exposed)"
+            .to_owned(),
+    )
+}
+
 impl SigningSection {
     fn validate(self) -> Result<SigningConfig, ConfigError> {
         if self.generated_key_file.as_os_str().is_empty() {
@@ -323,6 +341,12 @@ impl SigningSection {
                 "is set but empty (from an unset variable?): name the file, or leave it out"
                     .to_owned(),
             ));
+        }
+        if is_a_secret_key(&self.generated_key_file) {
+            return Err(key_instead_of_file("signing.generated_key_file"));
+        }
+        if self.key_files.iter().any(|f| is_a_secret_key(f)) {
+            return Err(key_instead_of_file("signing.key_files"));
         }
         if let Some(n) = &self.generated_key_name {
             if n.is_empty() || n.contains(':') || n.contains(char::is_whitespace) {
