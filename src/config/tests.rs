@@ -816,6 +816,38 @@ fn a_bad_url_is_refused_without_its_credentials() {
     );
 }
 
+/// URLs cellar would put paths after wrongly, or not at all, are refused at start-up by their
+/// key (they used to start, then miss or fail on every request): whitespace, no host, a
+/// query or fragment; never with the credentials they hold.
+#[test]
+fn urls_that_cannot_take_a_path_are_refused() {
+    let key = "cache.nixos.org-1:6NCHdD59X431o0gWypbMrAURkbJ16ZPMQFGspcDShjY=";
+    for (url, why) in [
+        ("https://cache.example.org/ ", "whitespace"),
+        ("https://u:T0KEN@cache.example.org/x y", "whitespace"),
+        ("https://", "URL"),
+        ("https://cache.example.org/?token=1", "query"),
+        ("https://cache.example.org/#x", "fragment"),
+    ] {
+        let toml = format!("[[upstreams]]\nurl = \"{url}\"\npublic_keys = [\"{key}\"]");
+        let e = from_toml(&toml).unwrap_err().to_string();
+        assert!(e.contains("upstreams") && e.contains(why), "{url}: {e}");
+        assert!(!e.contains("T0KEN"), "{e}");
+    }
+    let toml = "[store]\nkind = \"s3\"\nbucket = \"b\"\nendpoint = \"http://minio:9000 \"";
+    let e = from_toml(toml).unwrap_err().to_string();
+    assert!(e.contains("store.endpoint"), "{e}");
+    // Fine: a path, a port, credentials, an address.
+    for url in [
+        "https://cache.example.org/sub/",
+        "http://u:p@nas.lan:5000",
+        "http://[fd00::1]:8080",
+    ] {
+        let toml = format!("[[upstreams]]\nurl = \"{url}\"\npublic_keys = [\"{key}\"]");
+        from_toml(&toml).unwrap();
+    }
+}
+
 /// `metrics_listen` may not take the port `listen` serves: the same address, or either on
 /// every address (`0.0.0.0`, `[::]`); `serve` would fail to bind where `check-config` passed.
 #[test]

@@ -135,19 +135,25 @@ fn secs(key: &str, n: u64, min: u64) -> Result<Duration, ConfigError> {
     Ok(Duration::from_secs(n))
 }
 
+/// Checks `url` is an http(s) URL with a host that cellar can put paths after: no whitespace
+/// (`"https://cache.example.org/ "` would send every request to `/%20/…`).
 fn http_url(key: &str, url: &str) -> Result<(), ConfigError> {
-    if url.starts_with("http://") || url.starts_with("https://") {
-        Ok(())
-    } else {
-        // Not repeated whole: an upstream's URL may hold a token (`user:token@host`).
-        let shown = match url.rsplit_once('@') {
-            Some((_, host)) => format!("…@{host}"),
-            None => url.to_owned(),
-        };
-        Err(ConfigError::invalid(
-            key,
-            format!("{shown:?} must start with http:// or https://"),
-        ))
+    // Not repeated whole: an upstream's URL may hold a token (`user:token@host`).
+    let shown = match url.rsplit_once('@') {
+        Some((_, host)) => format!("…@{host}"),
+        None => url.to_owned(),
+    };
+    let bad = |why: &str| Err(ConfigError::invalid(key, format!("{shown:?} {why}")));
+    if !(url.starts_with("http://") || url.starts_with("https://")) {
+        return bad("must start with http:// or https://");
+    }
+    if url.contains(char::is_whitespace) {
+        return bad("holds whitespace");
+    }
+    // An http(s) URL that parses has a host.
+    match reqwest::Url::parse(url) {
+        Ok(_) => Ok(()),
+        Err(e) => bad(&format!("is not a URL: {e}")),
     }
 }
 
