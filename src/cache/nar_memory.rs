@@ -53,11 +53,15 @@ impl NarMemory {
     /// `spill` gets every NAR let go for room (not those replaced or invalidated).
     pub fn new(max_bytes: u64, max_object: u64, spill: Option<Spill>) -> Self {
         let cache = (max_bytes > 0 && max_object > 0).then(|| {
-            let builder = Cache::builder().max_capacity(max_bytes).weigher(
-                |k: &Arc<str>, v: &Bytes| -> u32 {
+            // Least recently used out, every new NAR admitted: a prefetched NAR is loaded
+            // before its first read, and moka's default admission would turn it away once
+            // memory is full of NARs read once.
+            let builder = Cache::builder()
+                .max_capacity(max_bytes)
+                .eviction_policy(moka::policy::EvictionPolicy::lru())
+                .weigher(|k: &Arc<str>, v: &Bytes| -> u32 {
                     u32::try_from(k.len() + v.len() + 64).unwrap_or(u32::MAX)
-                },
-            );
+                });
             match spill {
                 Some(spill) => builder
                     .eviction_listener(move |k: Arc<Arc<str>>, v: Bytes, cause| {
@@ -250,21 +254,29 @@ where
     }
     // Without a length (an upstream streaming it), read up to the limit: more is not small.
     let cap = length.unwrap_or(limit);
-    let mut buf = BytesMut::with_capacity(cap as usize);
+    // Room for what is expected, not for the limit: what is kept holds its whole allocation.
+    let room = length.or(expected).unwrap_or(cap).min(cap);
+    let mut buf = BytesMut::with_capacity(room as usize);
     let mut body = obj.body;
     while let Some(chunk) = body
         .try_next()
         .await
         .map_err(|e| Unloaded::Failed(StoreError::from(e).into()))?
     {
-        if (buf.len() + chunk.len()) as u64 > cap {
-            if length.is_none() {
-                return Err(Unloaded::Large);
+        let more = (buf.len() + chunk.len()) as u64;
+        if more > cap {
+            if length.is_some() {
+                break;
             }
-            break;
+            // Named after its bytes, with a smaller size by its narinfo: broken, not large.
+            return Err(match expected {
+                Some(size) if exact => wrong_size(more, size),
+                _ => Unloaded::Large,
+            });
         }
         buf.extend_from_slice(&chunk);
     }
+
     let got = buf.len() as u64;
     match (length, expected) {
         (Some(n), _) if got != n => {
@@ -274,6 +286,11 @@ where
         }
         (None, Some(size)) if got != size => return Err(wrong_size(got, size)),
         _ => {}
+    }
+    // Kept in an allocation of its own size (one made for more, or grown past it, would be
+    // held whole, uncounted by the budget).
+    if buf.capacity() > buf.len() {
+        return Ok(Bytes::copy_from_slice(&buf));
     }
     Ok(buf.freeze())
 }
@@ -496,5 +513,105 @@ mod tests {
             })
             .count();
         assert_eq!(held + spilled.len(), 6, "each NAR is held or spilled");
+    }
+}
+
+#[cfg(test)]
+mod sized_tests {
+    use super::*;
+
+    /// An object of `data`, without a length (an upstream streaming it), in two chunks.
+    fn streamed(data: Vec<u8>) -> Result<Option<Object>, Error> {
+        let half = data.len() / 2;
+        let (a, b) = (
+            Bytes::copy_from_slice(&data[..half]),
+            Bytes::from(data).slice(half..),
+        );
+        let body = futures::stream::iter([Ok(a), Ok(b)]);
+        Ok(Some(Object {
+            body: Box::pin(body),
+            length: None,
+            range: None,
+            encoding: None,
+        }))
+    }
+
+    /// A NAR read without a length is kept in an allocation of its own size, with or without
+    /// its narinfo's size: not in one of the limit's, which the budget would not count.
+    #[tokio::test]
+    async fn a_nar_read_without_a_length_is_kept_at_its_size() {
+        for expected in [Some(2000), None] {
+            let got = read_small(
+                async { streamed(vec![5u8; 2000]) },
+                "k",
+                1 << 16,
+                expected,
+                false,
+            )
+            .await
+            .unwrap_or_else(|_| panic!("not loaded"));
+            let held = got.try_into_mut().unwrap_or_else(|_| panic!("shared"));
+            assert_eq!(held.capacity(), 2000, "expected {expected:?}");
+        }
+    }
+
+    /// One named after its bytes that goes past the limit while its narinfo says it is
+    /// smaller is broken (a 502), as with a length; not streamed as a large NAR.
+    #[tokio::test]
+    async fn an_unsized_nar_longer_than_its_narinfo_says_is_refused() {
+        let name = "1b8m03r63zqhnjf7l5wnldhh7c134ap5vpj0850ymkq1iyzicy5s.nar";
+        assert!(names_its_bytes(name));
+        let long = read_small(
+            async { streamed(vec![5u8; 5000]) },
+            "k",
+            1000,
+            Some(100),
+            true,
+        );
+        assert!(matches!(long.await, Err(Unloaded::Failed(_))));
+        let large = read_small(
+            async { streamed(vec![5u8; 5000]) },
+            "k",
+            1000,
+            Some(100),
+            false,
+        );
+        assert!(matches!(large.await, Err(Unloaded::Large)));
+    }
+
+    fn whole(data: Bytes) -> Result<Option<Object>, Error> {
+        let length = Some(data.len() as u64);
+        let body = futures::stream::iter([Ok(data)]);
+        Ok(Some(Object {
+            body: Box::pin(body),
+            length,
+            range: None,
+            encoding: None,
+        }))
+    }
+
+    /// Memory full of NARs each read a few times still takes a new one (prefetched before its
+    /// first read): the least recently used go.
+    #[tokio::test]
+    async fn a_full_memory_admits_new_nars() {
+        let m = NarMemory::new(1_000_000, 1000, None);
+        let data = Bytes::from(vec![7u8; 900]);
+        // 1100 NARs of 969 bytes each as weighed: over the budget.
+        for round in 0..6 {
+            for i in 0..1100 {
+                let name = format!("n{i}.nar");
+                let d = data.clone();
+                let _ = m.load(&name, "k", async move { whole(d) }).await;
+                m.get(&name).await;
+            }
+            if round == 0 {
+                m.settle().await;
+            }
+        }
+        m.settle().await;
+        let d = data.clone();
+        let _ = m.load("new.nar", "k", async move { whole(d) }).await;
+        m.settle().await;
+        assert!(m.contains("new.nar").await);
     }
 }

@@ -115,22 +115,25 @@ impl NarInfoCache {
         Fut: std::future::Future<Output = Result<Lookup, Error>>,
     {
         let generation = self.generation(h);
-        let before = generation.load(Ordering::SeqCst);
+        // The invalidations counted when the look that found the answer began: this caller's
+        // own look says when that was; one it shared began after `before`.
+        let began = &AtomicU64::new(generation.load(Ordering::SeqCst));
         let attempt = move || async move {
             loaded.store(true, Ordering::Relaxed);
-            self.load_fresh(generation, load).await
+            self.load_fresh(generation, load, began).await
         };
         let found = self
             .cache
             .try_get_with(h, attempt())
             .await
             .map_err(|e: Arc<Error>| (*e).clone())?;
-        if found.is_some() || generation.load(Ordering::SeqCst) == before {
+        if generation.load(Ordering::SeqCst) == began.load(Ordering::SeqCst) {
             return Ok(found);
         }
-        // An invalidation came after the load looked, perhaps before its miss was kept (the
-        // cache keeps it only once the load has returned): look again rather than keep a
-        // miss that could hide an upload for the negative TTL.
+        // An invalidation came after the load looked, perhaps before what it found was kept
+        // (the cache keeps it only once the load has returned): look again rather than keep a
+        // miss that could hide an upload for the negative TTL, or a narinfo an upload
+        // replaced or took back (its NAR gone) for the positive one.
         self.cache.invalidate(&h).await;
         self.cache
             .try_get_with(h, attempt())
@@ -143,20 +146,27 @@ impl NarInfoCache {
         self.cache.contains_key(&h)
     }
 
-    /// Runs `load`, again if an invalidation (counted by `generation`) happened meanwhile and
-    /// it found nothing.
-    async fn load_fresh<F, Fut>(&self, generation: &AtomicU64, load: &F) -> Result<Lookup, Error>
+    /// Runs `load`, again if an invalidation (counted by `generation`) happened meanwhile;
+    /// `began` is set to the count when the look whose answer is returned began.
+    async fn load_fresh<F, Fut>(
+        &self,
+        generation: &AtomicU64,
+        load: &F,
+        began: &AtomicU64,
+    ) -> Result<Lookup, Error>
     where
         F: Fn() -> Fut,
         Fut: std::future::Future<Output = Result<Lookup, Error>>,
     {
         for _ in 0..3 {
             let before = generation.load(Ordering::SeqCst);
+            began.store(before, Ordering::SeqCst);
             let found = load().await?;
-            if found.is_some() || generation.load(Ordering::SeqCst) == before {
+            if generation.load(Ordering::SeqCst) == before {
                 return Ok(found);
             }
         }
+        began.store(generation.load(Ordering::SeqCst), Ordering::SeqCst);
         load().await
     }
 
@@ -224,6 +234,31 @@ mod tests {
             .await
             .unwrap()
             .is_some());
+    }
+
+    /// A narinfo taken back while it was being loaded (an upload refused after it was written,
+    /// its NAR gone; `verify --repair`) is not kept for the positive TTL: looked up again.
+    #[tokio::test]
+    async fn a_narinfo_raced_by_an_invalidation_is_not_kept() {
+        let cache = NarInfoCache::new(
+            1 << 20,
+            Duration::from_secs(3600),
+            Duration::from_secs(3600),
+        );
+        let h: StorePathHash = "0".repeat(32).parse().unwrap();
+        let calls = &std::sync::atomic::AtomicUsize::new(0);
+        let cache_ref = &cache;
+        let load = move || async move {
+            // The first look finds the narinfo, which is taken back before the look returns.
+            if calls.fetch_add(1, Ordering::SeqCst) == 0 {
+                cache_ref.invalidate(h).await;
+                return Ok(Some(Bytes::from_static(b"StorePath: x\n")));
+            }
+            Ok(None)
+        };
+        assert_eq!(cache.get_or_load(h, load).await.unwrap(), None);
+        let again = cache.fill(h, || async { Ok(Some(Bytes::new())) }).await;
+        assert_eq!(again.unwrap(), None, "the taken-back narinfo was kept");
     }
 
     /// Uploads of other paths landing while a miss is looked up do not make it looked up

@@ -127,7 +127,10 @@ pub(super) async fn load_from_store(
         return Ok(None);
     };
     super::prefetch::after_load(st, live, &info).await;
-    Ok(Some(Bytes::from(info.render(&st.config.store_dir))))
+    // Kept in memory at its own size: the rendering reserves room, which the cache's weigher
+    // would not count.
+    let text = info.render(&st.config.store_dir).into_boxed_str();
+    Ok(Some(Bytes::from(text.into_boxed_bytes())))
 }
 
 /// The narinfo for `h` from the store, or else from an upstream, checked and signed by every

@@ -1826,3 +1826,20 @@ async fn debug_info_links_are_checked_and_name_the_stored_nar() {
         (StatusCode::OK, kept.into_bytes())
     );
 }
+
+/// A narinfo kept in memory holds an allocation of its own size, which is what the cache's
+/// budget counts (the rendering reserves more).
+#[tokio::test]
+async fn a_loaded_narinfo_is_held_at_its_size() {
+    let mem = Arc::new(MemoryStore::new());
+    mem.insert(&format!("{HASH}.narinfo"), NARINFO);
+    let st = state(Config::default(), &mem);
+    let live = st.live();
+    let loaded = super::narinfo::load_from_store(&st, &live, HASH.parse().unwrap())
+        .await
+        .unwrap()
+        .unwrap();
+    let len = loaded.len();
+    let held = loaded.try_into_mut().unwrap_or_else(|_| panic!("shared"));
+    assert_eq!(held.capacity(), len);
+}

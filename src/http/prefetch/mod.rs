@@ -218,9 +218,21 @@ pub(super) async fn after_load(st: &AppState, live: &Arc<Live>, info: &NarInfo) 
                 }
                 let reads = &live.reads;
                 let key = object_key::nar(&nar);
+                let asked = tokio::time::Instant::now();
                 let source = super::nar::open_whole(&st, &nar, &key, reads);
                 let result = match st.nar_memory.load(nar.as_str(), &key, source).await {
                     Ok(_) => "loaded",
+                    // Found missing ahead of the client: its narinfo answers 404 from now on,
+                    // as after a client's own GET of it (see crate::cache::missing_nars).
+                    Err(crate::cache::nar_memory::Unloaded::Failed(
+                        crate::error::Error::NotFound,
+                    )) => {
+                        st.live()
+                            .missing_nars
+                            .seen_missing(nar.as_str(), asked)
+                            .await;
+                        "failed"
+                    }
                     Err(_) => "failed",
                 };
                 crate::metrics::prefetch("nar", result);

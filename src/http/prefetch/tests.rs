@@ -98,6 +98,30 @@ async fn one_miss_brings_the_closure_and_its_small_nars_into_memory() {
     assert_eq!(mem.requests(), reads);
 }
 
+/// A small NAR the prefetch finds missing hides its narinfo from then on, as a client's own
+/// GET of the NAR would: the next client is not sent after a NAR that is not there.
+#[tokio::test]
+async fn a_nar_the_prefetch_finds_missing_hides_its_narinfo() {
+    let mem = Arc::new(MemoryStore::new());
+    let [a, b, _c, _d] = closure(&mem);
+    mem.remove(&b.nar_url[1..]);
+    let st = state(Config::default(), &mem);
+    assert_eq!(
+        get(&st, &format!("/{}.narinfo", a.hash)).await.0,
+        StatusCode::OK
+    );
+    st.prefetch.settled().await;
+    assert_eq!(
+        get(&st, &format!("/{}.narinfo", b.hash)).await.0,
+        StatusCode::NOT_FOUND
+    );
+    assert_eq!(
+        get(&st, &format!("/{}.narinfo", a.hash)).await.0,
+        StatusCode::OK,
+        "only the path whose NAR is missing"
+    );
+}
+
 #[tokio::test]
 async fn without_prefetching_only_what_was_asked_is_read() {
     let mem = Arc::new(MemoryStore::new());
