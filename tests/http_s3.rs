@@ -985,9 +985,11 @@ async fn existing_signatures_are_kept_unless_configured_otherwise() {
     assert!(original.is_signed_by_any(std::slice::from_ref(&test1), STORE_DIR));
     let c = client();
 
-    // Default: the store's signature stays, ours is added.
+    // Default: the store's signature stays, ours is added. (The narinfo alone is seeded: no
+    // prefetch, which would find its NAR missing and hide it.)
     let app = App::s3("sigs")
         .seed(format!("{TOP_HASH}.narinfo"), TOP_NARINFO)
+        .env("CELLAR_CACHE__PREFETCH_CONCURRENCY", "0")
         .spawn()
         .await;
     let keep = &app.srv;
@@ -1002,7 +1004,10 @@ async fn existing_signatures_are_kept_unless_configured_otherwise() {
 
     // keep_existing_signatures = false: only ours.
     let drop = app
-        .another_server(&[("CELLAR_SIGNING__KEEP_EXISTING_SIGNATURES", "false")])
+        .another_server(&[
+            ("CELLAR_SIGNING__KEEP_EXISTING_SIGNATURES", "false"),
+            ("CELLAR_CACHE__PREFETCH_CONCURRENCY", "0"),
+        ])
         .await;
     let ours: PublicKey = drop.public_key.parse().unwrap();
     let (_, body) = get_ok(&c, &format!("{}/{TOP_HASH}.narinfo", drop.url)).await;

@@ -17,6 +17,12 @@ use moka::future::Cache;
 /// At most this many NARs are remembered (the oldest are forgotten first).
 const CAPACITY: u64 = 100_000;
 
+/// A NAR uploaded here this recently is not remembered missing, whenever the read that found
+/// nothing began: reads of one NAR are shared (the memory cache, a disk fill), so a request
+/// that came after an upload may get the answer of a read that began before it. Longer than a
+/// read that finds nothing takes (a few store and upstream timeouts).
+const UPLOADED_LATELY: Duration = Duration::from_secs(60);
+
 pub struct MissingNars {
     names: Cache<Box<str>, ()>,
     /// When each NAR was last uploaded here (as long as a miss is remembered): a GET that
@@ -45,11 +51,24 @@ impl MissingNars {
     /// A GET of `nar/<file>` that started at `asked` found nothing. Not remembered if the NAR
     /// was uploaded since: that GET looked before the upload ended.
     pub async fn seen_missing(&self, file: &str, asked: tokio::time::Instant) {
-        if self.uploaded.get(file).await.is_some_and(|at| at >= asked) {
+        if self.uploaded_since(file, asked).await {
             return;
         }
-        self.any.store(true, Ordering::Relaxed);
+        // Set before the name is kept, and the upload looked for again after: an upload
+        // recorded meanwhile either finds the name to forget, or is found here.
+        self.any.store(true, Ordering::SeqCst);
         self.names.insert(file.into(), ()).await;
+        if self.uploaded_since(file, asked).await {
+            self.names.invalidate(file).await;
+        }
+    }
+
+    /// Whether `file` was uploaded here since `asked`, or lately ([`UPLOADED_LATELY`]).
+    async fn uploaded_since(&self, file: &str, asked: tokio::time::Instant) -> bool {
+        self.uploaded
+            .get(file)
+            .await
+            .is_some_and(|at| at >= asked || at.elapsed() < UPLOADED_LATELY)
     }
 
     /// `nar/<file>` was uploaded.
@@ -57,7 +76,7 @@ impl MissingNars {
         self.uploaded
             .insert(file.into(), tokio::time::Instant::now())
             .await;
-        if self.any.load(Ordering::Relaxed) {
+        if self.any.load(Ordering::SeqCst) {
             self.names.invalidate(file).await;
         }
     }
@@ -99,19 +118,21 @@ mod tests {
         m.seen_present("abc.nar.xz").await;
         assert!(!m.points_to_missing(body));
         // Served again (uploaded through another replica): forgotten too.
-        m.seen_missing("abc.nar.xz", tokio::time::Instant::now())
+        let other = b"StorePath: /nix/store/y\nURL: nar/def.nar.xz\nCompression: xz\n";
+        m.seen_missing("def.nar.xz", tokio::time::Instant::now())
             .await;
-        assert!(m.points_to_missing(body));
-        m.seen_served("abc.nar.xz").await;
-        assert!(!m.points_to_missing(body));
+        assert!(m.points_to_missing(other));
+        m.seen_served("def.nar.xz").await;
+        assert!(!m.points_to_missing(other));
     }
 
     /// A GET that found nothing but started before the NAR's upload ended (it looked first)
-    /// is not remembered: the narinfo uploaded with that NAR is served. One that started
-    /// after the upload is.
+    /// is not remembered: the narinfo uploaded with that NAR is served. Nor is one that
+    /// started after it, while the upload is recent: reads of a NAR are shared, and its answer
+    /// may be a read's that began before the upload. Later, a miss is remembered.
     #[tokio::test(start_paused = true)]
     async fn a_miss_older_than_the_upload_is_not_remembered() {
-        let m = MissingNars::new(Duration::from_secs(60));
+        let m = MissingNars::new(Duration::from_secs(600));
         let body = b"StorePath: /nix/store/x\nURL: nar/abc.nar.xz\nCompression: xz\n";
         let asked = tokio::time::Instant::now();
         tokio::time::advance(Duration::from_millis(5)).await;
@@ -119,6 +140,10 @@ mod tests {
         m.seen_missing("abc.nar.xz", asked).await;
         assert!(!m.points_to_missing(body));
         tokio::time::advance(Duration::from_millis(5)).await;
+        m.seen_missing("abc.nar.xz", tokio::time::Instant::now())
+            .await;
+        assert!(!m.points_to_missing(body), "uploaded lately");
+        tokio::time::advance(UPLOADED_LATELY).await;
         m.seen_missing("abc.nar.xz", tokio::time::Instant::now())
             .await;
         assert!(m.points_to_missing(body));

@@ -115,9 +115,9 @@ impl NarInfoCache {
         Fut: std::future::Future<Output = Result<Lookup, Error>>,
     {
         let generation = self.generation(h);
-        // The invalidations counted when the look that found the answer began: this caller's
-        // own look says when that was; one it shared began after `before`.
-        let began = &AtomicU64::new(generation.load(Ordering::SeqCst));
+        let before = generation.load(Ordering::SeqCst);
+        // The invalidations counted when this caller's own look (if it ran one) began.
+        let began = &AtomicU64::new(before);
         let attempt = move || async move {
             loaded.store(true, Ordering::Relaxed);
             self.load_fresh(generation, load, began).await
@@ -127,7 +127,18 @@ impl NarInfoCache {
             .try_get_with(h, attempt())
             .await
             .map_err(|e: Arc<Error>| (*e).clone())?;
-        if generation.load(Ordering::SeqCst) == began.load(Ordering::SeqCst) {
+        // Looked again if an invalidation came after the look that found the answer began:
+        // this caller's own look says when that was. A caller that had the answer from
+        // another's look (or from memory) does not know, and looks again only for a miss
+        // (which could hide an upload for the negative TTL): the look's own caller does for
+        // what it found, and every caller waiting on it looking again would multiply reads.
+        let now = generation.load(Ordering::SeqCst);
+        let fresh = if loaded.load(Ordering::Relaxed) {
+            now == began.load(Ordering::SeqCst)
+        } else {
+            found.is_some() || now == before
+        };
+        if fresh {
             return Ok(found);
         }
         // An invalidation came after the load looked, perhaps before what it found was kept
