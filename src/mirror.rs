@@ -10,7 +10,7 @@
 //! The narinfo lookup only offers the path ([`Mirror::offer`]); it never waits for the copy,
 //! and a copy that fails is logged and forgotten: the path is offered again on a later miss.
 
-use std::collections::{HashSet, VecDeque};
+use std::collections::{HashMap, HashSet, VecDeque};
 use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::{Arc, Mutex};
 
@@ -55,6 +55,13 @@ struct Inner {
     waiting: Mutex<VecDeque<NarInfo>>,
     /// Set by [`Mirror::retire`]: nothing more is copied.
     retired: AtomicBool,
+    /// The paths being copied now, each with the lock its copier holds meanwhile: copies
+    /// whose closures overlap (a cold closure's references, offered together) copy a shared
+    /// path once, not once each from the upstream into the store.
+    copying: Mutex<HashMap<StorePathHash, std::sync::Weak<tokio::sync::Mutex<()>>>>,
+    /// Told when a copier found a path another was copying (for tests).
+    #[cfg(test)]
+    contended: tokio::sync::Notify,
 }
 
 impl Mirror {
@@ -67,6 +74,9 @@ impl Mirror {
                 copies: Arc::new(Semaphore::new(MAX_COPIES)),
                 waiting: Mutex::new(VecDeque::new()),
                 retired: AtomicBool::new(false),
+                copying: Mutex::new(HashMap::new()),
+                #[cfg(test)]
+                contended: tokio::sync::Notify::new(),
             }),
         }
     }
@@ -239,10 +249,37 @@ impl Inner {
                 tracing::info!(path = %info.store_path, "upstreams reconfigured: mirroring stopped");
                 break;
             }
+            let slot = self.slot(info.hash());
+            let _copying = match slot.try_lock() {
+                Ok(held) => held,
+                Err(_) => {
+                    // Another copy is copying it: waited for, then looked for again.
+                    #[cfg(test)]
+                    self.contended.notify_one();
+                    let held = slot.lock().await;
+                    if self.in_store(info.hash()).await? {
+                        continue;
+                    }
+                    held
+                }
+            };
             self.copy_one(info).await?;
             n += 1;
         }
         Ok(n)
+    }
+
+    /// The lock of `h`'s copy, shared by the copiers that reach it at once.
+    fn slot(&self, h: StorePathHash) -> Arc<tokio::sync::Mutex<()>> {
+        let mut copying = lock(&self.copying);
+        if let Some(slot) = copying.get(&h).and_then(std::sync::Weak::upgrade) {
+            return slot;
+        }
+        // Forgotten once no copier holds them (at most a few, one per copy running).
+        copying.retain(|_, w| w.strong_count() > 0);
+        let slot = Arc::new(tokio::sync::Mutex::new(()));
+        copying.insert(h, Arc::downgrade(&slot));
+        slot
     }
 
     /// Whether the store (not an upstream) has a narinfo for `h`.
@@ -452,6 +489,49 @@ mod tests {
             mirror.inner.copy_closure(paths[0].0.clone()).await.unwrap(),
             0
         );
+    }
+
+    /// Two copies whose closures share a path (a cold closure's references, offered together)
+    /// copy it once: the second waits for the first, then finds it in the store.
+    #[tokio::test]
+    async fn overlapping_copies_copy_a_shared_path_once() {
+        let key = crate::nix::SecretKey::generate("up-1").unwrap();
+        let paths = [
+            closure_path(&key, A, &[C]),
+            closure_path(&key, B, &[C]),
+            closure_path(&key, C, &[]),
+        ];
+        let store = Arc::new(MemoryStore::new());
+        let shared_nar = paths[2].1.clone();
+        let writes = Arc::new(std::sync::atomic::AtomicUsize::new(0));
+        let w = writes.clone();
+        store.after_write(&shared_nar, move |_| {
+            w.fetch_add(1, Ordering::SeqCst);
+        });
+        let mirror = mirror_over(&key, &paths, &store).await;
+        let gate = store.hold_writes(&shared_nar);
+        let copy = |top: NarInfo| {
+            let inner = mirror.inner.clone();
+            tokio::spawn(async move { inner.copy_closure(top).await })
+        };
+        let first = copy(paths[0].0.clone());
+        gate.reached().await;
+        let second = copy(paths[1].0.clone());
+        let waited = mirror.inner.contended.notified();
+        tokio::time::timeout(std::time::Duration::from_secs(30), waited)
+            .await
+            .expect("the second copy did not wait for the first");
+        gate.open();
+        assert_eq!(first.await.unwrap().unwrap(), 2, "C, then A");
+        assert_eq!(second.await.unwrap().unwrap(), 1, "B alone");
+        assert_eq!(
+            writes.load(Ordering::SeqCst),
+            1,
+            "the shared NAR written twice"
+        );
+        for (info, _, _) in &paths {
+            assert!(store.bytes(&format!("{}.narinfo", info.hash())).is_some());
+        }
     }
 
     /// A mirror retired by a reload that replaced its upstreams copies nothing more: the copy
