@@ -363,7 +363,7 @@ impl NarCache {
             Err(e) => {
                 if self.read_failed(name) {
                     tracing::warn!(nar = %name, error = %e, "NAR cache: cannot read the file, fetching it again");
-                    self.drop_entry(name);
+                    self.drop_entry_of_size(name, size);
                 } else {
                     tracing::warn!(nar = %name, error = %e, "NAR cache: cannot read the file, serving from the store");
                 }
@@ -371,7 +371,7 @@ impl NarCache {
             }
             Ok(_) => {
                 tracing::warn!(nar = %name, "NAR cache: file missing or truncated, fetching again");
-                self.drop_entry(name);
+                self.drop_entry_of_size(name, size);
                 Ok(NarCacheAnswer::Bypass)
             }
         }
@@ -418,6 +418,20 @@ impl NarCache {
             }
             Err(e) => self.write_failed(name, &e),
         }
+    }
+
+    /// [`Self::drop_entry`] if the index still holds `name` at `size`, the size its caller
+    /// looked up: a fill may have put a new file there since (a NAR named after its store
+    /// path, rebuilt, of another size), which is not the one found wrong.
+    fn drop_entry_of_size(&self, name: &str, size: u64) {
+        let held = {
+            let mut index = self.index();
+            index.size(name) == Some(size) && index.remove(name)
+        };
+        if held {
+            self.remove_unindexed(name);
+        }
+        self.changed();
     }
 
     fn drop_entry(&self, name: &str) {

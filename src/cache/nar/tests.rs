@@ -90,6 +90,31 @@ async fn wait_indexed(cache: &NarCache, n: usize) {
     wait_until(cache, || cache.usage().0 == n).await;
 }
 
+/// A request that finds the file of the entry it looked up of another size does not drop
+/// the entry a fill put there since (a NAR named after its store path, rebuilt): only the
+/// entry it looked up, if still there.
+#[tokio::test]
+async fn a_stale_look_does_not_drop_a_new_entry() {
+    use super::index::Verified;
+    let (d, cache, _mem, _store) = setup(1 << 30);
+    let new = vec![9u8; 2000];
+    std::fs::write(d.path().join(NAME), &new).unwrap();
+    let checksum = super::disk::Checksum::of(&new);
+    cache.index().insert(NAME, 2000, checksum, Verified::Yes);
+    // Looked up when the entry was of 1000 bytes.
+    let answer = cache.read_file(NAME, 1000, None).await.unwrap();
+    assert!(matches!(answer, NarCacheAnswer::Bypass));
+    assert_eq!(cache.index().size(NAME), Some(2000));
+    assert!(d.path().join(NAME).exists());
+    // The entry it looked up, found wrong: dropped.
+    let answer = cache.read_file(NAME, 2000, None).await.unwrap();
+    assert!(matches!(answer, NarCacheAnswer::Object(_)));
+    std::fs::write(d.path().join(NAME), b"short").unwrap();
+    let answer = cache.read_file(NAME, 2000, None).await.unwrap();
+    assert!(matches!(answer, NarCacheAnswer::Bypass));
+    assert_eq!(cache.index().size(NAME), None);
+}
+
 /// A fill that cannot write its file (the disk filled up under it, an I/O error) is the
 /// cache's trouble, not the client's: its readers get the rest from the store, every byte in
 /// place, and nothing is kept.
