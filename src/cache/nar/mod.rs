@@ -638,7 +638,8 @@ impl NarCache {
             }
             Err(e) => {
                 tracing::warn!(nar = %name, cause = %e, "NAR cache: cached file is corrupt, fetching it again");
-                self.drop_entry(name);
+                // The entry checked, not one a fill put there meanwhile.
+                self.drop_entry_of_size(name, expected.0);
             }
         }
     }

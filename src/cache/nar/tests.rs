@@ -106,6 +106,11 @@ async fn a_stale_look_does_not_drop_a_new_entry() {
     assert!(matches!(answer, NarCacheAnswer::Bypass));
     assert_eq!(cache.index().size(NAME), Some(2000));
     assert!(d.path().join(NAME).exists());
+    // A check of the entry as it was before a restart (1000 bytes), ending after a fill
+    // replaced it: the new entry stays.
+    cache.verify(NAME, (1000, super::disk::Checksum::of(&[0u8; 1000])));
+    assert_eq!(cache.index().size(NAME), Some(2000));
+    assert!(d.path().join(NAME).exists());
     // The entry it looked up, found wrong: dropped.
     let answer = cache.read_file(NAME, 2000, None).await.unwrap();
     assert!(matches!(answer, NarCacheAnswer::Object(_)));
