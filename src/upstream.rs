@@ -662,10 +662,8 @@ fn never(ip: std::net::IpAddr) -> bool {
     if metadata(ip) {
         return true;
     }
+    // An IPv4-mapped address comes here as the IPv4 one ([`reach`] maps it).
     match ip {
-        IpAddr::V6(a) if a.to_ipv4_mapped().is_some() => {
-            a.to_ipv4_mapped().is_some_and(|v4| never(IpAddr::V4(v4)))
-        }
         IpAddr::V4(a) => a.is_link_local() || a.is_unspecified() || a.is_broadcast(),
         IpAddr::V6(a) => a.is_unspecified() || (a.segments()[0] & 0xffc0) == 0xfe80,
     }
