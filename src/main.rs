@@ -368,7 +368,11 @@ fn serve(path: Option<&Path>, log_format: Option<LogFormat>) -> anyhow::Result<(
             None => None,
         };
         spawn_staging_cleanup(store.clone(), cfg.upload.staging_max_age);
-        let store_check = (store.clone(), cfg.store.timeout);
+        let store_check = StoreCheck {
+            store: store.clone(),
+            timeout: cfg.store.timeout,
+            local: matches!(cfg.store.backend, cellar::config::StoreBackend::Local(_)),
+        };
         let state = AppState::new(cfg, store, loaded.keys)?;
         if let Some(l) = metrics_listener {
             serve_metrics(l, state.clone());
@@ -378,7 +382,7 @@ fn serve(path: Option<&Path>, log_format: Option<LogFormat>) -> anyhow::Result<(
         let flusher = access.spawn_flusher(state.config.gc.access_flush_interval);
         cellar::reload::spawn_on_sighup(state.clone(), path.map(Path::to_owned), hup);
         // Once start-up cannot fail any more: a store read cut by an exit is no finding.
-        spawn_store_check(store_check.0, store_check.1);
+        spawn_store_check(store_check);
         announce(addr);
         cellar::systemd::ready(&format!("serving on {addr}"));
         cellar::systemd::spawn_watchdog();
@@ -452,12 +456,44 @@ fn announce(addr: std::net::SocketAddr) {
 /// then show in the log at once, with the keys to check, not at the first client's 502 or 503.
 /// The server serves anyway (an S3 store still starting is no reason to stop); `/readyz`
 /// answers 503 until the store answers.
-fn spawn_store_check(store: std::sync::Arc<dyn cellar::store::Store>, timeout: Duration) {
+struct StoreCheck {
+    store: std::sync::Arc<dyn cellar::store::Store>,
+    timeout: Duration,
+    /// A local directory: the keys to check are others, and it is also tried for writing.
+    local: bool,
+}
+
+fn spawn_store_check(c: StoreCheck) {
+    let StoreCheck {
+        store,
+        timeout,
+        local,
+    } = c;
     tokio::spawn(async move {
         let what = store.describe();
-        let check = "check store.endpoint, store.bucket, store.prefix, store.region and the \
-                     credentials; serving anyway, /readyz answers 503 until the store answers";
+        let check = if local {
+            "check store.path, and that the server's user may read it; serving anyway, \
+             /readyz answers 503 until the store answers"
+        } else {
+            "check store.endpoint, store.bucket, store.prefix, store.region and the \
+             credentials; serving anyway, /readyz answers 503 until the store answers"
+        };
         match tokio::time::timeout(timeout, store.ping()).await {
+            Ok(Ok(())) if local => {
+                tracing::debug!(store = %what, "the store answers");
+                // A directory the server may read but not write (a systemd unit's
+                // `ProtectSystem=strict` without `ReadWritePaths=`) serves, but every upload
+                // and every access record (what gc keeps by) would fail: said now, once.
+                match store.writer("nix-cache-info").await {
+                    Ok(w) => w.abort().await,
+                    Err(e) => tracing::warn!(
+                        store = %what,
+                        cause = %e,
+                        "the store's directory (store.path) cannot be written: uploads and \
+                         the access records gc keeps paths by will fail"
+                    ),
+                }
+            }
             Ok(Ok(())) => tracing::debug!(store = %what, "the store answers"),
             Ok(Err(e @ cellar::store::StoreError::Misconfigured(_))) => {
                 tracing::error!(store = %what, cause = %e, "the store refuses cellar at start-up ({check})")

@@ -294,3 +294,37 @@ fn a_sighup_during_start_up_is_a_reload_once_up() {
     child.kill().unwrap();
     child.wait().unwrap();
 }
+
+/// A local store the server may not write (here its staging directory is a file; a systemd
+/// unit's `ProtectSystem=strict` without `ReadWritePaths=` does the same) serves, but is
+/// said in the log at start-up: every upload and every access record would fail. One whose
+/// `nar/` links to a disk not mounted is not ready, and the log names `store.path`, not the
+/// S3 keys.
+#[tokio::test(flavor = "multi_thread")]
+async fn a_local_store_unwritable_or_not_mounted_is_logged_at_start_up() {
+    let dir = tempfile::tempdir().unwrap();
+    let unwritable = dir.path().join("unwritable");
+    std::fs::create_dir_all(&unwritable).unwrap();
+    std::fs::write(unwritable.join(".staging"), b"").unwrap();
+    let unmounted = dir.path().join("unmounted");
+    std::fs::create_dir_all(&unmounted).unwrap();
+    std::os::unix::fs::symlink(dir.path().join("no-disk"), unmounted.join("nar")).unwrap();
+    for (store, said, ready) in [
+        (unwritable, "cannot be written", 200),
+        (unmounted, "the store cannot be reached at start-up", 503),
+    ] {
+        let env = vec![("CELLAR_STORE__PATH".into(), store.to_str().unwrap().into())];
+        let srv = tokio::task::spawn_blocking(move || {
+            let srv = Server::start(env);
+            srv.wait_for_log(said, 1);
+            srv
+        })
+        .await
+        .unwrap();
+        let log = srv.log();
+        assert!(log.contains("store.path"), "{log}");
+        assert!(!log.contains("store.endpoint"), "{log}");
+        let r = reqwest::get(format!("{}/readyz", srv.url)).await.unwrap();
+        assert_eq!(r.status().as_u16(), ready, "{said}\n{log}");
+    }
+}

@@ -35,6 +35,34 @@ const OBJECT_DIRS: [&str; 7] = [
     "_cellar",
 ];
 
+/// If `key` lies in a part of the layout that is a link to a directory not there (a disk not
+/// mounted), the error saying so: an object looked up there is not missing, it cannot be
+/// seen, and callers that take "absent" at its word would delete what refers to it (an upload
+/// takes back its narinfo, `verify --repair` deletes narinfos). Asked only after a miss.
+fn unmounted(root: &Path, key: &str) -> Option<StoreError> {
+    let (top, _) = key.split_once('/')?;
+    let link = root.join(top);
+    let is_link = std::fs::symlink_metadata(&link).is_ok_and(|m| m.file_type().is_symlink());
+    if !is_link {
+        return None;
+    }
+    match std::fs::metadata(&link) {
+        Ok(_) => None,
+        Err(e) => Some(StoreError::Unavailable(format!(
+            "{}: {e} (a link to a file system not mounted?)",
+            link.display()
+        ))),
+    }
+}
+
+/// A miss of `key`: `None`, unless the part of the layout it lies in is not mounted.
+fn absent<T>(root: &Path, key: &str) -> Result<Option<T>, StoreError> {
+    match unmounted(root, key) {
+        Some(e) => Err(e),
+        None => Ok(None),
+    }
+}
+
 /// Whether `name` is a commit's copy beside its destination.
 fn is_copy_beside(name: &std::ffi::OsStr) -> bool {
     name.to_str()
@@ -240,7 +268,14 @@ fn walk(root: &Path, prefix: &str, tx: &ListSender) {
         }
         let rd = match std::fs::read_dir(&dir) {
             Ok(rd) => rd,
-            Err(e) if not_found(&e) => continue,
+            Err(e) if not_found(&e) => match unmounted(root, prefix) {
+                // Listing inside a part of the layout that is not mounted (`_cellar/pins/`).
+                Some(e) => {
+                    let _ = tx.blocking_send(Err(e));
+                    return;
+                }
+                None => continue,
+            },
             // A directory no object lives in, that the server's user may not read: a store
             // at a file system's root has `lost+found` (root's, mode 0700).
             Err(e)
@@ -303,7 +338,10 @@ fn walk(root: &Path, prefix: &str, tx: &ListSender) {
                 continue;
             };
             if ft.is_dir() {
-                if key != STAGING && (key.starts_with(prefix) || prefix.starts_with(&key)) {
+                // At the top, only the layout's directories hold objects: a `.snapshots`
+                // (snapper), `.git` or `lost+found` there is not walked.
+                let outside = path.parent() == Some(root) && !OBJECT_DIRS.contains(&key.as_str());
+                if !outside && (key.starts_with(prefix) || prefix.starts_with(&key)) {
                     dirs.push(path);
                 }
                 continue;
@@ -407,9 +445,13 @@ fn not_found(e: &io::Error) -> bool {
 impl Store for LocalStore {
     async fn get(&self, key: &str, range: Option<ByteRange>) -> Result<Option<Object>, StoreError> {
         let path = self.path(key);
-        let opened = tokio::task::spawn_blocking(move || open_for_read(&path, range))
-            .await
-            .map_err(|e| StoreError::Other(format!("reading {key}: {e}")))??;
+        let (root, k) = (self.root.clone(), key.to_owned());
+        let opened = tokio::task::spawn_blocking(move || match open_for_read(&path, range)? {
+            None => absent(&root, &k),
+            found => Ok(found),
+        })
+        .await
+        .map_err(|e| StoreError::Other(format!("reading {key}: {e}")))??;
         Ok(opened.map(|o| match o {
             Opened::Read(data, range) => Object {
                 length: Some(data.len() as u64),
@@ -434,15 +476,19 @@ impl Store for LocalStore {
     async fn get_bytes(&self, key: &str, limit: u64) -> Result<Option<Bytes>, StoreError> {
         let path = self.path(key);
         let key = key.to_owned();
+        let root = self.root.clone();
         tokio::task::spawn_blocking(move || {
             let Some((mut f, size)) = open_file(&path)? else {
-                return Ok(None);
+                return absent(&root, &key);
             };
             if size > limit {
                 return Err(StoreError::TooLarge { key, limit });
             }
             let mut buf = Vec::with_capacity(size as usize);
-            std::io::Read::read_to_end(&mut std::io::Read::take(&mut f, limit + 1), &mut buf)?;
+            std::io::Read::read_to_end(
+                &mut std::io::Read::take(&mut f, limit.saturating_add(1)),
+                &mut buf,
+            )?;
             if buf.len() as u64 > limit {
                 return Err(StoreError::TooLarge { key, limit });
             }
@@ -453,12 +499,15 @@ impl Store for LocalStore {
     }
 
     async fn head(&self, key: &str) -> Result<Option<u64>, StoreError> {
-        match tokio::fs::metadata(self.path(key)).await {
+        let (path, root, key) = (self.path(key), self.root.clone(), key.to_owned());
+        tokio::task::spawn_blocking(move || match std::fs::metadata(&path) {
             Ok(m) if m.is_file() => Ok(Some(m.len())),
             Ok(_) => Ok(None),
-            Err(e) if not_found(&e) => Ok(None),
+            Err(e) if not_found(&e) => absent(&root, &key),
             Err(e) => Err(e.into()),
-        }
+        })
+        .await
+        .map_err(|e| StoreError::Other(format!("looking up {}: {e}", self.root.display())))?
     }
 
     async fn ping(&self) -> Result<(), StoreError> {
@@ -466,7 +515,16 @@ impl Store for LocalStore {
             .await
             .map_err(|e| StoreError::Unavailable(format!("{}: {e}", self.root.display())))?;
         if m.is_dir() {
-            Ok(())
+            // Every part of the layout linked elsewhere must be there too.
+            let root = self.root.clone();
+            let missing = tokio::task::spawn_blocking(move || {
+                OBJECT_DIRS
+                    .iter()
+                    .find_map(|d| unmounted(&root, &format!("{d}/")))
+            })
+            .await
+            .map_err(|e| StoreError::Other(e.to_string()))?;
+            missing.map_or(Ok(()), Err)
         } else {
             Err(StoreError::Unavailable(format!(
                 "{} is not a directory",
@@ -640,6 +698,30 @@ mod tests {
         keys
     }
 
+    /// Directories at the top other than the layout's hold no objects, and are not walked:
+    /// a snapper `.snapshots` would multiply the listing, and files there are no objects.
+    #[tokio::test]
+    async fn directories_outside_the_layout_are_not_listed() {
+        let dir = tempfile::tempdir().unwrap();
+        for d in [".snapshots/1", ".git", "narx", "nar"] {
+            std::fs::create_dir_all(dir.path().join(d)).unwrap();
+        }
+        for f in [
+            ".snapshots/1/a.narinfo",
+            ".git/HEAD",
+            "narx/y.nar",
+            "nar/x.nar",
+        ] {
+            std::fs::write(dir.path().join(f), b"x").unwrap();
+        }
+        let store = LocalStore::open(dir.path()).unwrap();
+        store
+            .put_bytes("a.narinfo", Bytes::from_static(b"info"))
+            .await
+            .unwrap();
+        assert_eq!(keys(&store, "").await, ["a.narinfo", "nar/x.nar"]);
+    }
+
     /// A narinfo linked into the store's directory (a cache assembled with `ln -s`) is listed
     /// as it is served, or gc would take its NAR for unreferenced; a link to a directory
     /// outside the layout, or to nothing, is not.
@@ -717,6 +799,22 @@ mod tests {
             matches!(listed, Err(StoreError::Unavailable(_))),
             "{listed:?}"
         );
+        // Nor is any object there missing: a caller taking it at its word would delete the
+        // narinfos that name it. The store is not ready.
+        let unavailable = |r: Result<bool, StoreError>| {
+            assert!(matches!(r, Err(StoreError::Unavailable(_))), "{r:?}");
+        };
+        unavailable(store.head("nar/x.nar").await.map(|h| h.is_some()));
+        unavailable(store.get("nar/x.nar", None).await.map(|o| o.is_some()));
+        unavailable(store.get_bytes("nar/x.nar", 10).await.map(|o| o.is_some()));
+        let listed: Result<Vec<_>, _> = store.list("nar/").try_collect().await;
+        unavailable(listed.map(|l| l.is_empty()));
+        unavailable(store.ping().await.map(|()| true));
+        // What is missing elsewhere is missing.
+        assert_eq!(store.head("b.narinfo").await.unwrap(), None);
+        assert_eq!(store.head("log/x").await.unwrap(), None);
+        assert!(store.get("log/x", None).await.unwrap().is_none());
+        assert_eq!(keys(&store, "log/").await, Vec::<String>::new());
     }
 
     /// Small and large files, whole and in ranges, read the same: the bytes asked for, their
