@@ -76,7 +76,8 @@ COPY --from=builder /out/cellar /usr/local/bin/cellar
 # Every key with its default and a comment: a starting point for /etc/cellar/cellar.toml.
 COPY config/cellar.toml /etc/cellar/cellar.toml.example
 
-USER cellar
+# By number, not name: Kubernetes' `runAsNonRoot` can only verify a numeric user.
+USER 10001:10001
 WORKDIR /var/lib/cellar
 VOLUME /var/lib/cellar
 

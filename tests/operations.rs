@@ -6,6 +6,7 @@
 
 mod common;
 
+use std::io::{Read as _, Write as _};
 use std::os::unix::net::UnixDatagram;
 use std::process::Command;
 use std::time::Duration;
@@ -327,4 +328,37 @@ async fn a_local_store_unwritable_or_not_mounted_is_logged_at_start_up() {
         let r = reqwest::get(format!("{}/readyz", srv.url)).await.unwrap();
         assert_eq!(r.status().as_u16(), ready, "{said}\n{log}");
     }
+}
+
+/// A process that may open fewer files than two per connection allowed (a container's
+/// default of 1024 against `max_connections = 1024`) says so at start, naming the key.
+#[test]
+fn too_few_open_files_for_max_connections_is_logged() {
+    let limits = std::fs::read_to_string("/proc/self/limits").unwrap();
+    let soft: usize = limits
+        .lines()
+        .find(|l| l.starts_with("Max open files"))
+        .and_then(|l| l.split_whitespace().nth(3))
+        .and_then(|n| n.parse().ok())
+        .expect("a finite soft limit of open files");
+    // The server inherits this process's limit.
+    let srv = Server::start(vec![(
+        "CELLAR_MAX_CONNECTIONS".into(),
+        (soft / 2 + 1).to_string(),
+    )]);
+    let warning = "fewer than two per connection allowed (max_connections)";
+    srv.wait_for_log(warning, 1);
+    // At the limit: no warning, as the log says once a request is answered (the check is
+    // made before the first connection is taken).
+    let fine = Server::start(vec![(
+        "CELLAR_MAX_CONNECTIONS".into(),
+        (soft / 2).to_string(),
+    )]);
+    let mut tcp = std::net::TcpStream::connect(fine.addr).unwrap();
+    tcp.write_all(b"GET /healthz HTTP/1.1\r\nHost: t\r\nConnection: close\r\n\r\n")
+        .unwrap();
+    let mut answer = String::new();
+    tcp.read_to_string(&mut answer).unwrap();
+    assert!(answer.starts_with("HTTP/1.1 200"), "{answer}");
+    assert!(!fine.log().contains(warning), "{}", fine.log());
 }

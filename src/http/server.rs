@@ -47,6 +47,7 @@ pub async fn serve(
 ) -> std::io::Result<()> {
     let grace = state.config.shutdown_timeout;
     let idle = state.config.idle_timeout;
+    warn_if_few_open_files(state.config.max_connections);
     let permits = Arc::new(Semaphore::new(state.config.max_connections));
     let mut builder = auto::Builder::new(TokioExecutor::new()).http1_only();
     builder
@@ -106,6 +107,7 @@ pub async fn serve(
         let tracked = Tracked {
             inner: service.clone(),
             activity: activity.clone(),
+            state: draining.clone(),
         };
         let conn = builder
             .serve_connection(TokioIo::new(tcp), tracked)
@@ -140,6 +142,34 @@ pub async fn serve(
     Ok(())
 }
 
+/// Warns if the process may open fewer than two files per connection allowed: each download
+/// holds its socket and a file or a connection to the store, and past the limit connections
+/// are refused (EMFILE) and cache files fail to open. Containers get a soft limit of 1024 on
+/// recent engines. Read from `/proc/self/limits`, not `getrlimit`: a systemd unit filtering
+/// `@resources` kills a process calling `prlimit64`.
+fn warn_if_few_open_files(max_connections: usize) {
+    let Ok(limits) = std::fs::read_to_string("/proc/self/limits") else {
+        return;
+    };
+    let wanted = 2 * max_connections as u64;
+    if let Some(soft) = soft_open_files(&limits).filter(|&soft| soft < wanted) {
+        tracing::warn!(
+            open_files = soft,
+            max_connections,
+            "the process may open {soft} files, fewer than two per connection allowed \
+             (max_connections): raise its limit (systemd's LimitNOFILE, docker run --ulimit \
+             nofile=65536:65536) or lower max_connections"
+        );
+    }
+}
+
+/// The soft limit of open files in `/proc/self/limits` (`None` if unlimited or unreadable).
+fn soft_open_files(limits: &str) -> Option<u64> {
+    let line = limits.lines().find(|l| l.starts_with("Max open files"))?;
+    let mut fields = line["Max open files".len()..].split_whitespace();
+    fields.next()?.parse().ok()
+}
+
 /// A connection's socket that notes when a byte last moved through it.
 struct Watched {
     tcp: TcpStream,
@@ -161,11 +191,13 @@ struct Activity {
 struct Tracked<S> {
     inner: S,
     activity: Arc<Activity>,
+    /// Says whether the server is draining: answers then close their connection.
+    state: AppState,
 }
 
 impl<S, R> hyper::service::Service<R> for Tracked<S>
 where
-    S: hyper::service::Service<R>,
+    S: hyper::service::Service<R, Response = axum::response::Response>,
     S::Future: Send + 'static,
 {
     type Response = S::Response;
@@ -175,9 +207,22 @@ where
     fn call(&self, req: R) -> Self::Future {
         let working = Working::start(self.activity.clone());
         let answer = self.inner.call(req);
+        let state = self.state.clone();
         Box::pin(async move {
-            let r = answer.await;
+            let mut r = answer.await;
             drop(working);
+            // While draining, every answer closes its connection: a proxy keeping connections
+            // alive (nginx's `keepalive`) retires them during the delay, instead of sending
+            // a request on one just as the delay ends and every idle connection is closed
+            // (an upload it then answers 502 and does not retry).
+            if state.draining.load(Ordering::SeqCst) {
+                if let Ok(r) = &mut r {
+                    r.headers_mut().insert(
+                        axum::http::header::CONNECTION,
+                        axum::http::HeaderValue::from_static("close"),
+                    );
+                }
+            }
             r
         })
     }
@@ -292,5 +337,22 @@ impl AsyncWrite for Watched {
 
     fn poll_shutdown(mut self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<std::io::Result<()>> {
         Pin::new(&mut self.tcp).poll_shutdown(cx)
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::soft_open_files;
+
+    #[test]
+    fn the_soft_limit_of_open_files_is_read() {
+        let limits = "Limit                     Soft Limit           Hard Limit           Units     \n\
+                      Max processes             95498                95498                processes \n\
+                      Max open files            1024                 524288               files     \n";
+        assert_eq!(soft_open_files(limits), Some(1024));
+        let unlimited =
+            "Max open files            unlimited            unlimited            files     \n";
+        assert_eq!(soft_open_files(unlimited), None);
+        assert_eq!(soft_open_files("Max processes 10 10 processes\n"), None);
     }
 }

@@ -338,6 +338,21 @@ async fn a_server_told_to_stop_accepts_for_the_delay_while_not_ready() {
     assert!(ready.starts_with("HTTP/1.1 503"), "{ready}");
     let served = ask("/nix-cache-info").await;
     assert!(served.starts_with("HTTP/1.1 200"), "{served}");
+    // A request on a kept-alive connection (a proxy's pool) is answered, and the connection
+    // closed with it, so that the proxy stops using it before the delay ends.
+    let mut tcp = tokio::net::TcpStream::connect(addr).await.unwrap();
+    tcp.write_all(b"GET /nix-cache-info HTTP/1.1\r\nHost: t\r\n\r\n")
+        .await
+        .unwrap();
+    let mut answer = String::new();
+    let closed = tokio::time::timeout(
+        std::time::Duration::from_secs(30),
+        tcp.read_to_string(&mut answer),
+    )
+    .await;
+    assert!(closed.is_ok(), "the connection stayed open: {answer}");
+    assert!(answer.starts_with("HTTP/1.1 200"), "{answer}");
+    assert!(answer.contains("connection: close\r\n"), "{answer}");
     assert!(!server.is_finished());
     server.abort();
 }
