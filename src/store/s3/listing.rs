@@ -19,11 +19,80 @@ pub(super) struct StaleUpload {
 }
 
 impl S3Store {
-    /// Multipart uploads of this cache's layout started more than `older_than` ago.
+    /// Multipart uploads of this cache's layout started more than `older_than` ago, none of
+    /// whose parts arrived since: an upload still sending (a large NAR over a slow link, on
+    /// this replica or another) is not stale however long ago it began.
     pub(super) async fn stale_uploads(
         &self,
         older_than: Duration,
     ) -> Result<Vec<StaleUpload>, StoreError> {
+        let mut stale = Vec::new();
+        let mut refused = false;
+        for (u, cutoff) in self.uploads_begun_before(older_than).await? {
+            match self.last_part_at(&u).await {
+                Ok(Some(t)) if t > cutoff => {
+                    tracing::debug!(key = %u.key, "a multipart upload begun long ago is still sending parts: kept");
+                }
+                Ok(_) => stale.push(u),
+                // Credentials without `s3:ListMultipartUploadParts`: dated by their start
+                // alone, as before that permission was asked for.
+                Err(e @ StoreError::Misconfigured(_)) => {
+                    if !refused {
+                        tracing::warn!(cause = %e, "the store refuses ListParts: unfinished uploads are dated by their start, and one running longer than upload.staging_max_age_secs is aborted (allow s3:ListMultipartUploadParts)");
+                    }
+                    refused = true;
+                    stale.push(u);
+                }
+                Err(e) => return Err(e),
+            }
+        }
+        Ok(stale)
+    }
+
+    /// When the last part of `u` arrived (the latest `LastModified` of its parts), `None` if
+    /// it has none or has gone.
+    async fn last_part_at(
+        &self,
+        u: &StaleUpload,
+    ) -> Result<Option<std::time::SystemTime>, StoreError> {
+        let mut latest = None;
+        let mut marker = None;
+        loop {
+            let req = self
+                .client
+                .list_parts()
+                .bucket(&self.bucket)
+                .key(&u.key)
+                .upload_id(&u.upload_id)
+                .set_part_number_marker(marker.take())
+                .send();
+            let out = match self.call("ListParts", req).await? {
+                Ok(o) => o,
+                // Completed or aborted meanwhile.
+                Err(_) => return Ok(None),
+            };
+            for p in out.parts() {
+                let t = p
+                    .last_modified()
+                    .and_then(|t| std::time::SystemTime::try_from(*t).ok());
+                latest = latest.max(t);
+            }
+            if out.is_truncated() != Some(true) {
+                return Ok(latest);
+            }
+            marker = out.next_part_number_marker().map(str::to_owned);
+            if marker.is_none() {
+                return Ok(latest);
+            }
+        }
+    }
+
+    /// Multipart uploads of this cache's layout started more than `older_than` ago, each with
+    /// the time that is by the store's clock.
+    async fn uploads_begun_before(
+        &self,
+        older_than: Duration,
+    ) -> Result<Vec<(StaleUpload, std::time::SystemTime)>, StoreError> {
         let mut found = Vec::new();
         let mut key_marker = None;
         let mut upload_marker = None;
@@ -68,10 +137,11 @@ impl S3Store {
                             || k.ends_with(".ls")
                     });
                 if let (true, true, Some(k), Some(id)) = (old, ours, u.key(), u.upload_id()) {
-                    found.push(StaleUpload {
+                    let upload = StaleUpload {
                         key: k.to_owned(),
                         upload_id: id.to_owned(),
-                    });
+                    };
+                    found.push((upload, cutoff));
                 }
             }
             if out.is_truncated() != Some(true) {

@@ -860,3 +860,102 @@ async fn a_range_of_an_empty_object_is_answered_as_the_stores_do() {
         );
     }
 }
+
+/// The staging cleanup aborts a multipart upload begun long ago only if none of its parts
+/// arrived within the age either: one still sending (a large NAR over a slow link, here or on
+/// another replica) is kept, one whose parts all stopped long ago, or that has none, is not.
+/// Credentials that may not list the parts date uploads by their start alone.
+#[tokio::test]
+async fn an_upload_still_sending_parts_is_not_stale_however_old() {
+    use axum::extract::{Query, State};
+    use axum::http::Method;
+    use std::collections::HashMap;
+    type Aborted = Arc<std::sync::Mutex<Vec<String>>>;
+    let at = |ago: Duration| {
+        aws_smithy_types::DateTime::from(std::time::SystemTime::now() - ago)
+            .fmt(aws_smithy_types::date_time::Format::DateTime)
+            .unwrap()
+    };
+    let long_ago = at(Duration::from_secs(30 * 3600));
+    let lately = at(Duration::from_secs(60));
+    let (long_ago2, lately2) = (long_ago.clone(), lately.clone());
+    let answer = move |State(aborted): State<Aborted>,
+                       method: Method,
+                       Query(q): Query<HashMap<String, String>>| {
+        let (long_ago, lately) = (long_ago2.clone(), lately2.clone());
+        async move {
+            use axum::response::IntoResponse as _;
+            if method == Method::DELETE {
+                aborted.lock().unwrap().push(q["uploadId"].clone());
+                return String::new().into_response();
+            }
+            if q.get("uploadId").is_some_and(|u| u == "denied") {
+                let xml = "<Error><Code>AccessDenied</Code><Message>no</Message></Error>";
+                return (axum::http::StatusCode::FORBIDDEN, xml).into_response();
+            }
+            if q.contains_key("uploads") {
+                let upload = |id: &str| {
+                    format!(
+                        "<Upload><Key>nar/{id}.nar</Key><UploadId>{id}</UploadId>\
+                         <Initiated>{long_ago}</Initiated></Upload>"
+                    )
+                };
+                return format!(
+                    "<ListMultipartUploadsResult><Bucket>b</Bucket><IsTruncated>false</IsTruncated>\
+                     {}{}{}{}</ListMultipartUploadsResult>",
+                    upload("sending"),
+                    upload("stopped"),
+                    upload("partless"),
+                    upload("denied")
+                )
+                .into_response();
+            }
+            let part = |n: u32, t: &str| {
+                format!(
+                    "<Part><PartNumber>{n}</PartNumber><LastModified>{t}</LastModified>\
+                     <ETag>\"e\"</ETag><Size>8388608</Size></Part>"
+                )
+            };
+            // The parts come in two pages, the recent one on the second.
+            let parts = match (q["uploadId"].as_str(), q.get("part-number-marker")) {
+                ("sending", None) => part(1, &long_ago),
+                ("sending", Some(_)) => part(2, &lately),
+                ("stopped", None) => part(1, &long_ago),
+                ("stopped", Some(_)) => part(2, &long_ago),
+                _ => String::new(),
+            };
+            let more = matches!(q["uploadId"].as_str(), "sending" | "stopped")
+                && !q.contains_key("part-number-marker");
+            format!(
+                "<ListPartsResult><Bucket>b</Bucket><Key>k</Key><UploadId>{}</UploadId>\
+                 <IsTruncated>{more}</IsTruncated><NextPartNumberMarker>1</NextPartNumberMarker>\
+                 {parts}</ListPartsResult>",
+                q["uploadId"]
+            )
+            .into_response()
+        }
+    };
+    let aborted = Aborted::default();
+    let app = axum::Router::new()
+        .fallback(answer)
+        .with_state(aborted.clone());
+    let l = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+    let addr = l.local_addr().unwrap();
+    tokio::spawn(async move { axum::serve(l, app).await });
+    let store = store_at(format!("http://{addr}"), 4).await;
+    let six_hours = Duration::from_secs(6 * 3600);
+    let mut stale = store.stale_staging(six_hours).await.unwrap();
+    stale.sort();
+    assert_eq!(
+        stale,
+        [
+            "multipart upload of nar/denied.nar (denied)",
+            "multipart upload of nar/partless.nar (partless)",
+            "multipart upload of nar/stopped.nar (stopped)"
+        ]
+    );
+    assert_eq!(store.cleanup_staging(six_hours).await.unwrap(), 3);
+    let mut aborted = aborted.lock().unwrap().clone();
+    aborted.sort();
+    assert_eq!(aborted, ["denied", "partless", "stopped"]);
+}
