@@ -146,8 +146,23 @@ impl NarMemory {
     /// Held in memory now (no loading).
     pub async fn get(&self, name: &str) -> Option<Bytes> {
         let found = self.held(name).await;
-        crate::metrics::cache_lookup("nar_memory", if found.is_some() { "hit" } else { "miss" });
+        if let Some(result) = self.lookup_result(name, found.is_some()).await {
+            crate::metrics::cache_lookup("nar_memory", result);
+        }
         found
+    }
+
+    /// What a lookup of `name` counts as in `cellar_cache_lookups_total`: nothing for a NAR
+    /// this cache would not hold (it is off, or the NAR is large or of a size no narinfo
+    /// read here gave: it streams), so that the ratio is that of the small NARs.
+    async fn lookup_result(&self, name: &str, found: bool) -> Option<&'static str> {
+        if found {
+            Some("hit")
+        } else if self.is_small(name).await {
+            Some("miss")
+        } else {
+            None
+        }
     }
 
     /// The size of `name` if it is held (a HEAD answered without the store).
@@ -329,6 +344,21 @@ mod tests {
 
     async fn open(store: &Arc<dyn Store>, key: &str) -> Result<Option<Object>, Error> {
         Ok(store.get(key, None).await?)
+    }
+
+    /// Lookups count as hits and misses only for NARs the cache would hold.
+    #[tokio::test]
+    async fn only_lookups_of_nars_it_would_hold_are_counted() {
+        let m = NarMemory::new(1 << 20, 1000, None);
+        m.hint("small.nar", Some(100)).await;
+        m.hint("large.nar", Some(5000)).await;
+        assert_eq!(m.lookup_result("small.nar", true).await, Some("hit"));
+        assert_eq!(m.lookup_result("small.nar", false).await, Some("miss"));
+        assert_eq!(m.lookup_result("large.nar", false).await, None);
+        assert_eq!(m.lookup_result("unknown.nar", false).await, None);
+        let off = NarMemory::new(0, 1000, None);
+        off.hint("small.nar", Some(100)).await;
+        assert_eq!(off.lookup_result("small.nar", false).await, None);
     }
 
     #[tokio::test]

@@ -341,18 +341,24 @@ impl AccessLog {
         Ok(())
     }
 
-    /// Returns what a failed write took from `set` to it, as far as there is room.
+    /// Returns what a failed write took from `set` to it, as far as there is room; what
+    /// finds none (the set filled again while the write failed) is lost, and counted so.
     fn put_back<T: std::hash::Hash + Eq>(
         &self,
         set: &Mutex<HashSet<T>>,
         taken: impl IntoIterator<Item = T>,
     ) {
         let mut set = lock(set);
+        let mut lost = 0u64;
         for h in taken {
-            if set.len() >= self.max_entries {
-                break;
+            if set.len() >= self.max_entries && !set.contains(&h) {
+                lost += 1;
+                continue;
             }
             set.insert(h);
+        }
+        if lost > 0 {
+            crate::metrics::get().access_entries_dropped.inc_by(lost);
         }
     }
 
@@ -1005,6 +1011,31 @@ mod tests {
         assert_eq!(lock(&log.probed).len(), 1000);
         // Counted (other tests' logs may count at the same time: at least this one).
         assert!(dropped() > before, "the use dropped was not counted");
+    }
+
+    /// Entries a failed write takes back that find the set full again (traffic went on while
+    /// the store refused the write) are lost, and counted as dropped; those still in the set
+    /// are not lost.
+    #[test]
+    fn entries_a_failed_write_cannot_put_back_are_counted_as_dropped() {
+        let mem = Arc::new(crate::store::memory::MemoryStore::new());
+        let log = AccessLog::new(mem, 1000);
+        let hash = |i: u32| -> StorePathHash {
+            let nix32 = crate::nix::Sha256::digest(&i.to_le_bytes()).to_nix32();
+            nix32[..32].parse().unwrap()
+        };
+        for i in 0..1000 {
+            log.record_path(hash(i));
+        }
+        let dropped = || crate::metrics::get().access_entries_dropped.get();
+        let before = dropped();
+        // Taken by a write that failed: 300 of them are in the set again, 700 are not.
+        let taken: Vec<Entry> = (700..1700).map(|i| Entry::Path(hash(i))).collect();
+        log.put_back(&log.pending, taken);
+        assert_eq!(lock(&log.pending).len(), 1000);
+        let counted = dropped() - before;
+        // (Other tests may count at the same time: at least these.)
+        assert!((700..1000).contains(&counted), "{counted} counted");
     }
 
     /// A damaged record of an upload under way fails every re-read after it was found, not

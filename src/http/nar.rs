@@ -71,7 +71,7 @@ async fn fetch(st: &AppState, f: &NarFileName, headers: &HeaderMap) -> Result<Re
         None if st.nar_memory.is_small(f.as_str()).await => {
             match st
                 .nar_memory
-                .load(f.as_str(), &key, open_whole(st, f, &key, &reads))
+                .load(f.as_str(), &key, open_whole(st, f, &key, &reads, true))
                 .await
             {
                 Ok(b) => Some(b),
@@ -216,15 +216,22 @@ async fn redirect(st: &AppState, f: &NarFileName, key: &str) -> Option<Response>
 /// The whole NAR for the memory cache: from the disk cache if it holds it (a NAR memory let go
 /// before), else from the store. Not written to disk now: memory hands it to the disk cache
 /// when it lets it go ([`crate::cache::nar_memory::Spill`]).
+/// A client's request (`asked`) counts a disk cache lookup; a prefetch does not.
 pub(super) async fn open_whole(
     st: &AppState,
     f: &NarFileName,
     key: &str,
     reads: &Arc<dyn Store>,
+    asked: bool,
 ) -> Result<Option<Object>, Error> {
     if let Some(cache) = &st.nars {
         let announced = st.nar_memory.announced(f.as_str()).await;
-        if let Some(obj) = cache.held(f, announced).await? {
+        let held = cache.held(f, announced).await?;
+        if asked {
+            let result = if held.is_some() { "hit" } else { "miss" };
+            crate::metrics::cache_lookup("nar_disk", result);
+        }
+        if let Some(obj) = held {
             return Ok(Some(obj));
         }
     }

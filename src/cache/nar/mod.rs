@@ -256,7 +256,7 @@ impl NarCache {
 
     /// `name` from disk if a checked copy is there; never fetched from the store (for the
     /// small NARs the memory cache loads, which reach the disk only when memory lets them go:
-    /// [`Self::spill`]).
+    /// [`Self::spill`]). Counts no lookup.
     pub async fn held(
         self: &Arc<Self>,
         name: &NarFileName,
@@ -281,12 +281,12 @@ impl NarCache {
             }
             None => NarCacheAnswer::Bypass,
         };
-        let (result, obj) = match answer {
-            NarCacheAnswer::Object(obj) => ("hit", Some(obj)),
-            _ => ("miss", None),
-        };
-        crate::metrics::cache_lookup("nar_disk", result);
-        Ok(obj)
+        // Not counted here: the caller knows whether a client asked (a prefetch is no
+        // lookup), and counts.
+        Ok(match answer {
+            NarCacheAnswer::Object(obj) => Some(obj),
+            _ => None,
+        })
     }
 
     /// Writes a small NAR the memory cache let go (in the background; best effort: a failure

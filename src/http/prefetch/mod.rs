@@ -219,7 +219,7 @@ pub(super) async fn after_load(st: &AppState, live: &Arc<Live>, info: &NarInfo) 
                 let reads = &live.reads;
                 let key = object_key::nar(&nar);
                 let asked = tokio::time::Instant::now();
-                let source = super::nar::open_whole(&st, &nar, &key, reads);
+                let source = super::nar::open_whole(&st, &nar, &key, reads, false);
                 let result = match st.nar_memory.load(nar.as_str(), &key, source).await {
                     Ok(_) => "loaded",
                     // Found missing ahead of the client: its narinfo answers 404 from now on,
