@@ -26,9 +26,24 @@ pub(super) async fn healthz() -> impl IntoResponse {
     ([NO_STORE], "ok\n")
 }
 
-/// The store's last answer to a readiness probe: when it was asked, when it answered, and what.
+/// The store's last answer to a readiness probe: when it was asked, when it answered, and what;
+/// and whether the store was last found not ready (logged when that changes, not per probe:
+/// `/readyz` needs no token, and a client looping on it while the store is down would
+/// otherwise write a warning per request).
 #[derive(Default)]
-pub struct Readiness(tokio::sync::Mutex<Option<Answer>>);
+pub struct Readiness(
+    tokio::sync::Mutex<Option<Answer>>,
+    std::sync::atomic::AtomicBool,
+);
+
+impl Readiness {
+    /// Notes whether the store is ready now; true if that is news (the first failure, or
+    /// the first success after failures).
+    fn changed(&self, ready: bool) -> bool {
+        let was_down = self.1.swap(!ready, std::sync::atomic::Ordering::SeqCst);
+        was_down == ready
+    }
+}
 
 #[derive(Clone, Copy)]
 struct Answer {
@@ -69,8 +84,9 @@ pub(super) async fn readyz(State(st): State<AppState>) -> impl IntoResponse {
     let limit = st.config.store.ready_timeout;
     let (status, text) = match tokio::time::timeout_at(arrived + limit, answer).await {
         Ok(answer) => answer,
+        // (The store's answer, when it comes, is logged as it changes readiness.)
         Err(_) => {
-            tracing::warn!(store = %st.store.describe(), "not ready: store timed out");
+            tracing::debug!(store = %st.store.describe(), "not ready: store timed out");
             (StatusCode::SERVICE_UNAVAILABLE, "store timed out\n")
         }
     };
@@ -79,15 +95,50 @@ pub(super) async fn readyz(State(st): State<AppState>) -> impl IntoResponse {
 
 async fn ask_store(st: &AppState) -> (StatusCode, &'static str) {
     let limit = st.config.store.ready_timeout;
-    match tokio::time::timeout(limit, st.store.ping()).await {
-        Ok(Ok(())) => (StatusCode::OK, "ready\n"),
+    let answer = tokio::time::timeout(limit, st.store.ping()).await;
+    let news = st.readiness.changed(matches!(answer, Ok(Ok(()))));
+    let store = st.store.describe();
+    match answer {
+        Ok(Ok(())) => {
+            if news {
+                tracing::info!(%store, "ready: the store answers again");
+            }
+            (StatusCode::OK, "ready\n")
+        }
         Ok(Err(e)) => {
-            tracing::warn!(cause = %e, store = %st.store.describe(), "not ready");
+            if news {
+                tracing::warn!(cause = %e, %store, "not ready (logged again once the store answers and fails again)");
+            } else {
+                tracing::debug!(cause = %e, %store, "not ready");
+            }
             (StatusCode::SERVICE_UNAVAILABLE, "store unavailable\n")
         }
         Err(_) => {
-            tracing::warn!(store = %st.store.describe(), "not ready: store timed out");
+            if news {
+                tracing::warn!(%store, "not ready: store timed out (logged again once the store answers and fails again)");
+            } else {
+                tracing::debug!(%store, "not ready: store timed out");
+            }
             (StatusCode::SERVICE_UNAVAILABLE, "store timed out\n")
         }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::Readiness;
+
+    /// Readiness is logged as it changes: the first failure, then nothing until the store
+    /// has answered again; the first success is no news.
+    #[test]
+    fn readiness_is_news_only_when_it_changes() {
+        let r = Readiness::default();
+        assert!(!r.changed(true), "ready from the start is no news");
+        assert!(r.changed(false));
+        assert!(!r.changed(false));
+        assert!(!r.changed(false));
+        assert!(r.changed(true));
+        assert!(!r.changed(true));
+        assert!(r.changed(false));
     }
 }
