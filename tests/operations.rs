@@ -180,6 +180,8 @@ async fn metrics_listen_serves_metrics_and_health_checks_unauthenticated() {
     for (path, text) in [("healthz", "ok\n"), ("readyz", "ready\n")] {
         let res = reqwest::get(format!("http://{addr}/{path}")).await.unwrap();
         assert_eq!(res.status(), 200, "{path}");
+        // Requests there get an id too, as everywhere.
+        assert_eq!(res.headers()["x-request-id"].len(), 16, "{path}");
         assert_eq!(res.text().await.unwrap(), text);
     }
 }

@@ -151,6 +151,7 @@ pub fn metrics_app(state: AppState) -> Router {
         .fallback(not_found)
         .layer(tower_http::catch_panic::CatchPanicLayer::custom(panicked))
         .layer(middleware::from_fn(metrics::observe))
+        .layer(middleware::from_fn(request_id::request_span))
         .with_state(state)
 }
 
