@@ -29,7 +29,7 @@ pub struct HttpLabels {
     /// The endpoint family (`narinfo`, `nar`, `listing`, …), see [`crate::http`].
     pub route: &'static str,
     pub method: &'static str,
-    /// `2xx`, `3xx`, `4xx` or `5xx`.
+    /// `2xx`, `3xx`, `4xx` or `5xx`; `aborted` if the client went away before the answer.
     pub status: &'static str,
 }
 

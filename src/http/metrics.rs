@@ -99,44 +99,79 @@ fn status_class(s: StatusCode) -> &'static str {
 }
 
 /// Counts the request and its body on the way in, its status and latency once the handler
-/// answers, and the response body as it is streamed.
+/// answers, and the response body as it is streamed. A request whose client went away before
+/// the answer (its handler dropped) is counted too, as `aborted`: the slowest requests (a
+/// lookup on a slow upstream, an upload waiting for a slot) are the ones clients give up on,
+/// and leaving them out would make the latencies look better than they are.
 pub(super) async fn observe(req: Request, next: Next) -> Response {
-    let started = Instant::now();
     let m = metrics::get();
     let route = route_family(req.uri().path());
     let method = req.method().clone();
     let (parts, body) = req.into_parts();
     let received = m.bytes_received.get_or_create_owned(&RouteLabels { route });
     let req = Request::from_parts(parts, Body::new(Counted::new(body, received)));
+    let mut pending = Pending {
+        started: Instant::now(),
+        route,
+        method: method.clone(),
+        answered: false,
+    };
 
     let res = next.run(req).await;
 
+    pending.answered = true;
     let status = res.status();
-    m.http_requests
-        .get_or_create(&HttpLabels {
-            route,
-            method: method_label(&method),
-            status: status_class(status),
-        })
-        .inc();
-    m.http_duration
-        .get_or_create(&RouteLabels { route })
-        .observe(started.elapsed().as_secs_f64());
-    if method == Method::PUT {
-        let verdict = match res.extensions().get::<ErrorLabel>() {
-            Some(ErrorLabel(label)) => label,
-            None if status.is_success() => "accepted",
-            None => "other",
-        };
-        m.uploads
-            .get_or_create(&UploadLabels {
-                kind: route,
-                verdict,
-            })
-            .inc();
-    }
+    let verdict = (method == Method::PUT).then(|| match res.extensions().get::<ErrorLabel>() {
+        Some(ErrorLabel(label)) => *label,
+        None if status.is_success() => "accepted",
+        None => "other",
+    });
+    pending.count(status_class(status), verdict);
     let sent = m.bytes_sent.get_or_create_owned(&RouteLabels { route });
     res.map(|body| Body::new(Counted::new(body, sent)))
+}
+
+/// A request being worked on, counted when answered or, if dropped first, as aborted.
+struct Pending {
+    started: Instant,
+    route: &'static str,
+    method: Method,
+    answered: bool,
+}
+
+impl Pending {
+    /// Counts the request with its status class, its latency, and an upload's verdict.
+    fn count(&self, status: &'static str, verdict: Option<&'static str>) {
+        let m = metrics::get();
+        let route = self.route;
+        m.http_requests
+            .get_or_create(&HttpLabels {
+                route,
+                method: method_label(&self.method),
+                status,
+            })
+            .inc();
+        m.http_duration
+            .get_or_create(&RouteLabels { route })
+            .observe(self.started.elapsed().as_secs_f64());
+        if let Some(verdict) = verdict {
+            m.uploads
+                .get_or_create(&UploadLabels {
+                    kind: route,
+                    verdict,
+                })
+                .inc();
+        }
+    }
+}
+
+impl Drop for Pending {
+    fn drop(&mut self) {
+        if !self.answered {
+            let verdict = (self.method == Method::PUT).then_some("aborted");
+            self.count("aborted", verdict);
+        }
+    }
 }
 
 /// A body that adds the length of each data frame to a counter as it passes.

@@ -1022,3 +1022,44 @@ async fn a_readiness_probe_answers_within_its_timeout_and_not_while_draining() {
     );
     assert_eq!(mem.pings(), pings, "the store is not asked");
 }
+
+/// A request whose client goes away before the answer (a lookup held up by a slow store) is
+/// counted, as `aborted`, with its latency, not left out of the metrics.
+#[tokio::test]
+async fn a_request_its_client_gave_up_on_is_counted_as_aborted() {
+    use crate::metrics::HttpLabels;
+    use tokio::io::AsyncWriteExt as _;
+    let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+    let addr = listener.local_addr().unwrap();
+    let mem = Arc::new(MemoryStore::new());
+    let gate = mem.hold_reads("");
+    let st = state(Config::default(), &mem);
+    let server = tokio::spawn(super::server::serve(listener, st, std::future::pending()));
+    let m = crate::metrics::get();
+    let aborted = || {
+        m.http_requests
+            .get_or_create(&HttpLabels {
+                route: "narinfo",
+                method: "GET",
+                status: "aborted",
+            })
+            .get()
+    };
+    let before = aborted();
+    let mut tcp = tokio::net::TcpStream::connect(addr).await.unwrap();
+    let path = format!("/{}.narinfo", "a".repeat(32));
+    tcp.write_all(format!("GET {path} HTTP/1.1\r\nHost: t\r\n\r\n").as_bytes())
+        .await
+        .unwrap();
+    gate.reached().await;
+    drop(tcp);
+    let counted = async {
+        while aborted() == before {
+            tokio::task::yield_now().await;
+        }
+    };
+    tokio::time::timeout(std::time::Duration::from_secs(30), counted)
+        .await
+        .expect("the request given up on was not counted");
+    server.abort();
+}
