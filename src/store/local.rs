@@ -648,7 +648,13 @@ impl Drop for RemovedOnDrop {
 impl Drop for LocalWriter {
     fn drop(&mut self) {
         if !self.done {
-            let _ = std::fs::remove_file(&self.tmp);
+            // On the blocking pool if there is one: an aborted upload's writer is dropped on
+            // a runtime worker, which a slow or hung disk (NFS) would otherwise stall.
+            let tmp = std::mem::take(&mut self.tmp);
+            match tokio::runtime::Handle::try_current() {
+                Ok(rt) => drop(rt.spawn_blocking(move || std::fs::remove_file(tmp))),
+                Err(_) => drop(std::fs::remove_file(tmp)),
+            }
         }
     }
 }
