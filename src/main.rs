@@ -311,6 +311,16 @@ fn token_new(name: &str, scope: ScopeArg) -> anyhow::Result<()> {
 }
 
 fn serve(path: Option<&Path>, log_format: Option<LogFormat>) -> anyhow::Result<()> {
+    // The runtime first, for the SIGHUP handler: a `systemctl reload` (a log rotation's)
+    // while the config and the keys are read must not end the process.
+    let rt = tokio::runtime::Builder::new_multi_thread()
+        .enable_all()
+        .build()
+        .context("starting the async runtime")?;
+    let hup = {
+        let _in_runtime = rt.enter();
+        cellar::reload::sighup_handler().context("installing the SIGHUP handler")?
+    };
     let cfg = Config::load(path)?;
     cellar::telemetry::init(log_format.unwrap_or(cfg.log.format))
         .map_err(|e| anyhow::anyhow!("setting up logs: {e}"))?;
@@ -327,12 +337,7 @@ fn serve(path: Option<&Path>, log_format: Option<LogFormat>) -> anyhow::Result<(
         // Printed, not logged: operators copy this line into their clients' nix.conf.
         eprintln!("cellar: trusted-public-keys = {}", k.public());
     }
-    let rt = tokio::runtime::Builder::new_multi_thread()
-        .enable_all()
-        .build()
-        .context("starting the async runtime")?;
     rt.block_on(async move {
-        let hup = cellar::reload::sighup_handler().context("installing the SIGHUP handler")?;
         // The access log, once there: a second signal still writes what it holds.
         let last_words = Arc::new(std::sync::OnceLock::new());
         // Before anything that may take a while: as a container's PID 1, cellar would

@@ -233,69 +233,84 @@ fn log_format_flag_is_checked() {
     assert!(String::from_utf8_lossy(&out.stderr).contains("expected `text` or `json`"));
 }
 
-/// A SIGHUP during start-up (a `systemctl reload` while the server opens its store and its
-/// caches) neither ends the process nor is lost: the reload runs once the server is up.
+/// A SIGHUP during start-up (a `systemctl reload` while the server reads its keys, or opens
+/// its store and its caches) neither ends the process nor is lost: the reload runs once the
+/// server is up.
 #[test]
 fn a_sighup_during_start_up_is_a_reload_once_up() {
     use std::io::Write as _;
-    let dir = tempfile::tempdir().unwrap();
-    let nar_dir = dir.path().join("nars");
-    std::fs::create_dir(&nar_dir).unwrap();
-    std::fs::write(nar_dir.join(".cellar-nar-cache"), b"").unwrap();
-    // Opening the NAR disk cache reads each file's `.meta`: a FIFO there holds the start-up
-    // until the test writes to it, which is when the signal is sent.
-    let name = format!("{}.nar", "1".repeat(52));
-    std::fs::write(nar_dir.join(&name), b"x").unwrap();
-    let fifo = nar_dir.join(format!("{name}.meta"));
-    assert!(Command::new("mkfifo")
-        .arg(&fifo)
-        .status()
-        .unwrap()
-        .success());
-    let key = dir.path().join("test.sec");
-    let out = Command::new(CELLAR)
-        .args(["keygen", "test-1", "--out"])
-        .arg(&key)
-        .output()
-        .unwrap();
-    assert!(out.status.success(), "{out:?}");
-    let log_path = dir.path().join("server.log");
-    let mut child = Command::new(CELLAR)
-        .arg("serve")
-        .current_dir(dir.path())
-        .env("CELLAR_LISTEN", "127.0.0.1:0")
-        .env("CELLAR_SIGNING__KEY_FILES", &key)
-        .env("CELLAR_STORE__PATH", dir.path().join("data"))
-        .env("CELLAR_CACHE__NAR_DIR", &nar_dir)
-        .env("RUST_LOG", "info")
-        .stdout(std::process::Stdio::piped())
-        .stderr(std::fs::File::create(&log_path).unwrap())
-        .spawn()
-        .unwrap();
-    let log =
-        || String::from_utf8_lossy(&std::fs::read(&log_path).unwrap_or_default()).into_owned();
-    // Opened once the server opens it to read: it is starting. (In a thread of its own, so
-    // that a server that never gets there fails the test instead of hanging it.)
-    let (tx, rx) = std::sync::mpsc::channel();
-    let at = fifo.clone();
-    std::thread::spawn(move || {
-        let _ = tx.send(std::fs::OpenOptions::new().write(true).open(at));
-    });
-    let mut meta = match rx.recv_timeout(Duration::from_secs(60)) {
-        Ok(opened) => opened.unwrap(),
-        Err(_) => panic!("the server did not open its cache's files:\n{}", log()),
-    };
-    let hup = Command::new("kill")
-        .args(["-HUP", &child.id().to_string()])
-        .status()
-        .unwrap();
-    assert!(hup.success());
-    meta.write_all(b"not a meta\n").unwrap();
-    drop(meta);
-    wait_until_listening(&mut child, log);
-    wait_for_in_file(&log_path, "configuration reloaded", 1);
-    child.kill().unwrap();
-    child.wait().unwrap();
+    for held_at_key in [false, true] {
+        let dir = tempfile::tempdir().unwrap();
+        let nar_dir = dir.path().join("nars");
+        std::fs::create_dir(&nar_dir).unwrap();
+        std::fs::write(nar_dir.join(".cellar-nar-cache"), b"").unwrap();
+        let key = dir.path().join("test.sec");
+        let out = Command::new(CELLAR)
+            .args(["keygen", "test-1", "--out"])
+            .arg(&key)
+            .output()
+            .unwrap();
+        assert!(out.status.success(), "{out:?}");
+        // A FIFO holds the start-up until the test writes to it, which is when the signal is
+        // sent: the signing key file (read first thing), or a `.meta` of the NAR disk cache
+        // (read as the cache opens, once the store is open).
+        let (fifo, key_file, text) = if held_at_key {
+            let fifo = dir.path().join("held.sec");
+            (fifo.clone(), fifo, std::fs::read(&key).unwrap())
+        } else {
+            let name = format!("{}.nar", "1".repeat(52));
+            std::fs::write(nar_dir.join(&name), b"x").unwrap();
+            let meta = nar_dir.join(format!("{name}.meta"));
+            (meta, key.clone(), b"not a meta\n".to_vec())
+        };
+        assert!(Command::new("mkfifo")
+            .arg(&fifo)
+            .status()
+            .unwrap()
+            .success());
+        let log_path = dir.path().join("server.log");
+        let mut child = Command::new(CELLAR)
+            .arg("serve")
+            .current_dir(dir.path())
+            .env("CELLAR_LISTEN", "127.0.0.1:0")
+            .env("CELLAR_SIGNING__KEY_FILES", &key_file)
+            .env("CELLAR_STORE__PATH", dir.path().join("data"))
+            .env("CELLAR_CACHE__NAR_DIR", &nar_dir)
+            .env("RUST_LOG", "info")
+            .stdout(std::process::Stdio::piped())
+            .stderr(std::fs::File::create(&log_path).unwrap())
+            .spawn()
+            .unwrap();
+        let log =
+            || String::from_utf8_lossy(&std::fs::read(&log_path).unwrap_or_default()).into_owned();
+        // Opened once the server opens it to read: it is starting. (In a thread of its own,
+        // so that a server that never gets there fails the test instead of hanging it.)
+        let (tx, rx) = std::sync::mpsc::channel();
+        let at = fifo.clone();
+        std::thread::spawn(move || {
+            let _ = tx.send(std::fs::OpenOptions::new().write(true).open(at));
+        });
+        let mut held = match rx.recv_timeout(Duration::from_secs(60)) {
+            Ok(opened) => opened.unwrap(),
+            Err(_) => panic!("the server did not open {}:\n{}", fifo.display(), log()),
+        };
+        if held_at_key {
+            // The reload reads the key file again: a plain file by then.
+            std::fs::copy(&key, dir.path().join("plain.sec")).unwrap();
+            std::fs::rename(dir.path().join("plain.sec"), &fifo).unwrap();
+        }
+        let hup = Command::new("kill")
+            .args(["-HUP", &child.id().to_string()])
+            .status()
+            .unwrap();
+        assert!(hup.success());
+        held.write_all(&text).unwrap();
+        drop(held);
+        wait_until_listening(&mut child, log);
+        wait_for_in_file(&log_path, "configuration reloaded", 1);
+        child.kill().unwrap();
+        child.wait().unwrap();
+    }
 }
 
 /// A local store the server may not write (here its staging directory is a file; a systemd
