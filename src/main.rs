@@ -24,7 +24,7 @@ mod gc_cli;
 struct Cli {
     #[command(subcommand)]
     command: Command,
-    /// Log format: `text` or `json` (default: `log.format` of the config, else text).
+    /// Log format: `text` or `json` (default: for `serve`, `log.format` of the config; else text).
     #[arg(long, global = true, value_name = "FORMAT")]
     log_format: Option<LogFormat>,
 }
