@@ -58,24 +58,6 @@ pub enum UploadError {
     /// decompressed), a fixed bound for listings, logs and realisations.
     #[error("larger than {limit} bytes (for NARs: upload.max_nar_bytes)")]
     TooLarge { limit: u64 },
-    /// The path is already published with other contents: a store path's contents are fixed.
-    #[error(
-        "{store_path} is already in the cache with NarHash {stored}; \
-         this narinfo says {uploaded}"
-    )]
-    Conflict {
-        store_path: String,
-        stored: String,
-        uploaded: String,
-    },
-    /// The output already has a realisation naming another path: a published realisation
-    /// is kept.
-    #[error("{key} already names {stored}; this realisation names {uploaded}")]
-    RealisationConflict {
-        key: String,
-        stored: String,
-        uploaded: String,
-    },
     /// The body sent nothing for this many seconds.
     #[error("the upload body sent nothing for {0} s")]
     IdleTimeout(u64),
@@ -116,9 +98,6 @@ impl Error {
             }
             Self::Upload(UploadError::Internal(_)) => StatusCode::INTERNAL_SERVER_ERROR,
             Self::Upload(UploadError::TooLarge { .. }) => StatusCode::PAYLOAD_TOO_LARGE,
-            Self::Upload(
-                UploadError::Conflict { .. } | UploadError::RealisationConflict { .. },
-            ) => StatusCode::CONFLICT,
             Self::Upload(UploadError::IdleTimeout(_)) => StatusCode::REQUEST_TIMEOUT,
             // Nix retries 5xx (with back-off); a 4xx would fail the whole `nix copy`.
             Self::Upload(UploadError::Busy { .. }) => StatusCode::SERVICE_UNAVAILABLE,
@@ -148,9 +127,6 @@ impl Error {
             Self::Upload(UploadError::Body(_)) => "incomplete",
             Self::Upload(UploadError::Internal(_)) => "internal",
             Self::Upload(UploadError::TooLarge { .. }) => "too_large",
-            Self::Upload(
-                UploadError::Conflict { .. } | UploadError::RealisationConflict { .. },
-            ) => "conflict",
             Self::Upload(UploadError::IdleTimeout(_)) => "idle_timeout",
             Self::Upload(UploadError::Busy { .. }) => "busy",
             Self::Upload(UploadError::UnsupportedEncoding(_)) => "unsupported_encoding",
@@ -186,8 +162,6 @@ impl Error {
             Self::Upload(UploadError::Internal(_)) => "internal error".into(),
             Self::Upload(
                 e @ (UploadError::TooLarge { .. }
-                | UploadError::Conflict { .. }
-                | UploadError::RealisationConflict { .. }
                 | UploadError::IdleTimeout(_)
                 | UploadError::UnsupportedEncoding(_)),
             ) => format!("upload rejected: {e}"),
@@ -216,8 +190,6 @@ impl Error {
             }
             Self::Upload(
                 e @ (UploadError::TooLarge { .. }
-                | UploadError::Conflict { .. }
-                | UploadError::RealisationConflict { .. }
                 | UploadError::IdleTimeout(_)
                 | UploadError::UnsupportedEncoding(_)),
             ) => tracing::info!(reason = %e, "upload rejected"),
@@ -316,14 +288,6 @@ mod tests {
         .into_response();
         assert_eq!(res.status(), StatusCode::SERVICE_UNAVAILABLE);
         assert_eq!(res.headers()[header::RETRY_AFTER], "2");
-        let conflict = Error::Upload(UploadError::Conflict {
-            store_path: "/nix/store/x-a".into(),
-            stored: "sha256:aaa".into(),
-            uploaded: "sha256:bbb".into(),
-        });
-        assert_eq!(conflict.status(), StatusCode::CONFLICT);
-        let m = conflict.public_reason();
-        assert!(m.contains("sha256:aaa") && m.contains("sha256:bbb"), "{m}");
         assert_eq!(
             Error::Upload(UploadError::TooLarge { limit: 1 }).status(),
             StatusCode::PAYLOAD_TOO_LARGE

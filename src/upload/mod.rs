@@ -16,8 +16,11 @@
 //! Paths that come from elsewhere (an upstream being mirrored, a directory being imported) go
 //! through the same checks, by [`Uploader::copy_path`].
 //!
-//! Published paths are immutable: a narinfo for a path the store already has is accepted only
-//! with the same NarHash (and then changes nothing); another NarHash is a conflict (409).
+//! Published paths are immutable: a narinfo for a path the store already has changes nothing.
+//! With the same NarHash it is a re-upload; with another (a build that is not reproducible,
+//! pushed by a second builder) the published one is kept and the upload answered 200 all the
+//! same, as `nix copy` to a store that has the path skips it: a refusal would fail the
+//! builder's whole copy.
 //! Removing a path is for garbage collection and `verify --repair`, never for an upload.
 //!
 //! Bounds, so that no upload holds resources without end: [`digest::Limits`] (NAR size as

@@ -9,7 +9,7 @@ use bytes::Bytes;
 use futures::{Stream, StreamExt as _, TryStreamExt as _};
 
 use super::{rejected, Accepted, Uploader};
-use crate::error::{Error, UploadError};
+use crate::error::Error;
 use crate::nix::{NarFileName, NarInfo, StorePathHash};
 use crate::store::{object_key, StoreError};
 use crate::upstream::Upstreams;
@@ -221,12 +221,17 @@ impl Uploader {
         // portable create-only write), which needs a non-reproducible build pushed twice at
         // the same moment.
         if let Some(existing) = existing? {
+            // Another build of the path (not reproducible) published first, by another
+            // builder: the cache keeps it, and the upload succeeds as `nix copy` to a store
+            // that has the path does (it skips it). A refusal would fail the builder's whole
+            // copy, and every retry of it while its client remembers the path as missing.
             if existing.nar_hash != info.nar_hash {
-                return Err(Error::Upload(UploadError::Conflict {
-                    store_path: format!("{sd}/{}", info.store_path),
-                    stored: existing.nar_hash.to_string(),
-                    uploaded: info.nar_hash.to_string(),
-                }));
+                tracing::info!(
+                    path = %info.store_path,
+                    published = %existing.nar_hash,
+                    uploaded = %info.nar_hash,
+                    "a build of a path already published with another NarHash (not reproducible): the published one is kept"
+                );
             }
             // Present only if whole: a narinfo left in place when its NAR could not be looked
             // at (see `write_while_nar_stays`) is found here by the client's retry.

@@ -1,15 +1,16 @@
 //! Realisations of content-addressed derivations' outputs, checked before they are stored:
 //! the path one names must be in the cache (Nix uploads it first), and one already published
 //! is kept. A second upload naming the same path adds the signatures it brings; one naming
-//! another path (a build that is not reproducible, pushed by a second builder) is a conflict
-//! (409), as Nix's own store refuses it: clients that substituted the first output keep
-//! agreeing with the cache. Unless the cache no longer has the path the stored one names:
-//! that one is replaced.
+//! another path (a build that is not reproducible, pushed by a second builder) changes
+//! nothing, so that clients that substituted the first output keep agreeing with the cache,
+//! and is answered 200 (Nix sends a builder's realisations on every copy: a refusal would
+//! fail each one). Unless the cache no longer has the path the stored one names: that one is
+//! replaced.
 
 use bytes::Bytes;
 
 use super::{rejected, Uploader};
-use crate::error::{Error, UploadError};
+use crate::error::Error;
 use crate::nix::Realisation;
 use crate::upstream::Upstreams;
 
@@ -65,12 +66,18 @@ impl Uploader {
             other => other,
         };
         let write = match &stored {
+            // Another build of the output (not reproducible) published first: kept, so that
+            // clients that substituted it keep agreeing with the cache. The upload succeeds,
+            // as a narinfo of a path already published does: Nix sends a builder's
+            // realisations on every copy, and a refusal would fail each one.
             Some(s) if s.out_path() != sent.out_path() => {
-                return Err(Error::Upload(UploadError::RealisationConflict {
-                    key: key.to_owned(),
-                    stored: format!("{}/{}", self.store_dir, s.out_path()),
-                    uploaded: format!("{}/{}", self.store_dir, sent.out_path()),
-                }));
+                tracing::info!(
+                    key,
+                    published = %format!("{}/{}", self.store_dir, s.out_path()),
+                    uploaded = %format!("{}/{}", self.store_dir, sent.out_path()),
+                    "a realisation of an output already published with another path (not reproducible): the published one is kept"
+                );
+                return Ok(RealisationStored::Unchanged);
             }
             Some(s) => match s.with_signatures_of(&sent) {
                 Some(merged) => Bytes::from(merged),

@@ -138,7 +138,8 @@ async fn put_narinfo_checks_the_name_it_was_uploaded_as() {
 }
 
 /// Once published, a path keeps its contents: the same NarHash again changes nothing (200),
-/// another is a conflict that names both.
+/// and so does another (a build that is not reproducible, by a second builder): the upload
+/// succeeds, as `nix copy` to a store that has the path skips it, and the published one stays.
 #[tokio::test]
 async fn published_paths_are_immutable() {
     let (mem, up) = uploader();
@@ -164,25 +165,19 @@ async fn published_paths_are_immutable() {
     up.put_nar(&other_info.nar_file().unwrap(), body(other.clone()))
         .await
         .unwrap();
-    let e = up
+    let kept = up
         .put_narinfo(
             info.hash(),
             other_info.render("/nix/store").as_bytes(),
             None,
         )
         .await
-        .unwrap_err();
-    let Error::Upload(UploadError::Conflict {
-        stored: s,
-        uploaded: u,
-        ..
-    }) = &e
-    else {
-        panic!("{e:?}");
-    };
-    assert_eq!(s, &info.nar_hash.to_string());
-    assert_eq!(u, &other_info.nar_hash.to_string());
-    assert_eq!(e.status(), axum::http::StatusCode::CONFLICT);
+        .unwrap();
+    assert!(kept.already_present);
+    assert_eq!(
+        kept.narinfo.nar_hash, info.nar_hash,
+        "the published one is answered"
+    );
     assert_eq!(
         mem.get_bytes(&key, u64::MAX).await.unwrap().unwrap(),
         stored,
@@ -1071,14 +1066,12 @@ async fn a_stale_or_missing_probe_reads_the_stored_narinfo() {
         &object_key::narinfo(info.hash()),
         other.render("/nix/store"),
     );
-    let e = up
+    let kept = up
         .put_narinfo(info.hash(), info.render("/nix/store").as_bytes(), None)
         .await
-        .unwrap_err();
-    assert!(
-        matches!(e, Error::Upload(UploadError::Conflict { .. })),
-        "{e}"
-    );
+        .unwrap();
+    assert!(kept.already_present, "the published one is kept");
+    assert_eq!(kept.narinfo.nar_hash, other.nar_hash);
     assert_eq!(mem.gets_under(&object_key::narinfo(info.hash())), 1);
 
     // No probe at all: read too.
@@ -1435,14 +1428,17 @@ mod realisations {
             "both signatures kept"
         );
 
+        // Another build's (not reproducible): the published one stays, and the upload
+        // succeeds (Nix sends it on every copy).
         let before = mem.get_bytes(KEY, 1 << 20).await.unwrap();
-        let err = up
+        let writes = mem.writes();
+        let other = up
             .put_realisation(KEY, realisation(OTHER, &["k:1"]), None)
             .await
-            .unwrap_err();
-        assert_eq!(err.status(), axum::http::StatusCode::CONFLICT, "{err}");
-        assert!(err.to_string().contains(OTHER), "{err}");
+            .unwrap();
+        assert_eq!(other, RealisationStored::Unchanged);
         assert_eq!(mem.get_bytes(KEY, 1 << 20).await.unwrap(), before);
+        assert_eq!(mem.writes(), writes);
     }
 
     /// A stored realisation naming a path the cache no longer has (an expiry rule, a path
