@@ -36,10 +36,12 @@ impl Uploader {
     ) -> Result<RealisationStored, Error> {
         let sent =
             Realisation::parse(&raw).map_err(|e| rejected(format!("not a realisation: {e}")))?;
-        let _slot = self.admit().await?;
         // One at a time in this process, so two uploads of one output cannot both find it
-        // absent (replicas may still race; the first written then is replaced).
+        // absent (replicas may still race; the first written then is replaced). Taken before
+        // an upload slot: realisations waiting for their turn hold none, so they cannot keep
+        // other builders' NARs waiting.
         let _one = self.realisations.lock().await;
+        let _slot = self.admit().await?;
         let stored = self.store.get_bytes(key, MAX_REALISATION_BYTES).await?;
         let stored = stored.and_then(|s| match Realisation::parse(&s) {
             Ok(r) => Some(r),

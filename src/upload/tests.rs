@@ -1382,6 +1382,41 @@ mod realisations {
 
     const OTHER: &str = "0d71ygfwbmy1xjlbj1v027dfmy9cqavy-other";
 
+    /// Realisations waiting for their turn (one at a time per process) hold no upload slot:
+    /// with one being stored slowly and another waiting behind it, a NAR still gets the
+    /// other slot at once. (Paused time: a NAR waiting for a slot would be busy after
+    /// `ADMIT_WAIT`.)
+    #[tokio::test(start_paused = true)]
+    async fn realisations_waiting_their_turn_hold_no_upload_slot() {
+        let mut cfg = Config::default();
+        cfg.upload.max_concurrent = 2;
+        let mem = Arc::new(MemoryStore::new());
+        let store: Arc<dyn Store> = mem.clone();
+        let up = Arc::new(Uploader::new(&cfg.upload, &cfg.store_dir, store));
+        mem.insert(&format!("{}.narinfo", &PATH[..32]), "StorePath: x\n");
+        let gate = mem.hold_reads(KEY);
+        let put = || {
+            let up = up.clone();
+            tokio::spawn(async move { up.put_realisation(KEY, realisation(PATH, &[]), None).await })
+        };
+        let first = put();
+        gate.reached().await;
+        let second = put();
+        // The second is waiting for the first (yields, no clock).
+        for _ in 0..100 {
+            tokio::task::yield_now().await;
+        }
+        // A NAR upload's slot (the HTTP layer takes it before the body).
+        let started = tokio::time::Instant::now();
+        let slot = up.admit().await;
+        assert!(slot.is_ok(), "{:?}", slot.err());
+        assert!(started.elapsed() < ADMIT_WAIT, "the NAR waited for a slot");
+        drop(slot);
+        gate.open();
+        first.await.unwrap().unwrap();
+        second.await.unwrap().unwrap();
+    }
+
     /// A realisation is stored once the path it names is in the cache, and refused before.
     #[tokio::test]
     async fn a_realisation_waits_for_its_output() {
