@@ -18,8 +18,10 @@ use tokio::time::{Duration, Instant};
 use crate::nix::StorePathHash;
 use crate::sync::lock;
 
-/// How long a listing waits for its narinfo (Nix sends it right after).
-pub const HELD_FOR: Duration = Duration::from_secs(600);
+/// How long a listing waits for its narinfo: Nix may send it before the NAR, whose upload can
+/// take hours (as long as an unfinished upload is kept: `upload.staging_max_age_secs`'s
+/// default). Memory is bounded by [`HELD_BYTES`], not by this.
+pub const HELD_FOR: Duration = Duration::from_secs(6 * 3600);
 
 /// Bytes of listings held at most; one that does not fit is dropped (the path then has none).
 pub const HELD_BYTES: usize = 64 << 20;
