@@ -117,6 +117,15 @@ mod tests {
             .unwrap()
     }
 
+    /// As long as the docs say (docs/uploads.md), and as an unfinished upload is kept by
+    /// default: a NAR sent after its listing may take that long.
+    #[test]
+    fn listings_wait_six_hours_as_unfinished_uploads_do() {
+        assert_eq!(HELD_FOR, Duration::from_secs(6 * 3600));
+        let defaults = crate::config::Config::default();
+        assert_eq!(defaults.upload.staging_max_age, HELD_FOR);
+    }
+
     #[tokio::test(start_paused = true)]
     async fn listings_are_held_once_within_their_time_and_budget() {
         let l = Listings::default();
