@@ -1,5 +1,6 @@
 //! What an upload must pass, on a real cellar over Garage: narinfo checks (name, FileHash,
-//! FileSize, duplicate references, `upload.trusted_keys`), immutability (409), listings and
+//! FileSize, duplicate references, `upload.trusted_keys`), immutability (another build of a
+//! published path changes nothing), listings and
 //! realisations, the bounds (413 before the body, 408 for an idle body, 503 that the real nix
 //! client retries, truncated zstd), and `cellar import` of a `file://` cache.
 

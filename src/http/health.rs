@@ -84,9 +84,15 @@ pub(super) async fn readyz(State(st): State<AppState>) -> impl IntoResponse {
     let limit = st.config.store.ready_timeout;
     let (status, text) = match tokio::time::timeout_at(arrived + limit, answer).await {
         Ok(answer) => answer,
-        // (The store's answer, when it comes, is logged as it changes readiness.)
+        // Its wait for another probe's request counted: the store's own answer may never
+        // be asked for, so the change is noted here too.
         Err(_) => {
-            tracing::debug!(store = %st.store.describe(), "not ready: store timed out");
+            let store = st.store.describe();
+            if st.readiness.changed(false) {
+                tracing::warn!(%store, "not ready: store timed out (logged again once the store answers and fails again)");
+            } else {
+                tracing::debug!(%store, "not ready: store timed out");
+            }
             (StatusCode::SERVICE_UNAVAILABLE, "store timed out\n")
         }
     };

@@ -7,8 +7,8 @@
 //!   Upstream paths marked for mirroring are offered to [`crate::mirror`] on the way.
 //! - PUT is the last step of an upload: accepted only if its NAR and references are there
 //!   ([`crate::upload`]); it then drops the cached answer, so a cached miss cannot hide it.
-//!   A path already published answers 200 if the narinfo has the same NarHash (nothing is
-//!   written) and 409 if not.
+//!   A path already published answers 200 and nothing is written, whether the narinfo has
+//!   the same NarHash or another (another builder's build of it: the published one is kept).
 //!
 //! Each request works with one snapshot of the reloadable state ([`super::Live`]).
 //!

@@ -3,8 +3,8 @@
 //! and `/build-trace-v2/<drv>/<output>.doi` (Nix 2.35, "build trace entries"). Each is served
 //! from the read path as stored, under its own key: one is not translated into another. An upload is checked
 //! ([`crate::upload::Uploader::put_realisation`]): it must name a path in the cache, and a
-//! published one is kept (201 when written, 200 when it was there already, 409 when it
-//! names another path).
+//! published one is kept (201 when written, 200 when it was there already, also when the
+//! upload names another path: another build's).
 
 use axum::body::Body;
 use axum::extract::{Path, State};

@@ -199,7 +199,7 @@ async fn bodies_read_whole_are_bounded_to_the_byte() {
 /// `/build-trace/<drv>/<output>` and `/build-trace-v2/<drv>/<output>.doi` (the realisations
 /// of later Nix) are each stored as sent under their own key once the path they name is in the
 /// cache, and served as stored; HEAD of them, and of `/realisations/…`, gives the length. Sent
-/// again it is 200 (nothing written); naming another path, 409.
+/// again it is 200 (nothing written); naming another path too (the published one is kept).
 #[tokio::test]
 async fn build_traces_are_stored_as_sent_and_found_by_head() {
     for key in [

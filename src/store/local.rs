@@ -629,8 +629,13 @@ impl ObjectWriter for LocalWriter {
         Ok(())
     }
 
-    async fn abort(self: Box<Self>) {
-        // Drop removes the temporary file.
+    async fn abort(mut self: Box<Self>) {
+        // Removed before this returns (a writer only dropped has it removed in the
+        // background, see `Drop`).
+        drop(self.file.take());
+        self.done = true;
+        let tmp = std::mem::take(&mut self.tmp);
+        let _ = tokio::task::spawn_blocking(move || std::fs::remove_file(tmp)).await;
     }
 }
 
@@ -702,6 +707,20 @@ mod tests {
             .unwrap();
         keys.sort();
         keys
+    }
+
+    /// An aborted write leaves nothing, by the time `abort` returns; a dropped one, soon after.
+    #[tokio::test]
+    async fn an_aborted_write_leaves_nothing() {
+        let dir = tempfile::tempdir().unwrap();
+        let store = LocalStore::open(dir.path()).unwrap();
+        let staged = || std::fs::read_dir(dir.path().join(STAGING)).unwrap().count();
+        let mut w = store.writer("nar/x.nar").await.unwrap();
+        w.write(Bytes::from_static(b"half")).await.unwrap();
+        assert_eq!(staged(), 1);
+        w.abort().await;
+        assert_eq!(staged(), 0);
+        assert!(store.head("nar/x.nar").await.unwrap().is_none());
     }
 
     /// Directories at the top other than the layout's hold no objects, and are not walked:

@@ -23,7 +23,7 @@ use crate::sync::lock;
 /// default). Memory is bounded by [`HELD_BYTES`], not by this.
 pub const HELD_FOR: Duration = Duration::from_secs(6 * 3600);
 
-/// Bytes of listings held at most; one that does not fit is dropped (the path then has none).
+/// Bytes of listings held at most: beyond, the oldest are dropped (their paths then have none).
 pub const HELD_BYTES: usize = 64 << 20;
 
 #[derive(Default)]
@@ -75,8 +75,24 @@ impl Listings {
         for e in expired {
             held.remove(e);
         }
-        if held.bytes + listing.len() > HELD_BYTES {
+        if listing.len() > HELD_BYTES {
             return Err("too many listings wait for their narinfos");
+        }
+        // Full: the oldest go first. Those are the likeliest never to be taken (their
+        // narinfo refused, or sent to another replica), and a listing is optional.
+        while held.bytes + listing.len() > HELD_BYTES {
+            let oldest = held
+                .by_path
+                .iter()
+                .filter(|(_, (l, _))| l.is_some())
+                .min_by_key(|(_, (_, at))| *at)
+                .map(|(h, _)| *h);
+            match oldest {
+                Some(h) => {
+                    held.remove(h);
+                }
+                None => break,
+            }
         }
         held.bytes += listing.len();
         held.by_path.insert(h, (Some(listing), now));
@@ -152,14 +168,22 @@ mod tests {
 
         assert!(l.hold_ok(hash('c'), Bytes::from(vec![0u8; HELD_BYTES])));
         assert!(
-            !l.hold_ok(hash('d'), Bytes::from_static(b"x")),
-            "over the budget"
+            !l.hold_ok(hash('k'), Bytes::from(vec![0u8; HELD_BYTES + 1])),
+            "larger than the budget"
         );
-        tokio::time::advance(HELD_FOR).await;
-        assert!(
-            l.hold_ok(hash('d'), Bytes::from_static(b"x")),
-            "the expired made room"
-        );
-        assert_eq!(l.held_bytes(), 1);
+        tokio::time::advance(Duration::from_secs(1)).await;
+        assert!(l.hold_ok(hash('d'), Bytes::from_static(b"x")));
+        assert_eq!(l.held_bytes(), 1, "the oldest made room");
+        assert_eq!(l.take(hash('c')), None);
+        assert_eq!(l.take(hash('d')).as_deref(), Some(&b"x"[..]));
+        // Of several, only as many of the oldest as needed go.
+        let third = HELD_BYTES / 3;
+        for (i, c) in ['g', 'h', 'i'].into_iter().enumerate() {
+            assert!(l.hold_ok(hash(c), Bytes::from(vec![i as u8; third])));
+            tokio::time::advance(Duration::from_secs(1)).await;
+        }
+        assert!(l.hold_ok(hash('j'), Bytes::from(vec![9u8; third])));
+        assert_eq!(l.take(hash('g')), None, "the oldest went");
+        assert!(l.take(hash('h')).is_some() && l.take(hash('i')).is_some());
     }
 }

@@ -81,6 +81,13 @@ pub const MAX_LISTING_BYTES: u64 = 256 << 20;
 /// with its own back-off (0.3 s doubling) and ignores it; other clients may not.
 const BUSY_RETRY_AFTER_SECS: u64 = 1;
 
+/// The answer to an upload that waited [`ADMIT_WAIT`] for its turn in vain.
+fn busy() -> Error {
+    Error::Upload(UploadError::Busy {
+        retry_after_secs: BUSY_RETRY_AFTER_SECS,
+    })
+}
+
 /// One of the `upload.max_concurrent` slots ([`Uploader::admit`]), held until dropped.
 #[derive(Debug)]
 pub struct Slot {
@@ -319,11 +326,6 @@ impl Uploader {
     }
 
     async fn slot_of(slots: &Arc<Semaphore>) -> Result<Slot, Error> {
-        let busy = || {
-            Error::Upload(UploadError::Busy {
-                retry_after_secs: BUSY_RETRY_AFTER_SECS,
-            })
-        };
         if let Ok(permit) = slots.clone().try_acquire_owned() {
             return Ok(Slot::new(permit));
         }

@@ -1050,7 +1050,7 @@ async fn a_closure_uploaded_path_after_path_reads_only_the_last_nar_check() {
 }
 
 /// Without a probe, or with one older than a minute, the stored narinfo is read: a path
-/// published meanwhile is not overwritten (a conflict), however it got there.
+/// published meanwhile is not overwritten (it is kept), however it got there.
 #[tokio::test(start_paused = true)]
 async fn a_stale_or_missing_probe_reads_the_stored_narinfo() {
     let (mem, up, access) = uploader_covering();
@@ -1417,6 +1417,30 @@ mod realisations {
         second.await.unwrap().unwrap();
     }
 
+    /// A realisation waits for its turn as long as an upload waits for a slot, then is busy
+    /// (a queue of them behind a slow one must not stall each client for the whole queue).
+    #[tokio::test(start_paused = true)]
+    async fn a_realisation_waits_for_its_turn_no_longer_than_for_a_slot() {
+        let (mem, up) = uploader();
+        let up = Arc::new(up);
+        mem.insert(&format!("{}.narinfo", &PATH[..32]), "StorePath: x\n");
+        let gate = mem.hold_reads(KEY);
+        let first = tokio::spawn({
+            let up = up.clone();
+            async move { up.put_realisation(KEY, realisation(PATH, &[]), None).await }
+        });
+        gate.reached().await;
+        let started = tokio::time::Instant::now();
+        let e = up
+            .put_realisation(KEY, realisation(PATH, &[]), None)
+            .await
+            .unwrap_err();
+        assert!(matches!(e, Error::Upload(UploadError::Busy { .. })), "{e}");
+        assert_eq!(started.elapsed(), ADMIT_WAIT);
+        gate.open();
+        first.await.unwrap().unwrap();
+    }
+
     /// A realisation is stored once the path it names is in the cache, and refused before.
     #[tokio::test]
     async fn a_realisation_waits_for_its_output() {
@@ -1436,7 +1460,7 @@ mod realisations {
     }
 
     /// A published realisation is kept: sent again it writes nothing; with a signature more
-    /// it gains that signature; naming another path it is a conflict, and stays.
+    /// it gains that signature; naming another path it stays, and the upload succeeds.
     #[tokio::test]
     async fn a_published_realisation_is_kept() {
         let (mem, up) = uploader();

@@ -43,7 +43,11 @@ impl S3Store {
                     refused = true;
                     stale.push(u);
                 }
-                Err(e) => return Err(e),
+                // A store that cannot say now (a timeout, a 5xx, no ListParts at all): that
+                // upload is kept for the next cleanup, the others are still judged.
+                Err(e) => {
+                    tracing::warn!(key = %u.key, cause = %e, "could not list an unfinished upload's parts: kept for now");
+                }
             }
         }
         Ok(stale)

@@ -864,7 +864,8 @@ async fn a_range_of_an_empty_object_is_answered_as_the_stores_do() {
 /// The staging cleanup aborts a multipart upload begun long ago only if none of its parts
 /// arrived within the age either: one still sending (a large NAR over a slow link, here or on
 /// another replica) is kept, one whose parts all stopped long ago, or that has none, is not.
-/// Credentials that may not list the parts date uploads by their start alone.
+/// Credentials that may not list the parts date uploads by their start alone; an upload
+/// whose parts the store cannot list now is kept, and the others are judged all the same.
 #[tokio::test]
 async fn an_upload_still_sending_parts_is_not_stale_however_old() {
     use axum::extract::{Query, State};
@@ -893,6 +894,10 @@ async fn an_upload_still_sending_parts_is_not_stale_however_old() {
                 let xml = "<Error><Code>AccessDenied</Code><Message>no</Message></Error>";
                 return (axum::http::StatusCode::FORBIDDEN, xml).into_response();
             }
+            if q.get("uploadId").is_some_and(|u| u == "unlisted") {
+                let xml = "<Error><Code>NotImplemented</Code><Message>no</Message></Error>";
+                return (axum::http::StatusCode::NOT_IMPLEMENTED, xml).into_response();
+            }
             if q.contains_key("uploads") {
                 let upload = |id: &str| {
                     format!(
@@ -902,11 +907,12 @@ async fn an_upload_still_sending_parts_is_not_stale_however_old() {
                 };
                 return format!(
                     "<ListMultipartUploadsResult><Bucket>b</Bucket><IsTruncated>false</IsTruncated>\
-                     {}{}{}{}</ListMultipartUploadsResult>",
+                     {}{}{}{}{}</ListMultipartUploadsResult>",
                     upload("sending"),
                     upload("stopped"),
                     upload("partless"),
-                    upload("denied")
+                    upload("denied"),
+                    upload("unlisted")
                 )
                 .into_response();
             }
