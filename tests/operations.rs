@@ -342,6 +342,10 @@ async fn a_local_store_unwritable_or_not_mounted_is_logged_at_start_up() {
         let log = srv.log();
         assert!(log.contains("store.path"), "{log}");
         assert!(!log.contains("store.endpoint"), "{log}");
+        if ready == 200 {
+            // The cause names the directory it could not make.
+            assert!(log.contains("unwritable/.staging"), "{log}");
+        }
         let r = reqwest::get(format!("{}/readyz", srv.url)).await.unwrap();
         assert_eq!(r.status().as_u16(), ready, "{said}\n{log}");
     }

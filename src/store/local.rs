@@ -535,11 +535,12 @@ impl Store for LocalStore {
 
     async fn writer(&self, key: &str) -> Result<Box<dyn ObjectWriter>, StoreError> {
         let staging = self.root.join(STAGING);
-        tokio::fs::create_dir_all(&staging).await?;
+        let at = |e: io::Error| StoreError::Other(format!("creating {}: {e}", staging.display()));
+        tokio::fs::create_dir_all(&staging).await.map_err(at)?;
         let mut rnd = [0u8; 12];
         getrandom::getrandom(&mut rnd).map_err(|e| StoreError::Other(e.to_string()))?;
         let tmp = staging.join(hex::encode(rnd));
-        let file = tokio::fs::File::create(&tmp).await?;
+        let file = tokio::fs::File::create(&tmp).await.map_err(at)?;
         Ok(Box::new(LocalWriter {
             file: Some(tokio::io::BufWriter::with_capacity(READ_BUFFER, file)),
             tmp,
@@ -604,11 +605,23 @@ struct LocalWriter {
     done: bool,
 }
 
+impl LocalWriter {
+    /// A failed write, saying of which object and where it was staged: "No space left on
+    /// device" alone does not say which disk is full.
+    fn failed(&self, e: &io::Error) -> StoreError {
+        StoreError::Other(format!(
+            "writing {} (staged in {}): {e}",
+            self.dest.display(),
+            self.tmp.display()
+        ))
+    }
+}
+
 #[async_trait]
 impl ObjectWriter for LocalWriter {
     async fn write(&mut self, chunk: Bytes) -> Result<(), StoreError> {
         match &mut self.file {
-            Some(f) => Ok(f.write_all(&chunk).await?),
+            Some(f) => f.write_all(&chunk).await.map_err(|e| self.failed(&e)),
             None => Err(StoreError::Other("write after close".into())),
         }
     }
@@ -618,13 +631,14 @@ impl ObjectWriter for LocalWriter {
             .file
             .take()
             .ok_or_else(|| StoreError::Other("commit after close".into()))?;
-        f.flush().await?;
-        f.get_mut().sync_all().await?;
+        f.flush().await.map_err(|e| self.failed(&e))?;
+        f.get_mut().sync_all().await.map_err(|e| self.failed(&e))?;
         drop(f);
         let (tmp, dest) = (self.tmp.clone(), self.dest.clone());
         tokio::task::spawn_blocking(move || publish(&tmp, &dest))
             .await
-            .map_err(|e| StoreError::Other(format!("publishing {}: {e}", self.dest.display())))??;
+            .map_err(|e| StoreError::Other(format!("publishing {}: {e}", self.dest.display())))?
+            .map_err(|e| StoreError::Other(format!("publishing {}: {e}", self.dest.display())))?;
         self.done = true;
         Ok(())
     }
