@@ -355,35 +355,23 @@ async fn a_local_store_unwritable_or_not_mounted_is_logged_at_start_up() {
 /// default of 1024 against `max_connections = 1024`) says so at start, naming the key.
 #[test]
 fn too_few_open_files_for_max_connections_is_logged() {
-    // A soft limit of the test's choosing (the machine's may be unlimited, or above what
-    // `max_connections` takes), set on this process with util-linux's `prlimit`: the server
-    // inherits it. The hard limit stays (4096 is within any sane one).
-    let limits = std::fs::read_to_string("/proc/self/limits").unwrap();
-    let hard: Option<usize> = limits
-        .lines()
-        .find(|l| l.starts_with("Max open files"))
-        .and_then(|l| l.split_whitespace().nth(4))
-        .and_then(|n| n.parse().ok());
-    let soft = hard.map_or(4096, |h| h.min(4096));
-    let set = Command::new("prlimit")
-        .args(["--pid", &std::process::id().to_string()])
-        .arg(format!("--nofile={soft}:"))
-        .status()
-        .unwrap();
-    assert!(set.success(), "prlimit failed");
-    // The server inherits this process's limit.
-    let srv = Server::start(vec![(
-        "CELLAR_MAX_CONNECTIONS".into(),
-        (soft / 2 + 1).to_string(),
-    )]);
+    // The server's own limit, set by util-linux's `prlimit` as it starts it (the machine's
+    // may be unlimited, or above what `max_connections` takes).
+    let limited = ["prlimit", "--nofile=4096:4096", "--"];
     let warning = "fewer than two per connection allowed (max_connections)";
+    let srv = Server::start_via(
+        &limited,
+        "",
+        vec![("CELLAR_MAX_CONNECTIONS".into(), "2049".into())],
+    );
     srv.wait_for_log(warning, 1);
     // At the limit: no warning, as the log says once a request is answered (the check is
     // made before the first connection is taken).
-    let fine = Server::start(vec![(
-        "CELLAR_MAX_CONNECTIONS".into(),
-        (soft / 2).to_string(),
-    )]);
+    let fine = Server::start_via(
+        &limited,
+        "",
+        vec![("CELLAR_MAX_CONNECTIONS".into(), "2048".into())],
+    );
     let mut tcp = std::net::TcpStream::connect(fine.addr).unwrap();
     tcp.write_all(b"GET /healthz HTTP/1.1\r\nHost: t\r\nConnection: close\r\n\r\n")
         .unwrap();

@@ -396,6 +396,13 @@ impl Server {
     /// The server binds port 0 itself (no port is picked here and released for another
     /// process to take) and announces the address it got on stdout.
     pub fn start_with_config(toml: &str, env: Vec<(String, String)>) -> Server {
+        Self::start_via(&[], toml, env)
+    }
+
+    /// [`Server::start_with_config`], run through the command `via` (a program and its
+    /// arguments that exec the rest, e.g. util-linux's `prlimit --nofile=N:N --`), which
+    /// changes the server's process alone.
+    pub fn start_via(via: &[&str], toml: &str, env: Vec<(String, String)>) -> Server {
         let dir = tempfile::tempdir().unwrap();
         let config = dir.path().join("cellar.toml");
         std::fs::write(&config, toml).unwrap();
@@ -409,7 +416,14 @@ impl Server {
         let public_key = String::from_utf8(out.stdout).unwrap().trim().to_owned();
         let log_path = dir.path().join("server.log");
         let log = std::fs::File::create(&log_path).unwrap();
-        let mut cmd = Command::new(CELLAR);
+        let mut cmd = match via.split_first() {
+            Some((program, args)) => {
+                let mut c = Command::new(program);
+                c.args(args).arg(CELLAR);
+                c
+            }
+            None => Command::new(CELLAR),
+        };
         cmd.arg("serve")
             .arg("--config")
             .arg(&config)
