@@ -209,11 +209,7 @@ async fn a_closure_fetched_again_through_the_clients_narinfo_cache_survives_gc()
     let out = cellar(&["keygen", "cache-1", "--out", key.to_str().unwrap()], &[]);
     assert!(out.status.success(), "{}", text(&out));
     let public_key = String::from_utf8(out.stdout).unwrap().trim().to_owned();
-    let port = std::net::TcpListener::bind("127.0.0.1:0")
-        .unwrap()
-        .local_addr()
-        .unwrap()
-        .port();
+    let port = quiet_port();
     let mut env = local_env(&data);
     env.push(("CELLAR_LISTEN".into(), format!("127.0.0.1:{port}")));
     env.push((
@@ -289,4 +285,15 @@ fn access_recorded(data: &std::path::Path, hash: &str) -> bool {
         && walk(&dir)
             .iter()
             .any(|p| std::fs::read_to_string(p).is_ok_and(|t| t.contains(hash)))
+}
+
+/// A port where nothing listens, below Linux's ephemeral range (32768 and up, where outgoing
+/// connections and listeners on port 0 get theirs) and below the Garage scripts' (20000 and
+/// up): while the server is stopped between steps, nothing else of the run takes it.
+fn quiet_port() -> u16 {
+    let seed = std::process::id() as usize * 7919;
+    (0..10_000)
+        .map(|i| 10_000 + ((seed + i) % 10_000) as u16)
+        .find(|&p| std::net::TcpListener::bind(("127.0.0.1", p)).is_ok())
+        .expect("a free port in 10000-19999")
 }
