@@ -156,8 +156,9 @@ async fn a_storage_node_killed_during_a_500_path_copy_fails_no_substitution() {
         child.try_wait().unwrap().is_none(),
         "the copy ended before the node was killed"
     );
-    cluster.kill(0);
+    // Counted as the kill begins: what is answered while the node goes down is after it.
     let at_kill = lb.access_log().lines().count();
+    cluster.kill(0);
     let out = child.wait_with_output().unwrap();
     let took = started.elapsed();
     assert!(
