@@ -93,6 +93,8 @@ pub struct MemoryStore {
     gates: Mutex<Vec<Arc<ReadGate>>>,
     /// Gates held by writes (opening a writer), see [`MemoryStore::hold_writes`].
     write_gates: Mutex<Vec<Arc<ReadGate>>>,
+    /// Gates held by GETs alone, see [`MemoryStore::hold_gets`].
+    get_gates: Mutex<Vec<Arc<ReadGate>>>,
     /// The key of every `get`, in order.
     got: Mutex<Vec<String>>,
     /// Every key a `head` asked about, in order.
@@ -176,6 +178,11 @@ impl MemoryStore {
     /// a read and its answer.
     pub fn hold_reads(&self, prefix: &str) -> Arc<ReadGate> {
         Self::add_gate(&self.gates, prefix)
+    }
+
+    /// [`MemoryStore::hold_reads`] for GETs alone: a HEAD of the same key passes.
+    pub fn hold_gets(&self, prefix: &str) -> Arc<ReadGate> {
+        Self::add_gate(&self.get_gates, prefix)
     }
 
     /// Holds each write of a key under `prefix` (as it opens its writer) until the gate is
@@ -347,6 +354,7 @@ impl MemoryStore {
         lock(&self.got).push(key.to_owned());
         let found = self.lookup(key)?;
         self.pass_gates(key).await;
+        Self::pass(&self.get_gates, key).await;
         let Some(data) = found else {
             return Ok(None);
         };

@@ -203,7 +203,23 @@ impl Uploader {
             if refused.is_some() {
                 (stored.await, Ok(()), (Ok(()), Ok(None), Ok(())))
             } else if covered {
-                let (existing, checks) = futures::join!(stored, checks);
+                // Both at once (the checks need no record of their own here); but they matter
+                // only for a path not there yet: one found present is answered without
+                // waiting for them (a NAR read back and digested can take minutes, and the
+                // client waits for this answer with nothing moving).
+                tokio::pin!(stored, checks);
+                let mut checked = None;
+                let existing = loop {
+                    tokio::select! {
+                        e = &mut stored => break e,
+                        c = &mut checks, if checked.is_none() => checked = Some(c),
+                    }
+                };
+                let checks = match (&existing, checked) {
+                    (Ok(None), Some(c)) => c,
+                    (Ok(None), None) => checks.await,
+                    _ => (Ok(()), Ok(None), Ok(())),
+                };
                 (existing, Ok(()), checks)
             } else {
                 let (existing, recorded) = futures::join!(stored, record);

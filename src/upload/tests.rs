@@ -748,6 +748,31 @@ async fn a_narinfo_whose_probe_and_nar_were_recorded_writes_no_record_of_its_own
     assert_eq!(records(&mem), after_nar, "no second record");
 }
 
+/// A covered narinfo for a path another replica published meanwhile (its NAR stored there,
+/// never read here) is answered as present without waiting for the NAR to be read back and
+/// digested, which for a large NAR takes minutes while the client waits.
+#[tokio::test]
+async fn a_covered_narinfo_found_present_does_not_wait_for_its_nar_read_back() {
+    let (mem, up, access) = uploader_covering();
+    let (nar, info, file) = sample();
+    access.record_probe(info.hash());
+    up.nar_expected(&file);
+    assert_eq!(up.early_record(&file).await, Some(true));
+    // Published through another replica.
+    mem.insert(&object_key::nar(&file), nar.clone());
+    mem.insert(&object_key::narinfo(info.hash()), info.render("/nix/store"));
+    let gate = mem.hold_gets(&object_key::nar(&file));
+    let answer = tokio::time::timeout(
+        std::time::Duration::from_secs(30),
+        up.put_narinfo(info.hash(), info.render("/nix/store").as_bytes(), None),
+    )
+    .await
+    .expect("the narinfo waited for its NAR's read-back")
+    .unwrap();
+    assert!(answer.already_present);
+    gate.open();
+}
+
 /// Without the probe (or once the record is older than the cover), the narinfo writes its own
 /// record, as always.
 #[tokio::test(start_paused = true)]
