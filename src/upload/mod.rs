@@ -204,6 +204,25 @@ impl Announced {
 /// Remembered NAR digests are capped so a long-running server does not grow without bound.
 const MAX_REMEMBERED: usize = 100_000;
 
+/// Notes `k` at `at` in `m`, a map of moments that matter for `keep` after them. A full map
+/// first lets go of what no longer matters: clearing it whole would forget the moments still
+/// relied on (a take-back that a write under way must see), which only a map still full of
+/// fresh ones (more than [`MAX_REMEMBERED`] within `keep`) does as a last resort.
+fn note_at<K: std::hash::Hash + Eq>(
+    m: &mut HashMap<K, tokio::time::Instant>,
+    k: K,
+    at: tokio::time::Instant,
+    keep: std::time::Duration,
+) {
+    if m.len() >= MAX_REMEMBERED {
+        m.retain(|_, t| t.elapsed() < keep);
+        if m.len() >= MAX_REMEMBERED {
+            m.clear();
+        }
+    }
+    m.insert(k, at);
+}
+
 /// A NAR's upload record written ahead of the NAR, and the announcements read after it
 /// (`None` if no record was written).
 type EarlyRecord = Shared<BoxFuture<'static, Option<Announced>>>;
@@ -425,10 +444,7 @@ impl Uploader {
     /// The upload address was asked for the narinfo of `h`, and the store has none.
     pub fn probed_absent(&self, h: StorePathHash) {
         let mut m = lock(&self.probed_absent);
-        if m.len() >= MAX_REMEMBERED {
-            m.clear();
-        }
-        m.insert(h, tokio::time::Instant::now());
+        note_at(&mut m, h, tokio::time::Instant::now(), PROBED_ABSENT_TRUST);
     }
 
     /// Whether the store lacked the narinfo of `h` when probed within [`PROBED_ABSENT_TRUST`],
@@ -452,10 +468,12 @@ impl Uploader {
             m.remove(&h);
             return;
         }
-        if m.len() >= MAX_REMEMBERED {
-            m.clear();
-        }
-        m.insert(h, tokio::time::Instant::now());
+        note_at(
+            &mut m,
+            h,
+            tokio::time::Instant::now(),
+            crate::gc::access::UPLOAD_COVER,
+        );
     }
 
     /// The narinfo of `h` was taken back (or may have been): references to it are asked for
@@ -464,10 +482,12 @@ impl Uploader {
         let mut m = lock(&self.written);
         m.remove(&h);
         let mut taken = lock(&self.taken_back);
-        if taken.len() >= MAX_REMEMBERED {
-            taken.clear();
-        }
-        taken.insert(h, tokio::time::Instant::now());
+        note_at(
+            &mut taken,
+            h,
+            tokio::time::Instant::now(),
+            crate::gc::access::UPLOAD_COVER,
+        );
     }
 
     /// Whether this process wrote the narinfo of `h` so recently that the upload record
@@ -760,3 +780,36 @@ impl Uploader {
 
 #[cfg(test)]
 mod tests;
+
+#[cfg(test)]
+mod note_tests {
+    use super::*;
+
+    /// A full map of moments lets go of the stale ones first, and keeps the fresh.
+    #[tokio::test(start_paused = true)]
+    async fn a_full_map_of_moments_lets_go_of_the_stale_first() {
+        let keep = std::time::Duration::from_secs(60);
+        let mut m = HashMap::new();
+        let start = tokio::time::Instant::now();
+        for k in 0..MAX_REMEMBERED - 1 {
+            note_at(&mut m, k, start, keep);
+        }
+        tokio::time::advance(keep).await;
+        note_at(
+            &mut m,
+            MAX_REMEMBERED - 1,
+            tokio::time::Instant::now(),
+            keep,
+        );
+        // Full now: the next one lets the stale go, not the fresh.
+        note_at(&mut m, MAX_REMEMBERED, tokio::time::Instant::now(), keep);
+        assert_eq!(m.len(), 2);
+        assert!(m.contains_key(&(MAX_REMEMBERED - 1)));
+        // All fresh: cleared as a last resort.
+        let now = tokio::time::Instant::now();
+        for k in 0..MAX_REMEMBERED + 1 {
+            note_at(&mut m, k, now, keep);
+        }
+        assert!(m.len() <= MAX_REMEMBERED);
+    }
+}
