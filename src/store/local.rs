@@ -504,7 +504,7 @@ impl Store for LocalStore {
             Ok(m) if m.is_file() => Ok(Some(m.len())),
             Ok(_) => Ok(None),
             Err(e) if not_found(&e) => absent(&root, &key),
-            Err(e) => Err(e.into()),
+            Err(e) => Err(StoreError::Other(format!("{}: {e}", path.display()))),
         })
         .await
         .map_err(|e| StoreError::Other(format!("looking up {}: {e}", self.root.display())))?
