@@ -6,8 +6,9 @@
 //! listing with one of another NAR (newer Nix reads files out of the NAR at the offsets it
 //! gives). So a listing waits in memory, and is written right after its narinfo, by the
 //! upload that wrote it; one whose path is already present, or whose narinfo does not come
-//! within [`HELD_FOR`], is dropped. A listing is optional: one lost (a restart in between, the
-//! narinfo sent to another replica) leaves the path without one, as if it had none.
+//! within [`HELD_FOR`], is dropped, and the oldest are when [`HELD_BYTES`] are held. A
+//! listing is optional: one lost (a restart in between, the narinfo sent to another replica)
+//! leaves the path without one, as if it had none.
 
 use std::collections::HashMap;
 use std::sync::Mutex;
