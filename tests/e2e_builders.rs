@@ -1,6 +1,7 @@
 //! Builders as the README sets them up, with the real nix client against Garage: one Nix user
 //! that uploads to `/upload` and substitutes from the root URL; probes of `/upload` that
-//! never reach an upstream; tokens reloaded on SIGHUP.
+//! never reach an upstream; tokens reloaded on SIGHUP; two builders pushing their own builds
+//! of a path that is not reproducible.
 
 #![allow(clippy::unwrap_used, clippy::expect_used)]
 
@@ -296,4 +297,82 @@ async fn sighup_reloads_tokens_and_keys_and_keeps_the_old_ones_on_a_broken_confi
     let narinfo = format!("{}/{}.narinfo", srv.url, Fixture::hash(&f.top));
     let body = reqwest::get(narinfo).await.unwrap().text().await.unwrap();
     assert!(body.contains("Sig: cellar-test-2:"), "{body}");
+}
+
+/// Two builders push their own builds of one path that does not build reproducibly (`big`:
+/// random bytes): the second, whose client still takes the path for missing (it asked before
+/// the first published it), uploads it, is answered 200 and its `nix copy` succeeds, where a
+/// refusal would fail its whole copy; the cache keeps the first build, which clients get.
+#[tokio::test(flavor = "multi_thread")]
+async fn a_second_build_of_a_published_path_is_accepted_and_the_first_kept() {
+    let (w, wcfg) = token("ci", "write");
+    let work = tempfile::tempdir().unwrap();
+    let app = App::s3("two-builds").config(&wcfg).spawn().await;
+    let srv = &app.srv;
+    let netrc = netrc(work.path(), srv, &w);
+    let salt = format!("not-reproducible-{}", std::process::id());
+    let expr = Path::new(env!("CARGO_MANIFEST_DIR")).join("tests/fixtures/closure.nix");
+    let build = || {
+        let mut b = nix("nix-build", &work.path().join("xdg-build"));
+        b.arg(&expr)
+            .args(["-A", "big", "--argstr", "salt", &salt, "--no-out-link"]);
+        run_ok(b).trim().to_owned()
+    };
+    let nar_hash = |path: &str| {
+        let mut q = nix("nix-store", &work.path().join("xdg-build"));
+        q.args(["-q", "--hash", path]);
+        run_ok(q).trim().to_owned()
+    };
+    let path = build();
+    let first = nar_hash(&path);
+
+    // The second builder looks first, where it will push: the path is missing, and its
+    // client remembers that.
+    let xdg2 = work.path().join("xdg-second");
+    let mut look = nix("nix", &xdg2);
+    look.args(["path-info", "--store", &srv.url, &path]);
+    assert!(!run(look).status.success(), "the path is not published yet");
+
+    // The first builder publishes its build.
+    let xdg1 = work.path().join("xdg-first");
+    let up = copy_to(&format!("{}/upload", srv.url), &netrc, &xdg1, &[&path]);
+    assert!(up.status.success(), "first upload: {}", stderr(&up));
+
+    // The second builds the path itself: other bytes under the same store path.
+    let mut delete = nix("nix-store", &work.path().join("xdg-build"));
+    delete.args(["--delete", &path]);
+    run_ok(delete);
+    assert_eq!(build(), path);
+    let second = nar_hash(&path);
+    assert_ne!(first, second, "the build is not reproducible");
+    let up = copy_to(&srv.url, &netrc, &xdg2, &[&path]);
+    assert!(up.status.success(), "second upload: {}", stderr(&up));
+    assert_eq!(
+        srv.log_count("already published with another NarHash (not reproducible)"),
+        1,
+        "{}",
+        srv.log()
+    );
+
+    // Clients get the first build.
+    let h = Fixture::hash(&path);
+    let narinfo = reqwest::get(format!("{}/{h}.narinfo", srv.url))
+        .await
+        .unwrap()
+        .text()
+        .await
+        .unwrap();
+    assert!(
+        narinfo.contains(&format!("NarHash: {first}\n")),
+        "{first}:\n{narinfo}"
+    );
+    let store = work.path().join("store");
+    let down = copy_from(
+        &srv.url,
+        &srv.public_key,
+        &work.path().join("xdg-client"),
+        &store,
+        &path,
+    );
+    assert!(down.status.success(), "substitute: {}", stderr(&down));
 }
