@@ -1844,3 +1844,47 @@ async fn a_loaded_narinfo_is_held_at_its_size() {
     let held = loaded.try_into_mut().unwrap_or_else(|_| panic!("shared"));
     assert_eq!(held.capacity(), len);
 }
+
+/// A `HEAD` of a NAR at the root that only an upstream has: found for a reader, but a 404 for
+/// a builder (a write token), which uploads the NAR only on a 404 and whose narinfo is
+/// accepted only if the NAR is in the store.
+#[tokio::test]
+async fn a_builder_is_not_told_of_a_nar_only_an_upstream_has() {
+    use crate::config::Scope;
+    let upstream = axum::Router::new().route(
+        "/nar/{file}",
+        axum::routing::get(|| async { "upstream's nar" }),
+    );
+    let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+    let url = format!("http://{}", listener.local_addr().unwrap());
+    tokio::spawn(async move { axum::serve(listener, upstream).await });
+    let mut cfg = with_tokens(
+        Config::default(),
+        &[
+            ("ci", "wtok", Scope::Write),
+            ("reader", "rtok", Scope::Read),
+        ],
+    );
+    cfg.upstreams = vec![crate::config::UpstreamConfig {
+        url,
+        public_keys: Vec::new(),
+        timeout: Duration::from_secs(5),
+        mirror: false,
+    }];
+    let st = state(cfg, &Arc::new(MemoryStore::new()));
+    let path = format!("/nar/{NAR_FILE}.nar.xz");
+    let head = |token: Option<&'static str>| {
+        let st = st.clone();
+        let path = path.clone();
+        async move {
+            let req = match token {
+                Some(t) => authed("HEAD", &path, t),
+                None => Request::builder().method("HEAD").uri(&path),
+            };
+            send(&st, req.body(Body::empty()).unwrap()).await.status()
+        }
+    };
+    assert_eq!(head(None).await, StatusCode::OK);
+    assert_eq!(head(Some("rtok")).await, StatusCode::OK);
+    assert_eq!(head(Some("wtok")).await, StatusCode::NOT_FOUND);
+}
