@@ -377,11 +377,11 @@ fn serve(path: Option<&Path>, log_format: Option<LogFormat>) -> anyhow::Result<(
             None => None,
         };
         spawn_staging_cleanup(store.clone(), cfg.upload.staging_max_age);
-        let store_check = StoreCheck {
-            store: store.clone(),
-            timeout: cfg.store.timeout,
-            local: matches!(cfg.store.backend, cellar::config::StoreBackend::Local(_)),
-        };
+        let store_check = (
+            store.clone(),
+            cfg.store.timeout,
+            matches!(cfg.store.backend, StoreBackend::Local(_)),
+        );
         let state = AppState::new(cfg, store, loaded.keys)?;
         if let Some(l) = metrics_listener {
             serve_metrics(l, state.clone());
@@ -391,7 +391,7 @@ fn serve(path: Option<&Path>, log_format: Option<LogFormat>) -> anyhow::Result<(
         let flusher = access.spawn_flusher(state.config.gc.access_flush_interval);
         cellar::reload::spawn_on_sighup(state.clone(), path.map(Path::to_owned), hup);
         // Once start-up cannot fail any more: a store read cut by an exit is no finding.
-        spawn_store_check(store_check);
+        spawn_store_check(store_check.0, store_check.1, store_check.2);
         announce(addr);
         cellar::systemd::ready(&format!("serving on {addr}"));
         cellar::systemd::spawn_watchdog();
@@ -465,19 +465,13 @@ fn announce(addr: std::net::SocketAddr) {
 /// then show in the log at once, with the keys to check, not at the first client's 502 or 503.
 /// The server serves anyway (an S3 store still starting is no reason to stop); `/readyz`
 /// answers 503 until the store answers.
-struct StoreCheck {
+/// `local`: a local directory, whose keys to check are others, and which is also tried for
+/// writing.
+fn spawn_store_check(
     store: std::sync::Arc<dyn cellar::store::Store>,
     timeout: Duration,
-    /// A local directory: the keys to check are others, and it is also tried for writing.
     local: bool,
-}
-
-fn spawn_store_check(c: StoreCheck) {
-    let StoreCheck {
-        store,
-        timeout,
-        local,
-    } = c;
+) {
     tokio::spawn(async move {
         let what = store.describe();
         let check = if local {

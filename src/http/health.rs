@@ -86,15 +86,7 @@ pub(super) async fn readyz(State(st): State<AppState>) -> impl IntoResponse {
         Ok(answer) => answer,
         // Its wait for another probe's request counted: the store's own answer may never
         // be asked for, so the change is noted here too.
-        Err(_) => {
-            let store = st.store.describe();
-            if st.readiness.changed(false) {
-                tracing::warn!(%store, "not ready: store timed out (logged again once the store answers and fails again)");
-            } else {
-                tracing::debug!(%store, "not ready: store timed out");
-            }
-            (StatusCode::SERVICE_UNAVAILABLE, "store timed out\n")
-        }
+        Err(_) => timed_out(&st, st.readiness.changed(false)),
     };
     (status, [NO_STORE], text)
 }
@@ -103,15 +95,15 @@ async fn ask_store(st: &AppState) -> (StatusCode, &'static str) {
     let limit = st.config.store.ready_timeout;
     let answer = tokio::time::timeout(limit, st.store.ping()).await;
     let news = st.readiness.changed(matches!(answer, Ok(Ok(()))));
-    let store = st.store.describe();
     match answer {
         Ok(Ok(())) => {
             if news {
-                tracing::info!(%store, "ready: the store answers again");
+                tracing::info!(store = %st.store.describe(), "ready: the store answers again");
             }
             (StatusCode::OK, "ready\n")
         }
         Ok(Err(e)) => {
+            let store = st.store.describe();
             if news {
                 tracing::warn!(cause = %e, %store, "not ready (logged again once the store answers and fails again)");
             } else {
@@ -119,15 +111,20 @@ async fn ask_store(st: &AppState) -> (StatusCode, &'static str) {
             }
             (StatusCode::SERVICE_UNAVAILABLE, "store unavailable\n")
         }
-        Err(_) => {
-            if news {
-                tracing::warn!(%store, "not ready: store timed out (logged again once the store answers and fails again)");
-            } else {
-                tracing::debug!(%store, "not ready: store timed out");
-            }
-            (StatusCode::SERVICE_UNAVAILABLE, "store timed out\n")
-        }
+        Err(_) => timed_out(st, news),
     }
+}
+
+/// The answer to a probe the store did not answer in time; logged as a warning if that is
+/// `news` (see [`Readiness::changed`]).
+fn timed_out(st: &AppState, news: bool) -> (StatusCode, &'static str) {
+    let store = st.store.describe();
+    if news {
+        tracing::warn!(%store, "not ready: store timed out (logged again once the store answers and fails again)");
+    } else {
+        tracing::debug!(%store, "not ready: store timed out");
+    }
+    (StatusCode::SERVICE_UNAVAILABLE, "store timed out\n")
 }
 
 #[cfg(test)]

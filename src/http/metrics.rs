@@ -106,14 +106,14 @@ fn status_class(s: StatusCode) -> &'static str {
 pub(super) async fn observe(req: Request, next: Next) -> Response {
     let m = metrics::get();
     let route = route_family(req.uri().path());
-    let method = req.method().clone();
+    let method = method_label(req.method());
     let (parts, body) = req.into_parts();
     let received = m.bytes_received.get_or_create_owned(&RouteLabels { route });
     let req = Request::from_parts(parts, Body::new(Counted::new(body, received)));
     let mut pending = Pending {
         started: Instant::now(),
         route,
-        method: method.clone(),
+        method,
         answered: false,
     };
 
@@ -121,11 +121,13 @@ pub(super) async fn observe(req: Request, next: Next) -> Response {
 
     pending.answered = true;
     let status = res.status();
-    let verdict = (method == Method::PUT).then(|| match res.extensions().get::<ErrorLabel>() {
-        Some(ErrorLabel(label)) => *label,
-        None if status.is_success() => "accepted",
-        None => "other",
-    });
+    let verdict = pending
+        .is_upload()
+        .then(|| match res.extensions().get::<ErrorLabel>() {
+            Some(ErrorLabel(label)) => *label,
+            None if status.is_success() => "accepted",
+            None => "other",
+        });
     pending.count(status_class(status), verdict);
     let sent = m.bytes_sent.get_or_create_owned(&RouteLabels { route });
     res.map(|body| Body::new(Counted::new(body, sent)))
@@ -135,11 +137,17 @@ pub(super) async fn observe(req: Request, next: Next) -> Response {
 struct Pending {
     started: Instant,
     route: &'static str,
-    method: Method,
+    /// Its label ([`method_label`]).
+    method: &'static str,
     answered: bool,
 }
 
 impl Pending {
+    /// A PUT: counted with a verdict too.
+    fn is_upload(&self) -> bool {
+        self.method == "PUT"
+    }
+
     /// Counts the request with its status class, its latency, and an upload's verdict.
     fn count(&self, status: &'static str, verdict: Option<&'static str>) {
         let m = metrics::get();
@@ -147,7 +155,7 @@ impl Pending {
         m.http_requests
             .get_or_create(&HttpLabels {
                 route,
-                method: method_label(&self.method),
+                method: self.method,
                 status,
             })
             .inc();
@@ -168,7 +176,7 @@ impl Pending {
 impl Drop for Pending {
     fn drop(&mut self) {
         if !self.answered {
-            let verdict = (self.method == Method::PUT).then_some("aborted");
+            let verdict = self.is_upload().then_some("aborted");
             self.count("aborted", verdict);
         }
     }

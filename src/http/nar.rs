@@ -261,13 +261,15 @@ pub(super) async fn head(
     };
     // Not for a builder (a write token): it uploads the NAR only on a 404, and its narinfo is
     // accepted only if the NAR is in the store, so an upstream's copy must not count.
-    let builder = matches!(
-        st.live()
-            .tokens
-            .check(&headers, crate::config::Scope::Write),
-        crate::auth::Decision::Allowed(Some(_))
-    );
-    if size.is_none() && !builder {
+    let builder = || {
+        matches!(
+            st.live()
+                .tokens
+                .check(&headers, crate::config::Scope::Write),
+            crate::auth::Decision::Allowed(Some(_))
+        )
+    };
+    if size.is_none() && !builder() {
         // An upstream that cannot be asked is a miss here, where GET would be a 503:
         // `nix copy --to` the root URL sends this HEAD before each NAR, and a 503 would
         // fail the copy where a 404 only makes it upload the NAR.
