@@ -505,7 +505,9 @@ pub struct UploadConfig {
     pub staging_max_age: Duration,
     /// The largest NAR accepted, compressed as sent or decompressed (413 beyond it).
     pub max_nar_bytes: u64,
-    /// NAR uploads processed at once; more are refused with 503 and `Retry-After`.
+    /// NAR uploads processed at once, and as many of everything else (listings, logs,
+    /// realisations, debug info links); more wait for a slot, then are refused with 503 and
+    /// `Retry-After`.
     pub max_concurrent: usize,
     /// Memory the xz decoder may use for one upload (what the stream's dictionary needs).
     pub xz_memory_limit_bytes: u64,

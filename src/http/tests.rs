@@ -626,7 +626,8 @@ async fn nar_puts_over_the_limits_are_refused_before_the_body() {
     let res = send(&st, authed("PUT", &path, "wtok").body(unread()).unwrap()).await;
     assert_eq!(res.status(), StatusCode::SERVICE_UNAVAILABLE);
     assert_eq!(res.headers()["retry-after"], "1");
-    // Listings, logs and realisations count among the uploads running too.
+    // So are listings and logs, with slots of their own.
+    let _other = st.uploader.admit_other().await.unwrap();
     for other in [
         format!("/upload/{HASH}.ls"),
         format!("/upload/log/{HASH}-x.drv"),
@@ -635,6 +636,68 @@ async fn nar_puts_over_the_limits_are_refused_before_the_body() {
         assert_eq!(res.status(), StatusCode::SERVICE_UNAVAILABLE, "{other}");
     }
     assert_eq!(mem.requests(), 0, "nothing reached the store");
+}
+
+/// Long NAR uploads holding every slot do not keep a listing, a log, a realisation or a debug
+/// info link waiting: those have slots of their own, as many, and wait only for each other.
+/// (Paused time: a wait for a slot passes without taking it, and ends in 503.)
+#[tokio::test(start_paused = true)]
+async fn nar_uploads_holding_every_slot_leave_small_uploads_their_own() {
+    use crate::config::Scope;
+    let mem = Arc::new(MemoryStore::new());
+    let mut cfg = with_tokens(Config::default(), &[("w", "wtok", Scope::Write)]);
+    cfg.upload.max_concurrent = 1;
+    let st = state(cfg, &mem);
+    // The realisation's output is in the cache.
+    mem.insert(&format!("{HASH}.narinfo"), NARINFO);
+    let id = format!("sha256:{}!out", "1".repeat(64));
+    let realisation = serde_json::json!({
+        "dependentRealisations": {},
+        "id": id,
+        "outPath": format!("{HASH}-top"),
+        "signatures": [],
+    })
+    .to_string();
+    let uploads = [
+        (
+            format!("/upload/{HASH}.ls"),
+            r#"{"version":1,"root":{"type":"regular"}}"#.to_owned(),
+        ),
+        (
+            format!("/upload/log/{HASH}-x.drv"),
+            "a build log".to_owned(),
+        ),
+        (format!("/upload/realisations/{id}.doi"), realisation),
+        (
+            format!("/upload/debuginfo/{}.debug", "ab".repeat(20)),
+            format!(
+                r#"{{"archive":"../nar/{NAR_FILE}.nar.xz","member":"lib/debug/.build-id/ab/{}.debug"}}"#,
+                "ab".repeat(19)
+            ),
+        ),
+    ];
+    let nar = st.uploader.admit().await.unwrap();
+    for (path, body) in &uploads {
+        let req = authed("PUT", path, "wtok")
+            .body(Body::from(body.clone()))
+            .unwrap();
+        let res = send(&st, req).await;
+        assert!(res.status().is_success(), "{path}: {}", res.status());
+    }
+    drop(nar);
+    let _other = st.uploader.admit_other().await.unwrap();
+    for (path, body) in &uploads {
+        let req = authed("PUT", path, "wtok")
+            .body(Body::from(body.clone()))
+            .unwrap();
+        let res = send(&st, req).await;
+        assert_eq!(res.status(), StatusCode::SERVICE_UNAVAILABLE, "{path}");
+        assert_eq!(res.headers()["retry-after"], "1");
+    }
+    // The NARs' slot is free meanwhile.
+    let started = tokio::time::Instant::now();
+    let nar = st.uploader.admit().await;
+    assert!(nar.is_ok() && started.elapsed().is_zero());
 }
 
 /// A handler that panics (a bug) is answered 500 and logged with the cause, not a connection

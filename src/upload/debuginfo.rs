@@ -18,7 +18,7 @@ impl Uploader {
     pub async fn put_debuginfo(&self, name: &DebugInfoName, raw: Bytes) -> Result<(), Error> {
         let link = DebugInfoLink::parse(&raw)
             .map_err(|e| rejected(format!("not a debug info link: {e}")))?;
-        let _slot = self.admit().await?;
+        let _slot = self.admit_other().await?;
         // A NAR the store holds under the name sent (stored before re-encoding was set up) is
         // not uploaded again, and its narinfo keeps naming it: so does its link.
         let body = match self.reencoded(link.nar()) {

@@ -240,8 +240,12 @@ pub struct Uploader {
     recompress: Option<Recompression>,
     trusted_keys: Vec<PublicKey>,
     limits: Limits,
-    /// One permit per upload in progress (`upload.max_concurrent`).
+    /// One permit per NAR upload in progress (`upload.max_concurrent`).
     slots: Arc<Semaphore>,
+    /// One permit per upload of a listing, log, realisation or debug info link (as many
+    /// again): apart from the NARs', so that small uploads are not kept waiting, then refused,
+    /// behind long NAR uploads over slow links.
+    others: Arc<Semaphore>,
     /// One permit per NAR being read back for a narinfo (as many again): apart from the
     /// uploads', so that long NAR uploads do not keep narinfos (whose body is read already)
     /// waiting until they are refused.
@@ -293,6 +297,7 @@ impl Uploader {
             trusted_keys: cfg.trusted_keys.clone(),
             limits: Limits::from_config(cfg),
             slots: Arc::new(Semaphore::new(cfg.max_concurrent)),
+            others: Arc::new(Semaphore::new(cfg.max_concurrent)),
             readbacks: Arc::new(Semaphore::new(cfg.max_concurrent)),
             verified: Mutex::new(HashMap::new()),
             early: Mutex::new(HashMap::new()),
@@ -331,11 +336,17 @@ impl Uploader {
         )
     }
 
-    /// A slot for one upload, held until it is dropped. Taken before the body is read: when
-    /// `upload.max_concurrent` are in progress, the upload waits for one (at most
+    /// A slot for one NAR upload, held until it is dropped. Taken before the body is read:
+    /// when `upload.max_concurrent` are in progress, the upload waits for one (at most
     /// [`ADMIT_WAIT`], first come first served), then is `Busy` (503).
     pub async fn admit(&self) -> Result<Slot, Error> {
         Self::slot_of(&self.slots).await
+    }
+
+    /// A slot for the upload of anything but a NAR (see [`Uploader::others`]), taken as
+    /// [`Self::admit`] takes one.
+    pub(crate) async fn admit_other(&self) -> Result<Slot, Error> {
+        Self::slot_of(&self.others).await
     }
 
     /// A slot for reading a NAR back (see [`Uploader::readbacks`]), taken as [`Self::admit`]
@@ -709,12 +720,12 @@ impl Uploader {
     }
 
     /// Holds the listing uploaded for `h` until its narinfo is accepted, which writes it
-    /// ([`listings`]); counted among the uploads running (`upload.max_concurrent`).
+    /// ([`listings`]); counted among the uploads running ([`Self::admit_other`]).
     pub async fn put_listing<S>(&self, h: StorePathHash, body: S, limit: u64) -> Result<(), Error>
     where
         S: Stream<Item = std::io::Result<Bytes>> + Send,
     {
-        let _slot = self.admit().await?;
+        let _slot = self.admit_other().await?;
         let mut body = std::pin::pin!(body);
         // Kept while it could be held; a larger one is read to its end (Nix fails the whole
         // copy on a refused listing) without being kept.
@@ -745,13 +756,13 @@ impl Uploader {
         Ok(())
     }
 
-    /// Stores a log as sent, streamed; counted among the uploads
-    /// running (`upload.max_concurrent`), as each holds a store writer and its buffer.
+    /// Stores a log as sent, streamed; counted among the uploads running
+    /// ([`Self::admit_other`]), as each holds a store writer and its buffer.
     pub async fn put_plain<S>(&self, key: &str, body: S, limit: u64) -> Result<(), Error>
     where
         S: Stream<Item = std::io::Result<Bytes>> + Send,
     {
-        let _slot = self.admit().await?;
+        let _slot = self.admit_other().await?;
         let mut w = self.store.writer(key).await?;
         let mut body = std::pin::pin!(body);
         let mut n = 0u64;

@@ -1408,8 +1408,8 @@ mod realisations {
     const OTHER: &str = "0d71ygfwbmy1xjlbj1v027dfmy9cqavy-other";
 
     /// Realisations waiting for their turn (one at a time per process) hold no upload slot:
-    /// with one being stored slowly and another waiting behind it, a NAR still gets the
-    /// other slot at once. (Paused time: a NAR waiting for a slot would be busy after
+    /// with one being stored slowly and another waiting behind it, a listing or log still
+    /// gets the other slot at once. (Paused time: one waiting for a slot would be busy after
     /// `ADMIT_WAIT`.)
     #[tokio::test(start_paused = true)]
     async fn realisations_waiting_their_turn_hold_no_upload_slot() {
@@ -1431,11 +1431,11 @@ mod realisations {
         for _ in 0..100 {
             tokio::task::yield_now().await;
         }
-        // A NAR upload's slot (the HTTP layer takes it before the body).
+        // A listing's or log's upload slot.
         let started = tokio::time::Instant::now();
-        let slot = up.admit().await;
+        let slot = up.admit_other().await;
         assert!(slot.is_ok(), "{:?}", slot.err());
-        assert!(started.elapsed() < ADMIT_WAIT, "the NAR waited for a slot");
+        assert!(started.elapsed() < ADMIT_WAIT, "it waited for a slot");
         drop(slot);
         gate.open();
         first.await.unwrap().unwrap();
