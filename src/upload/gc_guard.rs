@@ -9,7 +9,50 @@ use crate::error::Error;
 use crate::nix::{NarFileName, NarInfo};
 use crate::store::{object_key, StoreError};
 
+/// What [`Uploader::take_back`] did.
+#[derive(Debug, PartialEq, Eq)]
+pub(super) enum TakenBack {
+    /// The narinfo was deleted, or was gone already (a failed delete is logged).
+    Deleted,
+    /// The narinfo was left: another upload replaced it meanwhile, or the NAR is back.
+    Replaced,
+}
+
 impl Uploader {
+    /// Takes back the narinfo of `info`'s path, found naming `nar`, which the
+    /// store lacks: deletes it, unless by now it names another NAR or that NAR is back (another
+    /// upload of the path, through another replica, wrote a whole narinfo meanwhile). S3 has no
+    /// delete conditional on the object's contents, so this only narrows the race with such a
+    /// write to the moments between the last look and the delete. A look that fails deletes
+    /// (a narinfo naming a NAR that is gone must not be served).
+    pub(super) async fn take_back(&self, info: &NarInfo, nar: &NarFileName) -> TakenBack {
+        let (hash, path) = (info.hash(), &info.store_path);
+        // Another upload of the same path may have written it moments ago: no referrer is
+        // taken on the word of that write any more.
+        self.unwrote(hash);
+        let replaced = match self.stored(hash).await {
+            // Gone already: another upload took it back.
+            Ok(None) => return TakenBack::Deleted,
+            Ok(Some(now)) => match now.nar_file() {
+                Ok(named) if named != *nar => true,
+                Ok(_) => matches!(self.store.head(&object_key::nar(nar)).await, Ok(Some(_))),
+                Err(_) => false,
+            },
+            Err(_) => false,
+        };
+        if replaced {
+            tracing::info!(path = %path, nar = %nar, "narinfo not taken back: another upload replaced it, or its NAR is back");
+            return TakenBack::Replaced;
+        }
+        if let Err(d) = self.store.delete(&object_key::narinfo(hash)).await {
+            tracing::error!(path = %path, cause = %d, "could not take back a narinfo whose NAR is missing");
+        }
+        // And again once the delete is done: a write of the path that began while it was
+        // under way (the NAR uploaded again meanwhile) may be what it deleted.
+        self.unwrote(hash);
+        TakenBack::Deleted
+    }
+
     /// Refuses the upload if a collector announced that it is deleting one of `nars` (the
     /// name uploaded, and the name stored if recompressed). Called after the access record
     /// is written; `read` are the announcements as read after an earlier record that names
@@ -74,15 +117,7 @@ impl Uploader {
         match nar_size {
             Ok(Some(_)) => Ok(()),
             Ok(None) => {
-                // Another upload of the same path may have written it moments ago: no
-                // referrer is taken on the word of that write any more.
-                self.unwrote(info.hash());
-                if let Err(d) = self.store.delete(&object_key::narinfo(info.hash())).await {
-                    tracing::error!(path = %info.store_path, cause = %d, "could not take back a narinfo whose NAR a garbage collection deleted");
-                }
-                // And again once the delete is done: a write of the path that began while it
-                // was under way (the NAR uploaded again meanwhile) may be what it deleted.
-                self.unwrote(info.hash());
+                self.take_back(info, nar).await;
                 Err(rejected(format!(
                     "NAR {} is not in the cache; upload it again",
                     info.url

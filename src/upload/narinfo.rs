@@ -8,6 +8,7 @@ use std::future::Future;
 use bytes::Bytes;
 use futures::{Stream, StreamExt as _, TryStreamExt as _};
 
+use super::gc_guard::TakenBack;
 use super::{rejected, Accepted, Uploader};
 use crate::error::Error;
 use crate::nix::{NarFileName, NarInfo, StorePathHash};
@@ -264,14 +265,13 @@ impl Uploader {
                     )));
                 }
                 if !whole {
-                    self.unwrote(hash);
-                    if let Err(d) = self.store.delete(&object_key::narinfo(hash)).await {
-                        tracing::error!(path = %info.store_path, cause = %d, "could not remove a narinfo whose NAR is missing");
-                    }
-                    self.unwrote(hash);
+                    let what = match self.take_back(&info, &name).await {
+                        TakenBack::Deleted => "was removed",
+                        TakenBack::Replaced => "was replaced meanwhile",
+                    };
                     return Err(rejected(format!(
                         "the cache's narinfo of this path named a NAR it lacks (nar/{name}) and \
-                         was removed; upload the path again"
+                         {what}; upload the path again"
                     )));
                 }
             }

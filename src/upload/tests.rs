@@ -350,6 +350,67 @@ async fn a_nar_deleted_while_its_narinfo_is_written_takes_the_narinfo_back() {
     );
 }
 
+/// Another build of the path, naming its own NAR, written over the narinfo (through another
+/// replica) before the take-back: the take-back leaves it, and deletes only a narinfo that
+/// still names the NAR that is gone.
+#[tokio::test]
+async fn a_narinfo_replaced_before_its_take_back_is_left() {
+    let info = narinfo_for(&nar(), nar().len());
+    let mut other = info.clone();
+    other.url = format!("nar/{}.nar", "1".repeat(52));
+    let other = other.render("/nix/store");
+    let key = object_key::narinfo(info.hash());
+    let (mem, up, info) = nar_uploaded_then({
+        let (other, key) = (other.clone(), key.clone());
+        move |m, nar_key| {
+            m.remove(nar_key);
+            m.insert(&key, other.clone());
+        }
+    })
+    .await;
+    let e = up
+        .put_narinfo(info.hash(), info.render("/nix/store").as_bytes(), None)
+        .await
+        .unwrap_err();
+    assert!(e.to_string().contains("upload it again"), "{e}");
+    assert_eq!(
+        mem.bytes(&key).as_deref(),
+        Some(other.as_bytes()),
+        "taken back"
+    );
+}
+
+/// The NAR uploaded again (by another upload of the path) between the look that found it
+/// gone and the take-back: the narinfo, whole again, stays.
+#[tokio::test]
+async fn a_narinfo_whose_nar_is_back_before_its_take_back_is_left() {
+    // Reads of the NAR are held from the narinfo's write on.
+    let (tx, rx) = tokio::sync::oneshot::channel();
+    let tx = std::sync::Mutex::new(Some(tx));
+    let (mem, up, info) = nar_uploaded_then(move |m, nar_key| {
+        m.remove(nar_key);
+        if let Some(tx) = tx.lock().unwrap().take() {
+            let _ = tx.send(m.hold_reads(nar_key));
+        }
+    })
+    .await;
+    let nar_key = object_key::nar(&info.nar_file().unwrap());
+    let text = info.render("/nix/store");
+    let put = up.put_narinfo(info.hash(), text.as_bytes(), None);
+    let (res, ()) = tokio::join!(put, async {
+        // The look after the write finds the NAR gone; it comes back before the next.
+        let gate = rx.await.unwrap();
+        gate.reached().await;
+        mem.insert(&nar_key, nar());
+        gate.open();
+    });
+    assert!(res.is_err(), "{res:?}");
+    assert!(
+        mem.bytes(&object_key::narinfo(info.hash())).is_some(),
+        "taken back"
+    );
+}
+
 /// A look at the NAR that fails while its narinfo is written is asked again, and never
 /// takes the narinfo back: it may be another, acknowledged upload's (through another
 /// replica), which a referrer was accepted on the word of. Failing every time, the upload
