@@ -930,6 +930,47 @@ fn uploadable_path() -> (Vec<u8>, String, String) {
     (nar, file, narinfo)
 }
 
+/// With uploads re-encoded, a small NAR whose re-encoded copy the store holds is not stored
+/// again: a new encoding (another level, another zstd) need not be byte for byte the copy
+/// published narinfos name by hash and size. Sent right after a probe that found it absent,
+/// it is not looked up again.
+#[tokio::test]
+async fn a_small_nar_stored_re_encoded_is_not_encoded_again() {
+    use crate::config::Scope;
+    let mem = Arc::new(MemoryStore::new());
+    let mut cfg = with_tokens(Config::default(), &[("w", "wtok", Scope::Write)]);
+    cfg.upload.recompress = Some(crate::config::Recompression {
+        compression: crate::nix::Compression::Zstd,
+        level: None,
+    });
+    let st = state(cfg, &mem);
+    let (nar, file) = tiny_nar();
+    let nar = bytes::Bytes::from(nar);
+    let reencoded = format!("nar/{file}.zst");
+    // The copy stored once, with an encoding this process would not make.
+    mem.insert(&reencoded, vec![1u8; 300]);
+    let put = |nar: bytes::Bytes| {
+        let req = authed("PUT", &format!("/upload/nar/{file}"), "wtok")
+            .header("content-length", nar.len().to_string())
+            .body(Body::from(nar))
+            .unwrap();
+        let st = st.clone();
+        async move { send(&st, req).await.status() }
+    };
+    assert_eq!(put(nar.clone()).await, StatusCode::OK);
+    assert_eq!(mem.bytes(&reencoded).as_deref(), Some(&[1u8; 300][..]));
+    // Probed absent: sent without another look.
+    mem.remove(&reencoded);
+    let probe = authed("HEAD", &format!("/upload/nar/{file}"), "wtok")
+        .body(Body::empty())
+        .unwrap();
+    assert_eq!(send(&st, probe).await.status(), StatusCode::NOT_FOUND);
+    let heads = mem.heads_under("nar/");
+    assert_eq!(put(nar).await, StatusCode::CREATED);
+    assert_eq!(mem.heads_under("nar/"), heads, "looked up again");
+    assert!(mem.bytes(&reencoded).is_some());
+}
+
 /// A PUT of a NAR over `STORED_AGAIN_MAX` the store holds is answered 200 without its body
 /// when the client waits for `100 Continue` before sending it; one the store lacks, or a small
 /// one, is received (and a small one is not looked up first). One sent without `Expect` (a

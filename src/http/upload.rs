@@ -166,10 +166,11 @@ async fn nar_head(State(st): State<AppState>, Path(file): Path<String>) -> Resul
         Some(size) => Some(size),
         None => st.uploader.reencoded_size(&f).await?,
     };
-    Ok(object::head_response(
-        size.ok_or(Error::NotFound)?,
-        Kind::Nar,
-    ))
+    let Some(size) = size else {
+        st.uploader.nar_probed_absent(&f);
+        return Err(Error::NotFound);
+    };
+    Ok(object::head_response(size, Kind::Nar))
 }
 
 async fn log_get(

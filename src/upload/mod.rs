@@ -267,6 +267,10 @@ pub struct Uploader {
     /// Narinfos the store lacked when the upload address was asked for them, and when
     /// ([`PROBED_ABSENT_TRUST`]).
     probed_absent: Mutex<HashMap<StorePathHash, tokio::time::Instant>>,
+    /// NARs re-encoded on upload that the store lacked (under either name) when the upload
+    /// address was asked for them, by the name the client uses, and when
+    /// ([`PROBED_ABSENT_TRUST`]).
+    nars_probed_absent: Mutex<HashMap<String, tokio::time::Instant>>,
     /// Where accepted narinfos are recorded before they are written (garbage collection).
     access: Option<Arc<crate::gc::access::AccessLog>>,
     /// Listings uploaded and waiting for their narinfo ([`listings`]).
@@ -304,6 +308,7 @@ impl Uploader {
             written: Mutex::new(HashMap::new()),
             taken_back: Mutex::new(HashMap::new()),
             probed_absent: Mutex::new(HashMap::new()),
+            nars_probed_absent: Mutex::new(HashMap::new()),
             access: None,
             listings: listings::Listings::default(),
             realisations: tokio::sync::Mutex::new(()),
@@ -550,17 +555,39 @@ impl Uploader {
         self.reencoded(name).is_some() || self.remembered(&object_key::nar(name)).is_some()
     }
 
+    /// The upload address was asked for the NAR `name`, re-encoded on upload, and the store
+    /// has it under neither name.
+    pub fn nar_probed_absent(&self, name: &NarFileName) {
+        let mut m = lock(&self.nars_probed_absent);
+        note_at(
+            &mut m,
+            object_key::nar(name),
+            tokio::time::Instant::now(),
+            PROBED_ABSENT_TRUST,
+        );
+    }
+
     /// Whether a NAR about to be sent as `name` with `declared` bytes (`Content-Length`) is in
-    /// the store already, asked before its body is: then it is not received again. Only NARs
-    /// over [`STORED_AGAIN_MAX`] (or of unknown size) are looked up; a smaller one costs less
-    /// to store again than a round trip to ask.
+    /// the store already, asked before its body is: then it is not received again. A NAR
+    /// stored as sent is looked up only over [`STORED_AGAIN_MAX`] (or of unknown size): a
+    /// smaller one costs less to store again (the same bytes under the same name) than a round
+    /// trip to ask. One re-encoded on upload is always looked up, unless the client's probe
+    /// found it absent moments ago: its new encoding need not be byte for byte the one stored
+    /// (another level, another zstd), which published narinfos name by its hash and size.
     pub async fn already_stored(
         &self,
         name: &NarFileName,
         declared: Option<u64>,
     ) -> Result<bool, StoreError> {
         if declared.is_some_and(|n| n <= STORED_AGAIN_MAX) {
-            return Ok(false);
+            let probed_absent = || {
+                lock(&self.nars_probed_absent)
+                    .get(&object_key::nar(name))
+                    .is_some_and(|at| at.elapsed() < PROBED_ABSENT_TRUST)
+            };
+            if self.reencoded(name).is_none() || probed_absent() {
+                return Ok(false);
+            }
         }
         self.has_nar(name).await
     }
