@@ -6,6 +6,7 @@
 # Run. Everything in the config file can also be set with environment variables:
 # CELLAR_<KEY>, with `__` between nested keys (see config/cellar.toml). Example with an S3 bucket:
 #   docker run -d --name cellar -p 127.0.0.1:8080:8080 --stop-timeout 30 \
+#     --ulimit nofile=65536:65536 \
 #     -v cellar-state:/var/lib/cellar \
 #     -e CELLAR_STORE__KIND=s3 -e CELLAR_STORE__BUCKET=nix-cache \
 #     -e CELLAR_STORE__ENDPOINT=http://minio.internal:9000 -e CELLAR_STORE__REGION=us-east-1 \
@@ -16,6 +17,7 @@
 #
 # Or with a config file mounted read-only:
 #   docker run -d --name cellar -p 127.0.0.1:8080:8080 --stop-timeout 30 \
+#     --ulimit nofile=65536:65536 \
 #     -v cellar-state:/var/lib/cellar \
 #     -v ./cellar.toml:/etc/cellar/cellar.toml:ro \
 #     cellar serve --config /etc/cellar/cellar.toml

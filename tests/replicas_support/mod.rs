@@ -182,19 +182,25 @@ const NGINX_HTTP: &str = r#"
     server {
         listen {listen};
         client_max_body_size 0;
+        proxy_http_version 1.1;
+        proxy_set_header Connection "";
+        proxy_set_header Host $host;
+        proxy_set_header X-Request-Id $request_id;
+        proxy_buffering off;
+        proxy_request_buffering off;
+        proxy_read_timeout 300s;
+        proxy_send_timeout 300s;
+        proxy_connect_timeout 2s;
+        # A replica that refuses the connection or answers 502/503/504 (its store is
+        # unreachable) gets the request retried on the next one. Only before anything was
+        # sent to the client, and never for a PUT (not idempotent).
+        proxy_next_upstream error timeout http_502 http_503 http_504;
         location / {
             proxy_pass http://cellar;
-            proxy_http_version 1.1;
-            proxy_set_header Connection "";
-            proxy_set_header Host $host;
-            proxy_buffering off;
-            proxy_request_buffering off;
-            proxy_read_timeout 300s;
-            proxy_connect_timeout 2s;
-            # A replica that refuses the connection or answers 502/503/504 (its store is
-            # unreachable) gets the request retried on the next one. Only before anything was
-            # sent to the client, and never for a PUT (not idempotent).
-            proxy_next_upstream error timeout http_502 http_503 http_504;
+        }
+        location /upload/ {
+            proxy_pass http://cellar;
+            proxy_read_timeout 3600s;
         }
     }
 "#;
