@@ -154,24 +154,40 @@ async fn trusted_keys_listings_and_realisations() {
     assert_eq!(ls.status(), 200);
     assert!(ls.text().await.unwrap().contains("\"version\""));
 
-    // A realisation, under both names Nix uses, read back from the root: refused while the
-    // path it names is not in the cache, stored once it is, kept when sent again (200) and
-    // when another names another path (200 too: another build's, which Nix sends on every
-    // copy).
+    // A realisation, under both names Nix uses, read back from the root: refused unsigned
+    // (the trusted keys hold for realisations too) and while the path it names is not in the
+    // cache, stored once it is, kept when sent again (200) and when another names another
+    // path (200 too: another build's, which Nix sends on every copy). Signed as Nix signs
+    // them: the object without its signatures, keys sorted, compact.
+    let builder: cellar::nix::SecretKey = std::fs::read_to_string(&sec)
+        .unwrap()
+        .trim()
+        .parse()
+        .unwrap();
     let doi = format!("sha256:{}!out", "1".repeat(52));
-    let realisation = |out: &str| {
+    let realisation = |out: &str, signed: bool| {
+        let fingerprint =
+            format!(r#"{{"dependentRealisations":{{}},"id":"{doi}","outPath":"{out}"}}"#);
+        let sigs = match signed {
+            true => format!(r#"["{}"]"#, builder.sign(fingerprint.as_bytes())),
+            false => "[]".to_owned(),
+        };
         format!(
-            r#"{{"id":"{doi}","outPath":"{out}","signatures":[],"dependentRealisations":{{}}}}"#
+            r#"{{"id":"{doi}","outPath":"{out}","signatures":{sigs},"dependentRealisations":{{}}}}"#
         )
         .into_bytes()
     };
-    let body = realisation(Fixture::basename(leaf));
-    let absent = realisation(Fixture::basename(&f.top));
+    let body = realisation(Fixture::basename(leaf), true);
+    let absent = realisation(Fixture::basename(&f.top), true);
+    let unsigned = realisation(Fixture::basename(leaf), false);
     for key in [
         format!("realisations/{doi}.doi"),
         format!("build-trace/{}/out", Fixture::basename(&f.top_drv)),
     ] {
         let at = format!("{}/upload/{key}", srv.url);
+        let (s, m) = put(&c, at.clone(), &w, unsigned.clone()).await;
+        assert_eq!(s, 400, "{key}: {m}");
+        assert!(m.contains("upload.trusted_keys"), "{key}: {m}");
         let (s, m) = put(&c, at.clone(), &w, absent.clone()).await;
         assert_eq!(s, 400, "{key}: {m}");
         assert!(m.contains("not in the cache"), "{key}: {m}");

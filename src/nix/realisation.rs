@@ -5,7 +5,7 @@
 
 use serde_json::{Map, Value};
 
-use super::{StorePathBaseName, StorePathHash};
+use super::{PublicKey, Signature, StorePathBaseName, StorePathHash};
 
 /// A realisation as uploaded: its JSON object and the path it names.
 #[derive(Debug, Clone)]
@@ -64,6 +64,32 @@ impl Realisation {
         }
     }
 
+    /// What Nix signs, for the form Nix 2.8 writes (with `id`, signatures as strings): the
+    /// object without `signatures`, its keys sorted, written compactly (nlohmann's `dump()`).
+    /// `None` for the forms newer Nix writes, whose signatures cellar cannot check.
+    pub fn fingerprint(&self) -> Option<String> {
+        if !matches!(self.doc.get("id"), Some(Value::String(_)))
+            || !self.signatures().iter().all(Value::is_string)
+        {
+            return None;
+        }
+        let mut doc = self.doc.clone();
+        doc.remove("signatures");
+        serde_json::to_string(&sorted(&Value::Object(doc))).ok()
+    }
+
+    /// Whether one of its signatures is a valid one by one of `keys` (never, for a form whose
+    /// signatures cellar cannot check: see [`Realisation::fingerprint`]).
+    pub fn is_signed_by_any(&self, keys: &[PublicKey]) -> bool {
+        let Some(fp) = self.fingerprint() else {
+            return false;
+        };
+        self.signatures()
+            .iter()
+            .filter_map(|s| s.as_str()?.parse::<Signature>().ok())
+            .any(|s| keys.iter().any(|k| k.verifies(fp.as_bytes(), &s)))
+    }
+
     /// This realisation with the signatures of `other` (of the same output) it lacks added,
     /// as JSON; `None` if it has them all already.
     pub fn with_signatures_of(&self, other: &Self) -> Option<Vec<u8>> {
@@ -85,8 +111,26 @@ impl Realisation {
     }
 }
 
+/// `v` with every object's keys in sorted order, whatever order the map type keeps.
+fn sorted(v: &Value) -> Value {
+    match v {
+        Value::Object(m) => {
+            let mut entries: Vec<(&String, &Value)> = m.iter().collect();
+            entries.sort_by(|a, b| a.0.cmp(b.0));
+            Value::Object(
+                entries
+                    .into_iter()
+                    .map(|(k, v)| (k.clone(), sorted(v)))
+                    .collect(),
+            )
+        }
+        Value::Array(a) => Value::Array(a.iter().map(sorted).collect()),
+        other => other.clone(),
+    }
+}
+
 #[cfg(test)]
-mod tests {
+pub(crate) mod tests {
     use super::*;
 
     const OUT: &str = "g1w7hy3qg1w7hy3qg1w7hy3qg1w7hy3q-foo";
@@ -131,6 +175,58 @@ mod tests {
         ] {
             assert_eq!(Realisation::parse(raw).unwrap_err(), want, "{raw:?}");
         }
+    }
+
+    /// Written and signed by Nix 2.8 (`nix-build` with `secret-key-files`, then `nix copy`):
+    /// the top output of tests/fixtures/ca.nix, with a dependent realisation.
+    pub(crate) const SIGNED_BY_NIX: &str =
+        include_str!("../../tests/fixtures/realisation/signed-by-nix-2.8.doi");
+    /// The key it was signed with.
+    pub(crate) const NIX_KEY: &str = "k1:sIy6Q2pft7QJnTyECyGbSwqf7XlG7Mx0hFlRDjc+NBo=";
+
+    /// Nix's signature checks out against the fingerprint, however the keys were ordered as
+    /// sent; a change to any field, another key, or a form whose signatures cellar cannot
+    /// check, does not.
+    #[test]
+    fn nix_signatures_are_checked_against_the_fingerprint() {
+        let key: PublicKey = NIX_KEY.parse().unwrap();
+        let other = crate::nix::SecretKey::generate("k1").unwrap().public();
+        let r = Realisation::parse(SIGNED_BY_NIX.as_bytes()).unwrap();
+        assert!(r.is_signed_by_any(std::slice::from_ref(&key)));
+        assert!(!r.is_signed_by_any(&[other]));
+        // Keys reordered and spaced: the same realisation.
+        let doc: serde_json::Value = serde_json::from_str(SIGNED_BY_NIX).unwrap();
+        let reordered = format!(
+            "{{ \"signatures\": {}, \"outPath\": {}, \"id\": {}, \"dependentRealisations\": {} }}",
+            doc["signatures"], doc["outPath"], doc["id"], doc["dependentRealisations"]
+        );
+        let r = Realisation::parse(reordered.as_bytes()).unwrap();
+        assert!(r.is_signed_by_any(std::slice::from_ref(&key)));
+        for (from, to) in [
+            (
+                "a4zbls512viq6cfmz5qh3qpr79yy9y11-ca-top",
+                "a4zbls512viq6cfmz5qh3qpr79yy9y11-ca-tip",
+            ),
+            (
+                "yvgxqddrjimh1s7alyhbq0dh2bql9bhy-ca-leaf",
+                "yvgxqddrjimh1s7alyhbq0dh2bql9bhy-ca-lea",
+            ),
+            (
+                "c3ea589f67c31e5319f1ed424e37a1d28a25ea64ac904!out",
+                "c3ea589f67c31e5319f1ed424e37a1d28a25ea64ac904!dev",
+            ),
+        ] {
+            let changed = SIGNED_BY_NIX.replace(from, to);
+            let r = Realisation::parse(changed.as_bytes()).unwrap();
+            assert!(!r.is_signed_by_any(std::slice::from_ref(&key)), "{to}");
+        }
+        // Newer forms: signatures as objects, no id.
+        let new = format!(
+            r#"{{"outPath":"{OUT}","signatures":[{{"keyName":"k1","sig":"fvz+6VX1K+AHsC6VQcX6ipfNlOgtjj8KZVS/AbKlIa1Wb6GVSEfpOwrJeIdBtIZ5fgvOsybLnnqMH5M6xtVzCg=="}}]}}"#
+        );
+        let r = Realisation::parse(new.as_bytes()).unwrap();
+        assert!(r.fingerprint().is_none());
+        assert!(!r.is_signed_by_any(&[key]));
     }
 
     #[test]

@@ -36,6 +36,19 @@ impl Uploader {
     ) -> Result<RealisationStored, Error> {
         let sent =
             Realisation::parse(&raw).map_err(|e| rejected(format!("not a realisation: {e}")))?;
+        // As for narinfos: with trusted keys set, a write token alone publishes nothing. Nix
+        // 2.8 substitutes through a realisation without checking its signatures (the e2e
+        // tests do), so this is what keeps a token without a signing key from pointing an
+        // output at another path of the cache.
+        if !self.trusted_keys.is_empty() && !sent.is_signed_by_any(&self.trusted_keys) {
+            return Err(rejected(if sent.fingerprint().is_some() {
+                "the realisation is not signed by any of upload.trusted_keys".to_owned()
+            } else {
+                "the realisation is in a form whose signatures cellar cannot check, and \
+                 upload.trusted_keys is set"
+                    .to_owned()
+            }));
+        }
         // One at a time in this process, so two uploads of one output cannot both find it
         // absent (replicas may still race; the first written then is replaced). Taken before
         // an upload slot: realisations waiting for their turn hold none, so they cannot keep

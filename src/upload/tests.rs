@@ -1468,6 +1468,49 @@ mod realisations {
 
     const OTHER: &str = "0d71ygfwbmy1xjlbj1v027dfmy9cqavy-other";
 
+    /// With `upload.trusted_keys`, a realisation is stored only if one of them signed it, as
+    /// Nix 2.8 signs it: one unsigned, signed by another key, or in a form whose signatures
+    /// cellar cannot check is refused, and nothing is written.
+    #[tokio::test]
+    async fn with_trusted_keys_a_realisation_needs_their_signature() {
+        use crate::nix::realisation::tests::{NIX_KEY, SIGNED_BY_NIX};
+        const SIGNED_KEY: &str = "realisations/sha256:7a7db71bf33c7a51688c3ea589f67c31e5319f1ed424e37a1d28a25ea64ac904!out.doi";
+        let mut cfg = Config::default();
+        cfg.upload.trusted_keys = vec![NIX_KEY.parse().unwrap()];
+        let mem = Arc::new(MemoryStore::new());
+        let store: Arc<dyn Store> = mem.clone();
+        let up = Uploader::new(&cfg.upload, &cfg.store_dir, store);
+        mem.insert("a4zbls512viq6cfmz5qh3qpr79yy9y11.narinfo", "StorePath: x\n");
+        mem.insert(&format!("{}.narinfo", &PATH[..32]), "StorePath: x\n");
+        let other_key = crate::nix::SecretKey::generate("k1").unwrap();
+        let doc: serde_json::Value = serde_json::from_str(SIGNED_BY_NIX).unwrap();
+        let mut by_other = doc.clone();
+        let mut unsigned = doc.clone();
+        unsigned["signatures"] = serde_json::json!([]);
+        let fp = crate::nix::Realisation::parse(unsigned.to_string().as_bytes())
+            .unwrap()
+            .fingerprint()
+            .unwrap();
+        by_other["signatures"] = serde_json::json!([other_key.sign(fp.as_bytes()).to_string()]);
+        let newer = serde_json::json!({
+            "outPath": PATH,
+            "signatures": [{"keyName": "k1", "sig": "x"}],
+        });
+        for (key, body) in [(SIGNED_KEY, unsigned), (SIGNED_KEY, by_other), (KEY, newer)] {
+            let e = up
+                .put_realisation(key, Bytes::from(body.to_string()), None)
+                .await
+                .unwrap_err();
+            assert!(e.to_string().contains("upload.trusted_keys"), "{e}");
+        }
+        assert!(!mem.keys().iter().any(|k| k.starts_with("realisations/")));
+        let stored = up
+            .put_realisation(SIGNED_KEY, Bytes::from(SIGNED_BY_NIX), None)
+            .await
+            .unwrap();
+        assert_eq!(stored, RealisationStored::Written);
+    }
+
     /// Realisations waiting for their turn (one at a time per process) hold no upload slot:
     /// with one being stored slowly and another waiting behind it, a listing or log still
     /// gets the other slot at once. (Paused time: one waiting for a slot would be busy after
