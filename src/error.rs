@@ -194,7 +194,9 @@ impl Error {
                 | UploadError::UnsupportedEncoding(_)),
             ) => tracing::info!(reason = %e, "upload rejected"),
             Self::Upload(UploadError::Busy { .. }) => {
-                tracing::info!("upload refused: upload.max_concurrent uploads in progress")
+                tracing::info!(
+                    "upload refused: upload.max_concurrent uploads (of its pool) in progress"
+                )
             }
             e if e.status().is_server_error() => tracing::error!(cause = %e, "request failed"),
             _ => {}

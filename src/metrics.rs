@@ -215,12 +215,12 @@ impl Metrics {
         );
         r.register(
             "uploads_running",
-            "Uploads holding one of the upload.max_concurrent slots",
+            "Uploads holding a slot: NARs received (upload.max_concurrent), and as many in each pool of their own: other uploads (listings, logs, realisations, debug info links), NARs read back for narinfos",
             m.uploads_running.clone(),
         );
         r.register(
             "uploads_waiting",
-            "Uploads waiting for one of the upload.max_concurrent slots",
+            "Uploads waiting for a slot (of the NARs' upload.max_concurrent, or of a pool as large)",
             m.uploads_waiting.clone(),
         );
         r.register(

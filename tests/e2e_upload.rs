@@ -887,22 +887,25 @@ async fn an_upload_through_nginx_waits_for_a_slot() {
     let srv = &app.srv;
     let nginx = replicas_support::Nginx::start(&[srv]);
 
-    // A log upload holds the one slot: admitted once cellar asks for its body (100 Continue),
-    // it sends half of it, the rest when the test says.
-    let log = format!("/upload/log/{}", Fixture::basename(&f.top_drv));
+    // Another NAR's upload holds the one slot: admitted once cellar asks for its body (100
+    // Continue), it sends half of it, the rest when the test says. (The pipeline checks a
+    // NAR's header, and its sha256 against its name.)
+    let mut nar = b"\x0d\x00\x00\x00\x00\x00\x00\x00nix-archive-1\x00\x00\x00".to_vec();
+    nar.extend_from_slice(&[7u8; 1000]);
+    let name = cellar::nix::Sha256::digest(&nar).to_nix32();
     let mut held = std::net::TcpStream::connect(srv.addr).unwrap();
     write!(
         held,
-        "PUT {log} HTTP/1.1\r\nHost: x\r\nAuthorization: Bearer {w}\r\n\
-         Content-Type: text/plain\r\nContent-Length: 10\r\nExpect: 100-continue\r\n\
-         Connection: close\r\n\r\n"
+        "PUT /upload/nar/{name}.nar HTTP/1.1\r\nHost: x\r\nAuthorization: Bearer {w}\r\n\
+         Content-Length: {}\r\nExpect: 100-continue\r\nConnection: close\r\n\r\n",
+        nar.len()
     )
     .unwrap();
     let mut head = [0u8; 64];
     let n = held.read(&mut head).unwrap();
     let cont = String::from_utf8_lossy(&head[..n]).into_owned();
     assert!(cont.starts_with("HTTP/1.1 100"), "{cont}");
-    write!(held, "12345").unwrap();
+    held.write_all(&nar[..500]).unwrap();
 
     let leaf = f.closure.iter().find(|p| p.ends_with("-leaf")).unwrap();
     let netrc = netrc(work.path(), srv, &w);
@@ -919,8 +922,8 @@ async fn an_upload_through_nginx_waits_for_a_slot() {
     // Its NAR upload waits for the slot...
     srv.wait_for_log("upload waits for one of upload.max_concurrent", 1);
     assert_eq!(metric_sum(srv, "cellar_uploads_waiting", &[]).await, 1.0);
-    // ...which it gets when the log upload ends.
-    write!(held, "67890").unwrap();
+    // ...which it gets when the other ends.
+    held.write_all(&nar[500..]).unwrap();
     let mut answer = String::new();
     held.read_to_string(&mut answer).unwrap();
     assert!(answer.starts_with("HTTP/1.1 201"), "{answer}");

@@ -269,11 +269,16 @@ pub(super) async fn head(
             crate::auth::Decision::Allowed(Some(_))
         )
     };
-    if size.is_none() && !builder() {
-        // An upstream that cannot be asked is a miss here, where GET would be a 503:
-        // `nix copy --to` the root URL sends this HEAD before each NAR, and a 503 would
-        // fail the copy where a 404 only makes it upload the NAR.
-        size = st.live().upstreams.head(&key).await.unwrap_or(None);
+    if size.is_none() {
+        if builder() {
+            // Its upload (re-encoded) need not ask the store again.
+            st.uploader.nar_probed_absent(&f);
+        } else {
+            // An upstream that cannot be asked is a miss here, where GET would be a 503:
+            // `nix copy --to` the root URL sends this HEAD before each NAR, and a 503 would
+            // fail the copy where a 404 only makes it upload the NAR.
+            size = st.live().upstreams.head(&key).await.unwrap_or(None);
+        }
     }
     let res = object::head_response(size.ok_or(Error::NotFound)?, Kind::Nar);
     Ok(lifetime(&st, &f, res))
@@ -490,6 +495,10 @@ pub(super) async fn put(
         }
     };
     st.live().missing_nars.seen_present(name.as_str()).await;
+    let Some(d) = d else {
+        // Its re-encoded copy was in the store: nothing written.
+        return Ok(StatusCode::OK);
+    };
     tracing::info!(nar = %name, size = d.input.size, nar_size = d.nar.size, "NAR uploaded");
     Ok(StatusCode::CREATED)
 }

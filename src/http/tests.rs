@@ -930,10 +930,10 @@ fn uploadable_path() -> (Vec<u8>, String, String) {
     (nar, file, narinfo)
 }
 
-/// With uploads re-encoded, a small NAR whose re-encoded copy the store holds is not stored
-/// again: a new encoding (another level, another zstd) need not be byte for byte the copy
-/// published narinfos name by hash and size. Sent right after a probe that found it absent,
-/// it is not looked up again.
+/// With uploads re-encoded, a NAR whose re-encoded copy the store holds is not stored again
+/// (200): a new encoding (another level, another zstd) need not be byte for byte the copy
+/// published narinfos name by hash and size. Sent right after a builder's probe (at the
+/// upload address or the root) that found it absent, it is not looked up again, once.
 #[tokio::test]
 async fn a_small_nar_stored_re_encoded_is_not_encoded_again() {
     use crate::config::Scope;
@@ -960,15 +960,20 @@ async fn a_small_nar_stored_re_encoded_is_not_encoded_again() {
     assert_eq!(put(nar.clone()).await, StatusCode::OK);
     assert_eq!(mem.bytes(&reencoded).as_deref(), Some(&[1u8; 300][..]));
     // Probed absent: sent without another look.
-    mem.remove(&reencoded);
-    let probe = authed("HEAD", &format!("/upload/nar/{file}"), "wtok")
-        .body(Body::empty())
-        .unwrap();
-    assert_eq!(send(&st, probe).await.status(), StatusCode::NOT_FOUND);
-    let heads = mem.heads_under("nar/");
-    assert_eq!(put(nar).await, StatusCode::CREATED);
-    assert_eq!(mem.heads_under("nar/"), heads, "looked up again");
-    assert!(mem.bytes(&reencoded).is_some());
+    for probe in [format!("/upload/nar/{file}"), format!("/nar/{file}")] {
+        mem.remove(&reencoded);
+        let req = authed("HEAD", &probe, "wtok").body(Body::empty()).unwrap();
+        assert_eq!(send(&st, req).await.status(), StatusCode::NOT_FOUND);
+        let heads = mem.heads_under("nar/");
+        assert_eq!(put(nar.clone()).await, StatusCode::CREATED, "{probe}");
+        assert_eq!(mem.heads_under("nar/"), heads, "{probe}: looked up again");
+        let written = mem.bytes(&reencoded).expect("written");
+        // Once: sent again, it is looked up, found, and kept.
+        mem.insert(&reencoded, vec![2u8; 300]);
+        assert_eq!(put(nar.clone()).await, StatusCode::OK, "{probe}");
+        assert_eq!(mem.bytes(&reencoded).as_deref(), Some(&[2u8; 300][..]));
+        assert_ne!(written.as_ref(), &[2u8; 300][..]);
+    }
 }
 
 /// A PUT of a NAR over `STORED_AGAIN_MAX` the store holds is answered 200 without its body

@@ -48,6 +48,11 @@ impl Realisation {
         Ok(Self { doc, out })
     }
 
+    /// Its `id` (`sha256:<hash>!<output>`), in the forms that have one.
+    pub fn id(&self) -> Option<&str> {
+        self.doc.get("id").and_then(Value::as_str)
+    }
+
     /// The output path it names.
     pub fn out_path(&self) -> &StorePathBaseName {
         &self.out

@@ -116,13 +116,16 @@ impl Uploader {
         }
         match nar_size {
             Ok(Some(_)) => Ok(()),
-            Ok(None) => {
-                self.take_back(info, nar).await;
-                Err(rejected(format!(
-                    "NAR {} is not in the cache; upload it again",
+            Ok(None) => Err(rejected(match self.take_back(info, nar).await {
+                TakenBack::Deleted => {
+                    format!("NAR {} is not in the cache; upload it again", info.url)
+                }
+                TakenBack::Replaced => format!(
+                    "NAR {} was not in the cache, and another upload of the path has \
+                         replaced its narinfo since; the path is there now",
                     info.url
-                )))
-            }
+                ),
+            })),
             Err(e) => {
                 // Not known to be gone, the narinfo stays: another upload of the same path,
                 // through another replica, may have written it too and been acknowledged,

@@ -88,7 +88,8 @@ fn busy() -> Error {
     })
 }
 
-/// One of the `upload.max_concurrent` slots ([`Uploader::admit`]), held until dropped.
+/// A slot of one of the pools of `upload.max_concurrent` ([`Uploader::admit`],
+/// [`Uploader::admit_other`], [`Uploader::readback_slot`]), held until dropped.
 #[derive(Debug)]
 pub struct Slot {
     _permit: OwnedSemaphorePermit,
@@ -345,26 +346,27 @@ impl Uploader {
     /// when `upload.max_concurrent` are in progress, the upload waits for one (at most
     /// [`ADMIT_WAIT`], first come first served), then is `Busy` (503).
     pub async fn admit(&self) -> Result<Slot, Error> {
-        Self::slot_of(&self.slots).await
+        Self::slot_of(&self.slots, "nar").await
     }
 
     /// A slot for the upload of anything but a NAR (see [`Uploader::others`]), taken as
     /// [`Self::admit`] takes one.
     pub(crate) async fn admit_other(&self) -> Result<Slot, Error> {
-        Self::slot_of(&self.others).await
+        Self::slot_of(&self.others, "other").await
     }
 
     /// A slot for reading a NAR back (see [`Uploader::readbacks`]), taken as [`Self::admit`]
     /// takes one.
     pub(crate) async fn readback_slot(&self) -> Result<Slot, Error> {
-        Self::slot_of(&self.readbacks).await
+        Self::slot_of(&self.readbacks, "readback").await
     }
 
-    async fn slot_of(slots: &Arc<Semaphore>) -> Result<Slot, Error> {
+    /// A slot of `slots`, the pool named `pool` in the log.
+    async fn slot_of(slots: &Arc<Semaphore>, pool: &'static str) -> Result<Slot, Error> {
         if let Ok(permit) = slots.clone().try_acquire_owned() {
             return Ok(Slot::new(permit));
         }
-        tracing::debug!("upload waits for one of upload.max_concurrent");
+        tracing::debug!(pool, "upload waits for one of upload.max_concurrent");
         // Counted while it waits, however the wait ends (a client gone drops it).
         struct Waiting;
         impl Drop for Waiting {
@@ -378,8 +380,9 @@ impl Uploader {
             Ok(Ok(permit)) => Ok(Slot::new(permit)),
             Ok(Err(_)) | Err(_) => {
                 tracing::warn!(
+                    pool,
                     wait_secs = ADMIT_WAIT.as_secs(),
-                    "upload refused: upload.max_concurrent uploads ran for as long as it waited"
+                    "upload refused: upload.max_concurrent uploads (of its pool) ran for as long as it waited"
                 );
                 Err(busy())
             }
@@ -555,9 +558,12 @@ impl Uploader {
         self.reencoded(name).is_some() || self.remembered(&object_key::nar(name)).is_some()
     }
 
-    /// The upload address was asked for the NAR `name`, re-encoded on upload, and the store
-    /// has it under neither name.
+    /// A builder asked for the NAR `name` and the store has it under neither name: noted for
+    /// a NAR re-encoded on upload, whose upload then need not ask again ([`Self::store_nar`]).
     pub fn nar_probed_absent(&self, name: &NarFileName) {
+        if self.reencoded(name).is_none() {
+            return;
+        }
         let mut m = lock(&self.nars_probed_absent);
         note_at(
             &mut m,
@@ -567,27 +573,26 @@ impl Uploader {
         );
     }
 
+    /// Whether a builder's probe found the NAR `name` absent within [`PROBED_ABSENT_TRUST`];
+    /// taken, so that it serves one upload only.
+    fn take_probed_absent(&self, name: &NarFileName) -> bool {
+        lock(&self.nars_probed_absent)
+            .remove(&object_key::nar(name))
+            .is_some_and(|at| at.elapsed() < PROBED_ABSENT_TRUST)
+    }
+
     /// Whether a NAR about to be sent as `name` with `declared` bytes (`Content-Length`) is in
-    /// the store already, asked before its body is: then it is not received again. A NAR
-    /// stored as sent is looked up only over [`STORED_AGAIN_MAX`] (or of unknown size): a
-    /// smaller one costs less to store again (the same bytes under the same name) than a round
-    /// trip to ask. One re-encoded on upload is always looked up, unless the client's probe
-    /// found it absent moments ago: its new encoding need not be byte for byte the one stored
-    /// (another level, another zstd), which published narinfos name by its hash and size.
+    /// the store already, asked before its body is: then it is not received again. Only NARs
+    /// over [`STORED_AGAIN_MAX`] (or of unknown size) are looked up; a smaller one costs less
+    /// to store again than a round trip to ask (one re-encoded on upload is asked for before
+    /// it is committed, see [`Self::store_nar`]).
     pub async fn already_stored(
         &self,
         name: &NarFileName,
         declared: Option<u64>,
     ) -> Result<bool, StoreError> {
         if declared.is_some_and(|n| n <= STORED_AGAIN_MAX) {
-            let probed_absent = || {
-                lock(&self.nars_probed_absent)
-                    .get(&object_key::nar(name))
-                    .is_some_and(|at| at.elapsed() < PROBED_ABSENT_TRUST)
-            };
-            if self.reencoded(name).is_none() || probed_absent() {
-                return Ok(false);
-            }
+            return Ok(false);
         }
         self.has_nar(name).await
     }
@@ -601,8 +606,9 @@ impl Uploader {
         Ok(self.reencoded_size(name).await?.is_some())
     }
 
-    /// Streams a NAR into the store, verified.
-    pub async fn put_nar<S>(&self, name: &NarFileName, body: S) -> Result<NarDigest, Error>
+    /// Streams a NAR into the store, verified. `None` if nothing was written: the store holds
+    /// the copy it would have been re-encoded to (see [`Self::store_nar`]).
+    pub async fn put_nar<S>(&self, name: &NarFileName, body: S) -> Result<Option<NarDigest>, Error>
     where
         S: Stream<Item = std::io::Result<Bytes>> + Send + 'static,
     {
@@ -612,9 +618,12 @@ impl Uploader {
             Some((stored, target)) => (stored, Some(target)),
             None => (name.clone(), None),
         };
-        let (d, announced) = self
+        let Some((d, announced)) = self
             .store_nar(name, body, incoming, &stored, target)
-            .await?;
+            .await?
+        else {
+            return Ok(None);
+        };
         self.remember(
             object_key::nar(name),
             VerifiedNar {
@@ -626,12 +635,13 @@ impl Uploader {
                 announced,
             },
         );
-        Ok(d)
+        Ok(Some(d))
     }
 
     /// Streams the NAR uploaded as `name` into the store as `stored`, digested and
     /// re-encoded to `target` on the way; committed only if its sha256 matches `name`. With
-    /// the digest, the announcements being read if an upload record was written.
+    /// the digest, the announcements being read if an upload record was written. `None` if a
+    /// re-encoded NAR was not committed because the store holds `stored` already.
     async fn store_nar<S>(
         &self,
         name: &NarFileName,
@@ -639,7 +649,7 @@ impl Uploader {
         incoming: Compression,
         stored: &NarFileName,
         target: Option<Compression>,
-    ) -> Result<(NarDigest, Option<Announced>), Error>
+    ) -> Result<Option<(NarDigest, Option<Announced>)>, Error>
     where
         S: Stream<Item = std::io::Result<Bytes>> + Send + 'static,
     {
@@ -662,6 +672,25 @@ impl Uploader {
                 "the body's sha256 is {}, but its name says {name_hash}",
                 d.input.hash.to_nix32()
             )));
+        }
+        // A re-encoded NAR is not stored over the copy the store holds: a new encoding (another
+        // level, another zstd) need not be byte for byte that one, which published narinfos
+        // name by its hash and size. Asked right before the commit (the PUT's look ahead skips
+        // small NARs and gives up on a slow store), unless a builder's probe found it absent
+        // moments ago.
+        if target.is_some() && !self.take_probed_absent(name) {
+            match self.store.head(&object_key::nar(stored)).await {
+                Ok(None) => {}
+                Ok(Some(_)) => {
+                    w.abort().await;
+                    tracing::info!(nar = %name, stored = %stored, "NAR already stored re-encoded: kept, not encoded again");
+                    return Ok(None);
+                }
+                Err(e) => {
+                    w.abort().await;
+                    return Err(e.into());
+                }
+            }
         }
         // The record that lets the narinfo following this NAR skip its own: the one written
         // when the client probed the NAR, if it names what this upload stores and still
@@ -697,7 +726,7 @@ impl Uploader {
         };
         let (committed, announced) = futures::join!(w.commit(), record);
         committed?;
-        Ok((d, announced))
+        Ok(Some((d, announced)))
     }
 
     /// Finds and digests a NAR this process did not see being uploaded (another replica

@@ -36,18 +36,18 @@ impl Uploader {
     ) -> Result<RealisationStored, Error> {
         let sent =
             Realisation::parse(&raw).map_err(|e| rejected(format!("not a realisation: {e}")))?;
-        // As for narinfos: with trusted keys set, a write token alone publishes nothing. Nix
-        // 2.8 substitutes through a realisation without checking its signatures (the e2e
-        // tests do), so this is what keeps a token without a signing key from pointing an
-        // output at another path of the cache.
-        if !self.trusted_keys.is_empty() && !sent.is_signed_by_any(&self.trusted_keys) {
-            return Err(rejected(if sent.fingerprint().is_some() {
-                "the realisation is not signed by any of upload.trusted_keys".to_owned()
-            } else {
-                "the realisation is in a form whose signatures cellar cannot check, and \
-                 upload.trusted_keys is set"
-                    .to_owned()
-            }));
+        // Nix looks a realisation up by its id and does not compare the one inside: stored
+        // under another output's name, a signed realisation would send that output's
+        // clients to its path.
+        let named = key
+            .strip_prefix("realisations/")
+            .and_then(|k| k.strip_suffix(".doi"));
+        if let (Some(named), Some(id)) = (named, sent.id()) {
+            if named != id {
+                return Err(rejected(format!(
+                    "its id {id} is not the one its name says ({named})"
+                )));
+            }
         }
         // One at a time in this process, so two uploads of one output cannot both find it
         // absent (replicas may still race; the first written then is replaced). Taken before
@@ -99,10 +99,16 @@ impl Uploader {
                 return Ok(RealisationStored::Unchanged);
             }
             Some(s) => match s.with_signatures_of(&sent) {
-                Some(merged) => Bytes::from(merged),
+                Some(merged) => {
+                    self.check_signed(&sent)?;
+                    Bytes::from(merged)
+                }
                 None => return Ok(RealisationStored::Unchanged),
             },
-            None => raw,
+            None => {
+                self.check_signed(&sent)?;
+                raw
+            }
         };
         if !self.in_cache(sent.out_hash(), upstreams).await? {
             return Err(rejected(format!(
@@ -113,5 +119,23 @@ impl Uploader {
         }
         self.store.put_bytes(key, write).await?;
         Ok(RealisationStored::Written)
+    }
+
+    /// As for narinfos: with trusted keys set, a write token alone writes no realisation (a
+    /// new one, or signatures added to a stored one). Nix 2.8 substitutes through a
+    /// realisation without checking its signatures (the e2e tests do), so this is what keeps
+    /// a token without a signing key from pointing an output at another path of the cache.
+    /// One already stored, sent again, is answered as before: nothing is written.
+    fn check_signed(&self, sent: &Realisation) -> Result<(), Error> {
+        if self.trusted_keys.is_empty() || sent.is_signed_by_any(&self.trusted_keys) {
+            return Ok(());
+        }
+        Err(rejected(if sent.fingerprint().is_some() {
+            "the realisation is not signed by any of upload.trusted_keys".to_owned()
+        } else {
+            "the realisation is in a form whose signatures cellar cannot check, and \
+             upload.trusted_keys is set"
+                .to_owned()
+        }))
     }
 }

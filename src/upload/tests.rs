@@ -372,7 +372,7 @@ async fn a_narinfo_replaced_before_its_take_back_is_left() {
         .put_narinfo(info.hash(), info.render("/nix/store").as_bytes(), None)
         .await
         .unwrap_err();
-    assert!(e.to_string().contains("upload it again"), "{e}");
+    assert!(e.to_string().contains("the path is there now"), "{e}");
     assert_eq!(
         mem.bytes(&key).as_deref(),
         Some(other.as_bytes()),
@@ -1496,7 +1496,11 @@ mod realisations {
             "outPath": PATH,
             "signatures": [{"keyName": "k1", "sig": "x"}],
         });
-        for (key, body) in [(SIGNED_KEY, unsigned), (SIGNED_KEY, by_other), (KEY, newer)] {
+        for (key, body) in [
+            (SIGNED_KEY, unsigned.clone()),
+            (SIGNED_KEY, by_other.clone()),
+            (KEY, newer),
+        ] {
             let e = up
                 .put_realisation(key, Bytes::from(body.to_string()), None)
                 .await
@@ -1504,11 +1508,37 @@ mod realisations {
             assert!(e.to_string().contains("upload.trusted_keys"), "{e}");
         }
         assert!(!mem.keys().iter().any(|k| k.starts_with("realisations/")));
+        // Signed, but sent under another output's name: refused.
+        let e = up
+            .put_realisation(KEY, Bytes::from(SIGNED_BY_NIX), None)
+            .await
+            .unwrap_err();
+        assert!(
+            e.to_string().contains("is not the one its name says"),
+            "{e}"
+        );
         let stored = up
             .put_realisation(SIGNED_KEY, Bytes::from(SIGNED_BY_NIX), None)
             .await
             .unwrap();
         assert_eq!(stored, RealisationStored::Written);
+        // Stored, it is answered as before when sent again unsigned (a builder that did not
+        // sign it, or a client that substituted it): nothing would be written.
+        let again = up
+            .put_realisation(SIGNED_KEY, Bytes::from(unsigned.to_string()), None)
+            .await
+            .unwrap();
+        assert_eq!(again, RealisationStored::Unchanged);
+        // Signatures by keys not trusted are not added to it.
+        let e = up
+            .put_realisation(SIGNED_KEY, Bytes::from(by_other.to_string()), None)
+            .await
+            .unwrap_err();
+        assert!(e.to_string().contains("upload.trusted_keys"), "{e}");
+        assert_eq!(
+            mem.bytes(SIGNED_KEY).as_deref(),
+            Some(SIGNED_BY_NIX.as_bytes())
+        );
     }
 
     /// Realisations waiting for their turn (one at a time per process) hold no upload slot:
