@@ -179,6 +179,12 @@ const NGINX_HTTP: &str = r#"
         keepalive 16;
         keepalive_timeout 25s;
     }
+    upstream cellar_upload {
+        hash $remote_addr consistent;
+{servers}
+        keepalive 16;
+        keepalive_timeout 25s;
+    }
     server {
         listen {listen};
         client_max_body_size 0;
@@ -199,7 +205,7 @@ const NGINX_HTTP: &str = r#"
             proxy_pass http://cellar;
         }
         location /upload/ {
-            proxy_pass http://cellar;
+            proxy_pass http://cellar_upload;
             proxy_read_timeout 3600s;
         }
     }
