@@ -2,7 +2,7 @@
 # A throwaway single-node Garage S3 server on 127.0.0.1, for tests and benchmarks.
 #
 #   scripts/garage-s3.sh start DIR   start (installing garage if missing) with state in DIR;
-#                                    prints shell-quoted env lines (S3_ENDPOINT, AWS_*, ...)
+#                                    prints `export VAR=value` lines (S3_ENDPOINT, AWS_*, ...)
 #   scripts/garage-s3.sh stop DIR    stop it and delete DIR
 #
 # Ports are picked free at start. Knobs: S3_BUCKET (nix-cache), GARAGE_VERSION (2.5.0),

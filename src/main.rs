@@ -39,6 +39,7 @@ enum Command {
     },
     /// Validate the configuration (and key files) and exit.
     CheckConfig {
+        /// TOML config file (see config/cellar.toml); CELLAR_* env vars override it.
         #[arg(long, short)]
         config: Option<PathBuf>,
     },
@@ -46,6 +47,7 @@ enum Command {
     /// verified like an upload, references first. Already present paths are skipped.
     Import {
         dir: PathBuf,
+        /// TOML config file (see config/cellar.toml); CELLAR_* env vars override it.
         #[arg(long, short)]
         config: Option<PathBuf>,
     },
@@ -73,6 +75,7 @@ enum Command {
         /// textfile collector).
         #[arg(long, value_name = "FILE")]
         metrics_file: Option<PathBuf>,
+        /// TOML config file (see config/cellar.toml); CELLAR_* env vars override it.
         #[arg(long, short)]
         config: Option<PathBuf>,
     },
@@ -80,6 +83,7 @@ enum Command {
     Pin {
         #[command(subcommand)]
         command: gc_cli::PinCommand,
+        /// TOML config file (see config/cellar.toml); CELLAR_* env vars override it.
         #[arg(long, short, global = true)]
         config: Option<PathBuf>,
     },
@@ -103,6 +107,7 @@ enum Command {
         /// textfile collector).
         #[arg(long, value_name = "FILE")]
         metrics_file: Option<PathBuf>,
+        /// TOML config file (see config/cellar.toml); CELLAR_* env vars override it.
         #[arg(long, short)]
         config: Option<PathBuf>,
     },

@@ -65,6 +65,14 @@ pub fn spawn_on_sighup(
 ) {
     tokio::spawn(async move {
         while hup.recv().await.is_some() {
+            if file.is_none() {
+                // A file written next to a server started without `--config` is not read.
+                tracing::warn!(
+                    "reloading: this server was started without --config, so only the \
+                     environment is read again; to use a config file, restart it with \
+                     --config FILE"
+                );
+            }
             match reload(&state, file.as_deref()) {
                 Ok(()) => {
                     let (tokens, keys) = {

@@ -20,6 +20,45 @@ fn cellar(dir: &std::path::Path) -> Command {
     c
 }
 
+/// An S3 store with no credentials anywhere the SDK looks: the error says which keys to
+/// set, in one line, instead of the SDK's kilobytes on every place it looked.
+#[test]
+fn an_s3_store_without_credentials_says_which_keys_to_set() {
+    let d = tempfile::tempdir().unwrap();
+    std::fs::write(
+        d.path().join("c.toml"),
+        "[store]\nkind = \"s3\"\nbucket = \"b\"\nendpoint = \"http://127.0.0.1:9\"\n",
+    )
+    .unwrap();
+    let mut c = cellar(d.path());
+    for k in [
+        "AWS_ACCESS_KEY_ID",
+        "AWS_SECRET_ACCESS_KEY",
+        "AWS_SESSION_TOKEN",
+        "AWS_PROFILE",
+        "AWS_WEB_IDENTITY_TOKEN_FILE",
+        "AWS_CONTAINER_CREDENTIALS_RELATIVE_URI",
+        "AWS_CONTAINER_CREDENTIALS_FULL_URI",
+    ] {
+        c.env_remove(k);
+    }
+    let out = c
+        .env("HOME", d.path())
+        .env_remove("AWS_CONFIG_FILE")
+        .env_remove("AWS_SHARED_CREDENTIALS_FILE")
+        .env("AWS_EC2_METADATA_DISABLED", "true")
+        .args(["verify", "--config", "c.toml"])
+        .output()
+        .unwrap();
+    let err = String::from_utf8_lossy(&out.stderr);
+    assert_eq!(out.status.code(), Some(2), "{err}");
+    assert!(
+        err.contains("no S3 credentials found; set store.access_key_id"),
+        "{err}"
+    );
+    assert!(err.len() < 1000, "{err}");
+}
+
 #[test]
 fn keygen_writes_a_nix_format_key_that_nix_accepts() {
     let d = tempfile::tempdir().unwrap();

@@ -235,7 +235,7 @@ fn log_format_flag_is_checked() {
 
 /// A SIGHUP during start-up (a `systemctl reload` while the server reads its keys, or opens
 /// its store and its caches) neither ends the process nor is lost: the reload runs once the
-/// server is up.
+/// server is up. Started without `--config`, the reload says that it read no file.
 #[test]
 fn a_sighup_during_start_up_is_a_reload_once_up() {
     use std::io::Write as _;
@@ -308,6 +308,12 @@ fn a_sighup_during_start_up_is_a_reload_once_up() {
         drop(held);
         wait_until_listening(&mut child, log);
         wait_for_in_file(&log_path, "configuration reloaded", 1);
+        // Started without --config: a file written beside it is not what the reload read.
+        assert!(
+            log().contains("started without --config, so only the environment is read again"),
+            "{}",
+            log()
+        );
         child.kill().unwrap();
         child.wait().unwrap();
     }

@@ -44,22 +44,53 @@ pub enum ConfigError {
     Invalid { key: String, message: String },
 }
 
-/// figment's message, without what it may quote of a secret: a value of the wrong type under
+/// figment's errors (one a line) as cellar's others read, ``config key `store.bukket` (in
+/// FILE): …``, without what they may quote of a secret: a value of the wrong type under
 /// `secret_access_key` is not repeated, and a syntax error's excerpt of the file (`2 | key =
 /// "…`, which may be a secret's line) is left out; its line and column stay.
 fn shown(e: &figment::Error) -> String {
-    if e.path.last().is_some_and(|k| k == "secret_access_key") {
-        let from = e
-            .metadata
-            .as_ref()
-            .map(|m| format!(" (from {})", m.name))
-            .unwrap_or_default();
-        return format!(
-            "config key `{}`: not a valid value{from} (not shown: it is a secret)",
-            e.path.join(".")
-        );
+    e.clone()
+        .into_iter()
+        .map(|e| shown_one(&e))
+        .collect::<Vec<_>>()
+        .join("\n")
+}
+
+fn shown_one(e: &figment::Error) -> String {
+    use figment::error::Kind;
+    // Keys from the environment come as the variable spells them.
+    let key = e.path.join(".").to_ascii_lowercase();
+    let from = match &e.metadata {
+        Some(m) => match &m.source {
+            Some(figment::Source::File(p)) => format!(" (in {})", p.display()),
+            _ => format!(" (from {})", m.name),
+        },
+        None => String::new(),
+    };
+    let what = match &e.kind {
+        _ if key.ends_with("secret_access_key") => {
+            "not a valid value (not shown: it is a secret)".to_owned()
+        }
+        Kind::UnknownField(_, known) => format!("no such key; known here: {}", known.join(", ")),
+        Kind::UnknownVariant(found, known) => {
+            format!("`{found}` is not one of {}", known.join(", "))
+        }
+        Kind::InvalidType(found, expected) => format!("expected {expected}, found {found}"),
+        Kind::InvalidValue(found, expected) => format!("expected {expected}, found {found}"),
+        Kind::MissingField(field) => format!("`{field}` is missing"),
+        Kind::Message(m) => without_excerpt(m),
+        other => other.to_string(),
+    };
+    if key.is_empty() {
+        format!("configuration{from}: {what}")
+    } else {
+        format!("config key `{key}`{from}: {what}")
     }
-    e.to_string()
+}
+
+/// `message` without the lines quoting the file (`2 | key = "…`).
+fn without_excerpt(message: &str) -> String {
+    message
         .lines()
         .filter(|l| {
             let l = l.trim_start();

@@ -29,16 +29,35 @@ fn shipped_config_file_parses() {
     assert_eq!(c.store_dir, "/nix/store");
 }
 
+/// Unknown keys are errors, said as every other error is: the key, then what is wrong with it
+/// (figment's own wording puts its profile before the key, `default.store.bukket`).
 #[test]
 fn unknown_keys_are_errors() {
     let e = from_toml("lisen = \"127.0.0.1:1\"")
         .unwrap_err()
         .to_string();
-    assert!(e.contains("lisen"), "{e}");
+    assert!(e.starts_with("config key `lisen`"), "{e}");
     let e = from_toml("[store]\nbukket = \"x\"")
         .unwrap_err()
         .to_string();
-    assert!(e.contains("bukket"), "{e}");
+    assert!(e.starts_with("config key `store.bukket`"), "{e}");
+    assert!(
+        e.contains("no such key; known here: kind, path, bucket"),
+        "{e}"
+    );
+    for (toml, said) in [
+        (
+            "priority = \"x\"",
+            "config key `priority` (from TOML source string): expected u32, found string \"x\"",
+        ),
+        (
+            "[store]\nkind = \"ftp\"",
+            "config key `store.kind` (from TOML source string): `ftp` is not one of local, s3",
+        ),
+    ] {
+        let e = from_toml(toml).unwrap_err().to_string();
+        assert_eq!(e, said);
+    }
 }
 
 #[test]
@@ -218,7 +237,10 @@ fn env_overrides_with_nesting_and_csv_lists() {
         // A misspelt key is still an error.
         jail.set_env("CELLAR_STORE__BUKKET", "x");
         let e = Config::load(None).unwrap_err().to_string();
-        assert!(e.contains("bukket"), "{e}");
+        assert!(
+            e.starts_with("config key `store.bukket` (from `CELLAR_` environment"),
+            "{e}"
+        );
         Ok(())
     });
 }

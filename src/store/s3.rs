@@ -267,10 +267,20 @@ where
                 )))
             } else {
                 // Usually missing credentials or a bad endpoint.
-                Err(StoreError::Misconfigured(format!(
-                    "{what}: {}",
-                    aws_smithy_types::error::display::DisplayErrorContext(&e)
-                )))
+                let context = aws_smithy_types::error::display::DisplayErrorContext(&e).to_string();
+                if ["CredentialsNotLoaded", "loading credentials"]
+                    .iter()
+                    .any(|s| context.contains(s))
+                {
+                    // The chain of places the SDK looked is kilobytes: for the debug log.
+                    tracing::debug!(cause = %context, "{what}: no credentials");
+                    return Err(StoreError::Misconfigured(format!(
+                        "{what}: no S3 credentials found; set store.access_key_id and \
+                         store.secret_access_key, or AWS_ACCESS_KEY_ID and \
+                         AWS_SECRET_ACCESS_KEY (or AWS_PROFILE, or give the machine a role)"
+                    )));
+                }
+                Err(StoreError::Misconfigured(format!("{what}: {context}")))
             }
         }
         (SdkError::ConstructionFailure(_), _, _) => Err(StoreError::Misconfigured(format!(
