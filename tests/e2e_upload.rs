@@ -118,23 +118,57 @@ async fn nix_copy_to_cellar_then_substitute_xz_and_zstd() {
 /// build (`--max-jobs 0`) gets the outputs by looking their realisations up through cellar.
 #[tokio::test(flavor = "multi_thread")]
 async fn content_addressed_derivations_round_trip_through_their_realisations() {
+    ca_round_trip("up-ca", false).await;
+}
+
+/// With `upload.trusted_keys`, content-addressed outputs built by a builder that signs
+/// (`secret-key-files`) go up whole: Nix 2.8's signatures on their realisations check out
+/// against cellar's reading of what Nix signs, and a fresh store gets the outputs through them.
+/// Realisations nobody signed are refused (the check in `e2e_upload_checks`).
+#[tokio::test(flavor = "multi_thread")]
+async fn content_addressed_outputs_signed_by_a_trusted_builder_are_accepted() {
+    ca_round_trip("up-ca-signed", true).await;
+}
+
+/// tests/fixtures/ca.nix built (`signed`: by a builder with `secret-key-files`, whose key
+/// is cellar's `upload.trusted_keys`), copied to cellar, and substituted into a fresh store
+/// through its realisations.
+async fn ca_round_trip(bucket: &str, signed: bool) {
     const CA: &str = "--extra-experimental-features";
     let work = tempfile::tempdir().unwrap();
+    let sec = work.path().join("builder.sec");
+    let mut config = String::new();
+    if signed {
+        let xdg = work.path().join("xdg-keys");
+        let mut k = nix("nix", &xdg);
+        k.args(["key", "generate-secret", "--key-name", "ca-builder-1"]);
+        std::fs::write(&sec, run_ok(k)).unwrap();
+        let mut p = nix("nix", &xdg);
+        p.args(["key", "convert-secret-to-public"])
+            .stdin(std::fs::File::open(&sec).unwrap());
+        let public = run_ok(p).trim().to_owned();
+        config = format!("[upload]\ntrusted_keys = [\"{public}\"]\n");
+    }
     let expr = Path::new(env!("CARGO_MANIFEST_DIR")).join("tests/fixtures/ca.nix");
-    let salt = format!("cellar-ca-{}", std::process::id());
+    let salt = format!("cellar-{bucket}-{}", std::process::id());
     let with_expr = |c: &mut std::process::Command| {
         c.args([CA, "ca-derivations", "-f"])
             .arg(&expr)
             .args(["--argstr", "salt", &salt]);
     };
     let mut b = nix("nix-build", &work.path().join("xdg-build"));
-    b.args([CA, "ca-derivations", "--no-out-link"])
-        .arg(&expr)
-        .args(["--argstr", "salt", &salt]);
+    b.args([CA, "ca-derivations", "--no-out-link"]);
+    if signed {
+        b.args(["--option", "secret-key-files"]).arg(&sec);
+    }
+    b.arg(&expr).args(["--argstr", "salt", &salt]);
     let top = run_ok(b).trim().to_owned();
 
     let (w, wcfg) = token("builder", "write");
-    let app = App::s3("up-ca").config(&wcfg).spawn().await;
+    let app = App::s3(bucket)
+        .config(&format!("{config}{wcfg}"))
+        .spawn()
+        .await;
     let srv = &app.srv;
     let n = netrc(work.path(), srv, &w);
     let mut up = nix("nix", &work.path().join("xdg-up"));
@@ -177,86 +211,6 @@ async fn content_addressed_derivations_round_trip_through_their_realisations() {
         realisations("GET", "2xx").await >= 2.0,
         "looked up through cellar"
     );
-}
-
-/// With `upload.trusted_keys`, content-addressed outputs built by a builder that signs
-/// (`secret-key-files`) go up whole: Nix 2.8's signatures on their realisations check out
-/// against cellar's reading of what Nix signs, and a fresh store gets the outputs through them.
-/// Realisations nobody signed are refused (the check in `e2e_upload_checks`).
-#[tokio::test(flavor = "multi_thread")]
-async fn content_addressed_outputs_signed_by_a_trusted_builder_are_accepted() {
-    const CA: &str = "--extra-experimental-features";
-    let work = tempfile::tempdir().unwrap();
-    let xdg = work.path().join("xdg-keys");
-    let sec = work.path().join("builder.sec");
-    let mut k = nix("nix", &xdg);
-    k.args(["key", "generate-secret", "--key-name", "ca-builder-1"]);
-    std::fs::write(&sec, run_ok(k)).unwrap();
-    let mut p = nix("nix", &xdg);
-    p.args(["key", "convert-secret-to-public"])
-        .stdin(std::fs::File::open(&sec).unwrap());
-    let public = run_ok(p).trim().to_owned();
-    let expr = Path::new(env!("CARGO_MANIFEST_DIR")).join("tests/fixtures/ca.nix");
-    let salt = format!("cellar-ca-signed-{}", std::process::id());
-    let with_expr = |c: &mut std::process::Command| {
-        c.args([CA, "ca-derivations", "-f"])
-            .arg(&expr)
-            .args(["--argstr", "salt", &salt]);
-    };
-    let mut b = nix("nix-build", &work.path().join("xdg-build"));
-    b.args([
-        CA,
-        "ca-derivations",
-        "--no-out-link",
-        "--option",
-        "secret-key-files",
-    ])
-    .arg(&sec)
-    .arg(&expr)
-    .args(["--argstr", "salt", &salt]);
-    let top = run_ok(b).trim().to_owned();
-
-    let (w, wcfg) = token("builder", "write");
-    let config = format!("[upload]\ntrusted_keys = [\"{public}\"]\n{wcfg}");
-    let app = App::s3("up-ca-signed").config(&config).spawn().await;
-    let srv = &app.srv;
-    let n = netrc(work.path(), srv, &w);
-    let mut up = nix("nix", &work.path().join("xdg-up"));
-    up.args(["copy", "--to", &srv.url, "--option", "netrc-file"])
-        .arg(&n);
-    with_expr(&mut up);
-    run_ok(up);
-    let realisation_puts = |status: &'static str| {
-        let labels = [
-            "route=\"realisation\"".to_owned(),
-            "method=\"PUT\"".to_owned(),
-            format!("status=\"{status}\""),
-        ];
-        async move {
-            let labels: Vec<&str> = labels.iter().map(String::as_str).collect();
-            metric_sum(srv, "cellar_http_requests_total", &labels).await
-        }
-    };
-    assert_eq!(
-        realisation_puts("2xx").await,
-        2.0,
-        "one for each derivation"
-    );
-    assert_eq!(realisation_puts("4xx").await, 0.0);
-
-    let store = work.path().join("store-ca");
-    let mut sub = nix("nix", &work.path().join("xdg-sub"));
-    sub.args(["build", "--no-link", "--max-jobs", "0", "--store"])
-        .arg(&store)
-        .args([
-            "--substituters",
-            &srv.url,
-            "--trusted-public-keys",
-            &srv.public_key,
-        ]);
-    with_expr(&mut sub);
-    run_ok(sub);
-    assert!(store.join(top.trim_start_matches('/')).exists());
 }
 
 /// A new store path of 30 MiB that zstd cannot shrink (four multipart parts), and its
