@@ -64,14 +64,20 @@ pub fn spawn_on_sighup(
     mut hup: tokio::signal::unix::Signal,
 ) {
     tokio::spawn(async move {
+        let mut said = false;
         while hup.recv().await.is_some() {
             if file.is_none() {
-                // A file written next to a server started without `--config` is not read.
-                tracing::warn!(
-                    "reloading: this server was started without --config, so only the \
-                     environment is read again; to use a config file, restart it with \
-                     --config FILE"
-                );
+                // A file written next to a server started without `--config` is not read;
+                // said once as a warning (a log rotation's SIGHUPs would repeat it).
+                let text = "reloading a server started without --config: no config file is \
+                            read, only the signing key files again; to change other settings, \
+                            restart it (with --config FILE to use one)";
+                if said {
+                    tracing::info!("{text}");
+                } else {
+                    tracing::warn!("{text}");
+                    said = true;
+                }
             }
             match reload(&state, file.as_deref()) {
                 Ok(()) => {

@@ -310,7 +310,7 @@ fn a_sighup_during_start_up_is_a_reload_once_up() {
         wait_for_in_file(&log_path, "configuration reloaded", 1);
         // Started without --config: a file written beside it is not what the reload read.
         assert!(
-            log().contains("started without --config, so only the environment is read again"),
+            log().contains("started without --config: no config file is read"),
             "{}",
             log()
         );

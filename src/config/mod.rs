@@ -58,14 +58,30 @@ fn shown(e: &figment::Error) -> String {
 
 fn shown_one(e: &figment::Error) -> String {
     use figment::error::Kind;
-    // Keys from the environment come as the variable spells them.
-    let key = e.path.join(".").to_ascii_lowercase();
+    // As cellar's own errors name keys: `upstreams[0].url`.
+    let key = e.path.iter().fold(String::new(), |mut key, k| {
+        match k.parse::<usize>() {
+            Ok(i) => key.push_str(&format!("[{i}]")),
+            Err(_) if key.is_empty() => key.push_str(k),
+            Err(_) => key.push_str(&format!(".{k}")),
+        }
+        key
+    });
     let from = match &e.metadata {
         Some(m) => match &m.source {
             Some(figment::Source::File(p)) => format!(" (in {})", p.display()),
+            // The keys taken as text from their variables ([`with_env`]).
+            Some(figment::Source::Code(_)) => {
+                format!(" (from CELLAR_{})", e.path.join("__").to_ascii_uppercase())
+            }
             _ => format!(" (from {})", m.name),
         },
         None => String::new(),
+    };
+    // A value is named by its type, never quoted: a string may be a URL with a token in it.
+    let found = |a: &figment::error::Actual| match a {
+        figment::error::Actual::Str(_) => "a string".to_owned(),
+        other => other.to_string(),
     };
     let what = match &e.kind {
         _ if key.ends_with("secret_access_key") => {
@@ -75,8 +91,9 @@ fn shown_one(e: &figment::Error) -> String {
         Kind::UnknownVariant(found, known) => {
             format!("`{found}` is not one of {}", known.join(", "))
         }
-        Kind::InvalidType(found, expected) => format!("expected {expected}, found {found}"),
-        Kind::InvalidValue(found, expected) => format!("expected {expected}, found {found}"),
+        Kind::InvalidType(a, expected) | Kind::InvalidValue(a, expected) => {
+            format!("expected {expected}, found {}", found(a))
+        }
         Kind::MissingField(field) => format!("`{field}` is missing"),
         Kind::Message(m) => without_excerpt(m),
         other => other.to_string(),

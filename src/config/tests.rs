@@ -45,10 +45,23 @@ fn unknown_keys_are_errors() {
         e.contains("no such key; known here: kind, path, bucket"),
         "{e}"
     );
+    // Array entries as cellar's own errors name them; a value is never quoted (an upstream's
+    // URL may carry its token).
+    let e = from_toml("[[upstreams]]\nurl = 5\n")
+        .unwrap_err()
+        .to_string();
+    assert!(e.starts_with("config key `upstreams[0].url`"), "{e}");
+    let e = from_toml("upstreams = \"https://u:TOKEN@host\"")
+        .unwrap_err()
+        .to_string();
+    assert!(
+        e.starts_with("config key `upstreams`") && !e.contains("TOKEN"),
+        "{e}"
+    );
     for (toml, said) in [
         (
             "priority = \"x\"",
-            "config key `priority` (from TOML source string): expected u32, found string \"x\"",
+            "config key `priority` (from TOML source string): expected u32, found a string",
         ),
         (
             "[store]\nkind = \"ftp\"",
@@ -235,6 +248,11 @@ fn env_overrides_with_nesting_and_csv_lists() {
             vec![("CELLAR_STORE__KIND".to_owned(), "store.kind".to_owned())]
         );
         // A misspelt key is still an error.
+        // A key taken as text from its variable is said to come from it.
+        jail.set_env("CELLAR_UPLOAD__TRUSTED_KEYS", "not-a-key");
+        let e = Config::load(None).unwrap_err().to_string();
+        assert!(e.contains("(from CELLAR_UPLOAD__TRUSTED_KEYS)"), "{e}");
+        std::env::remove_var("CELLAR_UPLOAD__TRUSTED_KEYS");
         jail.set_env("CELLAR_STORE__BUKKET", "x");
         let e = Config::load(None).unwrap_err().to_string();
         assert!(

@@ -268,11 +268,10 @@ where
             } else {
                 // Usually missing credentials or a bad endpoint.
                 let context = aws_smithy_types::error::display::DisplayErrorContext(&e).to_string();
-                if ["CredentialsNotLoaded", "loading credentials"]
-                    .iter()
-                    .any(|s| context.contains(s))
-                {
-                    // The chain of places the SDK looked is kilobytes: for the debug log.
+                // No provider of the SDK's chain had any (a provider that has some and fails,
+                // an expired token say, is said as it is). The chain's account of each place
+                // it looked is kilobytes: for the debug log.
+                if context.contains("CredentialsNotLoaded") {
                     tracing::debug!(cause = %context, "{what}: no credentials");
                     return Err(StoreError::Misconfigured(format!(
                         "{what}: no S3 credentials found; set store.access_key_id and \

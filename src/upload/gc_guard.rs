@@ -121,8 +121,8 @@ impl Uploader {
                     format!("NAR {} is not in the cache; upload it again", info.url)
                 }
                 TakenBack::Replaced => format!(
-                    "NAR {} was not in the cache, and another upload of the path has \
-                         replaced its narinfo since; the path is there now",
+                    "NAR {} was not in the cache, but another upload of the path may have \
+                     stored it since; run the copy again",
                     info.url
                 ),
             })),
@@ -141,7 +141,7 @@ impl Uploader {
 /// The waits before the NAR's presence is asked again after a failed look, in
 /// [`Uploader::write_while_nar_stays`]: a passing store error (a timeout, a 503) should not
 /// take a narinfo back.
-const HEAD_RETRIES: [std::time::Duration; 3] = [
+pub(super) const HEAD_RETRIES: [std::time::Duration; 3] = [
     std::time::Duration::from_millis(100),
     std::time::Duration::from_millis(300),
     std::time::Duration::from_secs(1),

@@ -677,9 +677,20 @@ impl Uploader {
         // level, another zstd) need not be byte for byte that one, which published narinfos
         // name by its hash and size. Asked right before the commit (the PUT's look ahead skips
         // small NARs and gives up on a slow store), unless a builder's probe found it absent
-        // moments ago.
+        // moments ago. A failed look is asked again (a passing timeout should not fail an
+        // upload whose body is in: Nix 2.8 retries without it); a store that cannot say at all
+        // fails the upload rather than risk those narinfos.
         if target.is_some() && !self.take_probed_absent(name) {
-            match self.store.head(&object_key::nar(stored)).await {
+            let key = object_key::nar(stored);
+            let mut held = self.store.head(&key).await;
+            for wait in gc_guard::HEAD_RETRIES {
+                if held.is_ok() {
+                    break;
+                }
+                tokio::time::sleep(wait).await;
+                held = self.store.head(&key).await;
+            }
+            match held {
                 Ok(None) => {}
                 Ok(Some(_)) => {
                     w.abort().await;

@@ -372,7 +372,7 @@ async fn a_narinfo_replaced_before_its_take_back_is_left() {
         .put_narinfo(info.hash(), info.render("/nix/store").as_bytes(), None)
         .await
         .unwrap_err();
-    assert!(e.to_string().contains("the path is there now"), "{e}");
+    assert!(e.to_string().contains("may have stored it since"), "{e}");
     assert_eq!(
         mem.bytes(&key).as_deref(),
         Some(other.as_bytes()),
@@ -549,6 +549,42 @@ async fn a_nar_sent_in_the_target_compression_is_stored_as_sent() {
     let stored = mem.get_bytes(&object_key::nar(&name), 1 << 20).await;
     assert_eq!(stored.unwrap(), Some(sent), "re-encoded under its own name");
     assert_eq!(mem.keys(), [object_key::nar(&name)]);
+}
+
+/// The look for a NAR's re-encoded copy before it is committed is asked again when it fails
+/// (a passing store error does not fail an upload whose body is in, nor overwrite the copy);
+/// a store that cannot say at all fails the upload, and the copy stays. (Paused time: the
+/// waits between looks pass without taking them.)
+#[tokio::test(start_paused = true)]
+async fn a_failed_look_for_the_re_encoded_copy_is_asked_again() {
+    use crate::store::memory::FailOp;
+    let mem = Arc::new(MemoryStore::new());
+    let store: Arc<dyn Store> = mem.clone();
+    let mut cfg = Config::default();
+    cfg.upload.recompress = Some(Recompression {
+        compression: Compression::Zstd,
+        level: None,
+    });
+    let up = Uploader::new(&cfg.upload, &cfg.store_dir, store);
+    let name: NarFileName = format!("{}.nar", Sha256::digest(&nar()).to_nix32())
+        .parse()
+        .unwrap();
+    let copy = object_key::nar(&name.with_compression(Compression::Zstd));
+    mem.insert(&copy, vec![1u8; 300]);
+    for (failures, written) in [(1, Ok(false)), (4, Err(()))] {
+        mem.fail(FailOp::Read, &copy, 0, failures);
+        let put = up.put_nar(&name, body(nar())).await;
+        assert_eq!(
+            put.map(|d| d.is_some()).map_err(|_| ()),
+            written,
+            "{failures}"
+        );
+        assert_eq!(
+            mem.bytes(&copy).as_deref(),
+            Some(&[1u8; 300][..]),
+            "{failures}"
+        );
+    }
 }
 
 /// A narinfo refused whatever the store holds (unsigned, with `upload.trusted_keys` set) costs
