@@ -268,9 +268,9 @@ pub struct Uploader {
     /// Narinfos the store lacked when the upload address was asked for them, and when
     /// ([`PROBED_ABSENT_TRUST`]).
     probed_absent: Mutex<HashMap<StorePathHash, tokio::time::Instant>>,
-    /// NARs re-encoded on upload that the store lacked (under either name) when the upload
-    /// address was asked for them, by the name the client uses, and when
-    /// ([`PROBED_ABSENT_TRUST`]).
+    /// NARs re-encoded on upload that the store lacked (under either name) when a builder
+    /// asked for them (at the upload address, or at the root with a write token), by the name
+    /// the client uses, and when ([`PROBED_ABSENT_TRUST`]); each taken by one upload.
     nars_probed_absent: Mutex<HashMap<String, tokio::time::Instant>>,
     /// Where accepted narinfos are recorded before they are written (garbage collection).
     access: Option<Arc<crate::gc::access::AccessLog>>,

@@ -5,7 +5,8 @@
 //! nothing, so that clients that substituted the first output keep agreeing with the cache,
 //! and is answered 200 (Nix sends a builder's realisations on every copy: a refusal would
 //! fail each one). Unless the cache no longer has the path the stored one names: that one is
-//! replaced.
+//! replaced. With `upload.trusted_keys`, what would be written must be signed by one of them,
+//! and a realisation's `id` must be the one its name says.
 
 use bytes::Bytes;
 
@@ -52,9 +53,9 @@ impl Uploader {
         // One at a time in this process, so two uploads of one output cannot both find it
         // absent (replicas may still race; the first written then is replaced). Taken before
         // an upload slot: realisations waiting for their turn hold none, so they cannot keep
-        // other builders' listings and logs waiting. Waited for as a slot is, at most `ADMIT_WAIT`: a
-        // queue of realisations behind one waiting for a slot must not stall each client
-        // for the whole queue.
+        // other builders' listings and logs waiting. Waited for as a slot is, at most
+        // `ADMIT_WAIT`: a queue of realisations behind one waiting for a slot must not stall
+        // each client for the whole queue.
         let _one = tokio::time::timeout(super::ADMIT_WAIT, self.realisations.lock())
             .await
             .map_err(|_| super::busy())?;
