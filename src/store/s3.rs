@@ -279,13 +279,21 @@ where
                          AWS_SECRET_ACCESS_KEY (or AWS_PROFILE, or give the machine a role)"
                     )));
                 }
-                Err(StoreError::Misconfigured(format!("{what}: {context}")))
+                tracing::debug!(cause = %context, "{what}: misconfigured");
+                Err(StoreError::Misconfigured(format!(
+                    "{what}: {}",
+                    display_chain(&e)
+                )))
             }
         }
-        (SdkError::ConstructionFailure(_), _, _) => Err(StoreError::Misconfigured(format!(
-            "{what}: {}",
-            aws_smithy_types::error::display::DisplayErrorContext(&e)
-        ))),
+        (SdkError::ConstructionFailure(_), _, _) => {
+            let context = aws_smithy_types::error::display::DisplayErrorContext(&e);
+            tracing::debug!(cause = %context, "{what}: misconfigured");
+            Err(StoreError::Misconfigured(format!(
+                "{what}: {}",
+                display_chain(&e)
+            )))
+        }
         (_, Some(s), _) if s >= 500 || s == 429 => Err(StoreError::Unavailable(format!(
             "{what}: store answered {s} {}",
             code.as_deref().unwrap_or("")
@@ -295,6 +303,24 @@ where
             aws_smithy_types::error::display::DisplayErrorContext(&e)
         ))),
     }
+}
+
+/// `e` and its sources, each as it displays itself, `: ` between: what the SDK's
+/// `DisplayErrorContext` says without the `Debug` of the whole error it adds (kilobytes for a
+/// chain of credential providers), which goes to the debug log instead.
+fn display_chain(e: &(dyn std::error::Error + 'static)) -> String {
+    let mut text = e.to_string();
+    let mut source = e.source();
+    while let Some(s) = source {
+        let next = s.to_string();
+        // Some errors repeat their source in their own text.
+        if !text.ends_with(&next) {
+            text.push_str(": ");
+            text.push_str(&next);
+        }
+        source = s.source();
+    }
+    text
 }
 
 fn body_stream(body: aws_sdk_s3::primitives::ByteStream) -> super::ByteStream {

@@ -965,3 +965,28 @@ async fn an_upload_still_sending_parts_is_not_stale_however_old() {
     aborted.sort();
     assert_eq!(aborted, ["denied", "partless", "stopped"]);
 }
+
+/// A store error says its cause and the causes' causes as they display themselves, once each,
+/// without the `Debug` of the whole chain (kilobytes for the SDK's credential providers).
+#[test]
+fn an_error_chain_is_said_without_its_debug() {
+    #[derive(Debug)]
+    struct E(&'static str, Option<Box<E>>);
+    impl std::fmt::Display for E {
+        fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+            f.write_str(self.0)
+        }
+    }
+    impl std::error::Error for E {
+        fn source(&self) -> Option<&(dyn std::error::Error + 'static)> {
+            self.1.as_deref().map(|e| e as _)
+        }
+    }
+    let leaf = E("no route to host", None);
+    let mid = E("dispatch failure: no route to host", Some(Box::new(leaf)));
+    let top = E("HeadBucket", Some(Box::new(mid)));
+    assert_eq!(
+        super::display_chain(&top),
+        "HeadBucket: dispatch failure: no route to host"
+    );
+}
