@@ -139,13 +139,7 @@ async fn upload_probes_never_reach_the_upstream() {
 
     // The upstream: half of the small paths, signed by its own key.
     let key = work.path().join("up.sec");
-    let mut k = nix("nix", &xdg);
-    k.args(["key", "generate-secret", "--key-name", "upstream-1"]);
-    std::fs::write(&key, run_ok(k)).unwrap();
-    let mut p = nix("nix", &xdg);
-    p.args(["key", "convert-secret-to-public"])
-        .stdin(std::fs::File::open(&key).unwrap());
-    let up_pub = run_ok(p).trim().to_owned();
+    let up_pub = nix_key("upstream-1", &key, &xdg);
     let half: Vec<&str> = closure
         .iter()
         .filter(|p| p.contains("-small-"))

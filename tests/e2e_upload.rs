@@ -139,14 +139,7 @@ async fn ca_round_trip(bucket: &str, signed: bool) {
     let sec = work.path().join("builder.sec");
     let mut config = String::new();
     if signed {
-        let xdg = work.path().join("xdg-keys");
-        let mut k = nix("nix", &xdg);
-        k.args(["key", "generate-secret", "--key-name", "ca-builder-1"]);
-        std::fs::write(&sec, run_ok(k)).unwrap();
-        let mut p = nix("nix", &xdg);
-        p.args(["key", "convert-secret-to-public"])
-            .stdin(std::fs::File::open(&sec).unwrap());
-        let public = run_ok(p).trim().to_owned();
+        let public = nix_key("ca-builder-1", &sec, &work.path().join("xdg-keys"));
         config = format!("[upload]\ntrusted_keys = [\"{public}\"]\n");
     }
     let expr = Path::new(env!("CARGO_MANIFEST_DIR")).join("tests/fixtures/ca.nix");

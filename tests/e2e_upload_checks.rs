@@ -109,13 +109,7 @@ async fn trusted_keys_listings_and_realisations() {
     let work = tempfile::tempdir().unwrap();
     let xdg = work.path().join("xdg");
     let sec = work.path().join("builder.sec");
-    let mut k = nix("nix", &xdg);
-    k.args(["key", "generate-secret", "--key-name", "builder-1"]);
-    std::fs::write(&sec, run_ok(k)).unwrap();
-    let mut p = nix("nix", &xdg);
-    p.args(["key", "convert-secret-to-public"])
-        .stdin(std::fs::File::open(&sec).unwrap());
-    let public = run_ok(p).trim().to_owned();
+    let public = nix_key("builder-1", &sec, &xdg);
     let (w, wcfg) = token("builder", "write");
     let config = format!("[upload]\ntrusted_keys = [\"{public}\"]\n{wcfg}");
     let app = App::s3("up-trusted").config(&config).spawn().await;

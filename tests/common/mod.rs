@@ -713,6 +713,18 @@ pub fn nix(program: &str, cache: &Path) -> Command {
     c
 }
 
+/// A signing key made by the real nix (`nix key generate-secret`), written to `sec`; its
+/// public half, as `trusted-public-keys` and `upload.trusted_keys` take it.
+pub fn nix_key(name: &str, sec: &Path, xdg: &Path) -> String {
+    let mut k = nix("nix", xdg);
+    k.args(["key", "generate-secret", "--key-name", name]);
+    std::fs::write(sec, run_ok(k)).unwrap();
+    let mut p = nix("nix", xdg);
+    p.args(["key", "convert-secret-to-public"])
+        .stdin(std::fs::File::open(sec).unwrap());
+    run_ok(p).trim().to_owned()
+}
+
 pub fn run_ok(mut cmd: Command) -> String {
     let out = cmd.output().unwrap();
     assert!(
