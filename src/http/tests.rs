@@ -310,10 +310,7 @@ async fn head_of_a_nar_finds_it_re_encoded_on_upload() {
     // Uploaded as .nar.xz, stored re-encoded as .nar.zst.
     mem.insert(&format!("nar/{NAR_FILE}.nar.zst"), vec![1u8; 200]);
     let mut cfg = Config::default();
-    cfg.upload.recompress = Some(crate::config::Recompression {
-        compression: crate::nix::Compression::Zstd,
-        level: None,
-    });
+    cfg.upload.recompress = zstd_on_upload();
     let st = state(cfg, &mem);
     assert_eq!(
         head(&st, &format!("/nar/{NAR_FILE}.nar.xz")).await,
@@ -325,6 +322,14 @@ async fn head_of_a_nar_finds_it_re_encoded_on_upload() {
         head(&st, &format!("/nar/{NAR_FILE}.nar.xz")).await.0,
         StatusCode::NOT_FOUND
     );
+}
+
+/// Uploads re-encoded to zstd at its default level (`upload.compression = "zstd"`).
+fn zstd_on_upload() -> Option<crate::config::Recompression> {
+    Some(crate::config::Recompression {
+        compression: crate::nix::Compression::Zstd,
+        level: None,
+    })
 }
 
 /// An upstream that fails at once: nothing listens on the discard port here, so the
@@ -352,10 +357,7 @@ async fn lookups_while_an_upstream_is_down_are_not_found_for_now() {
         upstreams: vec![dead_upstream()],
         ..Config::default()
     };
-    cfg.upload.recompress = Some(crate::config::Recompression {
-        compression: crate::nix::Compression::Zstd,
-        level: None,
-    });
+    cfg.upload.recompress = zstd_on_upload();
     let st = state(cfg, &mem);
     let drv = "5g5d4v2ahmn1f7k9jcs2cns6ivf5gmpa-top.drv";
     let drv_hash = "1b8m03r63zqhnjf7l5wnldhh7c134ap5vpj0850ymkq1iyzicy5s";
@@ -779,10 +781,7 @@ async fn upload_nar_probes_ask_the_store_only_for_nars_seen_or_re_encoded() {
     assert!(mem.requests() > before, "the store was not asked");
 
     let mut cfg = cfg;
-    cfg.upload.recompress = Some(crate::config::Recompression {
-        compression: crate::nix::Compression::Zstd,
-        level: None,
-    });
+    cfg.upload.recompress = zstd_on_upload();
     let st = state(cfg, &mem);
     mem.remove(&format!("nar/{NAR_FILE}.nar.xz"));
     let before = mem.requests();
@@ -939,10 +938,7 @@ async fn a_small_nar_stored_re_encoded_is_not_encoded_again() {
     use crate::config::Scope;
     let mem = Arc::new(MemoryStore::new());
     let mut cfg = with_tokens(Config::default(), &[("w", "wtok", Scope::Write)]);
-    cfg.upload.recompress = Some(crate::config::Recompression {
-        compression: crate::nix::Compression::Zstd,
-        level: None,
-    });
+    cfg.upload.recompress = zstd_on_upload();
     let st = state(cfg, &mem);
     let (nar, file) = tiny_nar();
     let nar = bytes::Bytes::from(nar);
@@ -1843,10 +1839,7 @@ async fn debug_info_links_are_checked_and_name_the_stored_nar() {
     use crate::config::Scope;
     let mem = Arc::new(MemoryStore::new());
     let mut cfg = with_tokens(Config::default(), &[("w", "wtok", Scope::Write)]);
-    cfg.upload.recompress = Some(crate::config::Recompression {
-        compression: crate::nix::Compression::Zstd,
-        level: None,
-    });
+    cfg.upload.recompress = zstd_on_upload();
     let st = state(cfg, &mem);
     let id = "abcdef0123456789abcdef0123456789abcdef01";
     let member = "lib/debug/.build-id/ab/cdef0123456789abcdef0123456789abcdef01.debug";
