@@ -18,6 +18,7 @@ use axum::response::Response;
 use tracing::Instrument as _;
 
 pub(super) static X_REQUEST_ID: HeaderName = HeaderName::from_static("x-request-id");
+static X_CONTENT_TYPE_OPTIONS: HeaderName = HeaderName::from_static("x-content-type-options");
 
 const MAX_LEN: usize = 64;
 
@@ -47,6 +48,12 @@ pub(super) async fn request_span(req: Request, next: Next) -> Response {
     if let Ok(v) = HeaderValue::from_str(&id) {
         res.headers_mut().insert(X_REQUEST_ID.clone(), v);
     }
+    // A write token can place any bytes under the cache's name (a NAR, a log): browsers must
+    // take them as the type said (a log is plain text), never sniff HTML or script out of them.
+    res.headers_mut().insert(
+        X_CONTENT_TYPE_OPTIONS.clone(),
+        HeaderValue::from_static("nosniff"),
+    );
     res
 }
 

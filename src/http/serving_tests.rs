@@ -58,7 +58,15 @@ async fn each_kind_of_object_has_its_type_and_cache_lifetime() {
         assert_eq!(headers["content-type"], content_type, "{path}");
         assert_eq!(headers["cache-control"], cache_control, "{path}");
         assert_eq!(headers["accept-ranges"], "bytes", "{path}");
+        assert_eq!(headers["x-content-type-options"], "nosniff", "{path}");
     }
+    // Errors too: a browser is never to guess a type.
+    let req = Request::get("/log/5g5d4v2ahmn1f7k9jcs2cns6ivf5gmpa-other.drv")
+        .body(Body::empty())
+        .unwrap();
+    let (status, headers, _) = get_with(&st, req).await;
+    assert_eq!(status, StatusCode::NOT_FOUND);
+    assert_eq!(headers["x-content-type-options"], "nosniff");
 }
 
 /// Nix resumes a broken NAR download with a range.
