@@ -483,7 +483,23 @@ async fn delete(
                 }
             }
             for i in undeleted {
-                st.keep(store, i, &bodies).await;
+                let key = object_key::narinfo(graph.nodes[i as usize].hash);
+                match gone_after_failure(store, &key).await {
+                    // Deleted all the same (its answer lost): as if it had answered, so that
+                    // the re-read writes it back if an upload relied on it.
+                    Some(true) => {
+                        st.deleted.insert(i);
+                    }
+                    // There: served, so kept with its closure.
+                    Some(false) => {
+                        st.keep(store, i, &bodies).await;
+                    }
+                    // Cannot tell: written back, so that it is whole if it is there.
+                    None => {
+                        st.deleted.insert(i);
+                        st.keep(store, i, &bodies).await;
+                    }
+                }
             }
         }
         progress.advance(batch.len() as u64);
@@ -634,6 +650,18 @@ pub(super) async fn delete_keys(store: &dyn Store, keys: &[String]) -> Vec<Resul
         .buffered(DELETE_CONCURRENCY)
         .collect()
         .await
+}
+
+/// Whether `key`, whose deletion failed, is gone all the same: a store may apply a delete and
+/// lose its answer (a timeout, a reset connection). `None`: the store cannot say either.
+pub(super) async fn gone_after_failure(store: &dyn Store, key: &str) -> Option<bool> {
+    match store.head(key).await {
+        Ok(found) => Some(found.is_none()),
+        Err(e) => {
+            tracing::warn!(%key, cause = %e, "after a failed delete, could not tell whether it is gone");
+            None
+        }
+    }
 }
 
 /// Deletes `keys` a few at a time; returns which deletions succeeded.

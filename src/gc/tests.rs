@@ -1275,6 +1275,95 @@ async fn a_path_goes_only_after_its_referrers() {
     assert!(!has(&mem, &format!("{}.narinfo", lone.hash)));
 }
 
+/// A deletion the store applied but answered with an error (a timeout after it was done)
+/// counts as done: with nothing relying on the narinfo, what it refers to goes after it; with
+/// an upload relying on it as it went, it is written back. Before, it counted as still there:
+/// not written back, and the upload's path was left without it for good.
+#[tokio::test(start_paused = true)]
+async fn a_deletion_applied_despite_its_error_counts_as_done() {
+    let mem = Arc::new(MemoryStore::new());
+    let now = SystemTime::now();
+    let leaf = path(&mem, "leaf", &[], 100 * DAY, now);
+    let top = path(&mem, "top", &[&leaf], 100 * DAY, now);
+    mem.fail(FailOp::DeleteAnswer, &format!("{}.narinfo", top.hash), 0, 1);
+    let s = gc(&mem, &cfg(), now, true).await;
+    assert_eq!(s.restored, 0, "{:?}", s.errors);
+    for p in [&top, &leaf] {
+        assert!(
+            !has(&mem, &format!("{}.narinfo", p.hash)),
+            "{} stayed",
+            p.base
+        );
+        assert!(!has(&mem, &p.nar), "the NAR of {} stayed", p.base);
+    }
+
+    let mem = Arc::new(MemoryStore::new());
+    let x = path(&mem, "x", &[], 100 * DAY, now);
+    let x_key = format!("{}.narinfo", x.hash);
+    let weak = Arc::downgrade(&mem);
+    let xh: crate::nix::StorePathHash = x.hash.parse().unwrap();
+    mem.after_delete(&x_key, move |_| {
+        let Some(mem) = weak.upgrade() else { return };
+        let day = super::access::day(SystemTime::now());
+        mem.insert(
+            &format!("_cellar/access/{day}/r-upload"),
+            render([Entry::Path(xh)]),
+        );
+    });
+    mem.fail(FailOp::DeleteAnswer, &x_key, 0, 1);
+    let s = gc(&mem, &cfg(), now, true).await;
+    assert!(has(&mem, &x_key), "not written back: {:?}", s.errors);
+    assert!(has(&mem, &x.nar), "its NAR went");
+    assert_eq!(s.restored, 1);
+}
+
+/// A failed deletion after which the store cannot say whether the narinfo is there: it is
+/// written back, with what it refers to kept, whether the deletion was applied or not.
+#[tokio::test(start_paused = true)]
+async fn a_failed_deletion_that_cannot_be_told_is_written_back() {
+    for op in [FailOp::Delete, FailOp::DeleteAnswer] {
+        let mem = Arc::new(MemoryStore::new());
+        let now = SystemTime::now();
+        let leaf = path(&mem, "leaf", &[], 100 * DAY, now);
+        let top = path(&mem, "top", &[&leaf], 100 * DAY, now);
+        let key = format!("{}.narinfo", top.hash);
+        mem.fail(op, &key, 0, 1);
+        // Its reads for the graph and for the copy kept pass; the look after the failure
+        // does not.
+        mem.fail(FailOp::Read, &key, 2, 1);
+        let s = gc(&mem, &cfg(), now, true).await;
+        for p in [&top, &leaf] {
+            assert!(
+                has(&mem, &format!("{}.narinfo", p.hash)),
+                "{op:?}: {} went",
+                p.base
+            );
+            assert!(has(&mem, &p.nar), "{op:?}: the NAR of {} went", p.base);
+        }
+        assert_eq!(s.restored, 1, "{op:?}: {:?}", s.errors);
+    }
+}
+
+/// `verify --repair`: a broken narinfo whose deletion was applied despite its error is
+/// deleted, and so its NAR goes too.
+#[tokio::test(start_paused = true)]
+async fn repair_counts_a_deletion_applied_despite_its_error() {
+    let mem = Arc::new(MemoryStore::new());
+    let now = SystemTime::now();
+    let gone = path(&mem, "gone", &[], 100 * DAY, now);
+    let referrer = path(&mem, "referrer", &[&gone], 100 * DAY, now);
+    mem.remove(&format!("{}.narinfo", gone.hash));
+    let key = format!("{}.narinfo", referrer.hash);
+    mem.fail(FailOp::DeleteAnswer, &key, 0, 1);
+    let r = repair(&mem, now).await;
+    assert!(!has(&mem, &key));
+    assert!(
+        !has(&mem, &referrer.nar),
+        "the NAR of a deleted narinfo stayed"
+    );
+    assert!(r.repaired.contains(&key), "{:?}", r.repaired);
+}
+
 /// A narinfo `verify --repair` fails to delete stays, and so does its NAR: deleting the NAR
 /// would leave a narinfo that was missing a reference missing its NAR as well.
 #[tokio::test(start_paused = true)]

@@ -1213,19 +1213,23 @@ async fn delete_each(
 /// Deletes `keys`, reporting each; says for each whether it is gone.
 async fn delete_reporting(store: &dyn Store, keys: &[String], report: &mut Report) -> Vec<bool> {
     let results = sweep::delete_keys(store, keys).await;
-    keys.iter()
-        .zip(results)
-        .map(|(key, r)| match r {
-            Ok(()) => {
-                report.repaired.push(key.clone());
-                true
-            }
+    let mut gone = Vec::with_capacity(keys.len());
+    for (key, r) in keys.iter().zip(results) {
+        let deleted = match r {
+            Ok(()) => true,
             Err(e) => {
                 report.repair_errors.push(format!("{key}: {e}"));
-                false
+                // Applied all the same (its answer lost)? Then it is deleted, as if it had
+                // answered; if that cannot be told, it is taken to be there.
+                sweep::gone_after_failure(store, key).await == Some(true)
             }
-        })
-        .collect()
+        };
+        if deleted {
+            report.repaired.push(key.clone());
+        }
+        gone.push(deleted);
+    }
+    gone
 }
 
 /// Deletes orphan NAR files under the collector's announcement protocol

@@ -48,6 +48,11 @@ pub enum FailOp {
     List,
     /// Opening a writer (and so `put_bytes`).
     Write,
+    /// A write the store applies and then answers with an error (its answer lost after it
+    /// was applied: a timeout, a reset connection): the object is written all the same.
+    WriteAnswer,
+    /// The same for a delete: the object is gone all the same.
+    DeleteAnswer,
 }
 
 /// Holds reads of keys under a prefix between looking the object up and returning it, until
@@ -441,6 +446,7 @@ impl Store for MemoryStore {
             hooks: self.hooks.clone(),
             key: key.to_owned(),
             buf: Vec::new(),
+            answer_lost: self.take_failure(FailOp::WriteAnswer, key).is_err(),
         }))
     }
 
@@ -495,7 +501,7 @@ impl Store for MemoryStore {
         for h in hooks {
             h(key);
         }
-        Ok(())
+        self.take_failure(FailOp::DeleteAnswer, key)
     }
 
     fn describe(&self) -> String {
@@ -518,6 +524,8 @@ struct MemoryWriter {
     hooks: Arc<Mutex<Vec<(String, Hook)>>>,
     key: String,
     buf: Vec<u8>,
+    /// Committed, then answered with an error ([`FailOp::WriteAnswer`]).
+    answer_lost: bool,
 }
 
 #[async_trait]
@@ -542,6 +550,12 @@ impl ObjectWriter for MemoryWriter {
             .collect();
         for h in hooks {
             h(&this.key);
+        }
+        if this.answer_lost {
+            return Err(StoreError::Unavailable(format!(
+                "{}: a test fault after the write was applied",
+                this.key
+            )));
         }
         Ok(())
     }
