@@ -350,6 +350,24 @@ async fn a_nar_deleted_while_its_narinfo_is_written_takes_the_narinfo_back() {
     );
 }
 
+/// A narinfo write answered with an error after the store applied it (a timeout), while its
+/// NAR was deleted: the narinfo is taken back all the same, not left naming nothing.
+#[tokio::test]
+async fn a_narinfo_written_despite_its_error_is_taken_back_when_its_nar_is_gone() {
+    use crate::store::memory::FailOp;
+    let (mem, up, info) = nar_uploaded_then(|m, nar_key| m.remove(nar_key)).await;
+    let key = object_key::narinfo(info.hash());
+    mem.fail(FailOp::WriteAnswer, &key, 0, 1);
+    let res = up
+        .put_narinfo(info.hash(), info.render("/nix/store").as_bytes(), None)
+        .await;
+    assert!(res.is_err(), "{res:?}");
+    assert!(
+        mem.head(&key).await.unwrap().is_none(),
+        "left naming a NAR that is gone"
+    );
+}
+
 /// Another build of the path, naming its own NAR, written over the narinfo (through another
 /// replica) before the take-back: the take-back leaves it, and deletes only a narinfo that
 /// still names the NAR that is gone.
