@@ -583,11 +583,22 @@ impl Store for LocalStore {
     }
 
     async fn delete(&self, key: &str) -> Result<(), StoreError> {
-        match tokio::fs::remove_file(self.path(key)).await {
-            Ok(()) => Ok(()),
-            Err(e) if not_found(&e) => Ok(()),
-            Err(e) => Err(StoreError::Other(format!("deleting {key}: {e}"))),
-        }
+        let path = self.path(key);
+        tokio::task::spawn_blocking(move || {
+            match std::fs::remove_file(&path) {
+                Ok(()) => {}
+                Err(e) if not_found(&e) => return Ok(()),
+                Err(e) => return Err(e),
+            }
+            // Durable before it is answered, as a write is: a collector deletes narinfos
+            // before the NARs they name, and a filesystem may make the unlinks of two
+            // directories durable in either order (btrfs logs a directory another write
+            // syncs), so a power cut could bring back a narinfo whose NAR went.
+            path.parent().map_or(Ok(()), sync_dir)
+        })
+        .await
+        .map_err(|e| StoreError::Other(format!("deleting {key}: {e}")))?
+        .map_err(|e| StoreError::Other(format!("deleting {key}: {e}")))
     }
 
     fn describe(&self) -> String {
