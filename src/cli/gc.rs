@@ -245,6 +245,9 @@ pub fn verify(
             report.on_upstreams
         );
     }
+    for u in &report.unfinished {
+        println!("{u}");
+    }
     for k in &report.repaired {
         println!("repaired: deleted {k}");
     }

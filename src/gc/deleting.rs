@@ -280,6 +280,11 @@ impl Announced {
         self.run.key()
     }
 
+    /// The run's name.
+    pub fn name(&self) -> &str {
+        self.run.name()
+    }
+
     /// Ends a run that will not delete (its reads failed): stops the renewals and withdraws
     /// the announcement.
     pub async fn abandon(self) {
@@ -370,6 +375,11 @@ impl Run {
     /// The key of the run's announcement.
     pub fn key(&self) -> String {
         key(&self.shared.name)
+    }
+
+    /// The run's name (the last part of its announcement's key).
+    pub fn name(&self) -> &str {
+        &self.shared.name
     }
 
     /// Writes the announcement now, naming `nars` (instead of those it named).

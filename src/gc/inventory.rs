@@ -37,6 +37,9 @@ pub enum Kind {
     /// A collector's announcement of NARs it is about to delete ([`super::deleting`]): live
     /// while its run deletes, so never a finding and never deleted by anyone else.
     Announcement,
+    /// Copies of a batch a collector is deleting ([`super::unfinished`]): settled by the next
+    /// run that deletes, never a finding.
+    Unfinished,
     /// Under the reserved prefix, but neither an access record, a pin nor an announcement.
     ReservedOther,
     /// Not part of the layout cellar manages.
@@ -56,6 +59,8 @@ pub fn classify(key: &str) -> Kind {
             Kind::Pin
         } else if rest.starts_with(super::deleting::DIR) {
             Kind::Announcement
+        } else if rest.starts_with(super::unfinished::DIR) {
+            Kind::Unfinished
         } else {
             Kind::ReservedOther
         };
@@ -130,7 +135,8 @@ impl Inventory {
                 // Each run withdraws its own; a dead run's stops counting after its TTL.
                 Kind::Announcement => inv.announcements.push((o.key, meta)),
                 Kind::ReservedOther => inv.reserved_other.push((o.key, meta)),
-                Kind::Other => {}
+                // Settled by the next run that deletes, before it lists the store.
+                Kind::Unfinished | Kind::Other => {}
             }
         }
         // Listing order differs between stores; a fixed order makes runs reproducible.
@@ -169,6 +175,10 @@ mod tests {
         assert_eq!(
             classify("_cellar/deleting/1767225599-ab12"),
             Kind::Announcement
+        );
+        assert_eq!(
+            classify("_cellar/unfinished/1767225599-ab12"),
+            Kind::Unfinished
         );
         assert_eq!(classify("_cellar/junk"), Kind::ReservedOther);
         assert_eq!(classify("nix-cache-info"), Kind::Other);

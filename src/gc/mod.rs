@@ -27,6 +27,7 @@ pub mod metrics_file;
 pub mod pins;
 mod report;
 mod sweep;
+pub mod unfinished;
 pub mod verify;
 
 use std::sync::Arc;
@@ -105,8 +106,9 @@ pub struct Options {
 /// A request to stop a run that deletes (`gc --apply`, `verify --repair`) early, and safely:
 /// one still reading the store stops at once, deleting nothing; one deleting stops before
 /// its next batch, once the batch under way has had its re-read of the access records and
-/// its write-backs (a run killed between deleting a batch and that re-read could leave an
-/// upload that relied on one of its narinfos without it).
+/// its write-backs (a run killed between deleting a batch and that re-read leaves an upload
+/// that relied on one of its narinfos without it until the next run settles the batch:
+/// [`unfinished`]).
 #[derive(Clone, Default, Debug)]
 pub struct Stop(Arc<StopInner>);
 
@@ -162,6 +164,16 @@ pub async fn run(
     let announced = deleting::Announced::begin(store)
         .await?
         .map_err(GcError::from)?;
+    // What a run that died while deleting left, before anything is listed (unfinished).
+    let settled = match unfinished::settle(store.as_ref(), announced.name(), store_dir).await {
+        Ok(said) => said,
+        Err(e) => {
+            announced.abandon().await;
+            return Err(GcError::Store(StoreError::Other(format!(
+                "settling the batch of a run that stopped while deleting: {e}; nothing deleted"
+            ))));
+        }
+    };
     // Stopped while it reads, it has deleted nothing: it ends at once.
     let read = tokio::select! {
         read = read_and_plan(store, store_dir, cfg, opts, progress) => read,
@@ -174,6 +186,7 @@ pub async fn run(
             return Err(e);
         }
     };
+    read.summary.unfinished = settled;
     let run = announced.into_run().await?.map_err(GcError::from)?;
     let outcome = sweep::execute(
         store,

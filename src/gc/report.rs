@@ -58,6 +58,9 @@ pub struct Summary {
     /// Access records within the retention that do not parse, whole or in part: what their
     /// bad lines name counts as unused.
     pub bad_records: Vec<String>,
+    /// What was done with the copies a run that died while deleting left
+    /// ([`super::unfinished`]), a line each.
+    pub unfinished: Vec<String>,
     pub errors: Vec<String>,
 }
 
@@ -180,6 +183,9 @@ impl fmt::Display for Summary {
                 self.rescued + self.restored,
                 self.restored
             )?;
+        }
+        for u in &self.unfinished {
+            writeln!(f, "{u}")?;
         }
         for p in &self.unresolved_pins {
             writeln!(f, "warning: pin {p} is not in the cache")?;

@@ -7,7 +7,8 @@
 //! and after it, once more. An upload writes its record (the narinfo and its references)
 //! before it checks that the references exist, so a reference an upload relies on is either
 //! seen in time and kept, or deleted in the batch just done and written back from the copy
-//! read just before deleting it, or already gone when the upload checks (then the upload is
+//! read just before deleting it (kept in the store until the batch is settled, for the next
+//! run should this one die: [`super::unfinished`]), or already gone when the upload checks (then the upload is
 //! refused, and `nix copy` uploads the path again on its next run). NARs, listings and
 //! realisations go after all narinfos, then logs, then expired access records; NARs are
 //! announced before the re-read that precedes their batch, many batches at once, and the
@@ -373,7 +374,8 @@ pub async fn execute(
 
 /// Why a run stopped after a failed write-back.
 const WRITE_BACK_FAILED: &str =
-    "a narinfo an upload relied on could not be written back: stopped deleting";
+    "a narinfo an upload relied on could not be written back: stopped deleting (the next run \
+     that deletes writes it back from the copies kept under _cellar/unfinished/)";
 
 /// Why a run stopped deleting when its announcement could not be kept live.
 pub(super) const LAPSED: &str = "the run's announcement could not be kept live (the store \
@@ -460,6 +462,20 @@ async fn delete(
             .into_iter()
             .filter(|i| bodies.contains_key(i) && !st.kept[*i as usize])
             .collect();
+        // The copies outlive this run if it dies before the batch is settled (see
+        // super::unfinished).
+        let copies = todo
+            .iter()
+            .filter_map(|i| Some((graph.nodes[*i as usize].hash, bodies.get(i)?)));
+        let recorded = !todo.is_empty();
+        if recorded {
+            if let Err(e) = super::unfinished::record(store, run.name(), copies).await {
+                st.out.errors.push(format!(
+                    "keeping copies of the narinfos to delete: {e}; nothing more deleted"
+                ));
+                return st.finish();
+            }
+        }
         let mut lapsed = false;
         for wave in waves(graph, &todo) {
             if !run.live() {
@@ -504,9 +520,6 @@ async fn delete(
         }
         progress.advance(batch.len() as u64);
         records_read = st.rescue(store, &bodies).await;
-        if lapsed && records_read {
-            return st.finish();
-        }
         if !records_read {
             // An upload may have relied on any narinfo of this batch: all are written back
             // (referrers come first, so a batch written back whole leaves whole closures).
@@ -515,6 +528,14 @@ async fn delete(
                     st.keep(store, i, &bodies).await;
                 }
             }
+        }
+        // Settled: what uploads relied on is back. If not, the copies stay for the next run.
+        if recorded && !st.write_back_failed {
+            if let Err(e) = super::unfinished::clear(store, run.name()).await {
+                tracing::warn!(cause = %e, "could not remove the copies of a settled batch; the next run writes back what of it is missing");
+            }
+        }
+        if !records_read || lapsed {
             return st.finish();
         }
     }

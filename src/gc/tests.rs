@@ -783,6 +783,8 @@ async fn a_failed_write_back_stops_a_run_of(n: usize) {
         assert!(left >= 6, "the next batch was deleted too: {left} left");
     }
     assert!(paths.iter().all(|p| has(&mem, &p.nar)), "a NAR went");
+    // The copies stay for the next run, which tries again.
+    assert_eq!(unfinished_files(&mem).len(), 1, "{:?}", mem.keys());
 }
 
 /// A batch written back goes back references first, and a narinfo whose reference could not
@@ -2943,4 +2945,232 @@ async fn an_encoded_narinfo_that_decodes_is_read_as_any_other() {
     assert_eq!(mem.keys(), before, "{report:?}");
     let r = repair(&mem, now).await;
     assert!(r.findings.is_empty(), "{:?}", r.findings);
+}
+
+/// The dead run's announcement lapsed (as it does after `deleting::TTL`): removed.
+fn announcements_lapse(mem: &MemoryStore) {
+    for k in mem.keys() {
+        if k.starts_with("_cellar/deleting/") {
+            mem.remove(&k);
+        }
+    }
+}
+
+fn unfinished_files(mem: &MemoryStore) -> Vec<String> {
+    mem.keys()
+        .into_iter()
+        .filter(|k| k.starts_with("_cellar/unfinished/"))
+        .collect()
+}
+
+/// Runs `deleting` until `cut` fires, then drops it: a run killed at that moment.
+async fn killed_when<T>(
+    deleting: impl std::future::Future<Output = T>,
+    cut: tokio::sync::oneshot::Receiver<()>,
+) {
+    tokio::select! {
+        _ = deleting => panic!("the run ended before it was cut off"),
+        _ = cut => {}
+    }
+}
+
+/// A collection that dies between deleting a batch and reading the access records again
+/// (killed, a power cut) leaves the copies of that batch in the store, and the next run that
+/// deletes writes back what of it is missing and whole before it lists anything: a path an
+/// upload wrote meanwhile, relying on one of them, gets it back. Before, the copies died with
+/// the run, and the path was left without its reference for good.
+#[tokio::test(start_paused = true)]
+async fn a_collection_killed_while_deleting_is_settled_by_the_next_run() {
+    let mem = Arc::new(MemoryStore::new());
+    let now = SystemTime::now();
+    let x = path(&mem, "x", &[], 100 * DAY, now);
+    let other = path(&mem, "other", &[], 100 * DAY, now);
+    let x_key = format!("{}.narinfo", x.hash);
+    // As X goes, a builder uploads P, which refers to X, through a server: its record (which
+    // names X), then its narinfo. The run is cut off right after.
+    let (tx, rx) = tokio::sync::oneshot::channel();
+    let tx = std::sync::Mutex::new(Some(tx));
+    let weak = Arc::downgrade(&mem);
+    let x_base = x.base.clone();
+    mem.after_delete(&x_key, move |_| {
+        let Some(mem) = weak.upgrade() else { return };
+        let p_hash = base32::encode(&Sha256::digest(b"p").as_bytes()[..20]);
+        let day = super::access::day(SystemTime::now());
+        mem.insert(
+            &format!("_cellar/access/{day}/p-upload"),
+            render([
+                Entry::Path(p_hash.parse().unwrap()),
+                Entry::Path(x_base[..32].parse().unwrap()),
+            ]),
+        );
+        let nar = b"nar of p";
+        let file = Sha256::digest(nar).to_nix32();
+        mem.insert(&format!("nar/{file}.nar"), nar.to_vec());
+        mem.insert(
+            &format!("{p_hash}.narinfo"),
+            format!(
+                "StorePath: /nix/store/{p_hash}-p\nURL: nar/{file}.nar\nCompression: none\nNarHash: sha256:{file}\nNarSize: 8\nReferences: {x_base}\n"
+            ),
+        );
+        if let Some(tx) = tx.lock().unwrap().take() {
+            let _ = tx.send(());
+        }
+    });
+    // Every store call takes a moment, so the run can be cut off between two of them.
+    mem.set_latency(Duration::from_millis(1));
+    let store: Arc<dyn Store> = mem.clone();
+    let (config, opts) = (cfg(), applying(now));
+    let first = run(&store, "/nix/store", &config, &opts, &Quiet);
+    killed_when(first, rx).await;
+    assert!(!has(&mem, &x_key), "X was not deleted before the cut");
+    assert_eq!(unfinished_files(&mem).len(), 1, "{:?}", mem.keys());
+    announcements_lapse(&mem);
+
+    let s = gc(&mem, &cfg(), now, true).await;
+    assert!(has(&mem, &x_key), "X not written back: {:?}", s.unfinished);
+    assert!(has(&mem, &x.nar), "X's NAR went");
+    assert!(
+        s.unfinished
+            .iter()
+            .any(|l| l.starts_with(&format!("wrote back {x_key}"))),
+        "{:?}",
+        s.unfinished
+    );
+    // Nobody relied on the other one: written back whole all the same (young now, it waits
+    // for a later run).
+    assert!(has(&mem, &format!("{}.narinfo", other.hash)));
+    assert!(has(&mem, &other.nar));
+    assert!(unfinished_files(&mem).is_empty(), "{:?}", mem.keys());
+}
+
+/// A run settles its batch before it deletes the next one: nothing is left behind by a run
+/// that ends, whether it deleted everything or stopped on an error.
+#[tokio::test(start_paused = true)]
+async fn a_run_that_ends_leaves_no_copies() {
+    let mem = Arc::new(MemoryStore::new());
+    let now = SystemTime::now();
+    let paths: Vec<P> = (0..super::sweep::BATCH + 3)
+        .map(|i| path(&mem, &format!("p{i}"), &[], 100 * DAY, now))
+        .collect();
+    let s = gc(&mem, &cfg(), now, true).await;
+    assert!(s.errors.is_empty(), "{:?}", s.errors);
+    assert_eq!(s.deleted_narinfos, Some(paths.len()));
+    assert!(unfinished_files(&mem).is_empty(), "{:?}", mem.keys());
+}
+
+/// What a dead run left is written back only whole: a copy whose NAR is gone, or whose
+/// reference is not back, stays out; a path uploaded again since keeps the upload's
+/// narinfo; references go back before their referrers. `verify --repair` settles it too.
+#[tokio::test(start_paused = true)]
+async fn copies_left_by_a_dead_run_are_written_back_only_whole() {
+    let mem = Arc::new(MemoryStore::new());
+    let now = SystemTime::now();
+    let b = path(&mem, "b", &[], 100 * DAY, now);
+    // A referrer whose name sorts before its reference's.
+    let seed = (0..)
+        .map(|i| format!("a{i}"))
+        .find(|s| base32::encode(&Sha256::digest(s.as_bytes()).as_bytes()[..20]) < b.hash)
+        .unwrap();
+    let a = path(&mem, &seed, &[&b], 100 * DAY, now);
+    let c = path(&mem, "c", &[], 100 * DAY, now);
+    let e = path(&mem, "e", &[&c], 100 * DAY, now);
+    let d = path(&mem, "d", &[], 100 * DAY, now);
+    let key = |p: &P| format!("{}.narinfo", p.hash);
+    let copies: Vec<(crate::nix::StorePathHash, bytes::Bytes)> = [&a, &b, &c, &d, &e]
+        .iter()
+        .map(|p| (p.hash.parse().unwrap(), mem.bytes(&key(p)).unwrap()))
+        .collect();
+    super::unfinished::record(
+        mem.as_ref(),
+        "1767225599-dead",
+        copies.iter().map(|(h, body)| (*h, body)),
+    )
+    .await
+    .unwrap();
+    for p in [&a, &b, &c, &e] {
+        mem.remove(&key(p));
+    }
+    mem.remove(&c.nar);
+    mem.insert(&key(&d), "uploaded again");
+    // And a broken path the repair deletes (keeping copies while it does).
+    let f = path(&mem, "f", &[], 100 * DAY, now);
+    mem.remove(&f.nar);
+    let b_first = Arc::new(std::sync::atomic::AtomicBool::new(false));
+    let (seen, weak, b_key) = (b_first.clone(), Arc::downgrade(&mem), key(&b));
+    mem.after_write(&key(&a), move |_| {
+        if let Some(mem) = weak.upgrade() {
+            seen.store(has(&mem, &b_key), std::sync::atomic::Ordering::SeqCst);
+        }
+    });
+    let r = repair(&mem, now).await;
+    assert!(
+        has(&mem, &key(&a)) && has(&mem, &key(&b)),
+        "{:?}",
+        r.unfinished
+    );
+    assert!(
+        b_first.load(std::sync::atomic::Ordering::SeqCst),
+        "A written back before its reference"
+    );
+    assert!(!has(&mem, &key(&c)), "written back without its NAR");
+    assert!(!has(&mem, &key(&e)), "written back without its reference");
+    assert_eq!(mem.bytes(&key(&d)).as_deref(), Some(&b"uploaded again"[..]));
+    assert!(r.repaired.contains(&key(&f)), "{:?}", r.repaired);
+    for why in ["its NAR", "its reference"] {
+        assert!(
+            r.unfinished.iter().any(|l| l.contains(why)),
+            "{why}: {:?}",
+            r.unfinished
+        );
+    }
+    assert!(unfinished_files(&mem).is_empty(), "{:?}", mem.keys());
+}
+
+/// `verify --repair` killed while it deletes broken narinfos leaves copies too: one an upload
+/// healed and relied on meanwhile is written back by the next run.
+#[tokio::test(start_paused = true)]
+async fn a_repair_killed_while_deleting_is_settled_by_the_next_run() {
+    let mem = Arc::new(MemoryStore::new());
+    let now = SystemTime::now();
+    let m = path(&mem, "m", &[], 100 * DAY, now);
+    let m_key = format!("{}.narinfo", m.hash);
+    let m_narinfo = mem.bytes(&m_key).unwrap();
+    mem.remove(&m_key);
+    let x = path(&mem, "x", &[&m], 100 * DAY, now);
+    let x_key = format!("{}.narinfo", x.hash);
+    // As X goes, M is uploaded again (which heals X), and an upload of Y relies on X.
+    let (tx, rx) = tokio::sync::oneshot::channel();
+    let tx = std::sync::Mutex::new(Some(tx));
+    let weak = Arc::downgrade(&mem);
+    let xh: crate::nix::StorePathHash = x.hash.parse().unwrap();
+    mem.after_delete(&x_key, move |_| {
+        let Some(mem) = weak.upgrade() else { return };
+        mem.insert(&m_key, m_narinfo.clone());
+        let day = super::access::day(SystemTime::now());
+        mem.insert(
+            &format!("_cellar/access/{day}/y-upload"),
+            render([Entry::Path(xh)]),
+        );
+        if let Some(tx) = tx.lock().unwrap().take() {
+            let _ = tx.send(());
+        }
+    });
+    mem.set_latency(Duration::from_millis(1));
+    let store: Arc<dyn Store> = mem.clone();
+    let opts = super::verify::Options {
+        hashes: false,
+        repair: true,
+        sample: None,
+        grace: DAY,
+        now,
+        settle: super::deleting::SETTLE,
+        stop: Default::default(),
+        upstreams: None,
+    };
+    killed_when(super::verify::run(&store, "/nix/store", &opts, &Quiet), rx).await;
+    assert!(!has(&mem, &x_key), "X was not deleted before the cut");
+    announcements_lapse(&mem);
+    let s = gc(&mem, &cfg(), now, true).await;
+    assert!(has(&mem, &x_key), "X not written back: {:?}", s.unfinished);
+    assert!(has(&mem, &x.nar) && has(&mem, &m.nar));
 }

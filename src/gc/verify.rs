@@ -211,6 +211,9 @@ pub struct Report {
     /// in progress may be about to write what they miss), or needed by one that is.
     pub young: Vec<String>,
     pub repair_errors: Vec<String>,
+    /// With `--repair`: what was done with the copies a run that died while deleting left
+    /// ([`super::unfinished`]), a line each.
+    pub unfinished: Vec<String>,
 }
 
 pub async fn run(
@@ -223,9 +226,24 @@ pub async fn run(
     // anything (see deleting::Announced): it must not act on what another run was undoing.
     let mut announced = None;
     let mut not_repairing = None;
+    let mut settled = Vec::new();
     if opts.repair {
         match deleting::Announced::begin(store).await {
-            Ok(Ok(a)) => announced = Some(a),
+            // What a run that died while deleting left, before anything is listed.
+            Ok(Ok(a)) => match super::unfinished::settle(store.as_ref(), a.name(), store_dir).await
+            {
+                Ok(said) => {
+                    settled = said;
+                    announced = Some(a);
+                }
+                Err(e) => {
+                    a.abandon().await;
+                    not_repairing = Some(format!(
+                        "settling the batch of a run that stopped while deleting: {e}; nothing \
+                         repaired"
+                    ));
+                }
+            },
             Ok(Err(busy)) => {
                 not_repairing = Some(format!(
                     "another collection is running ({}, written {} s ago): nothing repaired",
@@ -251,6 +269,7 @@ pub async fn run(
         }
     };
     report.repair_errors.extend(not_repairing);
+    report.unfinished = settled;
     match (announced, checked) {
         (Some(a), Some(c)) if c.graph.encoded().is_some() => {
             a.abandon().await;
@@ -866,6 +885,20 @@ async fn repair_as(
             .iter()
             .map(|&i| object_key::narinfo(graph.nodes[i as usize].hash))
             .collect();
+        // The copies outlive this run if it dies before the chunk is settled (see
+        // super::unfinished).
+        let recorded = !chunk.is_empty();
+        if recorded {
+            let copies = chunk
+                .iter()
+                .filter_map(|i| Some((graph.nodes[*i as usize].hash, bodies.get(i)?)));
+            if let Err(e) = super::unfinished::record(store.as_ref(), run.name(), copies).await {
+                report.repair_errors.push(format!(
+                    "keeping copies of the narinfos to delete: {e}; stopped repairing"
+                ));
+                return;
+            }
+        }
         let gone = delete_each(store.as_ref(), keys, report, run, &opts.stop).await;
         for (&i, gone) in chunk.iter().zip(gone) {
             deleted[i as usize] = gone;
@@ -932,6 +965,12 @@ async fn repair_as(
                         "writing back {key}, which an upload relies on: {e}"
                     ));
                 }
+            }
+        }
+        // Settled: what uploads relied on is back. If not, the copies stay for the next run.
+        if recorded && !not_back {
+            if let Err(e) = super::unfinished::clear(store.as_ref(), run.name()).await {
+                tracing::warn!(cause = %e, "could not remove the copies of a settled chunk; the next run writes back what of it is missing");
             }
         }
         // The store fails writes, or the records cannot be read: nothing more is deleted, as a
