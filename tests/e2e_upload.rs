@@ -113,6 +113,40 @@ async fn nix_copy_to_cellar_then_substitute_xz_and_zstd() {
     }
 }
 
+/// `nix store sign --store http://cellar/upload` adds a signature to published paths: a
+/// client trusting only that key (not the server's) substitutes them afterwards.
+#[tokio::test(flavor = "multi_thread")]
+async fn nix_store_sign_adds_signatures_to_published_paths() {
+    let f = fixture();
+    let (w, wcfg) = token("builder", "write");
+    let work = tempfile::tempdir().unwrap();
+    let app = App::s3("sign").config(&wcfg).spawn().await;
+    let srv = &app.srv;
+    let netrc = netrc(work.path(), srv, &w);
+    let upload = format!("{}/upload", srv.url);
+    let out = copy_to(&upload, Some(&netrc), &[&f.top], work.path(), "sign");
+    assert_ok(&out, "nix copy --to");
+    let public = nix_key(
+        "release-1",
+        &work.path().join("release.sec"),
+        &work.path().join("xdg-key"),
+    );
+    let mut sign = nix("nix", &work.path().join("xdg-sign"));
+    sign.args(["store", "sign", "--store", &upload, "-r", "--key-file"])
+        .arg(work.path().join("release.sec"))
+        .arg("--option")
+        .arg("netrc-file")
+        .arg(&netrc)
+        .arg(&f.top);
+    run_ok(sign);
+    substitute_and_verify(
+        &srv.url,
+        &public,
+        &f.top,
+        &work.path().join("trusting-release"),
+    );
+}
+
 /// Content-addressed derivations: `nix copy --to` uploads their realisations
 /// (`realisations/sha256:<hex>!out.doi`, as Nix names them), and a fresh store that may not
 /// build (`--max-jobs 0`) gets the outputs by looking their realisations up through cellar.

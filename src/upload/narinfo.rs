@@ -278,9 +278,16 @@ impl Uploader {
             // A listing sent with it describes the client's NAR, not necessarily the stored
             // one (a non-reproducible path pushed twice): the path keeps what it has.
             self.listings.take(hash);
+            let narinfo = match with_added_signatures(&existing, &info, sd)? {
+                Some(merged) => {
+                    self.write_signatures(&merged).await?;
+                    merged
+                }
+                None => existing,
+            };
             return Ok(Accepted {
                 hash,
-                narinfo: existing,
+                narinfo,
                 already_present: true,
             });
         }
@@ -354,6 +361,24 @@ impl Uploader {
         })
     }
 
+    /// Writes `merged`, a published narinfo with signatures added, over the stored one: as a
+    /// new narinfo is written, checking once more that its NAR stays.
+    async fn write_signatures(&self, merged: &NarInfo) -> Result<(), Error> {
+        let hash = merged.hash();
+        let began = tokio::time::Instant::now();
+        let key = object_key::narinfo(hash);
+        let write = self
+            .store
+            .put_bytes(&key, Bytes::from(merged.render(&self.store_dir)));
+        match (&self.access, merged.nar_file()) {
+            (Some(_), Ok(nar)) => self.write_while_nar_stays(write, merged, &nar).await?,
+            _ => write.await?,
+        }
+        self.wrote(hash, began);
+        tracing::info!(path = %merged.store_path, signatures = merged.sigs.len(), "signatures added to a published path");
+        Ok(())
+    }
+
     /// Whether the path `h` is in the cache: its narinfo in the store, else (with
     /// `upstreams`) served by an upstream, which clients substituting through this server get
     /// it from. Upstreams are asked only for paths the store lacks: a `nix copy --to` uploads
@@ -408,4 +433,40 @@ impl Uploader {
         }
         Ok(())
     }
+}
+
+/// A narinfo holds at most this many signatures: Nix's own carry one to three.
+pub(super) const MAX_SIGNATURES: usize = 16;
+
+/// `published` with the signatures `sent` adds to it (`nix store sign --store URL` sends the
+/// narinfo back with them; a builder re-uploading a path may sign it with its own key), if
+/// `sent` describes the same contents (its fingerprint, which signatures cover, is the
+/// same) and adds a signature under a key name `published` has none of. `None` if it adds
+/// nothing. A signature over contents already published vouches for nothing new, so no
+/// trusted key is asked for: it is for the clients to check against the keys they trust.
+fn with_added_signatures(
+    published: &NarInfo,
+    sent: &NarInfo,
+    store_dir: &str,
+) -> Result<Option<NarInfo>, Error> {
+    if published.fingerprint(store_dir) != sent.fingerprint(store_dir) {
+        return Ok(None);
+    }
+    let mut merged = published.clone();
+    for sig in &sent.sigs {
+        if !merged.sigs.iter().any(|s| s.key_name() == sig.key_name()) {
+            merged.sigs.push(sig.clone());
+        }
+    }
+    if merged.sigs.len() == published.sigs.len() {
+        return Ok(None);
+    }
+    if merged.sigs.len() > MAX_SIGNATURES {
+        return Err(rejected(format!(
+            "the path would have {} signatures, more than the {MAX_SIGNATURES} a narinfo may \
+             hold here",
+            merged.sigs.len()
+        )));
+    }
+    Ok(Some(merged))
 }

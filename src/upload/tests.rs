@@ -350,6 +350,76 @@ async fn a_nar_deleted_while_its_narinfo_is_written_takes_the_narinfo_back() {
     );
 }
 
+/// `nix store sign --store URL` sends a published narinfo back with signatures added: they
+/// are merged into the stored one (without replacing one under the same key name), and
+/// only when it describes the same contents. Before, the upload was answered 200 and the
+/// signatures dropped.
+#[tokio::test]
+async fn signatures_sent_for_a_published_path_are_added_to_it() {
+    use crate::nix::SecretKey;
+    let (mem, up) = uploader_with_access();
+    let nar = nar();
+    let mut info = narinfo_for(&nar, nar.len());
+    let sd = "/nix/store";
+    let builder = SecretKey::generate("builder-1").unwrap();
+    info.sign(&builder, sd);
+    up.copy_path(info.clone(), |_| async { Ok(body(nar.clone())) }, None)
+        .await
+        .unwrap();
+    let key = object_key::narinfo(info.hash());
+    let stored = || {
+        let raw = mem.bytes(&key).unwrap();
+        NarInfo::parse(std::str::from_utf8(&raw).unwrap(), sd).unwrap()
+    };
+
+    let mut signed = info.clone();
+    signed.sign(&SecretKey::generate("release-1").unwrap(), sd);
+    // Another signature under the builder's key name: the published one stays.
+    signed.sign(&SecretKey::generate("builder-1").unwrap(), sd);
+    let acc = up
+        .put_narinfo(info.hash(), signed.render(sd).as_bytes(), None)
+        .await
+        .unwrap();
+    assert!(acc.already_present);
+    let names: Vec<String> = stored().sigs.iter().map(|s| s.to_string()).collect();
+    assert_eq!(names.len(), 2, "{names:?}");
+    assert_eq!(names[0], info.sigs[0].to_string(), "the builder's replaced");
+    assert!(names[1].starts_with("release-1:"), "{names:?}");
+    assert_eq!(acc.narinfo.sigs.len(), 2);
+
+    // The same signatures again: the narinfo is not written.
+    let rewritten = Arc::new(AtomicUsize::new(0));
+    let counted = rewritten.clone();
+    mem.after_write(&key, move |_| {
+        counted.fetch_add(1, Ordering::SeqCst);
+    });
+    up.put_narinfo(info.hash(), signed.render(sd).as_bytes(), None)
+        .await
+        .unwrap();
+    assert_eq!(rewritten.load(Ordering::SeqCst), 0);
+
+    // Signed contents other than the published ones: nothing added.
+    let mut other = info.clone();
+    other.nar_size += 1;
+    other.sign(&SecretKey::generate("other-1").unwrap(), sd);
+    up.put_narinfo(info.hash(), other.render(sd).as_bytes(), None)
+        .await
+        .unwrap();
+    assert_eq!(stored().sigs.len(), 2);
+
+    // No more than MAX_SIGNATURES.
+    let mut many = info.clone();
+    for i in 0..super::narinfo::MAX_SIGNATURES {
+        many.sign(&SecretKey::generate(&format!("k{i}")).unwrap(), sd);
+    }
+    let e = up
+        .put_narinfo(info.hash(), many.render(sd).as_bytes(), None)
+        .await
+        .unwrap_err();
+    assert!(e.to_string().contains("signatures"), "{e}");
+    assert_eq!(stored().sigs.len(), 2);
+}
+
 /// A narinfo write answered with an error after the store applied it (a timeout), while its
 /// NAR was deleted: the narinfo is taken back all the same, not left naming nothing.
 #[tokio::test]
