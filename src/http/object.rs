@@ -20,6 +20,7 @@ use futures::{Stream, TryStreamExt as _};
 
 use super::AppState;
 use crate::error::Error;
+use crate::nix::Compression;
 use crate::store::{ByteRange, Object, Store, StoreError};
 use crate::upload::{digest, encoding};
 
@@ -81,8 +82,43 @@ fn set_common_headers(res: &mut Response, kind: Kind) {
     h.insert(header::ACCEPT_RANGES, HeaderValue::from_static("bytes"));
 }
 
+/// The memory an xz stream's header may ask the decoder of a served log or listing for (Nix's
+/// highest level asks for 64 MiB).
+const SERVED_XZ_MEMORY: u64 = 128 << 20;
+
+/// `obj` decoded here if it is a log or listing encoded with a coding curl cannot decode: xz or
+/// bzip2 (Nix's S3 store writes them so with `log-compression`/`ls-compression`, and an
+/// upstream may serve them so). Lix has curl decode what it is sent, and curl fails on those
+/// (error 61); Nix decodes them itself, and takes them plain as well. br, zstd and gzip are
+/// passed on as they are. A range of an encoded object is not decoded (no client asks for
+/// one: none is offered).
+fn decoded_for_curl(obj: Object, kind: Kind) -> Object {
+    if !matches!(kind, Kind::Log | Kind::Listing) || obj.range.is_some() {
+        return obj;
+    }
+    let compression = match obj
+        .encoding
+        .as_deref()
+        .map(Compression::from_content_encoding)
+    {
+        Some(Ok(Some(c @ (Compression::Xz | Compression::Bzip2)))) => c,
+        _ => return obj,
+    };
+    let coding = encoding::Coding {
+        compression,
+        xz_memory_limit_bytes: SERVED_XZ_MEMORY,
+    };
+    Object {
+        body: encoding::decode(Some(coding), obj.body, u64::MAX),
+        length: None,
+        range: None,
+        encoding: None,
+    }
+}
+
 /// A streamed 200 or 206 for `obj`.
 pub(super) fn object_response(obj: Object, kind: Kind) -> Response {
+    let obj = decoded_for_curl(obj, kind);
     let length = obj.length;
     let mut res = Body::from_stream(obj.body).into_response();
     if let Some(n) = length {
@@ -159,7 +195,13 @@ fn lookup(kind: Kind, found: Result<Option<Object>, StoreError>) -> Result<Objec
 pub(super) async fn head(source: &dyn Store, key: &str, kind: Kind) -> Result<Response, Error> {
     let obj = lookup(kind, source.get(key, None).await)?;
     let (parts, _unread) = object_response(obj, kind).into_parts();
-    Ok(Response::from_parts(parts, Body::empty()))
+    // A GET without a length (decoded here, or streamed so by an upstream) has none said in
+    // its HEAD either: an empty body of unknown size, not one axum would say is 0 bytes.
+    let body = match parts.headers.contains_key(header::CONTENT_LENGTH) {
+        true => Body::empty(),
+        false => Body::from_stream(futures::stream::empty::<Result<Bytes, std::io::Error>>()),
+    };
+    Ok(Response::from_parts(parts, body))
 }
 
 /// A PUT's body of at most `limit` bytes as the stream the uploader takes (which counts them

@@ -1477,6 +1477,42 @@ async fn an_encoded_object_is_served_with_its_encoding_and_no_ranges() {
     assert_eq!(res.headers()["accept-ranges"], "bytes");
 }
 
+/// Logs and listings stored xz- or bzip2-encoded (Nix's `log-compression=xz`) are served
+/// decoded: Lix has curl decode them, which knows neither. HEAD says what GET sends.
+#[tokio::test]
+async fn logs_and_listings_in_codings_curl_lacks_are_served_decoded() {
+    use std::io::Write as _;
+    let text = b"building '/nix/store/x.drv'...\nall good\n".repeat(50);
+    let xz = {
+        let mut e = liblzma::write::XzEncoder::new(Vec::new(), 6);
+        e.write_all(&text).unwrap();
+        e.finish().unwrap()
+    };
+    let bz2 = {
+        let mut e = bzip2::write::BzEncoder::new(Vec::new(), bzip2::Compression::default());
+        e.write_all(&text).unwrap();
+        e.finish().unwrap()
+    };
+    let mem = Arc::new(MemoryStore::new());
+    let drv = "5g5d4v2ahmn1f7k9jcs2cns6ivf5gmpa-top.drv";
+    mem.insert(&format!("log/{drv}"), xz);
+    mem.set_encoding(&format!("log/{drv}"), "xz");
+    mem.insert(&format!("{HASH}.ls"), bz2);
+    mem.set_encoding(&format!("{HASH}.ls"), "bzip2");
+    let st = state(Config::default(), &mem);
+    for path in [format!("/log/{drv}"), format!("/{HASH}.ls")] {
+        let get = send(&st, Request::get(&path).body(Body::empty()).unwrap()).await;
+        let head = send(&st, Request::head(&path).body(Body::empty()).unwrap()).await;
+        assert_eq!(get.status(), StatusCode::OK, "{path}");
+        for name in ["content-encoding", "content-length", "accept-ranges"] {
+            assert!(!get.headers().contains_key(name), "{path}: {name}");
+            assert!(!head.headers().contains_key(name), "{path}: {name}");
+        }
+        let body = get.into_body().collect().await.unwrap().to_bytes();
+        assert_eq!(&body[..], &text[..], "{path}");
+    }
+}
+
 /// A HEAD of a log, listing or realisation has the headers its GET has: an encoded one's
 /// `Content-Encoding`, and no `Accept-Ranges` then.
 #[tokio::test]
