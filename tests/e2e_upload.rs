@@ -113,6 +113,37 @@ async fn nix_copy_to_cellar_then_substitute_xz_and_zstd() {
     }
 }
 
+/// NARs compressed with br (`nix copy --to 'http://…?compression=br'`) are verified as xz
+/// and zstd ones are, and substitute. They were refused with 400 before.
+#[tokio::test(flavor = "multi_thread")]
+async fn nars_compressed_with_br_round_trip() {
+    let f = fixture();
+    let (w, wcfg) = token("builder", "write");
+    let work = tempfile::tempdir().unwrap();
+    for (tag, want) in [("br", "Compression: br")] {
+        let app = App::s3(&format!("up-{tag}")).config(&wcfg).spawn().await;
+        let srv = &app.srv;
+        let netrc = netrc(work.path(), srv, &w);
+        let out = copy_to(
+            &format!("{}/upload?compression={tag}", srv.url),
+            Some(&netrc),
+            &[&f.top],
+            work.path(),
+            tag,
+        );
+        assert_ok(&out, "nix copy --to");
+        assert_eq!(srv.log_count("narinfo uploaded"), f.closure.len());
+        let body = reqwest::get(format!("{}/{}.narinfo", srv.url, Fixture::hash(&f.top)))
+            .await
+            .unwrap()
+            .text()
+            .await
+            .unwrap();
+        assert!(body.contains(want), "{body}");
+        substitute_and_verify(&srv.url, &srv.public_key, &f.top, &work.path().join(tag));
+    }
+}
+
 /// `nix store sign --store http://cellar/upload` adds a signature to published paths: a
 /// client trusting only that key (not the server's) substitutes them afterwards.
 #[tokio::test(flavor = "multi_thread")]

@@ -242,11 +242,34 @@ async fn check(st: &AppState, req: Request, next: Next, scope: Scope, root: bool
         }
         Decision::Allowed(_) => next.run(req).await,
         Decision::Missing => Error::Unauthorized.into_response(),
-        Decision::Invalid => Error::Forbidden("invalid token").into_response(),
+        Decision::Invalid => {
+            if scope == Scope::Read {
+                warn_refused_read(st);
+            }
+            Error::Forbidden("invalid token").into_response()
+        }
         Decision::InsufficientScope(_) => {
             Error::Forbidden("this token may not do that (scope)").into_response()
         }
     }
+}
+
+/// A read refused for a token that matches none (a revoked one, a typo in a netrc file) fails
+/// nothing visibly: Nix takes a refused narinfo for a path the cache lacks, remembers that for
+/// an hour (`narinfo-cache-negative-ttl`) and builds the path instead. So the log says so, at
+/// most once a minute.
+fn warn_refused_read(st: &AppState) {
+    let now = tokio::time::Instant::now();
+    let mut last = crate::sync::lock(&st.refused_read_warned);
+    if last.is_some_and(|t| now.duration_since(t) < std::time::Duration::from_secs(60)) {
+        return;
+    }
+    *last = Some(now);
+    tracing::warn!(
+        "a read with a token that matches none configured was refused (403): Nix takes that \
+         for a path the cache lacks and builds it instead, for an hour; check the clients' \
+         netrc file (said at most once a minute)"
+    );
 }
 
 /// Lets 404s be cached briefly (clients and proxies), unless a handler decided otherwise; in

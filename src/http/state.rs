@@ -59,6 +59,9 @@ pub struct App {
     pub access: Arc<AccessLog>,
     /// Set once an upload reached the root URL and the log said to use `/upload` instead.
     pub root_upload_warned: std::sync::atomic::AtomicBool,
+    /// When the log last said a read was refused for a token that matches none (see
+    /// `super::warn_refused_read`).
+    pub refused_read_warned: std::sync::Mutex<Option<tokio::time::Instant>>,
     /// The store's last answer to `/readyz` (see [`super::health`]).
     pub readiness: super::health::Readiness,
     /// Set once the server stops taking connections (SIGTERM): `/readyz` answers 503.
@@ -173,6 +176,7 @@ impl AppState {
             prefetch,
             access,
             root_upload_warned: std::sync::atomic::AtomicBool::new(false),
+            refused_read_warned: std::sync::Mutex::new(None),
             readiness: super::health::Readiness::default(),
             draining: std::sync::atomic::AtomicBool::new(false),
             live: ArcSwap::from_pointee(live),

@@ -433,6 +433,45 @@ pub(super) fn authed(method: &str, path: &str, token: &str) -> axum::http::reque
         .header("authorization", format!("Bearer {token}"))
 }
 
+/// A read refused for a token that matches none (Nix then builds what it would have
+/// substituted, without an error) is logged, at most once a minute; a read without a token
+/// (curl's first try before it sends netrc credentials, a browser) is not.
+#[tokio::test(start_paused = true)]
+async fn reads_refused_for_an_unknown_token_are_logged_once_a_minute() {
+    use crate::config::Scope;
+    let mem = Arc::new(MemoryStore::new());
+    let mut cfg = with_tokens(Config::default(), &[("r", "rtok", Scope::Read)]);
+    cfg.auth.private = true;
+    let st = state(cfg, &mem);
+    let logs = crate::test_logs::capture();
+    let narinfo = format!("/{}.narinfo", "0".repeat(32));
+    let warned = || logs.text().matches("matches none configured").count();
+    let res = send(&st, Request::get(&narinfo).body(Body::empty()).unwrap()).await;
+    assert_eq!(res.status(), StatusCode::UNAUTHORIZED);
+    assert_eq!(warned(), 0);
+    for expected in [1, 1] {
+        let res = send(
+            &st,
+            authed("GET", &narinfo, "revoked")
+                .body(Body::empty())
+                .unwrap(),
+        )
+        .await;
+        assert_eq!(res.status(), StatusCode::FORBIDDEN);
+        assert_eq!(warned(), expected);
+    }
+    tokio::time::advance(std::time::Duration::from_secs(61)).await;
+    let res = send(
+        &st,
+        authed("GET", &narinfo, "revoked")
+            .body(Body::empty())
+            .unwrap(),
+    )
+    .await;
+    assert_eq!(res.status(), StatusCode::FORBIDDEN);
+    assert_eq!(warned(), 2);
+}
+
 /// A method no route takes (`DELETE`, `POST`, `OPTIONS`) is a 405, as docs/http-api.md says,
 /// with or without credentials, private mode or not; it is not taken for an upload sent to
 /// the root (no 401, no warning used up), while a `PUT` there still needs its write token.
@@ -889,7 +928,7 @@ async fn a_stored_nar_under_a_name_uploads_may_not_use_is_refused() {
     let cfg = with_tokens(Config::default(), &[("w", "wtok", Scope::Write)]);
     let st = state(cfg, &mem);
     let size = STORED_AGAIN_MAX + 1;
-    for name in [format!("{NAR_FILE}.nar.br"), format!("{HASH}.nar.xz")] {
+    for name in [format!("{NAR_FILE}.nar.lz4"), format!("{HASH}.nar.xz")] {
         mem.insert(&format!("nar/{name}"), vec![1u8; size as usize]);
         let req = authed("PUT", &format!("/upload/nar/{name}"), "wtok")
             .header("content-length", size.to_string())
@@ -900,7 +939,7 @@ async fn a_stored_nar_under_a_name_uploads_may_not_use_is_refused() {
         assert_eq!(res.status(), StatusCode::BAD_REQUEST, "{name}");
     }
     let narinfo = format!(
-        "StorePath: /nix/store/{HASH}-up\nURL: nar/{NAR_FILE}.nar.br\nCompression: br\n\
+        "StorePath: /nix/store/{HASH}-up\nURL: nar/{NAR_FILE}.nar.lz4\nCompression: lz4\n\
          FileSize: {size}\nNarHash: sha256:{NAR_FILE}\nNarSize: {size}\nReferences: \n"
     );
     let req = authed("PUT", &format!("/upload/{HASH}.narinfo"), "wtok")

@@ -84,7 +84,10 @@ impl Compression {
 
     /// Whether cellar can decompress it (to verify an upload).
     pub fn can_decode(self) -> bool {
-        matches!(self, Self::None | Self::Xz | Self::Zstd | Self::Bzip2)
+        matches!(
+            self,
+            Self::None | Self::Xz | Self::Zstd | Self::Bzip2 | Self::Brotli
+        )
     }
 
     /// Whether cellar can re-encode uploads to it, and the levels it takes if so.

@@ -71,7 +71,8 @@ pub(super) fn check_decodable(c: Compression) -> Result<(), UploadError> {
         Ok(())
     } else {
         Err(UploadError::Rejected(format!(
-            "NARs compressed with {c} cannot be verified; upload with xz, zstd, bzip2 or none"
+            "NARs compressed with {c} cannot be verified; upload with xz, zstd, bzip2, br or \
+             none"
         )))
     }
 }
@@ -207,7 +208,7 @@ impl Write for NarSink {
                 // `nix copy --to 'http://…?compression=gzip'` names gzip NARs `.nar`.
                 let why = if self.head.starts_with(&[0x1f, 0x8b]) {
                     "not a NAR but gzip data (Nix names gzip NARs .nar): NARs compressed with \
-                     gzip cannot be verified; upload with xz, zstd, bzip2 or none"
+                     gzip cannot be verified; upload with xz, zstd, bzip2, br or none"
                 } else {
                     "not a NAR"
                 };
@@ -235,6 +236,8 @@ enum Decoder {
     // under it can, in `finish`.
     Zstd(zstd::stream::zio::Writer<NarSink, zstd::stream::raw::Decoder<'static>>),
     Bzip2(bzip2::write::BzDecoder<NarSink>),
+    // Boxed: its state is kilobytes, the others' hundreds of bytes.
+    Brotli(Box<brotli_decompressor::DecompressorWriter<NarSink>>),
 }
 
 impl Decoder {
@@ -255,6 +258,9 @@ impl Decoder {
                 zstd::stream::raw::Decoder::new()?,
             )),
             Compression::Bzip2 => Self::Bzip2(bzip2::write::BzDecoder::new(sink)),
+            Compression::Brotli => Self::Brotli(Box::new(
+                brotli_decompressor::DecompressorWriter::new(sink, 64 << 10),
+            )),
             // Refused by `check_decodable` before a decoder is built.
             other => {
                 return Err(io::Error::new(
@@ -270,6 +276,8 @@ impl Decoder {
             Self::Xz(d) => d.write_all(b),
             Self::Zstd(d) => d.write_all(b),
             Self::Bzip2(d) => d.write_all(b),
+            // Bytes after the end of the stream are refused (a write of them takes none).
+            Self::Brotli(d) => d.write_all(b),
         }
     }
     fn finish(self) -> io::Result<NarSink> {
@@ -282,6 +290,13 @@ impl Decoder {
                 Ok(d.into_inner().0)
             }
             Self::Bzip2(mut d) => d.finish(),
+            Self::Brotli(mut d) => {
+                // Fails if the stream was cut (or with the sink's own error).
+                d.close()?;
+                d.into_inner().map_err(|_| {
+                    io::Error::new(io::ErrorKind::InvalidData, "the brotli stream is cut short")
+                })
+            }
         }
     }
 }

@@ -40,6 +40,11 @@ fn compress(c: Compression, data: &[u8]) -> Vec<u8> {
             e.write_all(data).unwrap();
             e.finish().unwrap()
         }
+        Compression::Brotli => {
+            let mut e = brotli::CompressorWriter::new(Vec::new(), 4096, 1, 22);
+            e.write_all(data).unwrap();
+            e.into_inner()
+        }
         // Not decodable by the pipeline: any bytes will do, it must refuse them.
         _ => data.to_vec(),
     }
@@ -56,6 +61,7 @@ fn reference_decode(c: Compression, data: &[u8]) -> Option<Vec<u8>> {
             zstd::stream::read::Decoder::new(data).and_then(|mut d| d.read_to_end(&mut out))
         }
         Compression::Bzip2 => bzip2::read::MultiBzDecoder::new(data).read_to_end(&mut out),
+        Compression::Brotli => brotli::Decompressor::new(data, 4096).read_to_end(&mut out),
         _ => return None,
     };
     read.ok().map(|_| out)
