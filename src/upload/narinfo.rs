@@ -278,12 +278,11 @@ impl Uploader {
             // A listing sent with it describes the client's NAR, not necessarily the stored
             // one (a non-reproducible path pushed twice): the path keeps what it has.
             self.listings.take(hash);
-            let narinfo = match with_added_signatures(&existing, &info, sd)? {
-                Some(merged) => {
-                    self.write_signatures(&merged).await?;
-                    merged
-                }
-                None => existing,
+            // Only by an upload that could have written the path, and whose record (naming
+            // the path and its references) is durable: see `add_signatures`.
+            let narinfo = match (&refused, &recorded) {
+                (None, Ok(())) => self.add_signatures(existing, &info).await?,
+                _ => existing,
             };
             return Ok(Accepted {
                 hash,
@@ -359,6 +358,30 @@ impl Uploader {
             narinfo: info,
             already_present: false,
         })
+    }
+
+    /// `published` with the signatures `sent` adds to it ([`with_added_signatures`]), written.
+    /// The path is read again first, now that this upload's record (naming the path and its
+    /// references) is durable: a collector deleting it from here on sees the record and keeps
+    /// it whole (or writes it back), and one that deleted it before is seen here, so the write
+    /// never brings back a path whose references may be going.
+    async fn add_signatures(&self, published: NarInfo, sent: &NarInfo) -> Result<NarInfo, Error> {
+        let sd = &self.store_dir;
+        if with_added_signatures(&published, sent, sd, &self.trusted_keys).is_none() {
+            return Ok(published);
+        }
+        let Some(now) = self.stored(published.hash()).await? else {
+            return Err(rejected(String::from(
+                "the path was deleted meanwhile (a garbage collection); run the copy again",
+            )));
+        };
+        match with_added_signatures(&now, sent, sd, &self.trusted_keys) {
+            Some(merged) => {
+                self.write_signatures(&merged).await?;
+                Ok(merged)
+            }
+            None => Ok(now),
+        }
     }
 
     /// Writes `merged`, a published narinfo with signatures added, over the stored one: as a
@@ -440,33 +463,44 @@ pub(super) const MAX_SIGNATURES: usize = 16;
 
 /// `published` with the signatures `sent` adds to it (`nix store sign --store URL` sends the
 /// narinfo back with them; a builder re-uploading a path may sign it with its own key), if
-/// `sent` describes the same contents (its fingerprint, which signatures cover, is the
-/// same) and adds a signature under a key name `published` has none of. `None` if it adds
-/// nothing. A signature over contents already published vouches for nothing new, so no
-/// trusted key is asked for: it is for the clients to check against the keys they trust.
+/// `sent` describes the same contents (its fingerprint, which signatures cover, is the same)
+/// and carries a signature `published` lacks; `None` if it adds nothing. With `trusted_keys`,
+/// only signatures that verify with one of them are added; without, any (a signature over
+/// contents already published vouches for nothing new: clients check the ones they trust,
+/// and one that does not verify is passed over, not in the way of a valid one under the same
+/// key name). Beyond [`MAX_SIGNATURES`] the rest is left out, and logged: a re-upload is never
+/// refused for it.
 fn with_added_signatures(
     published: &NarInfo,
     sent: &NarInfo,
     store_dir: &str,
-) -> Result<Option<NarInfo>, Error> {
-    if published.fingerprint(store_dir) != sent.fingerprint(store_dir) {
-        return Ok(None);
+    trusted_keys: &[crate::nix::PublicKey],
+) -> Option<NarInfo> {
+    let fingerprint = published.fingerprint(store_dir);
+    if fingerprint != sent.fingerprint(store_dir) {
+        return None;
     }
     let mut merged = published.clone();
+    let mut left_out = 0;
     for sig in &sent.sigs {
-        if !merged.sigs.iter().any(|s| s.key_name() == sig.key_name()) {
-            merged.sigs.push(sig.clone());
+        if merged.sigs.contains(sig) {
+            continue;
         }
+        if !trusted_keys.is_empty()
+            && !trusted_keys
+                .iter()
+                .any(|k| k.verifies(fingerprint.as_bytes(), sig))
+        {
+            continue;
+        }
+        if merged.sigs.len() >= MAX_SIGNATURES {
+            left_out += 1;
+            continue;
+        }
+        merged.sigs.push(sig.clone());
     }
-    if merged.sigs.len() == published.sigs.len() {
-        return Ok(None);
+    if left_out > 0 {
+        tracing::warn!(path = %published.store_path, left_out, "signatures sent for a published path left out: it holds {MAX_SIGNATURES} already");
     }
-    if merged.sigs.len() > MAX_SIGNATURES {
-        return Err(rejected(format!(
-            "the path would have {} signatures, more than the {MAX_SIGNATURES} a narinfo may \
-             hold here",
-            merged.sigs.len()
-        )));
-    }
-    Ok(Some(merged))
+    (merged.sigs.len() > published.sigs.len()).then_some(merged)
 }
