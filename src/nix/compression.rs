@@ -157,7 +157,16 @@ impl Compression {
             }
             Self::Zstd => Box::new(zstd::stream::read::Decoder::new(input)?),
             Self::Bzip2 => Box::new(bzip2::read::MultiBzDecoder::new(input)),
-            Self::Brotli => Box::new(brotli_decompressor::Decompressor::new(input, 64 * 1024)),
+            Self::Brotli => {
+                let mut d = brotli_decompressor::Decompressor::new(input, 64 * 1024);
+                // The standard window (at most 16 MiB), not the large one (up to 1 GiB) the
+                // crate accepts by default: Nix and cache.nixos.org write standard streams.
+                d.set_parameter(
+                    brotli_decompressor::BrotliDecoderParameter::BROTLI_DECODER_PARAM_LARGE_WINDOW,
+                    0,
+                );
+                Box::new(d)
+            }
             Self::Gzip => Box::new(flate2::read::MultiGzDecoder::new(input)),
             Self::Lz4
             | Self::Lzip

@@ -258,9 +258,17 @@ impl Decoder {
                 zstd::stream::raw::Decoder::new()?,
             )),
             Compression::Bzip2 => Self::Bzip2(bzip2::write::BzDecoder::new(sink)),
-            Compression::Brotli => Self::Brotli(Box::new(
-                brotli_decompressor::DecompressorWriter::new(sink, 64 << 10),
-            )),
+            Compression::Brotli => {
+                let mut d = brotli_decompressor::DecompressorWriter::new(sink, 64 << 10);
+                // The standard window (at most 16 MiB of memory), not the large one the
+                // crate accepts by default (up to 1 GiB for a stream that asks): Nix writes
+                // standard streams.
+                d.set_parameter(
+                    brotli_decompressor::BrotliDecoderParameter::BROTLI_DECODER_PARAM_LARGE_WINDOW,
+                    0,
+                );
+                Self::Brotli(Box::new(d))
+            }
             // Refused by `check_decodable` before a decoder is built.
             other => {
                 return Err(io::Error::new(

@@ -278,6 +278,35 @@ async fn an_idle_body_times_out() {
     );
 }
 
+/// A brotli stream asking for a large window (up to 1 GiB of decoder memory) is refused, on
+/// upload and when read back: Nix writes standard ones (at most 16 MiB).
+#[tokio::test]
+async fn brotli_streams_with_a_large_window_are_refused() {
+    use std::io::Read as _;
+    let plain = nar(&[3u8; 5000]);
+    let large = {
+        let params = brotli::enc::BrotliEncoderParams {
+            large_window: true,
+            lgwin: 26,
+            ..Default::default()
+        };
+        let mut e = brotli::CompressorWriter::with_params(Vec::new(), 4096, &params);
+        e.write_all(&plain).unwrap();
+        e.into_inner()
+    };
+    let e = check(large.clone(), Compression::Brotli).await.unwrap_err();
+    assert!(
+        matches!(e, Error::Upload(UploadError::Rejected(_))),
+        "{e:?}"
+    );
+    let mut out = Vec::new();
+    let read = Compression::Brotli
+        .decoder(&large[..], 1 << 20)
+        .unwrap()
+        .read_to_end(&mut out);
+    assert!(read.is_err(), "read back: {} bytes", out.len());
+}
+
 #[test]
 fn undecodable_compressions_are_refused_by_name() {
     for c in [Compression::Lzip, Compression::Lz4] {
