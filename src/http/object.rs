@@ -12,11 +12,13 @@
 //!
 //! Upload bodies are cut off when they send nothing for `upload.body_idle_timeout_secs`.
 
+use std::sync::Arc;
+
 use axum::body::Body;
 use axum::http::{header, HeaderMap, HeaderValue, StatusCode};
 use axum::response::{IntoResponse, Response};
 use bytes::Bytes;
-use futures::{Stream, TryStreamExt as _};
+use futures::{Stream, StreamExt as _, TryStreamExt as _};
 
 use super::AppState;
 use crate::error::Error;
@@ -83,16 +85,29 @@ fn set_common_headers(res: &mut Response, kind: Kind) {
 }
 
 /// The memory an xz stream's header may ask the decoder of a served log or listing for (Nix's
-/// highest level asks for 64 MiB).
-const SERVED_XZ_MEMORY: u64 = 128 << 20;
+/// highest level asks for 64 MiB, its default 9 MiB).
+const SERVED_XZ_MEMORY: u64 = 64 << 20;
+
+/// Logs and listings decoded at once: each holds a thread while its client reads, and its
+/// decoder's memory. Beyond, they are passed on encoded (Nix reads them so; Lix cannot).
+const SERVED_DECODES: usize = 4;
+
+fn served_decodes() -> &'static Arc<tokio::sync::Semaphore> {
+    static SLOTS: std::sync::OnceLock<Arc<tokio::sync::Semaphore>> = std::sync::OnceLock::new();
+    SLOTS.get_or_init(|| Arc::new(tokio::sync::Semaphore::new(SERVED_DECODES)))
+}
 
 /// `obj` decoded here if it is a log or listing encoded with a coding curl cannot decode: xz or
 /// bzip2 (Nix's S3 store writes them so with `log-compression`/`ls-compression`, and an
 /// upstream may serve them so). Lix has curl decode what it is sent, and curl fails on those
 /// (error 61); Nix decodes them itself, and takes them plain as well. br, zstd and gzip are
 /// passed on as they are. A range of an encoded object is not decoded (no client asks for
-/// one: none is offered).
-fn decoded_for_curl(obj: Object, kind: Kind) -> Object {
+/// one: none is offered). Nor is one with every slot of `slots` taken: it is passed on as is.
+pub(super) fn decoded_for_curl(
+    obj: Object,
+    kind: Kind,
+    slots: &Arc<tokio::sync::Semaphore>,
+) -> Object {
     if !matches!(kind, Kind::Log | Kind::Listing) || obj.range.is_some() {
         return obj;
     }
@@ -104,12 +119,20 @@ fn decoded_for_curl(obj: Object, kind: Kind) -> Object {
         Some(Ok(Some(c @ (Compression::Xz | Compression::Bzip2)))) => c,
         _ => return obj,
     };
+    let Ok(slot) = slots.clone().try_acquire_owned() else {
+        return obj;
+    };
     let coding = encoding::Coding {
         compression,
         xz_memory_limit_bytes: SERVED_XZ_MEMORY,
     };
+    // The slot is held for as long as the body is (until it is read or dropped).
+    let body = encoding::decode(Some(coding), obj.body, u64::MAX).map(move |chunk| {
+        let _held = &slot;
+        chunk
+    });
     Object {
-        body: encoding::decode(Some(coding), obj.body, u64::MAX),
+        body: Box::pin(body),
         length: None,
         range: None,
         encoding: None,
@@ -118,7 +141,7 @@ fn decoded_for_curl(obj: Object, kind: Kind) -> Object {
 
 /// A streamed 200 or 206 for `obj`.
 pub(super) fn object_response(obj: Object, kind: Kind) -> Response {
-    let obj = decoded_for_curl(obj, kind);
+    let obj = decoded_for_curl(obj, kind, served_decodes());
     let length = obj.length;
     let mut res = Body::from_stream(obj.body).into_response();
     if let Some(n) = length {

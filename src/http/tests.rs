@@ -1552,6 +1552,38 @@ async fn logs_and_listings_in_codings_curl_lacks_are_served_decoded() {
     }
 }
 
+/// Decodes of served logs and listings are bounded: one holding the last slot until its body
+/// is dropped; with none free, the object goes out encoded, as stored.
+#[tokio::test]
+async fn served_decodes_are_bounded_and_pass_the_rest_on_encoded() {
+    use super::object::{decoded_for_curl, Kind};
+    use futures::TryStreamExt as _;
+    use std::io::Write as _;
+    let xz = {
+        let mut e = liblzma::write::XzEncoder::new(Vec::new(), 6);
+        e.write_all(b"a log").unwrap();
+        e.finish().unwrap()
+    };
+    let encoded = || {
+        let mut o = crate::store::Object::from_bytes(bytes::Bytes::from(xz.clone()), None).unwrap();
+        o.encoding = Some("xz".into());
+        o
+    };
+    let slots = Arc::new(tokio::sync::Semaphore::new(1));
+    let first = decoded_for_curl(encoded(), Kind::Log, &slots);
+    assert_eq!(first.encoding, None);
+    let second = decoded_for_curl(encoded(), Kind::Log, &slots);
+    assert_eq!(second.encoding.as_deref(), Some("xz"), "no slot left");
+    assert_eq!(second.length, Some(xz.len() as u64));
+    let text: Vec<u8> = first.body.try_collect::<Vec<_>>().await.unwrap().concat();
+    assert_eq!(text, b"a log");
+    let third = decoded_for_curl(encoded(), Kind::Log, &slots);
+    assert_eq!(
+        third.encoding, None,
+        "the slot is back once the body is done"
+    );
+}
+
 /// A HEAD of a log, listing or realisation has the headers its GET has: an encoded one's
 /// `Content-Encoding`, and no `Accept-Ranges` then.
 #[tokio::test]
