@@ -507,6 +507,17 @@ pub struct Accessed {
     pending: Vec<Entry>,
 }
 
+impl Accessed {
+    /// None read yet, as if listed at `t`: a [`reread`] then takes the records written since
+    /// the day before it.
+    pub fn since(t: SystemTime) -> Self {
+        Self {
+            listed: Some(t),
+            ..Self::default()
+        }
+    }
+}
+
 /// Reads the records within the retention `keep` before `now`, and upload records within
 /// [`UPLOAD_RECORD_LIFETIME`] whatever the retention.
 pub async fn read_all(

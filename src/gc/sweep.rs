@@ -491,27 +491,30 @@ async fn delete(
                 .map(|&i| object_key::narinfo(graph.nodes[i as usize].hash))
                 .collect();
             let mut undeleted = Vec::new();
-            for (i, ok) in wave.iter().zip(delete_all(store, &keys, &mut st.out).await) {
-                if ok {
-                    st.deleted.insert(*i);
-                } else {
-                    undeleted.push(*i);
+            for ((i, key), r) in wave.iter().zip(&keys).zip(delete_keys(store, &keys).await) {
+                match r {
+                    Ok(()) => {
+                        st.deleted.insert(*i);
+                    }
+                    Err(e) => undeleted.push((*i, key, e)),
                 }
             }
-            for i in undeleted {
-                let key = object_key::narinfo(graph.nodes[i as usize].hash);
-                match gone_after_failure(store, &key).await {
+            for (i, key, e) in undeleted {
+                match gone_after_failure(store, key).await {
                     // Deleted all the same (its answer lost): as if it had answered, so that
                     // the re-read writes it back if an upload relied on it.
                     Some(true) => {
+                        tracing::warn!(%key, cause = %e, "a deletion answered with an error, but the narinfo is gone: done");
                         st.deleted.insert(i);
                     }
                     // There: served, so kept with its closure.
                     Some(false) => {
+                        st.out.errors.push(format!("{key}: {e}"));
                         st.keep(store, i, &bodies).await;
                     }
                     // Cannot tell: written back, so that it is whole if it is there.
                     None => {
+                        st.out.errors.push(format!("{key}: {e}"));
                         st.deleted.insert(i);
                         st.keep(store, i, &bodies).await;
                     }

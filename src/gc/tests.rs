@@ -1290,6 +1290,7 @@ async fn a_deletion_applied_despite_its_error_counts_as_done() {
     mem.fail(FailOp::DeleteAnswer, &format!("{}.narinfo", top.hash), 0, 1);
     let s = gc(&mem, &cfg(), now, true).await;
     assert_eq!(s.restored, 0, "{:?}", s.errors);
+    assert!(s.errors.is_empty(), "done, yet an error: {:?}", s.errors);
     for p in [&top, &leaf] {
         assert!(
             !has(&mem, &format!("{}.narinfo", p.hash)),
@@ -1364,6 +1365,7 @@ async fn repair_counts_a_deletion_applied_despite_its_error() {
         "the NAR of a deleted narinfo stayed"
     );
     assert!(r.repaired.contains(&key), "{:?}", r.repaired);
+    assert!(r.repair_errors.is_empty(), "{:?}", r.repair_errors);
 }
 
 /// A narinfo `verify --repair` fails to delete stays, and so does its NAR: deleting the NAR
@@ -3036,10 +3038,16 @@ async fn a_collection_killed_while_deleting_is_settled_by_the_next_run() {
         "{:?}",
         s.unfinished
     );
-    // Nobody relied on the other one: written back whole all the same (young now, it waits
-    // for a later run).
-    assert!(has(&mem, &format!("{}.narinfo", other.hash)));
-    assert!(has(&mem, &other.nar));
+    // Nobody used the other one since: it stays deleted, as the dead run meant (and its NAR
+    // goes with this run).
+    assert!(!has(&mem, &format!("{}.narinfo", other.hash)));
+    assert!(
+        s.unfinished
+            .iter()
+            .any(|l| l.contains("nobody used them since")),
+        "{:?}",
+        s.unfinished
+    );
     assert!(unfinished_files(&mem).is_empty(), "{:?}", mem.keys());
 }
 
@@ -3058,9 +3066,10 @@ async fn a_run_that_ends_leaves_no_copies() {
     assert!(unfinished_files(&mem).is_empty(), "{:?}", mem.keys());
 }
 
-/// What a dead run left is written back only whole: a copy whose NAR is gone, or whose
-/// reference is not back, stays out; a path uploaded again since keeps the upload's
-/// narinfo; references go back before their referrers. `verify --repair` settles it too.
+/// What a dead run left is written back only if used since (named by an access record, or
+/// needed by one that is), and whole: a copy whose NAR is gone, or whose reference is not
+/// back, stays out; a path uploaded again since keeps the upload's narinfo; references go
+/// back before their referrers. `verify --repair` settles it too.
 #[tokio::test(start_paused = true)]
 async fn copies_left_by_a_dead_run_are_written_back_only_whole() {
     let mem = Arc::new(MemoryStore::new());
@@ -3092,6 +3101,25 @@ async fn copies_left_by_a_dead_run_are_written_back_only_whole() {
     }
     mem.remove(&c.nar);
     mem.insert(&key(&d), "uploaded again");
+    // Used since: A (and so B, which it needs), C and E; not G.
+    let g = path(&mem, "g", &[], 100 * DAY, now);
+    super::unfinished::record(
+        mem.as_ref(),
+        "1767225599-dead2",
+        [(g.hash.parse().unwrap(), &mem.bytes(&key(&g)).unwrap())],
+    )
+    .await
+    .unwrap();
+    mem.remove(&key(&g));
+    let day = super::access::day(SystemTime::now());
+    mem.insert(
+        &format!("_cellar/access/{day}/since"),
+        render(
+            [&a, &c, &e]
+                .iter()
+                .map(|p| Entry::Path(p.hash.parse().unwrap())),
+        ),
+    );
     // And a broken path the repair deletes (keeping copies while it does).
     let f = path(&mem, "f", &[], 100 * DAY, now);
     mem.remove(&f.nar);
@@ -3114,6 +3142,7 @@ async fn copies_left_by_a_dead_run_are_written_back_only_whole() {
     );
     assert!(!has(&mem, &key(&c)), "written back without its NAR");
     assert!(!has(&mem, &key(&e)), "written back without its reference");
+    assert!(!has(&mem, &key(&g)), "written back, though nobody used it");
     assert_eq!(mem.bytes(&key(&d)).as_deref(), Some(&b"uploaded again"[..]));
     assert!(r.repaired.contains(&key(&f)), "{:?}", r.repaired);
     for why in ["its NAR", "its reference"] {

@@ -11,20 +11,22 @@
 //! done and what uploads relied on written back).
 //!
 //! The next run that deletes (`gc --apply`, `verify --repair`) settles what a dead run left,
-//! after it has announced itself (so no other run is deleting) and before it lists the store:
-//! it writes back every narinfo of the batch that is still missing and whose NAR and
-//! references are there (so it is whole), references first, and removes the file. Writing
-//! back one that nobody relied on only undoes part of a deletion, which that run then
-//! decides again.
+//! after it has announced itself (so no other run is deleting) and before it lists the store,
+//! as the dead run would have after its re-read: it reads the access records written since
+//! the day before the file, and writes back each narinfo of the batch that they name (served,
+//! or relied on by an upload), with what it needs among the copies, if it is still missing
+//! and would be whole (its NAR and references there), references first. Then it removes the
+//! file. The rest stays deleted, as the dead run meant.
 
 use std::collections::{HashMap, HashSet};
 
 use bytes::Bytes;
 use futures::TryStreamExt as _;
 
+use super::access::{self, Entry};
 use super::RESERVED_PREFIX;
 use crate::nix::{NarInfo, StorePathHash};
-use crate::store::{object_key, Store, StoreError};
+use crate::store::{object_key, ObjectInfo, Store, StoreError};
 
 /// Where the copies live, under [`RESERVED_PREFIX`].
 pub const DIR: &str = "unfinished/";
@@ -106,22 +108,37 @@ pub async fn settle(
     store_dir: &str,
 ) -> Result<Vec<String>, StoreError> {
     let own = key(own);
-    let files: Vec<String> = store
+    let files: Vec<ObjectInfo> = store
         .list(&format!("{RESERVED_PREFIX}{DIR}"))
-        .map_ok(|o| o.key)
-        .try_filter(|k| futures::future::ready(*k != own && !k.ends_with('/')))
+        .try_filter(|o| futures::future::ready(o.key != own && !o.key.ends_with('/')))
         .try_collect()
         .await?;
+    let Some(since) = files.iter().map(|f| f.modified).min() else {
+        return Ok(Vec::new());
+    };
+    // What servers used since: what the dead runs' re-reads would have found.
+    let mut acc = access::Accessed::since(since);
+    let mut used = Used::default();
+    for e in access::reread(store, &mut acc, store.now()).await? {
+        match e {
+            Entry::Path(h) => {
+                used.paths.insert(h);
+            }
+            Entry::Nar(f) => {
+                used.nars.insert(f);
+            }
+        }
+    }
     let mut said = Vec::new();
     for file in &files {
-        let Some(raw) = store.get_bytes(file, MAX_BYTES).await? else {
+        let Some(raw) = store.get_bytes(&file.key, MAX_BYTES).await? else {
             continue;
         };
         match parse(&raw) {
-            Ok(copies) => said.extend(restore(store, store_dir, copies).await?),
-            Err(why) => said.push(format!("{file}: {why}; removed")),
+            Ok(copies) => said.extend(restore(store, store_dir, copies, &used).await?),
+            Err(why) => said.push(format!("{}: {why}; removed", file.key)),
         }
-        store.delete(file).await?;
+        store.delete(&file.key).await?;
     }
     for line in &said {
         tracing::warn!("{line}");
@@ -129,12 +146,20 @@ pub async fn settle(
     Ok(said)
 }
 
-/// Writes back the copies still missing whose NAR and references are there, references
-/// first.
+/// Paths and NAR files named by access records.
+#[derive(Default)]
+struct Used {
+    paths: HashSet<StorePathHash>,
+    nars: HashSet<Box<str>>,
+}
+
+/// Writes back the copies still missing that `used` names, with the copies they need, if
+/// their NAR and references are there; references first.
 async fn restore(
     store: &dyn Store,
     store_dir: &str,
     copies: Vec<(StorePathHash, Bytes)>,
+    used: &Used,
 ) -> Result<Vec<String>, StoreError> {
     let mut said = Vec::new();
     let mut missing: HashMap<StorePathHash, (Bytes, NarInfo)> = HashMap::new();
@@ -150,8 +175,35 @@ async fn restore(
             Err(e) => said.push(format!("not writing back {key}: {e}")),
         }
     }
+    // Named, and what they need among the copies (a path relied on keeps its closure).
+    let mut wanted: Vec<StorePathHash> = missing
+        .iter()
+        .filter(|(h, (_, info))| {
+            used.paths.contains(*h)
+                || info
+                    .nar_file()
+                    .is_ok_and(|f| used.nars.contains(f.as_str()))
+        })
+        .map(|(h, _)| *h)
+        .collect();
+    let mut needed: HashSet<StorePathHash> = HashSet::new();
+    while let Some(h) = wanted.pop() {
+        if needed.insert(h) {
+            wanted.extend(
+                missing[&h]
+                    .1
+                    .references
+                    .iter()
+                    .map(|r| r.hash())
+                    .filter(|r| missing.contains_key(r)),
+            );
+        }
+    }
     let mut back: HashSet<StorePathHash> = HashSet::new();
     for h in references_first(&missing) {
+        if !needed.contains(&h) {
+            continue;
+        }
         let (body, info) = &missing[&h];
         let key = object_key::narinfo(h);
         if let Some(why) = incomplete(store, h, info, &back).await? {
@@ -164,6 +216,13 @@ async fn restore(
         back.insert(h);
         said.push(format!(
             "wrote back {key}, left by a run that stopped while deleting it"
+        ));
+    }
+    let left = missing.len() - needed.len();
+    if left > 0 {
+        said.push(format!(
+            "{left} narinfos a run that stopped while deleting them left stay deleted: \
+             nobody used them since"
         ));
     }
     Ok(said)

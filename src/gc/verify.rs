@@ -1256,12 +1256,18 @@ async fn delete_reporting(store: &dyn Store, keys: &[String], report: &mut Repor
     for (key, r) in keys.iter().zip(results) {
         let deleted = match r {
             Ok(()) => true,
-            Err(e) => {
-                report.repair_errors.push(format!("{key}: {e}"));
-                // Applied all the same (its answer lost)? Then it is deleted, as if it had
-                // answered; if that cannot be told, it is taken to be there.
-                sweep::gone_after_failure(store, key).await == Some(true)
-            }
+            // Applied all the same (its answer lost)? Then it is deleted, as if it had
+            // answered; if that cannot be told, it is taken to be there.
+            Err(e) => match sweep::gone_after_failure(store, key).await {
+                Some(true) => {
+                    tracing::warn!(%key, cause = %e, "a deletion answered with an error, but the object is gone: done");
+                    true
+                }
+                _ => {
+                    report.repair_errors.push(format!("{key}: {e}"));
+                    false
+                }
+            },
         };
         if deleted {
             report.repaired.push(key.clone());
