@@ -587,14 +587,18 @@ impl Store for LocalStore {
         tokio::task::spawn_blocking(move || {
             match std::fs::remove_file(&path) {
                 Ok(()) => {}
-                Err(e) if not_found(&e) => return Ok(()),
+                Err(e) if not_found(&e) => {}
                 Err(e) => return Err(e),
             }
             // Durable before it is answered, as a write is: a collector deletes narinfos
             // before the NARs they name, and a filesystem may make the unlinks of two
             // directories durable in either order (btrfs logs a directory another write
-            // syncs), so a power cut could bring back a narinfo whose NAR went.
-            path.parent().map_or(Ok(()), sync_dir)
+            // syncs), so a power cut could bring back a narinfo whose NAR went. Also when
+            // the file was gone already: a delete retried after its sync failed.
+            match path.parent().map(sync_dir) {
+                Some(Err(e)) if !not_found(&e) => Err(e),
+                _ => Ok(()),
+            }
         })
         .await
         .map_err(|e| StoreError::Other(format!("deleting {key}: {e}")))?

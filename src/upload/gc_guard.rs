@@ -105,15 +105,6 @@ impl Uploader {
     ) -> Result<(), Error> {
         let key = object_key::nar(nar);
         let (written, mut nar_size) = futures::join!(write, self.store.head(&key));
-        if let Err(e) = written {
-            // The write may have been applied all the same (its answer lost: a timeout, a
-            // reset connection): seen naming a NAR the store lacks, the narinfo is taken
-            // back as below. Not on a failed look: the upload's error is answered either way.
-            if let Ok(None) = nar_size {
-                self.take_back(info, nar).await;
-            }
-            return Err(e.into());
-        }
         // A failed look is asked again: only a NAR seen absent takes the narinfo back.
         for wait in HEAD_RETRIES {
             if nar_size.is_ok() {
@@ -121,6 +112,15 @@ impl Uploader {
             }
             tokio::time::sleep(wait).await;
             nar_size = self.store.head(&key).await;
+        }
+        if let Err(e) = written {
+            // The write may have been applied all the same (its answer lost: a timeout, a
+            // reset connection): seen naming a NAR the store lacks, the narinfo is taken
+            // back as below. The upload's error is answered either way.
+            if let Ok(None) = nar_size {
+                self.take_back(info, nar).await;
+            }
+            return Err(e.into());
         }
         match nar_size {
             Ok(Some(_)) => Ok(()),
