@@ -451,7 +451,16 @@ async fn repair_settling(
     settle: Duration,
 ) -> super::verify::Report {
     let store: Arc<dyn Store> = mem.clone();
-    let opts = super::verify::Options {
+    let opts = repair_options(now, settle);
+    super::verify::run(&store, "/nix/store", &opts, &Quiet)
+        .await
+        .unwrap()
+}
+
+/// The options of `verify --repair` at `now`, waiting `settle` between announcing orphan NARs
+/// and deleting them.
+fn repair_options(now: SystemTime, settle: Duration) -> super::verify::Options {
+    super::verify::Options {
         hashes: false,
         repair: true,
         sample: None,
@@ -460,10 +469,7 @@ async fn repair_settling(
         settle,
         stop: Default::default(),
         upstreams: None,
-    };
-    super::verify::run(&store, "/nix/store", &opts, &Quiet)
-        .await
-        .unwrap()
+    }
 }
 
 /// Every write of a run's announcement after the one naming NAR `file` fails.
@@ -2965,6 +2971,28 @@ fn unfinished_files(mem: &MemoryStore) -> Vec<String> {
         .collect()
 }
 
+/// Runs `then` on the store when `key` is deleted, then fires the receiver: with
+/// [`killed_when`], a run cut off right there. Every store call takes a moment from then on,
+/// so that the run can be cut off between two of them.
+fn on_deletion_of(
+    mem: &Arc<MemoryStore>,
+    key: &str,
+    then: impl Fn(&MemoryStore) + Send + Sync + 'static,
+) -> tokio::sync::oneshot::Receiver<()> {
+    let (tx, rx) = tokio::sync::oneshot::channel();
+    let tx = std::sync::Mutex::new(Some(tx));
+    let weak = Arc::downgrade(mem);
+    mem.after_delete(key, move |_| {
+        let Some(mem) = weak.upgrade() else { return };
+        then(&mem);
+        if let Some(tx) = tx.lock().unwrap().take() {
+            let _ = tx.send(());
+        }
+    });
+    mem.set_latency(Duration::from_millis(1));
+    rx
+}
+
 /// Runs `deleting` until `cut` fires, then drops it: a run killed at that moment.
 async fn killed_when<T>(
     deleting: impl std::future::Future<Output = T>,
@@ -2990,12 +3018,8 @@ async fn a_collection_killed_while_deleting_is_settled_by_the_next_run() {
     let x_key = format!("{}.narinfo", x.hash);
     // As X goes, a builder uploads P, which refers to X, through a server: its record (which
     // names X), then its narinfo. The run is cut off right after.
-    let (tx, rx) = tokio::sync::oneshot::channel();
-    let tx = std::sync::Mutex::new(Some(tx));
-    let weak = Arc::downgrade(&mem);
     let x_base = x.base.clone();
-    mem.after_delete(&x_key, move |_| {
-        let Some(mem) = weak.upgrade() else { return };
+    let rx = on_deletion_of(&mem, &x_key, move |mem| {
         let p_hash = base32::encode(&Sha256::digest(b"p").as_bytes()[..20]);
         let day = super::access::day(SystemTime::now());
         mem.insert(
@@ -3014,12 +3038,7 @@ async fn a_collection_killed_while_deleting_is_settled_by_the_next_run() {
                 "StorePath: /nix/store/{p_hash}-p\nURL: nar/{file}.nar\nCompression: none\nNarHash: sha256:{file}\nNarSize: 8\nReferences: {x_base}\n"
             ),
         );
-        if let Some(tx) = tx.lock().unwrap().take() {
-            let _ = tx.send(());
-        }
     });
-    // Every store call takes a moment, so the run can be cut off between two of them.
-    mem.set_latency(Duration::from_millis(1));
     let store: Arc<dyn Store> = mem.clone();
     let (config, opts) = (cfg(), applying(now));
     let first = run(&store, "/nix/store", &config, &opts, &Quiet);
@@ -3168,34 +3187,17 @@ async fn a_repair_killed_while_deleting_is_settled_by_the_next_run() {
     let x = path(&mem, "x", &[&m], 100 * DAY, now);
     let x_key = format!("{}.narinfo", x.hash);
     // As X goes, M is uploaded again (which heals X), and an upload of Y relies on X.
-    let (tx, rx) = tokio::sync::oneshot::channel();
-    let tx = std::sync::Mutex::new(Some(tx));
-    let weak = Arc::downgrade(&mem);
     let xh: crate::nix::StorePathHash = x.hash.parse().unwrap();
-    mem.after_delete(&x_key, move |_| {
-        let Some(mem) = weak.upgrade() else { return };
+    let rx = on_deletion_of(&mem, &x_key, move |mem| {
         mem.insert(&m_key, m_narinfo.clone());
         let day = super::access::day(SystemTime::now());
         mem.insert(
             &format!("_cellar/access/{day}/y-upload"),
             render([Entry::Path(xh)]),
         );
-        if let Some(tx) = tx.lock().unwrap().take() {
-            let _ = tx.send(());
-        }
     });
-    mem.set_latency(Duration::from_millis(1));
     let store: Arc<dyn Store> = mem.clone();
-    let opts = super::verify::Options {
-        hashes: false,
-        repair: true,
-        sample: None,
-        grace: DAY,
-        now,
-        settle: super::deleting::SETTLE,
-        stop: Default::default(),
-        upstreams: None,
-    };
+    let opts = repair_options(now, super::deleting::SETTLE);
     killed_when(super::verify::run(&store, "/nix/store", &opts, &Quiet), rx).await;
     assert!(!has(&mem, &x_key), "X was not deleted before the cut");
     announcements_lapse(&mem);

@@ -350,6 +350,23 @@ async fn a_nar_deleted_while_its_narinfo_is_written_takes_the_narinfo_back() {
     );
 }
 
+/// [`nar`]'s path, signed by `key`, uploaded through `up`.
+async fn published_signed_by(up: &Uploader, key: &crate::nix::SecretKey) -> NarInfo {
+    let nar = nar();
+    let mut info = narinfo_for(&nar, nar.len());
+    info.sign(key, "/nix/store");
+    up.copy_path(info.clone(), |_| async { Ok(body(nar.clone())) }, None)
+        .await
+        .unwrap();
+    info
+}
+
+/// The narinfo stored for `info`'s path.
+fn stored_narinfo(mem: &MemoryStore, info: &NarInfo) -> NarInfo {
+    let raw = mem.bytes(&object_key::narinfo(info.hash())).unwrap();
+    NarInfo::parse(std::str::from_utf8(&raw).unwrap(), "/nix/store").unwrap()
+}
+
 /// `nix store sign --store URL` sends a published narinfo back with signatures added: they
 /// are merged into the stored one, only when it describes the same contents, up to
 /// MAX_SIGNATURES (the rest left out, the upload not refused). One under a key name the path
@@ -359,19 +376,10 @@ async fn a_nar_deleted_while_its_narinfo_is_written_takes_the_narinfo_back() {
 async fn signatures_sent_for_a_published_path_are_added_to_it() {
     use crate::nix::SecretKey;
     let (mem, up) = uploader_with_access();
-    let nar = nar();
-    let mut info = narinfo_for(&nar, nar.len());
     let sd = "/nix/store";
-    let builder = SecretKey::generate("builder-1").unwrap();
-    info.sign(&builder, sd);
-    up.copy_path(info.clone(), |_| async { Ok(body(nar.clone())) }, None)
-        .await
-        .unwrap();
+    let info = published_signed_by(&up, &SecretKey::generate("builder-1").unwrap()).await;
     let key = object_key::narinfo(info.hash());
-    let stored = || {
-        let raw = mem.bytes(&key).unwrap();
-        NarInfo::parse(std::str::from_utf8(&raw).unwrap(), sd).unwrap()
-    };
+    let stored = || stored_narinfo(&mem, &info);
 
     let mut signed = info.clone();
     signed.sign(&SecretKey::generate("release-1").unwrap(), sd);
@@ -438,17 +446,8 @@ async fn with_trusted_keys_only_their_signatures_are_added() {
     let up = Uploader::new(&cfg.upload, &cfg.store_dir, store.clone())
         .with_access(Arc::new(crate::gc::access::AccessLog::new(store, 100)));
     let sd = "/nix/store";
-    let nar = nar();
-    let mut info = narinfo_for(&nar, nar.len());
-    info.sign(&trusted, sd);
-    up.copy_path(info.clone(), |_| async { Ok(body(nar.clone())) }, None)
-        .await
-        .unwrap();
-    let key = object_key::narinfo(info.hash());
-    let stored = || {
-        let raw = mem.bytes(&key).unwrap();
-        NarInfo::parse(std::str::from_utf8(&raw).unwrap(), sd).unwrap()
-    };
+    let info = published_signed_by(&up, &trusted).await;
+    let stored = || stored_narinfo(&mem, &info);
     // Unsigned by a trusted key: nothing added.
     let mut unsigned = info.clone();
     unsigned.sigs.clear();
