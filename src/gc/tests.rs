@@ -3174,6 +3174,36 @@ async fn copies_left_by_a_dead_run_are_written_back_only_whole() {
     assert!(unfinished_files(&mem).is_empty(), "{:?}", mem.keys());
 }
 
+/// A damaged upload record among those written since (which only `verify --repair` removes)
+/// does not keep a dead run's copies from being settled: every whole one is written back.
+#[tokio::test(start_paused = true)]
+async fn copies_are_settled_whole_when_the_records_since_cannot_be_read() {
+    let mem = Arc::new(MemoryStore::new());
+    let now = SystemTime::now();
+    let g = path(&mem, "g", &[], 100 * DAY, now);
+    let key = format!("{}.narinfo", g.hash);
+    super::unfinished::record(
+        mem.as_ref(),
+        "1767225599-dead",
+        [(g.hash.parse().unwrap(), &mem.bytes(&key).unwrap())],
+    )
+    .await
+    .unwrap();
+    mem.remove(&key);
+    let day = super::access::day(SystemTime::now());
+    mem.insert(&format!("_cellar/access/{day}/x-upload"), "not a record\n");
+    let r = repair(&mem, now).await;
+    assert!(has(&mem, &key), "{:?} {:?}", r.unfinished, r.repair_errors);
+    assert!(
+        r.unfinished
+            .iter()
+            .any(|l| l.contains("could not all be read")),
+        "{:?}",
+        r.unfinished
+    );
+    assert!(unfinished_files(&mem).is_empty());
+}
+
 /// `verify --repair` killed while it deletes broken narinfos leaves copies too: one an upload
 /// healed and relied on meanwhile is written back by the next run.
 #[tokio::test(start_paused = true)]

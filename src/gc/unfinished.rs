@@ -116,26 +116,40 @@ pub async fn settle(
     let Some(since) = files.iter().map(|f| f.modified).min() else {
         return Ok(Vec::new());
     };
-    // What servers used since: what the dead runs' re-reads would have found.
-    let mut acc = access::Accessed::since(since);
-    let mut used = Used::default();
-    for e in access::reread(store, &mut acc, store.now()).await? {
-        match e {
-            Entry::Path(h) => {
-                used.paths.insert(h);
-            }
-            Entry::Nar(f) => {
-                used.nars.insert(f);
-            }
-        }
-    }
+    // What servers used since: what the dead runs' re-reads would have found. If the records
+    // cannot all be read (a damaged upload record, which only `verify --repair` removes),
+    // every whole copy is written back: more than needed, never less.
     let mut said = Vec::new();
+    let mut acc = access::Accessed::since(since);
+    let used = match access::reread(store, &mut acc, store.now()).await {
+        Ok(entries) => {
+            let mut used = Used::default();
+            for e in entries {
+                match e {
+                    Entry::Path(h) => {
+                        used.paths.insert(h);
+                    }
+                    Entry::Nar(f) => {
+                        used.nars.insert(f);
+                    }
+                }
+            }
+            Some(used)
+        }
+        Err(e) => {
+            said.push(format!(
+                "the access records since a run stopped while deleting could not all be read \
+                 ({e}): every whole copy it left is written back"
+            ));
+            None
+        }
+    };
     for file in &files {
         let Some(raw) = store.get_bytes(&file.key, MAX_BYTES).await? else {
             continue;
         };
         match parse(&raw) {
-            Ok(copies) => said.extend(restore(store, store_dir, copies, &used).await?),
+            Ok(copies) => said.extend(restore(store, store_dir, copies, used.as_ref()).await?),
             Err(why) => said.push(format!("{}: {why}; removed", file.key)),
         }
         store.delete(&file.key).await?;
@@ -153,13 +167,13 @@ struct Used {
     nars: HashSet<Box<str>>,
 }
 
-/// Writes back the copies still missing that `used` names, with the copies they need, if
-/// their NAR and references are there; references first.
+/// Writes back the copies still missing that `used` names (all of them without `used`), with
+/// the copies they need, if their NAR and references are there; references first.
 async fn restore(
     store: &dyn Store,
     store_dir: &str,
     copies: Vec<(StorePathHash, Bytes)>,
-    used: &Used,
+    used: Option<&Used>,
 ) -> Result<Vec<String>, StoreError> {
     let mut said = Vec::new();
     let mut missing: HashMap<StorePathHash, (Bytes, NarInfo)> = HashMap::new();
@@ -179,10 +193,12 @@ async fn restore(
     let mut wanted: Vec<StorePathHash> = missing
         .iter()
         .filter(|(h, (_, info))| {
-            used.paths.contains(*h)
-                || info
-                    .nar_file()
-                    .is_ok_and(|f| used.nars.contains(f.as_str()))
+            used.is_none_or(|used| {
+                used.paths.contains(*h)
+                    || info
+                        .nar_file()
+                        .is_ok_and(|f| used.nars.contains(f.as_str()))
+            })
         })
         .map(|(h, _)| *h)
         .collect();

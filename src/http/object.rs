@@ -84,9 +84,9 @@ fn set_common_headers(res: &mut Response, kind: Kind) {
     h.insert(header::ACCEPT_RANGES, HeaderValue::from_static("bytes"));
 }
 
-/// The memory an xz stream's header may ask the decoder of a served log or listing for (Nix's
-/// highest level asks for 64 MiB, its default 9 MiB).
-const SERVED_XZ_MEMORY: u64 = 64 << 20;
+/// The memory an xz stream's header may ask the decoder of a served log or listing for: 65 MiB,
+/// what `xz -9` needs (Nix's default level needs 9 MiB).
+const SERVED_XZ_MEMORY: u64 = 65 << 20;
 
 /// Logs and listings decoded at once: each holds a thread while its client reads, and its
 /// decoder's memory. Beyond, they are passed on encoded (Nix reads them so; Lix cannot).

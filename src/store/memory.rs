@@ -313,16 +313,20 @@ impl MemoryStore {
 
     /// Makes `times` calls of `op` on `key` fail as an unreachable store would, after the
     /// next `skip` ones pass.
+    /// (`key` ending in `*`: every key it begins.)
     pub fn fail(&self, op: FailOp, key: &str, skip: usize, times: usize) {
         lock(&self.failing).push((op, key.to_owned(), skip, times));
     }
 
     fn take_failure(&self, op: FailOp, key: &str) -> Result<(), StoreError> {
         let mut failing = lock(&self.failing);
-        let Some(f) = failing
-            .iter_mut()
-            .find(|(o, k, _, left)| *o == op && k == key && *left > 0)
-        else {
+        let Some(f) = failing.iter_mut().find(|(o, k, _, left)| {
+            let matches = match k.strip_suffix('*') {
+                Some(prefix) => key.starts_with(prefix),
+                None => k == key,
+            };
+            *o == op && matches && *left > 0
+        }) else {
             return Ok(());
         };
         if f.2 > 0 {

@@ -279,9 +279,19 @@ impl Uploader {
             // one (a non-reproducible path pushed twice): the path keeps what it has.
             self.listings.take(hash);
             // Only by an upload that could have written the path, and whose record (naming
-            // the path and its references) is durable: see `add_signatures`.
-            let narinfo = match (&refused, &recorded) {
+            // the path and its references) is durable, or that a recent record covers: see
+            // `add_signatures`.
+            let narinfo = match (&refused, recorded) {
                 (None, Ok(())) => self.add_signatures(existing, &info).await?,
+                // Signatures to add, but no record keeps the path while they are written:
+                // the client is told (and retries), not answered as if they were stored.
+                (None, Err(e))
+                    if with_added_signatures(&existing, &info, sd, &self.trusted_keys)
+                        .merged
+                        .is_some() =>
+                {
+                    return Err(e.into());
+                }
                 _ => existing,
             };
             return Ok(Accepted {
@@ -362,12 +372,15 @@ impl Uploader {
 
     /// `published` with the signatures `sent` adds to it ([`with_added_signatures`]), written.
     /// The path is read again first, now that this upload's record (naming the path and its
-    /// references) is durable: a collector deleting it from here on sees the record and keeps
-    /// it whole (or writes it back), and one that deleted it before is seen here, so the write
-    /// never brings back a path whose references may be going.
+    /// references) is durable, or a recent one covers it: a collector deleting it from here on
+    /// sees the record and keeps it whole (or writes it back), and one that deleted it before
+    /// is seen here, so the write never brings back a path whose references may be going.
     async fn add_signatures(&self, published: NarInfo, sent: &NarInfo) -> Result<NarInfo, Error> {
         let sd = &self.store_dir;
-        if with_added_signatures(&published, sent, sd, &self.trusted_keys).is_none() {
+        if with_added_signatures(&published, sent, sd, &self.trusted_keys)
+            .merged
+            .is_none()
+        {
             return Ok(published);
         }
         let Some(now) = self.stored(published.hash()).await? else {
@@ -375,7 +388,14 @@ impl Uploader {
                 "the path was deleted meanwhile (a garbage collection); run the copy again",
             )));
         };
-        match with_added_signatures(&now, sent, sd, &self.trusted_keys) {
+        let added = with_added_signatures(&now, sent, sd, &self.trusted_keys);
+        if added.untrusted > 0 {
+            tracing::info!(path = %now.store_path, untrusted = added.untrusted, "signatures sent for a published path left out: not by one of upload.trusted_keys");
+        }
+        if added.left_out > 0 {
+            tracing::warn!(path = %now.store_path, left_out = added.left_out, "signatures sent for a published path left out: it holds {MAX_SIGNATURES} already");
+        }
+        match added.merged {
             Some(merged) => {
                 self.write_signatures(&merged).await?;
                 Ok(merged)
@@ -475,13 +495,14 @@ fn with_added_signatures(
     sent: &NarInfo,
     store_dir: &str,
     trusted_keys: &[crate::nix::PublicKey],
-) -> Option<NarInfo> {
+) -> Added {
     let fingerprint = published.fingerprint(store_dir);
     if fingerprint != sent.fingerprint(store_dir) {
-        return None;
+        return Added::default();
     }
     let mut merged = published.clone();
     let mut left_out = 0;
+    let mut untrusted = 0;
     for sig in &sent.sigs {
         if merged.sigs.contains(sig) {
             continue;
@@ -491,6 +512,7 @@ fn with_added_signatures(
                 .iter()
                 .any(|k| k.verifies(fingerprint.as_bytes(), sig))
         {
+            untrusted += 1;
             continue;
         }
         if merged.sigs.len() >= MAX_SIGNATURES {
@@ -499,8 +521,20 @@ fn with_added_signatures(
         }
         merged.sigs.push(sig.clone());
     }
-    if left_out > 0 {
-        tracing::warn!(path = %published.store_path, left_out, "signatures sent for a published path left out: it holds {MAX_SIGNATURES} already");
+    Added {
+        merged: (merged.sigs.len() > published.sigs.len()).then_some(merged),
+        untrusted,
+        left_out,
     }
-    (merged.sigs.len() > published.sigs.len()).then_some(merged)
+}
+
+/// What [`with_added_signatures`] found.
+#[derive(Default)]
+struct Added {
+    /// The narinfo with the signatures added, if any was.
+    merged: Option<NarInfo>,
+    /// Signatures left out: not by one of `upload.trusted_keys`.
+    untrusted: usize,
+    /// Signatures left out: past [`MAX_SIGNATURES`].
+    left_out: usize,
 }

@@ -467,6 +467,27 @@ async fn with_trusted_keys_only_their_signatures_are_added() {
     assert_eq!(stored().sigs, info.sigs);
 }
 
+/// Signatures to add, but the upload's record could not be written: the upload gets the
+/// error (and Nix retries), not a 200 as if they were stored.
+#[tokio::test]
+async fn signatures_without_a_record_are_refused_not_dropped() {
+    use crate::nix::SecretKey;
+    use crate::store::memory::FailOp;
+    let (mem, up) = uploader_with_access();
+    let info = published_signed_by(&up, &SecretKey::generate("builder-1").unwrap()).await;
+    mem.fail(FailOp::Write, "_cellar/access/*", 0, usize::MAX);
+    let mut signed = info.clone();
+    signed.sign(&SecretKey::generate("release-1").unwrap(), "/nix/store");
+    up.put_narinfo(info.hash(), signed.render("/nix/store").as_bytes(), None)
+        .await
+        .unwrap_err();
+    assert_eq!(stored_narinfo(&mem, &info).sigs, info.sigs);
+    // Nothing to add: answered as before, record or not.
+    up.put_narinfo(info.hash(), info.render("/nix/store").as_bytes(), None)
+        .await
+        .unwrap();
+}
+
 /// A path deleted (by a collection) between the upload's first look and its record is not
 /// brought back by a signature merge: its references may be going.
 #[tokio::test]
