@@ -108,6 +108,9 @@ pub struct Inventory {
     /// Collectors' announcements (see [`super::deleting`]).
     pub announcements: Vec<(String, Meta)>,
     pub reserved_other: Vec<(String, Meta)>,
+    /// Copies of a batch a collector is deleting, or left by one that died
+    /// ([`super::unfinished`]).
+    pub unfinished: Vec<(String, Meta)>,
 }
 
 impl Inventory {
@@ -136,7 +139,8 @@ impl Inventory {
                 Kind::Announcement => inv.announcements.push((o.key, meta)),
                 Kind::ReservedOther => inv.reserved_other.push((o.key, meta)),
                 // Settled by the next run that deletes, before it lists the store.
-                Kind::Unfinished | Kind::Other => {}
+                Kind::Unfinished => inv.unfinished.push((o.key, meta)),
+                Kind::Other => {}
             }
         }
         // Listing order differs between stores; a fixed order makes runs reproducible.

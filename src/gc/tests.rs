@@ -3046,6 +3046,18 @@ async fn a_collection_killed_while_deleting_is_settled_by_the_next_run() {
     assert!(!has(&mem, &x_key), "X was not deleted before the cut");
     assert_eq!(unfinished_files(&mem).len(), 1, "{:?}", mem.keys());
     announcements_lapse(&mem);
+    // `cellar verify` says what explains P's missing reference meanwhile.
+    let checked = super::verify::run(&store, "/nix/store", &verify_opts(now), &Quiet)
+        .await
+        .unwrap();
+    assert!(
+        checked
+            .unfinished
+            .iter()
+            .any(|l| l.contains("the next `gc --apply`")),
+        "{:?}",
+        checked.unfinished
+    );
 
     let s = gc(&mem, &cfg(), now, true).await;
     assert!(has(&mem, &x_key), "X not written back: {:?}", s.unfinished);

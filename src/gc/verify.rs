@@ -269,7 +269,7 @@ pub async fn run(
         }
     };
     report.repair_errors.extend(not_repairing);
-    report.unfinished = settled;
+    report.unfinished.splice(0..0, settled);
     match (announced, checked) {
         (Some(a), Some(c)) if c.graph.encoded().is_some() => {
             a.abandon().await;
@@ -419,6 +419,15 @@ async fn check(
     ));
     for what in store.stale_staging(opts.grace).await? {
         report.findings.push(Finding::UnfinishedUpload { what });
+    }
+    // Not findings (a run deleting now has one too), but what explains a path found missing
+    // a reference until they are settled.
+    for (key, _) in &inv.unfinished {
+        report.unfinished.push(format!(
+            "{key}: copies of narinfos a collection is deleting, or left by one that stopped \
+             while deleting them: the next `gc --apply` or `verify --repair` writes back those \
+             used since"
+        ));
     }
     let mut bad_reserved: Vec<(String, String)> = inv
         .reserved_other
