@@ -126,13 +126,15 @@ pub(super) fn decoded_for_curl(
         compression,
         xz_memory_limit_bytes: SERVED_XZ_MEMORY,
     };
-    // The slot is held for as long as the body is (until it is read or dropped).
-    let body = encoding::decode(Some(coding), obj.body, u64::MAX).map(move |chunk| {
+    // The slot is held by the encoded body, which the decoder's thread reads: for as long as
+    // that thread runs (a client gone, it stops at its next chunk), or until the answer is
+    // dropped unread (a HEAD).
+    let encoded = obj.body.map(move |chunk| {
         let _held = &slot;
         chunk
     });
     Object {
-        body: Box::pin(body),
+        body: encoding::decode(Some(coding), encoded, u64::MAX),
         length: None,
         range: None,
         encoding: None,
