@@ -8,11 +8,11 @@
 //! before it checks that the references exist, so a reference an upload relies on is either
 //! seen in time and kept, or deleted in the batch just done and written back from the copy
 //! read just before deleting it (kept in the store until the batch is settled, for the next
-//! run should this one die: [`super::unfinished`]), or already gone when the upload checks (then the upload is
-//! refused, and `nix copy` uploads the path again on its next run). NARs, listings and
-//! realisations go after all narinfos, then logs, then expired access records; NARs are
-//! announced before the re-read that precedes their batch, many batches at once, and the
-//! collector waits `deleting::SETTLE` after naming new ones ([`super::deleting`]), since a
+//! run should this one die: [`super::unfinished`]), or already gone when the upload checks
+//! (then the upload is refused, and `nix copy` uploads the path again on its next run). NARs,
+//! listings and realisations go after all narinfos, then logs, then expired access records;
+//! NARs are announced before the re-read that precedes their batch, many batches at once, and
+//! the collector waits `deleting::SETTLE` after naming new ones ([`super::deleting`]), since a
 //! deleted NAR cannot be written back. If the records cannot be read, nothing more is deleted.
 
 use std::collections::{HashMap, HashSet};
