@@ -315,6 +315,10 @@ mod tests {
         let raw = render([(a, &x), (b, &y)]);
         assert_eq!(parse(&raw).unwrap(), vec![(a, x), (b, y)]);
         assert!(parse(&raw[..raw.len() - 2]).is_err(), "cut short");
+        assert!(
+            parse(&raw[..raw.len() - 1]).is_err(),
+            "without its last newline"
+        );
         assert!(parse(b"something else\n").is_err());
         assert_eq!(parse(&render([])).unwrap(), vec![]);
     }
