@@ -2,7 +2,7 @@
 //! configured store through the same verification as HTTP uploads, references first. Paths
 //! already in the store are skipped, so running it again imports nothing.
 
-use std::collections::{HashMap, HashSet, VecDeque};
+use std::collections::{HashMap, HashSet};
 use std::path::{Path, PathBuf};
 
 use futures::StreamExt as _;
@@ -12,8 +12,8 @@ use tokio_util::io::ReaderStream;
 
 use crate::error::{Error, UploadError};
 use crate::nix::{
-    DebugInfoLink, DebugInfoName, NarFileName, NarInfo, StorePathBaseName, StorePathHash,
-    MAX_DEBUGINFO_BYTES, MAX_NARINFO_BYTES,
+    references_first, DebugInfoLink, DebugInfoName, NarFileName, NarInfo, StorePathBaseName,
+    StorePathHash, MAX_DEBUGINFO_BYTES, MAX_NARINFO_BYTES,
 };
 use crate::store::{object_key, Store};
 use crate::upload::{Uploader, MAX_LISTING_BYTES, MAX_LOG_BYTES};
@@ -50,54 +50,6 @@ impl Progress for () {
 
 /// Files are read in chunks this large (as an HTTP body would arrive).
 const READ_CHUNK: usize = 256 * 1024;
-
-/// Orders entries so that every path comes after the paths it references (within the set).
-fn references_first(entries: &HashMap<StorePathHash, NarInfo>) -> Vec<StorePathHash> {
-    let mut indegree: HashMap<StorePathHash, usize> = HashMap::new();
-    let mut dependents: HashMap<StorePathHash, Vec<StorePathHash>> = HashMap::new();
-    for (h, info) in entries {
-        let deps: HashSet<StorePathHash> = info
-            .references
-            .iter()
-            .map(StorePathBaseName::hash)
-            .filter(|r| r != h && entries.contains_key(r))
-            .collect();
-        indegree.insert(*h, deps.len());
-        for d in deps {
-            dependents.entry(d).or_default().push(*h);
-        }
-    }
-    let mut ready: Vec<StorePathHash> = indegree
-        .iter()
-        .filter(|(_, n)| **n == 0)
-        .map(|(h, _)| *h)
-        .collect();
-    ready.sort();
-    let mut queue: VecDeque<StorePathHash> = ready.into();
-    let mut order = Vec::with_capacity(entries.len());
-    while let Some(h) = queue.pop_front() {
-        order.push(h);
-        for d in dependents.get(&h).into_iter().flatten() {
-            if let Some(n) = indegree.get_mut(d) {
-                *n -= 1;
-                if *n == 0 {
-                    queue.push_back(*d);
-                }
-            }
-        }
-    }
-    // A reference cycle cannot happen in a Nix store; if a directory has one anyway, the
-    // remaining paths go last and fail the reference check with a clear message.
-    let placed: HashSet<StorePathHash> = order.iter().copied().collect();
-    let mut rest: Vec<StorePathHash> = entries
-        .keys()
-        .filter(|h| !placed.contains(h))
-        .copied()
-        .collect();
-    rest.sort();
-    order.extend(rest);
-    order
-}
 
 fn read_err(path: &Path) -> impl FnOnce(std::io::Error) -> ImportError + '_ {
     move |source| ImportError::Read {

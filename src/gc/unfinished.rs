@@ -25,7 +25,7 @@ use futures::TryStreamExt as _;
 
 use super::access::{self, Entry};
 use super::RESERVED_PREFIX;
-use crate::nix::{NarInfo, StorePathHash};
+use crate::nix::{references_first, NarInfo, StorePathHash};
 use crate::store::{object_key, ObjectInfo, Store, StoreError};
 
 /// Where the copies live, under [`RESERVED_PREFIX`].
@@ -176,7 +176,9 @@ async fn restore(
     used: Option<&Used>,
 ) -> Result<Vec<String>, StoreError> {
     let mut said = Vec::new();
-    let mut missing: HashMap<StorePathHash, (Bytes, NarInfo)> = HashMap::new();
+    // The copies still missing: parsed, and as they were stored.
+    let mut missing: HashMap<StorePathHash, NarInfo> = HashMap::new();
+    let mut bodies: HashMap<StorePathHash, Bytes> = HashMap::new();
     for (h, body) in copies {
         let key = object_key::narinfo(h);
         if store.head(&key).await?.is_some() {
@@ -184,7 +186,8 @@ async fn restore(
         }
         match NarInfo::parse_for(&body, store_dir, h) {
             Ok(info) => {
-                missing.insert(h, (body, info));
+                missing.insert(h, info);
+                bodies.insert(h, body);
             }
             Err(e) => said.push(format!("not writing back {key}: {e}")),
         }
@@ -192,7 +195,7 @@ async fn restore(
     // Named, and what they need among the copies (a path relied on keeps its closure).
     let mut wanted: Vec<StorePathHash> = missing
         .iter()
-        .filter(|(h, (_, info))| {
+        .filter(|(h, info)| {
             used.is_none_or(|used| {
                 used.paths.contains(*h)
                     || info
@@ -207,7 +210,6 @@ async fn restore(
         if needed.insert(h) {
             wanted.extend(
                 missing[&h]
-                    .1
                     .references
                     .iter()
                     .map(|r| r.hash())
@@ -220,7 +222,7 @@ async fn restore(
         if !needed.contains(&h) {
             continue;
         }
-        let (body, info) = &missing[&h];
+        let (body, info) = (&bodies[&h], &missing[&h]);
         let key = object_key::narinfo(h);
         if let Some(why) = incomplete(store, h, info, &back).await? {
             said.push(format!(
@@ -268,36 +270,6 @@ async fn incomplete(
         }
     }
     Ok(None)
-}
-
-/// The keys of `missing`, each after those of its references that are among them.
-fn references_first(missing: &HashMap<StorePathHash, (Bytes, NarInfo)>) -> Vec<StorePathHash> {
-    let mut keys: Vec<StorePathHash> = missing.keys().copied().collect();
-    keys.sort();
-    let mut done = HashSet::new();
-    let mut out = Vec::with_capacity(keys.len());
-    for start in keys {
-        let mut stack = vec![(start, false)];
-        while let Some((h, expanded)) = stack.pop() {
-            if expanded {
-                if done.insert(h) {
-                    out.push(h);
-                }
-                continue;
-            }
-            if done.contains(&h) {
-                continue;
-            }
-            stack.push((h, true));
-            for r in &missing[&h].1.references {
-                let rh = r.hash();
-                if rh != h && missing.contains_key(&rh) && !done.contains(&rh) {
-                    stack.push((rh, false));
-                }
-            }
-        }
-    }
-    out
 }
 
 #[cfg(test)]

@@ -13,6 +13,6 @@ pub use compression::Compression;
 pub use debuginfo::{DebugInfoLink, DebugInfoName, MAX_DEBUGINFO_BYTES};
 pub use hash::{Sha256, StorePathHash};
 pub use names::{NarFileName, OutputName, RealisationName, StorePathBaseName, TopLevelFile};
-pub use narinfo::{NarInfo, NarInfoError, NarUrlError, MAX_NARINFO_BYTES};
+pub use narinfo::{references_first, NarInfo, NarInfoError, NarUrlError, MAX_NARINFO_BYTES};
 pub use realisation::{Realisation, RealisationError};
 pub use signing::{PublicKey, SecretKey, Signature};

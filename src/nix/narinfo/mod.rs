@@ -22,6 +22,7 @@
 //! Signatures cover only the fingerprint `1;<StorePath>;<NarHash>;<NarSize>;<refs>`, not the URL,
 //! Compression, FileHash or FileSize fields.
 
+use std::collections::{HashMap, HashSet, VecDeque};
 use std::fmt::Write as _;
 
 use thiserror::Error;
@@ -393,6 +394,54 @@ impl NarInfo {
         }
         s
     }
+}
+
+/// Orders entries so that every path comes after the paths it references (within the set).
+pub fn references_first(entries: &HashMap<StorePathHash, NarInfo>) -> Vec<StorePathHash> {
+    let mut indegree: HashMap<StorePathHash, usize> = HashMap::new();
+    let mut dependents: HashMap<StorePathHash, Vec<StorePathHash>> = HashMap::new();
+    for (h, info) in entries {
+        let deps: HashSet<StorePathHash> = info
+            .references
+            .iter()
+            .map(StorePathBaseName::hash)
+            .filter(|r| r != h && entries.contains_key(r))
+            .collect();
+        indegree.insert(*h, deps.len());
+        for d in deps {
+            dependents.entry(d).or_default().push(*h);
+        }
+    }
+    let mut ready: Vec<StorePathHash> = indegree
+        .iter()
+        .filter(|(_, n)| **n == 0)
+        .map(|(h, _)| *h)
+        .collect();
+    ready.sort();
+    let mut queue: VecDeque<StorePathHash> = ready.into();
+    let mut order = Vec::with_capacity(entries.len());
+    while let Some(h) = queue.pop_front() {
+        order.push(h);
+        for d in dependents.get(&h).into_iter().flatten() {
+            if let Some(n) = indegree.get_mut(d) {
+                *n -= 1;
+                if *n == 0 {
+                    queue.push_back(*d);
+                }
+            }
+        }
+    }
+    // A reference cycle cannot happen in a Nix store; if a directory has one anyway, the
+    // remaining paths go last and fail the reference check with a clear message.
+    let placed: HashSet<StorePathHash> = order.iter().copied().collect();
+    let mut rest: Vec<StorePathHash> = entries
+        .keys()
+        .filter(|h| !placed.contains(h))
+        .copied()
+        .collect();
+    rest.sort();
+    order.extend(rest);
+    order
 }
 
 #[cfg(test)]
