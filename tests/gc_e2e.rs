@@ -26,9 +26,14 @@ async fn pinned_and_recently_read_closures_survive_gc_and_substitute() {
     let expired = build_closure("gc-e2e-expired", w);
     let data = w.join("data");
     copy_to_dir(&[&pinned.top, &read.top, &expired.top], &data, w);
+    let env = local_env(&data);
+    // cellar has served the cache since then: the first collection (the timer's) wrote when
+    // its access records began.
+    let out = cellar(&["gc", "--apply"], &env);
+    assert!(out.status.success(), "{}", text(&out));
+    assert!(data.join("_cellar/records-began").exists());
     // Everything was uploaded 100 days ago, beyond the default retention of 30 days.
     age_files(&data, Duration::from_secs(100 * 86400));
-    let env = local_env(&data);
 
     let out = cellar(&["pin", "add", "release", &pinned.top], &env);
     assert!(out.status.success(), "{}", text(&out));
@@ -188,6 +193,71 @@ async fn pinned_and_recently_read_closures_survive_gc_and_substitute() {
     );
     let out = cellar(&["pin", "add", "../escape", &pinned.top], &env);
     assert!(!out.status.success() && text(&out).contains("invalid pin name"));
+}
+
+/// A cache written by `nix copy --to` long before cellar was put in front of it: no record
+/// names its paths, since no cellar served them, so the first collections keep them all; once
+/// the records cover a whole retention, what nobody used in it goes, and what was used stays
+/// whole.
+#[tokio::test(flavor = "multi_thread")]
+async fn a_cache_from_before_cellar_keeps_its_paths_until_the_records_cover_the_retention() {
+    let work = tempfile::tempdir().unwrap();
+    let w = work.path();
+    let used = build_closure("gc-e2e-before-used", w);
+    let unused = build_closure("gc-e2e-before-unused", w);
+    let data = w.join("data");
+    copy_to_dir(&[&used.top, &unused.top], &data, w);
+    age_files(&data, Duration::from_secs(100 * 86400));
+    let env = local_env(&data);
+    let narinfo = |p: &str| data.join(format!("{}.narinfo", hash_of(p)));
+
+    // Installed today; a client reads one closure; the nightly collection runs.
+    let srv = Server::start(env.clone());
+    substitute_and_verify(&srv.url, &srv.public_key, &used.top, &w.join("day-1"));
+    srv.stop();
+    let out = cellar(&["gc", "--apply"], &env);
+    let summary = text(&out);
+    assert!(out.status.success(), "{summary}");
+    assert!(
+        summary.contains("note: cellar's access records began on"),
+        "{summary}"
+    );
+    assert!(
+        summary.contains("written before the access records began"),
+        "{summary}"
+    );
+    for p in used.paths.iter().chain(&unused.paths) {
+        assert!(narinfo(p).exists(), "{p} went on the first day:\n{summary}");
+    }
+    assert!(data.join("_cellar/records-began").exists());
+
+    // 31 days on (the default retention is 30), read again: the unused closure goes whole, the
+    // used one stays whole.
+    age_files(&data, Duration::from_secs(31 * 86400));
+    let srv = Server::start(env.clone());
+    substitute_and_verify(&srv.url, &srv.public_key, &used.top, &w.join("day-32"));
+    srv.stop();
+    // Except what shares a NAR with the used closure (both sources, and a leaf built to the
+    // same bytes): a NAR read is a use of every path it holds.
+    let used_nars: Vec<String> = used.paths.iter().map(|p| nar_url(&data, p)).collect();
+    let gone: Vec<&String> = unused
+        .paths
+        .iter()
+        .filter(|p| !used_nars.contains(&nar_url(&data, p)))
+        .collect();
+    assert!(gone.contains(&&unused.top));
+    let out = cellar(&["gc", "--apply"], &env);
+    let summary = text(&out);
+    assert!(out.status.success(), "{summary}");
+    assert!(
+        !summary.contains("note: cellar's access records"),
+        "{summary}"
+    );
+    for p in gone {
+        assert!(!narinfo(p).exists(), "{p} stayed:\n{summary}");
+    }
+    let srv = Server::start(env);
+    substitute_and_verify(&srv.url, &srv.public_key, &used.top, &w.join("after"));
 }
 
 /// Nix keeps the narinfos it read in its own cache for 30 days: the same user substituting

@@ -40,6 +40,8 @@ pub enum Kind {
     /// Copies of a batch a collector is deleting ([`super::unfinished`]): settled by the next
     /// run that deletes, never a finding.
     Unfinished,
+    /// When the access records began ([`super::began`]).
+    RecordsBegan,
     /// Under the reserved prefix, but neither an access record, a pin nor an announcement.
     ReservedOther,
     /// Not part of the layout cellar manages.
@@ -61,6 +63,8 @@ pub fn classify(key: &str) -> Kind {
             Kind::Announcement
         } else if rest.starts_with(super::unfinished::DIR) {
             Kind::Unfinished
+        } else if rest == super::began::NAME {
+            Kind::RecordsBegan
         } else {
             Kind::ReservedOther
         };
@@ -111,6 +115,8 @@ pub struct Inventory {
     /// Copies of a batch a collector is deleting, or left by one that died
     /// ([`super::unfinished`]).
     pub unfinished: Vec<(String, Meta)>,
+    /// `_cellar/records-began`, if the store has it ([`super::began`]).
+    pub records_began: Option<Meta>,
 }
 
 impl Inventory {
@@ -140,6 +146,7 @@ impl Inventory {
                 Kind::ReservedOther => inv.reserved_other.push((o.key, meta)),
                 // Settled by the next run that deletes, before it lists the store.
                 Kind::Unfinished => inv.unfinished.push((o.key, meta)),
+                Kind::RecordsBegan => inv.records_began = Some(meta),
                 Kind::Other => {}
             }
         }
@@ -184,6 +191,8 @@ mod tests {
             classify("_cellar/unfinished/1767225599-ab12"),
             Kind::Unfinished
         );
+        assert_eq!(classify("_cellar/records-began"), Kind::RecordsBegan);
+        assert_eq!(classify("_cellar/records-began.bak"), Kind::ReservedOther);
         assert_eq!(classify("_cellar/junk"), Kind::ReservedOther);
         assert_eq!(classify("nix-cache-info"), Kind::Other);
         assert_eq!(classify("nar/not-a-nar"), Kind::Other);

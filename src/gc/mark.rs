@@ -30,6 +30,9 @@ pub enum Reason {
     Referenced,
     /// Not used within the retention, not pinned, not referenced by anything kept.
     Expired,
+    /// Written before the access records began, within the retention of that time: no use
+    /// of it could have been recorded yet ([`super::began`]).
+    Unrecorded,
     /// Recently used, but evicted to fit `gc.max_bytes`.
     OverBudget,
 }
@@ -38,7 +41,12 @@ impl Reason {
     pub fn kept(self) -> bool {
         matches!(
             self,
-            Self::Pinned | Self::Young | Self::Uploading | Self::Recent | Self::Referenced
+            Self::Pinned
+                | Self::Young
+                | Self::Uploading
+                | Self::Recent
+                | Self::Referenced
+                | Self::Unrecorded
         )
     }
 
@@ -49,6 +57,7 @@ impl Reason {
             Self::Uploading => "named by an upload in progress",
             Self::Recent => "used within the retention",
             Self::Referenced => "referenced by a kept path",
+            Self::Unrecorded => "written before the access records began",
             Self::Expired => "expired",
             Self::OverBudget => "over gc.max_bytes",
         }
@@ -61,14 +70,18 @@ pub struct Roots {
     uploading: Vec<bool>,
     /// The last use within the retention, if any.
     recent: Vec<Option<SystemTime>>,
+    /// When the access records began, if within the retention: every path counts as used
+    /// then at the latest ([`super::began`]).
+    began: Option<SystemTime>,
     cutoff: SystemTime,
     /// Pinned paths that have no narinfo (`pin: path`).
     pub unresolved_pins: Vec<String>,
 }
 
 impl Roots {
-    /// Young narinfos and narinfos written within the retention (an upload is a use).
-    pub fn new(graph: &Graph, cfg: &GcConfig, now: SystemTime) -> Self {
+    /// Young narinfos and narinfos written within the retention (an upload is a use), and
+    /// every path as used when the access records `began`, if that is within the retention.
+    pub fn new(graph: &Graph, cfg: &GcConfig, now: SystemTime, began: SystemTime) -> Self {
         let grace_cutoff = now.checked_sub(cfg.grace).unwrap_or(SystemTime::UNIX_EPOCH);
         let cutoff = now.checked_sub(cfg.keep).unwrap_or(SystemTime::UNIX_EPOCH);
         let young = graph
@@ -86,6 +99,7 @@ impl Roots {
             young,
             uploading: vec![false; graph.len()],
             recent,
+            began: (began > cutoff).then_some(began),
             cutoff,
             unresolved_pins: Vec::new(),
         }
@@ -195,22 +209,28 @@ pub fn mark(graph: &Graph, roots: &Roots, max_bytes: Option<u64>, sizes: &[u64])
             total += sizes[j as usize];
         }
     }
-    let mut recent: Vec<(SystemTime, u32)> = roots
+    // A path with no use recorded counts as used when the records began, if within the
+    // retention: none could have been recorded before.
+    let mut recent: Vec<(SystemTime, u32, Reason)> = roots
         .recent
         .iter()
         .enumerate()
-        .filter_map(|(i, t)| t.map(|t| (t, i as u32)))
+        .filter_map(|(i, t)| match (*t, roots.began) {
+            (Some(t), _) => Some((t, i as u32, Reason::Recent)),
+            (None, Some(b)) => Some((b, i as u32, Reason::Unrecorded)),
+            (None, None) => None,
+        })
         .collect();
     // Most recent first; ties by index so runs are reproducible.
     recent.sort_unstable_by(|a, b| b.0.cmp(&a.0).then(a.1.cmp(&b.1)));
-    for (_, i) in recent {
+    for (_, i, why) in recent {
         if kept[i as usize] {
-            if reason[i as usize] == Some(Reason::Referenced) {
+            if why == Reason::Recent && reason[i as usize] == Some(Reason::Referenced) {
                 reason[i as usize] = Some(Reason::Recent);
             }
             continue;
         }
-        let newly = keep_closure(i, Reason::Recent, &mut kept, &mut reason);
+        let newly = keep_closure(i, why, &mut kept, &mut reason);
         let add: u64 = newly.iter().map(|&j| sizes[j as usize]).sum();
         if max_bytes.is_some_and(|b| total + add > b) {
             // Strict LRU: this root and every older one go.
@@ -225,7 +245,7 @@ pub fn mark(graph: &Graph, roots: &Roots, max_bytes: Option<u64>, sizes: &[u64])
     let reason = (0..n)
         .map(|i| match reason[i] {
             Some(r) if kept[i] => r,
-            _ if roots.recent[i].is_some() => Reason::OverBudget,
+            _ if roots.recent[i].is_some() || roots.began.is_some() => Reason::OverBudget,
             _ => Reason::Expired,
         })
         .collect();

@@ -24,6 +24,7 @@ fn reason_label(r: Reason) -> &'static str {
         Reason::Uploading => "uploading",
         Reason::Recent => "recent",
         Reason::Referenced => "referenced",
+        Reason::Unrecorded => "unrecorded",
         Reason::Expired => "expired",
         Reason::OverBudget => "over_budget",
     }
@@ -327,6 +328,7 @@ mod tests {
             (Reason::Uploading, "kept", "uploading"),
             (Reason::Recent, "kept", "recent"),
             (Reason::Referenced, "kept", "referenced"),
+            (Reason::Unrecorded, "kept", "unrecorded"),
             (Reason::Expired, "deleted", "expired"),
             (Reason::OverBudget, "deleted", "over_budget"),
         ];

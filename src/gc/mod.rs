@@ -19,6 +19,7 @@
 //! into a cache file name first, and none of them starts with `_`.
 
 pub mod access;
+mod began;
 pub mod deleting;
 mod graph;
 mod inventory;
@@ -67,6 +68,13 @@ pub enum GcError {
          --repair` removes it)"
     )]
     BadUploadRecord { key: String, reason: String },
+    /// When the access records began is unknown, so a path no record names could be one
+    /// used before them.
+    #[error(
+        "{key} cannot be read ({reason}), so nothing was collected: delete it, and the next \
+         `cellar gc --apply` writes it again from the oldest access record in the store"
+    )]
+    BadRecordsBegan { key: String, reason: String },
     /// Another collector (`gc --apply` or `verify --repair`) is deleting: one at a time.
     #[error(
         "another collection is running ({key}, written {secs} s ago), so nothing was deleted: \
@@ -231,7 +239,8 @@ async fn read_and_plan(
     let sizes: Vec<u64> = (0..graph.len() as u32)
         .map(|i| mark::path_bytes(&graph, &inv.nars, i))
         .collect();
-    let mut roots = mark::Roots::new(&graph, cfg, opts.now);
+    let began = began::establish(store.as_ref(), &inv, opts.now, opts.apply).await?;
+    let mut roots = mark::Roots::new(&graph, cfg, opts.now, began);
     let acc = access::read_all(store.as_ref(), &inv.access, cfg.keep, opts.now).await?;
     if let Some((key, reason)) = acc.bad_uploads.first().cloned() {
         return Err(GcError::BadUploadRecord { key, reason });
@@ -249,6 +258,7 @@ async fn read_and_plan(
     let plan = sweep::Plan::new(&graph, &inv, &marked, contents, cfg, opts.now, &acc);
     let mut summary = Summary::new(&marked, &plan, &sizes);
     summary.unresolved_pins = roots.unresolved_pins;
+    summary.records_began = (began + cfg.keep > opts.now).then(|| (began, began + cfg.keep));
     summary.bad_records = acc
         .bad
         .iter()

@@ -61,6 +61,9 @@ pub struct Summary {
     /// What was done with the copies a run that died while deleting left
     /// ([`super::unfinished`]), a line each.
     pub unfinished: Vec<String>,
+    /// When the access records began and when the paths written before, unused since, go, if
+    /// the records do not cover the retention yet ([`super::began`]).
+    pub records_began: Option<(std::time::SystemTime, std::time::SystemTime)>,
     pub errors: Vec<String>,
 }
 
@@ -186,6 +189,18 @@ impl fmt::Display for Summary {
         }
         for u in &self.unfinished {
             writeln!(f, "{u}")?;
+        }
+        if let Some((began, until)) = self.records_began {
+            if self.paths.contains_key(&Reason::Unrecorded) {
+                writeln!(
+                    f,
+                    "note: cellar's access records began on {}: no use of a path before that is \
+                     known, so the paths written before it count as used then (kept until {} \
+                     unless used)",
+                    super::access::day(began),
+                    super::access::day(until)
+                )?;
+            }
         }
         for p in &self.unresolved_pins {
             writeln!(f, "warning: pin {p} is not in the cache")?;

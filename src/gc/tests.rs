@@ -109,13 +109,27 @@ async fn gc(
     .unwrap()
 }
 
+/// A store whose access records began long ago, as one cellar has served for years: what
+/// no record names was not used within the retention. (See `records_began_*` for a store
+/// cellar has just been put in front of.)
+fn served_for_years() -> MemoryStore {
+    let mem = MemoryStore::new();
+    let long_ago = SystemTime::UNIX_EPOCH + 365 * DAY;
+    mem.insert_at(
+        "_cellar/records-began",
+        "cellar-records-began 1\n31536000\n",
+        long_ago,
+    );
+    mem
+}
+
 fn has(mem: &MemoryStore, key: &str) -> bool {
     mem.keys().iter().any(|k| k == key)
 }
 
 #[tokio::test(start_paused = true)]
 async fn keeps_pinned_recent_and_young_closures_and_deletes_the_rest_whole() {
-    let mem = Arc::new(MemoryStore::new());
+    let mem = Arc::new(served_for_years());
     let now = SystemTime::now();
     let old = 100 * DAY;
     let shared = path(&mem, "shared", &[], old, now);
@@ -167,9 +181,217 @@ async fn keeps_pinned_recent_and_young_closures_and_deletes_the_rest_whole() {
     assert!(has(&mem, "_cellar/pins/release"));
 }
 
+/// The time `_cellar/records-began` holds, if the store has it.
+fn records_began(mem: &MemoryStore) -> Option<String> {
+    let raw = mem.bytes("_cellar/records-began")?;
+    String::from_utf8(raw.to_vec())
+        .unwrap()
+        .strip_prefix("cellar-records-began 1\n")
+        .map(|t| t.trim().to_owned())
+}
+
+fn secs(t: SystemTime) -> String {
+    t.duration_since(SystemTime::UNIX_EPOCH)
+        .unwrap()
+        .as_secs()
+        .to_string()
+}
+
+/// A bucket cellar was put in front of a week ago, with paths from before it (`nix copy --to
+/// s3://…`): no use of those could be recorded, so they count as used when the records began
+/// and go only once the records have covered the retention without a use of them.
+#[tokio::test(start_paused = true)]
+async fn paths_from_before_the_access_records_began_get_a_whole_retention() {
+    let mem = Arc::new(MemoryStore::new());
+    let now = SystemTime::now();
+    let old = 100 * DAY;
+    let dep = path(&mem, "dep", &[], old, now);
+    let unread = path(&mem, "unread", &[&dep], old, now);
+    let lib = path(&mem, "lib", &[], old, now);
+    let read = path(&mem, "read", &[&lib], old, now);
+    // cellar's first record, a week ago, and one naming the path read since.
+    let first = now - 7 * DAY;
+    mem.insert_at("_cellar/access/x/p-0", render::<Entry>([]), first);
+    mem.insert_at(
+        "_cellar/access/x/p-1",
+        render([Entry::Path(read.hash.parse().unwrap())]),
+        now - DAY,
+    );
+
+    let dry = gc(&mem, &cfg(), now, false).await;
+    assert_eq!(dry.deleted_paths(), 0, "{dry}");
+    assert_eq!(records_began(&mem), None, "a dry run writes nothing");
+    let s = gc(&mem, &cfg(), now, true).await;
+    assert_eq!(s.deleted_paths(), 0, "{s}");
+    // `dep` counts as a root of its own: written before the records too.
+    assert_eq!(s.paths[&super::mark::Reason::Unrecorded].count, 2, "{s}");
+    assert_eq!(s.paths[&super::mark::Reason::Recent].count, 1, "{s}");
+    // What a path used since refers to is kept for that, as ever.
+    assert_eq!(s.paths[&super::mark::Reason::Referenced].count, 1, "{s}");
+    let text = s.to_string();
+    let until = super::access::day(first + 30 * DAY);
+    assert!(
+        text.contains("written before the access records began")
+            && text.contains(&format!("began on {}", super::access::day(first)))
+            && text.contains(&format!("kept until {until}")),
+        "{text}"
+    );
+    assert_eq!(
+        records_began(&mem),
+        Some(secs(first)),
+        "the oldest record's time"
+    );
+
+    // Once the records have covered the retention, what none of them names goes, although
+    // the records of the first week have gone meanwhile: the file keeps when they began.
+    let later = first + 31 * DAY;
+    let s = gc(&mem, &cfg(), later, true).await;
+    assert!(
+        !has(&mem, "_cellar/access/x/p-0"),
+        "the first record expired"
+    );
+    assert_eq!(s.deleted_narinfos, Some(2), "{s}");
+    assert!(!has(&mem, &format!("{}.narinfo", unread.hash)));
+    assert!(!has(&mem, &format!("{}.narinfo", dep.hash)));
+    assert!(
+        has(&mem, &format!("{}.narinfo", read.hash)),
+        "read within the retention"
+    );
+    assert!(!s.to_string().contains("began on"), "{s}");
+}
+
+/// The note on when the records began is there only when a path is kept for it.
+#[tokio::test(start_paused = true)]
+async fn no_note_when_every_path_from_before_was_used_since() {
+    let mem = Arc::new(MemoryStore::new());
+    let now = SystemTime::now();
+    let read = path(&mem, "read", &[], 100 * DAY, now);
+    mem.insert_at(
+        "_cellar/access/x/p-0",
+        render([Entry::Path(read.hash.parse().unwrap())]),
+        now - DAY,
+    );
+    let s = gc(&mem, &cfg(), now, true).await;
+    assert_eq!(s.paths[&super::mark::Reason::Recent].count, 1, "{s}");
+    assert!(!s.to_string().contains("began on"), "{s}");
+}
+
+/// With no record at all (a store only `cellar gc` has seen so far), the records begin now.
+#[tokio::test(start_paused = true)]
+async fn with_no_record_yet_the_records_begin_with_the_first_collection() {
+    let mem = Arc::new(MemoryStore::new());
+    let now = SystemTime::now();
+    let p = path(&mem, "p", &[], 100 * DAY, now);
+    let s = gc(&mem, &cfg(), now, true).await;
+    assert_eq!(s.deleted_paths(), 0, "{s}");
+    assert_eq!(records_began(&mem), Some(secs(now)));
+    // The file's time stands, whatever records come later.
+    mem.insert_at("_cellar/access/x/p-0", render::<Entry>([]), now + 20 * DAY);
+    gc(&mem, &cfg(), now + 29 * DAY, true).await;
+    assert!(has(&mem, &format!("{}.narinfo", p.hash)));
+    gc(&mem, &cfg(), now + 31 * DAY, true).await;
+    assert!(!has(&mem, &format!("{}.narinfo", p.hash)));
+}
+
+/// A record dated after the run (a local store written by a machine whose clock is ahead)
+/// does not put the beginning in the future, where it would keep everything longer.
+#[tokio::test(start_paused = true)]
+async fn a_record_dated_after_the_run_does_not_put_the_beginning_later() {
+    let mem = Arc::new(MemoryStore::new());
+    let now = SystemTime::now();
+    path(&mem, "p", &[], 100 * DAY, now);
+    mem.insert_at("_cellar/access/x/p-0", render::<Entry>([]), now + 5 * DAY);
+    gc(&mem, &cfg(), now, true).await;
+    assert_eq!(records_began(&mem), Some(secs(now)));
+}
+
+/// The records began no later than the file was written: a file whose time says later (a
+/// local store's file times set back, as when it is restored from a backup) counts from
+/// when it was written.
+#[tokio::test(start_paused = true)]
+async fn the_records_began_by_the_earlier_of_the_file_and_its_time() {
+    let mem = Arc::new(MemoryStore::new());
+    let now = SystemTime::now();
+    let p = path(&mem, "p", &[], 100 * DAY, now);
+    let said = format!("cellar-records-began 1\n{}\n", secs(now));
+    mem.insert_at("_cellar/records-began", said.clone(), now - 40 * DAY);
+    gc(&mem, &cfg(), now, true).await;
+    assert!(
+        !has(&mem, &format!("{}.narinfo", p.hash)),
+        "written 40 days ago"
+    );
+
+    let mem = Arc::new(MemoryStore::new());
+    let p = path(&mem, "p", &[], 100 * DAY, now);
+    mem.insert_at("_cellar/records-began", said, now);
+    gc(&mem, &cfg(), now, true).await;
+    assert!(
+        has(&mem, &format!("{}.narinfo", p.hash)),
+        "records began now"
+    );
+}
+
+/// Under `gc.max_bytes`, paths from before the records are the least recently used: any
+/// path used since goes after them.
+#[tokio::test(start_paused = true)]
+async fn a_byte_budget_evicts_paths_from_before_the_records_first() {
+    let mem = Arc::new(MemoryStore::new());
+    let now = SystemTime::now();
+    let before = path(&mem, "before", &[], 100 * DAY, now);
+    let read = path(&mem, "read", &[], 100 * DAY, now);
+    mem.insert_at("_cellar/access/x/p-0", render::<Entry>([]), now - 7 * DAY);
+    mem.insert_at(
+        "_cellar/access/x/p-1",
+        render([Entry::Path(read.hash.parse().unwrap())]),
+        now - DAY,
+    );
+    let all = gc(&mem, &cfg(), now, false).await;
+    let kept: u64 = all.paths.values().map(|t| t.bytes).sum();
+    let budget = GcConfig {
+        max_bytes: Some(kept - 1),
+        ..cfg()
+    };
+    let s = gc(&mem, &budget, now, true).await;
+    assert_eq!(s.paths[&super::mark::Reason::OverBudget].count, 1, "{s}");
+    assert!(!has(&mem, &format!("{}.narinfo", before.hash)));
+    assert!(has(&mem, &format!("{}.narinfo", read.hash)));
+}
+
+/// A file that does not parse leaves when the records began unknown: nothing is collected.
+#[tokio::test(start_paused = true)]
+async fn a_damaged_records_began_file_stops_the_run() {
+    let mem = Arc::new(MemoryStore::new());
+    let now = SystemTime::now();
+    path(&mem, "p", &[], 100 * DAY, now);
+    mem.insert_at("_cellar/records-began", "yesterday", now - 40 * DAY);
+    let before = mem.keys();
+    let store: Arc<dyn Store> = mem.clone();
+    let r = run(&store, "/nix/store", &cfg(), &applying(now), &Quiet).await;
+    let Err(e) = r else { panic!("collected") };
+    assert!(matches!(e, super::GcError::BadRecordsBegan { .. }), "{e}");
+    assert!(e.to_string().contains("_cellar/records-began"), "{e}");
+    assert_eq!(mem.keys(), before);
+
+    // `cellar verify` names it; `--repair` deletes it, and the next collection writes it
+    // again from the records there are (none here: now).
+    let r = repair(&mem, now).await;
+    assert!(
+        r.findings.iter().any(|f| matches!(f,
+            super::verify::Finding::BadReserved { key, .. } if key == "_cellar/records-began")),
+        "{:?}",
+        r.findings
+    );
+    assert!(!has(&mem, "_cellar/records-began"));
+    let s = gc(&mem, &cfg(), now, true).await;
+    assert_eq!(s.deleted_paths(), 0, "{s}");
+    assert_eq!(records_began(&mem), Some(secs(now)));
+    let r = repair(&mem, now).await;
+    assert!(r.findings.is_empty(), "{:?}", r.findings);
+}
+
 #[tokio::test(start_paused = true)]
 async fn only_pins_are_roots_with_zero_retention_and_nothing_young_is_deleted() {
-    let mem = Arc::new(MemoryStore::new());
+    let mem = Arc::new(served_for_years());
     let now = SystemTime::now();
     let read = path(&mem, "read", &[], 10 * DAY, now);
     let young = path(&mem, "young", &[], Duration::from_secs(10), now);
@@ -199,7 +421,7 @@ async fn only_pins_are_roots_with_zero_retention_and_nothing_young_is_deleted() 
 
 #[tokio::test(start_paused = true)]
 async fn a_byte_budget_evicts_the_least_recently_used_closures_whole() {
-    let mem = Arc::new(MemoryStore::new());
+    let mem = Arc::new(served_for_years());
     let now = SystemTime::now();
     let dep = path(&mem, "common-dep", &[], 50 * DAY, now);
     let older = path(&mem, "older", &[&dep], 50 * DAY, now);
@@ -243,21 +465,21 @@ async fn a_byte_budget_evicts_the_least_recently_used_closures_whole() {
 
 #[tokio::test(start_paused = true)]
 async fn an_unreadable_pin_stops_the_run() {
-    let mem = Arc::new(MemoryStore::new());
+    let mem = Arc::new(served_for_years());
     let now = SystemTime::now();
     path(&mem, "p", &[], 100 * DAY, now);
     mem.insert_at("_cellar/pins/bad", "nonsense", now);
     let store: Arc<dyn Store> = mem.clone();
     let r = run(&store, "/nix/store", &cfg(), &applying(now), &Quiet).await;
     assert!(matches!(r, Err(super::GcError::BadPin { .. })));
-    assert_eq!(mem.keys().len(), 5);
+    assert_eq!(mem.keys().len(), 6);
 }
 
 /// A use record with a damaged line still counts what its other lines name, and the run
 /// says which record is damaged.
 #[tokio::test(start_paused = true)]
 async fn a_damaged_use_record_counts_its_good_lines_and_is_reported() {
-    let mem = Arc::new(MemoryStore::new());
+    let mem = Arc::new(served_for_years());
     let now = SystemTime::now();
     let read = path(&mem, "read", &[], 100 * DAY, now);
     let unread = path(&mem, "unread", &[], 100 * DAY, now);
@@ -292,7 +514,7 @@ async fn a_damaged_use_record_counts_its_good_lines_and_is_reported() {
 /// it stops the deletions still to come.
 #[tokio::test(start_paused = true)]
 async fn a_damaged_upload_record_under_way_stops_the_run() {
-    let mem = Arc::new(MemoryStore::new());
+    let mem = Arc::new(served_for_years());
     let now = SystemTime::now();
     path(&mem, "old", &[], 100 * DAY, now);
     let day = super::access::day(now);
@@ -319,7 +541,7 @@ async fn a_damaged_upload_record_under_way_stops_the_run() {
     assert_eq!(s.bad_records.len(), 1);
 
     // Written while the collector settles: the re-read finds it, and nothing is deleted.
-    let mem = Arc::new(MemoryStore::new());
+    let mem = Arc::new(served_for_years());
     let gone = path(&mem, "gone", &[], 100 * DAY, now);
     while_settling(&mem, |m| {
         let day = super::access::day(SystemTime::now());
@@ -340,7 +562,7 @@ async fn a_damaged_upload_record_under_way_stops_the_run() {
 /// sees the announcement and is refused: see the uploader's tests).
 #[tokio::test(start_paused = true)]
 async fn a_nar_an_upload_records_after_the_announcement_is_kept() {
-    let mem = Arc::new(MemoryStore::new());
+    let mem = Arc::new(served_for_years());
     let now = SystemTime::now();
     let gone = path(&mem, "gone", &[], 100 * DAY, now);
     let reused = path(&mem, "reused", &[], 100 * DAY, now);
@@ -419,7 +641,7 @@ fn write_upload_record(mem: &MemoryStore, name: &str, file: Box<str>) {
 /// have read the announcements just before they were made: see `deleting`).
 #[tokio::test(start_paused = true)]
 async fn a_nar_recorded_while_the_collector_settles_is_kept() {
-    let mem = Arc::new(MemoryStore::new());
+    let mem = Arc::new(served_for_years());
     let now = SystemTime::now();
     let gone = path(&mem, "gone", &[], 100 * DAY, now);
     let reused = path(&mem, "reused", &[], 100 * DAY, now);
@@ -430,7 +652,7 @@ async fn a_nar_recorded_while_the_collector_settles_is_kept() {
     assert!(!has(&mem, &gone.nar));
 
     // The same for the orphan NARs `cellar verify --repair` deletes.
-    let mem = Arc::new(MemoryStore::new());
+    let mem = Arc::new(served_for_years());
     let (gone, _) = orphan(&mem, "gone", now);
     let (kept, file) = orphan(&mem, "kept", now);
     record_while_settling(&mem, file);
@@ -499,7 +721,7 @@ fn orphan(mem: &MemoryStore, seed: &str, now: SystemTime) -> (String, Box<str>) 
 /// the repair started or while it announces, and the NAR stays.
 #[tokio::test(start_paused = true)]
 async fn repair_keeps_the_orphan_nars_uploads_rely_on() {
-    let mem = Arc::new(MemoryStore::new());
+    let mem = Arc::new(served_for_years());
     let now = SystemTime::now();
     let (gone, _) = orphan(&mem, "gone", now);
     let (before, before_file) = orphan(&mem, "before", now);
@@ -543,7 +765,7 @@ async fn repair_keeps_the_orphan_nars_uploads_rely_on() {
 /// checking announcements meanwhile is refused.
 #[tokio::test(start_paused = true)]
 async fn repair_announces_the_nars_it_deletes_first() {
-    let mem = Arc::new(MemoryStore::new());
+    let mem = Arc::new(served_for_years());
     let now = SystemTime::now();
     let (gone, file) = orphan(&mem, "gone", now);
     let seen = Arc::new(std::sync::Mutex::new(Vec::new()));
@@ -570,7 +792,7 @@ async fn repair_announces_the_nars_it_deletes_first() {
 /// nor deletes it (an upload relies on seeing it).
 #[tokio::test(start_paused = true)]
 async fn verify_leaves_a_collectors_announcement_alone() {
-    let mem = Arc::new(MemoryStore::new());
+    let mem = Arc::new(served_for_years());
     let now = SystemTime::now();
     let key = super::deleting::key("1767225599-ab12");
     mem.insert(&key, "cellar-deleting 1\nx.nar\n");
@@ -595,7 +817,7 @@ async fn verify_leaves_a_collectors_announcement_alone() {
 /// stops before deleting anything, saying so; once that run is over, it collects.
 #[tokio::test(start_paused = true)]
 async fn a_collection_stops_while_another_runs() {
-    let mem = Arc::new(MemoryStore::new());
+    let mem = Arc::new(served_for_years());
     let now = SystemTime::now();
     let expired = path(&mem, "expired", &[], 100 * DAY, now);
     let other = super::deleting::key("1767225599-ab12");
@@ -628,7 +850,7 @@ async fn a_collection_stops_while_another_runs() {
 /// delete what that narinfo needs. The same for `verify --repair`.
 #[tokio::test(start_paused = true)]
 async fn a_collection_that_listed_while_another_deleted_does_not_delete() {
-    let mem = Arc::new(MemoryStore::new());
+    let mem = Arc::new(served_for_years());
     let now = SystemTime::now();
     let dep = path(&mem, "dep", &[], 100 * DAY, now);
     let top = path(&mem, "top", &[&dep], 100 * DAY, now);
@@ -689,7 +911,7 @@ async fn a_collection_that_listed_while_another_deleted_does_not_delete() {
 async fn a_narinfo_that_stays_keeps_its_closure() {
     // A read fails after the one that loaded the graph; a delete at once.
     for (op, skip) in [(FailOp::Delete, 0), (FailOp::Read, 1)] {
-        let mem = Arc::new(MemoryStore::new());
+        let mem = Arc::new(served_for_years());
         let now = SystemTime::now();
         let dep = path(&mem, "dep", &[], 100 * DAY, now);
         let top = path(&mem, "top", &[&dep], 100 * DAY, now);
@@ -711,7 +933,7 @@ async fn a_narinfo_that_stays_keeps_its_closure() {
 /// any narinfo of it: the batch is written back whole and the run stops, NARs untouched.
 #[tokio::test(start_paused = true)]
 async fn a_batch_whose_records_cannot_be_read_again_is_written_back() {
-    let mem = Arc::new(MemoryStore::new());
+    let mem = Arc::new(served_for_years());
     let now = SystemTime::now();
     let dep = path(&mem, "dep", &[], 100 * DAY, now);
     let top = path(&mem, "top", &[&dep], 100 * DAY, now);
@@ -753,7 +975,7 @@ async fn a_failed_write_back_stops_the_run() {
 }
 
 async fn a_failed_write_back_stops_a_run_of(n: usize) {
-    let mem = Arc::new(MemoryStore::new());
+    let mem = Arc::new(served_for_years());
     let now = SystemTime::now();
     let paths: Vec<P> = (0..n)
         .map(|i| path(&mem, &format!("p{i}"), &[], 100 * DAY, now))
@@ -797,7 +1019,7 @@ async fn a_failed_write_back_stops_a_run_of(n: usize) {
 /// be written back stays deleted: a path is never back without what it needs.
 #[tokio::test(start_paused = true)]
 async fn a_narinfo_is_not_written_back_before_or_without_its_references() {
-    let mem = Arc::new(MemoryStore::new());
+    let mem = Arc::new(served_for_years());
     let now = SystemTime::now();
     let dep = path(&mem, "dep", &[], 100 * DAY, now);
     let top = path(&mem, "top", &[&dep], 100 * DAY, now);
@@ -835,7 +1057,7 @@ async fn a_narinfo_is_not_written_back_before_or_without_its_references() {
 /// been checked against it, and write no record of its own.
 #[tokio::test(start_paused = true)]
 async fn paths_an_upload_in_progress_names_are_roots() {
-    let mem = Arc::new(MemoryStore::new());
+    let mem = Arc::new(served_for_years());
     let now = SystemTime::now();
     let dep = path(&mem, "dep", &[], 100 * DAY, now);
     let named = path(&mem, "named", &[&dep], 100 * DAY, now);
@@ -884,7 +1106,7 @@ async fn paths_an_upload_in_progress_names_are_roots() {
 /// kept with its closure like one whose narinfo was read.
 #[tokio::test(start_paused = true)]
 async fn a_path_whose_nar_alone_was_served_is_kept() {
-    let mem = Arc::new(MemoryStore::new());
+    let mem = Arc::new(served_for_years());
     let now = SystemTime::now();
     let dep = path(&mem, "dep", &[], 100 * DAY, now);
     let served = path(&mem, "served", &[&dep], 100 * DAY, now);
@@ -911,7 +1133,7 @@ async fn a_path_whose_nar_alone_was_served_is_kept() {
 /// is written back once the records are read again after its chunk, and what it needs stays.
 #[tokio::test(start_paused = true)]
 async fn repair_writes_back_what_an_upload_relied_on_meanwhile() {
-    let mem = Arc::new(MemoryStore::new());
+    let mem = Arc::new(served_for_years());
     let now = SystemTime::now();
     let m = path(&mem, "m", &[], 100 * DAY, now);
     let m_key = format!("{}.narinfo", m.hash);
@@ -964,7 +1186,7 @@ async fn repair_writes_back_what_an_upload_relied_on_meanwhile() {
 
     // X itself uploaded again after it went (whole now): the upload's narinfo stays, not
     // the broken copy read before.
-    let mem = Arc::new(MemoryStore::new());
+    let mem = Arc::new(served_for_years());
     let x = path(&mem, "x", &[], 100 * DAY, now);
     mem.remove(&x.nar);
     let x_key = format!("{}.narinfo", x.hash);
@@ -997,7 +1219,7 @@ async fn repair_writes_back_what_an_upload_relied_on_meanwhile() {
 /// may be missing from it.
 #[tokio::test(start_paused = true)]
 async fn repair_looks_again_before_deleting_a_narinfo() {
-    let mem = Arc::new(MemoryStore::new());
+    let mem = Arc::new(served_for_years());
     let now = SystemTime::now();
     let late = path(&mem, "late", &[], 100 * DAY, now);
     let late_nar = mem.bytes(&late.nar).unwrap();
@@ -1063,7 +1285,7 @@ async fn repair_looks_again_before_deleting_a_narinfo() {
 /// repair error: the run fails. Other unreadable reserved objects are deleted.
 #[tokio::test(start_paused = true)]
 async fn repair_reports_a_bad_pin_and_leaves_it() {
-    let mem = Arc::new(MemoryStore::new());
+    let mem = Arc::new(served_for_years());
     let now = SystemTime::now();
     mem.insert_at(
         "_cellar/pins/typo",
@@ -1091,7 +1313,7 @@ async fn repair_reports_a_bad_pin_and_leaves_it() {
 /// back if they went in that chunk.
 #[tokio::test(start_paused = true)]
 async fn a_long_repair_keeps_what_uploads_began_to_rely_on_meanwhile() {
-    let mem = Arc::new(MemoryStore::new());
+    let mem = Arc::new(served_for_years());
     let now = SystemTime::now();
     let n = super::verify::DELETE_CHUNK + 6;
     let broken: Vec<P> = (0..n)
@@ -1164,7 +1386,7 @@ async fn a_long_repair_keeps_what_uploads_began_to_rely_on_meanwhile() {
 async fn every_nar_deleted_was_announced_first() {
     use std::collections::HashSet;
     use std::sync::Mutex;
-    let mem = Arc::new(MemoryStore::new());
+    let mem = Arc::new(served_for_years());
     let now = SystemTime::now();
     let n = super::sweep::ANNOUNCED_AT_ONCE + 2 * super::sweep::BATCH;
     for i in 0..n {
@@ -1209,7 +1431,7 @@ async fn every_nar_deleted_was_announced_first() {
 /// it every time.
 #[tokio::test(start_paused = true)]
 async fn an_encoded_access_record_is_reported_and_removed() {
-    let mem = Arc::new(MemoryStore::new());
+    let mem = Arc::new(served_for_years());
     let now = SystemTime::now();
     let key = "_cellar/access/x/p-1";
     mem.insert_at(key, render::<Entry>([]), now - 100 * DAY);
@@ -1230,7 +1452,7 @@ async fn an_encoded_access_record_is_reported_and_removed() {
 /// naming it: they are kept with their closures, as when their narinfo is served.
 #[tokio::test(start_paused = true)]
 async fn a_nar_served_while_the_collector_runs_keeps_its_path() {
-    let mem = Arc::new(MemoryStore::new());
+    let mem = Arc::new(served_for_years());
     let now = SystemTime::now();
     let dep = path(&mem, "dep", &[], 100 * DAY, now);
     let served = path(&mem, "served", &[&dep], 100 * DAY, now);
@@ -1261,7 +1483,7 @@ async fn a_nar_served_while_the_collector_runs_keeps_its_path() {
 /// and a run killed at any moment leaves every narinfo with its references.
 #[tokio::test(start_paused = true)]
 async fn a_path_goes_only_after_its_referrers() {
-    let mem = Arc::new(MemoryStore::new());
+    let mem = Arc::new(served_for_years());
     let now = SystemTime::now();
     let leaf = path(&mem, "leaf", &[], 100 * DAY, now);
     let mid = path(&mem, "mid", &[&leaf], 100 * DAY, now);
@@ -1289,7 +1511,7 @@ async fn a_path_goes_only_after_its_referrers() {
 /// not written back, and the upload's path was left without it for good.
 #[tokio::test(start_paused = true)]
 async fn a_deletion_applied_despite_its_error_counts_as_done() {
-    let mem = Arc::new(MemoryStore::new());
+    let mem = Arc::new(served_for_years());
     let now = SystemTime::now();
     let leaf = path(&mem, "leaf", &[], 100 * DAY, now);
     let top = path(&mem, "top", &[&leaf], 100 * DAY, now);
@@ -1306,7 +1528,7 @@ async fn a_deletion_applied_despite_its_error_counts_as_done() {
         assert!(!has(&mem, &p.nar), "the NAR of {} stayed", p.base);
     }
 
-    let mem = Arc::new(MemoryStore::new());
+    let mem = Arc::new(served_for_years());
     let x = path(&mem, "x", &[], 100 * DAY, now);
     let x_key = format!("{}.narinfo", x.hash);
     let weak = Arc::downgrade(&mem);
@@ -1331,7 +1553,7 @@ async fn a_deletion_applied_despite_its_error_counts_as_done() {
 #[tokio::test(start_paused = true)]
 async fn a_failed_deletion_that_cannot_be_told_is_written_back() {
     for op in [FailOp::Delete, FailOp::DeleteAnswer] {
-        let mem = Arc::new(MemoryStore::new());
+        let mem = Arc::new(served_for_years());
         let now = SystemTime::now();
         let leaf = path(&mem, "leaf", &[], 100 * DAY, now);
         let top = path(&mem, "top", &[&leaf], 100 * DAY, now);
@@ -1357,7 +1579,7 @@ async fn a_failed_deletion_that_cannot_be_told_is_written_back() {
 /// deleted, and so its NAR goes too.
 #[tokio::test(start_paused = true)]
 async fn repair_counts_a_deletion_applied_despite_its_error() {
-    let mem = Arc::new(MemoryStore::new());
+    let mem = Arc::new(served_for_years());
     let now = SystemTime::now();
     let gone = path(&mem, "gone", &[], 100 * DAY, now);
     let referrer = path(&mem, "referrer", &[&gone], 100 * DAY, now);
@@ -1378,7 +1600,7 @@ async fn repair_counts_a_deletion_applied_despite_its_error() {
 /// would leave a narinfo that was missing a reference missing its NAR as well.
 #[tokio::test(start_paused = true)]
 async fn repair_keeps_the_nar_of_a_narinfo_it_could_not_delete() {
-    let mem = Arc::new(MemoryStore::new());
+    let mem = Arc::new(served_for_years());
     let now = SystemTime::now();
     let gone = path(&mem, "gone", &[], 100 * DAY, now);
     let referrer = path(&mem, "referrer", &[&gone], 100 * DAY, now);
@@ -1402,7 +1624,7 @@ async fn repair_keeps_the_nar_of_a_narinfo_it_could_not_delete() {
 /// same: `pin add` records the paths as used, and the collector re-reads the records.
 #[tokio::test(start_paused = true)]
 async fn a_pin_added_during_a_run_keeps_its_closure() {
-    let mem = Arc::new(MemoryStore::new());
+    let mem = Arc::new(served_for_years());
     let now = SystemTime::now();
     let dep = path(&mem, "dep", &[], 100 * DAY, now);
     let pinned = path(&mem, "pinned", &[&dep], 100 * DAY, now);
@@ -1433,7 +1655,7 @@ async fn a_pin_added_during_a_run_keeps_its_closure() {
 #[tokio::test(start_paused = true)]
 async fn a_collection_stops_deleting_once_its_announcement_may_have_lapsed() {
     use std::sync::atomic::{AtomicUsize, Ordering};
-    let mem = Arc::new(MemoryStore::new());
+    let mem = Arc::new(served_for_years());
     let now = SystemTime::now();
     let old = path(&mem, "old", &[], 100 * DAY, now);
     let narinfo = format!("{}.narinfo", old.hash);
@@ -1476,7 +1698,7 @@ async fn a_collection_stops_deleting_once_its_announcement_may_have_lapsed() {
 /// the store then refuses until the run gets to delete them.
 #[tokio::test(start_paused = true)]
 async fn a_collection_deletes_no_nar_under_a_lapsed_announcement() {
-    let mem = Arc::new(MemoryStore::new());
+    let mem = Arc::new(served_for_years());
     let now = SystemTime::now();
     let (nar, file) = orphan(&mem, "orphan", now);
     fail_renewals_once_named(&mem, file);
@@ -1504,7 +1726,7 @@ async fn a_collection_deletes_no_nar_under_a_lapsed_announcement() {
 /// lifetime); one that stopped counting lately stays, in case its run's clock is off.
 #[tokio::test(start_paused = true)]
 async fn announcements_of_dead_runs_are_removed() {
-    let mem = Arc::new(MemoryStore::new());
+    let mem = Arc::new(served_for_years());
     let now = SystemTime::now();
     let ttl = super::deleting::TTL;
     let dead = super::deleting::key("1700000000-dead");
@@ -1535,7 +1757,7 @@ fn stop_as_deletions_begin(mem: &MemoryStore) -> super::Stop {
 #[tokio::test(start_paused = true)]
 async fn a_collection_asked_to_stop_stops_between_batches() {
     for orphan_only in [false, true] {
-        let mem = Arc::new(MemoryStore::new());
+        let mem = Arc::new(served_for_years());
         let now = SystemTime::now();
         let old = path(&mem, "old", &[], 100 * DAY, now);
         if orphan_only {
@@ -1573,7 +1795,7 @@ async fn a_collection_asked_to_stop_stops_between_batches() {
         );
     }
     // A repair: a narinfo whose NAR is gone, and a NAR without a narinfo.
-    let mem = Arc::new(MemoryStore::new());
+    let mem = Arc::new(served_for_years());
     let now = SystemTime::now();
     let broken = path(&mem, "broken", &[], 100 * DAY, now);
     mem.remove(&broken.nar);
@@ -1605,7 +1827,7 @@ async fn a_collection_asked_to_stop_stops_between_batches() {
     // Asked to stop while the broken narinfos are being deleted (past the look before their
     // chunk): the orphan NARs are not deleted, and the repair says it stopped (exit 1, a
     // failure in the metrics file), not as if it had repaired all.
-    let mem = Arc::new(MemoryStore::new());
+    let mem = Arc::new(served_for_years());
     let broken = path(&mem, "broken", &[], 100 * DAY, now);
     mem.remove(&broken.nar);
     let (nar, _) = orphan(&mem, "orphan", now);
@@ -1637,7 +1859,7 @@ async fn a_collection_asked_to_stop_stops_between_batches() {
 #[tokio::test(start_paused = true)]
 async fn a_pin_being_written_when_a_run_starts_keeps_its_closure() {
     for budget in [None, Some(1)] {
-        let mem = Arc::new(MemoryStore::new());
+        let mem = Arc::new(served_for_years());
         let now = SystemTime::now();
         let dep = path(&mem, "dep", &[], 100 * DAY, now);
         let pinned = path(&mem, "pinned", &[&dep], 100 * DAY, now);
@@ -1672,7 +1894,7 @@ async fn a_pin_being_written_when_a_run_starts_keeps_its_closure() {
 /// the link first) once older than the retention; one that cannot be read stays.
 #[tokio::test(start_paused = true)]
 async fn debug_info_links_go_with_their_nars() {
-    let mem = Arc::new(MemoryStore::new());
+    let mem = Arc::new(served_for_years());
     let now = SystemTime::now();
     let kept = path(&mem, "kept", &[], Duration::from_secs(60), now);
     let expired = path(&mem, "expired", &[], 100 * DAY, now);
@@ -1727,7 +1949,7 @@ async fn debug_info_links_go_with_their_nars() {
 /// that path.
 #[tokio::test(start_paused = true)]
 async fn a_path_used_during_the_run_keeps_its_build_log() {
-    let mem = Arc::new(MemoryStore::new());
+    let mem = Arc::new(served_for_years());
     let now = SystemTime::now();
     let used = path(&mem, "used", &[], 100 * DAY, now);
     let other = path(&mem, "other", &[], 100 * DAY, now);
@@ -1777,7 +1999,7 @@ async fn a_path_used_during_the_run_keeps_its_build_log() {
 /// retention, not deleted as soon as it is past the grace period.
 #[tokio::test(start_paused = true)]
 async fn a_realisation_of_a_path_not_here_is_kept_for_the_retention() {
-    let mem = Arc::new(MemoryStore::new());
+    let mem = Arc::new(served_for_years());
     let now = SystemTime::now();
     let realisation = |drv: &str| {
         let out = base32::encode(&Sha256::digest(drv.as_bytes()).as_bytes()[..20]);
@@ -1805,7 +2027,7 @@ async fn a_realisation_of_a_path_not_here_is_kept_for_the_retention() {
 /// referring to it relies on it.
 #[tokio::test(start_paused = true)]
 async fn repair_keeps_a_broken_path_an_upload_names() {
-    let mem = Arc::new(MemoryStore::new());
+    let mem = Arc::new(served_for_years());
     let now = SystemTime::now();
     let missing = path(&mem, "missing", &[], 100 * DAY, now);
     let healed = path(&mem, "healed", &[&missing], 100 * DAY, now);
@@ -1862,7 +2084,7 @@ async fn repair_keeps_a_broken_path_an_upload_names() {
 #[tokio::test(start_paused = true)]
 async fn an_announcement_is_renewed_while_the_run_reads_and_not_after() {
     use std::sync::atomic::{AtomicUsize, Ordering};
-    let mem = Arc::new(MemoryStore::new());
+    let mem = Arc::new(served_for_years());
     let writes = Arc::new(AtomicUsize::new(0));
     let w = writes.clone();
     mem.after_write("_cellar/deleting/", move |_| {
@@ -1907,7 +2129,7 @@ async fn an_announcement_is_renewed_while_the_run_reads_and_not_after() {
 /// to be one is kept unread.
 #[tokio::test(start_paused = true)]
 async fn folder_markers_and_oversized_realisations_do_not_stop_a_collection() {
-    let mem = Arc::new(MemoryStore::new());
+    let mem = Arc::new(served_for_years());
     let now = SystemTime::now();
     let expired = path(&mem, "expired", &[], 100 * DAY, now);
     mem.insert_at("_cellar/pins/", "", now - 100 * DAY);
@@ -1925,7 +2147,7 @@ async fn folder_markers_and_oversized_realisations_do_not_stop_a_collection() {
 #[tokio::test(start_paused = true)]
 async fn a_long_repair_keeps_its_announcement_live_while_it_deletes() {
     use std::sync::atomic::{AtomicUsize, Ordering};
-    let mem = Arc::new(MemoryStore::new());
+    let mem = Arc::new(served_for_years());
     let now = SystemTime::now();
     let broken: Vec<P> = (0..1100)
         .map(|i| path(&mem, &format!("broken-{i}"), &[], 100 * DAY, now))
@@ -1961,7 +2183,7 @@ async fn a_long_repair_keeps_its_announcement_live_while_it_deletes() {
 /// `an_encoded_narinfo_that_decodes_is_read_as_any_other`.)
 #[tokio::test(start_paused = true)]
 async fn an_encoded_narinfo_is_reported_and_nothing_is_deleted_by_it() {
-    let mem = Arc::new(MemoryStore::new());
+    let mem = Arc::new(served_for_years());
     let now = SystemTime::now();
     let dep = path(&mem, "dep", &[], 100 * DAY, now);
     let encoded = path(&mem, "encoded", &[&dep], 100 * DAY, now);
@@ -1998,7 +2220,7 @@ async fn an_encoded_narinfo_is_reported_and_nothing_is_deleted_by_it() {
 /// `verify --repair`.
 #[tokio::test(start_paused = true)]
 async fn a_run_that_finds_another_live_once_it_has_read_does_not_delete() {
-    let mem = Arc::new(MemoryStore::new());
+    let mem = Arc::new(served_for_years());
     let now = SystemTime::now();
     let dep = path(&mem, "dep", &[], 100 * DAY, now);
     let broken = path(&mem, "broken", &[&dep], 100 * DAY, now);
@@ -2052,7 +2274,7 @@ async fn a_run_that_finds_another_live_once_it_has_read_does_not_delete() {
 /// unseen. Its own writes working again by then change nothing.
 #[tokio::test(start_paused = true)]
 async fn a_run_whose_announcement_lapsed_does_not_delete() {
-    let mem = Arc::new(MemoryStore::new());
+    let mem = Arc::new(served_for_years());
     let store: Arc<dyn Store> = mem.clone();
     let announced = super::deleting::Announced::begin(&store)
         .await
@@ -2080,7 +2302,7 @@ async fn a_run_whose_announcement_lapsed_does_not_delete() {
 /// or the announcement of a run that is starting and withdraws on seeing this one.
 #[tokio::test(start_paused = true)]
 async fn a_run_about_to_delete_rides_out_a_passing_error_and_a_starter() {
-    let mem = Arc::new(MemoryStore::new());
+    let mem = Arc::new(served_for_years());
     let store: Arc<dyn Store> = mem.clone();
     let announced = super::deleting::Announced::begin(&store)
         .await
@@ -2103,7 +2325,7 @@ async fn a_run_about_to_delete_rides_out_a_passing_error_and_a_starter() {
 /// a run about to delete stops at once, without waiting to look again.
 #[tokio::test(start_paused = true)]
 async fn a_run_about_to_delete_stops_at_once_for_a_run_under_way() {
-    let mem = Arc::new(MemoryStore::new());
+    let mem = Arc::new(served_for_years());
     let store: Arc<dyn Store> = mem.clone();
     let announced = super::deleting::Announced::begin(&store)
         .await
@@ -2132,7 +2354,7 @@ async fn a_run_about_to_delete_stops_at_once_for_a_run_under_way() {
 #[tokio::test(start_paused = true)]
 async fn a_byte_budget_counts_young_paths_and_fits_to_the_byte() {
     use super::mark::Reason;
-    let mem = Arc::new(MemoryStore::new());
+    let mem = Arc::new(served_for_years());
     let now = SystemTime::now();
     path(&mem, "young", &[], Duration::from_secs(60), now);
     let dep = path(&mem, "dep", &[], 50 * DAY, now);
@@ -2184,7 +2406,7 @@ async fn a_byte_budget_counts_young_paths_and_fits_to_the_byte() {
 /// nothing is written back.
 #[tokio::test(start_paused = true)]
 async fn a_chain_goes_layer_after_layer_whatever_the_order_of_its_hashes() {
-    let mem = Arc::new(MemoryStore::new());
+    let mem = Arc::new(served_for_years());
     let now = SystemTime::now();
     let mut chains = Vec::new();
     for k in 0..8 {
@@ -2218,7 +2440,7 @@ async fn a_chain_goes_layer_after_layer_whatever_the_order_of_its_hashes() {
 /// an announcement before it goes: each announcement covers the batches that follow it.
 #[tokio::test(start_paused = true)]
 async fn every_nar_a_long_run_deletes_was_announced() {
-    let mem = Arc::new(MemoryStore::new());
+    let mem = Arc::new(served_for_years());
     let now = SystemTime::now();
     let paths: Vec<P> = (0..4200)
         .map(|i| path(&mem, &format!("p-{i}"), &[], 100 * DAY, now))
@@ -2250,7 +2472,7 @@ async fn every_nar_a_long_run_deletes_was_announced() {
 /// again every `FRESH / 2` and a batch, whether the batch deletes NARs or only listings and logs.
 #[tokio::test(start_paused = true)]
 async fn a_long_deletion_phase_keeps_its_announcement_fresh() {
-    let mem = Arc::new(MemoryStore::new());
+    let mem = Arc::new(served_for_years());
     let now = SystemTime::now();
     for i in 0..3000 {
         path(&mem, &format!("p-{i}"), &[], 100 * DAY, now);
@@ -2359,7 +2581,7 @@ fn realisation_of(store: &MemoryStore, base: &str, age: Duration, now: SystemTim
 /// it deletes itself (a broken path, an orphan NAR), and leaves the unreadable to a human.
 #[tokio::test(start_paused = true)]
 async fn verify_finds_realisations_and_links_naming_nothing() {
-    let mem = Arc::new(MemoryStore::new());
+    let mem = Arc::new(served_for_years());
     let now = SystemTime::now();
     let old = 100 * DAY;
     let young = Duration::from_secs(60);
@@ -2482,7 +2704,7 @@ async fn reach(gate: &crate::store::memory::ReadGate, what: &str) {
 /// it, and what the store cannot answer for is kept.
 #[tokio::test(start_paused = true)]
 async fn repair_looks_again_before_deleting_a_realisation_or_link() {
-    let mem = Arc::new(MemoryStore::new());
+    let mem = Arc::new(served_for_years());
     let now = SystemTime::now();
     let late = format!("{}-late", base32::encode(&[9u8; 20]));
     let late_realisation = realisation_of(&mem, &late, 100 * DAY, now);
@@ -2556,7 +2778,7 @@ async fn verify_hashing(
 /// hashed; one kept with a `Content-Encoding` or whose `FileHash` alone is off is not a finding.
 #[tokio::test(start_paused = true)]
 async fn verify_hashes_the_nars_when_asked() {
-    let mem = Arc::new(MemoryStore::new());
+    let mem = Arc::new(served_for_years());
     let now = SystemTime::now();
     let old = 100 * DAY;
     // What the pipeline takes for a NAR: its header, then anything.
@@ -2669,7 +2891,7 @@ async fn verify_hashes_the_nars_when_asked() {
 
     // Repaired: what is broken goes, what is whole stays. The rotten NAR, uploaded again
     // while the check reads it, is looked at again before its narinfo goes.
-    let mem2 = Arc::new(MemoryStore::new());
+    let mem2 = Arc::new(served_for_years());
     let healed = path_with(&mem2, "healed", nar("healed"), &[], old, now);
     let good = mem2.bytes(&healed.nar).unwrap();
     let mut bad = good.to_vec();
@@ -2714,7 +2936,7 @@ async fn verify_hashes_the_nars_when_asked() {
 /// path with its listing and the paths above it, and leaves what is whole or young.
 #[tokio::test(start_paused = true)]
 async fn verify_finds_and_repairs_what_is_past_the_grace_period_only() {
-    let mem = Arc::new(MemoryStore::new());
+    let mem = Arc::new(served_for_years());
     let now = SystemTime::now();
     let ok = path(&mem, "ok", &[], 100 * DAY, now);
     let (old_nar, _) = orphan(&mem, "old", now);
@@ -2773,7 +2995,7 @@ async fn verify_finds_and_repairs_what_is_past_the_grace_period_only() {
 /// look and repaired, down to a narinfo exactly as old as the grace period.
 #[tokio::test(start_paused = true)]
 async fn a_nar_of_another_size_is_found_and_repaired() {
-    let mem = Arc::new(MemoryStore::new());
+    let mem = Arc::new(served_for_years());
     let now = SystemTime::now();
     let sized = |seed: &str, file_size: usize, age: Duration| {
         let p = path(&mem, seed, &[], age, now);
@@ -2801,7 +3023,7 @@ async fn a_nar_of_another_size_is_found_and_repaired() {
 /// not take the references it did not draw for missing ones.
 #[tokio::test(start_paused = true)]
 async fn samples_check_what_they_draw_and_no_more() {
-    let mem = Arc::new(MemoryStore::new());
+    let mem = Arc::new(served_for_years());
     let now = SystemTime::now();
     let low = path(&mem, "low", &[], 100 * DAY, now);
     let _top = path(&mem, "top", &[&low], 100 * DAY, now);
@@ -2826,7 +3048,7 @@ async fn samples_check_what_they_draw_and_no_more() {
 #[tokio::test(start_paused = true)]
 async fn a_repair_deletes_only_while_its_announcement_is_live() {
     let ttl = super::deleting::TTL;
-    let mem = Arc::new(MemoryStore::new());
+    let mem = Arc::new(served_for_years());
     let now = SystemTime::now();
     let (nar, file) = orphan(&mem, "orphan", now);
     // Slower than an announcement lasts, renewed meanwhile: deleted.
@@ -2858,7 +3080,7 @@ async fn a_repair_deletes_only_while_its_announcement_is_live() {
 /// the upload on top of it and serves it through); one nobody serves is.
 #[tokio::test]
 async fn references_an_upstream_serves_are_not_missing() {
-    let elsewhere = MemoryStore::new();
+    let elsewhere = served_for_years();
     let now = SystemTime::now();
     let served = path(&elsewhere, "served", &[], 100 * DAY, now);
     let nowhere = path(&elsewhere, "nowhere", &[], 100 * DAY, now);
@@ -2879,7 +3101,7 @@ async fn references_an_upstream_serves_are_not_missing() {
     }
     let upstreams = crate::upstream::serving(app, vec![key.public()]).await;
 
-    let mem = Arc::new(MemoryStore::new());
+    let mem = Arc::new(served_for_years());
     let top = path(&mem, "top", &[&served, &nowhere], 100 * DAY, now);
     // So with realisations: the server accepts one of a path an upstream serves.
     let kept = realisation_of(&mem, &realised.base, 100 * DAY, now);
@@ -2934,7 +3156,7 @@ async fn references_an_upstream_serves_are_not_missing() {
 #[tokio::test(start_paused = true)]
 async fn an_encoded_narinfo_that_decodes_is_read_as_any_other() {
     use std::io::Write as _;
-    let mem = Arc::new(MemoryStore::new());
+    let mem = Arc::new(served_for_years());
     let now = SystemTime::now();
     let dep = path(&mem, "dep", &[], DAY, now);
     let top = path(&mem, "top", &[&dep], DAY, now);
@@ -3011,7 +3233,7 @@ async fn killed_when<T>(
 /// the run, and the path was left without its reference for good.
 #[tokio::test(start_paused = true)]
 async fn a_collection_killed_while_deleting_is_settled_by_the_next_run() {
-    let mem = Arc::new(MemoryStore::new());
+    let mem = Arc::new(served_for_years());
     let now = SystemTime::now();
     let x = path(&mem, "x", &[], 100 * DAY, now);
     let other = path(&mem, "other", &[], 100 * DAY, now);
@@ -3086,7 +3308,7 @@ async fn a_collection_killed_while_deleting_is_settled_by_the_next_run() {
 /// that ends, whether it deleted everything or stopped on an error.
 #[tokio::test(start_paused = true)]
 async fn a_run_that_ends_leaves_no_copies() {
-    let mem = Arc::new(MemoryStore::new());
+    let mem = Arc::new(served_for_years());
     let now = SystemTime::now();
     let paths: Vec<P> = (0..super::sweep::BATCH + 3)
         .map(|i| path(&mem, &format!("p{i}"), &[], 100 * DAY, now))
@@ -3103,7 +3325,7 @@ async fn a_run_that_ends_leaves_no_copies() {
 /// back before their referrers. `verify --repair` settles it too.
 #[tokio::test(start_paused = true)]
 async fn copies_left_by_a_dead_run_are_written_back_only_whole() {
-    let mem = Arc::new(MemoryStore::new());
+    let mem = Arc::new(served_for_years());
     let now = SystemTime::now();
     let b = path(&mem, "b", &[], 100 * DAY, now);
     // A referrer whose name sorts before its reference's.
@@ -3190,7 +3412,7 @@ async fn copies_left_by_a_dead_run_are_written_back_only_whole() {
 /// does not keep a dead run's copies from being settled: every whole one is written back.
 #[tokio::test(start_paused = true)]
 async fn copies_are_settled_whole_when_the_records_since_cannot_be_read() {
-    let mem = Arc::new(MemoryStore::new());
+    let mem = Arc::new(served_for_years());
     let now = SystemTime::now();
     let g = path(&mem, "g", &[], 100 * DAY, now);
     let key = format!("{}.narinfo", g.hash);
@@ -3220,7 +3442,7 @@ async fn copies_are_settled_whole_when_the_records_since_cannot_be_read() {
 /// healed and relied on meanwhile is written back by the next run.
 #[tokio::test(start_paused = true)]
 async fn a_repair_killed_while_deleting_is_settled_by_the_next_run() {
-    let mem = Arc::new(MemoryStore::new());
+    let mem = Arc::new(served_for_years());
     let now = SystemTime::now();
     let m = path(&mem, "m", &[], 100 * DAY, now);
     let m_key = format!("{}.narinfo", m.hash);

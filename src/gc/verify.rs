@@ -441,6 +441,9 @@ async fn check(
             .await?
             .1,
     );
+    if let Some(reason) = super::began::damaged(store.as_ref(), &inv).await? {
+        bad_reserved.push((super::began::key(), reason));
+    }
     for (key, reason) in bad_reserved {
         report.findings.push(Finding::BadReserved { key, reason });
     }
