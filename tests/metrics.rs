@@ -221,7 +221,9 @@ async fn counters_follow_traffic_and_prometheus_scrapes_them() {
         memory("hit") + on_disk <= gets + memory("miss"),
         "lookups no client made: {text}"
     );
-    assert!(disk("miss") >= 1.0, "the large NAR: {text}");
+    // A hit when the prefetch its narinfo started filled the disk before the client asked, a
+    // miss (joining that fill) when not: both happen.
+    assert!(disk("hit") + disk("miss") >= 1.0, "the large NAR: {text}");
     // S3: objects were written and read, and each call timed.
     assert!(c("cellar_store_requests_total", &[r#"result="ok""#]) > 0.0);
     assert!(c("cellar_store_requests_total", &[r#"op="GetObject""#]) > 0.0);
