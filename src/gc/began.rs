@@ -37,8 +37,8 @@ pub fn key() -> String {
 }
 
 /// When the access records began, as the store's file says, or else as the store's records
-/// show (the oldest, or `now` with none). With `write`, a missing file is written, so that
-/// the time survives the deletion of old records.
+/// show (the oldest, or `now` with none), never after `now`. With `write`, a missing file is
+/// written, so that the time survives the deletion of old records.
 pub async fn establish(
     store: &dyn Store,
     inv: &Inventory,
@@ -46,7 +46,7 @@ pub async fn establish(
     write: bool,
 ) -> Result<SystemTime, GcError> {
     if let Some(meta) = inv.records_began {
-        return read(store, meta).await;
+        return Ok(read(store, meta).await?.min(now));
     }
     let began = inv
         .access
@@ -76,10 +76,18 @@ pub async fn damaged(store: &dyn Store, inv: &Inventory) -> Result<Option<String
 
 async fn read(store: &dyn Store, meta: Meta) -> Result<SystemTime, GcError> {
     let bad = |reason: String| GcError::BadRecordsBegan { key: key(), reason };
-    let raw = store
-        .get_bytes(&key(), MAX_BYTES)
-        .await?
-        .ok_or_else(|| bad("gone while this run read the store".to_owned()))?;
+    // Stored compressed (by a tool that copied the bucket) or too large: damaged, like a file
+    // that does not parse (deleted by `verify --repair`), not a store failing.
+    let raw = match store.get_bytes(&key(), MAX_BYTES).await {
+        Err(StoreError::Encoded { encoding, .. }) => {
+            return Err(bad(format!("stored with Content-Encoding {encoding}")))
+        }
+        Err(StoreError::TooLarge { .. }) => {
+            return Err(bad(format!("larger than {MAX_BYTES} bytes")))
+        }
+        other => other?,
+    }
+    .ok_or_else(|| bad("gone while this run read the store".to_owned()))?;
     let text = std::str::from_utf8(&raw).map_err(|_| bad("not UTF-8".to_owned()))?;
     let began = parse(text).ok_or_else(|| {
         bad(format!(

@@ -221,8 +221,15 @@ pub fn mark(graph: &Graph, roots: &Roots, max_bytes: Option<u64>, sizes: &[u64])
             (None, None) => None,
         })
         .collect();
-    // Most recent first; ties by index so runs are reproducible.
-    recent.sort_unstable_by(|a, b| b.0.cmp(&a.0).then(a.1.cmp(&b.1)));
+    // Most recent first; ties by index so runs are reproducible. Paths with no use recorded
+    // come after every recorded use: a use is known, theirs only bounded (a push shortly
+    // before the records began is not ranked below paths untouched for years).
+    recent.sort_unstable_by(|a, b| {
+        (a.2 == Reason::Unrecorded)
+            .cmp(&(b.2 == Reason::Unrecorded))
+            .then(b.0.cmp(&a.0))
+            .then(a.1.cmp(&b.1))
+    });
     for (_, i, why) in recent {
         if kept[i as usize] {
             if why == Reason::Recent && reason[i as usize] == Some(Reason::Referenced) {

@@ -339,6 +339,9 @@ async fn a_byte_budget_evicts_paths_from_before_the_records_first() {
     let now = SystemTime::now();
     let before = path(&mem, "before", &[], 100 * DAY, now);
     let read = path(&mem, "read", &[], 100 * DAY, now);
+    // Pushed (`nix copy --to s3://`) three days before the first record: a known use, older
+    // than when the records began, still more recent than anything `before` could have had.
+    let pushed = path(&mem, "pushed", &[], 10 * DAY, now);
     mem.insert_at("_cellar/access/x/p-0", render::<Entry>([]), now - 7 * DAY);
     mem.insert_at(
         "_cellar/access/x/p-1",
@@ -355,37 +358,83 @@ async fn a_byte_budget_evicts_paths_from_before_the_records_first() {
     assert_eq!(s.paths[&super::mark::Reason::OverBudget].count, 1, "{s}");
     assert!(!has(&mem, &format!("{}.narinfo", before.hash)));
     assert!(has(&mem, &format!("{}.narinfo", read.hash)));
+    assert!(has(&mem, &format!("{}.narinfo", pushed.hash)));
+}
+
+/// With `gc.keep_days = 0`, records that began with this very run keep nothing.
+#[tokio::test(start_paused = true)]
+async fn with_zero_retention_the_records_beginning_now_keep_nothing() {
+    let mem = Arc::new(MemoryStore::new());
+    let now = SystemTime::now();
+    let p = path(&mem, "p", &[], 100 * DAY, now);
+    let zero = GcConfig {
+        keep: Duration::ZERO,
+        ..cfg()
+    };
+    gc(&mem, &zero, now, true).await;
+    assert!(!has(&mem, &format!("{}.narinfo", p.hash)));
+
+    // Nor does a file dated in the future, by its content and its time (a local store
+    // written by a machine whose clock was ahead).
+    let mem = Arc::new(MemoryStore::new());
+    let p = path(&mem, "p", &[], 100 * DAY, now);
+    let ahead = now + 100 * DAY;
+    let said = format!("cellar-records-began 1\n{}\n", secs(ahead));
+    mem.insert_at("_cellar/records-began", said, ahead);
+    gc(&mem, &zero, now, true).await;
+    assert!(!has(&mem, &format!("{}.narinfo", p.hash)));
 }
 
 /// A file that does not parse leaves when the records began unknown: nothing is collected.
 #[tokio::test(start_paused = true)]
 async fn a_damaged_records_began_file_stops_the_run() {
-    let mem = Arc::new(MemoryStore::new());
-    let now = SystemTime::now();
-    path(&mem, "p", &[], 100 * DAY, now);
-    mem.insert_at("_cellar/records-began", "yesterday", now - 40 * DAY);
+    let key = "_cellar/records-began";
+    let valid = "cellar-records-began 1\n0\n";
+    // Not the format; stored compressed by a tool that copied the bucket; far too large.
+    for (damage, why) in [
+        ("text", "not `cellar-records-began 1`"),
+        ("encoded", "stored with Content-Encoding gzip"),
+        ("large", "larger than 4096 bytes"),
+    ] {
+        let mem = Arc::new(MemoryStore::new());
+        let now = SystemTime::now();
+        path(&mem, "p", &[], 100 * DAY, now);
+        match damage {
+            "text" => mem.insert_at(key, "yesterday", now - 40 * DAY),
+            "encoded" => {
+                mem.insert_at(key, valid, now - 40 * DAY);
+                mem.set_encoding(key, "gzip");
+            }
+            _ => mem.insert_at(key, valid.repeat(200), now - 40 * DAY),
+        }
+        damaged_records_began_stops_the_run(&mem, now, why).await;
+    }
+}
+
+async fn damaged_records_began_stops_the_run(mem: &Arc<MemoryStore>, now: SystemTime, why: &str) {
     let before = mem.keys();
     let store: Arc<dyn Store> = mem.clone();
     let r = run(&store, "/nix/store", &cfg(), &applying(now), &Quiet).await;
     let Err(e) = r else { panic!("collected") };
     assert!(matches!(e, super::GcError::BadRecordsBegan { .. }), "{e}");
     assert!(e.to_string().contains("_cellar/records-began"), "{e}");
+    assert!(e.to_string().contains(why), "{e}");
     assert_eq!(mem.keys(), before);
 
     // `cellar verify` names it; `--repair` deletes it, and the next collection writes it
     // again from the records there are (none here: now).
-    let r = repair(&mem, now).await;
+    let r = repair(mem, now).await;
     assert!(
         r.findings.iter().any(|f| matches!(f,
             super::verify::Finding::BadReserved { key, .. } if key == "_cellar/records-began")),
         "{:?}",
         r.findings
     );
-    assert!(!has(&mem, "_cellar/records-began"));
-    let s = gc(&mem, &cfg(), now, true).await;
+    assert!(!has(mem, "_cellar/records-began"));
+    let s = gc(mem, &cfg(), now, true).await;
     assert_eq!(s.deleted_paths(), 0, "{s}");
-    assert_eq!(records_began(&mem), Some(secs(now)));
-    let r = repair(&mem, now).await;
+    assert_eq!(records_began(mem), Some(secs(now)));
+    let r = repair(mem, now).await;
     assert!(r.findings.is_empty(), "{:?}", r.findings);
 }
 
