@@ -3457,6 +3457,36 @@ async fn copies_left_by_a_dead_run_are_written_back_only_whole() {
     assert!(unfinished_files(&mem).is_empty(), "{:?}", mem.keys());
 }
 
+/// A run that died days ago: what was used since it began deleting counts, not only the last
+/// day's records.
+#[tokio::test(start_paused = true)]
+async fn copies_of_a_run_that_died_days_ago_count_every_use_since() {
+    let mem = Arc::new(served_for_years());
+    let now = SystemTime::now();
+    let g = path(&mem, "g", &[], 100 * DAY, now);
+    let key = format!("{}.narinfo", g.hash);
+    super::unfinished::record(
+        mem.as_ref(),
+        "1767225599-dead",
+        [(g.hash.parse().unwrap(), &mem.bytes(&key).unwrap())],
+    )
+    .await
+    .unwrap();
+    mem.remove(&key);
+    let [file] = &unfinished_files(&mem)[..] else {
+        panic!("{:?}", mem.keys())
+    };
+    mem.insert_at(file, mem.bytes(file).unwrap(), now - 3 * DAY);
+    let two_days_ago = now - 2 * DAY;
+    mem.insert_at(
+        &format!("_cellar/access/{}/since", super::access::day(two_days_ago)),
+        render([Entry::Path(g.hash.parse().unwrap())]),
+        two_days_ago,
+    );
+    let s = gc(&mem, &cfg(), now, true).await;
+    assert!(has(&mem, &key), "not written back: {:?}", s.unfinished);
+}
+
 /// A damaged upload record among those written since (which only `verify --repair` removes)
 /// does not keep a dead run's copies from being settled: every whole one is written back.
 #[tokio::test(start_paused = true)]
