@@ -79,6 +79,11 @@ pub struct Roots {
 }
 
 impl Roots {
+    /// When the access records began, if within the retention.
+    pub fn began(&self) -> Option<SystemTime> {
+        self.began
+    }
+
     /// Young narinfos and narinfos written within the retention (an upload is a use), and
     /// every path as used when the access records `began`, if that is within the retention.
     pub fn new(graph: &Graph, cfg: &GcConfig, now: SystemTime, began: SystemTime) -> Self {

@@ -257,8 +257,8 @@ async fn read_and_plan(
     let contents = sweep::Contents::read(store.as_ref(), &inv).await?;
     let plan = sweep::Plan::new(&graph, &inv, &marked, contents, cfg, opts.now, &acc);
     let mut summary = Summary::new(&marked, &plan, &sizes);
+    summary.records_began = roots.began().map(|b| (b, b + cfg.keep));
     summary.unresolved_pins = roots.unresolved_pins;
-    summary.records_began = (began + cfg.keep > opts.now).then(|| (began, began + cfg.keep));
     summary.bad_records = acc
         .bad
         .iter()

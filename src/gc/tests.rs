@@ -3368,6 +3368,18 @@ async fn a_run_that_ends_leaves_no_copies() {
     assert!(unfinished_files(&mem).is_empty(), "{:?}", mem.keys());
 }
 
+/// What a run that died while deleting `p` leaves: the copy of its narinfo (the batch of run
+/// `run`), and the narinfo gone. Returns the narinfo's key.
+async fn died_deleting(mem: &MemoryStore, run: &str, p: &P) -> String {
+    let key = format!("{}.narinfo", p.hash);
+    let body = mem.bytes(&key).unwrap();
+    super::unfinished::record(mem, run, [(p.hash.parse().unwrap(), &body)])
+        .await
+        .unwrap();
+    mem.remove(&key);
+    key
+}
+
 /// What a dead run left is written back only if used since (named by an access record, or
 /// needed by one that is), and whole: a copy whose NAR is gone, or whose reference is not
 /// back, stays out; a path uploaded again since keeps the upload's narinfo; references go
@@ -3405,14 +3417,7 @@ async fn copies_left_by_a_dead_run_are_written_back_only_whole() {
     mem.insert(&key(&d), "uploaded again");
     // Used since: A (and so B, which it needs), C and E; not G.
     let g = path(&mem, "g", &[], 100 * DAY, now);
-    super::unfinished::record(
-        mem.as_ref(),
-        "1767225599-dead2",
-        [(g.hash.parse().unwrap(), &mem.bytes(&key(&g)).unwrap())],
-    )
-    .await
-    .unwrap();
-    mem.remove(&key(&g));
+    died_deleting(&mem, "1767225599-dead2", &g).await;
     let day = super::access::day(SystemTime::now());
     mem.insert(
         &format!("_cellar/access/{day}/since"),
@@ -3464,15 +3469,7 @@ async fn copies_of_a_run_that_died_days_ago_count_every_use_since() {
     let mem = Arc::new(served_for_years());
     let now = SystemTime::now();
     let g = path(&mem, "g", &[], 100 * DAY, now);
-    let key = format!("{}.narinfo", g.hash);
-    super::unfinished::record(
-        mem.as_ref(),
-        "1767225599-dead",
-        [(g.hash.parse().unwrap(), &mem.bytes(&key).unwrap())],
-    )
-    .await
-    .unwrap();
-    mem.remove(&key);
+    let key = died_deleting(&mem, "1767225599-dead", &g).await;
     let [file] = &unfinished_files(&mem)[..] else {
         panic!("{:?}", mem.keys())
     };
@@ -3494,15 +3491,7 @@ async fn copies_are_settled_whole_when_the_records_since_cannot_be_read() {
     let mem = Arc::new(served_for_years());
     let now = SystemTime::now();
     let g = path(&mem, "g", &[], 100 * DAY, now);
-    let key = format!("{}.narinfo", g.hash);
-    super::unfinished::record(
-        mem.as_ref(),
-        "1767225599-dead",
-        [(g.hash.parse().unwrap(), &mem.bytes(&key).unwrap())],
-    )
-    .await
-    .unwrap();
-    mem.remove(&key);
+    let key = died_deleting(&mem, "1767225599-dead", &g).await;
     let day = super::access::day(SystemTime::now());
     mem.insert(&format!("_cellar/access/{day}/x-upload"), "not a record\n");
     let r = repair(&mem, now).await;
