@@ -35,7 +35,7 @@
 
 # ---- builder ---------------------------------------------------------------------------------
 FROM rust:1.95-slim-bookworm AS builder
-# C toolchain bits for the -sys crates (aws-lc, ring, zstd, liblzma, bzip2).
+# C toolchain bits for the -sys crates (ring, zstd, liblzma, bzip2).
 RUN apt-get update \
     && apt-get install -y --no-install-recommends gcc g++ make perl pkg-config \
     && rm -rf /var/lib/apt/lists/*

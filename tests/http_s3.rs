@@ -455,6 +455,15 @@ async fn a_store_behind_tls_is_read_over_http_1_1() {
     let nar = parse_narinfo(&body).url;
     let (_, got) = get_ok(&c, &format!("{}/{nar}", app.srv.url)).await;
     assert_eq!(got, read(&f.xz_dir.join(&nar)));
+    // The SDK's own HTTPS client (its HeadBucket answers `/readyz`) trusts the certificate too.
+    let ready = get(&c, &format!("{}/readyz", app.srv.url)).await;
+    assert_eq!(
+        ready.status(),
+        StatusCode::OK,
+        "cellar:\n{}\nnginx:\n{}",
+        app.srv.log(),
+        nginx.access_log()
+    );
     // nginx logs a request once it has sent the answer, which may be after cellar has the
     // bytes and has answered: wait for the NAR's line.
     wait_for_in_file(&nginx.access_log_path(), ".nar.xz ", 1);

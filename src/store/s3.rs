@@ -62,6 +62,24 @@ fn body_idle(timeout: Duration) -> Duration {
     (timeout * 3).max(Duration::from_secs(30))
 }
 
+/// The HTTPS client the SDK sends its requests with (and its credential providers theirs):
+/// what the SDK's `default-https-client` feature builds (the SDK's connect timeout and sleep,
+/// proxies from `HTTP_PROXY`/`HTTPS_PROXY`/`NO_PROXY`), on rustls with ring, the crypto
+/// reqwest uses too, instead of a second library (aws-lc) for the same job.
+pub fn sdk_http_client() -> aws_sdk_s3::config::SharedHttpClient {
+    use aws_smithy_http_client::tls::{rustls_provider::CryptoMode, Provider};
+    use aws_smithy_http_client::{proxy::ProxyConfig, Builder, ConnectorBuilder};
+    Builder::new().build_with_connector_fn(|settings, components| {
+        let mut conn = ConnectorBuilder::default().tls_provider(Provider::Rustls(CryptoMode::Ring));
+        conn.set_connector_settings(settings.cloned());
+        if let Some(components) = components {
+            conn.set_sleep_impl(components.sleep_impl());
+        }
+        conn.set_proxy_config(Some(ProxyConfig::from_env()));
+        conn.build()
+    })
+}
+
 impl S3Store {
     /// One HeadBucket, without the SDK's retries.
     async fn head_bucket_once(
@@ -84,6 +102,7 @@ impl S3Store {
     /// per request, so the server can start before its store does.
     pub async fn new(s: &S3StoreConfig, timeout: Duration) -> Self {
         let mut loader = aws_config::defaults(BehaviorVersion::latest())
+            .http_client(sdk_http_client())
             .region(Region::new(s.region.clone()))
             .timeout_config(
                 TimeoutConfig::builder()

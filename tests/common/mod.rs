@@ -53,6 +53,7 @@ pub fn s3_env() -> S3Env {
 pub fn s3_client(env: &S3Env) -> aws_sdk_s3::Client {
     let conf = aws_sdk_s3::Config::builder()
         .behavior_version(BehaviorVersion::latest())
+        .http_client(cellar::store::s3::sdk_http_client())
         .region(Region::new("us-east-1"))
         .endpoint_url(&env.endpoint)
         .force_path_style(true)
