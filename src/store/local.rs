@@ -115,9 +115,7 @@ fn open_for_read(path: &Path, range: Option<ByteRange>) -> Result<Option<Opened>
             (start, end - start + 1, Some(content_range))
         }
     };
-    if start > 0 {
-        file.seek(SeekFrom::Start(start))?;
-    }
+    file.seek(SeekFrom::Start(start))?;
     if length > WHOLE_READ_MAX {
         return Ok(Some(Opened::File(file, length, content_range)));
     }
@@ -833,6 +831,18 @@ mod tests {
             .map(|e| e.unwrap().file_name())
             .collect();
         assert_eq!(beside, ["x.nar"]);
+        // A copy whose rename into place fails (a directory is in the way) is removed.
+        std::fs::create_dir(elsewhere.path().join("d.nar")).unwrap();
+        assert!(store
+            .put_bytes("nar/d.nar", Bytes::from_static(b"nar"))
+            .await
+            .is_err());
+        std::fs::remove_dir(elsewhere.path().join("d.nar")).unwrap();
+        let beside: Vec<_> = std::fs::read_dir(elsewhere.path())
+            .unwrap()
+            .map(|e| e.unwrap().file_name())
+            .collect();
+        assert_eq!(beside, ["x.nar"]);
         // A copy left there by a process killed during it: not an object, and removed with
         // the staged files.
         std::fs::write(elsewhere.path().join(".0a1b.cellar-tmp"), b"half").unwrap();
@@ -935,6 +945,229 @@ mod tests {
             store.get("nar", None).await.unwrap().is_none(),
             "a directory"
         );
+    }
+
+    /// Files staged by writers that never committed (a process killed mid-upload) are stale
+    /// once older than asked, and removed then; younger ones are left to their writers.
+    /// Where the layout's directories share the staging directory's file system, no copy can
+    /// have been made beside an object, and they are not scanned for one (`nar/` may hold
+    /// millions of files): a file there named like one is not touched.
+    #[tokio::test]
+    async fn staged_files_are_stale_once_old_and_only_they_are_removed() {
+        let dir = tempfile::tempdir().unwrap();
+        let store = LocalStore::open(dir.path()).unwrap();
+        let zero = std::time::Duration::ZERO;
+        // Nothing was ever staged: no staging directory, nothing stale.
+        assert_eq!(store.cleanup_staging(zero).await.unwrap(), 0);
+        std::fs::create_dir_all(dir.path().join(STAGING)).unwrap();
+        std::fs::create_dir_all(dir.path().join("nar")).unwrap();
+        let staged = dir.path().join(STAGING).join("0a1b2c");
+        std::fs::write(&staged, b"half").unwrap();
+        let alike = dir.path().join("nar/.0a1b.cellar-tmp");
+        std::fs::write(&alike, b"x").unwrap();
+        let hour = std::time::Duration::from_secs(3600);
+        assert!(store.stale_staging(hour).await.unwrap().is_empty());
+        assert_eq!(store.cleanup_staging(hour).await.unwrap(), 0);
+        assert!(staged.exists());
+        assert_eq!(
+            store.stale_staging(zero).await.unwrap(),
+            [staged.display().to_string()]
+        );
+        assert_eq!(store.cleanup_staging(zero).await.unwrap(), 1);
+        assert!(!staged.exists() && alike.exists());
+        // A staging directory that cannot be read is an error, not "nothing stale".
+        std::fs::remove_dir(dir.path().join(STAGING)).unwrap();
+        std::os::unix::fs::symlink(STAGING, dir.path().join(STAGING)).unwrap();
+        assert!(store.cleanup_staging(zero).await.is_err());
+        assert!(store.stale_staging(zero).await.is_err());
+    }
+
+    /// In a listing, a link inside the layout that points nowhere (an object deleted where it
+    /// lived) is no object; one that cannot be followed for another reason (it loops) fails
+    /// the listing, as an unreadable store does: gc and verify must not take what they cannot
+    /// see for absent.
+    #[tokio::test]
+    async fn a_listing_skips_dangling_links_and_fails_on_unreadable_ones() {
+        let dir = tempfile::tempdir().unwrap();
+        let store = LocalStore::open(dir.path()).unwrap();
+        store
+            .put_bytes("nar/x.nar", Bytes::from_static(b"nar"))
+            .await
+            .unwrap();
+        std::os::unix::fs::symlink("gone.nar", dir.path().join("nar/y.nar")).unwrap();
+        assert_eq!(keys(&store, "").await, ["nar/x.nar"]);
+        assert_eq!(keys(&store, "nar/").await, ["nar/x.nar"]);
+        std::os::unix::fs::symlink("z.nar", dir.path().join("nar/z.nar")).unwrap();
+        let listed: Result<Vec<_>, _> = store.list("nar/").try_collect().await;
+        assert!(listed.is_err(), "{listed:?}");
+        // The store's directory itself unreadable (here a link that loops).
+        let root = dir.path().join("cache");
+        let store = LocalStore::open(&root).unwrap();
+        std::fs::remove_dir(&root).unwrap();
+        std::os::unix::fs::symlink("cache", &root).unwrap();
+        let listed: Result<Vec<_>, _> = store.list("").try_collect().await;
+        assert!(listed.is_err(), "{listed:?}");
+    }
+
+    /// `get_bytes` reads an object of up to its limit whole, and refuses a larger one
+    /// without reading it.
+    #[tokio::test]
+    async fn whole_reads_hold_to_their_limit() {
+        let dir = tempfile::tempdir().unwrap();
+        let store = LocalStore::open(dir.path()).unwrap();
+        store
+            .put_bytes("a.narinfo", Bytes::from_static(b"0123456789"))
+            .await
+            .unwrap();
+        for limit in [10, 11, u64::MAX] {
+            let got = store.get_bytes("a.narinfo", limit).await.unwrap();
+            assert_eq!(got.as_deref(), Some(&b"0123456789"[..]), "{limit}");
+        }
+        for limit in [0, 9] {
+            assert!(
+                matches!(
+                    store.get_bytes("a.narinfo", limit).await,
+                    Err(StoreError::TooLarge { limit: l, .. }) if l == limit
+                ),
+                "{limit}"
+            );
+        }
+        assert_eq!(store.get_bytes("b.narinfo", 10).await.unwrap(), None);
+    }
+
+    /// `head` gives an object's size; a directory or nothing at all is no object.
+    #[tokio::test]
+    async fn head_gives_an_objects_size() {
+        let dir = tempfile::tempdir().unwrap();
+        let store = LocalStore::open(dir.path()).unwrap();
+        store
+            .put_bytes("nar/x.nar", Bytes::from_static(b"nar"))
+            .await
+            .unwrap();
+        assert_eq!(store.head("nar/x.nar").await.unwrap(), Some(3));
+        assert_eq!(store.head("nar").await.unwrap(), None);
+        assert_eq!(store.head("nar/y.nar").await.unwrap(), None);
+        assert_eq!(store.head("nar/x.nar/y").await.unwrap(), None);
+    }
+
+    /// A listing by a prefix that ends inside a name gives the keys that begin with it, and
+    /// no others from the directory walked.
+    #[tokio::test]
+    async fn a_listing_gives_only_the_keys_of_its_prefix() {
+        let dir = tempfile::tempdir().unwrap();
+        let store = LocalStore::open(dir.path()).unwrap();
+        for key in [
+            "nar/xa.nar",
+            "nar/xb.nar",
+            "nar/y.nar",
+            "a.narinfo",
+            "b.narinfo",
+        ] {
+            store
+                .put_bytes(key, Bytes::from_static(b"x"))
+                .await
+                .unwrap();
+        }
+        assert_eq!(keys(&store, "nar/x").await, ["nar/xa.nar", "nar/xb.nar"]);
+        assert_eq!(keys(&store, "a").await, ["a.narinfo"]);
+    }
+
+    /// A delete removes the object and is durable; deleting what is not there (nor the
+    /// directory it would be in) is no error; a directory is not deleted as an object.
+    #[tokio::test]
+    async fn deletes_remove_objects_and_what_is_gone_is_no_error() {
+        let dir = tempfile::tempdir().unwrap();
+        let store = LocalStore::open(dir.path()).unwrap();
+        store
+            .put_bytes("nar/x.nar", Bytes::from_static(b"nar"))
+            .await
+            .unwrap();
+        store.delete("nar/x.nar").await.unwrap();
+        assert!(!dir.path().join("nar/x.nar").exists());
+        store.delete("nar/x.nar").await.unwrap();
+        store.delete("log/none/x").await.unwrap();
+        assert!(store.delete("nar").await.is_err());
+        assert!(dir.path().join("nar").is_dir());
+    }
+
+    /// Logs and `cellar import` name the store by its absolute path.
+    #[test]
+    fn the_store_is_described_by_its_absolute_path() {
+        let dir = tempfile::tempdir().unwrap();
+        let store = LocalStore::open(dir.path()).unwrap();
+        assert_eq!(store.describe(), format!("file://{}", dir.path().display()));
+    }
+
+    /// A writer dropped without a commit or an abort (its request gone) leaves no staged
+    /// file: removed at once when dropped outside a runtime (in the background within one).
+    #[test]
+    fn a_dropped_writer_leaves_nothing() {
+        let dir = tempfile::tempdir().unwrap();
+        let rt = tokio::runtime::Builder::new_current_thread()
+            .build()
+            .unwrap();
+        let store = LocalStore::open(dir.path()).unwrap();
+        let w = rt.block_on(async {
+            let mut w = store.writer("nar/x.nar").await.unwrap();
+            w.write(Bytes::from_static(b"half")).await.unwrap();
+            w
+        });
+        let staged = || std::fs::read_dir(dir.path().join(STAGING)).unwrap().count();
+        assert_eq!(staged(), 1);
+        drop(w);
+        assert_eq!(staged(), 0);
+        // A committed one (dropped by its commit) leaves its object.
+        rt.block_on(async {
+            let mut w = store.writer("nar/y.nar").await.unwrap();
+            w.write(Bytes::from_static(b"whole")).await.unwrap();
+            w.commit().await.unwrap();
+        });
+        assert_eq!(
+            std::fs::read(dir.path().join("nar/y.nar")).unwrap(),
+            b"whole"
+        );
+    }
+
+    /// Only a dot file ending in the copy's suffix is a copy beside an object.
+    #[test]
+    fn copies_beside_are_dot_files_with_the_suffix() {
+        use std::ffi::OsStr;
+        assert!(is_copy_beside(OsStr::new(".0a1b.cellar-tmp")));
+        for name in ["0a1b.cellar-tmp", ".0a1b", ".cellar-tmp.x", "x.nar"] {
+            assert!(!is_copy_beside(OsStr::new(name)), "{name}");
+        }
+    }
+
+    /// An object that cannot be opened for another reason than its absence (a link that
+    /// loops) is an error: callers take a miss at its word (`verify --repair` deletes what
+    /// names a missing NAR).
+    #[tokio::test]
+    async fn an_object_that_cannot_be_opened_is_an_error_not_a_miss() {
+        let dir = tempfile::tempdir().unwrap();
+        let store = LocalStore::open(dir.path()).unwrap();
+        std::fs::create_dir_all(dir.path().join("nar")).unwrap();
+        std::os::unix::fs::symlink("x.nar", dir.path().join("nar/x.nar")).unwrap();
+        assert!(matches!(
+            store.get("nar/x.nar", None).await,
+            Err(StoreError::Other(_))
+        ));
+        assert!(store.get_bytes("nar/x.nar", 10).await.is_err());
+        assert!(store.head("nar/x.nar").await.is_err());
+    }
+
+    /// The maintenance commands open only a store directory that exists, and say which
+    /// setting names the one that does not.
+    #[test]
+    fn maintenance_opens_only_an_existing_directory() {
+        let dir = tempfile::tempdir().unwrap();
+        assert!(LocalStore::open_existing(dir.path()).is_ok());
+        let missing = dir.path().join("cache");
+        let e = LocalStore::open_existing(&missing).err().expect("opened");
+        assert_eq!(e.kind(), io::ErrorKind::NotFound);
+        assert!(e.to_string().contains("store.path"), "{e}");
+        assert!(!missing.exists(), "created");
+        std::fs::write(&missing, b"a file").unwrap();
+        assert!(LocalStore::open_existing(&missing).is_err());
     }
 
     /// Reads up to [`WHOLE_READ_MAX`] are done whole in one blocking call; larger ones stream.
