@@ -113,14 +113,15 @@ async fn nix_copy_to_cellar_then_substitute_xz_and_zstd() {
     }
 }
 
-/// NARs compressed with br (`nix copy --to 'http://…?compression=br'`) are verified as xz
-/// and zstd ones are, and substitute. They were refused with 400 before.
+/// NARs compressed with br or gzip (`nix copy --to 'http://…?compression=br'`, `=gzip`,
+/// which Nix uploads as `<hash>.nar`, with no extension of its own) are verified as xz and
+/// zstd ones are, and substitute. They were refused with 400 before.
 #[tokio::test(flavor = "multi_thread")]
-async fn nars_compressed_with_br_round_trip() {
+async fn nars_compressed_with_br_or_gzip_round_trip() {
     let f = fixture();
     let (w, wcfg) = token("builder", "write");
     let work = tempfile::tempdir().unwrap();
-    for (tag, want) in [("br", "Compression: br")] {
+    for (tag, want) in [("br", "Compression: br"), ("gzip", "Compression: gzip")] {
         let app = App::s3(&format!("up-{tag}")).config(&wcfg).spawn().await;
         let srv = &app.srv;
         let netrc = netrc(work.path(), srv, &w);

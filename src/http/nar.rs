@@ -352,7 +352,7 @@ where
 /// connection is closed with bytes unread, which resets it: the client, still sending, may
 /// see the reset instead of the answer (curl: "Connection reset by peer"), and Nix 2.8 then
 /// retries the PUT without its body and stalls for `stalled-download-timeout` (300 s). A
-/// NAR refused early (gzip, which cannot be verified; a decompression bomb; a broken stream)
+/// NAR refused early (bytes that are no NAR; a decompression bomb; a broken stream)
 /// is the usual case. A body the upload never asked for is not read either: a client that
 /// sent `Expect: 100-continue` is still waiting, and gets the refusal without sending it.
 #[derive(Clone)]

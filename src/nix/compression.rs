@@ -86,7 +86,7 @@ impl Compression {
     pub fn can_decode(self) -> bool {
         matches!(
             self,
-            Self::None | Self::Xz | Self::Zstd | Self::Bzip2 | Self::Brotli
+            Self::None | Self::Xz | Self::Zstd | Self::Bzip2 | Self::Brotli | Self::Gzip
         )
     }
 

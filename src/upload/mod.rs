@@ -628,7 +628,8 @@ impl Uploader {
             object_key::nar(name),
             VerifiedNar {
                 stored,
-                stored_compression: target.unwrap_or(incoming),
+                // A `.nar` holds a plain NAR or a gzip one: what its bytes were.
+                stored_compression: target.unwrap_or(d.compression),
                 stored_file: d.output,
                 uploaded_file: Some(d.input),
                 nar: d.nar,
@@ -657,15 +658,16 @@ impl Uploader {
         let early = self.take_early(&object_key::nar(name));
         let recompress = target.map(|t| (t, self.recompress.and_then(|r| r.level)));
         let mut w = self.store.writer(&object_key::nar(stored)).await?;
-        let d = match digest::digest_into(body, incoming, recompress, Some(&mut w), self.limits)
-            .await
-        {
-            Ok(d) => d,
-            Err(e) => {
-                w.abort().await;
-                return Err(e);
-            }
-        };
+        let d =
+            match digest::digest_named_into(body, incoming, recompress, Some(&mut w), self.limits)
+                .await
+            {
+                Ok(d) => d,
+                Err(e) => {
+                    w.abort().await;
+                    return Err(e);
+                }
+            };
         if d.input.hash.to_nix32() != name_hash {
             w.abort().await;
             return Err(rejected(format!(
@@ -763,7 +765,7 @@ impl Uploader {
             // over this server's limits (stored through a replica with larger ones), is the
             // store's trouble to be seen by its operator, not the client's narinfo (a 4xx,
             // which Nix does not retry, would blame it).
-            let d = digest::digest_into(obj.body, c, None, None, self.limits)
+            let d = digest::digest_named_into(obj.body, c, None, None, self.limits)
                 .await
                 .map_err(|e| match e {
                     Error::Upload(u) => Error::Store(StoreError::Other(format!(
@@ -774,7 +776,7 @@ impl Uploader {
                 })?;
             let v = VerifiedNar {
                 stored: cand,
-                stored_compression: c,
+                stored_compression: d.compression,
                 stored_file: d.input,
                 uploaded_file: None,
                 nar: d.nar,

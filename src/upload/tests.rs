@@ -724,6 +724,65 @@ async fn narinfos_are_checked_against_remembered_digests_or_the_nar_read_back() 
     assert!(e.to_string().contains("reading nar/"), "{e}");
 }
 
+/// `nix copy --to 'http://…?compression=gzip'` uploads gzip NARs as `<hash>.nar` (Nix gives
+/// gzip no extension) with `Compression: gzip`: verified through gzip and published as gzip,
+/// whether uploaded here or read back from the store (another replica's upload), and
+/// re-encoded when uploads are.
+#[tokio::test]
+async fn a_gzip_nar_named_plain_is_verified_and_published_as_gzip() {
+    use std::io::Write as _;
+    let plain = nar();
+    let mut e = flate2::write::GzEncoder::new(Vec::new(), flate2::Compression::default());
+    e.write_all(&plain).unwrap();
+    let gz = e.finish().unwrap();
+    let url = format!("nar/{}.nar", Sha256::digest(&gz).to_nix32());
+    let mut info = narinfo_at(PATH, &plain, &url);
+    info.compression = Compression::Gzip;
+    let raw = info.render("/nix/store");
+    let file = info.nar_file().unwrap();
+
+    let (mem, up) = uploader();
+    up.put_nar(&file, body(Bytes::from(gz.clone())))
+        .await
+        .unwrap();
+    up.put_narinfo(info.hash(), raw.as_bytes(), None)
+        .await
+        .unwrap();
+    let stored = stored_narinfo(&mem, &info);
+    assert_eq!(stored.compression, Compression::Gzip);
+    assert_eq!(stored.file_hash, Some(Sha256::digest(&gz)));
+    assert_eq!(stored.url, url);
+    assert_eq!(mem.bytes(&object_key::nar(&file)).unwrap(), gz);
+
+    let (mem, up) = uploader();
+    mem.insert(&object_key::nar(&file), gz.clone());
+    up.put_narinfo(info.hash(), raw.as_bytes(), None)
+        .await
+        .unwrap();
+    assert_eq!(stored_narinfo(&mem, &info).compression, Compression::Gzip);
+
+    let mem = Arc::new(MemoryStore::new());
+    let store: Arc<dyn Store> = mem.clone();
+    let mut cfg = Config::default();
+    cfg.upload.recompress = Some(Recompression {
+        compression: Compression::Zstd,
+        level: None,
+    });
+    let up = Uploader::new(&cfg.upload, &cfg.store_dir, store);
+    up.put_nar(&file, body(Bytes::from(gz.clone())))
+        .await
+        .unwrap();
+    up.put_narinfo(info.hash(), raw.as_bytes(), None)
+        .await
+        .unwrap();
+    let stored = stored_narinfo(&mem, &info);
+    assert_eq!(stored.compression, Compression::Zstd);
+    let nar = mem
+        .bytes(&object_key::nar(&stored.nar_file().unwrap()))
+        .unwrap();
+    assert_eq!(zstd::decode_all(&nar[..]).unwrap(), plain);
+}
+
 #[tokio::test]
 async fn a_nar_sent_in_the_target_compression_is_stored_as_sent() {
     let mem = Arc::new(MemoryStore::new());

@@ -24,6 +24,9 @@ pub struct FileDigest {
 /// The result of running a NAR file through the pipeline.
 #[derive(Debug, Clone, Copy)]
 pub struct NarDigest {
+    /// How the bytes received are compressed: as declared, or for a NAR named `.nar`, what
+    /// its first bytes say (plain or gzip, see [`digest_named_into`]).
+    pub compression: Compression,
     /// Of the bytes received.
     pub input: FileDigest,
     /// Of the decompressed NAR.
@@ -71,14 +74,28 @@ pub(super) fn check_decodable(c: Compression) -> Result<(), UploadError> {
         Ok(())
     } else {
         Err(UploadError::Rejected(format!(
-            "NARs compressed with {c} cannot be verified; upload with xz, zstd, bzip2, br or \
-             none"
+            "NARs compressed with {c} cannot be verified; upload with zstd, xz, bzip2, br, \
+             gzip or none"
         )))
     }
 }
 
 /// The first bytes of every NAR: the length-prefixed string "nix-archive-1".
 const NAR_MAGIC: &[u8] = b"\x0d\x00\x00\x00\x00\x00\x00\x00nix-archive-1";
+
+/// The first bytes of gzip data.
+const GZIP_MAGIC: [u8; 2] = [0x1f, 0x8b];
+
+/// The compression of bytes that begin with `head`, sent under a name that says `named`: Nix
+/// gives gzip NARs no extension of their own (`nix copy --to 'http://…?compression=gzip'`
+/// uploads `<hash>.nar`), so a `.nar` is plain or gzip, and a NAR never begins as gzip does.
+fn sniffed(named: Compression, head: &[u8]) -> Compression {
+    if named == Compression::None && head.starts_with(&GZIP_MAGIC) {
+        Compression::Gzip
+    } else {
+        named
+    }
+}
 
 const OUT_CHUNK: usize = 1 << 20;
 
@@ -205,10 +222,9 @@ impl Write for NarSink {
             let take = (NAR_MAGIC.len() - self.head.len()).min(b.len());
             self.head.extend_from_slice(&b[..take]);
             if !NAR_MAGIC.starts_with(&self.head) {
-                // `nix copy --to 'http://…?compression=gzip'` names gzip NARs `.nar`.
-                let why = if self.head.starts_with(&[0x1f, 0x8b]) {
-                    "not a NAR but gzip data (Nix names gzip NARs .nar): NARs compressed with \
-                     gzip cannot be verified; upload with xz, zstd, bzip2, br or none"
+                // Declared plain (a narinfo's `Compression: none`), but gzip.
+                let why = if self.head.starts_with(&GZIP_MAGIC) {
+                    "not a NAR but gzip data"
                 } else {
                     "not a NAR"
                 };
@@ -238,6 +254,8 @@ enum Decoder {
     Bzip2(bzip2::write::BzDecoder<NarSink>),
     // Boxed: its state is kilobytes, the others' hundreds of bytes.
     Brotli(Box<brotli_decompressor::DecompressorWriter<NarSink>>),
+    // Members one after the other, like `gzip -d`.
+    Gzip(flate2::write::MultiGzDecoder<NarSink>),
 }
 
 impl Decoder {
@@ -269,6 +287,7 @@ impl Decoder {
                 );
                 Self::Brotli(Box::new(d))
             }
+            Compression::Gzip => Self::Gzip(flate2::write::MultiGzDecoder::new(sink)),
             // Refused by `check_decodable` before a decoder is built.
             other => {
                 return Err(io::Error::new(
@@ -286,6 +305,7 @@ impl Decoder {
             Self::Bzip2(d) => d.write_all(b),
             // Bytes after the end of the stream are refused (a write of them takes none).
             Self::Brotli(d) => d.write_all(b),
+            Self::Gzip(d) => d.write_all(b),
         }
     }
     fn finish(self) -> io::Result<NarSink> {
@@ -305,6 +325,8 @@ impl Decoder {
                     io::Error::new(io::ErrorKind::InvalidData, "the brotli stream is cut short")
                 })
             }
+            // Fails if the stream was cut (its trailer, with the CRC and length, missing).
+            Self::Gzip(d) => d.finish(),
         }
     }
 }
@@ -343,6 +365,35 @@ pub async fn digest_into<S>(
 where
     S: Stream<Item = io::Result<Bytes>> + Send + 'static,
 {
+    run(body, input, false, recompress, writer, limits).await
+}
+
+/// [`digest_into`] for a NAR file whose name is all that says how it is compressed (`named`,
+/// from its extension): a `.nar` holding gzip is taken as gzip, as Nix names them so.
+pub async fn digest_named_into<S>(
+    body: S,
+    named: Compression,
+    recompress: Option<(Compression, Option<i32>)>,
+    writer: Option<&mut Box<dyn ObjectWriter>>,
+    limits: Limits,
+) -> Result<NarDigest, Error>
+where
+    S: Stream<Item = io::Result<Bytes>> + Send + 'static,
+{
+    run(body, named, true, recompress, writer, limits).await
+}
+
+async fn run<S>(
+    body: S,
+    input: Compression,
+    by_name: bool,
+    recompress: Option<(Compression, Option<i32>)>,
+    writer: Option<&mut Box<dyn ObjectWriter>>,
+    limits: Limits,
+) -> Result<NarDigest, Error>
+where
+    S: Stream<Item = io::Result<Bytes>> + Send + 'static,
+{
     check_decodable(input)?;
     let (in_tx, mut in_rx) = mpsc::channel::<Bytes>(8);
     let (out_tx, mut out_rx) = mpsc::channel::<Bytes>(8);
@@ -373,8 +424,23 @@ where
             max_bytes: limits.max_nar_bytes,
         };
         let rejected = |e| rejected(e, limits);
-        let mut dec = Decoder::new(input, sink, limits).map_err(rejected)?;
-        while let Some(chunk) = in_rx.blocking_recv() {
+        // The first chunks, held until their first bytes say the compression of a `.nar`.
+        let mut first = Vec::new();
+        let mut head = Vec::with_capacity(GZIP_MAGIC.len());
+        while by_name && head.len() < GZIP_MAGIC.len() {
+            let Some(chunk) = in_rx.blocking_recv() else {
+                break;
+            };
+            let take = (GZIP_MAGIC.len() - head.len()).min(chunk.len());
+            head.extend_from_slice(&chunk[..take]);
+            first.push(chunk);
+        }
+        let compression = sniffed(input, &head);
+        let mut dec = Decoder::new(compression, sink, limits).map_err(rejected)?;
+        let chunks = first
+            .into_iter()
+            .chain(std::iter::from_fn(|| in_rx.blocking_recv()));
+        for chunk in chunks {
             input_hash.update(&chunk);
             dec.write_all(&chunk).map_err(rejected)?;
             if want_output && !reencoding && out_tx.blocking_send(chunk).is_err() {
@@ -401,7 +467,12 @@ where
             }
             None => input,
         };
-        Ok(NarDigest { input, nar, output })
+        Ok(NarDigest {
+            compression,
+            input,
+            nar,
+            output,
+        })
     });
 
     let feeder = tokio::spawn(async move {

@@ -45,6 +45,11 @@ fn compress(c: Compression, data: &[u8]) -> Vec<u8> {
             e.write_all(data).unwrap();
             e.into_inner()
         }
+        Compression::Gzip => {
+            let mut e = flate2::write::GzEncoder::new(Vec::new(), flate2::Compression::fast());
+            e.write_all(data).unwrap();
+            e.finish().unwrap()
+        }
         // Not decodable by the pipeline: any bytes will do, it must refuse them.
         _ => data.to_vec(),
     }
@@ -62,6 +67,7 @@ fn reference_decode(c: Compression, data: &[u8]) -> Option<Vec<u8>> {
         }
         Compression::Bzip2 => bzip2::read::MultiBzDecoder::new(data).read_to_end(&mut out),
         Compression::Brotli => brotli::Decompressor::new(data, 4096).read_to_end(&mut out),
+        Compression::Gzip => flate2::read::MultiGzDecoder::new(data).read_to_end(&mut out),
         _ => return None,
     };
     read.ok().map(|_| out)

@@ -321,6 +321,7 @@ fn undecodable_compressions_are_refused_by_name() {
         Compression::Zstd,
         Compression::Bzip2,
         Compression::Brotli,
+        Compression::Gzip,
     ] {
         assert!(check_decodable(c).is_ok(), "{c}");
     }
@@ -419,13 +420,71 @@ async fn without_a_writer_nothing_is_re_encoded() {
     assert_eq!(d.output.size, plain.len() as u64);
 }
 
-/// Nix names a gzip NAR `.nar` (no extension of its own): the refusal says why.
+fn gzip_of(data: &[u8]) -> Vec<u8> {
+    let mut e = flate2::write::GzEncoder::new(Vec::new(), flate2::Compression::fast());
+    e.write_all(data).unwrap();
+    e.finish().unwrap()
+}
+
+/// `data` in pieces of `size` bytes.
+fn pieces(data: &[u8], size: usize) -> impl Stream<Item = io::Result<Bytes>> + Send + 'static {
+    let parts: Vec<io::Result<Bytes>> = data
+        .chunks(size)
+        .map(|c| Ok(Bytes::copy_from_slice(c)))
+        .collect();
+    futures::stream::iter(parts)
+}
+
+/// Nix names a gzip NAR `.nar`, as a plain one (`compression=gzip` gives it no extension):
+/// sent under such a name, gzip data is decoded as gzip and said to be, whatever pieces it
+/// comes in (the first shorter than gzip's magic too), and a plain NAR is plain. Declared
+/// plain (a narinfo's `Compression: none`), or under another extension, gzip data is
+/// refused; cut short, or re-encoded, it is gzip as any codec.
 #[tokio::test]
-async fn a_gzip_nar_sent_as_plain_is_refused_by_name() {
-    let e = check(b"\x1f\x8b\x08\x00rest".to_vec(), Compression::None)
+async fn a_nar_named_plain_may_be_gzip() {
+    let plain = nar(&(0..100_000u32).map(|i| (i % 251) as u8).collect::<Vec<_>>());
+    let gz = gzip_of(&plain);
+    for size in [1, 2, 3, 1000, gz.len()] {
+        let d = digest_named_into(pieces(&gz, size), Compression::None, None, None, LIMITS)
+            .await
+            .unwrap();
+        assert_eq!(d.compression, Compression::Gzip, "{size}");
+        assert_eq!(d.nar.hash, Sha256::digest(&plain), "{size}");
+        assert_eq!(d.nar.size, plain.len() as u64, "{size}");
+        assert_eq!(d.input.hash, Sha256::digest(&gz), "{size}");
+    }
+    let d = digest_named_into(pieces(&plain, 1), Compression::None, None, None, LIMITS)
+        .await
+        .unwrap();
+    assert_eq!(d.compression, Compression::None);
+    assert_eq!(d.nar.hash, Sha256::digest(&plain));
+    let d = check(gz.clone(), Compression::Gzip).await.unwrap();
+    assert_eq!(
+        (d.compression, d.nar.hash),
+        (Compression::Gzip, Sha256::digest(&plain))
+    );
+
+    let e = check(gz.clone(), Compression::None).await.unwrap_err();
+    assert!(rejected_with(&e, "not a NAR but gzip data"), "{e:?}");
+    let e = digest_named_into(pieces(&gz, 1000), Compression::Zstd, None, None, LIMITS)
         .await
         .unwrap_err();
-    assert!(rejected_with(&e, "gzip cannot be verified"), "{e:?}");
+    assert!(rejected_with(&e, "does not decompress"), "{e:?}");
+    for cut in [gz.len() - 1, gz.len() - 8, gz.len() / 2, 1] {
+        let e = digest_named_into(
+            pieces(&gz[..cut], 1000),
+            Compression::None,
+            None,
+            None,
+            LIMITS,
+        )
+        .await
+        .unwrap_err();
+        assert!(
+            rejected_with(&e, "does not decompress"),
+            "cut at {cut}: {e:?}"
+        );
+    }
     let e = check(b"\x1f\x00 not gzip".to_vec(), Compression::None)
         .await
         .unwrap_err();
@@ -433,6 +492,24 @@ async fn a_gzip_nar_sent_as_plain_is_refused_by_name() {
         rejected_with(&e, "not a NAR") && !rejected_with(&e, "gzip"),
         "{e:?}"
     );
+
+    use crate::store::Store as _;
+    let store = crate::store::memory::MemoryStore::new();
+    let mut w = store.writer("out").await.unwrap();
+    let d = digest_named_into(
+        pieces(&gz, 1000),
+        Compression::None,
+        Some((Compression::Zstd, Some(1))),
+        Some(&mut w),
+        LIMITS,
+    )
+    .await
+    .unwrap();
+    w.commit().await.unwrap();
+    let stored = store.get_bytes("out", u64::MAX).await.unwrap().unwrap();
+    assert_eq!(zstd::decode_all(&stored[..]).unwrap(), plain);
+    assert_eq!(d.compression, Compression::Gzip);
+    assert_eq!(d.output.hash, Sha256::digest(&stored));
 }
 
 #[tokio::test]
