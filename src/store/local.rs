@@ -648,12 +648,18 @@ impl ObjectWriter for LocalWriter {
         f.get_mut().sync_all().await.map_err(|e| self.failed(&e))?;
         drop(f);
         let (tmp, dest) = (self.tmp.clone(), self.dest.clone());
-        tokio::task::spawn_blocking(move || publish(&tmp, &dest))
-            .await
-            .map_err(|e| StoreError::Other(format!("publishing {}: {e}", self.dest.display())))?
-            .map_err(|e| StoreError::Other(format!("publishing {}: {e}", self.dest.display())))?;
+        let published = tokio::task::spawn_blocking(move || {
+            let published = publish(&tmp, &dest);
+            // Not published: the staged file goes before the failure is answered.
+            if published.is_err() {
+                let _ = std::fs::remove_file(&tmp);
+            }
+            published
+        })
+        .await
+        .map_err(|e| StoreError::Other(format!("publishing {}: {e}", self.dest.display())))?;
         self.done = true;
-        Ok(())
+        published.map_err(|e| StoreError::Other(format!("publishing {}: {e}", self.dest.display())))
     }
 
     async fn abort(mut self: Box<Self>) {
@@ -831,13 +837,16 @@ mod tests {
             .map(|e| e.unwrap().file_name())
             .collect();
         assert_eq!(beside, ["x.nar"]);
-        // A copy whose rename into place fails (a directory is in the way) is removed.
+        // A copy whose rename into place fails (a directory is in the way) is removed, and
+        // so is the staged file, before the failure is answered.
         std::fs::create_dir(elsewhere.path().join("d.nar")).unwrap();
         assert!(store
             .put_bytes("nar/d.nar", Bytes::from_static(b"nar"))
             .await
             .is_err());
         std::fs::remove_dir(elsewhere.path().join("d.nar")).unwrap();
+        let staged = std::fs::read_dir(dir.path().join(STAGING)).unwrap().count();
+        assert_eq!(staged, 0);
         let beside: Vec<_> = std::fs::read_dir(elsewhere.path())
             .unwrap()
             .map(|e| e.unwrap().file_name())
@@ -1070,6 +1079,15 @@ mod tests {
         }
         assert_eq!(keys(&store, "nar/x").await, ["nar/xa.nar", "nar/xb.nar"]);
         assert_eq!(keys(&store, "a").await, ["a.narinfo"]);
+        // A link to a directory inside a `lost+found` (no part of the layout) is not followed.
+        let other = tempfile::tempdir().unwrap();
+        std::fs::write(other.path().join("f.nar"), b"x").unwrap();
+        std::fs::create_dir(dir.path().join("nar/lost+found")).unwrap();
+        std::os::unix::fs::symlink(other.path(), dir.path().join("nar/lost+found/d")).unwrap();
+        assert_eq!(
+            keys(&store, "nar/").await,
+            ["nar/xa.nar", "nar/xb.nar", "nar/y.nar"]
+        );
     }
 
     /// A delete removes the object and is durable; deleting what is not there (nor the

@@ -88,7 +88,8 @@ const GZIP_MAGIC: [u8; 2] = [0x1f, 0x8b];
 
 /// The compression of bytes that begin with `head`, sent under a name that says `named`: Nix
 /// gives gzip NARs no extension of their own (`nix copy --to 'http://…?compression=gzip'`
-/// uploads `<hash>.nar`), so a `.nar` is plain or gzip, and a NAR never begins as gzip does.
+/// uploads `<hash>.nar`), and a NAR never begins as gzip does. (Nix names lzma, lzop, grzip,
+/// lrzip and compress `.nar` too; cellar decodes none of them, and refuses them as no NAR.)
 fn sniffed(named: Compression, head: &[u8]) -> Compression {
     if named == Compression::None && head.starts_with(&GZIP_MAGIC) {
         Compression::Gzip
@@ -431,6 +432,9 @@ where
             let Some(chunk) = in_rx.blocking_recv() else {
                 break;
             };
+            if chunk.is_empty() {
+                continue;
+            }
             let take = (GZIP_MAGIC.len() - head.len()).min(chunk.len());
             head.extend_from_slice(&chunk[..take]);
             first.push(chunk);

@@ -194,4 +194,38 @@ proptest! {
             prop_assert_eq!(result.unwrap().nar.hash, Sha256::digest(&nar));
         }
     }
+
+    /// Under a `.nar` name (plain or gzip, told apart by the first bytes), the pipeline
+    /// decides as it does when told the compression: a plain body as plain, a gzip one as
+    /// gzip, whatever pieces they come in.
+    #[test]
+    fn a_nar_named_plain_is_judged_as_what_it_holds(
+        gzip in any::<bool>(),
+        payload in proptest::collection::vec(any::<u8>(), 0..3000),
+        how in input(),
+        cuts in proptest::collection::vec(any::<proptest::sample::Index>(), 0..6),
+    ) {
+        let c = if gzip { Compression::Gzip } else { Compression::None };
+        let (_, bytes) = build(c, &payload, &how);
+        let rt = tokio::runtime::Builder::new_current_thread().enable_all().build().unwrap();
+        let (named, told) = rt.block_on(async {
+            let body = futures::stream::iter(chunked(&bytes, &cuts));
+            let named = digest_named_into(body, Compression::None, None, None, LIMITS).await;
+            let body = futures::stream::iter(chunked(&bytes, &cuts));
+            let actual = if bytes.starts_with(&GZIP_MAGIC) { Compression::Gzip } else { Compression::None };
+            (named, digest_into(body, actual, None, None, LIMITS).await)
+        });
+        match (&named, &told) {
+            (Ok(n), Ok(t)) => {
+                prop_assert_eq!(n.compression, t.compression);
+                prop_assert_eq!(n.nar, t.nar);
+                prop_assert_eq!(n.input, t.input);
+            }
+            (Err(_), Err(_)) => {}
+            _ => prop_assert!(false, "named {:?}, told {:?}", named, told),
+        }
+        if matches!(how, Input::Valid) {
+            prop_assert_eq!(named.unwrap().compression, c);
+        }
+    }
 }
