@@ -354,7 +354,7 @@ impl FastReads {
             }
             tracing::debug!(attempt, "S3 {what}: retrying after a transient failure");
             let wait = if throttled {
-                THROTTLED_PAUSE + jitter(pause)
+                jitter(pause) + THROTTLED_PAUSE
             } else {
                 jitter(pause)
             };
@@ -677,7 +677,14 @@ mod tests {
                     "/b/p/busy" if n == 0 => (S::TOO_MANY_REQUESTS, "").into_response(),
                     "/b/p/busy" => "later".into_response(),
                     "/b/p/refusing" => (S::TOO_MANY_REQUESTS, "").into_response(),
+                    "/b/p/invalid" => (S::BAD_REQUEST, xml("InvalidArgument")).into_response(),
                     "/b/p/partial" => (S::PARTIAL_CONTENT, "el").into_response(),
+                    "/b/p/ranged" => (
+                        S::PARTIAL_CONTENT,
+                        [(axum::http::header::CONTENT_RANGE, "bytes 1-2/5")],
+                        "el",
+                    )
+                        .into_response(),
                     "/b/p/empty" => (
                         S::PARTIAL_CONTENT,
                         [(axum::http::header::CONTENT_RANGE, "bytes 0--1/0")],
@@ -768,6 +775,13 @@ mod tests {
             r.get("p/denied", None).await,
             Err(StoreError::Misconfigured(m)) if m.contains("AccessDenied")
         ));
+        // Another refusal is the request's trouble, not the store being down: not retried.
+        hits.store(0, Ordering::SeqCst);
+        assert!(matches!(
+            r.get("p/invalid", None).await,
+            Err(StoreError::Other(m)) if m.contains("400 InvalidArgument")
+        ));
+        assert_eq!(hits.load(Ordering::SeqCst), 1);
         // An archived object is refused alone: the credentials are not in question.
         assert!(matches!(
             r.get("p/archived", None).await,
@@ -778,6 +792,20 @@ mod tests {
             start: 1,
             end: Some(2),
         });
+        let Read::Found(part) = r.get("p/ranged", one).await.unwrap() else {
+            panic!("a ranged answer refused")
+        };
+        assert_eq!(
+            (part.length, part.range),
+            (
+                Some(2),
+                Some(ContentRange {
+                    start: 1,
+                    end: 2,
+                    total: 5
+                })
+            )
+        );
         assert!(matches!(
             r.get("p/partial", one).await,
             Err(StoreError::Other(_))
@@ -871,9 +899,13 @@ mod tests {
         let logs = crate::test_logs::capture();
         let hits = Arc::new(AtomicUsize::new(0));
         let (r, calls) = reads_with(&hits, REFRESH_BEFORE - Duration::from_secs(60)).await;
-        for _ in 0..3 {
+        let renewals_failed = || logs.text().matches("could not be renewed").count();
+        // The first request fetches them; the second finds them due, and the renewal fails.
+        for _ in 0..2 {
             assert!(matches!(r.get("p/ok", None).await, Ok(Read::Found(_))));
         }
+        assert_eq!(renewals_failed(), 1, "the first failure is logged");
+        assert!(matches!(r.get("p/ok", None).await, Ok(Read::Found(_))));
         assert_eq!(
             calls.load(Ordering::SeqCst),
             3,
@@ -911,6 +943,18 @@ mod tests {
         assert!(r.credentials().await.is_err());
     }
 
+    /// Retries wait a random share of their pause, so that replicas retrying together spread
+    /// out: never more than the pause, and not always nothing. (64 draws of 65536 values: the
+    /// chance that all are zero is nil.)
+    #[test]
+    fn retry_pauses_are_jittered_within_their_bound() {
+        let max = Duration::from_millis(100);
+        let waits: Vec<Duration> = (0..64).map(|_| jitter(max)).collect();
+        assert!(waits.iter().all(|w| *w <= max), "{waits:?}");
+        assert!(waits.iter().any(|w| !w.is_zero()), "{waits:?}");
+        assert!(waits.iter().any(|w| *w != waits[0]), "{waits:?}");
+    }
+
     #[test]
     fn a_credentials_provider_timing_out_is_no_misconfiguration() {
         use aws_credential_types::provider::error::CredentialsError as E;
@@ -939,8 +983,12 @@ mod tests {
     async fn too_many_requests_is_retried() {
         let hits = Arc::new(AtomicUsize::new(0));
         let r = reads(&hits).await;
+        let asked = std::time::Instant::now();
         assert!(matches!(r.get("p/busy", None).await, Ok(Read::Found(_))));
         assert_eq!(hits.load(Ordering::SeqCst), 2, "one refusal, one retry");
+        // Asked to slow down, it waits at least the throttled pause before asking again (a
+        // lower bound: a sleep never ends early).
+        assert!(asked.elapsed() >= THROTTLED_PAUSE, "{:?}", asked.elapsed());
         hits.store(0, Ordering::SeqCst);
         assert!(matches!(
             r.head("p/refusing").await,
