@@ -559,6 +559,42 @@ mod tests {
         assert_eq!(mirror.waiting(), 0);
     }
 
+    /// Retiring a mirror drops the paths waiting for a copy and says how many; with none
+    /// waiting it says nothing. (A current-thread runtime: the copies offers start do not run
+    /// before the test awaits.)
+    #[tokio::test]
+    async fn retiring_drops_the_paths_waiting_and_says_so() {
+        let logs = crate::test_logs::capture();
+        let key = crate::nix::SecretKey::generate("up-1").unwrap();
+        let hashes: Vec<String> = "dfghijklmn"
+            .chars()
+            .take(MAX_COPIES + 2)
+            .map(|c| c.to_string().repeat(32))
+            .collect();
+        let paths: Vec<Path> = hashes.iter().map(|h| closure_path(&key, h, &[])).collect();
+        let store = Arc::new(MemoryStore::new());
+        let mirror = mirror_over(&key, &paths, &store).await;
+        mirror.retire();
+        assert!(!logs.text().contains("dropped"), "{}", logs.text());
+
+        let mirror = mirror_over(&key, &paths, &store).await;
+        for (info, _, _) in &paths {
+            assert!(mirror.offer(info.clone()));
+        }
+        assert_eq!(mirror.waiting(), 2, "{MAX_COPIES} taken by copies");
+        mirror.retire();
+        assert_eq!(mirror.waiting(), 0);
+        let logged = logs.text();
+        assert_eq!(
+            logged
+                .matches("paths waiting to be mirrored dropped")
+                .count(),
+            1,
+            "{logged}"
+        );
+        assert!(logged.contains("paths=2"), "{logged}");
+    }
+
     /// A reference only an upstream that is not mirrored serves stays there (served through
     /// it, as before): the path is mirrored with the references a mirrored upstream serves.
     #[tokio::test]
