@@ -559,6 +559,26 @@ mod tests {
         assert_eq!(mirror.waiting(), 0);
     }
 
+    /// A path's copy slot is shared while a copier holds it (creating another's keeps it),
+    /// and forgotten once none does.
+    #[tokio::test]
+    async fn copy_slots_are_shared_while_held_and_forgotten_after() {
+        let key = crate::nix::SecretKey::generate("up-1").unwrap();
+        let store = Arc::new(MemoryStore::new());
+        let mirror = mirror_over(&key, &[], &store).await;
+        let [a, b, c]: [StorePathHash; 3] = [A, B, C].map(|h| h.parse().unwrap());
+        let held = mirror.inner.slot(a);
+        let other = mirror.inner.slot(b);
+        assert!(
+            Arc::ptr_eq(&held, &mirror.inner.slot(a)),
+            "a held slot is shared"
+        );
+        drop(other);
+        let _third = mirror.inner.slot(c);
+        let slots = lock(&mirror.inner.copying).len();
+        assert_eq!(slots, 2, "a slot no copier holds is forgotten");
+    }
+
     /// Retiring a mirror drops the paths waiting for a copy and says how many; with none
     /// waiting it says nothing. (A current-thread runtime: the copies offers start do not run
     /// before the test awaits.)
