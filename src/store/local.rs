@@ -742,6 +742,17 @@ mod tests {
         keys
     }
 
+    /// A store in a fresh directory holding `nar/x.nar` (`nar`).
+    async fn holding_a_nar() -> (tempfile::TempDir, LocalStore) {
+        let dir = tempfile::tempdir().unwrap();
+        let store = LocalStore::open(dir.path()).unwrap();
+        store
+            .put_bytes("nar/x.nar", Bytes::from_static(b"nar"))
+            .await
+            .unwrap();
+        (dir, store)
+    }
+
     /// An aborted write leaves nothing, by the time `abort` returns; a dropped one, soon after.
     #[tokio::test]
     async fn an_aborted_write_leaves_nothing() {
@@ -997,12 +1008,7 @@ mod tests {
     /// see for absent.
     #[tokio::test]
     async fn a_listing_skips_dangling_links_and_fails_on_unreadable_ones() {
-        let dir = tempfile::tempdir().unwrap();
-        let store = LocalStore::open(dir.path()).unwrap();
-        store
-            .put_bytes("nar/x.nar", Bytes::from_static(b"nar"))
-            .await
-            .unwrap();
+        let (dir, store) = holding_a_nar().await;
         std::os::unix::fs::symlink("gone.nar", dir.path().join("nar/y.nar")).unwrap();
         assert_eq!(keys(&store, "").await, ["nar/x.nar"]);
         assert_eq!(keys(&store, "nar/").await, ["nar/x.nar"]);
@@ -1047,12 +1053,7 @@ mod tests {
     /// `head` gives an object's size; a directory or nothing at all is no object.
     #[tokio::test]
     async fn head_gives_an_objects_size() {
-        let dir = tempfile::tempdir().unwrap();
-        let store = LocalStore::open(dir.path()).unwrap();
-        store
-            .put_bytes("nar/x.nar", Bytes::from_static(b"nar"))
-            .await
-            .unwrap();
+        let (_dir, store) = holding_a_nar().await;
         assert_eq!(store.head("nar/x.nar").await.unwrap(), Some(3));
         assert_eq!(store.head("nar").await.unwrap(), None);
         assert_eq!(store.head("nar/y.nar").await.unwrap(), None);
@@ -1094,12 +1095,7 @@ mod tests {
     /// directory it would be in) is no error; a directory is not deleted as an object.
     #[tokio::test]
     async fn deletes_remove_objects_and_what_is_gone_is_no_error() {
-        let dir = tempfile::tempdir().unwrap();
-        let store = LocalStore::open(dir.path()).unwrap();
-        store
-            .put_bytes("nar/x.nar", Bytes::from_static(b"nar"))
-            .await
-            .unwrap();
+        let (dir, store) = holding_a_nar().await;
         store.delete("nar/x.nar").await.unwrap();
         assert!(!dir.path().join("nar/x.nar").exists());
         store.delete("nar/x.nar").await.unwrap();

@@ -741,13 +741,16 @@ async fn a_gzip_nar_named_plain_is_verified_and_published_as_gzip() {
     let raw = info.render("/nix/store");
     let file = info.nar_file().unwrap();
 
+    let upload = |up: Uploader| {
+        let (file, gz, raw, h) = (file.clone(), gz.clone(), raw.clone(), info.hash());
+        async move {
+            up.put_nar(&file, body(Bytes::from(gz))).await.unwrap();
+            up.put_narinfo(h, raw.as_bytes(), None).await.unwrap();
+        }
+    };
+
     let (mem, up) = uploader();
-    up.put_nar(&file, body(Bytes::from(gz.clone())))
-        .await
-        .unwrap();
-    up.put_narinfo(info.hash(), raw.as_bytes(), None)
-        .await
-        .unwrap();
+    upload(up).await;
     let stored = stored_narinfo(&mem, &info);
     assert_eq!(stored.compression, Compression::Gzip);
     assert_eq!(stored.file_hash, Some(Sha256::digest(&gz)));
@@ -768,13 +771,7 @@ async fn a_gzip_nar_named_plain_is_verified_and_published_as_gzip() {
         compression: Compression::Zstd,
         level: None,
     });
-    let up = Uploader::new(&cfg.upload, &cfg.store_dir, store);
-    up.put_nar(&file, body(Bytes::from(gz.clone())))
-        .await
-        .unwrap();
-    up.put_narinfo(info.hash(), raw.as_bytes(), None)
-        .await
-        .unwrap();
+    upload(Uploader::new(&cfg.upload, &cfg.store_dir, store)).await;
     let stored = stored_narinfo(&mem, &info);
     assert_eq!(stored.compression, Compression::Zstd);
     let nar = mem
