@@ -199,7 +199,7 @@ fn check_config(path: Option<&Path>) -> anyhow::Result<()> {
     }
     if !cfg.signing.key_files.is_empty() {
         for f in &cfg.signing.key_files {
-            let k = signing_keys::read_secret_key(f)?;
+            let k = signing_keys::read_key_file(f)?;
             println!("signing key {}: {}", f.display(), k.public());
         }
     }
@@ -394,12 +394,14 @@ fn serve(path: Option<&Path>, log_format: Option<LogFormat>) -> anyhow::Result<(
         let access = state.access.clone();
         let _ = last_words.set(access.clone());
         let flusher = access.spawn_flusher(state.config.gc.access_flush_interval);
-        cellar::reload::spawn_on_sighup(state.clone(), path.map(Path::to_owned), hup);
         // Once start-up cannot fail any more: a store read cut by an exit is no finding.
         spawn_store_check(store_check.0, store_check.1, store_check.2);
         announce(addr);
         cellar::systemd::ready(&format!("serving on {addr}"));
         cellar::systemd::spawn_watchdog();
+        // After READY=1 and its status line: the status a reload of a SIGHUP received during
+        // start-up sets (above all "configuration NOT reloaded") is not overwritten by it.
+        cellar::reload::spawn_on_sighup(state.clone(), path.map(Path::to_owned), hup);
         cellar::serve(listener, state, shutdown).await?;
         // Stopped, and waited for: a write it had under way gives its entries back (and its
         // lock up) for the last one below.
@@ -550,10 +552,11 @@ fn shutdown_signal(
             "shutdown signal received, finishing in-flight requests (a second one exits at once)"
         );
         tokio::spawn(async move {
-            tokio::select! {
-                _ = term.recv() => {},
-                _ = int.recv() => {},
-            }
+            // The shell's convention, 128 + the signal's number: 143 for SIGTERM, 130 for SIGINT.
+            let code = tokio::select! {
+                _ = term.recv() => 143,
+                _ = int.recv() => 130,
+            };
             tracing::warn!("second shutdown signal: exiting now");
             // What was served since the last write still counts as recent use: written if
             // that takes at most two seconds.
@@ -563,7 +566,7 @@ fn shutdown_signal(
                     tracing::warn!("the last access records were not written");
                 }
             }
-            std::process::exit(130);
+            std::process::exit(code);
         });
     })
 }

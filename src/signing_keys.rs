@@ -36,7 +36,30 @@ pub enum KeyFileError {
     Name(KeyError),
     #[error("cannot generate a signing key: {0}")]
     Generate(KeyError),
+    /// Any of the above, for the config key that named the file (or the key name).
+    #[error("config key `{key}`: {error}")]
+    InKey {
+        key: &'static str,
+        error: Box<KeyFileError>,
+    },
 }
+
+impl KeyFileError {
+    /// This error, said to be about the file (or name) config key `key` gives. One that names
+    /// its key already, or is about none (no random source), is left as it is.
+    pub fn in_key(self, key: &'static str) -> Self {
+        match self {
+            Self::KeyInsteadOfFile | Self::Generate(_) | Self::InKey { .. } => self,
+            error => Self::InKey {
+                key,
+                error: Box::new(error),
+            },
+        }
+    }
+}
+
+const KEY_FILES: &str = "signing.key_files";
+const GENERATED_FILE: &str = "signing.generated_key_file";
 
 /// Reads one secret key file. One that other users may read (a key made with `nix key
 /// generate-secret > FILE` under the usual umask) is used, with a warning: anyone who can read
@@ -75,7 +98,9 @@ pub fn read_secret_key(path: &Path) -> Result<SecretKey, KeyFileError> {
 /// Writes `key` to a new file (mode 0600); refuses to overwrite an existing one. The file
 /// appears whole or not at all: written and synced beside it, then linked into place (which
 /// fails if it exists), so a crash or a full disk leaves no empty key behind that every later
-/// start would refuse, and a second process starting at once reads a whole key.
+/// start would refuse, and a second process starting at once reads a whole key. Its directory
+/// is synced after: a key whose public half was handed out survives a power cut (else the
+/// next start would make another, and clients would refuse every signature).
 pub fn write_secret_key(path: &Path, key: &SecretKey) -> Result<(), KeyFileError> {
     let err = |source| KeyFileError::Write {
         path: path.to_owned(),
@@ -106,10 +131,12 @@ pub fn write_secret_key(path: &Path, key: &SecretKey) -> Result<(), KeyFileError
     }
     let linked = std::fs::hard_link(&tmp, path);
     let _ = std::fs::remove_file(&tmp);
-    match linked {
+    let written = match linked {
         Err(e) if e.kind() == std::io::ErrorKind::AlreadyExists => Err(err(e)),
         // A file system without hard links (vfat, some FUSE and SMB mounts): written in place,
-        // and removed again if that fails, so no partial key stays behind.
+        // and removed again if that fails, so no partial key stays behind. (There, a second
+        // process starting at that very moment may read it half written and stop with an
+        // error; started again, it reads the whole key.)
         // Not if another process created it meanwhile: that key is theirs, and in use.
         Err(_) => write_new(path).map_err(|e| {
             if e.kind() != std::io::ErrorKind::AlreadyExists {
@@ -118,7 +145,18 @@ pub fn write_secret_key(path: &Path, key: &SecretKey) -> Result<(), KeyFileError
             err(e)
         }),
         Ok(()) => Ok(()),
+    };
+    if written.is_ok() {
+        // Best effort: some file systems cannot sync a directory, and the key is there.
+        let dir = match path.parent() {
+            Some(d) if !d.as_os_str().is_empty() => d,
+            _ => Path::new("."),
+        };
+        if let Err(e) = std::fs::File::open(dir).and_then(|d| d.sync_all()) {
+            tracing::warn!(dir = %dir.display(), cause = %e, "the signing key's directory could not be synced");
+        }
     }
+    written
 }
 
 /// A default key name: `<hostname>-1` (key names must differ between caches, since Nix keys
@@ -162,9 +200,16 @@ pub struct LoadedKeys {
 /// creating anything: for a reload, where a missing key file is an error to report.
 pub fn load_existing(cfg: &SigningConfig) -> Result<Vec<SecretKey>, KeyFileError> {
     if cfg.key_files.is_empty() {
-        return Ok(vec![read_secret_key(&cfg.generated_key_file)?]);
+        return Ok(vec![
+            read_secret_key(&cfg.generated_key_file).map_err(|e| e.in_key(GENERATED_FILE))?
+        ]);
     }
-    cfg.key_files.iter().map(|p| read_secret_key(p)).collect()
+    cfg.key_files.iter().map(|p| read_key_file(p)).collect()
+}
+
+/// One of `signing.key_files`, read.
+pub fn read_key_file(path: &Path) -> Result<SecretKey, KeyFileError> {
+    read_secret_key(path).map_err(|e| e.in_key(KEY_FILES))
 }
 
 /// Loads every configured key; with none configured, loads (or creates on first run) the
@@ -174,7 +219,7 @@ pub fn load(cfg: &SigningConfig) -> Result<LoadedKeys, KeyFileError> {
         let keys = cfg
             .key_files
             .iter()
-            .map(|p| read_secret_key(p))
+            .map(|p| read_key_file(p))
             .collect::<Result<_, _>>()?;
         return Ok(LoadedKeys {
             keys,
@@ -182,9 +227,10 @@ pub fn load(cfg: &SigningConfig) -> Result<LoadedKeys, KeyFileError> {
         });
     }
     let path = &cfg.generated_key_file;
+    let read_generated = || read_secret_key(path).map_err(|e| e.in_key(GENERATED_FILE));
     if path.exists() {
         return Ok(LoadedKeys {
-            keys: vec![read_secret_key(path)?],
+            keys: vec![read_generated()?],
             generated: None,
         });
     }
@@ -194,7 +240,7 @@ pub fn load(cfg: &SigningConfig) -> Result<LoadedKeys, KeyFileError> {
         .unwrap_or_else(default_key_name);
     let key = SecretKey::generate(&name).map_err(|e| match e {
         KeyError::RandomSource(_) => KeyFileError::Generate(e),
-        e => KeyFileError::Name(e),
+        e => KeyFileError::Name(e).in_key("signing.generated_key_name"),
     })?;
     match write_secret_key(path, &key) {
         Ok(()) => {}
@@ -203,11 +249,11 @@ pub fn load(cfg: &SigningConfig) -> Result<LoadedKeys, KeyFileError> {
             if cause.kind() == std::io::ErrorKind::AlreadyExists =>
         {
             return Ok(LoadedKeys {
-                keys: vec![read_secret_key(path)?],
+                keys: vec![read_generated()?],
                 generated: None,
             });
         }
-        Err(e) => return Err(e),
+        Err(e) => return Err(e.in_key(GENERATED_FILE)),
     }
     Ok(LoadedKeys {
         keys: vec![key],
@@ -219,6 +265,66 @@ pub fn load(cfg: &SigningConfig) -> Result<LoadedKeys, KeyFileError> {
 mod tests {
     use super::*;
     use std::os::unix::fs::PermissionsExt as _;
+
+    /// Every failure to load a key names the config key that pointed at it, and the file:
+    /// `signing.key_files`, `signing.generated_key_file`, `signing.generated_key_name`.
+    #[test]
+    fn load_errors_name_their_config_key() {
+        let dir = tempfile::tempdir().unwrap();
+        let missing = dir.path().join("missing.sec");
+        let bad = dir.path().join("bad.sec");
+        std::fs::write(&bad, "not a key").unwrap();
+        let files = |f: &Path| SigningConfig {
+            key_files: vec![f.to_owned()],
+            ..SigningConfig::default()
+        };
+        let generated = |f: &Path, name: &str| SigningConfig {
+            generated_key_file: f.to_owned(),
+            generated_key_name: Some(name.into()),
+            ..SigningConfig::default()
+        };
+        let said = |r: Result<LoadedKeys, KeyFileError>| r.unwrap_err().to_string();
+        for (cfg, key, file) in [
+            (files(&missing), "signing.key_files", Some(&missing)),
+            (files(&bad), "signing.key_files", Some(&bad)),
+            (
+                generated(&bad, "t-1"),
+                "signing.generated_key_file",
+                Some(&bad),
+            ),
+            (
+                generated(&missing, "t:1"),
+                "signing.generated_key_name",
+                None,
+            ),
+        ] {
+            let e = said(load(&cfg));
+            assert!(e.starts_with(&format!("config key `{key}`: ")), "{e}");
+            if let Some(f) = file {
+                assert!(e.contains(&f.display().to_string()), "{e}");
+            }
+        }
+        // A reload reads the same files and says the same.
+        let e = load_existing(&generated(&bad, "t-1"))
+            .unwrap_err()
+            .to_string();
+        assert!(
+            e.starts_with("config key `signing.generated_key_file`: "),
+            "{e}"
+        );
+        let e = load_existing(&files(&missing)).unwrap_err().to_string();
+        assert!(e.starts_with("config key `signing.key_files`: "), "{e}");
+        // The generated file cannot be written: its directory is a file.
+        let e = said(load(&generated(&bad.join("k.sec"), "t-1")));
+        assert!(
+            e.starts_with("config key `signing.generated_key_file`: "),
+            "{e}"
+        );
+        // One that names its key already is not said twice.
+        let key_itself = SecretKey::generate("t-1").unwrap().to_nix_format();
+        let e = said(load(&files(Path::new(&key_itself))));
+        assert_eq!(e.matches("signing.key_files").count(), 1, "{e}");
+    }
 
     /// A key file other users may read is used, and said to be.
     #[test]
@@ -404,7 +510,11 @@ mod tests {
             ..SigningConfig::default()
         };
         let e = load(&cfg).unwrap_err();
-        assert!(matches!(e, KeyFileError::Write { .. }), "{e}");
+        let KeyFileError::InKey { key, error } = &e else {
+            panic!("{e}")
+        };
+        assert_eq!(*key, "signing.generated_key_file");
+        assert!(matches!(**error, KeyFileError::Write { .. }), "{e}");
         assert!(e.to_string().contains("cannot write key file"), "{e}");
     }
 

@@ -388,7 +388,7 @@ fn a_second_signal_ends_the_shutdown_delay() {
         );
     };
     let exit = exit.unwrap();
-    assert_eq!(exit.code(), Some(130), "{}", read_log());
+    assert_eq!(exit.code(), Some(143), "{}", read_log());
     assert!(
         read_log().contains("second shutdown signal"),
         "{}",

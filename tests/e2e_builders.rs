@@ -1,11 +1,13 @@
 //! Builders as the README sets them up, with the real nix client against Garage: one Nix user
-//! that uploads to `/upload` and substitutes from the root URL; probes of `/upload` that
+//! that uploads to `/upload` and substitutes from the root URL, directly and through the
+//! README's nginx example over TLS; probes of `/upload` that
 //! never reach an upstream; tokens reloaded on SIGHUP; two builders pushing their own builds
 //! of a path that is not reproducible.
 
 #![allow(clippy::unwrap_used, clippy::expect_used)]
 
 mod common;
+mod replicas_support;
 
 use std::io::{Read as _, Write as _};
 use std::path::Path;
@@ -90,6 +92,98 @@ async fn one_nix_user_uploads_to_upload_then_substitutes_from_the_root() {
         err.contains("lacks a valid signature") || err.contains("does not exist in binary cache"),
         "{err}"
     );
+}
+
+/// The README's nginx example as written (its certificate paths swapped for a throwaway CA's,
+/// its ports for free ones): one Nix user uploads a closure through it over TLS to `/upload`
+/// and substitutes it from the root URL into a fresh store. A README example that nginx
+/// refuses, or that does not pass uploads or NARs on, fails here.
+#[tokio::test(flavor = "multi_thread")]
+async fn the_readme_nginx_example_carries_uploads_and_substitution_over_tls() {
+    let f = fixture();
+    let (w, wcfg) = token("ci", "write");
+    let work = tempfile::tempdir().unwrap();
+    let app = App::s3("readme-nginx").config(&wcfg).spawn().await;
+    let srv = &app.srv;
+    let (ca, cert, key) = tls_certs(work.path());
+
+    let readme =
+        std::fs::read_to_string(Path::new(env!("CARGO_MANIFEST_DIR")).join("README.md")).unwrap();
+    let example = readme
+        .split("```nginx\n")
+        .nth(1)
+        .and_then(|rest| rest.split("```").next())
+        .expect("the README has an nginx example");
+    let swaps = [
+        ("listen 443 ssl;", "listen {listen} ssl;".to_owned()),
+        (
+            "/etc/letsencrypt/live/cache.example.org/fullchain.pem",
+            cert.clone(),
+        ),
+        (
+            "/etc/letsencrypt/live/cache.example.org/privkey.pem",
+            key.clone(),
+        ),
+        ("127.0.0.1:8080", srv.addr.to_string()),
+    ];
+    for (from, _) in &swaps {
+        assert!(
+            example.contains(from),
+            "the README's nginx example lacks {from}"
+        );
+    }
+    let nginx = replicas_support::Nginx::serving("https", |listen| {
+        swaps.iter().fold(example.to_owned(), |conf, (from, to)| {
+            conf.replace(from, &to.replace("{listen}", listen))
+        })
+    });
+    let url = nginx.url.replace("127.0.0.1", "localhost");
+
+    let netrc = work.path().join("netrc");
+    std::fs::write(&netrc, format!("machine localhost login ci password {w}\n")).unwrap();
+    let xdg = work.path().join("xdg");
+    let mut up = nix("nix", &xdg);
+    up.args([
+        "copy",
+        "--to",
+        &format!("{url}/upload"),
+        "--option",
+        "netrc-file",
+    ])
+    .arg(&netrc)
+    .arg(&f.top)
+    .env("NIX_SSL_CERT_FILE", &ca); // Nix 2.8 has no `ssl-cert-file` setting yet
+    let up = run(up);
+    assert!(
+        up.status.success(),
+        "upload: {}\nnginx: {}\n{}",
+        stderr(&up),
+        nginx.access_log(),
+        nginx.error_log()
+    );
+    let store = work.path().join("store");
+    let mut down = nix("nix", &xdg);
+    down.args(["copy", "--from", &url, "--store"])
+        .arg(&store)
+        .args(["--trusted-public-keys", &srv.public_key])
+        .arg(&f.top)
+        .env("NIX_SSL_CERT_FILE", &ca);
+    let down = run(down);
+    assert!(
+        down.status.success(),
+        "substitute: {}\nnginx: {}",
+        stderr(&down),
+        nginx.access_log()
+    );
+    assert!(store.join(f.top.trim_start_matches('/')).exists());
+    // Both went through nginx: the uploads to /upload, the NARs from the root.
+    wait_for_in_file(&nginx.access_log_path(), "GET /nar/", f.closure.len());
+    let log = nginx.access_log();
+    let puts = log
+        .lines()
+        .filter(|l| l.starts_with("PUT /upload/") && l.contains(".narinfo 201"))
+        .count();
+    assert_eq!(puts, f.closure.len(), "{log}");
 }
 
 /// A binary cache over HTTP that counts every request: an upstream that may never be asked.
@@ -260,7 +354,7 @@ async fn sighup_reloads_tokens_and_keys_and_keeps_the_old_ones_on_a_broken_confi
     .unwrap();
     srv.sighup();
     srv.wait_for_log("configuration not reloaded", 2);
-    assert!(srv.log().contains("`upload` changed"), "{}", srv.log());
+    assert!(srv.log().contains("`upload.*` changed"), "{}", srv.log());
 
     // The signing key file, rotated in place: after a reload the real client trusts the new
     // key alone (the narinfos in memory were signed with the old one: they go); a key file

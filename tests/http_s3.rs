@@ -350,69 +350,8 @@ async fn an_endpoint_spelled_in_capitals_is_signed_as_sent() {
 async fn a_store_behind_tls_is_read_over_http_1_1() {
     let f = the_fixture().await;
     let s3 = s3_env();
-    // A certificate authority of the test's own, and the server's certificate it signs.
     let certs = tempfile::tempdir().unwrap();
-    let at = |name: &str| certs.path().join(name).display().to_string();
-    let (ca, cert, key) = (at("ca.pem"), at("cert.pem"), at("key.pem"));
-    std::fs::write(
-        at("leaf.ext"),
-        "subjectAltName=DNS:localhost\nbasicConstraints=CA:FALSE\nextendedKeyUsage=serverAuth\n",
-    )
-    .unwrap();
-    let ec = [
-        "-newkey",
-        "ec",
-        "-pkeyopt",
-        "ec_paramgen_curve:prime256v1",
-        "-nodes",
-    ];
-    for args in [
-        &[
-            "req",
-            "-x509",
-            "-days",
-            "1",
-            "-subj",
-            "/CN=cellar test CA",
-            "-keyout",
-            &at("ca.key"),
-            "-out",
-            &ca,
-        ][..],
-        &[
-            "req",
-            "-subj",
-            "/CN=localhost",
-            "-keyout",
-            &key,
-            "-out",
-            &at("leaf.csr"),
-        ],
-    ] {
-        let mut openssl = std::process::Command::new("openssl");
-        openssl.args(&args[..1]).args(ec).args(&args[1..]);
-        run_ok(openssl);
-    }
-    let mut sign = std::process::Command::new("openssl");
-    sign.args([
-        "x509",
-        "-req",
-        "-days",
-        "1",
-        "-in",
-        &at("leaf.csr"),
-        "-CA",
-        &ca,
-    ])
-    .args([
-        "-CAkey",
-        &at("ca.key"),
-        "-CAcreateserial",
-        "-extfile",
-        &at("leaf.ext"),
-    ])
-    .args(["-out", &cert]);
-    run_ok(sign);
+    let (ca, cert, key) = tls_certs(certs.path());
     let garage = s3.endpoint.trim_start_matches("http://").to_owned();
     let nginx = replicas_support::Nginx::serving("https", |listen| {
         format!(

@@ -42,6 +42,9 @@ pub enum ConfigError {
     Load(Box<figment::Error>),
     #[error("config key `{key}`: {message}")]
     Invalid { key: String, message: String },
+    /// The file `--config` names is not there, or not a file.
+    #[error("--config {}: not a readable file", .0.display())]
+    NoFile(std::path::PathBuf),
 }
 
 /// figment's errors (one a line) as cellar's others read, ``config key `store.bukket` (in
@@ -196,10 +199,7 @@ impl Config {
         let mut fig = Figment::new();
         if let Some(f) = file {
             if !f.is_file() {
-                return Err(ConfigError::invalid(
-                    "--config",
-                    format!("{} is not a readable file", f.display()),
-                ));
+                return Err(ConfigError::NoFile(f.to_owned()));
             }
             fig = fig.merge(Renamed(Toml::file_exact(f)));
         }
@@ -272,8 +272,8 @@ impl Config {
                 "shutdown_delay_secs",
                 self.shutdown_delay == new.shutdown_delay,
             ),
-            ("store", self.store == new.store),
-            ("upload", self.upload == new.upload),
+            ("store.*", self.store == new.store),
+            ("upload.*", self.upload == new.upload),
             ("cache.nar_dir", self.cache.nar_dir == new.cache.nar_dir),
             (
                 "cache.nar_max_bytes",

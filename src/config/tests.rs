@@ -707,8 +707,8 @@ fn a_reload_names_each_key_only_a_restart_applies() {
         ("shutdown_timeout_secs", "shutdown_timeout_secs = 7"),
         ("shutdown_delay_secs", "shutdown_delay_secs = 7"),
         ("store_dir", "store_dir = \"/gnu/store\""),
-        ("store", "[store]\nkind = \"local\"\npath = \"elsewhere\""),
-        ("upload", "[upload]\nmax_nar_bytes = 7000000"),
+        ("store.*", "[store]\nkind = \"local\"\npath = \"elsewhere\""),
+        ("upload.*", "[upload]\nmax_nar_bytes = 7000000"),
         ("cache.nar_dir", "[cache]\nnar_dir = \"nars\""),
         (
             "cache.prefetch_concurrency",
@@ -953,4 +953,19 @@ fn a_secret_key_in_place_of_a_key_files_path_is_refused() {
         assert!(e.contains(field) && e.contains("secret key"), "{e}");
         assert!(!e.contains(&key[8..]), "the key is repeated: {e}");
     }
+}
+
+/// A `--config` file that is not there is named as the flag it came from, not as a key.
+#[test]
+fn a_missing_config_file_is_named_by_its_flag() {
+    let dir = tempfile::tempdir().unwrap();
+    let missing = dir.path().join("cellar.toml");
+    let e = Config::load(Some(&missing)).unwrap_err().to_string();
+    assert_eq!(
+        e,
+        format!("--config {}: not a readable file", missing.display())
+    );
+    // A directory is no file either.
+    let e = Config::load(Some(dir.path())).unwrap_err().to_string();
+    assert!(e.ends_with(": not a readable file"), "{e}");
 }

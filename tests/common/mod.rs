@@ -726,6 +726,73 @@ pub fn nix_key(name: &str, sec: &Path, xdg: &Path) -> String {
     run_ok(p).trim().to_owned()
 }
 
+/// A certificate authority of the test's own (`ca.pem`) and a certificate it signs for
+/// `localhost` (`cert.pem`, key `key.pem`), written to `dir`: their paths, in that order.
+pub fn tls_certs(dir: &Path) -> (String, String, String) {
+    let at = |name: &str| dir.join(name).display().to_string();
+    let (ca, cert, key) = (at("ca.pem"), at("cert.pem"), at("key.pem"));
+    std::fs::write(
+        at("leaf.ext"),
+        "subjectAltName=DNS:localhost\nbasicConstraints=CA:FALSE\nextendedKeyUsage=serverAuth\n",
+    )
+    .unwrap();
+    let ec = [
+        "-newkey",
+        "ec",
+        "-pkeyopt",
+        "ec_paramgen_curve:prime256v1",
+        "-nodes",
+    ];
+    for args in [
+        &[
+            "req",
+            "-x509",
+            "-days",
+            "1",
+            "-subj",
+            "/CN=cellar test CA",
+            "-keyout",
+            &at("ca.key"),
+            "-out",
+            &ca,
+        ][..],
+        &[
+            "req",
+            "-subj",
+            "/CN=localhost",
+            "-keyout",
+            &key,
+            "-out",
+            &at("leaf.csr"),
+        ],
+    ] {
+        let mut openssl = std::process::Command::new("openssl");
+        openssl.args(&args[..1]).args(ec).args(&args[1..]);
+        run_ok(openssl);
+    }
+    let mut sign = std::process::Command::new("openssl");
+    sign.args([
+        "x509",
+        "-req",
+        "-days",
+        "1",
+        "-in",
+        &at("leaf.csr"),
+        "-CA",
+        &ca,
+    ])
+    .args([
+        "-CAkey",
+        &at("ca.key"),
+        "-CAcreateserial",
+        "-extfile",
+        &at("leaf.ext"),
+    ])
+    .args(["-out", &cert]);
+    run_ok(sign);
+    (ca, cert, key)
+}
+
 pub fn run_ok(mut cmd: Command) -> String {
     let out = cmd.output().unwrap();
     assert!(
