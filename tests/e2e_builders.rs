@@ -1,6 +1,6 @@
 //! Builders as the README sets them up, with the real nix client against Garage: one Nix user
 //! that uploads to `/upload` and substitutes from the root URL, directly and through the
-//! README's nginx example over TLS; probes of `/upload` that
+//! README's nginx and Caddy examples over TLS; probes of `/upload` that
 //! never reach an upstream; tokens reloaded on SIGHUP; two builders pushing their own builds
 //! of a path that is not reproducible.
 
@@ -94,6 +94,90 @@ async fn one_nix_user_uploads_to_upload_then_substitutes_from_the_root() {
     );
 }
 
+/// The README's code block that holds `marker`, as written (without its info string).
+fn readme_example(marker: &str) -> String {
+    let readme =
+        std::fs::read_to_string(Path::new(env!("CARGO_MANIFEST_DIR")).join("README.md")).unwrap();
+    readme
+        .split("```")
+        .skip(1)
+        .step_by(2)
+        .filter_map(|block| block.split_once('\n').map(|(_info, code)| code))
+        .find(|code| code.contains(marker))
+        .unwrap_or_else(|| panic!("the README has no example with {marker}"))
+        .to_owned()
+}
+
+/// `example` with each `(from, to)` swapped, each `from` required to be there.
+fn swapped(example: &str, swaps: &[(&str, String)]) -> String {
+    swaps.iter().fold(example.to_owned(), |conf, (from, to)| {
+        assert!(
+            conf.contains(from),
+            "the README's example lacks {from}:\n{example}"
+        );
+        conf.replace(from, to)
+    })
+}
+
+/// One Nix user (README's builder setup) uploads the fixture's closure to `{url}/upload` with
+/// the write token `token` and substitutes it from `url` into a fresh store, trusting `srv`'s
+/// key and, for TLS, the certificate authority `ca`. `proxy_log` tells what the proxy saw.
+fn upload_then_substitute(
+    url: &str,
+    ca: &str,
+    srv: &Server,
+    token: &str,
+    work: &Path,
+    proxy_log: impl Fn() -> String,
+) {
+    let f = fixture();
+    let host = url
+        .split("://")
+        .nth(1)
+        .and_then(|h| h.split(':').next())
+        .unwrap();
+    let netrc = work.join("netrc");
+    std::fs::write(
+        &netrc,
+        format!("machine {host} login ci password {token}\n"),
+    )
+    .unwrap();
+    let xdg = work.join("xdg");
+    let mut up = nix("nix", &xdg);
+    up.args([
+        "copy",
+        "--to",
+        &format!("{url}/upload"),
+        "--option",
+        "netrc-file",
+    ])
+    .arg(&netrc)
+    .arg(&f.top)
+    .env("NIX_SSL_CERT_FILE", ca); // Nix 2.8 has no `ssl-cert-file` setting yet
+    let up = run(up);
+    assert!(
+        up.status.success(),
+        "upload: {}\nproxy: {}",
+        stderr(&up),
+        proxy_log()
+    );
+    let store = work.join("store");
+    let mut down = nix("nix", &xdg);
+    down.args(["copy", "--from", url, "--store"])
+        .arg(&store)
+        .args(["--trusted-public-keys", &srv.public_key])
+        .arg(&f.top)
+        .env("NIX_SSL_CERT_FILE", ca);
+    let down = run(down);
+    assert!(
+        down.status.success(),
+        "substitute: {}\nproxy: {}",
+        stderr(&down),
+        proxy_log()
+    );
+    assert!(store.join(f.top.trim_start_matches('/')).exists());
+}
+
 /// The README's nginx example as written (its certificate paths swapped for a throwaway CA's,
 /// its ports for free ones): one Nix user uploads a closure through it over TLS to `/upload`
 /// and substitutes it from the root URL into a fresh store. A README example that nginx
@@ -106,76 +190,28 @@ async fn the_readme_nginx_example_carries_uploads_and_substitution_over_tls() {
     let app = App::s3("readme-nginx").config(&wcfg).spawn().await;
     let srv = &app.srv;
     let (ca, cert, key) = tls_certs(work.path());
-
-    let readme =
-        std::fs::read_to_string(Path::new(env!("CARGO_MANIFEST_DIR")).join("README.md")).unwrap();
-    let example = readme
-        .split("```nginx\n")
-        .nth(1)
-        .and_then(|rest| rest.split("```").next())
-        .expect("the README has an nginx example");
-    let swaps = [
-        ("listen 443 ssl;", "listen {listen} ssl;".to_owned()),
-        (
-            "/etc/letsencrypt/live/cache.example.org/fullchain.pem",
-            cert.clone(),
-        ),
-        (
-            "/etc/letsencrypt/live/cache.example.org/privkey.pem",
-            key.clone(),
-        ),
-        ("127.0.0.1:8080", srv.addr.to_string()),
-    ];
-    for (from, _) in &swaps {
-        assert!(
-            example.contains(from),
-            "the README's nginx example lacks {from}"
-        );
-    }
+    let example = readme_example("proxy_pass http://127.0.0.1:8080;");
     let nginx = replicas_support::Nginx::serving("https", |listen| {
-        swaps.iter().fold(example.to_owned(), |conf, (from, to)| {
-            conf.replace(from, &to.replace("{listen}", listen))
-        })
+        swapped(
+            &example,
+            &[
+                ("listen 443 ssl;", format!("listen {listen} ssl;")),
+                (
+                    "/etc/letsencrypt/live/cache.example.org/fullchain.pem",
+                    cert.clone(),
+                ),
+                (
+                    "/etc/letsencrypt/live/cache.example.org/privkey.pem",
+                    key.clone(),
+                ),
+                ("127.0.0.1:8080", srv.addr.to_string()),
+            ],
+        )
     });
     let url = nginx.url.replace("127.0.0.1", "localhost");
-
-    let netrc = work.path().join("netrc");
-    std::fs::write(&netrc, format!("machine localhost login ci password {w}\n")).unwrap();
-    let xdg = work.path().join("xdg");
-    let mut up = nix("nix", &xdg);
-    up.args([
-        "copy",
-        "--to",
-        &format!("{url}/upload"),
-        "--option",
-        "netrc-file",
-    ])
-    .arg(&netrc)
-    .arg(&f.top)
-    .env("NIX_SSL_CERT_FILE", &ca); // Nix 2.8 has no `ssl-cert-file` setting yet
-    let up = run(up);
-    assert!(
-        up.status.success(),
-        "upload: {}\nnginx: {}\n{}",
-        stderr(&up),
-        nginx.access_log(),
-        nginx.error_log()
-    );
-    let store = work.path().join("store");
-    let mut down = nix("nix", &xdg);
-    down.args(["copy", "--from", &url, "--store"])
-        .arg(&store)
-        .args(["--trusted-public-keys", &srv.public_key])
-        .arg(&f.top)
-        .env("NIX_SSL_CERT_FILE", &ca);
-    let down = run(down);
-    assert!(
-        down.status.success(),
-        "substitute: {}\nnginx: {}",
-        stderr(&down),
-        nginx.access_log()
-    );
-    assert!(store.join(f.top.trim_start_matches('/')).exists());
+    upload_then_substitute(&url, &ca, srv, &w, work.path(), || {
+        format!("{}\n{}", nginx.access_log(), nginx.error_log())
+    });
     // Both went through nginx: the uploads to /upload, the NARs from the root.
     wait_for_in_file(&nginx.access_log_path(), "GET /nar/", f.closure.len());
     let log = nginx.access_log();
@@ -184,6 +220,116 @@ async fn the_readme_nginx_example_carries_uploads_and_substitution_over_tls() {
         .filter(|l| l.starts_with("PUT /upload/") && l.contains(".narinfo 201"))
         .count();
     assert_eq!(puts, f.closure.len(), "{log}");
+}
+
+/// Caddy, running the README's site block as written (its name swapped for `localhost` on a
+/// free port, which Caddy certifies with its own local authority instead of Let's Encrypt).
+struct Caddy {
+    url: String,
+    /// Caddy's local certificate authority, which clients are to trust.
+    ca: String,
+    log: std::path::PathBuf,
+    child: std::process::Child,
+    _dir: tempfile::TempDir,
+}
+
+impl Caddy {
+    fn start(site: impl Fn(&str) -> String) -> Caddy {
+        // Ports found free may be taken before Caddy binds them: tried again then.
+        for _ in 0..5 {
+            let dir = tempfile::tempdir().unwrap();
+            let d = dir.path().to_owned();
+            let free = || {
+                std::net::TcpListener::bind("127.0.0.1:0")
+                    .unwrap()
+                    .local_addr()
+                    .unwrap()
+                    .port()
+            };
+            let (https, http) = (free(), free());
+            let address = format!("localhost:{https}");
+            // Global options: no admin endpoint, no root certificate installed into the
+            // system's trust store, plain HTTP on a free port, state in the test's directory.
+            let conf = format!(
+                "{{\n\tadmin off\n\tskip_install_trust\n\tauto_https disable_redirects\n\
+                 \thttp_port {http}\n\tstorage file_system {}\n}}\n\n{}",
+                d.join("data").display(),
+                site(&address)
+            );
+            std::fs::write(d.join("Caddyfile"), conf).unwrap();
+            let log = d.join(format!("caddy-{https}.log"));
+            let child = std::process::Command::new("caddy")
+                .args(["run", "--adapter", "caddyfile", "--config"])
+                .arg(d.join("Caddyfile"))
+                .env("HOME", &d)
+                .env("XDG_CONFIG_HOME", d.join("config"))
+                .env("XDG_DATA_HOME", d.join("data"))
+                .stdin(std::process::Stdio::null())
+                .stdout(std::process::Stdio::null())
+                .stderr(std::fs::File::create(&log).unwrap())
+                .spawn()
+                .expect("caddy (scripts/test installs it)");
+            let caddy = Caddy {
+                url: format!("https://{address}"),
+                ca: d
+                    .join("data/pki/authorities/local/root.crt")
+                    .display()
+                    .to_string(),
+                log,
+                child,
+                _dir: dir,
+            };
+            // Serving once its certificate is made; a lost race for a port ends it at once.
+            wait_for_file(&caddy.log, "Caddy serving or failing", |t| {
+                t.contains("certificate obtained successfully") || t.contains("Error:")
+            });
+            let text = caddy.log_text();
+            if !text.contains("Error:") {
+                return caddy;
+            }
+            assert!(
+                text.contains("address already in use"),
+                "caddy failed:\n{text}"
+            );
+        }
+        panic!("caddy found no free port in five tries");
+    }
+
+    fn log_text(&self) -> String {
+        std::fs::read_to_string(&self.log).unwrap_or_default()
+    }
+}
+
+impl Drop for Caddy {
+    fn drop(&mut self) {
+        let _ = self.child.kill();
+        let _ = self.child.wait();
+    }
+}
+
+/// The README's Caddy example as written (its site name swapped for `localhost` on a free
+/// port, as Caddy certifies it itself offline): one Nix user uploads through it over TLS to
+/// `/upload` and substitutes from the root URL. A README example that Caddy refuses (say, a
+/// directive of another Caddy version), or that does not pass requests on, fails here.
+#[tokio::test(flavor = "multi_thread")]
+async fn the_readme_caddy_example_carries_uploads_and_substitution_over_tls() {
+    let (w, wcfg) = token("ci", "write");
+    let work = tempfile::tempdir().unwrap();
+    let app = App::s3("readme-caddy").config(&wcfg).spawn().await;
+    let srv = &app.srv;
+    let example = readme_example("reverse_proxy 127.0.0.1:8080");
+    let caddy = Caddy::start(|address| {
+        swapped(
+            &example,
+            &[
+                ("cache.example.org", address.to_owned()),
+                ("127.0.0.1:8080", srv.addr.to_string()),
+            ],
+        )
+    });
+    upload_then_substitute(&caddy.url, &caddy.ca, srv, &w, work.path(), || {
+        caddy.log_text()
+    });
 }
 
 /// A binary cache over HTTP that counts every request: an upstream that may never be asked.

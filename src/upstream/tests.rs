@@ -847,25 +847,48 @@ fn upstreams_are_empty_only_when_none_is_configured() {
 
 /// A NAR no narinfo here named (asked by a client that kept the narinfo, or of another
 /// replica) is asked of every upstream in order: the first one's 404 is not the answer when the
-/// next has it.
+/// next has it. And a NAR named after its bytes is not tied to the upstream that served it: once that one has
+/// lost it, the upstream listed first that has it serves it (a route kept for it would make
+/// the served one's miss the answer).
 #[tokio::test]
 async fn an_unrouted_nar_the_first_upstream_lacks_is_found_at_the_next() {
-    let first = axum::Router::new().fallback(|| async { StatusCode::NOT_FOUND });
-    let second = axum::Router::new().route(
-        &format!("/nar/{SECOND_NAR}"),
-        axum::routing::get(|| async { "0123456789" }),
-    );
-    let configs = [serve(first).await, serve(second).await].map(|url| UpstreamConfig {
-        url,
-        public_keys: Vec::new(),
-        timeout: Duration::from_secs(5),
-        mirror: false,
-    });
+    use std::sync::atomic::{AtomicBool, Ordering};
+    // Until `moved`, the second upstream has the NAR; after, the first has it instead.
+    let moved = Arc::new(AtomicBool::new(false));
+    let holder = |when_moved: bool| {
+        let moved = moved.clone();
+        axum::Router::new().route(
+            &format!("/nar/{SECOND_NAR}"),
+            axum::routing::get(move || {
+                let has = moved.load(Ordering::SeqCst) == when_moved;
+                async move {
+                    if has {
+                        b"0123456789".to_vec().into_response()
+                    } else {
+                        StatusCode::NOT_FOUND.into_response()
+                    }
+                }
+            }),
+        )
+    };
+    let configs =
+        [serve(holder(true)).await, serve(holder(false)).await].map(|url| UpstreamConfig {
+            url,
+            public_keys: Vec::new(),
+            timeout: Duration::from_secs(5),
+            mirror: false,
+        });
     let upstreams = Upstreams::new(&configs, "/nix/store").unwrap();
     let nar = format!("nar/{SECOND_NAR}");
-    let obj = upstreams.get(&nar, None).await.unwrap().unwrap();
-    let chunks: Vec<bytes::Bytes> = obj.body.try_collect().await.unwrap();
-    assert_eq!(chunks.concat(), b"0123456789");
+    let read = || async {
+        let obj = upstreams.get(&nar, None).await.unwrap().expect("served");
+        let chunks: Vec<bytes::Bytes> = obj.body.try_collect().await.unwrap();
+        chunks.concat()
+    };
+    assert_eq!(read().await, b"0123456789");
+    assert_eq!(upstreams.head(&nar).await.unwrap(), Some(10));
+    moved.store(true, Ordering::SeqCst);
+    assert_eq!(read().await, b"0123456789");
     assert_eq!(upstreams.head(&nar).await.unwrap(), Some(10));
 }
 

@@ -331,6 +331,14 @@ pub struct Server {
 /// guard against a hung test) with the file. Inside a multi-threaded tokio runtime
 /// the worker hands its tasks over first, so in-process helpers (a [`Proxy`]) keep running.
 pub fn wait_for_in_file(path: &Path, needle: &str, count: usize) {
+    wait_for_file(path, &format!("{needle:?} {count} time(s)"), |text| {
+        text.matches(needle).count() >= count
+    });
+}
+
+/// Waits as [`wait_for_in_file`] does until the text of the file `path` satisfies `done`
+/// (`what` says what was waited for, if it never comes).
+pub fn wait_for_file(path: &Path, what: &str, done: impl Fn(&str) -> bool) {
     let wait = || {
         use rustix::fs::inotify;
         let read =
@@ -340,11 +348,11 @@ pub fn wait_for_in_file(path: &Path, needle: &str, count: usize) {
         inotify::add_watch(&changes, path, inotify::WatchFlags::MODIFY).expect("watching the log");
         let deadline = std::time::Instant::now() + Duration::from_secs(60);
         // Read after the watch is set: a write after this read wakes the poll below.
-        while read().matches(needle).count() < count {
+        while !done(&read()) {
             let left = deadline.saturating_duration_since(std::time::Instant::now());
             if left.is_zero() {
                 panic!(
-                    "{needle:?} did not appear {count} time(s) in {}:\n{}",
+                    "waited in vain for {what} in {}:\n{}",
                     path.display(),
                     read()
                 );
