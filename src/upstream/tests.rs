@@ -1203,6 +1203,24 @@ async fn the_store_under_the_upstreams_answers_for_the_cache_itself() {
     assert!(mem.bytes("nar/whole.nar").is_none());
 }
 
+/// A HEAD through the upstreams asks the store first, then the upstreams: the size of
+/// whichever holds the object, none if neither does, and an upstream that cannot answer
+/// makes the miss unknown rather than a 404.
+#[tokio::test]
+async fn a_head_asks_the_store_then_the_upstreams() {
+    let mem = Arc::new(crate::store::memory::MemoryStore::new());
+    let store: Arc<dyn Store> = mem.clone();
+    let both = WithUpstreams::new(store, Arc::new(plain_upstreams().await));
+    mem.insert("nar/mine.nar", b"abc".to_vec());
+    assert_eq!(both.head("nar/mine.nar").await.unwrap(), Some(3));
+    assert_eq!(both.head("nar/whole.nar").await.unwrap(), Some(10));
+    assert_eq!(both.head("nar/nowhere.nar").await.unwrap(), None);
+    assert!(matches!(
+        both.head("nar/busy.nar").await,
+        Err(StoreError::UpstreamDown(_))
+    ));
+}
+
 /// A NAR named after its store path (attic's names) is the routed upstream's alone: another
 /// upstream's NAR of that name may be another build, so when the routed one fails, the
 /// answer is that it could not be asked (503), never the other's bytes. One no narinfo routed
