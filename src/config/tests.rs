@@ -67,6 +67,10 @@ fn unknown_keys_are_errors() {
             "[store]\nkind = \"ftp\"",
             "config key `store.kind` (from TOML source string): `ftp` is not one of local, s3",
         ),
+        (
+            "[[upstreams]]\npublic_keys = []",
+            "config key `upstreams[0]` (from TOML source string): `url` is missing",
+        ),
     ] {
         let e = from_toml(toml).unwrap_err().to_string();
         assert_eq!(e, said);
@@ -968,4 +972,129 @@ fn a_missing_config_file_is_named_by_its_flag() {
     // A directory is no file either.
     let e = Config::load(Some(dir.path())).unwrap_err().to_string();
     assert!(e.ends_with(": not a readable file"), "{e}");
+}
+
+/// `--log-format` takes `text` or `json`, and says what it expects of anything else.
+#[test]
+fn log_formats_parse_by_name() {
+    assert_eq!("text".parse::<LogFormat>(), Ok(LogFormat::Text));
+    assert_eq!("json".parse::<LogFormat>(), Ok(LogFormat::Json));
+    assert_eq!(
+        "xml".parse::<LogFormat>(),
+        Err("\"xml\": expected `text` or `json`".to_owned())
+    );
+}
+
+/// Credentials never reach a log or an error through `Debug`: not alone, not inside the
+/// config they are part of.
+#[test]
+fn secrets_are_redacted_in_debug_output() {
+    assert_eq!(format!("{:?}", Secret("s3cr3t-value".into())), "<redacted>");
+    let c = from_toml(
+        "[store]\nkind = \"s3\"\nbucket = \"b\"\naccess_key_id = \"AKIDEXAMPLE\"\n\
+         secret_access_key = \"s3cr3t-value\"",
+    )
+    .unwrap();
+    let shown = format!("{c:?}");
+    assert!(shown.contains("<redacted>"), "{shown}");
+    assert!(!shown.contains("s3cr3t-value"), "{shown}");
+}
+
+/// What start-up errors say the store is: the directory, or the bucket and its endpoint,
+/// never the credentials.
+#[test]
+fn a_store_is_described_without_its_credentials() {
+    let local = from_toml("[store]\nkind = \"local\"\npath = \"/srv/cache\"").unwrap();
+    assert_eq!(
+        local.store.backend.to_string(),
+        "local directory /srv/cache"
+    );
+    let s3 = |extra: &str| {
+        from_toml(&format!(
+            "[store]\nkind = \"s3\"\nbucket = \"nix\"\naccess_key_id = \"AKIDEXAMPLE\"\n\
+             secret_access_key = \"s3cr3t-value\"\n{extra}"
+        ))
+        .unwrap()
+        .store
+        .backend
+        .to_string()
+    };
+    assert_eq!(s3(""), "s3 bucket \"nix\"");
+    assert_eq!(
+        s3("endpoint = \"http://127.0.0.1:3900\""),
+        "s3 bucket \"nix\" at http://127.0.0.1:3900"
+    );
+}
+
+/// A token's hash shows as it is written in the config (`sha256:<hex>`), in `Debug` too.
+#[test]
+fn token_hashes_show_as_configured() {
+    let written = format!("sha256:{}", "ab".repeat(32));
+    let h: TokenHash = written.parse().unwrap();
+    assert_eq!(h.to_string(), written);
+    assert_eq!(format!("{h:?}"), written);
+}
+
+/// `store_dir` is an absolute path without a trailing `/` or whitespace; anything else is
+/// refused naming the key.
+#[test]
+fn store_dirs_are_absolute_paths_without_a_trailing_slash() {
+    for good in ["/nix/store", "/gnu/store", "/a"] {
+        let c = from_toml(&format!("store_dir = {good:?}")).unwrap_or_else(|e| panic!("{e}"));
+        assert_eq!(c.store_dir, good);
+    }
+    for bad in [
+        "",
+        "/",
+        "nix/store",
+        "/nix/store/",
+        "/nix/my store",
+        "/nix/store\t",
+    ] {
+        let e = from_toml(&format!("store_dir = {bad:?}"))
+            .map(|_| ())
+            .unwrap_err()
+            .to_string();
+        assert!(
+            e.starts_with("config key `store_dir`: ")
+                && e.ends_with("must be an absolute path without a trailing `/`"),
+            "{bad:?}: {e}"
+        );
+    }
+}
+
+/// A duration that must be positive says so; one with a larger minimum names it.
+#[test]
+fn durations_below_their_minimum_say_what_is_expected() {
+    let said = |toml: &str| from_toml(toml).map(|_| ()).unwrap_err().to_string();
+    assert_eq!(
+        said("idle_timeout_secs = 0"),
+        "config key `idle_timeout_secs`: must be > 0"
+    );
+    assert_eq!(
+        said(
+            "[store]\nkind = \"s3\"\nbucket = \"b\"\nredirect_nars = true\nredirect_ttl_secs = 59"
+        ),
+        "config key `store.redirect_ttl_secs`: must be at least 60"
+    );
+}
+
+/// `max_connections` takes 1 to 1 000 000, both ends included.
+#[test]
+fn max_connections_takes_one_to_a_million() {
+    for n in [1, 1_000_000] {
+        let c = from_toml(&format!("max_connections = {n}")).unwrap();
+        assert_eq!(c.max_connections, n);
+    }
+    let said = |n: usize| {
+        from_toml(&format!("max_connections = {n}"))
+            .map(|_| ())
+            .unwrap_err()
+            .to_string()
+    };
+    assert_eq!(said(0), "config key `max_connections`: must be > 0");
+    assert_eq!(
+        said(1_000_001),
+        "config key `max_connections`: must be at most 1000000"
+    );
 }
