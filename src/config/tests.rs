@@ -1098,3 +1098,139 @@ fn max_connections_takes_one_to_a_million() {
         "config key `max_connections`: must be at most 1000000"
     );
 }
+
+/// The NAR caches' sizes and the prefetch's concurrency, at both ends of what each takes.
+#[test]
+fn cache_limits_are_taken_up_to_their_bounds() {
+    let dir = tempfile::tempdir().unwrap();
+    let nars = dir.path().join("nars").display().to_string();
+    let ok = |toml: String| {
+        from_toml(&format!("[cache]\n{toml}")).unwrap_or_else(|e| panic!("{toml}: {e}"))
+    };
+    let said = |toml: String| {
+        from_toml(&format!("[cache]\n{toml}"))
+            .map(|_| ())
+            .unwrap_err()
+            .to_string()
+    };
+    let mib = 1u64 << 20;
+    ok(format!("nar_dir = {nars:?}\nnar_max_bytes = {}", 64 * mib));
+    assert_eq!(
+        said(format!(
+            "nar_dir = {nars:?}\nnar_max_bytes = {}",
+            64 * mib - 1
+        )),
+        "config key `cache.nar_max_bytes`: must be at least 64 MiB when cache.nar_dir is set"
+    );
+    let c = ok(format!("nar_memory_max_object_bytes = {}", 16 * mib));
+    assert_eq!(c.cache.nar_memory_max_object, 16 * mib);
+    assert!(
+        said(format!("nar_memory_max_object_bytes = {}", 16 * mib + 1))
+            .starts_with("config key `cache.nar_memory_max_object_bytes`: must be at most 16 MiB")
+    );
+    // An object may be as large as the memory cache, not larger; with the cache off (0),
+    // its size does not matter.
+    ok("nar_memory_bytes = 1000\nnar_memory_max_object_bytes = 1000".into());
+    ok("nar_memory_bytes = 0\nnar_memory_max_object_bytes = 1000".into());
+    assert_eq!(
+        said("nar_memory_bytes = 1000\nnar_memory_max_object_bytes = 1001".into()),
+        "config key `cache.nar_memory_max_object_bytes`: must not exceed cache.nar_memory_bytes"
+    );
+    assert_eq!(
+        ok("prefetch_concurrency = 1024".into())
+            .cache
+            .prefetch_concurrency,
+        1024
+    );
+    assert_eq!(
+        said("prefetch_concurrency = 1025".into()),
+        "config key `cache.prefetch_concurrency`: must be at most 1024"
+    );
+}
+
+/// A generated key's name is what Nix allows: not empty, no `:`, no whitespace.
+#[test]
+fn generated_key_names_are_checked() {
+    let c = from_toml("[signing]\ngenerated_key_name = \"cache.example.org-1\"").unwrap();
+    assert_eq!(
+        c.signing.generated_key_name.as_deref(),
+        Some("cache.example.org-1")
+    );
+    for bad in ["", "cache:1", "cache 1", "cache\t1"] {
+        let e = from_toml(&format!("[signing]\ngenerated_key_name = {bad:?}"))
+            .map(|_| ())
+            .unwrap_err()
+            .to_string();
+        assert!(
+            e.starts_with("config key `signing.generated_key_name`: "),
+            "{bad:?}: {e}"
+        );
+    }
+}
+
+/// Each bounded key takes its bound and refuses one past it, naming itself: `(line at the
+/// bound, line one past it, the key)`.
+#[test]
+fn bounded_keys_take_their_bounds_and_refuse_past_them() {
+    let s3 = "[store]\nkind = \"s3\"\nbucket = \"b\"\n";
+    for (ok, refused, key) in [
+        (
+            "[upload]\nstaging_max_age_secs = 60",
+            "[upload]\nstaging_max_age_secs = 59",
+            "upload.staging_max_age_secs",
+        ),
+        (
+            "[upload]\nmax_nar_bytes = 1048576",
+            "[upload]\nmax_nar_bytes = 1048575",
+            "upload.max_nar_bytes",
+        ),
+        (
+            "[upload]\nxz_memory_limit_bytes = 68157440",
+            "[upload]\nxz_memory_limit_bytes = 68157439",
+            "upload.xz_memory_limit_bytes",
+        ),
+        (
+            "[gc]\nkeep_days = 365000",
+            "[gc]\nkeep_days = 365001",
+            "gc.keep_days",
+        ),
+        (
+            "[gc]\naccess_max_entries = 1000",
+            "[gc]\naccess_max_entries = 999",
+            "gc.access_max_entries",
+        ),
+        (
+            "[gc]\naccess_max_entries = 2000000",
+            "[gc]\naccess_max_entries = 2000001",
+            "gc.access_max_entries",
+        ),
+    ] {
+        from_toml(ok).unwrap_or_else(|e| panic!("{ok}: {e}"));
+        let e = from_toml(refused).map(|_| ()).unwrap_err().to_string();
+        assert!(
+            e.starts_with(&format!("config key `{key}`: ")),
+            "{refused}: {e}"
+        );
+    }
+    for bucket in ["a/b", "a b", "a\tb"] {
+        let e = from_toml(&format!("[store]\nkind = \"s3\"\nbucket = {bucket:?}"))
+            .map(|_| ())
+            .unwrap_err()
+            .to_string();
+        assert!(
+            e.starts_with("config key `store.bucket`: ") && e.ends_with("is not a bucket name"),
+            "{bucket:?}: {e}"
+        );
+    }
+    from_toml(s3).unwrap();
+}
+
+/// `gc.keep_days` is days, and `gc.max_bytes = 0` means no budget.
+#[test]
+fn gc_retention_and_budget_are_read_as_written() {
+    let c = from_toml("[gc]\nkeep_days = 7\nmax_bytes = 5000").unwrap();
+    assert_eq!(c.gc.keep, Duration::from_secs(7 * 24 * 3600));
+    assert_eq!(c.gc.max_bytes, Some(5000));
+    let c = from_toml("[gc]\nmax_bytes = 0").unwrap();
+    assert_eq!(c.gc.max_bytes, None);
+}
