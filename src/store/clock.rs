@@ -284,6 +284,23 @@ mod tests {
         assert_eq!(c.offset_ms(), 0);
     }
 
+    /// A request signed with an offset the clock no longer holds, by a minute or more either
+    /// way, may have been refused for its time; one signed with the offset held now, or one
+    /// a few seconds off, was not.
+    #[test]
+    fn a_move_of_a_minute_or_more_since_signing_is_told() {
+        let c = StoreClock::default();
+        let signed_with = c.offset_ms();
+        assert!(!c.moved_since(signed_with));
+        // The store two days ahead: a request signed before is suspect, one signed now not.
+        assert!(c.observe_at(DATE, at(1_796_000_000 - 172_800)));
+        assert!(c.moved_since(signed_with));
+        assert!(!c.moved_since(c.offset_ms()));
+        // Signed with an offset 59 s off the one held now: not enough; 60 s: enough.
+        assert!(!c.moved_since(c.offset_ms() - 59_000));
+        assert!(c.moved_since(c.offset_ms() + 60_000));
+    }
+
     /// Two seconds (the slack) is a difference: the offset moves by it, and is kept.
     #[test]
     fn the_slack_is_the_least_difference_taken() {
