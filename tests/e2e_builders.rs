@@ -18,23 +18,37 @@ use common::*;
 
 /// `nix copy --to URL PATHS` with the netrc `netrc`, as the Nix user whose lookup cache is
 /// `xdg`.
-fn copy_to(url: &str, netrc: &Path, xdg: &Path, paths: &[&str]) -> std::process::Output {
+fn copy_to_command(url: &str, netrc: &Path, xdg: &Path, paths: &[&str]) -> std::process::Command {
     let mut c = nix("nix", xdg);
     c.args(["copy", "--to", url, "--option", "netrc-file"])
         .arg(netrc)
         .args(paths);
-    run(c)
+    c
+}
+
+fn copy_to(url: &str, netrc: &Path, xdg: &Path, paths: &[&str]) -> std::process::Output {
+    run(copy_to_command(url, netrc, xdg, paths))
 }
 
 /// `nix copy --from URL --store STORE PATH` trusting only `key`, as the same Nix user.
-fn copy_from(url: &str, key: &str, xdg: &Path, store: &Path, path: &str) -> std::process::Output {
+fn copy_from_command(
+    url: &str,
+    key: &str,
+    xdg: &Path,
+    store: &Path,
+    path: &str,
+) -> std::process::Command {
     let mut c = nix("nix", xdg);
     c.args(["copy", "--from", url, "--store"]).arg(store).args([
         "--trusted-public-keys",
         key,
         path,
     ]);
-    run(c)
+    c
+}
+
+fn copy_from(url: &str, key: &str, xdg: &Path, store: &Path, path: &str) -> std::process::Output {
+    run(copy_from_command(url, key, xdg, store, path))
 }
 
 fn stderr(o: &std::process::Output) -> String {
@@ -143,17 +157,8 @@ fn upload_then_substitute(
     )
     .unwrap();
     let xdg = work.join("xdg");
-    let mut up = nix("nix", &xdg);
-    up.args([
-        "copy",
-        "--to",
-        &format!("{url}/upload"),
-        "--option",
-        "netrc-file",
-    ])
-    .arg(&netrc)
-    .arg(&f.top)
-    .env("NIX_SSL_CERT_FILE", ca); // Nix 2.8 has no `ssl-cert-file` setting yet
+    let mut up = copy_to_command(&format!("{url}/upload"), &netrc, &xdg, &[&f.top]);
+    up.env("NIX_SSL_CERT_FILE", ca); // Nix 2.8 has no `ssl-cert-file` setting yet
     let up = run(up);
     assert!(
         up.status.success(),
@@ -162,12 +167,8 @@ fn upload_then_substitute(
         proxy_log()
     );
     let store = work.join("store");
-    let mut down = nix("nix", &xdg);
-    down.args(["copy", "--from", url, "--store"])
-        .arg(&store)
-        .args(["--trusted-public-keys", &srv.public_key])
-        .arg(&f.top)
-        .env("NIX_SSL_CERT_FILE", ca);
+    let mut down = copy_from_command(url, &srv.public_key, &xdg, &store, &f.top);
+    down.env("NIX_SSL_CERT_FILE", ca);
     let down = run(down);
     assert!(
         down.status.success(),
