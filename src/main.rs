@@ -342,10 +342,13 @@ fn serve(path: Option<&Path>, log_format: Option<LogFormat>) -> anyhow::Result<(
     if let Some(p) = &loaded.generated {
         eprintln!("cellar: created signing key {} on first start", p.display());
     }
-    for k in &loaded.keys {
-        // Printed, not logged: operators copy this line into their clients' nix.conf.
-        eprintln!("cellar: trusted-public-keys = {}", k.public());
-    }
+    // Printed, not logged: operators copy this line into their clients' nix.conf. One line
+    // for all keys: in nix.conf a second `trusted-public-keys` line replaces the first, so
+    // during a rotation clients would trust only one of the keys.
+    eprintln!(
+        "cellar: trusted-public-keys = {}",
+        cellar::signing_keys::public_keys_line(&loaded.keys)
+    );
     rt.block_on(async move {
         // The access log, once there: a second signal still writes what it holds.
         let last_words = Arc::new(std::sync::OnceLock::new());

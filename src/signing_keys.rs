@@ -188,6 +188,13 @@ fn key_name_for(host: &str) -> String {
     }
 }
 
+/// The public halves of `keys` as nix.conf's `trusted-public-keys` takes them: one line,
+/// separated by spaces (a second `trusted-public-keys` line in nix.conf replaces the first).
+pub fn public_keys_line(keys: &[SecretKey]) -> String {
+    let publics: Vec<String> = keys.iter().map(|k| k.public().to_string()).collect();
+    publics.join(" ")
+}
+
 /// What [`load`] did, so the caller can tell the operator.
 #[derive(Debug)]
 pub struct LoadedKeys {
@@ -265,6 +272,17 @@ pub fn load(cfg: &SigningConfig) -> Result<LoadedKeys, KeyFileError> {
 mod tests {
     use super::*;
     use std::os::unix::fs::PermissionsExt as _;
+
+    /// Several keys (a rotation) are printed on one line: a second `trusted-public-keys` line
+    /// in nix.conf would replace the first.
+    #[test]
+    fn public_keys_are_one_nix_conf_line() {
+        let a: SecretKey = SecretKey::generate("a-1").unwrap();
+        let b: SecretKey = SecretKey::generate("b-1").unwrap();
+        let line = public_keys_line(&[a.clone(), b.clone()]);
+        assert_eq!(line, format!("{} {}", a.public(), b.public()));
+        assert_eq!(public_keys_line(&[a.clone()]), a.public().to_string());
+    }
 
     /// Every failure to load a key names the config key that pointed at it, and the file:
     /// `signing.key_files`, `signing.generated_key_file`, `signing.generated_key_name`.

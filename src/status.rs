@@ -20,6 +20,9 @@ pub struct Status {
     pub public_keys: Vec<String>,
     pub private: bool,
     pub narinfo_cache: CacheStatus,
+    /// `None` when `cache.nar_memory_bytes` is 0 (or from a server from before it was reported).
+    #[serde(default)]
+    pub nar_memory_cache: Option<CacheStatus>,
     /// `None` when `cache.nar_dir` is unset.
     pub nar_cache: Option<CacheStatus>,
     pub upstreams: Vec<UpstreamStatus>,
@@ -62,7 +65,7 @@ pub enum StatusError {
     Status {
         url: String,
         status: reqwest::StatusCode,
-        hint: &'static str,
+        hint: String,
     },
     #[error("{url}: not a cellar status answer: {cause}")]
     Decode {
@@ -79,8 +82,11 @@ pub async fn fetch(base: &str, token: Option<&str>) -> Result<Status, StatusErro
         url: url.clone(),
         cause: source,
     };
+    // Redirects are reported, not followed: reqwest drops the token on a redirect to another
+    // scheme or host (http to https behind a proxy), and the 401 would then blame the user.
     let client = reqwest::Client::builder()
         .timeout(std::time::Duration::from_secs(10))
+        .redirect(reqwest::redirect::Policy::none())
         .build()
         .map_err(err)?;
     let mut req = client.get(&url);
@@ -90,15 +96,34 @@ pub async fn fetch(base: &str, token: Option<&str>) -> Result<Status, StatusErro
     let res = req.send().await.map_err(err)?;
     let status = res.status();
     if !status.is_success() {
-        let hint = match status.as_u16() {
-            401 | 403 => " (private mode: pass a read token with --token-file)",
-            404 => " (is this a cellar server, at least this version?)",
-            _ => "",
-        };
+        let hint = hint(status, token.is_some(), res.headers());
         return Err(StatusError::Status { url, status, hint });
     }
     let body = res.bytes().await.map_err(err)?;
     serde_json::from_slice(&body).map_err(|source| StatusError::Decode { url, cause: source })
+}
+
+/// What to do about a failed status request, for the error message (empty if nothing helps).
+fn hint(
+    status: reqwest::StatusCode,
+    sent_token: bool,
+    headers: &reqwest::header::HeaderMap,
+) -> String {
+    match status.as_u16() {
+        401 | 403 if sent_token => {
+            " (the token was refused: is it a read token of this server?)".into()
+        }
+        401 | 403 => " (private mode: pass a read token with --token-file)".into(),
+        404 => " (is this a cellar server, at least this version?)".into(),
+        300..=399 => match headers
+            .get(reqwest::header::LOCATION)
+            .and_then(|l| l.to_str().ok())
+        {
+            Some(to) => format!(" (redirected to {to}: pass that server's URL with --url)"),
+            None => " (a redirect: pass the server's final URL with --url)".into(),
+        },
+        _ => String::new(),
+    }
 }
 
 /// Bytes for people: `512 B`, `3.4 MiB`.
@@ -147,10 +172,18 @@ impl fmt::Display for Status {
         if self.private {
             writeln!(f, "private: reads need a token")?;
         }
-        for k in &self.public_keys {
-            writeln!(f, "trusted-public-keys = {k}")?;
+        // One line, as nix.conf takes it (a second line would replace the first).
+        if !self.public_keys.is_empty() {
+            writeln!(f, "trusted-public-keys = {}", self.public_keys.join(" "))?;
         }
         write_cache(f, "narinfo memory cache", &self.narinfo_cache)?;
+        match &self.nar_memory_cache {
+            Some(c) => write_cache(f, "small-NAR memory cache", c)?,
+            None => writeln!(
+                f,
+                "small-NAR memory cache: off (cache.nar_memory_bytes = 0)"
+            )?,
+        }
         match &self.nar_cache {
             Some(c) => write_cache(f, "NAR disk cache", c)?,
             None => writeln!(f, "NAR disk cache: off (cache.nar_dir is unset)")?,
@@ -174,6 +207,51 @@ impl fmt::Display for Status {
 mod tests {
     use super::*;
 
+    /// A server on 127.0.0.1 answering every request with `status` and `headers`.
+    async fn answering(status: u16, headers: &'static [(&'static str, &'static str)]) -> String {
+        use axum::response::IntoResponse;
+        let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+        let url = format!("http://{}", listener.local_addr().unwrap());
+        let app = axum::Router::new().fallback(move || async move {
+            let mut res = axum::http::StatusCode::from_u16(status)
+                .unwrap()
+                .into_response();
+            for (k, v) in headers {
+                res.headers_mut().insert(*k, v.parse().unwrap());
+            }
+            res
+        });
+        tokio::spawn(async move { axum::serve(listener, app).await });
+        url
+    }
+
+    /// A redirect is reported with where it goes, not followed (following one to another
+    /// scheme or host would drop the token); a refused token is told apart from a missing one.
+    #[tokio::test]
+    async fn failures_say_what_to_do() {
+        let moved = answering(301, &[("location", "https://cache.example/status")]).await;
+        let e = fetch(&moved, Some("t")).await.unwrap_err().to_string();
+        assert!(e.contains("HTTP 301"), "{e}");
+        assert!(
+            e.contains("redirected to https://cache.example/status: pass that server's URL"),
+            "{e}"
+        );
+        let refused = answering(401, &[]).await;
+        let e = fetch(&refused, Some("t")).await.unwrap_err().to_string();
+        assert!(e.contains("the token was refused"), "{e}");
+        let e = fetch(&refused, None).await.unwrap_err().to_string();
+        assert!(e.contains("pass a read token with --token-file"), "{e}");
+        let e = fetch(&answering(404, &[]).await, None).await.unwrap_err();
+        assert!(e.to_string().contains("is this a cellar server"), "{e}");
+        let e = fetch(&answering(302, &[]).await, None).await.unwrap_err();
+        assert!(e.to_string().contains("pass the server's final URL"), "{e}");
+        let e = fetch(&answering(500, &[]).await, None).await.unwrap_err();
+        assert!(
+            e.to_string().ends_with("HTTP 500 Internal Server Error"),
+            "{e}"
+        );
+    }
+
     #[test]
     fn ratios_and_sizes_for_people() {
         let c = CacheStatus {
@@ -191,9 +269,15 @@ mod tests {
         let s = Status {
             version: "0.1.0".into(),
             store: "local directory ./x".into(),
-            public_keys: vec!["k-1:abc=".into()],
+            public_keys: vec!["k-1:abc=".into(), "k-2:def=".into()],
             private: false,
-            narinfo_cache: c,
+            narinfo_cache: c.clone(),
+            nar_memory_cache: Some(CacheStatus {
+                entries: 3,
+                bytes: 3 << 20,
+                max_bytes: 64 << 20,
+                ..c
+            }),
             nar_cache: None,
             upstreams: vec![UpstreamStatus {
                 url: "https://up.example".into(),
@@ -202,7 +286,20 @@ mod tests {
         };
         let text = s.to_string();
         assert!(text.contains("80.0% hits"), "{text}");
-        assert!(text.contains("trusted-public-keys = k-1:abc="));
+        assert!(
+            text.contains("small-NAR memory cache: 3 entries, 3.0 MiB of 64.0 MiB; 80.0% hits"),
+            "{text}"
+        );
+        let off = Status {
+            nar_memory_cache: None,
+            ..s.clone()
+        };
+        assert!(off.to_string().contains("small-NAR memory cache: off"));
+        // Both keys on one line, as nix.conf takes them.
+        assert!(
+            text.contains("trusted-public-keys = k-1:abc= k-2:def=\n"),
+            "{text}"
+        );
         assert!(text.contains("upstream https://up.example: down"));
     }
 }

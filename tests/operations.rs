@@ -133,6 +133,11 @@ async fn private_mode_guards_metrics_and_status_and_cellar_status_reports() {
         "{text}"
     );
     assert!(text.contains("NAR disk cache: off"), "{text}");
+    // On by default, and reported.
+    assert!(
+        text.contains("small-NAR memory cache: 0 entries, 0 B of 64.0 MiB"),
+        "{text}"
+    );
 }
 
 #[tokio::test(flavor = "multi_thread")]

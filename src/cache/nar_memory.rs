@@ -111,6 +111,14 @@ impl NarMemory {
         }))
     }
 
+    /// How many NARs are held and their weight in bytes (`None` when disabled).
+    pub async fn usage(&self) -> Option<(u64, u64)> {
+        let cache = self.cache.as_ref()?;
+        // moka counts lazily: settle what is pending so a report matches the requests before it.
+        cache.run_pending_tasks().await;
+        Some((cache.entry_count(), cache.weighted_size()))
+    }
+
     /// Whether NARs are kept in memory at all.
     pub fn enabled(&self) -> bool {
         self.cache.is_some()

@@ -23,6 +23,19 @@ pub(super) async fn get(State(st): State<AppState>) -> impl IntoResponse {
         misses: cache_count("narinfo_memory", "miss"),
         bypasses: 0,
     };
+    let nar_memory_cache = st
+        .nar_memory
+        .usage()
+        .await
+        .map(|(entries, bytes)| CacheStatus {
+            entries,
+            bytes,
+            max_bytes: st.config.cache.nar_memory_bytes,
+            hits: cache_count("nar_memory", "hit"),
+            negative_hits: 0,
+            misses: cache_count("nar_memory", "miss"),
+            bypasses: 0,
+        });
     let nar_cache = st.nars.as_ref().map(|n| {
         let (entries, bytes) = n.usage();
         CacheStatus {
@@ -45,6 +58,7 @@ pub(super) async fn get(State(st): State<AppState>) -> impl IntoResponse {
             .collect(),
         private: live.config.auth.private,
         narinfo_cache,
+        nar_memory_cache,
         nar_cache,
         upstreams: live
             .upstreams
