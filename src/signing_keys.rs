@@ -281,7 +281,10 @@ mod tests {
         let b: SecretKey = SecretKey::generate("b-1").unwrap();
         let line = public_keys_line(&[a.clone(), b.clone()]);
         assert_eq!(line, format!("{} {}", a.public(), b.public()));
-        assert_eq!(public_keys_line(&[a.clone()]), a.public().to_string());
+        assert_eq!(
+            public_keys_line(std::slice::from_ref(&a)),
+            a.public().to_string()
+        );
     }
 
     /// Every failure to load a key names the config key that pointed at it, and the file:
