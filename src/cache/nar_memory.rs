@@ -284,7 +284,7 @@ where
     while let Some(chunk) = body
         .try_next()
         .await
-        .map_err(|e| Unloaded::Failed(StoreError::from(e).into()))?
+        .map_err(|e| Unloaded::Failed(StoreError::reading(key, &e).into()))?
     {
         let more = (buf.len() + chunk.len()) as u64;
         if more > cap {

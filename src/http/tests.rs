@@ -157,6 +157,50 @@ async fn concurrent_misses_cost_one_store_get() {
     assert_eq!(mem.requests(), 1);
 }
 
+/// A narinfo whose body breaks off while it is read (the store restarted, a reset connection)
+/// is a 503 like a store that cannot be reached, which Nix retries: not a 502 for a broken
+/// object. The same for a small NAR read whole.
+#[tokio::test]
+async fn a_body_broken_off_is_the_store_unavailable() {
+    use crate::store::memory::FailOp;
+    let mem = Arc::new(MemoryStore::new());
+    mem.insert(&format!("{HASH}.narinfo"), NARINFO);
+    let st = state(Config::default(), &mem);
+    mem.fail(FailOp::Body, &format!("{HASH}.narinfo"), 0, 1);
+    let (status, body) = get(&st, &format!("/{HASH}.narinfo")).await;
+    assert_eq!(status, StatusCode::SERVICE_UNAVAILABLE, "{body:?}");
+    assert_eq!(
+        get(&st, &format!("/{HASH}.narinfo")).await.0,
+        StatusCode::OK
+    );
+    // A small NAR read whole into memory (its narinfo said how small), and one read whole by
+    // the disk cache (no memory cache): a 503 too, then served once the store answers.
+    let dir = tempfile::tempdir().unwrap();
+    let mut on_disk = Config::default();
+    on_disk.cache.nar_dir = Some(dir.path().join("nars"));
+    on_disk.cache.nar_memory_bytes = 0;
+    // (The disk cache asks for a part again twice before it gives up: 3 failures.)
+    for (cfg, hinted, failures) in [(Config::default(), true, 1), (on_disk, false, 3)] {
+        let st = state(cfg, &mem);
+        let key = format!("nar/{NAR_FILE}.nar.xz");
+        mem.insert(&key, vec![1u8; 300]);
+        if hinted {
+            st.nar_memory
+                .hint(&format!("{NAR_FILE}.nar.xz"), Some(300))
+                .await;
+        }
+        mem.fail(FailOp::Body, &key, 0, failures);
+        let (status, body) = get(&st, &format!("/{key}")).await;
+        assert_eq!(
+            status,
+            StatusCode::SERVICE_UNAVAILABLE,
+            "{hinted}: {body:?}"
+        );
+        let (status, body) = get(&st, &format!("/{key}")).await;
+        assert_eq!((status, body.len()), (StatusCode::OK, 300), "{hinted}");
+    }
+}
+
 #[tokio::test]
 async fn store_errors_are_not_cached() {
     let mem = Arc::new(MemoryStore::new());

@@ -53,6 +53,8 @@ pub enum FailOp {
     WriteAnswer,
     /// The same for a delete: the object is gone all the same.
     DeleteAnswer,
+    /// `get` answers, then its body breaks off halfway (a connection reset mid-body).
+    Body,
 }
 
 /// Holds reads of keys under a prefix between looking the object up and returning it, until
@@ -392,23 +394,28 @@ impl MemoryStore {
                 "access denied (a test fault)".into(),
             )),
             Some(fault @ (RangeFault::CutBody | RangeFault::Stall)) => {
-                let mut obj = Object::from_bytes(data, range)?;
-                let whole: Vec<Bytes> = obj.body.map(|c| c.unwrap_or_default()).collect().await;
-                let whole = whole.concat();
-                let half = futures::stream::once(futures::future::ready(Ok(Bytes::from(
-                    whole[..whole.len() / 2].to_vec(),
-                ))));
-                obj.body = if fault == RangeFault::Stall {
-                    half.chain(futures::stream::pending()).boxed()
-                } else {
-                    let reset = std::io::Error::other("connection reset (a test fault)");
-                    half.chain(futures::stream::once(futures::future::ready(Err(reset))))
-                        .boxed()
-                };
-                Ok(Some(obj))
+                let obj = Object::from_bytes(data, range)?;
+                Ok(Some(cut(obj, fault == RangeFault::Stall).await))
             }
         }
     }
+}
+
+/// `obj` with its body broken off halfway: then reset, or (`stall`) quiet for ever.
+async fn cut(mut obj: Object, stall: bool) -> Object {
+    let whole: Vec<Bytes> = obj.body.map(|c| c.unwrap_or_default()).collect().await;
+    let whole = whole.concat();
+    let half = futures::stream::once(futures::future::ready(Ok(Bytes::from(
+        whole[..whole.len() / 2].to_vec(),
+    ))));
+    obj.body = if stall {
+        half.chain(futures::stream::pending()).boxed()
+    } else {
+        let reset = std::io::Error::other("connection reset (a test fault)");
+        half.chain(futures::stream::once(futures::future::ready(Err(reset))))
+            .boxed()
+    };
+    obj
 }
 
 #[async_trait]
@@ -418,7 +425,12 @@ impl Store for MemoryStore {
         if let Ok(Some(obj)) = &mut found {
             obj.encoding = lock(&self.encodings).get(key).cloned();
         }
-        found
+        match found {
+            Ok(Some(obj)) if self.take_failure(FailOp::Body, key).is_err() => {
+                Ok(Some(cut(obj, false).await))
+            }
+            found => found,
+        }
     }
 
     async fn head(&self, key: &str) -> Result<Option<u64>, StoreError> {

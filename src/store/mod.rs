@@ -213,6 +213,21 @@ impl From<io::Error> for StoreError {
     }
 }
 
+impl StoreError {
+    /// The body of `key` failed while it was read, after the store had answered: the
+    /// connection broke or went quiet (a restart of the store, a reset), which is as
+    /// transient as a failure before the answer, so [`StoreError::Unavailable`] (a 503 the
+    /// client retries). Only a body that is wrong in itself ([`io::ErrorKind::InvalidData`]:
+    /// longer than the store said) is [`StoreError::Other`], a broken answer (502).
+    pub fn reading(key: &str, e: &io::Error) -> Self {
+        let what = format!("reading {key}: {e}");
+        match e.kind() {
+            io::ErrorKind::InvalidData => Self::Other(what),
+            _ => Self::Unavailable(what),
+        }
+    }
+}
+
 /// A byte range of a GET, as parsed from a single-range `Range` header.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub enum ByteRange {
@@ -486,7 +501,7 @@ pub trait Store: Send + Sync + 'static {
         while let Some(chunk) = body
             .try_next()
             .await
-            .map_err(|e| StoreError::Other(format!("reading {key}: {e}")))?
+            .map_err(|e| StoreError::reading(key, &e))?
         {
             if (buf.len() + chunk.len()) as u64 > limit {
                 return Err(StoreError::TooLarge {
@@ -640,6 +655,24 @@ async fn open_as(
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    /// A body that broke off or went quiet is the store unavailable (503, retried); a body
+    /// longer than the store said is a broken answer (502).
+    #[test]
+    fn a_failed_body_is_unavailable_unless_it_is_wrong_in_itself() {
+        let reset = io::Error::other("connection reset");
+        let quiet = io::Error::new(io::ErrorKind::TimedOut, "nothing for 30 s");
+        for e in [reset, quiet] {
+            let got = StoreError::reading("k.narinfo", &e);
+            assert!(
+                matches!(&got, StoreError::Unavailable(m) if m.starts_with("reading k.narinfo: ")),
+                "{got:?}"
+            );
+        }
+        let long = io::Error::new(io::ErrorKind::InvalidData, "the body goes on");
+        let got = StoreError::reading("k.narinfo", &long);
+        assert!(matches!(got, StoreError::Other(_)), "{got:?}");
+    }
 
     #[test]
     fn range_parsing() {

@@ -243,6 +243,42 @@ fn refused(what: &str, bucket: &str, code: &str) -> StoreError {
     ))
 }
 
+/// Error codes S3 stores answer with for a failure of their own, whatever the status: asking
+/// again later may work. `InternalError` and `SlowDown` also come in the body of a 200 to a
+/// CompleteMultipartUpload; `RequestTimeout` is a 400 for a request body that arrived too
+/// slowly.
+const TRANSIENT_CODES: [&str; 5] = [
+    "InternalError",
+    "SlowDown",
+    "ServiceUnavailable",
+    "RequestTimeout",
+    "OperationAborted",
+];
+
+/// Error codes for a request sent to the wrong region or endpoint for the bucket.
+const WRONG_REGION_CODES: [&str; 3] = [
+    "PermanentRedirect",
+    "AuthorizationHeaderMalformed",
+    "IllegalLocationConstraintException",
+];
+
+/// What an error answer of the store (other than a missing object or a refusal) means, on the
+/// SDK's path and the direct one alike: the store failing (a 5xx, a 429, a code saying so) is
+/// [`StoreError::Unavailable`], a bucket in another region a misconfiguration to name, and
+/// anything else a broken answer.
+fn answered(what: &str, status: u16, code: &str) -> StoreError {
+    if status >= 500 || status == 429 || TRANSIENT_CODES.contains(&code) {
+        StoreError::Unavailable(format!("{what}: store answered {status} {code}"))
+    } else if status == 301 || WRONG_REGION_CODES.contains(&code) {
+        StoreError::Misconfigured(format!(
+            "{what}: store answered {status} {code}: the bucket is in another region or at \
+             another endpoint; check store.region and store.endpoint"
+        ))
+    } else {
+        StoreError::Other(format!("{what}: store answered {status} {code}"))
+    }
+}
+
 fn classify<T, E>(
     what: &str,
     bucket: &str,
@@ -313,6 +349,7 @@ where
                 display_chain(&e)
             )))
         }
+        (SdkError::ServiceError(_), Some(s), c) => Err(answered(what, s, c.unwrap_or(""))),
         (_, Some(s), _) if s >= 500 || s == 429 => Err(StoreError::Unavailable(format!(
             "{what}: store answered {s} {}",
             code.as_deref().unwrap_or("")

@@ -542,7 +542,7 @@ impl NarCache {
                     }
                 )));
             }
-            Ok(Err(e)) => return Started::Failed(StoreError::Other(e.to_string())),
+            Ok(Err(e)) => return Started::Failed(StoreError::reading(&format!("nar/{name}"), &e)),
             Err(_) => return Started::Failed(StoreError::Timeout(self.idle_timeout.as_secs())),
         };
         // The fill's cell (serving these bytes) stays until memory or the file holds them.

@@ -396,10 +396,7 @@ impl FastReads {
             ))),
             (404, _) => Ok(Read::NotFound),
             (401 | 403, c) => Err(super::refused(what, bucket, c)),
-            (s, c) if s >= 500 || s == 429 => Err(StoreError::Unavailable(format!(
-                "{what}: store answered {s} {c}"
-            ))),
-            (s, c) => Err(StoreError::Other(format!("{what}: store answered {s} {c}"))),
+            (s, c) => Err(super::answered(what, s, c)),
         }
     }
 

@@ -75,6 +75,44 @@ async fn a_store_asking_to_slow_down_is_unavailable() {
     }
 }
 
+/// A store's error codes count whatever their status: a 400 `RequestTimeout` (a body that
+/// arrived too slowly) is the store failing, a 503 to clients; a bucket in another region
+/// (301 `PermanentRedirect`, 400 `AuthorizationHeaderMalformed`) is a misconfiguration naming
+/// the keys to fix; another 400 is a broken answer. On the SDK's path and the direct one.
+#[tokio::test]
+async fn error_codes_say_what_failed_whatever_their_status() {
+    for (status, code, want) in [
+        (400, "RequestTimeout", "unavailable"),
+        (400, "OperationAborted", "unavailable"),
+        (301, "PermanentRedirect", "misconfigured"),
+        (400, "AuthorizationHeaderMalformed", "misconfigured"),
+        (400, "InvalidArgument", "other"),
+    ] {
+        let app = axum::Router::new().fallback(move || async move {
+            (
+                axum::http::StatusCode::from_u16(status).unwrap(),
+                format!("<Error><Code>{code}</Code></Error>"),
+            )
+        });
+        let l = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+        let endpoint = format!("http://{}", l.local_addr().unwrap());
+        tokio::spawn(async move { axum::serve(l, app).await });
+        for direct in [false, true] {
+            let store = store_with(endpoint.clone(), 4, direct).await;
+            let got = store.get("x", None).await.map(|o| o.is_some());
+            let ok = match (want, &got) {
+                ("unavailable", Err(StoreError::Unavailable(m))) => m.contains(code),
+                ("misconfigured", Err(StoreError::Misconfigured(m))) => {
+                    m.contains(code) && m.contains("store.region")
+                }
+                ("other", Err(StoreError::Other(m))) => m.contains(code),
+                _ => false,
+            };
+            assert!(ok, "{status} {code}, direct {direct}: {got:?}");
+        }
+    }
+}
+
 /// What a fake S3 saw of one multipart upload.
 #[derive(Default)]
 struct Seen {
