@@ -68,7 +68,7 @@ impl S3Store {
                 .bucket(&self.bucket)
                 .key(&u.key)
                 .upload_id(&u.upload_id)
-                .set_part_number_marker(marker.take())
+                .set_part_number_marker(marker.clone())
                 .send();
             let out = match self.call("ListParts", req).await? {
                 Ok(o) => o,
@@ -84,10 +84,16 @@ impl S3Store {
             if out.is_truncated() != Some(true) {
                 return Ok(latest);
             }
-            marker = out.next_part_number_marker().map(str::to_owned);
-            if marker.is_none() {
+            let next = out.next_part_number_marker().map(str::to_owned);
+            if next.is_none() {
                 return Ok(latest);
             }
+            if next == marker {
+                return Err(StoreError::Other(
+                    "ListParts: the store answered the same page again".into(),
+                ));
+            }
+            marker = next;
         }
     }
 
@@ -98,16 +104,17 @@ impl S3Store {
         older_than: Duration,
     ) -> Result<Vec<(StaleUpload, std::time::SystemTime)>, StoreError> {
         let mut found = Vec::new();
-        let mut key_marker = None;
-        let mut upload_marker = None;
+        let mut key_marker: Option<String> = None;
+        let mut upload_marker: Option<String> = None;
         loop {
+            // No prefix, even with `store.prefix` set: MinIO lists no uploads for a prefix
+            // that is not a whole key (minio/minio#20989). Ours are picked below by key.
             let req = self
                 .client
                 .list_multipart_uploads()
                 .bucket(&self.bucket)
-                .prefix(&self.prefix)
-                .set_key_marker(key_marker.take())
-                .set_upload_id_marker(upload_marker.take())
+                .set_key_marker(key_marker.clone())
+                .set_upload_id_marker(upload_marker.clone())
                 .send();
             let out = match self.call("ListMultipartUploads", req).await? {
                 Ok(o) => o,
@@ -151,11 +158,19 @@ impl S3Store {
             if out.is_truncated() != Some(true) {
                 return Ok(found);
             }
-            key_marker = out.next_key_marker().map(str::to_owned);
-            upload_marker = out.next_upload_id_marker().map(str::to_owned);
-            if key_marker.is_none() && upload_marker.is_none() {
+            let next = (
+                out.next_key_marker().map(str::to_owned),
+                out.next_upload_id_marker().map(str::to_owned),
+            );
+            if next == (None, None) {
                 return Ok(found);
             }
+            if next == (key_marker, upload_marker) {
+                return Err(StoreError::Other(
+                    "ListMultipartUploads: the store answered the same page again".into(),
+                ));
+            }
+            (key_marker, upload_marker) = next;
         }
     }
 

@@ -289,8 +289,18 @@ async fn store_timed(
     direct_requests: bool,
     timeout: Duration,
 ) -> S3Store {
+    let cfg = config_for(endpoint, upload_part_concurrency, direct_requests);
+    S3Store::new(&cfg, timeout).await
+}
+
+/// The configuration of a store at `endpoint`, bucket `b`, no prefix.
+fn config_for(
+    endpoint: String,
+    upload_part_concurrency: usize,
+    direct_requests: bool,
+) -> S3StoreConfig {
     use crate::config::{S3Credentials, Secret};
-    let cfg = S3StoreConfig {
+    S3StoreConfig {
         bucket: "b".into(),
         endpoint: Some(endpoint),
         region: "us-east-1".into(),
@@ -304,8 +314,7 @@ async fn store_timed(
         connect_timeout: Duration::from_secs(2),
         redirect: None,
         upload_part_concurrency,
-    };
-    S3Store::new(&cfg, timeout).await
+    }
 }
 
 /// Writes `body` through a writer in chunks that straddle the parts' boundaries, then
@@ -1002,6 +1011,82 @@ async fn an_upload_still_sending_parts_is_not_stale_however_old() {
     let mut aborted = aborted.lock().unwrap().clone();
     aborted.sort();
     assert_eq!(aborted, ["denied", "partless", "stopped"]);
+}
+
+/// With `store.prefix` set, unfinished uploads are listed without a prefix and picked by key:
+/// MinIO lists none for a prefix that is not a whole key (minio/minio#20989), so the cleanup
+/// would never find the uploads a crash left there. Another prefix's uploads are left alone.
+/// A store that answers the same page again and again is an error, not an endless loop.
+#[tokio::test]
+async fn unfinished_uploads_under_a_prefix_are_found_on_minio() {
+    use axum::extract::{Query, State};
+    use std::collections::HashMap;
+    let long_ago = aws_smithy_types::DateTime::from(
+        std::time::SystemTime::now() - Duration::from_secs(30 * 3600),
+    )
+    .fmt(aws_smithy_types::date_time::Format::DateTime)
+    .unwrap();
+    // Which list says there is more on every page, with the same markers: none (0), the
+    // uploads (1), an upload's parts (2).
+    let looping = Arc::new(std::sync::atomic::AtomicU8::new(0));
+    let answer = move |State(looping): State<Arc<std::sync::atomic::AtomicU8>>,
+                       Query(q): Query<HashMap<String, String>>| {
+        let long_ago = long_ago.clone();
+        async move {
+            if q.contains_key("uploads") {
+                // MinIO: a prefix lists only the uploads of exactly that key.
+                let prefix = q.get("prefix").map_or("", String::as_str);
+                let uploads: String = ["cache/nar/ours.nar", "other/nar/theirs.nar"]
+                    .into_iter()
+                    .filter(|k| prefix.is_empty() || *k == prefix)
+                    .map(|k| {
+                        format!(
+                            "<Upload><Key>{k}</Key><UploadId>{k}-id</UploadId>\
+                             <Initiated>{long_ago}</Initiated></Upload>"
+                        )
+                    })
+                    .collect();
+                let more = looping.load(std::sync::atomic::Ordering::SeqCst) == 1;
+                return format!(
+                    "<ListMultipartUploadsResult><Bucket>b</Bucket>\
+                     <IsTruncated>{more}</IsTruncated><NextKeyMarker>k</NextKeyMarker>\
+                     <NextUploadIdMarker>u</NextUploadIdMarker>\
+                     {uploads}</ListMultipartUploadsResult>"
+                );
+            }
+            // No parts: dated by their start.
+            let more = looping.load(std::sync::atomic::Ordering::SeqCst) == 2;
+            format!(
+                "<ListPartsResult><Bucket>b</Bucket><Key>k</Key><UploadId>{}</UploadId>\
+                 <IsTruncated>{more}</IsTruncated><NextPartNumberMarker>1</NextPartNumberMarker>\
+                 </ListPartsResult>",
+                q["uploadId"]
+            )
+        }
+    };
+    let app = axum::Router::new()
+        .fallback(answer)
+        .with_state(looping.clone());
+    let l = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+    let addr = l.local_addr().unwrap();
+    tokio::spawn(async move { axum::serve(l, app).await });
+    let mut cfg = config_for(format!("http://{addr}"), 4, true);
+    cfg.prefix = "cache/".into();
+    let store = S3Store::new(&cfg, Duration::from_secs(5)).await;
+    let six_hours = Duration::from_secs(6 * 3600);
+    assert_eq!(
+        store.stale_staging(six_hours).await.unwrap(),
+        ["multipart upload of cache/nar/ours.nar (cache/nar/ours.nar-id)"]
+    );
+    // Parts that never end: that upload is kept for the next cleanup.
+    looping.store(2, std::sync::atomic::Ordering::SeqCst);
+    assert!(store.stale_staging(six_hours).await.unwrap().is_empty());
+    looping.store(1, std::sync::atomic::Ordering::SeqCst);
+    let got = store.stale_staging(six_hours).await;
+    assert!(
+        matches!(&got, Err(StoreError::Other(m)) if m.contains("same page")),
+        "{got:?}"
+    );
 }
 
 /// A store error says its cause and the causes' causes as they display themselves, once each,
