@@ -29,6 +29,16 @@ pub enum ImportError {
     Store(#[from] crate::store::StoreError),
 }
 
+/// An import that stopped before its end (the store failed, or the directory could not be
+/// read): what it did before, which stays done (a run again resumes), and why it stopped.
+#[derive(Debug, Error)]
+#[error("{cause}")]
+pub struct Stopped {
+    pub summary: Summary,
+    #[source]
+    pub cause: ImportError,
+}
+
 #[derive(Debug, Default)]
 pub struct Summary {
     pub imported: usize,
@@ -78,8 +88,23 @@ pub async fn import_dir(
     uploader: &Uploader,
     store_dir: &str,
     progress: &dyn Progress,
-) -> Result<Summary, ImportError> {
+) -> Result<Summary, Stopped> {
     let mut summary = Summary::default();
+    match import_into(dir, store, uploader, store_dir, progress, &mut summary).await {
+        Ok(()) => Ok(summary),
+        Err(cause) => Err(Stopped { summary, cause }),
+    }
+}
+
+/// [`import_dir`], counting into `summary` as it goes.
+async fn import_into(
+    dir: &Path,
+    store: &dyn Store,
+    uploader: &Uploader,
+    store_dir: &str,
+    progress: &dyn Progress,
+    summary: &mut Summary,
+) -> Result<(), ImportError> {
     let mut entries: HashMap<StorePathHash, NarInfo> = HashMap::new();
     // Paths whose narinfo in `dir` was rejected as it was read: a path referring to one is
     // rejected before its NAR is copied unless the store has that reference already.
@@ -156,7 +181,16 @@ pub async fn import_dir(
                             extras = stored.is_some_and(|s| s.nar_hash == info.nar_hash);
                             Ok(())
                         }
-                        Err(e) => Err(e),
+                        Err(e @ Error::Store(_)) => Err(e),
+                        // The stored narinfo cannot be read as one (another's encoding, say):
+                        // the path is in the store all the same, and the paths above it may
+                        // refer to it; only its extras are left out.
+                        Err(err) => {
+                            extras = false;
+                            let what = format!("{label} (its listing or log)");
+                            summary.rejected.push((what, err.to_string()));
+                            Ok(())
+                        }
                     }
                 } else {
                     Ok(())
@@ -193,8 +227,8 @@ pub async fn import_dir(
                 .push((format!("{label} (its listing or log)"), err.to_string())),
         }
     }
-    import_debuginfo(dir, store, uploader, &mut summary).await?;
-    Ok(summary)
+    import_debuginfo(dir, store, uploader, summary).await?;
+    Ok(())
 }
 
 /// The debug info links of `dir/debuginfo/` (`nix copy --to 'file://DIR?index-debug-info=true'`)
@@ -375,6 +409,32 @@ mod tests {
         (mem, uploader)
     }
 
+    /// A path already in the store whose stored narinfo cannot be read (written by another
+    /// tool, say) is skipped, and only its listing is left out: the paths above it, which
+    /// refer to it, are imported (they were rejected as if it had been refused).
+    #[tokio::test]
+    async fn a_stored_narinfo_that_cannot_be_read_leaves_out_only_its_extras() {
+        let dir = tempfile::tempdir().unwrap();
+        let leaf = "0vazqgj6bk0bqvc2l2pdivn8s2rp6q2x-leaf";
+        let top = "6bxnj2gfflqa529lddzh3zhcn45nn86r-top";
+        let (l, _) = write_path(dir.path(), leaf, &[1; 100], &[1; 100], &[]);
+        std::fs::write(dir.path().join(format!("{l}.ls")), br#"{"version":1}"#).unwrap();
+        let (t, _) = write_path(dir.path(), top, &[2; 100], &[2; 100], &[leaf]);
+        let (mem, uploader) = importer();
+        mem.insert(&object_key::narinfo(l), "not a narinfo");
+        let s = import_dir(dir.path(), &*mem, &uploader, "/nix/store", &())
+            .await
+            .unwrap();
+        assert_eq!((s.imported, s.skipped), (1, 1), "{:?}", s.rejected);
+        assert_eq!(s.rejected.len(), 1, "{:?}", s.rejected);
+        assert_eq!(
+            s.rejected[0].0,
+            format!("/nix/store/{leaf} (its listing or log)")
+        );
+        assert!(mem.head(&object_key::narinfo(t)).await.unwrap().is_some());
+        assert!(mem.head(&object_key::listing(l)).await.unwrap().is_none());
+    }
+
     /// A run stopped by the store after a path's narinfo was written, before its listing: the
     /// next run, which finds the narinfo, writes the listing.
     #[tokio::test]
@@ -387,8 +447,15 @@ mod tests {
         let (mem, uploader) = importer();
         mem.fail(FailOp::Write, &object_key::listing(h), 0, 1);
 
-        let stopped = import_dir(dir.path(), &*mem, &uploader, "/nix/store", &()).await;
-        assert!(stopped.is_err());
+        // What it did before it stopped is told with why it stopped.
+        let stopped = import_dir(dir.path(), &*mem, &uploader, "/nix/store", &())
+            .await
+            .unwrap_err();
+        assert_eq!((stopped.summary.imported, stopped.summary.skipped), (1, 0));
+        assert!(
+            matches!(stopped.cause, ImportError::Store(_)),
+            "{stopped:?}"
+        );
         assert!(mem.head(&object_key::narinfo(h)).await.unwrap().is_some());
         assert!(mem.head(&object_key::listing(h)).await.unwrap().is_none());
 

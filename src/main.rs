@@ -151,7 +151,10 @@ fn main() -> ExitCode {
         Command::Status { url, token_file } => status(&url, token_file.as_deref()),
         Command::CheckConfig { config } => check_config(config.as_deref()),
         Command::Keygen { name, out } => keygen(&name, out.as_deref()),
-        Command::Import { dir, config } => import(&dir, config.as_deref()),
+        Command::Import { dir, config } => match import(&dir, config.as_deref()) {
+            Ok(code) => return code,
+            Err(e) => Err(e),
+        },
         Command::Token {
             command: TokenCommand::New { name, scope },
         } => token_new(&name, scope),
@@ -235,7 +238,9 @@ impl cellar::import::Progress for Bar {
     }
 }
 
-fn import(dir: &Path, path: Option<&Path>) -> anyhow::Result<()> {
+/// Imports `dir`; exits 1 if paths were rejected, 2 if the import stopped before its end (the
+/// store failed: a run again resumes), after the summary of what was done either way.
+fn import(dir: &Path, path: Option<&Path>) -> anyhow::Result<ExitCode> {
     let cfg = Config::load(path)?;
     let rt = tokio::runtime::Builder::new_multi_thread()
         .enable_all()
@@ -253,7 +258,7 @@ fn import(dir: &Path, path: Option<&Path>) -> anyhow::Result<()> {
             );
         }
     }
-    let summary = rt.block_on(async {
+    let outcome = rt.block_on(async {
         let store = store::open(&cfg.store).await.context("opening the store")?;
         eprintln!(
             "cellar: importing {} into {}",
@@ -273,12 +278,16 @@ fn import(dir: &Path, path: Option<&Path>) -> anyhow::Result<()> {
             bar.set_style(style);
         }
         let progress = Bar(bar);
-        let s =
+        let outcome =
             cellar::import::import_dir(dir, store.as_ref(), &uploader, &cfg.store_dir, &progress)
-                .await?;
+                .await;
         progress.0.finish_and_clear();
-        anyhow::Ok(s)
+        anyhow::Ok(outcome)
     })?;
+    let (summary, stopped) = match outcome {
+        Ok(summary) => (summary, None),
+        Err(cellar::import::Stopped { summary, cause }) => (summary, Some(cause)),
+    };
     println!(
         "imported {}, skipped {} (already present), rejected {}",
         summary.imported,
@@ -288,10 +297,21 @@ fn import(dir: &Path, path: Option<&Path>) -> anyhow::Result<()> {
     for (what, why) in &summary.rejected {
         println!("  rejected {what}: {why}");
     }
-    if !summary.rejected.is_empty() {
-        anyhow::bail!("{} path(s) were rejected", summary.rejected.len());
+    if let Some(cause) = stopped {
+        eprintln!(
+            "cellar: error: the import stopped: {cause}\ncellar: what it imported stays; run \
+             the same command again to go on"
+        );
+        return Ok(ExitCode::from(2));
     }
-    Ok(())
+    if !summary.rejected.is_empty() {
+        eprintln!(
+            "cellar: error: {} path(s) were rejected",
+            summary.rejected.len()
+        );
+        return Ok(ExitCode::FAILURE);
+    }
+    Ok(ExitCode::SUCCESS)
 }
 
 fn token_new(name: &str, scope: ScopeArg) -> anyhow::Result<()> {

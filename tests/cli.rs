@@ -231,6 +231,44 @@ fn import_says_where_it_creates_the_store_and_what_it_imports_into() {
     );
 }
 
+/// An import the store stops (here, nothing listens at its endpoint) says what it did before,
+/// why it stopped and that a run again goes on, and exits 2: a script tells it apart from
+/// rejected paths (1), which a rerun would not change.
+#[test]
+fn an_import_the_store_stops_says_so_and_exits_2() {
+    let d = tempfile::tempdir().unwrap();
+    std::fs::write(
+        d.path().join("c.toml"),
+        "[store]\nkind = \"s3\"\nbucket = \"b\"\nendpoint = \"http://127.0.0.1:9\"\n\
+         access_key_id = \"k\"\nsecret_access_key = \"s\"\ntimeout_secs = 2\n",
+    )
+    .unwrap();
+    let from = d.path().join("old-cache");
+    std::fs::create_dir(&from).unwrap();
+    let hash = "f904kp3djilk732cgbnxhpy7vzykbqsh";
+    std::fs::write(
+        from.join(format!("{hash}.narinfo")),
+        include_str!("fixtures/narinfo/top.narinfo"),
+    )
+    .unwrap();
+    let out = cellar(d.path())
+        .args(["import", "--config", "c.toml"])
+        .arg(&from)
+        .output()
+        .unwrap();
+    let (stdout, err) = (
+        String::from_utf8_lossy(&out.stdout),
+        String::from_utf8_lossy(&out.stderr),
+    );
+    assert_eq!(out.status.code(), Some(2), "{stdout}{err}");
+    assert!(
+        stdout.contains("imported 0, skipped 0 (already present), rejected 0"),
+        "{stdout}"
+    );
+    assert!(err.contains("cellar: error: the import stopped: "), "{err}");
+    assert!(err.contains("run the same command again to go on"), "{err}");
+}
+
 /// A local store at a file system's root holds `lost+found`, which the server's user cannot
 /// read: `gc` and `verify`, run as that user, list the store without it. (As root the test
 /// runs them as `nobody`, who owns the store but not `lost+found`; otherwise `lost+found` is
