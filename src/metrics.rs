@@ -38,6 +38,14 @@ pub struct RouteLabels {
     pub route: &'static str,
 }
 
+/// A latency's labels: uploads (`PUT`) are timed apart from lookups, which they would
+/// otherwise drown (a NAR's upload takes its whole body, a lookup from memory microseconds).
+#[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
+pub struct RouteMethodLabels {
+    pub route: &'static str,
+    pub method: &'static str,
+}
+
 #[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
 pub struct CacheLabels {
     /// `narinfo_memory`, `nar_memory` or `nar_disk`.
@@ -106,7 +114,7 @@ type HistogramFamily<L> = Family<L, Histogram, fn() -> Histogram>;
 pub struct Metrics {
     registry: Registry,
     pub http_requests: Family<HttpLabels, Counter>,
-    pub http_duration: HistogramFamily<RouteLabels>,
+    pub http_duration: HistogramFamily<RouteMethodLabels>,
     pub bytes_sent: Family<RouteLabels, Counter>,
     pub bytes_received: Family<RouteLabels, Counter>,
     pub cache: Family<CacheLabels, Counter>,
@@ -160,7 +168,7 @@ impl Metrics {
         );
         r.register(
             "http_request_duration_seconds",
-            "Time to the response headers, by route family",
+            "Time to the response headers, by route family and method",
             m.http_duration.clone(),
         );
         r.register(

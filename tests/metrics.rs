@@ -176,11 +176,18 @@ async fn counters_follow_traffic_and_prometheus_scrapes_them() {
             &[r#"route="narinfo""#, r#"status="4xx""#]
         ) >= 2.0
     );
+    // Lookups and uploads timed apart.
     assert!(
         c(
             "cellar_http_request_duration_seconds_count",
-            &[r#"route="nar""#]
+            &[r#"route="nar""#, r#"method="GET""#]
         ) >= n
+    );
+    assert!(
+        c(
+            "cellar_http_request_duration_seconds_count",
+            &[r#"route="nar""#, r#"method="PUT""#]
+        ) >= 1.0
     );
     // The caches: the missing path was a miss, then answered from memory. Each NAR GET is a
     // lookup in the cache that would hold its NAR: memory for the small ones (their narinfos

@@ -17,7 +17,7 @@ use http_body::Frame;
 use prometheus_client::metrics::counter::Counter;
 
 use crate::error::ErrorLabel;
-use crate::metrics::{self, HttpLabels, RouteLabels, UploadLabels};
+use crate::metrics::{self, HttpLabels, RouteLabels, RouteMethodLabels, UploadLabels};
 
 /// `GET /metrics`: OpenMetrics to a scraper that asks for it (Prometheus does), else the
 /// Prometheus text format 0.0.4, which every other reader of metrics takes
@@ -160,7 +160,10 @@ impl Pending {
             })
             .inc();
         m.http_duration
-            .get_or_create(&RouteLabels { route })
+            .get_or_create(&RouteMethodLabels {
+                route,
+                method: self.method,
+            })
             .observe(self.started.elapsed().as_secs_f64());
         if let Some(verdict) = verdict {
             m.uploads
