@@ -88,8 +88,10 @@ pub struct UploadLabels {
 pub struct UpstreamLabels {
     /// The upstream's configured URL (bounded by the config).
     pub upstream: String,
-    /// `ok`, `not_found` (any 4xx), `timeout`, `error` (connection, TLS) or `server_error`
-    /// (5xx). An upstream backed off after a failure is not asked, and not counted.
+    /// `ok`, `not_found` (a 404, 403 or another 4xx not below), `timeout` (no answer in time,
+    /// or a 408), `unauthorized` (401), `throttled` (429), `error` (connection, TLS) or
+    /// `server_error` (5xx). An upstream backed off after a failure is not asked, and not
+    /// counted.
     pub result: &'static str,
 }
 

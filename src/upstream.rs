@@ -382,7 +382,12 @@ impl Upstreams {
         let result = match failure {
             Failure::Timeout => "timeout",
             Failure::Request(_) => "error",
-            Failure::Status(_) => "server_error",
+            Failure::Status(s) => match s.as_u16() {
+                401 => "unauthorized",
+                429 => "throttled",
+                408 => "timeout",
+                _ => "server_error",
+            },
         };
         crate::metrics::upstream_request(&u.name, result);
         u.failed(started, &failure);

@@ -670,6 +670,38 @@ async fn an_upstream_refusing_its_credentials_is_failing_not_a_miss() {
     assert!(logged.contains("401"), "{logged}");
 }
 
+/// Each failure is counted as what it is: a refusal of the credentials, throttling, the
+/// upstream's own timeout and its errors apart (an expired token is not a 5xx to chase).
+#[tokio::test]
+async fn upstream_failures_are_counted_by_what_they_are() {
+    let h: StorePathHash = FIRST.parse().unwrap();
+    for (status, result) in [
+        (StatusCode::UNAUTHORIZED, "unauthorized"),
+        (StatusCode::TOO_MANY_REQUESTS, "throttled"),
+        (StatusCode::REQUEST_TIMEOUT, "timeout"),
+        (StatusCode::BAD_GATEWAY, "server_error"),
+        (StatusCode::NOT_FOUND, "not_found"),
+    ] {
+        let app = axum::Router::new().fallback(move || async move { status });
+        let url = serve(app).await;
+        let upstreams = upstreams_at(url.clone());
+        let _ = upstreams.narinfo(h).await;
+        let counted = |r: &'static str| {
+            crate::metrics::get()
+                .upstream_requests
+                .get_or_create(&crate::metrics::UpstreamLabels {
+                    upstream: upstreams.list[0].name.clone(),
+                    result: r,
+                })
+                .get()
+        };
+        assert_eq!(counted(result), 1, "{status}");
+        if result != "server_error" {
+            assert_eq!(counted("server_error"), 0, "{status}");
+        }
+    }
+}
+
 /// Once full, the map of NAR names keeps the newest names (the least recently used go).
 #[tokio::test]
 async fn the_routes_keep_new_names_once_full() {
