@@ -225,6 +225,55 @@ mod tests {
         url
     }
 
+    /// What a person reads of a cache: bypasses count as lookups not answered, a cache never
+    /// asked has no ratio (not 0 % or NaN), remembered misses and bypasses are named only when
+    /// there were some; sizes stop at TiB.
+    #[test]
+    fn cache_lines_count_every_lookup_and_name_only_what_happened() {
+        let disk = CacheStatus {
+            entries: 1,
+            bytes: 1,
+            max_bytes: 1,
+            hits: 1,
+            negative_hits: 0,
+            misses: 1,
+            bypasses: 2,
+        };
+        assert_eq!(disk.hit_ratio(), Some(0.25));
+        struct Line<'a>(&'a CacheStatus);
+        impl fmt::Display for Line<'_> {
+            fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+                write_cache(f, "c", self.0)
+            }
+        }
+        assert_eq!(
+            Line(&disk).to_string(),
+            "c: 1 entries, 1 B of 1 B; 25.0% hits (1 hits, 1 misses, 2 passed to the store)\n"
+        );
+        let unused = CacheStatus {
+            hits: 0,
+            misses: 0,
+            bypasses: 0,
+            ..disk.clone()
+        };
+        assert_eq!(unused.hit_ratio(), None);
+        assert_eq!(
+            Line(&unused).to_string(),
+            "c: 1 entries, 1 B of 1 B; no lookups yet (0 hits, 0 misses)\n"
+        );
+        let remembered = CacheStatus {
+            negative_hits: 1,
+            ..unused
+        };
+        assert!(Line(&remembered)
+            .to_string()
+            .contains("(0 hits, 1 remembered misses, 0 misses)"));
+        assert_eq!(size(1023), "1023 B");
+        assert_eq!(size(1024), "1.0 KiB");
+        assert_eq!(size(3 << 40), "3.0 TiB");
+        assert_eq!(size(5 << 50), "5120.0 TiB");
+    }
+
     /// A redirect is reported with where it goes, not followed (following one to another
     /// scheme or host would drop the token); a refused token is told apart from a missing one.
     #[tokio::test]
