@@ -64,11 +64,12 @@ pub(super) async fn get(
 pub(super) async fn head(
     State(st): State<AppState>,
     Path(name): Path<String>,
+    headers: HeaderMap,
 ) -> Result<Response, Error> {
     let reads = st.live().reads.clone();
     first_found(keys(&name)?, |key| {
-        let reads = reads.clone();
-        async move { object::head(&*reads, &key, Kind::DebugInfo).await }
+        let (reads, headers) = (reads.clone(), &headers);
+        async move { object::head(&*reads, &key, Kind::DebugInfo, headers).await }
     })
     .await
 }

@@ -26,9 +26,13 @@ pub(super) async fn get(
     object::get(&*reads, &object_key::listing(h), Kind::Listing, headers).await
 }
 
-pub(super) async fn head(st: &AppState, h: StorePathHash) -> Result<Response, Error> {
+pub(super) async fn head(
+    st: &AppState,
+    h: StorePathHash,
+    headers: &HeaderMap,
+) -> Result<Response, Error> {
     let reads = st.live().reads.clone();
-    object::head(&*reads, &object_key::listing(h), Kind::Listing).await
+    object::head(&*reads, &object_key::listing(h), Kind::Listing, headers).await
 }
 
 pub(super) async fn put(

@@ -33,9 +33,10 @@ pub(super) async fn get(
 pub(super) async fn head(
     State(st): State<AppState>,
     Path(drv): Path<String>,
+    headers: HeaderMap,
 ) -> Result<Response, Error> {
     let reads = st.live().reads.clone();
-    object::head(&*reads, &key(&drv)?, Kind::Log).await
+    object::head(&*reads, &key(&drv)?, Kind::Log, &headers).await
 }
 
 pub(super) async fn put(

@@ -179,10 +179,11 @@ async fn get_file(
 async fn head_file(
     State(st): State<AppState>,
     Path(file): Path<String>,
+    headers: HeaderMap,
 ) -> Result<Response, Error> {
     match top_level(&file)? {
         TopLevelFile::NarInfo(h) => narinfo::head(&st, h).await,
-        TopLevelFile::Listing(h) => listing::head(&st, h).await,
+        TopLevelFile::Listing(h) => listing::head(&st, h, &headers).await,
     }
 }
 

@@ -82,6 +82,10 @@ fn set_common_headers(res: &mut Response, kind: Kind) {
         HeaderValue::from_static(kind.cache_control()),
     );
     h.insert(header::ACCEPT_RANGES, HeaderValue::from_static("bytes"));
+    if matches!(kind, Kind::Log | Kind::Listing) {
+        // Decoded or not by the request's `Accept-Encoding` (see `decoded_for`).
+        h.insert(header::VARY, HeaderValue::from_static("accept-encoding"));
+    }
 }
 
 /// The memory an xz stream's header may ask the decoder of a served log or listing for: 65 MiB,
@@ -89,7 +93,7 @@ fn set_common_headers(res: &mut Response, kind: Kind) {
 const SERVED_XZ_MEMORY: u64 = 65 << 20;
 
 /// Logs and listings decoded at once: each holds a thread while its client reads, and its
-/// decoder's memory. Beyond, they are passed on encoded (Nix reads them so; Lix cannot).
+/// decoder's memory. Beyond, a request waits for a slot.
 const SERVED_DECODES: usize = 4;
 
 fn served_decodes() -> &'static Arc<tokio::sync::Semaphore> {
@@ -97,29 +101,55 @@ fn served_decodes() -> &'static Arc<tokio::sync::Semaphore> {
     SLOTS.get_or_init(|| Arc::new(tokio::sync::Semaphore::new(SERVED_DECODES)))
 }
 
-/// `obj` decoded here if it is a log or listing encoded with a coding curl cannot decode: xz or
-/// bzip2 (Nix's S3 store writes them so with `log-compression`/`ls-compression`, and an
-/// upstream may serve them so). Lix has curl decode what it is sent, and curl fails on those
-/// (error 61); Nix decodes them itself, and takes them plain as well. br, zstd and gzip are
-/// passed on as they are. A range of an encoded object is not decoded (no client asks for
-/// one: none is offered). Nor is one with every slot of `slots` taken: it is passed on as is.
-pub(super) fn decoded_for_curl(
+/// Whether a request with headers `req` takes a body in content coding `coding` as it is: it
+/// sent no `Accept-Encoding` (any coding then, RFC 9110 12.5.3: Nix 2.8 sends none, and
+/// decodes xz and bzip2 itself), or one naming `coding` or `*` without `q=0`.
+fn takes_as_stored(req: &HeaderMap, coding: &str) -> bool {
+    let mut sent = req.get_all(header::ACCEPT_ENCODING).iter().peekable();
+    if sent.peek().is_none() {
+        return true;
+    }
+    sent.filter_map(|v| v.to_str().ok())
+        .flat_map(|v| v.split(','))
+        .any(|item| {
+            let mut parts = item.split(';').map(str::trim);
+            let name = parts.next().unwrap_or_default();
+            let refused = parts.any(|p| {
+                p.strip_prefix("q=")
+                    .is_some_and(|q| q.parse::<f32>().is_ok_and(|q| q <= 0.0))
+            });
+            (name.eq_ignore_ascii_case(coding) || name == "*") && !refused
+        })
+}
+
+/// `obj` decoded here if it is a log or listing encoded with xz or bzip2 (Nix's S3 store
+/// writes them so with `log-compression`/`ls-compression`, and an upstream may serve them
+/// so) and the request does not take that coding ([`takes_as_stored`]): Lix has curl decode
+/// what it is sent, and curl fails on those (error 61), so it must get them plain. br, zstd
+/// and gzip are passed on as they are, as is a range of an encoded object (no client asks for
+/// one: none is offered). With every slot of `slots` taken, it waits for one: the same
+/// request always gets the same answer (a proxy keys it by `Accept-Encoding`, see `Vary`).
+pub(super) async fn decoded_for(
     obj: Object,
     kind: Kind,
+    req: &HeaderMap,
     slots: &Arc<tokio::sync::Semaphore>,
 ) -> Object {
     if !matches!(kind, Kind::Log | Kind::Listing) || obj.range.is_some() {
         return obj;
     }
-    let compression = match obj
-        .encoding
-        .as_deref()
-        .map(Compression::from_content_encoding)
-    {
-        Some(Ok(Some(c @ (Compression::Xz | Compression::Bzip2)))) => c,
-        _ => return obj,
+    let (compression, stored) = match obj.encoding.as_deref() {
+        Some(e) => match Compression::from_content_encoding(e) {
+            Ok(Some(c @ (Compression::Xz | Compression::Bzip2))) => (c, e),
+            _ => return obj,
+        },
+        None => return obj,
     };
-    let Ok(slot) = slots.clone().try_acquire_owned() else {
+    if takes_as_stored(req, stored) {
+        return obj;
+    }
+    // The semaphore is never closed.
+    let Ok(slot) = slots.clone().acquire_owned().await else {
         return obj;
     };
     let coding = encoding::Coding {
@@ -141,9 +171,8 @@ pub(super) fn decoded_for_curl(
     }
 }
 
-/// A streamed 200 or 206 for `obj`.
+/// A streamed 200 or 206 for `obj`, as it is (see [`decoded_for`] for logs and listings).
 pub(super) fn object_response(obj: Object, kind: Kind) -> Response {
-    let obj = decoded_for_curl(obj, kind, served_decodes());
     let length = obj.length;
     let mut res = Body::from_stream(obj.body).into_response();
     if let Some(n) = length {
@@ -195,6 +224,7 @@ pub(super) async fn get(
     req_headers: &HeaderMap,
 ) -> Result<Response, Error> {
     let obj = lookup(kind, source.get(key, range_of(req_headers)).await)?;
+    let obj = decoded_for(obj, kind, req_headers, served_decodes()).await;
     Ok(object_response(obj, kind))
 }
 
@@ -217,8 +247,14 @@ fn lookup(kind: Kind, found: Result<Option<Object>, StoreError>) -> Result<Objec
 /// it whose body is dropped unread. A store's HEAD says only a size, and these may be stored
 /// compressed (`Content-Encoding`, then no ranges) or come from an upstream without a length;
 /// nothing asks for them often enough for the GET to cost (Nix sends no HEAD of them).
-pub(super) async fn head(source: &dyn Store, key: &str, kind: Kind) -> Result<Response, Error> {
+pub(super) async fn head(
+    source: &dyn Store,
+    key: &str,
+    kind: Kind,
+    req_headers: &HeaderMap,
+) -> Result<Response, Error> {
     let obj = lookup(kind, source.get(key, None).await)?;
+    let obj = decoded_for(obj, kind, req_headers, served_decodes()).await;
     let (parts, _unread) = object_response(obj, kind).into_parts();
     // A GET without a length (decoded here, or streamed so by an upstream) has none said in
     // its HEAD either: an empty body of unknown size, not one axum would say is 0 bytes.

@@ -61,9 +61,10 @@ pub(super) async fn get(
 pub(super) async fn head(
     State(st): State<AppState>,
     Path(id): Path<String>,
+    headers: HeaderMap,
 ) -> Result<Response, Error> {
     let reads = st.live().reads.clone();
-    object::head(&*reads, &realisation_key(&id)?, Kind::Realisation).await
+    object::head(&*reads, &realisation_key(&id)?, Kind::Realisation, &headers).await
 }
 
 pub(super) async fn put(
@@ -87,12 +88,14 @@ pub(super) async fn get_build_trace<const V2: bool>(
 pub(super) async fn head_build_trace<const V2: bool>(
     State(st): State<AppState>,
     Path((drv, output)): Path<(String, String)>,
+    headers: HeaderMap,
 ) -> Result<Response, Error> {
     let reads = st.live().reads.clone();
     object::head(
         &*reads,
         &build_trace_key::<V2>(&drv, &output)?,
         Kind::Realisation,
+        &headers,
     )
     .await
 }

@@ -1561,9 +1561,11 @@ async fn an_encoded_object_is_served_with_its_encoding_and_no_ranges() {
 }
 
 /// Logs and listings stored xz- or bzip2-encoded (Nix's `log-compression=xz`) are served
-/// decoded: Lix has curl decode them, which knows neither. HEAD says what GET sends.
+/// decoded to a client whose `Accept-Encoding` does not name the coding (Lix has curl decode
+/// them, which knows neither), and as stored to one that sent none (Nix 2.8, which decodes
+/// them itself) or names it. HEAD says what GET sends; proxies are told the answer varies.
 #[tokio::test]
-async fn logs_and_listings_in_codings_curl_lacks_are_served_decoded() {
+async fn logs_and_listings_in_codings_curl_lacks_are_decoded_for_clients_that_need_it() {
     use std::io::Write as _;
     let text = b"building '/nix/store/x.drv'...\nall good\n".repeat(50);
     let xz = {
@@ -1578,30 +1580,67 @@ async fn logs_and_listings_in_codings_curl_lacks_are_served_decoded() {
     };
     let mem = Arc::new(MemoryStore::new());
     let drv = "5g5d4v2ahmn1f7k9jcs2cns6ivf5gmpa-top.drv";
-    mem.insert(&format!("log/{drv}"), xz);
+    mem.insert(&format!("log/{drv}"), xz.clone());
     mem.set_encoding(&format!("log/{drv}"), "xz");
-    mem.insert(&format!("{HASH}.ls"), bz2);
+    mem.insert(&format!("{HASH}.ls"), bz2.clone());
     mem.set_encoding(&format!("{HASH}.ls"), "bzip2");
     let st = state(Config::default(), &mem);
-    for path in [format!("/log/{drv}"), format!("/{HASH}.ls")] {
-        let get = send(&st, Request::get(&path).body(Body::empty()).unwrap()).await;
-        let head = send(&st, Request::head(&path).body(Body::empty()).unwrap()).await;
-        assert_eq!(get.status(), StatusCode::OK, "{path}");
-        for name in ["content-encoding", "content-length", "accept-ranges"] {
-            assert!(!get.headers().contains_key(name), "{path}: {name}");
-            assert!(!head.headers().contains_key(name), "{path}: {name}");
+    let request = |method: &str, path: &str, accept: Option<&str>| {
+        let mut r = Request::builder().method(method).uri(path);
+        if let Some(a) = accept {
+            r = r.header("accept-encoding", a);
         }
-        let body = get.into_body().collect().await.unwrap().to_bytes();
-        assert_eq!(&body[..], &text[..], "{path}");
+        r.body(Body::empty()).unwrap()
+    };
+    for (path, stored, coding) in [
+        (format!("/log/{drv}"), &xz, "xz"),
+        (format!("/{HASH}.ls"), &bz2, "bzip2"),
+    ] {
+        // curl's own list (Lix), and one refusing the stored coding: decoded.
+        let refusing = format!("{coding};q=0, gzip");
+        for accept in ["deflate, gzip, br, zstd", refusing.as_str()] {
+            let get = send(&st, request("GET", &path, Some(accept))).await;
+            let head = send(&st, request("HEAD", &path, Some(accept))).await;
+            assert_eq!(get.status(), StatusCode::OK, "{path}");
+            assert_eq!(get.headers()["vary"], "accept-encoding");
+            for name in ["content-encoding", "content-length", "accept-ranges"] {
+                assert!(!get.headers().contains_key(name), "{path} {accept}: {name}");
+                assert!(
+                    !head.headers().contains_key(name),
+                    "{path} {accept}: {name}"
+                );
+            }
+            let body = get.into_body().collect().await.unwrap().to_bytes();
+            assert_eq!(&body[..], &text[..], "{path}");
+        }
+        // None sent (Nix 2.8), the coding named, or any: as stored.
+        let naming = "zstd, br, gzip, deflate, bzip2, xz";
+        for accept in [None, Some(naming), Some("*")] {
+            let get = send(&st, request("GET", &path, accept)).await;
+            let head = send(&st, request("HEAD", &path, accept)).await;
+            assert_eq!(
+                get.headers()["content-encoding"],
+                coding,
+                "{path} {accept:?}"
+            );
+            assert_eq!(
+                head.headers()["content-encoding"],
+                coding,
+                "{path} {accept:?}"
+            );
+            assert_eq!(get.headers()["vary"], "accept-encoding");
+            let body = get.into_body().collect().await.unwrap().to_bytes();
+            assert_eq!(&body[..], &stored[..], "{path} {accept:?}");
+        }
     }
 }
 
-/// Decodes of served logs and listings are bounded: one holding the last slot until its body
-/// is dropped; with none free, the object goes out encoded, as stored.
+/// Decodes of served logs and listings are bounded: with every slot taken, the next waits
+/// for one (it is not answered otherwise, which a proxy would keep for everyone).
 #[tokio::test]
-async fn served_decodes_are_bounded_and_pass_the_rest_on_encoded() {
-    use super::object::{decoded_for_curl, Kind};
-    use futures::TryStreamExt as _;
+async fn served_decodes_are_bounded_and_wait_for_a_slot() {
+    use super::object::{decoded_for, Kind};
+    use futures::{FutureExt as _, TryStreamExt as _};
     use std::io::Write as _;
     let xz = {
         let mut e = liblzma::write::XzEncoder::new(Vec::new(), 6);
@@ -1613,17 +1652,24 @@ async fn served_decodes_are_bounded_and_pass_the_rest_on_encoded() {
         o.encoding = Some("xz".into());
         o
     };
+    let mut lix = axum::http::HeaderMap::new();
+    lix.insert(
+        "accept-encoding",
+        "deflate, gzip, br, zstd".parse().unwrap(),
+    );
     let slots = Arc::new(tokio::sync::Semaphore::new(1));
-    let first = decoded_for_curl(encoded(), Kind::Log, &slots);
+    let first = decoded_for(encoded(), Kind::Log, &lix, &slots).await;
     assert_eq!(first.encoding, None);
-    let second = decoded_for_curl(encoded(), Kind::Log, &slots);
-    assert_eq!(second.encoding.as_deref(), Some("xz"), "no slot left");
-    assert_eq!(second.length, Some(xz.len() as u64));
+    let mut second = Box::pin(decoded_for(encoded(), Kind::Log, &lix, &slots));
+    assert!(
+        (&mut second).now_or_never().is_none(),
+        "no slot left: it waits"
+    );
     let text: Vec<u8> = first.body.try_collect::<Vec<_>>().await.unwrap().concat();
     assert_eq!(text, b"a log");
-    let third = decoded_for_curl(encoded(), Kind::Log, &slots);
+    let second = second.await;
     assert_eq!(
-        third.encoding, None,
+        second.encoding, None,
         "the slot is back once the body is done"
     );
 }

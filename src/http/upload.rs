@@ -94,6 +94,7 @@ async fn file_get(
 async fn file_head(
     State(st): State<AppState>,
     Path(file): Path<String>,
+    headers: HeaderMap,
 ) -> Result<Response, Error> {
     match super::top_level(&file)? {
         TopLevelFile::NarInfo(h) => {
@@ -101,7 +102,7 @@ async fn file_head(
             Ok(narinfo_response(().into_response(), len))
         }
         TopLevelFile::Listing(h) => {
-            object::head(&*st.store, &object_key::listing(h), Kind::Listing).await
+            object::head(&*st.store, &object_key::listing(h), Kind::Listing, &headers).await
         }
     }
 }
@@ -181,8 +182,12 @@ async fn log_get(
     object::get(&*st.store, &log::key(&drv)?, Kind::Log, &headers).await
 }
 
-async fn log_head(State(st): State<AppState>, Path(drv): Path<String>) -> Result<Response, Error> {
-    object::head(&*st.store, &log::key(&drv)?, Kind::Log).await
+async fn log_head(
+    State(st): State<AppState>,
+    Path(drv): Path<String>,
+    headers: HeaderMap,
+) -> Result<Response, Error> {
+    object::head(&*st.store, &log::key(&drv)?, Kind::Log, &headers).await
 }
 
 async fn debuginfo_get(
@@ -202,8 +207,15 @@ async fn debuginfo_get(
 async fn debuginfo_head(
     State(st): State<AppState>,
     Path(name): Path<String>,
+    headers: HeaderMap,
 ) -> Result<Response, Error> {
-    object::head(&*st.store, &debuginfo::key(&name)?, Kind::DebugInfo).await
+    object::head(
+        &*st.store,
+        &debuginfo::key(&name)?,
+        Kind::DebugInfo,
+        &headers,
+    )
+    .await
 }
 
 async fn realisation_get(
@@ -223,11 +235,13 @@ async fn realisation_get(
 async fn realisation_head(
     State(st): State<AppState>,
     Path(id): Path<String>,
+    headers: HeaderMap,
 ) -> Result<Response, Error> {
     object::head(
         &*st.store,
         &realisation::realisation_key(&id)?,
         Kind::Realisation,
+        &headers,
     )
     .await
 }
@@ -244,11 +258,13 @@ async fn build_trace_get<const V2: bool>(
 async fn build_trace_head<const V2: bool>(
     State(st): State<AppState>,
     Path((drv, output)): Path<(String, String)>,
+    headers: HeaderMap,
 ) -> Result<Response, Error> {
     object::head(
         &*st.store,
         &realisation::build_trace_key::<V2>(&drv, &output)?,
         Kind::Realisation,
+        &headers,
     )
     .await
 }
