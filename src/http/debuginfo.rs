@@ -32,6 +32,17 @@ fn keys(name: &str) -> Result<Vec<String>, Error> {
     Ok(keys)
 }
 
+/// [`keys`] for a read: a name that is no build id Nix indexes (40 hex digits; lld's 8-byte
+/// ids, md5 and uuid ones are 16 or 32) is simply not here, a 404, as fetchers of debug
+/// symbols ask for whatever build id the binary they load carries, and take a 400 as a hard
+/// error. (An upload of such a name is refused with 400.)
+fn read_keys(name: &str) -> Result<Vec<String>, Error> {
+    keys(name).map_err(|e| match e {
+        Error::BadName(_) => Error::NotFound,
+        e => e,
+    })
+}
+
 /// The first of `keys` that `read` finds.
 async fn first_found<F, Fut>(keys: Vec<String>, read: F) -> Result<Response, Error>
 where
@@ -54,7 +65,7 @@ pub(super) async fn get(
     headers: HeaderMap,
 ) -> Result<Response, Error> {
     let reads = st.live().reads.clone();
-    first_found(keys(&name)?, |key| {
+    first_found(read_keys(&name)?, |key| {
         let (reads, headers) = (reads.clone(), &headers);
         async move { object::get(&*reads, &key, Kind::DebugInfo, headers).await }
     })
@@ -67,7 +78,7 @@ pub(super) async fn head(
     headers: HeaderMap,
 ) -> Result<Response, Error> {
     let reads = st.live().reads.clone();
-    first_found(keys(&name)?, |key| {
+    first_found(read_keys(&name)?, |key| {
         let (reads, headers) = (reads.clone(), &headers);
         async move { object::head(&*reads, &key, Kind::DebugInfo, headers).await }
     })

@@ -2114,6 +2114,20 @@ async fn debug_info_links_are_checked_and_name_the_stored_nar() {
         head(&st, &format!("/debuginfo/{other}")).await.0,
         StatusCode::NOT_FOUND
     );
+    // Build ids Nix does not index (lld's 8 bytes, md5's 16): not here, a 404 (a fetcher takes
+    // a 400 as a hard error); the store is not asked.
+    let asked = mem.requests();
+    for short in ["ab".repeat(8), "cd".repeat(16)] {
+        assert_eq!(
+            get(&st, &format!("/debuginfo/{short}")).await.0,
+            StatusCode::NOT_FOUND
+        );
+        assert_eq!(
+            head(&st, &format!("/debuginfo/{short}")).await.0,
+            StatusCode::NOT_FOUND
+        );
+    }
+    assert_eq!(mem.requests(), asked);
 
     // A NAR the store holds as sent (stored before re-encoding was set up) is not sent again,
     // and its narinfo names it as it is: so does its link.
