@@ -12,11 +12,13 @@ use tokio_util::io::ReaderStream;
 
 use crate::error::{Error, UploadError};
 use crate::nix::{
-    references_first, DebugInfoLink, DebugInfoName, NarFileName, NarInfo, StorePathBaseName,
-    StorePathHash, MAX_DEBUGINFO_BYTES, MAX_NARINFO_BYTES,
+    references_first, DebugInfoLink, DebugInfoName, NarFileName, NarInfo, OutputName,
+    RealisationName, StorePathBaseName, StorePathHash, MAX_DEBUGINFO_BYTES, MAX_NARINFO_BYTES,
 };
 use crate::store::{object_key, Store};
-use crate::upload::{Uploader, MAX_LISTING_BYTES, MAX_LOG_BYTES};
+use crate::upload::{
+    RealisationStored, Uploader, MAX_LISTING_BYTES, MAX_LOG_BYTES, MAX_REALISATION_BYTES,
+};
 
 #[derive(Debug, Error)]
 pub enum ImportError {
@@ -43,6 +45,8 @@ pub struct Stopped {
 pub struct Summary {
     pub imported: usize,
     pub skipped: usize,
+    /// Realisations written (new, or the stored one with signatures added).
+    pub realisations: usize,
     /// Store path (or file) and why it was refused.
     pub rejected: Vec<(String, String)>,
 }
@@ -228,7 +232,97 @@ async fn import_into(
         }
     }
     import_debuginfo(dir, store, uploader, summary).await?;
+    import_realisations(dir, uploader, summary).await?;
     Ok(())
+}
+
+/// The realisations of content-addressed derivations' outputs in `dir` (`realisations/<id>.doi`,
+/// as Nix up to 2.32 writes them; `build-trace/<drv>/<output>` and
+/// `build-trace-v2/<drv>/<output>.doi` after), after the paths: each is checked as its upload
+/// is (the path it names must be in the store, `upload.trusted_keys`), and one stored already
+/// gets the signatures it brings.
+async fn import_realisations(
+    dir: &Path,
+    uploader: &Uploader,
+    summary: &mut Summary,
+) -> Result<(), ImportError> {
+    // (a file's path under `dir`, its store key or why it has none)
+    let mut found: Vec<(String, Result<String, String>)> = Vec::new();
+    for name in files_in(&dir.join("realisations")).await? {
+        let key = name
+            .parse::<RealisationName>()
+            .map(|r| object_key::realisation(&r))
+            .map_err(|_| "not a realisation's name".to_owned());
+        found.push((format!("realisations/{name}"), key));
+    }
+    for v2 in [false, true] {
+        let top = if v2 { "build-trace-v2" } else { "build-trace" };
+        for drv in dirs_in(&dir.join(top)).await? {
+            for out in files_in(&dir.join(top).join(&drv)).await? {
+                let key = match (drv.parse::<StorePathBaseName>(), v2) {
+                    (Ok(d), true) => OutputName::from_doi_file(&out)
+                        .map(|o| object_key::build_trace_v2(&d, &o))
+                        .ok(),
+                    (Ok(d), false) => out
+                        .parse::<OutputName>()
+                        .map(|o| object_key::build_trace(&d, &o))
+                        .ok(),
+                    (Err(_), _) => None,
+                };
+                let key = key.ok_or_else(|| "not a build trace's name".to_owned());
+                found.push((format!("{top}/{drv}/{out}"), key));
+            }
+        }
+    }
+    found.sort();
+    for (label, key) in found {
+        let key = match key {
+            Ok(k) => k,
+            Err(why) => {
+                summary.rejected.push((label, why));
+                continue;
+            }
+        };
+        let raw = read_bounded(&dir.join(&label), MAX_REALISATION_BYTES).await?;
+        if raw.len() as u64 > MAX_REALISATION_BYTES {
+            let why = format!("larger than {MAX_REALISATION_BYTES} bytes");
+            summary.rejected.push((label, why));
+            continue;
+        }
+        match uploader.put_realisation(&key, raw.into(), None).await {
+            Ok(RealisationStored::Written) => summary.realisations += 1,
+            Ok(RealisationStored::Unchanged) => {}
+            Err(Error::Store(s)) => return Err(s.into()),
+            Err(err) => summary.rejected.push((label, err.to_string())),
+        }
+    }
+    Ok(())
+}
+
+/// The names of the entries of `dir` of one kind (files, or directories with `dirs`), none if
+/// it does not exist.
+async fn entries_in(dir: &Path, dirs: bool) -> Result<Vec<String>, ImportError> {
+    let mut rd = match tokio::fs::read_dir(dir).await {
+        Ok(rd) => rd,
+        Err(e) if e.kind() == std::io::ErrorKind::NotFound => return Ok(Vec::new()),
+        Err(e) => return Err(read_err(dir)(e)),
+    };
+    let mut names = Vec::new();
+    while let Some(e) = rd.next_entry().await.map_err(read_err(dir))? {
+        let is_dir = e.file_type().await.map_err(read_err(&e.path()))?.is_dir();
+        if is_dir == dirs {
+            names.push(e.file_name().to_string_lossy().into_owned());
+        }
+    }
+    Ok(names)
+}
+
+async fn files_in(dir: &Path) -> Result<Vec<String>, ImportError> {
+    entries_in(dir, false).await
+}
+
+async fn dirs_in(dir: &Path) -> Result<Vec<String>, ImportError> {
+    entries_in(dir, true).await
 }
 
 /// The debug info links of `dir/debuginfo/` (`nix copy --to 'file://DIR?index-debug-info=true'`)
@@ -433,6 +527,76 @@ mod tests {
         );
         assert!(mem.head(&object_key::narinfo(t)).await.unwrap().is_some());
         assert!(mem.head(&object_key::listing(l)).await.unwrap().is_none());
+    }
+
+    /// The realisations of a directory written by Nix with content-addressed derivations are
+    /// imported after the paths, under each of Nix's layouts, checked as their uploads are:
+    /// one naming a path the store lacks, or under a name that is none, is rejected.
+    #[tokio::test]
+    async fn realisations_are_imported_after_the_paths_they_name() {
+        let dir = tempfile::tempdir().unwrap();
+        let top = "6bxnj2gfflqa529lddzh3zhcn45nn86r-top";
+        write_path(dir.path(), top, &[7; 100], &[7; 100], &[]);
+        let id = |n: u8| format!("sha256:{}!out", format!("{n:x}").repeat(64));
+        let realisation = |id: &str, out: &str| {
+            serde_json::json!({
+                "dependentRealisations": {},
+                "id": id,
+                "outPath": out,
+                "signatures": [],
+            })
+            .to_string()
+        };
+        let at = |rel: &str, body: String| {
+            let path = dir.path().join(rel);
+            std::fs::create_dir_all(path.parent().unwrap()).unwrap();
+            std::fs::write(path, body).unwrap();
+        };
+        at(
+            &format!("realisations/{}.doi", id(1)),
+            realisation(&id(1), top),
+        );
+        let drv = "5g5d4v2ahmn1f7k9jcs2cns6ivf5gmpa-top.drv";
+        at(
+            &format!("build-trace-v2/{drv}/out.doi"),
+            realisation(&id(2), top),
+        );
+        let missing = "0d71ygfwbmy1xjlbj1v027dfmy9cqavy-other";
+        at(
+            &format!("realisations/{}.doi", id(3)),
+            realisation(&id(3), missing),
+        );
+        at("realisations/not-an-id.doi", realisation(&id(4), top));
+        let (mem, uploader) = importer();
+        let s = import_dir(dir.path(), &*mem, &uploader, "/nix/store", &())
+            .await
+            .unwrap();
+        assert_eq!((s.imported, s.realisations), (1, 2), "{:?}", s.rejected);
+        let mut rejected: Vec<&str> = s.rejected.iter().map(|(what, _)| what.as_str()).collect();
+        rejected.sort();
+        assert_eq!(
+            rejected,
+            [
+                "realisations/not-an-id.doi".to_owned(),
+                format!("realisations/{}.doi", id(3))
+            ]
+        );
+        for key in [
+            format!("realisations/{}.doi", id(1)),
+            format!("build-trace-v2/{drv}/out.doi"),
+        ] {
+            assert!(mem.head(&key).await.unwrap().is_some(), "{key}");
+        }
+        assert!(mem
+            .head(&format!("realisations/{}.doi", id(3)))
+            .await
+            .unwrap()
+            .is_none());
+        // Again: nothing new to write.
+        let s = import_dir(dir.path(), &*mem, &uploader, "/nix/store", &())
+            .await
+            .unwrap();
+        assert_eq!((s.skipped, s.realisations), (1, 0));
     }
 
     /// A run stopped by the store after a path's narinfo was written, before its listing: the

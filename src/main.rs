@@ -288,8 +288,12 @@ fn import(dir: &Path, path: Option<&Path>) -> anyhow::Result<ExitCode> {
         Ok(summary) => (summary, None),
         Err(cellar::import::Stopped { summary, cause }) => (summary, Some(cause)),
     };
+    let realisations = match summary.realisations {
+        0 => String::new(),
+        n => format!(", {n} realisation(s) written"),
+    };
     println!(
-        "imported {}, skipped {} (already present), rejected {}",
+        "imported {}, skipped {} (already present), rejected {}{realisations}",
         summary.imported,
         summary.skipped,
         summary.rejected.len()
