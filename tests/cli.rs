@@ -342,8 +342,10 @@ fn refuses_to_start_with_a_malformed_key_naming_the_file() {
 fn first_start_creates_a_key_and_prints_the_trusted_key_line_then_stops_on_sigterm() {
     let d = tempfile::tempdir().unwrap();
     let log = d.path().join("serve.log");
+    // The environment's `listen` wins over the file's, and the log says so.
+    std::fs::write(d.path().join("c.toml"), "listen = \"127.0.0.1:1\"\n").unwrap();
     let mut child = cellar(d.path())
-        .args(["serve"])
+        .args(["serve", "--config", "c.toml"])
         .env("CELLAR_LISTEN", "127.0.0.1:0")
         .stdout(Stdio::piped())
         .stderr(std::fs::File::create(&log).unwrap())
@@ -363,6 +365,11 @@ fn first_start_creates_a_key_and_prints_the_trusted_key_line_then_stops_on_sigte
     assert!(exit.success(), "exit after SIGTERM: {exit:?}");
     let err = read_log();
     assert!(err.contains("trusted-public-keys = "), "{err}");
+    assert!(
+        err.contains("the environment overrides this key of the config file")
+            && err.contains("CELLAR_LISTEN"),
+        "{err}"
+    );
     let secret_part = key.split_once(':').unwrap().1;
     assert!(!err.contains(secret_part), "the secret key was printed");
 }
