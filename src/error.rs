@@ -39,6 +39,10 @@ pub enum Error {
     /// A narinfo in the store that is not what the cache layout says it should be.
     #[error("corrupt object {key} in the store: {reason}")]
     BadObject { key: String, reason: NarInfoError },
+    /// A read that needs a slot of a bounded pool (a log decoded for the client) found none
+    /// free in time; the client should retry (503, `Retry-After: 1`). Says what was busy.
+    #[error("{0}")]
+    Busy(&'static str),
 }
 
 /// What is wrong with an upload (or a path copied into the store: mirroring, `cellar import`),
@@ -91,6 +95,7 @@ impl Error {
                 | StoreError::Other(_),
             ) => StatusCode::BAD_GATEWAY,
             Self::BadObject { .. } => StatusCode::BAD_GATEWAY,
+            Self::Busy(_) => StatusCode::SERVICE_UNAVAILABLE,
             Self::Unauthorized => StatusCode::UNAUTHORIZED,
             Self::Forbidden(_) => StatusCode::FORBIDDEN,
             Self::Upload(UploadError::Rejected(_) | UploadError::Body(_)) => {
@@ -121,6 +126,7 @@ impl Error {
             Self::Store(StoreError::Encoded { .. }) => "encoded_object",
             Self::Store(StoreError::Other(_)) => "store_error",
             Self::BadObject { .. } => "corrupt_object",
+            Self::Busy(_) => "busy",
             Self::Unauthorized => "unauthorized",
             Self::Forbidden(_) => "forbidden",
             Self::Upload(UploadError::Rejected(_)) => "rejected",
@@ -153,6 +159,7 @@ impl Error {
                 | StoreError::Other(_),
             ) => "store error".into(),
             Self::BadObject { .. } => "corrupt object in the store".into(),
+            Self::Busy(what) => format!("{what}, retry later"),
             Self::Unauthorized => {
                 "authentication required (a token as netrc password or Bearer)".into()
             }
@@ -198,6 +205,7 @@ impl Error {
                     "upload refused: upload.max_concurrent uploads (of its pool) in progress"
                 )
             }
+            Self::Busy(what) => tracing::info!("request refused for now: {what}"),
             e if e.status().is_server_error() => tracing::error!(cause = %e, "request failed"),
             _ => {}
         }
@@ -227,6 +235,9 @@ impl IntoResponse for Error {
         }
         if let Self::Upload(UploadError::Busy { retry_after_secs }) = &self {
             h.insert(header::RETRY_AFTER, HeaderValue::from(*retry_after_secs));
+        }
+        if let Self::Busy(_) = &self {
+            h.insert(header::RETRY_AFTER, HeaderValue::from(1));
         }
         if let Self::Store(StoreError::RangeNotSatisfiable { size }) = &self {
             if let Ok(v) = HeaderValue::from_str(&format!("bytes */{size}")) {

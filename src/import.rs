@@ -15,7 +15,7 @@ use crate::nix::{
     references_first, DebugInfoLink, DebugInfoName, NarFileName, NarInfo, OutputName,
     RealisationName, StorePathBaseName, StorePathHash, MAX_DEBUGINFO_BYTES, MAX_NARINFO_BYTES,
 };
-use crate::store::{object_key, Store};
+use crate::store::{object_key, Store, StoreError};
 use crate::upload::{
     RealisationStored, Uploader, MAX_LISTING_BYTES, MAX_LOG_BYTES, MAX_REALISATION_BYTES,
 };
@@ -185,10 +185,11 @@ async fn import_into(
                             extras = stored.is_some_and(|s| s.nar_hash == info.nar_hash);
                             Ok(())
                         }
-                        Err(e @ Error::Store(_)) => Err(e),
-                        // The stored narinfo cannot be read as one (another's encoding, say):
-                        // the path is in the store all the same, and the paths above it may
-                        // refer to it; only its extras are left out.
+                        Err(Error::Store(s)) if stops(&s) => Err(Error::Store(s)),
+                        // The stored narinfo cannot be read as one (stored in a coding cellar
+                        // does not decode, too large, not a narinfo): the path is in the store
+                        // all the same, and the paths above it may refer to it; only its
+                        // extras are left out.
                         Err(err) => {
                             extras = false;
                             let what = format!("{label} (its listing or log)");
@@ -208,7 +209,7 @@ async fn import_into(
         match written {
             Ok(()) => {}
             // The store failing is not this path's fault: stop, and let the next run resume.
-            Err(Error::Store(s)) => return Err(s.into()),
+            Err(Error::Store(s)) if stops(&s) => return Err(s.into()),
             Err(err) => {
                 refused.insert(h);
                 summary.rejected.push((label, err.to_string()));
@@ -225,7 +226,7 @@ async fn import_into(
         // a path already there may lack them: a run stopped between the two completes them.
         match import_extras(dir, store, uploader, h, deriver.as_ref(), fresh).await {
             Ok(()) => {}
-            Err(Error::Store(s)) => return Err(s.into()),
+            Err(Error::Store(s)) if stops(&s) => return Err(s.into()),
             Err(err) => summary
                 .rejected
                 .push((format!("{label} (its listing or log)"), err.to_string())),
@@ -283,7 +284,14 @@ async fn import_realisations(
                 continue;
             }
         };
-        let raw = read_bounded(&dir.join(&label), MAX_REALISATION_BYTES).await?;
+        // A file that cannot be read concerns that realisation alone.
+        let raw = match read_bounded(&dir.join(&label), MAX_REALISATION_BYTES).await {
+            Ok(raw) => raw,
+            Err(e) => {
+                summary.rejected.push((label, e.to_string()));
+                continue;
+            }
+        };
         if raw.len() as u64 > MAX_REALISATION_BYTES {
             let why = format!("larger than {MAX_REALISATION_BYTES} bytes");
             summary.rejected.push((label, why));
@@ -292,7 +300,7 @@ async fn import_realisations(
         match uploader.put_realisation(&key, raw.into(), None).await {
             Ok(RealisationStored::Written) => summary.realisations += 1,
             Ok(RealisationStored::Unchanged) => {}
-            Err(Error::Store(s)) => return Err(s.into()),
+            Err(Error::Store(s)) if stops(&s) => return Err(s.into()),
             Err(err) => summary.rejected.push((label, err.to_string())),
         }
     }
@@ -309,7 +317,11 @@ async fn entries_in(dir: &Path, dirs: bool) -> Result<Vec<String>, ImportError> 
     };
     let mut names = Vec::new();
     while let Some(e) = rd.next_entry().await.map_err(read_err(dir))? {
-        let is_dir = e.file_type().await.map_err(read_err(&e.path()))?.is_dir();
+        // Through symbolic links, as Nix would read the directory.
+        let is_dir = tokio::fs::metadata(e.path())
+            .await
+            .map_err(read_err(&e.path()))?
+            .is_dir();
         if is_dir == dirs {
             names.push(e.file_name().to_string_lossy().into_owned());
         }
@@ -323,6 +335,14 @@ async fn files_in(dir: &Path) -> Result<Vec<String>, ImportError> {
 
 async fn dirs_in(dir: &Path) -> Result<Vec<String>, ImportError> {
     entries_in(dir, true).await
+}
+
+/// Whether a store error stops the import: the store failing (once it works again, a run
+/// goes on where this one stopped), not one object in it that cannot be read (stored in a
+/// coding cellar does not decode, larger than cellar reads), which is only that path's or
+/// file's trouble: a rerun would stop there again.
+fn stops(e: &StoreError) -> bool {
+    !matches!(e, StoreError::Encoded { .. } | StoreError::TooLarge { .. })
 }
 
 /// The debug info links of `dir/debuginfo/` (`nix copy --to 'file://DIR?index-debug-info=true'`)
@@ -368,7 +388,7 @@ async fn import_debuginfo(
         }
         match uploader.put_debuginfo(&name, raw.into()).await {
             Ok(()) => {}
-            Err(Error::Store(s)) => return Err(s.into()),
+            Err(Error::Store(s)) if stops(&s) => return Err(s.into()),
             Err(err) => summary.rejected.push((label, err.to_string())),
         }
     }
@@ -514,19 +534,25 @@ mod tests {
         let (l, _) = write_path(dir.path(), leaf, &[1; 100], &[1; 100], &[]);
         std::fs::write(dir.path().join(format!("{l}.ls")), br#"{"version":1}"#).unwrap();
         let (t, _) = write_path(dir.path(), top, &[2; 100], &[2; 100], &[leaf]);
-        let (mem, uploader) = importer();
-        mem.insert(&object_key::narinfo(l), "not a narinfo");
-        let s = import_dir(dir.path(), &*mem, &uploader, "/nix/store", &())
-            .await
-            .unwrap();
-        assert_eq!((s.imported, s.skipped), (1, 1), "{:?}", s.rejected);
-        assert_eq!(s.rejected.len(), 1, "{:?}", s.rejected);
-        assert_eq!(
-            s.rejected[0].0,
-            format!("/nix/store/{leaf} (its listing or log)")
-        );
-        assert!(mem.head(&object_key::narinfo(t)).await.unwrap().is_some());
-        assert!(mem.head(&object_key::listing(l)).await.unwrap().is_none());
+        // Not a narinfo, or stored in a coding cellar does not decode.
+        for lz4 in [false, true] {
+            let (mem, uploader) = importer();
+            mem.insert(&object_key::narinfo(l), "not a narinfo");
+            if lz4 {
+                mem.set_encoding(&object_key::narinfo(l), "lz4");
+            }
+            let s = import_dir(dir.path(), &*mem, &uploader, "/nix/store", &())
+                .await
+                .unwrap();
+            assert_eq!((s.imported, s.skipped), (1, 1), "{lz4}: {:?}", s.rejected);
+            assert_eq!(s.rejected.len(), 1, "{:?}", s.rejected);
+            assert_eq!(
+                s.rejected[0].0,
+                format!("/nix/store/{leaf} (its listing or log)")
+            );
+            assert!(mem.head(&object_key::narinfo(t)).await.unwrap().is_some());
+            assert!(mem.head(&object_key::listing(l)).await.unwrap().is_none());
+        }
     }
 
     /// The realisations of a directory written by Nix with content-addressed derivations are
@@ -561,6 +587,7 @@ mod tests {
             &format!("build-trace-v2/{drv}/out.doi"),
             realisation(&id(2), top),
         );
+        at(&format!("build-trace/{drv}/dev"), realisation(&id(5), top));
         let missing = "0d71ygfwbmy1xjlbj1v027dfmy9cqavy-other";
         at(
             &format!("realisations/{}.doi", id(3)),
@@ -571,7 +598,7 @@ mod tests {
         let s = import_dir(dir.path(), &*mem, &uploader, "/nix/store", &())
             .await
             .unwrap();
-        assert_eq!((s.imported, s.realisations), (1, 2), "{:?}", s.rejected);
+        assert_eq!((s.imported, s.realisations), (1, 3), "{:?}", s.rejected);
         let mut rejected: Vec<&str> = s.rejected.iter().map(|(what, _)| what.as_str()).collect();
         rejected.sort();
         assert_eq!(
@@ -584,6 +611,7 @@ mod tests {
         for key in [
             format!("realisations/{}.doi", id(1)),
             format!("build-trace-v2/{drv}/out.doi"),
+            format!("build-trace/{drv}/dev"),
         ] {
             assert!(mem.head(&key).await.unwrap().is_some(), "{key}");
         }

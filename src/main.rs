@@ -238,8 +238,9 @@ impl cellar::import::Progress for Bar {
     }
 }
 
-/// Imports `dir`; exits 1 if paths were rejected, 2 if the import stopped before its end (the
-/// store failed: a run again resumes), after the summary of what was done either way.
+/// Imports `dir`; exits 1 if paths were rejected, 3 if the import stopped before its end (the
+/// store failed, the directory could not be read: once fixed, a run again goes on), after the
+/// summary of what was done either way. (2 is clap's, for a command line it refuses.)
 fn import(dir: &Path, path: Option<&Path>) -> anyhow::Result<ExitCode> {
     let cfg = Config::load(path)?;
     let rt = tokio::runtime::Builder::new_multi_thread()
@@ -303,10 +304,10 @@ fn import(dir: &Path, path: Option<&Path>) -> anyhow::Result<ExitCode> {
     }
     if let Some(cause) = stopped {
         eprintln!(
-            "cellar: error: the import stopped: {cause}\ncellar: what it imported stays; run \
-             the same command again to go on"
+            "cellar: error: the import stopped: {cause}\ncellar: what it imported stays; once \
+             that is fixed, the same command goes on from there"
         );
-        return Ok(ExitCode::from(2));
+        return Ok(ExitCode::from(3));
     }
     if !summary.rejected.is_empty() {
         eprintln!(

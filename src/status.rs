@@ -20,7 +20,8 @@ pub struct Status {
     pub public_keys: Vec<String>,
     pub private: bool,
     pub narinfo_cache: CacheStatus,
-    /// `None` when `cache.nar_memory_bytes` is 0 (or from a server from before it was reported).
+    /// `max_bytes` 0 when `cache.nar_memory_bytes` is 0; `None` from a server from before it
+    /// was reported.
     #[serde(default)]
     pub nar_memory_cache: Option<CacheStatus>,
     /// `None` when `cache.nar_dir` is unset.
@@ -178,11 +179,12 @@ impl fmt::Display for Status {
         }
         write_cache(f, "narinfo memory cache", &self.narinfo_cache)?;
         match &self.nar_memory_cache {
-            Some(c) => write_cache(f, "small-NAR memory cache", c)?,
-            None => writeln!(
+            Some(c) if c.max_bytes == 0 => writeln!(
                 f,
                 "small-NAR memory cache: off (cache.nar_memory_bytes = 0)"
             )?,
+            Some(c) => write_cache(f, "small-NAR memory cache", c)?,
+            None => writeln!(f, "small-NAR memory cache: not reported (an older server)")?,
         }
         match &self.nar_cache {
             Some(c) => write_cache(f, "NAR disk cache", c)?,
@@ -340,10 +342,20 @@ mod tests {
             "{text}"
         );
         let off = Status {
-            nar_memory_cache: None,
+            nar_memory_cache: Some(CacheStatus {
+                max_bytes: 0,
+                ..c.clone()
+            }),
             ..s.clone()
         };
         assert!(off.to_string().contains("small-NAR memory cache: off"));
+        let older = Status {
+            nar_memory_cache: None,
+            ..s.clone()
+        };
+        assert!(older
+            .to_string()
+            .contains("small-NAR memory cache: not reported"));
         // Both keys on one line, as nix.conf takes them.
         assert!(
             text.contains("trusted-public-keys = k-1:abc= k-2:def=\n"),

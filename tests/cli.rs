@@ -232,10 +232,10 @@ fn import_says_where_it_creates_the_store_and_what_it_imports_into() {
 }
 
 /// An import the store stops (here, nothing listens at its endpoint) says what it did before,
-/// why it stopped and that a run again goes on, and exits 2: a script tells it apart from
-/// rejected paths (1), which a rerun would not change.
+/// why it stopped and that a run again goes on, and exits 3: a script tells it apart from
+/// rejected paths (1), which a rerun would not change, and a refused command line (2).
 #[test]
-fn an_import_the_store_stops_says_so_and_exits_2() {
+fn an_import_the_store_stops_says_so_and_exits_3() {
     let d = tempfile::tempdir().unwrap();
     std::fs::write(
         d.path().join("c.toml"),
@@ -260,13 +260,13 @@ fn an_import_the_store_stops_says_so_and_exits_2() {
         String::from_utf8_lossy(&out.stdout),
         String::from_utf8_lossy(&out.stderr),
     );
-    assert_eq!(out.status.code(), Some(2), "{stdout}{err}");
+    assert_eq!(out.status.code(), Some(3), "{stdout}{err}");
     assert!(
         stdout.contains("imported 0, skipped 0 (already present), rejected 0"),
         "{stdout}"
     );
     assert!(err.contains("cellar: error: the import stopped: "), "{err}");
-    assert!(err.contains("run the same command again to go on"), "{err}");
+    assert!(err.contains("the same command goes on from there"), "{err}");
 }
 
 /// A local store at a file system's root holds `lost+found`, which the server's user cannot

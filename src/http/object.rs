@@ -101,74 +101,95 @@ fn served_decodes() -> &'static Arc<tokio::sync::Semaphore> {
     SLOTS.get_or_init(|| Arc::new(tokio::sync::Semaphore::new(SERVED_DECODES)))
 }
 
+/// How long a request waits for a decode slot before it is answered 503 (`Retry-After: 1`):
+/// under nginx's default `proxy_read_timeout` (60 s), so that the 503 reaches the client.
+const DECODE_WAIT: std::time::Duration = std::time::Duration::from_secs(30);
+
 /// Whether a request with headers `req` takes a body in content coding `coding` as it is: it
 /// sent no `Accept-Encoding` (any coding then, RFC 9110 12.5.3: Nix 2.8 sends none, and
-/// decodes xz and bzip2 itself), or one naming `coding` or `*` without `q=0`.
+/// decodes xz and bzip2 itself), or one that accepts `coding`: by name, or else by `*`, with
+/// a weight above 0 (`q=0` refuses it).
 fn takes_as_stored(req: &HeaderMap, coding: &str) -> bool {
     let mut sent = req.get_all(header::ACCEPT_ENCODING).iter().peekable();
     if sent.peek().is_none() {
         return true;
     }
-    sent.filter_map(|v| v.to_str().ok())
+    // (name, accepted) of each entry.
+    let entries: Vec<(String, bool)> = sent
+        .filter_map(|v| v.to_str().ok())
         .flat_map(|v| v.split(','))
-        .any(|item| {
+        .filter_map(|item| {
             let mut parts = item.split(';').map(str::trim);
-            let name = parts.next().unwrap_or_default();
+            let name = parts.next().filter(|n| !n.is_empty())?.to_ascii_lowercase();
             let refused = parts.any(|p| {
-                p.strip_prefix("q=")
-                    .is_some_and(|q| q.parse::<f32>().is_ok_and(|q| q <= 0.0))
+                let q = p
+                    .split_once('=')
+                    .filter(|(k, _)| k.trim().eq_ignore_ascii_case("q"));
+                q.is_some_and(|(_, v)| v.trim().parse::<f32>().is_ok_and(|q| q <= 0.0))
             });
-            (name.eq_ignore_ascii_case(coding) || name == "*") && !refused
+            Some((name, !refused))
         })
+        .collect();
+    let coding = coding.trim().to_ascii_lowercase();
+    let named = entries.iter().find(|(n, _)| *n == coding);
+    let any = entries.iter().find(|(n, _)| n == "*");
+    named.or(any).is_some_and(|(_, accepted)| *accepted)
 }
 
-/// `obj` decoded here if it is a log or listing encoded with xz or bzip2 (Nix's S3 store
-/// writes them so with `log-compression`/`ls-compression`, and an upstream may serve them
-/// so) and the request does not take that coding ([`takes_as_stored`]): Lix has curl decode
-/// what it is sent, and curl fails on those (error 61), so it must get them plain. br, zstd
-/// and gzip are passed on as they are, as is a range of an encoded object (no client asks for
-/// one: none is offered). With every slot of `slots` taken, it waits for one: the same
-/// request always gets the same answer (a proxy keys it by `Accept-Encoding`, see `Vary`).
+/// The coding to decode `obj` from for this request, if it must be: a log or listing encoded
+/// with xz or bzip2 (Nix's S3 store writes them so with `log-compression`/`ls-compression`,
+/// and an upstream may serve them so) that the request does not take as it is
+/// ([`takes_as_stored`]): Lix has curl decode what it is sent, and curl fails on those (error
+/// 61), so it must get them plain. br, zstd and gzip are passed on as they are, as is a range
+/// of an encoded object (no client asks for one: none is offered).
+fn to_decode(obj: &Object, kind: Kind, req: &HeaderMap) -> Option<Compression> {
+    if !matches!(kind, Kind::Log | Kind::Listing) || obj.range.is_some() {
+        return None;
+    }
+    let stored = obj.encoding.as_deref()?;
+    match Compression::from_content_encoding(stored) {
+        Ok(Some(c @ (Compression::Xz | Compression::Bzip2))) if !takes_as_stored(req, stored) => {
+            Some(c)
+        }
+        _ => None,
+    }
+}
+
+/// `obj` decoded here if the request needs it so ([`to_decode`]). With every slot of `slots`
+/// taken, it waits for one, up to [`DECODE_WAIT`], then is a 503: the same request never gets
+/// the encoded bytes instead (a proxy keys the answer by `Accept-Encoding`, see `Vary`).
 pub(super) async fn decoded_for(
     obj: Object,
     kind: Kind,
     req: &HeaderMap,
     slots: &Arc<tokio::sync::Semaphore>,
-) -> Object {
-    if !matches!(kind, Kind::Log | Kind::Listing) || obj.range.is_some() {
-        return obj;
-    }
-    let (compression, stored) = match obj.encoding.as_deref() {
-        Some(e) => match Compression::from_content_encoding(e) {
-            Ok(Some(c @ (Compression::Xz | Compression::Bzip2))) => (c, e),
-            _ => return obj,
-        },
-        None => return obj,
+) -> Result<Object, Error> {
+    let Some(compression) = to_decode(&obj, kind, req) else {
+        return Ok(obj);
     };
-    if takes_as_stored(req, stored) {
-        return obj;
-    }
-    // The semaphore is never closed.
-    let Ok(slot) = slots.clone().acquire_owned().await else {
-        return obj;
+    let slot = match tokio::time::timeout(DECODE_WAIT, slots.clone().acquire_owned()).await {
+        Ok(Ok(slot)) => slot,
+        // The semaphore is never closed.
+        Ok(Err(_)) | Err(_) => {
+            return Err(Error::Busy("every decoder of logs and listings is busy"))
+        }
     };
     let coding = encoding::Coding {
         compression,
         xz_memory_limit_bytes: SERVED_XZ_MEMORY,
     };
     // The slot is held by the encoded body, which the decoder's thread reads: for as long as
-    // that thread runs (a client gone, it stops at its next chunk), or until the answer is
-    // dropped unread (a HEAD).
+    // that thread runs (a client gone, it stops at its next chunk).
     let encoded = obj.body.map(move |chunk| {
         let _held = &slot;
         chunk
     });
-    Object {
+    Ok(Object {
         body: encoding::decode(Some(coding), encoded, u64::MAX),
         length: None,
         range: None,
         encoding: None,
-    }
+    })
 }
 
 /// A streamed 200 or 206 for `obj`, as it is (see [`decoded_for`] for logs and listings).
@@ -224,7 +245,7 @@ pub(super) async fn get(
     req_headers: &HeaderMap,
 ) -> Result<Response, Error> {
     let obj = lookup(kind, source.get(key, range_of(req_headers)).await)?;
-    let obj = decoded_for(obj, kind, req_headers, served_decodes()).await;
+    let obj = decoded_for(obj, kind, req_headers, served_decodes()).await?;
     Ok(object_response(obj, kind))
 }
 
@@ -253,8 +274,13 @@ pub(super) async fn head(
     kind: Kind,
     req_headers: &HeaderMap,
 ) -> Result<Response, Error> {
-    let obj = lookup(kind, source.get(key, None).await)?;
-    let obj = decoded_for(obj, kind, req_headers, served_decodes()).await;
+    let mut obj = lookup(kind, source.get(key, None).await)?;
+    // What a GET would decode goes out without its coding and its length (chunked): said
+    // without decoding it, or waiting for a decoder.
+    if to_decode(&obj, kind, req_headers).is_some() {
+        obj.encoding = None;
+        obj.length = None;
+    }
     let (parts, _unread) = object_response(obj, kind).into_parts();
     // A GET without a length (decoded here, or streamed so by an upstream) has none said in
     // its HEAD either: an empty body of unknown size, not one axum would say is 0 bytes.

@@ -23,19 +23,21 @@ pub(super) async fn get(State(st): State<AppState>) -> impl IntoResponse {
         misses: cache_count("narinfo_memory", "miss"),
         bypasses: 0,
     };
-    let nar_memory_cache = st
-        .nar_memory
-        .usage()
-        .await
-        .map(|(entries, bytes)| CacheStatus {
-            entries,
-            bytes,
-            max_bytes: st.config.cache.nar_memory_bytes,
-            hits: cache_count("nar_memory", "hit"),
-            negative_hits: 0,
-            misses: cache_count("nar_memory", "miss"),
-            bypasses: 0,
-        });
+    // Off: all zeros (`max_bytes` 0), told apart from a server that does not report it.
+    let (entries, bytes) = st.nar_memory.usage().await.unwrap_or_default();
+    let nar_memory_cache = Some(CacheStatus {
+        entries,
+        bytes,
+        max_bytes: if st.nar_memory.enabled() {
+            st.config.cache.nar_memory_bytes
+        } else {
+            0
+        },
+        hits: cache_count("nar_memory", "hit"),
+        negative_hits: 0,
+        misses: cache_count("nar_memory", "miss"),
+        bypasses: 0,
+    });
     let nar_cache = st.nars.as_ref().map(|n| {
         let (entries, bytes) = n.usage();
         CacheStatus {

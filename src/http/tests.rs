@@ -1636,8 +1636,9 @@ async fn logs_and_listings_in_codings_curl_lacks_are_decoded_for_clients_that_ne
 }
 
 /// Decodes of served logs and listings are bounded: with every slot taken, the next waits
-/// for one (it is not answered otherwise, which a proxy would keep for everyone).
-#[tokio::test]
+/// for one (it is not answered the encoded bytes, which a proxy would keep for everyone), and
+/// after 30 s is told to retry (503).
+#[tokio::test(start_paused = true)]
 async fn served_decodes_are_bounded_and_wait_for_a_slot() {
     use super::object::{decoded_for, Kind};
     use futures::{FutureExt as _, TryStreamExt as _};
@@ -1658,8 +1659,18 @@ async fn served_decodes_are_bounded_and_wait_for_a_slot() {
         "deflate, gzip, br, zstd".parse().unwrap(),
     );
     let slots = Arc::new(tokio::sync::Semaphore::new(1));
-    let first = decoded_for(encoded(), Kind::Log, &lix, &slots).await;
+    let first = decoded_for(encoded(), Kind::Log, &lix, &slots)
+        .await
+        .unwrap();
     assert_eq!(first.encoding, None);
+    let started = tokio::time::Instant::now();
+    let refused = decoded_for(encoded(), Kind::Log, &lix, &slots).await;
+    assert!(
+        matches!(refused, Err(crate::error::Error::Busy(_))),
+        "{:?}",
+        refused.err()
+    );
+    assert_eq!(started.elapsed(), std::time::Duration::from_secs(30));
     let mut second = Box::pin(decoded_for(encoded(), Kind::Log, &lix, &slots));
     assert!(
         (&mut second).now_or_never().is_none(),
@@ -1667,11 +1678,42 @@ async fn served_decodes_are_bounded_and_wait_for_a_slot() {
     );
     let text: Vec<u8> = first.body.try_collect::<Vec<_>>().await.unwrap().concat();
     assert_eq!(text, b"a log");
-    let second = second.await;
+    let second = second.await.unwrap();
     assert_eq!(
         second.encoding, None,
         "the slot is back once the body is done"
     );
+}
+
+/// Which `Accept-Encoding` takes a log stored in xz as it is (RFC 9110 12.5.3): none sent, the
+/// coding named (in any case, on any of several header lines), or `*`, unless refused with
+/// `q=0` (`Q=0` too), by name first; `identity` or an empty value ask for it decoded.
+#[tokio::test]
+async fn accept_encoding_is_read_as_the_rfc_says() {
+    use super::object::{decoded_for, Kind};
+    let slots = Arc::new(tokio::sync::Semaphore::new(8));
+    for (lines, as_stored) in [
+        (&[][..], true),
+        (&["xz"][..], true),
+        (&["gzip", "XZ"][..], true),
+        (&["*"][..], true),
+        (&["gzip, xz;q=0.5"][..], true),
+        (&["xz;q=0, *"][..], false),
+        (&["*;q=0"][..], false),
+        (&["xz; Q=0"][..], false),
+        (&["identity"][..], false),
+        (&[""][..], false),
+    ] {
+        let mut req = axum::http::HeaderMap::new();
+        for l in lines {
+            req.append("accept-encoding", l.parse().unwrap());
+        }
+        let mut obj =
+            crate::store::Object::from_bytes(bytes::Bytes::from_static(b"x"), None).unwrap();
+        obj.encoding = Some("xz".into());
+        let got = decoded_for(obj, Kind::Log, &req, &slots).await.unwrap();
+        assert_eq!(got.encoding.is_some(), as_stored, "{lines:?}");
+    }
 }
 
 /// A HEAD of a log, listing or realisation has the headers its GET has: an encoded one's

@@ -61,6 +61,9 @@ impl S3Store {
     ) -> Result<Option<std::time::SystemTime>, StoreError> {
         let mut latest = None;
         let mut marker = None;
+        // Every marker asked with: a store that answers one again (at once or in a cycle)
+        // would be asked for ever.
+        let mut asked = std::collections::HashSet::new();
         loop {
             let req = self
                 .client
@@ -88,7 +91,7 @@ impl S3Store {
             if next.is_none() {
                 return Ok(latest);
             }
-            if next == marker {
+            if !asked.insert(next.clone()) {
                 return Err(StoreError::Other(
                     "ListParts: the store answered the same page again".into(),
                 ));
@@ -106,6 +109,8 @@ impl S3Store {
         let mut found = Vec::new();
         let mut key_marker: Option<String> = None;
         let mut upload_marker: Option<String> = None;
+        // Every pair of markers asked with (see `last_part_at`).
+        let mut asked = std::collections::HashSet::new();
         loop {
             // No prefix, even with `store.prefix` set: MinIO lists no uploads for a prefix
             // that is not a whole key (minio/minio#20989). Ours are picked below by key.
@@ -165,7 +170,7 @@ impl S3Store {
             if next == (None, None) {
                 return Ok(found);
             }
-            if next == (key_marker, upload_marker) {
+            if !asked.insert(next.clone()) {
                 return Err(StoreError::Other(
                     "ListMultipartUploads: the store answered the same page again".into(),
                 ));
