@@ -594,20 +594,39 @@ mod tests {
             realisation(&id(3), missing),
         );
         at("realisations/not-an-id.doi", realisation(&id(4), top));
+        // One byte over the limit is refused unread; at the limit it is read (and then is no
+        // realisation).
+        let huge = |n: usize| format!("{}{}", realisation(&id(6), top), " ".repeat(n));
+        let base = realisation(&id(6), top).len();
+        let limit = MAX_REALISATION_BYTES as usize;
+        at(
+            &format!("realisations/{}.doi", id(6)),
+            huge(limit + 1 - base),
+        );
+        at(&format!("realisations/{}.doi", id(7)), huge(limit - base));
         let (mem, uploader) = importer();
         let s = import_dir(dir.path(), &*mem, &uploader, "/nix/store", &())
             .await
             .unwrap();
         assert_eq!((s.imported, s.realisations), (1, 3), "{:?}", s.rejected);
-        let mut rejected: Vec<&str> = s.rejected.iter().map(|(what, _)| what.as_str()).collect();
+        let mut rejected: Vec<(&str, &str)> = s
+            .rejected
+            .iter()
+            .map(|(what, why)| (what.as_str(), why.as_str()))
+            .collect();
         rejected.sort();
+        let names: Vec<&str> = rejected.iter().map(|(what, _)| *what).collect();
         assert_eq!(
-            rejected,
+            names,
             [
                 "realisations/not-an-id.doi".to_owned(),
-                format!("realisations/{}.doi", id(3))
+                format!("realisations/{}.doi", id(3)),
+                format!("realisations/{}.doi", id(6)),
+                format!("realisations/{}.doi", id(7)),
             ]
         );
+        assert!(rejected[2].1.starts_with("larger than"), "{rejected:?}");
+        assert!(!rejected[3].1.starts_with("larger than"), "{rejected:?}");
         for key in [
             format!("realisations/{}.doi", id(1)),
             format!("build-trace-v2/{drv}/out.doi"),
@@ -625,6 +644,22 @@ mod tests {
             .await
             .unwrap();
         assert_eq!((s.skipped, s.realisations), (1, 0));
+    }
+
+    /// A `realisations` that is no directory cannot be read: the import stops (exit 3) and
+    /// says which, rather than take it for a directory without realisations.
+    #[tokio::test]
+    async fn a_realisations_entry_that_cannot_be_read_stops_the_import() {
+        let dir = tempfile::tempdir().unwrap();
+        std::fs::write(dir.path().join("realisations"), "a file").unwrap();
+        let (mem, uploader) = importer();
+        let stopped = import_dir(dir.path(), &*mem, &uploader, "/nix/store", &())
+            .await
+            .unwrap_err();
+        assert!(
+            matches!(&stopped.cause, ImportError::Read { path, .. } if path.ends_with("realisations")),
+            "{stopped:?}"
+        );
     }
 
     /// A run stopped by the store after a path's narinfo was written, before its listing: the
