@@ -201,24 +201,13 @@ async fn content_addressed_outputs_signed_by_a_trusted_builder_are_accepted() {
 /// gets the outputs through cellar's lookups of them.
 #[tokio::test(flavor = "multi_thread")]
 async fn import_brings_the_realisations_of_content_addressed_outputs() {
-    const CA: &str = "--extra-experimental-features";
     let work = tempfile::tempdir().unwrap();
-    let expr = Path::new(env!("CARGO_MANIFEST_DIR")).join("tests/fixtures/ca.nix");
     let salt = format!("cellar-import-ca-{}", std::process::id());
-    let with_expr = |c: &mut std::process::Command| {
-        c.args([CA, "ca-derivations", "-f"])
-            .arg(&expr)
-            .args(["--argstr", "salt", &salt]);
-    };
-    let mut b = nix("nix-build", &work.path().join("xdg-build"));
-    b.args([CA, "ca-derivations", "--no-out-link"])
-        .arg(&expr)
-        .args(["--argstr", "salt", &salt]);
-    let top = run_ok(b).trim().to_owned();
+    let top = ca_build(work.path(), &salt, None);
     let dir = work.path().join("file-cache");
     let mut copy = nix("nix", &work.path().join("xdg-copy"));
     copy.args(["copy", "--to", &format!("file://{}", dir.display())]);
-    with_expr(&mut copy);
+    ca_expr(&mut copy, &salt);
     run_ok(copy);
     let written = std::fs::read_dir(dir.join("realisations")).unwrap().count();
     assert_eq!(written, 2, "one for each derivation");
@@ -238,9 +227,37 @@ async fn import_brings_the_realisations_of_content_addressed_outputs() {
     );
     assert!(said.contains(", 2 realisation(s) written"), "{said}");
     let app = app.spawn().await;
-    let srv = &app.srv;
-    let store = work.path().join("store-ca");
-    let mut sub = nix("nix", &work.path().join("xdg-sub"));
+    ca_substitute(work.path(), &salt, &app.srv, &top);
+}
+
+const CA: &str = "--extra-experimental-features";
+
+/// `c` made to evaluate tests/fixtures/ca.nix with `salt` (so that its paths are new to every
+/// store), with content-addressed derivations on.
+fn ca_expr(c: &mut std::process::Command, salt: &str) {
+    c.args([CA, "ca-derivations", "-f"])
+        .arg(Path::new(env!("CARGO_MANIFEST_DIR")).join("tests/fixtures/ca.nix"))
+        .args(["--argstr", "salt", salt]);
+}
+
+/// tests/fixtures/ca.nix built with `salt` (signed with the key in `sec`, if given): its top
+/// output's path.
+fn ca_build(work: &Path, salt: &str, sec: Option<&Path>) -> String {
+    let mut b = nix("nix-build", &work.join("xdg-build"));
+    b.args([CA, "ca-derivations", "--no-out-link"]);
+    if let Some(sec) = sec {
+        b.args(["--option", "secret-key-files"]).arg(sec);
+    }
+    b.arg(Path::new(env!("CARGO_MANIFEST_DIR")).join("tests/fixtures/ca.nix"))
+        .args(["--argstr", "salt", salt]);
+    run_ok(b).trim().to_owned()
+}
+
+/// A fresh store that may not build (`--max-jobs 0`) gets the outputs of tests/fixtures/ca.nix
+/// (built with `salt`, top output `top`) from `srv`, through their realisations.
+fn ca_substitute(work: &Path, salt: &str, srv: &Server, top: &str) {
+    let store = work.join("store-ca");
+    let mut sub = nix("nix", &work.join("xdg-sub"));
     sub.args(["build", "--no-link", "--max-jobs", "0", "--store"])
         .arg(&store)
         .args([
@@ -249,7 +266,7 @@ async fn import_brings_the_realisations_of_content_addressed_outputs() {
             "--trusted-public-keys",
             &srv.public_key,
         ]);
-    with_expr(&mut sub);
+    ca_expr(&mut sub, salt);
     run_ok(sub);
     assert!(store.join(top.trim_start_matches('/')).exists());
 }
@@ -258,7 +275,6 @@ async fn import_brings_the_realisations_of_content_addressed_outputs() {
 /// is cellar's `upload.trusted_keys`), copied to cellar, and substituted into a fresh store
 /// through its realisations.
 async fn ca_round_trip(bucket: &str, signed: bool) {
-    const CA: &str = "--extra-experimental-features";
     let work = tempfile::tempdir().unwrap();
     let sec = work.path().join("builder.sec");
     let mut config = String::new();
@@ -266,20 +282,8 @@ async fn ca_round_trip(bucket: &str, signed: bool) {
         let public = nix_key("ca-builder-1", &sec, &work.path().join("xdg-keys"));
         config = format!("[upload]\ntrusted_keys = [\"{public}\"]\n");
     }
-    let expr = Path::new(env!("CARGO_MANIFEST_DIR")).join("tests/fixtures/ca.nix");
     let salt = format!("cellar-{bucket}-{}", std::process::id());
-    let with_expr = |c: &mut std::process::Command| {
-        c.args([CA, "ca-derivations", "-f"])
-            .arg(&expr)
-            .args(["--argstr", "salt", &salt]);
-    };
-    let mut b = nix("nix-build", &work.path().join("xdg-build"));
-    b.args([CA, "ca-derivations", "--no-out-link"]);
-    if signed {
-        b.args(["--option", "secret-key-files"]).arg(&sec);
-    }
-    b.arg(&expr).args(["--argstr", "salt", &salt]);
-    let top = run_ok(b).trim().to_owned();
+    let top = ca_build(work.path(), &salt, signed.then_some(sec.as_path()));
 
     let (w, wcfg) = token("builder", "write");
     let app = App::s3(bucket)
@@ -291,7 +295,7 @@ async fn ca_round_trip(bucket: &str, signed: bool) {
     let mut up = nix("nix", &work.path().join("xdg-up"));
     up.args(["copy", "--to", &srv.url, "--option", "netrc-file"])
         .arg(&n);
-    with_expr(&mut up);
+    ca_expr(&mut up, &salt);
     run_ok(up);
     let realisations = |method: &'static str, status: &'static str| {
         let labels = [
@@ -311,19 +315,7 @@ async fn ca_round_trip(bucket: &str, signed: bool) {
     );
     assert_eq!(realisations("PUT", "4xx").await, 0.0);
 
-    let store = work.path().join("store-ca");
-    let mut sub = nix("nix", &work.path().join("xdg-sub"));
-    sub.args(["build", "--no-link", "--max-jobs", "0", "--store"])
-        .arg(&store)
-        .args([
-            "--substituters",
-            &srv.url,
-            "--trusted-public-keys",
-            &srv.public_key,
-        ]);
-    with_expr(&mut sub);
-    run_ok(sub);
-    assert!(store.join(top.trim_start_matches('/')).exists());
+    ca_substitute(work.path(), &salt, srv, &top);
     assert!(
         realisations("GET", "2xx").await >= 2.0,
         "looked up through cellar"
