@@ -1714,6 +1714,27 @@ async fn accept_encoding_is_read_as_the_rfc_says() {
         let got = decoded_for(obj, Kind::Log, &req, &slots).await.unwrap();
         assert_eq!(got.encoding.is_some(), as_stored, "{lines:?}");
     }
+    // Only whole logs and listings are decoded: not a NAR, not a range of a log.
+    let mut lix = axum::http::HeaderMap::new();
+    lix.insert("accept-encoding", "gzip".parse().unwrap());
+    let xz = |range| {
+        let mut o =
+            crate::store::Object::from_bytes(bytes::Bytes::from_static(b"xyz"), range).unwrap();
+        o.encoding = Some("xz".into());
+        o
+    };
+    let nar = decoded_for(xz(None), Kind::Nar, &lix, &slots)
+        .await
+        .unwrap();
+    assert_eq!(nar.encoding.as_deref(), Some("xz"));
+    let part = Some(crate::store::ByteRange::From {
+        start: 1,
+        end: None,
+    });
+    let part = decoded_for(xz(part), Kind::Log, &lix, &slots)
+        .await
+        .unwrap();
+    assert_eq!(part.encoding.as_deref(), Some("xz"));
 }
 
 /// A HEAD of a log, listing or realisation has the headers its GET has: an encoded one's
