@@ -662,6 +662,43 @@ mod tests {
         );
     }
 
+    /// The store failing stops the import wherever it meets it (writing a path's NAR, reading
+    /// the narinfo of a path already there), and nothing is counted as rejected for it: a
+    /// rerun goes on.
+    #[tokio::test]
+    async fn the_store_failing_stops_the_import_without_rejecting_anything() {
+        use crate::store::memory::FailOp;
+        let dir = tempfile::tempdir().unwrap();
+        let top = "6bxnj2gfflqa529lddzh3zhcn45nn86r-top";
+        let (h, nar) = write_path(dir.path(), top, &[7; 100], &[7; 100], &[]);
+        std::fs::write(dir.path().join(format!("{h}.ls")), br#"{"version":1}"#).unwrap();
+        // Writing its NAR fails.
+        let (mem, uploader) = importer();
+        mem.fail(FailOp::Write, &nar, 0, 1);
+        let stopped = import_dir(dir.path(), &*mem, &uploader, "/nix/store", &())
+            .await
+            .unwrap_err();
+        assert!(
+            matches!(stopped.cause, ImportError::Store(_)),
+            "{stopped:?}"
+        );
+        assert!(stopped.summary.rejected.is_empty(), "{stopped:?}");
+        // Already there (with its listing to check), its narinfo cannot be read.
+        let s = import_dir(dir.path(), &*mem, &uploader, "/nix/store", &())
+            .await
+            .unwrap();
+        assert_eq!(s.imported, 1);
+        mem.fail(FailOp::Read, &object_key::narinfo(h), 1, 1);
+        let stopped = import_dir(dir.path(), &*mem, &uploader, "/nix/store", &())
+            .await
+            .unwrap_err();
+        assert!(
+            matches!(stopped.cause, ImportError::Store(_)),
+            "{stopped:?}"
+        );
+        assert!(stopped.summary.rejected.is_empty(), "{stopped:?}");
+    }
+
     /// A run stopped by the store after a path's narinfo was written, before its listing: the
     /// next run, which finds the narinfo, writes the listing.
     #[tokio::test]
