@@ -644,6 +644,33 @@ mod tests {
             .await
             .unwrap();
         assert_eq!((s.skipped, s.realisations), (1, 0));
+        // A stored realisation cellar cannot read (a coding it does not decode) concerns that
+        // one alone; the store failing to write one stops the import, rejecting nothing.
+        let first = format!("realisations/{}.doi", id(1));
+        mem.set_encoding(&first, "lz4");
+        let s = import_dir(dir.path(), &*mem, &uploader, "/nix/store", &())
+            .await
+            .unwrap();
+        assert!(
+            s.rejected.iter().any(|(what, _)| *what == first),
+            "{:?}",
+            s.rejected
+        );
+        mem.delete(&format!("build-trace/{drv}/dev")).await.unwrap();
+        mem.fail(crate::store::memory::FailOp::Write, "build-trace/*", 0, 1);
+        let stopped = import_dir(dir.path(), &*mem, &uploader, "/nix/store", &())
+            .await
+            .unwrap_err();
+        assert!(
+            matches!(stopped.cause, ImportError::Store(_)),
+            "{stopped:?}"
+        );
+        let trace = stopped
+            .summary
+            .rejected
+            .iter()
+            .find(|(w, _)| w.starts_with("build-trace/"));
+        assert!(trace.is_none(), "{:?}", stopped.summary.rejected);
     }
 
     /// A `realisations` that is no directory cannot be read: the import stops (exit 3) and
