@@ -724,6 +724,33 @@ mod tests {
             "{stopped:?}"
         );
         assert!(stopped.summary.rejected.is_empty(), "{stopped:?}");
+        // Writing a debug info link fails.
+        let id = "ab".repeat(20);
+        std::fs::create_dir(dir.path().join("debuginfo")).unwrap();
+        let link = serde_json::json!({
+            "archive": format!("../{nar}"),
+            "member": format!("lib/debug/.build-id/ab/{}.debug", "ab".repeat(19)),
+        });
+        let at = dir.path().join(format!("debuginfo/{id}.debug"));
+        std::fs::write(at, link.to_string()).unwrap();
+        mem.fail(FailOp::Write, "debuginfo/*", 0, 1);
+        let stopped = import_dir(dir.path(), &*mem, &uploader, "/nix/store", &())
+            .await
+            .unwrap_err();
+        assert!(
+            matches!(stopped.cause, ImportError::Store(_)),
+            "{stopped:?}"
+        );
+        assert!(stopped.summary.rejected.is_empty(), "{stopped:?}");
+        let s = import_dir(dir.path(), &*mem, &uploader, "/nix/store", &())
+            .await
+            .unwrap();
+        assert!(s.rejected.is_empty(), "{:?}", s.rejected);
+        assert!(mem
+            .head(&format!("debuginfo/{id}.debug"))
+            .await
+            .unwrap()
+            .is_some());
     }
 
     /// A run stopped by the store after a path's narinfo was written, before its listing: the
