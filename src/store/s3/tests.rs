@@ -1019,6 +1019,18 @@ async fn an_upload_still_sending_parts_is_not_stale_however_old() {
 /// A store that answers the same page again and again is an error, not an endless loop.
 #[tokio::test]
 async fn unfinished_uploads_under_a_prefix_are_found_on_minio() {
+    // An upload of every kind of object the cache's layout holds, under `store.prefix`.
+    const OURS: [&str; 9] = [
+        "cache/nar/ours.nar",
+        "cache/log/x.drv",
+        "cache/debuginfo/x.debug",
+        "cache/realisations/x.doi",
+        "cache/build-trace/x.drv/out",
+        "cache/build-trace-v2/x.drv/out.doi",
+        "cache/_cellar/x",
+        "cache/x.narinfo",
+        "cache/x.ls",
+    ];
     use axum::extract::{Query, State};
     use std::collections::HashMap;
     let long_ago = aws_smithy_types::DateTime::from(
@@ -1036,8 +1048,10 @@ async fn unfinished_uploads_under_a_prefix_are_found_on_minio() {
             if q.contains_key("uploads") {
                 // MinIO: a prefix lists only the uploads of exactly that key.
                 let prefix = q.get("prefix").map_or("", String::as_str);
-                let uploads: String = ["cache/nar/ours.nar", "other/nar/theirs.nar"]
-                    .into_iter()
+                let uploads: String = OURS
+                    .iter()
+                    .chain(&["other/nar/theirs.nar", "cache/other/x"])
+                    .copied()
                     .filter(|k| prefix.is_empty() || *k == prefix)
                     .map(|k| {
                         format!(
@@ -1074,10 +1088,14 @@ async fn unfinished_uploads_under_a_prefix_are_found_on_minio() {
     cfg.prefix = "cache/".into();
     let store = S3Store::new(&cfg, Duration::from_secs(5)).await;
     let six_hours = Duration::from_secs(6 * 3600);
-    assert_eq!(
-        store.stale_staging(six_hours).await.unwrap(),
-        ["multipart upload of cache/nar/ours.nar (cache/nar/ours.nar-id)"]
-    );
+    let mut found = store.stale_staging(six_hours).await.unwrap();
+    found.sort();
+    let mut ours: Vec<String> = OURS
+        .iter()
+        .map(|k| format!("multipart upload of {k} ({k}-id)"))
+        .collect();
+    ours.sort();
+    assert_eq!(found, ours);
     // Parts that never end: that upload is kept for the next cleanup.
     looping.store(2, std::sync::atomic::Ordering::SeqCst);
     assert!(store.stale_staging(six_hours).await.unwrap().is_empty());
