@@ -1048,9 +1048,17 @@ async fn unfinished_uploads_under_a_prefix_are_found_on_minio() {
             if q.contains_key("uploads") {
                 // MinIO: a prefix lists only the uploads of exactly that key.
                 let prefix = q.get("prefix").map_or("", String::as_str);
-                let uploads: String = OURS
+                // Two pages: the second asked for with the markers the first gave.
+                let second = q.contains_key("key-marker");
+                let page: &[&str] = if second { &OURS[5..] } else { &OURS[..5] };
+                let others: &[&str] = if second {
+                    &[]
+                } else {
+                    &["other/nar/theirs.nar", "cache/other/x"]
+                };
+                let uploads: String = page
                     .iter()
-                    .chain(&["other/nar/theirs.nar", "cache/other/x"])
+                    .chain(others)
                     .copied()
                     .filter(|k| prefix.is_empty() || *k == prefix)
                     .map(|k| {
@@ -1060,7 +1068,7 @@ async fn unfinished_uploads_under_a_prefix_are_found_on_minio() {
                         )
                     })
                     .collect();
-                let more = looping.load(std::sync::atomic::Ordering::SeqCst) == 1;
+                let more = !second || looping.load(std::sync::atomic::Ordering::SeqCst) == 1;
                 return format!(
                     "<ListMultipartUploadsResult><Bucket>b</Bucket>\
                      <IsTruncated>{more}</IsTruncated><NextKeyMarker>k</NextKeyMarker>\
