@@ -515,6 +515,18 @@ mod tests {
 
     use crate::store::memory::MemoryStore;
 
+    /// Imports `dir`, which the store must stop (an [`ImportError::Store`]): what it did first.
+    async fn stopped_by_the_store(dir: &Path, mem: &MemoryStore, uploader: &Uploader) -> Summary {
+        let stopped = import_dir(dir, mem, uploader, "/nix/store", &())
+            .await
+            .unwrap_err();
+        assert!(
+            matches!(stopped.cause, ImportError::Store(_)),
+            "{stopped:?}"
+        );
+        stopped.summary
+    }
+
     fn importer() -> (std::sync::Arc<MemoryStore>, Uploader) {
         let mem = std::sync::Arc::new(crate::store::memory::MemoryStore::new());
         let store: std::sync::Arc<dyn Store> = mem.clone();
@@ -658,19 +670,12 @@ mod tests {
         );
         mem.delete(&format!("build-trace/{drv}/dev")).await.unwrap();
         mem.fail(crate::store::memory::FailOp::Write, "build-trace/*", 0, 1);
-        let stopped = import_dir(dir.path(), &*mem, &uploader, "/nix/store", &())
-            .await
-            .unwrap_err();
-        assert!(
-            matches!(stopped.cause, ImportError::Store(_)),
-            "{stopped:?}"
-        );
+        let stopped = stopped_by_the_store(dir.path(), &mem, &uploader).await;
         let trace = stopped
-            .summary
             .rejected
             .iter()
             .find(|(w, _)| w.starts_with("build-trace/"));
-        assert!(trace.is_none(), "{:?}", stopped.summary.rejected);
+        assert!(trace.is_none(), "{:?}", stopped.rejected);
     }
 
     /// A `realisations` that is no directory cannot be read: the import stops (exit 3) and
@@ -702,28 +707,16 @@ mod tests {
         // Writing its NAR fails.
         let (mem, uploader) = importer();
         mem.fail(FailOp::Write, &nar, 0, 1);
-        let stopped = import_dir(dir.path(), &*mem, &uploader, "/nix/store", &())
-            .await
-            .unwrap_err();
-        assert!(
-            matches!(stopped.cause, ImportError::Store(_)),
-            "{stopped:?}"
-        );
-        assert!(stopped.summary.rejected.is_empty(), "{stopped:?}");
+        let stopped = stopped_by_the_store(dir.path(), &mem, &uploader).await;
+        assert!(stopped.rejected.is_empty(), "{stopped:?}");
         // Already there (with its listing to check), its narinfo cannot be read.
         let s = import_dir(dir.path(), &*mem, &uploader, "/nix/store", &())
             .await
             .unwrap();
         assert_eq!(s.imported, 1);
         mem.fail(FailOp::Read, &object_key::narinfo(h), 1, 1);
-        let stopped = import_dir(dir.path(), &*mem, &uploader, "/nix/store", &())
-            .await
-            .unwrap_err();
-        assert!(
-            matches!(stopped.cause, ImportError::Store(_)),
-            "{stopped:?}"
-        );
-        assert!(stopped.summary.rejected.is_empty(), "{stopped:?}");
+        let stopped = stopped_by_the_store(dir.path(), &mem, &uploader).await;
+        assert!(stopped.rejected.is_empty(), "{stopped:?}");
         // Writing a debug info link fails.
         let id = "ab".repeat(20);
         std::fs::create_dir(dir.path().join("debuginfo")).unwrap();
@@ -734,14 +727,8 @@ mod tests {
         let at = dir.path().join(format!("debuginfo/{id}.debug"));
         std::fs::write(at, link.to_string()).unwrap();
         mem.fail(FailOp::Write, "debuginfo/*", 0, 1);
-        let stopped = import_dir(dir.path(), &*mem, &uploader, "/nix/store", &())
-            .await
-            .unwrap_err();
-        assert!(
-            matches!(stopped.cause, ImportError::Store(_)),
-            "{stopped:?}"
-        );
-        assert!(stopped.summary.rejected.is_empty(), "{stopped:?}");
+        let stopped = stopped_by_the_store(dir.path(), &mem, &uploader).await;
+        assert!(stopped.rejected.is_empty(), "{stopped:?}");
         let s = import_dir(dir.path(), &*mem, &uploader, "/nix/store", &())
             .await
             .unwrap();
@@ -766,14 +753,8 @@ mod tests {
         mem.fail(FailOp::Write, &object_key::listing(h), 0, 1);
 
         // What it did before it stopped is told with why it stopped.
-        let stopped = import_dir(dir.path(), &*mem, &uploader, "/nix/store", &())
-            .await
-            .unwrap_err();
-        assert_eq!((stopped.summary.imported, stopped.summary.skipped), (1, 0));
-        assert!(
-            matches!(stopped.cause, ImportError::Store(_)),
-            "{stopped:?}"
-        );
+        let stopped = stopped_by_the_store(dir.path(), &mem, &uploader).await;
+        assert_eq!((stopped.imported, stopped.skipped), (1, 0));
         assert!(mem.head(&object_key::narinfo(h)).await.unwrap().is_some());
         assert!(mem.head(&object_key::listing(h)).await.unwrap().is_none());
 
