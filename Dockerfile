@@ -34,7 +34,7 @@
 #     keygen cache.example.org-1 --out /var/lib/cellar/cache.sec
 
 # ---- builder ---------------------------------------------------------------------------------
-FROM rust:1.95-slim-bookworm AS builder
+FROM rust:1.95.0-slim-bookworm AS builder
 # C toolchain bits for the -sys crates (ring, zstd, liblzma, bzip2).
 RUN apt-get update \
     && apt-get install -y --no-install-recommends gcc g++ make perl pkg-config \
@@ -42,7 +42,7 @@ RUN apt-get update \
 WORKDIR /build
 
 # rust-toolchain.toml is not copied: it asks for rustfmt and clippy, which the image lacks and a
-# release build does not need; the image's 1.95 is the pinned toolchain.
+# release build does not need; the image's 1.95.0 is the pinned toolchain.
 
 # Dependencies first, against a dummy crate, so this layer is reused until Cargo.toml or
 # Cargo.lock change.

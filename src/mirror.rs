@@ -10,7 +10,7 @@
 //! The narinfo lookup only offers the path ([`Mirror::offer`]); it never waits for the copy,
 //! and a copy that fails is logged and forgotten: the path is offered again on a later miss.
 
-use std::collections::{HashMap, HashSet, VecDeque};
+use std::collections::{HashSet, VecDeque};
 use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::{Arc, Mutex};
 
@@ -19,7 +19,7 @@ use tokio::sync::{OwnedSemaphorePermit, Semaphore};
 use crate::error::{Error, UploadError};
 use crate::nix::{NarInfo, StorePathHash};
 use crate::store::{object_key, Store};
-use crate::sync::lock;
+use crate::sync::{lock, KeyedLocks};
 use crate::upload::Uploader;
 use crate::upstream::Upstreams;
 
@@ -58,7 +58,7 @@ struct Inner {
     /// The paths being copied now, each with the lock its copier holds meanwhile: copies
     /// whose closures overlap (a cold closure's references, offered together) copy a shared
     /// path once, not once each from the upstream into the store.
-    copying: Mutex<HashMap<StorePathHash, std::sync::Weak<tokio::sync::Mutex<()>>>>,
+    copying: KeyedLocks<StorePathHash>,
     /// Told when a copier found a path another was copying (for tests).
     #[cfg(test)]
     contended: tokio::sync::Notify,
@@ -74,7 +74,7 @@ impl Mirror {
                 copies: Arc::new(Semaphore::new(MAX_COPIES)),
                 waiting: Mutex::new(VecDeque::new()),
                 retired: AtomicBool::new(false),
-                copying: Mutex::new(HashMap::new()),
+                copying: KeyedLocks::new(),
                 #[cfg(test)]
                 contended: tokio::sync::Notify::new(),
             }),
@@ -249,7 +249,7 @@ impl Inner {
                 tracing::info!(path = %info.store_path, "upstreams reconfigured: mirroring stopped");
                 break;
             }
-            let slot = self.slot(info.hash());
+            let slot = self.copying.get(&info.hash());
             let _copying = match slot.try_lock() {
                 Ok(held) => held,
                 Err(_) => {
@@ -267,19 +267,6 @@ impl Inner {
             n += 1;
         }
         Ok(n)
-    }
-
-    /// The lock of `h`'s copy, shared by the copiers that reach it at once.
-    fn slot(&self, h: StorePathHash) -> Arc<tokio::sync::Mutex<()>> {
-        let mut copying = lock(&self.copying);
-        if let Some(slot) = copying.get(&h).and_then(std::sync::Weak::upgrade) {
-            return slot;
-        }
-        // Forgotten once no copier holds them (at most a few, one per copy running).
-        copying.retain(|_, w| w.strong_count() > 0);
-        let slot = Arc::new(tokio::sync::Mutex::new(()));
-        copying.insert(h, Arc::downgrade(&slot));
-        slot
     }
 
     /// Whether the store (not an upstream) has a narinfo for `h`.
@@ -557,26 +544,6 @@ mod tests {
         assert!(store.bytes(&paths[0].1).is_none());
         assert!(!mirror.offer(paths[0].0.clone()));
         assert_eq!(mirror.waiting(), 0);
-    }
-
-    /// A path's copy slot is shared while a copier holds it (creating another's keeps it),
-    /// and forgotten once none does.
-    #[tokio::test]
-    async fn copy_slots_are_shared_while_held_and_forgotten_after() {
-        let key = crate::nix::SecretKey::generate("up-1").unwrap();
-        let store = Arc::new(MemoryStore::new());
-        let mirror = mirror_over(&key, &[], &store).await;
-        let [a, b, c]: [StorePathHash; 3] = [A, B, C].map(|h| h.parse().unwrap());
-        let held = mirror.inner.slot(a);
-        let other = mirror.inner.slot(b);
-        assert!(
-            Arc::ptr_eq(&held, &mirror.inner.slot(a)),
-            "a held slot is shared"
-        );
-        drop(other);
-        let _third = mirror.inner.slot(c);
-        let slots = lock(&mirror.inner.copying).len();
-        assert_eq!(slots, 2, "a slot no copier holds is forgotten");
     }
 
     /// Retiring a mirror drops the paths waiting for a copy and says how many; with none

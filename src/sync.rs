@@ -1,6 +1,8 @@
 //! Locking shared maps.
 
-use std::sync::{Mutex, MutexGuard};
+use std::collections::HashMap;
+use std::hash::Hash;
+use std::sync::{Arc, Mutex, MutexGuard, Weak};
 
 /// Locks `m`, also after a thread panicked while holding it.
 ///
@@ -11,4 +13,60 @@ use std::sync::{Mutex, MutexGuard};
 /// operations only and never across an `.await`.
 pub(crate) fn lock<T>(m: &Mutex<T>) -> MutexGuard<'_, T> {
     m.lock().unwrap_or_else(|p| p.into_inner())
+}
+
+/// One async lock per key, for work that must not run twice at once on one thing (two copies
+/// of one path, two uploads of one path): made when first asked for, and forgotten once no
+/// one holds it or waits for it, so the map holds only the keys being worked on.
+pub(crate) struct KeyedLocks<K> {
+    locks: Mutex<HashMap<K, Weak<tokio::sync::Mutex<()>>>>,
+}
+
+impl<K: Eq + Hash + Clone> KeyedLocks<K> {
+    pub(crate) fn new() -> Self {
+        Self {
+            locks: Mutex::new(HashMap::new()),
+        }
+    }
+
+    /// The lock of `key`, the same for everyone who asks while one of them has it.
+    pub(crate) fn get(&self, key: &K) -> Arc<tokio::sync::Mutex<()>> {
+        let mut locks = lock(&self.locks);
+        if let Some(held) = locks.get(key).and_then(Weak::upgrade) {
+            return held;
+        }
+        locks.retain(|_, w| w.strong_count() > 0);
+        let new = Arc::new(tokio::sync::Mutex::new(()));
+        locks.insert(key.clone(), Arc::downgrade(&new));
+        new
+    }
+
+    /// How many keys are remembered (for tests).
+    #[cfg(test)]
+    pub(crate) fn len(&self) -> usize {
+        lock(&self.locks).len()
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::KeyedLocks;
+
+    /// One lock per key while it is asked for; a key no one holds is forgotten when another
+    /// is asked for.
+    #[test]
+    fn keyed_locks_are_shared_per_key_and_forgotten_when_free() {
+        let locks = KeyedLocks::new();
+        let a = locks.get(&1);
+        assert!(std::sync::Arc::ptr_eq(&a, &locks.get(&1)));
+        let b = locks.get(&2);
+        assert!(!std::sync::Arc::ptr_eq(&a, &b));
+        assert_eq!(locks.len(), 2);
+        drop(a);
+        let _c = locks.get(&3);
+        assert_eq!(locks.len(), 2, "1, no longer held, is forgotten");
+        let held = b.try_lock().unwrap();
+        assert!(locks.get(&2).try_lock().is_err(), "2 is the lock held");
+        drop(held);
+    }
 }

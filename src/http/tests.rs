@@ -650,6 +650,50 @@ async fn upload_probes_answer_from_the_store_not_the_read_side_cache() {
     assert_eq!(res.status(), StatusCode::OK);
 }
 
+/// A path whose NAR was found missing is absent to the builders' probe, so that the next
+/// `nix copy --to` uploads it again (its NAR first, which makes it whole); found present, it
+/// was skipped by every copy until `cellar verify --repair`.
+#[tokio::test]
+async fn the_upload_probe_finds_absent_a_path_whose_nar_is_missing() {
+    use crate::config::Scope;
+    let mem = Arc::new(MemoryStore::new());
+    let st = state(
+        with_tokens(Config::default(), &[("w", "wtok", Scope::Write)]),
+        &mem,
+    );
+    let (nar, file) = tiny_nar();
+    let sha = crate::nix::Sha256::digest(&nar);
+    mem.insert(
+        &format!("{HASH}.narinfo"),
+        format!(
+            "StorePath: /nix/store/{HASH}-gone\nURL: nar/{file}\nCompression: none\n\
+             NarHash: {sha}\nNarSize: {}\nReferences: \n",
+            nar.len()
+        ),
+    );
+    let probe = |method: &'static str| {
+        let st = st.clone();
+        async move {
+            let req = authed(method, &format!("/upload/{HASH}.narinfo"), "wtok")
+                .body(Body::empty())
+                .unwrap();
+            send(&st, req).await.status()
+        }
+    };
+    assert_eq!(probe("GET").await, StatusCode::OK);
+    assert_eq!(
+        get(&st, &format!("/nar/{file}")).await.0,
+        StatusCode::NOT_FOUND
+    );
+    assert_eq!(probe("GET").await, StatusCode::NOT_FOUND);
+    assert_eq!(probe("HEAD").await, StatusCode::NOT_FOUND);
+    let put = authed("PUT", &format!("/upload/nar/{file}"), "wtok")
+        .body(Body::from(nar))
+        .unwrap();
+    assert!(send(&st, put).await.status().is_success());
+    assert_eq!(probe("HEAD").await, StatusCode::OK, "whole again");
+}
+
 /// Nix probes a NAR with HEAD right before uploading it: the probe starts the NAR's upload
 /// record, before the store is asked (see `Uploader::nar_expected`).
 #[tokio::test]

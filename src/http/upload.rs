@@ -118,6 +118,11 @@ async fn stored_narinfo(
     st.access.record_probe(h);
     let limit = Some(st.config.store.timeout);
     match store::narinfo_bytes(&*st.store, h, limit).await? {
+        // Its NAR was found missing (a collection deleted it under an upload, a lifecycle
+        // rule, a hand): "absent", so that the builder uploads the path again, NAR first,
+        // which makes it whole (the root hides it meanwhile, see crate::cache::missing_nars).
+        // Found present, the builder would skip it in every later copy.
+        Some(raw) if st.live().missing_nars.points_to_missing(&raw) => Err(Error::NotFound),
         Some(raw) => {
             st.access.record_path(h);
             Ok(raw)

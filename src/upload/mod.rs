@@ -278,6 +278,13 @@ pub struct Uploader {
     listings: listings::Listings,
     /// Held by a realisation upload from its read of the stored one to its write.
     realisations: tokio::sync::Mutex<()>,
+    /// Held by a narinfo upload from its read of the stored narinfo to its write, per path:
+    /// a second upload of the path (two builders pushing one closure at once) waits, then
+    /// finds the first one's narinfo.
+    paths: crate::sync::KeyedLocks<StorePathHash>,
+    /// Told when a narinfo upload waits for another of its path (for tests).
+    #[cfg(test)]
+    path_contended: tokio::sync::Notify,
     /// The collectors' announcements, as uploads read them after their records.
     announcements: Arc<announcements::Announcements>,
 }
@@ -313,6 +320,9 @@ impl Uploader {
             access: None,
             listings: listings::Listings::default(),
             realisations: tokio::sync::Mutex::new(()),
+            paths: crate::sync::KeyedLocks::new(),
+            #[cfg(test)]
+            path_contended: tokio::sync::Notify::new(),
         }
     }
 

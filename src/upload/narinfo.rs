@@ -96,6 +96,19 @@ impl Uploader {
     ) -> Result<Accepted, Error> {
         let sd = &self.store_dir;
         let hash = info.hash();
+        // One upload of a path at a time in this process: the second of two builders pushing
+        // it at once finds the first one's narinfo, and adds its signatures to it or keeps
+        // it (a non-reproducible build's other NarHash), instead of replacing it after the
+        // first was answered (clients may have read it, and its NAR would be collected).
+        let one_at_a_time = self.paths.get(&hash);
+        let _held = match one_at_a_time.try_lock() {
+            Ok(held) => held,
+            Err(_) => {
+                #[cfg(test)]
+                self.path_contended.notify_one();
+                one_at_a_time.lock().await
+            }
+        };
         // The store is asked in as few sequential round trips as the rules allow (Nix uploads
         // path after path on one connection, so each one is paid per path; see gc_guard for
         // why this order keeps a concurrent `cellar gc` from breaking the closure):
@@ -234,9 +247,10 @@ impl Uploader {
         };
         // Published paths are immutable. Checked first: a re-upload of a present path (a
         // client with a stale view) costs one read, not a NAR verification. Two uploads of
-        // different contents racing past this check both write; the last one wins (S3 has no
-        // portable create-only write), which needs a non-reproducible build pushed twice at
-        // the same moment.
+        // different contents through two replicas racing past this check both write; the
+        // last one wins (S3 has no portable create-only write), which needs a
+        // non-reproducible build pushed twice at the same moment (through one replica they
+        // take turns, above).
         if let Some(existing) = existing? {
             // Another build of the path (not reproducible) published first, by another
             // builder: the cache keeps it, and the upload succeeds as `nix copy` to a store

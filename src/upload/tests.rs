@@ -432,6 +432,51 @@ async fn signatures_sent_for_a_published_path_are_added_to_it() {
     assert_eq!(stored().sigs.len(), super::narinfo::MAX_SIGNATURES);
 }
 
+/// Two builders pushing one path at once through this server take turns: the second finds
+/// the first one's narinfo and adds its signature to it. Before, both found the path absent
+/// and the second replaced the narinfo the first had been answered for (with a
+/// non-reproducible build, its NarHash too, and the first's NAR was then collected).
+#[tokio::test]
+async fn two_uploads_of_one_path_at_once_take_turns() {
+    use crate::nix::SecretKey;
+    let (mem, up) = uploader_with_access();
+    let up = Arc::new(up);
+    let sd = "/nix/store";
+    let nar = nar();
+    let info = narinfo_for(&nar, nar.len());
+    up.put_nar(&info.nar_file().unwrap(), body(nar.clone()))
+        .await
+        .unwrap();
+    let push = |builder: &str| {
+        let mut signed = info.clone();
+        signed.sign(&SecretKey::generate(builder).unwrap(), sd);
+        let up = up.clone();
+        tokio::spawn(async move {
+            up.put_narinfo(signed.hash(), signed.render(sd).as_bytes(), None)
+                .await
+        })
+    };
+    let writes = mem.hold_writes(&object_key::narinfo(info.hash()));
+    let first = push("builder-1");
+    writes.reached().await;
+    let second = push("builder-2");
+    tokio::select! {
+        () = up.path_contended.notified() => {}
+        // Not waiting for its turn: the second write is under way.
+        () = writes.reached() => {}
+    }
+    writes.open();
+    assert!(!first.await.unwrap().unwrap().already_present);
+    assert!(second.await.unwrap().unwrap().already_present);
+    let sigs: Vec<String> = stored_narinfo(&mem, &info)
+        .sigs
+        .iter()
+        .map(|s| s.to_string())
+        .collect();
+    assert_eq!(sigs.len(), 2, "{sigs:?}");
+    assert!(sigs[0].starts_with("builder-1:"), "{sigs:?}");
+}
+
 /// With `upload.trusted_keys`, only signatures by one of them are added to a published path,
 /// and only by an upload one of them signed (answered 200 as before otherwise, with nothing
 /// written: such an upload writes no record either).
