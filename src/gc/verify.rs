@@ -106,6 +106,15 @@ pub enum Finding {
 
 impl Finding {
     /// A short, bounded name for the kind of finding (a metrics label).
+    /// Whether it says an object is missing, which a listing racing with uploads and
+    /// collections may say wrongly ([`second_look`]).
+    fn says_missing(&self) -> bool {
+        matches!(
+            self,
+            Self::MissingNar { .. } | Self::MissingReference { .. }
+        )
+    }
+
     pub fn kind(&self) -> &'static str {
         match self {
             Self::Unparseable { .. } => "unparseable",
@@ -343,13 +352,29 @@ async fn check(
         served_by_upstreams(&graph, &all, contents.as_ref(), opts.upstreams.as_deref()).await?;
     report.on_upstreams = upstream.len();
     let mut unservable = vec![false; graph.len()];
+    let mut doubtful = Vec::new();
     for (i, n) in graph.nodes.iter().enumerate() {
         let key = object_key::narinfo(n.hash);
         let present = |r: &StorePathHash| all.contains(r) || upstream.contains(r);
         let own = own_findings(n, &key, &inv, &present);
+        if own.iter().any(Finding::says_missing) {
+            doubtful.push((i, own));
+            continue;
+        }
         unservable[i] = !own.is_empty();
         report.findings.extend(own);
     }
+    let mut looked = futures::stream::iter(doubtful.into_iter().map(|(i, own)| {
+        let n = &graph.nodes[i];
+        async move { (i, second_look(store.as_ref(), n, own).await) }
+    }))
+    .buffered(SECOND_LOOKS);
+    while let Some((i, own)) = looked.next().await {
+        let own = own?;
+        unservable[i] = !own.is_empty();
+        report.findings.extend(own);
+    }
+    drop(looked);
     // The NARs of the paths found whole so far, read and hashed.
     let mut corrupt = HashSet::new();
     if opts.hashes {
@@ -588,6 +613,43 @@ fn own_findings(
         });
     }
     out
+}
+
+/// `own`, the findings of narinfo `n`, with what they say is missing looked at once more: the
+/// listing is not a snapshot, so a NAR or a reference uploaded after it passed their keys is
+/// missing from it, as is the NAR of a narinfo a collection deleted after it was read. Keeps
+/// what is still missing, and nothing if the narinfo itself is gone; the rest as found.
+async fn second_look(
+    store: &dyn Store,
+    n: &super::graph::Node,
+    own: Vec<Finding>,
+) -> Result<Vec<Finding>, StoreError> {
+    let mut kept = Vec::with_capacity(own.len());
+    for f in own {
+        let key = match &f {
+            Finding::MissingNar { nar, .. } => format!("nar/{nar}"),
+            Finding::MissingReference { reference, .. } => match reference.parse() {
+                Ok(h) => object_key::narinfo(h),
+                Err(_) => {
+                    kept.push(f);
+                    continue;
+                }
+            },
+            _ => {
+                kept.push(f);
+                continue;
+            }
+        };
+        if store.head(&key).await?.is_none() {
+            kept.push(f);
+        }
+    }
+    if kept.iter().any(Finding::says_missing)
+        && store.head(&object_key::narinfo(n.hash)).await?.is_none()
+    {
+        return Ok(Vec::new());
+    }
+    Ok(kept)
 }
 
 /// Marks every node referring to an unservable one as unservable too, to a fixed point.
