@@ -680,6 +680,77 @@ async fn two_clients_uploading_the_same_closure_at_once() {
     );
 }
 
+/// A path whose NAR went from the bucket (deleted by hand, a lifecycle rule): once a client
+/// has found the NAR missing, the next builder's `nix copy --to` uploads the path again
+/// instead of taking it for present, and clients substitute it whole. (The first builder's
+/// own Nix remembers the path as uploaded, for 30 days: a second builder, as in a fleet; and
+/// another cellar, a replica or this one restarted, as one that uploaded the NAR within the
+/// last minute does not take a miss of it for missing.)
+#[tokio::test(flavor = "multi_thread")]
+async fn a_path_whose_nar_went_missing_is_uploaded_again() {
+    let f = fixture();
+    let (w, wcfg) = token("builder", "write");
+    let app = App::s3("up-nar-missing").config(&wcfg).spawn().await;
+    let first = &app.srv;
+    let work = tempfile::tempdir().unwrap();
+    let n = netrc(work.path(), first, &w);
+    let upload = format!("{}/upload", first.url);
+    assert_ok(
+        &copy_to(&upload, Some(&n), &[&f.top], work.path(), "first"),
+        "nix copy --to",
+    );
+    let s3 = s3_client(&app.s3);
+    let narinfo_key = format!("{}{}.narinfo", app.prefix, Fixture::hash(&f.top));
+    let narinfo = s3
+        .get_object()
+        .bucket(&app.s3.bucket)
+        .key(&narinfo_key)
+        .send()
+        .await
+        .unwrap()
+        .body
+        .collect()
+        .await
+        .unwrap()
+        .into_bytes();
+    let url = String::from_utf8_lossy(&narinfo)
+        .lines()
+        .find_map(|l| l.strip_prefix("URL: ").map(str::to_owned))
+        .unwrap();
+    s3.delete_object()
+        .bucket(&app.s3.bucket)
+        .key(format!("{}{url}", app.prefix))
+        .send()
+        .await
+        .unwrap();
+    let env = s3_store_env(&app.s3, &app.s3.endpoint, &app.prefix);
+    let srv = tokio::task::spawn_blocking(move || Server::start_with_config(&wcfg, env))
+        .await
+        .unwrap();
+    // A client fails on the NAR.
+    let mut c = nix("nix", &work.path().join("xdg-broken"));
+    c.args(["copy", "--from", &srv.url, "--store"])
+        .arg(work.path().join("broken-store"))
+        .args(["--trusted-public-keys", &srv.public_key, &f.top]);
+    let out = c.output().unwrap();
+    assert!(!out.status.success(), "substituted without its NAR");
+
+    let upload = format!("{}/upload", srv.url);
+    let out = copy_to(&upload, Some(&n), &[&f.top], work.path(), "second");
+    assert_ok(&out, "nix copy --to by a second builder");
+    assert!(
+        String::from_utf8_lossy(&out.stderr).contains("copying path"),
+        "nothing uploaded again: {}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    substitute_and_verify(
+        &srv.url,
+        &srv.public_key,
+        &f.top,
+        &work.path().join("whole"),
+    );
+}
+
 #[tokio::test(flavor = "multi_thread")]
 async fn local_backend_accepts_uploads() {
     let f = fixture();
