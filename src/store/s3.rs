@@ -149,8 +149,11 @@ impl S3Store {
             .clone()
             .or_else(|| shared.endpoint_url().map(str::to_owned))
             .unwrap_or_else(|| format!("aws:{}", s.region));
-        let fast = match (&s.endpoint, shared.credentials_provider()) {
-            (Some(ep), Some(creds)) if s.force_path_style && s.direct_requests => {
+        let fast = match (
+            direct_endpoint(s, shared.endpoint_url()),
+            shared.credentials_provider(),
+        ) {
+            (Some(ep), Some(creds)) => {
                 match fast::FastReads::new(
                     ep,
                     &s.bucket,
@@ -206,6 +209,16 @@ impl S3Store {
         crate::metrics::store_request(what, result_label(&r), started.elapsed());
         r
     }
+}
+
+/// Where cellar sends the requests it signs itself (`store.direct_requests`): the configured
+/// endpoint, else the one the AWS environment names (`AWS_ENDPOINT_URL`, the profile's
+/// `endpoint_url`); none for AWS itself or virtual-hosted addressing.
+fn direct_endpoint<'a>(s: &'a S3StoreConfig, from_env: Option<&'a str>) -> Option<&'a str> {
+    if !(s.force_path_style && s.direct_requests) {
+        return None;
+    }
+    s.endpoint.as_deref().or(from_env)
 }
 
 /// The `result` label of one S3 call in the metrics.

@@ -1139,3 +1139,29 @@ fn an_error_chain_is_said_without_its_debug() {
         "HeadBucket: dispatch failure: no route to host"
     );
 }
+
+/// Cellar's own requests go to the configured endpoint, else to `AWS_ENDPOINT_URL`'s (before,
+/// a MinIO set up with the variable alone sent everything through the SDK, silently), and
+/// only with path-style addressing and `store.direct_requests`.
+#[test]
+fn direct_requests_go_to_the_configured_endpoint_else_the_environments() {
+    let configured = config_for("http://configured:9000".into(), 4, true);
+    let from_env = Some("http://env:9000");
+    assert_eq!(
+        super::direct_endpoint(&configured, from_env),
+        Some("http://configured:9000")
+    );
+    let unset = S3StoreConfig {
+        endpoint: None,
+        ..configured.clone()
+    };
+    assert_eq!(super::direct_endpoint(&unset, from_env), from_env);
+    assert_eq!(super::direct_endpoint(&unset, None), None, "AWS itself");
+    let virtual_hosted = S3StoreConfig {
+        force_path_style: false,
+        ..configured.clone()
+    };
+    assert_eq!(super::direct_endpoint(&virtual_hosted, from_env), None);
+    let off = config_for("http://configured:9000".into(), 4, false);
+    assert_eq!(super::direct_endpoint(&off, from_env), None);
+}
