@@ -341,6 +341,32 @@ async fn an_endpoint_spelled_in_capitals_is_signed_as_sent() {
     get_ok(&c, &format!("{}/{hash}.narinfo", app.srv.url)).await;
 }
 
+/// A store whose endpoint is given as `AWS_ENDPOINT_URL` alone (as the AWS tools take it), with
+/// no `store.endpoint`, is read, with cellar's own signed requests as with the key.
+#[tokio::test(flavor = "multi_thread")]
+async fn an_endpoint_from_aws_endpoint_url_is_read() {
+    let s3 = s3_env();
+    let prefix = unique_prefix("env-endpoint");
+    let hash = some_hash(40);
+    s3_put(&s3, &format!("{prefix}{hash}.narinfo"), narinfo_for(&hash)).await;
+    let mut env: Vec<(String, String)> = s3_store_env(&s3, &s3.endpoint, &prefix)
+        .into_iter()
+        .filter(|(k, _)| k != "CELLAR_STORE__ENDPOINT")
+        .collect();
+    env.push(("AWS_ENDPOINT_URL".into(), s3.endpoint.clone()));
+    env.push(("CELLAR_STORE__ACCESS_KEY_ID".into(), s3.key_id.clone()));
+    env.push(("CELLAR_STORE__SECRET_ACCESS_KEY".into(), s3.secret.clone()));
+    let srv = tokio::task::spawn_blocking(move || Server::start(env))
+        .await
+        .unwrap();
+    let (_, body) = get_ok(&client(), &format!("{}/{hash}.narinfo", srv.url)).await;
+    assert!(
+        String::from_utf8_lossy(&body).contains(&format!("StorePath: /nix/store/{hash}")),
+        "{}",
+        String::from_utf8_lossy(&body)
+    );
+}
+
 /// A store reached over TLS (nginx with a certificate of its own in front of Garage, as S3
 /// behind Caddy, MinIO with TLS, R2): read through cellar, with the certificate trusted
 /// through `SSL_CERT_FILE`; and though the store offers HTTP/2, cellar's reads use HTTP/1.1,
