@@ -621,9 +621,9 @@ async fn delete(
             .filter_map(|r| match r {
                 Rest::Nar(f) if !st.nar_free(f) => None,
                 Rest::Nar(f) => Some((Some("nar"), format!("nar/{f}"))),
-                Rest::Listing(h) if st.kept_path(h) => None,
+                Rest::Listing(h) if st.kept_path(h) || st.uploaded(h) => None,
                 Rest::Listing(h) => Some((Some("listing"), object_key::listing(*h))),
-                Rest::Realisation(_, Some(h)) if st.kept_path(h) => None,
+                Rest::Realisation(_, Some(h)) if st.kept_path(h) || st.uploaded(h) => None,
                 // Its derivation's output was kept during the run after all.
                 Rest::Log(_, drv) if st.kept_deriver(drv) => None,
                 // Its NAR was kept during the run after all.
@@ -796,6 +796,12 @@ impl State<'_> {
         self.derived
             .get(drv)
             .is_some_and(|outs| outs.iter().any(|&i| self.kept[i as usize]))
+    }
+
+    /// Whether an upload record read names path `h`: the path may have been uploaded during
+    /// the run, its listing and realisations written again after the plan found them orphaned.
+    fn uploaded(&self, h: &StorePathHash) -> bool {
+        self.acc.uploading.contains(h)
     }
 
     fn kept_path(&self, h: &StorePathHash) -> bool {

@@ -1597,6 +1597,71 @@ async fn a_path_goes_only_after_its_referrers() {
     assert!(!has(&mem, &format!("{}.narinfo", lone.hash)));
 }
 
+/// A path uploaded again during a run, whose listing (and realisation) the plan found
+/// orphaned: the upload writes them again, and the run, which reads the upload's record,
+/// leaves them. Before, the run deleted them by its plan: the path was served without them.
+#[tokio::test(start_paused = true)]
+async fn a_listing_written_again_during_a_run_stays() {
+    let mem = Arc::new(served_for_years());
+    let now = SystemTime::now();
+    let again = path(&mem, "again", &[], 100 * DAY, now);
+    mem.remove(&format!("{}.narinfo", again.hash));
+    let realisation = realisation_of(&mem, &again.base, 100 * DAY, now);
+    let victim = path(&mem, "victim", &[], 100 * DAY, now);
+    let listing = format!("{}.ls", again.hash);
+    let weak = Arc::downgrade(&mem);
+    let (h, rk) = (again.hash.parse().unwrap(), realisation.clone());
+    let ls = listing.clone();
+    mem.after_delete(&format!("{}.narinfo", victim.hash), move |_| {
+        let Some(mem) = weak.upgrade() else { return };
+        let day = super::access::day(SystemTime::now());
+        mem.insert(
+            &format!("_cellar/access/{day}/again-upload"),
+            render([Entry::Path(h)]),
+        );
+        mem.insert(&ls, "{}");
+        let written = mem.bytes(&rk).unwrap();
+        mem.insert(&rk, written);
+    });
+    let s = gc(&mem, &cfg(), now, true).await;
+    assert!(s.errors.is_empty(), "{:?}", s.errors);
+    assert!(!has(&mem, &format!("{}.narinfo", victim.hash)));
+    assert!(has(&mem, &listing), "the listing written again went");
+    assert!(
+        has(&mem, &realisation),
+        "the realisation written again went"
+    );
+}
+
+/// `verify --repair` likewise: an orphaned listing written again by an upload during the
+/// repair (its record read before the listings go) stays.
+#[tokio::test(start_paused = true)]
+async fn repair_leaves_a_listing_written_again_meanwhile() {
+    let mem = Arc::new(served_for_years());
+    let now = SystemTime::now();
+    let again = path(&mem, "again", &[], 100 * DAY, now);
+    mem.remove(&format!("{}.narinfo", again.hash));
+    let broken = path(&mem, "broken", &[], 100 * DAY, now);
+    mem.remove(&broken.nar);
+    let listing = format!("{}.ls", again.hash);
+    let weak = Arc::downgrade(&mem);
+    let h = again.hash.parse().unwrap();
+    let ls = listing.clone();
+    mem.after_delete(&format!("{}.narinfo", broken.hash), move |_| {
+        let Some(mem) = weak.upgrade() else { return };
+        let day = super::access::day(SystemTime::now());
+        mem.insert(
+            &format!("_cellar/access/{day}/again-upload"),
+            render([Entry::Path(h)]),
+        );
+        mem.insert(&ls, "{}");
+    });
+    let r = repair(&mem, now).await;
+    assert!(r.repair_errors.is_empty(), "{:?}", r.repair_errors);
+    assert!(!has(&mem, &format!("{}.narinfo", broken.hash)));
+    assert!(has(&mem, &listing), "the listing written again went");
+}
+
 /// A deletion the store applied but answered with an error (a timeout after it was done)
 /// counts as done: with nothing relying on the narinfo, what it refers to goes after it; with
 /// an upload relying on it as it went, it is written back. Before, it counted as still there:

@@ -1129,7 +1129,11 @@ async fn repair_as(
     rest.extend(
         inv.listings
             .iter()
-            .filter(|(h, m)| !kept_paths.contains(h) && m.modified <= grace)
+            // One of a path being uploaded again (an upload record read since names it) was
+            // written again, after the listing found it orphaned.
+            .filter(|(h, m)| {
+                !kept_paths.contains(h) && !acc.uploading.contains(h) && m.modified <= grace
+            })
             .map(|(h, _)| object_key::listing(*h)),
     );
     // A pin that does not parse is left for a human: gc refuses to run while it is there,
