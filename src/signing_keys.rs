@@ -34,6 +34,17 @@ pub enum KeyFileError {
     },
     #[error("invalid key name: {0}")]
     Name(KeyError),
+    /// Two keys of one name: Nix keeps one public key per name, and a narinfo one signature
+    /// per name, so clients trusting one of them would find its signature replaced.
+    #[error(
+        "signing.key_files: {first} and {second} are both keys named `{name}` (Nix keeps one \
+         key per name); give the new key a name of its own (`…-2` after `…-1`) and list both"
+    )]
+    SameName {
+        name: String,
+        first: PathBuf,
+        second: PathBuf,
+    },
     #[error("cannot generate a signing key: {0}")]
     Generate(KeyError),
     /// Any of the above, for the config key that named the file (or the key name).
@@ -49,7 +60,10 @@ impl KeyFileError {
     /// its key already, or is about none (no random source), is left as it is.
     pub fn in_key(self, key: &'static str) -> Self {
         match self {
-            Self::KeyInsteadOfFile | Self::Generate(_) | Self::InKey { .. } => self,
+            Self::KeyInsteadOfFile
+            | Self::Generate(_)
+            | Self::SameName { .. }
+            | Self::InKey { .. } => self,
             error => Self::InKey {
                 key,
                 error: Box::new(error),
@@ -211,7 +225,25 @@ pub fn load_existing(cfg: &SigningConfig) -> Result<Vec<SecretKey>, KeyFileError
             read_secret_key(&cfg.generated_key_file).map_err(|e| e.in_key(GENERATED_FILE))?
         ]);
     }
-    cfg.key_files.iter().map(|p| read_key_file(p)).collect()
+    read_key_files(&cfg.key_files)
+}
+
+/// Each of `signing.key_files`, read; refused if two have one name.
+fn read_key_files(paths: &[PathBuf]) -> Result<Vec<SecretKey>, KeyFileError> {
+    let keys: Vec<SecretKey> = paths
+        .iter()
+        .map(|p| read_key_file(p))
+        .collect::<Result<_, _>>()?;
+    for (j, key) in keys.iter().enumerate() {
+        if let Some(i) = keys[..j].iter().position(|k| k.name() == key.name()) {
+            return Err(KeyFileError::SameName {
+                name: key.name().to_owned(),
+                first: paths[i].clone(),
+                second: paths[j].clone(),
+            });
+        }
+    }
+    Ok(keys)
 }
 
 /// One of `signing.key_files`, read.
@@ -223,11 +255,7 @@ pub fn read_key_file(path: &Path) -> Result<SecretKey, KeyFileError> {
 /// generated key file.
 pub fn load(cfg: &SigningConfig) -> Result<LoadedKeys, KeyFileError> {
     if !cfg.key_files.is_empty() {
-        let keys = cfg
-            .key_files
-            .iter()
-            .map(|p| read_key_file(p))
-            .collect::<Result<_, _>>()?;
+        let keys = read_key_files(&cfg.key_files)?;
         return Ok(LoadedKeys {
             keys,
             generated: None,
@@ -516,6 +544,28 @@ mod tests {
         };
         assert!(load_existing(&cfg).is_err());
         assert!(!dir.path().join("gone.sec").exists());
+    }
+
+    /// Two keys of one name (a rotation that reused the name) are refused at start and on a
+    /// reload, naming both files: Nix keeps one key per name, and signing with the second
+    /// replaced the first one's signature, so clients trusting the old key failed.
+    #[test]
+    fn two_keys_of_one_name_are_refused() {
+        let dir = tempfile::tempdir().unwrap();
+        let (old, new) = (dir.path().join("old.sec"), dir.path().join("new.sec"));
+        write_secret_key(&old, &SecretKey::generate("cache-1").unwrap()).unwrap();
+        write_secret_key(&new, &SecretKey::generate("cache-1").unwrap()).unwrap();
+        let cfg = SigningConfig {
+            key_files: vec![old.clone(), new.clone()],
+            ..SigningConfig::default()
+        };
+        for e in [load(&cfg).err().unwrap(), load_existing(&cfg).unwrap_err()] {
+            let said = e.to_string();
+            assert!(matches!(e, KeyFileError::SameName { .. }), "{said}");
+            for part in ["signing.key_files", "`cache-1`", "old.sec", "new.sec"] {
+                assert!(said.contains(part), "{said}");
+            }
+        }
     }
 
     /// A key file that cannot be created (its directory cannot be made: a file is in the way)
