@@ -253,6 +253,7 @@ impl Upstreams {
                     u,
                     started,
                     self.client.get(format!("{}/{h}.narinfo", u.base)),
+                    true,
                 )
                 .await
             {
@@ -326,12 +327,18 @@ impl Upstreams {
 
     /// [`Self::request`], counting an answer as the end of an outage: for requests whose
     /// answer is complete at its headers (a HEAD, a miss) or whose body goes to the caller.
+    /// An error status counts against `u` only for a `routed` object, one a narinfo from it
+    /// named: any client may ask for names no narinfo named (a NAR, a log), which every
+    /// upstream is asked for, and some answer those with a 5xx (nix-serve) or a 429; counted,
+    /// a few such requests would have the upstream skipped, and its paths answered 404, which
+    /// clients keep for an hour. Not reaching it (a timeout, a connection refused) counts.
     async fn send(
         &self,
         u: &Upstream,
         req: reqwest::RequestBuilder,
+        routed: bool,
     ) -> Result<Option<reqwest::Response>, Failure> {
-        let r = self.request(u, u.down.attempt(), req).await?;
+        let r = self.request(u, u.down.attempt(), req, routed).await?;
         u.answered();
         Ok(r)
     }
@@ -340,12 +347,14 @@ impl Upstreams {
     /// the object can be reported as such), `Ok(None)` for a plain miss (4xx), `Err` when the
     /// upstream failed (timeout, connection error, 5xx, 429, 408, 401), which also counts against
     /// it ([`Upstream::failed`], which logs the start of an outage, so callers need not) unless
-    /// another failure was counted since `started`.
+    /// another failure was counted since `started`, or it is an error status and not
+    /// `statuses_count`.
     async fn request(
         &self,
         u: &Upstream,
         started: Attempt,
         req: reqwest::RequestBuilder,
+        statuses_count: bool,
     ) -> Result<Option<reqwest::Response>, Failure> {
         let failure = match tokio::time::timeout(u.timeout, req.send()).await {
             Err(_) => Failure::Timeout,
@@ -390,7 +399,9 @@ impl Upstreams {
             },
         };
         crate::metrics::upstream_request(&u.name, result);
-        u.failed(started, &failure);
+        if statuses_count || !matches!(failure, Failure::Status(_)) {
+            u.failed(started, &failure);
+        }
         Err(failure)
     }
 
@@ -449,7 +460,7 @@ impl Upstreams {
             if let Some(r) = range {
                 req = req.header(reqwest::header::RANGE, r.to_header());
             }
-            let res = match self.send(u, req).await {
+            let res = match self.send(u, req, routed).await {
                 Ok(Some(r)) => r,
                 Ok(None) if routed && n == 0 => break,
                 Ok(None) => continue,
@@ -460,7 +471,7 @@ impl Upstreams {
             };
             let status = res.status();
             if status == reqwest::StatusCode::RANGE_NOT_SATISFIABLE {
-                match self.refused_range_size(u, key, &res).await {
+                match self.refused_range_size(u, key, &res, routed).await {
                     Some(size) => return Err(StoreError::RangeNotSatisfiable { size }),
                     None => {
                         // The upstream has the object but will not say its size, which the
@@ -566,6 +577,7 @@ impl Upstreams {
         u: &Upstream,
         key: &str,
         res: &reqwest::Response,
+        routed: bool,
     ) -> Option<u64> {
         let stated = res
             .headers()
@@ -574,7 +586,7 @@ impl Upstreams {
             .and_then(unsatisfied_range_size);
         match stated {
             Some(size) => Some(size),
-            None => self.head_at(u, key).await.ok().flatten(),
+            None => self.head_at(u, key, routed).await.ok().flatten(),
         }
     }
 
@@ -589,7 +601,7 @@ impl Upstreams {
                 unavailable = true;
                 continue;
             }
-            match self.head_at(u, key).await {
+            match self.head_at(u, key, routed).await {
                 Ok(Some(size)) => return Ok(Some(size)),
                 Ok(None) if routed && n == 0 => break,
                 Ok(None) => {}
@@ -606,8 +618,8 @@ impl Upstreams {
 
     /// The size of `key` at `u`, if it has it and says it (a HEAD without a length finds
     /// nothing); `Err` when `u` failed.
-    async fn head_at(&self, u: &Upstream, key: &str) -> Result<Option<u64>, Failure> {
-        let Some(r) = self.send(u, self.client.head(url(u, key))).await? else {
+    async fn head_at(&self, u: &Upstream, key: &str, routed: bool) -> Result<Option<u64>, Failure> {
+        let Some(r) = self.send(u, self.client.head(url(u, key)), routed).await? else {
             return Ok(None);
         };
         // HEAD has no body: the length is in the header.

@@ -181,10 +181,12 @@ async fn a_range_the_upstream_ignores_is_cut_from_the_whole_object() {
     ));
 }
 
-/// A throttled upstream (429) has not said it lacks the object: an outage (503), not a 404.
+/// A throttled upstream (429) has not said it lacks the object: an outage (503), not a 404;
+/// for a NAR a narinfo from it named, one that gets it skipped when it goes on.
 #[tokio::test]
 async fn a_throttled_upstream_is_unavailable_not_a_miss() {
     let upstreams = plain_upstreams().await;
+    routed_to_first(&upstreams, "nar/busy.nar").await;
     for _ in 0..FAILURES_IN_A_ROW {
         assert!(matches!(
             upstreams.get("nar/busy.nar", None).await,
@@ -195,6 +197,31 @@ async fn a_throttled_upstream_is_unavailable_not_a_miss() {
         upstreams.list[0].down.is_active(),
         "the upstream is skipped"
     );
+}
+
+/// `key` routed to the first upstream, as a narinfo from it naming `key` routes it.
+async fn routed_to_first(upstreams: &Upstreams, key: &str) {
+    upstreams.routes.insert(key.to_owned(), 0).await;
+}
+
+/// Names no narinfo named (any client may ask for them) that an upstream answers with an
+/// error status (nix-serve's 500 for a NAR it does not have, a 429) are unavailable (503) but
+/// do not get it skipped: before, a few such requests had its paths answered 404 for everyone
+/// (clients keep those for an hour).
+#[tokio::test]
+async fn error_statuses_for_names_no_narinfo_named_do_not_skip_the_upstream() {
+    let upstreams = plain_upstreams().await;
+    for _ in 0..FAILURES_IN_A_ROW * 2 {
+        assert!(matches!(
+            upstreams.get("nar/busy.nar", None).await,
+            Err(StoreError::Unavailable(_))
+        ));
+        assert!(matches!(
+            upstreams.head("nar/busy.nar").await,
+            Err(StoreError::Unavailable(_))
+        ));
+    }
+    assert!(!upstreams.list[0].down.is_active());
 }
 
 /// An upstream's `Content-Encoding` (cache.nixos.org serves its logs and listings Brotli-encoded)
@@ -269,17 +296,16 @@ async fn a_part_without_a_usable_content_range_is_not_served() {
 /// skipped after a failure makes both unavailable (503), not a 404 kept by clients.
 #[tokio::test]
 async fn a_head_while_the_upstream_fails_is_unavailable_like_a_get() {
-    let app = axum::Router::new().route(
-        "/log/{drv}",
-        axum::routing::get(|| async { StatusCode::INTERNAL_SERVER_ERROR })
-            .head(|| async { StatusCode::INTERNAL_SERVER_ERROR }),
-    );
+    let app = axum::Router::new().fallback(|| async { StatusCode::INTERNAL_SERVER_ERROR });
     let upstreams = upstreams_serving(app).await;
+    let h: StorePathHash = FIRST.parse().unwrap();
     for _ in 0..FAILURES_IN_A_ROW {
         assert!(matches!(
             upstreams.head("log/x").await,
             Err(StoreError::Unavailable(_))
         ));
+        // What gets it skipped: its narinfos failing.
+        assert!(upstreams.narinfo(h).await.1);
     }
     assert!(
         upstreams.list[0].down.is_active(),
@@ -353,8 +379,9 @@ async fn credentials_in_an_upstream_url_are_used_and_never_shown() {
     let addr = listener.local_addr().unwrap();
     tokio::spawn(async move { axum::serve(listener, app).await });
     let upstreams = upstreams_at(format!("http://reader:S3CRET-TOKEN@{addr}"));
+    let h: StorePathHash = FIRST.parse().unwrap();
     for _ in 0..FAILURES_IN_A_ROW {
-        assert!(upstreams.get("log/x", None).await.is_err());
+        assert!(upstreams.narinfo(h).await.1);
     }
     // "reader:S3CRET-TOKEN", as Basic auth.
     let basic = Some("Basic cmVhZGVyOlMzQ1JFVC1UT0tFTg==".to_owned());
@@ -379,7 +406,7 @@ async fn credentials_in_an_upstream_url_are_used_and_never_shown() {
     assert!(upstreams.get("log/x", None).await.is_err());
     let u = &upstreams.list[0];
     let e = upstreams
-        .send(u, upstreams.client.get(url(u, "log/x")))
+        .send(u, upstreams.client.get(url(u, "log/x")), true)
         .await
         .err()
         .map(|f| f.to_string())
@@ -494,6 +521,7 @@ async fn one_failure_does_not_make_an_upstream_skipped() {
     let upstreams = two_upstreams(asked.clone()).await;
     let first: StorePathHash = FIRST.parse().unwrap();
     let unknown = "nar/0zw2p0wavbk0nx2hchxbgiv9h5dv1bd7cbh1lfpv3qzcsm5dfnlj.nar";
+    routed_to_first(&upstreams, unknown).await;
     for _ in 0..3 {
         // A failure, then an answer: never three in a row.
         assert!(upstreams.get(unknown, None).await.is_err());
