@@ -35,15 +35,27 @@ pub struct MissingNars {
 
 impl MissingNars {
     pub fn new(ttl: Duration) -> Self {
+        Self::holding(CAPACITY, ttl)
+    }
+
+    /// At most `capacity` names of each kind, the least recently used out first: moka's
+    /// default admission refuses a new name once full (it has not been used yet), so requests
+    /// for made-up names (each a miss) would keep out the NARs found missing after them, whose
+    /// narinfos would then be served.
+    fn holding(capacity: u64, ttl: Duration) -> Self {
+        fn cache<V: Clone + Send + Sync + 'static>(
+            capacity: u64,
+            ttl: Duration,
+        ) -> Cache<Box<str>, V> {
+            Cache::builder()
+                .max_capacity(capacity)
+                .eviction_policy(moka::policy::EvictionPolicy::lru())
+                .time_to_live(ttl.max(Duration::from_secs(1)))
+                .build()
+        }
         Self {
-            names: Cache::builder()
-                .max_capacity(CAPACITY)
-                .time_to_live(ttl.max(Duration::from_secs(1)))
-                .build(),
-            uploaded: Cache::builder()
-                .max_capacity(CAPACITY)
-                .time_to_live(ttl.max(Duration::from_secs(1)))
-                .build(),
+            names: cache(capacity, ttl),
+            uploaded: cache(capacity, ttl),
             any: AtomicBool::new(false),
         }
     }
@@ -124,6 +136,24 @@ mod tests {
         assert!(m.points_to_missing(other));
         m.seen_served("def.nar.xz").await;
         assert!(!m.points_to_missing(other));
+    }
+
+    /// Full of names nobody will ask about again (made-up names, each a miss), it still takes
+    /// the next NAR found missing, and hides its narinfo.
+    #[tokio::test]
+    async fn a_nar_found_missing_after_many_others_is_remembered() {
+        let m = MissingNars::holding(16, Duration::from_secs(600));
+        for i in 0..64 {
+            for _ in 0..3 {
+                m.seen_missing(&format!("junk{i}.nar"), tokio::time::Instant::now())
+                    .await;
+            }
+        }
+        m.seen_missing("abc.nar.xz", tokio::time::Instant::now())
+            .await;
+        m.names.run_pending_tasks().await;
+        let body = b"StorePath: /nix/store/x\nURL: nar/abc.nar.xz\nCompression: xz\n";
+        assert!(m.points_to_missing(body));
     }
 
     /// A GET that found nothing but started before the NAR's upload ended (it looked first)
