@@ -247,17 +247,14 @@ fn import(dir: &Path, path: Option<&Path>) -> anyhow::Result<ExitCode> {
         .enable_all()
         .build()
         .context("starting the async runtime")?;
-    if let cellar::config::StoreBackend::Local(l) = &cfg.store.backend {
-        if !l.path.is_dir() {
-            // Created, so that a new cache can be filled before its server first starts; said,
-            // as a relative path lands wherever the command was run.
-            let shown = std::path::absolute(&l.path).unwrap_or_else(|_| l.path.clone());
-            eprintln!(
-                "cellar: store.path {} does not exist: creating it (a relative path is taken \
-                 from the working directory)",
-                shown.display()
-            );
-        }
+    // Created, so that a new cache can be filled before its server first starts; said, as a
+    // relative path lands wherever the command was run.
+    if let Some(shown) = local_store_to_create(&cfg) {
+        eprintln!(
+            "cellar: store.path {} does not exist: creating it (a relative path is taken \
+             from the working directory)",
+            shown.display()
+        );
     }
     let outcome = rt.block_on(async {
         let store = store::open(&cfg.store).await.context("opening the store")?;
@@ -344,6 +341,17 @@ fn token_new(name: &str, scope: ScopeArg) -> anyhow::Result<()> {
     Ok(())
 }
 
+/// The local store's directory, as an absolute path, if it does not exist (opening the store
+/// creates it).
+fn local_store_to_create(cfg: &Config) -> Option<PathBuf> {
+    match &cfg.store.backend {
+        StoreBackend::Local(l) if !l.path.is_dir() => {
+            Some(std::path::absolute(&l.path).unwrap_or_else(|_| l.path.clone()))
+        }
+        _ => None,
+    }
+}
+
 fn serve(path: Option<&Path>, log_format: Option<LogFormat>) -> anyhow::Result<()> {
     // The runtime first, for the SIGHUP handler: a `systemctl reload` (a log rotation's)
     // while the config and the keys are read must not end the process.
@@ -355,14 +363,26 @@ fn serve(path: Option<&Path>, log_format: Option<LogFormat>) -> anyhow::Result<(
         let _in_runtime = rt.enter();
         cellar::reload::sighup_handler().context("installing the SIGHUP handler")?
     };
-    let cfg = Config::load(path)?;
-    cellar::telemetry::init(log_format.unwrap_or(cfg.log.format))
-        .map_err(|e| anyhow::anyhow!("setting up logs: {e}"))?;
+    let mut cfg = Config::load(path)?;
+    if let Some(f) = log_format {
+        cfg.log.format = f;
+    }
+    cellar::telemetry::init(cfg.log.format).map_err(|e| anyhow::anyhow!("setting up logs: {e}"))?;
     cellar::reload::warn_env_overrides(path);
     cellar::metrics::set_build_info(match cfg.store.backend {
         StoreBackend::Local(_) => "local",
         StoreBackend::S3(_) => "s3",
     });
+    // An empty cache: right on a first start, a mistake otherwise (a typo, a relative path
+    // from another directory, a container volume mounted elsewhere), which would fill a
+    // directory nobody keeps.
+    if let Some(shown) = local_store_to_create(&cfg) {
+        tracing::warn!(
+            "store.path {} does not exist: creating it, an empty cache (a relative path is \
+             taken from the working directory)",
+            shown.display()
+        );
+    }
     let loaded = signing_keys::load(&cfg.signing)?;
     if let Some(p) = &loaded.generated {
         eprintln!("cellar: created signing key {} on first start", p.display());
@@ -429,7 +449,7 @@ fn serve(path: Option<&Path>, log_format: Option<LogFormat>) -> anyhow::Result<(
         cellar::systemd::spawn_watchdog();
         // After READY=1 and its status line: the status a reload of a SIGHUP received during
         // start-up sets (above all "configuration NOT reloaded") is not overwritten by it.
-        cellar::reload::spawn_on_sighup(state.clone(), path.map(Path::to_owned), hup);
+        cellar::reload::spawn_on_sighup(state.clone(), path.map(Path::to_owned), log_format, hup);
         cellar::serve(listener, state, shutdown).await?;
         // Stopped, and waited for: a write it had under way gives its entries back (and its
         // lock up) for the last one below.

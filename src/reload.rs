@@ -10,7 +10,7 @@ use std::path::{Path, PathBuf};
 
 use thiserror::Error;
 
-use crate::config::{Config, ConfigError};
+use crate::config::{Config, ConfigError, LogFormat};
 use crate::http::{AppState, ReloadError};
 use crate::signing_keys::{self, KeyFileError};
 
@@ -25,8 +25,17 @@ pub enum Error {
 }
 
 /// Loads the configuration (`file`, then the environment) and its keys, and applies them.
-pub fn reload(state: &AppState, file: Option<&Path>) -> Result<(), Error> {
-    let config = Config::load(file)?;
+/// `log_format` is the `--log-format` the server was started with, which wins over the file's
+/// `log.format` as at start (a change there is no reason to refuse a reload).
+pub fn reload(
+    state: &AppState,
+    file: Option<&Path>,
+    log_format: Option<LogFormat>,
+) -> Result<(), Error> {
+    let mut config = Config::load(file)?;
+    if let Some(f) = log_format {
+        config.log.format = f;
+    }
     warn_env_overrides(file);
     // Only existing keys: a reload never creates the generated key as a start would.
     let keys = signing_keys::load_existing(&config.signing)?;
@@ -61,6 +70,7 @@ pub fn sighup_handler() -> std::io::Result<tokio::signal::unix::Signal> {
 pub fn spawn_on_sighup(
     state: AppState,
     file: Option<PathBuf>,
+    log_format: Option<LogFormat>,
     mut hup: tokio::signal::unix::Signal,
 ) {
     tokio::spawn(async move {
@@ -79,7 +89,7 @@ pub fn spawn_on_sighup(
                     said = true;
                 }
             }
-            match reload(&state, file.as_deref()) {
+            match reload(&state, file.as_deref(), log_format) {
                 Ok(()) => {
                     let (tokens, keys) = {
                         let live = state.live();

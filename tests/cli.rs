@@ -365,6 +365,11 @@ fn first_start_creates_a_key_and_prints_the_trusted_key_line_then_stops_on_sigte
     assert!(exit.success(), "exit after SIGTERM: {exit:?}");
     let err = read_log();
     assert!(err.contains("trusted-public-keys = "), "{err}");
+    let created = format!(
+        "store.path {} does not exist: creating it",
+        d.path().join("cellar-data").display()
+    );
+    assert!(err.contains(&created), "{err}");
     assert!(
         err.contains("the environment overrides this key of the config file")
             && err.contains("CELLAR_LISTEN"),

@@ -82,6 +82,38 @@ fn a_reload_says_how_it_went_to_systemd() {
     );
 }
 
+/// With `--log-format`, the file's `log.format` has no effect, at start or on a reload: a
+/// change there (the file made to say what the flag does) is no reason to refuse the reload,
+/// which would also hold back whatever else the file changes (a token revoked).
+#[test]
+fn a_log_format_given_by_flag_does_not_hold_back_a_reload() {
+    let dir = tempfile::tempdir().unwrap();
+    let path = dir.path().join("notify.sock");
+    let sock = UnixDatagram::bind(&path).unwrap();
+    // A bound on each wait, not a delay: recv returns as soon as a datagram arrives.
+    sock.set_read_timeout(Some(Duration::from_secs(30)))
+        .unwrap();
+    let srv = Server::start_via(
+        &["sh", "-c", "exec \"$0\" --log-format json \"$@\""],
+        "[log]\nformat = \"text\"\n",
+        vec![("NOTIFY_SOCKET".into(), path.to_str().unwrap().into())],
+    );
+    assert!(recv(&sock).contains("READY=1\n"));
+    assert!(srv.log().lines().any(|l| l.starts_with('{')), "not JSON");
+    for toml in [
+        "[log]\nformat = \"text\"\n[upload]\nmax_concurrent = 4\n",
+        "[log]\nformat = \"json\"\n",
+    ] {
+        std::fs::write(srv.config_path(), toml).unwrap();
+        srv.sighup();
+        let taken = recv(&sock);
+        assert!(
+            taken.starts_with("STATUS=serving; configuration reloaded"),
+            "{toml}: {taken}"
+        );
+    }
+}
+
 #[tokio::test(flavor = "multi_thread")]
 async fn private_mode_guards_metrics_and_status_and_cellar_status_reports() {
     let (r, rcfg) = token("reader", "read");
