@@ -17,6 +17,57 @@ use gc_support::{
     age_files, assert_readable_by_all, build_closure, cellar, copy_to_dir, hash_of, local_env, text,
 };
 
+/// `cellar gc --apply` run over SSH gets SIGHUP when the connection drops: it stops where that
+/// is safe, as on SIGINT or SIGTERM, instead of ending mid-batch (SIGHUP's default), which may
+/// leave an upload without a reference.
+#[test]
+fn a_hangup_stops_a_collection_where_that_is_safe() {
+    let work = tempfile::tempdir().unwrap();
+    let data = work.path().join("data");
+    std::fs::create_dir_all(data.join("nar")).unwrap();
+    let env = local_env(&data);
+    let out = cellar(&["gc", "--apply"], &env);
+    assert!(out.status.success(), "{}", text(&out));
+    // More NARs than one batch deletes, all expired.
+    for i in 0..100 {
+        let p = gc_support::Path::new(&format!("hangup-{i}"), 64, &[]);
+        std::fs::write(data.join(p.narinfo_key()), p.narinfo()).unwrap();
+        std::fs::write(data.join(p.nar_key()), &p.nar).unwrap();
+    }
+    age_files(&data, Duration::from_secs(100 * 86400));
+    let log = work.path().join("gc.log");
+    let mut child = std::process::Command::new(gc_support::CELLAR)
+        .args(["gc", "--apply"])
+        .envs(env.iter().map(|(k, v)| (k, v)))
+        .env("RUST_LOG", "warn")
+        .stdout(std::fs::File::create(work.path().join("gc.out")).unwrap())
+        .stderr(std::fs::File::create(&log).unwrap())
+        .spawn()
+        .unwrap();
+    // The first NARs announced: the run waits a few seconds before deleting them.
+    let deleting = data.join("_cellar/deleting");
+    let deadline = std::time::Instant::now() + Duration::from_secs(60);
+    while std::fs::read_dir(&deleting).map_or(true, |mut d| d.next().is_none()) {
+        assert!(std::time::Instant::now() < deadline, "no NARs announced");
+        std::thread::sleep(Duration::from_millis(10));
+    }
+    let sent = std::process::Command::new("kill")
+        .args(["-HUP", &child.id().to_string()])
+        .status()
+        .unwrap();
+    assert!(sent.success());
+    let exit = child.wait().unwrap();
+    let said = std::fs::read_to_string(&log).unwrap()
+        + &std::fs::read_to_string(work.path().join("gc.out")).unwrap();
+    assert!(
+        exit.code().is_some(),
+        "ended by the signal: {exit:?}\n{said}"
+    );
+    assert!(said.contains("stopped on request"), "{exit:?}\n{said}");
+    let nars_left = std::fs::read_dir(data.join("nar")).unwrap().count();
+    assert!(nars_left > 0, "the run went to the end: {said}");
+}
+
 #[tokio::test(flavor = "multi_thread")]
 async fn pinned_and_recently_read_closures_survive_gc_and_substitute() {
     let work = tempfile::tempdir().unwrap();

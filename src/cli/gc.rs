@@ -55,13 +55,16 @@ impl Progress for Bar {
     }
 }
 
-/// For a run that deletes: the first SIGINT or SIGTERM asks it to stop where that is safe
-/// ([`gc::Stop`]), a second one ends the process at once.
+/// For a run that deletes: the first SIGINT, SIGTERM or SIGHUP asks it to stop where that is
+/// safe ([`gc::Stop`]), a second one ends the process at once. SIGHUP too: a run started over
+/// SSH gets it when the connection drops, and its default ends the process mid-batch.
 fn stop_on_signals() -> anyhow::Result<gc::Stop> {
+    use std::io::Write as _;
     use tokio::signal::unix::{signal, SignalKind};
     let stop = gc::Stop::default();
     let mut int = signal(SignalKind::interrupt()).context("installing the SIGINT handler")?;
     let mut term = signal(SignalKind::terminate()).context("installing the SIGTERM handler")?;
+    let mut hup = signal(SignalKind::hangup()).context("installing the SIGHUP handler")?;
     let requested = stop.clone();
     tokio::spawn(async move {
         let mut signals = 0;
@@ -69,17 +72,20 @@ fn stop_on_signals() -> anyhow::Result<gc::Stop> {
             tokio::select! {
                 _ = int.recv() => {}
                 _ = term.recv() => {}
+                _ = hup.recv() => {}
             }
             signals += 1;
+            // Said with errors ignored: after a hangup, the terminal may be gone.
             if signals > 1 {
-                eprintln!("cellar: stopping at once");
+                let _ = writeln!(std::io::stderr(), "cellar: stopping at once");
                 std::process::exit(130);
             }
-            eprintln!(
+            requested.request();
+            let _ = writeln!(
+                std::io::stderr(),
                 "cellar: stopping once the deletions under way are checked and undone where \
                  needed (again to stop at once, which may leave an upload's reference deleted)"
             );
-            requested.request();
         }
     });
     Ok(stop)

@@ -153,7 +153,8 @@ impl Stop {
 }
 
 /// Why a run stopped before it had deleted all it would.
-pub const STOPPED: &str = "stopped on request (SIGINT or SIGTERM) before the end: run it again";
+pub const STOPPED: &str =
+    "stopped on request (SIGINT, SIGTERM or SIGHUP) before the end: run it again";
 
 /// One garbage collection over `store`.
 pub async fn run(
