@@ -495,6 +495,12 @@ pub(super) async fn put(
         }
     };
     st.live().missing_nars.seen_present(name.as_str()).await;
+    // What this replica held under the name came from an earlier life of the NAR, which
+    // may have been a bad copy: the uploaded bytes are the ones to serve.
+    st.nar_memory.forget(name.as_str()).await;
+    if let Some(cache) = &st.nars {
+        cache.forget(name.as_str());
+    }
     let Some(d) = d else {
         // Its re-encoded copy was in the store: nothing written.
         return Ok(StatusCode::OK);

@@ -696,6 +696,39 @@ async fn a_nar_on_disk_that_its_narinfo_now_sizes_otherwise_is_fetched_again() {
     assert_eq!(get(&st, &format!("/nar/{file}")).await.1, new);
 }
 
+/// A NAR uploaded under a name this replica holds a copy of (from an earlier life of the NAR:
+/// a bad copy, deleted from the store by a repair since) is served as uploaded, from memory
+/// and from disk; before, the held copy was served for good.
+#[tokio::test]
+async fn an_uploaded_nar_replaces_the_copies_held_under_its_name() {
+    for small in [false, true] {
+        let dir = tempfile::tempdir().unwrap();
+        let mem = Arc::new(MemoryStore::new());
+        let mut cfg = with_tokens(Config::default(), &[("w", "wtok", Scope::Write)]);
+        cfg.cache.nar_dir = Some(dir.path().join("nars"));
+        let st = state(cfg, &mem);
+        let (file, good) = nar_of(if small { 900 } else { 300_000 });
+        let key = format!("nar/{file}");
+        let mut bad = good.clone();
+        bad[7] ^= 1;
+        mem.insert(&key, bad.clone());
+        if small {
+            st.nar_memory.hint(&file, Some(good.len() as u64)).await;
+        }
+        assert_eq!(get(&st, &format!("/{key}")).await.1, bad);
+        if !small {
+            let disk = st.nars.clone().unwrap();
+            disk.wait_until(|d| d.usage().0 == 1).await;
+        }
+        mem.remove(&key);
+        let put = authed("PUT", &format!("/{key}"), "wtok")
+            .body(Body::from(good.clone()))
+            .unwrap();
+        assert_eq!(send(&st, put).await.status(), StatusCode::CREATED);
+        assert_eq!(get(&st, &format!("/{key}")).await.1, good, "small: {small}");
+    }
+}
+
 /// A small NAR asked for without its narinfo (a client that had the narinfo from its own
 /// cache) goes to memory too, not to a file of the disk cache: served from memory next time.
 #[tokio::test]

@@ -244,6 +244,13 @@ impl NarCache {
         self.through_fill(n, key, announced, store).await
     }
 
+    /// Forgets `name`: its bytes were just uploaded, so the store lacked them, and a copy held
+    /// here since an earlier life of the NAR may be a bad one (a bit flipped in a local store,
+    /// since deleted by `cellar verify --repair`), which would otherwise be served for good.
+    pub fn forget(&self, name: &str) {
+        self.drop_entry(name);
+    }
+
     /// Drops the file of `name` if it is not of the `announced` size.
     fn drop_if_not(&self, name: &str, announced: Option<u64>) {
         let Some(size) = announced else { return };
