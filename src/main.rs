@@ -384,16 +384,28 @@ fn serve(path: Option<&Path>, log_format: Option<LogFormat>) -> anyhow::Result<(
         );
     }
     let loaded = signing_keys::load(&cfg.signing)?;
-    if let Some(p) = &loaded.generated {
-        eprintln!("cellar: created signing key {} on first start", p.display());
+    let keys_line = cellar::signing_keys::public_keys_line(&loaded.keys);
+    match cfg.log.format {
+        // Printed as a line to copy into the clients' nix.conf. One line for all keys: in
+        // nix.conf a second `trusted-public-keys` line replaces the first, so during a
+        // rotation clients would trust only one of the keys.
+        LogFormat::Text => {
+            if let Some(p) = &loaded.generated {
+                eprintln!("cellar: created signing key {} on first start", p.display());
+            }
+            eprintln!("cellar: trusted-public-keys = {keys_line}");
+        }
+        // Every line of stderr a JSON object, for log shippers that parse each one.
+        LogFormat::Json => {
+            if let Some(p) = &loaded.generated {
+                tracing::info!(path = %p.display(), "created signing key on first start");
+            }
+            tracing::info!(
+                trusted_public_keys = %keys_line,
+                "trusted-public-keys = {keys_line}"
+            );
+        }
     }
-    // Printed, not logged: operators copy this line into their clients' nix.conf. One line
-    // for all keys: in nix.conf a second `trusted-public-keys` line replaces the first, so
-    // during a rotation clients would trust only one of the keys.
-    eprintln!(
-        "cellar: trusted-public-keys = {}",
-        cellar::signing_keys::public_keys_line(&loaded.keys)
-    );
     rt.block_on(async move {
         // The access log, once there: a second signal still writes what it holds.
         let last_words = Arc::new(std::sync::OnceLock::new());

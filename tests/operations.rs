@@ -225,7 +225,7 @@ async fn metrics_listen_serves_metrics_and_health_checks_unauthenticated() {
 }
 
 #[tokio::test(flavor = "multi_thread")]
-async fn json_logs_carry_the_request_id_on_every_line_of_a_request() {
+async fn json_logs_carry_the_request_id_on_every_line_of_a_request_and_the_keys() {
     let (w, wcfg) = token("builder", "write");
     let srv = tokio::task::spawn_blocking(move || {
         Server::start_with_config(&wcfg, vec![("CELLAR_LOG__FORMAT".into(), "json".into())])
@@ -244,9 +244,14 @@ async fn json_logs_carry_the_request_id_on_every_line_of_a_request() {
     assert_eq!(res.headers()["x-request-id"], "json-req-7");
     let log = srv.log();
     let mut of_request = 0;
-    for line in log.lines().filter(|l| l.starts_with('{')) {
+    let mut keys = None;
+    // Every line, the public keys' too (log shippers parse each one).
+    for line in log.lines() {
         let v: serde_json::Value =
             serde_json::from_str(line).unwrap_or_else(|e| panic!("{e}: {line}"));
+        if let Some(k) = v["trusted_public_keys"].as_str() {
+            keys = Some(k.to_owned());
+        }
         let spans = v["spans"].as_array().cloned().unwrap_or_default();
         if spans.iter().any(|s| s["id"] == "json-req-7") {
             of_request += 1;
@@ -255,6 +260,7 @@ async fn json_logs_carry_the_request_id_on_every_line_of_a_request() {
             }
         }
     }
+    assert_eq!(keys.as_deref(), Some(srv.public_key.as_str()), "{log}");
     // The rejection (info) and the per-request line (debug, on in the tests' RUST_LOG).
     assert!(of_request >= 2, "{log}");
     assert!(log.contains("upload rejected"));
