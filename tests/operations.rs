@@ -13,6 +13,22 @@ use std::time::Duration;
 
 use common::*;
 
+/// A socket standing in for systemd's (`NOTIFY_SOCKET`), in a directory kept while the
+/// first value lives, and the variable that names it.
+fn notify_socket() -> (tempfile::TempDir, UnixDatagram, (String, String)) {
+    let dir = tempfile::tempdir().unwrap();
+    let path = dir.path().join("notify.sock");
+    let sock = UnixDatagram::bind(&path).unwrap();
+    // A bound on each wait, not a delay: recv returns as soon as a datagram arrives.
+    sock.set_read_timeout(Some(Duration::from_secs(30)))
+        .unwrap();
+    let var = (
+        "NOTIFY_SOCKET".to_owned(),
+        path.to_str().unwrap().to_owned(),
+    );
+    (dir, sock, var)
+}
+
 fn recv(sock: &UnixDatagram) -> String {
     let mut buf = [0u8; 4096];
     let n = sock.recv(&mut buf).expect("no notification from cellar");
@@ -21,14 +37,9 @@ fn recv(sock: &UnixDatagram) -> String {
 
 #[test]
 fn notifies_systemd_ready_watchdog_and_stopping() {
-    let dir = tempfile::tempdir().unwrap();
-    let path = dir.path().join("notify.sock");
-    let sock = UnixDatagram::bind(&path).unwrap();
-    // A bound on each wait, not a delay: recv returns as soon as a datagram arrives.
-    sock.set_read_timeout(Some(Duration::from_secs(30)))
-        .unwrap();
+    let (_dir, sock, notify) = notify_socket();
     let srv = Server::start(vec![
-        ("NOTIFY_SOCKET".into(), path.to_str().unwrap().into()),
+        notify,
         // 200 ms: pinged every 100 ms.
         ("WATCHDOG_USEC".into(), "200000".into()),
     ]);
@@ -54,16 +65,8 @@ fn notifies_systemd_ready_watchdog_and_stopping() {
 /// status`, from the STATUS= cellar sends.
 #[test]
 fn a_reload_says_how_it_went_to_systemd() {
-    let dir = tempfile::tempdir().unwrap();
-    let path = dir.path().join("notify.sock");
-    let sock = UnixDatagram::bind(&path).unwrap();
-    // A bound on each wait, not a delay: recv returns as soon as a datagram arrives.
-    sock.set_read_timeout(Some(Duration::from_secs(30)))
-        .unwrap();
-    let srv = Server::start(vec![(
-        "NOTIFY_SOCKET".into(),
-        path.to_str().unwrap().into(),
-    )]);
+    let (_dir, sock, notify) = notify_socket();
+    let srv = Server::start(vec![notify]);
     assert!(recv(&sock).contains("READY=1\n"));
     std::fs::write(srv.config_path(), "[upload]\nmax_concurrent = 0\n").unwrap();
     srv.sighup();
@@ -87,16 +90,11 @@ fn a_reload_says_how_it_went_to_systemd() {
 /// the reload, which would also hold back whatever else the file changes (a token revoked).
 #[test]
 fn a_log_format_given_by_flag_does_not_hold_back_a_reload() {
-    let dir = tempfile::tempdir().unwrap();
-    let path = dir.path().join("notify.sock");
-    let sock = UnixDatagram::bind(&path).unwrap();
-    // A bound on each wait, not a delay: recv returns as soon as a datagram arrives.
-    sock.set_read_timeout(Some(Duration::from_secs(30)))
-        .unwrap();
+    let (_dir, sock, notify) = notify_socket();
     let srv = Server::start_via(
         &["sh", "-c", "exec \"$0\" --log-format json \"$@\""],
         "[log]\nformat = \"text\"\n",
-        vec![("NOTIFY_SOCKET".into(), path.to_str().unwrap().into())],
+        vec![notify],
     );
     assert!(recv(&sock).contains("READY=1\n"));
     assert!(srv.log().lines().any(|l| l.starts_with('{')), "not JSON");

@@ -1263,14 +1263,6 @@ async fn repair_writes_back_what_an_upload_relied_on_meanwhile() {
     );
 }
 
-/// Waits until a read reaches `gate`, failing the test (on the paused clock, at once) if none
-/// does once everything else has finished.
-async fn reached(gate: &crate::store::memory::ReadGate, what: &str) {
-    tokio::time::timeout(Duration::from_secs(86400), gate.reached())
-        .await
-        .unwrap_or_else(|_| panic!("{what} never came"));
-}
-
 /// Only findings that say an object is missing are looked at again: a narinfo that does not
 /// parse costs no second request.
 #[tokio::test(start_paused = true)]
@@ -1295,7 +1287,7 @@ async fn verify_reports_nothing_of_a_path_collected_while_it_runs() {
     mem.remove(&gone.nar);
     let gate = mem.hold_reads(&gone.nar);
     let (r, ()) = tokio::join!(check(&mem, now, None), async {
-        reached(&gate, "the second look at the NAR").await;
+        reach(&gate, "the second look at the NAR").await;
         mem.remove(&format!("{}.narinfo", gone.hash));
         gate.open();
     });
@@ -1356,7 +1348,7 @@ async fn verify_looks_again_before_reporting_or_deleting_a_narinfo() {
             gate.open();
         },
         async {
-            reached(&later_gate, "the second look at the later NAR").await;
+            reach(&later_gate, "the second look at the later NAR").await;
             mem.insert_at(&later.nar, later_nar, now);
             later_gate.open();
         }

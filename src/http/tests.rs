@@ -662,15 +662,7 @@ async fn the_upload_probe_finds_absent_a_path_whose_nar_is_missing() {
         &mem,
     );
     let (nar, file) = tiny_nar();
-    let sha = crate::nix::Sha256::digest(&nar);
-    mem.insert(
-        &format!("{HASH}.narinfo"),
-        format!(
-            "StorePath: /nix/store/{HASH}-gone\nURL: nar/{file}\nCompression: none\n\
-             NarHash: {sha}\nNarSize: {}\nReferences: \n",
-            nar.len()
-        ),
-    );
+    mem.insert(&format!("{HASH}.narinfo"), narinfo_of("gone", &nar));
     let probe = |method: &'static str| {
         let st = st.clone();
         async move {
@@ -997,6 +989,17 @@ async fn a_refused_nar_has_its_body_read_before_the_answer() {
 }
 
 /// A NAR of 100 bytes of contents (its header alone is checked) and its file name.
+/// The narinfo of path `{HASH}-<name>` whose NAR, uncompressed, is `nar`.
+fn narinfo_of(name: &str, nar: &[u8]) -> String {
+    let sha = crate::nix::Sha256::digest(nar);
+    format!(
+        "StorePath: /nix/store/{HASH}-{name}\nURL: nar/{}.nar\nCompression: none\n\
+         NarHash: {sha}\nNarSize: {}\nReferences: \n",
+        sha.to_nix32(),
+        nar.len()
+    )
+}
+
 fn tiny_nar() -> (Vec<u8>, String) {
     let mut nar = b"\x0d\x00\x00\x00\x00\x00\x00\x00nix-archive-1\x00\x00\x00".to_vec();
     nar.extend_from_slice(&[7u8; 100]);
@@ -1048,11 +1051,7 @@ fn uploadable_path() -> (Vec<u8>, String, String) {
     nar.extend_from_slice(&[7u8; 1000]);
     let sha = crate::nix::Sha256::digest(&nar);
     let file = format!("{}.nar", sha.to_nix32());
-    let narinfo = format!(
-        "StorePath: /nix/store/{HASH}-up\nURL: nar/{file}\nCompression: none\n\
-         NarHash: {sha}\nNarSize: {}\nReferences: \n",
-        nar.len()
-    );
+    let narinfo = narinfo_of("up", &nar);
     (nar, file, narinfo)
 }
 
@@ -1549,11 +1548,7 @@ async fn a_narinfo_upload_whose_client_went_away_runs_to_its_end() {
     nar.extend_from_slice(&[7u8; 1000]);
     let sha = Sha256::digest(&nar);
     let file = format!("{}.nar", sha.to_nix32());
-    let narinfo = format!(
-        "StorePath: /nix/store/{HASH}-up\nURL: nar/{file}\nCompression: none\n\
-         NarHash: {sha}\nNarSize: {}\nReferences: \n",
-        nar.len()
-    );
+    let narinfo = narinfo_of("up", &nar);
     let req = authed("PUT", &format!("/nar/{file}"), "wtok")
         .header("content-length", nar.len())
         .body(Body::from(nar))
@@ -1848,12 +1843,7 @@ async fn a_narinfo_uploaded_for_a_nar_seen_missing_is_served_at_once() {
         StatusCode::NOT_FOUND
     );
     mem.insert(&format!("nar/{file}"), nar.clone());
-    let sha = crate::nix::Sha256::digest(&nar);
-    let narinfo = format!(
-        "StorePath: /nix/store/{HASH}-back\nURL: nar/{file}\nCompression: none\n\
-         NarHash: {sha}\nNarSize: {}\nReferences: \n",
-        nar.len()
-    );
+    let narinfo = narinfo_of("back", &nar);
     let req = authed("PUT", &format!("/{HASH}.narinfo"), "wtok")
         .body(Body::from(narinfo))
         .unwrap();
@@ -1871,15 +1861,9 @@ async fn a_nar_seen_missing_then_served_shows_its_narinfo_again() {
     let mem = Arc::new(MemoryStore::new());
     let st = state(Config::default(), &mem);
     let (nar, file) = tiny_nar();
-    let sha = crate::nix::Sha256::digest(&nar);
     mem.insert(
         &format!("{HASH}.narinfo"),
-        format!(
-            "StorePath: /nix/store/{HASH}-back\nURL: nar/{file}\nCompression: none\n\
-             NarHash: {sha}\nNarSize: {}\nReferences: \n",
-            nar.len()
-        )
-        .into_bytes(),
+        narinfo_of("back", &nar).into_bytes(),
     );
     let narinfo = format!("/{HASH}.narinfo");
     assert_eq!(
@@ -1902,13 +1886,8 @@ async fn a_narinfo_removed_by_a_refused_upload_is_not_served_from_memory() {
         with_tokens(Config::default(), &[("ci", "wtok", Scope::Write)]),
         &mem,
     );
-    let (nar, file) = tiny_nar();
-    let sha = crate::nix::Sha256::digest(&nar);
-    let narinfo = format!(
-        "StorePath: /nix/store/{HASH}-gone\nURL: nar/{file}\nCompression: none\n\
-         NarHash: {sha}\nNarSize: {}\nReferences: \n",
-        nar.len()
-    );
+    let (nar, _) = tiny_nar();
+    let narinfo = narinfo_of("gone", &nar);
     mem.insert(&format!("{HASH}.narinfo"), narinfo.clone().into_bytes());
     let path = format!("/{HASH}.narinfo");
     assert_eq!(
@@ -1930,15 +1909,9 @@ async fn a_reload_starts_the_nars_seen_missing_afresh() {
     let mem = Arc::new(MemoryStore::new());
     let st = state(Config::default(), &mem);
     let (nar, file) = tiny_nar();
-    let sha = crate::nix::Sha256::digest(&nar);
     mem.insert(
         &format!("{HASH}.narinfo"),
-        format!(
-            "StorePath: /nix/store/{HASH}-gone\nURL: nar/{file}\nCompression: none\n\
-             NarHash: {sha}\nNarSize: {}\nReferences: \n",
-            nar.len()
-        )
-        .into_bytes(),
+        narinfo_of("gone", &nar).into_bytes(),
     );
     let narinfo = format!("/{HASH}.narinfo");
     assert_eq!(
