@@ -1611,22 +1611,22 @@ async fn a_path_goes_only_after_its_referrers() {
     assert!(!has(&mem, &format!("{}.narinfo", lone.hash)));
 }
 
-/// A path uploaded again during a run, whose listing (and realisation) the plan found
-/// orphaned: the upload writes them again, and the run, which reads the upload's record,
-/// leaves them. Before, the run deleted them by its plan: the path was served without them.
-#[tokio::test(start_paused = true)]
-async fn a_listing_written_again_during_a_run_stays() {
-    let mem = Arc::new(served_for_years());
-    let now = SystemTime::now();
-    let again = path(&mem, "again", &[], 100 * DAY, now);
+/// Path `again`, whose narinfo went long ago (its listing and realisation orphaned), uploaded
+/// again as the narinfo of `trigger` is deleted: an upload record names it, and its listing
+/// and realisation are written again. Their keys.
+fn uploaded_again_during_the_run(
+    mem: &Arc<MemoryStore>,
+    now: SystemTime,
+    trigger: &P,
+) -> (String, String) {
+    let again = path(mem, "again", &[], 100 * DAY, now);
     mem.remove(&format!("{}.narinfo", again.hash));
-    let realisation = realisation_of(&mem, &again.base, 100 * DAY, now);
-    let victim = path(&mem, "victim", &[], 100 * DAY, now);
+    let realisation = realisation_of(mem, &again.base, 100 * DAY, now);
     let listing = format!("{}.ls", again.hash);
-    let weak = Arc::downgrade(&mem);
-    let (h, rk) = (again.hash.parse().unwrap(), realisation.clone());
-    let ls = listing.clone();
-    mem.after_delete(&format!("{}.narinfo", victim.hash), move |_| {
+    let weak = Arc::downgrade(mem);
+    let h = again.hash.parse().unwrap();
+    let (ls, rk) = (listing.clone(), realisation.clone());
+    mem.after_delete(&format!("{}.narinfo", trigger.hash), move |_| {
         let Some(mem) = weak.upgrade() else { return };
         let day = super::access::day(SystemTime::now());
         mem.insert(
@@ -1637,6 +1637,18 @@ async fn a_listing_written_again_during_a_run_stays() {
         let written = mem.bytes(&rk).unwrap();
         mem.insert(&rk, written);
     });
+    (listing, realisation)
+}
+
+/// A path uploaded again during a run, whose listing (and realisation) the plan found
+/// orphaned: the upload writes them again, and the run, which reads the upload's record,
+/// leaves them. Before, the run deleted them by its plan: the path was served without them.
+#[tokio::test(start_paused = true)]
+async fn a_listing_written_again_during_a_run_stays() {
+    let mem = Arc::new(served_for_years());
+    let now = SystemTime::now();
+    let victim = path(&mem, "victim", &[], 100 * DAY, now);
+    let (listing, realisation) = uploaded_again_during_the_run(&mem, now, &victim);
     let s = gc(&mem, &cfg(), now, true).await;
     assert!(s.errors.is_empty(), "{:?}", s.errors);
     assert!(!has(&mem, &format!("{}.narinfo", victim.hash)));
@@ -1647,33 +1659,23 @@ async fn a_listing_written_again_during_a_run_stays() {
     );
 }
 
-/// `verify --repair` likewise: an orphaned listing written again by an upload during the
-/// repair (its record read before the listings go) stays.
+/// `verify --repair` likewise: an orphaned listing (and realisation) written again by an
+/// upload during the repair (its record read before they go) stays.
 #[tokio::test(start_paused = true)]
 async fn repair_leaves_a_listing_written_again_meanwhile() {
     let mem = Arc::new(served_for_years());
     let now = SystemTime::now();
-    let again = path(&mem, "again", &[], 100 * DAY, now);
-    mem.remove(&format!("{}.narinfo", again.hash));
     let broken = path(&mem, "broken", &[], 100 * DAY, now);
     mem.remove(&broken.nar);
-    let listing = format!("{}.ls", again.hash);
-    let weak = Arc::downgrade(&mem);
-    let h = again.hash.parse().unwrap();
-    let ls = listing.clone();
-    mem.after_delete(&format!("{}.narinfo", broken.hash), move |_| {
-        let Some(mem) = weak.upgrade() else { return };
-        let day = super::access::day(SystemTime::now());
-        mem.insert(
-            &format!("_cellar/access/{day}/again-upload"),
-            render([Entry::Path(h)]),
-        );
-        mem.insert(&ls, "{}");
-    });
+    let (listing, realisation) = uploaded_again_during_the_run(&mem, now, &broken);
     let r = repair(&mem, now).await;
     assert!(r.repair_errors.is_empty(), "{:?}", r.repair_errors);
     assert!(!has(&mem, &format!("{}.narinfo", broken.hash)));
     assert!(has(&mem, &listing), "the listing written again went");
+    assert!(
+        has(&mem, &realisation),
+        "the realisation written again went"
+    );
 }
 
 /// A deletion the store applied but answered with an error (a timeout after it was done)
