@@ -47,6 +47,9 @@ pub struct NarMemory {
     cache: Option<Cache<Arc<str>, Bytes>>,
     max_object: u64,
     hints: Cache<Arc<str>, u64>,
+    /// The `NarHash` the last narinfo read gave each NAR named after its store path (see
+    /// [`NarMemory::contents_changed`]).
+    contents: Cache<Arc<str>, crate::nix::Sha256>,
 }
 
 impl NarMemory {
@@ -77,7 +80,29 @@ impl NarMemory {
             cache,
             max_object,
             hints: hints(MAX_HINTS),
+            contents: Cache::builder()
+                .max_capacity(MAX_HINTS)
+                .eviction_policy(moka::policy::EvictionPolicy::lru())
+                .build(),
         }
+    }
+
+    /// A narinfo read gives NAR file `name` the contents `nar_hash`: whether copies held under
+    /// that name may be of other contents, and are to be dropped. Only a NAR named after its
+    /// store path (attic, older nix-serve) changes under its name, when the path is rebuilt,
+    /// and then possibly at the same size, which [`NarMemory::announced`] would not tell: it
+    /// has, unless the last narinfo read in this process gave it the same hash (the first
+    /// after a start, or after the name was forgotten, may follow a copy from before).
+    pub async fn contents_changed(&self, name: &str, nar_hash: crate::nix::Sha256) -> bool {
+        if names_its_bytes(name) {
+            return false;
+        }
+        let name: Arc<str> = name.into();
+        if self.contents.get(&name).await == Some(nar_hash) {
+            return false;
+        }
+        self.contents.insert(name, nar_hash).await;
+        true
     }
 
     /// Runs the cache's pending evictions (and so its spills) now.

@@ -729,6 +729,79 @@ async fn an_uploaded_nar_replaces_the_copies_held_under_its_name() {
     }
 }
 
+/// A NAR named after its store path, rebuilt at the same size (a timestamp's digits changed):
+/// once a narinfo gives it another NarHash, the copies held in memory and on disk are dropped
+/// and the new NAR is served. Before, the old build's bytes were served for as long as they
+/// stayed in the cache, and every client failed on the hash.
+#[tokio::test]
+async fn a_nar_named_after_its_store_path_rebuilt_at_the_same_size_is_fetched_again() {
+    for small in [false, true] {
+        let dir = tempfile::tempdir().unwrap();
+        let mem = Arc::new(MemoryStore::new());
+        let mut cfg = Config::default();
+        cfg.cache.nar_dir = Some(dir.path().join("nars"));
+        let st = state(cfg, &mem);
+        let file = format!("{HASH}.nar");
+        let key = format!("nar/{file}");
+        let size = if small { 900 } else { 200_000 };
+        let (old, new) = (vec![1u8; size], vec![2u8; size]);
+        let narinfo = |nar: &[u8]| {
+            format!(
+                "StorePath: /nix/store/{HASH}-x\nURL: {key}\nCompression: none\n\
+                 FileSize: {size}\nNarHash: {}\nNarSize: {size}\nReferences: \n",
+                Sha256::digest(nar)
+            )
+        };
+        let narinfo_key = format!("{HASH}.narinfo");
+        mem.insert(&key, old.clone());
+        mem.insert(&narinfo_key, narinfo(&old));
+        assert_eq!(get(&st, &format!("/{narinfo_key}")).await.0, StatusCode::OK);
+        assert_eq!(get(&st, &format!("/{key}")).await.1, old);
+        if !small {
+            let disk = st.nars.clone().unwrap();
+            disk.wait_until(|d| d.usage().0 == 1).await;
+        }
+        mem.insert(&key, new.clone());
+        mem.insert(&narinfo_key, narinfo(&new));
+        // Its narinfo's time in memory is up.
+        st.live().narinfos.invalidate(HASH.parse().unwrap()).await;
+        assert_eq!(get(&st, &format!("/{narinfo_key}")).await.0, StatusCode::OK);
+        assert_eq!(get(&st, &format!("/{key}")).await.1, new, "small: {small}");
+    }
+}
+
+/// A NAR named after its bytes never changes under its name: its copy on disk from before a
+/// restart is served after the narinfo naming it is read again, not fetched again.
+#[tokio::test]
+async fn a_nar_named_after_its_bytes_stays_on_disk_across_a_restart() {
+    let dir = tempfile::tempdir().unwrap();
+    let mem = Arc::new(MemoryStore::new());
+    let mut cfg = Config::default();
+    cfg.cache.nar_dir = Some(dir.path().join("nars"));
+    let (file, nar) = nar_of(200_000);
+    mem.insert(&format!("nar/{file}"), nar.clone());
+    mem.insert(
+        &format!("{HASH}.narinfo"),
+        format!(
+            "StorePath: /nix/store/{HASH}-x\nURL: nar/{file}\nCompression: none\n\
+             FileSize: {n}\nNarHash: {}\nNarSize: {n}\nReferences: \n",
+            Sha256::digest(&nar),
+            n = nar.len()
+        ),
+    );
+    for start in ["first", "after a restart"] {
+        let st = state(cfg.clone(), &mem);
+        assert_eq!(
+            get(&st, &format!("/{HASH}.narinfo")).await.0,
+            StatusCode::OK
+        );
+        assert_eq!(get(&st, &format!("/nar/{file}")).await.1, nar, "{start}");
+        let disk = st.nars.clone().unwrap();
+        disk.wait_until(|d| d.usage().0 == 1).await;
+    }
+    assert_eq!(mem.gets_under("nar/"), 1, "fetched again after the restart");
+}
+
 /// A small NAR asked for without its narinfo (a client that had the narinfo from its own
 /// cache) goes to memory too, not to a file of the disk cache: served from memory next time.
 #[tokio::test]

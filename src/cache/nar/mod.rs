@@ -244,9 +244,10 @@ impl NarCache {
         self.through_fill(n, key, announced, store).await
     }
 
-    /// Forgets `name`: its bytes were just uploaded, so the store lacked them, and a copy held
-    /// here since an earlier life of the NAR may be a bad one (a bit flipped in a local store,
-    /// since deleted by `cellar verify --repair`), which would otherwise be served for good.
+    /// Forgets `name`, whose copy here may not be the NAR to serve any more: its bytes were
+    /// just uploaded (the store lacked them, and a copy from an earlier life of the NAR may be
+    /// a bad one, deleted by `cellar verify --repair`), or it is named after its store path
+    /// and a narinfo gave it other contents (rebuilt).
     pub fn forget(&self, name: &str) {
         self.drop_entry(name);
     }

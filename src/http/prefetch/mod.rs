@@ -181,6 +181,17 @@ pub(super) async fn after_load(st: &AppState, live: &Arc<Live>, info: &NarInfo) 
     let nar = info.nar_file().ok();
     if let Some(nar) = &nar {
         st.nar_memory.hint(nar.as_str(), info.file_size).await;
+        // A NAR named after its store path, rebuilt: the copies held are the old build's.
+        if st
+            .nar_memory
+            .contents_changed(nar.as_str(), info.nar_hash)
+            .await
+        {
+            st.nar_memory.forget(nar.as_str()).await;
+            if let Some(cache) = &st.nars {
+                cache.forget(nar.as_str());
+            }
+        }
     }
     if !st.prefetch.enabled() {
         return;
