@@ -798,6 +798,17 @@ async fn a_nar_named_after_its_bytes_stays_on_disk_across_a_restart() {
         assert_eq!(get(&st, &format!("/nar/{file}")).await.1, nar, "{start}");
         let disk = st.nars.clone().unwrap();
         disk.wait_until(|d| d.usage().0 == 1).await;
+        // Stopped, its cache directory let go, as by a process that exits.
+        let gone = Arc::downgrade(&disk);
+        drop((st, disk));
+        let stopped = async {
+            while gone.strong_count() > 0 {
+                tokio::task::yield_now().await;
+            }
+        };
+        tokio::time::timeout(std::time::Duration::from_secs(60), stopped)
+            .await
+            .expect("the disk cache outlived its server");
     }
     assert_eq!(mem.gets_under("nar/"), 1, "fetched again after the restart");
 }
