@@ -225,8 +225,6 @@ impl NarMemory {
         }
     }
 
-    /// `name` from memory, or read whole from what `source` opens (once for all concurrent
-    /// callers) and kept. `key` names the object in error messages.
     /// Forgets the bytes of `name` (see [`crate::cache::nar::NarCache::forget`]); a copy let go
     /// this way is not spilled to disk.
     pub async fn forget(&self, name: &str) {
@@ -235,6 +233,8 @@ impl NarMemory {
         }
     }
 
+    /// `name` from memory, or read whole from what `source` opens (once for all concurrent
+    /// callers) and kept. `key` names the object in error messages.
     pub async fn load<F>(&self, name: &str, key: &str, source: F) -> Result<Bytes, Unloaded>
     where
         F: Future<Output = Result<Option<Object>, Error>>,
