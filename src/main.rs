@@ -423,9 +423,21 @@ fn serve(path: Option<&Path>, log_format: Option<LogFormat>) -> anyhow::Result<(
             }
         };
         let last_flush_within = cfg.store.timeout;
-        let shutdown = async {
+        let early_words = last_words.clone();
+        let shutdown = async move {
             signal.await;
             cellar::systemd::stopping();
+            // What was served until the signal is written now, not only after the shutdown
+            // delay and the wait for requests (up to `gc.access_flush_secs` of use, which an
+            // orchestrator's kill at the end of its stop timeout would lose); the last write
+            // below takes what is served meanwhile.
+            if let Some(access) = early_words.get().cloned() {
+                tokio::spawn(async move {
+                    if let Err(e) = access.flush().await {
+                        tracing::warn!(cause = %e, "writing the access record at the stop signal failed");
+                    }
+                });
+            }
         };
         let listener = tokio::net::TcpListener::bind(cfg.listen)
             .await

@@ -424,6 +424,30 @@ fn a_second_signal_ends_the_shutdown_delay() {
     wait_for_in_file(&log, "accepting connections for 3600 s more", 1);
     // Still serving during the delay.
     std::net::TcpStream::connect(addr).expect("closed during the delay");
+    // Its use written at the signal, not only on the way out (a kill at the end of an
+    // orchestrator's stop timeout would lose it).
+    let records = d.path().join("cellar-data/_cellar/access");
+    let deadline = std::time::Instant::now() + std::time::Duration::from_secs(30);
+    let written = || {
+        records.is_dir()
+            && walk(&records).iter().any(|r| {
+                std::fs::read_to_string(r)
+                    .unwrap_or_default()
+                    .contains(&hash)
+            })
+    };
+    while !written() {
+        assert!(
+            std::time::Instant::now() < deadline,
+            "no access record during the delay:\n{}",
+            read_log()
+        );
+        std::thread::sleep(std::time::Duration::from_millis(20));
+    }
+    assert!(
+        child.try_wait().unwrap().is_none(),
+        "exited during the delay"
+    );
     term();
     // A guard against a hung test, not a wait the test relies on.
     let (tx, rx) = std::sync::mpsc::channel();
