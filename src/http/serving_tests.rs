@@ -801,14 +801,7 @@ async fn a_nar_named_after_its_bytes_stays_on_disk_across_a_restart() {
         // Stopped, its cache directory let go, as by a process that exits.
         let gone = Arc::downgrade(&disk);
         drop((st, disk));
-        let stopped = async {
-            while gone.strong_count() > 0 {
-                tokio::task::yield_now().await;
-            }
-        };
-        tokio::time::timeout(std::time::Duration::from_secs(60), stopped)
-            .await
-            .expect("the disk cache outlived its server");
+        let_go(gone).await;
     }
     assert_eq!(mem.gets_under("nar/"), 1, "fetched again after the restart");
 }
@@ -843,6 +836,19 @@ async fn a_small_nar_asked_for_without_its_narinfo_is_kept_in_memory() {
     assert!(!dir.path().join("nars").join(&file).exists());
 }
 
+/// Waits until nothing holds the disk cache `disk` any more (its last writes done), as after
+/// its process exits; fails if it stays held.
+async fn let_go(disk: std::sync::Weak<crate::cache::nar::NarCache>) {
+    let gone = async {
+        while disk.strong_count() > 0 {
+            tokio::task::yield_now().await;
+        }
+    };
+    tokio::time::timeout(std::time::Duration::from_secs(60), gone)
+        .await
+        .expect("the NAR disk cache was kept alive");
+}
+
 /// The disk cache and the memory cache refer to each other (spills one way, small NARs the
 /// other): a state that goes away lets its disk cache go too, with the lock on its directory.
 #[tokio::test]
@@ -854,14 +860,7 @@ async fn a_dropped_state_lets_its_nar_disk_cache_go() {
     let st = state(cfg.clone(), &mem);
     let disk = Arc::downgrade(st.nars.as_ref().unwrap());
     drop(st);
-    let gone = async {
-        while disk.strong_count() > 0 {
-            tokio::task::yield_now().await;
-        }
-    };
-    tokio::time::timeout(std::time::Duration::from_secs(60), gone)
-        .await
-        .expect("the NAR disk cache was kept alive");
+    let_go(disk).await;
     // Its directory can be opened again in this process.
     let again = state(cfg, &mem);
     assert!(again.nars.is_some());
