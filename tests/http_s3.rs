@@ -346,6 +346,29 @@ async fn an_endpoint_spelled_in_capitals_is_signed_as_sent() {
 #[tokio::test(flavor = "multi_thread")]
 async fn an_endpoint_from_aws_endpoint_url_is_read() {
     let s3 = s3_env();
+    reads_a_narinfo_with_the_endpoint_from(vec![("AWS_ENDPOINT_URL", s3.endpoint.clone())]).await;
+}
+
+/// S3's own endpoint variable wins over the shared one, for cellar's own requests as for the
+/// SDK's: with `AWS_ENDPOINT_URL` naming a port where nothing listens (a setting for other AWS
+/// services), the store named by `AWS_ENDPOINT_URL_S3` is read.
+#[tokio::test(flavor = "multi_thread")]
+async fn aws_endpoint_url_s3_wins_over_aws_endpoint_url() {
+    let s3 = s3_env();
+    let nothing = std::net::TcpListener::bind("127.0.0.1:0").unwrap();
+    let nowhere = format!("http://{}", nothing.local_addr().unwrap());
+    drop(nothing);
+    reads_a_narinfo_with_the_endpoint_from(vec![
+        ("AWS_ENDPOINT_URL", nowhere),
+        ("AWS_ENDPOINT_URL_S3", s3.endpoint.clone()),
+    ])
+    .await;
+}
+
+/// Starts cellar on the test bucket with no `store.endpoint`, the endpoint in `endpoint_env`
+/// instead, and reads a narinfo through it.
+async fn reads_a_narinfo_with_the_endpoint_from(endpoint_env: Vec<(&str, String)>) {
+    let s3 = s3_env();
     let prefix = unique_prefix("env-endpoint");
     let hash = some_hash(40);
     s3_put(&s3, &format!("{prefix}{hash}.narinfo"), narinfo_for(&hash)).await;
@@ -353,7 +376,7 @@ async fn an_endpoint_from_aws_endpoint_url_is_read() {
         .into_iter()
         .filter(|(k, _)| k != "CELLAR_STORE__ENDPOINT")
         .collect();
-    env.push(("AWS_ENDPOINT_URL".into(), s3.endpoint.clone()));
+    env.extend(endpoint_env.into_iter().map(|(k, v)| (k.to_owned(), v)));
     env.push(("CELLAR_STORE__ACCESS_KEY_ID".into(), s3.key_id.clone()));
     env.push(("CELLAR_STORE__SECRET_ACCESS_KEY".into(), s3.secret.clone()));
     let srv = tokio::task::spawn_blocking(move || Server::start(env))
@@ -365,6 +388,60 @@ async fn an_endpoint_from_aws_endpoint_url_is_read() {
         "{}",
         String::from_utf8_lossy(&body)
     );
+}
+
+/// A store reached only through an HTTP proxy named by `HTTP_PROXY` (a network whose way out
+/// is a proxy) is read through it by cellar's own requests as by the SDK's: both take the
+/// proxy from the environment. Before, cellar's own requests went to the store directly and
+/// failed (every narinfo a 502) while `/readyz`, answered by the SDK, said all was well.
+#[tokio::test(flavor = "multi_thread")]
+async fn a_store_behind_an_http_proxy_is_read_through_it() {
+    let f = the_fixture().await;
+    let s3 = s3_env();
+    let garage = s3.endpoint.trim_start_matches("http://").to_owned();
+    let proxy = replicas_support::Nginx::serving("http", |listen| {
+        format!(
+            r#"
+    server {{
+        listen {listen};
+        client_max_body_size 0;
+        location / {{
+            proxy_pass http://{garage};
+            proxy_http_version 1.1;
+            proxy_set_header Host $http_host;
+            proxy_buffering off;
+            proxy_request_buffering off;
+        }}
+    }}
+"#,
+        )
+    });
+    // A name that resolves nowhere: the store is reached through the proxy or not at all.
+    let port = garage.rsplit(':').next().unwrap();
+    let app = App::s3("proxy")
+        .seed_dir(&f.xz_dir)
+        .env(
+            "CELLAR_STORE__ENDPOINT",
+            format!("http://s3.cellar-test.invalid:{port}"),
+        )
+        .env("HTTP_PROXY", proxy.url.clone())
+        .spawn()
+        .await;
+    let c = client();
+    let hash = Fixture::hash(&f.top);
+    let res = get(&c, &format!("{}/{hash}.narinfo", app.srv.url)).await;
+    assert_eq!(
+        res.status(),
+        StatusCode::OK,
+        "cellar:\n{}\nproxy:\n{}\n{}",
+        app.srv.log(),
+        proxy.access_log(),
+        proxy.error_log()
+    );
+    let body = res.bytes().await.unwrap();
+    let nar = parse_narinfo(&body).url;
+    let (_, got) = get_ok(&c, &format!("{}/{nar}", app.srv.url)).await;
+    assert_eq!(got, read(&f.xz_dir.join(&nar)));
 }
 
 /// A store reached over TLS (nginx with a certificate of its own in front of Garage, as S3

@@ -15,6 +15,7 @@ use aws_sdk_s3::config::{
 use aws_sdk_s3::error::{ProvideErrorMetadata, SdkError};
 use aws_sdk_s3::presigning::PresigningConfig;
 use aws_sdk_s3::Client;
+use aws_types::service_config::ServiceConfigKey;
 use futures::StreamExt as _;
 
 use super::clock::{ObserveDates, RetrySkewed, StoreClock};
@@ -144,13 +145,14 @@ impl S3Store {
             (Client::from_conf(p.build()), r.ttl)
         });
         let conf = b.build();
+        let from_env = endpoint_from_env(&shared);
         let endpoint = s
             .endpoint
             .clone()
-            .or_else(|| shared.endpoint_url().map(str::to_owned))
+            .or_else(|| from_env.clone())
             .unwrap_or_else(|| format!("aws:{}", s.region));
         let fast = match (
-            direct_endpoint(s, shared.endpoint_url()),
+            direct_endpoint(s, from_env.as_deref()),
             shared.credentials_provider(),
         ) {
             (Some(ep), Some(creds)) => {
@@ -211,9 +213,23 @@ impl S3Store {
     }
 }
 
+/// The endpoint the AWS environment gives S3, as the SDK reads it: `AWS_ENDPOINT_URL_S3`,
+/// else `AWS_ENDPOINT_URL`, else the profile's (its `services` section, then `endpoint_url`).
+fn endpoint_from_env(shared: &aws_config::SdkConfig) -> Option<String> {
+    let key = ServiceConfigKey::builder()
+        .service_id("S3")
+        .env("AWS_ENDPOINT_URL")
+        .profile("endpoint_url")
+        .build()
+        .ok()?;
+    shared
+        .service_config()
+        .and_then(|c| c.load_config(key))
+        .or_else(|| shared.endpoint_url().map(str::to_owned))
+}
+
 /// Where cellar sends the requests it signs itself (`store.direct_requests`): the configured
-/// endpoint, else the one the AWS environment names (`AWS_ENDPOINT_URL`, the profile's
-/// `endpoint_url`); none for AWS itself or virtual-hosted addressing.
+/// endpoint, else the one the AWS environment gives S3 ([`endpoint_from_env`]); none for AWS itself or virtual-hosted addressing.
 fn direct_endpoint<'a>(s: &'a S3StoreConfig, from_env: Option<&'a str>) -> Option<&'a str> {
     if !(s.force_path_style && s.direct_requests) {
         return None;

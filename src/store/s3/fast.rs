@@ -44,6 +44,11 @@ const REFRESH_BEFORE: Duration = Duration::from_secs(300);
 /// the store after they expired.
 const STILL_VALID_FOR: Duration = Duration::from_secs(10);
 
+/// Credentials that say nothing of their expiry (a `credential_process` may leave it out) are
+/// fetched again after this long, as the SDK's cache does: keys rotated behind them reach
+/// cellar's own requests as soon as the SDK's. Until new ones come, they are still used.
+const UNDATED_REFRESH: Duration = Duration::from_secs(15 * 60);
+
 pub(super) struct FastReads {
     http: reqwest::Client,
     /// `{endpoint}/{bucket}/`, to which an encoded key is appended.
@@ -51,7 +56,8 @@ pub(super) struct FastReads {
     region: String,
     bucket: String,
     credentials: SharedCredentialsProvider,
-    cached: std::sync::Mutex<Option<Credentials>>,
+    /// The credentials held, and when they were fetched (by the store's clock).
+    cached: std::sync::Mutex<Option<(Credentials, SystemTime)>>,
     /// Held by the one request that fetches new credentials.
     refreshing: Mutex<()>,
     /// Set while renewals fail: the failure is logged once, and the recovery.
@@ -110,9 +116,10 @@ impl FastReads {
             .connect_timeout(connect_timeout)
             .tcp_nodelay(true)
             .pool_idle_timeout(Duration::from_secs(60))
-            // As the SDK: no proxy from the environment, no redirect followed (a signed
-            // request sent elsewhere fails anyway; S3's region redirects carry no Location).
-            .no_proxy()
+            // As the SDK's client (`sdk_http_client`): proxies from the environment
+            // (`HTTP_PROXY`, `HTTPS_PROXY`, `NO_PROXY`, reqwest's default), no redirect
+            // followed (a signed request sent elsewhere fails anyway; S3's region redirects
+            // carry no Location).
             .redirect(reqwest::redirect::Policy::none())
             // Over TLS a server may offer HTTP/2, and then every request shares one
             // connection and its flow-control window: a few NAR bodies read slowly (a slow
@@ -133,13 +140,27 @@ impl FastReads {
         })
     }
 
-    /// The credentials held, if they expire after `now + margin` (or never).
-    fn held(&self, now: SystemTime, margin: Duration) -> Option<Credentials> {
+    /// The credentials held, if they are not due for renewal at `now`: they expire after
+    /// [`REFRESH_BEFORE`] from now, or, undated, were fetched within [`UNDATED_REFRESH`].
+    fn fresh(&self, now: SystemTime) -> Option<Credentials> {
+        self.held(|c, fetched| match c.expiry() {
+            Some(e) => e > now + REFRESH_BEFORE,
+            None => now < fetched + UNDATED_REFRESH,
+        })
+    }
+
+    /// The credentials held, if they may still be signed with at `now`: they expire after
+    /// [`STILL_VALID_FOR`] from now, or are undated.
+    fn usable(&self, now: SystemTime) -> Option<Credentials> {
+        self.held(|c, _| c.expiry().is_none_or(|e| e > now + STILL_VALID_FOR))
+    }
+
+    fn held(&self, keep: impl Fn(&Credentials, SystemTime) -> bool) -> Option<Credentials> {
         let cached = self.cached.lock().unwrap_or_else(|p| p.into_inner());
         cached
             .as_ref()
-            .filter(|c| c.expiry().is_none_or(|e| e > now + margin))
-            .cloned()
+            .filter(|(c, fetched)| keep(c, *fetched))
+            .map(|(c, _)| c.clone())
     }
 
     /// Credentials for the next request. Held ones are used until [`REFRESH_BEFORE`] their
@@ -150,10 +171,10 @@ impl FastReads {
         // Expiry times are the issuer's (STS, IMDS): judged by the store's clock, which this
         // machine's may be minutes off (see `StoreClock`), as requests are signed with it.
         let now = self.clock.now();
-        if let Some(c) = self.held(now, REFRESH_BEFORE) {
+        if let Some(c) = self.fresh(now) {
             return Ok(c);
         }
-        let usable = self.held(now, STILL_VALID_FOR);
+        let usable = self.usable(now);
         let _refreshing = match (&usable, self.refreshing.try_lock()) {
             (_, Ok(guard)) => guard,
             // Another request is fetching: these still do meanwhile.
@@ -164,7 +185,7 @@ impl FastReads {
                     .map_err(|_| StoreError::Timeout(self.timeout.as_secs()))?;
                 // The request that held the lock may have fetched them (perhaps ones that
                 // last less than REFRESH_BEFORE: signed with, not fetched again at once).
-                if let Some(c) = self.held(self.clock.now(), STILL_VALID_FOR) {
+                if let Some(c) = self.usable(self.clock.now()) {
                     return Ok(c);
                 }
                 guard
@@ -174,7 +195,7 @@ impl FastReads {
             tokio::time::timeout(self.timeout, self.credentials.provide_credentials()).await;
         let failure = match fetched {
             Ok(Ok(c)) => {
-                *self.cached.lock().unwrap_or_else(|p| p.into_inner()) = Some(c.clone());
+                *self.cached.lock().unwrap_or_else(|p| p.into_inner()) = Some((c.clone(), now));
                 if self.renewal_failing.swap(false, Ordering::Relaxed) {
                     tracing::info!("S3 credentials renewed");
                 }
@@ -835,7 +856,8 @@ mod tests {
     /// first call, then fails (an STS or metadata service gone for a while), counting calls.
     #[derive(Debug)]
     struct FailsAfterFirst {
-        lasting: Duration,
+        /// How long they last; `None`: undated.
+        lasting: Option<Duration>,
         calls: Arc<AtomicUsize>,
     }
 
@@ -847,15 +869,9 @@ mod tests {
             Self: 'a,
         {
             let n = self.calls.fetch_add(1, Ordering::SeqCst);
-            let expiry = SystemTime::now() + self.lasting;
+            let expiry = self.lasting.map(|l| SystemTime::now() + l);
             aws_credential_types::provider::future::ProvideCredentials::ready(if n == 0 {
-                Ok(Credentials::new(
-                    "k",
-                    "s",
-                    Some("t".into()),
-                    Some(expiry),
-                    "t",
-                ))
+                Ok(Credentials::new("k", "s", Some("t".into()), expiry, "t"))
             } else {
                 Err(aws_credential_types::provider::error::CredentialsError::provider_error("down"))
             })
@@ -866,7 +882,7 @@ mod tests {
     /// `lasting`, and the count of the provider's calls.
     async fn reads_with(
         hits: &Arc<AtomicUsize>,
-        lasting: Duration,
+        lasting: Option<Duration>,
     ) -> (FastReads, Arc<AtomicUsize>) {
         let url = fake_s3(hits.clone()).await;
         let calls = Arc::new(AtomicUsize::new(0));
@@ -895,7 +911,7 @@ mod tests {
     async fn held_credentials_outlive_a_failed_renewal_until_they_expire() {
         let logs = crate::test_logs::capture();
         let hits = Arc::new(AtomicUsize::new(0));
-        let (r, calls) = reads_with(&hits, REFRESH_BEFORE - Duration::from_secs(60)).await;
+        let (r, calls) = reads_with(&hits, Some(REFRESH_BEFORE - Duration::from_secs(60))).await;
         let renewals_failed = || logs.text().matches("could not be renewed").count();
         // The first request fetches them; the second finds them due, and the renewal fails.
         for _ in 0..2 {
@@ -915,7 +931,7 @@ mod tests {
             "logged once per streak: {logged}"
         );
 
-        let (r, _) = reads_with(&hits, STILL_VALID_FOR - Duration::from_secs(1)).await;
+        let (r, _) = reads_with(&hits, Some(STILL_VALID_FOR - Duration::from_secs(1))).await;
         assert!(matches!(r.get("p/ok", None).await, Ok(Read::Found(_))));
         assert!(
             matches!(r.get("p/ok", None).await, Err(StoreError::Misconfigured(m)) if m.contains("credentials")),
@@ -929,7 +945,7 @@ mod tests {
     async fn credentials_expire_by_the_stores_clock() {
         use aws_smithy_types::date_time::{DateTime, Format};
         let hits = Arc::new(AtomicUsize::new(0));
-        let (r, _) = reads_with(&hits, Duration::from_secs(30 * 60)).await;
+        let (r, _) = reads_with(&hits, Some(Duration::from_secs(30 * 60))).await;
         assert!(r.credentials().await.is_ok());
         assert!(r.credentials().await.is_ok(), "the ones held");
         // The store's clock is an hour ahead of this machine's: they have expired.
@@ -938,6 +954,29 @@ mod tests {
             .unwrap();
         assert!(r.clock.observe(&ahead));
         assert!(r.credentials().await.is_err());
+    }
+
+    /// Credentials that give no expiry are fetched again after [`UNDATED_REFRESH`] (by the
+    /// store's clock), as the SDK does, and still signed with while that fails: rotated keys
+    /// reached the SDK's requests but never cellar's own, which failed with 403s until a
+    /// restart.
+    #[tokio::test]
+    async fn undated_credentials_are_fetched_again_after_a_while() {
+        use aws_smithy_types::date_time::{DateTime, Format};
+        let hits = Arc::new(AtomicUsize::new(0));
+        let (r, calls) = reads_with(&hits, None).await;
+        assert!(r.credentials().await.is_ok());
+        assert!(r.credentials().await.is_ok());
+        assert_eq!(calls.load(Ordering::SeqCst), 1, "the ones held");
+        let later = DateTime::from(SystemTime::now() + UNDATED_REFRESH + Duration::from_secs(60))
+            .fmt(Format::HttpDate)
+            .unwrap();
+        assert!(r.clock.observe(&later));
+        assert!(
+            r.credentials().await.is_ok(),
+            "the renewal failed: still held"
+        );
+        assert_eq!(calls.load(Ordering::SeqCst), 2, "not fetched again");
     }
 
     /// Retries wait a random share of their pause, so that replicas retrying together spread

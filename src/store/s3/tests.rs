@@ -1165,3 +1165,43 @@ fn direct_requests_go_to_the_configured_endpoint_else_the_environments() {
     let off = config_for("http://configured:9000".into(), 4, false);
     assert_eq!(super::direct_endpoint(&off, from_env), None);
 }
+
+/// What the AWS environment holds for one service setting (the SDK's own reader, given
+/// `AWS_ENDPOINT_URL_S3`, answers the key S3 / `AWS_ENDPOINT_URL` / `endpoint_url`).
+#[derive(Debug)]
+struct ServiceEnv(Option<&'static str>);
+
+impl aws_types::service_config::LoadServiceConfig for ServiceEnv {
+    fn load_config(&self, key: ServiceConfigKey<'_>) -> Option<String> {
+        let s3_endpoint = (key.service_id(), key.env(), key.profile())
+            == ("S3", "AWS_ENDPOINT_URL", "endpoint_url");
+        s3_endpoint.then(|| self.0.map(str::to_owned)).flatten()
+    }
+}
+
+/// The environment's endpoint for S3 is the one the SDK uses: S3's own setting
+/// (`AWS_ENDPOINT_URL_S3`) before the shared one; cellar's own requests went to the shared one
+/// (or, with it unset, through the SDK) while the SDK's went to S3's.
+#[test]
+fn the_environments_endpoint_is_s3s_own_before_the_shared_one() {
+    let shared = |service: Option<&'static str>, all: Option<&str>| {
+        let mut b = aws_config::SdkConfig::builder().service_config(ServiceEnv(service));
+        if let Some(all) = all {
+            b = b.endpoint_url(all);
+        }
+        b.build()
+    };
+    assert_eq!(
+        super::endpoint_from_env(&shared(
+            Some("http://s3-only:9000"),
+            Some("http://all:9000")
+        ))
+        .as_deref(),
+        Some("http://s3-only:9000")
+    );
+    assert_eq!(
+        super::endpoint_from_env(&shared(None, Some("http://all:9000"))).as_deref(),
+        Some("http://all:9000")
+    );
+    assert_eq!(super::endpoint_from_env(&shared(None, None)), None);
+}
