@@ -751,6 +751,69 @@ async fn a_path_whose_nar_went_missing_is_uploaded_again() {
     );
 }
 
+/// A NAR cut short in the bucket (an interrupted `cp` or `mc mirror` into it, a broken
+/// restore), with no narinfo naming it yet, is replaced by the first upload of its path: its
+/// size differs from the one the client sends, so the body is taken and stored over it. Before,
+/// a NAR over 1 MiB found under its name was taken for stored (answered without its body), its
+/// narinfo refused, and the path could not be pushed until `cellar verify --repair` deleted it.
+#[tokio::test(flavor = "multi_thread")]
+async fn a_nar_cut_short_in_the_bucket_is_replaced_by_an_upload() {
+    let f = fixture();
+    let big = f.closure.iter().find(|p| p.ends_with("-big")).unwrap();
+    // The NAR as `nix copy` compresses and names it (xz, the default, as below).
+    let narinfo =
+        std::fs::read_to_string(f.xz_dir.join(format!("{}.narinfo", Fixture::hash(big)))).unwrap();
+    let url = narinfo
+        .lines()
+        .find_map(|l| l.strip_prefix("URL: "))
+        .unwrap()
+        .to_owned();
+    let nar = std::fs::read(f.xz_dir.join(&url)).unwrap();
+    assert!(nar.len() > 1 << 20, "not over the 1 MiB shortcut");
+    let (w, wcfg) = token("builder", "write");
+    let app = App::s3("up-nar-cut").config(&wcfg).spawn().await;
+    let nar_key = format!("{}{url}", app.prefix);
+    s3_put(&app.s3, &nar_key, nar[..nar.len() / 2].to_vec()).await;
+
+    let work = tempfile::tempdir().unwrap();
+    let n = netrc(work.path(), &app.srv, &w);
+    let upload = format!("{}/upload", app.srv.url);
+    assert_ok(
+        &copy_to(&upload, Some(&n), &[big.as_str()], work.path(), "cut"),
+        "nix copy --to over a NAR cut short",
+    );
+    let s3 = s3_client(&app.s3);
+    let get = |key: String| {
+        let (s3, bucket) = (s3.clone(), app.s3.bucket.clone());
+        async move {
+            s3.get_object()
+                .bucket(bucket)
+                .key(key)
+                .send()
+                .await
+                .unwrap()
+                .body
+                .collect()
+                .await
+                .unwrap()
+                .into_bytes()
+        }
+    };
+    let stored = get(format!("{}{}.narinfo", app.prefix, Fixture::hash(big))).await;
+    assert!(
+        String::from_utf8_lossy(&stored).contains(&format!("URL: {url}\n")),
+        "uploaded under another name than the cut copy's: {}",
+        String::from_utf8_lossy(&stored)
+    );
+    assert!(get(nar_key).await == nar, "the cut copy is still stored");
+    substitute_and_verify(
+        &app.srv.url,
+        &app.srv.public_key,
+        big,
+        &work.path().join("whole"),
+    );
+}
+
 #[tokio::test(flavor = "multi_thread")]
 async fn local_backend_accepts_uploads() {
     let f = fixture();

@@ -1100,8 +1100,9 @@ async fn a_small_nar_stored_re_encoded_is_not_encoded_again() {
 
 /// A PUT of a NAR over `STORED_AGAIN_MAX` the store holds is answered 200 without its body
 /// when the client waits for `100 Continue` before sending it; one the store lacks, or a small
-/// one, is received (and a small one is not looked up first). One sent without `Expect` (a
-/// proxy answered it) has its body read to the end and dropped, and is not stored again.
+/// one, is received (and a small one is not looked up first), and so is one sent with
+/// another length than the stored copy's (cut short). One sent without `Expect` (a proxy
+/// answered it) has its body read to the end and dropped, and is not stored again.
 #[tokio::test]
 async fn a_large_nar_already_stored_is_not_received_again() {
     use crate::config::Scope;
@@ -1111,7 +1112,8 @@ async fn a_large_nar_already_stored_is_not_received_again() {
     cfg.upload.max_nar_bytes = 3 << 20;
     let st = state(cfg, &mem);
     let stored = format!("{NAR_FILE}.nar.xz");
-    mem.insert(&format!("nar/{stored}"), vec![1u8; 300]);
+    let large = 3u64 << 20;
+    mem.insert(&format!("nar/{stored}"), vec![1u8; large as usize]);
     let absent = format!("{}.nar.xz", "1".repeat(52));
     // A body that fails if read: a status other than the error's says it was not.
     let unread = || {
@@ -1128,10 +1130,11 @@ async fn a_large_nar_already_stored_is_not_received_again() {
         let st = st.clone();
         async move { send(&st, req).await.status() }
     };
-    let large = STORED_AGAIN_MAX + 1;
     assert_eq!(put(&stored, large).await, StatusCode::OK);
     let read = put(&absent, large).await;
     assert!(read.is_client_error(), "{read}");
+    let read = put(&stored, STORED_AGAIN_MAX + 1).await;
+    assert!(read.is_client_error(), "another length: {read}");
     let before = mem.requests();
     let read = put(&stored, STORED_AGAIN_MAX).await;
     assert!(read.is_client_error(), "{read}");
@@ -1168,12 +1171,12 @@ async fn a_large_nar_already_stored_is_not_received_again() {
         .unwrap();
     assert_eq!(send(&st, req).await.status(), StatusCode::PAYLOAD_TOO_LARGE);
     assert_eq!(
-        mem.get_bytes(&format!("nar/{stored}"), 1000)
+        mem.get_bytes(&format!("nar/{stored}"), large)
             .await
             .unwrap()
             .unwrap()
-            .len(),
-        300
+            .len() as u64,
+        large
     );
 }
 
@@ -1185,14 +1188,13 @@ async fn a_large_nar_already_stored_is_not_received_again() {
 async fn an_upload_that_waited_for_a_slot_has_its_body_read() {
     use crate::config::Scope;
     use crate::store::memory::FailOp;
-    use crate::upload::STORED_AGAIN_MAX;
     let mem = Arc::new(MemoryStore::new());
     let mut cfg = with_tokens(Config::default(), &[("w", "wtok", Scope::Write)]);
     cfg.upload.max_nar_bytes = 3 << 20;
     cfg.upload.max_concurrent = 1;
     let st = state(cfg, &mem);
     let stored = format!("{NAR_FILE}.nar.xz");
-    mem.insert(&format!("nar/{stored}"), vec![1u8; 300]);
+    mem.insert(&format!("nar/{stored}"), vec![1u8; 2 << 20]);
     let taken = Arc::new(std::sync::atomic::AtomicUsize::new(0));
     let body = {
         let taken = taken.clone();
@@ -1223,7 +1225,7 @@ async fn an_upload_that_waited_for_a_slot_has_its_body_read() {
 
     mem.fail(FailOp::Read, &format!("nar/{stored}"), 0, 1);
     let req = authed("PUT", &format!("/upload/nar/{stored}"), "wtok")
-        .header("content-length", (STORED_AGAIN_MAX + 1).to_string())
+        .header("content-length", (2u64 << 20).to_string())
         .header("expect", "100-continue")
         .body(Body::from_stream(futures::stream::once(async {
             Err::<bytes::Bytes, _>(std::io::Error::other("the body was read"))

@@ -235,6 +235,12 @@ type EarlyRecord = Shared<BoxFuture<'static, Option<Announced>>>;
 /// already leaves (two uploads past it both write; the last one wins), only wider.
 const PROBED_ABSENT_TRUST: std::time::Duration = std::time::Duration::from_secs(60);
 
+/// How long a NAR object found bad when read back is not taken for stored by uploads of its
+/// name ([`Uploader::already_stored`]): long enough for the builder's next attempt. Whoever
+/// replaced it meanwhile (another replica, `cellar verify --repair`) costs one NAR received
+/// again.
+const FOUND_BAD_TRUST: std::time::Duration = std::time::Duration::from_secs(24 * 3600);
+
 pub struct Uploader {
     store: Arc<dyn Store>,
     store_dir: String,
@@ -272,6 +278,11 @@ pub struct Uploader {
     /// asked for them (at the upload address, or at the root with a write token), by the name
     /// the client uses, and when ([`PROBED_ABSENT_TRUST`]); each taken by one upload.
     nars_probed_absent: Mutex<HashMap<String, tokio::time::Instant>>,
+    /// NAR objects whose bytes, read back for a narinfo, were not what their name says (they
+    /// did not decode, or their sha256 is not the name's: a copy cut short by an interrupted
+    /// `cp`, a disk's corruption), by key, and when ([`FOUND_BAD_TRUST`]): an upload of the
+    /// name stores its body over them rather than taking them for stored.
+    nars_found_bad: Mutex<HashMap<String, tokio::time::Instant>>,
     /// Where accepted narinfos are recorded before they are written (garbage collection).
     access: Option<Arc<crate::gc::access::AccessLog>>,
     /// Listings uploaded and waiting for their narinfo ([`listings`]).
@@ -317,6 +328,7 @@ impl Uploader {
             taken_back: Mutex::new(HashMap::new()),
             probed_absent: Mutex::new(HashMap::new()),
             nars_probed_absent: Mutex::new(HashMap::new()),
+            nars_found_bad: Mutex::new(HashMap::new()),
             access: None,
             listings: listings::Listings::default(),
             realisations: tokio::sync::Mutex::new(()),
@@ -596,6 +608,8 @@ impl Uploader {
     /// over [`STORED_AGAIN_MAX`] (or of unknown size) are looked up; a smaller one costs less
     /// to store again than a round trip to ask (one re-encoded on upload is asked for before
     /// it is committed, see [`Self::store_nar`]).
+    /// One whose stored copy was found bad ([`Self::found_bad`]), or is of another size than
+    /// declared, is received and stored over that copy.
     pub async fn already_stored(
         &self,
         name: &NarFileName,
@@ -604,7 +618,30 @@ impl Uploader {
         if declared.is_some_and(|n| n <= STORED_AGAIN_MAX) {
             return Ok(false);
         }
-        self.has_nar(name).await
+        if self.found_bad(&object_key::nar(name)) {
+            return Ok(false);
+        }
+        // The name is the sha256 of the file: a stored object of another size than the one
+        // sent is not that file (cut short by an interrupted copy into the bucket), and is
+        // stored over.
+        match self.store.head(&object_key::nar(name)).await? {
+            Some(size) => Ok(declared.is_none_or(|d| d == size)),
+            None => Ok(self.reencoded_size(name).await?.is_some()),
+        }
+    }
+
+    /// Notes that the NAR object `key`, read back, was not what its name says.
+    fn note_found_bad(&self, key: String) {
+        let mut m = lock(&self.nars_found_bad);
+        note_at(&mut m, key, tokio::time::Instant::now(), FOUND_BAD_TRUST);
+    }
+
+    /// Whether the NAR object `key` was found bad within [`FOUND_BAD_TRUST`] and not stored
+    /// again since.
+    fn found_bad(&self, key: &str) -> bool {
+        lock(&self.nars_found_bad)
+            .get(key)
+            .is_some_and(|at| at.elapsed() < FOUND_BAD_TRUST)
     }
 
     /// Whether the store holds the NAR a client would find under `name`: the object itself,
@@ -692,7 +729,10 @@ impl Uploader {
         // moments ago. A failed look is asked again (a passing timeout should not fail an
         // upload whose body is in: Nix 2.8 retries without it); a store that cannot say at all
         // fails the upload rather than risk those narinfos.
-        if target.is_some() && !self.take_probed_absent(name) {
+        if target.is_some()
+            && !self.take_probed_absent(name)
+            && !self.found_bad(&object_key::nar(stored))
+        {
             let key = object_key::nar(stored);
             let mut held = self.store.head(&key).await;
             for wait in gc_guard::HEAD_RETRIES {
@@ -749,6 +789,7 @@ impl Uploader {
         };
         let (committed, announced) = futures::join!(w.commit(), record);
         committed?;
+        lock(&self.nars_found_bad).remove(&object_key::nar(stored));
         Ok(Some((d, announced)))
     }
 
@@ -771,19 +812,33 @@ impl Uploader {
                 continue;
             };
             let c = cand.compression_from_ext().unwrap_or(Compression::None);
+            let key = object_key::nar(&cand);
             // The object is the store's: a broken body, or one that does not decode or is
             // over this server's limits (stored through a replica with larger ones), is the
             // store's trouble to be seen by its operator, not the client's narinfo (a 4xx,
-            // which Nix does not retry, would blame it).
-            let d = digest::digest_named_into(obj.body, c, None, None, self.limits)
-                .await
-                .map_err(|e| match e {
-                    Error::Upload(u) => Error::Store(StoreError::Other(format!(
-                        "reading {} back: {u}",
-                        object_key::nar(&cand)
-                    ))),
-                    other => other,
-                })?;
+            // which Nix does not retry, would blame it). One that is not what its name says
+            // is stored over by the next upload of the name: a builder's retry mends it.
+            let d = match digest::digest_named_into(obj.body, c, None, None, self.limits).await {
+                Ok(d) => d,
+                Err(Error::Upload(u)) => {
+                    if matches!(u, UploadError::Rejected(_)) {
+                        self.note_found_bad(key.clone());
+                    }
+                    return Err(StoreError::Other(format!("reading {key} back: {u}")).into());
+                }
+                Err(e) => return Err(e),
+            };
+            // Its name is the sha256 of the bytes stored as sent; a re-encoded copy's is the
+            // uploaded file's.
+            if cand == *name && d.input.hash.to_nix32() != name.file_hash() {
+                self.note_found_bad(key.clone());
+                return Err(StoreError::Other(format!(
+                    "reading {key} back: its sha256 is {}, not the one its name says; \
+                     the next upload of it replaces it",
+                    d.input.hash.to_nix32()
+                ))
+                .into());
+            }
             let v = VerifiedNar {
                 stored: cand,
                 stored_compression: d.compression,

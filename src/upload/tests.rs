@@ -769,6 +769,147 @@ async fn narinfos_are_checked_against_remembered_digests_or_the_nar_read_back() 
     assert!(e.to_string().contains("reading nar/"), "{e}");
 }
 
+/// A NAR object that is not what its name says (cut short by an interrupted copy, a disk's
+/// corruption) fails the narinfo naming it as the store's trouble, and is then not taken for
+/// stored by an upload of its name: the builder's next attempt sends the body, which replaces
+/// it, and its narinfo is accepted. Before, a large one was taken for stored by every upload
+/// (answered without its body) and the path could not be pushed until `cellar verify --hashes
+/// --repair` deleted it.
+#[tokio::test]
+async fn a_nar_found_bad_when_read_back_is_replaced_by_its_next_upload() {
+    // Sent without a length (else one of another size than the stored copy's is received
+    // anyway, see the next test).
+    let unknown_length = None;
+    let good = nar();
+    let info = narinfo_for(&good, good.len());
+    let file = info.nar_file().unwrap();
+    let key = object_key::nar(&file);
+    let raw = info.render("/nix/store");
+    // Cut short (still a NAR's header: read whole, its sha256 is not its name's), or not a
+    // NAR at all (its reading fails).
+    for bad in [
+        good.slice(..good.len() / 2),
+        Bytes::from_static(b"not a NAR"),
+    ] {
+        let (mem, up) = uploader();
+        mem.insert(&key, bad.to_vec());
+        assert!(up.already_stored(&file, unknown_length).await.unwrap());
+        let e = up
+            .put_narinfo(info.hash(), raw.as_bytes(), None)
+            .await
+            .unwrap_err();
+        assert_eq!(e.status(), axum::http::StatusCode::BAD_GATEWAY, "{e}");
+        assert!(
+            !up.already_stored(&file, unknown_length).await.unwrap(),
+            "a bad copy taken for stored"
+        );
+        up.put_nar(&file, body(good.clone())).await.unwrap();
+        assert_eq!(mem.bytes(&key).unwrap(), good);
+        up.put_narinfo(info.hash(), raw.as_bytes(), None)
+            .await
+            .unwrap();
+        assert!(
+            up.already_stored(&file, unknown_length).await.unwrap(),
+            "stored again, still taken for bad"
+        );
+    }
+}
+
+/// A large NAR sent with a length (every `nix copy` PUT has one) that the store holds at
+/// another size (cut short: its name is the sha256 of the whole file) is received and stored
+/// over that copy on the first upload; one of the size sent is taken for stored.
+#[tokio::test]
+async fn a_large_nar_stored_at_another_size_is_received_again() {
+    let (mem, up) = uploader();
+    let file: NarFileName = format!("{}.nar.xz", "1".repeat(52)).parse().unwrap();
+    let size = STORED_AGAIN_MAX + 10;
+    mem.insert(&object_key::nar(&file), vec![0u8; size as usize]);
+    assert!(up.already_stored(&file, Some(size)).await.unwrap());
+    assert!(up.already_stored(&file, None).await.unwrap());
+    assert!(!up.already_stored(&file, Some(size + 1)).await.unwrap());
+}
+
+/// A NAR that cannot be read back for a reason of this server's (over its limits) or of the
+/// store's connection (its body broke off) is not taken for bad: uploads of its name still find it stored.
+#[tokio::test]
+async fn a_nar_this_server_cannot_read_back_is_not_taken_for_bad() {
+    use crate::store::memory::FailOp;
+    let unknown_length = None;
+    let good = nar();
+    let info = narinfo_for(&good, good.len());
+    let file = info.nar_file().unwrap();
+    let key = object_key::nar(&file);
+    let raw = info.render("/nix/store");
+    let mem = Arc::new(MemoryStore::new());
+    let store: Arc<dyn Store> = mem.clone();
+    let mut cfg = Config::default();
+    cfg.upload.max_nar_bytes = good.len() as u64 - 1;
+    let up = Uploader::new(&cfg.upload, &cfg.store_dir, store);
+    mem.insert(&key, good.to_vec());
+    assert!(up
+        .put_narinfo(info.hash(), raw.as_bytes(), None)
+        .await
+        .is_err());
+    assert!(
+        up.already_stored(&file, unknown_length).await.unwrap(),
+        "over the limits"
+    );
+    let (mem, up) = uploader();
+    mem.insert(&key, good.to_vec());
+    mem.fail(FailOp::Body, &key, 0, 1);
+    assert!(up
+        .put_narinfo(info.hash(), raw.as_bytes(), None)
+        .await
+        .is_err());
+    assert!(
+        up.already_stored(&file, unknown_length).await.unwrap(),
+        "a broken read"
+    );
+}
+
+/// A re-encoded copy found bad when read back is written over by the next upload of the
+/// NAR, not kept as "already stored re-encoded".
+#[tokio::test]
+async fn a_re_encoded_copy_found_bad_is_written_over() {
+    let mem = Arc::new(MemoryStore::new());
+    let store: Arc<dyn Store> = mem.clone();
+    let mut cfg = Config::default();
+    cfg.upload.recompress = Some(Recompression {
+        compression: Compression::Zstd,
+        level: None,
+    });
+    let up = Uploader::new(&cfg.upload, &cfg.store_dir, store);
+    let good = nar();
+    let info = narinfo_for(&good, good.len());
+    let file = info.nar_file().unwrap();
+    let copy = object_key::nar(&file.with_compression(Compression::Zstd));
+    let raw = info.render("/nix/store");
+    mem.insert(&copy, b"no zstd frame".to_vec());
+    assert!(up
+        .put_narinfo(info.hash(), raw.as_bytes(), None)
+        .await
+        .is_err());
+    assert!(up
+        .put_nar(&file, body(good.clone()))
+        .await
+        .unwrap()
+        .is_some());
+    let stored = mem.bytes(&copy).unwrap();
+    assert_eq!(zstd::decode_all(&stored[..]).unwrap(), good);
+    up.put_narinfo(info.hash(), raw.as_bytes(), None)
+        .await
+        .unwrap();
+    // A good copy read back by a process that did not store it (another replica) is taken:
+    // its name is the uploaded file's, not its own bytes' hash.
+    let mem = Arc::new(MemoryStore::new());
+    let store: Arc<dyn Store> = mem.clone();
+    let up = Uploader::new(&cfg.upload, &cfg.store_dir, store);
+    mem.insert(&copy, stored.to_vec());
+    up.put_narinfo(info.hash(), raw.as_bytes(), None)
+        .await
+        .unwrap();
+}
+
 /// `nix copy --to 'http://…?compression=gzip'` uploads gzip NARs as `<hash>.nar` (Nix gives
 /// gzip no extension) with `Compression: gzip`: verified through gzip and published as gzip,
 /// whether uploaded here or read back from the store (another replica's upload), and
