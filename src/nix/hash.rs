@@ -122,6 +122,51 @@ impl fmt::Debug for Sha256 {
     }
 }
 
+/// Checks a content address (a narinfo's `CA`) as Nix parses it: `text:sha256:<hash>`, or
+/// `fixed:[r:|git:]<algo>:<hash>` with `<algo>` one of md5, sha1, sha256, sha512 and the
+/// hash in base16, nix32 or base64 of that algorithm's size. Nix refuses a narinfo whose
+/// `CA` it cannot parse: a client reading one fails the lookup.
+pub fn check_content_address(ca: &str) -> Result<(), String> {
+    let (method, rest) = ca
+        .split_once(':')
+        .ok_or_else(|| "not <method>:<algo>:<hash>".to_owned())?;
+    let rest = match method {
+        "text" => rest,
+        "fixed" => rest
+            .strip_prefix("r:")
+            .or_else(|| rest.strip_prefix("git:"))
+            .unwrap_or(rest),
+        other => return Err(format!("unknown method {other:?} (text or fixed)")),
+    };
+    let (algo, hash) = rest
+        .split_once(':')
+        .ok_or_else(|| "no <algo>:<hash>".to_owned())?;
+    let size = match (method, algo) {
+        ("text", "sha256") | ("fixed", "sha256") => 32,
+        ("fixed", "md5") => 16,
+        ("fixed", "sha1") => 20,
+        ("fixed", "sha512") => 64,
+        _ => {
+            return Err(format!(
+                "hash algorithm {algo:?} is not one a {method} address takes"
+            ))
+        }
+    };
+    let decoded = if hash.len() == 2 * size {
+        hex::decode(hash).ok()
+    } else if hash.len() == base32::encoded_len(size) {
+        base32::decode(hash, size).ok()
+    } else if hash.len() == size.div_ceil(3) * 4 {
+        BASE64.decode(hash).ok()
+    } else {
+        None
+    };
+    match decoded {
+        Some(d) if d.len() == size => Ok(()),
+        _ => Err(format!("{hash:?} is not a {algo} hash")),
+    }
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -160,6 +205,45 @@ mod tests {
         ));
         assert!("sha256:xyz".parse::<Sha256>().is_err());
         assert!("nonsense".parse::<Sha256>().is_err());
+    }
+
+    /// Content addresses as Nix writes them pass (every method, algorithm and hash encoding);
+    /// what Nix cannot parse does not.
+    #[test]
+    fn content_addresses_are_checked_as_nix_parses_them() {
+        let sha256 = Sha256::digest(b"");
+        let nix32 = sha256.to_nix32();
+        let hexed = hex::encode(sha256.as_bytes());
+        let b64 = BASE64.encode(sha256.as_bytes());
+        let sha1 = base32::encode(&[7u8; 20]);
+        let sha512 = hex::encode([7u8; 64]);
+        let md5 = BASE64.encode([7u8; 16]);
+        for ok in [
+            format!("text:sha256:{nix32}"),
+            format!("fixed:r:sha256:{nix32}"),
+            format!("fixed:sha256:{hexed}"),
+            format!("fixed:git:sha256:{b64}"),
+            format!("fixed:r:sha1:{sha1}"),
+            format!("fixed:sha512:{sha512}"),
+            format!("fixed:md5:{md5}"),
+        ] {
+            assert_eq!(check_content_address(&ok), Ok(()), "{ok}");
+        }
+        for bad in [
+            "garbage".to_owned(),
+            format!("sha256:{nix32}"),
+            format!("text:sha1:{sha1}"),
+            format!("fixed:r:{nix32}"),
+            format!("fixed:x:sha256:{nix32}"),
+            format!("fixed:r:sha256:{}", &nix32[1..]),
+            format!("fixed:r:sha256:{}", nix32.replace('0', "e")),
+            format!("fixed:r:sha256:{}", hexed.replace('e', "g")),
+            format!("fixed:r:sha384:{hexed}"),
+            format!("fixed:r:sha512:{hexed}"),
+            format!("fixed:r:sha256-{b64}"),
+        ] {
+            assert!(check_content_address(&bad).is_err(), "{bad}");
+        }
     }
 
     /// Debug output (assertion messages, logs) shows the values themselves.

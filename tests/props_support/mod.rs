@@ -67,6 +67,15 @@ fn line_value() -> impl Strategy<Value = String> {
     "[^\r\n]{0,30}"
 }
 
+/// A content address (`CA`) as Nix writes them, with a sha256.
+fn content_address() -> impl Strategy<Value = String> {
+    (
+        proptest::sample::select(vec!["text:", "fixed:", "fixed:r:", "fixed:git:"]),
+        sha256(),
+    )
+        .prop_map(|(method, hash)| format!("{method}{hash}"))
+}
+
 /// Any narinfo cellar can hold: what `render` writes must parse back to it.
 pub fn narinfo() -> impl Strategy<Value = NarInfo> {
     let file = (
@@ -81,7 +90,7 @@ pub fn narinfo() -> impl Strategy<Value = NarInfo> {
         proptest::option::of(base_name()),
         proptest::option::of(line_value()),
         proptest::collection::vec(signature(), 0..3),
-        proptest::option::of("[^\r\n]{1,30}"),
+        proptest::option::of(content_address()),
         proptest::collection::vec(("X[A-Za-z0-9-]{0,10}", line_value()), 0..3),
     );
     (base_name(), file, nar, refs, any::<bool>(), extras).prop_map(

@@ -273,6 +273,7 @@ impl NarInfo {
                 "CA" => {
                     // Nix reads an empty `CA:` as none.
                     if !value.is_empty() {
+                        super::hash::check_content_address(value).map_err(|e| bad("CA", e))?;
                         set(&mut ca, value.to_owned(), line, "CA")?
                     }
                 }

@@ -301,8 +301,9 @@ fn an_uncompressed_nar_without_a_file_size_gets_its_nar_size() {
     assert_eq!(n.file_size, Some(5), "given: kept");
 }
 
-/// What Nix's own parser makes of two edge cases: `NarSize: 0` is corrupt (no NAR is empty),
-/// an empty `CA:` is no CA.
+/// What Nix's own parser makes of three edge cases: `NarSize: 0` is corrupt (no NAR is
+/// empty), an empty `CA:` is no CA, and one it cannot parse is corrupt too (a client reading
+/// it fails, rather than skipping the path).
 #[test]
 fn zero_nar_size_is_refused_and_an_empty_ca_is_none() {
     let text = |size: u64, ca: &str| {
@@ -324,4 +325,14 @@ References:\n{ca}"
     let n = NarInfo::parse(&text(120, "CA: \n"), SD).unwrap();
     assert_eq!(n.ca, None);
     assert!(!n.render(SD).contains("CA:"));
+    let garbage = NarInfo::parse(&text(120, "CA: fixed:r:sha256:garbage\n"), SD);
+    assert!(
+        garbage
+            .as_ref()
+            .is_err_and(|e| e.to_string().contains("CA")),
+        "{garbage:?}"
+    );
+    let ca = "fixed:r:sha256:0mdqa9w1p6cmli6976v4wi0sw9r4p5prkj7lzfd1877wk11c9c73";
+    let n = NarInfo::parse(&text(120, &format!("CA: {ca}\n")), SD).unwrap();
+    assert_eq!(n.ca.as_deref(), Some(ca));
 }
