@@ -459,8 +459,11 @@ impl Store for LocalStore {
             },
             Opened::File(file, length, range) => {
                 let file = tokio::fs::File::from_std(file).take(length);
+                // A file that shrank since it was opened (truncated in place) ends the body
+                // with an error, not early: its readers were told `length`.
+                let body = ReaderStream::with_capacity(file, READ_BUFFER).boxed();
                 Object {
-                    body: ReaderStream::with_capacity(file, READ_BUFFER).boxed(),
+                    body: super::byte_slice(body, 0, length),
                     length: Some(length),
                     range,
                     encoding: None,
@@ -1182,6 +1185,30 @@ mod tests {
         assert!(!missing.exists(), "created");
         std::fs::write(&missing, b"a file").unwrap();
         assert!(LocalStore::open_existing(&missing).is_err());
+    }
+
+    /// A large object's file truncated in place after it was opened ends its body with an
+    /// error, not early with the bytes that were left (a reader told its length would take
+    /// them for the whole object).
+    #[tokio::test]
+    async fn a_file_truncated_while_streamed_fails_its_body() {
+        let dir = tempfile::tempdir().unwrap();
+        let store = LocalStore::open(dir.path()).unwrap();
+        let size = WHOLE_READ_MAX as usize + 100;
+        std::fs::create_dir_all(dir.path().join("nar")).unwrap();
+        let path = dir.path().join("nar/x.nar");
+        std::fs::write(&path, vec![1u8; size]).unwrap();
+        let obj = store.get("nar/x.nar", None).await.unwrap().unwrap();
+        assert_eq!(obj.length, Some(size as u64));
+        std::fs::OpenOptions::new()
+            .write(true)
+            .open(&path)
+            .unwrap()
+            .set_len(10)
+            .unwrap();
+        let read: Result<Vec<Bytes>, _> = obj.body.try_collect().await;
+        let e = read.unwrap_err();
+        assert_eq!(e.kind(), io::ErrorKind::UnexpectedEof, "{e}");
     }
 
     /// Reads up to [`WHOLE_READ_MAX`] are done whole in one blocking call; larger ones stream.
