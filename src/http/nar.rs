@@ -189,6 +189,18 @@ async fn redirect(st: &AppState, f: &NarFileName, key: &str) -> Option<Response>
     if size <= st.config.cache.nar_memory_max_object {
         return None;
     }
+    // Of another size than its narinfo gives (cut short): served as usual, which answers a
+    // logged 502 rather than sending the client to bytes its hash check refuses.
+    if f.names_its_bytes()
+        && st
+            .nar_memory
+            .announced(f.as_str())
+            .await
+            .is_some_and(|n| n != size)
+    {
+        tracing::debug!(nar = %f, size, "not redirected: not the size its narinfo gives");
+        return None;
+    }
     let url = st
         .store
         .presigned_get(key)

@@ -423,6 +423,32 @@ async fn large_nars_are_redirected_to_the_store_and_not_filled_ahead() {
     assert_eq!(st.nars.as_ref().unwrap().usage(), (0, 0), "nothing on disk");
 }
 
+/// A NAR whose stored size is not the one its narinfo gives (cut short) is not redirected,
+/// where the client would download bytes its hash check refuses, with nothing logged: served
+/// as usual, it is a 502 cellar logs.
+#[tokio::test]
+async fn a_nar_of_another_size_than_its_narinfo_gives_is_not_redirected() {
+    let mem = Arc::new(MemoryStore::new());
+    let dir = tempfile::tempdir().unwrap();
+    let cut = path(&mem, "cut", &[], 5000, 5000);
+    mem.insert(&cut.nar_url[1..], cut.nar[..4000].to_vec());
+    mem.presign_to("http://s3.example/b");
+    let st = state(with_disk_cache(&dir), &mem);
+    let (status, location, _, _) = get_nar(&st, &cut.nar_url).await;
+    assert_eq!(
+        status,
+        StatusCode::FOUND,
+        "its narinfo not read: redirected"
+    );
+    assert!(location.is_some());
+    assert_eq!(
+        get(&st, &format!("/{}.narinfo", cut.hash)).await.0,
+        StatusCode::OK
+    );
+    let (status, location, _, _) = get_nar(&st, &cut.nar_url).await;
+    assert_eq!((status, location), (StatusCode::BAD_GATEWAY, None));
+}
+
 /// A NAR already on cellar's disk is served from there: faster than the store.
 #[tokio::test]
 async fn a_nar_on_disk_is_served_rather_than_redirected() {
