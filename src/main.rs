@@ -505,11 +505,7 @@ async fn bind_metrics(addr: std::net::SocketAddr) -> anyhow::Result<tokio::net::
 
 /// Serves `/metrics`, `/healthz` and `/readyz` on `listener` until the process exits.
 fn serve_metrics(listener: tokio::net::TcpListener, state: AppState) {
-    tokio::spawn(async move {
-        if let Err(e) = axum::serve(listener, cellar::metrics_app(state)).await {
-            tracing::error!(cause = %e, "metrics listener failed");
-        }
-    });
+    tokio::spawn(cellar::http::serve_metrics(listener, state));
 }
 
 fn status(url: &str, token_file: Option<&Path>) -> anyhow::Result<()> {

@@ -60,6 +60,35 @@ async fn slow_headers_are_cut_and_do_not_starve_others() {
     assert!(guard.await.is_ok(), "slow connections were not closed");
 }
 
+/// The metrics listener (`metrics_listen`) cuts slow headers too, and serves a health check
+/// while more connections than it serves at once hang on: before, it had none of the main
+/// listener's limits, and connections left silent there piled up until the process ran out
+/// of file descriptors.
+#[tokio::test(flavor = "multi_thread")]
+async fn the_metrics_listener_cuts_slow_headers_too() {
+    let srv = Server::start(vec![
+        ("CELLAR_HEADER_READ_TIMEOUT_SECS".into(), "2".into()),
+        ("CELLAR_METRICS_LISTEN".into(), "127.0.0.1:0".into()),
+    ]);
+    let addr: std::net::SocketAddr = srv.metrics_addr().parse().unwrap();
+    let mut slow = Vec::new();
+    for _ in 0..40 {
+        slow.push(slow_client(addr).await);
+    }
+    let r = healthz_client()
+        .get(format!("http://{addr}/healthz"))
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(r.status(), 200);
+    let guard = tokio::time::timeout(Duration::from_secs(120), async {
+        for s in slow {
+            closed_by_server(s).await;
+        }
+    });
+    assert!(guard.await.is_ok(), "slow connections were not closed");
+}
+
 #[tokio::test(flavor = "multi_thread")]
 async fn connections_beyond_the_cap_wait_for_a_free_one() {
     let srv = Server::start(vec![

@@ -185,16 +185,7 @@ async fn metrics_listen_serves_metrics_and_health_checks_unauthenticated() {
     })
     .await
     .unwrap();
-    // The log says where (the port was the kernel's choice); it is written before the server
-    // announces its own address, so it is there now.
-    let log = srv.log();
-    let addr = log
-        .lines()
-        .find(|l| l.contains("metrics served"))
-        .and_then(|l| l.split("listen=").nth(1))
-        .and_then(|rest| rest.split_whitespace().next())
-        .unwrap_or_else(|| panic!("no metrics address in:\n{log}"))
-        .to_owned();
+    let addr = srv.metrics_addr();
     let text = reqwest::get(format!("http://{addr}/metrics"))
         .await
         .unwrap()

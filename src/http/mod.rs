@@ -65,7 +65,7 @@ use crate::config::Scope;
 use crate::error::Error;
 use crate::nix::TopLevelFile;
 
-pub use server::serve;
+pub use server::{serve, serve_metrics};
 pub use state::{App, AppState, Live, ReloadError, StartError};
 
 /// The router with every route and middleware.

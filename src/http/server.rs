@@ -142,6 +142,48 @@ pub async fn serve(
     Ok(())
 }
 
+/// Connections served at once on `metrics_listen`: scrapers and health checks, a few at a
+/// time. More wait in the kernel's backlog.
+const METRICS_CONNECTIONS: usize = 32;
+
+/// Serves `/metrics`, `/healthz` and `/readyz` ([`super::metrics_app`]) on `listener` until
+/// the process exits, with the main listener's limits but its own cap
+/// ([`METRICS_CONNECTIONS`]): HTTP/1.1 only, and a connection that sends no request head
+/// within `header_read_timeout_secs` (an idle kept-alive one too) is closed. Without them,
+/// connections opened there and left silent piled up until the process ran out of file
+/// descriptors, and the main listener with it.
+pub async fn serve_metrics(listener: TcpListener, state: AppState) {
+    let permits = Arc::new(Semaphore::new(METRICS_CONNECTIONS));
+    let mut builder = auto::Builder::new(TokioExecutor::new()).http1_only();
+    builder
+        .http1()
+        .timer(TokioTimer::new())
+        .header_read_timeout(state.config.header_read_timeout);
+    let service = TowerToHyperService::new(super::metrics_app(state));
+    loop {
+        let Ok(permit) = permits.clone().acquire_owned().await else {
+            return; // never closed
+        };
+        let tcp = match listener.accept().await {
+            Ok((tcp, _peer)) => tcp,
+            Err(e) => {
+                tracing::warn!(cause = %e, "accepting a connection on metrics_listen failed");
+                tokio::time::sleep(Duration::from_millis(100)).await;
+                continue;
+            }
+        };
+        let conn = builder
+            .serve_connection(TokioIo::new(tcp), service.clone())
+            .into_owned();
+        tokio::spawn(async move {
+            if let Err(e) = conn.await {
+                tracing::debug!(cause = %e, "metrics connection ended with an error");
+            }
+            drop(permit);
+        });
+    }
+}
+
 /// Warns if the process may open fewer than two files per connection allowed: each download
 /// holds its socket and a file or a connection to the store, and past the limit connections
 /// are refused (EMFILE) and cache files fail to open. Containers get a soft limit of 1024 on

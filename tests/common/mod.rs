@@ -488,6 +488,18 @@ impl Server {
         wait_for_in_file(&self.log_path(), needle, count);
     }
 
+    /// The address of `metrics_listen` (the kernel's choice for port 0), from the log line
+    /// the server writes before it announces its own address.
+    pub fn metrics_addr(&self) -> String {
+        let log = self.log();
+        log.lines()
+            .find(|l| l.contains("metrics served"))
+            .and_then(|l| l.split("listen=").nth(1))
+            .and_then(|rest| rest.split_whitespace().next())
+            .unwrap_or_else(|| panic!("no metrics address in:\n{log}"))
+            .to_owned()
+    }
+
     /// How often the log holds `needle`.
     pub fn log_count(&self, needle: &str) -> usize {
         self.log().matches(needle).count()
