@@ -92,7 +92,7 @@ pub(super) async fn put(
     body: Body,
 ) -> Result<StatusCode, Error> {
     let n: DebugInfoName = name.parse()?;
-    let raw = object::read_decoded_body(&st, &headers, body, MAX_DEBUGINFO_BYTES).await?;
+    let (raw, _room) = object::read_decoded_body(&st, &headers, body, MAX_DEBUGINFO_BYTES).await?;
     st.uploader.put_debuginfo(&n, raw).await?;
     Ok(StatusCode::CREATED)
 }

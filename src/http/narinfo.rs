@@ -49,14 +49,18 @@ pub(super) async fn put(
     body: Body,
 ) -> Result<StatusCode, Error> {
     // Newer Nix sends it compressed when asked to (`narinfo-compression`).
-    let raw = object::read_decoded_body(st, headers, body, MAX_NARINFO_BYTES).await?;
+    let (raw, room) = object::read_decoded_body(st, headers, body, MAX_NARINFO_BYTES).await?;
     // The body is read: the rest runs to its end even if the client goes away (hyper drops
     // the handler then), so that a narinfo written is always checked once more against a
     // collection deleting its NAR, and taken back if need be (see
     // `Uploader::write_while_nar_stays`), never left half-way.
     let st = st.clone();
     // In this request's span: the lines it logs carry the request's id and token name.
-    let accepting = async move { accept(&st, h, &raw).await };
+    let accepting = async move {
+        // Its room among the bodies held is given back with the bytes.
+        let _room = room;
+        accept(&st, h, &raw).await
+    };
     tokio::spawn(tracing::Instrument::in_current_span(accepting))
         .await
         .unwrap_or_else(|e| {

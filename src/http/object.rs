@@ -19,6 +19,7 @@ use axum::http::{header, HeaderMap, HeaderValue, StatusCode};
 use axum::response::{IntoResponse, Response};
 use bytes::Bytes;
 use futures::{Stream, StreamExt as _, TryStreamExt as _};
+use tokio::sync::OwnedSemaphorePermit;
 
 use super::AppState;
 use crate::error::Error;
@@ -329,15 +330,28 @@ pub(super) fn decoded_body_stream(
 }
 
 /// [`read_body`], decoded as [`decoded_body_stream`] is.
+/// With the room it takes among the bodies being read
+/// ([`crate::upload::WHOLE_BODIES_BYTES`]), to be held while the bytes are.
 pub(super) async fn read_decoded_body(
     st: &AppState,
     headers: &HeaderMap,
     body: Body,
     limit: u64,
-) -> Result<Bytes, Error> {
+) -> Result<(Bytes, OwnedSemaphorePermit), Error> {
     let coding = coding_of(st, headers)?;
-    let raw = read_body(st, body, limit).await?;
-    Ok(encoding::decode_all(coding, raw, limit).await?)
+    refuse_declared_over(&body, limit)?;
+    // Room for the body as sent and, encoded, for as much again decoded.
+    let room = room_for(&body, limit) + if coding.is_some() { limit } else { 0 };
+    let room = st.uploader.body_room(room).await?;
+    let raw = read_into_memory(st, body, limit).await?;
+    Ok((encoding::decode_all(coding, raw, limit).await?, room))
+}
+
+/// The memory a whole body read may take: its declared length, else `limit`.
+fn room_for(body: &Body, limit: u64) -> u64 {
+    http_body::Body::size_hint(body)
+        .exact()
+        .map_or(limit, |n| n.min(limit))
 }
 
 fn coding_of(st: &AppState, headers: &HeaderMap) -> Result<Option<encoding::Coding>, Error> {
@@ -356,9 +370,15 @@ pub(super) fn body_stream(
     )
 }
 
-/// A PUT's whole body, refused past `limit` bytes before more is read.
+/// A PUT's whole body, refused past `limit` bytes before more is read, once there is room
+/// for it among the bodies being read ([`crate::upload::WHOLE_BODIES_BYTES`]).
 pub(super) async fn read_body(st: &AppState, body: Body, limit: u64) -> Result<Bytes, Error> {
     refuse_declared_over(&body, limit)?;
+    let _room = st.uploader.body_room(room_for(&body, limit)).await?;
+    read_into_memory(st, body, limit).await
+}
+
+async fn read_into_memory(st: &AppState, body: Body, limit: u64) -> Result<Bytes, Error> {
     let mut buf = Vec::new();
     let mut s = std::pin::pin!(body_stream(st, body));
     while let Some(chunk) = s.try_next().await.map_err(digest::body_error)? {

@@ -1180,6 +1180,40 @@ async fn a_large_nar_already_stored_is_not_received_again() {
     );
 }
 
+/// Whole bodies read into memory (narinfos, realisations, debug info links) share a budget
+/// (`WHOLE_BODIES_BYTES`), each counted by its declared length: with no room left for it, a
+/// narinfo PUT waits, then is refused as busy (503) without being read; room given back lets
+/// the next one in. Before, any number of 16 MiB narinfo bodies were held at once.
+#[tokio::test(start_paused = true)]
+async fn whole_bodies_wait_for_room_in_memory() {
+    use crate::config::Scope;
+    use crate::upload::WHOLE_BODIES_BYTES;
+    let mem = Arc::new(MemoryStore::new());
+    let st = state(
+        with_tokens(Config::default(), &[("w", "wtok", Scope::Write)]),
+        &mem,
+    );
+    let put = |len: usize| {
+        let req = authed("PUT", &format!("/upload/{HASH}.narinfo"), "wtok")
+            .header("content-length", len.to_string())
+            .body(Body::from(vec![b'x'; len]))
+            .unwrap();
+        let st = st.clone();
+        async move { send(&st, req).await.status() }
+    };
+    let held = st
+        .uploader
+        .body_room(WHOLE_BODIES_BYTES - (4 << 10))
+        .await
+        .unwrap();
+    // Read and refused as no narinfo: there was room for it.
+    assert_eq!(put(1 << 10).await, StatusCode::BAD_REQUEST);
+    // The paused clock runs through the wait.
+    assert_eq!(put(8 << 10).await, StatusCode::SERVICE_UNAVAILABLE);
+    drop(held);
+    assert_eq!(put(8 << 10).await, StatusCode::BAD_REQUEST);
+}
+
 /// A client that sent `Expect: 100-continue` sends its body anyway after a second: once an
 /// upload has waited that long for a slot, a NAR already stored has its body read and dropped
 /// rather than left unread (the connection would be reset). And a store that cannot say

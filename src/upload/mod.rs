@@ -115,6 +115,14 @@ impl Drop for Slot {
 /// `proxy_read_timeout` (60 s), so that the refusal, not the proxy's 504, reaches the client.
 pub const ADMIT_WAIT: std::time::Duration = std::time::Duration::from_secs(50);
 
+/// The bytes of whole request bodies (narinfos, realisations, debug info links) held in
+/// memory at once: each is read whole before it is checked, up to its limit (a narinfo's is
+/// 16 MiB, and as much again decoded), and they take no upload slot (a builder's narinfo
+/// follows its NAR at once and must not wait behind other builders' NARs). Without a bound,
+/// a write token's holder opening many connections could have the server hold gigabytes.
+/// A narinfo is a few KiB: thousands fit.
+pub const WHOLE_BODIES_BYTES: u64 = 64 << 20;
+
 /// NARs up to this size are stored again when sent, without asking whether the store holds
 /// them ([`Uploader::already_stored`]): receiving and writing 1 MiB costs about what one store
 /// round trip does, and a client sends a NAR the store already holds only after an upload of
@@ -257,6 +265,8 @@ pub struct Uploader {
     /// uploads', so that long NAR uploads do not keep narinfos (whose body is read already)
     /// waiting until they are refused.
     readbacks: Arc<Semaphore>,
+    /// Room for whole bodies read into memory, in KiB ([`WHOLE_BODIES_BYTES`]).
+    bodies: Arc<Semaphore>,
     // A std Mutex: held for map operations only, never across an await.
     verified: Mutex<HashMap<String, VerifiedNar>>,
     /// Upload records written when a client asked for a NAR (`HEAD nar/…`, which Nix sends
@@ -322,6 +332,7 @@ impl Uploader {
             slots: Arc::new(Semaphore::new(cfg.max_concurrent)),
             others: Arc::new(Semaphore::new(cfg.max_concurrent)),
             readbacks: Arc::new(Semaphore::new(cfg.max_concurrent)),
+            bodies: Arc::new(Semaphore::new((WHOLE_BODIES_BYTES >> 10) as usize)),
             verified: Mutex::new(HashMap::new()),
             early: Mutex::new(HashMap::new()),
             written: Mutex::new(HashMap::new()),
@@ -381,6 +392,23 @@ impl Uploader {
     /// takes one.
     pub(crate) async fn readback_slot(&self) -> Result<Slot, Error> {
         Self::slot_of(&self.readbacks, "readback").await
+    }
+
+    /// Room for a whole body of `bytes` in memory ([`WHOLE_BODIES_BYTES`]; a larger one takes
+    /// all of it), waited for as an upload slot is: up to [`ADMIT_WAIT`], then busy.
+    pub(crate) async fn body_room(&self, bytes: u64) -> Result<OwnedSemaphorePermit, Error> {
+        let kib = bytes.div_ceil(1024).min(WHOLE_BODIES_BYTES >> 10) as u32;
+        match tokio::time::timeout(ADMIT_WAIT, self.bodies.clone().acquire_many_owned(kib)).await {
+            Ok(Ok(room)) => Ok(room),
+            Ok(Err(_)) | Err(_) => {
+                tracing::warn!(
+                    bytes,
+                    wait_secs = ADMIT_WAIT.as_secs(),
+                    "upload refused: the bodies being read held all the memory they may for as long as it waited"
+                );
+                Err(busy())
+            }
+        }
     }
 
     /// A slot of `slots`, the pool named `pool` in the log.
