@@ -238,7 +238,7 @@ impl Disk {
         let mut foreign = Vec::new();
         for e in std::fs::read_dir(dir)?.flatten() {
             let name = e.file_name().to_string_lossy().into_owned();
-            if name.starts_with('.') || name.ends_with(META_SUFFIX) {
+            if name.starts_with('.') || name.ends_with(META_SUFFIX) || name == LOST_FOUND {
                 continue;
             }
             if name.parse::<NarFileName>().is_err() {
@@ -383,6 +383,9 @@ impl Disk {
     }
 }
 
+/// What `mkfs` puts at the root of a file system: neither cellar's nor foreign to report.
+const LOST_FOUND: &str = "lost+found";
+
 /// Makes sure `dir` is a NAR cache cellar may delete files in: creates it (with the marker) if
 /// missing or empty, accepts it if it has the marker, refuses it otherwise; then locks the
 /// marker, refusing a directory another process holds.
@@ -390,7 +393,9 @@ fn claim(dir: &Path) -> io::Result<std::fs::File> {
     std::fs::create_dir_all(dir)?;
     let marker = dir.join(MARKER);
     if !marker.is_file() {
-        if std::fs::read_dir(dir)?.next().is_some() {
+        // The root of a freshly made file system (a volume of its own) holds `lost+found`.
+        let mut entries = std::fs::read_dir(dir)?.flatten();
+        if entries.any(|e| e.file_name() != LOST_FOUND) {
             return Err(io::Error::other(format!(
                 "{} is not empty and has no {MARKER} file, so it is not a NAR cache cellar \
                  made; cellar deletes files in its NAR cache, so point cache.nar_dir at a new \

@@ -451,12 +451,14 @@ impl NarCache {
     }
 
     /// Removes the files of `name` unless it is indexed again: filled anew since it left the
-    /// index, its files are the new ones.
+    /// index, its files are the new ones. Its failed reads are forgotten either way (a count
+    /// for every file that ever failed would be kept for the life of the process).
     fn remove_unindexed(&self, name: &str) {
         let _names = lock(&self.names);
         if !self.index().contains(name) {
             self.disk.remove(name);
         }
+        lock(&self.read_errors).remove(name);
     }
 
     fn changed(&self) {

@@ -706,6 +706,21 @@ async fn a_file_that_cannot_be_read_now_is_not_dropped() {
     assert_eq!(cache.size_of(&name), None, "kept for ever");
 }
 
+/// A file's count of failed reads goes with its entry (forgotten, evicted): counts of files no
+/// longer held are not kept for the life of the process.
+#[tokio::test]
+async fn failed_reads_are_forgotten_with_the_file() {
+    let (d, cache, _mem, store, name, key) = filled().await;
+    let file = d.path().join(NAME);
+    std::fs::rename(&file, d.path().join("kept")).unwrap();
+    std::os::unix::fs::symlink(NAME, &file).unwrap();
+    let got = cache.get(&name, &key, None, None, &store).await.unwrap();
+    assert!(matches!(got, NarCacheAnswer::Bypass), "served from a loop");
+    assert_eq!(super::lock(&cache.read_errors).len(), 1);
+    cache.forget(NAME);
+    assert!(super::lock(&cache.read_errors).is_empty());
+}
+
 /// After a restart, a file its check cannot read for now (here a loop of links, as EMFILE
 /// would be when every client comes back at once) is not dropped as corrupt: the request goes
 /// to the store at once, and the file is checked again on its next use, unless that keeps
@@ -812,6 +827,24 @@ async fn restarts_keep_complete_nars_and_leave_foreign_files_alone() {
     }
     let cache = NarCache::open(d.path(), 1 << 30, Duration::from_secs(30)).unwrap();
     assert_eq!(cache.usage(), (1, footprint(1000)));
+}
+
+/// The root of a fresh file system (`lost+found` in it) is taken for an empty directory, as
+/// a volume given to the cache is, and `lost+found` is neither removed nor reported; anything
+/// else there still makes the directory someone else's.
+#[test]
+fn a_fresh_file_system_with_lost_found_is_taken_for_empty() {
+    let d = tempfile::tempdir().unwrap();
+    std::fs::create_dir(d.path().join("lost+found")).unwrap();
+    for _ in 0..2 {
+        let opened = super::disk::Disk::open(d.path()).unwrap();
+        assert!(opened.foreign.is_empty(), "{:?}", opened.foreign);
+    }
+    assert!(d.path().join("lost+found").is_dir());
+    let other = tempfile::tempdir().unwrap();
+    std::fs::create_dir(other.path().join("lost+found")).unwrap();
+    std::fs::write(other.path().join("notes.txt"), b"mine").unwrap();
+    assert!(super::disk::Disk::open(other.path()).is_err());
 }
 
 /// After a restart, the NARs read since they were written are evicted after those only
