@@ -65,6 +65,12 @@ pub(super) const PARTS_IN_MEMORY: usize = 8;
 /// dropping them would hold that many store connections and write buffers; beyond it, NARs
 /// stream from the store for as long as their request lasts and are not kept.
 pub(super) const MAX_RUNNING: usize = 32;
+/// Fills running beyond which a prefetch starts none: the rest are kept for clients' own
+/// requests. A prefetch's fill outlives its hold ([`PREFETCH_HOLD`]), so over a slow
+/// upstream the prefetches of a closure's large NARs alone could take every fill, and a
+/// client's miss of another NAR was then streamed uncached (each concurrent request for it
+/// reading the store on its own).
+pub(super) const PREFETCH_RUNNING_MAX: usize = MAX_RUNNING / 2;
 /// How long a prefetch waits for the fill it started before it gives its slot back to the
 /// next one (the fill goes on).
 pub(super) const PREFETCH_HOLD: Duration = Duration::from_secs(10);
@@ -291,9 +297,9 @@ impl NarCache {
         if !self.index().admits(size) {
             return "skipped";
         }
-        // No fill could start: the store is not asked for a NAR nobody would read (and no
-        // NAR is evicted for its room).
-        if size > SMALL && self.running.load(Ordering::SeqCst) >= MAX_RUNNING {
+        // No fill could start, or only one kept for clients: the store is not asked for a NAR
+        // nobody would read (and no NAR is evicted for its room).
+        if size > SMALL && self.running.load(Ordering::SeqCst) >= PREFETCH_RUNNING_MAX {
             return "skipped";
         }
         let reserved = self.reserved.load(Ordering::Relaxed);

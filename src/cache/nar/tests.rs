@@ -1579,6 +1579,26 @@ async fn fills_are_bounded() {
     assert_eq!(mem.gets_under(&key), 0);
 }
 
+/// Prefetches start fills only while fewer than `PREFETCH_RUNNING_MAX` run: the others are
+/// kept for clients' own requests, which are still filled then.
+#[tokio::test]
+async fn prefetches_leave_fills_to_clients() {
+    use std::sync::atomic::Ordering;
+    let (_d, cache, mem, store) = setup(1 << 30);
+    cache
+        .running
+        .store(super::fill::PREFETCH_RUNNING_MAX, Ordering::SeqCst);
+    let name: NarFileName = NAME.parse().unwrap();
+    let key = format!("nar/{NAME}");
+    let size = 3 << 19;
+    mem.insert(&key, vec![1u8; size as usize]);
+    assert_eq!(cache.prefetch(&name, &key, size, &store).await, "skipped");
+    assert_eq!(mem.gets_under(&key), 0);
+    body(cache.get(&name, &key, None, None, &store).await.unwrap()).await;
+    wait_indexed(&cache, 1).await;
+    assert!(cache.has(&name), "the client's request was not filled");
+}
+
 /// With every fill running, a NAR that cannot get one evicts nothing for its room on a disk
 /// that is short of it: neither its prefetch nor its request (streamed without a fill).
 #[tokio::test]
