@@ -236,9 +236,19 @@ impl Disk {
         };
         let mut found = Vec::new();
         let mut foreign = Vec::new();
+        // The NARs kept, and the `.meta` files seen: one pass over the directory (a large
+        // cache on a slow disk takes a while to list, before the server answers).
+        let mut kept = std::collections::HashSet::new();
+        let mut metas = Vec::new();
         for e in std::fs::read_dir(dir)?.flatten() {
             let name = e.file_name().to_string_lossy().into_owned();
-            if name.starts_with('.') || name.ends_with(META_SUFFIX) || name == LOST_FOUND {
+            if let Some(nar) = name.strip_suffix(META_SUFFIX) {
+                if nar.parse::<NarFileName>().is_ok() {
+                    metas.push((nar.to_owned(), e.path()));
+                }
+                continue;
+            }
+            if name.starts_with('.') || name == LOST_FOUND {
                 continue;
             }
             if name.parse::<NarFileName>().is_err() {
@@ -250,6 +260,7 @@ impl Disk {
             let len = e.metadata().ok().map(|m| (m.len(), last_use(&m)));
             match (meta, len) {
                 (Some((size, checksum)), Some((l, used))) if l == size => {
+                    kept.insert(name.clone());
                     found.push((
                         used,
                         Found {
@@ -266,12 +277,9 @@ impl Disk {
             }
         }
         // `.meta` files whose NAR is gone (removed above, or the rename never happened).
-        for e in std::fs::read_dir(dir)?.flatten() {
-            let name = e.file_name().to_string_lossy().into_owned();
-            if let Some(nar) = name.strip_suffix(META_SUFFIX) {
-                if nar.parse::<NarFileName>().is_ok() && !dir.join(nar).exists() {
-                    let _ = std::fs::remove_file(e.path());
-                }
+        for (nar, meta) in metas {
+            if !kept.contains(&nar) {
+                let _ = std::fs::remove_file(meta);
             }
         }
         found.sort_by(|(a, fa), (b, fb)| (a, &fa.name).cmp(&(b, &fb.name)));
