@@ -701,18 +701,7 @@ async fn a_path_whose_nar_went_missing_is_uploaded_again() {
     );
     let s3 = s3_client(&app.s3);
     let narinfo_key = format!("{}{}.narinfo", app.prefix, Fixture::hash(&f.top));
-    let narinfo = s3
-        .get_object()
-        .bucket(&app.s3.bucket)
-        .key(&narinfo_key)
-        .send()
-        .await
-        .unwrap()
-        .body
-        .collect()
-        .await
-        .unwrap()
-        .into_bytes();
+    let narinfo = s3_get(&app.s3, &narinfo_key).await;
     let url = String::from_utf8_lossy(&narinfo)
         .lines()
         .find_map(|l| l.strip_prefix("URL: ").map(str::to_owned))
@@ -782,30 +771,20 @@ async fn a_nar_cut_short_in_the_bucket_is_replaced_by_an_upload() {
         &copy_to(&upload, Some(&n), &[big.as_str()], work.path(), "cut"),
         "nix copy --to over a NAR cut short",
     );
-    let s3 = s3_client(&app.s3);
-    let get = |key: String| {
-        let (s3, bucket) = (s3.clone(), app.s3.bucket.clone());
-        async move {
-            s3.get_object()
-                .bucket(bucket)
-                .key(key)
-                .send()
-                .await
-                .unwrap()
-                .body
-                .collect()
-                .await
-                .unwrap()
-                .into_bytes()
-        }
-    };
-    let stored = get(format!("{}{}.narinfo", app.prefix, Fixture::hash(big))).await;
+    let stored = s3_get(
+        &app.s3,
+        &format!("{}{}.narinfo", app.prefix, Fixture::hash(big)),
+    )
+    .await;
     assert!(
         String::from_utf8_lossy(&stored).contains(&format!("URL: {url}\n")),
         "uploaded under another name than the cut copy's: {}",
         String::from_utf8_lossy(&stored)
     );
-    assert!(get(nar_key).await == nar, "the cut copy is still stored");
+    assert!(
+        s3_get(&app.s3, &nar_key).await == nar,
+        "the cut copy is still stored"
+    );
     substitute_and_verify(
         &app.srv.url,
         &app.srv.public_key,

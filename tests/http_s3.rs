@@ -399,20 +399,14 @@ async fn a_store_behind_an_http_proxy_is_read_through_it() {
     let f = the_fixture().await;
     let s3 = s3_env();
     let garage = s3.endpoint.trim_start_matches("http://").to_owned();
+    let location = to_garage(&garage);
     let proxy = replicas_support::Nginx::serving("http", |listen| {
         format!(
             r#"
     server {{
         listen {listen};
         client_max_body_size 0;
-        location / {{
-            proxy_pass http://{garage};
-            proxy_http_version 1.1;
-            proxy_set_header Host $http_host;
-            proxy_buffering off;
-            proxy_request_buffering off;
-        }}
-    }}
+{location}    }}
 "#,
         )
     });
@@ -427,16 +421,37 @@ async fn a_store_behind_an_http_proxy_is_read_through_it() {
         .env("HTTP_PROXY", proxy.url.clone())
         .spawn()
         .await;
+    reads_the_top_path_through(&app, f, &proxy).await;
+}
+
+/// An nginx `location` passing every request on to Garage at `garage` as it came (its
+/// `Host`, which requests are signed with), streamed both ways.
+fn to_garage(garage: &str) -> String {
+    format!(
+        r#"        location / {{
+            proxy_pass http://{garage};
+            proxy_http_version 1.1;
+            proxy_set_header Host $http_host;
+            proxy_buffering off;
+            proxy_request_buffering off;
+        }}
+"#
+    )
+}
+
+/// Reads the fixture's top narinfo and its NAR through `app`, whose store is reached through
+/// `nginx` (its logs shown if the narinfo fails).
+async fn reads_the_top_path_through(app: &App, f: &Fixture, nginx: &replicas_support::Nginx) {
     let c = client();
     let hash = Fixture::hash(&f.top);
     let res = get(&c, &format!("{}/{hash}.narinfo", app.srv.url)).await;
     assert_eq!(
         res.status(),
         StatusCode::OK,
-        "cellar:\n{}\nproxy:\n{}\n{}",
+        "cellar:\n{}\nnginx:\n{}\n{}",
         app.srv.log(),
-        proxy.access_log(),
-        proxy.error_log()
+        nginx.access_log(),
+        nginx.error_log()
     );
     let body = res.bytes().await.unwrap();
     let nar = parse_narinfo(&body).url;
@@ -456,6 +471,7 @@ async fn a_store_behind_tls_is_read_over_http_1_1() {
     let certs = tempfile::tempdir().unwrap();
     let (ca, cert, key) = tls_certs(certs.path());
     let garage = s3.endpoint.trim_start_matches("http://").to_owned();
+    let location = to_garage(&garage);
     let nginx = replicas_support::Nginx::serving("https", |listen| {
         format!(
             r#"
@@ -464,14 +480,7 @@ async fn a_store_behind_tls_is_read_over_http_1_1() {
         ssl_certificate {cert};
         ssl_certificate_key {key};
         client_max_body_size 0;
-        location / {{
-            proxy_pass http://{garage};
-            proxy_http_version 1.1;
-            proxy_set_header Host $http_host;
-            proxy_buffering off;
-            proxy_request_buffering off;
-        }}
-    }}
+{location}    }}
 "#,
         )
     });
@@ -482,21 +491,8 @@ async fn a_store_behind_tls_is_read_over_http_1_1() {
         .env("SSL_CERT_FILE", ca)
         .spawn()
         .await;
+    reads_the_top_path_through(&app, f, &nginx).await;
     let c = client();
-    let hash = Fixture::hash(&f.top);
-    let res = get(&c, &format!("{}/{hash}.narinfo", app.srv.url)).await;
-    assert_eq!(
-        res.status(),
-        StatusCode::OK,
-        "cellar:\n{}\nnginx:\n{}\n{}",
-        app.srv.log(),
-        nginx.access_log(),
-        nginx.error_log()
-    );
-    let body = res.bytes().await.unwrap();
-    let nar = parse_narinfo(&body).url;
-    let (_, got) = get_ok(&c, &format!("{}/{nar}", app.srv.url)).await;
-    assert_eq!(got, read(&f.xz_dir.join(&nar)));
     // The SDK's own HTTPS client (its HeadBucket answers `/readyz`) trusts the certificate too.
     let ready = get(&c, &format!("{}/readyz", app.srv.url)).await;
     assert_eq!(

@@ -35,6 +35,18 @@ fn uploader() -> (Arc<MemoryStore>, Uploader) {
     (mem, Uploader::new(&cfg.upload, &cfg.store_dir, store))
 }
 
+/// An uploader that re-encodes NARs to zstd (`upload.compression`).
+fn uploader_to_zstd() -> (Arc<MemoryStore>, Uploader) {
+    let mem = Arc::new(MemoryStore::new());
+    let store: Arc<dyn Store> = mem.clone();
+    let mut cfg = Config::default();
+    cfg.upload.recompress = Some(Recompression {
+        compression: Compression::Zstd,
+        level: None,
+    });
+    (mem, Uploader::new(&cfg.upload, &cfg.store_dir, store))
+}
+
 /// An uploader that writes access records, as the server's does (the gc protocol).
 fn uploader_with_access() -> (Arc<MemoryStore>, Uploader) {
     let (mem, up) = uploader();
@@ -780,9 +792,7 @@ async fn a_nar_found_bad_when_read_back_is_replaced_by_its_next_upload() {
     // Sent without a length (else one of another size than the stored copy's is received
     // anyway, see the next test).
     let unknown_length = None;
-    let good = nar();
-    let info = narinfo_for(&good, good.len());
-    let file = info.nar_file().unwrap();
+    let (good, info, file) = sample();
     let key = object_key::nar(&file);
     let raw = info.render("/nix/store");
     // Cut short (still a NAR's header: read whole, its sha256 is not its name's), or not a
@@ -835,9 +845,7 @@ async fn a_large_nar_stored_at_another_size_is_received_again() {
 async fn a_nar_this_server_cannot_read_back_is_not_taken_for_bad() {
     use crate::store::memory::FailOp;
     let unknown_length = None;
-    let good = nar();
-    let info = narinfo_for(&good, good.len());
-    let file = info.nar_file().unwrap();
+    let (good, info, file) = sample();
     let key = object_key::nar(&file);
     let raw = info.render("/nix/store");
     let mem = Arc::new(MemoryStore::new());
@@ -871,14 +879,7 @@ async fn a_nar_this_server_cannot_read_back_is_not_taken_for_bad() {
 /// NAR, not kept as "already stored re-encoded".
 #[tokio::test]
 async fn a_re_encoded_copy_found_bad_is_written_over() {
-    let mem = Arc::new(MemoryStore::new());
-    let store: Arc<dyn Store> = mem.clone();
-    let mut cfg = Config::default();
-    cfg.upload.recompress = Some(Recompression {
-        compression: Compression::Zstd,
-        level: None,
-    });
-    let up = Uploader::new(&cfg.upload, &cfg.store_dir, store);
+    let (mem, up) = uploader_to_zstd();
     let good = nar();
     let info = narinfo_for(&good, good.len());
     let file = info.nar_file().unwrap();
@@ -901,9 +902,7 @@ async fn a_re_encoded_copy_found_bad_is_written_over() {
         .unwrap();
     // A good copy read back by a process that did not store it (another replica) is taken:
     // its name is the uploaded file's, not its own bytes' hash.
-    let mem = Arc::new(MemoryStore::new());
-    let store: Arc<dyn Store> = mem.clone();
-    let up = Uploader::new(&cfg.upload, &cfg.store_dir, store);
+    let (mem, up) = uploader_to_zstd();
     mem.insert(&copy, stored.to_vec());
     up.put_narinfo(info.hash(), raw.as_bytes(), None)
         .await
@@ -993,14 +992,7 @@ async fn a_nar_sent_in_the_target_compression_is_stored_as_sent() {
 #[tokio::test(start_paused = true)]
 async fn a_failed_look_for_the_re_encoded_copy_is_asked_again() {
     use crate::store::memory::FailOp;
-    let mem = Arc::new(MemoryStore::new());
-    let store: Arc<dyn Store> = mem.clone();
-    let mut cfg = Config::default();
-    cfg.upload.recompress = Some(Recompression {
-        compression: Compression::Zstd,
-        level: None,
-    });
-    let up = Uploader::new(&cfg.upload, &cfg.store_dir, store);
+    let (mem, up) = uploader_to_zstd();
     let name: NarFileName = format!("{}.nar", Sha256::digest(&nar()).to_nix32())
         .parse()
         .unwrap();

@@ -69,6 +69,22 @@ pub fn s3_client(env: &S3Env) -> aws_sdk_s3::Client {
     aws_sdk_s3::Client::from_conf(conf)
 }
 
+/// The object `key` of the test bucket, read directly.
+pub async fn s3_get(env: &S3Env, key: &str) -> bytes::Bytes {
+    s3_client(env)
+        .get_object()
+        .bucket(&env.bucket)
+        .key(key)
+        .send()
+        .await
+        .unwrap_or_else(|e| panic!("get {key}: {e:?}"))
+        .body
+        .collect()
+        .await
+        .unwrap()
+        .into_bytes()
+}
+
 pub async fn s3_put(env: &S3Env, key: &str, data: impl Into<Vec<u8>>) {
     s3_client(env)
         .put_object()
