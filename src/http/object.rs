@@ -340,12 +340,26 @@ pub(super) async fn read_decoded_body(
 ) -> Result<(Bytes, OwnedSemaphorePermit), Error> {
     let coding = coding_of(st, headers)?;
     refuse_declared_over(&body, limit)?;
-    // Room for the body as sent and, encoded, for as much again decoded.
-    let room = room_for(&body, limit) + if coding.is_some() { limit } else { 0 };
-    let room = st.uploader.body_room(room).await?;
+    let sent = room_for(&body, limit);
+    // Room for the body as sent and, encoded, for what it may decode to: at most
+    // [`MAX_EXPANSION`] times its declared length (its limit without one), so that a
+    // compressed narinfo of a few KiB does not take room for 16 MiB.
+    let decoded_limit = match coding {
+        None => 0,
+        Some(_) => sent.saturating_mul(MAX_EXPANSION).clamp(64 << 10, limit),
+    };
+    let room = st.uploader.body_room(sent + decoded_limit).await?;
     let raw = read_into_memory(st, body, limit).await?;
-    Ok((encoding::decode_all(coding, raw, limit).await?, room))
+    Ok((
+        encoding::decode_all(coding, raw, decoded_limit).await?,
+        room,
+    ))
 }
+
+/// How many times its declared length a compressed whole body (a narinfo newer Nix sends
+/// with `narinfo-compression`) may decode to: text compresses a few times over; more is a
+/// body made to fill memory, refused as too large.
+const MAX_EXPANSION: u64 = 64;
 
 /// The memory a whole body read may take: its declared length, else `limit`.
 fn room_for(body: &Body, limit: u64) -> u64 {

@@ -1214,6 +1214,41 @@ async fn whole_bodies_wait_for_room_in_memory() {
     assert_eq!(put(8 << 10).await, StatusCode::BAD_REQUEST);
 }
 
+/// A compressed whole body (newer Nix's `narinfo-compression`) takes room for at most 64
+/// times its length decoded, not its limit (16 MiB: a fleet's compressed narinfos would wait
+/// four at a time); one decoding to more is refused as too large.
+#[tokio::test(start_paused = true)]
+async fn a_compressed_body_takes_room_for_what_it_may_decode_to() {
+    use crate::config::Scope;
+    use crate::upload::WHOLE_BODIES_BYTES;
+    let mem = Arc::new(MemoryStore::new());
+    let st = state(
+        with_tokens(Config::default(), &[("w", "wtok", Scope::Write)]),
+        &mem,
+    );
+    let put = |plain: Vec<u8>| {
+        let body = zstd::encode_all(&plain[..], 3).unwrap();
+        let req = authed("PUT", &format!("/upload/{HASH}.narinfo"), "wtok")
+            .header("content-length", body.len().to_string())
+            .header("content-encoding", "zstd")
+            .body(Body::from(body))
+            .unwrap();
+        let st = st.clone();
+        async move { send(&st, req).await.status() }
+    };
+    let _held = st
+        .uploader
+        .body_room(WHOLE_BODIES_BYTES - (256 << 10))
+        .await
+        .unwrap();
+    // Read, decoded and refused as no narinfo: there was room for it.
+    assert_eq!(
+        put(b"not a narinfo\n".repeat(10)).await,
+        StatusCode::BAD_REQUEST
+    );
+    assert_eq!(put(vec![0u8; 1 << 20]).await, StatusCode::PAYLOAD_TOO_LARGE);
+}
+
 /// A client that sent `Expect: 100-continue` sends its body anyway after a second: once an
 /// upload has waited that long for a slot, a NAR already stored has its body read and dropped
 /// rather than left unread (the connection would be reset). And a store that cannot say
