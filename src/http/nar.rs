@@ -263,14 +263,6 @@ pub(super) async fn head(
     // the client skip the NAR and its narinfo be refused. The caches answer only while the
     // store cannot.
     let key = object_key::nar(&f);
-    let mut size = match st.store.head(&key).await {
-        Ok(Some(size)) => Some(size),
-        Ok(None) => st.uploader.reencoded_size(&f).await?,
-        Err(e) => match cached_size(&st, &f).await {
-            Some(size) => Some(size),
-            None => return Err(e.into()),
-        },
-    };
     // Not for a builder (a write token): it uploads the NAR only on a 404, and its narinfo is
     // accepted only if the NAR is in the store, so an upstream's copy must not count.
     let builder = || {
@@ -280,6 +272,18 @@ pub(super) async fn head(
                 .check(&headers, crate::config::Scope::Write),
             crate::auth::Decision::Allowed(Some(_))
         )
+    };
+    // Nor a copy found bad, so that it sends the NAR again.
+    if st.uploader.nar_found_bad(&f) && builder() {
+        return Err(Error::NotFound);
+    }
+    let mut size = match st.store.head(&key).await {
+        Ok(Some(size)) => Some(size),
+        Ok(None) => st.uploader.reencoded_size(&f).await?,
+        Err(e) => match cached_size(&st, &f).await {
+            Some(size) => Some(size),
+            None => return Err(e.into()),
+        },
     };
     if size.is_none() {
         if builder() {

@@ -346,7 +346,7 @@ pub(super) async fn read_decoded_body(
     // compressed narinfo of a few KiB does not take room for 16 MiB.
     let decoded_limit = match coding {
         None => 0,
-        Some(_) => sent.saturating_mul(MAX_EXPANSION).clamp(64 << 10, limit),
+        Some(_) => sent.saturating_mul(MAX_EXPANSION).max(64 << 10).min(limit),
     };
     let room = st.uploader.body_room(sent + decoded_limit).await?;
     let raw = read_into_memory(st, body, limit).await?;
@@ -385,11 +385,16 @@ pub(super) fn body_stream(
 }
 
 /// A PUT's whole body, refused past `limit` bytes before more is read, once there is room
-/// for it among the bodies being read ([`crate::upload::WHOLE_BODIES_BYTES`]).
-pub(super) async fn read_body(st: &AppState, body: Body, limit: u64) -> Result<Bytes, Error> {
+/// for it among the bodies being read ([`crate::upload::WHOLE_BODIES_BYTES`]); with that
+/// room, to be held while the bytes are.
+pub(super) async fn read_body(
+    st: &AppState,
+    body: Body,
+    limit: u64,
+) -> Result<(Bytes, OwnedSemaphorePermit), Error> {
     refuse_declared_over(&body, limit)?;
-    let _room = st.uploader.body_room(room_for(&body, limit)).await?;
-    read_into_memory(st, body, limit).await
+    let room = st.uploader.body_room(room_for(&body, limit)).await?;
+    Ok((read_into_memory(st, body, limit).await?, room))
 }
 
 async fn read_into_memory(st: &AppState, body: Body, limit: u64) -> Result<Bytes, Error> {

@@ -35,7 +35,8 @@ pub(super) fn build_trace_key<const V2: bool>(drv: &str, output: &str) -> Result
 }
 
 async fn put_checked(st: &AppState, key: &str, body: Body) -> Result<StatusCode, Error> {
-    let raw = object::read_body(st, body, MAX_REALISATION_BYTES).await?;
+    // Its room among the bodies held is given back once it is stored.
+    let (raw, _room) = object::read_body(st, body, MAX_REALISATION_BYTES).await?;
     let live = st.live();
     Ok(
         match st

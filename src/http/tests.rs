@@ -1055,6 +1055,51 @@ fn uploadable_path() -> (Vec<u8>, String, String) {
     (nar, file, narinfo)
 }
 
+/// A builder's probe of a NAR whose stored copy was found bad (read back for its narinfo,
+/// its bytes are not its name's) is answered "absent", at the upload address and at the root,
+/// so that the builder's next `nix copy` sends the NAR and mends the path. Before, the root's
+/// probe found the copy in the store and the client skipped the NAR on every run. Readers
+/// still see what the store holds.
+#[tokio::test]
+async fn a_nar_found_bad_is_absent_to_builders() {
+    use crate::config::Scope;
+    let mem = Arc::new(MemoryStore::new());
+    let st = state(
+        with_tokens(Config::default(), &[("w", "wtok", Scope::Write)]),
+        &mem,
+    );
+    let (nar, file, narinfo) = uploadable_path();
+    mem.insert(&format!("nar/{file}"), b"not a NAR".to_vec());
+    let head = |path: &str, token: Option<&str>| {
+        let req = match token {
+            Some(t) => authed("HEAD", path, t),
+            None => Request::builder().method("HEAD").uri(path),
+        };
+        let st = st.clone();
+        async move { send(&st, req.body(Body::empty()).unwrap()).await.status() }
+    };
+    let root = format!("/nar/{file}");
+    let upload = format!("/upload/nar/{file}");
+    assert_eq!(head(&root, Some("wtok")).await, StatusCode::OK);
+    let put = authed("PUT", &format!("/upload/{HASH}.narinfo"), "wtok")
+        .body(Body::from(narinfo.clone()))
+        .unwrap();
+    assert_eq!(send(&st, put).await.status(), StatusCode::BAD_GATEWAY);
+    assert_eq!(head(&root, Some("wtok")).await, StatusCode::NOT_FOUND);
+    assert_eq!(head(&upload, Some("wtok")).await, StatusCode::NOT_FOUND);
+    assert_eq!(head(&root, None).await, StatusCode::OK, "a reader");
+    // Sent again, it mends the path.
+    let put = authed("PUT", &upload, "wtok")
+        .body(Body::from(nar))
+        .unwrap();
+    assert_eq!(send(&st, put).await.status(), StatusCode::CREATED);
+    assert_eq!(head(&root, Some("wtok")).await, StatusCode::OK);
+    let put = authed("PUT", &format!("/upload/{HASH}.narinfo"), "wtok")
+        .body(Body::from(narinfo))
+        .unwrap();
+    assert!(send(&st, put).await.status().is_success());
+}
+
 /// With uploads re-encoded, a NAR whose re-encoded copy the store holds is not stored again
 /// (200): a new encoding (another level, another zstd) need not be byte for byte the copy
 /// published narinfos name by hash and size. Sent right after a builder's probe (at the

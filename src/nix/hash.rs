@@ -122,9 +122,10 @@ impl fmt::Debug for Sha256 {
     }
 }
 
-/// Checks a content address (a narinfo's `CA`) as Nix parses it: `text:sha256:<hash>`, or
-/// `fixed:[r:|git:]<algo>:<hash>` with `<algo>` one of md5, sha1, sha256, sha512 and the
-/// hash in base16, nix32 or base64 of that algorithm's size. Nix refuses a narinfo whose
+/// Checks a content address (a narinfo's `CA`) as Nix parses it: `text:<algo>:<hash>` (Nix
+/// writes sha256; older versions read any algorithm), or `fixed:[r:|git:]<algo>:<hash>`, with
+/// `<algo>` one of md5, sha1, sha256, sha512, blake3 (newer Nix, experimental) and the hash
+/// in base16, nix32 or base64 of that algorithm's size. Nix refuses a narinfo whose
 /// `CA` it cannot parse: a client reading one fails the lookup.
 pub fn check_content_address(ca: &str) -> Result<(), String> {
     let (method, rest) = ca
@@ -141,16 +142,12 @@ pub fn check_content_address(ca: &str) -> Result<(), String> {
     let (algo, hash) = rest
         .split_once(':')
         .ok_or_else(|| "no <algo>:<hash>".to_owned())?;
-    let size = match (method, algo) {
-        ("text", "sha256") | ("fixed", "sha256") => 32,
-        ("fixed", "md5") => 16,
-        ("fixed", "sha1") => 20,
-        ("fixed", "sha512") => 64,
-        _ => {
-            return Err(format!(
-                "hash algorithm {algo:?} is not one a {method} address takes"
-            ))
-        }
+    let size = match algo {
+        "sha256" | "blake3" => 32,
+        "md5" => 16,
+        "sha1" => 20,
+        "sha512" => 64,
+        _ => return Err(format!("unknown hash algorithm {algo:?}")),
     };
     let decoded = if hash.len() == 2 * size {
         hex::decode(hash).ok()
@@ -226,13 +223,15 @@ mod tests {
             format!("fixed:r:sha1:{sha1}"),
             format!("fixed:sha512:{sha512}"),
             format!("fixed:md5:{md5}"),
+            format!("fixed:r:blake3:{nix32}"),
+            format!("text:sha1:{sha1}"),
         ] {
             assert_eq!(check_content_address(&ok), Ok(()), "{ok}");
         }
         for bad in [
             "garbage".to_owned(),
             format!("sha256:{nix32}"),
-            format!("text:sha1:{sha1}"),
+            format!("text:sha1:{nix32}"),
             format!("fixed:r:{nix32}"),
             format!("fixed:x:sha256:{nix32}"),
             format!("fixed:r:sha256:{}", &nix32[1..]),

@@ -288,10 +288,11 @@ pub struct Uploader {
     /// asked for them (at the upload address, or at the root with a write token), by the name
     /// the client uses, and when ([`PROBED_ABSENT_TRUST`]); each taken by one upload.
     nars_probed_absent: Mutex<HashMap<String, tokio::time::Instant>>,
-    /// NAR objects whose bytes, read back for a narinfo, were not what their name says (they
-    /// did not decode, or their sha256 is not the name's: a copy cut short by an interrupted
-    /// `cp`, a disk's corruption), by key, and when ([`FOUND_BAD_TRUST`]): an upload of the
-    /// name stores its body over them rather than taking them for stored.
+    /// NAR objects stored as sent whose bytes, read back for a narinfo, do not hash to their
+    /// name (a copy cut short by an interrupted `cp`, a disk's corruption), by key, and when
+    /// ([`FOUND_BAD_TRUST`]), until read back good or stored again: a builder's probe of the
+    /// name is answered "absent", and its upload stores its body over them rather than taking
+    /// them for stored. Per process: another replica knows nothing of it.
     nars_found_bad: Mutex<HashMap<String, tokio::time::Instant>>,
     /// Where accepted narinfos are recorded before they are written (garbage collection).
     access: Option<Arc<crate::gc::access::AccessLog>>,
@@ -658,6 +659,12 @@ impl Uploader {
         }
     }
 
+    /// Whether the copy of the NAR `name` stored as sent was found bad ([`Self::found_bad`]):
+    /// a builder's probe of it is answered "absent", so that it sends the NAR again.
+    pub fn nar_found_bad(&self, name: &NarFileName) -> bool {
+        self.found_bad(&object_key::nar(name))
+    }
+
     /// Notes that the NAR object `key`, read back, was not what its name says.
     fn note_found_bad(&self, key: String) {
         let mut m = lock(&self.nars_found_bad);
@@ -757,10 +764,7 @@ impl Uploader {
         // moments ago. A failed look is asked again (a passing timeout should not fail an
         // upload whose body is in: Nix 2.8 retries without it); a store that cannot say at all
         // fails the upload rather than risk those narinfos.
-        if target.is_some()
-            && !self.take_probed_absent(name)
-            && !self.found_bad(&object_key::nar(stored))
-        {
+        if target.is_some() && !self.take_probed_absent(name) {
             let key = object_key::nar(stored);
             let mut held = self.store.head(&key).await;
             for wait in gc_guard::HEAD_RETRIES {
@@ -846,19 +850,26 @@ impl Uploader {
             // store's trouble to be seen by its operator, not the client's narinfo (a 4xx,
             // which Nix does not retry, would blame it). One that is not what its name says
             // is stored over by the next upload of the name: a builder's retry mends it.
+            // Only a copy stored as sent can be told bad for sure: its name is the sha256 of
+            // its bytes (a re-encoded copy's is the uploaded file's). One that does not decode
+            // may still be the very file (over this server's limits, stored through a replica
+            // with larger ones): it is taken for bad only if its bytes, read again, do not
+            // hash to its name.
+            let as_sent = cand == *name;
             let d = match digest::digest_named_into(obj.body, c, None, None, self.limits).await {
                 Ok(d) => d,
                 Err(Error::Upload(u)) => {
-                    if matches!(u, UploadError::Rejected(_)) {
+                    if matches!(u, UploadError::Rejected(_))
+                        && as_sent
+                        && self.hashes_to(&key, name.file_hash()).await == Some(false)
+                    {
                         self.note_found_bad(key.clone());
                     }
                     return Err(StoreError::Other(format!("reading {key} back: {u}")).into());
                 }
                 Err(e) => return Err(e),
             };
-            // Its name is the sha256 of the bytes stored as sent; a re-encoded copy's is the
-            // uploaded file's.
-            if cand == *name && d.input.hash.to_nix32() != name.file_hash() {
+            if as_sent && d.input.hash.to_nix32() != name.file_hash() {
                 self.note_found_bad(key.clone());
                 return Err(StoreError::Other(format!(
                     "reading {key} back: its sha256 is {}, not the one its name says; \
@@ -867,6 +878,8 @@ impl Uploader {
                 ))
                 .into());
             }
+            // Good now (stored again meanwhile, through another replica).
+            lock(&self.nars_found_bad).remove(&key);
             let v = VerifiedNar {
                 stored: cand,
                 stored_compression: d.compression,
@@ -879,6 +892,20 @@ impl Uploader {
             return Ok(Some(v));
         }
         Ok(None)
+    }
+
+    /// Whether the bytes of the object `key` hash (sha256) to `nix32`; `None` if they cannot
+    /// be read whole.
+    async fn hashes_to(&self, key: &str, nix32: &str) -> Option<bool> {
+        use sha2::Digest as _;
+        let obj = self.store.get(key, None).await.ok()??;
+        let mut hash = sha2::Sha256::new();
+        let mut body = obj.body;
+        while let Some(chunk) = body.next().await {
+            hash.update(chunk.ok()?);
+        }
+        let bytes: [u8; 32] = hash.finalize().into();
+        Some(crate::nix::Sha256::from_bytes(bytes).to_nix32() == nix32)
     }
 
     /// Holds the listing uploaded for `h` until its narinfo is accepted, which writes it

@@ -875,14 +875,15 @@ async fn a_nar_this_server_cannot_read_back_is_not_taken_for_bad() {
     );
 }
 
-/// A re-encoded copy found bad when read back is written over by the next upload of the
-/// NAR, not kept as "already stored re-encoded".
+/// A re-encoded copy is never taken for bad (its name is the uploaded file's hash, not its
+/// own bytes': one that does not decode here may be another replica's encoding, over this
+/// one's limits), so an upload does not write a new encoding over it, which published
+/// narinfos name by hash and size; and a good one read back by a process that did not store
+/// it (another replica) is taken.
 #[tokio::test]
-async fn a_re_encoded_copy_found_bad_is_written_over() {
+async fn a_re_encoded_copy_is_not_taken_for_bad() {
     let (mem, up) = uploader_to_zstd();
-    let good = nar();
-    let info = narinfo_for(&good, good.len());
-    let file = info.nar_file().unwrap();
+    let (good, info, file) = sample();
     let copy = object_key::nar(&file.with_compression(Compression::Zstd));
     let raw = info.render("/nix/store");
     mem.insert(&copy, b"no zstd frame".to_vec());
@@ -890,23 +891,62 @@ async fn a_re_encoded_copy_found_bad_is_written_over() {
         .put_narinfo(info.hash(), raw.as_bytes(), None)
         .await
         .is_err());
-    assert!(up
-        .put_nar(&file, body(good.clone()))
-        .await
-        .unwrap()
-        .is_some());
-    let stored = mem.bytes(&copy).unwrap();
-    assert_eq!(zstd::decode_all(&stored[..]).unwrap(), good);
-    up.put_narinfo(info.hash(), raw.as_bytes(), None)
-        .await
-        .unwrap();
-    // A good copy read back by a process that did not store it (another replica) is taken:
-    // its name is the uploaded file's, not its own bytes' hash.
+    // The name looked for, the copy read once: not again, to be hashed.
+    assert_eq!(mem.gets_under("nar/"), 2);
+    assert!(
+        up.put_nar(&file, body(good.clone()))
+            .await
+            .unwrap()
+            .is_none(),
+        "a new encoding written over the copy"
+    );
+    assert_eq!(mem.bytes(&copy).unwrap(), &b"no zstd frame"[..]);
+
     let (mem, up) = uploader_to_zstd();
-    mem.insert(&copy, stored.to_vec());
+    mem.insert(&copy, zstd::encode_all(&good[..], 3).unwrap());
     up.put_narinfo(info.hash(), raw.as_bytes(), None)
         .await
         .unwrap();
+}
+
+/// A copy stored as sent that does not decode here but whose bytes are its name's (over this
+/// server's limits, stored through a replica with larger ones) is not taken for bad: uploads
+/// of the name still find it stored. And a copy found bad, then found good (stored again
+/// through another replica), is taken for stored again.
+#[tokio::test]
+async fn only_bytes_that_are_not_their_name_are_taken_for_bad() {
+    let unknown_length = None;
+    let (mem, up) = uploader();
+    let not_a_nar = b"its name's bytes, but no NAR".to_vec();
+    let file: NarFileName = format!("{}.nar", Sha256::digest(&not_a_nar).to_nix32())
+        .parse()
+        .unwrap();
+    mem.insert(&object_key::nar(&file), not_a_nar.clone());
+    let info = narinfo_at(PATH, &not_a_nar, &format!("nar/{file}"));
+    let e = up
+        .put_narinfo(info.hash(), info.render("/nix/store").as_bytes(), None)
+        .await
+        .unwrap_err();
+    assert_eq!(e.status(), axum::http::StatusCode::BAD_GATEWAY, "{e}");
+    assert!(!up.nar_found_bad(&file));
+    assert!(up.already_stored(&file, unknown_length).await.unwrap());
+
+    let (good, info, file) = sample();
+    let raw = info.render("/nix/store");
+    mem.insert(&object_key::nar(&file), b"not a NAR".to_vec());
+    assert!(up
+        .put_narinfo(info.hash(), raw.as_bytes(), None)
+        .await
+        .is_err());
+    assert!(up.nar_found_bad(&file));
+    mem.insert(&object_key::nar(&file), good.to_vec());
+    up.put_narinfo(info.hash(), raw.as_bytes(), None)
+        .await
+        .unwrap();
+    assert!(
+        !up.nar_found_bad(&file),
+        "read back good, still taken for bad"
+    );
 }
 
 /// `nix copy --to 'http://…?compression=gzip'` uploads gzip NARs as `<hash>.nar` (Nix gives
