@@ -1291,6 +1291,9 @@ async fn a_compressed_body_takes_room_for_what_it_may_decode_to() {
         put(b"not a narinfo\n".repeat(10)).await,
         StatusCode::BAD_REQUEST
     );
+    // A small body may decode to 64 KiB whatever its length (10 KiB of one byte is a few
+    // dozen compressed); beyond that, to at most 64 times its length.
+    assert_eq!(put(vec![b'x'; 10 << 10]).await, StatusCode::BAD_REQUEST);
     assert_eq!(put(vec![0u8; 1 << 20]).await, StatusCode::PAYLOAD_TOO_LARGE);
 }
 
