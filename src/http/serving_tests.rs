@@ -32,6 +32,11 @@ async fn get_with(
     (parts.status, parts.headers, body)
 }
 
+/// `cfg` with the NAR disk cache on, in `dir`.
+fn disk_cached(mut cfg: Config, dir: &tempfile::TempDir) -> Config {
+    cfg.cache.nar_dir = Some(dir.path().join("nars"));
+    cfg
+}
 #[tokio::test]
 async fn each_kind_of_object_has_its_type_and_cache_lifetime() {
     let mem = Arc::new(MemoryStore::new());
@@ -625,8 +630,7 @@ async fn pushing_what_the_cache_has_is_a_use() {
 async fn small_nars_reach_the_disk_only_when_memory_lets_them_go() {
     let dir = tempfile::tempdir().unwrap();
     let mem = Arc::new(MemoryStore::new());
-    let mut cfg = Config::default();
-    cfg.cache.nar_dir = Some(dir.path().join("nars"));
+    let mut cfg = disk_cached(Config::default(), &dir);
     // Room for about two of the NARs below.
     cfg.cache.nar_memory_bytes = 2500;
     cfg.cache.nar_memory_max_object = 1000;
@@ -676,9 +680,7 @@ async fn a_nar_on_disk_that_its_narinfo_now_sizes_otherwise_is_fetched_again() {
     use super::tests::head;
     let dir = tempfile::tempdir().unwrap();
     let mem = Arc::new(MemoryStore::new());
-    let mut cfg = Config::default();
-    cfg.cache.nar_dir = Some(dir.path().join("nars"));
-    let st = state(cfg, &mem);
+    let st = state(disk_cached(Config::default(), &dir), &mem);
     let file = format!("{HASH}.nar");
     let key = format!("nar/{file}");
     let old = vec![1u8; 200_000];
@@ -708,9 +710,13 @@ async fn an_uploaded_nar_replaces_the_copies_held_under_its_name() {
     for small in [false, true] {
         let dir = tempfile::tempdir().unwrap();
         let mem = Arc::new(MemoryStore::new());
-        let mut cfg = with_tokens(Config::default(), &[("w", "wtok", Scope::Write)]);
-        cfg.cache.nar_dir = Some(dir.path().join("nars"));
-        let st = state(cfg, &mem);
+        let st = state(
+            disk_cached(
+                with_tokens(Config::default(), &[("w", "wtok", Scope::Write)]),
+                &dir,
+            ),
+            &mem,
+        );
         let (file, good) = nar_of(if small { 900 } else { 300_000 });
         let key = format!("nar/{file}");
         let mut bad = good.clone();
@@ -742,9 +748,7 @@ async fn a_nar_named_after_its_store_path_rebuilt_at_the_same_size_is_fetched_ag
     for small in [false, true] {
         let dir = tempfile::tempdir().unwrap();
         let mem = Arc::new(MemoryStore::new());
-        let mut cfg = Config::default();
-        cfg.cache.nar_dir = Some(dir.path().join("nars"));
-        let st = state(cfg, &mem);
+        let st = state(disk_cached(Config::default(), &dir), &mem);
         let file = format!("{HASH}.nar");
         let key = format!("nar/{file}");
         let size = if small { 900 } else { 200_000 };
@@ -780,8 +784,7 @@ async fn a_nar_named_after_its_store_path_rebuilt_at_the_same_size_is_fetched_ag
 async fn a_nar_named_after_its_bytes_stays_on_disk_across_a_restart() {
     let dir = tempfile::tempdir().unwrap();
     let mem = Arc::new(MemoryStore::new());
-    let mut cfg = Config::default();
-    cfg.cache.nar_dir = Some(dir.path().join("nars"));
+    let cfg = disk_cached(Config::default(), &dir);
     let (file, nar) = nar_of(200_000);
     mem.insert(&format!("nar/{file}"), nar.clone());
     mem.insert(
@@ -816,9 +819,7 @@ async fn a_nar_named_after_its_bytes_stays_on_disk_across_a_restart() {
 async fn a_small_nar_asked_for_without_its_narinfo_is_kept_in_memory() {
     let dir = tempfile::tempdir().unwrap();
     let mem = Arc::new(MemoryStore::new());
-    let mut cfg = Config::default();
-    cfg.cache.nar_dir = Some(dir.path().join("nars"));
-    let st = state(cfg, &mem);
+    let st = state(disk_cached(Config::default(), &dir), &mem);
     let (file, nar) = nar_of(900);
     mem.insert(&format!("nar/{file}"), nar.clone());
     let (status, body) = get(&st, &format!("/nar/{file}")).await;
@@ -859,8 +860,7 @@ async fn let_go(disk: std::sync::Weak<crate::cache::nar::NarCache>) {
 async fn a_dropped_state_lets_its_nar_disk_cache_go() {
     let dir = tempfile::tempdir().unwrap();
     let mem = Arc::new(MemoryStore::new());
-    let mut cfg = Config::default();
-    cfg.cache.nar_dir = Some(dir.path().join("nars"));
+    let cfg = disk_cached(Config::default(), &dir);
     let st = state(cfg.clone(), &mem);
     let disk = Arc::downgrade(st.nars.as_ref().unwrap());
     drop(st);
@@ -967,8 +967,7 @@ async fn a_nar_the_disk_cache_does_not_keep_is_held_to_its_narinfo_size() {
     let len = 3 << 19; // 1.5 MiB: not small, and over half the budget below
     let nar: Vec<u8> = (0..len).map(|i| (i % 251) as u8).collect();
     mem.insert(&format!("nar/{file}"), nar.clone());
-    let mut cfg = Config::default();
-    cfg.cache.nar_dir = Some(dir.path().join("nars"));
+    let mut cfg = disk_cached(Config::default(), &dir);
     cfg.cache.nar_max_bytes = 2 << 20;
     let st = state(cfg, &mem);
     assert!(st.nars.is_some());
