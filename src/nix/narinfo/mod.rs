@@ -15,9 +15,10 @@
 //! Sig: test-1:mbtf5wmBtrMQCHnVpWCZlJGiFC5JYhTHoK2doDUqUIcx4J6vXRDjNRdRFmY96Ai6hxXiAjaviyjzF10WhNx/Dg==
 //! ```
 //!
-//! Parsing is strict where the Nix client is (a missing `URL`, `NarHash` or `NarSize`, a bad
-//! `Sig:`, CRLF line endings are errors) so a corrupt object is reported as such instead of being
-//! served; unknown fields are kept and rendered back. A missing `Compression:` means bzip2.
+//! Parsing is strict where the Nix client is (a missing `URL`, `NarHash` or `NarSize`, CRLF line
+//! endings are errors) so a corrupt object is reported as such instead of being served; unknown
+//! fields are kept and rendered back. A missing `Compression:` means bzip2. A `Sig:` that is not
+//! `<name>:<base64 of 64 bytes>` is dropped: no key verifies it.
 //!
 //! Signatures cover only the fingerprint `1;<StorePath>;<NarHash>;<NarSize>;<refs>`, not the URL,
 //! Compression, FileHash or FileSize fields.
@@ -269,7 +270,10 @@ impl NarInfo {
                     }
                 }
                 "System" => set(&mut system, value.to_owned(), line, "System")?,
-                "Sig" => sigs.push(value.parse().map_err(|e| bad("Sig", format!("{e}")))?),
+                // A signature that cannot be read could never verify, and Nix throws on one
+                // under a key it trusts ("signature is not valid"): it is dropped, the narinfo
+                // kept (it is served with this cache's own signature).
+                "Sig" => sigs.extend(value.parse::<Signature>().ok()),
                 "CA" => {
                     // Nix reads an empty `CA:` as none.
                     if !value.is_empty() {
