@@ -87,6 +87,12 @@ impl Tokens {
         }
     }
 
+    /// Whether some token may upload: the root's answers to builders then differ from
+    /// readers' (see `crate::http::nar::head`).
+    pub fn any_writer(&self) -> bool {
+        self.tokens.iter().any(|t| t.write)
+    }
+
     /// Whether a request with `headers` may do something needing `scope`.
     pub fn check(&self, headers: &HeaderMap, scope: Scope) -> Decision {
         if scope == Scope::Read && !self.private {

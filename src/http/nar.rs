@@ -25,8 +25,8 @@ use std::sync::Arc;
 
 use axum::body::Body;
 use axum::extract::{Path, RawQuery, State};
-use axum::http::{header, HeaderMap, StatusCode};
-use axum::response::Response;
+use axum::http::{header, HeaderMap, HeaderValue, StatusCode};
+use axum::response::{IntoResponse as _, Response};
 
 use super::object::{self, Kind};
 use super::AppState;
@@ -255,8 +255,26 @@ pub(super) async fn head(
     Path(file): Path<String>,
     RawQuery(query): RawQuery,
     headers: HeaderMap,
+) -> Response {
+    let mut res = head_answer(&st, &file, query.as_deref(), &headers)
+        .await
+        .into_response();
+    // A builder (a write token) is answered otherwise than a reader: a caching proxy in
+    // front must not answer one with what it kept for the other.
+    if st.live().tokens.any_writer() {
+        res.headers_mut()
+            .append(header::VARY, HeaderValue::from_static("authorization"));
+    }
+    res
+}
+
+async fn head_answer(
+    st: &AppState,
+    file: &str,
+    query: Option<&str>,
+    headers: &HeaderMap,
 ) -> Result<Response, Error> {
-    let f = NarFileName::from_request(&file, query.as_deref())?;
+    let f = NarFileName::from_request(file, query)?;
     // The store first, not the caches: at the root this HEAD comes from `nix copy --to`,
     // which uploads the NAR only on a 404, so it must say whether the store has it. A NAR a
     // collection deleted may still be in this replica's caches; a 200 from them would make

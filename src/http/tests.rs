@@ -1100,6 +1100,45 @@ async fn a_nar_found_bad_is_absent_to_builders() {
     assert!(send(&st, put).await.status().is_success());
 }
 
+/// The root's NAR HEAD answers a builder otherwise than a reader (above), so where some token
+/// may upload it says it varies by `Authorization`, found or not: a caching proxy in front
+/// would otherwise answer a builder's probe with a reader's 200.
+#[tokio::test]
+async fn root_nar_probes_vary_by_token_where_builders_upload() {
+    use crate::config::Scope;
+    let mem = Arc::new(MemoryStore::new());
+    let (_, file, _) = uploadable_path();
+    mem.insert(&format!("nar/{file}"), b"a NAR".to_vec());
+    let missing = format!("/nar/{}.nar", "1".repeat(52));
+    for (cfg, varies) in [
+        (
+            with_tokens(Config::default(), &[("w", "wtok", Scope::Write)]),
+            true,
+        ),
+        (
+            with_tokens(Config::default(), &[("r", "rtok", Scope::Read)]),
+            false,
+        ),
+        (Config::default(), false),
+    ] {
+        let st = state(cfg, &mem);
+        for (path, status) in [
+            (format!("/nar/{file}"), StatusCode::OK),
+            (missing.clone(), StatusCode::NOT_FOUND),
+        ] {
+            let req = Request::builder().method("HEAD").uri(&path);
+            let res = send(&st, req.body(Body::empty()).unwrap()).await;
+            assert_eq!(res.status(), status, "{path}");
+            let vary: Vec<_> = res
+                .headers()
+                .get_all(axum::http::header::VARY)
+                .iter()
+                .collect();
+            assert_eq!(vary == ["authorization"], varies, "{path}: {vary:?}");
+        }
+    }
+}
+
 /// With uploads re-encoded, a NAR whose re-encoded copy the store holds is not stored again
 /// (200): a new encoding (another level, another zstd) need not be byte for byte the copy
 /// published narinfos name by hash and size. Sent right after a builder's probe (at the
