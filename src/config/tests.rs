@@ -878,9 +878,20 @@ fn urls_that_cannot_take_a_path_are_refused() {
         assert!(e.contains("upstreams") && e.contains(why), "{url}: {e}");
         assert!(!e.contains("T0KEN"), "{e}");
     }
-    let toml = "[store]\nkind = \"s3\"\nbucket = \"b\"\nendpoint = \"http://minio:9000 \"";
-    let e = from_toml(toml).unwrap_err().to_string();
-    assert!(e.contains("store.endpoint"), "{e}");
+    for (key, url, why) in [
+        ("endpoint", "http://minio:9000 ", "whitespace"),
+        ("endpoint", "http://minio:9000/?x=1", "query"),
+        ("public_endpoint", "https://s3.example.org/#a", "fragment"),
+    ] {
+        let toml = format!(
+            "[store]\nkind = \"s3\"\nbucket = \"b\"\nredirect_nars = true\n{key} = \"{url}\""
+        );
+        let e = from_toml(&toml).unwrap_err().to_string();
+        assert!(
+            e.contains(&format!("store.{key}")) && e.contains(why),
+            "{e}"
+        );
+    }
     // Fine: a path, a port, credentials, an address.
     for url in [
         "https://cache.example.org/sub/",

@@ -136,7 +136,8 @@ fn secs(key: &str, n: u64, min: u64) -> Result<Duration, ConfigError> {
 }
 
 /// Checks `url` is an http(s) URL with a host that cellar can put paths after: no whitespace
-/// (`"https://cache.example.org/ "` would send every request to `/%20/…`).
+/// (`"https://cache.example.org/ "` would send every request to `/%20/…`), no query or
+/// fragment (the paths would land in it).
 fn http_url(key: &str, url: &str) -> Result<(), ConfigError> {
     // Not repeated whole: an upstream's URL may hold a token (`user:token@host`).
     let shown = match url.rsplit_once('@') {
@@ -149,6 +150,9 @@ fn http_url(key: &str, url: &str) -> Result<(), ConfigError> {
     }
     if url.contains(char::is_whitespace) {
         return bad("holds whitespace");
+    }
+    if url.contains(['?', '#']) {
+        return bad("must have no query or fragment: cellar appends each file's path to it");
     }
     // An http(s) URL that parses has a host.
     match reqwest::Url::parse(url) {
@@ -528,12 +532,6 @@ impl UpstreamEntry {
     fn validate(self, i: usize) -> Result<UpstreamConfig, ConfigError> {
         let key = |k: &str| format!("upstreams[{i}].{k}");
         http_url(&key("url"), &self.url)?;
-        if self.url.contains(['?', '#']) {
-            return Err(ConfigError::invalid(
-                key("url"),
-                "must have no query or fragment: cellar appends each file's path to it",
-            ));
-        }
         if self.public_keys.is_empty() {
             return Err(ConfigError::invalid(
                 key("public_keys"),
