@@ -200,11 +200,15 @@ fn check_config(path: Option<&Path>) -> anyhow::Result<()> {
     for (var, key) in path.map(Config::env_overrides).unwrap_or_default() {
         println!("note: {var} overrides `{key}` in the config file");
     }
+    // As `serve` reads them: also refused if two keys have one name.
     if !cfg.signing.key_files.is_empty() {
-        for f in &cfg.signing.key_files {
-            let k = signing_keys::read_key_file(f)?;
+        let keys = signing_keys::load_existing(&cfg.signing)?;
+        for (f, k) in cfg.signing.key_files.iter().zip(&keys) {
             println!("signing key {}: {}", f.display(), k.public());
         }
+    }
+    if let Some(dir) = &cfg.cache.nar_dir {
+        cellar::cache::nar::check_dir(dir).context("cache.nar_dir")?;
     }
     println!("configuration is valid");
     Ok(())

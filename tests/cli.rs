@@ -132,6 +132,61 @@ fn check_config_names_the_key() {
     }
 }
 
+/// What `serve` refuses at start `check-config` refuses too: two signing keys of one name (a
+/// rotation's new key made under the old name), a NAR cache directory cellar did not make.
+/// It changes nothing: an empty or missing `cache.nar_dir` is fine and stays as it was.
+#[test]
+fn check_config_refuses_what_serve_would() {
+    let d = tempfile::tempdir().unwrap();
+    let check = |env: Vec<(&str, std::ffi::OsString)>| {
+        let out = cellar(d.path())
+            .args(["check-config"])
+            .envs(env)
+            .output()
+            .unwrap();
+        (
+            out.status.success(),
+            String::from_utf8_lossy(&out.stderr).into_owned(),
+        )
+    };
+    for (file, name) in [
+        ("a.sec", "same-1"),
+        ("b.sec", "same-1"),
+        ("c.sec", "other-1"),
+    ] {
+        let path = d.path().join(file);
+        let out = cellar(d.path())
+            .args(["keygen", name, "--out"])
+            .arg(&path)
+            .output()
+            .unwrap();
+        assert!(out.status.success());
+    }
+    // A list, in the environment, is comma-separated.
+    let keys = |files: &[&str]| std::ffi::OsString::from(files.join(","));
+    let (ok, err) = check(vec![(
+        "CELLAR_SIGNING__KEY_FILES",
+        keys(&["a.sec", "b.sec"]),
+    )]);
+    assert!(!ok && err.contains("same-1"), "{err}");
+    let (ok, err) = check(vec![(
+        "CELLAR_SIGNING__KEY_FILES",
+        keys(&["a.sec", "c.sec"]),
+    )]);
+    assert!(ok, "{err}");
+
+    let foreign = d.path().join("photos");
+    std::fs::create_dir(&foreign).unwrap();
+    std::fs::write(foreign.join("cat.jpg"), "meow").unwrap();
+    let (ok, err) = check(vec![("CELLAR_CACHE__NAR_DIR", foreign.clone().into())]);
+    assert!(!ok && err.contains("cache.nar_dir"), "{err}");
+    assert!(foreign.join("cat.jpg").exists());
+    let new = d.path().join("nars");
+    let (ok, err) = check(vec![("CELLAR_CACHE__NAR_DIR", new.clone().into())]);
+    assert!(ok, "{err}");
+    assert!(!new.exists(), "check-config made {}", new.display());
+}
+
 /// `check-config` says which keys of the file the environment overrides; the variables
 /// Kubernetes sets beside a service named `cellar` are not taken for keys, and variables whose
 /// name or value is not UTF-8 (an `OLDPWD` in Latin-1, raw bytes a CI runner exports) are

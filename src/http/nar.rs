@@ -285,9 +285,7 @@ async fn head_answer(
     // accepted only if the NAR is in the store, so an upstream's copy must not count.
     let builder = || {
         matches!(
-            st.live()
-                .tokens
-                .check(&headers, crate::config::Scope::Write),
+            st.live().tokens.check(headers, crate::config::Scope::Write),
             crate::auth::Decision::Allowed(Some(_))
         )
     };
@@ -298,7 +296,7 @@ async fn head_answer(
     let mut size = match st.store.head(&key).await {
         Ok(Some(size)) => Some(size),
         Ok(None) => st.uploader.reencoded_size(&f).await?,
-        Err(e) => match cached_size(&st, &f).await {
+        Err(e) => match cached_size(st, &f).await {
             Some(size) => Some(size),
             None => return Err(e.into()),
         },
@@ -315,7 +313,7 @@ async fn head_answer(
         }
     }
     let res = object::head_response(size.ok_or(Error::NotFound)?, Kind::Nar);
-    Ok(lifetime(&st, &f, res))
+    Ok(lifetime(st, &f, res))
 }
 
 /// The size of `f` as the memory or disk cache holds it, if either does.

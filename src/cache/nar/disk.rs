@@ -400,17 +400,7 @@ const LOST_FOUND: &str = "lost+found";
 fn claim(dir: &Path) -> io::Result<std::fs::File> {
     std::fs::create_dir_all(dir)?;
     let marker = dir.join(MARKER);
-    if !marker.is_file() {
-        // The root of a freshly made file system (a volume of its own) holds `lost+found`.
-        let mut entries = std::fs::read_dir(dir)?.flatten();
-        if entries.any(|e| e.file_name() != LOST_FOUND) {
-            return Err(io::Error::other(format!(
-                "{} is not empty and has no {MARKER} file, so it is not a NAR cache cellar \
-                 made; cellar deletes files in its NAR cache, so point cache.nar_dir at a new \
-                 or empty directory of its own",
-                dir.display()
-            )));
-        }
+    if !claimable(dir)? {
         std::fs::write(&marker, MARKER_TEXT)?;
     }
     // Opened for writing: an exclusive lock over NFS needs a file open for writing.
@@ -427,6 +417,30 @@ fn claim(dir: &Path) -> io::Result<std::fs::File> {
         ))),
         Err(std::fs::TryLockError::Error(e)) => Err(e),
     }
+}
+
+/// Whether `dir` may be taken as a NAR cache (changing nothing): `Ok(true)` if it has the
+/// marker, `Ok(false)` if it is missing or empty (the marker is then to be written), an error
+/// if it holds files cellar did not make.
+pub(super) fn claimable(dir: &Path) -> io::Result<bool> {
+    if dir.join(MARKER).is_file() {
+        return Ok(true);
+    }
+    let entries = match std::fs::read_dir(dir) {
+        Ok(entries) => entries,
+        Err(e) if e.kind() == io::ErrorKind::NotFound => return Ok(false),
+        Err(e) => return Err(e),
+    };
+    // The root of a freshly made file system (a volume of its own) holds `lost+found`.
+    if entries.flatten().any(|e| e.file_name() != LOST_FOUND) {
+        return Err(io::Error::other(format!(
+            "{} is not empty and has no {MARKER} file, so it is not a NAR cache cellar \
+             made; cellar deletes files in its NAR cache, so point cache.nar_dir at a new \
+             or empty directory of its own",
+            dir.display()
+        )));
+    }
+    Ok(false)
 }
 
 fn read_meta(path: &Path) -> Option<(u64, Checksum)> {

@@ -62,6 +62,12 @@ const FULL_BACKOFF: Duration = Duration::from_secs(60);
 /// once) before it reads the NAR from the store instead.
 const CHECK_WAIT: Duration = Duration::from_secs(10);
 
+/// Checks, changing nothing, that `dir` could be opened as the NAR cache: missing, empty, or
+/// one cellar made (`check-config`: `serve` would refuse a directory of other files).
+pub fn check_dir(dir: &Path) -> io::Result<()> {
+    disk::claimable(dir).map(|_| ())
+}
+
 /// What [`NarCache::get`] found.
 pub enum NarCacheAnswer {
     /// Served from disk or a fill: the object.
