@@ -9,7 +9,7 @@ use futures::StreamExt as _;
 
 use super::inventory::Inventory;
 use super::report::Progress;
-use crate::nix::{NarInfo, StorePathHash, MAX_NARINFO_BYTES};
+use crate::nix::{NarFileName, NarInfo, StorePathBaseName, StorePathHash, MAX_NARINFO_BYTES};
 use crate::store::{object_key, Store, StoreError};
 
 /// How many narinfos are read at once: enough to hide S3 latency, few enough to stay polite.
@@ -30,6 +30,10 @@ pub enum Problem {
     /// a narinfo, but which NAR and references it names is unknown, so nothing may be deleted
     /// on the strength of this graph (gc and repairs refuse to run).
     Encoded(String),
+    /// Its `StorePath:` lies in another store directory than this run's `store_dir`: most
+    /// likely the run's configuration is not the servers' (every narinfo would then look
+    /// unparseable, and be deleted with its NAR), so gc and repairs refuse to run.
+    OtherStoreDir(String),
 }
 
 #[derive(Debug, Clone)]
@@ -92,7 +96,22 @@ pub fn parse(h: StorePathHash, raw: Option<&[u8]>, store_dir: &str) -> Parsed {
     };
     let info = match NarInfo::parse_bytes(raw, store_dir) {
         Ok(i) => i,
-        Err(e) => return fail(Problem::Unparseable(e.to_string())),
+        Err(e) => {
+            if let Some(path) = other_store_dir(raw, store_dir) {
+                return fail(Problem::OtherStoreDir(format!(
+                    "StorePath {path} is not in store_dir {store_dir}: is `store_dir` (or \
+                     CELLAR_STORE_DIR) the servers' one?"
+                )));
+            }
+            // What it still names, as far as it reads, stays: a narinfo kept (used, pinned,
+            // within the grace period) keeps its NAR and references whatever else it holds.
+            let (refs, nar) = still_named(raw, h);
+            return Parsed {
+                refs,
+                nar,
+                ..fail(Problem::Unparseable(e.to_string()))
+            };
+        }
     };
     // A narinfo under the wrong name still names its references and NAR: they stay in the
     // graph (so nothing is collected because of it) while verify reports it.
@@ -120,6 +139,42 @@ pub fn parse(h: StorePathHash, raw: Option<&[u8]>, store_dir: &str) -> Parsed {
         problem,
         name: info.store_path.as_str().into(),
     }
+}
+
+/// The `StorePath:` of `raw` if it is a path outside `store_dir`.
+fn other_store_dir<'a>(raw: &'a [u8], store_dir: &str) -> Option<&'a str> {
+    let path = std::str::from_utf8(raw)
+        .ok()?
+        .lines()
+        .find_map(|l| l.strip_prefix("StorePath: "))?;
+    let inside = path
+        .strip_prefix(store_dir)
+        .is_some_and(|rest| rest.starts_with('/'));
+    (path.starts_with('/') && !inside).then_some(path)
+}
+
+/// The references (not `h` itself) and NAR file that the lines of an unparseable narinfo
+/// still name in a form they can be read in.
+fn still_named(raw: &[u8], h: StorePathHash) -> (Vec<StorePathHash>, Option<Box<str>>) {
+    let text = String::from_utf8_lossy(raw);
+    let mut refs = Vec::new();
+    let mut nar = None;
+    for line in text.lines() {
+        if let Some(list) = line.strip_prefix("References:") {
+            refs.extend(
+                list.split(' ')
+                    .filter_map(|r| r.parse::<StorePathBaseName>().ok())
+                    .map(|r| r.hash())
+                    .filter(|r| *r != h),
+            );
+        } else if let Some(url) = line.strip_prefix("URL: ") {
+            let file = url
+                .strip_prefix("nar/")
+                .and_then(|f| f.parse::<NarFileName>().ok());
+            nar = nar.or(file.map(|f| f.as_str().into()));
+        }
+    }
+    (refs, nar)
 }
 
 impl Graph {
@@ -166,11 +221,14 @@ impl Graph {
         Ok(graph)
     }
 
-    /// The reason of the first narinfo stored encoded, if any: what it names is unknown, so
-    /// deleting by this graph could take its NAR or references.
-    pub fn encoded(&self) -> Option<&str> {
+    /// Why nothing may be deleted by this graph, if so: a narinfo stored encoded (what it
+    /// names is unknown, so deleting could take its NAR or references), or one in another
+    /// store directory (this run's `store_dir` is likely not the servers').
+    pub fn refuses_deletion(&self) -> Option<&str> {
         self.nodes.iter().find_map(|n| match &n.problem {
-            Some(Problem::Encoded(reason)) => Some(reason.as_str()),
+            Some(Problem::Encoded(reason) | Problem::OtherStoreDir(reason)) => {
+                Some(reason.as_str())
+            }
             _ => None,
         })
     }

@@ -231,10 +231,9 @@ async fn read_and_plan(
 ) -> Result<Planned, GcError> {
     let inv = inventory::Inventory::load(store.as_ref(), progress).await?;
     let graph = graph::Graph::load(store.as_ref(), &inv, store_dir, progress).await?;
-    if let Some(reason) = graph.encoded() {
+    if let Some(reason) = graph.refuses_deletion() {
         return Err(GcError::Store(StoreError::Other(format!(
-            "{reason}: what such a narinfo names is unknown, so nothing was collected \
-             (`cellar verify` lists them all)"
+            "{reason}: nothing was collected (`cellar verify` lists every such narinfo)"
         ))));
     }
     let sizes: Vec<u64> = (0..graph.len() as u32)

@@ -2388,6 +2388,69 @@ async fn an_encoded_narinfo_is_reported_and_nothing_is_deleted_by_it() {
     assert_eq!(mem.keys(), before, "deleted: {:?}", r.repaired);
 }
 
+/// A run whose `store_dir` is not the servers' (a timer without the service's
+/// `CELLAR_STORE_DIR`) reads every narinfo as one of another store: it deletes nothing, gc
+/// nor repair, and says which key to check. (Taken for unparseable, each would have been
+/// deleted by repair, and each NAR by gc.)
+#[tokio::test(start_paused = true)]
+async fn a_run_with_another_store_dir_deletes_nothing() {
+    let mem = Arc::new(served_for_years());
+    let now = SystemTime::now();
+    let dep = path(&mem, "dep", &[], 100 * DAY, now);
+    let top = path(&mem, "top", &[&dep], 100 * DAY, now);
+    let record = render([Entry::Path(top.hash.parse().unwrap())]);
+    mem.insert_at("_cellar/access/x/p-1", record, now - 2 * DAY);
+    let before = mem.keys();
+    let store: Arc<dyn Store> = mem.clone();
+    let Err(e) = run(&store, "/gnu/store", &cfg(), &applying(now), &Quiet).await else {
+        panic!("collected with another store_dir");
+    };
+    assert!(e.to_string().contains("store_dir /gnu/store"), "{e}");
+    let opts = repair_options(now, super::deleting::SETTLE);
+    let r = super::verify::run(&store, "/gnu/store", &opts, &Quiet)
+        .await
+        .unwrap();
+    assert!(
+        r.repair_errors
+            .iter()
+            .any(|e| e.contains("store_dir") && e.contains("nothing was repaired")),
+        "{:?}",
+        r.repair_errors
+    );
+    assert_eq!(mem.keys(), before, "deleted: {:?}", r.repaired);
+    // With the servers' store_dir, the same run keeps the used closure.
+    let s = gc(&mem, &cfg(), now, true).await;
+    assert!(s.errors.is_empty(), "{:?}", s.errors);
+    assert_eq!(mem.keys(), before);
+}
+
+/// A narinfo Nix cannot read but a client used (or a pin names) is kept, and so is what its
+/// lines still name: its NAR and its references, not collected from under it.
+#[tokio::test(start_paused = true)]
+async fn a_kept_unparseable_narinfo_keeps_what_it_names() {
+    let mem = Arc::new(served_for_years());
+    let now = SystemTime::now();
+    let dep = path(&mem, "dep", &[], 100 * DAY, now);
+    let top = path(&mem, "top", &[&dep], 100 * DAY, now);
+    let key = format!("{}.narinfo", top.hash);
+    let raw = String::from_utf8(
+        mem.get_bytes(&key, 1 << 20)
+            .await
+            .unwrap()
+            .unwrap()
+            .to_vec(),
+    )
+    .unwrap();
+    mem.insert_at(&key, format!("{raw}CA: nonsense\n"), now - 100 * DAY);
+    let record = render([Entry::Path(top.hash.parse().unwrap())]);
+    mem.insert_at("_cellar/access/x/p-1", record, now - 2 * DAY);
+    let s = gc(&mem, &cfg(), now, true).await;
+    assert!(s.errors.is_empty(), "{:?}", s.errors);
+    for kept in [key, top.nar, format!("{}.narinfo", dep.hash), dep.nar] {
+        assert!(has(&mem, &kept), "{kept} collected");
+    }
+}
+
 /// Another run live by the time this one has read the store (its renewals failed for long, or
 /// the machine slept): this one does not delete, and withdraws its announcement. The same for
 /// `verify --repair`.

@@ -280,12 +280,11 @@ pub async fn run(
     report.repair_errors.extend(not_repairing);
     report.unfinished.splice(0..0, settled);
     match (announced, checked) {
-        (Some(a), Some(c)) if c.graph.encoded().is_some() => {
+        (Some(a), Some(c)) if c.graph.refuses_deletion().is_some() => {
             a.abandon().await;
             report.repair_errors.push(format!(
-                "{}: what such a narinfo names is unknown, so nothing was repaired (decode or \
-                 remove the narinfos reported so)",
-                c.graph.encoded().unwrap_or_default()
+                "{}: nothing was repaired (mend or remove the narinfos reported so)",
+                c.graph.refuses_deletion().unwrap_or_default()
             ));
         }
         (Some(a), Some(c)) => {
@@ -572,7 +571,11 @@ fn own_findings(
         None => {}
         // Deleted since the listing: nothing to check.
         Some(Problem::Gone) => return out,
-        Some(Problem::Unparseable(reason) | Problem::Encoded(reason)) => {
+        Some(
+            Problem::Unparseable(reason)
+            | Problem::Encoded(reason)
+            | Problem::OtherStoreDir(reason),
+        ) => {
             out.push(Finding::Unparseable {
                 key,
                 reason: reason.clone(),
