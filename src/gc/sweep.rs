@@ -842,7 +842,9 @@ const WRITE_BACK_RETRIES: [std::time::Duration; 2] = [
 ];
 
 /// Writes a deleted narinfo back (an upload relied on it): tried again after a failure,
-/// since until it is back that upload's path has a missing reference.
+/// since until it is back that upload's path has a missing reference. Not if the store holds
+/// one again: a client uploaded the path meanwhile, and its narinfo stays, not the copy read
+/// before the deletion (which may name another NAR, or one that is missing).
 pub(super) async fn write_back(
     store: &dyn Store,
     key: &str,
@@ -850,7 +852,12 @@ pub(super) async fn write_back(
 ) -> Result<(), StoreError> {
     let mut pauses = WRITE_BACK_RETRIES.iter();
     loop {
-        match store.put_bytes(key, body.clone()).await {
+        let written = match store.head(key).await {
+            Ok(Some(_)) => return Ok(()),
+            Ok(None) => store.put_bytes(key, body.clone()).await,
+            Err(e) => Err(e),
+        };
+        match written {
             Ok(()) => return Ok(()),
             Err(e) => match pauses.next() {
                 Some(&pause) => {

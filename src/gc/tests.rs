@@ -978,6 +978,38 @@ async fn a_narinfo_that_stays_keeps_its_closure() {
     }
 }
 
+/// A path a collection deleted and a client uploaded again before the records were read
+/// again (naming it): the upload's narinfo stays, not the copy read before the deletion.
+#[tokio::test(start_paused = true)]
+async fn a_path_uploaded_again_after_its_deletion_keeps_the_uploads_narinfo() {
+    let mem = Arc::new(served_for_years());
+    let now = SystemTime::now();
+    let top = path(&mem, "top", &[], 100 * DAY, now);
+    let key = format!("{}.narinfo", top.hash);
+    let fresh = format!(
+        "{}Sig: fresh\n",
+        String::from_utf8_lossy(&mem.bytes(&key).unwrap())
+    );
+    let hooked = mem.clone();
+    let th = top.hash.parse().unwrap();
+    mem.after_delete(&key.clone(), move |key| {
+        hooked.insert(key, fresh.clone());
+        let day = super::access::day(SystemTime::now());
+        hooked.insert(
+            &format!("_cellar/access/{day}/top-upload"),
+            render([Entry::Path(th)]),
+        );
+    });
+    let s = gc(&mem, &cfg(), now, true).await;
+    assert!(s.errors.is_empty(), "{:?}", s.errors);
+    let now_there = String::from_utf8(mem.bytes(&key).unwrap().to_vec()).unwrap();
+    assert!(
+        now_there.contains("Sig: fresh"),
+        "the upload's narinfo was replaced: {now_there}"
+    );
+    assert!(has(&mem, &top.nar));
+}
+
 /// When the access records cannot be read again after a batch, an upload may have relied on
 /// any narinfo of it: the batch is written back whole and the run stops, NARs untouched.
 #[tokio::test(start_paused = true)]

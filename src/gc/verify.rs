@@ -1024,14 +1024,8 @@ async fn repair_as(
                 ));
                 continue;
             }
-            // Uploaded again meanwhile (the path healed): the upload's narinfo stays, not the
-            // broken copy read before.
-            let back = match store.head(&key).await {
-                Ok(Some(_)) => Ok(()),
-                Ok(None) => sweep::write_back(store.as_ref(), &key, body).await,
-                Err(e) => Err(e),
-            };
-            match back {
+            // Uploaded again meanwhile (the path healed), the upload's narinfo stays.
+            match sweep::write_back(store.as_ref(), &key, body).await {
                 Ok(()) => {
                     deleted[j as usize] = false;
                     report.repaired.retain(|k| *k != key);
