@@ -237,6 +237,16 @@ impl Uploader {
                 (existing, Ok(()), checks)
             } else {
                 let (existing, recorded) = futures::join!(stored, record);
+                // Found before the record was durable, the path may have been collected
+                // since, the collector's look at the records after that batch missing it: it
+                // is looked at again (a collection deleting it from now on sees the record and
+                // writes it back), else the client would be told it is there.
+                let existing = match (existing, &recorded) {
+                    (Ok(Some(_)), Ok(())) if self.access.is_some() && !nars.is_empty() => {
+                        self.stored(hash).await
+                    }
+                    (existing, _) => existing,
+                };
                 // The checks wait for the record, and are not needed when the path is
                 // already there or the record failed: those are judged first below.
                 match (&existing, &recorded) {
