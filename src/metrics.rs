@@ -134,10 +134,11 @@ pub struct Metrics {
     pub store_clock_offset: Gauge,
 }
 
-/// 1 ms to ~33 s in powers of two: a hot narinfo takes well under a millisecond, a NAR
-/// streamed to a slow client or an S3 call at its timeout takes seconds.
+/// 1 ms to ~35 min in powers of two: a hot narinfo takes well under a millisecond; an
+/// upload is timed with its whole body, and an 8 MiB part to a slow store may take minutes
+/// (a top bucket of seconds would put them all in `+Inf`, and quantiles would cap there).
 fn latency_histogram() -> Histogram {
-    Histogram::new(exponential_buckets(0.001, 2.0, 16))
+    Histogram::new(exponential_buckets(0.001, 2.0, 22))
 }
 
 impl Metrics {
@@ -396,6 +397,30 @@ mod tests {
         assert!(text.contains(r#"cellar_cache_lookups_total{layer="narinfo_memory",result="hit"}"#));
         assert!(text.contains(r#"cellar_build_info{version=""#));
         assert!(text.ends_with("# EOF\n"));
+    }
+
+    /// A NAR upload of ten minutes lands in a bucket of its own, not only in `+Inf`.
+    #[test]
+    fn latencies_of_minutes_have_buckets() {
+        let h = latency_histogram();
+        h.observe(600.0);
+        let mut r = Registry::default();
+        r.register("t_seconds", "t", h);
+        let mut text = String::new();
+        prometheus_client::encoding::text::encode(&mut text, &r).unwrap();
+        let counts: Vec<(f64, u64)> = text
+            .lines()
+            .filter_map(|l| l.strip_prefix("t_seconds_bucket{le=\""))
+            .filter_map(|l| {
+                let (le, count) = l.split_once("\"} ")?;
+                Some((le.parse().ok()?, count.parse().ok()?))
+            })
+            .collect();
+        let first = counts.iter().find(|(_, n)| *n == 1);
+        assert!(
+            first.is_some_and(|(le, _)| le.is_finite() && *le < 1200.0),
+            "{text}"
+        );
     }
 
     #[test]
