@@ -147,7 +147,11 @@ fn main() -> ExitCode {
         let _ = cellar::telemetry::init(cli.log_format.unwrap_or_default());
     }
     let result = match cli.command {
-        Command::Serve { config } => serve(config.as_deref(), cli.log_format),
+        Command::Serve { config } => match serve(config.as_deref(), cli.log_format) {
+            Err(Failed::Logged) => return ExitCode::FAILURE,
+            Err(Failed::Plain(e)) => Err(e),
+            Ok(()) => Ok(()),
+        },
         Command::Status { url, token_file } => status(&url, token_file.as_deref()),
         Command::CheckConfig { config } => check_config(config.as_deref()),
         Command::Keygen { name, out } => keygen(&name, out.as_deref()),
@@ -356,7 +360,46 @@ fn local_store_to_create(cfg: &Config) -> Option<PathBuf> {
     }
 }
 
-fn serve(path: Option<&Path>, log_format: Option<LogFormat>) -> anyhow::Result<()> {
+/// Why `serve` stopped: an error for `main` to print, or one already logged (as JSON).
+enum Failed {
+    Plain(anyhow::Error),
+    Logged,
+}
+
+impl<E: Into<anyhow::Error>> From<E> for Failed {
+    fn from(e: E) -> Self {
+        Self::Plain(e.into())
+    }
+}
+
+fn serve(path: Option<&Path>, log_format: Option<LogFormat>) -> Result<(), Failed> {
+    // Given on the command line, JSON logs begin before the config is read: its errors are
+    // JSON lines too.
+    let early = log_format == Some(LogFormat::Json);
+    if early {
+        cellar::telemetry::init(LogFormat::Json)
+            .map_err(|e| anyhow::anyhow!("setting up logs: {e}"))?;
+    }
+    let mut json = early;
+    let served = serve_configured(path, log_format, &mut json);
+    match served {
+        // Every line of stderr a JSON object, the one saying why cellar stopped too.
+        Err(e) if json => {
+            tracing::error!(error = %format!("{e:#}"), "cellar cannot serve: {e:#}");
+            Err(Failed::Logged)
+        }
+        r => Ok(r?),
+    }
+}
+
+/// `serve` from reading the config on; `json` says whether logs are JSON lines (set on the
+/// command line: begun already), and is set once they are.
+fn serve_configured(
+    path: Option<&Path>,
+    log_format: Option<LogFormat>,
+    json: &mut bool,
+) -> anyhow::Result<()> {
+    let logs_begun = *json;
     // The runtime first, for the SIGHUP handler: a `systemctl reload` (a log rotation's)
     // while the config and the keys are read must not end the process.
     let rt = tokio::runtime::Builder::new_multi_thread()
@@ -371,7 +414,11 @@ fn serve(path: Option<&Path>, log_format: Option<LogFormat>) -> anyhow::Result<(
     if let Some(f) = log_format {
         cfg.log.format = f;
     }
-    cellar::telemetry::init(cfg.log.format).map_err(|e| anyhow::anyhow!("setting up logs: {e}"))?;
+    if !logs_begun {
+        cellar::telemetry::init(cfg.log.format)
+            .map_err(|e| anyhow::anyhow!("setting up logs: {e}"))?;
+        *json = cfg.log.format == LogFormat::Json;
+    }
     cellar::reload::warn_env_overrides(path);
     cellar::metrics::set_build_info(match cfg.store.backend {
         StoreBackend::Local(_) => "local",

@@ -256,6 +256,63 @@ async fn json_logs_carry_the_request_id_on_every_line_of_a_request_and_the_keys(
     assert!(!log.contains(&w));
 }
 
+/// With JSON logs every line of stderr is a JSON object, the one that says why cellar did not
+/// start too: a port already taken (`log.format` from the environment), a config error
+/// (`--log-format json`, which takes effect before the config is read).
+#[test]
+fn with_json_logs_a_failed_start_says_why_in_json() {
+    let taken = std::net::TcpListener::bind("127.0.0.1:0").unwrap();
+    let port = taken.local_addr().unwrap().to_string();
+    let dir = tempfile::tempdir().unwrap();
+    let key = dir.path().join("k.sec");
+    let out = Command::new(CELLAR)
+        .args(["keygen", "json-1", "--out"])
+        .arg(&key)
+        .output()
+        .unwrap();
+    assert!(out.status.success());
+    let runs: [(&[&str], Vec<(&str, String)>, &str); 2] = [
+        (
+            &["serve"],
+            vec![
+                ("CELLAR_LOG__FORMAT", "json".into()),
+                ("CELLAR_LISTEN", port.clone()),
+                ("CELLAR_SIGNING__KEY_FILES", key.display().to_string()),
+                (
+                    "CELLAR_STORE__PATH",
+                    dir.path().join("store").display().to_string(),
+                ),
+            ],
+            "listen",
+        ),
+        (
+            &["--log-format", "json", "serve"],
+            vec![("CELLAR_LISTEN", "nope".into())],
+            "listen",
+        ),
+    ];
+    for (args, env, key_named) in runs {
+        let out = Command::new(CELLAR)
+            .args(args)
+            .envs(env)
+            .current_dir(dir.path())
+            .output()
+            .unwrap();
+        assert!(!out.status.success());
+        let err = String::from_utf8_lossy(&out.stderr);
+        let lines: Vec<serde_json::Value> = err
+            .lines()
+            .map(|l| serde_json::from_str(l).unwrap_or_else(|e| panic!("{e}: {l:?}")))
+            .collect();
+        let last = lines
+            .last()
+            .unwrap_or_else(|| panic!("nothing said: {args:?}"));
+        assert_eq!(last["level"], "ERROR", "{err}");
+        assert!(last["error"].as_str().unwrap().contains(key_named), "{err}");
+    }
+    drop(taken);
+}
+
 #[test]
 fn log_format_flag_is_checked() {
     let out = Command::new(CELLAR)
