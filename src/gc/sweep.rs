@@ -441,13 +441,19 @@ async fn delete(
         // Copies to write back if an upload turns out to need one of them.
         let mut bodies: HashMap<u32, Bytes> = HashMap::new();
         let mut unread = Vec::new();
+        // Too large to be a narinfo: no server serves it, so no upload relies on it, and it
+        // goes without a copy (read whole, it would stop every run).
+        let mut oversized = HashSet::new();
         for &i in &todo {
             let key = object_key::narinfo(graph.nodes[i as usize].hash);
-            match store.get_bytes(&key, 64 << 20).await {
+            match store.get_bytes(&key, crate::nix::MAX_NARINFO_BYTES).await {
                 Ok(Some(body)) => {
                     bodies.insert(i, body);
                 }
                 Ok(None) => {}
+                Err(StoreError::TooLarge { .. }) => {
+                    oversized.insert(i);
+                }
                 Err(e) => {
                     st.out.errors.push(format!("{key}: {e}"));
                     unread.push(i);
@@ -460,7 +466,7 @@ async fn delete(
         }
         let todo: Vec<u32> = todo
             .into_iter()
-            .filter(|i| bodies.contains_key(i) && !st.kept[*i as usize])
+            .filter(|i| (bodies.contains_key(i) || oversized.contains(i)) && !st.kept[*i as usize])
             .collect();
         // The copies outlive this run if it dies before the batch is settled (see
         // super::unfinished).

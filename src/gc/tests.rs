@@ -2456,6 +2456,28 @@ async fn a_run_with_another_store_dir_deletes_nothing() {
     assert_eq!(mem.keys(), before);
 }
 
+/// An object under a narinfo's name too large to be one (no server serves it) is deleted by
+/// gc and by repair without a copy to write back: read whole for one, it stopped every run.
+#[tokio::test(start_paused = true)]
+async fn an_oversized_narinfo_is_deleted_without_a_copy() {
+    let now = SystemTime::now();
+    let junk = format!("{}.narinfo", "0".repeat(32));
+    let oversized = vec![b'x'; crate::nix::MAX_NARINFO_BYTES as usize + 1];
+    let planted = || {
+        let mem = Arc::new(served_for_years());
+        mem.insert_at(&junk, oversized.clone(), now - 100 * DAY);
+        mem
+    };
+    let mem = planted();
+    let s = gc(&mem, &cfg(), now, true).await;
+    assert!(s.errors.is_empty(), "{:?}", s.errors);
+    assert!(!has(&mem, &junk), "kept by gc");
+    let mem = planted();
+    let r = repair(&mem, now).await;
+    assert!(r.repair_errors.is_empty(), "{:?}", r.repair_errors);
+    assert!(!has(&mem, &junk), "kept by repair");
+}
+
 /// A narinfo Nix cannot read but a client used (or a pin names) is kept, and so is what its
 /// lines still name: its NAR and its references, not collected from under it.
 #[tokio::test(start_paused = true)]

@@ -940,8 +940,10 @@ async fn repair_as(
             .filter(|&i| unservable[i as usize])
             .collect();
         // Copies to write back if an upload turns out to have relied on one of them (below).
-        // One that cannot be read is not deleted.
+        // One that cannot be read is not deleted; one too large to be a narinfo goes without
+        // a copy (no server serves it, so no upload relies on it).
         let mut bodies: HashMap<u32, Bytes> = HashMap::new();
+        let mut oversized = HashSet::new();
         for &i in &chunk {
             let key = object_key::narinfo(graph.nodes[i as usize].hash);
             match store.get_bytes(&key, crate::nix::MAX_NARINFO_BYTES).await {
@@ -949,6 +951,9 @@ async fn repair_as(
                     bodies.insert(i, body);
                 }
                 Ok(None) => {}
+                Err(StoreError::TooLarge { .. }) => {
+                    oversized.insert(i);
+                }
                 Err(e) => report
                     .repair_errors
                     .push(format!("{key}: {e}; not deleted")),
@@ -956,7 +961,7 @@ async fn repair_as(
         }
         let chunk: Vec<u32> = chunk
             .into_iter()
-            .filter(|i| bodies.contains_key(i))
+            .filter(|i| bodies.contains_key(i) || oversized.contains(i))
             .collect();
         let keys: Vec<String> = chunk
             .iter()
