@@ -201,6 +201,10 @@ impl Inner {
             return Ok(0);
         }
         let mut seen: HashSet<StorePathHash> = HashSet::from([top.hash()]);
+        // Paths of the closure the store lacks (`top` first): what the limit counts, not the
+        // references found in the store (a path with many references the store has is one
+        // copy).
+        let mut lacking = 1;
         // Depth first: a path leaves the stack, into `order`, once all its references have.
         let mut stack: Vec<(NarInfo, usize)> = vec![(top, 0)];
         let mut order: Vec<NarInfo> = Vec::new();
@@ -219,7 +223,8 @@ impl Inner {
             if !seen.insert(r.hash()) || self.in_store(r.hash()).await? {
                 continue;
             }
-            if seen.len() > MAX_CLOSURE {
+            lacking += 1;
+            if lacking > MAX_CLOSURE {
                 return Err(rejected(format!(
                     "the store lacks over {MAX_CLOSURE} paths of its closure"
                 )));
@@ -437,6 +442,38 @@ mod tests {
     const B: &str = "bbbbbbbbbbbbbbbbbbbbbbbbbbbbbbbb";
     const C: &str = "cccccccccccccccccccccccccccccccc";
     const D: &str = "dddddddddddddddddddddddddddddddd";
+
+    /// The closure limit counts the paths the store lacks, not references it has: a path with
+    /// more references than the limit, all in the store, is copied.
+    #[tokio::test]
+    async fn references_the_store_has_do_not_count_against_the_closure_limit() {
+        let key = crate::nix::SecretKey::generate("up-1").unwrap();
+        let store = Arc::new(MemoryStore::new());
+        let refs: Vec<String> = (0..=MAX_CLOSURE)
+            .map(|i| {
+                format!("{i:0>32}")
+                    .chars()
+                    .map(|c| if c == '0' { 'a' } else { c })
+                    .collect()
+            })
+            .collect();
+        for r in &refs {
+            let (info, nar_key, nar) = closure_path(&key, r, &[]);
+            store.insert(&format!("{r}.narinfo"), info.render("/nix/store"));
+            store.insert(&nar_key, nar);
+        }
+        // And one the store lacks, at the upstream, found after all those.
+        let mut refs: Vec<&str> = refs.iter().map(String::as_str).collect();
+        refs.push(C);
+        let top = closure_path(&key, D, &refs);
+        let lacking = closure_path(&key, C, &[]);
+        let mirror = mirror_over(&key, &[top.clone(), lacking], &store).await;
+        let n = mirror.inner.copy_closure(top.0.clone()).await.unwrap();
+        assert_eq!(n, 2);
+        for h in [C, D] {
+            assert!(store.bytes(&format!("{h}.narinfo")).is_some(), "{h}");
+        }
+    }
 
     /// A mirrored path brings the paths of its closure the store lacks, references first,
     /// each from the upstream that serves it: once the upstream is gone, the store serves the
