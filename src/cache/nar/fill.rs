@@ -231,50 +231,63 @@ impl fmt::Display for FillError {
 }
 
 impl NarCache {
-    /// Serves a miss through the one fill of `name`, starting it if none is running.
+    /// Serves a miss through the one fill of `name`, starting it if none is running; with
+    /// how the lookup counts: a `miss` if it is served through a fill (so kept), else a
+    /// `bypass` (streamed from the store uncached: every fill busy, the disk full, the NAR
+    /// too large for the cache, another size than its narinfo gives).
     pub(super) async fn through_fill(
         self: &Arc<Self>,
         name: &str,
         key: &str,
         announced: Option<u64>,
         store: &Arc<dyn Store>,
-    ) -> Result<NarCacheAnswer, StoreError> {
+    ) -> (Result<NarCacheAnswer, StoreError>, &'static str) {
         // A fill of another size than the narinfo now gives (one that ended just now, of the
         // NAR it replaced) is not joined: the store is asked.
         let other_size = |size: u64| announced.is_some_and(|a| a != size);
         let answer = self.on_fill(name, key, announced, store, |started| match started {
-            Started::Filling(h) if other_size(h.size) => Ok(NarCacheAnswer::Bypass),
-            Started::Small(b) if other_size(b.len() as u64) => Ok(NarCacheAnswer::Bypass),
-            Started::Filling(h) => Ok(NarCacheAnswer::Object(Object {
-                body: tail(h.clone()),
-                length: Some(h.size),
-                range: None,
-                encoding: None,
-            })),
-            Started::Small(b) => {
-                let b = b.clone();
-                Ok(NarCacheAnswer::Object(Object {
-                    length: Some(b.len() as u64),
-                    body: futures::stream::once(async move { Ok(b) }).boxed(),
+            Started::Filling(h) if other_size(h.size) => Ok((NarCacheAnswer::Bypass, "bypass")),
+            Started::Small(b) if other_size(b.len() as u64) => {
+                Ok((NarCacheAnswer::Bypass, "bypass"))
+            }
+            Started::Filling(h) => Ok((
+                NarCacheAnswer::Object(Object {
+                    body: tail(h.clone()),
+                    length: Some(h.size),
                     range: None,
                     encoding: None,
-                }))
+                }),
+                "miss",
+            )),
+            Started::Small(b) => {
+                let b = b.clone();
+                Ok((
+                    NarCacheAnswer::Object(Object {
+                        length: Some(b.len() as u64),
+                        body: futures::stream::once(async move { Ok(b) }).boxed(),
+                        range: None,
+                        encoding: None,
+                    }),
+                    "miss",
+                ))
             }
-            Started::NotFound => Ok(NarCacheAnswer::NotFound),
+            Started::NotFound => Ok((NarCacheAnswer::NotFound, "miss")),
             Started::Bypass(opened) => {
                 let taken = lock(opened).take();
-                Ok(taken.map_or(NarCacheAnswer::Bypass, NarCacheAnswer::Object))
+                let answer = taken.map_or(NarCacheAnswer::Bypass, NarCacheAnswer::Object);
+                Ok((answer, "bypass"))
             }
             Started::Failed(e) => Err(e.clone()),
         });
         match answer.await {
-            Some(answer) => answer,
+            Some(Ok((answer, result))) => (Ok(answer), result),
+            Some(Err(e)) => (Err(e), "miss"),
             // Its fill ended since the index was looked at.
             None => {
                 let state = self.index().touch(name);
                 match state {
-                    Some((size, Verified::Yes)) => self.read_file(name, size, None).await,
-                    _ => Ok(NarCacheAnswer::Bypass),
+                    Some((size, Verified::Yes)) => (self.read_file(name, size, None).await, "hit"),
+                    _ => (Ok(NarCacheAnswer::Bypass), "bypass"),
                 }
             }
         }

@@ -246,8 +246,9 @@ impl NarCache {
             return Ok(NarCacheAnswer::Bypass);
         }
         tracing::debug!(nar = %n, "NAR cache: miss");
-        cache_lookup("nar_disk", "miss");
-        self.through_fill(n, key, announced, store).await
+        let (answer, result) = self.through_fill(n, key, announced, store).await;
+        cache_lookup("nar_disk", result);
+        answer
     }
 
     /// Forgets `name`, whose copy here may not be the NAR to serve any more: its bytes were

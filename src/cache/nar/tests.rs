@@ -1466,11 +1466,11 @@ async fn a_fill_ended_since_the_index_was_read_is_served_from_its_file() {
     assert_eq!(cache.usage().0, 1);
     let asked = mem.requests();
     // What `get` does after it found nothing in the index.
-    let answer = cache
+    let (answer, counted) = cache
         .through_fill(NAME, &format!("nar/{NAME}"), None, &store)
-        .await
-        .unwrap();
-    assert!(body(answer).await == data);
+        .await;
+    assert_eq!(counted, "hit");
+    assert!(body(answer.unwrap()).await == data);
     assert_eq!(
         mem.requests(),
         asked,
@@ -1816,6 +1816,29 @@ async fn a_fill_of_another_size_than_the_narinfo_is_not_joined() {
     assert!(matches!(other, NarCacheAnswer::Bypass), "joined the fill");
     let same = get_announced(&cache, &store, len).await.unwrap();
     assert!(matches!(same, NarCacheAnswer::Object(_)));
+}
+
+/// A miss served through a fill counts as a `miss`; one streamed from the store uncached
+/// (too large for the budget) as a `bypass`: the `miss` count is what was fetched into the
+/// cache.
+#[tokio::test]
+async fn a_miss_that_is_not_kept_counts_as_a_bypass() {
+    let (_d, cache, mem, store) = setup(16 << 20);
+    mem.insert(&format!("nar/{NAME}"), vec![3u8; 4 << 20]);
+    let (answer, counted) = cache
+        .through_fill(NAME, &format!("nar/{NAME}"), None, &store)
+        .await;
+    assert_eq!(counted, "miss");
+    drop(answer.unwrap());
+    let big = "1b8m03r63zqhnjf7l5wnldhh7c134ap5vpj0850ymkq1iyzicy5s.nar";
+    mem.insert(&format!("nar/{big}"), vec![1u8; 40 << 20]);
+    for announced in [Some(40 << 20), None] {
+        let (answer, counted) = cache
+            .through_fill(big, &format!("nar/{big}"), announced, &store)
+            .await;
+        assert!(matches!(answer, Ok(NarCacheAnswer::Object(_))));
+        assert_eq!(counted, "bypass", "{announced:?}");
+    }
 }
 
 /// NARs served without a fill (too large for the budget) hold none of the part buffers the
