@@ -149,11 +149,28 @@ impl NarMemory {
         self.cache.is_some()
     }
 
-    /// Records the size a narinfo gives for NAR file `name`.
+    /// Records the size a narinfo gives for NAR file `name`. Two narinfos that give a NAR
+    /// named after its bytes two sizes cannot both be right, and `URL:` and `FileSize:` are
+    /// not signed (an upstream's narinfo may name another path's NAR): the size is then
+    /// forgotten, and the NAR served at the size it has (Nix checks its hash), rather than
+    /// refused as broken on one narinfo's word.
     pub async fn hint(&self, name: &str, file_size: Option<u64>) {
-        if let Some(size) = file_size {
-            self.hints.insert(name.into(), size).await;
+        let Some(size) = file_size else { return };
+        if names_its_bytes(name) {
+            if let Some(held) = self.hints.get(name).await.filter(|&h| h != size) {
+                tracing::warn!(nar = %name, size, held, "narinfos give this NAR two sizes; going by neither");
+                self.hints.invalidate(name).await;
+                return;
+            }
         }
+        self.hints.insert(name.into(), size).await;
+    }
+
+    /// Gives NAR file `name` the size `size` whatever was known (for tests that stand for
+    /// narinfos of several sizes one after another).
+    #[cfg(test)]
+    pub async fn set_hint(&self, name: &str, size: u64) {
+        self.hints.insert(name.into(), size).await;
     }
 
     /// The size the last narinfo read for NAR file `name` gave it, if one did.
@@ -385,6 +402,24 @@ mod tests {
 
     async fn open(store: &Arc<dyn Store>, key: &str) -> Result<Option<Object>, Error> {
         Ok(store.get(key, None).await?)
+    }
+
+    /// Two narinfos giving a NAR named after its bytes two sizes: one lies (its `URL:` and
+    /// `FileSize:` are not signed), so neither size holds. A NAR named after its store path
+    /// takes the last narinfo's (it was rebuilt).
+    #[tokio::test]
+    async fn a_nar_named_after_its_bytes_given_two_sizes_keeps_neither() {
+        let m = NarMemory::new(1 << 20, 1000, None);
+        let named = "1b8m03r63zqhnjf7l5wnldhh7c134ap5vpj0850ymkq1iyzicy5s.nar";
+        m.hint(named, Some(100)).await;
+        m.hint(named, Some(100)).await;
+        assert_eq!(m.announced(named).await, Some(100));
+        m.hint(named, Some(1)).await;
+        assert_eq!(m.announced(named).await, None);
+        let by_path = "6bxnj2gfflqa529lddzh3zhcn45nn86r.nar";
+        m.hint(by_path, Some(100)).await;
+        m.hint(by_path, Some(200)).await;
+        assert_eq!(m.announced(by_path).await, Some(200));
     }
 
     /// Lookups count as hits and misses only for NARs the cache would hold.

@@ -900,7 +900,7 @@ async fn a_resumed_download_from_a_source_without_lengths_gets_its_part() {
     assert_eq!(status, StatusCode::RANGE_NOT_SATISFIABLE);
     assert_eq!(headers["content-range"], "bytes */200000");
     // A body that goes on past the narinfo's size is not that NAR: the transfer fails.
-    st.nar_memory.hint(&file, Some(199_000)).await;
+    st.nar_memory.set_hint(&file, 199_000).await;
     let req = Request::get(format!("/nar/{file}"))
         .header("range", "bytes=150000-")
         .body(Body::empty())
@@ -943,7 +943,7 @@ async fn a_whole_nar_without_a_length_is_held_to_its_narinfo_size() {
     assert_eq!(headers["accept-ranges"], "bytes");
     assert_eq!(body, nar);
     for announced in [200_001, 199_999] {
-        st.nar_memory.hint(&file, Some(announced)).await;
+        st.nar_memory.set_hint(&file, announced).await;
         let res = send(&st, whole()).await;
         assert_eq!(res.status(), StatusCode::OK);
         assert_eq!(res.headers()["content-length"], announced.to_string());
@@ -982,7 +982,7 @@ async fn a_nar_the_disk_cache_does_not_keep_is_held_to_its_narinfo_size() {
     assert_eq!(status, StatusCode::OK);
     assert_eq!(headers["content-length"], len.to_string());
     assert_eq!(body, nar);
-    st.nar_memory.hint(&file, Some(len as u64 + 1)).await;
+    st.nar_memory.set_hint(&file, len as u64 + 1).await;
     let res = send(&st, whole()).await;
     assert_eq!(res.status(), StatusCode::OK);
     assert!(
@@ -994,7 +994,7 @@ async fn a_nar_the_disk_cache_does_not_keep_is_held_to_its_narinfo_size() {
     for st in [st, state(Config::default(), &mem)] {
         mem.serve_sized();
         for wrong in [len as u64 - 1, len as u64 + 1] {
-            st.nar_memory.hint(&file, Some(wrong)).await;
+            st.nar_memory.set_hint(&file, wrong).await;
             let res = send(&st, whole()).await;
             assert_eq!(res.status(), StatusCode::BAD_GATEWAY, "{wrong}");
         }
