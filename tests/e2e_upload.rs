@@ -793,6 +793,59 @@ async fn a_nar_cut_short_in_the_bucket_is_replaced_by_an_upload() {
     );
 }
 
+/// A NAR in the bucket of the right size whose bytes are not what its name says (a disk's
+/// corruption, a bad restore), with no narinfo naming it yet: the first `nix copy` is taken
+/// for stored, its narinfo's read-back finds the copy bad and refuses it with a 4xx that says
+/// to run the copy again (a 5xx would be retried by Nix without its body, stalling minutes a
+/// try); the second copy sends the NAR again, which replaces the bad one, and the path is
+/// whole. The same Nix user throughout.
+#[tokio::test(flavor = "multi_thread")]
+async fn a_corrupt_nar_in_the_bucket_is_replaced_by_the_next_copy() {
+    let f = fixture();
+    let big = f.closure.iter().find(|p| p.ends_with("-big")).unwrap();
+    let narinfo =
+        std::fs::read_to_string(f.xz_dir.join(format!("{}.narinfo", Fixture::hash(big)))).unwrap();
+    let url = narinfo
+        .lines()
+        .find_map(|l| l.strip_prefix("URL: "))
+        .unwrap()
+        .to_owned();
+    let nar = std::fs::read(f.xz_dir.join(&url)).unwrap();
+    let mut corrupt = nar.clone();
+    let mid = corrupt.len() / 2;
+    corrupt[mid] ^= 0xff;
+    let (w, wcfg) = token("builder", "write");
+    let app = App::s3("up-nar-corrupt").config(&wcfg).spawn().await;
+    let nar_key = format!("{}{url}", app.prefix);
+    s3_put(&app.s3, &nar_key, corrupt).await;
+
+    let work = tempfile::tempdir().unwrap();
+    let n = netrc(work.path(), &app.srv, &w);
+    let upload = format!("{}/upload", app.srv.url);
+    let first = copy_to(&upload, Some(&n), &[big.as_str()], work.path(), "corrupt");
+    let said = String::from_utf8_lossy(&first.stderr);
+    assert!(
+        !first.status.success(),
+        "accepted over a corrupt NAR: {said}"
+    );
+    assert!(said.contains("run the copy again"), "{said}");
+    assert!(said.contains("400"), "{said}");
+    assert_ok(
+        &copy_to(&upload, Some(&n), &[big.as_str()], work.path(), "corrupt"),
+        "the copy run again",
+    );
+    assert!(
+        s3_get(&app.s3, &nar_key).await == nar,
+        "the corrupt copy is still stored"
+    );
+    substitute_and_verify(
+        &app.srv.url,
+        &app.srv.public_key,
+        big,
+        &work.path().join("whole"),
+    );
+}
+
 #[tokio::test(flavor = "multi_thread")]
 async fn local_backend_accepts_uploads() {
     let f = fixture();

@@ -1084,7 +1084,7 @@ async fn a_nar_found_bad_is_absent_to_builders() {
     let put = authed("PUT", &format!("/upload/{HASH}.narinfo"), "wtok")
         .body(Body::from(narinfo.clone()))
         .unwrap();
-    assert_eq!(send(&st, put).await.status(), StatusCode::BAD_GATEWAY);
+    assert_eq!(send(&st, put).await.status(), StatusCode::BAD_REQUEST);
     assert_eq!(head(&root, Some("wtok")).await, StatusCode::NOT_FOUND);
     assert_eq!(head(&upload, Some("wtok")).await, StatusCode::NOT_FOUND);
     assert_eq!(head(&root, None).await, StatusCode::OK, "a reader");

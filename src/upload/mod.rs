@@ -847,15 +847,22 @@ impl Uploader {
             let key = object_key::nar(&cand);
             // The object is the store's: a broken body, or one that does not decode or is
             // over this server's limits (stored through a replica with larger ones), is the
-            // store's trouble to be seen by its operator, not the client's narinfo (a 4xx,
-            // which Nix does not retry, would blame it). One that is not what its name says
-            // is stored over by the next upload of the name: a builder's retry mends it.
-            // Only a copy stored as sent can be told bad for sure: its name is the sha256 of
-            // its bytes (a re-encoded copy's is the uploaded file's). One that does not decode
-            // may still be the very file (over this server's limits, stored through a replica
-            // with larger ones): it is taken for bad only if its bytes, read again, do not
-            // hash to its name.
+            // store's trouble to be seen by its operator (a 502). One that is not what its
+            // name says is stored over by the next upload of the name: refused (a 4xx, which
+            // Nix does not retry: a retry of this PUT would come without its body and stall
+            // for minutes), the builder's next copy mends it. Only a copy stored as sent can
+            // be told bad for sure: its name is the sha256 of its bytes (a re-encoded copy's
+            // is the uploaded file's). One that does not decode may still be the very file
+            // (over this server's limits, stored through a replica with larger ones): it is
+            // taken for bad only if its bytes, read again, do not hash to its name.
             let as_sent = cand == *name;
+            let found_bad = |why: String| {
+                self.note_found_bad(key.clone());
+                Error::Upload(UploadError::Rejected(format!(
+                    "the store's copy of {key} is bad ({why}); run the copy again: the NAR is \
+                     sent again and stored over it"
+                )))
+            };
             let d = match digest::digest_named_into(obj.body, c, None, None, self.limits).await {
                 Ok(d) => d,
                 Err(Error::Upload(u)) => {
@@ -863,20 +870,17 @@ impl Uploader {
                         && as_sent
                         && self.hashes_to(&key, name.file_hash()).await == Some(false)
                     {
-                        self.note_found_bad(key.clone());
+                        return Err(found_bad(u.to_string()));
                     }
                     return Err(StoreError::Other(format!("reading {key} back: {u}")).into());
                 }
                 Err(e) => return Err(e),
             };
             if as_sent && d.input.hash.to_nix32() != name.file_hash() {
-                self.note_found_bad(key.clone());
-                return Err(StoreError::Other(format!(
-                    "reading {key} back: its sha256 is {}, not the one its name says; \
-                     the next upload of it replaces it",
+                return Err(found_bad(format!(
+                    "its sha256 is {}, not the one its name says",
                     d.input.hash.to_nix32()
-                ))
-                .into());
+                )));
             }
             // Good now (stored again meanwhile, through another replica).
             lock(&self.nars_found_bad).remove(&key);

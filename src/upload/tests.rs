@@ -801,8 +801,9 @@ async fn narinfos_are_checked_against_remembered_digests_or_the_nar_read_back() 
         .unwrap();
     assert_eq!(mem.gets_under("nar/"), 1);
 
-    // A stored object that is no NAR is the store's trouble (a 502 its operator sees), not
-    // the narinfo's (a 4xx, which would blame the client).
+    // A stored object that is no NAR, and not what its name says: refused (a 4xx, which Nix
+    // does not retry: its retry would come without a body), its NAR taken for bad, so that
+    // the builder's next copy sends it again.
     let (mem, up) = uploader();
     let (info, _) = &uploaded[1];
     mem.insert(
@@ -814,12 +815,13 @@ async fn narinfos_are_checked_against_remembered_digests_or_the_nar_read_back() 
         .put_narinfo(info.hash(), raw.as_bytes(), None)
         .await
         .unwrap_err();
-    assert_eq!(e.status(), axum::http::StatusCode::BAD_GATEWAY, "{e}");
-    assert!(e.to_string().contains("reading nar/"), "{e}");
+    assert_eq!(e.status(), axum::http::StatusCode::BAD_REQUEST, "{e}");
+    assert!(e.to_string().contains("run the copy again"), "{e}");
+    assert!(up.nar_found_bad(&info.nar_file().unwrap()));
 }
 
 /// A NAR object that is not what its name says (cut short by an interrupted copy, a disk's
-/// corruption) fails the narinfo naming it as the store's trouble, and is then not taken for
+/// corruption) fails the narinfo naming it (400: run the copy again), and is then not taken for
 /// stored by an upload of its name: the builder's next attempt sends the body, which replaces
 /// it, and its narinfo is accepted. Before, a large one was taken for stored by every upload
 /// (answered without its body) and the path could not be pushed until `cellar verify --hashes
@@ -845,7 +847,7 @@ async fn a_nar_found_bad_when_read_back_is_replaced_by_its_next_upload() {
             .put_narinfo(info.hash(), raw.as_bytes(), None)
             .await
             .unwrap_err();
-        assert_eq!(e.status(), axum::http::StatusCode::BAD_GATEWAY, "{e}");
+        assert_eq!(e.status(), axum::http::StatusCode::BAD_REQUEST, "{e}");
         assert!(
             !up.already_stored(&file, unknown_length).await.unwrap(),
             "a bad copy taken for stored"
