@@ -298,8 +298,9 @@ pub struct Uploader {
     access: Option<Arc<crate::gc::access::AccessLog>>,
     /// Listings uploaded and waiting for their narinfo ([`listings`]).
     listings: listings::Listings,
-    /// Held by a realisation upload from its read of the stored one to its write.
-    realisations: tokio::sync::Mutex<()>,
+    /// Held by a realisation upload from its read of the stored one to its write, one per
+    /// key (uploads of other outputs go on meanwhile).
+    realisations: crate::sync::KeyedLocks<String>,
     /// Held by a narinfo upload from its read of the stored narinfo to its write, per path:
     /// a second upload of the path (two builders pushing one closure at once) waits, then
     /// finds the first one's narinfo.
@@ -343,7 +344,7 @@ impl Uploader {
             nars_found_bad: Mutex::new(HashMap::new()),
             access: None,
             listings: listings::Listings::default(),
-            realisations: tokio::sync::Mutex::new(()),
+            realisations: crate::sync::KeyedLocks::new(),
             paths: crate::sync::KeyedLocks::new(),
             #[cfg(test)]
             path_contended: tokio::sync::Notify::new(),

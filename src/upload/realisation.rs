@@ -50,13 +50,14 @@ impl Uploader {
                 )));
             }
         }
-        // One at a time in this process, so two uploads of one output cannot both find it
-        // absent (replicas may still race; the first written then is replaced). Taken before
-        // an upload slot: realisations waiting for their turn hold none, so they cannot keep
-        // other builders' listings and logs waiting. Waited for as a slot is, at most
-        // `ADMIT_WAIT`: a queue of realisations behind one waiting for a slot must not stall
-        // each client for the whole queue.
-        let _one = tokio::time::timeout(super::ADMIT_WAIT, self.realisations.lock())
+        // One at a time per output in this process, so two uploads of one output cannot both
+        // find it absent (replicas may still race; the first written then is replaced).
+        // Taken before an upload slot: realisations waiting for their turn hold none, so they
+        // cannot keep other builders' listings and logs waiting. Waited for as a slot is, at
+        // most `ADMIT_WAIT`: a queue of realisations behind one waiting for a slot must not
+        // stall each client for the whole queue.
+        let turn = self.realisations.get(&key.to_owned());
+        let _one = tokio::time::timeout(super::ADMIT_WAIT, turn.lock())
             .await
             .map_err(|_| super::busy())?;
         let _slot = self.admit_other().await?;

@@ -2118,6 +2118,40 @@ mod realisations {
         second.await.unwrap().unwrap();
     }
 
+    /// The turns are per output: one realisation held up (a slow store, a slow upstream)
+    /// does not hold up the upload of another output's.
+    #[tokio::test(start_paused = true)]
+    async fn another_outputs_realisation_does_not_wait_for_its_turn() {
+        let (mem, up) = uploader();
+        let up = Arc::new(up);
+        mem.insert(&format!("{}.narinfo", &PATH[..32]), "StorePath: x\n");
+        let gate = mem.hold_reads(KEY);
+        let first = tokio::spawn({
+            let up = up.clone();
+            async move { up.put_realisation(KEY, realisation(PATH, &[]), None).await }
+        });
+        gate.reached().await;
+        let id = "sha256:15e3c560894cbb27085cf65b5a2ecb18488c999497f4531b6907a7581ce6d527!dev";
+        let dev = Bytes::from(
+            serde_json::to_vec(&serde_json::json!({
+                "dependentRealisations": {},
+                "id": id,
+                "outPath": PATH,
+                "signatures": [],
+            }))
+            .unwrap(),
+        );
+        let started = tokio::time::Instant::now();
+        let done = up
+            .put_realisation(&format!("realisations/{id}.doi"), dev, None)
+            .await
+            .unwrap();
+        assert_eq!(done, RealisationStored::Written);
+        assert_eq!(started.elapsed(), std::time::Duration::ZERO);
+        gate.open();
+        first.await.unwrap().unwrap();
+    }
+
     /// A realisation waits for its turn as long as an upload waits for a slot, then is busy
     /// (a queue of them behind a slow one must not stall each client for the whole queue).
     #[tokio::test(start_paused = true)]
