@@ -267,6 +267,9 @@ pub struct Uploader {
     readbacks: Arc<Semaphore>,
     /// Room for whole bodies read into memory, in KiB ([`WHOLE_BODIES_BYTES`]).
     bodies: Arc<Semaphore>,
+    /// Room for the listings being received, in KiB (as much as are held at most,
+    /// [`listings::HELD_BYTES`]): one that finds none is read to its end and dropped.
+    listings_arriving: Arc<Semaphore>,
     // A std Mutex: held for map operations only, never across an await.
     verified: Mutex<HashMap<String, VerifiedNar>>,
     /// Upload records written when a client asked for a NAR (`HEAD nar/…`, which Nix sends
@@ -335,6 +338,7 @@ impl Uploader {
             others: Arc::new(Semaphore::new(cfg.max_concurrent)),
             readbacks: Arc::new(Semaphore::new(cfg.max_concurrent)),
             bodies: Arc::new(Semaphore::new((WHOLE_BODIES_BYTES >> 10) as usize)),
+            listings_arriving: Arc::new(Semaphore::new(listings::HELD_BYTES >> 10)),
             verified: Mutex::new(HashMap::new()),
             early: Mutex::new(HashMap::new()),
             written: Mutex::new(HashMap::new()),
@@ -921,9 +925,11 @@ impl Uploader {
     {
         let _slot = self.admit_other().await?;
         let mut body = std::pin::pin!(body);
-        // Kept while it could be held; a larger one is read to its end (Nix fails the whole
-        // copy on a refused listing) without being kept.
+        // Kept while it could be held, and while the listings being received together take no
+        // more memory than those held may; else read to its end (Nix fails the whole copy on
+        // a refused listing) without being kept.
         let mut listing = Some(Vec::new());
+        let mut room: Option<OwnedSemaphorePermit> = None;
         let mut read = 0u64;
         while let Some(chunk) = body.next().await {
             let chunk = chunk.map_err(digest::body_error)?;
@@ -933,6 +939,10 @@ impl Uploader {
             }
             if read > listings::HELD_BYTES as u64 {
                 listing = None;
+            }
+            if listing.is_some() && !self.listing_room(&mut room, read) {
+                tracing::warn!(path = %h, "listing dropped: the listings being received take all the memory they may");
+                return self.drain_listing(body, read, limit).await;
             }
             if let Some(l) = &mut listing {
                 l.extend_from_slice(&chunk);
@@ -946,6 +956,43 @@ impl Uploader {
         listing.shrink_to_fit();
         if let Err(why) = self.listings.hold(h, Bytes::from(listing)) {
             tracing::warn!(path = %h, "listing dropped: {why}");
+        }
+        Ok(())
+    }
+
+    /// Grows `room` (KiB of [`Self::listings_arriving`]) to cover `bytes`, without waiting;
+    /// whether it could.
+    fn listing_room(&self, room: &mut Option<OwnedSemaphorePermit>, bytes: u64) -> bool {
+        let held = room.as_ref().map_or(0, |r| r.num_permits());
+        let needed = usize::try_from(bytes.div_ceil(1024)).unwrap_or(usize::MAX);
+        if needed <= held {
+            return true;
+        }
+        let Ok(more) = u32::try_from(needed - held) else {
+            return false;
+        };
+        match self.listings_arriving.clone().try_acquire_many_owned(more) {
+            Ok(more) => {
+                match room {
+                    Some(r) => r.merge(more),
+                    None => *room = Some(more),
+                }
+                true
+            }
+            Err(_) => false,
+        }
+    }
+
+    /// Reads the rest of a listing that is not kept (`read` bytes of it so far).
+    async fn drain_listing<S>(&self, mut body: S, mut read: u64, limit: u64) -> Result<(), Error>
+    where
+        S: Stream<Item = std::io::Result<Bytes>> + Send + Unpin,
+    {
+        while let Some(chunk) = body.next().await {
+            read += chunk.map_err(digest::body_error)?.len() as u64;
+            if read > limit {
+                return Err(UploadError::TooLarge { limit }.into());
+            }
         }
         Ok(())
     }

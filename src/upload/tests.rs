@@ -1985,6 +1985,52 @@ async fn a_listing_too_large_to_hold_is_read_and_dropped() {
     assert_eq!(up.listings.held_bytes(), HELD_BYTES);
 }
 
+/// The listings being received together take no more memory than those held may: one that
+/// finds no room while others arrive is read to its end and dropped (answered as taken), and
+/// holds nothing.
+#[tokio::test]
+async fn listings_arriving_together_take_no_more_memory_than_those_held() {
+    use super::listings::HELD_BYTES;
+    let (_mem, up) = uploader();
+    let up = Arc::new(up);
+    let first: StorePathHash = "f904kp3djilk732cgbnxhpy7vzykbqsh".parse().unwrap();
+    let second: StorePathHash = "6bxnj2gfflqa529lddzh3zhcn45nn86r".parse().unwrap();
+    let mib = Bytes::from(vec![b' '; 1 << 20]);
+    let part = (HELD_BYTES / (1 << 20)) * 5 / 8;
+    // The first sends its part and waits to send the rest.
+    let (tx, rx) = tokio::sync::mpsc::unbounded_channel::<std::io::Result<Bytes>>();
+    for _ in 0..part {
+        tx.send(Ok(mib.clone())).unwrap();
+    }
+    let arriving = tokio::spawn({
+        let up = up.clone();
+        let body = futures::stream::unfold(rx, |mut rx| async move {
+            rx.recv().await.map(|chunk| (chunk, rx))
+        });
+        async move { up.put_listing(first, body, 256 << 20).await }
+    });
+    // The first's part is in (a bound only turns a hang into a failure).
+    let taken = async {
+        while up.listings_arriving.available_permits() > (HELD_BYTES >> 10) - (part << 10) {
+            tokio::task::yield_now().await;
+        }
+    };
+    tokio::time::timeout(std::time::Duration::from_secs(60), taken)
+        .await
+        .expect("the first listing took no room");
+    let whole: Vec<std::io::Result<Bytes>> = (0..part).map(|_| Ok(mib.clone())).collect();
+    let logs = crate::test_logs::capture();
+    up.put_listing(second, futures::stream::iter(whole), 256 << 20)
+        .await
+        .unwrap();
+    assert!(up.listings.take(second).is_none(), "held beyond the room");
+    assert!(logs.text().contains("listing dropped"), "{}", logs.text());
+    drop(tx);
+    arriving.await.unwrap().unwrap();
+    assert!(up.listings.take(first).is_some());
+    assert_eq!(up.listings_arriving.available_permits(), HELD_BYTES >> 10);
+}
+
 mod realisations {
     use super::*;
 
