@@ -65,6 +65,10 @@ pub enum UploadError {
     /// The body sent nothing for this many seconds.
     #[error("the upload body sent nothing for {0} s")]
     IdleTimeout(u64),
+    /// A body read into memory whole (a narinfo, a realisation, a debug info link) did not
+    /// arrive within this many seconds.
+    #[error("the body did not arrive within {secs} s")]
+    TooSlow { secs: u64 },
     /// `upload.max_concurrent` uploads are running; the client should retry after this long.
     #[error("too many uploads in progress")]
     Busy { retry_after_secs: u64 },
@@ -103,7 +107,9 @@ impl Error {
             }
             Self::Upload(UploadError::Internal(_)) => StatusCode::INTERNAL_SERVER_ERROR,
             Self::Upload(UploadError::TooLarge { .. }) => StatusCode::PAYLOAD_TOO_LARGE,
-            Self::Upload(UploadError::IdleTimeout(_)) => StatusCode::REQUEST_TIMEOUT,
+            Self::Upload(UploadError::IdleTimeout(_) | UploadError::TooSlow { .. }) => {
+                StatusCode::REQUEST_TIMEOUT
+            }
             // Nix retries 5xx (with back-off); a 4xx would fail the whole `nix copy`.
             Self::Upload(UploadError::Busy { .. }) => StatusCode::SERVICE_UNAVAILABLE,
             Self::Upload(UploadError::UnsupportedEncoding(_)) => StatusCode::UNSUPPORTED_MEDIA_TYPE,
@@ -134,6 +140,7 @@ impl Error {
             Self::Upload(UploadError::Internal(_)) => "internal",
             Self::Upload(UploadError::TooLarge { .. }) => "too_large",
             Self::Upload(UploadError::IdleTimeout(_)) => "idle_timeout",
+            Self::Upload(UploadError::TooSlow { .. }) => "too_slow",
             Self::Upload(UploadError::Busy { .. }) => "busy",
             Self::Upload(UploadError::UnsupportedEncoding(_)) => "unsupported_encoding",
         }
@@ -170,6 +177,7 @@ impl Error {
             Self::Upload(
                 e @ (UploadError::TooLarge { .. }
                 | UploadError::IdleTimeout(_)
+                | UploadError::TooSlow { .. }
                 | UploadError::UnsupportedEncoding(_)),
             ) => format!("upload rejected: {e}"),
             Self::Upload(UploadError::Busy { .. }) => {
@@ -198,6 +206,7 @@ impl Error {
             Self::Upload(
                 e @ (UploadError::TooLarge { .. }
                 | UploadError::IdleTimeout(_)
+                | UploadError::TooSlow { .. }
                 | UploadError::UnsupportedEncoding(_)),
             ) => tracing::info!(reason = %e, "upload rejected"),
             Self::Upload(UploadError::Busy { .. }) => {

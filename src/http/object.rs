@@ -397,14 +397,33 @@ pub(super) async fn read_body(
     Ok((read_into_memory(st, body, limit).await?, room))
 }
 
+/// The time a whole body of `bytes` may take to arrive, at the slowest: a minute, and a
+/// second per [`WHOLE_BODY_MIN_RATE`] bytes. The room it holds meanwhile is memory others
+/// wait for: a body trickling in (a byte just before each `upload.body_idle_timeout_secs`)
+/// would hold it for ever.
+fn whole_body_deadline(bytes: u64) -> std::time::Duration {
+    std::time::Duration::from_secs(60 + bytes / WHOLE_BODY_MIN_RATE)
+}
+
+/// Bytes a second a whole body is read at, at the slowest (a 16 MiB narinfo: 64 s more).
+const WHOLE_BODY_MIN_RATE: u64 = 256 << 10;
+
 async fn read_into_memory(st: &AppState, body: Body, limit: u64) -> Result<Bytes, Error> {
-    let mut buf = Vec::new();
-    let mut s = std::pin::pin!(body_stream(st, body));
-    while let Some(chunk) = s.try_next().await.map_err(digest::body_error)? {
-        if (buf.len() + chunk.len()) as u64 > limit {
-            return Err(crate::error::UploadError::TooLarge { limit }.into());
+    let deadline = whole_body_deadline(room_for(&body, limit));
+    let read = async {
+        let mut buf = Vec::new();
+        let mut s = std::pin::pin!(body_stream(st, body));
+        while let Some(chunk) = s.try_next().await.map_err(digest::body_error)? {
+            if (buf.len() + chunk.len()) as u64 > limit {
+                return Err(crate::error::UploadError::TooLarge { limit }.into());
+            }
+            buf.extend_from_slice(&chunk);
         }
-        buf.extend_from_slice(&chunk);
-    }
-    Ok(Bytes::from(buf))
+        Ok(Bytes::from(buf))
+    };
+    tokio::time::timeout(deadline, read)
+        .await
+        .map_err(|_| crate::error::UploadError::TooSlow {
+            secs: deadline.as_secs(),
+        })?
 }

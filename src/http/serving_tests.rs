@@ -213,6 +213,37 @@ async fn bodies_read_whole_are_bounded_to_the_byte() {
     }
 }
 
+/// A body read into memory whole that trickles in (a byte just before each idle timeout)
+/// is cut off once it has taken longer than its size allows, and lets its room go: the
+/// memory it holds is what other uploads wait for. (Paused time.)
+#[tokio::test(start_paused = true)]
+async fn a_whole_body_trickling_in_is_cut_off() {
+    let st = state(Config::default(), &Arc::new(MemoryStore::new()));
+    let idle = st.config.upload.body_idle_timeout;
+    let trickle = futures::stream::unfold(0u32, move |n| async move {
+        tokio::time::sleep(idle - std::time::Duration::from_secs(1)).await;
+        Some((
+            Ok::<_, std::io::Error>(bytes::Bytes::from_static(b"x")),
+            n + 1,
+        ))
+    });
+    let body = Body::from_stream(trickle);
+    let started = tokio::time::Instant::now();
+    let e = super::object::read_body(&st, body, 1000)
+        .await
+        .map(|(bytes, _room)| bytes)
+        .unwrap_err();
+    assert!(
+        matches!(e, Error::Upload(UploadError::TooSlow { secs: 60 })),
+        "{e:?}"
+    );
+    assert_eq!(e.status(), StatusCode::REQUEST_TIMEOUT);
+    assert_eq!(started.elapsed(), std::time::Duration::from_secs(60));
+    // A body of its limit, read at the slowest rate allowed, arrives.
+    let whole = super::object::read_body(&st, chunks(&[1000]), 1000).await;
+    assert!(whole.is_ok());
+}
+
 /// `/build-trace/<drv>/<output>` and `/build-trace-v2/<drv>/<output>.doi` (the realisations
 /// of later Nix) are each stored as sent under their own key once the path they name is in the
 /// cache, and served as stored; HEAD of them, and of `/realisations/…`, gives the length. Sent
