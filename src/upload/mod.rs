@@ -835,7 +835,14 @@ impl Uploader {
     /// costs what receiving it does, so at most `upload.max_concurrent` are read back at
     /// once: a fleet's narinfos landing on a replica that saw none of their NARs are not all
     /// read back together.
-    async fn verify_stored(&self, name: &NarFileName) -> Result<Option<VerifiedNar>, Error> {
+    /// `file_hash` is the narinfo's `FileHash`: a copy whose bytes it names, though its name
+    /// does not (a NAR cellar re-encoded on upload is named after the file uploaded, and a
+    /// narinfo copied from such a cache names it so), is that file, not a bad copy.
+    async fn verify_stored(
+        &self,
+        name: &NarFileName,
+        file_hash: Option<crate::nix::Sha256>,
+    ) -> Result<Option<VerifiedNar>, Error> {
         // A narinfo naming a NAR no upload could have stored (one Nix's S3 store wrote in
         // brotli, say) is the narinfo's fault, refused as the NAR's upload would be.
         check_nar_name(name)?;
@@ -881,7 +888,10 @@ impl Uploader {
                 }
                 Err(e) => return Err(e),
             };
-            if as_sent && d.input.hash.to_nix32() != name.file_hash() {
+            if as_sent
+                && d.input.hash.to_nix32() != name.file_hash()
+                && file_hash != Some(d.input.hash)
+            {
                 return Err(found_bad(format!(
                     "its sha256 is {}, not the one its name says",
                     d.input.hash.to_nix32()

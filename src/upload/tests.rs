@@ -948,6 +948,37 @@ async fn a_re_encoded_copy_is_not_taken_for_bad() {
         .unwrap();
 }
 
+/// A narinfo naming a re-encoded copy by its stored name (`<uploaded file's hash>.nar.zst`,
+/// as cellar's own narinfos do: pushed again from a copy of them, mirrored, imported) is
+/// checked against the bytes its `FileHash` names, not taken for a bad copy.
+#[tokio::test]
+async fn a_narinfo_naming_a_re_encoded_copy_by_its_stored_name_is_taken() {
+    let (mem, up) = uploader_to_zstd();
+    let (good, info, file) = sample();
+    let stored_name = file.with_compression(Compression::Zstd);
+    let zstd = zstd::encode_all(&good[..], 3).unwrap();
+    mem.insert(&object_key::nar(&stored_name), zstd.clone());
+    let mut named = info.clone();
+    named.url = format!("nar/{stored_name}");
+    named.compression = Compression::Zstd;
+    named.file_hash = Some(Sha256::digest(&zstd));
+    named.file_size = Some(zstd.len() as u64);
+    let raw = named.render("/nix/store");
+    let accepted = up.put_narinfo(info.hash(), raw.as_bytes(), None).await;
+    assert!(accepted.is_ok(), "{:?}", accepted.err());
+    assert!(!up.nar_found_bad(&stored_name));
+    // One whose FileHash does not name the bytes either is a bad copy.
+    let (mem, up) = uploader_to_zstd();
+    mem.insert(&object_key::nar(&stored_name), zstd.clone());
+    named.file_hash = Some(Sha256::digest(b"other bytes"));
+    let raw = named.render("/nix/store");
+    let e = up
+        .put_narinfo(info.hash(), raw.as_bytes(), None)
+        .await
+        .unwrap_err();
+    assert!(e.to_string().contains("run the copy again"), "{e}");
+}
+
 /// A copy stored as sent that does not decode here but whose bytes are its name's (over this
 /// server's limits, stored through a replica with larger ones) is not taken for bad: uploads
 /// of the name still find it stored. And a copy found bad, then found good (stored again
