@@ -50,6 +50,9 @@ pub struct NarMemory {
     /// The `NarHash` the last narinfo read gave each NAR named after its store path (see
     /// [`NarMemory::contents_changed`]).
     contents: Cache<Arc<str>, crate::nix::Sha256>,
+    /// NARs named after their bytes that narinfos gave two sizes: no narinfo's size is taken
+    /// for them any more (see [`NarMemory::hint`]).
+    conflicted: Cache<Arc<str>, ()>,
 }
 
 impl NarMemory {
@@ -81,6 +84,10 @@ impl NarMemory {
             max_object,
             hints: hints(MAX_HINTS),
             contents: Cache::builder()
+                .max_capacity(MAX_HINTS)
+                .eviction_policy(moka::policy::EvictionPolicy::lru())
+                .build(),
+            conflicted: Cache::builder()
                 .max_capacity(MAX_HINTS)
                 .eviction_policy(moka::policy::EvictionPolicy::lru())
                 .build(),
@@ -152,13 +159,18 @@ impl NarMemory {
     /// Records the size a narinfo gives for NAR file `name`. Two narinfos that give a NAR
     /// named after its bytes two sizes cannot both be right, and `URL:` and `FileSize:` are
     /// not signed (an upstream's narinfo may name another path's NAR): the size is then
-    /// forgotten, and the NAR served at the size it has (Nix checks its hash), rather than
-    /// refused as broken on one narinfo's word.
+    /// forgotten, and no narinfo's taken for it any more (while remembered), the NAR served at
+    /// the size it has (Nix checks its hash) rather than refused as broken on one narinfo's
+    /// word.
     pub async fn hint(&self, name: &str, file_size: Option<u64>) {
         let Some(size) = file_size else { return };
         if names_its_bytes(name) {
+            if self.conflicted.contains_key(name) {
+                return;
+            }
             if let Some(held) = self.hints.get(name).await.filter(|&h| h != size) {
                 tracing::warn!(nar = %name, size, held, "narinfos give this NAR two sizes; going by neither");
+                self.conflicted.insert(name.into(), ()).await;
                 self.hints.invalidate(name).await;
                 return;
             }
@@ -416,6 +428,11 @@ mod tests {
         assert_eq!(m.announced(named).await, Some(100));
         m.hint(named, Some(1)).await;
         assert_eq!(m.announced(named).await, None);
+        // Neither is taken again, whichever comes next.
+        for size in [100, 1] {
+            m.hint(named, Some(size)).await;
+            assert_eq!(m.announced(named).await, None);
+        }
         let by_path = "6bxnj2gfflqa529lddzh3zhcn45nn86r.nar";
         m.hint(by_path, Some(100)).await;
         m.hint(by_path, Some(200)).await;

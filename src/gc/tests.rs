@@ -2469,9 +2469,24 @@ async fn an_oversized_narinfo_is_deleted_without_a_copy() {
         mem
     };
     let mem = planted();
+    // Read whole, it would have been kept as a copy to write back.
+    let copied = Arc::new(std::sync::atomic::AtomicBool::new(false));
+    let (weak, seen) = (Arc::downgrade(&mem), copied.clone());
+    mem.after_write("_cellar/unfinished/", move |key| {
+        let Some(m) = weak.upgrade() else { return };
+        if m.bytes(key)
+            .is_some_and(|b| b.len() as u64 > crate::nix::MAX_NARINFO_BYTES)
+        {
+            seen.store(true, std::sync::atomic::Ordering::SeqCst);
+        }
+    });
     let s = gc(&mem, &cfg(), now, true).await;
     assert!(s.errors.is_empty(), "{:?}", s.errors);
     assert!(!has(&mem, &junk), "kept by gc");
+    assert!(
+        !copied.load(std::sync::atomic::Ordering::SeqCst),
+        "read whole"
+    );
     let mem = planted();
     let r = repair(&mem, now).await;
     assert!(r.repair_errors.is_empty(), "{:?}", r.repair_errors);

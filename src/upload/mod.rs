@@ -948,7 +948,9 @@ impl Uploader {
                 return Err(UploadError::TooLarge { limit }.into());
             }
             if read > listings::HELD_BYTES as u64 {
+                // Not kept: its room goes to the listings arriving beside it.
                 listing = None;
+                room = None;
             }
             if listing.is_some() && !self.listing_room(&mut room, read) {
                 tracing::warn!(path = %h, "listing dropped: the listings being received take all the memory they may");

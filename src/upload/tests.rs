@@ -2060,6 +2060,36 @@ async fn listings_arriving_together_take_no_more_memory_than_those_held() {
     arriving.await.unwrap().unwrap();
     assert!(up.listings.take(first).is_some());
     assert_eq!(up.listings_arriving.available_permits(), HELD_BYTES >> 10);
+
+    // One past what is held at most, still arriving, takes no room: the others are kept.
+    let (tx, rx) = tokio::sync::mpsc::unbounded_channel::<std::io::Result<Bytes>>();
+    for _ in 0..=HELD_BYTES / (1 << 20) {
+        tx.send(Ok(mib.clone())).unwrap();
+    }
+    let sent = Arc::new(tokio::sync::Notify::new());
+    let oversized = tokio::spawn({
+        let up = up.clone();
+        let sent = sent.clone();
+        let body = futures::stream::unfold(rx, move |mut rx| {
+            let sent = sent.clone();
+            async move {
+                if rx.is_empty() {
+                    sent.notify_one();
+                }
+                rx.recv().await.map(|chunk| (chunk, rx))
+            }
+        });
+        async move { up.put_listing(first, body, 256 << 20).await }
+    });
+    sent.notified().await;
+    assert_eq!(up.listings_arriving.available_permits(), HELD_BYTES >> 10);
+    let whole: Vec<std::io::Result<Bytes>> = (0..part).map(|_| Ok(mib.clone())).collect();
+    up.put_listing(second, futures::stream::iter(whole), 256 << 20)
+        .await
+        .unwrap();
+    assert!(up.listings.take(second).is_some());
+    drop(tx);
+    oversized.await.unwrap().unwrap();
 }
 
 mod realisations {

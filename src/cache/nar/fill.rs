@@ -286,7 +286,15 @@ impl NarCache {
             None => {
                 let state = self.index().touch(name);
                 match state {
-                    Some((size, Verified::Yes)) => (self.read_file(name, size, None).await, "hit"),
+                    Some((size, Verified::Yes)) => {
+                        let answer = self.read_file(name, size, None).await;
+                        // Counted as `read_hit` counts: a file gone since is a bypass.
+                        let result = match answer {
+                            Ok(NarCacheAnswer::Object(_)) => "hit",
+                            _ => "bypass",
+                        };
+                        (answer, result)
+                    }
                     _ => (Ok(NarCacheAnswer::Bypass), "bypass"),
                 }
             }
