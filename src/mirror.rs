@@ -44,6 +44,8 @@ pub struct Mirror {
 }
 
 struct Inner {
+    /// [`MAX_CLOSURE`] (smaller in tests, which build closures over it).
+    max_closure: usize,
     uploader: Arc<Uploader>,
     /// Where the NAR is read from: the store, then the upstreams (the NAR is usually only at
     /// the upstream the narinfo came from).
@@ -68,6 +70,7 @@ impl Mirror {
     pub fn new(uploader: Arc<Uploader>, reads: Arc<dyn Store>, upstreams: Arc<Upstreams>) -> Self {
         Self {
             inner: Arc::new(Inner {
+                max_closure: MAX_CLOSURE,
                 uploader,
                 reads,
                 upstreams,
@@ -224,9 +227,10 @@ impl Inner {
                 continue;
             }
             lacking += 1;
-            if lacking > MAX_CLOSURE {
+            if lacking > self.max_closure {
                 return Err(rejected(format!(
-                    "the store lacks over {MAX_CLOSURE} paths of its closure"
+                    "the store lacks over {} paths of its closure",
+                    self.max_closure
                 )));
             }
             let found = match self.upstreams.narinfo(r.hash()).await {
@@ -435,7 +439,51 @@ mod tests {
         let upstreams = Upstreams::new(&configs, &cfg.store_dir).unwrap();
         let inner: Arc<dyn Store> = store.clone();
         let uploader = Arc::new(Uploader::new(&cfg.upload, &cfg.store_dir, inner));
-        Mirror::new(uploader, nars, Arc::new(upstreams))
+        let mut mirror = Mirror::new(uploader, nars, Arc::new(upstreams));
+        if let Some(inner) = Arc::get_mut(&mut mirror.inner) {
+            inner.max_closure = TEST_CLOSURE;
+        }
+        mirror
+    }
+
+    /// The closure limit of the mirrors over test upstreams: closures over it are cheap.
+    const TEST_CLOSURE: usize = 64;
+
+    /// `n` distinct store path hashes (`a…`, then digits).
+    fn hashes(n: usize) -> Vec<String> {
+        (0..n)
+            .map(|i| {
+                format!("{i:0>32}")
+                    .chars()
+                    .map(|c| if c == '0' { 'a' } else { c })
+                    .collect()
+            })
+            .collect()
+    }
+
+    /// A closure the store lacks more paths of than the limit is not copied, nothing of it;
+    /// one of exactly the limit is.
+    #[tokio::test]
+    async fn a_closure_the_store_lacks_more_of_than_the_limit_is_not_mirrored() {
+        let key = crate::nix::SecretKey::generate("up-1").unwrap();
+        for (refs, copied) in [(TEST_CLOSURE - 1, true), (TEST_CLOSURE, false)] {
+            let store = Arc::new(MemoryStore::new());
+            let names = hashes(refs);
+            let mut paths: Vec<Path> = names.iter().map(|h| closure_path(&key, h, &[])).collect();
+            let names: Vec<&str> = names.iter().map(String::as_str).collect();
+            let top = closure_path(&key, D, &names);
+            paths.insert(0, top.clone());
+            let mirror = mirror_over(&key, &paths, &store).await;
+            let done = mirror.inner.copy_closure(top.0.clone()).await;
+            match copied {
+                true => assert_eq!(done.unwrap(), refs + 1),
+                false => {
+                    let e = done.unwrap_err();
+                    assert!(e.to_string().contains("lacks over 64 paths"), "{e}");
+                    assert!(store.keys().is_empty(), "copied: {:?}", store.keys());
+                }
+            }
+        }
     }
 
     const A: &str = "aaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaa";
@@ -449,14 +497,7 @@ mod tests {
     async fn references_the_store_has_do_not_count_against_the_closure_limit() {
         let key = crate::nix::SecretKey::generate("up-1").unwrap();
         let store = Arc::new(MemoryStore::new());
-        let refs: Vec<String> = (0..=MAX_CLOSURE)
-            .map(|i| {
-                format!("{i:0>32}")
-                    .chars()
-                    .map(|c| if c == '0' { 'a' } else { c })
-                    .collect()
-            })
-            .collect();
+        let refs = hashes(TEST_CLOSURE + 1);
         for r in &refs {
             let (info, nar_key, nar) = closure_path(&key, r, &[]);
             store.insert(&format!("{r}.narinfo"), info.render("/nix/store"));
