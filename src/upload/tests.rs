@@ -611,6 +611,31 @@ async fn a_path_collected_before_the_record_is_written_is_uploaded_not_taken_as_
     assert!(mem.bytes(&key).is_some(), "answered, yet not in the store");
 }
 
+/// Without access records (no collector protocol, as `cellar import` runs) no record is
+/// written, so a path found present is not read again: one read.
+#[tokio::test]
+async fn without_records_a_present_path_is_read_once() {
+    let (mem, up) = uploader();
+    let nar = nar();
+    let info = narinfo_for(&nar, nar.len());
+    up.copy_path(info.clone(), |_| async { Ok(body(nar.clone())) }, None)
+        .await
+        .unwrap();
+    let key = object_key::narinfo(info.hash());
+    let before = mem.gets_under(&key);
+    let fresh = {
+        let store: Arc<dyn Store> = mem.clone();
+        let cfg = Config::default();
+        Uploader::new(&cfg.upload, &cfg.store_dir, store)
+    };
+    let answer = fresh
+        .put_narinfo(info.hash(), info.render("/nix/store").as_bytes(), None)
+        .await
+        .unwrap();
+    assert!(answer.already_present);
+    assert_eq!(mem.gets_under(&key), before + 1);
+}
+
 /// A narinfo write answered with an error after the store applied it (a timeout), while its
 /// NAR was deleted: the narinfo is taken back all the same, not left naming nothing; also
 /// when the first look at the NAR fails (it is asked again). (Paused time: the waits
