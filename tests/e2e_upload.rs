@@ -740,16 +740,10 @@ async fn a_path_whose_nar_went_missing_is_uploaded_again() {
     );
 }
 
-/// A NAR cut short in the bucket (an interrupted `cp` or `mc mirror` into it, a broken
-/// restore), with no narinfo naming it yet, is replaced by the first upload of its path: its
-/// size differs from the one the client sends, so the body is taken and stored over it. Before,
-/// a NAR over 1 MiB found under its name was taken for stored (answered without its body), its
-/// narinfo refused, and the path could not be pushed until `cellar verify --repair` deleted it.
-#[tokio::test(flavor = "multi_thread")]
-async fn a_nar_cut_short_in_the_bucket_is_replaced_by_an_upload() {
-    let f = fixture();
+/// The fixture's `-big` path, and its NAR as `nix copy` compresses and names it (xz, the
+/// default): its `URL:` and its bytes.
+fn big_nar_as_copied(f: &Fixture) -> (&String, String, Vec<u8>) {
     let big = f.closure.iter().find(|p| p.ends_with("-big")).unwrap();
-    // The NAR as `nix copy` compresses and names it (xz, the default, as below).
     let narinfo =
         std::fs::read_to_string(f.xz_dir.join(format!("{}.narinfo", Fixture::hash(big)))).unwrap();
     let url = narinfo
@@ -758,6 +752,18 @@ async fn a_nar_cut_short_in_the_bucket_is_replaced_by_an_upload() {
         .unwrap()
         .to_owned();
     let nar = std::fs::read(f.xz_dir.join(&url)).unwrap();
+    (big, url, nar)
+}
+
+/// A NAR cut short in the bucket (an interrupted `cp` or `mc mirror` into it, a broken
+/// restore), with no narinfo naming it yet, is replaced by the first upload of its path: its
+/// size differs from the one the client sends, so the body is taken and stored over it. Before,
+/// a NAR over 1 MiB found under its name was taken for stored (answered without its body), its
+/// narinfo refused, and the path could not be pushed until `cellar verify --repair` deleted it.
+#[tokio::test(flavor = "multi_thread")]
+async fn a_nar_cut_short_in_the_bucket_is_replaced_by_an_upload() {
+    let f = fixture();
+    let (big, url, nar) = big_nar_as_copied(f);
     assert!(nar.len() > 1 << 20, "not over the 1 MiB shortcut");
     let (w, wcfg) = token("builder", "write");
     let app = App::s3("up-nar-cut").config(&wcfg).spawn().await;
@@ -802,15 +808,7 @@ async fn a_nar_cut_short_in_the_bucket_is_replaced_by_an_upload() {
 #[tokio::test(flavor = "multi_thread")]
 async fn a_corrupt_nar_in_the_bucket_is_replaced_by_the_next_copy() {
     let f = fixture();
-    let big = f.closure.iter().find(|p| p.ends_with("-big")).unwrap();
-    let narinfo =
-        std::fs::read_to_string(f.xz_dir.join(format!("{}.narinfo", Fixture::hash(big)))).unwrap();
-    let url = narinfo
-        .lines()
-        .find_map(|l| l.strip_prefix("URL: "))
-        .unwrap()
-        .to_owned();
-    let nar = std::fs::read(f.xz_dir.join(&url)).unwrap();
+    let (big, url, nar) = big_nar_as_copied(f);
     let mut corrupt = nar.clone();
     let mid = corrupt.len() / 2;
     corrupt[mid] ^= 0xff;

@@ -149,18 +149,36 @@ async fn put_narinfo_checks_the_name_it_was_uploaded_as() {
         .unwrap();
 }
 
-/// Once published, a path keeps its contents: the same NarHash again changes nothing (200),
-/// and so does another (a build that is not reproducible, by a second builder): the upload
-/// succeeds, as `nix copy` to a store that has the path skips it, and the published one stays.
-#[tokio::test]
-async fn published_paths_are_immutable() {
-    let (mem, up) = uploader();
+/// [`nar`]'s path uploaded through `up`: its narinfo, and the key it is stored under.
+async fn published(up: &Uploader) -> (NarInfo, String) {
     let nar = nar();
     let info = narinfo_for(&nar, nar.len());
     up.copy_path(info.clone(), |_| async { Ok(body(nar.clone())) }, None)
         .await
         .unwrap();
     let key = object_key::narinfo(info.hash());
+    (info, key)
+}
+
+/// Another process's uploader over `mem` (another replica, or this one after a restart),
+/// writing access records if `records`.
+fn another_uploader(mem: &Arc<MemoryStore>, records: bool) -> Uploader {
+    let store: Arc<dyn Store> = mem.clone();
+    let cfg = Config::default();
+    let up = Uploader::new(&cfg.upload, &cfg.store_dir, store.clone());
+    match records {
+        true => up.with_access(Arc::new(crate::gc::access::AccessLog::new(store, 100))),
+        false => up,
+    }
+}
+
+/// Once published, a path keeps its contents: the same NarHash again changes nothing (200),
+/// and so does another (a build that is not reproducible, by a second builder): the upload
+/// succeeds, as `nix copy` to a store that has the path skips it, and the published one stays.
+#[tokio::test]
+async fn published_paths_are_immutable() {
+    let (mem, up) = uploader();
+    let (info, key) = published(&up).await;
     let stored = mem.get_bytes(&key, u64::MAX).await.unwrap().unwrap();
 
     let again = up
@@ -170,7 +188,7 @@ async fn published_paths_are_immutable() {
     assert!(again.already_present);
 
     // Another NAR for the same store path, uploaded and complete in itself.
-    let mut other = nar.to_vec();
+    let mut other = nar().to_vec();
     other.push(8);
     let other = Bytes::from(other);
     let other_info = narinfo_for(&other, other.len());
@@ -551,12 +569,7 @@ async fn signatures_without_a_record_are_refused_not_dropped() {
 async fn a_path_deleted_meanwhile_gets_no_signatures_written() {
     use crate::nix::SecretKey;
     let (mem, up, _) = uploader_covering();
-    let nar = nar();
-    let info = narinfo_for(&nar, nar.len());
-    up.copy_path(info.clone(), |_| async { Ok(body(nar.clone())) }, None)
-        .await
-        .unwrap();
-    let key = object_key::narinfo(info.hash());
+    let (info, key) = published(&up).await;
     // Deleted right after this upload (whose record covers the path: it wrote it) read it.
     let gate = mem.hold_gets(&key);
     let mut signed = info.clone();
@@ -584,18 +597,9 @@ async fn a_path_deleted_meanwhile_gets_no_signatures_written() {
 #[tokio::test]
 async fn a_path_collected_before_the_record_is_written_is_uploaded_not_taken_as_present() {
     let (mem, first) = uploader_with_access();
-    let nar = nar();
-    let info = narinfo_for(&nar, nar.len());
-    first
-        .copy_path(info.clone(), |_| async { Ok(body(nar.clone())) }, None)
-        .await
-        .unwrap();
-    let key = object_key::narinfo(info.hash());
+    let (info, key) = published(&first).await;
     // Another replica, whose records do not cover the path.
-    let store: Arc<dyn Store> = mem.clone();
-    let cfg = Config::default();
-    let other = Uploader::new(&cfg.upload, &cfg.store_dir, store.clone())
-        .with_access(Arc::new(crate::gc::access::AccessLog::new(store, 100)));
+    let other = another_uploader(&mem, true);
     let weak = Arc::downgrade(&mem);
     let gone = key.clone();
     mem.after_write("_cellar/access/", move |_| {
@@ -616,18 +620,9 @@ async fn a_path_collected_before_the_record_is_written_is_uploaded_not_taken_as_
 #[tokio::test]
 async fn without_records_a_present_path_is_read_once() {
     let (mem, up) = uploader();
-    let nar = nar();
-    let info = narinfo_for(&nar, nar.len());
-    up.copy_path(info.clone(), |_| async { Ok(body(nar.clone())) }, None)
-        .await
-        .unwrap();
-    let key = object_key::narinfo(info.hash());
+    let (info, key) = published(&up).await;
     let before = mem.gets_under(&key);
-    let fresh = {
-        let store: Arc<dyn Store> = mem.clone();
-        let cfg = Config::default();
-        Uploader::new(&cfg.upload, &cfg.store_dir, store)
-    };
+    let fresh = another_uploader(&mem, false);
     let answer = fresh
         .put_narinfo(info.hash(), info.render("/nix/store").as_bytes(), None)
         .await
