@@ -2245,10 +2245,13 @@ mod realisations {
         second.await.unwrap().unwrap();
     }
 
-    /// The turns are per output: one realisation held up (a slow store, a slow upstream)
-    /// does not hold up the upload of another output's.
-    #[tokio::test(start_paused = true)]
-    async fn another_outputs_realisation_does_not_wait_for_its_turn() {
+    /// An uploader whose upload of the realisation [`KEY`] is held at its read of the stored
+    /// one (its path is in the cache): the gate that holds it, and the upload.
+    async fn one_held_at_its_read() -> (
+        Arc<Uploader>,
+        Arc<crate::store::memory::ReadGate>,
+        tokio::task::JoinHandle<Result<RealisationStored, Error>>,
+    ) {
         let (mem, up) = uploader();
         let up = Arc::new(up);
         mem.insert(&format!("{}.narinfo", &PATH[..32]), "StorePath: x\n");
@@ -2258,6 +2261,14 @@ mod realisations {
             async move { up.put_realisation(KEY, realisation(PATH, &[]), None).await }
         });
         gate.reached().await;
+        (up, gate, first)
+    }
+
+    /// The turns are per output: one realisation held up (a slow store, a slow upstream)
+    /// does not hold up the upload of another output's.
+    #[tokio::test(start_paused = true)]
+    async fn another_outputs_realisation_does_not_wait_for_its_turn() {
+        let (up, gate, first) = one_held_at_its_read().await;
         let id = "sha256:15e3c560894cbb27085cf65b5a2ecb18488c999497f4531b6907a7581ce6d527!dev";
         let dev = Bytes::from(
             serde_json::to_vec(&serde_json::json!({
@@ -2283,15 +2294,7 @@ mod realisations {
     /// (a queue of them behind a slow one must not stall each client for the whole queue).
     #[tokio::test(start_paused = true)]
     async fn a_realisation_waits_for_its_turn_no_longer_than_for_a_slot() {
-        let (mem, up) = uploader();
-        let up = Arc::new(up);
-        mem.insert(&format!("{}.narinfo", &PATH[..32]), "StorePath: x\n");
-        let gate = mem.hold_reads(KEY);
-        let first = tokio::spawn({
-            let up = up.clone();
-            async move { up.put_realisation(KEY, realisation(PATH, &[]), None).await }
-        });
-        gate.reached().await;
+        let (up, gate, first) = one_held_at_its_read().await;
         let started = tokio::time::Instant::now();
         let e = up
             .put_realisation(KEY, realisation(PATH, &[]), None)
