@@ -42,6 +42,9 @@ pub enum Kind {
     Unfinished,
     /// When the access records began ([`super::began`]).
     RecordsBegan,
+    /// What a NAR was found to be on upload ([`crate::upload::nar_records`]), by the NAR's
+    /// file name: goes with its NAR.
+    NarDigest(String),
     /// Under the reserved prefix, but neither an access record, a pin nor an announcement.
     ReservedOther,
     /// Not part of the layout cellar manages.
@@ -65,6 +68,8 @@ pub fn classify(key: &str) -> Kind {
             Kind::Unfinished
         } else if rest == super::began::NAME {
             Kind::RecordsBegan
+        } else if let Some(file) = crate::upload::nar_records::nar_of(key) {
+            Kind::NarDigest(file.to_owned())
         } else {
             Kind::ReservedOther
         };
@@ -117,6 +122,8 @@ pub struct Inventory {
     pub unfinished: Vec<(String, Meta)>,
     /// `_cellar/records-began`, if the store has it ([`super::began`]).
     pub records_began: Option<Meta>,
+    /// Digest records of NARs ([`crate::upload::nar_records`]): key, age, the NAR's name.
+    pub nar_digests: Vec<(String, Meta, String)>,
 }
 
 impl Inventory {
@@ -147,6 +154,7 @@ impl Inventory {
                 // Settled by the next run that deletes, before it lists the store.
                 Kind::Unfinished => inv.unfinished.push((o.key, meta)),
                 Kind::RecordsBegan => inv.records_began = Some(meta),
+                Kind::NarDigest(f) => inv.nar_digests.push((o.key, meta, f)),
                 Kind::Other => {}
             }
         }
@@ -192,6 +200,11 @@ mod tests {
             Kind::Unfinished
         );
         assert_eq!(classify("_cellar/records-began"), Kind::RecordsBegan);
+        assert_eq!(
+            classify("_cellar/nar-digests/abc.nar.zst"),
+            Kind::NarDigest("abc.nar.zst".to_owned())
+        );
+        assert_eq!(classify("_cellar/nar-digests/"), Kind::Other);
         assert_eq!(classify("_cellar/records-began.bak"), Kind::ReservedOther);
         assert_eq!(classify("_cellar/junk"), Kind::ReservedOther);
         assert_eq!(classify("nix-cache-info"), Kind::Other);

@@ -164,6 +164,7 @@ pub fn render_gc(s: &Summary, previous: Option<&str>, end: SystemTime) -> String
         ("realisation", &s.realisations),
         ("log", &s.logs),
         ("debuginfo", &s.debuginfo),
+        ("nar_digest", &s.nar_digests),
         ("access_record", &s.access_records),
     ] {
         // Applied: what it did delete (fewer than planned after errors or a stop).

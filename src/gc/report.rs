@@ -45,6 +45,7 @@ pub struct Summary {
     pub realisations: Tally,
     pub logs: Tally,
     pub debuginfo: Tally,
+    pub nar_digests: Tally,
     pub access_records: Tally,
     pub rescued: usize,
     pub restored: usize,
@@ -88,6 +89,9 @@ impl Summary {
         }
         for (_, m, _) in &plan.debuginfo {
             s.debuginfo.add(m.size);
+        }
+        for (_, m, _) in &plan.nar_digests {
+            s.nar_digests.add(m.size);
         }
         for (_, m) in &plan.access_records {
             s.access_records.add(m.size);
@@ -162,6 +166,7 @@ impl fmt::Display for Summary {
             ("realisations", self.realisations),
             ("build logs", self.logs),
             ("debug info links", self.debuginfo),
+            ("NAR digest records", self.nar_digests),
             ("expired access records", self.access_records),
         ] {
             if t.count > 0 {

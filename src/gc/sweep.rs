@@ -110,6 +110,8 @@ pub struct Plan {
     /// Debug info links, with the NAR they name.
     pub debuginfo: Vec<(String, Meta, String)>,
     pub access_records: Vec<(String, Meta)>,
+    /// NAR digest records ([`crate::upload::nar_records`]), with the NAR they describe.
+    pub nar_digests: Vec<(String, Meta, String)>,
     /// Announcements left by runs that died (killed, their machine gone): long past counting,
     /// removed so that every upload's and collector's look at the announcements stays short.
     pub dead_announcements: Vec<String>,
@@ -181,8 +183,23 @@ impl Plan {
                 goes.then_some((l.key, l.meta, nar))
             })
             .collect();
+        // A digest record goes with its NAR; one of a NAR the store lacks once past the grace
+        // period (it is written while its NAR is committed, and may land first).
+        let nar_digests = inv
+            .nar_digests
+            .iter()
+            .filter(|(_, m, nar)| {
+                if inv.nars.contains_key(nar) {
+                    going.contains(nar.as_str())
+                } else {
+                    !acc.nars.contains(nar.as_str()) && old_enough(m, grace)
+                }
+            })
+            .cloned()
+            .collect();
         Plan {
             debuginfo,
+            nar_digests,
             narinfos: referrers_first(
                 graph,
                 &(0..graph.len() as u32)
@@ -310,7 +327,7 @@ pub struct Outcome {
     /// Narinfos deleted and not written back.
     pub deleted_narinfos: usize,
     /// The other objects deleted, by kind (`nar`, `listing`, `realisation`, `log`,
-    /// `debuginfo`, `access_record`).
+    /// `debuginfo`, `nar_digest`, `access_record`).
     pub deleted_objects: std::collections::BTreeMap<&'static str, usize>,
     pub errors: Vec<String>,
 }
@@ -567,6 +584,11 @@ async fn delete(
             .iter()
             .map(|(k, _, nar)| Rest::DebugInfo(k, nar.as_str())),
     );
+    rest.extend(
+        plan.nar_digests
+            .iter()
+            .map(|(k, _, nar)| Rest::NarDigest(k, nar.as_str())),
+    );
     rest.extend(plan.access_records.iter().map(|(k, _)| Rest::Record(k)));
     rest.extend(plan.dead_announcements.iter().map(Rest::Plain));
     progress.phase("deleting NARs and the rest", Some(rest.len() as u64));
@@ -633,10 +655,11 @@ async fn delete(
                 // Its derivation's output was kept during the run after all.
                 Rest::Log(_, drv) if st.kept_deriver(drv) => None,
                 // Its NAR was kept during the run after all.
-                Rest::DebugInfo(_, nar) if !st.nar_free(nar) => None,
+                Rest::DebugInfo(_, nar) | Rest::NarDigest(_, nar) if !st.nar_free(nar) => None,
                 Rest::Realisation(k, _) => Some((Some("realisation"), (*k).clone())),
                 Rest::Log(k, _) => Some((Some("log"), (*k).clone())),
                 Rest::DebugInfo(k, _) => Some((Some("debuginfo"), (*k).clone())),
+                Rest::NarDigest(k, _) => Some((Some("nar_digest"), (*k).clone())),
                 Rest::Record(k) => Some((Some("access_record"), (*k).clone())),
                 Rest::Plain(k) => Some((None, (*k).clone())),
             })
@@ -669,6 +692,8 @@ enum Rest<'a> {
     Log(&'a String, StorePathHash),
     /// A debug info link, and the NAR it names.
     DebugInfo(&'a String, &'a str),
+    /// A NAR's digest record, and that NAR.
+    NarDigest(&'a String, &'a str),
     /// An access record past the retention.
     Record(&'a String),
     Plain(&'a String),

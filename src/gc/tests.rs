@@ -3793,3 +3793,44 @@ async fn a_repair_killed_while_deleting_is_settled_by_the_next_run() {
     assert!(has(&mem, &x_key), "X not written back: {:?}", s.unfinished);
     assert!(has(&mem, &x.nar) && has(&mem, &m.nar));
 }
+
+/// A NAR's digest record (written by uploads, see `crate::upload::nar_records`) goes with its
+/// NAR, and once its NAR has been gone for the grace period (it is written while its NAR is
+/// committed); the record of a kept NAR stays, and `verify` reports none of them.
+#[tokio::test(start_paused = true)]
+async fn nar_digest_records_go_with_their_nars() {
+    let mem = Arc::new(served_for_years());
+    let now = SystemTime::now();
+    let record = |nar: &str, age: Duration| {
+        let key = format!("_cellar/nar-digests/{}", nar.trim_start_matches("nar/"));
+        mem.insert_at(&key, "cellar-nar-digest 1\n", now - age);
+        key
+    };
+    let kept = path(&mem, "kept", &[], Duration::from_secs(60), now);
+    let expired = path(&mem, "expired", &[], 100 * DAY, now);
+    let nowhere = "nar/0000000000000000000000000000000000000000000000000000.nar.zst";
+    let nowhere_young = "nar/1111111111111111111111111111111111111111111111111111.nar.zst";
+    let with_kept = record(&kept.nar, 100 * DAY);
+    let with_expired = record(&expired.nar, 100 * DAY);
+    let gone = record(nowhere, 2 * DAY);
+    let arriving = record(nowhere_young, Duration::from_secs(60));
+
+    let r = verify_as(&mem, &verify_opts(now)).await;
+    assert!(r.findings.is_empty(), "{:?}", found(&r));
+
+    let s = gc(&mem, &cfg(), now, false).await;
+    assert_eq!(s.nar_digests.count, 2);
+    let s = gc(&mem, &cfg(), now, true).await;
+    assert!(s.errors.is_empty(), "{:?}", s.errors);
+    assert_eq!(
+        s.deleted_objects.as_ref().and_then(|d| d.get("nar_digest")),
+        Some(&2)
+    );
+    assert!(!has(&mem, &expired.nar));
+    for key in [&with_expired, &gone] {
+        assert!(!has(&mem, key), "{key} kept");
+    }
+    for key in [&with_kept, &arriving] {
+        assert!(has(&mem, key), "{key} deleted");
+    }
+}

@@ -37,6 +37,7 @@ pub mod digest;
 pub mod encoding;
 mod gc_guard;
 mod listings;
+pub mod nar_records;
 mod narinfo;
 mod realisation;
 
@@ -824,7 +825,23 @@ impl Uploader {
                 }
             }
         };
-        let (committed, announced) = futures::join!(w.commit(), record);
+        // A large NAR stored as sent is recorded with its digest beside it, while it is
+        // committed: a narinfo reaching another replica is then checked without reading the
+        // NAR back ([`nar_records`]). A record is true of the name whatever becomes of this
+        // commit, so it may land first; one that fails costs that narinfo the read back.
+        let digest_record = async {
+            if target.is_some() || !nar_records::wanted(&d) {
+                return;
+            }
+            if let Err(e) = self
+                .store
+                .put_bytes(&nar_records::key(stored), nar_records::render(&d))
+                .await
+            {
+                tracing::warn!(nar = %name, cause = %e, "writing the NAR's digest record failed; a narinfo reaching another replica reads the NAR back");
+            }
+        };
+        let (committed, announced, ()) = futures::join!(w.commit(), record, digest_record);
         committed?;
         lock(&self.nars_found_bad).remove(&object_key::nar(stored));
         Ok(Some((d, announced)))
@@ -838,14 +855,24 @@ impl Uploader {
     /// `file_hash` is the narinfo's `FileHash`: a copy whose bytes it names, though its name
     /// does not (a NAR cellar re-encoded on upload is named after the file uploaded, and a
     /// narinfo copied from such a cache names it so), is that file, not a bad copy.
+    /// A large one (`file_size`, the narinfo's `FileSize`) is first looked for with its
+    /// digest record ([`nar_records`]), which spares the read back.
     async fn verify_stored(
         &self,
         name: &NarFileName,
         file_hash: Option<crate::nix::Sha256>,
+        file_size: Option<u64>,
     ) -> Result<Option<VerifiedNar>, Error> {
         // A narinfo naming a NAR no upload could have stored (one Nix's S3 store wrote in
         // brotli, say) is the narinfo's fault, refused as the NAR's upload would be.
         check_nar_name(name)?;
+        if file_size.is_some_and(|n| n >= nar_records::MIN_SIZE) {
+            if let Some(v) = self.recorded(name).await {
+                tracing::info!(nar = %name, "NAR checked by its digest record, not read back");
+                self.remember(object_key::nar(name), v.clone());
+                return Ok(Some(v));
+            }
+        }
         let _slot = self.readback_slot().await?;
         let mut candidates = vec![name.clone()];
         if let Some((stored, _)) = self.reencoded(name) {
@@ -855,6 +882,7 @@ impl Uploader {
             let Some(obj) = self.store.get(&object_key::nar(&cand), None).await? else {
                 continue;
             };
+            tracing::info!(nar = %cand, size = ?obj.length, "NAR received elsewhere: read back to check its narinfo");
             let c = cand.compression_from_ext().unwrap_or(Compression::None);
             let key = object_key::nar(&cand);
             // The object is the store's: a broken body, or one that does not decode or is
@@ -911,6 +939,41 @@ impl Uploader {
             return Ok(Some(v));
         }
         Ok(None)
+    }
+
+    /// The NAR `name` as its digest record gives it, if the store holds a record of that very
+    /// file and an object of the size the record says under the name; `None` if not, or if
+    /// the store cannot say (the NAR is then read back). Not for a copy found bad here: the
+    /// record vouches for the file the name promises, not for the object stored.
+    async fn recorded(&self, name: &NarFileName) -> Option<VerifiedNar> {
+        let key = object_key::nar(name);
+        if self.found_bad(&key) {
+            return None;
+        }
+        let record_key = nar_records::key(name);
+        let (record, size) = futures::join!(
+            self.store.get_bytes(&record_key, nar_records::MAX_BYTES),
+            self.store.head(&key)
+        );
+        let d = match record {
+            Ok(Some(text)) => nar_records::parse(name, &text)?,
+            Ok(None) => return None,
+            Err(e) => {
+                tracing::warn!(nar = %name, cause = %e, "reading the NAR's digest record failed; reading the NAR back");
+                return None;
+            }
+        };
+        if size.ok()?? != d.output.size {
+            return None;
+        }
+        Some(VerifiedNar {
+            stored: name.clone(),
+            stored_compression: d.compression,
+            stored_file: d.output,
+            uploaded_file: None,
+            nar: d.nar,
+            announced: None,
+        })
     }
 
     /// Whether the bytes of the object `key` hash (sha256) to `nix32`; `None` if they cannot

@@ -200,7 +200,7 @@ impl Uploader {
                     }
                 }
                 match &url_name {
-                    Ok(n) => self.verify_stored(n, info.file_hash).await,
+                    Ok(n) => self.verify_stored(n, info.file_hash, info.file_size).await,
                     Err(_) => Ok(None),
                 }
             };

@@ -2400,3 +2400,114 @@ mod realisations {
         assert_eq!(mem.get_bytes(KEY, 1 << 20).await.unwrap().unwrap(), sent);
     }
 }
+
+/// A NAR of `size` bytes (plain, a NAR's header then filler) and a narinfo for it as Nix
+/// writes one (with `FileHash` and `FileSize`).
+fn sized(size: usize) -> (Bytes, NarInfo, crate::nix::NarFileName) {
+    let mut n = nar().to_vec();
+    n.resize(size, 7);
+    let h = Sha256::digest(&n);
+    let text = format!(
+        "StorePath: /nix/store/{PATH}\nURL: nar/{}.nar\nCompression: none\n\
+         FileHash: {h}\nFileSize: {size}\nNarHash: {h}\nNarSize: {size}\nReferences: \n",
+        h.to_nix32()
+    );
+    let info = NarInfo::parse(&text, "/nix/store").unwrap();
+    let file = info.nar_file().unwrap();
+    (Bytes::from(n), info, file)
+}
+
+/// A large NAR is recorded with its digest beside it, so that its narinfo reaching another
+/// replica (or this one after a restart) is checked without reading the NAR back; a small one
+/// is not (reading it back costs what reading a record does).
+#[tokio::test]
+async fn a_large_nars_narinfo_reaching_another_replica_is_checked_by_its_digest_record() {
+    let (n, info, file) = sized(nar_records::MIN_SIZE as usize);
+    let (mem, up) = uploader();
+    up.put_nar(&file, body(n.clone())).await.unwrap();
+    let record = mem.bytes(&nar_records::key(&file)).expect("a record");
+    let d = nar_records::parse(&file, &record).unwrap();
+    assert_eq!(d.nar.hash, info.nar_hash);
+
+    let other = another_uploader(&mem, false);
+    other
+        .put_narinfo(info.hash(), info.render("/nix/store").as_bytes(), None)
+        .await
+        .unwrap();
+    assert_eq!(mem.gets_under("nar/"), 0, "the NAR was read back");
+    let stored = stored_narinfo(&mem, &info);
+    assert_eq!(stored.nar_hash, info.nar_hash);
+    assert_eq!(stored.file_size, Some(n.len() as u64));
+
+    // Just below the size: no record, read back.
+    let (n, info, file) = sized(nar_records::MIN_SIZE as usize - 1);
+    let (mem, up) = uploader();
+    up.put_nar(&file, body(n)).await.unwrap();
+    assert!(mem.bytes(&nar_records::key(&file)).is_none());
+    another_uploader(&mem, false)
+        .put_narinfo(info.hash(), info.render("/nix/store").as_bytes(), None)
+        .await
+        .unwrap();
+    assert_eq!(mem.gets_under("nar/"), 1);
+}
+
+/// A record is taken only for an object of the size it gives (one cut short is read back and
+/// found bad), not for a copy found bad here, and not when the narinfo says the NAR is small.
+#[tokio::test]
+async fn a_digest_record_vouches_only_for_a_copy_that_may_be_its_file() {
+    let (n, info, file) = sized(nar_records::MIN_SIZE as usize);
+    let raw = info.render("/nix/store");
+    let (mem, up) = uploader();
+    up.put_nar(&file, body(n.clone())).await.unwrap();
+    let key = object_key::nar(&file);
+
+    // Cut short under its name: read back, refused, taken for bad.
+    mem.insert(&key, n.slice(..n.len() - 1));
+    let other = another_uploader(&mem, false);
+    let e = other
+        .put_narinfo(info.hash(), raw.as_bytes(), None)
+        .await
+        .unwrap_err();
+    assert!(e.to_string().contains("run the copy again"), "{e}");
+    assert_eq!(mem.gets_under("nar/"), 1);
+
+    // Of the right size again but taken for bad here: read back (and good now).
+    mem.insert(&key, n.clone());
+    other
+        .put_narinfo(info.hash(), raw.as_bytes(), None)
+        .await
+        .unwrap();
+    assert_eq!(mem.gets_under("nar/"), 2);
+    assert!(!other.nar_found_bad(&file));
+
+    // A narinfo whose FileSize is below the records' size does not look for one.
+    let (mem, up) = uploader();
+    up.put_nar(&file, body(n.clone())).await.unwrap();
+    let mut small = info.clone();
+    small.file_size = Some(nar_records::MIN_SIZE - 1);
+    let before = mem.gets_under("_cellar/");
+    let _ = another_uploader(&mem, false)
+        .put_narinfo(info.hash(), small.render("/nix/store").as_bytes(), None)
+        .await;
+    assert_eq!(
+        mem.gets_under("_cellar/"),
+        before,
+        "a record was looked for"
+    );
+    assert_eq!(mem.gets_under("nar/"), 1);
+}
+
+/// A NAR re-encoded on upload gets no record: its stored name is not the hash of its bytes.
+#[tokio::test]
+async fn a_re_encoded_nar_gets_no_digest_record() {
+    let (n, _, file) = sized(nar_records::MIN_SIZE as usize);
+    let (mem, up) = uploader_to_zstd();
+    up.put_nar(&file, body(n)).await.unwrap();
+    assert!(
+        !mem.keys()
+            .iter()
+            .any(|k| k.starts_with("_cellar/nar-digests/")),
+        "{:?}",
+        mem.keys()
+    );
+}
