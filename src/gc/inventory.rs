@@ -200,11 +200,13 @@ mod tests {
             Kind::Unfinished
         );
         assert_eq!(classify("_cellar/records-began"), Kind::RecordsBegan);
+        let nar = format!("{}.nar.zst", "0".repeat(52));
         assert_eq!(
-            classify("_cellar/nar-digests/abc.nar.zst"),
-            Kind::NarDigest("abc.nar.zst".to_owned())
+            classify(&format!("_cellar/nar-digests/{nar}")),
+            Kind::NarDigest(nar)
         );
         assert_eq!(classify("_cellar/nar-digests/"), Kind::Other);
+        assert_eq!(classify("_cellar/nar-digests/junk"), Kind::ReservedOther);
         assert_eq!(classify("_cellar/records-began.bak"), Kind::ReservedOther);
         assert_eq!(classify("_cellar/junk"), Kind::ReservedOther);
         assert_eq!(classify("nix-cache-info"), Kind::Other);

@@ -3834,3 +3834,59 @@ async fn nar_digest_records_go_with_their_nars() {
         assert!(has(&mem, key), "{key} deleted");
     }
 }
+
+/// The digest record of a NAR an upload under way names stays, its NAR missing and the record
+/// past the grace period: the NAR may be on its way.
+#[tokio::test(start_paused = true)]
+async fn a_nar_digest_record_an_upload_names_stays() {
+    let mem = Arc::new(served_for_years());
+    let now = SystemTime::now();
+    let file = "2222222222222222222222222222222222222222222222222222.nar.zst";
+    let key = format!("_cellar/nar-digests/{file}");
+    mem.insert_at(&key, "cellar-nar-digest 1\n", now - 2 * DAY);
+    write_upload_record(&mem, "uploading", file.into());
+    assert_eq!(gc(&mem, &cfg(), now, false).await.nar_digests.count, 0);
+    let s = gc(&mem, &cfg(), now, true).await;
+    assert!(s.errors.is_empty(), "{:?}", s.errors);
+    assert!(has(&mem, &key), "deleted");
+}
+
+/// `verify --repair` deletes the digest records of the NARs it deletes, and of those
+/// `--hashes` finds are not what their narinfo says, even one too young to be deleted (an
+/// upload's narinfo check would take it for its file); the record of a good NAR stays.
+#[tokio::test(start_paused = true)]
+async fn verify_repair_deletes_the_digest_records_of_what_it_finds_bad_or_deletes() {
+    let mem = Arc::new(served_for_years());
+    let now = SystemTime::now();
+    let old = 100 * DAY;
+    let nar = |seed: &str| {
+        let mut v = b"\x0d\x00\x00\x00\x00\x00\x00\x00nix-archive-1\x00\x00\x00".to_vec();
+        v.extend_from_slice(seed.as_bytes());
+        v
+    };
+    let record = |p: &str| {
+        let key = format!("_cellar/nar-digests/{}", p.trim_start_matches("nar/"));
+        mem.insert_at(&key, "cellar-nar-digest 1\n", now - old);
+        key
+    };
+    let whole = path_with(&mem, "whole", nar("whole"), &[], old, now);
+    // Its bytes changed moments ago: too young to be deleted, its narinfo goes.
+    let rotten = path_with(&mem, "rotten", nar("rotten"), &[], old, now);
+    let mut flipped = mem.bytes(&rotten.nar).unwrap().to_vec();
+    *flipped.last_mut().unwrap() ^= 1;
+    mem.insert_at(&rotten.nar, flipped, now - Duration::from_secs(60));
+    let orphan = "nar/3333333333333333333333333333333333333333333333333333.nar";
+    mem.insert_at(orphan, nar("orphan"), now - old);
+    let (with_whole, with_rotten, with_orphan) =
+        (record(&whole.nar), record(&rotten.nar), record(orphan));
+
+    let r = verify_hashing(&mem, now, true).await;
+    assert!(r.repair_errors.is_empty(), "{:?}", r.repair_errors);
+    assert!(!has(&mem, &format!("{}.narinfo", rotten.hash)));
+    assert!(has(&mem, &rotten.nar), "a young NAR deleted");
+    assert!(!has(&mem, orphan));
+    for key in [&with_rotten, &with_orphan] {
+        assert!(!has(&mem, key), "{key} kept");
+    }
+    assert!(has(&mem, &with_whole), "a good NAR's record deleted");
+}

@@ -1177,6 +1177,19 @@ async fn repair_as(
     )
     .await;
     rest.extend(links);
+    // The digest records of the NARs this repair deleted, and of those found not to be what
+    // their narinfo says (with `--hashes`): one left for being young would be taken for its
+    // file by the narinfo check of the path's next upload.
+    let corrupt_nars: HashSet<&str> = corrupt
+        .iter()
+        .filter_map(|&i| graph.nodes[i as usize].nar.as_deref())
+        .collect();
+    rest.extend(
+        inv.nar_digests
+            .iter()
+            .filter(|(_, _, nar)| gone_nars.contains(nar) || corrupt_nars.contains(nar.as_str()))
+            .map(|(k, _, _)| k.clone()),
+    );
     delete_each(store.as_ref(), rest, report, run, &opts.stop).await;
     if halted_noted(run, &opts.stop, report) {
         return;

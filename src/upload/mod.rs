@@ -11,7 +11,8 @@
 //!
 //! The digest of each NAR uploaded through this process is remembered, so the narinfo that
 //! follows is checked without reading the NAR back; a NAR uploaded elsewhere (another replica,
-//! an earlier run) is read back and digested once.
+//! an earlier run) is checked by the digest record stored beside it if it is large
+//! ([`nar_records`]), else read back and digested once.
 //!
 //! Paths that come from elsewhere (an upstream being mirrored, a directory being imported) go
 //! through the same checks, by [`Uploader::copy_path`].
@@ -606,7 +607,8 @@ impl Uploader {
     /// its name is the sha256 of its bytes, so storing it again writes the very object the
     /// store may hold, and the probe answers "absent" from memory, saving the round trip every
     /// path of an upload would wait for. Whether the store holds a large one is asked when it
-    /// is sent ([`Uploader::already_stored`]). Asked: a NAR this process stored or read back
+    /// is sent ([`Uploader::already_stored`]). Asked: a NAR this process stored, read back or
+    /// checked by its digest record
     /// (an upload retried after it broke off before its narinfo, or a second path with the
     /// same NAR: not sent again, even through a proxy that takes bodies before cellar sees
     /// them), and one re-encoded on upload (a new encoding of it need not be byte for byte the
@@ -830,15 +832,8 @@ impl Uploader {
         // NAR back ([`nar_records`]). A record is true of the name whatever becomes of this
         // commit, so it may land first; one that fails costs that narinfo the read back.
         let digest_record = async {
-            if target.is_some() || !nar_records::wanted(&d) {
-                return;
-            }
-            if let Err(e) = self
-                .store
-                .put_bytes(&nar_records::key(stored), nar_records::render(&d))
-                .await
-            {
-                tracing::warn!(nar = %name, cause = %e, "writing the NAR's digest record failed; a narinfo reaching another replica reads the NAR back");
+            if target.is_none() && nar_records::wanted(&d) {
+                self.write_record(stored, &d).await;
             }
         };
         let (committed, announced, ()) = futures::join!(w.commit(), record, digest_record);
@@ -896,13 +891,6 @@ impl Uploader {
             // (over this server's limits, stored through a replica with larger ones): it is
             // taken for bad only if its bytes, read again, do not hash to its name.
             let as_sent = cand == *name;
-            let found_bad = |why: String| {
-                self.note_found_bad(key.clone());
-                Error::Upload(UploadError::Rejected(format!(
-                    "the store's copy of {key} is bad ({why}); run the copy again: the NAR is \
-                     sent again and stored over it"
-                )))
-            };
             let d = match digest::digest_named_into(obj.body, c, None, None, self.limits).await {
                 Ok(d) => d,
                 Err(Error::Upload(u)) => {
@@ -910,7 +898,7 @@ impl Uploader {
                         && as_sent
                         && self.hashes_to(&key, name.file_hash()).await == Some(false)
                     {
-                        return Err(found_bad(u.to_string()));
+                        return Err(self.found_bad_copy(name, u.to_string()).await);
                     }
                     return Err(StoreError::Other(format!("reading {key} back: {u}")).into());
                 }
@@ -920,13 +908,21 @@ impl Uploader {
                 && d.input.hash.to_nix32() != name.file_hash()
                 && file_hash != Some(d.input.hash)
             {
-                return Err(found_bad(format!(
+                let why = format!(
                     "its sha256 is {}, not the one its name says",
                     d.input.hash.to_nix32()
-                )));
+                );
+                return Err(self.found_bad_copy(name, why).await);
             }
             // Good now (stored again meanwhile, through another replica).
             lock(&self.nars_found_bad).remove(&key);
+            // Read back whole and found to be its name's file: a large one stored before
+            // digest records were written (or whose record was lost) gets one now, so that it
+            // is read back no more.
+            let named = as_sent && d.input.hash.to_nix32() == name.file_hash();
+            if named && nar_records::wanted(&d) {
+                self.write_record(name, &d).await;
+            }
             let v = VerifiedNar {
                 stored: cand,
                 stored_compression: d.compression,
@@ -939,6 +935,35 @@ impl Uploader {
             return Ok(Some(v));
         }
         Ok(None)
+    }
+
+    /// Notes that the copy of `name` stored as sent is bad (read back, its bytes are not what
+    /// its name says), and deletes its digest record, which vouches for any copy of the
+    /// record's size: every replica then reads the copy back until it is stored again (the
+    /// upload that stores it writes the record again). The narinfo's refusal.
+    async fn found_bad_copy(&self, name: &NarFileName, why: String) -> Error {
+        let key = object_key::nar(name);
+        self.note_found_bad(key.clone());
+        if let Err(e) = self.store.delete(&nar_records::key(name)).await {
+            tracing::warn!(nar = %name, cause = %e, "could not delete the digest record of a NAR found bad; other replicas may take the copy for good until it is stored again");
+        }
+        Error::Upload(UploadError::Rejected(format!(
+            "the store's copy of {key} is bad ({why}); run the copy again: the NAR is sent again \
+             and stored over it"
+        )))
+    }
+
+    /// Writes the digest record of the NAR `name`, stored as sent and found to be `d`
+    /// ([`nar_records`]); a failure is logged (a narinfo reaching another replica then reads
+    /// the NAR back).
+    async fn write_record(&self, name: &NarFileName, d: &NarDigest) {
+        if let Err(e) = self
+            .store
+            .put_bytes(&nar_records::key(name), nar_records::render(d))
+            .await
+        {
+            tracing::warn!(nar = %name, cause = %e, "writing the NAR's digest record failed; a narinfo reaching another replica reads the NAR back");
+        }
     }
 
     /// The NAR `name` as its digest record gives it, if the store holds a record of that very

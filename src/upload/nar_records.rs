@@ -45,11 +45,12 @@ pub fn key(file: &NarFileName) -> String {
     format!("{}{DIR}{}", crate::gc::RESERVED_PREFIX, file.as_str())
 }
 
-/// The NAR file name a record's key is of, if it is one.
+/// The NAR file name a record's key is of, if it is one (a NAR's name: anything else under
+/// [`DIR`] is not a record).
 pub fn nar_of(key: &str) -> Option<&str> {
     key.strip_prefix(crate::gc::RESERVED_PREFIX)?
         .strip_prefix(DIR)
-        .filter(|f| !f.is_empty())
+        .filter(|f| f.parse::<NarFileName>().is_ok())
 }
 
 /// Whether a NAR stored as sent, `d`, gets a record.
@@ -150,6 +151,8 @@ mod tests {
         assert_eq!(back.nar, d.nar);
         assert_eq!(nar_of(&key(&n)), Some(n.as_str()));
         assert_eq!(nar_of("_cellar/nar-digests/"), None);
+        assert_eq!(nar_of("_cellar/nar-digests/x/y"), None);
+        assert_eq!(nar_of("_cellar/nar-digests/README"), None);
         assert_eq!(nar_of("_cellar/access/x"), None);
     }
 

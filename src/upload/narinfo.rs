@@ -117,7 +117,8 @@ impl Uploader {
         //    the stored narinfo is not read if the upload address found none moments ago
         //    ([`Uploader::known_absent`]);
         // 2. after the record: announced deletions, the references, and the NAR (a HEAD if
-        //    this server received it, else read back and digested), together; with a recent
+        //    this server received it, else its digest record and a HEAD if it is large and
+        //    has one, else read back and digested), together; with a recent
         //    record already written, this is part of step 1, and the announcements are those
         //    read as soon as the NAR's own record was written (see `Announced`), usually
         //    before the narinfo arrives; references this process wrote recently, and the NAR
@@ -184,7 +185,8 @@ impl Uploader {
                 }
             };
             // A NAR this server received and verified, if it is still there (someone may have
-            // deleted it from the bucket since); else the stored one, read back and digested.
+            // deleted it from the bucket since); else the stored one, by its digest record or
+            // read back and digested.
             let nar = async {
                 if let Some(v) = remembered {
                     if nar_recorded {

@@ -2460,6 +2460,7 @@ async fn a_digest_record_vouches_only_for_a_copy_that_may_be_its_file() {
     let (mem, up) = uploader();
     up.put_nar(&file, body(n.clone())).await.unwrap();
     let key = object_key::nar(&file);
+    let record = mem.bytes(&nar_records::key(&file)).unwrap();
 
     // Cut short under its name: read back, refused, taken for bad.
     mem.insert(&key, n.slice(..n.len() - 1));
@@ -2470,15 +2471,20 @@ async fn a_digest_record_vouches_only_for_a_copy_that_may_be_its_file() {
         .unwrap_err();
     assert!(e.to_string().contains("run the copy again"), "{e}");
     assert_eq!(mem.gets_under("nar/"), 1);
+    // Its record deleted: no replica takes a copy of its size for good any more.
+    assert!(mem.bytes(&nar_records::key(&file)).is_none(), "record kept");
 
-    // Of the right size again but taken for bad here: read back (and good now).
+    // Of the right size again, with its record, but taken for bad here: read back (and good
+    // now, its record written again).
     mem.insert(&key, n.clone());
+    mem.insert(&nar_records::key(&file), record.clone());
     other
         .put_narinfo(info.hash(), raw.as_bytes(), None)
         .await
         .unwrap();
     assert_eq!(mem.gets_under("nar/"), 2);
     assert!(!other.nar_found_bad(&file));
+    assert!(mem.bytes(&nar_records::key(&file)).is_some());
 
     // A narinfo whose FileSize is below the records' size does not look for one.
     let (mem, up) = uploader();
@@ -2510,4 +2516,76 @@ async fn a_re_encoded_nar_gets_no_digest_record() {
         "{:?}",
         mem.keys()
     );
+}
+
+/// A record whose NAR is not in the store vouches for nothing: the narinfo is refused. One
+/// that cannot be read leaves the NAR to be read back.
+#[tokio::test]
+async fn a_digest_record_without_its_nar_or_unreadable_is_not_relied_on() {
+    let (n, info, file) = sized(nar_records::MIN_SIZE as usize);
+    let raw = info.render("/nix/store");
+    let (mem, up) = uploader();
+    up.put_nar(&file, body(n.clone())).await.unwrap();
+    mem.remove(&object_key::nar(&file));
+    let e = another_uploader(&mem, false)
+        .put_narinfo(info.hash(), raw.as_bytes(), None)
+        .await
+        .unwrap_err();
+    assert_eq!(e.status(), axum::http::StatusCode::BAD_REQUEST, "{e}");
+    assert!(mem.bytes(&object_key::narinfo(info.hash())).is_none());
+
+    mem.insert(&object_key::nar(&file), n);
+    let before = mem.gets_under("nar/");
+    mem.fail(
+        crate::store::memory::FailOp::Read,
+        &nar_records::key(&file),
+        0,
+        1,
+    );
+    another_uploader(&mem, false)
+        .put_narinfo(info.hash(), raw.as_bytes(), None)
+        .await
+        .unwrap();
+    assert_eq!(
+        mem.gets_under("nar/"),
+        before + 1,
+        "the NAR was not read back"
+    );
+}
+
+/// A large NAR stored without a record (before records were written, or its write failed) is
+/// read back once, and recorded then: the next replica to check a narinfo of it does not read
+/// it back.
+#[tokio::test]
+async fn a_large_nar_read_back_whole_gets_its_digest_record() {
+    let (n, info, file) = sized(nar_records::MIN_SIZE as usize);
+    let raw = info.render("/nix/store");
+    let (mem, _) = uploader();
+    mem.insert(&object_key::nar(&file), n);
+    another_uploader(&mem, false)
+        .put_narinfo(info.hash(), raw.as_bytes(), None)
+        .await
+        .unwrap();
+    assert_eq!(mem.gets_under("nar/"), 1);
+    let record = mem.bytes(&nar_records::key(&file)).expect("a record");
+    assert_eq!(
+        nar_records::parse(&file, &record).unwrap().nar.hash,
+        info.nar_hash
+    );
+    mem.remove(&object_key::narinfo(info.hash()));
+    another_uploader(&mem, false)
+        .put_narinfo(info.hash(), raw.as_bytes(), None)
+        .await
+        .unwrap();
+    assert_eq!(mem.gets_under("nar/"), 1, "read back again");
+
+    // A smaller one is not recorded.
+    let (n, info, file) = sized(nar_records::MIN_SIZE as usize - 1);
+    let (mem, _) = uploader();
+    mem.insert(&object_key::nar(&file), n);
+    another_uploader(&mem, false)
+        .put_narinfo(info.hash(), info.render("/nix/store").as_bytes(), None)
+        .await
+        .unwrap();
+    assert!(mem.bytes(&nar_records::key(&file)).is_none());
 }
