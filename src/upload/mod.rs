@@ -919,8 +919,8 @@ impl Uploader {
             // Read back whole and found to be its name's file: a large one stored before
             // digest records were written (or whose record was lost) gets one now, so that it
             // is read back no more.
-            let named = as_sent && d.input.hash.to_nix32() == name.file_hash();
-            if named && nar_records::wanted(&d) {
+            // (What is true of the file with the name's hash, whichever copy was read.)
+            if d.input.hash.to_nix32() == name.file_hash() && nar_records::wanted(&d) {
                 self.write_record(name, &d).await;
             }
             let v = VerifiedNar {

@@ -169,8 +169,12 @@ mod tests {
         let other = digest_of(b"other", Compression::Zstd);
         // Another file's record under this name.
         assert!(parse(&name(&other, ".zst"), &render(&d)).is_none());
-        // A compression the name contradicts.
+        // A compression the name contradicts: a `.nar` is plain or gzip, a `.nar.zst` zstd.
         assert!(parse(&name(&d, ".xz"), &render(&d)).is_none());
+        let xz = digest_of(b"file", Compression::Xz);
+        assert!(parse(&name(&xz, ""), &render(&xz)).is_none());
+        let gz = digest_of(b"file", Compression::Gzip);
+        assert!(parse(&name(&gz, ".zst"), &render(&gz)).is_none());
         let n = name(&d, ".zst");
         let text = String::from_utf8(render(&d).to_vec()).unwrap();
         assert!(parse(&n, text.replace(HEADER, "cellar-nar-digest 2").as_bytes()).is_none());
