@@ -78,6 +78,21 @@ fn debug_link(store: &MemoryStore, id: u8, nar: &str, age: Duration, now: System
     key
 }
 
+/// A NAR digest record (see `crate::upload::nar_records`) of `nar` (`nar/<file>`), `age` old;
+/// its key. Its contents do not matter to the collector.
+fn digest_record(store: &MemoryStore, nar: &str, age: Duration, now: SystemTime) -> String {
+    let key = format!("_cellar/nar-digests/{}", nar.trim_start_matches("nar/"));
+    store.insert_at(&key, "cellar-nar-digest 1\n", now - age);
+    key
+}
+
+/// What the upload pipeline and `verify --hashes` take for a NAR: its header, then `seed`.
+fn nar_headed(seed: &str) -> Vec<u8> {
+    let mut v = b"\x0d\x00\x00\x00\x00\x00\x00\x00nix-archive-1\x00\x00\x00".to_vec();
+    v.extend_from_slice(seed.as_bytes());
+    v
+}
+
 fn cfg() -> GcConfig {
     GcConfig {
         keep: 30 * DAY,
@@ -3086,12 +3101,7 @@ async fn verify_hashes_the_nars_when_asked() {
     let mem = Arc::new(served_for_years());
     let now = SystemTime::now();
     let old = 100 * DAY;
-    // What the pipeline takes for a NAR: its header, then anything.
-    let nar = |seed: &str| {
-        let mut v = b"\x0d\x00\x00\x00\x00\x00\x00\x00nix-archive-1\x00\x00\x00".to_vec();
-        v.extend_from_slice(seed.as_bytes());
-        v
-    };
+    let nar = nar_headed;
     let whole = path_with(&mem, "whole", nar("whole"), &[], old, now);
     let rotten = path_with(&mem, "rotten", nar("rotten"), &[], old, now);
     let body = mem.bytes(&rotten.nar).unwrap();
@@ -3801,11 +3811,7 @@ async fn a_repair_killed_while_deleting_is_settled_by_the_next_run() {
 async fn nar_digest_records_go_with_their_nars() {
     let mem = Arc::new(served_for_years());
     let now = SystemTime::now();
-    let record = |nar: &str, age: Duration| {
-        let key = format!("_cellar/nar-digests/{}", nar.trim_start_matches("nar/"));
-        mem.insert_at(&key, "cellar-nar-digest 1\n", now - age);
-        key
-    };
+    let record = |nar: &str, age: Duration| digest_record(&mem, nar, age, now);
     let kept = path(&mem, "kept", &[], Duration::from_secs(60), now);
     let expired = path(&mem, "expired", &[], 100 * DAY, now);
     let nowhere = "nar/0000000000000000000000000000000000000000000000000000.nar.zst";
@@ -3842,8 +3848,7 @@ async fn a_nar_digest_record_an_upload_names_stays() {
     let mem = Arc::new(served_for_years());
     let now = SystemTime::now();
     let file = "2222222222222222222222222222222222222222222222222222.nar.zst";
-    let key = format!("_cellar/nar-digests/{file}");
-    mem.insert_at(&key, "cellar-nar-digest 1\n", now - 2 * DAY);
+    let key = digest_record(&mem, &format!("nar/{file}"), 2 * DAY, now);
     write_upload_record(&mem, "uploading", file.into());
     assert_eq!(gc(&mem, &cfg(), now, false).await.nar_digests.count, 0);
     let s = gc(&mem, &cfg(), now, true).await;
@@ -3859,16 +3864,8 @@ async fn verify_repair_deletes_the_digest_records_of_what_it_finds_bad_or_delete
     let mem = Arc::new(served_for_years());
     let now = SystemTime::now();
     let old = 100 * DAY;
-    let nar = |seed: &str| {
-        let mut v = b"\x0d\x00\x00\x00\x00\x00\x00\x00nix-archive-1\x00\x00\x00".to_vec();
-        v.extend_from_slice(seed.as_bytes());
-        v
-    };
-    let record = |p: &str| {
-        let key = format!("_cellar/nar-digests/{}", p.trim_start_matches("nar/"));
-        mem.insert_at(&key, "cellar-nar-digest 1\n", now - old);
-        key
-    };
+    let nar = nar_headed;
+    let record = |p: &str| digest_record(&mem, p, old, now);
     let whole = path_with(&mem, "whole", nar("whole"), &[], old, now);
     // Its bytes changed moments ago: too young to be deleted, its narinfo goes.
     let rotten = path_with(&mem, "rotten", nar("rotten"), &[], old, now);

@@ -2417,21 +2417,35 @@ fn sized(size: usize) -> (Bytes, NarInfo, crate::nix::NarFileName) {
     (Bytes::from(n), info, file)
 }
 
+/// A NAR of the records' size uploaded through an uploader over a fresh store (which writes
+/// its record): the store, the NAR, its narinfo and that narinfo as uploaded, its name.
+async fn large_nar_uploaded() -> (
+    Arc<MemoryStore>,
+    Bytes,
+    NarInfo,
+    String,
+    crate::nix::NarFileName,
+) {
+    let (n, info, file) = sized(nar_records::MIN_SIZE as usize);
+    let raw = info.render("/nix/store");
+    let (mem, up) = uploader();
+    up.put_nar(&file, body(n.clone())).await.unwrap();
+    (mem, n, info, raw, file)
+}
+
 /// A large NAR is recorded with its digest beside it, so that its narinfo reaching another
 /// replica (or this one after a restart) is checked without reading the NAR back; a small one
 /// is not (reading it back costs what reading a record does).
 #[tokio::test]
 async fn a_large_nars_narinfo_reaching_another_replica_is_checked_by_its_digest_record() {
-    let (n, info, file) = sized(nar_records::MIN_SIZE as usize);
-    let (mem, up) = uploader();
-    up.put_nar(&file, body(n.clone())).await.unwrap();
+    let (mem, n, info, raw, file) = large_nar_uploaded().await;
     let record = mem.bytes(&nar_records::key(&file)).expect("a record");
     let d = nar_records::parse(&file, &record).unwrap();
     assert_eq!(d.nar.hash, info.nar_hash);
 
     let other = another_uploader(&mem, false);
     other
-        .put_narinfo(info.hash(), info.render("/nix/store").as_bytes(), None)
+        .put_narinfo(info.hash(), raw.as_bytes(), None)
         .await
         .unwrap();
     assert_eq!(mem.gets_under("nar/"), 0, "the NAR was read back");
@@ -2455,10 +2469,7 @@ async fn a_large_nars_narinfo_reaching_another_replica_is_checked_by_its_digest_
 /// found bad), not for a copy found bad here, and not when the narinfo says the NAR is small.
 #[tokio::test]
 async fn a_digest_record_vouches_only_for_a_copy_that_may_be_its_file() {
-    let (n, info, file) = sized(nar_records::MIN_SIZE as usize);
-    let raw = info.render("/nix/store");
-    let (mem, up) = uploader();
-    up.put_nar(&file, body(n.clone())).await.unwrap();
+    let (mem, n, info, raw, file) = large_nar_uploaded().await;
     let key = object_key::nar(&file);
     let record = mem.bytes(&nar_records::key(&file)).unwrap();
 
@@ -2487,8 +2498,7 @@ async fn a_digest_record_vouches_only_for_a_copy_that_may_be_its_file() {
     assert!(mem.bytes(&nar_records::key(&file)).is_some());
 
     // A narinfo whose FileSize is below the records' size does not look for one.
-    let (mem, up) = uploader();
-    up.put_nar(&file, body(n.clone())).await.unwrap();
+    let (mem, _, _, _, _) = large_nar_uploaded().await;
     let mut small = info.clone();
     small.file_size = Some(nar_records::MIN_SIZE - 1);
     let before = mem.gets_under("_cellar/");
@@ -2522,10 +2532,7 @@ async fn a_re_encoded_nar_gets_no_digest_record() {
 /// that cannot be read leaves the NAR to be read back.
 #[tokio::test]
 async fn a_digest_record_without_its_nar_or_unreadable_is_not_relied_on() {
-    let (n, info, file) = sized(nar_records::MIN_SIZE as usize);
-    let raw = info.render("/nix/store");
-    let (mem, up) = uploader();
-    up.put_nar(&file, body(n.clone())).await.unwrap();
+    let (mem, n, info, raw, file) = large_nar_uploaded().await;
     mem.remove(&object_key::nar(&file));
     let e = another_uploader(&mem, false)
         .put_narinfo(info.hash(), raw.as_bytes(), None)
