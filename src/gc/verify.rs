@@ -884,6 +884,22 @@ async fn repair_as(
                 still_unservable(store.as_ref(), n, upstream, grace, rehash, report).await;
         }
     }
+    // The digest records of the NARs found again not to be what their narinfo says, first:
+    // one left beside a copy too young to be deleted, or by a repair that stops before its
+    // end, would have an upload's narinfo check take that copy for its file and publish it
+    // again (a record of a good NAR deleted costs a read back, never more).
+    let corrupt_nars: HashSet<&str> = corrupt
+        .iter()
+        .filter(|&&i| unservable[i as usize])
+        .filter_map(|&i| graph.nodes[i as usize].nar.as_deref())
+        .collect();
+    let corrupt_records: Vec<String> = inv
+        .nar_digests
+        .iter()
+        .filter(|(_, _, nar)| corrupt_nars.contains(nar.as_str()))
+        .map(|(k, _, _)| k.clone())
+        .collect();
+    delete_each(store.as_ref(), corrupt_records, report, run, &opts.stop).await;
     propagate(graph, &mut unservable, &mut Vec::new());
     // Confirmed broken a moment ago, a path may have been healed since (its missing reference
     // uploaded) and be relied on by an upload of a path referring to it: one an upload in
@@ -1177,17 +1193,11 @@ async fn repair_as(
     )
     .await;
     rest.extend(links);
-    // The digest records of the NARs this repair deleted, and of those found not to be what
-    // their narinfo says (with `--hashes`): one left for being young would be taken for its
-    // file by the narinfo check of the path's next upload.
-    let corrupt_nars: HashSet<&str> = corrupt
-        .iter()
-        .filter_map(|&i| graph.nodes[i as usize].nar.as_deref())
-        .collect();
+    // The digest records of the NARs this repair deleted.
     rest.extend(
         inv.nar_digests
             .iter()
-            .filter(|(_, _, nar)| gone_nars.contains(nar) || corrupt_nars.contains(nar.as_str()))
+            .filter(|(_, _, nar)| gone_nars.contains(nar))
             .map(|(k, _, _)| k.clone()),
     );
     delete_each(store.as_ref(), rest, report, run, &opts.stop).await;

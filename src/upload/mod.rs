@@ -830,14 +830,21 @@ impl Uploader {
         // A large NAR stored as sent is recorded with its digest beside it, while it is
         // committed: a narinfo reaching another replica is then checked without reading the
         // NAR back ([`nar_records`]). A record is true of the name whatever becomes of this
-        // commit, so it may land first; one that fails costs that narinfo the read back.
+        // commit, so it may land first; one that fails costs that narinfo the read back. But
+        // not over a copy found bad (whose record was deleted so that every replica reads it
+        // back): then only once this commit has replaced it.
+        let recorded = target.is_none() && nar_records::wanted(&d);
+        let over_bad = self.found_bad(&object_key::nar(stored));
         let digest_record = async {
-            if target.is_none() && nar_records::wanted(&d) {
+            if recorded && !over_bad {
                 self.write_record(stored, &d).await;
             }
         };
         let (committed, announced, ()) = futures::join!(w.commit(), record, digest_record);
         committed?;
+        if recorded && over_bad {
+            self.write_record(stored, &d).await;
+        }
         lock(&self.nars_found_bad).remove(&object_key::nar(stored));
         Ok(Some((d, announced)))
     }

@@ -17,8 +17,10 @@
 //! before. A NAR re-encoded on upload (`upload.compression`) gets no record: its stored name is
 //! the uploaded file's, not the hash of its own bytes, and two encodings need not be the same.
 //!
-//! A record goes with its NAR when `cellar gc` deletes it, or once its NAR has been gone for
-//! the grace period (see [`crate::gc::sweep`]).
+//! A record goes with its NAR when `cellar gc` deletes it, or once older than the grace
+//! period with its NAR missing and named by no upload under way (see [`crate::gc::sweep`]);
+//! `cellar verify --repair` deletes those of the NARs it deletes or finds corrupt, and a read
+//! back that finds a copy bad deletes its record.
 //!
 //! Format: a header line `cellar-nar-digest 1`, then `Compression:`, `FileHash:`, `FileSize:`,
 //! `NarHash:` and `NarSize:` lines as in a narinfo.

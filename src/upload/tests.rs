@@ -2471,7 +2471,6 @@ async fn a_large_nars_narinfo_reaching_another_replica_is_checked_by_its_digest_
 async fn a_digest_record_vouches_only_for_a_copy_that_may_be_its_file() {
     let (mem, n, info, raw, file) = large_nar_uploaded().await;
     let key = object_key::nar(&file);
-    let record = mem.bytes(&nar_records::key(&file)).unwrap();
 
     // Cut short under its name: read back, refused, taken for bad.
     mem.insert(&key, n.slice(..n.len() - 1));
@@ -2485,10 +2484,18 @@ async fn a_digest_record_vouches_only_for_a_copy_that_may_be_its_file() {
     // Its record deleted: no replica takes a copy of its size for good any more.
     assert!(mem.bytes(&nar_records::key(&file)).is_none(), "record kept");
 
-    // Of the right size again, with its record, but taken for bad here: read back (and good
-    // now, its record written again).
+    // Sent again to the replica that found it bad, whose commit fails: no record over what
+    // may still be the bad copy.
+    mem.fail(crate::store::memory::FailOp::WriteAnswer, &key, 0, 1);
+    other.put_nar(&file, body(n.clone())).await.unwrap_err();
+    assert!(
+        mem.bytes(&nar_records::key(&file)).is_none(),
+        "record written"
+    );
+
+    // Of the right size again but taken for bad here: read back (and good now, its record
+    // written again).
     mem.insert(&key, n.clone());
-    mem.insert(&nar_records::key(&file), record.clone());
     other
         .put_narinfo(info.hash(), raw.as_bytes(), None)
         .await
