@@ -85,6 +85,13 @@ pub struct UploadLabels {
 }
 
 #[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
+pub struct NarCheckLabels {
+    /// How a NAR this process did not receive was checked for a narinfo: `record` (its digest
+    /// record and a HEAD) or `read_back` (read whole and hashed).
+    pub how: &'static str,
+}
+
+#[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
 pub struct UpstreamLabels {
     /// The upstream's configured URL (bounded by the config).
     pub upstream: String,
@@ -126,6 +133,7 @@ pub struct Metrics {
     pub uploads: Family<UploadLabels, Counter>,
     pub upstream_requests: Family<UpstreamLabels, Counter>,
     pub access_records: Family<AccessRecordLabels, Counter>,
+    pub upload_nar_checks: Family<NarCheckLabels, Counter>,
     pub access_entries_dropped: Counter,
     pub build_info: Family<BuildLabels, Gauge>,
     pub uploads_waiting: Gauge,
@@ -156,6 +164,7 @@ impl Metrics {
             uploads: Family::default(),
             upstream_requests: Family::default(),
             access_records: Family::default(),
+            upload_nar_checks: Family::default(),
             access_entries_dropped: Counter::default(),
             build_info: Family::default(),
             uploads_waiting: Gauge::default(),
@@ -218,6 +227,11 @@ impl Metrics {
             "access_records",
             "Access records written to the store for `cellar gc`, by kind and result",
             m.access_records.clone(),
+        );
+        r.register(
+            "upload_nar_checks",
+            "NARs another process received checked for an uploaded narinfo, by how: their digest record, or read back whole",
+            m.upload_nar_checks.clone(),
         );
         r.register(
             "access_entries_dropped",
@@ -317,6 +331,15 @@ pub fn access_record(kind: &'static str, written: bool) {
             kind,
             result: if written { "written" } else { "failed" },
         })
+        .inc();
+}
+
+/// Counts one NAR this process did not receive checked for a narinfo, `how`: `record` or
+/// `read_back`.
+pub fn upload_nar_check(how: &'static str) {
+    get()
+        .upload_nar_checks
+        .get_or_create(&NarCheckLabels { how })
         .inc();
 }
 

@@ -468,6 +468,13 @@ async fn a_large_path_goes_up_in_parts_and_comes_back_whole() {
     // by reading the 30 MiB back.
     assert_eq!(other.log_count("NAR checked by its digest record"), 1);
     assert_eq!(other.log_count("read back to check its narinfo"), 0);
+    let checks = |how: &'static str| {
+        let label = format!("how=\"{how}\"");
+        let other = &other;
+        async move { metric_sum(other, "cellar_upload_nar_checks_total", &[label.as_str()]).await }
+    };
+    assert_eq!(checks("record").await, 1.0);
+    assert_eq!(checks("read_back").await, 0.0);
     let sent = received(&other).await;
     assert!(sent < (1 << 20) as f64, "{sent} bytes received");
     back(&other, "other");

@@ -871,6 +871,7 @@ impl Uploader {
         if file_size.is_some_and(|n| n >= nar_records::MIN_SIZE) {
             if let Some(v) = self.recorded(name).await {
                 tracing::info!(nar = %name, "NAR checked by its digest record, not read back");
+                crate::metrics::upload_nar_check("record");
                 self.remember(object_key::nar(name), v.clone());
                 return Ok(Some(v));
             }
@@ -885,6 +886,7 @@ impl Uploader {
                 continue;
             };
             tracing::info!(nar = %cand, size = ?obj.length, "NAR received elsewhere: read back to check its narinfo");
+            crate::metrics::upload_nar_check("read_back");
             let c = cand.compression_from_ext().unwrap_or(Compression::None);
             let key = object_key::nar(&cand);
             // The object is the store's: a broken body, or one that does not decode or is
