@@ -17,8 +17,10 @@
 //!
 //! A NAR is written under `.tmp/`, then its `.meta` is written, then it is renamed to its
 //! final name ([`Disk::publish`]): a file under a NAR name is always complete, and its `.meta`
-//! says what it must hash to. At start-up ([`Disk::open`]) whatever does not fit that shape
-//! is removed; the rest is hashed before its first use ([`Disk::verify`]), because a file of
+//! says what it must hash to. At start-up ([`Disk::open`]) the directory is listed, names
+//! only, and `.tmp/` and `.meta` files without their NAR are removed; each NAR is then looked
+//! at ([`Disk::examine`], in the background or on its first use) and removed if its size is not
+//! its `.meta`'s; the rest is hashed before its first use ([`Disk::verify`]), because a file of
 //! the right size can still hold the wrong bytes.
 
 use std::fmt;
@@ -169,17 +171,19 @@ fn last_use(m: &std::fs::Metadata) -> std::time::SystemTime {
 /// What [`Disk::open`] found in the directory.
 pub(super) struct Opened {
     pub disk: Disk,
-    /// The complete NARs, least recently used first (see [`last_use`]).
-    pub found: Vec<Found>,
+    /// The names of the NAR files, sorted, each to be looked at ([`Disk::examine`]).
+    pub nars: Vec<String>,
     /// Files cellar did not write there (left alone).
     pub foreign: Vec<PathBuf>,
 }
 
-/// A complete NAR found at start-up.
+/// A complete NAR found at start-up: its size and checksum by its `.meta`, which its file's
+/// size matches.
 pub(super) struct Found {
-    pub name: String,
     pub size: u64,
     pub checksum: Checksum,
+    /// When it was last used (see [`last_use`]).
+    pub used: std::time::SystemTime,
 }
 
 /// A file under `.tmp/`, removed when dropped unless [`Disk::publish`] gave it its name.
@@ -219,8 +223,10 @@ pub(super) struct Disk {
 }
 
 impl Disk {
-    /// Opens `dir` (created if missing), removes what an interrupted run left, and returns
-    /// the complete NARs found and the files that are not cellar's.
+    /// Opens `dir` (created if missing), removes what an interrupted run left (`.tmp/`, and
+    /// `.meta` files without their NAR), and returns the names of the NARs and the files that
+    /// are not cellar's. Names only: a large cache on a slow disk lists in a second, where
+    /// reading every `.meta` takes minutes (the NARs are looked at later, [`Self::examine`]).
     pub(super) fn open(dir: &Path) -> io::Result<Opened> {
         let lock = claim(dir)?;
         let tmp = dir.join(TMP);
@@ -234,17 +240,14 @@ impl Disk {
             files: LocalStore::open(dir)?,
             _lock: lock,
         };
-        let mut found = Vec::new();
+        let mut nars = Vec::new();
         let mut foreign = Vec::new();
-        // The NARs kept, and the `.meta` files seen: one pass over the directory (a large
-        // cache on a slow disk takes a while to list, before the server answers).
-        let mut kept = std::collections::HashSet::new();
         let mut metas = Vec::new();
         for e in std::fs::read_dir(dir)?.flatten() {
             let name = e.file_name().to_string_lossy().into_owned();
             if let Some(nar) = name.strip_suffix(META_SUFFIX) {
                 if nar.parse::<NarFileName>().is_ok() {
-                    metas.push((nar.to_owned(), e.path()));
+                    metas.push(nar.to_owned());
                 }
                 continue;
             }
@@ -256,38 +259,33 @@ impl Disk {
                 foreign.push(e.path());
                 continue;
             }
-            let meta = read_meta(&disk.meta_path(&name));
-            let len = e.metadata().ok().map(|m| (m.len(), last_use(&m)));
-            match (meta, len) {
-                (Some((size, checksum)), Some((l, used))) if l == size => {
-                    kept.insert(name.clone());
-                    found.push((
-                        used,
-                        Found {
-                            name,
-                            size,
-                            checksum,
-                        },
-                    ));
-                }
-                _ => {
-                    tracing::info!(file = %e.path().display(), "NAR cache: removing an incomplete file");
-                    disk.remove(&name);
-                }
+            nars.push(name);
+        }
+        nars.sort_unstable();
+        // `.meta` files whose NAR is gone (the rename never happened): nothing else uses the
+        // directory yet.
+        for nar in metas {
+            if nars.binary_search(&nar).is_err() {
+                let _ = std::fs::remove_file(disk.meta_path(&nar));
             }
         }
-        // `.meta` files whose NAR is gone (removed above, or the rename never happened).
-        for (nar, meta) in metas {
-            if !kept.contains(&nar) {
-                let _ = std::fs::remove_file(meta);
-            }
-        }
-        found.sort_by(|(a, fa), (b, fb)| (a, &fa.name).cmp(&(b, &fb.name)));
         foreign.sort();
         Ok(Opened {
             disk,
-            found: found.into_iter().map(|(_, f)| f).collect(),
+            nars,
             foreign,
+        })
+    }
+
+    /// Looks at the NAR file `name` found at start-up: `None` if it is incomplete (no
+    /// readable `.meta`, or not its size), to be removed.
+    pub(super) fn examine(&self, name: &str) -> Option<Found> {
+        let (size, checksum) = read_meta(&self.meta_path(name))?;
+        let m = std::fs::symlink_metadata(self.dir.join(name)).ok()?;
+        (m.len() == size).then(|| Found {
+            size,
+            checksum,
+            used: last_use(&m),
         })
     }
 
@@ -497,8 +495,8 @@ mod tests {
     #[test]
     fn written_files_survive_a_reopen_and_verify() {
         let d = tempfile::tempdir().unwrap();
-        let Opened { disk, found, .. } = Disk::open(d.path()).unwrap();
-        assert!(found.is_empty());
+        let Opened { disk, nars, .. } = Disk::open(d.path()).unwrap();
+        assert!(nars.is_empty());
         let sum = disk.write_whole(NAME, b"hello").unwrap();
         // xxh3-128 of "hello" (the reference implementation's `xxh128sum`).
         let hello = "b5e9c1ad071b3e7fc779cfaa5e523818";
@@ -516,10 +514,10 @@ mod tests {
         ));
 
         drop(disk);
-        let Opened { found, .. } = Disk::open(d.path()).unwrap();
-        assert_eq!(found.len(), 1);
-        assert_eq!((found[0].name.as_str(), found[0].size), (NAME, 5));
-        assert_eq!(found[0].checksum, sum);
+        let Opened { disk, nars, .. } = Disk::open(d.path()).unwrap();
+        assert_eq!(nars, [NAME]);
+        let found = disk.examine(NAME).unwrap();
+        assert_eq!((found.size, found.checksum), (5, sum));
     }
 
     #[test]
@@ -533,9 +531,10 @@ mod tests {
             format!("5 {sha256_of_hello}\n"),
         )
         .unwrap();
-        let Opened { disk, found, .. } = Disk::open(d.path()).unwrap();
-        assert_eq!(found.len(), 1);
-        let expected = (found[0].size, found[0].checksum);
+        let Opened { disk, nars, .. } = Disk::open(d.path()).unwrap();
+        assert_eq!(nars, [NAME]);
+        let found = disk.examine(NAME).unwrap();
+        let expected = (found.size, found.checksum);
         assert!(matches!(expected.1, Checksum::Sha256(_)));
         assert!(disk.verify(NAME, expected).is_ok());
         std::fs::write(d.path().join(NAME), b"jello").unwrap();
@@ -569,16 +568,26 @@ mod tests {
         std::fs::write(d.path().join(NAME), b"no meta").unwrap();
         let orphan_meta = format!("{}{META_SUFFIX}", NAME.replacen('0', "1", 1));
         std::fs::write(d.path().join(&orphan_meta), b"1 00").unwrap();
+        let short = NAME.replacen('0', "2", 1);
+        std::fs::write(d.path().join(&short), b"short").unwrap();
+        let meta = format!("6 {}\n", Checksum::Xxh3([0; 16]).render());
+        std::fs::write(d.path().join(format!("{short}{META_SUFFIX}")), meta).unwrap();
 
         drop(disk);
-        let Opened { found, .. } = Disk::open(d.path()).unwrap();
-        assert!(found.is_empty());
+        let Opened {
+            disk,
+            nars,
+            foreign,
+        } = Disk::open(d.path()).unwrap();
         assert!(!tmp_path.exists());
-        for leftover in [NAME, orphan_meta.as_str()] {
-            assert!(!d.path().join(leftover).exists(), "{leftover}");
-        }
-        // Only files of the shapes cellar writes are removed.
+        assert!(!d.path().join(&orphan_meta).exists());
+        // The NARs are listed, to be looked at: one without its `.meta`, one not its size.
+        assert_eq!(nars, [NAME.to_owned(), short.clone()]);
+        assert!(disk.examine(NAME).is_none());
+        assert!(disk.examine(&short).is_none());
+        // Only files of the shapes cellar writes are removed; others are reported.
         assert!(d.path().join("not-a-nar").exists());
+        assert_eq!(foreign, [d.path().join("not-a-nar")]);
     }
 
     #[test]

@@ -5,7 +5,7 @@
 //! The budget is of disk space, not of NAR bytes: each NAR is charged its [`footprint`], so
 //! that a cache of many small NARs stays within it too.
 
-use std::collections::{BTreeMap, HashMap};
+use std::collections::{BTreeMap, HashMap, HashSet};
 
 use super::disk::Checksum;
 
@@ -47,7 +47,14 @@ pub(super) struct Index {
     /// Sum of the entries' [`footprint`]s.
     total: u64,
     budget: u64,
+    /// Files found on disk at start-up and not looked at yet (the scan runs in the
+    /// background): not entries until their `.meta` and size are read.
+    pending: HashSet<String>,
 }
+
+/// The first tick: files found at start-up are placed before every entry used since
+/// ([`Index::insert_unused`]), at ticks below the lowest.
+const FIRST_TICK: u64 = u64::MAX / 2;
 
 impl Index {
     /// An empty index that keeps at most `budget` bytes.
@@ -55,9 +62,56 @@ impl Index {
         Self {
             entries: HashMap::new(),
             lru: BTreeMap::new(),
-            tick: 0,
+            tick: FIRST_TICK,
             total: 0,
             budget,
+            pending: HashSet::new(),
+        }
+    }
+
+    /// Records the files found on disk at start-up, to be looked at ([`Self::take_pending`]).
+    pub(super) fn set_pending(&mut self, names: impl IntoIterator<Item = String>) {
+        self.pending.extend(names);
+    }
+
+    /// Whether `name` is a file from start-up not looked at yet.
+    pub(super) fn is_pending(&self, name: &str) -> bool {
+        self.pending.contains(name)
+    }
+
+    /// Claims a pending file for whoever looks at it first (the scan or a request); false if
+    /// it is not pending (looked at already, or its name filled or forgotten since).
+    pub(super) fn take_pending(&mut self, name: &str) -> bool {
+        self.pending.remove(name)
+    }
+
+    /// Adds files found at start-up, oldest use first, as used before every entry held now
+    /// (those were used since the start); a name no longer pending is left as it is.
+    pub(super) fn insert_unused(
+        &mut self,
+        found: impl IntoIterator<Item = (String, u64, Checksum)>,
+    ) {
+        let found: Vec<_> = found
+            .into_iter()
+            .filter(|(name, ..)| self.pending.remove(name))
+            .collect();
+        let first = self
+            .lru
+            .first_key_value()
+            .map_or(self.tick + 1, |(&t, _)| t);
+        let ticks = first.saturating_sub(found.len() as u64)..;
+        for (tick, (name, size, checksum)) in ticks.zip(found) {
+            self.lru.insert(tick, name.clone());
+            self.total += footprint(size);
+            self.entries.insert(
+                name,
+                Entry {
+                    size,
+                    checksum,
+                    tick,
+                    verified: Verified::No,
+                },
+            );
         }
     }
 
@@ -72,7 +126,8 @@ impl Index {
         (self.entries.len(), self.total)
     }
 
-    /// Adds `name` (replacing any entry of that name) as the most recently used.
+    /// Adds `name` (replacing any entry of that name, or its file pending from start-up) as the
+    /// most recently used.
     pub(super) fn insert(&mut self, name: &str, size: u64, checksum: Checksum, verified: Verified) {
         self.remove(name);
         let tick = self.next_tick();
@@ -115,15 +170,17 @@ impl Index {
         (e.verified == Verified::Yes).then_some(e.size)
     }
 
-    /// Forgets `name`; true if it was held.
+    /// Forgets `name`; true if it was held, or its file pending from start-up (whose files the
+    /// caller then removes as well).
     pub(super) fn remove(&mut self, name: &str) -> bool {
+        let pending = self.pending.remove(name);
         match self.entries.remove(name) {
             Some(e) => {
                 self.lru.remove(&e.tick);
                 self.total -= footprint(e.size);
                 true
             }
-            None => false,
+            None => pending,
         }
     }
 
@@ -198,6 +255,12 @@ impl Index {
         if let Some(e) = self.entries.get_mut(name) {
             e.verified = Verified::Yes;
         }
+    }
+
+    /// The names held, least recently used first (tests).
+    #[cfg(test)]
+    pub(super) fn by_use(&self) -> Vec<String> {
+        self.lru.values().cloned().collect()
     }
 
     fn next_tick(&mut self) -> u64 {

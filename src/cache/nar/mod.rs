@@ -9,8 +9,10 @@
 //! [`NarCache::held`]. A file gets its final name only once complete, with its
 //! size checked and its checksum recorded in a `.meta` file beside it.
 //!
-//! After a restart the index is rebuilt from the directory; files whose size does not match
-//! their `.meta` are removed at once, and each surviving file is hashed once in the background
+//! After a restart the index is rebuilt from the directory: listed at once (names only), then
+//! each file's `.meta` and size read by a thread of its own while requests are served (a large
+//! cache on a slow disk takes minutes; a file asked for meanwhile is looked at first). Files
+//! whose size does not match their `.meta` are removed, and each surviving file is hashed once in the background
 //! (on its first hit, which waits for that check as long as hashing it should take, and is
 //! served from the store past that) before it is served, so a corrupted file is dropped and
 //! fetched again. When the disk is full, NARs are served straight
@@ -112,6 +114,9 @@ pub struct NarCache {
     /// Requests that reached a fill's cell (started it, or waited on it).
     #[cfg(test)]
     at_fills: std::sync::atomic::AtomicUsize,
+    /// The thread looking at the files from before the restart, if it was started.
+    #[cfg(test)]
+    scan: Mutex<Option<std::thread::JoinHandle<()>>>,
     /// A fill's write that would take its file past this many bytes fails (for tests).
     #[cfg(test)]
     fail_writes_past: AtomicU64,
@@ -135,20 +140,30 @@ const CHECKS_WAITING: usize = 256;
 const READ_ERRORS: u32 = 3;
 
 impl NarCache {
-    /// Opens the cache in `dir` (created if missing) and rebuilds its index.
+    /// Opens the cache in `dir` (created if missing); its index is rebuilt in the background
+    /// ([`Self::scan`]), so the server answers at once however large the cache.
     pub fn open(dir: &Path, max_bytes: u64, idle_timeout: Duration) -> io::Result<Arc<Self>> {
+        Self::open_gated(dir, max_bytes, idle_timeout, None)
+    }
+
+    /// [`Self::open`] whose scan, if `gate` is given, starts only once `gate` says so (or its
+    /// sender is dropped).
+    fn open_gated(
+        dir: &Path,
+        max_bytes: u64,
+        idle_timeout: Duration,
+        gate: Option<std::sync::mpsc::Receiver<()>>,
+    ) -> io::Result<Arc<Self>> {
         let disk::Opened {
             disk,
-            found,
+            nars,
             foreign,
         } = Disk::open(dir)?;
         for f in foreign {
             tracing::warn!(file = %f.display(), "NAR cache: ignoring a file cellar did not write");
         }
         let mut index = Index::new(max_bytes);
-        for f in found {
-            index.insert(&f.name, f.size, f.checksum, Verified::No);
-        }
+        index.set_pending(nars.iter().cloned());
         let cache = Arc::new(Self {
             disk,
             index: Mutex::new(index),
@@ -168,10 +183,126 @@ impl NarCache {
             at_fills: std::sync::atomic::AtomicUsize::new(0),
             #[cfg(test)]
             fail_writes_past: AtomicU64::new(u64::MAX),
+            #[cfg(test)]
+            scan: Mutex::new(None),
         });
-        // The budget may have shrunk since the last run.
-        cache.evict();
+        if nars.is_empty() {
+            return Ok(cache);
+        }
+        tracing::info!(dir = %dir.display(), files = nars.len(), "NAR cache: looking at the files from before the restart, in the background");
+        let this = cache.clone();
+        let scan = std::thread::Builder::new()
+            .name("nar-cache-scan".into())
+            .spawn(move || {
+                if let Some(gate) = gate {
+                    let _ = gate.recv();
+                }
+                this.scan(nars);
+            })?;
+        #[cfg(test)]
+        {
+            *lock(&cache.scan) = Some(scan);
+        }
+        #[cfg(not(test))]
+        drop(scan);
         Ok(cache)
+    }
+
+    /// Reads the `.meta` and size of each file found at start-up (`nars`) that no request
+    /// looked at first ([`Self::settle`]), removes the incomplete ones, and indexes the others
+    /// by their last use, as used before everything served since the start; then keeps the
+    /// budget (it may have shrunk since the last run, and fills ran meanwhile).
+    fn scan(self: &Arc<Self>, nars: Vec<String>) {
+        let started = std::time::Instant::now();
+        let mut found = Vec::new();
+        for name in nars {
+            if !self.index().is_pending(&name) {
+                continue;
+            }
+            match self.disk.examine(&name) {
+                Some(f) => found.push((f.used, name, f.size, f.checksum)),
+                None => self.remove_incomplete(&name),
+            }
+        }
+        found.sort_by(|(a, na, ..), (b, nb, ..)| (a, na).cmp(&(b, nb)));
+        let (files, bytes) = {
+            let _names = lock(&self.names);
+            let mut index = self.index();
+            index.insert_unused(found.into_iter().map(|(_, n, size, c)| (n, size, c)));
+            index.usage()
+        };
+        tracing::info!(
+            files,
+            bytes,
+            seconds = started.elapsed().as_secs_f64(),
+            "NAR cache: the files from before the restart are indexed"
+        );
+        self.evict();
+        self.changed();
+    }
+
+    /// Looks at `name` now if it is a file from before the restart the scan has not reached:
+    /// indexes it (to be checked before it is served) or removes it if incomplete.
+    async fn settle(self: &Arc<Self>, name: &str) {
+        if !self.index().is_pending(name) {
+            return;
+        }
+        let (this, n) = (self.clone(), name.to_owned());
+        // A panic only leaves the file to the scan.
+        let _ = tokio::task::spawn_blocking(move || {
+            let found = this.disk.examine(&n);
+            match found {
+                Some(f) => {
+                    let _names = lock(&this.names);
+                    let mut index = this.index();
+                    if index.take_pending(&n) {
+                        index.insert(&n, f.size, f.checksum, Verified::No);
+                    }
+                }
+                None => this.remove_incomplete(&n),
+            }
+        })
+        .await;
+    }
+
+    /// Removes the files of `name`, found incomplete at start-up, unless something else
+    /// looked at it first (a request, a fill that wrote it again).
+    fn remove_incomplete(&self, name: &str) {
+        let _names = lock(&self.names);
+        if self.index().take_pending(name) {
+            tracing::info!(nar = %name, dir = %self.disk.dir().display(), "NAR cache: removing an incomplete file");
+            self.disk.remove(name);
+        }
+    }
+
+    /// Waits for the scan of the files from before the restart (tests).
+    #[cfg(test)]
+    pub fn finish_scan(&self) {
+        let scan = lock(&self.scan).take();
+        if let Some(scan) = scan {
+            scan.join().expect("the scan panicked");
+        }
+    }
+
+    /// [`Self::open`], once its scan is over (tests).
+    #[cfg(test)]
+    pub fn open_scanned(dir: &Path, max_bytes: u64, idle_timeout: Duration) -> Arc<Self> {
+        let cache = Self::open(dir, max_bytes, idle_timeout).expect("opening the NAR cache");
+        cache.finish_scan();
+        cache
+    }
+
+    /// [`Self::open`] with its scan held until the sender says go, or is dropped (tests).
+    #[cfg(test)]
+    pub fn open_held(
+        dir: &Path,
+        max_bytes: u64,
+        idle_timeout: Duration,
+    ) -> (Arc<Self>, std::sync::mpsc::Sender<()>) {
+        let (go, gate) = std::sync::mpsc::channel();
+        let cache = Self::open_gated(dir, max_bytes, idle_timeout, Some(gate))
+            .expect("opening the NAR cache");
+        (cache, go)
     }
 
     /// Hands the small NARs a fill reads whole (those asked for without their narinfo; the
@@ -186,12 +317,16 @@ impl NarCache {
         self.index().usage()
     }
 
-    /// Whether `name` is on disk or being filled.
+    /// Whether `name` is on disk (its file from before the restart possibly not looked at
+    /// yet) or being filled.
     pub fn has(&self, name: &NarFileName) -> bool {
         // `fills` first: a fill leaves it only once its NAR is indexed. (Never both locks at
         // once in this order: `on_fill` takes `fills`, then `index`.)
         let filling = lock(&self.fills).contains_key(name.as_str());
-        filling || self.index().contains(name.as_str())
+        filling || {
+            let index = self.index();
+            index.contains(name.as_str()) || index.is_pending(name.as_str())
+        }
     }
 
     /// The size of `name` if a checked copy is on disk (a HEAD answered without the store).
@@ -214,6 +349,7 @@ impl NarCache {
     ) -> Result<NarCacheAnswer, StoreError> {
         use crate::metrics::cache_lookup;
         let n = name.as_str();
+        self.settle(n).await;
         self.drop_if_not(n, announced);
         let state = self.index().touch(n);
         match state {
@@ -278,6 +414,7 @@ impl NarCache {
         announced: Option<u64>,
     ) -> Result<Option<Object>, StoreError> {
         let n = name.as_str();
+        self.settle(n).await;
         self.drop_if_not(n, announced);
         let state = self.index().touch(n);
         let answer = match state {

@@ -35,7 +35,7 @@ fn setup(
     Arc<dyn Store>,
 ) {
     let dir = tempfile::tempdir().unwrap();
-    let cache = NarCache::open(dir.path(), max, Duration::from_secs(30)).unwrap();
+    let cache = NarCache::open_scanned(dir.path(), max, Duration::from_secs(30));
     let mem = Arc::new(MemoryStore::new());
     let store: Arc<dyn Store> = mem.clone();
     (dir, cache, mem, store)
@@ -260,7 +260,7 @@ async fn restart_rebuilds_and_drops_corrupt_files() {
     let mut bytes = std::fs::read(d.path().join(NAME)).unwrap();
     bytes[500] ^= 1;
     std::fs::write(d.path().join(NAME), bytes).unwrap();
-    let cache = NarCache::open(d.path(), 1 << 30, Duration::from_secs(30)).unwrap();
+    let cache = NarCache::open_scanned(d.path(), 1 << 30, Duration::from_secs(30));
     assert_eq!(cache.usage().0, 1);
     // First hit: the file is checked first; corrupt, it is dropped, and the NAR fetched
     // again, intact.
@@ -276,7 +276,7 @@ async fn restart_rebuilds_and_drops_corrupt_files() {
     // A truncated file is removed at start.
     close(cache).await;
     std::fs::write(d.path().join(NAME), b"short").unwrap();
-    let cache = NarCache::open(d.path(), 1 << 30, Duration::from_secs(30)).unwrap();
+    let cache = NarCache::open_scanned(d.path(), 1 << 30, Duration::from_secs(30));
     assert_eq!(cache.usage().0, 0);
     assert!(!d.path().join(NAME).exists());
 }
@@ -296,7 +296,7 @@ async fn cached_then_restarted() -> (
     body(get_nar(&cache, &store).await.unwrap()).await;
     wait_indexed(&cache, 1).await;
     close(cache).await;
-    let cache = NarCache::open(d.path(), 1 << 30, Duration::from_secs(30)).unwrap();
+    let cache = NarCache::open_scanned(d.path(), 1 << 30, Duration::from_secs(30));
     (d, cache, mem, store, data)
 }
 
@@ -356,7 +356,7 @@ async fn checks_after_a_restart_take_turns() {
     );
     close(cache).await;
 
-    let cache = NarCache::open(d.path(), 1 << 30, Duration::from_secs(30)).unwrap();
+    let cache = NarCache::open_scanned(d.path(), 1 << 30, Duration::from_secs(30));
     cache
         .checks_waiting
         .store(super::CHECKS_WAITING, std::sync::atomic::Ordering::SeqCst);
@@ -385,7 +385,7 @@ async fn a_small_file_from_before_a_restart_is_read_after_its_check() {
     cache.spill(NAME, bytes::Bytes::from(data.clone()));
     wait_indexed(&cache, 1).await;
     close(cache).await;
-    let cache = NarCache::open(d.path(), 1 << 30, Duration::from_secs(30)).unwrap();
+    let cache = NarCache::open_scanned(d.path(), 1 << 30, Duration::from_secs(30));
     let before = mem.requests();
     let obj = cache.held(&name, Some(10_000)).await.unwrap();
     assert!(body(NarCacheAnswer::Object(obj.expect("not read from disk"))).await == data);
@@ -501,7 +501,7 @@ async fn missing_nars_are_not_cached() {
 #[test]
 fn a_nar_that_would_leave_less_than_the_margin_free_is_not_cached() {
     let d = tempfile::tempdir().unwrap();
-    let cache = NarCache::open(d.path(), 1 << 30, Duration::from_secs(30)).unwrap();
+    let cache = NarCache::open_scanned(d.path(), 1 << 30, Duration::from_secs(30));
     assert!(!cache.disk_full(1), "a small NAR on a roomy disk");
     // Fits the free space, but would leave 100 MiB of the 256 MiB kept free.
     let avail = cache.disk.free_bytes().unwrap();
@@ -518,7 +518,7 @@ fn a_nar_that_would_leave_less_than_the_margin_free_is_not_cached() {
 fn a_short_disk_evicts_the_least_recently_used_to_make_room() {
     use super::index::Verified;
     let d = tempfile::tempdir().unwrap();
-    let cache = NarCache::open(d.path(), u64::MAX / 2, Duration::from_secs(30)).unwrap();
+    let cache = NarCache::open_scanned(d.path(), u64::MAX / 2, Duration::from_secs(30));
     let avail = cache.disk.free_bytes().unwrap();
     assert!(avail > super::FREE_MARGIN, "the test needs 256 MiB free");
     let checksum = super::disk::Checksum::of(b"");
@@ -547,7 +547,7 @@ fn a_short_disk_evicts_the_least_recently_used_to_make_room() {
 fn running_fills_do_not_make_a_new_nar_evict_for_them() {
     use super::index::Verified;
     let d = tempfile::tempdir().unwrap();
-    let cache = NarCache::open(d.path(), u64::MAX / 2, Duration::from_secs(30)).unwrap();
+    let cache = NarCache::open_scanned(d.path(), u64::MAX / 2, Duration::from_secs(30));
     let checksum = super::disk::Checksum::of(b"");
     let names = [
         "07yp7gw2d9vmfgl2rd063i75qwkfbrgvqngp5yz2pk6iadzlckh7.nar",
@@ -732,7 +732,7 @@ async fn a_file_its_check_cannot_read_now_is_checked_again() {
     let file = d.path().join(NAME);
     let kept = d.path().join("kept");
     let reopen = || async {
-        let cache = NarCache::open(d.path(), 1 << 30, Duration::from_secs(30)).unwrap();
+        let cache = NarCache::open_scanned(d.path(), 1 << 30, Duration::from_secs(30));
         std::fs::rename(&file, &kept).unwrap();
         std::os::unix::fs::symlink(NAME, &file).unwrap();
         cache
@@ -776,7 +776,7 @@ async fn a_file_its_check_cannot_read_now_is_checked_again() {
 #[test]
 fn a_full_disk_on_write_pauses_caching() {
     let d = tempfile::tempdir().unwrap();
-    let cache = NarCache::open(d.path(), 1 << 30, Duration::from_secs(30)).unwrap();
+    let cache = NarCache::open_scanned(d.path(), 1 << 30, Duration::from_secs(30));
     assert!(!cache.disk_full(1));
     cache.write_failed("x", &super::disk::WriteError::DiskFull);
     assert!(cache.disk_full(1));
@@ -788,7 +788,7 @@ fn a_full_disk_on_write_pauses_caching() {
 fn each_disk_full_episode_is_logged() {
     let logs = crate::test_logs::capture();
     let d = tempfile::tempdir().unwrap();
-    let cache = NarCache::open(d.path(), 1 << 30, Duration::from_secs(30)).unwrap();
+    let cache = NarCache::open_scanned(d.path(), 1 << 30, Duration::from_secs(30));
     let full = || {
         logs.text()
             .matches("disk full, serving without caching")
@@ -818,15 +818,82 @@ async fn restarts_keep_complete_nars_and_leave_foreign_files_alone() {
     }
     for _ in 0..2 {
         let opened = super::disk::Disk::open(d.path()).unwrap();
-        assert_eq!(opened.found.len(), 1);
-        assert_eq!(opened.found[0].name, NAME);
+        assert_eq!(opened.nars, [NAME]);
         assert_eq!(opened.foreign, vec![d.path().join("notes.txt")]);
     }
     for f in ["notes.txt", "notes.meta", NAME, &format!("{NAME}.meta")] {
         assert!(d.path().join(f).exists(), "{f} was removed");
     }
-    let cache = NarCache::open(d.path(), 1 << 30, Duration::from_secs(30)).unwrap();
+    let cache = NarCache::open_scanned(d.path(), 1 << 30, Duration::from_secs(30));
     assert_eq!(cache.usage(), (1, footprint(1000)));
+}
+
+/// After a restart the cache answers before its files are looked at (a large cache on a slow
+/// disk takes minutes): a file asked for meanwhile is looked at first and served from disk, an
+/// incomplete one is removed and fetched again, a forgotten one is removed, not indexed by the
+/// scan later; the scan indexes the rest as used before anything served since the start.
+#[tokio::test]
+async fn a_restart_serves_while_its_files_are_looked_at() {
+    let (d, cache, mem, store) = setup(1 << 30);
+    let names: Vec<String> = (1..=5)
+        .map(|i| NAME.replacen('0', &i.to_string(), 1))
+        .collect();
+    let [asked, broken, forgotten, left, torn] = [0, 1, 2, 3, 4].map(|i| names[i].as_str());
+    let data = |i: u8| vec![i; 100_000];
+    for (i, n) in names.iter().enumerate() {
+        mem.insert(&format!("nar/{n}"), data(i as u8));
+        let (name, key): (NarFileName, _) = (n.parse().unwrap(), format!("nar/{n}"));
+        body(cache.get(&name, &key, None, None, &store).await.unwrap()).await;
+    }
+    wait_indexed(&cache, 5).await;
+    close(cache).await;
+    // Torn: their `.meta` says another size.
+    for n in [broken, torn] {
+        std::fs::write(d.path().join(n), b"torn").unwrap();
+    }
+
+    let (cache, go) = NarCache::open_held(d.path(), 1 << 30, Duration::from_secs(30));
+    assert_eq!(cache.usage(), (0, 0), "nothing looked at yet");
+    let get = |n: &str| {
+        let (cache, store, n) = (cache.clone(), store.clone(), n.to_owned());
+        async move {
+            let name: NarFileName = n.parse().unwrap();
+            body(
+                cache
+                    .get(&name, &format!("nar/{n}"), None, None, &store)
+                    .await
+                    .unwrap(),
+            )
+            .await
+        }
+    };
+    let before = mem.requests();
+    assert_eq!(get(asked).await, data(0));
+    assert_eq!(mem.requests(), before, "read from disk, not the store");
+    assert_eq!(get(broken).await, data(1));
+    assert_eq!(
+        mem.requests(),
+        before + 1,
+        "the torn file was fetched again"
+    );
+    wait_until(&cache, || cache.usage().0 == 2).await;
+    assert_eq!(std::fs::read(d.path().join(broken)).unwrap(), data(1));
+    let name: NarFileName = forgotten.parse().unwrap();
+    assert!(cache.has(&name), "on disk, not looked at yet");
+    cache.forget(forgotten);
+    assert!(!d.path().join(forgotten).exists());
+    assert!(!cache.has(&name));
+
+    go.send(()).unwrap();
+    cache.finish_scan();
+    assert_eq!(cache.index().by_use(), [left, asked, broken]);
+    assert_eq!(cache.usage(), (3, 3 * footprint(100_000)));
+    for f in [torn.to_owned(), format!("{torn}.meta")] {
+        assert!(!d.path().join(&f).exists(), "{f} is left");
+    }
+    let before = mem.requests();
+    assert_eq!(get(left).await, data(3));
+    assert_eq!(mem.requests(), before);
 }
 
 /// The root of a fresh file system (`lost+found` in it) is taken for an empty directory, as
@@ -854,7 +921,11 @@ fn a_restart_orders_files_by_their_last_use() {
     use std::fs::FileTimes;
     use std::time::{Duration as D, UNIX_EPOCH};
     let d = tempfile::tempdir().unwrap();
-    drop(NarCache::open(d.path(), 1 << 30, Duration::from_secs(30)).unwrap());
+    drop(NarCache::open_scanned(
+        d.path(),
+        1 << 30,
+        Duration::from_secs(30),
+    ));
     let names = [
         "07yp7gw2d9vmfgl2rd063i75qwkfbrgvqngp5yz2pk6iadzlckh7.nar",
         "17yp7gw2d9vmfgl2rd063i75qwkfbrgvqngp5yz2pk6iadzlckh7.nar",
@@ -873,9 +944,13 @@ fn a_restart_orders_files_by_their_last_use() {
         f.set_times(FileTimes::new().set_modified(written).set_accessed(read))
             .unwrap();
     }
-    let opened = super::disk::Disk::open(d.path()).unwrap();
-    let order: Vec<_> = opened.found.iter().map(|f| f.name.as_str()).collect();
-    assert_eq!(order, [names[1], names[2], names[0]]);
+    let cache = NarCache::open_scanned(d.path(), 1 << 30, Duration::from_secs(30));
+    assert_eq!(cache.index().by_use(), [names[1], names[2], names[0]]);
+    // A budget shrunk since: the least recently used goes once they are all looked at.
+    drop(cache);
+    let cache = NarCache::open_scanned(d.path(), 2 * footprint(10), Duration::from_secs(30));
+    assert_eq!(cache.index().by_use(), [names[2], names[0]]);
+    assert!(!d.path().join(names[1]).exists());
 }
 
 #[test]
@@ -996,7 +1071,7 @@ impl Store for Fed {
 #[tokio::test(start_paused = true)]
 async fn what_a_stalled_store_sent_is_readable_before_it_goes_on() {
     let dir = tempfile::tempdir().unwrap();
-    let cache = NarCache::open(dir.path(), 1 << 30, Duration::from_secs(30)).unwrap();
+    let cache = NarCache::open_scanned(dir.path(), 1 << 30, Duration::from_secs(30));
     let length = 3u64 << 20;
     let (fed, tx) = Fed::new(length);
     let store: Arc<dyn Store> = fed;
@@ -1041,7 +1116,7 @@ async fn what_a_stalled_store_sent_is_readable_before_it_goes_on() {
 #[tokio::test(start_paused = true)]
 async fn the_last_byte_waits_for_the_end_of_the_source() {
     let dir = tempfile::tempdir().unwrap();
-    let cache = NarCache::open(dir.path(), 1 << 30, Duration::from_secs(30)).unwrap();
+    let cache = NarCache::open_scanned(dir.path(), 1 << 30, Duration::from_secs(30));
     let length = 3u64 << 20;
     let (fed, tx) = Fed::build(length, false);
     let store: Arc<dyn Store> = fed;
@@ -1059,7 +1134,7 @@ async fn the_last_byte_waits_for_the_end_of_the_source() {
 #[tokio::test]
 async fn a_short_small_nar_is_an_error_and_not_cached() {
     let dir = tempfile::tempdir().unwrap();
-    let cache = NarCache::open(dir.path(), 1 << 30, Duration::from_secs(30)).unwrap();
+    let cache = NarCache::open_scanned(dir.path(), 1 << 30, Duration::from_secs(30));
     let (fed, tx) = Fed::new(100);
     let store: Arc<dyn Store> = fed;
     tx.unbounded_send(Bytes::from(vec![1u8; 50])).unwrap();
@@ -1123,7 +1198,7 @@ async fn a_request_dropped_before_its_fill_started_leaves_no_fill() {
 #[tokio::test]
 async fn readers_of_a_fill_that_died_get_an_error() {
     let dir = tempfile::tempdir().unwrap();
-    let cache = NarCache::open(dir.path(), 1 << 30, Duration::from_secs(30)).unwrap();
+    let cache = NarCache::open_scanned(dir.path(), 1 << 30, Duration::from_secs(30));
     let (fed, tx) = Fed::new(3 << 20);
     let store: Arc<dyn Store> = fed;
     let answer = get_nar(&cache, &store).await.unwrap();
@@ -1178,7 +1253,7 @@ async fn failed_download(cache: &Arc<NarCache>, store: &Arc<dyn Store>) -> std::
 #[tokio::test]
 async fn a_reader_keeping_up_with_a_fill_is_served_from_memory() {
     let dir = tempfile::tempdir().unwrap();
-    let cache = NarCache::open(dir.path(), 1 << 30, Duration::from_secs(30)).unwrap();
+    let cache = NarCache::open_scanned(dir.path(), 1 << 30, Duration::from_secs(30));
     let chunk = 1usize << 20;
     let length = 12 * chunk as u64;
     let (fed, tx) = Fed::new(length);
@@ -1231,7 +1306,7 @@ async fn a_reader_keeping_up_with_a_fill_is_served_from_memory() {
 #[tokio::test]
 async fn a_store_answering_ranges_as_misses_is_asked_for_the_whole_nar() {
     let dir = tempfile::tempdir().unwrap();
-    let cache = NarCache::open(dir.path(), 1 << 30, Duration::from_secs(30)).unwrap();
+    let cache = NarCache::open_scanned(dir.path(), 1 << 30, Duration::from_secs(30));
     let data = vec![5u8; 2 << 20];
     let (fed, tx) = Fed::new(data.len() as u64);
     let fed = Arc::new(Fed {
@@ -1363,7 +1438,7 @@ async fn a_small_nar_goes_to_memory_if_it_takes_it_else_to_a_file() {
 #[tokio::test]
 async fn a_part_gone_quiet_is_asked_for_again() {
     let dir = tempfile::tempdir().unwrap();
-    let cache = NarCache::open(dir.path(), 1 << 30, Duration::from_secs(3)).unwrap();
+    let cache = NarCache::open_scanned(dir.path(), 1 << 30, Duration::from_secs(3));
     let mem = Arc::new(MemoryStore::new());
     let store: Arc<dyn Store> = mem.clone();
     let part = super::fill::PART;
@@ -1393,7 +1468,7 @@ async fn a_first_part_broken_off_is_resumed_where_it_stopped() {
         (3 * part + 777, RangeFault::Stall),
     ] {
         let dir = tempfile::tempdir().unwrap();
-        let cache = NarCache::open(dir.path(), 1 << 30, Duration::from_secs(3)).unwrap();
+        let cache = NarCache::open_scanned(dir.path(), 1 << 30, Duration::from_secs(3));
         let mem = Arc::new(MemoryStore::new());
         let store: Arc<dyn Store> = mem.clone();
         let data: Vec<u8> = (0..size).map(|i| (i / 13) as u8).collect();
@@ -1641,7 +1716,7 @@ async fn a_slow_prefetch_gives_its_slot_back_and_its_fill_goes_on() {
     let dir = tempfile::tempdir().unwrap();
     // A part that has gone quiet is asked for again only after a fraction of this, which
     // is still far longer than the hold.
-    let cache = NarCache::open(dir.path(), 1 << 30, Duration::from_secs(3600)).unwrap();
+    let cache = NarCache::open_scanned(dir.path(), 1 << 30, Duration::from_secs(3600));
     let mem = Arc::new(MemoryStore::new());
     let store: Arc<dyn Store> = mem.clone();
     mem.fault_range(0, RangeFault::Stall, 1);
@@ -1847,7 +1922,7 @@ async fn a_miss_that_is_not_kept_counts_as_a_bypass() {
 #[tokio::test(start_paused = true)]
 async fn nars_served_without_a_fill_hold_no_part_buffers() {
     let dir = tempfile::tempdir().unwrap();
-    let cache = NarCache::open(dir.path(), 16 << 20, Duration::from_secs(2)).unwrap();
+    let cache = NarCache::open_scanned(dir.path(), 16 << 20, Duration::from_secs(2));
     let mem = Arc::new(MemoryStore::new());
     let store: Arc<dyn Store> = mem.clone();
     let big_name = "1b8m03r63zqhnjf7l5wnldhh7c134ap5vpj0850ymkq1iyzicy5s.nar";
