@@ -95,10 +95,8 @@ impl Index {
             .into_iter()
             .filter(|(name, ..)| self.pending.remove(name))
             .collect();
-        let first = self
-            .lru
-            .first_key_value()
-            .map_or(self.tick + 1, |(&t, _)| t);
+        // Below the lowest tick held, or the next one handed out.
+        let first = self.lru.first_key_value().map_or(self.tick, |(&t, _)| t);
         let ticks = first.saturating_sub(found.len() as u64)..;
         for (tick, (name, size, checksum)) in ticks.zip(found) {
             self.lru.insert(tick, name.clone());
@@ -283,6 +281,32 @@ mod tests {
             i.insert(n, 100, SHA, Verified::Yes);
         }
         i
+    }
+
+    /// Files found at start-up are claimed once, by the scan or a request; one filled or
+    /// forgotten meanwhile is no longer pending; the scan's go before every entry held.
+    #[test]
+    fn files_pending_from_start_up_are_claimed_once() {
+        let mut i = index(3 * F, &[]);
+        i.set_pending(["a", "b", "c", "d", "e"].map(String::from));
+        assert!(i.is_pending("a") && !i.is_pending("x"));
+        assert!(i.take_pending("a"));
+        assert!(!i.take_pending("a"), "claimed once");
+        assert!(!i.take_pending("x"));
+        i.insert("b", 100, SHA, Verified::Yes);
+        assert!(!i.is_pending("b"), "filled");
+        assert!(i.remove("c"), "forgotten: its files are to go");
+        assert!(!i.is_pending("c"));
+        assert!(!i.remove("c"));
+        i.insert("x", 100, SHA, Verified::Yes);
+        let found = ["a", "b", "c", "d", "e"].map(|n| (n.to_owned(), 100, SHA));
+        i.insert_unused(found);
+        // Only d and e were still pending; both before what was used since.
+        assert_eq!(i.by_use(), ["d", "e", "b", "x"]);
+        assert_eq!(i.usage(), (4, 4 * F));
+        assert!(!i.is_pending("d"));
+        i.touch("d");
+        assert_eq!(i.evict(), ["e"]);
     }
 
     #[test]
