@@ -5,8 +5,6 @@ use std::path::{Path, PathBuf};
 
 use async_trait::async_trait;
 use futures::StreamExt as _;
-use tokio::io::AsyncReadExt as _;
-use tokio_util::io::ReaderStream;
 
 use super::{
     ByteRange, ContentRange, Object, ObjectInfo, ObjectList, ObjectWriter, Store, StoreError,
@@ -71,6 +69,56 @@ fn is_copy_beside(name: &std::ffi::OsStr) -> bool {
 
 /// Read buffer for streaming files: small buffers cap throughput far below the disk's.
 const READ_BUFFER: usize = 1024 * 1024;
+
+/// The next `length` bytes of `file`, read [`READ_BUFFER`] at a time on the blocking pool
+/// from the body's first poll on, each read started as soon as the chunk before it is handed
+/// on: the file is read while the reader sends the chunk before (a socket write of a megabyte
+/// takes longer than reading it from the page cache), where a `tokio::fs::File` reads only
+/// when asked, and copies each chunk once more. One read at a time per body, so a slow reader
+/// holds no thread between chunks. Ends early (no error) if the file does:
+/// [`super::byte_slice`] turns that into one.
+fn read_ahead(file: std::fs::File, length: u64) -> super::ByteStream {
+    use std::io::Read as _;
+    type Reading = tokio::task::JoinHandle<io::Result<(std::fs::File, Bytes)>>;
+    enum Next {
+        Open(std::fs::File),
+        Reading(Reading),
+        Done,
+    }
+    fn read(file: std::fs::File, left: u64) -> Next {
+        let want = left.min(READ_BUFFER as u64);
+        Next::Reading(tokio::task::spawn_blocking(move || {
+            let mut buf = Vec::with_capacity(want as usize);
+            let mut file = file;
+            (&mut file).take(want).read_to_end(&mut buf)?;
+            Ok((file, Bytes::from(buf)))
+        }))
+    }
+    futures::stream::unfold((Next::Open(file), length), |(next, left)| async move {
+        let next = match next {
+            Next::Open(file) => read(file, left),
+            next => next,
+        };
+        let Next::Reading(reading) = next else {
+            return None;
+        };
+        let (file, chunk) = match reading.await {
+            Ok(Ok(read)) => read,
+            Ok(Err(e)) => return Some((Err(e), (Next::Done, 0))),
+            Err(e) => return Some((Err(io::Error::other(e)), (Next::Done, 0))),
+        };
+        if chunk.is_empty() {
+            return None;
+        }
+        let left = left.saturating_sub(chunk.len() as u64);
+        let next = match left {
+            0 => Next::Done,
+            _ => read(file, left),
+        };
+        Some((Ok(chunk), (next, left)))
+    })
+    .boxed()
+}
 
 /// Reads of at most this many bytes are done whole, in one call on the blocking pool (open,
 /// stat and read together); larger ones are streamed. Each hop to the blocking pool and back
@@ -458,10 +506,9 @@ impl Store for LocalStore {
                 encoding: None,
             },
             Opened::File(file, length, range) => {
-                let file = tokio::fs::File::from_std(file).take(length);
                 // A file that shrank since it was opened (truncated in place) ends the body
                 // with an error, not early: its readers were told `length`.
-                let body = ReaderStream::with_capacity(file, READ_BUFFER).boxed();
+                let body = read_ahead(file, length);
                 Object {
                     body: super::byte_slice(body, 0, length),
                     length: Some(length),
@@ -1209,6 +1256,34 @@ mod tests {
         let read: Result<Vec<Bytes>, _> = obj.body.try_collect().await;
         let e = read.unwrap_err();
         assert_eq!(e.kind(), io::ErrorKind::UnexpectedEof, "{e}");
+    }
+
+    /// A large file streams in chunks of [`READ_BUFFER`] (the last one what is left), whole or
+    /// a range of it, byte for byte.
+    #[tokio::test]
+    async fn large_files_stream_in_read_buffer_chunks() {
+        let dir = tempfile::tempdir().unwrap();
+        let store = LocalStore::open(dir.path()).unwrap();
+        let data: Vec<u8> = (0..READ_BUFFER * 5 / 2).map(|i| (i % 251) as u8).collect();
+        std::fs::create_dir_all(dir.path().join("nar")).unwrap();
+        std::fs::write(dir.path().join("nar/x.nar"), &data).unwrap();
+        let chunks = |obj: Object| async {
+            let read: Vec<Bytes> = obj.body.try_collect().await.unwrap();
+            read
+        };
+        let whole = chunks(store.get("nar/x.nar", None).await.unwrap().unwrap()).await;
+        let sizes: Vec<usize> = whole.iter().map(Bytes::len).collect();
+        assert_eq!(sizes, [READ_BUFFER, READ_BUFFER, READ_BUFFER / 2]);
+        assert!(whole.concat() == data);
+        let from = READ_BUFFER as u64 / 2 + 7;
+        let range = ByteRange::From {
+            start: from,
+            end: None,
+        };
+        let tail = chunks(store.get("nar/x.nar", Some(range)).await.unwrap().unwrap()).await;
+        let sizes: Vec<usize> = tail.iter().map(Bytes::len).collect();
+        assert_eq!(sizes, [READ_BUFFER, READ_BUFFER - 7]);
+        assert!(tail.concat() == data[from as usize..]);
     }
 
     /// Reads up to [`WHOLE_READ_MAX`] are done whole in one blocking call; larger ones stream.
