@@ -1286,6 +1286,46 @@ mod tests {
         assert!(tail.concat() == data[from as usize..]);
     }
 
+    /// The next chunk is read while the reader still holds the one before: with the body not
+    /// polled again, a writer can still hand its next megabyte to the file (a pipe here, which
+    /// holds 64 KiB unless someone reads it).
+    #[tokio::test]
+    async fn the_next_chunk_is_read_before_it_is_asked_for() {
+        use futures::StreamExt as _;
+        use std::io::Write as _;
+        let dir = tempfile::tempdir().unwrap();
+        let fifo = dir.path().join("pipe");
+        let made = std::process::Command::new("mkfifo")
+            .arg(&fifo)
+            .status()
+            .unwrap();
+        assert!(made.success());
+        let (send, to_write) = std::sync::mpsc::channel::<Vec<u8>>();
+        let (wrote, written) = std::sync::mpsc::channel::<()>();
+        let path = fifo.clone();
+        std::thread::spawn(move || {
+            let mut pipe = std::fs::OpenOptions::new().write(true).open(path).unwrap();
+            for chunk in to_write {
+                pipe.write_all(&chunk).unwrap();
+                wrote.send(()).unwrap();
+            }
+        });
+        let file = std::fs::File::open(&fifo).unwrap();
+        let mut body = read_ahead(file, 2 * READ_BUFFER as u64);
+        send.send(vec![1; READ_BUFFER]).unwrap();
+        assert_eq!(body.next().await.unwrap().unwrap(), vec![1; READ_BUFFER]);
+        written.recv().unwrap();
+        send.send(vec![2; READ_BUFFER]).unwrap();
+        // A generous bound only turns a writer blocked for good into a failure.
+        let taken = written.recv_timeout(std::time::Duration::from_secs(60));
+        assert!(
+            taken.is_ok(),
+            "the second megabyte was not read until asked for"
+        );
+        assert_eq!(body.next().await.unwrap().unwrap(), vec![2; READ_BUFFER]);
+        assert!(body.next().await.is_none());
+    }
+
     /// Reads up to [`WHOLE_READ_MAX`] are done whole in one blocking call; larger ones stream.
     #[test]
     fn small_reads_are_whole_and_large_ones_stream() {

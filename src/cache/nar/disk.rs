@@ -277,16 +277,31 @@ impl Disk {
         })
     }
 
-    /// Looks at the NAR file `name` found at start-up: `None` if it is incomplete (no
-    /// readable `.meta`, or not its size), to be removed.
-    pub(super) fn examine(&self, name: &str) -> Option<Found> {
-        let (size, checksum) = read_meta(&self.meta_path(name))?;
-        let m = std::fs::symlink_metadata(self.dir.join(name)).ok()?;
-        (m.len() == size).then(|| Found {
+    /// Looks at the NAR file `name` found at start-up: `None` if it is incomplete (no `.meta`,
+    /// one that does not parse, or a file not of its size), to be removed; an error if either
+    /// could not be read now (out of file descriptors while every client comes back, an I/O
+    /// error), which says nothing of the file.
+    pub(super) fn examine(&self, name: &str) -> io::Result<Option<Found>> {
+        let gone = |e: io::Error| match e.kind() {
+            io::ErrorKind::NotFound | io::ErrorKind::InvalidData => Ok(None),
+            _ => Err(e),
+        };
+        let text = match std::fs::read_to_string(self.meta_path(name)) {
+            Ok(text) => text,
+            Err(e) => return gone(e),
+        };
+        let Some((size, checksum)) = parse_meta(&text) else {
+            return Ok(None);
+        };
+        let m = match std::fs::symlink_metadata(self.dir.join(name)) {
+            Ok(m) => m,
+            Err(e) => return gone(e),
+        };
+        Ok((m.len() == size).then(|| Found {
             size,
             checksum,
             used: last_use(&m),
-        })
+        }))
     }
 
     pub(super) fn dir(&self) -> &Path {
@@ -441,8 +456,7 @@ pub(super) fn claimable(dir: &Path) -> io::Result<bool> {
     Ok(false)
 }
 
-fn read_meta(path: &Path) -> Option<(u64, Checksum)> {
-    let text = std::fs::read_to_string(path).ok()?;
+fn parse_meta(text: &str) -> Option<(u64, Checksum)> {
     let (size, hash) = text.trim().split_once(' ')?;
     Some((size.parse().ok()?, Checksum::parse(hash)?))
 }
@@ -516,7 +530,7 @@ mod tests {
         drop(disk);
         let Opened { disk, nars, .. } = Disk::open(d.path()).unwrap();
         assert_eq!(nars, [NAME]);
-        let found = disk.examine(NAME).unwrap();
+        let found = disk.examine(NAME).unwrap().unwrap();
         assert_eq!((found.size, found.checksum), (5, sum));
     }
 
@@ -533,7 +547,7 @@ mod tests {
         .unwrap();
         let Opened { disk, nars, .. } = Disk::open(d.path()).unwrap();
         assert_eq!(nars, [NAME]);
-        let found = disk.examine(NAME).unwrap();
+        let found = disk.examine(NAME).unwrap().unwrap();
         let expected = (found.size, found.checksum);
         assert!(matches!(expected.1, Checksum::Sha256(_)));
         assert!(disk.verify(NAME, expected).is_ok());
@@ -583,8 +597,11 @@ mod tests {
         assert!(!d.path().join(&orphan_meta).exists());
         // The NARs are listed, to be looked at: one without its `.meta`, one not its size.
         assert_eq!(nars, [NAME.to_owned(), short.clone()]);
-        assert!(disk.examine(NAME).is_none());
-        assert!(disk.examine(&short).is_none());
+        assert!(disk.examine(NAME).unwrap().is_none());
+        assert!(disk.examine(&short).unwrap().is_none());
+        // A `.meta` that cannot be read now says nothing of its file.
+        std::fs::create_dir(d.path().join(format!("{NAME}{META_SUFFIX}"))).unwrap();
+        assert!(disk.examine(NAME).is_err());
         // Only files of the shapes cellar writes are removed; others are reported.
         assert!(d.path().join("not-a-nar").exists());
         assert_eq!(foreign, [d.path().join("not-a-nar")]);

@@ -85,6 +85,11 @@ impl Index {
         self.pending.remove(name)
     }
 
+    /// Gives back the memory of the pending names looked at (once the scan is over).
+    pub(super) fn shrink_pending(&mut self) {
+        self.pending.shrink_to_fit();
+    }
+
     /// Adds files found at start-up, oldest use first, as used before every entry held now
     /// (those were used since the start); a name no longer pending is left as it is.
     pub(super) fn insert_unused(

@@ -139,6 +139,13 @@ const CHECKS_WAITING: usize = 256;
 /// read (its owner changed, a bad sector), to be fetched again.
 const READ_ERRORS: u32 = 3;
 
+/// Files from before a restart the scan indexes under one hold of the index's lock (two in
+/// tests: a few files make several batches).
+#[cfg(not(test))]
+const INSERT_BATCH: usize = 4096;
+#[cfg(test)]
+const INSERT_BATCH: usize = 2;
+
 impl NarCache {
     /// Opens the cache in `dir` (created if missing); its index is rebuilt in the background
     /// ([`Self::scan`]), so the server answers at once however large the cache.
@@ -211,24 +218,34 @@ impl NarCache {
     /// Reads the `.meta` and size of each file found at start-up (`nars`) that no request
     /// looked at first ([`Self::settle`]), removes the incomplete ones, and indexes the others
     /// by their last use, as used before everything served since the start; then keeps the
-    /// budget (it may have shrunk since the last run, and fills ran meanwhile).
+    /// budget (it may have shrunk since the last run, and fills ran meanwhile). A file that
+    /// cannot be read now is looked at again once the others are; if it still cannot, it is
+    /// left to its first use (which fetches it again if it still cannot be read then).
     fn scan(self: &Arc<Self>, nars: Vec<String>) {
         let started = std::time::Instant::now();
         let mut found = Vec::new();
+        let mut unread = Vec::new();
         for name in nars {
-            if !self.index().is_pending(&name) {
-                continue;
-            }
-            match self.disk.examine(&name) {
-                Some(f) => found.push((f.used, name, f.size, f.checksum)),
-                None => self.remove_incomplete(&name),
-            }
+            self.look_at(name, &mut found, &mut unread);
+        }
+        let mut failed = Vec::new();
+        for (name, _) in unread {
+            self.look_at(name, &mut found, &mut failed);
+        }
+        if let Some((name, e)) = failed.first() {
+            tracing::warn!(files = failed.len(), nar = %name, cause = %e, "NAR cache: cannot read some files from before the restart; each is looked at on its first use");
         }
         found.sort_by(|(a, na, ..), (b, nb, ..)| (a, na).cmp(&(b, nb)));
-        let (files, bytes) = {
+        // Newest first, each batch placed before those in the index: the order of use is
+        // kept, and requests wait for one batch at most, not for the whole cache.
+        for batch in found.rchunks(INSERT_BATCH) {
             let _names = lock(&self.names);
+            let batch = batch.iter().map(|(_, n, size, c)| (n.clone(), *size, *c));
+            self.index().insert_unused(batch);
+        }
+        let (files, bytes) = {
             let mut index = self.index();
-            index.insert_unused(found.into_iter().map(|(_, n, size, c)| (n, size, c)));
+            index.shrink_pending();
             index.usage()
         };
         tracing::info!(
@@ -241,6 +258,24 @@ impl NarCache {
         self.changed();
     }
 
+    /// [`Self::scan`]'s look at `name` if it is still pending: its findings in `found`, or
+    /// `name` and the error in `unread` if it could not be read; removed if incomplete.
+    fn look_at(
+        &self,
+        name: String,
+        found: &mut Vec<(std::time::SystemTime, String, u64, Checksum)>,
+        unread: &mut Vec<(String, io::Error)>,
+    ) {
+        if !self.index().is_pending(&name) {
+            return;
+        }
+        match self.disk.examine(&name) {
+            Ok(Some(f)) => found.push((f.used, name, f.size, f.checksum)),
+            Ok(None) => self.remove_incomplete(&name),
+            Err(e) => unread.push((name, e)),
+        }
+    }
+
     /// Looks at `name` now if it is a file from before the restart the scan has not reached:
     /// indexes it (to be checked before it is served) or removes it if incomplete.
     async fn settle(self: &Arc<Self>, name: &str) {
@@ -249,17 +284,19 @@ impl NarCache {
         }
         let (this, n) = (self.clone(), name.to_owned());
         // A panic only leaves the file to the scan.
-        let _ = tokio::task::spawn_blocking(move || {
-            let found = this.disk.examine(&n);
-            match found {
-                Some(f) => {
-                    let _names = lock(&this.names);
-                    let mut index = this.index();
-                    if index.take_pending(&n) {
-                        index.insert(&n, f.size, f.checksum, Verified::No);
-                    }
+        let _ = tokio::task::spawn_blocking(move || match this.disk.examine(&n) {
+            Ok(Some(f)) => {
+                let _names = lock(&this.names);
+                let mut index = this.index();
+                if index.take_pending(&n) {
+                    index.insert(&n, f.size, f.checksum, Verified::No);
                 }
-                None => this.remove_incomplete(&n),
+            }
+            Ok(None) => this.remove_incomplete(&n),
+            // Left pending: this request goes to the store, and a fill of it replaces the
+            // file (that it cannot be read says nothing of the file).
+            Err(e) => {
+                tracing::warn!(nar = %n, cause = %e, "NAR cache: cannot read a file from before the restart, serving from the store");
             }
         })
         .await;

@@ -896,6 +896,33 @@ async fn a_restart_serves_while_its_files_are_looked_at() {
     assert_eq!(mem.requests(), before);
 }
 
+/// A file from before a restart whose `.meta` cannot be read (out of file descriptors while
+/// every client comes back; here, a directory in its place) is not taken for incomplete: the
+/// scan leaves it on disk, unindexed, and a request for it goes to the store.
+#[tokio::test]
+async fn a_file_that_cannot_be_read_at_start_is_not_removed() {
+    let (d, cache, mem, store) = setup(1 << 30);
+    let data = vec![5u8; 100_000];
+    mem.insert(&format!("nar/{NAME}"), data.clone());
+    body(get_nar(&cache, &store).await.unwrap()).await;
+    wait_indexed(&cache, 1).await;
+    close(cache).await;
+    let meta = d.path().join(format!("{NAME}.meta"));
+    std::fs::remove_file(&meta).unwrap();
+    std::fs::create_dir(&meta).unwrap();
+
+    let cache = NarCache::open_scanned(d.path(), 1 << 30, Duration::from_secs(30));
+    assert_eq!(cache.usage(), (0, 0));
+    assert!(
+        d.path().join(NAME).exists(),
+        "removed for a read that failed"
+    );
+    let before = mem.requests();
+    assert_eq!(body(get_nar(&cache, &store).await.unwrap()).await, data);
+    assert_eq!(mem.requests(), before + 1, "served from the store");
+    assert!(d.path().join(NAME).exists());
+}
+
 /// The root of a fresh file system (`lost+found` in it) is taken for an empty directory, as
 /// a volume given to the cache is, and `lost+found` is neither removed nor reported; anything
 /// else there still makes the directory someone else's.
