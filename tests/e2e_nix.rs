@@ -267,6 +267,71 @@ async fn hot_closure_is_served_without_touching_s3() {
     );
 }
 
+/// A restarted server answers at once and serves the NARs its disk cache kept: the real nix
+/// substitutes the closure again with the large NARs read from disk, not S3, while the files
+/// from before the restart are indexed in the background.
+#[tokio::test(flavor = "multi_thread")]
+async fn a_restarted_server_serves_the_nars_its_disk_cache_kept() {
+    let f = fixture();
+    let work = tempfile::tempdir().unwrap();
+    let nar_dir = work.path().join("nar-cache");
+    let nar_dir = nar_dir.to_str().unwrap();
+    let mut app = App::s3("e2e-restart")
+        .seed_dir(&f.xz_dir)
+        .env("CELLAR_CACHE__NAR_DIR", nar_dir)
+        .spawn()
+        .await;
+    substitute_and_verify(
+        &app.srv.url,
+        &app.srv.public_key,
+        &f.top,
+        &work.path().join("first"),
+    );
+    let large: Vec<String> = std::fs::read_dir(f.xz_dir.join("nar"))
+        .unwrap()
+        .map(|e| e.unwrap())
+        .filter(|e| e.metadata().unwrap().len() > 64 << 10)
+        .map(|e| e.file_name().to_string_lossy().into_owned())
+        .collect();
+    assert!(
+        !large.is_empty(),
+        "the fixture has a NAR over the memory limit"
+    );
+    for name in &large {
+        app.srv
+            .wait_for_log(&format!("NAR cache: stored nar={name}"), 1);
+    }
+    app.srv.stop_in_place();
+    app.srv = app
+        .another_server(&[("CELLAR_CACHE__NAR_DIR", nar_dir)])
+        .await;
+    let srv = &app.srv;
+    srv.wait_for_log("NAR cache: looking at the files from before the restart", 1);
+    substitute_and_verify(
+        &srv.url,
+        &srv.public_key,
+        &f.top,
+        &work.path().join("second"),
+    );
+    let disk = |result: &'static str| {
+        let label = format!(r#"result="{result}""#);
+        async move {
+            metric_sum(
+                srv,
+                "cellar_cache_lookups_total",
+                &[r#"layer="nar_disk""#, &label],
+            )
+            .await
+        }
+    };
+    assert_eq!(disk("hit").await, large.len() as f64, "{}", srv.log());
+    assert_eq!(disk("miss").await, 0.0, "{}", srv.log());
+    srv.wait_for_log(
+        "NAR cache: the files from before the restart are indexed",
+        1,
+    );
+}
+
 /// `cellar_store_requests_total{op="GetObject"}` as the server reports it.
 async fn store_gets(srv: &Server) -> f64 {
     metric_sum(srv, "cellar_store_requests_total", &["GetObject"]).await

@@ -530,6 +530,12 @@ impl Server {
     /// at shutdown (the access record) is then in the store. Fails if it has not exited
     /// within a minute, or exited with an error.
     pub fn stop(mut self) {
+        self.stop_in_place();
+    }
+
+    /// [`Self::stop`], keeping the `Server` (its log stays readable): for a restart, before
+    /// another takes its place.
+    pub fn stop_in_place(&mut self) {
         let st = Command::new("kill")
             .args(["-TERM", &self.child.id().to_string()])
             .status()
