@@ -206,6 +206,28 @@ async fn local_directory_backend_substitutes() {
     assert!(run_ok(l).contains("building top"));
 }
 
+/// Substitutes `f`'s closure through `srv` into a fresh store under `work`, and waits until its
+/// large NARs are on the disk cache: the names of those NARs. Small NARs (up to 64 KiB, the
+/// default `cache.nar_memory_max_object_bytes`) stay in memory; the others go to the disk
+/// cache, whose fills finish in the background right after the last byte went out.
+fn substitute_filling_the_disk_cache(srv: &Server, f: &Fixture, work: &Path) -> Vec<String> {
+    substitute_and_verify(&srv.url, &srv.public_key, &f.top, work);
+    let large: Vec<String> = std::fs::read_dir(f.xz_dir.join("nar"))
+        .unwrap()
+        .map(|e| e.unwrap())
+        .filter(|e| e.metadata().unwrap().len() > 64 << 10)
+        .map(|e| e.file_name().to_string_lossy().into_owned())
+        .collect();
+    assert!(
+        !large.is_empty(),
+        "the fixture has a NAR over the memory limit"
+    );
+    for name in &large {
+        srv.wait_for_log(&format!("NAR cache: stored nar={name}"), 1);
+    }
+    large
+}
+
 /// With the memory and disk caches, a second client substitutes the whole closure without a
 /// single byte reaching S3: small NARs from memory, the others from disk.
 #[tokio::test(flavor = "multi_thread")]
@@ -222,28 +244,7 @@ async fn hot_closure_is_served_without_touching_s3() {
         .spawn()
         .await;
     let (srv, proxy) = (&app.srv, app.proxy());
-    substitute_and_verify(
-        &srv.url,
-        &srv.public_key,
-        &f.top,
-        &work.path().join("first"),
-    );
-    // Small NARs (up to 64 KiB, the default `cache.nar_memory_max_object_bytes`) stay in
-    // memory; the others go to the disk cache. Fills finish in the background right after the
-    // last byte went out: wait for the server to log each large NAR stored.
-    let large: Vec<String> = std::fs::read_dir(f.xz_dir.join("nar"))
-        .unwrap()
-        .map(|e| e.unwrap())
-        .filter(|e| e.metadata().unwrap().len() > 64 << 10)
-        .map(|e| e.file_name().to_string_lossy().into_owned())
-        .collect();
-    assert!(
-        !large.is_empty(),
-        "the fixture has a NAR over the memory limit"
-    );
-    for name in &large {
-        srv.wait_for_log(&format!("NAR cache: stored nar={name}"), 1);
-    }
+    substitute_filling_the_disk_cache(srv, f, &work.path().join("first"));
     let before = proxy.bytes_to_store();
     substitute_and_verify(
         &srv.url,
@@ -281,26 +282,7 @@ async fn a_restarted_server_serves_the_nars_its_disk_cache_kept() {
         .env("CELLAR_CACHE__NAR_DIR", nar_dir)
         .spawn()
         .await;
-    substitute_and_verify(
-        &app.srv.url,
-        &app.srv.public_key,
-        &f.top,
-        &work.path().join("first"),
-    );
-    let large: Vec<String> = std::fs::read_dir(f.xz_dir.join("nar"))
-        .unwrap()
-        .map(|e| e.unwrap())
-        .filter(|e| e.metadata().unwrap().len() > 64 << 10)
-        .map(|e| e.file_name().to_string_lossy().into_owned())
-        .collect();
-    assert!(
-        !large.is_empty(),
-        "the fixture has a NAR over the memory limit"
-    );
-    for name in &large {
-        app.srv
-            .wait_for_log(&format!("NAR cache: stored nar={name}"), 1);
-    }
+    let large = substitute_filling_the_disk_cache(&app.srv, f, &work.path().join("first"));
     app.srv.stop_in_place();
     app.srv = app
         .another_server(&[("CELLAR_CACHE__NAR_DIR", nar_dir)])
