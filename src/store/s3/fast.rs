@@ -483,6 +483,22 @@ impl FastReads {
     }
 }
 
+/// Bodies hashed on the blocking pool rather than where they are sent from: hashing 8 MiB
+/// (the largest single PUT) takes milliseconds, which would hold an async worker, and every
+/// request on it, that long; a hop to the pool costs less than hashing this much.
+const HASH_INLINE_MAX: usize = 256 << 10;
+
+/// The SHA-256 of `body` in hex, as a signed PUT carries it.
+async fn sha256_hex(body: &Bytes) -> Result<String, StoreError> {
+    if body.len() <= HASH_INLINE_MAX {
+        return Ok(hex::encode(Sha256::digest(body)));
+    }
+    let body = body.clone();
+    tokio::task::spawn_blocking(move || hex::encode(Sha256::digest(&body)))
+        .await
+        .map_err(|e| StoreError::Other(format!("hashing a body to send: {e}")))
+}
+
 impl FastReads {
     /// PutObject of a body held in memory, in one request. Retried like a read: the body is
     /// whole, so sending it again is the same write.
@@ -492,7 +508,7 @@ impl FastReads {
             method: reqwest::Method::PUT,
             url: format!("{}{}", self.base, encode_key(key)),
             headers: Vec::new(),
-            payload_sha256: hex::encode(Sha256::digest(&body)),
+            payload_sha256: sha256_hex(&body).await?,
             body: Some(body),
         };
         // As the SDK path's writes.
@@ -1102,6 +1118,36 @@ mod tests {
             s.sha256,
             "2cf24dba5fb0a30e26e83b2ac5b9e29e1b161e5c1fa7425e73043362938b9824"
         );
+    }
+
+    /// A body hashed on the blocking pool (over [`HASH_INLINE_MAX`]) is signed with the same
+    /// hash as one hashed in place.
+    #[tokio::test]
+    async fn a_large_put_is_signed_with_its_sha256() {
+        let seen = Arc::new(std::sync::Mutex::new(Vec::new()));
+        let r = recording_s3(seen.clone()).await;
+        let body = Bytes::from(vec![7u8; HASH_INLINE_MAX + 1]);
+        r.put("p/nar/big.nar", body.clone()).await.unwrap();
+        let s = seen.lock().unwrap()[0].clone();
+        assert_eq!(s.body, body);
+        assert_eq!(s.sha256, hex::encode(Sha256::digest(&body)));
+        let small = Bytes::from(vec![7u8; HASH_INLINE_MAX]);
+        assert_eq!(
+            sha256_hex(&small).await.unwrap(),
+            hex::encode(Sha256::digest(&small))
+        );
+    }
+
+    /// A small body is hashed at once; a large one is handed to the blocking pool, so the
+    /// first poll of its hash finds it under way (8 MiB take milliseconds to hash; the poll
+    /// comes right after the hand-off).
+    #[tokio::test]
+    async fn large_bodies_are_hashed_off_the_async_worker() {
+        use futures::FutureExt as _;
+        let small = Bytes::from(vec![7u8; HASH_INLINE_MAX]);
+        assert!(sha256_hex(&small).now_or_never().is_some());
+        let large = Bytes::from(vec![7u8; 8 << 20]);
+        assert!(sha256_hex(&large).now_or_never().is_none());
     }
 
     /// A write may take longer than a read to be answered (its body goes first): six request
