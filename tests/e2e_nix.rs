@@ -295,19 +295,18 @@ async fn a_restarted_server_serves_the_nars_its_disk_cache_kept() {
         &f.top,
         &work.path().join("second"),
     );
-    let disk = |result: &'static str| {
-        let label = format!(r#"result="{result}""#);
-        async move {
-            metric_sum(
-                srv,
-                "cellar_cache_lookups_total",
-                &[r#"layer="nar_disk""#, &label],
-            )
-            .await
-        }
-    };
-    assert_eq!(disk("hit").await, large.len() as f64, "{}", srv.log());
-    assert_eq!(disk("miss").await, 0.0, "{}", srv.log());
+    let hits = metric_sum(
+        srv,
+        "cellar_cache_lookups_total",
+        &[r#"layer="nar_disk""#, r#"result="hit""#],
+    );
+    assert_eq!(hits.await, large.len() as f64, "{}", srv.log());
+    // (Small NARs were only in memory, lost with the restart: one the client asks for before
+    // its narinfo's load brings it may count as a miss of the disk cache.)
+    for name in &large {
+        let miss = format!("NAR cache: miss nar={name}");
+        assert_eq!(srv.log_count(&miss), 0, "{}", srv.log());
+    }
     srv.wait_for_log(
         "NAR cache: the files from before the restart are indexed",
         1,

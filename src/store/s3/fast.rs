@@ -1138,16 +1138,28 @@ mod tests {
         );
     }
 
-    /// A small body is hashed at once; a large one is handed to the blocking pool, so the
-    /// first poll of its hash finds it under way (8 MiB take milliseconds to hash; the poll
-    /// comes right after the hand-off).
-    #[tokio::test]
-    async fn large_bodies_are_hashed_off_the_async_worker() {
+    /// A small body is hashed at once; a large one is handed to the blocking pool (here one
+    /// thread, kept busy until the test lets it go, so the hash cannot be done before it is
+    /// first polled).
+    #[test]
+    fn large_bodies_are_hashed_off_the_async_worker() {
         use futures::FutureExt as _;
-        let small = Bytes::from(vec![7u8; HASH_INLINE_MAX]);
-        assert!(sha256_hex(&small).now_or_never().is_some());
-        let large = Bytes::from(vec![7u8; 8 << 20]);
-        assert!(sha256_hex(&large).now_or_never().is_none());
+        let rt = tokio::runtime::Builder::new_current_thread()
+            .max_blocking_threads(1)
+            .build()
+            .unwrap();
+        rt.block_on(async {
+            let small = Bytes::from(vec![7u8; HASH_INLINE_MAX]);
+            assert!(sha256_hex(&small).now_or_never().is_some());
+            let (release, held) = std::sync::mpsc::channel::<()>();
+            let busy = tokio::task::spawn_blocking(move || held.recv());
+            let large = Bytes::from(vec![7u8; HASH_INLINE_MAX + 1]);
+            let mut hash = Box::pin(sha256_hex(&large));
+            assert!((&mut hash).now_or_never().is_none(), "hashed in place");
+            release.send(()).unwrap();
+            assert_eq!(hash.await.unwrap(), hex::encode(Sha256::digest(&large)));
+            busy.await.unwrap().unwrap();
+        });
     }
 
     /// A write may take longer than a read to be answered (its body goes first): six request
