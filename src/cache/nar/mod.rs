@@ -235,12 +235,13 @@ impl NarCache {
         if let Some((name, e)) = failed.first() {
             tracing::warn!(files = failed.len(), nar = %name, cause = %e, "NAR cache: cannot read some files from before the restart; each is looked at on its first use");
         }
-        found.sort_by(|(a, na, ..), (b, nb, ..)| (a, na).cmp(&(b, nb)));
+        found.sort_by(|(na, a), (nb, b)| (a.used, na).cmp(&(b.used, nb)));
         // Newest first, each batch placed before those in the index: the order of use is
         // kept, and requests wait for one batch at most, not for the whole cache.
-        for batch in found.rchunks(INSERT_BATCH) {
+        while !found.is_empty() {
+            let batch = found.split_off(found.len().saturating_sub(INSERT_BATCH));
             let _names = lock(&self.names);
-            let batch = batch.iter().map(|(_, n, size, c)| (n.clone(), *size, *c));
+            let batch = batch.into_iter().map(|(n, f)| (n, f.size, f.checksum));
             self.index().insert_unused(batch);
         }
         let (files, bytes) = {
@@ -263,14 +264,14 @@ impl NarCache {
     fn look_at(
         &self,
         name: String,
-        found: &mut Vec<(std::time::SystemTime, String, u64, Checksum)>,
+        found: &mut Vec<(String, disk::Found)>,
         unread: &mut Vec<(String, io::Error)>,
     ) {
         if !self.index().is_pending(&name) {
             return;
         }
         match self.disk.examine(&name) {
-            Ok(Some(f)) => found.push((f.used, name, f.size, f.checksum)),
+            Ok(Some(f)) => found.push((name, f)),
             Ok(None) => self.remove_incomplete(&name),
             Err(e) => unread.push((name, e)),
         }
