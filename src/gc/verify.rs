@@ -690,21 +690,16 @@ fn sample<T>(v: &mut Vec<T>, n: usize) {
     v.truncate(n);
 }
 
-/// Whether narinfo `n`, found unservable on its own, still is: the listing is not a snapshot,
-/// so a NAR or reference uploaded while it ran may be missing from it. Asked again of the
-/// store; a narinfo younger than the grace period may be an upload in progress, and one the
-/// store cannot answer for stays.
+/// Whether narinfo `n` (older than the grace period), found unservable on its own, still is:
+/// the listing is not a snapshot, so a NAR or reference uploaded while it ran may be missing
+/// from it. Asked again of the store; one the store cannot answer for stays.
 async fn still_unservable(
     store: &dyn Store,
     n: &super::graph::Node,
     upstream: &HashSet<StorePathHash>,
-    grace: SystemTime,
     rehash: Option<&str>,
     report: &mut Report,
 ) -> bool {
-    if n.modified > grace {
-        return false;
-    }
     if matches!(
         n.problem,
         Some(Problem::Unparseable(_) | Problem::WrongHash(_) | Problem::BadUrl(_))
@@ -878,11 +873,16 @@ async fn repair_as(
         .unwrap_or(SystemTime::UNIX_EPOCH);
     let mut unservable = vec![false; graph.len()];
     for (i, n) in graph.nodes.iter().enumerate() {
-        if own_bad[i] {
-            let rehash = corrupt.contains(&(i as u32)).then_some(store_dir);
-            unservable[i] =
-                still_unservable(store.as_ref(), n, upstream, grace, rehash, report).await;
+        if !own_bad[i] {
+            continue;
         }
+        if n.modified > grace {
+            // Perhaps an upload in progress: kept, with the paths that need it, and said so.
+            report.young.push(object_key::narinfo(n.hash));
+            continue;
+        }
+        let rehash = corrupt.contains(&(i as u32)).then_some(store_dir);
+        unservable[i] = still_unservable(store.as_ref(), n, upstream, rehash, report).await;
     }
     // The digest records of the NARs found again not to be what their narinfo says, first:
     // one left beside a copy too young to be deleted, or by a repair that stops before its
