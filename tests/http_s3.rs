@@ -848,19 +848,36 @@ async fn a_store_refusing_or_unreachable_at_start_up_is_logged_at_once() {
         let l = std::net::TcpListener::bind("127.0.0.1:0").unwrap();
         format!("http://{}", l.local_addr().unwrap())
     };
-    for (endpoint, secret, said) in [
+    // (endpoint, secret, region, what the log says, and why)
+    for (endpoint, secret, region, said, why) in [
         (
             s3.endpoint.clone(),
             "not-the-secret",
+            None,
             "the store refuses cellar at start-up",
+            "store.endpoint",
         ),
         (
             closed,
             s3.secret.as_str(),
+            None,
             "the store cannot be reached at start-up",
+            "store.endpoint",
+        ),
+        // Garage answers a HEAD signed for another region 400 with no body.
+        (
+            s3.endpoint.clone(),
+            s3.secret.as_str(),
+            Some("eu-west-3"),
+            "the store refuses cellar at start-up",
+            "signed for another region than the store's",
         ),
     ] {
         let mut env = s3_store_env(&s3, &endpoint, &unique_prefix("start-check"));
+        env.retain(|(k, _)| region.is_none() || k != "CELLAR_STORE__REGION");
+        if let Some(r) = region {
+            env.push(("CELLAR_STORE__REGION".into(), r.into()));
+        }
         env.push(("CELLAR_STORE__ACCESS_KEY_ID".into(), s3.key_id.clone()));
         env.push(("CELLAR_STORE__SECRET_ACCESS_KEY".into(), secret.into()));
         let srv = tokio::task::spawn_blocking(move || {
@@ -871,7 +888,7 @@ async fn a_store_refusing_or_unreachable_at_start_up_is_logged_at_once() {
         .await
         .unwrap();
         let log = srv.log();
-        assert!(log.contains("store.endpoint"), "{log}");
+        assert!(log.contains(why), "{log}");
         let r = get(&client(), &format!("{}/readyz", srv.url)).await;
         assert_eq!(r.status(), StatusCode::SERVICE_UNAVAILABLE, "{said}");
     }

@@ -113,6 +113,30 @@ async fn error_codes_say_what_failed_whatever_their_status() {
     }
 }
 
+/// A 400 to a HEAD has no body to say why: taken for what it most often is, a request signed
+/// for another region than the store's (S3, MinIO and Garage answer so), and said with the key
+/// to check, for objects and for the bucket (the start-up check, `/readyz`).
+#[tokio::test]
+async fn a_head_refused_without_a_reason_points_at_the_region() {
+    use axum::response::IntoResponse as _;
+    let app = axum::Router::new()
+        .fallback(|| async { axum::http::StatusCode::BAD_REQUEST.into_response() });
+    let l = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+    let endpoint = format!("http://{}", l.local_addr().unwrap());
+    tokio::spawn(async move { axum::serve(l, app).await });
+    let region = |got: Result<(), StoreError>| match got {
+        Err(StoreError::Misconfigured(m)) => m.contains("check store.region"),
+        _ => false,
+    };
+    for direct in [false, true] {
+        let store = store_with(endpoint.clone(), 4, direct).await;
+        let got = store.head("x").await.map(|_| ());
+        assert!(region(got.clone()), "HEAD, direct {direct}: {got:?}");
+        let got = store.ping().await;
+        assert!(region(got.clone()), "ping, direct {direct}: {got:?}");
+    }
+}
+
 /// What a fake S3 saw of one multipart upload.
 #[derive(Default)]
 struct Seen {
