@@ -60,6 +60,11 @@ pub struct UpstreamStatus {
 
 #[derive(Debug, Error)]
 pub enum StatusError {
+    #[error(
+        "{url}: not an http:// or https:// URL (--url takes the server's base URL, e.g. \
+         http://127.0.0.1:8080)"
+    )]
+    BadUrl { url: String },
     #[error("{url}: {cause}")]
     Request { url: String, cause: reqwest::Error },
     #[error("{url}: HTTP {status}{hint}")]
@@ -78,6 +83,11 @@ pub enum StatusError {
 /// Asks the server at `base` (e.g. `http://127.0.0.1:8080`) for its status, with `token` as
 /// Bearer if given (private mode needs a read token).
 pub async fn fetch(base: &str, token: Option<&str>) -> Result<Status, StatusError> {
+    // `127.0.0.1:8080` does not parse; `localhost:8080` does, with `localhost` as its scheme.
+    let web = reqwest::Url::parse(base).is_ok_and(|u| matches!(u.scheme(), "http" | "https"));
+    if !web {
+        return Err(StatusError::BadUrl { url: base.into() });
+    }
     let url = format!("{}/status", base.trim_end_matches('/'));
     let err = |source| StatusError::Request {
         url: url.clone(),
@@ -301,6 +311,10 @@ mod tests {
             e.to_string().ends_with("HTTP 500 Internal Server Error"),
             "{e}"
         );
+        for schemeless in ["127.0.0.1:8080", "localhost:8080", "ftp://cache.example"] {
+            let e = fetch(schemeless, None).await.unwrap_err().to_string();
+            assert!(e.contains("not an http:// or https:// URL"), "{e}");
+        }
     }
 
     #[test]
