@@ -251,6 +251,14 @@ impl cellar::import::Progress for Bar {
 /// summary of what was done either way. (2 is clap's, for a command line it refuses.)
 fn import(dir: &Path, path: Option<&Path>) -> anyhow::Result<ExitCode> {
     let cfg = Config::load(path)?;
+    // Before the store is opened (or created): a mistyped directory is said as it is, not as
+    // an import that stopped half-way.
+    std::fs::read_dir(dir).with_context(|| {
+        format!(
+            "cannot read {} (the directory `nix copy --to file://DIR` wrote)",
+            dir.display()
+        )
+    })?;
     let rt = tokio::runtime::Builder::new_multi_thread()
         .enable_all()
         .build()

@@ -286,6 +286,23 @@ fn import_says_where_it_creates_the_store_and_what_it_imports_into() {
     );
 }
 
+/// A directory to import from that cannot be read (a typo) is said before anything is done:
+/// no store is created, and no advice to run it again.
+#[test]
+fn an_import_from_a_missing_directory_says_so_and_creates_nothing() {
+    let d = tempfile::tempdir().unwrap();
+    let from = d.path().join("typo");
+    let out = cellar(d.path()).arg("import").arg(&from).output().unwrap();
+    let err = String::from_utf8_lossy(&out.stderr);
+    assert_eq!(out.status.code(), Some(1), "{err}");
+    assert!(
+        err.contains(&format!("cannot read {}", from.display())),
+        "{err}"
+    );
+    assert!(!err.contains("goes on from there"), "{err}");
+    assert!(!d.path().join("cellar-data").exists());
+}
+
 /// An import the store stops (here, nothing listens at its endpoint) says what it did before,
 /// why it stopped and that a run again goes on, and exits 3: a script tells it apart from
 /// rejected paths (1), which a rerun would not change, and a refused command line (2).
