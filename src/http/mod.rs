@@ -246,13 +246,30 @@ async fn check(st: &AppState, req: Request, next: Next, scope: Scope, root: bool
         Decision::Invalid => {
             if scope == Scope::Read {
                 warn_refused_read(st);
+            } else {
+                warn_refused_upload(st, "a token that matches none configured");
             }
             Error::Forbidden("invalid token").into_response()
         }
         Decision::InsufficientScope(_) => {
+            if scope == Scope::Write {
+                warn_refused_upload(st, "a token without the write scope");
+            }
             Error::Forbidden("this token may not do that (scope)").into_response()
         }
     }
+}
+
+/// Whether a warning last said at `last` may be said again (at most once a minute), noting
+/// now as said if so.
+fn once_a_minute(last: &std::sync::Mutex<Option<tokio::time::Instant>>) -> bool {
+    let now = tokio::time::Instant::now();
+    let mut last = crate::sync::lock(last);
+    if last.is_some_and(|t| now.duration_since(t) < std::time::Duration::from_secs(60)) {
+        return false;
+    }
+    *last = Some(now);
+    true
 }
 
 /// A read refused for a token that matches none (a revoked one, a typo in a netrc file) fails
@@ -260,17 +277,28 @@ async fn check(st: &AppState, req: Request, next: Next, scope: Scope, root: bool
 /// an hour (`narinfo-cache-negative-ttl`) and builds the path instead. So the log says so, at
 /// most once a minute.
 fn warn_refused_read(st: &AppState) {
-    let now = tokio::time::Instant::now();
-    let mut last = crate::sync::lock(&st.refused_read_warned);
-    if last.is_some_and(|t| now.duration_since(t) < std::time::Duration::from_secs(60)) {
-        return;
+    if once_a_minute(&st.refused_read_warned) {
+        tracing::warn!(
+            "a read with a token that matches none configured was refused (403): Nix takes \
+             that for a path the cache lacks and builds it instead, for an hour; check the \
+             clients' netrc file (said at most once a minute)"
+        );
     }
-    *last = Some(now);
-    tracing::warn!(
-        "a read with a token that matches none configured was refused (403): Nix takes that \
-         for a path the cache lacks and builds it instead, for an hour; check the clients' \
-         netrc file (said at most once a minute)"
-    );
+}
+
+/// An upload refused for its token (`why`): Nix 2.8 says only that the upload URL "does not
+/// appear to be a binary cache" (its first request, for `nix-cache-info`, was refused), so the
+/// log says why, at most once a minute. A request without a token is not said (curl's first
+/// try before it sends netrc credentials).
+fn warn_refused_upload(st: &AppState, why: &str) {
+    if once_a_minute(&st.refused_upload_warned) {
+        tracing::warn!(
+            "an upload with {why} was refused (403): `nix copy --to` then says the upload URL \
+             does not appear to be a binary cache; check the builder's netrc file (`machine` \
+             the host name without a port, `password` a write token) (said at most once a \
+             minute)"
+        );
+    }
 }
 
 /// Lets 404s be cached briefly (clients and proxies), unless a handler decided otherwise; in

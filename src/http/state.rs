@@ -62,6 +62,8 @@ pub struct App {
     /// When the log last said a read was refused for a token that matches none (see
     /// `super::warn_refused_read`).
     pub refused_read_warned: std::sync::Mutex<Option<tokio::time::Instant>>,
+    /// The same for uploads (see `super::warn_refused_upload`).
+    pub refused_upload_warned: std::sync::Mutex<Option<tokio::time::Instant>>,
     /// The store's last answer to `/readyz` (see [`super::health`]).
     pub readiness: super::health::Readiness,
     /// Set once the server stops taking connections (SIGTERM): `/readyz` answers 503.
@@ -177,6 +179,7 @@ impl AppState {
             access,
             root_upload_warned: std::sync::atomic::AtomicBool::new(false),
             refused_read_warned: std::sync::Mutex::new(None),
+            refused_upload_warned: std::sync::Mutex::new(None),
             readiness: super::health::Readiness::default(),
             draining: std::sync::atomic::AtomicBool::new(false),
             live: ArcSwap::from_pointee(live),

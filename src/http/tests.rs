@@ -516,6 +516,48 @@ async fn reads_refused_for_an_unknown_token_are_logged_once_a_minute() {
     assert_eq!(warned(), 2);
 }
 
+/// An upload refused for its token (one that matches none, a read token) is logged with what
+/// to check, at most once a minute: `nix copy --to` says only that the upload URL does not
+/// appear to be a binary cache. One without a token (curl's first try) is not.
+#[tokio::test(start_paused = true)]
+async fn uploads_refused_for_their_token_are_logged_once_a_minute() {
+    use crate::config::Scope;
+    let mem = Arc::new(MemoryStore::new());
+    let cfg = with_tokens(
+        Config::default(),
+        &[("w", "wtok", Scope::Write), ("r", "rtok", Scope::Read)],
+    );
+    let st = state(cfg, &mem);
+    let logs = crate::test_logs::capture();
+    let info = "/upload/nix-cache-info";
+    let warned = || logs.text().matches("an upload with").count();
+    let res = send(&st, Request::get(info).body(Body::empty()).unwrap()).await;
+    assert_eq!(res.status(), StatusCode::UNAUTHORIZED);
+    assert_eq!(warned(), 0);
+    let res = send(
+        &st,
+        authed("GET", info, "wtok").body(Body::empty()).unwrap(),
+    )
+    .await;
+    assert_eq!(res.status(), StatusCode::OK);
+    assert_eq!(warned(), 0);
+    for (token, expected) in [("revoked", 1), ("rtok", 1)] {
+        let res = send(&st, authed("GET", info, token).body(Body::empty()).unwrap()).await;
+        assert_eq!(res.status(), StatusCode::FORBIDDEN);
+        assert_eq!(warned(), expected);
+    }
+    assert!(logs.text().contains("a token that matches none configured"));
+    tokio::time::advance(std::time::Duration::from_secs(61)).await;
+    let res = send(
+        &st,
+        authed("GET", info, "rtok").body(Body::empty()).unwrap(),
+    )
+    .await;
+    assert_eq!(res.status(), StatusCode::FORBIDDEN);
+    assert_eq!(warned(), 2);
+    assert!(logs.text().contains("a token without the write scope"));
+}
+
 /// A method no route takes (`DELETE`, `POST`, `OPTIONS`) is a 405, as docs/http-api.md says,
 /// with or without credentials, private mode or not; it is not taken for an upload sent to
 /// the root (no 401, no warning used up), while a `PUT` there still needs its write token.
