@@ -14,7 +14,8 @@ use cellar::store::{self, Store};
 
 #[derive(Subcommand)]
 pub enum PinCommand {
-    /// Pin the closures of STORE-PATHs under NAME (replacing a pin of that name).
+    /// Pin the closures of STORE-PATHs (or symlinks to them, like ./result) under NAME
+    /// (replacing a pin of that name).
     Add {
         name: String,
         #[arg(required = true, value_name = "STORE-PATH")]
@@ -182,7 +183,7 @@ pub fn pin(path: Option<&Path>, command: PinCommand) -> anyhow::Result<()> {
             } => {
                 let paths = paths
                     .iter()
-                    .map(|p| gc::pins::store_path(p, &sd))
+                    .map(|p| gc::pins::store_path_or_link(p, &sd))
                     .collect::<Result<Vec<_>, _>>()?;
                 let n = paths.len();
                 let absent = gc::pins::add(store.as_ref(), &name, paths, keep_days, &sd).await?;

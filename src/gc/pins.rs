@@ -107,6 +107,18 @@ fn pin_key(name: &str) -> Result<String, GcError> {
 }
 
 /// A store path as given on the command line (`/nix/store/<hash>-<name>`, or its base name).
+/// [`store_path`] of `s`, or else of where its symlinks lead: `./result` of `nix-build`, a
+/// profile (the store path it points at now).
+pub fn store_path_or_link(s: &str, store_dir: &str) -> Result<StorePathBaseName, GcError> {
+    match store_path(s, store_dir) {
+        Ok(p) => Ok(p),
+        Err(e) => match std::fs::canonicalize(s) {
+            Ok(target) => store_path(&target.to_string_lossy(), store_dir).map_err(|_| e),
+            Err(_) => Err(e),
+        },
+    }
+}
+
 pub fn store_path(s: &str, store_dir: &str) -> Result<StorePathBaseName, GcError> {
     let bad = || GcError::BadStorePath {
         path: s.to_owned(),
@@ -256,5 +268,33 @@ mod tests {
         assert!(store_path("/usr/bin/top", sd).is_err());
         // Inside a store path only as a full path: a relative one is not a store path.
         assert!(store_path("6bxnj2gfflqa529lddzh3zhcn45nn86r-top/bin", sd).is_err());
+    }
+
+    /// `./result` and profiles name the store path their symlinks lead to; a link out of the
+    /// store, a plain file and a dangling link are refused as they are named.
+    #[test]
+    fn links_name_the_store_path_they_lead_to() {
+        let d = tempfile::tempdir().unwrap();
+        let root = std::fs::canonicalize(d.path()).unwrap();
+        let sd = root.join("store");
+        let top = sd.join("6bxnj2gfflqa529lddzh3zhcn45nn86r-top");
+        std::fs::create_dir_all(&top).unwrap();
+        let sd = sd.to_str().unwrap();
+        std::os::unix::fs::symlink(&top, root.join("result")).unwrap();
+        // A profile: a link to a link.
+        std::os::unix::fs::symlink(root.join("result"), root.join("profile")).unwrap();
+        for link in ["result", "profile"] {
+            let link = root.join(link);
+            let got = store_path_or_link(link.to_str().unwrap(), sd).unwrap();
+            assert_eq!(got.to_string(), "6bxnj2gfflqa529lddzh3zhcn45nn86r-top");
+        }
+        std::fs::write(root.join("file"), "").unwrap();
+        std::os::unix::fs::symlink(root.join("file"), root.join("elsewhere")).unwrap();
+        std::os::unix::fs::symlink(root.join("gone"), root.join("dangling")).unwrap();
+        for bad in ["file", "elsewhere", "dangling"] {
+            let bad = root.join(bad);
+            let e = store_path_or_link(bad.to_str().unwrap(), sd).unwrap_err();
+            assert!(e.to_string().contains(bad.to_str().unwrap()), "{e}");
+        }
     }
 }
