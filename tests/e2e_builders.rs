@@ -213,6 +213,7 @@ async fn the_readme_nginx_example_carries_uploads_and_substitution_over_tls() {
     upload_then_substitute(&url, &ca, srv, &w, work.path(), || {
         format!("{}\n{}", nginx.access_log(), nginx.error_log())
     });
+    kept_for_the_host(&url, &ca, srv);
     // Both went through nginx: the uploads to /upload, the NARs from the root.
     wait_for_in_file(&nginx.access_log_path(), "GET /nar/", f.closure.len());
     let log = nginx.access_log();
@@ -331,6 +332,39 @@ async fn the_readme_caddy_example_carries_uploads_and_substitution_over_tls() {
     upload_then_substitute(&caddy.url, &caddy.ca, srv, &w, work.path(), || {
         caddy.log_text()
     });
+    kept_for_the_host(&caddy.url, &caddy.ca, srv);
+}
+
+/// The status code of a GET of `url` by curl, trusting the certificate authority `ca`.
+fn status_code(url: &str, ca: &str) -> String {
+    let out = std::process::Command::new("curl")
+        .args([
+            "-s",
+            "-o",
+            "/dev/null",
+            "-w",
+            "%{http_code}",
+            "--cacert",
+            ca,
+            url,
+        ])
+        .output()
+        .unwrap();
+    String::from_utf8_lossy(&out.stdout).into_owned()
+}
+
+/// Through the proxy at `url`, `/metrics` and `/status` (which names the bucket) are 404 while
+/// cellar itself (`srv`, on the host) answers them, and the cache is served.
+fn kept_for_the_host(url: &str, ca: &str, srv: &Server) {
+    for path in ["/metrics", "/status"] {
+        assert_eq!(status_code(&format!("{url}{path}"), ca), "404", "{path}");
+        assert_eq!(
+            status_code(&format!("{}{path}", srv.url), ca),
+            "200",
+            "{path}"
+        );
+    }
+    assert_eq!(status_code(&format!("{url}/nix-cache-info"), ca), "200");
 }
 
 /// A binary cache over HTTP that counts every request: an upstream that may never be asked.

@@ -564,7 +564,10 @@ impl Drop for Server {
         let _ = self.child.wait();
         // A server run under libfaketime (tests/e2e_clock.rs) leaves its shared memory and
         // semaphore behind when killed (it removes them only at a normal exit).
-        for name in [format!("faketime_shm_{pid}"), format!("sem.faketime_sem_{pid}")] {
+        for name in [
+            format!("faketime_shm_{pid}"),
+            format!("sem.faketime_sem_{pid}"),
+        ] {
             let _ = std::fs::remove_file(Path::new("/dev/shm").join(name));
         }
     }
