@@ -40,8 +40,14 @@ pub enum ConfigError {
     /// keys); figment's message names the key.
     #[error("{}", shown(.0))]
     Load(Box<figment::Error>),
-    #[error("config key `{key}`: {message}")]
-    Invalid { key: String, message: String },
+    /// A value that does not hold (checked once read); `from` says where it came from, as
+    /// [`ConfigError::Load`]'s do (` (in FILE)`), or is empty.
+    #[error("config key `{key}`{from}: {message}")]
+    Invalid {
+        key: String,
+        message: String,
+        from: String,
+    },
     /// The file `--config` names is not there, or not a file.
     #[error("--config {}: not a readable file", .0.display())]
     NoFile(std::path::PathBuf),
@@ -71,14 +77,7 @@ fn shown_one(e: &figment::Error) -> String {
         key
     });
     let from = match &e.metadata {
-        Some(m) => match &m.source {
-            Some(figment::Source::File(p)) => format!(" (in {})", p.display()),
-            // The keys taken as text from their variables ([`with_env`]).
-            Some(figment::Source::Code(_)) => {
-                format!(" (from CELLAR_{})", e.path.join("__").to_ascii_uppercase())
-            }
-            _ => format!(" (from {})", m.name),
-        },
+        Some(m) => source(m, &e.path),
         None => String::new(),
     };
     // A value is named by its type, never quoted: a string may be a URL with a token in it.
@@ -108,6 +107,44 @@ fn shown_one(e: &figment::Error) -> String {
     }
 }
 
+/// Where a value at `path` (its keys, without array indexes) came from, for an error message:
+/// ` (in FILE)`, ` (from CELLAR_…)`.
+fn source(m: &figment::Metadata, path: &[String]) -> String {
+    match &m.source {
+        Some(figment::Source::File(p)) => format!(" (in {})", p.display()),
+        // The keys taken as text from their variables ([`with_env`]).
+        Some(figment::Source::Code(_)) => {
+            format!(" (from CELLAR_{})", path.join("__").to_ascii_uppercase())
+        }
+        _ => format!(" (from {})", m.name),
+    }
+}
+
+/// [`source`] of the value at `key` (`auth.tokens[0].hash`) in `fig`; empty if it is not
+/// found there.
+fn source_of(fig: &Figment, key: &str) -> String {
+    let found = || {
+        let mut v = fig.find_value("").ok()?;
+        let mut path = Vec::new();
+        for part in key.split('.') {
+            let (name, index) = match part.split_once('[') {
+                Some((n, i)) => (n, Some(i.strip_suffix(']')?.parse::<usize>().ok()?)),
+                None => (part, None),
+            };
+            v = v.into_dict()?.remove(name)?;
+            path.push(name.to_owned());
+            if let Some(i) = index {
+                v = match v {
+                    figment::value::Value::Array(_, items) => items.into_iter().nth(i)?,
+                    _ => return None,
+                };
+            }
+        }
+        Some(source(fig.get_metadata(v.tag())?, &path))
+    };
+    found().unwrap_or_default()
+}
+
 /// `message` without the lines quoting the file (`2 | key = "…`).
 fn without_excerpt(message: &str) -> String {
     message
@@ -127,6 +164,19 @@ impl ConfigError {
         Self::Invalid {
             key: key.into(),
             message: message.into(),
+            from: String::new(),
+        }
+    }
+
+    /// `self`, an [`ConfigError::Invalid`] saying where its value came from in `fig`.
+    fn located(self, fig: &Figment) -> Self {
+        match self {
+            Self::Invalid { key, message, from } if from.is_empty() => Self::Invalid {
+                from: source_of(fig, &key),
+                key,
+                message,
+            },
+            e => e,
         }
     }
 }
@@ -228,7 +278,7 @@ impl Config {
 
     pub fn from_figment(fig: Figment) -> Result<Self, ConfigError> {
         let raw: file::ConfigFile = fig.extract().map_err(|e| ConfigError::Load(Box::new(e)))?;
-        let cfg = raw.validate()?;
+        let cfg = raw.validate().map_err(|e| e.located(&fig))?;
         cfg.check_nar_dir(None)?;
         Ok(cfg)
     }

@@ -348,6 +348,38 @@ fn upload_and_auth_sections() {
     }
 }
 
+/// A value read well but invalid says where it came from, as an unreadable one does: the
+/// file, or the environment.
+#[test]
+#[allow(clippy::result_large_err)] // figment's Jail API
+fn invalid_values_name_their_source() {
+    figment::Jail::expect_with(|jail| {
+        jail.create_file(
+            "bad.toml",
+            "[[auth.tokens]]\nname = \"ok\"\nhash = \"sha256:{}\"\nscopes = [\"read\"]\n\
+             [[auth.tokens]]\nname = \"ci\"\nhash = \"abc\"\nscopes = [\"write\"]\n"
+                .replace("{}", &"0".repeat(64))
+                .as_str(),
+        )?;
+        let e = Config::load(Some(Path::new("bad.toml")))
+            .unwrap_err()
+            .to_string();
+        assert!(
+            e.starts_with("config key `auth.tokens[1].hash` (in ")
+                && e.contains("bad.toml): token \"ci\""),
+            "{e}"
+        );
+        jail.set_env("CELLAR_UPLOAD__COMPRESSION", "zstd");
+        jail.set_env("CELLAR_UPLOAD__COMPRESSION_LEVEL", "40");
+        let e = Config::load(None).unwrap_err().to_string();
+        assert!(
+            e.starts_with("config key `upload.compression_level` (from `CELLAR_` environment"),
+            "{e}"
+        );
+        Ok(())
+    });
+}
+
 #[test]
 fn upstreams_and_cache() {
     let c = from_toml(
@@ -1067,7 +1099,7 @@ fn store_dirs_are_absolute_paths_without_a_trailing_slash() {
             .unwrap_err()
             .to_string();
         assert!(
-            e.starts_with("config key `store_dir`: ")
+            e.starts_with("config key `store_dir` (from TOML source string): ")
                 && e.ends_with("must be an absolute path without a trailing `/`"),
             "{bad:?}: {e}"
         );
@@ -1080,13 +1112,13 @@ fn durations_below_their_minimum_say_what_is_expected() {
     let said = |toml: &str| from_toml(toml).map(|_| ()).unwrap_err().to_string();
     assert_eq!(
         said("idle_timeout_secs = 0"),
-        "config key `idle_timeout_secs`: must be > 0"
+        "config key `idle_timeout_secs` (from TOML source string): must be > 0"
     );
     assert_eq!(
         said(
             "[store]\nkind = \"s3\"\nbucket = \"b\"\nredirect_nars = true\nredirect_ttl_secs = 59"
         ),
-        "config key `store.redirect_ttl_secs`: must be at least 60"
+        "config key `store.redirect_ttl_secs` (from TOML source string): must be at least 60"
     );
 }
 
@@ -1103,10 +1135,13 @@ fn max_connections_takes_one_to_a_million() {
             .unwrap_err()
             .to_string()
     };
-    assert_eq!(said(0), "config key `max_connections`: must be > 0");
+    assert_eq!(
+        said(0),
+        "config key `max_connections` (from TOML source string): must be > 0"
+    );
     assert_eq!(
         said(1_000_001),
-        "config key `max_connections`: must be at most 1000000"
+        "config key `max_connections` (from TOML source string): must be at most 1000000"
     );
 }
 
@@ -1131,13 +1166,13 @@ fn cache_limits_are_taken_up_to_their_bounds() {
             "nar_dir = {nars:?}\nnar_max_bytes = {}",
             64 * mib - 1
         )),
-        "config key `cache.nar_max_bytes`: must be at least 64 MiB when cache.nar_dir is set"
+        "config key `cache.nar_max_bytes` (from TOML source string): must be at least 64 MiB when cache.nar_dir is set"
     );
     let c = ok(format!("nar_memory_max_object_bytes = {}", 16 * mib));
     assert_eq!(c.cache.nar_memory_max_object, 16 * mib);
     assert!(
         said(format!("nar_memory_max_object_bytes = {}", 16 * mib + 1))
-            .starts_with("config key `cache.nar_memory_max_object_bytes`: must be at most 16 MiB")
+            .starts_with("config key `cache.nar_memory_max_object_bytes` (from TOML source string): must be at most 16 MiB")
     );
     // An object may be as large as the memory cache, not larger; with the cache off (0),
     // its size does not matter.
@@ -1145,7 +1180,7 @@ fn cache_limits_are_taken_up_to_their_bounds() {
     ok("nar_memory_bytes = 0\nnar_memory_max_object_bytes = 1000".into());
     assert_eq!(
         said("nar_memory_bytes = 1000\nnar_memory_max_object_bytes = 1001".into()),
-        "config key `cache.nar_memory_max_object_bytes`: must not exceed cache.nar_memory_bytes"
+        "config key `cache.nar_memory_max_object_bytes` (from TOML source string): must not exceed cache.nar_memory_bytes"
     );
     assert_eq!(
         ok("prefetch_concurrency = 1024".into())
@@ -1155,7 +1190,7 @@ fn cache_limits_are_taken_up_to_their_bounds() {
     );
     assert_eq!(
         said("prefetch_concurrency = 1025".into()),
-        "config key `cache.prefetch_concurrency`: must be at most 1024"
+        "config key `cache.prefetch_concurrency` (from TOML source string): must be at most 1024"
     );
 }
 
@@ -1173,7 +1208,7 @@ fn generated_key_names_are_checked() {
             .unwrap_err()
             .to_string();
         assert!(
-            e.starts_with("config key `signing.generated_key_name`: "),
+            e.starts_with("config key `signing.generated_key_name` (from TOML source string): "),
             "{bad:?}: {e}"
         );
     }
@@ -1219,7 +1254,7 @@ fn bounded_keys_take_their_bounds_and_refuse_past_them() {
         from_toml(ok).unwrap_or_else(|e| panic!("{ok}: {e}"));
         let e = from_toml(refused).map(|_| ()).unwrap_err().to_string();
         assert!(
-            e.starts_with(&format!("config key `{key}`: ")),
+            e.starts_with(&format!("config key `{key}` (from TOML source string): ")),
             "{refused}: {e}"
         );
     }
@@ -1229,7 +1264,8 @@ fn bounded_keys_take_their_bounds_and_refuse_past_them() {
             .unwrap_err()
             .to_string();
         assert!(
-            e.starts_with("config key `store.bucket`: ") && e.ends_with("is not a bucket name"),
+            e.starts_with("config key `store.bucket` (from TOML source string): ")
+                && e.ends_with("is not a bucket name"),
             "{bucket:?}: {e}"
         );
     }
