@@ -53,9 +53,12 @@ enum Command {
     },
     /// Show what a running server reports about itself: version, store, keys, caches, upstreams.
     Status {
-        /// The server's base URL.
-        #[arg(long, default_value = "http://127.0.0.1:8080")]
-        url: String,
+        /// The server's base URL [default: http://127.0.0.1:8080, or the `listen` of --config].
+        #[arg(long)]
+        url: Option<String>,
+        /// The server's config file: its `listen` address is asked (on this host).
+        #[arg(long, short, conflicts_with = "url")]
+        config: Option<PathBuf>,
         /// A file holding a read token (private mode).
         #[arg(long, value_name = "FILE")]
         token_file: Option<PathBuf>,
@@ -152,7 +155,11 @@ fn main() -> ExitCode {
             Err(Failed::Plain(e)) => Err(e),
             Ok(()) => Ok(()),
         },
-        Command::Status { url, token_file } => status(&url, token_file.as_deref()),
+        Command::Status {
+            url,
+            config,
+            token_file,
+        } => status(url, config.as_deref(), token_file.as_deref()),
         Command::CheckConfig { config } => check_config(config.as_deref()),
         Command::Keygen { name, out } => keygen(&name, out.as_deref()),
         Command::Import { dir, config } => match import(&dir, config.as_deref()) {
@@ -567,7 +574,16 @@ fn serve_metrics(listener: tokio::net::TcpListener, state: AppState) {
     tokio::spawn(cellar::http::serve_metrics(listener, state));
 }
 
-fn status(url: &str, token_file: Option<&Path>) -> anyhow::Result<()> {
+fn status(
+    url: Option<String>,
+    config: Option<&Path>,
+    token_file: Option<&Path>,
+) -> anyhow::Result<()> {
+    let url = match (url, config) {
+        (Some(url), _) => url,
+        (None, Some(path)) => local_url(Config::load(Some(path))?.listen),
+        (None, None) => "http://127.0.0.1:8080".to_owned(),
+    };
     let token = match token_file {
         Some(f) => Some(
             std::fs::read_to_string(f)
@@ -581,9 +597,21 @@ fn status(url: &str, token_file: Option<&Path>) -> anyhow::Result<()> {
         .enable_all()
         .build()
         .context("starting the async runtime")?;
-    let status = rt.block_on(cellar::status::fetch(url, token.as_deref()))?;
+    let status = rt.block_on(cellar::status::fetch(&url, token.as_deref()))?;
     print!("{status}");
     Ok(())
+}
+
+/// The URL this host reaches a server listening on `listen` at: a wildcard address
+/// (`0.0.0.0`, `[::]`) through the loopback of its family.
+fn local_url(mut listen: std::net::SocketAddr) -> String {
+    if listen.ip().is_unspecified() {
+        listen.set_ip(match listen {
+            std::net::SocketAddr::V4(_) => std::net::Ipv4Addr::LOCALHOST.into(),
+            std::net::SocketAddr::V6(_) => std::net::Ipv6Addr::LOCALHOST.into(),
+        });
+    }
+    format!("http://{listen}")
 }
 
 /// Prints `listening on http://ADDR` on stdout once the port is open and the app is built, so

@@ -159,6 +159,27 @@ async fn private_mode_guards_metrics_and_status_and_cellar_status_reports() {
         "{text}"
     );
     assert!(text.contains("private: reads need a token"), "{text}");
+    // The same asked by the server's config file: its `listen`, a wildcard reached through
+    // the loopback.
+    let config = work.path().join("cellar.toml");
+    std::fs::write(
+        &config,
+        format!("listen = \"0.0.0.0:{}\"\n", srv.addr.port()),
+    )
+    .unwrap();
+    let by_config = Command::new(CELLAR)
+        .args(["status", "--config"])
+        .arg(&config)
+        .arg("--token-file")
+        .arg(&token_file)
+        .output()
+        .unwrap();
+    let by_config_text = String::from_utf8_lossy(&by_config.stdout);
+    assert!(by_config.status.success(), "{by_config_text}");
+    assert!(
+        by_config_text.contains("private: reads need a token"),
+        "{by_config_text}"
+    );
     assert!(
         text.contains("narinfo memory cache: 1 entries") && text.contains("50.0% hits"),
         "{text}"
