@@ -41,6 +41,9 @@ struct Upstream {
     keys: Vec<PublicKey>,
     timeout: Duration,
     mirror: bool,
+    /// Whether `base` holds credentials: a 403 is then their refusal (a private cellar
+    /// answers a token that matches none so), not a missing object.
+    credentials: bool,
     /// Active while the upstream is skipped after a failure.
     down: Backoff,
 }
@@ -182,6 +185,7 @@ impl Upstreams {
             .map(|c| Upstream {
                 base: c.url.clone(),
                 name: without_credentials(&c.url),
+                credentials: has_credentials(&c.url),
                 keys: c.public_keys.clone(),
                 timeout: c.timeout,
                 mirror: c.mirror,
@@ -370,13 +374,16 @@ impl Upstreams {
             // Throttled or timed out at the upstream: it has not said the object is missing.
             // Nor has one that wants credentials (a private cellar or attic whose token in
             // the URL is wrong or expired): a failure to be seen in the log and `/status`, not
-            // a quiet miss. (A 403 stays a miss: S3 answers it for a missing key to a reader
-            // without the right to list.)
+            // a quiet miss, and that `verify --repair` takes for an upstream it could not ask.
+            // A 403 too when the URL holds credentials (a private cellar's answer to a token
+            // that matches none); without, it stays a miss: S3 answers it for a missing key to
+            // a reader without the right to list.
             Ok(Ok(r))
                 if r.status().is_server_error()
                     || r.status() == reqwest::StatusCode::TOO_MANY_REQUESTS
                     || r.status() == reqwest::StatusCode::REQUEST_TIMEOUT
-                    || r.status() == reqwest::StatusCode::UNAUTHORIZED =>
+                    || r.status() == reqwest::StatusCode::UNAUTHORIZED
+                    || (r.status() == reqwest::StatusCode::FORBIDDEN && u.credentials) =>
             {
                 Failure::Status(r.status())
             }
@@ -392,7 +399,7 @@ impl Upstreams {
             Failure::Timeout => "timeout",
             Failure::Request(_) => "error",
             Failure::Status(s) => match s.as_u16() {
-                401 => "unauthorized",
+                401 | 403 => "unauthorized",
                 429 => "throttled",
                 408 => "timeout",
                 _ => "server_error",
@@ -817,6 +824,11 @@ fn url(u: &Upstream, key: &str) -> String {
     } else {
         format!("{}/{}", u.base, key.replace('?', "%3F"))
     }
+}
+
+/// Whether `url` holds a user name or a password.
+fn has_credentials(url: &str) -> bool {
+    reqwest::Url::parse(url).is_ok_and(|u| !u.username().is_empty() || u.password().is_some())
 }
 
 /// `url` without the user name and password it may hold, for showing it.

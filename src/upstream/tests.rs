@@ -698,6 +698,44 @@ async fn an_upstream_refusing_its_credentials_is_failing_not_a_miss() {
     assert!(logged.contains("401"), "{logged}");
 }
 
+/// A 403 from an upstream whose URL holds credentials is their refusal (a private cellar
+/// answers a token that matches none so): a failure, counted as `unauthorized`, which
+/// `verify --repair` takes for an upstream it could not ask. Without credentials it is a miss
+/// (S3 answers it for a key missing to a reader that may not list).
+#[tokio::test]
+async fn a_403_is_a_refusal_of_credentials_only_when_the_url_holds_some() {
+    let h: StorePathHash = FIRST.parse().unwrap();
+    let app = axum::Router::new().fallback(|| async { StatusCode::FORBIDDEN });
+    let url = serve(app).await;
+    let with = upstreams_at(url.replace("http://", "http://cellar:cellar_wrong@"));
+    let counted = |u: &Upstreams, r: &'static str| {
+        crate::metrics::get()
+            .upstream_requests
+            .get_or_create(&crate::metrics::UpstreamLabels {
+                upstream: u.list[0].name.clone(),
+                result: r,
+            })
+            .get()
+    };
+    for _ in 0..FAILURES_IN_A_ROW {
+        let (found, failed) = with.narinfo(h).await;
+        assert!(found.is_none() && failed);
+    }
+    assert!(with.list[0].down.is_active());
+    assert_eq!(counted(&with, "unauthorized"), FAILURES_IN_A_ROW as u64);
+    let without = upstreams_at(url);
+    let before = counted(&without, "not_found");
+    for _ in 0..FAILURES_IN_A_ROW {
+        let (found, failed) = without.narinfo(h).await;
+        assert!(found.is_none() && !failed);
+    }
+    assert!(!without.list[0].down.is_active());
+    assert_eq!(
+        counted(&without, "not_found") - before,
+        FAILURES_IN_A_ROW as u64
+    );
+}
+
 /// Each failure is counted as what it is: a refusal of the credentials, throttling, the
 /// upstream's own timeout and its errors apart (an expired token is not a 5xx to chase).
 #[tokio::test]
