@@ -3476,6 +3476,41 @@ async fn references_an_upstream_serves_are_not_missing() {
     );
 }
 
+/// A reference the store lacks while an upstream cannot answer (failing, or refusing the
+/// credentials in its URL) stops `verify` before anything is taken for missing, saying which
+/// path it asked for: a repair must not delete what that upstream may serve.
+#[tokio::test]
+async fn an_upstream_that_cannot_answer_stops_verify_naming_the_path() {
+    let elsewhere = served_for_years();
+    let now = SystemTime::now();
+    let missing = path(&elsewhere, "missing", &[], 100 * DAY, now);
+    let key = crate::nix::SecretKey::generate("upstream-1").unwrap();
+    let app =
+        axum::Router::new().fallback(|| async { axum::http::StatusCode::SERVICE_UNAVAILABLE });
+    let upstreams = crate::upstream::serving(app, vec![key.public()]).await;
+    let mem = Arc::new(served_for_years());
+    let top = path(&mem, "top", &[&missing], 100 * DAY, now);
+    let store: Arc<dyn Store> = mem.clone();
+    let opts = super::verify::Options {
+        hashes: false,
+        repair: true,
+        sample: None,
+        grace: DAY,
+        now,
+        settle: Duration::ZERO,
+        stop: Default::default(),
+        upstreams: Some(Arc::new(upstreams)),
+    };
+    let e = super::verify::run(&store, "/nix/store", &opts, &Quiet)
+        .await
+        .unwrap_err();
+    assert!(
+        matches!(&e, crate::store::StoreError::UpstreamDown(m) if m.contains(&format!("{}.narinfo", missing.hash))),
+        "{e}"
+    );
+    assert!(has(&mem, &format!("{}.narinfo", top.hash)));
+}
+
 /// A narinfo Nix's S3 store wrote compressed (`narinfo-compression=xz`, `Content-Encoding: xz`)
 /// is read decoded: a collection runs (it stops at a narinfo it cannot read) and deletes
 /// nothing of these young paths, and `verify` finds nothing wrong.

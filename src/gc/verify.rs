@@ -549,9 +549,18 @@ async fn served_by_upstreams(
         .copied()
         .filter(|r| !all.contains(r))
         .collect();
-    let asks = missing
-        .into_iter()
-        .map(|h| async move { Ok::<_, StoreError>(u.has(h).await?.then_some(h)) });
+    let asks = missing.into_iter().map(|h| async move {
+        match u.has(h).await {
+            Ok(served) => Ok(served.then_some(h)),
+            // Said with the path it was asked for (the upstream's failure is logged).
+            Err(StoreError::UpstreamDown(why)) => Err(StoreError::UpstreamDown(format!(
+                "{why} for {}, which the store lacks: it may serve it, so nothing is \
+                     taken for missing until every upstream answers",
+                object_key::narinfo(h)
+            ))),
+            Err(e) => Err(e),
+        }
+    });
     let found: Vec<Option<StorePathHash>> = futures::stream::iter(asks)
         .buffer_unordered(16)
         .try_collect()
