@@ -303,12 +303,15 @@ fn answered(what: &str, status: u16, code: &str) -> StoreError {
             "{what}: store answered {status} {code}: the bucket is in another region or at \
              another endpoint; check store.region and store.endpoint"
         ))
-    } else if status == 400 && code.is_empty() {
-        // A HEAD's answer has no body to say why; S3, MinIO and Garage answer a HEAD signed
-        // for another region than theirs so (a GET gets `AuthorizationHeaderMalformed`).
+    } else if status == 400 && code.is_empty() && matches!(what, "HeadObject" | "HeadBucket") {
+        // A HEAD's answer has no body to say why; S3 and Garage (and MinIO with a region set)
+        // answer a HEAD signed for another region than theirs so (a GET gets
+        // `AuthorizationHeaderMalformed`). Another request's 400 without a code (a proxy's
+        // page) stays a broken answer.
         StoreError::Misconfigured(format!(
             "{what}: store answered 400 without a reason (the answer to a HEAD has none): most \
-             often a request signed for another region than the store's; check store.region"
+             often a request signed for another region than the store's; check store.region \
+             (or whether session credentials expired)"
         ))
     } else {
         StoreError::Other(format!("{what}: store answered {status} {code}"))

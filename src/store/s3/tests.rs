@@ -134,6 +134,12 @@ async fn a_head_refused_without_a_reason_points_at_the_region() {
         assert!(region(got.clone()), "HEAD, direct {direct}: {got:?}");
         let got = store.ping().await;
         assert!(region(got.clone()), "ping, direct {direct}: {got:?}");
+        // A GET's 400 without a code (a proxy's page, say) is a broken answer, not a region.
+        let got = store.get("x", None).await.map(|_| ());
+        assert!(
+            matches!(&got, Err(StoreError::Other(m)) if !m.contains("store.region")),
+            "GET, direct {direct}: {got:?}"
+        );
     }
 }
 
