@@ -265,7 +265,7 @@ pub fn verify(
         println!("kept {k}: an upload in progress names it or a path that needs it (it may have been repaired by it)");
     }
     for k in &report.young {
-        println!("kept {k}: younger than gc.grace_secs, or needed by a path that is (a later run repairs it if it is still broken)");
+        println!("kept {k}: younger than gc.grace_secs, or needed by a path that is or needing one that is broken (a later run repairs it if it is still broken)");
     }
     for e in &report.repair_errors {
         println!("repair failed: {e}");

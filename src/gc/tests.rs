@@ -1372,9 +1372,23 @@ async fn verify_looks_again_before_reporting_or_deleting_a_narinfo() {
     // Older than what it refers to (written again since): it stays while that may be an
     // upload in progress.
     let above_young = path(&mem, "above-young", &[&young], 100 * DAY, now);
+    // Young and broken on its own, and above an old broken path: said once, and what it
+    // needs stays.
+    let old_below = path(&mem, "old-below", &[], 100 * DAY, now);
+    mem.remove(&old_below.nar);
+    let young_above = path(
+        &mem,
+        "young-above",
+        &[&old_below],
+        Duration::from_secs(60),
+        now,
+    );
+    mem.remove(&young_above.nar);
     let broken = path(&mem, "broken", &[], 100 * DAY, now);
     mem.remove(&broken.nar);
     let referrer = path(&mem, "referrer", &[&broken], 100 * DAY, now);
+    // Needs a young broken path, and an old one: it goes, for the old one.
+    let above_both = path(&mem, "above-both", &[&young, &broken], 100 * DAY, now);
     // Broken too (its reference is), but young: it stays, and so does what it needs.
     let broken_below = path(&mem, "broken-below", &[], 100 * DAY, now);
     mem.remove(&broken_below.nar);
@@ -1412,7 +1426,7 @@ async fn verify_looks_again_before_reporting_or_deleting_a_narinfo() {
         assert!(has(&mem, &narinfo(p)), "deleted: {:?}", r.repaired);
         assert!(has(&mem, &p.nar));
     }
-    for p in [&young, &above_young] {
+    for p in [&young, &above_young, &young_above, &old_below] {
         assert!(
             has(&mem, &narinfo(p)),
             "an upload in progress or a path that needs it was deleted: {}",
@@ -1420,10 +1434,13 @@ async fn verify_looks_again_before_reporting_or_deleting_a_narinfo() {
         );
     }
     assert!(!has(&mem, &narinfo(&broken)));
-    assert!(
-        !has(&mem, &narinfo(&referrer)),
-        "a path whose reference went stays"
-    );
+    for p in [&referrer, &above_both] {
+        assert!(
+            !has(&mem, &narinfo(p)),
+            "a path whose reference went stays: {}",
+            p.base
+        );
+    }
     for p in [&young_referrer, &broken_below] {
         assert!(
             has(&mem, &narinfo(p)),
@@ -1434,11 +1451,15 @@ async fn verify_looks_again_before_reporting_or_deleting_a_narinfo() {
     }
     let mut kept_young = r.young.clone();
     kept_young.sort();
-    // The young path broken itself is said to be kept too (its NAR may be on its way).
+    // The young paths broken themselves are said to be kept too (a NAR may be on its way),
+    // with what needs them and what they need, each once.
     let mut want = vec![
         narinfo(&broken_below),
         narinfo(&young_referrer),
         narinfo(&young),
+        narinfo(&above_young),
+        narinfo(&young_above),
+        narinfo(&old_below),
     ];
     want.sort();
     assert_eq!(kept_young, want);

@@ -217,7 +217,8 @@ pub struct Report {
     /// while it ran) names them, so an upload may rely on them (or just healed them).
     pub relied_on: Vec<String>,
     /// Narinfos `--repair` found broken but kept: younger than the grace period (an upload
-    /// in progress may be about to write what they miss), or needed by one that is.
+    /// in progress may be about to write what they miss), needed by one that is, or needing
+    /// one that is broken on its own.
     pub young: Vec<String>,
     pub repair_errors: Vec<String>,
     /// With `--repair`: what was done with the copies a run that died while deleting left
@@ -881,13 +882,15 @@ async fn repair_as(
         .checked_sub(opts.grace)
         .unwrap_or(SystemTime::UNIX_EPOCH);
     let mut unservable = vec![false; graph.len()];
+    // Broken on their own but younger than the grace period (perhaps an upload in progress):
+    // kept, with the paths that need them, and said so (below).
+    let mut young_bad = vec![false; graph.len()];
     for (i, n) in graph.nodes.iter().enumerate() {
         if !own_bad[i] {
             continue;
         }
         if n.modified > grace {
-            // Perhaps an upload in progress: kept, with the paths that need it, and said so.
-            report.young.push(object_key::narinfo(n.hash));
+            young_bad[i] = true;
             continue;
         }
         let rehash = corrupt.contains(&(i as u32)).then_some(store_dir);
@@ -936,6 +939,21 @@ async fn repair_as(
                 &mut report.young
             };
             keep_closure(graph, i, &mut kept, &mut unservable, listed);
+        }
+    }
+    // The young paths broken on their own, and the paths that need them (at any depth), unless
+    // deleted for another broken reference or listed already.
+    propagate(graph, &mut young_bad, &mut Vec::new());
+    let listed: HashSet<String> = report
+        .young
+        .iter()
+        .chain(&report.relied_on)
+        .cloned()
+        .collect();
+    for (i, n) in graph.nodes.iter().enumerate() {
+        let key = object_key::narinfo(n.hash);
+        if young_bad[i] && !unservable[i] && !listed.contains(&key) {
+            report.young.push(key);
         }
     }
     let order = sweep::referrers_first(graph, &unservable);
