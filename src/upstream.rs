@@ -41,9 +41,10 @@ struct Upstream {
     keys: Vec<PublicKey>,
     timeout: Duration,
     mirror: bool,
-    /// Whether `base` holds credentials: a 403 is then their refusal (a private cellar
-    /// answers a token that matches none so), not a missing object.
-    credentials: bool,
+    /// `base`'s origin (scheme, host, port) if it holds credentials: a 403 from there is
+    /// their refusal (a private cellar answers a token that matches none so), not a missing
+    /// object. One from elsewhere (a bucket a presigned redirect led to) is not.
+    credentialed_origin: Option<String>,
     /// Active while the upstream is skipped after a failure.
     down: Backoff,
 }
@@ -54,7 +55,7 @@ enum Failure {
     Timeout,
     /// The request failed (connection refused, DNS, TLS, a connection cut).
     Request(reqwest::Error),
-    /// A 5xx.
+    /// An error status: a 5xx, a 429, a 408, or a refusal of the credentials (401, 403).
     Status(reqwest::StatusCode),
 }
 
@@ -185,7 +186,7 @@ impl Upstreams {
             .map(|c| Upstream {
                 base: c.url.clone(),
                 name: without_credentials(&c.url),
-                credentials: has_credentials(&c.url),
+                credentialed_origin: credentialed_origin(&c.url),
                 keys: c.public_keys.clone(),
                 timeout: c.timeout,
                 mirror: c.mirror,
@@ -349,7 +350,8 @@ impl Upstreams {
 
     /// Sends `req` to `u` within its timeout: `Ok(Some)` for a 2xx (or 416, so a range outside
     /// the object can be reported as such), `Ok(None)` for a plain miss (4xx), `Err` when the
-    /// upstream failed (timeout, connection error, 5xx, 429, 408, 401), which also counts against
+    /// upstream failed (timeout, connection error, 5xx, 429, 408, 401, a 403 refusing the
+    /// credentials in its URL), which also counts against
     /// it ([`Upstream::failed`], which logs the start of an outage, so callers need not) unless
     /// another failure was counted since `started`, or it is an error status and not
     /// `statuses_count`.
@@ -383,7 +385,8 @@ impl Upstreams {
                     || r.status() == reqwest::StatusCode::TOO_MANY_REQUESTS
                     || r.status() == reqwest::StatusCode::REQUEST_TIMEOUT
                     || r.status() == reqwest::StatusCode::UNAUTHORIZED
-                    || (r.status() == reqwest::StatusCode::FORBIDDEN && u.credentials) =>
+                    || (r.status() == reqwest::StatusCode::FORBIDDEN
+                        && u.credentialed_origin.as_deref() == Some(&origin(r.url()))) =>
             {
                 Failure::Status(r.status())
             }
@@ -826,9 +829,20 @@ fn url(u: &Upstream, key: &str) -> String {
     }
 }
 
-/// Whether `url` holds a user name or a password.
-fn has_credentials(url: &str) -> bool {
-    reqwest::Url::parse(url).is_ok_and(|u| !u.username().is_empty() || u.password().is_some())
+/// The origin of `url` if it holds a user name or a password.
+fn credentialed_origin(url: &str) -> Option<String> {
+    let u = reqwest::Url::parse(url).ok()?;
+    (!u.username().is_empty() || u.password().is_some()).then(|| origin(&u))
+}
+
+/// `scheme://host:port` of `u`.
+fn origin(u: &reqwest::Url) -> String {
+    format!(
+        "{}://{}:{}",
+        u.scheme(),
+        u.host_str().unwrap_or_default(),
+        u.port_or_known_default().unwrap_or_default()
+    )
 }
 
 /// `url` without the user name and password it may hold, for showing it.

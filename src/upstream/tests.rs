@@ -723,7 +723,7 @@ async fn a_403_is_a_refusal_of_credentials_only_when_the_url_holds_some() {
     }
     assert!(with.list[0].down.is_active());
     assert_eq!(counted(&with, "unauthorized"), FAILURES_IN_A_ROW as u64);
-    let without = upstreams_at(url);
+    let without = upstreams_at(url.clone());
     let before = counted(&without, "not_found");
     for _ in 0..FAILURES_IN_A_ROW {
         let (found, failed) = without.narinfo(h).await;
@@ -734,6 +734,20 @@ async fn a_403_is_a_refusal_of_credentials_only_when_the_url_holds_some() {
         counted(&without, "not_found") - before,
         FAILURES_IN_A_ROW as u64
     );
+    // A 403 from where the upstream redirected (a bucket behind a presigned URL) is not the
+    // upstream refusing its credentials: a miss.
+    let bucket = url.clone();
+    let redirecting = axum::Router::new().fallback(move |uri: axum::http::Uri| {
+        let to = format!("{bucket}{uri}");
+        async move { axum::response::Redirect::temporary(&to) }
+    });
+    let front = serve(redirecting).await;
+    let redirected = upstreams_at(front.replace("http://", "http://cellar:cellar_right@"));
+    for _ in 0..FAILURES_IN_A_ROW {
+        let (found, failed) = redirected.narinfo(h).await;
+        assert!(found.is_none() && !failed);
+    }
+    assert!(!redirected.list[0].down.is_active());
 }
 
 /// Each failure is counted as what it is: a refusal of the credentials, throttling, the
