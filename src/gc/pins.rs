@@ -108,15 +108,29 @@ fn pin_key(name: &str) -> Result<String, GcError> {
 
 /// A store path as given on the command line (`/nix/store/<hash>-<name>`, or its base name).
 /// [`store_path`] of `s`, or else of where its symlinks lead: `./result` of `nix-build`, a
-/// profile (the store path it points at now).
+/// profile (the store path it points at now). Links are read, not resolved: the store path
+/// need not be on this machine, and a store directory reached through a symlink (`/nix` on
+/// another disk) is still named as the store names it.
 pub fn store_path_or_link(s: &str, store_dir: &str) -> Result<StorePathBaseName, GcError> {
-    match store_path(s, store_dir) {
-        Ok(p) => Ok(p),
-        Err(e) => match std::fs::canonicalize(s) {
-            Ok(target) => store_path(&target.to_string_lossy(), store_dir).map_err(|_| e),
-            Err(_) => Err(e),
-        },
+    let first = match store_path(s, store_dir) {
+        Ok(p) => return Ok(p),
+        Err(e) => e,
+    };
+    let mut at = std::path::PathBuf::from(s);
+    // As many links as the kernel follows in one path.
+    for _ in 0..40 {
+        let Ok(target) = std::fs::read_link(&at) else {
+            break;
+        };
+        at = match at.parent() {
+            Some(dir) if target.is_relative() => dir.join(target),
+            _ => target,
+        };
+        if let Ok(p) = store_path(&at.to_string_lossy(), store_dir) {
+            return Ok(p);
+        }
     }
+    Err(first)
 }
 
 pub fn store_path(s: &str, store_dir: &str) -> Result<StorePathBaseName, GcError> {
@@ -270,8 +284,9 @@ mod tests {
         assert!(store_path("6bxnj2gfflqa529lddzh3zhcn45nn86r-top/bin", sd).is_err());
     }
 
-    /// `./result` and profiles name the store path their symlinks lead to; a link out of the
-    /// store, a plain file and a dangling link are refused as they are named.
+    /// `./result` and profiles name the store path their symlinks lead to, whether it is on
+    /// this machine or not; a link out of the store, a plain file and a dangling link out of
+    /// the store are refused as they are named.
     #[test]
     fn links_name_the_store_path_they_lead_to() {
         let d = tempfile::tempdir().unwrap();
@@ -281,8 +296,10 @@ mod tests {
         std::fs::create_dir_all(&top).unwrap();
         let sd = sd.to_str().unwrap();
         std::os::unix::fs::symlink(&top, root.join("result")).unwrap();
-        // A profile: a link to a link.
-        std::os::unix::fs::symlink(root.join("result"), root.join("profile")).unwrap();
+        // A profile: a relative link to a link.
+        std::os::unix::fs::symlink("result", root.join("profile")).unwrap();
+        // Not on this machine (a profile copied from a builder, say).
+        std::fs::remove_dir(&top).unwrap();
         for link in ["result", "profile"] {
             let link = root.join(link);
             let got = store_path_or_link(link.to_str().unwrap(), sd).unwrap();
