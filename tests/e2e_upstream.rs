@@ -12,6 +12,11 @@ use common::*;
 
 /// Cellar B: a local-directory cache holding `paths` of the fixture (xz).
 fn upstream_with(paths: &[&str], work: &Path) -> Server {
+    Server::start(upstream_env(paths, work))
+}
+
+/// The env of a cellar over a local directory holding `paths` of the fixture (xz).
+fn upstream_env(paths: &[&str], work: &Path) -> Vec<(String, String)> {
     let f = fixture();
     let data = work.join("upstream-data");
     std::fs::create_dir_all(data.join("nar")).unwrap();
@@ -28,10 +33,20 @@ fn upstream_with(paths: &[&str], work: &Path) -> Server {
         cp.arg("-r").arg(&log).arg(data.join("log"));
         run_ok(cp);
     }
-    Server::start(vec![
+    vec![
         ("CELLAR_STORE__KIND".into(), "local".into()),
         ("CELLAR_STORE__PATH".into(), data.to_str().unwrap().into()),
-    ])
+    ]
+}
+
+/// [`upstream_with`], private: reads need a token (the second value, for the upstream URL).
+fn private_upstream_with(paths: &[&str], work: &Path) -> (Server, String) {
+    let (read, rcfg) = token("puller", "read");
+    let srv = Server::start_with_config(
+        &format!("[auth]\nprivate = true\n{rcfg}"),
+        upstream_env(paths, work),
+    );
+    (srv, read)
 }
 
 fn upstream_config(url: &str, key: &str, extra: &str) -> String {
@@ -358,6 +373,79 @@ async fn uploads_may_reference_paths_the_upstream_has() {
         s3_exists(&app.s3, &mid_narinfo).await,
         "--repair deleted mid"
     );
+}
+
+/// A private cellar as upstream, its read token in the URL: the real client substitutes
+/// through it, and builders upload on top of what it has. Once that token is refused (revoked,
+/// mistyped: a private cellar answers 403), the upstream is failing, not empty: `verify
+/// --repair` stops rather than delete the paths that need what it serves.
+#[tokio::test(flavor = "multi_thread")]
+async fn a_private_upstream_refusing_its_token_is_failing_not_empty() {
+    let f = fixture();
+    let work = tempfile::tempdir().unwrap();
+    let leaf = f.closure.iter().find(|p| p.ends_with("-leaf")).unwrap();
+    let mid = f.closure.iter().find(|p| p.ends_with("-mid")).unwrap();
+    let (b, read) = private_upstream_with(&[leaf.as_str()], work.path());
+    let with_token = |t: &str| b.url.replace("http://", &format!("http://cellar:{t}@"));
+    let (w, wcfg) = token("builder", "write");
+    let app = App::s3("private-upstream")
+        .config(&format!(
+            "{}{wcfg}",
+            upstream_config(&with_token(&read), &b.public_key, "")
+        ))
+        .spawn()
+        .await;
+    let a = &app.srv;
+    // To the root URL: its probes see what the upstream serves, so only mid is uploaded
+    // (the upload address would upload leaf too).
+    let n = netrc(work.path(), a, &w);
+    let mut c = nix("nix", &work.path().join("xdg-up"));
+    c.args(["copy", "--to", &a.url, "--option", "netrc-file"])
+        .arg(&n)
+        .arg(mid);
+    let out = run_ok_stderr(c);
+    assert!(!out.contains(&format!("copying path '{leaf}'")), "{out}");
+    let mut c = nix("nix", &work.path().join("xdg-from"));
+    c.args(["copy", "--from", &a.url, "--store"])
+        .arg(work.path().join("store"))
+        .args(["--trusted-public-keys", &a.public_key, mid]);
+    run_ok(c);
+
+    let good = std::fs::read_to_string(a.config_path()).unwrap();
+    let revoked = work.path().join("revoked.toml");
+    std::fs::write(
+        &revoked,
+        good.replace(&with_token(&read), &with_token("cellar_revoked")),
+    )
+    .unwrap();
+    let verify = |config: &Path| {
+        let mut c = std::process::Command::new(CELLAR);
+        c.args(["verify", "--repair", "--config"])
+            .arg(config)
+            .envs(s3_store_env(&app.s3, &app.s3.endpoint, &app.prefix))
+            .env("RUST_LOG", "warn");
+        c.output().unwrap()
+    };
+    let o = verify(&revoked);
+    let (out, err) = (
+        String::from_utf8_lossy(&o.stdout),
+        String::from_utf8_lossy(&o.stderr),
+    );
+    assert_eq!(o.status.code(), Some(2), "{out}{err}");
+    assert!(
+        err.contains("an upstream cache could not be asked")
+            && err.contains(&format!("{}.narinfo", Fixture::hash(leaf))),
+        "{err}"
+    );
+    let mid_narinfo = format!("{}{}.narinfo", app.prefix, Fixture::hash(mid));
+    assert!(
+        s3_exists(&app.s3, &mid_narinfo).await,
+        "--repair deleted mid"
+    );
+    let o = verify(&a.config_path());
+    let out = String::from_utf8_lossy(&o.stdout);
+    assert!(o.status.success(), "{out}");
+    assert!(out.contains("0 finding(s)"), "{out}");
 }
 
 /// A stand-in for nix-serve or harmonia (`style`) serving a `file://` copy of the fixture's
