@@ -12,6 +12,26 @@ use cellar::config::{Config, LogFormat, StoreBackend};
 use cellar::nix::SecretKey;
 use cellar::{signing_keys, store, AppState};
 
+/// `println!` that never panics: with its reader gone (`cellar gc | head`) the rest of the
+/// output is lost and the command still runs to its end (a collection is not cut half-way).
+macro_rules! say {
+    () => {
+        say!("")
+    };
+    ($($arg:tt)*) => {{
+        use std::io::Write as _;
+        let _ = writeln!(std::io::stdout(), $($arg)*);
+    }};
+}
+
+/// `print!` as [`say!`] is `println!`.
+macro_rules! say_raw {
+    ($($arg:tt)*) => {{
+        use std::io::Write as _;
+        let _ = write!(std::io::stdout(), $($arg)*);
+    }};
+}
+
 #[path = "cli/gc.rs"]
 mod gc_cli;
 
@@ -209,19 +229,19 @@ fn main() -> ExitCode {
 fn check_config(path: Option<&Path>) -> anyhow::Result<()> {
     let cfg = Config::load(path)?;
     for (var, key) in path.map(Config::env_overrides).unwrap_or_default() {
-        println!("note: {var} overrides `{key}` in the config file");
+        say!("note: {var} overrides `{key}` in the config file");
     }
     // As `serve` reads them: also refused if two keys have one name.
     if !cfg.signing.key_files.is_empty() {
         let keys = signing_keys::load_existing(&cfg.signing)?;
         for (f, k) in cfg.signing.key_files.iter().zip(&keys) {
-            println!("signing key {}: {}", f.display(), k.public());
+            say!("signing key {}: {}", f.display(), k.public());
         }
     }
     if let Some(dir) = &cfg.cache.nar_dir {
         cellar::cache::nar::check_dir(dir).context("cache.nar_dir")?;
     }
-    println!("configuration is valid");
+    say!("configuration is valid");
     Ok(())
 }
 
@@ -231,10 +251,10 @@ fn keygen(name: &str, out: Option<&Path>) -> anyhow::Result<()> {
         Some(path) => {
             signing_keys::write_secret_key(path, &key)?;
             eprintln!("secret key written to {}", path.display());
-            println!("{}", key.public());
+            say!("{}", key.public());
         }
         None => {
-            println!("{}", key.to_nix_format());
+            say!("{}", key.to_nix_format());
             eprintln!("public key: {}", key.public());
         }
     }
@@ -313,14 +333,14 @@ fn import(dir: &Path, path: Option<&Path>) -> anyhow::Result<ExitCode> {
         0 => String::new(),
         n => format!(", {n} realisation(s) written"),
     };
-    println!(
+    say!(
         "imported {}, skipped {} (already present), rejected {}{realisations}",
         summary.imported,
         summary.skipped,
         summary.rejected.len()
     );
     for (what, why) in &summary.rejected {
-        println!("  rejected {what}: {why}");
+        say!("  rejected {what}: {why}");
     }
     if let Some(cause) = stopped {
         eprintln!(
@@ -331,7 +351,7 @@ fn import(dir: &Path, path: Option<&Path>) -> anyhow::Result<ExitCode> {
     }
     if !summary.rejected.is_empty() {
         eprintln!(
-            "cellar: error: {} path(s) were rejected",
+            "cellar: error: {} path(s) or realisation(s) were rejected",
             summary.rejected.len()
         );
         return Ok(ExitCode::FAILURE);
@@ -351,16 +371,16 @@ fn token_new(name: &str, scope: ScopeArg) -> anyhow::Result<()> {
         ScopeArg::Read => "read",
         ScopeArg::Write => "write",
     };
-    println!("token: {token}");
-    println!();
-    println!("# add to the server's config (only the hash is stored):");
-    println!("[[auth.tokens]]");
-    println!("name = \"{name}\"");
-    println!("hash = \"{}\"", cellar::auth::hash(&token));
-    println!("scopes = [\"{scope}\"]");
-    println!();
-    println!("# on the client, in the file nix.conf's netrc-file points to:");
-    println!("# machine <cache host> login {name} password {token}");
+    say!("token: {token}");
+    say!();
+    say!("# add to the server's config (only the hash is stored):");
+    say!("[[auth.tokens]]");
+    say!("name = \"{name}\"");
+    say!("hash = \"{}\"", cellar::auth::hash(&token));
+    say!("scopes = [\"{scope}\"]");
+    say!();
+    say!("# on the client, in the file nix.conf's netrc-file points to:");
+    say!("# machine <cache host> login {name} password {token}");
     Ok(())
 }
 
@@ -598,7 +618,7 @@ fn status(
         .build()
         .context("starting the async runtime")?;
     let status = rt.block_on(cellar::status::fetch(&url, token.as_deref()))?;
-    print!("{status}");
+    say_raw!("{status}");
     Ok(())
 }
 

@@ -286,6 +286,34 @@ fn import_says_where_it_creates_the_store_and_what_it_imports_into() {
     );
 }
 
+/// A reader of the output that went away (`cellar gc | head`) loses the rest of it, and the
+/// command still runs to its end and exits as it would have (no panic, no exit 101): a
+/// collection must not stop half-way because its report could not be printed.
+#[test]
+fn a_closed_stdout_is_no_panic() {
+    let d = tempfile::tempdir().unwrap();
+    std::fs::create_dir(d.path().join("cellar-data")).unwrap();
+    for args in [
+        vec!["check-config"],
+        vec!["gc"],
+        vec!["verify"],
+        vec!["token", "new", "--name", "ci", "--scope", "write"],
+    ] {
+        // The read end closed before the command starts: its first write fails (EPIPE).
+        let (reader, writer) = std::io::pipe().unwrap();
+        drop(reader);
+        let out = cellar(d.path())
+            .args(&args)
+            .stdout(writer)
+            .stderr(std::process::Stdio::piped())
+            .output()
+            .unwrap();
+        let err = String::from_utf8_lossy(&out.stderr);
+        assert_eq!(out.status.code(), Some(0), "{args:?}: {err}");
+        assert!(!err.contains("panicked"), "{args:?}: {err}");
+    }
+}
+
 /// A directory to import from that cannot be read (a typo) is said before anything is done:
 /// no store is created, and no advice to run it again.
 #[test]

@@ -133,9 +133,9 @@ pub fn gc(path: Option<&Path>, apply: bool, metrics_file: Option<&Path>) -> anyh
         gc_summary(path, apply)
     })?;
     if !apply {
-        println!("dry run: nothing was deleted (run with --apply to delete)");
+        say!("dry run: nothing was deleted (run with --apply to delete)");
     }
-    print!("{summary}");
+    say_raw!("{summary}");
     if let Some(f) = metrics_file {
         let previous = std::fs::read_to_string(f).ok();
         let text = gc::metrics_file::render_gc(&summary, previous.as_deref(), SystemTime::now());
@@ -190,7 +190,7 @@ pub fn pin(path: Option<&Path>, command: PinCommand) -> anyhow::Result<()> {
                 for p in &absent {
                     eprintln!("warning: {sd}/{p} is not in the cache (yet); pinned anyway");
                 }
-                println!("pinned {n} path(s) as {name}");
+                say!("pinned {n} path(s) as {name}");
             }
             PinCommand::List => {
                 let (pins, bad) = gc::pins::list(store.as_ref(), &sd).await?;
@@ -201,18 +201,18 @@ pub fn pin(path: Option<&Path>, command: PinCommand) -> anyhow::Result<()> {
                         Some(_) if !p.active(now) => "expired".to_owned(),
                         Some(k) => format!("kept for {} days from creation", k.as_secs() / 86400),
                     };
-                    println!("{} ({state})", p.name);
+                    say!("{} ({state})", p.name);
                     for path in &p.paths {
-                        println!("  {sd}/{path}");
+                        say!("  {sd}/{path}");
                     }
                 }
                 for (key, why) in bad {
-                    println!("unreadable pin {key}: {why}");
+                    say!("unreadable pin {key}: {why}");
                 }
             }
             PinCommand::Rm { name } => {
                 gc::pins::remove(store.as_ref(), &name).await?;
-                println!("removed pin {name}");
+                say!("removed pin {name}");
             }
         }
         anyhow::Ok(())
@@ -234,9 +234,9 @@ pub fn verify(
         verify_report(path, repair, sample, hashes)
     })?;
     for f in &report.findings {
-        println!("{f}");
+        say!("{f}");
     }
-    println!(
+    say!(
         "checked {} narinfos{}: {} finding(s)",
         report.narinfos_checked,
         if sample.is_some() {
@@ -247,31 +247,31 @@ pub fn verify(
         report.findings.len()
     );
     if report.on_upstreams > 0 {
-        println!(
+        say!(
             "{} reference(s) not in the store are served by upstreams",
             report.on_upstreams
         );
     }
     for u in &report.unfinished {
-        println!("{u}");
+        say!("{u}");
     }
     for k in &report.repaired {
-        println!("repaired: deleted {k}");
+        say!("repaired: deleted {k}");
     }
     for k in &report.in_use {
-        println!("kept {k}: an upload recorded it in the last 30 minutes (its narinfo may follow)");
+        say!("kept {k}: an upload recorded it in the last 30 minutes (its narinfo may follow)");
     }
     for k in &report.relied_on {
-        println!("kept {k}: an upload in progress names it or a path that needs it (it may have been repaired by it)");
+        say!("kept {k}: an upload in progress names it or a path that needs it (it may have been repaired by it)");
     }
     for k in &report.young {
-        println!("kept {k}: younger than gc.grace_secs, or needed by a path that is or needing one that is broken (a later run repairs it if it is still broken)");
+        say!("kept {k}: younger than gc.grace_secs, or needed by a path that is or needing one that is broken (a later run repairs it if it is still broken)");
     }
     for e in &report.repair_errors {
-        println!("repair failed: {e}");
+        say!("repair failed: {e}");
     }
     for e in &report.unhashed {
-        println!("not hashed: {e}");
+        say!("not hashed: {e}");
     }
     if let Some(f) = metrics_file {
         let previous = std::fs::read_to_string(f).ok();
