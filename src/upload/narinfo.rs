@@ -318,6 +318,13 @@ impl Uploader {
                 {
                     return Err(e.into());
                 }
+                // Answered as present (the client skips the path), but said: a signature it
+                // sent (`nix store sign`) is not added, for the reason a new upload would be
+                // refused.
+                (Some(why), _) => {
+                    tracing::info!(path = %existing.store_path, cause = %why, "a narinfo sent for a published path added nothing: it would be refused as an upload");
+                    existing
+                }
                 _ => existing,
             };
             return Ok(Accepted {
@@ -403,10 +410,11 @@ impl Uploader {
     /// is seen here, so the write never brings back a path whose references may be going.
     async fn add_signatures(&self, published: NarInfo, sent: &NarInfo) -> Result<NarInfo, Error> {
         let sd = &self.store_dir;
-        if with_added_signatures(&published, sent, sd, &self.trusted_keys)
-            .merged
-            .is_none()
-        {
+        let first = with_added_signatures(&published, sent, sd, &self.trusted_keys);
+        if first.merged.is_none() {
+            // Nothing to add: said all the same when signatures sent were left out, as the
+            // client is told 200 (`nix store sign` prints that it added them).
+            left_out_said(&published, &first);
             return Ok(published);
         }
         let Some(now) = self.stored(published.hash()).await? else {
@@ -415,12 +423,7 @@ impl Uploader {
             )));
         };
         let added = with_added_signatures(&now, sent, sd, &self.trusted_keys);
-        if added.untrusted > 0 {
-            tracing::info!(path = %now.store_path, untrusted = added.untrusted, "signatures sent for a published path left out: not by one of upload.trusted_keys");
-        }
-        if added.left_out > 0 {
-            tracing::warn!(path = %now.store_path, left_out = added.left_out, "signatures sent for a published path left out: it holds {MAX_SIGNATURES} already");
-        }
+        left_out_said(&now, &added);
         match added.merged {
             Some(merged) => {
                 self.write_signatures(&merged).await?;
@@ -506,6 +509,17 @@ impl Uploader {
 
 /// A narinfo holds at most this many signatures: Nix's own carry one to three.
 pub(super) const MAX_SIGNATURES: usize = 16;
+
+/// Logs the signatures sent for `published` that `added` left out: not by one of
+/// `upload.trusted_keys`, or beyond [`MAX_SIGNATURES`].
+fn left_out_said(published: &NarInfo, added: &Added) {
+    if added.untrusted > 0 {
+        tracing::info!(path = %published.store_path, untrusted = added.untrusted, "signatures sent for a published path left out: not by one of upload.trusted_keys");
+    }
+    if added.left_out > 0 {
+        tracing::warn!(path = %published.store_path, left_out = added.left_out, "signatures sent for a published path left out: it holds {MAX_SIGNATURES} already");
+    }
+}
 
 /// `published` with the signatures `sent` adds to it (`nix store sign --store URL` sends the
 /// narinfo back with them; a builder re-uploading a path may sign it with its own key), if

@@ -460,6 +460,20 @@ async fn signatures_sent_for_a_published_path_are_added_to_it() {
         .unwrap();
     assert!(acc.already_present);
     assert_eq!(stored().sigs.len(), super::narinfo::MAX_SIGNATURES);
+    // Full: one more sent is left out, and said (the client is told 200, and `nix store sign`
+    // that it added it).
+    let logs = crate::test_logs::capture();
+    let mut late = stored();
+    late.sign(&SecretKey::generate("late-1").unwrap(), sd);
+    up.put_narinfo(info.hash(), late.render(sd).as_bytes(), None)
+        .await
+        .unwrap();
+    assert_eq!(stored().sigs.len(), super::narinfo::MAX_SIGNATURES);
+    assert!(
+        logs.text().contains("left out: it holds 16 already"),
+        "{}",
+        logs.text()
+    );
 }
 
 /// Two builders pushing one path at once through this server take turns: the second finds
@@ -523,7 +537,8 @@ async fn with_trusted_keys_only_their_signatures_are_added() {
     let sd = "/nix/store";
     let info = published_signed_by(&up, &trusted).await;
     let stored = || stored_narinfo(&mem, &info);
-    // Unsigned by a trusted key: nothing added.
+    let logs = crate::test_logs::capture();
+    // Unsigned by a trusted key: nothing added, and said.
     let mut unsigned = info.clone();
     unsigned.sigs.clear();
     unsigned.sign(&SecretKey::generate("stranger-1").unwrap(), sd);
@@ -531,7 +546,14 @@ async fn with_trusted_keys_only_their_signatures_are_added() {
         .await
         .unwrap();
     assert_eq!(stored().sigs, info.sigs);
-    // Signed by it, with a stranger's beside: only trusted signatures are added.
+    assert!(
+        logs.text()
+            .contains("a narinfo sent for a published path added nothing"),
+        "{}",
+        logs.text()
+    );
+    // Signed by it, with a stranger's beside: only trusted signatures are added, and the
+    // others said to be left out.
     let mut both = info.clone();
     both.sign(&SecretKey::generate("stranger-1").unwrap(), sd);
     let other_trusted = SecretKey::generate("release-1").unwrap();
@@ -540,6 +562,12 @@ async fn with_trusted_keys_only_their_signatures_are_added() {
         .await
         .unwrap();
     assert_eq!(stored().sigs, info.sigs);
+    assert!(
+        logs.text()
+            .contains("left out: not by one of upload.trusted_keys"),
+        "{}",
+        logs.text()
+    );
 }
 
 /// Signatures to add, but the upload's record could not be written: the upload gets the
