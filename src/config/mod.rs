@@ -634,12 +634,12 @@ pub struct UpstreamConfig {
 /// that are text take the value as it is written instead, so that a bucket named `2024`, or a
 /// MinIO secret made of digits (`0123…`, which as a number would lose its zero), stay as set.
 fn with_env(fig: Figment) -> Figment {
-    let mut fig = fig.merge(
+    // Renamed keys as in the file: both names set is an error, not whichever came last.
+    let mut fig = fig.merge(Renamed(
         Env::prefixed("CELLAR_")
             .filter(|k| !is_link_variable(k.as_str()))
-            .split("__")
-            .map(|k| renamed(k.as_str()).into()),
-    );
+            .split("__"),
+    ));
     for (var, value) in utf8_vars() {
         if let Some(key) = config_key(&var).filter(|k| TEXT_KEYS.contains(&k.as_str())) {
             fig = fig.merge(figment::providers::Serialized::default(&key, value));

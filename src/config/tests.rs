@@ -687,6 +687,18 @@ fn a_variable_overrides_a_renamed_key_under_either_name() {
                 "{in_file} with {var}"
             );
         }
+        // Both names as variables: an error, as in the file, not whichever came last.
+        jail.clear_env();
+        jail.set_env("CELLAR_STORE__DIRECT_READS", "7");
+        jail.set_env("CELLAR_STORE__DIRECT_REQUESTS", "true");
+        let e = Config::load(Some(Path::new("c.toml")))
+            .map(|c| format!("{c:?}"))
+            .unwrap_err()
+            .to_string();
+        assert!(
+            e.contains("`store.direct_reads` is the old name of `store.direct_requests`"),
+            "{e}"
+        );
         Ok(())
     });
 }
