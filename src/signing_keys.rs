@@ -45,6 +45,8 @@ pub enum KeyFileError {
         first: PathBuf,
         second: PathBuf,
     },
+    #[error("signing.key_files lists {0} twice")]
+    ListedTwice(PathBuf),
     #[error("cannot generate a signing key: {0}")]
     Generate(KeyError),
     /// Any of the above, for the config key that named the file (or the key name).
@@ -63,6 +65,7 @@ impl KeyFileError {
             Self::KeyInsteadOfFile
             | Self::Generate(_)
             | Self::SameName { .. }
+            | Self::ListedTwice(_)
             | Self::InKey { .. } => self,
             error => Self::InKey {
                 key,
@@ -236,6 +239,9 @@ fn read_key_files(paths: &[PathBuf]) -> Result<Vec<SecretKey>, KeyFileError> {
         .collect::<Result<_, _>>()?;
     for (j, key) in keys.iter().enumerate() {
         if let Some(i) = keys[..j].iter().position(|k| k.name() == key.name()) {
+            if paths[i] == paths[j] {
+                return Err(KeyFileError::ListedTwice(paths[j].clone()));
+            }
             return Err(KeyFileError::SameName {
                 name: key.name().to_owned(),
                 first: paths[i].clone(),
@@ -566,6 +572,16 @@ mod tests {
                 assert!(said.contains(part), "{said}");
             }
         }
+        // One file listed twice is said as such, not as two keys of one name.
+        let twice = SigningConfig {
+            key_files: vec![old.clone(), old.clone()],
+            ..SigningConfig::default()
+        };
+        let said = load(&twice).err().unwrap().to_string();
+        assert_eq!(
+            said,
+            format!("signing.key_files lists {} twice", old.display())
+        );
     }
 
     /// A key file that cannot be created (its directory cannot be made: a file is in the way)

@@ -17,7 +17,7 @@ use thiserror::Error;
 pub enum KeyError {
     #[error("expected `name:base64`, found no `:`")]
     NoName,
-    #[error("the key name is empty or contains whitespace")]
+    #[error("the key name is empty, or contains `:` or whitespace")]
     BadName,
     #[error("the part after `:` is not valid base64")]
     BadBase64,
