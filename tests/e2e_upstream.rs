@@ -301,6 +301,28 @@ async fn mirrored_paths_land_in_the_bucket() {
     run_ok(c);
 }
 
+/// One Nix user uploads `mid` to cellar `a` (write token `w`) while `leaf`, its reference,
+/// is at `a`'s upstream, then substitutes `mid` from `a` into a fresh store. The upload goes
+/// to the root URL, whose probes see what the upstream serves: only mid is uploaded (the
+/// upload address would upload leaf too).
+fn upload_on_top_then_substitute(a: &Server, w: &str, work: &Path, leaf: &str, mid: &str) {
+    let n = netrc(work, a, w);
+    let mut c = nix("nix", &work.join("xdg-up"));
+    c.args(["copy", "--to", &a.url, "--option", "netrc-file"])
+        .arg(&n)
+        .arg(mid);
+    let out = run_ok_stderr(c);
+    assert!(
+        out.contains("-mid") && !out.contains(&format!("copying path '{leaf}'")),
+        "{out}"
+    );
+    let mut c = nix("nix", &work.join("xdg-from"));
+    c.args(["copy", "--from", &a.url, "--store"])
+        .arg(work.join("store"))
+        .args(["--trusted-public-keys", &a.public_key, mid]);
+    run_ok(c);
+}
+
 #[tokio::test(flavor = "multi_thread")]
 async fn uploads_may_reference_paths_the_upstream_has() {
     let f = fixture();
@@ -317,22 +339,7 @@ async fn uploads_may_reference_paths_the_upstream_has() {
         .spawn()
         .await;
     let a = &app.srv;
-    let n = netrc(work.path(), a, &w);
-    let mut c = nix("nix", &work.path().join("xdg-up"));
-    c.args(["copy", "--to", &a.url, "--option", "netrc-file"])
-        .arg(&n)
-        .arg(mid);
-    let out = run_ok_stderr(c);
-    // leaf came from the upstream: only mid was uploaded.
-    assert!(
-        out.contains("-mid") && !out.contains(&format!("copying path '{leaf}'")),
-        "{out}"
-    );
-    let mut c = nix("nix", &work.path().join("xdg-from"));
-    c.args(["copy", "--from", &a.url, "--store"])
-        .arg(work.path().join("store"))
-        .args(["--trusted-public-keys", &a.public_key, mid]);
-    run_ok(c);
+    upload_on_top_then_substitute(a, &w, work.path(), leaf, mid);
 
     // `cellar verify` with A's config knows the upstream: mid's reference is not missing, so
     // --repair keeps mid. Without the upstream, the same bucket has a missing reference.
@@ -396,20 +403,7 @@ async fn a_private_upstream_refusing_its_token_is_failing_not_empty() {
         .spawn()
         .await;
     let a = &app.srv;
-    // To the root URL: its probes see what the upstream serves, so only mid is uploaded
-    // (the upload address would upload leaf too).
-    let n = netrc(work.path(), a, &w);
-    let mut c = nix("nix", &work.path().join("xdg-up"));
-    c.args(["copy", "--to", &a.url, "--option", "netrc-file"])
-        .arg(&n)
-        .arg(mid);
-    let out = run_ok_stderr(c);
-    assert!(!out.contains(&format!("copying path '{leaf}'")), "{out}");
-    let mut c = nix("nix", &work.path().join("xdg-from"));
-    c.args(["copy", "--from", &a.url, "--store"])
-        .arg(work.path().join("store"))
-        .args(["--trusted-public-keys", &a.public_key, mid]);
-    run_ok(c);
+    upload_on_top_then_substitute(a, &w, work.path(), leaf, mid);
 
     let good = std::fs::read_to_string(a.config_path()).unwrap();
     let revoked = work.path().join("revoked.toml");

@@ -698,6 +698,17 @@ async fn an_upstream_refusing_its_credentials_is_failing_not_a_miss() {
     assert!(logged.contains("401"), "{logged}");
 }
 
+/// The requests to the first of `u` counted with `result` (the metrics are the process's).
+fn requests_counted(u: &Upstreams, result: &'static str) -> u64 {
+    crate::metrics::get()
+        .upstream_requests
+        .get_or_create(&crate::metrics::UpstreamLabels {
+            upstream: u.list[0].name.clone(),
+            result,
+        })
+        .get()
+}
+
 /// A 403 from an upstream whose URL holds credentials is their refusal (a private cellar
 /// answers a token that matches none so): a failure, counted as `unauthorized`, which
 /// `verify --repair` takes for an upstream it could not ask. Without credentials it is a miss
@@ -708,30 +719,24 @@ async fn a_403_is_a_refusal_of_credentials_only_when_the_url_holds_some() {
     let app = axum::Router::new().fallback(|| async { StatusCode::FORBIDDEN });
     let url = serve(app).await;
     let with = upstreams_at(url.replace("http://", "http://cellar:cellar_wrong@"));
-    let counted = |u: &Upstreams, r: &'static str| {
-        crate::metrics::get()
-            .upstream_requests
-            .get_or_create(&crate::metrics::UpstreamLabels {
-                upstream: u.list[0].name.clone(),
-                result: r,
-            })
-            .get()
-    };
     for _ in 0..FAILURES_IN_A_ROW {
         let (found, failed) = with.narinfo(h).await;
         assert!(found.is_none() && failed);
     }
     assert!(with.list[0].down.is_active());
-    assert_eq!(counted(&with, "unauthorized"), FAILURES_IN_A_ROW as u64);
+    assert_eq!(
+        requests_counted(&with, "unauthorized"),
+        FAILURES_IN_A_ROW as u64
+    );
     let without = upstreams_at(url.clone());
-    let before = counted(&without, "not_found");
+    let before = requests_counted(&without, "not_found");
     for _ in 0..FAILURES_IN_A_ROW {
         let (found, failed) = without.narinfo(h).await;
         assert!(found.is_none() && !failed);
     }
     assert!(!without.list[0].down.is_active());
     assert_eq!(
-        counted(&without, "not_found") - before,
+        requests_counted(&without, "not_found") - before,
         FAILURES_IN_A_ROW as u64
     );
     // A 403 from where the upstream redirected (a bucket behind a presigned URL) is not the
@@ -766,15 +771,7 @@ async fn upstream_failures_are_counted_by_what_they_are() {
         let url = serve(app).await;
         let upstreams = upstreams_at(url.clone());
         let _ = upstreams.narinfo(h).await;
-        let counted = |r: &'static str| {
-            crate::metrics::get()
-                .upstream_requests
-                .get_or_create(&crate::metrics::UpstreamLabels {
-                    upstream: upstreams.list[0].name.clone(),
-                    result: r,
-                })
-                .get()
-        };
+        let counted = |r: &'static str| requests_counted(&upstreams, r);
         assert_eq!(counted(result), 1, "{status}");
         if result != "server_error" {
             assert_eq!(counted("server_error"), 0, "{status}");
