@@ -254,7 +254,8 @@ fn keygen(name: &str, out: Option<&Path>) -> anyhow::Result<()> {
             say!("{}", key.public());
         }
         None => {
-            say!("{}", key.to_nix_format());
+            written(&format!("{}\n", key.to_nix_format()))
+                .context("writing the secret key to stdout")?;
             eprintln!("public key: {}", key.public());
         }
     }
@@ -371,17 +372,28 @@ fn token_new(name: &str, scope: ScopeArg) -> anyhow::Result<()> {
         ScopeArg::Read => "read",
         ScopeArg::Write => "write",
     };
-    say!("token: {token}");
-    say!();
-    say!("# add to the server's config (only the hash is stored):");
-    say!("[[auth.tokens]]");
-    say!("name = \"{name}\"");
-    say!("hash = \"{}\"", cellar::auth::hash(&token));
-    say!("scopes = [\"{scope}\"]");
-    say!();
-    say!("# on the client, in the file nix.conf's netrc-file points to:");
-    say!("# machine <cache host> login {name} password {token}");
-    Ok(())
+    let hash = cellar::auth::hash(&token);
+    // Written whole or the command fails: a token printed nowhere must not look made.
+    let text = format!(
+        "token: {token}\n\n\
+         # add to the server's config (only the hash is stored):\n\
+         [[auth.tokens]]\n\
+         name = \"{name}\"\n\
+         hash = \"{hash}\"\n\
+         scopes = [\"{scope}\"]\n\n\
+         # on the client, in the file nix.conf's netrc-file points to:\n\
+         # machine <cache host> login {name} password {token}\n"
+    );
+    written(&text).context("writing the token to stdout")
+}
+
+/// `text` written to stdout whole, or the error: for what must not be lost (a secret key, a
+/// token), where [`say!`] would go on.
+fn written(text: &str) -> std::io::Result<()> {
+    use std::io::Write as _;
+    let mut out = std::io::stdout().lock();
+    out.write_all(text.as_bytes())?;
+    out.flush()
 }
 
 /// The local store's directory, as an absolute path, if it does not exist (opening the store

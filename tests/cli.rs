@@ -288,16 +288,20 @@ fn import_says_where_it_creates_the_store_and_what_it_imports_into() {
 
 /// A reader of the output that went away (`cellar gc | head`) loses the rest of it, and the
 /// command still runs to its end and exits as it would have (no panic, no exit 101): a
-/// collection must not stop half-way because its report could not be printed.
+/// collection must not stop half-way because its report could not be printed. What would be
+/// lost for good (a new token, a secret key) fails the command instead.
 #[test]
 fn a_closed_stdout_is_no_panic() {
     let d = tempfile::tempdir().unwrap();
     std::fs::create_dir(d.path().join("cellar-data")).unwrap();
-    for args in [
-        vec!["check-config"],
-        vec!["gc"],
-        vec!["verify"],
-        vec!["token", "new", "--name", "ci", "--scope", "write"],
+    // (arguments, exit code): a token or secret key that could not be printed fails the
+    // command instead (one printed nowhere must not look made).
+    for (args, code) in [
+        (vec!["check-config"], 0),
+        (vec!["gc"], 0),
+        (vec!["verify"], 0),
+        (vec!["token", "new", "--name", "ci", "--scope", "write"], 1),
+        (vec!["keygen", "cache-1"], 1),
     ] {
         // The read end closed before the command starts: its first write fails (EPIPE).
         let (reader, writer) = std::io::pipe().unwrap();
@@ -309,8 +313,11 @@ fn a_closed_stdout_is_no_panic() {
             .output()
             .unwrap();
         let err = String::from_utf8_lossy(&out.stderr);
-        assert_eq!(out.status.code(), Some(0), "{args:?}: {err}");
+        assert_eq!(out.status.code(), Some(code), "{args:?}: {err}");
         assert!(!err.contains("panicked"), "{args:?}: {err}");
+        if code == 1 {
+            assert!(err.contains("to stdout"), "{args:?}: {err}");
+        }
     }
 }
 
