@@ -41,10 +41,10 @@ struct Upstream {
     keys: Vec<PublicKey>,
     timeout: Duration,
     mirror: bool,
-    /// `base`'s origin (scheme, host, port) if it holds credentials: a 403 from there is
-    /// their refusal (a private cellar answers a token that matches none so), not a missing
-    /// object. One from elsewhere (a bucket a presigned redirect led to) is not.
-    credentialed_origin: Option<String>,
+    /// `base`, parsed, if it holds credentials: a 403 from its origin is their refusal (a
+    /// private cellar answers a token that matches none so), not a missing object. One from
+    /// elsewhere (a bucket a presigned redirect led to) is not.
+    credentialed: Option<reqwest::Url>,
     /// Active while the upstream is skipped after a failure.
     down: Backoff,
 }
@@ -186,7 +186,7 @@ impl Upstreams {
             .map(|c| Upstream {
                 base: c.url.clone(),
                 name: without_credentials(&c.url),
-                credentialed_origin: credentialed_origin(&c.url),
+                credentialed: reqwest::Url::parse(&c.url).ok().filter(has_credentials),
                 keys: c.public_keys.clone(),
                 timeout: c.timeout,
                 mirror: c.mirror,
@@ -386,7 +386,9 @@ impl Upstreams {
                     || r.status() == reqwest::StatusCode::REQUEST_TIMEOUT
                     || r.status() == reqwest::StatusCode::UNAUTHORIZED
                     || (r.status() == reqwest::StatusCode::FORBIDDEN
-                        && u.credentialed_origin.as_deref() == Some(&origin(r.url()))) =>
+                        && u.credentialed
+                            .as_ref()
+                            .is_some_and(|b| b.origin() == r.url().origin())) =>
             {
                 Failure::Status(r.status())
             }
@@ -829,26 +831,15 @@ fn url(u: &Upstream, key: &str) -> String {
     }
 }
 
-/// The origin of `url` if it holds a user name or a password.
-fn credentialed_origin(url: &str) -> Option<String> {
-    let u = reqwest::Url::parse(url).ok()?;
-    (!u.username().is_empty() || u.password().is_some()).then(|| origin(&u))
-}
-
-/// `scheme://host:port` of `u`.
-fn origin(u: &reqwest::Url) -> String {
-    format!(
-        "{}://{}:{}",
-        u.scheme(),
-        u.host_str().unwrap_or_default(),
-        u.port_or_known_default().unwrap_or_default()
-    )
+/// Whether `u` holds a user name or a password.
+fn has_credentials(u: &reqwest::Url) -> bool {
+    !u.username().is_empty() || u.password().is_some()
 }
 
 /// `url` without the user name and password it may hold, for showing it.
 fn without_credentials(url: &str) -> String {
     match reqwest::Url::parse(url) {
-        Ok(mut u) if !u.username().is_empty() || u.password().is_some() => {
+        Ok(mut u) if has_credentials(&u) => {
             // Cannot fail for the http(s) URLs the configuration allows.
             let _ = u.set_username("");
             let _ = u.set_password(None);
