@@ -249,6 +249,33 @@ fn store_commands_refuse_a_local_store_that_does_not_exist() {
     );
 }
 
+/// `pin add --keep-days 0` would make a pin expired as it is made (a user may read 0 as
+/// "forever"): refused, naming the option, and no pin is written.
+#[test]
+fn a_pin_kept_zero_days_is_refused() {
+    let d = tempfile::tempdir().unwrap();
+    std::fs::create_dir(d.path().join("cellar-data")).unwrap();
+    let path = "/nix/store/6bxnj2gfflqa529lddzh3zhcn45nn86r-top";
+    let out = cellar(d.path())
+        .args(["pin", "add", "release", path, "--keep-days", "0"])
+        .output()
+        .unwrap();
+    let err = String::from_utf8_lossy(&out.stderr);
+    assert_eq!(out.status.code(), Some(2), "{err}");
+    assert!(err.contains("--keep-days"), "{err}");
+    assert!(!d.path().join("cellar-data/_cellar/pins").exists(), "{err}");
+    let out = cellar(d.path())
+        .args(["pin", "add", "release", path, "--keep-days", "1"])
+        .output()
+        .unwrap();
+    assert!(
+        out.status.success(),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    assert!(d.path().join("cellar-data/_cellar/pins/release").exists());
+}
+
 /// `cellar import` fills a new cache before its server first starts, so it creates a missing
 /// local store, but says so with the absolute path, and says which store it imports into: a
 /// relative `store.path` lands wherever the command was run.

@@ -12,7 +12,9 @@ mod gc_support;
 
 use std::time::Duration;
 
-use common::{nix, promtool_accepts, run, substitute_and_verify, walk, Server};
+use common::{
+    netrc, nix, promtool_accepts, run, run_ok_stderr, substitute_and_verify, token, walk, Server,
+};
 use gc_support::{
     age_files, assert_readable_by_all, build_closure, cellar, copy_to_dir, hash_of, local_env, text,
 };
@@ -66,6 +68,55 @@ fn a_hangup_stops_a_collection_where_that_is_safe() {
     assert!(said.contains("stopped on request"), "{exit:?}\n{said}");
     let nars_left = std::fs::read_dir(data.join("nar")).unwrap().count();
     assert!(nars_left > 0, "the run went to the end: {said}");
+}
+
+/// A builder's Nix remembers every path it uploaded for 30 days (`narinfo-cache-positive-ttl`)
+/// and does not ask about it again: once gc collected the path, that builder's plain `nix copy
+/// --to` sends nothing, as gc.md says. Asking each time, as the README's builder advice does
+/// (`--option narinfo-cache-positive-ttl 0`), uploads it again, and it substitutes whole.
+#[test]
+fn a_builder_asking_each_time_uploads_again_what_gc_collected() {
+    let work = tempfile::tempdir().unwrap();
+    let w = work.path();
+    let closure = build_closure("gc-e2e-repush", w);
+    let data = w.join("data");
+    std::fs::create_dir_all(&data).unwrap();
+    let (tok, cfg) = token("builder", "write");
+    let env = local_env(&data);
+    let push = |srv: &Server, extra: &[&str]| {
+        let mut c = nix("nix", &w.join("xdg-builder"));
+        c.args(["copy", "--to", &format!("{}/upload", srv.url)])
+            .arg("--option")
+            .arg("netrc-file")
+            .arg(netrc(w, srv, &tok))
+            .args(extra)
+            .arg(&closure.top);
+        run_ok_stderr(c)
+    };
+    let srv = Server::start_with_config(&cfg, env.clone());
+    let said = push(&srv, &[]);
+    assert!(said.contains("copying path"), "{said}");
+    // The next server answers at the same URL: Nix keys what it remembers by it.
+    let addr = srv.addr.to_string();
+    srv.stop();
+    // Unused for two days, with a retention of none: collected.
+    age_files(&data, Duration::from_secs(2 * 86400));
+    let mut gc_env = env.clone();
+    gc_env.push(("CELLAR_GC__KEEP_DAYS".into(), "0".into()));
+    let out = cellar(&["gc", "--apply"], &gc_env);
+    assert!(out.status.success(), "{}", text(&out));
+    let top_narinfo = data.join(format!("{}.narinfo", hash_of(&closure.top)));
+    assert!(!top_narinfo.exists(), "not collected: {}", text(&out));
+
+    let mut env = env;
+    env.push(("CELLAR_LISTEN".into(), addr));
+    let srv = Server::start_with_config(&cfg, env);
+    let said = push(&srv, &[]);
+    assert!(!said.contains("copying path"), "Nix asked again: {said}");
+    assert!(!top_narinfo.exists());
+    let said = push(&srv, &["--option", "narinfo-cache-positive-ttl", "0"]);
+    assert!(said.contains("copying path"), "{said}");
+    substitute_and_verify(&srv.url, &srv.public_key, &closure.top, &w.join("again"));
 }
 
 #[tokio::test(flavor = "multi_thread")]

@@ -20,8 +20,8 @@ pub enum PinCommand {
         name: String,
         #[arg(required = true, value_name = "STORE-PATH")]
         paths: Vec<String>,
-        /// Let the pin expire N days from now (default: kept until removed).
-        #[arg(long, value_name = "N")]
+        /// Let the pin expire N days from now, N at least 1 (default: kept until removed).
+        #[arg(long, value_name = "N", value_parser = clap::value_parser!(u64).range(1..))]
         keep_days: Option<u64>,
     },
     /// List pins.

@@ -107,10 +107,11 @@ fn pin_key(name: &str) -> Result<String, GcError> {
 }
 
 /// A store path as given on the command line (`/nix/store/<hash>-<name>`, or its base name).
-/// [`store_path`] of `s`, or else of where its symlinks lead: `./result` of `nix-build`, a
-/// profile (the store path it points at now). Links are read, not resolved: the store path
-/// need not be on this machine, and a store directory reached through a symlink (`/nix` on
-/// another disk) is still named as the store names it.
+/// [`store_path`] of `s`, or else of where the symlinks along it lead: `./result` of
+/// `nix-build`, a path inside it (`./result/bin/hello`), a profile (the store path it points
+/// at now). Links are read, not resolved: the store path need not be on this machine, and a
+/// store directory reached through a symlink (`/nix` on another disk) is still named as the
+/// store names it.
 pub fn store_path_or_link(s: &str, store_dir: &str) -> Result<StorePathBaseName, GcError> {
     let first = match store_path(s, store_dir) {
         Ok(p) => return Ok(p),
@@ -119,18 +120,35 @@ pub fn store_path_or_link(s: &str, store_dir: &str) -> Result<StorePathBaseName,
     let mut at = std::path::PathBuf::from(s);
     // As many links as the kernel follows in one path.
     for _ in 0..40 {
-        let Ok(target) = std::fs::read_link(&at) else {
+        let Some(next) = first_link_read(&at) else {
             break;
         };
-        at = match at.parent() {
-            Some(dir) if target.is_relative() => dir.join(target),
-            _ => target,
-        };
+        at = next;
         if let Ok(p) = store_path(&at.to_string_lossy(), store_dir) {
             return Ok(p);
         }
     }
     Err(first)
+}
+
+/// `path` with its first component that is a symlink (the shortest prefix) replaced by the
+/// link's target, and what followed it kept; `None` if no prefix is a link.
+fn first_link_read(path: &std::path::Path) -> Option<std::path::PathBuf> {
+    let mut prefix = std::path::PathBuf::new();
+    let mut parts = path.components();
+    while let Some(part) = parts.next() {
+        prefix.push(part);
+        let Ok(target) = std::fs::read_link(&prefix) else {
+            continue;
+        };
+        let mut led = match prefix.parent() {
+            Some(dir) if target.is_relative() => dir.join(target),
+            _ => target,
+        };
+        led.push(parts.as_path());
+        return Some(led);
+    }
+    None
 }
 
 pub fn store_path(s: &str, store_dir: &str) -> Result<StorePathBaseName, GcError> {
@@ -300,7 +318,16 @@ mod tests {
         std::os::unix::fs::symlink("result", root.join("profile")).unwrap();
         // Not on this machine (a profile copied from a builder, say).
         std::fs::remove_dir(&top).unwrap();
-        for link in ["result", "profile"] {
+        // A directory of links, and a relative one; a path inside a link's store path.
+        std::fs::create_dir(root.join("links")).unwrap();
+        std::os::unix::fs::symlink("../profile", root.join("links/p")).unwrap();
+        for link in [
+            "result",
+            "profile",
+            "result/bin/hello",
+            "links/p",
+            "links/p/bin",
+        ] {
             let link = root.join(link);
             let got = store_path_or_link(link.to_str().unwrap(), sd).unwrap();
             assert_eq!(got.to_string(), "6bxnj2gfflqa529lddzh3zhcn45nn86r-top");
@@ -308,7 +335,7 @@ mod tests {
         std::fs::write(root.join("file"), "").unwrap();
         std::os::unix::fs::symlink(root.join("file"), root.join("elsewhere")).unwrap();
         std::os::unix::fs::symlink(root.join("gone"), root.join("dangling")).unwrap();
-        for bad in ["file", "elsewhere", "dangling"] {
+        for bad in ["file", "elsewhere", "dangling", "elsewhere/x", "dangling/x"] {
             let bad = root.join(bad);
             let e = store_path_or_link(bad.to_str().unwrap(), sd).unwrap_err();
             assert!(e.to_string().contains(bad.to_str().unwrap()), "{e}");
