@@ -321,12 +321,15 @@ mod tests {
         // A directory of links, and a relative one; a path inside a link's store path.
         std::fs::create_dir(root.join("links")).unwrap();
         std::os::unix::fs::symlink("../profile", root.join("links/p")).unwrap();
+        // A link to the directory that holds `result`.
+        std::os::unix::fs::symlink(&root, root.join("links/up")).unwrap();
         for link in [
             "result",
             "profile",
             "result/bin/hello",
             "links/p",
             "links/p/bin",
+            "links/up/result",
         ] {
             let link = root.join(link);
             let got = store_path_or_link(link.to_str().unwrap(), sd).unwrap();
