@@ -536,8 +536,8 @@ mod tests {
     }
 
     /// A path already in the store whose stored narinfo cannot be read (written by another
-    /// tool, say) is skipped, and only its listing is left out: the paths above it, which
-    /// refer to it, are imported (they were rejected as if it had been refused).
+    /// tool, say) is skipped, with its listing; the paths above it, which refer to it, are
+    /// rejected, saying why: clients could not substitute them (the reference is a 502).
     #[tokio::test]
     async fn a_stored_narinfo_that_cannot_be_read_leaves_out_only_its_extras() {
         let dir = tempfile::tempdir().unwrap();
@@ -556,13 +556,21 @@ mod tests {
             let s = import_dir(dir.path(), &*mem, &uploader, "/nix/store", &())
                 .await
                 .unwrap();
-            assert_eq!((s.imported, s.skipped), (1, 1), "{lz4}: {:?}", s.rejected);
-            assert_eq!(s.rejected.len(), 1, "{:?}", s.rejected);
+            assert_eq!((s.imported, s.skipped), (0, 1), "{lz4}: {:?}", s.rejected);
+            assert_eq!(s.rejected.len(), 2, "{:?}", s.rejected);
             assert_eq!(
                 s.rejected[0].0,
                 format!("/nix/store/{leaf} (its listing or log)")
             );
-            assert!(mem.head(&object_key::narinfo(t)).await.unwrap().is_some());
+            assert_eq!(s.rejected[1].0, format!("/nix/store/{top}"));
+            assert!(
+                s.rejected[1]
+                    .1
+                    .contains("its narinfo in the store cannot be read"),
+                "{:?}",
+                s.rejected
+            );
+            assert!(mem.head(&object_key::narinfo(t)).await.unwrap().is_none());
             assert!(mem.head(&object_key::listing(l)).await.unwrap().is_none());
         }
     }

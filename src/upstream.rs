@@ -16,8 +16,8 @@ use futures::{StreamExt as _, TryStreamExt as _};
 use crate::backoff::{Attempt, Backoff};
 use crate::config::UpstreamConfig;
 use crate::nix::{
-    Compression, NarFileName, NarInfo, NarInfoError, NarUrlError, PublicKey, StorePathHash,
-    MAX_NARINFO_BYTES,
+    Compression, NarFileName, NarInfo, NarInfoError, NarUrlError, PublicKey, StorePathBaseName,
+    StorePathHash, MAX_NARINFO_BYTES,
 };
 use crate::store::{ByteRange, ContentRange, Object, ObjectWriter, Store, StoreError};
 
@@ -226,14 +226,23 @@ impl Upstreams {
         (found, failed)
     }
 
-    /// True if some upstream serves a verified narinfo for `h` (used to accept uploads whose
-    /// references are available through this server's upstreams). Unavailable if it is not
-    /// found and some upstream could not answer, so that an upload is retried rather than
-    /// refused.
-    pub async fn has(&self, h: StorePathHash) -> Result<bool, StoreError> {
+    /// True if some upstream serves a verified narinfo for `path` (used to accept uploads
+    /// whose references are available through this server's upstreams): one for its hash that
+    /// names another path is not `path`'s. Unavailable if it is not found and some upstream
+    /// could not answer, so that an upload is retried rather than refused.
+    pub async fn has(&self, path: &StorePathBaseName) -> Result<bool, StoreError> {
+        Ok(self
+            .path_of(path.hash())
+            .await?
+            .is_some_and(|served| served == *path))
+    }
+
+    /// The path some upstream serves a verified narinfo of hash `h` for, if any; unavailable
+    /// as for [`Upstreams::has`].
+    pub async fn path_of(&self, h: StorePathHash) -> Result<Option<StorePathBaseName>, StoreError> {
         match self.lookup_narinfo(h).await {
-            (Some(_), _, _) => Ok(true),
-            (None, false, false) => Ok(false),
+            (Some(found), _, _) => Ok(Some(found.info.store_path)),
+            (None, false, false) => Ok(None),
             (None, _, _) => Err(StoreError::UpstreamDown(
                 "an upstream cache could not be asked".into(),
             )),

@@ -551,8 +551,8 @@ async fn served_by_upstreams(
         .filter(|r| !all.contains(r))
         .collect();
     let asks = missing.into_iter().map(|h| async move {
-        match u.has(h).await {
-            Ok(served) => Ok(served.then_some(h)),
+        match u.path_of(h).await {
+            Ok(served) => Ok(served.map(|_| h)),
             // Said with the path it was asked for (the upstream's failure is logged).
             Err(StoreError::UpstreamDown(why)) => Err(StoreError::UpstreamDown(format!(
                 "{why} for {}, which the store lacks: it may serve it, so nothing is \

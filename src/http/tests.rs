@@ -2291,7 +2291,10 @@ async fn puts_are_counted_by_kind_and_verdict_and_reads_are_not() {
     );
     let id = "/realisations/sha256:0l74sag416b7yzqh28bm87pdp102zcgslqmm73y4qr1rn0rmqsyx!out.doi";
     let out = "0d71ygfwbmy1xjlbj1v027dfmy9cqavy-other";
-    mem.insert(&format!("{}.narinfo", &out[..32]), "StorePath: x\n");
+    mem.insert(
+        &format!("{}.narinfo", &out[..32]),
+        crate::nix::narinfo::stub(out),
+    );
     let doc = format!(r#"{{"outPath":"{out}"}}"#);
     let req = authed("PUT", id, "wtok").body(Body::from(doc));
     assert_eq!(send(&st, req.unwrap()).await.status(), StatusCode::CREATED);

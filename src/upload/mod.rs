@@ -52,7 +52,7 @@ use tokio::sync::{OwnedSemaphorePermit, Semaphore};
 
 use crate::config::{Recompression, UploadConfig};
 use crate::error::{Error, UploadError};
-use crate::nix::{Compression, NarFileName, NarInfo, PublicKey, StorePathHash};
+use crate::nix::{Compression, NarFileName, NarInfo, PublicKey, StorePathBaseName, StorePathHash};
 use crate::store::{object_key, Store, StoreError};
 use crate::sync::lock;
 
@@ -219,19 +219,43 @@ const MAX_REMEMBERED: usize = 100_000;
 /// first lets go of what no longer matters: clearing it whole would forget the moments still
 /// relied on (a take-back that a write under way must see), which only a map still full of
 /// fresh ones (more than [`MAX_REMEMBERED`] within `keep`) does as a last resort.
-fn note_at<K: std::hash::Hash + Eq>(
-    m: &mut HashMap<K, tokio::time::Instant>,
+fn note_at<K: std::hash::Hash + Eq, V: Noted>(
+    m: &mut HashMap<K, V>,
     k: K,
-    at: tokio::time::Instant,
+    v: V,
     keep: std::time::Duration,
 ) {
     if m.len() >= MAX_REMEMBERED {
-        m.retain(|_, t| t.elapsed() < keep);
+        m.retain(|_, t| t.at().elapsed() < keep);
         if m.len() >= MAX_REMEMBERED {
             m.clear();
         }
     }
-    m.insert(k, at);
+    m.insert(k, v);
+}
+
+/// What [`note_at`] keeps: a moment, and maybe what happened then.
+trait Noted {
+    fn at(&self) -> tokio::time::Instant;
+}
+
+impl Noted for tokio::time::Instant {
+    fn at(&self) -> tokio::time::Instant {
+        *self
+    }
+}
+
+/// A narinfo this process wrote: when, and the path it was for (a reference names a path, not
+/// only its hash).
+struct Written {
+    at: tokio::time::Instant,
+    path: StorePathBaseName,
+}
+
+impl Noted for Written {
+    fn at(&self) -> tokio::time::Instant {
+        self.at
+    }
 }
 
 /// A NAR's upload record written ahead of the NAR, and the announcements read after it
@@ -282,7 +306,7 @@ pub struct Uploader {
     /// keeps a collector from deleting it for [`crate::gc::access::UPLOAD_RECORD_LIFETIME`].
     /// For [`crate::gc::access::UPLOAD_COVER`] after the write, a later upload counts it as a
     /// present reference without asking the store (see [`Uploader::check_references`]).
-    written: Mutex<HashMap<StorePathHash, tokio::time::Instant>>,
+    written: Mutex<HashMap<StorePathHash, Written>>,
     /// Narinfos taken back (or that may have been), and when: a write that began before that
     /// is not counted as written ([`Uploader::wrote`]).
     taken_back: Mutex<HashMap<StorePathHash, tokio::time::Instant>>,
@@ -535,7 +559,8 @@ impl Uploader {
     /// The narinfo of `h` was written by this process, after an upload record naming it, by
     /// a write that began at `began`. Not counted if another upload took the narinfo back
     /// since then: the take-back may have come after this write.
-    fn wrote(&self, h: StorePathHash, began: tokio::time::Instant) {
+    fn wrote(&self, path: &StorePathBaseName, began: tokio::time::Instant) {
+        let h = path.hash();
         lock(&self.probed_absent).remove(&h);
         let mut m = lock(&self.written);
         if lock(&self.taken_back)
@@ -548,7 +573,10 @@ impl Uploader {
         note_at(
             &mut m,
             h,
-            tokio::time::Instant::now(),
+            Written {
+                at: tokio::time::Instant::now(),
+                path: path.clone(),
+            },
             crate::gc::access::UPLOAD_COVER,
         );
     }
@@ -567,16 +595,17 @@ impl Uploader {
         );
     }
 
-    /// Whether this process wrote the narinfo of `h` so recently that the upload record
+    /// Whether this process wrote the narinfo of `path` so recently that the upload record
     /// written before it still keeps every collector from deleting it: within
     /// [`crate::gc::access::UPLOAD_COVER`] of the write (the record started at most that long
     /// before it, and collectors read records for three times that). Only with an access log
-    /// (no records, no such guarantee).
-    fn recently_written(&self, h: StorePathHash) -> bool {
+    /// (no records, no such guarantee). A narinfo of the same hash for another name is not
+    /// one of `path`.
+    fn recently_written(&self, path: &StorePathBaseName) -> bool {
         self.access.is_some()
-            && lock(&self.written)
-                .get(&h)
-                .is_some_and(|at| at.elapsed() < crate::gc::access::UPLOAD_COVER)
+            && lock(&self.written).get(&path.hash()).is_some_and(|w| {
+                w.path == *path && w.at.elapsed() < crate::gc::access::UPLOAD_COVER
+            })
     }
 
     /// Where a NAR uploaded as `name` is stored when uploads are re-encoded to another

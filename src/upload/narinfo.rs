@@ -11,7 +11,7 @@ use futures::{Stream, StreamExt as _, TryStreamExt as _};
 use super::gc_guard::TakenBack;
 use super::{rejected, Accepted, Uploader};
 use crate::error::Error;
-use crate::nix::{NarFileName, NarInfo, StorePathHash};
+use crate::nix::{NarFileName, NarInfo, StorePathBaseName, StorePathHash};
 use crate::store::{object_key, StoreError};
 use crate::upstream::Upstreams;
 
@@ -384,7 +384,7 @@ impl Uploader {
             Some(_) => self.write_while_nar_stays(write, &info, &v.stored).await?,
             None => write.await?,
         }
-        self.wrote(hash, began);
+        self.wrote(&info.store_path, began);
         // Its listing, held since it came (before the narinfo, as Nix sends it), is written
         // now that the path is: never one for a path that is not, nor over another's.
         if let Some(listing) = self.listings.take(hash) {
@@ -446,56 +446,85 @@ impl Uploader {
             (Some(_), Ok(nar)) => self.write_while_nar_stays(write, merged, &nar).await?,
             _ => write.await?,
         }
-        self.wrote(hash, began);
+        self.wrote(&merged.store_path, began);
         tracing::info!(path = %merged.store_path, signatures = merged.sigs.len(), "signatures added to a published path");
         Ok(())
     }
 
-    /// Whether the path `h` is in the cache: its narinfo in the store, else (with
-    /// `upstreams`) served by an upstream, which clients substituting through this server get
-    /// it from. Upstreams are asked only for paths the store lacks: a `nix copy --to` uploads
-    /// references first, so its uploads never reach an upstream.
+    /// Whether the path `path` is in the cache (`None`), or why not: its narinfo in the store,
+    /// else (with `upstreams`) served by an upstream, which clients substituting through this
+    /// server get it from. Upstreams are asked only for paths the store lacks: a `nix copy
+    /// --to` uploads references first, so its uploads never reach an upstream. A narinfo for
+    /// the hash of `path` naming another path, or one that cannot be read (clients get a 502
+    /// for it), is not `path` in the cache.
     pub(super) async fn in_cache(
         &self,
-        h: StorePathHash,
+        path: &StorePathBaseName,
         upstreams: Option<&Upstreams>,
-    ) -> Result<bool, StoreError> {
-        if self.recently_written(h) || self.store.head(&object_key::narinfo(h)).await?.is_some() {
-            return Ok(true);
+    ) -> Result<Option<Absent>, StoreError> {
+        if self.recently_written(path) {
+            return Ok(None);
         }
-        match upstreams {
-            Some(u) if !u.is_empty() => u.has(h).await,
-            _ => Ok(false),
+        let h = path.hash();
+        let unreadable = |why: String| {
+            tracing::warn!(key = %object_key::narinfo(h), cause = %why, "stored narinfo unreadable (clients get 502 for it): its path is taken for absent");
+            Ok(Some(Absent::Unreadable(why)))
+        };
+        let raw = match crate::store::narinfo_bytes(&*self.store, h, None).await {
+            Ok(raw) => raw,
+            Err(e @ (StoreError::Encoded { .. } | StoreError::TooLarge { .. })) => {
+                return unreadable(e.to_string())
+            }
+            Err(e) => return Err(e),
+        };
+        if let Some(raw) = raw {
+            return match NarInfo::parse_for(&raw, &self.store_dir, h) {
+                Ok(stored) if stored.store_path == *path => Ok(None),
+                Ok(stored) => Ok(Some(Absent::Other(stored.store_path))),
+                Err(why) => unreadable(why.to_string()),
+            };
         }
+        let served = match upstreams {
+            Some(u) if !u.is_empty() => u.has(path).await?,
+            _ => false,
+        };
+        Ok((!served).then_some(Absent::Missing))
     }
 
     /// Refuses `info` unless each of its references is in the cache: written by this
     /// process recently ([`Uploader::recently_written`]: no request), else found in the
-    /// store, else (with `upstreams`) served by an upstream.
+    /// store, else (with `upstreams`) served by an upstream ([`Uploader::in_cache`]). Its
+    /// reference to itself is the only one not looked up, and only by its whole name.
     pub(super) async fn check_references(
         &self,
         info: &NarInfo,
         upstreams: Option<&Upstreams>,
     ) -> Result<(), Error> {
-        let own = info.hash();
-        let refs: Vec<(StorePathHash, String)> = info
+        let refs: Vec<StorePathBaseName> = info
             .references
             .iter()
-            .filter(|r| r.hash() != own && !self.recently_written(r.hash()))
-            .map(|r| (r.hash(), r.to_string()))
+            .filter(|r| **r != info.store_path && !self.recently_written(r))
+            .cloned()
             .collect();
-        let lookups = refs.into_iter().map(|(h, name)| async move {
-            Ok::<_, StoreError>((!self.in_cache(h, upstreams).await?).then_some(name))
+        let lookups = refs.into_iter().map(|r| async move {
+            Ok::<_, StoreError>(self.in_cache(&r, upstreams).await?.map(|why| (r, why)))
         });
-        let found: Vec<Option<String>> = futures::stream::iter(lookups)
+        let found: Vec<Option<(StorePathBaseName, Absent)>> = futures::stream::iter(lookups)
             .buffer_unordered(16)
             .try_collect()
             .await?;
-        let missing: Vec<String> = found.into_iter().flatten().collect();
-        if let Some(first) = missing.first() {
+        let missing: Vec<(StorePathBaseName, Absent)> = found.into_iter().flatten().collect();
+        if let Some((first, why)) = missing.first() {
+            let sd = &self.store_dir;
+            let why = match why {
+                Absent::Missing => String::new(),
+                Absent::Other(other) => {
+                    format!(" (the store's narinfo of its hash is {sd}/{other}'s)")
+                }
+                Absent::Unreadable(e) => format!(" (its narinfo in the store cannot be read: {e})"),
+            };
             return Err(rejected(format!(
-                "reference {}/{first} is not in the cache{}; upload references first",
-                self.store_dir,
+                "reference {sd}/{first} is not in the cache{why}{}; upload references first",
                 if missing.len() > 1 {
                     format!(" (nor {} other)", missing.len() - 1)
                 } else {
@@ -505,6 +534,17 @@ impl Uploader {
         }
         Ok(())
     }
+}
+
+/// Why a path is not in the cache ([`Uploader::in_cache`]).
+#[derive(Debug)]
+pub(super) enum Absent {
+    /// No narinfo for its hash, in the store or upstream.
+    Missing,
+    /// The store's narinfo of its hash names this other path.
+    Other(StorePathBaseName),
+    /// The store's narinfo of its hash cannot be read, for this reason.
+    Unreadable(String),
 }
 
 /// A narinfo holds at most this many signatures: Nix's own carry one to three.

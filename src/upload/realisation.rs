@@ -75,7 +75,7 @@ impl Uploader {
         let stored = match stored {
             Some(s)
                 if s.out_path() != sent.out_path()
-                    && !self.in_cache(s.out_hash(), upstreams).await? =>
+                    && self.in_cache(s.out_path(), upstreams).await?.is_some() =>
             {
                 tracing::info!(
                     key,
@@ -112,7 +112,7 @@ impl Uploader {
                 raw
             }
         };
-        if !self.in_cache(sent.out_hash(), upstreams).await? {
+        if self.in_cache(sent.out_path(), upstreams).await?.is_some() {
             return Err(rejected(format!(
                 "its output {}/{} is not in the cache; upload the path first",
                 self.store_dir,

@@ -1827,6 +1827,79 @@ async fn references_written_here_count_only_while_their_record_keeps_them() {
     assert!(e.to_string().contains("is not in the cache"), "{e}");
 }
 
+/// A reference is a whole store path, not a hash: one whose hash has a narinfo of another
+/// name (in the store, or written here moments ago), or the path's own hash under another
+/// name, or whose stored narinfo cannot be read, is not in the cache, and clients could not
+/// substitute the referrer. Each refusal says why.
+#[tokio::test]
+async fn references_are_matched_by_their_whole_name() {
+    let (nar, info, file) = sample();
+    let (b_nar, b_info, b_file) = referrer();
+    let renamed = |refs: &str| {
+        let text = b_info.render("/nix/store").replace(
+            &format!("References: {PATH}"),
+            &format!("References: {refs}"),
+        );
+        assert!(text.contains(refs), "{text}");
+        text
+    };
+    let other_name = format!("{}-not-top", &PATH[..32]);
+    let own_other_name = "0bxnj2gfflqa529lddzh3zhcn45nn86r-not-b";
+    for covering in [false, true] {
+        let (mem, up) = if covering {
+            let (mem, up, _) = uploader_covering();
+            (mem, up)
+        } else {
+            uploader()
+        };
+        up.put_nar(&file, body(nar.clone())).await.unwrap();
+        up.put_narinfo(info.hash(), info.render("/nix/store").as_bytes(), None)
+            .await
+            .unwrap();
+        up.put_nar(&b_file, body(b_nar.clone())).await.unwrap();
+        for (refs, why) in [
+            (
+                other_name.clone(),
+                format!("its hash is /nix/store/{PATH}'s"),
+            ),
+            (
+                format!("{PATH} {own_other_name}"),
+                "is not in the cache;".to_owned(),
+            ),
+        ] {
+            let e = up
+                .put_narinfo(b_info.hash(), renamed(&refs).as_bytes(), None)
+                .await
+                .unwrap_err();
+            let e = e.to_string();
+            assert!(
+                e.contains("is not in the cache") && e.contains(&why),
+                "{covering}: {e}"
+            );
+            assert!(mem
+                .head(&object_key::narinfo(b_info.hash()))
+                .await
+                .unwrap()
+                .is_none());
+        }
+        // The whole name: taken.
+        up.put_narinfo(b_info.hash(), b_info.render("/nix/store").as_bytes(), None)
+            .await
+            .unwrap();
+        mem.remove(&object_key::narinfo(b_info.hash()));
+    }
+    // A stored narinfo that cannot be read is a 502 to clients: no reference.
+    let (mem, up) = uploader();
+    mem.insert(&object_key::narinfo(info.hash()), "StorePath: x\n");
+    up.put_nar(&b_file, body(b_nar)).await.unwrap();
+    let e = up
+        .put_narinfo(b_info.hash(), b_info.render("/nix/store").as_bytes(), None)
+        .await
+        .unwrap_err()
+        .to_string();
+    assert!(e.contains("its narinfo in the store cannot be read"), "{e}");
+}
+
 /// The maps of what this process learned hold more than one entry: two NARs probed before
 /// either arrives both keep their records, two paths probed and two written are all known.
 #[tokio::test]
@@ -1842,9 +1915,9 @@ async fn what_was_learned_is_kept_for_several_paths_at_once() {
     up.probed_absent(info.hash());
     up.probed_absent(b_info.hash());
     assert!(up.known_absent(info.hash()) && up.known_absent(b_info.hash()));
-    up.wrote(info.hash(), tokio::time::Instant::now());
-    up.wrote(b_info.hash(), tokio::time::Instant::now());
-    assert!(up.recently_written(info.hash()) && up.recently_written(b_info.hash()));
+    up.wrote(&info.store_path, tokio::time::Instant::now());
+    up.wrote(&b_info.store_path, tokio::time::Instant::now());
+    assert!(up.recently_written(&info.store_path) && up.recently_written(&b_info.store_path));
     assert!(!up.known_absent(info.hash()), "written since the probe");
 }
 
@@ -1860,8 +1933,8 @@ async fn a_narinfo_taken_back_is_not_counted_as_written() {
     up.put_nar(&file, body(nar)).await.unwrap();
     let text = info.render("/nix/store");
     // The other upload's write, acknowledged.
-    up.wrote(info.hash(), tokio::time::Instant::now());
-    assert!(up.recently_written(info.hash()));
+    up.wrote(&info.store_path, tokio::time::Instant::now());
+    assert!(up.recently_written(&info.store_path));
     let nar_key = object_key::nar(&file);
     let store = Arc::downgrade(&mem);
     mem.after_write(&object_key::narinfo(info.hash()), move |_| {
@@ -1897,10 +1970,10 @@ async fn a_write_under_way_when_its_narinfo_is_taken_back_is_not_counted() {
     tokio::time::advance(std::time::Duration::from_millis(5)).await;
     up.unwrote(info.hash());
     tokio::time::advance(std::time::Duration::from_millis(5)).await;
-    up.wrote(info.hash(), began);
-    assert!(!up.recently_written(info.hash()));
-    up.wrote(info.hash(), tokio::time::Instant::now());
-    assert!(up.recently_written(info.hash()));
+    up.wrote(&info.store_path, began);
+    assert!(!up.recently_written(&info.store_path));
+    up.wrote(&info.store_path, tokio::time::Instant::now());
+    assert!(up.recently_written(&info.store_path));
 }
 
 /// A write of the path that begins while another upload's take-back is deleting its narinfo
@@ -1931,10 +2004,10 @@ async fn a_write_begun_while_the_take_back_deletes_is_not_counted() {
             // The look takes a second, then the delete another: this write begins in the
             // middle of the delete.
             tokio::time::sleep(std::time::Duration::from_millis(1500)).await;
-            up.wrote(info.hash(), tokio::time::Instant::now());
+            up.wrote(&info.store_path, tokio::time::Instant::now());
         });
     assert!(taken_back.is_err());
-    assert!(!up.recently_written(info.hash()));
+    assert!(!up.recently_written(&info.store_path));
 }
 
 /// A narinfo found stored for a path counts as present only if its NAR is there too: one left
@@ -2177,8 +2250,14 @@ mod realisations {
         let mem = Arc::new(MemoryStore::new());
         let store: Arc<dyn Store> = mem.clone();
         let up = Uploader::new(&cfg.upload, &cfg.store_dir, store);
-        mem.insert("a4zbls512viq6cfmz5qh3qpr79yy9y11.narinfo", "StorePath: x\n");
-        mem.insert(&format!("{}.narinfo", &PATH[..32]), "StorePath: x\n");
+        mem.insert(
+            "a4zbls512viq6cfmz5qh3qpr79yy9y11.narinfo",
+            crate::nix::narinfo::stub("a4zbls512viq6cfmz5qh3qpr79yy9y11-ca-top"),
+        );
+        mem.insert(
+            &format!("{}.narinfo", &PATH[..32]),
+            crate::nix::narinfo::stub(PATH),
+        );
         let other_key = crate::nix::SecretKey::generate("k1").unwrap();
         let doc: serde_json::Value = serde_json::from_str(SIGNED_BY_NIX).unwrap();
         let mut by_other = doc.clone();
@@ -2249,7 +2328,10 @@ mod realisations {
         let mem = Arc::new(MemoryStore::new());
         let store: Arc<dyn Store> = mem.clone();
         let up = Arc::new(Uploader::new(&cfg.upload, &cfg.store_dir, store));
-        mem.insert(&format!("{}.narinfo", &PATH[..32]), "StorePath: x\n");
+        mem.insert(
+            &format!("{}.narinfo", &PATH[..32]),
+            crate::nix::narinfo::stub(PATH),
+        );
         let gate = mem.hold_reads(KEY);
         let put = || {
             let up = up.clone();
@@ -2282,7 +2364,10 @@ mod realisations {
     ) {
         let (mem, up) = uploader();
         let up = Arc::new(up);
-        mem.insert(&format!("{}.narinfo", &PATH[..32]), "StorePath: x\n");
+        mem.insert(
+            &format!("{}.narinfo", &PATH[..32]),
+            crate::nix::narinfo::stub(PATH),
+        );
         let gate = mem.hold_reads(KEY);
         let first = tokio::spawn({
             let up = up.clone();
@@ -2334,7 +2419,8 @@ mod realisations {
         first.await.unwrap().unwrap();
     }
 
-    /// A realisation is stored once the path it names is in the cache, and refused before.
+    /// A realisation is stored once the path it names is in the cache (by its whole name), and
+    /// refused before.
     #[tokio::test]
     async fn a_realisation_waits_for_its_output() {
         let (mem, up) = uploader();
@@ -2345,7 +2431,18 @@ mod realisations {
         assert_eq!(err.status(), axum::http::StatusCode::BAD_REQUEST, "{err}");
         assert!(err.to_string().contains(PATH), "{err}");
         assert!(stored(&mem).await.is_none());
-        mem.insert(&format!("{}.narinfo", &PATH[..32]), "StorePath: x\n");
+        mem.insert(
+            &format!("{}.narinfo", &PATH[..32]),
+            crate::nix::narinfo::stub(PATH),
+        );
+        // The path's hash under another name is not the path.
+        let renamed = format!("{}-not-top", &PATH[..32]);
+        let err = up
+            .put_realisation(KEY, realisation(&renamed, &[]), None)
+            .await
+            .unwrap_err();
+        assert!(err.to_string().contains(&renamed), "{err}");
+        assert!(stored(&mem).await.is_none());
         let sent = realisation(PATH, &["k:1"]);
         let done = up.put_realisation(KEY, sent.clone(), None).await.unwrap();
         assert_eq!(done, RealisationStored::Written);
@@ -2357,8 +2454,14 @@ mod realisations {
     #[tokio::test]
     async fn a_published_realisation_is_kept() {
         let (mem, up) = uploader();
-        mem.insert(&format!("{}.narinfo", &PATH[..32]), "StorePath: x\n");
-        mem.insert(&format!("{}.narinfo", &OTHER[..32]), "StorePath: y\n");
+        mem.insert(
+            &format!("{}.narinfo", &PATH[..32]),
+            crate::nix::narinfo::stub(PATH),
+        );
+        mem.insert(
+            &format!("{}.narinfo", &OTHER[..32]),
+            crate::nix::narinfo::stub(OTHER),
+        );
         let first = realisation(PATH, &["k:1"]);
         up.put_realisation(KEY, first.clone(), None).await.unwrap();
         let writes = mem.writes();
@@ -2398,8 +2501,14 @@ mod realisations {
     #[tokio::test]
     async fn a_realisation_naming_a_path_gone_is_replaced() {
         let (mem, up) = uploader();
-        mem.insert(&format!("{}.narinfo", &PATH[..32]), "StorePath: x\n");
-        mem.insert(&format!("{}.narinfo", &OTHER[..32]), "StorePath: y\n");
+        mem.insert(
+            &format!("{}.narinfo", &PATH[..32]),
+            crate::nix::narinfo::stub(PATH),
+        );
+        mem.insert(
+            &format!("{}.narinfo", &OTHER[..32]),
+            crate::nix::narinfo::stub(OTHER),
+        );
         up.put_realisation(KEY, realisation(PATH, &["k:1"]), None)
             .await
             .unwrap();
@@ -2422,7 +2531,10 @@ mod realisations {
         assert_eq!(err.status(), axum::http::StatusCode::BAD_REQUEST, "{err}");
         assert_eq!(mem.gets_under(""), 0);
         mem.insert(KEY, "garbage");
-        mem.insert(&format!("{}.narinfo", &PATH[..32]), "StorePath: x\n");
+        mem.insert(
+            &format!("{}.narinfo", &PATH[..32]),
+            crate::nix::narinfo::stub(PATH),
+        );
         let sent = realisation(PATH, &[]);
         up.put_realisation(KEY, sent.clone(), None).await.unwrap();
         assert_eq!(mem.get_bytes(KEY, 1 << 20).await.unwrap().unwrap(), sent);

@@ -98,7 +98,7 @@ async fn a_narinfo_cut_off_is_an_outage_not_a_miss() {
     let h: StorePathHash = "6bxnj2gfflqa529lddzh3zhcn45nn86r".parse().unwrap();
     for _ in 0..FAILURES_IN_A_ROW {
         assert!(matches!(
-            upstreams.has(h).await,
+            upstreams.path_of(h).await,
             Err(StoreError::UpstreamDown(_))
         ));
     }
@@ -538,7 +538,7 @@ async fn one_failure_does_not_make_an_upstream_skipped() {
     assert!(found.is_none() && !unsure);
     // An upload relying on it is asked to come back, though.
     assert!(matches!(
-        upstreams.has(first).await,
+        upstreams.path_of(first).await,
         Err(StoreError::UpstreamDown(_))
     ));
 }
@@ -566,7 +566,7 @@ async fn failures_of_a_burst_count_as_one() {
     let burst: Vec<_> = (0..BURST)
         .map(|_| {
             let upstreams = upstreams.clone();
-            tokio::spawn(async move { upstreams.has(h).await })
+            tokio::spawn(async move { upstreams.path_of(h).await })
         })
         .collect();
     for r in futures::future::join_all(burst).await {
@@ -581,7 +581,7 @@ async fn failures_of_a_burst_count_as_one() {
         let burst: Vec<_> = (0..BURST)
             .map(|_| {
                 let upstreams = upstreams.clone();
-                tokio::spawn(async move { upstreams.has(h).await })
+                tokio::spawn(async move { upstreams.path_of(h).await })
             })
             .collect();
         futures::future::join_all(burst).await;
@@ -1490,9 +1490,36 @@ async fn an_upstreams_compressed_narinfos_are_decoded() {
 async fn has_is_upstream_down_when_the_upstream_cannot_be_asked() {
     let upstreams = upstreams_at("http://127.0.0.1:9".into());
     assert!(matches!(
-        upstreams.has(FIRST.parse().unwrap()).await,
+        upstreams.path_of(FIRST.parse().unwrap()).await,
         Err(StoreError::UpstreamDown(_))
     ));
+}
+
+/// An upstream has a path when it serves a narinfo naming that very path: its hash under
+/// another name (an upload's reference, a realisation's output) is not served.
+#[tokio::test]
+async fn has_is_by_the_whole_name() {
+    let key = crate::nix::SecretKey::generate("up-1").unwrap();
+    let narinfo = signed_narinfo(&key, &format!("{FIRST}-top"), SECOND_NAR);
+    let app = axum::Router::new().route(
+        &format!("/{FIRST}.narinfo"),
+        axum::routing::get(move || async move { narinfo }),
+    );
+    let config = UpstreamConfig {
+        url: serve(app).await,
+        public_keys: vec![key.public()],
+        timeout: Duration::from_secs(5),
+        mirror: false,
+    };
+    let upstreams = Upstreams::new(&[config], "/nix/store").unwrap();
+    let top: crate::nix::StorePathBaseName = format!("{FIRST}-top").parse().unwrap();
+    let other: crate::nix::StorePathBaseName = format!("{FIRST}-other").parse().unwrap();
+    assert!(upstreams.has(&top).await.unwrap());
+    assert!(!upstreams.has(&other).await.unwrap());
+    assert_eq!(
+        upstreams.path_of(FIRST.parse().unwrap()).await.unwrap(),
+        Some(top)
+    );
 }
 
 /// No name is connected to at a cloud metadata service's address, whatever its spelling (the

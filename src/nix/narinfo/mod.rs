@@ -449,5 +449,17 @@ pub fn references_first(entries: &HashMap<StorePathHash, NarInfo>) -> Vec<StoreP
     order
 }
 
+/// For tests elsewhere: a narinfo of the store path `base` in `/nix/store` (a NAR of 100
+/// bytes, no references), as stored.
+#[cfg(test)]
+pub fn stub(base: &str) -> String {
+    let sha = Sha256::digest(base.as_bytes());
+    format!(
+        "StorePath: /nix/store/{base}\nURL: nar/{}.nar\nCompression: none\n\
+         NarHash: {sha}\nNarSize: 100\nReferences: \n",
+        sha.to_nix32()
+    )
+}
+
 #[cfg(test)]
 mod tests;
