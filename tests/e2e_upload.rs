@@ -9,6 +9,8 @@ mod common;
 mod replicas_support;
 
 use std::io::{Read as _, Write as _};
+
+use futures::StreamExt as _;
 use std::path::Path;
 
 use common::*;
@@ -343,6 +345,77 @@ fn large_path(work: &Path) -> (String, Vec<u8>) {
     let mut add = nix("nix-store", &work.join("xdg-add"));
     add.arg("--add").arg(&file);
     (run_ok(add).trim().to_owned(), blob)
+}
+
+/// Two builders upload one large NAR at once (two `nix copy` of one closure): Garage ends the
+/// slower one's multipart upload when the first completes. The slower upload still succeeds,
+/// its body checked against its name (the object stands with the same bytes), nothing is
+/// logged as an error, and the path, its narinfo checked against the stored NAR, substitutes
+/// whole with the real nix.
+#[tokio::test(flavor = "multi_thread")]
+async fn two_uploads_of_one_large_nar_at_once_both_succeed() {
+    let (w, wcfg) = token("builder", "write");
+    let work = tempfile::tempdir().unwrap();
+    let (path, _) = large_path(work.path());
+    let mut dump = nix("nix-store", &work.path().join("xdg-dump"));
+    dump.args(["--dump", &path]);
+    let nar = run(dump).stdout;
+    let sha = cellar::nix::Sha256::digest(&nar);
+    let name = format!("{}.nar", sha.to_nix32());
+    let app = App::s3("up-same-nar-twice").config(&wcfg).spawn().await;
+    let srv = &app.srv;
+    let url = format!("{}/upload/nar/{name}", srv.url);
+    // The slower builder: a part and a bit, then the rest once the other is answered.
+    let (go, went) = tokio::sync::oneshot::channel::<()>();
+    let (head, tail) = nar.split_at(9 << 20);
+    let (head, tail) = (
+        bytes::Bytes::copy_from_slice(head),
+        bytes::Bytes::copy_from_slice(tail),
+    );
+    let slow_body = futures::stream::once(async move { Ok::<_, std::io::Error>(head) }).chain(
+        futures::stream::once(async move {
+            let _ = went.await;
+            Ok(tail)
+        }),
+    );
+    let client = reqwest::Client::new();
+    let slow = tokio::spawn(
+        client
+            .put(&url)
+            .basic_auth("b", Some(&w))
+            .header("content-length", nar.len())
+            .body(reqwest::Body::wrap_stream(slow_body))
+            .send(),
+    );
+    tokio::task::block_in_place(|| srv.wait_for_log("multipart upload begun", 1));
+    let (status, text) = put(&client, url.clone(), &w, nar.clone()).await;
+    assert_eq!(status, 201, "{text}");
+    go.send(()).unwrap();
+    let res = slow.await.unwrap().unwrap();
+    let status = res.status();
+    let text = res.text().await.unwrap();
+    assert!(status.is_success(), "{status}: {text}\n{}", srv.log());
+    assert!(
+        srv.log_count("NAR stored meanwhile by another upload of the same name") == 1,
+        "{}",
+        srv.log()
+    );
+    assert!(!srv.log().contains(" ERROR "), "{}", srv.log());
+    let narinfo = format!(
+        "StorePath: {path}\nURL: nar/{name}\nCompression: none\nNarHash: {sha}\n\
+         NarSize: {}\nReferences: \n",
+        nar.len()
+    );
+    let hash = Fixture::hash(&path);
+    let (status, text) = put(
+        &client,
+        format!("{}/upload/{hash}.narinfo", srv.url),
+        &w,
+        narinfo.into_bytes(),
+    )
+    .await;
+    assert_eq!(status, 201, "{text}");
+    substitute_and_verify(&srv.url, &srv.public_key, &path, &work.path().join("back"));
 }
 
 /// S3 completes a multipart upload but its answer is lost on the way (the connection closes

@@ -55,6 +55,8 @@ pub enum FailOp {
     DeleteAnswer,
     /// `get` answers, then its body breaks off halfway (a connection reset mid-body).
     Body,
+    /// The first chunk written to a writer fails (a multipart upload the store dropped).
+    Part,
 }
 
 /// Holds reads of keys under a prefix between looking the object up and returning it, until
@@ -463,6 +465,7 @@ impl Store for MemoryStore {
             key: key.to_owned(),
             buf: Vec::new(),
             answer_lost: self.take_failure(FailOp::WriteAnswer, key).is_err(),
+            part_fails: self.take_failure(FailOp::Part, key).is_err(),
         }))
     }
 
@@ -542,11 +545,19 @@ struct MemoryWriter {
     buf: Vec<u8>,
     /// Committed, then answered with an error ([`FailOp::WriteAnswer`]).
     answer_lost: bool,
+    /// The next chunk fails ([`FailOp::Part`]).
+    part_fails: bool,
 }
 
 #[async_trait]
 impl ObjectWriter for MemoryWriter {
     async fn write(&mut self, chunk: Bytes) -> Result<(), StoreError> {
+        if std::mem::take(&mut self.part_fails) {
+            return Err(StoreError::Other(format!(
+                "UploadPart {}: NotFound (a test fault)",
+                self.key
+            )));
+        }
         self.buf.extend_from_slice(&chunk);
         Ok(())
     }

@@ -215,6 +215,71 @@ impl Announced {
 /// Remembered NAR digests are capped so a long-running server does not grow without bound.
 const MAX_REMEMBERED: usize = 100_000;
 
+/// Who stored a NAR object an upload committed ([`SameName`]).
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+enum StoredBy {
+    This,
+    /// Another upload of the same name, which landed while this one was under way.
+    Another,
+}
+
+/// The writer of a NAR stored as sent, whose name is the sha256 of its bytes. A store may
+/// drop this upload when another upload of the same name completes first (Garage ends every
+/// other multipart upload of a key then: two builders pushing one closure at once meet it),
+/// or fail its commit after the other landed: if the object stands, the rest of this body is
+/// still read and checked against its name, not written, and the upload succeeds. The object
+/// is then not the bytes this upload checked ([`StoredBy::Another`]).
+struct SameName {
+    inner: Option<Box<dyn crate::store::ObjectWriter>>,
+    store: Arc<dyn Store>,
+    key: String,
+    taken: Arc<std::sync::atomic::AtomicBool>,
+}
+
+impl SameName {
+    /// After `e`: whether the object stands (then `Ok`, and nothing more is written).
+    async fn stands(&mut self, e: StoreError) -> Result<(), StoreError> {
+        if !matches!(self.store.head(&self.key).await, Ok(Some(_))) {
+            return Err(e);
+        }
+        tracing::info!(key = %self.key, cause = %e, "NAR stored meanwhile by another upload of the same name: the rest of this one is checked, not written");
+        self.taken.store(true, std::sync::atomic::Ordering::SeqCst);
+        if let Some(w) = self.inner.take() {
+            w.abort().await;
+        }
+        Ok(())
+    }
+}
+
+#[async_trait::async_trait]
+impl crate::store::ObjectWriter for SameName {
+    async fn write(&mut self, chunk: Bytes) -> Result<(), StoreError> {
+        let Some(w) = self.inner.as_mut() else {
+            return Ok(());
+        };
+        match w.write(chunk).await {
+            Ok(()) => Ok(()),
+            Err(e) => self.stands(e).await,
+        }
+    }
+
+    async fn commit(mut self: Box<Self>) -> Result<(), StoreError> {
+        let Some(w) = self.inner.take() else {
+            return Ok(());
+        };
+        match w.commit().await {
+            Ok(()) => Ok(()),
+            Err(e) => self.stands(e).await,
+        }
+    }
+
+    async fn abort(mut self: Box<Self>) {
+        if let Some(w) = self.inner.take() {
+            w.abort().await;
+        }
+    }
+}
+
 /// Notes `k` at `at` in `m`, a map of moments that matter for `keep` after them. A full map
 /// first lets go of what no longer matters: clearing it whole would forget the moments still
 /// relied on (a take-back that a write under way must see), which only a map still full of
@@ -737,12 +802,17 @@ impl Uploader {
             Some((stored, target)) => (stored, Some(target)),
             None => (name.clone(), None),
         };
-        let Some((d, announced)) = self
+        let Some((d, announced, stored_by)) = self
             .store_nar(name, body, incoming, &stored, target)
             .await?
         else {
             return Ok(None);
         };
+        // Not the bytes this upload checked: its narinfo checks the stored object instead
+        // (by its digest record, or read back).
+        if stored_by == StoredBy::Another {
+            return Ok(Some(d));
+        }
         self.remember(
             object_key::nar(name),
             VerifiedNar {
@@ -760,8 +830,9 @@ impl Uploader {
 
     /// Streams the NAR uploaded as `name` into the store as `stored`, digested and
     /// re-encoded to `target` on the way; committed only if its sha256 matches `name`. With
-    /// the digest, the announcements being read if an upload record was written. `None` if a
-    /// re-encoded NAR was not committed because the store holds `stored` already.
+    /// the digest, the announcements being read if an upload record was written, and who
+    /// stored the object ([`SameName`]). `None` if a re-encoded NAR was not committed because
+    /// the store holds `stored` already.
     async fn store_nar<S>(
         &self,
         name: &NarFileName,
@@ -769,14 +840,26 @@ impl Uploader {
         incoming: Compression,
         stored: &NarFileName,
         target: Option<Compression>,
-    ) -> Result<Option<(NarDigest, Option<Announced>)>, Error>
+    ) -> Result<Option<(NarDigest, Option<Announced>, StoredBy)>, Error>
     where
         S: Stream<Item = std::io::Result<Bytes>> + Send + 'static,
     {
         let name_hash = name.file_hash();
         let early = self.take_early(&object_key::nar(name));
         let recompress = target.map(|t| (t, self.recompress.and_then(|r| r.level)));
+        let over_bad = self.found_bad(&object_key::nar(stored));
         let mut w = self.store.writer(&object_key::nar(stored)).await?;
+        // Stored as sent, its name is the sha256 of its bytes: another upload of the name that
+        // lands first leaves the very object this one would (but not over a copy found bad).
+        let taken = Arc::new(std::sync::atomic::AtomicBool::new(false));
+        if target.is_none() && !over_bad {
+            w = Box::new(SameName {
+                inner: Some(w),
+                store: Arc::clone(&self.store),
+                key: object_key::nar(stored),
+                taken: Arc::clone(&taken),
+            });
+        }
         let d =
             match digest::digest_named_into(body, incoming, recompress, Some(&mut w), self.limits)
                 .await
@@ -863,7 +946,6 @@ impl Uploader {
         // not over a copy found bad (whose record was deleted so that every replica reads it
         // back): then only once this commit has replaced it.
         let recorded = target.is_none() && nar_records::wanted(&d);
-        let over_bad = self.found_bad(&object_key::nar(stored));
         let digest_record = async {
             if recorded && !over_bad {
                 self.write_record(stored, &d).await;
@@ -875,7 +957,12 @@ impl Uploader {
             self.write_record(stored, &d).await;
         }
         lock(&self.nars_found_bad).remove(&object_key::nar(stored));
-        Ok(Some((d, announced)))
+        let stored_by = if taken.load(std::sync::atomic::Ordering::SeqCst) {
+            StoredBy::Another
+        } else {
+            StoredBy::This
+        };
+        Ok(Some((d, announced, stored_by)))
     }
 
     /// Finds and digests a NAR this process did not see being uploaded (another replica

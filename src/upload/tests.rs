@@ -1827,6 +1827,55 @@ async fn references_written_here_count_only_while_their_record_keeps_them() {
     assert!(e.to_string().contains("is not in the cache"), "{e}");
 }
 
+/// Two builders upload one NAR at once; the store drops the slower one's upload when the
+/// first completes (Garage ends every other multipart upload of a key). The object stands with
+/// the same bytes: the slower upload reads and checks the rest of its body and succeeds, and
+/// its narinfo checks the stored object (read back), not the bytes it received. Without the
+/// object, the failure is the upload's; a body that is not its name is refused either way.
+#[tokio::test]
+async fn a_nar_another_upload_of_its_name_landed_first_stands() {
+    use crate::store::memory::FailOp;
+    let (nar, info, file) = sample();
+    let key = object_key::nar(&file);
+    for covering in [false, true] {
+        let (mem, up) = if covering {
+            let (mem, up, _) = uploader_covering();
+            (mem, up)
+        } else {
+            uploader()
+        };
+        mem.insert(&key, nar.clone());
+        mem.fail(FailOp::Part, &key, 0, 1);
+        let d = up.put_nar(&file, body(nar.clone())).await.unwrap().unwrap();
+        assert_eq!(d.input.hash.to_nix32(), file.file_hash());
+        let reads = mem.gets_under(&key);
+        up.put_narinfo(info.hash(), info.render("/nix/store").as_bytes(), None)
+            .await
+            .unwrap();
+        assert_eq!(
+            mem.gets_under(&key),
+            reads + 1,
+            "the stored NAR was not read back"
+        );
+    }
+    let (mem, up) = uploader();
+    mem.fail(FailOp::Part, &key, 0, 1);
+    let e = up.put_nar(&file, body(nar.clone())).await.unwrap_err();
+    assert!(e.to_string().contains("UploadPart"), "{e}");
+    assert!(mem.bytes(&key).is_none());
+    // Another body under the name: refused, though the name's object stands.
+    mem.insert(&key, nar.clone());
+    mem.fail(FailOp::Part, &key, 0, 1);
+    let mut other = nar.to_vec();
+    other.push(0);
+    let e = up
+        .put_nar(&file, body(Bytes::from(other)))
+        .await
+        .unwrap_err();
+    assert!(e.to_string().contains("but its name says"), "{e}");
+    assert_eq!(mem.bytes(&key), Some(nar));
+}
+
 /// A reference is a whole store path, not a hash: one whose hash has a narinfo of another
 /// name (in the store, or written here moments ago), or the path's own hash under another
 /// name, or whose stored narinfo cannot be read, is not in the cache, and clients could not

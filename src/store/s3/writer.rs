@@ -152,8 +152,20 @@ impl Target {
             .key(&self.key)
             .upload_id(id)
             .send();
-        match self.timed("AbortMultipartUpload", 0, req).await {
-            Ok(_) => tracing::debug!(key = %self.key, "multipart upload aborted"),
+        let deadline = write_deadline(self.timeout, 0);
+        match self
+            .answer_within("AbortMultipartUpload", deadline, req)
+            .await
+        {
+            Ok(Ok(_)) => tracing::debug!(key = %self.key, "multipart upload aborted"),
+            // Gone already: completed by a try whose answer was lost, or ended by the store
+            // (Garage ends every other upload of a key when one completes).
+            Ok(Err(Failure::NotFound)) => {
+                tracing::debug!(key = %self.key, "multipart upload gone already")
+            }
+            Ok(Err(f)) => {
+                tracing::warn!(key = %self.key, cause = ?f, "could not abort a multipart upload; cleanup will retry")
+            }
             Err(e) => {
                 tracing::warn!(key = %self.key, cause = %e, "could not abort a multipart upload; cleanup will retry")
             }
@@ -279,6 +291,7 @@ impl S3Writer {
         self.upload_id = Some(id.clone());
         // Its answer told the store's time.
         self.began = Some(self.clock.now());
+        tracing::debug!(key = %self.target.key, "multipart upload begun");
         Ok(id)
     }
 
