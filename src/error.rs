@@ -81,6 +81,11 @@ pub enum UploadError {
 #[derive(Debug, Clone, Copy)]
 pub struct ErrorLabel(pub &'static str);
 
+/// In the extensions of a response made from the store failing to answer (unavailable, or
+/// timed out): the server notes when its store last failed.
+#[derive(Debug, Clone, Copy)]
+pub struct StoreFailed;
+
 impl Error {
     pub fn status(&self) -> StatusCode {
         match self {
@@ -228,6 +233,12 @@ impl IntoResponse for Error {
         let mut res = (status, format!("{}\n", self.public_reason())).into_response();
         // For the metrics middleware, which sees only the response.
         res.extensions_mut().insert(ErrorLabel(self.label()));
+        if matches!(
+            self,
+            Self::Store(StoreError::Unavailable(_) | StoreError::Timeout(_))
+        ) {
+            res.extensions_mut().insert(StoreFailed);
+        }
         let h = res.headers_mut();
         h.insert(
             header::CONTENT_TYPE,

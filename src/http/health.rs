@@ -43,6 +43,11 @@ impl Readiness {
         let was_down = self.1.swap(!ready, std::sync::atomic::Ordering::SeqCst);
         was_down == ready
     }
+
+    /// Whether the last probe found the store down.
+    pub fn is_down(&self) -> bool {
+        self.1.load(std::sync::atomic::Ordering::SeqCst)
+    }
 }
 
 #[derive(Clone, Copy)]

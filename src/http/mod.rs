@@ -305,6 +305,13 @@ fn warn_refused_upload(st: &AppState, why: &str) {
 /// private mode, keeps shared caches from storing anything.
 async fn default_cache_headers(State(st): State<AppState>, req: Request, next: Next) -> Response {
     let mut res = next.run(req).await;
+    if res
+        .extensions()
+        .get::<crate::error::StoreFailed>()
+        .is_some()
+    {
+        st.note_store_failed();
+    }
     let config = &st.live().config;
     if config.auth.private {
         let private = res

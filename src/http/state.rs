@@ -66,9 +66,34 @@ pub struct App {
     pub refused_upload_warned: std::sync::Mutex<Option<tokio::time::Instant>>,
     /// The store's last answer to `/readyz` (see [`super::health`]).
     pub readiness: super::health::Readiness,
+    /// When a request was last answered 5xx because the store did not answer (see
+    /// [`App::store_failing`]).
+    pub store_failed: std::sync::Mutex<Option<tokio::time::Instant>>,
     /// Set once the server stops taking connections (SIGTERM): `/readyz` answers 503.
     pub draining: std::sync::atomic::AtomicBool,
     live: ArcSwap<Live>,
+}
+
+/// How long a request the store failed to answer counts as the store failing
+/// ([`App::store_failing`]).
+pub const STORE_FAILED_FOR: std::time::Duration = std::time::Duration::from_secs(30);
+
+impl App {
+    /// Whether the store is failing, as far as this process knows: a request was answered 5xx
+    /// within [`STORE_FAILED_FOR`] because the store did not answer, or the last readiness
+    /// probe found it down. Answers this process gives from memory alone that a proxy takes as
+    /// this replica working (an upload probe's "absent") then ask the store instead, so that
+    /// the proxy sees the failure and sends the request elsewhere.
+    pub fn store_failing(&self) -> bool {
+        self.readiness.is_down()
+            || crate::sync::lock(&self.store_failed)
+                .is_some_and(|at| at.elapsed() < STORE_FAILED_FOR)
+    }
+
+    /// A request was answered 5xx because the store did not answer.
+    pub fn note_store_failed(&self) {
+        *crate::sync::lock(&self.store_failed) = Some(tokio::time::Instant::now());
+    }
 }
 
 /// The part of the state a reload replaces.
@@ -181,6 +206,7 @@ impl AppState {
             refused_read_warned: std::sync::Mutex::new(None),
             refused_upload_warned: std::sync::Mutex::new(None),
             readiness: super::health::Readiness::default(),
+            store_failed: std::sync::Mutex::new(None),
             draining: std::sync::atomic::AtomicBool::new(false),
             live: ArcSwap::from_pointee(live),
         })))

@@ -953,6 +953,49 @@ async fn upload_nar_probes_ask_the_store_only_for_nars_seen_or_re_encoded() {
     assert!(mem.requests() > before, "the store was not asked");
 }
 
+/// While the store fails (a request was just answered 503 for it, or the readiness probe
+/// found it down), the upload address's NAR probe asks the store and answers its failure
+/// instead of "absent" from memory: a proxy in front of replicas then sends the builder's
+/// upload to another replica, rather than the PUT failing here after its body was sent. Once
+/// the store answers again (a while after the last failure, or the next probe), "absent" comes
+/// from memory again.
+#[tokio::test(start_paused = true)]
+async fn upload_nar_probes_answer_the_stores_failure_while_it_fails() {
+    use crate::config::Scope;
+    let mem = Arc::new(MemoryStore::new());
+    let cfg = with_tokens(Config::default(), &[("w", "wtok", Scope::Write)]);
+    let st = state(cfg, &mem);
+    let probe = || async {
+        let req = authed("HEAD", &format!("/upload/nar/{NAR_FILE}.nar.xz"), "wtok");
+        let before = mem.requests();
+        let status = send(&st, req.body(Body::empty()).unwrap()).await.status();
+        (status, mem.requests() > before)
+    };
+    assert_eq!(probe().await, (StatusCode::NOT_FOUND, false));
+    mem.set_down(true);
+    let req = authed("GET", &format!("/upload/{HASH}.narinfo"), "wtok");
+    let res = send(&st, req.body(Body::empty()).unwrap()).await;
+    assert_eq!(res.status(), StatusCode::SERVICE_UNAVAILABLE);
+    assert_eq!(probe().await.0, StatusCode::SERVICE_UNAVAILABLE);
+    mem.set_down(false);
+    assert_eq!(probe().await, (StatusCode::NOT_FOUND, true));
+    tokio::time::advance(super::state::STORE_FAILED_FOR).await;
+    assert_eq!(probe().await, (StatusCode::NOT_FOUND, false));
+    // Found down by the readiness probe, until the next probe finds it up.
+    mem.set_down(true);
+    let ready = || async {
+        send(&st, Request::get("/readyz").body(Body::empty()).unwrap())
+            .await
+            .status()
+    };
+    assert_eq!(ready().await, StatusCode::SERVICE_UNAVAILABLE);
+    mem.set_down(false);
+    assert_eq!(probe().await, (StatusCode::NOT_FOUND, true));
+    tokio::time::advance(super::health::SHARED * 2).await;
+    assert_eq!(ready().await, StatusCode::OK);
+    assert_eq!(probe().await, (StatusCode::NOT_FOUND, false));
+}
+
 /// A NAR refused early (bytes that are no NAR) has the rest of its body read
 /// before the 400 is answered: answered over a body still coming, the connection would be
 /// reset, and the client still sending could see the reset instead of the refusal (Nix then

@@ -158,14 +158,17 @@ async fn nar_get(
 /// HEAD `/upload/nar/<file>`: Nix sends it right before each NAR upload, and skips the upload
 /// on 200. A NAR stored as sent is answered 404 without asking the store: sending it again is
 /// harmless (the same bytes under the same name), and the PUT asks the store before taking the
-/// body of a large one ([`crate::upload::Uploader::probe_asks_store`]). A NAR re-encoded on
-/// upload (`upload.compression`) is looked up, also under the name it was stored as.
+/// body of a large one ([`crate::upload::Uploader::probe_asks_store`]). But not while the
+/// store is failing ([`super::state::App::store_failing`]): the store is asked, and its failure
+/// answered, so that a proxy in front of replicas sends this builder's upload to another
+/// replica instead of this one, whose PUT would fail after the body was sent. A NAR re-encoded
+/// on upload (`upload.compression`) is looked up, also under the name it was stored as.
 async fn nar_head(State(st): State<AppState>, Path(file): Path<String>) -> Result<Response, Error> {
     let f: NarFileName = file.parse()?;
     // Its upload, or the narinfo relying on it, follows at once: their record is written
     // meanwhile, starting now rather than after this answer.
     st.uploader.nar_expected(&f);
-    if !st.uploader.probe_asks_store(&f) {
+    if !st.uploader.probe_asks_store(&f) && !st.store_failing() {
         return Err(Error::NotFound);
     }
     let size = match st.store.head(&object_key::nar(&f)).await? {
