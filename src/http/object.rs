@@ -24,7 +24,7 @@ use tokio::sync::OwnedSemaphorePermit;
 use super::AppState;
 use crate::error::Error;
 use crate::nix::Compression;
-use crate::store::{ByteRange, Object, Store, StoreError};
+use crate::store::{ByteRange, ByteStream, Object, Store, StoreError};
 use crate::upload::{digest, encoding};
 
 #[derive(Debug, Clone, Copy)]
@@ -246,8 +246,35 @@ pub(super) async fn get(
     req_headers: &HeaderMap,
 ) -> Result<Response, Error> {
     let obj = lookup(kind, source.get(key, range_of(req_headers)).await)?;
-    let obj = decoded_for(obj, kind, req_headers, served_decodes()).await?;
+    let decoding = to_decode(&obj, kind, req_headers).is_some();
+    let mut obj = decoded_for(obj, kind, req_headers, served_decodes()).await?;
+    if decoding {
+        obj.body = checked_decoding(key, obj.body).await?;
+    }
     Ok(object_response(obj, kind))
+}
+
+/// `body`, a stored log or listing being decoded for the client, once its first chunk came
+/// out: one that does not decode at all (not the coding its `Content-Encoding` says) is a 502
+/// naming it, not a 200 cut off at once. One that stops decoding later is cut off (the status
+/// is sent), and logged with its key.
+async fn checked_decoding(key: &str, mut body: ByteStream) -> Result<ByteStream, Error> {
+    let first = match body.next().await {
+        Some(Err(e)) => {
+            return Err(StoreError::Other(format!(
+                "{key} does not decode as its Content-Encoding says: {e}"
+            ))
+            .into())
+        }
+        first => first,
+    };
+    let key = key.to_owned();
+    Ok(futures::stream::iter(first)
+        .chain(body)
+        .inspect_err(move |e| {
+            tracing::warn!(key = %key, cause = %e, "a stored log or listing stopped decoding: its answer is cut off");
+        })
+        .boxed())
 }
 
 /// What a read found, as an answer: a listing, log or realisation that no upstream had while

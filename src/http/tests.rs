@@ -1917,6 +1917,53 @@ async fn logs_and_listings_in_codings_curl_lacks_are_decoded_for_clients_that_ne
     }
 }
 
+/// A stored log that does not decode as its `Content-Encoding` says is a 502 naming it for a
+/// client it is decoded for (not a 200 cut off at once); one that breaks off mid-way is cut
+/// off, logged with its key.
+#[tokio::test]
+async fn a_stored_log_that_does_not_decode_is_a_502_or_logged() {
+    use std::io::Write as _;
+    let logs = crate::test_logs::capture();
+    let text = b"building '/nix/store/x.drv'...\n".repeat(20_000);
+    let xz = {
+        let mut e = liblzma::write::XzEncoder::new(Vec::new(), 0);
+        e.write_all(&text).unwrap();
+        e.finish().unwrap()
+    };
+    let mem = Arc::new(MemoryStore::new());
+    let junk = "5g5d4v2ahmn1f7k9jcs2cns6ivf5gmpa-junk.drv";
+    mem.insert(&format!("log/{junk}"), b"not xz at all".to_vec());
+    mem.set_encoding(&format!("log/{junk}"), "xz");
+    let cut = "6g5d4v2ahmn1f7k9jcs2cns6ivf5gmpa-cut.drv";
+    mem.insert(&format!("log/{cut}"), xz[..xz.len() - 8].to_vec());
+    mem.set_encoding(&format!("log/{cut}"), "xz");
+    let st = state(Config::default(), &mem);
+    let get = |drv: &str| {
+        Request::get(format!("/log/{drv}"))
+            .header("accept-encoding", "gzip")
+            .body(Body::empty())
+            .unwrap()
+    };
+    let res = send(&st, get(junk)).await;
+    assert_eq!(res.status(), StatusCode::BAD_GATEWAY);
+    assert!(
+        logs.text().contains(&format!("log/{junk}")),
+        "{}",
+        logs.text()
+    );
+    let res = send(&st, get(cut)).await;
+    assert_eq!(res.status(), StatusCode::OK);
+    assert!(
+        res.into_body().collect().await.is_err(),
+        "the cut was not passed on"
+    );
+    let text = logs.text();
+    assert!(
+        text.contains("stopped decoding") && text.contains(&format!("log/{cut}")),
+        "{text}"
+    );
+}
+
 /// Decodes of served logs and listings are bounded: with every slot taken, the next waits
 /// for one (it is not answered the encoded bytes, which a proxy would keep for everyone), and
 /// after 30 s is told to retry (503).
