@@ -16,6 +16,10 @@ pub struct Status {
     pub version: String,
     /// The store, as in the start-up log line (never credentials).
     pub store: String,
+    /// What `/readyz` answers now: `ready`, or why not (`store unavailable`, `store timed
+    /// out`, `shutting down`). `None` from a server from before it was reported.
+    #[serde(default)]
+    pub store_state: Option<String>,
     /// `name:base64` lines, for clients' `trusted-public-keys`.
     pub public_keys: Vec<String>,
     pub private: bool,
@@ -179,7 +183,10 @@ fn write_cache(f: &mut fmt::Formatter<'_>, what: &str, c: &CacheStatus) -> fmt::
 impl fmt::Display for Status {
     fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
         writeln!(f, "cellar {}", self.version)?;
-        writeln!(f, "store: {}", self.store)?;
+        match self.store_state.as_deref() {
+            Some("ready") | None => writeln!(f, "store: {}", self.store)?,
+            Some(why) => writeln!(f, "store: {} (NOT READY: {why})", self.store)?,
+        }
         if self.private {
             writeln!(f, "private: reads need a token")?;
         }
@@ -334,6 +341,7 @@ mod tests {
         let s = Status {
             version: "0.1.0".into(),
             store: "local directory ./x".into(),
+            store_state: Some("ready".into()),
             public_keys: vec!["k-1:abc=".into(), "k-2:def=".into()],
             private: false,
             narinfo_cache: c.clone(),
@@ -370,6 +378,18 @@ mod tests {
         assert!(older
             .to_string()
             .contains("small-NAR memory cache: not reported"));
+        // The store's readiness: said only when it is not ready.
+        assert!(text.contains("store: local directory ./x\n"), "{text}");
+        let failing = Status {
+            store_state: Some("store unavailable".into()),
+            ..s.clone()
+        };
+        assert!(
+            failing
+                .to_string()
+                .contains("store: local directory ./x (NOT READY: store unavailable)\n"),
+            "{failing}"
+        );
         // Both keys on one line, as nix.conf takes them.
         assert!(
             text.contains("trusted-public-keys = k-1:abc= k-2:def=\n"),

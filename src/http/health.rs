@@ -59,12 +59,15 @@ struct Answer {
 }
 
 pub(super) async fn readyz(State(st): State<AppState>) -> impl IntoResponse {
+    let (status, text) = readiness(&st).await;
+    (status, [NO_STORE], text)
+}
+
+/// What `/readyz` answers (also told by `/status`): 200 `ready` when the store answers, else
+/// 503 with why.
+pub(super) async fn readiness(st: &AppState) -> (StatusCode, &'static str) {
     if st.draining.load(std::sync::atomic::Ordering::SeqCst) {
-        return (
-            StatusCode::SERVICE_UNAVAILABLE,
-            [NO_STORE],
-            "shutting down\n",
-        );
+        return (StatusCode::SERVICE_UNAVAILABLE, "shutting down\n");
     }
     let arrived = tokio::time::Instant::now();
     let answer = async {
@@ -75,7 +78,7 @@ pub(super) async fn readyz(State(st): State<AppState>) -> impl IntoResponse {
             Some(a) if a.answered > arrived && a.asked + SHARED >= arrived => (a.status, a.text),
             _ => {
                 let asked = tokio::time::Instant::now();
-                let (status, text) = ask_store(&st).await;
+                let (status, text) = ask_store(st).await;
                 *last = Some(Answer {
                     asked,
                     answered: tokio::time::Instant::now(),
@@ -91,9 +94,9 @@ pub(super) async fn readyz(State(st): State<AppState>) -> impl IntoResponse {
         Ok(answer) => answer,
         // Its wait for another probe's request counted: the store's own answer may never
         // be asked for, so the change is noted here too.
-        Err(_) => timed_out(&st, st.readiness.changed(false)),
+        Err(_) => timed_out(st, st.readiness.changed(false)),
     };
-    (status, [NO_STORE], text)
+    (status, text)
 }
 
 async fn ask_store(st: &AppState) -> (StatusCode, &'static str) {

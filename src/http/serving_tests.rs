@@ -471,6 +471,23 @@ async fn status_reports_an_upstream_up_then_down_once_it_fails() {
     assert!(!up(st.clone()).await);
 }
 
+/// `/status` says whether the store answers, as `/readyz` does: `ready`, or why not.
+#[tokio::test(start_paused = true)]
+async fn status_says_whether_the_store_answers() {
+    let mem = Arc::new(MemoryStore::new());
+    let st = state(Config::default(), &mem);
+    let state_of = |st: super::AppState| async move {
+        let (status, body) = get(&st, "/status").await;
+        assert_eq!(status, StatusCode::OK);
+        let v: serde_json::Value = serde_json::from_slice(&body).unwrap();
+        v["store_state"].as_str().unwrap().to_owned()
+    };
+    assert_eq!(state_of(st.clone()).await, "ready");
+    mem.set_down(true);
+    tokio::time::advance(super::health::SHARED * 2).await;
+    assert_eq!(state_of(st.clone()).await, "store unavailable");
+}
+
 /// A narinfo missed while an upstream could not be asked is a 404 that is not kept: not in
 /// memory (the next request looks again), not by caches in front (`no-store`).
 #[tokio::test]

@@ -50,9 +50,11 @@ pub(super) async fn get(State(st): State<AppState>) -> impl IntoResponse {
             bypasses: cache_count("nar_disk", "bypass"),
         }
     });
+    let (_, ready) = super::health::readiness(&st).await;
     let status = Status {
         version: env!("CARGO_PKG_VERSION").to_owned(),
         store: st.store.describe(),
+        store_state: Some(ready.trim().to_owned()),
         public_keys: live
             .signing_keys
             .iter()
