@@ -263,6 +263,11 @@ impl Metrics {
             "Always 1; the labels say which cellar this is",
             m.build_info.clone(),
         );
+        // Both ways of checking a NAR are shown from the start, at 0: a series that appears
+        // only once counted leaves `rate()` nothing to compare against.
+        for how in ["record", "read_back"] {
+            m.upload_nar_checks.get_or_create(&NarCheckLabels { how });
+        }
         Self { registry: r, ..m }
     }
 }
@@ -419,6 +424,11 @@ mod tests {
         );
         assert!(text.contains(r#"cellar_cache_lookups_total{layer="narinfo_memory",result="hit"}"#));
         assert!(text.contains(r#"cellar_build_info{version=""#));
+        // Shown before anything counts them.
+        for how in ["record", "read_back"] {
+            let series = format!("cellar_upload_nar_checks_total{{how=\"{how}\"}}");
+            assert!(text.contains(&series), "{text}");
+        }
         assert!(text.ends_with("# EOF\n"));
     }
 

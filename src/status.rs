@@ -160,8 +160,9 @@ fn size(n: u64) -> String {
 fn write_cache(f: &mut fmt::Formatter<'_>, what: &str, c: &CacheStatus) -> fmt::Result {
     write!(
         f,
-        "{what}: {} entries, {} of {}",
+        "{what}: {} {}, {} of {}",
         c.entries,
+        if c.entries == 1 { "entry" } else { "entries" },
         size(c.bytes),
         size(c.max_bytes)
     )?;
@@ -267,7 +268,7 @@ mod tests {
         }
         assert_eq!(
             Line(&disk).to_string(),
-            "c: 1 entries, 1 B of 1 B; 25.0% hits (1 hits, 1 misses, 2 passed to the store)\n"
+            "c: 1 entry, 1 B of 1 B; 25.0% hits (1 hits, 1 misses, 2 passed to the store)\n"
         );
         let unused = CacheStatus {
             hits: 0,
@@ -278,7 +279,7 @@ mod tests {
         assert_eq!(unused.hit_ratio(), None);
         assert_eq!(
             Line(&unused).to_string(),
-            "c: 1 entries, 1 B of 1 B; no lookups yet (0 hits, 0 misses)\n"
+            "c: 1 entry, 1 B of 1 B; no lookups yet (0 hits, 0 misses)\n"
         );
         let remembered = CacheStatus {
             negative_hits: 1,
