@@ -266,7 +266,7 @@ impl Metrics {
         // Both ways of checking a NAR are shown from the start, at 0: a series that appears
         // only once counted leaves `rate()` nothing to compare against.
         for how in ["record", "read_back"] {
-            m.upload_nar_checks.get_or_create(&NarCheckLabels { how });
+            let _ = m.upload_nar_checks.get_or_create(&NarCheckLabels { how });
         }
         Self { registry: r, ..m }
     }

@@ -181,7 +181,7 @@ async fn private_mode_guards_metrics_and_status_and_cellar_status_reports() {
         "{by_config_text}"
     );
     assert!(
-        text.contains("narinfo memory cache: 1 entries") && text.contains("50.0% hits"),
+        text.contains("narinfo memory cache: 1 entry,") && text.contains("50.0% hits"),
         "{text}"
     );
     assert!(text.contains("NAR disk cache: off"), "{text}");
