@@ -304,7 +304,28 @@ fn warn_refused_upload(st: &AppState, why: &str) {
 /// Lets 404s be cached briefly (clients and proxies), unless a handler decided otherwise; in
 /// private mode, keeps shared caches from storing anything.
 async fn default_cache_headers(State(st): State<AppState>, req: Request, next: Next) -> Response {
+    let writing = !matches!(
+        *req.method(),
+        axum::http::Method::GET | axum::http::Method::HEAD
+    );
     let mut res = next.run(req).await;
+    // The router's own 405 has no body: one line, as every error has.
+    if res.status() == StatusCode::METHOD_NOT_ALLOWED
+        && !res.headers().contains_key(header::CONTENT_TYPE)
+    {
+        let (mut parts, _) = res.into_parts();
+        parts.headers.remove(header::CONTENT_LENGTH);
+        parts.headers.insert(
+            header::CONTENT_TYPE,
+            HeaderValue::from_static("text/plain; charset=utf-8"),
+        );
+        res = Response::from_parts(parts, axum::body::Body::from("method not allowed\n"));
+    }
+    // A failed upload (or any request that is no read) is kept by no cache, whatever it is.
+    if writing && (res.status().is_client_error() || res.status().is_server_error()) {
+        res.headers_mut()
+            .insert(header::CACHE_CONTROL, HeaderValue::from_static("no-store"));
+    }
     if res
         .extensions()
         .get::<crate::error::StoreFailed>()

@@ -586,6 +586,12 @@ async fn other_methods_are_not_allowed_rather_than_unauthorized() {
             StatusCode::METHOD_NOT_ALLOWED,
             "{method} {path}"
         );
+        // One line of text, as every error; kept by no cache.
+        assert!(res.headers().contains_key("allow"), "{method} {path}");
+        assert_eq!(res.headers()["content-type"], "text/plain; charset=utf-8");
+        assert_eq!(res.headers()["cache-control"], "no-store");
+        let body = res.into_body().collect().await.unwrap().to_bytes();
+        assert_eq!(&body[..], b"method not allowed\n");
         let req = authed(method, path, "rtok").body(Body::empty());
         let res = send(&st, req.unwrap()).await;
         assert_eq!(
@@ -604,10 +610,23 @@ async fn other_methods_are_not_allowed_rather_than_unauthorized() {
         StatusCode::UNAUTHORIZED
     );
     let req = authed("PUT", &narinfo, "rtok").body(Body::empty());
-    assert_eq!(
-        send(&st, req.unwrap()).await.status(),
-        StatusCode::FORBIDDEN
+    let res = send(&st, req.unwrap()).await;
+    assert_eq!(res.status(), StatusCode::FORBIDDEN);
+    // A failed write is kept by no cache: refused, a bad name, a name no route has.
+    assert_eq!(res.headers()["cache-control"], "no-store");
+    let wst = state(
+        with_tokens(Config::default(), &[("w", "wtok", Scope::Write)]),
+        &mem,
     );
+    for (path, status) in [
+        ("/nar/bad", StatusCode::BAD_REQUEST),
+        ("/foo.txt", StatusCode::NOT_FOUND),
+    ] {
+        let req = authed("PUT", path, "wtok").body(Body::empty());
+        let res = send(&wst, req.unwrap()).await;
+        assert_eq!(res.status(), status, "{path}");
+        assert_eq!(res.headers()["cache-control"], "no-store", "{path}");
+    }
     // Refused uploads are not warned of either (an allowed one is).
     assert!(!st.root_upload_warned.load(Ordering::Relaxed));
     // Reads still need the token in private mode.
