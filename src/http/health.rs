@@ -34,19 +34,24 @@ pub(super) async fn healthz() -> impl IntoResponse {
 pub struct Readiness(
     tokio::sync::Mutex<Option<Answer>>,
     std::sync::atomic::AtomicBool,
+    /// When the last probe found the store down, if it did.
+    std::sync::Mutex<Option<tokio::time::Instant>>,
 );
 
 impl Readiness {
     /// Notes whether the store is ready now; true if that is news (the first failure, or
     /// the first success after failures).
     fn changed(&self, ready: bool) -> bool {
+        *crate::sync::lock(&self.2) = (!ready).then(tokio::time::Instant::now);
         let was_down = self.1.swap(!ready, std::sync::atomic::Ordering::SeqCst);
         was_down == ready
     }
 
-    /// Whether the last probe found the store down.
+    /// Whether the last probe found the store down, within
+    /// [`super::state::STORE_FAILED_FOR`] (no probe may come again for long: open-source
+    /// nginx sends none).
     pub fn is_down(&self) -> bool {
-        self.1.load(std::sync::atomic::Ordering::SeqCst)
+        crate::sync::lock(&self.2).is_some_and(|at| at.elapsed() < super::state::STORE_FAILED_FOR)
     }
 }
 

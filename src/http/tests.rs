@@ -1013,6 +1013,13 @@ async fn upload_nar_probes_answer_the_stores_failure_while_it_fails() {
     tokio::time::advance(super::health::SHARED * 2).await;
     assert_eq!(ready().await, StatusCode::OK);
     assert_eq!(probe().await, (StatusCode::NOT_FOUND, false));
+    // A probe's finding is not kept for ever: no probe may come again.
+    mem.set_down(true);
+    tokio::time::advance(super::health::SHARED * 2).await;
+    assert_eq!(ready().await, StatusCode::SERVICE_UNAVAILABLE);
+    mem.set_down(false);
+    tokio::time::advance(super::state::STORE_FAILED_FOR).await;
+    assert_eq!(probe().await, (StatusCode::NOT_FOUND, false));
 }
 
 /// A NAR refused early (bytes that are no NAR) has the rest of its body read
@@ -1190,6 +1197,9 @@ async fn a_nar_found_bad_is_absent_to_builders() {
         .unwrap();
     assert_eq!(send(&st, put).await.status(), StatusCode::BAD_REQUEST);
     assert_eq!(head(&root, Some("wtok")).await, StatusCode::NOT_FOUND);
+    assert_eq!(head(&upload, Some("wtok")).await, StatusCode::NOT_FOUND);
+    // Also while the store fails (when the upload address's probe asks the store).
+    st.note_store_failed();
     assert_eq!(head(&upload, Some("wtok")).await, StatusCode::NOT_FOUND);
     assert_eq!(head(&root, None).await, StatusCode::OK, "a reader");
     // Sent again, it mends the path.

@@ -168,6 +168,10 @@ async fn nar_head(State(st): State<AppState>, Path(file): Path<String>) -> Resul
     // Its upload, or the narinfo relying on it, follows at once: their record is written
     // meanwhile, starting now rather than after this answer.
     st.uploader.nar_expected(&f);
+    // A copy found bad is absent to builders, so that the next upload stores over it.
+    if st.uploader.nar_found_bad(&f) {
+        return Err(Error::NotFound);
+    }
     if !st.uploader.probe_asks_store(&f) && !st.store_failing() {
         return Err(Error::NotFound);
     }

@@ -233,17 +233,18 @@ struct SameName {
     inner: Option<Box<dyn crate::store::ObjectWriter>>,
     store: Arc<dyn Store>,
     key: String,
-    taken: Arc<std::sync::atomic::AtomicBool>,
+    /// The size of the object found standing, once it was.
+    standing: Arc<Mutex<Option<u64>>>,
 }
 
 impl SameName {
     /// After `e`: whether the object stands (then `Ok`, and nothing more is written).
     async fn stands(&mut self, e: StoreError) -> Result<(), StoreError> {
-        if !matches!(self.store.head(&self.key).await, Ok(Some(_))) {
+        let Ok(Some(size)) = self.store.head(&self.key).await else {
             return Err(e);
-        }
+        };
         tracing::info!(key = %self.key, cause = %e, "NAR stored meanwhile by another upload of the same name: the rest of this one is checked, not written");
-        self.taken.store(true, std::sync::atomic::Ordering::SeqCst);
+        *lock(&self.standing) = Some(size);
         if let Some(w) = self.inner.take() {
             w.abort().await;
         }
@@ -851,13 +852,13 @@ impl Uploader {
         let mut w = self.store.writer(&object_key::nar(stored)).await?;
         // Stored as sent, its name is the sha256 of its bytes: another upload of the name that
         // lands first leaves the very object this one would (but not over a copy found bad).
-        let taken = Arc::new(std::sync::atomic::AtomicBool::new(false));
+        let standing = Arc::new(Mutex::new(None));
         if target.is_none() && !over_bad {
             w = Box::new(SameName {
                 inner: Some(w),
                 store: Arc::clone(&self.store),
                 key: object_key::nar(stored),
-                taken: Arc::clone(&taken),
+                standing: Arc::clone(&standing),
             });
         }
         let d =
@@ -946,23 +947,34 @@ impl Uploader {
         // not over a copy found bad (whose record was deleted so that every replica reads it
         // back): then only once this commit has replaced it.
         let recorded = target.is_none() && nar_records::wanted(&d);
+        // Looked at again: a copy may have been found bad while this body came.
+        let over_bad = over_bad || self.found_bad(&object_key::nar(stored));
         let digest_record = async {
-            if recorded && !over_bad {
+            // Not for an object another upload left (see `SameName`).
+            if recorded && !over_bad && lock(&standing).is_none() {
                 self.write_record(stored, &d).await;
             }
         };
         let (committed, announced, ()) = futures::join!(w.commit(), record, digest_record);
         committed?;
+        let standing = *lock(&standing);
+        if let Some(size) = standing {
+            // Its name says its bytes; a size other than this body's says they are not.
+            if size != d.output.size {
+                return Err(StoreError::Other(format!(
+                    "{} stands in the store with {size} bytes, not the {} sent",
+                    object_key::nar(stored),
+                    d.output.size
+                ))
+                .into());
+            }
+            return Ok(Some((d, announced, StoredBy::Another)));
+        }
         if recorded && over_bad {
             self.write_record(stored, &d).await;
         }
         lock(&self.nars_found_bad).remove(&object_key::nar(stored));
-        let stored_by = if taken.load(std::sync::atomic::Ordering::SeqCst) {
-            StoredBy::Another
-        } else {
-            StoredBy::This
-        };
-        Ok(Some((d, announced, stored_by)))
+        Ok(Some((d, announced, StoredBy::This)))
     }
 
     /// Finds and digests a NAR this process did not see being uploaded (another replica

@@ -1873,7 +1873,24 @@ async fn a_nar_another_upload_of_its_name_landed_first_stands() {
         .await
         .unwrap_err();
     assert!(e.to_string().contains("but its name says"), "{e}");
-    assert_eq!(mem.bytes(&key), Some(nar));
+    assert_eq!(mem.bytes(&key), Some(nar.clone()));
+    // An object of another size under the name is not these bytes: the upload fails.
+    let (mem, up) = uploader();
+    mem.insert(&key, nar.slice(..100));
+    mem.fail(FailOp::Part, &key, 0, 1);
+    let e = up.put_nar(&file, body(nar.clone())).await.unwrap_err();
+    assert!(
+        e.to_string().contains("stands in the store with 100 bytes"),
+        "{e}"
+    );
+    // Nor is a copy found bad taken for the upload: its failure is the upload's.
+    let (mem, up) = uploader();
+    mem.insert(&key, nar.clone());
+    up.found_bad_copy(&file, "a test".into()).await;
+    mem.fail(FailOp::Part, &key, 0, 1);
+    let e = up.put_nar(&file, body(nar.clone())).await.unwrap_err();
+    assert!(e.to_string().contains("UploadPart"), "{e}");
+    assert!(up.nar_found_bad(&file));
 }
 
 /// A reference is a whole store path, not a hash: one whose hash has a narinfo of another
