@@ -60,7 +60,7 @@ pub enum UploadError {
     Internal(String),
     /// The upload is larger than its limit: `upload.max_nar_bytes` for a NAR (as sent or
     /// decompressed), a fixed bound for listings, logs and realisations.
-    #[error("larger than {limit} bytes, its limit (upload.max_nar_bytes for a NAR; fixed for other uploads, and a compressed one may decode to 64 times its size at most)")]
+    #[error("larger than {limit} bytes, its limit (upload.max_nar_bytes for a NAR; fixed for other uploads, and a compressed narinfo or realisation may decode to 64 times its size at most)")]
     TooLarge { limit: u64 },
     /// The body sent nothing for this many seconds.
     #[error("the upload body sent nothing for {0} s")]
