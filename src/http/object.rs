@@ -260,6 +260,20 @@ pub(super) async fn get(
 /// is sent), and logged with its key.
 async fn checked_decoding(key: &str, mut body: ByteStream) -> Result<ByteStream, Error> {
     let first = match body.next().await {
+        // The store's body failing (cut off, idle) is the store's failure, not the object's.
+        Some(Err(e))
+            if e.get_ref()
+                .and_then(|i| i.downcast_ref::<crate::error::UploadError>())
+                .is_some_and(|u| {
+                    matches!(
+                        u,
+                        crate::error::UploadError::Body(_)
+                            | crate::error::UploadError::IdleTimeout(_)
+                    )
+                }) =>
+        {
+            return Err(StoreError::Unavailable(format!("reading {key}: {e}")).into())
+        }
         Some(Err(e)) => {
             return Err(StoreError::Other(format!(
                 "{key} does not decode as its Content-Encoding says: {e}"

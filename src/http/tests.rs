@@ -1980,6 +1980,19 @@ async fn a_stored_log_that_does_not_decode_is_a_502_or_logged() {
         "{}",
         logs.text()
     );
+    // The store's body cut off before anything decoded: the store's failure (503).
+    let broken = "7g5d4v2ahmn1f7k9jcs2cns6ivf5gmpa-broken.drv";
+    // (One byte: the test fault passes half of it, nothing, then the reset.)
+    mem.insert(&format!("log/{broken}"), b"x".to_vec());
+    mem.set_encoding(&format!("log/{broken}"), "xz");
+    mem.fail(
+        crate::store::memory::FailOp::Body,
+        &format!("log/{broken}"),
+        0,
+        1,
+    );
+    let res = send(&st, get(broken)).await;
+    assert_eq!(res.status(), StatusCode::SERVICE_UNAVAILABLE);
     let res = send(&st, get(cut)).await;
     assert_eq!(res.status(), StatusCode::OK);
     assert!(
