@@ -120,7 +120,15 @@ pub fn store_path_or_link(s: &str, store_dir: &str) -> Result<StorePathBaseName,
     let mut at = std::path::PathBuf::from(s);
     // As many links as the kernel follows in one path.
     for _ in 0..40 {
-        let Some(next) = first_link_read(&at) else {
+        // The whole path a link first (`/run/current-system/sw/bin/hello` names hello's
+        // package, not the system), else the first link along it (`./result/bin/hello`).
+        let whole = std::fs::read_link(&at)
+            .ok()
+            .map(|target| match at.parent() {
+                Some(dir) if target.is_relative() => dir.join(target),
+                _ => target,
+            });
+        let Some(next) = whole.or_else(|| first_link_read(&at)) else {
             break;
         };
         at = next;
@@ -335,6 +343,15 @@ mod tests {
             let got = store_path_or_link(link.to_str().unwrap(), sd).unwrap();
             assert_eq!(got.to_string(), "6bxnj2gfflqa529lddzh3zhcn45nn86r-top");
         }
+        // A link inside an environment (a profile's `bin/hello`) names the package it leads
+        // to, not the environment.
+        let env = std::path::Path::new(sd).join("7bxnj2gfflqa529lddzh3zhcn45nn86r-env");
+        std::fs::create_dir_all(env.join("bin")).unwrap();
+        let hello = format!("{sd}/8bxnj2gfflqa529lddzh3zhcn45nn86r-hello/bin/hello");
+        std::os::unix::fs::symlink(&hello, env.join("bin/hello")).unwrap();
+        std::os::unix::fs::symlink(&env, root.join("sw")).unwrap();
+        let got = store_path_or_link(root.join("sw/bin/hello").to_str().unwrap(), sd).unwrap();
+        assert_eq!(got.to_string(), "8bxnj2gfflqa529lddzh3zhcn45nn86r-hello");
         std::fs::write(root.join("file"), "").unwrap();
         std::os::unix::fs::symlink(root.join("file"), root.join("elsewhere")).unwrap();
         std::os::unix::fs::symlink(root.join("gone"), root.join("dangling")).unwrap();

@@ -50,7 +50,12 @@ pub(super) async fn get(State(st): State<AppState>) -> impl IntoResponse {
             bypasses: cache_count("nar_disk", "bypass"),
         }
     });
-    let (_, ready) = super::health::readiness(&st).await;
+    // Within `cellar status`'s own wait (10 s), however long `store.ready_timeout_secs` is.
+    let ready = tokio::time::timeout(std::time::Duration::from_secs(5), async {
+        super::health::readiness(&st).await.1
+    })
+    .await
+    .unwrap_or("store timed out\n");
     let status = Status {
         version: env!("CARGO_PKG_VERSION").to_owned(),
         store: st.store.describe(),

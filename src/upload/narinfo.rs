@@ -509,8 +509,9 @@ impl Uploader {
         let lookups = refs.into_iter().map(|r| async move {
             Ok::<_, StoreError>(self.in_cache(&r, upstreams).await?.map(|why| (r, why)))
         });
+        // In order: the refusal names the first reference missing, whatever answers first.
         let found: Vec<Option<(StorePathBaseName, Absent)>> = futures::stream::iter(lookups)
-            .buffer_unordered(16)
+            .buffered(16)
             .try_collect()
             .await?;
         let missing: Vec<(StorePathBaseName, Absent)> = found.into_iter().flatten().collect();
