@@ -434,6 +434,21 @@ fn signed_narinfo(key: &crate::nix::SecretKey, path: &str, file: &str) -> String
     info.render("/nix/store")
 }
 
+/// One upstream, trusted by `key`, serving `narinfo` as [`FIRST`]'s.
+async fn serving_first_narinfo(narinfo: String, key: crate::nix::PublicKey) -> Upstreams {
+    let app = axum::Router::new().route(
+        &format!("/{FIRST}.narinfo"),
+        axum::routing::get(move || async move { narinfo }),
+    );
+    let config = UpstreamConfig {
+        url: serve(app).await,
+        public_keys: vec![key],
+        timeout: Duration::from_secs(5),
+        mirror: false,
+    };
+    Upstreams::new(&[config], "/nix/store").unwrap()
+}
+
 /// Serves `app` on a port of its own; its URL.
 async fn serve(app: axum::Router) -> String {
     let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
@@ -894,17 +909,7 @@ async fn a_refused_narinfo_is_logged_with_the_reason() {
     let trusted = crate::nix::SecretKey::generate("trusted-1").unwrap();
     let other = crate::nix::SecretKey::generate("other-1").unwrap();
     let info = signed_narinfo(&other, &format!("{FIRST}-a"), SECOND_NAR);
-    let app = axum::Router::new().route(
-        &format!("/{FIRST}.narinfo"),
-        axum::routing::get(move || async move { info }),
-    );
-    let config = UpstreamConfig {
-        url: serve(app).await,
-        public_keys: vec![trusted.public()],
-        timeout: Duration::from_secs(5),
-        mirror: false,
-    };
-    let upstreams = Upstreams::new(&[config], "/nix/store").unwrap();
+    let upstreams = serving_first_narinfo(info, trusted.public()).await;
     let (found, failed) = upstreams.narinfo(FIRST.parse().unwrap()).await;
     assert!(found.is_none() && !failed);
     let logged = logs.text();
@@ -1501,17 +1506,7 @@ async fn has_is_upstream_down_when_the_upstream_cannot_be_asked() {
 async fn has_is_by_the_whole_name() {
     let key = crate::nix::SecretKey::generate("up-1").unwrap();
     let narinfo = signed_narinfo(&key, &format!("{FIRST}-top"), SECOND_NAR);
-    let app = axum::Router::new().route(
-        &format!("/{FIRST}.narinfo"),
-        axum::routing::get(move || async move { narinfo }),
-    );
-    let config = UpstreamConfig {
-        url: serve(app).await,
-        public_keys: vec![key.public()],
-        timeout: Duration::from_secs(5),
-        mirror: false,
-    };
-    let upstreams = Upstreams::new(&[config], "/nix/store").unwrap();
+    let upstreams = serving_first_narinfo(narinfo, key.public()).await;
     let top: crate::nix::StorePathBaseName = format!("{FIRST}-top").parse().unwrap();
     let other: crate::nix::StorePathBaseName = format!("{FIRST}-other").parse().unwrap();
     assert!(upstreams.has(&top).await.unwrap());
