@@ -517,13 +517,7 @@ impl Uploader {
         let missing: Vec<(StorePathBaseName, Absent)> = found.into_iter().flatten().collect();
         if let Some((first, why)) = missing.first() {
             let sd = &self.store_dir;
-            let why = match why {
-                Absent::Missing => String::new(),
-                Absent::Other(other) => {
-                    format!(" (the store's narinfo of its hash is {sd}/{other}'s)")
-                }
-                Absent::Unreadable(e) => format!(" (its narinfo in the store cannot be read: {e})"),
-            };
+            let why = why.said(sd);
             return Err(rejected(format!(
                 "reference {sd}/{first} is not in the cache{why}{}; upload references first",
                 if missing.len() > 1 {
@@ -546,6 +540,19 @@ pub(super) enum Absent {
     Other(StorePathBaseName),
     /// The store's narinfo of its hash cannot be read, for this reason.
     Unreadable(String),
+}
+
+impl Absent {
+    /// Why, to follow "… is not in the cache" (nothing when it is simply missing).
+    pub(super) fn said(&self, store_dir: &str) -> String {
+        match self {
+            Absent::Missing => String::new(),
+            Absent::Other(other) => {
+                format!(" (the store's narinfo of its hash is {store_dir}/{other}'s)")
+            }
+            Absent::Unreadable(e) => format!(" (its narinfo in the store cannot be read: {e})"),
+        }
+    }
 }
 
 /// A narinfo holds at most this many signatures: Nix's own carry one to three.

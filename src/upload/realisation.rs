@@ -112,11 +112,12 @@ impl Uploader {
                 raw
             }
         };
-        if self.in_cache(sent.out_path(), upstreams).await?.is_some() {
+        if let Some(why) = self.in_cache(sent.out_path(), upstreams).await? {
             return Err(rejected(format!(
-                "its output {}/{} is not in the cache; upload the path first",
+                "its output {}/{} is not in the cache{}; upload the path first",
                 self.store_dir,
-                sent.out_path()
+                sent.out_path(),
+                why.said(&self.store_dir)
             )));
         }
         self.store.put_bytes(key, write).await?;

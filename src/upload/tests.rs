@@ -2508,6 +2508,11 @@ mod realisations {
             .await
             .unwrap_err();
         assert!(err.to_string().contains(&renamed), "{err}");
+        assert!(
+            err.to_string()
+                .contains(&format!("its hash is /nix/store/{PATH}'s")),
+            "{err}"
+        );
         assert!(stored(&mem).await.is_none());
         let sent = realisation(PATH, &["k:1"]);
         let done = up.put_realisation(KEY, sent.clone(), None).await.unwrap();
