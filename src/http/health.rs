@@ -33,7 +33,6 @@ pub(super) async fn healthz() -> impl IntoResponse {
 #[derive(Default)]
 pub struct Readiness(
     tokio::sync::Mutex<Option<Answer>>,
-    std::sync::atomic::AtomicBool,
     /// When the last probe found the store down, if it did.
     std::sync::Mutex<Option<tokio::time::Instant>>,
 );
@@ -42,8 +41,8 @@ impl Readiness {
     /// Notes whether the store is ready now; true if that is news (the first failure, or
     /// the first success after failures).
     fn changed(&self, ready: bool) -> bool {
-        *crate::sync::lock(&self.2) = (!ready).then(tokio::time::Instant::now);
-        let was_down = self.1.swap(!ready, std::sync::atomic::Ordering::SeqCst);
+        let now_down = (!ready).then(tokio::time::Instant::now);
+        let was_down = std::mem::replace(&mut *crate::sync::lock(&self.1), now_down).is_some();
         was_down == ready
     }
 
@@ -51,7 +50,7 @@ impl Readiness {
     /// [`super::state::STORE_FAILED_FOR`] (no probe may come again for long: open-source
     /// nginx sends none).
     pub fn is_down(&self) -> bool {
-        crate::sync::lock(&self.2).is_some_and(|at| at.elapsed() < super::state::STORE_FAILED_FOR)
+        crate::sync::lock(&self.1).is_some_and(|at| at.elapsed() < super::state::STORE_FAILED_FOR)
     }
 }
 
