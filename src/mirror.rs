@@ -16,6 +16,7 @@ use std::sync::{Arc, Mutex};
 
 use tokio::sync::{OwnedSemaphorePermit, Semaphore};
 
+use crate::cache::narinfo::NarInfoCache;
 use crate::error::{Error, UploadError};
 use crate::nix::{NarInfo, StorePathHash};
 use crate::store::{object_key, Store};
@@ -61,6 +62,11 @@ struct Inner {
     /// whose closures overlap (a cold closure's references, offered together) copy a shared
     /// path once, not once each from the upstream into the store.
     copying: KeyedLocks<StorePathHash>,
+    /// The narinfo memory cache of the state this mirror serves: a path copied leaves it, so
+    /// that its narinfo is read from the store next, whatever becomes of the upstream (the
+    /// one in memory is the upstream's, naming its NAR, which the store may hold under
+    /// another name: `upload.compression` re-encodes it).
+    served: arc_swap::ArcSwapOption<NarInfoCache>,
     /// Told when a copier found a path another was copying (for tests).
     #[cfg(test)]
     contended: tokio::sync::Notify,
@@ -78,6 +84,7 @@ impl Mirror {
                 waiting: Mutex::new(VecDeque::new()),
                 retired: AtomicBool::new(false),
                 copying: KeyedLocks::new(),
+                served: arc_swap::ArcSwapOption::empty(),
                 #[cfg(test)]
                 contended: tokio::sync::Notify::new(),
             }),
@@ -110,6 +117,12 @@ impl Mirror {
         }
         Inner::work(&self.inner);
         true
+    }
+
+    /// Has the paths this mirror copies dropped from `narinfos` (the memory cache of the
+    /// state it serves now, which a reload may replace while keeping the mirror).
+    pub fn serves(&self, narinfos: &Arc<NarInfoCache>) {
+        self.inner.served.store(Some(narinfos.clone()));
     }
 
     /// Stops this mirror, whose upstreams a reload replaced (an upstream no longer mirrored,
@@ -200,7 +213,8 @@ impl Inner {
     /// before it has its references in, and is served whole).
     async fn copy_closure(&self, top: NarInfo) -> Result<usize, Error> {
         let rejected = |why: String| Error::Upload(UploadError::Rejected(why));
-        if self.in_store(top.hash()).await? {
+        let top_hash = top.hash();
+        if self.in_store(top_hash).await? {
             return Ok(0);
         }
         let mut seen: HashSet<StorePathHash> = HashSet::from([top.hash()]);
@@ -272,7 +286,18 @@ impl Inner {
                     held
                 }
             };
-            self.copy_one(info).await?;
+            let (h, path) = (info.hash(), info.store_path.clone());
+            self.copy_one(info).await.map_err(|e| {
+                if h == top_hash {
+                    e
+                } else {
+                    // Logged under the path offered: named here.
+                    rejected(format!("copying its closure's {path}: {e}"))
+                }
+            })?;
+            if let Some(narinfos) = self.served.load_full() {
+                narinfos.invalidate(h).await;
+            }
             n += 1;
         }
         Ok(n)
@@ -724,6 +749,67 @@ mod tests {
             .unwrap_err();
         assert!(e.to_string().contains("named after its store path"), "{e}");
         assert!(!store.keys().iter().any(|k| k.ends_with(".narinfo")));
+    }
+
+    /// A reference whose copy fails is named in the error, which is logged under the path
+    /// offered; the path's own failure is its own.
+    #[tokio::test]
+    async fn a_reference_that_cannot_be_copied_is_named() {
+        let key = crate::nix::SecretKey::generate("up-1").unwrap();
+        for broken in [B, A] {
+            let mut paths = [closure_path(&key, A, &[B]), closure_path(&key, B, &[])];
+            // Its NAR is not the one its narinfo describes.
+            let i = usize::from(broken == B);
+            paths[i].2.push(0);
+            let store = Arc::new(MemoryStore::new());
+            let mirror = mirror_over(&key, &paths, &store).await;
+            let e = mirror
+                .inner
+                .copy_closure(paths[0].0.clone())
+                .await
+                .unwrap_err()
+                .to_string();
+            assert_eq!(e.starts_with("copying its closure's "), broken == B, "{e}");
+            if broken == B {
+                assert!(
+                    e.starts_with(&format!("copying its closure's {B}-p: ")),
+                    "{e}"
+                );
+            }
+        }
+    }
+
+    /// Each path copied leaves the narinfo memory cache the mirror serves (the upstream's
+    /// narinfo there names the upstream's NAR, which the store may keep under another name):
+    /// its narinfo is read from the store next. A reload may give the mirror another cache.
+    #[tokio::test]
+    async fn a_copied_path_leaves_the_narinfo_memory_cache() {
+        let key = crate::nix::SecretKey::generate("up-1").unwrap();
+        let paths = [closure_path(&key, A, &[B]), closure_path(&key, B, &[])];
+        let store = Arc::new(MemoryStore::new());
+        let mirror = mirror_over(&key, &paths, &store).await;
+        let held = |c: Arc<NarInfoCache>| async move {
+            for h in [A, B] {
+                let body = bytes::Bytes::from_static(b"upstream's");
+                c.get_or_load(h.parse().unwrap(), || async { Ok(Some(body.clone())) })
+                    .await
+                    .unwrap();
+            }
+            c
+        };
+        let day = std::time::Duration::from_secs(86400);
+        let before = held(Arc::new(NarInfoCache::new(1 << 20, day, day))).await;
+        let after = held(Arc::new(NarInfoCache::new(1 << 20, day, day))).await;
+        mirror.serves(&before);
+        mirror.serves(&after);
+        assert_eq!(
+            mirror.inner.copy_closure(paths[0].0.clone()).await.unwrap(),
+            2
+        );
+        for h in [A, B] {
+            assert!(!after.contains(h.parse().unwrap()), "{h}");
+            assert!(before.contains(h.parse().unwrap()), "{h}");
+        }
     }
 
     /// A NAR named after its store path cannot be stored (the store names NARs after their

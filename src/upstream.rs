@@ -222,8 +222,40 @@ impl Upstreams {
     /// failures is not asked, and a miss while it is skipped is remembered as usual, or every
     /// miss would read the store again for as long as an upstream stays down.)
     pub async fn narinfo(&self, h: StorePathHash) -> (Option<Found>, bool) {
-        let (found, _skipped, failed) = self.lookup_narinfo(h).await;
+        self.narinfo_passing_over(h, &|_| false).await
+    }
+
+    /// [`Self::narinfo`], where a narinfo `passed_over` says yes to (its NAR is known to be
+    /// missing) is not the answer: the next upstream is asked, as if that one had none.
+    pub async fn narinfo_passing_over(
+        &self,
+        h: StorePathHash,
+        passed_over: &(dyn Fn(&NarInfo) -> bool + Sync),
+    ) -> (Option<Found>, bool) {
+        let (found, _skipped, failed) = self.lookup_narinfo(h, passed_over).await;
         (found, failed)
+    }
+
+    /// Whether `key` (`nar/<file>`) is routed to an upstream that is skipped now after
+    /// failures: a narinfo that named it is to be looked up again, as another source may have
+    /// the path.
+    pub async fn routed_to_skipped(&self, key: &str) -> bool {
+        self.routes
+            .get(key)
+            .await
+            .and_then(|i| self.list.get(i))
+            .is_some_and(|u| u.down.is_active())
+    }
+
+    /// Whether some upstream is skipped now after failures.
+    pub fn any_skipped(&self) -> bool {
+        self.list.iter().any(|u| u.down.is_active())
+    }
+
+    /// Forgets which upstream `key` (`nar/<file>`) is routed to: a narinfo the store holds
+    /// names it now, and its NAR is the store's first.
+    pub async fn unroute(&self, key: &str) {
+        self.routes.invalidate(key).await;
     }
 
     /// True if some upstream serves a verified narinfo for `path` (used to accept uploads
@@ -240,7 +272,7 @@ impl Upstreams {
     /// The path some upstream serves a verified narinfo of hash `h` for, if any; unavailable
     /// as for [`Upstreams::has`].
     pub async fn path_of(&self, h: StorePathHash) -> Result<Option<StorePathBaseName>, StoreError> {
-        match self.lookup_narinfo(h).await {
+        match self.lookup_narinfo(h, &|_| false).await {
             (Some(found), _, _) => Ok(Some(found.info.store_path)),
             (None, false, false) => Ok(None),
             (None, _, _) => Err(StoreError::UpstreamDown(
@@ -251,7 +283,11 @@ impl Upstreams {
 
     /// The narinfo, whether some upstream was skipped (after failures), and whether some
     /// upstream failed to answer now.
-    async fn lookup_narinfo(&self, h: StorePathHash) -> (Option<Found>, bool, bool) {
+    async fn lookup_narinfo(
+        &self,
+        h: StorePathHash,
+        passed_over: &(dyn Fn(&NarInfo) -> bool + Sync),
+    ) -> (Option<Found>, bool, bool) {
         let mut skipped = false;
         let mut unavailable = false;
         for (i, u) in self.list.iter().enumerate() {
@@ -316,6 +352,9 @@ impl Upstreams {
                 }
             };
             match self.check(u, h, &body) {
+                Ok(info) if passed_over(&info) => {
+                    tracing::debug!(upstream = %u.name, path = %h, "upstream narinfo passed over: its NAR is missing");
+                }
                 Ok(info) => {
                     if let Ok(f) = info.nar_file() {
                         self.routes
@@ -485,7 +524,12 @@ impl Upstreams {
                 Ok(Some(r)) => r,
                 Ok(None) if routed && n == 0 => break,
                 Ok(None) => continue,
-                Err(_) => {
+                Err(failure) => {
+                    // An error status for a name no narinfo named is how some upstreams
+                    // say "no" (see `send`): not worth a line each.
+                    if routed || !matches!(failure, Failure::Status(_)) {
+                        tracing::warn!(upstream = %u.name, key, cause = %failure, "upstream could not answer");
+                    }
                     unavailable = true;
                     continue;
                 }
@@ -529,7 +573,11 @@ impl Upstreams {
                     .get(reqwest::header::CONTENT_ENCODING)
                     .and_then(|v| v.to_str().ok()),
             );
-            let body = res.bytes_stream().map_err(io::Error::other).boxed();
+            let from = u.name.clone();
+            let body = res
+                .bytes_stream()
+                .map_err(move |e| body_broke(&from, &e))
+                .boxed();
             if let (Some(r), None) = (range, content_range) {
                 // The upstream ignored the range (HTTP allows it) and sends the whole object.
                 // From the start, it goes out whole (as HTTP allows too; a fill then reads it
@@ -821,6 +869,20 @@ fn reach(u: &reqwest::Url) -> Reach {
 /// Whether every upstream's object under `key` is the same bytes: anything but a NAR named
 /// after its store path (32 characters, as attic and old nix-serve name them), whose name is
 /// the hash of its bytes (Nix's names, nix-serve's and harmonia's).
+/// An upstream's body that failed while it streamed, naming the upstream and the cause
+/// (reqwest's own words, "error decoding response body", say little without their source:
+/// the connection closed early, say).
+fn body_broke(upstream: &str, e: &reqwest::Error) -> io::Error {
+    let mut why = e.to_string();
+    let mut source = std::error::Error::source(e);
+    while let Some(s) = source {
+        why.push_str(": ");
+        why.push_str(&s.to_string());
+        source = s.source();
+    }
+    io::Error::other(format!("upstream {upstream} broke off the body: {why}"))
+}
+
 fn same_everywhere(key: &str) -> bool {
     key.strip_prefix("nar/")
         .and_then(|f| NarFileName::parse_nix(f).ok())

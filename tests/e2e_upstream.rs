@@ -263,7 +263,9 @@ async fn head_of_a_nar_only_the_upstream_has_is_its_size() {
 
 /// A path mirrored brings its closure: asked only for `mid` (no prefetch to ask for the rest),
 /// cellar copies `leaf`, which `mid` refers to, then `mid`; with the upstream gone, the real
-/// client substitutes `mid`'s closure from the bucket alone.
+/// client substitutes `mid`'s closure from the bucket alone. The NARs are re-encoded on the
+/// way in (`upload.compression`): `mid`'s narinfo, served from memory before as the
+/// upstream's (naming its `.nar.xz`), is the stored one's now (a 503 before).
 #[tokio::test(flavor = "multi_thread")]
 async fn mirrored_paths_land_in_the_bucket() {
     let f = fixture();
@@ -274,6 +276,7 @@ async fn mirrored_paths_land_in_the_bucket() {
     let app = App::s3("pull-mirror")
         .config(&upstream_config(&b.url, &b.public_key, "mirror = true\n"))
         .env("CELLAR_CACHE__PREFETCH_CONCURRENCY", "0")
+        .env("CELLAR_UPLOAD__COMPRESSION", "zstd")
         .spawn()
         .await;
     let (a, s3, prefix) = (&app.srv, &app.s3, &app.prefix);

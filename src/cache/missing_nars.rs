@@ -113,6 +113,11 @@ impl MissingNars {
             .find_map(|l| l.strip_prefix("URL: nar/"))
             .is_some_and(|file| self.names.contains_key(file))
     }
+
+    /// Whether `nar/<file>` is known to be missing.
+    pub fn is_missing(&self, file: &str) -> bool {
+        self.any.load(Ordering::Relaxed) && self.names.contains_key(file)
+    }
 }
 
 #[cfg(test)]
@@ -124,11 +129,15 @@ mod tests {
         let m = MissingNars::new(Duration::from_secs(60));
         let body = b"StorePath: /nix/store/x\nURL: nar/abc.nar.xz\nCompression: xz\n";
         assert!(!m.points_to_missing(body));
+        assert!(!m.is_missing("abc.nar.xz"));
         m.seen_missing("abc.nar.xz", tokio::time::Instant::now())
             .await;
         assert!(m.points_to_missing(body));
+        assert!(m.is_missing("abc.nar.xz"));
+        assert!(!m.is_missing("def.nar.xz"));
         m.seen_present("abc.nar.xz").await;
         assert!(!m.points_to_missing(body));
+        assert!(!m.is_missing("abc.nar.xz"));
         // Served again (uploaded through another replica): forgotten too.
         let other = b"StorePath: /nix/store/y\nURL: nar/def.nar.xz\nCompression: xz\n";
         m.seen_missing("def.nar.xz", tokio::time::Instant::now())

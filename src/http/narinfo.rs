@@ -25,7 +25,7 @@ use bytes::Bytes;
 use super::object;
 use super::{AppState, Live};
 use crate::error::{Error, UploadError};
-use crate::nix::{NarInfo, StorePathHash, MAX_NARINFO_BYTES};
+use crate::nix::{NarFileName, NarInfo, StorePathHash, MAX_NARINFO_BYTES};
 use crate::store;
 
 pub(super) async fn get(st: &AppState, h: StorePathHash) -> Result<Response, Error> {
@@ -94,19 +94,65 @@ async fn accept(st: &AppState, h: StorePathHash, raw: &[u8]) -> Result<StatusCod
     Ok(StatusCode::CREATED)
 }
 
-/// The signed narinfo of `h`, from memory or loaded once for all concurrent requests.
+/// The signed narinfo of `h`, from memory or loaded once for all concurrent requests. One in
+/// memory that can no longer be served whole is looked up again ([`outdated`]).
 async fn load(st: &AppState, live: &Arc<Live>, h: StorePathHash) -> Result<Bytes, Error> {
-    let body = live
+    let mut body = live
         .narinfos
         .get_or_load(h, || load_from_store(st, live, h))
         .await?
         .ok_or(Error::NotFound)?;
+    if outdated(st, live, &body).await {
+        live.narinfos.invalidate(h).await;
+        body = live
+            .narinfos
+            .get_or_load(h, || load_from_store(st, live, h))
+            .await?
+            .ok_or(Error::NotFound)?;
+    }
     // Never hand out a path whose NAR fetch is known to fail (crate::cache::missing_nars).
     if st.live().missing_nars.points_to_missing(&body) {
         return Err(Error::NotFound);
     }
     st.access.record_path(h);
     Ok(body)
+}
+
+/// Whether the narinfo `body` held in memory names a NAR that cannot be had where it was
+/// found, while another source may serve the path: its NAR was found missing since (an
+/// upstream that lost it; the next one may have the path), or it came from an upstream that
+/// is skipped now after failures, and no copy of the NAR is at hand here (the store, another
+/// upstream, or a mirror copy of it may serve the path meanwhile). Such a narinfo is looked
+/// up again rather than served until its TTL ends with a NAR that would fail.
+///
+/// Without upstreams there is no other source: such a narinfo is kept, answered 404 while its
+/// NAR is missing (see `load`), and served at once when its NAR is again.
+async fn outdated(st: &AppState, live: &Live, body: &[u8]) -> bool {
+    if live.upstreams.is_empty() {
+        return false;
+    }
+    if st.live().missing_nars.points_to_missing(body) {
+        return true;
+    }
+    if !live.upstreams.any_skipped() {
+        return false;
+    }
+    let Some(f) = std::str::from_utf8(body)
+        .ok()
+        .and_then(|t| t.lines().find_map(|l| l.strip_prefix("URL: nar/")))
+        .and_then(|file| file.parse::<NarFileName>().ok())
+    else {
+        return false;
+    };
+    if !live
+        .upstreams
+        .routed_to_skipped(&store::object_key::nar(&f))
+        .await
+    {
+        return false;
+    }
+    let on_disk = st.nars.as_ref().is_some_and(|nars| nars.has(&f));
+    !on_disk && !st.nar_memory.contains(f.as_str()).await
 }
 
 fn response(live: &Live, mut res: Response, len: usize) -> Response {
@@ -145,16 +191,34 @@ async fn signed_narinfo(
     h: StorePathHash,
 ) -> Result<Option<NarInfo>, Error> {
     let store_dir = &st.config.store_dir;
-    let mut info = match store::stored_narinfo(
+    // A narinfo whose NAR was found missing is not the answer where there is another source
+    // (the upstreams) that may have the path whole (see `outdated`); the miss is remembered
+    // for the negative TTL.
+    let missing = |info: &NarInfo| {
+        !live.upstreams.is_empty()
+            && info
+                .nar_file()
+                .is_ok_and(|f| live.missing_nars.is_missing(f.as_str()))
+    };
+    let stored = store::stored_narinfo(
         &*st.store,
         h,
         &st.config.store_dir,
         Some(st.config.store.timeout),
     )
     .await?
-    {
-        Some(info) => info,
-        None => match live.upstreams.narinfo(h).await {
+    .filter(|info| !missing(info));
+    let mut info = match stored {
+        Some(info) => {
+            if !live.upstreams.is_empty() {
+                // Its NAR is the store's now, whichever upstream named it before.
+                if let Ok(f) = info.nar_file() {
+                    live.upstreams.unroute(&store::object_key::nar(&f)).await;
+                }
+            }
+            info
+        }
+        None => match live.upstreams.narinfo_passing_over(h, &missing).await {
             (Some(found), _) => {
                 if found.mirror {
                     live.mirror.offer(found.info.clone());

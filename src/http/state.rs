@@ -297,6 +297,7 @@ impl Live {
                 Arc::new(MissingNars::new(c.narinfo_ttl)),
             ),
         };
+        mirror.serves(&narinfos);
         // Digits and ASCII only: always a valid header value.
         let narinfo_cache_control = HeaderValue::from_str(&format!(
             "public, max-age={}",

@@ -448,6 +448,279 @@ async fn lookups_while_an_upstream_is_down_are_not_found_for_now() {
     );
 }
 
+/// An upstream serving the fixture's narinfo signed by `key` with its NAR at `nar/<file>`
+/// (`Compression` as the name says), and that NAR as `nar` answers; another narinfo is a 500
+/// (asking for one counts as its failure), anything else a 404. The second value counts
+/// the requests it was sent for its NAR.
+async fn upstream_naming(
+    key: &SecretKey,
+    file: &str,
+    nar: impl Fn() -> axum::response::Response + Clone + Send + Sync + 'static,
+) -> (
+    crate::config::UpstreamConfig,
+    Arc<std::sync::atomic::AtomicUsize>,
+) {
+    use axum::response::IntoResponse as _;
+    let compression = if file.ends_with(".zst") { "zstd" } else { "xz" };
+    let text = NARINFO
+        .lines()
+        .filter(|l| !l.starts_with("Sig:"))
+        .map(|l| match l {
+            l if l.starts_with("URL:") => format!("URL: nar/{file}"),
+            l if l.starts_with("Compression:") => format!("Compression: {compression}"),
+            l => l.to_owned(),
+        })
+        .collect::<Vec<_>>()
+        .join("\n");
+    let mut info = crate::nix::NarInfo::parse(&text, "/nix/store").unwrap();
+    info.sign(key, "/nix/store");
+    let narinfo = info.render("/nix/store");
+    let asked = Arc::new(std::sync::atomic::AtomicUsize::new(0));
+    let counted = asked.clone();
+    let app = axum::Router::new()
+        .route(
+            &format!("/{HASH}.narinfo"),
+            axum::routing::get(move || async move { narinfo.into_response() }),
+        )
+        .route(
+            &format!("/nar/{file}"),
+            axum::routing::get(move || async move {
+                counted.fetch_add(1, std::sync::atomic::Ordering::SeqCst);
+                nar()
+            }),
+        )
+        .fallback(|uri: axum::http::Uri| async move {
+            if uri.path().ends_with(".narinfo") {
+                StatusCode::INTERNAL_SERVER_ERROR
+            } else {
+                StatusCode::NOT_FOUND
+            }
+        });
+    let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+    let url = format!("http://{}", listener.local_addr().unwrap());
+    tokio::spawn(async move { axum::serve(listener, app).await });
+    let config = crate::config::UpstreamConfig {
+        url,
+        public_keys: vec![key.public()],
+        timeout: Duration::from_secs(5),
+        mirror: false,
+    };
+    (config, asked)
+}
+
+fn nar_not_found() -> axum::response::Response {
+    use axum::response::IntoResponse as _;
+    StatusCode::NOT_FOUND.into_response()
+}
+
+fn nar_failing() -> axum::response::Response {
+    use axum::response::IntoResponse as _;
+    StatusCode::INTERNAL_SERVER_ERROR.into_response()
+}
+
+/// The NAR at the size the fixture's narinfo gives.
+fn nar_served() -> axum::response::Response {
+    use axum::response::IntoResponse as _;
+    vec![7u8; 288].into_response()
+}
+
+/// The URL line of the narinfo of the fixture's path as `st` serves it, or its status.
+async fn served_url(st: &AppState) -> Result<String, StatusCode> {
+    let (s, body) = get(st, &format!("/{HASH}.narinfo")).await;
+    if s != StatusCode::OK {
+        return Err(s);
+    }
+    let text = String::from_utf8(body).unwrap();
+    Ok(text
+        .lines()
+        .find_map(|l| l.strip_prefix("URL: "))
+        .unwrap()
+        .to_owned())
+}
+
+const XZ_NAR: &str = "0l74sag416b7yzqh28bm87pdp102zcgslqmm73y4qr1rn0rmqsyx.nar.xz";
+const ZST_NAR: &str = "1b8m03r63zqhnjf7l5wnldhh7c134ap5vpj0850ymkq1iyzicy5s.nar.zst";
+
+/// The first upstream's narinfo names a NAR it turns out not to have: the path is then the
+/// next upstream's, which has it whole (under another name), not a 404 for the narinfo's TTL.
+#[tokio::test]
+async fn a_nar_the_first_upstream_lacks_leaves_the_path_to_the_next() {
+    let (first, _) =
+        upstream_naming(&SecretKey::generate("a-1").unwrap(), XZ_NAR, nar_not_found).await;
+    let (second, _) =
+        upstream_naming(&SecretKey::generate("b-1").unwrap(), ZST_NAR, nar_served).await;
+    let cfg = Config {
+        upstreams: vec![first, second],
+        ..Config::default()
+    };
+    let st = state(cfg, &Arc::new(MemoryStore::new()));
+    assert_eq!(served_url(&st).await, Ok(format!("nar/{XZ_NAR}")));
+    assert_eq!(
+        get(&st, &format!("/nar/{XZ_NAR}")).await.0,
+        StatusCode::NOT_FOUND
+    );
+    assert_eq!(served_url(&st).await, Ok(format!("nar/{ZST_NAR}")));
+    assert_eq!(
+        get(&st, &format!("/nar/{ZST_NAR}")).await,
+        (StatusCode::OK, vec![7u8; 288])
+    );
+    // With no other source, the path stays hidden (a 404, not a NAR that fails).
+    let (only, _) =
+        upstream_naming(&SecretKey::generate("a-1").unwrap(), XZ_NAR, nar_not_found).await;
+    let st = state(
+        Config {
+            upstreams: vec![only],
+            ..Config::default()
+        },
+        &Arc::new(MemoryStore::new()),
+    );
+    assert_eq!(served_url(&st).await, Ok(format!("nar/{XZ_NAR}")));
+    assert_eq!(
+        get(&st, &format!("/nar/{XZ_NAR}")).await.0,
+        StatusCode::NOT_FOUND
+    );
+    assert_eq!(served_url(&st).await, Err(StatusCode::NOT_FOUND));
+}
+
+/// A narinfo in memory from an upstream that has since failed enough to be skipped, whose NAR
+/// is nowhere here: looked up again, and the next upstream's served, rather than one whose
+/// NAR fails until its TTL ends. While the upstream answers, it is served from memory.
+#[tokio::test]
+async fn a_narinfo_from_a_skipped_upstream_is_looked_up_again() {
+    let (first, nar_asked) =
+        upstream_naming(&SecretKey::generate("a-1").unwrap(), XZ_NAR, nar_failing).await;
+    let (second, _) =
+        upstream_naming(&SecretKey::generate("b-1").unwrap(), ZST_NAR, nar_served).await;
+    let cfg = Config {
+        upstreams: vec![first, second],
+        ..Config::default()
+    };
+    let st = state(cfg, &Arc::new(MemoryStore::new()));
+    assert_eq!(served_url(&st).await, Ok(format!("nar/{XZ_NAR}")));
+    // One failure does not skip the upstream: its narinfo stays.
+    assert_eq!(
+        get(&st, &format!("/nar/{XZ_NAR}")).await.0,
+        StatusCode::SERVICE_UNAVAILABLE
+    );
+    assert_eq!(served_url(&st).await, Ok(format!("nar/{XZ_NAR}")));
+    while !st.live().upstreams.any_skipped() {
+        assert_eq!(
+            get(&st, &format!("/nar/{XZ_NAR}")).await.0,
+            StatusCode::SERVICE_UNAVAILABLE
+        );
+        assert!(nar_asked.load(std::sync::atomic::Ordering::SeqCst) < 10);
+    }
+    assert_eq!(served_url(&st).await, Ok(format!("nar/{ZST_NAR}")));
+}
+
+/// The store's narinfo names a NAR the store turns out not to have: the path is then an
+/// upstream's, if one has it whole.
+#[tokio::test]
+async fn a_nar_the_store_lacks_leaves_the_path_to_an_upstream() {
+    let (up, _) = upstream_naming(&SecretKey::generate("b-1").unwrap(), ZST_NAR, nar_served).await;
+    let mem = Arc::new(MemoryStore::new());
+    mem.insert(&format!("{HASH}.narinfo"), NARINFO);
+    let st = state(
+        Config {
+            upstreams: vec![up],
+            ..Config::default()
+        },
+        &mem,
+    );
+    assert_eq!(served_url(&st).await, Ok(format!("nar/{XZ_NAR}")));
+    assert_eq!(
+        get(&st, &format!("/nar/{XZ_NAR}")).await.0,
+        StatusCode::NOT_FOUND
+    );
+    assert_eq!(served_url(&st).await, Ok(format!("nar/{ZST_NAR}")));
+}
+
+/// A path an upstream served, stored since under the same NAR name (mirrored, uploaded): its
+/// narinfo, the store's now, is served from memory while that upstream is skipped (its NAR
+/// is the store's first), not read again on every request.
+#[tokio::test]
+async fn a_stored_narinfo_is_not_looked_up_again_for_an_upstream_skipped() {
+    let (up, _) = upstream_naming(&SecretKey::generate("a-1").unwrap(), XZ_NAR, nar_served).await;
+    let mem = Arc::new(MemoryStore::new());
+    let st = state(
+        Config {
+            upstreams: vec![up],
+            ..Config::default()
+        },
+        &mem,
+    );
+    let h = HASH.parse().unwrap();
+    assert_eq!(served_url(&st).await, Ok(format!("nar/{XZ_NAR}")));
+    mem.insert(&format!("{HASH}.narinfo"), NARINFO);
+    mem.insert(&format!("nar/{XZ_NAR}"), vec![7u8; 288]);
+    st.live().narinfos.invalidate(h).await;
+    assert_eq!(served_url(&st).await, Ok(format!("nar/{XZ_NAR}")));
+    let other = "1b8m03r63zqhnjf7l5wnldhh7c134ap5";
+    while !st.live().upstreams.any_skipped() {
+        get(&st, &format!("/{other}.narinfo")).await;
+    }
+    let read = mem.gets_under(&format!("{HASH}.narinfo"));
+    assert_eq!(served_url(&st).await, Ok(format!("nar/{XZ_NAR}")));
+    assert_eq!(served_url(&st).await, Ok(format!("nar/{XZ_NAR}")));
+    assert_eq!(mem.gets_under(&format!("{HASH}.narinfo")), read);
+}
+
+/// A narinfo from an upstream skipped now whose NAR is at hand here (in memory, or in the
+/// disk cache) is still served: its NAR is.
+#[tokio::test]
+async fn a_narinfo_from_a_skipped_upstream_whose_nar_is_here_stays() {
+    let dir = tempfile::tempdir().unwrap();
+    let mut on_disk = Config::default();
+    on_disk.cache.nar_dir = Some(dir.path().join("nars"));
+    on_disk.cache.nar_memory_bytes = 0;
+    for (cfg, place) in [(Config::default(), "memory"), (on_disk, "disk")] {
+        let failing = Arc::new(std::sync::atomic::AtomicBool::new(false));
+        let f = failing.clone();
+        let nar = move || {
+            if f.load(std::sync::atomic::Ordering::SeqCst) {
+                nar_failing()
+            } else {
+                nar_served()
+            }
+        };
+        let (first, _) = upstream_naming(&SecretKey::generate("a-1").unwrap(), XZ_NAR, nar).await;
+        let (second, _) =
+            upstream_naming(&SecretKey::generate("b-1").unwrap(), ZST_NAR, nar_served).await;
+        let st = state(
+            Config {
+                upstreams: vec![first, second],
+                ..cfg
+            },
+            &Arc::new(MemoryStore::new()),
+        );
+        assert_eq!(served_url(&st).await, Ok(format!("nar/{XZ_NAR}")));
+        assert_eq!(
+            get(&st, &format!("/nar/{XZ_NAR}")).await,
+            (StatusCode::OK, vec![7u8; 288]),
+            "{place}"
+        );
+        failing.store(true, std::sync::atomic::Ordering::SeqCst);
+        // The first upstream fails every narinfo asked of it now: skipped after a few.
+        let other = "1b8m03r63zqhnjf7l5wnldhh7c134ap5";
+        while !st.live().upstreams.any_skipped() {
+            assert_eq!(
+                get(&st, &format!("/{other}.narinfo")).await.0,
+                StatusCode::NOT_FOUND
+            );
+        }
+        assert_eq!(
+            served_url(&st).await,
+            Ok(format!("nar/{XZ_NAR}")),
+            "{place}"
+        );
+        assert_eq!(
+            get(&st, &format!("/nar/{XZ_NAR}")).await,
+            (StatusCode::OK, vec![7u8; 288]),
+            "{place}"
+        );
+    }
+}
+
 // ---------------------------------------------------------------------------------------------
 // The upload address, bounds at the door, reloads.
 
@@ -2187,7 +2460,7 @@ async fn a_narinfo_uploaded_for_a_nar_seen_missing_is_served_at_once() {
 }
 
 /// A NAR seen missing, then served (another replica had it uploaded since), no longer hides
-/// the narinfo naming it.
+/// the narinfo naming it; without upstreams, that narinfo stays in memory meanwhile.
 #[tokio::test]
 async fn a_nar_seen_missing_then_served_shows_its_narinfo_again() {
     let mem = Arc::new(MemoryStore::new());
@@ -2203,6 +2476,10 @@ async fn a_nar_seen_missing_then_served_shows_its_narinfo_again() {
         StatusCode::NOT_FOUND
     );
     assert_eq!(get(&st, &narinfo).await.0, StatusCode::NOT_FOUND, "hidden");
+    // From memory (there is no other source to look in).
+    let read = mem.gets_under(&narinfo[1..]);
+    assert_eq!(get(&st, &narinfo).await.0, StatusCode::NOT_FOUND);
+    assert_eq!(mem.gets_under(&narinfo[1..]), read);
     mem.insert(&format!("nar/{file}"), nar.clone());
     assert_eq!(get(&st, &format!("/nar/{file}")).await.0, StatusCode::OK);
     assert_eq!(get(&st, &narinfo).await.0, StatusCode::OK);

@@ -224,6 +224,76 @@ async fn error_statuses_for_names_no_narinfo_named_do_not_skip_the_upstream() {
     assert!(!upstreams.list[0].down.is_active());
 }
 
+/// An upstream that cannot answer for a NAR is logged with the name asked for: while its
+/// failures are too few to skip it, each is a wait the client sees. An error status for a
+/// name no narinfo named is not (some upstreams answer so for "no"); one that a narinfo named
+/// is.
+#[tokio::test]
+async fn an_upstream_that_cannot_answer_for_a_nar_is_logged() {
+    let logs = crate::test_logs::capture();
+    let dead = upstreams_at("http://127.0.0.1:9".into());
+    assert!(matches!(
+        dead.get(&format!("nar/{SECOND_NAR}"), None).await,
+        Err(StoreError::Unavailable(_))
+    ));
+    let logged = logs.text();
+    assert!(
+        logged.contains("upstream could not answer") && logged.contains(SECOND_NAR),
+        "{logged}"
+    );
+    let upstreams = plain_upstreams().await;
+    assert!(upstreams.get("nar/busy.nar", None).await.is_err());
+    assert_eq!(logs.text().matches("upstream could not answer").count(), 1);
+    routed_to_first(&upstreams, "nar/busy.nar").await;
+    assert!(upstreams.get("nar/busy.nar", None).await.is_err());
+    let logged = logs.text();
+    assert_eq!(
+        logged.matches("upstream could not answer").count(),
+        2,
+        "{logged}"
+    );
+    assert!(logged.contains("429"), "{logged}");
+}
+
+/// A NAR whose body an upstream cuts off fails naming the upstream and why (reqwest's
+/// "error decoding response body" alone does not say that the connection closed early).
+#[tokio::test]
+async fn a_nar_body_cut_off_names_the_upstream() {
+    use futures::TryStreamExt as _;
+    use tokio::io::{AsyncReadExt as _, AsyncWriteExt as _};
+    let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+    let url = format!("http://{}", listener.local_addr().unwrap());
+    tokio::spawn(async move {
+        while let Ok((mut s, _)) = listener.accept().await {
+            let mut buf = [0u8; 4096];
+            let _ = s.read(&mut buf).await;
+            let _ = s
+                .write_all(b"HTTP/1.1 200 OK\r\nContent-Length: 1000\r\n\r\nnix-archive")
+                .await;
+        }
+    });
+    let upstreams = upstreams_at(url.clone());
+    let obj = upstreams
+        .get(&format!("nar/{SECOND_NAR}"), None)
+        .await
+        .unwrap()
+        .unwrap();
+    let e = obj
+        .body
+        .try_collect::<Vec<_>>()
+        .await
+        .unwrap_err()
+        .to_string();
+    assert!(
+        e.starts_with(&format!("upstream {url} broke off the body: ")),
+        "{e}"
+    );
+    assert!(
+        e.ends_with("end of file before message length reached"),
+        "{e}"
+    );
+}
+
 /// An upstream's `Content-Encoding` (cache.nixos.org serves its logs and listings Brotli-encoded)
 /// is kept with the object, for the client to decode.
 #[tokio::test]
