@@ -15,6 +15,18 @@ impl Config {
             return Ok(());
         };
         let nar = lexical_absolute(nar_dir);
+        // And as reached through links: a `nar_dir` that is a link into the store, or the
+        // store's `nar/` linked to a bigger disk and the NAR cache put "on the big disk",
+        // inside that very directory (the cache would take the uploaded NARs for files of its
+        // own left incomplete, and delete them).
+        let nar_resolved = resolved(nar_dir);
+        let overlaps = |p: &Path| {
+            let (lexical, through_links) = (lexical_absolute(p), resolved(p));
+            nar.starts_with(&lexical)
+                || lexical.starts_with(&nar)
+                || nar_resolved.starts_with(&through_links)
+                || through_links.starts_with(&nar_resolved)
+        };
         let refuse = |what: &str, path: &Path| {
             ConfigError::invalid(
                 "cache.nar_dir",
@@ -27,9 +39,17 @@ impl Config {
             )
         };
         if let StoreBackend::Local(l) = &self.store.backend {
-            let store = lexical_absolute(&l.path);
-            if nar.starts_with(&store) || store.starts_with(&nar) {
+            // The store's directory, and each part of its layout that may be linked (or
+            // mounted) elsewhere.
+            let parts = crate::store::local::OBJECT_DIRS
+                .iter()
+                .chain(std::iter::once(&crate::store::local::STAGING))
+                .map(|d| l.path.join(d));
+            if overlaps(&l.path) {
                 return Err(refuse("the store directory", &l.path));
+            }
+            if let Some(part) = parts.into_iter().find(|p| overlaps(p)) {
+                return Err(refuse("the store directory's", &part));
             }
         }
         let keys = self
@@ -37,13 +57,16 @@ impl Config {
             .key_files
             .iter()
             .chain(std::iter::once(&self.signing.generated_key_file));
+        let inside = |p: &Path| {
+            lexical_absolute(p).starts_with(&nar) || resolved(p).starts_with(&nar_resolved)
+        };
         for key in keys {
-            if lexical_absolute(key).starts_with(&nar) {
+            if inside(key) {
                 return Err(refuse("the signing key", key));
             }
         }
         if let Some(f) = config_file {
-            if lexical_absolute(f).starts_with(&nar) {
+            if inside(f) {
                 return Err(refuse("the config file", f));
             }
         }
@@ -67,4 +90,38 @@ fn lexical_absolute(p: &Path) -> PathBuf {
         }
     }
     out
+}
+
+/// `p` as reached through links: [`lexical_absolute`], with the longest part of it that
+/// exists resolved ([`std::fs::canonicalize`]), and a link that leads nowhere (a disk not
+/// mounted) followed by what it says; the rest as named.
+fn resolved(p: &Path) -> PathBuf {
+    resolved_within(&lexical_absolute(p), 40)
+}
+
+/// [`resolved`] of the absolute `abs`, following at most `links` links that lead nowhere
+/// (a loop of them ends there).
+fn resolved_within(abs: &Path, links: u32) -> PathBuf {
+    let mut existing = abs.to_path_buf();
+    let mut rest = Vec::new();
+    loop {
+        if let Ok(real) = std::fs::canonicalize(&existing) {
+            return lexical_absolute(&rest.iter().rev().fold(real, |p, r| p.join(r)));
+        }
+        if links > 0 {
+            if let Ok(target) = std::fs::read_link(&existing) {
+                let base = existing.parent().unwrap_or(Path::new("/"));
+                let through = lexical_absolute(&base.join(target));
+                let real = resolved_within(&through, links - 1);
+                return lexical_absolute(&rest.iter().rev().fold(real, |p, r| p.join(r)));
+            }
+        }
+        match (existing.parent(), existing.file_name()) {
+            (Some(parent), Some(name)) => {
+                rest.push(name.to_owned());
+                existing = parent.to_path_buf();
+            }
+            _ => return abs.to_path_buf(),
+        }
+    }
 }

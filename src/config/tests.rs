@@ -520,6 +520,49 @@ fn nar_dir_overlaps() {
     from_toml("[cache]\nnar_dir = \"./nar-cache\"").unwrap();
 }
 
+/// Overlaps reached through links are refused as those named are: the store's `nar/` linked
+/// to a bigger disk with the NAR cache put in that very directory (every uploaded NAR was
+/// deleted at the next start, as an incomplete file of the cache's), `nar_dir` a link into
+/// the store, a link that leads nowhere yet (a disk not mounted), a link to the key's
+/// directory.
+#[test]
+fn the_nar_cache_never_overlaps_what_cellar_keeps_through_links() {
+    let t = tempfile::tempdir().unwrap();
+    let t = t.path();
+    for d in ["data", "big/nar", "data2", "keys"] {
+        std::fs::create_dir_all(t.join(d)).unwrap();
+    }
+    std::os::unix::fs::symlink(t.join("big/nar"), t.join("data/nar")).unwrap();
+    std::os::unix::fs::symlink(t.join("data2/nar"), t.join("link2")).unwrap();
+    std::os::unix::fs::symlink(t.join("unmounted/nar"), t.join("data2/log")).unwrap();
+    std::os::unix::fs::symlink(t.join("keys"), t.join("keylink")).unwrap();
+    let t = t.display();
+    for (store, nar_dir, why) in [
+        ("data", "big/nar".to_owned(), "store directory's"),
+        ("data", "big/nar/sub".to_owned(), "store directory's"),
+        ("data", "big".to_owned(), "store directory's"),
+        ("data2", "link2".to_owned(), "store directory"),
+        ("data2", "unmounted/nar".to_owned(), "store directory's"),
+        ("data", "keylink".to_owned(), "signing key"),
+    ] {
+        let toml = format!(
+            "[store]\npath = \"{t}/{store}\"\n[signing]\nkey_files = [\"{t}/keys/k.sec\"]\n\
+             [cache]\nnar_dir = \"{t}/{nar_dir}\""
+        );
+        let e = from_toml(&toml).unwrap_err().to_string();
+        assert!(
+            e.contains("cache.nar_dir") && e.contains(why),
+            "{nar_dir}: {e}"
+        );
+    }
+    // Beside the linked `nar/` on the big disk, in a directory of its own: fine.
+    from_toml(&format!(
+        "[store]\npath = \"{t}/data\"\n[signing]\nkey_files = [\"{t}/keys/k.sec\"]\n\
+         [cache]\nnar_dir = \"{t}/big/cache\""
+    ))
+    .unwrap();
+}
+
 #[test]
 #[allow(clippy::result_large_err)] // figment's Jail API
 fn the_nar_cache_never_holds_the_config_file() {

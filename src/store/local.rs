@@ -14,7 +14,7 @@ use tokio::io::AsyncWriteExt as _;
 
 /// Where writers keep their files until they commit; not part of the cache layout, so never
 /// served (every served name is validated).
-const STAGING: &str = ".staging";
+pub(crate) const STAGING: &str = ".staging";
 
 /// The end of the name of a copy made beside its destination when that is on another file
 /// system than the staging directory (`.<staged name>.cellar-tmp`): not an object until it
@@ -23,7 +23,7 @@ const COPY_SUFFIX: &str = ".cellar-tmp";
 
 /// The top-level directories objects live in: where a cross-device commit may copy into (see
 /// [`COPY_SUFFIX`]), and the layout a listing follows links into ([`in_layout`]).
-const OBJECT_DIRS: [&str; 7] = [
+pub(crate) const OBJECT_DIRS: [&str; 7] = [
     "nar",
     "log",
     "debuginfo",
