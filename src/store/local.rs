@@ -33,16 +33,83 @@ pub(crate) const OBJECT_DIRS: [&str; 7] = [
     "_cellar",
 ];
 
+/// A directory at the store's root (on the root's own file system) that remembers which parts
+/// of the layout were found on a file system of their own, mounted there: an empty file
+/// named after each ([`note_mounted`], [`not_mounted_now`]). Not part of the layout: never
+/// listed.
+const MOUNTED: &str = ".cellar-mounted";
+
+/// The device of the file system `p` is on (through links).
+fn device(p: &Path) -> Option<u64> {
+    use std::os::unix::fs::MetadataExt as _;
+    std::fs::metadata(p).ok().map(|m| m.dev())
+}
+
+/// Notes each part of the layout that is a directory mounted at the store's root (on another
+/// file system than the root, not through a link) in [`MOUNTED`], so that once it is not
+/// mounted its objects are not taken for missing ([`not_mounted_now`]). `device` tells the
+/// file system of a path.
+fn note_mounted(root: &Path, device: impl Fn(&Path) -> Option<u64>) {
+    let root_device = device(root);
+    for part in OBJECT_DIRS {
+        let dir = root.join(part);
+        let is_link = std::fs::symlink_metadata(&dir).is_ok_and(|m| m.file_type().is_symlink());
+        let mounted = !is_link && device(&dir).is_some_and(|d| Some(d) != root_device);
+        let mark = root.join(MOUNTED).join(part);
+        if !mounted || mark.exists() {
+            continue;
+        }
+        let noted = std::fs::create_dir_all(root.join(MOUNTED))
+            .and_then(|()| std::fs::File::create(&mark))
+            .and_then(|f| f.sync_all());
+        match noted {
+            Ok(()) => tracing::info!(
+                dir = %dir.display(),
+                noted = %mark.display(),
+                "a file system of its own is mounted at this part of the store: noted, so that \
+                 its objects are not taken for missing while it is not mounted"
+            ),
+            Err(e) => tracing::warn!(
+                dir = %dir.display(),
+                cause = %e,
+                "a file system of its own is mounted at this part of the store, and noting it \
+                 failed: while it is not mounted, its objects will look missing"
+            ),
+        }
+    }
+}
+
+/// If the part of the layout `part` was found mounted ([`note_mounted`]) and is on the root's
+/// file system now (or gone), the error saying so.
+fn not_mounted_now(root: &Path, part: &str) -> Option<StoreError> {
+    let mark = root.join(MOUNTED).join(part);
+    if !mark.exists() {
+        return None;
+    }
+    let dir = root.join(part);
+    let here = device(&dir);
+    if here.is_some() && here != device(root) {
+        return None;
+    }
+    Some(StoreError::Unavailable(format!(
+        "{}: on the store's own file system, where one of its own was mounted (not mounted?); \
+         if its objects were moved there for good, remove {}",
+        dir.display(),
+        mark.display()
+    )))
+}
+
 /// If `key` lies in a part of the layout that is a link to a directory not there (a disk not
-/// mounted), the error saying so: an object looked up there is not missing, it cannot be
-/// seen, and callers that take "absent" at its word would delete what refers to it (an upload
-/// takes back its narinfo, `verify --repair` deletes narinfos). Asked only after a miss.
+/// mounted), or a mount point with nothing mounted ([`not_mounted_now`]), the error saying so:
+/// an object looked up there is not missing, it cannot be seen, and callers that take
+/// "absent" at its word would delete what refers to it (an upload takes back its narinfo,
+/// `verify --repair` deletes narinfos). Asked only after a miss.
 fn unmounted(root: &Path, key: &str) -> Option<StoreError> {
     let (top, _) = key.split_once('/')?;
     let link = root.join(top);
     let is_link = std::fs::symlink_metadata(&link).is_ok_and(|m| m.file_type().is_symlink());
     if !is_link {
-        return None;
+        return not_mounted_now(root, top);
     }
     match std::fs::metadata(&link) {
         Ok(_) => None,
@@ -187,6 +254,7 @@ impl LocalStore {
     /// Opens (creating if needed) the directory `root`.
     pub fn open(root: &Path) -> io::Result<Self> {
         std::fs::create_dir_all(root)?;
+        note_mounted(root, device);
         Ok(Self {
             root: root.to_path_buf(),
         })
@@ -207,6 +275,7 @@ impl LocalStore {
                 ),
             ));
         }
+        note_mounted(root, device);
         Ok(Self {
             root: root.to_path_buf(),
         })
@@ -301,6 +370,16 @@ fn walk(root: &Path, prefix: &str, tx: &ListSender) {
         Some(i) => root.join(&prefix[..i]),
         None => root.to_path_buf(),
     };
+    // A part of the layout the listing covers that is a mount point with nothing mounted:
+    // its objects are not missing, they cannot be seen.
+    let covered = OBJECT_DIRS.iter().filter(|d| {
+        let top = format!("{d}/");
+        top.starts_with(prefix) || prefix.starts_with(&top)
+    });
+    if let Some(e) = covered.into_iter().find_map(|d| not_mounted_now(root, d)) {
+        let _ = tx.blocking_send(Err(e));
+        return;
+    }
     // Directories already walked, by device and inode: a symlinked directory (a `nar/` on
     // another disk) is followed, and one that links back up is walked once.
     let mut seen = std::collections::HashSet::new();
@@ -949,6 +1028,57 @@ mod tests {
         assert_eq!(store.head("log/x").await.unwrap(), None);
         assert!(store.get("log/x", None).await.unwrap().is_none());
         assert_eq!(keys(&store, "log/").await, Vec::<String>::new());
+    }
+
+    /// A part of the layout mounted at the store's root (a `nar/` on a disk of its own) is
+    /// noted when the store is opened; once nothing is mounted there (the empty mount point,
+    /// on the root's file system), its objects are not missing but cannot be seen: the
+    /// listings covering it fail (`verify --repair` deleted every narinfo), misses there are
+    /// unavailable, the store is not ready. What is missing elsewhere is missing.
+    #[tokio::test]
+    async fn a_mount_point_with_nothing_mounted_is_not_an_empty_directory() {
+        let dir = tempfile::tempdir().unwrap();
+        let root = dir.path();
+        std::fs::create_dir_all(root.join("nar")).unwrap();
+        std::fs::write(root.join("a.narinfo"), b"x").unwrap();
+        // `log/` linked elsewhere: a link is looked after as one (see `unmounted`).
+        let elsewhere = tempfile::tempdir().unwrap();
+        std::os::unix::fs::symlink(elsewhere.path(), root.join("log")).unwrap();
+        // As if `nar/` (and what `log/` links to) were on another file system than the root.
+        let root_device = device(root);
+        let mounted = |p: &Path| {
+            if p.ends_with("nar") || p.ends_with("log") {
+                root_device.map(|d| d + 1)
+            } else {
+                device(p)
+            }
+        };
+        note_mounted(root, device);
+        assert!(!root.join(MOUNTED).exists(), "nothing is mounted");
+        note_mounted(root, mounted);
+        assert!(root.join(MOUNTED).join("nar").exists());
+        assert!(!root.join(MOUNTED).join("log").exists());
+        // Now on the root's file system, as an empty mount point is.
+        let store = LocalStore::open(root).unwrap();
+        let unavailable = |r: Result<bool, StoreError>| {
+            assert!(matches!(r, Err(StoreError::Unavailable(_))), "{r:?}");
+        };
+        for prefix in ["", "nar/", "nar/x", "n"] {
+            let listed: Result<Vec<_>, _> = store.list(prefix).try_collect().await;
+            unavailable(listed.map(|l| l.is_empty()));
+        }
+        unavailable(store.head("nar/x.nar").await.map(|h| h.is_some()));
+        unavailable(store.get("nar/x.nar", None).await.map(|o| o.is_some()));
+        unavailable(store.ping().await.map(|()| true));
+        assert_eq!(store.head("b.narinfo").await.unwrap(), None);
+        assert_eq!(store.head("log/x").await.unwrap(), None);
+        assert_eq!(keys(&store, "log/").await, Vec::<String>::new());
+        assert_eq!(keys(&store, "a").await, ["a.narinfo"]);
+        // Moved back for good: the note removed, the directory is what it holds.
+        std::fs::remove_file(root.join(MOUNTED).join("nar")).unwrap();
+        assert_eq!(keys(&store, "").await, ["a.narinfo"]);
+        assert_eq!(store.head("nar/x.nar").await.unwrap(), None);
+        store.ping().await.unwrap();
     }
 
     /// Small and large files, whole and in ranges, read the same: the bytes asked for, their
