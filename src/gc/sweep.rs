@@ -624,7 +624,15 @@ async fn delete(
                 continue;
             }
             announced = nars;
-            tokio::time::sleep(settle).await;
+            // Nothing of the batch is deleted yet: a stop asked for meanwhile ends the run
+            // here, as between batches.
+            tokio::select! {
+                () = tokio::time::sleep(settle) => {}
+                () = stop.wait() => {
+                    st.out.errors.push(super::STOPPED.into());
+                    return st.finish();
+                }
+            }
             named = Some(upto);
         }
         if !st.rescue(store, &HashMap::new()).await {

@@ -2003,6 +2003,50 @@ fn stop_as_deletions_begin(mem: &MemoryStore) -> super::Stop {
     stop
 }
 
+/// A collection asked to stop while it waits after announcing the NARs it is about to delete
+/// (its last batch, here its only one) stops there, deleting none of them: it finished that
+/// batch and exited 0 as if it had not been asked.
+#[tokio::test(start_paused = true)]
+async fn a_collection_asked_to_stop_while_it_announces_nars_deletes_none() {
+    let mem = Arc::new(served_for_years());
+    let now = SystemTime::now();
+    let (nar, _) = orphan(&mem, "orphan", now);
+    let stop = super::Stop::default();
+    let (asked, seen) = (stop.clone(), mem.clone());
+    mem.after_write("_cellar/deleting/", move |k| {
+        let names_nars = seen.bytes(k).is_some_and(|b| {
+            b.split(|c| *c == b'\n')
+                .nth(1)
+                .is_some_and(|l| !l.is_empty())
+        });
+        if names_nars {
+            asked.request();
+        }
+    });
+    let store: Arc<dyn Store> = mem.clone();
+    let opts = Options {
+        apply: true,
+        now,
+        settle: super::deleting::SETTLE,
+        stop,
+    };
+    let s = run(&store, "/nix/store", &cfg(), &opts, &Quiet)
+        .await
+        .unwrap();
+    assert!(
+        s.errors.iter().any(|e| e.contains("stopped on request")),
+        "{:?}",
+        s.errors
+    );
+    assert!(has(&mem, &nar));
+    assert!(
+        !mem.keys()
+            .iter()
+            .any(|k| k.starts_with("_cellar/deleting/")),
+        "its announcement stayed"
+    );
+}
+
 /// A collection asked to stop (SIGINT, SIGTERM) once it deletes stops between batches: here
 /// before the first, deleting nothing (narinfos, or NARs left without one), and withdrawing
 /// its announcement. `verify --repair` alike.

@@ -82,7 +82,10 @@ impl Uploader {
         let deleting = self.announcements.read_now().await?;
         match nars.iter().find(|f| deleting.contains(**f)) {
             Some(f) => Err(rejected(format!(
-                "NAR nar/{f} is being deleted by a garbage collection; upload it again"
+                "NAR nar/{f} is being deleted by a garbage collection; upload it again once \
+                 that collection is past it (an announcement under _cellar/deleting/ names it: \
+                 one a collection that was killed left counts for 15 minutes after its last \
+                 renewal)"
             ))),
             None => Ok(()),
         }
