@@ -101,12 +101,14 @@ pub fn spawn_on_sighup(
                     ));
                 }
                 Err(e) => {
+                    // One line: a log line is one event (a TOML error spans several, with the
+                    // line it points at), and systemd reads each line of a notification as an
+                    // assignment.
+                    let why = one_line(&e.to_string());
                     tracing::error!(
-                        cause = %e,
+                        cause = %why,
                         "configuration not reloaded; the running configuration stays"
                     );
-                    // One line: systemd reads each line of a notification as an assignment.
-                    let why = e.to_string().replace('\n', "; ");
                     crate::systemd::status(&format!(
                         "serving; configuration NOT reloaded, the running one stays: {why}"
                     ));
@@ -114,4 +116,13 @@ pub fn spawn_on_sighup(
             }
         }
     });
+}
+
+/// `text` on one line: its lines, trimmed, joined with "; " (empty ones left out).
+fn one_line(text: &str) -> String {
+    text.lines()
+        .map(str::trim)
+        .filter(|l| !l.is_empty())
+        .collect::<Vec<_>>()
+        .join("; ")
 }

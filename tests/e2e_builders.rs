@@ -527,6 +527,21 @@ async fn sighup_reloads_tokens_and_keys_and_keeps_the_old_ones_on_a_broken_confi
     assert_eq!(probe(a.clone()).await, 200, "the old tokens stay");
     assert_eq!(probe(b).await, 200);
 
+    // A TOML syntax error (several lines, pointing at the column) is logged on one line.
+    std::fs::write(srv.config_path(), format!("{bcfg}\nlisten = \"open\n")).unwrap();
+    srv.sighup();
+    srv.wait_for_log("configuration not reloaded", 2);
+    let log = srv.log();
+    let line = log
+        .lines()
+        .filter(|l| l.contains("configuration not reloaded"))
+        .nth(1)
+        .unwrap();
+    assert!(
+        line.contains("TOML parse error") && line.contains("; invalid basic string"),
+        "{log}"
+    );
+
     // A change that needs a restart is refused too.
     std::fs::write(
         srv.config_path(),
@@ -534,7 +549,7 @@ async fn sighup_reloads_tokens_and_keys_and_keeps_the_old_ones_on_a_broken_confi
     )
     .unwrap();
     srv.sighup();
-    srv.wait_for_log("configuration not reloaded", 2);
+    srv.wait_for_log("configuration not reloaded", 3);
     assert!(srv.log().contains("`upload.*` changed"), "{}", srv.log());
 
     // The signing key file, rotated in place: after a reload the real client trusts the new
@@ -562,7 +577,7 @@ async fn sighup_reloads_tokens_and_keys_and_keeps_the_old_ones_on_a_broken_confi
 
     std::fs::write(&key_file, "not a key\n").unwrap();
     srv.sighup();
-    srv.wait_for_log("configuration not reloaded", 3);
+    srv.wait_for_log("configuration not reloaded", 4);
     let narinfo = format!("{}/{}.narinfo", srv.url, Fixture::hash(&f.top));
     let body = reqwest::get(narinfo).await.unwrap().text().await.unwrap();
     assert!(body.contains("Sig: cellar-test-2:"), "{body}");

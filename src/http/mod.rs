@@ -287,16 +287,17 @@ fn warn_refused_read(st: &AppState) {
 }
 
 /// An upload refused for its token (`why`): Nix 2.8 says only that the upload URL "does not
-/// appear to be a binary cache" (its first request, for `nix-cache-info`, was refused), so the
-/// log says why, at most once a minute. A request without a token is not said (curl's first
-/// try before it sends netrc credentials).
+/// appear to be a binary cache" when its first request, for `nix-cache-info`, was refused
+/// (a refusal later in a copy, a token rotated meanwhile, it shows as the 403 and its body),
+/// so the log says why, at most once a minute. A request without a token is not said (curl's
+/// first try before it sends netrc credentials).
 fn warn_refused_upload(st: &AppState, why: &str) {
     if once_a_minute(&st.refused_upload_warned) {
         tracing::warn!(
-            "an upload with {why} was refused (403): `nix copy --to` then says the upload URL \
-             does not appear to be a binary cache; check the builder's netrc file (`machine` \
-             the host name without a port, `password` a write token) (said at most once a \
-             minute)"
+            "an upload with {why} was refused (403): `nix copy --to` then fails, saying the \
+             upload URL does not appear to be a binary cache (at its start) or HTTP error 403; \
+             check the builder's netrc file (`machine` the host name without a port, \
+             `password` a write token) (said at most once a minute)"
         );
     }
 }

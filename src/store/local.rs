@@ -253,7 +253,8 @@ pub struct LocalStore {
 impl LocalStore {
     /// Opens (creating if needed) the directory `root`.
     pub fn open(root: &Path) -> io::Result<Self> {
-        std::fs::create_dir_all(root)?;
+        std::fs::create_dir_all(root)
+            .map_err(|e| io::Error::new(e.kind(), format!("{e}{}", leads_nowhere(root))))?;
         note_mounted(root, device);
         Ok(Self {
             root: root.to_path_buf(),
@@ -558,6 +559,23 @@ fn publish(tmp: &Path, dest: &Path) -> io::Result<()> {
     Ok(())
 }
 
+/// What to add to an error about `path` if `path` or a directory above it is a link that
+/// leads nowhere (creating a directory through one fails with "File exists"): that link, and
+/// what it most likely means.
+fn leads_nowhere(path: &Path) -> String {
+    let dangling = path.ancestors().find(|a| {
+        std::fs::symlink_metadata(a).is_ok_and(|m| m.file_type().is_symlink())
+            && std::fs::metadata(a).is_err()
+    });
+    match dangling {
+        Some(link) => format!(
+            " ({} is a link that leads nowhere: a file system not mounted?)",
+            link.display()
+        ),
+        None => String::new(),
+    }
+}
+
 fn not_found(e: &io::Error) -> bool {
     // ENOTDIR: a path component is a file; the object cannot exist either.
     matches!(
@@ -788,7 +806,13 @@ impl ObjectWriter for LocalWriter {
         .await
         .map_err(|e| StoreError::Other(format!("publishing {}: {e}", self.dest.display())))?;
         self.done = true;
-        published.map_err(|e| StoreError::Other(format!("publishing {}: {e}", self.dest.display())))
+        published.map_err(|e| {
+            StoreError::Other(format!(
+                "publishing {}: {e}{}",
+                self.dest.display(),
+                leads_nowhere(&self.dest)
+            ))
+        })
     }
 
     async fn abort(mut self: Box<Self>) {
@@ -1028,6 +1052,45 @@ mod tests {
         assert_eq!(store.head("log/x").await.unwrap(), None);
         assert!(store.get("log/x", None).await.unwrap().is_none());
         assert_eq!(keys(&store, "log/").await, Vec::<String>::new());
+    }
+
+    /// A write, or the store's directory, through a link that leads nowhere (a disk not
+    /// mounted) fails saying so, not only "File exists".
+    #[tokio::test]
+    async fn a_write_through_a_link_that_leads_nowhere_says_so() {
+        let dir = tempfile::tempdir().unwrap();
+        let root = dir.path().join("store");
+        let store = LocalStore::open(&root).unwrap();
+        std::os::unix::fs::symlink(dir.path().join("gone"), root.join("nar")).unwrap();
+        let e = store
+            .put_bytes("nar/x.nar", Bytes::from_static(b"nar"))
+            .await
+            .unwrap_err()
+            .to_string();
+        let said = format!(
+            "{} is a link that leads nowhere",
+            root.join("nar").display()
+        );
+        assert!(e.contains(&said), "{e}");
+        store
+            .put_bytes("log/x", Bytes::from_static(b"log"))
+            .await
+            .unwrap();
+        // Another failure through a link that leads somewhere is said as it is.
+        std::fs::create_dir_all(dir.path().join("real/x")).unwrap();
+        std::os::unix::fs::symlink(dir.path().join("real"), root.join("debuginfo")).unwrap();
+        let e = store
+            .put_bytes("debuginfo/x", Bytes::from_static(b"in the way"))
+            .await
+            .unwrap_err()
+            .to_string();
+        assert!(!e.contains("leads nowhere"), "{e}");
+        std::os::unix::fs::symlink(dir.path().join("gone"), dir.path().join("linked")).unwrap();
+        let e = LocalStore::open(&dir.path().join("linked"))
+            .err()
+            .unwrap()
+            .to_string();
+        assert!(e.contains("is a link that leads nowhere"), "{e}");
     }
 
     /// A part of the layout mounted at the store's root (a `nar/` on a disk of its own) is
