@@ -47,7 +47,13 @@ struct Upstream {
     credentialed: Option<reqwest::Url>,
     /// Active while the upstream is skipped after a failure.
     down: Backoff,
+    /// When a request it could not answer was last logged at warn (see [`WARN_EVERY`]).
+    warned: std::sync::Mutex<Option<tokio::time::Instant>>,
 }
+
+/// A request an upstream could not answer is logged at warn at most this often (the others
+/// at debug): a burst of them at the start of an outage is one line.
+const WARN_EVERY: Duration = Duration::from_secs(10);
 
 /// Why an upstream could not answer: it is then skipped for a while.
 enum Failure {
@@ -124,6 +130,17 @@ impl Upstream {
         }
     }
 
+    /// Whether a request it could not answer is to be logged at warn now ([`WARN_EVERY`]).
+    fn warn_now(&self) -> bool {
+        let now = tokio::time::Instant::now();
+        let mut last = crate::sync::lock(&self.warned);
+        if last.is_some_and(|at| now.duration_since(at) < WARN_EVERY) {
+            return false;
+        }
+        *last = Some(now);
+        true
+    }
+
     /// Logs the end of an outage, once.
     fn answered(&self) {
         if self.down.reset() {
@@ -191,6 +208,7 @@ impl Upstreams {
                 timeout: c.timeout,
                 mirror: c.mirror,
                 down: Backoff::after(FAILURES_IN_A_ROW, BACKOFF),
+                warned: std::sync::Mutex::new(None),
             })
             .collect();
         Ok(Self {
@@ -237,14 +255,15 @@ impl Upstreams {
     }
 
     /// Whether `key` (`nar/<file>`) is routed to an upstream that is skipped now after
-    /// failures: a narinfo that named it is to be looked up again, as another source may have
-    /// the path.
+    /// failures while another is not: a narinfo that named it is to be looked up again, as
+    /// that other may have the path. (With none other to ask, the narinfo stays: looked up
+    /// again it would be a 404, kept by clients for an hour, for an outage of seconds.)
     pub async fn routed_to_skipped(&self, key: &str) -> bool {
-        self.routes
-            .get(key)
-            .await
-            .and_then(|i| self.list.get(i))
-            .is_some_and(|u| u.down.is_active())
+        let Some(routed) = self.routes.get(key).await else {
+            return false;
+        };
+        let skipped = |i: usize| self.list.get(i).is_some_and(|u| u.down.is_active());
+        skipped(routed) && (0..self.list.len()).any(|i| !skipped(i))
     }
 
     /// Whether some upstream is skipped now after failures.
@@ -528,7 +547,11 @@ impl Upstreams {
                     // An error status for a name no narinfo named is how some upstreams
                     // say "no" (see `send`): not worth a line each.
                     if routed || !matches!(failure, Failure::Status(_)) {
-                        tracing::warn!(upstream = %u.name, key, cause = %failure, "upstream could not answer");
+                        if u.warn_now() {
+                            tracing::warn!(upstream = %u.name, key, cause = %failure, "upstream could not answer");
+                        } else {
+                            tracing::debug!(upstream = %u.name, key, cause = %failure, "upstream could not answer");
+                        }
                     }
                     unavailable = true;
                     continue;
@@ -866,9 +889,6 @@ fn reach(u: &reqwest::Url) -> Reach {
     }
 }
 
-/// Whether every upstream's object under `key` is the same bytes: anything but a NAR named
-/// after its store path (32 characters, as attic and old nix-serve name them), whose name is
-/// the hash of its bytes (Nix's names, nix-serve's and harmonia's).
 /// An upstream's body that failed while it streamed, naming the upstream and the cause
 /// (reqwest's own words, "error decoding response body", say little without their source:
 /// the connection closed early, say).
@@ -883,6 +903,9 @@ fn body_broke(upstream: &str, e: &reqwest::Error) -> io::Error {
     io::Error::other(format!("upstream {upstream} broke off the body: {why}"))
 }
 
+/// Whether every upstream's object under `key` is the same bytes: anything but a NAR named
+/// after its store path (32 characters, as attic and old nix-serve name them), whose name is
+/// the hash of its bytes (Nix's names, nix-serve's and harmonia's).
 fn same_everywhere(key: &str) -> bool {
     key.strip_prefix("nar/")
         .and_then(|f| NarFileName::parse_nix(f).ok())

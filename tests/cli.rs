@@ -513,6 +513,41 @@ fn first_start_creates_a_key_and_prints_the_trusted_key_line_then_stops_on_sigte
     assert!(!err.contains(secret_part), "the secret key was printed");
 }
 
+/// Requests still under way when the shutdown timeout ends are cut off, and the log says how
+/// many connections and uploads that was (a builder's upload cut off then fails on its
+/// retry: the log is where its operator looks).
+#[test]
+fn a_shutdown_that_cuts_requests_off_says_how_many() {
+    use std::io::Write as _;
+    let d = tempfile::tempdir().unwrap();
+    let log = d.path().join("serve.log");
+    let mut child = cellar(d.path())
+        .args(["serve"])
+        .env("CELLAR_LISTEN", "127.0.0.1:0")
+        .env("CELLAR_SHUTDOWN_TIMEOUT_SECS", "1")
+        .stdout(Stdio::piped())
+        .stderr(std::fs::File::create(&log).unwrap())
+        .spawn()
+        .unwrap();
+    let read_log = || std::fs::read_to_string(&log).unwrap_or_default();
+    let addr = wait_until_listening(&mut child, read_log);
+    // A request whose headers are still coming: its connection is not idle.
+    let mut slow = std::net::TcpStream::connect(addr).unwrap();
+    slow.write_all(b"GET /nix-cache-info HTTP/1.1\r\nHost: x\r\n")
+        .unwrap();
+    let status = Command::new("kill")
+        .args(["-TERM", &child.id().to_string()])
+        .status()
+        .unwrap();
+    assert!(status.success());
+    wait_for_in_file(&log, "requests still running after 1 s", 1);
+    let said = read_log();
+    assert!(said.contains("connections=1 uploads=0"), "{said}");
+    let exit = child.wait().unwrap();
+    assert!(exit.success(), "{exit:?}: {said}");
+    drop(slow);
+}
+
 /// Told to stop with a shutdown delay, the server waits; told twice (Ctrl-C twice), it exits
 /// at once.
 #[test]

@@ -188,6 +188,18 @@ impl NarInfoCache {
         (self.cache.entry_count(), self.cache.weighted_size())
     }
 
+    /// Forgets `h` if what it holds is still `held` (the same bytes in memory), without
+    /// counting an invalidation: nothing was written, and a load under way for another
+    /// caller need not start over.
+    pub async fn forget_if_held(&self, h: StorePathHash, held: &Bytes) {
+        let same = self.cache.get(&h).await.is_some_and(|now| {
+            now.is_some_and(|now| now.as_ptr() == held.as_ptr() && now.len() == held.len())
+        });
+        if same {
+            self.cache.invalidate(&h).await;
+        }
+    }
+
     /// Forgets `h` (after an upload, so the new narinfo is served at once).
     pub async fn invalidate(&self, h: StorePathHash) {
         self.generation(h).fetch_add(1, Ordering::SeqCst);
@@ -198,6 +210,28 @@ impl NarInfoCache {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    /// Only the very bytes read are forgotten (another request may have loaded the narinfo
+    /// again meanwhile), and no invalidation is counted (a load under way is not restarted).
+    #[tokio::test]
+    async fn forgets_only_what_it_was_shown() {
+        let c = NarInfoCache::new(1 << 20, Duration::from_secs(600), Duration::from_secs(15));
+        let h: StorePathHash = "f904kp3djilk732cgbnxhpy7vzykbqsh".parse().unwrap();
+        let held = Bytes::from_static(b"StorePath: x\n");
+        let shown = held.clone();
+        c.get_or_load(h, || async { Ok(Some(shown.clone())) })
+            .await
+            .unwrap();
+        let before = c.generation(h).load(Ordering::SeqCst);
+        c.forget_if_held(h, &Bytes::from(b"StorePath: x\n".to_vec()))
+            .await;
+        assert!(c.contains(h), "other bytes, even equal ones");
+        c.forget_if_held(h, &held.slice(..3)).await;
+        assert!(c.contains(h), "a part of them");
+        c.forget_if_held(h, &held).await;
+        assert!(!c.contains(h));
+        assert_eq!(c.generation(h).load(Ordering::SeqCst), before);
+    }
 
     #[test]
     fn hits_live_for_the_positive_ttl_and_misses_for_the_negative_one() {

@@ -110,7 +110,10 @@ fn resolved_within(abs: &Path, links: u32) -> PathBuf {
         }
         if links > 0 {
             if let Ok(target) = std::fs::read_link(&existing) {
-                let base = existing.parent().unwrap_or(Path::new("/"));
+                // Relative to the directory the link is in, as reached through links (a `..`
+                // in the target leads up from there).
+                let parent = existing.parent().unwrap_or(Path::new("/"));
+                let base = std::fs::canonicalize(parent).unwrap_or_else(|_| parent.to_owned());
                 let through = lexical_absolute(&base.join(target));
                 let real = resolved_within(&through, links - 1);
                 return lexical_absolute(&rest.iter().rev().fold(real, |p, r| p.join(r)));

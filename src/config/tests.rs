@@ -536,6 +536,10 @@ fn the_nar_cache_never_overlaps_what_cellar_keeps_through_links() {
     std::os::unix::fs::symlink(t.join("data2/nar"), t.join("link2")).unwrap();
     std::os::unix::fs::symlink(t.join("unmounted/nar"), t.join("data2/log")).unwrap();
     std::os::unix::fs::symlink(t.join("keys"), t.join("keylink")).unwrap();
+    // The store reached through a link, its `nar/` a relative link up from where it really is.
+    std::fs::create_dir_all(t.join("real/c")).unwrap();
+    std::os::unix::fs::symlink(t.join("real/c"), t.join("c")).unwrap();
+    std::os::unix::fs::symlink("../disk/nar", t.join("real/c/nar")).unwrap();
     let t = t.display();
     for (store, nar_dir, why) in [
         ("data", "big/nar".to_owned(), "store directory's"),
@@ -544,6 +548,7 @@ fn the_nar_cache_never_overlaps_what_cellar_keeps_through_links() {
         ("data2", "link2".to_owned(), "store directory"),
         ("data2", "unmounted/nar".to_owned(), "store directory's"),
         ("data", "keylink".to_owned(), "signing key"),
+        ("c", "real/disk/nar".to_owned(), "store directory's"),
     ] {
         let toml = format!(
             "[store]\npath = \"{t}/{store}\"\n[signing]\nkey_files = [\"{t}/keys/k.sec\"]\n\

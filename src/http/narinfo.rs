@@ -103,7 +103,10 @@ async fn load(st: &AppState, live: &Arc<Live>, h: StorePathHash) -> Result<Bytes
         .await?
         .ok_or(Error::NotFound)?;
     if outdated(st, live, &body).await {
-        live.narinfos.invalidate(h).await;
+        // Dropped only if still the one read: many requests reading it at once drop it once,
+        // and the reload they share is not started over (nothing was written, so the cache's
+        // invalidation count is not moved).
+        live.narinfos.forget_if_held(h, &body).await;
         body = live
             .narinfos
             .get_or_load(h, || load_from_store(st, live, h))
@@ -131,7 +134,7 @@ async fn outdated(st: &AppState, live: &Live, body: &[u8]) -> bool {
     if live.upstreams.is_empty() {
         return false;
     }
-    if st.live().missing_nars.points_to_missing(body) {
+    if live.missing_nars.points_to_missing(body) {
         return true;
     }
     if !live.upstreams.any_skipped() {

@@ -136,7 +136,19 @@ pub async fn serve(
     tokio::select! {
         () = graceful.shutdown() => {}
         () = tokio::time::sleep(grace) => {
-            tracing::warn!("shutdown: requests still running after {} s, exiting", grace.as_secs());
+            // What is cut: a builder whose upload this was retries it, and Nix 2.8 resumes
+            // a NAR's body where it broke off, which the restarted server refuses (400).
+            let connections = draining
+                .config
+                .max_connections
+                .saturating_sub(permits.available_permits());
+            let uploads = crate::metrics::get().uploads_running.get();
+            tracing::warn!(
+                connections,
+                uploads,
+                "shutdown: requests still running after {} s, exiting (cut off)",
+                grace.as_secs()
+            );
         }
     }
     Ok(())

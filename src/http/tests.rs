@@ -611,6 +611,22 @@ async fn a_narinfo_from_a_skipped_upstream_is_looked_up_again() {
         assert!(nar_asked.load(std::sync::atomic::Ordering::SeqCst) < 10);
     }
     assert_eq!(served_url(&st).await, Ok(format!("nar/{ZST_NAR}")));
+    // With no other upstream to ask, it stays: looked up again it would be a 404, which
+    // clients keep for an hour, for an outage of seconds.
+    let (only, _) =
+        upstream_naming(&SecretKey::generate("a-1").unwrap(), XZ_NAR, nar_failing).await;
+    let st = state(
+        Config {
+            upstreams: vec![only],
+            ..Config::default()
+        },
+        &Arc::new(MemoryStore::new()),
+    );
+    assert_eq!(served_url(&st).await, Ok(format!("nar/{XZ_NAR}")));
+    while !st.live().upstreams.any_skipped() {
+        get(&st, &format!("/nar/{XZ_NAR}")).await;
+    }
+    assert_eq!(served_url(&st).await, Ok(format!("nar/{XZ_NAR}")));
 }
 
 /// The store's narinfo names a NAR the store turns out not to have: the path is then an

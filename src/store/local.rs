@@ -45,23 +45,69 @@ fn device(p: &Path) -> Option<u64> {
     std::fs::metadata(p).ok().map(|m| m.dev())
 }
 
-/// Notes each part of the layout that is a directory mounted at the store's root (on another
-/// file system than the root, not through a link) in [`MOUNTED`], so that once it is not
-/// mounted its objects are not taken for missing ([`not_mounted_now`]). `device` tells the
-/// file system of a path.
-fn note_mounted(root: &Path, device: impl Fn(&Path) -> Option<u64>) {
-    let root_device = device(root);
+/// Whether `dir` is where a file system is mounted, as `/proc/self/mountinfo` says (a btrfs
+/// subvolume has a device of its own without being one).
+fn is_mount_point(dir: &Path) -> bool {
+    let (Ok(dir), Ok(table)) = (
+        std::fs::canonicalize(dir),
+        std::fs::read_to_string("/proc/self/mountinfo"),
+    ) else {
+        return false;
+    };
+    table
+        .lines()
+        .filter_map(|l| l.split(' ').nth(4))
+        .any(|at| Path::new(&unescape_mount_point(at)) == dir)
+}
+
+/// A mount point as `/proc/self/mountinfo` writes it: space, tab, newline and backslash as
+/// `\\ooo` octal escapes.
+fn unescape_mount_point(at: &str) -> String {
+    let mut out = String::with_capacity(at.len());
+    let mut rest = at;
+    while let Some(i) = rest.find('\\') {
+        out.push_str(&rest[..i]);
+        let code = rest
+            .get(i + 1..i + 4)
+            .and_then(|o| u8::from_str_radix(o, 8).ok());
+        match code {
+            Some(c) => {
+                out.push(char::from(c));
+                rest = &rest[i + 4..];
+            }
+            None => {
+                out.push('\\');
+                rest = &rest[i + 1..];
+            }
+        }
+    }
+    out.push_str(rest);
+    out
+}
+
+/// Notes each part of the layout where a file system of its own is mounted at the store's
+/// root (not through a link; `mounted` says, on another device than the root, `device` says)
+/// in [`MOUNTED`], with the root's device, so that once it is not mounted its objects are not
+/// taken for missing ([`not_mounted_now`]).
+fn note_mounted(
+    root: &Path,
+    device: impl Fn(&Path) -> Option<u64>,
+    mounted: impl Fn(&Path) -> bool,
+) {
+    let Some(root_device) = device(root) else {
+        return;
+    };
     for part in OBJECT_DIRS {
         let dir = root.join(part);
         let is_link = std::fs::symlink_metadata(&dir).is_ok_and(|m| m.file_type().is_symlink());
-        let mounted = !is_link && device(&dir).is_some_and(|d| Some(d) != root_device);
+        let apart = !is_link && device(&dir).is_some_and(|d| d != root_device);
         let mark = root.join(MOUNTED).join(part);
-        if !mounted || mark.exists() {
+        if !apart || mark.exists() || !mounted(&dir) {
             continue;
         }
         let noted = std::fs::create_dir_all(root.join(MOUNTED))
-            .and_then(|()| std::fs::File::create(&mark))
-            .and_then(|f| f.sync_all());
+            .and_then(|()| std::fs::write(&mark, root_device.to_string()))
+            .and_then(|()| std::fs::File::open(&mark)?.sync_all());
         match noted {
             Ok(()) => tracing::info!(
                 dir = %dir.display(),
@@ -83,12 +129,20 @@ fn note_mounted(root: &Path, device: impl Fn(&Path) -> Option<u64>) {
 /// file system now (or gone), the error saying so.
 fn not_mounted_now(root: &Path, part: &str) -> Option<StoreError> {
     let mark = root.join(MOUNTED).join(part);
-    if !mark.exists() {
+    let noted = std::fs::read_to_string(&mark).ok()?;
+    let root_device = device(root);
+    // A note written on another file system than the root's now (the store copied
+    // elsewhere with it) is not this store's.
+    if noted
+        .trim()
+        .parse::<u64>()
+        .is_ok_and(|d| Some(d) != root_device)
+    {
         return None;
     }
     let dir = root.join(part);
     let here = device(&dir);
-    if here.is_some() && here != device(root) {
+    if here.is_some() && here != root_device {
         return None;
     }
     Some(StoreError::Unavailable(format!(
@@ -255,7 +309,7 @@ impl LocalStore {
     pub fn open(root: &Path) -> io::Result<Self> {
         std::fs::create_dir_all(root)
             .map_err(|e| io::Error::new(e.kind(), format!("{e}{}", leads_nowhere(root))))?;
-        note_mounted(root, device);
+        note_mounted(root, device, is_mount_point);
         Ok(Self {
             root: root.to_path_buf(),
         })
@@ -276,7 +330,7 @@ impl LocalStore {
                 ),
             ));
         }
-        note_mounted(root, device);
+        note_mounted(root, device, is_mount_point);
         Ok(Self {
             root: root.to_path_buf(),
         })
@@ -679,6 +733,14 @@ impl Store for LocalStore {
     }
 
     async fn writer(&self, key: &str) -> Result<Box<dyn ObjectWriter>, StoreError> {
+        // Not into a mount point with nothing mounted: what is written there would vanish
+        // under the file system once it is mounted again.
+        if let Some(e) = key
+            .split_once('/')
+            .and_then(|(top, _)| not_mounted_now(&self.root, top))
+        {
+            return Err(e);
+        }
         let staging = self.root.join(STAGING);
         let at = |e: io::Error| StoreError::Other(format!("creating {}: {e}", staging.display()));
         tokio::fs::create_dir_all(&staging).await.map_err(at)?;
@@ -1054,6 +1116,18 @@ mod tests {
         assert_eq!(keys(&store, "log/").await, Vec::<String>::new());
     }
 
+    /// Mount points as `/proc/self/mountinfo` escapes them, and this machine's root found a
+    /// mount point there.
+    #[test]
+    fn mount_points_are_read_as_the_kernel_writes_them() {
+        assert_eq!(unescape_mount_point(r"/mnt/a\040b\011c"), "/mnt/a b\tc");
+        assert_eq!(unescape_mount_point(r"/x\134y"), r"/x\y");
+        assert_eq!(unescape_mount_point(r"/odd\9"), r"/odd\9");
+        assert!(is_mount_point(Path::new("/")));
+        let dir = tempfile::tempdir().unwrap();
+        assert!(!is_mount_point(dir.path()));
+    }
+
     /// A write, or the store's directory, through a link that leads nowhere (a disk not
     /// mounted) fails saying so, not only "File exists".
     #[tokio::test]
@@ -1116,9 +1190,12 @@ mod tests {
                 device(p)
             }
         };
-        note_mounted(root, device);
+        note_mounted(root, device, |_| true);
         assert!(!root.join(MOUNTED).exists(), "nothing is mounted");
-        note_mounted(root, mounted);
+        // A device of its own without a mount (a btrfs subvolume) is not noted.
+        note_mounted(root, mounted, |_| false);
+        assert!(!root.join(MOUNTED).exists(), "a subvolume");
+        note_mounted(root, mounted, |_| true);
         assert!(root.join(MOUNTED).join("nar").exists());
         assert!(!root.join(MOUNTED).join("log").exists());
         // Now on the root's file system, as an empty mount point is.
@@ -1133,10 +1210,25 @@ mod tests {
         unavailable(store.head("nar/x.nar").await.map(|h| h.is_some()));
         unavailable(store.get("nar/x.nar", None).await.map(|o| o.is_some()));
         unavailable(store.ping().await.map(|()| true));
+        // Nor is anything written there, to vanish once the disk is mounted again.
+        unavailable(
+            store
+                .put_bytes("nar/y.nar", Bytes::from_static(b"nar"))
+                .await
+                .map(|()| true),
+        );
+        assert!(!root.join("nar/y.nar").exists());
         assert_eq!(store.head("b.narinfo").await.unwrap(), None);
         assert_eq!(store.head("log/x").await.unwrap(), None);
         assert_eq!(keys(&store, "log/").await, Vec::<String>::new());
         assert_eq!(keys(&store, "a").await, ["a.narinfo"]);
+        // A note from another file system (the store copied here with it) is not this one's.
+        let noted = std::fs::read_to_string(root.join(MOUNTED).join("nar")).unwrap();
+        assert_eq!(noted, root_device.unwrap().to_string());
+        std::fs::write(root.join(MOUNTED).join("nar"), "1").unwrap();
+        store.ping().await.unwrap();
+        std::fs::write(root.join(MOUNTED).join("nar"), noted).unwrap();
+        unavailable(store.ping().await.map(|()| true));
         // Moved back for good: the note removed, the directory is what it holds.
         std::fs::remove_file(root.join(MOUNTED).join("nar")).unwrap();
         assert_eq!(keys(&store, "").await, ["a.narinfo"]);

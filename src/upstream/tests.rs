@@ -241,6 +241,9 @@ async fn an_upstream_that_cannot_answer_for_a_nar_is_logged() {
         logged.contains("upstream could not answer") && logged.contains(SECOND_NAR),
         "{logged}"
     );
+    // A burst is one line (the rest at debug).
+    assert!(dead.get(&format!("nar/{SECOND_NAR}"), None).await.is_err());
+    assert_eq!(logs.text().matches("upstream could not answer").count(), 1);
     let upstreams = plain_upstreams().await;
     assert!(upstreams.get("nar/busy.nar", None).await.is_err());
     assert_eq!(logs.text().matches("upstream could not answer").count(), 1);
