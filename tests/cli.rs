@@ -513,6 +513,27 @@ fn first_start_creates_a_key_and_prints_the_trusted_key_line_then_stops_on_sigte
     assert!(!err.contains(secret_part), "the secret key was printed");
 }
 
+/// `cellar serve` in `dir` on a port of its own, with `env` set, logging to `log`; the child
+/// and where it listens.
+fn serve_logging_to(
+    dir: &std::path::Path,
+    log: &std::path::Path,
+    env: (&str, &str),
+) -> (std::process::Child, std::net::SocketAddr) {
+    let mut child = cellar(dir)
+        .args(["serve"])
+        .env("CELLAR_LISTEN", "127.0.0.1:0")
+        .env(env.0, env.1)
+        .stdout(Stdio::piped())
+        .stderr(std::fs::File::create(log).unwrap())
+        .spawn()
+        .unwrap();
+    let addr = wait_until_listening(&mut child, || {
+        std::fs::read_to_string(log).unwrap_or_default()
+    });
+    (child, addr)
+}
+
 /// Requests still under way when the shutdown timeout ends are cut off, and the log says how
 /// many connections and uploads that was (a builder's upload cut off then fails on its
 /// retry: the log is where its operator looks).
@@ -521,16 +542,8 @@ fn a_shutdown_that_cuts_requests_off_says_how_many() {
     use std::io::Write as _;
     let d = tempfile::tempdir().unwrap();
     let log = d.path().join("serve.log");
-    let mut child = cellar(d.path())
-        .args(["serve"])
-        .env("CELLAR_LISTEN", "127.0.0.1:0")
-        .env("CELLAR_SHUTDOWN_TIMEOUT_SECS", "1")
-        .stdout(Stdio::piped())
-        .stderr(std::fs::File::create(&log).unwrap())
-        .spawn()
-        .unwrap();
+    let (mut child, addr) = serve_logging_to(d.path(), &log, ("CELLAR_SHUTDOWN_TIMEOUT_SECS", "1"));
     let read_log = || std::fs::read_to_string(&log).unwrap_or_default();
-    let addr = wait_until_listening(&mut child, read_log);
     // A request whose headers are still coming: its connection is not idle.
     let mut slow = std::net::TcpStream::connect(addr).unwrap();
     slow.write_all(b"GET /nix-cache-info HTTP/1.1\r\nHost: x\r\n")
@@ -568,16 +581,9 @@ fn a_second_signal_ends_the_shutdown_delay() {
         &narinfo,
     )
     .unwrap();
-    let mut child = cellar(d.path())
-        .args(["serve"])
-        .env("CELLAR_LISTEN", "127.0.0.1:0")
-        .env("CELLAR_SHUTDOWN_DELAY_SECS", "3600")
-        .stdout(Stdio::piped())
-        .stderr(std::fs::File::create(&log).unwrap())
-        .spawn()
-        .unwrap();
+    let (mut child, addr) =
+        serve_logging_to(d.path(), &log, ("CELLAR_SHUTDOWN_DELAY_SECS", "3600"));
     let read_log = || std::fs::read_to_string(&log).unwrap_or_default();
-    let addr = wait_until_listening(&mut child, read_log);
     let served = std::process::Command::new("curl")
         .args(["-sf", "-o", "/dev/null"])
         .arg(format!("http://{addr}/{hash}.narinfo"))

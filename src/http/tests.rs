@@ -538,6 +538,17 @@ async fn served_url(st: &AppState) -> Result<String, StatusCode> {
         .to_owned())
 }
 
+/// A server over an empty store, with `upstreams`.
+fn through(upstreams: Vec<crate::config::UpstreamConfig>) -> AppState {
+    state(
+        Config {
+            upstreams,
+            ..Config::default()
+        },
+        &Arc::new(MemoryStore::new()),
+    )
+}
+
 const XZ_NAR: &str = "0l74sag416b7yzqh28bm87pdp102zcgslqmm73y4qr1rn0rmqsyx.nar.xz";
 const ZST_NAR: &str = "1b8m03r63zqhnjf7l5wnldhh7c134ap5vpj0850ymkq1iyzicy5s.nar.zst";
 
@@ -549,11 +560,7 @@ async fn a_nar_the_first_upstream_lacks_leaves_the_path_to_the_next() {
         upstream_naming(&SecretKey::generate("a-1").unwrap(), XZ_NAR, nar_not_found).await;
     let (second, _) =
         upstream_naming(&SecretKey::generate("b-1").unwrap(), ZST_NAR, nar_served).await;
-    let cfg = Config {
-        upstreams: vec![first, second],
-        ..Config::default()
-    };
-    let st = state(cfg, &Arc::new(MemoryStore::new()));
+    let st = through(vec![first, second]);
     assert_eq!(served_url(&st).await, Ok(format!("nar/{XZ_NAR}")));
     assert_eq!(
         get(&st, &format!("/nar/{XZ_NAR}")).await.0,
@@ -567,13 +574,7 @@ async fn a_nar_the_first_upstream_lacks_leaves_the_path_to_the_next() {
     // With no other source, the path stays hidden (a 404, not a NAR that fails).
     let (only, _) =
         upstream_naming(&SecretKey::generate("a-1").unwrap(), XZ_NAR, nar_not_found).await;
-    let st = state(
-        Config {
-            upstreams: vec![only],
-            ..Config::default()
-        },
-        &Arc::new(MemoryStore::new()),
-    );
+    let st = through(vec![only]);
     assert_eq!(served_url(&st).await, Ok(format!("nar/{XZ_NAR}")));
     assert_eq!(
         get(&st, &format!("/nar/{XZ_NAR}")).await.0,
@@ -591,11 +592,7 @@ async fn a_narinfo_from_a_skipped_upstream_is_looked_up_again() {
         upstream_naming(&SecretKey::generate("a-1").unwrap(), XZ_NAR, nar_failing).await;
     let (second, _) =
         upstream_naming(&SecretKey::generate("b-1").unwrap(), ZST_NAR, nar_served).await;
-    let cfg = Config {
-        upstreams: vec![first, second],
-        ..Config::default()
-    };
-    let st = state(cfg, &Arc::new(MemoryStore::new()));
+    let st = through(vec![first, second]);
     assert_eq!(served_url(&st).await, Ok(format!("nar/{XZ_NAR}")));
     // One failure does not skip the upstream: its narinfo stays.
     assert_eq!(
@@ -615,13 +612,7 @@ async fn a_narinfo_from_a_skipped_upstream_is_looked_up_again() {
     // clients keep for an hour, for an outage of seconds.
     let (only, _) =
         upstream_naming(&SecretKey::generate("a-1").unwrap(), XZ_NAR, nar_failing).await;
-    let st = state(
-        Config {
-            upstreams: vec![only],
-            ..Config::default()
-        },
-        &Arc::new(MemoryStore::new()),
-    );
+    let st = through(vec![only]);
     assert_eq!(served_url(&st).await, Ok(format!("nar/{XZ_NAR}")));
     while !st.live().upstreams.any_skipped() {
         get(&st, &format!("/nar/{XZ_NAR}")).await;

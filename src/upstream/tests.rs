@@ -77,10 +77,9 @@ async fn a_refused_range_carries_the_upstreams_size() {
     );
 }
 
-/// An upstream that cuts a narinfo's body off has failed: an upload relying on it is asked to
-/// come back (503), not refused for a reference nobody has, and the upstream is skipped.
-#[tokio::test]
-async fn a_narinfo_cut_off_is_an_outage_not_a_miss() {
+/// A server that answers every request with a 200 of 1000 bytes, sends `start` of them and
+/// closes the connection; its URL.
+async fn cutting_off(start: &'static [u8]) -> String {
     use tokio::io::{AsyncReadExt as _, AsyncWriteExt as _};
     let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
     let url = format!("http://{}", listener.local_addr().unwrap());
@@ -89,12 +88,20 @@ async fn a_narinfo_cut_off_is_an_outage_not_a_miss() {
             let mut buf = [0u8; 4096];
             let _ = s.read(&mut buf).await;
             let _ = s
-                .write_all(b"HTTP/1.1 200 OK\r\nContent-Length: 1000\r\n\r\nStorePath: /nix")
+                .write_all(b"HTTP/1.1 200 OK\r\nContent-Length: 1000\r\n\r\n")
                 .await;
-            // Dropped: the body ends 990 bytes short.
+            let _ = s.write_all(start).await;
+            // Dropped: the body ends short.
         }
     });
-    let upstreams = upstreams_at(url);
+    url
+}
+
+/// An upstream that cuts a narinfo's body off has failed: an upload relying on it is asked to
+/// come back (503), not refused for a reference nobody has, and the upstream is skipped.
+#[tokio::test]
+async fn a_narinfo_cut_off_is_an_outage_not_a_miss() {
+    let upstreams = upstreams_at(cutting_off(b"StorePath: /nix").await);
     let h: StorePathHash = "6bxnj2gfflqa529lddzh3zhcn45nn86r".parse().unwrap();
     for _ in 0..FAILURES_IN_A_ROW {
         assert!(matches!(
@@ -263,18 +270,7 @@ async fn an_upstream_that_cannot_answer_for_a_nar_is_logged() {
 #[tokio::test]
 async fn a_nar_body_cut_off_names_the_upstream() {
     use futures::TryStreamExt as _;
-    use tokio::io::{AsyncReadExt as _, AsyncWriteExt as _};
-    let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
-    let url = format!("http://{}", listener.local_addr().unwrap());
-    tokio::spawn(async move {
-        while let Ok((mut s, _)) = listener.accept().await {
-            let mut buf = [0u8; 4096];
-            let _ = s.read(&mut buf).await;
-            let _ = s
-                .write_all(b"HTTP/1.1 200 OK\r\nContent-Length: 1000\r\n\r\nnix-archive")
-                .await;
-        }
-    });
+    let url = cutting_off(b"nix-archive").await;
     let upstreams = upstreams_at(url.clone());
     let obj = upstreams
         .get(&format!("nar/{SECOND_NAR}"), None)
