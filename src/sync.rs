@@ -48,6 +48,18 @@ impl<K: Eq + Hash + Clone> KeyedLocks<K> {
     }
 }
 
+/// Whether something last done at `last` may be done again (at most once per `period`),
+/// noting now as done if so: for warnings said at most so often.
+pub fn once_per(last: &Mutex<Option<tokio::time::Instant>>, period: std::time::Duration) -> bool {
+    let now = tokio::time::Instant::now();
+    let mut last = lock(last);
+    if last.is_some_and(|t| now.duration_since(t) < period) {
+        return false;
+    }
+    *last = Some(now);
+    true
+}
+
 #[cfg(test)]
 mod tests {
     use super::KeyedLocks;

@@ -130,17 +130,6 @@ impl Upstream {
         }
     }
 
-    /// Whether a request it could not answer is to be logged at warn now ([`WARN_EVERY`]).
-    fn warn_now(&self) -> bool {
-        let now = tokio::time::Instant::now();
-        let mut last = crate::sync::lock(&self.warned);
-        if last.is_some_and(|at| now.duration_since(at) < WARN_EVERY) {
-            return false;
-        }
-        *last = Some(now);
-        true
-    }
-
     /// Logs the end of an outage, once.
     fn answered(&self) {
         if self.down.reset() {
@@ -547,7 +536,7 @@ impl Upstreams {
                     // An error status for a name no narinfo named is how some upstreams
                     // say "no" (see `send`): not worth a line each.
                     if routed || !matches!(failure, Failure::Status(_)) {
-                        if u.warn_now() {
+                        if crate::sync::once_per(&u.warned, WARN_EVERY) {
                             tracing::warn!(upstream = %u.name, key, cause = %failure, "upstream could not answer");
                         } else {
                             tracing::debug!(upstream = %u.name, key, cause = %failure, "upstream could not answer");

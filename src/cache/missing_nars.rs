@@ -111,7 +111,7 @@ impl MissingNars {
         };
         text.lines()
             .find_map(|l| l.strip_prefix("URL: nar/"))
-            .is_some_and(|file| self.names.contains_key(file))
+            .is_some_and(|file| self.is_missing(file))
     }
 
     /// Whether `nar/<file>` is known to be missing.

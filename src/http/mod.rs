@@ -263,13 +263,7 @@ async fn check(st: &AppState, req: Request, next: Next, scope: Scope, root: bool
 /// Whether a warning last said at `last` may be said again (at most once a minute), noting
 /// now as said if so.
 fn once_a_minute(last: &std::sync::Mutex<Option<tokio::time::Instant>>) -> bool {
-    let now = tokio::time::Instant::now();
-    let mut last = crate::sync::lock(last);
-    if last.is_some_and(|t| now.duration_since(t) < std::time::Duration::from_secs(60)) {
-        return false;
-    }
-    *last = Some(now);
-    true
+    crate::sync::once_per(last, std::time::Duration::from_secs(60))
 }
 
 /// A read refused for a token that matches none (a revoked one, a typo in a netrc file) fails

@@ -552,15 +552,24 @@ fn through(upstreams: Vec<crate::config::UpstreamConfig>) -> AppState {
 const XZ_NAR: &str = "0l74sag416b7yzqh28bm87pdp102zcgslqmm73y4qr1rn0rmqsyx.nar.xz";
 const ZST_NAR: &str = "1b8m03r63zqhnjf7l5wnldhh7c134ap5vpj0850ymkq1iyzicy5s.nar.zst";
 
+/// A server over two upstreams serving the fixture's path: the first names [`XZ_NAR`],
+/// answered as `first_nar` says (and counts the requests for it), the second [`ZST_NAR`],
+/// served.
+async fn first_then_second(
+    first_nar: fn() -> axum::response::Response,
+) -> (AppState, Arc<std::sync::atomic::AtomicUsize>) {
+    let (first, asked) =
+        upstream_naming(&SecretKey::generate("a-1").unwrap(), XZ_NAR, first_nar).await;
+    let (second, _) =
+        upstream_naming(&SecretKey::generate("b-1").unwrap(), ZST_NAR, nar_served).await;
+    (through(vec![first, second]), asked)
+}
+
 /// The first upstream's narinfo names a NAR it turns out not to have: the path is then the
 /// next upstream's, which has it whole (under another name), not a 404 for the narinfo's TTL.
 #[tokio::test]
 async fn a_nar_the_first_upstream_lacks_leaves_the_path_to_the_next() {
-    let (first, _) =
-        upstream_naming(&SecretKey::generate("a-1").unwrap(), XZ_NAR, nar_not_found).await;
-    let (second, _) =
-        upstream_naming(&SecretKey::generate("b-1").unwrap(), ZST_NAR, nar_served).await;
-    let st = through(vec![first, second]);
+    let (st, _) = first_then_second(nar_not_found).await;
     assert_eq!(served_url(&st).await, Ok(format!("nar/{XZ_NAR}")));
     assert_eq!(
         get(&st, &format!("/nar/{XZ_NAR}")).await.0,
@@ -588,11 +597,7 @@ async fn a_nar_the_first_upstream_lacks_leaves_the_path_to_the_next() {
 /// NAR fails until its TTL ends. While the upstream answers, it is served from memory.
 #[tokio::test]
 async fn a_narinfo_from_a_skipped_upstream_is_looked_up_again() {
-    let (first, nar_asked) =
-        upstream_naming(&SecretKey::generate("a-1").unwrap(), XZ_NAR, nar_failing).await;
-    let (second, _) =
-        upstream_naming(&SecretKey::generate("b-1").unwrap(), ZST_NAR, nar_served).await;
-    let st = through(vec![first, second]);
+    let (st, nar_asked) = first_then_second(nar_failing).await;
     assert_eq!(served_url(&st).await, Ok(format!("nar/{XZ_NAR}")));
     // One failure does not skip the upstream: its narinfo stays.
     assert_eq!(
