@@ -539,15 +539,22 @@ fn serve_logging_to(
 /// retry: the log is where its operator looks).
 #[test]
 fn a_shutdown_that_cuts_requests_off_says_how_many() {
-    use std::io::Write as _;
+    use std::io::{Read as _, Write as _};
     let d = tempfile::tempdir().unwrap();
+    // A NAR larger than the sockets between client and server hold.
+    let nar = "nar/0l74sag416b7yzqh28bm87pdp102zcgslqmm73y4qr1rn0rmqsyx.nar";
+    std::fs::create_dir_all(d.path().join("cellar-data/nar")).unwrap();
+    std::fs::write(d.path().join("cellar-data").join(nar), vec![0u8; 64 << 20]).unwrap();
     let log = d.path().join("serve.log");
     let (mut child, addr) = serve_logging_to(d.path(), &log, ("CELLAR_SHUTDOWN_TIMEOUT_SECS", "1"));
     let read_log = || std::fs::read_to_string(&log).unwrap_or_default();
-    // A request whose headers are still coming: its connection is not idle.
+    // A download under way (its answer has begun) that the client stops reading.
     let mut slow = std::net::TcpStream::connect(addr).unwrap();
-    slow.write_all(b"GET /nix-cache-info HTTP/1.1\r\nHost: x\r\n")
+    slow.write_all(format!("GET /{nar} HTTP/1.1\r\nHost: x\r\n\r\n").as_bytes())
         .unwrap();
+    let mut begun = [0u8; 12];
+    slow.read_exact(&mut begun).unwrap();
+    assert_eq!(&begun, b"HTTP/1.1 200");
     let status = Command::new("kill")
         .args(["-TERM", &child.id().to_string()])
         .status()
