@@ -583,10 +583,22 @@ fn create_dirs_durably(dir: &Path) -> io::Result<()> {
 /// the blocking pool, so that a request dropped meanwhile (its client gone) cannot stop it
 /// between the rename and the directory's sync: an object visible is durable.
 fn publish(tmp: &Path, dest: &Path) -> io::Result<()> {
-    if let Some(parent) = dest.parent() {
-        create_dirs_durably(parent)?;
-    }
-    match std::fs::rename(tmp, dest) {
+    // Its directories are created when the rename finds them missing: also when a delete
+    // removed one it emptied (a collector deleting the last access record of a day) after
+    // this found it.
+    let mut tries = 0;
+    let renamed = loop {
+        match std::fs::rename(tmp, dest) {
+            Err(e) if not_found(&e) && tries < 3 && tmp.exists() => {
+                tries += 1;
+                if let Some(parent) = dest.parent() {
+                    create_dirs_durably(parent)?;
+                }
+            }
+            r => break r,
+        }
+    };
+    match renamed {
         Ok(()) => {}
         // The destination is on another file system than the staging directory (a `nar/`
         // mounted from another disk): copied next to it, made durable, then renamed there.
@@ -791,6 +803,7 @@ impl Store for LocalStore {
 
     async fn delete(&self, key: &str) -> Result<(), StoreError> {
         let path = self.path(key);
+        let nested = key.matches('/').count() >= 2;
         tokio::task::spawn_blocking(move || {
             match std::fs::remove_file(&path) {
                 Ok(()) => {}
@@ -803,9 +816,20 @@ impl Store for LocalStore {
             // syncs), so a power cut could bring back a narinfo whose NAR went. Also when
             // the file was gone already: a delete retried after its sync failed.
             match path.parent().map(sync_dir) {
-                Some(Err(e)) if !not_found(&e) => Err(e),
-                _ => Ok(()),
+                Some(Err(e)) if !not_found(&e) => return Err(e),
+                _ => {}
             }
+            // A directory below a part of the layout (an expired day of access records,
+            // `_cellar/access/<day>/`; a derivation's `build-trace/<drv>/`) goes with its
+            // last object, as a prefix does in S3, or months of them stay behind empty. Not
+            // when another object is in it (or lands in it meanwhile: `publish` creates it
+            // again); a directory left is no error.
+            if nested {
+                if let Some(dir) = path.parent() {
+                    let _ = std::fs::remove_dir(dir);
+                }
+            }
+            Ok(())
         })
         .await
         .map_err(|e| StoreError::Other(format!("deleting {key}: {e}")))?
@@ -1437,6 +1461,36 @@ mod tests {
         store.delete("log/none/x").await.unwrap();
         assert!(store.delete("nar").await.is_err());
         assert!(dir.path().join("nar").is_dir());
+    }
+
+    /// A directory below a part of the layout goes with its last object (months of expired
+    /// access days would stay behind empty), not while another object is in it; the parts
+    /// themselves stay; an object written there again finds its directory.
+    #[tokio::test]
+    async fn a_nested_directory_goes_with_its_last_object() {
+        let dir = tempfile::tempdir().unwrap();
+        let store = LocalStore::open(dir.path()).unwrap();
+        for key in ["_cellar/access/d1/a", "_cellar/access/d1/b", "log/x"] {
+            store
+                .put_bytes(key, Bytes::from_static(b"1"))
+                .await
+                .unwrap();
+        }
+        store.delete("_cellar/access/d1/a").await.unwrap();
+        assert!(dir.path().join("_cellar/access/d1").is_dir());
+        store.delete("_cellar/access/d1/b").await.unwrap();
+        assert!(!dir.path().join("_cellar/access/d1").exists());
+        assert!(dir.path().join("_cellar/access").is_dir());
+        store.delete("log/x").await.unwrap();
+        assert!(dir.path().join("log").is_dir());
+        store
+            .put_bytes("_cellar/access/d1/c", Bytes::from_static(b"2"))
+            .await
+            .unwrap();
+        assert_eq!(
+            keys(&store, "_cellar/access/").await,
+            ["_cellar/access/d1/c"]
+        );
     }
 
     /// Logs and `cellar import` name the store by its absolute path.
