@@ -386,7 +386,7 @@ async fn import_debuginfo(
             summary.rejected.push((label, why));
             continue;
         }
-        match uploader.put_debuginfo(&name, raw.into()).await {
+        match uploader.store_debuginfo(&name, raw.into()).await {
             Ok(()) => {}
             Err(Error::Store(s)) if stops(&s) => return Err(s.into()),
             Err(err) => summary.rejected.push((label, err.to_string())),

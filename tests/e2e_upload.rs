@@ -1339,7 +1339,9 @@ async fn a_closure_uploaded_compressed_as_newer_nix_sends_it_substitutes() {
 
 /// `nix copy --to '…/upload?index-debug-info=true'` uploads a link for each debug file of a
 /// path (`debuginfo/<build id>.debug`, before the NAR), which cellar serves: it names the NAR
-/// that holds the file, which cellar serves too.
+/// that holds the file, which cellar serves too. A copy whose NAR is refused (a compression
+/// cellar cannot verify) leaves no link behind: the next copy, with another compression and
+/// so another NAR name, sends the links again, and they lead to its NAR.
 #[tokio::test(flavor = "multi_thread")]
 async fn debug_info_links_go_up_with_their_path_and_lead_to_its_nar() {
     let work = tempfile::tempdir().unwrap();
@@ -1350,6 +1352,9 @@ async fn debug_info_links_go_up_with_their_path_and_lead_to_its_nar() {
     let app = App::s3("up-debuginfo").config(&wcfg).spawn().await;
     let srv = &app.srv;
     let n = netrc(work.path(), srv, &w);
+    let refused = format!("{}/upload?index-debug-info=true&compression=lz4", srv.url);
+    let out = copy_to(&refused, Some(&n), &[&path], work.path(), "1");
+    assert!(!out.status.success(), "an lz4 NAR was taken");
     let to = format!("{}/upload?index-debug-info=true&compression=zstd", srv.url);
     assert_ok(
         &copy_to(&to, Some(&n), &[&path], work.path(), "1"),
@@ -1363,7 +1368,7 @@ async fn debug_info_links_go_up_with_their_path_and_lead_to_its_nar() {
         )
         .await
     };
-    assert_eq!(link_puts().await, 2.0, "one link for each build id");
+    assert_eq!(link_puts().await, 4.0, "one link for each build id, each copy");
 
     let narinfo = reqwest::get(format!("{}/{}.narinfo", srv.url, Fixture::hash(&path)))
         .await

@@ -295,7 +295,10 @@ async fn head_answer(
     }
     let mut size = match st.store.head(&key).await {
         Ok(Some(size)) => Some(size),
-        Ok(None) => st.uploader.reencoded_size(&f).await?,
+        // Under the name a builder sent it as, a NAR stored re-encoded: found, so that it is
+        // not sent again. Not for a reader, whose GET of that name is a 404.
+        Ok(None) if builder() => st.uploader.reencoded_size(&f).await?,
+        Ok(None) => None,
         Err(e) => match cached_size(st, &f).await {
             Some(size) => Some(size),
             None => return Err(e.into()),

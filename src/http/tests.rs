@@ -348,24 +348,35 @@ async fn head_of_a_nar_asks_the_store_before_memory() {
     );
 }
 
+/// A builder's HEAD at the root finds a NAR stored re-encoded under the name it uploads (so it
+/// is not sent again); a reader's does not, as its GET of that name would not.
 #[tokio::test]
 async fn head_of_a_nar_finds_it_re_encoded_on_upload() {
+    use crate::config::Scope;
     let mem = Arc::new(MemoryStore::new());
     // Uploaded as .nar.xz, stored re-encoded as .nar.zst.
     mem.insert(&format!("nar/{NAR_FILE}.nar.zst"), vec![1u8; 200]);
-    let mut cfg = Config::default();
+    let tokens = |cfg| with_tokens(cfg, &[("w", "wtok", Scope::Write)]);
+    let mut cfg = tokens(Config::default());
     cfg.upload.recompress = zstd_on_upload();
     let st = state(cfg, &mem);
+    let builder = |st: AppState| async move {
+        let req = authed("HEAD", &format!("/nar/{NAR_FILE}.nar.xz"), "wtok");
+        let res = send(&st, req.body(Body::empty()).unwrap()).await;
+        (res.status(), res.headers().get("content-length").cloned())
+    };
     assert_eq!(
-        head(&st, &format!("/nar/{NAR_FILE}.nar.xz")).await,
-        (StatusCode::OK, Some("200".into()))
+        builder(st.clone()).await,
+        (StatusCode::OK, Some("200".parse().unwrap()))
     );
-    // Without recompression, the name the client used is all there is.
-    let st = state(Config::default(), &mem);
     assert_eq!(
         head(&st, &format!("/nar/{NAR_FILE}.nar.xz")).await.0,
-        StatusCode::NOT_FOUND
+        StatusCode::NOT_FOUND,
+        "a reader"
     );
+    // Without recompression, the name the client used is all there is.
+    let st = state(tokens(Config::default()), &mem);
+    assert_eq!(builder(st).await.0, StatusCode::NOT_FOUND);
 }
 
 /// Uploads re-encoded to zstd at its default level (`upload.compression = "zstd"`).
@@ -392,15 +403,18 @@ pub(super) fn dead_upstream() -> crate::config::UpstreamConfig {
 /// `nix log` then says it has none instead of failing after its retries. A NAR's GET stays a
 /// 503 (its narinfo said it is there, and Nix retries). HEAD of a NAR stays a 404 (uploads to
 /// the root URL send it before each NAR, and a 503 would fail the copy) and finds a re-encoded
-/// NAR first.
+/// NAR first for a builder, under the name it uploads; not for a reader, whose GET of that
+/// name is a 404.
 #[tokio::test]
 async fn lookups_while_an_upstream_is_down_are_not_found_for_now() {
+    use crate::config::Scope;
     let mem = Arc::new(MemoryStore::new());
     mem.insert(&format!("nar/{NAR_FILE}.nar.zst"), vec![1u8; 200]);
-    let mut cfg = Config {
+    let cfg = Config {
         upstreams: vec![dead_upstream()],
         ..Config::default()
     };
+    let mut cfg = with_tokens(cfg, &[("w", "wtok", Scope::Write)]);
     cfg.upload.recompress = zstd_on_upload();
     let st = state(cfg, &mem);
     let drv = "5g5d4v2ahmn1f7k9jcs2cns6ivf5gmpa-top.drv";
@@ -438,9 +452,14 @@ async fn lookups_while_an_upstream_is_down_are_not_found_for_now() {
         get(&st, &format!("/nar/{absent}.nar.xz")).await.0,
         StatusCode::SERVICE_UNAVAILABLE
     );
+    let builder = authed("HEAD", &format!("/nar/{NAR_FILE}.nar.xz"), "wtok");
+    let res = send(&st, builder.body(Body::empty()).unwrap()).await;
+    assert_eq!(res.status(), StatusCode::OK);
+    assert_eq!(res.headers()["content-length"], "200");
     assert_eq!(
-        head(&st, &format!("/nar/{NAR_FILE}.nar.xz")).await,
-        (StatusCode::OK, Some("200".into()))
+        head(&st, &format!("/nar/{NAR_FILE}.nar.xz")).await.0,
+        StatusCode::NOT_FOUND,
+        "a reader's HEAD says what its GET does"
     );
     assert_eq!(
         head(&st, &format!("/nar/{absent}.nar.xz")).await.0,
@@ -2731,29 +2750,33 @@ async fn puts_are_counted_by_kind_and_verdict_and_reads_are_not() {
     assert!(uploads_counted(&st, other).await >= o0 + 1.0);
 }
 
-/// A debug info link is checked before it is stored (a build id as its name, a NAR of the
-/// layout as its archive, a file under `lib/debug/.build-id/` as its member), and names the
-/// NAR as the store holds it when uploads are re-encoded. The upload address finds it in the
-/// store (Nix's `HEAD` before each link), the root serves it.
+/// A debug info link is checked when it comes (a build id as its name, a NAR of the layout as
+/// its archive, a file under `lib/debug/.build-id/` as its member), then held: written only
+/// once a narinfo naming its NAR is accepted, naming the NAR as the store holds it when
+/// uploads are re-encoded. Until then the upload address does not find it (Nix's `HEAD`
+/// before each link: a client whose upload broke off sends it again) and the root does not
+/// serve it; a refused narinfo publishes nothing, nor does one for a path already present.
+/// The root serves it under the build id with and without `.debug`.
 #[tokio::test]
-async fn debug_info_links_are_checked_and_name_the_stored_nar() {
+async fn debug_info_links_wait_for_their_narinfo_and_name_the_stored_nar() {
     use crate::config::Scope;
     let mem = Arc::new(MemoryStore::new());
     let mut cfg = with_tokens(Config::default(), &[("w", "wtok", Scope::Write)]);
     cfg.upload.recompress = zstd_on_upload();
     let st = state(cfg, &mem);
+    let (nar, file, narinfo) = uploadable_path();
     let id = "abcdef0123456789abcdef0123456789abcdef01";
     let member = "lib/debug/.build-id/ab/cdef0123456789abcdef0123456789abcdef01.debug";
     let link = |archive: &str| format!(r#"{{"archive":"{archive}","member":"{member}"}}"#);
-    let put = |name: String, body: String| {
+    let put = |path: String, body: Body| {
         let st = st.clone();
         async move {
-            let req = authed("PUT", &format!("/upload/debuginfo/{name}"), "wtok")
-                .body(Body::from(body))
-                .unwrap();
+            let req = authed("PUT", &path, "wtok").body(body).unwrap();
             send(&st, req).await.status()
         }
     };
+    let put_link =
+        |name: String, body: String| put(format!("/upload/debuginfo/{name}"), body.into());
     let probe = |name: String| {
         let st = st.clone();
         async move {
@@ -2763,25 +2786,58 @@ async fn debug_info_links_are_checked_and_name_the_stored_nar() {
             send(&st, req).await.status()
         }
     };
-    let sent = link(&format!("../nar/{NAR_FILE}.nar.xz"));
+    let sent = link(&format!("../nar/{file}"));
     for (name, body) in [
         ("not-a-build-id".to_owned(), sent.clone()),
         (format!("{id}.debug"), "{}".to_owned()),
         (format!("{id}.debug"), link("../nar/x.nar.xz")),
         (format!("{id}.debug"), sent.replace(member, "etc/passwd")),
     ] {
-        assert_eq!(put(name, body).await, StatusCode::BAD_REQUEST);
+        assert_eq!(put_link(name, body).await, StatusCode::BAD_REQUEST);
     }
+    assert_eq!(
+        put_link(format!("{id}.debug"), sent.clone()).await,
+        StatusCode::CREATED
+    );
+    // Another link names a NAR whose narinfo never comes.
+    let other = "0".repeat(40);
+    let nowhere = link(&format!("../nar/{NAR_FILE}.nar.xz"));
+    assert_eq!(put_link(other.clone(), nowhere).await, StatusCode::CREATED);
+    assert_eq!(probe(format!("{id}.debug")).await, StatusCode::NOT_FOUND);
+    assert_eq!(
+        get(&st, &format!("/debuginfo/{id}.debug")).await.0,
+        StatusCode::NOT_FOUND
+    );
     assert_eq!(
         mem.keys(),
         Vec::<String>::new(),
-        "a refused link was stored"
+        "a link was stored before its narinfo"
     );
-    assert_eq!(probe(format!("{id}.debug")).await, StatusCode::NOT_FOUND);
 
-    assert_eq!(put(format!("{id}.debug"), sent).await, StatusCode::CREATED);
+    let size = nar.len();
+    let upload = format!("/upload/nar/{file}");
+    assert_eq!(put(upload, Body::from(nar)).await, StatusCode::CREATED);
+    // A narinfo refused (its NarSize wrong) publishes nothing; the link waits on.
+    let wrong = narinfo.replace(
+        &format!("NarSize: {size}"),
+        &format!("NarSize: {}", size + 1),
+    );
+    assert_ne!(wrong, narinfo);
+    let narinfo_at = format!("/upload/{HASH}.narinfo");
+    assert_eq!(
+        put(narinfo_at.clone(), wrong.into()).await,
+        StatusCode::BAD_REQUEST
+    );
+    assert_eq!(
+        get(&st, &format!("/debuginfo/{id}.debug")).await.0,
+        StatusCode::NOT_FOUND
+    );
+    assert!(put(narinfo_at.clone(), narinfo.clone().into())
+        .await
+        .is_success());
+
     assert_eq!(probe(format!("{id}.debug")).await, StatusCode::OK);
-    let stored = link(&format!("../nar/{NAR_FILE}.nar.zst"));
+    let stored = link(&format!("../nar/{file}.zst"));
     let (status, body) = get(&st, &format!("/debuginfo/{id}.debug")).await;
     assert_eq!(status, StatusCode::OK);
     assert_eq!(
@@ -2809,7 +2865,6 @@ async fn debug_info_links_are_checked_and_name_the_stored_nar() {
         head(&st, &format!("/debuginfo/{id}")).await,
         (StatusCode::OK, Some(stored.len().to_string()))
     );
-    let other = "0".repeat(40);
     assert_eq!(
         get(&st, &format!("/debuginfo/{other}")).await.0,
         StatusCode::NOT_FOUND
@@ -2818,6 +2873,22 @@ async fn debug_info_links_are_checked_and_name_the_stored_nar() {
         head(&st, &format!("/debuginfo/{other}")).await.0,
         StatusCode::NOT_FOUND
     );
+
+    // A link sent with a narinfo for the path already present is dropped: the path keeps
+    // what it has.
+    let moved = sent.replace("/ab/cdef", "/ab/0def");
+    assert_eq!(
+        put_link(format!("{id}.debug"), moved.clone()).await,
+        StatusCode::CREATED
+    );
+    let held = st.uploader.debuginfo_held_bytes();
+    assert!(put(narinfo_at.clone(), narinfo.into()).await.is_success());
+    assert_eq!(
+        get(&st, &format!("/debuginfo/{id}.debug")).await,
+        (StatusCode::OK, stored.clone().into_bytes())
+    );
+    assert_eq!(st.uploader.debuginfo_held_bytes(), held - moved.len());
+
     // Build ids Nix does not index (lld's 8 bytes, md5's 16): not here, a 404 (a fetcher takes
     // a 400 as a hard error); the store is not asked.
     let asked = mem.requests();
@@ -2832,17 +2903,6 @@ async fn debug_info_links_are_checked_and_name_the_stored_nar() {
         );
     }
     assert_eq!(mem.requests(), asked);
-
-    // A NAR the store holds as sent (stored before re-encoding was set up) is not sent again,
-    // and its narinfo names it as it is: so does its link.
-    let other_file = format!("{}.nar.xz", "1".repeat(52));
-    mem.insert(&format!("nar/{other_file}"), vec![1u8; 10]);
-    let kept = link(&format!("../nar/{other_file}"));
-    assert_eq!(put(other.clone(), kept.clone()).await, StatusCode::CREATED);
-    assert_eq!(
-        get(&st, &format!("/debuginfo/{other}")).await,
-        (StatusCode::OK, kept.into_bytes())
-    );
 }
 
 /// A narinfo kept in memory holds an allocation of its own size, which is what the cache's

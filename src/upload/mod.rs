@@ -393,6 +393,8 @@ pub struct Uploader {
     access: Option<Arc<crate::gc::access::AccessLog>>,
     /// Listings uploaded and waiting for their narinfo ([`listings`]).
     listings: listings::Listings,
+    /// Debug info links uploaded and waiting for a narinfo naming their NAR ([`debuginfo`]).
+    debuginfo: debuginfo::DebugLinks,
     /// Held by a realisation upload from its read of the stored one to its write, one per
     /// key (uploads of other outputs go on meanwhile).
     realisations: crate::sync::KeyedLocks<String>,
@@ -440,6 +442,7 @@ impl Uploader {
             nars_found_bad: Mutex::new(HashMap::new()),
             access: None,
             listings: listings::Listings::default(),
+            debuginfo: debuginfo::DebugLinks::default(),
             realisations: crate::sync::KeyedLocks::new(),
             paths: crate::sync::KeyedLocks::new(),
             #[cfg(test)]

@@ -304,6 +304,10 @@ impl Uploader {
             // A listing sent with it describes the client's NAR, not necessarily the stored
             // one (a non-reproducible path pushed twice): the path keeps what it has.
             self.listings.take(hash);
+            // So do its debug info links.
+            if let Some(sent) = info.url.strip_prefix("nar/") {
+                self.drop_debuginfo(sent);
+            }
             // Only by an upload that could have written the path, and whose record (naming
             // the path and its references) is durable, or that a recent record covers: see
             // `add_signatures`.
@@ -373,7 +377,7 @@ impl Uploader {
         references?;
 
         // Point the narinfo at what is stored (the signature does not cover these fields).
-        info.url = format!("nar/{}", v.stored);
+        let sent = std::mem::replace(&mut info.url, format!("nar/{}", v.stored));
         info.compression = v.stored_compression;
         info.file_hash = Some(v.stored_file.hash);
         info.file_size = Some(v.stored_file.size);
@@ -395,6 +399,10 @@ impl Uploader {
             {
                 tracing::warn!(path = %info.store_path, cause = %e, "the path's listing could not be written; it has none");
             }
+        }
+        // So are the debug info links that name its NAR, naming it as stored.
+        if let Some(sent) = sent.strip_prefix("nar/") {
+            self.publish_debuginfo(sent, &v.stored).await;
         }
         Ok(Accepted {
             hash,

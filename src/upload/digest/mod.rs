@@ -86,10 +86,30 @@ const NAR_MAGIC: &[u8] = b"\x0d\x00\x00\x00\x00\x00\x00\x00nix-archive-1";
 /// The first bytes of gzip data.
 const GZIP_MAGIC: [u8; 2] = [0x1f, 0x8b];
 
+/// The compressions Nix names `.nar` and cellar does not decode, by their first bytes (lzma's
+/// header: its properties byte as Nix's libarchive writes it, then a dictionary size below
+/// 16 MiB).
+const UNDECODABLE: [(&str, &[u8]); 5] = [
+    ("lzma", &[0x5d, 0x00, 0x00]),
+    ("compress", &[0x1f, 0x9d]),
+    ("lzop", b"\x89LZO"),
+    ("grzip", b"GRZipII"),
+    ("lrzip", b"LRZI"),
+];
+
+/// Which of [`UNDECODABLE`] bytes beginning with `head` are.
+fn undecodable(head: &[u8]) -> Option<&'static str> {
+    UNDECODABLE
+        .iter()
+        .find(|(_, magic)| head.starts_with(magic))
+        .map(|(c, _)| *c)
+}
+
 /// The compression of bytes that begin with `head`, sent under a name that says `named`: Nix
 /// gives gzip NARs no extension of their own (`nix copy --to 'http://…?compression=gzip'`
 /// uploads `<hash>.nar`), and a NAR never begins as gzip does. (Nix names lzma, lzop, grzip,
-/// lrzip and compress `.nar` too; cellar decodes none of them, and refuses them as no NAR.)
+/// lrzip and compress `.nar` too; cellar decodes none of them, and refuses them saying so:
+/// [`undecodable`].)
 fn sniffed(named: Compression, head: &[u8]) -> Compression {
     if named == Compression::None && head.starts_with(&GZIP_MAGIC) {
         Compression::Gzip
@@ -223,11 +243,17 @@ impl Write for NarSink {
             let take = (NAR_MAGIC.len() - self.head.len()).min(b.len());
             self.head.extend_from_slice(&b[..take]);
             if !NAR_MAGIC.starts_with(&self.head) {
-                // Declared plain (a narinfo's `Compression: none`), but gzip.
+                // Declared plain (a narinfo's `Compression: none`), but compressed: gzip, or
+                // one of those Nix names `.nar` too, and cellar does not decode.
                 let why = if self.head.starts_with(&GZIP_MAGIC) {
-                    "not a NAR but gzip data"
+                    "not a NAR but gzip data".to_owned()
+                } else if let Some(c) = undecodable(&self.head) {
+                    format!(
+                        "not a NAR but {c} data, which cellar cannot verify; upload with \
+                         zstd, xz, bzip2, br, gzip or none"
+                    )
                 } else {
-                    "not a NAR"
+                    "not a NAR".to_owned()
                 };
                 return Err(io::Error::new(io::ErrorKind::InvalidData, why));
             }

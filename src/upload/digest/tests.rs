@@ -466,6 +466,31 @@ async fn a_nar_named_plain_may_be_gzip() {
 
     let e = check(gz.clone(), Compression::None).await.unwrap_err();
     assert!(rejected_with(&e, "not a NAR but gzip data"), "{e:?}");
+    // Those Nix also names `.nar`, which cellar does not decode: said so, not "not a NAR".
+    let mut lzma = liblzma::write::XzEncoder::new_stream(
+        Vec::new(),
+        liblzma::stream::Stream::new_lzma_encoder(
+            &liblzma::stream::LzmaOptions::new_preset(6).unwrap(),
+        )
+        .unwrap(),
+    );
+    lzma.write_all(&plain).unwrap();
+    let lzma = lzma.finish().unwrap();
+    for (name, bytes) in [
+        ("lzma", lzma),
+        ("compress", b"\x1f\x9d\x90junk".to_vec()),
+        ("lzop", b"\x89LZO\x00\r\n\x1a\n".to_vec()),
+        ("grzip", b"GRZipII\x00\x02\x04:)".to_vec()),
+        ("lrzip", b"LRZI\x00\x06".to_vec()),
+    ] {
+        let e = check(bytes, Compression::None).await.unwrap_err();
+        let said = format!("not a NAR but {name} data, which cellar cannot verify");
+        assert!(rejected_with(&e, &said), "{name}: {e:?}");
+    }
+    let e = check(b"\x5dnot lzma".to_vec(), Compression::None)
+        .await
+        .unwrap_err();
+    assert!(rejected_with(&e, "declared: not a NAR"), "{e:?}");
     let e = digest_named_into(pieces(&gz, 1000), Compression::Zstd, None, None, LIMITS)
         .await
         .unwrap_err();
