@@ -45,6 +45,9 @@ pub struct Stopped {
 pub struct Summary {
     pub imported: usize,
     pub skipped: usize,
+    /// Of those skipped, the paths the directory mended: signatures it brings added to the
+    /// stored narinfo, or its NAR, missing from the store, copied back.
+    pub mended: usize,
     /// Realisations written (new, or the stored one with signatures added).
     pub realisations: usize,
     /// Store path (or file) and why it was refused.
@@ -126,7 +129,16 @@ async fn import_into(
             continue;
         };
         // Bounded like an upload's narinfo, so a huge file is a rejection, not all of memory.
-        let raw = read_bounded(&e.path(), MAX_NARINFO_BYTES).await?;
+        // One that cannot be read (a link leading nowhere, a directory of that name) concerns
+        // that path alone.
+        let raw = match read_bounded(&e.path(), MAX_NARINFO_BYTES).await {
+            Ok(raw) => raw,
+            Err(err) => {
+                summary.rejected.push((name, err.to_string()));
+                unreadable.insert(hash);
+                continue;
+            }
+        };
         if raw.len() as u64 > MAX_NARINFO_BYTES {
             let why = format!("larger than {MAX_NARINFO_BYTES} bytes");
             summary.rejected.push((name, why));
@@ -179,26 +191,32 @@ async fn import_into(
         let written = match (fresh, refused_reference) {
             (false, _) => {
                 summary.skipped += 1;
-                if has_extras(dir, h, deriver.as_ref()) {
-                    match uploader.stored(h).await {
-                        Ok(stored) => {
-                            extras = stored.is_some_and(|s| s.nar_hash == info.nar_hash);
-                            Ok(())
-                        }
-                        Err(Error::Store(s)) if stops(&s) => Err(Error::Store(s)),
-                        // The stored narinfo cannot be read as one (stored in a coding cellar
-                        // does not decode, too large, not a narinfo): the path is in the store
-                        // all the same, and the paths above it may refer to it; only its
-                        // extras are left out.
-                        Err(err) => {
-                            extras = false;
-                            let what = format!("{label} (its listing or log)");
-                            summary.rejected.push((what, err.to_string()));
-                            Ok(())
+                match uploader.stored(h).await {
+                    // The same build: the directory may mend it.
+                    Ok(Some(stored)) if stored.nar_hash == info.nar_hash => {
+                        extras = has_extras(dir, h, deriver.as_ref());
+                        match mend(dir, store, uploader, &stored, info).await {
+                            Ok(mended) => {
+                                summary.mended += usize::from(mended);
+                                Ok(())
+                            }
+                            Err(e) => Err(e),
                         }
                     }
-                } else {
-                    Ok(())
+                    // Another build (not reproducible), or gone meanwhile: left as it is.
+                    Ok(_) => Ok(()),
+                    Err(Error::Store(s)) if stops(&s) => Err(Error::Store(s)),
+                    // The stored narinfo cannot be read as one (stored in a coding cellar
+                    // does not decode, too large, not a narinfo): the path is in the store
+                    // all the same, and the paths above it may refer to it; only its
+                    // extras are left out.
+                    Err(err) => {
+                        if has_extras(dir, h, deriver.as_ref()) {
+                            let what = format!("{label} (its listing or log)");
+                            summary.rejected.push((what, err.to_string()));
+                        }
+                        Ok(())
+                    }
                 }
             }
             (true, Some(r)) => Err(Error::Upload(UploadError::Rejected(format!(
@@ -372,7 +390,13 @@ async fn import_debuginfo(
         if store.head(&object_key::debuginfo(&name)).await?.is_some() {
             continue;
         }
-        let raw = read_bounded(&e.path(), MAX_DEBUGINFO_BYTES).await?;
+        let raw = match read_bounded(&e.path(), MAX_DEBUGINFO_BYTES).await {
+            Ok(raw) => raw,
+            Err(err) => {
+                summary.rejected.push((label, err.to_string()));
+                continue;
+            }
+        };
         let link = match DebugInfoLink::parse(&raw) {
             Ok(link) => link,
             Err(err) => {
@@ -395,6 +419,38 @@ async fn import_debuginfo(
     Ok(())
 }
 
+/// Mends a path the store has (`stored`) from the directory's narinfo of the same build
+/// (`info`): the signatures it brings that the stored narinfo lacks are added (a cache signed
+/// by its old key keeps serving that key's signatures to clients that trust only it), and a
+/// NAR the stored narinfo names that the store lacks is copied from the directory, as an
+/// upload of the path would do. Whether it did either.
+async fn mend(
+    dir: &Path,
+    store: &dyn Store,
+    uploader: &Uploader,
+    stored: &NarInfo,
+    info: NarInfo,
+) -> Result<bool, Error> {
+    let adds = info.sigs.iter().any(|s| !stored.sigs.contains(s));
+    let lacks_nar = match stored.nar_file() {
+        Ok(name) => !uploader.has_nar(&name).await?,
+        Err(_) => false,
+    };
+    if !(adds || lacks_nar) {
+        return Ok(false);
+    }
+    let h = info.hash();
+    match import_one(dir, uploader, info.clone()).await {
+        Ok(()) => Ok(true),
+        // Its stored narinfo named a NAR of another name the store lacks, and was taken back
+        // (see `Uploader::accept_narinfo`): the directory's build is imported in its place.
+        Err(Error::Upload(_)) if store.head(&object_key::narinfo(h)).await?.is_none() => {
+            import_one(dir, uploader, info).await.map(|()| true)
+        }
+        Err(e) => Err(e),
+    }
+}
+
 /// Whether the directory has a listing or a build log for path `h`.
 fn has_extras(dir: &Path, h: StorePathHash, deriver: Option<&StorePathBaseName>) -> bool {
     dir.join(format!("{h}.ls")).exists()
@@ -409,8 +465,17 @@ async fn import_one(dir: &Path, uploader: &Uploader, info: NarInfo) -> Result<()
         })?;
         Ok(ReaderStream::with_capacity(file, READ_CHUNK))
     };
+    let name = info.nar_file().ok();
     // Import has no upstreams: every reference must be in the store (or imported first).
-    uploader.copy_path(info, fetch_nar, None).await.map(|_| ())
+    match uploader.copy_path(info.clone(), fetch_nar, None).await {
+        Ok(_) => Ok(()),
+        // The store's copy of its NAR, read back, was bad (cut short, another file under its
+        // name): the directory's is copied over it, as a client's upload would be sent again.
+        Err(Error::Upload(_)) if name.as_ref().is_some_and(|n| uploader.nar_found_bad(n)) => {
+            uploader.copy_path(info, fetch_nar, None).await.map(|_| ())
+        }
+        Err(e) => Err(e),
+    }
 }
 
 /// The extras that come with path `h`, when the directory has them and the store does not
@@ -863,6 +928,120 @@ mod tests {
             s.rejected
         );
         assert!(mem.head(&object_key::narinfo(ah)).await.unwrap().is_some());
+    }
+
+    /// A path the store has already, as the directory holds the same build of it, is mended
+    /// from the directory: the signatures its narinfo brings are added to the stored one (a
+    /// cache moved to cellar keeps serving its old key's signatures), and its NAR, gone from
+    /// the store, is copied back. A path the store has whole, with those signatures, is left
+    /// as it is.
+    #[tokio::test]
+    async fn a_present_path_is_mended_from_the_directory() {
+        let dir = tempfile::tempdir().unwrap();
+        let leaf = "0vazqgj6bk0bqvc2l2pdivn8s2rp6q2x-leaf";
+        let top = "6bxnj2gfflqa529lddzh3zhcn45nn86r-top";
+        let (l, nar) = write_path(dir.path(), leaf, &[1; 100], &[1; 100], &[]);
+        write_path(dir.path(), top, &[2; 100], &[2; 100], &[leaf]);
+        let (mem, uploader) = importer();
+        let run = || import_dir(dir.path(), &*mem, &uploader, "/nix/store", &());
+        let s = run().await.unwrap();
+        assert_eq!((s.imported, s.mended), (2, 0), "{:?}", s.rejected);
+
+        // The directory's narinfo signed since (by the cache's old key).
+        let at = dir.path().join(format!("{l}.narinfo"));
+        let mut info =
+            NarInfo::parse(&std::fs::read_to_string(&at).unwrap(), "/nix/store").unwrap();
+        let old_key = crate::nix::SecretKey::generate("team-cache-1").unwrap();
+        info.sign(&old_key, "/nix/store");
+        std::fs::write(&at, info.render("/nix/store")).unwrap();
+        let s = run().await.unwrap();
+        assert_eq!(
+            (s.imported, s.skipped, s.mended),
+            (0, 2, 1),
+            "{:?}",
+            s.rejected
+        );
+        let stored = uploader.stored(l).await.unwrap().unwrap();
+        assert_eq!(stored.sigs, info.sigs);
+        let s = run().await.unwrap();
+        assert_eq!((s.skipped, s.mended), (2, 0), "mended again");
+
+        // Its NAR deleted from the store: copied back from the directory.
+        mem.remove(&nar);
+        let s = run().await.unwrap();
+        assert_eq!((s.skipped, s.mended), (2, 1), "{:?}", s.rejected);
+        assert!(s.rejected.is_empty(), "{:?}", s.rejected);
+        assert_eq!(
+            mem.bytes(&nar),
+            std::fs::read(dir.path().join(&nar)).ok().map(Into::into)
+        );
+
+        // Its stored narinfo (the same build) names a NAR of another name, gone: taken back,
+        // and the directory's build imported in its place, in the same run.
+        let mut elsewhere = stored.clone();
+        elsewhere.url = format!("nar/{}.nar.xz", "1".repeat(52));
+        elsewhere.compression = crate::nix::Compression::Xz;
+        mem.insert(&object_key::narinfo(l), elsewhere.render("/nix/store"));
+        let s = run().await.unwrap();
+        assert_eq!((s.skipped, s.mended), (2, 1), "{:?}", s.rejected);
+        assert!(s.rejected.is_empty(), "{:?}", s.rejected);
+        let now = uploader.stored(l).await.unwrap().unwrap();
+        assert_eq!(now.url, nar);
+    }
+
+    /// A NAR the store holds bad under the name the directory's narinfo gives (a copy cut
+    /// short) is found bad when read back for the narinfo, and the directory's copied over it
+    /// in the same run; the path is imported.
+    #[tokio::test]
+    async fn a_bad_copy_in_the_store_is_copied_over() {
+        let dir = tempfile::tempdir().unwrap();
+        let top = "6bxnj2gfflqa529lddzh3zhcn45nn86r-top";
+        let (t, nar) = write_path(dir.path(), top, &[2; 100], &[2; 100], &[]);
+        let (mem, uploader) = importer();
+        mem.insert(&nar, vec![0u8; 50]);
+        let s = import_dir(dir.path(), &*mem, &uploader, "/nix/store", &())
+            .await
+            .unwrap();
+        assert_eq!(s.imported, 1, "{:?}", s.rejected);
+        assert!(s.rejected.is_empty(), "{:?}", s.rejected);
+        assert!(mem.head(&object_key::narinfo(t)).await.unwrap().is_some());
+        assert_eq!(
+            mem.bytes(&nar),
+            std::fs::read(dir.path().join(&nar)).ok().map(Into::into)
+        );
+    }
+
+    /// A narinfo (or debug info link) that cannot be read, a link leading nowhere or a
+    /// directory of that name, is that path's rejection: the rest is imported.
+    #[tokio::test]
+    async fn an_entry_that_cannot_be_read_is_rejected_alone() {
+        let dir = tempfile::tempdir().unwrap();
+        let top = "6bxnj2gfflqa529lddzh3zhcn45nn86r-top";
+        let (t, _) = write_path(dir.path(), top, &[2; 100], &[2; 100], &[]);
+        let nowhere = format!("{}.narinfo", "b".repeat(32));
+        std::os::unix::fs::symlink("/nonexistent", dir.path().join(&nowhere)).unwrap();
+        let folder = format!("{}.narinfo", "0".repeat(32));
+        std::fs::create_dir(dir.path().join(&folder)).unwrap();
+        std::fs::create_dir(dir.path().join("debuginfo")).unwrap();
+        let link = format!("{}.debug", "ab".repeat(20));
+        std::os::unix::fs::symlink("/nonexistent", dir.path().join("debuginfo").join(&link))
+            .unwrap();
+        let (mem, uploader) = importer();
+        let s = import_dir(dir.path(), &*mem, &uploader, "/nix/store", &())
+            .await
+            .unwrap();
+        assert_eq!(s.imported, 1, "{:?}", s.rejected);
+        let mut rejected: Vec<&str> = s.rejected.iter().map(|(w, _)| w.as_str()).collect();
+        rejected.sort();
+        let link = format!("debuginfo/{link}");
+        let mut expected = vec![folder.as_str(), nowhere.as_str(), link.as_str()];
+        expected.sort();
+        assert_eq!(rejected, expected, "{:?}", s.rejected);
+        assert!(s
+            .rejected
+            .iter()
+            .all(|(_, why)| why.starts_with("cannot read")));
+        assert!(mem.head(&object_key::narinfo(t)).await.unwrap().is_some());
     }
 
     /// A cache signed by a key the server does not trust is refused path by path before any

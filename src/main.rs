@@ -334,8 +334,12 @@ fn import(dir: &Path, path: Option<&Path>) -> anyhow::Result<ExitCode> {
         0 => String::new(),
         n => format!(", {n} realisation(s) written"),
     };
+    let mended = match summary.mended {
+        0 => String::new(),
+        n => format!("; {n} of them mended: signatures added or NAR restored"),
+    };
     say!(
-        "imported {}, skipped {} (already present), rejected {}{realisations}",
+        "imported {}, skipped {} (already present{mended}), rejected {}{realisations}",
         summary.imported,
         summary.skipped,
         summary.rejected.len()

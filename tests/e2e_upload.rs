@@ -1368,7 +1368,11 @@ async fn debug_info_links_go_up_with_their_path_and_lead_to_its_nar() {
         )
         .await
     };
-    assert_eq!(link_puts().await, 4.0, "one link for each build id, each copy");
+    assert_eq!(
+        link_puts().await,
+        4.0,
+        "one link for each build id, each copy"
+    );
 
     let narinfo = reqwest::get(format!("{}/{}.narinfo", srv.url, Fixture::hash(&path)))
         .await

@@ -462,6 +462,62 @@ async fn import_a_file_cache_twice_then_substitute() {
     );
 }
 
+/// A team moving its `file://` cache, signed with its own key, to cellar, where builders
+/// already pushed some of the same paths (unsigned): `cellar import` adds the old key's
+/// signatures to those paths, so clients that still trust only that key substitute the whole
+/// closure through cellar.
+#[tokio::test(flavor = "multi_thread")]
+async fn import_adds_the_old_keys_signatures_to_paths_already_pushed() {
+    let f = fixture();
+    let work = tempfile::tempdir().unwrap();
+    let sec = work.path().join("team.sec");
+    let team = nix_key("team-cache-1", &sec, &work.path().join("xdg-key"));
+    let signed = work.path().join("signed-cache");
+    let mut c = nix("nix", &work.path().join("xdg-signed"));
+    c.args(["copy", "--to"])
+        .arg(format!(
+            "file://{}?secret-key={}",
+            signed.display(),
+            sec.display()
+        ))
+        .arg(&f.top);
+    run_ok(c);
+
+    let (w, wcfg) = token("builder", "write");
+    let app = App::s3("import-sigs").config(&wcfg).spawn().await;
+    let n = netrc(work.path(), &app.srv, &w);
+    let mut up = nix("nix", &work.path().join("xdg-up"));
+    up.args(["copy", "--to", &format!("{}/upload", app.srv.url)])
+        .arg("--option")
+        .arg("netrc-file")
+        .arg(&n)
+        .arg(&f.top);
+    run_ok(up);
+
+    let out = std::process::Command::new(CELLAR)
+        .arg("import")
+        .arg(&signed)
+        .envs(app.direct_store_env())
+        .output()
+        .unwrap();
+    let said = String::from_utf8_lossy(&out.stdout);
+    assert!(
+        out.status.success(),
+        "{said}{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    let all = f.closure.len();
+    assert!(
+        said.contains(&format!(
+            "imported 0, skipped {all} (already present; {all} of them mended"
+        )),
+        "{said}"
+    );
+    // A server started since (the first one's memory holds the narinfos as they were).
+    let fresh = app.another_server(&[]).await;
+    substitute_and_verify(&fresh.url, &team, &f.top, &work.path().join("team-client"));
+}
+
 /// `cellar import` brings the debug info links of a directory `nix copy --to
 /// 'file://DIR?index-debug-info=true'` wrote, after the paths; a link whose NAR the store
 /// does not hold, or a file that is no link, is rejected with its reason.

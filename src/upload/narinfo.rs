@@ -45,7 +45,9 @@ impl Uploader {
         S: Stream<Item = std::io::Result<Bytes>> + Send + 'static,
     {
         let name = info.nar_file().map_err(|e| rejected(e.to_string()))?;
-        if !self.has_nar(&name).await? {
+        // A copy found bad (read back for a narinfo) is copied over, as an upload stores its
+        // body over it.
+        if self.nar_found_bad(&name) || !self.has_nar(&name).await? {
             // What the narinfo would be refused for whatever the store holds, before its NAR
             // is copied (a cache signed by a key not trusted would leave every NAR orphaned).
             self.check_alone(&info)?;

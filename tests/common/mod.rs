@@ -664,6 +664,12 @@ impl App {
             .expect("this app was not built with .through_proxy()")
     }
 
+    /// The `CELLAR_STORE__*` env for this prefix, straight to S3: for commands run against it
+    /// beside the server (`cellar import`, `cellar gc`).
+    pub fn direct_store_env(&self) -> Vec<(String, String)> {
+        store_env(&self.s3, None, &self.prefix)
+    }
+
     /// One more cellar over the same prefix (and proxy), with only `env` added.
     pub async fn another_server(&self, env: &[(&str, &str)]) -> Server {
         let mut all = store_env(&self.s3, self.proxy.as_ref(), &self.prefix);
