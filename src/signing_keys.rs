@@ -93,6 +93,14 @@ pub fn read_secret_key(path: &Path) -> Result<SecretKey, KeyFileError> {
         path: path.to_owned(),
         cause: source,
     })?;
+    let key = text
+        .trim()
+        .parse()
+        .map_err(|source| KeyFileError::Malformed {
+            path: path.to_owned(),
+            cause: source,
+        })?;
+    // Said of a secret key only (a public key given for one is refused above).
     if let Ok(meta) = std::fs::metadata(path) {
         use std::os::unix::fs::PermissionsExt as _;
         let mode = meta.permissions().mode();
@@ -104,12 +112,7 @@ pub fn read_secret_key(path: &Path) -> Result<SecretKey, KeyFileError> {
             );
         }
     }
-    text.trim()
-        .parse()
-        .map_err(|source| KeyFileError::Malformed {
-            path: path.to_owned(),
-            cause: source,
-        })
+    Ok(key)
 }
 
 /// Writes `key` to a new file (mode 0600); refuses to overwrite an existing one. The file
@@ -306,6 +309,34 @@ pub fn load(cfg: &SigningConfig) -> Result<LoadedKeys, KeyFileError> {
 mod tests {
     use super::*;
     use std::os::unix::fs::PermissionsExt as _;
+
+    /// A key file other users may read is used, with a warning; a public key given for the
+    /// secret one is refused saying so, without a warning about its mode (public keys are
+    /// meant to be read).
+    #[test]
+    fn a_readable_secret_key_is_warned_of_and_a_public_key_refused() {
+        let dir = tempfile::tempdir().unwrap();
+        let key = SecretKey::generate("cache-1").unwrap();
+        let secret = dir.path().join("secret");
+        let public = dir.path().join("public");
+        std::fs::write(&secret, key.to_nix_format()).unwrap();
+        std::fs::write(&public, key.public().to_string()).unwrap();
+        for f in [&secret, &public] {
+            std::fs::set_permissions(f, std::fs::Permissions::from_mode(0o644)).unwrap();
+        }
+        let logs = crate::test_logs::capture();
+        assert_eq!(read_secret_key(&secret).unwrap().public(), key.public());
+        assert!(
+            logs.text().contains("can be read by other users"),
+            "{}",
+            logs.text()
+        );
+        drop(logs);
+        let logs = crate::test_logs::capture();
+        let e = read_secret_key(&public).unwrap_err();
+        assert!(e.to_string().contains("this is a public key"), "{e}");
+        assert!(!logs.text().contains("other users"), "{}", logs.text());
+    }
 
     /// Several keys (a rotation) are printed on one line: a second `trusted-public-keys` line
     /// in nix.conf would replace the first.

@@ -23,6 +23,16 @@ pub enum KeyError {
     BadBase64,
     #[error("the key has {got} bytes, expected {expected}")]
     BadLength { got: usize, expected: usize },
+    #[error(
+        "this is a public key (32 bytes), not a secret key (64 bytes): give the secret key \
+         file (`cellar keygen`, `nix key generate-secret`), whose public half clients trust"
+    )]
+    PublicNotSecret,
+    #[error(
+        "this is a secret key (64 bytes), not a public key (32 bytes): give its public half \
+         (`nix key convert-secret-to-public`), and take the secret for exposed"
+    )]
+    SecretNotPublic,
     #[error("the public half of the secret key does not match its private half")]
     Inconsistent,
     #[error("not a valid ed25519 public key")]
@@ -99,7 +109,10 @@ impl SecretKey {
 impl FromStr for SecretKey {
     type Err = KeyError;
     fn from_str(s: &str) -> Result<Self, KeyError> {
-        let (name, bytes) = split_named(s, 64)?;
+        let (name, bytes) = split_named(s, 64).map_err(|e| match e {
+            KeyError::BadLength { got: 32, .. } => KeyError::PublicNotSecret,
+            e => e,
+        })?;
         let mut arr = [0u8; 64];
         arr.copy_from_slice(&bytes);
         let key = SigningKey::from_keypair_bytes(&arr).map_err(|_| KeyError::Inconsistent)?;
@@ -140,7 +153,10 @@ impl PublicKey {
 impl FromStr for PublicKey {
     type Err = KeyError;
     fn from_str(s: &str) -> Result<Self, KeyError> {
-        let (name, bytes) = split_named(s, 32)?;
+        let (name, bytes) = split_named(s, 32).map_err(|e| match e {
+            KeyError::BadLength { got: 64, .. } => KeyError::SecretNotPublic,
+            e => e,
+        })?;
         let mut arr = [0u8; 32];
         arr.copy_from_slice(&bytes);
         let key = VerifyingKey::from_bytes(&arr).map_err(|_| KeyError::BadPublicKey)?;
@@ -263,9 +279,22 @@ mod tests {
             "k:!!".parse::<SecretKey>().unwrap_err(),
             KeyError::BadBase64
         );
+        // One key given for the other: said so.
+        assert_eq!(
+            NIX_PUBLIC.parse::<SecretKey>().unwrap_err(),
+            KeyError::PublicNotSecret
+        );
+        assert_eq!(
+            NIX_SECRET.parse::<PublicKey>().unwrap_err(),
+            KeyError::SecretNotPublic
+        );
         assert!(matches!(
-            NIX_PUBLIC.parse::<SecretKey>(),
-            Err(KeyError::BadLength { got: 32, .. })
+            "k:AAAA".parse::<SecretKey>(),
+            Err(KeyError::BadLength { got: 3, .. })
+        ));
+        assert!(matches!(
+            "k:AAAA".parse::<PublicKey>(),
+            Err(KeyError::BadLength { got: 3, .. })
         ));
         // Swap the public half for another key's: inconsistent.
         let mut bytes = BASE64.decode(&NIX_SECRET[7..]).unwrap();
