@@ -508,7 +508,7 @@ fn serve_configured(
             );
         }
     }
-    rt.block_on(async move {
+    let served = rt.block_on(async move {
         // The access log, once there: a second signal still writes what it holds.
         let last_words = Arc::new(std::sync::OnceLock::new());
         // Before anything that may take a while: as a container's PID 1, cellar would
@@ -592,7 +592,11 @@ fn serve_configured(
         }
         tracing::info!("stopped");
         Ok(())
-    })
+    });
+    // Not waiting for ever on the blocking pool: a thread stuck in the kernel (a read of a
+    // local store's file that never answers) would keep a stopped server from exiting.
+    rt.shutdown_timeout(std::time::Duration::from_secs(2));
+    served
 }
 
 /// Binds `metrics_listen`.

@@ -1125,12 +1125,32 @@ async fn truncated_upload_leaves_no_trace() {
         .spawn()
         .await;
     let (srv, s3, prefix) = (&app.srv, &app.s3, &app.prefix);
-    // A 20 MiB body so the server is already in a multipart upload when the client dies.
+    let (s, name) = nar_upload_under_way(srv, &w);
+    drop(s);
+    // The server notices and aborts it; then nothing is left anywhere.
+    srv.wait_for_log("multipart upload aborted", 1);
+    assert_no_trace(s3, prefix).await;
+    assert_eq!(status(format!("{}/nar/{name}", srv.url)).await, 404);
+    // The server is fine afterwards.
+    let mut r = std::net::TcpStream::connect(srv.addr).unwrap();
+    write!(
+        r,
+        "GET /healthz HTTP/1.1\r\nHost: x\r\nConnection: close\r\n\r\n"
+    )
+    .unwrap();
+    let mut resp = String::new();
+    r.read_to_string(&mut resp).unwrap();
+    assert!(resp.starts_with("HTTP/1.1 200"), "{resp}");
+}
+
+/// A NAR upload of 20 MiB whose first 12 MiB were sent (by `token`), once the server is in
+/// its multipart upload (it logs each S3 request at trace level); the NAR's name.
+fn nar_upload_under_way(srv: &Server, token: &str) -> (std::net::TcpStream, &'static str) {
     let name = "0000000000000000000000000000000000000000000000000000.nar";
     let mut s = std::net::TcpStream::connect(srv.addr).unwrap();
     let auth = {
         use base64::Engine as _;
-        base64::engine::general_purpose::STANDARD.encode(format!("b:{w}"))
+        base64::engine::general_purpose::STANDARD.encode(format!("b:{token}"))
     };
     let mut nar = b"\x0d\x00\x00\x00\x00\x00\x00\x00nix-archive-1\x00\x00\x00".to_vec();
     nar.resize(12 << 20, 7);
@@ -1142,12 +1162,12 @@ async fn truncated_upload_leaves_no_trace() {
     .unwrap();
     s.write_all(&nar).unwrap();
     s.flush().unwrap();
-    // Cut only once the multipart upload exists (the server logs each S3 request at trace
-    // level): what is tested is that it is aborted.
     srv.wait_for_log("op=\"CreateMultipartUpload\"", 1);
-    drop(s);
-    // The server notices and aborts it; then nothing is left anywhere.
-    srv.wait_for_log("multipart upload aborted", 1);
+    (s, name)
+}
+
+/// No object and no multipart upload under `prefix`.
+async fn assert_no_trace(s3: &S3Env, prefix: &str) {
     let client = s3_client(s3);
     let objects = client
         .list_objects_v2()
@@ -1169,17 +1189,27 @@ async fn truncated_upload_leaves_no_trace() {
         objects.contents(),
         uploads.uploads()
     );
-    assert_eq!(status(format!("{}/nar/{name}", srv.url)).await, 404);
-    // The server is fine afterwards.
-    let mut r = std::net::TcpStream::connect(srv.addr).unwrap();
-    write!(
-        r,
-        "GET /healthz HTTP/1.1\r\nHost: x\r\nConnection: close\r\n\r\n"
-    )
-    .unwrap();
-    let mut resp = String::new();
-    r.read_to_string(&mut resp).unwrap();
-    assert!(resp.starts_with("HTTP/1.1 200"), "{resp}");
+}
+
+/// A NAR upload under way when the server is told to stop (`systemctl restart` during a
+/// builder's copy), longer than its `shutdown_timeout_secs`: cut off, and its S3 multipart
+/// upload aborted before the process exits (the task that aborts a dropped upload would not
+/// outlive the process), so nothing is left in the bucket.
+#[tokio::test(flavor = "multi_thread")]
+async fn an_upload_a_shutdown_cuts_off_leaves_no_trace() {
+    let (w, wcfg) = token("builder", "write");
+    let mut app = App::s3("up-cut")
+        .config(&wcfg)
+        .env("RUST_LOG", "info,cellar=debug,cellar::store=trace")
+        .env("CELLAR_SHUTDOWN_TIMEOUT_SECS", "1")
+        .spawn()
+        .await;
+    let (s, _) = nar_upload_under_way(&app.srv, &w);
+    app.srv.stop_in_place();
+    assert_no_trace(&app.s3, &app.prefix).await;
+    let said = app.srv.log();
+    assert!(said.contains("aborted=1"), "{said}");
+    drop(s);
 }
 
 /// Through nginx as the README sets it up (`proxy_request_buffering off`: nginx answers

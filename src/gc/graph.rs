@@ -207,7 +207,12 @@ impl Graph {
             let parsed = match raw {
                 Ok(raw) => parse(h, raw.as_deref(), store_dir),
                 // A narinfo too large to be one is as unservable as one that does not parse.
-                Err(StoreError::TooLarge { .. }) => parse(h, Some(b"\xff"), store_dir),
+                Err(StoreError::TooLarge { .. }) => Parsed {
+                    problem: Some(Problem::Unparseable(format!(
+                        "larger than {MAX_NARINFO_BYTES} bytes"
+                    ))),
+                    ..parse(h, Some(b""), store_dir)
+                },
                 // One cellar cannot decode (written with `narinfo-compression`): reported by
                 // verify; gc and repairs refuse to run (see `Graph::encoded`).
                 Err(e @ StoreError::Encoded { .. }) => encoded(h, e.to_string()),

@@ -2573,6 +2573,11 @@ async fn an_oversized_narinfo_is_deleted_without_a_copy() {
         !copied.load(std::sync::atomic::Ordering::SeqCst),
         "read whole"
     );
+    // Reported for what it is, not as some other flaw.
+    let r = check(&planted(), now, None).await;
+    let said: Vec<String> = r.findings.iter().map(ToString::to_string).collect();
+    let larger = format!("larger than {} bytes", crate::nix::MAX_NARINFO_BYTES);
+    assert!(said.iter().any(|f| f.contains(&larger)), "{said:?}");
     let mem = planted();
     let r = repair(&mem, now).await;
     assert!(r.repair_errors.is_empty(), "{:?}", r.repair_errors);

@@ -213,6 +213,14 @@ async fn signed_narinfo(
     .filter(|info| !missing(info));
     let mut info = match stored {
         Some(info) => {
+            // Its NAR elsewhere than `nar/<file>` (an absolute URL, another folder): not
+            // signed and sent on, a corrupt object, as `cellar verify` says.
+            if let Err(e) = info.nar_file() {
+                return Err(Error::BadObject {
+                    key: store::object_key::narinfo(h),
+                    reason: e.into(),
+                });
+            }
             if !live.upstreams.is_empty() {
                 // Its NAR is the store's now, whichever upstream named it before.
                 if let Ok(f) = info.nar_file() {

@@ -149,6 +149,12 @@ pub async fn serve(
                 "shutdown: requests still running after {} s, exiting (cut off)",
                 grace.as_secs()
             );
+            // Their S3 multipart uploads, which the tasks that would abort them (once their
+            // requests are dropped) would not live to do.
+            let aborted = crate::store::s3::abort_unfinished().await;
+            if aborted > 0 {
+                tracing::warn!(aborted, "shutdown: aborted the S3 multipart uploads cut off");
+            }
         }
     }
     Ok(())

@@ -124,6 +124,13 @@ async fn stored_narinfo(
         // Found present, the builder would skip it in every later copy.
         Some(raw) if st.live().missing_nars.points_to_missing(&raw) => Err(Error::NotFound),
         Some(raw) => {
+            // One that is no narinfo of this path (CRLF, empty, another path's) is the
+            // logged 502 the root answers, not bytes the builder's Nix chokes on.
+            let sd = &st.config.store_dir;
+            crate::nix::NarInfo::parse_for(&raw, sd, h).map_err(|reason| Error::BadObject {
+                key: object_key::narinfo(h),
+                reason,
+            })?;
             st.access.record_path(h);
             Ok(raw)
         }

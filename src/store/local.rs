@@ -255,6 +255,21 @@ enum Opened {
 
 /// The regular file at `path`, open, and its size: `None` if there is none.
 fn open_file(path: &Path) -> Result<Option<(std::fs::File, u64)>, StoreError> {
+    // Looked at before it is opened: opening a FIFO (or a device) named like an object
+    // would block a thread of the pool until something writes to it, and the process could
+    // not exit. Not an object, but not nothing either: a broken store.
+    match std::fs::metadata(path) {
+        Ok(m) if !m.is_file() && !m.is_dir() => {
+            return Err(StoreError::Other(format!(
+                "{}: not a regular file ({:?})",
+                path.display(),
+                m.file_type()
+            )))
+        }
+        Ok(_) => {}
+        Err(e) if not_found(&e) => return Ok(None),
+        Err(e) => return Err(StoreError::Other(format!("{}: {e}", path.display()))),
+    }
     let file = match std::fs::File::open(path) {
         Ok(f) => f,
         Err(e) if not_found(&e) => return Ok(None),
@@ -1461,6 +1476,30 @@ mod tests {
         store.delete("log/none/x").await.unwrap();
         assert!(store.delete("nar").await.is_err());
         assert!(dir.path().join("nar").is_dir());
+    }
+
+    /// A FIFO (or any file that is not a regular one) named like an object is a broken store,
+    /// said with its path, at once: opening it would block a thread until something writes
+    /// to it. A directory named like one is not there.
+    #[tokio::test]
+    async fn a_fifo_named_like_an_object_is_an_error_not_a_wait() {
+        let dir = tempfile::tempdir().unwrap();
+        let store = LocalStore::open(dir.path()).unwrap();
+        std::fs::create_dir_all(dir.path().join("nar/d.nar")).unwrap();
+        let fifo = dir.path().join("nar/f.nar");
+        let made = std::process::Command::new("mkfifo")
+            .arg(&fifo)
+            .status()
+            .unwrap();
+        assert!(made.success());
+        let e = store
+            .get("nar/f.nar", None)
+            .await
+            .err()
+            .expect("a FIFO was read");
+        assert!(e.to_string().contains("not a regular file"), "{e}");
+        assert!(e.to_string().contains("nar/f.nar"), "{e}");
+        assert!(store.get("nar/d.nar", None).await.unwrap().is_none());
     }
 
     /// A directory below a part of the layout goes with its last object (months of expired

@@ -26,6 +26,8 @@ mod fast;
 mod listing;
 mod writer;
 
+pub use writer::abort_unfinished;
+
 use writer::S3Writer;
 
 /// Bodies up to this size are sent with one PutObject; larger ones as a multipart upload in

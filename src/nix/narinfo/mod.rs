@@ -62,6 +62,9 @@ pub enum NarInfoError {
         field: &'static str,
         reason: String,
     },
+    /// A narinfo of the store whose `URL:` names no NAR cellar serves.
+    #[error(transparent)]
+    Url(#[from] NarUrlError),
 }
 
 /// Why a narinfo's `URL:` names no NAR this cache could serve.

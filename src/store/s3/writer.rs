@@ -145,6 +145,8 @@ impl Target {
     /// Aborts the multipart upload `id`; a failure is logged (the periodic staging cleanup
     /// removes the upload later).
     async fn abort(&self, id: &str) {
+        // Whatever the answer: one that failed is the staging cleanup's.
+        ended(id);
         let req = self
             .client
             .abort_multipart_upload()
@@ -196,6 +198,36 @@ impl Target {
             .set_e_tag(out.e_tag().map(str::to_owned))
             .build())
     }
+}
+
+/// Multipart uploads begun by this process and not yet completed or aborted, by upload id:
+/// what a shutdown that cuts uploads off aborts before the process exits
+/// ([`abort_unfinished`]). A writer dropped aborts its upload in a task of the runtime, which
+/// ends with the process; these would otherwise stay in the bucket until the staging
+/// cleanup of a later start.
+static UNFINISHED: std::sync::LazyLock<
+    std::sync::Mutex<std::collections::HashMap<String, Arc<Target>>>,
+> = std::sync::LazyLock::new(Default::default);
+
+fn begun(id: &str, target: &Arc<Target>) {
+    crate::sync::lock(&UNFINISHED).insert(id.to_owned(), Arc::clone(target));
+}
+
+fn ended(id: &str) {
+    crate::sync::lock(&UNFINISHED).remove(id);
+}
+
+/// Aborts the multipart uploads this process began and did not end (those of requests a
+/// shutdown cut off), all at once, each within the store's timeout. How many there were.
+pub async fn abort_unfinished() -> usize {
+    let open: Vec<(String, Arc<Target>)> = crate::sync::lock(&UNFINISHED).drain().collect();
+    let n = open.len();
+    futures::future::join_all(
+        open.into_iter()
+            .map(|(id, t)| async move { t.abort(&id).await }),
+    )
+    .await;
+    n
 }
 
 pub(super) struct S3Writer {
@@ -278,9 +310,11 @@ impl S3Writer {
                     .key(&t.key)
                     .send();
                 let out = t.timed("CreateMultipartUpload", 0, req).await?;
-                out.upload_id()
-                    .map(str::to_owned)
-                    .ok_or_else(|| StoreError::Other("CreateMultipartUpload: no upload id".into()))
+                let id = out.upload_id().map(str::to_owned).ok_or_else(|| {
+                    StoreError::Other("CreateMultipartUpload: no upload id".into())
+                })?;
+                begun(&id, &t);
+                Ok(id)
             })
         });
         let created = creating.await;
@@ -365,10 +399,11 @@ impl S3Writer {
                     .build(),
             )
             .send();
-        match t
+        let answer = t
             .answer_within("CompleteMultipartUpload", deadline, req)
-            .await?
-        {
+            .await?;
+        ended(id);
+        match answer {
             Ok(_) => Ok(()),
             // No such upload: a try whose answer was lost (the SDK retries a connection
             // closed before the answer, a timeout, a 5xx) may have completed it. The object
