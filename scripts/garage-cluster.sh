@@ -27,14 +27,17 @@ garage_bin() {
 }
 
 taken=" "
-free_port() {  # a port where nothing listens, nor on the one above it, not handed out before
+# Sets `port` to a port where nothing listens, nor on the one above it, not handed out before.
+# Not called in a subshell (`$(free_port)`): `taken` must outlive the call, or two nodes may be
+# handed overlapping ports (one's RPC port not bound yet when the next is probed).
+free_port() {
   local p
   while :; do
     p=$(( (RANDOM % 12000) + 20000 ))  # below Linux's ephemeral range (32768+), where outgoing connections take theirs
     case "$taken" in *" $p "*|*" $((p+1)) "*|*" $((p-1)) "*) continue ;; esac
     if ! (exec 3<>"/dev/tcp/127.0.0.1/$p") 2>/dev/null \
        && ! (exec 3<>"/dev/tcp/127.0.0.1/$((p+1))") 2>/dev/null; then
-      taken="$taken$p $((p+1)) "; echo "$p"; return
+      taken="$taken$p $((p+1)) "; port=$p; return
     fi
   done
 }
@@ -66,7 +69,7 @@ start)
   KEY_ID="GK$(hex 12)"; SECRET=$(hex 32); RPC_SECRET=$(hex 32)
   ports=()
   for i in 0 1 2; do
-    s3=$(free_port); rpc=$((s3 + 1)); ports+=("$s3")
+    free_port; s3=$port; rpc=$((s3 + 1)); ports+=("$s3")
     mkdir -p "$DIR/n$i/meta" "$DIR/n$i/data"
     cat > "$DIR/node$i.toml" <<TOML
 metadata_dir = "$DIR/n$i/meta"

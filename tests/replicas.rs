@@ -7,7 +7,8 @@
 //!   before, and at most the negative TTL after B's 404);
 //! - a NAR whose fill on A is held mid-body is served by B meanwhile, then by A to its client;
 //! - a replica SIGKILLed mid-NAR: nix retries the download, and nginx sends the retry to the
-//!   other replica.
+//!   other replica;
+//! - a replica whose node lost the other two is not ready (`/readyz` 503).
 //!
 //! Each test starts its own cluster, replicas and nginx, and the tests run one at a time (the
 //! machine has 2 cores, and one test kills a storage node). The tests wait for nix and poll
@@ -30,6 +31,44 @@ use replicas_support::*;
 async fn serial() -> tokio::sync::MutexGuard<'static, ()> {
     static LOCK: tokio::sync::Mutex<()> = tokio::sync::Mutex::const_new(());
     LOCK.lock().await
+}
+
+/// A replica whose storage node has lost the rest of its cluster (the other two killed: as
+/// if it were cut off from them) is not ready: its reads all fail, and a load balancer that
+/// goes by `/readyz` (Caddy's `health_uri`, Kubernetes) must take it out of rotation. A
+/// `HeadBucket`, which the node answers from its own metadata, said it was.
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn a_replica_whose_node_lost_its_cluster_is_not_ready() {
+    let _serial = serial().await;
+    let cluster = Cluster::start();
+    let prefix = unique_prefix("quorum");
+    let a = Shared::new("")
+        .replica(cluster.store_env(&cluster.endpoints[0], &prefix))
+        .await;
+    let readyz = || async {
+        reqwest::get(format!("{}/readyz", a.url))
+            .await
+            .unwrap()
+            .status()
+            .as_u16()
+    };
+    assert_eq!(readyz().await, 200);
+    cluster.kill(1);
+    cluster.kill(2);
+    // Garage notices the lost nodes within seconds; until then it may still answer.
+    let deadline = Instant::now() + Duration::from_secs(60);
+    loop {
+        let status = readyz().await;
+        if status == 503 {
+            break;
+        }
+        assert!(
+            Instant::now() < deadline,
+            "still {status}:\n{}",
+            tail(&a.log(), 20)
+        );
+        tokio::time::sleep(Duration::from_millis(200)).await;
+    }
 }
 
 /// `nix copy --from url --store store path` trusting only `key`, with a fresh lookup cache.

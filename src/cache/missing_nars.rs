@@ -6,8 +6,9 @@
 //! (a few hundred bytes, well under a microsecond); each entry takes about 100 bytes for
 //! `ttl`; and a client that got the 404 remembers it for its negative TTL (an hour in Nix),
 //! even if the NAR is uploaded again meanwhile. A NAR uploaded through this server, or served
-//! by it again, is forgotten at once; one uploaded through another replica and not asked for
-//! here since, after `ttl`.
+//! by it again, is forgotten at once; one uploaded through another replica is found by the
+//! next narinfo request naming it after a negative TTL (the NAR is looked for in the store
+//! again once per negative TTL, [`MissingNars::to_look_again`]), else forgotten after `ttl`.
 
 use std::sync::atomic::{AtomicBool, Ordering};
 use std::time::Duration;
@@ -24,7 +25,9 @@ const CAPACITY: u64 = 100_000;
 const UPLOADED_LATELY: Duration = Duration::from_secs(60);
 
 pub struct MissingNars {
-    names: Cache<Box<str>, ()>,
+    /// Each NAR found missing, and when it last was (looked for again at most once per
+    /// negative TTL: [`MissingNars::to_look_again`]).
+    names: Cache<Box<str>, tokio::time::Instant>,
     /// When each NAR was last uploaded here (as long as a miss is remembered): a GET that
     /// started before that and found nothing saw the store before the upload, and is not
     /// remembered.
@@ -69,7 +72,9 @@ impl MissingNars {
         // Set before the name is kept, and the upload looked for again after: an upload
         // recorded meanwhile either finds the name to forget, or is found here.
         self.any.store(true, Ordering::SeqCst);
-        self.names.insert(file.into(), ()).await;
+        self.names
+            .insert(file.into(), tokio::time::Instant::now())
+            .await;
         if self.uploaded_since(file, asked).await {
             self.names.invalidate(file).await;
         }
@@ -103,15 +108,35 @@ impl MissingNars {
 
     /// Whether the rendered narinfo `body` points at a NAR known to be missing.
     pub fn points_to_missing(&self, body: &[u8]) -> bool {
+        self.missing_in(body).is_some()
+    }
+
+    /// The NAR known to be missing the rendered narinfo `body` points at, if it does.
+    pub fn missing_in<'a>(&self, body: &'a [u8]) -> Option<&'a str> {
         if !self.any.load(Ordering::Relaxed) {
-            return false;
+            return None;
         }
-        let Ok(text) = std::str::from_utf8(body) else {
-            return false;
-        };
+        let text = std::str::from_utf8(body).ok()?;
         text.lines()
             .find_map(|l| l.strip_prefix("URL: nar/"))
-            .is_some_and(|file| self.is_missing(file))
+            .filter(|file| self.is_missing(file))
+    }
+
+    /// Whether `nar/<file>`, known to be missing, is to be looked for again now: it was found
+    /// missing `every` ago or longer. Another path naming the same NAR may have been uploaded
+    /// through another replica since (the same contents, so the same NAR), which this one
+    /// would otherwise hide for as long as it remembers the NAR missing. Once per `every`:
+    /// the next look is due `every` from now.
+    pub async fn to_look_again(&self, file: &str, every: std::time::Duration) -> bool {
+        match self.names.get(file).await {
+            Some(at) if at.elapsed() >= every => {
+                self.names
+                    .insert(file.into(), tokio::time::Instant::now())
+                    .await;
+                true
+            }
+            _ => false,
+        }
     }
 
     /// Whether `nar/<file>` is known to be missing.

@@ -113,9 +113,18 @@ async fn load(st: &AppState, live: &Arc<Live>, h: StorePathHash) -> Result<Bytes
             .await?
             .ok_or(Error::NotFound)?;
     }
-    // Never hand out a path whose NAR fetch is known to fail (crate::cache::missing_nars).
-    if st.live().missing_nars.points_to_missing(&body) {
-        return Err(Error::NotFound);
+    // Never hand out a path whose NAR fetch is known to fail (crate::cache::missing_nars);
+    // but look for that NAR again once per negative TTL: a path uploaded through another
+    // replica since may have brought it back (another path of the same contents, say).
+    let missing = st.live().missing_nars.clone();
+    if let Some(file) = missing.missing_in(&body) {
+        let every = st.config.cache.narinfo_negative_ttl;
+        let back = missing.to_look_again(file, every).await
+            && matches!(live.reads.head(&format!("nar/{file}")).await, Ok(Some(_)));
+        if !back {
+            return Err(Error::NotFound);
+        }
+        missing.seen_served(file).await;
     }
     st.access.record_path(h);
     Ok(body)

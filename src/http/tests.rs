@@ -2549,6 +2549,47 @@ async fn a_nar_seen_missing_then_served_shows_its_narinfo_again() {
     assert_eq!(get(&st, &narinfo).await.0, StatusCode::OK);
 }
 
+/// A NAR seen missing, then brought back by another path of the same contents uploaded
+/// through another replica: that path (never asked for here) and the first are served once
+/// the NAR is looked for again, at most a negative TTL after it was found missing, not only
+/// once the miss is forgotten (`narinfo_ttl_secs`, ten minutes). Meanwhile it is looked for
+/// once per negative TTL, not for every request.
+#[tokio::test(start_paused = true)]
+async fn a_nar_seen_missing_is_looked_for_again_once_per_negative_ttl() {
+    let mem = Arc::new(MemoryStore::new());
+    let st = state(Config::default(), &mem);
+    let every = st.config.cache.narinfo_negative_ttl;
+    let (nar, file) = tiny_nar();
+    mem.insert(
+        &format!("{HASH}.narinfo"),
+        narinfo_of("p", &nar).into_bytes(),
+    );
+    assert_eq!(
+        get(&st, &format!("/nar/{file}")).await.0,
+        StatusCode::NOT_FOUND
+    );
+    let p = format!("/{HASH}.narinfo");
+    assert_eq!(get(&st, &p).await.0, StatusCode::NOT_FOUND, "hidden");
+    // Another path, the same NAR, uploaded elsewhere.
+    let other = "1b8m03r63zqhnjf7l5wnldhh7c134ap5";
+    let q_text = narinfo_of("q", &nar).replace(HASH, other);
+    mem.insert(&format!("{other}.narinfo"), q_text.into_bytes());
+    mem.insert(&format!("nar/{file}"), nar.clone());
+    let q = format!("/{other}.narinfo");
+    let heads = mem.heads_under("nar/");
+    assert_eq!(
+        get(&st, &q).await.0,
+        StatusCode::NOT_FOUND,
+        "looked for too soon"
+    );
+    assert_eq!(get(&st, &p).await.0, StatusCode::NOT_FOUND);
+    assert_eq!(mem.heads_under("nar/"), heads, "looked for before its time");
+    tokio::time::advance(every).await;
+    assert_eq!(get(&st, &q).await.0, StatusCode::OK);
+    assert_eq!(get(&st, &p).await.0, StatusCode::OK);
+    assert_eq!(mem.heads_under("nar/"), heads + 1, "looked for once");
+}
+
 /// An upload that finds the stored narinfo's NAR gone removes that narinfo and is refused;
 /// the narinfo is then not served from memory either.
 #[tokio::test]

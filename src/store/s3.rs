@@ -85,20 +85,28 @@ pub fn sdk_http_client() -> aws_sdk_s3::config::SharedHttpClient {
 
 impl S3Store {
     /// One HeadBucket, without the SDK's retries.
-    async fn head_bucket_once(
+    /// One listing of at most one key under the prefix, without retries: what a readiness
+    /// probe asks. Not a HeadBucket, which a Garage node answers from its own metadata when it
+    /// has lost the others (every read then fails while the probe said ready); a listing
+    /// needs the cluster, as reads do.
+    async fn probe_once(
         &self,
-    ) -> Result<Result<aws_sdk_s3::operation::head_bucket::HeadBucketOutput, Failure>, StoreError>
-    {
+    ) -> Result<
+        Result<aws_sdk_s3::operation::list_objects_v2::ListObjectsV2Output, Failure>,
+        StoreError,
+    > {
         let once = aws_sdk_s3::config::Builder::default()
             .retry_config(aws_sdk_s3::config::retry::RetryConfig::disabled());
         let req = self
             .client
-            .head_bucket()
+            .list_objects_v2()
             .bucket(&self.bucket)
+            .prefix(&self.prefix)
+            .max_keys(1)
             .customize()
             .config_override(once)
             .send();
-        self.call("HeadBucket", req).await
+        self.call("ListObjectsV2", req).await
     }
 
     /// Builds the client. Makes no request: an unreachable store is reported by `/readyz` and
@@ -530,8 +538,8 @@ impl Store for S3Store {
         // retries with back-off (a refused connection would otherwise take seconds to report).
         // Its time refused, one more, with the store's time the refusal told.
         let offset = self.clock.offset_ms();
-        let answer = match self.head_bucket_once().await {
-            Err(_) if self.clock.moved_since(offset) => self.head_bucket_once().await,
+        let answer = match self.probe_once().await {
+            Err(_) if self.clock.moved_since(offset) => self.probe_once().await,
             answer => answer,
         };
         match answer? {

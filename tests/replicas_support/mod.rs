@@ -31,7 +31,7 @@ impl Cluster {
     /// Starts three nodes on free ports with a fresh bucket and key; ready when it returns.
     /// A start that fails is tried again with fresh ports and state, three times in all (seen
     /// once in CI: a node aborted at start and its RPC port answered with another cluster's
-    /// handshake; likely a port taken between the script's check and the node's bind). The
+    /// handshake: the script handed two nodes overlapping ports then, fixed since). The
     /// script stops the nodes of a failed start itself and prints their logs.
     pub fn start() -> Cluster {
         let mut tries = 0;
