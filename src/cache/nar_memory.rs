@@ -42,6 +42,11 @@ pub type Spill = Arc<dyn Fn(&str, Bytes) + Send + Sync>;
 /// ([`NarMemory::keeper`]).
 pub type Keep = Arc<dyn Fn(String, Bytes) -> BoxFuture<'static, bool> + Send + Sync>;
 
+/// The `FileHash` narinfos give a NAR file, if one did ([`NarMemory::file_hashes`]): what the
+/// NAR disk cache checks the bytes of a fill against before it keeps them.
+pub type FileHashOf =
+    Arc<dyn Fn(String) -> BoxFuture<'static, Option<crate::nix::Sha256>> + Send + Sync>;
+
 pub struct NarMemory {
     /// `None` when disabled (`cache.nar_memory_bytes = 0`).
     cache: Option<Cache<Arc<str>, Bytes>>,
@@ -53,6 +58,9 @@ pub struct NarMemory {
     /// NARs named after their bytes that narinfos gave two sizes: no narinfo's size is taken
     /// for them any more (see [`NarMemory::hint`]).
     conflicted: Cache<Arc<str>, ()>,
+    /// The `FileHash` the narinfos read gave each NAR (not a NAR's name: a copy cellar
+    /// re-encoded on upload is named after the file uploaded), unless two gave it two.
+    file_hashes: Cache<Arc<str>, Option<crate::nix::Sha256>>,
 }
 
 impl NarMemory {
@@ -88,6 +96,10 @@ impl NarMemory {
                 .eviction_policy(moka::policy::EvictionPolicy::lru())
                 .build(),
             conflicted: Cache::builder()
+                .max_capacity(MAX_HINTS)
+                .eviction_policy(moka::policy::EvictionPolicy::lru())
+                .build(),
+            file_hashes: Cache::builder()
                 .max_capacity(MAX_HINTS)
                 .eviction_policy(moka::policy::EvictionPolicy::lru())
                 .build(),
@@ -176,6 +188,35 @@ impl NarMemory {
             }
         }
         self.hints.insert(name.into(), size).await;
+    }
+
+    /// Records the `FileHash` a narinfo gives NAR file `name`: two narinfos that give it two
+    /// cannot both be right (`URL:` and `FileHash:` are not signed), and neither is then
+    /// taken (as for sizes, [`Self::hint`]).
+    pub async fn hint_file_hash(&self, name: &str, file_hash: Option<crate::nix::Sha256>) {
+        let Some(hash) = file_hash else { return };
+        let name: Arc<str> = name.into();
+        let now = match self.file_hashes.get(&name).await {
+            None => Some(hash),
+            Some(Some(held)) if held == hash => return,
+            // Two, or two before: neither.
+            Some(_) => None,
+        };
+        self.file_hashes.insert(name, now).await;
+    }
+
+    /// The `FileHash` narinfos gave NAR file `name`, if one did and none gave another.
+    pub async fn file_hash(&self, name: &str) -> Option<crate::nix::Sha256> {
+        self.file_hashes.get(name).await.flatten()
+    }
+
+    /// [`Self::file_hash`], for the NAR disk cache.
+    pub fn file_hash_of(&self) -> FileHashOf {
+        let hashes = self.file_hashes.clone();
+        Arc::new(move |name: String| {
+            let hashes = hashes.clone();
+            async move { hashes.get(name.as_str()).await.flatten() }.boxed()
+        })
     }
 
     /// Gives NAR file `name` the size `size` whatever was known (for tests that stand for
@@ -274,8 +315,22 @@ impl NarMemory {
         let limit = self.max_object;
         let expected = self.hints.get(name).await;
         let exact = names_its_bytes(name);
+        // Not kept, nor served, if its bytes are not what its narinfo says (rotted in the
+        // bucket at the same size): a logged 502, and read again once the object is fixed.
+        let said = self.file_hash(name).await;
+        let read = async move {
+            let bytes = read_small(source, key, limit, expected, exact).await?;
+            match said {
+                Some(said) if crate::nix::Sha256::digest(&bytes) != said => {
+                    let got = crate::nix::Sha256::digest(&bytes);
+                    let why = crate::cache::nar::wrong_bytes(name, got, said);
+                    Err(Unloaded::Failed(StoreError::Other(why).into()))
+                }
+                _ => Ok(bytes),
+            }
+        };
         let loaded = cache
-            .try_get_with(name.into(), read_small(source, key, limit, expected, exact))
+            .try_get_with(name.into(), read)
             .await
             .map_err(|e: Arc<Unloaded>| (*e).clone());
         if matches!(loaded, Err(Unloaded::Large)) {
@@ -394,6 +449,26 @@ fn hints(capacity: u64) -> Cache<Arc<str>, u64> {
 mod tests {
     use super::*;
     use crate::store::memory::MemoryStore;
+
+    #[tokio::test]
+    async fn two_narinfos_giving_a_nar_two_file_hashes_leave_it_unchecked() {
+        let m = NarMemory::new(1 << 20, 1 << 10, None);
+        let (a, b) = (
+            crate::nix::Sha256::digest(b"a"),
+            crate::nix::Sha256::digest(b"b"),
+        );
+        m.hint_file_hash("x.nar", Some(a)).await;
+        m.hint_file_hash("x.nar", Some(a)).await;
+        m.hint_file_hash("x.nar", None).await;
+        assert_eq!(m.file_hash("x.nar").await, Some(a));
+        m.hint_file_hash("x.nar", Some(b)).await;
+        assert_eq!(m.file_hash("x.nar").await, None, "neither");
+        m.hint_file_hash("x.nar", Some(a)).await;
+        assert_eq!(m.file_hash("x.nar").await, None, "neither, still");
+        assert_eq!((m.file_hash_of())("x.nar".into()).await, None);
+        m.hint_file_hash("y.nar", Some(b)).await;
+        assert_eq!((m.file_hash_of())("y.nar".into()).await, Some(b));
+    }
 
     #[tokio::test]
     async fn a_full_hint_map_takes_new_hints() {

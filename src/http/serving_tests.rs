@@ -558,7 +558,12 @@ async fn the_upload_address_reads_every_kind_of_object_from_the_store() {
     }
     for (i, key) in keys.iter().enumerate() {
         let path = format!("/upload/{key}");
-        let body = vec![b'x'; 10 + i];
+        // A narinfo must be one (a broken one is a 502 here too).
+        let body = if key.ends_with(".narinfo") {
+            NARINFO.as_bytes().to_vec()
+        } else {
+            vec![b'x'; 10 + i]
+        };
         mem.insert(key, body.clone());
         let len = Some(body.len().to_string());
         // A NAR stored as sent is probed from memory: "absent" (see
@@ -1249,4 +1254,48 @@ async fn a_request_its_client_gave_up_on_is_counted_as_aborted() {
         .await
         .expect("the request given up on was not counted");
     server.abort();
+}
+
+/// A NAR whose bytes in the store are not what its narinfo's `FileHash` says (rotted in the
+/// bucket at the same size) is not served whole nor kept, from memory (a small one: a 502)
+/// or through the disk cache (a large one: its body fails before its last bytes, its
+/// headers being sent); the next request reads the store again, and the object, fixed, is
+/// served and kept.
+#[tokio::test]
+async fn a_nar_whose_bytes_are_not_its_narinfos_is_refused_and_not_kept() {
+    for len in [500usize, 3_000_000] {
+        let dir = tempfile::tempdir().unwrap();
+        let mem = Arc::new(MemoryStore::new());
+        let st = state(disk_cached(Config::default(), &dir), &mem);
+        let good: Vec<u8> = (0..len as u32).map(|i| (i % 251) as u8).collect();
+        let sha = Sha256::digest(&good);
+        let file = format!("{}.nar", sha.to_nix32());
+        mem.insert(
+            &format!("{HASH}.narinfo"),
+            format!(
+                "StorePath: /nix/store/{HASH}-x\nURL: nar/{file}\nCompression: none\n\
+                 FileHash: {sha}\nFileSize: {len}\nNarHash: {sha}\nNarSize: {len}\nReferences: \n"
+            ),
+        );
+        let mut rotted = good.clone();
+        rotted[len / 2] ^= 0x55;
+        mem.insert(&format!("nar/{file}"), rotted);
+        assert_eq!(
+            get(&st, &format!("/{HASH}.narinfo")).await.0,
+            StatusCode::OK
+        );
+        let req = Request::get(format!("/nar/{file}"))
+            .body(Body::empty())
+            .unwrap();
+        let res = send(&st, req).await;
+        let status = res.status();
+        let whole = res.into_body().collect().await.is_ok();
+        assert!(
+            status == StatusCode::BAD_GATEWAY || (status == StatusCode::OK && !whole),
+            "{len}: {status}, whole: {whole}"
+        );
+        mem.insert(&format!("nar/{file}"), good.clone());
+        let (status, body) = get(&st, &format!("/nar/{file}")).await;
+        assert_eq!((status, body == good), (StatusCode::OK, true), "{len}");
+    }
 }

@@ -192,6 +192,9 @@ impl AppState {
         if let (Some(disk), Some(keep)) = (&nars, nar_memory.keeper()) {
             disk.keep_small_in(keep);
         }
+        if let Some(disk) = &nars {
+            disk.check_file_hashes_by(nar_memory.file_hash_of());
+        }
         let prefetch = Prefetch::new(c.prefetch_concurrency, c.prefetch_nar_max_bytes);
         let live = Live::build(config.clone(), signing_keys, &store, &uploader, None)?;
         Ok(Self(Arc::new(App {

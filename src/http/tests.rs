@@ -17,6 +17,16 @@ use crate::store::Store;
 const NARINFO: &str = include_str!("../../tests/fixtures/narinfo/top.narinfo");
 const HASH: &str = "f904kp3djilk732cgbnxhpy7vzykbqsh";
 
+/// The fixture's narinfo without its `FileHash`: for tests that serve made-up bytes as its NAR
+/// (with it, they are refused as not the NAR it describes).
+fn narinfo_unhashed() -> String {
+    NARINFO
+        .lines()
+        .filter(|l| !l.starts_with("FileHash:"))
+        .map(|l| format!("{l}\n"))
+        .collect()
+}
+
 /// Without prefetching, so that store requests counted are the client's own (prefetching is
 /// tested in `prefetch/tests.rs`).
 pub(super) fn state(mut cfg: Config, mem: &Arc<MemoryStore>) -> AppState {
@@ -51,7 +61,7 @@ async fn a_cache_in_a_compression_cellar_does_not_decode_is_served() {
     let f = "0l74sag416b7yzqh28bm87pdp102zcgslqmm73y4qr1rn0rmqsyx";
     for (compression, ext) in [("lzip", ".lzip"), ("lzop", ""), ("compress", "")] {
         let mem = Arc::new(MemoryStore::new());
-        let narinfo = NARINFO
+        let narinfo = narinfo_unhashed()
             .replace(".nar.xz", &format!(".nar{ext}"))
             .replace("Compression: xz", &format!("Compression: {compression}"));
         mem.insert(&format!("{HASH}.narinfo"), narinfo);
@@ -358,7 +368,7 @@ async fn head_of_a_nar_has_the_length_of_its_get() {
 async fn head_of_a_nar_asks_the_store_before_memory() {
     let mem = Arc::new(MemoryStore::new());
     let nar = "0l74sag416b7yzqh28bm87pdp102zcgslqmm73y4qr1rn0rmqsyx.nar.xz";
-    mem.insert(&format!("{HASH}.narinfo"), NARINFO);
+    mem.insert(&format!("{HASH}.narinfo"), narinfo_unhashed());
     mem.insert(&format!("nar/{nar}"), vec![1u8; 288]);
     let st = state(Config::default(), &mem);
     // The narinfo says the NAR is small; its GET keeps it in memory.
@@ -516,7 +526,7 @@ async fn upstream_naming(
     let compression = if file.ends_with(".zst") { "zstd" } else { "xz" };
     let text = NARINFO
         .lines()
-        .filter(|l| !l.starts_with("Sig:"))
+        .filter(|l| !l.starts_with("Sig:") && !l.starts_with("FileHash:"))
         .map(|l| match l {
             l if l.starts_with("URL:") => format!("URL: nar/{file}"),
             l if l.starts_with("Compression:") => format!("Compression: {compression}"),

@@ -206,6 +206,8 @@ enum FillError {
         written: u64,
         expected: u64,
     },
+    /// Its bytes are not what its narinfo's `FileHash` says.
+    WrongBytes(String),
 }
 
 impl From<WriteError> for FillError {
@@ -226,6 +228,7 @@ impl fmt::Display for FillError {
                 f,
                 "the store sent {written} bytes where it announced {expected}"
             ),
+            Self::WrongBytes(why) => f.write_str(why),
         }
     }
 }
@@ -572,6 +575,16 @@ impl NarCache {
             Ok(Err(e)) => return Started::Failed(StoreError::reading(&format!("nar/{name}"), &e)),
             Err(_) => return Started::Failed(StoreError::Timeout(self.idle_timeout.as_secs())),
         };
+        let said = match self.file_hash_of.get() {
+            Some(of) => of(name.clone()).await,
+            None => None,
+        };
+        if let Some(said) = said {
+            let got = crate::nix::Sha256::digest(&data);
+            if got != said {
+                return Started::Failed(StoreError::Other(wrong_bytes(&name, got, said)));
+            }
+        }
         // The fill's cell (serving these bytes) stays until memory or the file holds them.
         let this = self.clone();
         let kept_data = data.clone();
@@ -659,8 +672,15 @@ impl NarCache {
             }
             Ok::<u64, WriteError>(written)
         };
+        // What its narinfo says its bytes hash to, if one said: checked before the last bytes
+        // are told to readers and the file is kept.
+        let expected = match self.file_hash_of.get() {
+            Some(of) => of(name.to_owned()).await,
+            None => None,
+        };
         let read = async {
             let mut hasher = Checksummer::default();
+            let mut sha = expected.map(|_| <sha2::Sha256 as sha2::Digest>::new());
             let mut received = 0u64;
             let mut body = obj.body;
             let mut buf = Block::default();
@@ -706,6 +726,9 @@ impl NarCache {
                     }
                     Some(Ok(chunk)) => {
                         hasher.update(&chunk);
+                        if let Some(sha) = &mut sha {
+                            sha2::Digest::update(sha, &chunk);
+                        }
                         head.keep(received, chunk.clone());
                         received += chunk.len() as u64;
                         // The last bytes wait for `Done`, after the checks below.
@@ -735,12 +758,12 @@ impl NarCache {
                 return Ok(None);
             }
             drop(to_disk);
-            Ok(Some(hasher))
+            Ok(Some((hasher, sha)))
         };
         let (read, write) = futures::join!(read, write);
         // A write error ends the read too: it comes first.
         let written = write?;
-        let Some(hasher) = read? else {
+        let Some((hasher, sha)) = read? else {
             return Err(FillError::Short {
                 written,
                 expected: length,
@@ -751,6 +774,12 @@ impl NarCache {
                 written,
                 expected: length,
             });
+        }
+        if let (Some(sha), Some(said)) = (sha, expected) {
+            let got = crate::nix::Sha256::from_bytes(sha2::Digest::finalize(sha).into());
+            if got != said {
+                return Err(FillError::WrongBytes(wrong_bytes(name, got, said)));
+            }
         }
         let checksum = hasher.finish();
         // Every byte is in the file, checked, and each reader holds it open: a file that
@@ -768,6 +797,16 @@ impl NarCache {
         .await;
         Ok(())
     }
+}
+
+/// Why the NAR `name` read from the store is refused: its bytes hash to `got`, its narinfo's
+/// `FileHash` says `said` (an object rotted in the bucket at the same size, or replaced while
+/// it was read).
+pub(crate) fn wrong_bytes(name: &str, got: crate::nix::Sha256, said: crate::nix::Sha256) -> String {
+    format!(
+        "nar/{name} in the store is not the NAR its narinfo describes: its bytes hash to \
+         {got}, its narinfo's FileHash says {said}"
+    )
 }
 
 /// Chunks from the store, written to the file together (kept as the store sent them: no copy).

@@ -30,6 +30,8 @@
 
 mod disk;
 mod fill;
+
+pub(crate) use fill::wrong_bytes;
 mod index;
 #[cfg(test)]
 mod tests;
@@ -97,6 +99,9 @@ pub struct NarCache {
     parts: Arc<tokio::sync::Semaphore>,
     /// Where small NARs read whole go instead of a file, if it takes them (the memory cache).
     keep_small: std::sync::OnceLock<Keep>,
+    /// The `FileHash` narinfos gave a NAR, which a fill checks its bytes against before it
+    /// keeps them ([`Self::check_file_hashes_by`]).
+    file_hash_of: std::sync::OnceLock<crate::cache::nar_memory::FileHashOf>,
     /// Woken after the index and the files changed in the background: requests waiting for a
     /// file's check wait for that (and tests, instead of polling).
     changed: tokio::sync::Notify,
@@ -181,6 +186,7 @@ impl NarCache {
             idle_timeout,
             parts: Arc::new(tokio::sync::Semaphore::new(fill::PARTS_IN_MEMORY)),
             keep_small: std::sync::OnceLock::new(),
+            file_hash_of: std::sync::OnceLock::new(),
             changed: tokio::sync::Notify::new(),
             read_errors: Mutex::new(HashMap::new()),
             checks: Arc::new(tokio::sync::Semaphore::new(CHECKS_AT_ONCE)),
@@ -348,6 +354,14 @@ impl NarCache {
     /// reach the disk when memory lets them go. Set once, at start-up.
     pub fn keep_small_in(&self, keep: Keep) {
         let _ = self.keep_small.set(keep);
+    }
+
+    /// Checks the bytes of each fill against the `FileHash` `of` gives its NAR (narinfos
+    /// read): a NAR whose bytes are not what its narinfo says (rotted in the bucket at the same
+    /// size, replaced during the fill) fails its readers and is not kept, rather than served
+    /// from disk for as long as it stays there. Set once, at start-up.
+    pub fn check_file_hashes_by(&self, of: crate::cache::nar_memory::FileHashOf) {
+        let _ = self.file_hash_of.set(of);
     }
 
     /// Number of NARs and bytes held.

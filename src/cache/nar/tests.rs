@@ -171,6 +171,45 @@ async fn fills_then_hits_without_the_store() {
     assert_eq!(mem.requests(), before, "hits must not touch the store");
 }
 
+/// A NAR whose bytes are not what its narinfo's `FileHash` says (rotted in the bucket at the
+/// same size, replaced during its fill) is not kept: its reader's body fails before its last
+/// bytes, the fill is logged with the NAR's name and both hashes, nothing is indexed, and
+/// the next request reads the store again (where the object, fixed, is then kept). A large
+/// NAR (a fill) and a small one (read whole) alike.
+#[tokio::test]
+async fn a_nar_whose_bytes_are_not_its_narinfos_is_not_kept() {
+    for len in [3_000_000usize, 1000] {
+        let logs = crate::test_logs::capture();
+        let (_d, cache, mem, store) = setup(1 << 30);
+        let good: Vec<u8> = (0..len as u32).map(|i| (i % 251) as u8).collect();
+        let said = crate::nix::Sha256::digest(&good);
+        cache.check_file_hashes_by(Arc::new(move |_name: String| {
+            Box::pin(async move { Some(said) })
+        }));
+        let mut rotted = good.clone();
+        rotted[len / 2] ^= 0x55;
+        let key = format!("nar/{NAME}");
+        mem.insert(&key, rotted);
+        let read = match get_nar(&cache, &store).await {
+            Ok(NarCacheAnswer::Object(o)) => o.body.try_collect::<Vec<Bytes>>().await.err(),
+            Err(e) => Some(std::io::Error::other(e.to_string())),
+            _ => panic!("{len}: neither served nor refused"),
+        };
+        let e = read.unwrap_or_else(|| panic!("{len}: the rotted NAR was served whole"));
+        let text = format!("{e} {}", logs.text());
+        assert!(
+            text.contains("is not the NAR its narinfo describes"),
+            "{len}: {text}"
+        );
+        assert!(text.contains(&said.to_string()), "{len}: {text}");
+        assert_eq!(cache.usage().0, 0, "{len}: kept");
+        // Fixed in the store: read again, served and kept.
+        mem.insert(&key, good.clone());
+        assert_eq!(body(get_nar(&cache, &store).await.unwrap()).await, good);
+        wait_indexed(&cache, 1).await;
+    }
+}
+
 #[tokio::test]
 async fn eviction_keeps_the_budget() {
     // Room for two of the three 1000-byte NARs, as they take 8 KiB of disk each.

@@ -181,6 +181,9 @@ pub(super) async fn after_load(st: &AppState, live: &Arc<Live>, info: &NarInfo) 
     let nar = info.nar_file().ok();
     if let Some(nar) = &nar {
         st.nar_memory.hint(nar.as_str(), info.file_size).await;
+        st.nar_memory
+            .hint_file_hash(nar.as_str(), info.file_hash)
+            .await;
         // A NAR named after its store path, rebuilt: the copies held are the old build's.
         if st
             .nar_memory

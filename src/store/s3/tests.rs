@@ -99,7 +99,17 @@ async fn error_codes_say_what_failed_whatever_their_status() {
         tokio::spawn(async move { axum::serve(l, app).await });
         for direct in [false, true] {
             let store = store_with(endpoint.clone(), 4, direct).await;
+            // The readiness probe (a listing) says the same.
+            let probed = store.ping().await.map(|()| true);
             let got = store.get("x", None).await.map(|o| o.is_some());
+            let kind = |r: &Result<bool, StoreError>| {
+                format!("{r:?}").split('(').nth(1).map(str::to_owned)
+            };
+            assert_eq!(
+                kind(&probed),
+                kind(&got),
+                "{status} {code}: ping {probed:?}, get {got:?}"
+            );
             let ok = match (want, &got) {
                 ("unavailable", Err(StoreError::Unavailable(m))) => m.contains(code),
                 ("misconfigured", Err(StoreError::Misconfigured(m))) => {
@@ -115,7 +125,9 @@ async fn error_codes_say_what_failed_whatever_their_status() {
 
 /// A 400 to a HEAD has no body to say why: taken for what it most often is, a request signed
 /// for another region than the store's (S3, MinIO and Garage answer so), and said with the key
-/// to check, for objects and for the bucket (the start-up check, `/readyz`).
+/// to check. The readiness probe (a listing, a GET) is told by the code in the body, as a
+/// GET is (`error_codes_say_what_failed_whatever_their_status`): one without a code is a
+/// broken answer.
 #[tokio::test]
 async fn a_head_refused_without_a_reason_points_at_the_region() {
     use axum::response::IntoResponse as _;
@@ -133,7 +145,10 @@ async fn a_head_refused_without_a_reason_points_at_the_region() {
         let got = store.head("x").await.map(|_| ());
         assert!(region(got.clone()), "HEAD, direct {direct}: {got:?}");
         let got = store.ping().await;
-        assert!(region(got.clone()), "ping, direct {direct}: {got:?}");
+        assert!(
+            matches!(&got, Err(StoreError::Other(m)) if m.contains("400")),
+            "ping, direct {direct}: {got:?}"
+        );
         // A GET's 400 without a code (a proxy's page, say) is a broken answer, not a region.
         let got = store.get("x", None).await.map(|_| ());
         assert!(
@@ -855,6 +870,12 @@ pub(super) async fn store_two_days_ahead(
             } else if uri.path().ends_with("/archived") && method == axum::http::Method::GET {
                 let body = "<Error><Code>InvalidObjectState</Code></Error>";
                 (StatusCode::FORBIDDEN, [("date", date)], body).into_response()
+            } else if uri.query().is_some_and(|q| q.contains("list-type=2")) {
+                // The readiness probe's listing of one key: none.
+                let body = "<?xml version=\"1.0\" encoding=\"UTF-8\"?>\
+                    <ListBucketResult><Name>b</Name><KeyCount>0</KeyCount>\
+                    <MaxKeys>1</MaxKeys><IsTruncated>false</IsTruncated></ListBucketResult>";
+                (StatusCode::OK, [("date", date)], body).into_response()
             } else {
                 (
                     StatusCode::OK,
