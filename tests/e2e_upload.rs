@@ -215,18 +215,7 @@ async fn import_brings_the_realisations_of_content_addressed_outputs() {
     assert_eq!(written, 2, "one for each derivation");
 
     let app = App::s3("import-ca");
-    let out = std::process::Command::new(CELLAR)
-        .arg("import")
-        .arg(&dir)
-        .envs(app.direct_store_env())
-        .output()
-        .unwrap();
-    let said = String::from_utf8_lossy(&out.stdout);
-    assert!(
-        out.status.success(),
-        "{said}{}",
-        String::from_utf8_lossy(&out.stderr)
-    );
+    let said = cellar_import(&dir, app.direct_store_env());
     assert!(said.contains(", 2 realisation(s) written"), "{said}");
     let app = app.spawn().await;
     ca_substitute(work.path(), &salt, &app.srv, &top);

@@ -494,18 +494,7 @@ async fn import_adds_the_old_keys_signatures_to_paths_already_pushed() {
         .arg(&f.top);
     run_ok(up);
 
-    let out = std::process::Command::new(CELLAR)
-        .arg("import")
-        .arg(&signed)
-        .envs(app.direct_store_env())
-        .output()
-        .unwrap();
-    let said = String::from_utf8_lossy(&out.stdout);
-    assert!(
-        out.status.success(),
-        "{said}{}",
-        String::from_utf8_lossy(&out.stderr)
-    );
+    let said = cellar_import(&signed, app.direct_store_env());
     let all = f.closure.len();
     assert!(
         said.contains(&format!(

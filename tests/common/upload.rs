@@ -31,6 +31,24 @@ pub fn netrc(dir: &Path, server: &Server, token: &str) -> PathBuf {
     p
 }
 
+/// `cellar import dir` with the store `env` gives, asserted to succeed: what it printed (its
+/// summary).
+pub fn cellar_import(dir: &Path, env: Vec<(String, String)>) -> String {
+    let out = Command::new(super::CELLAR)
+        .arg("import")
+        .arg(dir)
+        .envs(env)
+        .output()
+        .unwrap();
+    let said = String::from_utf8_lossy(&out.stdout).into_owned();
+    assert!(
+        out.status.success(),
+        "{said}{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    said
+}
+
 /// Runs `cmd`, asserts success, returns its stderr (where nix reports progress).
 pub fn run_ok_stderr(mut cmd: Command) -> String {
     let out = cmd.output().unwrap();
