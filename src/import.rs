@@ -48,6 +48,9 @@ pub struct Summary {
     /// Of those skipped, the paths the directory mended: signatures it brings added to the
     /// stored narinfo, or its NAR, missing from the store, copied back.
     pub mended: usize,
+    /// Of those skipped, the paths it could not mend, and why (they stay as they are, and
+    /// count as present: said, not rejected).
+    pub not_mended: Vec<(String, String)>,
     /// Realisations written (new, or the stored one with signatures added).
     pub realisations: usize,
     /// Store path (or file) and why it was refused.
@@ -165,7 +168,13 @@ async fn import_into(
         let label = format!("{store_dir}/{}", info.store_path);
         progress.advance(&label);
         let deriver = info.deriver.clone();
-        let fresh = store.head(&object_key::narinfo(h)).await?.is_none();
+        // One read of what the store holds for the path: nothing (imported), the same build
+        // (mended from the directory), another build, or a narinfo that cannot be read.
+        let stored = match uploader.stored(h).await {
+            Err(Error::Store(s)) if stops(&s) => return Err(s.into()),
+            other => other,
+        };
+        let fresh = matches!(stored, Ok(None));
         // A path whose reference was refused would be refused after its NAR was copied (an
         // orphan): refused before.
         let mut refused_reference = info
@@ -191,7 +200,7 @@ async fn import_into(
         let written = match (fresh, refused_reference) {
             (false, _) => {
                 summary.skipped += 1;
-                match uploader.stored(h).await {
+                match stored {
                     // The same build: the directory may mend it.
                     Ok(Some(stored)) if stored.nar_hash == info.nar_hash => {
                         extras = has_extras(dir, h, deriver.as_ref());
@@ -200,12 +209,19 @@ async fn import_into(
                                 summary.mended += usize::from(mended);
                                 Ok(())
                             }
+                            Err(Error::Store(s)) if stops(&s) => Err(Error::Store(s)),
+                            // Still there as it was: skipped, said, and the paths above it
+                            // imported.
+                            Err(e) if store.head(&object_key::narinfo(h)).await?.is_some() => {
+                                summary.not_mended.push((label.clone(), e.to_string()));
+                                Ok(())
+                            }
+                            // Taken back and not imported again: gone, so rejected.
                             Err(e) => Err(e),
                         }
                     }
                     // Another build (not reproducible), or gone meanwhile: left as it is.
                     Ok(_) => Ok(()),
-                    Err(Error::Store(s)) if stops(&s) => Err(Error::Store(s)),
                     // The stored narinfo cannot be read as one (stored in a coding cellar
                     // does not decode, too large, not a narinfo): the path is in the store
                     // all the same, and the paths above it may refer to it; only its
@@ -439,9 +455,26 @@ async fn mend(
     if !(adds || lacks_nar) {
         return Ok(false);
     }
+    let mut info = info;
+    if !lacks_nar {
+        // Signatures only: the NAR the store holds stands, under the name the stored
+        // narinfo gives (another compression than the directory's, say), which the
+        // directory's narinfo is made to give too (signatures do not cover it), so that no
+        // NAR is copied.
+        info.url.clone_from(&stored.url);
+        info.compression = stored.compression;
+        info.file_hash = stored.file_hash;
+        info.file_size = stored.file_size;
+    }
     let h = info.hash();
     match import_one(dir, uploader, info.clone()).await {
-        Ok(()) => Ok(true),
+        // Mended if it changed: a signature the upload rules leave out (not by one of
+        // `upload.trusted_keys`) adds nothing.
+        Ok(()) => Ok(lacks_nar
+            || uploader
+                .stored(h)
+                .await?
+                .is_some_and(|now| now.sigs != stored.sigs)),
         // Its stored narinfo named a NAR of another name the store lacks, and was taken back
         // (see `Uploader::accept_narinfo`): the directory's build is imported in its place.
         Err(Error::Upload(_)) if store.head(&object_key::narinfo(h)).await?.is_none() => {
@@ -787,7 +820,7 @@ mod tests {
             .await
             .unwrap();
         assert_eq!(s.imported, 1);
-        mem.fail(FailOp::Read, &object_key::narinfo(h), 1, 1);
+        mem.fail(FailOp::Read, &object_key::narinfo(h), 0, 1);
         let stopped = stopped_by_the_store(dir.path(), &mem, &uploader).await;
         assert!(stopped.rejected.is_empty(), "{stopped:?}");
         // Writing a debug info link fails.
@@ -987,6 +1020,32 @@ mod tests {
         assert!(s.rejected.is_empty(), "{:?}", s.rejected);
         let now = uploader.stored(l).await.unwrap().unwrap();
         assert_eq!(now.url, nar);
+
+        // Signatures only, the store holding the NAR under another name than the directory's
+        // (another compression): added, and no NAR copied.
+        let other = format!("nar/{}.nar.xz", "2".repeat(52));
+        let bytes = mem.bytes(&nar).unwrap();
+        mem.remove(&nar);
+        mem.insert(&other, bytes.to_vec());
+        let mut there = now.clone();
+        there.url = other.clone();
+        there.compression = crate::nix::Compression::Xz;
+        there.sigs.clear();
+        mem.insert(&object_key::narinfo(l), there.render("/nix/store"));
+        let s = run().await.unwrap();
+        assert_eq!((s.mended, s.rejected.len()), (1, 0), "{:?}", s.rejected);
+        assert!(mem.bytes(&nar).is_none(), "a NAR was copied");
+        let now = uploader.stored(l).await.unwrap().unwrap();
+        assert_eq!((now.url.as_str(), now.sigs.len()), (other.as_str(), 1));
+
+        // A mend that cannot be made (the NAR gone from the store and from the directory):
+        // said, the path left as it is, nothing rejected.
+        mem.remove(&other);
+        std::fs::remove_file(dir.path().join(&nar)).unwrap();
+        let s = run().await.unwrap();
+        assert_eq!((s.mended, s.not_mended.len()), (0, 1), "{:?}", s.not_mended);
+        assert!(s.rejected.is_empty(), "{:?}", s.rejected);
+        assert!(mem.head(&object_key::narinfo(l)).await.unwrap().is_some());
     }
 
     /// A NAR the store holds bad under the name the directory's narinfo gives (a copy cut

@@ -347,6 +347,9 @@ fn import(dir: &Path, path: Option<&Path>) -> anyhow::Result<ExitCode> {
     for (what, why) in &summary.rejected {
         say!("  rejected {what}: {why}");
     }
+    for (what, why) in &summary.not_mended {
+        say!("  not mended {what}: {why}");
+    }
     if let Some(cause) = stopped {
         eprintln!(
             "cellar: error: the import stopped: {cause}\ncellar: what it imported stays; once \

@@ -128,6 +128,8 @@ impl MissingNars {
     /// would otherwise hide for as long as it remembers the NAR missing. Once per `every`:
     /// the next look is due `every` from now.
     pub async fn to_look_again(&self, file: &str, every: std::time::Duration) -> bool {
+        // A negative TTL of 0 would look on every request.
+        let every = every.max(std::time::Duration::from_secs(1));
         match self.names.get(file).await {
             Some(at) if at.elapsed() >= every => {
                 self.names

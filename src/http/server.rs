@@ -151,14 +151,27 @@ pub async fn serve(
             );
             // Their S3 multipart uploads, which the tasks that would abort them (once their
             // requests are dropped) would not live to do.
-            let aborted = crate::store::s3::abort_unfinished().await;
-            if aborted > 0 {
-                tracing::warn!(aborted, "shutdown: aborted the S3 multipart uploads cut off");
+            // Within a few seconds, all at once: the last access records are written after
+            // this, within the stop timeout the docs give.
+            let aborting = crate::store::s3::abort_unfinished();
+            match tokio::time::timeout(ABORTS_WITHIN, aborting).await {
+                Ok(0) => {}
+                Ok(aborted) => {
+                    tracing::warn!(aborted, "shutdown: aborted the S3 multipart uploads cut off");
+                }
+                Err(_) => tracing::warn!(
+                    "shutdown: the S3 multipart uploads cut off were not all aborted within {} s; \
+                     the staging cleanup of a later start removes them",
+                    ABORTS_WITHIN.as_secs()
+                ),
             }
         }
     }
     Ok(())
 }
+
+/// How long a shutdown gives the aborts of the S3 multipart uploads it cut off.
+const ABORTS_WITHIN: Duration = Duration::from_secs(5);
 
 /// Connections served at once on `metrics_listen`: scrapers and health checks, a few at a
 /// time. More wait in the kernel's backlog.

@@ -2560,7 +2560,7 @@ async fn a_nar_seen_missing_then_served_shows_its_narinfo_again() {
 }
 
 /// A NAR seen missing, then brought back by another path of the same contents uploaded
-/// through another replica: that path (never asked for here) and the first are served once
+/// through another replica: that path (new to this replica) and the first are served once
 /// the NAR is looked for again, at most a negative TTL after it was found missing, not only
 /// once the miss is forgotten (`narinfo_ttl_secs`, ten minutes). Meanwhile it is looked for
 /// once per negative TTL, not for every request.
@@ -2958,20 +2958,42 @@ async fn debug_info_links_wait_for_their_narinfo_and_name_the_stored_nar() {
         StatusCode::NOT_FOUND
     );
 
-    // A link sent with a narinfo for the path already present is dropped: the path keeps
-    // what it has.
+    // Sent again with a narinfo for the path already present and the same NAR (its NAR
+    // was missing, two builders pushed it at once): the path's links, written.
     let moved = sent.replace("/ab/cdef", "/ab/0def");
     assert_eq!(
         put_link(format!("{id}.debug"), moved.clone()).await,
         StatusCode::CREATED
     );
-    let held = st.uploader.debuginfo_held_bytes();
     assert!(put(narinfo_at.clone(), narinfo.into()).await.is_success());
+    let moved_stored = moved.replace(&file, &format!("{file}.zst"));
     assert_eq!(
         get(&st, &format!("/debuginfo/{id}.debug")).await,
-        (StatusCode::OK, stored.clone().into_bytes())
+        (StatusCode::OK, moved_stored.clone().into_bytes())
     );
-    assert_eq!(st.uploader.debuginfo_held_bytes(), held - moved.len());
+    // With another build of the path (not reproducible, another NAR): dropped, the path
+    // keeps what it has.
+    let mut other_nar = b"\x0d\x00\x00\x00\x00\x00\x00\x00nix-archive-1\x00\x00\x00".to_vec();
+    other_nar.extend_from_slice(&[8u8; 1000]);
+    let other_narinfo = narinfo_of("up", &other_nar);
+    let other_file = format!("{}.nar", crate::nix::Sha256::digest(&other_nar).to_nix32());
+    let upload = format!("/upload/nar/{other_file}");
+    assert_eq!(
+        put(upload, Body::from(other_nar)).await,
+        StatusCode::CREATED
+    );
+    let elsewhere = link(&format!("../nar/{other_file}"));
+    assert_eq!(
+        put_link(format!("{id}.debug"), elsewhere.clone()).await,
+        StatusCode::CREATED
+    );
+    let held = st.uploader.debuginfo_held_bytes();
+    assert!(put(narinfo_at, other_narinfo.into()).await.is_success());
+    assert_eq!(
+        get(&st, &format!("/debuginfo/{id}.debug")).await,
+        (StatusCode::OK, moved_stored.into_bytes())
+    );
+    assert_eq!(st.uploader.debuginfo_held_bytes(), held - elsewhere.len());
 
     // Build ids Nix does not index (lld's 8 bytes, md5's 16): not here, a 404 (a fetcher takes
     // a 400 as a hard error); the store is not asked.

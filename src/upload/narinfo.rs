@@ -306,9 +306,25 @@ impl Uploader {
             // A listing sent with it describes the client's NAR, not necessarily the stored
             // one (a non-reproducible path pushed twice): the path keeps what it has.
             self.listings.take(hash);
-            // So do its debug info links.
+            // So do its debug info links, unless they name the very NAR the path has (as
+            // stored): sent again with it (its NAR was missing, or two builders pushed the
+            // path at once), they are the path's.
             if let Some(sent) = info.url.strip_prefix("nar/") {
-                self.drop_debuginfo(sent);
+                // As sent, or re-encoded.
+                let named: Vec<NarFileName> = info
+                    .nar_file()
+                    .into_iter()
+                    .flat_map(|n| {
+                        let stored = self.reencoded(&n).map(|(stored, _)| stored);
+                        std::iter::once(n).chain(stored)
+                    })
+                    .collect();
+                match existing.nar_file() {
+                    Ok(has) if named.contains(&has) => {
+                        self.publish_debuginfo(sent, &has).await;
+                    }
+                    _ => self.drop_debuginfo(sent),
+                }
             }
             // Only by an upload that could have written the path, and whose record (naming
             // the path and its references) is durable, or that a recent record covers: see
