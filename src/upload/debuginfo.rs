@@ -9,8 +9,8 @@
 //! fetchers take without checking a hash. So a link waits in memory, by the NAR it names,
 //! and is written once a narinfo naming that NAR is accepted, by the upload that wrote the
 //! narinfo (naming the NAR as the store holds it, re-encoded or not). Links whose narinfo
-//! does not come within [`HELD_FOR`], or comes for a path already present, are dropped, and
-//! the oldest are when [`HELD_BYTES`] are held. A link is optional: one lost (a restart in
+//! does not come within [`HELD_FOR`], or comes for a path already present with another NAR
+//! (another build), are dropped, and the oldest are when [`HELD_BYTES`] are held. A link is optional: one lost (a restart in
 //! between, the narinfo sent to another replica) leaves the build id without one.
 
 use std::collections::HashMap;
