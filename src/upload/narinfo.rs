@@ -310,17 +310,9 @@ impl Uploader {
             // stored): sent again with it (its NAR was missing, or two builders pushed the
             // path at once), they are the path's.
             if let Some(sent) = info.url.strip_prefix("nar/") {
-                // As sent, or re-encoded.
-                let named: Vec<NarFileName> = info
-                    .nar_file()
-                    .into_iter()
-                    .flat_map(|n| {
-                        let stored = self.reencoded(&n).map(|(stored, _)| stored);
-                        std::iter::once(n).chain(stored)
-                    })
-                    .collect();
                 match existing.nar_file() {
-                    Ok(has) if named.contains(&has) => {
+                    // As sent, or re-encoded (`nar_files`).
+                    Ok(has) if nar_files.contains(&has) => {
                         self.publish_debuginfo(sent, &has).await;
                     }
                     _ => self.drop_debuginfo(sent),

@@ -575,11 +575,7 @@ impl NarCache {
             Ok(Err(e)) => return Started::Failed(StoreError::reading(&format!("nar/{name}"), &e)),
             Err(_) => return Started::Failed(StoreError::Timeout(self.idle_timeout.as_secs())),
         };
-        let said = match self.file_hash_of.get() {
-            Some(of) => of(name.clone()).await,
-            None => None,
-        };
-        if let Some(said) = said {
+        if let Some(said) = self.file_hash_said(&name).await {
             let got = crate::nix::Sha256::digest(&data);
             if got != said {
                 return Started::Failed(StoreError::Other(wrong_bytes(&name, got, said)));
@@ -604,6 +600,13 @@ impl NarCache {
             .await;
         });
         Started::Small(data)
+    }
+
+    /// The `FileHash` narinfos gave `name`, if the cache checks fills against them
+    /// ([`NarCache::check_file_hashes_by`]) and one did.
+    async fn file_hash_said(&self, name: &str) -> Option<crate::nix::Sha256> {
+        let of = self.file_hash_of.get()?;
+        of(name.to_owned()).await
     }
 
     /// Writes a small NAR's file and indexes it (best effort: a failure only means no caching).
@@ -674,10 +677,7 @@ impl NarCache {
         };
         // What its narinfo says its bytes hash to, if one said: checked before the last bytes
         // are told to readers and the file is kept.
-        let expected = match self.file_hash_of.get() {
-            Some(of) => of(name.to_owned()).await,
-            None => None,
-        };
+        let expected = self.file_hash_said(name).await;
         let read = async {
             let mut hasher = Checksummer::default();
             let mut sha = expected.map(|_| <sha2::Sha256 as sha2::Digest>::new());
