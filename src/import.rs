@@ -169,8 +169,10 @@ async fn import_into(
         progress.advance(&label);
         let deriver = info.deriver.clone();
         // One read of what the store holds for the path: nothing (imported), the same build
-        // (mended from the directory), another build, or a narinfo that cannot be read.
-        let stored = match uploader.stored(h).await {
+        // (mended from the directory), another build, or a narinfo that cannot be read. One
+        // the root cannot serve (corrupt, its NAR not under `nar/`) counts as nothing: the
+        // directory's replaces it, as an upload's does.
+        let stored = match uploader.stored_to_replace(h).await {
             Err(Error::Store(s)) if stops(&s) => return Err(s.into()),
             other => other,
         };
@@ -222,10 +224,9 @@ async fn import_into(
                     }
                     // Another build (not reproducible), or gone meanwhile: left as it is.
                     Ok(_) => Ok(()),
-                    // The stored narinfo cannot be read as one (stored in a coding cellar
-                    // does not decode, too large, not a narinfo): the path is in the store
-                    // all the same, and the paths above it may refer to it; only its
-                    // extras are left out.
+                    // The stored narinfo could not be read (stored in a coding cellar
+                    // does not decode, too large): the path is in the store all the same,
+                    // and the paths above it may refer to it; only its extras are left out.
                     Err(err) => {
                         if has_extras(dir, h, deriver.as_ref()) {
                             let what = format!("{label} (its listing or log)");
@@ -633,9 +634,11 @@ mod tests {
         (mem, uploader)
     }
 
-    /// A path already in the store whose stored narinfo cannot be read (written by another
-    /// tool, say) is skipped, with its listing; the paths above it, which refer to it, are
-    /// rejected, saying why: clients could not substitute them (the reference is a 502).
+    /// A path already in the store whose stored narinfo cannot be read (stored in a coding
+    /// cellar does not decode) is skipped, with its listing; the paths above it, which refer
+    /// to it, are rejected, saying why: clients could not substitute them (the reference is a
+    /// 502). One that reads as no narinfo (written by another tool, say) is replaced by the
+    /// directory's, as an upload replaces it.
     #[tokio::test]
     async fn a_stored_narinfo_that_cannot_be_read_leaves_out_only_its_extras() {
         let dir = tempfile::tempdir().unwrap();
@@ -644,17 +647,25 @@ mod tests {
         let (l, _) = write_path(dir.path(), leaf, &[1; 100], &[1; 100], &[]);
         std::fs::write(dir.path().join(format!("{l}.ls")), br#"{"version":1}"#).unwrap();
         let (t, _) = write_path(dir.path(), top, &[2; 100], &[2; 100], &[leaf]);
-        // Not a narinfo, or stored in a coding cellar does not decode.
-        for lz4 in [false, true] {
+        {
             let (mem, uploader) = importer();
             mem.insert(&object_key::narinfo(l), "not a narinfo");
-            if lz4 {
-                mem.set_encoding(&object_key::narinfo(l), "lz4");
-            }
             let s = import_dir(dir.path(), &*mem, &uploader, "/nix/store", &())
                 .await
                 .unwrap();
-            assert_eq!((s.imported, s.skipped), (0, 1), "{lz4}: {:?}", s.rejected);
+            assert_eq!((s.imported, s.skipped), (2, 0), "{:?}", s.rejected);
+            assert!(s.rejected.is_empty(), "{:?}", s.rejected);
+            assert!(uploader.stored(l).await.unwrap().is_some());
+            assert!(mem.head(&object_key::listing(l)).await.unwrap().is_some());
+        }
+        {
+            let (mem, uploader) = importer();
+            mem.insert(&object_key::narinfo(l), "not a narinfo");
+            mem.set_encoding(&object_key::narinfo(l), "lz4");
+            let s = import_dir(dir.path(), &*mem, &uploader, "/nix/store", &())
+                .await
+                .unwrap();
+            assert_eq!((s.imported, s.skipped), (0, 1), "{:?}", s.rejected);
             assert_eq!(s.rejected.len(), 2, "{:?}", s.rejected);
             assert_eq!(
                 s.rejected[0].0,

@@ -922,6 +922,39 @@ async fn a_corrupt_nar_in_the_bucket_is_replaced_by_the_next_copy() {
     );
 }
 
+/// A narinfo in the bucket that cannot be served (here another path's, as a botched copy by
+/// hand leaves; clients get a 502 for it) is absent to builders: the next `nix copy --to`
+/// uploads the path, its narinfo replaces the broken one, and clients substitute it whole.
+/// Before, the upload address answered 502 too and only `cellar verify --repair` mended it.
+#[tokio::test(flavor = "multi_thread")]
+async fn a_narinfo_in_the_bucket_that_cannot_be_served_is_replaced_by_an_upload() {
+    let f = fixture();
+    let (w, wcfg) = token("builder", "write");
+    let app = App::s3("up-narinfo-broken").config(&wcfg).spawn().await;
+    let leaf = f.closure.iter().find(|p| p.ends_with("-leaf")).unwrap();
+    let other = std::fs::read(f.xz_dir.join(format!("{}.narinfo", Fixture::hash(&f.top)))).unwrap();
+    let key = format!("{}.narinfo", Fixture::hash(leaf));
+    s3_put(&app.s3, &format!("{}{key}", app.prefix), other).await;
+    assert_eq!(status(format!("{}/{key}", app.srv.url)).await, 502);
+
+    let work = tempfile::tempdir().unwrap();
+    let n = netrc(work.path(), &app.srv, &w);
+    let upload = format!("{}/upload", app.srv.url);
+    let out = copy_to(&upload, Some(&n), &[leaf.as_str()], work.path(), "broken");
+    assert_ok(&out, "nix copy --to over a narinfo that cannot be served");
+    assert!(
+        String::from_utf8_lossy(&out.stderr).contains("copying path"),
+        "not uploaded: {}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    substitute_and_verify(
+        &app.srv.url,
+        &app.srv.public_key,
+        leaf,
+        &work.path().join("whole"),
+    );
+}
+
 #[tokio::test(flavor = "multi_thread")]
 async fn local_backend_accepts_uploads() {
     let f = fixture();

@@ -665,8 +665,9 @@ async fn pushing_what_the_cache_has_is_a_use() {
     mem.insert(
         &format!("{hash}.narinfo"),
         format!(
-            "StorePath: /nix/store/{hash}-present\nURL: nar/x.nar\nCompression: none\n\
+            "StorePath: /nix/store/{hash}-present\nURL: nar/{}.nar\nCompression: none\n\
              NarHash: sha256:{}\nNarSize: 1\nReferences: \n",
+            "1".repeat(52),
             "1".repeat(52)
         ),
     );

@@ -124,13 +124,21 @@ async fn stored_narinfo(
         // Found present, the builder would skip it in every later copy.
         Some(raw) if st.live().missing_nars.points_to_missing(&raw) => Err(Error::NotFound),
         Some(raw) => {
-            // One that is no narinfo of this path (CRLF, empty, another path's) is the
-            // logged 502 the root answers, not bytes the builder's Nix chokes on.
+            // One the root cannot serve (no narinfo of this path: CRLF, empty, another
+            // path's; or naming its NAR elsewhere than `nar/<file>`) is absent here, so that
+            // the builder uploads the path and its narinfo replaces it (see
+            // Uploader::stored_to_replace), rather than skipping it in every copy.
             let sd = &st.config.store_dir;
-            crate::nix::NarInfo::parse_for(&raw, sd, h).map_err(|reason| Error::BadObject {
-                key: object_key::narinfo(h),
-                reason,
-            })?;
+            let parsed = crate::nix::NarInfo::parse_for(&raw, sd, h)
+                .map(Some)
+                .map_err(|reason| Error::BadObject {
+                    key: object_key::narinfo(h),
+                    reason,
+                });
+            if let Some(why) = crate::upload::unservable(&parsed) {
+                tracing::warn!(key = %object_key::narinfo(h), cause = %why, "stored narinfo cannot be served: absent to builders, whose upload replaces it");
+                return Err(Error::NotFound);
+            }
             st.access.record_path(h);
             Ok(raw)
         }

@@ -57,6 +57,7 @@ use crate::store::{object_key, Store, StoreError};
 use crate::sync::lock;
 
 pub use digest::{FileDigest, Limits, NarDigest};
+pub(crate) use narinfo::unservable;
 pub use realisation::{RealisationStored, MAX_REALISATION_BYTES};
 
 /// Refuses a NAR name no upload may use: the name must be the file's sha256 (52 characters),

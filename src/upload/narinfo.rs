@@ -89,6 +89,21 @@ impl Uploader {
         crate::store::stored_narinfo(&*self.store, hash, &self.store_dir, None).await
     }
 
+    /// The narinfo the store holds for `hash`, as an upload of the path sees it: one that
+    /// cannot be served (not a narinfo of this path, or naming its NAR elsewhere than
+    /// `nar/<file>`: the root answers it 502) is absent, so that the upload replaces it, as
+    /// the upload address says ([`unservable`]). Said in the log.
+    pub async fn stored_to_replace(&self, hash: StorePathHash) -> Result<Option<NarInfo>, Error> {
+        let stored = self.stored(hash).await;
+        match unservable(&stored) {
+            Some(why) => {
+                tracing::warn!(key = %object_key::narinfo(hash), cause = %why, "stored narinfo cannot be served: an upload of the path replaces it");
+                Ok(None)
+            }
+            None => stored,
+        }
+    }
+
     /// The checks of a narinfo against its NAR, its signatures and its references; writes it
     /// if they pass.
     async fn accept_narinfo(
@@ -215,7 +230,7 @@ impl Uploader {
                 if self.known_absent(hash) {
                     Ok(None)
                 } else {
-                    self.stored(hash).await
+                    self.stored_to_replace(hash).await
                 }
             };
             if refused.is_some() {
@@ -247,7 +262,7 @@ impl Uploader {
                 // writes it back), else the client would be told it is there.
                 let existing = match (existing, &recorded) {
                     (Ok(Some(_)), Ok(())) if self.access.is_some() && !nars.is_empty() => {
-                        self.stored(hash).await
+                        self.stored_to_replace(hash).await
                     }
                     (existing, _) => existing,
                 };
@@ -578,6 +593,17 @@ pub(super) const MAX_SIGNATURES: usize = 16;
 
 /// Logs the signatures sent for `published` that `added` left out: not by one of
 /// `upload.trusted_keys`, or beyond [`MAX_SIGNATURES`].
+/// Why a stored narinfo, as read, cannot be served: it is no narinfo of its path, or its NAR
+/// is elsewhere than `nar/<file>` (the root answers both with a logged 502). `None` for one
+/// that can, for none, and for a failed read.
+pub(crate) fn unservable(stored: &Result<Option<NarInfo>, Error>) -> Option<String> {
+    match stored {
+        Err(Error::BadObject { reason, .. }) => Some(reason.to_string()),
+        Ok(Some(info)) => info.nar_file().err().map(|e| e.to_string()),
+        _ => None,
+    }
+}
+
 fn left_out_said(published: &NarInfo, added: &Added) {
     if added.untrusted > 0 {
         tracing::info!(path = %published.store_path, untrusted = added.untrusted, "signatures sent for a published path left out: not by one of upload.trusted_keys");

@@ -215,6 +215,41 @@ async fn published_paths_are_immutable() {
     );
 }
 
+/// A stored narinfo the root cannot serve (not one of its path, or naming its NAR elsewhere
+/// than `nar/`) is no published path: an upload of the path replaces it, with the access
+/// records (the server's uploader) and without (a plain one), and after the upload address
+/// said it absent (`probed_absent`) or not.
+#[tokio::test]
+async fn an_upload_replaces_a_stored_narinfo_that_cannot_be_served() {
+    let nar = nar();
+    let info = narinfo_for(&nar, nar.len());
+    let key = object_key::narinfo(info.hash());
+    let rendered = info.render("/nix/store");
+    let url = format!("URL: {}", info.url);
+    let broken = [
+        rendered.replace('\n', "\r\n"),
+        String::new(),
+        rendered.replace(&url, "URL: http://elsewhere.example/x.nar.xz"),
+    ];
+    for with_access in [false, true] {
+        for b in &broken {
+            let (mem, up) = match with_access {
+                true => uploader_with_access(),
+                false => uploader(),
+            };
+            mem.insert(&key, b.clone());
+            let acc = up
+                .copy_path(info.clone(), |_| async { Ok(body(nar.clone())) }, None)
+                .await
+                .unwrap();
+            assert!(!acc.already_present, "{b:?}");
+            let now = mem.get_bytes(&key, u64::MAX).await.unwrap().unwrap();
+            let now = NarInfo::parse(std::str::from_utf8(&now).unwrap(), "/nix/store").unwrap();
+            assert_eq!(now.url, info.url, "{b:?} replaced");
+        }
+    }
+}
+
 /// Nix's fingerprint lists each reference once; cellar would sign a different one.
 #[tokio::test]
 async fn duplicate_references_are_refused() {
