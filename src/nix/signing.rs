@@ -21,6 +21,12 @@ pub enum KeyError {
     BadName,
     #[error("the part after `:` is not valid base64")]
     BadBase64,
+    /// Keys as Nix's `trusted-public-keys` lists them, space-separated, given as one.
+    #[error(
+        "several keys separated by whitespace: give one key per list item \
+         (`[\"a:…\", \"b:…\"]`; comma-separated in a CELLAR_* variable)"
+    )]
+    SeveralKeys,
     #[error("the key has {got} bytes, expected {expected}")]
     BadLength { got: usize, expected: usize },
     #[error(
@@ -43,7 +49,11 @@ pub enum KeyError {
 }
 
 fn split_named(s: &str, expected: usize) -> Result<(&str, Vec<u8>), KeyError> {
-    let (name, b64) = s.trim().split_once(':').ok_or(KeyError::NoName)?;
+    let s = s.trim();
+    if s.split_whitespace().filter(|w| w.contains(':')).count() > 1 {
+        return Err(KeyError::SeveralKeys);
+    }
+    let (name, b64) = s.split_once(':').ok_or(KeyError::NoName)?;
     if name.is_empty() || name.chars().any(char::is_whitespace) {
         return Err(KeyError::BadName);
     }
@@ -274,6 +284,9 @@ mod tests {
     #[test]
     fn malformed_keys() {
         assert_eq!("abc".parse::<SecretKey>().unwrap_err(), KeyError::NoName);
+        // As `trusted-public-keys` lists them.
+        let two = "a:11qvsiUY6RIwU7BRz1zS4HS1bFQVaq9VW5MLzKlYF5c= b:22qvsiUY6RIwU7BRz1zS4HS1bFQVaq9VW5MLzKlYF5c=";
+        assert_eq!(two.parse::<PublicKey>().unwrap_err(), KeyError::SeveralKeys);
         assert_eq!(":AAAA".parse::<SecretKey>().unwrap_err(), KeyError::BadName);
         assert_eq!(
             "k:!!".parse::<SecretKey>().unwrap_err(),
