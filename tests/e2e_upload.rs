@@ -288,6 +288,31 @@ async fn ca_round_trip(bucket: &str, signed: bool) {
         .arg(&n);
     ca_expr(&mut up, &salt);
     run_ok(up);
+    if signed {
+        // The derivations too (`.drv` files: text content-addressed paths, which the builder's
+        // `secret-key-files` does not sign), as a CI caching its evaluations does: taken
+        // unsigned on their `CA:`, as Nix takes them.
+        let mut drvs = nix("nix", &work.path().join("xdg-up"));
+        drvs.args([
+            "copy",
+            "--derivation",
+            "--to",
+            &srv.url,
+            "--option",
+            "netrc-file",
+        ])
+        .arg(&n);
+        ca_expr(&mut drvs, &salt);
+        run_ok(drvs);
+        let mut inst = nix("nix-instantiate", &work.path().join("xdg-up"));
+        inst.args([CA, "ca-derivations"])
+            .arg(Path::new(env!("CARGO_MANIFEST_DIR")).join("tests/fixtures/ca.nix"))
+            .args(["--argstr", "salt", &salt]);
+        let drv = run_ok(inst).trim().to_owned();
+        let hash = &drv.trim_start_matches("/nix/store/")[..32];
+        let served = status(format!("{}/{hash}.narinfo", srv.url)).await;
+        assert_eq!(served, 200, "{drv}");
+    }
     let realisations = |method: &'static str, status: &'static str| {
         let labels = [
             "route=\"realisation\"".to_owned(),

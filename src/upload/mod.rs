@@ -146,6 +146,9 @@ struct VerifiedNar {
     /// The file as the client sent it, when this process saw the upload.
     uploaded_file: Option<FileDigest>,
     nar: FileDigest,
+    /// The contents' hash of a NAR of one regular file (see [`NarDigest::flat`]), if it was
+    /// read here (not from a digest record).
+    flat: Option<crate::nix::Sha256>,
     /// The collectors' announcements, read once this NAR's upload record was written.
     announced: Option<Announced>,
 }
@@ -827,6 +830,7 @@ impl Uploader {
                 stored_file: d.output,
                 uploaded_file: Some(d.input),
                 nar: d.nar,
+                flat: d.flat,
                 announced,
             },
         );
@@ -1070,6 +1074,7 @@ impl Uploader {
                 stored_file: d.input,
                 uploaded_file: None,
                 nar: d.nar,
+                flat: d.flat,
                 announced: None,
             };
             self.remember(object_key::nar(name), v.clone());
@@ -1138,6 +1143,7 @@ impl Uploader {
             stored_file: d.output,
             uploaded_file: None,
             nar: d.nar,
+            flat: None,
             announced: None,
         })
     }

@@ -113,6 +113,8 @@ pub fn parse(file: &NarFileName, text: &[u8]) -> Option<NarDigest> {
             size: nar_size?,
         },
         output: file_digest,
+        // Records do not keep it: a narinfo needing it has its NAR read back.
+        flat: None,
     })
 }
 
@@ -133,6 +135,7 @@ mod tests {
                 size: 6 << 20,
             },
             output: f,
+            flat: None,
         }
     }
 

@@ -9,8 +9,9 @@ use bytes::Bytes;
 use futures::{Stream, StreamExt as _, TryStreamExt as _};
 
 use super::gc_guard::TakenBack;
-use super::{rejected, Accepted, Uploader};
+use super::{rejected, Accepted, Uploader, VerifiedNar};
 use crate::error::Error;
+use crate::nix::content_address::{self, Claim};
 use crate::nix::{NarFileName, NarInfo, StorePathBaseName, StorePathHash};
 use crate::store::{object_key, StoreError};
 use crate::upstream::Upstreams;
@@ -76,12 +77,41 @@ impl Uploader {
                 )));
             }
         }
-        if !self.trusted_keys.is_empty() && !info.is_signed_by_any(&self.trusted_keys, sd) {
+        // A content-addressed path (`nix store add-path`, `builtins.toFile`, a `.drv`), which
+        // a builder's `secret-key-files` never signs, passes on its `CA:`, as it does in Nix:
+        // the contents are checked against it once the NAR is ([`Self::check_contents`]).
+        if !self.trusted_keys.is_empty()
+            && !info.is_signed_by_any(&self.trusted_keys, sd)
+            && content_address::certified(info, sd).is_none()
+        {
             return Err(rejected(
                 "the narinfo is not signed by any of upload.trusted_keys",
             ));
         }
         Ok(())
+    }
+
+    /// A narinfo that [`Self::check_alone`] let through unsigned for its content address:
+    /// its NAR (`v`, whose NarHash the narinfo's matches) must hold what that address claims.
+    fn check_contents(&self, info: &NarInfo, v: &VerifiedNar) -> Result<(), Error> {
+        let sd = &self.store_dir;
+        if self.trusted_keys.is_empty() || info.is_signed_by_any(&self.trusted_keys, sd) {
+            return Ok(());
+        }
+        let holds = match content_address::certified(info, sd) {
+            Some(Claim::Recursive(h)) => h == v.nar.hash,
+            Some(Claim::Flat(h) | Claim::Text(h)) => v.flat == Some(h),
+            None => false,
+        };
+        if holds {
+            return Ok(());
+        }
+        Err(rejected(format!(
+            "the narinfo is not signed by any of upload.trusted_keys, and its NAR does not \
+             hold what its CA: {} claims (or was checked by its digest record alone: sign \
+             the path)",
+            info.ca.as_deref().unwrap_or_default()
+        )))
     }
 
     /// The narinfo the store holds for `hash`, parsed.
@@ -399,6 +429,7 @@ impl Uploader {
                 info.nar_size, v.nar.size
             )));
         }
+        self.check_contents(&info, &v)?;
         references?;
 
         // Point the narinfo at what is stored (the signature does not cover these fields).

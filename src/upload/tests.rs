@@ -1255,6 +1255,130 @@ async fn an_unsigned_narinfo_is_refused_before_the_store_is_asked() {
     assert!(acc.already_present);
 }
 
+/// A NAR string: length, bytes, zeros to a multiple of 8.
+fn nar_token(s: &[u8], out: &mut Vec<u8>) {
+    out.extend_from_slice(&(s.len() as u64).to_le_bytes());
+    out.extend_from_slice(s);
+    out.resize(out.len().next_multiple_of(8), 0);
+}
+
+/// The NAR of one regular file, or of a directory holding it as `a`.
+fn one_file_nar(contents: &[u8], in_dir: bool) -> Bytes {
+    let mut n = Vec::new();
+    let mut t = |s: &str| nar_token(s.as_bytes(), &mut n);
+    t("nix-archive-1");
+    t("(");
+    if in_dir {
+        for s in ["type", "directory", "entry", "(", "name", "a", "node", "("] {
+            t(s);
+        }
+    }
+    t("type");
+    t("regular");
+    t("contents");
+    nar_token(contents, &mut n);
+    let closes = if in_dir { 3 } else { 1 };
+    for _ in 0..closes {
+        nar_token(b")", &mut n);
+    }
+    Bytes::from(n)
+}
+
+/// With `upload.trusted_keys`, a content-addressed path passes unsigned, as Nix lets it in
+/// (a builder's `secret-key-files` signs none: `nix store add-path`, `builtins.toFile`,
+/// `.drv` files), if its path is the one its `CA:` gives and its NAR holds what that claims:
+/// paths the real Nix made, and the same paths with other contents.
+#[tokio::test]
+async fn unsigned_content_addressed_paths_pass_trusted_keys_on_their_contents() {
+    let key = crate::nix::SecretKey::generate("builder-1").unwrap();
+    let dir = one_file_nar(b"x\n", true);
+    // `nix store add-path` of a directory holding `a`: its CA is its NAR's hash.
+    assert_eq!(
+        Sha256::digest(&dir).to_nix32(),
+        "16bgv7k5078n3n4zg41hnybrc4fa0j6q8cyx31qc9p2qwp9xsgib"
+    );
+    let cases = [
+        // (path, CA, NAR, passes)
+        (
+            "h97b2v1mpva3fwnjbrr4yfdjyndj04fl-d",
+            "fixed:r:sha256:16bgv7k5078n3n4zg41hnybrc4fa0j6q8cyx31qc9p2qwp9xsgib",
+            dir.clone(),
+            true,
+        ),
+        (
+            "h97b2v1mpva3fwnjbrr4yfdjyndj04fl-d",
+            "fixed:r:sha256:16bgv7k5078n3n4zg41hnybrc4fa0j6q8cyx31qc9p2qwp9xsgib",
+            one_file_nar(b"y\n", true),
+            false,
+        ),
+        (
+            "d4b4lmbd433fa2xcdysz7p7zahnqh1z4-f.txt",
+            "fixed:sha256:00xyyr3fi8l6hb839bv3f7yb86yjv7xi1cgh1xnhipym4asvb4aq",
+            one_file_nar(b"hello\n", false),
+            true,
+        ),
+        (
+            "d4b4lmbd433fa2xcdysz7p7zahnqh1z4-f.txt",
+            "fixed:sha256:00xyyr3fi8l6hb839bv3f7yb86yjv7xi1cgh1xnhipym4asvb4aq",
+            one_file_nar(b"hellO\n", false),
+            false,
+        ),
+        (
+            "d4b4lmbd433fa2xcdysz7p7zahnqh1z4-f.txt",
+            "fixed:sha256:00xyyr3fi8l6hb839bv3f7yb86yjv7xi1cgh1xnhipym4asvb4aq",
+            one_file_nar(b"hello\n", true),
+            false,
+        ),
+        (
+            "v0lh0k7cm9jbiq3b6ccbr86imvzpibn3-u.txt",
+            "text:sha256:1mha3hgpyv8cq0qvn27049a8pyd21h6wwxgw7b5cf8f3f1g97zhb",
+            one_file_nar(b"u", false),
+            true,
+        ),
+        (
+            "v0lh0k7cm9jbiq3b6ccbr86imvzpibn3-u.txt",
+            "text:sha256:1mha3hgpyv8cq0qvn27049a8pyd21h6wwxgw7b5cf8f3f1g97zhb",
+            one_file_nar(b"v", false),
+            false,
+        ),
+    ];
+    for (path, ca, nar, passes) in cases {
+        let mem = Arc::new(MemoryStore::new());
+        let store: Arc<dyn Store> = mem.clone();
+        let mut cfg = Config::default();
+        cfg.upload.trusted_keys = vec![key.public()];
+        let up = Uploader::new(&cfg.upload, &cfg.store_dir, store);
+        let mut info = narinfo_at(
+            path,
+            &nar,
+            &format!("nar/{}.nar", Sha256::digest(&nar).to_nix32()),
+        );
+        info.ca = Some(ca.to_owned());
+        // Its path not the one its CA gives: refused before anything is copied.
+        let mut other = info.clone();
+        other.ca = Some(format!("{}aaaa", &ca[..ca.len() - 4]));
+        let got = up
+            .copy_path(other, |_| async { Ok(body(nar.clone())) }, None)
+            .await;
+        assert!(
+            matches!(&got, Err(Error::Upload(UploadError::Rejected(m))) if m.contains("trusted_keys")),
+            "{path}: {got:?}"
+        );
+        let got = up
+            .copy_path(info.clone(), |_| async { Ok(body(nar.clone())) }, None)
+            .await;
+        match passes {
+            true => assert!(got.is_ok(), "{path}: {got:?}"),
+            false => assert!(
+                matches!(&got, Err(Error::Upload(UploadError::Rejected(m))) if m.contains("CA:")),
+                "{path}: {got:?}"
+            ),
+        }
+        let written = mem.head(&object_key::narinfo(info.hash())).await.unwrap();
+        assert_eq!(written.is_some(), passes, "{path}");
+    }
+}
+
 /// Each check of a narinfo against its NAR refuses the narinfo that fails it, with a message
 /// that says which; the narinfo that passes them all is written.
 #[tokio::test]

@@ -14,6 +14,8 @@ use crate::error::{Error, UploadError};
 use crate::nix::{Compression, Sha256};
 use crate::store::ObjectWriter;
 
+mod flat;
+
 /// What a NAR file hashes to.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub struct FileDigest {
@@ -33,6 +35,9 @@ pub struct NarDigest {
     pub nar: FileDigest,
     /// Of the bytes written to the store (equal to `input` without recompression).
     pub output: FileDigest,
+    /// Of the contents of the one regular file the NAR holds, if it is one (what Nix's flat
+    /// and text content addresses hash).
+    pub flat: Option<Sha256>,
 }
 
 /// What one run of the pipeline may consume: bounds that keep a hostile or broken upload from
@@ -231,6 +236,7 @@ impl Write for Encoder {
 /// Receives the decompressed NAR: hashes it, checks the magic, feeds the re-encoder.
 struct NarSink {
     hash: Hashing,
+    flat: flat::FlatFile,
     head: Vec<u8>,
     encoder: Option<Encoder>,
     /// A decompression bomb stops here, before it is hashed, re-encoded or stored.
@@ -262,6 +268,7 @@ impl Write for NarSink {
             return Err(io::Error::other(NarTooLarge));
         }
         self.hash.update(b);
+        self.flat.update(b);
         if let Some(e) = &mut self.encoder {
             e.write_all(b)?;
         }
@@ -446,6 +453,7 @@ where
         let reencoding = encoder.is_some();
         let sink = NarSink {
             hash: Hashing::new(),
+            flat: flat::FlatFile::default(),
             head: Vec::with_capacity(NAR_MAGIC.len()),
             encoder,
             max_bytes: limits.max_nar_bytes,
@@ -485,6 +493,7 @@ where
         }
         let input = input_hash.finish();
         let nar = sink.hash.finish();
+        let flat = sink.flat.finish();
         let output = match sink.encoder {
             Some(e) => {
                 let mut out = e.finish().map_err(|e| {
@@ -502,6 +511,7 @@ where
             input,
             nar,
             output,
+            flat,
         })
     });
 

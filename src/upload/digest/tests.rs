@@ -109,6 +109,7 @@ fn capabilities_match_the_codecs() {
     for c in Compression::ALL {
         let sink = NarSink {
             hash: Hashing::new(),
+            flat: super::flat::FlatFile::default(),
             head: Vec::new(),
             encoder: None,
             max_bytes: u64::MAX,
