@@ -241,6 +241,7 @@ fn check_config(path: Option<&Path>) -> anyhow::Result<()> {
     if let Some(dir) = &cfg.cache.nar_dir {
         cellar::cache::nar::check_dir(dir).context("cache.nar_dir")?;
     }
+    local_store_to_create(&cfg)?;
     say!("configuration is valid");
     Ok(())
 }
@@ -293,7 +294,7 @@ fn import(dir: &Path, path: Option<&Path>) -> anyhow::Result<ExitCode> {
         .context("starting the async runtime")?;
     // Created, so that a new cache can be filled before its server first starts; said, as a
     // relative path lands wherever the command was run.
-    if let Some(shown) = local_store_to_create(&cfg) {
+    if let Some(shown) = local_store_to_create(&cfg)? {
         eprintln!(
             "cellar: store.path {} does not exist: creating it (a relative path is taken \
              from the working directory)",
@@ -404,13 +405,21 @@ fn written(text: &str) -> std::io::Result<()> {
 }
 
 /// The local store's directory, as an absolute path, if it does not exist (opening the store
-/// creates it).
-fn local_store_to_create(cfg: &Config) -> Option<PathBuf> {
-    match &cfg.store.backend {
-        StoreBackend::Local(l) if !l.path.is_dir() => {
-            Some(std::path::absolute(&l.path).unwrap_or_else(|_| l.path.clone()))
-        }
-        _ => None,
+/// creates it); an error naming `store.path` if it is something else than a directory.
+fn local_store_to_create(cfg: &Config) -> anyhow::Result<Option<PathBuf>> {
+    let StoreBackend::Local(l) = &cfg.store.backend else {
+        return Ok(None);
+    };
+    let shown = std::path::absolute(&l.path).unwrap_or_else(|_| l.path.clone());
+    match std::fs::metadata(&l.path) {
+        Ok(m) if m.is_dir() => Ok(None),
+        Ok(_) => anyhow::bail!(
+            "config key `store.path`: {} is not a directory",
+            shown.display()
+        ),
+        Err(e) if e.kind() == std::io::ErrorKind::NotFound => Ok(Some(shown)),
+        // Not to be told here (a parent not searchable): opening the store says why.
+        Err(_) => Ok(None),
     }
 }
 
@@ -481,7 +490,7 @@ fn serve_configured(
     // An empty cache: right on a first start, a mistake otherwise (a typo, a relative path
     // from another directory, a container volume mounted elsewhere), which would fill a
     // directory nobody keeps.
-    if let Some(shown) = local_store_to_create(&cfg) {
+    if let Some(shown) = local_store_to_create(&cfg)? {
         tracing::warn!(
             "store.path {} does not exist: creating it, an empty cache (a relative path is \
              taken from the working directory)",
@@ -549,11 +558,7 @@ fn serve_configured(
             .with_context(|| format!("config key `listen`: cannot bind {}", cfg.listen))?;
         // With `listen = 127.0.0.1:0` the kernel picks the port: this is the address to use.
         let addr = listener.local_addr().context("reading the bound address")?;
-        tracing::info!(
-            listen = %addr,
-            store = %store.describe(),
-            "cellar serving"
-        );
+        let described = store.describe();
         let metrics_listener = match cfg.metrics_listen {
             Some(m) => Some(bind_metrics(m).await?),
             None => None,
@@ -573,6 +578,9 @@ fn serve_configured(
         let flusher = access.spawn_flusher(state.config.gc.access_flush_interval);
         // Once start-up cannot fail any more: a store read cut by an exit is no finding.
         spawn_store_check(store_check.0, store_check.1, store_check.2);
+        // Only now: every start-up error (the metrics address taken, the NAR cache another
+        // cellar's) comes before it, so a journal saying it is one of a server that serves.
+        tracing::info!(listen = %addr, store = %described, "cellar serving");
         announce(addr);
         cellar::systemd::ready(&format!("serving on {addr}"));
         cellar::systemd::spawn_watchdog();

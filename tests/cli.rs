@@ -185,6 +185,13 @@ fn check_config_refuses_what_serve_would() {
     let (ok, err) = check(vec![("CELLAR_CACHE__NAR_DIR", new.clone().into())]);
     assert!(ok, "{err}");
     assert!(!new.exists(), "check-config made {}", new.display());
+    // A local store's path that is a file (a key file, given by mistake): named, not warned
+    // of as missing and then failing on "File exists".
+    let (ok, err) = check(vec![("CELLAR_STORE__PATH", d.path().join("a.sec").into())]);
+    assert!(
+        !ok && err.contains("store.path") && err.contains("is not a directory"),
+        "{err}"
+    );
 }
 
 /// `check-config` says which keys of the file the environment overrides; the variables
@@ -727,6 +734,8 @@ fn a_nar_cache_in_someone_elses_directory_is_refused() {
     let err = String::from_utf8_lossy(&out.stderr);
     assert!(!out.status.success(), "{err}");
     assert!(err.contains("cache.nar_dir"), "{err}");
+    // Not said to be serving before it gave up: an operator greps the journal for it.
+    assert!(!err.contains("cellar serving"), "{err}");
     assert_eq!(std::fs::read(shared.join("notes.txt")).unwrap(), b"keep me");
 
     // The working directory, where the first start put the signing key.

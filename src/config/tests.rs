@@ -380,6 +380,32 @@ fn invalid_values_name_their_source() {
     });
 }
 
+/// Values that would be accepted and misbehave: a priority Nix 2.8 cannot read (`stoi`), one
+/// token given twice (the last entry's scopes would decide).
+#[test]
+fn values_that_would_misbehave_are_refused() {
+    assert!(from_toml("priority = 2147483647").is_ok());
+    let e = from_toml("priority = 2147483648").unwrap_err().to_string();
+    assert!(e.starts_with("config key `priority`"), "{e}");
+    let token = |name: &str, scope: &str| {
+        format!(
+            "[[auth.tokens]]\nname = \"{name}\"\nhash = \"sha256:{}\"\nscopes = [\"{scope}\"]\n",
+            "0".repeat(64)
+        )
+    };
+    let e = from_toml(&format!(
+        "{}{}",
+        token("ci", "write"),
+        token("ci-ro", "read")
+    ))
+    .unwrap_err()
+    .to_string();
+    assert!(
+        e.starts_with("config key `auth.tokens[1].hash`") && e.contains("auth.tokens[0] (\"ci\")"),
+        "{e}"
+    );
+}
+
 #[test]
 fn upstreams_and_cache() {
     let c = from_toml(

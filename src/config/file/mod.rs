@@ -232,6 +232,17 @@ impl ConfigFile {
                 format!("{sd:?} must be an absolute path without a trailing `/`"),
             ));
         }
+        // Nix 2.8 reads it as an `int` (`stoi`): more fails every command using the cache.
+        if self.priority > i32::MAX as u32 {
+            return Err(ConfigError::invalid(
+                "priority",
+                format!(
+                    "{} is more than Nix reads (at most {})",
+                    self.priority,
+                    i32::MAX
+                ),
+            ));
+        }
         let store = self.store.validate()?;
         let s3 = matches!(store.backend, StoreBackend::S3(_));
         Ok(Config {
@@ -490,6 +501,17 @@ impl AuthSection {
                 return Err(ConfigError::invalid(
                     format!("auth.tokens[{i}].scopes"),
                     format!("token {:?} has no scope", t.name),
+                ));
+            }
+            // Two entries of one hash are one token: the last one's scopes would decide, and
+            // deleting the other to revoke it would leave it working.
+            if let Some(first) = tokens.iter().position(|o: &TokenConfig| o.hash == hash) {
+                return Err(ConfigError::invalid(
+                    format!("auth.tokens[{i}].hash"),
+                    format!(
+                        "token {:?} has the hash of auth.tokens[{first}] ({:?}): one entry per token",
+                        t.name, tokens[first].name
+                    ),
                 ));
             }
             tokens.push(TokenConfig {
