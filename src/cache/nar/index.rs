@@ -21,7 +21,7 @@ pub(super) enum Verified {
 }
 
 /// The allocation unit assumed for the cache's file system (ext4, XFS and btrfs default to it).
-const BLOCK: u64 = 4096;
+pub(super) const BLOCK: u64 = 4096;
 
 /// The disk space a cached NAR of `size` bytes takes: its file rounded up to whole blocks,
 /// and one block for its `.meta`. A 1 KiB NAR takes 8 KiB; a 100 MiB one, 4 KiB more.

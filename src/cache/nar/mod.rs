@@ -241,6 +241,27 @@ impl NarCache {
         if let Some((name, e)) = failed.first() {
             tracing::warn!(files = failed.len(), nar = %name, cause = %e, "NAR cache: cannot read some files from before the restart; each is looked at on its first use");
         }
+        // One the budget no longer admits (it shrank since: over half of it) goes alone: kept,
+        // and used last, it would be what the budget evicts the others for.
+        let (kept, oversized): (Vec<_>, Vec<_>) = {
+            let index = self.index();
+            found.into_iter().partition(|(_, f)| index.admits(f.size))
+        };
+        let mut found = kept;
+        if !oversized.is_empty() {
+            let bytes: u64 = oversized.iter().map(|(_, f)| f.size).sum();
+            tracing::info!(
+                files = oversized.len(),
+                bytes,
+                "NAR cache: files from before the restart over half of cache.nar_max_bytes removed"
+            );
+            for (name, _) in oversized {
+                let _names = lock(&self.names);
+                if self.index().take_pending(&name) {
+                    self.disk.remove(&name);
+                }
+            }
+        }
         found.sort_by(|(na, a), (nb, b)| (a.used, na).cmp(&(b.used, nb)));
         // Newest first, each batch placed before those in the index: the order of use is
         // kept, and requests wait for one batch at most, not for the whole cache.
@@ -261,7 +282,13 @@ impl NarCache {
             seconds = started.elapsed().as_secs_f64(),
             "NAR cache: the files from before the restart are indexed"
         );
-        self.evict();
+        let evicted = self.evict();
+        if evicted > 0 {
+            tracing::info!(
+                files = evicted,
+                "NAR cache: files from before the restart removed, least recently used first, to keep within cache.nar_max_bytes"
+            );
+        }
         self.changed();
     }
 
@@ -691,14 +718,17 @@ impl NarCache {
     /// files are removed on the blocking pool (a large NAR may evict thousands of small ones,
     /// and unlinking them would hold an async worker that long). A NAR filled again under the
     /// same name meanwhile keeps its new files.
-    fn evict(self: &Arc<Self>) {
+    /// Evicts what the budget no longer holds; how many NARs that was.
+    fn evict(self: &Arc<Self>) -> usize {
         let victims = self.index().evict();
+        let evicted = victims.len();
         if victims.is_empty() {
-            return;
+            return 0;
         }
         for name in &victims {
             tracing::debug!(nar = %name, "NAR cache: evicted");
         }
+
         let this = Arc::clone(self);
         let remove = move || {
             for name in &victims {
@@ -710,6 +740,7 @@ impl NarCache {
             Ok(rt) => drop(rt.spawn_blocking(remove)),
             Err(_) => remove(),
         }
+        evicted
     }
 
     /// Whether writing `need` more bytes should be skipped: during a disk-full pause, or if

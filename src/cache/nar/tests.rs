@@ -6,7 +6,7 @@ use std::time::Duration;
 use bytes::Bytes;
 use futures::TryStreamExt as _;
 
-use super::index::footprint;
+use super::index::{footprint, BLOCK};
 use super::{NarCache, NarCacheAnswer};
 use crate::nix::NarFileName;
 use crate::store::memory::{MemoryStore, RangeFault};
@@ -1017,6 +1017,45 @@ fn a_restart_orders_files_by_their_last_use() {
     let cache = NarCache::open_scanned(d.path(), 2 * footprint(10), Duration::from_secs(30));
     assert_eq!(cache.index().by_use(), [names[2], names[0]]);
     assert!(!d.path().join(names[1]).exists());
+}
+
+/// A budget shrunk below twice a NAR's size since the last run: that NAR goes, even if it was
+/// used last, and the others, which fit, stay (indexed, it would have evicted them first).
+#[test]
+fn a_restart_with_a_smaller_budget_drops_only_the_nar_it_no_longer_admits() {
+    use std::fs::FileTimes;
+    use std::time::{Duration as D, UNIX_EPOCH};
+    let d = tempfile::tempdir().unwrap();
+    drop(NarCache::open_scanned(
+        d.path(),
+        1 << 30,
+        Duration::from_secs(30),
+    ));
+    let names = [
+        "07yp7gw2d9vmfgl2rd063i75qwkfbrgvqngp5yz2pk6iadzlckh7.nar",
+        "17yp7gw2d9vmfgl2rd063i75qwkfbrgvqngp5yz2pk6iadzlckh7.nar",
+        "27yp7gw2d9vmfgl2rd063i75qwkfbrgvqngp5yz2pk6iadzlckh7.nar",
+    ];
+    let big = 5 * BLOCK as usize;
+    let at = |s: u64| UNIX_EPOCH + D::from_secs(1_700_000_000 + s);
+    for (i, (name, size)) in names.iter().zip([10, 10, big]).enumerate() {
+        let data = vec![1u8; size];
+        let meta = format!("{size} {}\n", super::disk::Checksum::of(&data).render());
+        std::fs::write(d.path().join(format!("{name}.meta")), meta).unwrap();
+        let path = d.path().join(name);
+        std::fs::write(&path, &data).unwrap();
+        let f = std::fs::File::options().write(true).open(&path).unwrap();
+        let t = at(10 * i as u64);
+        f.set_times(FileTimes::new().set_modified(t).set_accessed(t))
+            .unwrap();
+    }
+    // Room for all three before; now the big one is over half of it.
+    let budget = 2 * footprint(big as u64) - 1;
+    assert!(budget >= 2 * footprint(10) + footprint(big as u64));
+    let cache = NarCache::open_scanned(d.path(), budget, Duration::from_secs(30));
+    assert_eq!(cache.index().by_use(), [names[0], names[1]]);
+    assert!(!d.path().join(names[2]).exists());
+    assert!(d.path().join(names[0]).exists() && d.path().join(names[1]).exists());
 }
 
 #[test]
