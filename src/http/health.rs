@@ -121,7 +121,13 @@ async fn ask_store(st: &AppState) -> (StatusCode, &'static str) {
             } else {
                 tracing::debug!(cause = %e, %store, "not ready");
             }
-            (StatusCode::SERVICE_UNAVAILABLE, "store unavailable\n")
+            // Credentials refused, a bucket missing, a wrong region: for the operator to fix,
+            // not a store down.
+            let text = match e {
+                crate::store::StoreError::Misconfigured(_) => "store misconfigured\n",
+                _ => "store unavailable\n",
+            };
+            (StatusCode::SERVICE_UNAVAILABLE, text)
         }
         Err(_) => timed_out(st, news),
     }

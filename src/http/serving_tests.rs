@@ -486,6 +486,18 @@ async fn status_says_whether_the_store_answers() {
     mem.set_down(true);
     tokio::time::advance(super::health::SHARED * 2).await;
     assert_eq!(state_of(st.clone()).await, "store unavailable");
+    // Up, but refusing the credentials (a bad rotation): for the operator to fix.
+    mem.set_down(false);
+    mem.set_misconfigured(true);
+    tokio::time::advance(super::health::SHARED * 2).await;
+    assert_eq!(state_of(st.clone()).await, "store misconfigured");
+    assert_eq!(
+        get(&st, "/readyz").await,
+        (
+            StatusCode::SERVICE_UNAVAILABLE,
+            b"store misconfigured\n".to_vec()
+        )
+    );
 }
 
 /// A narinfo missed while an upstream could not be asked is a 404 that is not kept: not in

@@ -93,6 +93,8 @@ pub struct MemoryStore {
     lists: AtomicUsize,
     pings: AtomicUsize,
     down: AtomicBool,
+    /// Pings answered as a store refusing the credentials would.
+    misconfigured: AtomicBool,
     latency_ms: AtomicUsize,
     hooks: Arc<Mutex<Vec<(String, Hook)>>>,
     /// Run after each deletion of a key under their prefix (see [`MemoryStore::after_delete`]).
@@ -346,6 +348,11 @@ impl MemoryStore {
         self.down.store(down, Ordering::SeqCst);
     }
 
+    /// While set, pings fail as a store refusing the credentials does.
+    pub fn set_misconfigured(&self, misconfigured: bool) {
+        self.misconfigured.store(misconfigured, Ordering::SeqCst);
+    }
+
     fn lookup(&self, key: &str) -> Result<Option<Bytes>, StoreError> {
         self.gets.fetch_add(1, Ordering::SeqCst);
         if self.down.load(Ordering::SeqCst) {
@@ -448,6 +455,9 @@ impl Store for MemoryStore {
         self.delay().await;
         if self.down.load(Ordering::SeqCst) {
             return Err(StoreError::Unavailable("memory store is down".into()));
+        }
+        if self.misconfigured.load(Ordering::SeqCst) {
+            return Err(StoreError::Misconfigured("access denied".into()));
         }
         Ok(())
     }
