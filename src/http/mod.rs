@@ -251,9 +251,16 @@ async fn check(st: &AppState, req: Request, next: Next, scope: Scope, root: bool
             }
             Error::Forbidden("invalid token").into_response()
         }
-        Decision::InsufficientScope(_) => {
-            if scope == Scope::Write {
-                warn_refused_upload(st, "a token without the write scope");
+        Decision::InsufficientScope(name) => {
+            // Said apart from the unknown tokens' refusals (one would hide the other for a
+            // minute), with the token's name: a known builder whose scope is wrong.
+            if scope == Scope::Write && once_a_minute(&st.refused_scope_warned) {
+                tracing::warn!(
+                    token = %name,
+                    "an upload with token {name:?}, which has no write scope, was refused \
+                     (403): give it `scopes = [\"write\"]` in auth.tokens, or the builder a \
+                     write token (said at most once a minute)"
+                );
             }
             Error::Forbidden("this token may not do that (scope)").into_response()
         }

@@ -64,6 +64,8 @@ pub struct App {
     pub refused_read_warned: std::sync::Mutex<Option<tokio::time::Instant>>,
     /// The same for uploads (see `super::warn_refused_upload`).
     pub refused_upload_warned: std::sync::Mutex<Option<tokio::time::Instant>>,
+    /// When an upload with a known token lacking the write scope was last said to be refused.
+    pub refused_scope_warned: std::sync::Mutex<Option<tokio::time::Instant>>,
     /// The store's last answer to `/readyz` (see [`super::health`]).
     pub readiness: super::health::Readiness,
     /// When a request was last answered 5xx because the store did not answer (see
@@ -208,6 +210,7 @@ impl AppState {
             root_upload_warned: std::sync::atomic::AtomicBool::new(false),
             refused_read_warned: std::sync::Mutex::new(None),
             refused_upload_warned: std::sync::Mutex::new(None),
+            refused_scope_warned: std::sync::Mutex::new(None),
             readiness: super::health::Readiness::default(),
             store_failed: std::sync::Mutex::new(None),
             draining: std::sync::atomic::AtomicBool::new(false),
