@@ -1010,6 +1010,45 @@ async fn local_backend_accepts_uploads() {
     assert_eq!(left, 0);
 }
 
+/// A homelab's cache moved to S3: a local-directory cellar that re-encoded uploads to zstd
+/// (its NARs keep the names they were uploaded under, their bytes are what `FileHash` says),
+/// imported with `cellar import` of its directory into a bucket; every path comes along, and
+/// a client substitutes the closure from the bucket's cellar. Before, each re-encoded NAR was
+/// refused (`the body's sha256 is …, but its name says …`).
+#[tokio::test(flavor = "multi_thread")]
+async fn a_re_encoding_local_cellar_is_imported_into_s3() {
+    let f = fixture();
+    let (w, wcfg) = token("builder", "write");
+    let work = tempfile::tempdir().unwrap();
+    let data = work.path().join("data");
+    let srv = Server::start_with_config(
+        &format!("[upload]\ncompression = \"zstd\"\n{wcfg}"),
+        vec![
+            ("CELLAR_STORE__KIND".into(), "local".into()),
+            ("CELLAR_STORE__PATH".into(), data.to_str().unwrap().into()),
+        ],
+    );
+    let n = netrc(work.path(), &srv, &w);
+    assert_ok(
+        &copy_to(&srv.url, Some(&n), &[&f.top], work.path(), "local"),
+        "upload",
+    );
+    drop(srv);
+    let app = App::s3("import-reencoded");
+    let said = cellar_import(&data, app.direct_store_env());
+    assert!(
+        said.contains(&format!("imported {}", f.closure.len())),
+        "{said}"
+    );
+    let app = app.spawn().await;
+    substitute_and_verify(
+        &app.srv.url,
+        &app.srv.public_key,
+        &f.top,
+        &work.path().join("from-s3"),
+    );
+}
+
 // ---------------------------------------------------------------------------------------------
 // Refusals over raw HTTP, against a fixture written by `nix copy --to file://`.
 

@@ -804,6 +804,23 @@ impl Uploader {
     where
         S: Stream<Item = std::io::Result<Bytes>> + Send + 'static,
     {
+        self.put_nar_hashing_to(name, body, None).await
+    }
+
+    /// [`Self::put_nar`] of a NAR whose bytes hash to `file_hash` rather than to its name (if
+    /// given): one another cellar re-encoded on upload keeps the name it was uploaded under
+    /// (`upload.compression`), and its narinfo's `FileHash` says what its bytes are. Copied
+    /// from there (a mirror, an import), it is checked against that hash instead.
+    pub(crate) async fn put_nar_hashing_to<S>(
+        &self,
+        name: &NarFileName,
+        body: S,
+        file_hash: Option<crate::nix::Sha256>,
+    ) -> Result<Option<NarDigest>, Error>
+    where
+        S: Stream<Item = std::io::Result<Bytes>> + Send + 'static,
+    {
+        let file_hash = file_hash.filter(|h| h.to_nix32() != name.file_hash());
         check_nar_name(name)?;
         let incoming = name.compression_from_ext().unwrap_or(Compression::None);
         let (stored, target) = match self.reencoded(name) {
@@ -811,7 +828,7 @@ impl Uploader {
             None => (name.clone(), None),
         };
         let Some((d, announced, stored_by)) = self
-            .store_nar(name, body, incoming, &stored, target)
+            .store_nar(name, body, incoming, &stored, target, file_hash)
             .await?
         else {
             return Ok(None);
@@ -849,11 +866,16 @@ impl Uploader {
         incoming: Compression,
         stored: &NarFileName,
         target: Option<Compression>,
+        file_hash: Option<crate::nix::Sha256>,
     ) -> Result<Option<(NarDigest, Option<Announced>, StoredBy)>, Error>
     where
         S: Stream<Item = std::io::Result<Bytes>> + Send + 'static,
     {
         let name_hash = name.file_hash();
+        let (expected, says) = match file_hash {
+            Some(h) => (h.to_nix32(), "the narinfo's FileHash says"),
+            None => (name_hash.to_owned(), "its name says"),
+        };
         let early = self.take_early(&object_key::nar(name));
         let recompress = target.map(|t| (t, self.recompress.and_then(|r| r.level)));
         let over_bad = self.found_bad(&object_key::nar(stored));
@@ -861,7 +883,7 @@ impl Uploader {
         // Stored as sent, its name is the sha256 of its bytes: another upload of the name that
         // lands first leaves the very object this one would (but not over a copy found bad).
         let standing = Arc::new(Mutex::new(None));
-        if target.is_none() && !over_bad {
+        if target.is_none() && !over_bad && file_hash.is_none() {
             w = Box::new(SameName {
                 inner: Some(w),
                 store: Arc::clone(&self.store),
@@ -879,10 +901,10 @@ impl Uploader {
                     return Err(e);
                 }
             };
-        if d.input.hash.to_nix32() != name_hash {
+        if d.input.hash.to_nix32() != expected {
             w.abort().await;
             return Err(rejected(format!(
-                "the body's sha256 is {}, but its name says {name_hash}",
+                "the body's sha256 is {}, but {says} {expected}",
                 d.input.hash.to_nix32()
             )));
         }

@@ -53,7 +53,9 @@ impl Uploader {
             // is copied (a cache signed by a key not trusted would leave every NAR orphaned).
             self.check_alone(&info)?;
             let body = fetch_nar(name.clone()).await?;
-            self.put_nar(&name, body).await?;
+            // Named as uploaded to a cellar that re-encoded it, its bytes are what its
+            // `FileHash` says, not its name.
+            self.put_nar_hashing_to(&name, body, info.file_hash).await?;
         }
         self.accept_narinfo(info, upstreams).await
     }

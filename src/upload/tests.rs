@@ -1255,6 +1255,50 @@ async fn an_unsigned_narinfo_is_refused_before_the_store_is_asked() {
     assert!(acc.already_present);
 }
 
+/// A path copied from a cellar that re-encoded its NAR on upload (`upload.compression`): the
+/// NAR keeps the name it was uploaded under, and its bytes hash to the narinfo's `FileHash`,
+/// which the copy (a mirror, `cellar import`) checks instead of the name; bytes that hash to
+/// neither are refused, and nothing is written.
+#[tokio::test]
+async fn a_nar_another_cellar_re_encoded_is_copied_by_its_file_hash() {
+    let nar = nar();
+    let zst = Bytes::from(zstd::encode_all(&nar[..], 3).unwrap());
+    // The name of the xz file a builder uploaded there, as that cellar keeps it.
+    let uploaded = Sha256::digest(b"the xz file the builder sent");
+    let url = format!("nar/{}.nar.zst", uploaded.to_nix32());
+    let mut info = narinfo_at(PATH, &nar, &url);
+    info.compression = Compression::Zstd;
+    info.file_hash = Some(Sha256::digest(&zst));
+    info.file_size = Some(zst.len() as u64);
+    let (mem, up) = uploader();
+    let acc = up
+        .copy_path(info.clone(), |_| async { Ok(body(zst.clone())) }, None)
+        .await
+        .unwrap();
+    assert!(!acc.already_present);
+    assert_eq!(mem.bytes(&url).unwrap(), zst);
+    assert_eq!(acc.narinfo.url, url);
+
+    let (mem, up) = uploader();
+    // The same NAR in another encoding (another level): a copy, but not the one named.
+    let other = Bytes::from(zstd::encode_all(&nar[..], 19).unwrap());
+    assert_ne!(other, zst);
+    let got = up
+        .copy_path(info.clone(), |_| async { Ok(body(other.clone())) }, None)
+        .await;
+    assert!(
+        matches!(&got, Err(Error::Upload(UploadError::Rejected(m))) if m.contains("FileHash")),
+        "{got:?}"
+    );
+    assert!(
+        mem.keys()
+            .iter()
+            .all(|k| !k.starts_with("nar/") && !k.ends_with(".narinfo")),
+        "{:?}",
+        mem.keys()
+    );
+}
+
 /// A NAR string: length, bytes, zeros to a multiple of 8.
 fn nar_token(s: &[u8], out: &mut Vec<u8>) {
     out.extend_from_slice(&(s.len() as u64).to_le_bytes());
