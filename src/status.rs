@@ -69,7 +69,8 @@ pub enum StatusError {
          http://127.0.0.1:8080)"
     )]
     BadUrl { url: String },
-    #[error("{url}: {cause}")]
+    /// With its cause's chain: reqwest's own text ("error sending request") hides why.
+    #[error("{url}: {}", crate::error::display_chain(cause))]
     Request { url: String, cause: reqwest::Error },
     #[error("{url}: HTTP {status}{hint}")]
     Status {
@@ -323,6 +324,12 @@ mod tests {
             let e = fetch(schemeless, None).await.unwrap_err().to_string();
             assert!(e.contains("not an http:// or https:// URL"), "{e}");
         }
+        // A server not running: said (the connection refused), not only "error sending".
+        let l = std::net::TcpListener::bind("127.0.0.1:0").unwrap();
+        let gone = format!("http://{}", l.local_addr().unwrap());
+        drop(l);
+        let e = fetch(&gone, None).await.unwrap_err().to_string();
+        assert!(e.to_lowercase().contains("connection refused"), "{e}");
     }
 
     #[test]

@@ -5,6 +5,8 @@ use std::io;
 use std::sync::Arc;
 use std::time::Duration;
 
+use crate::error::display_chain;
+
 use async_trait::async_trait;
 use aws_sdk_s3::config::http::HttpResponse;
 use aws_sdk_s3::config::timeout::TimeoutConfig;
@@ -408,24 +410,6 @@ where
             aws_smithy_types::error::display::DisplayErrorContext(&e)
         ))),
     }
-}
-
-/// `e` and its sources, each as it displays itself, `: ` between: what the SDK's
-/// `DisplayErrorContext` says without the `Debug` of the whole error it adds (kilobytes for a
-/// chain of credential providers), which goes to the debug log instead.
-fn display_chain(e: &(dyn std::error::Error + 'static)) -> String {
-    let mut text = e.to_string();
-    let mut source = e.source();
-    while let Some(s) = source {
-        let next = s.to_string();
-        // Some errors repeat their source in their own text.
-        if !text.ends_with(&next) {
-            text.push_str(": ");
-            text.push_str(&next);
-        }
-        source = s.source();
-    }
-    text
 }
 
 fn body_stream(body: aws_sdk_s3::primitives::ByteStream) -> super::ByteStream {

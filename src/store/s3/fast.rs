@@ -391,7 +391,12 @@ impl FastReads {
     ) -> Result<Read<reqwest::Response>, StoreError> {
         match sent {
             Ok(res) => self.check(what, res).await,
-            Err(e) => Err(StoreError::Unavailable(format!("{what}: {e}"))),
+            // With its causes: reqwest's own text is "error sending request", the reason
+            // (connection refused, too many open files) is in its source.
+            Err(e) => Err(StoreError::Unavailable(format!(
+                "{what}: {}",
+                super::display_chain(&e)
+            ))),
         }
     }
 
@@ -559,7 +564,12 @@ impl FastReads {
         };
         let body = match tokio::time::timeout(self.timeout, res.bytes()).await {
             Err(_) => return Err(StoreError::Timeout(self.timeout.as_secs())),
-            Ok(Err(e)) => return Err(StoreError::Unavailable(format!("ListObjectsV2: {e}"))),
+            Ok(Err(e)) => {
+                return Err(StoreError::Unavailable(format!(
+                    "ListObjectsV2: {}",
+                    super::display_chain(&e)
+                )))
+            }
             Ok(Ok(b)) => b,
         };
         parse_list(&body).map_err(|e| {

@@ -52,6 +52,31 @@ async fn ping_makes_one_attempt() {
     assert!(accepted.load(Ordering::SeqCst) > 2);
 }
 
+/// A store nobody listens for: the direct path's error says why (the connection refused), as
+/// the SDK's does, not only reqwest's "error sending request".
+#[tokio::test]
+async fn an_unreachable_store_says_why_on_both_paths() {
+    let l = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+    let addr = l.local_addr().unwrap();
+    drop(l);
+    for direct in [true, false] {
+        let store = store_with(format!("http://{addr}"), 4, direct).await;
+        let e = store.get_bytes("x.narinfo", 1 << 20).await.unwrap_err();
+        assert!(
+            matches!(&e, StoreError::Unavailable(m) if m.to_lowercase().contains("connection refused")),
+            "direct {direct}: {e}"
+        );
+        let e = futures::StreamExt::next(&mut store.list(""))
+            .await
+            .unwrap()
+            .unwrap_err();
+        assert!(
+            e.to_string().to_lowercase().contains("connection refused"),
+            "direct {direct}: {e}"
+        );
+    }
+}
+
 /// A store that keeps answering 429 (too many requests) is unavailable (503 to clients, a
 /// pause for the caller), on the SDK's path as on the direct one, not a client error.
 #[tokio::test]
