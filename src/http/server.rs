@@ -38,6 +38,9 @@ use tokio::time::Instant;
 
 use super::{app, AppState};
 
+/// The most a connection buffers of what it reads: bounds a request's head (431 beyond).
+pub(super) const MAX_BUF_BYTES: usize = 64 << 10;
+
 /// Serves `state` on `listener` until `shutdown` completes, then lets in-flight requests finish
 /// for at most `config.shutdown_timeout`.
 pub async fn serve(
@@ -53,7 +56,11 @@ pub async fn serve(
     builder
         .http1()
         .timer(TokioTimer::new())
-        .header_read_timeout(state.config.header_read_timeout);
+        .header_read_timeout(state.config.header_read_timeout)
+        // What a connection may buffer of a request's head (hyper's default is ~400 KiB):
+        // Nix sends under 1 KiB, and a thousand connections sending headers that never end
+        // would hold 400 MiB.
+        .max_buf_size(MAX_BUF_BYTES);
     let draining = state.clone();
     let delay = state.config.shutdown_delay;
     // Told to stop, the server says so on `/readyz` at once, and goes on accepting for the
@@ -77,6 +84,8 @@ pub async fn serve(
     let service = TowerToHyperService::new(app(state));
     let graceful = GracefulShutdown::new();
     tokio::pin!(shutdown);
+    // Accepts failing in a row (out of file descriptors): said when they begin and end.
+    let mut failing_accepts = 0u64;
     loop {
         let permit = tokio::select! {
             p = permits.clone().acquire_owned() => match p {
@@ -87,11 +96,26 @@ pub async fn serve(
         };
         let tcp = tokio::select! {
             r = listener.accept() => match r {
-                Ok((tcp, _peer)) => tcp,
+                Ok((tcp, _peer)) => {
+                    if failing_accepts > 0 {
+                        tracing::info!(failed = failing_accepts, "accepting connections again");
+                        failing_accepts = 0;
+                    }
+                    tcp
+                }
                 Err(e) => {
                     // Out of file descriptors and the like: the listener itself is fine, so
-                    // wait a little instead of spinning, then go on.
-                    tracing::warn!(cause = %e, "accepting a connection failed");
+                    // wait a little instead of spinning, then go on. Said once a run of
+                    // failures (ten a second otherwise), with what to change.
+                    if failing_accepts == 0 {
+                        tracing::warn!(
+                            cause = %e,
+                            "accepting a connection failed; retrying every 100 ms, said again \
+                             when accepts work again (out of file descriptors: raise the \
+                             open-files limit, LimitNOFILE, or lower max_connections)"
+                        );
+                    }
+                    failing_accepts += 1;
                     tokio::time::sleep(Duration::from_millis(100)).await;
                     continue;
                 }

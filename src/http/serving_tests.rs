@@ -335,6 +335,33 @@ async fn a_build_trace_v2_without_its_suffix_is_refused() {
     assert_eq!(mem.gets_under(""), 0, "the store was asked");
 }
 
+/// A request head larger than a connection buffers is refused (431) without being held
+/// whole; one of a few KiB is answered.
+#[tokio::test]
+async fn a_request_head_over_the_buffer_is_refused() {
+    use tokio::io::{AsyncReadExt as _, AsyncWriteExt as _};
+    let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+    let addr = listener.local_addr().unwrap();
+    let st = state(Config::default(), &Arc::new(MemoryStore::new()));
+    tokio::spawn(super::server::serve(listener, st, std::future::pending()));
+    for (len, expected) in [
+        (4 << 10, "HTTP/1.1 200"),
+        (super::server::MAX_BUF_BYTES * 2, "HTTP/1.1 431"),
+    ] {
+        let mut tcp = tokio::net::TcpStream::connect(addr).await.unwrap();
+        let head = format!(
+            "GET /healthz HTTP/1.1\r\nHost: t\r\nX-Big: {}\r\nConnection: close\r\n\r\n",
+            "a".repeat(len)
+        );
+        // The server may answer before it has read it all.
+        let _ = tcp.write_all(head.as_bytes()).await;
+        let mut answer = Vec::new();
+        let _ = tcp.read_to_end(&mut answer).await;
+        let answer = String::from_utf8_lossy(&answer);
+        assert!(answer.starts_with(expected), "{len}: {answer}");
+    }
+}
+
 /// The connection loop serves requests on its listener until told to stop, then returns.
 #[tokio::test]
 async fn the_server_answers_on_its_listener_and_stops_when_told() {
