@@ -873,6 +873,14 @@ impl NarCache {
                 self.index().set_unchecked(name);
                 self.changed();
             }
+            // Gone: evicted while it waited for its check (fills after a restart), or
+            // removed by hand. Nothing to say if the cache let it go itself.
+            Err(disk::VerifyError::Unreadable(e)) if e.kind() == io::ErrorKind::NotFound => {
+                if self.index().contains(name) {
+                    tracing::warn!(nar = %name, "NAR cache: cached file is missing, fetching it again");
+                }
+                self.drop_entry_of_size(name, expected.0);
+            }
             Err(e) => {
                 tracing::warn!(nar = %name, cause = %e, "NAR cache: cached file is corrupt, fetching it again");
                 // The entry checked, not one a fill put there meanwhile.

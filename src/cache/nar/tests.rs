@@ -339,6 +339,24 @@ async fn cached_then_restarted() -> (
     (d, cache, mem, store, data)
 }
 
+/// A file gone before its first check after a restart (removed by hand) is fetched again and
+/// said to be missing, not corrupt.
+#[tokio::test]
+async fn a_file_gone_before_its_check_is_missing_not_corrupt() {
+    let (d, cache, _mem, store, data) = cached_then_restarted().await;
+    std::fs::remove_file(d.path().join(NAME)).unwrap();
+    // The check as a request starts it, run on this thread (whose log is read).
+    let expected = cache.index().start_verify(NAME).unwrap();
+    let logs = crate::test_logs::capture();
+    cache.verify(NAME, expected);
+    let said = logs.text();
+    assert!(said.contains("cached file is missing"), "{said}");
+    assert!(!said.contains("corrupt"), "{said}");
+    drop(logs);
+    assert_eq!(cache.usage().0, 0);
+    assert_eq!(body(get_nar(&cache, &store).await.unwrap()).await, data);
+}
+
 /// After a restart, the requests for a file not yet checked (every client at once, after a
 /// deploy) wait for its check and are served from disk: none reaches the store.
 #[tokio::test]
