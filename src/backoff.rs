@@ -115,6 +115,12 @@ impl Backoff {
         self.reported.swap(false, Ordering::Relaxed)
     }
 
+    /// Ends the running pause as if its period had passed (tests).
+    #[cfg(test)]
+    pub fn expire(&self) {
+        self.until_ms.store(0, Ordering::Relaxed);
+    }
+
     fn now_ms(&self) -> u64 {
         millis(self.origin.elapsed())
     }

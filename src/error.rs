@@ -268,6 +268,24 @@ impl IntoResponse for Error {
     }
 }
 
+/// `e` and its sources, each as it displays itself, `: ` between: what the SDK's
+/// `DisplayErrorContext` says without the `Debug` of the whole error it adds (kilobytes for a
+/// chain of credential providers), which goes to the debug log instead.
+pub(crate) fn display_chain(e: &(dyn std::error::Error + 'static)) -> String {
+    let mut text = e.to_string();
+    let mut source = e.source();
+    while let Some(s) = source {
+        let next = s.to_string();
+        // Some errors repeat their source in their own text.
+        if !text.ends_with(&next) {
+            text.push_str(": ");
+            text.push_str(&next);
+        }
+        source = s.source();
+    }
+    text
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -345,22 +363,4 @@ mod tests {
         ));
         assert!(!e.public_reason().contains("AKIA"));
     }
-}
-
-/// `e` and its sources, each as it displays itself, `: ` between: what the SDK's
-/// `DisplayErrorContext` says without the `Debug` of the whole error it adds (kilobytes for a
-/// chain of credential providers), which goes to the debug log instead.
-pub(crate) fn display_chain(e: &(dyn std::error::Error + 'static)) -> String {
-    let mut text = e.to_string();
-    let mut source = e.source();
-    while let Some(s) = source {
-        let next = s.to_string();
-        // Some errors repeat their source in their own text.
-        if !text.ends_with(&next) {
-            text.push_str(": ");
-            text.push_str(&next);
-        }
-        source = s.source();
-    }
-    text
 }

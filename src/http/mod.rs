@@ -256,7 +256,6 @@ async fn check(st: &AppState, req: Request, next: Next, scope: Scope, root: bool
             // minute), with the token's name: a known builder whose scope is wrong.
             if scope == Scope::Write && once_a_minute(&st.refused_scope_warned) {
                 tracing::warn!(
-                    token = %name,
                     "an upload with token {name:?}, which has no write scope, was refused \
                      (403): give it `scopes = [\"write\"]` in auth.tokens, or the builder a \
                      write token (said at most once a minute)"

@@ -397,10 +397,17 @@ impl Disk {
 
     /// Removes the file of `name` and its `.meta`. Readers holding the file open keep
     /// reading it; only the name goes.
-    pub(super) fn remove(&self, name: &str) {
+    /// An error other than the file missing already is the first one met (the `.meta` is
+    /// tried all the same).
+    pub(super) fn remove(&self, name: &str) -> io::Result<()> {
+        let mut failed = Ok(());
         for f in [self.dir.join(name), self.meta_path(name)] {
-            let _ = std::fs::remove_file(f);
+            match std::fs::remove_file(f) {
+                Err(e) if e.kind() != io::ErrorKind::NotFound && failed.is_ok() => failed = Err(e),
+                _ => {}
+            }
         }
+        failed
     }
 }
 

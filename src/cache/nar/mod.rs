@@ -258,7 +258,7 @@ impl NarCache {
             for (name, _) in oversized {
                 let _names = lock(&self.names);
                 if self.index().take_pending(&name) {
-                    self.disk.remove(&name);
+                    let _ = self.disk.remove(&name);
                 }
             }
         }
@@ -342,7 +342,9 @@ impl NarCache {
         let _names = lock(&self.names);
         if self.index().take_pending(name) {
             tracing::info!(nar = %name, dir = %self.disk.dir().display(), "NAR cache: removing an incomplete file");
-            self.disk.remove(name);
+            if let Err(e) = self.disk.remove(name) {
+                tracing::warn!(nar = %name, cause = %e, "NAR cache: cannot remove an incomplete file");
+            }
         }
     }
 
@@ -641,7 +643,9 @@ impl NarCache {
         match published {
             Ok(()) => {
                 tracing::debug!(nar = %name, bytes = size, "NAR cache: stored");
-                if self.disk_full.reset() {
+                // A fill from before a pause ending in it does not end the pause: said once
+                // fills run again.
+                if !self.disk_full.is_active() && self.disk_full.reset() {
                     tracing::info!(dir = %self.disk.dir().display(), "NAR cache: the disk has room again, caching");
                 }
                 self.evict();
@@ -679,7 +683,13 @@ impl NarCache {
     fn remove_unindexed(&self, name: &str) {
         let _names = lock(&self.names);
         if !self.index().contains(name) {
-            self.disk.remove(name);
+            if let Err(e) = self.disk.remove(name) {
+                // A file system gone read-only, say: the file keeps its space, which the
+                // budget no longer counts, so caching pauses as on a full disk.
+                if self.disk_full.trip() {
+                    tracing::warn!(nar = %name, cause = %e, dir = %self.disk.dir().display(), "NAR cache: cannot remove an evicted file (its space is no longer counted; a restart counts it again); serving without caching for a while");
+                }
+            }
         }
         lock(&self.read_errors).remove(name);
     }
@@ -792,9 +802,22 @@ impl NarCache {
     /// caching if it cannot be made.
     fn make_room(&self, size: u64, reserved: u64, avail: u64) -> bool {
         let wanted = size.saturating_add(reserved).saturating_add(FREE_MARGIN);
-        let short = (wanted - avail).min(size.saturating_add(FREE_MARGIN));
+        let alone = size.saturating_add(FREE_MARGIN);
+        let short = (wanted - avail).min(alone);
         let victims = self.index().make_room(short);
         if victims.is_empty() {
+            // Room for this NAR, short only by what running fills have yet to write (which a
+            // fill cut off never writes): this one passes the cache, and the others are not
+            // paused for a minute.
+            if avail >= alone {
+                tracing::debug!(
+                    nar_bytes = size,
+                    reserved,
+                    free_bytes = avail,
+                    "NAR cache: no room beside the running fills; this NAR is not cached"
+                );
+                return true;
+            }
             self.note_full(format_args!("{avail} bytes free"));
             return true;
         }

@@ -339,6 +339,48 @@ async fn cached_then_restarted() -> (
     (d, cache, mem, store, data)
 }
 
+/// An evicted NAR whose file cannot be removed (a file system gone read-only; here a directory
+/// in its place, which no `unlink` removes) keeps its space, which the budget no longer
+/// counts: caching pauses, as on a full disk, and the next NAR is served without a fill.
+#[tokio::test]
+async fn a_file_eviction_cannot_remove_pauses_caching() {
+    // Room for two.
+    let (d, cache, mem, store) = setup(2 * footprint(1000) + 1000);
+    let names = [
+        "07yp7gw2d9vmfgl2rd063i75qwkfbrgvqngp5yz2pk6iadzlckh7.nar",
+        "17yp7gw2d9vmfgl2rd063i75qwkfbrgvqngp5yz2pk6iadzlckh7.nar",
+        "27yp7gw2d9vmfgl2rd063i75qwkfbrgvqngp5yz2pk6iadzlckh7.nar",
+        "37yp7gw2d9vmfgl2rd063i75qwkfbrgvqngp5yz2pk6iadzlckh7.nar",
+    ];
+    let read = |i: usize| {
+        let (cache, store) = (cache.clone(), store.clone());
+        async move {
+            let name: NarFileName = names[i].parse().unwrap();
+            let key = format!("nar/{}", names[i]);
+            body(cache.get(&name, &key, None, None, &store).await.unwrap()).await
+        }
+    };
+    for (i, n) in names.iter().enumerate() {
+        mem.insert(&format!("nar/{n}"), vec![i as u8; 1000]);
+    }
+    for i in 0..2 {
+        read(i).await;
+        wait_indexed(&cache, i + 1).await;
+    }
+    let first = d.path().join(names[0]);
+    std::fs::remove_file(&first).unwrap();
+    std::fs::create_dir(&first).unwrap();
+    std::fs::write(first.join("x"), b"x").unwrap();
+    // Its fill evicts the first, least recently used.
+    read(2).await;
+    wait_until(&cache, || cache.disk_full.is_active()).await;
+    assert!(first.exists());
+    let before = cache.usage();
+    assert_eq!(read(3).await, vec![3u8; 1000]);
+    assert_eq!(cache.usage(), before, "filled during the pause");
+    assert!(!d.path().join(names[3]).exists());
+}
+
 /// A file gone before its first check after a restart (removed by hand) is fetched again and
 /// said to be missing, not corrupt.
 #[tokio::test]
@@ -622,6 +664,26 @@ fn running_fills_do_not_make_a_new_nar_evict_for_them() {
     assert!(d.path().join(names[1]).exists());
 }
 
+/// A NAR the disk has room for, short only by what running fills have yet to write, with
+/// nothing to evict: it is not cached, but caching does not pause for the others (the fills
+/// it waits on may never write it all).
+#[test]
+fn a_nar_short_only_by_running_fills_does_not_pause_caching() {
+    let d = tempfile::tempdir().unwrap();
+    let cache = NarCache::open_scanned(d.path(), u64::MAX / 2, Duration::from_secs(30));
+    let avail = cache.disk.free_bytes().unwrap();
+    assert!(
+        avail > super::FREE_MARGIN + (1 << 20),
+        "the test needs 257 MiB free"
+    );
+    assert!(cache.no_room(1, avail));
+    assert!(!cache.disk_full.is_active(), "paused for the running fills");
+    assert!(!cache.no_room(1, 0));
+    // Short for itself: paused.
+    assert!(cache.no_room(avail, 0));
+    assert!(cache.disk_full.is_active());
+}
+
 /// A running fill reserves free space only for what it has yet to write (what it wrote is
 /// gone from the free space already), and nothing once it is over.
 #[tokio::test]
@@ -855,6 +917,11 @@ fn each_disk_full_episode_is_logged() {
     cache.write_failed("y", &super::disk::WriteError::DiskFull);
     assert_eq!(full(), 1, "once per episode");
     let checksum = super::disk::Checksum::of(b"");
+    // A fill from before the pause ending in it does not end it, nor is it said to.
+    cache.add(NAME, 0, || Ok(checksum));
+    assert!(!logs.text().contains("has room again"));
+    assert!(cache.disk_full(1));
+    cache.disk_full.expire();
     cache.add(NAME, 0, || Ok(checksum));
     assert!(logs.text().contains("has room again"));
     cache.write_failed("z", &super::disk::WriteError::DiskFull);
