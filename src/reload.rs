@@ -89,13 +89,20 @@ pub fn spawn_on_sighup(
                     said = true;
                 }
             }
+            let keys_before = signing_keys::public_keys_line(&state.live().signing_keys);
             match reload(&state, file.as_deref(), log_format) {
                 Ok(()) => {
-                    let (tokens, keys) = {
+                    let (tokens, keys, keys_now) = {
                         let live = state.live();
-                        (live.config.auth.tokens.len(), live.signing_keys.len())
+                        let line = signing_keys::public_keys_line(&live.signing_keys);
+                        (live.config.auth.tokens.len(), live.signing_keys.len(), line)
                     };
                     tracing::info!(tokens, keys, "configuration reloaded");
+                    // The line for the clients' nix.conf, as the start prints it: a rotation
+                    // is what changes it.
+                    if keys_now != keys_before {
+                        tracing::info!("signing keys changed; clients' nix.conf: trusted-public-keys = {keys_now}");
+                    }
                     crate::systemd::status(&format!(
                         "serving; configuration reloaded ({tokens} tokens, {keys} signing keys)"
                     ));

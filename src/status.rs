@@ -200,7 +200,8 @@ impl fmt::Display for Status {
         match &self.nar_memory_cache {
             Some(c) if c.max_bytes == 0 => writeln!(
                 f,
-                "small-NAR memory cache: off (cache.nar_memory_bytes = 0)"
+                "small-NAR memory cache: off (cache.nar_memory_bytes or \
+                 cache.nar_memory_max_object_bytes is 0)"
             )?,
             Some(c) => write_cache(f, "small-NAR memory cache", c)?,
             None => writeln!(f, "small-NAR memory cache: not reported (an older server)")?,

@@ -568,6 +568,18 @@ async fn sighup_reloads_tokens_and_keys_and_keeps_the_old_ones_on_a_broken_confi
     std::fs::write(srv.config_path(), format!("{acfg}{bcfg}")).unwrap();
     srv.sighup();
     srv.wait_for_log("configuration reloaded", 2);
+    // The new line for the clients' nix.conf is said, as at the start (and only when the
+    // keys changed: not at the first reload).
+    let said = srv.log();
+    let lines: Vec<&str> = said
+        .lines()
+        .filter(|l| l.contains("clients' nix.conf: trusted-public-keys"))
+        .collect();
+    assert_eq!(lines.len(), 1, "{said}");
+    assert!(
+        lines[0].ends_with(&format!("trusted-public-keys = {rotated_public}")),
+        "{said}"
+    );
     substitute_and_verify(
         &srv.url,
         &rotated_public,

@@ -642,10 +642,26 @@ fn with_env(fig: Figment) -> Figment {
     ));
     for (var, value) in utf8_vars() {
         if let Some(key) = config_key(&var).filter(|k| TEXT_KEYS.contains(&k.as_str())) {
+            let value = unquoted(&value).to_owned();
             fig = fig.merge(figment::providers::Serialized::default(&key, value));
         }
     }
     fig
+}
+
+/// A text value without the quotes around it, as the other keys' values are read (as TOML): a
+/// Docker `--env-file` or compose file keeps `KEY="value"`'s quotes, and a bucket, a prefix or
+/// a path never begins and ends with one.
+fn unquoted(value: &str) -> &str {
+    ['"', '\'']
+        .iter()
+        .find_map(|q| {
+            value
+                .strip_prefix(*q)
+                .and_then(|v| v.strip_suffix(*q))
+                .filter(|v| !v.contains(*q))
+        })
+        .unwrap_or(value)
 }
 
 /// The environment's variables whose names and values are UTF-8 (`std::env::vars` panics on

@@ -93,6 +93,21 @@ fn errors_name_the_key() {
         .unwrap_err()
         .to_string();
     assert!(e.contains("store.endpoint"), "{e}");
+    // A path after the host would be taken for the bucket; a trailing `/` is the root.
+    let s3 = |rest: &str| from_toml(&format!("[store]\nkind = \"s3\"\nbucket = \"b\"\n{rest}"));
+    assert!(s3("endpoint = \"http://h:9000/\"").is_ok());
+    for (rest, key) in [
+        ("endpoint = \"http://h:9000/sub\"", "store.endpoint"),
+        (
+            "redirect_nars = true\npublic_endpoint = \"https://h/s3\"",
+            "store.public_endpoint",
+        ),
+        ("region = \" \"", "store.region"),
+        ("region = \"us east\"", "store.region"),
+    ] {
+        let e = s3(rest).unwrap_err().to_string();
+        assert!(e.contains(&format!("`{key}`")), "{rest}: {e}");
+    }
     // Credentials set but empty would override the instance's: refused, by name.
     for (key, toml) in [
         (
@@ -246,6 +261,20 @@ fn env_overrides_with_nesting_and_csv_lists() {
         };
         assert_eq!(s3.bucket, "2024");
         assert_eq!(s3.prefix, "007/");
+        // Quoted, as a Docker env file or compose file keeps `KEY="value"`: read as the other
+        // keys' values are (as TOML), without the quotes.
+        jail.set_env("CELLAR_STORE__BUCKET", "\"nix-cache\"");
+        jail.set_env("CELLAR_STORE__PREFIX", "'cache/'");
+        let c = Config::load(Some(Path::new("c.toml"))).map_err(|e| e.to_string())?;
+        let StoreBackend::S3(s3) = &c.store.backend else {
+            return Err(format!("store is not s3: {c:?}").into());
+        };
+        assert_eq!(
+            (s3.bucket.as_str(), s3.prefix.as_str()),
+            ("nix-cache", "cache/")
+        );
+        jail.set_env("CELLAR_STORE__BUCKET", "2024");
+        jail.set_env("CELLAR_STORE__PREFIX", "007");
         // The file's `store.kind` is overridden, and said so; `listen` is not.
         assert_eq!(
             Config::env_overrides(Path::new("c.toml")),
