@@ -95,6 +95,40 @@ impl Realisation {
             .any(|s| keys.iter().any(|k| k.verifies(fp.as_bytes(), &s)))
     }
 
+    /// This realisation with only the signatures that are signatures (`name:base64` of 64
+    /// bytes) and, if `trusted` is not empty, valid ones by one of those keys, as narinfos'
+    /// are kept; `None` if it keeps them all, or is in a form whose signatures cellar cannot
+    /// check ([`Realisation::fingerprint`]).
+    pub fn with_signatures_checked(&self, trusted: &[PublicKey]) -> Option<Self> {
+        let fp = self.fingerprint()?;
+        let sigs = self.signatures();
+        let kept: Vec<Value> = sigs
+            .iter()
+            .filter(|v| {
+                v.as_str()
+                    .and_then(|s| s.parse::<Signature>().ok())
+                    .is_some_and(|s| {
+                        trusted.is_empty() || trusted.iter().any(|k| k.verifies(fp.as_bytes(), &s))
+                    })
+            })
+            .cloned()
+            .collect();
+        if kept.len() == sigs.len() {
+            return None;
+        }
+        let mut doc = self.doc.clone();
+        doc.insert("signatures".into(), Value::Array(kept));
+        Some(Self {
+            doc,
+            out: self.out.clone(),
+        })
+    }
+
+    /// As JSON, to be stored.
+    pub fn to_json(&self) -> Result<Vec<u8>, serde_json::Error> {
+        serde_json::to_vec(&self.doc)
+    }
+
     /// This realisation with the signatures of `other` (of the same output) it lacks added,
     /// as JSON; `None` if it has them all already.
     pub fn with_signatures_of(&self, other: &Self) -> Option<Vec<u8>> {

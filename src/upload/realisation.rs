@@ -37,6 +37,19 @@ impl Uploader {
     ) -> Result<RealisationStored, Error> {
         let sent =
             Realisation::parse(&raw).map_err(|e| rejected(format!("not a realisation: {e}")))?;
+        // Its signatures as a narinfo's are kept: those that are signatures, and with
+        // `upload.trusted_keys` only theirs (a client trusting a key finds none under its name
+        // that does not verify).
+        let (sent, raw) = match sent.with_signatures_checked(&self.trusted_keys) {
+            Some(checked) => {
+                tracing::info!(key, "signatures sent with a realisation left out: not signatures, or not by one of upload.trusted_keys");
+                let json = checked.to_json().map_err(|e| {
+                    super::UploadError::Internal(format!("writing a realisation: {e}"))
+                })?;
+                (checked, Bytes::from(json))
+            }
+            None => (sent, raw),
+        };
         // Nix looks a realisation up by its id and does not compare the one inside: stored
         // under another output's name, a signed realisation would send that output's
         // clients to its path.

@@ -2488,6 +2488,10 @@ mod realisations {
     const KEY: &str =
         "realisations/sha256:15e3c560894cbb27085cf65b5a2ecb18488c999497f4531b6907a7581ce6d527!out.doi";
 
+    /// Signatures as Nix writes them (`name:base64` of 64 bytes), by no key.
+    const K1: &str = "k:AQEBAQEBAQEBAQEBAQEBAQEBAQEBAQEBAQEBAQEBAQEBAQEBAQEBAQEBAQEBAQEBAQEBAQEBAQEBAQEBAQEBAQ==";
+    const J2: &str = "j:AgICAgICAgICAgICAgICAgICAgICAgICAgICAgICAgICAgICAgICAgICAgICAgICAgICAgICAgICAgICAgICAg==";
+
     fn realisation(out: &str, sigs: &[&str]) -> Bytes {
         Bytes::from(
             serde_json::to_vec(&serde_json::json!({
@@ -2574,16 +2578,55 @@ mod realisations {
             .await
             .unwrap();
         assert_eq!(again, RealisationStored::Unchanged);
-        // Signatures by keys not trusted are not added to it.
-        let e = up
+        // Signatures by keys not trusted are not added to it (left out, as a narinfo's are).
+        let again = up
             .put_realisation(SIGNED_KEY, Bytes::from(by_other.to_string()), None)
             .await
-            .unwrap_err();
-        assert!(e.to_string().contains("upload.trusted_keys"), "{e}");
+            .unwrap();
+        assert_eq!(again, RealisationStored::Unchanged);
         assert_eq!(
             mem.bytes(SIGNED_KEY).as_deref(),
             Some(SIGNED_BY_NIX.as_bytes())
         );
+        // Nor written with a new one: only the trusted key's signature is stored, not one by
+        // another key, nor a string that is no signature.
+        mem.delete(SIGNED_KEY).await.unwrap();
+        let mut crowded = doc.clone();
+        let trusted_sig = doc["signatures"][0].clone();
+        crowded["signatures"] = serde_json::json!([
+            by_other["signatures"][0].clone(),
+            "junk-not-a-sig",
+            trusted_sig.clone()
+        ]);
+        let stored = up
+            .put_realisation(SIGNED_KEY, Bytes::from(crowded.to_string()), None)
+            .await
+            .unwrap();
+        assert_eq!(stored, RealisationStored::Written);
+        let now: serde_json::Value =
+            serde_json::from_slice(&mem.bytes(SIGNED_KEY).unwrap()).unwrap();
+        assert_eq!(now["signatures"], serde_json::json!([trusted_sig]));
+    }
+
+    /// Without `upload.trusted_keys`, a string that is no signature is left out of what is
+    /// stored (clients would read it under some key's name); signatures by any key stay.
+    #[tokio::test]
+    async fn strings_that_are_no_signatures_are_left_out_of_realisations() {
+        let (mem, up) = uploader();
+        mem.insert(
+            &format!("{}.narinfo", &PATH[..32]),
+            crate::nix::narinfo::stub(PATH),
+        );
+        let k = crate::nix::SecretKey::generate("k1").unwrap();
+        let unsigned = crate::nix::Realisation::parse(&realisation(PATH, &[])).unwrap();
+        let sig = k
+            .sign(unsigned.fingerprint().unwrap().as_bytes())
+            .to_string();
+        up.put_realisation(KEY, realisation(PATH, &[&sig, "junk", "k2:AAAA"]), None)
+            .await
+            .unwrap();
+        let now: serde_json::Value = serde_json::from_slice(&mem.bytes(KEY).unwrap()).unwrap();
+        assert_eq!(now["signatures"], serde_json::json!([sig]));
     }
 
     /// Realisations waiting for their turn (one at a time per process) hold no upload slot:
@@ -2717,7 +2760,7 @@ mod realisations {
             "{err}"
         );
         assert!(stored(&mem).await.is_none());
-        let sent = realisation(PATH, &["k:1"]);
+        let sent = realisation(PATH, &[K1]);
         let done = up.put_realisation(KEY, sent.clone(), None).await.unwrap();
         assert_eq!(done, RealisationStored::Written);
         assert_eq!(mem.get_bytes(KEY, 1 << 20).await.unwrap().unwrap(), sent);
@@ -2736,7 +2779,7 @@ mod realisations {
             &format!("{}.narinfo", &OTHER[..32]),
             crate::nix::narinfo::stub(OTHER),
         );
-        let first = realisation(PATH, &["k:1"]);
+        let first = realisation(PATH, &[K1]);
         up.put_realisation(KEY, first.clone(), None).await.unwrap();
         let writes = mem.writes();
         let again = up.put_realisation(KEY, first.clone(), None).await.unwrap();
@@ -2744,14 +2787,14 @@ mod realisations {
         assert_eq!(mem.writes(), writes);
 
         let signed = up
-            .put_realisation(KEY, realisation(PATH, &["j:2"]), None)
+            .put_realisation(KEY, realisation(PATH, &[J2]), None)
             .await
             .unwrap();
         assert_eq!(signed, RealisationStored::Written);
         let now = stored(&mem).await.unwrap();
         assert_eq!(
             now.with_signatures_of(
-                &crate::nix::Realisation::parse(&realisation(PATH, &["k:1", "j:2"])).unwrap()
+                &crate::nix::Realisation::parse(&realisation(PATH, &[K1, J2])).unwrap()
             ),
             None,
             "both signatures kept"
@@ -2762,7 +2805,7 @@ mod realisations {
         let before = mem.get_bytes(KEY, 1 << 20).await.unwrap();
         let writes = mem.writes();
         let other = up
-            .put_realisation(KEY, realisation(OTHER, &["k:1"]), None)
+            .put_realisation(KEY, realisation(OTHER, &[K1]), None)
             .await
             .unwrap();
         assert_eq!(other, RealisationStored::Unchanged);
@@ -2783,11 +2826,11 @@ mod realisations {
             &format!("{}.narinfo", &OTHER[..32]),
             crate::nix::narinfo::stub(OTHER),
         );
-        up.put_realisation(KEY, realisation(PATH, &["k:1"]), None)
+        up.put_realisation(KEY, realisation(PATH, &[K1]), None)
             .await
             .unwrap();
         mem.remove(&format!("{}.narinfo", &PATH[..32]));
-        let sent = realisation(OTHER, &["k:1"]);
+        let sent = realisation(OTHER, &[K1]);
         let done = up.put_realisation(KEY, sent.clone(), None).await.unwrap();
         assert_eq!(done, RealisationStored::Written);
         assert_eq!(mem.get_bytes(KEY, 1 << 20).await.unwrap().unwrap(), sent);
