@@ -314,6 +314,12 @@ fn import(dir: &Path, path: Option<&Path>) -> anyhow::Result<ExitCode> {
             .covering_uploads_for(cellar::gc::access::UPLOAD_COVER);
         let uploader = cellar::upload::Uploader::new(&cfg.upload, &cfg.store_dir, store.clone())
             .with_access(std::sync::Arc::new(access));
+        // The server's own signatures in a directory copied from it (`nix copy --from` the
+        // cache) are not imported: it makes them as it serves. Known only if its keys can be
+        // read here.
+        if let Ok(keys) = signing_keys::load_existing(&cfg.signing) {
+            uploader.set_own_key_names(signing_keys::key_names(&keys));
+        }
         let bar = indicatif::ProgressBar::new(0);
         if let Ok(style) =
             indicatif::ProgressStyle::with_template("{bar:40} {pos}/{len} {wide_msg}")

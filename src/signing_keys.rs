@@ -208,6 +208,11 @@ fn key_name_for(host: &str) -> String {
     }
 }
 
+/// The names of `keys`: the `Sig:` lines under them are the server's own.
+pub fn key_names(keys: &[SecretKey]) -> Vec<String> {
+    keys.iter().map(|k| k.name().to_owned()).collect()
+}
+
 /// The public halves of `keys` as nix.conf's `trusted-public-keys` takes them: one line,
 /// separated by spaces (a second `trusted-public-keys` line in nix.conf replaces the first).
 pub fn public_keys_line(keys: &[SecretKey]) -> String {

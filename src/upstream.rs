@@ -475,12 +475,7 @@ impl Upstreams {
 
     fn check(&self, u: &Upstream, h: StorePathHash, body: &[u8]) -> Result<NarInfo, Refusal> {
         let info = NarInfo::parse_for(body, &self.store_dir, h).map_err(Refusal::Invalid)?;
-        // A content-addressed path unsigned (as a builder's `secret-key-files` leaves those
-        // it did not build) is trusted for its `CA:`, as Nix trusts it: Nix checks the
-        // contents against it when it imports the path.
-        if !info.is_signed_by_any(&u.keys, &self.store_dir)
-            && crate::nix::content_address::certified(&info, &self.store_dir).is_none()
-        {
+        if !info.is_signed_by_any(&u.keys, &self.store_dir) {
             return Err(Refusal::Unsigned);
         }
         // Served through /nar/<file>, so the URL must be one of those names.

@@ -198,6 +198,7 @@ impl AppState {
             disk.check_file_hashes_by(nar_memory.file_hash_of());
         }
         let prefetch = Prefetch::new(c.prefetch_concurrency, c.prefetch_nar_max_bytes);
+        uploader.set_own_key_names(crate::signing_keys::key_names(&signing_keys));
         let live = Live::build(config.clone(), signing_keys, &store, &uploader, None)?;
         Ok(Self(Arc::new(App {
             config,
@@ -230,6 +231,7 @@ impl AppState {
             return Err(ReloadError::NeedsRestart(key));
         }
         let old = self.live();
+        let names = crate::signing_keys::key_names(&signing_keys);
         let live = Live::build(
             config,
             signing_keys,
@@ -237,6 +239,7 @@ impl AppState {
             &self.uploader,
             Some(&old),
         )?;
+        self.uploader.set_own_key_names(names);
         let emptied = !Arc::ptr_eq(&live.narinfos, &old.narinfos);
         let new_upstreams = !Arc::ptr_eq(&live.upstreams, &old.upstreams);
         self.live.store(Arc::new(live));

@@ -1521,6 +1521,49 @@ fn uploadable_path() -> (Vec<u8>, String, String) {
     (nar, file, narinfo)
 }
 
+/// The server's own signatures (under its signing keys' names, as they are now: at the start
+/// and after a reload) sent with an upload are not stored; those of a key it no longer has are.
+#[tokio::test]
+async fn uploads_store_no_signature_under_the_servers_key_names() {
+    use crate::config::Scope;
+    let mem = Arc::new(MemoryStore::new());
+    let mut cfg = with_tokens(Config::default(), &[("w", "wtok", Scope::Write)]);
+    // As `state` sets it (a reload to another value would need a restart).
+    cfg.cache.prefetch_concurrency = 0;
+    let st = state(cfg.clone(), &mem);
+    let (nar, file, narinfo) = uploadable_path();
+    let mut info = crate::nix::NarInfo::parse(&narinfo, "/nix/store").unwrap();
+    for name in ["test-cellar-1", "builder-1", "rotated-1"] {
+        info.sign(&SecretKey::generate(name).unwrap(), "/nix/store");
+    }
+    let signed = info.render("/nix/store");
+    let put = |path: String, body: Vec<u8>| authed("PUT", &path, "wtok").body(Body::from(body));
+    let req = put(format!("/upload/nar/{file}"), nar);
+    assert_eq!(send(&st, req.unwrap()).await.status(), StatusCode::CREATED);
+    let at = format!("/upload/{HASH}.narinfo");
+    let req = put(at.clone(), signed.clone().into_bytes());
+    assert_eq!(send(&st, req.unwrap()).await.status(), StatusCode::CREATED);
+    let names = || {
+        let raw = mem.bytes(&format!("{HASH}.narinfo")).unwrap();
+        let stored = crate::nix::NarInfo::parse(std::str::from_utf8(&raw).unwrap(), "/nix/store");
+        let mut n: Vec<String> = stored
+            .unwrap()
+            .sigs
+            .iter()
+            .map(|s| s.key_name().to_owned())
+            .collect();
+        n.sort();
+        n
+    };
+    assert_eq!(names(), ["builder-1", "rotated-1"]);
+    // Rotated: the old key's name is no longer the server's, the new one's is.
+    st.reload(cfg, vec![SecretKey::generate("rotated-1").unwrap()])
+        .unwrap();
+    let req = put(at, signed.into_bytes());
+    assert_eq!(send(&st, req.unwrap()).await.status(), StatusCode::OK);
+    assert_eq!(names(), ["builder-1", "rotated-1", "test-cellar-1"]);
+}
+
 /// A builder's probe of a NAR whose stored copy was found bad (read back for its narinfo,
 /// its bytes are not its name's) is answered "absent", at the upload address and at the root,
 /// so that the builder's next `nix copy` sends the NAR and mends the path. Before, the root's

@@ -350,6 +350,11 @@ pub struct Uploader {
     store_dir: String,
     recompress: Option<Recompression>,
     trusted_keys: Vec<PublicKey>,
+    /// The names of the server's signing keys: a narinfo's `Sig:` lines under them are the
+    /// server's own, made afresh each time it serves it, and are not stored (sent back by a
+    /// client that substituted the path, `nix store sign` against the root, an import of a
+    /// directory copied from the cache), where one would outlive the key's retirement.
+    own_key_names: Mutex<Vec<String>>,
     limits: Limits,
     /// One permit per NAR upload in progress (`upload.max_concurrent`).
     slots: Arc<Semaphore>,
@@ -431,6 +436,7 @@ impl Uploader {
             store_dir: store_dir.to_owned(),
             recompress: cfg.recompress,
             trusted_keys: cfg.trusted_keys.clone(),
+            own_key_names: Mutex::new(Vec::new()),
             limits: Limits::from_config(cfg),
             slots: Arc::new(Semaphore::new(cfg.max_concurrent)),
             others: Arc::new(Semaphore::new(cfg.max_concurrent)),
@@ -550,6 +556,20 @@ impl Uploader {
             m.clear();
         }
         m.insert(uploaded_key, v);
+    }
+
+    /// Sets the names of the server's signing keys (at start and on each reload): see
+    /// `own_key_names`.
+    pub fn set_own_key_names(&self, names: Vec<String>) {
+        *lock(&self.own_key_names) = names;
+    }
+
+    /// Drops `info`'s signatures under the server's own key names; how many.
+    fn drop_own_signatures(&self, info: &mut NarInfo) -> usize {
+        let own = lock(&self.own_key_names);
+        let before = info.sigs.len();
+        info.sigs.retain(|s| !own.iter().any(|n| n == s.key_name()));
+        before - info.sigs.len()
     }
 
     fn remembered(&self, uploaded_key: &str) -> Option<VerifiedNar> {
@@ -976,7 +996,9 @@ impl Uploader {
         // commit, so it may land first; one that fails costs that narinfo the read back. But
         // not over a copy found bad (whose record was deleted so that every replica reads it
         // back): then only once this commit has replaced it.
-        let recorded = target.is_none() && nar_records::wanted(&d);
+        // Not for a copy named otherwise than by its bytes (`file_hash`): a record holds for
+        // a NAR whose name is its hash.
+        let recorded = target.is_none() && file_hash.is_none() && nar_records::wanted(&d);
         // Looked at again: a copy may have been found bad while this body came.
         let over_bad = over_bad || self.found_bad(&object_key::nar(stored));
         let digest_record = async {

@@ -145,6 +145,10 @@ impl Uploader {
     ) -> Result<Accepted, Error> {
         let sd = &self.store_dir;
         let hash = info.hash();
+        let own = self.drop_own_signatures(&mut info);
+        if own > 0 {
+            tracing::debug!(path = %info.store_path, signatures = own, "the server's own signatures sent with a narinfo left out: it signs what it serves");
+        }
         // One upload of a path at a time in this process: the second of two builders pushing
         // it at once finds the first one's narinfo, and adds its signatures to it or keeps
         // it (a non-reproducible build's other NarHash), instead of replacing it after the
@@ -329,8 +333,10 @@ impl Uploader {
             // at (see `write_while_nar_stays`) is found here by the client's retry.
             if let Ok(name) = existing.nar_file() {
                 // Only an upload that could have replaced it may have it removed.
-                let trusted =
-                    self.trusted_keys.is_empty() || info.is_signed_by_any(&self.trusted_keys, sd);
+                // (A content-addressed one too: its contents are checked as it is uploaded.)
+                let trusted = self.trusted_keys.is_empty()
+                    || info.is_signed_by_any(&self.trusted_keys, sd)
+                    || content_address::certified(&info, sd).is_some();
                 let whole = self.has_nar(&name).await?;
                 if !whole && !trusted {
                     // Not answered "present": the client would take the path for complete.
@@ -624,8 +630,6 @@ impl Absent {
 /// A narinfo holds at most this many signatures: Nix's own carry one to three.
 pub(super) const MAX_SIGNATURES: usize = 16;
 
-/// Logs the signatures sent for `published` that `added` left out: not by one of
-/// `upload.trusted_keys`, or beyond [`MAX_SIGNATURES`].
 /// Why a stored narinfo, as read, cannot be served: it is no narinfo of its path, or its NAR
 /// is elsewhere than `nar/<file>` (the root answers both with a logged 502). `None` for one
 /// that can, for none, and for a failed read.
@@ -637,6 +641,8 @@ pub(crate) fn unservable(stored: &Result<Option<NarInfo>, Error>) -> Option<Stri
     }
 }
 
+/// Logs the signatures sent for `published` that `added` left out: not by one of
+/// `upload.trusted_keys`, or beyond [`MAX_SIGNATURES`].
 fn left_out_said(published: &NarInfo, added: &Added) {
     if added.untrusted > 0 {
         tracing::info!(path = %published.store_path, untrusted = added.untrusted, "signatures sent for a published path left out: not by one of upload.trusted_keys");

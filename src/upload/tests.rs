@@ -1299,6 +1299,41 @@ async fn a_nar_another_cellar_re_encoded_is_copied_by_its_file_hash() {
     );
 }
 
+/// The server's own signatures sent back with a narinfo (a client that substituted the path
+/// and pushes it, `nix store sign` against the root, a directory copied from the cache) are
+/// not stored, new path or added signatures alike: the server makes them as it serves, and a
+/// stored one would outlive its key's retirement. Another key's are.
+#[tokio::test]
+async fn the_servers_own_signatures_are_not_stored() {
+    let own = crate::nix::SecretKey::generate("cache-1").unwrap();
+    let other = crate::nix::SecretKey::generate("builder-1").unwrap();
+    let sd = "/nix/store";
+    let (mem, up) = uploader();
+    up.set_own_key_names(vec!["cache-1".to_owned()]);
+    let nar = nar();
+    let mut info = narinfo_for(&nar, nar.len());
+    info.sign(&own, sd);
+    up.copy_path(info.clone(), |_| async { Ok(body(nar.clone())) }, None)
+        .await
+        .unwrap();
+    let published = info.clone();
+    let names = |mem: &MemoryStore| -> Vec<String> {
+        stored_narinfo(mem, &published)
+            .sigs
+            .iter()
+            .map(|s| s.key_name().to_owned())
+            .collect()
+    };
+    assert!(names(&mem).is_empty(), "{:?}", names(&mem));
+    info.sign(&other, sd);
+    let acc = up
+        .put_narinfo(info.hash(), info.render(sd).as_bytes(), None)
+        .await
+        .unwrap();
+    assert!(acc.already_present);
+    assert_eq!(names(&mem), ["builder-1"]);
+}
+
 /// A NAR string: length, bytes, zeros to a multiple of 8.
 fn nar_token(s: &[u8], out: &mut Vec<u8>) {
     out.extend_from_slice(&(s.len() as u64).to_le_bytes());
@@ -1325,6 +1360,25 @@ fn one_file_nar(contents: &[u8], in_dir: bool) -> Bytes {
     for _ in 0..closes {
         nar_token(b")", &mut n);
     }
+    Bytes::from(n)
+}
+
+/// The NAR of one executable file.
+fn executable_file_nar(contents: &[u8]) -> Bytes {
+    let mut n = Vec::new();
+    for t in [
+        "nix-archive-1",
+        "(",
+        "type",
+        "regular",
+        "executable",
+        "",
+        "contents",
+    ] {
+        nar_token(t.as_bytes(), &mut n);
+    }
+    nar_token(contents, &mut n);
+    nar_token(b")", &mut n);
     Bytes::from(n)
 }
 
@@ -1383,6 +1437,13 @@ async fn unsigned_content_addressed_paths_pass_trusted_keys_on_their_contents() 
             "v0lh0k7cm9jbiq3b6ccbr86imvzpibn3-u.txt",
             "text:sha256:1mha3hgpyv8cq0qvn27049a8pyd21h6wwxgw7b5cf8f3f1g97zhb",
             one_file_nar(b"v", false),
+            false,
+        ),
+        // The same contents, executable: no text path is (its hash does not cover the bit).
+        (
+            "v0lh0k7cm9jbiq3b6ccbr86imvzpibn3-u.txt",
+            "text:sha256:1mha3hgpyv8cq0qvn27049a8pyd21h6wwxgw7b5cf8f3f1g97zhb",
+            executable_file_nar(b"u"),
             false,
         ),
     ];

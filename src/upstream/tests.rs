@@ -993,39 +993,6 @@ async fn a_refused_narinfo_is_logged_with_the_reason() {
     );
 }
 
-/// An unsigned upstream narinfo of a content-addressed path (a `builtins.toFile` the real Nix
-/// made, which a builder's `secret-key-files` does not sign) is taken if its path is the one
-/// its `CA:` gives, as Nix takes it (and checks the contents on import); with another `CA:`,
-/// refused as unsigned.
-#[tokio::test]
-async fn an_unsigned_content_addressed_path_is_taken_on_its_content_address() {
-    let key = crate::nix::SecretKey::generate("trusted-1").unwrap();
-    let hash = "v0lh0k7cm9jbiq3b6ccbr86imvzpibn3";
-    let ca = "text:sha256:1mha3hgpyv8cq0qvn27049a8pyd21h6wwxgw7b5cf8f3f1g97zhb";
-    let other = "text:sha256:0mha3hgpyv8cq0qvn27049a8pyd21h6wwxgw7b5cf8f3f1g97zhb";
-    for (ca, taken) in [(ca, true), (other, false)] {
-        let narinfo = format!(
-            "StorePath: /nix/store/{hash}-u.txt\nURL: nar/{SECOND_NAR}\nCompression: none\n\
-             NarHash: {}\nNarSize: 10\nReferences: \nCA: {ca}\n",
-            crate::nix::Sha256::digest(b"0123456789")
-        );
-        let app = axum::Router::new().route(
-            &format!("/{hash}.narinfo"),
-            axum::routing::get(move || async move { narinfo }),
-        );
-        let config = UpstreamConfig {
-            url: serve(app).await,
-            public_keys: vec![key.public()],
-            timeout: Duration::from_secs(5),
-            mirror: false,
-        };
-        let upstreams = Upstreams::new(&[config], "/nix/store").unwrap();
-        let (found, failed) = upstreams.narinfo(hash.parse().unwrap()).await;
-        assert!(!failed);
-        assert_eq!(found.is_some(), taken, "{ca}");
-    }
-}
-
 /// An upstream that redirects `/log/<n>` to `/log/<n - 1>`, and serves `/log/0`.
 async fn redirecting_upstream(Path(n): Path<usize>) -> Response {
     match n {

@@ -248,19 +248,26 @@ impl NarCache {
             found.into_iter().partition(|(_, f)| index.admits(f.size))
         };
         let mut found = kept;
-        if !oversized.is_empty() {
-            let bytes: u64 = oversized.iter().map(|(_, f)| f.size).sum();
+        let (mut files, mut bytes) = (0usize, 0u64);
+        for (name, f) in oversized {
+            let _names = lock(&self.names);
+            // Unless a request looked at it first.
+            if !self.index().take_pending(&name) {
+                continue;
+            }
+            match self.disk.remove(&name) {
+                Ok(()) => (files, bytes) = (files + 1, bytes + f.size),
+                Err(e) => {
+                    tracing::warn!(nar = %name, cause = %e, "NAR cache: cannot remove a file over half of cache.nar_max_bytes")
+                }
+            }
+        }
+        if files > 0 {
             tracing::info!(
-                files = oversized.len(),
+                files,
                 bytes,
                 "NAR cache: files from before the restart over half of cache.nar_max_bytes removed"
             );
-            for (name, _) in oversized {
-                let _names = lock(&self.names);
-                if self.index().take_pending(&name) {
-                    let _ = self.disk.remove(&name);
-                }
-            }
         }
         found.sort_by(|(na, a), (nb, b)| (a.used, na).cmp(&(b.used, nb)));
         // Newest first, each batch placed before those in the index: the order of use is
@@ -286,7 +293,7 @@ impl NarCache {
         if evicted > 0 {
             tracing::info!(
                 files = evicted,
-                "NAR cache: files from before the restart removed, least recently used first, to keep within cache.nar_max_bytes"
+                "NAR cache: the least recently used files removed to keep within cache.nar_max_bytes (it may have shrunk since the last run)"
             );
         }
         self.changed();
@@ -830,7 +837,8 @@ impl NarCache {
             self.remove_unindexed(&name);
         }
         self.changed();
-        false
+        // A removal that failed paused caching: no room was made.
+        self.disk_full.is_active()
     }
 
     fn note_full(&self, cause: impl fmt::Display) {

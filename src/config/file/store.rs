@@ -123,7 +123,6 @@ impl StoreSection {
         }
         if let Some(ep) = &self.endpoint {
             http_url("store.endpoint", ep)?;
-            s3_root("store.endpoint", ep)?;
         }
         if self.region.trim().is_empty() || self.region.contains(char::is_whitespace) {
             return Err(ConfigError::invalid(
@@ -167,7 +166,6 @@ impl StoreSection {
         let redirect = if self.redirect_nars {
             if let Some(ep) = &self.public_endpoint {
                 http_url("store.public_endpoint", ep)?;
-                s3_root("store.public_endpoint", ep)?;
             }
             let ttl = secs("store.redirect_ttl_secs", self.redirect_ttl_secs, 60)?;
             // SigV4 presigned URLs live at most a week.
@@ -223,21 +221,5 @@ pub(in crate::config) fn normalise_prefix(p: &str) -> String {
         String::new()
     } else {
         format!("{p}/")
-    }
-}
-
-/// An S3 endpoint is the server's root: requests go to `<endpoint>/<bucket>/<key>`, so a path
-/// in it would be taken for the bucket.
-fn s3_root(key: &str, url: &str) -> Result<(), ConfigError> {
-    match reqwest::Url::parse(url) {
-        Ok(u) if u.path() != "/" => Err(ConfigError::invalid(
-            key,
-            format!(
-                "{:?} has a path ({}): give the S3 server's root URL; the bucket is store.bucket",
-                u.origin().ascii_serialization(),
-                u.path()
-            ),
-        )),
-        _ => Ok(()),
     }
 }

@@ -12,29 +12,18 @@ fn token(s: &[u8], out: &mut Vec<u8>) {
     out.resize(out.len().next_multiple_of(8), 0);
 }
 
-/// What comes before the contents' length: a plain file, and an executable one.
-fn headers() -> [Vec<u8>; 2] {
+/// What comes before the contents' length: a plain file. An executable one is no flat or
+/// text path (Nix makes neither executable, and their hash does not cover the bit).
+fn header() -> Vec<u8> {
     let mut plain = Vec::new();
     for t in ["nix-archive-1", "(", "type", "regular", "contents"] {
         token(t.as_bytes(), &mut plain);
     }
-    let mut exec = Vec::new();
-    for t in [
-        "nix-archive-1",
-        "(",
-        "type",
-        "regular",
-        "executable",
-        "",
-        "contents",
-    ] {
-        token(t.as_bytes(), &mut exec);
-    }
-    [plain, exec]
+    plain
 }
 
-/// Enough of a NAR's start to tell its layout: the longer header and the contents' length.
-const HEAD: usize = 128;
+/// Enough of a NAR's start to tell its layout: the header and the contents' length.
+const HEAD: usize = 96;
 
 #[derive(Default)]
 pub(super) struct FlatFile {
@@ -70,13 +59,14 @@ impl FlatFile {
 
     /// Tells the layout from the head, and runs the head through [`Self::body`].
     fn layout(&mut self) {
-        let found = headers().into_iter().find_map(|h| {
-            let len = self.head.get(h.len()..h.len() + 8)?;
-            let len = u64::from_le_bytes(len.try_into().ok()?);
-            self.head
-                .starts_with(&h)
-                .then_some((h.len() as u64 + 8, len))
-        });
+        let h = header();
+        let found = self
+            .head
+            .get(h.len()..h.len() + 8)
+            .and_then(|len| len.try_into().ok())
+            .map(u64::from_le_bytes)
+            .filter(|_| self.head.starts_with(&h))
+            .map(|len| (h.len() as u64 + 8, len));
         match found {
             Some(c) => {
                 self.contents = Some(c);
@@ -114,11 +104,14 @@ impl FlatFile {
             self.layout();
         }
         let (start, len) = self.contents.filter(|_| !self.not)?;
-        let pad = (len.next_multiple_of(8) - len) as usize;
+        // The length is the NAR's word: one near u64::MAX overflows, and is no file here.
+        let padded = len.checked_next_multiple_of(8)?;
+        let pad = usize::try_from(padded - len).ok()?;
         let mut close = Vec::new();
         token(b")", &mut close);
         close.splice(0..0, std::iter::repeat_n(0u8, pad));
-        (self.pos == start + len + pad as u64 + 16 && self.trailer == close)
+        let end = start.checked_add(padded)?.checked_add(16)?;
+        (self.pos == end && self.trailer == close)
             .then(|| Sha256::from_bytes(self.hasher.finalize().into()))
     }
 }
@@ -156,16 +149,26 @@ mod tests {
         for contents in [&b""[..], b"u", b"hello\n", &[7u8; 1000], &[1u8; 8]] {
             for exec in [false, true] {
                 let n = nar(contents, exec);
+                // An executable file is no flat or text path.
+                let expected = (!exec).then(|| Sha256::digest(contents));
                 for chunk in [1, 3, 8, 100, 129, n.len()] {
                     assert_eq!(
                         flat_of(&n, chunk),
-                        Some(Sha256::digest(contents)),
+                        expected,
                         "{} bytes, exec {exec}, chunks of {chunk}",
                         contents.len()
                     );
                 }
             }
         }
+    }
+
+    /// A length near u64::MAX in the header is no file (and no overflow).
+    #[test]
+    fn a_huge_length_is_none() {
+        let mut n = nar(b"hello\n", false);
+        n[88..96].copy_from_slice(&(u64::MAX - 3).to_le_bytes());
+        assert_eq!(flat_of(&n, 7), None);
     }
 
     /// The NAR `nix store add-file` made of `hello\n` hashes to its `CA: fixed:sha256:…`.
