@@ -239,7 +239,8 @@ fn check_config(path: Option<&Path>) -> anyhow::Result<()> {
         }
     }
     if let Some(dir) = &cfg.cache.nar_dir {
-        cellar::cache::nar::check_dir(dir).context("cache.nar_dir")?;
+        cellar::cache::nar::check_dir(dir)
+            .with_context(|| format!("config key `cache.nar_dir`: {}", dir.display()))?;
     }
     local_store_to_create(&cfg)?;
     say!("configuration is valid");

@@ -180,6 +180,8 @@ fn check_config_refuses_what_serve_would() {
     std::fs::write(foreign.join("cat.jpg"), "meow").unwrap();
     let (ok, err) = check(vec![("CELLAR_CACHE__NAR_DIR", foreign.clone().into())]);
     assert!(!ok && err.contains("cache.nar_dir"), "{err}");
+    // Which directory, too.
+    assert!(err.contains(&foreign.display().to_string()), "{err}");
     assert!(foreign.join("cat.jpg").exists());
     let new = d.path().join("nars");
     let (ok, err) = check(vec![("CELLAR_CACHE__NAR_DIR", new.clone().into())]);
