@@ -980,24 +980,32 @@ async fn a_narinfo_in_the_bucket_that_cannot_be_served_is_replaced_by_an_upload(
     );
 }
 
-#[tokio::test(flavor = "multi_thread")]
-async fn local_backend_accepts_uploads() {
+/// A cellar over a local directory (`WORK/data`) with `config` (plus a write token), into
+/// which the real client has copied the fixture's closure: the directory and the server.
+fn local_cellar_with_the_closure(work: &Path, config: &str) -> (std::path::PathBuf, Server) {
     let f = fixture();
     let (w, wcfg) = token("builder", "write");
-    let work = tempfile::tempdir().unwrap();
-    let data = work.path().join("data");
+    let data = work.join("data");
     let srv = Server::start_with_config(
-        &wcfg,
+        &format!("{config}{wcfg}"),
         vec![
             ("CELLAR_STORE__KIND".into(), "local".into()),
             ("CELLAR_STORE__PATH".into(), data.to_str().unwrap().into()),
         ],
     );
-    let n = netrc(work.path(), &srv, &w);
+    let n = netrc(work, &srv, &w);
     assert_ok(
-        &copy_to(&srv.url, Some(&n), &[&f.top], work.path(), "local"),
+        &copy_to(&srv.url, Some(&n), &[&f.top], work, "local"),
         "upload",
     );
+    (data, srv)
+}
+
+#[tokio::test(flavor = "multi_thread")]
+async fn local_backend_accepts_uploads() {
+    let f = fixture();
+    let work = tempfile::tempdir().unwrap();
+    let (data, srv) = local_cellar_with_the_closure(work.path(), "");
     substitute_and_verify(
         &srv.url,
         &srv.public_key,
@@ -1018,21 +1026,9 @@ async fn local_backend_accepts_uploads() {
 #[tokio::test(flavor = "multi_thread")]
 async fn a_re_encoding_local_cellar_is_imported_into_s3() {
     let f = fixture();
-    let (w, wcfg) = token("builder", "write");
     let work = tempfile::tempdir().unwrap();
-    let data = work.path().join("data");
-    let srv = Server::start_with_config(
-        &format!("[upload]\ncompression = \"zstd\"\n{wcfg}"),
-        vec![
-            ("CELLAR_STORE__KIND".into(), "local".into()),
-            ("CELLAR_STORE__PATH".into(), data.to_str().unwrap().into()),
-        ],
-    );
-    let n = netrc(work.path(), &srv, &w);
-    assert_ok(
-        &copy_to(&srv.url, Some(&n), &[&f.top], work.path(), "local"),
-        "upload",
-    );
+    let (data, srv) =
+        local_cellar_with_the_closure(work.path(), "[upload]\ncompression = \"zstd\"\n");
     drop(srv);
     let app = App::s3("import-reencoded");
     let said = cellar_import(&data, app.direct_store_env());

@@ -86,6 +86,21 @@ async fn get_nar(
         .await
 }
 
+/// NAR names that sort in this order.
+const NAMES: [&str; 4] = [
+    "07yp7gw2d9vmfgl2rd063i75qwkfbrgvqngp5yz2pk6iadzlckh7.nar",
+    "17yp7gw2d9vmfgl2rd063i75qwkfbrgvqngp5yz2pk6iadzlckh7.nar",
+    "27yp7gw2d9vmfgl2rd063i75qwkfbrgvqngp5yz2pk6iadzlckh7.nar",
+    "37yp7gw2d9vmfgl2rd063i75qwkfbrgvqngp5yz2pk6iadzlckh7.nar",
+];
+
+/// The NAR `name` read through `cache` whole.
+async fn read_named(cache: &Arc<NarCache>, store: &Arc<dyn Store>, name: &str) -> Vec<u8> {
+    let file: NarFileName = name.parse().unwrap();
+    let key = format!("nar/{name}");
+    body(cache.get(&file, &key, None, None, store).await.unwrap()).await
+}
+
 async fn wait_indexed(cache: &NarCache, n: usize) {
     wait_until(cache, || cache.usage().0 == n).await;
 }
@@ -214,24 +229,8 @@ async fn a_nar_whose_bytes_are_not_its_narinfos_is_not_kept() {
 async fn eviction_keeps_the_budget() {
     // Room for two of the three 1000-byte NARs, as they take 8 KiB of disk each.
     let (d, cache, mem, store) = setup(2 * footprint(1000) + 1000);
-    let names = [
-        "07yp7gw2d9vmfgl2rd063i75qwkfbrgvqngp5yz2pk6iadzlckh7.nar",
-        "17yp7gw2d9vmfgl2rd063i75qwkfbrgvqngp5yz2pk6iadzlckh7.nar",
-        "27yp7gw2d9vmfgl2rd063i75qwkfbrgvqngp5yz2pk6iadzlckh7.nar",
-    ];
-    let read = |i: usize| {
-        let (cache, store) = (cache.clone(), store.clone());
-        async move {
-            let name: NarFileName = names[i].parse().unwrap();
-            body(
-                cache
-                    .get(&name, &format!("nar/{}", names[i]), None, None, &store)
-                    .await
-                    .unwrap(),
-            )
-            .await
-        }
-    };
+    let names = &NAMES[..3];
+    let read = |i: usize| read_named(&cache, &store, names[i]);
     for (i, n) in names.iter().enumerate().take(2) {
         mem.insert(&format!("nar/{n}"), vec![i as u8; 1000]);
         read(i).await;
@@ -346,20 +345,8 @@ async fn cached_then_restarted() -> (
 async fn a_file_eviction_cannot_remove_pauses_caching() {
     // Room for two.
     let (d, cache, mem, store) = setup(2 * footprint(1000) + 1000);
-    let names = [
-        "07yp7gw2d9vmfgl2rd063i75qwkfbrgvqngp5yz2pk6iadzlckh7.nar",
-        "17yp7gw2d9vmfgl2rd063i75qwkfbrgvqngp5yz2pk6iadzlckh7.nar",
-        "27yp7gw2d9vmfgl2rd063i75qwkfbrgvqngp5yz2pk6iadzlckh7.nar",
-        "37yp7gw2d9vmfgl2rd063i75qwkfbrgvqngp5yz2pk6iadzlckh7.nar",
-    ];
-    let read = |i: usize| {
-        let (cache, store) = (cache.clone(), store.clone());
-        async move {
-            let name: NarFileName = names[i].parse().unwrap();
-            let key = format!("nar/{}", names[i]);
-            body(cache.get(&name, &key, None, None, &store).await.unwrap()).await
-        }
-    };
+    let names = NAMES;
+    let read = |i: usize| read_named(&cache, &store, names[i]);
     for (i, n) in names.iter().enumerate() {
         mem.insert(&format!("nar/{n}"), vec![i as u8; 1000]);
     }
@@ -1116,11 +1103,7 @@ fn a_restart_with_a_smaller_budget_drops_only_the_nar_it_no_longer_admits() {
         1 << 30,
         Duration::from_secs(30),
     ));
-    let names = [
-        "07yp7gw2d9vmfgl2rd063i75qwkfbrgvqngp5yz2pk6iadzlckh7.nar",
-        "17yp7gw2d9vmfgl2rd063i75qwkfbrgvqngp5yz2pk6iadzlckh7.nar",
-        "27yp7gw2d9vmfgl2rd063i75qwkfbrgvqngp5yz2pk6iadzlckh7.nar",
-    ];
+    let names = &NAMES[..3];
     let big = 5 * BLOCK as usize;
     let at = |s: u64| UNIX_EPOCH + D::from_secs(1_700_000_000 + s);
     for (i, (name, size)) in names.iter().zip([10, 10, big]).enumerate() {
