@@ -240,6 +240,8 @@ mod tests {
             format!("fixed:r:sha384:{hexed}"),
             format!("fixed:r:sha512:{hexed}"),
             format!("fixed:r:sha256-{b64}"),
+            // Base64 of a sha256's length (44) that decodes to 31 bytes, not 32.
+            format!("fixed:r:sha256:{}", BASE64.encode([7u8; 31])),
         ] {
             assert!(check_content_address(&bad).is_err(), "{bad}");
         }
