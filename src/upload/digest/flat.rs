@@ -163,6 +163,19 @@ mod tests {
         }
     }
 
+    /// What follows the contents is kept only up to what a file's NAR has there (padding and
+    /// the closing `)`): a NAR whose header claims short contents before a long tail is not
+    /// held in memory.
+    #[test]
+    fn a_long_tail_is_not_held() {
+        let mut n = nar(b"hello\n", false);
+        n.extend_from_slice(&[0u8; 1 << 16]);
+        let mut f = FlatFile::default();
+        f.update(&n);
+        assert!(f.trailer.len() <= 24, "{}", f.trailer.len());
+        assert_eq!(f.finish(), None);
+    }
+
     /// A length near u64::MAX in the header is no file (and no overflow).
     #[test]
     fn a_huge_length_is_none() {
