@@ -255,7 +255,40 @@ impl Config {
         }
         let cfg = Self::from_figment(with_env(fig))?;
         cfg.check_nar_dir(file)?;
+        cfg.check_endpoint_env(|var| std::env::var_os(var))?;
         Ok(cfg)
+    }
+
+    /// With `store.endpoint` unset, the S3 client takes the endpoint from
+    /// `AWS_ENDPOINT_URL_S3`, else `AWS_ENDPOINT_URL`; the first of them that is set, set
+    /// empty (an `Environment=` or env file line left blank), made every request fail with
+    /// "Custom endpoint `` was not a valid URI", and the server start as if all were well.
+    fn check_endpoint_env(
+        &self,
+        var: impl Fn(&str) -> Option<std::ffi::OsString>,
+    ) -> Result<(), ConfigError> {
+        let StoreBackend::S3(s3) = &self.store.backend else {
+            return Ok(());
+        };
+        if s3.endpoint.is_some() {
+            return Ok(());
+        }
+        let set = ["AWS_ENDPOINT_URL_S3", "AWS_ENDPOINT_URL"]
+            .into_iter()
+            .find_map(|name| Some((name, var(name)?)));
+        match set {
+            Some((name, value)) if value.to_string_lossy().trim().is_empty() => {
+                Err(ConfigError::Invalid {
+                    key: "store.endpoint".into(),
+                    message: format!(
+                        "unset, so the S3 client takes ${name}, which is set but empty; unset \
+                         it, or give it (or store.endpoint) the store's URL"
+                    ),
+                    from: format!(" (from {name})"),
+                })
+            }
+            _ => Ok(()),
+        }
     }
 
     /// The keys `file` sets that a `CELLAR_*` variable overrides, as `(variable, key)`: what

@@ -461,6 +461,12 @@ fn upstreams_and_cache() {
             "[cache]\nnar_dir = \"/x\"\nnar_max_bytes = 5",
             "cache.nar_max_bytes",
         ),
+        (
+            "[[upstreams]]\nurl = \"http://x\"\npublic_keys = [\"cache.nixos.org-1:6NCHdD59X431o0gWypbMrAURkbJ16ZPMQFGspcDShjY=\"]\n\
+             [[upstreams]]\nurl = \"http://y\"\npublic_keys = [\"cache.nixos.org-1:6NCHdD59X431o0gWypbMrAURkbJ16ZPMQFGspcDShjY=\"]\n\
+             [[upstreams]]\nurl = \"http://x/\"\npublic_keys = [\"cache.nixos.org-1:6NCHdD59X431o0gWypbMrAURkbJ16ZPMQFGspcDShjY=\"]",
+            "config key `upstreams[2].url` (from TOML source string): upstreams[0] has the same URL",
+        ),
     ] {
         let e = from_toml(bad).unwrap_err().to_string();
         assert!(e.contains(key), "{bad}: {e}");
@@ -1390,4 +1396,52 @@ fn gc_retention_and_budget_are_read_as_written() {
     assert_eq!(c.gc.max_bytes, Some(5000));
     let c = from_toml("[gc]\nmax_bytes = 0").unwrap();
     assert_eq!(c.gc.max_bytes, None);
+}
+
+/// An S3 endpoint variable set but empty is refused by name, at start-up and in check-config
+/// (the SDK took it as the endpoint and every request failed); the first one set decides, as
+/// it does for the SDK, and `store.endpoint` makes both unused.
+#[test]
+fn an_empty_endpoint_variable_is_refused() {
+    let s3 = from_toml("[store]\nkind = \"s3\"\nbucket = \"b\"").unwrap();
+    let env = |pairs: &'static [(&'static str, &'static str)]| {
+        move |name: &str| {
+            pairs
+                .iter()
+                .find(|(n, _)| *n == name)
+                .map(|(_, v)| std::ffi::OsString::from(v))
+        }
+    };
+    let e = s3
+        .check_endpoint_env(env(&[
+            ("AWS_ENDPOINT_URL_S3", ""),
+            ("AWS_ENDPOINT_URL", "http://x"),
+        ]))
+        .unwrap_err()
+        .to_string();
+    assert!(
+        e.starts_with("config key `store.endpoint` (from AWS_ENDPOINT_URL_S3): unset, so the S3 client takes $AWS_ENDPOINT_URL_S3, which is set but empty"),
+        "{e}"
+    );
+    let e = s3
+        .check_endpoint_env(env(&[("AWS_ENDPOINT_URL", " ")]))
+        .unwrap_err()
+        .to_string();
+    assert!(e.contains("(from AWS_ENDPOINT_URL)"), "{e}");
+    assert!(s3
+        .check_endpoint_env(env(&[
+            ("AWS_ENDPOINT_URL_S3", "http://s3"),
+            ("AWS_ENDPOINT_URL", "")
+        ]))
+        .is_ok());
+    assert!(s3.check_endpoint_env(env(&[])).is_ok());
+    let configured =
+        from_toml("[store]\nkind = \"s3\"\nbucket = \"b\"\nendpoint = \"http://e\"").unwrap();
+    assert!(configured
+        .check_endpoint_env(env(&[("AWS_ENDPOINT_URL_S3", "")]))
+        .is_ok());
+    let local = from_toml("").unwrap();
+    assert!(local
+        .check_endpoint_env(env(&[("AWS_ENDPOINT_URL_S3", "")]))
+        .is_ok());
 }

@@ -276,12 +276,7 @@ impl ConfigFile {
             upload: self.upload.validate(s3)?,
             cache: self.cache.validate(s3)?,
             gc: self.gc.validate()?,
-            upstreams: self
-                .upstreams
-                .into_iter()
-                .enumerate()
-                .map(|(i, u)| u.validate(i))
-                .collect::<Result<_, _>>()?,
+            upstreams: upstreams(self.upstreams)?,
             metrics_listen: match self.metrics_listen {
                 Some(m) if overlap(m, self.listen) => {
                     return Err(ConfigError::invalid(
@@ -548,6 +543,27 @@ struct UpstreamEntry {
 
 fn default_upstream_timeout() -> u64 {
     5
+}
+
+/// The `[[upstreams]]`, each validated, and no URL twice: the second entry of a URL would
+/// only ask the same cache again after each miss (and its keys or timeout would not be the
+/// ones used).
+fn upstreams(entries: Vec<UpstreamEntry>) -> Result<Vec<UpstreamConfig>, ConfigError> {
+    let mut out: Vec<UpstreamConfig> = Vec::with_capacity(entries.len());
+    for (i, entry) in entries.into_iter().enumerate() {
+        let u = entry.validate(i)?;
+        if let Some(first) = out.iter().position(|o| o.url == u.url) {
+            return Err(ConfigError::invalid(
+                format!("upstreams[{i}].url"),
+                format!(
+                    "upstreams[{first}] has the same URL; give each upstream once (its \
+                     public_keys may list several keys)"
+                ),
+            ));
+        }
+        out.push(u);
+    }
+    Ok(out)
 }
 
 impl UpstreamEntry {
