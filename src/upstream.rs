@@ -71,15 +71,7 @@ impl fmt::Display for Failure {
             Self::Timeout => f.write_str("timeout"),
             // With its causes: reqwest's own words alone ("error sending request for url")
             // do not say what went wrong (refused, reset, no address, TLS).
-            Self::Request(e) => {
-                fmt::Display::fmt(e, f)?;
-                let mut cause = std::error::Error::source(e);
-                while let Some(c) = cause {
-                    write!(f, ": {c}")?;
-                    cause = c.source();
-                }
-                Ok(())
-            }
+            Self::Request(e) => f.write_str(&crate::error::display_chain(e)),
             Self::Status(s) => write!(f, "HTTP {s}"),
         }
     }
@@ -882,14 +874,10 @@ fn reach(u: &reqwest::Url) -> Reach {
 /// (reqwest's own words, "error decoding response body", say little without their source:
 /// the connection closed early, say).
 fn body_broke(upstream: &str, e: &reqwest::Error) -> io::Error {
-    let mut why = e.to_string();
-    let mut source = std::error::Error::source(e);
-    while let Some(s) = source {
-        why.push_str(": ");
-        why.push_str(&s.to_string());
-        source = s.source();
-    }
-    io::Error::other(format!("upstream {upstream} broke off the body: {why}"))
+    io::Error::other(format!(
+        "upstream {upstream} broke off the body: {}",
+        crate::error::display_chain(e)
+    ))
 }
 
 /// Whether every upstream's object under `key` is the same bytes: anything but a NAR named
