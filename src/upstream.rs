@@ -90,6 +90,8 @@ enum Refusal {
     BadUrl(NarUrlError),
     /// Sent compressed in a way cellar does not decode, or not decodable as it says.
     Encoded(String),
+    /// Not a realisation.
+    NotARealisation(crate::nix::RealisationError),
 }
 
 impl fmt::Display for Refusal {
@@ -101,6 +103,7 @@ impl fmt::Display for Refusal {
             Self::Unsigned => f.write_str("no valid signature by the upstream's keys"),
             Self::BadUrl(e) => fmt::Display::fmt(e, f),
             Self::Encoded(why) => f.write_str(why),
+            Self::NotARealisation(e) => write!(f, "not a realisation: {e}"),
         }
     }
 }
@@ -326,7 +329,7 @@ impl Upstreams {
                 .map(|v| Compression::from_content_encoding(v.to_str().unwrap_or("?")));
             let body = match tokio::time::timeout(u.timeout, async {
                 let body = read_capped(res, MAX_NARINFO_BYTES as usize).await?;
-                decode_narinfo(h, coding, body).await
+                decode_body(&format!("{h}.narinfo"), coding, body, MAX_NARINFO_BYTES).await
             })
             .await
             {
@@ -463,6 +466,77 @@ impl Upstreams {
             u.failed(started, &failure);
         }
         Err(failure)
+    }
+
+    /// The realisation under `key` (`realisations/…`, `build-trace/…`) from the first
+    /// upstream whose answer is signed by one of its keys, as its narinfos must be: Nix 2.8
+    /// substitutes through a realisation without checking its signatures, and cellar signs
+    /// what it serves, so one taken unchecked would send clients to whatever path it names.
+    /// An upstream's realisation that is not so signed (or in a form whose signatures cellar
+    /// cannot check, as newer Nix writes) is that upstream's miss. Unavailable, as a GET
+    /// would be, when none has it and some upstream could not be asked.
+    pub async fn realisation(&self, key: &str) -> Result<Option<bytes::Bytes>, StoreError> {
+        let limit = crate::upload::MAX_REALISATION_BYTES;
+        let mut unavailable = false;
+        for u in &self.list {
+            if u.down.is_active() {
+                unavailable = true;
+                continue;
+            }
+            let started = u.down.attempt();
+            let res = match self
+                .request(u, started, self.client.get(url(u, key)), false)
+                .await
+            {
+                Ok(Some(r)) if r.status() == reqwest::StatusCode::OK => r,
+                Ok(_) => {
+                    u.answered();
+                    continue;
+                }
+                Err(_) => {
+                    unavailable = true;
+                    continue;
+                }
+            };
+            let coding = res
+                .headers()
+                .get(reqwest::header::CONTENT_ENCODING)
+                .map(|v| Compression::from_content_encoding(v.to_str().unwrap_or("?")));
+            let read = tokio::time::timeout(u.timeout, async {
+                let body = read_capped(res, limit as usize).await?;
+                let body = decode_body(key, coding, body, limit).await?;
+                let r = crate::nix::Realisation::parse(&body).map_err(Refusal::NotARealisation)?;
+                match r.is_signed_by_any(&u.keys) {
+                    true => Ok(body),
+                    false => Err(Refusal::Unsigned),
+                }
+            })
+            .await;
+            match read {
+                Ok(Ok(body)) => {
+                    u.answered();
+                    return Ok(Some(body));
+                }
+                Ok(Err(Refusal::Body(e))) => {
+                    u.failed(started, &Failure::Request(e));
+                    unavailable = true;
+                }
+                Ok(Err(why)) => {
+                    u.answered();
+                    tracing::warn!(upstream = %u.name, key, cause = %why, "upstream realisation refused");
+                }
+                Err(_) => {
+                    u.failed(started, &Failure::Timeout);
+                    unavailable = true;
+                }
+            }
+        }
+        if unavailable {
+            return Err(StoreError::UpstreamDown(
+                "an upstream cache could not be asked".into(),
+            ));
+        }
+        Ok(None)
     }
 
     fn check(&self, u: &Upstream, h: StorePathHash, body: &[u8]) -> Result<NarInfo, Refusal> {
@@ -927,20 +1001,18 @@ fn unsatisfied_range_size(v: &str) -> Option<u64> {
     v.trim().strip_prefix("bytes */")?.parse().ok()
 }
 
-/// The narinfo of `h` as sent (`body`), decoded from its `Content-Encoding` (`coding`).
-async fn decode_narinfo(
-    h: StorePathHash,
+/// `key` as sent (`body`), decoded from its `Content-Encoding` (`coding`) within `limit`.
+async fn decode_body(
+    key: &str,
     coding: Option<Result<Option<Compression>, String>>,
     body: bytes::Bytes,
+    limit: u64,
 ) -> Result<bytes::Bytes, Refusal> {
     match coding {
         None | Some(Ok(None)) => Ok(body),
-        Some(Ok(Some(c))) => {
-            let key = format!("{h}.narinfo");
-            crate::store::decoded(&key, c, body.into(), MAX_NARINFO_BYTES)
-                .await
-                .map_err(|e| Refusal::Encoded(e.to_string()))
-        }
+        Some(Ok(Some(c))) => crate::store::decoded(key, c, body.into(), limit)
+            .await
+            .map_err(|e| Refusal::Encoded(e.to_string())),
         Some(Err(name)) => Err(Refusal::Encoded(format!(
             "sent with Content-Encoding {name:?}, which cellar does not decode"
         ))),

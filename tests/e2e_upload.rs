@@ -288,10 +288,11 @@ async fn ca_round_trip(bucket: &str, signed: bool) {
         .arg(&n);
     ca_expr(&mut up, &salt);
     run_ok(up);
-    if signed {
-        // The derivations too (`.drv` files: text content-addressed paths, which the builder's
-        // `secret-key-files` does not sign), as a CI caching its evaluations does: taken
-        // unsigned on their `CA:`, as Nix takes them.
+    // The derivations too, as a CI caching its evaluations does (a client's `nix copy --from`
+    // of the expression needs them in the cache, see `ca_copy_from`). With trusted_keys: they
+    // are text content-addressed paths, which the builder's `secret-key-files` does not sign,
+    // taken unsigned on their `CA:`, as Nix takes them.
+    {
         let mut drvs = nix("nix", &work.path().join("xdg-up"));
         drvs.args([
             "copy",
@@ -336,6 +337,24 @@ async fn ca_round_trip(bucket: &str, signed: bool) {
         realisations("GET", "2xx").await >= 2.0,
         "looked up through cellar"
     );
+    ca_copy_from(work.path(), &salt, srv, &top);
+}
+
+/// `nix copy --from` cellar of tests/fixtures/ca.nix's outputs (built with `salt`, top output
+/// `top`) into a fresh store trusting cellar's key alone: Nix 2.8 registers their realisations
+/// only with a signature it trusts (the builder's key, if any, is not trusted here), so cellar
+/// signs them as it serves them ("cannot register realisation … because it lacks a valid
+/// signature" before).
+fn ca_copy_from(work: &Path, salt: &str, srv: &Server, top: &str) {
+    let store = work.join("store-ca-copy");
+    let mut copy = nix("nix", &work.join("xdg-copy-ca"));
+    // Nix evaluates into the store it copies from, where the derivations are already.
+    copy.args(["copy", "--from", &srv.url, "--store"])
+        .arg(&store)
+        .args(["--trusted-public-keys", &srv.public_key]);
+    ca_expr(&mut copy, salt);
+    run_ok(copy);
+    assert!(store.join(top.trim_start_matches('/')).exists());
 }
 
 /// A new store path of 30 MiB that zstd cannot shrink (four multipart parts), and its

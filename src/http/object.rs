@@ -229,6 +229,24 @@ pub(super) fn object_response(obj: Object, kind: Kind) -> Response {
     res
 }
 
+/// A 200 of `body`, made here rather than stored as it is sent (no range of it is offered),
+/// or with `head` its headers alone.
+pub(super) fn whole_response(body: Bytes, kind: Kind, head: bool) -> Response {
+    let mut res = match head {
+        true => head_response(body.len() as u64, kind),
+        false => {
+            let size = body.len() as u64;
+            let mut res = Body::from(body).into_response();
+            res.headers_mut()
+                .insert(header::CONTENT_LENGTH, HeaderValue::from(size));
+            set_common_headers(&mut res, kind);
+            res
+        }
+    };
+    res.headers_mut().remove(header::ACCEPT_RANGES);
+    res
+}
+
 /// An empty 200 with the headers a GET would have.
 pub(super) fn head_response(size: u64, kind: Kind) -> Response {
     let mut res = ().into_response();

@@ -29,8 +29,9 @@ fn private_state() -> AppState {
     );
     mem.insert(NAR, vec![1u8; 100]);
     mem.insert(&format!("log/{DRV}"), "building top\n");
-    mem.insert(REALISATION, "{}");
-    mem.insert(&format!("build-trace/{DRV}/out"), "{}");
+    let realisation = format!(r#"{{"outPath":"{HASH}-top","signatures":[]}}"#);
+    mem.insert(REALISATION, realisation.clone());
+    mem.insert(&format!("build-trace/{DRV}/out"), realisation);
     let mut cfg = Config::default();
     cfg.auth.private = true;
     cfg.auth.tokens = vec![TokenConfig {

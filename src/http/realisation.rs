@@ -1,21 +1,25 @@
 //! Realisations of content-addressed derivations (JSON), under each name Nix has used:
 //! `/realisations/<drvhash>!<output>.doi` (Nix up to ~2.32), `/build-trace/<drv>/<output>`
-//! and `/build-trace-v2/<drv>/<output>.doi` (Nix 2.35, "build trace entries"). Each is served
-//! from the read path as stored, under its own key: one is not translated into another. An upload is checked
+//! and `/build-trace-v2/<drv>/<output>.doi` (Nix 2.35, "build trace entries"). Each is read
+//! under its own key (one is not translated into another) from the store, else from an
+//! upstream that signed it with one of its keys, and served signed by the server's keys, as
+//! narinfos are (a form whose signatures cellar cannot make, as newer Nix writes, goes out as
+//! stored; from an upstream, such a form is not taken). An upload is checked
 //! ([`crate::upload::Uploader::put_realisation`]): it must name a path in the cache, and a
 //! published one is kept (201 when written, 200 when it was there already, also when the
 //! upload names another path: another build's).
 
 use axum::body::Body;
 use axum::extract::{Path, State};
-use axum::http::{HeaderMap, StatusCode};
+use axum::http::StatusCode;
 use axum::response::Response;
+use bytes::Bytes;
 
 use super::object::{self, Kind};
 use super::AppState;
 use crate::error::Error;
-use crate::nix::{OutputName, RealisationName, StorePathBaseName};
-use crate::store::object_key;
+use crate::nix::{OutputName, Realisation, RealisationName, StorePathBaseName};
+use crate::store::{object_key, StoreError};
 use crate::upload::{RealisationStored, MAX_REALISATION_BYTES};
 
 pub(super) fn realisation_key(id: &str) -> Result<String, Error> {
@@ -50,22 +54,57 @@ async fn put_checked(st: &AppState, key: &str, body: Body) -> Result<StatusCode,
     )
 }
 
+/// The realisation under `key` as served: from the store, else from an upstream that signed
+/// it, then signed by every server key. One in the store that is not a realisation is a
+/// corrupt object (502), not passed on.
+async fn served(st: &AppState, key: &str) -> Result<Bytes, Error> {
+    let live = st.live();
+    let raw = match st.store.get_bytes(key, MAX_REALISATION_BYTES).await? {
+        Some(raw) => raw,
+        None => match live.upstreams.realisation(key).await? {
+            Some(raw) => raw,
+            None => return Err(Error::NotFound),
+        },
+    };
+    let r = Realisation::parse(&raw).map_err(|e| {
+        StoreError::Other(format!(
+            "corrupt object {key} in the store: not a realisation: {e}"
+        ))
+    })?;
+    Ok(
+        match r.signed_with(
+            &live.signing_keys,
+            live.config.signing.keep_existing_signatures,
+        ) {
+            Some(signed) => Bytes::from(signed),
+            None => raw,
+        },
+    )
+}
+
+/// A GET's answer (or, with `head`, its headers) for the realisation under `key`: whole,
+/// whatever range is asked (it is made for each request, and a few hundred bytes).
+async fn answer(st: &AppState, key: &str, head: bool) -> Result<Response, Error> {
+    let body = served(st, key).await.map_err(|e| match e {
+        // A lookup a client moves on from, as for logs and listings (`object::lookup`).
+        Error::Store(StoreError::UpstreamDown(_)) => Error::NotFoundForNow,
+        e => e,
+    })?;
+    Ok(object::whole_response(body, Kind::Realisation, head))
+}
+
 pub(super) async fn get(
     State(st): State<AppState>,
     Path(id): Path<String>,
-    headers: HeaderMap,
 ) -> Result<Response, Error> {
-    let reads = st.live().reads.clone();
-    object::get(&*reads, &realisation_key(&id)?, Kind::Realisation, &headers).await
+    answer(&st, &realisation_key(&id)?, false).await
 }
 
 pub(super) async fn head(
     State(st): State<AppState>,
     Path(id): Path<String>,
-    headers: HeaderMap,
 ) -> Result<Response, Error> {
-    let reads = st.live().reads.clone();
-    object::head(&*reads, &realisation_key(&id)?, Kind::Realisation, &headers).await
+    answer(&st, &realisation_key(&id)?, true).await
 }
 
 pub(super) async fn put(
@@ -79,26 +118,15 @@ pub(super) async fn put(
 pub(super) async fn get_build_trace<const V2: bool>(
     State(st): State<AppState>,
     Path((drv, output)): Path<(String, String)>,
-    headers: HeaderMap,
 ) -> Result<Response, Error> {
-    let key = build_trace_key::<V2>(&drv, &output)?;
-    let reads = st.live().reads.clone();
-    object::get(&*reads, &key, Kind::Realisation, &headers).await
+    answer(&st, &build_trace_key::<V2>(&drv, &output)?, false).await
 }
 
 pub(super) async fn head_build_trace<const V2: bool>(
     State(st): State<AppState>,
     Path((drv, output)): Path<(String, String)>,
-    headers: HeaderMap,
 ) -> Result<Response, Error> {
-    let reads = st.live().reads.clone();
-    object::head(
-        &*reads,
-        &build_trace_key::<V2>(&drv, &output)?,
-        Kind::Realisation,
-        &headers,
-    )
-    .await
+    answer(&st, &build_trace_key::<V2>(&drv, &output)?, true).await
 }
 
 pub(super) async fn put_build_trace<const V2: bool>(

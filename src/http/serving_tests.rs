@@ -43,7 +43,10 @@ async fn each_kind_of_object_has_its_type_and_cache_lifetime() {
     mem.insert(&format!("nar/{NAR_FILE}.nar"), vec![1u8; 100]);
     mem.insert(&format!("{HASH}.ls"), r#"{"version":1}"#);
     mem.insert(&format!("log/{DRV}"), "building\n");
-    mem.insert(REALISATION, "{}");
+    mem.insert(
+        REALISATION,
+        format!(r#"{{"outPath":"{HASH}-top","signatures":[]}}"#),
+    );
     let st = state(Config::default(), &mem);
     let year = "public, max-age=31536000, immutable";
     let hour = "public, max-age=3600";
@@ -62,7 +65,13 @@ async fn each_kind_of_object_has_its_type_and_cache_lifetime() {
         assert_eq!(status, StatusCode::OK, "{path}");
         assert_eq!(headers["content-type"], content_type, "{path}");
         assert_eq!(headers["cache-control"], cache_control, "{path}");
-        assert_eq!(headers["accept-ranges"], "bytes", "{path}");
+        // A realisation is made for each request (signed), and sent whole.
+        let ranges = (!path.starts_with("/realisations/")).then_some("bytes");
+        assert_eq!(
+            headers.get("accept-ranges").map(|v| v.to_str().unwrap()),
+            ranges,
+            "{path}"
+        );
         assert_eq!(headers["x-content-type-options"], "nosniff", "{path}");
     }
     // Errors too: a browser is never to guess a type.
@@ -1338,4 +1347,40 @@ async fn a_nar_whose_bytes_are_not_its_narinfos_is_refused_and_not_kept() {
         let (status, body) = get(&st, &format!("/nar/{file}")).await;
         assert_eq!((status, body == good), (StatusCode::OK, true), "{len}");
     }
+}
+
+/// A realisation is served signed by the server's keys, as a narinfo is (Nix 2.8's
+/// `nix copy --from` refuses one without a signature it trusts, and clients trust the
+/// server's key alone): the builder's signature it was uploaded with stays beside. HEAD says
+/// the length of that GET. One in the store that is no realisation is a 502, not passed on.
+#[tokio::test]
+async fn realisations_are_served_signed_by_the_server() {
+    use crate::nix::realisation::tests::{NIX_KEY, SIGNED_BY_NIX};
+    use crate::nix::{PublicKey, Realisation};
+    let mem = Arc::new(MemoryStore::new());
+    let doc: serde_json::Value = serde_json::from_str(SIGNED_BY_NIX).unwrap();
+    let id = doc["id"].as_str().unwrap().to_owned();
+    let key = format!("realisations/{id}.doi");
+    mem.insert(&key, SIGNED_BY_NIX);
+    let st = state(Config::default(), &mem);
+    let server = st.live().signing_keys[0].public();
+    let (status, body) = get(&st, &format!("/{key}")).await;
+    assert_eq!(status, StatusCode::OK);
+    let served = Realisation::parse(&body).unwrap();
+    assert!(served.is_signed_by_any(std::slice::from_ref(&server)));
+    let builder: PublicKey = NIX_KEY.parse().unwrap();
+    assert!(served.is_signed_by_any(&[builder]));
+    let req = Request::head(format!("/{key}"))
+        .body(Body::empty())
+        .unwrap();
+    let (status, headers, empty) = get_with(&st, req).await;
+    assert_eq!(status, StatusCode::OK);
+    assert_eq!(headers["content-length"], body.len().to_string());
+    assert!(empty.is_empty());
+
+    mem.insert(&key, "{}");
+    assert_eq!(
+        get(&st, &format!("/{key}")).await.0,
+        StatusCode::BAD_GATEWAY
+    );
 }

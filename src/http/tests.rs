@@ -491,7 +491,7 @@ async fn lookups_while_an_upstream_is_down_are_not_found_for_now() {
             );
         }
         // The upstream's failure is not remembered: with the object in the store now, found.
-        mem.insert(&path[1..], "{}");
+        mem.insert(&path[1..], format!(r#"{{"outPath":"{HASH}-top"}}"#));
         assert_eq!(get(&st, &path).await.0, StatusCode::OK, "{path}");
     }
     let absent = "1b8m03r63zqhnjf7l5wnldhh7c134ap5vpj0850ymkq1iyzicy5s";

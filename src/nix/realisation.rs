@@ -5,7 +5,7 @@
 
 use serde_json::{Map, Value};
 
-use super::{PublicKey, Signature, StorePathBaseName, StorePathHash};
+use super::{PublicKey, SecretKey, Signature, StorePathBaseName, StorePathHash};
 
 /// A realisation as uploaded: its JSON object and the path it names.
 #[derive(Debug, Clone)]
@@ -70,17 +70,56 @@ impl Realisation {
     }
 
     /// What Nix signs, for the form Nix 2.8 writes (with `id`, signatures as strings): the
-    /// object without `signatures`, its keys sorted, written compactly (nlohmann's `dump()`).
-    /// `None` for the forms newer Nix writes, whose signatures cellar cannot check.
+    /// realisation as Nix writes it back after reading it (`id`, `outPath` and
+    /// `dependentRealisations`, `{}` when absent; any other field is not read), its keys
+    /// sorted, written compactly (nlohmann's `dump()`). `None` for the forms newer Nix writes,
+    /// whose signatures cellar cannot check.
     pub fn fingerprint(&self) -> Option<String> {
-        if !matches!(self.doc.get("id"), Some(Value::String(_)))
-            || !self.signatures().iter().all(Value::is_string)
-        {
+        let id = self.doc.get("id").filter(|v| v.is_string())?;
+        if !self.signatures().iter().all(Value::is_string) {
             return None;
         }
-        let mut doc = self.doc.clone();
-        doc.remove("signatures");
+        let mut doc = Map::new();
+        doc.insert("id".into(), id.clone());
+        doc.insert("outPath".into(), self.doc.get("outPath")?.clone());
+        doc.insert(
+            "dependentRealisations".into(),
+            self.doc
+                .get("dependentRealisations")
+                .cloned()
+                .unwrap_or_else(|| Value::Object(Map::new())),
+        );
         serde_json::to_string(&sorted(&Value::Object(doc))).ok()
+    }
+
+    /// This realisation as served: signed by every one of `keys` (a signature of the same key
+    /// name replaced), after the ones it has (unless `keep_existing` is false: then only
+    /// `keys`'), as narinfos are signed when served, so that a client trusting the server's
+    /// key alone can register it (Nix 2.8's `nix copy --from` checks realisations'
+    /// signatures). As JSON; `None` for a form whose signatures cellar cannot make
+    /// ([`Realisation::fingerprint`]): served as it is.
+    pub fn signed_with(&self, keys: &[SecretKey], keep_existing: bool) -> Option<Vec<u8>> {
+        let fp = self.fingerprint()?;
+        let mut sigs: Vec<Value> = if keep_existing {
+            self.signatures()
+                .iter()
+                .filter(|v| {
+                    v.as_str()
+                        .and_then(|s| s.parse::<Signature>().ok())
+                        .is_none_or(|s| keys.iter().all(|k| k.name() != s.key_name()))
+                })
+                .cloned()
+                .collect()
+        } else {
+            Vec::new()
+        };
+        sigs.extend(
+            keys.iter()
+                .map(|k| Value::String(k.sign(fp.as_bytes()).to_string())),
+        );
+        let mut doc = self.doc.clone();
+        doc.insert("signatures".into(), Value::Array(sigs));
+        serde_json::to_vec(&doc).ok()
     }
 
     /// Whether one of its signatures is a valid one by one of `keys` (never, for a form whose
@@ -266,6 +305,73 @@ pub(crate) mod tests {
         let r = Realisation::parse(new.as_bytes()).unwrap();
         assert!(r.fingerprint().is_none());
         assert!(!r.is_signed_by_any(&[key]));
+    }
+
+    /// Served, a realisation carries the server's signatures, which Nix's check (the key
+    /// and the fingerprint it computes) accepts; the ones it had stay, but not another by a
+    /// server key's name; without `keep_existing`, only the server's. A form newer Nix writes
+    /// is served as it is.
+    #[test]
+    fn served_realisations_are_signed_by_the_servers_keys() {
+        let server = crate::nix::SecretKey::generate("cache-1").unwrap();
+        let nix_key: PublicKey = NIX_KEY.parse().unwrap();
+        let stale = crate::nix::SecretKey::generate("cache-1")
+            .unwrap()
+            .sign(b"an older key of that name");
+        let mut doc: serde_json::Value = serde_json::from_str(SIGNED_BY_NIX).unwrap();
+        doc["signatures"]
+            .as_array_mut()
+            .unwrap()
+            .push(stale.to_string().into());
+        let r = Realisation::parse(&serde_json::to_vec(&doc).unwrap()).unwrap();
+        let served =
+            Realisation::parse(&r.signed_with(std::slice::from_ref(&server), true).unwrap())
+                .unwrap();
+        assert!(served.is_signed_by_any(&[server.public()]));
+        assert!(served.is_signed_by_any(std::slice::from_ref(&nix_key)));
+        let names: Vec<&str> = served
+            .signatures()
+            .iter()
+            .map(|s| s.as_str().unwrap().split(':').next().unwrap())
+            .collect();
+        assert_eq!(names, ["k1", "cache-1"]);
+        assert_eq!(served.doc.get("id"), r.doc.get("id"));
+        assert_eq!(served.out_path(), r.out_path());
+        let only_ours =
+            Realisation::parse(&r.signed_with(std::slice::from_ref(&server), false).unwrap())
+                .unwrap();
+        assert_eq!(only_ours.signatures().len(), 1);
+        assert!(only_ours.is_signed_by_any(&[server.public()]));
+        let new = format!(r#"{{"outPath":"{OUT}","signatures":[]}}"#);
+        assert!(Realisation::parse(new.as_bytes())
+            .unwrap()
+            .signed_with(&[server], true)
+            .is_none());
+    }
+
+    /// What Nix signs is what it reads: a field it does not read changes nothing, and
+    /// `dependentRealisations` left out is the empty one it writes back.
+    #[test]
+    fn the_fingerprint_is_of_the_fields_nix_reads() {
+        let key: PublicKey = NIX_KEY.parse().unwrap();
+        let mut added: serde_json::Value = serde_json::from_str(SIGNED_BY_NIX).unwrap();
+        added["comment"] = "added on the way".into();
+        let r = Realisation::parse(&serde_json::to_vec(&added).unwrap()).unwrap();
+        assert!(r.is_signed_by_any(std::slice::from_ref(&key)));
+        let bare = Realisation::parse(&doc(OUT, &[])).unwrap();
+        let mut without = bare.doc.clone();
+        without.remove("dependentRealisations");
+        let without = Realisation {
+            doc: without,
+            out: bare.out.clone(),
+        };
+        assert_eq!(without.fingerprint(), bare.fingerprint());
+        assert_eq!(
+            bare.fingerprint().unwrap(),
+            format!(
+                r#"{{"dependentRealisations":{{}},"id":"sha256:15e3c560894cbb27085cf65b5a2ecb18488c999497f4531b6907a7581ce6d527!out","outPath":"{OUT}"}}"#
+            )
+        );
     }
 
     #[test]

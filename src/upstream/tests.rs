@@ -1658,3 +1658,70 @@ async fn an_upstream_named_by_a_host_name_is_reached() {
     let chunks: Vec<bytes::Bytes> = obj.body.try_collect().await.unwrap();
     assert_eq!(chunks.concat(), b"a log");
 }
+
+/// An upstream's realisation is taken only signed by one of that upstream's keys, as its
+/// narinfos are (Nix 2.8 substitutes through a realisation unchecked, and cellar signs what it
+/// serves): one signed by another key, unsigned, or in a form whose signatures cellar cannot
+/// check, is that upstream's miss, and the next upstream is asked.
+#[tokio::test]
+async fn realisations_are_taken_only_signed_by_the_upstreams_keys() {
+    const KEY: &str = "realisations/sha256:15e3c560894cbb27085cf65b5a2ecb18488c999497f4531b6907a7581ce6d527!out.doi";
+    let realisation = |out: &str| {
+        serde_json::to_vec(&serde_json::json!({
+            "dependentRealisations": {},
+            "id": "sha256:15e3c560894cbb27085cf65b5a2ecb18488c999497f4531b6907a7581ce6d527!out",
+            "outPath": out,
+            "signatures": [],
+        }))
+        .unwrap()
+    };
+    let signed = |key: &crate::nix::SecretKey, out: &str| {
+        crate::nix::Realisation::parse(&realisation(out))
+            .unwrap()
+            .signed_with(std::slice::from_ref(key), false)
+            .unwrap()
+    };
+    let first = crate::nix::SecretKey::generate("first-1").unwrap();
+    let second = crate::nix::SecretKey::generate("second-1").unwrap();
+    let forger = crate::nix::SecretKey::generate("first-1").unwrap();
+    let good = signed(&second, &format!("{SECOND}-good"));
+    let upstream = |body: Vec<u8>, key: &crate::nix::SecretKey| {
+        let key = key.public();
+        async move {
+            let app = axum::Router::new().route(
+                &format!("/{KEY}"),
+                axum::routing::get(move || async move { body }),
+            );
+            UpstreamConfig {
+                url: serve(app).await,
+                public_keys: vec![key],
+                timeout: Duration::from_secs(5),
+                mirror: false,
+            }
+        }
+    };
+    let second_up = upstream(good.clone(), &second).await;
+    for (refused, why) in [
+        (signed(&forger, &format!("{FIRST}-evil")), "another key"),
+        (realisation(&format!("{FIRST}-evil")), "unsigned"),
+        (
+            format!(r#"{{"outPath":"{FIRST}-evil","signatures":[]}}"#).into_bytes(),
+            "a form cellar cannot check",
+        ),
+        (b"{}".to_vec(), "not a realisation"),
+    ] {
+        let first_up = upstream(refused, &first).await;
+        let alone = Upstreams::new(std::slice::from_ref(&first_up), "/nix/store").unwrap();
+        assert_eq!(alone.realisation(KEY).await.unwrap(), None, "{why}");
+        let both = Upstreams::new(&[first_up, second_up.clone()], "/nix/store").unwrap();
+        assert_eq!(
+            both.realisation(KEY).await.unwrap().as_deref(),
+            Some(&good[..]),
+            "{why}"
+        );
+    }
+    let first_up = upstream(signed(&first, &format!("{FIRST}-fine")), &first).await;
+    let both = Upstreams::new(&[first_up, second_up], "/nix/store").unwrap();
+    let got = both.realisation(KEY).await.unwrap().unwrap();
+    assert!(String::from_utf8_lossy(&got).contains("-fine"));
+}
