@@ -25,6 +25,7 @@
 
 mod cache_info;
 mod debuginfo;
+mod drain;
 mod health;
 mod listing;
 mod log;
@@ -118,6 +119,7 @@ pub fn app(state: AppState) -> Router {
             state.clone(),
             default_cache_headers,
         ))
+        .layer(middleware::from_fn(drain::drain_unread))
         .layer(tower_http::catch_panic::CatchPanicLayer::custom(panicked))
         .layer(middleware::from_fn(metrics::observe))
         .layer(middleware::from_fn(request_id::request_span))

@@ -28,6 +28,7 @@ use axum::extract::{Path, RawQuery, State};
 use axum::http::{header, HeaderMap, HeaderValue, StatusCode};
 use axum::response::{IntoResponse as _, Response};
 
+use super::drain::{DRAIN_MAX, DRAIN_TIME};
 use super::object::{self, Kind};
 use super::AppState;
 use crate::cache::nar::NarCacheAnswer;
@@ -36,17 +37,39 @@ use crate::error::{Error, UploadError};
 use crate::nix::NarFileName;
 use crate::store::{object_key, Object, Store};
 
+/// GET of a NAR. Its error answers say `Accept-Ranges: bytes` too: Nix resumes a NAR
+/// download cut off midway (a restart, the store stalling) with a range only while the last
+/// answer it got offered ranges, and it forgets the offer at each new answer; a 503 without
+/// it, answered to the first resumption, made the next one fail the copy ("Requested range
+/// was not delivered by the server") instead of being retried.
 pub(super) async fn get(
     State(st): State<AppState>,
     Path(file): Path<String>,
     RawQuery(query): RawQuery,
     headers: HeaderMap,
+) -> Response {
+    match get_nar(&st, &file, query.as_deref(), &headers).await {
+        Ok(res) => res,
+        Err(e) => {
+            let mut res = e.into_response();
+            res.headers_mut()
+                .insert(header::ACCEPT_RANGES, HeaderValue::from_static("bytes"));
+            res
+        }
+    }
+}
+
+async fn get_nar(
+    st: &AppState,
+    file: &str,
+    query: Option<&str>,
+    headers: &HeaderMap,
 ) -> Result<Response, Error> {
-    let f = NarFileName::from_request(&file, query.as_deref())?;
+    let f = NarFileName::from_request(file, query)?;
     let asked = tokio::time::Instant::now();
-    let res = fetch(&st, &f, &headers)
+    let res = fetch(st, &f, headers)
         .await
-        .map(|res| lifetime(&st, &f, res));
+        .map(|res| lifetime(st, &f, res));
     match &res {
         // A use of the paths whose narinfo names it, for `cellar gc`: a client whose own
         // cache holds the narinfo asks for the NAR alone.
@@ -398,11 +421,6 @@ struct LentBody {
     /// Whether the upload asked for the body (which asks the client for it).
     asked: bool,
 }
-
-/// What is read of a refused upload's body, at most, before it is answered (within
-/// [`DRAIN_TIME`]): more than that and the connection is closed with the rest unread.
-const DRAIN_MAX: u64 = 64 << 20;
-const DRAIN_TIME: std::time::Duration = std::time::Duration::from_secs(5);
 
 impl Lent {
     fn new<S>(body: S) -> Self

@@ -1384,3 +1384,97 @@ async fn realisations_are_served_signed_by_the_server() {
         StatusCode::BAD_GATEWAY
     );
 }
+
+/// A `PUT` refused on its headers while its body is on its way anyway (no
+/// `Expect: 100-continue`: how nginx passes uploads on) is answered once the body is read:
+/// closed with the body unread, the connection was reset under the writer, and nginx, still
+/// writing, answered its own 502 instead of the refusal. The same connection serves on.
+#[tokio::test]
+async fn a_refused_body_sent_anyway_is_read_before_the_answer() {
+    use tokio::io::{AsyncBufReadExt as _, AsyncReadExt as _, AsyncWriteExt as _};
+    let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+    let addr = listener.local_addr().unwrap();
+    let mut cfg = with_tokens(Config::default(), &[("w", "wtok", Scope::Write)]);
+    cfg.upload.max_nar_bytes = 1 << 20;
+    let st = state(cfg, &Arc::new(MemoryStore::new()));
+    tokio::spawn(super::server::serve(listener, st, std::future::pending()));
+    // More than the socket buffers of both ends hold: written whole only if it is read.
+    let body = vec![7u8; 16 << 20];
+    let nar = format!("/upload/nar/{NAR_FILE}.nar");
+    for (path, auth, expected) in [
+        (nar.as_str(), "", "HTTP/1.1 401"),
+        (
+            nar.as_str(),
+            "Authorization: Bearer nope\r\n",
+            "HTTP/1.1 403",
+        ),
+        (
+            "/upload/nar/not-a-nar-name",
+            "Authorization: Bearer wtok\r\n",
+            "HTTP/1.1 400",
+        ),
+        (
+            nar.as_str(),
+            "Authorization: Bearer wtok\r\n",
+            "HTTP/1.1 413",
+        ),
+    ] {
+        let tcp = tokio::net::TcpStream::connect(addr).await.unwrap();
+        let (read, mut write) = tcp.into_split();
+        let head = format!(
+            "PUT {path} HTTP/1.1\r\nHost: t\r\n{auth}Content-Length: {}\r\n\r\n",
+            body.len()
+        );
+        write.write_all(head.as_bytes()).await.unwrap();
+        write
+            .write_all(&body)
+            .await
+            .unwrap_or_else(|e| panic!("{path} {auth}: the body was not read: {e}"));
+        let mut read = tokio::io::BufReader::new(read);
+        let mut status = String::new();
+        read.read_line(&mut status).await.unwrap();
+        assert!(status.starts_with(expected), "{path} {auth}: {status}");
+        // The rest of that answer, then another request on the same connection.
+        let mut line = String::new();
+        let mut length = 0usize;
+        loop {
+            line.clear();
+            read.read_line(&mut line).await.unwrap();
+            if let Some(v) = line.to_ascii_lowercase().strip_prefix("content-length:") {
+                length = v.trim().parse().unwrap();
+            }
+            if line == "\r\n" {
+                break;
+            }
+        }
+        let mut rest = vec![0u8; length];
+        read.read_exact(&mut rest).await.unwrap();
+        write
+            .write_all(b"GET /healthz HTTP/1.1\r\nHost: t\r\nConnection: close\r\n\r\n")
+            .await
+            .unwrap();
+        let mut answer = String::new();
+        read.read_to_string(&mut answer).await.unwrap();
+        assert!(
+            answer.starts_with("HTTP/1.1 200"),
+            "{path} {auth}: {answer}"
+        );
+    }
+}
+
+/// A NAR's error answers offer ranges too: Nix resumes a download cut off midway with a range
+/// only while the last answer it got offered them, so a 503 to its first resumption without
+/// the offer failed the copy at the second ("Requested range was not delivered").
+#[tokio::test]
+async fn a_nars_error_answers_keep_offering_ranges() {
+    let mem = Arc::new(MemoryStore::new());
+    let st = state(Config::default(), &mem);
+    mem.set_down(true);
+    let req = Request::get(format!("/nar/{NAR_FILE}.nar"))
+        .header("range", "bytes=100-")
+        .body(Body::empty())
+        .unwrap();
+    let (status, headers, _) = get_with(&st, req).await;
+    assert_eq!(status, StatusCode::SERVICE_UNAVAILABLE);
+    assert_eq!(headers["accept-ranges"], "bytes");
+}

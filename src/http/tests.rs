@@ -1447,6 +1447,7 @@ async fn a_refused_nar_has_its_body_read_before_the_answer() {
     };
     let req = authed("PUT", &format!("/upload/nar/{name}"), "wtok")
         .header("content-length", (chunks * (64 << 10)).to_string())
+        .header("expect", "100-continue")
         .body(Body::from_stream(body))
         .unwrap();
     let res = send(&st, req).await;
