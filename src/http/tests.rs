@@ -189,8 +189,9 @@ async fn a_body_broken_off_is_the_store_unavailable() {
     let mut on_disk = Config::default();
     on_disk.cache.nar_dir = Some(dir.path().join("nars"));
     on_disk.cache.nar_memory_bytes = 0;
-    // (The disk cache asks for a part again twice before it gives up: 3 failures.)
-    for (cfg, hinted, failures) in [(Config::default(), true, 1), (on_disk, false, 3)] {
+    // (The disk cache asks for a part again four times before it gives up, over 3.5 s: 5
+    // failures.)
+    for (cfg, hinted, failures) in [(Config::default(), true, 1), (on_disk, false, 5)] {
         let st = state(cfg, &mem);
         let key = format!("nar/{NAR_FILE}.nar.xz");
         mem.insert(&key, vec![1u8; 300]);

@@ -53,8 +53,20 @@ const WRITES_AHEAD: usize = 2;
 /// on one connection, ~440 on several).
 pub(super) const PART: u64 = 4 << 20;
 const PARTS_AHEAD: usize = 3;
-/// Times a part is asked for before its fill fails.
-const PART_ATTEMPTS: usize = 3;
+/// Times a part is asked for before its fill fails, [`retry_wait`] apart.
+pub(super) const PART_ATTEMPTS: usize = 5;
+
+/// How long a part's read waits before its `attempt`th try (2, 3, …): not at all for the
+/// second (a connection dropped once), then 0.5 s, twice as long each time after, 3.5 s over
+/// [`PART_ATTEMPTS`]. Asked again at once every time, a store that refuses connections for a
+/// moment (restarting, a node of a cluster going down) failed every try within 200 ms,
+/// cutting off every download reading that NAR; Nix's resumption then met the same outage.
+fn retry_wait(attempt: usize) -> Duration {
+    match attempt {
+        0..=2 => Duration::ZERO,
+        n => Duration::from_millis(500 << (n - 3).min(5)),
+    }
+}
 /// Parts fetched ahead or waiting to be taken, over all fills at once (the memory they hold).
 /// A part finding none free is not fetched ahead but read when its fill gets there, streamed
 /// like the first: fills of a slow source holding every one leave the others slower, not
@@ -1138,7 +1150,11 @@ impl futures::Stream for Resume {
             let (key, next, end, total) = (this.key.clone(), this.next, this.end, this.total);
             tracing::warn!(key = %key, next, end, error = %failure, "a NAR download broke off; asking for the rest");
             let store = this.store.clone();
+            let wait = retry_wait(PART_ATTEMPTS - this.reads_left);
             this.state = ResumeState::Opening(Box::pin(async move {
+                if !wait.is_zero() {
+                    tokio::time::sleep(wait).await;
+                }
                 open_range(&*store, &key, next, end, total).await
             }));
         }
@@ -1146,7 +1162,7 @@ impl futures::Stream for Resume {
 }
 
 /// Bytes `start..=end` of `key`, whose size is `total`, whole, asked for again (up to
-/// [`PART_ATTEMPTS`] in all) when the store failed or broke off: one dropped connection costs
+/// [`PART_ATTEMPTS`] in all, [`retry_wait`] apart) when the store failed or broke off: one dropped connection costs
 /// that part, not the whole fill and the downloads reading it. A store that answers with
 /// other bytes than those asked for, says the object is gone or refuses the credentials is
 /// not asked again.
@@ -1165,6 +1181,10 @@ async fn fetch_part_retrying(
             Err(PartError::Transient(e)) if attempt < PART_ATTEMPTS => {
                 tracing::warn!(key, start, end, attempt, error = %e, "a part of a NAR failed; asking again");
                 attempt += 1;
+                let wait = retry_wait(attempt);
+                if !wait.is_zero() {
+                    tokio::time::sleep(wait).await;
+                }
             }
             Err(PartError::Transient(e) | PartError::Final(e)) => return Err(e),
         }
@@ -1419,6 +1439,59 @@ mod tests {
             std::task::ready!(arrival.as_mut().poll(cx));
             std::task::Poll::Ready(self.data.take().map(Ok))
         }
+    }
+
+    /// A part the store cannot give for a moment (refusing connections while it restarts) is
+    /// asked for again over 3.5 s, the second try at once, then 0.5 s, 1 s and 2 s apart (all
+    /// within 200 ms before, which a restart outlasted); a store still failing after the last
+    /// try fails the part.
+    #[tokio::test(start_paused = true)]
+    async fn a_part_the_store_cannot_give_is_asked_for_again_over_seconds() {
+        use crate::store::memory::RangeFault;
+        let mem = Arc::new(crate::store::memory::MemoryStore::new());
+        let data: Vec<u8> = (0..100u8).collect();
+        mem.insert("nar/x", data.clone());
+        mem.fault_range(10, RangeFault::Unavailable, PART_ATTEMPTS - 1);
+        let asked = tokio::time::Instant::now();
+        let got = fetch_part_retrying(&*mem, "nar/x", 10, 99, 100, Duration::from_secs(9))
+            .await
+            .unwrap();
+        assert_eq!(got.concat(), &data[10..]);
+        assert_eq!(asked.elapsed(), Duration::from_millis(3500));
+        assert_eq!(mem.range_starts(), vec![10; PART_ATTEMPTS]);
+        mem.fault_range(10, RangeFault::Unavailable, PART_ATTEMPTS);
+        assert!(
+            fetch_part_retrying(&*mem, "nar/x", 10, 99, 100, Duration::from_secs(9))
+                .await
+                .is_err()
+        );
+    }
+
+    /// The rest of a streamed body that broke off is asked for at once, then, while the
+    /// store cannot give it, [`retry_wait`] apart, as a part is.
+    #[tokio::test(start_paused = true)]
+    async fn the_rest_of_a_body_broken_off_is_asked_for_over_seconds() {
+        use crate::store::memory::RangeFault;
+        let mem = Arc::new(crate::store::memory::MemoryStore::new());
+        let data: Vec<u8> = (0..10u8).collect();
+        mem.insert("nar/x", data.clone());
+        mem.fault_range(3, RangeFault::Unavailable, PART_ATTEMPTS - 2);
+        let cut = futures::stream::iter([
+            Ok(Bytes::from_static(&[0, 1, 2])),
+            Err(io::Error::other("connection reset")),
+        ]);
+        let idle = Duration::from_secs(9);
+        let mut s = Resume::stream(store_of(&mem), "nar/x", Box::pin(cut), 0, 9, 10, idle);
+        assert_eq!(&s.next().await.unwrap().unwrap()[..], &[0, 1, 2]);
+        let asked = tokio::time::Instant::now();
+        let rest = s.next().await.unwrap().unwrap();
+        assert_eq!(&rest[..], &data[3..]);
+        assert_eq!(asked.elapsed(), Duration::from_millis(3500));
+        assert_eq!(mem.range_starts(), vec![3; PART_ATTEMPTS - 1]);
+    }
+
+    fn store_of(mem: &Arc<crate::store::memory::MemoryStore>) -> Arc<dyn Store> {
+        mem.clone()
     }
 
     /// A store that sends nothing while the reader waits is given up on after the quiet time

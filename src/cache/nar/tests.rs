@@ -1528,13 +1528,13 @@ async fn a_part_failing_every_time_fails_the_download_and_is_not_cached() {
     let part = super::fill::PART;
     let data: Vec<u8> = (0..3 * part).map(|i| (i / 3) as u8).collect();
     mem.insert(&format!("nar/{NAME}"), data.clone());
-    mem.fault_range(part, RangeFault::CutBody, 3);
+    mem.fault_range(part, RangeFault::CutBody, super::fill::PART_ATTEMPTS);
     let e = failed_download(&cache, &store).await;
     assert!(e.to_string().contains("the store failed"), "{e}");
     let starts = mem.range_starts();
     assert_eq!(
         starts.iter().filter(|&&s| s == part).count(),
-        3,
+        super::fill::PART_ATTEMPTS,
         "{starts:?}"
     );
     let again = get_nar(&cache, &store).await.unwrap();
@@ -1676,7 +1676,7 @@ async fn a_first_part_broken_off_is_resumed_where_it_stopped() {
 async fn a_first_part_that_cannot_be_resumed_fails_the_download() {
     let part = super::fill::PART;
     for (fault, tries) in [
-        (RangeFault::Unavailable, 2),
+        (RangeFault::Unavailable, super::fill::PART_ATTEMPTS - 1),
         (RangeFault::Denied, 1),
         (RangeFault::WrongRange, 1),
     ] {
