@@ -233,6 +233,14 @@ pub fn verify(
     let report = failure_shown(metrics_file, gc::metrics_file::Job::Verify, || {
         verify_report(path, repair, sample, hashes)
     })?;
+    if report.stopped {
+        for u in &report.unfinished {
+            say!("{u}");
+        }
+        say!("{}: nothing was repaired", gc::STOPPED);
+        write_verify_metrics(metrics_file, &report)?;
+        return Ok(false);
+    }
     for f in &report.findings {
         say!("{f}");
     }
@@ -273,12 +281,7 @@ pub fn verify(
     for e in &report.unhashed {
         say!("not hashed: {e}");
     }
-    if let Some(f) = metrics_file {
-        let previous = std::fs::read_to_string(f).ok();
-        let text = gc::metrics_file::render_verify(&report, previous.as_deref(), SystemTime::now());
-        gc::metrics_file::write(f, &text)
-            .with_context(|| format!("--metrics-file {}", f.display()))?;
-    }
+    write_verify_metrics(metrics_file, &report)?;
     // A NAR that could not be read was not checked: the store is not known to be whole.
     Ok(report.unhashed.is_empty()
         && if repair {
@@ -286,6 +289,20 @@ pub fn verify(
         } else {
             report.findings.is_empty()
         })
+}
+
+/// The run's lines in `--metrics-file`, if given.
+fn write_verify_metrics(
+    metrics_file: Option<&Path>,
+    report: &gc::verify::Report,
+) -> anyhow::Result<()> {
+    if let Some(f) = metrics_file {
+        let previous = std::fs::read_to_string(f).ok();
+        let text = gc::metrics_file::render_verify(report, previous.as_deref(), SystemTime::now());
+        gc::metrics_file::write(f, &text)
+            .with_context(|| format!("--metrics-file {}", f.display()))?;
+    }
+    Ok(())
 }
 
 fn verify_report(

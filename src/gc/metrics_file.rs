@@ -203,6 +203,10 @@ pub fn render_gc(s: &Summary, previous: Option<&str>, end: SystemTime) -> String
 /// run left). Findings are its result, not a failure; repair errors and NARs that could not be
 /// read for `--hashes` are.
 pub fn render_verify(r: &Report, previous: Option<&str>, end: SystemTime) -> String {
+    // Stopped while it checked: what it counted so far is no measure of the store.
+    if r.stopped {
+        return render_failed(Job::Verify, previous, end);
+    }
     let mut out = String::new();
     let failed = !r.repair_errors.is_empty() || !r.unhashed.is_empty();
     ended_lines(&mut out, Job::Verify, end, failed, previous);

@@ -2145,6 +2145,59 @@ async fn a_collection_asked_to_stop_stops_between_batches() {
     );
 }
 
+/// `verify --repair` asked to stop while it still checks ends at once, a run that did not get
+/// to its end (its report says so: exit 1, a failure in the metrics file), not an error as if
+/// the store could not be read (exit 2, "store error: stopped on request"); it repaired
+/// nothing and withdrew its announcement.
+#[tokio::test]
+async fn a_repair_asked_to_stop_while_it_checks_ends_stopped() {
+    let mem = Arc::new(served_for_years());
+    let now = SystemTime::now();
+    let broken = path(&mem, "broken", &[], 100 * DAY, now);
+    mem.remove(&broken.nar);
+    let (nar, _) = orphan(&mem, "orphan", now);
+    let held = mem.hold_gets(&format!("{}.narinfo", broken.hash));
+    let store: Arc<dyn Store> = mem.clone();
+    let stop = super::Stop::default();
+    let opts = super::verify::Options {
+        hashes: false,
+        repair: true,
+        sample: None,
+        grace: DAY,
+        now,
+        settle: super::deleting::SETTLE,
+        stop: stop.clone(),
+        upstreams: None,
+    };
+    let (r, ()) = tokio::join!(
+        super::verify::run(&store, "/nix/store", &opts, &Quiet),
+        async {
+            held.reached().await;
+            stop.request();
+        }
+    );
+    let r = r.unwrap();
+    held.open();
+    assert!(r.stopped);
+    assert_eq!(r.repair_errors, [super::STOPPED]);
+    assert!(r.findings.is_empty() && r.repaired.is_empty(), "{r:?}");
+    assert!(has(&mem, &format!("{}.narinfo", broken.hash)));
+    assert!(has(&mem, &nar));
+    assert!(
+        !mem.keys()
+            .iter()
+            .any(|k| k.starts_with("_cellar/deleting/")),
+        "its announcement stayed"
+    );
+    // A failed run, without counts of a check it did not finish.
+    let prom = super::metrics_file::render_verify(&r, None, now);
+    assert!(
+        prom.contains("\ncellar_verify_last_run_failed 1\n"),
+        "{prom}"
+    );
+    assert!(!prom.contains("cellar_verify_narinfos_checked"), "{prom}");
+}
+
 /// A collection that starts after `pin add` recorded its paths but before it wrote the pin
 /// keeps them too, with no retention (only pins are roots) and over the budget alike.
 #[tokio::test(start_paused = true)]

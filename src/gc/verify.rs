@@ -224,6 +224,9 @@ pub struct Report {
     /// With `--repair`: what was done with the copies a run that died while deleting left
     /// ([`super::unfinished`]), a line each.
     pub unfinished: Vec<String>,
+    /// Stopped on request while it checked (a repair; [`super::STOPPED`] is among the
+    /// `repair_errors` then): its findings are not all there is, and nothing was repaired.
+    pub stopped: bool,
 }
 
 pub async fn run(
@@ -264,13 +267,25 @@ pub async fn run(
             Err(e) => not_repairing = Some(format!("announcing the repair: {e}; nothing repaired")),
         }
     }
-    // Stopped while it checks, it has deleted nothing: it ends at once.
+    // Stopped while it checks, it has deleted nothing: it ends at once, a run that did not
+    // get to its end (exit 1), not one that could not run (the store failing, exit 2).
     let checked = tokio::select! {
-        checked = check(store, store_dir, opts, progress) => checked,
-        () = opts.stop.wait() => Err(StoreError::Other(super::STOPPED.into())),
+        checked = check(store, store_dir, opts, progress) => checked.map(Some),
+        () = opts.stop.wait() => Ok(None),
     };
     let (mut report, checked) = match checked {
-        Ok(done) => done,
+        Ok(Some(done)) => done,
+        Ok(None) => {
+            if let Some(a) = announced {
+                a.abandon().await;
+            }
+            return Ok(Report {
+                stopped: true,
+                repair_errors: vec![super::STOPPED.into()],
+                unfinished: settled,
+                ..Report::default()
+            });
+        }
         Err(e) => {
             if let Some(a) = announced {
                 a.abandon().await;
