@@ -1127,6 +1127,10 @@ impl Store for WithUpstreams {
         self.store.writer(key).await
     }
 
+    async fn remove_unfinished(&self) -> usize {
+        self.store.remove_unfinished().await
+    }
+
     async fn cleanup_staging(&self, older_than: Duration) -> Result<usize, StoreError> {
         self.store.cleanup_staging(older_than).await
     }

@@ -577,6 +577,64 @@ fn a_shutdown_that_cuts_requests_off_says_how_many() {
     drop(slow);
 }
 
+/// A local store's upload that a shutdown cuts off leaves no staged file behind: the task
+/// that would remove it as its writer is dropped does not outlive the process (its file, up to
+/// a NAR's size, stayed for `upload.staging_max_age_secs`).
+#[test]
+fn an_upload_a_shutdown_cuts_off_leaves_no_staged_file() {
+    use std::io::Write as _;
+    let d = tempfile::tempdir().unwrap();
+    let token = "shutdown-test-token";
+    std::fs::write(
+        d.path().join("c.toml"),
+        format!(
+            "shutdown_timeout_secs = 1\n[[auth.tokens]]\nname = \"b\"\nhash = \"{}\"\n\
+             scopes = [\"write\"]\n",
+            cellar::auth::hash(token)
+        ),
+    )
+    .unwrap();
+    let log = d.path().join("serve.log");
+    let mut child = cellar(d.path())
+        .args(["serve", "--config", "c.toml"])
+        .env("CELLAR_LISTEN", "127.0.0.1:0")
+        .env("RUST_LOG", "info,cellar::store=debug")
+        .stdout(Stdio::piped())
+        .stderr(std::fs::File::create(&log).unwrap())
+        .spawn()
+        .unwrap();
+    let addr = wait_until_listening(&mut child, || {
+        std::fs::read_to_string(&log).unwrap_or_default()
+    });
+    let mut s = std::net::TcpStream::connect(addr).unwrap();
+    let name = "0000000000000000000000000000000000000000000000000000.nar";
+    let mut nar = b"\x0d\x00\x00\x00\x00\x00\x00\x00nix-archive-1\x00\x00\x00".to_vec();
+    nar.resize(1 << 20, 7);
+    write!(
+        s,
+        "PUT /upload/nar/{name} HTTP/1.1\r\nHost: x\r\nAuthorization: Bearer {token}\r\n\
+         Content-Length: {}\r\n\r\n",
+        20 << 20
+    )
+    .unwrap();
+    s.write_all(&nar).unwrap();
+    wait_for_in_file(&log, "writing an object", 1);
+    let staging = d.path().join("cellar-data/.staging");
+    assert_eq!(std::fs::read_dir(&staging).unwrap().count(), 1);
+    let status = Command::new("kill")
+        .args(["-TERM", &child.id().to_string()])
+        .status()
+        .unwrap();
+    assert!(status.success());
+    let exit = child.wait().unwrap();
+    let said = std::fs::read_to_string(&log).unwrap();
+    assert!(exit.success(), "{exit:?}: {said}");
+    assert!(said.contains("aborted=1"), "{said}");
+    let left: Vec<_> = std::fs::read_dir(&staging).unwrap().collect();
+    assert!(left.is_empty(), "{left:?}\n{said}");
+    drop(s);
+}
+
 /// Told to stop with a shutdown delay, the server waits; told twice (Ctrl-C twice), it exits
 /// at once.
 #[test]

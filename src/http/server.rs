@@ -173,19 +173,20 @@ pub async fn serve(
                 "shutdown: requests still running after {} s, exiting (cut off)",
                 grace.as_secs()
             );
-            // Their S3 multipart uploads, which the tasks that would abort them (once their
-            // requests are dropped) would not live to do.
+            // What their writers staged (S3 multipart uploads, a local store's temporary
+            // files), which the tasks that would remove it (once their requests are dropped)
+            // would not live to do.
             // Within a few seconds, all at once: the last access records are written after
             // this, within the stop timeout the docs give.
-            let aborting = crate::store::s3::abort_unfinished();
+            let aborting = draining.store.remove_unfinished();
             match tokio::time::timeout(ABORTS_WITHIN, aborting).await {
                 Ok(0) => {}
                 Ok(aborted) => {
-                    tracing::warn!(aborted, "shutdown: aborted the S3 multipart uploads cut off");
+                    tracing::warn!(aborted, "shutdown: removed what the uploads cut off had staged (S3 multipart uploads, temporary files)");
                 }
                 Err(_) => tracing::warn!(
-                    "shutdown: the S3 multipart uploads cut off were not all aborted within {} s; \
-                     the staging cleanup of a later start removes them",
+                    "shutdown: what the uploads cut off had staged was not all removed within {} s; \
+                     the staging cleanup of a later start removes it",
                     ABORTS_WITHIN.as_secs()
                 ),
             }

@@ -2,6 +2,7 @@
 
 use std::io::{self, SeekFrom};
 use std::path::{Path, PathBuf};
+use std::sync::Arc;
 
 use async_trait::async_trait;
 use futures::StreamExt as _;
@@ -317,6 +318,9 @@ fn open_for_read(path: &Path, range: Option<ByteRange>) -> Result<Option<Opened>
 
 pub struct LocalStore {
     root: PathBuf,
+    /// The staged files of writers neither committed nor aborted yet
+    /// ([`Store::remove_unfinished`]).
+    open: Arc<std::sync::Mutex<std::collections::HashSet<PathBuf>>>,
 }
 
 impl LocalStore {
@@ -327,6 +331,7 @@ impl LocalStore {
         note_mounted(root, device, is_mount_point);
         Ok(Self {
             root: root.to_path_buf(),
+            open: Arc::default(),
         })
     }
 
@@ -348,6 +353,7 @@ impl LocalStore {
         note_mounted(root, device, is_mount_point);
         Ok(Self {
             root: root.to_path_buf(),
+            open: Arc::default(),
         })
     }
 
@@ -775,12 +781,27 @@ impl Store for LocalStore {
         getrandom::getrandom(&mut rnd).map_err(|e| StoreError::Other(e.to_string()))?;
         let tmp = staging.join(hex::encode(rnd));
         let file = tokio::fs::File::create(&tmp).await.map_err(at)?;
+        tracing::debug!(key, staged = %tmp.display(), "writing an object");
+        crate::sync::lock(&self.open).insert(tmp.clone());
         Ok(Box::new(LocalWriter {
             file: Some(tokio::io::BufWriter::with_capacity(READ_BUFFER, file)),
             tmp,
             dest: self.path(key),
             done: false,
+            open: self.open.clone(),
         }))
+    }
+
+    async fn remove_unfinished(&self) -> usize {
+        let open: Vec<PathBuf> = crate::sync::lock(&self.open).drain().collect();
+        let n = open.len();
+        let _ = tokio::task::spawn_blocking(move || {
+            for tmp in open {
+                let _ = std::fs::remove_file(tmp);
+            }
+        })
+        .await;
+        n
     }
 
     async fn cleanup_staging(&self, older_than: std::time::Duration) -> Result<usize, StoreError> {
@@ -864,9 +885,16 @@ struct LocalWriter {
     tmp: PathBuf,
     dest: PathBuf,
     done: bool,
+    /// Its store's writers still open, `tmp` among them until this one ends.
+    open: Arc<std::sync::Mutex<std::collections::HashSet<PathBuf>>>,
 }
 
 impl LocalWriter {
+    /// No longer among its store's open writers.
+    fn ended(&self) {
+        crate::sync::lock(&self.open).remove(&self.tmp);
+    }
+
     /// A failed write, saying of which object and where it was staged: "No space left on
     /// device" alone does not say which disk is full.
     fn failed(&self, e: &io::Error) -> StoreError {
@@ -906,6 +934,7 @@ impl ObjectWriter for LocalWriter {
         })
         .await
         .map_err(|e| StoreError::Other(format!("publishing {}: {e}", self.dest.display())))?;
+        self.ended();
         self.done = true;
         published.map_err(|e| {
             StoreError::Other(format!(
@@ -920,6 +949,7 @@ impl ObjectWriter for LocalWriter {
         // Removed before this returns (a writer only dropped has it removed in the
         // background, see `Drop`).
         drop(self.file.take());
+        self.ended();
         self.done = true;
         let tmp = std::mem::take(&mut self.tmp);
         let _ = tokio::task::spawn_blocking(move || std::fs::remove_file(tmp)).await;
@@ -940,6 +970,7 @@ impl Drop for RemovedOnDrop {
 impl Drop for LocalWriter {
     fn drop(&mut self) {
         if !self.done {
+            self.ended();
             // On the blocking pool if there is one: an aborted upload's writer is dropped on
             // a runtime worker, which a slow or hung disk (NFS) would otherwise stall.
             let tmp = std::mem::take(&mut self.tmp);
@@ -1019,6 +1050,35 @@ mod tests {
         w.abort().await;
         assert_eq!(staged(), 0);
         assert!(store.head("nar/x.nar").await.unwrap().is_none());
+    }
+
+    /// A shutdown that cuts uploads off removes what their writers staged (their tasks, which
+    /// would remove it, do not outlive the runtime: up to `upload.max_concurrent` NARs' worth
+    /// of dead files stayed for `staging_max_age_secs`); writers that committed or aborted are
+    /// not among them.
+    #[tokio::test]
+    async fn what_open_writers_staged_is_removed_on_request() {
+        let dir = tempfile::tempdir().unwrap();
+        let store = LocalStore::open(dir.path()).unwrap();
+        let mut cut = store.writer("nar/x.nar").await.unwrap();
+        cut.write(Bytes::from_static(b"half")).await.unwrap();
+        let mut done = store.writer("nar/y.nar").await.unwrap();
+        done.write(Bytes::from_static(b"whole")).await.unwrap();
+        done.commit().await.unwrap();
+        let aborted = store.writer("nar/z.nar").await.unwrap();
+        aborted.abort().await;
+        let cut_file = std::fs::read_dir(dir.path().join(STAGING))
+            .unwrap()
+            .map(|e| e.unwrap().path())
+            .collect::<Vec<_>>();
+        assert_eq!(cut_file.len(), 1);
+        // Dropped: its file is removed in the background, and it is no longer open.
+        drop(store.writer("nar/w.nar").await.unwrap());
+        assert_eq!(store.remove_unfinished().await, 1);
+        assert!(!cut_file[0].exists());
+        assert_eq!(store.head("nar/y.nar").await.unwrap(), Some(5));
+        assert_eq!(store.remove_unfinished().await, 0);
+        drop(cut);
     }
 
     /// Directories at the top other than the layout's hold no objects, and are not walked:

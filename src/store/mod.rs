@@ -424,6 +424,13 @@ pub trait Store: Send + Sync + 'static {
     /// files) once older than `older_than`. Returns how many were removed.
     async fn cleanup_staging(&self, older_than: Duration) -> Result<usize, StoreError>;
 
+    /// Removes what the writers still open staged (S3 multipart uploads, temporary files), for
+    /// a shutdown that cuts their uploads off: the tasks that would remove it as the writers
+    /// are dropped do not outlive the runtime. How many there were.
+    async fn remove_unfinished(&self) -> usize {
+        0
+    }
+
     /// Names what writers that never committed left behind and is older than `older_than`
     /// (what [`Store::cleanup_staging`] would remove), for `cellar verify`.
     async fn stale_staging(&self, older_than: Duration) -> Result<Vec<String>, StoreError>;

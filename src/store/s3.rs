@@ -548,6 +548,12 @@ impl Store for S3Store {
         )))
     }
 
+    /// Every S3 store of the process at once: the multipart uploads are kept in one table
+    /// ([`writer::abort_unfinished`]).
+    async fn remove_unfinished(&self) -> usize {
+        writer::abort_unfinished().await
+    }
+
     async fn cleanup_staging(&self, older_than: Duration) -> Result<usize, StoreError> {
         let mut n = 0;
         for u in self.stale_uploads(older_than).await? {
