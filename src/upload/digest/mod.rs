@@ -259,7 +259,11 @@ impl Write for NarSink {
                          zstd, xz, bzip2, br, gzip or none"
                     )
                 } else {
-                    "not a NAR".to_owned()
+                    // What Nix 2.8 sends when it retries an upload that failed midway: the
+                    // rest of the body alone.
+                    "not a NAR (it does not begin as one; if an earlier try of this upload \
+                     failed midway, Nix sent only the rest of it: run the copy again)"
+                        .to_owned()
                 };
                 return Err(io::Error::new(io::ErrorKind::InvalidData, why));
             }

@@ -492,6 +492,14 @@ async fn a_nar_named_plain_may_be_gzip() {
         .await
         .unwrap_err();
     assert!(rejected_with(&e, "declared: not a NAR"), "{e:?}");
+    // The rest of a NAR alone (Nix 2.8's retry of an upload that failed midway): said so.
+    let mut tail = vec![7u8; 64];
+    tail.extend_from_slice(b"the rest of a NAR");
+    let e = check(tail, Compression::None).await.unwrap_err();
+    assert!(
+        rejected_with(&e, "if an earlier try of this upload failed midway"),
+        "{e:?}"
+    );
     let e = digest_named_into(pieces(&gz, 1000), Compression::Zstd, None, None, LIMITS)
         .await
         .unwrap_err();
