@@ -135,10 +135,11 @@ impl Realisation {
     }
 
     /// This realisation with only the signatures that are signatures (`name:base64` of 64
-    /// bytes) and, if `trusted` is not empty, valid ones by one of those keys, as narinfos'
-    /// are kept; `None` if it keeps them all, or is in a form whose signatures cellar cannot
-    /// check ([`Realisation::fingerprint`]).
-    pub fn with_signatures_checked(&self, trusted: &[PublicKey]) -> Option<Self> {
+    /// bytes), not under one of the names in `own` (the server's keys, which sign it afresh
+    /// each time it is served) and, if `trusted` is not empty, valid ones by one of those
+    /// keys, as narinfos' are kept; `None` if it keeps them all, or is in a form whose
+    /// signatures cellar cannot check ([`Realisation::fingerprint`]).
+    pub fn with_signatures_checked(&self, trusted: &[PublicKey], own: &[String]) -> Option<Self> {
         let fp = self.fingerprint()?;
         let sigs = self.signatures();
         let kept: Vec<Value> = sigs
@@ -147,7 +148,9 @@ impl Realisation {
                 v.as_str()
                     .and_then(|s| s.parse::<Signature>().ok())
                     .is_some_and(|s| {
-                        trusted.is_empty() || trusted.iter().any(|k| k.verifies(fp.as_bytes(), &s))
+                        !own.iter().any(|n| n == s.key_name())
+                            && (trusted.is_empty()
+                                || trusted.iter().any(|k| k.verifies(fp.as_bytes(), &s)))
                     })
             })
             .cloned()

@@ -37,12 +37,13 @@ impl Uploader {
     ) -> Result<RealisationStored, Error> {
         let sent =
             Realisation::parse(&raw).map_err(|e| rejected(format!("not a realisation: {e}")))?;
-        // Its signatures as a narinfo's are kept: those that are signatures, and with
-        // `upload.trusted_keys` only theirs (a client trusting a key finds none under its name
-        // that does not verify).
-        let (sent, raw) = match sent.with_signatures_checked(&self.trusted_keys) {
+        // Its signatures as a narinfo's are kept: those that are signatures, not the server's
+        // own (made afresh as it serves it), and with `upload.trusted_keys` only theirs (a
+        // client trusting a key finds none under its name that does not verify).
+        let own = super::lock(&self.own_key_names).clone();
+        let (sent, raw) = match sent.with_signatures_checked(&self.trusted_keys, &own) {
             Some(checked) => {
-                tracing::info!(key, "signatures sent with a realisation left out: not signatures, or not by one of upload.trusted_keys");
+                tracing::info!(key, "signatures sent with a realisation left out: not signatures, the server's own, or not by one of upload.trusted_keys");
                 let json = checked.to_json().map_err(|e| {
                     super::UploadError::Internal(format!("writing a realisation: {e}"))
                 })?;

@@ -2690,6 +2690,32 @@ mod realisations {
         assert_eq!(now["signatures"], serde_json::json!([sig]));
     }
 
+    /// The server's own signatures sent back with a realisation (a client that copied it from
+    /// the cache and pushes it, served signed by the server) are not stored, as a narinfo's
+    /// are not: made afresh as it is served, a stored one would outlive its key's retirement.
+    #[tokio::test]
+    async fn the_servers_own_signatures_are_left_out_of_realisations() {
+        let (mem, up) = uploader();
+        up.set_own_key_names(vec!["cache-1".to_owned()]);
+        mem.insert(
+            &format!("{}.narinfo", &PATH[..32]),
+            crate::nix::narinfo::stub(PATH),
+        );
+        let unsigned = crate::nix::Realisation::parse(&realisation(PATH, &[])).unwrap();
+        let fp = unsigned.fingerprint().unwrap();
+        let own = crate::nix::SecretKey::generate("cache-1").unwrap();
+        let builder = crate::nix::SecretKey::generate("builder-1").unwrap();
+        let (own, builder) = (
+            own.sign(fp.as_bytes()).to_string(),
+            builder.sign(fp.as_bytes()).to_string(),
+        );
+        up.put_realisation(KEY, realisation(PATH, &[&own, &builder]), None)
+            .await
+            .unwrap();
+        let now: serde_json::Value = serde_json::from_slice(&mem.bytes(KEY).unwrap()).unwrap();
+        assert_eq!(now["signatures"], serde_json::json!([builder]));
+    }
+
     /// Realisations waiting for their turn (one at a time per process) hold no upload slot:
     /// with one being stored slowly and another waiting behind it, a listing or log still
     /// gets the other slot at once. (Paused time: one waiting for a slot would be busy after
