@@ -203,15 +203,13 @@ async fn put_file(
 
 /// Reads need a `read` token in private mode; uploads (`PUT`) need a `write` token. No route
 /// here takes another method: such a request is answered 405 here, with no credentials asked
-/// for and no upload warned of (and never passed on, should a route take one some day).
+/// for and no upload warned of (and never passed on, should a route take one some day). Its
+/// `Allow` is the route's own methods, which the router adds to the answer.
 async fn authorize(State(st): State<AppState>, req: Request, next: Next) -> Response {
     let scope = match *req.method() {
         Method::GET | Method::HEAD => Scope::Read,
         Method::PUT => Scope::Write,
-        _ => {
-            let allow = (header::ALLOW, HeaderValue::from_static("GET, HEAD, PUT"));
-            return (StatusCode::METHOD_NOT_ALLOWED, [allow]).into_response();
-        }
+        _ => return StatusCode::METHOD_NOT_ALLOWED.into_response(),
     };
     check(&st, req, next, scope, true).await
 }
