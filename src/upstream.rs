@@ -92,6 +92,8 @@ enum Refusal {
     Encoded(String),
     /// Not a realisation.
     NotARealisation(crate::nix::RealisationError),
+    /// A realisation of another output than the one asked for (its `id`).
+    OtherOutput(Option<String>),
 }
 
 impl fmt::Display for Refusal {
@@ -104,6 +106,7 @@ impl fmt::Display for Refusal {
             Self::BadUrl(e) => fmt::Display::fmt(e, f),
             Self::Encoded(why) => f.write_str(why),
             Self::NotARealisation(e) => write!(f, "not a realisation: {e}"),
+            Self::OtherOutput(id) => write!(f, "the realisation of another output ({id:?})"),
         }
     }
 }
@@ -468,14 +471,19 @@ impl Upstreams {
         Err(failure)
     }
 
-    /// The realisation under `key` (`realisations/…`, `build-trace/…`) from the first
-    /// upstream whose answer is signed by one of its keys, as its narinfos must be: Nix 2.8
-    /// substitutes through a realisation without checking its signatures, and cellar signs
-    /// what it serves, so one taken unchecked would send clients to whatever path it names.
-    /// An upstream's realisation that is not so signed (or in a form whose signatures cellar
-    /// cannot check, as newer Nix writes) is that upstream's miss. Unavailable, as a GET
-    /// would be, when none has it and some upstream could not be asked.
-    pub async fn realisation(&self, key: &str) -> Result<Option<bytes::Bytes>, StoreError> {
+    /// The realisation of the output `id` names, under `key` (`realisations/<id>`), from the first upstream whose answer is that output's and
+    /// signed by one of the upstream's keys, as its narinfos must be: Nix 2.8 substitutes
+    /// through a realisation without checking its signatures or its `id`, and cellar signs
+    /// what it serves, so one taken unchecked (or another output's, signed) would send
+    /// clients to whatever path it names. An upstream's realisation that is not so signed (or
+    /// in a form whose signatures cellar cannot check, as newer Nix writes) is that
+    /// upstream's miss. Unavailable, as a GET would be, when none has it and some upstream
+    /// could not be asked.
+    pub async fn realisation(
+        &self,
+        key: &str,
+        id: &crate::nix::RealisationName,
+    ) -> Result<Option<bytes::Bytes>, StoreError> {
         let limit = crate::upload::MAX_REALISATION_BYTES;
         let mut unavailable = false;
         for u in &self.list {
@@ -506,6 +514,9 @@ impl Upstreams {
                 let body = read_capped(res, limit as usize).await?;
                 let body = decode_body(key, coding, body, limit).await?;
                 let r = crate::nix::Realisation::parse(&body).map_err(Refusal::NotARealisation)?;
+                if !r.id().is_some_and(|own| id.names(own)) {
+                    return Err(Refusal::OtherOutput(r.id().map(str::to_owned)));
+                }
                 match r.is_signed_by_any(&u.keys) {
                     true => Ok(body),
                     false => Err(Refusal::Unsigned),
@@ -523,7 +534,13 @@ impl Upstreams {
                 }
                 Ok(Err(why)) => {
                     u.answered();
-                    tracing::warn!(upstream = %u.name, key, cause = %why, "upstream realisation refused");
+                    // Asked again at each lookup: said once a minute (a wrong `public_keys`
+                    // would say it at every client's request).
+                    if crate::sync::once_per(&u.warned, WARN_EVERY) {
+                        tracing::warn!(upstream = %u.name, key, cause = %why, "upstream realisation refused");
+                    } else {
+                        tracing::debug!(upstream = %u.name, key, cause = %why, "upstream realisation refused");
+                    }
                 }
                 Err(_) => {
                     u.failed(started, &Failure::Timeout);

@@ -54,23 +54,35 @@ async fn put_checked(st: &AppState, key: &str, body: Body) -> Result<StatusCode,
     )
 }
 
-/// The realisation under `key` as served: from the store, else from an upstream that signed
-/// it, then signed by every server key. One in the store that is not a realisation is a
-/// corrupt object (502), not passed on.
-async fn served(st: &AppState, key: &str) -> Result<Bytes, Error> {
+/// The realisation under `key` as served. Under `realisations/<id>.doi` (`id` given): from the
+/// store, else from an upstream that signed it, and signed by every server key; its `id`
+/// must be the one its name says (Nix does not compare them: another output's, signed,
+/// would send clients to that output's path), else it is a corrupt object (502), not passed
+/// on. A build trace (no `id` given, the layouts of later Nix, whose signatures cellar can
+/// neither check nor make) is served from the store as stored, and never taken from an
+/// upstream. One in the store that is not a realisation is a corrupt object too.
+async fn served(st: &AppState, key: &str, id: Option<&RealisationName>) -> Result<Bytes, Error> {
     let live = st.live();
-    let raw = match st.store.get_bytes(key, MAX_REALISATION_BYTES).await? {
-        Some(raw) => raw,
-        None => match live.upstreams.realisation(key).await? {
+    let corrupt =
+        |why: String| StoreError::Other(format!("corrupt object {key} in the store: {why}"));
+    let raw = match (st.store.get_bytes(key, MAX_REALISATION_BYTES).await?, id) {
+        (Some(raw), _) => raw,
+        (None, Some(id)) => match live.upstreams.realisation(key, id).await? {
             Some(raw) => raw,
             None => return Err(Error::NotFound),
         },
+        (None, None) => return Err(Error::NotFound),
     };
-    let r = Realisation::parse(&raw).map_err(|e| {
-        StoreError::Other(format!(
-            "corrupt object {key} in the store: not a realisation: {e}"
-        ))
-    })?;
+    let r = Realisation::parse(&raw).map_err(|e| corrupt(format!("not a realisation: {e}")))?;
+    let Some(id) = id else {
+        return Ok(raw);
+    };
+    match r.id() {
+        Some(own) if !id.names(own) => {
+            return Err(corrupt(format!("the realisation of another output ({own})")).into())
+        }
+        _ => {}
+    }
     Ok(
         match r.signed_with(
             &live.signing_keys,
@@ -82,10 +94,16 @@ async fn served(st: &AppState, key: &str) -> Result<Bytes, Error> {
     )
 }
 
-/// A GET's answer (or, with `head`, its headers) for the realisation under `key`: whole,
-/// whatever range is asked (it is made for each request, and a few hundred bytes).
-async fn answer(st: &AppState, key: &str, head: bool) -> Result<Response, Error> {
-    let body = served(st, key).await.map_err(|e| match e {
+/// A GET's answer (or, with `head`, its headers) for the realisation under `key` (of output
+/// `id`, see [`served`]): whole, whatever range is asked (it is made for each request, and a
+/// few hundred bytes).
+async fn answer(
+    st: &AppState,
+    key: &str,
+    id: Option<&RealisationName>,
+    head: bool,
+) -> Result<Response, Error> {
+    let body = served(st, key, id).await.map_err(|e| match e {
         // A lookup a client moves on from, as for logs and listings (`object::lookup`).
         Error::Store(StoreError::UpstreamDown(_)) => Error::NotFoundForNow,
         e => e,
@@ -95,16 +113,18 @@ async fn answer(st: &AppState, key: &str, head: bool) -> Result<Response, Error>
 
 pub(super) async fn get(
     State(st): State<AppState>,
-    Path(id): Path<String>,
+    Path(name): Path<String>,
 ) -> Result<Response, Error> {
-    answer(&st, &realisation_key(&id)?, false).await
+    let id: RealisationName = name.parse()?;
+    answer(&st, &object_key::realisation(&id), Some(&id), false).await
 }
 
 pub(super) async fn head(
     State(st): State<AppState>,
-    Path(id): Path<String>,
+    Path(name): Path<String>,
 ) -> Result<Response, Error> {
-    answer(&st, &realisation_key(&id)?, true).await
+    let id: RealisationName = name.parse()?;
+    answer(&st, &object_key::realisation(&id), Some(&id), true).await
 }
 
 pub(super) async fn put(
@@ -119,14 +139,14 @@ pub(super) async fn get_build_trace<const V2: bool>(
     State(st): State<AppState>,
     Path((drv, output)): Path<(String, String)>,
 ) -> Result<Response, Error> {
-    answer(&st, &build_trace_key::<V2>(&drv, &output)?, false).await
+    answer(&st, &build_trace_key::<V2>(&drv, &output)?, None, false).await
 }
 
 pub(super) async fn head_build_trace<const V2: bool>(
     State(st): State<AppState>,
     Path((drv, output)): Path<(String, String)>,
 ) -> Result<Response, Error> {
-    answer(&st, &build_trace_key::<V2>(&drv, &output)?, true).await
+    answer(&st, &build_trace_key::<V2>(&drv, &output)?, None, true).await
 }
 
 pub(super) async fn put_build_trace<const V2: bool>(

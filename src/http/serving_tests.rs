@@ -1378,6 +1378,25 @@ async fn realisations_are_served_signed_by_the_server() {
     assert_eq!(headers["content-length"], body.len().to_string());
     assert!(empty.is_empty());
 
+    // Under a build trace's name (the layouts of later Nix), served as stored, unsigned by
+    // the server: what is signed is bound to the output its name says, and a build trace's
+    // name does not say the id.
+    let trace = format!("build-trace/{DRV}/out");
+    mem.insert(&trace, SIGNED_BY_NIX);
+    let (status, body) = get(&st, &format!("/{trace}")).await;
+    assert_eq!(
+        (status, &body[..]),
+        (StatusCode::OK, SIGNED_BY_NIX.as_bytes())
+    );
+
+    // Another output's (`nix copy --to s3://` wrote it, or the bucket was tampered with):
+    // Nix does not compare ids, so it is not signed and passed on.
+    let dev = id.replace("!out", "!dev");
+    mem.insert(&format!("realisations/{dev}.doi"), SIGNED_BY_NIX);
+    assert_eq!(
+        get(&st, &format!("/realisations/{dev}.doi")).await.0,
+        StatusCode::BAD_GATEWAY
+    );
     mem.insert(&key, "{}");
     assert_eq!(
         get(&st, &format!("/{key}")).await.0,

@@ -253,6 +253,23 @@ impl RealisationName {
     pub fn as_str(&self) -> &str {
         &self.0
     }
+
+    /// Whether `id` (a realisation's `id`, `sha256:<hash>!<output>`) is the output this name
+    /// names, its hash in base 16 or nix32 on either side.
+    pub fn names(&self, id: &str) -> bool {
+        let parts = |s: &str| -> Option<(Vec<u8>, String)> {
+            let (hash, output) = s.split_once('!')?;
+            let h = hash.strip_prefix("sha256:")?;
+            let bytes = match h.len() {
+                64 => hex::decode(h).ok()?,
+                52 => base32::decode(h, 32).ok()?,
+                _ => return None,
+            };
+            Some((bytes, output.to_owned()))
+        };
+        let mine = self.0.strip_suffix(".doi").and_then(parts);
+        mine.is_some() && mine == parts(id)
+    }
 }
 
 impl FromStr for RealisationName {
@@ -472,6 +489,27 @@ mod tests {
             format!("sha256:{}!out.doi", "g".repeat(64)),
         ] {
             assert!(bad.parse::<RealisationName>().is_err(), "{bad}");
+        }
+    }
+
+    /// A realisation's `id` is the output its name names whatever base either hash is in; not
+    /// another output, nor another derivation's.
+    #[test]
+    fn a_realisation_name_names_its_outputs_id() {
+        let hex = "b632b7d29005a5d5a8bcf52c678c15117655ecea0accf428a35335c6ecba23d2";
+        let bytes = ::hex::decode(hex).unwrap();
+        let nix32 = super::base32::encode(&bytes);
+        let by_hex: RealisationName = format!("sha256:{hex}!out.doi").parse().unwrap();
+        let by_nix32: RealisationName = format!("sha256:{nix32}!out.doi").parse().unwrap();
+        for name in [&by_hex, &by_nix32] {
+            assert!(name.names(&format!("sha256:{hex}!out")), "{name:?}");
+            assert!(name.names(&format!("sha256:{nix32}!out")), "{name:?}");
+            assert!(!name.names(&format!("sha256:{hex}!dev")), "{name:?}");
+            let other = hex.replace("b632", "b633");
+            assert!(!name.names(&format!("sha256:{other}!out")), "{name:?}");
+            assert!(!name.names(&format!("sha256:{hex}")), "{name:?}");
+            assert!(!name.names(&format!("md5:{hex}!out")), "{name:?}");
+            assert!(!name.names(""), "{name:?}");
         }
     }
 }

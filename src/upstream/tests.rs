@@ -1661,37 +1661,43 @@ async fn an_upstream_named_by_a_host_name_is_reached() {
 
 /// An upstream's realisation is taken only signed by one of that upstream's keys, as its
 /// narinfos are (Nix 2.8 substitutes through a realisation unchecked, and cellar signs what it
-/// serves): one signed by another key, unsigned, or in a form whose signatures cellar cannot
-/// check, is that upstream's miss, and the next upstream is asked.
+/// serves), and only the output's asked for: one signed by another key, unsigned, in a form
+/// whose signatures cellar cannot check, or another output's (signed: Nix does not compare
+/// the id it asked for with the one it gets), is that upstream's miss, and the next upstream
+/// is asked. The name's hash may be in nix32.
 #[tokio::test]
 async fn realisations_are_taken_only_signed_by_the_upstreams_keys() {
-    const KEY: &str = "realisations/sha256:15e3c560894cbb27085cf65b5a2ecb18488c999497f4531b6907a7581ce6d527!out.doi";
-    let realisation = |out: &str| {
+    const NAME: &str =
+        "sha256:15e3c560894cbb27085cf65b5a2ecb18488c999497f4531b6907a7581ce6d527!out.doi";
+    let key = format!("realisations/{NAME}");
+    let id: crate::nix::RealisationName = NAME.parse().unwrap();
+    let realisation_of = |output: &str, out: &str| {
         serde_json::to_vec(&serde_json::json!({
             "dependentRealisations": {},
-            "id": "sha256:15e3c560894cbb27085cf65b5a2ecb18488c999497f4531b6907a7581ce6d527!out",
+            "id": format!("sha256:15e3c560894cbb27085cf65b5a2ecb18488c999497f4531b6907a7581ce6d527!{output}"),
             "outPath": out,
             "signatures": [],
         }))
         .unwrap()
     };
-    let signed = |key: &crate::nix::SecretKey, out: &str| {
-        crate::nix::Realisation::parse(&realisation(out))
+    let realisation = |out: &str| realisation_of("out", out);
+    let signed_doc = |key: &crate::nix::SecretKey, doc: Vec<u8>| {
+        crate::nix::Realisation::parse(&doc)
             .unwrap()
             .signed_with(std::slice::from_ref(key), false)
             .unwrap()
     };
+    let signed = |key: &crate::nix::SecretKey, out: &str| signed_doc(key, realisation(out));
     let first = crate::nix::SecretKey::generate("first-1").unwrap();
     let second = crate::nix::SecretKey::generate("second-1").unwrap();
     let forger = crate::nix::SecretKey::generate("first-1").unwrap();
     let good = signed(&second, &format!("{SECOND}-good"));
     let upstream = |body: Vec<u8>, key: &crate::nix::SecretKey| {
         let key = key.public();
+        let path = format!("/realisations/{NAME}");
         async move {
-            let app = axum::Router::new().route(
-                &format!("/{KEY}"),
-                axum::routing::get(move || async move { body }),
-            );
+            let app =
+                axum::Router::new().route(&path, axum::routing::get(move || async move { body }));
             UpstreamConfig {
                 url: serve(app).await,
                 public_keys: vec![key],
@@ -1709,19 +1715,23 @@ async fn realisations_are_taken_only_signed_by_the_upstreams_keys() {
             "a form cellar cannot check",
         ),
         (b"{}".to_vec(), "not a realisation"),
+        (
+            signed_doc(&first, realisation_of("dev", &format!("{FIRST}-evil"))),
+            "another output's",
+        ),
     ] {
         let first_up = upstream(refused, &first).await;
         let alone = Upstreams::new(std::slice::from_ref(&first_up), "/nix/store").unwrap();
-        assert_eq!(alone.realisation(KEY).await.unwrap(), None, "{why}");
+        assert_eq!(alone.realisation(&key, &id).await.unwrap(), None, "{why}");
         let both = Upstreams::new(&[first_up, second_up.clone()], "/nix/store").unwrap();
         assert_eq!(
-            both.realisation(KEY).await.unwrap().as_deref(),
+            both.realisation(&key, &id).await.unwrap().as_deref(),
             Some(&good[..]),
             "{why}"
         );
     }
     let first_up = upstream(signed(&first, &format!("{FIRST}-fine")), &first).await;
     let both = Upstreams::new(&[first_up, second_up], "/nix/store").unwrap();
-    let got = both.realisation(KEY).await.unwrap().unwrap();
+    let got = both.realisation(&key, &id).await.unwrap().unwrap();
     assert!(String::from_utf8_lossy(&got).contains("-fine"));
 }
