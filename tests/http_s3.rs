@@ -538,17 +538,33 @@ async fn realisations_and_build_traces_are_served() {
     let c = client();
 
     for (url, want) in [
-        (format!("{}/realisations/{id}.doi", srv.url), &doi),
-        (format!("{}/build-trace/{drv}/out", srv.url), &trace),
-        (format!("{}/build-trace-v2/{drv}/out.doi", srv.url), &trace),
+        // Served signed by the server (see below).
+        (format!("{}/realisations/{id}.doi", srv.url), None),
+        (format!("{}/build-trace/{drv}/out", srv.url), Some(&trace)),
+        (
+            format!("{}/build-trace-v2/{drv}/out.doi", srv.url),
+            Some(&trace),
+        ),
     ] {
         let (hd, body) = get_ok(&c, &url).await;
         assert_eq!(h(&hd, CONTENT_TYPE), "application/json", "{url}");
-        assert_eq!(h(&hd, CONTENT_LENGTH), want.len().to_string(), "{url}");
-        assert_eq!(body, want.as_bytes(), "{url}");
+        assert_eq!(h(&hd, CONTENT_LENGTH), body.len().to_string(), "{url}");
+        match want {
+            Some(want) => assert_eq!(body, want.as_bytes(), "{url}"),
+            None => {
+                let served: serde_json::Value = serde_json::from_slice(&body).unwrap();
+                let stored: serde_json::Value = serde_json::from_str(&doi).unwrap();
+                assert_eq!(served["outPath"], stored["outPath"], "{url}");
+                assert_eq!(served["id"], stored["id"], "{url}");
+                let sigs = served["signatures"].as_array().unwrap();
+                assert_eq!(sigs.len(), 1, "{url}: {served}");
+                let by = sigs[0].as_str().unwrap().split(':').next().unwrap();
+                assert_eq!(format!("{by}:"), srv.public_key[..by.len() + 1], "{url}");
+            }
+        }
         let hh = head_ok(&c, &url).await;
         assert_eq!(h(&hh, CONTENT_TYPE), "application/json", "{url}");
-        assert_eq!(h(&hh, CONTENT_LENGTH), want.len().to_string(), "{url}");
+        assert_eq!(h(&hh, CONTENT_LENGTH), body.len().to_string(), "{url}");
     }
     // Other outputs of the same derivation are not there.
     for url in [

@@ -237,7 +237,11 @@ pub fn verify(
         for u in &report.unfinished {
             say!("{u}");
         }
-        say!("{}: nothing was repaired", gc::STOPPED);
+        // With the errors, on stderr: the run did not get to its end.
+        eprintln!(
+            "cellar: verify stopped on request (SIGINT, SIGTERM or SIGHUP) before its check \
+             ended: no finding was repaired; run it again"
+        );
         write_verify_metrics(metrics_file, &report)?;
         return Ok(false);
     }
