@@ -914,8 +914,9 @@ async fn open_in_parts(
         encoding: None,
     };
     // A part gone quiet is given up on well before the fill itself would be (it waits
-    // `idle_timeout` for its next chunk), so that asking for it again, up to three reads in
-    // all, still fits in that wait.
+    // `idle_timeout` for its next chunk), so that asking for it again fits in that wait: three
+    // quiet reads do; more, and the fill's own wait ends it first. (Reads that fail at once,
+    // a store refusing connections, take `PART_ATTEMPTS` tries, 3.5 s apart in all.)
     let part_idle = idle_timeout / 4;
     // The first part goes out to clients as it arrives: broken off, it is resumed where it
     // stopped.
