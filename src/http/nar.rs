@@ -28,7 +28,6 @@ use axum::extract::{Path, RawQuery, State};
 use axum::http::{header, HeaderMap, HeaderValue, StatusCode};
 use axum::response::{IntoResponse as _, Response};
 
-use super::drain::{DRAIN_MAX, DRAIN_TIME};
 use super::object::{self, Kind};
 use super::AppState;
 use crate::cache::nar::NarCacheAnswer;
@@ -405,22 +404,18 @@ where
     Ok(())
 }
 
-/// A request body lent to an upload, so that what the upload left unread when it failed can
-/// be read here before the refusal is answered. Answered over a body still coming, the
-/// connection is closed with bytes unread, which resets it: the client, still sending, may
-/// see the reset instead of the answer (curl: "Connection reset by peer"), and Nix 2.8 then
-/// retries the PUT without its body and stalls for `stalled-download-timeout` (300 s). A
-/// NAR refused early (bytes that are no NAR; a decompression bomb; a broken stream)
-/// is the usual case. A body the upload never asked for is not read either: a client that
-/// sent `Expect: 100-continue` is still waiting, and gets the refusal without sending it.
+/// A request body lent to an upload, taken back when the upload fails: whatever of the
+/// upload still holds it (its workers) reads no more, and what is left of it is read before
+/// the refusal is answered ([`super::drain`], which also leaves a body the upload never asked
+/// for unread while the client waits for `100 Continue`).
 #[derive(Clone)]
-struct Lent(Arc<std::sync::Mutex<LentBody>>);
-
-struct LentBody {
-    body: Option<futures::stream::BoxStream<'static, std::io::Result<bytes::Bytes>>>,
-    /// Whether the upload asked for the body (which asks the client for it).
-    asked: bool,
-}
+struct Lent(
+    Arc<
+        std::sync::Mutex<
+            Option<futures::stream::BoxStream<'static, std::io::Result<bytes::Bytes>>>,
+        >,
+    >,
+);
 
 impl Lent {
     fn new<S>(body: S) -> Self
@@ -428,38 +423,12 @@ impl Lent {
         S: futures::Stream<Item = std::io::Result<bytes::Bytes>> + Send + 'static,
     {
         use futures::StreamExt as _;
-        Self(Arc::new(std::sync::Mutex::new(LentBody {
-            body: Some(body.boxed()),
-            asked: false,
-        })))
+        Self(Arc::new(std::sync::Mutex::new(Some(body.boxed()))))
     }
 
-    /// Reads what is left of the body, if it is not more than [`DRAIN_MAX`] (as far as
-    /// `declared` says), for at most [`DRAIN_TIME`]; the body is taken back from the upload,
-    /// which has given up on it.
-    async fn drain_rest(&self, declared: Option<u64>) {
-        use futures::StreamExt as _;
-        let (rest, asked) = {
-            let mut lent = crate::sync::lock(&self.0);
-            (lent.body.take(), lent.asked)
-        };
-        let Some(mut rest) = rest else { return };
-        if !asked || declared.is_some_and(|n| n > DRAIN_MAX) {
-            return;
-        }
-        let drained = tokio::time::timeout(DRAIN_TIME, async {
-            let mut n = 0u64;
-            while let Some(Ok(chunk)) = rest.next().await {
-                n += chunk.len() as u64;
-                if n > DRAIN_MAX {
-                    break;
-                }
-            }
-        })
-        .await;
-        if drained.is_err() {
-            tracing::debug!("the refused upload's body was not read to its end in time");
-        }
+    /// Takes the body back from the upload, which has given up on it.
+    fn take_back(&self) {
+        drop(crate::sync::lock(&self.0).take());
     }
 }
 
@@ -472,16 +441,15 @@ impl futures::Stream for Lent {
     ) -> std::task::Poll<Option<Self::Item>> {
         use futures::StreamExt as _;
         let mut lent = crate::sync::lock(&self.0);
-        lent.asked = true;
-        let Some(body) = lent.body.as_mut() else {
+        let Some(body) = lent.as_mut() else {
             // Taken back (the upload has failed already), or ended.
             return std::task::Poll::Ready(None);
         };
         let next = body.poll_next_unpin(cx);
         // Ended, or failed (which ends it): let go, never polled again (the body's streams
-        // may not be polled past their end) nor drained.
+        // may not be polled past their end).
         if matches!(next, std::task::Poll::Ready(None | Some(Err(_)))) {
-            lent.body = None;
+            *lent = None;
         }
         next
     }
@@ -543,7 +511,7 @@ pub(super) async fn put(
     let d = match st.uploader.put_nar(&name, lent.clone()).await {
         Ok(d) => d,
         Err(e) => {
-            lent.drain_rest(declared).await;
+            lent.take_back();
             return Err(e);
         }
     };

@@ -1497,3 +1497,81 @@ async fn a_nars_error_answers_keep_offering_ranges() {
     assert_eq!(status, StatusCode::SERVICE_UNAVAILABLE);
     assert_eq!(headers["accept-ranges"], "bytes");
 }
+
+/// The bounds of reading an unread body before the answer: not with more than 64 MiB left
+/// (as `Content-Length` says: the connection is closed instead), nor for longer than 5 s (a
+/// body trickling in is answered then); and a client waiting for `100 Continue` is not made
+/// to send its body unless the handler asked for it first (then it is sending, and its rest
+/// is read: a NAR with `Expect` refused midway).
+#[tokio::test(start_paused = true)]
+async fn an_unread_body_is_read_within_bounds() {
+    use std::sync::atomic::{AtomicUsize, Ordering};
+    let mem = Arc::new(MemoryStore::new());
+    let cfg = with_tokens(Config::default(), &[("w", "wtok", Scope::Write)]);
+    let st = state(cfg, &mem);
+    let counted = |chunks: usize, first: &'static [u8]| {
+        let read = Arc::new(AtomicUsize::new(0));
+        let r = read.clone();
+        let body = futures::StreamExt::map(futures::stream::iter(0..chunks), move |i: usize| {
+            r.fetch_add(1, Ordering::SeqCst);
+            let mut chunk = vec![7u8; 64 << 10];
+            if i == 0 {
+                chunk[..first.len()].copy_from_slice(first);
+            }
+            Ok::<_, std::io::Error>(bytes::Bytes::from(chunk))
+        });
+        (read, Body::from_stream(body))
+    };
+    let nar = format!("/upload/nar/{NAR_FILE}.nar");
+    // 80 MiB declared, refused on its headers (no token): not read.
+    let (read, body) = counted(1280, b"");
+    let req = Request::put(&nar)
+        .header("content-length", (80u64 << 20).to_string())
+        .body(body)
+        .unwrap();
+    assert_eq!(send(&st, req).await.status(), StatusCode::UNAUTHORIZED);
+    assert_eq!(
+        read.load(Ordering::SeqCst),
+        0,
+        "more than 64 MiB was to be read"
+    );
+    // 2 MiB declared: read to its end.
+    let (read, body) = counted(32, b"");
+    let req = Request::put(&nar)
+        .header("content-length", (2u64 << 20).to_string())
+        .body(body)
+        .unwrap();
+    assert_eq!(send(&st, req).await.status(), StatusCode::UNAUTHORIZED);
+    assert_eq!(read.load(Ordering::SeqCst), 32);
+    // Trickling in: answered after 5 s.
+    let trickle = futures::StreamExt::chain(
+        futures::stream::once(async { Ok::<_, std::io::Error>(bytes::Bytes::from_static(b"x")) }),
+        futures::stream::pending(),
+    );
+    let req = Request::put(&nar)
+        .header("content-length", "1000")
+        .body(Body::from_stream(trickle))
+        .unwrap();
+    let asked = tokio::time::Instant::now();
+    assert_eq!(send(&st, req).await.status(), StatusCode::UNAUTHORIZED);
+    assert_eq!(asked.elapsed(), super::drain::DRAIN_TIME);
+    // Waiting for `100 Continue`, refused before the body was asked for: not read.
+    let (read, body) = counted(32, b"");
+    let req = Request::put(&nar)
+        .header("content-length", (2u64 << 20).to_string())
+        .header("expect", "100-continue")
+        .body(body)
+        .unwrap();
+    assert_eq!(send(&st, req).await.status(), StatusCode::UNAUTHORIZED);
+    assert_eq!(read.load(Ordering::SeqCst), 0);
+    // Waiting for `100 Continue`, refused after the upload asked for the body (no NAR): the
+    // rest is read.
+    let (read, body) = counted(32, b"\x1f\x00\x08");
+    let req = authed("PUT", &nar, "wtok")
+        .header("content-length", (2u64 << 20).to_string())
+        .header("expect", "100-continue")
+        .body(body)
+        .unwrap();
+    assert_eq!(send(&st, req).await.status(), StatusCode::BAD_REQUEST);
+    assert_eq!(read.load(Ordering::SeqCst), 32);
+}
