@@ -629,7 +629,7 @@ fn an_upload_a_shutdown_cuts_off_leaves_no_staged_file() {
     let exit = child.wait().unwrap();
     let said = std::fs::read_to_string(&log).unwrap();
     assert!(exit.success(), "{exit:?}: {said}");
-    assert!(said.contains("aborted=1"), "{said}");
+    assert!(said.contains("removed=1"), "{said}");
     let left: Vec<_> = std::fs::read_dir(&staging).unwrap().collect();
     assert!(left.is_empty(), "{left:?}\n{said}");
     drop(s);

@@ -1313,7 +1313,7 @@ async fn an_upload_a_shutdown_cuts_off_leaves_no_trace() {
     app.srv.stop_in_place();
     assert_no_trace(&app.s3, &app.prefix).await;
     let said = app.srv.log();
-    assert!(said.contains("aborted=1"), "{said}");
+    assert!(said.contains("removed=1"), "{said}");
     drop(s);
 }
 

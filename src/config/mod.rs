@@ -270,7 +270,10 @@ impl Config {
         let StoreBackend::S3(s3) = &self.store.backend else {
             return Ok(());
         };
-        if s3.endpoint.is_some() {
+        // The SDK then reads neither variable.
+        let ignored = var("AWS_IGNORE_CONFIGURED_ENDPOINT_URLS")
+            .is_some_and(|v| v.to_string_lossy().trim().eq_ignore_ascii_case("true"));
+        if s3.endpoint.is_some() || ignored {
             return Ok(());
         }
         let set = ["AWS_ENDPOINT_URL_S3", "AWS_ENDPOINT_URL"]

@@ -464,7 +464,7 @@ fn upstreams_and_cache() {
         (
             "[[upstreams]]\nurl = \"http://x\"\npublic_keys = [\"cache.nixos.org-1:6NCHdD59X431o0gWypbMrAURkbJ16ZPMQFGspcDShjY=\"]\n\
              [[upstreams]]\nurl = \"http://y\"\npublic_keys = [\"cache.nixos.org-1:6NCHdD59X431o0gWypbMrAURkbJ16ZPMQFGspcDShjY=\"]\n\
-             [[upstreams]]\nurl = \"http://x/\"\npublic_keys = [\"cache.nixos.org-1:6NCHdD59X431o0gWypbMrAURkbJ16ZPMQFGspcDShjY=\"]",
+             [[upstreams]]\nurl = \"http://X:80/\"\npublic_keys = [\"cache.nixos.org-1:6NCHdD59X431o0gWypbMrAURkbJ16ZPMQFGspcDShjY=\"]",
             "config key `upstreams[2].url` (from TOML source string): upstreams[0] has the same URL",
         ),
     ] {
@@ -1435,6 +1435,12 @@ fn an_empty_endpoint_variable_is_refused() {
         ]))
         .is_ok());
     assert!(s3.check_endpoint_env(env(&[])).is_ok());
+    assert!(s3
+        .check_endpoint_env(env(&[
+            ("AWS_ENDPOINT_URL_S3", ""),
+            ("AWS_IGNORE_CONFIGURED_ENDPOINT_URLS", "true")
+        ]))
+        .is_ok());
     let configured =
         from_toml("[store]\nkind = \"s3\"\nbucket = \"b\"\nendpoint = \"http://e\"").unwrap();
     assert!(configured

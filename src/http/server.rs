@@ -181,8 +181,8 @@ pub async fn serve(
             let aborting = draining.store.remove_unfinished();
             match tokio::time::timeout(ABORTS_WITHIN, aborting).await {
                 Ok(0) => {}
-                Ok(aborted) => {
-                    tracing::warn!(aborted, "shutdown: removed what the uploads cut off had staged (S3 multipart uploads, temporary files)");
+                Ok(removed) => {
+                    tracing::warn!(removed, "shutdown: removed what the uploads cut off had staged (S3 multipart uploads, temporary files)");
                 }
                 Err(_) => tracing::warn!(
                     "shutdown: what the uploads cut off had staged was not all removed within {} s; \

@@ -552,7 +552,7 @@ fn upstreams(entries: Vec<UpstreamEntry>) -> Result<Vec<UpstreamConfig>, ConfigE
     let mut out: Vec<UpstreamConfig> = Vec::with_capacity(entries.len());
     for (i, entry) in entries.into_iter().enumerate() {
         let u = entry.validate(i)?;
-        if let Some(first) = out.iter().position(|o| o.url == u.url) {
+        if let Some(first) = out.iter().position(|o| same_url(&o.url, &u.url)) {
             return Err(ConfigError::invalid(
                 format!("upstreams[{i}].url"),
                 format!(
@@ -564,6 +564,17 @@ fn upstreams(entries: Vec<UpstreamEntry>) -> Result<Vec<UpstreamConfig>, ConfigE
         out.push(u);
     }
     Ok(out)
+}
+
+/// Whether two upstream URLs name the same cache: as parsed (the host's case, a default port
+/// and a trailing `/` aside).
+fn same_url(a: &str, b: &str) -> bool {
+    let norm = |u: &str| {
+        reqwest::Url::parse(u)
+            .map(|p| p.as_str().trim_end_matches('/').to_owned())
+            .unwrap_or_else(|_| u.trim_end_matches('/').to_owned())
+    };
+    norm(a) == norm(b)
 }
 
 impl UpstreamEntry {
