@@ -1,10 +1,10 @@
 //! Realisations of content-addressed derivations (JSON), under each name Nix has used:
 //! `/realisations/<drvhash>!<output>.doi` (Nix up to ~2.32), `/build-trace/<drv>/<output>`
 //! and `/build-trace-v2/<drv>/<output>.doi` (Nix 2.35, "build trace entries"). Each is read
-//! under its own key (one is not translated into another) from the store, else from an
-//! upstream that signed it with one of its keys, and served signed by the server's keys, as
-//! narinfos are (a form whose signatures cellar cannot make, as newer Nix writes, goes out as
-//! stored; from an upstream, such a form is not taken). An upload is checked
+//! under its own key (one is not translated into another). A realisation comes from the
+//! store, else from an upstream that signed it with one of its keys, and is served signed by
+//! the server's keys, as narinfos are (see [`served`]); a build trace comes from the store
+//! alone, as stored. An upload is checked
 //! ([`crate::upload::Uploader::put_realisation`]): it must name a path in the cache, and a
 //! published one is kept (201 when written, 200 when it was there already, also when the
 //! upload names another path: another build's).
@@ -58,9 +58,9 @@ async fn put_checked(st: &AppState, key: &str, body: Body) -> Result<StatusCode,
 /// store, else from an upstream that signed it, and signed by every server key; its `id`
 /// must be the one its name says (Nix does not compare them: another output's, signed,
 /// would send clients to that output's path), else it is a corrupt object (502), not passed
-/// on. A build trace (no `id` given, the layouts of later Nix, whose signatures cellar can
-/// neither check nor make) is served from the store as stored, and never taken from an
-/// upstream. One in the store that is not a realisation is a corrupt object too.
+/// on, and so is one that is no realisation. A build trace (no `id` given, the layouts of
+/// later Nix, whose signatures cellar can neither check nor make) is served from the store as
+/// stored, and never taken from an upstream.
 async fn served(st: &AppState, key: &str, id: Option<&RealisationName>) -> Result<Bytes, Error> {
     let live = st.live();
     let corrupt =
@@ -73,10 +73,10 @@ async fn served(st: &AppState, key: &str, id: Option<&RealisationName>) -> Resul
         },
         (None, None) => return Err(Error::NotFound),
     };
-    let r = Realisation::parse(&raw).map_err(|e| corrupt(format!("not a realisation: {e}")))?;
     let Some(id) = id else {
         return Ok(raw);
     };
+    let r = Realisation::parse(&raw).map_err(|e| corrupt(format!("not a realisation: {e}")))?;
     match r.id() {
         Some(own) if !id.names(own) => {
             return Err(corrupt(format!("the realisation of another output ({own})")).into())

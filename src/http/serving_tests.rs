@@ -1388,6 +1388,12 @@ async fn realisations_are_served_signed_by_the_server() {
         (status, &body[..]),
         (StatusCode::OK, SIGNED_BY_NIX.as_bytes())
     );
+    // Whatever it holds: cellar reads none of it.
+    mem.insert(&trace, "{}");
+    assert_eq!(
+        get(&st, &format!("/{trace}")).await,
+        (StatusCode::OK, b"{}".to_vec())
+    );
 
     // Another output's (`nix copy --to s3://` wrote it, or the bucket was tampered with):
     // Nix does not compare ids, so it is not signed and passed on.
