@@ -618,9 +618,15 @@ fn an_upload_a_shutdown_cuts_off_leaves_no_staged_file() {
     )
     .unwrap();
     s.write_all(&nar).unwrap();
-    wait_for_in_file(&log, "writing an object", 1);
+    // The NAR's own staged file (the upload's record is written too).
+    let nar_key = format!("nar/{name}");
+    wait_for_file(&log, "the NAR's writer", |text| {
+        text.lines()
+            .any(|l| l.contains("writing an object") && l.contains(&nar_key))
+    });
     let staging = d.path().join("cellar-data/.staging");
-    assert_eq!(std::fs::read_dir(&staging).unwrap().count(), 1);
+    // (The upload's record may be staged beside it for a moment.)
+    assert!(std::fs::read_dir(&staging).unwrap().count() >= 1);
     let status = Command::new("kill")
         .args(["-TERM", &child.id().to_string()])
         .status()
@@ -629,7 +635,7 @@ fn an_upload_a_shutdown_cuts_off_leaves_no_staged_file() {
     let exit = child.wait().unwrap();
     let said = std::fs::read_to_string(&log).unwrap();
     assert!(exit.success(), "{exit:?}: {said}");
-    assert!(said.contains("removed=1"), "{said}");
+    assert!(said.contains("removed="), "{said}");
     let left: Vec<_> = std::fs::read_dir(&staging).unwrap().collect();
     assert!(left.is_empty(), "{left:?}\n{said}");
     drop(s);
