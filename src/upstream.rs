@@ -496,8 +496,8 @@ impl Upstreams {
                 .request(u, started, self.client.get(url(u, key)), false)
                 .await
             {
-                Ok(Some(r)) if r.status() == reqwest::StatusCode::OK => r,
-                Ok(_) => {
+                Ok(Some(r)) => r,
+                Ok(None) => {
                     u.answered();
                     continue;
                 }

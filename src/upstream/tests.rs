@@ -1735,3 +1735,16 @@ async fn realisations_are_taken_only_signed_by_the_upstreams_keys() {
     let got = both.realisation(&key, &id).await.unwrap().unwrap();
     assert!(String::from_utf8_lossy(&got).contains("-fine"));
 }
+
+/// The store with upstreams removes what its store's open writers staged, as the store
+/// itself does (a shutdown asks whichever it holds).
+#[tokio::test]
+async fn with_upstreams_removes_what_the_stores_writers_staged() {
+    use crate::store::ObjectWriter as _;
+    let dir = tempfile::tempdir().unwrap();
+    let local = Arc::new(crate::store::local::LocalStore::open(dir.path()).unwrap());
+    let reads = WithUpstreams::new(local, Arc::new(Upstreams::new(&[], "/nix/store").unwrap()));
+    let mut w = reads.writer("nar/x.nar").await.unwrap();
+    w.write(bytes::Bytes::from_static(b"half")).await.unwrap();
+    assert_eq!(reads.remove_unfinished().await, 1);
+}
