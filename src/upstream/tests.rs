@@ -1740,7 +1740,6 @@ async fn realisations_are_taken_only_signed_by_the_upstreams_keys() {
 /// itself does (a shutdown asks whichever it holds).
 #[tokio::test]
 async fn with_upstreams_removes_what_the_stores_writers_staged() {
-    use crate::store::ObjectWriter as _;
     let dir = tempfile::tempdir().unwrap();
     let local = Arc::new(crate::store::local::LocalStore::open(dir.path()).unwrap());
     let reads = WithUpstreams::new(local, Arc::new(Upstreams::new(&[], "/nix/store").unwrap()));
