@@ -501,7 +501,12 @@ impl Upstreams {
                     u.answered();
                     continue;
                 }
-                Err(_) => {
+                Err(failure) => {
+                    // Taken for a miss for now by the client (404, kept by no cache): said,
+                    // once a minute, or an upstream answering 5xx would go unseen.
+                    if crate::sync::once_per(&u.warned, WARN_EVERY) {
+                        tracing::warn!(upstream = %u.name, key, cause = %failure, "upstream could not answer for a realisation");
+                    }
                     unavailable = true;
                     continue;
                 }

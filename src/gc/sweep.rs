@@ -918,23 +918,27 @@ async fn read_named<T, E: fmt::Display>(
     store: &dyn Store,
     objects: &[(String, Meta)],
     limit: u64,
-    names: impl Fn(&[u8]) -> Result<T, E>,
+    names: impl Fn(&str, &[u8]) -> Result<T, E>,
 ) -> Result<Vec<Named<T>>, StoreError> {
-    futures::stream::iter(objects.iter().map(|(key, _)| store.get_bytes(key, limit)))
-        .buffered(READ_CONCURRENCY)
-        .map(|read| match read {
-            Ok(None) => Ok(Named::Gone),
-            Ok(Some(raw)) => Ok(match names(&raw) {
-                Ok(t) => Named::Understood(t),
-                Err(e) => Named::NotUnderstood(e.to_string()),
-            }),
-            Err(StoreError::TooLarge { .. }) => {
-                Ok(Named::NotUnderstood(format!("larger than {limit} bytes")))
-            }
-            Err(e) => Err(e),
-        })
-        .try_collect()
-        .await
+    futures::stream::iter(
+        objects
+            .iter()
+            .map(|(key, _)| async move { (key, store.get_bytes(key, limit).await) }),
+    )
+    .buffered(READ_CONCURRENCY)
+    .map(|(key, read)| match read {
+        Ok(None) => Ok(Named::Gone),
+        Ok(Some(raw)) => Ok(match names(key, &raw) {
+            Ok(t) => Named::Understood(t),
+            Err(e) => Named::NotUnderstood(e.to_string()),
+        }),
+        Err(StoreError::TooLarge { .. }) => {
+            Ok(Named::NotUnderstood(format!("larger than {limit} bytes")))
+        }
+        Err(e) => Err(e),
+    })
+    .try_collect()
+    .await
 }
 
 /// Reads which NAR each debug info link names.
@@ -943,7 +947,7 @@ async fn read_debuginfo(store: &dyn Store, inv: &Inventory) -> Result<Vec<DebugL
         store,
         &inv.debuginfo,
         crate::nix::MAX_DEBUGINFO_BYTES,
-        |r| crate::nix::DebugInfoLink::parse(r).map(|l| l.nar().as_str().to_owned()),
+        |_, r| crate::nix::DebugInfoLink::parse(r).map(|l| l.nar().as_str().to_owned()),
     )
     .await?;
     Ok(inv
@@ -958,7 +962,9 @@ async fn read_debuginfo(store: &dyn Store, inv: &Inventory) -> Result<Vec<DebugL
         .collect())
 }
 
-/// Reads which path each realisation names (its JSON `outPath`).
+/// Reads which path each realisation names (its JSON `outPath`). One under
+/// `realisations/<id>.doi` whose `id` is another output's is not understood: the server
+/// answers it 502 (Nix does not compare ids), and an upload of the output replaces it.
 async fn read_realisations(
     store: &dyn Store,
     inv: &Inventory,
@@ -967,7 +973,19 @@ async fn read_realisations(
         store,
         &inv.realisations,
         crate::upload::MAX_REALISATION_BYTES,
-        |r| crate::nix::Realisation::parse(r).map(|r| r.out_hash()),
+        |key, raw| {
+            let r = crate::nix::Realisation::parse(raw).map_err(|e| e.to_string())?;
+            let named = key
+                .strip_prefix("realisations/")
+                .and_then(|n| n.parse::<crate::nix::RealisationName>().ok());
+            match (named, r.id()) {
+                (Some(named), Some(id)) if !named.names(id) => Err(format!(
+                    "the realisation of another output ({id}): served as a 502; an upload \
+                     of this output replaces it"
+                )),
+                _ => Ok(r.out_hash()),
+            }
+        },
     )
     .await?;
     Ok(inv

@@ -2297,15 +2297,7 @@ async fn a_path_used_during_the_run_keeps_its_build_log() {
     let now = SystemTime::now();
     let used = path(&mem, "used", &[], 100 * DAY, now);
     let other = path(&mem, "other", &[], 100 * DAY, now);
-    let realisation = |p: &P| {
-        let key = format!(
-            "realisations/sha256:{}!out.doi",
-            hex::encode(Sha256::digest(p.base.as_bytes()).as_bytes())
-        );
-        let body = format!(r#"{{"id":"x","outPath":"{}","signatures":[]}}"#, p.base);
-        mem.insert_at(&key, body, now - 100 * DAY);
-        key
-    };
+    let realisation = |p: &P| realisation_of(&mem, &p.base, 100 * DAY, now);
     let (used_realisation, other_realisation) = (realisation(&used), realisation(&other));
     let used_link = debug_link(&mem, 1, &used.nar, 100 * DAY, now);
     let other_link = debug_link(&mem, 2, &other.nar, 100 * DAY, now);
@@ -2347,12 +2339,13 @@ async fn a_realisation_of_a_path_not_here_is_kept_for_the_retention() {
     let now = SystemTime::now();
     let realisation = |drv: &str| {
         let out = base32::encode(&Sha256::digest(drv.as_bytes()).as_bytes()[..20]);
+        let id = format!(
+            "sha256:{}!out",
+            hex::encode(Sha256::digest(drv.as_bytes()).as_bytes())
+        );
         (
-            format!(
-                "realisations/sha256:{}!out.doi",
-                hex::encode(Sha256::digest(drv.as_bytes()).as_bytes())
-            ),
-            format!(r#"{{"id":"x","outPath":"{out}-{drv}","signatures":[]}}"#),
+            format!("realisations/{id}.doi"),
+            format!(r#"{{"id":"{id}","outPath":"{out}-{drv}","signatures":[]}}"#),
         )
     };
     let (recent, body) = realisation("recent");
@@ -3015,11 +3008,12 @@ fn found(r: &super::verify::Report) -> Vec<String> {
 
 /// A realisation naming path `base`, written `age` ago.
 fn realisation_of(store: &MemoryStore, base: &str, age: Duration, now: SystemTime) -> String {
-    let key = format!(
-        "realisations/sha256:{}!out.doi",
+    let id = format!(
+        "sha256:{}!out",
         hex::encode(Sha256::digest(base.as_bytes()).as_bytes())
     );
-    let body = format!(r#"{{"id":"x","outPath":"{base}","signatures":[]}}"#);
+    let key = format!("realisations/{id}.doi");
+    let body = format!(r#"{{"id":"{id}","outPath":"{base}","signatures":[]}}"#);
     store.insert_at(&key, body, now - age);
     key
 }
@@ -3061,6 +3055,9 @@ async fn verify_finds_realisations_and_links_naming_nothing() {
     let too_large = "realisations/sha256:01!out.doi".to_owned();
     let large = " ".repeat(crate::upload::MAX_REALISATION_BYTES as usize + 1);
     mem.insert_at(&too_large, large, now - old);
+    // Another output's under this one's name (the server answers it 502).
+    let misfiled = realisation_of(&mem, &whole.base, old, now).replace("!out", "!dev");
+    mem.insert_at(&misfiled, mem.bytes(&whole_realisation).unwrap(), now - old);
 
     let r = check(&mem, now, None).await;
     assert_eq!(
@@ -3073,7 +3070,15 @@ async fn verify_finds_realisations_and_links_naming_nothing() {
             format!("unreadable {unreadable_link}"),
             format!("unreadable {unreadable_realisation}"),
             format!("unreadable {too_large}"),
+            format!("unreadable {misfiled}"),
         ]
+    );
+    assert!(
+        r.findings
+            .iter()
+            .any(|f| f.to_string().contains("the realisation of another output")),
+        "{:?}",
+        r.findings
     );
     let text: Vec<String> = r.findings.iter().map(ToString::to_string).collect();
     assert!(
@@ -3121,21 +3126,24 @@ async fn verify_finds_realisations_and_links_naming_nothing() {
         &unreadable_realisation,
         &unreadable_link,
         &too_large,
+        &misfiled,
     ] {
         assert!(has(&mem, key), "{key} deleted");
     }
     let mut errors = r.repair_errors.clone();
     errors.sort();
-    assert_eq!(errors.len(), 3, "{errors:?}");
+    assert_eq!(errors.len(), 4, "{errors:?}");
     assert!(errors[0].starts_with(&format!("{unreadable_link}: not understood")));
     assert!(errors[1].starts_with(&format!("{unreadable_realisation}: not understood")));
     assert!(errors[2].starts_with(&format!("{too_large}: not understood")));
+    assert!(errors[3].starts_with(&format!("{misfiled}: not understood")));
     assert_eq!(
         found(&check(&mem, now, None).await),
         vec![
             format!("unreadable {unreadable_link}"),
             format!("unreadable {unreadable_realisation}"),
             format!("unreadable {too_large}"),
+            format!("unreadable {misfiled}"),
         ]
     );
 }

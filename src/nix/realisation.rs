@@ -58,6 +58,14 @@ impl Realisation {
         &self.out
     }
 
+    /// Its `outPath` as written: a base name (as Nix writes it), or a whole path.
+    pub fn out_path_as_written(&self) -> &str {
+        self.doc
+            .get("outPath")
+            .and_then(Value::as_str)
+            .unwrap_or_default()
+    }
+
     pub fn out_hash(&self) -> StorePathHash {
         self.out.hash()
     }
@@ -172,8 +180,13 @@ impl Realisation {
     }
 
     /// This realisation with the signatures of `other` (of the same output) it lacks added,
-    /// as JSON; `None` if it has them all already.
+    /// as JSON; `None` if it has them all already, or `other` is not the same realisation as
+    /// Nix signs it (its fingerprint: another `dependentRealisations`, say), whose signatures
+    /// would not verify on this one.
     pub fn with_signatures_of(&self, other: &Self) -> Option<Vec<u8>> {
+        if self.fingerprint() != other.fingerprint() {
+            return None;
+        }
         let mine = self.signatures();
         let new: Vec<Value> = other
             .signatures()

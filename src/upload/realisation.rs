@@ -12,7 +12,7 @@ use bytes::Bytes;
 
 use super::{rejected, Uploader};
 use crate::error::Error;
-use crate::nix::Realisation;
+use crate::nix::{Realisation, RealisationName};
 use crate::upstream::Upstreams;
 
 /// What a realisation upload did.
@@ -54,15 +54,25 @@ impl Uploader {
         // Nix looks a realisation up by its id and does not compare the one inside: stored
         // under another output's name, a signed realisation would send that output's
         // clients to its path.
-        let named = key
+        let named: Option<RealisationName> = key
             .strip_prefix("realisations/")
-            .and_then(|k| k.strip_suffix(".doi"));
-        if let (Some(named), Some(id)) = (named, sent.id()) {
-            if named != id {
+            .and_then(|k| k.parse().ok());
+        if let (Some(named), Some(id)) = (&named, sent.id()) {
+            if !named.names(id) {
                 return Err(rejected(format!(
-                    "its id {id} is not the one its name says ({named})"
+                    "its id {id} is not the one its name says ({})",
+                    named.as_str().trim_end_matches(".doi")
                 )));
             }
+        }
+        // The form Nix 2.8 writes (with `id`) names its output by its base name: Nix 2.8
+        // cannot read a whole path there ("illegal base-32 character '/'"), and would fail
+        // every client substituting through it.
+        if sent.id().is_some() && sent.out_path_as_written().contains('/') {
+            return Err(rejected(format!(
+                "its outPath {:?} is a whole path; Nix writes the path's base name there",
+                sent.out_path_as_written()
+            )));
         }
         // One at a time per output in this process, so two uploads of one output cannot both
         // find it absent (replicas may still race; the first written then is replaced).
@@ -77,6 +87,16 @@ impl Uploader {
         let _slot = self.admit_other().await?;
         let stored = self.store.get_bytes(key, MAX_REALISATION_BYTES).await?;
         let stored = stored.and_then(|s| match Realisation::parse(&s) {
+            // Another output's under this one's name (served as a 502: Nix does not compare
+            // ids) agrees with nobody either.
+            Ok(r) if r
+                .id()
+                .zip(named.as_ref())
+                .is_some_and(|(id, named)| !named.names(id)) =>
+            {
+                tracing::warn!(key, id = r.id().unwrap_or_default(), "stored realisation is another output's: replaced by the upload");
+                None
+            }
             Ok(r) => Some(r),
             Err(e) => {
                 tracing::warn!(key, cause = %e, "stored realisation unreadable: replaced by the upload");

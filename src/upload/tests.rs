@@ -2716,6 +2716,43 @@ mod realisations {
         assert_eq!(now["signatures"], serde_json::json!([builder]));
     }
 
+    /// Another output's realisation stored under this one's name (answered 502: Nix does not
+    /// compare ids) is replaced by an upload of this one, as an unreadable one is; a sent one
+    /// naming its output by a whole path (which Nix 2.8 cannot read) is refused; and
+    /// signatures are added to the stored one only from the same realisation as Nix signs it.
+    #[tokio::test]
+    async fn misfiled_whole_path_and_other_fingerprint_realisations() {
+        let (mem, up) = uploader();
+        mem.insert(
+            &format!("{}.narinfo", &PATH[..32]),
+            crate::nix::narinfo::stub(PATH),
+        );
+        let dev = String::from_utf8(realisation(PATH, &[K1]).to_vec())
+            .unwrap()
+            .replace("!out", "!dev");
+        mem.insert(KEY, dev);
+        let stored = up
+            .put_realisation(KEY, realisation(PATH, &[]), None)
+            .await
+            .unwrap();
+        assert_eq!(stored, RealisationStored::Written);
+        assert_eq!(mem.bytes(KEY).unwrap(), realisation(PATH, &[]));
+
+        let whole = realisation(&format!("/nix/store/{PATH}"), &[]);
+        let e = up.put_realisation(KEY, whole, None).await.unwrap_err();
+        assert!(e.to_string().contains("is a whole path"), "{e}");
+
+        let mut other: serde_json::Value =
+            serde_json::from_slice(&realisation(PATH, &[K1])).unwrap();
+        other["dependentRealisations"] = serde_json::json!({"sha256:00!out": "x"});
+        let again = up
+            .put_realisation(KEY, Bytes::from(other.to_string()), None)
+            .await
+            .unwrap();
+        assert_eq!(again, RealisationStored::Unchanged);
+        assert_eq!(mem.bytes(KEY).unwrap(), realisation(PATH, &[]));
+    }
+
     /// Realisations waiting for their turn (one at a time per process) hold no upload slot:
     /// with one being stored slowly and another waiting behind it, a listing or log still
     /// gets the other slot at once. (Paused time: one waiting for a slot would be busy after
