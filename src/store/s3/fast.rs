@@ -305,7 +305,8 @@ impl FastReads {
         // Before the limit, as the wait for a renewal is bounded on its own (and its failure
         // is a credentials error, not a timeout of this request).
         let creds = self.credentials().await?;
-        let r = match tokio::time::timeout(limit, self.attempts(what, &u, &creds)).await {
+        let deadline = tokio::time::Instant::now() + limit;
+        let r = match tokio::time::timeout(limit, self.attempts(what, &u, &creds, deadline)).await {
             Err(_) => Err(StoreError::Timeout(limit.as_secs())),
             Ok(r) => r,
         };
@@ -332,12 +333,19 @@ impl FastReads {
     /// or a 429, after a random pause that doubles each time; one that asks to slow down
     /// (503 SlowDown, 429) waits at least [`THROTTLED_PAUSE`]. Again at once after a 4xx
     /// whose `Date` shows the request was signed with a time off by [`crate::store::clock::SKEW_RETRY`] or more.
-    /// The whole stays within the caller's timeout.
+    /// The whole stays within the caller's timeout (`deadline`).
+    ///
+    /// A write that could not connect (the request never left: asking again is safe) is tried
+    /// up to [`WRITE_CONNECT_ATTEMPTS`] times, [`connect_wait`] apart, as long as the deadline
+    /// allows: the store restarting for a second failed a PutObject within 75 ms, and Nix 2.8
+    /// retries a 5xx to a PUT without its body (each retry then waits for the body idle
+    /// timeout and is refused: `nix copy --to` failed after four minutes).
     async fn attempts(
         &self,
         what: &'static str,
         u: &Unsigned,
         creds: &Credentials,
+        deadline: tokio::time::Instant,
     ) -> Result<Read<reqwest::Response>, StoreError> {
         let mut pause = Duration::from_millis(25);
         let mut attempt = 1;
@@ -362,7 +370,20 @@ impl FastReads {
                 }
                 Err(_) => (true, false, false),
             };
-            if !(transient || skewed) || attempt == ATTEMPTS {
+            let unconnected_write = u.method == reqwest::Method::PUT
+                && sent.as_ref().err().is_some_and(reqwest::Error::is_connect);
+            if unconnected_write {
+                let wait = connect_wait(attempt);
+                if attempt < WRITE_CONNECT_ATTEMPTS && tokio::time::Instant::now() + wait < deadline
+                {
+                    tracing::debug!(attempt, "S3 {what}: could not connect; trying again");
+                    attempt += 1;
+                    tokio::time::sleep(wait).await;
+                    continue;
+                }
+                return self.answer(what, sent).await;
+            }
+            if !(transient || skewed) || attempt >= ATTEMPTS {
                 return self.answer(what, sent).await;
             }
             attempt += 1;
@@ -646,6 +667,15 @@ fn parse_list(body: &[u8]) -> Result<(Vec<Listed>, Option<String>), XmlDecodeErr
 
 /// Tries of one read (the SDK's standard retry mode makes as many).
 const ATTEMPTS: u32 = 3;
+
+/// Tries of a write that could not connect ([`FastReads::attempts`]).
+const WRITE_CONNECT_ATTEMPTS: u32 = 5;
+
+/// The wait after the `attempt`th try of a write that could not connect: 0.25 s, doubling,
+/// 3.75 s over [`WRITE_CONNECT_ATTEMPTS`].
+fn connect_wait(attempt: u32) -> Duration {
+    Duration::from_millis(250 << attempt.saturating_sub(1).min(4))
+}
 
 /// The least a retry waits after the store asked to slow down (503 SlowDown, 429): sooner
 /// would add to what it is shedding.
@@ -1111,6 +1141,37 @@ mod tests {
         let creds = SharedCredentialsProvider::new(Credentials::new("k", "s", None, None, "t"));
         let d = Duration::from_secs(5);
         FastReads::new(&url, "b", "us-east-1", creds, d, d, StoreClock::default()).unwrap()
+    }
+
+    /// A write that cannot connect (the store restarting) is tried again over seconds,
+    /// within its deadline: the store here comes back 0.6 s after the first try (an outage),
+    /// which the three tries within 75 ms missed; a store that stays away fails it after
+    /// the last try.
+    #[tokio::test]
+    async fn a_write_that_cannot_connect_is_tried_again_over_seconds() {
+        let free = std::net::TcpListener::bind("127.0.0.1:0").unwrap();
+        let addr = free.local_addr().unwrap();
+        drop(free);
+        let creds = SharedCredentialsProvider::new(Credentials::new("k", "s", None, None, "t"));
+        let d = Duration::from_secs(10);
+        let url = format!("http://{addr}");
+        let r = FastReads::new(&url, "b", "us-east-1", creds, d, d, StoreClock::default()).unwrap();
+        let started = std::time::Instant::now();
+        let e = r.put("p/x", Bytes::from_static(b"x")).await.unwrap_err();
+        assert!(matches!(e, StoreError::Unavailable(_)), "{e}");
+        assert!(
+            started.elapsed() >= Duration::from_millis(3750),
+            "{:?}",
+            started.elapsed()
+        );
+        let app = axum::Router::new().fallback(|| async { axum::http::StatusCode::OK });
+        tokio::spawn(async move {
+            // The store's outage: not a wait for anything.
+            tokio::time::sleep(Duration::from_millis(600)).await;
+            let l = tokio::net::TcpListener::bind(addr).await.unwrap();
+            axum::serve(l, app).await
+        });
+        r.put("p/x", Bytes::from_static(b"x")).await.unwrap();
     }
 
     #[tokio::test]
