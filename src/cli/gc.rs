@@ -237,6 +237,9 @@ pub fn verify(
         for u in &report.unfinished {
             say!("{u}");
         }
+        for e in report.repair_errors.iter().filter(|e| *e != gc::STOPPED) {
+            say!("repair failed: {e}");
+        }
         // With the errors, on stderr: the run did not get to its end.
         eprintln!(
             "cellar: verify stopped on request (SIGINT, SIGTERM or SIGHUP) before its check \

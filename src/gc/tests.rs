@@ -2093,14 +2093,8 @@ async fn a_collection_asked_to_stop_stops_between_batches() {
     let (nar, _) = orphan(&mem, "orphan", now);
     let store: Arc<dyn Store> = mem.clone();
     let opts = super::verify::Options {
-        hashes: false,
-        repair: true,
-        sample: None,
-        grace: DAY,
-        now,
-        settle: super::deleting::SETTLE,
         stop: stop_as_deletions_begin(&mem),
-        upstreams: None,
+        ..repair_options(now, super::deleting::SETTLE)
     };
     let r = super::verify::run(&store, "/nix/store", &opts, &Quiet)
         .await
@@ -2160,14 +2154,8 @@ async fn a_repair_asked_to_stop_while_it_checks_ends_stopped() {
     let store: Arc<dyn Store> = mem.clone();
     let stop = super::Stop::default();
     let opts = super::verify::Options {
-        hashes: false,
-        repair: true,
-        sample: None,
-        grace: DAY,
-        now,
-        settle: super::deleting::SETTLE,
         stop: stop.clone(),
-        upstreams: None,
+        ..repair_options(now, super::deleting::SETTLE)
     };
     let (r, ()) = tokio::join!(
         super::verify::run(&store, "/nix/store", &opts, &Quiet),

@@ -281,7 +281,9 @@ pub async fn run(
             }
             return Ok(Report {
                 stopped: true,
-                repair_errors: vec![super::STOPPED.into()],
+                repair_errors: std::iter::once(super::STOPPED.into())
+                    .chain(not_repairing)
+                    .collect(),
                 unfinished: settled,
                 ..Report::default()
             });
