@@ -28,7 +28,6 @@ mod fast;
 mod listing;
 mod writer;
 
-pub use writer::abort_unfinished;
 
 use writer::S3Writer;
 
