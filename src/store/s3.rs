@@ -28,7 +28,6 @@ mod fast;
 mod listing;
 mod writer;
 
-
 use writer::S3Writer;
 
 /// Bodies up to this size are sent with one PutObject; larger ones as a multipart upload in
