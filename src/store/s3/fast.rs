@@ -29,6 +29,7 @@ use sha2::{Digest as _, Sha256};
 use std::sync::atomic::Ordering;
 use tokio::sync::Mutex;
 
+use super::writer::{connect_wait, WRITE_CONNECT_ATTEMPTS};
 use crate::store::clock::StoreClock;
 use crate::store::{ByteRange, ContentRange, Object, StoreError};
 
@@ -667,15 +668,6 @@ fn parse_list(body: &[u8]) -> Result<(Vec<Listed>, Option<String>), XmlDecodeErr
 
 /// Tries of one read (the SDK's standard retry mode makes as many).
 const ATTEMPTS: u32 = 3;
-
-/// Tries of a write that could not connect ([`FastReads::attempts`]).
-const WRITE_CONNECT_ATTEMPTS: u32 = 5;
-
-/// The wait after the `attempt`th try of a write that could not connect: 0.25 s, doubling,
-/// 3.75 s over [`WRITE_CONNECT_ATTEMPTS`].
-fn connect_wait(attempt: u32) -> Duration {
-    Duration::from_millis(250 << attempt.saturating_sub(1).min(4))
-}
 
 /// The least a retry waits after the store asked to slow down (503 SlowDown, 429): sooner
 /// would add to what it is shedding.

@@ -471,6 +471,92 @@ async fn a_refused_part_fails_the_upload_and_it_is_aborted() {
     assert!(seen.aborted, "the multipart upload was not aborted");
 }
 
+/// A TCP proxy in front of `to` on a port of its own, which can go down as a restarting
+/// store does: its port refuses connections and those open are cut.
+struct Restarting {
+    addr: std::net::SocketAddr,
+    to: std::net::SocketAddr,
+    serving: Option<tokio::task::JoinHandle<()>>,
+}
+
+impl Restarting {
+    async fn new(to: &str) -> Self {
+        let to = to.trim_start_matches("http://").parse().unwrap();
+        let l = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+        let addr = l.local_addr().unwrap();
+        let mut r = Self {
+            addr,
+            to,
+            serving: None,
+        };
+        r.serve(l);
+        r
+    }
+
+    fn serve(&mut self, l: tokio::net::TcpListener) {
+        let to = self.to;
+        self.serving = Some(tokio::spawn(async move {
+            let mut open = tokio::task::JoinSet::new();
+            while let Ok((mut c, _)) = l.accept().await {
+                open.spawn(async move {
+                    let mut s = tokio::net::TcpStream::connect(to).await.unwrap();
+                    let _ = tokio::io::copy_bidirectional(&mut c, &mut s).await;
+                });
+            }
+        }));
+    }
+
+    /// Down: the listener and every connection through it dropped.
+    fn down(&mut self) {
+        if let Some(s) = self.serving.take() {
+            s.abort();
+        }
+    }
+
+    async fn up(&mut self) {
+        let l = tokio::net::TcpListener::bind(self.addr).await.unwrap();
+        self.serve(l);
+    }
+}
+
+/// A store that refuses connections for longer than the SDK's own tries (3 s at most) while
+/// a large NAR is written (its parts, and the completion, made while it is down) does not
+/// fail the upload: the requests are made again while the store refuses connections, within
+/// their deadline. Nix 2.8 retries a failed PUT without its body, so a failed part failed
+/// the whole `nix copy --to`.
+#[tokio::test(flavor = "multi_thread")]
+async fn a_store_restarting_for_seconds_mid_upload_does_not_fail_it() {
+    let (endpoint, seen, _) = multipart_s3(1, None).await;
+    let mut store_port = Restarting::new(&endpoint).await;
+    let store = store_timed(
+        format!("http://{}", store_port.addr),
+        2,
+        true,
+        Duration::from_secs(5),
+    )
+    .await;
+    let data = body(2 * PART_SIZE + 1);
+    let mut w = store.writer("nar/x.nar").await.unwrap();
+    // The upload is created and its first part on its way; then the store goes away.
+    w.write(bytes::Bytes::copy_from_slice(&data[..PART_SIZE]))
+        .await
+        .unwrap();
+    store_port.down();
+    let writing = tokio::spawn(async move {
+        w.write(bytes::Bytes::copy_from_slice(&data[PART_SIZE..]))
+            .await?;
+        w.commit().await
+    });
+    // The store's outage: not a wait for anything.
+    tokio::time::sleep(Duration::from_millis(3500)).await;
+    store_port.up().await;
+    writing.await.unwrap().unwrap();
+    let seen = seen.lock().unwrap();
+    assert_eq!(seen.parts.keys().copied().collect::<Vec<_>>(), [1, 2, 3]);
+    assert!(seen.completed.is_some());
+    assert!(!seen.aborted);
+}
+
 /// A completion retried after its answer was lost finds no such upload: the upload stands if
 /// the object is there as it would have left it, and fails (aborted) if it is not, or is
 /// another object.

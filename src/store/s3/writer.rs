@@ -59,6 +59,37 @@ pub(super) fn complete_deadline(timeout: Duration, parts: usize) -> Duration {
     write_deadline(timeout, 0) + Duration::from_secs(u64::try_from(parts).unwrap_or(u64::MAX))
 }
 
+/// Tries of a write that could not connect: the request never reached the store (restarting,
+/// say), so sending it again is safe. The store restarting for a second failed a write
+/// within the retries' first milliseconds, and Nix 2.8 retries a 5xx to a PUT without its
+/// body (each retry then waits for the body idle timeout and is refused: `nix copy --to`
+/// failed after four minutes).
+pub(super) const WRITE_CONNECT_ATTEMPTS: u32 = 5;
+
+/// The wait after the `attempt`th try of a write that could not connect: 0.25 s, doubling,
+/// 3.75 s over [`WRITE_CONNECT_ATTEMPTS`].
+pub(super) fn connect_wait(attempt: u32) -> Duration {
+    Duration::from_millis(250 << attempt.saturating_sub(1).min(4))
+}
+
+/// Whether the SDK's request failed because its connection was refused: the request never
+/// left (after the SDK's own tries, ~1.5 s).
+fn refused_connection<E>(e: &SdkError<E, HttpResponse>) -> bool {
+    let SdkError::DispatchFailure(d) = e else {
+        return false;
+    };
+    let Some(c) = d.as_connector_error() else {
+        return false;
+    };
+    std::iter::successors(Some(c as &(dyn std::error::Error + 'static)), |e| {
+        e.source()
+    })
+    .any(|e| {
+        e.downcast_ref::<std::io::Error>()
+            .is_some_and(|io| io.kind() == std::io::ErrorKind::ConnectionRefused)
+    })
+}
+
 /// How much earlier than the store's time when a multipart upload began its object may be
 /// dated and still be that upload's (S3 dates it when the upload began, to the second; the
 /// store's time is known to within [`crate::store::clock::SLACK`]).
@@ -90,48 +121,75 @@ struct Target {
 }
 
 impl Target {
-    /// `fut`, a request carrying `bytes` of body, within its [`write_deadline`].
-    async fn timed<T, E>(
+    /// The request `send` makes, carrying `bytes` of body, within its [`write_deadline`].
+    async fn timed<T, E, F>(
         &self,
         what: &'static str,
         bytes: usize,
-        fut: impl Future<Output = Result<T, SdkError<E, HttpResponse>>>,
+        send: impl FnMut() -> F,
     ) -> Result<T, StoreError>
     where
         E: ProvideErrorMetadata + std::error::Error + Send + Sync + 'static,
+        F: Future<Output = Result<T, SdkError<E, HttpResponse>>>,
     {
-        self.timed_within(what, write_deadline(self.timeout, bytes), fut)
+        self.timed_within(what, write_deadline(self.timeout, bytes), send)
             .await
     }
 
-    /// `fut` within `deadline`.
-    async fn timed_within<T, E>(
+    /// The request `send` makes, within `deadline`.
+    async fn timed_within<T, E, F>(
         &self,
         what: &'static str,
         deadline: Duration,
-        fut: impl Future<Output = Result<T, SdkError<E, HttpResponse>>>,
+        send: impl FnMut() -> F,
     ) -> Result<T, StoreError>
     where
         E: ProvideErrorMetadata + std::error::Error + Send + Sync + 'static,
+        F: Future<Output = Result<T, SdkError<E, HttpResponse>>>,
     {
-        match self.answer_within(what, deadline, fut).await? {
+        match self.answer_within(what, deadline, send).await? {
             Ok(v) => Ok(v),
             Err(f) => Err(StoreError::Other(format!("{what} {}: {f:?}", self.key))),
         }
     }
 
-    /// `fut` within `deadline`, a missing object (or upload) told apart from other failures.
-    async fn answer_within<T, E>(
+    /// The request `send` makes, within `deadline`, a missing object (or upload) told apart
+    /// from other failures. Made again, up to [`WRITE_CONNECT_ATTEMPTS`] times
+    /// [`connect_wait`] apart within the deadline, while the store refuses connections: the
+    /// SDK's own three tries last ~1.5 s, and a store restarting for longer failed a large
+    /// NAR's part, and so its upload.
+    async fn answer_within<T, E, F>(
         &self,
         what: &'static str,
         deadline: Duration,
-        fut: impl Future<Output = Result<T, SdkError<E, HttpResponse>>>,
+        mut send: impl FnMut() -> F,
     ) -> Result<Result<T, Failure>, StoreError>
     where
         E: ProvideErrorMetadata + std::error::Error + Send + Sync + 'static,
+        F: Future<Output = Result<T, SdkError<E, HttpResponse>>>,
     {
         let started = std::time::Instant::now();
-        let r = match tokio::time::timeout(deadline, fut).await {
+        let end = tokio::time::Instant::now() + deadline;
+        let tries = async {
+            let mut attempt = 1;
+            loop {
+                let r = send().await;
+                let wait = connect_wait(attempt);
+                match r {
+                    Err(e)
+                        if refused_connection(&e)
+                            && attempt < WRITE_CONNECT_ATTEMPTS
+                            && tokio::time::Instant::now() + wait < end =>
+                    {
+                        tracing::debug!(key = %self.key, attempt, "S3 {what}: the store refuses connections; trying again");
+                        attempt += 1;
+                        tokio::time::sleep(wait).await;
+                    }
+                    r => return r,
+                }
+            }
+        };
+        let r = match tokio::time::timeout_at(end, tries).await {
             Err(_) => Err(StoreError::Timeout(deadline.as_secs())),
             Ok(Ok(v)) => Ok(Ok(v)),
             Ok(Err(e)) => classify::<T, E>(what, &self.bucket, e),
@@ -152,11 +210,10 @@ impl Target {
             .abort_multipart_upload()
             .bucket(&self.bucket)
             .key(&self.key)
-            .upload_id(id)
-            .send();
+            .upload_id(id);
         let deadline = write_deadline(self.timeout, 0);
         match self
-            .answer_within("AbortMultipartUpload", deadline, req)
+            .answer_within("AbortMultipartUpload", deadline, || req.clone().send())
             .await
         {
             Ok(Ok(_)) => tracing::debug!(key = %self.key, "multipart upload aborted"),
@@ -182,17 +239,18 @@ impl Target {
         sharing: usize,
     ) -> Result<CompletedPart, StoreError> {
         let bytes = part.len();
-        let req = self
-            .client
-            .upload_part()
-            .bucket(&self.bucket)
-            .key(&self.key)
-            .upload_id(id)
-            .part_number(number)
-            .body(part.into())
-            .send();
+        let send = || {
+            self.client
+                .upload_part()
+                .bucket(&self.bucket)
+                .key(&self.key)
+                .upload_id(id)
+                .part_number(number)
+                .body(part.clone().into())
+                .send()
+        };
         let deadline = write_deadline_sharing(self.timeout, bytes, sharing);
-        let out = self.timed_within("UploadPart", deadline, req).await?;
+        let out = self.timed_within("UploadPart", deadline, send).await?;
         Ok(CompletedPart::builder()
             .part_number(number)
             .set_e_tag(out.e_tag().map(str::to_owned))
@@ -307,9 +365,10 @@ impl S3Writer {
                     .client
                     .create_multipart_upload()
                     .bucket(&t.bucket)
-                    .key(&t.key)
-                    .send();
-                let out = t.timed("CreateMultipartUpload", 0, req).await?;
+                    .key(&t.key);
+                let out = t
+                    .timed("CreateMultipartUpload", 0, || req.clone().send())
+                    .await?;
                 let id = out.upload_id().map(str::to_owned).ok_or_else(|| {
                     StoreError::Other("CreateMultipartUpload: no upload id".into())
                 })?;
@@ -397,10 +456,9 @@ impl S3Writer {
                 CompletedMultipartUpload::builder()
                     .set_parts(Some(parts))
                     .build(),
-            )
-            .send();
+            );
         let answer = t
-            .answer_within("CompleteMultipartUpload", deadline, req)
+            .answer_within("CompleteMultipartUpload", deadline, || req.clone().send())
             .await?;
         ended(id);
         match answer {
@@ -427,8 +485,8 @@ impl S3Writer {
     /// length, which then stands for this one.
     async fn completed(&self, parts: usize) -> bool {
         let t = &self.target;
-        let req = t.client.head_object().bucket(&t.bucket).key(&t.key).send();
-        match t.timed("HeadObject", 0, req).await {
+        let req = t.client.head_object().bucket(&t.bucket).key(&t.key);
+        match t.timed("HeadObject", 0, || req.clone().send()).await {
             Ok(o) => {
                 let shape = Shape {
                     length: o.content_length(),
@@ -490,14 +548,15 @@ impl ObjectWriter for S3Writer {
             (None, None) => {
                 let t = &self.target;
                 let bytes = rest.len();
-                let req = t
-                    .client
-                    .put_object()
-                    .bucket(&t.bucket)
-                    .key(&t.key)
-                    .body(rest.into())
-                    .send();
-                t.timed("PutObject", bytes, req).await?;
+                let send = || {
+                    t.client
+                        .put_object()
+                        .bucket(&t.bucket)
+                        .key(&t.key)
+                        .body(rest.clone().into())
+                        .send()
+                };
+                t.timed("PutObject", bytes, send).await?;
             }
             (Some(id), _) => {
                 if let Err(e) = self.complete(&id, rest).await {
