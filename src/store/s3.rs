@@ -143,7 +143,18 @@ impl S3Store {
             // own time source is this machine's: given the store's, it would add the offset
             // twice).
             .interceptor(ObserveDates(clock.clone()))
-            .retry_classifier(RetrySkewed);
+            .retry_classifier(RetrySkewed)
+            // The SDK's default retry budget is shared by the process: 500 tokens, 10 a retry
+            // after a connection error, regained one per request that succeeds at once. A
+            // store restarting while parts are in flight empties it (each part retried again
+            // and again while the store cannot be connected to), and every request after that
+            // failed at its first error. cellar bounds what it sends itself (parts in flight, uploads),
+            // as its direct requests do, which have no budget.
+            .retry_partition(
+                aws_sdk_s3::config::retry::RetryPartition::custom("cellar-s3")
+                    .token_bucket(aws_sdk_s3::config::retry::TokenBucket::unlimited())
+                    .build(),
+            );
         if let Some(ep) = &s.endpoint {
             b = b.endpoint_url(ep);
         }

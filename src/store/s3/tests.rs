@@ -100,6 +100,32 @@ async fn a_store_asking_to_slow_down_is_unavailable() {
     }
 }
 
+/// The SDK's retries are not rationed by its shared budget (500 tokens, 5 a retry after a
+/// 5xx and 10 after a connection error, regained one per request that succeeds at once): 120
+/// requests failing together are each tried three times, as they would be one by one. With the budget, a store restarting under load
+/// left every later request without its retries.
+#[tokio::test(flavor = "multi_thread")]
+async fn sdk_retries_are_not_rationed_by_a_shared_budget() {
+    use std::sync::atomic::{AtomicUsize, Ordering};
+    let hits = Arc::new(AtomicUsize::new(0));
+    let counted = hits.clone();
+    let app = axum::Router::new().fallback(move || {
+        counted.fetch_add(1, Ordering::SeqCst);
+        async { axum::http::StatusCode::INTERNAL_SERVER_ERROR }
+    });
+    let l = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+    let endpoint = format!("http://{}", l.local_addr().unwrap());
+    tokio::spawn(async move { axum::serve(l, app).await });
+    let store = store_with(endpoint, 4, false).await;
+    let answers = futures::future::join_all((0..120).map(|i| {
+        let store = &store;
+        async move { store.head(&format!("k{i}")).await }
+    }))
+    .await;
+    assert!(answers.iter().all(Result::is_err));
+    assert_eq!(hits.load(Ordering::SeqCst), 360);
+}
+
 /// A store's error codes count whatever their status: a 400 `RequestTimeout` (a body that
 /// arrived too slowly) is the store failing, a 503 to clients; a bucket in another region
 /// (301 `PermanentRedirect`, 400 `AuthorizationHeaderMalformed`) is a misconfiguration naming
@@ -520,10 +546,10 @@ impl Restarting {
 }
 
 /// A store that refuses connections for longer than the SDK's own tries (3 s at most) while
-/// a large NAR is written (its parts, and the completion, made while it is down) does not
-/// fail the upload: the requests are made again while the store refuses connections, within
-/// their deadline. Nix 2.8 retries a failed PUT without its body, so a failed part failed
-/// the whole `nix copy --to`.
+/// a large NAR is written (its second part sent while it is down) does not fail the upload:
+/// the part is sent again while the store cannot be connected to, within its deadline. Nix
+/// 2.8 retries a failed PUT without its body, so a failed part failed the whole `nix copy
+/// --to`.
 #[tokio::test(flavor = "multi_thread")]
 async fn a_store_restarting_for_seconds_mid_upload_does_not_fail_it() {
     let (endpoint, seen, _) = multipart_s3(1, None).await;

@@ -72,22 +72,26 @@ pub(super) fn connect_wait(attempt: u32) -> Duration {
     Duration::from_millis(250 << attempt.saturating_sub(1).min(4))
 }
 
-/// Whether the SDK's request failed because its connection was refused: the request never
-/// left (after the SDK's own tries, ~1.5 s).
-fn refused_connection<E>(e: &SdkError<E, HttpResponse>) -> bool {
+/// Whether the SDK's request failed because it could not connect (refused, no address, the
+/// connect timeout): after the SDK's own three tries (1.5 s on average, 3 s at most), of
+/// which the last never reached the store.
+fn could_not_connect<E>(e: &SdkError<E, HttpResponse>) -> bool {
     let SdkError::DispatchFailure(d) = e else {
         return false;
     };
     let Some(c) = d.as_connector_error() else {
         return false;
     };
-    std::iter::successors(Some(c as &(dyn std::error::Error + 'static)), |e| {
-        e.source()
-    })
-    .any(|e| {
-        e.downcast_ref::<std::io::Error>()
-            .is_some_and(|io| io.kind() == std::io::ErrorKind::ConnectionRefused)
-    })
+    // A connect timeout is the SDK's own error, not hyper's: the SDK sets no other timeout
+    // on its connector (cellar bounds each request itself).
+    c.is_timeout()
+        || std::iter::successors(Some(c as &(dyn std::error::Error + 'static)), |e| {
+            e.source()
+        })
+        .any(|e| {
+            e.downcast_ref::<hyper_util::client::legacy::Error>()
+                .is_some_and(hyper_util::client::legacy::Error::is_connect)
+        })
 }
 
 /// How much earlier than the store's time when a multipart upload began its object may be
@@ -155,9 +159,9 @@ impl Target {
 
     /// The request `send` makes, within `deadline`, a missing object (or upload) told apart
     /// from other failures. Made again, up to [`WRITE_CONNECT_ATTEMPTS`] times
-    /// [`connect_wait`] apart within the deadline, while the store refuses connections: the
-    /// SDK's own three tries last ~1.5 s, and a store restarting for longer failed a large
-    /// NAR's part, and so its upload.
+    /// [`connect_wait`] apart within the deadline, while the store cannot be connected to:
+    /// the SDK's own three tries last 1.5 s on average, and a store restarting for longer
+    /// failed a large NAR's part, and so its upload.
     async fn answer_within<T, E, F>(
         &self,
         what: &'static str,
@@ -177,11 +181,11 @@ impl Target {
                 let wait = connect_wait(attempt);
                 match r {
                     Err(e)
-                        if refused_connection(&e)
+                        if could_not_connect(&e)
                             && attempt < WRITE_CONNECT_ATTEMPTS
                             && tokio::time::Instant::now() + wait < end =>
                     {
-                        tracing::debug!(key = %self.key, attempt, "S3 {what}: the store refuses connections; trying again");
+                        tracing::debug!(key = %self.key, attempt, "S3 {what}: could not connect to the store; trying again");
                         attempt += 1;
                         tokio::time::sleep(wait).await;
                     }
