@@ -49,8 +49,12 @@ pub fn hash(token: &str) -> String {
     TokenHash::of(token).to_string()
 }
 
-/// The token a request carries, if any.
+/// The token a request carries, if any (an empty one is none: `user:` in Basic).
 fn presented(headers: &HeaderMap) -> Option<String> {
+    carried(headers).filter(|t| !t.is_empty())
+}
+
+fn carried(headers: &HeaderMap) -> Option<String> {
     let v = headers.get(header::AUTHORIZATION)?.to_str().ok()?.trim();
     let (scheme, rest) = v.split_once(' ')?;
     let rest = rest.trim();
@@ -193,6 +197,22 @@ mod tests {
             t.check(&bearer(&format!("{w}x")), Scope::Write),
             Decision::Invalid
         );
+    }
+
+    /// An empty password (`curl -u user:`) is no token, even against the hash of the empty
+    /// token (which the config refuses: a hash made from an unset variable).
+    #[test]
+    fn an_empty_password_is_no_token() {
+        let cfg = AuthConfig {
+            private: false,
+            tokens: vec![TokenConfig {
+                name: "unset".into(),
+                hash: TokenHash::of(""),
+                scopes: vec![Scope::Write],
+            }],
+        };
+        let t = Tokens::from_config(&cfg);
+        assert_eq!(t.check(&basic(""), Scope::Write), Decision::Missing);
     }
 
     #[test]

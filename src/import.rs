@@ -78,11 +78,45 @@ fn read_err(path: &Path) -> impl FnOnce(std::io::Error) -> ImportError + '_ {
     }
 }
 
+/// Opens the file at `path` in the directory: a regular file, not a symbolic link (which may
+/// lead to any file the user running the import can read, the server's signing key say, which
+/// would then be published as a path's build log or listing), nor a pipe or a device (which
+/// would hang the import, or read without end). Directories on the way may be links (`nar/`
+/// on another disk). `None` if there is no such file.
+async fn open_file(path: &Path) -> std::io::Result<Option<tokio::fs::File>> {
+    let meta = match tokio::fs::symlink_metadata(path).await {
+        Ok(m) => m,
+        Err(e) if e.kind() == std::io::ErrorKind::NotFound => return Ok(None),
+        Err(e) => return Err(e),
+    };
+    if !meta.file_type().is_file() {
+        return Err(std::io::Error::new(
+            std::io::ErrorKind::InvalidInput,
+            "not a regular file (a symbolic link, a pipe or a device): not read",
+        ));
+    }
+    // Not through a link put in its place since.
+    let nofollow = rustix::fs::OFlags::NOFOLLOW.bits();
+    tokio::fs::OpenOptions::new()
+        .read(true)
+        .custom_flags(i32::try_from(nofollow).unwrap_or(0))
+        .open(path)
+        .await
+        .map(Some)
+}
+
+/// [`open_file`], a missing file an error.
+async fn open_existing(path: &Path) -> std::io::Result<tokio::fs::File> {
+    open_file(path)
+        .await?
+        .ok_or_else(|| std::io::Error::from(std::io::ErrorKind::NotFound))
+}
+
 /// The file at `path`, up to one byte past `limit`: enough to tell one over the limit, never
 /// all of memory for a huge one.
 async fn read_bounded(path: &Path, limit: u64) -> Result<Vec<u8>, ImportError> {
     let mut raw = Vec::new();
-    tokio::fs::File::open(path)
+    open_existing(path)
         .await
         .map_err(read_err(path))?
         .take(limit + 1)
@@ -494,7 +528,7 @@ fn has_extras(dir: &Path, h: StorePathHash, deriver: Option<&StorePathBaseName>)
 async fn import_one(dir: &Path, uploader: &Uploader, info: NarInfo) -> Result<(), Error> {
     let fetch_nar = |name: NarFileName| async move {
         let path = dir.join("nar").join(name.as_str());
-        let file = tokio::fs::File::open(&path).await.map_err(|err| {
+        let file = open_existing(&path).await.map_err(|err| {
             Error::Upload(UploadError::Rejected(format!("{}: {err}", path.display())))
         })?;
         Ok(ReaderStream::with_capacity(file, READ_CHUNK))
@@ -523,8 +557,14 @@ async fn import_extras(
     deriver: Option<&StorePathBaseName>,
     fresh: bool,
 ) -> Result<(), Error> {
+    let refused = |path: &Path, err: std::io::Error| {
+        Error::Upload(UploadError::Rejected(format!("{}: {err}", path.display())))
+    };
     let listing = dir.join(format!("{h}.ls"));
-    if let Ok(f) = tokio::fs::File::open(&listing).await {
+    if let Some(f) = open_file(&listing)
+        .await
+        .map_err(|e| refused(&listing, e))?
+    {
         let key = object_key::listing(h);
         if fresh || store.head(&key).await?.is_none() {
             let body = ReaderStream::with_capacity(f, READ_CHUNK).boxed();
@@ -533,7 +573,7 @@ async fn import_extras(
     }
     if let Some(drv) = deriver {
         let log = dir.join("log").join(drv.as_str());
-        if let Ok(f) = tokio::fs::File::open(&log).await {
+        if let Some(f) = open_file(&log).await.map_err(|e| refused(&log, e))? {
             if store.head(&object_key::log(drv)).await?.is_none() {
                 let body = ReaderStream::with_capacity(f, READ_CHUNK).boxed();
                 uploader
@@ -1112,6 +1152,78 @@ mod tests {
             .iter()
             .all(|(_, why)| why.starts_with("cannot read")));
         assert!(mem.head(&object_key::narinfo(t)).await.unwrap().is_some());
+    }
+
+    /// A file of the directory that is a symbolic link (to a file outside it the importing
+    /// user can read: the signing key) is not read, whatever it stands for: a path's build
+    /// log or listing is rejected (the path itself imported), a narinfo or a NAR rejects
+    /// its path.
+    #[tokio::test]
+    async fn files_that_are_links_are_not_read() {
+        let secret = tempfile::NamedTempFile::new().unwrap();
+        std::fs::write(secret.path(), b"cache-1:the secret key").unwrap();
+        let dir = tempfile::tempdir().unwrap();
+        let real = "6bxnj2gfflqa529lddzh3zhcn45nn86r-top";
+        let drv = "r7f0vq0bh65qk7ywdirn20gimcdw54dj-top.drv";
+        let (h, _) = write_path(dir.path(), real, &[2; 100], &[2; 100], &[]);
+        let info = std::fs::read_to_string(dir.path().join(format!("{h}.narinfo"))).unwrap();
+        std::fs::write(
+            dir.path().join(format!("{h}.narinfo")),
+            format!("{info}Deriver: {drv}\n"),
+        )
+        .unwrap();
+        std::fs::create_dir(dir.path().join("log")).unwrap();
+        std::os::unix::fs::symlink(secret.path(), dir.path().join("log").join(drv)).unwrap();
+        std::os::unix::fs::symlink(secret.path(), dir.path().join(format!("{h}.ls"))).unwrap();
+        // A narinfo that is a link, and a path whose NAR is.
+        let linked = tempfile::tempdir().unwrap();
+        let (l, _) = write_path(
+            linked.path(),
+            "5bxnj2gfflqa529lddzh3zhcn45nn86r-linked",
+            &[3; 100],
+            &[3; 100],
+            &[],
+        );
+        std::os::unix::fs::symlink(
+            linked.path().join(format!("{l}.narinfo")),
+            dir.path().join(format!("{l}.narinfo")),
+        )
+        .unwrap();
+        let (n, nar) = write_path(
+            dir.path(),
+            "4bxnj2gfflqa529lddzh3zhcn45nn86r-nar",
+            &[4; 100],
+            &[4; 100],
+            &[],
+        );
+        let moved = linked.path().join("moved.nar");
+        std::fs::rename(dir.path().join(&nar), &moved).unwrap();
+        std::os::unix::fs::symlink(&moved, dir.path().join(&nar)).unwrap();
+        let (mem, uploader) = importer();
+        let s = import_dir(dir.path(), &*mem, &uploader, "/nix/store", &())
+            .await
+            .unwrap();
+        let mut rejected: Vec<String> = s.rejected.iter().map(|(w, _)| w.clone()).collect();
+        rejected.sort();
+        let mut expected = vec![
+            format!("/nix/store/{real} (its listing or log)"),
+            format!("{l}.narinfo"),
+            "/nix/store/4bxnj2gfflqa529lddzh3zhcn45nn86r-nar".to_owned(),
+        ];
+        expected.sort();
+        assert_eq!(rejected, expected, "{:?}", s.rejected);
+        assert!(
+            s.rejected
+                .iter()
+                .all(|(_, why)| why.contains("not a regular file")),
+            "{:?}",
+            s.rejected
+        );
+        assert!(mem.head(&object_key::narinfo(h)).await.unwrap().is_some());
+        assert!(mem.head(&object_key::listing(h)).await.unwrap().is_none());
+        let log: StorePathBaseName = drv.parse().unwrap();
+        assert!(mem.head(&object_key::log(&log)).await.unwrap().is_none());
+        assert!(mem.head(&object_key::narinfo(n)).await.unwrap().is_none());
     }
 
     /// A cache signed by a key the server does not trust is refused path by path before any

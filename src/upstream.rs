@@ -177,7 +177,16 @@ impl Upstreams {
                     _ if attempt.previous().len() > MAX_REDIRECTS => {
                         attempt.error("too many redirects")
                     }
-                    Some(Some(why)) => attempt.error(why),
+                    Some(Some(why)) => {
+                        // Where to, without its path, query or credentials.
+                        let u = attempt.url();
+                        let to = match (u.host_str(), u.port()) {
+                            (Some(host), Some(port)) => format!("{}://{host}:{port}", u.scheme()),
+                            (Some(host), None) => format!("{}://{host}", u.scheme()),
+                            (None, _) => format!("{}:", u.scheme()),
+                        };
+                        attempt.error(format!("{why}: {to}"))
+                    }
                     _ => attempt.follow(),
                 }
             }))
@@ -421,7 +430,8 @@ impl Upstreams {
             // A redirect cellar does not follow ([`redirect_refused`]): the upstream answered,
             // but not with anything cellar may serve. A miss of this object, not an outage.
             Ok(Err(e)) if e.is_redirect() => {
-                tracing::warn!(upstream = %u.name, cause = %e, "upstream redirect not followed");
+                let cause = crate::error::display_chain(&e);
+                tracing::warn!(upstream = %u.name, cause, "upstream redirect not followed");
                 crate::metrics::upstream_request(&u.name, "not_found");
                 return Ok(None);
             }

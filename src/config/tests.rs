@@ -428,6 +428,28 @@ fn values_that_would_misbehave_are_refused() {
         e.starts_with("config key `auth.tokens[1].hash`") && e.contains("auth.tokens[0] (\"ci\")"),
         "{e}"
     );
+    // The hash of the empty token (`echo -n "$TOKEN" | sha256sum`, the variable unset).
+    let e = from_toml(&format!(
+        "[[auth.tokens]]\nname = \"ci\"\nhash = \"sha256:{}\"\nscopes = [\"write\"]\n",
+        crate::config::TokenHash::of("")
+            .to_string()
+            .trim_start_matches("sha256:")
+    ))
+    .unwrap_err()
+    .to_string();
+    assert!(
+        e.starts_with("config key `auth.tokens[0].hash`") && e.contains("empty token"),
+        "{e}"
+    );
+    // Two tokens of one name: the logs could not tell them apart.
+    let other = format!(
+        "[[auth.tokens]]\nname = \"ci\"\nhash = \"sha256:{}\"\nscopes = [\"read\"]\n",
+        "1".repeat(64)
+    );
+    let e = from_toml(&format!("{}{other}", token("ci", "write")))
+        .unwrap_err()
+        .to_string();
+    assert!(e.starts_with("config key `auth.tokens[1].name`"), "{e}");
 }
 
 #[test]

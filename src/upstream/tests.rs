@@ -741,8 +741,10 @@ fn redirects_that_would_reach_inside_are_refused() {
 
 /// The redirect rule is the client's: an upstream on a public address redirecting cellar to a
 /// loopback one (where a metadata service or an admin port may listen) fails as a request.
+/// The log says why and where to.
 #[tokio::test]
 async fn a_redirect_inside_is_not_followed() {
+    let logs = crate::test_logs::capture();
     let secret = serve(axum::Router::new().fallback(|| async { "secret" })).await;
     let to = format!("{secret}/secret");
     // The upstream is reached by a name that reads as public; the redirect names 127.0.0.1.
@@ -763,6 +765,14 @@ async fn a_redirect_inside_is_not_followed() {
         assert!(matches!(upstreams.get("log/x", None).await, Ok(None)));
     }
     assert!(!upstreams.list[0].down.is_active());
+    let logged = logs.text();
+    let origin = secret.trim_end_matches('/');
+    assert!(
+        logged.contains(&format!(
+            "redirect from a public upstream to a loopback or private address: {origin}"
+        )),
+        "{logged}"
+    );
 }
 
 /// An upstream that asks for credentials (a private cache whose token in the URL is wrong) is

@@ -492,6 +492,29 @@ impl AuthSection {
                     format!("token {:?}: {why}", t.name),
                 )
             })?;
+            // `echo -n "$TOKEN" | sha256sum` with the variable unset: any client sending an
+            // empty password would hold the token.
+            if hash == crate::config::TokenHash::of("") {
+                return Err(ConfigError::invalid(
+                    format!("auth.tokens[{i}].hash"),
+                    format!(
+                        "token {:?} has the hash of the empty token (hashed from an empty \
+                         variable?); make a token with `cellar token new`",
+                        t.name
+                    ),
+                ));
+            }
+            // The name is what the logs say of an upload's token.
+            if let Some(first) = tokens.iter().position(|o: &TokenConfig| o.name == t.name) {
+                return Err(ConfigError::invalid(
+                    format!("auth.tokens[{i}].name"),
+                    format!(
+                        "token {:?} has the name of auth.tokens[{first}]: the logs could not \
+                         tell them apart",
+                        t.name
+                    ),
+                ));
+            }
             if t.scopes.is_empty() {
                 return Err(ConfigError::invalid(
                     format!("auth.tokens[{i}].scopes"),
