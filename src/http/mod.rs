@@ -119,11 +119,23 @@ pub fn app(state: AppState) -> Router {
             state.clone(),
             default_cache_headers,
         ))
+        .layer(middleware::from_fn(uploads_wait_out_store_restarts))
         .layer(middleware::from_fn(drain::drain_unread))
         .layer(tower_http::catch_panic::CatchPanicLayer::custom(panicked))
         .layer(middleware::from_fn(metrics::observe))
         .layer(middleware::from_fn(request_id::request_span))
         .with_state(state)
+}
+
+/// A PUT is served as an upload ([`crate::store::serving_upload`]): its store requests that
+/// could not connect are made again for seconds (a store restarting), since Nix 2.8 retries a
+/// failed PUT without its body, which fails the copy.
+async fn uploads_wait_out_store_restarts(req: Request, next: middleware::Next) -> Response {
+    if req.method() == axum::http::Method::PUT {
+        crate::store::serving_upload(next.run(req)).await
+    } else {
+        next.run(req).await
+    }
 }
 
 /// A handler that panicked (a bug): answered 500 and logged with its request, instead of the

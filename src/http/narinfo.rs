@@ -61,7 +61,7 @@ pub(super) async fn put(
         let _room = room;
         accept(&st, h, &raw).await
     };
-    tokio::spawn(tracing::Instrument::in_current_span(accepting))
+    crate::store::spawn_serving(tracing::Instrument::in_current_span(accepting))
         .await
         .unwrap_or_else(|e| {
             Err(UploadError::Internal(format!("the narinfo upload task failed: {e}")).into())

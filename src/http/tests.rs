@@ -3132,3 +3132,80 @@ async fn a_builder_is_not_told_of_a_nar_only_an_upstream_has() {
     assert_eq!(head(Some("rtok")).await, StatusCode::OK);
     assert_eq!(head(Some("wtok")).await, StatusCode::NOT_FOUND);
 }
+
+/// A store that cannot be connected to for a moment (restarting) while a PUT is served does
+/// not fail it: the upload's reads are made again for seconds, as its writes are (Nix 2.8
+/// retries a failed PUT without its body, which fails the copy). The store here is away for
+/// the first 0.6 s of a narinfo's upload, whose NAR it then does not have: the answer is
+/// that refusal, not the store's failure.
+#[tokio::test(flavor = "multi_thread")]
+async fn an_upload_waits_out_a_store_restarting() {
+    use crate::config::{S3Credentials, S3StoreConfig, Scope, Secret};
+    let free = std::net::TcpListener::bind("127.0.0.1:0").unwrap();
+    let addr = free.local_addr().unwrap();
+    drop(free);
+    let s3 = S3StoreConfig {
+        bucket: "b".into(),
+        endpoint: Some(format!("http://{addr}")),
+        region: "us-east-1".into(),
+        prefix: String::new(),
+        force_path_style: true,
+        direct_requests: true,
+        credentials: Some(S3Credentials {
+            access_key_id: "k".into(),
+            secret_access_key: Secret("s".into()),
+        }),
+        connect_timeout: Duration::from_secs(2),
+        redirect: None,
+        upload_part_concurrency: 1,
+    };
+    let store: Arc<dyn Store> =
+        Arc::new(crate::store::s3::S3Store::new(&s3, Duration::from_secs(10)).await);
+    let mut cfg = with_tokens(Config::default(), &[("w", "wtok", Scope::Write)]);
+    cfg.cache.prefetch_concurrency = 0;
+    let st = AppState::new(
+        cfg,
+        store,
+        vec![SecretKey::generate("test-cellar-1").unwrap()],
+    )
+    .unwrap();
+    let seen = Arc::new(std::sync::Mutex::new(Vec::new()));
+    let log = seen.clone();
+    // An empty bucket, which takes every write.
+    let fake =
+        axum::Router::new().fallback(move |method: axum::http::Method, uri: axum::http::Uri| {
+            log.lock().unwrap().push(method.clone());
+            async move {
+                let listing = uri.query().is_some_and(|q| q.contains("list-type=2"));
+                if method == axum::http::Method::PUT {
+                    (StatusCode::OK, String::new())
+                } else if listing {
+                    let empty = "<ListBucketResult><IsTruncated>false</IsTruncated>\
+                                 </ListBucketResult>";
+                    (StatusCode::OK, empty.to_owned())
+                } else {
+                    (StatusCode::NOT_FOUND, String::new())
+                }
+            }
+        });
+    tokio::spawn(async move {
+        // The store's outage: not a wait for anything.
+        tokio::time::sleep(Duration::from_millis(600)).await;
+        let l = tokio::net::TcpListener::bind(addr).await.unwrap();
+        axum::serve(l, fake).await
+    });
+    let (nar, _) = tiny_nar();
+    let req = authed("PUT", &format!("/upload/{HASH}.narinfo"), "wtok")
+        .body(Body::from(narinfo_of("up", &nar)))
+        .unwrap();
+    let res = send(&st, req).await;
+    let status = res.status();
+    let text = res.into_body().collect().await.unwrap().to_bytes();
+    assert_eq!(
+        status,
+        StatusCode::BAD_REQUEST,
+        "{}",
+        String::from_utf8_lossy(&text)
+    );
+    assert!(!seen.lock().unwrap().is_empty());
+}

@@ -170,6 +170,37 @@ impl Stream for IdleLimited {
     }
 }
 
+tokio::task_local! {
+    /// Set while an upload is served ([`serving_upload`]).
+    static UPLOAD: ();
+}
+
+/// Runs `f` as the serving of an upload (a client's PUT): a store's request made within it
+/// that could not connect (the store restarting) is made again for seconds, as writes always
+/// are, instead of failing at once. Nix 2.8 retries a PUT that failed without its body, which
+/// fails its copy; a GET that fails, it retries itself. Tasks `f` spawns are outside it.
+pub async fn serving_upload<F: std::future::Future>(f: F) -> F::Output {
+    UPLOAD.scope((), f).await
+}
+
+/// Whether the caller serves an upload ([`serving_upload`]).
+pub fn for_upload() -> bool {
+    UPLOAD.try_with(|()| ()).is_ok()
+}
+
+/// `tokio::spawn`, the task serving an upload if the caller does ([`serving_upload`]).
+pub fn spawn_serving<F>(f: F) -> tokio::task::JoinHandle<F::Output>
+where
+    F: std::future::Future + Send + 'static,
+    F::Output: Send + 'static,
+{
+    if for_upload() {
+        tokio::spawn(serving_upload(f))
+    } else {
+        tokio::spawn(f)
+    }
+}
+
 #[derive(Debug, Clone, Error)]
 pub enum StoreError {
     /// The store could not be reached (connection refused, DNS, TLS, timeout).

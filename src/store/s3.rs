@@ -97,16 +97,17 @@ impl S3Store {
     > {
         let once = aws_sdk_s3::config::Builder::default()
             .retry_config(aws_sdk_s3::config::retry::RetryConfig::disabled());
-        let req = self
-            .client
-            .list_objects_v2()
-            .bucket(&self.bucket)
-            .prefix(&self.prefix)
-            .max_keys(1)
-            .customize()
-            .config_override(once)
-            .send();
-        self.call("ListObjectsV2", req).await
+        let send = || {
+            self.client
+                .list_objects_v2()
+                .bucket(&self.bucket)
+                .prefix(&self.prefix)
+                .max_keys(1)
+                .customize()
+                .config_override(once.clone())
+                .send()
+        };
+        self.call("ListObjectsV2", &self.prefix, send).await
     }
 
     /// Builds the client. Makes no request: an unreachable store is reported by `/readyz` and
@@ -214,23 +215,101 @@ impl S3Store {
         format!("{}{key}", self.prefix)
     }
 
-    /// Runs one S3 call under the request timeout (time to response headers).
-    async fn call<T, E>(
+    /// Runs the S3 call `send` makes for `key` under the request timeout (time to response
+    /// headers); made again while it could not connect if it is made for an upload
+    /// ([`crate::store::for_upload`]).
+    async fn call<T, E, F>(
         &self,
         what: &'static str,
-        fut: impl Future<Output = Result<T, SdkError<E, HttpResponse>>>,
+        key: &str,
+        send: impl FnMut() -> F,
     ) -> Result<Result<T, Failure>, StoreError>
     where
         E: ProvideErrorMetadata + std::error::Error + Send + Sync + 'static,
+        F: Future<Output = Result<T, SdkError<E, HttpResponse>>>,
     {
         let started = std::time::Instant::now();
-        let r = match tokio::time::timeout(self.timeout, fut).await {
+        let end = tokio::time::Instant::now() + self.timeout;
+        let tries = until_connected(what, key, end, crate::store::for_upload(), send);
+        let r = match tokio::time::timeout_at(end, tries).await {
             Err(_) => Err(StoreError::Timeout(self.timeout.as_secs())),
             Ok(Ok(v)) => Ok(Ok(v)),
             Ok(Err(e)) => classify(what, &self.bucket, e),
         };
         crate::metrics::store_request(what, result_label(&r), started.elapsed());
         r
+    }
+}
+
+/// Tries of a request that could not connect, made for a write or an upload
+/// ([`crate::store::for_upload`]): the request never reached the store (restarting, say), so
+/// sending it again is safe. The store restarting for a second failed a write within the
+/// retries' first milliseconds, and Nix 2.8 retries a 5xx to a PUT without its body (each
+/// retry then waits for the body idle timeout and is refused: `nix copy --to` failed after
+/// four minutes). A client's GET that fails, Nix retries itself.
+pub(super) const CONNECT_ATTEMPTS: u32 = 5;
+
+/// The wait after the `attempt`th try of a write that could not connect: 0.25 s, doubling,
+/// 3.75 s over [`CONNECT_ATTEMPTS`].
+pub(super) fn connect_wait(attempt: u32) -> Duration {
+    Duration::from_millis(250 << attempt.saturating_sub(1).min(4))
+}
+
+/// Whether the SDK's request failed because it could not connect (refused, no address, the
+/// connect timeout): after the SDK's own three tries (1.5 s on average, 3 s at most), of
+/// which the last never reached the store.
+fn could_not_connect<E>(e: &SdkError<E, HttpResponse>) -> bool {
+    let SdkError::DispatchFailure(d) = e else {
+        return false;
+    };
+    let Some(c) = d.as_connector_error() else {
+        return false;
+    };
+    // A connect timeout is the SDK's own error, not hyper's: the SDK sets no other timeout
+    // on its connector (cellar bounds each request itself).
+    c.is_timeout()
+        || std::iter::successors(Some(c as &(dyn std::error::Error + 'static)), |e| {
+            e.source()
+        })
+        .any(|e| {
+            e.downcast_ref::<hyper_util::client::legacy::Error>()
+                .is_some_and(hyper_util::client::legacy::Error::is_connect)
+        })
+}
+
+/// The SDK request `send` makes, made again up to [`CONNECT_ATTEMPTS`] times
+/// [`connect_wait`] apart while it could not connect and `patient`, as long as `end` allows.
+async fn until_connected<T, E, F>(
+    what: &'static str,
+    key: &str,
+    end: tokio::time::Instant,
+    patient: bool,
+    mut send: impl FnMut() -> F,
+) -> Result<T, SdkError<E, HttpResponse>>
+where
+    F: Future<Output = Result<T, SdkError<E, HttpResponse>>>,
+{
+    let mut attempt = 1;
+    loop {
+        let r = send().await;
+        let wait = connect_wait(attempt);
+        match r {
+            Err(e)
+                if patient
+                    && could_not_connect(&e)
+                    && attempt < CONNECT_ATTEMPTS
+                    && tokio::time::Instant::now() + wait < end =>
+            {
+                tracing::debug!(
+                    key,
+                    attempt,
+                    "S3 {what}: could not connect to the store; trying again"
+                );
+                attempt += 1;
+                tokio::time::sleep(wait).await;
+            }
+            r => return r,
+        }
     }
 }
 
@@ -463,9 +542,8 @@ impl Store for S3Store {
             .get_object()
             .bucket(&self.bucket)
             .key(&full)
-            .set_range(range.map(ByteRange::to_header))
-            .send();
-        let out = match self.call("GetObject", req).await? {
+            .set_range(range.map(ByteRange::to_header));
+        let out = match self.call("GetObject", &full, || req.clone().send()).await? {
             Ok(o) => o,
             Err(Failure::NotFound) => return Ok(None),
             Err(Failure::BadRange) => {
@@ -509,13 +587,12 @@ impl Store for S3Store {
         if let Some(fast) = &self.fast {
             return fast.head(&self.key(key)).await;
         }
-        let req = self
-            .client
-            .head_object()
-            .bucket(&self.bucket)
-            .key(self.key(key))
-            .send();
-        match self.call("HeadObject", req).await? {
+        let full = self.key(key);
+        let req = self.client.head_object().bucket(&self.bucket).key(&full);
+        match self
+            .call("HeadObject", &full, || req.clone().send())
+            .await?
+        {
             // Without its length the answer says nothing of the object's size (see FastReads).
             Ok(o) => o
                 .content_length()
@@ -571,9 +648,9 @@ impl Store for S3Store {
                 .abort_multipart_upload()
                 .bucket(&self.bucket)
                 .key(&u.key)
-                .upload_id(&u.upload_id)
-                .send();
-            if let Ok(Ok(_)) = self.call("AbortMultipartUpload", req).await {
+                .upload_id(&u.upload_id);
+            let abort = || req.clone().send();
+            if let Ok(Ok(_)) = self.call("AbortMultipartUpload", &u.key, abort).await {
                 n += 1;
             }
         }
@@ -594,13 +671,12 @@ impl Store for S3Store {
     }
 
     async fn delete(&self, key: &str) -> Result<(), StoreError> {
-        let req = self
-            .client
-            .delete_object()
-            .bucket(&self.bucket)
-            .key(self.key(key))
-            .send();
-        match self.call("DeleteObject", req).await? {
+        let full = self.key(key);
+        let req = self.client.delete_object().bucket(&self.bucket).key(&full);
+        match self
+            .call("DeleteObject", &full, || req.clone().send())
+            .await?
+        {
             // S3 answers 204 for a missing key too; some servers answer 404.
             Ok(_) | Err(Failure::NotFound) => Ok(()),
             Err(Failure::BadRange) => Err(StoreError::Other(format!("DeleteObject {key}: 416"))),

@@ -206,7 +206,7 @@ impl Announced {
         }
         .boxed()
         .shared();
-        tokio::spawn(read.clone());
+        crate::store::spawn_serving(read.clone());
         Self { since, names, read }
     }
 
@@ -614,7 +614,7 @@ impl Uploader {
         }
         .boxed()
         .shared();
-        tokio::spawn(early.clone());
+        crate::store::spawn_serving(early.clone());
         let mut m = lock(&self.early);
         if m.len() >= MAX_REMEMBERED {
             m.clear();

@@ -29,7 +29,7 @@ use sha2::{Digest as _, Sha256};
 use std::sync::atomic::Ordering;
 use tokio::sync::Mutex;
 
-use super::writer::{connect_wait, WRITE_CONNECT_ATTEMPTS};
+use super::{connect_wait, CONNECT_ATTEMPTS};
 use crate::store::clock::StoreClock;
 use crate::store::{ByteRange, ContentRange, Object, StoreError};
 
@@ -336,11 +336,12 @@ impl FastReads {
     /// whose `Date` shows the request was signed with a time off by [`crate::store::clock::SKEW_RETRY`] or more.
     /// The whole stays within the caller's timeout (`deadline`).
     ///
-    /// A write that could not connect (the request never left: asking again is safe) is tried
-    /// up to [`WRITE_CONNECT_ATTEMPTS`] times, [`connect_wait`] apart, as long as the deadline
-    /// allows: the store restarting for a second failed a PutObject within 75 ms, and Nix 2.8
-    /// retries a 5xx to a PUT without its body (each retry then waits for the body idle
-    /// timeout and is refused: `nix copy --to` failed after four minutes).
+    /// A write, or any request made for an upload ([`crate::store::for_upload`]), that could
+    /// not connect (the request never left: asking again is safe) is tried up to
+    /// [`CONNECT_ATTEMPTS`] times, [`connect_wait`] apart, as long as the deadline allows: the
+    /// store restarting for a second failed a PutObject within 75 ms, and Nix 2.8 retries a
+    /// 5xx to a PUT without its body (each retry then waits for the body idle timeout and is
+    /// refused: `nix copy --to` failed after four minutes).
     async fn attempts(
         &self,
         what: &'static str,
@@ -371,12 +372,10 @@ impl FastReads {
                 }
                 Err(_) => (true, false, false),
             };
-            let unconnected_write = u.method == reqwest::Method::PUT
-                && sent.as_ref().err().is_some_and(reqwest::Error::is_connect);
-            if unconnected_write {
+            let unconnected = sent.as_ref().err().is_some_and(reqwest::Error::is_connect);
+            if unconnected && (u.method == reqwest::Method::PUT || crate::store::for_upload()) {
                 let wait = connect_wait(attempt);
-                if attempt < WRITE_CONNECT_ATTEMPTS && tokio::time::Instant::now() + wait < deadline
-                {
+                if attempt < CONNECT_ATTEMPTS && tokio::time::Instant::now() + wait < deadline {
                     tracing::debug!(attempt, "S3 {what}: could not connect; trying again");
                     attempt += 1;
                     tokio::time::sleep(wait).await;
@@ -1164,6 +1163,37 @@ mod tests {
             axum::serve(l, app).await
         });
         r.put("p/x", Bytes::from_static(b"x")).await.unwrap();
+    }
+
+    /// A read that cannot connect fails at once (Nix retries a GET itself), unless it is
+    /// made for an upload: then it is tried again over seconds, as a write is (the store here
+    /// comes back 0.6 s after the first try).
+    #[tokio::test]
+    async fn a_read_for_an_upload_that_cannot_connect_is_tried_again() {
+        let free = std::net::TcpListener::bind("127.0.0.1:0").unwrap();
+        let addr = free.local_addr().unwrap();
+        drop(free);
+        let creds = SharedCredentialsProvider::new(Credentials::new("k", "s", None, None, "t"));
+        let d = Duration::from_secs(10);
+        let url = format!("http://{addr}");
+        let r = FastReads::new(&url, "b", "us-east-1", creds, d, d, StoreClock::default()).unwrap();
+        let started = std::time::Instant::now();
+        let e = r.head("p/x").await.unwrap_err();
+        assert!(matches!(e, StoreError::Unavailable(_)), "{e}");
+        assert!(
+            started.elapsed() < Duration::from_millis(250),
+            "{:?}",
+            started.elapsed()
+        );
+        let app = axum::Router::new().fallback(|| async { axum::http::StatusCode::OK });
+        tokio::spawn(async move {
+            // The store's outage: not a wait for anything.
+            tokio::time::sleep(Duration::from_millis(600)).await;
+            let l = tokio::net::TcpListener::bind(addr).await.unwrap();
+            axum::serve(l, app).await
+        });
+        let found = crate::store::serving_upload(r.head("p/x")).await.unwrap();
+        assert_eq!(found, Some(0));
     }
 
     #[tokio::test]

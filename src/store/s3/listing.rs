@@ -71,9 +71,11 @@ impl S3Store {
                 .bucket(&self.bucket)
                 .key(&u.key)
                 .upload_id(&u.upload_id)
-                .set_part_number_marker(marker.clone())
-                .send();
-            let out = match self.call("ListParts", req).await? {
+                .set_part_number_marker(marker.clone());
+            let out = match self
+                .call("ListParts", &u.key, || req.clone().send())
+                .await?
+            {
                 Ok(o) => o,
                 // Completed or aborted meanwhile.
                 Err(_) => return Ok(None),
@@ -119,9 +121,9 @@ impl S3Store {
                 .list_multipart_uploads()
                 .bucket(&self.bucket)
                 .set_key_marker(key_marker.clone())
-                .set_upload_id_marker(upload_marker.clone())
-                .send();
-            let out = match self.call("ListMultipartUploads", req).await? {
+                .set_upload_id_marker(upload_marker.clone());
+            let list = || req.clone().send();
+            let out = match self.call("ListMultipartUploads", "", list).await? {
                 Ok(o) => o,
                 Err(_) => return Ok(found),
             };

@@ -1393,3 +1393,62 @@ fn the_environments_endpoint_is_s3s_own_before_the_shared_one() {
     );
     assert_eq!(super::endpoint_from_env(&shared(None, None)), None);
 }
+
+/// An SDK request that could not connect is made again, seconds apart, only where asked
+/// (a write, or a request made for an upload), and within its deadline; one that connected
+/// and failed otherwise is not.
+#[tokio::test(start_paused = true)]
+async fn sdk_requests_that_could_not_connect_are_made_again_where_asked() {
+    use aws_sdk_s3::error::ConnectorError;
+    use std::sync::atomic::{AtomicUsize, Ordering};
+    let tries = AtomicUsize::new(0);
+    let end = tokio::time::Instant::now() + Duration::from_secs(60);
+    let send = |fails: usize, timeout: bool| {
+        let tries = &tries;
+        move || async move {
+            let n = tries.fetch_add(1, Ordering::SeqCst);
+            if n < fails {
+                let e = if timeout {
+                    ConnectorError::timeout("connect timed out".into())
+                } else {
+                    ConnectorError::other("the store said no".into(), None)
+                };
+                Err(SdkError::<(), HttpResponse>::dispatch_failure(e))
+            } else {
+                Ok(n)
+            }
+        }
+    };
+    let started = tokio::time::Instant::now();
+    assert_eq!(
+        until_connected("Op", "k", end, true, send(2, true))
+            .await
+            .ok(),
+        Some(2)
+    );
+    assert_eq!(started.elapsed(), Duration::from_millis(750));
+    // At most five tries.
+    tries.store(0, Ordering::SeqCst);
+    assert!(until_connected("Op", "k", end, true, send(9, true))
+        .await
+        .is_err());
+    assert_eq!(tries.load(Ordering::SeqCst), CONNECT_ATTEMPTS as usize);
+    // Not where it was not asked, nor for another failure.
+    tries.store(0, Ordering::SeqCst);
+    assert!(until_connected("Op", "k", end, false, send(9, true))
+        .await
+        .is_err());
+    assert_eq!(tries.load(Ordering::SeqCst), 1);
+    tries.store(0, Ordering::SeqCst);
+    assert!(until_connected("Op", "k", end, true, send(9, false))
+        .await
+        .is_err());
+    assert_eq!(tries.load(Ordering::SeqCst), 1);
+    // Nor past the deadline: the next wait (0.25 s) would end after it.
+    tries.store(0, Ordering::SeqCst);
+    let soon = tokio::time::Instant::now() + Duration::from_millis(200);
+    assert!(until_connected("Op", "k", soon, true, send(9, true))
+        .await
+        .is_err());
+    assert_eq!(tries.load(Ordering::SeqCst), 1);
+}

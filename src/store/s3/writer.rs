@@ -20,7 +20,7 @@ use tokio::sync::Semaphore;
 use tokio::task::JoinSet;
 
 use super::fast::FastReads;
-use super::{classify, result_label, Failure, PART_SIZE};
+use super::{classify, result_label, until_connected, Failure, PART_SIZE};
 use crate::store::clock::StoreClock;
 use crate::store::{ObjectWriter, StoreError};
 
@@ -57,41 +57,6 @@ pub(super) fn write_deadline_sharing(timeout: Duration, bytes: usize, sharing: u
 /// while S3 may still be finishing it.
 pub(super) fn complete_deadline(timeout: Duration, parts: usize) -> Duration {
     write_deadline(timeout, 0) + Duration::from_secs(u64::try_from(parts).unwrap_or(u64::MAX))
-}
-
-/// Tries of a write that could not connect: the request never reached the store (restarting,
-/// say), so sending it again is safe. The store restarting for a second failed a write
-/// within the retries' first milliseconds, and Nix 2.8 retries a 5xx to a PUT without its
-/// body (each retry then waits for the body idle timeout and is refused: `nix copy --to`
-/// failed after four minutes).
-pub(super) const WRITE_CONNECT_ATTEMPTS: u32 = 5;
-
-/// The wait after the `attempt`th try of a write that could not connect: 0.25 s, doubling,
-/// 3.75 s over [`WRITE_CONNECT_ATTEMPTS`].
-pub(super) fn connect_wait(attempt: u32) -> Duration {
-    Duration::from_millis(250 << attempt.saturating_sub(1).min(4))
-}
-
-/// Whether the SDK's request failed because it could not connect (refused, no address, the
-/// connect timeout): after the SDK's own three tries (1.5 s on average, 3 s at most), of
-/// which the last never reached the store.
-fn could_not_connect<E>(e: &SdkError<E, HttpResponse>) -> bool {
-    let SdkError::DispatchFailure(d) = e else {
-        return false;
-    };
-    let Some(c) = d.as_connector_error() else {
-        return false;
-    };
-    // A connect timeout is the SDK's own error, not hyper's: the SDK sets no other timeout
-    // on its connector (cellar bounds each request itself).
-    c.is_timeout()
-        || std::iter::successors(Some(c as &(dyn std::error::Error + 'static)), |e| {
-            e.source()
-        })
-        .any(|e| {
-            e.downcast_ref::<hyper_util::client::legacy::Error>()
-                .is_some_and(hyper_util::client::legacy::Error::is_connect)
-        })
 }
 
 /// How much earlier than the store's time when a multipart upload began its object may be
@@ -158,15 +123,14 @@ impl Target {
     }
 
     /// The request `send` makes, within `deadline`, a missing object (or upload) told apart
-    /// from other failures. Made again, up to [`WRITE_CONNECT_ATTEMPTS`] times
-    /// [`connect_wait`] apart within the deadline, while the store cannot be connected to:
-    /// the SDK's own three tries last 1.5 s on average, and a store restarting for longer
-    /// failed a large NAR's part, and so its upload.
+    /// from other failures; made again while the store cannot be connected to
+    /// ([`until_connected`]): a store restarting for longer than the SDK's own tries failed a
+    /// large NAR's part, and so its upload.
     async fn answer_within<T, E, F>(
         &self,
         what: &'static str,
         deadline: Duration,
-        mut send: impl FnMut() -> F,
+        send: impl FnMut() -> F,
     ) -> Result<Result<T, Failure>, StoreError>
     where
         E: ProvideErrorMetadata + std::error::Error + Send + Sync + 'static,
@@ -174,25 +138,7 @@ impl Target {
     {
         let started = std::time::Instant::now();
         let end = tokio::time::Instant::now() + deadline;
-        let tries = async {
-            let mut attempt = 1;
-            loop {
-                let r = send().await;
-                let wait = connect_wait(attempt);
-                match r {
-                    Err(e)
-                        if could_not_connect(&e)
-                            && attempt < WRITE_CONNECT_ATTEMPTS
-                            && tokio::time::Instant::now() + wait < end =>
-                    {
-                        tracing::debug!(key = %self.key, attempt, "S3 {what}: could not connect to the store; trying again");
-                        attempt += 1;
-                        tokio::time::sleep(wait).await;
-                    }
-                    r => return r,
-                }
-            }
-        };
+        let tries = until_connected(what, &self.key, end, true, send);
         let r = match tokio::time::timeout_at(end, tries).await {
             Err(_) => Err(StoreError::Timeout(deadline.as_secs())),
             Ok(Ok(v)) => Ok(Ok(v)),
