@@ -231,6 +231,16 @@ fn check_config(path: Option<&Path>) -> anyhow::Result<()> {
     for (var, key) in path.map(Config::env_overrides).unwrap_or_default() {
         say!("note: {var} overrides `{key}` in the config file");
     }
+    let secrets = path
+        .map(Config::secrets_others_can_read)
+        .unwrap_or_default();
+    if !secrets.is_empty() {
+        say!(
+            "warning: the config file can be read by other users and holds secrets ({}); \
+             `chmod o-r` it, or give them in the environment",
+            secrets.join(", ")
+        );
+    }
     // As `serve` reads them: also refused if two keys have one name.
     if !cfg.signing.key_files.is_empty() {
         let keys = signing_keys::load_existing(&cfg.signing)?;

@@ -54,6 +54,17 @@ pub fn warn_env_overrides(file: Option<&Path>) {
             "the environment overrides this key of the config file, whose value has no effect"
         );
     }
+    if let Some(f) = file {
+        let secrets = Config::secrets_others_can_read(f);
+        if !secrets.is_empty() {
+            tracing::warn!(
+                path = %f.display(),
+                keys = %secrets.join(", "),
+                "the config file holds secrets and can be read by other users; `chmod o-r` it, \
+                 or give the secrets in the environment"
+            );
+        }
+    }
 }
 
 /// Installs the SIGHUP handler: from now on a SIGHUP is not the default action (which ends

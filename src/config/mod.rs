@@ -312,6 +312,42 @@ impl Config {
         found
     }
 
+    /// The secrets `file` holds (`store.secret_access_key`, an upstream URL's credentials),
+    /// as the keys that hold them, if other users may read it: worth a warning, as a key
+    /// file's mode is. None if they may not.
+    pub fn secrets_others_can_read(file: &Path) -> Vec<String> {
+        use std::os::unix::fs::PermissionsExt as _;
+        let readable = std::fs::metadata(file).is_ok_and(|m| m.permissions().mode() & 0o004 != 0);
+        if !readable {
+            return Vec::new();
+        }
+        let from_file = Figment::from(Renamed(Toml::file_exact(file)));
+        let mut found = Vec::new();
+        if from_file.contains("store.secret_access_key") {
+            found.push("store.secret_access_key".to_owned());
+        }
+        let upstreams = from_file.find_value("upstreams").ok();
+        for (i, u) in upstreams
+            .as_ref()
+            .and_then(figment::value::Value::as_array)
+            .into_iter()
+            .flatten()
+            .enumerate()
+        {
+            let url = u
+                .as_dict()
+                .and_then(|d| d.get("url"))
+                .and_then(figment::value::Value::as_str)
+                .unwrap_or_default();
+            let authority = url.split_once("://").map_or("", |(_, rest)| rest);
+            let authority = authority.split(['/', '?', '#']).next().unwrap_or_default();
+            if authority.contains('@') {
+                found.push(format!("upstreams[{i}].url"));
+            }
+        }
+        found
+    }
+
     pub fn from_figment(fig: Figment) -> Result<Self, ConfigError> {
         let raw: file::ConfigFile = fig.extract().map_err(|e| ConfigError::Load(Box::new(e)))?;
         let cfg = raw.validate().map_err(|e| e.located(&fig))?;

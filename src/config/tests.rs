@@ -1473,3 +1473,32 @@ fn an_empty_endpoint_variable_is_refused() {
         .check_endpoint_env(env(&[("AWS_ENDPOINT_URL_S3", "")]))
         .is_ok());
 }
+
+/// A config file others may read is said to hold secrets when it does: the S3 secret, an
+/// upstream URL's credentials; not when it holds none, nor when others may not read it.
+#[test]
+fn secrets_in_a_file_others_can_read_are_named() {
+    use std::os::unix::fs::PermissionsExt as _;
+    let dir = tempfile::tempdir().unwrap();
+    let f = dir.path().join("c.toml");
+    std::fs::write(
+        &f,
+        "[store]\nkind = \"s3\"\nbucket = \"b\"\naccess_key_id = \"k\"\n\
+         secret_access_key = \"s\"\n\
+         [[upstreams]]\nurl = \"https://cache.nixos.org\"\n\
+         [[upstreams]]\nurl = \"https://ci:t0ken@attic.lan/ci\"\n\
+         [[upstreams]]\nurl = \"https://mirror.lan/a@b\"\n",
+    )
+    .unwrap();
+    let mode = |m: u32| std::fs::set_permissions(&f, std::fs::Permissions::from_mode(m)).unwrap();
+    mode(0o644);
+    assert_eq!(
+        Config::secrets_others_can_read(&f),
+        ["store.secret_access_key", "upstreams[1].url"]
+    );
+    mode(0o640);
+    assert!(Config::secrets_others_can_read(&f).is_empty());
+    mode(0o644);
+    std::fs::write(&f, "[[upstreams]]\nurl = \"https://cache.nixos.org\"\n").unwrap();
+    assert!(Config::secrets_others_can_read(&f).is_empty());
+}

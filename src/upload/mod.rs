@@ -1065,7 +1065,7 @@ impl Uploader {
             let Some(obj) = self.store.get(&object_key::nar(&cand), None).await? else {
                 continue;
             };
-            tracing::info!(nar = %cand, size = ?obj.length, "NAR in the store not received by this process (another replica's upload, stored before): read back to check its narinfo");
+            tracing::info!(nar = %cand, size = ?obj.length, "NAR in the store not received by this process (stored before, or by another replica or an import): read back to check its narinfo");
             crate::metrics::upload_nar_check("read_back");
             let c = cand.compression_from_ext().unwrap_or(Compression::None);
             let key = object_key::nar(&cand);
