@@ -78,36 +78,71 @@ fn read_err(path: &Path) -> impl FnOnce(std::io::Error) -> ImportError + '_ {
     }
 }
 
-/// Opens the file at `path` in the directory: a regular file, not a symbolic link (which may
-/// lead to any file the user running the import can read, the server's signing key say, which
-/// would then be published as a path's build log or listing), nor a pipe or a device (which
-/// would hang the import, or read without end). Directories on the way may be links (`nar/`
-/// on another disk). `None` if there is no such file.
-async fn open_file(path: &Path) -> std::io::Result<Option<tokio::fs::File>> {
-    let meta = match tokio::fs::symlink_metadata(path).await {
-        Ok(m) => m,
-        Err(e) if e.kind() == std::io::ErrorKind::NotFound => return Ok(None),
-        Err(e) => return Err(e),
-    };
-    if !meta.file_type().is_file() {
-        return Err(std::io::Error::new(
+/// Whether a file of the directory may be a symbolic link: a narinfo, a NAR, a realisation or a
+/// debug info link may (a cache assembled with `ln -s`; each is parsed and checked, so a link
+/// to another file only gets it rejected); a build log or a listing may not, since they are
+/// stored as they are: a link could lead to any file the user running the import can read
+/// (the server's signing key, say), which would then be served as a path's log.
+#[derive(Clone, Copy, PartialEq)]
+enum Links {
+    Followed,
+    Refused,
+}
+
+/// Opens the file at `path` in the directory: a regular file (not a pipe or a device, which
+/// would hang the import or read without end), not a link with [`Links::Refused`].
+/// Directories on the way may be links (`nar/` on another disk). `None` if there is none.
+async fn open_file(path: &Path, links: Links) -> std::io::Result<Option<tokio::fs::File>> {
+    let refused = |what: &str| {
+        std::io::Error::new(
             std::io::ErrorKind::InvalidInput,
-            "not a regular file (a symbolic link, a pipe or a device): not read",
-        ));
+            format!("{what}: not read"),
+        )
+    };
+    let mut flags = rustix::fs::OFlags::NONBLOCK | rustix::fs::OFlags::NOCTTY;
+    if links == Links::Refused {
+        match tokio::fs::symlink_metadata(path).await {
+            Ok(m) if m.file_type().is_symlink() => {
+                return Err(refused(
+                    "a symbolic link (a build log or listing must be the file itself)",
+                ))
+            }
+            Ok(_) => {}
+            Err(e) if e.kind() == std::io::ErrorKind::NotFound => return Ok(None),
+            Err(e) => return Err(e),
+        }
+        // Nor through a link put in its place since.
+        flags |= rustix::fs::OFlags::NOFOLLOW;
     }
-    // Not through a link put in its place since.
-    let nofollow = rustix::fs::OFlags::NOFOLLOW.bits();
-    tokio::fs::OpenOptions::new()
+    // Without blocking on a pipe (opening one waits for a writer).
+    let file = match tokio::fs::OpenOptions::new()
         .read(true)
-        .custom_flags(i32::try_from(nofollow).unwrap_or(0))
+        .custom_flags(i32::try_from(flags.bits()).unwrap_or(0))
         .open(path)
         .await
-        .map(Some)
+    {
+        Ok(f) => f,
+        Err(e) if e.kind() == std::io::ErrorKind::NotFound => return Ok(None),
+        Err(e) if e.raw_os_error() == Some(rustix::io::Errno::LOOP.raw_os_error()) => {
+            return Err(refused("a symbolic link"))
+        }
+        Err(e) => return Err(e),
+    };
+    let kind = file.metadata().await?.file_type();
+    if !kind.is_file() {
+        let what = if kind.is_dir() {
+            "a directory"
+        } else {
+            "not a regular file (a pipe, a socket or a device)"
+        };
+        return Err(refused(what));
+    }
+    Ok(Some(file))
 }
 
 /// [`open_file`], a missing file an error.
-async fn open_existing(path: &Path) -> std::io::Result<tokio::fs::File> {
-    open_file(path)
+async fn open_existing(path: &Path, links: Links) -> std::io::Result<tokio::fs::File> {
+    open_file(path, links)
         .await?
         .ok_or_else(|| std::io::Error::from(std::io::ErrorKind::NotFound))
 }
@@ -116,7 +151,7 @@ async fn open_existing(path: &Path) -> std::io::Result<tokio::fs::File> {
 /// all of memory for a huge one.
 async fn read_bounded(path: &Path, limit: u64) -> Result<Vec<u8>, ImportError> {
     let mut raw = Vec::new();
-    open_existing(path)
+    open_existing(path, Links::Followed)
         .await
         .map_err(read_err(path))?
         .take(limit + 1)
@@ -528,7 +563,7 @@ fn has_extras(dir: &Path, h: StorePathHash, deriver: Option<&StorePathBaseName>)
 async fn import_one(dir: &Path, uploader: &Uploader, info: NarInfo) -> Result<(), Error> {
     let fetch_nar = |name: NarFileName| async move {
         let path = dir.join("nar").join(name.as_str());
-        let file = open_existing(&path).await.map_err(|err| {
+        let file = open_existing(&path, Links::Followed).await.map_err(|err| {
             Error::Upload(UploadError::Rejected(format!("{}: {err}", path.display())))
         })?;
         Ok(ReaderStream::with_capacity(file, READ_CHUNK))
@@ -557,32 +592,61 @@ async fn import_extras(
     deriver: Option<&StorePathBaseName>,
     fresh: bool,
 ) -> Result<(), Error> {
-    let refused = |path: &Path, err: std::io::Error| {
-        Error::Upload(UploadError::Rejected(format!("{}: {err}", path.display())))
-    };
+    // Each on its own: a listing refused does not keep the log out.
+    let mut refused = Vec::new();
     let listing = dir.join(format!("{h}.ls"));
-    if let Some(f) = open_file(&listing)
-        .await
-        .map_err(|e| refused(&listing, e))?
-    {
-        let key = object_key::listing(h);
-        if fresh || store.head(&key).await?.is_none() {
-            let body = ReaderStream::with_capacity(f, READ_CHUNK).boxed();
-            uploader.put_plain(&key, body, MAX_LISTING_BYTES).await?;
+    match open_file(&listing, Links::Refused).await {
+        Ok(Some(f)) => {
+            let key = object_key::listing(h);
+            if fresh || store.head(&key).await?.is_none() {
+                let body = ReaderStream::with_capacity(f, READ_CHUNK).boxed();
+                if let Err(e) = uploader.put_plain(&key, body, MAX_LISTING_BYTES).await {
+                    refused.push(e);
+                }
+            }
         }
+        Ok(None) => {}
+        Err(e) => refused.push(rejected(&listing, e)),
     }
     if let Some(drv) = deriver {
         let log = dir.join("log").join(drv.as_str());
-        if let Some(f) = open_file(&log).await.map_err(|e| refused(&log, e))? {
-            if store.head(&object_key::log(drv)).await?.is_none() {
-                let body = ReaderStream::with_capacity(f, READ_CHUNK).boxed();
-                uploader
-                    .put_plain(&object_key::log(drv), body, MAX_LOG_BYTES)
-                    .await?;
+        match open_file(&log, Links::Refused).await {
+            Ok(Some(f)) => {
+                if store.head(&object_key::log(drv)).await?.is_none() {
+                    let body = ReaderStream::with_capacity(f, READ_CHUNK).boxed();
+                    let key = object_key::log(drv);
+                    if let Err(e) = uploader.put_plain(&key, body, MAX_LOG_BYTES).await {
+                        refused.push(e);
+                    }
+                }
             }
+            Ok(None) => {}
+            Err(e) => refused.push(rejected(&log, e)),
         }
     }
-    Ok(())
+    // The store failing stops the import; otherwise each refusal is said.
+    if let Some(i) = refused
+        .iter()
+        .position(|e| matches!(e, Error::Store(s) if stops(s)))
+    {
+        return Err(refused.swap_remove(i));
+    }
+    match refused.len() {
+        0 => Ok(()),
+        1 => Err(refused.remove(0)),
+        _ => Err(Error::Upload(UploadError::Rejected(
+            refused
+                .iter()
+                .map(ToString::to_string)
+                .collect::<Vec<_>>()
+                .join("; "),
+        ))),
+    }
+}
+
+/// A file of the directory that could not be read, as its path's rejection.
+fn rejected(path: &Path, err: std::io::Error) -> Error {
+    Error::Upload(UploadError::Rejected(format!("{}: {err}", path.display())))
 }
 
 #[cfg(test)]
@@ -1154,12 +1218,13 @@ mod tests {
         assert!(mem.head(&object_key::narinfo(t)).await.unwrap().is_some());
     }
 
-    /// A file of the directory that is a symbolic link (to a file outside it the importing
-    /// user can read: the signing key) is not read, whatever it stands for: a path's build
-    /// log or listing is rejected (the path itself imported), a narinfo or a NAR rejects
-    /// its path.
+    /// A build log or listing that is a symbolic link (to a file outside the directory the
+    /// importing user can read: the signing key) is not read: rejected alone, the path
+    /// imported, and the other extra still taken. A narinfo or NAR that is a link (a cache
+    /// assembled with `ln -s`) is read through it: it is checked as any. A pipe is not
+    /// opened for reading (which would wait for a writer for ever).
     #[tokio::test]
-    async fn files_that_are_links_are_not_read() {
+    async fn logs_and_listings_that_are_links_are_not_read() {
         let secret = tempfile::NamedTempFile::new().unwrap();
         std::fs::write(secret.path(), b"cache-1:the secret key").unwrap();
         let dir = tempfile::tempdir().unwrap();
@@ -1173,8 +1238,32 @@ mod tests {
         )
         .unwrap();
         std::fs::create_dir(dir.path().join("log")).unwrap();
-        std::os::unix::fs::symlink(secret.path(), dir.path().join("log").join(drv)).unwrap();
+        std::fs::write(dir.path().join("log").join(drv), b"a build log").unwrap();
         std::os::unix::fs::symlink(secret.path(), dir.path().join(format!("{h}.ls"))).unwrap();
+        // A log that is a link, of a path whose listing is a pipe.
+        let (p, _) = write_path(
+            dir.path(),
+            "2bxnj2gfflqa529lddzh3zhcn45nn86r-piped",
+            &[6; 100],
+            &[6; 100],
+            &[],
+        );
+        let info = std::fs::read_to_string(dir.path().join(format!("{p}.narinfo"))).unwrap();
+        let pdrv = "q7f0vq0bh65qk7ywdirn20gimcdw54dj-piped.drv";
+        std::fs::write(
+            dir.path().join(format!("{p}.narinfo")),
+            format!("{info}Deriver: {pdrv}\n"),
+        )
+        .unwrap();
+        std::os::unix::fs::symlink(secret.path(), dir.path().join("log").join(pdrv)).unwrap();
+        rustix::fs::mknodat(
+            rustix::fs::CWD,
+            dir.path().join(format!("{p}.ls")),
+            rustix::fs::FileType::Fifo,
+            rustix::fs::Mode::from_raw_mode(0o600),
+            0,
+        )
+        .unwrap();
         // A narinfo that is a link, and a path whose NAR is.
         let linked = tempfile::tempdir().unwrap();
         let (l, _) = write_path(
@@ -1184,6 +1273,11 @@ mod tests {
             &[3; 100],
             &[],
         );
+        std::fs::create_dir_all(dir.path().join("nar")).unwrap();
+        for f in std::fs::read_dir(linked.path().join("nar")).unwrap() {
+            let f = f.unwrap();
+            std::fs::copy(f.path(), dir.path().join("nar").join(f.file_name())).unwrap();
+        }
         std::os::unix::fs::symlink(
             linked.path().join(format!("{l}.narinfo")),
             dir.path().join(format!("{l}.narinfo")),
@@ -1203,27 +1297,42 @@ mod tests {
         let s = import_dir(dir.path(), &*mem, &uploader, "/nix/store", &())
             .await
             .unwrap();
+        assert_eq!(s.imported, 4, "{:?}", s.rejected);
         let mut rejected: Vec<String> = s.rejected.iter().map(|(w, _)| w.clone()).collect();
         rejected.sort();
         let mut expected = vec![
             format!("/nix/store/{real} (its listing or log)"),
-            format!("{l}.narinfo"),
-            "/nix/store/4bxnj2gfflqa529lddzh3zhcn45nn86r-nar".to_owned(),
+            "/nix/store/2bxnj2gfflqa529lddzh3zhcn45nn86r-piped (its listing or log)".to_owned(),
         ];
         expected.sort();
         assert_eq!(rejected, expected, "{:?}", s.rejected);
-        assert!(
+        let why = |path: &str| {
             s.rejected
                 .iter()
-                .all(|(_, why)| why.contains("not a regular file")),
-            "{:?}",
-            s.rejected
+                .find(|(w, _)| w.contains(path))
+                .map(|(_, why)| why.clone())
+                .unwrap_or_default()
+        };
+        assert!(why("-top").contains("a symbolic link"), "{}", why("-top"));
+        let piped = why("-piped");
+        assert!(
+            piped.contains("a symbolic link") && piped.contains("not a regular file"),
+            "{piped}"
         );
-        assert!(mem.head(&object_key::narinfo(h)).await.unwrap().is_some());
+        for imported in [h, p, l, n] {
+            assert!(mem
+                .head(&object_key::narinfo(imported))
+                .await
+                .unwrap()
+                .is_some());
+        }
         assert!(mem.head(&object_key::listing(h)).await.unwrap().is_none());
+        assert!(mem.head(&object_key::listing(p)).await.unwrap().is_none());
+        // The top path's log is a file: taken, though its listing was refused.
         let log: StorePathBaseName = drv.parse().unwrap();
-        assert!(mem.head(&object_key::log(&log)).await.unwrap().is_none());
-        assert!(mem.head(&object_key::narinfo(n)).await.unwrap().is_none());
+        assert!(mem.head(&object_key::log(&log)).await.unwrap().is_some());
+        let plog: StorePathBaseName = pdrv.parse().unwrap();
+        assert!(mem.head(&object_key::log(&plog)).await.unwrap().is_none());
     }
 
     /// A cache signed by a key the server does not trust is refused path by path before any

@@ -318,7 +318,14 @@ impl Config {
     pub fn secrets_others_can_read(file: &Path) -> Vec<String> {
         use std::os::unix::fs::PermissionsExt as _;
         let readable = std::fs::metadata(file).is_ok_and(|m| m.permissions().mode() & 0o004 != 0);
-        if !readable {
+        // Nor reached by others: a directory on the way they may not enter (`/etc/cellar`
+        // 0750) keeps them out.
+        let reachable = std::fs::canonicalize(file).is_ok_and(|f| {
+            f.ancestors()
+                .skip(1)
+                .all(|d| std::fs::metadata(d).is_ok_and(|m| m.permissions().mode() & 0o001 != 0))
+        });
+        if !(readable && reachable) {
             return Vec::new();
         }
         let from_file = Figment::from(Renamed(Toml::file_exact(file)));

@@ -3136,10 +3136,16 @@ async fn a_builder_is_not_told_of_a_nar_only_an_upstream_has() {
 /// A store that cannot be connected to for a moment (restarting) while a PUT is served does
 /// not fail it: the upload's reads are made again for seconds, as its writes are (Nix 2.8
 /// retries a failed PUT without its body, which fails the copy). The store here is away for
-/// the first 0.6 s of a narinfo's upload, whose NAR it then does not have: the answer is
-/// that refusal, not the store's failure.
+/// the first moments of a narinfo's upload, whose NAR it then does not have: the answer is
+/// that refusal, not the store's failure. On the direct requests' path (away 0.6 s) and the
+/// SDK's (away 3.5 s: longer than the SDK's own three tries, which last 3 s at most).
 #[tokio::test(flavor = "multi_thread")]
 async fn an_upload_waits_out_a_store_restarting() {
+    upload_through_a_restart(true, Duration::from_millis(600)).await;
+    upload_through_a_restart(false, Duration::from_millis(3500)).await;
+}
+
+async fn upload_through_a_restart(direct_requests: bool, outage: Duration) {
     use crate::config::{S3Credentials, S3StoreConfig, Scope, Secret};
     let free = std::net::TcpListener::bind("127.0.0.1:0").unwrap();
     let addr = free.local_addr().unwrap();
@@ -3150,7 +3156,7 @@ async fn an_upload_waits_out_a_store_restarting() {
         region: "us-east-1".into(),
         prefix: String::new(),
         force_path_style: true,
-        direct_requests: true,
+        direct_requests,
         credentials: Some(S3Credentials {
             access_key_id: "k".into(),
             secret_access_key: Secret("s".into()),
@@ -3160,7 +3166,7 @@ async fn an_upload_waits_out_a_store_restarting() {
         upload_part_concurrency: 1,
     };
     let store: Arc<dyn Store> =
-        Arc::new(crate::store::s3::S3Store::new(&s3, Duration::from_secs(10)).await);
+        Arc::new(crate::store::s3::S3Store::new(&s3, Duration::from_secs(20)).await);
     let mut cfg = with_tokens(Config::default(), &[("w", "wtok", Scope::Write)]);
     cfg.cache.prefetch_concurrency = 0;
     let st = AppState::new(
@@ -3184,13 +3190,14 @@ async fn an_upload_waits_out_a_store_restarting() {
                                  </ListBucketResult>";
                     (StatusCode::OK, empty.to_owned())
                 } else {
-                    (StatusCode::NOT_FOUND, String::new())
+                    let missing = "<Error><Code>NoSuchKey</Code></Error>";
+                    (StatusCode::NOT_FOUND, missing.to_owned())
                 }
             }
         });
     tokio::spawn(async move {
         // The store's outage: not a wait for anything.
-        tokio::time::sleep(Duration::from_millis(600)).await;
+        tokio::time::sleep(outage).await;
         let l = tokio::net::TcpListener::bind(addr).await.unwrap();
         axum::serve(l, fake).await
     });
@@ -3204,7 +3211,7 @@ async fn an_upload_waits_out_a_store_restarting() {
     assert_eq!(
         status,
         StatusCode::BAD_REQUEST,
-        "{}",
+        "direct requests {direct_requests}: {}",
         String::from_utf8_lossy(&text)
     );
     assert!(!seen.lock().unwrap().is_empty());

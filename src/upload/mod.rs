@@ -614,7 +614,8 @@ impl Uploader {
         }
         .boxed()
         .shared();
-        crate::store::spawn_serving(early.clone());
+        // Upload work, though a HEAD starts it: waits out a store restarting as the PUT does.
+        tokio::spawn(crate::store::serving_upload(early.clone()));
         let mut m = lock(&self.early);
         if m.len() >= MAX_REMEMBERED {
             m.clear();

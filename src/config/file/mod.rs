@@ -504,17 +504,6 @@ impl AuthSection {
                     ),
                 ));
             }
-            // The name is what the logs say of an upload's token.
-            if let Some(first) = tokens.iter().position(|o: &TokenConfig| o.name == t.name) {
-                return Err(ConfigError::invalid(
-                    format!("auth.tokens[{i}].name"),
-                    format!(
-                        "token {:?} has the name of auth.tokens[{first}]: the logs could not \
-                         tell them apart",
-                        t.name
-                    ),
-                ));
-            }
             if t.scopes.is_empty() {
                 return Err(ConfigError::invalid(
                     format!("auth.tokens[{i}].scopes"),

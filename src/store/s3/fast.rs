@@ -351,6 +351,10 @@ impl FastReads {
     ) -> Result<Read<reqwest::Response>, StoreError> {
         let mut pause = Duration::from_millis(25);
         let mut attempt = 1;
+        // Tries that could not connect, counted apart: the first try after the store went
+        // away usually fails on a kept-alive connection it closed (a transient failure),
+        // which must not shorten the 3.75 s the store is waited for.
+        let mut unconnected_tries = 0;
         loop {
             let (req, signed_with) = self.signed(u, creds)?;
             let sent = req.send().await;
@@ -374,10 +378,15 @@ impl FastReads {
             };
             let unconnected = sent.as_ref().err().is_some_and(reqwest::Error::is_connect);
             if unconnected && (u.method == reqwest::Method::PUT || crate::store::for_upload()) {
-                let wait = connect_wait(attempt);
-                if attempt < CONNECT_ATTEMPTS && tokio::time::Instant::now() + wait < deadline {
-                    tracing::debug!(attempt, "S3 {what}: could not connect; trying again");
-                    attempt += 1;
+                unconnected_tries += 1;
+                let wait = connect_wait(unconnected_tries);
+                if unconnected_tries < CONNECT_ATTEMPTS
+                    && tokio::time::Instant::now() + wait < deadline
+                {
+                    tracing::debug!(
+                        attempt = unconnected_tries + 1,
+                        "S3 {what}: could not connect; trying again"
+                    );
                     tokio::time::sleep(wait).await;
                     continue;
                 }
@@ -1163,6 +1172,38 @@ mod tests {
             axum::serve(l, app).await
         });
         r.put("p/x", Bytes::from_static(b"x")).await.unwrap();
+    }
+
+    /// A store that answers a 5xx and then goes away (it is restarting) is still waited for
+    /// the whole 3.75 s: the transient failure before the refusals does not count among the
+    /// tries that could not connect.
+    #[tokio::test]
+    async fn a_failure_before_the_store_goes_away_leaves_the_wait_whole() {
+        use tokio::io::{AsyncReadExt as _, AsyncWriteExt as _};
+        let l = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+        let addr = l.local_addr().unwrap();
+        tokio::spawn(async move {
+            let (mut c, _) = l.accept().await.unwrap();
+            // Gone before it answers: every later connection is refused.
+            drop(l);
+            let mut head = [0u8; 4096];
+            let _ = c.read(&mut head).await;
+            let _ = c
+                .write_all(b"HTTP/1.1 500 Internal Server Error\r\ncontent-length: 0\r\nconnection: close\r\n\r\n")
+                .await;
+        });
+        let creds = SharedCredentialsProvider::new(Credentials::new("k", "s", None, None, "t"));
+        let d = Duration::from_secs(10);
+        let url = format!("http://{addr}");
+        let r = FastReads::new(&url, "b", "us-east-1", creds, d, d, StoreClock::default()).unwrap();
+        let started = std::time::Instant::now();
+        let e = r.put("p/x", Bytes::from_static(b"x")).await.unwrap_err();
+        assert!(matches!(e, StoreError::Unavailable(_)), "{e}");
+        assert!(
+            started.elapsed() >= Duration::from_millis(3750),
+            "{:?}",
+            started.elapsed()
+        );
     }
 
     /// A read that cannot connect fails at once (Nix retries a GET itself), unless it is

@@ -271,10 +271,20 @@ async fn sdk_page(
         .list_objects_v2()
         .bucket(&bucket)
         .prefix(&full_prefix)
-        .set_continuation_token(token)
-        .send();
+        .set_continuation_token(token);
     let started = std::time::Instant::now();
-    let r = match tokio::time::timeout(timeout, req).await {
+    let end = tokio::time::Instant::now() + timeout;
+    // Polled by the caller's task: made again while it could not connect if that serves an
+    // upload (a narinfo's upload lists the collectors' announcements).
+    let send = || req.clone().send();
+    let tries = super::until_connected(
+        "ListObjectsV2",
+        &full_prefix,
+        end,
+        crate::store::for_upload(),
+        send,
+    );
+    let r = match tokio::time::timeout_at(end, tries).await {
         Err(_) => Err(StoreError::Timeout(timeout.as_secs())),
         Ok(Ok(o)) => Ok(Ok(o)),
         Ok(Err(e)) => classify("ListObjectsV2", &bucket, e),

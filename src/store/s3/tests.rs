@@ -583,6 +583,32 @@ async fn a_store_restarting_for_seconds_mid_upload_does_not_fail_it() {
     assert!(!seen.aborted);
 }
 
+/// An upload aborted while the store cannot be connected to is not waited for beyond the
+/// SDK's own tries (3 s at most): its failure is answered after the abort, and an upload
+/// left behind is the staging cleanup's. (Waited for, the five tries take 3.75 s at least.)
+#[tokio::test(flavor = "multi_thread")]
+async fn an_abort_does_not_wait_for_a_store_that_is_away() {
+    let (endpoint, _, _) = multipart_s3(1, None).await;
+    let mut store_port = Restarting::new(&endpoint).await;
+    let store = store_timed(
+        format!("http://{}", store_port.addr),
+        1,
+        true,
+        Duration::from_secs(5),
+    )
+    .await;
+    let mut w = store.writer("nar/x.nar").await.unwrap();
+    w.write(bytes::Bytes::from(body(PART_SIZE))).await.unwrap();
+    store_port.down();
+    let started = std::time::Instant::now();
+    w.abort().await;
+    assert!(
+        started.elapsed() < Duration::from_millis(3750),
+        "{:?}",
+        started.elapsed()
+    );
+}
+
 /// A completion retried after its answer was lost finds no such upload: the upload stands if
 /// the object is there as it would have left it, and fails (aborted) if it is not, or is
 /// another object.
@@ -1451,4 +1477,29 @@ async fn sdk_requests_that_could_not_connect_are_made_again_where_asked() {
         .await
         .is_err());
     assert_eq!(tries.load(Ordering::SeqCst), 1);
+}
+
+/// A listing made while an upload is served (a narinfo's upload lists the collectors'
+/// announcements) through the SDK is made again while the store cannot be connected to, for
+/// longer than the SDK's own tries (3 s at most): here the store is away 3.5 s.
+#[tokio::test(flavor = "multi_thread")]
+async fn an_sdk_listing_for_an_upload_waits_out_a_restart() {
+    use futures::TryStreamExt as _;
+    let free = std::net::TcpListener::bind("127.0.0.1:0").unwrap();
+    let addr = free.local_addr().unwrap();
+    drop(free);
+    let store = store_timed(format!("http://{addr}"), 1, false, Duration::from_secs(20)).await;
+    let app = axum::Router::new().fallback(|| async {
+        "<ListBucketResult><IsTruncated>false</IsTruncated></ListBucketResult>"
+    });
+    tokio::spawn(async move {
+        // The store's outage: not a wait for anything.
+        tokio::time::sleep(Duration::from_millis(3500)).await;
+        let l = tokio::net::TcpListener::bind(addr).await.unwrap();
+        axum::serve(l, app).await
+    });
+    let listed: Vec<_> = crate::store::serving_upload(store.list("_cellar/").try_collect())
+        .await
+        .unwrap();
+    assert!(listed.is_empty());
 }

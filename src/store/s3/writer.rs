@@ -136,9 +136,24 @@ impl Target {
         E: ProvideErrorMetadata + std::error::Error + Send + Sync + 'static,
         F: Future<Output = Result<T, SdkError<E, HttpResponse>>>,
     {
+        self.answer_trying(what, deadline, true, send).await
+    }
+
+    /// [`Self::answer_within`], made again while it could not connect only if `patient`.
+    async fn answer_trying<T, E, F>(
+        &self,
+        what: &'static str,
+        deadline: Duration,
+        patient: bool,
+        send: impl FnMut() -> F,
+    ) -> Result<Result<T, Failure>, StoreError>
+    where
+        E: ProvideErrorMetadata + std::error::Error + Send + Sync + 'static,
+        F: Future<Output = Result<T, SdkError<E, HttpResponse>>>,
+    {
         let started = std::time::Instant::now();
         let end = tokio::time::Instant::now() + deadline;
-        let tries = until_connected(what, &self.key, end, true, send);
+        let tries = until_connected(what, &self.key, end, patient, send);
         let r = match tokio::time::timeout_at(end, tries).await {
             Err(_) => Err(StoreError::Timeout(deadline.as_secs())),
             Ok(Ok(v)) => Ok(Ok(v)),
@@ -163,7 +178,11 @@ impl Target {
             .upload_id(id);
         let deadline = write_deadline(self.timeout, 0);
         match self
-            .answer_within("AbortMultipartUpload", deadline, || req.clone().send())
+            // Not waited for while the store cannot be connected to: the upload's failure is
+            // answered after it, and an upload left is the staging cleanup's.
+            .answer_trying("AbortMultipartUpload", deadline, false, || {
+                req.clone().send()
+            })
             .await
         {
             Ok(Ok(_)) => tracing::debug!(key = %self.key, "multipart upload aborted"),
