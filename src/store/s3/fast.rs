@@ -1143,6 +1143,27 @@ mod tests {
         FastReads::new(&url, "b", "us-east-1", creds, d, d, StoreClock::default()).unwrap()
     }
 
+    /// Direct requests to `addr`, with a request timeout of 10 s.
+    fn reads_at(addr: std::net::SocketAddr) -> FastReads {
+        let creds = SharedCredentialsProvider::new(Credentials::new("k", "s", None, None, "t"));
+        let d = Duration::from_secs(10);
+        let url = format!("http://{addr}");
+        FastReads::new(&url, "b", "us-east-1", creds, d, d, StoreClock::default()).unwrap()
+    }
+
+    /// A PUT through `r` to a store that cannot be connected to fails, unavailable, after the
+    /// whole wait for it (3.75 s).
+    async fn a_write_fails_after_the_whole_wait(r: &FastReads) {
+        let started = std::time::Instant::now();
+        let e = r.put("p/x", Bytes::from_static(b"x")).await.unwrap_err();
+        assert!(matches!(e, StoreError::Unavailable(_)), "{e}");
+        assert!(
+            started.elapsed() >= Duration::from_millis(3750),
+            "{:?}",
+            started.elapsed()
+        );
+    }
+
     /// A write that cannot connect (the store restarting) is tried again over seconds,
     /// within its deadline: the store here comes back 0.6 s after the first try (an outage),
     /// which the three tries within 75 ms missed; a store that stays away fails it after
@@ -1152,18 +1173,8 @@ mod tests {
         let free = std::net::TcpListener::bind("127.0.0.1:0").unwrap();
         let addr = free.local_addr().unwrap();
         drop(free);
-        let creds = SharedCredentialsProvider::new(Credentials::new("k", "s", None, None, "t"));
-        let d = Duration::from_secs(10);
-        let url = format!("http://{addr}");
-        let r = FastReads::new(&url, "b", "us-east-1", creds, d, d, StoreClock::default()).unwrap();
-        let started = std::time::Instant::now();
-        let e = r.put("p/x", Bytes::from_static(b"x")).await.unwrap_err();
-        assert!(matches!(e, StoreError::Unavailable(_)), "{e}");
-        assert!(
-            started.elapsed() >= Duration::from_millis(3750),
-            "{:?}",
-            started.elapsed()
-        );
+        let r = reads_at(addr);
+        a_write_fails_after_the_whole_wait(&r).await;
         let app = axum::Router::new().fallback(|| async { axum::http::StatusCode::OK });
         tokio::spawn(async move {
             // The store's outage: not a wait for anything.
@@ -1192,18 +1203,8 @@ mod tests {
                 .write_all(b"HTTP/1.1 500 Internal Server Error\r\ncontent-length: 0\r\nconnection: close\r\n\r\n")
                 .await;
         });
-        let creds = SharedCredentialsProvider::new(Credentials::new("k", "s", None, None, "t"));
-        let d = Duration::from_secs(10);
-        let url = format!("http://{addr}");
-        let r = FastReads::new(&url, "b", "us-east-1", creds, d, d, StoreClock::default()).unwrap();
-        let started = std::time::Instant::now();
-        let e = r.put("p/x", Bytes::from_static(b"x")).await.unwrap_err();
-        assert!(matches!(e, StoreError::Unavailable(_)), "{e}");
-        assert!(
-            started.elapsed() >= Duration::from_millis(3750),
-            "{:?}",
-            started.elapsed()
-        );
+        let r = reads_at(addr);
+        a_write_fails_after_the_whole_wait(&r).await;
     }
 
     /// A read that cannot connect fails at once (Nix retries a GET itself), unless it is
@@ -1214,10 +1215,7 @@ mod tests {
         let free = std::net::TcpListener::bind("127.0.0.1:0").unwrap();
         let addr = free.local_addr().unwrap();
         drop(free);
-        let creds = SharedCredentialsProvider::new(Credentials::new("k", "s", None, None, "t"));
-        let d = Duration::from_secs(10);
-        let url = format!("http://{addr}");
-        let r = FastReads::new(&url, "b", "us-east-1", creds, d, d, StoreClock::default()).unwrap();
+        let r = reads_at(addr);
         let started = std::time::Instant::now();
         let e = r.head("p/x").await.unwrap_err();
         assert!(matches!(e, StoreError::Unavailable(_)), "{e}");

@@ -545,6 +545,14 @@ impl Restarting {
     }
 }
 
+/// A store at `endpoint` reached through a [`Restarting`] port, `parts` parts in flight.
+async fn behind_a_restarting_port(endpoint: &str, parts: usize) -> (Restarting, S3Store) {
+    let port = Restarting::new(endpoint).await;
+    let at = format!("http://{}", port.addr);
+    let store = store_timed(at, parts, true, Duration::from_secs(5)).await;
+    (port, store)
+}
+
 /// A store that refuses connections for longer than the SDK's own tries (3 s at most) while
 /// a large NAR is written (its second part sent while it is down) does not fail the upload:
 /// the part is sent again while the store cannot be connected to, within its deadline. Nix
@@ -553,14 +561,7 @@ impl Restarting {
 #[tokio::test(flavor = "multi_thread")]
 async fn a_store_restarting_for_seconds_mid_upload_does_not_fail_it() {
     let (endpoint, seen, _) = multipart_s3(1, None).await;
-    let mut store_port = Restarting::new(&endpoint).await;
-    let store = store_timed(
-        format!("http://{}", store_port.addr),
-        2,
-        true,
-        Duration::from_secs(5),
-    )
-    .await;
+    let (mut store_port, store) = behind_a_restarting_port(&endpoint, 2).await;
     let data = body(2 * PART_SIZE + 1);
     let mut w = store.writer("nar/x.nar").await.unwrap();
     // The upload is created and its first part on its way; then the store goes away.
@@ -589,14 +590,7 @@ async fn a_store_restarting_for_seconds_mid_upload_does_not_fail_it() {
 #[tokio::test(flavor = "multi_thread")]
 async fn an_abort_does_not_wait_for_a_store_that_is_away() {
     let (endpoint, _, _) = multipart_s3(1, None).await;
-    let mut store_port = Restarting::new(&endpoint).await;
-    let store = store_timed(
-        format!("http://{}", store_port.addr),
-        1,
-        true,
-        Duration::from_secs(5),
-    )
-    .await;
+    let (mut store_port, store) = behind_a_restarting_port(&endpoint, 1).await;
     let mut w = store.writer("nar/x.nar").await.unwrap();
     w.write(bytes::Bytes::from(body(PART_SIZE))).await.unwrap();
     store_port.down();
