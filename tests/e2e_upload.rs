@@ -502,6 +502,56 @@ async fn a_completed_upload_whose_answer_was_lost_stands() {
     );
 }
 
+/// The store going away while a builder uploads: the PUT that met it fails after its body was
+/// sent, and Nix 2.8 retries it without its body; those retries are answered 503 at once, the
+/// store still not answering (not after a minute each, waiting for a body that never comes),
+/// so `nix copy --to` fails within seconds saying 503. The store back, the same builder's copy
+/// goes through, and the closure comes back whole. Straight to cellar, then through nginx
+/// (which answers `Expect: 100-continue` itself, so cellar waits for the store a few seconds
+/// before each 503).
+#[tokio::test(flavor = "multi_thread")]
+async fn a_store_gone_during_an_upload_fails_the_copy_at_once() {
+    store_gone_during_an_upload(false).await;
+    store_gone_during_an_upload(true).await;
+}
+
+async fn store_gone_during_an_upload(through_nginx: bool) {
+    let (w, wcfg) = token("builder", "write");
+    let work = tempfile::tempdir().unwrap();
+    let f = fixture();
+    let app = App::s3("up-store-gone")
+        .config(&wcfg)
+        .through_proxy()
+        .spawn()
+        .await;
+    let srv = &app.srv;
+    let nginx = through_nginx.then(|| replicas_support::Nginx::start(&[srv]));
+    let url = nginx.as_ref().map_or(&srv.url, |n| &n.url);
+    app.proxy().down_on("PUT ", ".narinfo");
+    let netrc = netrc(work.path(), srv, &w);
+    let upload = format!("{url}/upload?compression=zstd");
+    let copy = || {
+        // Nix's own retries (`download-attempts`), as a builder has them.
+        let mut c = nix("nix", &work.path().join("xdg-builder"));
+        c.args(["copy", "--to", &upload, "--option", "netrc-file"])
+            .arg(&netrc)
+            .arg(&f.top);
+        run(c)
+    };
+    let out = copy();
+    let err = String::from_utf8_lossy(&out.stderr);
+    assert!(!out.status.success(), "the copy succeeded:\n{err}");
+    let failure = err
+        .rsplit("error: while uploading")
+        .next()
+        .unwrap_or_default();
+    assert!(failure.contains("HTTP error 503"), "{err}");
+    assert!(srv.log_count("asked before the upload's body") >= 1);
+    app.proxy().set_down(false);
+    assert_ok(&copy(), "nix copy --to, the store back");
+    substitute_and_verify(&srv.url, &srv.public_key, &f.top, &work.path().join("back"));
+}
+
 /// A path whose NAR spans several multipart parts goes up with `nix copy --to` (its 8 MiB
 /// parts sent to Garage several at once, `store.upload_part_concurrency`) and comes back whole
 /// into a fresh store; through another cellar, which did not receive it, its narinfo is

@@ -23,6 +23,7 @@
 //! reads its body, and hyper never sends `100 Continue` for it), and verified by
 //! [`crate::upload`]. The state is in [`state`]: what a reload replaces is behind one swap.
 
+mod before_body;
 mod cache_info;
 mod debuginfo;
 mod drain;
@@ -249,9 +250,16 @@ async fn check(st: &AppState, req: Request, next: Next, scope: Scope, root: bool
                 warn_root_upload_once(st);
             }
             // Upload log lines carry the token's name.
-            next.run(req)
-                .instrument(tracing::info_span!("upload", token = %token))
-                .await
+            async move {
+                if req.method() == Method::PUT {
+                    if let Err(e) = before_body::store_answers(st, req.headers()).await {
+                        return e.into_response();
+                    }
+                }
+                next.run(req).await
+            }
+            .instrument(tracing::info_span!("upload", token = %token))
+            .await
         }
         Decision::Allowed(_) => next.run(req).await,
         Decision::Missing => Error::Unauthorized.into_response(),

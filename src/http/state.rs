@@ -96,6 +96,13 @@ impl App {
     pub fn note_store_failed(&self) {
         *crate::sync::lock(&self.store_failed) = Some(tokio::time::Instant::now());
     }
+
+    /// The store answered a request made to learn whether it does: it is no longer taken
+    /// for failing ([`App::store_failing`]).
+    pub fn note_store_answers(&self) {
+        *crate::sync::lock(&self.store_failed) = None;
+        self.readiness.answered();
+    }
 }
 
 /// The part of the state a reload replaces.

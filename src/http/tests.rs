@@ -3146,55 +3146,12 @@ async fn an_upload_waits_out_a_store_restarting() {
 }
 
 async fn upload_through_a_restart(direct_requests: bool, outage: Duration) {
-    use crate::config::{S3Credentials, S3StoreConfig, Scope, Secret};
     let free = std::net::TcpListener::bind("127.0.0.1:0").unwrap();
     let addr = free.local_addr().unwrap();
     drop(free);
-    let s3 = S3StoreConfig {
-        bucket: "b".into(),
-        endpoint: Some(format!("http://{addr}")),
-        region: "us-east-1".into(),
-        prefix: String::new(),
-        force_path_style: true,
-        direct_requests,
-        credentials: Some(S3Credentials {
-            access_key_id: "k".into(),
-            secret_access_key: Secret("s".into()),
-        }),
-        connect_timeout: Duration::from_secs(2),
-        redirect: None,
-        upload_part_concurrency: 1,
-    };
-    let store: Arc<dyn Store> =
-        Arc::new(crate::store::s3::S3Store::new(&s3, Duration::from_secs(20)).await);
-    let mut cfg = with_tokens(Config::default(), &[("w", "wtok", Scope::Write)]);
-    cfg.cache.prefetch_concurrency = 0;
-    let st = AppState::new(
-        cfg,
-        store,
-        vec![SecretKey::generate("test-cellar-1").unwrap()],
-    )
-    .unwrap();
+    let st = s3_state_at(addr, direct_requests).await;
     let seen = Arc::new(std::sync::Mutex::new(Vec::new()));
-    let log = seen.clone();
-    // An empty bucket, which takes every write.
-    let fake =
-        axum::Router::new().fallback(move |method: axum::http::Method, uri: axum::http::Uri| {
-            log.lock().unwrap().push(method.clone());
-            async move {
-                let listing = uri.query().is_some_and(|q| q.contains("list-type=2"));
-                if method == axum::http::Method::PUT {
-                    (StatusCode::OK, String::new())
-                } else if listing {
-                    let empty = "<ListBucketResult><IsTruncated>false</IsTruncated>\
-                                 </ListBucketResult>";
-                    (StatusCode::OK, empty.to_owned())
-                } else {
-                    let missing = "<Error><Code>NoSuchKey</Code></Error>";
-                    (StatusCode::NOT_FOUND, missing.to_owned())
-                }
-            }
-        });
+    let fake = empty_bucket(seen.clone());
     tokio::spawn(async move {
         // The store's outage: not a wait for anything.
         tokio::time::sleep(outage).await;
@@ -3215,4 +3172,125 @@ async fn upload_through_a_restart(direct_requests: bool, outage: Duration) {
         String::from_utf8_lossy(&text)
     );
     assert!(!seen.lock().unwrap().is_empty());
+}
+
+/// A server with a write token `wtok` over an S3 store at `addr` (no prefetch).
+async fn s3_state_at(addr: std::net::SocketAddr, direct_requests: bool) -> AppState {
+    use crate::config::{S3Credentials, S3StoreConfig, Scope, Secret};
+    let s3 = S3StoreConfig {
+        bucket: "b".into(),
+        endpoint: Some(format!("http://{addr}")),
+        region: "us-east-1".into(),
+        prefix: String::new(),
+        force_path_style: true,
+        direct_requests,
+        credentials: Some(S3Credentials {
+            access_key_id: "k".into(),
+            secret_access_key: Secret("s".into()),
+        }),
+        connect_timeout: Duration::from_secs(2),
+        redirect: None,
+        upload_part_concurrency: 1,
+    };
+    let store: Arc<dyn Store> =
+        Arc::new(crate::store::s3::S3Store::new(&s3, Duration::from_secs(20)).await);
+    let mut cfg = with_tokens(Config::default(), &[("w", "wtok", Scope::Write)]);
+    cfg.cache.prefetch_concurrency = 0;
+    AppState::new(
+        cfg,
+        store,
+        vec![SecretKey::generate("test-cellar-1").unwrap()],
+    )
+    .unwrap()
+}
+
+/// An empty S3 bucket that takes every write, noting each request's method and query in
+/// `seen`.
+fn empty_bucket(seen: Arc<std::sync::Mutex<Vec<(axum::http::Method, String)>>>) -> axum::Router {
+    axum::Router::new().fallback(move |method: axum::http::Method, uri: axum::http::Uri| {
+        let query = uri.query().unwrap_or_default().to_owned();
+        seen.lock().unwrap().push((method.clone(), query.clone()));
+        async move {
+            if method == axum::http::Method::PUT {
+                (StatusCode::OK, String::new())
+            } else if query.contains("list-type=2") {
+                let empty = "<ListBucketResult><IsTruncated>false</IsTruncated>\
+                             </ListBucketResult>";
+                (StatusCode::OK, empty.to_owned())
+            } else {
+                let missing = "<Error><Code>NoSuchKey</Code></Error>";
+                (StatusCode::NOT_FOUND, missing.to_owned())
+            }
+        }
+    })
+}
+
+/// A request body that notes whether it was read.
+fn watched_body(bytes: String, read: Arc<std::sync::atomic::AtomicBool>) -> Body {
+    let chunk = futures::stream::once(async move {
+        read.store(true, std::sync::atomic::Ordering::SeqCst);
+        Ok::<_, std::io::Error>(bytes::Bytes::from(bytes))
+    });
+    Body::from_stream(chunk)
+}
+
+/// While the store has been failing, an upload's PUT asks it whether it answers before the
+/// body is read. A client that waits for `100 Continue` is answered 503 within a second, its
+/// body unread (Nix 2.8 has not sent it, and sends it with its retries); a client sending its
+/// body anyway (through nginx) gets the store waited for seconds: back, the upload goes on,
+/// and the store is no longer taken for failing. While the store works, nothing is asked.
+#[tokio::test(flavor = "multi_thread")]
+async fn an_upload_while_the_store_fails_is_refused_before_its_body() {
+    use std::sync::atomic::{AtomicBool, Ordering};
+    let free = std::net::TcpListener::bind("127.0.0.1:0").unwrap();
+    let addr = free.local_addr().unwrap();
+    drop(free);
+    let st = s3_state_at(addr, true).await;
+    let (nar, _) = tiny_nar();
+    let put = |read: &Arc<AtomicBool>, waits: bool| {
+        let mut req = authed("PUT", &format!("/upload/{HASH}.narinfo"), "wtok");
+        if waits {
+            req = req.header(axum::http::header::EXPECT, "100-continue");
+        }
+        req.body(watched_body(narinfo_of("up", &nar), read.clone()))
+            .unwrap()
+    };
+    st.note_store_failed();
+    let seen = Arc::new(std::sync::Mutex::new(Vec::new()));
+    let bucket = empty_bucket(seen.clone());
+    tokio::spawn(async move {
+        // The store's outage: not a wait for anything.
+        tokio::time::sleep(Duration::from_millis(1500)).await;
+        let l = tokio::net::TcpListener::bind(addr).await.unwrap();
+        axum::serve(l, bucket).await
+    });
+
+    let read = Arc::new(AtomicBool::new(false));
+    let res = send(&st, put(&read, true)).await;
+    assert_eq!(res.status(), StatusCode::SERVICE_UNAVAILABLE);
+    assert!(!read.load(Ordering::SeqCst), "the body was read");
+    assert!(st.store_failing());
+
+    let read = Arc::new(AtomicBool::new(false));
+    let res = send(&st, put(&read, false)).await;
+    // Its NAR is not in the store: the upload itself was answered.
+    assert_eq!(res.status(), StatusCode::BAD_REQUEST);
+    assert!(read.load(Ordering::SeqCst));
+    assert!(!st.store_failing());
+    let probes = |seen: &std::sync::Mutex<Vec<(axum::http::Method, String)>>| {
+        seen.lock()
+            .unwrap()
+            .iter()
+            .filter(|(_, q)| q.contains("max-keys=1"))
+            .count()
+    };
+    assert_eq!(probes(&seen), 1);
+
+    let read = Arc::new(AtomicBool::new(false));
+    assert_eq!(
+        send(&st, put(&read, true)).await.status(),
+        StatusCode::BAD_REQUEST
+    );
+    assert!(read.load(Ordering::SeqCst));
+    assert_eq!(probes(&seen), 1, "the store was asked while it worked");
 }

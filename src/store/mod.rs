@@ -171,8 +171,8 @@ impl Stream for IdleLimited {
 }
 
 tokio::task_local! {
-    /// Set while an upload is served ([`serving_upload`]).
-    static UPLOAD: ();
+    /// True while an upload is served ([`serving_upload`]), false within [`not_for_upload`].
+    static UPLOAD: bool;
 }
 
 /// Runs `f` as the serving of an upload (a client's PUT): a store's request made within it
@@ -180,12 +180,18 @@ tokio::task_local! {
 /// are, instead of failing at once. Nix 2.8 retries a PUT that failed without its body, which
 /// fails its copy; a GET that fails, it retries itself. Tasks `f` spawns are outside it.
 pub async fn serving_upload<F: std::future::Future>(f: F) -> F::Output {
-    UPLOAD.scope((), f).await
+    UPLOAD.scope(true, f).await
+}
+
+/// Runs `f` as no upload's, within one ([`serving_upload`]): its store requests fail at once
+/// when they could not connect (the caller waits for the store its own way).
+pub async fn not_for_upload<F: std::future::Future>(f: F) -> F::Output {
+    UPLOAD.scope(false, f).await
 }
 
 /// Whether the caller serves an upload ([`serving_upload`]).
 pub fn for_upload() -> bool {
-    UPLOAD.try_with(|()| ()).is_ok()
+    UPLOAD.try_with(|&serving| serving).unwrap_or(false)
 }
 
 /// `tokio::spawn`, the task serving an upload if the caller does ([`serving_upload`]).

@@ -160,6 +160,9 @@ pub struct Proxy {
     /// The next request whose first line starts with `.0` and holds `.1` reaches the store,
     /// and its answer is lost: the client's connection is closed instead.
     lose: Arc<Mutex<Option<(String, String)>>>,
+    /// The next request whose first line starts with `.0` and holds `.1` never reaches the
+    /// store: the proxy goes down ([`Proxy::set_down`]) instead.
+    down_on: Arc<Mutex<Option<(String, String)>>>,
 }
 
 /// Whether `chunk`, read from a client, starts a request whose first line starts with
@@ -187,6 +190,8 @@ impl Proxy {
         let (hold, held) = (hold_after.clone(), holding.clone());
         let lose: Arc<Mutex<Option<(String, String)>>> = Arc::default();
         let losing = lose.clone();
+        let down_on: Arc<Mutex<Option<(String, String)>>> = Arc::default();
+        let downing = down_on.clone();
         tokio::spawn(async move {
             loop {
                 let Ok((mut client, _)) = listener.accept().await else {
@@ -200,6 +205,7 @@ impl Proxy {
                 let mut hold = hold.subscribe();
                 let held = held.clone();
                 let losing = losing.clone();
+                let (downing, down, all) = (downing.clone(), d.clone(), c.clone());
                 let task = tokio::spawn(async move {
                     let Ok(mut server) = TcpStream::connect(upstream).await else {
                         return;
@@ -214,6 +220,20 @@ impl Proxy {
                             let n = cr.read(&mut buf).await.unwrap_or(0);
                             if n == 0 {
                                 break;
+                            }
+                            {
+                                let mut down_on = downing.lock().unwrap();
+                                if down_on
+                                    .as_ref()
+                                    .is_some_and(|(m, p)| request_is(&buf[..n], m, p))
+                                {
+                                    *down_on = None;
+                                    down.store(true, Ordering::SeqCst);
+                                    for conn in all.lock().unwrap().drain(..) {
+                                        conn.abort();
+                                    }
+                                    break;
+                                }
                             }
                             t.fetch_add(n as u64, Ordering::SeqCst);
                             {
@@ -269,7 +289,14 @@ impl Proxy {
             hold_after,
             holding,
             lose,
+            down_on,
         }
+    }
+
+    /// The next request whose first line starts with `method` and holds `part` goes nowhere:
+    /// the proxy goes down as it arrives, as [`Proxy::set_down`] does.
+    pub fn down_on(&self, method: &str, part: &str) {
+        *self.down_on.lock().unwrap() = Some((method.to_owned(), part.to_owned()));
     }
 
     /// The next request whose first line starts with `method` and holds `part` reaches the
