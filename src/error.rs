@@ -229,6 +229,14 @@ impl Error {
 impl IntoResponse for Error {
     fn into_response(self) -> Response {
         self.log();
+        self.into_unlogged_response()
+    }
+}
+
+impl Error {
+    /// The answer [`IntoResponse::into_response`] makes, without its log line: for a caller
+    /// that says it its own way (once a minute, say).
+    pub fn into_unlogged_response(self) -> Response {
         let status = self.status();
         let mut res = (status, format!("{}\n", self.public_reason())).into_response();
         // For the metrics middleware, which sees only the response.

@@ -20,6 +20,10 @@ pub struct Status {
     /// out`, `shutting down`). `None` from a server from before it was reported.
     #[serde(default)]
     pub store_state: Option<String>,
+    /// Requests answered 5xx because of the store since the server started. `None` from a
+    /// server from before it was reported.
+    #[serde(default)]
+    pub store_failures: Option<StoreFailures>,
     /// `name:base64` lines, for clients' `trusted-public-keys`.
     pub public_keys: Vec<String>,
     pub private: bool,
@@ -31,6 +35,18 @@ pub struct Status {
     /// `None` when `cache.nar_dir` is unset.
     pub nar_cache: Option<CacheStatus>,
     pub upstreams: Vec<UpstreamStatus>,
+}
+
+#[derive(Debug, Clone, Serialize, Deserialize)]
+pub struct StoreFailures {
+    /// Requests answered 5xx because the store failed (unavailable, timed out, misconfigured,
+    /// a corrupt object, another error), since the start.
+    pub count: u64,
+    /// How long ago the last one was, in seconds, and why (`store_unavailable`,
+    /// `store_timeout`, `store_misconfigured`, `store_error`, `corrupt_object`: the `verdict`s
+    /// of `/metrics`); `None` if there was none.
+    pub last_secs_ago: Option<u64>,
+    pub last: Option<String>,
 }
 
 #[derive(Debug, Clone, Serialize, Deserialize)]
@@ -188,6 +204,22 @@ impl fmt::Display for Status {
         match self.store_state.as_deref() {
             Some("ready") | None => writeln!(f, "store: {}", self.store)?,
             Some(why) => writeln!(f, "store: {} (NOT READY: {why})", self.store)?,
+        }
+        if let Some(StoreFailures {
+            count: n @ 1..,
+            last_secs_ago,
+            last,
+        }) = &self.store_failures
+        {
+            let plural = if *n == 1 { "" } else { "s" };
+            write!(
+                f,
+                "store failures: {n} request{plural} answered 5xx since the start"
+            )?;
+            if let (Some(ago), Some(why)) = (last_secs_ago, last) {
+                write!(f, ", the last {ago} s ago ({why})")?;
+            }
+            writeln!(f, "; the server's log says why")?;
         }
         if self.private {
             writeln!(f, "private: reads need a token")?;
@@ -351,6 +383,11 @@ mod tests {
             version: "0.1.0".into(),
             store: "local directory ./x".into(),
             store_state: Some("ready".into()),
+            store_failures: Some(StoreFailures {
+                count: 0,
+                last_secs_ago: None,
+                last: None,
+            }),
             public_keys: vec!["k-1:abc=".into(), "k-2:def=".into()],
             private: false,
             narinfo_cache: c.clone(),
@@ -398,6 +435,23 @@ mod tests {
                 .to_string()
                 .contains("store: local directory ./x (NOT READY: store unavailable)\n"),
             "{failing}"
+        );
+        // The store's failures: said only when there were some.
+        assert!(!text.contains("store failures"), "{text}");
+        let failed = Status {
+            store_failures: Some(StoreFailures {
+                count: 3,
+                last_secs_ago: Some(12),
+                last: Some("store_misconfigured".into()),
+            }),
+            ..s.clone()
+        };
+        assert!(
+            failed.to_string().contains(
+                "store failures: 3 requests answered 5xx since the start, the last 12 s ago \
+                 (store_misconfigured); the server's log says why\n"
+            ),
+            "{failed}"
         );
         // Both keys on one line, as nix.conf takes them.
         assert!(

@@ -40,7 +40,7 @@ pub(super) async fn drain_unread(req: Request, next: Next) -> Response {
     if !has_body {
         return next.run(req).await;
     }
-    let waits = headers.contains_key(header::EXPECT);
+    let waits = waits_for_continue(headers);
     let size = declared(headers);
     let (parts, body) = req.into_parts();
     let held = Held(Arc::new(Mutex::new(State {
@@ -53,6 +53,12 @@ pub(super) async fn drain_unread(req: Request, next: Next) -> Response {
         .await;
     held.drain(waits, size).await;
     res
+}
+
+/// Whether the client waits for `100 Continue` before it sends the body (`Expect`, whose
+/// one value is `100-continue`).
+pub(super) fn waits_for_continue(headers: &axum::http::HeaderMap) -> bool {
+    headers.contains_key(header::EXPECT)
 }
 
 /// The body's size as its `Content-Length` says, if it says one.

@@ -46,14 +46,6 @@ impl Readiness {
         was_down == ready
     }
 
-    /// The store answered a request other than a probe: no longer down, as a probe's
-    /// success would say (logged as one would be, if it was down).
-    pub fn answered(&self) {
-        if self.changed(true) {
-            tracing::info!("ready: the store answers again");
-        }
-    }
-
     /// Whether the last probe found the store down, within
     /// [`super::state::STORE_FAILED_FOR`] (no probe may come again for long: open-source
     /// nginx sends none).

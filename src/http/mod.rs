@@ -251,9 +251,10 @@ async fn check(st: &AppState, req: Request, next: Next, scope: Scope, root: bool
             }
             // Upload log lines carry the token's name.
             async move {
-                if req.method() == Method::PUT {
-                    if let Err(e) = before_body::store_answers(st, req.headers()).await {
-                        return e.into_response();
+                // nix-cache-info is not the store's.
+                if req.method() == Method::PUT && !req.uri().path().ends_with("/nix-cache-info") {
+                    if let Err(refused) = before_body::store_answers(st, req.headers()).await {
+                        return refused;
                     }
                 }
                 next.run(req).await
@@ -353,6 +354,11 @@ async fn default_cache_headers(State(st): State<AppState>, req: Request, next: N
         .is_some()
     {
         st.note_store_failed();
+    }
+    if res.status().is_server_error() {
+        if let Some(crate::error::ErrorLabel(label)) = res.extensions().get() {
+            st.note_store_answer_failed(label);
+        }
     }
     let config = &st.live().config;
     if config.auth.private {

@@ -536,6 +536,48 @@ async fn status_says_whether_the_store_answers() {
     );
 }
 
+/// `/status` counts the requests the store's failures made 5xx since the start, and names the
+/// last one's kind: a replica whose reads all fail does not look idle there. A miss is no
+/// failure.
+#[tokio::test]
+async fn status_counts_the_stores_failures() {
+    let mem = Arc::new(MemoryStore::new());
+    let st = state(Config::default(), &mem);
+    let failures = |st: super::AppState| async move {
+        let (_, body) = get(&st, "/status").await;
+        let v: serde_json::Value = serde_json::from_slice(&body).unwrap();
+        v["store_failures"].clone()
+    };
+    assert_eq!(
+        get(&st, &format!("/{HASH}.narinfo")).await.0,
+        StatusCode::NOT_FOUND
+    );
+    assert_eq!(failures(st.clone()).await["count"], 0);
+    assert!(failures(st.clone()).await["last"].is_null());
+    mem.set_down(true);
+    let (status, _) = get(&st, "/nix-cache-info").await;
+    assert_eq!(status, StatusCode::OK, "answered from memory");
+    let other = "g904kp3djilk732cgbnxhpy7vzykbqsh";
+    assert_eq!(
+        get(&st, &format!("/{other}.narinfo")).await.0,
+        StatusCode::SERVICE_UNAVAILABLE
+    );
+    mem.set_down(false);
+    let third = "h904kp3djilk732cgbnxhpy7vzykbqsh";
+    mem.insert(&format!("{third}.narinfo"), "not a narinfo");
+    assert_eq!(
+        get(&st, &format!("/{third}.narinfo")).await.0,
+        StatusCode::BAD_GATEWAY
+    );
+    // Not the store's: too many uploads at once, an upstream down.
+    st.note_store_answer_failed("busy");
+    st.note_store_answer_failed("upstream_unavailable");
+    let f = failures(st.clone()).await;
+    assert_eq!(f["count"], 2, "{f}");
+    assert_eq!(f["last"], "corrupt_object");
+    assert!(f["last_secs_ago"].as_u64().is_some());
+}
+
 /// A narinfo missed while an upstream could not be asked is a 404 that is not kept: not in
 /// memory (the next request looks again), not by caches in front (`no-store`).
 #[tokio::test]

@@ -71,6 +71,11 @@ pub struct App {
     /// When a request was last answered 5xx because the store did not answer (see
     /// [`App::store_failing`]).
     pub store_failed: std::sync::Mutex<Option<tokio::time::Instant>>,
+    /// Answers the store's failures made 5xx since the start, for `cellar status` (see
+    /// [`App::note_store_answer_failed`]).
+    pub store_failures: std::sync::Mutex<StoreFailures>,
+    /// The question to a failing store that uploads wait for (see [`super::before_body`]).
+    pub asking: super::before_body::Asking,
     /// Set once the server stops taking connections (SIGTERM): `/readyz` answers 503.
     pub draining: std::sync::atomic::AtomicBool,
     live: ArcSwap<Live>,
@@ -97,12 +102,39 @@ impl App {
         *crate::sync::lock(&self.store_failed) = Some(tokio::time::Instant::now());
     }
 
-    /// The store answered a request made to learn whether it does: it is no longer taken
-    /// for failing ([`App::store_failing`]).
+    /// A request was answered 5xx for the store's failure labelled `label` (an
+    /// [`crate::error::Error::label`]: unavailable, timed out, misconfigured, a corrupt
+    /// object, another error); answers that are not the store's are not counted.
+    pub fn note_store_answer_failed(&self, label: &'static str) {
+        if !matches!(
+            label,
+            "store_unavailable"
+                | "store_timeout"
+                | "store_misconfigured"
+                | "store_error"
+                | "corrupt_object"
+        ) {
+            return;
+        }
+        let mut f = crate::sync::lock(&self.store_failures);
+        f.count += 1;
+        f.last = Some((tokio::time::Instant::now(), label));
+    }
+
+    /// The store answered a request made to learn whether it does: no request it failed
+    /// counts any more ([`App::store_failing`]; a readiness probe's failure still does, until
+    /// the next probe).
     pub fn note_store_answers(&self) {
         *crate::sync::lock(&self.store_failed) = None;
-        self.readiness.answered();
     }
+}
+
+/// Requests answered 5xx because of the store since the start: how many, and the last one's
+/// time and [`crate::error::Error::label`].
+#[derive(Default)]
+pub struct StoreFailures {
+    pub count: u64,
+    pub last: Option<(tokio::time::Instant, &'static str)>,
 }
 
 /// The part of the state a reload replaces.
@@ -221,6 +253,8 @@ impl AppState {
             refused_scope_warned: std::sync::Mutex::new(None),
             readiness: super::health::Readiness::default(),
             store_failed: std::sync::Mutex::new(None),
+            store_failures: std::sync::Mutex::new(StoreFailures::default()),
+            asking: super::before_body::Asking::default(),
             draining: std::sync::atomic::AtomicBool::new(false),
             live: ArcSwap::from_pointee(live),
         })))

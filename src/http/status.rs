@@ -56,10 +56,19 @@ pub(super) async fn get(State(st): State<AppState>) -> impl IntoResponse {
     })
     .await
     .unwrap_or("store timed out\n");
+    let store_failures = {
+        let f = crate::sync::lock(&st.store_failures);
+        crate::status::StoreFailures {
+            count: f.count,
+            last_secs_ago: f.last.map(|(at, _)| at.elapsed().as_secs()),
+            last: f.last.map(|(_, why)| why.to_owned()),
+        }
+    };
     let status = Status {
         version: env!("CARGO_PKG_VERSION").to_owned(),
         store: st.store.describe(),
         store_state: Some(ready.trim().to_owned()),
+        store_failures: Some(store_failures),
         public_keys: live
             .signing_keys
             .iter()

@@ -3248,26 +3248,38 @@ async fn an_upload_while_the_store_fails_is_refused_before_its_body() {
     let st = s3_state_at(addr, true).await;
     let (nar, _) = tiny_nar();
     let put = |read: &Arc<AtomicBool>, waits: bool| {
-        let mut req = authed("PUT", &format!("/upload/{HASH}.narinfo"), "wtok");
+        let body = narinfo_of("up", &nar);
+        let mut req = authed("PUT", &format!("/upload/{HASH}.narinfo"), "wtok")
+            .header(axum::http::header::CONTENT_LENGTH, body.len());
         if waits {
             req = req.header(axum::http::header::EXPECT, "100-continue");
         }
-        req.body(watched_body(narinfo_of("up", &nar), read.clone()))
-            .unwrap()
+        req.body(watched_body(body, read.clone())).unwrap()
     };
     st.note_store_failed();
+    // A store that takes connections and answers nothing for 2 s (its outage: not a wait for
+    // anything), longer than a waiting client waits, shorter than one sending its body.
     let seen = Arc::new(std::sync::Mutex::new(Vec::new()));
     let bucket = empty_bucket(seen.clone());
+    let l = tokio::net::TcpListener::bind(addr).await.unwrap();
     tokio::spawn(async move {
-        // The store's outage: not a wait for anything.
-        tokio::time::sleep(Duration::from_millis(1500)).await;
-        let l = tokio::net::TcpListener::bind(addr).await.unwrap();
+        tokio::time::sleep(Duration::from_secs(2)).await;
         axum::serve(l, bucket).await
     });
 
+    // nix-cache-info, which Nix sends first, is not the store's.
+    let info = authed("PUT", "/upload/nix-cache-info", "wtok")
+        .header(axum::http::header::EXPECT, "100-continue")
+        .body(Body::from("StoreDir: /nix/store\n"))
+        .unwrap();
+    assert_eq!(send(&st, info).await.status(), StatusCode::NO_CONTENT);
     let read = Arc::new(AtomicBool::new(false));
     let res = send(&st, put(&read, true)).await;
     assert_eq!(res.status(), StatusCode::SERVICE_UNAVAILABLE);
+    assert!(res
+        .extensions()
+        .get::<crate::error::StoreFailed>()
+        .is_none());
     assert!(!read.load(Ordering::SeqCst), "the body was read");
     assert!(st.store_failing());
 
@@ -3284,7 +3296,8 @@ async fn an_upload_while_the_store_fails_is_refused_before_its_body() {
             .filter(|(_, q)| q.contains("max-keys=1"))
             .count()
     };
-    assert_eq!(probes(&seen), 1);
+    let asked = probes(&seen);
+    assert!(asked >= 1);
 
     let read = Arc::new(AtomicBool::new(false));
     assert_eq!(
@@ -3292,5 +3305,5 @@ async fn an_upload_while_the_store_fails_is_refused_before_its_body() {
         StatusCode::BAD_REQUEST
     );
     assert!(read.load(Ordering::SeqCst));
-    assert_eq!(probes(&seen), 1, "the store was asked while it worked");
+    assert_eq!(probes(&seen), asked, "the store was asked while it worked");
 }
