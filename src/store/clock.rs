@@ -13,10 +13,14 @@
 //! refused for its time is signed again and retried at once. A `Date` has a resolution of a
 //! second and reaches cellar a round trip late, so offsets under [`SLACK`] are taken for none,
 //! and the offset moves only when an answer disagrees with it by [`SLACK`] or more.
+//!
+//! The offset is kept against this machine's monotonic clock: when this machine's clock is
+//! set (NTP answering at last, after the start), the store's time does not move with it, and
+//! the offset shrinks by the step at once, not at the store's next answer (an access record
+//! written meanwhile was filed days off).
 
-use std::sync::atomic::{AtomicI64, Ordering};
-use std::sync::Arc;
-use std::time::{Duration, SystemTime};
+use std::sync::{Arc, Mutex};
+use std::time::{Duration, Instant, SystemTime};
 
 use aws_smithy_types::date_time::{DateTime, Format};
 
@@ -30,8 +34,33 @@ const WORTH_SAYING: Duration = Duration::from_secs(60);
 /// The store's clock, as an offset to this machine's; clones share it.
 #[derive(Debug, Default, Clone)]
 pub struct StoreClock {
-    /// Milliseconds to add to this machine's time to get the store's.
-    offset_ms: Arc<AtomicI64>,
+    /// The offset last learnt, unless it is none.
+    learnt: Arc<Mutex<Option<Learnt>>>,
+}
+
+/// An offset, and when it was learnt by both of this machine's clocks.
+#[derive(Debug, Clone, Copy)]
+struct Learnt {
+    /// Milliseconds to add to this machine's time to get the store's, then.
+    offset_ms: i64,
+    wall: SystemTime,
+    monotonic: Instant,
+}
+
+impl Learnt {
+    /// The offset at `wall` and `monotonic` (both read now): less whatever this machine's
+    /// clock was set forward by since it was learnt (more, set back).
+    fn at(&self, wall: SystemTime, monotonic: Instant) -> i64 {
+        let walked = offset_ms(wall, self.wall);
+        let elapsed = i64::try_from(
+            monotonic
+                .saturating_duration_since(self.monotonic)
+                .as_millis(),
+        )
+        .unwrap_or(i64::MAX);
+        self.offset_ms
+            .saturating_sub(walked.saturating_sub(elapsed))
+    }
 }
 
 impl StoreClock {
@@ -47,7 +76,12 @@ impl StoreClock {
 
     /// Milliseconds to add to this machine's time to get the store's.
     pub fn offset_ms(&self) -> i64 {
-        self.offset_ms.load(Ordering::Relaxed)
+        self.offset_at(SystemTime::now(), Instant::now())
+    }
+
+    /// [`Self::offset_ms`] when this machine's clocks read `wall` and `monotonic`.
+    fn offset_at(&self, wall: SystemTime, monotonic: Instant) -> i64 {
+        crate::sync::lock(&self.learnt).map_or(0, |l| l.at(wall, monotonic))
     }
 
     /// Whether the offset moved by [`SKEW_RETRY`] or more from `offset_ms` (read before a
@@ -64,6 +98,17 @@ impl StoreClock {
 
     /// [`Self::observe`] of an answer received at `received` (by this machine's clock).
     pub fn observe_at(&self, date: &str, received: SystemTime) -> bool {
+        self.observe_when(date, received, SystemTime::now(), Instant::now())
+    }
+
+    /// [`Self::observe_at`] when this machine's clocks read `wall` and `monotonic`.
+    fn observe_when(
+        &self,
+        date: &str,
+        received: SystemTime,
+        wall: SystemTime,
+        monotonic: Instant,
+    ) -> bool {
         let Some(told) = DateTime::from_str(date.trim(), Format::HttpDate)
             .ok()
             .and_then(|d| SystemTime::try_from(d).ok())
@@ -72,15 +117,34 @@ impl StoreClock {
         };
         let measured = offset_ms(told, received);
         let slack = SLACK.as_millis() as i64;
-        let held = self.offset_ms();
+        let mut learnt = crate::sync::lock(&self.learnt);
+        let was = learnt.map_or(0, |l| l.offset_ms);
+        let held = learnt.map_or(0, |l| l.at(wall, monotonic));
+        let worth = WORTH_SAYING.as_millis() as i64;
         if (measured - held).abs() < slack {
+            // This machine's clock set right since the offset was learnt: none now.
+            if learnt.is_some() && held.abs() < slack {
+                *learnt = None;
+                drop(learnt);
+                crate::metrics::get().store_clock_offset.set(0);
+                if was.abs() >= worth {
+                    tracing::info!(
+                        offset_secs = 0,
+                        "the store's clock and this machine's agree again (this machine's was set)"
+                    );
+                }
+            }
             return false;
         }
         // Within the slack of no offset at all: none (the noise of a clock in sync).
         let new = if measured.abs() < slack { 0 } else { measured };
-        self.offset_ms.store(new, Ordering::Relaxed);
+        *learnt = (new != 0).then_some(Learnt {
+            offset_ms: new,
+            wall,
+            monotonic,
+        });
+        drop(learnt);
         crate::metrics::get().store_clock_offset.set(new / 1000);
-        let worth = WORTH_SAYING.as_millis() as i64;
         if new.abs() >= worth {
             tracing::warn!(
                 offset_secs = new / 1000,
@@ -328,6 +392,37 @@ mod tests {
             logs.text()
         );
         c.observe_at(DATE, at(1_796_000_000 - 30));
+        assert_eq!(
+            logs.text().matches("agree again").count(),
+            1,
+            "{}",
+            logs.text()
+        );
+    }
+
+    /// This machine's clock set forward by the offset learnt (NTP answering after the start):
+    /// the store's time does not move, so the offset is gone at once; set back, it grows by
+    /// as much. The store's next answer then forgets it, and says so.
+    #[test]
+    fn a_step_of_this_machines_clock_leaves_the_stores_time_alone() {
+        let logs = crate::test_logs::capture();
+        let c = StoreClock::default();
+        // This machine three days behind.
+        assert!(c.observe_at(DATE, at(1_796_000_000 - 259_200)));
+        let l = crate::sync::lock(&c.learnt).unwrap();
+        let (ten, days) = (Duration::from_secs(10), Duration::from_secs(259_200));
+        assert_eq!(c.offset_at(l.wall + ten, l.monotonic + ten), 259_200_000);
+        assert_eq!(c.offset_at(l.wall + ten + days, l.monotonic + ten), 0);
+        let hour = Duration::from_secs(3600);
+        assert_eq!(
+            c.offset_at(l.wall + ten - hour, l.monotonic + ten),
+            259_200_000 + 3_600_000
+        );
+        // An answer in agreement with this machine's clock set right.
+        let (wall, monotonic) = (l.wall + ten + days, l.monotonic + ten);
+        assert!(!c.observe_when(DATE, at(1_796_000_000), wall, monotonic));
+        assert!(crate::sync::lock(&c.learnt).is_none());
+        assert_eq!(c.offset_ms(), 0);
         assert_eq!(
             logs.text().matches("agree again").count(),
             1,
