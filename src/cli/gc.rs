@@ -196,12 +196,7 @@ pub fn pin(path: Option<&Path>, command: PinCommand) -> anyhow::Result<()> {
                 let (pins, bad) = gc::pins::list(store.as_ref(), &sd).await?;
                 let now = store.now();
                 for p in pins {
-                    let state = match p.keep {
-                        None => "kept until removed".to_owned(),
-                        Some(_) if !p.active(now) => "expired".to_owned(),
-                        Some(k) => format!("kept for {} days from creation", k.as_secs() / 86400),
-                    };
-                    say!("{} ({state})", p.name);
+                    say!("{} ({})", p.name, p.state(now));
                     for path in &p.paths {
                         say!("  {sd}/{path}");
                     }

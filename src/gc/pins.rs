@@ -40,6 +40,24 @@ impl Pin {
             .is_none_or(|k| self.created.checked_add(k).is_none_or(|end| end > now))
     }
 
+    /// How long the pin lasts, as `cellar pin list` says it at `now`: until removed, until
+    /// when (UTC, to the minute), or since when it has expired.
+    pub fn state(&self, now: SystemTime) -> String {
+        let Some(keep) = self.keep else {
+            return "kept until removed".to_owned();
+        };
+        let days = keep.as_secs() / 86400;
+        match self.created.checked_add(keep) {
+            None => "kept until removed".to_owned(),
+            Some(end) if !self.active(now) => format!("expired {}", utc_minute(end)),
+            Some(end) => format!(
+                "kept until {}, {days} day{} from its creation",
+                utc_minute(end),
+                if days == 1 { "" } else { "s" }
+            ),
+        }
+    }
+
     pub fn render(&self, store_dir: &str) -> String {
         let secs = self
             .created
@@ -265,9 +283,54 @@ pub fn hashes(pin: &Pin) -> impl Iterator<Item = StorePathHash> + '_ {
     pin.paths.iter().map(|p| p.hash())
 }
 
+/// `YYYY-MM-DD HH:MM UTC` of `t`.
+fn utc_minute(t: SystemTime) -> String {
+    let secs = t.duration_since(UNIX_EPOCH).unwrap_or_default().as_secs();
+    let at = i64::try_from(secs)
+        .ok()
+        .and_then(|s| time::OffsetDateTime::from_unix_timestamp(s).ok())
+        .unwrap_or(time::OffsetDateTime::UNIX_EPOCH);
+    format!(
+        "{:04}-{:02}-{:02} {:02}:{:02} UTC",
+        at.year(),
+        u8::from(at.month()),
+        at.day(),
+        at.hour(),
+        at.minute()
+    )
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    /// `pin list` says until when a pin lasts, and since when it has expired, in UTC.
+    #[test]
+    fn a_pins_state_says_when_it_ends() {
+        let day = Duration::from_secs(86400);
+        // 2023-11-14 22:13:20 UTC.
+        let created = UNIX_EPOCH + Duration::from_secs(1_700_000_000);
+        let mut p = Pin {
+            name: "release".into(),
+            created,
+            keep: Some(day),
+            paths: Vec::new(),
+        };
+        assert_eq!(
+            p.state(created),
+            "kept until 2023-11-15 22:13 UTC, 1 day from its creation"
+        );
+        assert_eq!(p.state(created + 2 * day), "expired 2023-11-15 22:13 UTC");
+        p.keep = Some(7 * day);
+        assert_eq!(
+            p.state(created),
+            "kept until 2023-11-21 22:13 UTC, 7 days from its creation"
+        );
+        p.keep = None;
+        assert_eq!(p.state(created), "kept until removed");
+        p.keep = Some(Duration::from_secs(u64::MAX));
+        assert_eq!(p.state(created), "kept until removed");
+    }
 
     #[test]
     fn pins_round_trip() {

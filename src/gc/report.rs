@@ -199,9 +199,9 @@ impl fmt::Display for Summary {
             if self.paths.contains_key(&Reason::Unrecorded) {
                 writeln!(
                     f,
-                    "note: cellar's access records began on {}: no use of a path before that is \
-                     known, so the paths written before it count as used then (kept until {} \
-                     unless used)",
+                    "note: cellar's access records began on {} (UTC): no use of a path before \
+                     that is known, so the paths written before it count as used then (kept \
+                     until {} unless used)",
                     super::access::day(began),
                     super::access::day(until)
                 )?;
