@@ -8,7 +8,7 @@
 
 use axum::body::Body;
 use axum::http::{HeaderMap, StatusCode};
-use axum::response::Response;
+use axum::response::{IntoResponse as _, Response};
 
 use super::object::{self, Kind};
 use super::AppState;
@@ -40,13 +40,20 @@ pub(super) async fn put(
     h: StorePathHash,
     headers: &HeaderMap,
     body: Body,
-) -> Result<StatusCode, Error> {
-    st.uploader
+) -> Result<Response, Error> {
+    let fate = st
+        .uploader
         .put_listing(
             h,
             object::decoded_body_stream(st, headers, body, MAX_LISTING_BYTES)?,
             MAX_LISTING_BYTES,
         )
         .await?;
-    Ok(StatusCode::CREATED)
+    let mut res = StatusCode::CREATED.into_response();
+    if fate == crate::upload::ListingFate::Dropped {
+        // Taken (Nix fails a whole copy on a refused listing), counted apart in the metrics.
+        res.extensions_mut()
+            .insert(crate::error::ErrorLabel("dropped"));
+    }
+    Ok(res)
 }

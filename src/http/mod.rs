@@ -56,7 +56,7 @@ use axum::extract::{Path, Request, State};
 use axum::http::Method;
 use axum::http::{header, HeaderMap, HeaderValue, StatusCode};
 use axum::middleware::{self, Next};
-use axum::response::IntoResponse as _;
+use axum::response::IntoResponse;
 use axum::response::Response;
 use axum::routing::get;
 use axum::Router;
@@ -207,9 +207,11 @@ async fn put_file(
     Path(file): Path<String>,
     headers: HeaderMap,
     body: Body,
-) -> Result<StatusCode, Error> {
+) -> Result<Response, Error> {
     match top_level(&file)? {
-        TopLevelFile::NarInfo(h) => narinfo::put(&st, h, &headers, body).await,
+        TopLevelFile::NarInfo(h) => narinfo::put(&st, h, &headers, body)
+            .await
+            .map(IntoResponse::into_response),
         TopLevelFile::Listing(h) => listing::put(&st, h, &headers, body).await,
     }
 }

@@ -1184,6 +1184,35 @@ async fn nar_puts_over_the_limits_are_refused_before_the_body() {
     assert_eq!(mem.requests(), 0, "nothing reached the store");
 }
 
+/// A listing that is taken but not kept (another of the path came at once) is answered 201
+/// all the same (Nix fails a whole copy on a refused listing), and counted as `dropped`, not
+/// `accepted`, in the upload metrics.
+#[tokio::test]
+async fn a_listing_taken_and_dropped_is_counted_apart() {
+    use crate::config::Scope;
+    let mem = Arc::new(MemoryStore::new());
+    let st = state(
+        with_tokens(Config::default(), &[("w", "wtok", Scope::Write)]),
+        &mem,
+    );
+    let put = |body: &'static str| {
+        authed("PUT", &format!("/upload/{HASH}.ls"), "wtok")
+            .body(Body::from(body))
+            .unwrap()
+    };
+    let verdict = |res: &axum::response::Response| {
+        res.extensions()
+            .get::<crate::error::ErrorLabel>()
+            .map(|l| l.0)
+    };
+    let res = send(&st, put(r#"{"version":1}"#)).await;
+    assert_eq!(res.status(), StatusCode::CREATED);
+    assert_eq!(verdict(&res), None);
+    let res = send(&st, put(r#"{"version":1,"other":1}"#)).await;
+    assert_eq!(res.status(), StatusCode::CREATED);
+    assert_eq!(verdict(&res), Some("dropped"));
+}
+
 /// Long NAR uploads holding every slot do not keep a listing, a log, a realisation or a debug
 /// info link waiting: those have slots of their own, as many, and wait only for each other.
 /// (Paused time: a wait for a slot passes without taking it, and ends in 503.)

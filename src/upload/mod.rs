@@ -80,6 +80,16 @@ pub const MAX_LOG_BYTES: u64 = 1 << 30;
 /// A bound on one listing (`<hash>.ls`), uploaded or imported.
 pub const MAX_LISTING_BYTES: u64 = 256 << 20;
 
+/// What became of an uploaded listing ([`Uploader::put_listing`]).
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum ListingFate {
+    /// Held until its narinfo is accepted, then written.
+    Held,
+    /// Read and dropped: larger than the listings held at most, no room among those being
+    /// received, or not held (its path has another already, or is published).
+    Dropped,
+}
+
 /// What a client refused for `upload.max_concurrent` is told to wait. Nix 2.8 retries 5xx
 /// with its own back-off (0.3 s doubling) and ignores it; other clients may not.
 const BUSY_RETRY_AFTER_SECS: u64 = 1;
@@ -1208,8 +1218,15 @@ impl Uploader {
     }
 
     /// Holds the listing uploaded for `h` until its narinfo is accepted, which writes it
-    /// ([`listings`]); counted among the uploads running ([`Self::admit_other`]).
-    pub async fn put_listing<S>(&self, h: StorePathHash, body: S, limit: u64) -> Result<(), Error>
+    /// ([`listings`]); counted among the uploads running ([`Self::admit_other`]). Whether it
+    /// is held: one that cannot be is read to its end all the same, and dropped (Nix fails
+    /// the whole copy on a refused listing).
+    pub async fn put_listing<S>(
+        &self,
+        h: StorePathHash,
+        body: S,
+        limit: u64,
+    ) -> Result<ListingFate, Error>
     where
         S: Stream<Item = std::io::Result<Bytes>> + Send,
     {
@@ -1234,22 +1251,29 @@ impl Uploader {
             }
             if listing.is_some() && !self.listing_room(&mut room, read) {
                 tracing::warn!(path = %h, "listing dropped: the listings being received take all the memory they may");
-                return self.drain_listing(body, read, limit).await;
+                self.drain_listing(body, read, limit).await?;
+                return Ok(ListingFate::Dropped);
             }
             if let Some(l) = &mut listing {
                 l.extend_from_slice(&chunk);
             }
         }
         let Some(mut listing) = listing else {
-            tracing::warn!(path = %h, bytes = read, "listing dropped: larger than the listings held at most");
-            return Ok(());
+            tracing::warn!(
+                path = %h,
+                bytes = read,
+                "listing dropped: larger than the listings held at most ({} MiB)",
+                listings::HELD_BYTES >> 20
+            );
+            return Ok(ListingFate::Dropped);
         };
         // Held as counted: by its length, not the capacity it grew to.
         listing.shrink_to_fit();
         if let Err(why) = self.listings.hold(h, Bytes::from(listing)) {
             tracing::warn!(path = %h, "listing dropped: {why}");
+            return Ok(ListingFate::Dropped);
         }
-        Ok(())
+        Ok(ListingFate::Held)
     }
 
     /// Grows `room` (KiB of [`Self::listings_arriving`]) to cover `bytes`, without waiting;

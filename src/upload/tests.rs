@@ -2402,6 +2402,16 @@ async fn listings_are_written_with_their_narinfo_only() {
     // Refused (its NarSize is wrong): no listing either.
     let mut wrong = info.clone();
     wrong.nar_size += 1;
+    let fate = up.put_listing(h, listing(), 1 << 20).await.unwrap();
+    assert_eq!(fate, super::ListingFate::Held);
+    // The same again (Nix's retry) is held as it was; another listing of the path at once (a
+    // second build pushed beside it) is not, and the path gets neither.
+    let fate = up.put_listing(h, listing(), 1 << 20).await.unwrap();
+    assert_eq!(fate, super::ListingFate::Held);
+    let other = body(Bytes::from_static(b"{\"another\":1}"));
+    let fate = up.put_listing(h, other, 1 << 20).await.unwrap();
+    assert_eq!(fate, super::ListingFate::Dropped);
+    assert!(up.listings.take(h).is_none());
     up.put_listing(h, listing(), 1 << 20).await.unwrap();
     assert!(up
         .put_narinfo(h, wrong.render("/nix/store").as_bytes(), None)
@@ -2453,7 +2463,8 @@ async fn a_listing_too_large_to_hold_is_read_and_dropped() {
     };
     let over = HELD_BYTES / (1 << 20) + 1;
     let logs = crate::test_logs::capture();
-    up.put_listing(h, chunks(over), 256 << 20).await.unwrap();
+    let fate = up.put_listing(h, chunks(over), 256 << 20).await.unwrap();
+    assert_eq!(fate, super::ListingFate::Dropped);
     // Let go as soon as it could not be held, not read whole first.
     let logged = logs.text();
     assert!(
@@ -2463,7 +2474,8 @@ async fn a_listing_too_large_to_hold_is_read_and_dropped() {
     assert_eq!(up.listings.held_bytes(), 0);
     assert!(up.listings.take(h).is_none());
     let fits = HELD_BYTES / (1 << 20);
-    up.put_listing(h, chunks(fits), 256 << 20).await.unwrap();
+    let fate = up.put_listing(h, chunks(fits), 256 << 20).await.unwrap();
+    assert_eq!(fate, super::ListingFate::Held);
     assert_eq!(up.listings.held_bytes(), HELD_BYTES);
 }
 
@@ -2502,9 +2514,11 @@ async fn listings_arriving_together_take_no_more_memory_than_those_held() {
         .expect("the first listing took no room");
     let whole: Vec<std::io::Result<Bytes>> = (0..part).map(|_| Ok(mib.clone())).collect();
     let logs = crate::test_logs::capture();
-    up.put_listing(second, futures::stream::iter(whole), 256 << 20)
+    let fate = up
+        .put_listing(second, futures::stream::iter(whole), 256 << 20)
         .await
         .unwrap();
+    assert_eq!(fate, super::ListingFate::Dropped);
     assert!(up.listings.take(second).is_none(), "held beyond the room");
     assert!(logs.text().contains("listing dropped"), "{}", logs.text());
     drop(tx);
