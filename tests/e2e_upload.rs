@@ -552,6 +552,61 @@ async fn store_gone_during_an_upload(through_nginx: bool) {
     substitute_and_verify(&srv.url, &srv.public_key, &f.top, &work.path().join("back"));
 }
 
+/// A derivation whose name holds a `?` (Nix allows it in store path names): Nix 2.8 sends its
+/// log's URL without encoding it (`/log/<hash>-?what.drv`, whose path alone names no
+/// derivation). `nix store copy-log --to` stores the log under the whole name, and `nix log`
+/// reads it back through the root URL.
+#[tokio::test(flavor = "multi_thread")]
+async fn the_log_of_a_derivation_named_with_a_question_mark_round_trips() {
+    let (w, wcfg) = token("builder", "write");
+    let work = tempfile::tempdir().unwrap();
+    let expr = work.path().join("q.nix");
+    std::fs::write(
+        &expr,
+        format!(
+            "builtins.derivation {{ name = \"?what\"; system = builtins.currentSystem; \
+             builder = \"/bin/sh\"; salt = \"{}\"; \
+             args = [ \"-c\" \"echo building what-now; echo done > $out\" ]; }}",
+            unique_prefix("q")
+        ),
+    )
+    .unwrap();
+    let mut b = nix("nix-build", &work.path().join("xdg-build"));
+    b.arg("--no-out-link").arg(&expr);
+    let out = run_ok(b).trim().to_owned();
+    assert!(out.ends_with("-?what"), "{out}");
+    let app = App::s3("up-question").config(&wcfg).spawn().await;
+    let srv = &app.srv;
+    let netrc = netrc(work.path(), srv, &w);
+    let upload = format!("{}/upload", srv.url);
+    assert_ok(
+        &copy_to(&upload, Some(&netrc), &[&out], work.path(), "q"),
+        "nix copy --to",
+    );
+    let mut c = nix("nix", &work.path().join("xdg-up-q"));
+    c.args([
+        "store",
+        "copy-log",
+        "--to",
+        &upload,
+        "--option",
+        "netrc-file",
+    ])
+    .arg(&netrc)
+    .arg(&out);
+    run_ok(c);
+    // Under its whole name, as `nix copy --to s3://` and `file://` store it.
+    let mut q = nix("nix-store", &work.path().join("xdg-build"));
+    q.args(["--query", "--deriver", &out]);
+    let drv = run_ok(q).trim().to_owned();
+    let key = format!("{}log/{}", app.prefix, Fixture::basename(&drv));
+    assert!(key.ends_with("-?what.drv"), "{key}");
+    assert!(s3_exists(&app.s3, &key).await, "{key}");
+    let mut l = nix("nix", &work.path().join("xdg-log"));
+    l.args(["log", "--store", &srv.url, &out]);
+    assert!(run_ok(l).contains("building what-now"));
+}
+
 /// A path whose NAR spans several multipart parts goes up with `nix copy --to` (its 8 MiB
 /// parts sent to Garage several at once, `store.upload_part_concurrency`) and comes back whole
 /// into a fresh store; through another cellar, which did not receive it, its narinfo is

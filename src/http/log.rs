@@ -4,9 +4,10 @@
 //! if sent with a `Content-Encoding` (newer Nix's `log-compression`).
 
 use axum::body::Body;
-use axum::extract::{Path, State};
+use axum::extract::{FromRequestParts, Path, State};
+use axum::http::request::Parts;
 use axum::http::{HeaderMap, StatusCode};
-use axum::response::Response;
+use axum::response::{IntoResponse as _, Response};
 
 use super::object::{self, Kind};
 use super::AppState;
@@ -14,6 +15,27 @@ use crate::error::Error;
 use crate::nix::StorePathBaseName;
 use crate::store::object_key;
 use crate::upload::MAX_LOG_BYTES;
+
+/// The derivation named by `/log/<drv>`, as sent: with a `?` and all that follows it when
+/// the client did not percent-encode one. `?` is allowed in store path names, and Nix 2.8
+/// sends the name as it is, so `<hash>-a?b.drv` arrives as the path `<hash>-a` and the query
+/// `b.drv`; taken apart, the log was stored under a cut name, or refused (`<hash>-?x.drv`).
+/// No log URL has a query of its own.
+pub(super) struct Drv(pub String);
+
+impl<S: Send + Sync> FromRequestParts<S> for Drv {
+    type Rejection = Response;
+
+    async fn from_request_parts(parts: &mut Parts, state: &S) -> Result<Self, Self::Rejection> {
+        let Path(drv) = Path::<String>::from_request_parts(parts, state)
+            .await
+            .map_err(|e| e.into_response())?;
+        Ok(Self(match parts.uri.query() {
+            Some(rest) => format!("{drv}?{rest}"),
+            None => drv,
+        }))
+    }
+}
 
 /// The store key of the log of `drv` (a derivation's base name, validated).
 pub(super) fn key(drv: &str) -> Result<String, Error> {
@@ -23,7 +45,7 @@ pub(super) fn key(drv: &str) -> Result<String, Error> {
 
 pub(super) async fn get(
     State(st): State<AppState>,
-    Path(drv): Path<String>,
+    Drv(drv): Drv,
     headers: HeaderMap,
 ) -> Result<Response, Error> {
     let reads = st.live().reads.clone();
@@ -32,7 +54,7 @@ pub(super) async fn get(
 
 pub(super) async fn head(
     State(st): State<AppState>,
-    Path(drv): Path<String>,
+    Drv(drv): Drv,
     headers: HeaderMap,
 ) -> Result<Response, Error> {
     let reads = st.live().reads.clone();
@@ -41,7 +63,7 @@ pub(super) async fn head(
 
 pub(super) async fn put(
     State(st): State<AppState>,
-    Path(drv): Path<String>,
+    Drv(drv): Drv,
     headers: HeaderMap,
     body: Body,
 ) -> Result<StatusCode, Error> {

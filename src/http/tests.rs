@@ -1184,6 +1184,50 @@ async fn nar_puts_over_the_limits_are_refused_before_the_body() {
     assert_eq!(mem.requests(), 0, "nothing reached the store");
 }
 
+/// A derivation whose name holds a `?` (allowed in store path names): Nix 2.8 sends its log's
+/// URL without encoding it, so the name's rest arrives as a query. The log is stored and read
+/// under its whole name, as `file://` and `s3://` caches (and `cellar import`) store it, and
+/// found by a client that does encode it.
+#[tokio::test]
+async fn a_log_whose_derivation_name_holds_a_question_mark_keeps_its_name() {
+    use crate::config::Scope;
+    let mem = Arc::new(MemoryStore::new());
+    let st = state(
+        with_tokens(Config::default(), &[("w", "wtok", Scope::Write)]),
+        &mem,
+    );
+    for (sent, stored, encoded) in [
+        ("a+b=c?d._-x.drv", "a+b=c?d._-x.drv", "a+b=c%3Fd._-x.drv"),
+        ("?=+.drv", "?=+.drv", "%3F=+.drv"),
+        ("x.drv?", "x.drv?", "x.drv%3F"),
+    ] {
+        let put = authed("PUT", &format!("/upload/log/{HASH}-{sent}"), "wtok")
+            .body(Body::from(format!("log of {stored}")))
+            .unwrap();
+        assert_eq!(send(&st, put).await.status(), StatusCode::CREATED, "{sent}");
+        let key = format!("log/{HASH}-{stored}");
+        assert_eq!(
+            mem.bytes(&key).as_deref(),
+            Some(format!("log of {stored}").as_bytes()),
+            "{sent}"
+        );
+        for read in [sent, encoded] {
+            for at in ["/log", "/upload/log"] {
+                let req = authed("GET", &format!("{at}/{HASH}-{read}"), "wtok")
+                    .body(Body::empty())
+                    .unwrap();
+                let res = send(&st, req).await;
+                assert_eq!(res.status(), StatusCode::OK, "{at}/{read}");
+                let body = res.into_body().collect().await.unwrap().to_bytes();
+                assert_eq!(body, format!("log of {stored}").as_bytes());
+            }
+        }
+    }
+    // Another name than the one stored is not its log.
+    let res = get(&st, &format!("/log/{HASH}-a+b=c?zzz")).await;
+    assert_eq!(res.0, StatusCode::NOT_FOUND);
+}
+
 /// A listing that is taken but not kept (another of the path came at once) is answered 201
 /// all the same (Nix fails a whole copy on a refused listing), and counted as `dropped`, not
 /// `accepted`, in the upload metrics.

@@ -203,7 +203,7 @@ async fn nar_head(State(st): State<AppState>, Path(file): Path<String>) -> Resul
 
 async fn log_get(
     State(st): State<AppState>,
-    Path(drv): Path<String>,
+    log::Drv(drv): log::Drv,
     headers: HeaderMap,
 ) -> Result<Response, Error> {
     object::get(&*st.store, &log::key(&drv)?, Kind::Log, &headers).await
@@ -211,7 +211,7 @@ async fn log_get(
 
 async fn log_head(
     State(st): State<AppState>,
-    Path(drv): Path<String>,
+    log::Drv(drv): log::Drv,
     headers: HeaderMap,
 ) -> Result<Response, Error> {
     object::head(&*st.store, &log::key(&drv)?, Kind::Log, &headers).await
