@@ -47,14 +47,17 @@ impl Pin {
             return "kept until removed".to_owned();
         };
         let days = keep.as_secs() / 86400;
+        let plural = if days == 1 { "" } else { "s" };
         match self.created.checked_add(keep) {
             None => "kept until removed".to_owned(),
-            Some(end) if !self.active(now) => format!("expired {}", utc_minute(end)),
-            Some(end) => format!(
-                "kept until {}, {days} day{} from its creation",
-                utc_minute(end),
-                if days == 1 { "" } else { "s" }
-            ),
+            Some(end) if !self.active(now) => match utc_minute(end) {
+                Some(end) => format!("expired {end}"),
+                None => "expired".to_owned(),
+            },
+            Some(end) => match utc_minute(end) {
+                Some(end) => format!("kept until {end}, {days} day{plural} from its creation"),
+                None => format!("kept for {days} day{plural} from its creation"),
+            },
         }
     }
 
@@ -283,21 +286,20 @@ pub fn hashes(pin: &Pin) -> impl Iterator<Item = StorePathHash> + '_ {
     pin.paths.iter().map(|p| p.hash())
 }
 
-/// `YYYY-MM-DD HH:MM UTC` of `t`.
-fn utc_minute(t: SystemTime) -> String {
+/// `YYYY-MM-DD HH:MM UTC` of `t`; `None` past the year 9999.
+fn utc_minute(t: SystemTime) -> Option<String> {
     let secs = t.duration_since(UNIX_EPOCH).unwrap_or_default().as_secs();
     let at = i64::try_from(secs)
         .ok()
-        .and_then(|s| time::OffsetDateTime::from_unix_timestamp(s).ok())
-        .unwrap_or(time::OffsetDateTime::UNIX_EPOCH);
-    format!(
+        .and_then(|s| time::OffsetDateTime::from_unix_timestamp(s).ok())?;
+    Some(format!(
         "{:04}-{:02}-{:02} {:02}:{:02} UTC",
         at.year(),
         u8::from(at.month()),
         at.day(),
         at.hour(),
         at.minute()
-    )
+    ))
 }
 
 #[cfg(test)]
@@ -330,6 +332,9 @@ mod tests {
         assert_eq!(p.state(created), "kept until removed");
         p.keep = Some(Duration::from_secs(u64::MAX));
         assert_eq!(p.state(created), "kept until removed");
+        // Beyond the year 9999: no date.
+        p.keep = Some(3_000_000 * day);
+        assert_eq!(p.state(created), "kept for 3000000 days from its creation");
     }
 
     #[test]

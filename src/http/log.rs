@@ -30,8 +30,12 @@ impl<S: Send + Sync> FromRequestParts<S> for Drv {
         let Path(drv) = Path::<String>::from_request_parts(parts, state)
             .await
             .map_err(|e| e.into_response())?;
+        // Decoded as the path is (a name holds no `%`: one left makes it invalid).
         Ok(Self(match parts.uri.query() {
-            Some(rest) => format!("{drv}?{rest}"),
+            Some(rest) => {
+                let rest = percent_encoding::percent_decode_str(rest).decode_utf8_lossy();
+                format!("{drv}?{rest}")
+            }
             None => drv,
         }))
     }

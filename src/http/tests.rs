@@ -1184,6 +1184,32 @@ async fn nar_puts_over_the_limits_are_refused_before_the_body() {
     assert_eq!(mem.requests(), 0, "nothing reached the store");
 }
 
+/// A failing store that refuses connections (restarting) is asked again every 0.25 s while a
+/// PUT whose body is on its way waits: back within the wait, the upload goes on.
+#[tokio::test(flavor = "multi_thread")]
+async fn a_store_refusing_connections_is_asked_again_before_the_body() {
+    let free = std::net::TcpListener::bind("127.0.0.1:0").unwrap();
+    let addr = free.local_addr().unwrap();
+    drop(free);
+    let st = s3_state_at(addr, true).await;
+    st.note_store_failed();
+    let seen = Arc::new(std::sync::Mutex::new(Vec::new()));
+    let bucket = empty_bucket(seen.clone());
+    tokio::spawn(async move {
+        // The store's restart: not a wait for anything.
+        tokio::time::sleep(Duration::from_millis(1000)).await;
+        let l = tokio::net::TcpListener::bind(addr).await.unwrap();
+        axum::serve(l, bucket).await
+    });
+    let (nar, _) = tiny_nar();
+    let req = authed("PUT", &format!("/upload/{HASH}.narinfo"), "wtok")
+        .body(Body::from(narinfo_of("up", &nar)))
+        .unwrap();
+    // Its NAR is not in the store: the upload itself was answered.
+    assert_eq!(send(&st, req).await.status(), StatusCode::BAD_REQUEST);
+    assert!(!st.store_failing());
+}
+
 /// A derivation whose name holds a `?` (allowed in store path names): Nix 2.8 sends its log's
 /// URL without encoding it, so the name's rest arrives as a query. The log is stored and read
 /// under its whole name, as `file://` and `s3://` caches (and `cellar import`) store it, and
@@ -1198,6 +1224,7 @@ async fn a_log_whose_derivation_name_holds_a_question_mark_keeps_its_name() {
     );
     for (sent, stored, encoded) in [
         ("a+b=c?d._-x.drv", "a+b=c?d._-x.drv", "a+b=c%3Fd._-x.drv"),
+        ("a?b%2Bc.drv", "a?b+c.drv", "a%3Fb%2Bc.drv"),
         ("?=+.drv", "?=+.drv", "%3F=+.drv"),
         ("x.drv?", "x.drv?", "x.drv%3F"),
     ] {

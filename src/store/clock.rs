@@ -14,13 +14,15 @@
 //! second and reaches cellar a round trip late, so offsets under [`SLACK`] are taken for none,
 //! and the offset moves only when an answer disagrees with it by [`SLACK`] or more.
 //!
-//! The offset is kept against this machine's monotonic clock: when this machine's clock is
+//! The offset is kept against this machine's time since boot (`CLOCK_BOOTTIME`, which NTP
+//! slews as it slews the wall clock, and which counts a suspend): when this machine's clock is
 //! set (NTP answering at last, after the start), the store's time does not move with it, and
 //! the offset shrinks by the step at once, not at the store's next answer (an access record
-//! written meanwhile was filed days off).
+//! written meanwhile was filed days off). A virtual machine paused and resumed sees no time
+//! pass on any of its clocks: its offset is off by the pause until the store's next answer.
 
 use std::sync::{Arc, Mutex};
-use std::time::{Duration, Instant, SystemTime};
+use std::time::{Duration, SystemTime};
 
 use aws_smithy_types::date_time::{DateTime, Format};
 
@@ -38,29 +40,34 @@ pub struct StoreClock {
     learnt: Arc<Mutex<Option<Learnt>>>,
 }
 
-/// An offset, and when it was learnt by both of this machine's clocks.
+/// An offset, and when it was learnt by this machine's wall clock and time since boot.
 #[derive(Debug, Clone, Copy)]
 struct Learnt {
     /// Milliseconds to add to this machine's time to get the store's, then.
     offset_ms: i64,
     wall: SystemTime,
-    monotonic: Instant,
+    booted: Duration,
 }
 
 impl Learnt {
-    /// The offset at `wall` and `monotonic` (both read now): less whatever this machine's
-    /// clock was set forward by since it was learnt (more, set back).
-    fn at(&self, wall: SystemTime, monotonic: Instant) -> i64 {
+    /// The offset at `wall` and `booted` (both read now): less whatever this machine's clock
+    /// was set forward by since it was learnt (more, set back).
+    fn at(&self, wall: SystemTime, booted: Duration) -> i64 {
         let walked = offset_ms(wall, self.wall);
-        let elapsed = i64::try_from(
-            monotonic
-                .saturating_duration_since(self.monotonic)
-                .as_millis(),
-        )
-        .unwrap_or(i64::MAX);
+        let elapsed =
+            i64::try_from(booted.saturating_sub(self.booted).as_millis()).unwrap_or(i64::MAX);
         self.offset_ms
             .saturating_sub(walked.saturating_sub(elapsed))
     }
+}
+
+/// This machine's time since boot, suspends included (`CLOCK_BOOTTIME`).
+fn since_boot() -> Duration {
+    let t = rustix::time::clock_gettime(rustix::time::ClockId::Boottime);
+    Duration::new(
+        u64::try_from(t.tv_sec).unwrap_or(0),
+        u32::try_from(t.tv_nsec).unwrap_or(0),
+    )
 }
 
 impl StoreClock {
@@ -76,18 +83,18 @@ impl StoreClock {
 
     /// Milliseconds to add to this machine's time to get the store's.
     pub fn offset_ms(&self) -> i64 {
-        self.offset_at(SystemTime::now(), Instant::now())
+        self.offset_at(SystemTime::now(), since_boot())
     }
 
-    /// [`Self::offset_ms`] when this machine's clocks read `wall` and `monotonic`.
-    fn offset_at(&self, wall: SystemTime, monotonic: Instant) -> i64 {
-        crate::sync::lock(&self.learnt).map_or(0, |l| l.at(wall, monotonic))
+    /// [`Self::offset_ms`] when this machine's clocks read `wall` and `booted`.
+    fn offset_at(&self, wall: SystemTime, booted: Duration) -> i64 {
+        crate::sync::lock(&self.learnt).map_or(0, |l| l.at(wall, booted))
     }
 
     /// Whether the offset moved by [`SKEW_RETRY`] or more from `offset_ms` (read before a
     /// request): that request was signed with a time the store may have refused.
     pub fn moved_since(&self, offset_ms: i64) -> bool {
-        let moved = (self.offset_ms() - offset_ms).unsigned_abs();
+        let moved = self.offset_ms().abs_diff(offset_ms);
         u128::from(moved) >= SKEW_RETRY.as_millis()
     }
 
@@ -98,16 +105,16 @@ impl StoreClock {
 
     /// [`Self::observe`] of an answer received at `received` (by this machine's clock).
     pub fn observe_at(&self, date: &str, received: SystemTime) -> bool {
-        self.observe_when(date, received, SystemTime::now(), Instant::now())
+        self.observe_when(date, received, SystemTime::now(), since_boot())
     }
 
-    /// [`Self::observe_at`] when this machine's clocks read `wall` and `monotonic`.
+    /// [`Self::observe_at`] when this machine's clocks read `wall` and `booted`.
     fn observe_when(
         &self,
         date: &str,
         received: SystemTime,
         wall: SystemTime,
-        monotonic: Instant,
+        booted: Duration,
     ) -> bool {
         let Some(told) = DateTime::from_str(date.trim(), Format::HttpDate)
             .ok()
@@ -119,17 +126,27 @@ impl StoreClock {
         let slack = SLACK.as_millis() as i64;
         let mut learnt = crate::sync::lock(&self.learnt);
         let was = learnt.map_or(0, |l| l.offset_ms);
-        let held = learnt.map_or(0, |l| l.at(wall, monotonic));
+        let held = learnt.map_or(0, |l| l.at(wall, booted));
         let worth = WORTH_SAYING.as_millis() as i64;
-        if (measured - held).abs() < slack {
-            // This machine's clock set right since the offset was learnt: none now.
-            if learnt.is_some() && held.abs() < slack {
-                *learnt = None;
+        if measured.abs_diff(held) < slack.unsigned_abs() {
+            // This machine's clock set since the offset was learnt: the offset as it is now
+            // is learnt afresh (none, if the clock was set right), and said.
+            if learnt.is_some() && was.abs_diff(held) >= slack.unsigned_abs() {
+                *learnt = (held.unsigned_abs() >= slack.unsigned_abs()).then_some(Learnt {
+                    offset_ms: held,
+                    wall,
+                    booted,
+                });
                 drop(learnt);
-                crate::metrics::get().store_clock_offset.set(0);
-                if was.abs() >= worth {
+                let now = if held.unsigned_abs() >= slack.unsigned_abs() {
+                    held
+                } else {
+                    0
+                };
+                crate::metrics::get().store_clock_offset.set(now / 1000);
+                if was.abs() >= worth && now.abs() < worth {
                     tracing::info!(
-                        offset_secs = 0,
+                        offset_secs = now / 1000,
                         "the store's clock and this machine's agree again (this machine's was set)"
                     );
                 }
@@ -141,7 +158,7 @@ impl StoreClock {
         *learnt = (new != 0).then_some(Learnt {
             offset_ms: new,
             wall,
-            monotonic,
+            booted,
         });
         drop(learnt);
         crate::metrics::get().store_clock_offset.set(new / 1000);
@@ -411,16 +428,16 @@ mod tests {
         assert!(c.observe_at(DATE, at(1_796_000_000 - 259_200)));
         let l = crate::sync::lock(&c.learnt).unwrap();
         let (ten, days) = (Duration::from_secs(10), Duration::from_secs(259_200));
-        assert_eq!(c.offset_at(l.wall + ten, l.monotonic + ten), 259_200_000);
-        assert_eq!(c.offset_at(l.wall + ten + days, l.monotonic + ten), 0);
+        assert_eq!(c.offset_at(l.wall + ten, l.booted + ten), 259_200_000);
+        assert_eq!(c.offset_at(l.wall + ten + days, l.booted + ten), 0);
         let hour = Duration::from_secs(3600);
         assert_eq!(
-            c.offset_at(l.wall + ten - hour, l.monotonic + ten),
+            c.offset_at(l.wall + ten - hour, l.booted + ten),
             259_200_000 + 3_600_000
         );
         // An answer in agreement with this machine's clock set right.
-        let (wall, monotonic) = (l.wall + ten + days, l.monotonic + ten);
-        assert!(!c.observe_when(DATE, at(1_796_000_000), wall, monotonic));
+        let (wall, booted) = (l.wall + ten + days, l.booted + ten);
+        assert!(!c.observe_when(DATE, at(1_796_000_000), wall, booted));
         assert!(crate::sync::lock(&c.learnt).is_none());
         assert_eq!(c.offset_ms(), 0);
         assert_eq!(
@@ -428,6 +445,19 @@ mod tests {
             1,
             "{}",
             logs.text()
+        );
+
+        // Set to ten seconds ahead of the store instead: the answer that agrees with that
+        // has it learnt afresh (and so the metric says it).
+        assert!(c.observe_at(DATE, at(1_796_000_000 - 259_200)));
+        let l = crate::sync::lock(&c.learnt).unwrap();
+        let (wall, booted) = (l.wall + days + ten + ten, l.booted + ten);
+        assert_eq!(c.offset_at(wall, booted), -10_000);
+        assert!(!c.observe_when(DATE, at(1_796_000_010), wall, booted));
+        let now = crate::sync::lock(&c.learnt).unwrap();
+        assert_eq!(
+            (now.offset_ms, now.wall, now.booted),
+            (-10_000, wall, booted)
         );
     }
 

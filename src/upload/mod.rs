@@ -86,7 +86,7 @@ pub enum ListingFate {
     /// Held until its narinfo is accepted, then written.
     Held,
     /// Read and dropped: larger than the listings held at most, no room among those being
-    /// received, or not held (its path has another already, or is published).
+    /// received, or another listing of its path held at once (neither is kept).
     Dropped,
 }
 

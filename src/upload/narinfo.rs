@@ -358,7 +358,9 @@ impl Uploader {
             }
             // A listing sent with it describes the client's NAR, not necessarily the stored
             // one (a non-reproducible path pushed twice): the path keeps what it has.
-            self.listings.take(hash);
+            if self.listings.take(hash).is_some() {
+                tracing::debug!(path = %hash, "listing dropped: the path was published already");
+            }
             // So do its debug info links, unless they name the very NAR the path has (as
             // stored): sent again with it (its NAR was missing, or two builders pushed the
             // path at once), they are the path's.
