@@ -101,6 +101,7 @@ impl Error {
                 StoreError::Misconfigured(_)
                 | StoreError::TooLarge { .. }
                 | StoreError::Encoded { .. }
+                | StoreError::WrongSize { .. }
                 | StoreError::Other(_),
             ) => StatusCode::BAD_GATEWAY,
             Self::BadObject { .. } => StatusCode::BAD_GATEWAY,
@@ -136,6 +137,7 @@ impl Error {
             Self::Store(StoreError::TooLarge { .. }) => "too_large",
             Self::Store(StoreError::Encoded { .. }) => "encoded_object",
             Self::Store(StoreError::Other(_)) => "store_error",
+            Self::Store(StoreError::WrongSize { .. }) => "corrupt_object",
             Self::BadObject { .. } => "corrupt_object",
             Self::Busy(_) => "busy",
             Self::Unauthorized => "unauthorized",
@@ -170,6 +172,7 @@ impl Error {
                 | StoreError::Encoded { .. }
                 | StoreError::Other(_),
             ) => "store error".into(),
+            Self::Store(StoreError::WrongSize { .. }) => "corrupt object in the store".into(),
             Self::BadObject { .. } => "corrupt object in the store".into(),
             Self::Busy(what) => format!("{what}, retry later"),
             Self::Unauthorized => {

@@ -1026,6 +1026,64 @@ async fn a_nar_cut_short_in_the_bucket_is_replaced_by_an_upload() {
     );
 }
 
+/// A published path whose NAR is then cut short in the bucket (an interrupted `cp` over it):
+/// a client's substitution fails on the NAR (502, retried), and from then on the path's
+/// narinfo answers 404, at the root and to builders' probes: another client is told the cache
+/// lacks the path (and builds it) rather than failing, and a builder's `nix copy --to` sends
+/// the path again, which stores the NAR over the short one; the path is then whole to clients.
+#[tokio::test(flavor = "multi_thread")]
+async fn a_published_nar_cut_short_hides_its_path_until_a_builder_sends_it_again() {
+    let f = fixture();
+    let (big, url, nar) = big_nar_as_copied(f);
+    let (w, wcfg) = token("builder", "write");
+    let app = App::s3("up-published-cut").config(&wcfg).spawn().await;
+    let work = tempfile::tempdir().unwrap();
+    let n = netrc(work.path(), &app.srv, &w);
+    let first = format!("{}/upload", app.srv.url);
+    assert_ok(
+        &copy_to(&first, Some(&n), &[big.as_str()], work.path(), "first"),
+        "nix copy --to",
+    );
+    let nar_key = format!("{}{url}", app.prefix);
+    assert!(s3_get(&app.s3, &nar_key).await == nar);
+    s3_put(&app.s3, &nar_key, nar[..nar.len() / 2].to_vec()).await;
+
+    // A replica that did not receive the upload (the one that did takes a miss of a NAR it
+    // stored a minute ago for a read begun before its upload, and does not remember it).
+    let (config, env) = (wcfg.clone(), app.direct_store_env());
+    let srv = &tokio::task::spawn_blocking(move || Server::start_with_config(&config, env))
+        .await
+        .unwrap();
+    let store = work.path().join("store-failed");
+    let mut c = nix("nix", &work.path().join("xdg-client"));
+    c.args(["copy", "--from", &srv.url, "--store"])
+        .arg(&store)
+        .args(["--trusted-public-keys", &srv.public_key, big]);
+    let out = run(c);
+    assert!(!out.status.success(), "substituted a NAR cut short");
+    assert!(
+        String::from_utf8_lossy(&out.stderr).contains("502"),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    let narinfo = format!("{}/{}.narinfo", srv.url, Fixture::hash(big));
+    assert_eq!(reqwest::get(&narinfo).await.unwrap().status(), 404);
+
+    // Another builder (whose own cache does not remember the path as uploaded).
+    let again = format!("{}/upload", srv.url);
+    let n = netrc(work.path(), srv, &w);
+    assert_ok(
+        &copy_to(&again, Some(&n), &[big.as_str()], work.path(), "again"),
+        "nix copy --to, again",
+    );
+    assert!(
+        s3_get(&app.s3, &nar_key).await == nar,
+        "the short copy is still stored"
+    );
+    assert_eq!(reqwest::get(&narinfo).await.unwrap().status(), 200);
+    substitute_and_verify(&srv.url, &srv.public_key, big, &work.path().join("whole"));
+}
+
 /// A NAR in the bucket of the right size whose bytes are not what its name says (a disk's
 /// corruption, a bad restore), with no narinfo naming it yet: the first `nix copy` is taken
 /// for stored, its narinfo's read-back finds the copy bad and refuses it with a 4xx that says

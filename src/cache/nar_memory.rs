@@ -372,9 +372,11 @@ where
     // kept by proxies for a year). Refused, it is a logged 502, and read again once fixed.
     let wrong_size = |got: u64, size: u64| {
         Unloaded::Failed(
-            StoreError::Other(format!(
-                "{key} has {got} bytes, its narinfo's FileSize says {size}"
-            ))
+            StoreError::WrongSize {
+                key: key.to_owned(),
+                got,
+                expected: size,
+            }
             .into(),
         )
     };

@@ -78,6 +78,12 @@ async fn get_nar(
         }
         // Its narinfo now answers 404 (see crate::cache::missing_nars).
         Err(Error::NotFound) => st.live().missing_nars.seen_missing(f.as_str(), asked).await,
+        // Truncated or foreign: as good as missing. Its narinfo answers 404 (clients build
+        // the path or ask another cache, rather than fail on this NAR), and so does a
+        // builder's probe of it, whose next copy stores the NAR over this one.
+        Err(Error::Store(crate::store::StoreError::WrongSize { .. })) if f.names_its_bytes() => {
+            st.live().missing_nars.seen_missing(f.as_str(), asked).await;
+        }
         Err(_) => {}
     }
     res
@@ -155,9 +161,11 @@ fn resumable(
         (announced, obj.length, obj.range, &obj.encoding)
     {
         if length != total && f.names_its_bytes() {
-            return Err(crate::store::StoreError::Other(format!(
-                "nar/{f} has {length} bytes, its narinfo's FileSize says {total}"
-            ))
+            return Err(crate::store::StoreError::WrongSize {
+                key: format!("nar/{f}"),
+                got: length,
+                expected: total,
+            }
             .into());
         }
     }

@@ -119,8 +119,16 @@ async fn load(st: &AppState, live: &Arc<Live>, h: StorePathHash) -> Result<Bytes
     let missing = st.live().missing_nars.clone();
     if let Some(file) = missing.missing_in(&body) {
         let every = st.config.cache.narinfo_negative_ttl;
+        // Back at the size the narinfo says (a NAR found at another one stays hidden).
+        let size = std::str::from_utf8(&body)
+            .ok()
+            .and_then(|t| t.lines().find_map(|l| l.strip_prefix("FileSize: ")))
+            .and_then(|n| n.parse::<u64>().ok());
         let back = missing.to_look_again(file, every).await
-            && matches!(live.reads.head(&format!("nar/{file}")).await, Ok(Some(_)));
+            && matches!(
+                live.reads.head(&format!("nar/{file}")).await,
+                Ok(Some(n)) if size.is_none_or(|s| s == n)
+            );
         if !back {
             return Err(Error::NotFound);
         }

@@ -1184,6 +1184,53 @@ async fn nar_puts_over_the_limits_are_refused_before_the_body() {
     assert_eq!(mem.requests(), 0, "nothing reached the store");
 }
 
+/// A NAR named after its bytes that the store holds at another size than its narinfo says (a
+/// copy into the bucket cut short) is a 502, and then as good as missing: its narinfo answers
+/// 404 at the root (clients build the path rather than fail on it) and to a builder's probe
+/// (whose next copy stores the NAR over it), also after the store is looked at again while the
+/// short copy stays; the NAR whole again, the narinfo is served. Small NARs (read into memory)
+/// and large ones (streamed) alike.
+#[tokio::test(start_paused = true)]
+async fn a_nar_cut_short_in_the_store_hides_its_narinfo_until_it_is_whole() {
+    use crate::config::Scope;
+    for size in [100usize, 200 << 10] {
+        let mem = Arc::new(MemoryStore::new());
+        let st = state(
+            with_tokens(Config::default(), &[("w", "wtok", Scope::Write)]),
+            &mem,
+        );
+        let mut nar = b"\x0d\x00\x00\x00\x00\x00\x00\x00nix-archive-1\x00\x00\x00".to_vec();
+        nar.extend(std::iter::repeat_n(9u8, size));
+        let file = format!("{}.nar", crate::nix::Sha256::digest(&nar).to_nix32());
+        mem.insert(&format!("{HASH}.narinfo"), narinfo_of("cut", &nar));
+        mem.insert(&format!("nar/{file}"), nar[..nar.len() / 2].to_vec());
+        let narinfo = format!("/{HASH}.narinfo");
+        assert_eq!(get(&st, &narinfo).await.0, StatusCode::OK, "{size}");
+        assert_eq!(
+            get(&st, &format!("/nar/{file}")).await.0,
+            StatusCode::BAD_GATEWAY,
+            "{size}"
+        );
+        assert_eq!(get(&st, &narinfo).await.0, StatusCode::NOT_FOUND, "{size}");
+        let probe = || {
+            authed("GET", &format!("/upload/{HASH}.narinfo"), "wtok")
+                .body(Body::empty())
+                .unwrap()
+        };
+        assert_eq!(send(&st, probe()).await.status(), StatusCode::NOT_FOUND);
+        // Looked at again after the negative TTL: still short, still hidden.
+        tokio::time::advance(st.config.cache.narinfo_negative_ttl * 2).await;
+        assert_eq!(get(&st, &narinfo).await.0, StatusCode::NOT_FOUND, "{size}");
+        // Whole again (a builder's upload through another replica).
+        mem.insert(&format!("nar/{file}"), nar.clone());
+        tokio::time::advance(st.config.cache.narinfo_negative_ttl * 2).await;
+        assert_eq!(get(&st, &narinfo).await.0, StatusCode::OK, "{size}");
+        let (status, body) = get(&st, &format!("/nar/{file}")).await;
+        assert_eq!(status, StatusCode::OK);
+        assert_eq!(body, nar);
+    }
+}
+
 /// A failing store that refuses connections (restarting) is asked again every 0.25 s while a
 /// PUT whose body is on its way waits: back within the wait, the upload goes on.
 #[tokio::test(flavor = "multi_thread")]

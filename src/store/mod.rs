@@ -239,6 +239,16 @@ pub enum StoreError {
         encoding: String,
         why: String,
     },
+    /// A NAR named after its bytes whose store copy has another size than its narinfo's
+    /// `FileSize`: truncated (a copy into the bucket cut short) or foreign. Served, it would
+    /// fail every client; its narinfo then answers 404 so that a builder's next copy stores
+    /// the NAR over it ([`crate::cache::missing_nars`]).
+    #[error("{key} has {got} bytes, its narinfo's FileSize says {expected}")]
+    WrongSize {
+        key: String,
+        got: u64,
+        expected: u64,
+    },
     /// Any other failure of the store (an unexpected S3 error, a local I/O error).
     #[error("store error: {0}")]
     Other(String),

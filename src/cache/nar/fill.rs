@@ -464,9 +464,11 @@ impl NarCache {
             (Some(length), Some(size))
                 if length != size && crate::cache::nar_memory::names_its_bytes(&name) =>
             {
-                return Started::Failed(StoreError::Other(format!(
-                    "{key} has {length} bytes, its narinfo's FileSize says {size}"
-                )));
+                return Started::Failed(StoreError::WrongSize {
+                    key: key.clone(),
+                    got: length,
+                    expected: size,
+                });
             }
             (Some(length), Some(size)) if length != size => {
                 tracing::warn!(nar = %name, length, file_size = size, "NAR cache: the NAR's size is not its narinfo's FileSize; served without caching");
@@ -1260,7 +1262,8 @@ async fn open_range(
             StoreError::Misconfigured(_)
             | StoreError::RangeNotSatisfiable { .. }
             | StoreError::TooLarge { .. }
-            | StoreError::Encoded { .. } => PartError::Final(io::Error::other(e)),
+            | StoreError::Encoded { .. }
+            | StoreError::WrongSize { .. } => PartError::Final(io::Error::other(e)),
         })?
         .ok_or_else(|| {
             PartError::Final(io::Error::other(format!(
