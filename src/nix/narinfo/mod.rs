@@ -195,6 +195,12 @@ impl NarInfo {
             Ok(())
         }
 
+        // The references a narinfo names are what cellar's signature vouches for, so a list
+        // cut short must not pass for a whole one: `References:` is required (Nix, nix-serve,
+        // harmonia and cellar always write it, empty for none), and a `References:` line that
+        // ends the text without a newline is taken for cut short (every writer ends each
+        // line with one).
+        let cut_line = (!text.ends_with('\n')).then(|| text.split('\n').count());
         for (i, raw) in text.split('\n').enumerate() {
             let line = i + 1;
             if raw.contains('\r') {
@@ -258,6 +264,12 @@ impl NarInfo {
                     n => set(&mut nar_size, n, line, "NarSize")?,
                 },
                 "References" => {
+                    if cut_line == Some(line) {
+                        return Err(bad(
+                            "References",
+                            "cut short (the last line, with no newline after it)".into(),
+                        ));
+                    }
                     let refs = value
                         .split(' ')
                         .filter(|r| !r.is_empty())
@@ -306,7 +318,7 @@ impl NarInfo {
             file_size,
             nar_hash: nar_hash.ok_or(NarInfoError::Missing("NarHash"))?,
             nar_size: nar_size.ok_or(NarInfoError::Missing("NarSize"))?,
-            references: references.unwrap_or_default(),
+            references: references.ok_or(NarInfoError::Missing("References"))?,
             deriver,
             system,
             sigs,

@@ -36,6 +36,35 @@ fn round_trip_built_path() {
     );
 }
 
+/// A narinfo cut short (a copy interrupted, a file truncated) must not pass for a whole one
+/// with fewer references: cellar would sign a closure that lacks paths. Cut before
+/// `References:`, it lacks the field; cut inside that line, the line has no newline. Cut
+/// after it, what is left is whole as far as a signature goes (a field cut short there is
+/// refused or dropped on its own).
+#[test]
+fn a_narinfo_cut_short_at_or_before_its_references_is_refused() {
+    let at = BUILT.find("References: ").unwrap();
+    let before = &BUILT[..at];
+    assert!(matches!(
+        NarInfo::parse(before, SD),
+        Err(NarInfoError::Missing("References"))
+    ));
+    let refs_end = at + BUILT[at..].find('\n').unwrap();
+    for cut in [at + "References: ".len() + 40, refs_end - 1, refs_end] {
+        let e = NarInfo::parse(&BUILT[..cut], SD).unwrap_err();
+        assert!(e.to_string().contains("cut short"), "{cut}: {e}");
+    }
+    // The same line with its newline, and the narinfo cut after it: whole references.
+    let n = NarInfo::parse(&BUILT[..=refs_end], SD).unwrap();
+    assert_eq!(n.references.len(), 3);
+    let sig = BUILT.find("Sig: ").unwrap();
+    let n = NarInfo::parse(&BUILT[..sig + 10], SD).unwrap();
+    assert_eq!(n.references.len(), 3);
+    assert!(n.sigs.is_empty(), "a signature cut short is dropped");
+    // Without a newline at the end, but not after References: read.
+    assert!(NarInfo::parse(BUILT.trim_end(), SD).is_ok());
+}
+
 #[test]
 fn empty_references_ca_several_sigs_and_unknown_fields() {
     let text = "\
