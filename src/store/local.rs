@@ -175,11 +175,29 @@ fn unmounted(root: &Path, key: &str) -> Option<StoreError> {
     }
 }
 
-/// A miss of `key`: `None`, unless the part of the layout it lies in is not mounted.
+/// A miss of `key`: `None`, unless the store's directory is gone or the part of the layout
+/// it lies in is not mounted.
 fn absent<T>(root: &Path, key: &str) -> Result<Option<T>, StoreError> {
-    match unmounted(root, key) {
+    match root_gone(root).or_else(|| unmounted(root, key)) {
         Some(e) => Err(e),
         None => Ok(None),
+    }
+}
+
+/// If the store's directory itself is not there (moved or deleted while the server runs, a
+/// file system not mounted), the error saying so: what it held is not missing, and a write
+/// must not create an empty store in its place.
+fn root_gone(root: &Path) -> Option<StoreError> {
+    match std::fs::metadata(root) {
+        Ok(m) if m.is_dir() => None,
+        Ok(_) => Some(StoreError::Unavailable(format!(
+            "{}: the store's directory is not a directory",
+            root.display()
+        ))),
+        Err(e) => Some(StoreError::Unavailable(format!(
+            "{}: the store's directory is gone ({e}): moved, deleted or not mounted?",
+            root.display()
+        ))),
     }
 }
 
@@ -774,6 +792,9 @@ impl Store for LocalStore {
         {
             return Err(e);
         }
+        if let Some(e) = root_gone(&self.root) {
+            return Err(e);
+        }
         let staging = self.root.join(STAGING);
         let at = |e: io::Error| StoreError::Other(format!("creating {}: {e}", staging.display()));
         tokio::fs::create_dir_all(&staging).await.map_err(at)?;
@@ -1271,6 +1292,30 @@ mod tests {
     /// on the root's file system), its objects are not missing but cannot be seen: the
     /// listings covering it fail (`verify --repair` deleted every narinfo), misses there are
     /// unavailable, the store is not ready. What is missing elsewhere is missing.
+    /// The store's directory moved away while the server runs: a miss is not "absent" (its
+    /// narinfos would answer 404, which clients keep for an hour) but the store unavailable,
+    /// and a write does not create an empty store in its place. Back, it is served.
+    #[tokio::test]
+    async fn a_store_directory_gone_is_unavailable_not_empty() {
+        let dir = tempfile::tempdir().unwrap();
+        let root = dir.path().join("store");
+        std::fs::create_dir_all(&root).unwrap();
+        std::fs::write(root.join("a.narinfo"), b"x").unwrap();
+        let store = LocalStore::open(&root).unwrap();
+        let moved = dir.path().join("moved");
+        std::fs::rename(&root, &moved).unwrap();
+        let unavailable = |r: Result<bool, StoreError>| {
+            assert!(matches!(r, Err(StoreError::Unavailable(_))), "{r:?}");
+        };
+        unavailable(store.head("a.narinfo").await.map(|h| h.is_some()));
+        unavailable(store.get("nar/x.nar", None).await.map(|o| o.is_some()));
+        unavailable(store.writer("b.narinfo").await.map(|_| true));
+        assert!(!root.exists(), "an empty store was created in its place");
+        std::fs::rename(&moved, &root).unwrap();
+        assert_eq!(store.head("a.narinfo").await.unwrap(), Some(1));
+        assert!(store.head("b.narinfo").await.unwrap().is_none());
+    }
+
     #[tokio::test]
     async fn a_mount_point_with_nothing_mounted_is_not_an_empty_directory() {
         let dir = tempfile::tempdir().unwrap();
