@@ -516,6 +516,7 @@ fn serve_configured(
     }
     let loaded = signing_keys::load(&cfg.signing)?;
     let keys_line = cellar::signing_keys::public_keys_line(&loaded.keys);
+    let generated = loaded.generated.clone();
     match cfg.log.format {
         // Printed as a line to copy into the clients' nix.conf. One line for all keys: in
         // nix.conf a second `trusted-public-keys` line replaces the first, so during a
@@ -553,6 +554,21 @@ fn serve_configured(
                 return Ok(());
             }
         };
+        if let Some(path) = generated.clone() {
+            let store = store.clone();
+            tokio::spawn(async move {
+                if signing_keys::store_holds_a_cache(&*store).await {
+                    tracing::error!(
+                        key_file = %path.display(),
+                        "a signing key was generated (its file did not exist), but the store \
+                         already holds a cache: clients trusting the key it was served with \
+                         refuse every path (\"lacks a valid signature\"). If the key file was \
+                         lost, stop cellar and put it back; if a new key is meant, give the \
+                         clients its public key (the trusted-public-keys line above)"
+                    );
+                }
+            });
+        }
         let last_flush_within = cfg.store.timeout;
         let early_words = last_words.clone();
         let shutdown = async move {

@@ -310,8 +310,42 @@ pub fn load(cfg: &SigningConfig) -> Result<LoadedKeys, KeyFileError> {
     })
 }
 
+/// Whether `store` already holds a cache, which some key signed for its clients: cellar's
+/// records (`_cellar/`), or a narinfo among its first thousand keys. Asked after a key was
+/// generated, which is right on a first start only: a key file lost (deleted, a volume not
+/// mounted) makes a new key that every client trusting the old one refuses. A store that
+/// cannot be listed holds none, as far as this says.
+pub async fn store_holds_a_cache(store: &dyn crate::store::Store) -> bool {
+    use futures::StreamExt as _;
+    if matches!(store.list("_cellar/").next().await, Some(Ok(_))) {
+        return true;
+    }
+    store
+        .list("")
+        .take(1000)
+        .any(|o| async move { o.is_ok_and(|o| o.key.ends_with(".narinfo")) })
+        .await
+}
+
 #[cfg(test)]
 mod tests {
+    /// A cache is told by cellar's records or a narinfo; a store with neither (a first start:
+    /// nothing, or only `nix-cache-info`) holds none.
+    #[tokio::test]
+    async fn a_store_holding_a_cache_is_told_apart_from_a_new_one() {
+        use crate::store::memory::MemoryStore;
+        let mem = MemoryStore::new();
+        assert!(!super::store_holds_a_cache(&mem).await);
+        mem.insert("nix-cache-info", "StoreDir: /nix/store\n");
+        mem.insert("nar/x.nar", "x");
+        assert!(!super::store_holds_a_cache(&mem).await);
+        mem.insert("f904kp3djilk732cgbnxhpy7vzykbqsh.narinfo", "x");
+        assert!(super::store_holds_a_cache(&mem).await);
+        let records = MemoryStore::new();
+        records.insert("_cellar/access/2026-12-07/a-1", "x");
+        assert!(super::store_holds_a_cache(&records).await);
+    }
+
     use super::*;
     use std::os::unix::fs::PermissionsExt as _;
 
