@@ -65,7 +65,7 @@ impl Asking {
     /// Asks the store whether it answers, unless a question is under way: in a task of its
     /// own, within `store.ready_timeout_secs`. An answer, whatever it says (credentials
     /// refused too: the upload's own requests then say so), ends the store's failing state;
-    /// none renews it.
+    /// none (unreachable, timed out) renews it.
     fn ask(st: &AppState) {
         if st.asking.under_way.swap(true, Ordering::SeqCst) {
             return;
