@@ -34,6 +34,10 @@ pub enum Problem {
     /// likely the run's configuration is not the servers' (every narinfo would then look
     /// unparseable, and be deleted with its NAR), so gc and repairs refuse to run.
     OtherStoreDir(String),
+    /// The store failed to read it (a file the run's user may not read, an I/O error) while
+    /// it answered for the others: what it names is unknown, so, as for [`Problem::Encoded`],
+    /// verify reports it and goes on, and gc and repairs delete nothing.
+    Unreadable(String),
 }
 
 #[derive(Debug, Clone)]
@@ -69,14 +73,14 @@ pub struct Parsed {
     pub name: Box<str>,
 }
 
-/// A narinfo stored under `h` in an encoding cellar cannot read, for `reason`.
-fn encoded(h: StorePathHash, reason: String) -> Parsed {
+/// A narinfo stored under `h` whose contents are unknown, for `problem`.
+fn unknown(h: StorePathHash, problem: Problem) -> Parsed {
     Parsed {
         refs: Vec::new(),
         nar: None,
         file_size: None,
         deriver: None,
-        problem: Some(Problem::Encoded(reason)),
+        problem: Some(problem),
         name: h.as_str().into(),
     }
 }
@@ -215,7 +219,11 @@ impl Graph {
                 },
                 // One cellar cannot decode (written with `narinfo-compression`): reported by
                 // verify; gc and repairs refuse to run (see `Graph::encoded`).
-                Err(e @ StoreError::Encoded { .. }) => encoded(h, e.to_string()),
+                Err(e @ StoreError::Encoded { .. }) => unknown(h, Problem::Encoded(e.to_string())),
+                // One the store failed to read while it reads the others (a file the run's
+                // user may not read): reported by verify, which goes on; gc and repairs
+                // refuse to run. A store that does not answer at all stops the run.
+                Err(StoreError::Other(e)) => unknown(h, Problem::Unreadable(e)),
                 Err(e) => return Err(e),
             };
             let meta = inv.narinfos[graph.nodes.len()].1;
@@ -226,14 +234,17 @@ impl Graph {
         Ok(graph)
     }
 
-    /// Why nothing may be deleted by this graph, if so: a narinfo stored encoded (what it
-    /// names is unknown, so deleting could take its NAR or references), or one in another
-    /// store directory (this run's `store_dir` is likely not the servers').
+    /// Why nothing may be deleted by this graph, if so: a narinfo stored encoded or that
+    /// could not be read (what it names is unknown, so deleting could take its NAR or
+    /// references), or one in another store directory (this run's `store_dir` is likely not
+    /// the servers').
     pub fn refuses_deletion(&self) -> Option<&str> {
         self.nodes.iter().find_map(|n| match &n.problem {
-            Some(Problem::Encoded(reason) | Problem::OtherStoreDir(reason)) => {
-                Some(reason.as_str())
-            }
+            Some(
+                Problem::Encoded(reason)
+                | Problem::OtherStoreDir(reason)
+                | Problem::Unreadable(reason),
+            ) => Some(reason.as_str()),
             _ => None,
         })
     }

@@ -2540,6 +2540,54 @@ async fn an_encoded_narinfo_is_reported_and_nothing_is_deleted_by_it() {
     assert_eq!(mem.keys(), before, "deleted: {:?}", r.repaired);
 }
 
+/// A narinfo the store fails to read while it reads the others (a file the run's user may
+/// not read): `verify` reports it by its key and checks every other path; `gc --apply` and
+/// `verify --repair` delete nothing, since what it names is unknown. (Before, the first such
+/// read stopped both runs with an error and no report.)
+#[tokio::test(start_paused = true)]
+async fn a_narinfo_that_cannot_be_read_is_reported_and_nothing_is_deleted_by_it() {
+    let mem = Arc::new(served_for_years());
+    let now = SystemTime::now();
+    let dep = path(&mem, "dep", &[], 100 * DAY, now);
+    let unread = path(&mem, "unread", &[&dep], 100 * DAY, now);
+    let broken = path(&mem, "broken", &[], 100 * DAY, now);
+    mem.remove(&broken.nar);
+    let key = format!("{}.narinfo", unread.hash);
+    mem.fail(FailOp::Denied, &key, 0, usize::MAX);
+    let before = mem.keys();
+    let r = check(&mem, now, None).await;
+    assert_eq!(
+        found(&r),
+        [
+            format!("missing_nar {}.narinfo", broken.hash),
+            format!("orphan_nar {}", unread.nar),
+            format!("read_failed {key}"),
+        ],
+        "{:?}",
+        r.findings
+    );
+    assert!(
+        r.findings.iter().any(|f| f.to_string()
+            == format!("read-failed {key}: {key}: Permission denied (a test fault)")),
+        "{:?}",
+        r.findings
+    );
+    let store: Arc<dyn Store> = mem.clone();
+    let Err(e) = run(&store, "/nix/store", &cfg(), &applying(now), &Quiet).await else {
+        panic!("collected by a graph with a narinfo it could not read");
+    };
+    assert!(e.to_string().contains("Permission denied"), "{e}");
+    let r = repair(&mem, now).await;
+    assert!(
+        r.repair_errors
+            .iter()
+            .any(|e| e.contains("Permission denied") && e.contains("nothing was repaired")),
+        "{:?}",
+        r.repair_errors
+    );
+    assert_eq!(mem.keys(), before, "deleted: {:?}", r.repaired);
+}
+
 /// A run whose `store_dir` is not the servers' (a timer without the service's
 /// `CELLAR_STORE_DIR`) reads every narinfo as one of another store: it deletes nothing, gc
 /// nor repair, and says which key to check. (Taken for unparseable, each would have been

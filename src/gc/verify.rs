@@ -102,6 +102,11 @@ pub enum Finding {
         key: String,
         reason: String,
     },
+    /// A narinfo the store failed to read (a file this run's user may not read).
+    ReadFailed {
+        key: String,
+        reason: String,
+    },
 }
 
 impl Finding {
@@ -132,6 +137,7 @@ impl Finding {
             Self::DanglingRealisation { .. } => "dangling_realisation",
             Self::DanglingDebugInfo { .. } => "dangling_debuginfo",
             Self::Unreadable { .. } => "unreadable",
+            Self::ReadFailed { .. } => "read_failed",
         }
     }
 }
@@ -177,6 +183,7 @@ impl fmt::Display for Finding {
                 write!(f, "dangling-debuginfo {key}: nar/{nar} does not exist")
             }
             Self::Unreadable { key, reason } => write!(f, "unreadable {key}: {reason}"),
+            Self::ReadFailed { key, reason } => write!(f, "read-failed {key}: {reason}"),
         }
     }
 }
@@ -609,6 +616,13 @@ fn own_findings(
             });
             return out;
         }
+        Some(Problem::Unreadable(reason)) => {
+            out.push(Finding::ReadFailed {
+                key,
+                reason: reason.clone(),
+            });
+            return out;
+        }
         Some(Problem::WrongHash(detail)) => out.push(Finding::WrongHash {
             key: key.clone(),
             detail: detail.clone(),
@@ -729,7 +743,12 @@ async fn still_unservable(
 ) -> bool {
     if matches!(
         n.problem,
-        Some(Problem::Unparseable(_) | Problem::WrongHash(_) | Problem::BadUrl(_))
+        Some(
+            Problem::Unparseable(_)
+                | Problem::WrongHash(_)
+                | Problem::BadUrl(_)
+                | Problem::Unreadable(_)
+        )
     ) {
         return true;
     }
@@ -1580,6 +1599,13 @@ mod tests {
                     reason: k(),
                 },
                 "unreadable",
+            ),
+            (
+                Finding::ReadFailed {
+                    key: k(),
+                    reason: k(),
+                },
+                "read_failed",
             ),
         ];
         for (finding, kind) in &all {

@@ -57,6 +57,9 @@ pub enum FailOp {
     Body,
     /// The first chunk written to a writer fails (a multipart upload the store dropped).
     Part,
+    /// `get` and `head` fail as for a file the process may not read, while the store
+    /// answers for every other key ([`StoreError::Other`]).
+    Denied,
 }
 
 /// Holds reads of keys under a prefix between looking the object up and returning it, until
@@ -359,6 +362,11 @@ impl MemoryStore {
             return Err(StoreError::Unavailable("memory store is down".into()));
         }
         self.take_failure(FailOp::Read, key)?;
+        if self.take_failure(FailOp::Denied, key).is_err() {
+            return Err(StoreError::Other(format!(
+                "{key}: Permission denied (a test fault)"
+            )));
+        }
         Ok(lock(&self.objects).get(key).map(|s| s.data.clone()))
     }
 }
