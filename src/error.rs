@@ -86,6 +86,11 @@ pub struct ErrorLabel(pub &'static str);
 #[derive(Debug, Clone, Copy)]
 pub struct StoreFailed;
 
+/// In the extensions of a response made from a failure of the store itself ([`Error::is_store_fault`]),
+/// with its [`Error::label`]: counted in `cellar status`.
+#[derive(Debug, Clone, Copy)]
+pub struct StoreFault(pub &'static str);
+
 impl Error {
     pub fn status(&self) -> StatusCode {
         match self {
@@ -119,6 +124,32 @@ impl Error {
             // Nix retries 5xx (with back-off); a 4xx would fail the whole `nix copy`.
             Self::Upload(UploadError::Busy { .. }) => StatusCode::SERVICE_UNAVAILABLE,
             Self::Upload(UploadError::UnsupportedEncoding(_)) => StatusCode::UNSUPPORTED_MEDIA_TYPE,
+        }
+    }
+
+    /// Whether the store itself failed (did not answer, refused the credentials, broke, or
+    /// holds an object that cannot be served), as opposed to the request, an upstream, or
+    /// this server's limits: what `cellar status` counts as the store's failures.
+    pub fn is_store_fault(&self) -> bool {
+        match self {
+            Self::Store(
+                StoreError::Unavailable(_)
+                | StoreError::Timeout(_)
+                | StoreError::Misconfigured(_)
+                | StoreError::WrongSize { .. }
+                | StoreError::TooLarge { .. }
+                | StoreError::Encoded { .. }
+                | StoreError::Other(_),
+            )
+            | Self::BadObject { .. } => true,
+            Self::Store(StoreError::UpstreamDown(_) | StoreError::RangeNotSatisfiable { .. })
+            | Self::NotFound
+            | Self::NotFoundForNow
+            | Self::BadName(_)
+            | Self::Busy(_)
+            | Self::Unauthorized
+            | Self::Forbidden(_)
+            | Self::Upload(_) => false,
         }
     }
 
@@ -250,6 +281,9 @@ impl Error {
         ) {
             res.extensions_mut().insert(StoreFailed);
         }
+        if self.is_store_fault() {
+            res.extensions_mut().insert(StoreFault(self.label()));
+        }
         let h = res.headers_mut();
         h.insert(
             header::CONTENT_TYPE,
@@ -323,6 +357,49 @@ mod tests {
             .status(),
             StatusCode::BAD_GATEWAY
         );
+    }
+
+    /// `cellar status` counts the store's own failures, and those of objects in it, and
+    /// no other 5xx: an upstream down, too many uploads, an upload's own failure.
+    #[test]
+    fn store_faults_are_marked_for_status() {
+        let fault = |e: Error| {
+            e.into_response()
+                .extensions()
+                .get::<StoreFault>()
+                .map(|f| f.0)
+        };
+        assert_eq!(
+            fault(Error::Store(StoreError::Unavailable("x".into()))),
+            Some("store_unavailable")
+        );
+        assert_eq!(
+            fault(Error::Store(StoreError::Encoded {
+                key: "k".into(),
+                encoding: "br".into(),
+                why: "w".into()
+            })),
+            Some("encoded_object")
+        );
+        assert_eq!(
+            fault(Error::Store(StoreError::WrongSize {
+                key: "k".into(),
+                got: 1,
+                expected: 2
+            })),
+            Some("corrupt_object")
+        );
+        for e in [
+            Error::Store(StoreError::UpstreamDown("x".into())),
+            Error::Busy("x"),
+            Error::Upload(UploadError::Internal("x".into())),
+            Error::Upload(UploadError::Busy {
+                retry_after_secs: 1,
+            }),
+        ] {
+            let label = e.label();
+            assert_eq!(fault(e), None, "{label}");
+        }
     }
 
     #[test]

@@ -357,10 +357,8 @@ async fn default_cache_headers(State(st): State<AppState>, req: Request, next: N
     {
         st.note_store_failed();
     }
-    if res.status().is_server_error() {
-        if let Some(crate::error::ErrorLabel(label)) = res.extensions().get() {
-            st.note_store_answer_failed(label);
-        }
+    if let Some(crate::error::StoreFault(label)) = res.extensions().get() {
+        st.note_store_answer_failed(label);
     }
     let config = &st.live().config;
     if config.auth.private {

@@ -542,7 +542,11 @@ async fn status_says_whether_the_store_answers() {
 #[tokio::test]
 async fn status_counts_the_stores_failures() {
     let mem = Arc::new(MemoryStore::new());
-    let st = state(Config::default(), &mem);
+    let cfg = Config {
+        upstreams: vec![super::tests::dead_upstream()],
+        ..Config::default()
+    };
+    let st = state(cfg, &mem);
     let failures = |st: super::AppState| async move {
         let (_, body) = get(&st, "/status").await;
         let v: serde_json::Value = serde_json::from_slice(&body).unwrap();
@@ -551,6 +555,11 @@ async fn status_counts_the_stores_failures() {
     assert_eq!(
         get(&st, &format!("/{HASH}.narinfo")).await.0,
         StatusCode::NOT_FOUND
+    );
+    // Not the store's: a NAR the store lacks while the upstream cannot be asked.
+    assert_eq!(
+        get(&st, &format!("/nar/{NAR_FILE}.nar.xz")).await.0,
+        StatusCode::SERVICE_UNAVAILABLE
     );
     assert_eq!(failures(st.clone()).await["count"], 0);
     assert!(failures(st.clone()).await["last"].is_null());
@@ -569,9 +578,6 @@ async fn status_counts_the_stores_failures() {
         get(&st, &format!("/{third}.narinfo")).await.0,
         StatusCode::BAD_GATEWAY
     );
-    // Not the store's: too many uploads at once, an upstream down.
-    st.note_store_answer_failed("busy");
-    st.note_store_answer_failed("upstream_unavailable");
     let f = failures(st.clone()).await;
     assert_eq!(f["count"], 2, "{f}");
     assert_eq!(f["last"], "corrupt_object");

@@ -103,19 +103,8 @@ impl App {
     }
 
     /// A request was answered 5xx for the store's failure labelled `label` (an
-    /// [`crate::error::Error::label`]: unavailable, timed out, misconfigured, a corrupt
-    /// object, another error); answers that are not the store's are not counted.
+    /// [`crate::error::Error::label`] of an [`crate::error::Error::is_store_fault`]).
     pub fn note_store_answer_failed(&self, label: &'static str) {
-        if !matches!(
-            label,
-            "store_unavailable"
-                | "store_timeout"
-                | "store_misconfigured"
-                | "store_error"
-                | "corrupt_object"
-        ) {
-            return;
-        }
         let mut f = crate::sync::lock(&self.store_failures);
         f.count += 1;
         f.last = Some((tokio::time::Instant::now(), label));
