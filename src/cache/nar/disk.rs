@@ -111,6 +111,8 @@ pub(super) enum WriteError {
     DiskFull,
     /// No random name for a temporary file.
     NoRandom(getrandom::Error),
+    /// A file begun in the cache's directory before it was made anew ([`Disk::reclaim`]).
+    Stale,
     Io {
         what: &'static str,
         path: PathBuf,
@@ -137,6 +139,7 @@ impl fmt::Display for WriteError {
         match self {
             Self::DiskFull => f.write_str("no space left on the cache's file system"),
             Self::NoRandom(e) => write!(f, "no random name for a temporary file: {e}"),
+            Self::Stale => f.write_str("begun before the cache's directory was made anew"),
             Self::Io { what, path, cause } => write!(f, "{what} {}: {cause}", path.display()),
         }
     }
@@ -189,6 +192,8 @@ pub(super) struct Found {
 /// A file under `.tmp/`, removed when dropped unless [`Disk::publish`] gave it its name.
 pub(super) struct TempFile {
     path: PathBuf,
+    /// The [`Disk`]'s generation it was made in.
+    generation: u64,
     /// Cleared once the file has its final name.
     remove_on_drop: bool,
 }
@@ -218,8 +223,12 @@ pub(super) struct Disk {
     tmp: PathBuf,
     /// Serves complete files, ranges included.
     files: LocalStore,
-    /// The marker, locked for as long as this process uses the directory.
-    _lock: std::fs::File,
+    /// The marker, locked for as long as this process uses the directory; replaced when the
+    /// directory is made anew ([`Disk::reclaim`]).
+    lock: std::sync::Mutex<std::fs::File>,
+    /// How many times the directory was made anew: a temporary file of an earlier one cannot
+    /// be published (its directory is gone), which says nothing of the current one.
+    generation: std::sync::atomic::AtomicU64,
 }
 
 impl Disk {
@@ -238,7 +247,8 @@ impl Disk {
             dir: dir.to_owned(),
             tmp,
             files: LocalStore::open(dir)?,
-            _lock: lock,
+            lock: std::sync::Mutex::new(lock),
+            generation: std::sync::atomic::AtomicU64::new(0),
         };
         let mut nars = Vec::new();
         let mut foreign = Vec::new();
@@ -308,6 +318,29 @@ impl Disk {
         &self.dir
     }
 
+    /// Whether the directory this process locked is no longer at its path: removed, renamed
+    /// or replaced while in use (its marker gone, or another file than the one locked).
+    pub(super) fn replaced(&self) -> bool {
+        use std::os::unix::fs::MetadataExt as _;
+        let held = crate::sync::lock(&self.lock).metadata();
+        match (std::fs::metadata(self.dir.join(MARKER)), held) {
+            (Ok(now), Ok(held)) => (now.dev(), now.ino()) != (held.dev(), held.ino()),
+            (Err(e), _) => e.kind() == io::ErrorKind::NotFound,
+            (Ok(_), Err(_)) => false,
+        }
+    }
+
+    /// Makes the directory anew after it was removed or replaced ([`Self::replaced`]): as at
+    /// start-up, only where it is missing or empty (or cellar's and unlocked), and locked.
+    pub(super) fn reclaim(&self) -> io::Result<()> {
+        let lock = claim(&self.dir)?;
+        std::fs::create_dir_all(&self.tmp)?;
+        *crate::sync::lock(&self.lock) = lock;
+        self.generation
+            .fetch_add(1, std::sync::atomic::Ordering::SeqCst);
+        Ok(())
+    }
+
     fn meta_path(&self, name: &str) -> PathBuf {
         self.dir.join(format!("{name}{META_SUFFIX}"))
     }
@@ -334,10 +367,18 @@ impl Disk {
         getrandom::getrandom(&mut rnd).map_err(WriteError::NoRandom)?;
         let tmp = TempFile {
             path: self.tmp.join(hex::encode(rnd)),
+            generation: self.generation.load(std::sync::atomic::Ordering::SeqCst),
             remove_on_drop: true,
         };
-        let writer = std::fs::File::create(&tmp.path)
-            .map_err(|e| WriteError::io("creating", &tmp.path, e))?;
+        let create = || std::fs::File::create(&tmp.path);
+        let writer = match create() {
+            // `.tmp/` alone removed (a clean-up by hand): made again.
+            Err(e) if e.kind() == io::ErrorKind::NotFound && self.dir.is_dir() => {
+                std::fs::create_dir_all(&self.tmp).and_then(|()| create())
+            }
+            created => created,
+        }
+        .map_err(|e| WriteError::io("creating", &tmp.path, e))?;
         Ok((tmp, writer))
     }
 
@@ -350,6 +391,9 @@ impl Disk {
         size: u64,
         checksum: Checksum,
     ) -> Result<(), WriteError> {
+        if tmp.generation != self.generation.load(std::sync::atomic::Ordering::SeqCst) {
+            return Err(WriteError::Stale);
+        }
         let meta = self.meta_path(name);
         let text = format!("{size} {}\n", checksum.render());
         let written = std::fs::File::create(&meta)

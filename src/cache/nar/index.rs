@@ -187,6 +187,16 @@ impl Index {
         }
     }
 
+    /// Forgets every entry and pending file (their directory is gone); how many there were.
+    pub(super) fn clear(&mut self) -> usize {
+        let n = self.entries.len() + self.pending.len();
+        self.entries.clear();
+        self.lru.clear();
+        self.pending.clear();
+        self.total = 0;
+        n
+    }
+
     /// Forgets the least recently used NARs until the rest fit the budget; their names, whose
     /// files the caller removes.
     pub(super) fn evict(&mut self) -> Vec<String> {

@@ -601,6 +601,9 @@ impl NarCache {
             // fine, so it stays until that happens READ_ERRORS times in a row, and this request
             // goes to the store.
             Err(e) => {
+                if self.check_directory() {
+                    return Ok(NarCacheAnswer::Bypass);
+                }
                 if self.read_failed(name) {
                     tracing::warn!(nar = %name, error = %e, "NAR cache: cannot read the file, fetching it again");
                     self.drop_entry_of_size(name, size);
@@ -610,6 +613,9 @@ impl NarCache {
                 Ok(NarCacheAnswer::Bypass)
             }
             Ok(_) => {
+                if self.check_directory() {
+                    return Ok(NarCacheAnswer::Bypass);
+                }
                 tracing::warn!(nar = %name, "NAR cache: file missing or truncated, fetching again");
                 self.drop_entry_of_size(name, size);
                 Ok(NarCacheAnswer::Bypass)
@@ -653,7 +659,7 @@ impl NarCache {
                 // A fill from before a pause ending in it does not end the pause: said once
                 // fills run again.
                 if !self.disk_full.is_active() && self.disk_full.reset() {
-                    tracing::info!(dir = %self.disk.dir().display(), "NAR cache: the disk has room again, caching");
+                    tracing::info!(dir = %self.disk.dir().display(), "NAR cache: the disk takes files again, caching");
                 }
                 self.evict();
                 self.changed();
@@ -847,12 +853,55 @@ impl NarCache {
         }
     }
 
-    /// Reports a failed write: a full disk pauses caching, anything else is logged.
+    /// Reports a failed write: a full disk pauses caching; a directory removed or replaced
+    /// while in use is made anew ([`Self::check_directory`]); any other failure (a file
+    /// system gone read-only, a directory the server's user may no longer write) pauses
+    /// caching as a full disk does, logged once, and caching is tried again after the pause.
     fn write_failed(&self, name: &str, e: &WriteError) {
         match e {
             WriteError::DiskFull => self.note_full(e),
-            _ => tracing::warn!(nar = %name, cause = %e, "NAR cache: cannot write a file"),
+            // Its directory was made anew since the file was begun: already said.
+            WriteError::Stale => {
+                tracing::debug!(nar = %name, "NAR cache: dropped a file begun in the directory before it was made anew")
+            }
+            _ if self.check_directory() => {}
+            _ => {
+                if self.disk_full.trip() {
+                    tracing::warn!(nar = %name, cause = %e, dir = %self.disk.dir().display(), "NAR cache: cannot write a file; serving without caching for a while");
+                }
+            }
         }
+    }
+
+    /// If the cache's directory was removed, renamed or replaced while in use (to empty the
+    /// cache by hand, say), forgets every file it held and makes it anew, as at start-up;
+    /// caching starts over. Where it cannot be made again (another cellar took the path, a
+    /// directory of other files is there), caching pauses as on a full disk, said once, and
+    /// this is tried again after the pause. True if the directory was found replaced.
+    fn check_directory(&self) -> bool {
+        if !self.disk.replaced() {
+            return false;
+        }
+        let _names = lock(&self.names);
+        // Another request made it anew meanwhile.
+        if !self.disk.replaced() {
+            return true;
+        }
+        let forgotten = self.index().clear();
+        lock(&self.read_errors).clear();
+        match self.disk.reclaim() {
+            Ok(()) => {
+                tracing::warn!(dir = %self.disk.dir().display(), forgotten, "NAR cache: the directory was removed or replaced while in use; made it anew, caching starts over");
+                self.disk_full.reset();
+            }
+            Err(e) => {
+                if self.disk_full.trip() {
+                    tracing::warn!(dir = %self.disk.dir().display(), cause = %e, forgotten, "NAR cache: the directory was removed or replaced while in use and cannot be made anew; serving without caching for a while");
+                }
+            }
+        }
+        self.changed();
+        true
     }
 
     /// Hashes a file indexed at start-up in the background ([`CHECKS_AT_ONCE`] at a time);

@@ -101,6 +101,17 @@ async fn read_named(cache: &Arc<NarCache>, store: &Arc<dyn Store>, name: &str) -
     body(cache.get(&file, &key, None, None, store).await.unwrap()).await
 }
 
+/// The NAR `name` as a request gets it: through `cache`, or from the store when the cache
+/// answers [`NarCacheAnswer::Bypass`] (as the server does).
+async fn served_named(cache: &Arc<NarCache>, store: &Arc<dyn Store>, name: &str) -> Vec<u8> {
+    let file: NarFileName = name.parse().unwrap();
+    let key = format!("nar/{name}");
+    match cache.get(&file, &key, None, None, store).await.unwrap() {
+        NarCacheAnswer::Bypass => concat(store.get(&key, None).await.unwrap().unwrap().body).await,
+        answer => body(answer).await,
+    }
+}
+
 async fn wait_indexed(cache: &NarCache, n: usize) {
     wait_until(cache, || cache.usage().0 == n).await;
 }
@@ -366,6 +377,130 @@ async fn a_file_eviction_cannot_remove_pauses_caching() {
     assert_eq!(read(3).await, vec![3u8; 1000]);
     assert_eq!(cache.usage(), before, "filled during the pause");
     assert!(!d.path().join(names[3]).exists());
+}
+
+/// The cache's directory removed while in use (`rm -rf` to empty the cache by hand): the next
+/// request finds it gone, is served from the store, and the directory is made anew, marked
+/// and locked, with nothing indexed; NARs are cached in it again from then on. (Before,
+/// every NAR request warned, and nothing was cached until a restart.)
+#[tokio::test]
+async fn a_cache_directory_removed_while_in_use_is_made_anew() {
+    let (d, cache, mem, store) = setup(1 << 30);
+    let names = NAMES;
+    for (i, n) in names.iter().enumerate() {
+        mem.insert(&format!("nar/{n}"), vec![i as u8; 1000]);
+    }
+    assert_eq!(read_named(&cache, &store, names[0]).await, vec![0u8; 1000]);
+    wait_indexed(&cache, 1).await;
+    std::fs::remove_dir_all(d.path()).unwrap();
+    assert_eq!(
+        served_named(&cache, &store, names[0]).await,
+        vec![0u8; 1000]
+    );
+    assert_eq!(cache.usage().0, 0, "the files gone are forgotten");
+    assert!(d.path().join(".cellar-nar-cache").is_file(), "marked anew");
+    // Locked anew: a second process is refused the directory.
+    let Err(e) = NarCache::open(d.path(), 1 << 30, Duration::from_secs(30)) else {
+        panic!("a second cache opened the directory");
+    };
+    assert!(e.to_string().contains("another running cellar"), "{e}");
+    for (i, n) in names.iter().enumerate().skip(1) {
+        assert_eq!(read_named(&cache, &store, n).await, vec![i as u8; 1000]);
+    }
+    wait_indexed(&cache, 3).await;
+    assert!(
+        d.path().join(names[1]).is_file(),
+        "cached in the new directory"
+    );
+    assert!(!cache.disk_full.is_active());
+}
+
+/// The same when the first request after the removal is a miss: its fill cannot write, finds
+/// the directory gone and makes it anew; the next NAR is cached.
+#[tokio::test]
+async fn a_cache_directory_removed_is_made_anew_by_a_fill() {
+    let (d, cache, mem, store) = setup(1 << 30);
+    for (i, n) in NAMES.iter().enumerate() {
+        mem.insert(&format!("nar/{n}"), vec![i as u8; 1000]);
+    }
+    std::fs::remove_dir_all(d.path()).unwrap();
+    assert_eq!(
+        served_named(&cache, &store, NAMES[0]).await,
+        vec![0u8; 1000]
+    );
+    wait_until(&cache, || d.path().join(".cellar-nar-cache").is_file()).await;
+    assert_eq!(
+        served_named(&cache, &store, NAMES[1]).await,
+        vec![1u8; 1000]
+    );
+    wait_indexed(&cache, 1).await;
+    assert!(d.path().join(NAMES[1]).is_file());
+}
+
+/// The cache's directory taken by another process after it was removed (a second cellar
+/// started on the path meanwhile): this one does not take it back, nor touch its files; it
+/// serves without caching, said once, and keeps trying after each pause.
+#[tokio::test]
+async fn a_cache_directory_taken_by_another_process_is_left_to_it() {
+    let (d, cache, mem, store) = setup(1 << 30);
+    let names = NAMES;
+    for (i, n) in names.iter().enumerate() {
+        mem.insert(&format!("nar/{n}"), vec![i as u8; 1000]);
+    }
+    assert_eq!(read_named(&cache, &store, names[0]).await, vec![0u8; 1000]);
+    wait_indexed(&cache, 1).await;
+    std::fs::remove_dir_all(d.path()).unwrap();
+    let other = NarCache::open_scanned(d.path(), 1 << 30, Duration::from_secs(30));
+    assert_eq!(read_named(&other, &store, names[3]).await, vec![3u8; 1000]);
+    wait_indexed(&other, 1).await;
+    let theirs = std::fs::read_dir(d.path()).unwrap().count();
+    for _ in 0..2 {
+        assert_eq!(
+            served_named(&cache, &store, names[0]).await,
+            vec![0u8; 1000]
+        );
+        assert_eq!(
+            served_named(&cache, &store, names[1]).await,
+            vec![1u8; 1000]
+        );
+    }
+    assert!(cache.disk_full.is_active(), "paused");
+    assert_eq!(cache.usage().0, 0);
+    assert_eq!(std::fs::read_dir(d.path()).unwrap().count(), theirs);
+    assert!(d.path().join(names[3]).is_file());
+    assert_eq!(read_named(&other, &store, names[3]).await, vec![3u8; 1000]);
+}
+
+/// A cache directory that can no longer be written (here its `.tmp` made a file; a file
+/// system gone read-only, a directory the server's user lost the right to write) pauses
+/// caching as a full disk does, with one warning, instead of one per NAR; once it can be
+/// written again, caching resumes after the pause.
+#[test]
+fn a_cache_directory_that_cannot_be_written_pauses_caching() {
+    let logs = crate::test_logs::capture();
+    let d = tempfile::tempdir().unwrap();
+    let cache = NarCache::open_scanned(d.path(), 1 << 30, Duration::from_secs(30));
+    let tmp = d.path().join(".tmp");
+    std::fs::remove_dir(&tmp).unwrap();
+    std::fs::write(&tmp, b"in the way").unwrap();
+    let warned = || logs.text().matches("cannot write a file").count();
+    for name in [NAMES[0], NAMES[1]] {
+        let Err(e) = cache.disk.write_temp(b"nar") else {
+            panic!("wrote under a file");
+        };
+        cache.write_failed(name, &e);
+    }
+    assert_eq!(warned(), 1, "once, not per NAR");
+    assert!(cache.disk_full(1), "paused");
+    std::fs::remove_file(&tmp).unwrap();
+    cache.disk_full.expire();
+    let (file, checksum) = cache.disk.write_temp(b"nar").unwrap();
+    cache.add(NAME, 3, || {
+        cache.disk.publish(file, NAME, 3, checksum)?;
+        Ok(checksum)
+    });
+    assert_eq!(cache.usage().0, 1, "cached again");
+    assert!(logs.text().contains("takes files again"));
 }
 
 /// A file gone before its first check after a restart (removed by hand) is fetched again and
@@ -906,11 +1041,11 @@ fn each_disk_full_episode_is_logged() {
     let checksum = super::disk::Checksum::of(b"");
     // A fill from before the pause ending in it does not end it, nor is it said to.
     cache.add(NAME, 0, || Ok(checksum));
-    assert!(!logs.text().contains("has room again"));
+    assert!(!logs.text().contains("takes files again"));
     assert!(cache.disk_full(1));
     cache.disk_full.expire();
     cache.add(NAME, 0, || Ok(checksum));
-    assert!(logs.text().contains("has room again"));
+    assert!(logs.text().contains("takes files again"));
     cache.write_failed("z", &super::disk::WriteError::DiskFull);
     assert_eq!(full(), 2, "the next episode");
 }
