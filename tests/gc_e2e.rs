@@ -119,6 +119,50 @@ fn a_builder_asking_each_time_uploads_again_what_gc_collected() {
     substitute_and_verify(&srv.url, &srv.public_key, &closure.top, &w.join("again"));
 }
 
+/// A builder pushing a closure the cache already has (every path found present, `copying 0
+/// paths`) relies on it: a collection right after the push keeps it, whatever the retention,
+/// as it keeps what an upload names. (Before, the probes were named only by the server's next
+/// use record, minutes later, and a gc running then deleted the closure of a `nix copy --to`
+/// that had just succeeded.)
+#[test]
+fn a_closure_a_builder_just_found_present_survives_a_collection() {
+    let work = tempfile::tempdir().unwrap();
+    let w = work.path();
+    let closure = build_closure("gc-e2e-found", w);
+    let data = w.join("data");
+    std::fs::create_dir_all(&data).unwrap();
+    let (tok, cfg) = token("builder", "write");
+    let mut env = local_env(&data);
+    // Uses are written long after the test ends: only what the push writes itself counts.
+    env.push(("CELLAR_GC__ACCESS_FLUSH_SECS".into(), "86400".into()));
+    let push = |srv: &Server| {
+        let mut c = nix("nix", &w.join("xdg-builder"));
+        c.args(["copy", "--to", &format!("{}/upload", srv.url)])
+            .arg("--option")
+            .arg("netrc-file")
+            .arg(netrc(w, srv, &tok))
+            .args(["--option", "narinfo-cache-positive-ttl", "0"])
+            .arg(&closure.top);
+        run_ok_stderr(c)
+    };
+    let srv = Server::start_with_config(&cfg, env.clone());
+    let said = push(&srv);
+    assert!(said.contains("copying path"), "{said}");
+    srv.stop();
+    // Unused for two days (its upload's records too), with a retention of none.
+    age_files(&data, Duration::from_secs(2 * 86400));
+    let srv = Server::start_with_config(&cfg, env.clone());
+    let said = push(&srv);
+    assert!(!said.contains("copying path"), "all present: {said}");
+    let mut gc_env = env.clone();
+    gc_env.push(("CELLAR_GC__KEEP_DAYS".into(), "0".into()));
+    let out = cellar(&["gc", "--apply"], &gc_env);
+    assert!(out.status.success(), "{}", text(&out));
+    let top_narinfo = data.join(format!("{}.narinfo", hash_of(&closure.top)));
+    assert!(top_narinfo.exists(), "collected: {}", text(&out));
+    substitute_and_verify(&srv.url, &srv.public_key, &closure.top, &w.join("fresh"));
+}
+
 #[tokio::test(flavor = "multi_thread")]
 async fn pinned_and_recently_read_closures_survive_gc_and_substitute() {
     let work = tempfile::tempdir().unwrap();

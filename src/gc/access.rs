@@ -175,6 +175,15 @@ pub struct AccessLog {
     covered: Mutex<HashMap<Entry, Instant>>,
     /// How long an upload record stands in for the records of later uploads; zero: never.
     cover_for: Duration,
+    /// Paths the upload address found present, waiting for their record
+    /// ([`Self::record_found`]).
+    found: Mutex<HashSet<StorePathHash>>,
+    /// The batch the paths now in `found` will be written in; batches written so far (batch
+    /// `b` is written once this is past `b`). Both change under `found`'s lock only.
+    found_batch: AtomicU64,
+    found_written: AtomicU64,
+    /// One write of found paths at a time: those found meanwhile go in the next one.
+    found_turn: tokio::sync::Mutex<()>,
 }
 
 impl AccessLog {
@@ -191,6 +200,10 @@ impl AccessLog {
             last_probe: Mutex::new(None),
             covered: Mutex::new(HashMap::new()),
             cover_for: Duration::ZERO,
+            found: Mutex::new(HashSet::new()),
+            found_batch: AtomicU64::new(0),
+            found_written: AtomicU64::new(0),
+            found_turn: tokio::sync::Mutex::new(()),
         }
     }
 
@@ -210,6 +223,37 @@ impl AccessLog {
         if set.len() < self.max_entries {
             set.insert(h);
         }
+    }
+
+    /// The upload address found the narinfo of `h` present: the builder will skip the path
+    /// and rely on it. Returns once an upload record naming it is written, so that a
+    /// collection deleting it from then on sees the record and writes it back (the caller
+    /// then looks at the path again: one deleted before the record is absent). Probes found
+    /// present at once share one write, as a group commit: a builder probes its closure many
+    /// paths at a time.
+    pub async fn record_found(&self, h: StorePathHash) -> Result<(), StoreError> {
+        let mine = {
+            let mut set = lock(&self.found);
+            set.insert(h);
+            self.found_batch.load(Ordering::SeqCst)
+        };
+        let _turn = self.found_turn.lock().await;
+        if self.found_written.load(Ordering::SeqCst) > mine {
+            return Ok(());
+        }
+        let (taken, batch) = {
+            let mut set = lock(&self.found);
+            let batch = self.found_batch.fetch_add(1, Ordering::SeqCst);
+            (std::mem::take(&mut *set), batch)
+        };
+        // Until written, they go back if the write fails or is dropped (this request's
+        // client gone): the next write names them, for the requests still waiting.
+        let mut taken = Taken::new(self, &self.found, taken);
+        let entries = taken.items.iter().map(|h| Entry::Path(*h)).collect();
+        self.write_upload_record(entries).await?;
+        taken.written();
+        self.found_written.store(batch + 1, Ordering::SeqCst);
+        Ok(())
     }
 
     /// A NAR is being uploaded (`nar_files`: the name uploaded and the name stored, if
@@ -781,6 +825,68 @@ mod tests {
         assert!(named(&second, b) && !named(&second, a));
         assert_eq!(at - start, Duration::from_secs(60), "one interval later");
         flusher.abort();
+    }
+
+    /// Paths found present while a record of found paths is being written share the next
+    /// write (a builder probes its closure 25 paths at a time; one write each would cost a
+    /// round trip per path); each call returns once a record naming its path is written; a
+    /// write that fails fails its own caller only, and what it held goes in the next one.
+    #[tokio::test]
+    async fn paths_found_present_together_share_a_record() {
+        let mem = Arc::new(crate::store::memory::MemoryStore::new());
+        let log = Arc::new(AccessLog::new(mem.clone(), 1000));
+        let hashes: Vec<StorePathHash> = (0..10u8)
+            .map(|i| {
+                format!("{}bxnj2gfflqa529lddzh3zhcn45nn86r", i)
+                    .parse()
+                    .unwrap()
+            })
+            .collect();
+        mem.fail(
+            crate::store::memory::FailOp::Write,
+            "_cellar/access/*",
+            0,
+            1,
+        );
+        let first = tokio::spawn({
+            let log = log.clone();
+            let h = hashes[0];
+            async move { log.record_found(h).await }
+        });
+        // The first write fails (the store refusing it): its caller is told.
+        assert!(first.await.unwrap().is_err());
+        assert!(mem.keys().is_empty());
+        let gate = mem.hold_writes("_cellar/access/");
+        let calls: Vec<_> = hashes[1..]
+            .iter()
+            .map(|h| {
+                let (log, h) = (log.clone(), *h);
+                tokio::spawn(async move { log.record_found(h).await })
+            })
+            .collect();
+        gate.reached().await;
+        // Every other call has put its path in and waits for its turn.
+        while lock(&log.found).len() < 8 {
+            tokio::task::yield_now().await;
+        }
+        gate.open();
+        for c in calls {
+            c.await.unwrap().unwrap();
+        }
+        let keys = mem.keys();
+        assert_eq!(
+            keys.len(),
+            2,
+            "one write held, one for all the rest: {keys:?}"
+        );
+        let named: HashSet<Entry> = keys
+            .iter()
+            .flat_map(|k| parse(std::str::from_utf8(&mem.bytes(k).unwrap()).unwrap()).unwrap())
+            .collect();
+        for h in &hashes {
+            assert!(named.contains(&Entry::Path(*h)), "{h} not named");
+        }
+        assert!(keys.iter().all(|k| k.ends_with(UPLOAD_SUFFIX)), "{keys:?}");
     }
 
     /// A write the store refuses is counted as failed and loses nothing: the next flush

@@ -785,6 +785,77 @@ async fn pushing_what_the_cache_has_is_a_use() {
     assert!(record.lines().any(|l| l == hash), "{record}");
 }
 
+/// A stored narinfo of `hash` naming a NAR of one byte.
+fn present_narinfo(hash: &str) -> String {
+    format!(
+        "StorePath: /nix/store/{hash}-present\nURL: nar/{}.nar\nCompression: none\n\
+         NarHash: sha256:{}\nNarSize: 1\nReferences: \n",
+        "1".repeat(52),
+        "1".repeat(52)
+    )
+}
+
+/// A builder's probe that finds a path present is answered only once an upload record names
+/// it (the builder skips the path and relies on it): a collection running meanwhile sees the
+/// record and writes the path back. (Before, it was named only by the next use record,
+/// minutes later, and gc deleted the closure of a `nix copy` that had just succeeded.)
+#[tokio::test]
+async fn a_probe_finding_a_path_present_is_recorded_as_an_uploads_before_it_is_answered() {
+    let hashes = [
+        "6bxnj2gfflqa529lddzh3zhcn45nn86r",
+        "7bxnj2gfflqa529lddzh3zhcn45nn86r",
+    ];
+    let mem = Arc::new(MemoryStore::new());
+    for h in hashes {
+        mem.insert(&format!("{h}.narinfo"), present_narinfo(h));
+    }
+    let cfg = with_tokens(Config::default(), &[("w", "wtok", Scope::Write)]);
+    let st = state(cfg, &mem);
+    let probes = hashes.map(|h| {
+        let st = st.clone();
+        tokio::spawn(async move {
+            let probe = authed("HEAD", &format!("/upload/{h}.narinfo"), "wtok")
+                .body(Body::empty())
+                .unwrap();
+            send(&st, probe).await.status()
+        })
+    });
+    for p in probes {
+        assert_eq!(p.await.unwrap(), StatusCode::OK);
+    }
+    let records: Vec<String> = mem
+        .keys()
+        .into_iter()
+        .filter(|k| k.starts_with("_cellar/access/") && k.ends_with("-upload"))
+        .collect();
+    let named: String = records
+        .iter()
+        .map(|k| String::from_utf8(mem.bytes(k).unwrap().to_vec()).unwrap())
+        .collect();
+    for h in hashes {
+        assert!(named.lines().any(|l| l == h), "{h} not in {named}");
+    }
+}
+
+/// A path deleted between the probe's read and its record (a collection's batch) is absent to
+/// the builder, which uploads it again.
+#[tokio::test]
+async fn a_path_gone_before_its_probe_was_recorded_is_absent() {
+    let hash = "6bxnj2gfflqa529lddzh3zhcn45nn86r";
+    let mem = Arc::new(MemoryStore::new());
+    mem.insert(&format!("{hash}.narinfo"), present_narinfo(hash));
+    let collector = mem.clone();
+    mem.after_write("_cellar/access/", move |_| {
+        collector.remove(&format!("{hash}.narinfo"));
+    });
+    let cfg = with_tokens(Config::default(), &[("w", "wtok", Scope::Write)]);
+    let st = state(cfg, &mem);
+    let probe = authed("HEAD", &format!("/upload/{hash}.narinfo"), "wtok")
+        .body(Body::empty())
+        .unwrap();
+    assert_eq!(send(&st, probe).await.status(), StatusCode::NOT_FOUND);
+}
+
 /// Small NARs live in memory and reach the disk cache only when memory lets them go for room;
 /// one let go is then read back from disk, not from the store.
 #[tokio::test]

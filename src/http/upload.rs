@@ -139,6 +139,24 @@ async fn stored_narinfo(
                 tracing::warn!(key = %object_key::narinfo(h), cause = %why, "stored narinfo cannot be served: absent to builders, whose upload replaces it");
                 return Err(Error::NotFound);
             }
+            // The builder will skip the path and upload on top of it: recorded as an
+            // upload's before the answer, then looked at again, so that a collection running
+            // now either deleted it before the record (absent: the builder uploads it) or
+            // sees the record and writes it back. Found present without it, the path was
+            // deleted after a successful `nix copy` that relied on it.
+            st.access.record_found(h).await?;
+            let key = object_key::narinfo(h);
+            let head = st.store.head(&key);
+            let still = match limit {
+                Some(limit) => tokio::time::timeout(limit, head)
+                    .await
+                    .map_err(|_| crate::store::StoreError::Timeout(limit.as_secs()))?,
+                None => head.await,
+            }?;
+            if still.is_none() {
+                st.uploader.probed_absent(h);
+                return Err(Error::NotFound);
+            }
             st.access.record_path(h);
             Ok(raw)
         }
