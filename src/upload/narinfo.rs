@@ -314,8 +314,9 @@ impl Uploader {
         // client with a stale view) costs one read, not a NAR verification. Two uploads of
         // different contents through two replicas racing past this check both write; the
         // last one wins (S3 has no portable create-only write), which needs a
-        // non-reproducible build pushed twice at the same moment (through one replica they
-        // take turns, above).
+        // non-reproducible build pushed twice at the same moment, or one path pushed by two
+        // builders at once with different compressions (the loser's NAR is then an orphan;
+        // docs/uploads.md). Through one replica they take turns, above.
         if let Some(existing) = existing? {
             // Another build of the path (not reproducible) published first, by another
             // builder: the cache keeps it, and the upload succeeds as `nix copy` to a store
