@@ -196,6 +196,33 @@ async fn keeps_pinned_recent_and_young_closures_and_deletes_the_rest_whole() {
     assert!(has(&mem, "_cellar/pins/release"));
 }
 
+/// Expired access records are deleted without a re-read of the records before each batch
+/// (each lists every record of the last days: on a busy cache, seconds per batch of 64, and
+/// the records come by the thousand); the batches that delete what an upload could rely on
+/// still re-read first.
+#[tokio::test(start_paused = true)]
+async fn expired_access_records_are_deleted_without_a_reread_per_batch() {
+    let mem = Arc::new(served_for_years());
+    let now = SystemTime::now();
+    let expired = path(&mem, "expired", &[], 100 * DAY, now);
+    let records = 10 * super::sweep::BATCH;
+    for i in 0..records {
+        mem.insert_at(
+            &format!("_cellar/access/x/p-{i}"),
+            render::<Entry>([]),
+            now - 40 * DAY,
+        );
+    }
+    let lists = mem.lists();
+    let s = gc(&mem, &cfg(), now, true).await;
+    assert!(s.errors.is_empty(), "{:?}", s.errors);
+    let deleted = s.deleted_objects.unwrap_or_default();
+    assert_eq!(deleted.get("access_record"), Some(&records));
+    assert!(!has(&mem, &format!("{}.narinfo", expired.hash)));
+    let listed = mem.lists() - lists;
+    assert!(listed < 20, "{listed} listings for {records} records");
+}
+
 /// The time `_cellar/records-began` holds, if the store has it.
 fn records_began(mem: &MemoryStore) -> Option<String> {
     let raw = mem.bytes("_cellar/records-began")?;
