@@ -184,6 +184,8 @@ pub struct AccessLog {
     found_written: AtomicU64,
     /// One write of found paths at a time: those found meanwhile go in the next one.
     found_turn: tokio::sync::Mutex<()>,
+    /// The last write of found paths that failed: its batch, and why.
+    found_failed: Mutex<Option<(u64, StoreError)>>,
 }
 
 impl AccessLog {
@@ -204,6 +206,7 @@ impl AccessLog {
             found_batch: AtomicU64::new(0),
             found_written: AtomicU64::new(0),
             found_turn: tokio::sync::Mutex::new(()),
+            found_failed: Mutex::new(None),
         }
     }
 
@@ -232,6 +235,16 @@ impl AccessLog {
     /// present at once share one write, as a group commit: a builder probes its closure many
     /// paths at a time.
     pub async fn record_found(&self, h: StorePathHash) -> Result<(), StoreError> {
+        // Named by an upload record written within the cover: a collector reads that record
+        // for longer still (a CI job pushing the same closure every few minutes writes once).
+        if !self.cover_for.is_zero() {
+            let fresh = lock(&self.covered)
+                .get(&Entry::Path(h))
+                .is_some_and(|at| at.elapsed() < self.cover_for);
+            if fresh {
+                return Ok(());
+            }
+        }
         let mine = {
             let mut set = lock(&self.found);
             set.insert(h);
@@ -240,6 +253,13 @@ impl AccessLog {
         let _turn = self.found_turn.lock().await;
         if self.found_written.load(Ordering::SeqCst) > mine {
             return Ok(());
+        }
+        // The write that held this path failed: said to each caller it held, not tried again
+        // by each in turn (with a store timing out, the last of 25 would wait 25 timeouts).
+        if let Some((batch, e)) = &*lock(&self.found_failed) {
+            if *batch >= mine {
+                return Err(e.clone());
+            }
         }
         let (taken, batch) = {
             let mut set = lock(&self.found);
@@ -250,7 +270,10 @@ impl AccessLog {
         // client gone): the next write names them, for the requests still waiting.
         let mut taken = Taken::new(self, &self.found, taken);
         let entries = taken.items.iter().map(|h| Entry::Path(*h)).collect();
-        self.write_upload_record(entries).await?;
+        if let Err(e) = self.write_upload_record(entries).await {
+            *lock(&self.found_failed) = Some((batch, e.clone()));
+            return Err(e);
+        }
         taken.written();
         self.found_written.store(batch + 1, Ordering::SeqCst);
         Ok(())
@@ -887,6 +910,78 @@ mod tests {
             assert!(named.contains(&Entry::Path(*h)), "{h} not named");
         }
         assert!(keys.iter().all(|k| k.ends_with(UPLOAD_SUFFIX)), "{keys:?}");
+    }
+
+    /// A failed write of found paths fails every caller whose path it held at once, not one
+    /// after another each with a write of its own (with a store timing out, the last of a
+    /// builder's 25 probes would wait 25 timeouts).
+    #[tokio::test]
+    async fn a_failed_record_of_found_paths_fails_all_it_held_at_once() {
+        let mem = Arc::new(crate::store::memory::MemoryStore::new());
+        let log = Arc::new(AccessLog::new(mem.clone(), 1000));
+        let hashes: Vec<StorePathHash> = (0..3u8)
+            .map(|i| {
+                format!("{}bxnj2gfflqa529lddzh3zhcn45nn86r", i)
+                    .parse()
+                    .unwrap()
+            })
+            .collect();
+        let call = |h: StorePathHash| {
+            let log = log.clone();
+            tokio::spawn(async move { log.record_found(h).await })
+        };
+        let gate = mem.hold_writes("_cellar/access/");
+        let first = call(hashes[0]);
+        gate.reached().await;
+        let (a, b) = (call(hashes[1]), call(hashes[2]));
+        while lock(&log.found).len() < 2 {
+            tokio::task::yield_now().await;
+        }
+        // The first write passes, the next (holding both others) fails.
+        mem.fail(
+            crate::store::memory::FailOp::Write,
+            "_cellar/access/*",
+            1,
+            1,
+        );
+        let writes = mem.writes();
+        gate.open();
+        first.await.unwrap().unwrap();
+        assert!(a.await.unwrap().is_err());
+        assert!(b.await.unwrap().is_err());
+        assert_eq!(
+            mem.writes() - writes,
+            1,
+            "one write for both, after the first"
+        );
+        // Their paths are written by the next one found.
+        let later: StorePathHash = "9bxnj2gfflqa529lddzh3zhcn45nn86r".parse().unwrap();
+        log.record_found(later).await.unwrap();
+        let named: HashSet<Entry> = mem
+            .keys()
+            .iter()
+            .flat_map(|k| parse(std::str::from_utf8(&mem.bytes(k).unwrap()).unwrap()).unwrap())
+            .collect();
+        for h in hashes.iter().chain([&later]) {
+            assert!(named.contains(&Entry::Path(*h)), "{h} not named");
+        }
+    }
+
+    /// A path an upload record written within the cover names needs no record of its own: a
+    /// collector reads that one for longer still (a CI job pushing the same closure every few
+    /// minutes writes once).
+    #[tokio::test(start_paused = true)]
+    async fn a_path_found_present_again_within_the_cover_writes_nothing() {
+        let mem = Arc::new(crate::store::memory::MemoryStore::new());
+        let log = AccessLog::new(mem.clone(), 1000).covering_uploads_for(UPLOAD_COVER);
+        let h: StorePathHash = "6bxnj2gfflqa529lddzh3zhcn45nn86r".parse().unwrap();
+        log.record_found(h).await.unwrap();
+        let writes = mem.writes();
+        log.record_found(h).await.unwrap();
+        assert_eq!(mem.writes(), writes, "written again within the cover");
+        tokio::time::advance(UPLOAD_COVER).await;
+        log.record_found(h).await.unwrap();
+        assert_eq!(mem.writes(), writes + 1, "not written again past the cover");
     }
 
     /// A write the store refuses is counted as failed and loses nothing: the next flush

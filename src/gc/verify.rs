@@ -743,12 +743,7 @@ async fn still_unservable(
 ) -> bool {
     if matches!(
         n.problem,
-        Some(
-            Problem::Unparseable(_)
-                | Problem::WrongHash(_)
-                | Problem::BadUrl(_)
-                | Problem::Unreadable(_)
-        )
+        Some(Problem::Unparseable(_) | Problem::WrongHash(_) | Problem::BadUrl(_))
     ) {
         return true;
     }

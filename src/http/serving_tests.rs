@@ -811,6 +811,7 @@ async fn a_probe_finding_a_path_present_is_recorded_as_an_uploads_before_it_is_a
     }
     let cfg = with_tokens(Config::default(), &[("w", "wtok", Scope::Write)]);
     let st = state(cfg, &mem);
+    let gate = mem.hold_writes("_cellar/access/");
     let probes = hashes.map(|h| {
         let st = st.clone();
         tokio::spawn(async move {
@@ -820,6 +821,12 @@ async fn a_probe_finding_a_path_present_is_recorded_as_an_uploads_before_it_is_a
             send(&st, probe).await.status()
         })
     });
+    gate.reached().await;
+    assert!(
+        probes.iter().all(|p| !p.is_finished()),
+        "answered before its record was written"
+    );
+    gate.open();
     for p in probes {
         assert_eq!(p.await.unwrap(), StatusCode::OK);
     }
@@ -837,10 +844,11 @@ async fn a_probe_finding_a_path_present_is_recorded_as_an_uploads_before_it_is_a
     }
 }
 
-/// A path deleted between the probe's read and its record (a collection's batch) is absent to
-/// the builder, which uploads it again.
+/// A path found deleted when the probe looks again after its record (a collection's batch
+/// deleted it between the probe's read and the record) is absent to the builder, which
+/// uploads it again.
 #[tokio::test]
-async fn a_path_gone_before_its_probe_was_recorded_is_absent() {
+async fn a_path_gone_when_its_probe_looks_again_is_absent() {
     let hash = "6bxnj2gfflqa529lddzh3zhcn45nn86r";
     let mem = Arc::new(MemoryStore::new());
     mem.insert(&format!("{hash}.narinfo"), present_narinfo(hash));

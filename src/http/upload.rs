@@ -144,14 +144,16 @@ async fn stored_narinfo(
             // now either deleted it before the record (absent: the builder uploads it) or
             // sees the record and writes it back. Found present without it, the path was
             // deleted after a successful `nix copy` that relied on it.
-            st.access.record_found(h).await?;
             let key = object_key::narinfo(h);
-            let head = st.store.head(&key);
+            let recorded_then_looked = async {
+                st.access.record_found(h).await?;
+                st.store.head(&key).await
+            };
             let still = match limit {
-                Some(limit) => tokio::time::timeout(limit, head)
+                Some(limit) => tokio::time::timeout(limit, recorded_then_looked)
                     .await
                     .map_err(|_| crate::store::StoreError::Timeout(limit.as_secs()))?,
-                None => head.await,
+                None => recorded_then_looked.await,
             }?;
             if still.is_none() {
                 st.uploader.probed_absent(h);

@@ -111,7 +111,8 @@ pub(super) enum WriteError {
     DiskFull,
     /// No random name for a temporary file.
     NoRandom(getrandom::Error),
-    /// A file begun in the cache's directory before it was made anew ([`Disk::reclaim`]).
+    /// A file begun in the cache's directory before it was replaced or made anew
+    /// ([`Disk::replaced`], [`Disk::reclaim`]): not published.
     Stale,
     Io {
         what: &'static str,
@@ -333,6 +334,20 @@ impl Disk {
     /// Makes the directory anew after it was removed or replaced ([`Self::replaced`]): as at
     /// start-up, only where it is missing or empty (or cellar's and unlocked), and locked.
     pub(super) fn reclaim(&self) -> io::Result<()> {
+        // A marked directory holding NARs (another cellar's, stopped since) is taken at a
+        // start only, which indexes its files: taken here, they would lie there uncounted.
+        if let Ok(entries) = std::fs::read_dir(&self.dir) {
+            let held = entries.flatten().any(|e| {
+                let name = e.file_name();
+                name != MARKER && name != TMP && name != LOST_FOUND
+            });
+            if held {
+                return Err(io::Error::other(format!(
+                    "{} holds files of another cache; restart cellar to take it",
+                    self.dir.display()
+                )));
+            }
+        }
         let lock = claim(&self.dir)?;
         std::fs::create_dir_all(&self.tmp)?;
         *crate::sync::lock(&self.lock) = lock;
@@ -372,8 +387,9 @@ impl Disk {
         };
         let create = || std::fs::File::create(&tmp.path);
         let writer = match create() {
-            // `.tmp/` alone removed (a clean-up by hand): made again.
-            Err(e) if e.kind() == io::ErrorKind::NotFound && self.dir.is_dir() => {
+            // `.tmp/` alone removed (a clean-up by hand): made again, in the directory this
+            // process holds only (not in one an `rm -rf` is emptying, nor another's).
+            Err(e) if e.kind() == io::ErrorKind::NotFound && !self.replaced() => {
                 std::fs::create_dir_all(&self.tmp).and_then(|()| create())
             }
             created => created,
@@ -391,7 +407,9 @@ impl Disk {
         size: u64,
         checksum: Checksum,
     ) -> Result<(), WriteError> {
-        if tmp.generation != self.generation.load(std::sync::atomic::Ordering::SeqCst) {
+        if tmp.generation != self.generation.load(std::sync::atomic::Ordering::SeqCst)
+            || self.replaced()
+        {
             return Err(WriteError::Stale);
         }
         let meta = self.meta_path(name);
@@ -541,6 +559,30 @@ mod tests {
     use super::*;
 
     const NAME: &str = "07yp7gw2d9vmfgl2rd063i75qwkfbrgvqngp5yz2pk6iadzlckh7.nar.xz";
+
+    /// A directory replaced while this process holds the old one (emptied by `rm -rf`, taken
+    /// by another process): nothing is written into it, neither `.tmp/` made again there nor a
+    /// file begun before published there; once made anew here, both work again.
+    #[test]
+    fn nothing_is_written_into_a_directory_not_held() {
+        let parent = tempfile::tempdir().unwrap();
+        let dir = parent.path().join("cache");
+        let Opened { disk, .. } = Disk::open(&dir).unwrap();
+        let (begun, checksum) = disk.write_temp(b"nar").unwrap();
+        std::fs::rename(&dir, parent.path().join("old")).unwrap();
+        std::fs::create_dir(&dir).unwrap();
+        assert!(disk.replaced());
+        assert!(matches!(
+            disk.publish(begun, NAME, 3, checksum),
+            Err(WriteError::Stale)
+        ));
+        assert!(disk.write_temp(b"nar").is_err(), "wrote into the new one");
+        assert_eq!(std::fs::read_dir(&dir).unwrap().count(), 0);
+        disk.reclaim().unwrap();
+        assert!(!disk.replaced());
+        disk.write_whole(NAME, b"nar").unwrap();
+        assert!(dir.join(NAME).is_file());
+    }
 
     #[test]
     fn enospc_is_disk_full() {

@@ -66,6 +66,18 @@ const FULL_BACKOFF: Duration = Duration::from_secs(60);
 /// once) before it reads the NAR from the store instead.
 const CHECK_WAIT: Duration = Duration::from_secs(10);
 
+/// Whether a failed write says every write will fail until someone acts: a file system gone
+/// read-only, a directory the server's user may no longer write, a file where a directory
+/// belongs. Caching then pauses; other failures cost the one NAR.
+fn lasting(e: &io::Error) -> bool {
+    matches!(
+        e.kind(),
+        io::ErrorKind::ReadOnlyFilesystem
+            | io::ErrorKind::PermissionDenied
+            | io::ErrorKind::NotADirectory
+    )
+}
+
 /// Checks, changing nothing, that `dir` could be opened as the NAR cache: missing, empty, or
 /// one cellar made (`check-config`: `serve` would refuse a directory of other files).
 pub fn check_dir(dir: &Path) -> io::Result<()> {
@@ -89,6 +101,9 @@ pub struct NarCache {
     fills: Mutex<HashMap<String, Arc<OnceCell<Started>>>>,
     /// Set while the disk is full: NARs are then served without caching.
     disk_full: Backoff,
+    /// Set while the directory this process held is gone and could not be made anew: nothing
+    /// is written until [`NarCache::check_directory`] makes it anew.
+    lost: std::sync::atomic::AtomicBool,
     /// Bytes promised to fills still running (not yet in the index).
     reserved: AtomicU64,
     /// Large NARs being written to disk (see [`fill::MAX_RUNNING`]).
@@ -181,6 +196,7 @@ impl NarCache {
             index: Mutex::new(index),
             fills: Mutex::new(HashMap::new()),
             disk_full: Backoff::new(FULL_BACKOFF),
+            lost: std::sync::atomic::AtomicBool::new(false),
             reserved: AtomicU64::new(0),
             running: std::sync::atomic::AtomicUsize::new(0),
             idle_timeout,
@@ -802,6 +818,13 @@ impl NarCache {
         if self.disk_full.is_active() {
             return Ok(true);
         }
+        // Its directory lost, tried again after each pause.
+        if self.lost.load(Ordering::SeqCst) {
+            self.check_directory();
+            if self.lost.load(Ordering::SeqCst) {
+                return Ok(true);
+            }
+        }
         // Unknown free space is no reason to stop caching; a full disk is then found on write.
         let avail = self.disk.free_bytes().unwrap_or(u64::MAX);
         let wanted = size.saturating_add(reserved).saturating_add(FREE_MARGIN);
@@ -860,16 +883,22 @@ impl NarCache {
     fn write_failed(&self, name: &str, e: &WriteError) {
         match e {
             WriteError::DiskFull => self.note_full(e),
-            // Its directory was made anew since the file was begun: already said.
+            // Its directory was replaced since the file was begun: made anew now if that was
+            // not done yet.
             WriteError::Stale => {
-                tracing::debug!(nar = %name, "NAR cache: dropped a file begun in the directory before it was made anew")
+                if !self.check_directory() {
+                    tracing::debug!(nar = %name, "NAR cache: dropped a file begun in the directory before it was made anew");
+                }
             }
             _ if self.check_directory() => {}
-            _ => {
+            WriteError::Io { cause, .. } if lasting(cause) => {
                 if self.disk_full.trip() {
                     tracing::warn!(nar = %name, cause = %e, dir = %self.disk.dir().display(), "NAR cache: cannot write a file; serving without caching for a while");
                 }
             }
+            // Out of file descriptors (every client back at once after a restart), an I/O
+            // error: this NAR is not cached, the next one may be.
+            _ => tracing::warn!(nar = %name, cause = %e, "NAR cache: cannot write a file"),
         }
     }
 
@@ -892,9 +921,11 @@ impl NarCache {
         match self.disk.reclaim() {
             Ok(()) => {
                 tracing::warn!(dir = %self.disk.dir().display(), forgotten, "NAR cache: the directory was removed or replaced while in use; made it anew, caching starts over");
+                self.lost.store(false, Ordering::SeqCst);
                 self.disk_full.reset();
             }
             Err(e) => {
+                self.lost.store(true, Ordering::SeqCst);
                 if self.disk_full.trip() {
                     tracing::warn!(dir = %self.disk.dir().display(), cause = %e, forgotten, "NAR cache: the directory was removed or replaced while in use and cannot be made anew; serving without caching for a while");
                 }

@@ -466,9 +466,56 @@ async fn a_cache_directory_taken_by_another_process_is_left_to_it() {
     }
     assert!(cache.disk_full.is_active(), "paused");
     assert_eq!(cache.usage().0, 0);
+    // After the pause, tried again: still not this process's, so nothing is written there.
+    cache.disk_full.expire();
+    assert_eq!(
+        served_named(&cache, &store, names[2]).await,
+        vec![2u8; 1000]
+    );
+    wait_until(&cache, || cache.disk_full.is_active()).await;
+    assert_eq!(cache.usage().0, 0);
     assert_eq!(std::fs::read_dir(d.path()).unwrap().count(), theirs);
+    assert!(!d.path().join(names[2]).exists());
     assert!(d.path().join(names[3]).is_file());
     assert_eq!(read_named(&other, &store, names[3]).await, vec![3u8; 1000]);
+    // The other one stopped, its files left: not taken (they would lie there uncounted).
+    close(other).await;
+    cache.disk_full.expire();
+    assert_eq!(
+        served_named(&cache, &store, names[2]).await,
+        vec![2u8; 1000]
+    );
+    wait_until(&cache, || cache.disk_full.is_active()).await;
+    assert!(!d.path().join(names[2]).exists());
+    // Its directory removed too: this one makes it anew.
+    std::fs::remove_dir_all(d.path()).unwrap();
+    cache.disk_full.expire();
+    assert_eq!(
+        served_named(&cache, &store, names[2]).await,
+        vec![2u8; 1000]
+    );
+    wait_indexed(&cache, 1).await;
+    assert!(d.path().join(names[2]).is_file());
+}
+
+/// A write failure that says nothing of the next one (out of file descriptors while every
+/// client comes back after a restart) costs that NAR its caching, not a pause for all.
+#[test]
+fn a_passing_write_failure_does_not_pause_caching() {
+    let d = tempfile::tempdir().unwrap();
+    let cache = NarCache::open_scanned(d.path(), 1 << 30, Duration::from_secs(30));
+    let emfile = std::io::Error::from_raw_os_error(24);
+    cache.write_failed(
+        NAME,
+        &super::disk::WriteError::io("creating", d.path(), emfile),
+    );
+    assert!(!cache.disk_full(1));
+    let erofs = std::io::Error::from_raw_os_error(30);
+    cache.write_failed(
+        NAME,
+        &super::disk::WriteError::io("creating", d.path(), erofs),
+    );
+    assert!(cache.disk_full(1), "a read-only file system pauses");
 }
 
 /// A cache directory that can no longer be written (here its `.tmp` made a file; a file
