@@ -379,20 +379,27 @@ async fn a_file_eviction_cannot_remove_pauses_caching() {
     assert!(!d.path().join(names[3]).exists());
 }
 
+/// A cache whose store holds the NARs of [`NAMES`] (`i` bytes of value `i`, 1000 each),
+/// the first of them cached, then its directory removed.
+async fn cached_then_removed() -> (tempfile::TempDir, Arc<NarCache>, Arc<dyn Store>) {
+    let (d, cache, mem, store) = setup(1 << 30);
+    for (i, n) in NAMES.iter().enumerate() {
+        mem.insert(&format!("nar/{n}"), vec![i as u8; 1000]);
+    }
+    assert_eq!(read_named(&cache, &store, NAMES[0]).await, vec![0u8; 1000]);
+    wait_indexed(&cache, 1).await;
+    std::fs::remove_dir_all(d.path()).unwrap();
+    (d, cache, store)
+}
+
 /// The cache's directory removed while in use (`rm -rf` to empty the cache by hand): the next
 /// request finds it gone, is served from the store, and the directory is made anew, marked
 /// and locked, with nothing indexed; NARs are cached in it again from then on. (Before,
 /// every NAR request warned, and nothing was cached until a restart.)
 #[tokio::test]
 async fn a_cache_directory_removed_while_in_use_is_made_anew() {
-    let (d, cache, mem, store) = setup(1 << 30);
+    let (d, cache, store) = cached_then_removed().await;
     let names = NAMES;
-    for (i, n) in names.iter().enumerate() {
-        mem.insert(&format!("nar/{n}"), vec![i as u8; 1000]);
-    }
-    assert_eq!(read_named(&cache, &store, names[0]).await, vec![0u8; 1000]);
-    wait_indexed(&cache, 1).await;
-    std::fs::remove_dir_all(d.path()).unwrap();
     assert_eq!(
         served_named(&cache, &store, names[0]).await,
         vec![0u8; 1000]
@@ -442,14 +449,8 @@ async fn a_cache_directory_removed_is_made_anew_by_a_fill() {
 /// serves without caching, said once, and keeps trying after each pause.
 #[tokio::test]
 async fn a_cache_directory_taken_by_another_process_is_left_to_it() {
-    let (d, cache, mem, store) = setup(1 << 30);
+    let (d, cache, store) = cached_then_removed().await;
     let names = NAMES;
-    for (i, n) in names.iter().enumerate() {
-        mem.insert(&format!("nar/{n}"), vec![i as u8; 1000]);
-    }
-    assert_eq!(read_named(&cache, &store, names[0]).await, vec![0u8; 1000]);
-    wait_indexed(&cache, 1).await;
-    std::fs::remove_dir_all(d.path()).unwrap();
     let other = NarCache::open_scanned(d.path(), 1 << 30, Duration::from_secs(30));
     assert_eq!(read_named(&other, &store, names[3]).await, vec![3u8; 1000]);
     wait_indexed(&other, 1).await;
