@@ -144,16 +144,16 @@ async fn stored_narinfo(
             // now either deleted it before the record (absent: the builder uploads it) or
             // sees the record and writes it back. Found present without it, the path was
             // deleted after a successful `nix copy` that relied on it.
+            // The record's write is shared by the probes found at once, and bounded by the
+            // store's own timeout: one caller giving up must not cancel it for the others.
+            st.access.record_found(h).await?;
             let key = object_key::narinfo(h);
-            let recorded_then_looked = async {
-                st.access.record_found(h).await?;
-                st.store.head(&key).await
-            };
+            let head = st.store.head(&key);
             let still = match limit {
-                Some(limit) => tokio::time::timeout(limit, recorded_then_looked)
+                Some(limit) => tokio::time::timeout(limit, head)
                     .await
                     .map_err(|_| crate::store::StoreError::Timeout(limit.as_secs()))?,
-                None => recorded_then_looked.await,
+                None => head.await,
             }?;
             if still.is_none() {
                 st.uploader.probed_absent(h);

@@ -336,7 +336,8 @@ impl Disk {
     pub(super) fn reclaim(&self) -> io::Result<()> {
         // A marked directory holding NARs (another cellar's, stopped since) is taken at a
         // start only, which indexes its files: taken here, they would lie there uncounted.
-        if let Ok(entries) = std::fs::read_dir(&self.dir) {
+        let marked = self.dir.join(MARKER).is_file();
+        if let (true, Ok(entries)) = (marked, std::fs::read_dir(&self.dir)) {
             let held = entries.flatten().any(|e| {
                 let name = e.file_name();
                 name != MARKER && name != TMP && name != LOST_FOUND
@@ -390,7 +391,7 @@ impl Disk {
             // `.tmp/` alone removed (a clean-up by hand): made again, in the directory this
             // process holds only (not in one an `rm -rf` is emptying, nor another's).
             Err(e) if e.kind() == io::ErrorKind::NotFound && !self.replaced() => {
-                std::fs::create_dir_all(&self.tmp).and_then(|()| create())
+                std::fs::create_dir(&self.tmp).and_then(|()| create())
             }
             created => created,
         }
@@ -513,8 +514,11 @@ pub(super) fn claimable(dir: &Path) -> io::Result<bool> {
         Err(e) if e.kind() == io::ErrorKind::NotFound => return Ok(false),
         Err(e) => return Err(e),
     };
-    // The root of a freshly made file system (a volume of its own) holds `lost+found`.
-    if entries.flatten().any(|e| e.file_name() != LOST_FOUND) {
+    // The root of a freshly made file system (a volume of its own) holds `lost+found`; an
+    // `rm -rf` of the cache that ended half-way may leave `.tmp/` with temporary files.
+    if entries.flatten().any(|e| {
+        e.file_name() != LOST_FOUND && !(e.file_name() == TMP && only_temporary(&e.path()))
+    }) {
         return Err(io::Error::other(format!(
             "{} is not empty and has no {MARKER} file, so it is not a NAR cache cellar \
              made; cellar deletes files in its NAR cache, so point cache.nar_dir at a new \
@@ -523,6 +527,21 @@ pub(super) fn claimable(dir: &Path) -> io::Result<bool> {
         )));
     }
     Ok(false)
+}
+
+/// Whether `dir` holds nothing but files named as cellar names its temporary files (24 hex
+/// digits, [`Disk::create_temp`]).
+fn only_temporary(dir: &Path) -> bool {
+    let Ok(entries) = std::fs::read_dir(dir) else {
+        return false;
+    };
+    entries.flatten().all(|e| {
+        let name = e.file_name();
+        let name = name.to_string_lossy();
+        name.len() == 24
+            && name.bytes().all(|b| b.is_ascii_hexdigit())
+            && e.file_type().is_ok_and(|t| t.is_file())
+    })
 }
 
 fn parse_meta(text: &str) -> Option<(u64, Checksum)> {

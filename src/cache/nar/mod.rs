@@ -711,7 +711,8 @@ impl NarCache {
     /// for every file that ever failed would be kept for the life of the process).
     fn remove_unindexed(&self, name: &str) {
         let _names = lock(&self.names);
-        if !self.index().contains(name) {
+        // Not in a directory this process does not hold (another cache's file of that name).
+        if !self.index().contains(name) && !self.disk.replaced() {
             if let Err(e) = self.disk.remove(name) {
                 // A file system gone read-only, say: the file keeps its space, which the
                 // budget no longer counts, so caching pauses as on a full disk.
@@ -909,6 +910,11 @@ impl NarCache {
     /// this is tried again after the pause. True if the directory was found replaced.
     fn check_directory(&self) -> bool {
         if !self.disk.replaced() {
+            // The directory this process holds is back (moved away and back): its index
+            // still describes it.
+            if self.lost.swap(false, Ordering::SeqCst) {
+                tracing::info!(dir = %self.disk.dir().display(), "NAR cache: the directory is back, caching");
+            }
             return false;
         }
         let _names = lock(&self.names);
@@ -916,18 +922,23 @@ impl NarCache {
         if !self.disk.replaced() {
             return true;
         }
-        let forgotten = self.index().clear();
-        lock(&self.read_errors).clear();
+        // Tried once per pause, not by every request meanwhile.
+        if self.lost.load(Ordering::SeqCst) && self.disk_full.is_active() {
+            return true;
+        }
         match self.disk.reclaim() {
             Ok(()) => {
+                let forgotten = self.index().clear();
+                lock(&self.read_errors).clear();
                 tracing::warn!(dir = %self.disk.dir().display(), forgotten, "NAR cache: the directory was removed or replaced while in use; made it anew, caching starts over");
                 self.lost.store(false, Ordering::SeqCst);
                 self.disk_full.reset();
             }
+            // What the index holds stays: the directory may come back (moved away and back).
             Err(e) => {
                 self.lost.store(true, Ordering::SeqCst);
                 if self.disk_full.trip() {
-                    tracing::warn!(dir = %self.disk.dir().display(), cause = %e, forgotten, "NAR cache: the directory was removed or replaced while in use and cannot be made anew; serving without caching for a while");
+                    tracing::warn!(dir = %self.disk.dir().display(), cause = %e, "NAR cache: the directory was removed or replaced while in use and cannot be made anew; serving without caching for a while");
                 }
             }
         }

@@ -466,7 +466,11 @@ async fn a_cache_directory_taken_by_another_process_is_left_to_it() {
         );
     }
     assert!(cache.disk_full.is_active(), "paused");
-    assert_eq!(cache.usage().0, 0);
+    assert_eq!(
+        cache.usage().0,
+        1,
+        "what it held is kept: the directory may come back"
+    );
     // After the pause, tried again: still not this process's, so nothing is written there.
     cache.disk_full.expire();
     assert_eq!(
@@ -474,7 +478,7 @@ async fn a_cache_directory_taken_by_another_process_is_left_to_it() {
         vec![2u8; 1000]
     );
     wait_until(&cache, || cache.disk_full.is_active()).await;
-    assert_eq!(cache.usage().0, 0);
+    assert_eq!(cache.usage().0, 1);
     assert_eq!(std::fs::read_dir(d.path()).unwrap().count(), theirs);
     assert!(!d.path().join(names[2]).exists());
     assert!(d.path().join(names[3]).is_file());
@@ -495,8 +499,60 @@ async fn a_cache_directory_taken_by_another_process_is_left_to_it() {
         served_named(&cache, &store, names[2]).await,
         vec![2u8; 1000]
     );
-    wait_indexed(&cache, 1).await;
+    wait_until(&cache, || cache.index().contains(names[2])).await;
+    assert_eq!(cache.usage().0, 1, "what it held before is forgotten");
     assert!(d.path().join(names[2]).is_file());
+}
+
+/// The directory moved away and something else put in its place, then moved back: caching
+/// resumes in it with what it held, once the pause after the failed attempt is over.
+#[tokio::test]
+async fn a_cache_directory_moved_away_and_back_is_used_again() {
+    let (d, cache, mem, store) = setup(1 << 30);
+    for (i, n) in NAMES.iter().enumerate() {
+        mem.insert(&format!("nar/{n}"), vec![i as u8; 1000]);
+    }
+    assert_eq!(read_named(&cache, &store, NAMES[0]).await, vec![0u8; 1000]);
+    wait_indexed(&cache, 1).await;
+    let away = d.path().with_extension("away");
+    std::fs::rename(d.path(), &away).unwrap();
+    std::fs::create_dir(d.path()).unwrap();
+    std::fs::write(d.path().join("someone-else's"), b"x").unwrap();
+    assert_eq!(
+        served_named(&cache, &store, NAMES[1]).await,
+        vec![1u8; 1000]
+    );
+    wait_until(&cache, || cache.disk_full.is_active()).await;
+    assert!(!d.path().join(NAMES[1]).exists());
+    std::fs::remove_dir_all(d.path()).unwrap();
+    std::fs::rename(&away, d.path()).unwrap();
+    cache.disk_full.expire();
+    assert_eq!(read_named(&cache, &store, NAMES[0]).await, vec![0u8; 1000]);
+    assert_eq!(
+        served_named(&cache, &store, NAMES[1]).await,
+        vec![1u8; 1000]
+    );
+    wait_until(&cache, || cache.index().contains(NAMES[1])).await;
+    assert_eq!(cache.usage().0, 2);
+    assert!(d.path().join(NAMES[1]).is_file());
+}
+
+/// An `rm -rf` of the cache that ended half-way, leaving `.tmp/` and temporary files in it
+/// and no marker, is taken again (its temporary files removed); a directory with other files
+/// is not.
+#[test]
+fn a_cache_directory_left_with_only_temporary_files_is_taken() {
+    let d = tempfile::tempdir().unwrap();
+    let tmp = d.path().join(".tmp");
+    std::fs::create_dir(&tmp).unwrap();
+    std::fs::write(tmp.join("0123456789abcdef01234567"), b"half").unwrap();
+    let cache = NarCache::open_scanned(d.path(), 1 << 30, Duration::from_secs(30));
+    assert_eq!(std::fs::read_dir(&tmp).unwrap().count(), 0);
+    drop(cache);
+    let other = tempfile::tempdir().unwrap();
+    std::fs::create_dir(other.path().join(".tmp")).unwrap();
+    std::fs::write(other.path().join(".tmp").join("notes.txt"), b"mine").unwrap();
+    assert!(NarCache::open(other.path(), 1 << 30, Duration::from_secs(30)).is_err());
 }
 
 /// A write failure that says nothing of the next one (out of file descriptors while every
