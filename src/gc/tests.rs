@@ -753,6 +753,56 @@ async fn a_nar_recorded_while_the_collector_settles_is_kept() {
     assert!(!has(&mem, &gone));
 }
 
+/// A repair whose re-read of the records fails after it deleted broken narinfos says so
+/// first (it is why everything just deleted is written back), does not blame an upload, and
+/// with the store failing the write-backs stops at the first (the rest stays in the run's
+/// copies for the next run), instead of waiting out each one's retries.
+#[tokio::test(start_paused = true)]
+async fn a_repair_that_cannot_reread_the_records_says_so_first_and_stops_at_one_failed_write_back()
+{
+    let mem = Arc::new(served_for_years());
+    let now = SystemTime::now();
+    let broken: Vec<_> = ["a", "b", "c"]
+        .iter()
+        .map(|n| {
+            let p = path(&mem, n, &[], 100 * DAY, now);
+            mem.remove(&p.nar);
+            mem.fail(FailOp::Write, &format!("{}.narinfo", p.hash), 0, usize::MAX);
+            p
+        })
+        .collect();
+    let yesterday = super::access::day(SystemTime::now() - DAY);
+    mem.fail(
+        FailOp::List,
+        &format!("_cellar/access/{yesterday}/"),
+        1,
+        usize::MAX,
+    );
+    let r = repair(&mem, now).await;
+    assert!(
+        r.repair_errors[0].starts_with("re-reading access records"),
+        "{:?}",
+        r.repair_errors
+    );
+    let failed: Vec<_> = r
+        .repair_errors
+        .iter()
+        .filter(|e| e.starts_with("writing back"))
+        .collect();
+    assert_eq!(failed.len(), 1, "{:?}", r.repair_errors);
+    assert!(!failed[0].contains("upload"), "{failed:?}");
+    assert!(
+        r.repair_errors
+            .last()
+            .is_some_and(|e| e.contains("_cellar/unfinished/")),
+        "{:?}",
+        r.repair_errors
+    );
+    assert!(broken
+        .iter()
+        .all(|p| !has(&mem, &format!("{}.narinfo", p.hash))));
+}
+
 async fn repair(mem: &Arc<MemoryStore>, now: SystemTime) -> super::verify::Report {
     repair_settling(mem, now, super::deleting::SETTLE).await
 }

@@ -1085,8 +1085,24 @@ async fn repair_as(
             Err(_) => chunk.clone(),
         };
         let back: Vec<u32> = back.into_iter().filter(|&i| deleted[i as usize]).collect();
+        // Said first: it is why the whole chunk is written back.
+        let why = match &reread {
+            Ok(_) => "which an upload relies on",
+            Err(e) => {
+                report.repair_errors.push(format!(
+                    "re-reading access records: {e}; what was just deleted is written back, and \
+                     repairing stopped"
+                ));
+                "as the access records could not be read"
+            }
+        };
         let mut not_back = false;
         for j in sweep::references_first(graph, &back) {
+            // The store failing writes: the rest stays in this run's copies, which the next
+            // run settles, rather than each waiting out its own retries.
+            if not_back {
+                break;
+            }
             let key = object_key::narinfo(graph.nodes[j as usize].hash);
             let Some(body) = bodies.get(&j) else { continue };
             // Not before what it needs: one whose reference could not be written back stays
@@ -1098,8 +1114,7 @@ async fn repair_as(
             if let Some(&r) = missing {
                 let needed = object_key::narinfo(graph.nodes[r as usize].hash);
                 report.repair_errors.push(format!(
-                    "not writing back {key}, which an upload relies on: its reference {needed} \
-                     is not back"
+                    "not writing back {key}, {why}: its reference {needed} is not back"
                 ));
                 continue;
             }
@@ -1111,9 +1126,9 @@ async fn repair_as(
                 }
                 Err(e) => {
                     not_back = true;
-                    report.repair_errors.push(format!(
-                        "writing back {key}, which an upload relies on: {e}"
-                    ));
+                    report
+                        .repair_errors
+                        .push(format!("writing back {key}, {why}: {e}"));
                 }
             }
         }
@@ -1127,15 +1142,14 @@ async fn repair_as(
         // collection stops.
         if not_back {
             report.repair_errors.push(
-                "a narinfo an upload relies on could not be written back; repairing stopped".into(),
+                "a deleted narinfo could not be written back; repairing stopped (this run's \
+                 copies under _cellar/unfinished/ are written back by the next `cellar gc` or \
+                 `cellar verify --repair`)"
+                    .into(),
             );
             return;
         }
-        if let Err(e) = reread {
-            report.repair_errors.push(format!(
-                "re-reading access records: {e}; what was just deleted is written back, and \
-                 repairing stopped"
-            ));
+        if reread.is_err() {
             return;
         }
         if halted_noted(run, &opts.stop, report) {
