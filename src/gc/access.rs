@@ -269,6 +269,9 @@ impl AccessLog {
         // Until written, they go back if the write fails or is dropped (this request's
         // client gone): the next write names them, for the requests still waiting.
         let mut taken = Taken::new(self, &self.found, taken);
+        // Found paths have callers waiting for their record, one each (so as many as requests
+        // under way): never dropped.
+        taken.bounded = false;
         let entries = taken.items.iter().map(|h| Entry::Path(*h)).collect();
         if let Err(e) = self.write_upload_record(entries).await {
             *lock(&self.found_failed) = Some((batch, e.clone()));
@@ -408,19 +411,15 @@ impl AccessLog {
         Ok(())
     }
 
-    /// Returns what a failed write took from `set` to it, as far as there is room; what
-    /// finds none (the set filled again while the write failed) is lost, and counted so.
+    /// Returns what a failed write took from `set` to it, as far as there is room if
+    /// `bounded`; what finds none (the set filled again while the write failed) is lost, and
+    /// counted so.
     fn put_back<T: std::hash::Hash + Eq>(
         &self,
         set: &Mutex<HashSet<T>>,
         taken: impl IntoIterator<Item = T>,
+        bounded: bool,
     ) {
-        // Found paths have callers waiting for their record, one each (so as many as requests
-        // under way): never dropped.
-        let bounded = !std::ptr::eq(
-            (set as *const Mutex<HashSet<T>>).cast::<()>(),
-            (&self.found as *const Mutex<HashSet<StorePathHash>>).cast::<()>(),
-        );
         let mut set = lock(set);
         let mut lost = 0u64;
         for h in taken {
@@ -499,6 +498,8 @@ struct Taken<'a, T: std::hash::Hash + Eq> {
     log: &'a AccessLog,
     set: &'a Mutex<HashSet<T>>,
     items: Vec<T>,
+    /// Whether putting them back respects the set's bound ([`AccessLog::put_back`]).
+    bounded: bool,
 }
 
 impl<'a, T: std::hash::Hash + Eq> Taken<'a, T> {
@@ -511,6 +512,7 @@ impl<'a, T: std::hash::Hash + Eq> Taken<'a, T> {
             log,
             set,
             items: items.into_iter().collect(),
+            bounded: true,
         }
     }
 
@@ -522,7 +524,8 @@ impl<'a, T: std::hash::Hash + Eq> Taken<'a, T> {
 impl<T: std::hash::Hash + Eq> Drop for Taken<'_, T> {
     fn drop(&mut self) {
         if !self.items.is_empty() {
-            self.log.put_back(self.set, std::mem::take(&mut self.items));
+            self.log
+                .put_back(self.set, std::mem::take(&mut self.items), self.bounded);
         }
     }
 }
@@ -1249,7 +1252,7 @@ mod tests {
         let before = dropped();
         // Taken by a write that failed: 300 of them are in the set again, 700 are not.
         let taken: Vec<Entry> = (700..1700).map(|i| Entry::Path(hash(i))).collect();
-        log.put_back(&log.pending, taken);
+        log.put_back(&log.pending, taken, true);
         assert_eq!(lock(&log.pending).len(), 1000);
         let counted = dropped() - before;
         // (Other tests may count at the same time: at least these.)
