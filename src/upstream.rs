@@ -1176,6 +1176,10 @@ impl Store for WithUpstreams {
         self.store.list(prefix)
     }
 
+    fn list_after(&self, prefix: &str, after: &str) -> crate::store::ObjectList {
+        self.store.list_after(prefix, after)
+    }
+
     async fn delete(&self, key: &str) -> Result<(), StoreError> {
         self.store.delete(key).await
     }

@@ -2,10 +2,12 @@
 //! store write per request.
 //!
 //! Each server keeps what it served since its last write in a bounded in-memory set and writes
-//! it as one small object, `_cellar/access/<YYYY-MM-DD>/<process>-<seq>`, every
+//! it as one small object, `_cellar/access/<YYYY-MM-DD>/-<HHMMSSmmm>-<process>-<seq>`, every
 //! `gc.access_flush_secs`, when the set is full, and at shutdown. The object's modification
 //! time is when those paths were last used. A lost write (a crash) costs recency, never data:
-//! at worst a path is collected a little early, with its whole closure.
+//! at worst a path is collected a little early, with its whole closure. Names sort by when
+//! their write began, so that a collector re-reading the records while it deletes lists only
+//! the last minutes' (a busy day has a hundred thousand).
 //!
 //! Uploads are the exception: a narinfo about to be accepted is recorded with its references
 //! and its NAR, and that record is written before the references and the NAR are checked, so
@@ -64,21 +66,90 @@ pub const UPLOAD_COVER: Duration = Duration::from_secs(10 * 60);
 /// An access record larger than this is corrupt (a full set of 1M entries is ~60 MiB).
 const MAX_RECORD_BYTES: u64 = 256 << 20;
 
-/// `YYYY-MM-DD` (UTC) of `t`: records are grouped by day, so a collector reads only the days
-/// within the retention and re-reads only the last ones.
-pub fn day(t: SystemTime) -> String {
+/// `t` in UTC.
+fn utc(t: SystemTime) -> time::OffsetDateTime {
     let secs = t.duration_since(UNIX_EPOCH).unwrap_or_default().as_secs();
-    let date = i64::try_from(secs)
+    i64::try_from(secs)
         .ok()
         .and_then(|s| time::OffsetDateTime::from_unix_timestamp(s).ok())
         .unwrap_or(time::OffsetDateTime::UNIX_EPOCH)
-        .date();
+}
+
+/// `YYYY-MM-DD` (UTC) of `t`: records are grouped by day, so a collector reads only the days
+/// within the retention and re-reads only the last ones.
+pub fn day(t: SystemTime) -> String {
+    let date = utc(t).date();
     format!(
         "{:04}-{:02}-{:02}",
         date.year(),
         u8::from(date.month()),
         date.day()
     )
+}
+
+/// What the name of a record starts with, after its day: `-HHMMSSmmm` (UTC), when its write
+/// began by the store's clock. Names sort by time within a day, so a re-read lists only
+/// those written since it last looked ([`reread`]). `-` sorts before the hexadecimal digits
+/// that began the names of records written by earlier versions (`<process>-<seq>`): a listing
+/// that starts after a time still lists every one of those.
+fn time_of_day(t: SystemTime) -> String {
+    let u = utc(t);
+    let ms = t
+        .duration_since(UNIX_EPOCH)
+        .unwrap_or_default()
+        .subsec_millis();
+    format!("-{:02}{:02}{:02}{ms:03}", u.hour(), u.minute(), u.second())
+}
+
+/// A record whose write took longer than this, by this machine's clock or by the store's,
+/// is written again under a new name: its name is dated when its write began, and a re-read
+/// lists only records dated [`REREAD_MARGIN`] before it last looked or later. Also catches a
+/// name dated by a clock that was off (before the store's first answer set it right).
+pub const WRITE_WITHIN: Duration = Duration::from_secs(60);
+
+/// How far before its last listing a re-read starts listing records by their names' time:
+/// more than [`WRITE_WITHIN`] plus the error of a store clock learnt from `Date` headers.
+pub const REREAD_MARGIN: Duration = Duration::from_secs(10 * 60);
+
+/// Writes record `text` as `_cellar/access/<day>/-<time>-<name>`, dated when its write
+/// began; again under a new date if the write took longer than [`WRITE_WITHIN`], and an
+/// error if that one did too. Each try counted as `kind` ("use" or "upload").
+async fn put_record(
+    store: &dyn Store,
+    name: &str,
+    text: String,
+    kind: &'static str,
+) -> Result<(), StoreError> {
+    let text = Bytes::from(text);
+    let mut took = Duration::ZERO;
+    for _ in 0..2 {
+        let began = store.now();
+        let started = Instant::now();
+        let key = format!(
+            "{RESERVED_PREFIX}{DIR}{}/{}-{name}",
+            day(began),
+            time_of_day(began)
+        );
+        let written = store.put_bytes(&key, text.clone()).await;
+        crate::metrics::access_record(kind, written.is_ok());
+        written?;
+        // By the store's clock too: the answer to this write may have set it right.
+        took = started
+            .elapsed()
+            .max(store.now().duration_since(began).unwrap_or_default());
+        if took <= WRITE_WITHIN {
+            return Ok(());
+        }
+        tracing::debug!(
+            key,
+            ?took,
+            "the access record took long to write: writing it anew"
+        );
+    }
+    Err(StoreError::Unavailable(format!(
+        "writing an access record took {}s, twice; a collector may not see a record that slow",
+        took.as_secs()
+    )))
 }
 
 /// One line of a record.
@@ -437,19 +508,13 @@ impl AccessLog {
     /// Writes `text` (a rendered record) as a new record whose key ends with `suffix`.
     async fn write(&self, text: String, suffix: &str) -> Result<(), StoreError> {
         let seq = self.seq.fetch_add(1, Ordering::SeqCst);
-        let key = format!(
-            "{RESERVED_PREFIX}{DIR}{}/{}-{seq:08}{suffix}",
-            day(self.store.now()),
-            self.process
-        );
-        let written = self.store.put_bytes(&key, Bytes::from(text)).await;
         let kind = if suffix == UPLOAD_SUFFIX {
             "upload"
         } else {
             "use"
         };
-        crate::metrics::access_record(kind, written.is_ok());
-        written
+        let name = format!("{}-{seq:08}{suffix}", self.process);
+        put_record(self.store.as_ref(), &name, text, kind).await
     }
 
     /// Writes every `interval`, and early when the set is full, until the task is aborted.
@@ -541,13 +606,9 @@ pub async fn record_now(
     paths: impl IntoIterator<Item = StorePathHash>,
     what: &str,
 ) -> Result<(), StoreError> {
-    let key = format!(
-        "{RESERVED_PREFIX}{DIR}{}/{}-{what}{UPLOAD_SUFFIX}",
-        day(store.now()),
-        random_id()
-    );
+    let name = format!("{}-{what}{UPLOAD_SUFFIX}", random_id());
     let record = render(paths.into_iter().map(Entry::Path));
-    store.put_bytes(&key, Bytes::from(record)).await
+    put_record(store, &name, record, "upload").await
 }
 
 /// Access records read by a collector.
@@ -752,6 +813,8 @@ async fn reread_into(
         )));
     }
     let since = acc.listed.unwrap_or(now).min(now);
+    // Records dated before this were listed by then ([`WRITE_WITHIN`]).
+    let from = since.checked_sub(REREAD_MARGIN).unwrap_or(since);
     let mut t = since.checked_sub(DAY).unwrap_or(since);
     let mut days = Vec::new();
     while day(t) <= day(now + DAY) && days.len() < MAX_REREAD_DAYS {
@@ -760,8 +823,17 @@ async fn reread_into(
     }
     for d in days {
         let prefix = format!("{RESERVED_PREFIX}{DIR}{d}/");
-        let new: Vec<_> = store
-            .list(&prefix)
+        // Records named by earlier versions (not dated) are listed whatever their day.
+        let after = match d.cmp(&day(from)) {
+            std::cmp::Ordering::Less => Some(format!("{prefix}{UNDATED_AFTER}")),
+            std::cmp::Ordering::Equal => Some(format!("{prefix}{}", time_of_day(from))),
+            std::cmp::Ordering::Greater => None,
+        };
+        let listing = match &after {
+            Some(a) => store.list_after(&prefix, a),
+            None => store.list(&prefix),
+        };
+        let new: Vec<_> = listing
             .try_filter(|o| futures::future::ready(!acc.read.contains(&o.key)))
             .try_collect()
             .await?;
@@ -791,6 +863,10 @@ async fn reread_into(
     acc.listed = Some(now);
     Ok(())
 }
+
+/// Sorts after every dated record name of a day ([`time_of_day`]) and before every undated
+/// one (hexadecimal).
+const UNDATED_AFTER: &str = "-~";
 
 /// Days a re-read lists at most (a year): bounds the walk if the clock jumped.
 const MAX_REREAD_DAYS: usize = 366;
@@ -1078,11 +1154,7 @@ mod tests {
         log.record_path(h);
         log.record_probe(h);
         // The flush is the first write: sequence number 0.
-        let first = format!(
-            "{RESERVED_PREFIX}{DIR}{}/{}-00000000",
-            day(SystemTime::now()),
-            log.process
-        );
+        let first = format!("{RESERVED_PREFIX}{DIR}*-{}-00000000", log.process);
         let gate = mem.hold_writes(&first);
         let flush = log.flush();
         tokio::pin!(flush);
@@ -1294,6 +1366,97 @@ mod tests {
             assert_eq!(mem.lists() - before, days, "listed {since:?} ago");
             assert_eq!(acc.listed, Some(now));
         }
+    }
+
+    /// A re-read lists the records dated from [`REREAD_MARGIN`] before its last listing on,
+    /// and every record named by earlier versions (not dated), yesterday's too: not the
+    /// day's others (a busy day has a hundred thousand, and a collector re-reads before each
+    /// batch it deletes).
+    #[tokio::test]
+    async fn a_reread_lists_only_the_records_dated_since_it_last_looked() {
+        const DAY: Duration = Duration::from_secs(86400);
+        let mem = crate::store::memory::MemoryStore::new();
+        let now = SystemTime::now();
+        let since = now - Duration::from_secs(30);
+        let hash = |i: u32| -> StorePathHash {
+            let nix32 = crate::nix::Sha256::digest(&i.to_le_bytes()).to_nix32();
+            nix32[..32].parse().unwrap()
+        };
+        let dated = |t: SystemTime, name: &str, h: StorePathHash| {
+            let key = format!("{RESERVED_PREFIX}{DIR}{}/{}-{name}", day(t), time_of_day(t));
+            mem.insert_at(&key, render([Entry::Path(h)]), t);
+        };
+        let undated = |t: SystemTime, name: &str, h: StorePathHash| {
+            let key = format!("{RESERVED_PREFIX}{DIR}{}/{name}", day(t));
+            mem.insert_at(&key, render([Entry::Path(h)]), t);
+        };
+        // Listed by then: an hour before, and yesterday.
+        for i in 0..100 {
+            dated(
+                now - Duration::from_secs(3600),
+                &format!("p-{i:08}"),
+                hash(i),
+            );
+        }
+        dated(now - DAY, "p-00000100", hash(100));
+        // Since, or within the margin before it.
+        dated(now, "q-00000000-upload", hash(200));
+        // Five minutes: what a write may take ([`WRITE_WITHIN`]), with clocks off by a few.
+        dated(since - Duration::from_secs(300), "q-00000001", hash(201));
+        // By an earlier version, today and yesterday.
+        undated(now, "0123456789ab-00000007-upload", hash(202));
+        undated(now - DAY, "fedcba987654-00000003", hash(203));
+        let mut acc = Accessed::since(since);
+        let before = mem.listed_objects();
+        let fresh: HashSet<Entry> = reread(&mem, &mut acc, now)
+            .await
+            .unwrap()
+            .into_iter()
+            .collect();
+        let want: HashSet<Entry> = (200..204).map(|i| Entry::Path(hash(i))).collect();
+        assert_eq!(fresh, want);
+        assert_eq!(mem.listed_objects() - before, 4, "listed only those");
+    }
+
+    /// A record whose write took longer than [`WRITE_WITHIN`] is written again under a new
+    /// date, as its first date may be before a re-read's listing that did not see it; written
+    /// slowly twice, the upload it is for is refused.
+    #[tokio::test(start_paused = true)]
+    async fn a_record_slow_to_write_is_written_again_dated_anew() {
+        let mem = Arc::new(crate::store::memory::MemoryStore::new());
+        let log = AccessLog::new(mem.clone(), 1000);
+        // Each try of a write held at a gate of its own, for its time in `took`.
+        let write = |name: &'static str, took: &'static [Duration]| {
+            let (mem, log) = (mem.clone(), &log);
+            async move {
+                let before = mem.writes();
+                let mut gate = mem.hold_writes("_cellar/access/");
+                let written = log.write(render([Entry::Nar(name.into())]), UPLOAD_SUFFIX);
+                tokio::pin!(written);
+                for (i, slow) in took.iter().enumerate() {
+                    tokio::select! {
+                        _ = &mut written => panic!("try {i} went through the gate"),
+                        () = gate.reached() => {}
+                    }
+                    tokio::time::advance(*slow).await;
+                    let held = gate;
+                    gate = mem.hold_writes("_cellar/access/");
+                    held.open();
+                }
+                gate.open();
+                (written.await, mem.writes() - before)
+            }
+        };
+        const SLOW: Duration = Duration::from_secs(WRITE_WITHIN.as_secs() + 1);
+        let (first, writes) = write("x.nar", &[SLOW, Duration::ZERO]).await;
+        assert!(first.is_ok() && writes == 2, "{first:?}, {writes} writes");
+        let (fast, writes) = write("y.nar", &[WRITE_WITHIN]).await;
+        assert!(fast.is_ok() && writes == 1, "{fast:?}, {writes} writes");
+        let (twice, writes) = write("z.nar", &[SLOW, SLOW]).await;
+        assert!(
+            matches!(twice, Err(StoreError::Unavailable(_))) && writes == 2,
+            "{twice:?}, {writes} writes"
+        );
     }
 
     /// A record that could not be read is read by the next re-read: until it is, the re-reads

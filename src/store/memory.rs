@@ -94,6 +94,8 @@ pub struct MemoryStore {
     /// Writers asked for (each write, failed or not).
     writes: AtomicUsize,
     lists: AtomicUsize,
+    /// Objects listings handed out.
+    listed_objects: AtomicUsize,
     pings: AtomicUsize,
     down: AtomicBool,
     /// Pings answered as a store refusing the credentials would.
@@ -200,7 +202,8 @@ impl MemoryStore {
     }
 
     /// Holds each write of a key under `prefix` (as it opens its writer) until the gate is
-    /// opened: a test drops a write under way.
+    /// opened: a test drops a write under way. A `*` in `prefix` stands for any part of the
+    /// key (the rest of the key then ends with what follows it).
     pub fn hold_writes(&self, prefix: &str) -> Arc<ReadGate> {
         Self::add_gate(&self.write_gates, prefix)
     }
@@ -222,7 +225,14 @@ impl MemoryStore {
     async fn pass(gates: &Mutex<Vec<Arc<ReadGate>>>, key: &str) {
         let gates: Vec<Arc<ReadGate>> = lock(gates)
             .iter()
-            .filter(|g| key.starts_with(g.prefix.as_str()))
+            .filter(|g| match g.prefix.split_once('*') {
+                Some((start, end)) => {
+                    key.len() >= start.len() + end.len()
+                        && key.starts_with(start)
+                        && key.ends_with(end)
+                }
+                None => key.starts_with(g.prefix.as_str()),
+            })
             .cloned()
             .collect();
         for g in gates {
@@ -289,6 +299,11 @@ impl MemoryStore {
     /// Number of `list` calls so far.
     pub fn lists(&self) -> usize {
         self.lists.load(Ordering::SeqCst)
+    }
+
+    /// Number of objects listings handed out so far.
+    pub fn listed_objects(&self) -> usize {
+        self.listed_objects.load(Ordering::SeqCst)
     }
 
     /// Number of `ping` calls so far.
@@ -500,6 +515,10 @@ impl Store for MemoryStore {
     }
 
     fn list(&self, prefix: &str) -> ObjectList {
+        self.list_after(prefix, "")
+    }
+
+    fn list_after(&self, prefix: &str, after: &str) -> ObjectList {
         self.lists.fetch_add(1, Ordering::SeqCst);
         let items: Vec<Result<ObjectInfo, StoreError>> = if self.down.load(Ordering::SeqCst) {
             vec![Err(StoreError::Unavailable("memory store is down".into()))]
@@ -509,7 +528,7 @@ impl Store for MemoryStore {
             // In key order, as S3 lists.
             let mut found: Vec<ObjectInfo> = lock(&self.objects)
                 .iter()
-                .filter(|(k, _)| k.starts_with(prefix))
+                .filter(|(k, _)| k.starts_with(prefix) && k.as_str() > after)
                 .map(|(k, v)| ObjectInfo {
                     key: k.clone(),
                     size: v.data.len() as u64,
@@ -517,6 +536,7 @@ impl Store for MemoryStore {
                 })
                 .collect();
             found.sort_by(|a, b| a.key.cmp(&b.key));
+            self.listed_objects.fetch_add(found.len(), Ordering::SeqCst);
             found.into_iter().map(Ok).collect()
         };
         futures::stream::iter(items).boxed()

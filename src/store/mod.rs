@@ -486,6 +486,16 @@ pub trait Store: Send + Sync + 'static {
     /// lists what writers are still staging.
     fn list(&self, prefix: &str) -> ObjectList;
 
+    /// [`Store::list`], of the objects whose key also sorts after `after` (byte order): a
+    /// store that can start a listing at a key (S3's `StartAfter`) skips the rest unread.
+    fn list_after(&self, prefix: &str, after: &str) -> ObjectList {
+        use futures::{StreamExt as _, TryStreamExt as _};
+        let after = after.to_owned();
+        self.list(prefix)
+            .try_filter(move |o| futures::future::ready(o.key > after))
+            .boxed()
+    }
+
     /// Removes an object; removing one that does not exist is not an error (two garbage
     /// collectors, or a retried delete, must not fail each other).
     async fn delete(&self, key: &str) -> Result<(), StoreError>;

@@ -667,7 +667,11 @@ impl Store for S3Store {
     }
 
     fn list(&self, prefix: &str) -> ObjectList {
-        self.list_objects(prefix)
+        self.list_objects(prefix, None)
+    }
+
+    fn list_after(&self, prefix: &str, after: &str) -> ObjectList {
+        self.list_objects(prefix, Some(after))
     }
 
     async fn delete(&self, key: &str) -> Result<(), StoreError> {

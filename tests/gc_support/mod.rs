@@ -158,6 +158,15 @@ pub async fn s3_store(
     s3: &crate::common::S3Env,
     prefix: &str,
 ) -> std::sync::Arc<dyn cellar::store::Store> {
+    s3_store_via(s3, prefix, true).await
+}
+
+/// [`s3_store`], sending its reads directly (`direct_requests`) or through the SDK.
+pub async fn s3_store_via(
+    s3: &crate::common::S3Env,
+    prefix: &str,
+    direct_requests: bool,
+) -> std::sync::Arc<dyn cellar::store::Store> {
     use cellar::config::{S3Credentials, S3StoreConfig, Secret};
     let cfg = S3StoreConfig {
         bucket: s3.bucket.clone(),
@@ -165,7 +174,7 @@ pub async fn s3_store(
         region: "us-east-1".into(),
         prefix: prefix.to_owned(),
         force_path_style: true,
-        direct_requests: true,
+        direct_requests,
         credentials: Some(S3Credentials {
             access_key_id: s3.key_id.clone(),
             secret_access_key: Secret(s3.secret.clone()),

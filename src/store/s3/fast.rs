@@ -567,6 +567,7 @@ impl FastReads {
         &self,
         prefix: &str,
         token: Option<&str>,
+        start_after: Option<&str>,
     ) -> Result<(Vec<Listed>, Option<String>), StoreError> {
         let mut url = format!(
             "{}?list-type=2&prefix={}",
@@ -576,6 +577,10 @@ impl FastReads {
         if let Some(t) = token {
             url.push_str("&continuation-token=");
             url.push_str(&encode(t));
+        }
+        if let Some(a) = start_after {
+            url.push_str("&start-after=");
+            url.push_str(&encode(a));
         }
         let req = Unsigned {
             method: reqwest::Method::GET,
@@ -1318,18 +1323,28 @@ mod tests {
     async fn a_listing_asks_for_its_prefix_and_follows_the_token() {
         let seen = Arc::new(std::sync::Mutex::new(Vec::new()));
         let r = recording_s3(seen.clone()).await;
-        let (first, next) = r.list_page("p/_cellar/", None).await.unwrap();
+        let (first, next) = r.list_page("p/_cellar/", None, None).await.unwrap();
         assert_eq!(first.len(), 1);
         assert_eq!(next.as_deref(), Some("t+1/="));
-        let (second, next) = r.list_page("p/_cellar/", next.as_deref()).await.unwrap();
+        let (second, next) = r
+            .list_page("p/_cellar/", next.as_deref(), None)
+            .await
+            .unwrap();
         assert_eq!(second[0].key, "p/b");
         assert_eq!(next, None);
+        r.list_page("p/_cellar/", None, Some("p/_cellar/-0900 x"))
+            .await
+            .unwrap();
         let seen = seen.lock().unwrap();
         assert_eq!(seen[0].method, "GET");
         assert_eq!(seen[0].uri, "/b?list-type=2&prefix=p%2F_cellar%2F");
         assert_eq!(
             seen[1].uri,
             "/b?list-type=2&prefix=p%2F_cellar%2F&continuation-token=t%2B1%2F%3D"
+        );
+        assert_eq!(
+            seen[2].uri,
+            "/b?list-type=2&prefix=p%2F_cellar%2F&start-after=p%2F_cellar%2F-0900%20x"
         );
     }
 

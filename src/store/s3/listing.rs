@@ -181,27 +181,48 @@ impl S3Store {
         }
     }
 
-    /// Every object under `prefix`, one ListObjectsV2 page at a time.
-    pub(super) fn list_objects(&self, prefix: &str) -> ObjectList {
+    /// Every object under `prefix` (whose key sorts after `after`, if given), one
+    /// ListObjectsV2 page at a time.
+    pub(super) fn list_objects(&self, prefix: &str, after: Option<&str>) -> ObjectList {
         let full_prefix = self.key(prefix);
-        match &self.fast {
+        let relative_after = after.map(str::to_owned);
+        let after = after.map(|a| self.key(a));
+        let listed = match &self.fast {
             Some(fast) => {
                 let fast = fast.clone();
+                let after = after.clone();
                 paged(self.prefix.clone(), move |token| {
                     let (fast, full_prefix) = (fast.clone(), full_prefix.clone());
-                    async move { fast.list_page(&full_prefix, token.as_deref()).await }.boxed()
+                    // `StartAfter` on the first page: the token carries it on.
+                    let after = after.clone().filter(|_| token.is_none());
+                    async move {
+                        fast.list_page(&full_prefix, token.as_deref(), after.as_deref())
+                            .await
+                    }
+                    .boxed()
                 })
             }
             None => {
                 let (client, bucket, timeout) =
                     (self.client.clone(), self.bucket.clone(), self.timeout);
+                let after = after.clone();
                 paged(self.prefix.clone(), move |token| {
                     let (client, bucket) = (client.clone(), bucket.clone());
                     let full_prefix = full_prefix.clone();
-                    async move { sdk_page(client, bucket, full_prefix, timeout, token).await }
-                        .boxed()
+                    let after = after.clone().filter(|_| token.is_none());
+                    async move {
+                        sdk_page(client, bucket, full_prefix, timeout, token, after).await
+                    }
+                    .boxed()
                 })
             }
+        };
+        match relative_after {
+            None => listed,
+            // A store that ignores `StartAfter` lists the rest too.
+            Some(after) => listed
+                .try_filter(move |o| futures::future::ready(o.key > after))
+                .boxed(),
         }
     }
 }
@@ -266,12 +287,14 @@ async fn sdk_page(
     full_prefix: String,
     timeout: Duration,
     token: Option<String>,
+    start_after: Option<String>,
 ) -> PageResult {
     let req = client
         .list_objects_v2()
         .bucket(&bucket)
         .prefix(&full_prefix)
-        .set_continuation_token(token);
+        .set_continuation_token(token)
+        .set_start_after(start_after);
     let started = std::time::Instant::now();
     let end = tokio::time::Instant::now() + timeout;
     // Polled by the caller's task: made again while it could not connect if that serves an
