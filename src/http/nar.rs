@@ -134,6 +134,11 @@ async fn fetch(st: &AppState, f: &NarFileName, headers: &HeaderMap) -> Result<Re
         }
     }
     let obj = reads.get(&key, range).await?.ok_or(Error::NotFound)?;
+    // Kept by no cache, so checked here as it is sent.
+    let obj = match st.nar_memory.file_hash(f.as_str()).await {
+        Some(said) => crate::cache::checked::checked(f.as_str(), obj, said),
+        None => obj,
+    };
     Ok(object::object_response(
         resumable(f, obj, range, announced)?,
         Kind::Nar,

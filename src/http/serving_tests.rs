@@ -1435,14 +1435,27 @@ async fn a_request_its_client_gave_up_on_is_counted_as_aborted() {
 /// A NAR whose bytes in the store are not what its narinfo's `FileHash` says (rotted in the
 /// bucket at the same size) is not served whole nor kept, from memory (a small one: a 502)
 /// or through the disk cache (a large one: its body fails before its last bytes, its
-/// headers being sent); the next request reads the store again, and the object, fixed, is
+/// headers being sent), nor streamed whole by a server without a disk cache, nor when it is
+/// too large for it; the next request reads the store again, and the object, fixed, is
 /// served and kept.
 #[tokio::test]
 async fn a_nar_whose_bytes_are_not_its_narinfos_is_refused_and_not_kept() {
-    for len in [500usize, 3_000_000] {
+    for (len, disk, budget) in [
+        (500usize, true, None),
+        (3_000_000, true, None),
+        (3_000_000, false, None),
+        (3_000_000, true, Some(4_000_000)),
+    ] {
         let dir = tempfile::tempdir().unwrap();
         let mem = Arc::new(MemoryStore::new());
-        let st = state(disk_cached(Config::default(), &dir), &mem);
+        let mut cfg = Config::default();
+        if disk {
+            cfg = disk_cached(cfg, &dir);
+        }
+        if let Some(b) = budget {
+            cfg.cache.nar_max_bytes = b;
+        }
+        let st = state(cfg, &mem);
         let good: Vec<u8> = (0..len as u32).map(|i| (i % 251) as u8).collect();
         let sha = Sha256::digest(&good);
         let file = format!("{}.nar", sha.to_nix32());
@@ -1468,7 +1481,7 @@ async fn a_nar_whose_bytes_are_not_its_narinfos_is_refused_and_not_kept() {
         let whole = res.into_body().collect().await.is_ok();
         assert!(
             status == StatusCode::BAD_GATEWAY || (status == StatusCode::OK && !whole),
-            "{len}: {status}, whole: {whole}"
+            "{len} (disk {disk}, {budget:?}): {status}, whole: {whole}"
         );
         mem.insert(&format!("nar/{file}"), good.clone());
         let (status, body) = get(&st, &format!("/nar/{file}")).await;

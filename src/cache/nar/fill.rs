@@ -295,6 +295,14 @@ impl NarCache {
             Started::Failed(e) => Err(e.clone()),
         });
         match answer.await {
+            // Streamed from the store, not kept: checked as it is sent, as a fill checks.
+            Some(Ok((NarCacheAnswer::Object(obj), "bypass"))) => {
+                let obj = match self.file_hash_said(name).await {
+                    Some(said) => crate::cache::checked::checked(name, obj, said),
+                    None => obj,
+                };
+                (Ok(NarCacheAnswer::Object(obj)), "bypass")
+            }
             Some(Ok((answer, result))) => (Ok(answer), result),
             Some(Err(e)) => (Err(e), "miss"),
             // Its fill ended since the index was looked at.
