@@ -24,13 +24,17 @@ const CAPACITY: u64 = 100_000;
 /// read that finds nothing takes (a few store and upstream timeouts).
 const UPLOADED_LATELY: Duration = Duration::from_secs(60);
 
+/// How long an upload is remembered: what [`UPLOADED_LATELY`] needs, and as long again for a
+/// read that began before the upload and took longer than that. Not the misses' lifetime: a
+/// builder uploading a hundred paths a second would hold a hundred thousand names for it.
+const UPLOADS_KEPT: Duration = Duration::from_secs(2 * UPLOADED_LATELY.as_secs());
+
 pub struct MissingNars {
     /// Each NAR found missing, and when it last was (looked for again at most once per
     /// negative TTL: [`MissingNars::to_look_again`]).
     names: Cache<Box<str>, tokio::time::Instant>,
-    /// When each NAR was last uploaded here (as long as a miss is remembered): a GET that
-    /// started before that and found nothing saw the store before the upload, and is not
-    /// remembered.
+    /// When each NAR was last uploaded here (for [`UPLOADS_KEPT`]): a GET that started
+    /// before that and found nothing saw the store before the upload, and is not remembered.
     uploaded: Cache<Box<str>, tokio::time::Instant>,
     /// Set once anything was ever remembered: until then narinfos are not scanned at all.
     any: AtomicBool,
@@ -58,7 +62,7 @@ impl MissingNars {
         }
         Self {
             names: cache(capacity, ttl),
-            uploaded: cache(capacity, ttl),
+            uploaded: cache(capacity, UPLOADS_KEPT),
             any: AtomicBool::new(false),
         }
     }

@@ -243,7 +243,7 @@ pub struct AccessLog {
     /// When the upload address was last asked about a path.
     last_probe: Mutex<Option<Instant>>,
     /// What upload records named, with when their write started.
-    covered: Mutex<HashMap<Entry, Instant>>,
+    covered: Mutex<Covered>,
     /// How long an upload record stands in for the records of later uploads; zero: never.
     cover_for: Duration,
     /// Paths the upload address found present, waiting for their record
@@ -271,7 +271,7 @@ impl AccessLog {
             flushing: tokio::sync::Mutex::new(()),
             probed: Mutex::new(HashSet::new()),
             last_probe: Mutex::new(None),
-            covered: Mutex::new(HashMap::new()),
+            covered: Mutex::new(Covered::default()),
             cover_for: Duration::ZERO,
             found: Mutex::new(HashSet::new()),
             found_batch: AtomicU64::new(0),
@@ -310,6 +310,7 @@ impl AccessLog {
         // for longer still (a CI job pushing the same closure every few minutes writes once).
         if !self.cover_for.is_zero() {
             let fresh = lock(&self.covered)
+                .at
                 .get(&Entry::Path(h))
                 .is_some_and(|at| at.elapsed() < self.cover_for);
             if fresh {
@@ -379,6 +380,7 @@ impl AccessLog {
         let covered = lock(&self.covered);
         let fresh = |e: &Entry| {
             covered
+                .at
                 .get(e)
                 .is_some_and(|at| at.elapsed() < self.cover_for)
         };
@@ -399,7 +401,7 @@ impl AccessLog {
     /// Entries remembered as covered (for tests: the map stays bounded).
     #[cfg(test)]
     fn covered_len(&self) -> usize {
-        lock(&self.covered).len()
+        lock(&self.covered).at.len()
     }
 
     /// Writes `entries` and the paths probed since the last upload record as one record, and
@@ -414,13 +416,7 @@ impl AccessLog {
         self.write(render(&entries), UPLOAD_SUFFIX).await?;
         taken.written();
         if !self.cover_for.is_zero() {
-            let mut covered = lock(&self.covered);
-            if covered.len() + entries.len() > self.max_entries.saturating_mul(4) {
-                covered.retain(|_, at| at.elapsed() < self.cover_for);
-            }
-            for e in entries {
-                covered.insert(e, started);
-            }
+            lock(&self.covered).note(entries, started, self.cover_for, self.max_entries);
         }
         Ok(())
     }
@@ -554,6 +550,51 @@ impl AccessLog {
                 }
             }
         })
+    }
+}
+
+/// What upload records named lately, with when their write started: each stands in for the
+/// records of later uploads for the cover ([`AccessLog::covers`]).
+#[derive(Default)]
+struct Covered {
+    at: HashMap<Entry, Instant>,
+    /// The size past which the entries older than the cover are let go: twice what was left
+    /// the last time, so that letting go costs a constant time per entry.
+    prune_at: usize,
+    /// Times it looked for what to let go.
+    prunes: u64,
+}
+
+/// [`Covered`] lets go of what is older than the cover once it holds this many more entries
+/// than after it last did.
+const COVERED_PRUNE_MIN: usize = 1024;
+
+/// [`Covered`] holds at most this many entries (~150 bytes each), or
+/// `gc.access_max_entries` if fewer.
+const COVERED_MAX: usize = 250_000;
+
+impl Covered {
+    /// Notes `entries`, named by a record whose write started at `started`. With more fresh
+    /// entries than `max_entries` (or [`COVERED_MAX`]), all are forgotten: the uploads that
+    /// they would have covered write records of their own.
+    fn note(&mut self, entries: Vec<Entry>, started: Instant, cover: Duration, max_entries: usize) {
+        let most = max_entries.min(COVERED_MAX);
+        if self.at.len() + entries.len() > self.prune_at.max(COVERED_PRUNE_MIN).min(most) {
+            self.prunes += 1;
+            self.at.retain(|_, at| at.elapsed() < cover);
+            if self.at.len() + entries.len() > most {
+                self.at = HashMap::new();
+            } else if self.at.len() < self.at.capacity() / 4 {
+                self.at.shrink_to_fit();
+            }
+            self.prune_at = 2 * (self.at.len() + entries.len());
+        }
+        if entries.len() > most {
+            return;
+        }
+        for e in entries {
+            self.at.insert(e, started);
+        }
     }
 }
 
@@ -1543,41 +1584,75 @@ mod tests {
         assert_eq!(paths, 3, "at most access_max_entries probes: {named:?}");
     }
 
-    /// What records covered is forgotten once older than the cover, so the map stays bounded:
-    /// stale entries are dropped when a record would take it over four times
-    /// `gc.access_max_entries`.
+    /// Fresh entries noted one by one are looked through at doubling sizes only, not at each
+    /// (a record naming one NAR and one path, per upload, a hundred thousand in the cover).
+    #[tokio::test(start_paused = true)]
+    async fn covered_entries_are_looked_through_at_doubling_sizes() {
+        let mut c = Covered::default();
+        let now = Instant::now();
+        for i in 0..20_000 {
+            c.note(
+                vec![Entry::Nar(format!("{i}.nar").into())],
+                now,
+                UPLOAD_COVER,
+                100_000,
+            );
+        }
+        assert_eq!(c.at.len(), 20_000);
+        assert!(c.prunes <= 6, "{} times", c.prunes);
+    }
+
+    /// What records covered is forgotten once older than the cover, so the map stays bounded
+    /// (by `gc.access_max_entries` here): stale entries are dropped when a record would take
+    /// it over the bound, and if it is full of fresh ones, all are forgotten (the uploads they
+    /// would cover write records of their own).
     #[tokio::test(start_paused = true)]
     async fn covered_entries_are_pruned_once_stale() {
         let mem = Arc::new(crate::store::memory::MemoryStore::new());
         let log = AccessLog::new(mem.clone(), 1000).covering_uploads_for(UPLOAD_COVER);
-        let hs = hashes(3);
+        let hs = hashes(4);
         let names = |prefix: &str, n: usize| -> Vec<String> {
             (0..n).map(|i| format!("{prefix}{i}.nar")).collect()
         };
-        let record = |names: Vec<String>| {
+        // A record of `n` NARs and a probed path.
+        let record = |h: StorePathHash, prefix: &'static str, n: usize| {
             let log = &log;
             async move {
+                log.record_probe(h);
+                let names = names(prefix, n);
                 let refs: Vec<&str> = names.iter().map(String::as_str).collect();
                 log.record_nar_upload(&refs).await.unwrap();
             }
         };
-        log.record_probe(hs[0]);
-        record(names("a", 3000)).await;
-        assert_eq!(log.covered_len(), 3001);
+        record(hs[0], "a", 599).await;
+        assert_eq!(log.covered_len(), 600);
         tokio::time::advance(UPLOAD_COVER).await;
-        log.record_probe(hs[1]);
-        record(names("b", 998)).await;
+        record(hs[1], "b", 399).await;
         assert_eq!(
             log.covered_len(),
-            4000,
+            1000,
             "up to the bound, nothing is dropped"
         );
-        log.record_probe(hs[2]);
-        record(names("c", 1)).await;
+        record(hs[2], "c", 199).await;
         assert_eq!(
             log.covered_len(),
-            1001,
+            600,
             "over it, the stale entries are dropped"
         );
+        // Whether an upload of path `h` with NAR `<prefix>0.nar` is covered.
+        let covered = |h: StorePathHash, prefix: &str| {
+            let text = format!(
+                "StorePath: /nix/store/{h}-x\nURL: nar/{prefix}0.nar\nCompression: none\n\
+                 NarHash: sha256:1b8m03r63zqhnjf7l5wnldhh7c134ap5vpj0850ymkq1iyzicy5s\n\
+                 NarSize: 1\nReferences: \n"
+            );
+            let info = NarInfo::parse(&text, "/nix/store").unwrap();
+            log.covers(&info, &[&format!("{prefix}0.nar")])
+        };
+        assert!(covered(hs[1], "b") && covered(hs[2], "c"));
+        // Full of fresh entries: all forgotten, the new ones noted.
+        record(hs[3], "d", 499).await;
+        assert_eq!(log.covered_len(), 500);
+        assert!(covered(hs[3], "d") && !covered(hs[1], "b"));
     }
 }

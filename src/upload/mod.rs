@@ -229,6 +229,14 @@ impl Announced {
 /// Remembered NAR digests are capped so a long-running server does not grow without bound.
 const MAX_REMEMBERED: usize = 100_000;
 
+/// NARs received or checked here are remembered this long at least (a retried upload, a path
+/// with the same NAR, and the narinfo that follows its NAR within seconds do not send or read
+/// it again), as far as [`MAX_VERIFIED`] allows.
+const REMEMBERED_FOR: std::time::Duration = std::time::Duration::from_secs(30 * 60);
+
+/// At most this many NARs received or checked are remembered (about 1 KB each).
+const MAX_VERIFIED: usize = 20_000;
+
 /// Who stored a NAR object an upload committed ([`SameName`]).
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
 enum StoredBy {
@@ -305,10 +313,24 @@ fn note_at<K: std::hash::Hash + Eq, V: Noted>(
     v: V,
     keep: std::time::Duration,
 ) {
-    if m.len() >= MAX_REMEMBERED {
+    note_within(m, k, v, keep, MAX_REMEMBERED);
+}
+
+/// [`note_at`], in a map of at most `most` entries. The memory of what was let go is given
+/// back (a map is as large as it ever was until then).
+fn note_within<K: std::hash::Hash + Eq, V: Noted>(
+    m: &mut HashMap<K, V>,
+    k: K,
+    v: V,
+    keep: std::time::Duration,
+    most: usize,
+) {
+    if m.len() >= most {
         m.retain(|_, t| t.at().elapsed() < keep);
-        if m.len() >= MAX_REMEMBERED {
-            m.clear();
+        if m.len() >= most {
+            *m = HashMap::new();
+        } else if m.len() < m.capacity() / 4 {
+            m.shrink_to_fit();
         }
     }
     m.insert(k, v);
@@ -322,6 +344,12 @@ trait Noted {
 impl Noted for tokio::time::Instant {
     fn at(&self) -> tokio::time::Instant {
         *self
+    }
+}
+
+impl<V> Noted for (tokio::time::Instant, V) {
+    fn at(&self) -> tokio::time::Instant {
+        self.0
     }
 }
 
@@ -382,7 +410,8 @@ pub struct Uploader {
     /// [`listings::HELD_BYTES`]): one that finds none is read to its end and dropped.
     listings_arriving: Arc<Semaphore>,
     // A std Mutex: held for map operations only, never across an await.
-    verified: Mutex<HashMap<String, VerifiedNar>>,
+    /// NARs received or checked here, and when ([`REMEMBERED_FOR`], at most [`MAX_VERIFIED`]).
+    verified: Mutex<HashMap<String, (tokio::time::Instant, VerifiedNar)>>,
     /// Upload records written when a client asked for a NAR (`HEAD nar/…`, which Nix sends
     /// right before uploading it), and the announcements read after each, by the key of the
     /// NAR as it will be uploaded ([`Uploader::nar_expected`]).
@@ -562,10 +591,8 @@ impl Uploader {
 
     fn remember(&self, uploaded_key: String, v: VerifiedNar) {
         let mut m = lock(&self.verified);
-        if m.len() >= MAX_REMEMBERED {
-            m.clear();
-        }
-        m.insert(uploaded_key, v);
+        let now = tokio::time::Instant::now();
+        note_within(&mut m, uploaded_key, (now, v), REMEMBERED_FOR, MAX_VERIFIED);
     }
 
     /// Sets the names of the server's signing keys (at start and on each reload): see
@@ -583,7 +610,9 @@ impl Uploader {
     }
 
     fn remembered(&self, uploaded_key: &str) -> Option<VerifiedNar> {
-        lock(&self.verified).get(uploaded_key).cloned()
+        lock(&self.verified)
+            .get(uploaded_key)
+            .map(|(_, v)| v.clone())
     }
 
     /// The NAR names an upload of `name` is recorded under: as uploaded, and as stored if
@@ -1379,5 +1408,23 @@ mod note_tests {
             note_at(&mut m, k, now, keep);
         }
         assert!(m.len() <= MAX_REMEMBERED);
+        // Its memory given back too (a cleared map keeps its table).
+        assert!(m.capacity() < 1000, "{}", m.capacity());
+    }
+
+    /// A map of NARs received here keeps each for `keep`, as far as its bound allows, and
+    /// gives back the memory of what it lets go.
+    #[tokio::test(start_paused = true)]
+    async fn a_map_let_go_of_shrinks() {
+        let keep = std::time::Duration::from_secs(60);
+        let mut m = HashMap::new();
+        let start = tokio::time::Instant::now();
+        for k in 0..10_000 {
+            note_within(&mut m, k, start, keep, 10_000);
+        }
+        tokio::time::advance(keep).await;
+        note_within(&mut m, 10_000, tokio::time::Instant::now(), keep, 10_000);
+        assert_eq!(m.len(), 1);
+        assert!(m.capacity() < 1000, "{}", m.capacity());
     }
 }
