@@ -50,6 +50,8 @@ pub type FileHashOf =
 pub struct NarMemory {
     /// `None` when disabled (`cache.nar_memory_bytes = 0`).
     cache: Option<Cache<Arc<str>, Bytes>>,
+    /// Room for the NARs being loaded ahead of clients, in KiB ([`Self::room_ahead`]).
+    ahead: Arc<tokio::sync::Semaphore>,
     max_object: u64,
     hints: Cache<Arc<str>, u64>,
     /// The `NarHash` the last narinfo read gave each NAR named after its store path (see
@@ -103,7 +105,29 @@ impl NarMemory {
                 .max_capacity(MAX_HINTS)
                 .eviction_policy(moka::policy::EvictionPolicy::lru())
                 .build(),
+            ahead: Arc::new(tokio::sync::Semaphore::new(
+                usize::try_from(max_bytes.max(max_object).div_ceil(1024))
+                    .unwrap_or(usize::MAX)
+                    .clamp(1, tokio::sync::Semaphore::MAX_PERMITS),
+            )),
         }
+    }
+
+    /// The size of NAR `name` if it is one memory would hold (see [`Self::is_small`]).
+    pub async fn small_size(&self, name: &str) -> Option<u64> {
+        self.cache.as_ref()?;
+        self.hints
+            .get(name)
+            .await
+            .filter(|&size| size <= self.max_object)
+    }
+
+    /// Room to load a NAR of `size` bytes ahead of any client, if the NARs being loaded ahead
+    /// leave it: they hold at most the memory budget between them (or one largest NAR), on
+    /// top of what memory keeps; `None` otherwise (the client's own request loads it).
+    pub fn room_ahead(&self, size: u64) -> Option<tokio::sync::OwnedSemaphorePermit> {
+        let kib = u32::try_from(size.div_ceil(1024)).ok()?;
+        self.ahead.clone().try_acquire_many_owned(kib).ok()
     }
 
     /// A narinfo read gives NAR file `name` the contents `nar_hash`: whether copies held under
@@ -238,12 +262,7 @@ impl NarMemory {
 
     /// Whether `name` is known to be small enough to be kept.
     pub async fn is_small(&self, name: &str) -> bool {
-        self.cache.is_some()
-            && self
-                .hints
-                .get(name)
-                .await
-                .is_some_and(|size| size <= self.max_object)
+        self.small_size(name).await.is_some()
     }
 
     /// Held in memory now (no loading).
@@ -787,6 +806,23 @@ mod sized_tests {
             range: None,
             encoding: None,
         }))
+    }
+
+    /// The NARs loaded ahead of clients hold at most the memory budget between them (or one
+    /// largest NAR, if more), counted by the KiB; room comes back as each is done.
+    #[test]
+    fn nars_loaded_ahead_hold_at_most_the_budget() {
+        let m = NarMemory::new(4096, 4096, None);
+        let first = m.room_ahead(1500).expect("room for one");
+        let second = m.room_ahead(1500).expect("room for two");
+        assert!(m.room_ahead(1500).is_none(), "no room for a third");
+        drop(first);
+        assert!(m.room_ahead(1500).is_some());
+        drop(second);
+        assert!(m.room_ahead(4096).is_some());
+        assert!(m.room_ahead(4097).is_none());
+        let one_large = NarMemory::new(1024, 8192, None);
+        assert!(one_large.room_ahead(8192).is_some());
     }
 
     /// Memory full of NARs each read a few times still takes a new one (prefetched before its

@@ -221,10 +221,20 @@ pub(super) async fn after_load(st: &AppState, live: &Arc<Live>, info: &NarInfo) 
         }
     }
     if let Some(nar) = nar {
-        if st.nar_memory.is_small(nar.as_str()).await && !st.nar_memory.contains(nar.as_str()).await
-        {
+        let small = match st.nar_memory.small_size(nar.as_str()).await {
+            Some(size) if !st.nar_memory.contains(nar.as_str()).await => Some(size),
+            _ => None,
+        };
+        if let Some(size) = small {
+            // The NARs loaded ahead hold at most the memory budget between them: a path
+            // whose references have NARs of many MiB each does not load them all at once.
+            let Some(room) = st.nar_memory.room_ahead(size) else {
+                crate::metrics::prefetch("nar", "skipped");
+                return;
+            };
             let (st, live) = (st.clone(), live.clone());
             st.clone().prefetch.spawn("nar", async move {
+                let _room = room;
                 // Queued before a reload that changed the upstreams it would read from.
                 if !Arc::ptr_eq(&st.live().reads, &live.reads) {
                     crate::metrics::prefetch("nar", "dropped");

@@ -98,6 +98,29 @@ async fn one_miss_brings_the_closure_and_its_small_nars_into_memory() {
     assert_eq!(mem.requests(), reads);
 }
 
+/// The NARs loaded ahead hold at most the memory budget between them: without room (taken
+/// by others loading), a NAR is not loaded ahead, and its client's own request loads it.
+#[tokio::test]
+async fn small_nars_are_loaded_ahead_only_within_the_memory_budget() {
+    let mem = Arc::new(MemoryStore::new());
+    let [a, b, c, d] = closure(&mem);
+    let cfg = Config::default();
+    let budget = cfg.cache.nar_memory_bytes;
+    let st = state(cfg, &mem);
+    let taken = st.nar_memory.room_ahead(budget).expect("all the room");
+    assert_eq!(
+        get(&st, &format!("/{}.narinfo", a.hash)).await.0,
+        StatusCode::OK
+    );
+    st.prefetch.settled().await;
+    assert_eq!(mem.gets_under("nar/"), 0, "no NAR loaded ahead");
+    drop(taken);
+    for p in [&a, &b, &c, &d] {
+        let (s, body) = get(&st, &p.nar_url).await;
+        assert_eq!((s, body == p.nar), (StatusCode::OK, true));
+    }
+}
+
 /// A small NAR the prefetch finds missing hides its narinfo from then on, as a client's own
 /// GET of the NAR would: the next client is not sent after a NAR that is not there.
 #[tokio::test]
