@@ -92,7 +92,7 @@ pub fn day(t: SystemTime) -> String {
 /// those written since it last looked ([`reread`]). `-` sorts before the hexadecimal digits
 /// that began the names of records written by earlier versions (`<process>-<seq>`): a listing
 /// that starts after a time still lists every one of those.
-fn time_of_day(t: SystemTime) -> String {
+pub(super) fn time_of_day(t: SystemTime) -> String {
     let u = utc(t);
     let ms = t
         .duration_since(UNIX_EPOCH)
@@ -101,19 +101,22 @@ fn time_of_day(t: SystemTime) -> String {
     format!("-{:02}{:02}{:02}{ms:03}", u.hour(), u.minute(), u.second())
 }
 
-/// A record whose write took longer than this, by this machine's clock or by the store's,
-/// is written again under a new name: its name is dated when its write began, and a re-read
-/// lists only records dated [`REREAD_MARGIN`] before it last looked or later. Also catches a
-/// name dated by a clock that was off (before the store's first answer set it right).
-pub const WRITE_WITHIN: Duration = Duration::from_secs(60);
+/// An upload's record whose write took longer than this, by this machine's clock or by the
+/// store's, is written again under a new name: its name is dated when its write began, and
+/// a re-read lists only records dated [`REREAD_MARGIN`] before it last looked or later. Also
+/// catches a name dated by a clock that was off (before the store's first answer set it
+/// right). Longer than a write is given (six request timeouts, docs/configuration.md). A
+/// record of uses is not written again: one seen late costs recency only.
+pub const WRITE_WITHIN: Duration = Duration::from_secs(5 * 60);
 
 /// How far before its last listing a re-read starts listing records by their names' time:
 /// more than [`WRITE_WITHIN`] plus the error of a store clock learnt from `Date` headers.
-pub const REREAD_MARGIN: Duration = Duration::from_secs(10 * 60);
+pub const REREAD_MARGIN: Duration = Duration::from_secs(15 * 60);
 
 /// Writes record `text` as `_cellar/access/<day>/-<time>-<name>`, dated when its write
-/// began; again under a new date if the write took longer than [`WRITE_WITHIN`], and an
-/// error if that one did too. Each try counted as `kind` ("use" or "upload").
+/// began; an upload's record (`kind` "upload"; "use" otherwise) again under a new date if the
+/// write took longer than [`WRITE_WITHIN`], and an error if that one did too. Each try
+/// counted as `kind`.
 async fn put_record(
     store: &dyn Store,
     name: &str,
@@ -137,7 +140,7 @@ async fn put_record(
         took = started
             .elapsed()
             .max(store.now().duration_since(began).unwrap_or_default());
-        if took <= WRITE_WITHIN {
+        if took <= WRITE_WITHIN || kind != "upload" {
             return Ok(());
         }
         tracing::debug!(
@@ -575,14 +578,15 @@ const COVERED_MAX: usize = 250_000;
 
 impl Covered {
     /// Notes `entries`, named by a record whose write started at `started`. With more fresh
-    /// entries than `max_entries` (or [`COVERED_MAX`]), all are forgotten: the uploads that
-    /// they would have covered write records of their own.
+    /// entries than three quarters of `max_entries` (or [`COVERED_MAX`]), all are forgotten:
+    /// the uploads that they would have covered write records of their own.
     fn note(&mut self, entries: Vec<Entry>, started: Instant, cover: Duration, max_entries: usize) {
         let most = max_entries.min(COVERED_MAX);
         if self.at.len() + entries.len() > self.prune_at.max(COVERED_PRUNE_MIN).min(most) {
             self.prunes += 1;
             self.at.retain(|_, at| at.elapsed() < cover);
-            if self.at.len() + entries.len() > most {
+            // Left at most three quarters full: the next look is a quarter of it away.
+            if self.at.len() + entries.len() > most / 4 * 3 {
                 self.at = HashMap::new();
             } else if self.at.len() < self.at.capacity() / 4 {
                 self.at.shrink_to_fit();
@@ -655,7 +659,8 @@ pub async fn record_now(
 /// Access records read by a collector.
 #[derive(Debug, Default)]
 pub struct Accessed {
-    /// When the records were last listed: a re-read lists every day from the one before it.
+    /// When the records were last listed: a re-read lists the records named from
+    /// [`REREAD_MARGIN`] before it on (and those named by earlier versions).
     pub listed: Option<SystemTime>,
     /// Each entry with the time it was last used.
     pub seen: HashMap<StorePathHash, SystemTime>,
@@ -686,8 +691,8 @@ pub struct Accessed {
 }
 
 impl Accessed {
-    /// None read yet, as if listed at `t`: a [`reread`] then takes the records written since
-    /// the day before it.
+    /// None read yet, as if listed at `t`: a [`reread`] then takes the records named from
+    /// [`REREAD_MARGIN`] before it on.
     pub fn since(t: SystemTime) -> Self {
         Self {
             listed: Some(t),
@@ -820,9 +825,10 @@ fn take(
 }
 
 /// Reads records written since the last read: what servers used while the collector was
-/// running. Those of every day from the one before the last listing (a server whose clock is
-/// behind writes under yesterday) to the one after `now` (or ahead): a run whose reading took
-/// days misses none written meanwhile.
+/// running. Those named from [`REREAD_MARGIN`] before the last listing on, up to the day after
+/// `now` (a run whose reading took days misses none written meanwhile), and those named by
+/// earlier versions from the day before the last listing on (a server whose clock is behind
+/// writes under yesterday).
 pub async fn reread(
     store: &dyn Store,
     acc: &mut Accessed,
@@ -1442,8 +1448,8 @@ mod tests {
         dated(now - DAY, "p-00000100", hash(100));
         // Since, or within the margin before it.
         dated(now, "q-00000000-upload", hash(200));
-        // Five minutes: what a write may take ([`WRITE_WITHIN`]), with clocks off by a few.
-        dated(since - Duration::from_secs(300), "q-00000001", hash(201));
+        // Ten minutes: a write may take five ([`WRITE_WITHIN`]), with clocks off by a few.
+        dated(since - Duration::from_secs(600), "q-00000001", hash(201));
         // By an earlier version, today and yesterday.
         undated(now, "0123456789ab-00000007-upload", hash(202));
         undated(now - DAY, "fedcba987654-00000003", hash(203));
@@ -1459,20 +1465,20 @@ mod tests {
         assert_eq!(mem.listed_objects() - before, 4, "listed only those");
     }
 
-    /// A record whose write took longer than [`WRITE_WITHIN`] is written again under a new
-    /// date, as its first date may be before a re-read's listing that did not see it; written
-    /// slowly twice, the upload it is for is refused.
+    /// An upload's record whose write took longer than [`WRITE_WITHIN`] is written again
+    /// under a new date, as its first date may be before a re-read's listing that did not see
+    /// it; written slowly twice, the upload it is for is refused.
     #[tokio::test(start_paused = true)]
     async fn a_record_slow_to_write_is_written_again_dated_anew() {
         let mem = Arc::new(crate::store::memory::MemoryStore::new());
         let log = AccessLog::new(mem.clone(), 1000);
         // Each try of a write held at a gate of its own, for its time in `took`.
-        let write = |name: &'static str, took: &'static [Duration]| {
+        let write = |name: &'static str, suffix: &'static str, took: &'static [Duration]| {
             let (mem, log) = (mem.clone(), &log);
             async move {
                 let before = mem.writes();
                 let mut gate = mem.hold_writes("_cellar/access/");
-                let written = log.write(render([Entry::Nar(name.into())]), UPLOAD_SUFFIX);
+                let written = log.write(render([Entry::Nar(name.into())]), suffix);
                 tokio::pin!(written);
                 for (i, slow) in took.iter().enumerate() {
                     tokio::select! {
@@ -1489,11 +1495,15 @@ mod tests {
             }
         };
         const SLOW: Duration = Duration::from_secs(WRITE_WITHIN.as_secs() + 1);
-        let (first, writes) = write("x.nar", &[SLOW, Duration::ZERO]).await;
+        let (first, writes) = write("x.nar", UPLOAD_SUFFIX, &[SLOW, Duration::ZERO]).await;
         assert!(first.is_ok() && writes == 2, "{first:?}, {writes} writes");
-        let (fast, writes) = write("y.nar", &[WRITE_WITHIN]).await;
+        let (fast, writes) = write("y.nar", UPLOAD_SUFFIX, &[WRITE_WITHIN]).await;
         assert!(fast.is_ok() && writes == 1, "{fast:?}, {writes} writes");
-        let (twice, writes) = write("z.nar", &[SLOW, SLOW]).await;
+        // A record of uses, seen late, costs recency only: written once (a large one over a
+        // slow uplink would be sent again and again).
+        let (uses, writes) = write("u.nar", "", &[SLOW]).await;
+        assert!(uses.is_ok() && writes == 1, "{uses:?}, {writes} writes");
+        let (twice, writes) = write("z.nar", UPLOAD_SUFFIX, &[SLOW, SLOW]).await;
         assert!(
             matches!(twice, Err(StoreError::Unavailable(_))) && writes == 2,
             "{twice:?}, {writes} writes"
@@ -1600,6 +1610,15 @@ mod tests {
         }
         assert_eq!(c.at.len(), 20_000);
         assert!(c.prunes <= 6, "{} times", c.prunes);
+        // At the bound, as many uploads a second as age out: not a look at each.
+        let mut c = Covered::default();
+        let cover = Duration::from_secs(1000);
+        for i in 0..3000 {
+            tokio::time::advance(Duration::from_secs(1)).await;
+            let e = Entry::Nar(format!("{i}.nar").into());
+            c.note(vec![e], Instant::now(), cover, 1000);
+        }
+        assert!(c.prunes <= 10, "{} times", c.prunes);
     }
 
     /// What records covered is forgotten once older than the cover, so the map stays bounded

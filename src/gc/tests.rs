@@ -3931,6 +3931,26 @@ async fn died_deleting(mem: &MemoryStore, run: &str, p: &P) -> String {
     key
 }
 
+/// A dead run last read the records before it wrote its batch's copies, by as long as reading
+/// that batch took (a store timing out, a pause): an upload's record dated half an hour before
+/// the copies, which that run never saw, still has what it names written back.
+#[tokio::test(start_paused = true)]
+async fn a_dead_runs_batch_is_settled_by_records_from_well_before_it() {
+    let mem = Arc::new(served_for_years());
+    let now = SystemTime::now();
+    let x = path(&mem, "x", &[], 100 * DAY, now);
+    let x_key = died_deleting(&mem, "1767225599-dead", &x).await;
+    let t = SystemTime::now() - Duration::from_secs(30 * 60);
+    let dated = format!(
+        "_cellar/access/{}/{}-0123456789ab-00000001-upload",
+        super::access::day(t),
+        super::access::time_of_day(t)
+    );
+    mem.insert_at(&dated, render([Entry::Path(x.hash.parse().unwrap())]), t);
+    let s = gc(&mem, &cfg(), now, true).await;
+    assert!(has(&mem, &x_key), "X not written back: {:?}", s.unfinished);
+}
+
 /// What a dead run left is written back only if used since (named by an access record, or
 /// needed by one that is), and whole: a copy whose NAR is gone, or whose reference is not
 /// back, stays out; a path uploaded again since keeps the upload's narinfo; references go

@@ -120,7 +120,12 @@ pub async fn settle(
     // cannot all be read (a damaged upload record, which only `verify --repair` removes),
     // every whole copy is written back: more than needed, never less.
     let mut said = Vec::new();
-    let mut acc = access::Accessed::since(since);
+    // The dead run last looked before it wrote the file, by as long as reading its batch took
+    // (a store timing out, a pause): the records are read from the day before.
+    let day_before = since
+        .checked_sub(std::time::Duration::from_secs(86_400))
+        .unwrap_or(since);
+    let mut acc = access::Accessed::since(day_before);
     let used = match access::reread(store, &mut acc, store.now()).await {
         Ok(entries) => {
             let mut used = Used::default();
