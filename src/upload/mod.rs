@@ -411,7 +411,8 @@ pub struct Uploader {
     listings_arriving: Arc<Semaphore>,
     // A std Mutex: held for map operations only, never across an await.
     /// NARs received or checked here, and when ([`REMEMBERED_FOR`], at most [`MAX_VERIFIED`]).
-    verified: Mutex<HashMap<String, (tokio::time::Instant, VerifiedNar)>>,
+    /// Boxed: a table slot each, a few hundred bytes of it otherwise.
+    verified: Mutex<HashMap<String, (tokio::time::Instant, Box<VerifiedNar>)>>,
     /// Upload records written when a client asked for a NAR (`HEAD nar/…`, which Nix sends
     /// right before uploading it), and the announcements read after each, by the key of the
     /// NAR as it will be uploaded ([`Uploader::nar_expected`]).
@@ -592,7 +593,13 @@ impl Uploader {
     fn remember(&self, uploaded_key: String, v: VerifiedNar) {
         let mut m = lock(&self.verified);
         let now = tokio::time::Instant::now();
-        note_within(&mut m, uploaded_key, (now, v), REMEMBERED_FOR, MAX_VERIFIED);
+        note_within(
+            &mut m,
+            uploaded_key,
+            (now, Box::new(v)),
+            REMEMBERED_FOR,
+            MAX_VERIFIED,
+        );
     }
 
     /// Sets the names of the server's signing keys (at start and on each reload): see
@@ -612,7 +619,7 @@ impl Uploader {
     fn remembered(&self, uploaded_key: &str) -> Option<VerifiedNar> {
         lock(&self.verified)
             .get(uploaded_key)
-            .map(|(_, v)| v.clone())
+            .map(|(_, v)| VerifiedNar::clone(v))
     }
 
     /// The NAR names an upload of `name` is recorded under: as uploaded, and as stored if
