@@ -568,8 +568,7 @@ struct Covered {
     prunes: u64,
 }
 
-/// [`Covered`] lets go of what is older than the cover once it holds this many more entries
-/// than after it last did.
+/// [`Covered`] is not looked through for what to let go below this many entries.
 const COVERED_PRUNE_MIN: usize = 1024;
 
 /// [`Covered`] holds at most this many entries (~150 bytes each), or

@@ -260,6 +260,9 @@ impl NarCache {
         // A fill of another size than the narinfo now gives (one that ended just now, of the
         // NAR it replaced) is not joined: the store is asked.
         let other_size = |size: u64| announced.is_some_and(|a| a != size);
+        // What a NAR streamed from the store, not kept, is checked against as it is sent (as
+        // a fill checks what it keeps).
+        let said = self.file_hash_said(name).await;
         let answer = self.on_fill(name, key, announced, store, |started| match started {
             Started::Filling(h) if other_size(h.size) => Ok((NarCacheAnswer::Bypass, "bypass")),
             Started::Small(b) if other_size(b.len() as u64) => {
@@ -289,20 +292,17 @@ impl NarCache {
             Started::NotFound => Ok((NarCacheAnswer::NotFound, "miss")),
             Started::Bypass(opened) => {
                 let taken = lock(opened).take();
-                let answer = taken.map_or(NarCacheAnswer::Bypass, NarCacheAnswer::Object);
+                let answer = taken.map_or(NarCacheAnswer::Bypass, |obj| {
+                    NarCacheAnswer::Object(match said {
+                        Some(said) => crate::cache::checked::checked(name, obj, said),
+                        None => obj,
+                    })
+                });
                 Ok((answer, "bypass"))
             }
             Started::Failed(e) => Err(e.clone()),
         });
         match answer.await {
-            // Streamed from the store, not kept: checked as it is sent, as a fill checks.
-            Some(Ok((NarCacheAnswer::Object(obj), "bypass"))) => {
-                let obj = match self.file_hash_said(name).await {
-                    Some(said) => crate::cache::checked::checked(name, obj, said),
-                    None => obj,
-                };
-                (Ok(NarCacheAnswer::Object(obj)), "bypass")
-            }
             Some(Ok((answer, result))) => (Ok(answer), result),
             Some(Err(e)) => (Err(e), "miss"),
             // Its fill ended since the index was looked at.
