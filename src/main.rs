@@ -609,6 +609,7 @@ fn serve_configured(
         let access = state.access.clone();
         let _ = last_words.set(access.clone());
         let flusher = access.spawn_flusher(state.config.gc.access_flush_interval);
+        let upkeep = state.spawn_upkeep();
         // Once start-up cannot fail any more: a store read cut by an exit is no finding.
         spawn_store_check(store_check.0, store_check.1, store_check.2);
         // Only now: every start-up error (the metrics address taken, the NAR cache another
@@ -623,6 +624,7 @@ fn serve_configured(
         cellar::serve(listener, state, shutdown).await?;
         // Stopped, and waited for: a write it had under way gives its entries back (and its
         // lock up) for the last one below.
+        upkeep.abort();
         flusher.abort();
         let _ = flusher.await;
         // What was served since the last write still counts as recent use: written within

@@ -56,6 +56,12 @@ pub struct CacheLabels {
 }
 
 #[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
+pub struct LayerLabels {
+    /// `narinfo_memory`, `nar_memory` or `nar_disk`.
+    pub layer: &'static str,
+}
+
+#[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
 pub struct PrefetchLabels {
     /// `narinfo` or `nar`.
     pub kind: &'static str,
@@ -127,6 +133,7 @@ pub struct Metrics {
     pub bytes_sent: Family<RouteLabels, Counter>,
     pub bytes_received: Family<RouteLabels, Counter>,
     pub cache: Family<CacheLabels, Counter>,
+    pub cache_evictions: Family<LayerLabels, Counter>,
     pub prefetches: Family<PrefetchLabels, Counter>,
     pub store_requests: Family<StoreLabels, Counter>,
     pub store_duration: HistogramFamily<OpLabels>,
@@ -158,6 +165,7 @@ impl Metrics {
             bytes_sent: Family::default(),
             bytes_received: Family::default(),
             cache: Family::default(),
+            cache_evictions: Family::default(),
             prefetches: Family::default(),
             store_requests: Family::default(),
             store_duration: Family::new_with_constructor(latency_histogram),
@@ -197,6 +205,11 @@ impl Metrics {
             "cache_lookups",
             "Lookups in the narinfo memory cache and the NAR memory and disk caches, by result",
             m.cache.clone(),
+        );
+        r.register(
+            "cache_evictions",
+            "Entries the narinfo memory cache and the NAR memory and disk caches let go to stay within their budgets, by layer",
+            m.cache_evictions.clone(),
         );
         r.register(
             "prefetches",
@@ -268,6 +281,9 @@ impl Metrics {
         for how in ["record", "read_back"] {
             let _ = m.upload_nar_checks.get_or_create(&NarCheckLabels { how });
         }
+        for layer in LAYERS {
+            let _ = m.cache_evictions.get_or_create(&LayerLabels { layer });
+        }
         Self { registry: r, ..m }
     }
 }
@@ -288,6 +304,25 @@ pub fn set_build_info(store: &'static str) {
             store,
         })
         .set(1);
+}
+
+/// The cache layers, as labelled.
+const LAYERS: [&str; 3] = ["narinfo_memory", "nar_memory", "nar_disk"];
+
+/// Counts `n` entries a cache layer let go for room.
+pub fn cache_evicted(layer: &'static str, n: u64) {
+    get()
+        .cache_evictions
+        .get_or_create(&LayerLabels { layer })
+        .inc_by(n);
+}
+
+/// Entries `layer` let go for room since the start.
+pub fn cache_evictions(layer: &'static str) -> u64 {
+    get()
+        .cache_evictions
+        .get(&LayerLabels { layer })
+        .map_or(0, |c| c.get())
 }
 
 /// Counts one lookup in a cache layer.
@@ -363,8 +398,8 @@ pub const CLASSIC_CONTENT_TYPE: &str = "text/plain; version=0.0.4; charset=utf-8
 /// OpenMetrics (`promtool check metrics`, older agents): the same samples, with a counter's
 /// `# HELP` and `# TYPE` under its samples' name (`…_total`, where OpenMetrics names the family
 /// without it), and no `# UNIT` or `# EOF`.
-pub fn render_classic() -> String {
-    to_classic(&render())
+pub fn render_classic(now: &Now) -> String {
+    to_classic(&render(now))
 }
 
 fn to_classic(openmetrics: &str) -> String {
@@ -398,12 +433,76 @@ fn to_classic(openmetrics: &str) -> String {
     out
 }
 
-/// The whole registry in the OpenMetrics text format.
-pub fn render() -> String {
+/// What one cache layer holds now, and its budget (0: off).
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
+pub struct LayerUsage {
+    pub entries: u64,
+    pub bytes: u64,
+    pub max_bytes: u64,
+}
+
+/// What a scrape shows of the server's state as it is then (gauges read from the caches
+/// themselves, not kept up to date in the process-wide registry).
+#[derive(Debug, Default)]
+pub struct Now {
+    /// Each cache layer there is, by its label.
+    pub layers: Vec<(&'static str, LayerUsage)>,
+    /// Entries a server remembers of recent uploads and probes.
+    pub upload_memory_entries: u64,
+}
+
+impl Now {
+    fn registry(&self) -> Registry {
+        let mut r = Registry::with_prefix("cellar");
+        let entries = Family::<LayerLabels, Gauge>::default();
+        let bytes = Family::<LayerLabels, Gauge>::default();
+        let max_bytes = Family::<LayerLabels, Gauge>::default();
+        for &(layer, u) in &self.layers {
+            let l = LayerLabels { layer };
+            let set = |f: &Family<LayerLabels, Gauge>, v: u64| {
+                f.get_or_create(&l)
+                    .set(i64::try_from(v).unwrap_or(i64::MAX));
+            };
+            set(&entries, u.entries);
+            set(&bytes, u.bytes);
+            set(&max_bytes, u.max_bytes);
+        }
+        r.register(
+            "cache_entries",
+            "Entries the narinfo memory cache and the NAR memory and disk caches hold, by layer",
+            entries,
+        );
+        r.register(
+            "cache_bytes",
+            "Bytes the narinfo memory cache and the NAR memory and disk caches hold, by layer (as each counts them against its budget)",
+            bytes,
+        );
+        r.register(
+            "cache_max_bytes",
+            "Each cache layer's budget in bytes (cache.narinfo_memory_bytes, cache.nar_memory_bytes, cache.nar_max_bytes; 0: off)",
+            max_bytes,
+        );
+        let uploads = Gauge::<i64>::default();
+        uploads.set(i64::try_from(self.upload_memory_entries).unwrap_or(i64::MAX));
+        r.register(
+            "upload_memory_entries",
+            "Entries the server remembers of recent uploads and probes (bounded, let go once no upload relies on them)",
+            uploads,
+        );
+        r
+    }
+}
+
+/// The whole registry and `now` in the OpenMetrics text format.
+pub fn render(now: &Now) -> String {
+    use prometheus_client::encoding::text::{encode_eof, encode_registry};
     let mut out = String::new();
     // Writing into a String cannot fail; an encoder error would be a bug in a label type, and
     // a partial page is still better than none for the scrape that meets it.
-    if let Err(e) = prometheus_client::encoding::text::encode(&mut out, &get().registry) {
+    let encoded = encode_registry(&mut out, &get().registry)
+        .and_then(|()| encode_registry(&mut out, &now.registry()))
+        .and_then(|()| encode_eof(&mut out));
+    if let Err(e) = encoded {
         tracing::error!(cause = %e, "encoding the metrics failed");
     }
     out
@@ -417,7 +516,7 @@ mod tests {
     fn renders_openmetrics_with_the_prefix() {
         cache_lookup("narinfo_memory", "hit");
         set_build_info("local");
-        let text = render();
+        let text = render(&Now::default());
         assert!(
             text.contains("# TYPE cellar_cache_lookups counter"),
             "{text}"

@@ -231,6 +231,24 @@ async fn counters_follow_traffic_and_prometheus_scrapes_them() {
     // A hit when the prefetch its narinfo started filled the disk before the client asked, a
     // miss (joining that fill) when not: both happen.
     assert!(disk("hit") + disk("miss") >= 1.0, "the large NAR: {text}");
+    // What each cache holds now, within its budget: the closure's narinfos in memory, its
+    // large NAR on disk.
+    let held = |what: &str, layer: &str| c(what, &[&format!(r#"layer="{layer}""#)]);
+    assert!(
+        held("cellar_cache_entries", "narinfo_memory") >= n,
+        "{text}"
+    );
+    assert!(held("cellar_cache_entries", "nar_disk") >= 1.0, "{text}");
+    for layer in ["narinfo_memory", "nar_memory", "nar_disk"] {
+        let bytes = held("cellar_cache_bytes", layer);
+        assert!(bytes > 0.0, "{layer}: {text}");
+        assert!(
+            bytes <= held("cellar_cache_max_bytes", layer),
+            "{layer}: {text}"
+        );
+    }
+    // What the uploads left to remember, still relied on this soon after them.
+    assert!(c("cellar_upload_memory_entries", &[]) >= n, "{text}");
     // S3: objects were written and read, and each call timed.
     assert!(c("cellar_store_requests_total", &[r#"result="ok""#]) > 0.0);
     assert!(c("cellar_store_requests_total", &[r#"op="GetObject""#]) > 0.0);

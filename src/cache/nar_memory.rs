@@ -78,16 +78,16 @@ impl NarMemory {
                 .weigher(|k: &Arc<str>, v: &Bytes| -> u32 {
                     u32::try_from(k.len() + v.len() + 64).unwrap_or(u32::MAX)
                 });
-            match spill {
-                Some(spill) => builder
-                    .eviction_listener(move |k: Arc<Arc<str>>, v: Bytes, cause| {
-                        if cause == moka::notification::RemovalCause::Size {
+            builder
+                .eviction_listener(move |k: Arc<Arc<str>>, v: Bytes, cause| {
+                    if cause == moka::notification::RemovalCause::Size {
+                        crate::metrics::cache_evicted("nar_memory", 1);
+                        if let Some(spill) = &spill {
                             spill(&k, v);
                         }
-                    })
-                    .build(),
-                None => builder.build(),
-            }
+                    }
+                })
+                .build()
         });
         Self {
             cache,
@@ -488,6 +488,30 @@ mod tests {
         assert_eq!((m.file_hash_of())("x.nar".into()).await, None);
         m.hint_file_hash("y.nar", Some(b)).await;
         assert_eq!((m.file_hash_of())("y.nar".into()).await, Some(b));
+    }
+
+    /// NARs let go for room are counted for `/metrics` (spilled to disk or not).
+    #[tokio::test]
+    async fn nars_let_go_for_room_are_counted() {
+        let mem = Arc::new(MemoryStore::new());
+        let store: Arc<dyn Store> = mem.clone();
+        let m = NarMemory::new(4000, 1000, None);
+        let before = crate::metrics::cache_evictions("nar_memory");
+        for i in 0..20 {
+            let name = format!("{i}x.nar");
+            mem.insert(&format!("nar/{name}"), vec![1u8; 900]);
+            m.load(
+                &name,
+                &format!("nar/{name}"),
+                open(&store, &format!("nar/{name}")),
+            )
+            .await
+            .unwrap();
+        }
+        m.settle().await;
+        // At least the 16 that 4000 bytes cannot hold (others' tests may count meanwhile).
+        let evicted = crate::metrics::cache_evictions("nar_memory") - before;
+        assert!(evicted >= 16, "{evicted}");
     }
 
     #[tokio::test]

@@ -58,6 +58,11 @@ impl NarInfoCache {
             // than once, so a closure just prefetched would not be kept, and the prefetch of
             // the next would load it again.
             .eviction_policy(moka::policy::EvictionPolicy::lru())
+            .eviction_listener(|_, _, cause| {
+                if cause == moka::notification::RemovalCause::Size {
+                    crate::metrics::cache_evicted("narinfo_memory", 1);
+                }
+            })
             .build();
         Self {
             cache,
@@ -231,6 +236,25 @@ mod tests {
         c.forget_if_held(h, &held).await;
         assert!(!c.contains(h));
         assert_eq!(c.generation(h).load(Ordering::SeqCst), before);
+    }
+
+    /// Narinfos let go for room are counted for `/metrics`; those expired are not.
+    #[tokio::test]
+    async fn narinfos_let_go_for_room_are_counted() {
+        let c = NarInfoCache::new(2000, Duration::from_secs(600), Duration::from_secs(600));
+        let before = crate::metrics::cache_evictions("narinfo_memory");
+        for i in 0..20u32 {
+            let h: StorePathHash = format!("{:0>32}", crate::nix::base32::encode(&i.to_be_bytes()))
+                .parse()
+                .unwrap();
+            c.get_or_load(h, || async { Ok(Some(Bytes::from(vec![b'x'; 300]))) })
+                .await
+                .unwrap();
+        }
+        c.usage().await;
+        // 2000 bytes hold 5 of 400 (others' tests may count meanwhile).
+        let evicted = crate::metrics::cache_evictions("narinfo_memory") - before;
+        assert!(evicted >= 15, "{evicted}");
     }
 
     #[test]

@@ -401,10 +401,15 @@ impl AccessLog {
         at.elapsed() < self.cover_for
     }
 
-    /// Entries remembered as covered (for tests: the map stays bounded).
-    #[cfg(test)]
-    fn covered_len(&self) -> usize {
+    /// Entries remembered as covered (the map stays bounded; shown in `/metrics`).
+    pub fn covered_len(&self) -> usize {
         lock(&self.covered).at.len()
+    }
+
+    /// Forgets the entries no record covers any more, and the memory they took: a server
+    /// gone quiet would otherwise keep them until its next upload.
+    pub fn let_go_stale(&self) {
+        lock(&self.covered).let_go_stale(self.cover_for);
     }
 
     /// Writes `entries` and the paths probed since the last upload record as one record, and
@@ -598,6 +603,17 @@ impl Covered {
         for e in entries {
             self.at.insert(e, started);
         }
+    }
+
+    /// Forgets the entries older than `cover`, and the table's room they leave unused.
+    fn let_go_stale(&mut self, cover: Duration) {
+        self.at.retain(|_, at| at.elapsed() < cover);
+        if self.at.is_empty() {
+            self.at = HashMap::new();
+        } else if self.at.len() < self.at.capacity() / 4 {
+            self.at.shrink_to_fit();
+        }
+        self.prune_at = 2 * self.at.len();
     }
 }
 

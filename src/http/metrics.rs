@@ -8,7 +8,7 @@ use std::task::{Context, Poll};
 use std::time::Instant;
 
 use axum::body::Body;
-use axum::extract::Request;
+use axum::extract::{Request, State};
 use axum::http::{header, HeaderValue, Method, StatusCode};
 use axum::middleware::Next;
 use axum::response::{IntoResponse, Response};
@@ -16,22 +16,33 @@ use bytes::Bytes;
 use http_body::Frame;
 use prometheus_client::metrics::counter::Counter;
 
+use super::AppState;
 use crate::error::ErrorLabel;
 use crate::metrics::{self, HttpLabels, RouteLabels, RouteMethodLabels, UploadLabels};
 
 /// `GET /metrics`: OpenMetrics to a scraper that asks for it (Prometheus does), else the
 /// Prometheus text format 0.0.4, which every other reader of metrics takes
 /// (`promtool check metrics`, curl, older agents).
-pub(super) async fn get(headers: axum::http::HeaderMap) -> Response {
+pub(super) async fn get(State(st): State<AppState>, headers: axum::http::HeaderMap) -> Response {
     let openmetrics = headers
         .get_all(header::ACCEPT)
         .iter()
         .filter_map(|v| v.to_str().ok())
         .any(|v| v.contains("application/openmetrics-text"));
+    let usage = st.cache_usage().await;
+    let mut layers = vec![
+        ("narinfo_memory", usage.narinfo_memory),
+        ("nar_memory", usage.nar_memory),
+    ];
+    layers.extend(usage.nar_disk.map(|u| ("nar_disk", u)));
+    let now = metrics::Now {
+        layers,
+        upload_memory_entries: st.upload_memory_entries() as u64,
+    };
     let (content_type, body) = if openmetrics {
-        (metrics::CONTENT_TYPE, metrics::render())
+        (metrics::CONTENT_TYPE, metrics::render(&now))
     } else {
-        (metrics::CLASSIC_CONTENT_TYPE, metrics::render_classic())
+        (metrics::CLASSIC_CONTENT_TYPE, metrics::render_classic(&now))
     };
     (
         [

@@ -30,6 +30,7 @@ use crate::cache::nar_memory::{NarMemory, Spill};
 use crate::cache::narinfo::NarInfoCache;
 use crate::config::Config;
 use crate::gc::access::AccessLog;
+use crate::metrics::LayerUsage;
 use crate::mirror::Mirror;
 use crate::nix::SecretKey;
 use crate::store::Store;
@@ -179,7 +180,80 @@ impl Deref for AppState {
     }
 }
 
+/// How often [`AppState::spawn_upkeep`] lets go of what the server no longer needs.
+pub const UPKEEP_EVERY: Duration = Duration::from_secs(60);
+
+impl App {
+    /// Forgets what uploads and access records no longer rely on (see
+    /// [`Uploader::let_go_stale`]), so that a server gone quiet gives that memory back.
+    pub fn let_go_stale(&self) {
+        self.uploader.let_go_stale();
+        self.access.let_go_stale();
+    }
+
+    /// Entries remembered of recent uploads and probes, for `/metrics`.
+    pub fn upload_memory_entries(&self) -> usize {
+        self.uploader.remembered_len() + self.access.covered_len()
+    }
+}
+
+/// What each cache layer holds ([`App::cache_usage`]).
+pub struct CacheUsage {
+    pub narinfo_memory: LayerUsage,
+    pub nar_memory: LayerUsage,
+    pub nar_disk: Option<LayerUsage>,
+}
+
 impl AppState {
+    /// What the narinfo memory cache, the NAR memory cache (zeros when off) and the NAR disk
+    /// cache (if there is one) hold now, and their budgets, for `/status` and `/metrics`.
+    pub async fn cache_usage(&self) -> CacheUsage {
+        let live = self.live();
+        let (entries, bytes) = live.narinfos.usage().await;
+        let narinfo_memory = LayerUsage {
+            entries,
+            bytes,
+            max_bytes: live.config.cache.narinfo_memory_bytes,
+        };
+        let (entries, bytes) = self.nar_memory.usage().await.unwrap_or_default();
+        let nar_memory = LayerUsage {
+            entries,
+            bytes,
+            max_bytes: if self.nar_memory.enabled() {
+                self.config.cache.nar_memory_bytes
+            } else {
+                0
+            },
+        };
+        let nar_disk = self.nars.as_ref().map(|n| {
+            let (entries, bytes) = n.usage();
+            LayerUsage {
+                entries: entries as u64,
+                bytes,
+                max_bytes: self.config.cache.nar_max_bytes,
+            }
+        });
+        CacheUsage {
+            narinfo_memory,
+            nar_memory,
+            nar_disk,
+        }
+    }
+
+    /// Every [`UPKEEP_EVERY`], lets go of what the server no longer needs
+    /// ([`App::let_go_stale`]), until the task is aborted.
+    pub fn spawn_upkeep(&self) -> tokio::task::JoinHandle<()> {
+        let st = self.clone();
+        tokio::spawn(async move {
+            let mut tick = tokio::time::interval(UPKEEP_EVERY);
+            tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
+            loop {
+                tick.tick().await;
+                st.let_go_stale();
+            }
+        })
+    }
+
     /// The state for `config`; opens the NAR disk cache if one is configured.
     pub fn new(
         config: Config,

@@ -13,43 +13,20 @@ use crate::status::{CacheStatus, Status, UpstreamStatus};
 
 pub(super) async fn get(State(st): State<AppState>) -> impl IntoResponse {
     let live = st.live();
-    let (entries, bytes) = live.narinfos.usage().await;
-    let narinfo_cache = CacheStatus {
-        entries,
-        bytes,
-        max_bytes: live.config.cache.narinfo_memory_bytes,
-        hits: cache_count("narinfo_memory", "hit"),
-        negative_hits: cache_count("narinfo_memory", "negative_hit"),
-        misses: cache_count("narinfo_memory", "miss"),
-        bypasses: 0,
+    let usage = st.cache_usage().await;
+    let layer = |u: crate::metrics::LayerUsage, name: &'static str| CacheStatus {
+        entries: u.entries,
+        bytes: u.bytes,
+        max_bytes: u.max_bytes,
+        hits: cache_count(name, "hit"),
+        negative_hits: cache_count(name, "negative_hit"),
+        misses: cache_count(name, "miss"),
+        bypasses: cache_count(name, "bypass"),
     };
+    let narinfo_cache = layer(usage.narinfo_memory, "narinfo_memory");
     // Off: all zeros (`max_bytes` 0), told apart from a server that does not report it.
-    let (entries, bytes) = st.nar_memory.usage().await.unwrap_or_default();
-    let nar_memory_cache = Some(CacheStatus {
-        entries,
-        bytes,
-        max_bytes: if st.nar_memory.enabled() {
-            st.config.cache.nar_memory_bytes
-        } else {
-            0
-        },
-        hits: cache_count("nar_memory", "hit"),
-        negative_hits: 0,
-        misses: cache_count("nar_memory", "miss"),
-        bypasses: 0,
-    });
-    let nar_cache = st.nars.as_ref().map(|n| {
-        let (entries, bytes) = n.usage();
-        CacheStatus {
-            entries: entries as u64,
-            bytes,
-            max_bytes: st.config.cache.nar_max_bytes,
-            hits: cache_count("nar_disk", "hit"),
-            negative_hits: 0,
-            misses: cache_count("nar_disk", "miss"),
-            bypasses: cache_count("nar_disk", "bypass"),
-        }
-    });
+    let nar_memory_cache = Some(layer(usage.nar_memory, "nar_memory"));
+    let nar_cache = usage.nar_disk.map(|u| layer(u, "nar_disk"));
     // Within `cellar status`'s own wait (10 s), however long `store.ready_timeout_secs` is.
     let ready = tokio::time::timeout(std::time::Duration::from_secs(5), async {
         super::health::readiness(&st).await.1

@@ -3454,3 +3454,94 @@ async fn an_upload_while_the_store_fails_is_refused_before_its_body() {
     assert!(read.load(Ordering::SeqCst));
     assert_eq!(probes(&seen), asked, "the store was asked while it worked");
 }
+
+/// One sample of the `/metrics` page (`name{labels}` as shown), if there is one.
+async fn sample(st: &AppState, series: &str) -> Option<f64> {
+    let (_, body) = get(st, "/metrics").await;
+    let prefix = format!("{series} ");
+    String::from_utf8(body)
+        .unwrap()
+        .lines()
+        .find_map(|l| l.strip_prefix(&prefix)?.parse().ok())
+}
+
+/// `/metrics` shows what each cache layer holds against its budget, read from the caches at
+/// the scrape (the registry is process-wide; these gauges are this server's own).
+#[tokio::test]
+async fn metrics_show_what_each_cache_layer_holds() {
+    let mem = Arc::new(MemoryStore::new());
+    mem.insert(&format!("{HASH}.narinfo"), narinfo_unhashed());
+    let mut cfg = Config::default();
+    cfg.cache.narinfo_memory_bytes = 12_345_678;
+    let st = state(cfg, &mem);
+    let layer = |name: &str, layer: &str| format!("cellar_{name}{{layer=\"{layer}\"}}");
+    assert_eq!(
+        sample(&st, &layer("cache_entries", "narinfo_memory")).await,
+        Some(0.0)
+    );
+    assert_eq!(
+        get(&st, &format!("/{HASH}.narinfo")).await.0,
+        StatusCode::OK
+    );
+    assert_eq!(
+        sample(&st, &layer("cache_entries", "narinfo_memory")).await,
+        Some(1.0)
+    );
+    let bytes = sample(&st, &layer("cache_bytes", "narinfo_memory")).await;
+    assert!(
+        bytes.is_some_and(|b| b > narinfo_unhashed().len() as f64),
+        "{bytes:?}"
+    );
+    assert_eq!(
+        sample(&st, &layer("cache_max_bytes", "narinfo_memory")).await,
+        Some(12_345_678.0)
+    );
+    // The NAR memory cache is shown with its budget; no disk cache, no series for it.
+    assert!(sample(&st, &layer("cache_max_bytes", "nar_memory"))
+        .await
+        .is_some_and(|b| b > 0.0));
+    assert_eq!(sample(&st, &layer("cache_bytes", "nar_disk")).await, None);
+}
+
+/// What a server remembers of uploads is let go once nothing relies on it, though no upload
+/// comes to make room (a server gone quiet), and `/metrics` shows how much there is.
+#[tokio::test(start_paused = true)]
+async fn what_uploads_left_in_memory_is_let_go_when_the_server_is_quiet() {
+    use crate::config::Scope;
+    let mem = Arc::new(MemoryStore::new());
+    let mut cfg = with_tokens(Config::default(), &[("w", "wtok", Scope::Write)]);
+    cfg.cache.prefetch_concurrency = 0;
+    let st = state(cfg, &mem);
+    let upkeep = st.spawn_upkeep();
+    let (nar, file, narinfo) = uploadable_path();
+    let put = |path: String, body: Vec<u8>| authed("PUT", &path, "wtok").body(Body::from(body));
+    // A builder's probes, then its upload; and probes of a path it then did not upload.
+    let other = "1".repeat(32);
+    let missing: crate::nix::NarFileName = format!("{}.nar", "1".repeat(52)).parse().unwrap();
+    for probe in [
+        format!("/upload/{HASH}.narinfo"),
+        format!("/upload/{other}.narinfo"),
+        format!("/upload/nar/{missing}"),
+    ] {
+        let req = authed("HEAD", &probe, "wtok");
+        let res = send(&st, req.body(Body::empty()).unwrap()).await;
+        assert_eq!(res.status(), StatusCode::NOT_FOUND, "{probe}");
+    }
+    assert_eq!(st.uploader.early_record(&missing).await, Some(true));
+    let req = put(format!("/upload/nar/{file}"), nar);
+    assert_eq!(send(&st, req.unwrap()).await.status(), StatusCode::CREATED);
+    let req = put(format!("/upload/{HASH}.narinfo"), narinfo.into_bytes());
+    assert_eq!(send(&st, req.unwrap()).await.status(), StatusCode::CREATED);
+    let remembered = || sample(&st, "cellar_upload_memory_entries");
+    // The NAR received, the narinfo written, the probes of the other path and NAR, and what
+    // the upload records named.
+    let before = remembered().await;
+    assert!(before.is_some_and(|n| n >= 5.0), "{before:?}");
+    // Within the longest time an entry here is relied on (a NAR found bad: a day), all but
+    // those go; nothing else is sent to the server meanwhile.
+    tokio::time::advance(Duration::from_secs(31 * 60)).await;
+    // The upkeep task, woken by the advance, runs before this one goes on.
+    tokio::task::yield_now().await;
+    assert_eq!(remembered().await, Some(0.0));
+    upkeep.abort();
+}

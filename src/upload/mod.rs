@@ -336,6 +336,16 @@ fn note_within<K: std::hash::Hash + Eq, V: Noted>(
     m.insert(k, v);
 }
 
+/// Forgets the entries of `m` older than `keep`, and the table's room they leave unused.
+fn let_go<K: std::hash::Hash + Eq, V: Noted>(m: &mut HashMap<K, V>, keep: std::time::Duration) {
+    m.retain(|_, v| v.at().elapsed() < keep);
+    if m.is_empty() {
+        *m = HashMap::new();
+    } else if m.len() < m.capacity() / 4 {
+        m.shrink_to_fit();
+    }
+}
+
 /// What [`note_at`] keeps: a moment, and maybe what happened then.
 trait Noted {
     fn at(&self) -> tokio::time::Instant;
@@ -416,7 +426,9 @@ pub struct Uploader {
     /// Upload records written when a client asked for a NAR (`HEAD nar/…`, which Nix sends
     /// right before uploading it), and the announcements read after each, by the key of the
     /// NAR as it will be uploaded ([`Uploader::nar_expected`]).
-    early: Mutex<HashMap<String, EarlyRecord>>,
+    /// When each was started: one whose NAR never came is let go after [`REMEMBERED_FOR`]
+    /// (an upload that finds none writes its own record).
+    early: Mutex<HashMap<String, (tokio::time::Instant, EarlyRecord)>>,
     /// Narinfos this process wrote, and when: each after an upload record naming it, which
     /// keeps a collector from deleting it for [`crate::gc::access::UPLOAD_RECORD_LIFETIME`].
     /// For [`crate::gc::access::UPLOAD_COVER`] after the write, a later upload counts it as a
@@ -663,23 +675,53 @@ impl Uploader {
         // Upload work, though a HEAD starts it: waits out a store restarting as the PUT does.
         tokio::spawn(crate::store::serving_upload(early.clone()));
         let mut m = lock(&self.early);
-        if m.len() >= MAX_REMEMBERED {
-            m.clear();
-        }
-        m.insert(object_key::nar(name), early);
+        note_at(
+            &mut m,
+            object_key::nar(name),
+            (tokio::time::Instant::now(), early),
+            REMEMBERED_FOR,
+        );
     }
 
     /// Awaits the record [`Uploader::nar_expected`] started for `name`: `None` if none was
     /// started, else whether one was written.
     #[cfg(test)]
     pub(crate) async fn early_record(&self, name: &NarFileName) -> Option<bool> {
-        let early = lock(&self.early).get(&object_key::nar(name)).cloned()?;
+        let (_, early) = lock(&self.early).get(&object_key::nar(name)).cloned()?;
         Some(early.await.is_some())
     }
 
     /// The record [`Uploader::nar_expected`] started for the NAR under `uploaded_key`, if any.
     fn take_early(&self, uploaded_key: &str) -> Option<EarlyRecord> {
-        lock(&self.early).remove(uploaded_key)
+        lock(&self.early).remove(uploaded_key).map(|(_, e)| e)
+    }
+
+    /// Forgets what no upload relies on any more (each map's own time: see its field), and
+    /// the memory it took. Full maps let go of it as uploads come; this lets a server gone
+    /// quiet give it back too.
+    pub fn let_go_stale(&self) {
+        let_go(&mut lock(&self.verified), REMEMBERED_FOR);
+        let_go(&mut lock(&self.early), REMEMBERED_FOR);
+        // `written` before `taken_back`, as in `wrote` (never both locks in the other order).
+        let_go(&mut lock(&self.written), crate::gc::access::UPLOAD_COVER);
+        let_go(&mut lock(&self.taken_back), crate::gc::access::UPLOAD_COVER);
+        let_go(&mut lock(&self.probed_absent), PROBED_ABSENT_TRUST);
+        let_go(&mut lock(&self.nars_probed_absent), PROBED_ABSENT_TRUST);
+        let_go(&mut lock(&self.nars_found_bad), FOUND_BAD_TRUST);
+    }
+
+    /// How many uploads, NARs and probes this process remembers (bounded: see
+    /// [`Self::let_go_stale`]), for `/metrics`.
+    pub fn remembered_len(&self) -> usize {
+        // One lock at a time (a guard lives to the end of its statement).
+        let mut n = lock(&self.verified).len();
+        n += lock(&self.early).len();
+        n += lock(&self.written).len();
+        n += lock(&self.taken_back).len();
+        n += lock(&self.probed_absent).len();
+        n += lock(&self.nars_probed_absent).len();
+        n += lock(&self.nars_found_bad).len();
+        n
     }
 
     /// The upload address was asked for the narinfo of `h`, and the store has none.
@@ -1417,6 +1459,46 @@ mod note_tests {
         assert!(m.len() <= MAX_REMEMBERED);
         // Its memory given back too (a cleared map keeps its table).
         assert!(m.capacity() < 1000, "{}", m.capacity());
+    }
+
+    /// Each map of what uploads left is let go of after its own time, with nothing noted
+    /// (a server gone quiet), and what is still relied on stays.
+    #[tokio::test(start_paused = true)]
+    async fn every_map_of_what_uploads_left_is_let_go_of_in_its_time() {
+        let mem = Arc::new(crate::store::memory::MemoryStore::new());
+        let cfg = crate::config::Config::default();
+        let up = Uploader::new(&cfg.upload, &cfg.store_dir, mem);
+        let h: StorePathHash = "f904kp3djilk732cgbnxhpy7vzykbqsh".parse().unwrap();
+        let now = tokio::time::Instant::now();
+        let early: EarlyRecord = async { None }.boxed().shared();
+        lock(&up.early).insert("nar/a.nar".into(), (now, early));
+        let path: StorePathBaseName = format!("{h}-x").parse().unwrap();
+        lock(&up.written).insert(h, Written { at: now, path });
+        lock(&up.taken_back).insert(h, now);
+        lock(&up.probed_absent).insert(h, now);
+        lock(&up.nars_probed_absent).insert("nar/b.nar".into(), now);
+        lock(&up.nars_found_bad).insert("nar/c.nar".into(), now);
+        assert_eq!(up.remembered_len(), 6);
+        // Each kept while relied on: a minute, ten, thirty, a day.
+        let after = |secs: u64| async move {
+            tokio::time::advance(std::time::Duration::from_secs(secs)).await;
+        };
+        after(59).await;
+        up.let_go_stale();
+        assert_eq!(up.remembered_len(), 6);
+        after(1).await;
+        up.let_go_stale();
+        assert_eq!(up.remembered_len(), 4, "the probes' minute");
+        after(9 * 60).await;
+        up.let_go_stale();
+        assert_eq!(up.remembered_len(), 2, "the cover of uploads");
+        after(20 * 60).await;
+        up.let_go_stale();
+        assert_eq!(up.remembered_len(), 1, "an early record");
+        after(24 * 3600).await;
+        up.let_go_stale();
+        assert_eq!(up.remembered_len(), 0, "a NAR found bad");
+        assert_eq!(lock(&up.written).capacity(), 0, "its table given back");
     }
 
     /// A map of NARs received here keeps each for `keep`, as far as its bound allows, and

@@ -460,7 +460,7 @@ async fn credentials_in_an_upstream_url_are_used_and_never_shown() {
     );
     let shown = format!("{:?}", upstreams.health());
     assert!(shown.contains(&format!("http://{addr}")), "{shown}");
-    let metrics = crate::metrics::render();
+    let metrics = crate::metrics::render(&crate::metrics::Now::default());
     assert!(metrics.contains(&format!("http://{addr}")), "{metrics}");
     let logged = logs.text();
     assert!(logged.contains("upstream unavailable"), "{logged}");

@@ -768,6 +768,7 @@ impl NarCache {
         for name in &victims {
             tracing::debug!(nar = %name, "NAR cache: evicted");
         }
+        crate::metrics::cache_evicted("nar_disk", evicted as u64);
 
         let this = Arc::clone(self);
         let remove = move || {

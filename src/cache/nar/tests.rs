@@ -251,6 +251,8 @@ async fn eviction_keeps_the_budget() {
     let before = mem.requests();
     assert_eq!(read(0).await, vec![0u8; 1000]);
     assert_eq!(mem.requests(), before, "a hit");
+    let evicted = || crate::metrics::cache_evictions("nar_disk");
+    let evicted_before = evicted();
     mem.insert(&format!("nar/{}", names[2]), vec![2u8; 1000]);
     read(2).await;
     // The last fill indexes its NAR and evicts in the background: wait for that.
@@ -271,6 +273,8 @@ async fn eviction_keeps_the_budget() {
     })
     .await;
     assert_eq!(cache.usage(), (2, 2 * footprint(1000)));
+    // Counted (other tests' evictions may count meanwhile: the registry is the process's).
+    assert!(evicted() > evicted_before, "{evicted_before}");
     assert!(d.path().join(names[0]).exists(), "recently used: kept");
     assert!(d.path().join(names[2]).exists());
 }
