@@ -188,7 +188,12 @@ pub fn pin(path: Option<&Path>, command: PinCommand) -> anyhow::Result<()> {
                 let n = paths.len();
                 let absent = gc::pins::add(store.as_ref(), &name, paths, keep_days, &sd).await?;
                 for p in &absent {
-                    eprintln!("warning: {sd}/{p} is not in the cache (yet); pinned anyway");
+                    // A running `cellar gc --apply` takes a path's narinfo away while it
+                    // decides about it, and writes it back for this pin's record.
+                    eprintln!(
+                        "warning: {sd}/{p} is not in the cache (not uploaded yet, or a running \
+                         `cellar gc --apply` is deciding about it: the pin keeps it); pinned anyway"
+                    );
                 }
                 say!("pinned {n} path(s) as {name}");
             }
