@@ -63,6 +63,37 @@ pub const UPLOAD_RECORD_LIFETIME: Duration = Duration::from_secs(30 * 60);
 /// server, the store and the collector.
 pub const UPLOAD_COVER: Duration = Duration::from_secs(10 * 60);
 
+/// A moment by this process's monotonic clock and by the store's. How long ago it was is the
+/// longer of the two: collectors judge a record by the store's time (its `LastModified`), which
+/// goes on through a suspend of this machine (its monotonic clock stops) and jumps with the
+/// store's clock; the monotonic clock goes on when a wall clock is set back.
+#[derive(Clone, Copy, Debug)]
+pub struct Stamp {
+    at: Instant,
+    store: SystemTime,
+}
+
+impl Stamp {
+    /// Now, the store's time as `store` knows it.
+    pub fn now(store: &dyn Store) -> Self {
+        Self {
+            at: Instant::now(),
+            store: store.now(),
+        }
+    }
+
+    /// The moment by this process's monotonic clock.
+    pub fn instant(&self) -> Instant {
+        self.at
+    }
+
+    /// How long ago it was, when the store's time is `store_now`.
+    pub fn elapsed(&self, store_now: SystemTime) -> Duration {
+        let by_store = store_now.duration_since(self.store).unwrap_or_default();
+        self.at.elapsed().max(by_store)
+    }
+}
+
 /// An access record larger than this is corrupt (a full set of 1M entries is ~60 MiB).
 const MAX_RECORD_BYTES: u64 = 256 << 20;
 
@@ -312,10 +343,11 @@ impl AccessLog {
         // Named by an upload record written within the cover: a collector reads that record
         // for longer still (a CI job pushing the same closure every few minutes writes once).
         if !self.cover_for.is_zero() {
+            let now = self.store.now();
             let fresh = lock(&self.covered)
                 .at
                 .get(&Entry::Path(h))
-                .is_some_and(|at| at.elapsed() < self.cover_for);
+                .is_some_and(|at| at.elapsed(now) < self.cover_for);
             if fresh {
                 return Ok(());
             }
@@ -380,12 +412,13 @@ impl AccessLog {
         if self.cover_for.is_zero() {
             return false;
         }
+        let now = self.store.now();
         let covered = lock(&self.covered);
         let fresh = |e: &Entry| {
             covered
                 .at
                 .get(e)
-                .is_some_and(|at| at.elapsed() < self.cover_for)
+                .is_some_and(|at| at.elapsed(now) < self.cover_for)
         };
         fresh(&Entry::Path(info.hash()))
             && nar_files.iter().all(|f| fresh(&Entry::Nar((*f).into())))
@@ -397,8 +430,13 @@ impl AccessLog {
 
     /// Whether a record whose write started at `at` still covers uploads by itself (see
     /// [`Self::covers`]): a collector starting now still reads it.
-    pub fn still_covers(&self, at: Instant) -> bool {
-        at.elapsed() < self.cover_for
+    pub fn still_covers(&self, at: Stamp) -> bool {
+        at.elapsed(self.store.now()) < self.cover_for
+    }
+
+    /// Now, for [`Self::still_covers`].
+    pub fn stamp(&self) -> Stamp {
+        Stamp::now(self.store.as_ref())
     }
 
     /// Entries remembered as covered (the map stays bounded; shown in `/metrics`).
@@ -409,7 +447,8 @@ impl AccessLog {
     /// Forgets the entries no record covers any more, and the memory they took: a server
     /// gone quiet would otherwise keep them until its next upload.
     pub fn let_go_stale(&self) {
-        lock(&self.covered).let_go_stale(self.cover_for);
+        let now = self.store.now();
+        lock(&self.covered).let_go_stale(self.cover_for, now);
     }
 
     /// Writes `entries` and the paths probed since the last upload record as one record, and
@@ -420,11 +459,12 @@ impl AccessLog {
         // Until written, the probes go back if the write fails or is dropped (the upload's
         // client gone): the next upload record names them instead.
         let mut taken = Taken::new(self, &self.probed, probed);
-        let started = Instant::now();
+        let started = self.stamp();
         self.write(render(&entries), UPLOAD_SUFFIX).await?;
         taken.written();
         if !self.cover_for.is_zero() {
-            lock(&self.covered).note(entries, started, self.cover_for, self.max_entries);
+            let now = self.store.now();
+            lock(&self.covered).note(entries, started, self.cover_for, self.max_entries, now);
         }
         Ok(())
     }
@@ -565,7 +605,7 @@ impl AccessLog {
 /// records of later uploads for the cover ([`AccessLog::covers`]).
 #[derive(Default)]
 struct Covered {
-    at: HashMap<Entry, Instant>,
+    at: HashMap<Entry, Stamp>,
     /// The size past which the entries older than the cover are let go: twice what was left
     /// the last time, so that letting go costs a constant time per entry.
     prune_at: usize,
@@ -584,11 +624,18 @@ impl Covered {
     /// Notes `entries`, named by a record whose write started at `started`. With more fresh
     /// entries than three quarters of `max_entries` (or [`COVERED_MAX`]), all are forgotten:
     /// the uploads that they would have covered write records of their own.
-    fn note(&mut self, entries: Vec<Entry>, started: Instant, cover: Duration, max_entries: usize) {
+    fn note(
+        &mut self,
+        entries: Vec<Entry>,
+        started: Stamp,
+        cover: Duration,
+        max_entries: usize,
+        store_now: SystemTime,
+    ) {
         let most = max_entries.min(COVERED_MAX);
         if self.at.len() + entries.len() > self.prune_at.max(COVERED_PRUNE_MIN).min(most) {
             self.prunes += 1;
-            self.at.retain(|_, at| at.elapsed() < cover);
+            self.at.retain(|_, at| at.elapsed(store_now) < cover);
             // Left at most three quarters full: the next look is a quarter of it away.
             if self.at.len() + entries.len() > most / 4 * 3 {
                 self.at = HashMap::new();
@@ -606,8 +653,8 @@ impl Covered {
     }
 
     /// Forgets the entries older than `cover`, and the table's room they leave unused.
-    fn let_go_stale(&mut self, cover: Duration) {
-        self.at.retain(|_, at| at.elapsed() < cover);
+    fn let_go_stale(&mut self, cover: Duration, store_now: SystemTime) {
+        self.at.retain(|_, at| at.elapsed(store_now) < cover);
         if self.at.is_empty() {
             self.at = HashMap::new();
         } else if self.at.len() < self.at.capacity() / 4 {
@@ -1609,18 +1656,45 @@ mod tests {
         assert_eq!(paths, 3, "at most access_max_entries probes: {named:?}");
     }
 
+    /// A record covers uploads for the cover by the store's time as well as by this
+    /// process's: a path it named is found covered no more once the store's clock is past it
+    /// (a jump, a suspend of this machine), and a probe of it writes a record again.
+    #[tokio::test]
+    async fn the_cover_ends_by_the_stores_time_too() {
+        let mem = Arc::new(crate::store::memory::MemoryStore::new());
+        let log = AccessLog::new(mem.clone(), 1000).covering_uploads_for(UPLOAD_COVER);
+        let h = hashes(1)[0];
+        log.record_probe(h);
+        let started = log.stamp();
+        log.record_nar_upload(&[NAR]).await.unwrap();
+        let written = mem.keys().len();
+        log.record_found(h).await.unwrap();
+        assert_eq!(mem.keys().len(), written, "covered: no record of its own");
+        assert!(log.still_covers(started));
+        mem.set_clock_ahead(UPLOAD_COVER);
+        assert!(!log.still_covers(started));
+        log.record_found(h).await.unwrap();
+        assert_eq!(mem.keys().len(), written + 1, "a record of its own");
+    }
+
     /// Fresh entries noted one by one are looked through at doubling sizes only, not at each
     /// (a record naming one NAR and one path, per upload, a hundred thousand in the cover).
     #[tokio::test(start_paused = true)]
     async fn covered_entries_are_looked_through_at_doubling_sizes() {
         let mut c = Covered::default();
-        let now = Instant::now();
+        // The store's clock stands still here; the monotonic one counts.
+        let stamp = || Stamp {
+            at: Instant::now(),
+            store: UNIX_EPOCH,
+        };
+        let now = stamp();
         for i in 0..20_000 {
             c.note(
                 vec![Entry::Nar(format!("{i}.nar").into())],
                 now,
                 UPLOAD_COVER,
                 100_000,
+                UNIX_EPOCH,
             );
         }
         assert_eq!(c.at.len(), 20_000);
@@ -1631,7 +1705,7 @@ mod tests {
         for i in 0..3000 {
             tokio::time::advance(Duration::from_secs(1)).await;
             let e = Entry::Nar(format!("{i}.nar").into());
-            c.note(vec![e], Instant::now(), cover, 1000);
+            c.note(vec![e], stamp(), cover, 1000, UNIX_EPOCH);
         }
         assert!(c.prunes <= 10, "{} times", c.prunes);
     }

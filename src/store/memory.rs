@@ -2,7 +2,7 @@
 //! switched into failure, so tests can check what reaches the store.
 
 use std::collections::HashMap;
-use std::sync::atomic::{AtomicBool, AtomicUsize, Ordering};
+use std::sync::atomic::{AtomicBool, AtomicU64, AtomicUsize, Ordering};
 use std::sync::{Arc, Mutex};
 use std::time::SystemTime;
 
@@ -127,6 +127,14 @@ pub struct MemoryStore {
     presign_base: Mutex<Option<String>>,
     /// Set: objects are sent whole without a length, ranges ignored (as nix-serve does).
     lengthless: AtomicBool,
+    /// How far the store's clock is ahead of this machine's, in seconds (see
+    /// [`MemoryStore::set_clock_ahead`]).
+    clock_ahead: Arc<AtomicU64>,
+}
+
+/// This machine's time moved `ahead` seconds on.
+fn shifted_now(ahead: &AtomicU64) -> SystemTime {
+    SystemTime::now() + std::time::Duration::from_secs(ahead.load(Ordering::SeqCst))
 }
 
 impl MemoryStore {
@@ -135,7 +143,14 @@ impl MemoryStore {
     }
 
     pub fn insert(&self, key: &str, data: impl Into<Bytes>) {
-        self.insert_at(key, data, SystemTime::now());
+        self.insert_at(key, data, self.now());
+    }
+
+    /// Sets the store's clock `ahead` of this machine's (a store whose clock jumped, or this
+    /// machine suspended: its wall clock then catches up, its monotonic clock does not).
+    /// Objects written from then on are dated by it.
+    pub fn set_clock_ahead(&self, ahead: std::time::Duration) {
+        self.clock_ahead.store(ahead.as_secs(), Ordering::SeqCst);
     }
 
     /// Inserts an object as if written at `modified` (to test age-based decisions).
@@ -485,6 +500,10 @@ impl Store for MemoryStore {
         Ok(())
     }
 
+    fn now(&self) -> SystemTime {
+        shifted_now(&self.clock_ahead)
+    }
+
     async fn writer(&self, key: &str) -> Result<Box<dyn ObjectWriter>, StoreError> {
         self.writes.fetch_add(1, Ordering::SeqCst);
         Self::pass(&self.write_gates, key).await;
@@ -493,6 +512,7 @@ impl Store for MemoryStore {
         }
         self.take_failure(FailOp::Write, key)?;
         Ok(Box::new(MemoryWriter {
+            clock_ahead: self.clock_ahead.clone(),
             objects: self.objects.clone(),
             hooks: self.hooks.clone(),
             key: key.to_owned(),
@@ -577,6 +597,7 @@ impl Store for MemoryStore {
 }
 
 struct MemoryWriter {
+    clock_ahead: Arc<AtomicU64>,
     objects: Arc<Mutex<HashMap<String, Stored>>>,
     hooks: Arc<Mutex<Vec<(String, Hook)>>>,
     key: String,
@@ -605,7 +626,7 @@ impl ObjectWriter for MemoryWriter {
             this.key.clone(),
             Stored {
                 data: Bytes::from(this.buf),
-                modified: SystemTime::now(),
+                modified: shifted_now(&this.clock_ahead),
             },
         );
         let hooks: Vec<Hook> = lock(&this.hooks)

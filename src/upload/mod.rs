@@ -176,7 +176,7 @@ struct VerifiedNar {
 /// a collector may no longer read the old record.
 #[derive(Clone)]
 struct Announced {
-    since: tokio::time::Instant,
+    since: crate::gc::access::Stamp,
     names: Arc<[String]>,
     read: Shared<BoxFuture<'static, Option<Arc<HashSet<String>>>>>,
 }
@@ -192,7 +192,7 @@ impl Announced {
     /// from a read that qualifies for it, or read now ([`announcements::Announcements::after`]).
     fn start(
         announcements: Arc<announcements::Announcements>,
-        since: tokio::time::Instant,
+        since: crate::gc::access::Stamp,
         names: Vec<String>,
     ) -> Self {
         let names: Arc<[String]> = names.into();
@@ -366,13 +366,15 @@ impl<V> Noted for (tokio::time::Instant, V) {
 /// A narinfo this process wrote: when, and the path it was for (a reference names a path, not
 /// only its hash).
 struct Written {
-    at: tokio::time::Instant,
+    /// When, by this process's clock and the store's (an upload record is judged by the
+    /// store's time).
+    at: crate::gc::access::Stamp,
     path: StorePathBaseName,
 }
 
 impl Noted for Written {
     fn at(&self) -> tokio::time::Instant {
-        self.at
+        self.at.instant()
     }
 }
 
@@ -659,7 +661,7 @@ impl Uploader {
         let names = self.record_names(name);
         let announcements = self.announcements.clone();
         let early: EarlyRecord = async move {
-            let since = tokio::time::Instant::now();
+            let since = access.stamp();
             let files: Vec<&str> = names.iter().map(String::as_str).collect();
             match access.record_nar_upload(&files).await {
                 Ok(true) => Some(Announced::start(announcements, since, names)),
@@ -756,7 +758,7 @@ impl Uploader {
             &mut m,
             h,
             Written {
-                at: tokio::time::Instant::now(),
+                at: crate::gc::access::Stamp::now(self.store.as_ref()),
                 path: path.clone(),
             },
             crate::gc::access::UPLOAD_COVER,
@@ -786,7 +788,7 @@ impl Uploader {
     fn recently_written(&self, path: &StorePathBaseName) -> bool {
         self.access.is_some()
             && lock(&self.written).get(&path.hash()).is_some_and(|w| {
-                w.path == *path && w.at.elapsed() < crate::gc::access::UPLOAD_COVER
+                w.path == *path && w.at.elapsed(self.store.now()) < crate::gc::access::UPLOAD_COVER
             })
     }
 
@@ -1064,7 +1066,7 @@ impl Uploader {
                 }
             }
             let a = self.access.as_ref()?;
-            let since = tokio::time::Instant::now();
+            let since = a.stamp();
             let files: Vec<&str> = names.iter().map(String::as_str).collect();
             match a.record_nar_upload(&files).await {
                 Ok(true) => Some(Announced::start(
@@ -1473,7 +1475,8 @@ mod note_tests {
         let early: EarlyRecord = async { None }.boxed().shared();
         lock(&up.early).insert("nar/a.nar".into(), (now, early));
         let path: StorePathBaseName = format!("{h}-x").parse().unwrap();
-        lock(&up.written).insert(h, Written { at: now, path });
+        let at = crate::gc::access::Stamp::now(up.store.as_ref());
+        lock(&up.written).insert(h, Written { at, path });
         lock(&up.taken_back).insert(h, now);
         lock(&up.probed_absent).insert(h, now);
         lock(&up.nars_probed_absent).insert("nar/b.nar".into(), now);

@@ -1814,7 +1814,7 @@ async fn a_covered_narinfo_uses_the_announcements_read_after_its_nars_record() {
 #[tokio::test]
 async fn an_early_read_answers_only_for_the_names_it_looked_for() {
     let mem: Arc<dyn Store> = Arc::new(MemoryStore::new());
-    let now = tokio::time::Instant::now();
+    let now = crate::gc::access::Stamp::now(mem.as_ref());
     let watch = super::announcements::Announcements::new(mem);
     let a = super::Announced::start(watch, now, vec!["a.nar".into(), "b.nar".into()]);
     assert!(a.covers(&["a.nar"]));
@@ -1830,8 +1830,9 @@ async fn an_early_read_for_other_names_is_not_relied_on() {
         .await
         .unwrap();
     let store: Arc<dyn Store> = mem.clone();
+    let now = crate::gc::access::Stamp::now(store.as_ref());
     let watch = super::announcements::Announcements::new(store);
-    let a = super::Announced::start(watch, tokio::time::Instant::now(), vec!["a.nar".into()]);
+    let a = super::Announced::start(watch, now, vec!["a.nar".into()]);
     assert_eq!(
         a.read.clone().await.map(|s| s.len()),
         Some(0),
@@ -3197,4 +3198,42 @@ async fn a_large_nar_read_back_whole_gets_its_digest_record() {
         .await
         .unwrap();
     assert!(mem.bytes(&nar_records::key(&file)).is_none());
+}
+
+/// Records are judged by the store's time (their `LastModified`): once the store's clock is
+/// past the cover (it jumped ahead, or this machine was suspended: its monotonic clock stops,
+/// its wall clock catches up), a path written before is no longer taken as covered or as
+/// written, though this process's own clock says minutes. A referrer uploaded then writes a
+/// record naming it, which a collector sees. Before, the referrer was taken as covered by the
+/// old record, which the collector took for days old: it deleted the reference under it.
+#[tokio::test]
+async fn records_stop_covering_uploads_once_the_stores_time_is_past_the_cover() {
+    let (mem, up, access) = uploader_covering();
+    let (nar, info, file) = sample();
+    let (b_nar, b_info, b_file) = referrer();
+    up.put_nar(&file, body(nar)).await.unwrap();
+    let text = info.render("/nix/store");
+    up.put_narinfo(info.hash(), text.as_bytes(), None)
+        .await
+        .unwrap();
+    assert!(up.recently_written(&info.store_path));
+    mem.set_clock_ahead(std::time::Duration::from_secs(3 * 24 * 3600));
+    assert!(!up.recently_written(&info.store_path));
+    let before = records(&mem);
+    // As Nix pushes the referrer: its probe, its NAR, its narinfo.
+    access.record_probe(b_info.hash());
+    up.put_nar(&b_file, body(b_nar)).await.unwrap();
+    let text = b_info.render("/nix/store");
+    up.put_narinfo(b_info.hash(), text.as_bytes(), None)
+        .await
+        .unwrap();
+    let reference = info.hash().to_string();
+    let named = records(&mem)
+        .into_iter()
+        .filter(|k| !before.contains(k))
+        .any(|k| {
+            let bytes = mem.bytes(&k).unwrap();
+            String::from_utf8_lossy(&bytes).contains(&reference)
+        });
+    assert!(named, "no record since the jump names the reference");
 }
