@@ -309,6 +309,13 @@ pub fn set_build_info(store: &'static str) {
 /// The cache layers, as labelled.
 const LAYERS: [&str; 3] = ["narinfo_memory", "nar_memory", "nar_disk"];
 
+/// Whether an entry a moka cache of `budget` bytes removed for `cause` was let go for room:
+/// one heavier than the whole budget (`weight`) was never held (moka reports it as removed
+/// for its size at once), and one replaced, invalidated or expired was not let go for room.
+pub fn evicted_for_room(cause: moka::notification::RemovalCause, weight: u64, budget: u64) -> bool {
+    cause == moka::notification::RemovalCause::Size && weight <= budget
+}
+
 /// Counts `n` entries a cache layer let go for room.
 pub fn cache_evicted(layer: &'static str, n: u64) {
     get()
@@ -529,6 +536,26 @@ mod tests {
             assert!(text.contains(&series), "{text}");
         }
         assert!(text.ends_with("# EOF\n"));
+    }
+
+    /// Only an entry the cache held and let go for room counts as evicted.
+    #[test]
+    fn evictions_are_entries_let_go_for_room() {
+        use moka::notification::RemovalCause;
+        assert!(evicted_for_room(RemovalCause::Size, 100, 1000));
+        assert!(evicted_for_room(RemovalCause::Size, 1000, 1000));
+        assert!(
+            !evicted_for_room(RemovalCause::Size, 1001, 1000),
+            "never held"
+        );
+        assert!(!evicted_for_room(RemovalCause::Size, 100, 0), "a cache off");
+        for cause in [
+            RemovalCause::Expired,
+            RemovalCause::Explicit,
+            RemovalCause::Replaced,
+        ] {
+            assert!(!evicted_for_room(cause, 100, 1000), "{cause:?}");
+        }
     }
 
     /// A NAR upload of ten minutes lands in a bucket of its own, not only in `+Inf`.

@@ -67,6 +67,13 @@ impl MissingNars {
         }
     }
 
+    /// Lets go of what expired (moka otherwise does at its next use): a server gone quiet
+    /// gives that memory back too.
+    pub async fn let_go_stale(&self) {
+        self.names.run_pending_tasks().await;
+        self.uploaded.run_pending_tasks().await;
+    }
+
     /// A GET of `nar/<file>` that started at `asked` found nothing. Not remembered if the NAR
     /// was uploaded since: that GET looked before the upload ended.
     pub async fn seen_missing(&self, file: &str, asked: tokio::time::Instant) {

@@ -80,8 +80,11 @@ impl NarMemory {
                 });
             builder
                 .eviction_listener(move |k: Arc<Arc<str>>, v: Bytes, cause| {
-                    if cause == moka::notification::RemovalCause::Size {
+                    let weight = (k.len() + v.len() + 64) as u64;
+                    if crate::metrics::evicted_for_room(cause, weight, max_bytes) {
                         crate::metrics::cache_evicted("nar_memory", 1);
+                    }
+                    if cause == moka::notification::RemovalCause::Size {
                         if let Some(spill) = &spill {
                             spill(&k, v);
                         }

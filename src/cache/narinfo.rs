@@ -58,8 +58,9 @@ impl NarInfoCache {
             // than once, so a closure just prefetched would not be kept, and the prefetch of
             // the next would load it again.
             .eviction_policy(moka::policy::EvictionPolicy::lru())
-            .eviction_listener(|_, _, cause| {
-                if cause == moka::notification::RemovalCause::Size {
+            .eviction_listener(move |_, v: Lookup, cause| {
+                let weight = v.as_ref().map_or(0, Bytes::len) as u64 + 100;
+                if crate::metrics::evicted_for_room(cause, weight, max_bytes) {
                     crate::metrics::cache_evicted("narinfo_memory", 1);
                 }
             })

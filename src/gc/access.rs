@@ -87,10 +87,10 @@ impl Stamp {
         self.at
     }
 
-    /// How long ago it was, when the store's time is `store_now`.
-    pub fn elapsed(&self, store_now: SystemTime) -> Duration {
-        let by_store = store_now.duration_since(self.store).unwrap_or_default();
-        self.at.elapsed().max(by_store)
+    /// How long before `now` (by both clocks: [`Stamp::now`] read once for many) it was.
+    pub fn before(&self, now: Stamp) -> Duration {
+        let by_store = now.store.duration_since(self.store).unwrap_or_default();
+        now.at.saturating_duration_since(self.at).max(by_store)
     }
 }
 
@@ -343,11 +343,11 @@ impl AccessLog {
         // Named by an upload record written within the cover: a collector reads that record
         // for longer still (a CI job pushing the same closure every few minutes writes once).
         if !self.cover_for.is_zero() {
-            let now = self.store.now();
+            let now = self.stamp();
             let fresh = lock(&self.covered)
                 .at
                 .get(&Entry::Path(h))
-                .is_some_and(|at| at.elapsed(now) < self.cover_for);
+                .is_some_and(|at| at.before(now) < self.cover_for);
             if fresh {
                 return Ok(());
             }
@@ -412,13 +412,13 @@ impl AccessLog {
         if self.cover_for.is_zero() {
             return false;
         }
-        let now = self.store.now();
+        let now = self.stamp();
         let covered = lock(&self.covered);
         let fresh = |e: &Entry| {
             covered
                 .at
                 .get(e)
-                .is_some_and(|at| at.elapsed(now) < self.cover_for)
+                .is_some_and(|at| at.before(now) < self.cover_for)
         };
         fresh(&Entry::Path(info.hash()))
             && nar_files.iter().all(|f| fresh(&Entry::Nar((*f).into())))
@@ -431,7 +431,7 @@ impl AccessLog {
     /// Whether a record whose write started at `at` still covers uploads by itself (see
     /// [`Self::covers`]): a collector starting now still reads it.
     pub fn still_covers(&self, at: Stamp) -> bool {
-        at.elapsed(self.store.now()) < self.cover_for
+        at.before(self.stamp()) < self.cover_for
     }
 
     /// Now, for [`Self::still_covers`].
@@ -447,7 +447,7 @@ impl AccessLog {
     /// Forgets the entries no record covers any more, and the memory they took: a server
     /// gone quiet would otherwise keep them until its next upload.
     pub fn let_go_stale(&self) {
-        let now = self.store.now();
+        let now = self.stamp();
         lock(&self.covered).let_go_stale(self.cover_for, now);
     }
 
@@ -463,7 +463,7 @@ impl AccessLog {
         self.write(render(&entries), UPLOAD_SUFFIX).await?;
         taken.written();
         if !self.cover_for.is_zero() {
-            let now = self.store.now();
+            let now = self.stamp();
             lock(&self.covered).note(entries, started, self.cover_for, self.max_entries, now);
         }
         Ok(())
@@ -630,12 +630,12 @@ impl Covered {
         started: Stamp,
         cover: Duration,
         max_entries: usize,
-        store_now: SystemTime,
+        now: Stamp,
     ) {
         let most = max_entries.min(COVERED_MAX);
         if self.at.len() + entries.len() > self.prune_at.max(COVERED_PRUNE_MIN).min(most) {
             self.prunes += 1;
-            self.at.retain(|_, at| at.elapsed(store_now) < cover);
+            self.at.retain(|_, at| at.before(now) < cover);
             // Left at most three quarters full: the next look is a quarter of it away.
             if self.at.len() + entries.len() > most / 4 * 3 {
                 self.at = HashMap::new();
@@ -653,8 +653,8 @@ impl Covered {
     }
 
     /// Forgets the entries older than `cover`, and the table's room they leave unused.
-    fn let_go_stale(&mut self, cover: Duration, store_now: SystemTime) {
-        self.at.retain(|_, at| at.elapsed(store_now) < cover);
+    fn let_go_stale(&mut self, cover: Duration, now: Stamp) {
+        self.at.retain(|_, at| at.before(now) < cover);
         if self.at.is_empty() {
             self.at = HashMap::new();
         } else if self.at.len() < self.at.capacity() / 4 {
@@ -1694,7 +1694,7 @@ mod tests {
                 now,
                 UPLOAD_COVER,
                 100_000,
-                UNIX_EPOCH,
+                stamp(),
             );
         }
         assert_eq!(c.at.len(), 20_000);
@@ -1705,7 +1705,7 @@ mod tests {
         for i in 0..3000 {
             tokio::time::advance(Duration::from_secs(1)).await;
             let e = Entry::Nar(format!("{i}.nar").into());
-            c.note(vec![e], stamp(), cover, 1000, UNIX_EPOCH);
+            c.note(vec![e], stamp(), cover, 1000, stamp());
         }
         assert!(c.prunes <= 10, "{} times", c.prunes);
     }

@@ -197,7 +197,7 @@ impl App {
     }
 }
 
-/// What each cache layer holds ([`App::cache_usage`]).
+/// What each cache layer holds ([`AppState::cache_usage`]).
 pub struct CacheUsage {
     pub narinfo_memory: LayerUsage,
     pub nar_memory: LayerUsage,
@@ -250,6 +250,8 @@ impl AppState {
             loop {
                 tick.tick().await;
                 st.let_go_stale();
+                let missing_nars = st.live().missing_nars.clone();
+                missing_nars.let_go_stale().await;
             }
         })
     }

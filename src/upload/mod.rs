@@ -704,9 +704,10 @@ impl Uploader {
     pub fn let_go_stale(&self) {
         let_go(&mut lock(&self.verified), REMEMBERED_FOR);
         let_go(&mut lock(&self.early), REMEMBERED_FOR);
-        // `written` before `taken_back`, as in `wrote` (never both locks in the other order).
         let_go(&mut lock(&self.written), crate::gc::access::UPLOAD_COVER);
-        let_go(&mut lock(&self.taken_back), crate::gc::access::UPLOAD_COVER);
+        // As long as any write may take (see `wrote`): a write begun before a take-back and
+        // ending after the take-back was forgotten would count as written.
+        let_go(&mut lock(&self.taken_back), REMEMBERED_FOR);
         let_go(&mut lock(&self.probed_absent), PROBED_ABSENT_TRUST);
         let_go(&mut lock(&self.nars_probed_absent), PROBED_ABSENT_TRUST);
         let_go(&mut lock(&self.nars_found_bad), FOUND_BAD_TRUST);
@@ -771,12 +772,7 @@ impl Uploader {
         let mut m = lock(&self.written);
         m.remove(&h);
         let mut taken = lock(&self.taken_back);
-        note_at(
-            &mut taken,
-            h,
-            tokio::time::Instant::now(),
-            crate::gc::access::UPLOAD_COVER,
-        );
+        note_at(&mut taken, h, tokio::time::Instant::now(), REMEMBERED_FOR);
     }
 
     /// Whether this process wrote the narinfo of `path` so recently that the upload record
@@ -788,7 +784,10 @@ impl Uploader {
     fn recently_written(&self, path: &StorePathBaseName) -> bool {
         self.access.is_some()
             && lock(&self.written).get(&path.hash()).is_some_and(|w| {
-                w.path == *path && w.at.elapsed(self.store.now()) < crate::gc::access::UPLOAD_COVER
+                w.path == *path
+                    && w.at
+                        .before(crate::gc::access::Stamp::now(self.store.as_ref()))
+                        < crate::gc::access::UPLOAD_COVER
             })
     }
 
@@ -1494,10 +1493,10 @@ mod note_tests {
         assert_eq!(up.remembered_len(), 4, "the probes' minute");
         after(9 * 60).await;
         up.let_go_stale();
-        assert_eq!(up.remembered_len(), 2, "the cover of uploads");
+        assert_eq!(up.remembered_len(), 3, "the cover of uploads");
         after(20 * 60).await;
         up.let_go_stale();
-        assert_eq!(up.remembered_len(), 1, "an early record");
+        assert_eq!(up.remembered_len(), 1, "an early record, a take-back");
         after(24 * 3600).await;
         up.let_go_stale();
         assert_eq!(up.remembered_len(), 0, "a NAR found bad");

@@ -864,6 +864,7 @@ impl NarCache {
             free_bytes = avail,
             "NAR cache: the disk is fuller than the budget allows; evicting to keep room"
         );
+        crate::metrics::cache_evicted("nar_disk", victims.len() as u64);
         for name in victims {
             self.remove_unindexed(&name);
         }
