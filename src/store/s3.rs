@@ -26,6 +26,7 @@ use crate::config::S3StoreConfig;
 
 mod fast;
 mod listing;
+mod part;
 mod writer;
 
 use writer::S3Writer;

@@ -15,11 +15,12 @@ use aws_sdk_s3::config::http::HttpResponse;
 use aws_sdk_s3::error::{ProvideErrorMetadata, SdkError};
 use aws_sdk_s3::types::{CompletedMultipartUpload, CompletedPart};
 use aws_sdk_s3::Client;
-use bytes::{Bytes, BytesMut};
+use bytes::Bytes;
 use tokio::sync::Semaphore;
 use tokio::task::JoinSet;
 
 use super::fast::FastReads;
+use super::part::PartBuf;
 use super::{classify, result_label, until_connected, Failure, PART_SIZE};
 use crate::store::clock::StoreClock;
 use crate::store::{ObjectWriter, StoreError};
@@ -261,7 +262,8 @@ pub(super) struct S3Writer {
     target: Arc<Target>,
     /// Sends a body that fits one PutObject without the SDK.
     fast: Option<Arc<FastReads>>,
-    buf: BytesMut,
+    /// The part being filled.
+    buf: PartBuf,
     upload_id: Option<String>,
     /// The CreateMultipartUpload under way, if the writer was dropped while it was: its id
     /// is then learnt by the task, which aborts the upload.
@@ -304,7 +306,7 @@ impl S3Writer {
                 timeout,
             }),
             fast,
-            buf: BytesMut::new(),
+            buf: PartBuf::default(),
             upload_id: None,
             creating: None,
             sent: 0,
@@ -490,20 +492,13 @@ impl ObjectWriter for S3Writer {
         let mut chunk = &chunk[..];
         while !chunk.is_empty() {
             let n = chunk.len().min(PART_SIZE - self.buf.len());
-            // Grown by doubling up to one part, never beyond: parts are allocated whole
-            // rather than carved from a buffer shared with the parts in flight, which made
-            // every refill a fresh, larger allocation.
-            let cap = (self.buf.len() + n)
-                .max(self.buf.capacity() * 2)
-                .min(PART_SIZE);
-            if cap > self.buf.capacity() {
-                self.buf.reserve(cap - self.buf.len());
-            }
-            self.buf.extend_from_slice(&chunk[..n]);
+            // Each part in a buffer of its own, given back once sent (see `part`).
+            self.buf
+                .extend(&chunk[..n])
+                .map_err(|e| StoreError::Other(format!("no memory for an upload part: {e}")))?;
             chunk = &chunk[n..];
             if self.buf.len() == PART_SIZE {
-                let next = BytesMut::with_capacity(PART_SIZE);
-                let part = std::mem::replace(&mut self.buf, next).freeze();
+                let part = std::mem::take(&mut self.buf).freeze();
                 self.send_part(part).await?;
             }
         }
