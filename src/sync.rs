@@ -15,6 +15,17 @@ pub(crate) fn lock<T>(m: &Mutex<T>) -> MutexGuard<'_, T> {
     m.lock().unwrap_or_else(|p| p.into_inner())
 }
 
+/// Gives back the room of `m`'s table that its entries leave unused: all of it once empty,
+/// the rest once they fill less than a quarter of it (a map that shrank after a busy hour
+/// would otherwise keep that hour's table until the process ends).
+pub(crate) fn give_back_room<K: Eq + Hash, V>(m: &mut HashMap<K, V>) {
+    if m.is_empty() {
+        *m = HashMap::new();
+    } else if m.len() < m.capacity() / 4 {
+        m.shrink_to_fit();
+    }
+}
+
 /// One async lock per key, for work that must not run twice at once on one thing (two copies
 /// of one path, two uploads of one path): made when first asked for, and forgotten once no
 /// one holds it or waits for it, so the map holds only the keys being worked on.

@@ -638,10 +638,9 @@ impl Covered {
             self.at.retain(|_, at| at.before(now) < cover);
             // Left at most three quarters full: the next look is a quarter of it away.
             if self.at.len() + entries.len() > most / 4 * 3 {
-                self.at = HashMap::new();
-            } else if self.at.len() < self.at.capacity() / 4 {
-                self.at.shrink_to_fit();
+                self.at.clear();
             }
+            crate::sync::give_back_room(&mut self.at);
             self.prune_at = 2 * (self.at.len() + entries.len());
         }
         if entries.len() > most {
@@ -655,11 +654,7 @@ impl Covered {
     /// Forgets the entries older than `cover`, and the table's room they leave unused.
     fn let_go_stale(&mut self, cover: Duration, now: Stamp) {
         self.at.retain(|_, at| at.before(now) < cover);
-        if self.at.is_empty() {
-            self.at = HashMap::new();
-        } else if self.at.len() < self.at.capacity() / 4 {
-            self.at.shrink_to_fit();
-        }
+        crate::sync::give_back_room(&mut self.at);
         self.prune_at = 2 * self.at.len();
     }
 }

@@ -328,10 +328,9 @@ fn note_within<K: std::hash::Hash + Eq, V: Noted>(
     if m.len() >= most {
         m.retain(|_, t| t.at().elapsed() < keep);
         if m.len() >= most {
-            *m = HashMap::new();
-        } else if m.len() < m.capacity() / 4 {
-            m.shrink_to_fit();
+            m.clear();
         }
+        crate::sync::give_back_room(m);
     }
     m.insert(k, v);
 }
@@ -339,11 +338,7 @@ fn note_within<K: std::hash::Hash + Eq, V: Noted>(
 /// Forgets the entries of `m` older than `keep`, and the table's room they leave unused.
 fn let_go<K: std::hash::Hash + Eq, V: Noted>(m: &mut HashMap<K, V>, keep: std::time::Duration) {
     m.retain(|_, v| v.at().elapsed() < keep);
-    if m.is_empty() {
-        *m = HashMap::new();
-    } else if m.len() < m.capacity() / 4 {
-        m.shrink_to_fit();
-    }
+    crate::sync::give_back_room(m);
 }
 
 /// What [`note_at`] keeps: a moment, and maybe what happened then.
