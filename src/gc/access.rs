@@ -913,7 +913,7 @@ async fn reread_into(
     // for as long as the run lasts, so every re-read fails, and nothing more is deleted.
     if let Some((key, why)) = acc.bad_uploads.first() {
         return Err(StoreError::Other(format!(
-            "the upload record {key} does not parse ({why})"
+            "the upload record {key} does not parse ({why}); {BAD_UPLOAD_RECORD_HELP}"
         )));
     }
     let since = acc.listed.unwrap_or(now).min(now);
@@ -952,7 +952,7 @@ async fn reread_into(
             // What an upload under way relies on is not known: no deletion may go on.
             if let Some((key, why)) = acc.bad_uploads.last().filter(|(k, _)| *k == o.key) {
                 return Err(StoreError::Other(format!(
-                    "the upload record {key} does not parse ({why})"
+                    "the upload record {key} does not parse ({why}); {BAD_UPLOAD_RECORD_HELP}"
                 )));
             }
             if upload {
@@ -971,6 +971,13 @@ async fn reread_into(
 /// Sorts after every dated record name of a day ([`time_of_day`]) and before every undated
 /// one (hexadecimal).
 const UNDATED_AFTER: &str = "-~";
+
+/// What to do about an upload record that does not parse, which stops every deletion: it
+/// matters for [`UPLOAD_RECORD_LIFETIME`] after it was written (its upload may still be under way),
+/// and `cellar verify --repair` removes it only then.
+pub const BAD_UPLOAD_RECORD_HELP: &str = "it stops mattering 30 minutes after it was \
+    written, and runs go on then (`cellar verify --repair` removes it); to go on sooner, \
+    delete it once no upload is under way";
 
 /// Days a re-read lists at most (a year): bounds the walk if the clock jumped.
 const MAX_REREAD_DAYS: usize = 366;

@@ -64,8 +64,8 @@ pub enum GcError {
     /// unknown, so collecting now could break its closure.
     #[error(
         "the access record {key} of an upload under way does not parse ({reason}), so nothing \
-         was collected; it stops mattering 30 minutes after it was written (`cellar verify \
-         --repair` removes it)"
+         was collected; {}",
+        access::BAD_UPLOAD_RECORD_HELP
     )]
     BadUploadRecord { key: String, reason: String },
     /// When the access records began is unknown, so a path no record names could be one

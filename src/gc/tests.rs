@@ -620,6 +620,13 @@ async fn a_damaged_upload_record_under_way_stops_the_run() {
         "{:?}",
         r.map(|s| s.to_string())
     );
+    // It says what to do: `verify --repair` refuses it as well until it stops mattering.
+    let said = r.err().map(|e| e.to_string()).unwrap_or_default();
+    assert!(said.contains("30 minutes after it was written"), "{said}");
+    assert!(
+        said.contains("delete it once no upload is under way"),
+        "{said}"
+    );
     assert_eq!(mem.keys(), before, "something was deleted");
     // Older than an upload can be under way: a warning only.
     let later = Options {
@@ -801,6 +808,33 @@ async fn a_repair_that_cannot_reread_the_records_says_so_first_and_stops_at_one_
     assert!(broken
         .iter()
         .all(|p| !has(&mem, &format!("{}.narinfo", p.hash))));
+}
+
+/// `verify --repair` with a damaged record of an upload under way repairs nothing, as gc
+/// deletes nothing, and says when it will (and what to do to go on sooner): gc's own message
+/// sends the user to it.
+#[tokio::test(start_paused = true)]
+async fn a_damaged_upload_record_under_way_stops_a_repair_saying_until_when() {
+    let mem = Arc::new(served_for_years());
+    let now = SystemTime::now();
+    let p = path(&mem, "broken", &[], 100 * DAY, now);
+    mem.remove(&p.nar);
+    let key = format!("_cellar/access/{}/p-1-upload", super::access::day(now));
+    mem.insert_at(&key, "cellar-access 1\ngarbage\n", now);
+    let r = repair(&mem, now).await;
+    let said = r.repair_errors.join("\n");
+    assert!(said.contains(&key), "{said}");
+    assert!(said.contains("nothing repaired"), "{said}");
+    assert!(said.contains("30 minutes after it was written"), "{said}");
+    assert!(
+        said.contains("delete it once no upload is under way"),
+        "{said}"
+    );
+    assert!(
+        has(&mem, &format!("{}.narinfo", p.hash)),
+        "repaired all the same"
+    );
+    assert!(has(&mem, &key));
 }
 
 async fn repair(mem: &Arc<MemoryStore>, now: SystemTime) -> super::verify::Report {
