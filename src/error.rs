@@ -233,8 +233,11 @@ impl Error {
             Self::Store(StoreError::Unavailable(_) | StoreError::Timeout(_)) => {
                 tracing::warn!(cause = %self, "store unavailable")
             }
+            // Each upstream's own failures are said where they happen, by name, and at most
+            // once per outage and every 10 s ([`crate::upstream`]): a line for each 503 a
+            // fleet's retries cause was hundreds of lines per NAR (walk).
             Self::Store(StoreError::UpstreamDown(_)) => {
-                tracing::warn!(cause = %self, "upstream unavailable")
+                tracing::debug!(cause = %self, "upstream unavailable")
             }
             Self::Upload(UploadError::Rejected(m)) => {
                 tracing::info!(reason = %m, "upload rejected")

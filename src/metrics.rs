@@ -370,6 +370,17 @@ pub fn upstream_request(upstream: &str, result: &'static str) {
         .inc();
 }
 
+/// Requests to `upstream` with `result` since the start.
+pub fn upstream_requests(upstream: &str, result: &'static str) -> u64 {
+    get()
+        .upstream_requests
+        .get(&UpstreamLabels {
+            upstream: upstream.to_owned(),
+            result,
+        })
+        .map_or(0, |c| c.get())
+}
+
 /// Counts one access record written (or not) to the store.
 pub fn access_record(kind: &'static str, written: bool) {
     get()

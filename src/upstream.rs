@@ -156,20 +156,27 @@ pub struct Upstreams {
     store_dir: String,
 }
 
+/// How long an upstream's body may send nothing before it fails (longer if an upstream is
+/// given longer to answer).
+const BODY_IDLE: Duration = Duration::from_secs(30);
+
 impl Upstreams {
     /// The HTTP client's settings for upstreams: timeouts, pool, and which redirects it follows.
-    fn client_builder() -> reqwest::ClientBuilder {
-        Self::client_builder_with(GuardedResolver::default())
+    /// `longest` is the longest `timeout_secs` of the upstreams.
+    fn client_builder(longest: Duration) -> reqwest::ClientBuilder {
+        Self::client_builder_with(GuardedResolver::default(), longest)
     }
 
     /// [`Self::client_builder`] resolving names with `resolver`.
-    fn client_builder_with(resolver: GuardedResolver) -> reqwest::ClientBuilder {
+    fn client_builder_with(resolver: GuardedResolver, longest: Duration) -> reqwest::ClientBuilder {
         reqwest::Client::builder()
             .user_agent(concat!("cellar/", env!("CARGO_PKG_VERSION")))
             .connect_timeout(Duration::from_secs(5))
             .pool_max_idle_per_host(32)
-            // A body that stops arriving fails instead of holding a request (or a fill) forever.
-            .read_timeout(Duration::from_secs(30))
+            // A body that stops arriving fails instead of holding a request (or a fill)
+            // forever. The wait for an answer's headers is a read too: an upstream given
+            // longer than this to answer (`timeout_secs`) was cut off at 30 s (walk).
+            .read_timeout(longest.max(BODY_IDLE))
             .dns_resolver(std::sync::Arc::new(resolver))
             .redirect(reqwest::redirect::Policy::custom(|attempt| {
                 let from = attempt.previous().first().cloned();
@@ -193,7 +200,8 @@ impl Upstreams {
     }
 
     pub fn new(configs: &[UpstreamConfig], store_dir: &str) -> Result<Self, reqwest::Error> {
-        let client = Self::client_builder().build()?;
+        let longest = configs.iter().map(|c| c.timeout).max().unwrap_or_default();
+        let client = Self::client_builder(longest).build()?;
         let list = configs
             .iter()
             .map(|c| Upstream {

@@ -194,9 +194,18 @@ pub(super) async fn decoded_for(
 }
 
 /// A streamed 200 or 206 for `obj`, as it is (see [`decoded_for`] for logs and listings).
+/// A body that fails once its status is sent (the store's or an upstream's broke off or went
+/// quiet, a file shorter than said) is cut off, which hyper does without a word: said here,
+/// in the request's span, naming the cause.
 pub(super) fn object_response(obj: Object, kind: Kind) -> Response {
     let length = obj.length;
-    let mut res = Body::from_stream(obj.body).into_response();
+    let span = tracing::Span::current();
+    let body = obj.body.inspect_err(move |e| {
+        span.in_scope(|| {
+            tracing::warn!(cause = %e, "the answer broke off part-way: its client gets it cut short (Nix resumes a NAR, or retries)");
+        });
+    });
+    let mut res = Body::from_stream(body).into_response();
     if let Some(n) = length {
         res.headers_mut()
             .insert(header::CONTENT_LENGTH, HeaderValue::from(n));

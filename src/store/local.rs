@@ -40,6 +40,49 @@ pub(crate) const OBJECT_DIRS: [&str; 7] = [
 /// listed.
 const MOUNTED: &str = ".cellar-mounted";
 
+/// The owner given to what this process creates in the store: the store directory's, when
+/// this process runs as root and the directory belongs to another user (`cellar pin`,
+/// `gc --apply`, `verify --repair` or `import` run with sudo on a store the server's user
+/// owns). Root's files and directories there are ones the server cannot replace or delete
+/// in: its uploads, access records and pins would fail from then on.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub(crate) struct Owner {
+    uid: u32,
+    gid: u32,
+}
+
+impl Owner {
+    /// The owner to give what is created under `root`, if any (see [`Owner`]).
+    fn of_store(root: &Path) -> Option<Self> {
+        use std::os::unix::fs::MetadataExt as _;
+        // `/proc/self` belongs to this process's effective user.
+        let me = std::fs::metadata("/proc/self").ok()?.uid();
+        let dir = std::fs::metadata(root).ok()?;
+        (me == 0 && dir.uid() != 0).then(|| Self {
+            uid: dir.uid(),
+            gid: dir.gid(),
+        })
+    }
+}
+
+/// Gives `path`, just created by this process, to `owner` (see [`Owner`]). A failure (a
+/// file system that refuses root's `chown`, NFS with `root_squash`) leaves it as it is, and
+/// is logged: the write itself succeeded.
+fn give(path: &Path, owner: Option<Owner>) {
+    let Some(o) = owner else {
+        return;
+    };
+    if let Err(e) = std::os::unix::fs::chown(path, Some(o.uid), Some(o.gid)) {
+        tracing::warn!(
+            path = %path.display(),
+            uid = o.uid,
+            cause = %e,
+            "could not give a file created in the store to the store directory's owner: \
+             run this command as that user"
+        );
+    }
+}
+
 /// The device of the file system `p` is on (through links).
 fn device(p: &Path) -> Option<u64> {
     use std::os::unix::fs::MetadataExt as _;
@@ -94,6 +137,7 @@ fn note_mounted(
     root: &Path,
     device: impl Fn(&Path) -> Option<u64>,
     mounted: impl Fn(&Path) -> bool,
+    owner: Option<Owner>,
 ) {
     let Some(root_device) = device(root) else {
         return;
@@ -106,9 +150,18 @@ fn note_mounted(
         if !apart || mark.exists() || !mounted(&dir) {
             continue;
         }
+        // With the root's own path: a copy of the store (a backup restored elsewhere on the
+        // same file system) does not take the note for its own.
+        let here = std::fs::canonicalize(root).unwrap_or_else(|_| root.to_path_buf());
         let noted = std::fs::create_dir_all(root.join(MOUNTED))
-            .and_then(|()| std::fs::write(&mark, root_device.to_string()))
-            .and_then(|()| std::fs::File::open(&mark)?.sync_all());
+            .and_then(|()| {
+                give(&root.join(MOUNTED), owner);
+                std::fs::write(&mark, format!("{root_device}\n{}\n", here.display()))
+            })
+            .and_then(|()| {
+                give(&mark, owner);
+                std::fs::File::open(&mark)?.sync_all()
+            });
         match noted {
             Ok(()) => tracing::info!(
                 dir = %dir.display(),
@@ -131,15 +184,25 @@ fn note_mounted(
 fn not_mounted_now(root: &Path, part: &str) -> Option<StoreError> {
     let mark = root.join(MOUNTED).join(part);
     let noted = std::fs::read_to_string(&mark).ok()?;
+    let mut lines = noted.lines();
     let root_device = device(root);
-    // A note written on another file system than the root's now (the store copied
-    // elsewhere with it) is not this store's.
-    if noted
+    // A note written on another file system than the root's now, or for a root at another
+    // path (the store copied elsewhere with it), is not this store's. (Notes of earlier
+    // versions name no path.)
+    if lines
+        .next()
+        .unwrap_or_default()
         .trim()
         .parse::<u64>()
         .is_ok_and(|d| Some(d) != root_device)
     {
         return None;
+    }
+    if let Some(noted_root) = lines.next().filter(|l| !l.is_empty()) {
+        let here = std::fs::canonicalize(root).unwrap_or_else(|_| root.to_path_buf());
+        if here.display().to_string() != noted_root {
+            return None;
+        }
     }
     let dir = root.join(part);
     let here = device(&dir);
@@ -199,6 +262,13 @@ fn root_gone(root: &Path) -> Option<StoreError> {
             root.display()
         ))),
     }
+}
+
+/// Whether the staged file at `path` is locked by the writer writing it (in this process or
+/// another).
+fn being_written(path: &Path) -> bool {
+    std::fs::File::open(path)
+        .is_ok_and(|f| matches!(f.try_lock(), Err(std::fs::TryLockError::WouldBlock)))
 }
 
 /// Whether `name` is a commit's copy beside its destination.
@@ -339,6 +409,8 @@ pub struct LocalStore {
     /// The staged files of writers neither committed nor aborted yet
     /// ([`Store::remove_unfinished`]).
     open: Arc<std::sync::Mutex<std::collections::HashSet<PathBuf>>>,
+    /// Who what this process creates here is given to, if not itself ([`Owner`]).
+    owner: Option<Owner>,
 }
 
 impl LocalStore {
@@ -346,10 +418,12 @@ impl LocalStore {
     pub fn open(root: &Path) -> io::Result<Self> {
         std::fs::create_dir_all(root)
             .map_err(|e| io::Error::new(e.kind(), format!("{e}{}", leads_nowhere(root))))?;
-        note_mounted(root, device, is_mount_point);
+        let owner = Owner::of_store(root);
+        note_mounted(root, device, is_mount_point, owner);
         Ok(Self {
             root: root.to_path_buf(),
             open: Arc::default(),
+            owner,
         })
     }
 
@@ -368,10 +442,12 @@ impl LocalStore {
                 ),
             ));
         }
-        note_mounted(root, device, is_mount_point);
+        let owner = Owner::of_store(root);
+        note_mounted(root, device, is_mount_point, owner);
         Ok(Self {
             root: root.to_path_buf(),
             open: Arc::default(),
+            owner,
         })
     }
 
@@ -390,6 +466,13 @@ impl LocalStore {
         let staging = self.root.join(STAGING);
         let mut out = Vec::new();
         Self::old_files_in(&staging, older_than, |_| true, &mut out).await?;
+        // Those a writer still has (locked: see `writer`) are not left behind.
+        let mut out = tokio::task::spawn_blocking(move || {
+            out.retain(|p| !being_written(p));
+            out
+        })
+        .await
+        .map_err(|e| StoreError::Other(e.to_string()))?;
         use std::os::unix::fs::MetadataExt as _;
         let device = |p: &Path| std::fs::metadata(p).ok().map(|m| m.dev());
         let root_device = device(&self.root);
@@ -597,7 +680,7 @@ fn sync_dir(dir: &Path) -> io::Result<()> {
 /// `create_dir_all`, with each directory it creates made durable in its parent: an object
 /// acknowledged in a new directory (`build-trace/<drv>/`, the first `nar/`) must survive a
 /// power cut with the directory.
-fn create_dirs_durably(dir: &Path) -> io::Result<()> {
+fn create_dirs_durably(dir: &Path, owner: Option<Owner>) -> io::Result<()> {
     let mut missing = Vec::new();
     let mut at = dir;
     while !at.try_exists().unwrap_or(false) {
@@ -609,6 +692,7 @@ fn create_dirs_durably(dir: &Path) -> io::Result<()> {
     }
     std::fs::create_dir_all(dir)?;
     for created in missing.iter().rev() {
+        give(created, owner);
         if let Some(parent) = created.parent() {
             sync_dir(parent)?;
         }
@@ -621,7 +705,7 @@ fn create_dirs_durably(dir: &Path) -> io::Result<()> {
 /// directory, copied beside it, synced and renamed), and the directory synced. Run whole on
 /// the blocking pool, so that a request dropped meanwhile (its client gone) cannot stop it
 /// between the rename and the directory's sync: an object visible is durable.
-fn publish(tmp: &Path, dest: &Path) -> io::Result<()> {
+fn publish(tmp: &Path, dest: &Path, owner: Option<Owner>) -> io::Result<()> {
     // Its directories are created when the rename finds them missing: also when a delete
     // removed one it emptied (a collector deleting the last access record of a day) after
     // this found it.
@@ -631,7 +715,7 @@ fn publish(tmp: &Path, dest: &Path) -> io::Result<()> {
             Err(e) if not_found(&e) && tries < 3 && tmp.exists() => {
                 tries += 1;
                 if let Some(parent) = dest.parent() {
-                    create_dirs_durably(parent)?;
+                    create_dirs_durably(parent, owner)?;
                 }
             }
             r => break r,
@@ -649,6 +733,7 @@ fn publish(tmp: &Path, dest: &Path) -> io::Result<()> {
             // Removed unless renamed.
             let mut copy = RemovedOnDrop(Some(beside.clone()));
             std::fs::copy(tmp, &beside)?;
+            give(&beside, owner);
             std::fs::File::open(&beside)?.sync_all()?;
             std::fs::rename(&beside, dest)?;
             copy.0 = None;
@@ -797,11 +882,20 @@ impl Store for LocalStore {
         }
         let staging = self.root.join(STAGING);
         let at = |e: io::Error| StoreError::Other(format!("creating {}: {e}", staging.display()));
-        tokio::fs::create_dir_all(&staging).await.map_err(at)?;
+        if !tokio::fs::try_exists(&staging).await.unwrap_or(false) {
+            tokio::fs::create_dir_all(&staging).await.map_err(at)?;
+            give(&staging, self.owner);
+        }
         let mut rnd = [0u8; 12];
         getrandom::getrandom(&mut rnd).map_err(|e| StoreError::Other(e.to_string()))?;
         let tmp = staging.join(hex::encode(rnd));
         let file = tokio::fs::File::create(&tmp).await.map_err(at)?;
+        give(&tmp, self.owner);
+        // Locked while it is written: a cleanup (this process's or a `verify --repair`'s)
+        // goes by age, and a slow upload's file can be as old as one left by a crash.
+        let file = file.into_std().await;
+        file.try_lock().map_err(|e| at(io::Error::other(e)))?;
+        let file = tokio::fs::File::from_std(file);
         tracing::debug!(key, staged = %tmp.display(), "writing an object");
         crate::sync::lock(&self.open).insert(tmp.clone());
         Ok(Box::new(LocalWriter {
@@ -810,6 +904,7 @@ impl Store for LocalStore {
             dest: self.path(key),
             done: false,
             open: self.open.clone(),
+            owner: self.owner,
         }))
     }
 
@@ -908,6 +1003,8 @@ struct LocalWriter {
     done: bool,
     /// Its store's writers still open, `tmp` among them until this one ends.
     open: Arc<std::sync::Mutex<std::collections::HashSet<PathBuf>>>,
+    /// Who the directories it creates are given to ([`Owner`]).
+    owner: Option<Owner>,
 }
 
 impl LocalWriter {
@@ -943,10 +1040,12 @@ impl ObjectWriter for LocalWriter {
             .ok_or_else(|| StoreError::Other("commit after close".into()))?;
         f.flush().await.map_err(|e| self.failed(&e))?;
         f.get_mut().sync_all().await.map_err(|e| self.failed(&e))?;
-        drop(f);
-        let (tmp, dest) = (self.tmp.clone(), self.dest.clone());
+        // Kept open, and so locked, until it is published (see `being_written`).
+        let locked = f.into_inner().into_std().await;
+        let (tmp, dest, owner) = (self.tmp.clone(), self.dest.clone(), self.owner);
         let published = tokio::task::spawn_blocking(move || {
-            let published = publish(&tmp, &dest);
+            let published = publish(&tmp, &dest, owner);
+            drop(locked);
             // Not published: the staged file goes before the failure is answered.
             if published.is_err() {
                 let _ = std::fs::remove_file(&tmp);
@@ -1334,12 +1433,12 @@ mod tests {
                 device(p)
             }
         };
-        note_mounted(root, device, |_| true);
+        note_mounted(root, device, |_| true, None);
         assert!(!root.join(MOUNTED).exists(), "nothing is mounted");
         // A device of its own without a mount (a btrfs subvolume) is not noted.
-        note_mounted(root, mounted, |_| false);
+        note_mounted(root, mounted, |_| false, None);
         assert!(!root.join(MOUNTED).exists(), "a subvolume");
-        note_mounted(root, mounted, |_| true);
+        note_mounted(root, mounted, |_| true, None);
         assert!(root.join(MOUNTED).join("nar").exists());
         assert!(!root.join(MOUNTED).join("log").exists());
         // Now on the root's file system, as an empty mount point is.
@@ -1368,9 +1467,22 @@ mod tests {
         assert_eq!(keys(&store, "a").await, ["a.narinfo"]);
         // A note from another file system (the store copied here with it) is not this one's.
         let noted = std::fs::read_to_string(root.join(MOUNTED).join("nar")).unwrap();
-        assert_eq!(noted, root_device.unwrap().to_string());
+        let here = std::fs::canonicalize(root).unwrap();
+        let device = root_device.unwrap();
+        assert_eq!(noted, format!("{device}\n{}\n", here.display()));
         std::fs::write(root.join(MOUNTED).join("nar"), "1").unwrap();
         store.ping().await.unwrap();
+        // Nor is one written for a store at another path: a copy of the store restored on
+        // the same file system (homelab walk: its every NAR miss was a 503).
+        std::fs::write(
+            root.join(MOUNTED).join("nar"),
+            format!("{device}\n{}/elsewhere\n", here.display()),
+        )
+        .unwrap();
+        store.ping().await.unwrap();
+        // One of an earlier version names no path.
+        std::fs::write(root.join(MOUNTED).join("nar"), device.to_string()).unwrap();
+        unavailable(store.ping().await.map(|()| true));
         std::fs::write(root.join(MOUNTED).join("nar"), noted).unwrap();
         unavailable(store.ping().await.map(|()| true));
         // Moved back for good: the note removed, the directory is what it holds.
@@ -1378,6 +1490,63 @@ mod tests {
         assert_eq!(keys(&store, "").await, ["a.narinfo"]);
         assert_eq!(store.head("nar/x.nar").await.unwrap(), None);
         store.ping().await.unwrap();
+    }
+
+    /// Run as root (`sudo cellar pin add`, `gc --apply`) on a store another user owns (the
+    /// server's), what cellar creates there is that user's: root's files and directories
+    /// there failed the server's uploads, access records and pins from then on (homelab
+    /// walk). A store root owns keeps root's. (The tests run as root, as the README's test
+    /// command does.)
+    #[tokio::test]
+    async fn what_root_creates_in_another_users_store_is_given_to_that_user() {
+        use std::os::unix::fs::MetadataExt as _;
+        assert_eq!(
+            std::fs::metadata("/proc/self").unwrap().uid(),
+            0,
+            "this test runs as root"
+        );
+        let owner = |p: &Path| {
+            let m = std::fs::metadata(p).unwrap();
+            (m.uid(), m.gid())
+        };
+        let dir = tempfile::tempdir().unwrap();
+        let theirs = dir.path().join("theirs");
+        std::fs::create_dir(&theirs).unwrap();
+        std::os::unix::fs::chown(&theirs, Some(4242), Some(4243)).unwrap();
+        let store = LocalStore::open(&theirs).unwrap();
+        for key in ["nar/x.nar", "_cellar/pins/p", "a.narinfo"] {
+            store
+                .put_bytes(key, Bytes::from_static(b"x"))
+                .await
+                .unwrap();
+        }
+        for made in [
+            ".staging",
+            "nar",
+            "nar/x.nar",
+            "_cellar",
+            "_cellar/pins",
+            "_cellar/pins/p",
+            "a.narinfo",
+        ] {
+            assert_eq!(owner(&theirs.join(made)), (4242, 4243), "{made}");
+        }
+        // A writer's staged file too, before it is committed.
+        let mut w = store.writer("log/y").await.unwrap();
+        w.write(Bytes::from_static(b"y")).await.unwrap();
+        let staged: Vec<_> = std::fs::read_dir(theirs.join(STAGING)).unwrap().collect();
+        assert_eq!(staged.len(), 1);
+        assert_eq!(owner(&staged[0].as_ref().unwrap().path()), (4242, 4243));
+        w.abort().await;
+        let ours = dir.path().join("ours");
+        let store = LocalStore::open(&ours).unwrap();
+        store
+            .put_bytes("nar/x.nar", Bytes::from_static(b"x"))
+            .await
+            .unwrap();
+        for made in [".staging", "nar", "nar/x.nar"] {
+            assert_eq!(owner(&ours.join(made)), (0, 0), "{made}");
+        }
     }
 
     /// Small and large files, whole and in ranges, read the same: the bytes asked for, their
@@ -1474,6 +1643,14 @@ mod tests {
         );
         assert_eq!(store.cleanup_staging(zero).await.unwrap(), 1);
         assert!(!staged.exists() && alike.exists());
+        // A writer's file, however old (a slow upload), is its writer's while it writes: a
+        // cleanup going by age alone deleted it under a live upload (review).
+        let mut w = store.writer("nar/slow.nar").await.unwrap();
+        w.write(Bytes::from_static(b"slow")).await.unwrap();
+        assert!(store.stale_staging(zero).await.unwrap().is_empty());
+        assert_eq!(store.cleanup_staging(zero).await.unwrap(), 0);
+        w.commit().await.unwrap();
+        assert_eq!(store.head("nar/slow.nar").await.unwrap(), Some(4));
         // A staging directory that cannot be read is an error, not "nothing stale".
         std::fs::remove_dir(dir.path().join(STAGING)).unwrap();
         std::os::unix::fs::symlink(STAGING, dir.path().join(STAGING)).unwrap();

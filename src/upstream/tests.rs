@@ -48,6 +48,54 @@ async fn upstreams_serving(app: axum::Router) -> Upstreams {
     upstreams_at(url)
 }
 
+/// An upstream given longer than 30 s to answer (`timeout_secs`) is waited for that long:
+/// the client's read timeout cut every answer off at 30 s, counted as an error, and skipped
+/// the upstream (walk). One slower than its own timeout is a timeout.
+#[tokio::test(start_paused = true)]
+async fn an_upstream_is_given_its_whole_timeout_to_answer() {
+    let app = axum::Router::new().route(
+        "/nar/{file}",
+        axum::routing::get(|| async {
+            tokio::time::sleep(Duration::from_secs(40)).await;
+            vec![7u8; 777]
+        }),
+    );
+    let url = serve(app).await;
+    let patient = Upstreams::new(
+        &[UpstreamConfig {
+            url: url.clone(),
+            public_keys: Vec::new(),
+            timeout: Duration::from_secs(60),
+            mirror: false,
+        }],
+        "/nix/store",
+    )
+    .unwrap();
+    let got = patient.get("nar/slow.nar", None).await.unwrap().unwrap();
+    assert_eq!(got.length, Some(777));
+    let before = crate::metrics::upstream_requests(&url, "timeout");
+    let hasty = Upstreams::new(
+        &[UpstreamConfig {
+            url: url.clone(),
+            public_keys: Vec::new(),
+            timeout: Duration::from_secs(20),
+            mirror: false,
+        }],
+        "/nix/store",
+    )
+    .unwrap();
+    let r = hasty.get("nar/slow.nar", None).await;
+    assert!(
+        matches!(r, Err(StoreError::Unavailable(_))),
+        "{:?}",
+        r.map(|o| o.map(|o| o.length))
+    );
+    assert_eq!(
+        crate::metrics::upstream_requests(&url, "timeout"),
+        before + 1
+    );
+}
+
 #[tokio::test]
 async fn a_refused_range_carries_the_upstreams_size() {
     let app = axum::Router::new().route("/nar/{file}", axum::routing::get(upstream_nar));
@@ -756,7 +804,7 @@ async fn a_redirect_inside_is_not_followed() {
     let port = url.rsplit(':').next().unwrap().to_owned();
     let mut upstreams = upstreams_at(url);
     // The client's own policy, on a client that can reach "cache.test".
-    upstreams.client = Upstreams::client_builder()
+    upstreams.client = Upstreams::client_builder(Duration::from_secs(5))
         .resolve("cache.test", format!("127.0.0.1:{port}").parse().unwrap())
         .build()
         .unwrap();
@@ -1642,7 +1690,9 @@ async fn the_upstreams_client_never_connects_to_a_metadata_service_by_name() {
     let fixed = GuardedResolver {
         fixed: Some(vec!["169.254.169.254".parse().unwrap()]),
     };
-    upstreams.client = Upstreams::client_builder_with(fixed).build().unwrap();
+    upstreams.client = Upstreams::client_builder_with(fixed, Duration::from_secs(5))
+        .build()
+        .unwrap();
     for _ in 0..FAILURES_IN_A_ROW {
         let e = upstreams.get("log/x", None).await;
         assert!(
