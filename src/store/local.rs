@@ -674,6 +674,13 @@ fn walk(root: &Path, prefix: &str, tx: &ListSender) {
 
 /// Makes `dir` durable: its entry in its parent and its own entries reach the disk.
 fn sync_dir(dir: &Path) -> io::Result<()> {
+    #[cfg(test)]
+    if crate::sync::lock(&tests::FAILING_SYNCS)
+        .iter()
+        .any(|d| d == dir)
+    {
+        return Err(io::Error::from_raw_os_error(5));
+    }
     std::fs::File::open(dir)?.sync_all()
 }
 
@@ -706,6 +713,8 @@ fn create_dirs_durably(dir: &Path, owner: Option<Owner>) -> io::Result<()> {
 /// the blocking pool, so that a request dropped meanwhile (its client gone) cannot stop it
 /// between the rename and the directory's sync: an object visible is durable.
 fn publish(tmp: &Path, dest: &Path, owner: Option<Owner>) -> io::Result<()> {
+    // Whether this makes the object appear, or replaces one there before.
+    let appears = std::fs::symlink_metadata(dest).is_err();
     // Its directories are created when the rename finds them missing: also when a delete
     // removed one it emptied (a collector deleting the last access record of a day) after
     // this found it.
@@ -743,10 +752,23 @@ fn publish(tmp: &Path, dest: &Path, owner: Option<Owner>) -> io::Result<()> {
     }
     // The rename is durable once the directory is: an acknowledged upload must survive
     // a power cut, and a narinfo must not survive one that its NAR did not.
-    if let Some(parent) = dest.parent() {
-        sync_dir(parent)?;
-    }
-    Ok(())
+    let Some(parent) = dest.parent() else {
+        return Ok(());
+    };
+    sync_dir(parent).map_err(|e| {
+        // Visible, but maybe not after a power cut: an object this made appear is taken
+        // back, or an upload's check would find it there and answer it stored (a narinfo
+        // retried would be "already present"). One it replaced (the same NAR, a narinfo
+        // rewritten) stays: taking it back would remove what was there before.
+        let taken_back = appears && std::fs::remove_file(dest).is_ok();
+        io::Error::new(
+            e.kind(),
+            format!(
+                "making its directory durable: {e}{}",
+                if taken_back { " (taken back)" } else { "" }
+            ),
+        )
+    })
 }
 
 /// What to add to an error about `path` if `path` or a directory above it is a link that
@@ -1104,6 +1126,10 @@ impl Drop for LocalWriter {
 
 #[cfg(test)]
 mod tests {
+    /// Directories whose sync fails (an I/O error), for the tests of [`super::publish`].
+    pub(super) static FAILING_SYNCS: std::sync::Mutex<Vec<PathBuf>> =
+        std::sync::Mutex::new(Vec::new());
+
     use futures::TryStreamExt as _;
 
     use super::*;
@@ -1156,6 +1182,41 @@ mod tests {
             .await
             .unwrap();
         (dir, store)
+    }
+
+    /// A write whose directory could not be made durable after the rename (an I/O error) fails,
+    /// and an object it made appear is taken back: an upload's check found it there and
+    /// answered the upload stored, not durable (review, with injected EIO). One it replaced
+    /// stays (what was there before), and the staged file is gone either way.
+    #[tokio::test]
+    async fn an_object_its_directory_could_not_make_durable_is_taken_back() {
+        let (dir, store) = holding_a_nar().await;
+        let nar_dir = dir.path().join("nar");
+        crate::sync::lock(&FAILING_SYNCS).push(nar_dir.clone());
+        let r = store
+            .put_bytes("nar/new.nar", Bytes::from_static(b"new"))
+            .await;
+        let said = format!("{r:?}");
+        assert!(
+            said.contains("durable") && said.contains("taken back"),
+            "{said}"
+        );
+        assert_eq!(store.head("nar/new.nar").await.unwrap(), None);
+        assert!(store
+            .put_bytes("nar/x.nar", Bytes::from_static(b"nar"))
+            .await
+            .is_err());
+        assert_eq!(store.head("nar/x.nar").await.unwrap(), Some(3));
+        assert_eq!(
+            std::fs::read_dir(dir.path().join(STAGING)).unwrap().count(),
+            0
+        );
+        crate::sync::lock(&FAILING_SYNCS).retain(|d| *d != nar_dir);
+        store
+            .put_bytes("nar/new.nar", Bytes::from_static(b"new"))
+            .await
+            .unwrap();
+        assert_eq!(store.head("nar/new.nar").await.unwrap(), Some(3));
     }
 
     /// An aborted write leaves nothing, by the time `abort` returns; a dropped one, soon after.
