@@ -241,6 +241,11 @@ fn check_config(path: Option<&Path>) -> anyhow::Result<()> {
             secrets.join(", ")
         );
     }
+    if let cellar::config::StoreBackend::Local(l) = &cfg.store.backend {
+        if let Some(why) = cellar::store::local::unwritable(&l.path) {
+            say!("warning: store.path {}: {why}", l.path.display());
+        }
+    }
     // As `serve` reads them: also refused if two keys have one name.
     if !cfg.signing.key_files.is_empty() {
         let keys = signing_keys::load_existing(&cfg.signing)?;

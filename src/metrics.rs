@@ -98,6 +98,17 @@ pub struct NarCheckLabels {
 }
 
 #[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
+pub struct UpstreamRefusedLabels {
+    /// The upstream's configured URL (bounded by the config).
+    pub upstream: String,
+    /// `narinfo` or `realisation`.
+    pub kind: &'static str,
+    /// Why: `unsigned` (no valid signature by its `public_keys`), `invalid`, `bad_url`,
+    /// `too_large`, `encoded` or `other_output`.
+    pub reason: &'static str,
+}
+
+#[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
 pub struct UpstreamLabels {
     /// The upstream's configured URL (bounded by the config).
     pub upstream: String,
@@ -139,6 +150,7 @@ pub struct Metrics {
     pub store_duration: HistogramFamily<OpLabels>,
     pub uploads: Family<UploadLabels, Counter>,
     pub upstream_requests: Family<UpstreamLabels, Counter>,
+    pub upstream_refused: Family<UpstreamRefusedLabels, Counter>,
     pub access_records: Family<AccessRecordLabels, Counter>,
     pub upload_nar_checks: Family<NarCheckLabels, Counter>,
     pub access_entries_dropped: Counter,
@@ -171,6 +183,7 @@ impl Metrics {
             store_duration: Family::new_with_constructor(latency_histogram),
             uploads: Family::default(),
             upstream_requests: Family::default(),
+            upstream_refused: Family::default(),
             access_records: Family::default(),
             upload_nar_checks: Family::default(),
             access_entries_dropped: Counter::default(),
@@ -235,6 +248,11 @@ impl Metrics {
             "upstream_requests",
             "Requests to upstream caches, by upstream and result",
             m.upstream_requests.clone(),
+        );
+        r.register(
+            "upstream_refused",
+            "Narinfos and realisations an upstream answered (counted ok in upstream_requests) that cellar refused, by upstream, kind and reason",
+            m.upstream_refused.clone(),
         );
         r.register(
             "access_records",
@@ -368,6 +386,30 @@ pub fn upstream_request(upstream: &str, result: &'static str) {
             result,
         })
         .inc();
+}
+
+/// Counts one narinfo or realisation (`kind`) from `upstream` refused for `reason`.
+pub fn upstream_refused(upstream: &str, kind: &'static str, reason: &'static str) {
+    get()
+        .upstream_refused
+        .get_or_create(&UpstreamRefusedLabels {
+            upstream: upstream.to_owned(),
+            kind,
+            reason,
+        })
+        .inc();
+}
+
+/// Objects from `upstream` of `kind` refused for `reason` since the start.
+pub fn upstream_refusals(upstream: &str, kind: &'static str, reason: &'static str) -> u64 {
+    get()
+        .upstream_refused
+        .get(&UpstreamRefusedLabels {
+            upstream: upstream.to_owned(),
+            kind,
+            reason,
+        })
+        .map_or(0, |c| c.get())
 }
 
 /// Requests to `upstream` with `result` since the start.

@@ -96,6 +96,21 @@ enum Refusal {
     OtherOutput(Option<String>),
 }
 
+impl Refusal {
+    /// A short, bounded name for it, for the metrics.
+    fn label(&self) -> &'static str {
+        match self {
+            Self::TooLarge(_) => "too_large",
+            Self::Body(_) => "body",
+            Self::Invalid(_) | Self::NotARealisation(_) => "invalid",
+            Self::Unsigned => "unsigned",
+            Self::BadUrl(_) => "bad_url",
+            Self::Encoded(_) => "encoded",
+            Self::OtherOutput(_) => "other_output",
+        }
+    }
+}
+
 impl fmt::Display for Refusal {
     fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
         match self {
@@ -365,6 +380,7 @@ impl Upstreams {
                 }
                 Ok(Err(why)) => {
                     u.answered();
+                    crate::metrics::upstream_refused(&u.name, "narinfo", why.label());
                     tracing::warn!(upstream = %u.name, path = %h, cause = %why, "upstream narinfo refused");
                     continue;
                 }
@@ -394,6 +410,7 @@ impl Upstreams {
                     );
                 }
                 Err(why) => {
+                    crate::metrics::upstream_refused(&u.name, "narinfo", why.label());
                     tracing::warn!(upstream = %u.name, path = %h, cause = %why, "upstream narinfo refused");
                 }
             }
@@ -557,6 +574,7 @@ impl Upstreams {
                 }
                 Ok(Err(why)) => {
                     u.answered();
+                    crate::metrics::upstream_refused(&u.name, "realisation", why.label());
                     // Asked again at each lookup: said once a minute (a wrong `public_keys`
                     // would say it at every client's request).
                     if crate::sync::once_per(&u.warned, WARN_EVERY) {

@@ -783,6 +783,57 @@ fn token_new_prints_a_token_and_its_hash_only() {
     }
 }
 
+/// A local store the user cellar runs as cannot write in (made by `nix copy --to file://` as
+/// root, served by another user) is said by `check-config`, naming the directory and owner:
+/// uploads failed with "permission denied" with nothing said before (homelab walk).
+#[test]
+fn a_local_store_this_user_cannot_write_in_is_said() {
+    use std::os::unix::process::CommandExt as _;
+    let d = tempfile::tempdir().unwrap();
+    std::fs::set_permissions(d.path(), std::fs::Permissions::from_mode(0o755)).unwrap();
+    // Run as another user: the binary linked (or copied) where that user can reach it.
+    let bin = d.path().join("cellar");
+    if std::fs::hard_link(CELLAR, &bin).is_err() {
+        std::fs::copy(CELLAR, &bin).unwrap();
+    }
+    let store = d.path().join("cache");
+    std::fs::create_dir_all(store.join("nar")).unwrap();
+    std::fs::write(
+        d.path().join("c.toml"),
+        format!(
+            "[store]\nkind = \"local\"\npath = {:?}\n",
+            store.display().to_string()
+        ),
+    )
+    .unwrap();
+    let check = |uid: u32| {
+        let out = Command::new(&bin)
+            .args(["check-config", "--config", "c.toml"])
+            .current_dir(d.path())
+            .env_remove("CELLAR_STORE__PATH")
+            .uid(uid)
+            .gid(uid)
+            .output()
+            .unwrap();
+        assert!(out.status.success(), "{out:?}");
+        String::from_utf8_lossy(&out.stdout).into_owned() + &String::from_utf8_lossy(&out.stderr)
+    };
+    let said = check(4242);
+    assert!(
+        said.contains("warning: store.path")
+            && said.contains("(uid 4242) cannot write in")
+            && said.contains("owned by uid 0")
+            && said.contains("and 1 more"),
+        "{said}"
+    );
+    // Given to that user, nothing to say.
+    for dir in [&store, &store.join("nar")] {
+        std::os::unix::fs::chown(dir, Some(4242), Some(4242)).unwrap();
+    }
+    let said = check(4242);
+    assert!(!said.contains("cannot write"), "{said}");
+}
+
 /// cellar deletes files in its NAR cache: pointed at a directory it did not make, it refuses
 /// to start and deletes nothing; pointed at the directory holding its key, likewise.
 #[test]

@@ -65,6 +65,59 @@ impl Owner {
     }
 }
 
+/// If this process cannot write in the store at `root` (its directory, or one of those
+/// cellar writes into: `.staging/`, the layout's, the pins' and the access records'), the
+/// warning saying which, whose they are, and what fails: a store made by `nix copy --to
+/// file://` run as root, served by another user, failed every upload with "permission
+/// denied" (and Nix's retries for minutes) with nothing said at start (homelab walk).
+pub fn unwritable(root: &Path) -> Option<String> {
+    use std::os::unix::fs::MetadataExt as _;
+    if !root.is_dir() {
+        return None;
+    }
+    let mut dirs = vec![root.to_path_buf(), root.join(STAGING)];
+    dirs.extend(OBJECT_DIRS.iter().map(|d| root.join(d)));
+    for sub in ["_cellar/pins", "_cellar/access"] {
+        dirs.push(root.join(sub));
+    }
+    if let Ok(days) = std::fs::read_dir(root.join("_cellar/access")) {
+        dirs.extend(days.flatten().map(|d| d.path()));
+    }
+    let probe = format!(".cellar-write-check-{}", std::process::id());
+    let refused: Vec<(PathBuf, u32)> = dirs
+        .into_iter()
+        .filter_map(|d| {
+            let m = std::fs::metadata(&d).ok().filter(|m| m.is_dir())?;
+            let p = d.join(&probe);
+            match std::fs::OpenOptions::new()
+                .write(true)
+                .create_new(true)
+                .open(&p)
+            {
+                Ok(_) => {
+                    let _ = std::fs::remove_file(&p);
+                    None
+                }
+                Err(e) if e.kind() == io::ErrorKind::AlreadyExists => None,
+                Err(_) => Some((d, m.uid())),
+            }
+        })
+        .collect();
+    let (first, owner) = refused.first()?;
+    let me =
+        std::fs::metadata("/proc/self").map_or_else(|_| "?".to_owned(), |m| m.uid().to_string());
+    Some(format!(
+        "this process (uid {me}) cannot write in {}{} (owned by uid {owner}): uploads, access \
+         records and pins written there fail; give the store to the user cellar runs as \
+         (`chown -R`), or run cellar as its owner",
+        first.display(),
+        match refused.len() {
+            1 => String::new(),
+            n => format!(" and {} more of the store's directories", n - 1),
+        }
+    ))
+}
+
 /// Gives `path`, just created by this process, to `owner` (see [`Owner`]). A failure (a
 /// file system that refuses root's `chown`, NFS with `root_squash`) leaves it as it is, and
 /// is logged: the write itself succeeded.
@@ -420,6 +473,9 @@ impl LocalStore {
             .map_err(|e| io::Error::new(e.kind(), format!("{e}{}", leads_nowhere(root))))?;
         let owner = Owner::of_store(root);
         note_mounted(root, device, is_mount_point, owner);
+        if let Some(why) = unwritable(root) {
+            tracing::warn!("{why}");
+        }
         Ok(Self {
             root: root.to_path_buf(),
             open: Arc::default(),

@@ -1033,7 +1033,9 @@ async fn later_parts_of_an_upstream_object_skip_the_store() {
 }
 
 /// An upstream narinfo refused is logged with why it was refused, so that an operator can tell
-/// a wrong `public_keys` entry from an upstream sending something else.
+/// a wrong `public_keys` entry from an upstream sending something else, and counted by
+/// reason: it was counted only as an answer, so an upstream whose every narinfo is refused
+/// looked healthy in the metrics (walk).
 #[tokio::test]
 async fn a_refused_narinfo_is_logged_with_the_reason() {
     let logs = crate::test_logs::capture();
@@ -1041,8 +1043,13 @@ async fn a_refused_narinfo_is_logged_with_the_reason() {
     let other = crate::nix::SecretKey::generate("other-1").unwrap();
     let info = signed_narinfo(&other, &format!("{FIRST}-a"), SECOND_NAR);
     let upstreams = serving_first_narinfo(info, trusted.public()).await;
+    let name = upstreams.list[0].name.clone();
     let (found, failed) = upstreams.narinfo(FIRST.parse().unwrap()).await;
     assert!(found.is_none() && !failed);
+    assert_eq!(
+        crate::metrics::upstream_refusals(&name, "narinfo", "unsigned"),
+        1
+    );
     let logged = logs.text();
     assert!(logged.contains("upstream narinfo refused"), "{logged}");
     assert!(
