@@ -271,7 +271,16 @@ pub fn verify(
         say!("{u}");
     }
     for k in &report.repaired {
-        say!("repaired: deleted {k}");
+        match report.pinned_by(k) {
+            Some(pins) => say!(
+                "repaired: deleted {k} (pinned by {pins}: the pin keeps nothing until the path \
+                 is pushed again)"
+            ),
+            None => say!("repaired: deleted {k}"),
+        }
+    }
+    for p in &report.pins_missing {
+        say!("warning: pin {p} is not in the cache (push it again, or `cellar pin rm` the pin)");
     }
     for k in &report.in_use {
         say!("kept {k}: an upload recorded it in the last 30 minutes (its narinfo may follow)");

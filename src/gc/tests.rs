@@ -837,6 +837,46 @@ async fn a_damaged_upload_record_under_way_stops_a_repair_saying_until_when() {
     assert!(has(&mem, &key));
 }
 
+/// verify says which pins in force name a path the store lacks (only gc said it), and a
+/// repair that deletes a pinned path (broken) says it was pinned: the next verify was clean
+/// while the pin kept nothing (homelab walk).
+#[tokio::test(start_paused = true)]
+async fn verify_says_which_pins_keep_nothing_and_a_repair_deleting_a_pinned_path() {
+    let mem = Arc::new(served_for_years());
+    let now = SystemTime::now();
+    let broken = path(&mem, "broken", &[], 100 * DAY, now);
+    mem.remove(&broken.nar);
+    let whole = path(&mem, "whole", &[], 100 * DAY, now);
+    let never = "/nix/store/0000000000000000000000000000000a-never";
+    let pin = format!(
+        "cellar-pin 1\ncreated: 0\npath: /nix/store/{}\npath: /nix/store/{}\npath: {never}\n",
+        broken.base, whole.base
+    );
+    mem.insert_at("_cellar/pins/release", pin, now - DAY);
+    let store: Arc<dyn Store> = mem.clone();
+    let r = super::verify::run(&store, "/nix/store", &verify_opts(now), &Quiet)
+        .await
+        .unwrap();
+    assert_eq!(r.pins_missing, [format!("release: {never}")]);
+    let r = repair(&mem, now).await;
+    let key = format!("{}.narinfo", broken.hash);
+    assert!(r.repaired.contains(&key), "{:?}", r.repaired);
+    assert_eq!(r.pinned_by(&key).as_deref(), Some("release"));
+    assert_eq!(
+        r.pinned_by(&format!("{}.narinfo", whole.hash)).as_deref(),
+        Some("release")
+    );
+    let r = super::verify::run(&store, "/nix/store", &verify_opts(now), &Quiet)
+        .await
+        .unwrap();
+    assert_eq!(r.pins_missing.len(), 2, "{:?}", r.pins_missing);
+    assert!(
+        r.pins_missing[0].contains(&broken.base),
+        "{:?}",
+        r.pins_missing
+    );
+}
+
 async fn repair(mem: &Arc<MemoryStore>, now: SystemTime) -> super::verify::Report {
     repair_settling(mem, now, super::deleting::SETTLE).await
 }

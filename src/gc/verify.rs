@@ -234,6 +234,21 @@ pub struct Report {
     /// Stopped on request while it checked (a repair; [`super::STOPPED`] is among the
     /// `repair_errors` then): its findings are not all there is, and nothing was repaired.
     pub stopped: bool,
+    /// Paths a pin in force names that the store lacks (`pin: path`): the pin keeps nothing
+    /// there (deleted broken by a repair, or never pushed), which only gc said before.
+    pub pins_missing: Vec<String>,
+    /// The pins in force naming each path the store holds (by hash): a repair deleting one
+    /// says so.
+    pub pinned: HashMap<StorePathHash, Vec<String>>,
+}
+
+impl Report {
+    /// The pins naming the path whose narinfo is `key`, if any, as the repair's line adds
+    /// them.
+    pub fn pinned_by(&self, key: &str) -> Option<String> {
+        let h: StorePathHash = key.strip_suffix(".narinfo")?.parse().ok()?;
+        self.pinned.get(&h).map(|names| names.join(", "))
+    }
 }
 
 pub async fn run(
@@ -485,11 +500,18 @@ async fn check(
         .collect();
     let acc = access::read_all(store.as_ref(), &inv.access, Duration::MAX, opts.now).await?;
     bad_reserved.extend(acc.bad);
-    bad_reserved.extend(
-        pins::read_all(store.as_ref(), &inv.pins, store_dir)
-            .await?
-            .1,
-    );
+    let (pins, bad_pins) = pins::read_all(store.as_ref(), &inv.pins, store_dir).await?;
+    bad_reserved.extend(bad_pins);
+    for pin in pins.iter().filter(|p| p.active(opts.now)) {
+        for (h, p) in pins::hashes(pin).zip(&pin.paths) {
+            match graph.find(h) {
+                Some(_) => report.pinned.entry(h).or_default().push(pin.name.clone()),
+                None => report
+                    .pins_missing
+                    .push(format!("{}: {store_dir}/{p}", pin.name)),
+            }
+        }
+    }
     if let Some(reason) = super::began::damaged(store.as_ref(), &inv).await? {
         bad_reserved.push((super::began::key(), reason));
     }

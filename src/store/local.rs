@@ -55,10 +55,9 @@ impl Owner {
     /// The owner to give what is created under `root`, if any (see [`Owner`]).
     fn of_store(root: &Path) -> Option<Self> {
         use std::os::unix::fs::MetadataExt as _;
-        // `/proc/self` belongs to this process's effective user.
-        let me = std::fs::metadata("/proc/self").ok()?.uid();
+        let me = rustix::process::geteuid();
         let dir = std::fs::metadata(root).ok()?;
-        (me == 0 && dir.uid() != 0).then(|| Self {
+        (me.is_root() && dir.uid() != 0).then(|| Self {
             uid: dir.uid(),
             gid: dir.gid(),
         })
@@ -71,6 +70,7 @@ impl Owner {
 /// file://` run as root, served by another user, failed every upload with "permission
 /// denied" (and Nix's retries for minutes) with nothing said at start (homelab walk).
 pub fn unwritable(root: &Path) -> Option<String> {
+    use rustix::fs::{Access, AtFlags};
     use std::os::unix::fs::MetadataExt as _;
     if !root.is_dir() {
         return None;
@@ -83,57 +83,85 @@ pub fn unwritable(root: &Path) -> Option<String> {
     if let Ok(days) = std::fs::read_dir(root.join("_cellar/access")) {
         dirs.extend(days.flatten().map(|d| d.path()));
     }
-    let probe = format!(".cellar-write-check-{}", std::process::id());
-    let refused: Vec<(PathBuf, u32)> = dirs
+    // Asked of the kernel for this process's effective user (no file made, which a
+    // listing running meanwhile would see): also says a read-only file system.
+    let refused: Vec<(PathBuf, u32, rustix::io::Errno)> = dirs
         .into_iter()
         .filter_map(|d| {
             let m = std::fs::metadata(&d).ok().filter(|m| m.is_dir())?;
-            let p = d.join(&probe);
-            match std::fs::OpenOptions::new()
-                .write(true)
-                .create_new(true)
-                .open(&p)
-            {
-                Ok(_) => {
-                    let _ = std::fs::remove_file(&p);
-                    None
-                }
-                Err(e) if e.kind() == io::ErrorKind::AlreadyExists => None,
-                Err(_) => Some((d, m.uid())),
-            }
+            let wx = Access::WRITE_OK | Access::EXEC_OK;
+            rustix::fs::accessat(rustix::fs::CWD, &d, wx, AtFlags::EACCESS)
+                .err()
+                .map(|e| (d, m.uid(), e))
         })
         .collect();
-    let (first, owner) = refused.first()?;
-    let me =
-        std::fs::metadata("/proc/self").map_or_else(|_| "?".to_owned(), |m| m.uid().to_string());
+    let (first, owner, errno) = refused.first()?;
+    let more = match refused.len() {
+        1 => String::new(),
+        n => format!(" and {} more of the store's directories", n - 1),
+    };
+    if *errno == rustix::io::Errno::ROFS {
+        return Some(format!(
+            "{}{more} is on a read-only file system here: uploads, access records and pins \
+             written there fail (under systemd with ProtectSystem=strict, list the store in \
+             ReadWritePaths=; a store served read-only on purpose can ignore this)",
+            first.display()
+        ));
+    }
+    let me = rustix::process::geteuid().as_raw();
     Some(format!(
-        "this process (uid {me}) cannot write in {}{} (owned by uid {owner}): uploads, access \
-         records and pins written there fail; give the store to the user cellar runs as \
-         (`chown -R`), or run cellar as its owner",
+        "this process (uid {me}) cannot write in {}{more} (owned by uid {owner}: {errno}): \
+         uploads, access records and pins written there fail; give the store to the user \
+         cellar runs as (`chown -R`), or run cellar as its owner",
         first.display(),
-        match refused.len() {
-            1 => String::new(),
-            n => format!(" and {} more of the store's directories", n - 1),
-        }
     ))
 }
 
-/// Gives `path`, just created by this process, to `owner` (see [`Owner`]). A failure (a
-/// file system that refuses root's `chown`, NFS with `root_squash`) leaves it as it is, and
-/// is logged: the write itself succeeded.
+/// Gives `path`, a directory (or copy) just created by this process, to `owner` (see
+/// [`Owner`]). Not through a link: the store's owner could have put one in its place, and
+/// had root give it whatever the link leads to (review). A failure (a file system that
+/// refuses root's `chown`) leaves it as it is, and is logged once: the write itself
+/// succeeded.
 fn give(path: &Path, owner: Option<Owner>) {
-    let Some(o) = owner else {
-        return;
-    };
-    if let Err(e) = std::os::unix::fs::chown(path, Some(o.uid), Some(o.gid)) {
-        tracing::warn!(
-            path = %path.display(),
-            uid = o.uid,
-            cause = %e,
-            "could not give a file created in the store to the store directory's owner: \
-             run this command as that user"
+    if let Some(o) = owner {
+        gave(
+            path,
+            o,
+            std::os::unix::fs::lchown(path, Some(o.uid), Some(o.gid)),
         );
     }
+}
+
+/// [`give`] for a file this process holds open: by its handle.
+fn give_open(path: &Path, file: &std::fs::File, owner: Option<Owner>) {
+    if let Some(o) = owner {
+        gave(
+            path,
+            o,
+            std::os::unix::fs::fchown(file, Some(o.uid), Some(o.gid)),
+        );
+    }
+}
+
+fn gave(path: &Path, o: Owner, r: io::Result<()>) {
+    static WARNED: std::sync::atomic::AtomicBool = std::sync::atomic::AtomicBool::new(false);
+    if let Err(e) = r {
+        if !WARNED.swap(true, std::sync::atomic::Ordering::Relaxed) {
+            tracing::warn!(
+                path = %path.display(),
+                uid = o.uid,
+                cause = %e,
+                "could not give what this process creates in the store to the store \
+                 directory's owner (said once): run this command as that user"
+            );
+        }
+    }
+}
+
+/// The inode of the directory `p` (through links).
+fn inode(p: &Path) -> Option<u64> {
+    use std::os::unix::fs::MetadataExt as _;
+    std::fs::metadata(p).ok().map(|m| m.ino())
 }
 
 /// The device of the file system `p` is on (through links).
@@ -203,13 +231,14 @@ fn note_mounted(
         if !apart || mark.exists() || !mounted(&dir) {
             continue;
         }
-        // With the root's own path: a copy of the store (a backup restored elsewhere on the
-        // same file system) does not take the note for its own.
-        let here = std::fs::canonicalize(root).unwrap_or_else(|_| root.to_path_buf());
+        // With the root directory's inode: a copy of the store (a backup restored elsewhere on
+        // the same file system) does not take the note for its own; the store renamed, or
+        // seen through a bind mount (a container), still does.
+        let inode = inode(root).unwrap_or_default();
         let noted = std::fs::create_dir_all(root.join(MOUNTED))
             .and_then(|()| {
                 give(&root.join(MOUNTED), owner);
-                std::fs::write(&mark, format!("{root_device}\n{}\n", here.display()))
+                std::fs::write(&mark, format!("{root_device}\n{inode}\n"))
             })
             .and_then(|()| {
                 give(&mark, owner);
@@ -239,9 +268,9 @@ fn not_mounted_now(root: &Path, part: &str) -> Option<StoreError> {
     let noted = std::fs::read_to_string(&mark).ok()?;
     let mut lines = noted.lines();
     let root_device = device(root);
-    // A note written on another file system than the root's now, or for a root at another
-    // path (the store copied elsewhere with it), is not this store's. (Notes of earlier
-    // versions name no path.)
+    // A note written on another file system than the root's now, or for another root
+    // directory (the store copied elsewhere with it), is not this store's. (Notes of earlier
+    // versions name no inode.)
     if lines
         .next()
         .unwrap_or_default()
@@ -251,9 +280,8 @@ fn not_mounted_now(root: &Path, part: &str) -> Option<StoreError> {
     {
         return None;
     }
-    if let Some(noted_root) = lines.next().filter(|l| !l.is_empty()) {
-        let here = std::fs::canonicalize(root).unwrap_or_else(|_| root.to_path_buf());
-        if here.display().to_string() != noted_root {
+    if let Some(noted_root) = lines.next().and_then(|l| l.trim().parse::<u64>().ok()) {
+        if inode(root).is_some_and(|i| i != noted_root) {
             return None;
         }
     }
@@ -320,7 +348,12 @@ fn root_gone(root: &Path) -> Option<StoreError> {
 /// Whether the staged file at `path` is locked by the writer writing it (in this process or
 /// another).
 fn being_written(path: &Path) -> bool {
-    std::fs::File::open(path)
+    // Opened for writing: NFS takes an exclusive lock only on such a file.
+    std::fs::OpenOptions::new()
+        .read(true)
+        .write(true)
+        .open(path)
+        .or_else(|_| std::fs::File::open(path))
         .is_ok_and(|f| matches!(f.try_lock(), Err(std::fs::TryLockError::WouldBlock)))
 }
 
@@ -522,9 +555,11 @@ impl LocalStore {
         let staging = self.root.join(STAGING);
         let mut out = Vec::new();
         Self::old_files_in(&staging, older_than, |_| true, &mut out).await?;
-        // Those a writer still has (locked: see `writer`) are not left behind.
+        // Those a writer still has (this process's, or locked: see `writer`) are not left
+        // behind.
+        let ours = crate::sync::lock(&self.open).clone();
         let mut out = tokio::task::spawn_blocking(move || {
-            out.retain(|p| !being_written(p));
+            out.retain(|p| !ours.contains(p) && !being_written(p));
             out
         })
         .await
@@ -769,8 +804,11 @@ fn create_dirs_durably(dir: &Path, owner: Option<Owner>) -> io::Result<()> {
 /// the blocking pool, so that a request dropped meanwhile (its client gone) cannot stop it
 /// between the rename and the directory's sync: an object visible is durable.
 fn publish(tmp: &Path, dest: &Path, owner: Option<Owner>) -> io::Result<()> {
+    use std::os::unix::fs::MetadataExt as _;
     // Whether this makes the object appear, or replaces one there before.
     let appears = std::fs::symlink_metadata(dest).is_err();
+    let ino = |p: &Path| std::fs::symlink_metadata(p).map(|m| m.ino()).ok();
+    let mut placed = ino(tmp);
     // Its directories are created when the rename finds them missing: also when a delete
     // removed one it emptied (a collector deleting the last access record of a day) after
     // this found it.
@@ -799,6 +837,7 @@ fn publish(tmp: &Path, dest: &Path, owner: Option<Owner>) -> io::Result<()> {
             let mut copy = RemovedOnDrop(Some(beside.clone()));
             std::fs::copy(tmp, &beside)?;
             give(&beside, owner);
+            placed = ino(&beside);
             std::fs::File::open(&beside)?.sync_all()?;
             std::fs::rename(&beside, dest)?;
             copy.0 = None;
@@ -815,8 +854,12 @@ fn publish(tmp: &Path, dest: &Path, owner: Option<Owner>) -> io::Result<()> {
         // Visible, but maybe not after a power cut: an object this made appear is taken
         // back, or an upload's check would find it there and answer it stored (a narinfo
         // retried would be "already present"). One it replaced (the same NAR, a narinfo
-        // rewritten) stays: taking it back would remove what was there before.
-        let taken_back = appears && std::fs::remove_file(dest).is_ok();
+        // rewritten) stays: taking it back would remove what was there before. So does one
+        // another writer put there since (not the file this renamed).
+        let taken_back = appears
+            && placed.is_some()
+            && ino(dest) == placed
+            && std::fs::remove_file(dest).is_ok();
         io::Error::new(
             e.kind(),
             format!(
@@ -968,11 +1011,14 @@ impl Store for LocalStore {
         getrandom::getrandom(&mut rnd).map_err(|e| StoreError::Other(e.to_string()))?;
         let tmp = staging.join(hex::encode(rnd));
         let file = tokio::fs::File::create(&tmp).await.map_err(at)?;
-        give(&tmp, self.owner);
-        // Locked while it is written: a cleanup (this process's or a `verify --repair`'s)
-        // goes by age, and a slow upload's file can be as old as one left by a crash.
         let file = file.into_std().await;
-        file.try_lock().map_err(|e| at(io::Error::other(e)))?;
+        give_open(&tmp, &file, self.owner);
+        // Locked while it is written: a cleanup (another process's, a `verify --repair`)
+        // goes by age, and a slow upload's file can be as old as one left by a crash. Where
+        // the file system has no locks (NFS without a lock manager), written unlocked.
+        if let Err(e) = file.try_lock() {
+            tracing::debug!(staged = %tmp.display(), cause = %e, "a staged file could not be locked");
+        }
         let file = tokio::fs::File::from_std(file);
         tracing::debug!(key, staged = %tmp.display(), "writing an object");
         crate::sync::lock(&self.open).insert(tmp.clone());
@@ -1584,16 +1630,16 @@ mod tests {
         assert_eq!(keys(&store, "a").await, ["a.narinfo"]);
         // A note from another file system (the store copied here with it) is not this one's.
         let noted = std::fs::read_to_string(root.join(MOUNTED).join("nar")).unwrap();
-        let here = std::fs::canonicalize(root).unwrap();
         let device = root_device.unwrap();
-        assert_eq!(noted, format!("{device}\n{}\n", here.display()));
+        let ino = inode(root).unwrap();
+        assert_eq!(noted, format!("{device}\n{ino}\n"));
         std::fs::write(root.join(MOUNTED).join("nar"), "1").unwrap();
         store.ping().await.unwrap();
-        // Nor is one written for a store at another path: a copy of the store restored on
-        // the same file system (homelab walk: its every NAR miss was a 503).
+        // Nor is one written for another root directory: a copy of the store restored on the
+        // same file system (homelab walk: its every NAR miss was a 503).
         std::fs::write(
             root.join(MOUNTED).join("nar"),
-            format!("{device}\n{}/elsewhere\n", here.display()),
+            format!("{device}\n{}\n", ino + 1),
         )
         .unwrap();
         store.ping().await.unwrap();
@@ -1613,15 +1659,15 @@ mod tests {
     /// server's), what cellar creates there is that user's: root's files and directories
     /// there failed the server's uploads, access records and pins from then on (homelab
     /// walk). A store root owns keeps root's. (The tests run as root, as the README's test
-    /// command does.)
+    /// command does; another user's store is its own then, and nothing is given.)
     #[tokio::test]
     async fn what_root_creates_in_another_users_store_is_given_to_that_user() {
         use std::os::unix::fs::MetadataExt as _;
-        assert_eq!(
-            std::fs::metadata("/proc/self").unwrap().uid(),
-            0,
-            "this test runs as root"
-        );
+        if !rustix::process::geteuid().is_root() {
+            let dir = tempfile::tempdir().unwrap();
+            assert_eq!(Owner::of_store(dir.path()), None);
+            return;
+        }
         let owner = |p: &Path| {
             let m = std::fs::metadata(p).unwrap();
             (m.uid(), m.gid())
@@ -1761,11 +1807,15 @@ mod tests {
         assert_eq!(store.cleanup_staging(zero).await.unwrap(), 1);
         assert!(!staged.exists() && alike.exists());
         // A writer's file, however old (a slow upload), is its writer's while it writes: a
-        // cleanup going by age alone deleted it under a live upload (review).
+        // cleanup going by age alone deleted it under a live upload (review). Its own
+        // process knows it; another (`verify --repair`, a second server) finds it locked.
+        let other = LocalStore::open(dir.path()).unwrap();
         let mut w = store.writer("nar/slow.nar").await.unwrap();
         w.write(Bytes::from_static(b"slow")).await.unwrap();
-        assert!(store.stale_staging(zero).await.unwrap().is_empty());
-        assert_eq!(store.cleanup_staging(zero).await.unwrap(), 0);
+        for s in [&store, &other] {
+            assert!(s.stale_staging(zero).await.unwrap().is_empty());
+            assert_eq!(s.cleanup_staging(zero).await.unwrap(), 0);
+        }
         w.commit().await.unwrap();
         assert_eq!(store.head("nar/slow.nar").await.unwrap(), Some(4));
         // A staging directory that cannot be read is an error, not "nothing stale".
