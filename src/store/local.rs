@@ -235,14 +235,16 @@ fn note_mounted(
         // the same file system) does not take the note for its own; the store renamed, or
         // seen through a bind mount (a container), still does.
         let inode = inode(root).unwrap_or_default();
-        let noted = std::fs::create_dir_all(root.join(MOUNTED))
+        // Whole or not at all (written aside, then renamed): a note cut short by a crash
+        // would name another device, and be ignored.
+        let aside = root.join(MOUNTED).join(format!(".{part}.tmp"));
+        let noted = create_dirs_durably(&root.join(MOUNTED), owner)
+            .and_then(|()| std::fs::write(&aside, format!("{root_device}\n{inode}\n")))
             .and_then(|()| {
-                give(&root.join(MOUNTED), owner);
-                std::fs::write(&mark, format!("{root_device}\n{inode}\n"))
-            })
-            .and_then(|()| {
-                give(&mark, owner);
-                std::fs::File::open(&mark)?.sync_all()
+                give(&aside, owner);
+                std::fs::File::open(&aside)?.sync_all()?;
+                std::fs::rename(&aside, &mark)?;
+                sync_dir(&root.join(MOUNTED))
             });
         match noted {
             Ok(()) => tracing::info!(
@@ -502,7 +504,7 @@ pub struct LocalStore {
 impl LocalStore {
     /// Opens (creating if needed) the directory `root`.
     pub fn open(root: &Path) -> io::Result<Self> {
-        std::fs::create_dir_all(root)
+        create_dirs_durably(root, None)
             .map_err(|e| io::Error::new(e.kind(), format!("{e}{}", leads_nowhere(root))))?;
         let owner = Owner::of_store(root);
         note_mounted(root, device, is_mount_point, owner);
@@ -792,6 +794,11 @@ fn create_dirs_durably(dir: &Path, owner: Option<Owner>) -> io::Result<()> {
     for created in missing.iter().rev() {
         give(created, owner);
         if let Some(parent) = created.parent() {
+            // A relative path's first directory is in the working directory.
+            let parent = match parent.as_os_str().is_empty() {
+                true => Path::new("."),
+                false => parent,
+            };
             sync_dir(parent)?;
         }
     }
