@@ -572,11 +572,37 @@ impl LocalStore {
         for name in OBJECT_DIRS {
             let dir = self.root.join(name);
             let dir_device = device(&dir);
-            if dir_device.is_some() && dir_device != root_device {
-                Self::old_files_in(&dir, older_than, is_copy_beside, &mut out).await?;
+            // Another file system, or a bind mount of the same one (a rename into it fails
+            // too, although its device is the root's: review).
+            let apart = dir_device.is_some() && dir_device != root_device;
+            if !apart && !is_mount_point(&dir) {
+                continue;
+            }
+            // And the directories in it, where nested keys are (`_cellar/access/<day>/`,
+            // `build-trace/<drv>/`).
+            let mut nested = Vec::new();
+            Self::old_files_in(&dir, older_than, is_copy_beside, &mut out).await?;
+            Self::dirs_in(&dir, &mut nested).await?;
+            for d in nested {
+                Self::old_files_in(&d, older_than, is_copy_beside, &mut out).await?;
             }
         }
         Ok(out)
+    }
+
+    /// Adds to `out` the directories in `dir` (not through links).
+    async fn dirs_in(dir: &Path, out: &mut Vec<PathBuf>) -> Result<(), StoreError> {
+        let mut rd = match tokio::fs::read_dir(dir).await {
+            Ok(rd) => rd,
+            Err(e) if not_found(&e) => return Ok(()),
+            Err(e) => return Err(e.into()),
+        };
+        while let Some(e) = rd.next_entry().await? {
+            if e.file_type().await.is_ok_and(|t| t.is_dir()) {
+                out.push(e.path());
+            }
+        }
+        Ok(())
     }
 
     /// Adds to `out` the entries of `dir` older than `older_than` whose name `wanted` takes.
@@ -1470,15 +1496,23 @@ mod tests {
         // A copy left there by a process killed during it: not an object, and removed with
         // the staged files.
         std::fs::write(elsewhere.path().join(".0a1b.cellar-tmp"), b"half").unwrap();
+        // Also one level down, where nested keys are (`_cellar/access/<day>/`): never
+        // cleaned before (review).
+        std::fs::create_dir(elsewhere.path().join("day")).unwrap();
+        std::fs::write(elsewhere.path().join("day/.0c1d.cellar-tmp"), b"half").unwrap();
         assert_eq!(keys(&store, "").await, ["a.narinfo", "nar/x.nar"]);
         let zero = std::time::Duration::ZERO;
-        let stale = store.stale_staging(zero).await.unwrap();
+        let mut stale = store.stale_staging(zero).await.unwrap();
+        stale.sort();
         assert!(
-            stale.len() == 1 && stale[0].ends_with("/.0a1b.cellar-tmp"),
+            stale.len() == 2
+                && stale[0].ends_with("/.0a1b.cellar-tmp")
+                && stale[1].ends_with("/day/.0c1d.cellar-tmp"),
             "{stale:?}"
         );
-        assert_eq!(store.cleanup_staging(zero).await.unwrap(), 1);
+        assert_eq!(store.cleanup_staging(zero).await.unwrap(), 2);
         assert!(!elsewhere.path().join(".0a1b.cellar-tmp").exists());
+        std::fs::remove_dir(elsewhere.path().join("day")).unwrap();
         assert_eq!(keys(&store, "").await, ["a.narinfo", "nar/x.nar"]);
         // The disk not mounted (the link dangles): the listing fails, it does not find no NAR.
         drop(elsewhere);
