@@ -852,6 +852,18 @@ fn a_local_store_this_user_cannot_write_in_is_said() {
     }
     let said = check();
     assert!(!said.contains("cannot write"), "{said}");
+    // Nor read (a directory made 0700 by another user): every request would fail.
+    if root {
+        std::os::unix::fs::chown(&store, Some(0), Some(0)).unwrap();
+    }
+    std::fs::set_permissions(&store, std::fs::Permissions::from_mode(0o300)).unwrap();
+    let said = check();
+    assert!(
+        said.contains(&format!("(uid {uid}) cannot read the store's directory"))
+            && said.contains("every request fails"),
+        "{said}"
+    );
+    std::fs::set_permissions(&store, std::fs::Permissions::from_mode(0o755)).unwrap();
 }
 
 /// cellar deletes files in its NAR cache: pointed at a directory it did not make, it refuses

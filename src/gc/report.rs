@@ -208,7 +208,10 @@ impl fmt::Display for Summary {
             }
         }
         for p in &self.unresolved_pins {
-            writeln!(f, "warning: pin {p} is not in the cache")?;
+            writeln!(
+                f,
+                "warning: pin {p} is not in the cache (push it again, or `cellar pin rm` the pin)"
+            )?;
         }
         for r in &self.bad_records {
             writeln!(
@@ -217,16 +220,55 @@ impl fmt::Display for Summary {
                  name counts as unused (`cellar verify --repair` removes it)"
             )?;
         }
-        for e in &self.errors {
+        // The first ones whole; the rest counted by their cause (the end of their text):
+        // a read-only `nar/` printed a line for each of hundreds of NARs (homelab walk).
+        for e in self.errors.iter().take(ERRORS_SHOWN) {
             writeln!(f, "error: {e}")?;
+        }
+        let mut rest: Vec<(&str, usize)> = Vec::new();
+        for e in self.errors.iter().skip(ERRORS_SHOWN) {
+            let cause = e.rsplit(": ").next().unwrap_or(e);
+            match rest.iter_mut().find(|(c, _)| *c == cause) {
+                Some((_, n)) => *n += 1,
+                None => rest.push((cause, 1)),
+            }
+        }
+        for (cause, n) in rest {
+            writeln!(f, "error: {n} more, failing with: {cause}")?;
         }
         Ok(())
     }
 }
 
+/// Errors a summary shows whole; the rest are counted by cause.
+const ERRORS_SHOWN: usize = 10;
+
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    /// Past the first ten, errors are counted by cause: a read-only `nar/` printed a line
+    /// for each of 204 NARs (homelab walk).
+    #[test]
+    fn many_errors_are_counted_by_cause() {
+        let mut s = Summary::default();
+        for i in 0..30 {
+            s.errors.push(format!(
+                "nar/{i}.nar: deleting nar/{i}.nar: Permission denied"
+            ));
+        }
+        s.errors
+            .push("announcing deletions: the store is down".into());
+        let text = s.to_string();
+        let lines: Vec<&str> = text.lines().filter(|l| l.starts_with("error: ")).collect();
+        assert_eq!(lines.len(), 12, "{text}");
+        assert_eq!(
+            lines[0],
+            "error: nar/0.nar: deleting nar/0.nar: Permission denied"
+        );
+        assert_eq!(lines[10], "error: 20 more, failing with: Permission denied");
+        assert_eq!(lines[11], "error: 1 more, failing with: the store is down");
+    }
 
     #[test]
     fn sizes_are_shown_in_binary_units() {

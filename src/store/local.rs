@@ -75,6 +75,9 @@ pub fn unwritable(root: &Path) -> Option<String> {
     if !root.is_dir() {
         return None;
     }
+    if let Some(why) = unreadable(root) {
+        return Some(format!("{why}: every request fails"));
+    }
     let mut dirs = vec![root.to_path_buf(), root.join(STAGING)];
     dirs.extend(OBJECT_DIRS.iter().map(|d| root.join(d)));
     for sub in ["_cellar/pins", "_cellar/access"] {
@@ -96,13 +99,16 @@ pub fn unwritable(root: &Path) -> Option<String> {
         })
         .collect();
     let (first, owner, errno) = refused.first()?;
-    let more = match refused.len() {
-        1 => String::new(),
-        n => format!(" and {} more of the store's directories", n - 1),
+    let (more, are) = match refused.len() {
+        1 => (String::new(), "is"),
+        n => (
+            format!(" and {} more of the store's directories", n - 1),
+            "are",
+        ),
     };
     if *errno == rustix::io::Errno::ROFS {
         return Some(format!(
-            "{}{more} is on a read-only file system here: uploads, access records and pins \
+            "{}{more} {are} on a read-only file system here: uploads, access records and pins \
              written there fail (under systemd with ProtectSystem=strict, list the store in \
              ReadWritePaths=; a store served read-only on purpose can ignore this)",
             first.display()
@@ -114,6 +120,23 @@ pub fn unwritable(root: &Path) -> Option<String> {
          uploads, access records and pins written there fail; give the store to the user \
          cellar runs as (`chown -R`), or run cellar as its owner",
         first.display(),
+    ))
+}
+
+/// If this process cannot read the store's directory `root` (nor enter it), the error saying
+/// so, whose it is: every request would fail, while the directory itself is there (re-check
+/// walk: `/readyz` said ready).
+fn unreadable(root: &Path) -> Option<String> {
+    use rustix::fs::{Access, AtFlags};
+    use std::os::unix::fs::MetadataExt as _;
+    let rx = Access::READ_OK | Access::EXEC_OK;
+    let errno = rustix::fs::accessat(rustix::fs::CWD, root, rx, AtFlags::EACCESS).err()?;
+    let owner = std::fs::metadata(root).map_or_else(|_| "?".to_owned(), |m| m.uid().to_string());
+    Some(format!(
+        "this process (uid {}) cannot read the store's directory {} (owned by uid {owner}: \
+         {errno})",
+        rustix::process::geteuid().as_raw(),
+        root.display()
     ))
 }
 
@@ -1007,6 +1030,9 @@ impl Store for LocalStore {
             // Every part of the layout linked elsewhere must be there too.
             let root = self.root.clone();
             let missing = tokio::task::spawn_blocking(move || {
+                if let Some(why) = unreadable(&root) {
+                    return Some(StoreError::Misconfigured(why));
+                }
                 OBJECT_DIRS
                     .iter()
                     .find_map(|d| unmounted(&root, &format!("{d}/")))
