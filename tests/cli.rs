@@ -863,6 +863,23 @@ fn a_local_store_this_user_cannot_write_in_is_said() {
             && said.contains("every request fails"),
         "{said}"
     );
+    // Nor make it where it is to be (under a directory it cannot write in).
+    std::fs::set_permissions(&store, std::fs::Permissions::from_mode(0o555)).unwrap();
+    let missing = store.join("not/yet");
+    std::fs::write(
+        d.path().join("c.toml"),
+        format!(
+            "[store]\nkind = \"local\"\npath = {:?}\n",
+            missing.display().to_string()
+        ),
+    )
+    .unwrap();
+    let said = check();
+    assert!(
+        said.contains(&format!("(uid {uid}) cannot make the store's directory"))
+            && said.contains(&format!("in {}", store.display())),
+        "{said}"
+    );
     std::fs::set_permissions(&store, std::fs::Permissions::from_mode(0o755)).unwrap();
 }
 

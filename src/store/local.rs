@@ -73,7 +73,28 @@ pub fn unwritable(root: &Path) -> Option<String> {
     use rustix::fs::{Access, AtFlags};
     use std::os::unix::fs::MetadataExt as _;
     if !root.is_dir() {
-        return None;
+        // Not there (or not to be seen): whether it can be made, in the nearest directory
+        // above that is there.
+        let above = root
+            .ancestors()
+            .skip(1)
+            .map(|a| {
+                if a.as_os_str().is_empty() {
+                    Path::new(".")
+                } else {
+                    a
+                }
+            })
+            .find(|a| a.is_dir())?;
+        let wx = Access::WRITE_OK | Access::EXEC_OK;
+        let errno = rustix::fs::accessat(rustix::fs::CWD, above, wx, AtFlags::EACCESS).err()?;
+        return Some(format!(
+            "this process (uid {}) cannot make the store's directory {} in {} ({errno}): \
+             `cellar serve` will fail to start",
+            rustix::process::geteuid().as_raw(),
+            root.display(),
+            above.display()
+        ));
     }
     if let Some(why) = unreadable(root) {
         return Some(format!("{why}: every request fails"));
