@@ -171,6 +171,46 @@ pub struct Upstreams {
     store_dir: String,
 }
 
+impl Upstreams {
+    /// Warns of each upstream whose `/nix-cache-info` names another store directory than
+    /// `store_dir`: every narinfo it serves is refused, which was said only path by path
+    /// (walk). Asked once (at start, and when a reload changes the upstreams), outside the
+    /// failure counts and the metrics: an upstream that does not answer is said when asked
+    /// for a path.
+    pub async fn check_store_dirs(self: std::sync::Arc<Self>) {
+        for u in &self.list {
+            let ask = async {
+                let res = self
+                    .client
+                    .get(url(u, "nix-cache-info"))
+                    .send()
+                    .await
+                    .ok()?;
+                if !res.status().is_success() {
+                    return None;
+                }
+                let body = read_capped(res, 64 << 10).await.ok()?;
+                let text = String::from_utf8_lossy(&body).into_owned();
+                text.lines()
+                    .find_map(|l| l.strip_prefix("StoreDir:"))
+                    .map(|d| d.trim().to_owned())
+            };
+            let Ok(Some(theirs)) = tokio::time::timeout(u.timeout, ask).await else {
+                continue;
+            };
+            if theirs != self.store_dir {
+                tracing::warn!(
+                    upstream = %u.name,
+                    theirs,
+                    store_dir = %self.store_dir,
+                    "this upstream serves another store directory than store_dir: every \
+                     narinfo it has is refused (is it the cache you meant?)"
+                );
+            }
+        }
+    }
+}
+
 /// How long an upstream's body may send nothing before it fails (longer if an upstream is
 /// given longer to answer).
 const BODY_IDLE: Duration = Duration::from_secs(30);

@@ -383,6 +383,11 @@ impl Live {
                     Upstreams::new(&config.upstreams, &config.store_dir)
                         .map_err(|e| ReloadError::Build(format!("upstream HTTP client: {e}")))?,
                 );
+                if !upstreams.is_empty() {
+                    if let Ok(rt) = tokio::runtime::Handle::try_current() {
+                        rt.spawn(upstreams.clone().check_store_dirs());
+                    }
+                }
                 let reads: Arc<dyn Store> = if upstreams.is_empty() {
                     store.clone()
                 } else {

@@ -241,6 +241,38 @@ async fn a_streamed_answer_broken_off_is_logged_with_its_request() {
     assert!(line.contains(&key) && line.contains("WARN"), "{line}");
 }
 
+/// The server asks its upstreams' store directory when it builds them (at start, at a
+/// reload that changes them), and says one that is not `store_dir`.
+#[tokio::test]
+async fn an_upstream_of_another_store_directory_is_said_at_start() {
+    let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+    let url = format!("http://{}", listener.local_addr().unwrap());
+    let upstream = axum::Router::new().route(
+        "/nix-cache-info",
+        axum::routing::get(|| async { "StoreDir: /gnu/store\n" }),
+    );
+    tokio::spawn(async move { axum::serve(listener, upstream).await });
+    let cfg = Config {
+        upstreams: vec![crate::config::UpstreamConfig {
+            url,
+            public_keys: Vec::new(),
+            timeout: Duration::from_secs(5),
+            mirror: false,
+        }],
+        ..Config::default()
+    };
+    let logs = crate::test_logs::capture();
+    let _st = state(cfg, &Arc::new(MemoryStore::new()));
+    // The check runs on this (current-thread) runtime: given turns until it has said it.
+    let said = tokio::time::timeout(Duration::from_secs(10), async {
+        while !logs.text().contains("another store directory") {
+            tokio::task::yield_now().await;
+        }
+    })
+    .await;
+    assert!(said.is_ok(), "{}", logs.text());
+}
+
 #[tokio::test]
 async fn store_errors_are_not_cached() {
     let mem = Arc::new(MemoryStore::new());

@@ -96,6 +96,28 @@ async fn an_upstream_is_given_its_whole_timeout_to_answer() {
     );
 }
 
+/// An upstream serving another store directory is said once, at start: each of its
+/// narinfos is refused, which was said only path by path (walk). One serving ours is not.
+#[tokio::test]
+async fn an_upstream_of_another_store_directory_is_said() {
+    for (theirs, said) in [("/gnu/store", true), ("/nix/store", false)] {
+        let info = format!("StoreDir: {theirs}\nWantMassQuery: 1\nPriority: 40\n");
+        let app = axum::Router::new().route(
+            "/nix-cache-info",
+            axum::routing::get(move || async move { info }),
+        );
+        let upstreams = Arc::new(upstreams_serving(app).await);
+        let logs = crate::test_logs::capture();
+        upstreams.check_store_dirs().await;
+        let text = logs.text();
+        assert_eq!(
+            text.contains("another store directory than store_dir") && text.contains(theirs),
+            said,
+            "{theirs}: {text}"
+        );
+    }
+}
+
 #[tokio::test]
 async fn a_refused_range_carries_the_upstreams_size() {
     let app = axum::Router::new().route("/nar/{file}", axum::routing::get(upstream_nar));
